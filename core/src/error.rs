@@ -1,0 +1,50 @@
+//! One error type for the whole engine. Every variant names the thing that is wrong
+//! (field, tensor, file) so that a user can act on the message without a debugger.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config: field `{field}`: {msg}")]
+    Config { field: String, msg: String },
+
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+
+    #[error("{file}: invalid safetensors file: {msg}")]
+    Safetensors { file: PathBuf, msg: String },
+
+    #[error("checkpoint: {msg}")]
+    Checkpoint { msg: String },
+
+    #[error("tensor `{name}` is missing from the checkpoint (expected shape {expected:?}); {hint}")]
+    MissingTensor { name: String, expected: Vec<usize>, hint: String },
+
+    #[error("tensor `{name}` in {file}: shape {actual:?} does not match the config, expected {expected:?}")]
+    Shape { name: String, file: String, expected: Vec<usize>, actual: Vec<usize> },
+
+    #[error("tensor `{name}` in {file}: {msg}")]
+    Tensor { name: String, file: String, msg: String },
+
+    #[error("invalid input: {0}")]
+    Input(String),
+
+    #[error("backend `{backend}`: {msg}")]
+    Backend { backend: String, msg: String },
+}
+
+impl Error {
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { field: field.into(), msg: msg.into() }
+    }
+
+    pub fn backend(backend: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Backend { backend: backend.into(), msg: msg.into() }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
+    }
+}

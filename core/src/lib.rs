@@ -1,0 +1,19 @@
+//! dsv4-core: everything about DeepSeek-V4 that is not hardware: config parsing, checkpoint
+//! loading, the backend trait, and the model graph written once against that trait.
+
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod builtin;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod tensor;
+
+pub use backend::{Backend, DeviceTensor};
+pub use checkpoint::Checkpoint;
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::batch::Batch;
+pub use model::Model;
