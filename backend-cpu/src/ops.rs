@@ -1,0 +1,469 @@
+//! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
+
+use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, UnaryOp};
+use dsv4_core::error::{Error, Result};
+use dsv4_core::tensor::HostTensor;
+use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
+use rayon::prelude::*;
+
+use crate::storage::{CpuIndex, CpuTensor, CpuWeight};
+use crate::CpuBackend;
+
+/// Rows of a weight processed per parallel task in `linear`.
+const ROW_BLOCK: usize = 64;
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::backend("cpu", msg)
+}
+
+fn check_axis(shape: &[usize], axis: usize, op: &str) -> Result<()> {
+    if axis >= shape.len() {
+        return Err(err(format!("{op}: axis {axis} out of range for shape {shape:?}")));
+    }
+    Ok(())
+}
+
+/// numpy broadcasting of two shapes.
+fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(err(format!("shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    Ok(out)
+}
+
+fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
+    let shape = view.shape().to_vec();
+    let data = view.as_standard_layout().into_owned().into_raw_vec_and_offset().0;
+    CpuTensor::new(shape, data)
+}
+
+/// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, widened to f32 on the fly.
+fn linear_block(
+    x: ArrayView2<'_, f32>,
+    w: &CpuWeight,
+    start: usize,
+    n: usize,
+    scratch: &mut Vec<f32>,
+) -> ndarray::Array2<f32> {
+    let wb = match w.f32_rows(start, n) {
+        Some(rows) => ArrayView2::from_shape((n, w.cols), rows).expect("block shape"),
+        None => {
+            scratch.resize(n * w.cols, 0.0);
+            w.rows_f32(start, n, scratch);
+            ArrayView2::from_shape((n, w.cols), &scratch[..]).expect("block shape")
+        }
+    };
+    x.dot(&wb.t())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Index = CpuIndex;
+    type Weight = CpuWeight;
+
+    fn name(&self) -> &str {
+        "cpu"
+    }
+
+    fn describe(&self) -> String {
+        format!("CPU reference backend ({} threads, f32 accumulation)", self.threads())
+    }
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(err(format!("upload: {} values for shape {shape:?}", data.len())));
+        }
+        Ok(CpuTensor::new(shape.to_vec(), data.to_vec()))
+    }
+
+    fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.to_vec())
+    }
+
+    fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<CpuIndex> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(err(format!("upload_index: {} values for shape {shape:?}", data.len())));
+        }
+        Ok(CpuIndex::new(shape.to_vec(), data.to_vec()))
+    }
+
+    fn download_index(&self, t: &CpuIndex) -> Result<Vec<i32>> {
+        Ok(t.data.to_vec())
+    }
+
+    fn upload_weight(&self, w: &HostTensor) -> Result<CpuWeight> {
+        CpuWeight::from_host(w)
+    }
+
+    fn weight_shape<'w>(&self, w: &'w CpuWeight) -> &'w [usize] {
+        &w.shape
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn full(&self, shape: &[usize], value: f32) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(shape.to_vec(), vec![value; shape.iter().product()]))
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
+        let k = *x.shape.last().ok_or_else(|| err("linear: scalar input"))?;
+        if k != w.cols {
+            return Err(err(format!("linear: input {:?} against weight {:?}", x.shape, w.shape)));
+        }
+        let m = x.numel() / k.max(1);
+        let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
+        let blocks: Vec<(usize, ndarray::Array2<f32>)> = (0..w.rows.div_ceil(ROW_BLOCK))
+            .into_par_iter()
+            .map_init(Vec::new, |scratch, b| {
+                let start = b * ROW_BLOCK;
+                let n = ROW_BLOCK.min(w.rows - start);
+                (start, linear_block(xv, w, start, n, scratch))
+            })
+            .collect();
+        let mut out = vec![0f32; m * w.rows];
+        for (start, y) in blocks {
+            let n = y.ncols();
+            for (r, row) in y.outer_iter().enumerate() {
+                out[r * w.rows + start..r * w.rows + start + n]
+                    .copy_from_slice(row.as_slice().expect("standard layout"));
+            }
+        }
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("non-scalar") = w.rows;
+        Ok(CpuTensor::new(shape, out))
+    }
+
+    fn grouped_linear(&self, x: &CpuTensor, w: &CpuWeight, groups: usize) -> Result<CpuTensor> {
+        if x.shape.len() != 3 || x.shape[1] != groups || w.rows % groups != 0 || w.cols != x.shape[2] {
+            return Err(err(format!("grouped_linear: input {:?}, weight {:?}, {groups} groups", x.shape, w.shape)));
+        }
+        let (m, k, r) = (x.shape[0], x.shape[2], w.rows / groups);
+        let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
+        let per_group: Vec<ndarray::Array2<f32>> = (0..groups)
+            .into_par_iter()
+            .map(|g| {
+                let mut scratch = Vec::new();
+                linear_block(xv.slice(s![.., g, ..]), w, g * r, r, &mut scratch)
+            })
+            .collect();
+        let mut out = vec![0f32; m * groups * r];
+        for (g, y) in per_group.iter().enumerate() {
+            for i in 0..m {
+                out[(i * groups + g) * r..(i * groups + g + 1) * r]
+                    .copy_from_slice(y.row(i).as_slice().expect("standard layout"));
+            }
+        }
+        Ok(CpuTensor::new(vec![m, groups, r], out))
+    }
+
+    fn embedding(&self, table: &CpuWeight, ids: &CpuIndex) -> Result<CpuTensor> {
+        let d = table.cols;
+        let mut out = vec![0f32; ids.data.len() * d];
+        for (i, &id) in ids.data.iter().enumerate() {
+            if id < 0 || id as usize >= table.rows {
+                return Err(err(format!("embedding: id {id} outside the table of {} rows", table.rows)));
+            }
+            table.rows_f32(id as usize, 1, &mut out[i * d..(i + 1) * d]);
+        }
+        let mut shape = ids.shape.clone();
+        shape.push(d);
+        Ok(CpuTensor::new(shape, out))
+    }
+
+    fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
+        let (ar, br) = (a.shape.len(), b.shape.len());
+        if ar < 2 || br < 2 {
+            return Err(err(format!("matmul: shapes {:?} x {:?}", a.shape, b.shape)));
+        }
+        let (m, k) = (a.shape[ar - 2], a.shape[ar - 1]);
+        let (bk, n) = if transpose_b { (b.shape[br - 1], b.shape[br - 2]) } else { (b.shape[br - 2], b.shape[br - 1]) };
+        let batch: usize = a.shape[..ar - 2].iter().product();
+        let shared_b = br == 2;
+        if bk != k || (!shared_b && b.shape[..br - 2] != a.shape[..ar - 2]) {
+            return Err(err(format!("matmul: shapes {:?} x {:?} (transpose_b {transpose_b})", a.shape, b.shape)));
+        }
+        let b_stride = if shared_b { 0 } else { b.shape[br - 2] * b.shape[br - 1] };
+        let mut out = vec![0f32; batch * m * n];
+        out.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, o)| {
+            let av = ArrayView2::from_shape((m, k), &a.data[i * m * k..(i + 1) * m * k]).expect("a view");
+            let bs = &b.data[i * b_stride..i * b_stride + k * n];
+            let y = if transpose_b {
+                av.dot(&ArrayView2::from_shape((n, k), bs).expect("b view").t())
+            } else {
+                av.dot(&ArrayView2::from_shape((k, n), bs).expect("b view"))
+            };
+            o.copy_from_slice(y.as_slice().expect("standard layout"));
+        });
+        let mut shape = a.shape[..ar - 2].to_vec();
+        shape.extend([m, n]);
+        Ok(CpuTensor::new(shape, out))
+    }
+
+    fn unary(&self, x: &CpuTensor, op: UnaryOp) -> Result<CpuTensor> {
+        let f: fn(f32) -> f32 = match op {
+            UnaryOp::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
+            UnaryOp::Silu => |v| v / (1.0 + (-v).exp()),
+            UnaryOp::Softplus => |v| if v > 20.0 { v } else { v.exp().ln_1p() },
+            UnaryOp::Sqrt => f32::sqrt,
+            UnaryOp::Rsqrt => |v| 1.0 / v.sqrt(),
+            UnaryOp::Exp => f32::exp,
+            UnaryOp::Relu => |v| v.max(0.0),
+            UnaryOp::Neg => |v| -v,
+            UnaryOp::Square => |v| v * v,
+        };
+        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| f(v)).collect()))
+    }
+
+    fn binary(&self, a: &CpuTensor, b: &CpuTensor, op: BinaryOp) -> Result<CpuTensor> {
+        let f: fn(f32, f32) -> f32 = match op {
+            BinaryOp::Add => |x, y| x + y,
+            BinaryOp::Sub => |x, y| x - y,
+            BinaryOp::Mul => |x, y| x * y,
+            BinaryOp::Div => |x, y| x / y,
+            BinaryOp::Max => f32::max,
+            BinaryOp::Min => f32::min,
+        };
+        if a.shape == b.shape {
+            let data = a.data.par_iter().zip(b.data.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+            return Ok(CpuTensor::new(a.shape.clone(), data));
+        }
+        let shape = broadcast_shape(&a.shape, &b.shape)?;
+        let (av, bv) = (a.view(), b.view());
+        let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
+        let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
+        let out = Zip::from(&ab).and(&bb).par_map_collect(|&x, &y| f(x, y));
+        Ok(owned(out.view()))
+    }
+
+    fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| v * mul + add).collect()))
+    }
+
+    fn clamp(&self, x: &CpuTensor, min: f32, max: f32) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| v.max(min).min(max)).collect()))
+    }
+
+    fn reduce(&self, x: &CpuTensor, axis: usize, op: ReduceOp) -> Result<CpuTensor> {
+        check_axis(&x.shape, axis, "reduce")?;
+        let v = x.view();
+        let len = x.shape[axis] as f32;
+        let r = match op {
+            ReduceOp::Sum => v.sum_axis(Axis(axis)),
+            ReduceOp::Mean => v.sum_axis(Axis(axis)).mapv(|s| s / len),
+            ReduceOp::Max => v.fold_axis(Axis(axis), f32::NEG_INFINITY, |&m, &e| m.max(e)),
+        };
+        let mut shape = x.shape.clone();
+        shape[axis] = 1;
+        Ok(CpuTensor::new(shape, r.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
+    }
+
+    fn softmax(&self, x: &CpuTensor, axis: usize) -> Result<CpuTensor> {
+        check_axis(&x.shape, axis, "softmax")?;
+        let mut out = x.view().to_owned();
+        out.lanes_mut(Axis(axis)).into_iter().par_bridge().for_each(|mut lane| {
+            let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            if max == f32::NEG_INFINITY {
+                // Every entry masked: no mass anywhere (torch would give NaN).
+                lane.fill(0.0);
+                return;
+            }
+            lane.mapv_inplace(|v| (v - max).exp());
+            let sum: f32 = lane.sum();
+            lane.mapv_inplace(|v| v / sum);
+        });
+        Ok(CpuTensor::new(x.shape.clone(), out.into_raw_vec_and_offset().0))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: Option<&CpuTensor>, eps: f32) -> Result<CpuTensor> {
+        let d = *x.shape.last().ok_or_else(|| err("rms_norm: scalar input"))?;
+        if let Some(w) = weight {
+            if w.data.len() != d {
+                return Err(err(format!("rms_norm: weight {:?} for input {:?}", w.shape, x.shape)));
+            }
+        }
+        let mut out = vec![0f32; x.data.len()];
+        out.par_chunks_mut(d.max(1)).zip(x.data.par_chunks(d.max(1))).for_each(|(o, row)| {
+            let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
+            let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
+            match weight {
+                Some(w) => o.iter_mut().zip(row).zip(w.data.iter()).for_each(|((o, &v), &g)| *o = g * (v * r)),
+                None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * r),
+            }
+        });
+        Ok(CpuTensor::new(x.shape.clone(), out))
+    }
+
+    fn rope(&self, x: &CpuTensor, cos: &CpuTensor, sin: &CpuTensor, inverse: bool) -> Result<CpuTensor> {
+        if x.shape.len() != 3
+            || cos.shape.len() != 2
+            || cos.shape != sin.shape
+            || cos.shape[0] != x.shape[0]
+            || 2 * cos.shape[1] > x.shape[2]
+        {
+            return Err(err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)));
+        }
+        let (t, heads, d) = (x.shape[0], x.shape[1], x.shape[2]);
+        let half = cos.shape[1];
+        let sign = if inverse { -1.0f32 } else { 1.0 };
+        let mut out = x.data.to_vec();
+        out.par_chunks_mut(heads * d).enumerate().for_each(|(ti, tok)| {
+            let (c, s) = (&cos.data[ti * half..(ti + 1) * half], &sin.data[ti * half..(ti + 1) * half]);
+            for head in tok.chunks_mut(d) {
+                let rope = &mut head[d - 2 * half..];
+                for i in 0..half {
+                    let (e, o) = (rope[2 * i], rope[2 * i + 1]);
+                    let si = sign * s[i];
+                    rope[2 * i] = e * c[i] - o * si;
+                    rope[2 * i + 1] = o * c[i] + e * si;
+                }
+            }
+        });
+        debug_assert_eq!(out.len(), t * heads * d);
+        Ok(CpuTensor::new(x.shape.clone(), out))
+    }
+
+    fn reshape(&self, x: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        if shape.iter().product::<usize>() != x.data.len() {
+            return Err(err(format!("reshape: {:?} to {shape:?}", x.shape)));
+        }
+        Ok(CpuTensor { shape: shape.to_vec(), data: x.data.clone() })
+    }
+
+    fn transpose(&self, x: &CpuTensor, a: usize, b: usize) -> Result<CpuTensor> {
+        check_axis(&x.shape, a.max(b), "transpose")?;
+        let mut v = x.view();
+        v.swap_axes(a, b);
+        Ok(owned(v))
+    }
+
+    fn narrow(&self, x: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
+        check_axis(&x.shape, axis, "narrow")?;
+        if start + len > x.shape[axis] {
+            return Err(err(format!("narrow: {start}..{} of axis {axis} in {:?}", start + len, x.shape)));
+        }
+        if axis == 0 {
+            let row: usize = x.shape[1..].iter().product();
+            let mut shape = x.shape.clone();
+            shape[0] = len;
+            return Ok(CpuTensor::new(shape, x.data[start * row..(start + len) * row].to_vec()));
+        }
+        Ok(owned(x.view().slice_axis(Axis(axis), (start..start + len).into())))
+    }
+
+    fn concat(&self, xs: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
+        let first = xs.first().ok_or_else(|| err("concat: nothing to concatenate"))?;
+        check_axis(&first.shape, axis, "concat")?;
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        let out = concatenate(Axis(axis), &views).map_err(|e| {
+            err(format!("concat along {axis}: {e} ({:?})", xs.iter().map(|x| x.shape.clone()).collect::<Vec<_>>()))
+        })?;
+        let shape = out.shape().to_vec();
+        Ok(CpuTensor::new(shape, out.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
+    }
+
+    fn index_select(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
+        let rows = *x.shape.first().ok_or_else(|| err("index_select: scalar input"))?;
+        let row: usize = x.shape[1..].iter().product();
+        let mut out = vec![0f32; idx.data.len() * row];
+        for (i, &id) in idx.data.iter().enumerate() {
+            if id == -1 {
+                continue;
+            }
+            if id < 0 || id as usize >= rows {
+                return Err(err(format!("index_select: index {id} outside {rows} rows")));
+            }
+            let id = id as usize;
+            out[i * row..(i + 1) * row].copy_from_slice(&x.data[id * row..(id + 1) * row]);
+        }
+        let mut shape = idx.shape.clone();
+        shape.extend_from_slice(&x.shape[1..]);
+        Ok(CpuTensor::new(shape, out))
+    }
+
+    fn gather_last(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
+        let (n, k) = (*x.shape.last().unwrap_or(&0), *idx.shape.last().unwrap_or(&0));
+        if x.shape[..x.shape.len() - 1] != idx.shape[..idx.shape.len() - 1] {
+            return Err(err(format!("gather_last: x {:?}, idx {:?}", x.shape, idx.shape)));
+        }
+        let mut out = vec![0f32; idx.data.len()];
+        for (r, (o, ids)) in out.chunks_mut(k.max(1)).zip(idx.data.chunks(k.max(1))).enumerate() {
+            for (o, &id) in o.iter_mut().zip(ids) {
+                if id < 0 || id as usize >= n {
+                    return Err(err(format!("gather_last: index {id} outside {n}")));
+                }
+                *o = x.data[r * n + id as usize];
+            }
+        }
+        Ok(CpuTensor::new(idx.shape.clone(), out))
+    }
+
+    fn index_add(&self, dst: &CpuTensor, idx: &CpuIndex, src: &CpuTensor) -> Result<CpuTensor> {
+        let rows = dst.shape[0];
+        let row: usize = dst.shape[1..].iter().product();
+        if src.shape[0] != idx.data.len() || src.shape[1..] != dst.shape[1..] {
+            return Err(err(format!("index_add: dst {:?}, idx {:?}, src {:?}", dst.shape, idx.shape, src.shape)));
+        }
+        let mut out = dst.data.to_vec();
+        for (i, &id) in idx.data.iter().enumerate() {
+            if id < 0 || id as usize >= rows {
+                return Err(err(format!("index_add: index {id} outside {rows} rows")));
+            }
+            let id = id as usize;
+            out[id * row..(id + 1) * row].iter_mut().zip(&src.data[i * row..(i + 1) * row]).for_each(|(o, s)| *o += s);
+        }
+        Ok(CpuTensor::new(dst.shape.clone(), out))
+    }
+
+    fn topk(&self, x: &CpuTensor, k: usize) -> Result<(CpuTensor, CpuIndex)> {
+        let n = *x.shape.last().ok_or_else(|| err("topk: scalar input"))?;
+        if k > n {
+            return Err(err(format!("topk: k = {k} but only {n} entries")));
+        }
+        let rows = x.data.len() / n.max(1);
+        let picks: Vec<(Vec<f32>, Vec<i32>)> = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let row = &x.data[r * n..(r + 1) * n];
+                let mut order: Vec<usize> = (0..n).collect();
+                // Descending by value, ties to the lower index: deterministic everywhere.
+                order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+                order.truncate(k);
+                (order.iter().map(|&i| row[i]).collect(), order.iter().map(|&i| i as i32).collect())
+            })
+            .collect();
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("non-scalar") = k;
+        let (vals, ids): (Vec<_>, Vec<_>) = picks.into_iter().unzip();
+        Ok((CpuTensor::new(shape.clone(), vals.concat()), CpuIndex::new(shape, ids.concat())))
+    }
+
+    fn index_mask(&self, idx: &CpuIndex) -> Result<CpuTensor> {
+        let data = idx.data.iter().map(|&i| if i >= 0 { 0.0 } else { f32::NEG_INFINITY }).collect();
+        Ok(CpuTensor::new(idx.shape.clone(), data))
+    }
+
+    fn concat_index(&self, xs: &[&CpuIndex], axis: usize) -> Result<CpuIndex> {
+        let first = xs.first().ok_or_else(|| err("concat_index: nothing to concatenate"))?;
+        check_axis(&first.shape, axis, "concat_index")?;
+        let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+        let out = concatenate(Axis(axis), &views).map_err(|e| err(format!("concat_index: {e}")))?;
+        let shape = out.shape().to_vec();
+        Ok(CpuIndex::new(shape, out.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
+    }
+
+    fn offset_index(&self, idx: &CpuIndex, offset: i32) -> Result<CpuIndex> {
+        let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
+        Ok(CpuIndex::new(idx.shape.clone(), data))
+    }
+}

@@ -1,0 +1,359 @@
+//! The hardware-abstraction trait.
+//!
+//! The V4 graph in [`crate::model`] is written once against [`Backend`]. A backend supplies
+//! * memory: device tensors (f32 activations), device index tensors (i32, `-1` = "no entry"),
+//!   and weights in whatever form it chooses to keep them (the stored BF16/FP8/FP4 form, or a
+//!   converted one);
+//! * **primitives** (required methods): the small op set every accelerator library has
+//!   (GEMM, elementwise, reductions, softmax, RMSNorm, RoPE, gather/scatter, top-k, layout);
+//! * **fused V4 ops** (provided methods): mHC, compressor pooling, the lightning indexer,
+//!   sparse attention with sinks, routing and the MoE. Their default bodies are compositions
+//!   of primitives and are the executable definition of the op; a backend overrides the ones
+//!   it has a fused kernel for (aclnn's sparse-attention / indexer / grouped-matmul kernels,
+//!   CUDA kernels) and keeps the rest.
+//!
+//! Calls may be asynchronous: a backend is free to enqueue work on a stream and return.
+//! Only `download*` and `synchronize` have to wait. Tensors are immutable values (every op
+//! returns a new tensor), which keeps stream ordering trivial to reason about.
+//!
+//! Shapes: activations carry a leading token dimension `T` that may hold tokens of several
+//! sequences at different positions; ops that need to know sequence boundaries (attention,
+//! compressor, indexer) take explicit index/range arguments built by the graph.
+
+use std::ops::Range;
+
+use crate::error::{Error, Result};
+use crate::tensor::HostTensor;
+
+/// A device tensor: owns (or shares) device memory and knows its shape.
+pub trait DeviceTensor: Clone + Send + Sync {
+    fn shape(&self) -> &[usize];
+
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnaryOp {
+    Sigmoid,
+    Silu,
+    /// `log(1 + e^x)`, with torch's threshold (x > 20 → x).
+    Softplus,
+    Sqrt,
+    Rsqrt,
+    Exp,
+    Relu,
+    Neg,
+    Square,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Mean,
+}
+
+/// One routed or shared expert: gate (`w1`), up (`w3`) and down (`w2`) projections.
+pub struct ExpertWeights<W> {
+    pub w1: W,
+    pub w2: W,
+    pub w3: W,
+}
+
+pub trait Backend: Send + Sync {
+    /// f32 activation tensor in device memory.
+    type Tensor: DeviceTensor;
+    /// i32 index tensor in device memory; `-1` marks "no entry".
+    type Index: DeviceTensor;
+    /// A weight matrix or table in the form the backend keeps it.
+    type Weight: Send + Sync;
+
+    /// Short name: `cpu`, `ascend`, `cuda`.
+    fn name(&self) -> &str;
+
+    /// Human-readable description of the device (name, memory).
+    fn describe(&self) -> String;
+
+    // ---------------------------------------------------------------- memory
+
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<Self::Index>;
+    fn download_index(&self, t: &Self::Index) -> Result<Vec<i32>>;
+    /// Takes a weight in its stored form (F32/BF16/F16 here; FP8/FP4 blocks later).
+    fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
+    fn weight_shape<'w>(&self, w: &'w Self::Weight) -> &'w [usize];
+    /// Blocks until all queued work is done.
+    fn synchronize(&self) -> Result<()>;
+    fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor>;
+
+    // ------------------------------------------------------------ primitives
+
+    /// `x · Wᵀ`: x `[.., K]`, W `[N, K]` → `[.., N]`, f32 accumulation.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+    /// Block-diagonal linear: x `[M, G, K]`, W `[G·R, K]` (group g = rows g·R..(g+1)·R) → `[M, G, R]`.
+    fn grouped_linear(&self, x: &Self::Tensor, w: &Self::Weight, groups: usize) -> Result<Self::Tensor>;
+    /// Rows of a weight table: ids `[T]` → `[T, D]`.
+    fn embedding(&self, table: &Self::Weight, ids: &Self::Index) -> Result<Self::Tensor>;
+    /// Batched matmul of activations: a `[B.., M, K]`, b `[B.., K, N]` (or `[B.., N, K]` with
+    /// `transpose_b`) → `[B.., M, N]`. b may also be 2-D and is then shared by every batch.
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, transpose_b: bool) -> Result<Self::Tensor>;
+    fn unary(&self, x: &Self::Tensor, op: UnaryOp) -> Result<Self::Tensor>;
+    /// Elementwise with numpy broadcasting.
+    fn binary(&self, a: &Self::Tensor, b: &Self::Tensor, op: BinaryOp) -> Result<Self::Tensor>;
+    /// `x · mul + add`.
+    fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
+    fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor>;
+    /// Reduction over `axis`, which is kept with size 1.
+    fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor>;
+    /// Numerically stable softmax over `axis` (`-inf` entries get weight 0).
+    fn softmax(&self, x: &Self::Tensor, axis: usize) -> Result<Self::Tensor>;
+    /// RMSNorm over the last axis: `x / sqrt(mean(x²) + eps) · weight`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: Option<&Self::Tensor>, eps: f32) -> Result<Self::Tensor>;
+    /// Interleaved-pair RoPE on the trailing `2·cos.shape[1]` channels of x `[T, heads, d]`;
+    /// cos/sin `[T, rd/2]` hold one angle per pair. `inverse` rotates by the negative angle.
+    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, inverse: bool) -> Result<Self::Tensor>;
+    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Swaps two axes (materialised).
+    fn transpose(&self, x: &Self::Tensor, a: usize, b: usize) -> Result<Self::Tensor>;
+    fn narrow(&self, x: &Self::Tensor, axis: usize, start: usize, len: usize) -> Result<Self::Tensor>;
+    fn concat(&self, xs: &[&Self::Tensor], axis: usize) -> Result<Self::Tensor>;
+    /// Rows of x along axis 0: idx of any shape → `idx.shape ++ x.shape[1..]`; `-1` gives zeros.
+    fn index_select(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor>;
+    /// Along the last axis: x `[.., N]`, idx `[.., k]` → `[.., k]`.
+    fn gather_last(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor>;
+    /// `dst[idx[i]] += src[i]` along axis 0, in order of i.
+    fn index_add(&self, dst: &Self::Tensor, idx: &Self::Index, src: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Top-k along the last axis, descending; ties go to the lower index (deterministic).
+    fn topk(&self, x: &Self::Tensor, k: usize) -> Result<(Self::Tensor, Self::Index)>;
+    /// 0.0 where `idx >= 0`, `-inf` where `idx == -1`.
+    fn index_mask(&self, idx: &Self::Index) -> Result<Self::Tensor>;
+    fn concat_index(&self, xs: &[&Self::Index], axis: usize) -> Result<Self::Index>;
+    /// Adds `offset` to every entry that is not `-1`.
+    fn offset_index(&self, idx: &Self::Index, offset: i32) -> Result<Self::Index>;
+
+    // ------------------------------------------------------------- fused ops
+    // Default bodies: compositions of the primitives above. They define the semantics.
+
+    /// mHC pre-mapping (spec §B.2). x `[T, n, D]`, `fn_w` `[(2+n)n, nD]`, base `[(2+n)n]`,
+    /// scale `[3]`. Returns (collapsed `[T, D]`, post `[T, n]`, comb `[T, n, n]`), with comb
+    /// Sinkhorn-projected (row j = source stream, column k = destination).
+    #[allow(clippy::too_many_arguments)]
+    fn hc_pre(
+        &self,
+        x: &Self::Tensor,
+        fn_w: &Self::Weight,
+        base: &Self::Tensor,
+        scale: &Self::Tensor,
+        sinkhorn_iters: usize,
+        hc_eps: f32,
+        norm_eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let s = x.shape().to_vec();
+        let (t, n, d) = (s[0], s[1], s[2]);
+        let flat = self.reshape(x, &[t, n * d])?;
+        let flat = self.rms_norm(&flat, None, norm_eps)?;
+        let mixes = self.linear(&flat, fn_w)?; // [T, (2+n)n]
+        let part = |start: usize, len: usize, si: usize| -> Result<Self::Tensor> {
+            let m = self.narrow(&mixes, 1, start, len)?;
+            let sc = self.narrow(scale, 0, si, 1)?;
+            let b = self.narrow(base, 0, start, len)?;
+            self.binary(&self.binary(&m, &sc, BinaryOp::Mul)?, &b, BinaryOp::Add)
+        };
+        let pre = self.affine(&self.unary(&part(0, n, 0)?, UnaryOp::Sigmoid)?, 1.0, hc_eps)?;
+        let post = self.affine(&self.unary(&part(n, n, 1)?, UnaryOp::Sigmoid)?, 2.0, 0.0)?;
+        let comb = self.reshape(&part(2 * n, n * n, 2)?, &[t, n, n])?;
+        let mut comb = self.affine(&self.softmax(&comb, 2)?, 1.0, hc_eps)?;
+        let col_norm = |c: &Self::Tensor| -> Result<Self::Tensor> {
+            let s = self.affine(&self.reduce(c, 1, ReduceOp::Sum)?, 1.0, hc_eps)?;
+            self.binary(c, &s, BinaryOp::Div)
+        };
+        let row_norm = |c: &Self::Tensor| -> Result<Self::Tensor> {
+            let s = self.affine(&self.reduce(c, 2, ReduceOp::Sum)?, 1.0, hc_eps)?;
+            self.binary(c, &s, BinaryOp::Div)
+        };
+        comb = col_norm(&comb)?;
+        for _ in 1..sinkhorn_iters {
+            comb = row_norm(&comb)?;
+            comb = col_norm(&comb)?;
+        }
+        let pre = self.reshape(&pre, &[t, n, 1])?;
+        let collapsed = self.reduce(&self.binary(&pre, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
+        let collapsed = self.reshape(&collapsed, &[t, d])?;
+        Ok((collapsed, post, comb))
+    }
+
+    /// mHC post-mapping (spec §B.3): `X'_k = post_k · y + Σ_j comb[j, k] · X_j`.
+    fn hc_post(
+        &self,
+        x: &Self::Tensor,
+        y: &Self::Tensor,
+        post: &Self::Tensor,
+        comb: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let s = x.shape().to_vec();
+        let (t, n, d) = (s[0], s[1], s[2]);
+        let expanded = self.binary(&self.reshape(post, &[t, n, 1])?, &self.reshape(y, &[t, 1, d])?, BinaryOp::Mul)?;
+        let comb_t = self.transpose(comb, 1, 2)?; // [T, k, j]
+        let mixed = self.matmul(&comb_t, x, false)?; // [T, k, D]
+        self.binary(&expanded, &mixed, BinaryOp::Add)
+    }
+
+    /// Final stream collapse (spec §B.6 steps 1-3): x `[T, n, D]` → `[T, D]`.
+    fn hc_head(
+        &self,
+        x: &Self::Tensor,
+        fn_w: &Self::Weight,
+        base: &Self::Tensor,
+        scale: &Self::Tensor,
+        hc_eps: f32,
+        norm_eps: f32,
+    ) -> Result<Self::Tensor> {
+        let s = x.shape().to_vec();
+        let (t, n, d) = (s[0], s[1], s[2]);
+        let flat = self.rms_norm(&self.reshape(x, &[t, n * d])?, None, norm_eps)?;
+        let mixes = self.linear(&flat, fn_w)?; // [T, n]
+        let pre = self.binary(&self.binary(&mixes, scale, BinaryOp::Mul)?, base, BinaryOp::Add)?;
+        let pre = self.affine(&self.unary(&pre, UnaryOp::Sigmoid)?, 1.0, hc_eps)?;
+        let out = self.reduce(&self.binary(&self.reshape(&pre, &[t, n, 1])?, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
+        self.reshape(&out, &[t, d])
+    }
+
+    /// Compressor pooling (spec §B.4.3): kv, score `[W, L, c]` → `Σ_l softmax_l(score)·kv`,
+    /// `[W, c]`, the softmax taken per channel over the L candidate rows.
+    fn compressor_pool(&self, kv: &Self::Tensor, score: &Self::Tensor) -> Result<Self::Tensor> {
+        let w = self.softmax(score, 1)?;
+        let pooled = self.reduce(&self.binary(&w, kv, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
+        let s = kv.shape();
+        self.reshape(&pooled, &[s[0], s[2]])
+    }
+
+    /// Lightning-indexer selection (spec §B.4.4). q `[T, nI, dI]` (roped), keys `[N, dI]`,
+    /// head weights `[T, nI]` (already scaled by `nI^-1/2`), `valid[t]` = the key rows query t
+    /// may see. Score `Σ_h w_h · relu(q_h·k)·dI^-1/2`; returns the top-`k` rows per query as
+    /// `[T, k]` with `offset` added, and `-1` for picks outside `valid[t]`.
+    fn indexer_select(
+        &self,
+        q: &Self::Tensor,
+        keys: &Self::Tensor,
+        weights: &Self::Tensor,
+        valid: &[Range<usize>],
+        k: usize,
+        offset: i32,
+    ) -> Result<Self::Index> {
+        let (t, nh, dh) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let n = keys.shape()[0];
+        if valid.len() != t {
+            return Err(Error::backend(self.name(), "indexer_select: one validity range per query is required"));
+        }
+        let scores = self.matmul(q, keys, true)?; // [T, nI, N]
+        let scores = self.affine(&self.unary(&scores, UnaryOp::Relu)?, (dh as f32).powf(-0.5), 0.0)?;
+        let scores = self.binary(&scores, &self.reshape(weights, &[t, nh, 1])?, BinaryOp::Mul)?;
+        let scores = self.reduce(&scores, 1, ReduceOp::Sum)?; // [T, 1, N]
+        let scores = self.reshape(&scores, &[t, n])?;
+        let mut mask = vec![f32::NEG_INFINITY; t * n];
+        for (i, r) in valid.iter().enumerate() {
+            mask[i * n + r.start..i * n + r.end].fill(0.0);
+        }
+        let scores = self.binary(&scores, &self.upload(&mask, &[t, n])?, BinaryOp::Add)?;
+        let (vals, idx) = self.topk(&scores, k)?;
+        // Picks with -inf score were invalid: turn them into -1, then offset the rest.
+        let host_vals = self.download(&vals)?;
+        let mut host_idx = self.download_index(&idx)?;
+        for (i, v) in host_vals.iter().enumerate() {
+            if *v == f32::NEG_INFINITY {
+                host_idx[i] = -1;
+            } else {
+                host_idx[i] += offset;
+            }
+        }
+        self.upload_index(&host_idx, &[t, k])
+    }
+
+    /// Attention of each query over an explicit key set, with a per-head sink (spec §B.4.6).
+    /// q `[T, H, d]`, kv `[N, d]` (K = V), idx `[T, K]` rows of kv (`-1` = none), sinks `[H]`.
+    /// Returns `[T, H, d]`.
+    fn sparse_attention(
+        &self,
+        q: &Self::Tensor,
+        kv: &Self::Tensor,
+        idx: &Self::Index,
+        sinks: &Self::Tensor,
+        scale: f32,
+    ) -> Result<Self::Tensor> {
+        let (t, h, _d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let kk = idx.shape()[1];
+        let keys = self.index_select(kv, idx)?; // [T, K, d]
+        let logits = self.affine(&self.matmul(q, &keys, true)?, scale, 0.0)?; // [T, H, K]
+        let mask = self.reshape(&self.index_mask(idx)?, &[t, 1, kk])?;
+        let logits = self.binary(&logits, &mask, BinaryOp::Add)?;
+        let sink = self.binary(&self.full(&[t, h, 1], 0.0)?, &self.reshape(sinks, &[1, h, 1])?, BinaryOp::Add)?;
+        let probs = self.softmax(&self.concat(&[&logits, &sink], 2)?, 2)?;
+        let probs = self.narrow(&probs, 2, 0, kk)?;
+        self.matmul(&probs, &keys, false)
+    }
+
+    /// Clamped SwiGLU (spec §B.5 step 4): `silu(min(g, L)) · clamp(u, -L, L)`; no clamp if L ≤ 0.
+    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, limit: f32) -> Result<Self::Tensor> {
+        let (g, u) = if limit > 0.0 {
+            (self.clamp(gate, f32::NEG_INFINITY, limit)?, self.clamp(up, -limit, limit)?)
+        } else {
+            (gate.clone(), up.clone())
+        };
+        self.binary(&self.unary(&g, UnaryOp::Silu)?, &u, BinaryOp::Mul)
+    }
+
+    /// One expert on a batch of rows: `w2 · swiglu(w1·x, w3·x)`.
+    fn expert_ffn(&self, x: &Self::Tensor, e: &ExpertWeights<Self::Weight>, limit: f32) -> Result<Self::Tensor> {
+        let h = self.swiglu(&self.linear(x, &e.w1)?, &self.linear(x, &e.w3)?, limit)?;
+        self.linear(&h, &e.w2)
+    }
+
+    /// Routed experts: x `[T, D]`, `expert_ids` `[T, k]` (host), weights `[T, k]`.
+    /// Returns `Σ_j weights[t, j] · expert_{ids[t, j]}(x_t)`, summed in ascending expert id
+    /// (transformers' eager order: weight applied after w2).
+    fn moe_experts(
+        &self,
+        x: &Self::Tensor,
+        expert_ids: &[i32],
+        weights: &Self::Tensor,
+        experts: &[ExpertWeights<Self::Weight>],
+        limit: f32,
+    ) -> Result<Self::Tensor> {
+        let t = x.shape()[0];
+        let k = expert_ids.len() / t.max(1);
+        let flat_w = self.reshape(weights, &[t * k, 1])?;
+        let mut out = self.full(x.shape(), 0.0)?;
+        for (e, ew) in experts.iter().enumerate() {
+            let (mut rows, mut slots) = (vec![], vec![]);
+            for (i, &id) in expert_ids.iter().enumerate() {
+                if id as usize == e {
+                    rows.push((i / k) as i32);
+                    slots.push(i as i32);
+                }
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let rows = self.upload_index(&rows, &[slots.len()])?;
+            let slots = self.upload_index(&slots, &[slots.len()])?;
+            let xe = self.index_select(x, &rows)?;
+            let ye = self.expert_ffn(&xe, ew, limit)?;
+            let we = self.index_select(&flat_w, &slots)?; // [n_e, 1]
+            out = self.index_add(&out, &rows, &self.binary(&ye, &we, BinaryOp::Mul)?)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,70 @@
+//! Lightning indexer (spec §B.4.4): on CSA layers, scores every compressed entry for every
+//! query with a cheap multi-head ReLU dot product and keeps the top `index_topk`.
+
+use std::ops::Range;
+
+use crate::backend::Backend;
+use crate::backend::DeviceTensor;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::compressor::Compressor;
+use crate::model::loader::Loader;
+use crate::model::rope::RopeTable;
+
+pub struct Indexer<B: Backend> {
+    wq_b: B::Weight,
+    weights_proj: B::Weight,
+    pub compressor: Compressor<B>,
+    n_heads: usize,
+    head_dim: usize,
+    pub topk: usize,
+}
+
+impl<B: Backend> Indexer<B> {
+    pub fn load(ld: &mut Loader<B>, cfg: &ModelConfig, prefix: &str, ratio: usize) -> Result<Self> {
+        let (nh, dh) = (cfg.index_n_heads, cfg.index_head_dim);
+        Ok(Indexer {
+            wq_b: ld.weight(&format!("{prefix}.wq_b.weight"), &[nh * dh, cfg.q_lora_rank])?,
+            weights_proj: ld.weight(&format!("{prefix}.weights_proj.weight"), &[nh, cfg.hidden_size])?,
+            compressor: Compressor::load(ld, cfg, &format!("{prefix}.compressor"), ratio, true, dh)?,
+            n_heads: nh,
+            head_dim: dh,
+            topk: cfg.index_topk,
+        })
+    }
+
+    /// Selects compressed entries for the queries of one sequence.
+    ///
+    /// * `x` `[S, D]` attention input, `q_res` `[S, q_lora]` normalised query latent,
+    /// * `cos`/`sin` compress-table angles at the query positions,
+    /// * `keys` `[N, dI]` this sequence's indexer keys, `visible[i]` = how many of them query i
+    ///   may see (causality), `offset` = where this sequence's attention entries start in the
+    ///   key pool.
+    ///
+    /// Returns `[S, min(topk, N)]` pool rows, `-1` for picks that are not visible.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        q_res: &B::Tensor,
+        cos: &B::Tensor,
+        sin: &B::Tensor,
+        keys: &B::Tensor,
+        visible: &[usize],
+        offset: usize,
+    ) -> Result<B::Index> {
+        let s = x.shape()[0];
+        let q = be.reshape(&be.linear(q_res, &self.wq_b)?, &[s, self.n_heads, self.head_dim])?;
+        let q = be.rope(&q, cos, sin, false)?;
+        let w = be.affine(&be.linear(x, &self.weights_proj)?, (self.n_heads as f32).powf(-0.5), 0.0)?;
+        let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
+        let k = self.topk.min(keys.shape()[0]);
+        be.indexer_select(&q, keys, &w, &valid, k, offset as i32)
+    }
+
+    /// The indexer's own compressed keys for a sequence processed from position 0.
+    pub fn keys_prefix(&self, be: &B, x: &B::Tensor, rope: &RopeTable) -> Result<Option<B::Tensor>> {
+        self.compressor.compress_prefix(be, x, rope)
+    }
+}

@@ -1,0 +1,160 @@
+//! The DeepSeek-V4 graph, one module per block as the paper names them:
+//! [`mhc`] (hyper-connections), [`attention`] with its [`compressor`] and [`indexer`],
+//! [`moe`], and the model root here (embedding, layer stack, head).
+
+pub mod attention;
+pub mod batch;
+pub mod compressor;
+pub mod indexer;
+pub mod loader;
+pub mod mhc;
+pub mod moe;
+pub mod rope;
+
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use attention::{Attention, StepAngles};
+use batch::Batch;
+use loader::{Loader, Progress};
+use mhc::{HyperConnection, HyperHead};
+use moe::Moe;
+use rope::RopeTable;
+
+/// One decoder block: attention and MoE, each wrapped in its own hyper-connection.
+pub struct Block<B: Backend> {
+    attn_hc: HyperConnection<B>,
+    attn_norm: B::Tensor,
+    pub attn: Attention<B>,
+    ffn_hc: HyperConnection<B>,
+    ffn_norm: B::Tensor,
+    moe: Moe<B>,
+    eps: f32,
+}
+
+impl<B: Backend> Block<B> {
+    fn load(ld: &mut Loader<B>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let p = format!("layers.{layer}");
+        let d = cfg.hidden_size;
+        Ok(Block {
+            attn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_attn"))?,
+            attn_norm: ld.tensor(&format!("{p}.attn_norm.weight"), &[d])?,
+            attn: Attention::load(ld, cfg, layer)?,
+            ffn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_ffn"))?,
+            ffn_norm: ld.tensor(&format!("{p}.ffn_norm.weight"), &[d])?,
+            moe: Moe::load(ld, cfg, layer)?,
+            eps: cfg.rms_norm_eps as f32,
+        })
+    }
+
+    /// Streams `[T, n, D]` → streams `[T, n, D]`.
+    fn forward(&self, be: &B, x: &B::Tensor, batch: &Batch, angles: &StepAngles<B>) -> Result<B::Tensor> {
+        let (h, mix) = self.attn_hc.pre(be, x)?;
+        let y = self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles)?;
+        let x = self.attn_hc.post(be, x, &y, &mix)?;
+        let (h, mix) = self.ffn_hc.pre(be, &x)?;
+        let y = self.moe.forward(be, &be.rms_norm(&h, Some(&self.ffn_norm), self.eps)?, &batch.tokens)?;
+        self.ffn_hc.post(be, &x, &y, &mix)
+    }
+}
+
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    embed: B::Weight,
+    /// None when the head is tied to the embedding.
+    head: Option<B::Weight>,
+    norm: B::Tensor,
+    hc_head: HyperHead<B>,
+    pub blocks: Vec<Block<B>>,
+    rope_main: RopeTable,
+    rope_compress: RopeTable,
+}
+
+/// Optional per-layer outputs of a forward pass, for conformance checks.
+pub struct Trace<B: Backend> {
+    pub embed: Option<B::Tensor>,
+    /// The residual streams `[T, n, D]` after each block.
+    pub layers: Vec<B::Tensor>,
+}
+
+impl<B: Backend> Default for Trace<B> {
+    fn default() -> Self {
+        Trace { embed: None, layers: vec![] }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Uploads every tensor the config calls for; `progress` sees each tensor as it lands.
+    pub fn load(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
+        let mut ld = Loader::new(be, ckpt, progress);
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = ld.weight("embed.weight", &[v, d])?;
+        let head = if cfg.tie_word_embeddings && !ckpt.contains("head.weight") {
+            None
+        } else {
+            Some(ld.weight("head.weight", &[v, d])?)
+        };
+        let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut ld, &cfg, i)).collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            embed,
+            head,
+            norm: ld.tensor("norm.weight", &[d])?,
+            hc_head: HyperHead::load(&mut ld, &cfg, "")?,
+            blocks,
+            rope_main: RopeTable::new(&cfg.rope_main, cfg.rope_dim),
+            rope_compress: RopeTable::new(&cfg.rope_compress, cfg.rope_dim),
+            cfg,
+        })
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (ids must be below {})",
+                self.cfg.vocab_size
+            )));
+        }
+        if let Some(&p) = batch.positions.iter().max() {
+            if p >= self.cfg.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "the sequence reaches position {p}, past the model's context of {} tokens",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whole-prompt forward of every sequence in `batch`: logits `[T, vocab]` for every token.
+    pub fn forward(&self, be: &B, batch: &Batch) -> Result<B::Tensor> {
+        self.forward_traced(be, batch, None)
+    }
+
+    pub fn forward_traced(&self, be: &B, batch: &Batch, mut trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
+        self.check_batch(batch)?;
+        let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
+        let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
+        let e = be.embedding(&self.embed, &be.upload_index(&ids, &[t])?)?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.embed = Some(e.clone());
+        }
+        // The residual starts as n identical copies of the embedding.
+        let copies: Vec<&B::Tensor> = std::iter::repeat_n(&e, n).collect();
+        let mut x = be.reshape(&be.concat(&copies, 1)?, &[t, n, d])?;
+        let main = StepAngles::new(be, self.rope_main.clone(), &batch.positions)?;
+        let compress = StepAngles::new(be, self.rope_compress.clone(), &batch.positions)?;
+        for block in &self.blocks {
+            let angles = match block.attn.kind {
+                crate::config::AttentionKind::Sliding => &main,
+                _ => &compress,
+            };
+            x = block.forward(be, &x, batch, angles)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.layers.push(x.clone());
+            }
+        }
+        let h = be.rms_norm(&self.hc_head.forward(be, &x)?, Some(&self.norm), self.cfg.rms_norm_eps as f32)?;
+        be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))
+    }
+}

@@ -1,0 +1,126 @@
+//! Mixture of experts (spec §B.5): sqrt-softplus router scores, selection by top-k of
+//! score + correction bias (or a fixed `tid2eid` table on hash layers), weights normalised
+//! over the chosen experts and scaled, clamped-SwiGLU experts, plus one shared expert.
+
+use crate::backend::DeviceTensor;
+use crate::backend::{Backend, BinaryOp, ExpertWeights, ReduceOp, UnaryOp};
+use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
+use crate::error::{Error, Result};
+use crate::model::loader::Loader;
+
+enum Selection<B: Backend> {
+    /// `tid2eid`, `[vocab, k]`, kept on the host: selection is a table lookup by token id.
+    Hash(Vec<i32>),
+    /// Correction bias `[E]`, added to the scores for selection only.
+    TopK(B::Tensor),
+}
+
+pub struct Moe<B: Backend> {
+    gate: B::Weight,
+    selection: Selection<B>,
+    experts: Vec<ExpertWeights<B::Weight>>,
+    shared: ExpertWeights<B::Weight>,
+    top_k: usize,
+    scoring: ScoringFunc,
+    routed_scale: f32,
+    limit: f32,
+    vocab: usize,
+}
+
+fn load_expert<B: Backend>(ld: &mut Loader<B>, p: &str, d: usize, i: usize) -> Result<ExpertWeights<B::Weight>> {
+    Ok(ExpertWeights {
+        w1: ld.weight(&format!("{p}.w1.weight"), &[i, d])?,
+        w2: ld.weight(&format!("{p}.w2.weight"), &[d, i])?,
+        w3: ld.weight(&format!("{p}.w3.weight"), &[i, d])?,
+    })
+}
+
+/// Experts stored fused, as transformers keeps them: `gate_up_proj` `[E, 2I, D]` (rows 0..I are
+/// w1, I..2I are w3) and `down_proj` `[E, D, I]`.
+fn load_fused_experts<B: Backend>(
+    ld: &mut Loader<B>,
+    p: &str,
+    e: usize,
+    d: usize,
+    i: usize,
+) -> Result<Vec<ExpertWeights<B::Weight>>> {
+    let gate_up = ld.ckpt.require(&format!("{p}.gate_up_proj"), &[e, 2 * i, d])?.clone();
+    let down = ld.ckpt.require(&format!("{p}.down_proj"), &[e, d, i])?.clone();
+    (0..e)
+        .map(|x| {
+            let gu = gate_up.index_outer(x, format!("{p}.gate_up_proj[{x}]"))?;
+            Ok(ExpertWeights {
+                w1: ld.be.upload_weight(&gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?,
+                w3: ld.be.upload_weight(&gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?,
+                w2: ld.be.upload_weight(&down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?,
+            })
+        })
+        .collect()
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn load(ld: &mut Loader<B>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let p = format!("layers.{layer}.ffn");
+        let (d, e, i, k) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok);
+        let selection = match cfg.routing[layer] {
+            RoutingKind::Hash => {
+                Selection::Hash(ld.host_ints(&format!("{p}.gate.tid2eid"), &[cfg.vocab_size, k], e as i64)?)
+            }
+            RoutingKind::TopK => Selection::TopK(ld.tensor(&format!("{p}.gate.bias"), &[e])?),
+        };
+        let experts = if ld.ckpt.contains(&format!("{p}.experts.gate_up_proj")) {
+            load_fused_experts(ld, &format!("{p}.experts"), e, d, i)?
+        } else {
+            (0..e).map(|x| load_expert(ld, &format!("{p}.experts.{x}"), d, i)).collect::<Result<_>>()?
+        };
+        Ok(Moe {
+            gate: ld.weight(&format!("{p}.gate.weight"), &[e, d])?,
+            selection,
+            experts,
+            shared: load_expert(ld, &format!("{p}.shared_experts"), d, i)?,
+            top_k: k,
+            scoring: cfg.scoring_func,
+            routed_scale: cfg.routed_scaling_factor as f32,
+            limit: cfg.swiglu_limit as f32,
+            vocab: cfg.vocab_size,
+        })
+    }
+
+    /// x `[T, D]` (ffn_norm'ed), `tokens` the ids of the T rows (hash routing reads them).
+    pub fn forward(&self, be: &B, x: &B::Tensor, tokens: &[u32]) -> Result<B::Tensor> {
+        let t = x.shape()[0];
+        let logits = be.linear(x, &self.gate)?;
+        let scores = match self.scoring {
+            ScoringFunc::SqrtSoftplus => be.unary(&be.unary(&logits, UnaryOp::Softplus)?, UnaryOp::Sqrt)?,
+            ScoringFunc::Sigmoid => be.unary(&logits, UnaryOp::Sigmoid)?,
+            ScoringFunc::Softmax => be.softmax(&logits, 1)?,
+        };
+        let (ids, host_ids) = match &self.selection {
+            Selection::Hash(table) => {
+                let mut host = Vec::with_capacity(t * self.top_k);
+                for &tok in tokens {
+                    let tok = tok as usize;
+                    if tok >= self.vocab {
+                        return Err(Error::Input(format!(
+                            "token id {tok} is outside the vocabulary (size {})",
+                            self.vocab
+                        )));
+                    }
+                    host.extend_from_slice(&table[tok * self.top_k..(tok + 1) * self.top_k]);
+                }
+                (be.upload_index(&host, &[t, self.top_k])?, host)
+            }
+            Selection::TopK(bias) => {
+                let (_, ids) = be.topk(&be.binary(&scores, bias, BinaryOp::Add)?, self.top_k)?;
+                let host = be.download_index(&ids)?;
+                (ids, host)
+            }
+        };
+        let w = be.gather_last(&scores, &ids)?;
+        let denom = be.affine(&be.reduce(&w, 1, ReduceOp::Sum)?, 1.0, 1e-20)?;
+        let w = be.affine(&be.binary(&w, &denom, BinaryOp::Div)?, self.routed_scale, 0.0)?;
+        let routed = be.moe_experts(x, &host_ids, &w, &self.experts, self.limit)?;
+        let shared = be.expert_ffn(x, &self.shared, self.limit)?;
+        be.binary(&routed, &shared, BinaryOp::Add)
+    }
+}
