@@ -1,0 +1,45 @@
+//! Finding a model (directory or built-in) and loading it onto a backend with a progress bar.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The config and checkpoint named by `--model`.
+pub fn open(spec: &str) -> Result<(ModelConfig, Checkpoint)> {
+    if spec == builtin::TINY_NAME {
+        return Ok(builtin::tiny()?);
+    }
+    if let Some(other) = spec.strip_prefix("builtin:") {
+        anyhow::bail!("unknown built-in model `{other}` (available: {})", builtin::TINY_NAME);
+    }
+    let dir = Path::new(spec);
+    let cfg = ModelConfig::from_dir(dir)?;
+    let ckpt = Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
+    Ok((cfg, ckpt))
+}
+
+/// Loads onto `be`; a progress bar appears on stderr once loading has taken more than a second.
+pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<Model<B>> {
+    let (cfg, ckpt) = open(spec)?;
+    let bar = ProgressBar::with_draw_target(Some(ckpt.len() as u64), ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors, {msg} [{elapsed_precise}]")
+            .expect("valid template"),
+    );
+    let start = Instant::now();
+    let mut shown = false;
+    let model = Model::load(be, cfg, &ckpt, &mut |done, _total, bytes| {
+        if !shown && start.elapsed() > Duration::from_secs(1) {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.set_position(done as u64);
+        bar.set_message(format!("{:.1} MB", bytes as f64 / 1e6));
+    })
+    .with_context(|| format!("loading model `{spec}`"))?;
+    bar.finish_and_clear();
+    Ok(model)
+}
