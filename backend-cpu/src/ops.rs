@@ -145,7 +145,7 @@ impl Backend for CpuBackend {
     }
 
     fn grouped_linear(&self, x: &CpuTensor, w: &CpuWeight, groups: usize) -> Result<CpuTensor> {
-        if x.shape.len() != 3 || x.shape[1] != groups || w.rows % groups != 0 || w.cols != x.shape[2] {
+        if x.shape.len() != 3 || x.shape[1] != groups || !w.rows.is_multiple_of(groups) || w.cols != x.shape[2] {
             return Err(err(format!("grouped_linear: input {:?}, weight {:?}, {groups} groups", x.shape, w.shape)));
         }
         let (m, k, r) = (x.shape[0], x.shape[2], w.rows / groups);

@@ -86,7 +86,7 @@ fn cpu_or_explain(choice: BackendChoice) -> Result<CpuBackend> {
     Ok(CpuBackend::new())
 }
 
-fn run_logits(model: &ModelArgs, ids: &[String], backend: BackendChoice, out: &PathBuf) -> Result<()> {
+fn run_logits(model: &ModelArgs, ids: &[String], backend: BackendChoice, out: &std::path::Path) -> Result<()> {
     let ids = parse_ids(ids)?;
     let be = cpu_or_explain(backend)?;
     eprintln!("backend: {}", be.describe());

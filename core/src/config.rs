@@ -337,13 +337,13 @@ impl ModelConfig {
                 return Err(Error::config(name, "must be positive"));
             }
         }
-        if self.rope_dim == 0 || self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+        if self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2) || self.rope_dim > self.head_dim {
             return Err(Error::config(
                 "qk_rope_head_dim",
                 format!("rotary dims {} must be even, positive and at most head_dim {}", self.rope_dim, self.head_dim),
             ));
         }
-        if self.num_heads % self.o_groups != 0 {
+        if !self.num_heads.is_multiple_of(self.o_groups) {
             return Err(Error::config(
                 "o_groups",
                 format!("{} heads cannot be split into {} groups", self.num_heads, self.o_groups),
@@ -378,8 +378,12 @@ impl ModelConfig {
                 return Err(Error::config("compress_rates", format!("layer {i} has compression ratio 0")));
             }
         }
-        if !(self.hc_eps >= 0.0) || !(self.rms_norm_eps >= 0.0) {
-            return Err(Error::config("rms_norm_eps", "epsilons must be non-negative"));
+        // Finite by parsing; negative epsilons would make the norms divide by ~0.
+        if self.hc_eps < 0.0 {
+            return Err(Error::config("hc_eps", "must be non-negative"));
+        }
+        if self.rms_norm_eps < 0.0 {
+            return Err(Error::config("rms_norm_eps", "must be non-negative"));
         }
         Ok(())
     }
