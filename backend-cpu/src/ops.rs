@@ -2,7 +2,7 @@
 
 use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, UnaryOp};
 use dsv4_core::error::{Error, Result};
-use dsv4_core::tensor::HostTensor;
+use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
 
@@ -100,8 +100,8 @@ impl Backend for CpuBackend {
         Ok(t.data.to_vec())
     }
 
-    fn upload_weight(&self, w: &HostTensor) -> Result<CpuWeight> {
-        CpuWeight::from_host(w)
+    fn upload_weight(&self, w: &StoredWeight) -> Result<CpuWeight> {
+        CpuWeight::from_stored(w)
     }
 
     fn weight_shape<'w>(&self, w: &'w CpuWeight) -> &'w [usize] {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
-use dsv4_core::tensor::{DType, HostTensor};
+use dsv4_core::tensor::{DType, StoredWeight, WeightFormat};
 use half::{bf16, f16};
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -76,7 +76,15 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
-    pub(crate) fn from_host(t: &HostTensor) -> Result<Self> {
+    pub(crate) fn from_stored(w: &StoredWeight) -> Result<Self> {
+        if w.format != WeightFormat::Float {
+            return Err(Error::Tensor {
+                name: w.name.clone(),
+                file: w.data.source.clone(),
+                msg: format!("the CPU backend cannot use {:?} weights yet", w.format),
+            });
+        }
+        let t = &w.data;
         let b = t.bytes();
         let data = match t.dtype {
             DType::F32 => {

@@ -23,7 +23,7 @@
 use std::ops::Range;
 
 use crate::error::{Error, Result};
-use crate::tensor::HostTensor;
+use crate::tensor::StoredWeight;
 
 /// A device tensor: owns (or shares) device memory and knows its shape.
 pub trait DeviceTensor: Clone + Send + Sync {
@@ -92,8 +92,9 @@ pub trait Backend: Send + Sync {
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<Self::Index>;
     fn download_index(&self, t: &Self::Index) -> Result<Vec<i32>>;
-    /// Takes a weight in its stored form (F32/BF16/F16 here; FP8/FP4 blocks later).
-    fn upload_weight(&self, w: &HostTensor) -> Result<Self::Weight>;
+    /// Takes a weight in its stored form (float, FP8 blocks or FP4 groups, spec §D.4); the
+    /// backend chooses what to keep.
+    fn upload_weight(&self, w: &StoredWeight) -> Result<Self::Weight>;
     fn weight_shape<'w>(&self, w: &'w Self::Weight) -> &'w [usize];
     /// Blocks until all queued work is done.
     fn synchronize(&self) -> Result<()>;
@@ -305,13 +306,12 @@ pub trait Backend: Send + Sync {
         self.matmul(&probs, &keys, false)
     }
 
-    /// Clamped SwiGLU (spec §B.5 step 4): `silu(min(g, L)) · clamp(u, -L, L)`; no clamp if L ≤ 0.
+    /// Clamped SwiGLU (spec §B.5 step 4): `silu(min(g, L)) · clamp(u, -L, L)`. The clamp is
+    /// unconditional, as in transformers (the official code skips it when L ≤ 0; V4 configs
+    /// always set L = 10).
     fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, limit: f32) -> Result<Self::Tensor> {
-        let (g, u) = if limit > 0.0 {
-            (self.clamp(gate, f32::NEG_INFINITY, limit)?, self.clamp(up, -limit, limit)?)
-        } else {
-            (gate.clone(), up.clone())
-        };
+        let g = self.clamp(gate, f32::NEG_INFINITY, limit)?;
+        let u = self.clamp(up, -limit, limit)?;
         self.binary(&self.unary(&g, UnaryOp::Silu)?, &u, BinaryOp::Mul)
     }
 

@@ -131,10 +131,6 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn usize_req(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| Error::config(key, "required field is missing"))
-    }
-
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.usize_opt(key)?.unwrap_or(default))
     }
@@ -213,17 +209,16 @@ impl ModelConfig {
             }
         }
 
-        let hidden_size = f.usize_req("hidden_size")?;
-        let num_layers = f.usize_req("num_hidden_layers")?;
-        let num_heads = f.usize_req("num_attention_heads")?;
+        // Defaults are transformers' `DeepseekV4Config` dataclass defaults (the V4-Flash values),
+        // so a config that transformers accepts parses to the same model here.
+        let hidden_size = f.usize_or("hidden_size", 4096)?;
+        let num_layers = f.usize_or("num_hidden_layers", 43)?;
+        let num_heads = f.usize_or("num_attention_heads", 64)?;
         let head_dim = f.usize_or("head_dim", 512)?;
-        if let Some(kv) = f.usize_opt("num_key_value_heads")? {
-            if kv != 1 {
-                return Err(Error::config(
-                    "num_key_value_heads",
-                    format!("DeepSeek-V4 uses one shared K=V head, got {kv}"),
-                ));
-            }
+        // `num_key_value_heads` and `n_shared_experts` are read by nothing in the reference:
+        // V4 always has one shared K=V head and one shared expert.
+        if f.bool_or("mlp_bias", false)? {
+            return Err(Error::config("mlp_bias", "biased expert projections are not supported"));
         }
 
         let rope_dim = match (f.usize_opt("qk_rope_head_dim")?, f.f64_opt("partial_rotary_factor")?) {
@@ -252,13 +247,6 @@ impl ModelConfig {
                 return Err(Error::config("hidden_act", format!("only `silu` is supported, got `{act}`")));
             }
         }
-        let n_shared = f.usize_or("n_shared_experts", 1)?;
-        if n_shared != 1 {
-            return Err(Error::config(
-                "n_shared_experts",
-                format!("DeepSeek-V4 has exactly one shared expert, got {n_shared}"),
-            ));
-        }
 
         let eos_token_ids = match f.get("eos_token_id") {
             None => vec![],
@@ -271,15 +259,15 @@ impl ModelConfig {
         };
 
         let cfg = ModelConfig {
-            vocab_size: f.usize_req("vocab_size")?,
+            vocab_size: f.usize_or("vocab_size", 129280)?,
             hidden_size,
             num_layers,
             num_heads,
             head_dim,
             rope_dim,
-            q_lora_rank: f.usize_req("q_lora_rank")?,
-            o_groups: f.usize_req("o_groups")?,
-            o_lora_rank: f.usize_req("o_lora_rank")?,
+            q_lora_rank: f.usize_or("q_lora_rank", 1024)?,
+            o_groups: f.usize_or("o_groups", 8)?,
+            o_lora_rank: f.usize_or("o_lora_rank", 1024)?,
             sliding_window: f.usize_or("sliding_window", 128)?,
             attention,
             routing,
@@ -293,22 +281,19 @@ impl ModelConfig {
             hc_sinkhorn_iters: f.usize_or("hc_sinkhorn_iters", 20)?,
             hc_eps: f.f64_or("hc_eps", 1e-6)?,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
-            n_routed_experts: f
-                .usize_opt("n_routed_experts")?
-                .or(f.usize_opt("num_local_experts")?)
-                .ok_or_else(|| Error::config("n_routed_experts", "required field is missing"))?,
-            num_experts_per_tok: f.usize_req("num_experts_per_tok")?,
+            n_routed_experts: f.usize_opt("n_routed_experts")?.or(f.usize_opt("num_local_experts")?).unwrap_or(256),
+            num_experts_per_tok: f.usize_or("num_experts_per_tok", 6)?,
             moe_intermediate_size: f
                 .usize_opt("moe_intermediate_size")?
                 .or(f.usize_opt("intermediate_size")?)
-                .ok_or_else(|| Error::config("moe_intermediate_size", "required field is missing"))?,
+                .unwrap_or(2048),
             scoring_func,
-            routed_scaling_factor: f.f64_or("routed_scaling_factor", 1.0)?,
-            swiglu_limit: f.f64_or("swiglu_limit", 0.0)?,
+            routed_scaling_factor: f.f64_or("routed_scaling_factor", 1.5)?,
+            swiglu_limit: f.f64_or("swiglu_limit", 10.0)?,
             tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
             bos_token_id: f.usize_opt("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
-            num_mtp_layers: f.usize_or("num_nextn_predict_layers", 0)?,
+            num_mtp_layers: f.usize_or("num_nextn_predict_layers", 1)?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -457,11 +442,17 @@ fn parse_attention_schedule(f: &Fields, num_layers: usize) -> Result<Vec<Attenti
             })
             .collect::<Result<_>>()?
     } else {
-        return Err(Error::config(
-            "layer_types",
-            "the attention schedule is missing: give `layer_types` or `compress_ratios` \
-             (transformers' built-in default disagrees with the official checkpoints, so dsv4 does not guess)",
-        ));
+        // transformers' default: two HCA layers, then HCA/CSA alternating starting with HCA.
+        // (It disagrees with the official Pro schedule, spec §G.5; real configs always ship one.)
+        (0..num_layers)
+            .map(|i| {
+                if i >= 2 && (i - 2) % 2 == 1 {
+                    AttentionKind::Csa { ratio: csa_rate }
+                } else {
+                    AttentionKind::Hca { ratio: hca_rate }
+                }
+            })
+            .collect()
     };
     // The official list carries one extra trailing entry per MTP layer.
     if schedule.len() < num_layers {
@@ -641,6 +632,16 @@ mod tests {
     }
 
     #[test]
+    fn defaults_follow_transformers() {
+        let c = parse(serde_json::json!({"num_hidden_layers": 6})).unwrap();
+        assert_eq!((c.hidden_size, c.vocab_size, c.routed_scaling_factor, c.swiglu_limit), (4096, 129280, 1.5, 10.0));
+        use AttentionKind::*;
+        let (h, s) = (Hca { ratio: 128 }, Csa { ratio: 4 });
+        assert_eq!(c.attention, vec![h, h, h, s, h, s]);
+        assert_eq!(c.routing.iter().filter(|r| **r == RoutingKind::Hash).count(), 3);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let mut v = base();
         v["layer_types"] = serde_json::json!(["sliding_attention"]);
@@ -659,9 +660,11 @@ mod tests {
         let e = parse(v).unwrap_err().to_string();
         assert!(e.contains("o_groups"), "{e}");
 
-        let v = base();
+        let mut v = base();
+        v["compress_ratios"] = serde_json::json!([0, 0, 0, 0]);
+        v["sliding_window"] = serde_json::json!(-3);
         let e = parse(v).unwrap_err().to_string();
-        assert!(e.contains("layer_types"), "{e}");
+        assert!(e.contains("sliding_window"), "{e}");
 
         let e = ModelConfig::from_json_str("{not json").unwrap_err().to_string();
         assert!(e.contains("JSON"), "{e}");

@@ -176,7 +176,7 @@ impl HostTensor {
         self.len
     }
 
-    fn err(&self, msg: impl Into<String>) -> Error {
+    pub(crate) fn err(&self, msg: impl Into<String>) -> Error {
         Error::Tensor { name: self.name.clone(), file: self.source.clone(), msg: msg.into() }
     }
 
@@ -248,5 +248,50 @@ impl HostTensor {
             });
         }
         Ok(self)
+    }
+}
+
+/// How a weight matrix is stored in the checkpoint (spec §D.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// F32 / BF16 / F16 elements, no scale.
+    Float,
+    /// FP8 e4m3 elements with one power-of-two (E8M0) or F32 scale per `rows × cols` block.
+    Fp8Block { rows: usize, cols: usize },
+    /// FP4 e2m1 codes packed two per byte along the input dimension (low nibble first), with
+    /// one E8M0 scale per `group` inputs of a row.
+    Fp4Group { group: usize },
+}
+
+/// A weight as the loader hands it to a backend: the logical matrix shape `[N, K]` (or the
+/// table shape), the stored form and, for quantised formats, the scale tensor. Backends pick
+/// their own representation from this (keep packed, convert, or dequantise).
+#[derive(Debug, Clone)]
+pub struct StoredWeight {
+    pub name: String,
+    /// Logical shape (for FP4, twice the stored inner dimension).
+    pub shape: Vec<usize>,
+    pub format: WeightFormat,
+    pub data: HostTensor,
+    pub scale: Option<HostTensor>,
+}
+
+impl StoredWeight {
+    /// A plain floating-point weight.
+    pub fn float(data: HostTensor) -> Result<Self> {
+        if !data.dtype.is_float() {
+            return Err(data.err(format!("expected a floating-point weight, found {}", data.dtype)));
+        }
+        Ok(StoredWeight {
+            name: data.name.clone(),
+            shape: data.shape.clone(),
+            format: WeightFormat::Float,
+            data,
+            scale: None,
+        })
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.data.size_bytes() + self.scale.as_ref().map_or(0, |s| s.size_bytes())
     }
 }

@@ -3,6 +3,7 @@
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::tensor::StoredWeight;
 
 /// Called after each tensor is uploaded: (tensors done, tensors total, bytes done).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, u64);
@@ -31,16 +32,15 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A matrix or table, kept by the backend in its preferred form.
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
         let t = self.ckpt.require(name, shape)?;
-        if !t.dtype.is_float() {
-            return Err(Error::Tensor {
-                name: name.into(),
-                file: t.source.clone(),
-                msg: format!("expected a floating-point weight, found {}", t.dtype),
-            });
-        }
-        let w = self.be.upload_weight(t)?;
-        self.tick(t.size_bytes());
-        Ok(w)
+        let stored = StoredWeight::float(t.clone())?;
+        self.upload(&stored)
+    }
+
+    /// Uploads an already-described weight (e.g. a slice of a fused expert tensor).
+    pub fn upload(&mut self, w: &StoredWeight) -> Result<B::Weight> {
+        let out = self.be.upload_weight(w)?;
+        self.tick(w.size_bytes());
+        Ok(out)
     }
 
     /// A small parameter used as an f32 activation-side tensor (norm weights, biases, sinks).

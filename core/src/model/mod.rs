@@ -90,11 +90,8 @@ impl<B: Backend> Model<B> {
         let mut ld = Loader::new(be, ckpt, progress);
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed = ld.weight("embed.weight", &[v, d])?;
-        let head = if cfg.tie_word_embeddings && !ckpt.contains("head.weight") {
-            None
-        } else {
-            Some(ld.weight("head.weight", &[v, d])?)
-        };
+        // Tied embeddings: transformers uses the embedding as the head (and does not save it).
+        let head = if cfg.tie_word_embeddings { None } else { Some(ld.weight("head.weight", &[v, d])?) };
         let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut ld, &cfg, i)).collect::<Result<Vec<_>>>()?;
         Ok(Model {
             embed,

@@ -7,6 +7,7 @@ use crate::backend::{Backend, BinaryOp, ExpertWeights, ReduceOp, UnaryOp};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::Loader;
+use crate::tensor::StoredWeight;
 
 enum Selection<B: Backend> {
     /// `tid2eid`, `[vocab, k]`, kept on the host: selection is a table lookup by token id.
@@ -50,9 +51,9 @@ fn load_fused_experts<B: Backend>(
         .map(|x| {
             let gu = gate_up.index_outer(x, format!("{p}.gate_up_proj[{x}]"))?;
             Ok(ExpertWeights {
-                w1: ld.be.upload_weight(&gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?,
-                w3: ld.be.upload_weight(&gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?,
-                w2: ld.be.upload_weight(&down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?,
+                w1: ld.upload(&StoredWeight::float(gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?)?,
+                w3: ld.upload(&StoredWeight::float(gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?)?,
+                w2: ld.upload(&StoredWeight::float(down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?)?,
             })
         })
         .collect()
