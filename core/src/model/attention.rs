@@ -5,8 +5,9 @@
 use crate::backend::Backend;
 use crate::backend::DeviceTensor;
 use crate::config::{AttentionKind, ModelConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::batch::Batch;
+use crate::model::cache::LayerState;
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
 use crate::model::loader::Loader;
@@ -91,9 +92,16 @@ impl<B: Backend> Attention<B> {
         })
     }
 
-    /// x `[T, D]` (the attn_norm'ed sub-layer input) → `[T, D]`. Every sequence of the batch
-    /// is processed from position 0 (whole-prompt prefill).
-    pub fn forward(&self, be: &B, x: &B::Tensor, batch: &Batch, angles: &StepAngles<B>) -> Result<B::Tensor> {
+    /// x `[T, D]` (the attn_norm'ed sub-layer input) → `[T, D]`. Sequence k of the batch
+    /// continues from `states[k]` (its earlier tokens) and leaves its new state there.
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        batch: &Batch,
+        angles: &StepAngles<B>,
+        states: &mut [&mut LayerState<B>],
+    ) -> Result<B::Tensor> {
         let t = batch.len();
         let (h, hd) = (self.n_heads, self.head_dim);
 
@@ -106,26 +114,45 @@ impl<B: Backend> Attention<B> {
         let kv = be.rms_norm(&be.linear(x, &self.wkv)?, Some(&self.kv_norm), self.eps)?;
         let kv = be.reshape(&be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false)?, &[t, hd])?;
 
-        // Key pool: per sequence, its window rows then its compressed entries. Key indices are
-        // built per query: the window, then either every causal HCA entry or the indexer's picks.
+        // Key pool: per sequence, its cached window rows, the step's rows, then all its
+        // compressed entries. Key indices are built per query: the sliding window, then
+        // either every causal HCA entry or the indexer's picks.
         let mut pool_parts: Vec<B::Tensor> = vec![];
         let mut pool_len = 0usize;
         let mut host_idx: Vec<Vec<i32>> = vec![vec![]; t];
         // Indexer picks per sequence (CSA layers; None where no window is complete yet).
         let mut selected: Vec<Option<B::Index>> = vec![];
-        for rows in &batch.seqs {
+        for (rows, st) in batch.seqs.iter().zip(states.iter_mut()) {
             let s = rows.len();
+            let start = batch.positions[rows.start];
+            let step_kv = be.narrow(&kv, 0, rows.start, s)?;
+            let cached = st.window.take();
+            let cached_rows = cached.as_ref().map_or(0, |c| c.shape()[0]);
+            let all_kv = match &cached {
+                Some(c) => be.concat(&[c, &step_kv], 0)?,
+                None => step_kv,
+            };
+            // Row r of all_kv holds position start - cached_rows + r.
             let kv_base = pool_len;
-            pool_parts.push(be.narrow(&kv, 0, rows.start, s)?);
-            pool_len += s;
+            let first_pos = start - cached_rows;
             for (i, row) in rows.clone().enumerate() {
-                let lo = (i + 1).saturating_sub(self.window);
-                host_idx[row].extend((lo..=i).map(|j| (kv_base + j) as i32));
+                let p = start + i;
+                let lo = (p + 1).saturating_sub(self.window);
+                host_idx[row].extend((lo..=p).map(|q| (kv_base + q - first_pos) as i32));
             }
+            let keep = (self.window - 1).min(cached_rows + s);
+            st.window = (keep > 0).then(|| be.narrow(&all_kv, 0, cached_rows + s - keep, keep)).transpose()?;
+            pool_parts.push(all_kv);
+            pool_len += cached_rows + s;
+
             let Some(comp) = &self.compressor else { continue };
             let x_s = be.narrow(x, 0, rows.start, s)?;
-            let Some(entries) = comp.compress_prefix(be, &x_s, &angles.table)? else {
+            comp.step(be, &mut st.compressor, &x_s, start, &angles.table)?;
+            let Some(entries) = st.compressor.entries.clone() else {
                 selected.push(None);
+                if let Some(ix) = &self.indexer {
+                    ix.compressor.step(be, &mut st.indexer, &x_s, start, &angles.table)?;
+                }
                 continue;
             };
             let n_entries = entries.shape()[0];
@@ -133,8 +160,7 @@ impl<B: Backend> Attention<B> {
             pool_parts.push(entries);
             pool_len += n_entries;
             // Entry w is visible to the query at position p iff w < (p + 1) / ratio.
-            let visible: Vec<usize> =
-                rows.clone().map(|r| ((batch.positions[r] + 1) / comp.ratio).min(n_entries)).collect();
+            let visible: Vec<usize> = (start..start + s).map(|p| ((p + 1) / comp.ratio).min(n_entries)).collect();
             match &self.indexer {
                 None => {
                     for (i, row) in rows.clone().enumerate() {
@@ -142,8 +168,10 @@ impl<B: Backend> Attention<B> {
                     }
                 }
                 Some(ix) => {
-                    let keys =
-                        ix.keys_prefix(be, &x_s, &angles.table)?.expect("same windows as the attention compressor");
+                    ix.compressor.step(be, &mut st.indexer, &x_s, start, &angles.table)?;
+                    let keys = st.indexer.entries.clone().ok_or_else(|| {
+                        Error::backend(be.name(), "indexer compressor produced no keys for complete windows")
+                    })?;
                     let q_res_s = be.narrow(&q_res, 0, rows.start, s)?;
                     let (cos, sin) = angles.rows(be, rows.clone())?;
                     selected.push(Some(ix.select(be, &x_s, &q_res_s, &cos, &sin, &keys, &visible, comp_base)?));

@@ -9,7 +9,6 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::compressor::Compressor;
 use crate::model::loader::Loader;
-use crate::model::rope::RopeTable;
 
 pub struct Indexer<B: Backend> {
     wq_b: B::Weight,
@@ -61,10 +60,5 @@ impl<B: Backend> Indexer<B> {
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
         let k = self.topk.min(keys.shape()[0]);
         be.indexer_select(&q, keys, &w, &valid, k, offset as i32)
-    }
-
-    /// The indexer's own compressed keys for a sequence processed from position 0.
-    pub fn keys_prefix(&self, be: &B, x: &B::Tensor, rope: &RopeTable) -> Result<Option<B::Tensor>> {
-        self.compressor.compress_prefix(be, x, rope)
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod cache;
 pub mod compressor;
 pub mod indexer;
 pub mod loader;
@@ -17,6 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use attention::{Attention, StepAngles};
 use batch::Batch;
+use cache::{LayerState, SeqState};
 use loader::{Loader, Progress};
 use mhc::{HyperConnection, HyperHead};
 use moe::Moe;
@@ -49,9 +51,16 @@ impl<B: Backend> Block<B> {
     }
 
     /// Streams `[T, n, D]` → streams `[T, n, D]`.
-    fn forward(&self, be: &B, x: &B::Tensor, batch: &Batch, angles: &StepAngles<B>) -> Result<B::Tensor> {
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        batch: &Batch,
+        angles: &StepAngles<B>,
+        states: &mut [&mut LayerState<B>],
+    ) -> Result<B::Tensor> {
         let (h, mix) = self.attn_hc.pre(be, x)?;
-        let y = self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles)?;
+        let y = self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles, states)?;
         let x = self.attn_hc.post(be, x, &y, &mix)?;
         let (h, mix) = self.ffn_hc.pre(be, &x)?;
         let y = self.moe.forward(be, &be.rms_norm(&h, Some(&self.ffn_norm), self.eps)?, &batch.tokens)?;
@@ -105,7 +114,24 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    fn check_batch(&self, batch: &Batch) -> Result<()> {
+    /// A fresh decoding state for one sequence.
+    pub fn new_state(&self) -> SeqState<B> {
+        SeqState::new(self.cfg.num_layers)
+    }
+
+    fn check_batch(&self, batch: &Batch, states: &[&mut SeqState<B>]) -> Result<()> {
+        if states.len() != batch.seqs.len() {
+            return Err(Error::Input(format!("{} sequences but {} states", batch.seqs.len(), states.len())));
+        }
+        for (k, st) in states.iter().enumerate() {
+            if batch.start(k) != st.pos {
+                return Err(Error::Input(format!(
+                    "sequence {k} continues at position {} but its state has seen {} tokens",
+                    batch.start(k),
+                    st.pos
+                )));
+            }
+        }
         if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary (ids must be below {})",
@@ -123,13 +149,32 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Whole-prompt forward of every sequence in `batch`: logits `[T, vocab]` for every token.
+    /// Whole-prompt forward of every sequence in `batch` (all starting at position 0):
+    /// logits `[T, vocab]` for every token.
     pub fn forward(&self, be: &B, batch: &Batch) -> Result<B::Tensor> {
         self.forward_traced(be, batch, None)
     }
 
-    pub fn forward_traced(&self, be: &B, batch: &Batch, mut trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
-        self.check_batch(batch)?;
+    pub fn forward_traced(&self, be: &B, batch: &Batch, trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
+        let mut states: Vec<SeqState<B>> = batch.seqs.iter().map(|_| self.new_state()).collect();
+        let mut refs: Vec<&mut SeqState<B>> = states.iter_mut().collect();
+        self.step_inner(be, batch, &mut refs, Logits::All, trace)
+    }
+
+    /// One step: sequence k of `batch` continues from `states[k]`, which is advanced.
+    pub fn step(&self, be: &B, batch: &Batch, states: &mut [&mut SeqState<B>], logits: Logits) -> Result<B::Tensor> {
+        self.step_inner(be, batch, states, logits, None)
+    }
+
+    fn step_inner(
+        &self,
+        be: &B,
+        batch: &Batch,
+        states: &mut [&mut SeqState<B>],
+        logits: Logits,
+        mut trace: Option<&mut Trace<B>>,
+    ) -> Result<B::Tensor> {
+        self.check_batch(batch, states)?;
         let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
         let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
         let e = be.embedding(&self.embed, &be.upload_index(&ids, &[t])?)?;
@@ -141,17 +186,34 @@ impl<B: Backend> Model<B> {
         let mut x = be.reshape(&be.concat(&copies, 1)?, &[t, n, d])?;
         let main = StepAngles::new(be, self.rope_main.clone(), &batch.positions)?;
         let compress = StepAngles::new(be, self.rope_compress.clone(), &batch.positions)?;
-        for block in &self.blocks {
+        for (l, block) in self.blocks.iter().enumerate() {
             let angles = match block.attn.kind {
                 crate::config::AttentionKind::Sliding => &main,
                 _ => &compress,
             };
-            x = block.forward(be, &x, batch, angles)?;
+            let mut layer_states: Vec<&mut LayerState<B>> = states.iter_mut().map(|s| &mut s.layers[l]).collect();
+            x = block.forward(be, &x, batch, angles, &mut layer_states)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layers.push(x.clone());
             }
         }
+        for (st, rows) in states.iter_mut().zip(&batch.seqs) {
+            st.pos += rows.len();
+        }
+        if logits == Logits::LastPerSequence {
+            let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
+            x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
+        }
         let h = be.rms_norm(&self.hc_head.forward(be, &x)?, Some(&self.norm), self.cfg.rms_norm_eps as f32)?;
         be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))
     }
+}
+
+/// Which rows of the step get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every token (`[T, vocab]`).
+    All,
+    /// The last token of each sequence (`[sequences, vocab]`), what decoding needs.
+    LastPerSequence,
 }

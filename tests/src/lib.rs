@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: locating and reading the reference fixtures that
+//! `tests/fixtures/generate.py` produced with transformers (float64).
+
+use std::path::{Path, PathBuf};
+
+use dsv4_core::tensor::DType;
+use dsv4_core::Checkpoint;
+
+/// `tests/fixtures/cases`.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("cases")
+}
+
+/// Every fixture case directory, sorted by name.
+pub fn fixture_cases() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .expect("tests/fixtures/cases exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("reference.safetensors").exists())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A case's reference outputs.
+pub struct Reference {
+    pub input_ids: Vec<u32>,
+    /// `[n, vocab]`, row-major.
+    pub logits: Vec<f32>,
+    pub vocab: usize,
+    /// Residual streams after each layer, `[n, hc, D]` flattened.
+    pub layer_out: Vec<Vec<f32>>,
+}
+
+pub fn read_reference(case: &Path) -> Reference {
+    let r = Checkpoint::open_file(&case.join("reference.safetensors")).expect("reference.safetensors");
+    let ids = r.get("input_ids").expect("input_ids");
+    assert_eq!(ids.dtype, DType::I64);
+    let logits = r.get("logits").expect("logits");
+    let mut layer_out = vec![];
+    while let Some(t) = r.get(&format!("layer_out.{}", layer_out.len())) {
+        layer_out.push(t.to_f32_vec().unwrap());
+    }
+    Reference {
+        input_ids: ids.to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect(),
+        vocab: logits.shape[1],
+        logits: logits.to_f32_vec().unwrap(),
+        layer_out,
+    }
+}
+
+/// max |a - b| / max |b|: the error measure of the conformance suite.
+pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
+    let diff = got.iter().zip(want).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    diff / scale
+}
