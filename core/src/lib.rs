@@ -5,11 +5,15 @@
 
 pub mod backend;
 pub mod builtin;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod model;
+pub mod sampling;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use backend::{Backend, DeviceTensor};
 pub use checkpoint::Checkpoint;
