@@ -1,13 +1,16 @@
-//! `dsv4 inspect`: what a checkpoint contains, as the config describes it.
+//! `dsv4 inspect`: what a checkpoint contains, as the config describes it, and what its decoding
+//! state costs at a given context length.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::Result;
 use dsv4_core::config::{AttentionKind, RoutingKind};
-use dsv4_core::{Checkpoint, ModelConfig};
+use dsv4_core::model::cache::cache_layout;
+use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
-/// The report as text (kept separate from printing so it can be snapshot-tested).
-pub fn report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
+/// Layer schedule and shape summary (config only).
+pub fn schedule_report(cfg: &ModelConfig) -> String {
     let mut s = String::new();
     let mut line = |l: String| {
         s.push_str(&l);
@@ -34,7 +37,12 @@ pub fn report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
         };
         line(format!("  {i:>3}  {attn:<36} {moe}"));
     }
+    s
+}
 
+/// Parameter counts and storage by dtype (needs the weights).
+pub fn weights_report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
+    let mut s = String::new();
     let (mut total, mut routed, mut mtp) = (0usize, 0usize, 0usize);
     let mut by_dtype: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for t in ckpt.tensors() {
@@ -51,17 +59,61 @@ pub fn report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
         }
     }
     let active = total - routed + routed * cfg.num_experts_per_tok / cfg.n_routed_experts;
-    line(format!(
-        "parameters: {} total, {} active per token (embedding and head included)",
+    s += &format!(
+        "parameters: {} total, {} active per token (embedding and head included)\n",
         human(total),
         human(active)
-    ));
+    );
     if mtp > 0 {
-        line(format!("MTP block: {} parameters (not used by prefill)", human(mtp)));
+        s += &format!("MTP block: {} parameters (not used by prefill)\n", human(mtp));
     }
-    line("storage by dtype:".into());
+    s += "storage by dtype:\n";
     for (dt, (count, bytes)) in by_dtype {
-        line(format!("  {dt:<8} {count:>6} tensors {:>12} bytes", bytes));
+        s += &format!("  {dt:<8} {count:>6} tensors {bytes:>12} bytes\n");
+    }
+    s
+}
+
+/// Decoding-state bytes per sequence at `context` tokens, by layer type (dsv4 keeps f32 state).
+pub fn cache_report(cfg: &ModelConfig, context: usize) -> String {
+    const ELEM: usize = 4;
+    let layout = cache_layout(cfg, context, ELEM);
+    let mut rows: BTreeMap<&str, (usize, [usize; 4])> = BTreeMap::new();
+    for l in &layout {
+        let name = match l.kind {
+            AttentionKind::Sliding => "sliding",
+            AttentionKind::Csa { .. } => "CSA",
+            AttentionKind::Hca { .. } => "HCA",
+        };
+        let e = rows.entry(name).or_default();
+        e.0 += 1;
+        for (acc, v) in e.1.iter_mut().zip([l.window, l.entries, l.index_keys, l.carry]) {
+            *acc += v;
+        }
+    }
+    let mut s = format!("decoding state per sequence at {context} tokens (f32 values):\n");
+    s += &format!(
+        "  {:<8} {:>6} {:>14} {:>14} {:>14} {:>12} {:>14}\n",
+        "layers", "count", "window", "entries", "indexer keys", "carry", "total"
+    );
+    for (name, (count, b)) in &rows {
+        s += &format!(
+            "  {name:<8} {count:>6} {:>14} {:>14} {:>14} {:>12} {:>14}\n",
+            b[0],
+            b[1],
+            b[2],
+            b[3],
+            b.iter().sum::<usize>()
+        );
+    }
+    let total: usize = layout.iter().map(|l| l.total()).sum();
+    let growing: usize = layout.iter().map(|l| l.entries + l.index_keys).sum();
+    s += &format!("  total {total} bytes ({:.1} MiB)\n", total as f64 / (1 << 20) as f64);
+    if context > 0 {
+        s += &format!(
+            "  growth: {:.1} bytes per token (compressed entries + indexer keys; the window and carry are fixed)\n",
+            growing as f64 / context as f64
+        );
     }
     s
 }
@@ -75,9 +127,27 @@ fn human(n: usize) -> String {
     }
 }
 
-pub fn run(spec: &str) -> Result<()> {
+pub fn run(spec: &str, context: Option<usize>) -> Result<()> {
+    // A directory with only config.json (e.g. configs/deepseek-v4-flash) is enough for the
+    // schedule and the cache sizes.
+    let dir = Path::new(spec);
+    let config_only = spec != builtin::TINY_NAME
+        && dir.join("config.json").exists()
+        && !std::fs::read_dir(dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
+    if config_only {
+        let cfg = ModelConfig::from_dir(dir)?;
+        print!("{}", schedule_report(&cfg));
+        println!("weights: none in {} (config only)", dir.display());
+        if let Some(n) = context {
+            print!("{}", cache_report(&cfg, n));
+        }
+        return Ok(());
+    }
     let (cfg, ckpt) = crate::load::open(spec)?;
-    print!("{}", report(&cfg, &ckpt));
+    print!("{}{}", schedule_report(&cfg), weights_report(&cfg, &ckpt));
+    if let Some(n) = context {
+        print!("{}", cache_report(&cfg, n));
+    }
     Ok(())
 }
 
@@ -86,6 +156,16 @@ mod tests {
     #[test]
     fn tiny_model_report() {
         let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
-        insta::assert_snapshot!(super::report(&cfg, &ckpt));
+        insta::assert_snapshot!(format!("{}{}", super::schedule_report(&cfg), super::weights_report(&cfg, &ckpt)));
+    }
+
+    #[test]
+    fn flash_cache_report() {
+        let cfg = dsv4_core::ModelConfig::from_dir(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/deepseek-v4-flash"
+        )))
+        .unwrap();
+        insta::assert_snapshot!(super::cache_report(&cfg, 1 << 20));
     }
 }

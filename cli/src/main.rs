@@ -54,10 +54,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Show a model's layer schedule, parameter counts and storage by dtype.
+    /// Show a model's layer schedule, parameter counts and storage by dtype, and with
+    /// `--context` the decoding-state bytes per sequence. A directory holding only config.json
+    /// (e.g. configs/deepseek-v4-flash) is enough for the schedule and the cache sizes.
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
+        /// Report the decoding state one sequence holds at this many tokens.
+        #[arg(long)]
+        context: Option<usize>,
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
@@ -125,7 +130,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Logits { model, ids, backend, out } => run_logits(model, ids, *backend, out),
-        Command::Inspect { model } => inspect::run(&model.model),
+        Command::Inspect { model, context } => inspect::run(&model.model, *context),
         Command::Devices => {
             run_devices();
             Ok(())

@@ -37,7 +37,7 @@ pub fn tiny_config_json() -> serde_json::Value {
                          "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
                          "attention_factor": 1.0}
         },
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 131072,
         "index_n_heads": 4,
         "index_head_dim": 16,
         "index_topk": 8,

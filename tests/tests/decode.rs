@@ -108,3 +108,23 @@ fn batched_decode_matches_solo_decode() {
         assert!(err <= 1e-6, "sequence {k}: batched decode differs by {err:.2e}");
     }
 }
+
+/// The state a sequence holds is exactly the layout's minimum (window + entries + indexer keys
+/// + the bounded compressor carry), at lengths around window and ratio boundaries.
+#[test]
+fn state_bytes_equal_the_cache_layout() {
+    let be = CpuBackend::new();
+    let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+    let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {}).unwrap();
+    let ids: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 512).collect();
+    let mut state = model.new_state();
+    let mut fed = 0;
+    for n in [1usize, 3, 12, 16, 17, 31, 64, 65, 100, 200] {
+        let batch = Batch::new(&[(&ids[fed..n], fed)]).unwrap();
+        model.step(&be, &batch, &mut [&mut state], Logits::LastPerSequence).unwrap();
+        fed = n;
+        let layout = dsv4_core::model::cache::cache_layout(&model.cfg, n, 4);
+        let want: Vec<usize> = layout.iter().map(|l| l.total()).collect();
+        assert_eq!(state.layer_bytes(), want, "after {n} tokens");
+    }
+}

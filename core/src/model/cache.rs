@@ -79,3 +79,64 @@ impl<B: Backend> SeqState<B> {
             .sum()
     }
 }
+
+/// Bytes of decoding state one sequence holds after `context` tokens, per layer, from the
+/// layout alone (what [`SeqState::bytes`] measures on a real run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerCacheBytes {
+    pub kind: crate::config::AttentionKind,
+    /// Sliding-window K=V rows.
+    pub window: usize,
+    /// Compressed attention entries (CSA/HCA).
+    pub entries: usize,
+    /// Indexer keys (CSA).
+    pub index_keys: usize,
+    /// Compressor carry: the incomplete window and the CSA overlap halves (bounded, O(ratio)).
+    pub carry: usize,
+}
+
+impl LayerCacheBytes {
+    pub fn total(&self) -> usize {
+        self.window + self.entries + self.index_keys + self.carry
+    }
+}
+
+/// The cache layout of every layer at `context` tokens, with `elem` bytes per stored value
+/// (4 for dsv4's f32 state).
+pub fn cache_layout(cfg: &crate::config::ModelConfig, context: usize, elem: usize) -> Vec<LayerCacheBytes> {
+    use crate::config::AttentionKind;
+    let window = (cfg.sliding_window - 1).min(context) * cfg.head_dim * elem;
+    // A compressor of ratio m and entry width `dim` (two halves per token when overlapping).
+    let compressor = |m: usize, dim: usize, overlap: bool| -> (usize, usize) {
+        let width = if overlap { 2 * dim } else { dim };
+        let entries = context / m * dim * elem;
+        let pending = context % m * width * 2 * elem;
+        let overlap_rows = if overlap && context >= m { 2 * m * dim * elem } else { 0 };
+        (entries, pending + overlap_rows)
+    };
+    cfg.attention
+        .iter()
+        .map(|&kind| match kind {
+            AttentionKind::Sliding => LayerCacheBytes { kind, window, entries: 0, index_keys: 0, carry: 0 },
+            AttentionKind::Hca { ratio } => {
+                let (entries, carry) = compressor(ratio, cfg.head_dim, false);
+                LayerCacheBytes { kind, window, entries, index_keys: 0, carry }
+            }
+            AttentionKind::Csa { ratio } => {
+                let (entries, carry) = compressor(ratio, cfg.head_dim, true);
+                let (index_keys, index_carry) = compressor(ratio, cfg.index_head_dim, true);
+                LayerCacheBytes { kind, window, entries, index_keys, carry: carry + index_carry }
+            }
+        })
+        .collect()
+}
+
+impl<B: Backend> SeqState<B> {
+    /// Bytes per layer, measured on the tensors actually held.
+    pub fn layer_bytes(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .map(|l| l.window.as_ref().map_or(0, |t| t.numel() * 4) + l.compressor.bytes() + l.indexer.bytes())
+            .collect()
+    }
+}
