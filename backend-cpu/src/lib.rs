@@ -6,6 +6,7 @@
 //!
 //! This backend is what the others are judged against: it favours plain, checkable code.
 
+mod fused;
 mod ops;
 mod storage;
 

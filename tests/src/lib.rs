@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: locating and reading the reference fixtures that
 //! `tests/fixtures/generate.py` produced with transformers (float64).
 
+pub mod primitives_only;
+
 use std::path::{Path, PathBuf};
 
 use dsv4_core::tensor::DType;

@@ -9,25 +9,36 @@
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
+use dsv4_tests::primitives_only::PrimitivesOnly;
 use dsv4_tests::{fixture_cases, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
 
 #[test]
 fn every_fixture_matches_the_reference() {
+    check_every_fixture(&CpuBackend::new());
+}
+
+/// The same fixtures with every fused op computed by the trait's default composition of
+/// primitives: what a new backend inherits before it overrides anything.
+#[test]
+fn default_fused_compositions_match_the_reference() {
+    check_every_fixture(&PrimitivesOnly(CpuBackend::new()));
+}
+
+fn check_every_fixture<B: Backend>(be: &B) {
     let cases = fixture_cases();
     assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
-    let be = CpuBackend::new();
     let mut failures = vec![];
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
         let cfg = ModelConfig::from_dir(case).unwrap();
         let ckpt = Checkpoint::open(case).unwrap();
-        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {}).unwrap();
+        let model = Model::load(be, cfg, &ckpt, &mut |_, _, _| {}).unwrap();
         let reference = read_reference(case);
         let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
         let mut trace = Trace::default();
-        let logits = model.forward_traced(&be, &batch, Some(&mut trace)).unwrap();
+        let logits = model.forward_traced(be, &batch, Some(&mut trace)).unwrap();
         let logits = be.download(&logits).unwrap();
         let err = max_rel_err(&logits, &reference.logits);
         let per_layer: Vec<String> = trace
@@ -36,7 +47,11 @@ fn every_fixture_matches_the_reference() {
             .zip(&reference.layer_out)
             .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
             .collect();
-        println!("{name}: n={} max rel err {err:.2e}; per layer {per_layer:?}", reference.input_ids.len());
+        println!(
+            "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
+            be.describe(),
+            reference.input_ids.len()
+        );
         if err > TOLERANCE {
             failures.push(format!("{name}: {err:.3e} (layers {per_layer:?})"));
         }
