@@ -462,6 +462,29 @@ impl Backend for CpuBackend {
         Ok(CpuIndex::new(shape, out.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
     }
 
+    fn sparse_attention(
+        &self,
+        q: &CpuTensor,
+        kv: &CpuTensor,
+        idx: &CpuIndex,
+        sinks: &CpuTensor,
+        scale: f32,
+    ) -> Result<CpuTensor> {
+        crate::fused::sparse_attention(q, kv, idx, sinks, scale)
+    }
+
+    fn indexer_select(
+        &self,
+        q: &CpuTensor,
+        keys: &CpuTensor,
+        weights: &CpuTensor,
+        valid: &[std::ops::Range<usize>],
+        k: usize,
+        offset: i32,
+    ) -> Result<CpuIndex> {
+        crate::fused::indexer_select(q, keys, weights, valid, k, offset)
+    }
+
     fn offset_index(&self, idx: &CpuIndex, offset: i32) -> Result<CpuIndex> {
         let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
         Ok(CpuIndex::new(idx.shape.clone(), data))
