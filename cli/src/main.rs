@@ -1,5 +1,6 @@
 //! `dsv4`: run DeepSeek-V4 checkpoints on CPU, Ascend or CUDA.
 
+mod bench;
 mod inspect;
 mod load;
 
@@ -66,6 +67,23 @@ enum Command {
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
+    /// Measure prefill and decode speed at several context lengths against the memory
+    /// bandwidth measured in the same run.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+        /// Context lengths at which decode is timed.
+        #[arg(long, value_delimiter = ',', default_value = "1024,8192,65536")]
+        contexts: Vec<usize>,
+        /// Decode steps timed at each context.
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+        /// Prefill chunk size.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+    },
 }
 
 fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
@@ -131,6 +149,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Logits { model, ids, backend, out } => run_logits(model, ids, *backend, out),
         Command::Inspect { model, context } => inspect::run(&model.model, *context),
+        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk } => cpu_or_explain(*backend)
+            .and_then(|be| bench::run(&be, &model.model, contexts, *decode_steps, *prefill_chunk)),
         Command::Devices => {
             run_devices();
             Ok(())

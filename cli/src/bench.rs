@@ -1,0 +1,96 @@
+//! `dsv4 bench`: prefill and decode speed at several context lengths, with the memory copy
+//! bandwidth measured in the same run so that decode can be read against its roofline
+//! (decode is memory-bound: every active weight and the visible cache are read per token).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use dsv4_core::generate::Session;
+use dsv4_core::sampling::argmax;
+use dsv4_core::{Backend, Checkpoint, ModelConfig};
+
+/// Best-of-5 `copy_from_slice` bandwidth over a 256 MiB buffer, in bytes/s (read + write).
+fn copy_bandwidth() -> f64 {
+    let n = 64 << 20; // f32 elements = 256 MiB
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    (2 * n * 4) as f64 / best
+}
+
+/// Weight bytes one decode token reads: everything but the routed experts it does not use.
+fn active_weight_bytes(cfg: &ModelConfig, ckpt: &Checkpoint) -> f64 {
+    let (mut dense, mut routed) = (0usize, 0usize);
+    for t in ckpt.tensors().filter(|t| !t.name.starts_with("mtp.")) {
+        if t.name.contains(".ffn.experts.") {
+            routed += t.size_bytes();
+        } else {
+            dense += t.size_bytes();
+        }
+    }
+    dense as f64 + routed as f64 * cfg.num_experts_per_tok as f64 / cfg.n_routed_experts as f64
+}
+
+pub fn run<B: Backend>(be: &B, spec: &str, contexts: &[usize], decode_steps: usize, chunk: usize) -> Result<()> {
+    let mut contexts = contexts.to_vec();
+    contexts.sort_unstable();
+    let bandwidth = copy_bandwidth();
+    let (cfg, ckpt) = crate::load::open(spec)?;
+    let weight_bytes = active_weight_bytes(&cfg, &ckpt);
+    let model = crate::load::load_model(be, spec)?;
+    if let Some(&max) = contexts.last() {
+        if max + decode_steps >= cfg.max_position_embeddings {
+            bail!(
+                "context {max} + {decode_steps} decode steps exceeds the model's {} positions",
+                cfg.max_position_embeddings
+            );
+        }
+    }
+    println!("backend: {}", be.describe());
+    println!("model: {spec}; active weights {:.2} MB per token", weight_bytes / 1e6);
+    println!("memory copy bandwidth (this run): {:.2} GB/s", bandwidth / 1e9);
+    println!(
+        "{:>9} {:>14} {:>14} {:>16} {:>14} {:>10}",
+        "context", "prefill tok/s", "decode ms/tok", "bytes read/tok", "achieved GB/s", "roofline"
+    );
+    // Deterministic pseudo-random prompt over the vocabulary.
+    let vocab = cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..contexts.last().copied().unwrap_or(0) as u64)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
+        .collect();
+    let mut session = Session::new(&model);
+    let mut logits = vec![];
+    for &ctx in &contexts {
+        // Prefill up to ctx (continuing from the previous context, decode tokens included).
+        let target = ctx.max(session.state().pos + 1);
+        let todo: Vec<u32> = (session.state().pos..target).map(|p| prompt[p.min(prompt.len() - 1)]).collect();
+        let t = Instant::now();
+        if !todo.is_empty() {
+            logits = session.feed(be, &todo, chunk)?;
+        }
+        let prefill_rate = todo.len() as f64 / t.elapsed().as_secs_f64();
+        let cache_bytes = session.state().bytes() as f64;
+        let t = Instant::now();
+        for _ in 0..decode_steps {
+            let tok = argmax(&logits);
+            logits = session.feed(be, &[tok], 1)?;
+        }
+        be.synchronize()?;
+        let per_token = t.elapsed().as_secs_f64() / decode_steps.max(1) as f64;
+        let bytes = weight_bytes + cache_bytes;
+        let achieved = bytes / per_token;
+        println!(
+            "{ctx:>9} {prefill_rate:>14.1} {:>14.3} {bytes:>16.0} {:>14.3} {:>9.2}%",
+            per_token * 1e3,
+            achieved / 1e9,
+            100.0 * achieved / bandwidth
+        );
+    }
+    Ok(())
+}
