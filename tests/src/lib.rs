@@ -6,7 +6,7 @@ pub mod primitives_only;
 use std::path::{Path, PathBuf};
 
 use dsv4_core::tensor::DType;
-use dsv4_core::Checkpoint;
+use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
 
 /// `tests/fixtures/cases`.
 pub fn fixtures_dir() -> PathBuf {
@@ -22,6 +22,13 @@ pub fn fixture_cases() -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// Loads a fixture case's checkpoint onto `be`.
+pub fn load_model<B: Backend>(be: &B, case: &Path) -> Model<B> {
+    let cfg = ModelConfig::from_dir(case).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    let ckpt = Checkpoint::open(case).unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+    Model::load(be, cfg, &ckpt, &mut |_, _, _| {}).unwrap_or_else(|e| panic!("{}: {e}", case.display()))
 }
 
 /// A case's reference outputs.

@@ -8,9 +8,9 @@
 
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::model::Trace;
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
+use dsv4_core::{Backend, Batch};
 use dsv4_tests::primitives_only::PrimitivesOnly;
-use dsv4_tests::{fixture_cases, max_rel_err, read_reference};
+use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -32,9 +32,7 @@ fn check_every_fixture<B: Backend>(be: &B) {
     let mut failures = vec![];
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let cfg = ModelConfig::from_dir(case).unwrap();
-        let ckpt = Checkpoint::open(case).unwrap();
-        let model = Model::load(be, cfg, &ckpt, &mut |_, _, _| {}).unwrap();
+        let model = load_model(be, case);
         let reference = read_reference(case);
         let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
         let mut trace = Trace::default();
@@ -67,13 +65,7 @@ fn batched_sequences_match_their_solo_runs() {
     let be = CpuBackend::new();
     for name in ["mixed_f32", "odd_hc2"] {
         let case = dsv4_tests::fixtures_dir().join(name);
-        let model = Model::load(
-            &be,
-            ModelConfig::from_dir(&case).unwrap(),
-            &Checkpoint::open(&case).unwrap(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
+        let model = load_model(&be, &case);
         let ids = read_reference(&case).input_ids;
         let prompts: Vec<&[u32]> = vec![&ids[..], &ids[3..5], &ids[10..47], &ids[1..2], &ids[20..]];
         let batched = be.download(&model.forward(&be, &Batch::prefill(&prompts).unwrap()).unwrap()).unwrap();

@@ -8,8 +8,8 @@
 
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::model::Logits;
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
-use dsv4_tests::{fixture_cases, max_rel_err, read_reference};
+use dsv4_core::{Backend, Batch, Model};
+use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -34,13 +34,7 @@ fn decode_and_chunked_prefill_match_the_full_forward() {
     let be = CpuBackend::new();
     for case in fixture_cases() {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let model = Model::load(
-            &be,
-            ModelConfig::from_dir(&case).unwrap(),
-            &Checkpoint::open(&case).unwrap(),
-            &mut |_, _, _| {},
-        )
-        .unwrap();
+        let model = load_model(&be, &case);
         let r = read_reference(&case);
         let n = r.input_ids.len();
         let schedules: Vec<(String, Vec<usize>)> = vec![
@@ -72,9 +66,7 @@ fn chunks(n: usize, size: usize) -> Vec<usize> {
 fn batched_decode_matches_solo_decode() {
     let be = CpuBackend::new();
     let case = dsv4_tests::fixtures_dir().join("mixed_f32");
-    let model =
-        Model::load(&be, ModelConfig::from_dir(&case).unwrap(), &Checkpoint::open(&case).unwrap(), &mut |_, _, _| {})
-            .unwrap();
+    let model = load_model(&be, &case);
     let ids = read_reference(&case).input_ids;
     let prompts: [&[u32]; 3] = [&ids[..40], &ids[5..9], &ids[50..73]];
     let mut states: Vec<_> = prompts.iter().map(|_| model.new_state()).collect();

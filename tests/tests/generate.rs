@@ -3,15 +3,12 @@
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::generate::{Control, GenerateOptions, Session, StopReason};
 use dsv4_core::sampling::{argmax, SamplingParams};
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
-use dsv4_tests::{fixtures_dir, read_reference};
+use dsv4_core::{Backend, Batch, Model};
+use dsv4_tests::{fixtures_dir, load_model, read_reference};
 
 fn load(be: &CpuBackend, name: &str) -> (Model<CpuBackend>, Vec<u32>) {
     let case = fixtures_dir().join(name);
-    let model =
-        Model::load(be, ModelConfig::from_dir(&case).unwrap(), &Checkpoint::open(&case).unwrap(), &mut |_, _, _| {})
-            .unwrap();
-    (model, read_reference(&case).input_ids)
+    (load_model(be, &case), read_reference(&case).input_ids)
 }
 
 fn greedy(n: usize) -> GenerateOptions {
