@@ -54,7 +54,7 @@ fn decode_and_chunked_prefill_match_the_full_forward() {
 
 fn chunks(n: usize, size: usize) -> Vec<usize> {
     let mut v = vec![size; n / size];
-    if n % size > 0 {
+    if !n.is_multiple_of(size) {
         v.push(n % size);
     }
     v
