@@ -1,8 +1,10 @@
 //! The reference CPU backend. Activations are contiguous row-major f32 buffers shared through
-//! `Arc` (reshape is free, every op returns a new tensor). Weights stay in their stored
-//! element type (BF16/F16/F32) and are widened to f32 block by block inside the GEMM, so a
-//! weight is never held twice. GEMMs go through `matrixmultiply` (via ndarray), elementwise
-//! and row-wise work is spread over cores with rayon.
+//! `Arc` (reshape is free, every op returns a new tensor). Weights stay in their stored form
+//! (BF16/F16/F32, FP8 blocks, FP4 groups), as views of the memory-mapped checkpoint, and are
+//! dequantised row by row inside the GEMV/GEMM, so a weight is never held twice
+//! (`DSV4_CPU_DEQUANTIZE=1` dequantises at load instead, as a reference). GEMMs go through
+//! `matrixmultiply` (via ndarray); elementwise and row-wise work is spread over cores with rayon.
+//! Sparse attention and indexer selection have fused kernels (`fused.rs`).
 //!
 //! This backend is what the others are judged against: it favours plain, checkable code.
 

@@ -6,7 +6,7 @@ use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
 
-use crate::storage::{CpuIndex, CpuTensor, CpuWeight};
+use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
 use crate::CpuBackend;
 
 /// Rows of a weight processed per parallel task in `linear`.
@@ -46,7 +46,33 @@ fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
     CpuTensor::new(shape, data)
 }
 
-/// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, widened to f32 on the fly.
+/// Inputs with at most this many rows take the GEMV path in `linear_block`.
+const GEMV_MAX_ROWS: usize = 8;
+
+/// `Σ_k a[k] · b[k]` in f32 with eight interleaved partial sums (a fixed order, vectorisable).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.
+///
+/// Few input rows (decode): each weight row is widened into a row buffer that stays in L1
+/// and dotted with every input row, so a packed weight is read once, in its stored size.
+/// Many input rows (prefill): the block is widened once and multiplied by `matrixmultiply`.
+/// Widening is exact, so a packed weight and its dequantised-at-load copy give identical bits.
 fn linear_block(
     x: ArrayView2<'_, f32>,
     w: &CpuWeight,
@@ -54,6 +80,25 @@ fn linear_block(
     n: usize,
     scratch: &mut Vec<f32>,
 ) -> ndarray::Array2<f32> {
+    let m = x.nrows();
+    if m <= GEMV_MAX_ROWS {
+        let xs = x.as_standard_layout();
+        let mut y = ndarray::Array2::<f32>::zeros((m, n));
+        scratch.resize(w.cols, 0.0);
+        for j in 0..n {
+            let row: &[f32] = match w.f32_rows(start + j, 1) {
+                Some(r) => r,
+                None => {
+                    w.row_f32(start + j, scratch);
+                    scratch
+                }
+            };
+            for (i, xr) in xs.outer_iter().enumerate() {
+                y[(i, j)] = dot(xr.as_slice().expect("standard layout"), row);
+            }
+        }
+        return y;
+    }
     let wb = match w.f32_rows(start, n) {
         Some(rows) => ArrayView2::from_shape((n, w.cols), rows).expect("block shape"),
         None => {
@@ -100,8 +145,15 @@ impl Backend for CpuBackend {
         Ok(t.data.to_vec())
     }
 
+    /// Keeps the stored form (zero-copy; FP8/FP4 decoded inside the GEMM). With
+    /// `DSV4_CPU_DEQUANTIZE=1` in the environment every weight is dequantised to f32 at load
+    /// instead: the reference path, 4 bytes per value.
     fn upload_weight(&self, w: &StoredWeight) -> Result<CpuWeight> {
-        CpuWeight::from_stored(w)
+        if std::env::var_os(DEQUANTIZE_ENV).is_some_and(|v| v == "1") {
+            CpuWeight::dequantized(w)
+        } else {
+            CpuWeight::from_stored(w)
+        }
     }
 
     fn weight_shape<'w>(&self, w: &'w CpuWeight) -> &'w [usize] {
@@ -392,6 +444,12 @@ impl Backend for CpuBackend {
     }
 
     fn gather_last(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
+        if x.shape.is_empty() || idx.shape.is_empty() {
+            return Err(err(format!(
+                "gather_last: needs at least 1-D inputs, got x {:?}, idx {:?}",
+                x.shape, idx.shape
+            )));
+        }
         let (n, k) = (*x.shape.last().unwrap_or(&0), *idx.shape.last().unwrap_or(&0));
         if x.shape[..x.shape.len() - 1] != idx.shape[..idx.shape.len() - 1] {
             return Err(err(format!("gather_last: x {:?}, idx {:?}", x.shape, idx.shape)));
@@ -409,6 +467,12 @@ impl Backend for CpuBackend {
     }
 
     fn index_add(&self, dst: &CpuTensor, idx: &CpuIndex, src: &CpuTensor) -> Result<CpuTensor> {
+        if dst.shape.is_empty() || src.shape.is_empty() {
+            return Err(err(format!(
+                "index_add: needs at least 1-D inputs, got dst {:?}, src {:?}",
+                dst.shape, src.shape
+            )));
+        }
         let rows = dst.shape[0];
         let row: usize = dst.shape[1..].iter().product();
         if src.shape[0] != idx.data.len() || src.shape[1..] != dst.shape[1..] {

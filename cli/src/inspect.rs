@@ -1,12 +1,15 @@
 //! `dsv4 inspect`: what a checkpoint contains, as the config describes it, and what its decoding
 //! state costs at a given context length.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::Result;
 use dsv4_core::config::{AttentionKind, RoutingKind};
 use dsv4_core::model::cache::cache_layout;
+use dsv4_core::model::loader::{check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present};
+use dsv4_core::quant::scale_name;
+use dsv4_core::tensor::{DType, HostTensor};
 use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
 /// Layer schedule and shape summary (config only).
@@ -49,12 +52,13 @@ pub fn weights_report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
         let e = by_dtype.entry(t.dtype.name()).or_default();
         e.0 += 1;
         e.1 += t.size_bytes();
+        let params = parameters(ckpt, t);
         if t.name.starts_with("mtp.") {
-            mtp += t.numel();
-        } else if t.dtype.is_float() {
-            total += t.numel();
+            mtp += params;
+        } else {
+            total += params;
             if t.name.contains(".ffn.experts.") {
-                routed += t.numel();
+                routed += params;
             }
         }
     }
@@ -71,7 +75,95 @@ pub fn weights_report(cfg: &ModelConfig, ckpt: &Checkpoint) -> String {
     for (dt, (count, bytes)) in by_dtype {
         s += &format!("  {dt:<8} {count:>6} tensors {bytes:>12} bytes\n");
     }
+    for l in tensor_check(cfg, ckpt) {
+        s += &l;
+        s.push('\n');
+    }
     s
+}
+
+/// Parameters a tensor holds: its element count, twice that for packed FP4 (two per byte),
+/// none for scales and integer tables.
+fn parameters(ckpt: &Checkpoint, t: &HostTensor) -> usize {
+    // A scale is the `x.scale` beside a quantised (non-float) `x.weight`.
+    let is_scale = || {
+        t.name
+            .strip_suffix(".scale")
+            .is_some_and(|stem| ckpt.get(&format!("{stem}.weight")).is_some_and(|w| !w.dtype.is_float()))
+    };
+    match t.dtype {
+        d if (d.is_float() || d == DType::F8E4M3) && !is_scale() => t.numel(),
+        DType::I8 | DType::U8 if scale_name(&t.name).is_some_and(|s| ckpt.contains(&s)) => 2 * t.numel(),
+        _ => 0,
+    }
+}
+
+/// How many names to list per category before summarising.
+const LIST_LIMIT: usize = 20;
+
+/// The checkpoint against the tensors the config calls for (`loader::expected_tensors`, the
+/// list the loader is tested to read exactly): missing ones, ones that would not load (dtype,
+/// shape, scale), ones nothing reads, and the MTP block.
+fn tensor_check(cfg: &ModelConfig, ckpt: &Checkpoint) -> Vec<String> {
+    let mut expected = expected_tensors(cfg, ckpt);
+    let main = expected.len();
+    let mtp_layers = mtp_layers_present(cfg, ckpt);
+    for &i in &mtp_layers {
+        expected.extend(expected_mtp_tensors(cfg, ckpt, i));
+    }
+    let (mut missing, mut problems, mut covered) = (vec![], vec![], BTreeSet::new());
+    for e in &expected {
+        if !ckpt.contains(&e.name) {
+            missing.push(format!("{} {:?}", e.name, e.shape));
+            continue;
+        }
+        covered.insert(e.name.clone());
+        if let Some(s) = scale_name(&e.name).filter(|s| ckpt.contains(s)) {
+            covered.insert(s);
+        }
+        if let Err(err) = check_expected(ckpt, e) {
+            problems.push(err.to_string());
+        }
+    }
+    let unused: Vec<String> =
+        ckpt.tensors().filter(|t| !covered.contains(&t.name)).map(|t| format!("{} ({})", t.name, t.source)).collect();
+
+    let mut out = vec![];
+    let mtp_note = if mtp_layers.is_empty() { String::new() } else { format!(" + {} MTP", expected.len() - main) };
+    if missing.is_empty() && problems.is_empty() && unused.is_empty() {
+        out.push(format!("tensors: all {main}{mtp_note} the config calls for are present and loadable; nothing else"));
+    } else {
+        out.push(format!(
+            "tensors: {main}{mtp_note} called for by the config; {} missing, {} not loadable, {} unused",
+            missing.len(),
+            problems.len(),
+            unused.len()
+        ));
+    }
+    let mut list = |title: &str, items: Vec<String>| {
+        if items.is_empty() {
+            return;
+        }
+        out.push(format!("{title} ({}):", items.len()));
+        for i in items.iter().take(LIST_LIMIT) {
+            out.push(format!("  {i}"));
+        }
+        if items.len() > LIST_LIMIT {
+            out.push(format!("  ... and {} more", items.len() - LIST_LIMIT));
+        }
+    };
+    list("missing: the config expects them, the files lack them", missing);
+    list("not loadable", problems);
+    list("unused: in the files, not called for by the config", unused);
+    if cfg.num_mtp_layers > 0 && mtp_layers.is_empty() {
+        out.push(format!(
+            "MTP: the config declares {} layer(s); the checkpoint has no mtp.* tensors (they are optional)",
+            cfg.num_mtp_layers
+        ));
+    } else if !mtp_layers.is_empty() {
+        out.push(format!("MTP: layer(s) {mtp_layers:?} present"));
+    }
+    out
 }
 
 /// Decoding-state bytes per sequence at `context` tokens, by layer type (dsv4 keeps f32 state).
@@ -167,5 +259,47 @@ mod tests {
         )))
         .unwrap();
         insta::assert_snapshot!(super::cache_report(&cfg, 1 << 20));
+    }
+
+    /// The tiny model with one tensor dropped, one the config does not use, an attention
+    /// projection stored as FP8 with a NaN scale, and a stray tensor.
+    #[test]
+    fn missing_unused_and_broken_tensors_are_listed() {
+        use dsv4_core::tensor::{DType, HostTensor};
+        use dsv4_core::Checkpoint;
+
+        let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+        let mut ts: Vec<HostTensor> = ckpt
+            .tensors()
+            .filter(|t| t.name != "layers.2.attn.wkv.weight" && t.name != "layers.1.attn.wq_a.weight")
+            .cloned()
+            .collect();
+        ts.push(HostTensor::from_f32("layers.9.attn_norm.weight", vec![2], &[1.0, 1.0]).unwrap());
+        ts.push(HostTensor::from_f32("layers.3.attn.wq_a.extra", vec![1], &[1.0]).unwrap());
+        ts.push(
+            HostTensor::from_bytes("layers.1.attn.wq_a.weight", DType::F8E4M3, vec![32, 64], vec![0x38; 2048]).unwrap(),
+        );
+        ts.push(HostTensor::from_bytes("layers.1.attn.wq_a.scale", DType::F8E8M0, vec![1, 1], vec![255]).unwrap());
+        let broken = Checkpoint::from_tensors(ts).unwrap();
+        let report = super::weights_report(&cfg, &broken);
+        for want in [
+            "1 missing, 1 not loadable, 2 unused",
+            "missing: the config expects them, the files lack them (1):\n  layers.2.attn.wkv.weight [32, 64]\n",
+            "not loadable (1):\n  tensor `layers.1.attn.wq_a.scale` in builtin: E8M0 scale element 0 (of shape [1, 1]) is 255",
+            "unused: in the files, not called for by the config (2):\n  layers.3.attn.wq_a.extra (builtin)\n  layers.9.attn_norm.weight (builtin)\n",
+            "  F8_E4M3       1 tensors         2048 bytes",
+            "  F8_E8M0       1 tensors            1 bytes",
+            "MTP: the config declares 1 layer(s); the checkpoint has no mtp.* tensors",
+        ] {
+            assert!(report.contains(want), "missing `{want}` in:\n{report}");
+        }
+        // FP8 values count as parameters and their scale does not: relative to the intact
+        // model, only wkv (32·64) is gone and the two stray tensors (3) are added.
+        let count = |r: &str| {
+            let l = r.lines().find(|l| l.starts_with("parameters:")).unwrap().to_string();
+            l.split_whitespace().nth(1).unwrap().trim_end_matches('K').parse::<f64>().unwrap()
+        };
+        let intact = super::weights_report(&cfg, &ckpt);
+        assert!((count(&intact) - count(&report) - (32.0 * 64.0 - 3.0) / 1e3).abs() < 0.11, "{intact}\n{report}");
     }
 }

@@ -8,8 +8,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor, Storage};
@@ -20,6 +23,9 @@ pub struct Checkpoint {
     pub dir: Option<PathBuf>,
     pub files: Vec<PathBuf>,
     tensors: BTreeMap<String, HostTensor>,
+    /// Names fetched through [`Checkpoint::get`] / [`Checkpoint::require`] since
+    /// [`Checkpoint::record_access`] (None: not recording).
+    accessed: Mutex<Option<BTreeSet<String>>>,
 }
 
 /// Memory-maps a file read-only.
@@ -32,29 +38,192 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
 }
 
-fn describe_safetensors_error(e: safetensors::SafeTensorError) -> String {
-    use safetensors::SafeTensorError as E;
-    match e {
-        E::HeaderTooSmall => "file is shorter than the 8-byte header length (truncated?)".into(),
-        E::HeaderTooLarge => "header length is implausibly large (corrupt or not a safetensors file)".into(),
-        E::InvalidHeaderLength => "header length points past the end of the file (truncated?)".into(),
-        E::InvalidHeader(_) => "header is not valid UTF-8".into(),
-        E::InvalidHeaderDeserialization(e) => format!("header is not valid JSON metadata: {e}"),
-        E::InvalidOffset(name) => {
-            format!("tensor `{name}` has data offsets that overlap, leave gaps, or are out of order")
+/// Largest header accepted (the official shards' headers are a few hundred KB).
+pub const MAX_HEADER_BYTES: usize = 100 << 20;
+
+/// One tensor of a safetensors header, validated against the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderEntry {
+    /// The name as stored in the file (not canonicalised).
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Absolute byte range of the tensor's data in the file.
+    pub range: Range<usize>,
+}
+
+/// The header's top-level object, in file order, with duplicates kept (serde_json's own map
+/// would silently keep only the last of two equal keys).
+struct RawEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for RawEntries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor name -> {dtype, shape, data_offsets}")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<RawEntries, A::Error> {
+                let mut v = vec![];
+                while let Some(e) = m.next_entry::<String, serde_json::Value>()? {
+                    v.push(e);
+                }
+                Ok(RawEntries(v))
+            }
         }
-        E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".into(),
-        E::MetadataIncompleteBuffer => {
-            "the data section does not match the header's offsets (file truncated or padded)".into()
-        }
-        E::ValidationOverflow => "a tensor's shape overflows".into(),
-        E::MisalignedSlice => "a tensor's size is not a whole number of bytes".into(),
-        other => other.to_string(),
+        d.deserialize_map(V)
     }
 }
 
+/// Parses and validates the header of the safetensors file whose complete contents are
+/// `bytes`; `file` names it in errors. Checks the header length against the file, every
+/// dtype, shape and byte count, that every tensor's data lies inside the data section, and
+/// that no two tensors share bytes. Never panics and never reads outside `bytes`, whatever
+/// they hold (this is the fuzzing entry point).
+pub fn parse_safetensors_header(bytes: &[u8], file: &Path) -> Result<Vec<HeaderEntry>> {
+    let file_name = file.file_name().unwrap_or(file.as_os_str()).to_string_lossy().to_string();
+    let bad = |msg: String| Error::Safetensors { file: file.to_path_buf(), msg };
+    let tensor_err = |name: &str, msg: String| Error::Tensor { name: name.to_string(), file: file_name.clone(), msg };
+    let Some(len_bytes) = bytes.first_chunk::<8>() else {
+        return Err(bad(format!(
+            "file is {} bytes, shorter than the 8-byte header length (truncated or empty)",
+            bytes.len()
+        )));
+    };
+    let header_len = u64::from_le_bytes(*len_bytes);
+    let room = bytes.len() - 8;
+    if header_len > room as u64 {
+        return Err(bad(format!(
+            "header length {header_len} is larger than the rest of the file ({room} bytes): truncated, or not a safetensors file"
+        )));
+    }
+    let header_len = header_len as usize;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!("header length {header_len} is implausibly large (limit {MAX_HEADER_BYTES})")));
+    }
+    let header =
+        std::str::from_utf8(&bytes[8..8 + header_len]).map_err(|e| bad(format!("header is not valid UTF-8 ({e})")))?;
+    let raw: RawEntries =
+        serde_json::from_str(header).map_err(|e| bad(format!("header is not a JSON object of tensors: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = bytes.len() - data_start;
+    let mut out: Vec<HeaderEntry> = Vec::with_capacity(raw.0.len());
+    let mut names = BTreeSet::new();
+    for (name, v) in raw.0 {
+        if name == "__metadata__" {
+            if !v.is_object() {
+                return Err(bad("`__metadata__` is not an object".into()));
+            }
+            continue;
+        }
+        if !names.insert(name.clone()) {
+            return Err(tensor_err(&name, "appears twice in the header".into()));
+        }
+        let obj = v.as_object().ok_or_else(|| tensor_err(&name, format!("header entry is not an object: {v}")))?;
+        let dtype_s = obj
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| tensor_err(&name, "header entry has no `dtype` string".into()))?;
+        let dtype =
+            DType::from_name(dtype_s).ok_or_else(|| tensor_err(&name, format!("unsupported dtype {dtype_s}")))?;
+        let ints = |key: &str| -> Result<Vec<usize>> {
+            let arr = obj
+                .get(key)
+                .and_then(|a| a.as_array())
+                .ok_or_else(|| tensor_err(&name, format!("header entry has no `{key}` array")))?;
+            arr.iter()
+                .map(|x| {
+                    x.as_u64().and_then(|u| usize::try_from(u).ok()).ok_or_else(|| {
+                        tensor_err(&name, format!("`{key}` holds {x}, which is not a non-negative integer"))
+                    })
+                })
+                .collect()
+        };
+        let shape = ints("shape")?;
+        let offsets = ints("data_offsets")?;
+        let [begin, end] = offsets[..] else {
+            return Err(tensor_err(&name, format!("`data_offsets` must hold 2 numbers, found {offsets:?}")));
+        };
+        if begin > end {
+            return Err(tensor_err(&name, format!("data_offsets [{begin}, {end}] are reversed")));
+        }
+        let need = shape.iter().try_fold(dtype.size_bytes(), |a, &d| a.checked_mul(d));
+        if need != Some(end - begin) {
+            return Err(tensor_err(
+                &name,
+                match need {
+                    Some(n) => format!(
+                        "{dtype} {shape:?} needs {n} bytes but data_offsets [{begin}, {end}] span {}",
+                        end - begin
+                    ),
+                    None => format!("shape {shape:?} overflows"),
+                },
+            ));
+        }
+        if end > data_len {
+            return Err(tensor_err(
+                &name,
+                format!(
+                    "data_offsets [{begin}, {end}] reach past the end of the data section ({data_len} bytes after the \
+                     {header_len}-byte header): the file is truncated or the offsets are corrupt"
+                ),
+            ));
+        }
+        out.push(HeaderEntry { name, dtype, shape, range: data_start + begin..data_start + end });
+    }
+    // No two tensors may share bytes (zero-sized tensors own none).
+    let mut by_start: Vec<&HeaderEntry> = out.iter().filter(|e| !e.range.is_empty()).collect();
+    by_start.sort_by_key(|e| (e.range.start, e.range.end));
+    for w in by_start.windows(2) {
+        if w[1].range.start < w[0].range.end {
+            return Err(tensor_err(
+                &w[1].name,
+                format!(
+                    "data_offsets [{}, {}] overlap tensor `{}` at [{}, {}]",
+                    w[1].range.start - data_start,
+                    w[1].range.end - data_start,
+                    w[0].name,
+                    w[0].range.start - data_start,
+                    w[0].range.end - data_start
+                ),
+            ));
+        }
+    }
+    // The format has no holes: the tensors tile the data section exactly (as the safetensors
+    // crate requires). Unindexed bytes mean a corrupt or hand-edited file.
+    let mut expected = data_start;
+    let mut previous = "the start of the data section";
+    for e in &by_start {
+        if e.range.start != expected {
+            return Err(tensor_err(
+                &e.name,
+                format!(
+                    "data_offsets start at {} but `{previous}` ends at {}: the data section has unindexed bytes",
+                    e.range.start - data_start,
+                    expected - data_start
+                ),
+            ));
+        }
+        expected = e.range.end;
+        previous = &e.name;
+    }
+    if expected != data_start + data_len {
+        return Err(Error::Safetensors {
+            file: file.to_path_buf(),
+            msg: format!(
+                "{} bytes after the last tensor's data are not described by the header (file padded or corrupt)",
+                data_start + data_len - expected
+            ),
+        });
+    }
+    Ok(out)
+}
+
 impl Checkpoint {
-    /// Opens `dir`: `model.safetensors.index.json` if present, else every `*.safetensors` file.
+    /// Opens `dir`: the shards `model.safetensors.index.json` lists if it exists, else
+    /// `model.safetensors` if it exists (as transformers does: other files beside it, such as
+    /// reference outputs, are not part of the model), else every `*.safetensors` file.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Checkpoint {
@@ -85,17 +254,24 @@ impl Checkpoint {
             }
             let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             for f in &files {
-                if !f.exists() {
+                if !f.is_file() {
+                    let shard = f.file_name().unwrap_or_default().to_string_lossy().to_string();
+                    let mut tensors = index.iter().filter(|(_, s)| **s == shard).map(|(n, _)| n);
+                    let first = tensors.next().cloned().unwrap_or_default();
+                    let others = tensors.count();
                     return Err(Error::Checkpoint {
                         msg: format!(
-                            "{} names shard {} which does not exist",
+                            "{} maps tensor `{first}`{} to shard {shard}, which does not exist in {}",
                             index_path.display(),
-                            f.file_name().unwrap_or_default().to_string_lossy()
+                            if others > 0 { format!(" (and {others} more)") } else { String::new() },
+                            dir.display()
                         ),
                     });
                 }
             }
             (files, Some(index))
+        } else if dir.join("model.safetensors").is_file() {
+            (vec![dir.join("model.safetensors")], None)
         } else {
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|e| Error::io(dir, e))?
@@ -109,7 +285,12 @@ impl Checkpoint {
             (files, None)
         };
 
-        let mut ckpt = Checkpoint { dir: Some(dir.to_path_buf()), files: files.clone(), tensors: BTreeMap::new() };
+        let mut ckpt = Checkpoint {
+            dir: Some(dir.to_path_buf()),
+            files: files.clone(),
+            tensors: BTreeMap::new(),
+            accessed: Mutex::new(None),
+        };
         let mut seen_in_files: BTreeMap<String, String> = BTreeMap::new();
         for path in &files {
             for original in ckpt.add_file(path)? {
@@ -142,6 +323,7 @@ impl Checkpoint {
             dir: path.parent().map(Path::to_path_buf),
             files: vec![path.to_path_buf()],
             tensors: BTreeMap::new(),
+            accessed: Mutex::new(None),
         };
         ckpt.add_file(path)?;
         Ok(ckpt)
@@ -149,37 +331,41 @@ impl Checkpoint {
 
     /// Maps one file, validates its header and adds its tensors; returns their stored names.
     fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
-        let file_name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
         let mmap = Arc::new(map_file(path)?);
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::Safetensors { file: path.to_path_buf(), msg: describe_safetensors_error(e) })?;
-        let data_start = 8 + header_len;
+        self.add_storage(path, Storage::Mmap(mmap.clone()), &mmap)
+    }
+
+    fn add_storage(&mut self, path: &Path, storage: Storage, bytes: &[u8]) -> Result<Vec<String>> {
+        let file_name = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().to_string();
         let mut names = vec![];
-        for (name, info) in meta.tensors() {
-            let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| Error::Tensor {
-                name: name.clone(),
-                file: file_name.clone(),
-                msg: format!("unsupported dtype {:?}", info.dtype),
-            })?;
-            let (s, e) = info.data_offsets;
+        for e in parse_safetensors_header(bytes, path)? {
             let t = HostTensor::new(
-                canonical_name(&name),
+                canonical_name(&e.name),
                 file_name.clone(),
-                dtype,
-                info.shape.clone(),
-                Storage::Mmap(mmap.clone()),
-                data_start + s,
-                e - s,
+                e.dtype,
+                e.shape,
+                storage.clone(),
+                e.range.start,
+                e.range.len(),
             )?;
             self.insert(t)?;
-            names.push(name);
+            names.push(e.name);
         }
         Ok(names)
     }
 
+    /// A checkpoint made of one safetensors file's contents held in memory; `name` stands for
+    /// the file in error messages. Validated exactly like a file on disk.
+    pub fn from_file_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let mut c = Checkpoint { dir: None, files: vec![], tensors: BTreeMap::new(), accessed: Mutex::new(None) };
+        let storage = Arc::new(bytes);
+        c.add_storage(Path::new(name), Storage::Owned(storage.clone()), &storage)?;
+        Ok(c)
+    }
+
     /// A checkpoint held in memory (the built-in model, tests).
     pub fn from_tensors(tensors: Vec<HostTensor>) -> Result<Self> {
-        let mut c = Checkpoint { dir: None, files: vec![], tensors: BTreeMap::new() };
+        let mut c = Checkpoint { dir: None, files: vec![], tensors: BTreeMap::new(), accessed: Mutex::new(None) };
         for t in tensors {
             c.insert(t)?;
         }
@@ -199,8 +385,39 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The tensor under its official name. Counts as an access for [`Self::record_access`].
     pub fn get(&self, name: &str) -> Option<&HostTensor> {
-        self.tensors.get(name)
+        let t = self.tensors.get(name);
+        if t.is_some() {
+            if let Some(set) = self.accessed.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                set.insert(name.to_string());
+            }
+        }
+        t
+    }
+
+    /// Starts (or restarts) recording which tensors are fetched through [`Self::get`] and
+    /// [`Self::require`]; [`Self::accessed`] returns them. Lets a test check that the list of
+    /// expected tensors (`model::loader::expected_tensors`) is exactly what loading reads.
+    pub fn record_access(&self) {
+        *self.accessed.lock().unwrap_or_else(|e| e.into_inner()) = Some(BTreeSet::new());
+    }
+
+    /// The names fetched since [`Self::record_access`] (empty when not recording).
+    pub fn accessed(&self) -> BTreeSet<String> {
+        self.accessed.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+    }
+
+    /// The error for a tensor the config needs but the checkpoint lacks.
+    pub fn missing(&self, name: &str, shape: &[usize]) -> Error {
+        Error::MissingTensor {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            hint: match &self.dir {
+                Some(d) => format!("searched {} file(s) in {}", self.files.len(), d.display()),
+                None => "in-memory checkpoint".into(),
+            },
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -209,16 +426,9 @@ impl Checkpoint {
 
     /// The tensor under its official name, with its shape checked.
     pub fn require(&self, name: &str, shape: &[usize]) -> Result<&HostTensor> {
-        match self.tensors.get(name) {
+        match self.get(name) {
             Some(t) => t.expect_shape(shape),
-            None => Err(Error::MissingTensor {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                hint: match &self.dir {
-                    Some(d) => format!("searched {} file(s) in {}", self.files.len(), d.display()),
-                    None => "in-memory checkpoint".into(),
-                },
-            }),
+            None => Err(self.missing(name, shape)),
         }
     }
 

@@ -54,6 +54,24 @@ impl DType {
         })
     }
 
+    /// The dtype named by a safetensors header string (`"F8_E4M3"`, `"BF16"`, ...).
+    pub fn from_name(name: &str) -> Option<DType> {
+        Some(match name {
+            "F64" => DType::F64,
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F8_E4M3" => DType::F8E4M3,
+            "F8_E8M0" => DType::F8E8M0,
+            "I64" => DType::I64,
+            "I32" => DType::I32,
+            "I8" => DType::I8,
+            "U8" => DType::U8,
+            "BOOL" => DType::Bool,
+            _ => return None,
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F64 => "F64",

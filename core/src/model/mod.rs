@@ -10,6 +10,7 @@ pub mod indexer;
 pub mod loader;
 pub mod mhc;
 pub mod moe;
+pub mod mtp;
 pub mod rope;
 
 use crate::backend::Backend;
@@ -76,6 +77,9 @@ pub struct Model<B: Backend> {
     norm: B::Tensor,
     hc_head: HyperHead<B>,
     pub blocks: Vec<Block<B>>,
+    /// The multi-token-prediction block, when the checkpoint ships one (used by speculative
+    /// decoding later; prefill and decode do not read it).
+    pub mtp: Option<mtp::Mtp<B>>,
     rope_main: RopeTable,
     rope_compress: RopeTable,
 }
@@ -107,6 +111,7 @@ impl<B: Backend> Model<B> {
             head,
             norm: ld.tensor("norm.weight", &[d])?,
             hc_head: HyperHead::load(&mut ld, &cfg, "")?,
+            mtp: mtp::load_mtp(&mut ld, &cfg)?,
             blocks,
             rope_main: RopeTable::new(&cfg.rope_main, cfg.rope_dim),
             rope_compress: RopeTable::new(&cfg.rope_compress, cfg.rope_dim),

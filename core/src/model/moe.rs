@@ -6,7 +6,7 @@ use crate::backend::DeviceTensor;
 use crate::backend::{Backend, BinaryOp, ExpertWeights, ReduceOp, UnaryOp};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
-use crate::model::loader::Loader;
+use crate::model::loader::{fused_experts, Loader};
 use crate::tensor::StoredWeight;
 
 enum Selection<B: Backend> {
@@ -37,7 +37,8 @@ fn load_expert<B: Backend>(ld: &mut Loader<B>, p: &str, d: usize, i: usize) -> R
 }
 
 /// Experts stored fused, as transformers keeps them: `gate_up_proj` `[E, 2I, D]` (rows 0..I are
-/// w1, I..2I are w3) and `down_proj` `[E, D, I]`.
+/// w1, I..2I are w3) and `down_proj` `[E, D, I]`. Float storage only: each expert's matrices
+/// are zero-copy views of the fused tensors.
 fn load_fused_experts<B: Backend>(
     ld: &mut Loader<B>,
     p: &str,
@@ -47,6 +48,19 @@ fn load_fused_experts<B: Backend>(
 ) -> Result<Vec<ExpertWeights<B::Weight>>> {
     let gate_up = ld.ckpt.require(&format!("{p}.gate_up_proj"), &[e, 2 * i, d])?.clone();
     let down = ld.ckpt.require(&format!("{p}.down_proj"), &[e, d, i])?.clone();
+    for t in [&gate_up, &down] {
+        if !t.dtype.is_float() {
+            return Err(Error::Tensor {
+                name: t.name.clone(),
+                file: t.source.clone(),
+                msg: format!(
+                    "fused expert tensors must be floating point, found {} (quantised experts are read per expert, \
+                     `experts.{{e}}.w1.weight` with `.scale`)",
+                    t.dtype
+                ),
+            });
+        }
+    }
     (0..e)
         .map(|x| {
             let gu = gate_up.index_outer(x, format!("{p}.gate_up_proj[{x}]"))?;
@@ -61,15 +75,19 @@ fn load_fused_experts<B: Backend>(
 
 impl<B: Backend> Moe<B> {
     pub fn load(ld: &mut Loader<B>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
-        let p = format!("layers.{layer}.ffn");
+        Self::load_at(ld, cfg, &format!("layers.{layer}.ffn"), cfg.routing[layer])
+    }
+
+    /// The MoE whose tensors live under `p` (`layers.3.ffn`, `mtp.0.ffn`), routed by `routing`.
+    pub fn load_at(ld: &mut Loader<B>, cfg: &ModelConfig, p: &str, routing: RoutingKind) -> Result<Self> {
         let (d, e, i, k) = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok);
-        let selection = match cfg.routing[layer] {
+        let selection = match routing {
             RoutingKind::Hash => {
                 Selection::Hash(ld.host_ints(&format!("{p}.gate.tid2eid"), &[cfg.vocab_size, k], e as i64)?)
             }
             RoutingKind::TopK => Selection::TopK(ld.tensor(&format!("{p}.gate.bias"), &[e])?),
         };
-        let experts = if ld.ckpt.contains(&format!("{p}.experts.gate_up_proj")) {
+        let experts = if fused_experts(ld.ckpt, p) {
             load_fused_experts(ld, &format!("{p}.experts"), e, d, i)?
         } else {
             (0..e).map(|x| load_expert(ld, &format!("{p}.experts.{x}"), d, i)).collect::<Result<_>>()?

@@ -1,0 +1,87 @@
+//! Throughput of `linear` per weight format (an `#[ignore]`d benchmark, not a check):
+//!
+//! ```sh
+//! cargo test --release -p dsv4-backend-cpu --test gemv_bench -- --ignored --nocapture
+//! ```
+//!
+//! For each shape and input row count it prints the best time per call over 7 trials and the weight bytes read
+//! per second for the packed form (FP8, FP4, BF16 as stored) and for the same weight
+//! dequantised to f32 at load.
+
+use std::time::Instant;
+
+use dsv4_backend_cpu::{CpuBackend, CpuWeight};
+use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+use dsv4_core::Backend;
+
+fn weight(format: &str, n: usize, k: usize) -> StoredWeight {
+    let mut s = 0x1234_5678u64;
+    let mut byte = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 56) as u8
+    };
+    let t = |name: &str, dt, shape: Vec<usize>, b: Vec<u8>| HostTensor::from_bytes(name, dt, shape, b).unwrap();
+    match format {
+        "fp8" => {
+            let q: Vec<u8> = (0..n * k).map(|_| byte() & 0x77).collect();
+            let sc = vec![120u8; n.div_ceil(128) * k.div_ceil(128)];
+            let scale = t("w.scale", DType::F8E8M0, vec![n.div_ceil(128), k.div_ceil(128)], sc);
+            StoredWeight::detect(&t("w.weight", DType::F8E4M3, vec![n, k], q), Some(&scale), &[n, k]).unwrap()
+        }
+        "fp4" => {
+            let q: Vec<u8> = (0..n * k / 2).map(|_| byte()).collect();
+            let scale = t("w.scale", DType::F8E8M0, vec![n, k / 32], vec![120u8; n * k / 32]);
+            StoredWeight::detect(&t("w.weight", DType::I8, vec![n, k / 2], q), Some(&scale), &[n, k]).unwrap()
+        }
+        _ => {
+            // Values in [-1, 1] (no subnormals, which would time the FPU's slow path).
+            let b: Vec<u8> = (0..n * k)
+                .flat_map(|_| (((byte() as f32 / 127.5 - 1.0).to_bits() >> 16) as u16).to_le_bytes())
+                .collect();
+            StoredWeight::float(t("w.weight", DType::BF16, vec![n, k], b)).unwrap()
+        }
+    }
+}
+
+#[test]
+#[ignore = "benchmark; run with --release --ignored --nocapture"]
+fn linear_throughput() {
+    let be = CpuBackend::new();
+    println!(
+        "{:<6} {:>11} {:>5} {:>9} {:>11} {:>9} {:>11}",
+        "format", "shape", "rows", "packed", "GB/s", "f32", "GB/s"
+    );
+    for (n, k) in [(4096, 2048), (1024, 2048)] {
+        for format in ["bf16", "fp8", "fp4"] {
+            let w = weight(format, n, k);
+            let packed = CpuWeight::from_stored(&w).unwrap();
+            let deq = CpuWeight::dequantized(&w).unwrap();
+            for m in [1, 4, 64] {
+                let x = be.upload(&vec![0.5f32; m * k], &[m, k]).unwrap();
+                let time = |cw: &CpuWeight| {
+                    let _ = be.linear(&x, cw).unwrap();
+                    // The best of 7 trials: robust to other processes on a shared machine.
+                    let iters = (100 / m).max(3);
+                    (0..7)
+                        .map(|_| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                std::hint::black_box(be.linear(&x, cw).unwrap());
+                            }
+                            t.elapsed().as_secs_f64() / iters as f64
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                };
+                let (tp, tf) = (time(&packed), time(&deq));
+                println!(
+                    "{format:<6} {:>11} {m:>5} {:>7.3}ms {:>11.2} {:>7.3}ms {:>11.2}",
+                    format!("{n}x{k}"),
+                    tp * 1e3,
+                    packed.size_bytes() as f64 / tp / 1e9,
+                    tf * 1e3,
+                    deq.size_bytes() as f64 / tf / 1e9
+                );
+            }
+        }
+    }
+}
