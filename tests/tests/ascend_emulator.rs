@@ -1,0 +1,109 @@
+//! The conformance suite on the Ascend backend, running on dsv4's CPU emulator of AscendCL /
+//! aclnn (`tests/ascend-emu`, loaded through `DSV4_ASCEND_EMULATOR` like a CANN install):
+//! every fixture's prefill logits, and decode / chunked prefill against the full forward,
+//! with the CPU backend's tolerances. Emulator-verified, not hardware-verified.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use dsv4_backend_ascend::AscendBackend;
+use dsv4_core::model::{Logits, Trace};
+use dsv4_core::{Backend, Batch, Model};
+use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
+
+const TOLERANCE: f64 = 1e-4;
+
+/// Builds the emulator library (a no-op when fresh) and points the loader at it, once.
+fn backend() -> AscendBackend {
+    static SETUP: Once = Once::new();
+    SETUP.call_once(|| {
+        if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+            let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
+            let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
+            // Set before any thread loads the runtime (this Once runs first in every test).
+            std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
+        }
+    });
+    dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn every_fixture_matches_the_reference_on_the_emulator() {
+    let be = backend();
+    assert!(be.describe().contains("emulator"), "{}", be.describe());
+    let cases = fixture_cases();
+    assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
+    let mut failures = vec![];
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let model = load_model(&be, case);
+        let reference = read_reference(case);
+        let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
+        let mut trace = Trace::default();
+        let logits = model.forward_traced(&be, &batch, Some(&mut trace)).unwrap();
+        let logits = be.download(&logits).unwrap();
+        let err = max_rel_err(&logits, &reference.logits);
+        let per_layer: Vec<String> = trace
+            .layers
+            .iter()
+            .zip(&reference.layer_out)
+            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
+            .collect();
+        println!(
+            "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
+            be.describe(),
+            reference.input_ids.len()
+        );
+        if err > TOLERANCE {
+            failures.push(format!("{name}: {err:.3e} (layers {per_layer:?})"));
+        }
+    }
+    assert!(failures.is_empty(), "cases above {TOLERANCE}: {failures:#?}");
+}
+
+/// Runs `ids` through `model` in steps of the given sizes; returns every token's logits.
+fn run_in_steps(be: &AscendBackend, model: &Model<AscendBackend>, ids: &[u32], steps: &[usize]) -> Vec<f32> {
+    let mut state = model.new_state();
+    let mut out = vec![];
+    let mut pos = 0;
+    for &n in steps {
+        let batch = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
+        let logits = model.step(be, &batch, &mut [&mut state], Logits::All).unwrap();
+        out.extend(be.download(&logits).unwrap());
+        pos += n;
+    }
+    assert_eq!(pos, ids.len());
+    out
+}
+
+fn chunks(n: usize, size: usize) -> Vec<usize> {
+    let mut v = vec![size; n / size];
+    if !n.is_multiple_of(size) {
+        v.push(n % size);
+    }
+    v
+}
+
+#[test]
+fn decode_and_chunked_prefill_match_the_full_forward_on_the_emulator() {
+    let be = backend();
+    for case in fixture_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let model = load_model(&be, &case);
+        let r = read_reference(&case);
+        let n = r.input_ids.len();
+        let schedules: Vec<(String, Vec<usize>)> = vec![
+            ("prefill 1 then decode".into(), vec![1; n]),
+            ("prefill 17 then decode".into(), std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
+            ("chunks of 5".into(), chunks(n, 5)),
+            ("chunks of 7".into(), chunks(n, 7)),
+        ];
+        for (label, steps) in schedules {
+            let got = run_in_steps(&be, &model, &r.input_ids, &steps);
+            let err = max_rel_err(&got, &r.logits);
+            println!("{name} / {label}: max rel err {err:.2e}");
+            assert!(err <= TOLERANCE, "{name} / {label}: {err:.3e}");
+        }
+    }
+}
