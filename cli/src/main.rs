@@ -1,10 +1,32 @@
 //! `dsv4`: run DeepSeek-V4 checkpoints on CPU, Ascend or CUDA.
 
+#[macro_use]
+mod dispatch {
+    /// Runs `$body` with `$be` bound to the backend `$choice` resolves to. The graph is generic
+    /// over the backend, so each arm instantiates the body for one backend type.
+    macro_rules! with_backend {
+        ($choice:expr, |$be:ident| $body:expr) => {{
+            match crate::resolve_backend($choice)? {
+                crate::Resolved::Cpu => {
+                    let $be = &dsv4_backend_cpu::CpuBackend::new();
+                    $body
+                }
+                crate::Resolved::Ascend => {
+                    let $be = &dsv4_backend_ascend::open(0)?;
+                    $body
+                }
+            }
+        }};
+    }
+}
+
 mod bench;
+mod check;
+mod generate;
 mod inspect;
 mod load;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -19,16 +41,41 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum BackendChoice {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
     /// Ascend if its runtime is usable, then CUDA, then CPU.
     Auto,
     /// The reference CPU backend.
     Cpu,
-    /// Huawei Ascend NPUs through AscendCL / aclnn.
+    /// Huawei Ascend NPUs through AscendCL / aclnn (device 0).
     Ascend,
     /// Nvidia GPUs through CUDA.
     Cuda,
+}
+
+pub(crate) enum Resolved {
+    Cpu,
+    Ascend,
+}
+
+/// `auto` takes Ascend when its runtime loads and opens, then CUDA (not implemented in this
+/// build, so skipped), then CPU. An explicit choice that cannot be used is an error saying why.
+pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
+    Ok(match choice {
+        BackendChoice::Cpu => Resolved::Cpu,
+        BackendChoice::Ascend => {
+            dsv4_backend_ascend::open(0)?;
+            Resolved::Ascend
+        }
+        BackendChoice::Cuda => match dsv4_backend_cuda::open()? {},
+        BackendChoice::Auto => {
+            if dsv4_backend_ascend::probe().is_ok() && dsv4_backend_ascend::open(0).is_ok() {
+                Resolved::Ascend
+            } else {
+                Resolved::Cpu
+            }
+        }
+    })
 }
 
 #[derive(clap::Args)]
@@ -55,6 +102,53 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Generate text: streams to stdout, reports prefill and decode speed on stderr.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A user message, encoded with the V4 chat format.
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        prompt: Option<String>,
+        /// Raw prompt token ids (no chat format), comma-separated.
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        ids: Option<Vec<String>>,
+        #[command(flatten)]
+        chat: generate::ChatArgs,
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+        /// After the text, print the generated ids (comma-separated) as the last line.
+        #[arg(long)]
+        print_ids: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+    },
+    /// Print the prompt the V4 chat encoder produces for an OpenAI-style message list.
+    Render {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// JSON list of messages (roles system/user/assistant/tool).
+        #[arg(long)]
+        messages: PathBuf,
+        /// JSON list of OpenAI-style tools, attached to the first system message.
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        #[command(flatten)]
+        chat: generate::ChatArgs,
+        /// Print the token ids instead of the text.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Interactive multi-turn chat.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        chat: generate::ChatArgs,
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+    },
     /// Show a model's layer schedule, parameter counts and storage by dtype, and with
     /// `--context` the decoding-state bytes per sequence. A directory holding only config.json
     /// (e.g. configs/deepseek-v4-flash) is enough for the schedule and the cache sizes.
@@ -64,6 +158,20 @@ enum Command {
         /// Report the decoding state one sequence holds at this many tokens.
         #[arg(long)]
         context: Option<usize>,
+    },
+    /// Run the same input through several backends and compare them block by block.
+    Check {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Backends to compare; the first is the reference.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,ascend")]
+        backends: Vec<BackendChoice>,
+        /// Token ids (default: a fixed 200-token sequence).
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<String>>,
+        /// Largest allowed max|Δ| / max|reference| per block.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
@@ -86,7 +194,7 @@ enum Command {
     },
 }
 
-fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
+pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
     raw.iter()
         .map(|s| {
             let s = s.trim();
@@ -96,26 +204,11 @@ fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Resolves `--backend` to the CPU backend or an error that explains why another is unusable.
-fn cpu_or_explain(choice: BackendChoice) -> Result<CpuBackend> {
-    match choice {
-        BackendChoice::Cpu => {}
-        BackendChoice::Auto => {
-            // Ascend and CUDA are not implemented in this build; auto therefore means CPU.
-        }
-        BackendChoice::Ascend => match dsv4_backend_ascend::open()? {},
-        BackendChoice::Cuda => match dsv4_backend_cuda::open()? {},
-    }
-    Ok(CpuBackend::new())
-}
-
-fn run_logits(model: &ModelArgs, ids: &[String], backend: BackendChoice, out: &std::path::Path) -> Result<()> {
-    let ids = parse_ids(ids)?;
-    let be = cpu_or_explain(backend)?;
+fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path) -> Result<()> {
     eprintln!("backend: {}", be.describe());
-    let model = load::load_model(&be, &model.model)?;
+    let model = load::load_model(be, &model.model)?;
     let start = std::time::Instant::now();
-    let logits = model.forward(&be, &Batch::prefill(&[&ids])?)?;
+    let logits = model.forward(be, &Batch::prefill(&[ids])?)?;
     let data = be.download(&logits)?;
     eprintln!(
         "prefill: {} tokens in {:.3} s ({:.1} tokens/s)",
@@ -136,27 +229,60 @@ fn run_logits(model: &ModelArgs, ids: &[String], backend: BackendChoice, out: &s
 fn run_devices() {
     let cpu = CpuBackend::new();
     println!("cpu     available    {}", cpu.describe());
-    for (name, probe) in [("ascend", dsv4_backend_ascend::probe()), ("cuda", dsv4_backend_cuda::probe())] {
-        match probe {
-            Ok(found) => println!("{name:<7} not usable   {found}; this build has no {name} backend yet"),
-            Err(why) => println!("{name:<7} unavailable  {why}"),
+    match dsv4_backend_ascend::probe() {
+        Ok(found) => match dsv4_backend_ascend::open(0) {
+            Ok(be) => println!("ascend  available    {found}; {}", be.describe()),
+            Err(e) => println!("ascend  unusable     {found}; {e}"),
+        },
+        Err(why) => println!("ascend  unavailable  {why}"),
+    }
+    match dsv4_backend_cuda::probe() {
+        Ok(found) => println!("cuda    not usable   {found}; this build has no CUDA backend yet"),
+        Err(why) => println!("cuda    unavailable  {why}"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits { model, ids, backend, out } => {
+            let ids = parse_ids(&ids)?;
+            with_backend!(backend, |be| run_logits(be, &model, &ids, &out))
+        }
+        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend } => {
+            let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            with_backend!(backend, |be| generate::run_generate(
+                be,
+                &model.model,
+                prompt.as_deref(),
+                ids.as_deref(),
+                &chat,
+                &sampling,
+                print_ids
+            ))
+        }
+        Command::Render { model, messages, tools, chat, ids } => {
+            generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
+        }
+        Command::Chat { model, chat, sampling, backend } => {
+            with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling))
+        }
+        Command::Inspect { model, context } => inspect::run(&model.model, context),
+        Command::Check { model, backends, ids, tolerance } => {
+            let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            check::run(&model.model, &backends, ids, tolerance)
+        }
+        Command::Devices => {
+            run_devices();
+            Ok(())
+        }
+        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk } => {
+            with_backend!(backend, |be| bench::run(be, &model.model, &contexts, decode_steps, prefill_chunk))
         }
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Logits { model, ids, backend, out } => run_logits(model, ids, *backend, out),
-        Command::Inspect { model, context } => inspect::run(&model.model, *context),
-        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk } => cpu_or_explain(*backend)
-            .and_then(|be| bench::run(&be, &model.model, contexts, *decode_steps, *prefill_chunk)),
-        Command::Devices => {
-            run_devices();
-            Ok(())
-        }
-    };
-    match result {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

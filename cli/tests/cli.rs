@@ -64,14 +64,14 @@ fn logits_match_reference_through_the_cli() {
 #[test]
 fn builtin_model_is_the_default() {
     let out = tmp("builtin.safetensors");
-    let status = dsv4().args(["logits", "--ids", "0,5,17,42,300", "--out"]).arg(&out).status().unwrap();
+    let status = dsv4().args(["logits", "--ids", "0,5,17,42,200", "--out"]).arg(&out).status().unwrap();
     assert!(status.success());
     let (shape, v) = read_f32(&out, "logits");
-    assert_eq!(shape, vec![5, 512]);
+    assert_eq!(shape, vec![5, 271]);
     assert!(v.iter().all(|x| x.is_finite()));
     // Deterministic weights: a second run gives identical bits.
     let out2 = tmp("builtin2.safetensors");
-    assert!(dsv4().args(["logits", "--ids", "0,5,17,42,300", "--out"]).arg(&out2).status().unwrap().success());
+    assert!(dsv4().args(["logits", "--ids", "0,5,17,42,200", "--out"]).arg(&out2).status().unwrap().success());
     assert_eq!(read_f32(&out2, "logits").1, v);
 }
 
@@ -88,7 +88,7 @@ fn bad_input_gives_an_actionable_error() {
     let out = tmp("never.safetensors");
     let out = out.to_str().unwrap();
     assert!(failing(&["logits", "--ids", "1,abc", "--out", out]).contains("`abc` is not a token id"));
-    assert!(failing(&["logits", "--ids", "1,512", "--out", out]).contains("token id 512 is outside the vocabulary"));
+    assert!(failing(&["logits", "--ids", "1,271", "--out", out]).contains("token id 271 is outside the vocabulary"));
     assert!(failing(&["logits", "--model", "/no/such/dir", "--ids", "1", "--out", out]).contains("does not exist"));
     assert!(failing(&["logits", "--model", "builtin:huge", "--ids", "1", "--out", out]).contains("unknown built-in"));
     let e = failing(&["logits", "--backend", "ascend", "--ids", "1", "--out", out]);

@@ -1,6 +1,7 @@
 //! `builtin:tiny`: a small V4 model with deterministic seeded weights and every layer type
 //! (sliding, CSA, HCA; hash and top-k routing), so the binary does its job with no download.
-//! The weights are random: the model computes real V4 math but says nothing meaningful.
+//! The weights are random: the model computes real V4 math but says nothing meaningful. Its
+//! vocabulary is exactly the byte-fallback tokenizer's (271 ids), so every id it emits decodes.
 
 use half::bf16;
 use serde_json::json;
@@ -16,7 +17,7 @@ pub const TINY_NAME: &str = "builtin:tiny";
 pub fn tiny_config_json() -> serde_json::Value {
     json!({
         "model_type": "deepseek_v4",
-        "vocab_size": 512,
+        "vocab_size": 271,
         "hidden_size": 64,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,

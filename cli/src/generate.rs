@@ -1,0 +1,244 @@
+//! `dsv4 generate`, `dsv4 render` and `dsv4 chat`: text in, text out.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use dsv4_core::chat;
+use dsv4_core::generate::{Control, GenerateOptions, Session};
+use dsv4_core::sampling::SamplingParams;
+use dsv4_core::tokenizer::{StreamDecoder, Tokenizer};
+use dsv4_core::{Backend, Model};
+
+/// The tokenizer of `--model`: its tokenizer.json, or bytes for the built-in model.
+pub fn tokenizer_for(spec: &str) -> Result<Tokenizer> {
+    if spec.starts_with("builtin:") {
+        return Ok(Tokenizer::byte_fallback());
+    }
+    match Tokenizer::from_model_dir(Path::new(spec))? {
+        Some(t) => Ok(t),
+        None => bail!(
+            "{spec} has no tokenizer.json: pass token ids with --ids, or copy the model's tokenizer.json into the directory"
+        ),
+    }
+}
+
+/// Chat-mode knobs shared by generate, render and chat.
+#[derive(clap::Args, Clone)]
+pub struct ChatArgs {
+    /// Thinking mode: the reply starts with reasoning (closed by </think>).
+    #[arg(long, conflicts_with = "no_thinking")]
+    pub thinking: bool,
+    /// Chat mode, no reasoning (the default).
+    #[arg(long)]
+    pub no_thinking: bool,
+    /// Reasoning effort (thinking mode only), e.g. `max`.
+    #[arg(long)]
+    pub reasoning_effort: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn options<B: Backend>(&self, model: &Model<B>, tok: &Tokenizer) -> GenerateOptions {
+        let mut stop_ids = model.cfg.eos_token_ids.clone();
+        stop_ids.extend(tok.eos_token_ids());
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            stop_token_ids: stop_ids,
+            ..Default::default()
+        }
+    }
+}
+
+fn render_user_prompt(text: &str, chat_args: &ChatArgs) -> Result<String> {
+    let messages = serde_json::json!([{"role": "user", "content": text}]);
+    Ok(chat::render_openai(&messages, None, chat_args.thinking, chat_args.reasoning_effort.as_deref())?)
+}
+
+/// How generated text reaches stdout.
+enum Display {
+    /// As generated (`dsv4 generate`).
+    Raw,
+    /// Through the completion parser: reasoning dimmed, answer plain, tool calls on their own
+    /// line (`dsv4 chat`).
+    Parsed(chat::StreamParser),
+}
+
+impl Display {
+    fn show(&mut self, out: &mut impl Write, piece: &str) -> std::io::Result<()> {
+        match self {
+            Display::Raw => out.write_all(piece.as_bytes())?,
+            Display::Parsed(p) => {
+                for ev in p.push(piece) {
+                    Self::event(out, ev)?;
+                }
+            }
+        }
+        out.flush()
+    }
+
+    fn finish(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        if let Display::Parsed(p) = self {
+            for ev in p.finish() {
+                Self::event(out, ev)?;
+            }
+        }
+        out.flush()
+    }
+
+    fn event(out: &mut impl Write, ev: chat::Event) -> std::io::Result<()> {
+        match ev {
+            chat::Event::Reasoning(t) => write!(out, "\x1b[2m{t}\x1b[0m"),
+            chat::Event::Content(t) => write!(out, "{t}"),
+            chat::Event::ToolCall(c) => writeln!(out, "\n[tool call] {} {}", c.name, c.arguments),
+            chat::Event::Markup(_) => Ok(()),
+        }
+    }
+}
+
+/// Streams a generation to stdout; returns the generated ids and text.
+fn stream<B: Backend>(
+    be: &B,
+    session: &mut Session<B>,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    stops: &[String],
+    display: &mut Display,
+) -> Result<(Vec<u32>, String)> {
+    let mut decoder = StreamDecoder::new(tok);
+    let mut text = String::new();
+    let mut out = std::io::stdout().lock();
+    let eos = opts.stop_token_ids.clone();
+    let generation = session.generate(be, prompt, opts, &mut |id| {
+        if eos.contains(&id) {
+            return Ok(Control::Continue);
+        }
+        let piece = decoder.push(id)?;
+        text.push_str(&piece);
+        let _ = display.show(&mut out, &piece);
+        Ok(if stops.iter().any(|s| text.contains(s.as_str())) { Control::Stop } else { Control::Continue })
+    })?;
+    let tail = decoder.finish()?;
+    text.push_str(&tail);
+    display.show(&mut out, &tail)?;
+    display.finish(&mut out)?;
+    eprintln!(
+        "\nprefill: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s ({:?})",
+        generation.prefilled,
+        generation.prefill_tokens_per_sec(),
+        generation.tokens.len(),
+        generation.decode_tokens_per_sec(),
+        generation.stop
+    );
+    Ok((generation.tokens, text))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run_generate<B: Backend>(
+    be: &B,
+    spec: &str,
+    prompt: Option<&str>,
+    ids: Option<&[u32]>,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    print_ids: bool,
+) -> Result<()> {
+    let tok = tokenizer_for(spec)?;
+    let model = crate::load::load_model(be, spec)?;
+    let prompt_ids = match (prompt, ids) {
+        (Some(text), None) => tok.encode(&render_user_prompt(text, chat_args)?)?,
+        (None, Some(ids)) => ids.to_vec(),
+        _ => bail!("give exactly one of --prompt and --ids"),
+    };
+    let opts = sampling.options(&model, &tok);
+    let mut session = Session::new(&model);
+    let (generated, _) = stream(be, &mut session, &tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
+    if print_ids {
+        println!();
+        println!("{}", generated.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    }
+    Ok(())
+}
+
+pub fn run_render(spec: &str, messages: &Path, tools: Option<&Path>, chat_args: &ChatArgs, ids: bool) -> Result<()> {
+    let read = |p: &Path| -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))
+    };
+    let messages = read(messages)?;
+    let tools = tools.map(read).transpose()?;
+    let text =
+        chat::render_openai(&messages, tools.as_ref(), chat_args.thinking, chat_args.reasoning_effort.as_deref())?;
+    if ids {
+        let tok = tokenizer_for(spec)?;
+        let ids = tok.encode(&text)?;
+        println!("{}", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    } else {
+        print!("{text}");
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// Interactive multi-turn chat on stdin/stdout. Reasoning is shown dimmed, answers plain.
+pub fn run_chat<B: Backend>(be: &B, spec: &str, chat_args: &ChatArgs, sampling: &SamplingArgs) -> Result<()> {
+    let tok = tokenizer_for(spec)?;
+    let model = crate::load::load_model(be, spec)?;
+    let opts = sampling.options(&model, &tok);
+    let mut session = Session::new(&model);
+    let mut messages: Vec<serde_json::Value> = vec![];
+    let stdin = std::io::stdin();
+    eprintln!(
+        "dsv4 chat ({}): type a message, an empty line or Ctrl-D to quit",
+        if chat_args.thinking { "thinking" } else { "chat mode" }
+    );
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(serde_json::json!({"role": "user", "content": line.trim_end()}));
+        let prompt = chat::render_openai(
+            &serde_json::Value::Array(messages.clone()),
+            None,
+            chat_args.thinking,
+            chat_args.reasoning_effort.as_deref(),
+        )?;
+        let ids = tok.encode(&prompt)?;
+        let mut display = Display::Parsed(chat::StreamParser::for_prompt(&prompt, chat::UnclosedThink::Reasoning));
+        let (_, text) = stream(be, &mut session, &tok, &ids, &opts, &sampling.stop, &mut display)?;
+        let parsed = chat::parse_completion(&text, chat_args.thinking);
+        messages.push(parsed.to_openai_message());
+        println!();
+    }
+    Ok(())
+}
