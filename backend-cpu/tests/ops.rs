@@ -1,7 +1,7 @@
 //! Every op of `dsv4_core::Backend` on the CPU backend, each against a plain-loop reference
 //! written here (f64 where rounding matters), and the fused V4 ops against direct
 //! implementations of spec §B. The fused ops run twice: on `CpuBackend` itself (its fused
-//! overrides) and on `Prims`, which forwards only the primitives so that the trait's default
+//! overrides) and on `PrimitivesOnly`, which forwards only the primitives so that the trait's default
 //! compositions (the executable definition every other backend inherits) run.
 //!
 //! Tolerances. `u = 2^-24` is the f32 unit roundoff and `EPS = 2u` (`f32::EPSILON`). A sum of
@@ -18,8 +18,9 @@ use dsv4_core::model::cache::CompressorState;
 use dsv4_core::model::compressor::Compressor;
 use dsv4_core::model::loader::Loader;
 use dsv4_core::model::rope::RopeTable;
+use dsv4_core::primitives_only::PrimitivesOnly;
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
-use dsv4_core::{Checkpoint, ModelConfig, Result};
+use dsv4_core::{Checkpoint, ModelConfig};
 
 const EPS: f64 = f32::EPSILON as f64;
 
@@ -128,113 +129,6 @@ fn silu(x: f64) -> f64 {
 
 /// Forwards every primitive to the CPU backend and none of the fused ops, so the trait's
 /// default compositions run.
-struct Prims(CpuBackend);
-
-impl Backend for Prims {
-    type Tensor = <CpuBackend as Backend>::Tensor;
-    type Index = <CpuBackend as Backend>::Index;
-    type Weight = <CpuBackend as Backend>::Weight;
-
-    fn name(&self) -> &str {
-        "cpu-primitives"
-    }
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
-        self.0.upload(data, shape)
-    }
-    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
-        self.0.download(t)
-    }
-    fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<Self::Index> {
-        self.0.upload_index(data, shape)
-    }
-    fn download_index(&self, t: &Self::Index) -> Result<Vec<i32>> {
-        self.0.download_index(t)
-    }
-    fn upload_weight(&self, w: &StoredWeight) -> Result<Self::Weight> {
-        self.0.upload_weight(w)
-    }
-    fn weight_shape<'w>(&self, w: &'w Self::Weight) -> &'w [usize] {
-        self.0.weight_shape(w)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.0.synchronize()
-    }
-    fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor> {
-        self.0.full(shape, value)
-    }
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor> {
-        self.0.linear(x, w)
-    }
-    fn grouped_linear(&self, x: &Self::Tensor, w: &Self::Weight, groups: usize) -> Result<Self::Tensor> {
-        self.0.grouped_linear(x, w, groups)
-    }
-    fn embedding(&self, table: &Self::Weight, ids: &Self::Index) -> Result<Self::Tensor> {
-        self.0.embedding(table, ids)
-    }
-    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, transpose_b: bool) -> Result<Self::Tensor> {
-        self.0.matmul(a, b, transpose_b)
-    }
-    fn unary(&self, x: &Self::Tensor, op: UnaryOp) -> Result<Self::Tensor> {
-        self.0.unary(x, op)
-    }
-    fn binary(&self, a: &Self::Tensor, b: &Self::Tensor, op: BinaryOp) -> Result<Self::Tensor> {
-        self.0.binary(a, b, op)
-    }
-    fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor> {
-        self.0.affine(x, mul, add)
-    }
-    fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor> {
-        self.0.clamp(x, min, max)
-    }
-    fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor> {
-        self.0.reduce(x, axis, op)
-    }
-    fn softmax(&self, x: &Self::Tensor, axis: usize) -> Result<Self::Tensor> {
-        self.0.softmax(x, axis)
-    }
-    fn rms_norm(&self, x: &Self::Tensor, weight: Option<&Self::Tensor>, eps: f32) -> Result<Self::Tensor> {
-        self.0.rms_norm(x, weight, eps)
-    }
-    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, inverse: bool) -> Result<Self::Tensor> {
-        self.0.rope(x, cos, sin, inverse)
-    }
-    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
-        self.0.reshape(x, shape)
-    }
-    fn transpose(&self, x: &Self::Tensor, a: usize, b: usize) -> Result<Self::Tensor> {
-        self.0.transpose(x, a, b)
-    }
-    fn narrow(&self, x: &Self::Tensor, axis: usize, start: usize, len: usize) -> Result<Self::Tensor> {
-        self.0.narrow(x, axis, start, len)
-    }
-    fn concat(&self, xs: &[&Self::Tensor], axis: usize) -> Result<Self::Tensor> {
-        self.0.concat(xs, axis)
-    }
-    fn index_select(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.index_select(x, idx)
-    }
-    fn gather_last(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.gather_last(x, idx)
-    }
-    fn index_add(&self, dst: &Self::Tensor, idx: &Self::Index, src: &Self::Tensor) -> Result<Self::Tensor> {
-        self.0.index_add(dst, idx, src)
-    }
-    fn topk(&self, x: &Self::Tensor, k: usize) -> Result<(Self::Tensor, Self::Index)> {
-        self.0.topk(x, k)
-    }
-    fn index_mask(&self, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.index_mask(idx)
-    }
-    fn concat_index(&self, xs: &[&Self::Index], axis: usize) -> Result<Self::Index> {
-        self.0.concat_index(xs, axis)
-    }
-    fn offset_index(&self, idx: &Self::Index, offset: i32) -> Result<Self::Index> {
-        self.0.offset_index(idx, offset)
-    }
-}
 
 // ------------------------------------------------------------------------------ memory
 
@@ -1007,7 +901,7 @@ fn check_hc_pre<B: Backend>(be: &B, label: &str) {
 #[test]
 fn hc_pre_matches_spec_b2() {
     check_hc_pre(&CpuBackend::new(), "cpu");
-    check_hc_pre(&Prims(CpuBackend::new()), "default");
+    check_hc_pre(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 fn check_hc_post<B: Backend>(be: &B, label: &str) {
@@ -1052,7 +946,7 @@ fn check_hc_post<B: Backend>(be: &B, label: &str) {
 #[test]
 fn hc_post_mixes_source_rows_into_destination_columns() {
     check_hc_post(&CpuBackend::new(), "cpu");
-    check_hc_post(&Prims(CpuBackend::new()), "default");
+    check_hc_post(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 fn check_hc_head<B: Backend>(be: &B, label: &str) {
@@ -1091,7 +985,7 @@ fn check_hc_head<B: Backend>(be: &B, label: &str) {
 #[test]
 fn hc_head_matches_spec_b6() {
     check_hc_head(&CpuBackend::new(), "cpu");
-    check_hc_head(&Prims(CpuBackend::new()), "default");
+    check_hc_head(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 // ----------------------------------------------------------------------- fused: compressor
@@ -1143,7 +1037,7 @@ fn check_compressor_pool<B: Backend>(be: &B, label: &str) {
 #[test]
 fn compressor_pool_softmax_per_channel_over_candidates() {
     check_compressor_pool(&CpuBackend::new(), "cpu");
-    check_compressor_pool(&Prims(CpuBackend::new()), "default");
+    check_compressor_pool(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 // ------------------------------------------------------------------ fused: sparse attention
@@ -1221,7 +1115,7 @@ fn check_sparse_attention<B: Backend>(be: &B, label: &str) {
 #[test]
 fn sparse_attention_with_sinks_matches_naive_softmax() {
     check_sparse_attention(&CpuBackend::new(), "cpu");
-    check_sparse_attention(&Prims(CpuBackend::new()), "default");
+    check_sparse_attention(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 // ------------------------------------------------------------------- fused: indexer select
@@ -1311,7 +1205,7 @@ fn check_indexer_select<B: Backend>(be: &B, label: &str) {
 #[test]
 fn indexer_select_is_causal_and_offset() {
     check_indexer_select(&CpuBackend::new(), "cpu");
-    check_indexer_select(&Prims(CpuBackend::new()), "default");
+    check_indexer_select(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 // ------------------------------------------------------------------------ fused: MoE
@@ -1332,7 +1226,7 @@ fn check_swiglu<B: Backend>(be: &B, label: &str) {
 #[test]
 fn swiglu_clamps_gate_above_and_up_both_sides() {
     check_swiglu(&CpuBackend::new(), "cpu");
-    check_swiglu(&Prims(CpuBackend::new()), "default");
+    check_swiglu(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 struct Experts {
@@ -1455,7 +1349,7 @@ fn check_moe_experts<B: Backend>(be: &B, label: &str) {
 #[test]
 fn moe_experts_accumulate_in_ascending_expert_order() {
     check_moe_experts(&CpuBackend::new(), "cpu");
-    check_moe_experts(&Prims(CpuBackend::new()), "default");
+    check_moe_experts(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 // ----------------------------------------------- compressor windows and indexer causality
@@ -1704,7 +1598,7 @@ fn check_indexer_causality<B: Backend>(be: &B, label: &str) {
 #[test]
 fn indexer_causality_at_window_boundaries() {
     check_indexer_causality(&CpuBackend::new(), "cpu");
-    check_indexer_causality(&Prims(CpuBackend::new()), "default");
+    check_indexer_causality(&PrimitivesOnly(CpuBackend::new()), "default");
 }
 
 #[test]

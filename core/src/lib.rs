@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod primitives_only;
 pub mod quant;
 pub mod sampling;
 pub mod tensor;

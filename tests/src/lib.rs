@@ -5,8 +5,9 @@ pub mod primitives_only;
 
 use std::path::{Path, PathBuf};
 
+use dsv4_core::model::Logits;
 use dsv4_core::tensor::DType;
-use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
+use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
 
 /// `tests/fixtures/cases`.
 pub fn fixtures_dir() -> PathBuf {
@@ -67,4 +68,52 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
         return f64::INFINITY;
     }
     diff / scale
+}
+
+/// Runs `ids` through `model` in steps of the given sizes from a fresh state; returns every
+/// token's logits.
+pub fn run_in_steps<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], steps: &[usize]) -> Vec<f32> {
+    let mut state = model.new_state();
+    let mut out = vec![];
+    let mut pos = 0;
+    for &n in steps {
+        let batch = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
+        let logits = model.step(be, &batch, &mut [&mut state], Logits::All).unwrap();
+        out.extend(be.download(&logits).unwrap());
+        pos += n;
+    }
+    assert_eq!(pos, ids.len());
+    out
+}
+
+/// `n` split into steps of `size` (the last one shorter).
+pub fn chunks(n: usize, size: usize) -> Vec<usize> {
+    let mut v = vec![size; n / size];
+    if !n.is_multiple_of(size) {
+        v.push(n % size);
+    }
+    v
+}
+
+/// For every fixture: token-by-token decoding, prefill-then-decode and chunked prefill all give
+/// the reference's full-forward logits at every position (within `tolerance`, relative).
+pub fn check_decode_schedules<B: Backend>(be: &B, tolerance: f64) {
+    for case in fixture_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let model = load_model(be, &case);
+        let r = read_reference(&case);
+        let n = r.input_ids.len();
+        let schedules: Vec<(&str, Vec<usize>)> = vec![
+            ("prefill 1 then decode", vec![1; n]),
+            ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
+            ("chunks of 5", chunks(n, 5)),
+            ("chunks of 7", chunks(n, 7)),
+        ];
+        for (label, steps) in schedules {
+            let got = run_in_steps(be, &model, &r.input_ids, &steps);
+            let err = max_rel_err(&got, &r.logits);
+            println!("{} {name} / {label}: max rel err {err:.2e}", be.name());
+            assert!(err <= tolerance, "{name} / {label}: {err:.3e}");
+        }
+    }
 }

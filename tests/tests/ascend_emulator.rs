@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use dsv4_backend_ascend::AscendBackend;
-use dsv4_core::model::{Logits, Trace};
-use dsv4_core::{Backend, Batch, Model};
+use dsv4_core::model::Trace;
+use dsv4_core::{Backend, Batch};
 use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
@@ -63,47 +63,8 @@ fn every_fixture_matches_the_reference_on_the_emulator() {
 }
 
 /// Runs `ids` through `model` in steps of the given sizes; returns every token's logits.
-fn run_in_steps(be: &AscendBackend, model: &Model<AscendBackend>, ids: &[u32], steps: &[usize]) -> Vec<f32> {
-    let mut state = model.new_state();
-    let mut out = vec![];
-    let mut pos = 0;
-    for &n in steps {
-        let batch = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
-        let logits = model.step(be, &batch, &mut [&mut state], Logits::All).unwrap();
-        out.extend(be.download(&logits).unwrap());
-        pos += n;
-    }
-    assert_eq!(pos, ids.len());
-    out
-}
-
-fn chunks(n: usize, size: usize) -> Vec<usize> {
-    let mut v = vec![size; n / size];
-    if !n.is_multiple_of(size) {
-        v.push(n % size);
-    }
-    v
-}
 
 #[test]
 fn decode_and_chunked_prefill_match_the_full_forward_on_the_emulator() {
-    let be = backend();
-    for case in fixture_cases() {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let model = load_model(&be, &case);
-        let r = read_reference(&case);
-        let n = r.input_ids.len();
-        let schedules: Vec<(String, Vec<usize>)> = vec![
-            ("prefill 1 then decode".into(), vec![1; n]),
-            ("prefill 17 then decode".into(), std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
-            ("chunks of 5".into(), chunks(n, 5)),
-            ("chunks of 7".into(), chunks(n, 7)),
-        ];
-        for (label, steps) in schedules {
-            let got = run_in_steps(&be, &model, &r.input_ids, &steps);
-            let err = max_rel_err(&got, &r.logits);
-            println!("{name} / {label}: max rel err {err:.2e}");
-            assert!(err <= TOLERANCE, "{name} / {label}: {err:.3e}");
-        }
-    }
+    dsv4_tests::check_decode_schedules(&backend(), TOLERANCE);
 }
