@@ -153,19 +153,7 @@ fn check_axis(shape: &[usize], axis: usize, op: &str) -> Result<()> {
 }
 
 fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    let n = a.len().max(b.len());
-    let mut out = vec![0; n];
-    for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-        out[i] = match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return Err(err(format!("shapes {a:?} and {b:?} do not broadcast"))),
-        };
-    }
-    Ok(out)
+    dsv4_core::backend::broadcast_shape(a, b).ok_or_else(|| err(format!("shapes {a:?} and {b:?} do not broadcast")))
 }
 
 impl AscendBackend {

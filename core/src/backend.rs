@@ -25,6 +25,21 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::tensor::StoredWeight;
 
+/// numpy broadcasting of two shapes (the rule `Backend::binary` follows); None if they do not
+/// broadcast.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
+    (0..n)
+        .map(|i| match (dim(a, i), dim(b, i)) {
+            (x, y) if x == y => Some(x),
+            (1, y) => Some(y),
+            (x, 1) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A device tensor: owns (or shares) device memory and knows its shape.
 pub trait DeviceTensor: Clone + Send + Sync {
     fn shape(&self) -> &[usize];

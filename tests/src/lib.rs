@@ -5,7 +5,7 @@ pub mod primitives_only;
 
 use std::path::{Path, PathBuf};
 
-use dsv4_core::model::Logits;
+use dsv4_core::model::{Logits, Trace};
 use dsv4_core::tensor::DType;
 use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
 
@@ -116,4 +116,37 @@ pub fn check_decode_schedules<B: Backend>(be: &B, tolerance: f64) {
             assert!(err <= tolerance, "{name} / {label}: {err:.3e}");
         }
     }
+}
+
+/// Prefill logits of every fixture on `be` against the reference (max |Δ| / max |logit| ≤
+/// `tolerance`), with the per-layer errors printed to locate a failure.
+pub fn check_every_fixture<B: Backend>(be: &B, tolerance: f64) {
+    let cases = fixture_cases();
+    assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
+    let mut failures = vec![];
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let model = load_model(be, case);
+        let reference = read_reference(case);
+        let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
+        let mut trace = Trace::default();
+        let logits = model.forward_traced(be, &batch, Some(&mut trace)).unwrap();
+        let logits = be.download(&logits).unwrap();
+        let err = max_rel_err(&logits, &reference.logits);
+        let per_layer: Vec<String> = trace
+            .layers
+            .iter()
+            .zip(&reference.layer_out)
+            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
+            .collect();
+        println!(
+            "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
+            be.describe(),
+            reference.input_ids.len()
+        );
+        if err > tolerance {
+            failures.push(format!("{name}: {err:.3e} (layers {per_layer:?})"));
+        }
+    }
+    assert!(failures.is_empty(), "cases above {tolerance:.0e}: {failures:#?}");
 }

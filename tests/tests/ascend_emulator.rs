@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use dsv4_backend_ascend::AscendBackend;
-use dsv4_core::model::Trace;
-use dsv4_core::{Backend, Batch};
-use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
+use dsv4_core::Backend;
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -32,37 +30,8 @@ fn backend() -> AscendBackend {
 fn every_fixture_matches_the_reference_on_the_emulator() {
     let be = backend();
     assert!(be.describe().contains("emulator"), "{}", be.describe());
-    let cases = fixture_cases();
-    assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
-    let mut failures = vec![];
-    for case in &cases {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let model = load_model(&be, case);
-        let reference = read_reference(case);
-        let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
-        let mut trace = Trace::default();
-        let logits = model.forward_traced(&be, &batch, Some(&mut trace)).unwrap();
-        let logits = be.download(&logits).unwrap();
-        let err = max_rel_err(&logits, &reference.logits);
-        let per_layer: Vec<String> = trace
-            .layers
-            .iter()
-            .zip(&reference.layer_out)
-            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
-            .collect();
-        println!(
-            "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
-            be.describe(),
-            reference.input_ids.len()
-        );
-        if err > TOLERANCE {
-            failures.push(format!("{name}: {err:.3e} (layers {per_layer:?})"));
-        }
-    }
-    assert!(failures.is_empty(), "cases above {TOLERANCE}: {failures:#?}");
+    dsv4_tests::check_every_fixture(&be, TOLERANCE);
 }
-
-/// Runs `ids` through `model` in steps of the given sizes; returns every token's logits.
 
 #[test]
 fn decode_and_chunked_prefill_match_the_full_forward_on_the_emulator() {

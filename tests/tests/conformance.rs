@@ -7,54 +7,22 @@
 //! half, a missed clamp, a different top-k pick) moves logits by 1e-2 or more.
 
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch};
 use dsv4_tests::primitives_only::PrimitivesOnly;
-use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
+use dsv4_tests::{check_every_fixture, load_model, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
 
 #[test]
 fn every_fixture_matches_the_reference() {
-    check_every_fixture(&CpuBackend::new());
+    check_every_fixture(&CpuBackend::new(), TOLERANCE);
 }
 
 /// The same fixtures with every fused op computed by the trait's default composition of
 /// primitives: what a new backend inherits before it overrides anything.
 #[test]
 fn default_fused_compositions_match_the_reference() {
-    check_every_fixture(&PrimitivesOnly(CpuBackend::new()));
-}
-
-fn check_every_fixture<B: Backend>(be: &B) {
-    let cases = fixture_cases();
-    assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
-    let mut failures = vec![];
-    for case in &cases {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let model = load_model(be, case);
-        let reference = read_reference(case);
-        let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
-        let mut trace = Trace::default();
-        let logits = model.forward_traced(be, &batch, Some(&mut trace)).unwrap();
-        let logits = be.download(&logits).unwrap();
-        let err = max_rel_err(&logits, &reference.logits);
-        let per_layer: Vec<String> = trace
-            .layers
-            .iter()
-            .zip(&reference.layer_out)
-            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
-            .collect();
-        println!(
-            "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
-            be.describe(),
-            reference.input_ids.len()
-        );
-        if err > TOLERANCE {
-            failures.push(format!("{name}: {err:.3e} (layers {per_layer:?})"));
-        }
-    }
-    assert!(failures.is_empty(), "cases above {TOLERANCE}: {failures:#?}");
+    check_every_fixture(&PrimitivesOnly(CpuBackend::new()), TOLERANCE);
 }
 
 /// Several sequences of different lengths in one forward step (the token dimension a server
