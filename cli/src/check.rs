@@ -1,36 +1,58 @@
 //! `dsv4 check`: the same input through several backends, compared block by block. This is what
 //! a user runs after installing on a new cluster.
+//!
+//! Per block it prints the largest absolute and relative difference of the block's output and,
+//! on CSA layers, how much of the lightning indexer's top-k selection the two backends share.
+//! Top-k is discontinuous, so a selection that differs is worth seeing even when the outputs
+//! still agree; it is reported, and the tolerance judges the outputs.
+
+use std::collections::HashSet;
 
 use anyhow::{bail, Result};
 use dsv4_core::model::Trace;
-use dsv4_core::{Backend, Batch};
+use dsv4_core::{Backend, Batch, DeviceTensor};
 
 use crate::BackendChoice;
 
-/// One backend's run: its description and every block output, downloaded as (block, values).
+/// One block's output on one backend.
+struct BlockOutput {
+    name: String,
+    values: Vec<f32>,
+    /// The indexer's picks as (k, rows of k key-pool entries), on CSA layers.
+    picks: Option<(usize, Vec<i32>)>,
+}
+
+/// One backend's run: its description and every block's output.
 struct Run {
     backend: String,
-    blocks: Vec<(String, Vec<f32>)>,
+    blocks: Vec<BlockOutput>,
 }
 
 fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32]) -> Result<Run> {
     let model = crate::load::load_model(be, spec)?;
     let mut tr = Trace::default();
     let logits = model.forward_traced(be, &Batch::prefill(&[ids])?, Some(&mut tr))?;
-    let mut out = vec![];
+    let mut blocks = vec![];
     if let Some(e) = &tr.embed {
-        out.push(("embedding".to_string(), be.download(e)?));
+        blocks.push(BlockOutput { name: "embedding".into(), values: be.download(e)?, picks: None });
     }
-    for (i, l) in tr.layers.iter().enumerate() {
-        let kind = format!("{:?}", model.blocks[i].attn.kind);
-        out.push((format!("layer {i} ({kind})"), be.download(l)?));
+    for (i, (l, picks)) in tr.layers.iter().zip(&tr.indexer_picks).enumerate() {
+        let kind = model.blocks[i].attn.kind;
+        let picks = match picks {
+            Some(p) => Some((*p.shape().last().unwrap_or(&0), be.download_index(p)?)),
+            None => None,
+        };
+        blocks.push(BlockOutput { name: format!("layer {i} ({kind})"), values: be.download(l)?, picks });
     }
-    out.push(("logits".to_string(), be.download(&logits)?));
-    Ok(Run { backend: be.describe(), blocks: out })
+    blocks.push(BlockOutput { name: "logits".into(), values: be.download(&logits)?, picks: None });
+    Ok(Run { backend: be.describe(), blocks })
 }
 
-/// (max |a-b|, max |a-b| / max |reference|).
+/// (max |a-b|, max |a-b| / max |reference|); NaN anywhere counts as an infinite difference.
 fn diff(reference: &[f32], other: &[f32]) -> (f64, f64) {
+    if reference.len() != other.len() {
+        return (f64::INFINITY, f64::INFINITY);
+    }
     let scale = reference.iter().fold(0f64, |m, &v| m.max((v as f64).abs())).max(1e-30);
     let d = reference.iter().zip(other).fold(0f64, |m, (&a, &b)| {
         let x = (a as f64 - b as f64).abs();
@@ -41,6 +63,58 @@ fn diff(reference: &[f32], other: &[f32]) -> (f64, f64) {
         }
     });
     (d, d / scale)
+}
+
+/// The share of the reference's top-k picks (`-1` = none, ignored) that the other backend also
+/// picked for the same query, over all queries. Order within a query does not matter. 1.0 when
+/// neither picked anything; 0.0 when the shapes differ.
+fn pick_overlap(reference: (usize, &[i32]), other: (usize, &[i32])) -> f64 {
+    let ((k, a), (kb, b)) = (reference, other);
+    if k != kb || a.len() != b.len() {
+        return 0.0;
+    }
+    let (mut shared, mut total) = (0usize, 0usize);
+    for (ra, rb) in a.chunks(k.max(1)).zip(b.chunks(k.max(1))) {
+        let want: HashSet<i32> = ra.iter().copied().filter(|&i| i >= 0).collect();
+        let got: HashSet<i32> = rb.iter().copied().filter(|&i| i >= 0).collect();
+        total += want.len().max(got.len());
+        shared += want.intersection(&got).count();
+    }
+    if total == 0 {
+        1.0
+    } else {
+        shared as f64 / total as f64
+    }
+}
+
+/// The comparison of one backend against the reference, as printed; returns the worst relative
+/// difference.
+fn report(reference: &Run, other: &Run, tokens: usize, tolerance: f64, out: &mut String) -> f64 {
+    use std::fmt::Write;
+    let mut worst = 0f64;
+    let _ = writeln!(out, "{}\n  vs {} on {tokens} tokens:", other.backend, reference.backend);
+    let _ = writeln!(out, "  {:<36} {:>12} {:>12} {:>14}", "block", "max abs", "max rel", "top-k overlap");
+    for (a, b) in reference.blocks.iter().zip(&other.blocks) {
+        let (abs, rel) = diff(&a.values, &b.values);
+        worst = worst.max(rel);
+        let overlap = match (&a.picks, &b.picks) {
+            (Some((ka, pa)), Some((kb, pb))) => Some(pick_overlap((*ka, pa), (*kb, pb))),
+            (None, None) => None,
+            // One backend selected and the other did not: nothing is shared.
+            _ => Some(0.0),
+        };
+        let overlap_text = overlap.map_or("-".to_string(), |o| format!("{:.1}%", 100.0 * o));
+        let mut flags = vec![];
+        if rel > tolerance {
+            flags.push("above tolerance");
+        }
+        if overlap.is_some_and(|o| o < 1.0) {
+            flags.push("selections differ");
+        }
+        let flag = if flags.is_empty() { String::new() } else { format!("  <-- {}", flags.join(", ")) };
+        let _ = writeln!(out, "  {:<36} {abs:>12.3e} {rel:>12.3e} {overlap_text:>14}{flag}", a.name);
+    }
+    worst
 }
 
 pub fn run(spec: &str, backends: &[BackendChoice], ids: Option<Vec<u32>>, tolerance: f64) -> Result<()> {
@@ -54,21 +128,65 @@ pub fn run(spec: &str, backends: &[BackendChoice], ids: Option<Vec<u32>>, tolera
     for &b in backends {
         runs.push(with_backend!(b, |be| trace(be, spec, &ids))?);
     }
-    let (ref_name, reference) = (&runs[0].backend, &runs[0].blocks);
     let mut worst = 0f64;
-    for Run { backend: name, blocks: other } in &runs[1..] {
-        println!("{name}\n  vs {ref_name} on {} tokens:", ids.len());
-        println!("  {:<36} {:>12} {:>12}", "block", "max abs", "max rel");
-        for ((block, a), (_, b)) in reference.iter().zip(other) {
-            let (abs, rel) = diff(a, b);
-            worst = worst.max(rel);
-            let flag = if rel > tolerance { "  <-- above tolerance" } else { "" };
-            println!("  {block:<36} {abs:>12.3e} {rel:>12.3e}{flag}");
-        }
+    for other in &runs[1..] {
+        let mut text = String::new();
+        worst = worst.max(report(&runs[0], other, ids.len(), tolerance, &mut text));
+        print!("{text}");
     }
     if worst > tolerance {
         bail!("backends disagree: worst relative difference {worst:.3e} > tolerance {tolerance:.1e}");
     }
     println!("ok: worst relative difference {worst:.3e} (tolerance {tolerance:.1e})");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_is_a_set_share_per_query() {
+        // Two queries of k = 3; order inside a query is irrelevant, -1 is "no pick".
+        let a = [5, 2, 9, 1, -1, -1];
+        assert_eq!(pick_overlap((3, &a), (3, &[9, 5, 2, 1, -1, -1])), 1.0);
+        // One of four real picks differs.
+        assert_eq!(pick_overlap((3, &a), (3, &[5, 2, 7, 1, -1, -1])), 0.75);
+        // An extra pick the reference did not make counts against the overlap too.
+        assert_eq!(pick_overlap((3, &a), (3, &[5, 2, 9, 1, 4, -1])), 0.8);
+        // Picks moved to another query are not shared.
+        assert_eq!(pick_overlap((3, &a), (3, &[1, -1, -1, 5, 2, 9])), 0.0);
+        assert_eq!(pick_overlap((2, &[-1, -1]), (2, &[-1, -1])), 1.0);
+        assert_eq!(pick_overlap((2, &[1, 2]), (1, &[1, 2])), 0.0);
+    }
+
+    #[test]
+    fn diff_is_relative_to_the_reference_scale_and_catches_nan() {
+        let (abs, rel) = diff(&[2.0, -4.0], &[2.5, -4.0]);
+        assert_eq!((abs, rel), (0.5, 0.125));
+        assert_eq!(diff(&[1.0], &[f32::NAN]).1, f64::INFINITY);
+        assert_eq!(diff(&[1.0], &[1.0, 2.0]).1, f64::INFINITY);
+    }
+
+    fn run_of(picks: Option<Vec<i32>>, last: f32) -> Run {
+        Run {
+            backend: "test backend".into(),
+            blocks: vec![
+                BlockOutput { name: "layer 0 (CSA/4)".into(), values: vec![1.0, 2.0], picks: picks.map(|p| (2, p)) },
+                BlockOutput { name: "logits".into(), values: vec![4.0, last], picks: None },
+            ],
+        }
+    }
+
+    #[test]
+    fn report_flags_differences_in_outputs_and_selections() {
+        let reference = run_of(Some(vec![0, 1, 1, 2]), 8.0);
+        let mut text = String::new();
+        assert_eq!(report(&reference, &run_of(Some(vec![1, 0, 2, 1]), 8.0), 2, 1e-4, &mut text), 0.0);
+        insta::assert_snapshot!("check_report_agreeing", text);
+        let mut text = String::new();
+        let worst = report(&reference, &run_of(Some(vec![0, 1, 1, 3]), 8.5), 2, 1e-4, &mut text);
+        assert_eq!(worst, 0.0625);
+        insta::assert_snapshot!("check_report_disagreeing", text);
+    }
 }

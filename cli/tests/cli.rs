@@ -104,3 +104,46 @@ fn inspect_reports_schedule_and_dtypes() {
     assert!(s.contains("CSA (compress 4, overlap, indexer)") && s.contains("HCA (compress 128)"), "{s}");
     assert!(s.contains("hash-routed MoE") && s.contains("I64"), "{s}");
 }
+
+/// Path of the AscendCL emulator library, built on first use.
+fn emulator() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    dsv4_ascend_sys::emulator::build(Path::new(env!("CARGO")), &manifest).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What a user runs on a new cluster: the built-in model through the CPU reference and the
+/// Ascend backend (here on the emulator). Every block is listed, CSA layers with the share of
+/// indexer picks the backends agree on, and the run passes the default tolerance.
+#[test]
+fn check_compares_cpu_and_ascend_block_by_block() {
+    let out = dsv4()
+        .args(["check", "--backends", "cpu,ascend"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("on dsv4's CPU emulator"), "{text}");
+    let csa: Vec<&str> = text.lines().filter(|l| l.contains("(CSA/")).collect();
+    assert!(!csa.is_empty(), "no CSA layer in\n{text}");
+    for line in &csa {
+        assert!(line.trim_end().ends_with("100.0%"), "indexer picks differ: {line}");
+    }
+    let rows = text.lines().filter(|l| l.trim_start().starts_with("layer ")).count();
+    assert_eq!(rows, 4, "{text}");
+    assert!(text.contains("ok: worst relative difference"), "{text}");
+}
+
+/// A tolerance no two float pipelines meet makes `check` fail, naming the worst difference.
+#[test]
+fn check_fails_above_the_tolerance() {
+    let out = dsv4()
+        .args(["check", "--backends", "cpu,ascend", "--tolerance", "1e-12", "--ids", "1,2,3,4,5,6,7,8,9"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("<-- above tolerance"), "{stdout}");
+    assert!(stderr.contains("backends disagree: worst relative difference"), "{stderr}");
+}

@@ -25,6 +25,17 @@ pub enum AttentionKind {
     Hca { ratio: usize },
 }
 
+/// `sliding`, `CSA/4`, `HCA/128`: the short form tables print.
+impl std::fmt::Display for AttentionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttentionKind::Sliding => write!(f, "sliding"),
+            AttentionKind::Csa { ratio } => write!(f, "CSA/{ratio}"),
+            AttentionKind::Hca { ratio } => write!(f, "HCA/{ratio}"),
+        }
+    }
+}
+
 impl AttentionKind {
     pub fn ratio(&self) -> Option<usize> {
         match *self {

@@ -94,6 +94,9 @@ impl<B: Backend> Attention<B> {
 
     /// x `[T, D]` (the attn_norm'ed sub-layer input) → `[T, D]`. Sequence k of the batch
     /// continues from `states[k]` (its earlier tokens) and leaves its new state there.
+    ///
+    /// Also returns, on CSA layers, the lightning indexer's picks as key-pool rows `[T, k]`
+    /// (`-1` = none), for diagnostics such as `dsv4 check`.
     pub fn forward(
         &self,
         be: &B,
@@ -101,7 +104,7 @@ impl<B: Backend> Attention<B> {
         batch: &Batch,
         angles: &StepAngles<B>,
         states: &mut [&mut LayerState<B>],
-    ) -> Result<B::Tensor> {
+    ) -> Result<(B::Tensor, Option<B::Index>)> {
         let t = batch.len();
         let (h, hd) = (self.n_heads, self.head_dim);
 
@@ -184,6 +187,7 @@ impl<B: Backend> Attention<B> {
             host_idx.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat_n(-1, width - v.len()))).collect();
         let mut idx = be.upload_index(&flat, &[t, width])?;
         let selected_width = selected.iter().flatten().map(|s| s.shape()[1]).max().unwrap_or(0);
+        let mut picks = None;
         if selected_width > 0 {
             // Pad every sequence's picks to a common width with -1 ("no entry").
             let mut parts: Vec<B::Index> = vec![];
@@ -202,7 +206,9 @@ impl<B: Backend> Attention<B> {
                 });
             }
             let refs: Vec<&B::Index> = parts.iter().collect();
-            idx = be.concat_index(&[&idx, &be.concat_index(&refs, 0)?], 1)?;
+            let all = be.concat_index(&refs, 0)?;
+            idx = be.concat_index(&[&idx, &all], 1)?;
+            picks = Some(all);
         }
 
         let refs: Vec<&B::Tensor> = pool_parts.iter().collect();
@@ -214,6 +220,6 @@ impl<B: Backend> Attention<B> {
         let grouped = be.reshape(&out, &[t, self.groups, h * hd / self.groups])?;
         let grouped = be.grouped_linear(&grouped, &self.wo_a, self.groups)?;
         let r = grouped.shape()[2];
-        be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b)
+        Ok((be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b)?, picks))
     }
 }

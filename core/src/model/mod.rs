@@ -59,13 +59,14 @@ impl<B: Backend> Block<B> {
         batch: &Batch,
         angles: &StepAngles<B>,
         states: &mut [&mut LayerState<B>],
-    ) -> Result<B::Tensor> {
+    ) -> Result<(B::Tensor, Option<B::Index>)> {
         let (h, mix) = self.attn_hc.pre(be, x)?;
-        let y = self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles, states)?;
+        let (y, picks) =
+            self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles, states)?;
         let x = self.attn_hc.post(be, x, &y, &mix)?;
         let (h, mix) = self.ffn_hc.pre(be, &x)?;
         let y = self.moe.forward(be, &be.rms_norm(&h, Some(&self.ffn_norm), self.eps)?, &batch.tokens)?;
-        self.ffn_hc.post(be, &x, &y, &mix)
+        Ok((self.ffn_hc.post(be, &x, &y, &mix)?, picks))
     }
 }
 
@@ -89,11 +90,14 @@ pub struct Trace<B: Backend> {
     pub embed: Option<B::Tensor>,
     /// The residual streams `[T, n, D]` after each block.
     pub layers: Vec<B::Tensor>,
+    /// Per block, the lightning indexer's picks `[T, k]` (key-pool rows, `-1` = none) on CSA
+    /// layers once a compression window is complete; None elsewhere.
+    pub indexer_picks: Vec<Option<B::Index>>,
 }
 
 impl<B: Backend> Default for Trace<B> {
     fn default() -> Self {
-        Trace { embed: None, layers: vec![] }
+        Trace { embed: None, layers: vec![], indexer_picks: vec![] }
     }
 }
 
@@ -197,9 +201,11 @@ impl<B: Backend> Model<B> {
                 _ => &compress,
             };
             let mut layer_states: Vec<&mut LayerState<B>> = states.iter_mut().map(|s| &mut s.layers[l]).collect();
-            x = block.forward(be, &x, batch, angles, &mut layer_states)?;
+            let picks;
+            (x, picks) = block.forward(be, &x, batch, angles, &mut layer_states)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layers.push(x.clone());
+                tr.indexer_picks.push(picks);
             }
         }
         for (st, rows) in states.iter_mut().zip(&batch.seqs) {
