@@ -382,6 +382,35 @@ aclnnStatus aclnnInplaceFillScalarGetWorkspaceSize(aclTensor *selfRef, const acl
                                                    uint64_t *workspaceSize, aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnInplaceFillScalar);
 
+/* fused MoE kernels (ops-transformer). Optional: dsv4 checks each symbol before using it and
+ * falls back to compositions of the operators above. */
+
+/** Grouped matmul, y_i = x_i · weight_i per group (docs: gmm/grouped_matmul/docs/aclnnGroupedMatmulV4.md).
+ * dsv4 uses the non-quantised "single x, single weight, single y" form: groupType 0 (groups along
+ * M), splitItem 3, groupListType 1 (per-group row counts, INT64), actType 0, every quantisation
+ * and activation argument NULL. */
+aclnnStatus aclnnGroupedMatmulV4GetWorkspaceSize(
+    const aclTensorList *x, const aclTensorList *weight, const aclTensorList *biasOptional,
+    const aclTensorList *scaleOptional, const aclTensorList *offsetOptional,
+    const aclTensorList *antiquantScaleOptional, const aclTensorList *antiquantOffsetOptional,
+    const aclTensorList *perTokenScaleOptional, const aclTensor *groupListOptional,
+    const aclTensorList *activationInputOptional, const aclTensorList *activationQuantScaleOptional,
+    const aclTensorList *activationQuantOffsetOptional, int64_t splitItem, int64_t groupType,
+    int64_t groupListType, int64_t actType, aclTensorList *out, aclTensorList *activationFeatureOutOptional,
+    aclTensorList *dynQuantScaleOutOptional, uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnGroupedMatmulV4);
+
+/** MoE gating: norm(x) (normType 0 softmax, 1 sigmoid, 2 sqrt(softplus)), top-k of norm + bias
+ * (bias for selection only), or hash routing expertIdx = tid2eid[inputIds] when both are given;
+ * yOut = gathered norm / (sum + eps) · routedScalingFactor (docs: moe/moe_gating_top_k/docs/
+ * aclnnMoeGatingTopKV2.md). outOut (FLOAT32, x's shape) is required even when outFlag is false. */
+aclnnStatus aclnnMoeGatingTopKV2GetWorkspaceSize(
+    const aclTensor *x, const aclTensor *biasOptional, const aclTensor *inputIdsOptional,
+    const aclTensor *tid2eidOptional, int64_t k, int64_t kGroup, int64_t groupCount, int64_t groupSelectMode,
+    int64_t renorm, int64_t normType, bool outFlag, double routedScalingFactor, double eps, const aclTensor *yOut,
+    const aclTensor *expertIdxOut, const aclTensor *outOut, uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnMoeGatingTopKV2);
+
 #undef DSV4_ACLNN_LAUNCH
 
 /* ------------------------------------------------------------------ dsv4 emulator extensions

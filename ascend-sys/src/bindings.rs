@@ -769,6 +769,63 @@ acl_functions! {
         executor: *mut aclOpExecutor,
         stream: aclrtStream,
     ) -> aclnnStatus;
+    #[doc = " Grouped matmul, y_i = x_i · weight_i per group (docs: gmm/grouped_matmul/docs/aclnnGroupedMatmulV4.md).\n dsv4 uses the non-quantised \"single x, single weight, single y\" form: groupType 0 (groups along\n M), splitItem 3, groupListType 1 (per-group row counts, INT64), actType 0, every quantisation\n and activation argument NULL."]
+    pub fn aclnnGroupedMatmulV4GetWorkspaceSize(
+        x: *const aclTensorList,
+        weight: *const aclTensorList,
+        biasOptional: *const aclTensorList,
+        scaleOptional: *const aclTensorList,
+        offsetOptional: *const aclTensorList,
+        antiquantScaleOptional: *const aclTensorList,
+        antiquantOffsetOptional: *const aclTensorList,
+        perTokenScaleOptional: *const aclTensorList,
+        groupListOptional: *const aclTensor,
+        activationInputOptional: *const aclTensorList,
+        activationQuantScaleOptional: *const aclTensorList,
+        activationQuantOffsetOptional: *const aclTensorList,
+        splitItem: i64,
+        groupType: i64,
+        groupListType: i64,
+        actType: i64,
+        out: *mut aclTensorList,
+        activationFeatureOutOptional: *mut aclTensorList,
+        dynQuantScaleOutOptional: *mut aclTensorList,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
+    pub fn aclnnGroupedMatmulV4(
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
+    #[doc = " MoE gating: norm(x) (normType 0 softmax, 1 sigmoid, 2 sqrt(softplus)), top-k of norm + bias\n (bias for selection only), or hash routing expertIdx = tid2eid[inputIds] when both are given;\n yOut = gathered norm / (sum + eps) · routedScalingFactor (docs: moe/moe_gating_top_k/docs/\n aclnnMoeGatingTopKV2.md). outOut (FLOAT32, x's shape) is required even when outFlag is false."]
+    pub fn aclnnMoeGatingTopKV2GetWorkspaceSize(
+        x: *const aclTensor,
+        biasOptional: *const aclTensor,
+        inputIdsOptional: *const aclTensor,
+        tid2eidOptional: *const aclTensor,
+        k: i64,
+        kGroup: i64,
+        groupCount: i64,
+        groupSelectMode: i64,
+        renorm: i64,
+        normType: i64,
+        outFlag: bool,
+        routedScalingFactor: f64,
+        eps: f64,
+        yOut: *const aclTensor,
+        expertIdxOut: *const aclTensor,
+        outOut: *const aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
+    pub fn aclnnMoeGatingTopKV2(
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
     #[doc = " Objects of one kind created by the calling thread and not yet destroyed."]
     pub fn dsv4emu_live_objects(kind: dsv4emuObjectKind) -> u64;
     #[doc = " aclnn launches (all threads) since the process started, of the named operator (NULL: all)."]

@@ -14,18 +14,24 @@
 //!   F32 otherwise. Non-F32 weights are widened into a pooled F32 temporary per GEMM, so results
 //!   equal the CPU reference (f32 accumulation, `cubeMathType` KEEP_DTYPE).
 //!
-//! Fused V4 operations use the trait's default compositions of primitives for now. The
-//! Huawei fused kernels that would replace them, per SoC (from the CANN operator docs):
+//! Fused V4 operations: Huawei's kernels replace the trait's compositions where the SoC, the
+//! loaded op libraries and `DSV4_ASCEND_FUSED` allow ([`kernels`]); `dsv4 devices` lists each
+//! decision. Per SoC (from the CANN operator docs):
 //!
-//! | dsv4 fused op | aclnn kernel | Atlas A2 (910B) | Atlas A3 (910C) | Ascend 950 | used now |
+//! | dsv4 fused op | aclnn kernel | Atlas A2 (910B) | Atlas A3 (910C) | Ascend 950 | dsv4 uses it |
 //! |---|---|---|---|---|---|
-//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`) | yes (D = 512, N1 power of two) | yes | yes | no: default composition (IndexSelect, Matmul, Softmax, Matmul) |
-//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, top-k ≤ 8192) | yes | yes | yes (v1 kernel: not on 950) | no: default composition (Matmul, Relu, ReduceSum, Topk) |
-//! | `compressor_pool` | `aclnnCompressor` | **no** (not supported on A2) | yes | yes | no: default composition (Softmax, Mul, ReduceSum) |
-//! | routing (`moe` gate + top-k, hash routing) | `aclnnMoeGatingTopKV2` (normType 2 = sqrt-softplus only on 950) | yes (sigmoid/softmax) | yes (sigmoid/softmax) | yes | no: primitives (Softplus, Sqrt, Topk, Gather) |
-//! | `moe_experts` | `aclnnMoeInitRoutingV2` + `aclnnGroupedMatmulV4` + `aclnnMoeFinalizeRoutingV2` | yes (BF16/F16, INT8/INT4 weights) | yes | yes (also FP8/MXFP4) | no: per-expert Matmul + IndexAdd |
-//! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`), no stock aclnn | – | – | – | no: default composition |
+//! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
+//! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
+//! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
+//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`) | yes (D = 512, BF16/FP16) | yes | yes | no: IndexSelect, Matmul, Softmax, Matmul |
+//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | no: Matmul, Relu, ReduceSum, Topk |
+//! | `compressor_pool` | `aclnnCompressor` | **no** | yes | yes | no: Softmax, Mul, ReduceSum |
+//! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`) | – | – | – | no: default composition |
 //! | `swiglu` | `aclnnSwiGlu` (no clamp) | yes | yes | yes | no: the V4 clamp needs Clamp + Silu + Mul |
+//!
+//! The attention kernels take BF16/FP16 activations only; dsv4 keeps f32 activations so that
+//! every backend matches the f32/f64 reference within 1e-4, so they wait for an opt-in BF16
+//! activation mode. The MoE kernels run in FLOAT32 and keep that accuracy.
 //!
 //! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`); on A2/A3 they are
 //! dequantised here. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
@@ -38,7 +44,8 @@ use std::sync::Arc;
 use acl::{err, esize, AclIntArray, AclScalar, AclTensor, AclTensorList, Buffer, Device};
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, UnaryOp};
+use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, UnaryOp};
+use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, StoredWeight, WeightFormat};
 
@@ -54,20 +61,39 @@ pub fn probe() -> std::result::Result<String, String> {
     }
 }
 
+/// On dsv4's CPU emulator, how many times the aclnn operator `op` (e.g. `aclnnGroupedMatmulV4`)
+/// has been launched in this process; None on a real runtime or when nothing is loaded.
+pub fn emulator_launches(op: &str) -> Option<u64> {
+    let api = sys::runtime().ok()?;
+    let f = api.dsv4emu_launch_count().ok()?;
+    let name = std::ffi::CString::new(op).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call; the emulator only reads it.
+    Some(unsafe { f(name.as_ptr()) })
+}
+
 /// Opens device `device` (an index into the devices the runtime exposes, after
-/// `ASCEND_RT_VISIBLE_DEVICES`).
+/// `ASCEND_RT_VISIBLE_DEVICES`), with fused kernels as `DSV4_ASCEND_FUSED` says.
 pub fn open(device: usize) -> Result<AscendBackend> {
+    open_with(device, FusedPolicy::from_env()?)
+}
+
+/// [`open`] with an explicit fused-kernel policy.
+pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     let api = sys::runtime().map_err(|e| err(e.to_string()))?;
     let id = i32::try_from(device).map_err(|_| err(format!("device {device} is out of range")))?;
     let dev = Device::open(api, id)?;
     let soc = acl::soc_name(api);
-    Ok(AscendBackend { dev, soc })
+    let kernels = kernels::Kernels::select(api, &soc, policy);
+    Ok(AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES })
 }
 
 /// The Ascend backend (one device, one stream).
 pub struct AscendBackend {
     dev: Arc<Device>,
     soc: String,
+    kernels: kernels::Kernels,
+    /// Largest widened expert stack one grouped matmul reads (see `moe`).
+    gmm_stack_bytes: usize,
 }
 
 /// An f32 activation in device memory: `shape` elements from element `offset` of `buf`.
@@ -133,6 +159,11 @@ macro_rules! aclnn {
     }};
 }
 
+pub mod kernels;
+mod moe;
+
+pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
+
 fn strides(dims: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
@@ -164,6 +195,17 @@ impl AscendBackend {
     /// The SoC the runtime reports (`aclrtGetSocName`).
     pub fn soc(&self) -> &str {
         &self.soc
+    }
+
+    /// Which Huawei fused kernels this backend uses, and why the others are not used.
+    pub fn fused_kernels(&self) -> &[Choice] {
+        &self.kernels.choices
+    }
+
+    /// Caps the F32 expert stack each grouped matmul widens weights into (default 256 MiB);
+    /// experts beyond it go to further grouped matmuls. At least one expert per launch.
+    pub fn set_grouped_matmul_budget(&mut self, bytes: usize) {
+        self.gmm_stack_bytes = bytes;
     }
 
     /// Device memory currently held by the pool (in use or cached).
@@ -915,6 +957,30 @@ impl Backend for AscendBackend {
                 / aclnnInplaceMaskedFillScalarGetWorkspaceSize(ov.ptr(), nv.ptr(), minus.ptr())
         )?;
         Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe_route(
+        &self,
+        logits: &AscendTensor,
+        scoring: ScoringFunc,
+        bias: Option<&AscendTensor>,
+        hash_ids: Option<&AscendIndex>,
+        k: usize,
+        routed_scale: f32,
+    ) -> Result<(AscendIndex, AscendTensor)> {
+        moe::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &AscendTensor,
+        expert_ids: &[i32],
+        weights: &AscendTensor,
+        experts: &[ExpertWeights<AscendWeight>],
+        limit: f32,
+    ) -> Result<AscendTensor> {
+        moe::moe_experts(self, x, expert_ids, weights, experts, limit)
     }
 }
 

@@ -231,7 +231,12 @@ fn run_devices() {
     println!("cpu     available    {}", cpu.describe());
     match dsv4_backend_ascend::probe() {
         Ok(found) => match dsv4_backend_ascend::open(0) {
-            Ok(be) => println!("ascend  available    {found}; {}", be.describe()),
+            Ok(be) => {
+                println!("ascend  available    {found}; {}", be.describe());
+                for k in be.fused_kernels() {
+                    println!("        fused kernel {:<62} {}", k.name, k.why);
+                }
+            }
             Err(e) => println!("ascend  unusable     {found}; {e}"),
         },
         Err(why) => println!("ascend  unavailable  {why}"),

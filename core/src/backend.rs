@@ -22,6 +22,7 @@
 
 use std::ops::Range;
 
+use crate::config::ScoringFunc;
 use crate::error::{Error, Result};
 use crate::tensor::StoredWeight;
 
@@ -336,6 +337,24 @@ pub trait Backend: Send + Sync {
         self.linear(&h, &e.w2)
     }
 
+    /// MoE routing (spec §B.5 steps 1-3): router logits `[T, E]` → (expert ids `[T, k]`,
+    /// weights `[T, k]`). Scores are `scoring(logits)`; the ids are `hash_ids` when given (hash
+    /// layers: `tid2eid[token]`), else the top-k of scores + `bias` (the bias steers selection
+    /// only; ties go to the lower expert); the weights are the chosen scores divided by
+    /// (their sum + 1e-20), times `routed_scale`.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_route(
+        &self,
+        logits: &Self::Tensor,
+        scoring: ScoringFunc,
+        bias: Option<&Self::Tensor>,
+        hash_ids: Option<&Self::Index>,
+        k: usize,
+        routed_scale: f32,
+    ) -> Result<(Self::Index, Self::Tensor)> {
+        composed::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale)
+    }
+
     /// Routed experts: x `[T, D]`, `expert_ids` `[T, k]` (host), weights `[T, k]`.
     /// Returns `Σ_j weights[t, j] · expert_{ids[t, j]}(x_t)`, summed in ascending expert id
     /// (transformers' eager order: weight applied after w2).
@@ -347,10 +366,56 @@ pub trait Backend: Send + Sync {
         experts: &[ExpertWeights<Self::Weight>],
         limit: f32,
     ) -> Result<Self::Tensor> {
+        composed::moe_experts(self, x, expert_ids, weights, experts, limit)
+    }
+}
+
+/// Default bodies of fused ops that a backend may want to fall back to from its own override
+/// (a Rust override cannot call the trait's default body).
+pub mod composed {
+    use super::*;
+
+    /// The definition of [`Backend::moe_route`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_route<B: Backend + ?Sized>(
+        be: &B,
+        logits: &B::Tensor,
+        scoring: ScoringFunc,
+        bias: Option<&B::Tensor>,
+        hash_ids: Option<&B::Index>,
+        k: usize,
+        routed_scale: f32,
+    ) -> Result<(B::Index, B::Tensor)> {
+        let scores = match scoring {
+            ScoringFunc::SqrtSoftplus => be.unary(&be.unary(logits, UnaryOp::Softplus)?, UnaryOp::Sqrt)?,
+            ScoringFunc::Sigmoid => be.unary(logits, UnaryOp::Sigmoid)?,
+            ScoringFunc::Softmax => be.softmax(logits, 1)?,
+        };
+        let ids = match (hash_ids, bias) {
+            (Some(ids), _) => ids.clone(),
+            (None, Some(bias)) => be.topk(&be.binary(&scores, bias, BinaryOp::Add)?, k)?.1,
+            (None, None) => be.topk(&scores, k)?.1,
+        };
+        let w = be.gather_last(&scores, &ids)?;
+        let denom = be.affine(&be.reduce(&w, 1, ReduceOp::Sum)?, 1.0, 1e-20)?;
+        let w = be.affine(&be.binary(&w, &denom, BinaryOp::Div)?, routed_scale, 0.0)?;
+        Ok((ids, w))
+    }
+
+    /// The definition of [`Backend::moe_experts`]: one gather, expert FFN and scatter-add per
+    /// expert that has rows.
+    pub fn moe_experts<B: Backend + ?Sized>(
+        be: &B,
+        x: &B::Tensor,
+        expert_ids: &[i32],
+        weights: &B::Tensor,
+        experts: &[ExpertWeights<B::Weight>],
+        limit: f32,
+    ) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let k = expert_ids.len() / t.max(1);
-        let flat_w = self.reshape(weights, &[t * k, 1])?;
-        let mut out = self.full(x.shape(), 0.0)?;
+        let flat_w = be.reshape(weights, &[t * k, 1])?;
+        let mut out = be.full(x.shape(), 0.0)?;
         for (e, ew) in experts.iter().enumerate() {
             let (mut rows, mut slots) = (vec![], vec![]);
             for (i, &id) in expert_ids.iter().enumerate() {
@@ -362,12 +427,12 @@ pub trait Backend: Send + Sync {
             if rows.is_empty() {
                 continue;
             }
-            let rows = self.upload_index(&rows, &[slots.len()])?;
-            let slots = self.upload_index(&slots, &[slots.len()])?;
-            let xe = self.index_select(x, &rows)?;
-            let ye = self.expert_ffn(&xe, ew, limit)?;
-            let we = self.index_select(&flat_w, &slots)?; // [n_e, 1]
-            out = self.index_add(&out, &rows, &self.binary(&ye, &we, BinaryOp::Mul)?)?;
+            let rows = be.upload_index(&rows, &[slots.len()])?;
+            let slots = be.upload_index(&slots, &[slots.len()])?;
+            let xe = be.index_select(x, &rows)?;
+            let ye = be.expert_ffn(&xe, ew, limit)?;
+            let we = be.index_select(&flat_w, &slots)?; // [n_e, 1]
+            out = be.index_add(&out, &rows, &be.binary(&ye, &we, BinaryOp::Mul)?)?;
         }
         Ok(out)
     }

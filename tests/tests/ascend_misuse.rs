@@ -550,3 +550,166 @@ fn events_order_work_across_streams() {
     // SAFETY: the event has been reached.
     assert_eq!(unsafe { api.aclrtDestroyEvent().unwrap()(ev) }, ACL_SUCCESS);
 }
+
+fn list(api: &Api, members: &[*mut aclTensor]) -> *mut aclTensorList {
+    let m: Vec<*const aclTensor> = members.iter().map(|&t| t as *const aclTensor).collect();
+    // SAFETY: live tensors; the list takes them over.
+    let l = unsafe { api.aclCreateTensorList().unwrap()(m.as_ptr(), m.len() as u64) };
+    assert!(!l.is_null(), "{}", msg(api));
+    l
+}
+
+/// aclnnGroupedMatmulV4 GetWorkspaceSize with dsv4's non-quantised single-output arguments.
+fn plan_gmm(
+    api: &Api,
+    x: *mut aclTensorList,
+    w: *mut aclTensorList,
+    gl: *mut aclTensor,
+    out: *mut aclTensorList,
+) -> i32 {
+    let (mut ws, mut ex) = (0u64, null_mut());
+    let n: *const aclTensorList = null();
+    // SAFETY: live objects or NULL for the optional lists; out-pointers to locals.
+    unsafe {
+        api.aclnnGroupedMatmulV4GetWorkspaceSize().unwrap()(
+            x,
+            w,
+            n,
+            n,
+            n,
+            n,
+            n,
+            n,
+            gl,
+            n,
+            n,
+            n,
+            3,
+            0,
+            1,
+            0,
+            out,
+            null_mut(),
+            null_mut(),
+            &mut ws,
+            &mut ex,
+        )
+    }
+}
+
+/// The fused MoE kernels' documented limits on Atlas A2 (the emulator's default SoC): FLOAT32
+/// grouped matmul only with a single 3-D weight, an INT64 group list, and sqrt-softplus gating
+/// (normType 2) only on the 950. A group list that does not cover x's rows fails the kernel.
+#[test]
+fn fused_moe_kernels_check_their_documented_limits() {
+    let api = api();
+    let p = malloc(api, 4096);
+    let f = aclDataType::ACL_FLOAT;
+    // x [4, 2], two experts' weights [2, 3] as a list: refused for FLOAT32 on A2.
+    let st = plan_gmm(
+        api,
+        list(api, &[tensor(api, p, &[4, 2], f)]),
+        list(api, &[tensor(api, p, &[2, 3], f), tensor(api, p, &[2, 3], f)]),
+        tensor(api, p, &[2], aclDataType::ACL_INT64),
+        list(api, &[tensor(api, p, &[4, 3], f)]),
+    );
+    assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
+    assert!(msg(api).contains("single tensors"), "{}", msg(api));
+    // One 3-D weight, but an INT32 group list.
+    let st = plan_gmm(
+        api,
+        list(api, &[tensor(api, p, &[4, 2], f)]),
+        list(api, &[tensor(api, p, &[2, 2, 3], f)]),
+        tensor(api, p, &[2], aclDataType::ACL_INT32),
+        list(api, &[tensor(api, p, &[4, 3], f)]),
+    );
+    assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
+    assert!(msg(api).contains("INT64"), "{}", msg(api));
+
+    // Valid plan whose group list covers 3 of x's 4 rows: the kernel fails at the sync.
+    let s = stream(api);
+    let (xd, wd, od, gd) = (malloc(api, 64), malloc(api, 64), malloc(api, 64), malloc(api, 64));
+    upload(api, xd, &[1.0; 8]);
+    upload(api, wd, &[1.0; 12]);
+    let counts: Vec<u8> = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    // SAFETY: 16 readable host bytes into a 64-byte device block.
+    let st = unsafe {
+        api.aclrtMemcpy().unwrap()(
+            gd,
+            64,
+            counts.as_ptr() as *const c_void,
+            16,
+            aclrtMemcpyKind::ACL_MEMCPY_HOST_TO_DEVICE,
+        )
+    };
+    assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
+    let (mut ws, mut ex) = (0u64, null_mut());
+    let n: *const aclTensorList = null();
+    let (x, w) = (list(api, &[tensor(api, xd, &[4, 2], f)]), list(api, &[tensor(api, wd, &[2, 2, 3], f)]));
+    let (gl, out) = (tensor(api, gd, &[2], aclDataType::ACL_INT64), list(api, &[tensor(api, od, &[4, 3], f)]));
+    // SAFETY: as in plan_gmm.
+    let st = unsafe {
+        api.aclnnGroupedMatmulV4GetWorkspaceSize().unwrap()(
+            x,
+            w,
+            n,
+            n,
+            n,
+            n,
+            n,
+            n,
+            gl,
+            n,
+            n,
+            n,
+            3,
+            0,
+            1,
+            0,
+            out,
+            null_mut(),
+            null_mut(),
+            &mut ws,
+            &mut ex,
+        )
+    };
+    assert_eq!(st, ACLNN_SUCCESS, "{}", msg(api));
+    let wsp = malloc(api, ws as usize);
+    // SAFETY: the executor just planned, a workspace of the size asked, a live stream.
+    assert_eq!(unsafe { api.aclnnGroupedMatmulV4().unwrap()(wsp, ws, ex, s) }, ACLNN_SUCCESS, "{}", msg(api));
+    assert_ne!(sync(api, s), ACL_SUCCESS);
+    assert!(msg(api).contains("covers 3 rows but x has 4"), "{}", msg(api));
+
+    // Gating with V4's sqrt-softplus scores is a 950 kernel.
+    let (lx, y, idx, norm) = (
+        tensor(api, p, &[2, 4], f),
+        tensor(api, p, &[2, 2], f),
+        tensor(api, p, &[2, 2], aclDataType::ACL_INT32),
+        tensor(api, p, &[2, 4], f),
+    );
+    // SAFETY: live tensors, NULL optionals, out-pointers to locals.
+    let st = unsafe {
+        api.aclnnMoeGatingTopKV2GetWorkspaceSize().unwrap()(
+            lx,
+            null(),
+            null(),
+            null(),
+            2,
+            1,
+            1,
+            0,
+            1,
+            2,
+            false,
+            1.0,
+            1e-20,
+            y,
+            idx,
+            norm,
+            &mut ws,
+            &mut ex,
+        )
+    };
+    assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
+    assert!(msg(api).contains("only on Ascend 950"), "{}", msg(api));
+}

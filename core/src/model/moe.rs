@@ -3,7 +3,7 @@
 //! over the chosen experts and scaled, clamped-SwiGLU experts, plus one shared expert.
 
 use crate::backend::DeviceTensor;
-use crate::backend::{Backend, BinaryOp, ExpertWeights, ReduceOp, UnaryOp};
+use crate::backend::{Backend, BinaryOp, ExpertWeights};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::{fused_experts, Loader};
@@ -109,12 +109,7 @@ impl<B: Backend> Moe<B> {
     pub fn forward(&self, be: &B, x: &B::Tensor, tokens: &[u32]) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let logits = be.linear(x, &self.gate)?;
-        let scores = match self.scoring {
-            ScoringFunc::SqrtSoftplus => be.unary(&be.unary(&logits, UnaryOp::Softplus)?, UnaryOp::Sqrt)?,
-            ScoringFunc::Sigmoid => be.unary(&logits, UnaryOp::Sigmoid)?,
-            ScoringFunc::Softmax => be.softmax(&logits, 1)?,
-        };
-        let (ids, host_ids) = match &self.selection {
+        let (host_ids, w) = match &self.selection {
             Selection::Hash(table) => {
                 let mut host = Vec::with_capacity(t * self.top_k);
                 for &tok in tokens {
@@ -127,17 +122,15 @@ impl<B: Backend> Moe<B> {
                     }
                     host.extend_from_slice(&table[tok * self.top_k..(tok + 1) * self.top_k]);
                 }
-                (be.upload_index(&host, &[t, self.top_k])?, host)
+                let ids = be.upload_index(&host, &[t, self.top_k])?;
+                let (_, w) = be.moe_route(&logits, self.scoring, None, Some(&ids), self.top_k, self.routed_scale)?;
+                (host, w)
             }
             Selection::TopK(bias) => {
-                let (_, ids) = be.topk(&be.binary(&scores, bias, BinaryOp::Add)?, self.top_k)?;
-                let host = be.download_index(&ids)?;
-                (ids, host)
+                let (ids, w) = be.moe_route(&logits, self.scoring, Some(bias), None, self.top_k, self.routed_scale)?;
+                (be.download_index(&ids)?, w)
             }
         };
-        let w = be.gather_last(&scores, &ids)?;
-        let denom = be.affine(&be.reduce(&w, 1, ReduceOp::Sum)?, 1.0, 1e-20)?;
-        let w = be.affine(&be.binary(&w, &denom, BinaryOp::Div)?, self.routed_scale, 0.0)?;
         let routed = be.moe_experts(x, &host_ids, &w, &self.experts, self.limit)?;
         let shared = be.expert_ffn(x, &self.shared, self.limit)?;
         be.binary(&routed, &shared, BinaryOp::Add)

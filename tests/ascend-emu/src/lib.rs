@@ -31,7 +31,9 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod mem;
+#[macro_use]
 mod ops;
+mod fused;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -642,6 +644,11 @@ pub unsafe extern "C" fn aclrtGetDeviceCount(count: *mut u32) -> aclError {
 static SOC: LazyLock<CString> = LazyLock::new(|| {
     CString::new(std::env::var("DSV4_ASCEND_EMU_SOC").unwrap_or_else(|_| "Ascend910B3".into())).unwrap_or_default()
 });
+
+/// The SoC this emulator pretends to be (`DSV4_ASCEND_EMU_SOC`, default `Ascend910B3`).
+pub(crate) fn soc_name() -> String {
+    SOC.to_string_lossy().into_owned()
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn aclrtGetSocName() -> *const c_char {

@@ -12,15 +12,15 @@ use dsv4_ascend_sys::{
 use crate::mem::{broadcast, contiguous_strides, dtype_name, expand, is_float, is_int, Desc, Memory};
 use crate::{get_workspace, launch, Emu, Plan};
 
-type R<T> = Result<T, String>;
+pub(crate) type R<T> = Result<T, String>;
 
 /// Workspace requested by the operators that have one (any non-zero size exercises the
 /// caller's workspace handling).
-fn ws_for(out: &Desc) -> u64 {
+pub(crate) fn ws_for(out: &Desc) -> u64 {
     4096 + (out.numel() as u64 * 4).div_ceil(32) * 32
 }
 
-fn plan(
+pub(crate) fn plan(
     workspace: u64,
     reads: Vec<Desc>,
     writes: Vec<Desc>,
@@ -32,7 +32,7 @@ fn plan(
     Plan { workspace, objects, reads, writes, run: Arc::new(run) }
 }
 
-fn need_float(d: &Desc, name: &str) -> R<()> {
+pub(crate) fn need_float(d: &Desc, name: &str) -> R<()> {
     if !is_float(d.dtype) {
         return Err(format!("{name} has dtype {}; supported: FLOAT, FLOAT16, BFLOAT16", dtype_name(d.dtype)));
     }
@@ -46,14 +46,14 @@ fn need_numeric(d: &Desc, name: &str) -> R<()> {
     Ok(())
 }
 
-fn need_index(d: &Desc, name: &str) -> R<()> {
+pub(crate) fn need_index(d: &Desc, name: &str) -> R<()> {
     if d.dtype != aclDataType::ACL_INT32 && d.dtype != aclDataType::ACL_INT64 {
         return Err(format!("{name} has dtype {}; supported: INT32, INT64", dtype_name(d.dtype)));
     }
     Ok(())
 }
 
-fn same_dtype(a: &Desc, an: &str, b: &Desc, bn: &str) -> R<()> {
+pub(crate) fn same_dtype(a: &Desc, an: &str, b: &Desc, bn: &str) -> R<()> {
     if a.dtype != b.dtype {
         return Err(format!(
             "{an} ({}) and {bn} ({}) must have the same dtype",
@@ -65,14 +65,14 @@ fn same_dtype(a: &Desc, an: &str, b: &Desc, bn: &str) -> R<()> {
 }
 
 /// Outputs of everything but aclnnInplaceCopy must be contiguous ("非连续Tensor ×" in the docs).
-fn contiguous_out(d: &Desc, name: &str) -> R<()> {
+pub(crate) fn contiguous_out(d: &Desc, name: &str) -> R<()> {
     if !d.is_contiguous() {
         return Err(format!("{name} must be contiguous, got {}", d.describe()));
     }
     Ok(())
 }
 
-fn shape_is(d: &Desc, dims: &[usize], name: &str) -> R<()> {
+pub(crate) fn shape_is(d: &Desc, dims: &[usize], name: &str) -> R<()> {
     if d.dims != dims {
         return Err(format!("{name} has shape {:?}, expected {dims:?}", d.dims));
     }

@@ -1,0 +1,172 @@
+//! Which of Huawei's fused kernels this device uses instead of dsv4's compositions of
+//! primitives. A kernel is used when three things hold: the SoC family supports it (from the
+//! CANN operator docs), the loaded op libraries export every symbol it needs (older CANN
+//! releases lack newer ops), and the policy (`DSV4_ASCEND_FUSED`) allows it. Everything else
+//! falls back to the composition, which computes the same thing with more launches.
+
+use dsv4_ascend_sys as sys;
+use dsv4_core::error::Result;
+
+use crate::acl::err;
+
+/// The variable that turns fused kernels off (`off`) or on where supported (`auto`, default).
+pub const FUSED_VAR: &str = "DSV4_ASCEND_FUSED";
+
+/// Whether fused kernels may be used at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedPolicy {
+    /// Every fused kernel the SoC and the libraries support.
+    Auto,
+    /// Compositions of primitives only (to bisect a suspected kernel problem).
+    Off,
+}
+
+impl FusedPolicy {
+    /// From `DSV4_ASCEND_FUSED` (`auto` when unset).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(FUSED_VAR).ok().as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => Ok(FusedPolicy::Auto),
+            Some("off") => Ok(FusedPolicy::Off),
+            Some(other) => Err(err(format!("{FUSED_VAR}={other:?} is not understood; use `auto` or `off`"))),
+        }
+    }
+}
+
+/// SoC families that differ in what the CANN operators support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocFamily {
+    /// Atlas A2 training/inference (Ascend910B1..B4).
+    AtlasA2,
+    /// Atlas A3 (Ascend910_93xx, "910C").
+    AtlasA3,
+    /// Ascend 950PR / 950DT.
+    Ascend950,
+    /// Atlas inference series (Ascend310P): no BF16, few transformer kernels.
+    Atlas310P,
+    /// Anything else (910A, 310B, unknown names): no fused kernels assumed.
+    Other,
+}
+
+impl SocFamily {
+    /// From `aclrtGetSocName` (`Ascend910B3`, `Ascend910_9391`, `Ascend950PR_9599`, `Ascend310P3`).
+    pub fn of(soc: &str) -> SocFamily {
+        if soc.starts_with("Ascend910B") {
+            SocFamily::AtlasA2
+        } else if soc.starts_with("Ascend910_93") {
+            SocFamily::AtlasA3
+        } else if soc.starts_with("Ascend950") {
+            SocFamily::Ascend950
+        } else if soc.starts_with("Ascend310P") {
+            SocFamily::Atlas310P
+        } else {
+            SocFamily::Other
+        }
+    }
+}
+
+/// One fused kernel dsv4 knows how to use.
+pub struct KernelSpec {
+    /// What it replaces, as `dsv4 devices` prints it.
+    pub name: &'static str,
+    /// Every symbol the override calls beyond the primitives'.
+    pub symbols: &'static [&'static str],
+    pub families: &'static [SocFamily],
+}
+
+/// `aclnnGroupedMatmulV4` for the routed experts: one launch per projection for all experts.
+pub const GROUPED_MATMUL: KernelSpec = KernelSpec {
+    name: "moe_experts: aclnnGroupedMatmulV4",
+    symbols: &["aclnnGroupedMatmulV4GetWorkspaceSize", "aclnnGroupedMatmulV4"],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+};
+
+/// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
+pub const MOE_GATING: KernelSpec = KernelSpec {
+    name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
+    symbols: &["aclnnMoeGatingTopKV2GetWorkspaceSize", "aclnnMoeGatingTopKV2"],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+};
+
+/// The same kernel with V4's sqrt(softplus) scores (normType 2), which the docs give for the
+/// 950 only; A2/A3 compose Softplus, Sqrt, TopK and Gather instead.
+pub const MOE_GATING_SQRT_SOFTPLUS: KernelSpec = KernelSpec {
+    name: "moe_route (sqrt-softplus scores, V4): aclnnMoeGatingTopKV2",
+    symbols: &["aclnnMoeGatingTopKV2GetWorkspaceSize", "aclnnMoeGatingTopKV2"],
+    families: &[SocFamily::Ascend950],
+};
+
+pub const ALL: &[&KernelSpec] = &[&GROUPED_MATMUL, &MOE_GATING, &MOE_GATING_SQRT_SOFTPLUS];
+
+/// The decision for one kernel, with the reason when it is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub name: &'static str,
+    pub used: bool,
+    pub why: String,
+}
+
+/// Decides one kernel for a SoC, given which symbols the loaded libraries export.
+pub fn choose(k: &KernelSpec, soc: &str, policy: FusedPolicy, has: impl Fn(&str) -> bool) -> Choice {
+    let family = SocFamily::of(soc);
+    let (used, why) = if policy == FusedPolicy::Off {
+        (false, format!("off ({FUSED_VAR}=off)"))
+    } else if !k.families.contains(&family) {
+        (false, format!("not supported on {soc}"))
+    } else if let Some(missing) = k.symbols.iter().find(|s| !has(s)) {
+        (false, format!("{missing} not found in the loaded op libraries"))
+    } else {
+        (true, "used".to_string())
+    };
+    Choice { name: k.name, used, why }
+}
+
+/// The kernels this backend uses.
+#[derive(Debug, Clone)]
+pub struct Kernels {
+    pub grouped_matmul: bool,
+    pub gating: bool,
+    pub gating_sqrt_softplus: bool,
+    pub choices: Vec<Choice>,
+}
+
+impl Kernels {
+    pub fn select(api: &sys::Api, soc: &str, policy: FusedPolicy) -> Kernels {
+        let choices: Vec<Choice> = ALL.iter().map(|k| choose(k, soc, policy, |s| api.has(s))).collect();
+        let used = |k: &KernelSpec| choices.iter().any(|c| c.name == k.name && c.used);
+        Kernels {
+            grouped_matmul: used(&GROUPED_MATMUL),
+            gating: used(&MOE_GATING),
+            gating_sqrt_softplus: used(&MOE_GATING_SQRT_SOFTPLUS),
+            choices,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soc_names_map_to_families() {
+        assert_eq!(SocFamily::of("Ascend910B3"), SocFamily::AtlasA2);
+        assert_eq!(SocFamily::of("Ascend910_9391"), SocFamily::AtlasA3);
+        assert_eq!(SocFamily::of("Ascend950PR_9599"), SocFamily::Ascend950);
+        assert_eq!(SocFamily::of("Ascend310P3"), SocFamily::Atlas310P);
+        assert_eq!(SocFamily::of("Ascend910A"), SocFamily::Other);
+    }
+
+    #[test]
+    fn a_kernel_needs_the_soc_the_symbols_and_the_policy() {
+        let all = |_: &str| true;
+        assert!(choose(&GROUPED_MATMUL, "Ascend910B3", FusedPolicy::Auto, all).used);
+        let off = choose(&GROUPED_MATMUL, "Ascend910B3", FusedPolicy::Off, all);
+        assert!(!off.used && off.why.contains("DSV4_ASCEND_FUSED=off"), "{off:?}");
+        let soc = choose(&GROUPED_MATMUL, "Ascend310P3", FusedPolicy::Auto, all);
+        assert!(!soc.used && soc.why.contains("Ascend310P3"), "{soc:?}");
+        assert!(!choose(&MOE_GATING_SQRT_SOFTPLUS, "Ascend910_9391", FusedPolicy::Auto, all).used);
+        assert!(choose(&MOE_GATING_SQRT_SOFTPLUS, "Ascend950PR_9599", FusedPolicy::Auto, all).used);
+        assert!(choose(&MOE_GATING, "Ascend910B4", FusedPolicy::Auto, all).used);
+        let old = choose(&GROUPED_MATMUL, "Ascend910_9391", FusedPolicy::Auto, |s| !s.starts_with("aclnnGrouped"));
+        assert!(!old.used && old.why.contains("aclnnGroupedMatmulV4GetWorkspaceSize"), "{old:?}");
+    }
+}

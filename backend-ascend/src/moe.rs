@@ -1,0 +1,257 @@
+//! The MoE on Huawei's fused kernels, where [`crate::kernels`] allows them:
+//! * routing on `aclnnMoeGatingTopKV2` (scores, top-k of scores + bias or hash routing,
+//!   renormalisation and scaling in one launch);
+//! * the routed experts on `aclnnGroupedMatmulV4`: rows sorted by expert on the host, one
+//!   grouped matmul per projection for a whole chunk of experts instead of a gather, three
+//!   matmuls and a scatter per expert.
+//!
+//! Both keep dsv4's f32 numerics. Atlas A2/A3 run FLOAT32 grouped matmul only with a single
+//! 3-D weight, so each chunk's expert matrices are widened (BF16 → F32) into one pooled
+//! `[experts, N, K]` block, read as `[experts, K, N]` through strides; chunks are sized to
+//! keep that block under [`AscendBackend::set_grouped_matmul_budget`] bytes. Sums over a
+//! token's experts still run in ascending expert id, as the trait requires.
+
+use std::ptr::{null, null_mut};
+
+use dsv4_ascend_sys as sys;
+use dsv4_ascend_sys::aclDataType as Dt;
+use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights};
+use dsv4_core::config::ScoringFunc;
+use dsv4_core::error::Result;
+
+use crate::acl::{err, AclTensorList, Buffer};
+use crate::{numel, AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
+
+/// Default size of one widened expert stack (per chunk and projection).
+pub(crate) const DEFAULT_STACK_BYTES: usize = 256 << 20;
+
+/// The widest last dimension aclnnGroupedMatmulV4 takes (x and weight).
+const GMM_MAX_INNER: usize = 65535;
+/// Experts per 3-D weight (groupList length) aclnnGroupedMatmulV4 takes.
+const GMM_MAX_GROUPS: usize = 1024;
+/// Experts aclnnMoeGatingTopKV2 takes, and the largest k of its hash mode.
+const GATING_MAX_EXPERTS: usize = 2048;
+const GATING_MAX_HASH_K: usize = 64;
+
+impl AscendBackend {
+    /// The fused routing, or None when the kernel does not apply (then the trait's composition
+    /// runs).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn route_fused(
+        &self,
+        logits: &AscendTensor,
+        scoring: ScoringFunc,
+        bias: Option<&AscendTensor>,
+        hash_ids: Option<&AscendIndex>,
+        k: usize,
+        routed_scale: f32,
+    ) -> Result<Option<(AscendIndex, AscendTensor)>> {
+        let norm_type = match scoring {
+            ScoringFunc::Softmax => 0,
+            ScoringFunc::Sigmoid => 1,
+            ScoringFunc::SqrtSoftplus => 2,
+        };
+        let usable = if norm_type == 2 { self.kernels.gating_sqrt_softplus } else { self.kernels.gating };
+        let [t, e] = logits.shape[..] else { return Ok(None) };
+        if !usable || t == 0 || e > GATING_MAX_EXPERTS || k == 0 || k > e {
+            return Ok(None);
+        }
+        if hash_ids.is_some_and(|h| h.shape != [t, k]) || (hash_ids.is_some() && k > GATING_MAX_HASH_K) {
+            return Ok(None);
+        }
+        if bias.is_some_and(|b| b.shape != [e]) {
+            return Ok(None);
+        }
+        let (ids, w, norm) = (self.new_index(&[t, k])?, self.new_tensor(&[t, k])?, self.new_tensor(&[t, e])?);
+        let xv = self.tv(logits)?;
+        let bv = bias.map(|b| self.tv(b)).transpose()?;
+        // Hash mode: expert ids = tid2eid[inputIds]; the graph already looked the table up
+        // per token, so the table is the step's own `[T, k]` ids and inputIds is 0..T.
+        let rows = hash_ids.map(|_| self.upload_index(&(0..t as i32).collect::<Vec<_>>(), &[t])).transpose()?;
+        let iv = rows.as_ref().map(|r| self.iv(r)).transpose()?;
+        let hv = hash_ids.map(|h| self.iv(h)).transpose()?;
+        let (yv, idv, nv) = (self.tv(&w)?, self.iv(&ids)?, self.tv(&norm)?);
+        let opt = |v: &Option<crate::acl::AclTensor>| v.as_ref().map_or(null_mut(), |v| v.ptr());
+        aclnn!(
+            self,
+            aclnnMoeGatingTopKV2
+                / aclnnMoeGatingTopKV2GetWorkspaceSize(
+                    xv.ptr(),
+                    opt(&bv),
+                    opt(&iv),
+                    opt(&hv),
+                    k as i64,
+                    1, // kGroup: no group-limited selection
+                    1, // groupCount
+                    0, // groupSelectMode (unused without groups)
+                    1, // renorm: softmax scores are renormalised over the picks too
+                    norm_type,
+                    false, // outFlag: outOut (the scores) not needed
+                    routed_scale as f64,
+                    1e-20,
+                    yv.ptr(),
+                    idv.ptr(),
+                    nv.ptr()
+                )
+        )?;
+        Ok(Some((ids, w)))
+    }
+
+    /// The routed experts on grouped matmuls, or None when the kernel does not apply.
+    pub(crate) fn experts_grouped(
+        &self,
+        x: &AscendTensor,
+        expert_ids: &[i32],
+        weights: &AscendTensor,
+        experts: &[ExpertWeights<AscendWeight>],
+        limit: f32,
+    ) -> Result<Option<AscendTensor>> {
+        let [t, d] = x.shape[..] else { return Ok(None) };
+        let Some(first) = experts.first() else { return Ok(None) };
+        let i = first.w1.rows;
+        let same = experts
+            .iter()
+            .all(|e| [e.w1.rows, e.w1.cols, e.w3.rows, e.w3.cols, e.w2.rows, e.w2.cols] == [i, d, i, d, d, i]);
+        if !self.kernels.grouped_matmul || !same || t == 0 || d > GMM_MAX_INNER || i > GMM_MAX_INNER {
+            return Ok(None);
+        }
+        let k = expert_ids.len() / t;
+        if k == 0 || expert_ids.len() != t * k || weights.shape != [t, k] {
+            return Ok(None);
+        }
+        if let Some(bad) = expert_ids.iter().find(|&&e| e < 0 || e as usize >= experts.len()) {
+            return Err(err(format!("moe_experts: expert id {bad} is outside 0..{}", experts.len())));
+        }
+
+        // Slots sorted by (expert, slot): token rows, their routing weights, and per-expert counts.
+        let mut order: Vec<usize> = (0..expert_ids.len()).collect();
+        order.sort_by_key(|&s| (expert_ids[s], s));
+        let rows: Vec<i32> = order.iter().map(|&s| (s / k) as i32).collect();
+        let slots: Vec<i32> = order.iter().map(|&s| s as i32).collect();
+        let mut groups: Vec<(usize, usize)> = vec![]; // (expert, rows)
+        for &s in &order {
+            let e = expert_ids[s] as usize;
+            match groups.last_mut() {
+                Some((last, n)) if *last == e => *n += 1,
+                _ => groups.push((e, 1)),
+            }
+        }
+        let m = order.len();
+        let rows = self.upload_index(&rows, &[m])?;
+        let xs = self.index_select(x, &rows)?;
+        let ws = self.index_select(&self.reshape(weights, &[t * k, 1])?, &self.upload_index(&slots, &[m])?)?;
+
+        let per_expert = i * d * 4;
+        let chunk = (self.gmm_stack_bytes / per_expert).clamp(1, GMM_MAX_GROUPS);
+        let mut out = self.full(&[t, d], 0.0)?;
+        let mut row0 = 0;
+        for part in groups.chunks(chunk) {
+            let mc: usize = part.iter().map(|g| g.1).sum();
+            let counts: Vec<i64> = part.iter().map(|g| g.1 as i64).collect();
+            let pick = |f: fn(&ExpertWeights<AscendWeight>) -> &AscendWeight| -> Vec<&AscendWeight> {
+                part.iter().map(|g| f(&experts[g.0])).collect()
+            };
+            let xc = self.narrow(&xs, 0, row0, mc)?;
+            let g = self.grouped_matmul(&xc, &pick(|e| &e.w1), &counts)?;
+            let u = self.grouped_matmul(&xc, &pick(|e| &e.w3), &counts)?;
+            let y = self.grouped_matmul(&self.swiglu(&g, &u, limit)?, &pick(|e| &e.w2), &counts)?;
+            let yw = self.binary(&y, &self.narrow(&ws, 0, row0, mc)?, BinaryOp::Mul)?;
+            let rc = AscendIndex { buf: rows.buf.clone(), shape: vec![mc], offset: rows.offset + row0 };
+            out = self.index_add(&out, &rc, &yw)?;
+            row0 += mc;
+        }
+        Ok(Some(out))
+    }
+
+    /// `x [M, K]` through one weight `[N, K]` per group, group g taking `counts[g]`
+    /// consecutive rows: aclnnGroupedMatmulV4 on the weights widened into one F32 stack.
+    fn grouped_matmul(&self, x: &AscendTensor, ws: &[&AscendWeight], counts: &[i64]) -> Result<AscendTensor> {
+        let (m, kk) = (x.shape[0], x.shape[1]);
+        let n = ws[0].rows;
+        let g = ws.len();
+        let stack = self.alloc(g * n * kk, Dt::ACL_FLOAT)?;
+        for (a, w) in ws.iter().enumerate() {
+            let dst = self.cview(Mem { buf: &stack, offset: a * n * kk, dtype: Dt::ACL_FLOAT }, &[n, kk])?;
+            let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &[n, kk])?;
+            self.copy(&dst, &src)?;
+        }
+        let group_list = self.upload_i64(counts)?;
+        let gl = self.cview(Mem { buf: &group_list, offset: 0, dtype: Dt::ACL_INT64 }, &[g])?;
+        let out = self.new_tensor(&[m, n])?;
+        let api = self.api();
+        let xl = AclTensorList::new(api, vec![self.cview(self.tmem(x), &[m, kk])?])?;
+        // [g, N, K] read as [g, K, N]: the transpose is expressed through strides.
+        let wl = AclTensorList::new(
+            api,
+            vec![self.view(Mem { buf: &stack, offset: 0, dtype: Dt::ACL_FLOAT }, &[g, kk, n], &[n * kk, 1, kk], 0)?],
+        )?;
+        let ol = AclTensorList::new(api, vec![self.tv(&out)?])?;
+        let none: *const sys::aclTensorList = null();
+        aclnn!(
+            self,
+            aclnnGroupedMatmulV4
+                / aclnnGroupedMatmulV4GetWorkspaceSize(
+                    xl.ptr(),
+                    wl.ptr(),
+                    none,
+                    none,
+                    none,
+                    none,
+                    none,
+                    none,
+                    gl.ptr(),
+                    none,
+                    none,
+                    none,
+                    3, // splitItem: one output tensor
+                    0, // groupType: groups along M
+                    1, // groupListType: counts
+                    0, // actType: none
+                    ol.ptr(),
+                    null_mut(),
+                    null_mut()
+                )
+        )?;
+        Ok(out)
+    }
+
+    fn upload_i64(&self, v: &[i64]) -> Result<Buffer> {
+        let buf = self.alloc(v.len(), Dt::ACL_INT64)?;
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.dev.upload_bytes(&buf, &bytes)?;
+        Ok(buf)
+    }
+}
+
+/// The trait's MoE entry points on this backend: fused where possible, else composed.
+pub(crate) fn moe_experts(
+    be: &AscendBackend,
+    x: &AscendTensor,
+    expert_ids: &[i32],
+    weights: &AscendTensor,
+    experts: &[ExpertWeights<AscendWeight>],
+    limit: f32,
+) -> Result<AscendTensor> {
+    match be.experts_grouped(x, expert_ids, weights, experts, limit)? {
+        Some(out) => Ok(out),
+        None => composed::moe_experts(be, x, expert_ids, weights, experts, limit),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe_route(
+    be: &AscendBackend,
+    logits: &AscendTensor,
+    scoring: ScoringFunc,
+    bias: Option<&AscendTensor>,
+    hash_ids: Option<&AscendIndex>,
+    k: usize,
+    routed_scale: f32,
+) -> Result<(AscendIndex, AscendTensor)> {
+    if numel(&logits.shape) > 0 {
+        if let Some(r) = be.route_fused(logits, scoring, bias, hash_ids, k, routed_scale)? {
+            return Ok(r);
+        }
+    }
+    composed::moe_route(be, logits, scoring, bias, hash_ids, k, routed_scale)
+}

@@ -1,0 +1,351 @@
+//! Huawei's fused MoE kernels (ops-transformer): `aclnnGroupedMatmulV4` and
+//! `aclnnMoeGatingTopKV2`, in the forms dsv4 uses, with the documented constraints. Parts of
+//! the operators dsv4 does not use (quantised GMM, K- or N-axis grouping, bias, grouped expert
+//! selection) are refused with "not emulated" rather than guessed at.
+
+use std::ffi::c_void;
+
+use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclTensorList, aclnnStatus, aclrtStream};
+
+use crate::mem::{contiguous_strides, dtype_name, Desc};
+use crate::ops::{contiguous_out, need_float, need_index, plan, same_dtype, shape_is, ws_for, R};
+use crate::{get_workspace, launch, soc_name, Emu, Plan};
+
+launcher!(aclnnGroupedMatmulV4, aclnnMoeGatingTopKV2);
+
+/// The SoC families the CANN docs name (`Ascend910B*` = Atlas A2, `Ascend910_93*` = A3).
+fn family() -> &'static str {
+    let soc = soc_name();
+    if soc.starts_with("Ascend910B") {
+        "A2"
+    } else if soc.starts_with("Ascend910_93") {
+        "A3"
+    } else if soc.starts_with("Ascend950") {
+        "950"
+    } else if soc.starts_with("Ascend310P") {
+        "310P"
+    } else {
+        "other"
+    }
+}
+
+fn null_or_err(p: *const c_void, name: &str) -> R<()> {
+    if !p.is_null() {
+        return Err(format!("{name} must be NULL here (only the non-quantised form without activation is emulated)"));
+    }
+    Ok(())
+}
+
+/// Whether `d` is a view of its last two dimensions transposed (strides `[.., 1, rows]`) over a
+/// contiguous block; `Ok(false)` when it is contiguous, an error for anything else.
+fn transposed(d: &Desc, name: &str) -> R<bool> {
+    if d.is_contiguous() {
+        return Ok(false);
+    }
+    let r = d.dims.len();
+    if r >= 2 {
+        let mut swapped = d.dims.clone();
+        swapped.swap(r - 2, r - 1);
+        let mut st = contiguous_strides(&swapped);
+        st.swap(r - 2, r - 1);
+        if st == d.strides {
+            return Ok(true);
+        }
+    }
+    Err(format!(
+        "{name} must be contiguous or its last two dimensions transposed (a non-contiguous view), got {}",
+        d.describe()
+    ))
+}
+
+phase_one!(aclnnGroupedMatmulV4GetWorkspaceSize = "aclnnGroupedMatmulV4", e, (
+    x: *const aclTensorList, weight: *const aclTensorList, biasOptional: *const aclTensorList,
+    scaleOptional: *const aclTensorList, offsetOptional: *const aclTensorList,
+    antiquantScaleOptional: *const aclTensorList, antiquantOffsetOptional: *const aclTensorList,
+    perTokenScaleOptional: *const aclTensorList, groupListOptional: *const aclTensor,
+    activationInputOptional: *const aclTensorList, activationQuantScaleOptional: *const aclTensorList,
+    activationQuantOffsetOptional: *const aclTensorList, splitItem: i64, groupType: i64, groupListType: i64,
+    actType: i64, out: *mut aclTensorList, activationFeatureOutOptional: *mut aclTensorList,
+    dynQuantScaleOutOptional: *mut aclTensorList) {
+    let fam = family();
+    if !matches!(fam, "A2" | "A3" | "950" | "310P") {
+        return Err(format!("not supported on {}", soc_name()));
+    }
+    for (p, n) in [
+        (biasOptional, "biasOptional"),
+        (scaleOptional, "scaleOptional"),
+        (offsetOptional, "offsetOptional"),
+        (antiquantScaleOptional, "antiquantScaleOptional"),
+        (antiquantOffsetOptional, "antiquantOffsetOptional"),
+        (perTokenScaleOptional, "perTokenScaleOptional"),
+        (activationInputOptional, "activationInputOptional"),
+        (activationQuantScaleOptional, "activationQuantScaleOptional"),
+        (activationQuantOffsetOptional, "activationQuantOffsetOptional"),
+        (activationFeatureOutOptional as *const aclTensorList, "activationFeatureOutOptional"),
+        (dynQuantScaleOutOptional as *const aclTensorList, "dynQuantScaleOutOptional"),
+    ] {
+        null_or_err(p as *const c_void, n)?;
+    }
+    if groupType != 0 {
+        return Err(format!("groupType {groupType}: only 0 (groups along M) is emulated"));
+    }
+    if !(2..=3).contains(&splitItem) {
+        return Err(format!("splitItem {splitItem}: a single output tensor needs 2 or 3"));
+    }
+    if !(0..=1).contains(&groupListType) {
+        return Err(format!("groupListType {groupListType}: the non-quantised form takes 0 (cumsum) or 1 (counts)"));
+    }
+    if actType != 0 {
+        return Err(format!("actType {actType}: non-quantised grouped matmul supports only 0"));
+    }
+    let xs = e.tensor_list(x, "x")?;
+    let ws = e.tensor_list(weight, "weight")?;
+    let os = e.tensor_list(out as *const aclTensorList, "out")?;
+    if xs.len() != 1 || os.len() != 1 {
+        return Err(format!("groupType 0 with splitItem {splitItem} takes one x and one out tensor, got {} and {}", xs.len(), os.len()));
+    }
+    let (xd, od) = (&xs[0], &os[0]);
+    need_float(xd, "x")?;
+    if xd.dims.len() != 2 || !xd.is_contiguous() {
+        return Err(format!("x must be a contiguous 2-D tensor (it may not be transposed), got {}", xd.describe()));
+    }
+    let single = ws.len() == 1 && ws[0].dims.len() == 3;
+    let groups = if single { ws[0].dims[0] } else { ws.len() };
+    if groups == 0 {
+        return Err("weight is empty".into());
+    }
+    if single && groups > 1024 {
+        return Err(format!("{groups} groups: a 3-D weight allows at most 1024"));
+    }
+    if !single && groups > 128 {
+        return Err(format!("{groups} weight tensors: a weight list allows at most 128"));
+    }
+    // Atlas A2/A3 take FLOAT32 only when x, weight and out are all single tensors.
+    if xd.dtype == aclDataType::ACL_FLOAT && !single && matches!(fam, "A2" | "A3") {
+        return Err("FLOAT32 is supported only when x, weight and out are single tensors (a 3-D weight)".into());
+    }
+    if fam == "310P" && xd.dtype != aclDataType::ACL_FLOAT16 {
+        return Err(format!("{} supports FLOAT16 only, got {}", soc_name(), dtype_name(xd.dtype)));
+    }
+    let k = xd.dims[1];
+    let mut n = None;
+    let mut trans = None;
+    for (i, w) in ws.iter().enumerate() {
+        let name = format!("weight[{i}]");
+        same_dtype(xd, "x", w, &name)?;
+        let want_rank = if single { 3 } else { 2 };
+        if w.dims.len() != want_rank {
+            return Err(format!("{name} must be {want_rank}-D, got {:?}", w.dims));
+        }
+        let t = transposed(w, &name)?;
+        if *trans.get_or_insert(t) != t {
+            return Err("the transpose state must be the same for each tensor in weight".into());
+        }
+        let r = w.dims.len();
+        if w.dims[r - 2] != k {
+            return Err(format!("{name} {:?} does not take K = {k} from x {:?}", w.dims, xd.dims));
+        }
+        if *n.get_or_insert(w.dims[r - 1]) != w.dims[r - 1] {
+            return Err("every weight tensor must have the same N".into());
+        }
+    }
+    let n = n.expect("at least one weight");
+    if k >= 65536 || n >= 65536 {
+        return Err(format!("the last dimension of x and weight must be below 65536 (K = {k}, N = {n})"));
+    }
+    same_dtype(xd, "x", od, "out")?;
+    shape_is(od, &[xd.dims[0], n], "out")?;
+    contiguous_out(od, "out")?;
+    let gl = e.tensor(groupListOptional, "groupListOptional")?;
+    if gl.dtype != aclDataType::ACL_INT64 {
+        return Err(format!("groupListOptional must be INT64, got {}", dtype_name(gl.dtype)));
+    }
+    shape_is(&gl, &[groups], "groupListOptional (one entry per group)")?;
+    let m = xd.dims[0];
+    let wsz = ws_for(od);
+    let (rx, rw, rg, wo) = (xd.clone(), ws.clone(), gl.clone(), od.clone());
+    let mut reads = xs.clone();
+    reads.extend(ws.iter().cloned());
+    reads.push(gl);
+    Ok(plan(wsz, reads, os, vec![x as u64, weight as u64, out as u64], move |mem| {
+        let counts: Vec<i64> = rg.read(mem, "groupListOptional")?.iter().map(|&v| v as i64).collect();
+        let mut sizes = vec![];
+        let mut prev = 0i64;
+        for (g, &c) in counts.iter().enumerate() {
+            let size = if groupListType == 0 { c - prev } else { c };
+            if c < 0 || size < 0 {
+                return Err(format!(
+                    "groupListOptional[{g}] = {c}: {} must be non-negative{}",
+                    if groupListType == 0 { "a cumsum" } else { "a count" },
+                    if groupListType == 0 { " and non-decreasing" } else { "" }
+                ));
+            }
+            prev = if groupListType == 0 { c } else { prev + c };
+            sizes.push(size as usize);
+        }
+        let total: usize = sizes.iter().sum();
+        if total != m {
+            return Err(format!("groupListOptional covers {total} rows but x has {m}"));
+        }
+        let xv = rx.read(mem, "x")?;
+        // Weights as [G][K][N].
+        let wv: Vec<f64> = rw.iter().map(|w| w.read(mem, "weight")).collect::<R<Vec<_>>>()?.concat();
+        let mut y = vec![0f64; m * n];
+        let mut row = 0;
+        for (g, &rows) in sizes.iter().enumerate() {
+            let wg = &wv[g * k * n..(g + 1) * k * n];
+            for i in row..row + rows {
+                for j in 0..n {
+                    y[i * n + j] = (0..k).map(|kk| xv[i * k + kk] * wg[kk * n + j]).sum();
+                }
+            }
+            row += rows;
+        }
+        wo.write(mem, &y, "out")
+    }))
+});
+
+phase_one!(aclnnMoeGatingTopKV2GetWorkspaceSize = "aclnnMoeGatingTopKV2", e, (
+    x: *const aclTensor, biasOptional: *const aclTensor, inputIdsOptional: *const aclTensor,
+    tid2eidOptional: *const aclTensor, k: i64, kGroup: i64, groupCount: i64, groupSelectMode: i64,
+    renorm: i64, normType: i64, outFlag: bool, routedScalingFactor: f64, eps: f64,
+    yOut: *const aclTensor, expertIdxOut: *const aclTensor, outOut: *const aclTensor) {
+    let fam = family();
+    if !matches!(fam, "A2" | "A3" | "950") {
+        return Err(format!("not supported on {}", soc_name()));
+    }
+    let xd = e.tensor(x, "x")?;
+    need_float(&xd, "x")?;
+    if xd.dims.len() != 2 || xd.numel() == 0 {
+        return Err(format!("x must be a non-empty 2-D tensor [batch, experts], got {:?}", xd.dims));
+    }
+    let (b, ne) = (xd.dims[0], xd.dims[1]);
+    if ne > 2048 {
+        return Err(format!("{ne} experts: at most 2048"));
+    }
+    if !(0..=2).contains(&normType) {
+        return Err(format!("normType {normType} is not 0 (softmax), 1 (sigmoid) or 2 (sqrt-softplus)"));
+    }
+    // dsv4's spec notes (shared/spec/ascend-api.md §2.4): normType 2 only on the 950.
+    if normType == 2 && fam != "950" {
+        return Err(format!("normType 2 (sqrt-softplus) is supported only on Ascend 950, not {}", soc_name()));
+    }
+    if !(0..=1).contains(&renorm) || !(0..=1).contains(&groupSelectMode) {
+        return Err(format!("renorm {renorm} and groupSelectMode {groupSelectMode} must each be 0 or 1"));
+    }
+    if groupCount < 1 || kGroup < 1 || kGroup > groupCount || ne % groupCount as usize != 0 {
+        return Err(format!("kGroup {kGroup} / groupCount {groupCount} invalid for {ne} experts"));
+    }
+    if normType == 2 && groupCount != 1 {
+        return Err("groupCount must be 1 when normType is 2".into());
+    }
+    if groupCount > 1 && kGroup != groupCount {
+        return Err("group-limited selection (kGroup < groupCount) is not emulated".into());
+    }
+    if k < 1 || k as usize > ne {
+        return Err(format!("k = {k} is outside 1..={ne}"));
+    }
+    let k = k as usize;
+    let bias = if biasOptional.is_null() { None } else { Some(e.tensor(biasOptional, "biasOptional")?) };
+    if let Some(bd) = &bias {
+        same_dtype(&xd, "x", bd, "biasOptional")?;
+        shape_is(bd, &[ne], "biasOptional")?;
+    }
+    let hash = match (inputIdsOptional.is_null(), tid2eidOptional.is_null()) {
+        (true, true) => None,
+        (false, false) => {
+            let (ids, table) = (e.tensor(inputIdsOptional, "inputIdsOptional")?, e.tensor(tid2eidOptional, "tid2eidOptional")?);
+            need_index(&ids, "inputIdsOptional")?;
+            need_index(&table, "tid2eidOptional")?;
+            shape_is(&ids, &[b], "inputIdsOptional")?;
+            if table.dims.len() != 2 || table.dims[1] != k {
+                return Err(format!("tid2eidOptional must be [numKeys, k = {k}], got {:?}", table.dims));
+            }
+            if k > 64 {
+                return Err(format!("hash routing supports k <= 64, got {k}"));
+            }
+            Some((ids, table))
+        }
+        _ => return Err("hash routing needs both inputIdsOptional and tid2eidOptional".into()),
+    };
+    let (yd, id, od) = (e.tensor(yOut, "yOut")?, e.tensor(expertIdxOut, "expertIdxOut")?, e.tensor(outOut, "outOut")?);
+    same_dtype(&xd, "x", &yd, "yOut")?;
+    shape_is(&yd, &[b, k], "yOut")?;
+    if id.dtype != aclDataType::ACL_INT32 {
+        return Err(format!("expertIdxOut must be INT32, got {}", dtype_name(id.dtype)));
+    }
+    shape_is(&id, &[b, k], "expertIdxOut")?;
+    if od.dtype != aclDataType::ACL_FLOAT {
+        return Err(format!("outOut must be FLOAT32, got {}", dtype_name(od.dtype)));
+    }
+    shape_is(&od, &[b, ne], "outOut")?;
+    for (d, n) in [(&yd, "yOut"), (&id, "expertIdxOut"), (&od, "outOut")] {
+        contiguous_out(d, n)?;
+    }
+    let wsz = ws_for(&od);
+    let mut reads = vec![xd.clone()];
+    reads.extend(bias.iter().cloned());
+    if let Some((i, t)) = &hash {
+        reads.extend([i.clone(), t.clone()]);
+    }
+    let writes = vec![yd.clone(), id.clone(), od.clone()];
+    Ok(plan(wsz, reads, writes, vec![], move |mem| {
+        let xv = xd.read(mem, "x")?;
+        let norm: Vec<f64> = match normType {
+            0 => xv
+                .chunks(ne)
+                .flat_map(|r| {
+                    let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let s: f64 = r.iter().map(|v| (v - m).exp()).sum();
+                    r.iter().map(move |v| (v - m).exp() / s).collect::<Vec<_>>()
+                })
+                .collect(),
+            1 => xv.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+            _ => xv.iter().map(|&v| (v.max(0.0) + (-v.abs()).exp().ln_1p()).sqrt()).collect(),
+        };
+        let bv = bias.as_ref().map(|d| d.read(mem, "biasOptional")).transpose()?;
+        let picks: Vec<usize> = match &hash {
+            Some((ids, table)) => {
+                let (iv, tv) = (ids.read(mem, "inputIdsOptional")?, table.read(mem, "tid2eidOptional")?);
+                let keys = table.dims[0];
+                let mut out = Vec::with_capacity(b * k);
+                for (t, &id) in iv.iter().enumerate() {
+                    if id < 0.0 || id as usize >= keys {
+                        return Err(format!("inputIdsOptional[{t}] = {id} is outside 0..{keys}"));
+                    }
+                    for &x in &tv[id as usize * k..(id as usize + 1) * k] {
+                        if x < 0.0 || x as usize >= ne {
+                            return Err(format!("tid2eidOptional names expert {x}, outside 0..{ne}"));
+                        }
+                        out.push(x as usize);
+                    }
+                }
+                out
+            }
+            None => (0..b)
+                .flat_map(|t| {
+                    let score = |j: usize| norm[t * ne + j] + bv.as_ref().map_or(0.0, |bv| bv[j]);
+                    let mut order: Vec<usize> = (0..ne).collect();
+                    // Ties go to the lower index (as the emulator's aclnnTopk).
+                    order.sort_by(|&p, &q| score(q).total_cmp(&score(p)).then(p.cmp(&q)));
+                    order.truncate(k);
+                    order
+                })
+                .collect(),
+        };
+        let mut y = vec![0f64; b * k];
+        for t in 0..b {
+            let g: Vec<f64> = picks[t * k..(t + 1) * k].iter().map(|&j| norm[t * ne + j]).collect();
+            let denom = if normType != 0 || renorm == 1 { g.iter().sum::<f64>() + eps } else { 1.0 };
+            for (j, v) in g.iter().enumerate() {
+                y[t * k + j] = v / denom * routedScalingFactor;
+            }
+        }
+        yd.write(mem, &y, "yOut")?;
+        id.write(mem, &picks.iter().map(|&p| p as f64).collect::<Vec<_>>(), "expertIdxOut")?;
+        if outFlag {
+            od.write(mem, &norm, "outOut")?;
+        }
+        Ok(())
+    }))
+});
