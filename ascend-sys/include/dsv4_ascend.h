@@ -234,6 +234,12 @@ aclnnStatus aclDestroyTensorList(const aclTensorList *array);
 /** Makes an executor reusable across launches; it must then be destroyed explicitly. */
 aclnnStatus aclSetAclOpExecutorRepeatable(aclOpExecutor *executor);
 aclnnStatus aclDestroyAclOpExecutor(aclOpExecutor *executor);
+/** On a repeatable executor: a new device address for input `index` (every input aclTensor in
+ * GetWorkspaceSize parameter order, list members counted one by one) or output `index`
+ * (outputs counted from 0). `tensor` is the aclTensor that was planned there; `addr` must be
+ * 32-byte aligned. Shapes, strides, dtypes and attributes stay as planned. */
+aclnnStatus aclSetInputTensorAddr(aclOpExecutor *executor, const size_t index, aclTensor *tensor, void *addr);
+aclnnStatus aclSetOutputTensorAddr(aclOpExecutor *executor, const size_t index, aclTensor *tensor, void *addr);
 
 /* ------------------------------------------------------------------ operators (op libraries)
  * Each operator is two calls: XxxGetWorkspaceSize(inputs, attributes, outputs, &workspaceSize,
@@ -433,6 +439,8 @@ typedef enum {
 
 /** Objects of one kind created by the calling thread and not yet destroyed. */
 uint64_t dsv4emu_live_objects(dsv4emuObjectKind kind);
+/** GetWorkspaceSize calls (all threads) since the process started, of the named operator (NULL: all). */
+uint64_t dsv4emu_plan_count(const char *op);
 /** aclnn launches (all threads) since the process started, of the named operator (NULL: all). */
 uint64_t dsv4emu_launch_count(const char *op);
 

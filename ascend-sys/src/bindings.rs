@@ -258,6 +258,19 @@ acl_functions! {
     #[doc = " Makes an executor reusable across launches; it must then be destroyed explicitly."]
     pub fn aclSetAclOpExecutorRepeatable(executor: *mut aclOpExecutor) -> aclnnStatus;
     pub fn aclDestroyAclOpExecutor(executor: *mut aclOpExecutor) -> aclnnStatus;
+    #[doc = " On a repeatable executor: a new device address for input `index` (every input aclTensor in\n GetWorkspaceSize parameter order, list members counted one by one) or output `index`\n (outputs counted from 0). `tensor` is the aclTensor that was planned there; `addr` must be\n 32-byte aligned. Shapes, strides, dtypes and attributes stay as planned."]
+    pub fn aclSetInputTensorAddr(
+        executor: *mut aclOpExecutor,
+        index: usize,
+        tensor: *mut aclTensor,
+        addr: *mut ::std::os::raw::c_void,
+    ) -> aclnnStatus;
+    pub fn aclSetOutputTensorAddr(
+        executor: *mut aclOpExecutor,
+        index: usize,
+        tensor: *mut aclTensor,
+        addr: *mut ::std::os::raw::c_void,
+    ) -> aclnnStatus;
     pub fn aclnnMatmulGetWorkspaceSize(
         self_: *const aclTensor,
         mat2: *const aclTensor,
@@ -828,6 +841,8 @@ acl_functions! {
     ) -> aclnnStatus;
     #[doc = " Objects of one kind created by the calling thread and not yet destroyed."]
     pub fn dsv4emu_live_objects(kind: dsv4emuObjectKind) -> u64;
+    #[doc = " GetWorkspaceSize calls (all threads) since the process started, of the named operator (NULL: all)."]
+    pub fn dsv4emu_plan_count(op: *const ::std::os::raw::c_char) -> u64;
     #[doc = " aclnn launches (all threads) since the process started, of the named operator (NULL: all)."]
     pub fn dsv4emu_launch_count(op: *const ::std::os::raw::c_char) -> u64;
 }

@@ -51,7 +51,9 @@ pub(crate) fn esize(dt: aclDataType) -> usize {
 pub(crate) struct Device {
     pub api: &'static Api,
     pub id: i32,
-    stream: sys::aclrtStream,
+    pub(crate) stream: sys::aclrtStream,
+    /// Reusable executors per operator and operand layout (see `executors`).
+    pub(crate) executors: Mutex<crate::executors::ExecutorCache>,
     pool: Mutex<Pool>,
     /// Pinned host buffers: `busy` ones may still be read by queued copies (until the next
     /// synchronisation), `idle` ones are reused by later uploads.
@@ -108,6 +110,7 @@ impl Device {
             stream,
             pool: Mutex::new(Pool::default()),
             staging: Mutex::new(Staging::default()),
+            executors: Mutex::new(crate::executors::ExecutorCache::new(api)),
         }))
     }
 
@@ -315,8 +318,10 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        // Best effort: drain, free the pool and the staging buffers, destroy the stream.
+        // Best effort: drain, drop the cached executors, free the pool and the staging buffers,
+        // destroy the stream.
         let _ = self.trim();
+        self.executors.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let idle: Vec<_> = {
             let mut s = self.staging.lock().unwrap_or_else(|p| p.into_inner());
             let busy = std::mem::take(&mut s.busy);
@@ -370,6 +375,20 @@ impl Drop for Buffer {
 pub(crate) struct AclTensor {
     api: &'static Api,
     raw: *mut sys::aclTensor,
+    /// The device address it was created over (its storage start).
+    pub addr: u64,
+    /// Everything but the address, which is what a reusable executor freezes.
+    pub layout: TensorLayout,
+}
+
+/// An `aclTensor`'s description without its address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TensorLayout {
+    pub dtype: i32,
+    pub dims: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub offset: usize,
+    pub storage: usize,
 }
 
 impl AclTensor {
@@ -385,7 +404,8 @@ impl AclTensor {
     ) -> Result<AclTensor> {
         let d: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
         let s: Vec<i64> = strides.iter().map(|&v| v as i64).collect();
-        let storage = [(buf.bytes / esize(dtype)) as i64];
+        let storage_elems = buf.bytes / esize(dtype);
+        let storage = [storage_elems as i64];
         let f = api.aclCreateTensor().map_err(|e| err(e.to_string()))?;
         // SAFETY: the arrays live across the call and have the lengths passed; the data pointer
         // is a live device block of `buf.bytes` bytes.
@@ -408,7 +428,14 @@ impl AclTensor {
                 "aclCreateTensor({dims:?}, strides {strides:?}, offset {offset}) failed: {detail}"
             )));
         }
-        Ok(AclTensor { api, raw })
+        let layout = TensorLayout {
+            dtype: dtype.0,
+            dims: dims.to_vec(),
+            strides: strides.to_vec(),
+            offset,
+            storage: storage_elems,
+        };
+        Ok(AclTensor { api, raw, addr: buf.ptr, layout })
     }
 
     pub fn ptr(&self) -> *mut sys::aclTensor {

@@ -38,6 +38,7 @@
 //! rejected by the operators with their own error text.
 
 mod acl;
+mod executors;
 
 use std::sync::Arc;
 
@@ -66,6 +67,16 @@ pub fn probe() -> std::result::Result<String, String> {
 pub fn emulator_launches(op: &str) -> Option<u64> {
     let api = sys::runtime().ok()?;
     let f = api.dsv4emu_launch_count().ok()?;
+    let name = std::ffi::CString::new(op).ok()?;
+    // SAFETY: a NUL-terminated string that outlives the call; the emulator only reads it.
+    Some(unsafe { f(name.as_ptr()) })
+}
+
+/// On dsv4's CPU emulator, how many times `op`'s GetWorkspaceSize (the host-side planning) has
+/// run in this process; None on a real runtime.
+pub fn emulator_plans(op: &str) -> Option<u64> {
+    let api = sys::runtime().ok()?;
+    let f = api.dsv4emu_plan_count().ok()?;
     let name = std::ffi::CString::new(op).ok()?;
     // SAFETY: a NUL-terminated string that outlives the call; the emulator only reads it.
     Some(unsafe { f(name.as_ptr()) })
@@ -164,6 +175,29 @@ mod moe;
 
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
 
+/// An operator through the executor cache (`executors`): `[inputs] => [outputs]` are the
+/// operator's tensor parameters (one `AclTensor` each, moved in), `attrs [..]` the values of its
+/// other arguments, and the argument list refers to them as `i[n]` / `o[n]`.
+macro_rules! aclnn_cached {
+    ($be:expr, $op:ident / $ws:ident, [$($inp:expr),*] => [$($out:expr),*], attrs [$($a:expr),*],
+     |$i:ident, $o:ident| ( $($arg:expr),* $(,)? )) => {{
+        let api = $be.api();
+        $be.dev.call_cached(
+            stringify!($op),
+            api.$op(),
+            vec![$($inp),*],
+            vec![$($out),*],
+            &[$($a as i64),*],
+            Box::new(|$i: &[acl::AclTensor], $o: &[acl::AclTensor], ws, ex| {
+                let f = api.$ws()?;
+                // SAFETY: every tensor is owned by the call (or the cache) and outlives the
+                // launch; the other arguments are plain values; `ws`/`ex` are out-pointers.
+                Ok(unsafe { f($($arg,)* ws, ex) })
+            }),
+        )
+    }};
+}
+
 fn strides(dims: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
@@ -200,6 +234,12 @@ impl AscendBackend {
     /// Which Huawei fused kernels this backend uses, and why the others are not used.
     pub fn fused_kernels(&self) -> &[Choice] {
         &self.kernels.choices
+    }
+
+    /// (hits, misses) of the reusable-executor cache since the device was opened; None when
+    /// the cache is off (`DSV4_ASCEND_EXECUTOR_CACHE=off`, or a runtime without the API).
+    pub fn executor_cache_stats(&self) -> Option<(u64, u64)> {
+        self.dev.executor_stats()
     }
 
     /// Caps the F32 expert stack each grouped matmul widens weights into (default 256 MiB);
@@ -288,7 +328,9 @@ impl AscendBackend {
         }
         let tmp = self.alloc(w.rows * w.cols, Dt::ACL_FLOAT)?;
         let t = self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT }, &dims)?;
-        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_FLOAT, t.ptr()))?;
+        let t2 = self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT }, &dims)?;
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [t2], attrs [Dt::ACL_FLOAT.0],
+            |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
         Ok((Some(tmp), t))
     }
 
@@ -311,21 +353,29 @@ impl AscendBackend {
         Ok(flag)
     }
 
-    fn unary_op(&self, x: &AclTensor, out: &AclTensor, op: UnaryOp) -> Result<()> {
-        let (x, o) = (x.ptr(), out.ptr());
+    fn unary_op(&self, x: AclTensor, out: AclTensor, op: UnaryOp) -> Result<()> {
+        macro_rules! plain {
+            ($op:ident / $ws:ident) => {
+                aclnn_cached!(self, $op / $ws, [x] => [out], attrs [], |i, o| (i[0].ptr(), o[0].ptr()))
+            };
+        }
         match op {
-            UnaryOp::Sigmoid => aclnn!(self, aclnnSigmoid / aclnnSigmoidGetWorkspaceSize(x, o)),
-            UnaryOp::Silu => aclnn!(self, aclnnSilu / aclnnSiluGetWorkspaceSize(x, o)),
+            UnaryOp::Sigmoid => plain!(aclnnSigmoid / aclnnSigmoidGetWorkspaceSize),
+            UnaryOp::Silu => plain!(aclnnSilu / aclnnSiluGetWorkspaceSize),
             UnaryOp::Softplus => {
                 let (beta, threshold) = (self.f32s(1.0)?, self.f32s(20.0)?);
+                let (x, o) = (x.ptr(), out.ptr());
                 aclnn!(self, aclnnSoftplus / aclnnSoftplusGetWorkspaceSize(x, beta.ptr(), threshold.ptr(), o))
             }
-            UnaryOp::Sqrt => aclnn!(self, aclnnSqrt / aclnnSqrtGetWorkspaceSize(x, o)),
-            UnaryOp::Rsqrt => aclnn!(self, aclnnRsqrt / aclnnRsqrtGetWorkspaceSize(x, o)),
-            UnaryOp::Exp => aclnn!(self, aclnnExp / aclnnExpGetWorkspaceSize(x, o)),
-            UnaryOp::Relu => aclnn!(self, aclnnRelu / aclnnReluGetWorkspaceSize(x, o)),
-            UnaryOp::Neg => aclnn!(self, aclnnNeg / aclnnNegGetWorkspaceSize(x, o)),
-            UnaryOp::Square => aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(x, x, o)),
+            UnaryOp::Sqrt => plain!(aclnnSqrt / aclnnSqrtGetWorkspaceSize),
+            UnaryOp::Rsqrt => plain!(aclnnRsqrt / aclnnRsqrtGetWorkspaceSize),
+            UnaryOp::Exp => plain!(aclnnExp / aclnnExpGetWorkspaceSize),
+            UnaryOp::Relu => plain!(aclnnRelu / aclnnReluGetWorkspaceSize),
+            UnaryOp::Neg => plain!(aclnnNeg / aclnnNegGetWorkspaceSize),
+            UnaryOp::Square => {
+                let (x, o) = (x.ptr(), out.ptr());
+                aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(x, x, o))
+            }
         }
     }
 }
@@ -456,7 +506,8 @@ impl Backend for AscendBackend {
         let w_t = self.view(Mem { buf: wbuf, offset: 0, dtype: Dt::ACL_FLOAT }, &[k, w.rows], &[1, k], 0)?;
         drop(wt);
         let (a, o) = (self.cview(self.tmem(x), &[m, k])?, self.cview(self.tmem(&out), &[m, w.rows])?);
-        aclnn!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize(a.ptr(), w_t.ptr(), o.ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+        aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o], attrs [sys::ACL_CUBE_KEEP_DTYPE],
+            |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
         Ok(out)
     }
 
@@ -481,10 +532,8 @@ impl Backend for AscendBackend {
         let wb = self.view(Mem { buf: wbuf, offset: 0, dtype: Dt::ACL_FLOAT }, &[groups, k, r], &[r * k, 1, k], 0)?;
         let gm = self.new_tensor(&[groups, m, r])?;
         let gv = self.tv(&gm)?;
-        aclnn!(
-            self,
-            aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize(xa.ptr(), wb.ptr(), gv.ptr(), sys::ACL_CUBE_KEEP_DTYPE)
-        )?;
+        aclnn_cached!(self, aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize, [xa, wb] => [gv],
+            attrs [sys::ACL_CUBE_KEEP_DTYPE], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
         let src = self.view(self.tmem(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
         self.copy(&self.tv(&out)?, &src)?;
         Ok(out)
@@ -543,17 +592,15 @@ impl Backend for AscendBackend {
         }
         let out = self.new_tensor(&shape)?;
         let (av, bv, ov) = (self.tv(a)?, self.view(self.tmem(b), &bdims, &bst, 0)?, self.tv(&out)?);
-        aclnn!(
-            self,
-            aclnnMatmul / aclnnMatmulGetWorkspaceSize(av.ptr(), bv.ptr(), ov.ptr(), sys::ACL_CUBE_KEEP_DTYPE)
-        )?;
+        aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [av, bv] => [ov], attrs [sys::ACL_CUBE_KEEP_DTYPE],
+            |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
         Ok(out)
     }
 
     fn unary(&self, x: &AscendTensor, op: UnaryOp) -> Result<AscendTensor> {
         let out = self.new_tensor(&x.shape)?;
         if numel(&x.shape) > 0 {
-            self.unary_op(&self.tv(x)?, &self.tv(&out)?, op)?;
+            self.unary_op(self.tv(x)?, self.tv(&out)?, op)?;
         }
         Ok(out)
     }
@@ -565,6 +612,11 @@ impl Backend for AscendBackend {
             return Ok(out);
         }
         let (av, bv, ov) = (self.tv(a)?, self.tv(b)?, self.tv(&out)?);
+        macro_rules! plain {
+            ($op:ident / $ws:ident) => {
+                aclnn_cached!(self, $op / $ws, [av, bv] => [ov], attrs [], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
+            };
+        }
         let (x, y, o) = (av.ptr(), bv.ptr(), ov.ptr());
         match op {
             BinaryOp::Add => {
@@ -575,10 +627,10 @@ impl Backend for AscendBackend {
                 let one = self.f32s(1.0)?;
                 aclnn!(self, aclnnSub / aclnnSubGetWorkspaceSize(x, y, one.ptr(), o))?
             }
-            BinaryOp::Mul => aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(x, y, o))?,
-            BinaryOp::Div => aclnn!(self, aclnnDiv / aclnnDivGetWorkspaceSize(x, y, o))?,
-            BinaryOp::Max => aclnn!(self, aclnnMaximum / aclnnMaximumGetWorkspaceSize(x, y, o))?,
-            BinaryOp::Min => aclnn!(self, aclnnMinimum / aclnnMinimumGetWorkspaceSize(x, y, o))?,
+            BinaryOp::Mul => plain!(aclnnMul / aclnnMulGetWorkspaceSize)?,
+            BinaryOp::Div => plain!(aclnnDiv / aclnnDivGetWorkspaceSize)?,
+            BinaryOp::Max => plain!(aclnnMaximum / aclnnMaximumGetWorkspaceSize)?,
+            BinaryOp::Min => plain!(aclnnMinimum / aclnnMinimumGetWorkspaceSize)?,
         }
         Ok(out)
     }
@@ -689,10 +741,8 @@ impl Backend for AscendBackend {
         *rshape.last_mut().expect("non-scalar") = 1;
         let rstd = self.new_tensor(&rshape)?;
         let (xv, ov, rv) = (self.tv(x)?, self.tv(&out)?, self.tv(&rstd)?);
-        aclnn!(
-            self,
-            aclnnRmsNorm / aclnnRmsNormGetWorkspaceSize(xv.ptr(), gamma.ptr(), eps as f64, ov.ptr(), rv.ptr())
-        )?;
+        aclnn_cached!(self, aclnnRmsNorm / aclnnRmsNormGetWorkspaceSize, [xv, gamma] => [ov, rv],
+            attrs [(eps as f64).to_bits()], |i, o| (i[0].ptr(), i[1].ptr(), eps as f64, o[0].ptr(), o[1].ptr()))?;
         Ok(out)
     }
 

@@ -236,6 +236,12 @@ fn run_devices() {
                 for k in be.fused_kernels() {
                     println!("        fused kernel {:<62} {}", k.name, k.why);
                 }
+                let cache = if be.executor_cache_stats().is_some() {
+                    "on (repeatable aclnn executors per operand layout; DSV4_ASCEND_EXECUTOR_CACHE=off disables)"
+                } else {
+                    "off"
+                };
+                println!("        executor cache {cache}");
             }
             Err(e) => println!("ascend  unusable     {found}; {e}"),
         },

@@ -83,3 +83,25 @@ fn every_fixture_matches_with_fused_kernels_off() {
     assert!(be.fused_kernels().iter().all(|c| !c.used && c.why.contains("off")));
     dsv4_tests::check_every_fixture(&be, TOLERANCE);
 }
+
+/// Token-by-token decoding repeats the same operand layouts every step, so most aclnn calls
+/// relaunch a cached repeatable executor with new addresses instead of planning again, and the
+/// logits still match (the emulator computes a relaunch on the addresses it was given).
+#[test]
+fn decode_reuses_executors_and_still_matches() {
+    let be = backend();
+    let case = dsv4_tests::fixtures_dir().join("odd_hc2");
+    let model = dsv4_tests::load_model(&be, &case);
+    let r = dsv4_tests::read_reference(&case);
+    let (hits0, misses0) = be.executor_cache_stats().expect("the emulator has the executor API");
+    let got = dsv4_tests::run_in_steps(&be, &model, &r.input_ids, &vec![1; r.input_ids.len()]);
+    let err = dsv4_tests::max_rel_err(&got, &r.logits);
+    assert!(err <= TOLERANCE, "{err:.3e}");
+    let (hits, misses) = be.executor_cache_stats().unwrap();
+    let (hits, misses) = (hits - hits0, misses - misses0);
+    println!("executor cache over {} decode steps: {hits} hits, {misses} misses", r.input_ids.len());
+    assert!(hits > 10 * misses, "{hits} hits, {misses} misses");
+    let plans = dsv4_backend_ascend::emulator_plans("aclnnMatmul").unwrap();
+    let launches = dsv4_backend_ascend::emulator_launches("aclnnMatmul").unwrap();
+    assert!(plans < launches, "aclnnMatmul planned {plans} times for {launches} launches");
+}

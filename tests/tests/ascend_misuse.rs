@@ -713,3 +713,46 @@ fn fused_moe_kernels_check_their_documented_limits() {
     assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
     assert!(msg(api).contains("only on Ascend 950"), "{}", msg(api));
 }
+
+/// A repeatable executor relaunched on new buffers through aclSetInputTensorAddr /
+/// aclSetOutputTensorAddr computes on the new data; the setters refuse a single-use executor,
+/// an index past the planned operands, a tensor that was not planned there, and an unaligned
+/// address.
+#[test]
+fn a_reused_executor_runs_on_the_addresses_it_is_given() {
+    let api = api();
+    let s = stream(api);
+    let f = aclDataType::ACL_FLOAT;
+    let (p, q) = (malloc(api, 64), malloc(api, 64));
+    upload(api, p, &[1.0, 2.0, 3.0, 4.0]);
+    let (x, o) = (tensor(api, p, &[4], f), tensor(api, q, &[4], f));
+    let (ex, _) = plan_muls(api, x, o);
+    let set_in = api.aclSetInputTensorAddr().unwrap();
+    let set_out = api.aclSetOutputTensorAddr().unwrap();
+    // SAFETY: live or deliberately wrong handles and addresses, validated by the emulator.
+    unsafe {
+        assert_eq!(set_in(ex, 0, x, p), ACLNN_ERR_PARAM_INVALID);
+        assert!(msg(api).contains("not repeatable"), "{}", msg(api));
+        assert_eq!(api.aclSetAclOpExecutorRepeatable().unwrap()(ex), ACLNN_SUCCESS);
+    }
+    assert_eq!(launch_muls(api, ex, s), ACLNN_SUCCESS);
+    let (p2, q2) = (malloc(api, 64), malloc(api, 64));
+    upload(api, p2, &[10.0, 20.0, 30.0, 40.0]);
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(set_in(ex, 1, x, p2), ACLNN_ERR_PARAM_INVALID);
+        assert!(msg(api).contains("outside the 1 inputs"), "{}", msg(api));
+        assert_eq!(set_in(ex, 0, o, p2), ACLNN_ERR_PARAM_INVALID);
+        assert!(msg(api).contains("is not inputs[0]"), "{}", msg(api));
+        assert_eq!(set_in(ex, 0, x, (p2 as *mut u8).add(4) as *mut c_void), ACLNN_ERR_PARAM_INVALID);
+        assert!(msg(api).contains("32-byte aligned"), "{}", msg(api));
+        assert_eq!(set_in(ex, 0, x, p2), ACLNN_SUCCESS, "{}", msg(api));
+        assert_eq!(set_out(ex, 0, o, q2), ACLNN_SUCCESS, "{}", msg(api));
+    }
+    assert_eq!(launch_muls(api, ex, s), ACLNN_SUCCESS);
+    assert_eq!(sync(api, s), ACL_SUCCESS, "{}", msg(api));
+    assert_eq!(download(api, q, 4).1, vec![2.0, 4.0, 6.0, 8.0]);
+    assert_eq!(download(api, q2, 4).1, vec![20.0, 40.0, 60.0, 80.0]);
+    // SAFETY: our repeatable executor, no queued launch left.
+    assert_eq!(unsafe { api.aclDestroyAclOpExecutor().unwrap()(ex) }, ACLNN_SUCCESS);
+}

@@ -13,8 +13,10 @@
 //! * a stream is a queue executed at `aclrtSynchronizeStream`: the host reading device memory
 //!   that queued work writes (or writing memory queued work uses) before synchronising is an
 //!   error, as is freeing it;
-//! * executors are single-use unless `aclSetAclOpExecutorRepeatable`; tensor lists own their
-//!   members; destroyed objects stay known, so any later use is reported.
+//! * executors are single-use unless `aclSetAclOpExecutorRepeatable`; a repeatable one may be
+//!   given new operand addresses (`aclSetInputTensorAddr` / `aclSetOutputTensorAddr`, checked
+//!   against what was planned) and then computes on those; tensor lists own their members;
+//!   destroyed objects stay known, so any later use is reported.
 //!
 //! Every failure returns the documented error code and leaves a message for
 //! `aclGetRecentErrMsg`. `ASCEND_RT_VISIBLE_DEVICES` is applied at `aclInit`;
@@ -83,6 +85,9 @@ pub(crate) struct Executor {
     pub workspace: u64,
     pub repeatable: bool,
     pub launches: u32,
+    /// Data addresses the operands had at planning (`reads` then `writes`), so a launch can
+    /// tell which were moved by aclSetInputTensorAddr / aclSetOutputTensorAddr.
+    pub planned: Vec<u64>,
     /// Object handles the plan refers to (checked for liveness at launch).
     pub objects: Vec<u64>,
     pub reads: Vec<Desc>,
@@ -142,6 +147,8 @@ enum TaskKind {
         op: &'static str,
         run: Arc<OpFn>,
         workspace: Option<(u64, usize)>,
+        /// Tensor handle → data address, for a reused executor whose addresses were set.
+        relocated: Vec<(u64, u64)>,
     },
     /// Host-to-device copy of bytes captured at the call (pageable source).
     H2dBytes {
@@ -211,6 +218,8 @@ pub(crate) struct Emu {
     next_handle: u64,
     launches: HashMap<String, u64>,
     total_launches: u64,
+    /// GetWorkspaceSize calls per operator (fewer than launches when executors are reused).
+    plans: HashMap<String, u64>,
 }
 
 static EMU: LazyLock<Mutex<Emu>> = LazyLock::new(|| {
@@ -220,7 +229,7 @@ static EMU: LazyLock<Mutex<Emu>> = LazyLock::new(|| {
         visible: vec![],
         capacity: 0,
         used: HashMap::new(),
-        mem: Memory { allocs: Default::default(), next: DEVICE_BASE },
+        mem: Memory { allocs: Default::default(), next: DEVICE_BASE, relocated: Default::default() },
         host: HashMap::new(),
         objects: HashMap::new(),
         streams: HashMap::new(),
@@ -228,6 +237,7 @@ static EMU: LazyLock<Mutex<Emu>> = LazyLock::new(|| {
         next_handle: HANDLE_BASE,
         launches: HashMap::new(),
         total_launches: 0,
+        plans: HashMap::new(),
     })
 });
 
@@ -429,13 +439,16 @@ impl Emu {
     fn execute(&mut self, task: &Task) -> Result<(), (i32, String)> {
         let rt = |m: String| (ACL_ERROR_RT_AICORE_EXCEPTION, m);
         match &task.kind {
-            TaskKind::Op { op, run, workspace } => {
+            TaskKind::Op { op, run, workspace, relocated } => {
                 if let Some((ws, len)) = workspace {
                     // Scribble over the workspace before and after the kernel: an operand that
                     // aliases it is corrupted visibly.
                     self.mem.bytes_mut(*ws, *len, op).map_err(rt)?.fill(0xEE);
                 }
-                run(&mut self.mem).map_err(|m| rt(format!("{op}: {m}")))?;
+                self.mem.relocated = relocated.iter().copied().collect();
+                let r = run(&mut self.mem).map_err(|m| rt(format!("{op}: {m}")));
+                self.mem.relocated.clear();
+                r?;
                 if let Some((ws, len)) = workspace {
                     self.mem.bytes_mut(*ws, *len, op).map_err(rt)?.fill(0xEE);
                 }
@@ -1411,6 +1424,82 @@ pub unsafe extern "C" fn aclDestroyAclOpExecutor(executor: *mut aclOpExecutor) -
     }
 }
 
+/// aclSetInputTensorAddr / aclSetOutputTensorAddr: operand `index` (inputs and outputs
+/// counted separately, in parameter order, as planned) of a repeatable executor gets a new data
+/// address; everything else about the tensor stays as planned.
+fn set_tensor_addr(
+    executor: *mut aclOpExecutor,
+    index: usize,
+    tensor: *mut aclTensor,
+    addr: *mut c_void,
+    output: bool,
+    what: &str,
+) -> aclnnStatus {
+    let mut e = emu();
+    let h = executor as u64;
+    let r = (|| -> Result<(), (i32, String)> {
+        let inv = |m: String| (ACLNN_ERR_PARAM_INVALID, format!("{what}: {m}"));
+        if executor.is_null() || tensor.is_null() {
+            return Err((ACLNN_ERR_PARAM_NULLPTR, format!("{what}: executor or tensor is NULL")));
+        }
+        let addr = addr as u64;
+        if !addr.is_multiple_of(32) {
+            return Err(inv(format!("address {addr:#x} is not 32-byte aligned")));
+        }
+        e.live(tensor as u64, "aclTensor", what).map_err(|m| (ACLNN_ERR_PARAM_INVALID, m))?;
+        let x = executor_mut(&mut e, h, what).map_err(|m| (ACLNN_ERR_PARAM_INVALID, m))?;
+        if !x.repeatable {
+            return Err(inv(format!(
+                "executor {h:#x} ({}) is not repeatable: call aclSetAclOpExecutorRepeatable right after its \
+                 GetWorkspaceSize",
+                x.op
+            )));
+        }
+        let list = if output { &mut x.writes } else { &mut x.reads };
+        let kind = if output { "outputs" } else { "inputs" };
+        let n = list.len();
+        let d = list.get_mut(index).ok_or_else(|| inv(format!("index {index} is outside the {n} {kind} planned")))?;
+        if d.handle != tensor as u64 {
+            return Err(inv(format!(
+                "tensor {:#x} is not {kind}[{index}] of this executor (that is {:#x})",
+                tensor as u64, d.handle
+            )));
+        }
+        // The same aclTensor planned in several places moves as one.
+        for o in x.reads.iter_mut().chain(x.writes.iter_mut()).filter(|o| o.handle == tensor as u64) {
+            o.data = addr;
+        }
+        if let Some(Entry { obj: Obj::Tensor(t), .. }) = e.objects.get_mut(&(tensor as u64)) {
+            t.desc.data = addr;
+        }
+        Ok(())
+    })();
+    match r {
+        Ok(()) => ACLNN_SUCCESS,
+        Err((c, m)) => fail(c, m),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclSetInputTensorAddr(
+    executor: *mut aclOpExecutor,
+    index: usize,
+    tensor: *mut aclTensor,
+    addr: *mut c_void,
+) -> aclnnStatus {
+    set_tensor_addr(executor, index, tensor, addr, false, "aclSetInputTensorAddr")
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclSetOutputTensorAddr(
+    executor: *mut aclOpExecutor,
+    index: usize,
+    tensor: *mut aclTensor,
+    addr: *mut c_void,
+) -> aclnnStatus {
+    set_tensor_addr(executor, index, tensor, addr, true, "aclSetOutputTensorAddr")
+}
+
 // ---------------------------------------------------------------------- aclnn two-phase calls
 
 /// What an operator's GetWorkspaceSize produces.
@@ -1439,11 +1528,14 @@ pub(crate) fn get_workspace(
         Err(m) => return fail(ACLNN_ERR_PARAM_INVALID, format!("{what}: {m}")),
     };
     let ws = p.workspace;
+    *e.plans.entry(op.to_string()).or_default() += 1;
+    let planned = p.reads.iter().chain(&p.writes).map(|d| d.data).collect();
     let h = e.insert(Obj::Executor(Executor {
         op,
         workspace: ws,
         repeatable: false,
         launches: 0,
+        planned,
         objects: p.objects,
         reads: p.reads,
         writes: p.writes,
@@ -1479,6 +1571,13 @@ pub(crate) fn launch(
         }
         let (need, objects, reads, writes, run) =
             (x.workspace, x.objects.clone(), x.reads.clone(), x.writes.clone(), x.run.clone());
+        let relocated: Vec<(u64, u64)> = reads
+            .iter()
+            .chain(&writes)
+            .zip(&x.planned)
+            .filter(|(d, &p)| d.data != p)
+            .map(|(d, _)| (d.handle, d.data))
+            .collect();
         if workspace_size < need {
             return Err(inv(format!(
                 "workspaceSize {workspace_size} is smaller than the {need} bytes GetWorkspaceSize asked for"
@@ -1531,7 +1630,12 @@ pub(crate) fn launch(
         e.total_launches += 1;
         e.enqueue(
             sid,
-            Task { kind: TaskKind::Op { op, run, workspace: ws_region }, reads: rb, writes: wb, host: vec![] },
+            Task {
+                kind: TaskKind::Op { op, run, workspace: ws_region, relocated },
+                reads: rb,
+                writes: wb,
+                host: vec![],
+            },
         );
         Ok(())
     })();
@@ -1546,6 +1650,17 @@ pub(crate) fn launch(
 #[no_mangle]
 pub unsafe extern "C" fn dsv4emu_live_objects(kind: dsv4emuObjectKind) -> u64 {
     emu().count_live(kind.0, std::thread::current().id())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dsv4emu_plan_count(op: *const c_char) -> u64 {
+    let e = emu();
+    if op.is_null() {
+        return e.plans.values().sum();
+    }
+    // SAFETY: a NUL-terminated name from the caller.
+    let name = unsafe { CStr::from_ptr(op) }.to_string_lossy();
+    e.plans.get(name.as_ref()).copied().unwrap_or(0)
 }
 
 #[no_mangle]
@@ -1600,6 +1715,8 @@ check_signatures!(
     aclDestroyTensorList,
     aclSetAclOpExecutorRepeatable,
     aclDestroyAclOpExecutor,
+    aclSetInputTensorAddr,
+    aclSetOutputTensorAddr,
     dsv4emu_live_objects,
     dsv4emu_launch_count,
 );

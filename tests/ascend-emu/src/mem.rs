@@ -30,6 +30,10 @@ pub struct DevAlloc {
 pub struct Memory {
     pub allocs: BTreeMap<u64, DevAlloc>,
     pub next: u64,
+    /// While a reused executor's kernel runs: the data addresses its tensors were given with
+    /// aclSetInputTensorAddr / aclSetOutputTensorAddr, by tensor handle (the kernel closures
+    /// hold the descriptors from planning).
+    pub relocated: std::collections::HashMap<u64, u64>,
 }
 
 impl Memory {
@@ -236,7 +240,8 @@ impl Desc {
     /// Reads the view as f64 values in row-major order.
     pub fn read(&self, mem: &Memory, what: &str) -> Result<Vec<f64>, String> {
         let es = self.esize();
-        let bytes = mem.bytes(self.data, self.storage_bytes(), what)?;
+        let data = mem.relocated.get(&self.handle).copied().unwrap_or(self.data);
+        let bytes = mem.bytes(data, self.storage_bytes(), what)?;
         Ok(self.offsets().into_iter().map(|o| decode(self.dtype, &bytes[o * es..(o + 1) * es])).collect())
     }
 
@@ -246,7 +251,8 @@ impl Desc {
         let es = self.esize();
         let dtype = self.dtype;
         let offsets = self.offsets();
-        let bytes = mem.bytes_mut(self.data, self.storage_bytes(), what)?;
+        let data = mem.relocated.get(&self.handle).copied().unwrap_or(self.data);
+        let bytes = mem.bytes_mut(data, self.storage_bytes(), what)?;
         for (o, v) in offsets.into_iter().zip(vals) {
             encode(dtype, *v, &mut bytes[o * es..(o + 1) * es]);
         }
