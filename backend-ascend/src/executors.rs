@@ -8,10 +8,12 @@
 //! with (the address setters name them).
 //!
 //! Only operators whose every argument is a tensor or a plain attribute use the cache (no
-//! `aclScalar`, no tensor lists), and every parameter gets its own `aclTensor`, so "input i"
-//! is unambiguous. Set `DSV4_ASCEND_EXECUTOR_CACHE=off` to plan every call afresh.
-//! Emulator-verified: whether a relaunch may use a different workspace address than the first
-//! launch is not stated by the docs; dsv4 passes a fresh pooled workspace of the planned size.
+//! `aclScalar`, no tensor lists), whose inputs are contiguous or a transposed matrix (the docs
+//! exclude operators that copy internally), and every parameter gets its own `aclTensor`, so
+//! "input i" is unambiguous. Set `DSV4_ASCEND_EXECUTOR_CACHE=off` to plan every call afresh.
+//! Assumed, not verified on hardware: the docs do not say whether a relaunch may use a
+//! different workspace address than the first launch; dsv4 passes a fresh pooled workspace of
+//! the planned size.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -127,8 +129,8 @@ impl Device {
                 })?;
             }
             let (exec, size) = (c.exec, c.workspace);
-            cache.hits += 1;
             let workspace = (size > 0).then(|| self.alloc(size as usize)).transpose()?;
+            cache.hits += 1;
             let ws_ptr = workspace.as_ref().map_or(null_mut(), |b| b.ptr as *mut c_void);
             // SAFETY: the cached executor, a workspace of the planned size (or NULL when it
             // needs none), our live stream; the cache lock keeps other threads off it.
@@ -168,9 +170,15 @@ impl Device {
         }
         cache.misses += 1;
         if cache.map.len() >= CAPACITY {
-            drop(cache);
-            self.synchronize()?;
-            cache = self.executors.lock().unwrap_or_else(|p| p.into_inner());
+            // Drain with the lock held (synchronize takes no cache lock), so no other thread
+            // relaunches an executor that is about to be destroyed.
+            if let Err(e) = self.synchronize() {
+                if let Ok(destroy) = api.aclDestroyAclOpExecutor() {
+                    // SAFETY: our repeatable executor, not in the cache; the stream failed.
+                    unsafe { destroy(exec) };
+                }
+                return Err(e);
+            }
             cache.clear();
         }
         cache.map.insert(key, Cached { exec, workspace: size, inputs, outputs });

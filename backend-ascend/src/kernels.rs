@@ -4,6 +4,9 @@
 //! releases lack newer ops), and the policy (`DSV4_ASCEND_FUSED`) allows it. Everything else
 //! falls back to the composition, which computes the same thing with more launches.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
 use dsv4_ascend_sys as sys;
 use dsv4_core::error::Result;
 
@@ -120,25 +123,55 @@ pub fn choose(k: &KernelSpec, soc: &str, policy: FusedPolicy, has: impl Fn(&str)
     Choice { name: k.name, used, why }
 }
 
+/// Whether one kernel is in use, which can change once: a kernel that fails its self-test at
+/// open or an operator call at run time is switched off for good, with the reason.
+#[derive(Debug)]
+pub struct KernelState {
+    name: &'static str,
+    used: AtomicBool,
+    why: Mutex<String>,
+}
+
+impl KernelState {
+    fn new(c: &Choice) -> KernelState {
+        KernelState { name: c.name, used: AtomicBool::new(c.used), why: Mutex::new(c.why.clone()) }
+    }
+
+    pub fn usable(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn disable(&self, why: String) {
+        self.used.store(false, Ordering::Relaxed);
+        *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    fn choice(&self) -> Choice {
+        Choice { name: self.name, used: self.usable(), why: self.why.lock().unwrap_or_else(|p| p.into_inner()).clone() }
+    }
+}
+
 /// The kernels this backend uses.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Kernels {
-    pub grouped_matmul: bool,
-    pub gating: bool,
-    pub gating_sqrt_softplus: bool,
-    pub choices: Vec<Choice>,
+    pub grouped_matmul: KernelState,
+    pub gating: KernelState,
+    pub gating_sqrt_softplus: KernelState,
 }
 
 impl Kernels {
     pub fn select(api: &sys::Api, soc: &str, policy: FusedPolicy) -> Kernels {
-        let choices: Vec<Choice> = ALL.iter().map(|k| choose(k, soc, policy, |s| api.has(s))).collect();
-        let used = |k: &KernelSpec| choices.iter().any(|c| c.name == k.name && c.used);
+        let state = |k: &KernelSpec| KernelState::new(&choose(k, soc, policy, |s| api.has(s)));
         Kernels {
-            grouped_matmul: used(&GROUPED_MATMUL),
-            gating: used(&MOE_GATING),
-            gating_sqrt_softplus: used(&MOE_GATING_SQRT_SOFTPLUS),
-            choices,
+            grouped_matmul: state(&GROUPED_MATMUL),
+            gating: state(&MOE_GATING),
+            gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
         }
+    }
+
+    /// Every kernel's current decision, in the order of [`ALL`].
+    pub fn choices(&self) -> Vec<Choice> {
+        [&self.grouped_matmul, &self.gating, &self.gating_sqrt_softplus].iter().map(|k| k.choice()).collect()
     }
 }
 

@@ -95,7 +95,9 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     let dev = Device::open(api, id)?;
     let soc = acl::soc_name(api);
     let kernels = kernels::Kernels::select(api, &soc, policy);
-    Ok(AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES })
+    let be = AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES };
+    be.self_test_fused()?;
+    Ok(be)
 }
 
 /// The Ascend backend (one device, one stream).
@@ -232,8 +234,8 @@ impl AscendBackend {
     }
 
     /// Which Huawei fused kernels this backend uses, and why the others are not used.
-    pub fn fused_kernels(&self) -> &[Choice] {
-        &self.kernels.choices
+    pub fn fused_kernels(&self) -> Vec<Choice> {
+        self.kernels.choices()
     }
 
     /// (hits, misses) of the reusable-executor cache since the device was opened; None when
@@ -253,8 +255,10 @@ impl AscendBackend {
         self.dev.held_bytes()
     }
 
-    /// Returns cached device memory to the runtime.
+    /// Drops the cached executors and returns cached device memory to the runtime.
     pub fn trim(&self) -> Result<()> {
+        self.dev.synchronize()?;
+        self.dev.executors.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.dev.trim()
     }
 
@@ -532,8 +536,12 @@ impl Backend for AscendBackend {
         let wb = self.view(Mem { buf: wbuf, offset: 0, dtype: Dt::ACL_FLOAT }, &[groups, k, r], &[r * k, 1, k], 0)?;
         let gm = self.new_tensor(&[groups, m, r])?;
         let gv = self.tv(&gm)?;
-        aclnn_cached!(self, aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize, [xa, wb] => [gv],
-            attrs [sys::ACL_CUBE_KEEP_DTYPE], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+        // Not through the executor cache: xa is a permuted view, which the operator copies
+        // internally, and the docs exclude such operators from executor reuse.
+        aclnn!(
+            self,
+            aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize(xa.ptr(), wb.ptr(), gv.ptr(), sys::ACL_CUBE_KEEP_DTYPE)
+        )?;
         let src = self.view(self.tmem(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
         self.copy(&self.tv(&out)?, &src)?;
         Ok(out)

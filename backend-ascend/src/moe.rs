@@ -8,18 +8,25 @@
 //! Both keep dsv4's f32 numerics. Atlas A2/A3 run FLOAT32 grouped matmul only with a single
 //! 3-D weight, so each chunk's expert matrices are widened (BF16 → F32) into one pooled
 //! `[experts, N, K]` block, read as `[experts, K, N]` through strides; chunks are sized to
-//! keep that block under [`AscendBackend::set_grouped_matmul_budget`] bytes. Sums over a
-//! token's experts still run in ascending expert id, as the trait requires.
+//! keep that block under [`AscendBackend::set_grouped_matmul_budget`] bytes. A token's k
+//! weighted expert rows are then gathered into `[T, k, D]` in ascending expert id and reduced
+//! over k (a deterministic ReduceSum rather than a scatter-add with repeated rows).
+//!
+//! Each kernel is checked against the composition on a tiny input when the device opens (an
+//! older CANN with different semantics, e.g. gating weights that include the bias, or a build
+//! that rejects FLOAT32 grouped matmul, is caught there), and a kernel call that fails at run
+//! time switches that kernel off and composes instead.
 
 use std::ptr::{null, null_mut};
 
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights};
+use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, ReduceOp};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::Result;
 
 use crate::acl::{err, AclTensorList, Buffer};
+use crate::kernels::KernelState;
 use crate::{numel, AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
 
 /// Default size of one widened expert stack (per chunk and projection).
@@ -51,7 +58,8 @@ impl AscendBackend {
             ScoringFunc::Sigmoid => 1,
             ScoringFunc::SqrtSoftplus => 2,
         };
-        let usable = if norm_type == 2 { self.kernels.gating_sqrt_softplus } else { self.kernels.gating };
+        let state = if norm_type == 2 { &self.kernels.gating_sqrt_softplus } else { &self.kernels.gating };
+        let usable = state.usable();
         let [t, e] = logits.shape[..] else { return Ok(None) };
         if !usable || t == 0 || e > GATING_MAX_EXPERTS || k == 0 || k > e {
             return Ok(None);
@@ -72,29 +80,31 @@ impl AscendBackend {
         let hv = hash_ids.map(|h| self.iv(h)).transpose()?;
         let (yv, idv, nv) = (self.tv(&w)?, self.iv(&ids)?, self.tv(&norm)?);
         let opt = |v: &Option<crate::acl::AclTensor>| v.as_ref().map_or(null_mut(), |v| v.ptr());
-        aclnn!(
-            self,
-            aclnnMoeGatingTopKV2
-                / aclnnMoeGatingTopKV2GetWorkspaceSize(
-                    xv.ptr(),
-                    opt(&bv),
-                    opt(&iv),
-                    opt(&hv),
-                    k as i64,
-                    1, // kGroup: no group-limited selection
-                    1, // groupCount
-                    0, // groupSelectMode (unused without groups)
-                    1, // renorm: softmax scores are renormalised over the picks too
-                    norm_type,
-                    false, // outFlag: outOut (the scores) not needed
-                    routed_scale as f64,
-                    1e-20,
-                    yv.ptr(),
-                    idv.ptr(),
-                    nv.ptr()
-                )
-        )?;
-        Ok(Some((ids, w)))
+        let launched = self.fused("aclnnMoeGatingTopKV2", state, || {
+            aclnn!(
+                self,
+                aclnnMoeGatingTopKV2
+                    / aclnnMoeGatingTopKV2GetWorkspaceSize(
+                        xv.ptr(),
+                        opt(&bv),
+                        opt(&iv),
+                        opt(&hv),
+                        k as i64,
+                        1, // kGroup: no group-limited selection
+                        1, // groupCount
+                        0, // groupSelectMode (unused without groups)
+                        1, // renorm: softmax scores are renormalised over the picks too
+                        norm_type,
+                        false, // outFlag: outOut (the scores) not needed
+                        routed_scale as f64,
+                        1e-20,
+                        yv.ptr(),
+                        idv.ptr(),
+                        nv.ptr()
+                    )
+            )
+        })?;
+        Ok(launched.map(|()| (ids, w)))
     }
 
     /// The routed experts on grouped matmuls, or None when the kernel does not apply.
@@ -112,24 +122,34 @@ impl AscendBackend {
         let same = experts
             .iter()
             .all(|e| [e.w1.rows, e.w1.cols, e.w3.rows, e.w3.cols, e.w2.rows, e.w2.cols] == [i, d, i, d, d, i]);
-        if !self.kernels.grouped_matmul || !same || t == 0 || d > GMM_MAX_INNER || i > GMM_MAX_INNER {
+        if !self.kernels.grouped_matmul.usable()
+            || !same
+            || t == 0
+            || i * d == 0
+            || d > GMM_MAX_INNER
+            || i > GMM_MAX_INNER
+        {
             return Ok(None);
         }
         let k = expert_ids.len() / t;
         if k == 0 || expert_ids.len() != t * k || weights.shape != [t, k] {
             return Ok(None);
         }
-        if let Some(bad) = expert_ids.iter().find(|&&e| e < 0 || e as usize >= experts.len()) {
-            return Err(err(format!("moe_experts: expert id {bad} is outside 0..{}", experts.len())));
-        }
+        check_expert_ids(expert_ids, experts.len())?;
 
-        // Slots sorted by (expert, slot): token rows, their routing weights, and per-expert counts.
+        // Slots sorted by (expert, slot): gather order, per-expert counts, and for each token
+        // where its r-th expert (ascending id) landed, so the final sum runs in that order.
         let mut order: Vec<usize> = (0..expert_ids.len()).collect();
         order.sort_by_key(|&s| (expert_ids[s], s));
         let rows: Vec<i32> = order.iter().map(|&s| (s / k) as i32).collect();
         let slots: Vec<i32> = order.iter().map(|&s| s as i32).collect();
+        let mut by_rank = vec![0i32; t * k];
+        let mut seen = vec![0usize; t];
         let mut groups: Vec<(usize, usize)> = vec![]; // (expert, rows)
-        for &s in &order {
+        for (p, &s) in order.iter().enumerate() {
+            let tok = s / k;
+            by_rank[tok * k + seen[tok]] = p as i32;
+            seen[tok] += 1;
             let e = expert_ids[s] as usize;
             match groups.last_mut() {
                 Some((last, n)) if *last == e => *n += 1,
@@ -137,13 +157,11 @@ impl AscendBackend {
             }
         }
         let m = order.len();
-        let rows = self.upload_index(&rows, &[m])?;
-        let xs = self.index_select(x, &rows)?;
+        let xs = self.index_select(x, &self.upload_index(&rows, &[m])?)?;
         let ws = self.index_select(&self.reshape(weights, &[t * k, 1])?, &self.upload_index(&slots, &[m])?)?;
 
-        let per_expert = i * d * 4;
-        let chunk = (self.gmm_stack_bytes / per_expert).clamp(1, GMM_MAX_GROUPS);
-        let mut out = self.full(&[t, d], 0.0)?;
+        let chunk = (self.gmm_stack_bytes / (i * d * 4)).clamp(1, GMM_MAX_GROUPS);
+        let mut outs = vec![];
         let mut row0 = 0;
         for part in groups.chunks(chunk) {
             let mc: usize = part.iter().map(|g| g.1).sum();
@@ -152,15 +170,40 @@ impl AscendBackend {
                 part.iter().map(|g| f(&experts[g.0])).collect()
             };
             let xc = self.narrow(&xs, 0, row0, mc)?;
-            let g = self.grouped_matmul(&xc, &pick(|e| &e.w1), &counts)?;
-            let u = self.grouped_matmul(&xc, &pick(|e| &e.w3), &counts)?;
-            let y = self.grouped_matmul(&self.swiglu(&g, &u, limit)?, &pick(|e| &e.w2), &counts)?;
-            let yw = self.binary(&y, &self.narrow(&ws, 0, row0, mc)?, BinaryOp::Mul)?;
-            let rc = AscendIndex { buf: rows.buf.clone(), shape: vec![mc], offset: rows.offset + row0 };
-            out = self.index_add(&out, &rc, &yw)?;
+            let gmm = |x: &AscendTensor, w: Vec<&AscendWeight>| {
+                self.fused("aclnnGroupedMatmulV4", &self.kernels.grouped_matmul, || self.grouped_matmul(x, &w, &counts))
+            };
+            let Some(g) = gmm(&xc, pick(|e| &e.w1))? else { return Ok(None) };
+            let Some(u) = gmm(&xc, pick(|e| &e.w3))? else { return Ok(None) };
+            let Some(y) = gmm(&self.swiglu(&g, &u, limit)?, pick(|e| &e.w2))? else { return Ok(None) };
+            outs.push(self.binary(&y, &self.narrow(&ws, 0, row0, mc)?, BinaryOp::Mul)?);
             row0 += mc;
         }
-        Ok(Some(out))
+        // Every token has exactly k weighted expert rows: gather them into [T, k, D] by rank
+        // and reduce over k. (A scatter-add with repeated rows would leave the order of the
+        // k additions to the hardware.)
+        let refs: Vec<&AscendTensor> = outs.iter().collect();
+        let yw = if refs.len() == 1 { outs[0].clone() } else { self.concat(&refs, 0)? };
+        let ranked = self.index_select(&yw, &self.upload_index(&by_rank, &[t, k])?)?;
+        Ok(Some(self.reshape(&self.reduce(&ranked, 1, ReduceOp::Sum)?, &[t, d])?))
+    }
+
+    /// Runs a fused kernel; if it fails (a CANN release that rejects this use of it), the
+    /// kernel is switched off for the rest of the process with the reason, which `dsv4 devices`
+    /// and a one-time message show, and None tells the caller to compose instead.
+    fn fused<T>(&self, kernel: &str, state: &KernelState, run: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+        match run() {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => {
+                let why = format!("failed, so the composition is used: {e}");
+                eprintln!("dsv4: {kernel} {why}");
+                state.disable(why);
+                // Anything it queued before failing is on temporaries; make sure the stream
+                // itself is healthy before composing.
+                self.dev.synchronize()?;
+                Ok(None)
+            }
+        }
     }
 
     /// `x [M, K]` through one weight `[N, K]` per group, group g taking `counts[g]`
@@ -220,6 +263,89 @@ impl AscendBackend {
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.dev.upload_bytes(&buf, &bytes)?;
         Ok(buf)
+    }
+}
+
+impl AscendBackend {
+    /// Compares each fused kernel in use with the composition on a tiny input, and switches
+    /// off those that disagree (or fail), with the reason.
+    pub(crate) fn self_test_fused(&self) -> Result<()> {
+        let (t, e, k) = (3usize, 8usize, 2usize);
+        let logits: Vec<f32> = (0..t * e).map(|v| ((v * 37 % 23) as f32 - 11.0) / 4.0).collect();
+        let bias: Vec<f32> = (0..e).map(|v| (v as f32 - 3.5) / 8.0).collect();
+        let (lt, bt) = (self.upload(&logits, &[t, e])?, self.upload(&bias, &[e])?);
+        let hash = self.upload_index(&[1, 6, 0, 7, 5, 5], &[t, k])?;
+        for (state, scoring) in [
+            (&self.kernels.gating, ScoringFunc::Sigmoid),
+            (&self.kernels.gating, ScoringFunc::Softmax),
+            (&self.kernels.gating_sqrt_softplus, ScoringFunc::SqrtSoftplus),
+        ] {
+            for hash_ids in [None, Some(&hash)] {
+                if !state.usable() {
+                    continue;
+                }
+                let bias = hash_ids.is_none().then_some(&bt);
+                let fused = match self.route_fused(&lt, scoring, bias, hash_ids, k, 1.5)? {
+                    Some(r) => r,
+                    None => continue,
+                };
+                // Where the composition itself cannot run (the 950 has no aclnnSoftplus), there
+                // is nothing to compare with.
+                let Ok(want) = composed::moe_route(self, &lt, scoring, bias, hash_ids, k, 1.5) else {
+                    self.dev.synchronize()?;
+                    continue;
+                };
+                let (gi, wi) = (self.download_index(&fused.0)?, self.download_index(&want.0)?);
+                let (gw, ww) = (self.download(&fused.1)?, self.download(&want.1)?);
+                let close = gw.iter().zip(&ww).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0));
+                if gi != wi || !close {
+                    state.disable(format!(
+                        "self-test disagreed with the composition ({scoring:?}, hash {}): ids {gi:?} vs {wi:?}, \
+                         weights {gw:?} vs {ww:?}",
+                        hash_ids.is_some()
+                    ));
+                }
+            }
+        }
+        if self.kernels.grouped_matmul.usable() {
+            let (m, kk, n) = (5usize, 4usize, 3usize);
+            let x: Vec<f32> = (0..m * kk).map(|v| (v as f32 - 9.0) / 7.0).collect();
+            let xt = self.upload(&x, &[m, kk])?;
+            let ws: Vec<AscendWeight> = (0..2)
+                .map(|g| {
+                    let v: Vec<f32> = (0..n * kk).map(|j| ((j + 5 * g) as f32 - 6.0) / 5.0).collect();
+                    self.upload_weight(&dsv4_core::tensor::StoredWeight::float(
+                        dsv4_core::tensor::HostTensor::from_f32(format!("self-test expert {g}"), vec![n, kk], &v)?,
+                    )?)
+                })
+                .collect::<Result<_>>()?;
+            let refs: Vec<&AscendWeight> = ws.iter().collect();
+            let got = self.fused("aclnnGroupedMatmulV4", &self.kernels.grouped_matmul, || {
+                self.grouped_matmul(&xt, &refs, &[2, 3])
+            })?;
+            if let Some(got) = got {
+                let want = self.concat(
+                    &[
+                        &self.linear(&self.narrow(&xt, 0, 0, 2)?, &ws[0])?,
+                        &self.linear(&self.narrow(&xt, 0, 2, 3)?, &ws[1])?,
+                    ],
+                    0,
+                )?;
+                let (g, w) = (self.download(&got)?, self.download(&want)?);
+                if g.iter().zip(&w).any(|(a, b)| (a - b).abs() > 1e-5 * b.abs().max(1.0)) {
+                    self.kernels.grouped_matmul.disable(format!("self-test disagreed with Matmul: {g:?} vs {w:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Expert ids outside the table are an error (the composed path says the same).
+fn check_expert_ids(ids: &[i32], experts: usize) -> Result<()> {
+    match ids.iter().find(|&&e| e < 0 || e as usize >= experts) {
+        Some(bad) => Err(err(format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
+        None => Ok(()),
     }
 }
 

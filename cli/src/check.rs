@@ -65,9 +65,9 @@ fn diff(reference: &[f32], other: &[f32]) -> (f64, f64) {
     (d, d / scale)
 }
 
-/// The share of the reference's top-k picks (`-1` = none, ignored) that the other backend also
-/// picked for the same query, over all queries. Order within a query does not matter. 1.0 when
-/// neither picked anything; 0.0 when the shapes differ.
+/// How far two backends' top-k picks (`-1` = none, ignored) agree: per query, the picks both
+/// made over the larger of the two pick counts, summed over all queries. Order within a query
+/// does not matter. 1.0 when neither picked anything; 0.0 when the shapes differ.
 fn pick_overlap(reference: (usize, &[i32]), other: (usize, &[i32])) -> f64 {
     let ((k, a), (kb, b)) = (reference, other);
     if k != kb || a.len() != b.len() {

@@ -414,6 +414,12 @@ pub mod composed {
     ) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let k = expert_ids.len() / t.max(1);
+        if let Some(bad) = expert_ids.iter().find(|&&e| e < 0 || e as usize >= experts.len()) {
+            return Err(Error::backend(
+                be.name(),
+                format!("moe_experts: expert id {bad} is outside 0..{}", experts.len()),
+            ));
+        }
         let flat_w = be.reshape(weights, &[t * k, 1])?;
         let mut out = be.full(x.shape(), 0.0)?;
         for (e, ew) in experts.iter().enumerate() {

@@ -7,11 +7,19 @@ use std::ffi::c_void;
 
 use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclTensorList, aclnnStatus, aclrtStream};
 
-use crate::mem::{contiguous_strides, dtype_name, Desc};
+use crate::mem::{dtype_name, Desc};
 use crate::ops::{contiguous_out, need_float, need_index, plan, same_dtype, shape_is, ws_for, R};
 use crate::{get_workspace, launch, soc_name, Emu, Plan};
 
 launcher!(aclnnGroupedMatmulV4, aclnnMoeGatingTopKV2);
+
+/// `DSV4_ASCEND_EMU_QUIRKS` (comma-separated) makes the emulator behave like other CANN
+/// releases, so dsv4's self-tests can be tested: `gating-bias-in-weights` (an older
+/// MoeGatingTopK revision documents the output weights as taken after adding the bias) and
+/// `gmm-no-fp32` (a build that rejects FLOAT32 grouped matmul).
+fn quirk(name: &str) -> bool {
+    std::env::var("DSV4_ASCEND_EMU_QUIRKS").is_ok_and(|v| v.split(',').any(|q| q.trim() == name))
+}
 
 /// The SoC families the CANN docs name (`Ascend910B*` = Atlas A2, `Ascend910_93*` = A3).
 fn family() -> &'static str {
@@ -42,15 +50,8 @@ fn transposed(d: &Desc, name: &str) -> R<bool> {
     if d.is_contiguous() {
         return Ok(false);
     }
-    let r = d.dims.len();
-    if r >= 2 {
-        let mut swapped = d.dims.clone();
-        swapped.swap(r - 2, r - 1);
-        let mut st = contiguous_strides(&swapped);
-        st.swap(r - 2, r - 1);
-        if st == d.strides {
-            return Ok(true);
-        }
+    if d.is_transposed_last_two() {
+        return Ok(true);
     }
     Err(format!(
         "{name} must be contiguous or its last two dimensions transposed (a non-contiguous view), got {}",
@@ -123,6 +124,9 @@ phase_one!(aclnnGroupedMatmulV4GetWorkspaceSize = "aclnnGroupedMatmulV4", e, (
     // Atlas A2/A3 take FLOAT32 only when x, weight and out are all single tensors.
     if xd.dtype == aclDataType::ACL_FLOAT && !single && matches!(fam, "A2" | "A3") {
         return Err("FLOAT32 is supported only when x, weight and out are single tensors (a 3-D weight)".into());
+    }
+    if quirk("gmm-no-fp32") && xd.dtype == aclDataType::ACL_FLOAT {
+        return Err("FLOAT32 is not supported by this build (emulator quirk gmm-no-fp32)".into());
     }
     if fam == "310P" && xd.dtype != aclDataType::ACL_FLOAT16 {
         return Err(format!("{} supports FLOAT16 only, got {}", soc_name(), dtype_name(xd.dtype)));
@@ -334,8 +338,12 @@ phase_one!(aclnnMoeGatingTopKV2GetWorkspaceSize = "aclnnMoeGatingTopKV2", e, (
                 .collect(),
         };
         let mut y = vec![0f64; b * k];
+        let biased = quirk("gating-bias-in-weights");
         for t in 0..b {
-            let g: Vec<f64> = picks[t * k..(t + 1) * k].iter().map(|&j| norm[t * ne + j]).collect();
+            let g: Vec<f64> = picks[t * k..(t + 1) * k]
+                .iter()
+                .map(|&j| norm[t * ne + j] + if biased { bv.as_ref().map_or(0.0, |bv| bv[j]) } else { 0.0 })
+                .collect();
             let denom = if normType != 0 || renorm == 1 { g.iter().sum::<f64>() + eps } else { 1.0 };
             for (j, v) in g.iter().enumerate() {
                 y[t * k + j] = v / denom * routedScalingFactor;

@@ -1407,6 +1407,19 @@ pub unsafe extern "C" fn aclSetAclOpExecutorRepeatable(executor: *mut aclOpExecu
     let mut e = emu();
     match executor_mut(&mut e, executor as u64, "aclSetAclOpExecutorRepeatable") {
         Err(m) => fail(ACLNN_ERR_PARAM_INVALID, m),
+        // The docs exclude operators that copy internally; an input the kernel cannot read as
+        // it is (anything but contiguous or a transpose of the last two dimensions) would need
+        // such a copy, so the emulator refuses to make those executors repeatable.
+        Ok(x) if x.reads.iter().any(|d| !d.is_contiguous() && !d.is_transposed_last_two()) => {
+            let d = x.reads.iter().find(|d| !d.is_contiguous() && !d.is_transposed_last_two()).expect("found");
+            let m = format!(
+                "aclSetAclOpExecutorRepeatable: {} reads the non-contiguous view {}, which needs an internal copy; \
+                 such executors cannot be reused",
+                x.op,
+                d.describe()
+            );
+            fail(ACLNN_ERR_PARAM_INVALID, m)
+        }
         Ok(x) => {
             x.repeatable = true;
             ACLNN_SUCCESS
@@ -1440,7 +1453,7 @@ fn set_tensor_addr(
     let r = (|| -> Result<(), (i32, String)> {
         let inv = |m: String| (ACLNN_ERR_PARAM_INVALID, format!("{what}: {m}"));
         if executor.is_null() || tensor.is_null() {
-            return Err((ACLNN_ERR_PARAM_NULLPTR, format!("{what}: executor or tensor is NULL")));
+            return Err((ACLNN_ERR_INNER_NULLPTR, format!("{what}: executor or tensor is NULL")));
         }
         let addr = addr as u64;
         if !addr.is_multiple_of(32) {

@@ -204,6 +204,20 @@ impl Desc {
         true
     }
 
+    /// Whether the view is its last two dimensions transposed over contiguous data (strides
+    /// `[.., 1, rows]`), which matmul kernels read directly.
+    pub fn is_transposed_last_two(&self) -> bool {
+        let r = self.dims.len();
+        if r < 2 {
+            return false;
+        }
+        let mut swapped = self.dims.clone();
+        swapped.swap(r - 2, r - 1);
+        let mut st = contiguous_strides(&swapped);
+        st.swap(r - 2, r - 1);
+        st == self.strides
+    }
+
     /// Element offsets (into storage) of the view, in row-major view order.
     pub fn offsets(&self) -> Vec<usize> {
         let n = self.numel();

@@ -748,6 +748,10 @@ phase_one!(aclnnNegGetWorkspaceSize = "aclnnNeg", e, (s: *const aclTensor, out: 
     unary_plan(e, s, out, false, |v| -v)
 });
 phase_one!(aclnnSoftplusGetWorkspaceSize = "aclnnSoftplus", e, (s: *const aclTensor, beta: *const aclScalar, threshold: *const aclScalar, out: *mut aclTensor) {
+    // The operator docs list aclnnSoftplus as unsupported on the Ascend 950.
+    if crate::soc_name().starts_with("Ascend950") {
+        return Err(format!("aclnnSoftplus is not supported on {}", crate::soc_name()));
+    }
     let (b, t) = (e.scalar(beta, "beta")?, e.scalar(threshold, "threshold")?);
     if b == 0.0 {
         return Err("beta must not be 0".into());

@@ -1,0 +1,35 @@
+//! The fused-kernel self-tests at device open, against the emulator posing as CANN releases
+//! whose kernels differ (`DSV4_ASCEND_EMU_QUIRKS`): MoE gating weights that include the
+//! correction bias (an older documented revision) and a grouped matmul that rejects FLOAT32.
+//! Both kernels must be switched off with the reason, and the model must still match the
+//! reference through the compositions. A separate test binary: the quirks are process-wide.
+
+use std::path::{Path, PathBuf};
+
+use dsv4_core::Backend;
+
+#[test]
+fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
+    if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+        let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
+        let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
+        std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
+    }
+    // The only test in this binary: nothing else reads the environment concurrently.
+    std::env::set_var("DSV4_ASCEND_EMU_QUIRKS", "gating-bias-in-weights,gmm-no-fp32");
+    let be = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
+    let choices = be.fused_kernels();
+    let gmm = choices.iter().find(|c| c.name.contains("aclnnGroupedMatmulV4")).unwrap();
+    assert!(!gmm.used && gmm.why.contains("gmm-no-fp32"), "{gmm:?}");
+    let gating = choices.iter().find(|c| c.name.contains("sigmoid/softmax")).unwrap();
+    assert!(!gating.used && gating.why.contains("self-test disagreed"), "{gating:?}");
+
+    let case = dsv4_tests::fixtures_dir().join("mixed_f32");
+    let model = dsv4_tests::load_model(&be, &case);
+    let r = dsv4_tests::read_reference(&case);
+    let logits =
+        be.download(&model.forward(&be, &dsv4_core::Batch::prefill(&[&r.input_ids]).unwrap()).unwrap()).unwrap();
+    let err = dsv4_tests::max_rel_err(&logits, &r.logits);
+    assert!(err <= 1e-4, "{err:.3e}");
+}
