@@ -45,7 +45,7 @@ use std::sync::Arc;
 use acl::{err, esize, AclIntArray, AclScalar, AclTensor, AclTensorList, Buffer, Device};
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, UnaryOp};
+use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, UnaryOp};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, StoredWeight, WeightFormat};
@@ -1027,7 +1027,10 @@ impl Backend for AscendBackend {
         k: usize,
         routed_scale: f32,
     ) -> Result<(AscendIndex, AscendTensor)> {
-        moe::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale)
+        match self.route_fused(logits, scoring, bias, hash_ids, k, routed_scale)? {
+            Some(r) => Ok(r),
+            None => composed::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale),
+        }
     }
 
     fn moe_experts(
@@ -1038,7 +1041,10 @@ impl Backend for AscendBackend {
         experts: &[ExpertWeights<AscendWeight>],
         limit: f32,
     ) -> Result<AscendTensor> {
-        moe::moe_experts(self, x, expert_ids, weights, experts, limit)
+        match self.experts_grouped(x, expert_ids, weights, experts, limit)? {
+            Some(out) => Ok(out),
+            None => composed::moe_experts(self, x, expert_ids, weights, experts, limit),
+        }
     }
 }
 

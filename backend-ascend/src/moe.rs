@@ -27,7 +27,7 @@ use dsv4_core::error::Result;
 
 use crate::acl::{err, AclTensorList, Buffer};
 use crate::kernels::KernelState;
-use crate::{numel, AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
+use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
 
 /// Default size of one widened expert stack (per chunk and projection).
 pub(crate) const DEFAULT_STACK_BYTES: usize = 256 << 20;
@@ -347,37 +347,4 @@ fn check_expert_ids(ids: &[i32], experts: usize) -> Result<()> {
         Some(bad) => Err(err(format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
         None => Ok(()),
     }
-}
-
-/// The trait's MoE entry points on this backend: fused where possible, else composed.
-pub(crate) fn moe_experts(
-    be: &AscendBackend,
-    x: &AscendTensor,
-    expert_ids: &[i32],
-    weights: &AscendTensor,
-    experts: &[ExpertWeights<AscendWeight>],
-    limit: f32,
-) -> Result<AscendTensor> {
-    match be.experts_grouped(x, expert_ids, weights, experts, limit)? {
-        Some(out) => Ok(out),
-        None => composed::moe_experts(be, x, expert_ids, weights, experts, limit),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn moe_route(
-    be: &AscendBackend,
-    logits: &AscendTensor,
-    scoring: ScoringFunc,
-    bias: Option<&AscendTensor>,
-    hash_ids: Option<&AscendIndex>,
-    k: usize,
-    routed_scale: f32,
-) -> Result<(AscendIndex, AscendTensor)> {
-    if numel(&logits.shape) > 0 {
-        if let Some(r) = be.route_fused(logits, scoring, bias, hash_ids, k, routed_scale)? {
-            return Ok(r);
-        }
-    }
-    composed::moe_route(be, logits, scoring, bias, hash_ids, k, routed_scale)
 }

@@ -9,6 +9,21 @@ use dsv4_core::model::{Logits, Trace};
 use dsv4_core::tensor::DType;
 use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
 
+/// Builds the AscendCL emulator (`tests/ascend-emu`; a no-op when fresh) and points
+/// `DSV4_ASCEND_EMULATOR` at it, unless the variable is already set. Call it before anything in
+/// the process loads the Ascend runtime.
+pub fn use_ascend_emulator() {
+    static SETUP: std::sync::Once = std::sync::Once::new();
+    SETUP.call_once(|| {
+        if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+            let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
+            let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
+            std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
+        }
+    });
+}
+
 /// `tests/fixtures/cases`.
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("cases")

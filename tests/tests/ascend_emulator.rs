@@ -3,26 +3,14 @@
 //! every fixture's prefill logits, and decode / chunked prefill against the full forward,
 //! with the CPU backend's tolerances. Emulator-verified, not hardware-verified.
 
-use std::path::{Path, PathBuf};
-use std::sync::Once;
-
 use dsv4_backend_ascend::AscendBackend;
 use dsv4_core::Backend;
 
 const TOLERANCE: f64 = 1e-4;
 
-/// Builds the emulator library (a no-op when fresh) and points the loader at it, once.
+/// The Ascend backend on the emulator.
 fn backend() -> AscendBackend {
-    static SETUP: Once = Once::new();
-    SETUP.call_once(|| {
-        if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-            let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
-            let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
-            // Set before any thread loads the runtime (this Once runs first in every test).
-            std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
-        }
-    });
+    dsv4_tests::use_ascend_emulator();
     dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -3,18 +3,11 @@
 //! bias, and hash routing) as well as the experts on `aclnnGroupedMatmulV4`. A separate test
 //! binary, because the SoC is fixed for the process. Emulator-verified, not hardware-verified.
 
-use std::path::{Path, PathBuf};
-
 const TOLERANCE: f64 = 1e-4;
 
 #[test]
 fn every_fixture_matches_on_a_950_with_fused_routing() {
-    if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
-        let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
-        std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
-    }
+    dsv4_tests::use_ascend_emulator();
     // The only test in this binary: nothing else reads the environment concurrently.
     std::env::set_var("DSV4_ASCEND_EMU_SOC", "Ascend950PR_9599");
     let be = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));

@@ -4,18 +4,11 @@
 //! Both kernels must be switched off with the reason, and the model must still match the
 //! reference through the compositions. A separate test binary: the quirks are process-wide.
 
-use std::path::{Path, PathBuf};
-
 use dsv4_core::Backend;
 
 #[test]
 fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
-    if std::env::var_os(dsv4_ascend_sys::EMULATOR_VAR).is_none() {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-        let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
-        let lib = dsv4_ascend_sys::emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
-        std::env::set_var(dsv4_ascend_sys::EMULATOR_VAR, lib);
-    }
+    dsv4_tests::use_ascend_emulator();
     // The only test in this binary: nothing else reads the environment concurrently.
     std::env::set_var("DSV4_ASCEND_EMU_QUIRKS", "gating-bias-in-weights,gmm-no-fp32");
     let be = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));

@@ -5,23 +5,13 @@
 //! surfaces the runtime's error text, leaks nothing, and honours ASCEND_RT_VISIBLE_DEVICES.
 
 use std::ffi::c_void;
-use std::path::{Path, PathBuf};
 use std::ptr::{null, null_mut};
-use std::sync::Once;
 
 use dsv4_ascend_sys::*;
 use dsv4_core::Backend;
 
 fn setup() {
-    static SETUP: Once = Once::new();
-    SETUP.call_once(|| {
-        if std::env::var_os(EMULATOR_VAR).is_none() {
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-            let cargo = std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO")));
-            let lib = emulator::build(&cargo, &manifest).unwrap_or_else(|e| panic!("{e}"));
-            std::env::set_var(EMULATOR_VAR, lib);
-        }
-    });
+    dsv4_tests::use_ascend_emulator();
 }
 
 /// The emulator's API with device 0 set on this thread.
@@ -562,42 +552,22 @@ fn list(api: &Api, members: &[*mut aclTensor]) -> *mut aclTensorList {
     l
 }
 
-/// aclnnGroupedMatmulV4 GetWorkspaceSize with dsv4's non-quantised single-output arguments.
+/// aclnnGroupedMatmulV4 GetWorkspaceSize with dsv4's non-quantised single-output arguments:
+/// (status, workspace size, executor).
 fn plan_gmm(
     api: &Api,
     x: *mut aclTensorList,
     w: *mut aclTensorList,
     gl: *mut aclTensor,
     out: *mut aclTensorList,
-) -> i32 {
+) -> (i32, u64, *mut aclOpExecutor) {
     let (mut ws, mut ex) = (0u64, null_mut());
     let n: *const aclTensorList = null();
+    let f = api.aclnnGroupedMatmulV4GetWorkspaceSize().unwrap();
     // SAFETY: live objects or NULL for the optional lists; out-pointers to locals.
-    unsafe {
-        api.aclnnGroupedMatmulV4GetWorkspaceSize().unwrap()(
-            x,
-            w,
-            n,
-            n,
-            n,
-            n,
-            n,
-            n,
-            gl,
-            n,
-            n,
-            n,
-            3,
-            0,
-            1,
-            0,
-            out,
-            null_mut(),
-            null_mut(),
-            &mut ws,
-            &mut ex,
-        )
-    }
+    let st =
+        unsafe { f(x, w, n, n, n, n, n, n, gl, n, n, n, 3, 0, 1, 0, out, null_mut(), null_mut(), &mut ws, &mut ex) };
+    (st, ws, ex)
 }
 
 /// The fused MoE kernels' documented limits on Atlas A2 (the emulator's default SoC): FLOAT32
@@ -609,7 +579,7 @@ fn fused_moe_kernels_check_their_documented_limits() {
     let p = malloc(api, 4096);
     let f = aclDataType::ACL_FLOAT;
     // x [4, 2], two experts' weights [2, 3] as a list: refused for FLOAT32 on A2.
-    let st = plan_gmm(
+    let (st, _, _) = plan_gmm(
         api,
         list(api, &[tensor(api, p, &[4, 2], f)]),
         list(api, &[tensor(api, p, &[2, 3], f), tensor(api, p, &[2, 3], f)]),
@@ -619,7 +589,7 @@ fn fused_moe_kernels_check_their_documented_limits() {
     assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
     assert!(msg(api).contains("single tensors"), "{}", msg(api));
     // One 3-D weight, but an INT32 group list.
-    let st = plan_gmm(
+    let (st, _, _) = plan_gmm(
         api,
         list(api, &[tensor(api, p, &[4, 2], f)]),
         list(api, &[tensor(api, p, &[2, 2, 3], f)]),
@@ -646,36 +616,9 @@ fn fused_moe_kernels_check_their_documented_limits() {
         )
     };
     assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
-    let (mut ws, mut ex) = (0u64, null_mut());
-    let n: *const aclTensorList = null();
     let (x, w) = (list(api, &[tensor(api, xd, &[4, 2], f)]), list(api, &[tensor(api, wd, &[2, 2, 3], f)]));
     let (gl, out) = (tensor(api, gd, &[2], aclDataType::ACL_INT64), list(api, &[tensor(api, od, &[4, 3], f)]));
-    // SAFETY: as in plan_gmm.
-    let st = unsafe {
-        api.aclnnGroupedMatmulV4GetWorkspaceSize().unwrap()(
-            x,
-            w,
-            n,
-            n,
-            n,
-            n,
-            n,
-            n,
-            gl,
-            n,
-            n,
-            n,
-            3,
-            0,
-            1,
-            0,
-            out,
-            null_mut(),
-            null_mut(),
-            &mut ws,
-            &mut ex,
-        )
-    };
+    let (st, ws, ex) = plan_gmm(api, x, w, gl, out);
     assert_eq!(st, ACLNN_SUCCESS, "{}", msg(api));
     let wsp = malloc(api, ws as usize);
     // SAFETY: the executor just planned, a workspace of the size asked, a live stream.
@@ -684,6 +627,7 @@ fn fused_moe_kernels_check_their_documented_limits() {
     assert!(msg(api).contains("covers 3 rows but x has 4"), "{}", msg(api));
 
     // Gating with V4's sqrt-softplus scores is a 950 kernel.
+    let (mut ws, mut ex) = (0u64, null_mut());
     let (lx, y, idx, norm) = (
         tensor(api, p, &[2, 4], f),
         tensor(api, p, &[2, 2], f),
