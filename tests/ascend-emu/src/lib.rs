@@ -22,7 +22,10 @@
 //! `aclGetRecentErrMsg`. `ASCEND_RT_VISIBLE_DEVICES` is applied at `aclInit`;
 //! `DSV4_ASCEND_EMU_DEVICES` (default 2) sets the number of physical devices,
 //! `DSV4_ASCEND_EMU_MEMORY_MB` (default 16384) their memory and `DSV4_ASCEND_EMU_SOC` the name
-//! `aclrtGetSocName` reports (default `Ascend910B3`).
+//! `aclrtGetSocName` reports (default `Ascend910B3`; per-SoC limits follow it, e.g. FLOAT32
+//! grouped matmul only with a 3-D weight on A2/A3, sqrt-softplus gating and no aclnnSoftplus on
+//! the 950). `DSV4_ASCEND_EMU_QUIRKS` makes the fused MoE kernels behave like other CANN
+//! releases (`gating-bias-in-weights`, `gmm-no-fp32`; see `fused.rs`).
 //!
 //! Deliberate emulator choices where the documentation says nothing: `aclnnTopk` breaks ties
 //! towards the lower index; `aclrtMemcpyAsync` from pageable host memory copies at the call (the
