@@ -65,18 +65,19 @@ pub fn probe() -> std::result::Result<String, String> {
 /// On dsv4's CPU emulator, how many times the aclnn operator `op` (e.g. `aclnnGroupedMatmulV4`)
 /// has been launched in this process; None on a real runtime or when nothing is loaded.
 pub fn emulator_launches(op: &str) -> Option<u64> {
-    let api = sys::runtime().ok()?;
-    let f = api.dsv4emu_launch_count().ok()?;
-    let name = std::ffi::CString::new(op).ok()?;
-    // SAFETY: a NUL-terminated string that outlives the call; the emulator only reads it.
-    Some(unsafe { f(name.as_ptr()) })
+    emulator_count(op, |api| api.dsv4emu_launch_count().ok())
 }
 
 /// On dsv4's CPU emulator, how many times `op`'s GetWorkspaceSize (the host-side planning) has
 /// run in this process; None on a real runtime.
 pub fn emulator_plans(op: &str) -> Option<u64> {
+    emulator_count(op, |api| api.dsv4emu_plan_count().ok())
+}
+
+/// One of the emulator's per-operator counters (`dsv4emu_*_count`).
+fn emulator_count(op: &str, counter: impl Fn(&sys::Api) -> Option<sys::pfn::dsv4emu_launch_count>) -> Option<u64> {
     let api = sys::runtime().ok()?;
-    let f = api.dsv4emu_plan_count().ok()?;
+    let f = counter(api)?;
     let name = std::ffi::CString::new(op).ok()?;
     // SAFETY: a NUL-terminated string that outlives the call; the emulator only reads it.
     Some(unsafe { f(name.as_ptr()) })
