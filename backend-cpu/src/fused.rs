@@ -5,7 +5,6 @@
 use std::ops::Range;
 
 use dsv4_core::error::{Error, Result};
-use rayon::prelude::*;
 
 use crate::storage::{CpuIndex, CpuTensor};
 
@@ -40,7 +39,7 @@ pub fn sparse_attention(
         return Err(err(format!("sparse_attention: key index {bad} outside {n} rows")));
     }
     let mut out = vec![0f32; t * h * d];
-    out.par_chunks_mut(h * d).enumerate().for_each(|(ti, o)| {
+    crate::par::chunks_mut(&mut out, h * d, t * h * k * d, |ti, o| {
         let keys: Vec<&[f32]> = idx.data[ti * k..(ti + 1) * k]
             .iter()
             .filter(|&&i| i >= 0)
@@ -95,7 +94,8 @@ pub fn indexer_select(
     }
     let scale = (dh as f32).powf(-0.5);
     let mut out = vec![-1i32; t * k];
-    out.par_chunks_mut(k.max(1)).enumerate().for_each(|(ti, o)| {
+    let work: usize = valid.iter().map(|r| r.len()).sum::<usize>() * q.shape[1] * dh;
+    crate::par::chunks_mut(&mut out, k, work, |ti, o| {
         let r = valid[ti].clone();
         let mut scored: Vec<(f32, usize)> = r
             .map(|s| {

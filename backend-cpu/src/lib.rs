@@ -10,6 +10,7 @@
 
 mod fused;
 mod ops;
+mod par;
 mod storage;
 
 pub use storage::{CpuIndex, CpuTensor, CpuWeight};

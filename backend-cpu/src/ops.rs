@@ -7,7 +7,7 @@ use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Z
 use rayon::prelude::*;
 
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
-use crate::CpuBackend;
+use crate::{par, CpuBackend};
 
 /// Rows of a weight processed per parallel task in `linear`.
 const ROW_BLOCK: usize = 64;
@@ -163,14 +163,11 @@ impl Backend for CpuBackend {
         }
         let m = x.numel() / k.max(1);
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
-        let blocks: Vec<(usize, ndarray::Array2<f32>)> = (0..w.rows.div_ceil(ROW_BLOCK))
-            .into_par_iter()
-            .map_init(Vec::new, |scratch, b| {
-                let start = b * ROW_BLOCK;
-                let n = ROW_BLOCK.min(w.rows - start);
-                (start, linear_block(xv, w, start, n, scratch))
-            })
-            .collect();
+        let blocks: Vec<(usize, ndarray::Array2<f32>)> = par::map(w.rows.div_ceil(ROW_BLOCK), m * k * w.rows, |b| {
+            let start = b * ROW_BLOCK;
+            let n = ROW_BLOCK.min(w.rows - start);
+            (start, linear_block(xv, w, start, n, &mut Vec::new()))
+        });
         let mut out = vec![0f32; m * w.rows];
         for (start, y) in blocks {
             let n = y.ncols();
@@ -190,13 +187,8 @@ impl Backend for CpuBackend {
         }
         let (m, k, r) = (x.shape[0], x.shape[2], w.rows / groups);
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let per_group: Vec<ndarray::Array2<f32>> = (0..groups)
-            .into_par_iter()
-            .map(|g| {
-                let mut scratch = Vec::new();
-                linear_block(xv.slice(s![.., g, ..]), w, g * r, r, &mut scratch)
-            })
-            .collect();
+        let per_group: Vec<ndarray::Array2<f32>> =
+            par::map(groups, m * k * w.rows, |g| linear_block(xv.slice(s![.., g, ..]), w, g * r, r, &mut Vec::new()));
         let mut out = vec![0f32; m * groups * r];
         for (g, y) in per_group.iter().enumerate() {
             for i in 0..m {
@@ -235,7 +227,7 @@ impl Backend for CpuBackend {
         }
         let b_stride = if shared_b { 0 } else { b.shape[br - 2] * b.shape[br - 1] };
         let mut out = vec![0f32; batch * m * n];
-        out.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, o)| {
+        par::chunks_mut(&mut out, m * n, batch * m * n * k, |i, o| {
             let av = ArrayView2::from_shape((m, k), &a.data[i * m * k..(i + 1) * m * k]).expect("a view");
             let bs = &b.data[i * b_stride..i * b_stride + k * n];
             let y = if transpose_b {
@@ -262,7 +254,7 @@ impl Backend for CpuBackend {
             UnaryOp::Neg => |v| -v,
             UnaryOp::Square => |v| v * v,
         };
-        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| f(v)).collect()))
+        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, f)))
     }
 
     fn binary(&self, a: &CpuTensor, b: &CpuTensor, op: BinaryOp) -> Result<CpuTensor> {
@@ -275,23 +267,28 @@ impl Backend for CpuBackend {
             BinaryOp::Min => f32::min,
         };
         if a.shape == b.shape {
-            let data = a.data.par_iter().zip(b.data.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+            let data = par::map(a.data.len(), a.data.len(), |i| f(a.data[i], b.data[i]));
             return Ok(CpuTensor::new(a.shape.clone(), data));
         }
         let shape = broadcast_shape(&a.shape, &b.shape)?;
         let (av, bv) = (a.view(), b.view());
         let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
         let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
-        let out = Zip::from(&ab).and(&bb).par_map_collect(|&x, &y| f(x, y));
+        let zip = Zip::from(&ab).and(&bb);
+        let out = if shape.iter().product::<usize>() < par::MIN_WORK {
+            zip.map_collect(|&x, &y| f(x, y))
+        } else {
+            zip.par_map_collect(|&x, &y| f(x, y))
+        };
         Ok(owned(out.view()))
     }
 
     fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| v * mul + add).collect()))
+        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, |v| v * mul + add)))
     }
 
     fn clamp(&self, x: &CpuTensor, min: f32, max: f32) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(x.shape.clone(), x.data.par_iter().map(|&v| v.max(min).min(max)).collect()))
+        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, |v| v.max(min).min(max))))
     }
 
     fn reduce(&self, x: &CpuTensor, axis: usize, op: ReduceOp) -> Result<CpuTensor> {
@@ -333,7 +330,8 @@ impl Backend for CpuBackend {
             }
         }
         let mut out = vec![0f32; x.data.len()];
-        out.par_chunks_mut(d.max(1)).zip(x.data.par_chunks(d.max(1))).for_each(|(o, row)| {
+        par::chunks_mut(&mut out, d, x.data.len(), |i, o| {
+            let row = &x.data[i * d..i * d + o.len()];
             let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / d as f64;
             let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
             match weight {
@@ -357,7 +355,7 @@ impl Backend for CpuBackend {
         let half = cos.shape[1];
         let sign = if inverse { -1.0f32 } else { 1.0 };
         let mut out = x.data.to_vec();
-        out.par_chunks_mut(heads * d).enumerate().for_each(|(ti, tok)| {
+        par::chunks_mut(&mut out, heads * d, t * heads * d, |ti, tok| {
             let (c, s) = (&cos.data[ti * half..(ti + 1) * half], &sin.data[ti * half..(ti + 1) * half]);
             for head in tok.chunks_mut(d) {
                 let rope = &mut head[d - 2 * half..];
@@ -483,17 +481,14 @@ impl Backend for CpuBackend {
             return Err(err(format!("topk: k = {k} but only {n} entries")));
         }
         let rows = x.data.len() / n.max(1);
-        let picks: Vec<(Vec<f32>, Vec<i32>)> = (0..rows)
-            .into_par_iter()
-            .map(|r| {
-                let row = &x.data[r * n..(r + 1) * n];
-                let mut order: Vec<usize> = (0..n).collect();
-                // Descending by value, ties to the lower index: deterministic everywhere.
-                order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
-                order.truncate(k);
-                (order.iter().map(|&i| row[i]).collect(), order.iter().map(|&i| i as i32).collect())
-            })
-            .collect();
+        let picks: Vec<(Vec<f32>, Vec<i32>)> = par::map(rows, rows * n * 8, |r| {
+            let row = &x.data[r * n..(r + 1) * n];
+            let mut order: Vec<usize> = (0..n).collect();
+            // Descending by value, ties to the lower index: deterministic everywhere.
+            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            order.truncate(k);
+            (order.iter().map(|&i| row[i]).collect(), order.iter().map(|&i| i as i32).collect())
+        });
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("non-scalar") = k;
         let (vals, ids): (Vec<_>, Vec<_>) = picks.into_iter().unzip();
