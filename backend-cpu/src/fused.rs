@@ -109,8 +109,14 @@ pub fn indexer_select(
                 (score, s)
             })
             .collect();
-        // Descending score, ties to the lower index (as Backend::topk).
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Descending score, ties to the lower index (as Backend::topk). That is a total order,
+        // so selecting the first k and sorting only them gives exactly the full sort's prefix.
+        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        if scored.len() > k && k > 0 {
+            scored.select_nth_unstable_by(k - 1, order);
+            scored.truncate(k);
+        }
+        scored.sort_by(order);
         for (slot, (_, s)) in o.iter_mut().zip(scored) {
             *slot = s as i32 + offset;
         }

@@ -3,7 +3,8 @@
 //! (BF16/F16/F32, FP8 blocks, FP4 groups), as views of the memory-mapped checkpoint, and are
 //! dequantised row by row inside the GEMV/GEMM, so a weight is never held twice
 //! (`DSV4_CPU_DEQUANTIZE=1` dequantises at load instead, as a reference). GEMMs go through
-//! `matrixmultiply` (via ndarray); elementwise and row-wise work is spread over cores with rayon.
+//! `matrixmultiply` (via ndarray); elementwise and row-wise work is spread over cores with rayon
+//! when it is large enough to pay for the hand-off (`par`), and stays on the calling thread otherwise.
 //! Sparse attention and indexer selection have fused kernels (`fused.rs`).
 //!
 //! This backend is what the others are judged against: it favours plain, checkable code.

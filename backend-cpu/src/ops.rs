@@ -484,9 +484,14 @@ impl Backend for CpuBackend {
         let picks: Vec<(Vec<f32>, Vec<i32>)> = par::map(rows, rows * n * 8, |r| {
             let row = &x.data[r * n..(r + 1) * n];
             let mut order: Vec<usize> = (0..n).collect();
-            // Descending by value, ties to the lower index: deterministic everywhere.
-            order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+            // Descending by value, ties to the lower index: deterministic everywhere. A total
+            // order, so selecting the first k, then sorting them, equals the full sort's prefix.
+            let cmp = |i: &usize, j: &usize| row[*j].total_cmp(&row[*i]).then(i.cmp(j));
+            if k > 0 && k < n {
+                order.select_nth_unstable_by(k - 1, cmp);
+            }
             order.truncate(k);
+            order.sort_by(cmp);
             (order.iter().map(|&i| row[i]).collect(), order.iter().map(|&i| i as i32).collect())
         });
         let mut shape = x.shape.clone();

@@ -1616,3 +1616,24 @@ fn index_add_of_a_0d_tensor_is_an_error() {
     assert!(be.index_add(&row, &idx, &scalar).is_err(), "0-d src");
     assert!(be.index_add(&scalar, &idx, &row).is_err(), "0-d dst");
 }
+
+/// Top-k selects k then sorts them; with many ties and every k it must equal the full sort's
+/// first k (descending, ties to the lower index).
+#[test]
+fn topk_equals_the_full_sort_prefix_under_ties() {
+    let be = CpuBackend::new();
+    let (rows, n) = (64usize, 37usize);
+    let xs: Vec<f32> = (0..rows * n).map(|i| ((i * 7919) % 5) as f32 - 2.0).collect();
+    for k in [1, 2, 5, 17, 36, 37] {
+        let (v, i) = be.topk(&up(&be, &xs, &[rows, n]), k).unwrap();
+        let (v, i) = (down(&be, &v), downi(&be, &i));
+        for r in 0..rows {
+            let row = &xs[r * n..(r + 1) * n];
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let want: Vec<i32> = order[..k].iter().map(|&j| j as i32).collect();
+            assert_eq!(&i[r * k..(r + 1) * k], &want[..], "row {r}, k {k}");
+            assert!(want.iter().zip(&v[r * k..(r + 1) * k]).all(|(&j, &x)| row[j as usize] == x));
+        }
+    }
+}
