@@ -501,25 +501,27 @@ impl Drop for AclTensorList {
 pub(crate) struct AclScalar {
     api: &'static Api,
     raw: *mut sys::aclScalar,
+    /// (dtype, value bits): what a reusable executor freezes.
+    pub key: (i32, u64),
 }
 
 impl AclScalar {
-    fn new(api: &'static Api, value: *mut c_void, dtype: aclDataType) -> Result<AclScalar> {
+    fn new(api: &'static Api, value: *mut c_void, dtype: aclDataType, bits: u64) -> Result<AclScalar> {
         let f = api.aclCreateScalar().map_err(|e| err(e.to_string()))?;
         // SAFETY: `value` points at a live host value of `dtype`, copied by the call.
         let raw = unsafe { f(value, dtype) };
         if raw.is_null() {
             return Err(err(format!("aclCreateScalar failed: {}", api.recent_error().unwrap_or_default())));
         }
-        Ok(AclScalar { api, raw })
+        Ok(AclScalar { api, raw, key: (dtype.0, bits) })
     }
 
     pub fn f32(api: &'static Api, mut v: f32) -> Result<AclScalar> {
-        Self::new(api, &mut v as *mut f32 as *mut c_void, aclDataType::ACL_FLOAT)
+        Self::new(api, &mut v as *mut f32 as *mut c_void, aclDataType::ACL_FLOAT, v.to_bits() as u64)
     }
 
     pub fn i32(api: &'static Api, mut v: i32) -> Result<AclScalar> {
-        Self::new(api, &mut v as *mut i32 as *mut c_void, aclDataType::ACL_INT32)
+        Self::new(api, &mut v as *mut i32 as *mut c_void, aclDataType::ACL_INT32, v as u32 as u64)
     }
 
     pub fn ptr(&self) -> *mut sys::aclScalar {

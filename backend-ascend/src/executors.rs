@@ -7,8 +7,8 @@
 //! offset, storage size) and attributes, and the cache owns the `aclTensor`s they were planned
 //! with (the address setters name them).
 //!
-//! Only operators whose every argument is a tensor or a plain attribute use the cache (no
-//! `aclScalar`, no tensor lists), whose inputs are contiguous or a transposed matrix (the docs
+//! Only operators whose arguments are tensors, `aclScalar`s (their values are part of the key
+//! and the cache owns them) and plain attributes use the cache (no tensor lists), whose inputs are contiguous or a transposed matrix (the docs
 //! exclude operators that copy internally), and every parameter gets its own `aclTensor`, so
 //! "input i" is unambiguous. Set `DSV4_ASCEND_EXECUTOR_CACHE=off` to plan every call afresh.
 //! Assumed, not verified on hardware: the docs do not say whether a relaunch may use a
@@ -24,7 +24,7 @@ use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::{aclOpExecutor, aclnnStatus, Api};
 use dsv4_core::error::Result;
 
-use crate::acl::{check, err, AclTensor, Device, TensorLayout};
+use crate::acl::{check, err, AclScalar, AclTensor, Device, TensorLayout};
 
 /// Turns the executor cache off (`off`); on by default where the runtime has the API.
 pub const EXECUTOR_CACHE_VAR: &str = "DSV4_ASCEND_EXECUTOR_CACHE";
@@ -37,6 +37,7 @@ struct Key {
     op: &'static str,
     inputs: Vec<TensorLayout>,
     outputs: Vec<TensorLayout>,
+    scalars: Vec<(i32, u64)>,
     attrs: Vec<i64>,
 }
 
@@ -45,6 +46,8 @@ struct Cached {
     workspace: u64,
     inputs: Vec<AclTensor>,
     outputs: Vec<AclTensor>,
+    /// Kept alive with the executor, which refers to them.
+    _scalars: Vec<AclScalar>,
 }
 
 pub(crate) struct ExecutorCache {
@@ -78,10 +81,11 @@ impl ExecutorCache {
     }
 }
 
-/// The planning half of an operator over the given input and output tensors.
+/// The planning half of an operator over the given input and output tensors and scalars.
 pub(crate) type Plan<'a> = dyn FnOnce(
         &[AclTensor],
         &[AclTensor],
+        &[AclScalar],
         *mut u64,
         *mut *mut aclOpExecutor,
     ) -> std::result::Result<aclnnStatus, sys::MissingSymbol>
@@ -89,21 +93,23 @@ pub(crate) type Plan<'a> = dyn FnOnce(
 
 impl Device {
     /// [`Device::call`] through the executor cache. `inputs` and `outputs` are the operator's
-    /// tensor parameters in order (one `aclTensor` each), `attrs` every other argument's value;
-    /// `plan` calls GetWorkspaceSize with them.
+    /// tensor parameters in order (one `aclTensor` each), `scalars` its `aclScalar`s, `attrs`
+    /// every other argument's value; `plan` calls GetWorkspaceSize with them.
+    #[allow(clippy::too_many_arguments)]
     pub fn call_cached(
         self: &Arc<Self>,
         op: &'static str,
         launch: std::result::Result<sys::pfn::aclnnAdd, sys::MissingSymbol>,
         inputs: Vec<AclTensor>,
         outputs: Vec<AclTensor>,
+        scalars: Vec<AclScalar>,
         attrs: &[i64],
         plan: Box<Plan<'_>>,
     ) -> Result<()> {
         let mut cache = self.executors.lock().unwrap_or_else(|p| p.into_inner());
         if !cache.enabled {
             drop(cache);
-            return self.call(op, launch, |ws, ex| plan(&inputs, &outputs, ws, ex));
+            return self.call(op, launch, |ws, ex| plan(&inputs, &outputs, &scalars, ws, ex));
         }
         self.enter()?;
         let launch = launch.map_err(|e| err(e.to_string()))?;
@@ -111,6 +117,7 @@ impl Device {
             op,
             inputs: inputs.iter().map(|t| t.layout.clone()).collect(),
             outputs: outputs.iter().map(|t| t.layout.clone()).collect(),
+            scalars: scalars.iter().map(|s| s.key).collect(),
             attrs: attrs.to_vec(),
         };
         let api = self.api;
@@ -139,7 +146,7 @@ impl Device {
 
         let mut size = 0u64;
         let mut exec: *mut aclOpExecutor = null_mut();
-        let status = plan(&inputs, &outputs, &mut size, &mut exec).map_err(|e| err(e.to_string()))?;
+        let status = plan(&inputs, &outputs, &scalars, &mut size, &mut exec).map_err(|e| err(e.to_string()))?;
         check(api, &format!("{op}GetWorkspaceSize"), status)?;
         let repeatable = api.aclSetAclOpExecutorRepeatable().map_err(|e| err(e.to_string()))?;
         // SAFETY: the executor just planned, not yet launched.
@@ -181,7 +188,7 @@ impl Device {
             }
             cache.clear();
         }
-        cache.map.insert(key, Cached { exec, workspace: size, inputs, outputs });
+        cache.map.insert(key, Cached { exec, workspace: size, inputs, outputs, _scalars: scalars });
         Ok(())
     }
 

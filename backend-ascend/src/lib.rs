@@ -179,19 +179,26 @@ mod moe;
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
 
 /// An operator through the executor cache (`executors`): `[inputs] => [outputs]` are the
-/// operator's tensor parameters (one `AclTensor` each, moved in), `attrs [..]` the values of its
-/// other arguments, and the argument list refers to them as `i[n]` / `o[n]`.
+/// operator's tensor parameters (one `AclTensor` each, moved in), `scalars [..]` its
+/// `AclScalar`s (moved in), `attrs [..]` the values of its other arguments, and the argument
+/// list refers to them as `i[n]` / `o[n]` / `s[n]`.
 macro_rules! aclnn_cached {
     ($be:expr, $op:ident / $ws:ident, [$($inp:expr),*] => [$($out:expr),*], attrs [$($a:expr),*],
-     |$i:ident, $o:ident| ( $($arg:expr),* $(,)? )) => {{
+     |$i:ident, $o:ident| ( $($arg:expr),* $(,)? )) => {
+        aclnn_cached!($be, $op / $ws, [$($inp),*] => [$($out),*], scalars [], attrs [$($a),*],
+            |$i, $o, _s| ($($arg),*))
+    };
+    ($be:expr, $op:ident / $ws:ident, [$($inp:expr),*] => [$($out:expr),*], scalars [$($sc:expr),*],
+     attrs [$($a:expr),*], |$i:ident, $o:ident, $s:ident| ( $($arg:expr),* $(,)? )) => {{
         let api = $be.api();
         $be.dev.call_cached(
             stringify!($op),
             api.$op(),
             vec![$($inp),*],
             vec![$($out),*],
+            vec![$($sc),*],
             &[$($a as i64),*],
-            Box::new(|$i: &[acl::AclTensor], $o: &[acl::AclTensor], ws, ex| {
+            Box::new(|$i: &[acl::AclTensor], $o: &[acl::AclTensor], $s: &[acl::AclScalar], ws, ex| {
                 let f = api.$ws()?;
                 // SAFETY: every tensor is owned by the call (or the cache) and outlives the
                 // launch; the other arguments are plain values; `ws`/`ex` are out-pointers.
@@ -346,14 +353,10 @@ impl AscendBackend {
         let fv = self.cview(Mem { buf: &flag, offset: 0, dtype: Dt::ACL_BOOL }, &idx.shape)?;
         let iv = self.iv(idx)?;
         match eq {
-            Some(v) => {
-                let s = AclScalar::i32(self.api(), v)?;
-                aclnn!(self, aclnnEqScalar / aclnnEqScalarGetWorkspaceSize(iv.ptr(), s.ptr(), fv.ptr()))?;
-            }
-            None => {
-                let s = AclScalar::i32(self.api(), 0)?;
-                aclnn!(self, aclnnLtScalar / aclnnLtScalarGetWorkspaceSize(iv.ptr(), s.ptr(), fv.ptr()))?;
-            }
+            Some(v) => aclnn_cached!(self, aclnnEqScalar / aclnnEqScalarGetWorkspaceSize, [iv] => [fv],
+                scalars [AclScalar::i32(self.api(), v)?], attrs [], |i, o, s| (i[0].ptr(), s[0].ptr(), o[0].ptr()))?,
+            None => aclnn_cached!(self, aclnnLtScalar / aclnnLtScalarGetWorkspaceSize, [iv] => [fv],
+                scalars [AclScalar::i32(self.api(), 0)?], attrs [], |i, o, s| (i[0].ptr(), s[0].ptr(), o[0].ptr()))?,
         }
         Ok(flag)
     }
@@ -367,11 +370,9 @@ impl AscendBackend {
         match op {
             UnaryOp::Sigmoid => plain!(aclnnSigmoid / aclnnSigmoidGetWorkspaceSize),
             UnaryOp::Silu => plain!(aclnnSilu / aclnnSiluGetWorkspaceSize),
-            UnaryOp::Softplus => {
-                let (beta, threshold) = (self.f32s(1.0)?, self.f32s(20.0)?);
-                let (x, o) = (x.ptr(), out.ptr());
-                aclnn!(self, aclnnSoftplus / aclnnSoftplusGetWorkspaceSize(x, beta.ptr(), threshold.ptr(), o))
-            }
+            UnaryOp::Softplus => aclnn_cached!(self, aclnnSoftplus / aclnnSoftplusGetWorkspaceSize, [x] => [out],
+                scalars [self.f32s(1.0)?, self.f32s(20.0)?], attrs [],
+                |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr())),
             UnaryOp::Sqrt => plain!(aclnnSqrt / aclnnSqrtGetWorkspaceSize),
             UnaryOp::Rsqrt => plain!(aclnnRsqrt / aclnnRsqrtGetWorkspaceSize),
             UnaryOp::Exp => plain!(aclnnExp / aclnnExpGetWorkspaceSize),
@@ -626,16 +627,16 @@ impl Backend for AscendBackend {
                 aclnn_cached!(self, $op / $ws, [av, bv] => [ov], attrs [], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
             };
         }
-        let (x, y, o) = (av.ptr(), bv.ptr(), ov.ptr());
+        // out = self + alpha · other, alpha 1.
+        macro_rules! with_alpha {
+            ($op:ident / $ws:ident) => {
+                aclnn_cached!(self, $op / $ws, [av, bv] => [ov], scalars [self.f32s(1.0)?], attrs [],
+                    |i, o, s| (i[0].ptr(), i[1].ptr(), s[0].ptr(), o[0].ptr()))
+            };
+        }
         match op {
-            BinaryOp::Add => {
-                let one = self.f32s(1.0)?;
-                aclnn!(self, aclnnAdd / aclnnAddGetWorkspaceSize(x, y, one.ptr(), o))?
-            }
-            BinaryOp::Sub => {
-                let one = self.f32s(1.0)?;
-                aclnn!(self, aclnnSub / aclnnSubGetWorkspaceSize(x, y, one.ptr(), o))?
-            }
+            BinaryOp::Add => with_alpha!(aclnnAdd / aclnnAddGetWorkspaceSize)?,
+            BinaryOp::Sub => with_alpha!(aclnnSub / aclnnSubGetWorkspaceSize)?,
             BinaryOp::Mul => plain!(aclnnMul / aclnnMulGetWorkspaceSize)?,
             BinaryOp::Div => plain!(aclnnDiv / aclnnDivGetWorkspaceSize)?,
             BinaryOp::Max => plain!(aclnnMaximum / aclnnMaximumGetWorkspaceSize)?,
@@ -653,15 +654,19 @@ impl Backend for AscendBackend {
             return Ok(out);
         }
         let (xv, ov) = (self.tv(x)?, self.tv(&out)?);
-        let mut src = xv.ptr();
-        if mul != 1.0 {
-            let s = self.f32s(mul)?;
-            aclnn!(self, aclnnMuls / aclnnMulsGetWorkspaceSize(src, s.ptr(), ov.ptr()))?;
-            src = ov.ptr();
+        if mul == 1.0 {
+            aclnn_cached!(self, aclnnAdds / aclnnAddsGetWorkspaceSize, [xv] => [ov],
+                scalars [self.f32s(add)?, self.f32s(1.0)?], attrs [],
+                |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr()))?;
+            return Ok(out);
         }
+        aclnn_cached!(self, aclnnMuls / aclnnMulsGetWorkspaceSize, [xv] => [ov], scalars [self.f32s(mul)?],
+            attrs [], |i, o, s| (i[0].ptr(), s[0].ptr(), o[0].ptr()))?;
         if add != 0.0 {
-            let (s, one) = (self.f32s(add)?, self.f32s(1.0)?);
-            aclnn!(self, aclnnAdds / aclnnAddsGetWorkspaceSize(src, s.ptr(), one.ptr(), ov.ptr()))?;
+            // In place on the result, so not through the executor cache (the docs exclude
+            // operators whose copies have the same source and destination from reuse).
+            let (ov, s, one) = (self.tv(&out)?, self.f32s(add)?, self.f32s(1.0)?);
+            aclnn!(self, aclnnAdds / aclnnAddsGetWorkspaceSize(ov.ptr(), s.ptr(), one.ptr(), ov.ptr()))?;
         }
         Ok(out)
     }
@@ -671,8 +676,10 @@ impl Backend for AscendBackend {
         if numel(&x.shape) == 0 {
             return Ok(out);
         }
-        let (xv, ov, lo, hi) = (self.tv(x)?, self.tv(&out)?, self.f32s(min)?, self.f32s(max)?);
-        aclnn!(self, aclnnClamp / aclnnClampGetWorkspaceSize(xv.ptr(), lo.ptr(), hi.ptr(), ov.ptr()))?;
+        let (xv, ov) = (self.tv(x)?, self.tv(&out)?);
+        aclnn_cached!(self, aclnnClamp / aclnnClampGetWorkspaceSize, [xv] => [ov],
+            scalars [self.f32s(min)?, self.f32s(max)?], attrs [],
+            |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr()))?;
         Ok(out)
     }
 
@@ -712,13 +719,15 @@ impl Backend for AscendBackend {
         if numel(&x.shape) == 0 {
             return Ok(out);
         }
-        let (xv, ov) = (self.tv(x)?, self.tv(&out)?);
-        aclnn!(self, aclnnSoftmax / aclnnSoftmaxGetWorkspaceSize(xv.ptr(), axis as i64, ov.ptr()))?;
+        aclnn_cached!(self, aclnnSoftmax / aclnnSoftmaxGetWorkspaceSize, [self.tv(x)?] => [self.tv(&out)?],
+            attrs [axis], |i, o| (i[0].ptr(), axis as i64, o[0].ptr()))?;
+        let ov = self.tv(&out)?;
         let max = self.reduce(x, axis, ReduceOp::Max)?;
         let flag = self.alloc(numel(&max.shape), Dt::ACL_BOOL)?;
         let fv = self.cview(Mem { buf: &flag, offset: 0, dtype: Dt::ACL_BOOL }, &max.shape)?;
-        let (mv, ninf) = (self.tv(&max)?, self.f32s(f32::NEG_INFINITY)?);
-        aclnn!(self, aclnnEqScalar / aclnnEqScalarGetWorkspaceSize(mv.ptr(), ninf.ptr(), fv.ptr()))?;
+        aclnn_cached!(self, aclnnEqScalar / aclnnEqScalarGetWorkspaceSize, [self.tv(&max)?] => [fv],
+            scalars [self.f32s(f32::NEG_INFINITY)?], attrs [], |i, o, s| (i[0].ptr(), s[0].ptr(), o[0].ptr()))?;
+        let fv = self.cview(Mem { buf: &flag, offset: 0, dtype: Dt::ACL_BOOL }, &max.shape)?;
         let zero = self.f32s(0.0)?;
         aclnn!(
             self,
@@ -884,7 +893,10 @@ impl Backend for AscendBackend {
         )?;
         let out = self.new_tensor(&shape)?;
         let (xv, ov) = (self.cview(self.tmem(x), &[rows, row])?, self.cview(self.tmem(&out), &[n, row])?);
-        aclnn!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize(xv.ptr(), 0, sv.ptr(), ov.ptr()))?;
+        let sv = self.iv(&safe)?;
+        aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [ov], attrs [0],
+            |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
+        let ov = self.cview(self.tmem(&out), &[n, row])?;
         let (mask, zero) = (negv(&[n, 1])?, self.f32s(0.0)?);
         aclnn!(
             self,
@@ -906,7 +918,8 @@ impl Backend for AscendBackend {
             return Ok(out);
         }
         let (xv, iv, ov) = (self.tv(x)?, self.iv(idx)?, self.tv(&out)?);
-        aclnn!(self, aclnnGather / aclnnGatherGetWorkspaceSize(xv.ptr(), -1, iv.ptr(), ov.ptr()))?;
+        aclnn_cached!(self, aclnnGather / aclnnGatherGetWorkspaceSize, [xv, iv] => [ov], attrs [-1],
+            |i, o| (i[0].ptr(), -1, i[1].ptr(), o[0].ptr()))?;
         Ok(out)
     }
 
@@ -952,9 +965,11 @@ impl Backend for AscendBackend {
         let ids64 = self.alloc(numel(&shape), Dt::ACL_INT64)?;
         let (xv, vv) = (self.tv(x)?, self.tv(&vals)?);
         let i64v = self.cview(Mem { buf: &ids64, offset: 0, dtype: Dt::ACL_INT64 }, &shape)?;
-        aclnn!(self, aclnnTopk / aclnnTopkGetWorkspaceSize(xv.ptr(), k as i64, -1, true, true, vv.ptr(), i64v.ptr()))?;
-        let iv = self.iv(&ids)?;
-        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(i64v.ptr(), Dt::ACL_INT32, iv.ptr()))?;
+        aclnn_cached!(self, aclnnTopk / aclnnTopkGetWorkspaceSize, [xv] => [vv, i64v], attrs [k, -1, 1, 1],
+            |i, o| (i[0].ptr(), k as i64, -1, true, true, o[0].ptr(), o[1].ptr()))?;
+        let i64v = self.cview(Mem { buf: &ids64, offset: 0, dtype: Dt::ACL_INT64 }, &shape)?;
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [i64v] => [self.iv(&ids)?], attrs [Dt::ACL_INT32.0],
+            |i, o| (i[0].ptr(), Dt::ACL_INT32, o[0].ptr()))?;
         Ok((vals, ids))
     }
 
