@@ -768,16 +768,8 @@ impl Backend for AscendBackend {
     /// `rd` channels: cos/sin are widened to one value per channel with a stride-0 view, sin
     /// negated for the inverse rotation; the rotated slice is copied back into a copy of x.
     fn rope(&self, x: &AscendTensor, cos: &AscendTensor, sin: &AscendTensor, inverse: bool) -> Result<AscendTensor> {
-        if x.shape.len() != 3
-            || cos.shape.len() != 2
-            || cos.shape != sin.shape
-            || cos.shape[0] != x.shape[0]
-            || 2 * cos.shape[1] > x.shape[2]
-        {
-            return Err(err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)));
-        }
-        let (t, h, d) = (x.shape[0], x.shape[1], x.shape[2]);
-        let half = cos.shape[1];
+        let (t, h, d, half) = dsv4_core::backend::rope_dims(&x.shape, &cos.shape, &sin.shape)
+            .ok_or_else(|| err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)))?;
         let rd = 2 * half;
         if numel(&x.shape) == 0 || rd == 0 {
             return self.gather_view(x, &x.shape, &strides(&x.shape), 0);

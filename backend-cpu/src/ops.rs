@@ -343,16 +343,8 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &CpuTensor, cos: &CpuTensor, sin: &CpuTensor, inverse: bool) -> Result<CpuTensor> {
-        if x.shape.len() != 3
-            || cos.shape.len() != 2
-            || cos.shape != sin.shape
-            || cos.shape[0] != x.shape[0]
-            || 2 * cos.shape[1] > x.shape[2]
-        {
-            return Err(err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)));
-        }
-        let (t, heads, d) = (x.shape[0], x.shape[1], x.shape[2]);
-        let half = cos.shape[1];
+        let (t, heads, d, half) = dsv4_core::backend::rope_dims(&x.shape, &cos.shape, &sin.shape)
+            .ok_or_else(|| err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)))?;
         let sign = if inverse { -1.0f32 } else { 1.0 };
         let mut out = x.data.to_vec();
         par::chunks_mut(&mut out, heads * d, t * heads * d, |ti, tok| {

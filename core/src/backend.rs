@@ -41,6 +41,13 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
         .collect()
 }
 
+/// The dimensions of a [`Backend::rope`] call, `(T, heads, d, rd/2)`: x `[T, heads, d]`, cos and
+/// sin `[T, rd/2]` with `rd <= d`; None if the shapes do not fit together.
+pub fn rope_dims(x: &[usize], cos: &[usize], sin: &[usize]) -> Option<(usize, usize, usize, usize)> {
+    let fits = x.len() == 3 && cos.len() == 2 && cos == sin && cos[0] == x[0] && 2 * cos[1] <= x[2];
+    fits.then(|| (x[0], x[1], x[2], cos[1]))
+}
+
 /// A device tensor: owns (or shares) device memory and knows its shape.
 pub trait DeviceTensor: Clone + Send + Sync {
     fn shape(&self) -> &[usize];
