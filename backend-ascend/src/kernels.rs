@@ -137,6 +137,11 @@ impl KernelState {
         KernelState { name: c.name, used: AtomicBool::new(c.used), why: Mutex::new(c.why.clone()) }
     }
 
+    /// What it replaces and with which kernel (`moe_experts: aclnnGroupedMatmulV4`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     pub fn usable(&self) -> bool {
         self.used.load(Ordering::Relaxed)
     }

@@ -265,9 +265,10 @@ impl AscendBackend {
 
     /// Drops the cached executors and returns cached device memory to the runtime.
     pub fn trim(&self) -> Result<()> {
-        self.dev.synchronize()?;
+        // Device::trim drains the stream first, so no queued launch still uses an executor.
+        self.dev.trim()?;
         self.dev.executors.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.dev.trim()
+        Ok(())
     }
 
     fn alloc(&self, elems: usize, dtype: Dt) -> Result<Buffer> {

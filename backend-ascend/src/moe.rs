@@ -25,7 +25,7 @@ use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, ReduceOp};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::Result;
 
-use crate::acl::{err, AclTensorList, Buffer};
+use crate::acl::{AclTensorList, Buffer};
 use crate::kernels::KernelState;
 use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
 
@@ -80,7 +80,7 @@ impl AscendBackend {
         let hv = hash_ids.map(|h| self.iv(h)).transpose()?;
         let (yv, idv, nv) = (self.tv(&w)?, self.iv(&ids)?, self.tv(&norm)?);
         let opt = |v: &Option<crate::acl::AclTensor>| v.as_ref().map_or(null_mut(), |v| v.ptr());
-        let launched = self.fused("aclnnMoeGatingTopKV2", state, || {
+        let launched = self.fused(state, || {
             aclnn!(
                 self,
                 aclnnMoeGatingTopKV2
@@ -135,7 +135,7 @@ impl AscendBackend {
         if k == 0 || expert_ids.len() != t * k || weights.shape != [t, k] {
             return Ok(None);
         }
-        check_expert_ids(expert_ids, experts.len())?;
+        composed::check_expert_ids(self.name(), expert_ids, experts.len())?;
 
         // Slots sorted by (expert, slot): gather order, per-expert counts, and for each token
         // where its r-th expert (ascending id) landed, so the final sum runs in that order.
@@ -171,7 +171,7 @@ impl AscendBackend {
             };
             let xc = self.narrow(&xs, 0, row0, mc)?;
             let gmm = |x: &AscendTensor, w: Vec<&AscendWeight>| {
-                self.fused("aclnnGroupedMatmulV4", &self.kernels.grouped_matmul, || self.grouped_matmul(x, &w, &counts))
+                self.fused(&self.kernels.grouped_matmul, || self.grouped_matmul(x, &w, &counts))
             };
             let Some(g) = gmm(&xc, pick(|e| &e.w1))? else { return Ok(None) };
             let Some(u) = gmm(&xc, pick(|e| &e.w3))? else { return Ok(None) };
@@ -191,12 +191,12 @@ impl AscendBackend {
     /// Runs a fused kernel; if it fails (a CANN release that rejects this use of it), the
     /// kernel is switched off for the rest of the process with the reason, which `dsv4 devices`
     /// and a one-time message show, and None tells the caller to compose instead.
-    fn fused<T>(&self, kernel: &str, state: &KernelState, run: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    fn fused<T>(&self, state: &KernelState, run: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
         match run() {
             Ok(v) => Ok(Some(v)),
             Err(e) => {
                 let why = format!("failed, so the composition is used: {e}");
-                eprintln!("dsv4: {kernel} {why}");
+                eprintln!("dsv4: fused kernel {} {why}", state.name());
                 state.disable(why);
                 // Anything it queued before failing is on temporaries; make sure the stream
                 // itself is healthy before composing.
@@ -320,9 +320,7 @@ impl AscendBackend {
                 })
                 .collect::<Result<_>>()?;
             let refs: Vec<&AscendWeight> = ws.iter().collect();
-            let got = self.fused("aclnnGroupedMatmulV4", &self.kernels.grouped_matmul, || {
-                self.grouped_matmul(&xt, &refs, &[2, 3])
-            })?;
+            let got = self.fused(&self.kernels.grouped_matmul, || self.grouped_matmul(&xt, &refs, &[2, 3]))?;
             if let Some(got) = got {
                 let want = self.concat(
                     &[
@@ -338,13 +336,5 @@ impl AscendBackend {
             }
         }
         Ok(())
-    }
-}
-
-/// Expert ids outside the table are an error (the composed path says the same).
-fn check_expert_ids(ids: &[i32], experts: usize) -> Result<()> {
-    match ids.iter().find(|&&e| e < 0 || e as usize >= experts) {
-        Some(bad) => Err(err(format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
-        None => Ok(()),
     }
 }

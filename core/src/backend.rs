@@ -382,6 +382,15 @@ pub trait Backend: Send + Sync {
 pub mod composed {
     use super::*;
 
+    /// Every id of a `moe_experts` call names one of the `experts`: an error naming the first
+    /// that does not (shared by the composition and backend overrides).
+    pub fn check_expert_ids(backend: &str, ids: &[i32], experts: usize) -> Result<()> {
+        match ids.iter().find(|&&e| e < 0 || e as usize >= experts) {
+            Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
+            None => Ok(()),
+        }
+    }
+
     /// The definition of [`Backend::moe_route`].
     #[allow(clippy::too_many_arguments)]
     pub fn moe_route<B: Backend + ?Sized>(
@@ -421,12 +430,7 @@ pub mod composed {
     ) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let k = expert_ids.len() / t.max(1);
-        if let Some(bad) = expert_ids.iter().find(|&&e| e < 0 || e as usize >= experts.len()) {
-            return Err(Error::backend(
-                be.name(),
-                format!("moe_experts: expert id {bad} is outside 0..{}", experts.len()),
-            ));
-        }
+        check_expert_ids(be.name(), expert_ids, experts.len())?;
         let flat_w = be.reshape(weights, &[t * k, 1])?;
         let mut out = be.full(x.shape(), 0.0)?;
         for (e, ew) in experts.iter().enumerate() {
