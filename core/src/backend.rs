@@ -10,11 +10,16 @@
 //!   sparse attention with sinks, routing and the MoE. Their default bodies are compositions
 //!   of primitives and are the executable definition of the op; a backend overrides the ones
 //!   it has a fused kernel for (aclnn's sparse-attention / indexer / grouped-matmul kernels,
-//!   CUDA kernels) and keeps the rest.
+//!   CUDA kernels) and keeps the rest;
+//! * **pools** (`alloc_pool`, `pool_write`, `pool_read`): fixed buffers of rows in a storage
+//!   format (f32, bf16, the official fp8 KV layout) that hold the paged decoding state
+//!   ([`crate::kv`]); the fused attention and indexer read their keys straight from them.
 //!
 //! Calls may be asynchronous: a backend is free to enqueue work on a stream and return.
 //! Only `download*` and `synchronize` have to wait. Tensors are immutable values (every op
-//! returns a new tensor), which keeps stream ordering trivial to reason about.
+//! returns a new tensor), which keeps stream ordering trivial to reason about; pools are the
+//! one mutable thing, written only through `pool_write` with `&mut`, so Rust's borrow rules
+//! order every write before the reads that follow it.
 //!
 //! Shapes: activations carry a leading token dimension `T` that may hold tokens of several
 //! sequences at different positions; ops that need to know sequence boundaries (attention,
@@ -24,6 +29,7 @@ use std::ops::Range;
 
 use crate::config::ScoringFunc;
 use crate::error::{Error, Result};
+pub use crate::kv::format::RowFormat;
 use crate::tensor::StoredWeight;
 
 /// numpy broadcasting of two shapes (the rule `Backend::binary` follows); None if they do not
@@ -54,6 +60,22 @@ pub trait DeviceTensor: Clone + Send + Sync {
 
     fn numel(&self) -> usize {
         self.shape().iter().product()
+    }
+}
+
+/// A fixed-size buffer of rows in device memory, written in place: one pool of the paged
+/// decoding state (`crate::kv`). Unlike tensors, pools are mutable; a backend must order a
+/// [`Backend::pool_write`] before every later read of the same pool on its stream.
+pub trait DevicePool: Send + Sync {
+    /// Number of rows (slots).
+    fn rows(&self) -> usize;
+    /// Values per row.
+    fn width(&self) -> usize;
+    fn format(&self) -> RowFormat;
+
+    /// Device bytes the rows take.
+    fn bytes(&self) -> usize {
+        self.rows() * self.format().row_bytes(self.width())
     }
 }
 
@@ -102,12 +124,20 @@ pub trait Backend: Send + Sync {
     type Index: DeviceTensor;
     /// A weight matrix or table in the form the backend keeps it.
     type Weight: Send + Sync;
+    /// A pool of the paged decoding state (rows in a [`RowFormat`], written in place).
+    type Pool: DevicePool;
 
     /// Short name: `cpu`, `ascend`, `cuda`.
     fn name(&self) -> &str;
 
     /// Human-readable description of the device (name, memory).
     fn describe(&self) -> String;
+
+    /// Bytes of device memory free now (what a fraction given to `--kv-cache-memory` is taken
+    /// of), or None when the backend cannot tell.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     // ---------------------------------------------------------------- memory
 
@@ -122,6 +152,18 @@ pub trait Backend: Send + Sync {
     /// Blocks until all queued work is done.
     fn synchronize(&self) -> Result<()>;
     fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor>;
+
+    // ------------------------------------------------------------ pools
+
+    /// A pool of `rows` rows of `width` values stored as `format`, every row zero.
+    /// Errors when the device cannot hold it or does not support the format.
+    fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<Self::Pool>;
+    /// Writes row i of `values` `[n, width]` at row `slots[i]` of `pool`, encoded in the pool's
+    /// format (`RowFormat::encode`), in place. `slots` `[n]` must be distinct rows of the pool
+    /// (no `-1`); the caller ([`crate::kv`]) guarantees it, backends check the range.
+    fn pool_write(&self, pool: &mut Self::Pool, slots: &Self::Index, values: &Self::Tensor) -> Result<()>;
+    /// Decoded rows of `pool` at `slots` (any shape) → `slots.shape ++ [width]`; `-1` gives zeros.
+    fn pool_read(&self, pool: &Self::Pool, slots: &Self::Index) -> Result<Self::Tensor>;
 
     // ------------------------------------------------------------ primitives
 
@@ -264,24 +306,39 @@ pub trait Backend: Send + Sync {
         self.reshape(&pooled, &[s[0], s[2]])
     }
 
-    /// Lightning-indexer selection (spec §B.4.4). q `[T, nI, dI]` (roped), keys `[N, dI]`,
-    /// head weights `[T, nI]` (already scaled by `nI^-1/2`), `valid[t]` = the key rows query t
-    /// may see. Score `Σ_h w_h · relu(q_h·k)·dI^-1/2`; returns the top-`k` rows per query as
-    /// `[T, k]` with `offset` added, and `-1` for picks outside `valid[t]`.
+    /// Lightning-indexer selection (spec §B.4.4). q `[T, nI, dI]` (roped); the sequence's keys
+    /// are rows `key_rows` `[N]` of the pool `keys` (width dI), key n at row `key_rows[n]`;
+    /// head weights `[T, nI]` (already scaled by `nI^-1/2`); `valid[t]` = the keys (0..N) query t
+    /// may see. Score `Σ_h w_h · relu(q_h·k)·dI^-1/2`; returns the top-`k` keys per query as
+    /// `[T, k]` pool rows `key_rows[n] + offset`, and `-1` for picks outside `valid[t]`.
+    #[allow(clippy::too_many_arguments)]
     fn indexer_select(
         &self,
         q: &Self::Tensor,
-        keys: &Self::Tensor,
+        keys: &Self::Pool,
+        key_rows: &Self::Index,
         weights: &Self::Tensor,
         valid: &[Range<usize>],
         k: usize,
         offset: i32,
     ) -> Result<Self::Index> {
+        let rows = self.download_index(key_rows)?;
+        let bounds = crate::backend_checks::IndexBounds::of(&rows);
+        crate::backend_checks::indexer_select(
+            self.name(),
+            q.shape(),
+            keys.rows(),
+            keys.width(),
+            key_rows.shape(),
+            bounds,
+            weights.shape(),
+            valid,
+            k,
+        )?;
         let (t, nh, dh) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        let n = keys.shape()[0];
-        if valid.len() != t {
-            return Err(Error::backend(self.name(), "indexer_select: one validity range per query is required"));
-        }
+        let n = key_rows.numel();
+        let keys = self.pool_read(keys, key_rows)?; // [N, dI]
+        let keys = &keys;
         let scores = self.matmul(q, keys, true)?; // [T, nI, N]
         let scores = self.affine(&self.unary(&scores, UnaryOp::Relu)?, (dh as f32).powf(-0.5), 0.0)?;
         let scores = self.binary(&scores, &self.reshape(weights, &[t, nh, 1])?, BinaryOp::Mul)?;
@@ -300,26 +357,35 @@ pub trait Backend: Send + Sync {
             if *v == f32::NEG_INFINITY {
                 host_idx[i] = -1;
             } else {
-                host_idx[i] += offset;
+                host_idx[i] = rows[host_idx[i] as usize] + offset;
             }
         }
         self.upload_index(&host_idx, &[t, k])
     }
 
     /// Attention of each query over an explicit key set, with a per-head sink (spec §B.4.6).
-    /// q `[T, H, d]`, kv `[N, d]` (K = V), idx `[T, K]` rows of kv (`-1` = none), sinks `[H]`.
-    /// Returns `[T, H, d]`.
+    /// q `[T, H, d]`, kv a pool of width d (K = V), idx `[T, K]` rows of kv (`-1` = none),
+    /// sinks `[H]`. Returns `[T, H, d]`.
     fn sparse_attention(
         &self,
         q: &Self::Tensor,
-        kv: &Self::Tensor,
+        kv: &Self::Pool,
         idx: &Self::Index,
         sinks: &Self::Tensor,
         scale: f32,
     ) -> Result<Self::Tensor> {
+        crate::backend_checks::sparse_attention(
+            self.name(),
+            q.shape(),
+            kv.rows(),
+            kv.width(),
+            idx.shape(),
+            sinks.shape(),
+            None,
+        )?;
         let (t, h, _d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let kk = idx.shape()[1];
-        let keys = self.index_select(kv, idx)?; // [T, K, d]
+        let keys = self.pool_read(kv, idx)?; // [T, K, d]
         let logits = self.affine(&self.matmul(q, &keys, true)?, scale, 0.0)?; // [T, H, K]
         let mask = self.reshape(&self.index_mask(idx)?, &[t, 1, kk])?;
         let logits = self.binary(&logits, &mask, BinaryOp::Add)?;

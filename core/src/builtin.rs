@@ -12,6 +12,44 @@ use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
 
 pub const TINY_NAME: &str = "builtin:tiny";
+/// Tiny widths with V4-Flash's attention shape: window 128, CSA ratio 4 with top-512
+/// selection, HCA ratio 128, 1M positions. For measuring how decode cost grows with context
+/// (`dsv4 bench`) without a real checkpoint.
+pub const FLASH_SHAPE_NAME: &str = "builtin:flash-shape";
+
+/// The built-in models' names.
+pub const NAMES: [&str; 2] = [TINY_NAME, FLASH_SHAPE_NAME];
+
+/// The built-in model called `name` (one of [`NAMES`]), or None.
+pub fn by_name(name: &str) -> Option<Result<(ModelConfig, Checkpoint)>> {
+    match name {
+        TINY_NAME => Some(tiny()),
+        FLASH_SHAPE_NAME => Some(flash_shape()),
+        _ => None,
+    }
+}
+
+/// `builtin:flash-shape`'s config.json: the tiny model's widths, V4-Flash's window,
+/// compression ratios, indexer top-k, YaRN and context.
+pub fn flash_shape_config_json() -> serde_json::Value {
+    let mut c = tiny_config_json();
+    let o = c.as_object_mut().expect("literal object");
+    o.insert("sliding_window".into(), json!(128));
+    o.insert("compress_rates".into(), json!({"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}));
+    o.insert("index_topk".into(), json!(512));
+    o.insert("index_n_heads".into(), json!(2));
+    o.insert("max_position_embeddings".into(), json!(1 << 20));
+    o.insert(
+        "rope_parameters".into(),
+        json!({
+            "main": {"rope_type": "default", "rope_theta": 10000.0},
+            "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16.0,
+                         "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1,
+                         "attention_factor": 1.0}
+        }),
+    );
+    c
+}
 
 /// The tiny model's config.json (transformers spelling).
 pub fn tiny_config_json() -> serde_json::Value {
@@ -119,7 +157,16 @@ impl Builder {
 
 /// The tiny model: its config and an in-memory checkpoint under the official names.
 pub fn tiny() -> Result<(ModelConfig, Checkpoint)> {
-    let cfg = ModelConfig::from_json(tiny_config_json().as_object().expect("literal object"))?;
+    build(&tiny_config_json())
+}
+
+/// `builtin:flash-shape`: the tiny model's weights generator on [`flash_shape_config_json`].
+pub fn flash_shape() -> Result<(ModelConfig, Checkpoint)> {
+    build(&flash_shape_config_json())
+}
+
+fn build(config: &serde_json::Value) -> Result<(ModelConfig, Checkpoint)> {
+    let cfg = ModelConfig::from_json(config.as_object().expect("literal object"))?;
     let mut b = Builder { rng: Rng(0x5EED_D5F4), out: vec![] };
     let (v, d, n) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
     let (h, hd, ql) = (cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);

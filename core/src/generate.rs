@@ -1,17 +1,19 @@
 //! The generation loop: prefill a prompt (in chunks), then decode token by token with a
 //! sampler until EOS, a caller-side stop (stop strings) or the token budget.
 //!
-//! A [`Session`] keeps one sequence's decoding state between calls: when the next prompt
-//! extends everything already fed (a chat turn appended to the history), only the new tokens
-//! are prefilled; otherwise the state is rebuilt from scratch. Either way the result is what a
-//! fresh forward over the whole prompt would give.
+//! A [`Session`] keeps one sequence's decoding state, in its own paged pool, between calls:
+//! when the next prompt extends everything already fed (a chat turn appended to the history),
+//! only the new tokens are prefilled; otherwise the sequence is released and the longest
+//! prefix of the prompt still cached in the pool (whole blocks, with the sliding window and the
+//! compressors' carry at that point) is reused. Either way the result is what a fresh forward
+//! over the whole prompt would give.
 
 use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::kv::{KvCache, KvConfig, Sequence};
 use crate::model::batch::Batch;
-use crate::model::cache::SeqState;
 use crate::model::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -57,6 +59,9 @@ pub struct Generation {
     pub stop: StopReason,
     /// Prompt tokens actually prefilled (fewer than the prompt when a prefix was reused).
     pub prefilled: usize,
+    /// Prompt tokens whose state came from the pool's prefix cache (not from the session's
+    /// own continuation).
+    pub prefix_cached: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
 }
@@ -74,30 +79,55 @@ impl Generation {
 
 pub struct Session<'m, B: Backend> {
     model: &'m Model<B>,
-    state: SeqState<B>,
-    /// Every token fed into `state`, in order.
-    fed: Vec<u32>,
+    cache: KvCache<B>,
+    seq: Sequence,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
-    pub fn new(model: &'m Model<B>) -> Self {
-        Session { model, state: model.new_state(), fed: vec![] }
+    /// A session whose pool is sized by `config` (e.g. [`KvConfig::for_sequences`] with one
+    /// sequence of the longest context it will see).
+    pub fn new(be: &B, model: &'m Model<B>, config: KvConfig) -> Result<Self> {
+        let cache = model.new_cache(be, config)?;
+        let seq = cache.new_sequence();
+        Ok(Session { model, cache, seq })
     }
 
-    pub fn state(&self) -> &SeqState<B> {
-        &self.state
+    /// The session's sequence (its position and block tables).
+    pub fn sequence(&self) -> &Sequence {
+        &self.seq
     }
 
-    /// Feeds tokens (in chunks) and returns the logits row of the last one.
+    pub fn cache(&self) -> &KvCache<B> {
+        &self.cache
+    }
+
+    /// Device bytes the session's sequence holds in the pool.
+    pub fn state_bytes(&self) -> usize {
+        self.cache.sequence_bytes(&self.seq)
+    }
+
+    /// Forgets the sequence (its full pages stay in the pool's prefix cache).
+    pub fn reset(&mut self) {
+        self.cache.release(&mut self.seq);
+    }
+
+    /// Feeds tokens (in chunks) and returns the logits row of the last one. A failed step
+    /// resets the session.
     pub fn feed(&mut self, be: &B, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             return Err(Error::Input("nothing to feed: the prompt is empty".into()));
         }
         let mut last = vec![];
         for part in tokens.chunks(chunk.max(1)) {
-            let batch = Batch::new(&[(part, self.state.pos)])?;
-            let logits = self.model.step(be, &batch, &mut [&mut self.state], Logits::LastPerSequence)?;
-            self.fed.extend_from_slice(part);
+            let batch = Batch::new(&[(part, self.seq.pos())])?;
+            let logits = self.model.step(be, &batch, &mut self.cache, &mut [&mut self.seq], Logits::LastPerSequence);
+            let logits = match logits {
+                Ok(l) => l,
+                Err(e) => {
+                    self.reset();
+                    return Err(e);
+                }
+            };
             last = be.download(&logits)?;
         }
         Ok(last)
@@ -119,13 +149,15 @@ impl<'m, B: Backend> Session<'m, B> {
             )));
         }
         let mut sampler = Sampler::new(opts.sampling)?;
-        // Reuse the state if the prompt extends what it has seen.
-        let reuse = prompt.len() > self.fed.len() && prompt.starts_with(&self.fed);
-        if !reuse {
-            self.state = self.model.new_state();
-            self.fed.clear();
+        // Continue if the prompt extends what the sequence has seen, else start over from the
+        // longest cached prefix.
+        let fed = self.seq.tokens();
+        let mut prefix_cached = 0;
+        if !(prompt.len() > fed.len() && prompt.starts_with(fed)) {
+            self.reset();
+            prefix_cached = self.cache.reuse_prefix(&mut self.seq, prompt)?;
         }
-        let todo = prompt[self.fed.len()..].to_vec();
+        let todo = prompt[self.seq.pos()..].to_vec();
         let t0 = Instant::now();
         let mut logits = self.feed(be, &todo, opts.prefill_chunk)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
@@ -145,7 +177,7 @@ impl<'m, B: Backend> Session<'m, B> {
                 stop = StopReason::Caller;
                 break;
             }
-            if out.len() == opts.max_new_tokens || self.state.pos + 1 >= ctx {
+            if out.len() == opts.max_new_tokens || self.seq.pos() + 1 >= ctx {
                 break;
             }
             logits = self.feed(be, &[tok], 1)?;
@@ -154,6 +186,7 @@ impl<'m, B: Backend> Session<'m, B> {
             tokens: out,
             stop,
             prefilled: todo.len(),
+            prefix_cached,
             prefill_secs,
             decode_secs: t1.elapsed().as_secs_f64(),
         })

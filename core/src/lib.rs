@@ -4,12 +4,14 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod backend_checks;
 pub mod builtin;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod kv;
 pub mod model;
 pub mod primitives_only;
 pub mod quant;

@@ -2,7 +2,7 @@
 //! ops, so the trait's default compositions run. Running the fixtures through it checks those
 //! defaults (which a new backend inherits) and, against `B` itself, B's fused overrides.
 
-use crate::backend::{Backend, BinaryOp, ReduceOp, UnaryOp};
+use crate::backend::{Backend, BinaryOp, ReduceOp, RowFormat, UnaryOp};
 use crate::error::Result;
 use crate::tensor::StoredWeight;
 
@@ -12,9 +12,13 @@ impl<B: Backend> Backend for PrimitivesOnly<B> {
     type Tensor = B::Tensor;
     type Index = B::Index;
     type Weight = B::Weight;
+    type Pool = B::Pool;
 
     fn name(&self) -> &str {
         self.0.name()
+    }
+    fn free_memory(&self) -> Option<usize> {
+        self.0.free_memory()
     }
     fn describe(&self) -> String {
         format!("{} (fused ops from the trait's default compositions)", self.0.describe())
@@ -42,6 +46,15 @@ impl<B: Backend> Backend for PrimitivesOnly<B> {
     }
     fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor> {
         self.0.full(shape, value)
+    }
+    fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<Self::Pool> {
+        self.0.alloc_pool(rows, width, format)
+    }
+    fn pool_write(&self, pool: &mut Self::Pool, slots: &Self::Index, values: &Self::Tensor) -> Result<()> {
+        self.0.pool_write(pool, slots, values)
+    }
+    fn pool_read(&self, pool: &Self::Pool, slots: &Self::Index) -> Result<Self::Tensor> {
+        self.0.pool_read(pool, slots)
     }
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor> {
         self.0.linear(x, w)

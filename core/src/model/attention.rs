@@ -6,8 +6,7 @@ use crate::backend::Backend;
 use crate::backend::DeviceTensor;
 use crate::config::{AttentionKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::model::batch::Batch;
-use crate::model::cache::LayerState;
+use crate::kv::{KindPlan, LayerPools, StepPlan};
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
 use crate::model::loader::Loader;
@@ -52,7 +51,6 @@ pub struct Attention<B: Backend> {
     n_heads: usize,
     head_dim: usize,
     groups: usize,
-    window: usize,
     eps: f32,
 }
 
@@ -87,25 +85,26 @@ impl<B: Backend> Attention<B> {
             n_heads: h,
             head_dim: hd,
             groups: g,
-            window: cfg.sliding_window,
             eps: cfg.rms_norm_eps as f32,
         })
     }
 
-    /// x `[T, D]` (the attn_norm'ed sub-layer input) → `[T, D]`. Sequence k of the batch
-    /// continues from `states[k]` (its earlier tokens) and leaves its new state there.
+    /// x `[T, D]` (the attn_norm'ed sub-layer input) → `[T, D]`. The step's K=V rows, the
+    /// entries its tokens complete and the compressors' carry are written in place into this
+    /// layer's pools (`pools`) at the rows `plan` gives; attention then reads every key from the
+    /// pool, so no step copies a sequence's past.
     ///
-    /// Also returns, on CSA layers, the lightning indexer's picks as key-pool rows `[T, k]`
+    /// Also returns, on CSA layers, the lightning indexer's picks as kv-pool rows `[T, k]`
     /// (`-1` = none), for diagnostics such as `dsv4 check`.
     pub fn forward(
         &self,
         be: &B,
         x: &B::Tensor,
-        batch: &Batch,
         angles: &StepAngles<B>,
-        states: &mut [&mut LayerState<B>],
+        plan: &StepPlan<B>,
+        pools: &mut LayerPools<B>,
     ) -> Result<(B::Tensor, Option<B::Index>)> {
-        let t = batch.len();
+        let t = x.shape()[0];
         let (h, hd) = (self.n_heads, self.head_dim);
 
         // Queries: low-rank path, per-head unweighted RMSNorm, RoPE on the trailing channels.
@@ -113,107 +112,41 @@ impl<B: Backend> Attention<B> {
         let q = be.reshape(&be.linear(&q_res, &self.wq_b)?, &[t, h, hd])?;
         let q = be.rope(&be.rms_norm(&q, None, self.eps)?, &angles.cos, &angles.sin, false)?;
 
-        // The single shared key/value head.
+        // The single shared key/value head, appended to the window rows in place.
         let kv = be.rms_norm(&be.linear(x, &self.wkv)?, Some(&self.kv_norm), self.eps)?;
         let kv = be.reshape(&be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false)?, &[t, hd])?;
+        be.pool_write(&mut pools.kv, &plan.window_write, &kv)?;
 
-        // Key pool: per sequence, its cached window rows, the step's rows, then all its
-        // compressed entries. Key indices are built per query: the sliding window, then
-        // either every causal HCA entry or the indexer's picks.
-        let mut pool_parts: Vec<B::Tensor> = vec![];
-        let mut pool_len = 0usize;
-        let mut host_idx: Vec<Vec<i32>> = vec![vec![]; t];
-        // Indexer picks per sequence (CSA layers; None where no window is complete yet).
-        let mut selected: Vec<Option<B::Index>> = vec![];
-        for (rows, st) in batch.seqs.iter().zip(states.iter_mut()) {
-            let s = rows.len();
-            let start = batch.positions[rows.start];
-            let step_kv = be.narrow(&kv, 0, rows.start, s)?;
-            let cached = st.window.take();
-            let cached_rows = cached.as_ref().map_or(0, |c| c.shape()[0]);
-            let all_kv = match &cached {
-                Some(c) => be.concat(&[c, &step_kv], 0)?,
-                None => step_kv,
-            };
-            // Row r of all_kv holds position start - cached_rows + r.
-            let kv_base = pool_len;
-            let first_pos = start - cached_rows;
-            for (i, row) in rows.clone().enumerate() {
-                let p = start + i;
-                let lo = (p + 1).saturating_sub(self.window);
-                host_idx[row].extend((lo..=p).map(|q| (kv_base + q - first_pos) as i32));
-            }
-            let keep = (self.window - 1).min(cached_rows + s);
-            st.window = (keep > 0).then(|| be.narrow(&all_kv, 0, cached_rows + s - keep, keep)).transpose()?;
-            pool_parts.push(all_kv);
-            pool_len += cached_rows + s;
-
-            let Some(comp) = &self.compressor else { continue };
-            let x_s = be.narrow(x, 0, rows.start, s)?;
-            comp.step(be, &mut st.compressor, &x_s, start, &angles.table)?;
-            let Some(entries) = st.compressor.entries.clone() else {
-                selected.push(None);
-                if let Some(ix) = &self.indexer {
-                    ix.compressor.step(be, &mut st.indexer, &x_s, start, &angles.table)?;
-                }
-                continue;
-            };
-            let n_entries = entries.shape()[0];
-            let comp_base = pool_len;
-            pool_parts.push(entries);
-            pool_len += n_entries;
-            // Entry w is visible to the query at position p iff w < (p + 1) / ratio.
-            let visible: Vec<usize> = (start..start + s).map(|p| ((p + 1) / comp.ratio).min(n_entries)).collect();
-            match &self.indexer {
-                None => {
-                    for (i, row) in rows.clone().enumerate() {
-                        host_idx[row].extend((0..visible[i]).map(|w| (comp_base + w) as i32));
+        // Key set per query: the sliding window, then either every causal HCA entry or the
+        // indexer's picks (spec §B.4.5).
+        let mut picks = None;
+        let idx = match (&self.compressor, &self.indexer) {
+            (None, _) => plan.window_keys.clone(),
+            (Some(comp), indexer) => {
+                let kp = plan.kind(self.kind)?;
+                let carry = pools.carry.as_mut().ok_or_else(|| missing(be, "compressor carry"))?;
+                for sp in &kp.seqs {
+                    let x_s = be.narrow(x, 0, sp.rows.start, sp.rows.len())?;
+                    if let Some(entries) = comp.step(be, carry, sp, &x_s, &angles.table)? {
+                        let (rows, _) = sp.new_entries.as_ref().ok_or_else(|| missing(be, "entry rows"))?;
+                        be.pool_write(&mut pools.kv, rows, &entries)?;
                     }
                 }
-                Some(ix) => {
-                    ix.compressor.step(be, &mut st.indexer, &x_s, start, &angles.table)?;
-                    let keys = st.indexer.entries.clone().ok_or_else(|| {
-                        Error::backend(be.name(), "indexer compressor produced no keys for complete windows")
-                    })?;
-                    let q_res_s = be.narrow(&q_res, 0, rows.start, s)?;
-                    let (cos, sin) = angles.rows(be, rows.clone())?;
-                    selected.push(Some(ix.select(be, &x_s, &q_res_s, &cos, &sin, &keys, &visible, comp_base)?));
+                match indexer {
+                    None => kp.attn_keys.clone().ok_or_else(|| missing(be, "HCA key rows"))?,
+                    Some(ix) => {
+                        let all = self.select(be, ix, x, &q_res, angles, kp, pools)?;
+                        let idx = match &all {
+                            Some(p) => be.concat_index(&[&plan.window_keys, p], 1)?,
+                            None => plan.window_keys.clone(),
+                        };
+                        picks = all;
+                        idx
+                    }
                 }
             }
-        }
-
-        let width = host_idx.iter().map(|v| v.len()).max().unwrap_or(0);
-        let flat: Vec<i32> =
-            host_idx.iter().flat_map(|v| v.iter().copied().chain(std::iter::repeat_n(-1, width - v.len()))).collect();
-        let mut idx = be.upload_index(&flat, &[t, width])?;
-        let selected_width = selected.iter().flatten().map(|s| s.shape()[1]).max().unwrap_or(0);
-        let mut picks = None;
-        if selected_width > 0 {
-            // Pad every sequence's picks to a common width with -1 ("no entry").
-            let mut parts: Vec<B::Index> = vec![];
-            for (rows, sel) in batch.seqs.iter().zip(&selected) {
-                let w = sel.as_ref().map_or(0, |s| s.shape()[1]);
-                let pad = (w < selected_width)
-                    .then(|| {
-                        be.upload_index(&vec![-1; rows.len() * (selected_width - w)], &[rows.len(), selected_width - w])
-                    })
-                    .transpose()?;
-                parts.push(match (sel, pad) {
-                    (Some(s), Some(p)) => be.concat_index(&[s, &p], 1)?,
-                    (Some(s), None) => s.clone(),
-                    (None, Some(p)) => p,
-                    (None, None) => unreachable!("width 0 < selected_width is always padded"),
-                });
-            }
-            let refs: Vec<&B::Index> = parts.iter().collect();
-            let all = be.concat_index(&refs, 0)?;
-            idx = be.concat_index(&[&idx, &all], 1)?;
-            picks = Some(all);
-        }
-
-        let refs: Vec<&B::Tensor> = pool_parts.iter().collect();
-        let pool = be.concat(&refs, 0)?;
-        let out = be.sparse_attention(&q, &pool, &idx, &self.sinks, (hd as f32).powf(-0.5))?;
+        };
+        let out = be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5))?;
 
         // Undo the value rotation at the query position, then the grouped output projection.
         let out = be.rope(&out, &angles.cos, &angles.sin, true)?;
@@ -222,4 +155,62 @@ impl<B: Backend> Attention<B> {
         let r = grouped.shape()[2];
         Ok((be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b)?, picks))
     }
+
+    /// CSA: runs the indexer's compressor for every sequence (new keys go into the key pool)
+    /// and selects each query's entries; returns the picks of the whole batch as kv-pool rows
+    /// `[T, k]` padded with `-1`, or None while no sequence has a complete window.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        be: &B,
+        ix: &Indexer<B>,
+        x: &B::Tensor,
+        q_res: &B::Tensor,
+        angles: &StepAngles<B>,
+        kp: &KindPlan<B>,
+        pools: &mut LayerPools<B>,
+    ) -> Result<Option<B::Index>> {
+        let keys = pools.index_keys.as_mut().ok_or_else(|| missing(be, "indexer key pool"))?;
+        let carry = pools.index_carry.as_mut().ok_or_else(|| missing(be, "indexer carry"))?;
+        let mut selected: Vec<Option<B::Index>> = vec![];
+        for sp in &kp.seqs {
+            let x_s = be.narrow(x, 0, sp.rows.start, sp.rows.len())?;
+            if let Some(new_keys) = ix.compressor.step(be, carry, sp, &x_s, &angles.table)? {
+                let (_, rows) = sp.new_entries.as_ref().ok_or_else(|| missing(be, "indexer key rows"))?;
+                be.pool_write(keys, rows, &new_keys)?;
+            }
+            selected.push(match &sp.key_rows {
+                None => None,
+                Some(key_rows) => {
+                    let q_res_s = be.narrow(q_res, 0, sp.rows.start, sp.rows.len())?;
+                    let (cos, sin) = angles.rows(be, sp.rows.clone())?;
+                    let offset = pools.window_rows;
+                    Some(ix.select(be, &x_s, &q_res_s, &cos, &sin, keys, key_rows, &sp.visible, offset)?)
+                }
+            });
+        }
+        let width = selected.iter().flatten().map(|s| s.shape()[1]).max().unwrap_or(0);
+        if width == 0 {
+            return Ok(None);
+        }
+        // Pad every sequence's picks to a common width with -1 ("no entry").
+        let mut parts: Vec<B::Index> = vec![];
+        for (sp, sel) in kp.seqs.iter().zip(&selected) {
+            let n = sp.rows.len();
+            let w = sel.as_ref().map_or(0, |s| s.shape()[1]);
+            let pad = (w < width).then(|| be.upload_index(&vec![-1; n * (width - w)], &[n, width - w])).transpose()?;
+            parts.push(match (sel, pad) {
+                (Some(s), Some(p)) => be.concat_index(&[s, &p], 1)?,
+                (Some(s), None) => s.clone(),
+                (None, Some(p)) => p,
+                (None, None) => unreachable!("width 0 < the common width is always padded"),
+            });
+        }
+        let refs: Vec<&B::Index> = parts.iter().collect();
+        Ok(Some(be.concat_index(&refs, 0)?))
+    }
+}
+
+fn missing<B: Backend>(be: &B, what: &str) -> Error {
+    Error::backend(be.name(), format!("attention: the step plan or the layer's pools lack the {what}"))
 }

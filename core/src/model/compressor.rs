@@ -6,13 +6,12 @@
 //!   window w−1 and the second halves of window w (2·ratio candidates, stride `ratio`).
 //!
 //! Entries are RMS-normed and roped (compress table) at the position of their window's first
-//! token. Tokens of an incomplete window wait in the state until the window completes.
+//! token. Tokens of an incomplete window wait in the carry (`crate::kv`) until it completes.
 
-use crate::backend::DeviceTensor;
-use crate::backend::{Backend, BinaryOp};
+use crate::backend::{Backend, BinaryOp, DeviceTensor};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::model::cache::CompressorState;
+use crate::kv::SeqCompressPlan;
 use crate::model::loader::Loader;
 use crate::model::rope::RopeTable;
 
@@ -27,14 +26,6 @@ pub struct Compressor<B: Backend> {
     /// Width of one entry.
     pub dim: usize,
     eps: f32,
-}
-
-/// Concatenates an optional prefix with `t` along axis 0.
-fn prepend<B: Backend>(be: &B, prefix: &Option<B::Tensor>, t: &B::Tensor) -> Result<B::Tensor> {
-    match prefix {
-        Some(p) => be.concat(&[p, t], 0),
-        None => Ok(t.clone()),
-    }
 }
 
 impl<B: Backend> Compressor<B> {
@@ -68,83 +59,89 @@ impl<B: Backend> Compressor<B> {
         }
     }
 
-    /// Feeds the step's tokens of one sequence, x `[S, D]` at positions `start..start+S`, and
-    /// appends every window they complete to `state.entries`.
+    /// Feeds the step's tokens of one sequence, x `[S, D]` at positions `sp.start..`: reads the
+    /// carry (the raw rows of the incomplete window and, with overlap, of the window before it)
+    /// from `carry`, writes the carry back at every page end the step crosses and at its end,
+    /// and returns the entries of the windows the step completes, `[W, dim]` (normed and roped),
+    /// or None if it completes none.
     pub fn step(
         &self,
         be: &B,
-        state: &mut CompressorState<B>,
+        carry: &mut B::Pool,
+        sp: &SeqCompressPlan<B>,
         x: &B::Tensor,
-        start: usize,
         rope: &RopeTable,
-    ) -> Result<()> {
-        let (m, width) = (self.ratio, self.width());
+    ) -> Result<Option<B::Tensor>> {
+        let (m, width, start) = (self.ratio, self.width(), sp.start);
         let s = x.shape()[0];
         let kv = be.linear(x, &self.wkv)?;
         let ape_rows: Vec<i32> = (start..start + s).map(|p| (p % m) as i32).collect();
         let ape = be.index_select(&self.ape, &be.upload_index(&ape_rows, &[s])?)?;
         let score = be.binary(&be.linear(x, &self.wgate)?, &ape, BinaryOp::Add)?;
-        let kv = prepend(be, &state.pending_kv.take(), &kv)?;
-        let score = prepend(be, &state.pending_score.take(), &score)?;
-
-        let rows = kv.shape()[0];
-        let windows = rows / m;
-        let used = windows * m;
-        if used < rows {
-            state.pending_kv = Some(be.narrow(&kv, 0, used, rows - used)?);
-            state.pending_score = Some(be.narrow(&score, 0, used, rows - used)?);
+        // Rows of positions carry_base..start+S.
+        let (kv, score) = match &sp.carry_read {
+            Some(idx) => {
+                let c = idx.numel() / 2;
+                let carried = be.pool_read(carry, idx)?; // [2c, width]
+                (
+                    be.concat(&[&be.narrow(&carried, 0, 0, c)?, &kv], 0)?,
+                    be.concat(&[&be.narrow(&carried, 0, c, c)?, &score], 0)?,
+                )
+            }
+            None => (kv, score),
+        };
+        if let Some((src, dst)) = &sp.carry_write {
+            let rows = be.concat(&[&be.index_select(&kv, src)?, &be.index_select(&score, src)?], 0)?;
+            be.pool_write(carry, dst, &rows)?;
         }
-        if windows == 0 {
-            return Ok(());
+        let (w0, w1) = (start / m, (start + s) / m);
+        if w1 == w0 {
+            return Ok(None);
         }
-        let kv = be.reshape(&be.narrow(&kv, 0, 0, used)?, &[windows, m, width])?;
-        let score = be.reshape(&be.narrow(&score, 0, 0, used)?, &[windows, m, width])?;
-        let (kv, score) = if self.overlap { self.overlap_candidates(be, state, &kv, &score)? } else { (kv, score) };
+        // Every complete window in the rows, as [windows, m, width].
+        let base_window = sp.carry_base / m;
+        let (total, used) = (w1 - base_window, (w1 - base_window) * m);
+        let kv = be.reshape(&be.narrow(&kv, 0, 0, used)?, &[total, m, width])?;
+        let score = be.reshape(&be.narrow(&score, 0, 0, used)?, &[total, m, width])?;
+        let (kv, score) =
+            if self.overlap { self.overlap_candidates(be, &kv, &score, base_window < w0)? } else { (kv, score) };
+        let windows = w1 - w0;
         let pooled = be.compressor_pool(&kv, &score)?; // [W, dim]
         let normed = be.rms_norm(&pooled, Some(&self.norm), self.eps)?;
-        let positions: Vec<usize> = (state.windows..state.windows + windows).map(|w| w * m).collect();
+        let positions: Vec<usize> = (w0..w1).map(|w| w * m).collect();
         let (cos, sin) = rope.cos_sin(&positions);
         let half = rope.inv_freq.len();
         let cos = be.upload(&cos, &[windows, half])?;
         let sin = be.upload(&sin, &[windows, half])?;
         let roped = be.rope(&be.reshape(&normed, &[windows, 1, self.dim])?, &cos, &sin, false)?;
-        let new_entries = be.reshape(&roped, &[windows, self.dim])?;
-        state.entries = Some(prepend(be, &state.entries.take(), &new_entries)?);
-        state.windows += windows;
-        Ok(())
+        Ok(Some(be.reshape(&roped, &[windows, self.dim])?))
     }
 
-    /// CSA candidate layout `[W, 2m, dim]`: rows 0..m are the first halves of the previous
-    /// window (from the state for the step's first window; zero content and −inf score before
-    /// the first window of the sequence), rows m..2m the second halves of this one. Leaves the
-    /// last window's first halves in the state for the next step.
+    /// CSA candidate layout `[W, 2m, dim]` from complete windows `[n, m, 2·dim]`: rows 0..m are
+    /// the first halves of the previous window, rows m..2m the second halves of this one. With
+    /// `has_prev` the first of the n windows only supplies first halves (it completed in an
+    /// earlier step, W = n − 1); without, the sequence starts here and the window before the
+    /// first has zero content and −inf score (W = n).
     fn overlap_candidates(
         &self,
         be: &B,
-        state: &mut CompressorState<B>,
         kv: &B::Tensor,
         score: &B::Tensor,
+        has_prev: bool,
     ) -> Result<(B::Tensor, B::Tensor)> {
-        let (m, dc, windows) = (self.ratio, self.dim, kv.shape()[0]);
-        let (prev_kv, prev_score) = match state.overlap.take() {
-            Some((k, s)) => (be.reshape(&k, &[1, m, dc])?, be.reshape(&s, &[1, m, dc])?),
-            None => (be.full(&[1, m, dc], 0.0)?, be.full(&[1, m, dc], f32::NEG_INFINITY)?),
-        };
-        let first_kv = be.narrow(kv, 2, 0, dc)?;
-        let first_score = be.narrow(score, 2, 0, dc)?;
-        let shift = |first: &B::Tensor, prev: &B::Tensor| -> Result<B::Tensor> {
-            if windows == 1 {
-                Ok(prev.clone())
+        let (m, dc, n) = (self.ratio, self.dim, kv.shape()[0]);
+        let candidates = |x: &B::Tensor, fill: f32| -> Result<B::Tensor> {
+            let first = be.narrow(x, 2, 0, dc)?;
+            let second = be.narrow(x, 2, dc, dc)?;
+            let (prev, cur) = if has_prev {
+                (be.narrow(&first, 0, 0, n - 1)?, be.narrow(&second, 0, 1, n - 1)?)
             } else {
-                be.concat(&[prev, &be.narrow(first, 0, 0, windows - 1)?], 0)
-            }
+                let pad = be.full(&[1, m, dc], fill)?;
+                let prev = if n == 1 { pad } else { be.concat(&[&pad, &be.narrow(&first, 0, 0, n - 1)?], 0)? };
+                (prev, second)
+            };
+            be.concat(&[&prev, &cur], 1)
         };
-        let kv2 = be.concat(&[&shift(&first_kv, &prev_kv)?, &be.narrow(kv, 2, dc, dc)?], 1)?;
-        let score2 = be.concat(&[&shift(&first_score, &prev_score)?, &be.narrow(score, 2, dc, dc)?], 1)?;
-        state.overlap = Some((
-            be.reshape(&be.narrow(&first_kv, 0, windows - 1, 1)?, &[m, dc])?,
-            be.reshape(&be.narrow(&first_score, 0, windows - 1, 1)?, &[m, dc])?,
-        ));
-        Ok((kv2, score2))
+        Ok((candidates(kv, 0.0)?, candidates(score, f32::NEG_INFINITY)?))
     }
 }

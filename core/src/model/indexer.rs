@@ -36,11 +36,11 @@ impl<B: Backend> Indexer<B> {
     ///
     /// * `x` `[S, D]` attention input, `q_res` `[S, q_lora]` normalised query latent,
     /// * `cos`/`sin` compress-table angles at the query positions,
-    /// * `keys` `[N, dI]` this sequence's indexer keys, `visible[i]` = how many of them query i
-    ///   may see (causality), `offset` = where this sequence's attention entries start in the
-    ///   key pool.
+    /// * the sequence's indexer keys are rows `key_rows` `[N]` of the pool `keys`; `visible[i]`
+    ///   = how many of them query i may see (causality); `offset` = where the attention entries
+    ///   start in the kv pool (an entry's kv-pool row is its key row + offset).
     ///
-    /// Returns `[S, min(topk, N)]` pool rows, `-1` for picks that are not visible.
+    /// Returns `[S, min(topk, N)]` kv-pool rows, `-1` for picks that are not visible.
     #[allow(clippy::too_many_arguments)]
     pub fn select(
         &self,
@@ -49,7 +49,8 @@ impl<B: Backend> Indexer<B> {
         q_res: &B::Tensor,
         cos: &B::Tensor,
         sin: &B::Tensor,
-        keys: &B::Tensor,
+        keys: &B::Pool,
+        key_rows: &B::Index,
         visible: &[usize],
         offset: usize,
     ) -> Result<B::Index> {
@@ -58,7 +59,7 @@ impl<B: Backend> Indexer<B> {
         let q = be.rope(&q, cos, sin, false)?;
         let w = be.affine(&be.linear(x, &self.weights_proj)?, (self.n_heads as f32).powf(-0.5), 0.0)?;
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
-        let k = self.topk.min(keys.shape()[0]);
-        be.indexer_select(&q, keys, &w, &valid, k, offset as i32)
+        let k = self.topk.min(key_rows.numel());
+        be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32)
     }
 }

@@ -4,7 +4,6 @@
 
 pub mod attention;
 pub mod batch;
-pub mod cache;
 pub mod compressor;
 pub mod indexer;
 pub mod loader;
@@ -17,9 +16,9 @@ use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kv::{KvCache, KvConfig, KvDtype, LayerPools, Sequence, StepPlan};
 use attention::{Attention, StepAngles};
 use batch::Batch;
-use cache::{LayerState, SeqState};
 use loader::{Loader, Progress};
 use mhc::{HyperConnection, HyperHead};
 use moe::Moe;
@@ -58,11 +57,12 @@ impl<B: Backend> Block<B> {
         x: &B::Tensor,
         batch: &Batch,
         angles: &StepAngles<B>,
-        states: &mut [&mut LayerState<B>],
+        plan: &StepPlan<B>,
+        pools: &mut LayerPools<B>,
     ) -> Result<(B::Tensor, Option<B::Index>)> {
         let (h, mix) = self.attn_hc.pre(be, x)?;
         let (y, picks) =
-            self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, batch, angles, states)?;
+            self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, angles, plan, pools)?;
         let x = self.attn_hc.post(be, x, &y, &mix)?;
         let (h, mix) = self.ffn_hc.pre(be, &x)?;
         let y = self.moe.forward(be, &be.rms_norm(&h, Some(&self.ffn_norm), self.eps)?, &batch.tokens)?;
@@ -123,21 +123,21 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// A fresh decoding state for one sequence.
-    pub fn new_state(&self) -> SeqState<B> {
-        SeqState::new(self.cfg.num_layers)
+    /// A decoding-state pool on `be` (see [`KvConfig`] for sizing it).
+    pub fn new_cache(&self, be: &B, config: KvConfig) -> Result<KvCache<B>> {
+        KvCache::new(be, &self.cfg, config)
     }
 
-    fn check_batch(&self, batch: &Batch, states: &[&mut SeqState<B>]) -> Result<()> {
-        if states.len() != batch.seqs.len() {
-            return Err(Error::Input(format!("{} sequences but {} states", batch.seqs.len(), states.len())));
+    fn check_batch(&self, batch: &Batch, seqs: &[&mut Sequence]) -> Result<()> {
+        if seqs.len() != batch.seqs.len() {
+            return Err(Error::Input(format!("{} sequences but {} states", batch.seqs.len(), seqs.len())));
         }
-        for (k, st) in states.iter().enumerate() {
-            if batch.start(k) != st.pos {
+        for (k, st) in seqs.iter().enumerate() {
+            if batch.start(k) != st.pos() {
                 return Err(Error::Input(format!(
                     "sequence {k} continues at position {} but its state has seen {} tokens",
                     batch.start(k),
-                    st.pos
+                    st.pos()
                 )));
             }
         }
@@ -164,26 +164,61 @@ impl<B: Backend> Model<B> {
         self.forward_traced(be, batch, None)
     }
 
+    /// [`forward`](Self::forward) on a temporary f32 pool sized for the batch, recording
+    /// per-layer outputs in `trace`.
     pub fn forward_traced(&self, be: &B, batch: &Batch, trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
-        let mut states: Vec<SeqState<B>> = batch.seqs.iter().map(|_| self.new_state()).collect();
-        let mut refs: Vec<&mut SeqState<B>> = states.iter_mut().collect();
-        self.step_inner(be, batch, &mut refs, Logits::All, trace)
+        self.forward_with(be, batch, KvDtype::F32, trace)
     }
 
-    /// One step: sequence k of `batch` continues from `states[k]`, which is advanced.
-    pub fn step(&self, be: &B, batch: &Batch, states: &mut [&mut SeqState<B>], logits: Logits) -> Result<B::Tensor> {
-        self.step_inner(be, batch, states, logits, None)
+    /// Whole-prompt forward with the decoding state in `dtype` (the pool's rounding applies to
+    /// the keys attention reads, as in a served run).
+    pub fn forward_with(
+        &self,
+        be: &B,
+        batch: &Batch,
+        dtype: KvDtype,
+        trace: Option<&mut Trace<B>>,
+    ) -> Result<B::Tensor> {
+        let longest = batch.seqs.iter().map(|r| r.len()).max().unwrap_or(0);
+        let config = KvConfig::for_sequences(&self.cfg, dtype, batch.seqs.len(), longest, longest);
+        let mut cache = self.new_cache(be, config)?;
+        let mut seqs: Vec<Sequence> = batch.seqs.iter().map(|_| cache.new_sequence()).collect();
+        let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
+        self.step_inner(be, batch, &mut cache, &mut refs, Logits::All, trace)
+    }
+
+    /// One step: sequence k of `batch` continues from `seqs[k]` in `cache`, and is advanced.
+    /// If the step fails, the sequences of the batch are left unusable (release them); no other
+    /// sequence of the cache is touched.
+    pub fn step(
+        &self,
+        be: &B,
+        batch: &Batch,
+        cache: &mut KvCache<B>,
+        seqs: &mut [&mut Sequence],
+        logits: Logits,
+    ) -> Result<B::Tensor> {
+        self.step_inner(be, batch, cache, seqs, logits, None)
     }
 
     fn step_inner(
         &self,
         be: &B,
         batch: &Batch,
-        states: &mut [&mut SeqState<B>],
+        cache: &mut KvCache<B>,
+        seqs: &mut [&mut Sequence],
         logits: Logits,
         mut trace: Option<&mut Trace<B>>,
     ) -> Result<B::Tensor> {
-        self.check_batch(batch, states)?;
+        self.check_batch(batch, seqs)?;
+        if cache.layers.len() != self.blocks.len() {
+            return Err(Error::Input(format!(
+                "the KV cache has {} layers but the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let plan = cache.plan_step(be, batch, seqs)?;
         let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
         let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
         let e = be.embedding(&self.embed, &be.upload_index(&ids, &[t])?)?;
@@ -195,22 +230,19 @@ impl<B: Backend> Model<B> {
         let mut x = be.reshape(&be.concat(&copies, 1)?, &[t, n, d])?;
         let main = StepAngles::new(be, self.rope_main.clone(), &batch.positions)?;
         let compress = StepAngles::new(be, self.rope_compress.clone(), &batch.positions)?;
-        for (l, block) in self.blocks.iter().enumerate() {
+        for (block, pools) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let angles = match block.attn.kind {
                 crate::config::AttentionKind::Sliding => &main,
                 _ => &compress,
             };
-            let mut layer_states: Vec<&mut LayerState<B>> = states.iter_mut().map(|s| &mut s.layers[l]).collect();
             let picks;
-            (x, picks) = block.forward(be, &x, batch, angles, &mut layer_states)?;
+            (x, picks) = block.forward(be, &x, batch, angles, &plan, pools)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layers.push(x.clone());
                 tr.indexer_picks.push(picks);
             }
         }
-        for (st, rows) in states.iter_mut().zip(&batch.seqs) {
-            st.pos += rows.len();
-        }
+        cache.finish_step(batch, seqs);
         if logits == Logits::LastPerSequence {
             let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
             x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;

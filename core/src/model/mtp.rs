@@ -120,11 +120,34 @@ mod tests {
         }
     }
 
+    struct P;
+    impl crate::backend::DevicePool for P {
+        fn rows(&self) -> usize {
+            0
+        }
+        fn width(&self) -> usize {
+            0
+        }
+        fn format(&self) -> crate::backend::RowFormat {
+            crate::backend::RowFormat::F32
+        }
+    }
+
     #[allow(unused_variables)]
     impl Backend for Shapes {
         type Tensor = S;
         type Index = S;
         type Weight = Vec<usize>;
+        type Pool = P;
+        fn alloc_pool(&self, rows: usize, width: usize, format: crate::backend::RowFormat) -> Result<P> {
+            unimplemented!()
+        }
+        fn pool_write(&self, pool: &mut P, slots: &S, values: &S) -> Result<()> {
+            unimplemented!()
+        }
+        fn pool_read(&self, pool: &P, slots: &S) -> Result<S> {
+            unimplemented!()
+        }
         fn name(&self) -> &str {
             "shapes"
         }

@@ -1,0 +1,33 @@
+//! The paged decoding state (spec §C): device pools allocated once from a memory budget, with
+//! per-sequence block tables, rows appended in place, a choice of row formats (`f32`, `bf16`,
+//! the official `fp8`), and prefix reuse that restores the sliding window and the compressors'
+//! carry along with the compressed KV.
+//!
+//! * [`format`]: row formats and their codec (bytes per row of each);
+//! * [`layout`]: what a block holds and a sequence's footprint, from the config alone;
+//! * [`blocks`]: the block allocator with reference counts and the prefix-cache index;
+//! * [`cache`]: the pools themselves ([`KvCache`]), sequences, and the per-step plan of rows
+//!   that the graph reads and writes.
+
+pub mod blocks;
+pub mod cache;
+pub mod format;
+pub mod layout;
+
+pub use cache::{
+    human_bytes, CacheStats, KindPlan, KvCache, KvConfig, LayerPools, SeqCompressPlan, Sequence, StepPlan,
+};
+pub use format::{KvDtype, RowFormat};
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes (the CPU backend's free memory).
+pub fn mem_available(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut parts = line["MemAvailable:".len()..].split_whitespace();
+    let value: usize = parts.next()?.parse().ok()?;
+    let scale = match parts.next() {
+        None => 1,
+        Some(u) if u.eq_ignore_ascii_case("kb") => 1024,
+        Some(_) => return None,
+    };
+    value.checked_mul(scale)
+}
