@@ -290,6 +290,14 @@ aclnnStatus aclnnIndexAddGetWorkspaceSize(const aclTensor *self, int64_t dim, co
                                           const aclTensor *source, const aclScalar *alpha, aclTensor *out,
                                           uint64_t *workspaceSize, aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnIndexAdd);
+/** selfRef[.., index[i], ..] = source[.., i, ..] along dim, in place (docs: ops-nn
+ * index/scatter_update/docs/aclnnIndexCopy&aclnnInplaceIndexCopy.md). index INT32/INT64, at
+ * most 1-D, one entry per slice of source along dim; out-of-range entries are not supported and
+ * repeated ones leave the order of the writes unspecified. */
+aclnnStatus aclnnInplaceIndexCopyGetWorkspaceSize(aclTensor *selfRef, int64_t dim, const aclTensor *index,
+                                                  const aclTensor *source, uint64_t *workspaceSize,
+                                                  aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnInplaceIndexCopy);
 aclnnStatus aclnnInplaceMaskedFillScalarGetWorkspaceSize(aclTensor *selfRef, const aclTensor *mask,
                                                          const aclScalar *value, uint64_t *workspaceSize,
                                                          aclOpExecutor **executor);

@@ -416,6 +416,21 @@ acl_functions! {
         executor: *mut aclOpExecutor,
         stream: aclrtStream,
     ) -> aclnnStatus;
+    #[doc = " selfRef[.., index[i], ..] = source[.., i, ..] along dim, in place (docs: ops-nn\n index/scatter_update/docs/aclnnIndexCopy&aclnnInplaceIndexCopy.md). index INT32/INT64, at\n most 1-D, one entry per slice of source along dim; out-of-range entries are not supported and\n repeated ones leave the order of the writes unspecified."]
+    pub fn aclnnInplaceIndexCopyGetWorkspaceSize(
+        selfRef: *mut aclTensor,
+        dim: i64,
+        index: *const aclTensor,
+        source: *const aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
+    pub fn aclnnInplaceIndexCopy(
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
     pub fn aclnnInplaceMaskedFillScalarGetWorkspaceSize(
         selfRef: *mut aclTensor,
         mask: *const aclTensor,

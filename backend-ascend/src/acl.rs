@@ -257,6 +257,17 @@ impl Device {
         Ok(())
     }
 
+    /// Zeroes every byte of `dst`, ordered on the stream (aclrtMemsetAsync).
+    pub fn zero(&self, dst: &Buffer) -> Result<()> {
+        self.enter()?;
+        let memset = self.api.aclrtMemsetAsync().map_err(|e| err(e.to_string()))?;
+        // SAFETY: dst is a live device block of `dst.bytes` bytes (maxCount = count = its size);
+        // the stream is ours, so later work that uses the block runs after the fill.
+        check(self.api, "aclrtMemsetAsync", unsafe {
+            memset(dst.ptr as *mut c_void, dst.bytes, 0, dst.bytes, self.stream)
+        })
+    }
+
     /// Device → host after draining the stream.
     pub fn download_bytes(&self, src: u64, out: &mut [u8]) -> Result<()> {
         self.synchronize()?;

@@ -5,6 +5,8 @@
 //!   `aclrtMalloc`; tensors are immutable and contiguous, so `reshape` and axis-0 `narrow`
 //!   share memory (an element offset in the `aclTensor` view) and every other op writes a new
 //!   block. Strided `aclTensor` views make transposes, slices and broadcasts free inputs.
+//! * Pools of the paged decoding state are the mutable exception: one block each (F32 or
+//!   BF16 rows), zeroed once and written in place with aclnnInplaceIndexCopy (`pool`).
 //! * One stream; uploads go through pinned staging buffers with `aclrtMemcpyAsync`, so they
 //!   stay ordered with queued kernels; downloads synchronise first.
 //! * Every operator goes through one helper (`acl::Device::call`): GetWorkspaceSize →
@@ -45,7 +47,8 @@ use std::sync::Arc;
 use acl::{err, esize, AclIntArray, AclScalar, AclTensor, AclTensorList, Buffer, Device};
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, UnaryOp};
+use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
+use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, StoredWeight, WeightFormat};
@@ -130,6 +133,17 @@ pub struct AscendIndex {
     buf: Arc<Buffer>,
     shape: Vec<usize>,
     offset: usize,
+    /// The values, when they are known on the host (`upload_index`, and `offset_index` /
+    /// `concat_index` of such indices): indices are immutable, so the range checks of
+    /// `dsv4_core::backend_checks` and `pool_write`'s slot checks use them without a download.
+    host: Option<Arc<[i32]>>,
+}
+
+impl AscendIndex {
+    /// The smallest and largest value, when the values are known on the host.
+    fn bounds(&self) -> Option<IndexBounds> {
+        self.host.as_deref().and_then(IndexBounds::of)
+    }
 }
 
 impl DeviceTensor for AscendIndex {
@@ -155,6 +169,7 @@ impl AscendWeight {
 }
 
 /// A device block viewed as row-major data of some dtype, for building `aclTensor`s.
+#[derive(Clone, Copy)]
 struct Mem<'a> {
     buf: &'a Buffer,
     offset: usize,
@@ -177,6 +192,7 @@ pub mod kernels;
 mod moe;
 
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
+pub use pool::AscendPool;
 
 /// An operator through the executor cache (`executors`): `[inputs] => [outputs]` are the
 /// operator's tensor parameters (one `AclTensor` each, moved in), `scalars [..]` its
@@ -208,6 +224,8 @@ macro_rules! aclnn_cached {
     }};
 }
 
+mod pool;
+
 fn strides(dims: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
@@ -218,17 +236,6 @@ fn strides(dims: &[usize]) -> Vec<usize> {
 
 fn numel(dims: &[usize]) -> usize {
     dims.iter().product()
-}
-
-fn check_axis(shape: &[usize], axis: usize, op: &str) -> Result<()> {
-    if axis >= shape.len() {
-        return Err(err(format!("{op}: axis {axis} out of range for shape {shape:?}")));
-    }
-    Ok(())
-}
-
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    dsv4_core::backend::broadcast_shape(a, b).ok_or_else(|| err(format!("shapes {a:?} and {b:?} do not broadcast")))
 }
 
 impl AscendBackend {
@@ -280,7 +287,12 @@ impl AscendBackend {
     }
 
     fn new_index(&self, shape: &[usize]) -> Result<AscendIndex> {
-        Ok(AscendIndex { buf: Arc::new(self.alloc(numel(shape), Dt::ACL_INT32)?), shape: shape.to_vec(), offset: 0 })
+        Ok(AscendIndex {
+            buf: Arc::new(self.alloc(numel(shape), Dt::ACL_INT32)?),
+            shape: shape.to_vec(),
+            offset: 0,
+            host: None,
+        })
     }
 
     /// An `aclTensor` over `m` with explicit element strides (relative to `m.offset`).
@@ -362,6 +374,62 @@ impl AscendBackend {
         Ok(flag)
     }
 
+    /// Rows `idx` (any shape; `-1` gives a zero row) of the `[rows, row]` matrix `src` (F32, or
+    /// a narrower float type widened after the gather), as an f32 tensor of `shape`
+    /// (`idx.shape ++ the row's shape`): aclnnLtScalar, aclnnInplaceCopy +
+    /// aclnnInplaceMaskedFillScalar (the index with -1 → 0), aclnnIndexSelect (+ aclnnCast),
+    /// aclnnInplaceMaskedFillScalar (zero the -1 rows).
+    fn select_rows(
+        &self,
+        src: Mem<'_>,
+        rows: usize,
+        row: usize,
+        idx: &AscendIndex,
+        shape: &[usize],
+    ) -> Result<AscendTensor> {
+        let n = numel(&idx.shape);
+        if n * row == 0 || rows == 0 {
+            // Nothing to gather (with no rows, every index must be -1).
+            return self.full(shape, 0.0);
+        }
+        let neg = self.index_flag(idx, None)?;
+        let negv = |dims: &[usize]| self.cview(Mem { buf: &neg, offset: 0, dtype: Dt::ACL_BOOL }, dims);
+        let safe = self.new_index(&[n])?;
+        let sv = self.iv(&safe)?;
+        self.copy(&sv, &self.cview(self.imem(idx), &[n])?)?;
+        let zero_i = AclScalar::i32(self.api(), 0)?;
+        let nv = negv(&[n])?;
+        aclnn!(
+            self,
+            aclnnInplaceMaskedFillScalar
+                / aclnnInplaceMaskedFillScalarGetWorkspaceSize(sv.ptr(), nv.ptr(), zero_i.ptr())
+        )?;
+        let out = self.new_tensor(shape)?;
+        let xv = self.cview(src, &[rows, row])?;
+        let sv = self.iv(&safe)?;
+        let ov = self.cview(self.tmem(&out), &[n, row])?;
+        if src.dtype == Dt::ACL_FLOAT {
+            aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [ov], attrs [0],
+                |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
+        } else {
+            // Gather in the stored type, then widen (exact).
+            let tmp = self.alloc(n * row, src.dtype)?;
+            let narrow = Mem { buf: &tmp, offset: 0, dtype: src.dtype };
+            aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [self.cview(narrow, &[n, row])?],
+                attrs [0], |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
+            aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [self.cview(narrow, &[n, row])?] => [ov],
+                attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+        }
+        let ov = self.cview(self.tmem(&out), &[n, row])?;
+        let (mask, zero) = (negv(&[n, 1])?, self.f32s(0.0)?);
+        aclnn!(
+            self,
+            aclnnInplaceMaskedFillScalar
+                / aclnnInplaceMaskedFillScalarGetWorkspaceSize(ov.ptr(), mask.ptr(), zero.ptr())
+        )?;
+        Ok(out)
+    }
+
     fn unary_op(&self, x: AclTensor, out: AclTensor, op: UnaryOp) -> Result<()> {
         macro_rules! plain {
             ($op:ident / $ws:ident) => {
@@ -396,6 +464,7 @@ impl Backend for AscendBackend {
     type Tensor = AscendTensor;
     type Index = AscendIndex;
     type Weight = AscendWeight;
+    type Pool = AscendPool;
 
     fn name(&self) -> &str {
         "ascend"
@@ -409,10 +478,13 @@ impl Backend for AscendBackend {
         format!("Ascend {} device {}{mem}{how}", self.soc, self.dev.id)
     }
 
+    /// `aclrtGetMemInfo`'s free bytes.
+    fn free_memory(&self) -> Option<usize> {
+        acl::mem_info(&self.dev).map(|(free, _)| free)
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<AscendTensor> {
-        if numel(shape) != data.len() {
-            return Err(err(format!("upload: {} values for shape {shape:?}", data.len())));
-        }
+        checks::upload(self.name(), data.len(), shape)?;
         let t = self.new_tensor(shape)?;
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.dev.upload_bytes(&t.buf, &bytes)?;
@@ -426,12 +498,11 @@ impl Backend for AscendBackend {
     }
 
     fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<AscendIndex> {
-        if numel(shape) != data.len() {
-            return Err(err(format!("upload_index: {} values for shape {shape:?}", data.len())));
-        }
-        let t = self.new_index(shape)?;
+        checks::upload_index(self.name(), data.len(), shape)?;
+        let mut t = self.new_index(shape)?;
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.dev.upload_bytes(&t.buf, &bytes)?;
+        t.host = Some(data.into());
         Ok(t)
     }
 
@@ -485,6 +556,7 @@ impl Backend for AscendBackend {
     }
 
     fn full(&self, shape: &[usize], value: f32) -> Result<AscendTensor> {
+        checks::full(self.name(), shape)?;
         let t = self.new_tensor(shape)?;
         if numel(shape) > 0 {
             self.fill(&self.tv(&t)?, &self.f32s(value)?)?;
@@ -492,14 +564,27 @@ impl Backend for AscendBackend {
         Ok(t)
     }
 
+    /// One device block, zeroed on the stream (aclrtMemsetAsync); F32 rows as ACL_FLOAT, BF16
+    /// rows as ACL_BF16. The fp8 format is refused (see `pool`).
+    fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<AscendPool> {
+        self.new_pool(rows, width, format)
+    }
+
+    /// aclnnInplaceIndexCopy along dim 0 (after aclnnCast to BF16 for BF16 pools); the slots are
+    /// checked on the host first.
+    fn pool_write(&self, pool: &mut AscendPool, slots: &AscendIndex, values: &AscendTensor) -> Result<()> {
+        self.write_rows(pool, slots, values)
+    }
+
+    /// As `index_select` on the pool's block (aclnnIndexSelect, + aclnnCast for BF16 pools).
+    fn pool_read(&self, pool: &AscendPool, slots: &AscendIndex) -> Result<AscendTensor> {
+        self.read_rows(pool, slots)
+    }
+
     fn linear(&self, x: &AscendTensor, w: &AscendWeight) -> Result<AscendTensor> {
-        let k = *x.shape.last().ok_or_else(|| err("linear: scalar input"))?;
-        if k != w.cols {
-            return Err(err(format!("linear: input {:?} against weight {:?}", x.shape, w.shape)));
-        }
+        let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
+        let k = w.cols;
         let m = numel(&x.shape) / k.max(1);
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("non-scalar") = w.rows;
         let out = self.new_tensor(&shape)?;
         if numel(&shape) == 0 {
             return Ok(out);
@@ -519,15 +604,8 @@ impl Backend for AscendBackend {
     }
 
     fn grouped_linear(&self, x: &AscendTensor, w: &AscendWeight, groups: usize) -> Result<AscendTensor> {
-        if x.shape.len() != 3
-            || x.shape[1] != groups
-            || groups == 0
-            || !w.rows.is_multiple_of(groups)
-            || w.cols != x.shape[2]
-        {
-            return Err(err(format!("grouped_linear: input {:?}, weight {:?}, {groups} groups", x.shape, w.shape)));
-        }
-        let (m, k, r) = (x.shape[0], x.shape[2], w.rows / groups);
+        let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
+        let (m, k, r) = (shape[0], x.shape[2], shape[2]);
         let out = self.new_tensor(&[m, groups, r])?;
         if m * r == 0 {
             return Ok(out);
@@ -552,8 +630,7 @@ impl Backend for AscendBackend {
 
     fn embedding(&self, table: &AscendWeight, ids: &AscendIndex) -> Result<AscendTensor> {
         let d = table.cols;
-        let mut shape = ids.shape.clone();
-        shape.push(d);
+        let shape = checks::embedding(self.name(), &table.shape, &ids.shape, ids.bounds())?;
         let out = self.new_tensor(&shape)?;
         if numel(&shape) == 0 {
             return Ok(out);
@@ -575,18 +652,8 @@ impl Backend for AscendBackend {
     }
 
     fn matmul(&self, a: &AscendTensor, b: &AscendTensor, transpose_b: bool) -> Result<AscendTensor> {
-        let (ar, br) = (a.shape.len(), b.shape.len());
-        if ar < 2 || br < 2 {
-            return Err(err(format!("matmul: shapes {:?} x {:?}", a.shape, b.shape)));
-        }
-        let (m, k) = (a.shape[ar - 2], a.shape[ar - 1]);
-        let (bk, n) = if transpose_b { (b.shape[br - 1], b.shape[br - 2]) } else { (b.shape[br - 2], b.shape[br - 1]) };
-        let shared_b = br == 2;
-        if bk != k || (!shared_b && b.shape[..br - 2] != a.shape[..ar - 2]) {
-            return Err(err(format!("matmul: shapes {:?} x {:?} (transpose_b {transpose_b})", a.shape, b.shape)));
-        }
-        let mut shape = a.shape[..ar - 2].to_vec();
-        shape.extend([m, n]);
+        let checks::MatmulDims { k, n, out: shape, .. } = checks::matmul(self.name(), &a.shape, &b.shape, transpose_b)?;
+        let br = b.shape.len();
         if numel(&shape) == 0 {
             return self.new_tensor(&shape);
         }
@@ -609,6 +676,7 @@ impl Backend for AscendBackend {
     }
 
     fn unary(&self, x: &AscendTensor, op: UnaryOp) -> Result<AscendTensor> {
+        checks::unary(self.name(), &x.shape)?;
         let out = self.new_tensor(&x.shape)?;
         if numel(&x.shape) > 0 {
             self.unary_op(self.tv(x)?, self.tv(&out)?, op)?;
@@ -617,7 +685,7 @@ impl Backend for AscendBackend {
     }
 
     fn binary(&self, a: &AscendTensor, b: &AscendTensor, op: BinaryOp) -> Result<AscendTensor> {
-        let shape = broadcast_shape(&a.shape, &b.shape)?;
+        let shape = checks::binary(self.name(), &a.shape, &b.shape)?;
         let out = self.new_tensor(&shape)?;
         if numel(&shape) == 0 {
             return Ok(out);
@@ -647,6 +715,7 @@ impl Backend for AscendBackend {
     }
 
     fn affine(&self, x: &AscendTensor, mul: f32, add: f32) -> Result<AscendTensor> {
+        checks::affine(self.name(), &x.shape)?;
         if mul == 1.0 && add == 0.0 {
             return Ok(x.clone());
         }
@@ -673,6 +742,7 @@ impl Backend for AscendBackend {
     }
 
     fn clamp(&self, x: &AscendTensor, min: f32, max: f32) -> Result<AscendTensor> {
+        checks::clamp(self.name(), &x.shape)?;
         let out = self.new_tensor(&x.shape)?;
         if numel(&x.shape) == 0 {
             return Ok(out);
@@ -685,9 +755,7 @@ impl Backend for AscendBackend {
     }
 
     fn reduce(&self, x: &AscendTensor, axis: usize, op: ReduceOp) -> Result<AscendTensor> {
-        check_axis(&x.shape, axis, "reduce")?;
-        let mut shape = x.shape.clone();
-        shape[axis] = 1;
+        let shape = checks::reduce(self.name(), &x.shape, axis)?;
         if numel(&shape) == 0 {
             return self.new_tensor(&shape);
         }
@@ -715,7 +783,7 @@ impl Backend for AscendBackend {
     /// aclnnSoftmax, then lanes whose maximum is `-inf` (fully masked) set to 0 as the trait
     /// specifies (the operator itself gives NaN there, like torch).
     fn softmax(&self, x: &AscendTensor, axis: usize) -> Result<AscendTensor> {
-        check_axis(&x.shape, axis, "softmax")?;
+        checks::softmax(self.name(), &x.shape, axis)?;
         let out = self.new_tensor(&x.shape)?;
         if numel(&x.shape) == 0 {
             return Ok(out);
@@ -738,12 +806,8 @@ impl Backend for AscendBackend {
     }
 
     fn rms_norm(&self, x: &AscendTensor, weight: Option<&AscendTensor>, eps: f32) -> Result<AscendTensor> {
-        let d = *x.shape.last().ok_or_else(|| err("rms_norm: scalar input"))?;
-        if let Some(w) = weight {
-            if numel(&w.shape) != d {
-                return Err(err(format!("rms_norm: weight {:?} for input {:?}", w.shape, x.shape)));
-            }
-        }
+        checks::rms_norm(self.name(), &x.shape, weight.map(|w| &w.shape[..]))?;
+        let d = x.shape[x.shape.len() - 1];
         let out = self.new_tensor(&x.shape)?;
         if numel(&x.shape) == 0 {
             return Ok(out);
@@ -769,8 +833,7 @@ impl Backend for AscendBackend {
     /// `rd` channels: cos/sin are widened to one value per channel with a stride-0 view, sin
     /// negated for the inverse rotation; the rotated slice is copied back into a copy of x.
     fn rope(&self, x: &AscendTensor, cos: &AscendTensor, sin: &AscendTensor, inverse: bool) -> Result<AscendTensor> {
-        let (t, h, d, half) = dsv4_core::backend::rope_dims(&x.shape, &cos.shape, &sin.shape)
-            .ok_or_else(|| err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)))?;
+        let (t, h, d, half) = checks::rope(self.name(), &x.shape, &cos.shape, &sin.shape)?;
         let rd = 2 * half;
         if numel(&x.shape) == 0 || rd == 0 {
             return self.gather_view(x, &x.shape, &strides(&x.shape), 0);
@@ -805,14 +868,12 @@ impl Backend for AscendBackend {
     }
 
     fn reshape(&self, x: &AscendTensor, shape: &[usize]) -> Result<AscendTensor> {
-        if numel(shape) != numel(&x.shape) {
-            return Err(err(format!("reshape: {:?} to {shape:?}", x.shape)));
-        }
+        checks::reshape(self.name(), &x.shape, shape)?;
         Ok(AscendTensor { buf: x.buf.clone(), shape: shape.to_vec(), offset: x.offset })
     }
 
     fn transpose(&self, x: &AscendTensor, a: usize, b: usize) -> Result<AscendTensor> {
-        check_axis(&x.shape, a.max(b), "transpose")?;
+        checks::transpose(self.name(), &x.shape, a, b)?;
         let mut dims = x.shape.clone();
         let mut st = strides(&x.shape);
         dims.swap(a, b);
@@ -821,13 +882,8 @@ impl Backend for AscendBackend {
     }
 
     fn narrow(&self, x: &AscendTensor, axis: usize, start: usize, len: usize) -> Result<AscendTensor> {
-        check_axis(&x.shape, axis, "narrow")?;
-        if start + len > x.shape[axis] {
-            return Err(err(format!("narrow: {start}..{} of axis {axis} in {:?}", start + len, x.shape)));
-        }
+        let dims = checks::narrow(self.name(), &x.shape, axis, start, len)?;
         let st = strides(&x.shape);
-        let mut dims = x.shape.clone();
-        dims[axis] = len;
         if axis == 0 || x.shape[..axis].iter().all(|&d| d == 1) {
             // Contiguous slice: share the block.
             return Ok(AscendTensor { buf: x.buf.clone(), shape: dims, offset: x.offset + start * st[axis] });
@@ -836,19 +892,7 @@ impl Backend for AscendBackend {
     }
 
     fn concat(&self, xs: &[&AscendTensor], axis: usize) -> Result<AscendTensor> {
-        let first = xs.first().ok_or_else(|| err("concat: nothing to concatenate"))?;
-        check_axis(&first.shape, axis, "concat")?;
-        let mut shape = first.shape.clone();
-        shape[axis] = 0;
-        for x in xs {
-            if x.shape.len() != first.shape.len()
-                || x.shape.iter().zip(&first.shape).enumerate().any(|(a, (p, q))| a != axis && p != q)
-            {
-                let shapes: Vec<_> = xs.iter().map(|x| x.shape.clone()).collect();
-                return Err(err(format!("concat along {axis}: shapes {shapes:?} do not match")));
-            }
-            shape[axis] += x.shape[axis];
-        }
+        let shape = checks::concat(self.name(), &xs.iter().map(|x| &x.shape[..]).collect::<Vec<_>>(), axis)?;
         let out = self.new_tensor(&shape)?;
         if numel(&shape) == 0 {
             return Ok(out);
@@ -861,51 +905,15 @@ impl Backend for AscendBackend {
     }
 
     /// `-1` entries: the index is masked to 0 for aclnnIndexSelect, and their rows are
-    /// zero-filled afterwards.
+    /// zero-filled afterwards (`select_rows`).
     fn index_select(&self, x: &AscendTensor, idx: &AscendIndex) -> Result<AscendTensor> {
-        let rows = *x.shape.first().ok_or_else(|| err("index_select: scalar input"))?;
-        let row: usize = x.shape[1..].iter().product();
-        let n = numel(&idx.shape);
-        let mut shape = idx.shape.clone();
-        shape.extend_from_slice(&x.shape[1..]);
-        if n * row == 0 || rows == 0 {
-            // Nothing to gather (with no rows, every index must be -1).
-            return self.full(&shape, 0.0);
-        }
-        let neg = self.index_flag(idx, None)?;
-        let negv = |dims: &[usize]| self.cview(Mem { buf: &neg, offset: 0, dtype: Dt::ACL_BOOL }, dims);
-        let safe = self.new_index(&[n])?;
-        let sv = self.iv(&safe)?;
-        self.copy(&sv, &self.cview(self.imem(idx), &[n])?)?;
-        let zero_i = AclScalar::i32(self.api(), 0)?;
-        let nv = negv(&[n])?;
-        aclnn!(
-            self,
-            aclnnInplaceMaskedFillScalar
-                / aclnnInplaceMaskedFillScalarGetWorkspaceSize(sv.ptr(), nv.ptr(), zero_i.ptr())
-        )?;
-        let out = self.new_tensor(&shape)?;
-        let (xv, ov) = (self.cview(self.tmem(x), &[rows, row])?, self.cview(self.tmem(&out), &[n, row])?);
-        let sv = self.iv(&safe)?;
-        aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [ov], attrs [0],
-            |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
-        let ov = self.cview(self.tmem(&out), &[n, row])?;
-        let (mask, zero) = (negv(&[n, 1])?, self.f32s(0.0)?);
-        aclnn!(
-            self,
-            aclnnInplaceMaskedFillScalar
-                / aclnnInplaceMaskedFillScalarGetWorkspaceSize(ov.ptr(), mask.ptr(), zero.ptr())
-        )?;
-        Ok(out)
+        let shape = checks::index_select(self.name(), &x.shape, &idx.shape, idx.bounds())?;
+        let (rows, row) = (x.shape[0], x.shape[1..].iter().product());
+        self.select_rows(self.tmem(x), rows, row, idx, &shape)
     }
 
     fn gather_last(&self, x: &AscendTensor, idx: &AscendIndex) -> Result<AscendTensor> {
-        if x.shape.is_empty()
-            || idx.shape.is_empty()
-            || x.shape[..x.shape.len() - 1] != idx.shape[..idx.shape.len() - 1]
-        {
-            return Err(err(format!("gather_last: x {:?}, idx {:?}", x.shape, idx.shape)));
-        }
+        checks::gather_last(self.name(), &x.shape, &idx.shape, idx.bounds())?;
         let out = self.new_tensor(&idx.shape)?;
         if numel(&idx.shape) == 0 {
             return Ok(out);
@@ -917,10 +925,8 @@ impl Backend for AscendBackend {
     }
 
     fn index_add(&self, dst: &AscendTensor, idx: &AscendIndex, src: &AscendTensor) -> Result<AscendTensor> {
+        checks::index_add(self.name(), &dst.shape, &idx.shape, &src.shape, idx.bounds())?;
         let n = numel(&idx.shape);
-        if dst.shape.is_empty() || src.shape.is_empty() || src.shape[0] != n || src.shape[1..] != dst.shape[1..] {
-            return Err(err(format!("index_add: dst {:?}, idx {:?}, src {:?}", dst.shape, idx.shape, src.shape)));
-        }
         let (rows, row) = (dst.shape[0], dst.shape[1..].iter().product::<usize>());
         let out = self.new_tensor(&dst.shape)?;
         if numel(&dst.shape) == 0 {
@@ -945,12 +951,7 @@ impl Backend for AscendBackend {
     }
 
     fn topk(&self, x: &AscendTensor, k: usize) -> Result<(AscendTensor, AscendIndex)> {
-        let n = *x.shape.last().ok_or_else(|| err("topk: scalar input"))?;
-        if k > n {
-            return Err(err(format!("topk: k = {k} but only {n} entries")));
-        }
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("non-scalar") = k;
+        let shape = checks::topk(self.name(), &x.shape, k)?;
         let (vals, ids) = (self.new_tensor(&shape)?, self.new_index(&shape)?);
         if numel(&shape) == 0 {
             return Ok((vals, ids));
@@ -967,6 +968,7 @@ impl Backend for AscendBackend {
     }
 
     fn index_mask(&self, idx: &AscendIndex) -> Result<AscendTensor> {
+        checks::index_mask(self.name(), &idx.shape)?;
         let out = self.full(&idx.shape, 0.0)?;
         if numel(&idx.shape) == 0 {
             return Ok(out);
@@ -982,19 +984,20 @@ impl Backend for AscendBackend {
     }
 
     fn concat_index(&self, xs: &[&AscendIndex], axis: usize) -> Result<AscendIndex> {
-        let first = xs.first().ok_or_else(|| err("concat_index: nothing to concatenate"))?;
-        check_axis(&first.shape, axis, "concat_index")?;
-        let mut shape = first.shape.clone();
-        shape[axis] = 0;
-        for x in xs {
-            if x.shape.len() != first.shape.len()
-                || x.shape.iter().zip(&first.shape).enumerate().any(|(a, (p, q))| a != axis && p != q)
-            {
-                return Err(err(format!("concat_index along {axis}: {:?} vs {:?}", x.shape, first.shape)));
+        let shape = checks::concat_index(self.name(), &xs.iter().map(|x| &x.shape[..]).collect::<Vec<_>>(), axis)?;
+        let mut out = self.new_index(&shape)?;
+        // The values on the host too, when every part's are known.
+        if let Some(parts) = xs.iter().map(|x| x.host.clone()).collect::<Option<Vec<_>>>() {
+            let outer: usize = shape[..axis].iter().product();
+            let mut v = Vec::with_capacity(numel(&shape));
+            for a in 0..outer {
+                for (x, p) in xs.iter().zip(&parts) {
+                    let chunk = numel(&x.shape[axis..]);
+                    v.extend_from_slice(&p[a * chunk..(a + 1) * chunk]);
+                }
             }
-            shape[axis] += x.shape[axis];
+            out.host = Some(v.into());
         }
-        let out = self.new_index(&shape)?;
         if numel(&shape) == 0 {
             return Ok(out);
         }
@@ -1006,7 +1009,10 @@ impl Backend for AscendBackend {
     }
 
     fn offset_index(&self, idx: &AscendIndex, offset: i32) -> Result<AscendIndex> {
-        let out = self.new_index(&idx.shape)?;
+        // Host values only (no download): the device add wraps instead of faulting.
+        checks::offset_index(self.name(), &idx.shape, offset, idx.bounds())?;
+        let mut out = self.new_index(&idx.shape)?;
+        out.host = idx.host.as_ref().map(|h| h.iter().map(|&v| if v == -1 { -1 } else { v + offset }).collect());
         if numel(&idx.shape) == 0 {
             return Ok(out);
         }
@@ -1036,6 +1042,8 @@ impl Backend for AscendBackend {
         k: usize,
         routed_scale: f32,
     ) -> Result<(AscendIndex, AscendTensor)> {
+        let hash = hash_ids.map(|h| (&h.shape[..], h.bounds()));
+        checks::moe_route(self.name(), &logits.shape, bias.map(|b| &b.shape[..]), hash, k)?;
         match self.route_fused(logits, scoring, bias, hash_ids, k, routed_scale)? {
             Some(r) => Ok(r),
             None => composed::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale),

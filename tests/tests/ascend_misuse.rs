@@ -478,13 +478,20 @@ fn the_backend_surfaces_the_runtime_error_text_and_leaks_nothing() {
         for k in &kinds[..5] {
             assert_eq!(live(*k), 0, "live objects of kind {k:?} after the ops");
         }
-        // An index past the table faults the kernel; the error carries the runtime's text.
+        // An index past the table: the backend refuses one whose values it knows on the host
+        // (an upload); one computed on the device (here the top-1 position of 10 values) faults
+        // the kernel, and the error carries the runtime's text.
         let table = be.upload(&[0.0; 8], &[4, 2]).unwrap();
-        let bad = be.upload_index(&[9], &[1]).unwrap();
+        let uploaded = be.upload_index(&[9], &[1]).unwrap();
+        let e = be.index_select(&table, &uploaded).err().expect("a known out-of-range index must fail").to_string();
+        assert!(e.contains("index 9 is outside the 4 rows"), "{e}");
+        let mut ten = [0.0f32; 10];
+        ten[9] = 1.0;
+        let (_, bad) = be.topk(&be.upload(&ten, &[10]).unwrap(), 1).unwrap();
         let r = be.index_select(&table, &bad).and_then(|t| be.download(&t));
         let e = r.expect_err("out-of-range index must fail").to_string();
         assert!(e.contains("aclrtSynchronizeStream") && e.contains("outside 0..4"), "{e}");
-        drop((x, idx, y, z, s, table, bad));
+        drop((x, idx, y, z, s, table, uploaded, bad));
         drop(be);
         for k in kinds {
             assert_eq!(live(k), 0, "live objects of kind {k:?} after dropping the backend");

@@ -24,11 +24,12 @@
 //! `DSV4_ASCEND_EMU_MEMORY_MB` (default 16384) their memory and `DSV4_ASCEND_EMU_SOC` the name
 //! `aclrtGetSocName` reports (default `Ascend910B3`; per-SoC limits follow it, e.g. FLOAT32
 //! grouped matmul only with a 3-D weight on A2/A3, sqrt-softplus gating and no aclnnSoftplus on
-//! the 950). `DSV4_ASCEND_EMU_QUIRKS` makes the fused MoE kernels behave like other CANN
+//! the 950, aclnnInplaceIndexCopy on A2/A3/950 only). `DSV4_ASCEND_EMU_QUIRKS` makes the fused MoE kernels behave like other CANN
 //! releases (`gating-bias-in-weights`, `gmm-no-fp32`; see `fused.rs`).
 //!
 //! Deliberate emulator choices where the documentation says nothing: `aclnnTopk` breaks ties
-//! towards the lower index; `aclrtMemcpyAsync` from pageable host memory copies at the call (the
+//! towards the lower index; `aclnnInplaceIndexCopy` refuses repeated indices (the docs leave
+//! the order of their writes unspecified); `aclrtMemcpyAsync` from pageable host memory copies at the call (the
 //! documented "synchronous" behaviour), while into pageable memory (device to host) it is
 //! refused; synchronous `aclrtMemcpy` does not wait for streams.
 

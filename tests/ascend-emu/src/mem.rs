@@ -247,6 +247,33 @@ impl Desc {
         out
     }
 
+    /// The device bytes `[lo, hi)` the view's elements lie in (None for an empty view).
+    pub fn span(&self) -> Option<(u64, u64)> {
+        if self.numel() == 0 {
+            return None;
+        }
+        let last = self.offset + self.dims.iter().zip(&self.strides).map(|(d, s)| (d - 1) * s).sum::<usize>();
+        let es = self.esize() as u64;
+        Some((self.data + self.offset as u64 * es, self.data + (last as u64 + 1) * es))
+    }
+
+    /// Whether the two views share device bytes (element ranges, not exact element sets).
+    pub fn overlaps(&self, other: &Desc) -> bool {
+        match (self.span(), other.span()) {
+            (Some((a, b)), Some((c, d))) => a < d && c < b,
+            _ => false,
+        }
+    }
+
+    /// The view with axis `axis` fixed at `at` (one slice, rank one lower).
+    pub fn slice(&self, axis: usize, at: usize) -> Desc {
+        let mut d = self.clone();
+        d.offset += at * self.strides[axis];
+        d.dims.remove(axis);
+        d.strides.remove(axis);
+        d
+    }
+
     pub fn describe(&self) -> String {
         format!("{} {:?} (strides {:?}, offset {})", dtype_name(self.dtype), self.dims, self.strides, self.offset)
     }
@@ -349,6 +376,28 @@ mod tests {
         };
         assert_eq!(d.offsets(), vec![1, 3, 5, 2, 4, 6]);
         assert!(!d.is_contiguous());
+    }
+
+    #[test]
+    fn spans_overlaps_and_slices_follow_the_view() {
+        let d = |dims: Vec<usize>, strides: Vec<usize>, offset: usize| Desc {
+            handle: 0,
+            dims,
+            strides,
+            offset,
+            dtype: aclDataType::ACL_FLOAT,
+            storage_elems: 16,
+            data: 0x1000,
+        };
+        // Rows 0 and 2 of a [4, 4] block: elements 0..4 and 8..12, so bytes 0..48.
+        let every_other = d(vec![2, 4], vec![8, 1], 0);
+        assert_eq!(every_other.span(), Some((0x1000, 0x1000 + 48)));
+        assert!(every_other.overlaps(&d(vec![4], vec![1], 4)));
+        assert!(!every_other.overlaps(&d(vec![4], vec![1], 12)));
+        assert!(!every_other.overlaps(&d(vec![0, 4], vec![4, 1], 0)), "an empty view overlaps nothing");
+        // Column 2 of a [4, 4] block: elements 2, 6, 10, 14.
+        let col = d(vec![4, 4], vec![4, 1], 0).slice(1, 2);
+        assert_eq!((col.dims.clone(), col.offsets()), (vec![4], vec![2, 6, 10, 14]));
     }
 
     #[test]

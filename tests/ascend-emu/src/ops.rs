@@ -113,6 +113,7 @@ launcher!(
     aclnnEmbedding,
     aclnnGather,
     aclnnIndexAdd,
+    aclnnInplaceIndexCopy,
     aclnnInplaceMaskedFillScalar,
     aclnnLtScalar,
     aclnnEqScalar,
@@ -543,6 +544,106 @@ phase_one!(aclnnIndexAddGetWorkspaceSize = "aclnnIndexAdd", e, (s: *const aclTen
         }
         wo.write(mem, &out, "out")
     }))
+});
+
+/// aclnnInplaceIndexCopy (ops-nn `index/scatter_update/docs/aclnnIndexCopy&aclnnInplaceIndexCopy.md`):
+/// Atlas A2 / A3 and Ascend 950 only; selfRef FLOAT, BFLOAT16, FLOAT16, INT8/16/32/64, UINT8,
+/// DOUBLE or BOOL (UINT32/UINT64 on the 950 only), non-contiguous allowed; index INT32/INT64 of
+/// at most one dimension with one entry per slice of source along dim; source of selfRef's
+/// dtype and rank, equal to it off dim. The docs do not support out-of-range indices (an error
+/// when the kernel runs) and leave the order of repeated ones unspecified: the emulator refuses
+/// repeats too (deliberate: a result that depends on an unspecified order is a bug). selfRef is
+/// written in place; the source and the index must not share bytes with it.
+fn index_copy_plan(e: &Emu, s: *mut aclTensor, dim: i64, index: *const aclTensor, source: *const aclTensor) -> R<Plan> {
+    let soc = crate::soc_name();
+    let family_ok = soc.starts_with("Ascend910B") || soc.starts_with("Ascend910_93") || soc.starts_with("Ascend950");
+    if !family_ok {
+        return Err(format!(
+            "aclnnInplaceIndexCopy is not supported on {soc} (the docs list Atlas A2, Atlas A3 and Ascend 950)"
+        ));
+    }
+    let (x, i, src) = (e.tensor(s, "selfRef")?, e.tensor(index, "index")?, e.tensor(source, "source")?);
+    let uint_wide = matches!(x.dtype, aclDataType::ACL_UINT32 | aclDataType::ACL_UINT64);
+    if !(is_float(x.dtype)
+        || (is_int(x.dtype) && x.dtype != aclDataType::ACL_UINT16)
+        || x.dtype == aclDataType::ACL_BOOL
+        || x.dtype == aclDataType::ACL_DOUBLE)
+        || (uint_wide && !soc.starts_with("Ascend950"))
+    {
+        return Err(format!(
+            "selfRef has dtype {}, which aclnnInplaceIndexCopy does not support on {soc}",
+            dtype_name(x.dtype)
+        ));
+    }
+    need_index(&i, "index")?;
+    same_dtype(&x, "selfRef", &src, "source")?;
+    if i.dims.len() > 1 {
+        return Err(format!("index must be 0-D or 1-D, got {:?}", i.dims));
+    }
+    if x.dims.is_empty() || src.dims.is_empty() {
+        return Err(format!("0-D selfRef or source ({:?}, {:?}) is not emulated", x.dims, src.dims));
+    }
+    if src.dims.len() != x.dims.len() {
+        return Err(format!("source {:?} and selfRef {:?} must have the same number of dimensions", src.dims, x.dims));
+    }
+    let ax = axis(dim, x.dims.len(), "dim")?;
+    if src.dims[ax] != i.numel() {
+        return Err(format!(
+            "source {:?} has {} entries along dim {dim} but index has {}",
+            src.dims,
+            src.dims[ax],
+            i.numel()
+        ));
+    }
+    if src.dims.iter().zip(&x.dims).enumerate().any(|(a, (p, q))| a != ax && p != q) {
+        return Err(format!("source {:?} and selfRef {:?} differ off dim {dim}", src.dims, x.dims));
+    }
+    for (d, name) in [(&src, "source"), (&i, "index")] {
+        if d.overlaps(&x) {
+            return Err(format!(
+                "{name} {} shares device memory with selfRef {}: only selfRef is written in place, its inputs \
+                 must not alias it",
+                d.describe(),
+                x.describe()
+            ));
+        }
+    }
+    let ws = ws_for(&src);
+    let (ri, rs, wx) = (i.clone(), src.clone(), x.clone());
+    Ok(plan(ws, vec![x.clone(), i, src], vec![x], vec![], move |mem| {
+        let iv = ri.read(mem, "index")?;
+        let len = wx.dims[ax];
+        if let Some((j, id)) = iv.iter().enumerate().find(|(_, &id)| id < 0.0 || id as usize >= len) {
+            return Err(format!(
+                "index {id} (entry {j}) is outside 0..{len} along dim {ax} (out-of-range indices are not supported: \
+                 the AI Core faults)"
+            ));
+        }
+        let mut order: Vec<(usize, usize)> = iv.iter().map(|&id| id as usize).zip(0..).collect();
+        order.sort_unstable();
+        if let Some(w) = order.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(format!(
+                "index {} appears twice (entries {} and {}): the docs leave the order of repeated writes \
+                 unspecified, so the emulator refuses them",
+                w[0].0,
+                w[0].1.min(w[1].1),
+                w[0].1.max(w[1].1)
+            ));
+        }
+        // Row-major source values as [outer, n, inner]; slice j is `inner` values per outer.
+        let sv = rs.read(mem, "source")?;
+        let (outer, n, inner) = split(&rs.dims, ax);
+        for (j, &id) in iv.iter().enumerate() {
+            let vals: Vec<f64> =
+                (0..outer).flat_map(|a| sv[(a * n + j) * inner..(a * n + j + 1) * inner].iter().copied()).collect();
+            wx.slice(ax, id as usize).write(mem, &vals, "selfRef")?;
+        }
+        Ok(())
+    }))
+}
+
+phase_one!(aclnnInplaceIndexCopyGetWorkspaceSize = "aclnnInplaceIndexCopy", e, (selfRef: *mut aclTensor, dim: i64, index: *const aclTensor, source: *const aclTensor) {
+    index_copy_plan(e, selfRef, dim, index, source)
 });
 
 phase_one!(aclnnInplaceMaskedFillScalarGetWorkspaceSize = "aclnnInplaceMaskedFillScalar", e, (selfRef: *mut aclTensor, mask: *const aclTensor, value: *const aclScalar) {
