@@ -1,10 +1,13 @@
 //! Helpers shared by the integration tests: locating and reading the reference fixtures that
 //! `tests/fixtures/generate.py` produced with transformers (float64).
 
+pub mod backend_suite;
 pub mod primitives_only;
 
 use std::path::{Path, PathBuf};
 
+use dsv4_core::generate::Session;
+use dsv4_core::kv::{KvConfig, KvDtype};
 use dsv4_core::model::{Logits, Trace};
 use dsv4_core::tensor::DType;
 use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
@@ -31,13 +34,32 @@ pub fn fixtures_dir() -> PathBuf {
 
 /// Every fixture case directory, sorted by name.
 pub fn fixture_cases() -> Vec<PathBuf> {
+    fixture_cases_with_kv(KvDtype::F32)
+}
+
+/// The cases whose references were computed with the decoding state stored as `dtype`
+/// (`meta.json` `kv_dtype`, f32 when absent): `kv_fp8` simulates the official fp8 KV rows.
+pub fn fixture_cases_with_kv(dtype: KvDtype) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
         .expect("tests/fixtures/cases exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("reference.safetensors").exists())
+        .filter(|p| case_kv_dtype(p) == dtype)
         .collect();
     v.sort();
     v
+}
+
+/// The KV dtype a case's reference simulates.
+pub fn case_kv_dtype(case: &Path) -> KvDtype {
+    let meta: serde_json::Value = std::fs::read_to_string(case.join("meta.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    match meta.get("kv_dtype").and_then(|v| v.as_str()) {
+        None => KvDtype::F32,
+        Some(s) => s.parse().unwrap_or_else(|e| panic!("{}: meta.json kv_dtype: {e}", case.display())),
+    }
 }
 
 /// Loads a fixture case's checkpoint onto `be`.
@@ -85,15 +107,39 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     diff / scale
 }
 
-/// Runs `ids` through `model` in steps of the given sizes from a fresh state; returns every
-/// token's logits.
+/// A pool for `seqs` sequences of up to `tokens` tokens fed in steps of up to `max_step`.
+pub fn kv_config(cfg: &ModelConfig, dtype: KvDtype, seqs: usize, tokens: usize, max_step: usize) -> KvConfig {
+    KvConfig::for_sequences(cfg, dtype, seqs, tokens, max_step)
+}
+
+/// A [`Session`] whose pool holds one sequence of up to 4096 tokens.
+pub fn session<'m, B: Backend>(be: &B, model: &'m Model<B>) -> Session<'m, B> {
+    Session::new(be, model, kv_config(&model.cfg, KvDtype::F32, 1, 4096, 512)).unwrap()
+}
+
+/// Runs `ids` through `model` in steps of the given sizes from a fresh state in an f32 pool;
+/// returns every token's logits.
 pub fn run_in_steps<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], steps: &[usize]) -> Vec<f32> {
-    let mut state = model.new_state();
+    let max_step = steps.iter().copied().max().unwrap_or(1);
+    let config = kv_config(&model.cfg, KvDtype::F32, 1, ids.len(), max_step);
+    run_in_steps_with(be, model, ids, steps, config)
+}
+
+/// [`run_in_steps`] on a pool configured by `config`.
+pub fn run_in_steps_with<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    steps: &[usize],
+    config: KvConfig,
+) -> Vec<f32> {
+    let mut cache = model.new_cache(be, config).unwrap();
+    let mut seq = cache.new_sequence();
     let mut out = vec![];
     let mut pos = 0;
     for &n in steps {
         let batch = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
-        let logits = model.step(be, &batch, &mut [&mut state], Logits::All).unwrap();
+        let logits = model.step(be, &batch, &mut cache, &mut [&mut seq], Logits::All).unwrap();
         out.extend(be.download(&logits).unwrap());
         pos += n;
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::kv::KvDtype;
 use dsv4_core::{Batch, Checkpoint, Model, ModelConfig};
 use dsv4_tests::fixtures_dir;
 use serde_json::{json, Value};
@@ -634,32 +635,35 @@ fn token_ids_outside_the_vocabulary() {
         }
     }
     // The same through a decode step.
-    let mut state = model.new_state();
+    let mut cache = model.new_cache(&be, dsv4_tests::kv_config(&model.cfg, KvDtype::F32, 2, 1100, 1100)).unwrap();
+    let mut seq = cache.new_sequence();
     let batch = Batch::new(&[(&[300], 0)]).unwrap();
-    match model.step(&be, &batch, &mut [&mut state], dsv4_core::model::Logits::LastPerSequence) {
+    match model.step(&be, &batch, &mut cache, &mut [&mut seq], dsv4_core::model::Logits::LastPerSequence) {
         Ok(_) => panic!("token 300 accepted"),
         Err(e) => assert_names(&e.to_string(), &["token id 300"]),
     }
     // Past the context length (max_position_embeddings is 1024).
-    let mut state = model.new_state();
-    state.pos = 2000;
-    let batch = Batch::new(&[(&[1], 2000)]).unwrap();
-    match model.step(&be, &batch, &mut [&mut state], dsv4_core::model::Logits::LastPerSequence) {
-        Ok(_) => panic!("position 2000 accepted"),
-        Err(e) => assert_names(&e.to_string(), &["position 2000", "1024"]),
+    let long = vec![1u32; 1030];
+    let batch = Batch::new(&[(&long, 0)]).unwrap();
+    match model.step(&be, &batch, &mut cache, &mut [&mut seq], dsv4_core::model::Logits::LastPerSequence) {
+        Ok(_) => panic!("position 1029 accepted"),
+        Err(e) => assert_names(&e.to_string(), &["position 1029", "1024"]),
     }
     // A state that does not match the batch.
-    let mut state = model.new_state();
     let batch = Batch::new(&[(&[1, 2], 3)]).unwrap();
-    match model.step(&be, &batch, &mut [&mut state], dsv4_core::model::Logits::All) {
+    match model.step(&be, &batch, &mut cache, &mut [&mut seq], dsv4_core::model::Logits::All) {
         Ok(_) => panic!("a batch at position 3 ran on a fresh state"),
         Err(e) => assert_names(&e.to_string(), &["sequence 0", "position 3", "0 tokens"]),
     }
     let batch = Batch::prefill(&[&[1], &[2]]).unwrap();
-    match model.step(&be, &batch, &mut [&mut model.new_state()], dsv4_core::model::Logits::All) {
+    match model.step(&be, &batch, &mut cache, &mut [&mut seq], dsv4_core::model::Logits::All) {
         Ok(_) => panic!("2 sequences ran with 1 state"),
         Err(e) => assert_names(&e.to_string(), &["2 sequences", "1 states"]),
     }
+    // None of the refusals touched the sequence: it still runs.
+    model
+        .step(&be, &Batch::new(&[(&[1, 2], 0)]).unwrap(), &mut cache, &mut [&mut seq], dsv4_core::model::Logits::All)
+        .unwrap();
     // The largest valid id is fine.
     model.forward(&be, &Batch::prefill(&[&[255]]).unwrap()).unwrap();
 }

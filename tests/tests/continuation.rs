@@ -3,7 +3,6 @@
 //! reference's at the conformance tolerance (1e-4 relative).
 
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::generate::Session;
 use dsv4_core::sampling::argmax;
 use dsv4_core::Checkpoint;
 use dsv4_tests::{fixture_cases, load_model, max_rel_err};
@@ -25,7 +24,7 @@ fn greedy_continuations_match_transformers_generate() {
         let want_logits = c.get("greedy_logits").unwrap().to_f32_vec().unwrap();
         let model = load_model(&be, &case);
         let v = model.cfg.vocab_size;
-        let mut session = Session::new(&model);
+        let mut session = dsv4_tests::session(&be, &model);
         let mut logits = session.feed(&be, &prompt, 64).unwrap();
         let mut got = vec![];
         let mut worst = 0f64;

@@ -7,9 +7,11 @@
 //! quantities on differently blocked tensors, so it lands at the same ~1e-6 level.
 
 use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::kv::layout::sequence_footprint;
+use dsv4_core::kv::KvDtype;
 use dsv4_core::model::Logits;
 use dsv4_core::{Backend, Batch, Model};
-use dsv4_tests::{check_decode_schedules, load_model, max_rel_err, read_reference, run_in_steps};
+use dsv4_tests::{check_decode_schedules, kv_config, load_model, max_rel_err, read_reference, run_in_steps};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -27,19 +29,21 @@ fn batched_decode_matches_solo_decode() {
     let model = load_model(&be, &case);
     let ids = read_reference(&case).input_ids;
     let prompts: [&[u32]; 3] = [&ids[..40], &ids[5..9], &ids[50..73]];
-    let mut states: Vec<_> = prompts.iter().map(|_| model.new_state()).collect();
+    let mut cache = model.new_cache(&be, kv_config(&model.cfg, KvDtype::F32, 3, 64, 40)).unwrap();
+    let mut seqs: Vec<_> = prompts.iter().map(|_| cache.new_sequence()).collect();
     // Prefill all three in one step, then 12 batched decode steps.
     {
-        let mut refs: Vec<_> = states.iter_mut().collect();
-        model.step(&be, &Batch::prefill(&prompts).unwrap(), &mut refs, Logits::LastPerSequence).unwrap();
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        model.step(&be, &Batch::prefill(&prompts).unwrap(), &mut cache, &mut refs, Logits::LastPerSequence).unwrap();
     }
     let mut batched: Vec<Vec<f32>> = vec![vec![]; 3];
     for step in 0..12 {
         let next: Vec<[u32; 1]> = (0..3).map(|k| [ids[(k * 31 + step * 7) % ids.len()]]).collect();
-        let parts: Vec<(&[u32], usize)> = next.iter().zip(&states).map(|(t, s)| (&t[..], s.pos)).collect();
+        let parts: Vec<(&[u32], usize)> = next.iter().zip(&seqs).map(|(t, s)| (&t[..], s.pos())).collect();
         let batch = Batch::new(&parts).unwrap();
-        let mut refs: Vec<_> = states.iter_mut().collect();
-        let logits = be.download(&model.step(&be, &batch, &mut refs, Logits::LastPerSequence).unwrap()).unwrap();
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        let logits =
+            be.download(&model.step(&be, &batch, &mut cache, &mut refs, Logits::LastPerSequence).unwrap()).unwrap();
         let v = model.cfg.vocab_size;
         for k in 0..3 {
             batched[k].extend_from_slice(&logits[k * v..(k + 1) * v]);
@@ -59,22 +63,32 @@ fn batched_decode_matches_solo_decode() {
     }
 }
 
-/// The state a sequence holds is exactly the layout's minimum (window + entries + indexer keys
-/// + the bounded compressor carry), at lengths around window and ratio boundaries.
+/// The blocks a live sequence holds are exactly what the layout (what `dsv4 inspect` prints)
+/// says for its length, byte for byte, in every row format, at lengths around window, ratio and
+/// block boundaries; releasing it returns every block.
 #[test]
-fn state_bytes_equal_the_cache_layout() {
+fn pool_bytes_equal_the_layout() {
     let be = CpuBackend::new();
     let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
     let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {}).unwrap();
     let ids: Vec<u32> = (0..200u32).map(|i| (i * 37 + 11) % 271).collect();
-    let mut state = model.new_state();
-    let mut fed = 0;
-    for n in [1usize, 3, 12, 16, 17, 31, 64, 65, 100, 200] {
-        let batch = Batch::new(&[(&ids[fed..n], fed)]).unwrap();
-        model.step(&be, &batch, &mut [&mut state], Logits::LastPerSequence).unwrap();
-        fed = n;
-        let layout = dsv4_core::model::cache::cache_layout(&model.cfg, n, 4);
-        let want: Vec<usize> = layout.iter().map(|l| l.total()).collect();
-        assert_eq!(state.layer_bytes(), want, "after {n} tokens");
+    for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8] {
+        let config = kv_config(&model.cfg, dtype, 1, 200, 100);
+        let mut cache = model.new_cache(&be, config).unwrap();
+        assert_eq!(cache.device_bytes(), config.total_bytes(&model.cfg), "{dtype}: pool bytes");
+        let mut seq = cache.new_sequence();
+        let mut fed = 0;
+        for n in [1usize, 3, 12, 16, 17, 31, 64, 65, 100, 128, 129, 200] {
+            let batch = Batch::new(&[(&ids[fed..n], fed)]).unwrap();
+            model.step(&be, &batch, &mut cache, &mut [&mut seq], Logits::LastPerSequence).unwrap();
+            fed = n;
+            let want = sequence_footprint(&model.cfg, dtype, config.block_tokens, n);
+            assert_eq!(cache.sequence_bytes(&seq), want.held_bytes, "{dtype}: after {n} tokens");
+            assert_eq!(seq.compressed_blocks(), want.compressed_blocks, "{dtype}: after {n} tokens");
+            assert_eq!(seq.window_blocks(), want.window_blocks, "{dtype}: after {n} tokens");
+            assert_eq!(cache.used_blocks(), (want.compressed_blocks, want.window_blocks));
+        }
+        cache.release(&mut seq);
+        assert_eq!(cache.used_blocks(), (0, 0));
     }
 }

@@ -1,7 +1,7 @@
 //! The generation loop against the full forward.
 
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::generate::{Control, GenerateOptions, Session, StopReason};
+use dsv4_core::generate::{Control, GenerateOptions, StopReason};
 use dsv4_core::sampling::{argmax, SamplingParams};
 use dsv4_core::{Backend, Batch, Model};
 use dsv4_tests::{fixtures_dir, load_model, read_reference};
@@ -23,7 +23,7 @@ fn greedy_generation_agrees_with_the_full_forward() {
     for name in ["mixed_f32", "odd_hc2", "official"] {
         let (model, ids) = load(&be, name);
         let prompt = &ids[..ids.len().min(40)];
-        let mut session = Session::new(&model);
+        let mut session = dsv4_tests::session(&be, &model);
         let out = session.generate(&be, prompt, &greedy(24), &mut |_| Ok(Control::Continue)).unwrap();
         assert_eq!(out.tokens.len(), 24);
         assert_eq!(out.stop, StopReason::MaxTokens);
@@ -44,7 +44,7 @@ fn greedy_generation_agrees_with_the_full_forward() {
 fn session_reuse_equals_a_fresh_session() {
     let be = CpuBackend::new();
     let (model, ids) = load(&be, "mixed_f32");
-    let mut reused = Session::new(&model);
+    let mut reused = dsv4_tests::session(&be, &model);
     let first = reused.generate(&be, &ids[..30], &greedy(5), &mut |_| Ok(Control::Continue)).unwrap();
     let mut turn2 = ids[..30].to_vec();
     turn2.extend(&first.tokens);
@@ -52,12 +52,15 @@ fn session_reuse_equals_a_fresh_session() {
     let second = reused.generate(&be, &turn2, &greedy(8), &mut |_| Ok(Control::Continue)).unwrap();
     // Only the part not yet fed was prefilled (the last sampled token + the new turn).
     assert_eq!(second.prefilled, 1 + 12);
-    let fresh = Session::new(&model).generate(&be, &turn2, &greedy(8), &mut |_| Ok(Control::Continue)).unwrap();
+    let fresh =
+        dsv4_tests::session(&be, &model).generate(&be, &turn2, &greedy(8), &mut |_| Ok(Control::Continue)).unwrap();
     assert_eq!(second.tokens, fresh.tokens);
     // A diverging prompt rebuilds the state.
     let third = reused.generate(&be, &ids[5..20], &greedy(3), &mut |_| Ok(Control::Continue)).unwrap();
     assert_eq!(third.prefilled, 15);
-    let fresh = Session::new(&model).generate(&be, &ids[5..20], &greedy(3), &mut |_| Ok(Control::Continue)).unwrap();
+    let fresh = dsv4_tests::session(&be, &model)
+        .generate(&be, &ids[5..20], &greedy(3), &mut |_| Ok(Control::Continue))
+        .unwrap();
     assert_eq!(third.tokens, fresh.tokens);
 }
 
@@ -65,15 +68,17 @@ fn session_reuse_equals_a_fresh_session() {
 fn stops_on_eos_and_on_caller_request() {
     let be = CpuBackend::new();
     let (model, ids) = load(&be, "odd_hc2");
-    let free = Session::new(&model).generate(&be, &ids[..20], &greedy(6), &mut |_| Ok(Control::Continue)).unwrap();
+    let free =
+        dsv4_tests::session(&be, &model).generate(&be, &ids[..20], &greedy(6), &mut |_| Ok(Control::Continue)).unwrap();
     // Declare the third generated token an EOS: generation stops right after emitting it.
     let opts = GenerateOptions { stop_token_ids: vec![free.tokens[2]], ..greedy(6) };
-    let out = Session::new(&model).generate(&be, &ids[..20], &opts, &mut |_| Ok(Control::Continue)).unwrap();
+    let out =
+        dsv4_tests::session(&be, &model).generate(&be, &ids[..20], &opts, &mut |_| Ok(Control::Continue)).unwrap();
     let first_eos = free.tokens.iter().position(|&t| t == free.tokens[2]).unwrap();
     assert_eq!(out.tokens, free.tokens[..=first_eos]);
     assert_eq!(out.stop, StopReason::Eos);
     let mut seen = 0;
-    let out = Session::new(&model)
+    let out = dsv4_tests::session(&be, &model)
         .generate(&be, &ids[..20], &greedy(6), &mut |_| {
             seen += 1;
             Ok(if seen == 2 { Control::Stop } else { Control::Continue })
@@ -87,8 +92,11 @@ fn prompt_past_the_context_is_an_error() {
     let be = CpuBackend::new();
     let (model, _) = load(&be, "odd_hc2");
     let too_long = vec![1u32; model.cfg.max_position_embeddings];
-    let e = Session::new(&model).generate(&be, &too_long, &greedy(1), &mut |_| Ok(Control::Continue)).unwrap_err();
+    let e = dsv4_tests::session(&be, &model)
+        .generate(&be, &too_long, &greedy(1), &mut |_| Ok(Control::Continue))
+        .unwrap_err();
     assert!(e.to_string().contains("context"), "{e}");
-    let e = Session::new(&model).generate(&be, &[], &greedy(1), &mut |_| Ok(Control::Continue)).unwrap_err();
+    let e =
+        dsv4_tests::session(&be, &model).generate(&be, &[], &greedy(1), &mut |_| Ok(Control::Continue)).unwrap_err();
     assert!(e.to_string().contains("empty"), "{e}");
 }
