@@ -9,9 +9,11 @@
 use std::collections::HashSet;
 
 use anyhow::{bail, Result};
+use dsv4_core::kv::human_bytes;
 use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, DeviceTensor};
 
+use crate::kv_args::KvArgs;
 use crate::BackendChoice;
 
 /// One block's output on one backend.
@@ -28,10 +30,22 @@ struct Run {
     blocks: Vec<BlockOutput>,
 }
 
-fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32]) -> Result<Run> {
+fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run> {
     let model = crate::load::load_model(be, spec)?;
+    if kv.kv_cache_memory.is_some() {
+        // The traced forward sizes its own pool; a budget given must still hold the prompt.
+        let config = kv.config_for_run(be, &model.cfg, ids.len(), ids.len())?;
+        if let Some(cap) = config.token_capacity(&model.cfg).filter(|&c| c < ids.len()) {
+            bail!(
+                "--kv-cache-memory gives a pool of {} that holds up to {cap} tokens, but the input has {}; raise \
+                 --kv-cache-memory",
+                human_bytes(config.total_bytes(&model.cfg)),
+                ids.len()
+            );
+        }
+    }
     let mut tr = Trace::default();
-    let logits = model.forward_traced(be, &Batch::prefill(&[ids])?, Some(&mut tr))?;
+    let logits = model.forward_with(be, &Batch::prefill(&[ids])?, kv.kv_dtype, Some(&mut tr))?;
     let mut blocks = vec![];
     if let Some(e) = &tr.embed {
         blocks.push(BlockOutput { name: "embedding".into(), values: be.download(e)?, picks: None });
@@ -117,16 +131,17 @@ fn report(reference: &Run, other: &Run, tokens: usize, tolerance: f64, out: &mut
     worst
 }
 
-pub fn run(spec: &str, backends: &[BackendChoice], ids: Option<Vec<u32>>, tolerance: f64) -> Result<()> {
+pub fn run(spec: &str, backends: &[BackendChoice], ids: Option<Vec<u32>>, tolerance: f64, kv: &KvArgs) -> Result<()> {
     if backends.len() < 2 {
         bail!("give at least two backends to compare, e.g. --backends cpu,ascend");
     }
     let (cfg, _) = crate::load::open(spec)?;
     let ids =
         ids.unwrap_or_else(|| (0..200u64).map(|i| (((i * 2654435761) >> 7) % cfg.vocab_size as u64) as u32).collect());
+    println!("decoding state: {} rows", kv.kv_dtype);
     let mut runs = vec![];
     for &b in backends {
-        runs.push(with_backend!(b, |be| trace(be, spec, &ids))?);
+        runs.push(with_backend!(b, |be| trace(be, spec, &ids, kv))?);
     }
     let mut worst = 0f64;
     for other in &runs[1..] {

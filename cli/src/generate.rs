@@ -5,10 +5,12 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use dsv4_core::chat;
-use dsv4_core::generate::{Control, GenerateOptions, Session};
+use dsv4_core::generate::{Control, GenerateOptions, Generation, Session};
 use dsv4_core::sampling::SamplingParams;
 use dsv4_core::tokenizer::{StreamDecoder, Tokenizer};
 use dsv4_core::{Backend, Model};
+
+use crate::kv_args::{self, KvArgs};
 
 /// The tokenizer of `--model`: its tokenizer.json, or bytes for the built-in model.
 pub fn tokenizer_for(spec: &str) -> Result<Tokenizer> {
@@ -123,7 +125,7 @@ impl Display {
     }
 }
 
-/// Streams a generation to stdout; returns the generated ids and text.
+/// Streams a generation to stdout; returns it and its text.
 fn stream<B: Backend>(
     be: &B,
     session: &mut Session<B>,
@@ -132,7 +134,7 @@ fn stream<B: Backend>(
     opts: &GenerateOptions,
     stops: &[String],
     display: &mut Display,
-) -> Result<(Vec<u32>, String)> {
+) -> Result<(Generation, String)> {
     let mut decoder = StreamDecoder::new(tok);
     let mut text = String::new();
     let mut out = std::io::stdout().lock();
@@ -158,7 +160,7 @@ fn stream<B: Backend>(
         generation.decode_tokens_per_sec(),
         generation.stop
     );
-    Ok((generation.tokens, text))
+    Ok((generation, text))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -169,6 +171,7 @@ pub fn run_generate<B: Backend>(
     ids: Option<&[u32]>,
     chat_args: &ChatArgs,
     sampling: &SamplingArgs,
+    kv: &KvArgs,
     print_ids: bool,
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
@@ -179,11 +182,15 @@ pub fn run_generate<B: Backend>(
         _ => bail!("give exactly one of --prompt and --ids"),
     };
     let opts = sampling.options(&model, &tok);
-    let mut session = Session::new(&model);
-    let (generated, _) = stream(be, &mut session, &tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
+    // The pool holds the prompt and every token generated (all but the last are fed back).
+    let tokens = (prompt_ids.len() + opts.max_new_tokens).min(model.cfg.max_position_embeddings);
+    let config = kv.config_for_run(be, &model.cfg, tokens, opts.prefill_chunk)?;
+    eprintln!("{}", kv_args::describe(&model.cfg, &config));
+    let mut session = Session::new(be, &model, config)?;
+    let (generation, _) = stream(be, &mut session, &tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
     if print_ids {
         println!();
-        println!("{}", generated.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        println!("{}", generation.tokens.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
     }
     Ok(())
 }
@@ -209,11 +216,19 @@ pub fn run_render(spec: &str, messages: &Path, tools: Option<&Path>, chat_args: 
 }
 
 /// Interactive multi-turn chat on stdin/stdout. Reasoning is shown dimmed, answers plain.
-pub fn run_chat<B: Backend>(be: &B, spec: &str, chat_args: &ChatArgs, sampling: &SamplingArgs) -> Result<()> {
+pub fn run_chat<B: Backend>(
+    be: &B,
+    spec: &str,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    kv: &KvArgs,
+) -> Result<()> {
     let tok = tokenizer_for(spec)?;
     let model = crate::load::load_model(be, spec)?;
     let opts = sampling.options(&model, &tok);
-    let mut session = Session::new(&model);
+    let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
+    eprintln!("{}", kv_args::describe(&model.cfg, &config));
+    let mut session = Session::new(be, &model, config)?;
     let mut messages: Vec<serde_json::Value> = vec![];
     let stdin = std::io::stdin();
     eprintln!(
@@ -235,7 +250,10 @@ pub fn run_chat<B: Backend>(be: &B, spec: &str, chat_args: &ChatArgs, sampling: 
         )?;
         let ids = tok.encode(&prompt)?;
         let mut display = Display::Parsed(chat::StreamParser::for_prompt(&prompt, chat::UnclosedThink::Reasoning));
-        let (_, text) = stream(be, &mut session, &tok, &ids, &opts, &sampling.stop, &mut display)?;
+        let (generation, text) = stream(be, &mut session, &tok, &ids, &opts, &sampling.stop, &mut display)?;
+        if generation.prefix_cached > 0 {
+            eprintln!("prefix cache: {} tokens reused", generation.prefix_cached);
+        }
         let parsed = chat::parse_completion(&text, chat_args.thinking);
         messages.push(parsed.to_openai_message());
         println!();

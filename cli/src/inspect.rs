@@ -6,7 +6,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use dsv4_core::config::{AttentionKind, RoutingKind};
-use dsv4_core::model::cache::cache_layout;
+use dsv4_core::kv::format::FP8_KV_BLOCK;
+use dsv4_core::kv::layout::{block_bytes, default_block_tokens, layer_layouts, sequence_footprint, LayerLayout};
+use dsv4_core::kv::{human_bytes, KvDtype, RowFormat};
 use dsv4_core::model::loader::{check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present};
 use dsv4_core::quant::scale_name;
 use dsv4_core::tensor::{DType, HostTensor};
@@ -166,47 +168,120 @@ fn tensor_check(cfg: &ModelConfig, ckpt: &Checkpoint) -> Vec<String> {
     out
 }
 
-/// Decoding-state bytes per sequence at `context` tokens, by layer type (dsv4 keeps f32 state).
-pub fn cache_report(cfg: &ModelConfig, context: usize) -> String {
-    const ELEM: usize = 4;
-    let layout = cache_layout(cfg, context, ELEM);
-    let mut rows: BTreeMap<&str, (usize, [usize; 4])> = BTreeMap::new();
-    for l in &layout {
-        let name = match l.kind {
-            AttentionKind::Sliding => "sliding",
-            AttentionKind::Csa { .. } => "CSA",
-            AttentionKind::Hca { .. } => "HCA",
-        };
-        let e = rows.entry(name).or_default();
-        e.0 += 1;
-        for (acc, v) in e.1.iter_mut().zip([l.window, l.entries, l.index_keys, l.carry]) {
-            *acc += v;
+/// A row format as `inspect` shows it: for `fp8`, how the row's bytes divide.
+fn format_name(f: RowFormat, width: usize) -> String {
+    match f {
+        RowFormat::F32 => "f32".into(),
+        RowFormat::Bf16 => "bf16".into(),
+        RowFormat::Fp8 { rope } => {
+            let rope = rope.min(width);
+            let nope = width - rope;
+            let used = nope + 2 * rope + nope.div_ceil(FP8_KV_BLOCK);
+            let pad = f.row_bytes(width) - used;
+            let pad = if pad > 0 { format!(" + {pad} pad") } else { String::new() };
+            format!("fp8 ({nope} e4m3 + {rope} bf16 + {} scales{pad})", nope.div_ceil(FP8_KV_BLOCK))
         }
     }
-    let mut s = format!("decoding state per sequence at {context} tokens (f32 values):\n");
-    s += &format!(
-        "  {:<8} {:>6} {:>14} {:>14} {:>14} {:>12} {:>14}\n",
-        "layers", "count", "window", "entries", "indexer keys", "carry", "total"
+}
+
+/// One pool of one layer type: (name, format, width, rows per block, whether the rows are in
+/// compressed blocks).
+fn pools(l: &LayerLayout, block_tokens: usize) -> Vec<(&'static str, RowFormat, usize, usize, bool)> {
+    let mut p = vec![("window rows", l.attn_format, l.head_dim, block_tokens, false)];
+    if let Some(c) = l.compressor {
+        let e = l.entries_per_block(block_tokens);
+        p.push(("entries", l.attn_format, l.head_dim, e, true));
+        if let Some((ic, f)) = l.indexer {
+            p.push(("indexer keys", f, ic.dim, e, true));
+        }
+        p.push(("carry", RowFormat::F32, c.width(), 2 * c.carry_rows(), false));
+        if let Some((ic, _)) = l.indexer {
+            p.push(("indexer carry", RowFormat::F32, ic.width(), 2 * ic.carry_rows(), false));
+        }
+    }
+    p
+}
+
+/// The paged decoding state in `dtype` (spec §C.1), from the config alone: per layer type its
+/// pools, their row format and bytes per row; the bytes of a compressed and a window block;
+/// and with `context`, what one sequence holds at that many tokens. These are the numbers a
+/// live pool holds (`kv::layout`, tested against `KvCache` byte for byte).
+pub fn cache_report(cfg: &ModelConfig, dtype: KvDtype, context: Option<usize>) -> String {
+    use std::fmt::Write;
+    let bt = default_block_tokens(cfg);
+    let layouts = layer_layouts(cfg, dtype);
+    let mut kinds: Vec<(AttentionKind, usize, &LayerLayout)> = vec![];
+    for l in &layouts {
+        match kinds.iter_mut().find(|(k, _, _)| *k == l.kind) {
+            Some(e) => e.1 += 1,
+            None => kinds.push((l.kind, 1, l)),
+        }
+    }
+    let mut s = String::new();
+    let _ =
+        writeln!(s, "decoding state, --kv-dtype {dtype}, blocks of {bt} tokens (bytes/block: all layers of the type):");
+    let _ = writeln!(
+        s,
+        "  {:<8} {:>5}  {:<14} {:<43} {:>6} {:>9} {:>10} {:>12}  in block",
+        "layers", "count", "pool", "row format", "width", "bytes/row", "rows/block", "bytes/block"
     );
-    for (name, (count, b)) in &rows {
-        s += &format!(
-            "  {name:<8} {count:>6} {:>14} {:>14} {:>14} {:>12} {:>14}\n",
-            b[0],
-            b[1],
-            b[2],
-            b[3],
-            b.iter().sum::<usize>()
+    let (mut comp, mut win) = (0usize, 0usize);
+    for (kind, count, l) in &kinds {
+        for (i, (pool, f, width, rows, compressed)) in pools(l, bt).into_iter().enumerate() {
+            let bytes = count * rows * f.row_bytes(width);
+            if compressed {
+                comp += bytes;
+            } else {
+                win += bytes;
+            }
+            let (name, n) = if i == 0 { (kind.to_string(), count.to_string()) } else { (String::new(), String::new()) };
+            let block = if compressed { "compressed" } else { "window" };
+            let _ = writeln!(
+                s,
+                "  {name:<8} {n:>5}  {pool:<14} {:<43} {width:>6} {:>9} {rows:>10} {bytes:>12}  {block}",
+                format_name(f, width),
+                f.row_bytes(width)
+            );
+        }
+    }
+    let bb = block_bytes(cfg, dtype, bt);
+    debug_assert_eq!((comp, win), (bb.compressed, bb.window));
+    let _ = writeln!(
+        s,
+        "  bytes per block: compressed {} ({}), window {} ({})",
+        bb.compressed,
+        human_bytes(bb.compressed),
+        bb.window,
+        human_bytes(bb.window)
+    );
+    let Some(n) = context else { return s };
+    let fp = sequence_footprint(cfg, dtype, bt, n);
+    let _ = writeln!(
+        s,
+        "one sequence at {n} tokens: {} compressed blocks ({}), {} window blocks ({})",
+        fp.compressed_blocks,
+        human_bytes(fp.compressed_blocks * bb.compressed),
+        fp.window_blocks,
+        human_bytes(fp.window_blocks * bb.window)
+    );
+    let _ = writeln!(s, "  held: {} bytes ({})", fp.held_bytes, human_bytes(fp.held_bytes));
+    if n > 0 {
+        let _ = writeln!(
+            s,
+            "  per token: {:.1} bytes of compressed rows ({} / {n}: entries and indexer keys, without block \
+             rounding; the window and carry are bounded)",
+            fp.compressed_row_bytes as f64 / n as f64,
+            fp.compressed_row_bytes
         );
     }
-    let total: usize = layout.iter().map(|l| l.total()).sum();
-    let growing: usize = layout.iter().map(|l| l.entries + l.index_keys).sum();
-    s += &format!("  total {total} bytes ({:.1} MiB)\n", total as f64 / (1 << 20) as f64);
-    if context > 0 {
-        s += &format!(
-            "  growth: {:.1} bytes per token (compressed entries + indexer keys; the window and carry are fixed)\n",
-            growing as f64 / context as f64
-        );
-    }
+    let others: Vec<String> = [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8]
+        .into_iter()
+        .map(|d| {
+            let f = sequence_footprint(cfg, d, bt, n);
+            format!("{d} {} held", human_bytes(f.held_bytes))
+        })
+        .collect();
+    let _ = writeln!(s, "  at {n} tokens by format: {}", others.join(", "));
     s
 }
 
@@ -219,7 +294,12 @@ fn human(n: usize) -> String {
     }
 }
 
-pub fn run(spec: &str, context: Option<usize>) -> Result<()> {
+pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>) -> Result<()> {
+    let state = |cfg: &ModelConfig| {
+        if context.is_some() || kv_dtype.is_some() {
+            print!("{}", cache_report(cfg, kv_dtype.unwrap_or_default(), context));
+        }
+    };
     // A directory with only config.json (e.g. configs/deepseek-v4-flash) is enough for the
     // schedule and the cache sizes.
     let dir = Path::new(spec);
@@ -230,35 +310,73 @@ pub fn run(spec: &str, context: Option<usize>) -> Result<()> {
         let cfg = ModelConfig::from_dir(dir)?;
         print!("{}", schedule_report(&cfg));
         println!("weights: none in {} (config only)", dir.display());
-        if let Some(n) = context {
-            print!("{}", cache_report(&cfg, n));
-        }
+        state(&cfg);
         return Ok(());
     }
     let (cfg, ckpt) = crate::load::open(spec)?;
     print!("{}{}", schedule_report(&cfg), weights_report(&cfg, &ckpt));
-    if let Some(n) = context {
-        print!("{}", cache_report(&cfg, n));
-    }
+    state(&cfg);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use dsv4_core::kv::KvDtype;
+
     #[test]
     fn tiny_model_report() {
         let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
         insta::assert_snapshot!(format!("{}{}", super::schedule_report(&cfg), super::weights_report(&cfg, &ckpt)));
     }
 
+    fn config(name: &str) -> dsv4_core::ModelConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+        dsv4_core::ModelConfig::from_dir(&dir).unwrap()
+    }
+
     #[test]
     fn flash_cache_report() {
-        let cfg = dsv4_core::ModelConfig::from_dir(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../configs/deepseek-v4-flash"
-        )))
-        .unwrap();
-        insta::assert_snapshot!(super::cache_report(&cfg, 1 << 20));
+        let cfg = config("deepseek-v4-flash");
+        let fp8 = super::cache_report(&cfg, KvDtype::Fp8, Some(1 << 20));
+        // V4's 512-wide rows with 64 rotary channels: 448 e4m3 + 128 rope bytes + 7 scales,
+        // padded to 584; indexer keys (128 wide) stay bf16.
+        assert!(fp8.contains("fp8 (448 e4m3 + 64 bf16 + 7 scales + 1 pad)    512       584"), "{fp8}");
+        assert!(fp8.contains("indexer keys   bf16                                           128       256"), "{fp8}");
+        insta::assert_snapshot!("flash_cache_report_fp8", fp8);
+        insta::assert_snapshot!("flash_cache_report_bf16", super::cache_report(&cfg, KvDtype::Bf16, Some(1 << 20)));
+        insta::assert_snapshot!("flash_cache_report_f32", super::cache_report(&cfg, KvDtype::F32, Some(1 << 20)));
+    }
+
+    #[test]
+    fn pro_cache_report() {
+        let cfg = config("deepseek-v4-pro");
+        insta::assert_snapshot!("pro_cache_report_fp8", super::cache_report(&cfg, KvDtype::Fp8, Some(1 << 20)));
+    }
+
+    /// The report's numbers are the layout's: the per-pool rows add up to the block sizes, and
+    /// the held bytes are `sequence_footprint`'s.
+    #[test]
+    fn report_totals_are_the_layout_totals() {
+        use dsv4_core::kv::layout::{block_bytes, default_block_tokens, sequence_footprint};
+        for cfg in [config("deepseek-v4-flash"), config("deepseek-v4-pro"), dsv4_core::builtin::tiny().unwrap().0] {
+            let bt = default_block_tokens(&cfg);
+            for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8] {
+                let r = super::cache_report(&cfg, dtype, Some(1000));
+                let (mut comp, mut win) = (0, 0);
+                for line in r.lines().filter(|l| l.ends_with(" compressed") || l.ends_with(" window")) {
+                    let bytes: usize = line.split_whitespace().rev().nth(1).unwrap().parse().unwrap();
+                    if line.ends_with(" compressed") {
+                        comp += bytes;
+                    } else {
+                        win += bytes;
+                    }
+                }
+                let bb = block_bytes(&cfg, dtype, bt);
+                assert_eq!((comp, win), (bb.compressed, bb.window), "{r}");
+                let held = sequence_footprint(&cfg, dtype, bt, 1000).held_bytes;
+                assert!(r.contains(&format!("  held: {held} bytes (")), "{r}");
+            }
+        }
     }
 
     /// The tiny model with one tensor dropped, one the config does not use, an attention

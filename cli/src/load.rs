@@ -9,11 +9,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The config and checkpoint named by `--model`.
 pub fn open(spec: &str) -> Result<(ModelConfig, Checkpoint)> {
-    if spec == builtin::TINY_NAME {
-        return Ok(builtin::tiny()?);
+    if let Some(model) = builtin::by_name(spec) {
+        return Ok(model?);
     }
     if let Some(other) = spec.strip_prefix("builtin:") {
-        anyhow::bail!("unknown built-in model `{other}` (available: {})", builtin::TINY_NAME);
+        anyhow::bail!("unknown built-in model `{other}` (available: {})", builtin::NAMES.join(", "));
     }
     let dir = Path::new(spec);
     let cfg = ModelConfig::from_dir(dir)?;

@@ -24,6 +24,7 @@ mod bench;
 mod check;
 mod generate;
 mod inspect;
+mod kv_args;
 mod load;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::model::Logits;
 use dsv4_core::{Backend, Batch};
 
 #[derive(Parser)]
@@ -80,8 +82,9 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Model directory (config.json + *.safetensors), or `builtin:tiny` for the built-in
-    /// random-weight test model.
+    /// Model directory (config.json + *.safetensors), or a built-in random-weight model:
+    /// `builtin:tiny` (every layer type) or `builtin:flash-shape` (tiny widths with V4-Flash's
+    /// window 128, compression ratios 4/128, top-512 indexer and 1M positions).
     #[arg(long, default_value = dsv4_core::builtin::TINY_NAME)]
     model: String,
 }
@@ -98,6 +101,8 @@ enum Command {
         ids: Vec<String>,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -121,6 +126,8 @@ enum Command {
         print_ids: bool,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
     },
     /// Print the prompt the V4 chat encoder produces for an OpenAI-style message list.
     Render {
@@ -148,16 +155,22 @@ enum Command {
         sampling: generate::SamplingArgs,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
     },
     /// Show a model's layer schedule, parameter counts and storage by dtype, and with
-    /// `--context` the decoding-state bytes per sequence. A directory holding only config.json
-    /// (e.g. configs/deepseek-v4-flash) is enough for the schedule and the cache sizes.
+    /// `--context` / `--kv-dtype` the decoding state's pools, block sizes and what one sequence
+    /// holds. A directory holding only config.json (e.g. configs/deepseek-v4-flash) is enough
+    /// for the schedule and the cache sizes.
     Inspect {
         #[command(flatten)]
         model: ModelArgs,
         /// Report the decoding state one sequence holds at this many tokens.
         #[arg(long)]
         context: Option<usize>,
+        /// Row format of the decoding state to report (default f32).
+        #[arg(long, value_name = "f32|bf16|fp8")]
+        kv_dtype: Option<dsv4_core::kv::KvDtype>,
     },
     /// Run the same input through several backends and compare them block by block.
     Check {
@@ -172,6 +185,8 @@ enum Command {
         /// Largest allowed max|Δ| / max|reference| per block.
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f64,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
@@ -191,6 +206,8 @@ enum Command {
         /// Prefill chunk size.
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
     },
 }
 
@@ -204,11 +221,20 @@ pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
         .collect()
 }
 
-fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path) -> Result<()> {
+fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv: &kv_args::KvArgs) -> Result<()> {
     eprintln!("backend: {}", be.describe());
     let model = load::load_model(be, &model.model)?;
+    let batch = Batch::prefill(&[ids])?;
     let start = std::time::Instant::now();
-    let logits = model.forward(be, &Batch::prefill(&[ids])?)?;
+    // The whole prompt in one step, the state stored as --kv-dtype.
+    let logits = if kv.kv_cache_memory.is_some() {
+        let config = kv.config_for_run(be, &model.cfg, ids.len(), ids.len())?;
+        let mut cache = model.new_cache(be, config)?;
+        let mut seq = cache.new_sequence();
+        model.step(be, &batch, &mut cache, &mut [&mut seq], Logits::All)?
+    } else {
+        model.forward_with(be, &batch, kv.kv_dtype, None)?
+    };
     let data = be.download(&logits)?;
     eprintln!(
         "prefill: {} tokens in {:.3} s ({:.1} tokens/s)",
@@ -255,11 +281,11 @@ fn run_devices() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Logits { model, ids, backend, out } => {
+        Command::Logits { model, ids, backend, kv, out } => {
             let ids = parse_ids(&ids)?;
-            with_backend!(backend, |be| run_logits(be, &model, &ids, &out))
+            with_backend!(backend, |be| run_logits(be, &model, &ids, &out, &kv))
         }
-        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend } => {
+        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             with_backend!(backend, |be| generate::run_generate(
                 be,
@@ -268,26 +294,27 @@ fn run(cli: Cli) -> Result<()> {
                 ids.as_deref(),
                 &chat,
                 &sampling,
+                &kv,
                 print_ids
             ))
         }
         Command::Render { model, messages, tools, chat, ids } => {
             generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
         }
-        Command::Chat { model, chat, sampling, backend } => {
-            with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling))
+        Command::Chat { model, chat, sampling, backend, kv } => {
+            with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
         }
-        Command::Inspect { model, context } => inspect::run(&model.model, context),
-        Command::Check { model, backends, ids, tolerance } => {
+        Command::Inspect { model, context, kv_dtype } => inspect::run(&model.model, context, kv_dtype),
+        Command::Check { model, backends, ids, tolerance, kv } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
-            check::run(&model.model, &backends, ids, tolerance)
+            check::run(&model.model, &backends, ids, tolerance, &kv)
         }
         Command::Devices => {
             run_devices();
             Ok(())
         }
-        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk } => {
-            with_backend!(backend, |be| bench::run(be, &model.model, &contexts, decode_steps, prefill_chunk))
+        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, kv } => {
+            with_backend!(backend, |be| bench::run(be, &model.model, &contexts, decode_steps, prefill_chunk, &kv))
         }
     }
 }

@@ -147,3 +147,141 @@ fn check_fails_above_the_tolerance() {
     assert!(stdout.contains("<-- above tolerance"), "{stdout}");
     assert!(stderr.contains("backends disagree: worst relative difference"), "{stderr}");
 }
+
+fn run_ok(args: &[&str]) -> (String, String) {
+    let o = dsv4().args(args).output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
+    assert!(o.status.success(), "{args:?} failed:\n{stdout}{stderr}");
+    (stdout, stderr)
+}
+
+/// `inspect --context` prints what a live pool holds: the held bytes equal the layout's
+/// `sequence_footprint` and what a session on the CPU backend holds after the same tokens.
+#[test]
+fn inspect_held_bytes_are_the_live_pools() {
+    use dsv4_core::kv::layout::{default_block_tokens, sequence_footprint};
+    use dsv4_core::kv::{KvConfig, KvDtype};
+
+    let (stdout, _) = run_ok(&["inspect", "--model", "builtin:tiny", "--context", "200", "--kv-dtype", "fp8"]);
+    let held: usize = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("held: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no held line in\n{stdout}"))
+        .parse()
+        .unwrap();
+    let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+    let want = sequence_footprint(&cfg, KvDtype::Fp8, default_block_tokens(&cfg), 200);
+    assert_eq!(held, want.held_bytes, "{stdout}");
+    assert!(stdout.contains(&format!("{} compressed blocks", want.compressed_blocks)), "{stdout}");
+    assert!(stdout.contains("--kv-dtype fp8"), "{stdout}");
+
+    let be = dsv4_backend_cpu::CpuBackend::new();
+    let model = dsv4_core::Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
+    let config = KvConfig::for_sequences(&cfg, KvDtype::Fp8, 1, 200, 64);
+    let mut session = dsv4_core::generate::Session::new(&be, &model, config).unwrap();
+    let ids: Vec<u32> = (0..200u32).map(|i| i * 7 % 271).collect();
+    session.feed(&be, &ids, 64).unwrap();
+    assert_eq!(session.state_bytes(), held);
+}
+
+/// `--kv-dtype` changes what `logits` computes (the keys attention reads are rounded), a
+/// little; a `--kv-cache-memory` pool computes the same as the exactly sized one.
+#[test]
+fn kv_dtype_and_budget_reach_the_logits() {
+    let ids = (0..150).map(|i| (i * 13 % 271).to_string()).collect::<Vec<_>>().join(",");
+    let logits = |extra: &[&str], name: &str| {
+        let out = tmp(name);
+        let mut args = vec!["logits", "--backend", "cpu", "--ids", &ids, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run_ok(&args);
+        read_f32(&out, "logits").1
+    };
+    let f32_rows = logits(&[], "kv_f32.safetensors");
+    let fp8_rows = logits(&["--kv-dtype", "fp8"], "kv_fp8.safetensors");
+    let bf16_rows = logits(&["--kv-dtype", "bf16"], "kv_bf16.safetensors");
+    let rel = |a: &[f32], b: &[f32]| {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    };
+    // Mean |Δ| relative to the mean |logit|: a random model's discrete choices (indexer top-k,
+    // top-k routing) can flip on a rounded key, so the largest difference says little.
+    let mean_rel = |a: &[f32], b: &[f32]| {
+        let scale: f64 = a.iter().map(|v| v.abs() as f64).sum();
+        a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / scale
+    };
+    assert!(fp8_rows.iter().chain(&bf16_rows).all(|v| v.is_finite()));
+    let (e_fp8, e_bf16) = (mean_rel(&f32_rows, &fp8_rows), mean_rel(&f32_rows, &bf16_rows));
+    assert!(e_fp8 > 0.0 && e_fp8 < 0.2, "fp8 vs f32: {e_fp8}");
+    assert!(e_bf16 > 0.0 && e_bf16 < e_fp8, "bf16 vs f32: {e_bf16} (fp8 {e_fp8})");
+    let budget = logits(&["--kv-cache-memory", "4MiB"], "kv_budget.safetensors");
+    assert!(rel(&f32_rows, &budget) <= 1e-6, "{}", rel(&f32_rows, &budget));
+}
+
+#[test]
+fn a_kv_budget_too_small_or_malformed_is_a_clear_error() {
+    let out = tmp("never_kv.safetensors");
+    let out = out.to_str().unwrap();
+    let e = failing(&["logits", "--backend", "cpu", "--ids", "1,2,3", "--kv-cache-memory", "1KiB", "--out", out]);
+    assert!(e.contains("cannot hold the sliding windows") && e.contains("raise --kv-cache-memory"), "{e}");
+    let e = failing(&["generate", "--backend", "cpu", "--ids", "1,2,3", "--kv-cache-memory", "1000"]);
+    assert!(e.contains("cannot hold the sliding windows"), "{e}");
+    // Room for the windows of a 300-token step and three blocks of 64 tokens, not for 300 tokens.
+    let ids = (0..300).map(|i| (i % 271).to_string()).collect::<Vec<_>>().join(",");
+    let e = failing(&["logits", "--backend", "cpu", "--ids", &ids, "--kv-cache-memory", "600KiB", "--out", out]);
+    assert!(e.contains("the KV cache is full") && e.contains("raise --kv-cache-memory"), "{e}");
+    let e = failing(&["check", "--backends", "cpu,cpu", "--ids", &ids, "--kv-cache-memory", "600KiB"]);
+    assert!(e.contains("holds up to") && e.contains("raise --kv-cache-memory"), "{e}");
+    let e = failing(&["logits", "--ids", "1", "--kv-cache-memory", "8 parsecs", "--out", out]);
+    assert!(e.contains("not a memory size"), "{e}");
+    let e = failing(&["logits", "--ids", "1", "--kv-dtype", "int4", "--out", out]);
+    assert!(e.contains("f32, bf16 or fp8"), "{e}");
+}
+
+#[test]
+fn generate_reports_its_kv_cache() {
+    let (_, stderr) =
+        run_ok(&["generate", "--backend", "cpu", "--ids", "1,2,3,4,5", "--max-new-tokens", "4", "--kv-dtype", "fp8"]);
+    assert!(stderr.contains("kv cache: fp8, 1 blocks of 64 tokens + "), "{stderr}");
+    assert!(stderr.contains("up to 64 tokens"), "{stderr}");
+    let (_, stderr) = run_ok(&[
+        "generate",
+        "--backend",
+        "cpu",
+        "--ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--kv-cache-memory",
+        "0.001",
+    ]);
+    assert!(stderr.contains("kv cache: f32, "), "{stderr}");
+}
+
+#[test]
+fn check_and_bench_take_the_kv_flags() {
+    let (stdout, _) = run_ok(&["check", "--backends", "cpu,cpu", "--kv-dtype", "fp8", "--ids", "1,2,3,4,5,6,7,8,9"]);
+    assert!(
+        stdout.contains("decoding state: fp8 rows") && stdout.contains("ok: worst relative difference"),
+        "{stdout}"
+    );
+    let (stdout, _) = run_ok(&[
+        "bench",
+        "--backend",
+        "cpu",
+        "--contexts",
+        "40,100",
+        "--decode-steps",
+        "2",
+        "--prefill-chunk",
+        "32",
+        "--kv-dtype",
+        "bf16",
+    ]);
+    assert!(stdout.contains("kv cache: bf16, 2 blocks of 64 tokens"), "{stdout}");
+    assert!(stdout.contains("kv bytes/tok") && stdout.contains("kv held"), "{stdout}");
+    let rows: Vec<&str> =
+        stdout.lines().filter(|l| l.trim_start().starts_with("40 ") || l.trim_start().starts_with("100 ")).collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+}
