@@ -227,12 +227,13 @@ fn a_kv_budget_too_small_or_malformed_is_a_clear_error() {
     assert!(e.contains("cannot hold the sliding windows") && e.contains("raise --kv-cache-memory"), "{e}");
     let e = failing(&["generate", "--backend", "cpu", "--ids", "1,2,3", "--kv-cache-memory", "1000"]);
     assert!(e.contains("cannot hold the sliding windows"), "{e}");
-    // Room for the windows of a 300-token step and three blocks of 64 tokens, not for 300 tokens.
+    // Room for the windows of a 300-token step and one block of 64 tokens, not for 300 tokens:
+    // refused before anything runs.
     let ids = (0..300).map(|i| (i % 271).to_string()).collect::<Vec<_>>().join(",");
-    let e = failing(&["logits", "--backend", "cpu", "--ids", &ids, "--kv-cache-memory", "600KiB", "--out", out]);
-    assert!(e.contains("the KV cache is full") && e.contains("raise --kv-cache-memory"), "{e}");
-    let e = failing(&["check", "--backends", "cpu,cpu", "--ids", &ids, "--kv-cache-memory", "600KiB"]);
-    assert!(e.contains("holds up to") && e.contains("raise --kv-cache-memory"), "{e}");
+    let e = failing(&["logits", "--backend", "cpu", "--ids", &ids, "--kv-cache-memory", "300KiB", "--out", out]);
+    assert!(e.contains("holds 64 tokens but this run needs 300") && e.contains("raise --kv-cache-memory"), "{e}");
+    let e = failing(&["check", "--backends", "cpu,cpu", "--ids", &ids, "--kv-cache-memory", "300KiB"]);
+    assert!(e.contains("holds 64 tokens") && e.contains("raise --kv-cache-memory"), "{e}");
     let e = failing(&["logits", "--ids", "1", "--kv-cache-memory", "8 parsecs", "--out", out]);
     assert!(e.contains("not a memory size"), "{e}");
     let e = failing(&["logits", "--ids", "1", "--kv-dtype", "int4", "--out", out]);

@@ -195,3 +195,50 @@ fn session_reuses_cached_pages_for_an_edited_prompt() {
     let want = fresh.generate(&be, &edited, &greedy, &mut |_| Ok(Control::Continue)).unwrap();
     assert_eq!(out.tokens, want.tokens);
 }
+
+fn tiny() -> Model<CpuBackend> {
+    let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+    Model::load(&CpuBackend::new(), cfg, &ckpt, &mut |_, _, _| {}).unwrap()
+}
+
+/// A released sequence's pages are evicted last page first, so what survives is still a
+/// reusable prefix (reuse walks the pages from the first).
+#[test]
+fn eviction_keeps_the_head_of_a_released_prefix() {
+    let be = CpuBackend::new();
+    let m = tiny();
+    let kv = KvConfig { dtype: KvDtype::F32, block_tokens: 16, compressed_blocks: 4, window_blocks: 20 };
+    let mut c = m.new_cache(&be, kv).unwrap();
+    let a: Vec<u32> = (0..49u32).map(|i| (i * 7 + 3) % 271).collect();
+    let mut sa = c.new_sequence();
+    m.step(&be, &Batch::new(&[(&a, 0)]).unwrap(), &mut c, &mut [&mut sa], Logits::LastPerSequence).unwrap();
+    c.release(&mut sa); // A's pages 0-2 cached and idle, page 3 free
+                        // B takes the free block and evicts one cached page of A.
+    let b: Vec<u32> = (0..20u32).map(|i| (i * 11 + 5) % 271).collect();
+    let mut sb = c.new_sequence();
+    m.step(&be, &Batch::new(&[(&b, 0)]).unwrap(), &mut c, &mut [&mut sb], Logits::LastPerSequence).unwrap();
+    let mut again = c.new_sequence();
+    assert_eq!(c.reuse_prefix(&mut again, &a).unwrap(), 32, "the evicted page must be A's last, not its first");
+}
+
+/// Reuse refuses a sequence that holds blocks (a fresh one whose first step failed after
+/// planning), so nothing leaks.
+#[test]
+fn reuse_refuses_a_sequence_that_holds_blocks() {
+    let be = CpuBackend::new();
+    let m = tiny();
+    let kv = KvConfig { dtype: KvDtype::F32, block_tokens: 16, compressed_blocks: 16, window_blocks: 16 };
+    let mut c = m.new_cache(&be, kv).unwrap();
+    let a: Vec<u32> = (0..40u32).map(|i| (i * 7 + 3) % 271).collect();
+    let mut sa = c.new_sequence();
+    m.step(&be, &Batch::new(&[(&a, 0)]).unwrap(), &mut c, &mut [&mut sa], Logits::LastPerSequence).unwrap();
+    c.release(&mut sa);
+    let mut s = c.new_sequence();
+    drop(c.plan_step(&be, &Batch::new(&[(&a[..20], 0)]).unwrap(), &mut [&mut s]).unwrap());
+    let e = c.reuse_prefix(&mut s, &a).unwrap_err().to_string();
+    assert!(e.contains("release this one first"), "{e}");
+    let e = m.step(&be, &Batch::new(&[(&a[..1], 0)]).unwrap(), &mut c, &mut [&mut s], Logits::All).unwrap_err();
+    assert!(e.to_string().contains("unusable"), "{e}");
+    c.release(&mut s);
+    assert_eq!(c.used_blocks(), (0, 0), "blocks leaked");
+}

@@ -43,9 +43,10 @@ impl KvConfig {
         }
     }
 
-    /// As many blocks as `bytes` holds: window blocks for `max_seqs` running sequences (twice
-    /// that, so that recently finished prefixes stay reusable), the rest compressed blocks.
-    /// Errors when the budget cannot hold even the window blocks.
+    /// As many blocks as `bytes` holds. Window blocks: what `max_seqs` running sequences need,
+    /// or an eighth of the budget if that is more, so that the window blocks at recent reuse
+    /// points (a chat's earlier prompts) stay cached; the rest compressed blocks. Errors when the
+    /// budget cannot hold the running sequences' windows plus one compressed block.
     pub fn for_budget(
         cfg: &ModelConfig,
         dtype: KvDtype,
@@ -55,18 +56,20 @@ impl KvConfig {
     ) -> Result<Self> {
         let block_tokens = layout::default_block_tokens(cfg);
         let bb = layout::block_bytes(cfg, dtype, block_tokens);
-        let window_blocks = 2 * max_seqs.max(1) * Self::window_blocks_per_sequence(cfg, block_tokens, max_step);
-        let window_bytes = window_blocks * bb.window;
-        let rest = bytes.checked_sub(window_bytes).filter(|r| *r >= bb.compressed || bb.compressed == 0);
-        let Some(rest) = rest else {
+        let needed = max_seqs.max(1) * Self::window_blocks_per_sequence(cfg, block_tokens, max_step);
+        let fits = bytes.checked_sub(needed * bb.window).filter(|r| *r >= bb.compressed || bb.compressed == 0);
+        if fits.is_none() {
+            let seqs = if max_seqs == 1 { "one sequence".to_string() } else { format!("{max_seqs} sequences") };
             return Err(Error::Input(format!(
-                "a KV cache of {} cannot hold the sliding windows of {max_seqs} sequences ({} in {window_blocks} \
-                 window blocks) plus one compressed block ({}); raise --kv-cache-memory or lower --max-num-seqs",
+                "a KV cache of {} cannot hold the sliding windows of {seqs} ({} in {needed} window blocks) plus one \
+                 compressed block ({}); raise --kv-cache-memory",
                 human_bytes(bytes),
-                human_bytes(window_bytes),
+                human_bytes(needed * bb.window),
                 human_bytes(bb.compressed)
             )));
-        };
+        }
+        let window_blocks = needed.max(bytes / 8 / bb.window.max(1));
+        let rest = bytes - window_blocks * bb.window;
         let compressed_blocks = rest.checked_div(bb.compressed).unwrap_or(0);
         Ok(KvConfig { dtype, block_tokens, compressed_blocks, window_blocks })
     }
@@ -198,6 +201,15 @@ impl<B: Backend> KvCache<B> {
         let has_compressed = layout::has_compressed(cfg);
         let compressed_blocks = if has_compressed { config.compressed_blocks } else { 0 };
         let window_rows = config.window_blocks * bt;
+        // Rows are addressed with i32 indices (the backends' index type).
+        let max_rows = window_rows as u128 + compressed_blocks as u128 * bt as u128;
+        if max_rows > i32::MAX as u128 {
+            return Err(Error::Input(format!(
+                "a KV cache of {} window and {compressed_blocks} compressed blocks has more rows than 32-bit indices \
+                 address; lower --kv-cache-memory",
+                config.window_blocks
+            )));
+        }
         let mut layers = vec![];
         for l in layout::layer_layouts(cfg, config.dtype) {
             let epb = l.entries_per_block(bt);
@@ -283,10 +295,12 @@ impl<B: Backend> KvCache<B> {
 
     /// Returns every block of `seq` to the pool (cached full pages stay reusable) and empties it.
     pub fn release(&mut self, seq: &mut Sequence) {
-        for b in seq.compressed.drain(..) {
+        // Last page first: the least recently released blocks are evicted first, and a prefix
+        // is only reusable from its first page on, so its head must be the last to go.
+        for b in seq.compressed.drain(..).rev() {
             self.compressed.release(b);
         }
-        for b in seq.window.drain(..).flatten() {
+        for b in seq.window.drain(..).rev().flatten() {
             self.window.release(b);
         }
         *seq = Sequence::default();
@@ -297,8 +311,8 @@ impl<B: Backend> KvCache<B> {
     /// window blocks (window rows and compressor carry) at the reuse point. Returns the tokens
     /// reused (`seq.pos`).
     pub fn reuse_prefix(&mut self, seq: &mut Sequence, prompt: &[u32]) -> Result<usize> {
-        if !seq.is_empty() {
-            return Err(Error::Input("prefix reuse needs an empty sequence".into()));
+        if !seq.is_empty() || seq.poisoned || !seq.compressed.is_empty() || seq.window.iter().any(Option::is_some) {
+            return Err(Error::Input("prefix reuse needs a fresh sequence: release this one first".into()));
         }
         let bt = self.config.block_tokens;
         self.stats.prefix_queries += prompt.len() as u64;
