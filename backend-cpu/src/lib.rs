@@ -5,15 +5,18 @@
 //! (`DSV4_CPU_DEQUANTIZE=1` dequantises at load instead, as a reference). GEMMs go through
 //! `matrixmultiply` (via ndarray); elementwise and row-wise work is spread over cores with rayon
 //! when it is large enough to pay for the hand-off (`par`), and stays on the calling thread otherwise.
-//! Sparse attention and indexer selection have fused kernels (`fused.rs`).
+//! Sparse attention and indexer selection have fused kernels (`fused.rs`) that read the paged
+//! decoding state's pools (`pool.rs`) in place.
 //!
 //! This backend is what the others are judged against: it favours plain, checkable code.
 
 mod fused;
 mod ops;
 mod par;
+mod pool;
 mod storage;
 
+pub use pool::CpuPool;
 pub use storage::{CpuIndex, CpuTensor, CpuWeight};
 
 /// The CPU backend. `threads` is informational; rayon's global pool does the work.

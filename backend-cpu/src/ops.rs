@@ -1,11 +1,13 @@
 //! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
 
-use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, UnaryOp};
+use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, RowFormat, UnaryOp};
+use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 use rayon::prelude::*;
 
+use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
 use crate::{par, CpuBackend};
 
@@ -16,16 +18,9 @@ fn err(msg: impl Into<String>) -> Error {
     Error::backend("cpu", msg)
 }
 
-fn check_axis(shape: &[usize], axis: usize, op: &str) -> Result<()> {
-    if axis >= shape.len() {
-        return Err(err(format!("{op}: axis {axis} out of range for shape {shape:?}")));
-    }
-    Ok(())
-}
-
-/// numpy broadcasting of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    dsv4_core::backend::broadcast_shape(a, b).ok_or_else(|| err(format!("shapes {a:?} and {b:?} do not broadcast")))
+/// The bounds of an index's values, for the range checks of `dsv4_core::backend_checks`.
+fn bounds(idx: &CpuIndex) -> Option<IndexBounds> {
+    IndexBounds::of(&idx.data)
 }
 
 fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
@@ -102,6 +97,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Index = CpuIndex;
     type Weight = CpuWeight;
+    type Pool = CpuPool;
 
     fn name(&self) -> &str {
         "cpu"
@@ -111,10 +107,13 @@ impl Backend for CpuBackend {
         format!("CPU reference backend ({} threads, f32 accumulation)", self.threads())
     }
 
+    /// `MemAvailable` from `/proc/meminfo`.
+    fn free_memory(&self) -> Option<usize> {
+        dsv4_core::kv::mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    }
+
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(err(format!("upload: {} values for shape {shape:?}", data.len())));
-        }
+        checks::upload(self.name(), data.len(), shape)?;
         Ok(CpuTensor::new(shape.to_vec(), data.to_vec()))
     }
 
@@ -123,9 +122,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<CpuIndex> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(err(format!("upload_index: {} values for shape {shape:?}", data.len())));
-        }
+        checks::upload_index(self.name(), data.len(), shape)?;
         Ok(CpuIndex::new(shape.to_vec(), data.to_vec()))
     }
 
@@ -153,14 +150,26 @@ impl Backend for CpuBackend {
     }
 
     fn full(&self, shape: &[usize], value: f32) -> Result<CpuTensor> {
+        checks::full(self.name(), shape)?;
         Ok(CpuTensor::new(shape.to_vec(), vec![value; shape.iter().product()]))
     }
 
+    /// Host memory from `alloc_zeroed`: committed by the OS only as rows are written.
+    fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<CpuPool> {
+        CpuPool::new(rows, width, format)
+    }
+
+    fn pool_write(&self, pool: &mut CpuPool, slots: &CpuIndex, values: &CpuTensor) -> Result<()> {
+        pool.write(slots, values)
+    }
+
+    fn pool_read(&self, pool: &CpuPool, slots: &CpuIndex) -> Result<CpuTensor> {
+        pool.read(slots)
+    }
+
     fn linear(&self, x: &CpuTensor, w: &CpuWeight) -> Result<CpuTensor> {
-        let k = *x.shape.last().ok_or_else(|| err("linear: scalar input"))?;
-        if k != w.cols {
-            return Err(err(format!("linear: input {:?} against weight {:?}", x.shape, w.shape)));
-        }
+        let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
+        let k = w.cols;
         let m = x.numel() / k.max(1);
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let blocks: Vec<(usize, ndarray::Array2<f32>)> = par::map(w.rows.div_ceil(ROW_BLOCK), m * k * w.rows, |b| {
@@ -176,16 +185,12 @@ impl Backend for CpuBackend {
                     .copy_from_slice(row.as_slice().expect("standard layout"));
             }
         }
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("non-scalar") = w.rows;
         Ok(CpuTensor::new(shape, out))
     }
 
     fn grouped_linear(&self, x: &CpuTensor, w: &CpuWeight, groups: usize) -> Result<CpuTensor> {
-        if x.shape.len() != 3 || x.shape[1] != groups || !w.rows.is_multiple_of(groups) || w.cols != x.shape[2] {
-            return Err(err(format!("grouped_linear: input {:?}, weight {:?}, {groups} groups", x.shape, w.shape)));
-        }
-        let (m, k, r) = (x.shape[0], x.shape[2], w.rows / groups);
+        let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
+        let (m, k, r) = (shape[0], x.shape[2], shape[2]);
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         let per_group: Vec<ndarray::Array2<f32>> =
             par::map(groups, m * k * w.rows, |g| linear_block(xv.slice(s![.., g, ..]), w, g * r, r, &mut Vec::new()));
@@ -200,32 +205,19 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &CpuIndex) -> Result<CpuTensor> {
+        let shape = checks::embedding(self.name(), &table.shape, &ids.shape, bounds(ids))?;
         let d = table.cols;
         let mut out = vec![0f32; ids.data.len() * d];
         for (i, &id) in ids.data.iter().enumerate() {
-            if id < 0 || id as usize >= table.rows {
-                return Err(err(format!("embedding: id {id} outside the table of {} rows", table.rows)));
-            }
             table.rows_f32(id as usize, 1, &mut out[i * d..(i + 1) * d]);
         }
-        let mut shape = ids.shape.clone();
-        shape.push(d);
         Ok(CpuTensor::new(shape, out))
     }
 
     fn matmul(&self, a: &CpuTensor, b: &CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
-        let (ar, br) = (a.shape.len(), b.shape.len());
-        if ar < 2 || br < 2 {
-            return Err(err(format!("matmul: shapes {:?} x {:?}", a.shape, b.shape)));
-        }
-        let (m, k) = (a.shape[ar - 2], a.shape[ar - 1]);
-        let (bk, n) = if transpose_b { (b.shape[br - 1], b.shape[br - 2]) } else { (b.shape[br - 2], b.shape[br - 1]) };
-        let batch: usize = a.shape[..ar - 2].iter().product();
-        let shared_b = br == 2;
-        if bk != k || (!shared_b && b.shape[..br - 2] != a.shape[..ar - 2]) {
-            return Err(err(format!("matmul: shapes {:?} x {:?} (transpose_b {transpose_b})", a.shape, b.shape)));
-        }
-        let b_stride = if shared_b { 0 } else { b.shape[br - 2] * b.shape[br - 1] };
+        let checks::MatmulDims { batch, m, k, n, shared_b, out: shape } =
+            checks::matmul(self.name(), &a.shape, &b.shape, transpose_b)?;
+        let b_stride = if shared_b { 0 } else { k * n };
         let mut out = vec![0f32; batch * m * n];
         par::chunks_mut(&mut out, m * n, batch * m * n * k, |i, o| {
             let av = ArrayView2::from_shape((m, k), &a.data[i * m * k..(i + 1) * m * k]).expect("a view");
@@ -237,12 +229,11 @@ impl Backend for CpuBackend {
             };
             o.copy_from_slice(y.as_slice().expect("standard layout"));
         });
-        let mut shape = a.shape[..ar - 2].to_vec();
-        shape.extend([m, n]);
         Ok(CpuTensor::new(shape, out))
     }
 
     fn unary(&self, x: &CpuTensor, op: UnaryOp) -> Result<CpuTensor> {
+        checks::unary(self.name(), &x.shape)?;
         let f: fn(f32) -> f32 = match op {
             UnaryOp::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
             UnaryOp::Silu => |v| v / (1.0 + (-v).exp()),
@@ -266,11 +257,11 @@ impl Backend for CpuBackend {
             BinaryOp::Max => f32::max,
             BinaryOp::Min => f32::min,
         };
+        let shape = checks::binary(self.name(), &a.shape, &b.shape)?;
         if a.shape == b.shape {
             let data = par::map(a.data.len(), a.data.len(), |i| f(a.data[i], b.data[i]));
             return Ok(CpuTensor::new(a.shape.clone(), data));
         }
-        let shape = broadcast_shape(&a.shape, &b.shape)?;
         let (av, bv) = (a.view(), b.view());
         let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
         let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
@@ -284,15 +275,17 @@ impl Backend for CpuBackend {
     }
 
     fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
+        checks::affine(self.name(), &x.shape)?;
         Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, |v| v * mul + add)))
     }
 
     fn clamp(&self, x: &CpuTensor, min: f32, max: f32) -> Result<CpuTensor> {
+        checks::clamp(self.name(), &x.shape)?;
         Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, |v| v.max(min).min(max))))
     }
 
     fn reduce(&self, x: &CpuTensor, axis: usize, op: ReduceOp) -> Result<CpuTensor> {
-        check_axis(&x.shape, axis, "reduce")?;
+        let shape = checks::reduce(self.name(), &x.shape, axis)?;
         let v = x.view();
         let len = x.shape[axis] as f32;
         let r = match op {
@@ -300,13 +293,11 @@ impl Backend for CpuBackend {
             ReduceOp::Mean => v.sum_axis(Axis(axis)).mapv(|s| s / len),
             ReduceOp::Max => v.fold_axis(Axis(axis), f32::NEG_INFINITY, |&m, &e| m.max(e)),
         };
-        let mut shape = x.shape.clone();
-        shape[axis] = 1;
         Ok(CpuTensor::new(shape, r.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
     }
 
     fn softmax(&self, x: &CpuTensor, axis: usize) -> Result<CpuTensor> {
-        check_axis(&x.shape, axis, "softmax")?;
+        checks::softmax(self.name(), &x.shape, axis)?;
         let mut out = x.view().to_owned();
         out.lanes_mut(Axis(axis)).into_iter().par_bridge().for_each(|mut lane| {
             let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -323,12 +314,8 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: Option<&CpuTensor>, eps: f32) -> Result<CpuTensor> {
-        let d = *x.shape.last().ok_or_else(|| err("rms_norm: scalar input"))?;
-        if let Some(w) = weight {
-            if w.data.len() != d {
-                return Err(err(format!("rms_norm: weight {:?} for input {:?}", w.shape, x.shape)));
-            }
-        }
+        checks::rms_norm(self.name(), &x.shape, weight.map(|w| &w.shape[..]))?;
+        let d = x.shape[x.shape.len() - 1];
         let mut out = vec![0f32; x.data.len()];
         par::chunks_mut(&mut out, d, x.data.len(), |i, o| {
             let row = &x.data[i * d..i * d + o.len()];
@@ -343,8 +330,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &CpuTensor, cos: &CpuTensor, sin: &CpuTensor, inverse: bool) -> Result<CpuTensor> {
-        let (t, heads, d, half) = dsv4_core::backend::rope_dims(&x.shape, &cos.shape, &sin.shape)
-            .ok_or_else(|| err(format!("rope: x {:?}, cos {:?}, sin {:?}", x.shape, cos.shape, sin.shape)))?;
+        let (t, heads, d, half) = checks::rope(self.name(), &x.shape, &cos.shape, &sin.shape)?;
         let sign = if inverse { -1.0f32 } else { 1.0 };
         let mut out = x.data.to_vec();
         par::chunks_mut(&mut out, heads * d, t * heads * d, |ti, tok| {
@@ -364,24 +350,19 @@ impl Backend for CpuBackend {
     }
 
     fn reshape(&self, x: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        if shape.iter().product::<usize>() != x.data.len() {
-            return Err(err(format!("reshape: {:?} to {shape:?}", x.shape)));
-        }
+        checks::reshape(self.name(), &x.shape, shape)?;
         Ok(CpuTensor { shape: shape.to_vec(), data: x.data.clone() })
     }
 
     fn transpose(&self, x: &CpuTensor, a: usize, b: usize) -> Result<CpuTensor> {
-        check_axis(&x.shape, a.max(b), "transpose")?;
+        checks::transpose(self.name(), &x.shape, a, b)?;
         let mut v = x.view();
         v.swap_axes(a, b);
         Ok(owned(v))
     }
 
     fn narrow(&self, x: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
-        check_axis(&x.shape, axis, "narrow")?;
-        if start + len > x.shape[axis] {
-            return Err(err(format!("narrow: {start}..{} of axis {axis} in {:?}", start + len, x.shape)));
-        }
+        checks::narrow(self.name(), &x.shape, axis, start, len)?;
         if axis == 0 {
             let row: usize = x.shape[1..].iter().product();
             let mut shape = x.shape.clone();
@@ -392,8 +373,7 @@ impl Backend for CpuBackend {
     }
 
     fn concat(&self, xs: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
-        let first = xs.first().ok_or_else(|| err("concat: nothing to concatenate"))?;
-        check_axis(&first.shape, axis, "concat")?;
+        checks::concat(self.name(), &xs.iter().map(|x| &x.shape[..]).collect::<Vec<_>>(), axis)?;
         let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
         let out = concatenate(Axis(axis), &views).map_err(|e| {
             err(format!("concat along {axis}: {e} ({:?})", xs.iter().map(|x| x.shape.clone()).collect::<Vec<_>>()))
@@ -403,64 +383,36 @@ impl Backend for CpuBackend {
     }
 
     fn index_select(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
-        let rows = *x.shape.first().ok_or_else(|| err("index_select: scalar input"))?;
+        let shape = checks::index_select(self.name(), &x.shape, &idx.shape, bounds(idx))?;
         let row: usize = x.shape[1..].iter().product();
         let mut out = vec![0f32; idx.data.len() * row];
         for (i, &id) in idx.data.iter().enumerate() {
             if id == -1 {
                 continue;
             }
-            if id < 0 || id as usize >= rows {
-                return Err(err(format!("index_select: index {id} outside {rows} rows")));
-            }
             let id = id as usize;
             out[i * row..(i + 1) * row].copy_from_slice(&x.data[id * row..(id + 1) * row]);
         }
-        let mut shape = idx.shape.clone();
-        shape.extend_from_slice(&x.shape[1..]);
         Ok(CpuTensor::new(shape, out))
     }
 
     fn gather_last(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
-        if x.shape.is_empty() || idx.shape.is_empty() {
-            return Err(err(format!(
-                "gather_last: needs at least 1-D inputs, got x {:?}, idx {:?}",
-                x.shape, idx.shape
-            )));
-        }
-        let (n, k) = (*x.shape.last().unwrap_or(&0), *idx.shape.last().unwrap_or(&0));
-        if x.shape[..x.shape.len() - 1] != idx.shape[..idx.shape.len() - 1] {
-            return Err(err(format!("gather_last: x {:?}, idx {:?}", x.shape, idx.shape)));
-        }
+        let shape = checks::gather_last(self.name(), &x.shape, &idx.shape, bounds(idx))?;
+        let (n, k) = (x.shape[x.shape.len() - 1], idx.shape[idx.shape.len() - 1]);
         let mut out = vec![0f32; idx.data.len()];
         for (r, (o, ids)) in out.chunks_mut(k.max(1)).zip(idx.data.chunks(k.max(1))).enumerate() {
             for (o, &id) in o.iter_mut().zip(ids) {
-                if id < 0 || id as usize >= n {
-                    return Err(err(format!("gather_last: index {id} outside {n}")));
-                }
                 *o = x.data[r * n + id as usize];
             }
         }
-        Ok(CpuTensor::new(idx.shape.clone(), out))
+        Ok(CpuTensor::new(shape, out))
     }
 
     fn index_add(&self, dst: &CpuTensor, idx: &CpuIndex, src: &CpuTensor) -> Result<CpuTensor> {
-        if dst.shape.is_empty() || src.shape.is_empty() {
-            return Err(err(format!(
-                "index_add: needs at least 1-D inputs, got dst {:?}, src {:?}",
-                dst.shape, src.shape
-            )));
-        }
-        let rows = dst.shape[0];
+        checks::index_add(self.name(), &dst.shape, &idx.shape, &src.shape, bounds(idx))?;
         let row: usize = dst.shape[1..].iter().product();
-        if src.shape[0] != idx.data.len() || src.shape[1..] != dst.shape[1..] {
-            return Err(err(format!("index_add: dst {:?}, idx {:?}, src {:?}", dst.shape, idx.shape, src.shape)));
-        }
         let mut out = dst.data.to_vec();
         for (i, &id) in idx.data.iter().enumerate() {
-            if id < 0 || id as usize >= rows {
-                return Err(err(format!("index_add: index {id} outside {rows} rows")));
-            }
             let id = id as usize;
             out[id * row..(id + 1) * row].iter_mut().zip(&src.data[i * row..(i + 1) * row]).for_each(|(o, s)| *o += s);
         }
@@ -468,10 +420,8 @@ impl Backend for CpuBackend {
     }
 
     fn topk(&self, x: &CpuTensor, k: usize) -> Result<(CpuTensor, CpuIndex)> {
-        let n = *x.shape.last().ok_or_else(|| err("topk: scalar input"))?;
-        if k > n {
-            return Err(err(format!("topk: k = {k} but only {n} entries")));
-        }
+        let shape = checks::topk(self.name(), &x.shape, k)?;
+        let n = x.shape[x.shape.len() - 1];
         let rows = x.data.len() / n.max(1);
         let picks: Vec<(Vec<f32>, Vec<i32>)> = par::map(rows, rows * n * 8, |r| {
             let row = &x.data[r * n..(r + 1) * n];
@@ -486,20 +436,18 @@ impl Backend for CpuBackend {
             order.sort_by(cmp);
             (order.iter().map(|&i| row[i]).collect(), order.iter().map(|&i| i as i32).collect())
         });
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("non-scalar") = k;
         let (vals, ids): (Vec<_>, Vec<_>) = picks.into_iter().unzip();
         Ok((CpuTensor::new(shape.clone(), vals.concat()), CpuIndex::new(shape, ids.concat())))
     }
 
     fn index_mask(&self, idx: &CpuIndex) -> Result<CpuTensor> {
+        checks::index_mask(self.name(), &idx.shape)?;
         let data = idx.data.iter().map(|&i| if i >= 0 { 0.0 } else { f32::NEG_INFINITY }).collect();
         Ok(CpuTensor::new(idx.shape.clone(), data))
     }
 
     fn concat_index(&self, xs: &[&CpuIndex], axis: usize) -> Result<CpuIndex> {
-        let first = xs.first().ok_or_else(|| err("concat_index: nothing to concatenate"))?;
-        check_axis(&first.shape, axis, "concat_index")?;
+        checks::concat_index(self.name(), &xs.iter().map(|x| &x.shape[..]).collect::<Vec<_>>(), axis)?;
         let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
         let out = concatenate(Axis(axis), &views).map_err(|e| err(format!("concat_index: {e}")))?;
         let shape = out.shape().to_vec();
@@ -509,7 +457,7 @@ impl Backend for CpuBackend {
     fn sparse_attention(
         &self,
         q: &CpuTensor,
-        kv: &CpuTensor,
+        kv: &CpuPool,
         idx: &CpuIndex,
         sinks: &CpuTensor,
         scale: f32,
@@ -517,19 +465,22 @@ impl Backend for CpuBackend {
         crate::fused::sparse_attention(q, kv, idx, sinks, scale)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn indexer_select(
         &self,
         q: &CpuTensor,
-        keys: &CpuTensor,
+        keys: &CpuPool,
+        key_rows: &CpuIndex,
         weights: &CpuTensor,
         valid: &[std::ops::Range<usize>],
         k: usize,
         offset: i32,
     ) -> Result<CpuIndex> {
-        crate::fused::indexer_select(q, keys, weights, valid, k, offset)
+        crate::fused::indexer_select(q, keys, key_rows, weights, valid, k, offset)
     }
 
     fn offset_index(&self, idx: &CpuIndex, offset: i32) -> Result<CpuIndex> {
+        checks::offset_index(self.name(), &idx.shape, offset, bounds(idx))?;
         let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
         Ok(CpuIndex::new(idx.shape.clone(), data))
     }
