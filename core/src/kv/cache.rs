@@ -445,7 +445,6 @@ impl<B: Backend> KvCache<B> {
             }
             let epb = bt / c.ratio;
             let mut plans = vec![];
-            let mut hca_rows: Vec<Vec<i32>> = vec![];
             for (k, seq) in seqs.iter().enumerate() {
                 let rows = batch.seqs[k].clone();
                 let (start, len) = (batch.positions[rows.start], rows.len());
@@ -469,11 +468,6 @@ impl<B: Backend> KvCache<B> {
                 } else {
                     None
                 };
-                if l.layout.indexer.is_none() {
-                    for &v in &visible {
-                        hca_rows.push((0..v).map(|w| (entry(w) + l.window_rows) as i32).collect());
-                    }
-                }
                 plans.push(SeqCompressPlan {
                     rows,
                     start,
@@ -486,14 +480,20 @@ impl<B: Backend> KvCache<B> {
                     visible,
                 });
             }
-            // HCA: every query's window keys, then all its visible entries.
+            // HCA: every query's window keys, then all its visible entries, written straight
+            // into the one index array (a long chunk at a long context makes it large).
             let attn_keys = if l.layout.indexer.is_none() {
-                let ke = hca_rows.iter().map(|v| v.len()).max().unwrap_or(0);
+                let ke = plans.iter().flat_map(|p| p.visible.iter().copied()).max().unwrap_or(0);
                 let width = kw + ke;
                 let mut idx = vec![-1i32; t * width];
-                for (row, entries) in hca_rows.iter().enumerate() {
-                    idx[row * width..row * width + kw].copy_from_slice(&keys[row * kw..(row + 1) * kw]);
-                    idx[row * width + kw..row * width + kw + entries.len()].copy_from_slice(entries);
+                for (sp, seq) in plans.iter().zip(seqs.iter()) {
+                    for (row, &v) in sp.rows.clone().zip(&sp.visible) {
+                        let out = &mut idx[row * width..(row + 1) * width];
+                        out[..kw].copy_from_slice(&keys[row * kw..(row + 1) * kw]);
+                        for (w, slot) in out[kw..kw + v].iter_mut().enumerate() {
+                            *slot = (seq.compressed[w / epb] as usize * epb + w % epb + l.window_rows) as i32;
+                        }
+                    }
                 }
                 Some(be.upload_index(&idx, &[t, width])?)
             } else {
