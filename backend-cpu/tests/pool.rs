@@ -18,28 +18,7 @@ use dsv4_core::primitives_only::PrimitivesOnly;
 
 const EPS: f64 = f32::EPSILON as f64;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    /// Uniform in [-1, 1] on a grid of 1/1000.
-    fn f32(&mut self) -> f32 {
-        (self.next() % 2001) as f32 / 1000.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-
-    /// Small integers in -r..=r.
-    fn ints(&mut self, n: usize, r: u64) -> Vec<f32> {
-        (0..n).map(|_| (self.next() % (2 * r + 1)) as f32 - r as f32).collect()
-    }
-}
+use dsv4_core::test_data::Rng;
 
 /// The formats under test: f32, bf16, and fp8 with two scale blocks (one partial) or one.
 const FORMATS: [RowFormat; 4] =
@@ -282,7 +261,7 @@ fn a_large_pool_commits_no_memory_until_written() {
 
 /// Multiples of `1/steps` in [-r, r].
 fn grid(rng: &mut Rng, n: usize, r: u64, steps: u64) -> Vec<f32> {
-    (0..n).map(|_| (rng.next() % (2 * steps * r + 1)) as f32 / steps as f32 - r as f32).collect()
+    (0..n).map(|_| (rng.next_u64() % (2 * steps * r + 1)) as f32 / steps as f32 - r as f32).collect()
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub mod primitives_only;
 pub mod quant;
 pub mod sampling;
 pub mod tensor;
+pub mod test_data;
 pub mod tokenizer;
 
 pub use backend::{Backend, DeviceTensor};

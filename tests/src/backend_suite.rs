@@ -95,34 +95,7 @@ const EPS: f64 = f32::EPSILON as f64;
 
 // ------------------------------------------------------------------------------- helpers
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-
-    /// Uniform in [-1, 1] on a grid of 1/1000.
-    fn f32(&mut self) -> f32 {
-        (self.next() % 2001) as f32 / 1000.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f32()).collect()
-    }
-
-    /// Uniform in [-1, 1] on a grid of 1/1024: exact in F16 (11 significant bits), rounded
-    /// by BF16.
-    fn grid(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| (self.next() % 2049) as f32 / 1024.0 - 1.0).collect()
-    }
-
-    /// Small integers in -r..=r (exact in f32, so sums and products of them are exact too).
-    fn ints(&mut self, n: usize, r: u64) -> Vec<f32> {
-        (0..n).map(|_| (self.next() % (2 * r + 1)) as f32 - r as f32).collect()
-    }
-}
+use dsv4_core::test_data::Rng;
 
 fn up<B: Backend>(be: &B, data: &[f32], shape: &[usize]) -> B::Tensor {
     be.upload(data, shape).unwrap_or_else(|e| panic!("upload {shape:?}: {e}"))
