@@ -1,4 +1,4 @@
-//! Deterministic pseudo-random test data, shared by the test suites of several crates (the
+//! Deterministic pseudo-random test data and a bounded-error assertion, shared by the test suites of several crates (the
 //! backend op suite, the CPU backend's own tests). Not used by the engine.
 
 /// A 64-bit LCG: the same sequence on every machine.
@@ -28,5 +28,18 @@ impl Rng {
     /// Small integers in -r..=r (exact in f32, so sums and products of them are exact too).
     pub fn ints(&mut self, n: usize, r: u64) -> Vec<f32> {
         (0..n).map(|_| (self.next_u64() % (2 * r + 1)) as f32 - r as f32).collect()
+    }
+}
+
+/// Asserts `|got[i] - want[i]| <= bound(i)` for every i (equal infinities pass, NaN never does).
+#[track_caller]
+pub fn assert_within(what: &str, got: &[f32], want: &[f64], bound: impl Fn(usize) -> f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g as f64 == w {
+            continue;
+        }
+        let err = (g as f64 - w).abs();
+        assert!(err <= bound(i), "{what}[{i}]: got {g}, want {w} (error {err:e} > bound {:e})", bound(i));
     }
 }

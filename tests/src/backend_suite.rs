@@ -95,7 +95,7 @@ const EPS: f64 = f32::EPSILON as f64;
 
 // ------------------------------------------------------------------------------- helpers
 
-use dsv4_core::test_data::Rng;
+use dsv4_core::test_data::{assert_within, Rng};
 
 fn up<B: Backend>(be: &B, data: &[f32], shape: &[usize]) -> B::Tensor {
     be.upload(data, shape).unwrap_or_else(|e| panic!("upload {shape:?}: {e}"))
@@ -151,19 +151,6 @@ fn stored_as(dtype: DType, shape: &[usize], data: &[f32]) -> (StoredWeight, Vec<
     };
     let t = HostTensor::from_bytes("w.weight", dtype, shape.to_vec(), bytes).unwrap();
     (StoredWeight::float(t).unwrap(), exact)
-}
-
-/// Asserts `|got[i] - want[i]| <= bound(i)` for every i (equal infinities pass, NaN never does).
-#[track_caller]
-fn assert_within(what: &str, got: &[f32], want: &[f64], bound: impl Fn(usize) -> f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if g as f64 == w {
-            continue;
-        }
-        let err = (g as f64 - w).abs();
-        assert!(err <= bound(i), "{what}[{i}]: got {g}, want {w} (error {err:e} > bound {:e})", bound(i));
-    }
 }
 
 /// `|got - want| <= abs + rel·|want|`.
