@@ -190,6 +190,8 @@ pub struct KvCache<B: Backend> {
     window: BlockAllocator,
     window_size: usize,
     has_compressed: bool,
+    /// Bytes of one block of each kind (for messages).
+    block_bytes: BlockBytes,
     pub stats: CacheStats,
 }
 
@@ -229,6 +231,7 @@ impl<B: Backend> KvCache<B> {
             window: BlockAllocator::new(config.window_blocks),
             window_size: cfg.sliding_window,
             has_compressed,
+            block_bytes: config.block_bytes(cfg),
             stats: CacheStats::default(),
         })
     }
@@ -371,7 +374,7 @@ impl<B: Backend> KvCache<B> {
         }
         let (have_c, have_w) = self.available_blocks();
         if need_c > have_c || need_w > have_w {
-            let bb = self.config.block_bytes_from(&self.layers);
+            let bb = self.block_bytes;
             return Err(Error::Input(format!(
                 "the KV cache is full: this step needs {need_c} compressed and {need_w} window blocks but {have_c} and \
                  {have_w} are free (pool: {} compressed blocks of {} tokens, {} each; {} window blocks, {} each); \
@@ -531,16 +534,6 @@ impl<B: Backend> KvCache<B> {
                 }
             }
             seq.poisoned = false;
-        }
-    }
-}
-
-impl KvConfig {
-    fn block_bytes_from<B: Backend>(&self, layers: &[LayerPools<B>]) -> BlockBytes {
-        let bt = self.block_tokens;
-        BlockBytes {
-            compressed: layers.iter().map(|l| l.layout.compressed_block_bytes(bt)).sum(),
-            window: layers.iter().map(|l| l.layout.window_block_bytes(bt)).sum(),
         }
     }
 }
