@@ -1,0 +1,584 @@
+//! The engine thread and its handle.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use dsv4_core::kv::{KvCache, KvConfig, Sequence};
+use dsv4_core::model::Logits;
+use dsv4_core::sampling::Sampler;
+use dsv4_core::{Backend, Batch, Model};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::logprobs::token_logprobs;
+use crate::request::{EngineEvent, FinishReason, GenerationRequest, Usage};
+use crate::scheduler::{self, Candidate};
+use crate::stats::EngineStats;
+
+/// Limits of the engine, fixed at start (vLLM's flag names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most sequences in one step (`--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Most tokens in one step, decode tokens and prompt chunks together
+    /// (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence, prompt plus generated tokens (`--max-model-len`); `0` takes the
+    /// model's context, capped by what the pool can hold.
+    pub max_model_len: usize,
+    /// Most requests waiting for admission; beyond it `submit` answers
+    /// [`SubmitError::QueueFull`].
+    pub max_waiting: usize,
+    /// Prompts are fed in chunks of this many tokens, at fixed offsets, so a prompt is
+    /// computed the same way alone and in a full batch. At most `max_num_batched_tokens`.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_model_len: 0,
+            max_waiting: 1024,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// What the engine is serving, known once it has started.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub backend: String,
+    pub vocab_size: usize,
+    /// Longest sequence (prompt + generated) the engine accepts.
+    pub max_model_len: usize,
+    pub kv: KvConfig,
+    /// Device bytes of the pools.
+    pub kv_bytes: usize,
+    pub config: EngineConfig,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The request itself is unusable (empty prompt, id outside the vocabulary, bad sampling
+    /// parameters): a client error.
+    #[error("{0}")]
+    Invalid(String),
+    /// The prompt leaves no room to generate within `max_model_len`.
+    #[error(
+        "the prompt has {prompt_tokens} tokens but this server's maximum context length is {max_model_len} tokens \
+         (prompt and completion together); shorten the prompt"
+    )]
+    PromptTooLong { prompt_tokens: usize, max_model_len: usize },
+    /// The waiting queue is full: retry later (HTTP 503).
+    #[error("the server is at capacity: {waiting} requests are already waiting for a free slot; retry later")]
+    QueueFull { waiting: usize },
+    /// The engine thread has stopped.
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
+}
+
+/// The events of one request. Dropping it cancels the request.
+pub struct RequestStream {
+    rx: UnboundedReceiver<EngineEvent>,
+}
+
+impl RequestStream {
+    /// The next event; `None` once the request has finished (after `Finished` or `Error`).
+    pub async fn recv(&mut self) -> Option<EngineEvent> {
+        self.rx.recv().await
+    }
+
+    /// Blocking form of [`recv`](Self::recv), for callers outside an async runtime.
+    pub fn blocking_recv(&mut self) -> Option<EngineEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+struct Submitted {
+    req: GenerationRequest,
+    sampler: Sampler,
+    out: UnboundedSender<EngineEvent>,
+}
+
+struct Shared {
+    stats: Mutex<EngineStats>,
+    /// Requests submitted but not yet admitted.
+    waiting: AtomicUsize,
+    /// Set when the engine thread ends (why).
+    stopped: Mutex<Option<String>>,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submitted>,
+    shared: Arc<Shared>,
+    info: Arc<EngineInfo>,
+}
+
+type BuildError = Box<dyn std::error::Error + Send + Sync>;
+
+impl EngineHandle {
+    /// Starts the engine thread. `build` runs on it and returns the backend, the loaded model
+    /// and the pool's configuration (backend handles never leave the thread). Returns once
+    /// the model is loaded and the pool allocated, or with the error that stopped it.
+    pub fn spawn<B, F>(config: EngineConfig, build: F) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+        F: FnOnce() -> Result<(B, Model<B>, KvConfig), BuildError> + Send + 'static,
+    {
+        if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.prefill_chunk == 0 {
+            return Err("--max-num-seqs, --max-num-batched-tokens and the prefill chunk must be at least 1".into());
+        }
+        let (tx, rx) = mpsc::channel::<Submitted>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<EngineInfo, String>>();
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(EngineStats::default()),
+            waiting: AtomicUsize::new(0),
+            stopped: Mutex::new(None),
+        });
+        let thread_shared = shared.clone();
+        std::thread::Builder::new().name("dsv4-engine".into()).spawn(move || {
+            let (be, model, kv) = match build() {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let mut engine = match Engine::new(&be, &model, kv, config, thread_shared.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(engine.info.clone()));
+            let why = engine.run(rx);
+            *thread_shared.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        })?;
+        let info = match ready_rx.recv() {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err("the engine thread stopped while starting".into()),
+        };
+        Ok(EngineHandle { tx, shared, info: Arc::new(info) })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Counters as of the last step.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.waiting = self.shared.waiting.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Checks `req` and queues it. Errors are immediate; everything later arrives on the
+    /// stream.
+    pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream, SubmitError> {
+        if let Some(why) = self.shared.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(SubmitError::Stopped(why));
+        }
+        let info = &self.info;
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (ids 0..{})",
+                info.vocab_size
+            )));
+        }
+        if req.prompt.len() >= info.max_model_len {
+            return Err(SubmitError::PromptTooLong {
+                prompt_tokens: req.prompt.len(),
+                max_model_len: info.max_model_len,
+            });
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
+        }
+        let sampler = Sampler::new(req.sampling).map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= info.config.max_waiting {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull { waiting });
+        }
+        let (out, rx) = unbounded_channel();
+        if self.tx.send(Submitted { req, sampler, out }).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped("the engine thread is gone".into()));
+        }
+        Ok(RequestStream { rx })
+    }
+}
+
+/// A request the engine is working on.
+struct Active {
+    sub: Submitted,
+    seq: Sequence,
+    /// Prompt then generated tokens: everything that must end up in the state.
+    tokens: Vec<u32>,
+    generated: usize,
+    cached_tokens: usize,
+    /// Admission order (preemption takes the youngest first).
+    admitted: u64,
+}
+
+impl Active {
+    /// Tokens still to feed before the next sample.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.seq.pos()
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.sub.req.prompt.len(),
+            cached_tokens: self.cached_tokens,
+            completion_tokens: self.generated,
+        }
+    }
+}
+
+struct Engine<'a, B: Backend> {
+    be: &'a B,
+    model: &'a Model<B>,
+    cache: KvCache<B>,
+    config: EngineConfig,
+    info: EngineInfo,
+    shared: Arc<Shared>,
+    waiting: VecDeque<Submitted>,
+    active: Vec<Active>,
+    /// Requests preempted for blocks, youngest first: re-admitted before new ones.
+    preempted: VecDeque<Active>,
+    admissions: u64,
+    stats: EngineStats,
+}
+
+impl<'a, B: Backend> Engine<'a, B> {
+    fn new(
+        be: &'a B,
+        model: &'a Model<B>,
+        kv: KvConfig,
+        mut config: EngineConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Self, String> {
+        let cache = model.new_cache(be, kv).map_err(|e| e.to_string())?;
+        let cfg = &model.cfg;
+        let capacity = kv.token_capacity(cfg).unwrap_or(usize::MAX);
+        let max_model_len = match config.max_model_len {
+            0 => cfg.max_position_embeddings.min(capacity),
+            n if n > cfg.max_position_embeddings => {
+                return Err(format!(
+                    "--max-model-len {n} is longer than the model's context ({} positions)",
+                    cfg.max_position_embeddings
+                ))
+            }
+            n if n > capacity => {
+                return Err(format!(
+                    "--max-model-len {n} does not fit the KV cache, which holds {capacity} tokens; raise \
+                     --kv-cache-memory or lower --max-model-len"
+                ))
+            }
+            n => n,
+        };
+        config.max_model_len = max_model_len;
+        config.prefill_chunk = config.prefill_chunk.min(config.max_num_batched_tokens);
+        let info = EngineInfo {
+            backend: be.describe(),
+            vocab_size: cfg.vocab_size,
+            max_model_len,
+            kv,
+            kv_bytes: cache.device_bytes(),
+            config,
+        };
+        let mut engine = Engine {
+            be,
+            model,
+            cache,
+            config,
+            info,
+            shared,
+            waiting: VecDeque::new(),
+            active: vec![],
+            preempted: VecDeque::new(),
+            admissions: 0,
+            stats: EngineStats::default(),
+        };
+        engine.publish();
+        Ok(engine)
+    }
+
+    /// The engine loop: until every handle is dropped. Returns why it stopped.
+    fn run(&mut self, rx: mpsc::Receiver<Submitted>) -> String {
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return "every handle was dropped".into(),
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.drop_cancelled();
+            let progressed = self.step();
+            self.publish();
+            if !progressed && !self.waiting.is_empty() && self.active.is_empty() {
+                // Nothing runs and the head of the queue cannot be admitted: it never will be.
+                let s = self.waiting.pop_front().expect("non-empty");
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.stats.requests_failed_total += 1;
+                let _ = s.out.send(EngineEvent::Error {
+                    message: "the KV cache is too small for this request even with nothing else running; raise \
+                              --kv-cache-memory"
+                        .into(),
+                    usage: Usage { prompt_tokens: s.req.prompt.len(), ..Default::default() },
+                });
+            } else if !progressed {
+                // Waiting for blocks that running requests will free; do not spin.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let (cu, wu) = self.cache.used_blocks();
+        let (cf, wf) = self.cache.available_blocks();
+        let s = &mut self.stats;
+        s.running = self.active.len();
+        s.compressed_blocks_used = cu;
+        s.compressed_blocks_free = cf;
+        s.window_blocks_used = wu;
+        s.window_blocks_free = wf;
+        s.prefix_cache_queries_total = self.cache.stats.prefix_queries;
+        s.prefix_cache_hits_total = self.cache.stats.prefix_hits;
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = *s;
+    }
+
+    /// Cancels requests whose stream was dropped: their blocks go back at once.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.out.is_closed());
+        let gone = before - self.waiting.len();
+        self.shared.waiting.fetch_sub(gone, Ordering::SeqCst);
+        let mut cancelled = gone as u64;
+        let before = self.preempted.len();
+        self.preempted.retain(|a| !a.sub.out.is_closed());
+        cancelled += (before - self.preempted.len()) as u64;
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].sub.out.is_closed() {
+                let mut a = self.active.swap_remove(i);
+                self.cache.release(&mut a.seq);
+                cancelled += 1;
+            } else {
+                i += 1;
+            }
+        }
+        self.stats.requests_cancelled_total += cancelled;
+    }
+
+    /// Moves a request from the queue into the batch: reuses its cached prefix.
+    fn admit(&mut self, sub: Submitted) -> Active {
+        let mut seq = self.cache.new_sequence();
+        let cached = self.cache.reuse_prefix(&mut seq, &sub.req.prompt).unwrap_or(0);
+        self.admissions += 1;
+        self.stats.prompt_tokens_total += sub.req.prompt.len() as u64;
+        let _ = sub.out.send(EngineEvent::Admitted { cached_tokens: cached });
+        Active {
+            tokens: sub.req.prompt.clone(),
+            sub,
+            seq,
+            generated: 0,
+            cached_tokens: cached,
+            admitted: self.admissions,
+        }
+    }
+
+    /// Preempts (by recomputation) the youngest request admitted after `active[keep]`: its
+    /// blocks are released at once and it waits, ahead of new requests, to be fed again from
+    /// its cached prefix. Returns false if there is none.
+    fn preempt_younger(&mut self, keep: usize) -> bool {
+        let after = self.active[keep].admitted;
+        let victim = (0..self.active.len())
+            .filter(|&i| self.active[i].admitted > after)
+            .max_by_key(|&i| self.active[i].admitted);
+        let Some(v) = victim else { return false };
+        let mut a = self.active.remove(v);
+        self.cache.release(&mut a.seq);
+        self.stats.preemptions_total += 1;
+        self.preempted.push_front(a);
+        true
+    }
+
+    /// Composes and runs one step. Returns whether any tokens were computed.
+    fn step(&mut self) -> bool {
+        // Decoding and part-prefilled requests first (oldest first), then new admissions.
+        self.active.sort_by_key(|a| a.admitted);
+        let mut plan = scheduler::StepBudget::new(&self.cache, &self.config);
+        let mut chosen: Vec<(usize, usize)> = vec![]; // (active index, tokens this step)
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &self.active[i];
+            let take = a.pending().min(self.config.prefill_chunk);
+            let need = self.cache.blocks_needed(&a.seq, take);
+            match plan.try_take(Candidate { tokens: take, blocks: need }) {
+                scheduler::Decision::Take => chosen.push((i, take)),
+                scheduler::Decision::NoTokenBudget | scheduler::Decision::NoSeqBudget => {}
+                scheduler::Decision::NoBlocks => {
+                    // Make room by preempting the youngest request admitted after this one,
+                    // then compose the step again.
+                    if self.preempt_younger(i) {
+                        chosen.clear();
+                        plan = scheduler::StepBudget::new(&self.cache, &self.config);
+                        i = 0;
+                        continue;
+                    }
+                    if i == 0 {
+                        // The oldest request alone does not fit the pool: it never will.
+                        let mut a = self.active.remove(0);
+                        self.cache.release(&mut a.seq);
+                        self.stats.requests_failed_total += 1;
+                        let _ = a.sub.out.send(EngineEvent::Error {
+                            message: "the KV cache is full with this request alone; raise --kv-cache-memory or \
+                                      lower --max-model-len"
+                                .into(),
+                            usage: a.usage(),
+                        });
+                        chosen.clear();
+                        plan = scheduler::StepBudget::new(&self.cache, &self.config);
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        // Preempted requests come back first, then new ones, first come first served, while
+        // their prompts fit.
+        let bt = self.cache.config.block_tokens;
+        let per_seq_windows = KvConfig::window_blocks_per_sequence(&self.model.cfg, bt, self.config.prefill_chunk);
+        loop {
+            if self.active.len() >= self.config.max_num_seqs {
+                break;
+            }
+            let prompt = match (self.preempted.front(), self.waiting.front()) {
+                (Some(a), _) => a.tokens.len(),
+                (None, Some(s)) => s.req.prompt.len(),
+                (None, None) => break,
+            };
+            let (comp, win) = self.cache.blocks_needed(&self.cache.new_sequence(), prompt);
+            if !plan.admits((comp, win.min(per_seq_windows)), self.active.len()) {
+                break;
+            }
+            if !plan.fits(Candidate { tokens: prompt.min(self.config.prefill_chunk), blocks: (0, 0) }) {
+                break;
+            }
+            let a = match self.preempted.pop_front() {
+                Some(mut a) => {
+                    let _ = self.cache.reuse_prefix(&mut a.seq, &a.tokens);
+                    a
+                }
+                None => {
+                    let sub = self.waiting.pop_front().expect("non-empty");
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.admit(sub)
+                }
+            };
+            let take = a.pending().min(self.config.prefill_chunk);
+            let need = self.cache.blocks_needed(&a.seq, take);
+            self.active.push(a);
+            if plan.try_take(Candidate { tokens: take, blocks: need }) == scheduler::Decision::Take {
+                chosen.push((self.active.len() - 1, take));
+            }
+        }
+        if chosen.is_empty() {
+            return false;
+        }
+        self.run_step(&chosen);
+        true
+    }
+
+    fn run_step(&mut self, chosen: &[(usize, usize)]) {
+        let parts: Vec<(Vec<u32>, usize)> = chosen
+            .iter()
+            .map(|&(i, take)| {
+                let a = &self.active[i];
+                let pos = a.seq.pos();
+                (a.tokens[pos..pos + take].to_vec(), pos)
+            })
+            .collect();
+        let refs: Vec<(&[u32], usize)> = parts.iter().map(|(t, p)| (t.as_slice(), *p)).collect();
+        let result = Batch::new(&refs).and_then(|batch| {
+            // Every chosen sequence, borrowed mutably at once, in batch order.
+            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
+            let mut slots: Vec<Option<&mut Active>> = self.active.iter_mut().map(Some).collect();
+            for &(i, _) in chosen {
+                seqs.push(&mut slots[i].take().expect("each sequence chosen once").seq);
+            }
+            let logits = self.model.step(self.be, &batch, &mut self.cache, &mut seqs, Logits::LastPerSequence)?;
+            self.be.download(&logits)
+        });
+        self.stats.steps_total += 1;
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // The chosen sequences' state is undefined now: fail them; others go on.
+                let message = format!("model step failed: {e}");
+                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let mut a = self.active.swap_remove(i);
+                    self.cache.release(&mut a.seq);
+                    self.stats.requests_failed_total += 1;
+                    let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
+                }
+                return;
+            }
+        };
+        let vocab = self.info.vocab_size;
+        let mut finished = vec![];
+        for (k, &(i, _)) in chosen.iter().enumerate() {
+            let a = &mut self.active[i];
+            if a.pending() > 0 {
+                continue; // mid-prompt: no token yet
+            }
+            let row = &logits[k * vocab..(k + 1) * vocab];
+            let id = a.sub.sampler.sample(row);
+            let lp = a.sub.req.logprobs.map(|n| token_logprobs(row, id, n));
+            a.tokens.push(id);
+            a.generated += 1;
+            self.stats.generation_tokens_total += 1;
+            let delivered = a.sub.out.send(EngineEvent::Token { id, logprobs: lp }).is_ok();
+            let reason = if a.sub.req.stop_token_ids.contains(&id) {
+                Some(FinishReason::Stop)
+            } else if a.generated >= a.sub.req.max_tokens {
+                Some(FinishReason::Length)
+            } else if a.tokens.len() >= self.info.max_model_len {
+                Some(FinishReason::ContextLength)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let _ = a.sub.out.send(EngineEvent::Finished { reason, usage: a.usage() });
+                finished.push(i);
+                self.stats.requests_finished_total += 1;
+            } else if !delivered {
+                finished.push(i); // the client is gone
+                self.stats.requests_cancelled_total += 1;
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.cmp(a));
+        for i in finished {
+            let mut a = self.active.swap_remove(i);
+            self.cache.release(&mut a.seq);
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Counters the engine publishes after every step (read by `/metrics`).
+
+/// A snapshot of the engine's state and totals since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Requests in the batch (prefilling or decoding).
+    pub running: usize,
+    /// Requests queued, not yet admitted.
+    pub waiting: usize,
+    /// Blocks held by sequences, and blocks free or evictable, of each kind.
+    pub compressed_blocks_used: usize,
+    pub compressed_blocks_free: usize,
+    pub window_blocks_used: usize,
+    pub window_blocks_free: usize,
+    /// Prompt tokens admitted and tokens generated since start.
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found (hit rate = hits / queries).
+    pub prefix_cache_queries_total: u64,
+    pub prefix_cache_hits_total: u64,
+    /// Model steps run, and requests finished / cancelled / failed.
+    pub steps_total: u64,
+    pub requests_finished_total: u64,
+    pub requests_cancelled_total: u64,
+    pub requests_failed_total: u64,
+    /// Requests preempted (blocks released, recomputed later) to let older ones continue.
+    pub preemptions_total: u64,
+}
