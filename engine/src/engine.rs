@@ -567,18 +567,27 @@ impl<'a, B: Backend> Engine<'a, B> {
                 None
             };
             if let Some(reason) = reason {
-                let _ = a.sub.out.send(EngineEvent::Finished { reason, usage: a.usage() });
-                finished.push(i);
+                finished.push((i, Some(reason)));
                 self.stats.requests_finished_total += 1;
             } else if !delivered {
-                finished.push(i); // the client is gone
+                finished.push((i, None)); // the client is gone
                 self.stats.requests_cancelled_total += 1;
             }
         }
-        finished.sort_unstable_by(|a, b| b.cmp(a));
-        for i in finished {
+        // Blocks go back and the counters are published before `Finished` is sent, so a
+        // client that has seen its request finish sees its blocks free too.
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut done = vec![];
+        for (i, reason) in finished {
             let mut a = self.active.swap_remove(i);
             self.cache.release(&mut a.seq);
+            done.push((a, reason));
+        }
+        self.publish();
+        for (a, reason) in done {
+            if let Some(reason) = reason {
+                let _ = a.sub.out.send(EngineEvent::Finished { reason, usage: a.usage() });
+            }
         }
     }
 }
