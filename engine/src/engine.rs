@@ -576,7 +576,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         }
         // Blocks go back and the counters are published before `Finished` is sent, so a
         // client that has seen its request finish sees its blocks free too.
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         let mut done = vec![];
         for (i, reason) in finished {
             let mut a = self.active.swap_remove(i);
