@@ -1,0 +1,1 @@
+//! Signatures of Anthropic thinking blocks (placeholder until its module lands).
