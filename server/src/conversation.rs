@@ -307,6 +307,7 @@ impl AppState {
             seed: params.seed.unwrap_or_else(|| self.fresh_seed()),
         };
         let prompt_tokens = prompt.len();
+        let thinking = asm.in_think;
         let stream = self.engine.submit(GenerationRequest {
             prompt,
             sampling,
@@ -326,6 +327,7 @@ impl AppState {
             started,
             last_token: None,
             ended: false,
+            thinking,
         })
     }
 }
@@ -356,12 +358,19 @@ pub struct Reply {
     last_token: Option<Instant>,
     /// The end was recorded in the metrics.
     ended: bool,
+    /// The reply starts inside the think block.
+    thinking: bool,
 }
 
 impl Reply {
     /// Prompt tokens (known before anything is generated).
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// Whether the reply starts inside the think block ([`PromptInfo::thinking`]).
+    pub fn thinking(&self) -> bool {
+        self.thinking
     }
 
     /// The next piece of the reply: `Some(Ok(ReplyEvent::Delta(_)))` any number of times, then
@@ -393,10 +402,8 @@ impl Reply {
                         Some(t) => self.metrics.observe_itl(now - t),
                     }
                     self.last_token = Some(now);
-                    match self.asm.push(id, logprobs.as_ref()) {
-                        Ok(deltas) => self.pending.extend(deltas),
-                        Err(e) => return Some(Err(self.fail(e))),
-                    }
+                    let deltas = self.asm.push(id, logprobs.as_ref());
+                    self.pending.extend(deltas);
                     if self.asm.stopped().is_some() {
                         // A stop string matched: cancel the rest.
                         self.stream = None;
@@ -534,10 +541,9 @@ impl ReplyAssembler {
     }
 
     /// One generated token (and its log-probabilities when asked for): the deltas it completes.
-    /// An id the tokenizer does not know is a 500 (the model and tokenizer disagree).
-    pub fn push(&mut self, id: u32, logprobs: Option<&TokenLogprobs>) -> Result<Vec<Delta>, ApiError> {
+    pub fn push(&mut self, id: u32, logprobs: Option<&TokenLogprobs>) -> Vec<Delta> {
         if self.stopped.is_some() || self.finished {
-            return Ok(vec![]);
+            return vec![];
         }
         self.completion_tokens += 1;
         if self.in_think {
@@ -548,11 +554,23 @@ impl ReplyAssembler {
             out.push(Delta::Logprobs(vec![self.token_logprob(id, lp)]));
         }
         if self.parser.is_none() && self.hidden_ids.contains(&id) {
-            return Ok(out.0);
+            return out.0;
         }
-        let text = self.decoder.push(id).map_err(|e| ApiError::internal(format!("detokenizing the reply: {e}")))?;
+        // An id the tokenizer has no token for (a hole in its vocabulary, which a model can
+        // still sample) adds no text.
+        let text = self.decoder.push(id).unwrap_or_default();
         self.text(&text, &mut out);
-        Ok(out.0)
+        out.0
+    }
+
+    /// Text decoded by other means (tests, a caller with its own detokenizer): parsed and
+    /// stop-checked like the text of pushed tokens, but counts no token.
+    pub fn push_text(&mut self, text: &str) -> Vec<Delta> {
+        let mut out = Deltas::default();
+        if !self.finished {
+            self.text(text, &mut out);
+        }
+        out.0
     }
 
     /// The generation ended: flushes held-back text. Idempotent.
@@ -706,12 +724,14 @@ impl StopMatcher {
         }
         let mut work = std::mem::take(&mut self.held);
         work.push_str(text);
-        // The earliest match; on a tie, the longest stop string.
+        // The stop string that completes first (ties: the one that starts first), which does not
+        // depend on how the text was cut: a stop string completed in an earlier piece already
+        // ended the reply.
         let found = self
             .stops
             .iter()
             .filter_map(|s| work.find(s.as_str()).map(|p| (p, s)))
-            .min_by(|a, b| a.0.cmp(&b.0).then(b.1.len().cmp(&a.1.len())));
+            .min_by_key(|(p, s)| (p + s.len(), *p));
         if let Some((p, s)) = found {
             work.truncate(p);
             return (work, Some(s.clone()));
@@ -743,4 +763,173 @@ pub fn generation_prompt_suffix(text: &str) -> Option<usize> {
         .map(|t| format!("{ASSISTANT}{t}"))
         .find(|s| text.ends_with(s.as_str()))
         .map(|s| s.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reasoning, content and tool calls of `deltas`, checking that no content carries markup.
+    fn gather(deltas: &[Delta]) -> (String, String, Vec<(usize, String, String)>) {
+        let (mut r, mut c, mut calls) = (String::new(), String::new(), vec![]);
+        for d in deltas {
+            match d {
+                Delta::Reasoning(t) => r.push_str(t),
+                Delta::Content(t) => {
+                    for marker in ["DSML", "<｜", "</think>", "<think>"] {
+                        assert!(!t.contains(marker), "content delta {t:?} carries {marker}");
+                    }
+                    c.push_str(t)
+                }
+                Delta::ToolCall { index, name, arguments } => calls.push((*index, name.clone(), arguments.clone())),
+                Delta::Logprobs(_) => {}
+            }
+        }
+        (r, c, calls)
+    }
+
+    /// Feeds `text` cut at `cuts` and finishes.
+    fn run(asm: &mut ReplyAssembler, text: &str, cuts: &[usize]) -> Vec<Delta> {
+        let mut out = vec![];
+        let mut start = 0;
+        for &c in cuts.iter().chain(std::iter::once(&text.len())) {
+            out.extend(asm.push_text(&text[start..c]));
+            start = c;
+        }
+        out.extend(asm.finish());
+        out
+    }
+
+    /// The first assistant reply of the official test vector 1 (thinking, then a DSML call).
+    fn vector_1_reply() -> String {
+        let prompt = include_str!("../../core/tests/chat_vectors/test_output_1.txt");
+        let start = prompt.find("<｜Assistant｜><think>").unwrap() + "<｜Assistant｜><think>".len();
+        let end = start + prompt[start..].find(dsv4_core::chat::EOS).unwrap() + dsv4_core::chat::EOS.len();
+        prompt[start..end].to_string()
+    }
+
+    fn char_cuts(text: &str) -> Vec<usize> {
+        (1..text.len()).filter(|&i| text.is_char_boundary(i)).collect()
+    }
+
+    #[test]
+    fn dsml_tool_calls_never_reach_content_in_any_chunking() {
+        let tok = Tokenizer::byte_fallback();
+        let reply = vector_1_reply();
+        let want_reasoning = "The user wants to know the weather in Beijing. I should use the get_weather tool.";
+        let want_call = (0, "get_weather".to_string(), r#"{"location": "Beijing", "unit": "celsius"}"#.to_string());
+        let cuts = char_cuts(&reply);
+        let mut runs = 0;
+        for (a, &i) in cuts.iter().enumerate() {
+            for &j in cuts[a..].iter().step_by(3) {
+                let mut asm = ReplyAssembler::chat(&tok, true, &[]);
+                let deltas = run(&mut asm, &reply, &[i, j]);
+                let (r, c, calls) = gather(&deltas);
+                assert_eq!((r.as_str(), c.as_str()), (want_reasoning, ""), "cuts {i} {j}");
+                assert_eq!(calls, [want_call.clone()], "cuts {i} {j}");
+                assert_eq!(asm.finish_reason(Some(dsv4_engine::FinishReason::Stop)), FinishReason::ToolCalls);
+                runs += 1;
+            }
+        }
+        assert!(runs > 1000);
+    }
+
+    #[test]
+    fn content_then_two_calls_without_thinking() {
+        let tok = Tokenizer::byte_fallback();
+        let reply = "Let me check both.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"a\">\n<｜DSML｜parameter name=\"x\" \
+                     string=\"false\">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n<｜DSML｜invoke name=\"b\">\n</｜DSML｜invoke>\n\
+                     </｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+        for i in char_cuts(reply) {
+            let mut asm = ReplyAssembler::chat(&tok, false, &[]);
+            let (r, c, calls) = gather(&run(&mut asm, reply, &[i]));
+            assert_eq!((r.as_str(), c.as_str()), ("", "Let me check both."), "cut {i}");
+            assert_eq!(
+                calls,
+                [(0, "a".to_string(), r#"{"x": 1}"#.to_string()), (1, "b".to_string(), "{}".to_string())],
+                "cut {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_by_token_counts_reasoning_tokens_and_hides_markup() {
+        let tok = Tokenizer::byte_fallback();
+        let reply = vector_1_reply();
+        let ids = tok.encode(&reply).unwrap();
+        let mut asm = ReplyAssembler::chat(&tok, true, &[]);
+        let mut deltas = vec![];
+        for &id in &ids {
+            deltas.extend(asm.push(id, None));
+        }
+        deltas.extend(asm.finish());
+        let (r, c, calls) = gather(&deltas);
+        assert!(r.starts_with("The user wants") && c.is_empty() && calls.len() == 1);
+        assert_eq!(asm.completion_tokens(), ids.len());
+        // Every byte of the reasoning plus the `</think>` token.
+        let think_end = reply.find("</think>").unwrap();
+        assert_eq!(asm.reasoning_tokens(), tok.encode(&reply[..think_end]).unwrap().len() + 1);
+    }
+
+    #[test]
+    fn stop_strings_cut_content_in_any_chunking_and_not_reasoning() {
+        let tok = Tokenizer::byte_fallback();
+        let text = "I think STOP here</think>Hello STOP world. STOP again";
+        // The stop string that completes first wins, however the text is cut.
+        for (stops, content, stop) in [
+            (["STOP w", "ST", "never"], "Hello ", "ST"),
+            (["lo STOP", "STOP world", "never"], "Hel", "lo STOP"),
+            (["STOP world", "o STOP wo", "never"], "Hell", "o STOP wo"),
+        ] {
+            let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+            for i in char_cuts(text) {
+                let mut asm = ReplyAssembler::chat(&tok, true, &stops);
+                let (r, c, _) = gather(&run(&mut asm, text, &[i]));
+                assert_eq!(r, "I think STOP here", "cut {i}");
+                assert_eq!(c, content, "cut {i}");
+                assert_eq!(asm.stopped(), Some(stop), "cut {i}");
+                assert_eq!(asm.finish_reason(None), FinishReason::StopString(stop.into()));
+            }
+        }
+        // A held prefix that never completes is flushed at the end.
+        let mut asm = ReplyAssembler::chat(&tok, false, &["STOPPED".to_string()]);
+        let (_, c, _) = gather(&run(&mut asm, "ends with STOP", &[]));
+        assert_eq!(c, "ends with STOP");
+        assert_eq!(asm.finish_reason(Some(dsv4_engine::FinishReason::Length)), FinishReason::Length);
+    }
+
+    #[test]
+    fn raw_replies_hide_eos_and_keep_markup() {
+        let tok = Tokenizer::byte_fallback();
+        let mut asm = ReplyAssembler::raw(&tok, &[], &tok.eos_token_ids());
+        let mut ids = tok.encode("a</think>b").unwrap();
+        ids.push(1);
+        let mut text = String::new();
+        for id in ids {
+            for d in asm.push(id, None) {
+                if let Delta::Content(t) = d {
+                    text.push_str(&t);
+                }
+            }
+        }
+        assert_eq!(text, "a</think>b");
+        // a, </think> (one token), b, EOS.
+        assert_eq!(asm.completion_tokens(), 4);
+        assert_eq!(asm.reasoning_tokens(), 0);
+    }
+
+    #[test]
+    fn unknown_ids_add_no_text() {
+        let tok = Tokenizer::byte_fallback();
+        let mut asm = ReplyAssembler::chat(&tok, false, &[]);
+        assert!(asm.push(100_000, None).is_empty());
+        assert_eq!(asm.completion_tokens(), 1);
+    }
+
+    #[test]
+    fn generation_prompt_suffixes() {
+        assert_eq!(generation_prompt_suffix("x<｜Assistant｜><think>"), Some("<｜Assistant｜><think>".len()));
+        assert_eq!(generation_prompt_suffix("x<｜Assistant｜></think>"), Some("<｜Assistant｜></think>".len()));
+        assert_eq!(generation_prompt_suffix("x<｜User｜>hi"), None);
+    }
 }
