@@ -17,14 +17,19 @@ pub const TINY_NAME: &str = "builtin:tiny";
 /// (`dsv4 bench`) without a real checkpoint.
 pub const FLASH_SHAPE_NAME: &str = "builtin:flash-shape";
 
+/// The tiny model with DeepSeek-V4's vocabulary size (129,280 ids), for running with the real V4
+/// tokenizer (`dsv4 serve --tokenizer tokenizer.json`). Random weights, as the tiny model's.
+pub const TINY_V4_VOCAB_NAME: &str = "builtin:tiny-v4vocab";
+
 /// The built-in models' names.
-pub const NAMES: [&str; 2] = [TINY_NAME, FLASH_SHAPE_NAME];
+pub const NAMES: [&str; 3] = [TINY_NAME, FLASH_SHAPE_NAME, TINY_V4_VOCAB_NAME];
 
 /// The built-in model called `name` (one of [`NAMES`]), or None.
 pub fn by_name(name: &str) -> Option<Result<(ModelConfig, Checkpoint)>> {
     match name {
         TINY_NAME => Some(tiny()),
         FLASH_SHAPE_NAME => Some(flash_shape()),
+        TINY_V4_VOCAB_NAME => Some(tiny_v4_vocab()),
         _ => None,
     }
 }
@@ -163,6 +168,13 @@ pub fn tiny() -> Result<(ModelConfig, Checkpoint)> {
 /// `builtin:flash-shape`: the tiny model's weights generator on [`flash_shape_config_json`].
 pub fn flash_shape() -> Result<(ModelConfig, Checkpoint)> {
     build(&flash_shape_config_json())
+}
+
+/// `builtin:tiny-v4vocab`: the tiny model's weights generator with `vocab_size` 129,280.
+pub fn tiny_v4_vocab() -> Result<(ModelConfig, Checkpoint)> {
+    let mut c = tiny_config_json();
+    c["vocab_size"] = json!(129_280);
+    build(&c)
 }
 
 fn build(config: &serde_json::Value) -> Result<(ModelConfig, Checkpoint)> {
