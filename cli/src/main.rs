@@ -26,6 +26,7 @@ mod generate;
 mod inspect;
 mod kv_args;
 mod load;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -190,6 +191,21 @@ enum Command {
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
+    /// Serve the model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
+    /// /v1/models), the Anthropic API (/v1/messages), /tokenize, /detokenize, /health and
+    /// Prometheus /metrics. Without --kv-cache-memory the KV cache takes what --max-num-seqs
+    /// sequences of --max-model-len tokens (default: the model's context) need, at most half the
+    /// memory free once the weights are loaded.
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: BackendChoice,
+        #[command(flatten)]
+        kv: kv_args::KvArgs,
+        #[command(flatten)]
+        serve: serve::ServeArgs,
+    },
     /// Measure prefill and decode speed at several context lengths against the memory
     /// bandwidth measured in the same run.
     Bench {
@@ -313,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
             run_devices();
             Ok(())
         }
+        Command::Serve { model, backend, kv, serve } => serve::run(&model.model, backend, &kv, &serve),
         Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, kv } => {
             with_backend!(backend, |be| bench::run(be, &model.model, &contexts, decode_steps, prefill_chunk, &kv))
         }

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Key for the Anthropic API's thinking-block signatures; `None`: random per start.
     pub signing_key: Option<Vec<u8>>,
+    /// Ids that end a generation besides the tokenizer's EOS (the model config's
+    /// `eos_token_id`).
+    pub stop_token_ids: Vec<u32>,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             encoder_revision: EncoderRevision::Preview,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             signing_key: None,
+            stop_token_ids: vec![],
         }
     }
 }
@@ -117,8 +121,12 @@ impl AppState {
     pub fn new(config: &ServerConfig, engine: EngineHandle, tokenizer: Tokenizer) -> AppState {
         let signing_key = config.signing_key.clone().unwrap_or_else(random_bytes);
         let nonce = u64::from_le_bytes(random_bytes()[..8].try_into().expect("8 bytes"));
+        let mut stop_token_ids = tokenizer.eos_token_ids();
+        stop_token_ids.extend(&config.stop_token_ids);
+        stop_token_ids.sort_unstable();
+        stop_token_ids.dedup();
         AppState {
-            stop_token_ids: tokenizer.eos_token_ids(),
+            stop_token_ids,
             engine,
             tokenizer,
             served_model_name: config.served_model_name.clone(),

@@ -1,0 +1,221 @@
+//! `dsv4 serve`: the OpenAI- and Anthropic-compatible HTTP server (crate `dsv4-server`) over the
+//! serving engine (crate `dsv4-engine`), which runs the model on a thread of its own.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+use dsv4_core::chat::EncoderRevision;
+use dsv4_core::kv::{human_bytes, KvConfig};
+use dsv4_core::tokenizer::Tokenizer;
+use dsv4_core::Backend;
+use dsv4_engine::{EngineConfig, EngineHandle};
+use dsv4_server::ServerConfig;
+
+use crate::kv_args::{self, KvArgs};
+use crate::{load, BackendChoice, Resolved};
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// Which official chat encoder the checkpoint ships.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EncoderChoice {
+    /// The encoder of DeepSeek-V4-Flash / -Pro (efforts high, max).
+    Preview,
+    /// The encoder of DeepSeek-V4-Flash-0731 (efforts low, high, max).
+    #[value(name = "0731")]
+    Rev0731,
+}
+
+/// `dsv4 serve`'s own flags (the model, backend and KV flags are shared with other commands).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients use and /v1/models lists (default: the --model argument). The
+    /// --model argument and its last path component are accepted too.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require this key: `Authorization: Bearer KEY` or `x-api-key: KEY` on every route but
+    /// /health and /metrics.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one step (decode tokens and prompt chunks together).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence, prompt and reply together (default: the model's context, capped by
+    /// what the KV cache holds).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Prompts are computed in chunks of this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Most requests waiting for a slot; beyond it requests get 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: usize,
+    /// A tokenizer.json to use instead of the model directory's.
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
+    /// Thinking mode for requests that do not say (on, as in DeepSeek's API).
+    #[arg(long, value_enum, default_value = "on")]
+    pub default_thinking: Switch,
+    /// The checkpoint's chat encoder: preview (V4-Flash / V4-Pro) or 0731 (V4-Flash-0731).
+    #[arg(long, value_enum, default_value = "preview")]
+    pub encoder: EncoderChoice,
+}
+
+/// The tokenizer for `--model spec` or `--tokenizer path`.
+fn tokenizer(spec: &str, path: Option<&Path>) -> Result<Tokenizer> {
+    match path {
+        Some(p) => Tokenizer::from_file(p).with_context(|| format!("loading the tokenizer {}", p.display())),
+        None => crate::generate::tokenizer_for(spec),
+    }
+}
+
+/// The served name's default and the other accepted names: the `--model` argument and its last
+/// path component.
+fn model_names(spec: &str, served: Option<&str>) -> (String, Vec<String>) {
+    let mut aliases = vec![spec.to_string()];
+    if let Some(base) = Path::new(spec).file_name().and_then(|b| b.to_str()) {
+        if base != spec {
+            aliases.push(base.to_string());
+        }
+    }
+    (served.unwrap_or(spec).to_string(), aliases)
+}
+
+/// The pool: `--kv-cache-memory` when given; else what `seqs` sequences of `tokens` tokens need,
+/// at most half the memory free once the weights are loaded.
+fn serving_kv<B: Backend>(
+    be: &B,
+    cfg: &dsv4_core::ModelConfig,
+    kv: &KvArgs,
+    seqs: usize,
+    tokens: usize,
+    chunk: usize,
+) -> Result<KvConfig> {
+    let bytes = match kv.kv_cache_memory {
+        Some(m) => m.resolve(|| kv_args::free_memory(be))?,
+        None => {
+            let need = kv_args::budget_for_tokens(cfg, kv.kv_dtype, tokens, chunk).saturating_mul(seqs);
+            match kv_args::free_memory(be) {
+                Ok(free) => need.min(free / 2),
+                Err(e) => {
+                    eprintln!(
+                        "kv cache: {e:#}; sizing for {seqs} sequences of {tokens} tokens ({})",
+                        human_bytes(need)
+                    );
+                    need
+                }
+            }
+        }
+    };
+    Ok(KvConfig::for_budget(cfg, kv.kv_dtype, bytes, seqs, chunk)?)
+}
+
+/// Starts the engine thread with the backend `make` opens there (backend handles never cross
+/// threads). Returns the engine and the model config's EOS ids.
+fn spawn_engine<B: Backend + 'static>(
+    make: impl FnOnce() -> Result<B> + Send + 'static,
+    spec: String,
+    kv: KvArgs,
+    config: EngineConfig,
+) -> Result<(EngineHandle, Vec<u32>)> {
+    let (eos_tx, eos_rx) = mpsc::channel();
+    let engine = EngineHandle::spawn(config, move || {
+        let be = make()?;
+        eprintln!("backend: {}", be.describe());
+        let model = load::load_model(&be, &spec)?;
+        let tokens = match config.max_model_len {
+            0 => model.cfg.max_position_embeddings,
+            n => n,
+        };
+        let kv = serving_kv(&be, &model.cfg, &kv, config.max_num_seqs, tokens, config.prefill_chunk)?;
+        eprintln!("{}", kv_args::describe(&model.cfg, &kv));
+        let _ = eos_tx.send(model.cfg.eos_token_ids.clone());
+        Ok((be, model, kv))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((engine, eos_rx.recv().unwrap_or_default()))
+}
+
+/// Runs the server until Ctrl-C.
+pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) -> Result<()> {
+    let tok = tokenizer(spec, args.tokenizer.as_deref())?;
+    let config = EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_model_len: args.max_model_len.unwrap_or(0),
+        max_waiting: args.max_waiting,
+        prefill_chunk: args.prefill_chunk.min(args.max_num_batched_tokens.max(1)),
+    };
+    let (engine, model_eos) = match crate::resolve_backend(backend)? {
+        Resolved::Cpu => {
+            spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
+        }
+        Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), spec.to_string(), kv.clone(), config)?,
+    };
+    let vocab = engine.info().vocab_size;
+    if tok.vocab_size() > vocab {
+        eprintln!(
+            "warning: the tokenizer has {} ids but the model only {vocab}; prompts using the others are refused",
+            tok.vocab_size()
+        );
+    }
+    let (served, aliases) = model_names(spec, args.served_model_name.as_deref());
+    let mut server = ServerConfig::new(served);
+    server.host = args.host.clone();
+    server.port = args.port;
+    server.model_aliases = aliases;
+    server.api_key = args.api_key.clone();
+    server.default_thinking = args.default_thinking == Switch::On;
+    server.encoder_revision = match args.encoder {
+        EncoderChoice::Preview => EncoderRevision::Preview,
+        EncoderChoice::Rev0731 => EncoderRevision::Rev0731,
+    };
+    server.stop_token_ids = model_eos;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(dsv4_server::serve(server, engine, tok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_accept_the_path_and_its_last_component() {
+        assert_eq!(
+            model_names("/models/DeepSeek-V4-Flash", None),
+            (
+                "/models/DeepSeek-V4-Flash".to_string(),
+                vec!["/models/DeepSeek-V4-Flash".into(), "DeepSeek-V4-Flash".into()]
+            )
+        );
+        assert_eq!(model_names("builtin:tiny", Some("tiny")).0, "tiny");
+    }
+
+    #[test]
+    fn the_default_pool_is_capped_at_half_the_free_memory() {
+        let be = dsv4_backend_cpu::CpuBackend::new();
+        let cfg = dsv4_core::builtin::tiny().unwrap().0;
+        let kv = KvArgs { kv_dtype: dsv4_core::kv::KvDtype::F32, kv_cache_memory: None };
+        let small = serving_kv(&be, &cfg, &kv, 2, 1000, 64).unwrap();
+        assert!(small.token_capacity(&cfg).unwrap() >= 2000, "{small:?}");
+        let free = kv_args::free_memory(&be).unwrap();
+        let big = serving_kv(&be, &cfg, &kv, 64, cfg.max_position_embeddings, 512).unwrap();
+        assert!(big.total_bytes(&cfg) <= free / 2 + free / 100, "{big:?}");
+    }
+}
