@@ -826,7 +826,7 @@ mod tests {
                 let deltas = run(&mut asm, &reply, &[i, j]);
                 let (r, c, calls) = gather(&deltas);
                 assert_eq!((r.as_str(), c.as_str()), (want_reasoning, ""), "cuts {i} {j}");
-                assert_eq!(calls, [want_call.clone()], "cuts {i} {j}");
+                assert_eq!(calls, std::slice::from_ref(&want_call), "cuts {i} {j}");
                 assert_eq!(asm.finish_reason(Some(dsv4_engine::FinishReason::Stop)), FinishReason::ToolCalls);
                 runs += 1;
             }
