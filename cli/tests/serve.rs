@@ -1,0 +1,73 @@
+//! `dsv4 serve` as a user runs it: it prints its URL, answers over HTTP, and needs its key.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills the server when the test ends, whether it passes or not.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+fn http(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str(&format!("content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_prints_its_url_and_answers() {
+    let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "512", "--max-num-seqs", "2"])
+        .args(["--served-model-name", "tiny", "--api-key", "k3y"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("dsv4 serving `tiny` at http://127.0.0.1:"), "{line}");
+    assert!(line.contains("max model len 512") && line.contains("API key required"), "{line}");
+    let port: u16 = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+
+    assert_eq!(http(port, "GET", "/health", &[], "").0, 200);
+    let chat = r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#;
+    let (status, body) = http(port, "POST", "/v1/chat/completions", &[], chat);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http(port, "POST", "/v1/chat/completions", &["authorization: Bearer k3y"], chat);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"object\":\"chat.completion\""), "{body}");
+    let (status, body) = http(port, "GET", "/v1/models", &["x-api-key: k3y"], "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"max_model_len\":512"), "{body}");
+}
+
+#[test]
+fn serve_refuses_a_kv_cache_too_small() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "cpu", "--port", "0", "--kv-cache-memory", "1000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kv-cache-memory"), "{err}");
+}
