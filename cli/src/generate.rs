@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use dsv4_core::chat;
-use dsv4_core::generate::{Control, GenerateOptions, Generation, Session};
+use dsv4_core::generate::{Control, GenerateOptions, Generation, Session, StopReason};
 use dsv4_core::sampling::SamplingParams;
 use dsv4_core::tokenizer::{StreamDecoder, Tokenizer};
 use dsv4_core::{Backend, Model};
@@ -14,14 +14,30 @@ use crate::kv_args::{self, KvArgs};
 
 /// The tokenizer of `--model`: its tokenizer.json, or bytes for the built-in model.
 pub fn tokenizer_for(spec: &str) -> Result<Tokenizer> {
-    if spec.starts_with("builtin:") {
-        return Ok(Tokenizer::byte_fallback());
-    }
-    match Tokenizer::from_model_dir(Path::new(spec))? {
+    match optional_tokenizer(spec)? {
         Some(t) => Ok(t),
         None => bail!(
             "{spec} has no tokenizer.json: pass token ids with --ids, or copy the model's tokenizer.json into the directory"
         ),
+    }
+}
+
+/// The tokenizer of `--model` if it has one (the built-in models always do: bytes).
+fn optional_tokenizer(spec: &str) -> Result<Option<Tokenizer>> {
+    if spec.starts_with("builtin:") {
+        return Ok(Some(Tokenizer::byte_fallback()));
+    }
+    Ok(Tokenizer::from_model_dir(Path::new(spec))?)
+}
+
+/// Why a generation ended, in the words the CLI prints. The CLI stops a generation itself only
+/// for `--stop` strings.
+pub fn stop_words(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Eos => "eos",
+        StopReason::MaxTokens => "max tokens",
+        StopReason::ContextLength => "context length",
+        StopReason::Caller => "stop string",
     }
 }
 
@@ -60,9 +76,9 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn options<B: Backend>(&self, model: &Model<B>, tok: &Tokenizer) -> GenerateOptions {
+    fn options<B: Backend>(&self, model: &Model<B>, tok: Option<&Tokenizer>) -> GenerateOptions {
         let mut stop_ids = model.cfg.eos_token_ids.clone();
-        stop_ids.extend(tok.eos_token_ids());
+        stop_ids.extend(tok.map(Tokenizer::eos_token_ids).unwrap_or_default());
         stop_ids.sort_unstable();
         stop_ids.dedup();
         GenerateOptions {
@@ -125,17 +141,18 @@ impl Display {
     }
 }
 
-/// Streams a generation to stdout; returns it and its text.
+/// Streams a generation to stdout; returns it and its text. Without a tokenizer nothing is
+/// shown and the text is empty (stop strings need text: callers refuse them first).
 fn stream<B: Backend>(
     be: &B,
     session: &mut Session<B>,
-    tok: &Tokenizer,
+    tok: Option<&Tokenizer>,
     prompt: &[u32],
     opts: &GenerateOptions,
     stops: &[String],
     display: &mut Display,
 ) -> Result<(Generation, String)> {
-    let mut decoder = StreamDecoder::new(tok);
+    let mut decoder = tok.map(StreamDecoder::new);
     let mut text = String::new();
     let mut out = std::io::stdout().lock();
     let eos = opts.stop_token_ids.clone();
@@ -143,22 +160,25 @@ fn stream<B: Backend>(
         if eos.contains(&id) {
             return Ok(Control::Continue);
         }
+        let Some(decoder) = decoder.as_mut() else { return Ok(Control::Continue) };
         let piece = decoder.push(id)?;
         text.push_str(&piece);
         let _ = display.show(&mut out, &piece);
         Ok(if stops.iter().any(|s| text.contains(s.as_str())) { Control::Stop } else { Control::Continue })
     })?;
-    let tail = decoder.finish()?;
-    text.push_str(&tail);
-    display.show(&mut out, &tail)?;
-    display.finish(&mut out)?;
+    if let Some(decoder) = decoder.as_mut() {
+        let tail = decoder.finish()?;
+        text.push_str(&tail);
+        display.show(&mut out, &tail)?;
+        display.finish(&mut out)?;
+    }
     eprintln!(
-        "\nprefill: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s ({:?})",
+        "\nprefill: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s; stopped: {}",
         generation.prefilled,
         generation.prefill_tokens_per_sec(),
         generation.tokens.len(),
         generation.decode_tokens_per_sec(),
-        generation.stop
+        stop_words(generation.stop)
     );
     Ok((generation, text))
 }
@@ -174,22 +194,39 @@ pub fn run_generate<B: Backend>(
     kv: &KvArgs,
     print_ids: bool,
 ) -> Result<()> {
-    let tok = tokenizer_for(spec)?;
+    // Token ids in, token ids out needs no tokenizer; text in or out does.
+    let tok = match ids {
+        Some(_) => optional_tokenizer(spec)?,
+        None => Some(tokenizer_for(spec)?),
+    };
+    if tok.is_none() {
+        if !sampling.stop.is_empty() {
+            bail!(
+                "{spec} has no tokenizer.json, so --stop strings cannot be matched: drop --stop, or copy the model's tokenizer.json into the directory"
+            );
+        }
+        eprintln!(
+            "note: {spec} has no tokenizer.json, so only the generated token ids are printed (text output needs the model's tokenizer.json in the directory)"
+        );
+    }
     let model = crate::load::load_model(be, spec)?;
-    let prompt_ids = match (prompt, ids) {
-        (Some(text), None) => tok.encode(&render_user_prompt(text, chat_args)?)?,
-        (None, Some(ids)) => ids.to_vec(),
+    let prompt_ids = match (prompt, ids, &tok) {
+        (Some(text), None, Some(tok)) => tok.encode(&render_user_prompt(text, chat_args)?)?,
+        (None, Some(ids), _) => ids.to_vec(),
         _ => bail!("give exactly one of --prompt and --ids"),
     };
-    let opts = sampling.options(&model, &tok);
+    let opts = sampling.options(&model, tok.as_ref());
     // The pool holds the prompt and every token generated (all but the last are fed back).
     let tokens = (prompt_ids.len() + opts.max_new_tokens).min(model.cfg.max_position_embeddings);
     let config = kv.config_for_run(be, &model.cfg, tokens, opts.prefill_chunk)?;
     eprintln!("{}", kv_args::describe(&model.cfg, &config));
     let mut session = Session::new(be, &model, config)?;
-    let (generation, _) = stream(be, &mut session, &tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
-    if print_ids {
-        println!();
+    let (generation, _) =
+        stream(be, &mut session, tok.as_ref(), &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
+    if print_ids || tok.is_none() {
+        if tok.is_some() {
+            println!();
+        }
         println!("{}", generation.tokens.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
     }
     Ok(())
@@ -225,7 +262,7 @@ pub fn run_chat<B: Backend>(
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
     let model = crate::load::load_model(be, spec)?;
-    let opts = sampling.options(&model, &tok);
+    let opts = sampling.options(&model, Some(&tok));
     let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
     eprintln!("{}", kv_args::describe(&model.cfg, &config));
     let mut session = Session::new(be, &model, config)?;
@@ -250,7 +287,7 @@ pub fn run_chat<B: Backend>(
         )?;
         let ids = tok.encode(&prompt)?;
         let mut display = Display::Parsed(chat::StreamParser::for_prompt(&prompt, chat::UnclosedThink::Reasoning));
-        let (generation, text) = stream(be, &mut session, &tok, &ids, &opts, &sampling.stop, &mut display)?;
+        let (generation, text) = stream(be, &mut session, Some(&tok), &ids, &opts, &sampling.stop, &mut display)?;
         if generation.prefix_cached > 0 {
             eprintln!("prefix cache: {} tokens reused", generation.prefix_cached);
         }

@@ -307,7 +307,7 @@ pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>) -> Res
         && dir.join("config.json").exists()
         && !std::fs::read_dir(dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors"));
     if config_only {
-        let cfg = ModelConfig::from_dir(dir)?;
+        let cfg = crate::load::config_from_dir(dir)?;
         print!("{}", schedule_report(&cfg));
         println!("weights: none in {} (config only)", dir.display());
         state(&cfg);

@@ -16,9 +16,19 @@ pub fn open(spec: &str) -> Result<(ModelConfig, Checkpoint)> {
         anyhow::bail!("unknown built-in model `{other}` (available: {})", builtin::NAMES.join(", "));
     }
     let dir = Path::new(spec);
-    let cfg = ModelConfig::from_dir(dir)?;
+    let cfg = config_from_dir(dir)?;
     let ckpt = Checkpoint::open(dir).with_context(|| format!("opening the checkpoint in {}", dir.display()))?;
     Ok((cfg, ckpt))
+}
+
+/// `dir`'s config.json; a warning on stderr names the weight-shape fields it lacks (their
+/// defaults only fit V4-Flash, so a load error usually follows).
+pub fn config_from_dir(dir: &Path) -> Result<ModelConfig> {
+    let cfg = ModelConfig::from_dir(dir)?;
+    if let Some(note) = cfg.assumed_defaults_note() {
+        eprintln!("warning: {note} (in {})", dir.join("config.json").display());
+    }
+    Ok(cfg)
 }
 
 /// Loads onto `be`; a progress bar appears on stderr once loading has taken more than a second.

@@ -286,3 +286,105 @@ fn check_and_bench_take_the_kv_flags() {
         stdout.lines().filter(|l| l.trim_start().starts_with("40 ") || l.trim_start().starts_with("100 ")).collect();
     assert_eq!(rows.len(), 2, "{stdout}");
 }
+
+fn read_i64(path: &Path, name: &str) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name}");
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()).to_string()).collect()
+}
+
+/// A copy of the `official` fixture (config.json + model.safetensors, no tokenizer.json) with
+/// its config.json edited by `edit`.
+fn official_copy(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture("official");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+/// Token ids in, token ids out needs no tokenizer: on a checkpoint without tokenizer.json,
+/// `generate --ids` prints the generated ids (transformers' greedy continuation, with or
+/// without `--print-ids`) and says once that text needs a tokenizer.json; text in or `--stop`
+/// still needs one and says so.
+#[test]
+fn generate_ids_without_a_tokenizer() {
+    let case = fixture("official");
+    assert!(!case.join("tokenizer.json").exists());
+    let continuation = case.join("continuation.safetensors");
+    let prompt = read_i64(&continuation, "prompt_ids").join(",");
+    let greedy = read_i64(&continuation, "greedy_ids").join(",");
+    let model = case.to_str().unwrap();
+    let base = ["generate", "--model", model, "--backend", "cpu", "--ids", &prompt, "--temperature", "0"];
+    for extra in [&["--max-new-tokens", "32"][..], &["--max-new-tokens", "32", "--print-ids"]] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (stdout, stderr) = run_ok(&args);
+        assert_eq!(stdout.trim(), greedy, "{extra:?}\n{stderr}");
+        assert_eq!(stderr.matches("no tokenizer.json").count(), 1, "{stderr}");
+        assert!(stderr.contains("text output needs"), "{stderr}");
+        assert!(stderr.contains("stopped: max tokens"), "{stderr}");
+    }
+    let e = failing(&["generate", "--model", model, "--backend", "cpu", "--prompt", "Hello"]);
+    assert!(e.contains("no tokenizer.json"), "{e}");
+    let e = failing(&["generate", "--model", model, "--backend", "cpu", "--ids", "1,2", "--stop", "x"]);
+    assert!(e.contains("--stop") && e.contains("tokenizer.json"), "{e}");
+}
+
+/// A generation that runs into the model's context stops there and says so (not "max tokens").
+#[test]
+fn generate_says_when_the_context_ran_out() {
+    let continuation = fixture("official").join("continuation.safetensors");
+    let prompt = read_i64(&continuation, "prompt_ids");
+    let greedy = read_i64(&continuation, "greedy_ids");
+    let dir = official_copy("official_ctx250", |c| {
+        c.insert("max_position_embeddings".into(), (prompt.len() + 10).into());
+    });
+    let (stdout, stderr) = run_ok(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--ids",
+        &prompt.join(","),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "32",
+    ]);
+    // Prompt and generated tokens fill the 250 positions exactly.
+    assert_eq!(stdout.trim(), greedy[..10].join(","), "{stderr}");
+    assert!(stderr.contains("stopped: context length"), "{stderr}");
+}
+
+/// A config.json without `hidden_size` gets transformers' default; the warning and the shape
+/// error that follows both say so instead of only blaming `embed.weight`.
+#[test]
+fn a_missing_shape_field_is_named_in_the_shape_error() {
+    let dir = official_copy("official_no_hidden_size", |c| {
+        c.remove("hidden_size");
+    });
+    let out = tmp("never_no_hidden_size.safetensors");
+    let args = [
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--ids",
+        "1,2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let e = failing(&args);
+    let note = "config.json has no `hidden_size`; transformers' default 4096 was assumed";
+    assert!(e.contains("warning: config.json has no `hidden_size`"), "{e}");
+    let error = e.lines().filter(|l| !l.starts_with("warning:")).collect::<Vec<_>>().join("\n");
+    assert!(error.contains("embed.weight") && error.contains("[128, 4096]") && error.contains(note), "{error}");
+}

@@ -123,6 +123,17 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub num_mtp_layers: usize,
+    /// Fields that set weight shapes which config.json left out, with the transformers default
+    /// assumed for each. A real checkpoint's config names them all, so a default here usually
+    /// means a hand-written or truncated config.json; load errors mention them.
+    pub assumed_defaults: Vec<AssumedDefault>,
+}
+
+/// A weight-shape field config.json did not give, and the value assumed for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumedDefault {
+    pub field: &'static str,
+    pub value: usize,
 }
 
 /// Typed access to a JSON object, with errors that name the field.
@@ -144,6 +155,18 @@ impl<'a> Fields<'a> {
 
     fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         Ok(self.usize_opt(key)?.unwrap_or(default))
+    }
+
+    /// A field that sets weight shapes: the first of `keys` present, else `default`, which is
+    /// recorded in `assumed` under the first key.
+    fn shape_field(&self, keys: &[&'static str], default: usize, assumed: &mut Vec<AssumedDefault>) -> Result<usize> {
+        for key in keys {
+            if let Some(v) = self.usize_opt(key)? {
+                return Ok(v);
+            }
+        }
+        assumed.push(AssumedDefault { field: keys[0], value: default });
+        Ok(default)
     }
 
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
@@ -221,11 +244,22 @@ impl ModelConfig {
         }
 
         // Defaults are transformers' `DeepseekV4Config` dataclass defaults (the V4-Flash values),
-        // so a config that transformers accepts parses to the same model here.
-        let hidden_size = f.usize_or("hidden_size", 4096)?;
-        let num_layers = f.usize_or("num_hidden_layers", 43)?;
-        let num_heads = f.usize_or("num_attention_heads", 64)?;
-        let head_dim = f.usize_or("head_dim", 512)?;
+        // so a config that transformers accepts parses to the same model here. Those of fields
+        // that set weight shapes are remembered: they only fit a V4-Flash checkpoint.
+        let mut assumed = vec![];
+        let vocab_size = f.shape_field(&["vocab_size"], 129280, &mut assumed)?;
+        let hidden_size = f.shape_field(&["hidden_size"], 4096, &mut assumed)?;
+        let num_layers = f.shape_field(&["num_hidden_layers"], 43, &mut assumed)?;
+        let num_heads = f.shape_field(&["num_attention_heads"], 64, &mut assumed)?;
+        let head_dim = f.shape_field(&["head_dim"], 512, &mut assumed)?;
+        let q_lora_rank = f.shape_field(&["q_lora_rank"], 1024, &mut assumed)?;
+        let o_groups = f.shape_field(&["o_groups"], 8, &mut assumed)?;
+        let o_lora_rank = f.shape_field(&["o_lora_rank"], 1024, &mut assumed)?;
+        let hc_mult = f.shape_field(&["hc_mult"], 4, &mut assumed)?;
+        let n_routed_experts = f.shape_field(&["n_routed_experts", "num_local_experts"], 256, &mut assumed)?;
+        let num_experts_per_tok = f.shape_field(&["num_experts_per_tok"], 6, &mut assumed)?;
+        let moe_intermediate_size =
+            f.shape_field(&["moe_intermediate_size", "intermediate_size"], 2048, &mut assumed)?;
         // `num_key_value_heads` and `n_shared_experts` are read by nothing in the reference:
         // V4 always has one shared K=V head and one shared expert.
         if f.bool_or("mlp_bias", false)? {
@@ -239,6 +273,15 @@ impl ModelConfig {
         };
 
         let attention = parse_attention_schedule(&f, num_layers)?;
+        // The indexer's widths only shape weights when there are CSA layers.
+        let (index_n_heads, index_head_dim) = if attention.iter().any(|a| matches!(a, AttentionKind::Csa { .. })) {
+            (
+                f.shape_field(&["index_n_heads"], 64, &mut assumed)?,
+                f.shape_field(&["index_head_dim"], 128, &mut assumed)?,
+            )
+        } else {
+            (f.usize_or("index_n_heads", 64)?, f.usize_or("index_head_dim", 128)?)
+        };
         let routing = parse_routing_schedule(&f, num_layers)?;
         let (rope_main, rope_compress) = parse_rope(&f)?;
 
@@ -270,34 +313,31 @@ impl ModelConfig {
         };
 
         let cfg = ModelConfig {
-            vocab_size: f.usize_or("vocab_size", 129280)?,
+            vocab_size,
             hidden_size,
             num_layers,
             num_heads,
             head_dim,
             rope_dim,
-            q_lora_rank: f.usize_or("q_lora_rank", 1024)?,
-            o_groups: f.usize_or("o_groups", 8)?,
-            o_lora_rank: f.usize_or("o_lora_rank", 1024)?,
+            q_lora_rank,
+            o_groups,
+            o_lora_rank,
             sliding_window: f.usize_or("sliding_window", 128)?,
             attention,
             routing,
             rope_main,
             rope_compress,
             max_position_embeddings: f.usize_or("max_position_embeddings", 1 << 20)?,
-            index_n_heads: f.usize_or("index_n_heads", 64)?,
-            index_head_dim: f.usize_or("index_head_dim", 128)?,
+            index_n_heads,
+            index_head_dim,
             index_topk: f.usize_or("index_topk", 512)?,
-            hc_mult: f.usize_or("hc_mult", 4)?,
+            hc_mult,
             hc_sinkhorn_iters: f.usize_or("hc_sinkhorn_iters", 20)?,
             hc_eps: f.f64_or("hc_eps", 1e-6)?,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
-            n_routed_experts: f.usize_opt("n_routed_experts")?.or(f.usize_opt("num_local_experts")?).unwrap_or(256),
-            num_experts_per_tok: f.usize_or("num_experts_per_tok", 6)?,
-            moe_intermediate_size: f
-                .usize_opt("moe_intermediate_size")?
-                .or(f.usize_opt("intermediate_size")?)
-                .unwrap_or(2048),
+            n_routed_experts,
+            num_experts_per_tok,
+            moe_intermediate_size,
             scoring_func,
             routed_scaling_factor: f.f64_or("routed_scaling_factor", 1.5)?,
             swiglu_limit: f.f64_or("swiglu_limit", 10.0)?,
@@ -305,6 +345,7 @@ impl ModelConfig {
             bos_token_id: f.usize_opt("bos_token_id")?.map(|v| v as u32),
             eos_token_ids,
             num_mtp_layers: f.usize_or("num_nextn_predict_layers", 1)?,
+            assumed_defaults: assumed,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -382,6 +423,22 @@ impl ModelConfig {
             return Err(Error::config("rms_norm_eps", "must be non-negative"));
         }
         Ok(())
+    }
+
+    /// What the config assumed for weight-shape fields config.json lacks, e.g. "config.json has
+    /// no `hidden_size`; transformers' default 4096 was assumed"; None when it named them all.
+    pub fn assumed_defaults_note(&self) -> Option<String> {
+        match self.assumed_defaults.as_slice() {
+            [] => None,
+            [one] => {
+                Some(format!("config.json has no `{}`; transformers' default {} was assumed", one.field, one.value))
+            }
+            many => Some(format!(
+                "config.json has no {}; transformers' defaults {} were assumed",
+                many.iter().map(|a| format!("`{}`", a.field)).collect::<Vec<_>>().join(", "),
+                many.iter().map(|a| format!("{} = {}", a.field, a.value)).collect::<Vec<_>>().join(", ")
+            )),
+        }
     }
 
     pub fn rope_for(&self, kind: AttentionKind) -> &RopeParams {
@@ -585,7 +642,7 @@ mod tests {
             "num_hidden_layers": 4, "num_attention_heads": 4, "head_dim": 32,
             "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 16, "sliding_window": 8,
             "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-            "index_n_heads": 8, "index_head_dim": 16, "index_topk": 4
+            "index_n_heads": 8, "index_head_dim": 16, "index_topk": 4, "hc_mult": 4
         })
     }
 
@@ -650,6 +707,49 @@ mod tests {
         let (h, s) = (Hca { ratio: 128 }, Csa { ratio: 4 });
         assert_eq!(c.attention, vec![h, h, h, s, h, s]);
         assert_eq!(c.routing.iter().filter(|r| **r == RoutingKind::Hash).count(), 3);
+    }
+
+    /// Weight-shape fields that fell back to a default are remembered and named; every other
+    /// default (epsilons, rope) is not, and a complete config assumes nothing.
+    #[test]
+    fn assumed_shape_defaults_are_named() {
+        let mut v = base();
+        v["compress_ratios"] = serde_json::json!([0, 0, 0, 0]);
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.assumed_defaults, vec![]);
+        assert_eq!(c.assumed_defaults_note(), None);
+
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.hidden_size, 4096);
+        assert_eq!(c.assumed_defaults, vec![AssumedDefault { field: "hidden_size", value: 4096 }]);
+        assert_eq!(
+            c.assumed_defaults_note().unwrap(),
+            "config.json has no `hidden_size`; transformers' default 4096 was assumed"
+        );
+
+        // An alias counts as present; a missing pair is named by its first spelling.
+        v.as_object_mut().unwrap().remove("n_routed_experts");
+        v["num_local_experts"] = 8.into();
+        v.as_object_mut().unwrap().remove("moe_intermediate_size");
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.n_routed_experts, 8);
+        let note = c.assumed_defaults_note().unwrap();
+        assert_eq!(
+            note,
+            "config.json has no `hidden_size`, `moe_intermediate_size`; transformers' defaults hidden_size = 4096, moe_intermediate_size = 2048 were assumed"
+        );
+
+        // The indexer's widths shape weights only on CSA layers.
+        let mut v = base();
+        v["compress_ratios"] = serde_json::json!([0, 0, 0, 0]);
+        v.as_object_mut().unwrap().remove("index_head_dim");
+        assert_eq!(parse(v.clone()).unwrap().assumed_defaults, vec![]);
+        v["compress_ratios"] = serde_json::json!([0, 4, 0, 0]);
+        v["index_topk"] = 2.into();
+        v["qk_rope_head_dim"] = 8.into();
+        let e = parse(v).unwrap().assumed_defaults;
+        assert_eq!(e, vec![AssumedDefault { field: "index_head_dim", value: 128 }]);
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub enum Error {
     #[error("tensor `{name}` is missing from the checkpoint (expected shape {expected:?}); {hint}")]
     MissingTensor { name: String, expected: Vec<usize>, hint: String },
 
-    #[error("tensor `{name}` in {file}: shape {actual:?} does not match the config, expected {expected:?}")]
-    Shape { name: String, file: String, expected: Vec<usize>, actual: Vec<usize> },
+    /// `note` is empty or starts with a separator (see [`Error::with_config_note`]).
+    #[error("tensor `{name}` in {file}: shape {actual:?} does not match the config, expected {expected:?}{note}")]
+    Shape { name: String, file: String, expected: Vec<usize>, actual: Vec<usize>, note: String },
 
     #[error("tensor `{name}` in {file}: {msg}")]
     Tensor { name: String, file: String, msg: String },
@@ -46,5 +47,20 @@ impl Error {
 
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io { path: path.into(), err }
+    }
+
+    /// Adds `note` (what the config assumed, e.g. a default for a field config.json lacks) to a
+    /// tensor shape or missing-tensor error, the errors a wrong config shows up as; any other
+    /// error is returned as it is.
+    pub fn with_config_note(self, note: &str) -> Self {
+        match self {
+            Error::Shape { name, file, expected, actual, note: old } => {
+                Error::Shape { name, file, expected, actual, note: format!("{old} ({note})") }
+            }
+            Error::MissingTensor { name, expected, hint } => {
+                Error::MissingTensor { name, expected, hint: format!("{hint} ({note})") }
+            }
+            other => other,
+        }
     }
 }

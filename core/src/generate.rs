@@ -46,10 +46,16 @@ pub enum Control {
     Stop,
 }
 
+/// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// It emitted one of [`GenerateOptions::stop_token_ids`].
     Eos,
+    /// It generated [`GenerateOptions::max_new_tokens`].
     MaxTokens,
+    /// The sequence reached the model's context (`max_position_embeddings`) first.
+    ContextLength,
+    /// The per-token callback returned [`Control::Stop`] (e.g. a stop string).
     Caller,
 }
 
@@ -177,7 +183,11 @@ impl<'m, B: Backend> Session<'m, B> {
                 stop = StopReason::Caller;
                 break;
             }
-            if out.len() == opts.max_new_tokens || self.seq.pos() + 1 >= ctx {
+            if out.len() == opts.max_new_tokens {
+                break;
+            }
+            if self.seq.pos() + 1 >= ctx {
+                stop = StopReason::ContextLength;
                 break;
             }
             logits = self.feed(be, &[tok], 1)?;

@@ -147,6 +147,7 @@ impl StoredWeight {
             file: data.source.clone(),
             expected: want,
             actual: data.shape.clone(),
+            note: String::new(),
         };
         let format = match data.dtype {
             d if d.is_float() && d != DType::F64 => {

@@ -263,6 +263,7 @@ impl HostTensor {
                 file: self.source.clone(),
                 expected: expected.to_vec(),
                 actual: self.shape.clone(),
+                note: String::new(),
             });
         }
         Ok(self)

@@ -87,6 +87,24 @@ fn stops_on_eos_and_on_caller_request() {
     assert_eq!((out.tokens.len(), out.stop), (2, StopReason::Caller));
 }
 
+/// A generation that reaches the model's context ends there with its own reason, not as if the
+/// token budget had run out: the prompt and the generated tokens fill the context exactly.
+#[test]
+fn stops_at_the_context_length() {
+    let be = CpuBackend::new();
+    let (mut model, ids) = load(&be, "odd_hc2");
+    model.cfg.max_position_embeddings = 30;
+    let out = dsv4_tests::session(&be, &model)
+        .generate(&be, &ids[..20], &greedy(24), &mut |_| Ok(Control::Continue))
+        .unwrap();
+    assert_eq!((out.tokens.len(), out.stop), (10, StopReason::ContextLength));
+    // A budget that runs out at the same token is the budget.
+    let out = dsv4_tests::session(&be, &model)
+        .generate(&be, &ids[..20], &greedy(10), &mut |_| Ok(Control::Continue))
+        .unwrap();
+    assert_eq!((out.tokens.len(), out.stop), (10, StopReason::MaxTokens));
+}
+
 #[test]
 fn prompt_past_the_context_is_an_error() {
     let be = CpuBackend::new();

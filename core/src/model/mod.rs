@@ -102,8 +102,18 @@ impl<B: Backend> Default for Trace<B> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Uploads every tensor the config calls for; `progress` sees each tensor as it lands.
+    /// Uploads every tensor the config calls for; `progress` sees each tensor as it lands. A
+    /// shape or missing-tensor error says which shape fields the config only assumed
+    /// ([`ModelConfig::assumed_defaults_note`]).
     pub fn load(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
+        let note = cfg.assumed_defaults_note();
+        Self::load_checked(be, cfg, ckpt, progress).map_err(|e| match &note {
+            Some(note) => e.with_config_note(note),
+            None => e,
+        })
+    }
+
+    fn load_checked(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
         let mut ld = Loader::new(be, ckpt, progress);
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let embed = ld.weight("embed.weight", &[v, d])?;
