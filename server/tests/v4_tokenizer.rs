@@ -27,11 +27,12 @@ fn the_real_tokenizer_through_the_server() {
     };
     let tok = Tokenizer::from_file(&path).unwrap();
     assert_eq!(tok.vocab_size(), 129_280);
-    let mut o = Options::default();
-    o.model = dsv4_core::builtin::tiny_v4_vocab;
-    o.tokenizer = tok.clone();
-    o.seqs = 2;
-    let s = start(o);
+    let s = start(Options {
+        model: dsv4_core::builtin::tiny_v4_vocab,
+        tokenizer: tok.clone(),
+        seqs: 2,
+        ..Default::default()
+    });
     assert_eq!(s.state.engine.info().vocab_size, 129_280);
 
     // /tokenize with messages: the core encoder's text through the real tokenizer, on the
