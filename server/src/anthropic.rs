@@ -2,7 +2,7 @@
 //! `POST /v1/messages/count_tokens`, as documented at docs.claude.com/en/api/messages,
 //! docs.claude.com/en/api/messages-count-tokens and docs.claude.com/en/api/errors.
 //!
-//! * [`request`] reads a request body into the protocol-neutral [`Conversation`] and
+//! * [`request`] reads a request body into the protocol-neutral [`Conversation`](crate::Conversation) and
 //!   [`GenerationParams`](crate::GenerationParams) (every field and block type is listed on
 //!   [`request::parse`]);
 //! * [`response`] turns the reply's deltas into the `message` object and the server-sent event

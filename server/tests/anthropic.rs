@@ -1,85 +1,30 @@
-//! The Anthropic Messages API over HTTP: a server on 127.0.0.1:0 running `builtin:tiny` on the
-//! CPU backend (random weights, the byte-fallback tokenizer), driven with a plain HTTP client.
+//! The Anthropic Messages API over HTTP: the tests' in-process server (`common`: 127.0.0.1:0,
+//! `builtin:tiny` on the CPU backend, random weights, the byte-fallback tokenizer).
 //! What the model says is noise; what is checked is the protocol: shapes, event order, that a
 //! stream folds into the same message as the non-streaming answer, that the request reaches
 //! the encoder as it should (token counts against `/tokenize` for the same conversation in
 //! OpenAI form), and the errors.
 
-use std::sync::{Arc, OnceLock};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
 
-use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::kv::{KvConfig, KvDtype};
-use dsv4_core::tokenizer::Tokenizer;
-use dsv4_core::{builtin, Model};
-use dsv4_engine::{EngineConfig, EngineHandle};
-use dsv4_server::{serve_listener, signature, AppState, ServerConfig};
+use dsv4_server::signature;
 use serde_json::{json, Value};
 
-const MODEL: &str = "tiny";
+mod common;
+use common::{metric, post_raw, shared, start, wait_until, Options, MODEL};
 
-/// Starts a server with `config` over an engine with `engine`; returns its base URL and state.
-fn start_with(config: ServerConfig, engine: EngineConfig) -> (String, Arc<AppState>) {
-    let handle = EngineHandle::spawn(engine, move || {
-        let be = CpuBackend::new();
-        let (cfg, ckpt) = builtin::tiny()?;
-        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
-        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 4, 2048, engine.prefill_chunk);
-        Ok((be, model, kv))
-    })
-    .expect("the engine starts");
-    let state = Arc::new(AppState::new(&config, handle, Tokenizer::byte_fallback()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let served = state.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            tx.send(listener.local_addr().expect("address")).expect("send");
-            serve_listener(listener, served).await.expect("serve");
-        });
-    });
-    let addr = rx.recv().expect("the server starts");
-    (format!("http://{addr}"), state)
-}
-
-fn config() -> ServerConfig {
-    let mut c = ServerConfig::new(MODEL);
-    c.model_aliases = vec!["builtin:tiny".into()];
-    c.signing_key = Some(b"integration test key".to_vec());
-    c
-}
-
-fn engine_config() -> EngineConfig {
-    EngineConfig { prefill_chunk: 64, max_num_batched_tokens: 256, ..Default::default() }
-}
-
-/// One server shared by the tests that need no special configuration.
-fn server() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| start_with(config(), engine_config()).0)
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build())
-}
-
-/// POSTs `body` (a string, sent as it is) with extra headers; returns the status, the
-/// content type and the body text.
-fn post_raw(url: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
-    let mut req = agent().post(format!("{url}{path}")).header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let mut resp = req.send(body).expect("the request is answered");
-    let status = resp.status().as_u16();
-    let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let text = resp.body_mut().read_to_string().expect("a text body");
-    (status, ctype, text)
-}
-
+/// POSTs `body` to the shared server, as Anthropic's SDKs do (with `anthropic-version`);
+/// returns the status and the JSON answer.
 fn post(path: &str, body: &Value) -> (u16, Value) {
-    let (status, _, text) = post_raw(server(), path, &body.to_string(), &[("anthropic-version", "2023-06-01")]);
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
+    let r = post_raw(shared(), path, &body.to_string(), &[("anthropic-version", "2023-06-01")]);
+    (r.status, r.json())
+}
+
+/// Whether `sig` is the shared server's signature of `text`.
+fn signed(text: &str, sig: &str) -> bool {
+    signature::verify(&shared().state.signing_key, text, sig)
 }
 
 /// Checks `v` is an Anthropic error of `kind`; returns its message.
@@ -216,11 +161,7 @@ fn check_message(m: &Value) {
         match b["type"].as_str().unwrap() {
             "thinking" => {
                 // Signed with the server's key.
-                assert!(signature::verify(
-                    b"integration test key",
-                    b["thinking"].as_str().unwrap(),
-                    b["signature"].as_str().unwrap()
-                ));
+                assert!(signed(b["thinking"].as_str().unwrap(), b["signature"].as_str().unwrap()), "{b}");
             }
             "text" => assert!(b["text"].is_string()),
             "tool_use" => {
@@ -271,10 +212,10 @@ fn a_message_streamed_and_not_is_the_same_message() {
             assert!(blocks.iter().all(|b| b["type"] != "thinking"), "{whole}");
         }
 
-        let (status, ctype, text) =
-            post_raw(server(), "/v1/messages", &with(body.clone(), "stream", json!(true)).to_string(), &[]);
-        assert_eq!(status, 200, "{text}");
-        assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+        let r = post_raw(shared(), "/v1/messages", &with(body.clone(), "stream", json!(true)).to_string(), &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.content_type.starts_with("text/event-stream"), "{}", r.content_type);
+        let text = r.body;
         let streamed = fold_stream(&sse_events(&text));
         check_message(&streamed);
         // Greedy decoding: the same reply, block for block (signatures included).
@@ -374,7 +315,7 @@ fn tools_and_a_tool_history() {
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     }]);
     let reasoning = "The user wants the weather.";
-    let sig = signature::sign(b"integration test key", reasoning);
+    let sig = signature::sign(&shared().state.signing_key, reasoning);
     let anthropic = json!({
         "model": MODEL,
         "max_tokens": 8,
@@ -396,9 +337,9 @@ fn tools_and_a_tool_history() {
     let (status, v) = post("/v1/messages", &anthropic);
     assert_eq!(status, 200, "{v}");
     check_message(&v);
-    let (status, _, text) =
-        post_raw(server(), "/v1/messages", &with(anthropic.clone(), "stream", json!(true)).to_string(), &[]);
-    assert_eq!(status, 200, "{text}");
+    let r = post_raw(shared(), "/v1/messages", &with(anthropic.clone(), "stream", json!(true)).to_string(), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = r.body;
     check_message(&fold_stream(&sse_events(&text)));
 
     // The same conversation in OpenAI form renders to the same prompt length.
@@ -442,13 +383,12 @@ fn tools_and_a_tool_history() {
 
 #[test]
 fn request_errors_are_in_anthropics_shape() {
-    let (status, _, text) = post_raw(server(), "/v1/messages", "{\"model\": ", &[]);
-    assert_eq!(status, 400, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    assert!(anthropic_error(&v, "invalid_request_error").contains("JSON"), "{v}");
-    let (status, _, text) = post_raw(server(), "/v1/messages/count_tokens", "[1, 2", &[]);
-    assert_eq!(status, 400, "{text}");
-    anthropic_error(&serde_json::from_str(&text).unwrap(), "invalid_request_error");
+    let r = post_raw(shared(), "/v1/messages", "{\"model\": ", &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(anthropic_error(&r.json(), "invalid_request_error").contains("JSON"), "{}", r.body);
+    let r = post_raw(shared(), "/v1/messages/count_tokens", "[1, 2", &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    anthropic_error(&r.json(), "invalid_request_error");
 
     let mut no_max = request(json!([{"role": "user", "content": "hi"}]));
     no_max.as_object_mut().unwrap().remove("max_tokens");
@@ -500,54 +440,88 @@ fn request_errors_are_in_anthropics_shape() {
     assert!(anthropic_error(&v, "invalid_request_error").starts_with("max_tokens:"));
 
     // Another method on the route: 405, still Anthropic's shape.
-    let mut resp = agent().get(format!("{}/v1/messages", server())).call().unwrap();
-    assert_eq!(resp.status().as_u16(), 405);
-    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
-    anthropic_error(&v, "invalid_request_error");
+    let r = common::get(shared(), "/v1/messages");
+    assert_eq!(r.status, 405, "{}", r.body);
+    anthropic_error(&r.json(), "invalid_request_error");
 }
 
 #[test]
 fn api_keys_and_version_headers() {
-    let mut c = config();
-    c.api_key = Some("sekret".into());
-    let (url, _) = start_with(c, engine_config());
+    let mut o = Options::default();
+    o.config.api_key = Some("sekret".into());
+    let s = start(o);
     let body = request(json!([{"role": "user", "content": "hi"}])).to_string();
     for headers in [vec![], vec![("x-api-key", "wrong")], vec![("authorization", "Bearer wrong")]] {
-        let (status, _, text) = post_raw(&url, "/v1/messages", &body, &headers);
-        assert_eq!(status, 401, "{headers:?}: {text}");
-        anthropic_error(&serde_json::from_str(&text).unwrap(), "authentication_error");
-        let (status, _, text) = post_raw(&url, "/v1/messages/count_tokens", &body, &headers);
-        assert_eq!(status, 401, "{text}");
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let r = post_raw(&s, path, &body, &headers);
+            assert_eq!(r.status, 401, "{headers:?}: {}", r.body);
+            anthropic_error(&r.json(), "authentication_error");
+        }
     }
     let versions = [
         ("anthropic-version", "2023-06-01"),
         ("anthropic-beta", "interleaved-thinking-2025-05-14,fine-grained-tool-streaming-2025-05-14"),
     ];
     for key in [("x-api-key", "sekret"), ("authorization", "Bearer sekret")] {
-        let (status, _, text) = post_raw(&url, "/v1/messages", &body, &[key, versions[0], versions[1]]);
-        assert_eq!(status, 200, "{key:?}: {text}");
-        let (status, _, text) = post_raw(&url, "/v1/messages/count_tokens", &body, &[key]);
-        assert_eq!(status, 200, "{key:?}: {text}");
+        let r = post_raw(&s, "/v1/messages", &body, &[key, versions[0], versions[1]]);
+        assert_eq!(r.status, 200, "{key:?}: {}", r.body);
+        let r = post_raw(&s, "/v1/messages/count_tokens", &body, &[key]);
+        assert_eq!(r.status, 200, "{key:?}: {}", r.body);
     }
 }
 
 #[test]
 fn a_full_queue_is_529_and_a_large_body_413() {
-    let mut c = config();
-    c.max_body_bytes = 4096;
-    let (url, _) = start_with(c, EngineConfig { max_waiting: 0, ..engine_config() });
+    let mut o = Options::default();
+    o.config.max_body_bytes = 4096;
+    o.engine.max_waiting = 0;
+    let s = start(o);
     let body = request(json!([{"role": "user", "content": "hi"}]));
     for stream in [false, true] {
-        let (status, _, text) =
-            post_raw(&url, "/v1/messages", &with(body.clone(), "stream", json!(stream)).to_string(), &[]);
-        assert_eq!(status, 529, "{text}");
-        anthropic_error(&serde_json::from_str(&text).unwrap(), "overloaded_error");
+        let r = post_raw(&s, "/v1/messages", &with(body.clone(), "stream", json!(stream)).to_string(), &[]);
+        assert_eq!(r.status, 529, "{}", r.body);
+        anthropic_error(&r.json(), "overloaded_error");
     }
     // count_tokens does not queue anything.
-    let (status, _, text) = post_raw(&url, "/v1/messages/count_tokens", &body.to_string(), &[]);
-    assert_eq!(status, 200, "{text}");
+    let r = post_raw(&s, "/v1/messages/count_tokens", &body.to_string(), &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
     let big = request(json!([{"role": "user", "content": "x".repeat(8192)}])).to_string();
-    let (status, _, text) = post_raw(&url, "/v1/messages", &big, &[]);
-    assert_eq!(status, 413, "{text}");
-    anthropic_error(&serde_json::from_str(&text).unwrap(), "request_too_large");
+    let r = post_raw(&s, "/v1/messages", &big, &[]);
+    assert_eq!(r.status, 413, "{}", r.body);
+    anthropic_error(&r.json(), "request_too_large");
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_cancels_its_request() {
+    let s = start(Options::default());
+    let body = json!({"model": MODEL, "max_tokens": 900, "stream": true, "thinking": {"type": "disabled"},
+                      "messages": [{"role": "user", "content": "Write a long story."}]})
+    .to_string();
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        conn,
+        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read until a few text deltas have come.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(10).filter(|w| w == b"text_delta").count() < 3 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the stream early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    assert_eq!(metric(&s, "dsv4:num_requests_running"), 1.0);
+    drop(conn);
+    wait_until("the request is cancelled and its blocks are free", 10, || {
+        metric(&s, "dsv4:num_requests_running") == 0.0
+            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"compressed\"}") == 0.0
+            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"window\"}") == 0.0
+    });
+    assert_eq!(metric(&s, "dsv4:engine_requests_cancelled_total"), 1.0);
+    assert!(metric(&s, "dsv4:generation_tokens_total") < 900.0);
 }
