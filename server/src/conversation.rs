@@ -84,6 +84,9 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// `Some(n)`: log-probabilities of each token and its `n` best alternatives.
     pub logprobs: Option<usize>,
+    /// Keep generating past EOS until `max_tokens` or the context ends (vLLM's `ignore_eos`; for
+    /// benchmarks and tests). A chat reply's text still ends at EOS.
+    pub ignore_eos: bool,
 }
 
 /// One piece of a streamed reply.
@@ -312,7 +315,7 @@ impl AppState {
             prompt,
             sampling,
             max_tokens,
-            stop_token_ids: self.stop_token_ids.clone(),
+            stop_token_ids: if params.ignore_eos { vec![] } else { self.stop_token_ids.clone() },
             logprobs: params.logprobs,
         })?;
         Ok(Reply {

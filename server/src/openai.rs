@@ -2,7 +2,8 @@
 //! the shapes of OpenAI's API reference (platform.openai.com/docs/api-reference) with DeepSeek's
 //! and vLLM's additions: `reasoning_content` (and its alias `reasoning`) in messages and stream
 //! deltas, `thinking: {"type": "enabled" | "disabled"}`, `chat_template_kwargs`, `top_k`, and
-//! DeepSeek's `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` in the usage.
+//! DeepSeek's `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens` in the usage, and vLLM's
+//! `ignore_eos`.
 //!
 //! Request bodies are read field by field so that a wrong type is a 400 naming the field
 //! (`param`). Fields this server does not use (`user`, `metadata`, `parallel_tool_calls`,
@@ -347,7 +348,8 @@ fn sampling_from_json(f: &Fields) -> Result<GenerationParams, ApiError> {
             return Err(ApiError::invalid_param("n", format!("n must be 1 (this server returns one choice), not {n}")));
         }
     }
-    Ok(GenerationParams { temperature, top_p, top_k, seed, stop: stop_from_json(f)?, ..Default::default() })
+    let ignore_eos = f.bool("ignore_eos")?.unwrap_or(false);
+    Ok(GenerationParams { temperature, top_p, top_k, seed, stop: stop_from_json(f)?, ignore_eos, ..Default::default() })
 }
 
 /// `stream` and `stream_options.include_usage`.
