@@ -85,7 +85,8 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
 struct ModelArgs {
     /// Model directory (config.json + *.safetensors), or a built-in random-weight model:
     /// `builtin:tiny` (every layer type) or `builtin:flash-shape` (tiny widths with V4-Flash's
-    /// window 128, compression ratios 4/128, top-512 indexer and 1M positions).
+    /// window 128, compression ratios 4/128, top-512 indexer and 1M positions) or
+    /// `builtin:tiny-v4vocab` (tiny with V4's 129,280-id vocabulary, for `serve --tokenizer`).
     #[arg(long, default_value = dsv4_core::builtin::TINY_NAME)]
     model: String,
 }
