@@ -228,6 +228,15 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
+/// Another method on a known route: 405 in OpenAI's shape.
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::invalid(format!("{} does not accept {}", req.uri().path(), req.method()))
+    }
+    .openai_response()
+}
+
 async fn not_found(req: Request) -> Response {
     ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path())).openai_response()
 }
@@ -236,11 +245,11 @@ async fn not_found(req: Request) -> Response {
 /// (`anthropic::routes`), `/health` and `/metrics`.
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/models", get(openai::models))
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
+        .route("/v1/chat/completions", post(openai::chat_completions).fallback(method_not_allowed))
+        .route("/v1/completions", post(openai::completions).fallback(method_not_allowed))
+        .route("/v1/models", get(openai::models).fallback(method_not_allowed))
+        .route("/tokenize", post(tokenize::tokenize).fallback(method_not_allowed))
+        .route("/detokenize", post(tokenize::detokenize).fallback(method_not_allowed))
         .merge(anthropic::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_key));

@@ -58,6 +58,10 @@ fn health_models_and_unknown_routes() {
     let r = get(s, "/v2/nothing");
     assert_eq!(r.status, 404);
     error_of(&r);
+    let r = get(s, "/v1/chat/completions");
+    assert_eq!(r.status, 405);
+    error_of(&r);
+    assert_eq!(post(s, "/v1/models", &json!({})).status, 405);
 }
 
 #[test]
