@@ -17,7 +17,7 @@ pub fn tokenizer_for(spec: &str) -> Result<Tokenizer> {
     match optional_tokenizer(spec)? {
         Some(t) => Ok(t),
         None => bail!(
-            "{spec} has no tokenizer.json: pass token ids with --ids, or copy the model's tokenizer.json into the directory"
+            "{spec} has no tokenizer.json: copy the model's tokenizer.json into the directory (`generate` also takes token ids with --ids, `serve` a --tokenizer PATH)"
         ),
     }
 }
@@ -27,7 +27,11 @@ fn optional_tokenizer(spec: &str) -> Result<Option<Tokenizer>> {
     if spec.starts_with("builtin:") {
         return Ok(Some(Tokenizer::byte_fallback()));
     }
-    Ok(Tokenizer::from_model_dir(Path::new(spec))?)
+    let dir = Path::new(spec);
+    if !dir.is_dir() {
+        bail!("model directory {spec} does not exist (pass a directory with config.json and *.safetensors, or builtin:tiny)");
+    }
+    Ok(Tokenizer::from_model_dir(dir)?)
 }
 
 /// Why a generation ended, in the words the CLI prints. The CLI stops a generation itself only

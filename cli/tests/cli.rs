@@ -334,6 +334,11 @@ fn generate_ids_without_a_tokenizer() {
     assert!(e.contains("no tokenizer.json"), "{e}");
     let e = failing(&["generate", "--model", model, "--backend", "cpu", "--ids", "1,2", "--stop", "x"]);
     assert!(e.contains("--stop") && e.contains("tokenizer.json"), "{e}");
+    // A directory that is not there is that, not a missing tokenizer.
+    for args in [&["generate", "--ids", "1,2"][..], &["generate", "--prompt", "Hi"], &["serve", "--port", "0"]] {
+        let e = failing(&[args, &["--backend", "cpu", "--model", "/no/such/dir"][..]].concat());
+        assert!(e.contains("/no/such/dir does not exist") && !e.contains("tokenizer"), "{args:?}: {e}");
+    }
 }
 
 /// A generation that runs into the model's context stops there and says so (not "max tokens").
