@@ -63,7 +63,8 @@ pub struct ServeArgs {
     /// Prompts are computed in chunks of this many tokens.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Most requests waiting for a slot; beyond it requests get 503.
+    /// Most requests waiting for a slot (at least 1); beyond it requests get 503 (529 on the
+    /// Anthropic API).
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
     /// A tokenizer.json to use instead of the model directory's.
@@ -75,6 +76,20 @@ pub struct ServeArgs {
     /// The checkpoint's chat encoder: preview (V4-Flash / V4-Pro) or 0731 (V4-Flash-0731).
     #[arg(long, value_enum, default_value = "preview")]
     pub encoder: EncoderChoice,
+}
+
+/// Flag values that would give a server that cannot work as asked, refused before anything is
+/// loaded: `--max-waiting 0` (every request would be refused: a request waits, however briefly,
+/// before it is admitted) and an empty `--api-key` (`--api-key "$KEY"` with `KEY` unset would
+/// otherwise serve with no key at all).
+fn check_args(args: &ServeArgs) -> Result<()> {
+    if args.max_waiting == 0 {
+        anyhow::bail!("--max-waiting must be at least 1 (with 0 every request would be refused)");
+    }
+    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        anyhow::bail!("--api-key is empty; give the key clients must send, or leave the flag out to serve without one");
+    }
+    Ok(())
 }
 
 /// The tokenizer for `--model spec` or `--tokenizer path`.
@@ -154,6 +169,7 @@ fn spawn_engine<B: Backend + 'static>(
 
 /// Runs the server until Ctrl-C.
 pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) -> Result<()> {
+    check_args(args)?;
     let tok = tokenizer(spec, args.tokenizer.as_deref())?;
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs,

@@ -71,3 +71,29 @@ fn serve_refuses_a_kv_cache_too_small() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--kv-cache-memory"), "{err}");
 }
+
+#[test]
+fn serve_refuses_flags_that_would_refuse_every_request_or_drop_the_key() {
+    for (flags, want) in [(&["--max-waiting", "0"], "--max-waiting"), (&["--api-key", ""], "--api-key")] {
+        let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+            .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "512", "--max-num-seqs", "2"])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut server = Server(child);
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{flags:?}: the server started");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!status.success(), "{flags:?} was accepted");
+        let mut err = String::new();
+        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}
