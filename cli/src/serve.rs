@@ -154,8 +154,16 @@ fn spawn_engine<B: Backend + 'static>(
         let be = make()?;
         eprintln!("backend: {}", be.describe());
         let model = load::load_model(&be, &spec)?;
+        let context = model.cfg.max_position_embeddings;
         let tokens = match config.max_model_len {
-            0 => model.cfg.max_position_embeddings,
+            0 => context,
+            // Refused before the pool is sized and allocated for it (the engine would refuse it
+            // too, once the memory is taken).
+            n if n > context => {
+                return Err(
+                    format!("--max-model-len {n} is longer than the model's context ({context} positions)").into()
+                )
+            }
             n => n,
         };
         let kv = serving_kv(&be, &model.cfg, &kv, config.max_num_seqs, tokens, config.prefill_chunk)?;

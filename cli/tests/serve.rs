@@ -97,3 +97,16 @@ fn serve_refuses_flags_that_would_refuse_every_request_or_drop_the_key() {
         assert!(err.contains(want), "{flags:?}: {err}");
     }
 }
+
+#[test]
+fn serve_refuses_a_max_model_len_past_the_context_before_sizing_the_pool() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "999999999"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--max-model-len 999999999 is longer than the model's context"), "{err}");
+    // No pool was sized for it.
+    assert!(!err.contains("kv cache:"), "{err}");
+}
