@@ -254,8 +254,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
+        .route("/health", get(health).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_text).fallback(method_not_allowed))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)

@@ -62,6 +62,12 @@ fn health_models_and_unknown_routes() {
     assert_eq!(r.status, 405);
     error_of(&r);
     assert_eq!(post(s, "/v1/models", &json!({})).status, 405);
+    // /health and /metrics too: a 405 in OpenAI's shape, not an empty body.
+    for path in ["/health", "/metrics"] {
+        let r = post(s, path, &json!({}));
+        assert_eq!(r.status, 405, "{path}");
+        error_of(&r);
+    }
 }
 
 #[test]
