@@ -38,7 +38,8 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn json_type(v: &Value) -> &'static str {
+/// How a JSON value's type is named in error messages ("a string", "a list", ...).
+pub fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -107,16 +108,28 @@ impl<'a> Fields<'a> {
     }
 
     /// An integer (a float with no fractional part is accepted, as JSON writers produce them).
+    /// An integer out of range (past 2^63, or a float past 2^53) is a 400 that says so, not
+    /// that it is no integer.
     pub fn i64(&self, key: &str) -> Result<Option<i64>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
-                .map(Some)
-                .ok_or_else(|| {
-                    ApiError::invalid_param(self.name(key), format!("`{}` must be an integer", self.name(key)))
-                }),
+            Some(Value::Number(n)) => {
+                if let Some(i) =
+                    n.as_i64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+                {
+                    return Ok(Some(i));
+                }
+                let name = self.name(key);
+                let whole = n.is_u64() || n.as_f64().is_some_and(|f| f.is_finite() && f.fract() == 0.0);
+                Err(ApiError::invalid_param(
+                    &name,
+                    if whole {
+                        format!("`{name}` is out of range: {n}")
+                    } else {
+                        format!("`{name}` must be an integer, not {n}")
+                    },
+                ))
+            }
             Some(v) => Err(self.wrong(key, "an integer", v)),
         }
     }

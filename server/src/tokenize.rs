@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::app::AppState;
 use crate::conversation::generation_prompt_suffix;
 use crate::error::{parse_json_body, ApiError};
-use crate::openai::{conversation_from_json, Fields};
+use crate::openai::{conversation_from_json, json_type, Fields};
 
 /// `POST /tokenize`.
 pub async fn tokenize(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -45,7 +45,10 @@ fn tokenize_inner(state: &AppState, body: Result<Bytes, BytesRejection>) -> Resu
         }
         (Some(Value::String(s)), None) => encode(s)?,
         (Some(other), None) => {
-            return Err(ApiError::invalid_param("prompt", format!("`prompt` must be a string, not {other}")));
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!("`prompt` must be a string, not {}", json_type(other)),
+            ));
         }
         (None, Some(_)) => {
             let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);

@@ -226,6 +226,10 @@ fn tokenize_prompts_and_detokenize() {
     assert_eq!(post(s, "/detokenize", &json!({"tokens": ["a"]})).status, 400);
     assert_eq!(post(s, "/tokenize", &json!({})).status, 400);
     assert_eq!(post(s, "/tokenize", &json!({"prompt": "x", "model": "other"})).status, 404);
+    // A prompt of the wrong type is named by its type, not echoed back whole.
+    let bad = post(s, "/tokenize", &json!({"prompt": vec![7; 10_000]}));
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["message"], "`prompt` must be a string, not a list");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -481,6 +485,22 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
         error_of(&r);
         assert_eq!(r.json()["error"]["param"], param, "{body}: {}", r.body);
     }
+    // An integer too large for the server is out of range, not "not an integer".
+    for (body, param) in [
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000000000000000000000000000}"#,
+            "max_tokens",
+        ),
+        (r#"{"messages": [{"role": "user", "content": "x"}], "seed": 18446744073709551621}"#, "seed"),
+    ] {
+        let r = post_raw(s, "/v1/chat/completions", body, &[]);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("out of range") && !msg.contains("must be an integer"), "{body}: {msg}");
+    }
+    let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": 2.5}));
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("must be an integer, not 2.5"), "{}", r.body);
     let r = post_raw(s, "/v1/chat/completions", "[1, 2]", &[]);
     assert_eq!(r.status, 400);
     let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "n": 2}));
