@@ -248,6 +248,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(openai::completions).fallback(method_not_allowed))
         .route("/v1/models", get(openai::models).fallback(method_not_allowed))
+        .route("/v1/models/{*model}", get(openai::model).fallback(method_not_allowed))
         .route("/tokenize", post(tokenize::tokenize).fallback(method_not_allowed))
         .route("/detokenize", post(tokenize::detokenize).fallback(method_not_allowed))
         .merge(anthropic::routes())

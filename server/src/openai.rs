@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -816,20 +816,30 @@ async fn completions_inner(state: &AppState, body: Result<Bytes, BytesRejection>
 // Models
 // ------------------------------------------------------------------------------------------
 
-/// `GET /v1/models`: the served model, with vLLM's `max_model_len` and `root`.
-pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+/// The served model's object, with vLLM's `max_model_len` and `root`.
+fn model_json(state: &AppState) -> Value {
     let root = state.model_aliases.first().cloned().unwrap_or_else(|| state.served_model_name.clone());
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "dsv4",
-            "root": root,
-            "parent": null,
-            "max_model_len": state.max_model_len(),
-        }],
-    }))
-    .into_response()
+    json!({
+        "id": state.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "dsv4",
+        "root": root,
+        "parent": null,
+        "max_model_len": state.max_model_len(),
+    })
+}
+
+/// `GET /v1/models`: the served model.
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [model_json(&state)]})).into_response()
+}
+
+/// `GET /v1/models/{model}` (the SDKs' `models.retrieve`): the served model under any of its
+/// names (a name with slashes, such as a checkpoint path, too); another name is a 404.
+pub async fn model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    match state.check_model(Some(&name)) {
+        Ok(()) => Json(model_json(&state)).into_response(),
+        Err(e) => e.openai_response(),
+    }
 }

@@ -55,6 +55,17 @@ fn health_models_and_unknown_routes() {
     assert!(v["data"][0]["created"].as_u64().unwrap() > 1_700_000_000);
     v["data"][0]["created"] = json!(0);
     insta::assert_snapshot!(serde_json::to_string_pretty(&v).unwrap());
+    // One model by any of its names (the SDKs' `models.retrieve`); another name is a 404.
+    for name in [MODEL, "builtin:tiny"] {
+        let one = get(s, &format!("/v1/models/{name}"));
+        assert_eq!(one.status, 200, "{name}: {}", one.body);
+        assert_eq!(one.json()["id"], MODEL);
+        assert_eq!(one.json()["max_model_len"], MAX_MODEL_LEN);
+    }
+    let r = get(s, "/v1/models/gpt-4");
+    assert_eq!(r.status, 404);
+    error_of(&r);
+    assert_eq!(r.json()["error"]["param"], "model");
     let r = get(s, "/v2/nothing");
     assert_eq!(r.status, 404);
     error_of(&r);
