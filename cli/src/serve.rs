@@ -186,6 +186,19 @@ pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) ->
         max_waiting: args.max_waiting,
         prefill_chunk: args.prefill_chunk.min(args.max_num_batched_tokens.max(1)),
     };
+    let (served, aliases) = model_names(spec, args.served_model_name.as_deref());
+    let mut server = ServerConfig::new(served);
+    server.host = args.host.clone();
+    server.port = args.port;
+    server.model_aliases = aliases;
+    server.api_key = args.api_key.clone();
+    server.default_thinking = args.default_thinking == Switch::On;
+    server.encoder_revision = match args.encoder {
+        EncoderChoice::Preview => EncoderRevision::Preview,
+        EncoderChoice::Rev0731 => EncoderRevision::Rev0731,
+    };
+    // The port first: a taken one is reported before the model is loaded.
+    let listener = dsv4_server::bind(&server)?;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
         Resolved::Cpu => {
             spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
@@ -199,20 +212,9 @@ pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) ->
             tok.vocab_size()
         );
     }
-    let (served, aliases) = model_names(spec, args.served_model_name.as_deref());
-    let mut server = ServerConfig::new(served);
-    server.host = args.host.clone();
-    server.port = args.port;
-    server.model_aliases = aliases;
-    server.api_key = args.api_key.clone();
-    server.default_thinking = args.default_thinking == Switch::On;
-    server.encoder_revision = match args.encoder {
-        EncoderChoice::Preview => EncoderRevision::Preview,
-        EncoderChoice::Rev0731 => EncoderRevision::Rev0731,
-    };
     server.stop_token_ids = model_eos;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(dsv4_server::serve(server, engine, tok))
+    runtime.block_on(dsv4_server::serve_bound(listener, server, engine, tok))
 }
 
 #[cfg(test)]

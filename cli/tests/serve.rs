@@ -110,3 +110,18 @@ fn serve_refuses_a_max_model_len_past_the_context_before_sizing_the_pool() {
     // No pool was sized for it.
     assert!(!err.contains("kv cache:"), "{err}");
 }
+
+#[test]
+fn serve_reports_a_taken_port_before_loading_the_model() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "cpu", "--port", &port, "--max-model-len", "512", "--max-num-seqs", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+    // Nothing was loaded first.
+    assert!(!err.contains("backend:") && !err.contains("kv cache:"), "{err}");
+}

@@ -270,10 +270,29 @@ pub async fn serve_listener(listener: tokio::net::TcpListener, state: Arc<AppSta
 
 /// Binds `config.host:config.port`, prints the URL and serves until Ctrl-C.
 pub async fn serve(config: ServerConfig, engine: EngineHandle, tokenizer: Tokenizer) -> anyhow::Result<()> {
-    let state = Arc::new(AppState::new(&config, engine, tokenizer));
-    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
-        .await
+    let listener = bind(&config)?;
+    serve_bound(listener, config, engine, tokenizer).await
+}
+
+/// Binds `config.host:config.port` (a port already taken is an error naming it). `dsv4 serve`
+/// binds before it loads the model, so that a taken port is reported at once, not after the
+/// minutes a checkpoint takes to load.
+pub fn bind(config: &ServerConfig) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind((config.host.as_str(), config.port))
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", config.host, config.port))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Prints the URL and serves on a listener from [`bind`] until Ctrl-C.
+pub async fn serve_bound(
+    listener: std::net::TcpListener,
+    config: ServerConfig,
+    engine: EngineHandle,
+    tokenizer: Tokenizer,
+) -> anyhow::Result<()> {
+    let state = Arc::new(AppState::new(&config, engine, tokenizer));
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr: SocketAddr = listener.local_addr()?;
     let host = if addr.is_ipv6() { format!("[{}]", addr.ip()) } else { addr.ip().to_string() };
     println!(

@@ -19,7 +19,7 @@ pub mod signature;
 pub mod thinking;
 pub mod tokenize;
 
-pub use app::{router, serve, serve_listener, AppState, ServerConfig};
+pub use app::{bind, router, serve, serve_bound, serve_listener, AppState, ServerConfig};
 pub use conversation::{
     Conversation, Delta, Effort, Finish, FinishReason, GenerationParams, PromptInfo, Reply, ReplyAssembler, ReplyEvent,
     ToolChoice, UsageCounts,
