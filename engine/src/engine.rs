@@ -176,7 +176,8 @@ impl EngineHandle {
     /// Counters as of the last step.
     pub fn stats(&self) -> EngineStats {
         let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-        s.waiting = self.shared.waiting.load(Ordering::Relaxed);
+        // Preempted requests wait too (for blocks), as vLLM counts them.
+        s.waiting = self.shared.waiting.load(Ordering::Relaxed) + s.preempted;
         s
     }
 
@@ -331,17 +332,23 @@ impl<'a, B: Backend> Engine<'a, B> {
             self.drop_cancelled();
             let progressed = self.step();
             self.publish();
-            if !progressed && !self.waiting.is_empty() && self.active.is_empty() {
-                // Nothing runs and the head of the queue cannot be admitted: it never will be.
-                let s = self.waiting.pop_front().expect("non-empty");
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                self.stats.requests_failed_total += 1;
-                let _ = s.out.send(EngineEvent::Error {
-                    message: "the KV cache is too small for this request even with nothing else running; raise \
-                              --kv-cache-memory"
-                        .into(),
-                    usage: Usage { prompt_tokens: s.req.prompt.len(), ..Default::default() },
-                });
+            if !progressed && self.active.is_empty() {
+                // Nothing runs and the head of the queue (a preempted request first) cannot be
+                // admitted: it never will be.
+                const TOO_SMALL: &str =
+                    "the KV cache is too small for this request even with nothing else running; raise \
+                     --kv-cache-memory";
+                if let Some(a) = self.preempted.pop_front() {
+                    self.stats.requests_failed_total += 1;
+                    let _ = a.sub.out.send(EngineEvent::Error { message: TOO_SMALL.into(), usage: a.usage() });
+                } else if let Some(s) = self.waiting.pop_front() {
+                    self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                    self.stats.requests_failed_total += 1;
+                    let _ = s.out.send(EngineEvent::Error {
+                        message: TOO_SMALL.into(),
+                        usage: Usage { prompt_tokens: s.req.prompt.len(), ..Default::default() },
+                    });
+                }
             } else if !progressed {
                 // Waiting for blocks that running requests will free; do not spin.
                 std::thread::sleep(Duration::from_millis(1));
@@ -354,6 +361,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let (cf, wf) = self.cache.available_blocks();
         let s = &mut self.stats;
         s.running = self.active.len();
+        s.preempted = self.preempted.len();
         s.compressed_blocks_used = cu;
         s.compressed_blocks_free = cf;
         s.window_blocks_used = wu;

@@ -5,8 +5,10 @@
 pub struct EngineStats {
     /// Requests in the batch (prefilling or decoding).
     pub running: usize,
-    /// Requests queued, not yet admitted.
+    /// Requests queued, not yet admitted, and preempted requests waiting to be fed again.
     pub waiting: usize,
+    /// Of `waiting`, those preempted.
+    pub preempted: usize,
     /// Blocks held by sequences, and blocks free or evictable, of each kind.
     pub compressed_blocks_used: usize,
     pub compressed_blocks_free: usize,
