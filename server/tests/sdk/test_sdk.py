@@ -143,14 +143,11 @@ def test_models_list():
     assert m.object == "model" and isinstance(m.created, int) and isinstance(m.owned_by, str)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dsv4 serve has no GET /v1/models/{model} (404 `no route for GET /v1/models/builtin:tiny`); "
-    "remove this mark when it does",
-)
 def test_models_retrieve():
     m = oa.models.retrieve(served_model())
     assert m.id == served_model() and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("no-such-model")
 
 
 def chat(messages, stream=False, **kw):
