@@ -117,16 +117,26 @@ impl BlockAllocator {
     }
 }
 
-/// The hash of page `tokens` following a page with hash `prev` (0 for the first page): FNV-1a
-/// over the previous hash and the token ids, so equal hashes mean equal prefixes (up to
-/// 64-bit collisions) at equal positions.
-pub fn page_hash(prev: u64, tokens: &[u32]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ prev.rotate_left(17);
-    for b in prev.to_le_bytes().into_iter().chain(tokens.iter().flat_map(|t| t.to_le_bytes())) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// Hashes of pages for prefix reuse: SipHash-1-3 (std's `RandomState`) under keys drawn at
+/// random for each cache. Equal hashes mean equal prefixes at equal positions up to 64-bit
+/// collisions, and because the keys are secret a client of a server cannot craft a prompt whose
+/// page collides with another client's (which an unkeyed hash such as FNV would allow: the
+/// colliding prompt would be served the other prompt's decoding state).
+#[derive(Debug, Clone, Default)]
+pub struct PageHasher {
+    keys: std::collections::hash_map::RandomState,
+}
+
+impl PageHasher {
+    pub fn new() -> Self {
+        PageHasher::default()
     }
-    h
+
+    /// The hash of page `tokens` following a page with hash `prev` (0 for the first page).
+    pub fn page(&self, prev: u64, tokens: &[u32]) -> u64 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one((prev, tokens))
+    }
 }
 
 #[cfg(test)]
@@ -169,9 +179,17 @@ mod tests {
 
     #[test]
     fn page_hashes_chain() {
-        let a = page_hash(0, &[1, 2, 3]);
-        assert_ne!(a, page_hash(0, &[1, 2, 4]));
-        assert_ne!(page_hash(a, &[5]), page_hash(page_hash(0, &[1, 2, 4]), &[5]));
-        assert_eq!(page_hash(a, &[5]), page_hash(page_hash(0, &[1, 2, 3]), &[5]));
+        let h = PageHasher::new();
+        let a = h.page(0, &[1, 2, 3]);
+        assert_ne!(a, h.page(0, &[1, 2, 4]));
+        assert_ne!(h.page(a, &[5]), h.page(h.page(0, &[1, 2, 4]), &[5]));
+        assert_eq!(h.page(a, &[5]), h.page(h.page(0, &[1, 2, 3]), &[5]));
+    }
+
+    #[test]
+    fn page_hashes_are_keyed_per_cache() {
+        // Two caches hash the same page differently (equal with probability 2^-64), so a hash
+        // seen from one process says nothing about another's.
+        assert_ne!(PageHasher::new().page(0, &[1, 2, 3]), PageHasher::new().page(0, &[1, 2, 3]));
     }
 }

@@ -6,7 +6,7 @@ use std::ops::Range;
 use crate::backend::{Backend, DevicePool};
 use crate::config::{AttentionKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::kv::blocks::{page_hash, BlockAllocator, BlockId};
+use crate::kv::blocks::{BlockAllocator, BlockId, PageHasher};
 use crate::kv::format::{KvDtype, RowFormat};
 use crate::kv::layout::{self, BlockBytes, LayerLayout};
 use crate::model::batch::Batch;
@@ -192,6 +192,8 @@ pub struct KvCache<B: Backend> {
     has_compressed: bool,
     /// Bytes of one block of each kind (for messages).
     block_bytes: BlockBytes,
+    /// Keys the page hashes of this cache's prefix index.
+    hasher: PageHasher,
     pub stats: CacheStats,
 }
 
@@ -232,6 +234,7 @@ impl<B: Backend> KvCache<B> {
             window_size: cfg.sliding_window,
             has_compressed,
             block_bytes: config.block_bytes(cfg),
+            hasher: PageHasher::new(),
             stats: CacheStats::default(),
         })
     }
@@ -323,7 +326,7 @@ impl<B: Backend> KvCache<B> {
         let mut hashes = Vec::with_capacity(pages);
         let mut comp = Vec::with_capacity(pages);
         for j in 0..pages {
-            let h = page_hash(hashes.last().copied().unwrap_or(0), &prompt[j * bt..(j + 1) * bt]);
+            let h = self.hasher.page(hashes.last().copied().unwrap_or(0), &prompt[j * bt..(j + 1) * bt]);
             if self.has_compressed {
                 match self.compressed.lookup(h) {
                     Some(b) => comp.push(b),
@@ -518,7 +521,7 @@ impl<B: Backend> KvCache<B> {
             seq.pos += rows.len();
             while (seq.hashes.len() + 1) * bt <= seq.pos {
                 let j = seq.hashes.len();
-                let h = page_hash(seq.hashes.last().copied().unwrap_or(0), &seq.tokens[j * bt..(j + 1) * bt]);
+                let h = self.hasher.page(seq.hashes.last().copied().unwrap_or(0), &seq.tokens[j * bt..(j + 1) * bt]);
                 seq.hashes.push(h);
                 if let Some(&b) = seq.compressed.get(j) {
                     self.compressed.register(b, h);
