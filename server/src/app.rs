@@ -20,6 +20,7 @@ use dsv4_core::chat::EncoderRevision;
 use dsv4_core::tokenizer::Tokenizer;
 use dsv4_engine::EngineHandle;
 
+use crate::connection::{self, ReadTimeouts};
 use crate::error::ApiError;
 use crate::metrics::{self, Metrics};
 use crate::{anthropic, openai, tokenize};
@@ -46,6 +47,9 @@ pub struct ServerConfig {
     pub encoder_revision: EncoderRevision,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's header (then the connection is closed)
+    /// and its body (then 408).
+    pub read_timeouts: ReadTimeouts,
     /// Key for the Anthropic API's thinking-block signatures; `None`: random per start.
     pub signing_key: Option<Vec<u8>>,
     /// Ids that end a generation besides the tokenizer's EOS (the model config's
@@ -65,6 +69,7 @@ impl ServerConfig {
             default_thinking: true,
             encoder_revision: EncoderRevision::Preview,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            read_timeouts: ReadTimeouts::default(),
             signing_key: None,
             stop_token_ids: vec![],
         }
@@ -90,6 +95,7 @@ pub struct AppState {
     /// Unix time the server started (OpenAI `created` of the model).
     pub created: u64,
     pub max_body_bytes: usize,
+    pub read_timeouts: ReadTimeouts,
     counter: AtomicU64,
     /// Distinguishes ids and seeds of different server runs.
     nonce: u64,
@@ -138,6 +144,7 @@ impl AppState {
             signing_key,
             created: unix_now(),
             max_body_bytes: config.max_body_bytes,
+            read_timeouts: config.read_timeouts,
             counter: AtomicU64::new(0),
             nonce,
         }
@@ -259,12 +266,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text).fallback(method_not_allowed))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), connection::body_deadline))
         .with_state(state)
 }
 
 /// Serves `state` on an already bound listener until it fails (tests bind port 0).
 pub async fn serve_listener(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
-    axum::serve(listener, router(state)).await?;
+    let timeouts = state.read_timeouts;
+    connection::serve_connections(listener, router(state), timeouts, std::future::pending()).await;
     Ok(())
 }
 
@@ -302,11 +311,11 @@ pub async fn serve_bound(
         state.max_model_len(),
         if state.api_key.is_some() { "; API key required" } else { "" }
     );
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let timeouts = state.read_timeouts;
+    connection::serve_connections(listener, router(state), timeouts, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
     Ok(())
 }
 

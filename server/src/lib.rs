@@ -11,6 +11,7 @@
 
 pub mod anthropic;
 pub mod app;
+pub mod connection;
 pub mod conversation;
 pub mod error;
 pub mod metrics;
