@@ -260,13 +260,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(tokenize::detokenize).fallback(method_not_allowed))
         .merge(anthropic::routes())
         .fallback(not_found)
+        // The body is read after the key is checked (layers added later run first), so an
+        // unauthenticated client cannot make the server buffer a body.
+        .layer(middleware::from_fn_with_state(state.clone(), connection::body_deadline))
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/health", get(health).fallback(method_not_allowed))
         .route("/metrics", get(metrics_text).fallback(method_not_allowed))
         .merge(protected)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), connection::body_deadline))
         .with_state(state)
 }
 

@@ -78,3 +78,22 @@ fn a_reply_longer_than_the_deadlines_is_not_cut() {
         t.elapsed()
     );
 }
+
+#[test]
+fn a_body_is_not_read_before_the_key_is_checked() {
+    // With a key required, a request without one is refused at once, not after the body
+    // deadline (its body is never read).
+    let mut opts = Options::default();
+    opts.config.api_key = Some("k".into());
+    opts.config.read_timeouts = ReadTimeouts { header: Duration::from_secs(5), body: Duration::from_secs(5) };
+    let s = start(opts);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = Instant::now();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 401"));
+    assert!(t.elapsed() < Duration::from_secs(3), "answered after {:?}", t.elapsed());
+}
