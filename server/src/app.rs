@@ -184,10 +184,13 @@ impl AppState {
         if given.iter().flatten().any(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return Ok(());
         }
-        Err(ApiError::authentication(if given.iter().all(Option::is_none) {
-            "missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`"
-        } else {
+        let other_scheme = bearer.is_none() && headers.contains_key(header::AUTHORIZATION);
+        Err(ApiError::authentication(if given.iter().any(Option::is_some) {
             "invalid API key"
+        } else if other_scheme {
+            "the Authorization header must be `Bearer KEY` (or send `x-api-key: KEY`)"
+        } else {
+            "missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`"
         }))
     }
 

@@ -586,7 +586,12 @@ fn api_keys_guard_every_route_but_health_and_metrics() {
     assert_eq!(r.status, 401);
     error_of(&r);
     assert_eq!(r.json()["error"]["type"], "authentication_error");
-    assert_eq!(get_with(&s, "/v1/models", &[("authorization", "Bearer wrong")]).status, 401);
+    assert!(r.json()["error"]["message"].as_str().unwrap().starts_with("missing API key"));
+    let r = get_with(&s, "/v1/models", &[("authorization", "Bearer wrong")]);
+    assert_eq!((r.status, r.json()["error"]["message"].as_str()), (401, Some("invalid API key")));
+    let r = get_with(&s, "/v1/models", &[("authorization", "Basic c2Vrcml0")]);
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("must be `Bearer KEY`"), "{}", r.body);
     assert_eq!(get_with(&s, "/v1/models", &[("x-api-key", "sekrit-not")]).status, 401);
     assert_eq!(get_with(&s, "/v1/models", &[("authorization", "Bearer sekrit")]).status, 200);
     assert_eq!(get_with(&s, "/v1/models", &[("x-api-key", "sekrit")]).status, 200);
