@@ -38,17 +38,7 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// How a JSON value's type is named in error messages ("a string", "a list", ...).
-pub fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+pub use dsv4_core::chat::json_type;
 
 /// A request body's fields, read with type checks that name the field.
 pub struct Fields<'a> {

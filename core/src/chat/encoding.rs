@@ -442,7 +442,8 @@ fn openai_tool_list(v: &Value) -> Result<Vec<Value>, ChatError> {
         .collect()
 }
 
-fn json_type(v: &Value) -> &'static str {
+/// How a JSON value's type is named in error messages ("a string", "a list", ...).
+pub fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

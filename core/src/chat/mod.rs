@@ -26,8 +26,8 @@ mod pyjson;
 mod tokens;
 
 pub use encoding::{
-    encode_messages, encode_messages_with_context, render_openai, Content, ContentPart, EncodeOptions, EncoderRevision,
-    FunctionCall, Message, ReasoningEffort, Role, Task, ThinkingMode, ToolCall,
+    encode_messages, encode_messages_with_context, json_type, render_openai, Content, ContentPart, EncodeOptions,
+    EncoderRevision, FunctionCall, Message, ReasoningEffort, Role, Task, ThinkingMode, ToolCall,
 };
 pub use parser::{
     parse_completion, parse_completion_strict, Event, ParsedMessage, ParsedToolCall, ParserOptions, StreamParser,

@@ -10,6 +10,7 @@
 //! "Effort", with DeepSeek's own Anthropic endpoint (api-docs.deepseek.com, "Anthropic API") as
 //! the precedent for what a V4 server ignores.
 
+use dsv4_core::chat::json_type;
 use dsv4_core::chat::{Content, ContentPart, FunctionCall, Message, Role, ToolCall};
 use serde_json::{json, Map, Value};
 
@@ -46,36 +47,25 @@ fn bad(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::invalid_param(param, message)
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// A field of `obj`; `null` counts as absent (Anthropic's SDKs send `null` for unset fields).
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
 fn as_object<'a>(v: &'a Value, param: &str) -> Result<&'a Map<String, Value>, ApiError> {
-    v.as_object().ok_or_else(|| bad(param, format!("Input should be an object, not {}", kind_of(v))))
+    v.as_object().ok_or_else(|| bad(param, format!("Input should be an object, not {}", json_type(v))))
 }
 
 fn as_str<'a>(v: &'a Value, param: &str) -> Result<&'a str, ApiError> {
-    v.as_str().ok_or_else(|| bad(param, format!("Input should be a string, not {}", kind_of(v))))
+    v.as_str().ok_or_else(|| bad(param, format!("Input should be a string, not {}", json_type(v))))
 }
 
 fn as_bool(v: &Value, param: &str) -> Result<bool, ApiError> {
-    v.as_bool().ok_or_else(|| bad(param, format!("Input should be a boolean, not {}", kind_of(v))))
+    v.as_bool().ok_or_else(|| bad(param, format!("Input should be a boolean, not {}", json_type(v))))
 }
 
 fn as_array<'a>(v: &'a Value, param: &str) -> Result<&'a Vec<Value>, ApiError> {
-    v.as_array().ok_or_else(|| bad(param, format!("Input should be a list, not {}", kind_of(v))))
+    v.as_array().ok_or_else(|| bad(param, format!("Input should be a list, not {}", json_type(v))))
 }
 
 /// A non-negative integer (`2.0` is accepted as 2, as JSON does not distinguish them).
@@ -94,7 +84,7 @@ fn as_f32(v: &Value, param: &str) -> Result<f32, ApiError> {
     v.as_f64()
         .filter(|f| f.is_finite())
         .map(|f| f as f32)
-        .ok_or_else(|| bad(param, format!("Input should be a number, not {}", kind_of(v))))
+        .ok_or_else(|| bad(param, format!("Input should be a number, not {}", json_type(v))))
 }
 
 fn required<'a>(obj: &'a Map<String, Value>, key: &str, param: &str) -> Result<&'a Value, ApiError> {
@@ -147,7 +137,7 @@ fn required<'a>(obj: &'a Map<String, Value>, key: &str, param: &str) -> Result<&
 pub fn parse(body: &Value, endpoint: Endpoint, signing_key: &[u8]) -> Result<MessagesRequest, ApiError> {
     let obj = body
         .as_object()
-        .ok_or_else(|| ApiError::invalid(format!("the request body must be a JSON object, not {}", kind_of(body))))?;
+        .ok_or_else(|| ApiError::invalid(format!("the request body must be a JSON object, not {}", json_type(body))))?;
 
     let model = as_str(required(obj, "model", "model")?, "model")?.to_string();
     let mut conv = Conversation::default();
@@ -266,7 +256,7 @@ fn system_message(system: &Value) -> Result<Message, ApiError> {
             Ok(m)
         }
         other => {
-            Err(bad("system", format!("Input should be a string or a list of text blocks, not {}", kind_of(other))))
+            Err(bad("system", format!("Input should be a string or a list of text blocks, not {}", json_type(other))))
         }
     }
 }
@@ -314,7 +304,7 @@ fn translate_message(
         other => {
             return Err(bad(
                 format!("{param}.content"),
-                format!("Input should be a string or a list of content blocks, not {}", kind_of(other)),
+                format!("Input should be a string or a list of content blocks, not {}", json_type(other)),
             ))
         }
     };
@@ -389,7 +379,7 @@ fn tool_result(obj: &Map<String, Value>, bp: &str) -> Result<Message, ApiError> 
         Some(other) => {
             return Err(bad(
                 format!("{bp}.content"),
-                format!("Input should be a string or a list of content blocks, not {}", kind_of(other)),
+                format!("Input should be a string or a list of content blocks, not {}", json_type(other)),
             ))
         }
     };
