@@ -5,15 +5,12 @@
 //! the encoder as it should (token counts against `/tokenize` for the same conversation in
 //! OpenAI form), and the errors.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
 
 use dsv4_server::signature;
 use serde_json::{json, Value};
 
 mod common;
-use common::{metric, post_raw, shared, start, wait_until, Options, MODEL};
+use common::{metric, open_stream, post_raw, shared, start, wait_until_idle, Options, MODEL};
 
 /// POSTs `body` to the shared server, as Anthropic's SDKs do (with `anthropic-version`);
 /// returns the status and the JSON answer.
@@ -497,31 +494,10 @@ fn a_client_that_disconnects_mid_stream_cancels_its_request() {
     let body = json!({"model": MODEL, "max_tokens": 900, "stream": true, "thinking": {"type": "disabled"},
                       "messages": [{"role": "user", "content": "Write a long story."}]})
     .to_string();
-    let addr = s.base.strip_prefix("http://").unwrap();
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        conn,
-        "POST /v1/messages HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    // Read until a few text deltas have come.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(10).filter(|w| w == b"text_delta").count() < 3 {
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "the server closed the stream early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let conn = open_stream(&s, "/v1/messages", &body, b"text_delta", 3);
     assert_eq!(metric(&s, "dsv4:num_requests_running"), 1.0);
     drop(conn);
-    wait_until("the request is cancelled and its blocks are free", 10, || {
-        metric(&s, "dsv4:num_requests_running") == 0.0
-            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"compressed\"}") == 0.0
-            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"window\"}") == 0.0
-    });
+    wait_until_idle(&s, "the request is cancelled and its blocks are free");
     assert_eq!(metric(&s, "dsv4:engine_requests_cancelled_total"), 1.0);
     assert!(metric(&s, "dsv4:generation_tokens_total") < 900.0);
 }

@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
 
 use common::*;
 use dsv4_core::chat::render_openai;
@@ -638,32 +635,10 @@ fn a_client_that_disconnects_mid_stream_frees_its_request() {
     // A raw completion that ignores EOS: the random model cannot end it early.
     let body =
         json!({"prompt": "Write a long story.", "max_tokens": 4000, "stream": true, "ignore_eos": true}).to_string();
-    let addr = s.base.strip_prefix("http://").unwrap();
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        conn,
-        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: \
-         {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    // Read until a few chunks have come.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while seen.windows(6).filter(|w| w == b"data: ").count() < 3 {
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "the server closed the stream early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    let conn = open_stream(&s, "/v1/completions", &body, b"data: ", 3);
     assert_eq!(metric(&s, "dsv4:num_requests_running"), 1.0);
     drop(conn);
-    wait_until("the request is cancelled and its blocks are free", 10, || {
-        metric(&s, "dsv4:num_requests_running") == 0.0
-            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"compressed\"}") == 0.0
-            && metric(&s, "dsv4:kv_cache_blocks_used{kind=\"window\"}") == 0.0
-    });
+    wait_until_idle(&s, "the request is cancelled and its blocks are free");
     assert_eq!(metric(&s, "dsv4:engine_requests_cancelled_total"), 1.0);
     assert!(metric(&s, "dsv4:generation_tokens_total") < 4000.0);
     assert_eq!(metric(&s, "dsv4:request_success_total{finished_reason=\"abort\"}"), 1.0);

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,4 +193,37 @@ pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
         assert!(t.elapsed() < Duration::from_secs(secs), "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Posts `body` to `path` on a raw connection and reads the streamed reply until `marker` has
+/// come `count` times; returns the connection, still open, and what was read (the status line
+/// is checked to be 200).
+pub fn open_stream(s: &Server, path: &str, body: &str, marker: &[u8], count: usize) -> TcpStream {
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        conn,
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(marker.len()).filter(|w| *w == marker).count() < count {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the stream early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    conn
+}
+
+/// Waits until no request runs and the KV cache holds no block.
+pub fn wait_until_idle(s: &Server, what: &str) {
+    wait_until(what, 10, || {
+        metric(s, "dsv4:num_requests_running") == 0.0
+            && metric(s, "dsv4:kv_cache_blocks_used{kind=\"compressed\"}") == 0.0
+            && metric(s, "dsv4:kv_cache_blocks_used{kind=\"window\"}") == 0.0
+    });
 }
