@@ -5,7 +5,6 @@
 //! the encoder as it should (token counts against `/tokenize` for the same conversation in
 //! OpenAI form), and the errors.
 
-
 use dsv4_server::signature;
 use serde_json::{json, Value};
 

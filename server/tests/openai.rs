@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use common::*;
 use dsv4_core::chat::render_openai;
 use dsv4_core::tokenizer::Tokenizer;
