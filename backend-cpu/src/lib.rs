@@ -11,6 +11,7 @@
 //! This backend is what the others are judged against: it favours plain, checkable code.
 
 mod fused;
+pub mod kernels;
 mod ops;
 mod par;
 mod pool;
