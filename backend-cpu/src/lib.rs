@@ -11,23 +11,26 @@
 //! This backend is what the others are judged against: it favours plain, checkable code.
 
 mod fused;
+mod gemm;
 pub mod kernels;
+mod moe;
 mod ops;
 mod par;
 mod pool;
 mod storage;
+pub mod threads;
 
 pub use pool::CpuPool;
 pub use storage::{CpuIndex, CpuTensor, CpuWeight};
 
-/// The CPU backend. `threads` is informational; rayon's global pool does the work.
+/// The CPU backend. Its parallel work runs on the process-wide thread team ([`threads`]).
 pub struct CpuBackend {
     threads: usize,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { threads: rayon::current_num_threads() }
+        CpuBackend { threads: threads::size() }
     }
 }
 

@@ -1,18 +1,18 @@
 //! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
 
-use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ReduceOp, RowFormat, UnaryOp};
+use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
 use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
-use rayon::prelude::*;
 
+use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
 use crate::{par, CpuBackend};
 
 /// Rows of a weight processed per parallel task in `linear`.
-const ROW_BLOCK: usize = 64;
+pub(crate) const ROW_BLOCK: usize = 64;
 
 fn err(msg: impl Into<String>) -> Error {
     Error::backend("cpu", msg)
@@ -56,7 +56,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// and dotted with every input row, so a packed weight is read once, in its stored size.
 /// Many input rows (prefill): the block is widened once and multiplied by `matrixmultiply`.
 /// Widening is exact, so a packed weight and its dequantised-at-load copy give identical bits.
-fn linear_block(
+pub(crate) fn linear_block(
     x: ArrayView2<'_, f32>,
     w: &CpuWeight,
     start: usize,
@@ -82,15 +82,19 @@ fn linear_block(
         }
         return y;
     }
-    let wb = match w.f32_rows(start, n) {
-        Some(rows) => ArrayView2::from_shape((n, w.cols), rows).expect("block shape"),
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
+    let wb: &[f32] = match w.f32_rows(start, n) {
+        Some(rows) => rows,
         None => {
             scratch.resize(n * w.cols, 0.0);
             w.rows_f32(start, n, scratch);
-            ArrayView2::from_shape((n, w.cols), &scratch[..]).expect("block shape")
+            scratch
         }
     };
-    x.dot(&wb.t())
+    let mut y = ndarray::Array2::<f32>::zeros((m, n));
+    crate::gemm::matmul_nt(xs, wb, y.as_slice_mut().expect("standard layout"), m, w.cols, n);
+    y
 }
 
 impl Backend for CpuBackend {
@@ -104,7 +108,11 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("CPU reference backend ({} threads, f32 accumulation)", self.threads())
+        format!(
+            "CPU reference backend ({} threads, {} kernels, f32 accumulation)",
+            self.threads(),
+            crate::kernels::Isa::active().name()
+        )
     }
 
     /// `MemAvailable` from `/proc/meminfo`.
@@ -220,14 +228,13 @@ impl Backend for CpuBackend {
         let b_stride = if shared_b { 0 } else { k * n };
         let mut out = vec![0f32; batch * m * n];
         par::chunks_mut(&mut out, m * n, batch * m * n * k, |i, o| {
-            let av = ArrayView2::from_shape((m, k), &a.data[i * m * k..(i + 1) * m * k]).expect("a view");
-            let bs = &b.data[i * b_stride..i * b_stride + k * n];
-            let y = if transpose_b {
-                av.dot(&ArrayView2::from_shape((n, k), bs).expect("b view").t())
+            let a = &a.data[i * m * k..(i + 1) * m * k];
+            let b = &b.data[i * b_stride..i * b_stride + k * n];
+            if transpose_b {
+                crate::gemm::matmul_nt(a, b, o, m, k, n);
             } else {
-                av.dot(&ArrayView2::from_shape((k, n), bs).expect("b view"))
-            };
-            o.copy_from_slice(y.as_slice().expect("standard layout"));
+                crate::gemm::matmul_nn(a, b, o, m, k, n);
+            }
         });
         Ok(CpuTensor::new(shape, out))
     }
@@ -265,13 +272,16 @@ impl Backend for CpuBackend {
         let (av, bv) = (a.view(), b.view());
         let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
         let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
-        let zip = Zip::from(&ab).and(&bb);
-        let out = if shape.iter().product::<usize>() < par::MIN_WORK {
-            zip.map_collect(|&x, &y| f(x, y))
-        } else {
-            zip.par_map_collect(|&x, &y| f(x, y))
-        };
-        Ok(owned(out.view()))
+        // Parallel over the outer axis: each piece is one outer index of the broadcast views.
+        let inner: usize = shape[1..].iter().product();
+        let len: usize = shape.iter().product();
+        let mut out = vec![0f32; len];
+        par::chunks_mut(&mut out, inner, len, |i, o| {
+            let (a, b) = (ab.index_axis(Axis(0), i), bb.index_axis(Axis(0), i));
+            let mut ov = ndarray::ArrayViewMutD::from_shape(IxDyn(&shape[1..]), o).expect("piece shape");
+            Zip::from(&mut ov).and(&a).and(&b).for_each(|o, &x, &y| *o = f(x, y));
+        });
+        Ok(CpuTensor::new(shape, out))
     }
 
     fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
@@ -298,19 +308,33 @@ impl Backend for CpuBackend {
 
     fn softmax(&self, x: &CpuTensor, axis: usize) -> Result<CpuTensor> {
         checks::softmax(self.name(), &x.shape, axis)?;
-        let mut out = x.view().to_owned();
-        out.lanes_mut(Axis(axis)).into_iter().par_bridge().for_each(|mut lane| {
-            let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        fn softmax_lane(lane: &mut [f32]) {
+            let max = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             if max == f32::NEG_INFINITY {
                 // Every entry masked: no mass anywhere (torch would give NaN).
                 lane.fill(0.0);
                 return;
             }
-            lane.mapv_inplace(|v| (v - max).exp());
-            let sum: f32 = lane.sum();
-            lane.mapv_inplace(|v| v / sum);
-        });
-        Ok(CpuTensor::new(x.shape.clone(), out.into_raw_vec_and_offset().0))
+            lane.iter_mut().for_each(|v| *v = (*v - max).exp());
+            // ndarray's sum (eight unrolled partial sums), as this op has always summed.
+            let sum: f32 = ndarray::ArrayView1::from(&lane[..]).sum();
+            lane.iter_mut().for_each(|v| *v /= sum);
+        }
+        let mut out = x.data.to_vec();
+        let len = out.len();
+        if axis + 1 == x.shape.len() {
+            par::chunks_mut(&mut out, x.shape[axis], len, |_, row| softmax_lane(row));
+            return Ok(CpuTensor::new(x.shape.clone(), out));
+        }
+        let mut view = ndarray::ArrayViewMutD::from_shape(IxDyn(&x.shape), &mut out).expect("shape matches data");
+        let mut buf = Vec::new();
+        for mut lane in view.lanes_mut(Axis(axis)) {
+            buf.clear();
+            buf.extend(lane.iter());
+            softmax_lane(&mut buf);
+            lane.iter_mut().zip(&buf).for_each(|(o, &v)| *o = v);
+        }
+        Ok(CpuTensor::new(x.shape.clone(), out))
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: Option<&CpuTensor>, eps: f32) -> Result<CpuTensor> {
@@ -477,6 +501,73 @@ impl Backend for CpuBackend {
         offset: i32,
     ) -> Result<CpuIndex> {
         crate::fused::indexer_select(q, keys, key_rows, weights, valid, k, offset)
+    }
+
+    /// Both passes of [`crate::moe::expert_ffns`] for one expert: identical to the composition.
+    fn expert_ffn(&self, x: &CpuTensor, e: &ExpertWeights<CpuWeight>, limit: f32) -> Result<CpuTensor> {
+        let hidden = checks::linear(self.name(), &x.shape, &e.w1.shape)?;
+        checks::linear(self.name(), &x.shape, &e.w3.shape)?;
+        let shape = checks::linear(self.name(), &hidden, &e.w2.shape)?;
+        let m = x.numel() / e.w1.cols.max(1);
+        let job = FfnJob { x: &x.data, m, expert: e };
+        let y = expert_ffns(&[job], limit).pop().expect("one job");
+        Ok(CpuTensor::new(shape, y))
+    }
+
+    /// Every chosen expert in two parallel passes ([`crate::moe`]); the weighted outputs are
+    /// then added in ascending expert id, as in the composition (identical results).
+    fn moe_experts(
+        &self,
+        x: &CpuTensor,
+        expert_ids: &[i32],
+        weights: &CpuTensor,
+        experts: &[ExpertWeights<CpuWeight>],
+        limit: f32,
+    ) -> Result<CpuTensor> {
+        if x.shape.len() != 2 || weights.shape.len() != 2 || weights.numel() != expert_ids.len() {
+            return Err(err(format!(
+                "moe_experts: x {:?}, {} expert ids and weights {:?} do not fit [T, D], [T, k], [T, k]",
+                x.shape,
+                expert_ids.len(),
+                weights.shape
+            )));
+        }
+        let (t, d) = (x.shape[0], x.shape[1]);
+        let k = expert_ids.len() / t.max(1);
+        composed::check_expert_ids(self.name(), expert_ids, experts.len())?;
+        // Per expert, ascending: the token rows it takes and their slots in `weights`.
+        let mut routed: Vec<(usize, Vec<usize>, Vec<usize>)> = Vec::new();
+        for (e, ew) in experts.iter().enumerate() {
+            let slots: Vec<usize> = (0..expert_ids.len()).filter(|&i| expert_ids[i] as usize == e).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            checks::linear(self.name(), &[slots.len(), d], &ew.w1.shape)?;
+            checks::linear(self.name(), &[slots.len(), d], &ew.w3.shape)?;
+            checks::linear(self.name(), &[slots.len(), ew.w1.rows], &ew.w2.shape)?;
+            if ew.w2.rows != d {
+                return Err(err(format!("moe_experts: expert {e}'s w2 gives {} values, not {d}", ew.w2.rows)));
+            }
+            routed.push((e, slots.iter().map(|&s| s / k).collect(), slots));
+        }
+        let gathered: Vec<Vec<f32>> = routed
+            .iter()
+            .map(|(_, rows, _)| rows.iter().flat_map(|&r| x.data[r * d..(r + 1) * d].iter().copied()).collect())
+            .collect();
+        let jobs: Vec<FfnJob> = routed
+            .iter()
+            .zip(&gathered)
+            .map(|((e, rows, _), xs)| FfnJob { x: xs, m: rows.len(), expert: &experts[*e] })
+            .collect();
+        let ys = expert_ffns(&jobs, limit);
+        let mut out = vec![0f32; t * d];
+        for ((_, rows, slots), y) in routed.iter().zip(&ys) {
+            for (i, (&r, &s)) in rows.iter().zip(slots).enumerate() {
+                let w = weights.data[s];
+                out[r * d..(r + 1) * d].iter_mut().zip(&y[i * d..(i + 1) * d]).for_each(|(o, &v)| *o += v * w);
+            }
+        }
+        Ok(CpuTensor::new(x.shape.clone(), out))
     }
 
     fn offset_index(&self, idx: &CpuIndex, offset: i32) -> Result<CpuIndex> {

@@ -1,40 +1,54 @@
-//! Parallel loops that stay on the calling thread when the work is small. Handing an op to the
-//! rayon pool costs a wake-up, work stealing and a latch wait (microseconds); decoding a small
-//! model runs hundreds of ops per token whose work is smaller than that, so below
-//! [`MIN_WORK`] elements (or multiply-adds) a loop runs serially. Results do not depend on the
+//! Parallel loops over the backend's thread team ([`crate::threads`]) that stay on the calling
+//! thread when the work is small: below [`MIN_WORK`] elements (or multiply-adds) a loop runs
+//! serially, since even a spinning team's hand-off (a cache-line transfer each way, and the
+//! items' data moving between cores) costs about a microsecond. Results do not depend on the
 //! choice: every item is computed the same way either way.
 
-use rayon::prelude::*;
+use std::sync::{Mutex, OnceLock};
+
+use crate::threads;
 
 /// Work (elements touched or multiply-adds) below which a loop runs on the calling thread.
 pub(crate) const MIN_WORK: usize = 1 << 15;
 
+/// Elements of an elementwise op per item handed out.
+const VALUES_GRAIN: usize = 1 << 12;
+
 /// `f(i)` for `i` in `0..n`, collected in order.
-pub(crate) fn map<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
-    if work < MIN_WORK {
-        (0..n).map(f).collect()
-    } else {
-        (0..n).into_par_iter().map(f).collect()
+pub(crate) fn map<R: Send + Sync>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if work < MIN_WORK || n <= 1 {
+        return (0..n).map(f).collect();
     }
+    let out: Vec<OnceLock<R>> = (0..n).map(|_| OnceLock::new()).collect();
+    threads::for_each(n, 1, work, MIN_WORK, |i| {
+        let _ = out[i].set(f(i));
+    });
+    out.into_iter().map(|v| v.into_inner().expect("every item ran")).collect()
 }
 
 /// `f(i, piece)` for each `chunk`-sized piece of `out`.
-pub(crate) fn chunks_mut<T: Send>(out: &mut [T], chunk: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+pub(crate) fn chunks_mut<T: Send>(out: &mut [T], chunk: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let chunk = chunk.max(1);
-    if work < MIN_WORK {
+    if work < MIN_WORK || out.len() <= chunk {
         out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
-    } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        return;
     }
+    // One lock per piece, each taken once (uncontended): the pieces are disjoint.
+    let pieces: Vec<Mutex<&mut [T]>> = out.chunks_mut(chunk).map(Mutex::new).collect();
+    threads::for_each(pieces.len(), 1, work, MIN_WORK, |i| {
+        let mut piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(i, &mut piece)
+    });
 }
 
 /// `f` applied to every element.
-pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
-    if x.len() < MIN_WORK {
-        x.iter().map(|&v| f(v)).collect()
-    } else {
-        x.par_iter().map(|&v| f(v)).collect()
-    }
+pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    chunks_mut(&mut out, VALUES_GRAIN, x.len(), |i, o| {
+        let src = &x[i * VALUES_GRAIN..i * VALUES_GRAIN + o.len()];
+        o.iter_mut().zip(src).for_each(|(o, &v)| *o = f(v));
+    });
+    out
 }
 
 #[cfg(test)]

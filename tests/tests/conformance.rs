@@ -42,9 +42,12 @@ fn batched_sequences_match_their_solo_runs() {
         for p in &prompts {
             let solo = be.download(&model.forward(&be, &Batch::prefill(&[p]).unwrap()).unwrap()).unwrap();
             let got = &batched[row * vocab..(row + p.len()) * vocab];
-            // Same ops on the same rows; only GEMM blocking can differ, so the bound is tight.
+            // Same ops on the same rows; only the summation order of the matrix products
+            // differs (a 1-token sequence alone takes the GEMV kernel, batched it takes the
+            // GEMM's blocking), a few f32 ulps per product carried through the layers: 5e-6 is
+            // 20× below the fixtures' 1e-4 and far above what one wrong row would give.
             let err = max_rel_err(got, &solo);
-            assert!(err <= 1e-6, "{name}: sequence of {} tokens differs by {err:.2e} when batched", p.len());
+            assert!(err <= 5e-6, "{name}: sequence of {} tokens differs by {err:.2e} when batched", p.len());
             row += p.len();
         }
     }
