@@ -266,7 +266,7 @@ impl Backend for CpuBackend {
         };
         let shape = checks::binary(self.name(), &a.shape, &b.shape)?;
         if a.shape == b.shape {
-            let data = par::map(a.data.len(), a.data.len(), |i| f(a.data[i], b.data[i]));
+            let data = par::zip_values(&a.data, &b.data, f);
             return Ok(CpuTensor::new(a.shape.clone(), data));
         }
         let (av, bv) = (a.view(), b.view());

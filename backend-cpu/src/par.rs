@@ -4,7 +4,7 @@
 //! items' data moving between cores) costs about a microsecond. Results do not depend on the
 //! choice: every item is computed the same way either way.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use crate::threads;
 
@@ -15,15 +15,19 @@ pub(crate) const MIN_WORK: usize = 1 << 15;
 const VALUES_GRAIN: usize = 1 << 12;
 
 /// `f(i)` for `i` in `0..n`, collected in order.
-pub(crate) fn map<R: Send + Sync>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+pub(crate) fn map<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
     if work < MIN_WORK || n <= 1 {
         return (0..n).map(f).collect();
     }
-    let out: Vec<OnceLock<R>> = (0..n).map(|_| OnceLock::new()).collect();
+    // One slot per item, each locked once (uncontended).
+    let out: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
     threads::for_each(n, 1, work, MIN_WORK, |i| {
-        let _ = out[i].set(f(i));
+        let r = f(i);
+        *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     });
-    out.into_iter().map(|v| v.into_inner().expect("every item ran")).collect()
+    out.into_iter()
+        .map(|v| v.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran"))
+        .collect()
 }
 
 /// `f(i, piece)` for each `chunk`-sized piece of `out`.
@@ -51,6 +55,17 @@ pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
+/// `f(a[i], b[i])` for every element of two equally long slices.
+pub(crate) fn zip_values(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    debug_assert_eq!(a.len(), b.len());
+    let mut out = vec![0f32; a.len()];
+    chunks_mut(&mut out, VALUES_GRAIN, a.len(), |i, o| {
+        let (a, b) = (&a[i * VALUES_GRAIN..], &b[i * VALUES_GRAIN..]);
+        o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y));
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +75,7 @@ mod tests {
         for n in [3, MIN_WORK + 5] {
             let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
             assert_eq!(map_values(&x, |v| v * 2.0), x.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+            assert_eq!(zip_values(&x, &x, |a, b| a * b + 1.0), x.iter().map(|v| v * v + 1.0).collect::<Vec<_>>());
             assert_eq!(map(n, n, |i| i * 3), (0..n).map(|i| i * 3).collect::<Vec<_>>());
             let mut out = vec![0usize; n];
             chunks_mut(&mut out, 7, n, |i, c| c.iter_mut().for_each(|v| *v = i));
