@@ -6,6 +6,8 @@ use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
+use crate::kernels::weights::dot_rows;
+use crate::kernels::Isa;
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
@@ -32,30 +34,12 @@ fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
 /// Inputs with at most this many rows take the GEMV path in `linear_block`.
 const GEMV_MAX_ROWS: usize = 8;
 
-/// `Σ_k a[k] · b[k]` in f32 with eight interleaved partial sums (a fixed order, vectorisable).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.
 ///
-/// Few input rows (decode): each weight row is widened into a row buffer that stays in L1
-/// and dotted with every input row, so a packed weight is read once, in its stored size.
-/// Many input rows (prefill): the block is widened once and multiplied by `matrixmultiply`.
-/// Widening is exact, so a packed weight and its dequantised-at-load copy give identical bits.
+/// Few input rows (decode): [`dot_rows`] reads each weight row once, in its stored form, and
+/// decodes it in registers for every input row; its summation order is the same on every
+/// instruction set, and the same for a packed weight and its dequantised-at-load copy.
+/// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`.
 pub(crate) fn linear_block(
     x: ArrayView2<'_, f32>,
     w: &CpuWeight,
@@ -64,26 +48,19 @@ pub(crate) fn linear_block(
     scratch: &mut Vec<f32>,
 ) -> ndarray::Array2<f32> {
     let m = x.nrows();
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
+    let mut y = ndarray::Array2::<f32>::zeros((m, n));
     if m <= GEMV_MAX_ROWS {
-        let xs = x.as_standard_layout();
-        let mut y = ndarray::Array2::<f32>::zeros((m, n));
-        scratch.resize(w.cols, 0.0);
+        let (isa, mut scales, mut col) = (Isa::active(), Vec::new(), [0f32; GEMV_MAX_ROWS]);
         for j in 0..n {
-            let row: &[f32] = match w.f32_rows(start + j, 1) {
-                Some(r) => r,
-                None => {
-                    w.row_f32(start + j, scratch);
-                    scratch
-                }
-            };
-            for (i, xr) in xs.outer_iter().enumerate() {
-                y[(i, j)] = dot(xr.as_slice().expect("standard layout"), row);
+            dot_rows(isa, &w.row(start + j, &mut scales), xs, &mut col[..m]);
+            for (i, &v) in col[..m].iter().enumerate() {
+                y[(i, j)] = v;
             }
         }
         return y;
     }
-    let xs = x.as_standard_layout();
-    let xs = xs.as_slice().expect("standard layout");
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
         None => {
@@ -92,7 +69,6 @@ pub(crate) fn linear_block(
             scratch
         }
     };
-    let mut y = ndarray::Array2::<f32>::zeros((m, n));
     crate::gemm::matmul_nt(xs, wb, y.as_slice_mut().expect("standard layout"), m, w.cols, n);
     y
 }

@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
-use dsv4_core::quant::{scale_at, E2M1_TO_F32, E4M3_TO_F32, FP4_GROUP, FP8_BLOCK};
+use dsv4_core::quant::e8m0_to_f32_unchecked;
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
-use half::f16;
+
+use crate::kernels::weights::{decode_row, Row};
+use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
 #[derive(Clone, Debug)]
@@ -62,7 +64,7 @@ impl CpuIndex {
 /// Element storage of a weight.
 #[derive(Debug)]
 pub(crate) enum WeightData {
-    /// F32 / BF16 / F16 elements exactly as stored: a zero-copy view of the checkpoint
+    /// BF16 / F16 elements exactly as stored: a zero-copy view of the checkpoint
     /// bytes (the memory map stays alive through the view).
     Float { dtype: DType, data: HostTensor },
     /// FP8 e4m3 codes `[N, K]` with one scale per `block_rows × block_cols` block.
@@ -86,6 +88,9 @@ pub struct CpuWeight {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) data: WeightData,
+    /// Made by [`CpuWeight::dequantized`] (an F32-stored weight is also held as f32 values,
+    /// but is not a dequantised copy).
+    dequantized: bool,
 }
 
 fn unsupported(w: &StoredWeight, what: String) -> Error {
@@ -106,7 +111,11 @@ impl CpuWeight {
         let t = &w.data;
         let data = match w.format {
             WeightFormat::Float => match t.dtype {
-                DType::F32 | DType::BF16 | DType::F16 => WeightData::Float { dtype: t.dtype, data: t.clone() },
+                // F32 matrices (small: routers, mHC mixers) are copied, aligned for the kernels.
+                DType::F32 => WeightData::F32(
+                    t.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                ),
+                DType::BF16 | DType::F16 => WeightData::Float { dtype: t.dtype, data: t.clone() },
                 other => return Err(unsupported(w, format!("{other} weights"))),
             },
             WeightFormat::Fp8Block { rows, cols } => WeightData::Fp8 {
@@ -128,18 +137,18 @@ impl CpuWeight {
             return Err(unsupported(w, "F64 weights".into()));
         }
         let values = dsv4_core::quant::dequantize(w)?;
-        Ok(Self::with_data(w, WeightData::F32(values)))
+        Ok(CpuWeight { dequantized: true, ..Self::with_data(w, WeightData::F32(values)) })
     }
 
     fn with_data(w: &StoredWeight, data: WeightData) -> Self {
         let rows = *w.shape.first().unwrap_or(&1);
         let cols = w.shape.iter().skip(1).product();
-        CpuWeight { shape: w.shape.clone(), rows, cols, data }
+        CpuWeight { shape: w.shape.clone(), rows, cols, data, dequantized: false }
     }
 
     /// Whether the weight is held as dequantised f32 (the reference path).
     pub fn is_dequantized(&self) -> bool {
-        matches!(self.data, WeightData::F32(_))
+        self.dequantized
     }
 
     /// Bytes this weight keeps (shared with the checkpoint's memory map unless dequantised).
@@ -153,61 +162,35 @@ impl CpuWeight {
         }
     }
 
-    /// Widens row `r` into `out` (length cols), exactly.
-    #[inline]
-    pub(crate) fn row_f32(&self, r: usize, out: &mut [f32]) {
+    /// Row `r` in its stored form, for the SIMD kernels ([`crate::kernels::weights`]); the
+    /// row's block or group scales are decoded into `scales` (a few per row).
+    ///
+    /// Panics if `r` is not a row of the weight.
+    pub(crate) fn row<'a>(&'a self, r: usize, scales: &'a mut Vec<f32>) -> Row<'a> {
         let k = self.cols;
-        debug_assert_eq!(out.len(), k);
         match &self.data {
-            WeightData::F32(v) => out.copy_from_slice(&v[r * k..(r + 1) * k]),
-            WeightData::Float { dtype, data } => {
-                let b = data.bytes();
-                match dtype {
-                    DType::F32 => {
-                        for (o, c) in out.iter_mut().zip(b[r * k * 4..(r + 1) * k * 4].chunks_exact(4)) {
-                            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                        }
-                    }
-                    DType::BF16 => {
-                        for (o, c) in out.iter_mut().zip(b[r * k * 2..(r + 1) * k * 2].chunks_exact(2)) {
-                            *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-                        }
-                    }
-                    _ => {
-                        for (o, c) in out.iter_mut().zip(b[r * k * 2..(r + 1) * k * 2].chunks_exact(2)) {
-                            *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                        }
-                    }
-                }
-            }
+            WeightData::F32(v) => Row::F32(&v[r * k..(r + 1) * k]),
+            WeightData::Float { dtype: DType::BF16, data } => Row::Bf16(&data.bytes()[r * k * 2..(r + 1) * k * 2]),
+            WeightData::Float { data, .. } => Row::F16(&data.bytes()[r * k * 2..(r + 1) * k * 2]),
             WeightData::Fp8 { data, scale, block_rows, block_cols } => {
-                let q = &data.bytes()[r * k..(r + 1) * k];
-                let scales = Scales {
-                    dtype: scale.dtype,
-                    bytes: scale.bytes(),
-                    row: (r / block_rows) * k.div_ceil(*block_cols),
-                };
-                match *block_cols {
-                    FP8_BLOCK => decode_fp8::<FP8_BLOCK>(q, out, &scales),
-                    b => decode_fp8_dyn(q, out, &scales, b),
-                }
+                let per_row = k.div_ceil(*block_cols);
+                decode_scales(scale, (r / block_rows) * per_row, per_row, scales);
+                Row::Fp8 { codes: &data.bytes()[r * k..(r + 1) * k], scales, block: *block_cols }
             }
             WeightData::Fp4 { data, scale, group } => {
-                let half = k / 2;
-                let q = &data.bytes()[r * half..(r + 1) * half];
-                let scales = Scales { dtype: scale.dtype, bytes: scale.bytes(), row: r * k.div_ceil(*group) };
-                match *group {
-                    FP4_GROUP => decode_fp4::<FP4_GROUP>(q, out, &scales),
-                    g => decode_fp4_dyn(q, out, &scales, g),
-                }
+                let per_row = k.div_ceil(*group);
+                decode_scales(scale, r * per_row, per_row, scales);
+                Row::Fp4 { codes: &data.bytes()[r * k / 2..(r + 1) * k / 2], scales, group: *group }
             }
         }
     }
 
-    /// Widens rows `start..start+n` into `out` (length n·cols), exactly.
+    /// Widens rows `start..start+n` into `out` (length n·cols), exactly (the SIMD decoders of
+    /// [`crate::kernels::weights::decode_row`], bit-identical to the scalar tables).
     pub(crate) fn rows_f32(&self, start: usize, n: usize, out: &mut [f32]) {
+        let (isa, mut scales) = (Isa::active(), Vec::new());
         for (i, o) in out.chunks_exact_mut(self.cols.max(1)).take(n).enumerate() {
-            self.row_f32(start + i, o);
+            decode_row(isa, &self.row(start + i, &mut scales), o);
         }
     }
 
@@ -220,69 +203,14 @@ impl CpuWeight {
     }
 }
 
-/// One row's scales: element `row + j` is the scale of block (or group) j.
-struct Scales<'a> {
-    dtype: DType,
-    bytes: &'a [u8],
-    row: usize,
-}
-
-impl Scales<'_> {
-    #[inline(always)]
-    fn get(&self, j: usize) -> f32 {
-        scale_at(self.dtype, self.bytes, self.row + j)
-    }
-}
-
-#[inline(always)]
-fn fp8_block(q: &[u8], out: &mut [f32], s: f32) {
-    for (o, &q) in out.iter_mut().zip(q) {
-        *o = E4M3_TO_F32[q as usize] * s;
-    }
-}
-
-#[inline(always)]
-fn fp4_group(q: &[u8], out: &mut [f32], s: f32) {
-    for (o, &b) in out.chunks_exact_mut(2).zip(q) {
-        o[0] = E2M1_TO_F32[(b & 0xF) as usize] * s;
-        o[1] = E2M1_TO_F32[(b >> 4) as usize] * s;
-    }
-}
-
-/// FP8 row decode with the block width known at compile time (the fast, official case).
-fn decode_fp8<const B: usize>(q: &[u8], out: &mut [f32], s: &Scales) {
-    let (qc, oc) = (q.chunks_exact(B), out.chunks_exact_mut(B));
-    let (qr, j_tail) = (qc.remainder(), q.len() / B);
-    for (j, (q, o)) in qc.zip(oc).enumerate() {
-        let q: &[u8; B] = q.try_into().expect("chunk of B");
-        fp8_block(q, o, s.get(j));
-    }
-    if !qr.is_empty() {
-        fp8_block(qr, &mut out[j_tail * B..], s.get(j_tail));
-    }
-}
-
-fn decode_fp8_dyn(q: &[u8], out: &mut [f32], s: &Scales, b: usize) {
-    for (j, (q, o)) in q.chunks(b).zip(out.chunks_mut(b)).enumerate() {
-        fp8_block(q, o, s.get(j));
-    }
-}
-
-/// FP4 row decode with the group width known at compile time (`G` values, `G/2` bytes).
-fn decode_fp4<const G: usize>(q: &[u8], out: &mut [f32], s: &Scales) {
-    let half = G / 2;
-    let (qc, oc) = (q.chunks_exact(half), out.chunks_exact_mut(G));
-    let (qr, j_tail) = (qc.remainder(), q.len() / half);
-    for (j, (q, o)) in qc.zip(oc).enumerate() {
-        fp4_group(q, o, s.get(j));
-    }
-    if !qr.is_empty() {
-        fp4_group(qr, &mut out[j_tail * G..], s.get(j_tail));
-    }
-}
-
-fn decode_fp4_dyn(q: &[u8], out: &mut [f32], s: &Scales, g: usize) {
-    for (j, (q, o)) in q.chunks(g / 2).zip(out.chunks_mut(g)).enumerate() {
-        fp4_group(q, o, s.get(j));
+/// Scales `first..first+count` of a scale tensor (E8M0 or F32) as f32 values, into `out`.
+fn decode_scales(scale: &HostTensor, first: usize, count: usize, out: &mut Vec<f32>) {
+    let bytes = scale.bytes();
+    out.clear();
+    match scale.dtype {
+        DType::F32 => out.extend(
+            bytes[4 * first..4 * (first + count)].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        _ => out.extend(bytes[first..first + count].iter().map(|&b| e8m0_to_f32_unchecked(b))),
     }
 }

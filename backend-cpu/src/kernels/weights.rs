@@ -1,0 +1,569 @@
+//! Matrix-vector kernels on a weight row in its stored form: `F32`, `BF16`, `F16`, FP8 e4m3fn
+//! with block scales and FP4 e2m1 with group scales (DeepSeek V4's checkpoint formats: FP8 in
+//! 128×128 blocks with E8M0 or F32 scales, FP4 in 1×32 groups with E8M0 scales, the element
+//! and scale encodings of the OCP Microscaling (MX) spec; see `dsv4_core::quant`).
+//!
+//! The packed row is decoded in registers, a 32-value chunk at a time, and every decoded chunk
+//! is multiplied into all input rows before the next one is read, so the weight is streamed
+//! once in its stored size, whatever the number of input rows.
+//!
+//! # One summation order for every instruction set
+//!
+//! Every path sums in the *canonical order*, so all of them give the same bits:
+//!
+//! * value `j` of the row is the table value times its scale, one f32 multiply
+//!   (`E4M3_TO_F32[code] * scale`, `E2M1_TO_F32[code] * scale`; BF16/F16/F32 exactly);
+//! * the row is padded with zeros to a multiple of 32, and element `j` goes into lane `j % 32`
+//!   as `acc = fma(w[j], x[j], acc)` (one rounding), lanes starting at `+0.0`, `j` increasing;
+//!   padded elements are real `fma(0, 0, acc)` steps (they turn a `-0.0` lane into `+0.0`);
+//! * the 32 lanes are reduced pairwise: `acc[i] + acc[i + 16]`, then `+ 8`, `+ 4`, `+ 2`, `+ 1`.
+//!
+//! [`Isa::Scalar`] is the reference: `[f32; 32]` arrays and `f32::mul_add`, table look-ups
+//! for decoding. On aarch64 that is the only path (NEON is baseline there and LLVM vectorises
+//! the 32-lane loops; there is no hand-written NEON kernel, as no aarch64 machine is at hand to
+//! test one). On x86-64 without FMA hardware `mul_add` is a libm call: slow but exact.
+//! [`Isa::Avx2`] keeps a chunk in four 8-lane registers, [`Isa::Avx512`] in two 16-lane ones
+//! (`x86.rs`).
+
+use dsv4_core::quant::{E2M1_TO_F32, E4M3_TO_F32};
+
+use super::Isa;
+
+/// Values per chunk: the number of accumulator lanes of the canonical order.
+pub(crate) const LANES: usize = 32;
+
+/// A weight row of `k` values in its stored form, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub enum Row<'a> {
+    /// `k` values.
+    F32(&'a [f32]),
+    /// `2k` bytes, little-endian bf16 (f32 bits = `u16 << 16`).
+    Bf16(&'a [u8]),
+    /// `2k` bytes, little-endian IEEE binary16.
+    F16(&'a [u8]),
+    /// `k` e4m3fn codes; value `j` = `E4M3(codes[j]) * scales[j / block]`.
+    Fp8 { codes: &'a [u8], scales: &'a [f32], block: usize },
+    /// `k / 2` bytes, two e2m1 codes per byte, low nibble first (value `2i` is the low nibble of
+    /// byte `i`); value `j` = `E2M1(code j) * scales[j / group]`. `k` is even.
+    Fp4 { codes: &'a [u8], scales: &'a [f32], group: usize },
+}
+
+impl Row<'_> {
+    /// The number of values `k`.
+    pub fn len(&self) -> usize {
+        match *self {
+            Row::F32(v) => v.len(),
+            Row::Bf16(b) | Row::F16(b) => b.len() / 2,
+            Row::Fp8 { codes, .. } => codes.len(),
+            Row::Fp4 { codes, .. } => codes.len() * 2,
+        }
+    }
+
+    /// Whether the row has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Panics unless the slices agree with each other (the kernels read by pointer).
+    fn check(&self) {
+        let k = self.len();
+        match *self {
+            Row::F32(_) => {}
+            Row::Bf16(b) | Row::F16(b) => assert!(b.len() % 2 == 0, "a 16-bit row needs an even byte count"),
+            Row::Fp8 { scales, block, .. } => {
+                assert!(block > 0, "an FP8 row needs a block size of at least 1");
+                assert!(scales.len() >= k.div_ceil(block), "FP8 row: {k} values need {} scales", k.div_ceil(block));
+            }
+            Row::Fp4 { scales, group, .. } => {
+                assert!(group > 0, "an FP4 row needs a group size of at least 1");
+                assert!(scales.len() >= k.div_ceil(group), "FP4 row: {k} values need {} scales", k.div_ceil(group));
+            }
+        }
+    }
+
+    /// Value `j`, decoded through the scalar tables (the definition every path matches).
+    #[inline]
+    pub(crate) fn value(&self, j: usize) -> f32 {
+        match *self {
+            Row::F32(v) => v[j],
+            Row::Bf16(b) => bf16_at(b, j),
+            Row::F16(b) => f16_at(b, j),
+            Row::Fp8 { codes, scales, block } => E4M3_TO_F32[codes[j] as usize] * scales[j / block],
+            Row::Fp4 { codes, scales, group } => E2M1_TO_F32[nibble(codes, j) as usize] * scales[j / group],
+        }
+    }
+}
+
+/// bf16 element `j` of little-endian bytes, widened exactly.
+#[inline(always)]
+fn bf16_at(b: &[u8], j: usize) -> f32 {
+    f32::from_bits((u16::from_le_bytes([b[2 * j], b[2 * j + 1]]) as u32) << 16)
+}
+
+/// IEEE half element `j` of little-endian bytes, widened exactly.
+#[inline(always)]
+fn f16_at(b: &[u8], j: usize) -> f32 {
+    half::f16::from_le_bytes([b[2 * j], b[2 * j + 1]]).to_f32()
+}
+
+/// FP4 code `j` of a packed row (low nibble first).
+#[inline(always)]
+fn nibble(codes: &[u8], j: usize) -> u8 {
+    (codes[j / 2] >> (4 * (j % 2))) & 0xF
+}
+
+/// `out[i] = Σ_j w[j] · xs[i·k + j]` for every input row `i` (`k = w.len()`,
+/// `m = out.len()`, `xs.len() = m·k`), in the canonical order (module docs), so every
+/// instruction set gives the same bits. Any `m` works; up to 8 rows (4 with AVX2) share one
+/// decode of the weight.
+///
+/// Panics if `isa` is not supported by this CPU (use [`Isa::active`]) or the lengths disagree.
+pub fn dot_rows(isa: Isa, w: &Row, xs: &[f32], out: &mut [f32]) {
+    w.check();
+    assert_eq!(xs.len(), out.len() * w.len(), "dot_rows: {} input rows of {} values", out.len(), w.len());
+    match isa {
+        // SAFETY: the scalar lanes run on any CPU; the lengths were checked above.
+        Isa::Scalar => unsafe { dot_rows_with::<Scalar, 8>(w, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(isa.is_supported(), "dot_rows: this CPU does not support avx2+fma+f16c");
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); the row and the slices
+            // agree in length (checked above).
+            unsafe { super::x86::dot_rows_avx2(w, xs, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(isa.is_supported(), "dot_rows: this CPU does not support avx512f/bw/dq/vl");
+            // SAFETY: the CPU has AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C (checked above); the
+            // row and the slices agree in length (checked above).
+            unsafe { super::x86::dot_rows_avx512(w, xs, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        other => panic!("dot_rows: {} is not supported on this CPU", other.name()),
+    }
+}
+
+/// The `k` values of the row widened to f32 into `out` (length `k`): exactly the values
+/// [`dot_rows`] multiplies with, bit for bit equal to the scalar tables times the scales
+/// (FP8's NaN codes `0x7F`/`0xFF` give NaN).
+///
+/// Panics if `isa` is not supported by this CPU or `out.len() != w.len()`.
+pub fn decode_row(isa: Isa, w: &Row, out: &mut [f32]) {
+    w.check();
+    assert_eq!(out.len(), w.len(), "decode_row: the row has {} values", w.len());
+    match isa {
+        // SAFETY: the scalar lanes run on any CPU; the lengths were checked above.
+        Isa::Scalar => unsafe { decode_with::<Scalar>(w, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(isa.is_supported(), "decode_row: this CPU does not support avx2+fma+f16c");
+            // SAFETY: the CPU has AVX2, FMA and F16C and the lengths agree (checked above).
+            unsafe { super::x86::decode_row_avx2(w, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(isa.is_supported(), "decode_row: this CPU does not support avx512f/bw/dq/vl");
+            // SAFETY: the CPU has every feature of `Isa::Avx512` and the lengths agree (checked above).
+            unsafe { super::x86::decode_row_avx512(w, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        other => panic!("decode_row: {} is not supported on this CPU", other.name()),
+    }
+}
+
+/// `Σ a[j]·b[j]` in the canonical order: the same bits as [`dot_rows`] with `Row::F32(a)` and
+/// the single input row `b`. Panics if the lengths differ or `isa` is not supported.
+pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    let mut out = [0f32];
+    dot_rows(isa, &Row::F32(a), b, &mut out);
+    out[0]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared driver: one instruction set's 32-lane vector type (`Lanes`) and one format's
+// chunk decoder (`Decode`) are plugged into the chunk loop below. Everything is
+// `#[inline(always)]`, so it is compiled inside the `#[target_feature]` entry points of `x86.rs`.
+
+/// A 32-lane f32 vector of one instruction set (the accumulator of one input row).
+///
+/// # Safety
+///
+/// Every method may only run on a CPU with the instruction set of the implementing type, and
+/// pointer arguments must be valid for 32 f32 values.
+pub(crate) trait Lanes {
+    /// 32 f32 lanes (lane `l` holds chunk element `l`).
+    type W: Copy;
+    /// All lanes `+0.0`.
+    unsafe fn zero() -> Self::W;
+    /// Lanes `p[0..32]`.
+    unsafe fn load(p: *const f32) -> Self::W;
+    /// Writes the lanes to `p[0..32]`.
+    unsafe fn store(w: Self::W, p: *mut f32);
+    /// `fma(w[l], x[l], acc[l])` for every lane, each rounded once.
+    unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W;
+    /// The canonical pairwise reduction (16, 8, 4, 2, 1).
+    unsafe fn reduce(acc: Self::W) -> f32;
+}
+
+/// The decoder of one stored format for one instruction set.
+///
+/// # Safety
+///
+/// As [`Lanes`]; `chunk(j, _)` reads elements `j..j + 32`, which must lie inside the row.
+pub(crate) trait Decode<S: Lanes> {
+    /// A block's scale, prepared for `chunk` (a broadcast register, a scaled table).
+    type Scale: Copy;
+    /// The row.
+    fn row(&self) -> &Row<'_>;
+    /// Values per scale, or `None` for unscaled formats.
+    fn block(&self) -> Option<usize>;
+    /// The prepared scale of block `b`, or `None` when the fast decode would not be exact for
+    /// it (then its values go through [`Row::value`]).
+    unsafe fn scale(&self, b: usize) -> Option<Self::Scale>;
+    /// Values `j..j + 32`, all in one block whose prepared scale is `s`.
+    unsafe fn chunk(&self, j: usize, s: Self::Scale) -> S::W;
+}
+
+/// [`dot_rows`] on the instruction set `S`, input rows taken `G` at a time (at most 8).
+///
+/// # Safety
+///
+/// The CPU supports `S`; `w` is checked and `xs.len() == out.len() * w.len()`.
+#[inline(always)]
+pub(crate) unsafe fn dot_rows_with<S: Lanes, const G: usize>(w: &Row, xs: &[f32], out: &mut [f32])
+where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    match *w {
+        Row::F32(v) => rows::<S, _, G>(&F32Dec(Row::F32(v)), xs, out),
+        Row::Bf16(b) => rows::<S, _, G>(&Bf16Dec(Row::Bf16(b)), xs, out),
+        Row::F16(b) => rows::<S, _, G>(&F16Dec(Row::F16(b)), xs, out),
+        Row::Fp8 { .. } => rows::<S, _, G>(&Fp8Dec(*w), xs, out),
+        Row::Fp4 { .. } => rows::<S, _, G>(&Fp4Dec(*w), xs, out),
+    }
+}
+
+/// [`decode_row`] on the instruction set `S`.
+///
+/// # Safety
+///
+/// The CPU supports `S`; `w` is checked and `out.len() == w.len()`.
+#[inline(always)]
+pub(crate) unsafe fn decode_with<S: Lanes>(w: &Row, out: &mut [f32])
+where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    match *w {
+        Row::F32(v) => out.copy_from_slice(v),
+        Row::Bf16(b) => decode::<S, _>(&Bf16Dec(Row::Bf16(b)), out),
+        Row::F16(b) => decode::<S, _>(&F16Dec(Row::F16(b)), out),
+        Row::Fp8 { .. } => decode::<S, _>(&Fp8Dec(*w), out),
+        Row::Fp4 { .. } => decode::<S, _>(&Fp4Dec(*w), out),
+    }
+}
+
+/// The decoders, one per format; each holds its `Row` (of that variant only).
+pub(crate) struct F32Dec<'a>(pub Row<'a>);
+/// See [`F32Dec`].
+pub(crate) struct Bf16Dec<'a>(pub Row<'a>);
+/// See [`F32Dec`].
+pub(crate) struct F16Dec<'a>(pub Row<'a>);
+/// See [`F32Dec`].
+pub(crate) struct Fp8Dec<'a>(pub Row<'a>);
+/// See [`F32Dec`].
+pub(crate) struct Fp4Dec<'a>(pub Row<'a>);
+
+/// The row's bytes (16-bit formats and FP4), values (F32) or codes, as a base pointer.
+macro_rules! row_parts {
+    ($row:expr, F32) => {
+        match $row {
+            Row::F32(v) => v,
+            _ => unreachable!(),
+        }
+    };
+    ($row:expr, Half) => {
+        match $row {
+            Row::Bf16(b) | Row::F16(b) => b,
+            _ => unreachable!(),
+        }
+    };
+    ($row:expr, Scaled) => {
+        match $row {
+            Row::Fp8 { codes, scales, block } => (codes, scales, block),
+            Row::Fp4 { codes, scales, group } => (codes, scales, group),
+            _ => unreachable!(),
+        }
+    };
+}
+pub(crate) use row_parts;
+
+/// Runs the input rows through [`group`], `G` (or the rest) at a time.
+#[inline(always)]
+unsafe fn rows<S: Lanes, D: Decode<S>, const G: usize>(d: &D, xs: &[f32], out: &mut [f32]) {
+    let k = d.row().len();
+    let mut r = 0;
+    while r < out.len() {
+        let g = (out.len() - r).min(G);
+        let (x, o) = (&xs[r * k..(r + g) * k], &mut out[r..r + g]);
+        match g {
+            1 => group::<S, D, 1>(d, x, o),
+            2 => group::<S, D, 2>(d, x, o),
+            3 => group::<S, D, 3>(d, x, o),
+            4 => group::<S, D, 4>(d, x, o),
+            5 => group::<S, D, 5>(d, x, o),
+            6 => group::<S, D, 6>(d, x, o),
+            7 => group::<S, D, 7>(d, x, o),
+            _ => group::<S, D, 8>(d, x, o),
+        }
+        r += g;
+    }
+}
+
+/// `M` input rows (`xs` is `M·k` values) against the row, accumulators in registers.
+///
+/// Full chunks inside a block are decoded by `D::chunk` with the block's scale; the tail
+/// chunk, chunks of blocks whose size is not a multiple of 32 (they may straddle two scales)
+/// and blocks whose fast decode would not be exact go through [`Row::value`] into a
+/// zero-padded buffer. Either way the lanes see the canonical sequence of `fma`s.
+#[inline(always)]
+unsafe fn group<S: Lanes, D: Decode<S>, const M: usize>(d: &D, xs: &[f32], out: &mut [f32]) {
+    let k = d.row().len();
+    let x: [&[f32]; M] = std::array::from_fn(|i| &xs[i * k..(i + 1) * k]);
+    let mut acc = [S::zero(); M];
+    let full = k / LANES * LANES;
+    let block = d.block().unwrap_or(full.max(LANES));
+    let mut j = 0;
+    if block % LANES == 0 {
+        let mut b = 0;
+        while j < full {
+            let end = (j + block).min(full);
+            match d.scale(b) {
+                Some(s) => {
+                    while j < end {
+                        let w = d.chunk(j, s);
+                        for i in 0..M {
+                            acc[i] = S::fma(w, x[i].as_ptr().add(j), acc[i]);
+                        }
+                        j += LANES;
+                    }
+                }
+                None => {
+                    while j < end {
+                        slow_chunk::<S, M>(d.row(), j, &x, &mut acc);
+                        j += LANES;
+                    }
+                }
+            }
+            b += 1;
+        }
+    }
+    while j < k {
+        slow_chunk::<S, M>(d.row(), j, &x, &mut acc);
+        j += LANES;
+    }
+    for i in 0..M {
+        out[i] = S::reduce(acc[i]);
+    }
+}
+
+/// The chunk at `j` through [`Row::value`], zero-padded past `k` (as are the inputs).
+#[inline(always)]
+unsafe fn slow_chunk<S: Lanes, const M: usize>(w: &Row, j: usize, x: &[&[f32]; M], acc: &mut [S::W; M]) {
+    let n = (w.len() - j).min(LANES);
+    let mut wb = [0f32; LANES];
+    for (l, v) in wb[..n].iter_mut().enumerate() {
+        *v = w.value(j + l);
+    }
+    let wv = S::load(wb.as_ptr());
+    for i in 0..M {
+        let mut xb = [0f32; LANES];
+        xb[..n].copy_from_slice(&x[i][j..j + n]);
+        acc[i] = S::fma(wv, xb.as_ptr(), acc[i]);
+    }
+}
+
+/// Decodes the whole row into `out` (same chunking as [`group`]).
+#[inline(always)]
+unsafe fn decode<S: Lanes, D: Decode<S>>(d: &D, out: &mut [f32]) {
+    let k = d.row().len();
+    let full = k / LANES * LANES;
+    let block = d.block().unwrap_or(full.max(LANES));
+    let mut j = 0;
+    if block % LANES == 0 {
+        let mut b = 0;
+        while j < full {
+            let end = (j + block).min(full);
+            if let Some(s) = d.scale(b) {
+                while j < end {
+                    S::store(d.chunk(j, s), out[j..j + LANES].as_mut_ptr());
+                    j += LANES;
+                }
+            }
+            // A block without a fast scale is left to the loop below.
+            while j < end {
+                out[j] = d.row().value(j);
+                j += 1;
+            }
+            b += 1;
+        }
+    }
+    for (o, jj) in out[j..].iter_mut().zip(j..) {
+        *o = d.row().value(jj);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scalar reference (and the aarch64 path).
+
+/// Portable lanes: `[f32; 32]`, `f32::mul_add`.
+pub(crate) struct Scalar;
+
+impl Lanes for Scalar {
+    type W = [f32; LANES];
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::W {
+        [0.0; LANES]
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::W {
+        // SAFETY: the caller passes a pointer valid for 32 values (trait contract).
+        unsafe { p.cast::<[f32; LANES]>().read_unaligned() }
+    }
+
+    #[inline(always)]
+    unsafe fn store(w: Self::W, p: *mut f32) {
+        // SAFETY: the caller passes a pointer valid for 32 values (trait contract).
+        unsafe { p.cast::<[f32; LANES]>().write_unaligned(w) }
+    }
+
+    #[inline(always)]
+    unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W {
+        // SAFETY: the caller passes a pointer valid for 32 values (trait contract).
+        let x = unsafe { Self::load(x) };
+        std::array::from_fn(|l| w[l].mul_add(x[l], acc[l]))
+    }
+
+    #[inline(always)]
+    unsafe fn reduce(acc: Self::W) -> f32 {
+        reduce32(&acc)
+    }
+}
+
+/// The canonical reduction of 32 lanes: `s16[i] = a[i] + a[i+16]`, then 8, 4, 2, 1.
+#[inline(always)]
+pub(crate) fn reduce32(a: &[f32; LANES]) -> f32 {
+    let s16: [f32; 16] = std::array::from_fn(|i| a[i] + a[i + 16]);
+    let s8: [f32; 8] = std::array::from_fn(|i| s16[i] + s16[i + 8]);
+    let s4: [f32; 4] = std::array::from_fn(|i| s8[i] + s8[i + 4]);
+    let s2: [f32; 2] = std::array::from_fn(|i| s4[i] + s4[i + 2]);
+    s2[0] + s2[1]
+}
+
+impl Decode<Scalar> for F32Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [f32; LANES] {
+        let v = row_parts!(self.0, F32);
+        v[j..j + LANES].try_into().expect("a chunk")
+    }
+}
+
+impl Decode<Scalar> for Bf16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [f32; LANES] {
+        let b = row_parts!(self.0, Half);
+        std::array::from_fn(|l| bf16_at(b, j + l))
+    }
+}
+
+impl Decode<Scalar> for F16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [f32; LANES] {
+        let b = row_parts!(self.0, Half);
+        std::array::from_fn(|l| f16_at(b, j + l))
+    }
+}
+
+impl Decode<Scalar> for Fp8Dec<'_> {
+    type Scale = f32;
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<f32> {
+        Some(row_parts!(self.0, Scaled).1[b])
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, s: f32) -> [f32; LANES] {
+        let codes = row_parts!(self.0, Scaled).0;
+        std::array::from_fn(|l| E4M3_TO_F32[codes[j + l] as usize] * s)
+    }
+}
+
+impl Decode<Scalar> for Fp4Dec<'_> {
+    type Scale = f32;
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<f32> {
+        Some(row_parts!(self.0, Scaled).1[b])
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, s: f32) -> [f32; LANES] {
+        let codes = row_parts!(self.0, Scaled).0;
+        std::array::from_fn(|l| E2M1_TO_F32[nibble(codes, j + l) as usize] * s)
+    }
+}
+
+#[cfg(test)]
+#[path = "weights_tests.rs"]
+mod tests;

@@ -1,0 +1,482 @@
+//! Tests of `weights.rs` on every instruction set this CPU supports: bit equality with an
+//! independent scalar reference, closeness to an f64 sum, every FP8 and FP4 code, partial
+//! blocks, odd lengths, any number of input rows, signed zeros; and an `#[ignore]`d
+//! throughput benchmark (`bench_dot_rows`).
+
+use super::*;
+use dsv4_core::quant::{E2M1_TO_F32, E4M3_TO_F32};
+
+/// A small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+    /// A finite e4m3fn code (not 0x7F / 0xFF).
+    fn e4m3(&mut self) -> u8 {
+        loop {
+            let b = self.byte();
+            if b & 0x7F != 0x7F {
+                return b;
+            }
+        }
+    }
+    /// Inputs with some negative and positive zeros mixed in.
+    fn xs(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| match self.next() % 16 {
+                0 => -0.0,
+                1 => 0.0,
+                _ => self.f32() * 4.0,
+            })
+            .collect()
+    }
+}
+
+/// A row and the buffers it borrows.
+struct Owned {
+    f32s: Vec<f32>,
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    F32,
+    Bf16,
+    F16,
+    Fp8(usize),
+    Fp4(usize),
+}
+
+impl Owned {
+    fn row(&self) -> Row<'_> {
+        match self.kind {
+            Kind::F32 => Row::F32(&self.f32s),
+            Kind::Bf16 => Row::Bf16(&self.bytes),
+            Kind::F16 => Row::F16(&self.bytes),
+            Kind::Fp8(block) => Row::Fp8 { codes: &self.bytes, scales: &self.scales, block },
+            Kind::Fp4(group) => Row::Fp4 { codes: &self.bytes, scales: &self.scales, group },
+        }
+    }
+
+    /// A random row of `k` values (`k` even for FP4) with the given per-block scales.
+    fn random(kind: Kind, k: usize, rng: &mut Rng, scale: &mut dyn FnMut(&mut Rng) -> f32) -> Owned {
+        let mut o = Owned { f32s: vec![], bytes: vec![], scales: vec![], kind };
+        match kind {
+            Kind::F32 => o.f32s = (0..k).map(|_| rng.f32()).collect(),
+            Kind::Bf16 => o.bytes = (0..k).flat_map(|_| ((rng.f32().to_bits() >> 16) as u16).to_le_bytes()).collect(),
+            Kind::F16 => o.bytes = (0..k).flat_map(|_| half::f16::from_f32(rng.f32() * 8.0).to_le_bytes()).collect(),
+            Kind::Fp8(block) => {
+                o.bytes = (0..k).map(|_| rng.e4m3()).collect();
+                o.scales = (0..k.div_ceil(block)).map(|_| scale(rng)).collect();
+            }
+            Kind::Fp4(group) => {
+                o.bytes = (0..k / 2).map(|_| rng.byte()).collect();
+                o.scales = (0..k.div_ceil(group)).map(|_| scale(rng)).collect();
+            }
+        }
+        o
+    }
+}
+
+/// Value `j` of the row, straight from the format definitions (independent of `Row::value`).
+fn ref_value(w: &Row, j: usize) -> f32 {
+    match *w {
+        Row::F32(v) => v[j],
+        Row::Bf16(b) => f32::from_bits(((b[2 * j + 1] as u32) << 24) | ((b[2 * j] as u32) << 16)),
+        Row::F16(b) => half::f16::from_bits(b[2 * j] as u16 | ((b[2 * j + 1] as u16) << 8)).to_f32(),
+        Row::Fp8 { codes, scales, block } => E4M3_TO_F32[codes[j] as usize] * scales[j / block],
+        Row::Fp4 { codes, scales, group } => {
+            let code = if j.is_multiple_of(2) { codes[j / 2] & 0xF } else { codes[j / 2] >> 4 };
+            E2M1_TO_F32[code as usize] * scales[j / group]
+        }
+    }
+}
+
+/// The canonical order, literally: zero-padded to a multiple of 32, lane `j % 32`, `mul_add`,
+/// then the pairwise reduction.
+fn reference(w: &Row, x: &[f32]) -> f32 {
+    let k = w.len();
+    let mut acc = [0f32; 32];
+    for j in 0..k.div_ceil(32) * 32 {
+        let (wj, xj) = if j < k { (ref_value(w, j), x[j]) } else { (0.0, 0.0) };
+        acc[j % 32] = wj.mul_add(xj, acc[j % 32]);
+    }
+    let mut n = 32;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+    }
+    acc[0]
+}
+
+/// Bit equality, any NaN equal to any NaN.
+fn same(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// Runs `dot_rows` on every supported set and checks each output against the reference
+/// (bits) and against an f64 sum (closeness, when finite).
+fn check_dot(w: &Row, m: usize, rng: &mut Rng, what: &str) {
+    let k = w.len();
+    let xs = rng.xs(m * k);
+    let want: Vec<f32> = xs.chunks(k.max(1)).take(m).map(|x| reference(w, x)).collect();
+    let want = if k == 0 { vec![0.0; m] } else { want };
+    for (i, x) in xs.chunks(k.max(1)).take(m).enumerate().filter(|_| k > 0) {
+        let (mut exact, mut mag) = (0f64, 0f64);
+        for (j, &xj) in x.iter().enumerate() {
+            let p = ref_value(w, j) as f64 * xj as f64;
+            exact += p;
+            mag += p.abs();
+        }
+        // Only where no partial sum can overflow f32 (a sum of magnitudes past f32::MAX may
+        // overflow to ±inf in f32 and give NaN, which is the reference's answer too).
+        if mag < f32::MAX as f64 {
+            let err = (want[i] as f64 - exact).abs();
+            assert!(err <= 1e-5 * mag + k as f64 * 1.5e-45, "{what} row {i}: {} vs f64 {exact} (Σ|wx| {mag})", want[i]);
+        }
+    }
+    for isa in Isa::supported() {
+        let mut out = vec![f32::NAN; m];
+        dot_rows(isa, w, &xs, &mut out);
+        for i in 0..m {
+            assert!(
+                same(out[i], want[i]),
+                "{what} {isa:?} m={m} row {i}: {:e} ({:#x}) vs reference {:e} ({:#x})",
+                out[i],
+                out[i].to_bits(),
+                want[i],
+                want[i].to_bits()
+            );
+        }
+        // The dequantise-at-load path: the decoded row as F32 gives the same bits.
+        let mut dec = vec![0f32; k];
+        decode_row(isa, w, &mut dec);
+        let mut again = vec![f32::NAN; m];
+        dot_rows(isa, &Row::F32(&dec), &xs, &mut again);
+        for i in 0..m {
+            assert!(same(again[i], want[i]), "{what} {isa:?} m={m} row {i}: decoded F32 row differs");
+        }
+    }
+}
+
+/// Checks `decode_row` on every supported set against `ref_value`, bit for bit.
+fn check_decode(w: &Row, what: &str) {
+    let want: Vec<f32> = (0..w.len()).map(|j| ref_value(w, j)).collect();
+    for isa in Isa::supported() {
+        let mut out = vec![0f32; w.len()];
+        decode_row(isa, w, &mut out);
+        for (j, (o, e)) in out.iter().zip(&want).enumerate() {
+            assert!(same(*o, *e), "{what} {isa:?} value {j}: {o:e} ({:#x}) vs {e:e} ({:#x})", o.to_bits(), e.to_bits());
+        }
+    }
+}
+
+/// Scales to try: 1, non-powers of two, E8M0-like powers of two from 2⁻¹²⁷ (subnormal) to
+/// 2¹²⁷ (where `scale · 256` overflows, the FP8 fold is not exact and the table path is used),
+/// the largest f32 and negative ones.
+fn scale_set() -> Vec<f32> {
+    let mut s = vec![1.0, 0.37, 3.0, -0.7, 1.0e-3, 123.456, f32::MAX, f32::MIN_POSITIVE];
+    for e in [-127, -126, -120, -100, -9, 0, 7, 100, 119, 120, 121, 127] {
+        s.push(2f32.powi(e));
+    }
+    s.push(f32::from_bits(1 << 22)); // 2^-127, the E8M0 byte 0
+    s.push(1.5 * 2f32.powi(119)); // s·256 is finite, E·s may overflow
+    s
+}
+
+#[test]
+fn every_fp8_code_decodes_like_the_table() {
+    // Codes at every lane position (rotations), one scale per block of 128 and other blocks.
+    for s in scale_set() {
+        for rot in [0usize, 1, 17, 31] {
+            let codes: Vec<u8> = (0..256 + rot).map(|i| ((i + 256 - rot) % 256) as u8).collect();
+            for block in [128, 32, 64, 7, 1, 1000] {
+                let scales = vec![s; codes.len().div_ceil(block)];
+                check_decode(
+                    &Row::Fp8 { codes: &codes, scales: &scales, block },
+                    &format!("fp8 s={s:e} rot={rot} b={block}"),
+                );
+            }
+        }
+    }
+    // NaN codes really are NaN on every path.
+    let codes = [0x7Fu8, 0xFF].repeat(32);
+    for isa in Isa::supported() {
+        let mut out = vec![0f32; 64];
+        decode_row(isa, &Row::Fp8 { codes: &codes, scales: &[1.0], block: 128 }, &mut out);
+        assert!(out.iter().all(|v| v.is_nan()), "{isa:?}");
+    }
+}
+
+#[test]
+fn every_fp4_code_decodes_like_the_table() {
+    for s in scale_set() {
+        for rot in [0usize, 1, 9, 15] {
+            // Every byte, hence every code in both nibbles, at shifted positions.
+            let bytes: Vec<u8> = (0..256 + rot).map(|i| ((i + 256 - rot) % 256) as u8).collect();
+            for group in [32, 64, 16, 6, 1, 4096] {
+                let scales = vec![s; (2 * bytes.len()).div_ceil(group)];
+                check_decode(
+                    &Row::Fp4 { codes: &bytes, scales: &scales, group },
+                    &format!("fp4 s={s:e} rot={rot} g={group}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_16_bit_pattern_decodes_exactly() {
+    let bytes: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    check_decode(&Row::Bf16(&bytes), "bf16");
+    check_decode(&Row::F16(&bytes), "f16");
+    // And odd lengths (tails).
+    check_decode(&Row::F16(&bytes[..2 * 33]), "f16 k=33");
+    check_decode(&Row::Bf16(&bytes[2 * 1000..2 * 1257]), "bf16 k=257");
+}
+
+#[test]
+fn fp8_blocks_with_differing_scales_decode_per_block() {
+    let mut rng = Rng(7);
+    for (k, block) in [(257, 128), (1000, 128), (300, 96), (129, 48), (100, 3), (64, 32)] {
+        let o = Owned::random(Kind::Fp8(block), k, &mut rng, &mut |r| r.f32() * 3.0);
+        check_decode(&o.row(), &format!("fp8 k={k} block={block}"));
+    }
+}
+
+const KS: [usize; 13] = [0, 1, 2, 7, 31, 32, 33, 40, 127, 129, 257, 1000, 1024];
+const MS: [usize; 8] = [1, 2, 3, 4, 5, 8, 9, 17];
+
+#[test]
+fn dot_rows_is_the_reference_for_float_rows() {
+    let mut rng = Rng(1);
+    for kind in [Kind::F32, Kind::Bf16, Kind::F16] {
+        for k in KS {
+            for m in MS {
+                let o = Owned::random(kind, k, &mut rng, &mut |_| 1.0);
+                check_dot(&o.row(), m, &mut rng, &format!("{kind:?} k={k}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_rows_is_the_reference_for_fp8_rows() {
+    let mut rng = Rng(2);
+    let e8m0 = |r: &mut Rng| 2f32.powi((r.next() % 40) as i32 - 30);
+    for block in [128, 32, 64, 48, 7, 1] {
+        for k in KS {
+            for m in MS {
+                // Non-power-of-two F32 scales, then E8M0-like powers of two.
+                let o = Owned::random(Kind::Fp8(block), k, &mut rng, &mut |r| r.f32() * 2.0);
+                check_dot(&o.row(), m, &mut rng, &format!("fp8 f32-scales k={k} block={block}"));
+                let o = Owned::random(Kind::Fp8(block), k, &mut rng, &mut { e8m0 });
+                check_dot(&o.row(), m, &mut rng, &format!("fp8 e8m0 k={k} block={block}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_rows_is_the_reference_for_fp4_rows() {
+    let mut rng = Rng(3);
+    let e8m0 = |r: &mut Rng| 2f32.powi((r.next() % 40) as i32 - 20);
+    for group in [32, 64, 16, 10, 1] {
+        for k in KS.iter().map(|k| k + k % 2) {
+            for m in MS {
+                let o = Owned::random(Kind::Fp4(group), k, &mut rng, &mut { e8m0 });
+                check_dot(&o.row(), m, &mut rng, &format!("fp4 k={k} group={group}"));
+                let o = Owned::random(Kind::Fp4(group), k, &mut rng, &mut |r| r.f32());
+                check_dot(&o.row(), m, &mut rng, &format!("fp4 f32-scales k={k} group={group}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn extreme_scales_keep_the_reference_bits() {
+    // Huge and tiny E8M0 scales: overflow to ±inf, subnormal products, the FP8 fold fallback.
+    let mut rng = Rng(4);
+    for s in scale_set() {
+        for k in [33, 128, 257] {
+            let o = Owned::random(Kind::Fp8(128), k, &mut rng, &mut |_| s);
+            check_dot(&o.row(), 3, &mut rng, &format!("fp8 s={s:e} k={k}"));
+            let o = Owned::random(Kind::Fp4(32), k + 1, &mut rng, &mut |_| s);
+            check_dot(&o.row(), 3, &mut rng, &format!("fp4 s={s:e} k={k}"));
+        }
+    }
+}
+
+#[test]
+fn padding_is_a_real_fma_so_signed_zeros_match() {
+    // w·x underflows to -0.0 in every lane it touches. With k = 64 every lane ends at -0.0 and
+    // so does the sum; with k = 63 lane 31's padded step fma(0, 0, -0.0) gives +0.0, and the
+    // sum is +0.0. A path that skipped the padding would give -0.0 for k = 63.
+    let tiny = 1.0e-30f32;
+    for (k, want) in [(64usize, -0.0f32), (63, 0.0), (32, -0.0), (31, 0.0), (1, 0.0)] {
+        let w = vec![-tiny; k];
+        for m in [1, 3, 9] {
+            let xs = vec![tiny; m * k];
+            for isa in Isa::supported() {
+                let mut out = vec![f32::NAN; m];
+                dot_rows(isa, &Row::F32(&w), &xs, &mut out);
+                for o in &out {
+                    assert_eq!(o.to_bits(), want.to_bits(), "{isa:?} k={k} m={m}: {o:e}");
+                }
+            }
+        }
+    }
+    // The same through FP8 codes: 0x80 is -0.0, and -0.0 · x = -0.0 for positive x.
+    let codes = vec![0x80u8; 63];
+    let xs = vec![1.0f32; 63];
+    for isa in Isa::supported() {
+        let mut out = [f32::NAN];
+        dot_rows(isa, &Row::Fp8 { codes: &codes, scales: &[1.0], block: 128 }, &xs, &mut out);
+        assert_eq!(out[0].to_bits(), 0.0f32.to_bits(), "{isa:?}");
+    }
+}
+
+#[test]
+fn dot_is_dot_rows_with_one_row() {
+    let mut rng = Rng(5);
+    for k in KS {
+        let a: Vec<f32> = rng.xs(k);
+        let b: Vec<f32> = rng.xs(k);
+        let want = reference(&Row::F32(&a), &b);
+        for isa in Isa::supported() {
+            assert!(same(dot(isa, &a, &b), want), "{isa:?} k={k}");
+        }
+    }
+}
+
+#[test]
+fn nan_codes_poison_the_sum() {
+    let mut codes = vec![0x38u8; 100]; // 1.0
+    codes[77] = 0xFF;
+    let xs = vec![1.0f32; 2 * 100];
+    for isa in Isa::supported() {
+        let mut out = [0f32; 2];
+        dot_rows(isa, &Row::Fp8 { codes: &codes, scales: &[1.0], block: 128 }, &xs, &mut out);
+        assert!(out.iter().all(|v| v.is_nan()), "{isa:?}: {out:?}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "input rows")]
+fn mismatched_inputs_are_refused() {
+    dot_rows(Isa::Scalar, &Row::F32(&[1.0, 2.0]), &[1.0, 2.0, 3.0], &mut [0.0]);
+}
+
+#[test]
+#[should_panic(expected = "scales")]
+fn missing_scales_are_refused() {
+    dot_rows(Isa::best(), &Row::Fp8 { codes: &[0x38; 129], scales: &[1.0], block: 128 }, &[1.0; 129], &mut [0.0]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark: `cargo test --release -p dsv4-backend-cpu --lib -- --ignored --nocapture bench_dot_rows`
+
+/// The decode path before these kernels (storage.rs `row_f32` + ops.rs `dot`): a table decode
+/// of the row into a scratch buffer, then an 8-lane dot per input row.
+fn old_path(w: &Row, xs: &[f32], out: &mut [f32], scratch: &mut [f32]) {
+    for (j, s) in scratch.iter_mut().enumerate() {
+        *s = w.value(j);
+    }
+    let k = scratch.len();
+    for (o, x) in out.iter_mut().zip(xs.chunks_exact(k)) {
+        let mut acc = [0f32; 8];
+        let (ac, bc) = (x.chunks_exact(8), scratch.chunks_exact(8));
+        let (ar, br) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for i in 0..8 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        let tail: f32 = ar.iter().zip(br).map(|(a, b)| a * b).sum();
+        *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+    }
+}
+
+#[test]
+#[ignore = "benchmark; run in release with --ignored --nocapture"]
+fn bench_dot_rows() {
+    use std::time::Instant;
+    let (n, k) = (4096usize, 1024usize);
+    let mut rng = Rng(9);
+    let fp8: Vec<u8> = (0..n * k).map(|_| rng.e4m3()).collect();
+    let fp8_scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128)).map(|i| 2f32.powi(i as i32 % 7 - 3)).collect();
+    let fp4: Vec<u8> = (0..n * k / 2).map(|_| rng.byte()).collect();
+    let fp4_scales: Vec<f32> = (0..n * k / 32).map(|i| 2f32.powi(i as i32 % 5 - 2)).collect();
+    let bf16: Vec<u8> = (0..n * k).flat_map(|_| ((rng.f32().to_bits() >> 16) as u16).to_le_bytes()).collect();
+    let sk8 = k / 128;
+    let row = |fmt: &str, r: usize| -> Row<'_> {
+        match fmt {
+            "fp8" => Row::Fp8 {
+                codes: &fp8[r * k..(r + 1) * k],
+                scales: &fp8_scales[(r / 128) * sk8..(r / 128 + 1) * sk8],
+                block: 128,
+            },
+            "fp4" => Row::Fp4 {
+                codes: &fp4[r * k / 2..(r + 1) * k / 2],
+                scales: &fp4_scales[r * k / 32..(r + 1) * k / 32],
+                group: 32,
+            },
+            _ => Row::Bf16(&bf16[r * 2 * k..(r + 1) * 2 * k]),
+        }
+    };
+    let bytes = |fmt: &str| match fmt {
+        "fp8" => fp8.len() + fp8_scales.len() * 4,
+        "fp4" => fp4.len() + fp4_scales.len() * 4,
+        _ => bf16.len(),
+    };
+    let mut paths: Vec<Option<Isa>> = Isa::supported().into_iter().map(Some).collect();
+    paths.insert(0, None);
+    for fmt in ["fp8", "fp4", "bf16"] {
+        for m in [1usize, 4] {
+            let xs = rng.xs(m * k);
+            let mut out = vec![0f32; n * m];
+            let mut scratch = vec![0f32; k];
+            for path in &paths {
+                let run = |out: &mut [f32], scratch: &mut [f32]| {
+                    for r in 0..n {
+                        let o = &mut out[r * m..(r + 1) * m];
+                        match path {
+                            Some(isa) => dot_rows(*isa, &row(fmt, r), &xs, o),
+                            None => old_path(&row(fmt, r), &xs, o, scratch),
+                        }
+                    }
+                };
+                run(&mut out, &mut scratch); // warm up
+                let (t0, mut reps) = (Instant::now(), 0);
+                while reps < 3 || t0.elapsed().as_secs_f64() < 0.5 {
+                    run(&mut out, &mut scratch);
+                    reps += 1;
+                }
+                let secs = t0.elapsed().as_secs_f64() / reps as f64;
+                let name = path.map_or("old (table+dot)", |i| i.name());
+                println!(
+                    "{fmt:5} m={m} {name:16} {:8.2} GB/s  {:7.1} µs per {n}x{k}",
+                    bytes(fmt) as f64 / secs / 1e9,
+                    secs * 1e6
+                );
+            }
+        }
+    }
+}

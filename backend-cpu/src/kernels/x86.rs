@@ -1,0 +1,471 @@
+//! The x86-64 lanes and decoders of `weights.rs`: AVX2 (+FMA, F16C) keeps a 32-value chunk in
+//! four `__m256`, AVX-512 (F/BW/DQ/VL) in two `__m512`. The entry points are
+//! `#[target_feature]` functions; everything below them is `#[inline(always)]` and so compiled
+//! with their features. Decoding happens in registers:
+//!
+//! * BF16: zero-extend to 32 bits and shift left by 16.
+//! * F16: `vcvtph2ps`.
+//! * FP8 e4m3fn: the byte `b` becomes the half `((b & 0x80) << 8) | ((b & 0x7F) << 7)` (sign,
+//!   then exponent and mantissa moved into the half's fields: the half's value is
+//!   `E4M3(b) · 2⁻⁸` exactly, subnormals included), computed as `(sign-extend(b) << 7) & 0xBF80`;
+//!   codes `0x7F`/`0xFF` (NaN) are replaced by the half `0x7E00`, which widens to the table's
+//!   NaN `0x7FC00000`; `vcvtph2ps`; then one multiply by `scale · 256`. That multiply rounds
+//!   `(E4M3(b) · 2⁻⁸) · (scale · 2⁸)`, the same real number as `E4M3(b) · scale`, so it gives the
+//!   table's bits whenever `scale · 256` is exact, i.e. finite; a block whose `scale · 256`
+//!   overflows goes through the scalar tables instead (`Decode::scale` returns `None`).
+//! * FP4 e2m1: the 16 codes of a byte pair are spread to one code per byte (`unpack` of the
+//!   bytes and the bytes shifted right by 4), widened to 32 bits, and looked up in a register
+//!   table already multiplied by the group's scale (`E2M1_TO_F32[c] * scale`, the same multiply
+//!   as the scalar path): AVX-512 `vpermps` on the 16 entries; AVX2 `vpermps` on the 8 positive
+//!   and the 8 negative entries, chosen by the code's sign bit (`blendv`), so `-0.0` stays.
+//!   `vpermps` reads only the low 4 (3) bits of an index, so the other bits may hold garbage.
+
+use std::arch::x86_64::*;
+
+use dsv4_core::quant::E2M1_TO_F32;
+
+use super::weights::{
+    decode_with, dot_rows_with, row_parts, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec, Lanes, Row, LANES,
+};
+
+/// [`super::weights::dot_rows`] with AVX2: input rows four at a time.
+///
+/// # Safety
+///
+/// The CPU supports AVX2, FMA and F16C; the row is consistent and `xs.len() == out.len() · k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_rows_avx2(w: &Row, xs: &[f32], out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx2`; the caller checked the lengths.
+    unsafe { dot_rows_with::<Avx2, 4>(w, xs, out) }
+}
+
+/// [`super::weights::dot_rows`] with AVX-512: input rows eight at a time.
+///
+/// # Safety
+///
+/// The CPU supports AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C; the row is consistent and
+/// `xs.len() == out.len() · k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_rows_avx512(w: &Row, xs: &[f32], out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx512`; the caller checked the lengths.
+    unsafe { dot_rows_with::<Avx512, 8>(w, xs, out) }
+}
+
+/// [`super::weights::decode_row`] with AVX2.
+///
+/// # Safety
+///
+/// As [`dot_rows_avx2`], with `out.len() == k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn decode_row_avx2(w: &Row, out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx2`; the caller checked the lengths.
+    unsafe { decode_with::<Avx2>(w, out) }
+}
+
+/// [`super::weights::decode_row`] with AVX-512.
+///
+/// # Safety
+///
+/// As [`dot_rows_avx512`], with `out.len() == k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn decode_row_avx512(w: &Row, out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx512`; the caller checked the lengths.
+    unsafe { decode_with::<Avx512>(w, out) }
+}
+
+/// Reduces 8 lanes `s8` the canonical way: `s4[i] = s8[i] + s8[i+4]`, `s2[i] = s4[i] + s4[i+2]`,
+/// then `s2[0] + s2[1]`.
+///
+/// # Safety
+///
+/// The CPU supports AVX.
+#[inline(always)]
+unsafe fn reduce8(s8: __m256) -> f32 {
+    // SAFETY: register-only AVX/SSE operations; the caller guarantees AVX.
+    unsafe {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+
+/// AVX2 lanes: `[lanes 0-7, 8-15, 16-23, 24-31]`.
+pub(crate) struct Avx2;
+
+impl Lanes for Avx2 {
+    type W = [__m256; 4];
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::W {
+        // SAFETY: the CPU has AVX (trait contract).
+        unsafe { [_mm256_setzero_ps(); 4] }
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::W {
+        // SAFETY: the CPU has AVX and `p` is valid for 32 values (trait contract).
+        unsafe { std::array::from_fn(|v| _mm256_loadu_ps(p.add(8 * v))) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(w: Self::W, p: *mut f32) {
+        for (v, r) in w.into_iter().enumerate() {
+            // SAFETY: the CPU has AVX and `p` is valid for 32 values (trait contract).
+            unsafe { _mm256_storeu_ps(p.add(8 * v), r) }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W {
+        // SAFETY: the CPU has AVX and FMA and `x` is valid for 32 values (trait contract).
+        unsafe { std::array::from_fn(|v| _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x.add(8 * v)), acc[v])) }
+    }
+
+    #[inline(always)]
+    unsafe fn reduce(a: Self::W) -> f32 {
+        // SAFETY: register-only AVX operations (trait contract).
+        unsafe {
+            // s16 is (a[0] + a[2], a[1] + a[3]); s8 the sum of its two halves.
+            reduce8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])))
+        }
+    }
+}
+
+impl Decode<Avx2> for F32Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m256; 4] {
+        // SAFETY: values j..j+32 lie inside the row (trait contract).
+        unsafe { Avx2::load(row_parts!(self.0, F32).as_ptr().add(j)) }
+    }
+}
+
+impl Decode<Avx2> for Bf16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m256; 4] {
+        let p = row_parts!(self.0, Half).as_ptr().wrapping_add(2 * j).cast::<__m128i>();
+        // SAFETY: the 64 bytes of values j..j+32 lie inside the row; AVX2 (trait contract).
+        unsafe {
+            std::array::from_fn(|v| {
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(v))), 16))
+            })
+        }
+    }
+}
+
+impl Decode<Avx2> for F16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m256; 4] {
+        let p = row_parts!(self.0, Half).as_ptr().wrapping_add(2 * j).cast::<__m128i>();
+        // SAFETY: the 64 bytes of values j..j+32 lie inside the row; F16C (trait contract).
+        unsafe { std::array::from_fn(|v| _mm256_cvtph_ps(_mm_loadu_si128(p.add(v)))) }
+    }
+}
+
+/// `scale · 256` (the FP8 half trick's 2⁸ folded into the scale) when that is exact.
+#[inline(always)]
+fn fp8_scale(s: f32) -> Option<f32> {
+    let s256 = s * 256.0;
+    // Finite s·256 is exact (a power-of-two multiply that neither overflows nor loses bits:
+    // subnormal s only gains exponent). A non-finite s gives the scalar result anyway.
+    (s256.is_finite() || !s.is_finite()).then_some(s256)
+}
+
+/// 16 e4m3fn codes (sign-extended to 16 bits) → their halves, NaN codes → `0x7E00`.
+///
+/// # Safety
+///
+/// The CPU supports AVX2.
+#[inline(always)]
+unsafe fn e4m3_halves_avx2(x: __m256i) -> __m256i {
+    // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+    unsafe {
+        let h = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(0xBF80u16 as i16));
+        let em = _mm256_set1_epi16(0x3F80);
+        let nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, em), em);
+        _mm256_blendv_epi8(h, _mm256_set1_epi16(0x7E00), nan)
+    }
+}
+
+impl Decode<Avx2> for Fp8Dec<'_> {
+    type Scale = __m256;
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<__m256> {
+        // SAFETY: AVX (trait contract).
+        fp8_scale(row_parts!(self.0, Scaled).1[b]).map(|s| unsafe { _mm256_set1_ps(s) })
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, s: __m256) -> [__m256; 4] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j).cast::<__m128i>();
+        // SAFETY: the 32 codes j..j+32 lie inside the row; AVX2, F16C (trait contract).
+        unsafe {
+            let h0 = e4m3_halves_avx2(_mm256_cvtepi8_epi16(_mm_loadu_si128(p)));
+            let h1 = e4m3_halves_avx2(_mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(1))));
+            let half = |h: __m256i, hi: bool| {
+                let q = if hi { _mm256_extracti128_si256(h, 1) } else { _mm256_castsi256_si128(h) };
+                _mm256_mul_ps(_mm256_cvtph_ps(q), s)
+            };
+            [half(h0, false), half(h0, true), half(h1, false), half(h1, true)]
+        }
+    }
+}
+
+impl Decode<Avx2> for Fp4Dec<'_> {
+    /// The 8 positive and the 8 negative table entries times the group's scale.
+    type Scale = (__m256, __m256);
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<(__m256, __m256)> {
+        let s = row_parts!(self.0, Scaled).1[b];
+        // SAFETY: the table has 16 entries; AVX (trait contract).
+        unsafe {
+            let s = _mm256_set1_ps(s);
+            let t = E2M1_TO_F32.as_ptr();
+            Some((_mm256_mul_ps(_mm256_loadu_ps(t), s), _mm256_mul_ps(_mm256_loadu_ps(t.add(8)), s)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, (pos, neg): (__m256, __m256)) -> [__m256; 4] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
+        // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX2 (trait
+        // contract).
+        unsafe {
+            let b = _mm_loadu_si128(p);
+            let hi = _mm_srli_epi16(b, 4);
+            // One code per byte, in value order (the high nibbles of the bytes are garbage).
+            let c0 = _mm_unpacklo_epi8(b, hi);
+            let c1 = _mm_unpackhi_epi8(b, hi);
+            let look = |c: __m128i| {
+                let idx = _mm256_cvtepu8_epi32(c);
+                let sign = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                _mm256_blendv_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_permutevar8x32_ps(neg, idx), sign)
+            };
+            [look(c0), look(_mm_srli_si128(c0, 8)), look(c1), look(_mm_srli_si128(c1, 8))]
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+
+/// AVX-512 lanes: `[lanes 0-15, 16-31]`.
+pub(crate) struct Avx512;
+
+impl Lanes for Avx512 {
+    type W = [__m512; 2];
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::W {
+        // SAFETY: the CPU has AVX-512F (trait contract).
+        unsafe { [_mm512_setzero_ps(); 2] }
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::W {
+        // SAFETY: the CPU has AVX-512F and `p` is valid for 32 values (trait contract).
+        unsafe { [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))] }
+    }
+
+    #[inline(always)]
+    unsafe fn store(w: Self::W, p: *mut f32) {
+        // SAFETY: the CPU has AVX-512F and `p` is valid for 32 values (trait contract).
+        unsafe {
+            _mm512_storeu_ps(p, w[0]);
+            _mm512_storeu_ps(p.add(16), w[1]);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W {
+        // SAFETY: the CPU has AVX-512F and `x` is valid for 32 values (trait contract).
+        unsafe {
+            [
+                _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), acc[0]),
+                _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[1]),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn reduce(a: Self::W) -> f32 {
+        // SAFETY: register-only AVX-512F/DQ operations (trait contract).
+        unsafe {
+            let s16 = _mm512_add_ps(a[0], a[1]);
+            reduce8(_mm256_add_ps(_mm512_castps512_ps256(s16), _mm512_extractf32x8_ps(s16, 1)))
+        }
+    }
+}
+
+impl Decode<Avx512> for F32Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m512; 2] {
+        // SAFETY: values j..j+32 lie inside the row (trait contract).
+        unsafe { Avx512::load(row_parts!(self.0, F32).as_ptr().add(j)) }
+    }
+}
+
+impl Decode<Avx512> for Bf16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m512; 2] {
+        let p = row_parts!(self.0, Half).as_ptr().wrapping_add(2 * j).cast::<__m256i>();
+        // SAFETY: the 64 bytes of values j..j+32 lie inside the row; AVX-512F (trait contract).
+        unsafe {
+            std::array::from_fn(|v| {
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(v))), 16))
+            })
+        }
+    }
+}
+
+impl Decode<Avx512> for F16Dec<'_> {
+    type Scale = ();
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        None
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, _: usize) -> Option<()> {
+        Some(())
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, _: ()) -> [__m512; 2] {
+        let p = row_parts!(self.0, Half).as_ptr().wrapping_add(2 * j).cast::<__m256i>();
+        // SAFETY: the 64 bytes of values j..j+32 lie inside the row; AVX-512F (trait contract).
+        unsafe { std::array::from_fn(|v| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(v)))) }
+    }
+}
+
+impl Decode<Avx512> for Fp8Dec<'_> {
+    type Scale = __m512;
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<__m512> {
+        // SAFETY: AVX-512F (trait contract).
+        fp8_scale(row_parts!(self.0, Scaled).1[b]).map(|s| unsafe { _mm512_set1_ps(s) })
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, s: __m512) -> [__m512; 2] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j).cast::<__m256i>();
+        // SAFETY: the 32 codes j..j+32 lie inside the row; AVX-512F/BW (trait contract).
+        unsafe {
+            let x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p));
+            let h = _mm512_and_si512(_mm512_slli_epi16(x, 7), _mm512_set1_epi16(0xBF80u16 as i16));
+            let em = _mm512_set1_epi16(0x3F80);
+            let nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, em), em);
+            let h = _mm512_mask_mov_epi16(h, nan, _mm512_set1_epi16(0x7E00));
+            [
+                _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), s),
+                _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), s),
+            ]
+        }
+    }
+}
+
+impl Decode<Avx512> for Fp4Dec<'_> {
+    /// The 16 table entries times the group's scale.
+    type Scale = __m512;
+    fn row(&self) -> &Row<'_> {
+        &self.0
+    }
+    fn block(&self) -> Option<usize> {
+        Some(row_parts!(self.0, Scaled).2)
+    }
+    #[inline(always)]
+    unsafe fn scale(&self, b: usize) -> Option<__m512> {
+        let s = row_parts!(self.0, Scaled).1[b];
+        // SAFETY: the table has 16 entries; AVX-512F (trait contract).
+        unsafe { Some(_mm512_mul_ps(_mm512_loadu_ps(E2M1_TO_F32.as_ptr()), _mm512_set1_ps(s))) }
+    }
+    #[inline(always)]
+    unsafe fn chunk(&self, j: usize, t: __m512) -> [__m512; 2] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
+        // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX-512F
+        // (trait contract).
+        unsafe {
+            let b = _mm_loadu_si128(p);
+            let hi = _mm_srli_epi16(b, 4);
+            // One code per byte, in value order (the high nibbles of the bytes are garbage).
+            let c0 = _mm_unpacklo_epi8(b, hi);
+            let c1 = _mm_unpackhi_epi8(b, hi);
+            [_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c0), t), _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c1), t)]
+        }
+    }
+}
+
+/// Values per chunk, restated for the asserts of this file.
+const _: () = assert!(LANES == 32);
