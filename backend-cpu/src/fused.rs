@@ -23,58 +23,29 @@ use std::sync::Mutex;
 
 use dsv4_core::backend::{DevicePool, RowFormat};
 use dsv4_core::error::{Error, Result};
-use rayon::prelude::*;
 
+use crate::kernels::attn::{self, IndexQuery};
+use crate::kernels::Isa;
 use crate::par::MIN_WORK;
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor};
+use crate::threads;
 
 fn err(msg: impl Into<String>) -> Error {
     Error::backend("cpu", msg)
 }
 
-/// `Σ a[i]·b[i]` in a fixed order: eight interleaved partial sums (lane `i % 8`) added pairwise,
-/// then the tail. The partial sums are independent, so the loop vectorises. They start at `-0.0`,
-/// the additive identity (`-0.0 + x == x` for every x), so an unrolled loop needs no extra add.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [-0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = -0f32;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// [`dot`] over the first `N` values of `a` and `b` (all of them when `N` is 0): the same sum,
-/// with the length known at compile time, so that the loop is unrolled.
-#[inline(always)]
-fn dot_n<const N: usize>(a: &[f32], b: &[f32]) -> f32 {
-    if N == 0 {
-        dot(a, b)
-    } else {
-        dot(&a[..N], &b[..N])
-    }
-}
-
-/// Multiply-adds each thread should get before a kernel shares one query's work among
-/// threads. Handing work to a pool thread, which is usually asleep during a decode step, and
-/// waiting for it costs tens of microseconds; this much work takes about as long.
+/// Multiply-adds each thread should get before a kernel shares one query's work among the
+/// threads of the team. The hand-off to a spinning team costs about a microsecond, and to a
+/// parked one tens of microseconds; this much work takes about 15 microseconds on one core.
 const SHARE_WORK: usize = 1 << 18;
 
-/// How many threads should share the work of `t` queries (`work` multiply-adds in all) that can
-/// each be split into `items` parts: 1 when the queries are enough to fill the pool or the work
-/// is too small to hand off; else up to the pool's size, with `share_work` (normally
-/// [`SHARE_WORK`]) each at least.
+/// How many parts of the thread team should share the work of `t` queries (`work`
+/// multiply-adds in all) that can each be split into `items` parts: 1 when the queries are
+/// enough to fill the team or the work is too small to hand off; else up to the team's size,
+/// with `share_work` (normally [`SHARE_WORK`]) each at least.
 fn sharers(t: usize, items: usize, work: usize, share_work: usize) -> usize {
-    let threads = rayon::current_num_threads();
+    let threads = threads::size();
     if t == 0 || t >= threads || work < MIN_WORK {
         return 1;
     }
@@ -91,44 +62,61 @@ fn check_rows(pool: &CpuPool, op: &str, what: &str, ids: &[i32], allow_none: boo
     pool.check_rows(op, what, ids, allow_none)
 }
 
-/// Runs `work` on the calling thread and, at the same time, on `helpers` tasks of the pool, each
-/// with its own state from `init`; returns the states (in no particular order). The calling
-/// thread starts at once and helpers join when the pool gets to them, so `work` should claim its
-/// share from a shared counter: a helper that starts late finds less to do, or nothing.
-fn together<S: Send>(helpers: usize, init: impl Fn() -> S + Sync, work: impl Fn(&mut S) + Sync) -> Vec<S> {
-    let done = Mutex::new(Vec::with_capacity(helpers + 1));
-    let mut own = init();
-    if helpers == 0 {
+/// Runs `work` on up to `parts` parts of the backend's thread team at once ([`threads::run`];
+/// the calling thread is one of them), each with its own state from `init`; returns the states
+/// of the parts that ran, in no particular order. A part may start late, or not at all (a busy
+/// team runs one part, on the calling thread), so `work` should claim its share from a shared
+/// counter until none is left.
+fn together<S: Send>(parts: usize, init: impl Fn() -> S + Sync, work: impl Fn(&mut S) + Sync) -> Vec<S> {
+    if parts <= 1 {
+        let mut own = init();
         work(&mut own);
-    } else {
-        rayon::in_place_scope(|scope| {
-            for _ in 0..helpers {
-                scope.spawn(|_| {
-                    let mut state = init();
-                    work(&mut state);
-                    done.lock().unwrap_or_else(|e| e.into_inner()).push(state);
-                });
-            }
-            work(&mut own);
-        });
+        return vec![own];
     }
-    let mut all = done.into_inner().unwrap_or_else(|e| e.into_inner());
-    all.push(own);
-    all
+    let done = Mutex::new(Vec::with_capacity(parts));
+    threads::run(&|part, _| {
+        if part < parts {
+            let mut state = init();
+            work(&mut state);
+            done.lock().unwrap_or_else(|e| e.into_inner()).push(state);
+        }
+    });
+    done.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Pool rows `rows` decoded into `decoded` when the pool is not `f32` (an `f32` pool's rows are
-/// borrowed instead: see [`row_slices`]).
-fn decode_rows(pool: &CpuPool, rows: &[usize], decoded: &mut Vec<f32>) {
+/// `f(state, i, pieces[i])` for every piece, on up to `parts` parts of the team (see
+/// [`together`]), each with its own state from `init`.
+fn for_pieces<T: Send, S: Send>(
+    parts: usize,
+    pieces: Vec<&mut [T]>,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize, &mut [T]) + Sync,
+) {
+    if parts <= 1 {
+        let mut state = init();
+        pieces.into_iter().enumerate().for_each(|(i, o)| f(&mut state, i, o));
+        return;
+    }
+    // One lock per piece, each taken once (uncontended): the pieces are disjoint.
+    let pieces: Vec<Mutex<&mut [T]>> = pieces.into_iter().map(Mutex::new).collect();
+    let next = AtomicUsize::new(0);
+    together(parts, init, |state| loop {
+        let i = next.fetch_add(1, AtomicOrdering::Relaxed);
+        let Some(piece) = pieces.get(i) else { break };
+        f(state, i, &mut piece.lock().unwrap_or_else(|e| e.into_inner()));
+    });
+}
+
+/// Pool rows `rows` decoded into `decoded` (SIMD, bit for bit as `RowFormat::decode`) when the
+/// pool is not `f32` (an `f32` pool's rows are borrowed instead: see [`row_slices`]).
+fn decode_rows(isa: Isa, pool: &CpuPool, rows: &[usize], decoded: &mut Vec<f32>) {
     if pool.format() == RowFormat::F32 {
         return;
     }
     let d = pool.width();
     decoded.clear();
     decoded.resize(rows.len() * d, 0.0);
-    for (j, &r) in rows.iter().enumerate() {
-        pool.read_row(r, &mut decoded[j * d..(j + 1) * d]);
-    }
+    pool.decode_rows(isa, rows, decoded);
 }
 
 /// Rows `rows` of `pool` as f32 slices: borrowed from an `f32` pool, else from `decoded` as
@@ -143,67 +131,18 @@ fn row_slices<'a>(pool: &'a CpuPool, rows: &[usize], decoded: &'a [f32]) -> Vec<
     decoded.chunks_exact(pool.width()).collect()
 }
 
-/// One head of one query: `oh = Σ_j softmax([q·k_j·scale]_j ∪ {sink})_j · k_j` (the sink takes
-/// part in the normalisation only). `oh` starts zeroed; `logits` is scratch. `D` is the head
-/// width when known at compile time, else 0 (same result).
-#[inline(always)]
-fn attend<const D: usize>(qh: &[f32], keys: &[&[f32]], sink: f32, scale: f32, logits: &mut Vec<f32>, oh: &mut [f32]) {
-    logits.clear();
-    logits.resize(keys.len(), 0.0);
-    #[allow(unused_mut)]
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if D > 0 && D.is_multiple_of(8) {
-        done = x86::logits::<D>(qh, keys, scale, logits);
-    }
-    for (l, key) in logits.iter_mut().zip(keys).skip(done) {
-        *l = dot_n::<D>(qh, key) * scale;
-    }
-    let max = logits.iter().fold(sink, |max, &l| max.max(l));
-    let mut denom = (sink - max).exp();
-    for l in logits.iter_mut() {
-        *l = (*l - max).exp();
-        denom += *l;
-    }
-    if D == 0 {
-        for (p, key) in logits.iter().zip(keys) {
-            let w = p / denom;
-            oh.iter_mut().zip(key.iter()).for_each(|(acc, v)| *acc += w * v);
-        }
-    } else {
-        // Accumulated in a local array, which can stay in registers, then stored (`oh` is zero).
-        let mut acc = [0f32; D];
-        for (p, key) in logits.iter().zip(keys) {
-            let w = p / denom;
-            acc.iter_mut().zip(&key[..D]).for_each(|(acc, v)| *acc += w * v);
-        }
-        oh[..D].copy_from_slice(&acc);
-    }
-}
-
-/// [`attend`] with the common head widths compiled for their width.
-fn attend_head(qh: &[f32], keys: &[&[f32]], sink: f32, scale: f32, logits: &mut Vec<f32>, oh: &mut [f32]) {
-    match qh.len() {
-        32 => attend::<32>(qh, keys, sink, scale, logits, oh),
-        64 => attend::<64>(qh, keys, sink, scale, logits, oh),
-        128 => attend::<128>(qh, keys, sink, scale, logits, oh),
-        512 => attend::<512>(qh, keys, sink, scale, logits, oh),
-        _ => attend::<0>(qh, keys, sink, scale, logits, oh),
-    }
-}
-
 /// Buffers of one `sparse_attention` worker, reused from query to query.
 struct AttnScratch {
     /// The query whose key rows `rows` (and `decoded`) hold, if any.
     query: Option<usize>,
     rows: Vec<usize>,
     decoded: Vec<f32>,
-    logits: Vec<f32>,
+    probs: Vec<f32>,
 }
 
 impl AttnScratch {
     fn new() -> Self {
-        AttnScratch { query: None, rows: Vec::new(), decoded: Vec::new(), logits: Vec::new() }
+        AttnScratch { query: None, rows: Vec::new(), decoded: Vec::new(), probs: Vec::new() }
     }
 }
 
@@ -215,12 +154,13 @@ pub fn sparse_attention(
     sinks: &CpuTensor,
     scale: f32,
 ) -> Result<CpuTensor> {
-    sparse_attention_sharing(q, kv, idx, sinks, scale, SHARE_WORK)
+    sparse_attention_with(Isa::active(), q, kv, idx, sinks, scale, SHARE_WORK)
 }
 
-/// [`sparse_attention`], sharing a query's heads among threads from `share_work` multiply-adds
-/// per thread.
-fn sparse_attention_sharing(
+/// [`sparse_attention`] with the kernels of `isa`, sharing a query's heads among threads from
+/// `share_work` multiply-adds per thread.
+fn sparse_attention_with(
+    isa: Isa,
     q: &CpuTensor,
     kv: &CpuPool,
     idx: &CpuIndex,
@@ -244,38 +184,35 @@ fn sparse_attention_sharing(
     let k = idx.shape[1];
     check_rows(kv, "sparse_attention", "key index", &idx.data, true)?;
     let mut out = vec![0f32; t * h * d];
-    // Heads `heads` of query `ti`, whose outputs are `o` (`d` values per head, zeroed).
+    if out.is_empty() {
+        return Ok(CpuTensor::new(vec![t, h, d], out));
+    }
+    // Heads `heads` of query `ti`, whose outputs are `o` (`d` values per head).
     let run = |s: &mut AttnScratch, ti: usize, heads: Range<usize>, o: &mut [f32]| {
         if s.query != Some(ti) {
             s.rows.clear();
             s.rows.extend(idx.data[ti * k..(ti + 1) * k].iter().filter(|&&i| i >= 0).map(|&i| i as usize));
-            decode_rows(kv, &s.rows, &mut s.decoded);
+            decode_rows(isa, kv, &s.rows, &mut s.decoded);
             s.query = Some(ti);
         }
         let keys = row_slices(kv, &s.rows, &s.decoded);
-        for (hi, oh) in heads.zip(o.chunks_exact_mut(d.max(1))) {
-            let qh = &q.data[(ti * h + hi) * d..(ti * h + hi + 1) * d];
-            attend_head(qh, &keys, sinks.data[hi], scale, &mut s.logits, oh);
-        }
+        let qh = &q.data[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
+        attn::attend(isa, qh, &keys, &sinks.data[heads], scale, &mut s.probs, o);
     };
     let work = t * h * k * d;
     let sharing = sharers(t, h, work, share_work);
     if sharing > 1 {
-        // Few queries (decode): their heads are shared out one at a time.
-        let heads: Vec<Mutex<&mut [f32]>> = out.chunks_mut(d).map(Mutex::new).collect();
-        let next = AtomicUsize::new(0);
-        together(sharing - 1, AttnScratch::new, |s| loop {
-            let c = next.fetch_add(1, AtomicOrdering::Relaxed);
-            let Some(o) = heads.get(c) else { break };
-            run(s, c / h, c % h..c % h + 1, &mut o.lock().unwrap_or_else(|e| e.into_inner()));
+        // Few queries (decode): their heads are shared out in blocks, one per thread.
+        let block = h.div_ceil(sharing);
+        let blocks = h.div_ceil(block);
+        let parts: Vec<&mut [f32]> = out.chunks_mut(h * d).flat_map(|o| o.chunks_mut(block * d)).collect();
+        for_pieces(sharing, parts, AttnScratch::new, |s, i, o| {
+            let (ti, start) = (i / blocks, (i % blocks) * block);
+            run(s, ti, start..start + o.len() / d, o)
         });
-    } else if work < MIN_WORK || t <= 1 {
-        let mut s = AttnScratch::new();
-        out.chunks_mut((h * d).max(1)).enumerate().for_each(|(ti, o)| run(&mut s, ti, 0..h, o));
     } else {
-        out.par_chunks_mut((h * d).max(1))
-            .enumerate()
-            .for_each_init(AttnScratch::new, |s, (ti, o)| run(s, ti, 0..h, o));
+        let parts = if work < MIN_WORK || t <= 1 { 1 } else { threads::size() };
+        for_pieces(parts, out.chunks_mut(h * d).collect(), AttnScratch::new, |s, ti, o| run(s, ti, 0..h, o));
     }
     Ok(CpuTensor::new(vec![t, h, d], out))
 }
@@ -317,207 +254,6 @@ fn keep_best(v: &mut Vec<Scored>, k: usize) {
 /// Keys `indexer_select` scores before it looks at their scores.
 const SCORE_BLOCK: usize = 64;
 
-/// One query's indexer scoring: `Σ_h w_h · relu(q_h·key)·scale` for a key row.
-struct Scorer<'a> {
-    /// `[nh, dh]`.
-    q: &'a [f32],
-    /// `[nh]`.
-    w: &'a [f32],
-    dh: usize,
-    scale: f32,
-}
-
-/// `max(x, 0)`, `+0.0` for zeros and NaN (as x86's `maxps(x, 0)`, which the SIMD scorer uses).
-#[inline(always)]
-fn relu(x: f32) -> f32 {
-    if x > 0.0 {
-        x
-    } else {
-        0.0
-    }
-}
-
-impl Scorer<'_> {
-    /// The score of a key row; `DH` is the head width `dh` when the caller knows it at compile
-    /// time, else 0. Same value either way. The heads' terms are added in order from `-0.0`.
-    #[inline(always)]
-    fn score<const DH: usize>(&self, key: &[f32]) -> f32 {
-        let dh = if DH == 0 { self.dh } else { DH };
-        self.w
-            .iter()
-            .enumerate()
-            .fold(-0.0, |sum, (h, w)| sum + w * (relu(dot_n::<DH>(&self.q[h * dh..(h + 1) * dh], key)) * self.scale))
-    }
-
-    /// `out[j]` = the score of key row `row(j)`, bit for bit as [`Scorer::score`].
-    #[inline(always)]
-    fn score_rows<'a, const DH: usize>(&self, row: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
-        #[allow(unused_mut)]
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if DH > 0 && DH.is_multiple_of(8) {
-            done = x86::score_rows::<DH>(self, &row, out);
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(done) {
-            *o = self.score::<DH>(row(j));
-        }
-    }
-}
-
-/// [`Scorer::score`] and the attention logits four keys at a time with SSE2, or AVX where the
-/// CPU has it: the same operations in the same order (so the same bits: no fused multiply-add),
-/// with the four keys' last additions done side by side.
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::Scorer;
-
-    /// `s[i..i + 4]`.
-    #[inline]
-    #[target_feature(enable = "sse2")]
-    fn load4(s: &[f32], i: usize) -> __m128 {
-        let s = &s[i..i + 4];
-        // SAFETY: `s` is 4 f32 values, 16 readable bytes; `_mm_loadu_ps` needs no alignment.
-        unsafe { _mm_loadu_ps(s.as_ptr()) }
-    }
-
-    /// `s[i..i + 8]`.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn load8(s: &[f32], i: usize) -> __m256 {
-        let s = &s[i..i + 8];
-        // SAFETY: `s` is 8 f32 values, 32 readable bytes; `_mm256_loadu_ps` needs no alignment.
-        unsafe { _mm256_loadu_ps(s.as_ptr()) }
-    }
-
-    /// `v` as four values.
-    #[inline]
-    #[target_feature(enable = "sse2")]
-    fn store(v: __m128) -> [f32; 4] {
-        let mut out = [0f32; 4];
-        // SAFETY: `out` is 4 f32 values, 16 writable bytes; `_mm_storeu_ps` needs no alignment.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
-        out
-    }
-
-    /// `[a0 + a4, a1 + a5, a2 + a6, a3 + a7]` for the eight partial sums a of `dot(q, k)` over
-    /// `D` values (a multiple of 8), lanes 0..4 and 4..8 in two registers.
-    #[inline]
-    #[target_feature(enable = "sse2")]
-    fn folded_sse2<const D: usize>(q: &[f32], k: &[f32]) -> __m128 {
-        let (q, k) = (&q[..D], &k[..D]);
-        let (mut lo, mut hi) = (_mm_set1_ps(-0.0), _mm_set1_ps(-0.0));
-        for c in (0..D).step_by(8) {
-            lo = _mm_add_ps(lo, _mm_mul_ps(load4(q, c), load4(k, c)));
-            hi = _mm_add_ps(hi, _mm_mul_ps(load4(q, c + 4), load4(k, c + 4)));
-        }
-        _mm_add_ps(lo, hi)
-    }
-
-    /// [`folded_sse2`] with the eight partial sums in one AVX register.
-    #[inline]
-    #[target_feature(enable = "avx")]
-    fn folded_avx<const D: usize>(q: &[f32], k: &[f32]) -> __m128 {
-        let (q, k) = (&q[..D], &k[..D]);
-        let mut acc = _mm256_set1_ps(-0.0);
-        for c in (0..D).step_by(8) {
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(load8(q, c), load8(k, c)));
-        }
-        _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc))
-    }
-
-    /// The four dot products whose [`folded_sse2`] values are `f`: each is
-    /// `(f_0 + f_1) + (f_2 + f_3)`, as in `dot`, done on the transposed values.
-    #[inline]
-    #[target_feature(enable = "sse2")]
-    fn dots4(f: [__m128; 4]) -> __m128 {
-        // c_i = [f0_i, f1_i, f2_i, f3_i].
-        let (t0, t1) = (_mm_unpacklo_ps(f[0], f[1]), _mm_unpackhi_ps(f[0], f[1]));
-        let (t2, t3) = (_mm_unpacklo_ps(f[2], f[3]), _mm_unpackhi_ps(f[2], f[3]));
-        let (c0, c1) = (_mm_movelh_ps(t0, t2), _mm_movehl_ps(t2, t0));
-        let (c2, c3) = (_mm_movelh_ps(t1, t3), _mm_movehl_ps(t3, t1));
-        _mm_add_ps(_mm_add_ps(c0, c1), _mm_add_ps(c2, c3))
-    }
-
-    /// `score_rows` and `logits` (see the dispatchers below) for one instruction set.
-    macro_rules! kernels {
-        ($feature:literal, $folded:ident, $score_rows:ident, $logits:ident) => {
-            #[target_feature(enable = $feature)]
-            pub(super) fn $score_rows<'a, const DH: usize>(
-                s: &Scorer<'_>,
-                row: &impl Fn(usize) -> &'a [f32],
-                out: &mut [f32],
-            ) -> usize {
-                let (zero, scale) = (_mm_setzero_ps(), _mm_set1_ps(s.scale));
-                for (i, o) in out.chunks_exact_mut(4).enumerate() {
-                    let k = [row(4 * i), row(4 * i + 1), row(4 * i + 2), row(4 * i + 3)];
-                    let mut sum = _mm_set1_ps(-0.0);
-                    for (qh, &w) in s.q.chunks_exact(DH).zip(s.w) {
-                        let f = [
-                            $folded::<DH>(qh, k[0]),
-                            $folded::<DH>(qh, k[1]),
-                            $folded::<DH>(qh, k[2]),
-                            $folded::<DH>(qh, k[3]),
-                        ];
-                        // `maxps(x, 0)` is `relu`: it returns the second operand unless the first
-                        // is greater.
-                        let relu = _mm_max_ps(dots4(f), zero);
-                        sum = _mm_add_ps(sum, _mm_mul_ps(_mm_set1_ps(w), _mm_mul_ps(relu, scale)));
-                    }
-                    o.copy_from_slice(&store(sum));
-                }
-                out.len() / 4 * 4
-            }
-
-            #[target_feature(enable = $feature)]
-            pub(super) fn $logits<const D: usize>(q: &[f32], keys: &[&[f32]], scale: f32, out: &mut [f32]) -> usize {
-                let scale = _mm_set1_ps(scale);
-                for (k, o) in keys.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-                    let f =
-                        [$folded::<D>(q, k[0]), $folded::<D>(q, k[1]), $folded::<D>(q, k[2]), $folded::<D>(q, k[3])];
-                    o.copy_from_slice(&store(_mm_mul_ps(dots4(f), scale)));
-                }
-                keys.len().min(out.len()) / 4 * 4
-            }
-        };
-    }
-
-    kernels!("sse2", folded_sse2, score_rows_sse2, logits_sse2);
-    kernels!("avx", folded_avx, score_rows_avx, logits_avx);
-
-    /// `out[j]` = the score of key row `row(j)` for the first multiple of 4 of `out`; returns
-    /// how many (`DH` a non-zero multiple of 8).
-    #[inline]
-    pub(super) fn score_rows<'a, const DH: usize>(
-        s: &Scorer<'_>,
-        row: &impl Fn(usize) -> &'a [f32],
-        out: &mut [f32],
-    ) -> usize {
-        if is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has AVX (just checked), all `score_rows_avx` needs.
-            unsafe { score_rows_avx::<DH>(s, row, out) }
-        } else {
-            // SAFETY: `score_rows_sse2` only needs SSE2, which every x86_64 CPU has (it is part
-            // of the x86_64 baseline, which the compiler assumes everywhere).
-            unsafe { score_rows_sse2::<DH>(s, row, out) }
-        }
-    }
-
-    /// `out[j] = dot(q, keys[j]) * scale` for the first multiple of 4 of `out` (as many as
-    /// `keys`); returns how many (`D` a non-zero multiple of 8).
-    #[inline]
-    pub(super) fn logits<const D: usize>(q: &[f32], keys: &[&[f32]], scale: f32, out: &mut [f32]) -> usize {
-        if is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has AVX (just checked), all `logits_avx` needs.
-            unsafe { logits_avx::<D>(q, keys, scale, out) }
-        } else {
-            // SAFETY: as in `score_rows`: SSE2 is part of the x86_64 baseline.
-            unsafe { logits_sse2::<D>(q, keys, scale, out) }
-        }
-    }
-}
-
 /// The best `k` keys of those fed to it. Keeps at most `2·max(k, 32)` candidates: when the buffer
 /// fills, it is cut to its best k, and later keys that do not come before the k-th of those are
 /// skipped.
@@ -541,28 +277,18 @@ impl TopK {
         self.full = false;
     }
 
-    /// Scores keys `range` (key n is pool row `key_rows[n]`).
-    fn feed(&mut self, s: &Scorer<'_>, keys: &CpuPool, key_rows: &[i32], range: Range<usize>) {
-        match s.dh {
-            16 => self.feed_n::<16>(s, keys, key_rows, range),
-            32 => self.feed_n::<32>(s, keys, key_rows, range),
-            64 => self.feed_n::<64>(s, keys, key_rows, range),
-            128 => self.feed_n::<128>(s, keys, key_rows, range),
-            _ => self.feed_n::<0>(s, keys, key_rows, range),
-        }
-    }
-
-    fn feed_n<const DH: usize>(&mut self, s: &Scorer<'_>, keys: &CpuPool, key_rows: &[i32], range: Range<usize>) {
+    /// Scores keys `range` (key n is pool row `key_rows[n]`) with the kernels of `isa`.
+    fn feed(&mut self, isa: Isa, q: &IndexQuery, keys: &CpuPool, key_rows: &[i32], range: Range<usize>) {
         let k = self.k;
         if k == 0 {
             return;
         }
         let cap = 2 * k.max(32);
         let TopK { best, bar, full, decoded, .. } = self;
-        // Keys `start..` with scores `scores` as candidates.
         // The bar's score, -inf until there is a bar: a lower score (as floats, so also in the
         // total order) cannot make it, which is a cheaper first test.
         let mut low = if *full { score_of(*bar) } else { f32::NEG_INFINITY };
+        // Keys `start..` with scores `scores` as candidates.
         let mut take = |scores: &[f32], start: usize| {
             for (&sc, key) in scores.iter().zip(start..) {
                 if sc < low {
@@ -582,30 +308,32 @@ impl TopK {
                 }
             }
         };
-        // Keys are scored a block at a time with no branch between them, then filtered.
+        // Keys are scored a block at a time, then filtered.
         let width = keys.width();
         let mut scores = [0f32; SCORE_BLOCK];
         let blocks = range.clone().step_by(SCORE_BLOCK).map(|start| start..(start + SCORE_BLOCK).min(range.end));
-        if width == 0 {
+        if width == 0 || keys.format() == RowFormat::F32 {
+            let mut block: [&[f32]; SCORE_BLOCK] = [&[]; SCORE_BLOCK];
             for r in blocks {
-                s.score_rows::<DH>(|_| &[], &mut scores[..r.len()]);
-                take(&scores[..r.len()], r.start);
-            }
-        } else if keys.format() == RowFormat::F32 {
-            for r in blocks {
-                let rows = &key_rows[r.clone()];
-                s.score_rows::<DH>(|j| keys.f32_row(rows[j] as usize).expect("an f32 pool"), &mut scores[..r.len()]);
+                for (b, &row) in block.iter_mut().zip(&key_rows[r.clone()]) {
+                    *b = keys.f32_row(row as usize).unwrap_or(&[]);
+                }
+                attn::index_scores(isa, q, &block[..r.len()], &mut scores[..r.len()]);
                 take(&scores[..r.len()], r.start);
             }
         } else {
             decoded.resize(SCORE_BLOCK * width, 0.0);
+            let mut rows = [0usize; SCORE_BLOCK];
             for r in blocks {
-                let mut block: [&[f32]; SCORE_BLOCK] = [&[]; SCORE_BLOCK];
-                let scratch = decoded.chunks_exact_mut(width);
-                for ((b, &row), scratch) in block.iter_mut().zip(&key_rows[r.clone()]).zip(scratch) {
-                    *b = keys.row(row as usize, scratch);
+                for (row, &kr) in rows.iter_mut().zip(&key_rows[r.clone()]) {
+                    *row = kr as usize;
                 }
-                s.score_rows::<DH>(|j| block[j], &mut scores[..r.len()]);
+                keys.decode_rows(isa, &rows[..r.len()], &mut decoded[..r.len() * width]);
+                let mut block: [&[f32]; SCORE_BLOCK] = [&[]; SCORE_BLOCK];
+                for (b, row) in block.iter_mut().zip(decoded.chunks_exact(width)) {
+                    *b = row;
+                }
+                attn::index_scores(isa, q, &block[..r.len()], &mut scores[..r.len()]);
                 take(&scores[..r.len()], r.start);
             }
         }
@@ -641,13 +369,14 @@ pub fn indexer_select(
     k: usize,
     offset: i32,
 ) -> Result<CpuIndex> {
-    indexer_select_sharing(q, keys, key_rows, weights, valid, k, offset, SHARE_WORK)
+    indexer_select_with(Isa::active(), q, keys, key_rows, weights, valid, k, offset, SHARE_WORK)
 }
 
-/// [`indexer_select`], sharing a query's keys among threads from `share_work` multiply-adds per
-/// thread.
+/// [`indexer_select`] with the kernels of `isa`, sharing a query's keys among threads from
+/// `share_work` multiply-adds per thread.
 #[allow(clippy::too_many_arguments)]
-fn indexer_select_sharing(
+fn indexer_select_with(
+    isa: Isa,
     q: &CpuTensor,
     keys: &CpuPool,
     key_rows: &CpuIndex,
@@ -683,11 +412,9 @@ fn indexer_select_sharing(
         return Err(err(format!("indexer_select: k = {k} but only {n} keys")));
     }
     let scale = (dh as f32).powf(-0.5);
-    let scorer = |ti: usize| Scorer {
-        q: &q.data[ti * nh * dh..(ti + 1) * nh * dh],
-        w: &weights.data[ti * nh..(ti + 1) * nh],
-        dh,
-        scale,
+    // Query `ti` laid out for the kernels, in `iq`.
+    let prepare = |iq: &mut IndexQuery, ti: usize| {
+        iq.set(&q.data[ti * nh * dh..(ti + 1) * nh * dh], &weights.data[ti * nh..(ti + 1) * nh], dh, scale)
     };
     let rows = &key_rows.data[..];
     let mut out = vec![-1i32; t * k];
@@ -700,27 +427,29 @@ fn indexer_select_sharing(
     let claim = ((1 << 16) / (nh * dh).max(1)).clamp(SCORE_BLOCK, 4096);
     let sharing = sharers(t, longest.div_ceil(claim), work, share_work);
     // Query `ti` on one thread.
-    let run = |top: &mut TopK, ti: usize, o: &mut [i32]| {
+    let run = |(top, iq): &mut (TopK, IndexQuery), ti: usize, o: &mut [i32]| {
+        prepare(iq, ti);
         top.clear();
-        top.feed(&scorer(ti), keys, rows, valid[ti].clone());
+        top.feed(isa, iq, keys, rows, valid[ti].clone());
         write_picks(top.finish(), k, rows, offset, o);
     };
     if sharing > 1 {
         // Few queries (decode): the threads share each query's keys, `claim` at a time, and
         // their best k are merged.
-        let mut cands = Vec::new();
+        let (mut cands, mut iq) = (Vec::new(), IndexQuery::default());
         for (ti, o) in out.chunks_mut(k).enumerate() {
-            let (r, s) = (valid[ti].clone(), scorer(ti));
+            prepare(&mut iq, ti);
+            let r = valid[ti].clone();
             let next = AtomicUsize::new(r.start);
             let tops = together(
-                sharing - 1,
+                sharing,
                 || TopK::new(k),
                 |top| loop {
                     let start = next.fetch_add(claim, AtomicOrdering::Relaxed);
                     if start >= r.end {
                         break;
                     }
-                    top.feed(&s, keys, rows, start..(start + claim).min(r.end));
+                    top.feed(isa, &iq, keys, rows, start..(start + claim).min(r.end));
                 },
             );
             cands.clear();
@@ -729,11 +458,10 @@ fn indexer_select_sharing(
             }
             write_picks(&mut cands, k, rows, offset, o);
         }
-    } else if work < MIN_WORK || t <= 1 {
-        let mut top = TopK::new(k);
-        out.chunks_mut(k).enumerate().for_each(|(ti, o)| run(&mut top, ti, o));
     } else {
-        out.par_chunks_mut(k).enumerate().for_each_init(|| TopK::new(k), |top, (ti, o)| run(top, ti, o));
+        let parts = if work < MIN_WORK || t <= 1 { 1 } else { threads::size() };
+        let init = || (TopK::new(k), IndexQuery::default());
+        for_pieces(parts, out.chunks_mut(k).collect(), init, run);
     }
     Ok(CpuIndex::new(vec![t, k], out))
 }
@@ -766,11 +494,8 @@ mod tests {
         p
     }
 
-    fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
-    }
-
-    /// The specification: every valid key scored, all of them sorted by rank, the first k kept.
+    /// The specification: every valid key scored (by the scalar kernel, one at a time), all of
+    /// them sorted by rank, the first k kept.
     #[allow(clippy::too_many_arguments)]
     fn select_by_full_sort(
         q: &CpuTensor,
@@ -785,14 +510,19 @@ mod tests {
         let mut out = vec![-1; valid.len() * k];
         let mut row = vec![0f32; dh];
         for (ti, r) in valid.iter().enumerate() {
-            let s = Scorer {
-                q: &q.data[ti * nh * dh..(ti + 1) * nh * dh],
-                w: &w.data[ti * nh..(ti + 1) * nh],
+            let iq = IndexQuery::new(
+                &q.data[ti * nh * dh..(ti + 1) * nh * dh],
+                &w.data[ti * nh..(ti + 1) * nh],
                 dh,
-                scale: (dh as f32).powf(-0.5),
+                (dh as f32).powf(-0.5),
+            );
+            let score = |row: &[f32]| {
+                let mut s = [0f32];
+                attn::index_scores(Isa::Scalar, &iq, &[row], &mut s);
+                s[0]
             };
             let mut all: Vec<(f32, usize)> =
-                r.clone().map(|n| (s.score::<0>(keys.row(key_rows[n] as usize, &mut row)), n)).collect();
+                r.clone().map(|n| (score(keys.row(key_rows[n] as usize, &mut row)), n)).collect();
             all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             for (slot, (_, n)) in out[ti * k..(ti + 1) * k].iter_mut().zip(all) {
                 *slot = key_rows[n] + offset;
@@ -827,79 +557,8 @@ mod tests {
         assert_eq!(key_of(scored(-3.0, 77)), 77);
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|v| v.to_bits()).collect()
-    }
-
-    fn scores_match<const DH: usize>(rng: &mut Rng) {
-        let nh = 3;
-        let q = rng.vec(nh * DH);
-        let w = [0.7, -0.3, 0.0];
-        let s = Scorer { q: &q, w: &w, dh: DH, scale: (DH as f32).powf(-0.5) };
-        let mut rows: Vec<Vec<f32>> = (0..37).map(|_| rng.vec(DH)).collect();
-        rows[5].fill(0.0);
-        rows[6] = q[..DH].iter().zip(&q[DH..2 * DH]).map(|(a, b)| -a - b).collect();
-        rows[7] = q[..DH].iter().map(|v| -v).collect();
-        let want: Vec<f32> = rows.iter().map(|r| s.score::<0>(r)).collect();
-        let mut got = vec![0f32; rows.len()];
-        s.score_rows::<DH>(|j| &rows[j], &mut got);
-        assert_eq!(bits(&got), bits(&want), "dh {DH}");
-        #[cfg(target_arch = "x86_64")]
-        {
-            let row = |j: usize| &rows[j][..];
-            let n = rows.len() / 4 * 4;
-            // SAFETY: SSE2 is part of the x86_64 baseline.
-            assert_eq!(unsafe { x86::score_rows_sse2::<DH>(&s, &row, &mut got) }, n);
-            assert_eq!(bits(&got[..n]), bits(&want[..n]), "dh {DH}, SSE2");
-            if is_x86_feature_detected!("avx") {
-                got.fill(0.0);
-                // SAFETY: the CPU has AVX (just checked).
-                assert_eq!(unsafe { x86::score_rows_avx::<DH>(&s, &row, &mut got) }, n);
-                assert_eq!(bits(&got[..n]), bits(&want[..n]), "dh {DH}, AVX");
-            }
-        }
-    }
-
-    fn attention_matches<const D: usize>(rng: &mut Rng) {
-        let q = rng.vec(D);
-        let rows: Vec<Vec<f32>> = (0..37).map(|_| rng.vec(D)).collect();
-        let keys: Vec<&[f32]> = rows.iter().map(|r| &r[..]).collect();
-        let (mut fast, mut plain, mut logits) = (vec![0f32; D], vec![0f32; D], Vec::new());
-        attend::<D>(&q, &keys, 0.25, 0.3, &mut logits, &mut fast);
-        attend::<0>(&q, &keys, 0.25, 0.3, &mut logits, &mut plain);
-        assert_eq!(bits(&fast), bits(&plain), "d {D}");
-        #[cfg(target_arch = "x86_64")]
-        {
-            let want: Vec<f32> = keys.iter().map(|k| dot(&q, k) * 0.3).collect();
-            let n = keys.len() / 4 * 4;
-            let mut got = vec![0f32; keys.len()];
-            // SAFETY: SSE2 is part of the x86_64 baseline.
-            assert_eq!(unsafe { x86::logits_sse2::<D>(&q, &keys, 0.3, &mut got) }, n);
-            assert_eq!(bits(&got[..n]), bits(&want[..n]), "d {D}, SSE2");
-            if is_x86_feature_detected!("avx") {
-                got.fill(0.0);
-                // SAFETY: the CPU has AVX (just checked).
-                assert_eq!(unsafe { x86::logits_avx::<D>(&q, &keys, 0.3, &mut got) }, n);
-                assert_eq!(bits(&got[..n]), bits(&want[..n]), "d {D}, AVX");
-            }
-        }
-    }
-
     #[test]
-    fn kernels_for_known_widths_are_the_generic_ones_bit_for_bit() {
-        let mut rng = Rng(3);
-        scores_match::<16>(&mut rng);
-        scores_match::<32>(&mut rng);
-        scores_match::<64>(&mut rng);
-        scores_match::<128>(&mut rng);
-        attention_matches::<32>(&mut rng);
-        attention_matches::<64>(&mut rng);
-        attention_matches::<128>(&mut rng);
-        attention_matches::<512>(&mut rng);
-    }
-
-    #[test]
-    fn indexer_select_is_the_same_however_the_keys_are_shared() {
+    fn indexer_select_is_the_same_on_every_isa_and_however_the_keys_are_shared() {
         let mut rng = Rng(1);
         let (nh, rows, n, t) = (3, 5000, 6000, 6);
         // Key rows in a scrambled order, some rows used by several keys (exact ties).
@@ -919,18 +578,21 @@ mod tests {
                     let want = select_by_full_sort(&q, &p, &key_rows, &w, &valid, k, 9);
                     let lowest: Vec<i32> = key_rows[..k.min(3)].iter().map(|r| r + 9).collect();
                     assert_eq!(&want[4 * k..4 * k + k.min(3)], &lowest[..]);
-                    let case = |threads| format!("dh {dh}, {format:?}, k {k}, {threads} threads");
-                    for threads in [1, 2, 3, 8] {
-                        let all = in_pool(threads, || indexer_select(&q, &p, &kr, &w, &valid, k, 9).unwrap());
-                        assert_eq!(*all.data, want, "{}, all queries", case(threads));
-                        // One query at a time, its keys shared among the threads.
+                    for isa in Isa::supported() {
+                        let case = format!("{isa:?}, dh {dh}, {format:?}, k {k}");
+                        let all = indexer_select_with(isa, &q, &p, &kr, &w, &valid, k, 9, SHARE_WORK).unwrap();
+                        assert_eq!(*all.data, want, "{case}, all queries");
+                        // One query at a time, on one thread and with its keys shared among the
+                        // team's threads.
                         for ti in 0..t {
                             let qi = CpuTensor::new(vec![1, nh, dh], q.data[ti * nh * dh..(ti + 1) * nh * dh].to_vec());
                             let wi = CpuTensor::new(vec![1, nh], w.data[ti * nh..(ti + 1) * nh].to_vec());
-                            let one = in_pool(threads, || {
-                                indexer_select_sharing(&qi, &p, &kr, &wi, &valid[ti..ti + 1], k, 9, 1).unwrap()
-                            });
-                            assert_eq!(*one.data, want[ti * k..(ti + 1) * k], "{}, query {ti}", case(threads));
+                            for share_work in [usize::MAX, 1] {
+                                let one =
+                                    indexer_select_with(isa, &qi, &p, &kr, &wi, &valid[ti..ti + 1], k, 9, share_work)
+                                        .unwrap();
+                                assert_eq!(*one.data, want[ti * k..(ti + 1) * k], "{case}, query {ti}, {share_work}");
+                            }
                         }
                     }
                 }
@@ -939,11 +601,11 @@ mod tests {
     }
 
     #[test]
-    fn sparse_attention_is_the_same_however_the_heads_are_shared() {
+    fn sparse_attention_is_the_same_on_every_isa_and_however_the_heads_are_shared() {
         let mut rng = Rng(2);
         let (h, rows, k) = (5, 900, 700);
-        for d in [24, 32] {
-            for format in [RowFormat::F32, RowFormat::Fp8 { rope: 8 }] {
+        for d in [24, 32, 37] {
+            for format in [RowFormat::F32, RowFormat::Bf16, RowFormat::Fp8 { rope: 8 }] {
                 let p = pool(format, rows, d, &rng.vec(rows * d));
                 for t in [1, 2, 7] {
                     let q = CpuTensor::new(vec![t, h, d], rng.vec(t * h * d));
@@ -951,16 +613,20 @@ mod tests {
                         (0..t * k).map(|i| if i % 11 == 3 { -1 } else { ((i * 31) % rows) as i32 }).collect();
                     let idx = CpuIndex::new(vec![t, k], idx);
                     let sinks = CpuTensor::new(vec![h], rng.vec(h));
-                    let one = in_pool(1, || sparse_attention(&q, &p, &idx, &sinks, 0.3).unwrap());
-                    for threads in [2, 3, 8] {
-                        let got = in_pool(threads, || sparse_attention(&q, &p, &idx, &sinks, 0.3).unwrap());
-                        assert_eq!(got.data, one.data, "d {d}, {format:?}, T {t}, {threads} threads");
-                        let shared =
-                            in_pool(threads, || sparse_attention_sharing(&q, &p, &idx, &sinks, 0.3, 1).unwrap());
-                        assert_eq!(shared.data, one.data, "d {d}, {format:?}, T {t}, {threads} threads, shared");
+                    let want = sparse_attention_with(Isa::Scalar, &q, &p, &idx, &sinks, 0.3, usize::MAX).unwrap();
+                    for isa in Isa::supported() {
+                        for share_work in [usize::MAX, SHARE_WORK, 1] {
+                            let case = format!("{isa:?}, d {d}, {format:?}, T {t}, sharing from {share_work}");
+                            let got = sparse_attention_with(isa, &q, &p, &idx, &sinks, 0.3, share_work).unwrap();
+                            assert_eq!(bits(&got.data), bits(&want.data), "{case}");
+                        }
                     }
                 }
             }
         }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
     }
 }

@@ -1,18 +1,21 @@
 //! The reference CPU backend. Activations are contiguous row-major f32 buffers shared through
 //! `Arc` (reshape is free, every op returns a new tensor). Weights stay in their stored form
 //! (BF16/F16/F32, FP8 blocks, FP4 groups), as views of the memory-mapped checkpoint, and are
-//! dequantised row by row inside the GEMV/GEMM, so a weight is never held twice
-//! (`DSV4_CPU_DEQUANTIZE=1` dequantises at load instead, as a reference). GEMMs go through
-//! `matrixmultiply` (via ndarray); elementwise and row-wise work is spread over cores with rayon
-//! when it is large enough to pay for the hand-off (`par`), and stays on the calling thread otherwise.
-//! Sparse attention and indexer selection have fused kernels (`fused.rs`) that read the paged
-//! decoding state's pools (`pool.rs`) in place.
+//! decoded in registers inside the matrix-vector kernels (`kernels::weights`, SIMD picked at run
+//! time: `kernels::Isa`), so a weight is never held twice (`DSV4_CPU_DEQUANTIZE=1` dequantises at
+//! load instead, as a reference). Prefill GEMMs decode row blocks and multiply them with the
+//! `gemm` crate (`gemm.rs`). Large matrix, elementwise and row-wise work is spread over one
+//! process-wide spinning thread team (`threads`, `par`) and stays on the calling thread when it
+//! is too small to pay for the hand-off. Sparse attention and indexer selection have fused
+//! kernels (`fused.rs`, SIMD in `kernels::attn`) that read the paged decoding state's pools
+//! (`pool.rs`) in place. `machine` measures the machine's limits for `dsv4 bench`.
 //!
 //! This backend is what the others are judged against: it favours plain, checkable code.
 
 mod fused;
 mod gemm;
 pub mod kernels;
+pub mod machine;
 mod moe;
 mod ops;
 mod par;

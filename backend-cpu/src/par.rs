@@ -25,9 +25,23 @@ pub(crate) fn map<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync)
         let r = f(i);
         *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     });
-    out.into_iter()
-        .map(|v| v.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran"))
-        .collect()
+    out.into_iter().map(|v| v.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every item ran")).collect()
+}
+
+/// `f(item)` for every item (disjoint mutable borrows, e.g. rows split off a buffer), in
+/// parallel when `work` is large.
+pub(crate) fn for_each_owned<T: Send>(items: Vec<T>, work: usize, f: impl Fn(T) + Sync) {
+    if work < MIN_WORK || items.len() <= 1 {
+        items.into_iter().for_each(f);
+        return;
+    }
+    // One slot per item, each taken once (uncontended).
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    threads::for_each(slots.len(), 1, work, MIN_WORK, |i| {
+        if let Some(t) = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
+            f(t)
+        }
+    });
 }
 
 /// `f(i, piece)` for each `chunk`-sized piece of `out`.

@@ -11,8 +11,9 @@ use std::alloc::{alloc_zeroed, Layout};
 
 use dsv4_core::backend::{DevicePool, RowFormat};
 use dsv4_core::error::{Error, Result};
-use rayon::prelude::*;
 
+use crate::kernels::attn;
+use crate::kernels::Isa;
 use crate::par;
 use crate::storage::{CpuIndex, CpuTensor};
 
@@ -116,21 +117,49 @@ impl CpuPool {
         }
     }
 
-    /// Decodes row `r` into `out` (`width` values).
+    /// Decodes row `r` into `out` (`width` values), bit for bit as `RowFormat::decode`.
     ///
     /// Panics if `r` is not a row of the pool or `out` has the wrong length.
     #[inline]
     pub fn read_row(&self, r: usize, out: &mut [f32]) {
+        self.decode_row(Isa::active(), r, out);
+    }
+
+    /// [`CpuPool::read_row`] with the kernels of `isa` (every instruction set gives the same bits).
+    ///
+    /// Panics if `r` is not a row of the pool, `out` has the wrong length or the CPU does not
+    /// support `isa`.
+    #[inline]
+    pub fn decode_row(&self, isa: Isa, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.width, "read_row: output length");
         match &self.storage {
             Storage::F32(v) => out.copy_from_slice(&v[r * self.width..(r + 1) * self.width]),
-            Storage::Bytes(b) => self.format.decode(&b[r * self.row_bytes..(r + 1) * self.row_bytes], out),
+            Storage::Bytes(b) => {
+                attn::decode_row(isa, self.format, &b[r * self.row_bytes..(r + 1) * self.row_bytes], out)
+            }
+        }
+    }
+
+    /// Rows `rows` decoded into `out` (`rows.len()` rows of `width` values) with the kernels of
+    /// `isa`, bit for bit as [`CpuPool::read_row`].
+    ///
+    /// Panics if a row is not in the pool, `out` has the wrong length or the CPU does not
+    /// support `isa`.
+    pub fn decode_rows(&self, isa: Isa, rows: &[usize], out: &mut [f32]) {
+        assert_eq!(out.len(), rows.len() * self.width, "decode_rows: output length");
+        match &self.storage {
+            Storage::F32(v) => {
+                for (&r, o) in rows.iter().zip(out.chunks_exact_mut(self.width.max(1))) {
+                    o.copy_from_slice(&v[r * self.width..(r + 1) * self.width]);
+                }
+            }
+            Storage::Bytes(b) => attn::decode_rows(isa, self.format, b, self.row_bytes, rows, out),
         }
     }
 
     /// Row `r` as f32 values: borrowed from an `f32` pool, else decoded into `scratch`
     /// (`width` values) and returned from there.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn row<'a>(&'a self, r: usize, scratch: &'a mut [f32]) -> &'a [f32] {
         match &self.storage {
             Storage::F32(v) => &v[r * self.width..(r + 1) * self.width],
@@ -175,21 +204,11 @@ impl CpuPool {
         match &mut self.storage {
             Storage::F32(v) => {
                 let rows = split_rows(v, width, &order);
-                let copy = |(dst, i): (&mut [f32], usize)| dst.copy_from_slice(src(i));
-                if work < par::MIN_WORK {
-                    rows.into_iter().for_each(copy);
-                } else {
-                    rows.into_par_iter().for_each(copy);
-                }
+                par::for_each_owned(rows, work, |(dst, i): (&mut [f32], usize)| dst.copy_from_slice(src(i)));
             }
             Storage::Bytes(b) => {
                 let rows = split_rows(b, self.row_bytes, &order);
-                let encode = |(dst, i): (&mut [u8], usize)| format.encode(src(i), dst);
-                if work < par::MIN_WORK {
-                    rows.into_iter().for_each(encode);
-                } else {
-                    rows.into_par_iter().for_each(encode);
-                }
+                par::for_each_owned(rows, work, |(dst, i): (&mut [u8], usize)| format.encode(src(i), dst));
             }
         }
         Ok(())
@@ -201,10 +220,11 @@ impl CpuPool {
         self.check_rows("pool_read", "slot", &slots.data, true)?;
         let width = self.width;
         let mut out = vec![0f32; slots.data.len() * width];
+        let isa = Isa::active();
         par::chunks_mut(&mut out, width, slots.data.len() * width, |i, o| {
             let s = slots.data[i];
             if s >= 0 {
-                self.read_row(s as usize, o);
+                self.decode_row(isa, s as usize, o);
             }
         });
         let mut shape = slots.shape.clone();

@@ -10,6 +10,7 @@
 
 use std::sync::OnceLock;
 
+pub mod attn;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -1,0 +1,108 @@
+//! Timing of the context-dependent part of a decode step on the CPU backend: the lightning
+//! indexer and sparse attention of one decode query at V4-mini shapes (16 indexer heads × 128,
+//! top-512; 8 attention heads × 512, window 128), at the shapes of a 1K and a 32K context.
+//! Ignored by default; run it in a release build:
+//!
+//! `cargo test --release -p dsv4-backend-cpu --test attn_bench -- --ignored --nocapture`
+//!
+//! `DSV4_THREADS` sets the number of threads, `ATTN_BENCH_REPS` the timings per figure (their median is shown).
+
+use std::time::Instant;
+
+use dsv4_backend_cpu::{CpuBackend, CpuIndex, CpuPool, CpuTensor};
+use dsv4_core::backend::{Backend, RowFormat};
+use dsv4_core::test_data::Rng;
+
+fn pool(be: &CpuBackend, rows: usize, width: usize, format: RowFormat, rng: &mut Rng) -> CpuPool {
+    let mut p = be.alloc_pool(rows, width, format).unwrap();
+    let values: Vec<f32> = (0..rows * width).map(|_| rng.f32()).collect();
+    let slots: Vec<i32> = (0..rows as i32).collect();
+    be.pool_write(&mut p, &be.upload_index(&slots, &[rows]).unwrap(), &be.upload(&values, &[rows, width]).unwrap())
+        .unwrap();
+    p
+}
+
+/// Median of `ATTN_BENCH_REPS` (default 101) timings of `f`, in microseconds.
+fn time(mut f: impl FnMut()) -> f64 {
+    let reps = std::env::var("ATTN_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(101).max(1);
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
+}
+
+fn tensor(be: &CpuBackend, rng: &mut Rng, shape: &[usize]) -> CpuTensor {
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.f32()).collect();
+    be.upload(&v, shape).unwrap()
+}
+
+fn index(be: &CpuBackend, v: &[i32], shape: &[usize]) -> CpuIndex {
+    be.upload_index(v, shape).unwrap()
+}
+
+/// Microseconds of one decode query's `indexer_select` over `n` keys.
+fn indexer(be: &CpuBackend, format: RowFormat, n: usize, rng: &mut Rng) -> f64 {
+    let (nh, dh, k) = (16, 128, 512);
+    let keys = pool(be, n + 64, dh, format, rng);
+    // Key rows as the paged state hands them out: blocks of 32 rows, not in order.
+    let rows: Vec<i32> = (0..n).map(|i| (((i / 32) * 7 % n.div_ceil(32)) * 32 + i % 32) as i32).collect();
+    let rows = index(be, &rows, &[n]);
+    let q = tensor(be, rng, &[1, nh, dh]);
+    let w = tensor(be, rng, &[1, nh]);
+    time(|| {
+        be.indexer_select(&q, &keys, &rows, &w, std::slice::from_ref(&(0..n)), k.min(n), 0).unwrap();
+    })
+}
+
+/// Microseconds of one decode query's `sparse_attention` over `n` keys.
+fn attention(be: &CpuBackend, format: RowFormat, n: usize, rng: &mut Rng) -> f64 {
+    let (h, d, rows) = (8, 512, 40000);
+    let kv = pool(be, rows, d, format, rng);
+    let picks: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % rows) as i32).collect();
+    let idx = index(be, &picks, &[1, n]);
+    let q = tensor(be, rng, &[1, h, d]);
+    let sinks = tensor(be, rng, &[h]);
+    time(|| {
+        be.sparse_attention(&q, &kv, &idx, &sinks, (d as f32).powf(-0.5)).unwrap();
+    })
+}
+
+#[test]
+#[ignore = "a timing run: use a release build"]
+fn decode_attention_cost_at_1k_and_32k() {
+    let be = CpuBackend::new();
+    let mut rng = Rng(7);
+    println!("threads: {} (DSV4_THREADS sets it)", be.threads());
+    for (name, idx_format, kv_format) in [
+        ("f32", RowFormat::F32, RowFormat::F32),
+        ("bf16", RowFormat::Bf16, RowFormat::Bf16),
+        ("fp8", RowFormat::Bf16, RowFormat::Fp8 { rope: 64 }),
+    ] {
+        // V4-mini: 3 CSA layers (indexer over ctx/4 entries, attention over top-512 + window),
+        // 3 HCA layers (attention over ctx/128 entries + window), 2 sliding layers (window).
+        let i1 = indexer(&be, idx_format, 256, &mut rng);
+        let i32k = indexer(&be, idx_format, 8192, &mut rng);
+        let csa1 = attention(&be, kv_format, 256 + 128, &mut rng);
+        let csa32 = attention(&be, kv_format, 512 + 128, &mut rng);
+        let hca1 = attention(&be, kv_format, 8 + 128, &mut rng);
+        let hca32 = attention(&be, kv_format, 256 + 128, &mut rng);
+        let win = attention(&be, kv_format, 128, &mut rng);
+        let at1 = 3.0 * (i1 + csa1 + hca1) + 2.0 * win;
+        let at32 = 3.0 * (i32k + csa32 + hca32) + 2.0 * win;
+        println!(
+            "{name:>5}: indexer {i1:8.1} / {i32k:8.1} us, CSA attention {csa1:7.1} / {csa32:7.1} us, \
+             HCA attention {hca1:7.1} / {hca32:7.1} us, window {win:6.1} us; \
+             per token at 1K {:.3} ms, at 32K {:.3} ms, extra {:.3} ms",
+            at1 / 1e3,
+            at32 / 1e3,
+            (at32 - at1) / 1e3
+        );
+    }
+}
