@@ -1,44 +1,149 @@
-//! `dsv4 bench`: prefill and decode speed at several context lengths, with the memory copy
-//! bandwidth measured in the same run so that decode can be read against its roofline
-//! (decode is memory-bound: every active weight and the visible cache are read per token).
+//! `dsv4 bench`: prefill and decode speed at several context lengths, read against the machine's
+//! limits measured in the same run ([`dsv4_backend_cpu::machine`]): decode against the read bandwidth (it
+//! is memory-bound: every active weight and the decoding state are read per token), prefill
+//! against the f32 FMA peak (it is compute-bound).
+//!
+//! What one decode token reads ([`active_weights`]), in the checkpoint's stored form (FP8 1
+//! byte per value + block scales, FP4 half a byte + scales, BF16 2 bytes, F32 4 bytes), `mtp.*`
+//! excluded:
+//! * one row of the embedding table (not the table), one row of `tid2eid` per hash layer;
+//! * of the routed experts `num_experts_per_tok / n_routed_experts` of their bytes per layer
+//!   (hash layers also run k experts);
+//! * the shared expert, every other matrix and parameter (attention, compressors, indexer,
+//!   mHC, router, norms), and the whole LM head;
+//! * plus the bytes the sequence's decoding state holds (`kv held`).
+//!
+//! What prefill computes ([`prefill_flops`]): 2 FLOP per multiply-add of every active matrix per
+//! token (the above without embedding and `tid2eid`: lookups), the head once per chunk (prefill
+//! computes logits for the last token of each step only, see `Session::feed`), and attention:
+//! 4·heads·head_dim per key a query sees (QKᵀ and PV; window keys plus the compressed entries:
+//! every one on HCA layers, the indexer's top-k on CSA layers) plus the indexer's scoring
+//! (2·index_heads·index_head_dim per compressed entry) on CSA layers. Norms, RoPE, softmax,
+//! routing and the compressors' pooling are not counted.
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use dsv4_core::config::AttentionKind;
 use dsv4_core::generate::Session;
-use dsv4_core::kv::human_bytes;
 use dsv4_core::kv::layout::sequence_footprint;
+use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
+use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
 use dsv4_core::sampling::argmax;
-use dsv4_core::{Backend, Checkpoint, ModelConfig};
+use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
+use serde_json::{json, Value};
 
 use crate::kv_args::{self, KvArgs};
+use dsv4_backend_cpu::machine::{self, Machine};
 
-/// Best-of-5 `copy_from_slice` bandwidth over a 256 MiB buffer, in bytes/s (read + write).
-fn copy_bandwidth() -> f64 {
-    let n = 64 << 20; // f32 elements = 256 MiB
-    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    let mut dst = vec![0f32; n];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(&dst);
-    }
-    (2 * n * 4) as f64 / best
+/// Weight bytes one decode token reads, by part, and the matrix sizes prefill multiplies by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveWeights {
+    /// One row of `embed.weight` (0 when the head is tied to it: the head reads the table).
+    pub embedding_row: f64,
+    /// One row of `tid2eid` per hash-routed layer.
+    pub tid2eid_rows: f64,
+    /// `k / E` of the routed experts' bytes, every layer.
+    pub routed_experts: f64,
+    pub shared_experts: f64,
+    /// Every other tensor the graph reads: attention, compressors, indexer, mHC, router, norms.
+    pub dense: f64,
+    /// The whole LM head (`head.weight`, or the embedding table when tied).
+    pub head: f64,
+    /// Multiply-adds per token of the active matrices, head excluded: dense matrices, the shared
+    /// expert and k routed experts (`k / E` of the routed matrices' values).
+    pub matrix_params: f64,
+    /// Multiply-adds of the head per logits row (vocab x hidden).
+    pub head_params: f64,
 }
 
-/// Weight bytes one decode token reads: everything but the routed experts it does not use.
-fn active_weight_bytes(cfg: &ModelConfig, ckpt: &Checkpoint) -> f64 {
-    let (mut dense, mut routed) = (0usize, 0usize);
-    for t in ckpt.tensors().filter(|t| !t.name.starts_with("mtp.")) {
-        if t.name.contains(".ffn.experts.") {
-            routed += t.size_bytes();
+impl ActiveWeights {
+    /// All the weight bytes one decode token reads.
+    pub fn bytes(&self) -> f64 {
+        self.embedding_row + self.tid2eid_rows + self.routed_experts + self.shared_experts + self.dense + self.head
+    }
+}
+
+/// What one decode token reads of the weights of `cfg` in `ckpt` (see the module doc): every
+/// tensor that loading reads (`model::loader::expected_tensors`, so no `mtp.*`), at its stored
+/// size (data plus `.scale`).
+pub fn active_weights(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<ActiveWeights> {
+    let mut w = ActiveWeights {
+        embedding_row: 0.0,
+        tid2eid_rows: 0.0,
+        routed_experts: 0.0,
+        shared_experts: 0.0,
+        dense: 0.0,
+        head: 0.0,
+        matrix_params: 0.0,
+        head_params: (cfg.vocab_size * cfg.hidden_size) as f64,
+    };
+    let routed_share = cfg.num_experts_per_tok as f64 / cfg.n_routed_experts as f64;
+    let vocab = cfg.vocab_size as f64;
+    for e in expected_tensors(cfg, ckpt) {
+        let bytes = match e.role {
+            TensorRole::Weight => stored_weight(ckpt, &e.name, &e.shape)?.size_bytes(),
+            TensorRole::Param | TensorRole::Ints | TensorRole::FusedExperts => {
+                ckpt.require(&e.name, &e.shape)?.size_bytes()
+            }
+        } as f64;
+        let values = e.shape.iter().product::<usize>() as f64;
+        let is_matrix = matches!(e.role, TensorRole::Weight | TensorRole::FusedExperts);
+        if e.name == "embed.weight" {
+            if cfg.tie_word_embeddings {
+                w.head += bytes;
+            } else {
+                w.embedding_row += bytes / vocab;
+            }
+        } else if e.name == "head.weight" {
+            w.head += bytes;
+        } else if e.role == TensorRole::Ints {
+            // tid2eid `[vocab, k]`: the token's row.
+            w.tid2eid_rows += bytes / vocab;
+        } else if e.name.contains(".ffn.experts.") {
+            w.routed_experts += bytes * routed_share;
+            w.matrix_params += values * routed_share;
+        } else if e.name.contains(".ffn.shared_experts.") {
+            w.shared_experts += bytes;
+            w.matrix_params += values;
         } else {
-            dense += t.size_bytes();
+            w.dense += bytes;
+            if is_matrix {
+                w.matrix_params += values;
+            }
         }
     }
-    dense as f64 + routed as f64 * cfg.num_experts_per_tok as f64 / cfg.n_routed_experts as f64
+    Ok(w)
+}
+
+/// Attention FLOP of one query at position `pos` (0-based) over all layers: 4·heads·head_dim
+/// per key it sees (QKᵀ and PV; the window's keys, itself included, plus the compressed entries
+/// complete by then: all on HCA layers, at most `index_topk` on CSA layers) and, on CSA layers,
+/// the indexer's 2·index_heads·index_head_dim per compressed entry.
+pub fn attention_flops(cfg: &ModelConfig, pos: usize) -> f64 {
+    let per_key = 4.0 * (cfg.num_heads * cfg.head_dim) as f64;
+    let window = cfg.sliding_window.min(pos + 1);
+    cfg.attention
+        .iter()
+        .map(|kind| match *kind {
+            AttentionKind::Sliding => per_key * window as f64,
+            AttentionKind::Hca { ratio } => per_key * (window + (pos + 1) / ratio) as f64,
+            AttentionKind::Csa { ratio } => {
+                let entries = (pos + 1) / ratio;
+                let index = 2.0 * (cfg.index_n_heads * cfg.index_head_dim * entries) as f64;
+                per_key * (window + entries.min(cfg.index_topk)) as f64 + index
+            }
+        })
+        .sum()
+}
+
+/// FLOP of prefilling `n` tokens from position `start` in steps of `chunk`: every active
+/// matrix per token, the head once per step (only the step's last token gets logits) and the
+/// attention of every query.
+pub fn prefill_flops(cfg: &ModelConfig, w: &ActiveWeights, start: usize, n: usize, chunk: usize) -> f64 {
+    let steps = n.div_ceil(chunk.max(1));
+    let attention: f64 = (start..start + n).map(|p| attention_flops(cfg, p)).sum();
+    2.0 * w.matrix_params * n as f64 + 2.0 * w.head_params * steps as f64 + attention
 }
 
 /// Positions the run feeds: each context is prefilled from where the last one's decode
@@ -47,93 +152,499 @@ fn tokens_needed(contexts: &[usize], decode_steps: usize) -> usize {
     contexts.iter().fold(0, |pos, &ctx| ctx.max(pos + 1) + decode_steps)
 }
 
-pub fn run<B: Backend>(
+/// The bench's settings besides the model, backend and decoding-state flags.
+pub struct Options<'a> {
+    pub contexts: &'a [usize],
+    pub decode_steps: usize,
+    pub chunk: usize,
+    /// Threads for the machine measurements (None: the CPU backend's thread count).
+    pub threads: Option<usize>,
+    pub json: bool,
+}
+
+/// What was measured at one context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Tokens in the sequence when decode starts.
+    pub context: usize,
+    /// Tokens prefilled to get there (from where the previous context's decode stopped).
+    pub prefill_tokens: usize,
+    pub prefill_secs: f64,
+    pub prefill_flops: f64,
+    /// Seconds per decoded token (None with `--decode-steps 0`).
+    pub decode_secs_per_token: Option<f64>,
+    /// The format's bytes per token of context (compressed rows written, no block rounding).
+    pub kv_bytes_per_context_token: f64,
+    /// Bytes the sequence's decoding state holds when decode starts.
+    pub kv_held: usize,
+}
+
+/// [`Row`] read against the machine.
+struct Derived {
+    prefill_tok_s: f64,
+    prefill_flop_s: f64,
+    prefill_peak_fraction: f64,
+    bytes_per_token: f64,
+    achieved: Option<f64>,
+    roofline: Option<f64>,
+}
+
+impl Row {
+    fn derive(&self, weights: &ActiveWeights, m: &Machine) -> Derived {
+        let prefill_flop_s = self.prefill_flops / self.prefill_secs;
+        let bytes_per_token = weights.bytes() + self.kv_held as f64;
+        let achieved = self.decode_secs_per_token.map(|s| bytes_per_token / s);
+        Derived {
+            prefill_tok_s: self.prefill_tokens as f64 / self.prefill_secs,
+            prefill_flop_s,
+            prefill_peak_fraction: prefill_flop_s / m.fma_flops_per_sec,
+            bytes_per_token,
+            achieved,
+            roofline: achieved.map(|a| a / m.read_bytes_per_sec),
+        }
+    }
+}
+
+/// Prefills to each context in turn (continuing the same sequence) and times `decode_steps`
+/// greedy decode steps there; `on_row` sees each row as it is measured.
+#[allow(clippy::too_many_arguments)]
+fn time_contexts<B: Backend>(
     be: &B,
-    spec: &str,
+    model: &Model<B>,
+    config: KvConfig,
+    kv_dtype: KvDtype,
+    weights: &ActiveWeights,
     contexts: &[usize],
     decode_steps: usize,
     chunk: usize,
-    kv: &KvArgs,
-) -> Result<()> {
-    let mut contexts = contexts.to_vec();
-    contexts.sort_unstable();
-    contexts.dedup();
-    if contexts.is_empty() {
-        bail!("give at least one context length, e.g. --contexts 1024,8192");
-    }
-    let bandwidth = copy_bandwidth();
-    let (cfg, ckpt) = crate::load::open(spec)?;
-    let weight_bytes = active_weight_bytes(&cfg, &ckpt);
-    let needed = tokens_needed(&contexts, decode_steps);
-    if needed >= cfg.max_position_embeddings {
-        bail!(
-            "contexts up to {} + {decode_steps} decode steps need {needed} positions, more than the model's {}",
-            contexts[contexts.len() - 1],
-            cfg.max_position_embeddings
-        );
-    }
-    let model = crate::load::load_model(be, spec)?;
-    let config = kv.config_for_run(be, &cfg, needed, chunk)?;
+    on_row: &mut dyn FnMut(&Row),
+) -> Result<Vec<Row>> {
+    let cfg = &model.cfg;
     let block_tokens = config.block_tokens;
-    println!("backend: {}", be.describe());
-    println!("model: {spec}; active weights {:.2} MB per token", weight_bytes / 1e6);
-    println!("{}", kv_args::describe(&cfg, &config));
-    println!("memory copy bandwidth (this run): {:.2} GB/s", bandwidth / 1e9);
-    println!(
-        "{:>9} {:>14} {:>14} {:>12} {:>14} {:>16} {:>14} {:>10}",
-        "context",
-        "prefill tok/s",
-        "decode ms/tok",
-        "kv bytes/tok",
-        "kv held",
-        "bytes read/tok",
-        "achieved GB/s",
-        "roofline"
-    );
+    let needed = tokens_needed(contexts, decode_steps);
     // Deterministic pseudo-random prompt over the vocabulary.
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
-    let mut session = Session::new(be, &model, config)?;
+    let mut session = Session::new(be, model, config)?;
     let mut logits = vec![];
-    for &ctx in &contexts {
+    let mut rows = vec![];
+    for &ctx in contexts {
         // Prefill up to ctx (continuing from the previous context, decode tokens included).
         let pos = session.sequence().pos();
         let target = ctx.max(pos + 1);
         let todo = &prompt[pos..target];
         let t = Instant::now();
         logits = session.feed(be, todo, chunk)?;
-        let prefill_rate = todo.len() as f64 / t.elapsed().as_secs_f64();
-        // The format's cost per token of context, and what the sequence holds now.
-        let fp = sequence_footprint(&cfg, kv.kv_dtype, block_tokens, target);
-        let kv_per_token = fp.compressed_row_bytes as f64 / target as f64;
-        let held = session.state_bytes();
+        be.synchronize()?;
+        let prefill_secs = t.elapsed().as_secs_f64();
+        let fp = sequence_footprint(cfg, kv_dtype, block_tokens, target);
+        let kv_held = session.state_bytes();
         let t = Instant::now();
         for _ in 0..decode_steps {
             let tok = argmax(&logits);
             logits = session.feed(be, &[tok], 1)?;
         }
         be.synchronize()?;
-        let per_token = t.elapsed().as_secs_f64() / decode_steps.max(1) as f64;
-        let bytes = weight_bytes + held as f64;
-        let achieved = bytes / per_token;
-        println!(
-            "{target:>9} {prefill_rate:>14.1} {:>14.3} {kv_per_token:>12.1} {:>14} {bytes:>16.0} {:>14.3} {:>9.2}%",
-            per_token * 1e3,
-            human_bytes(held),
-            achieved / 1e9,
-            100.0 * achieved / bandwidth
+        let row = Row {
+            context: target,
+            prefill_tokens: todo.len(),
+            prefill_secs,
+            prefill_flops: prefill_flops(cfg, weights, pos, todo.len(), chunk),
+            decode_secs_per_token: (decode_steps > 0).then(|| t.elapsed().as_secs_f64() / decode_steps as f64),
+            kv_bytes_per_context_token: fp.compressed_row_bytes as f64 / target as f64,
+            kv_held,
+        };
+        on_row(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Result<()> {
+    let mut contexts = opts.contexts.to_vec();
+    contexts.sort_unstable();
+    contexts.dedup();
+    if contexts.is_empty() {
+        bail!("give at least one context length, e.g. --contexts 1024,8192");
+    }
+    if opts.chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
+    }
+    let threads = opts.threads.unwrap_or_else(|| dsv4_backend_cpu::CpuBackend::new().threads());
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let (cfg, ckpt) = crate::load::open(spec)?;
+    let weights = active_weights(&cfg, &ckpt)?;
+    drop(ckpt);
+    let needed = tokens_needed(&contexts, opts.decode_steps);
+    if needed >= cfg.max_position_embeddings {
+        bail!(
+            "contexts up to {} + {} decode steps need {needed} positions, more than the model's {}",
+            contexts[contexts.len() - 1],
+            opts.decode_steps,
+            cfg.max_position_embeddings
         );
+    }
+    // Before the model is loaded: the buffer is large, and nothing else should run meanwhile.
+    let machine = machine::measure(&machine::Settings::for_bench(threads));
+    let isa = (be.name() == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
+    if !opts.json {
+        print!("{}", machine_report(&machine, isa));
+    }
+    let model = crate::load::load_model(be, spec)?;
+    let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
+    let kv_description = kv_args::describe(&cfg, &config);
+    let on_row: &mut dyn FnMut(&Row) = if opts.json {
+        &mut |_| {}
+    } else {
+        println!("backend: {}", be.describe());
+        println!("model: {spec}");
+        print!("{}", weights_report(&weights));
+        println!("{kv_description}");
+        println!("{}", table_header());
+        &mut |row| println!("{}", table_row(row, &weights, &machine))
+    };
+    let rows =
+        time_contexts(be, &model, config, kv.kv_dtype, &weights, &contexts, opts.decode_steps, opts.chunk, on_row)?;
+    if opts.json {
+        let report = Report {
+            machine: &machine,
+            isa,
+            backend: be.describe(),
+            model: spec,
+            kv: kv_description,
+            weights: &weights,
+            decode_steps: opts.decode_steps,
+            chunk: opts.chunk,
+            rows: &rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     }
     Ok(())
 }
 
+fn gb(bytes_per_sec: f64) -> f64 {
+    bytes_per_sec / 1e9
+}
+
+/// The machine section printed above the table. No line starts with a number, so that scripts
+/// can pick the table rows by their first column.
+fn machine_report(m: &Machine, isa: Option<&str>) -> String {
+    let have: Vec<&str> = m.features.iter().filter(|f| f.1).map(|f| f.0).collect();
+    let lack: Vec<&str> = m.features.iter().filter(|f| !f.1).map(|f| f.0).collect();
+    let mut s = format!("cpu: {}; {} threads measured\n", m.cpu, m.threads);
+    s += &format!("features: {}", if have.is_empty() { "none".into() } else { have.join(" ") });
+    if !lack.is_empty() {
+        s += &format!(" (no {})", lack.join(", no "));
+    }
+    if let Some(isa) = isa {
+        s += &format!("; cpu kernels use {isa}");
+    }
+    s += "\n";
+    s += &format!("read bandwidth: {:.2} GB/s with {} threads", gb(m.read_bytes_per_sec), m.threads);
+    if let Some(one) = m.read_bytes_per_sec_one_thread {
+        s += &format!(", {:.2} GB/s one thread", gb(one));
+    }
+    s += &format!(" ({} sum over {}, best pass)\n", m.read_kernel, human_bytes(m.read_buffer_bytes));
+    s += &format!(
+        "f32 FMA peak: {:.1} GFLOP/s ({}, 2 FLOP per multiply-add)\n",
+        m.fma_flops_per_sec / 1e9,
+        m.fma_kernel
+    );
+    match m.bf16_flops_per_sec {
+        Some(f) => s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product)\n", f / 1e9),
+        None => s += "bf16 dot peak: not measured (no avx512_bf16)\n",
+    }
+    s
+}
+
+fn weights_report(w: &ActiveWeights) -> String {
+    format!(
+        "weights read per decode token: {:.2} MB (embedding row {:.0} B, tid2eid rows {:.0} B, routed experts {:.2} MB, \
+         shared experts {:.2} MB, dense {:.2} MB, head {:.2} MB)\n\
+         prefill FLOP per token: 2 x {:.1} M active matrix values + attention; head 2 x {:.1} M once per chunk\n",
+        w.bytes() / 1e6,
+        w.embedding_row,
+        w.tid2eid_rows,
+        w.routed_experts / 1e6,
+        w.shared_experts / 1e6,
+        w.dense / 1e6,
+        w.head / 1e6,
+        w.matrix_params / 1e6,
+        w.head_params / 1e6,
+    )
+}
+
+/// The table's header. The first three columns (context, prefill tok/s, decode ms/tok) are
+/// what `shared/bench/llamacpp-peer.sh` reads: keep them.
+fn table_header() -> String {
+    format!(
+        "{:>9} {:>14} {:>14} {:>16} {:>13} {:>12} {:>12} {:>16} {:>14} {:>9}",
+        "context",
+        "prefill tok/s",
+        "decode ms/tok",
+        "prefill GFLOP/s",
+        "prefill peak",
+        "kv bytes/tok",
+        "kv held",
+        "bytes read/tok",
+        "achieved GB/s",
+        "roofline"
+    )
+}
+
+fn table_row(r: &Row, w: &ActiveWeights, m: &Machine) -> String {
+    let d = r.derive(w, m);
+    let opt = |v: Option<f64>, scale: f64, prec: usize| v.map_or("-".to_string(), |v| format!("{:.prec$}", v * scale));
+    format!(
+        "{:>9} {:>14.1} {:>14} {:>16.2} {:>12.1}% {:>12.1} {:>12} {:>16.0} {:>14} {:>8}%",
+        r.context,
+        d.prefill_tok_s,
+        opt(r.decode_secs_per_token, 1e3, 3),
+        d.prefill_flop_s / 1e9,
+        100.0 * d.prefill_peak_fraction,
+        r.kv_bytes_per_context_token,
+        human_bytes(r.kv_held).replace(' ', ""),
+        d.bytes_per_token,
+        opt(d.achieved, 1e-9, 3),
+        opt(d.roofline, 100.0, 1),
+    )
+}
+
+/// Everything `--json` prints.
+struct Report<'a> {
+    machine: &'a Machine,
+    isa: Option<&'a str>,
+    backend: String,
+    model: &'a str,
+    kv: String,
+    weights: &'a ActiveWeights,
+    decode_steps: usize,
+    chunk: usize,
+    rows: &'a [Row],
+}
+
+impl Report<'_> {
+    fn to_json(&self) -> Value {
+        let m = self.machine;
+        let w = self.weights;
+        let features: serde_json::Map<String, Value> =
+            m.features.iter().map(|&(name, on)| (name.to_string(), Value::Bool(on))).collect();
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let d = r.derive(w, m);
+                json!({
+                    "context": r.context,
+                    "prefill_tokens": r.prefill_tokens,
+                    "prefill_tok_s": d.prefill_tok_s,
+                    "prefill_gflop": r.prefill_flops / 1e9,
+                    "prefill_gflop_s": d.prefill_flop_s / 1e9,
+                    "prefill_peak_fraction": d.prefill_peak_fraction,
+                    "decode_ms_per_token": r.decode_secs_per_token.map(|s| s * 1e3),
+                    "active_bytes_per_token": w.bytes(),
+                    "kv_bytes": r.kv_held,
+                    "kv_bytes_per_context_token": r.kv_bytes_per_context_token,
+                    "bytes_read_per_token": d.bytes_per_token,
+                    "achieved_gb_s": d.achieved.map(gb),
+                    "roofline_fraction": d.roofline,
+                })
+            })
+            .collect();
+        json!({
+            "machine": {
+                "cpu": m.cpu,
+                "features": features,
+                "isa": self.isa,
+                "threads": m.threads,
+                "read_buffer_bytes": m.read_buffer_bytes,
+                "read_kernel": m.read_kernel,
+                "read_gb_s": gb(m.read_bytes_per_sec),
+                "read_gb_s_one_thread": m.read_bytes_per_sec_one_thread.map(gb),
+                "fma_kernel": m.fma_kernel,
+                "fma_gflop_s": m.fma_flops_per_sec / 1e9,
+                "bf16_gflop_s": m.bf16_flops_per_sec.map(|f| f / 1e9),
+            },
+            "backend": self.backend,
+            "model": self.model,
+            "kv": self.kv,
+            "decode_steps": self.decode_steps,
+            "prefill_chunk": self.chunk,
+            "weights_per_token": {
+                "embedding_row": w.embedding_row,
+                "tid2eid_rows": w.tid2eid_rows,
+                "routed_experts": w.routed_experts,
+                "shared_experts": w.shared_experts,
+                "dense": w.dense,
+                "head": w.head,
+                "total": w.bytes(),
+                "matrix_params": w.matrix_params,
+                "head_params": w.head_params,
+            },
+            "rows": rows,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use dsv4_backend_cpu::CpuBackend;
+    use dsv4_core::builtin;
+    use dsv4_core::kv::KvConfig;
+
+    use super::*;
+
     #[test]
     fn the_pool_covers_every_context_and_its_decode_steps() {
         assert_eq!(super::tokens_needed(&[1024, 8192], 32), 8192 + 32);
         // Decode tokens of one context run past the next: it starts one token later.
         assert_eq!(super::tokens_needed(&[100, 110], 32), 100 + 32 + 1 + 32);
         assert_eq!(super::tokens_needed(&[0], 4), 5);
+    }
+
+    /// builtin:tiny by hand: vocab 271, hidden 64, 4 layers (sliding, CSA 4, HCA 16, CSA 4;
+    /// layer 0 hash-routed), 4 heads of 32, q rank 32, 2 output groups of rank 16, 8 experts of
+    /// width 32 with k = 2, indexer 4 heads of 16, mHC 4 streams (mix 24). Matrices BF16, the
+    /// embedding, norms and mHC F32, tid2eid I64.
+    #[test]
+    fn tiny_active_bytes_by_hand() {
+        let (cfg, ckpt) = builtin::tiny().unwrap();
+        let w = active_weights(&cfg, &ckpt).unwrap();
+        // One embedding row (64 f32), not the 271-row table.
+        assert_eq!(w.embedding_row, 64.0 * 4.0);
+        // The whole head: 271 x 64 BF16.
+        assert_eq!(w.head, 271.0 * 64.0 * 2.0);
+        // One tid2eid row (k = 2 i64) on the one hash layer.
+        assert_eq!(w.tid2eid_rows, 2.0 * 8.0);
+        // An expert is w1, w3 [32, 64] and w2 [64, 32] in BF16: 12288 bytes.
+        let expert = 3.0 * 32.0 * 64.0 * 2.0;
+        assert_eq!(w.routed_experts, 4.0 * 2.0 * expert, "k = 2 of the 8 experts, 4 layers");
+        assert_eq!(w.shared_experts, 4.0 * expert);
+        // Dense: everything the checkpoint holds but the embedding, head, tid2eid and experts.
+        let all: usize = ckpt.tensors().map(|t| t.size_bytes()).sum();
+        let dense = all as f64 - 271.0 * 64.0 * 4.0 - 271.0 * 64.0 * 2.0 - 271.0 * 2.0 * 8.0 - 4.0 * 9.0 * expert;
+        assert_eq!(w.dense, dense);
+        // ... which by hand is, per layer: mHC 2 x ([24, 256] + [24] + [3]) f32, two norms of 64
+        // f32, attention wq_a [32,64] wq_b [128,32] wkv [32,64] wo_a [32,64] wo_b [64,32] BF16,
+        // q_norm 32 and kv_norm 32 f32, sinks 4 f32, router [8, 64] BF16; bias [8] f32 on the
+        // three top-k layers; CSA: compressor wkv/wgate [64, 64] BF16, ape [4, 64] and norm 32
+        // f32, indexer wq_b [64, 32] and weights_proj [4, 64] BF16, its compressor wkv/wgate
+        // [32, 64] BF16, ape [4, 32] and norm 16 f32; HCA: wkv/wgate [32, 64] BF16, ape [16, 32]
+        // and norm 32 f32. Globals: norm 64, hc_head_fn [4, 256], base 4, scale 1, all f32.
+        let mhc = 2.0 * (24.0 * 256.0 + 24.0 + 3.0) * 4.0;
+        let attn = (2048.0 + 4096.0 + 2048.0 + 2048.0 + 2048.0) * 2.0 + (32.0 + 32.0 + 4.0) * 4.0;
+        let common = mhc + 2.0 * 64.0 * 4.0 + attn + 8.0 * 64.0 * 2.0;
+        let csa = (2.0 * 4096.0 + 2048.0 + 256.0 + 2.0 * 2048.0) * 2.0 + (256.0 + 32.0 + 128.0 + 16.0) * 4.0;
+        let hca = 2.0 * 2048.0 * 2.0 + (512.0 + 32.0) * 4.0;
+        let by_hand = 4.0 * common + 3.0 * 8.0 * 4.0 + 2.0 * csa + hca + (64.0 + 1024.0 + 4.0 + 1.0) * 4.0;
+        assert_eq!(w.dense, by_hand);
+        assert_eq!(w.bytes(), w.embedding_row + w.tid2eid_rows + w.routed_experts + w.shared_experts + dense + w.head);
+    }
+
+    #[test]
+    fn tiny_flops_by_hand() {
+        let (cfg, ckpt) = builtin::tiny().unwrap();
+        let w = active_weights(&cfg, &ckpt).unwrap();
+        // Matrix values per layer: mHC 2 x 24 x 256, attention 2048 + 4096 + 2048 + 2048 + 2048,
+        // router 8 x 64, shared expert 3 x 2048, routed 2 of 8 experts of 3 x 2048; CSA adds
+        // 2 x 4096 + 2048 + 256 + 2 x 2048, HCA 2 x 2048. Plus hc_head_fn 4 x 256.
+        let common = 12288.0 + 12288.0 + 512.0 + 6144.0 + 2.0 * 6144.0;
+        let by_hand = 4.0 * common + 2.0 * 14592.0 + 4096.0 + 1024.0;
+        assert_eq!(w.matrix_params, by_hand);
+        assert_eq!(w.head_params, 271.0 * 64.0);
+        // Position 0: one key (itself) on every layer, 4 x 4 x 32 FLOP per key.
+        assert_eq!(attention_flops(&cfg, 0), 4.0 * 512.0);
+        // Position 63: window 16 keys; CSA 16 entries, top 8 + indexer 2 x 4 x 16 x 16; HCA 4.
+        assert_eq!(attention_flops(&cfg, 63), 16.0 * 512.0 + 2.0 * (24.0 * 512.0 + 2048.0) + 20.0 * 512.0);
+        // Two tokens in one step: the head once; position 0 sees one key per layer, position 1
+        // two.
+        let two = prefill_flops(&cfg, &w, 0, 2, 512);
+        assert_eq!(two, 2.0 * 2.0 * by_hand + 2.0 * 271.0 * 64.0 + (1.0 + 2.0) * 4.0 * 512.0);
+        // The same two tokens one per step: the head twice.
+        assert_eq!(prefill_flops(&cfg, &w, 0, 2, 1), two + 2.0 * 271.0 * 64.0);
+    }
+
+    #[test]
+    fn a_tied_head_reads_the_embedding_table() {
+        let mut c = builtin::tiny_config_json();
+        c["tie_word_embeddings"] = serde_json::json!(true);
+        let cfg = ModelConfig::from_json(c.as_object().unwrap()).unwrap();
+        let (_, ckpt) = builtin::tiny().unwrap();
+        let w = active_weights(&cfg, &ckpt).unwrap();
+        assert_eq!((w.embedding_row, w.head), (0.0, 271.0 * 64.0 * 4.0));
+    }
+
+    /// The layout of `--json`: every key and the type of every value (the numbers vary).
+    fn skeleton(v: &Value) -> Value {
+        match v {
+            Value::Null => "null".into(),
+            Value::Bool(_) => "bool".into(),
+            Value::Number(_) => "number".into(),
+            Value::String(_) => "string".into(),
+            Value::Array(a) => Value::Array(a.iter().map(skeleton).collect()),
+            Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), skeleton(v))).collect()),
+        }
+    }
+
+    #[test]
+    fn json_report_on_tiny() {
+        let be = CpuBackend::new();
+        let (cfg, ckpt) = builtin::tiny().unwrap();
+        let weights = active_weights(&cfg, &ckpt).unwrap();
+        let model = crate::load::load_model(&be, builtin::TINY_NAME).unwrap();
+        let contexts = [8, 20];
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
+        let mut seen = 0;
+        let rows =
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, &mut |_| seen += 1).unwrap();
+        assert_eq!(seen, 2);
+        assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
+        // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
+        assert_eq!(rows[1].prefill_flops, prefill_flops(&cfg, &weights, 10, 10, 4));
+        let machine = Machine {
+            cpu: "test".into(),
+            features: machine::FEATURE_NAMES.iter().map(|&f| (f, true)).collect(),
+            threads: 2,
+            read_buffer_bytes: 1 << 30,
+            read_kernel: "avx512",
+            read_bytes_per_sec: 50e9,
+            read_bytes_per_sec_one_thread: Some(20e9),
+            fma_kernel: "avx512f",
+            fma_flops_per_sec: 200e9,
+            bf16_flops_per_sec: Some(400e9),
+        };
+        let report = Report {
+            machine: &machine,
+            isa: Some("avx512"),
+            backend: be.describe(),
+            model: builtin::TINY_NAME,
+            kv: "kv".into(),
+            weights: &weights,
+            decode_steps: 2,
+            chunk: 4,
+            rows: &rows,
+        };
+        let j = report.to_json();
+        insta::assert_snapshot!(serde_json::to_string_pretty(&skeleton(&j)).unwrap());
+        let row = &j["rows"][0];
+        let achieved = row["achieved_gb_s"].as_f64().unwrap();
+        assert!((row["roofline_fraction"].as_f64().unwrap() - achieved / 50.0).abs() < 1e-12);
+        assert_eq!(row["active_bytes_per_token"].as_f64().unwrap(), weights.bytes());
+        assert_eq!(j["machine"]["bf16_gflop_s"].as_f64(), Some(400.0));
+        // The human table keeps context, prefill tok/s and decode ms/tok as its first columns.
+        let header = table_header();
+        assert_eq!(
+            header.split_whitespace().take(5).collect::<Vec<_>>(),
+            ["context", "prefill", "tok/s", "decode", "ms/tok"]
+        );
+        let line = table_row(&rows[0], &weights, &machine);
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[0], "8");
+        assert!(cols[1].parse::<f64>().unwrap() > 0.0 && cols[2].parse::<f64>().unwrap() > 0.0);
+        // The machine section has no line a script could take for a table row.
+        let section = machine_report(&machine, Some("avx512"));
+        assert!(section.lines().all(|l| !l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')), "{section}");
     }
 }

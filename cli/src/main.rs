@@ -207,22 +207,36 @@ enum Command {
         #[command(flatten)]
         serve: serve::ServeArgs,
     },
-    /// Measure prefill and decode speed at several context lengths against the memory
-    /// bandwidth measured in the same run.
+    /// Measure prefill and decode speed at several context lengths, against the machine's limits
+    /// measured in the same run: decode against the read bandwidth (weight bytes one token
+    /// reads, in their stored form, plus the decoding state held), prefill against the f32 FMA
+    /// peak. Prints the machine figures, then a row per context.
     Bench {
         #[command(flatten)]
         model: ModelArgs,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
-        /// Context lengths at which decode is timed.
+        /// Context lengths (comma-separated) at which decode is timed. They are reached in
+        /// increasing order on one sequence: each prefill continues where the previous
+        /// context's decode stopped.
         #[arg(long, value_delimiter = ',', default_value = "1024,8192,65536")]
         contexts: Vec<usize>,
-        /// Decode steps timed at each context.
+        /// Decode steps timed at each context (greedy, one token per step); the row reports
+        /// their mean time.
         #[arg(long, default_value_t = 32)]
         decode_steps: usize,
-        /// Prefill chunk size.
+        /// Largest prefill step in tokens: prompts are fed in chunks of this many (logits are
+        /// computed for the last token of each chunk only).
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
+        /// Threads for the machine measurements (read bandwidth, f32 FMA and BF16 dot-product
+        /// peaks). Default: the CPU backend's thread count.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object (machine figures, weights read per token, a row per context)
+        /// instead of the text report and table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         kv: kv_args::KvArgs,
     },
@@ -331,8 +345,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { model, backend, kv, serve } => serve::run(&model.model, backend, &kv, &serve),
-        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, kv } => {
-            with_backend!(backend, |be| bench::run(be, &model.model, &contexts, decode_steps, prefill_chunk, &kv))
+        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, threads, json, kv } => {
+            let opts = bench::Options { contexts: &contexts, decode_steps, chunk: prefill_chunk, threads, json };
+            with_backend!(backend, |be| bench::run(be, &model.model, &kv, &opts))
         }
     }
 }
