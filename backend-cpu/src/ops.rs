@@ -6,7 +6,7 @@ use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::kernels::weights::dot_rows;
+use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
@@ -36,7 +36,7 @@ const GEMV_MAX_ROWS: usize = 8;
 
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.
 ///
-/// Few input rows (decode): [`dot_rows`] reads each weight row once, in its stored form, and
+/// Few input rows (decode): [`dot_many`] reads each weight row once, in its stored form, and
 /// decodes it in registers for every input row; its summation order is the same on every
 /// instruction set, and the same for a packed weight and its dequantised-at-load copy.
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`.
@@ -52,11 +52,16 @@ pub(crate) fn linear_block(
     let xs = xs.as_slice().expect("standard layout");
     let mut y = ndarray::Array2::<f32>::zeros((m, n));
     if m <= GEMV_MAX_ROWS {
-        let (isa, mut scales, mut col) = (Isa::active(), Vec::new(), [0f32; GEMV_MAX_ROWS]);
-        for j in 0..n {
-            dot_rows(isa, &w.row(start + j, &mut scales), xs, &mut col[..m]);
-            for (i, &v) in col[..m].iter().enumerate() {
-                y[(i, j)] = v;
+        if m == 1 {
+            dot_many(Isa::active(), w, start, n, xs, y.as_slice_mut().expect("standard layout"));
+        } else {
+            // dot_many writes row j's m outputs together: [n, m], transposed into y [m, n].
+            scratch.resize(n * m, 0.0);
+            dot_many(Isa::active(), w, start, n, xs, &mut scratch[..n * m]);
+            for (j, col) in scratch[..n * m].chunks_exact(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    y[(i, j)] = v;
+                }
             }
         }
         return y;

@@ -7,7 +7,7 @@ use dsv4_core::error::{Error, Result};
 use dsv4_core::quant::e8m0_to_f32_unchecked;
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
-use crate::kernels::weights::{decode_row, Row};
+use crate::kernels::weights::{decode_row, Row, RowScratch, Rows};
 use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -199,6 +199,30 @@ impl CpuWeight {
         match &self.data {
             WeightData::F32(v) => Some(&v[start * self.cols..(start + n) * self.cols]),
             _ => None,
+        }
+    }
+}
+
+/// Rows for [`crate::kernels::dot_many`]: as [`CpuWeight::row`], but an FP8 row block's
+/// scales are decoded once for all its rows (`scratch.key` is the block).
+impl Rows for CpuWeight {
+    #[inline]
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a> {
+        let k = self.cols;
+        match &self.data {
+            WeightData::Fp8 { data, scale, block_rows, block_cols } => {
+                let per_row = k.div_ceil(*block_cols);
+                let block = r / block_rows;
+                if scratch.key != Some(block) {
+                    decode_scales(scale, block * per_row, per_row, &mut scratch.scales);
+                    scratch.key = Some(block);
+                }
+                Row::Fp8 { codes: &data.bytes()[r * k..(r + 1) * k], scales: &scratch.scales, block: *block_cols }
+            }
+            _ => {
+                scratch.key = None;
+                CpuWeight::row(self, r, &mut scratch.scales)
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 //! cargo test --release -p dsv4-backend-cpu --test gemv_bench -- --ignored --nocapture
 //! ```
 //!
+//! `GEMV_BENCH_SHAPES`, `GEMV_BENCH_FORMATS` and `GEMV_BENCH_ROWS` (comma-separated) pick other cases.
+//!
 //! For each shape and input row count it prints the best time per call over 7 trials and the weight bytes read
 //! per second for the packed form (FP8, FP4, BF16 as stored) and for the same weight
 //! dequantised to f32 at load.
@@ -51,12 +53,27 @@ fn linear_throughput() {
         "{:<6} {:>11} {:>5} {:>9} {:>11} {:>9} {:>11}",
         "format", "shape", "rows", "packed", "GB/s", "f32", "GB/s"
     );
-    for (n, k) in [(4096, 2048), (1024, 2048)] {
-        for format in ["bf16", "fp8", "fp4"] {
+    // GEMV_BENCH_SHAPES="129280x1024,4096x2048" picks other shapes (e.g. a model's head).
+    let shapes: Vec<(usize, usize)> = match std::env::var("GEMV_BENCH_SHAPES") {
+        Ok(s) => s
+            .split(',')
+            .map(|nk| {
+                let (n, k) = nk.split_once('x').expect("shape NxK");
+                (n.parse().expect("rows"), k.parse().expect("cols"))
+            })
+            .collect(),
+        Err(_) => vec![(4096, 2048), (1024, 2048)],
+    };
+    let formats = std::env::var("GEMV_BENCH_FORMATS").unwrap_or_else(|_| "bf16,fp8,fp4".into());
+    let ms: Vec<usize> = std::env::var("GEMV_BENCH_ROWS")
+        .map(|s| s.split(',').map(|m| m.parse().expect("rows")).collect())
+        .unwrap_or_else(|_| vec![1, 4, 64]);
+    for (n, k) in shapes {
+        for format in formats.split(',') {
             let w = weight(format, n, k);
             let packed = CpuWeight::from_stored(&w).unwrap();
             let deq = CpuWeight::dequantized(&w).unwrap();
-            for m in [1, 4, 64] {
+            for &m in &ms {
                 let x = be.upload(&vec![0.5f32; m * k], &[m, k]).unwrap();
                 let time = |cw: &CpuWeight| {
                     let _ = be.linear(&x, cw).unwrap();

@@ -15,7 +15,7 @@ pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use weights::{decode_row, dot, dot_rows, Row};
+pub use weights::{decode_row, dot, dot_many, dot_rows, Row, RowScratch, Rows};
 
 /// The environment variable that lowers the instruction set the kernels use.
 pub const ISA_ENV: &str = "DSV4_CPU_ISA";

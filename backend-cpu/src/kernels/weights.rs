@@ -143,6 +143,102 @@ pub fn dot_rows(isa: Isa, w: &Row, xs: &[f32], out: &mut [f32]) {
     }
 }
 
+/// A matrix whose rows [`dot_many`] reads one after another (a weight in its stored form).
+pub trait Rows: Sync {
+    /// Row `r` (values `k`, the same for every row), its scales decoded into `scratch` where
+    /// the format has them. `scratch` is reused from row to row, so an implementation may keep
+    /// scales there that rows share (FP8 rows of one 128-row block).
+    fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a>;
+}
+
+/// Per-thread scratch of [`Rows::row`]: decoded scales and which rows they belong to.
+#[derive(Debug, Default)]
+pub struct RowScratch {
+    /// The scales of the row (or row block) `key`.
+    pub scales: Vec<f32>,
+    /// What `scales` were decoded for (an implementation's own key), `None` at first.
+    pub key: Option<usize>,
+}
+
+/// `out[j·m + i] = row(start + j) · xs[i·k .. (i+1)·k]` for `j` in `0..n` and the `m =
+/// out.len() / n` input rows: [`dot_rows`] on `n` consecutive rows, with the instruction set
+/// checked and dispatched once for all of them (so each row costs its decode and its
+/// multiply-adds, not a call). Same bits as [`dot_rows`] row by row.
+///
+/// Panics if `isa` is not supported, `n` is 0 with a non-empty `out`, or the lengths disagree.
+pub fn dot_many<W: Rows>(isa: Isa, w: &W, start: usize, n: usize, xs: &[f32], out: &mut [f32]) {
+    if n == 0 {
+        assert!(out.is_empty(), "dot_many: no rows but {} outputs", out.len());
+        return;
+    }
+    assert_eq!(out.len() % n, 0, "dot_many: {} outputs for {n} rows", out.len());
+    match isa {
+        // SAFETY: the scalar lanes run on any CPU; `dot_many_with` checks every row and length.
+        Isa::Scalar => unsafe { dot_many_with::<Scalar, W, 8>(w, start, n, xs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(isa.is_supported(), "dot_many: this CPU does not support avx2+fma+f16c");
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `dot_many_with` checks
+            // every row and length.
+            unsafe { super::x86::dot_many_avx2(w, start, n, xs, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            assert!(isa.is_supported(), "dot_many: this CPU does not support avx512f/bw/dq/vl");
+            // SAFETY: the CPU has AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C (checked above);
+            // `dot_many_with` checks every row and length.
+            unsafe { super::x86::dot_many_avx512(w, start, n, xs, out) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        other => panic!("dot_many: {} is not supported on this CPU", other.name()),
+    }
+}
+
+/// [`dot_many`] on the instruction set `S`: each row checked, then [`dot_rows_with`].
+///
+/// # Safety
+///
+/// The CPU supports `S`.
+#[inline(always)]
+pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
+    w: &W,
+    start: usize,
+    n: usize,
+    xs: &[f32],
+    out: &mut [f32],
+) where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    let m = out.len() / n;
+    let mut scratch = RowScratch::default();
+    let mut decoded = Vec::new();
+    for (j, o) in out.chunks_exact_mut(m.max(1)).take(n).enumerate() {
+        let row = w.row(start + j, &mut scratch);
+        row.check();
+        let k = row.len();
+        assert_eq!(xs.len(), m * k, "dot_many: {m} input rows of {k} values");
+        if m == 1 || matches!(row, Row::F32(_)) {
+            // SAFETY: the caller guarantees `S`; the row and the lengths were checked above.
+            unsafe { dot_rows_with::<S, G>(&row, xs, o) }
+        } else {
+            // Several input rows: decode the row once into L1 (the values `dot_rows_with`
+            // would decode, bit for bit: `decode_row`'s contract) and run the f32 kernel on it.
+            // Decoding in registers for every group of input rows keeps more live values
+            // than the registers hold, and the spills cost more than the decode.
+            decoded.resize(k, 0f32);
+            // SAFETY: as above; `decoded` has `k` values.
+            unsafe {
+                decode_with::<S>(&row, &mut decoded);
+                dot_rows_with::<S, G>(&Row::F32(&decoded), xs, o)
+            }
+        }
+    }
+}
+
 /// The `k` values of the row widened to f32 into `out` (length `k`): exactly the values
 /// [`dot_rows`] multiplies with, bit for bit equal to the scalar tables times the scales
 /// (FP8's NaN codes `0x7F`/`0xFF` give NaN).

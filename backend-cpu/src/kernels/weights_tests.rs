@@ -480,3 +480,42 @@ fn bench_dot_rows() {
         }
     }
 }
+
+/// A matrix of owned rows, for `dot_many`.
+struct Matrix(Vec<Owned>);
+
+impl Rows for Matrix {
+    fn row<'a>(&'a self, r: usize, _scratch: &'a mut RowScratch) -> Row<'a> {
+        self.0[r].row()
+    }
+}
+
+#[test]
+fn dot_many_is_dot_rows_row_by_row() {
+    let mut rng = Rng(9);
+    let scale =
+        |r: &mut Rng| 2f32.powi((r.next() % 20) as i32 - 10) * if r.next().is_multiple_of(2) { 1.0 } else { 1.5 };
+    let kinds = [Kind::F32, Kind::Bf16, Kind::F16, Kind::Fp8(128), Kind::Fp8(48), Kind::Fp4(32), Kind::Fp4(7)];
+    for kind in kinds {
+        for k in [2, 30, 64, 130, 258] {
+            let n = 5;
+            let w = Matrix((0..n).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
+            for m in 1..=9 {
+                let xs = rng.xs(m * k);
+                // Row by row with dot_rows on the scalar lanes: the reference bits.
+                let mut want = vec![0f32; n * m];
+                for (j, o) in want.chunks_exact_mut(m).enumerate() {
+                    dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+                }
+                for isa in Isa::supported() {
+                    // Rows 1..n: a start offset too.
+                    let mut got = vec![f32::NAN; (n - 1) * m];
+                    dot_many(isa, &w, 1, n - 1, &xs, &mut got);
+                    for (idx, (g, e)) in got.iter().zip(&want[m..]).enumerate() {
+                        assert!(same(*g, *e), "{kind:?} k={k} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -25,8 +25,31 @@ use std::arch::x86_64::*;
 use dsv4_core::quant::E2M1_TO_F32;
 
 use super::weights::{
-    decode_with, dot_rows_with, row_parts, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec, Lanes, Row, LANES,
+    decode_with, dot_many_with, dot_rows_with, row_parts, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec, Lanes, Row,
+    Rows, LANES,
 };
+
+/// [`super::weights::dot_many`] with AVX2.
+///
+/// # Safety
+///
+/// The CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_many_avx2<W: Rows>(w: &W, start: usize, n: usize, xs: &[f32], out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx2`; `dot_many_with` checks each row.
+    unsafe { dot_many_with::<Avx2, W, 4>(w, start, n, xs, out) }
+}
+
+/// [`super::weights::dot_many`] with AVX-512.
+///
+/// # Safety
+///
+/// The CPU supports AVX-512 F/BW/DQ/VL, AVX2, FMA and F16C.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_many_avx512<W: Rows>(w: &W, start: usize, n: usize, xs: &[f32], out: &mut [f32]) {
+    // SAFETY: this function's features are those of `Avx512`; `dot_many_with` checks each row.
+    unsafe { dot_many_with::<Avx512, W, 8>(w, start, n, xs, out) }
+}
 
 /// [`super::weights::dot_rows`] with AVX2: input rows four at a time.
 ///
