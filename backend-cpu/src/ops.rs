@@ -495,6 +495,44 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(shape, y))
     }
 
+    /// In place on each `[n, n]` matrix, with the composition's arithmetic: sums from `+0.0` in
+    /// index order (what `reduce` gives for the small `n` of mHC: ndarray's unrolled sum only
+    /// reorders lines of 8 or more, which use `reduce` itself here), `sum · 1 + eps`, then
+    /// one division per entry. About 6·iters tiny ops per call become one loop (117 ops, each
+    /// allocating, at 20 iterations; twice per layer and token).
+    fn sinkhorn(&self, comb: &CpuTensor, iters: usize, eps: f32) -> Result<CpuTensor> {
+        let n = comb.shape.get(1).copied().unwrap_or(0);
+        if comb.shape.len() != 3 || comb.shape[2] != n || n >= 8 {
+            return composed::sinkhorn(self, comb, iters, eps);
+        }
+        let mut c = comb.data.to_vec();
+        let mut sums = [0f32; 8];
+        let col_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
+            for (k, s) in sums.iter_mut().enumerate().take(n) {
+                *s = (0..n).fold(0.0f32, |acc, j| acc + m[j * n + k]) * 1.0 + eps;
+            }
+            for (i, v) in m.iter_mut().enumerate() {
+                *v /= sums[i % n];
+            }
+        };
+        let row_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
+            for (j, s) in sums.iter_mut().enumerate().take(n) {
+                *s = m[j * n..(j + 1) * n].iter().fold(0.0f32, |acc, &v| acc + v) * 1.0 + eps;
+            }
+            for (i, v) in m.iter_mut().enumerate() {
+                *v /= sums[i / n];
+            }
+        };
+        for m in c.chunks_exact_mut((n * n).max(1)) {
+            col_norm(m, &mut sums);
+            for _ in 1..iters {
+                row_norm(m, &mut sums);
+                col_norm(m, &mut sums);
+            }
+        }
+        Ok(CpuTensor::new(comb.shape.clone(), c))
+    }
+
     /// Every chosen expert in two parallel passes ([`crate::moe`]); the weighted outputs are
     /// then added in ascending expert id, as in the composition (identical results).
     fn moe_experts(

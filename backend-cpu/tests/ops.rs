@@ -239,3 +239,29 @@ fn csa_entry_zero_ignores_its_missing_previous_window() {
     let want = case.reference(&x, 8);
     assert_within("entry 0", &base[..dim], &want[..dim], |i| 64.0 * EPS * (1.0 + want[i].abs()));
 }
+
+/// The CPU's `sinkhorn` (one loop) gives exactly the composition's bits (reduce, affine,
+/// broadcast division per step), for the mHC sizes and odd ones, and falls back to the
+/// composition for lines of 8 or more.
+#[test]
+fn sinkhorn_is_the_composition_bit_for_bit() {
+    use dsv4_core::backend::composed;
+    let be = CpuBackend::new();
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32
+    };
+    for (t, n) in [(1, 4), (3, 4), (2, 1), (2, 3), (1, 7), (2, 8), (1, 9)] {
+        for iters in [0, 1, 2, 20] {
+            let data: Vec<f32> = (0..t * n * n).map(|_| next() * 3.0 + 1e-3).collect();
+            let comb = be.upload(&data, &[t, n, n]).unwrap();
+            let got = be.download(&be.sinkhorn(&comb, iters, 1e-6).unwrap()).unwrap();
+            let want = be.download(&composed::sinkhorn(&be, &comb, iters, 1e-6).unwrap()).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "t={t} n={n} iters={iters}");
+        }
+    }
+}

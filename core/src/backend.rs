@@ -241,24 +241,19 @@ pub trait Backend: Send + Sync {
         let pre = self.affine(&self.unary(&part(0, n, 0)?, UnaryOp::Sigmoid)?, 1.0, hc_eps)?;
         let post = self.affine(&self.unary(&part(n, n, 1)?, UnaryOp::Sigmoid)?, 2.0, 0.0)?;
         let comb = self.reshape(&part(2 * n, n * n, 2)?, &[t, n, n])?;
-        let mut comb = self.affine(&self.softmax(&comb, 2)?, 1.0, hc_eps)?;
-        let col_norm = |c: &Self::Tensor| -> Result<Self::Tensor> {
-            let s = self.affine(&self.reduce(c, 1, ReduceOp::Sum)?, 1.0, hc_eps)?;
-            self.binary(c, &s, BinaryOp::Div)
-        };
-        let row_norm = |c: &Self::Tensor| -> Result<Self::Tensor> {
-            let s = self.affine(&self.reduce(c, 2, ReduceOp::Sum)?, 1.0, hc_eps)?;
-            self.binary(c, &s, BinaryOp::Div)
-        };
-        comb = col_norm(&comb)?;
-        for _ in 1..sinkhorn_iters {
-            comb = row_norm(&comb)?;
-            comb = col_norm(&comb)?;
-        }
+        let comb = self.affine(&self.softmax(&comb, 2)?, 1.0, hc_eps)?;
+        let comb = self.sinkhorn(&comb, sinkhorn_iters, hc_eps)?;
         let pre = self.reshape(&pre, &[t, n, 1])?;
         let collapsed = self.reduce(&self.binary(&pre, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
         let collapsed = self.reshape(&collapsed, &[t, d])?;
         Ok((collapsed, post, comb))
+    }
+
+    /// mHC Sinkhorn normalisation of `comb` `[T, n, n]` (spec §B.2, `hc_pre`'s last step):
+    /// columns normalised, then `iters − 1` rounds of rows then columns, each line divided by
+    /// its sum plus `eps` (sums in index order). Returns the same shape.
+    fn sinkhorn(&self, comb: &Self::Tensor, iters: usize, eps: f32) -> Result<Self::Tensor> {
+        composed::sinkhorn(self, comb, iters, eps)
     }
 
     /// mHC post-mapping (spec §B.3): `X'_k = post_k · y + Σ_j comb[j, k] · X_j`.
@@ -455,6 +450,25 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::sinkhorn`]: `reduce`, `affine` and a broadcast `binary`
+    /// division per normalisation.
+    pub fn sinkhorn<B: Backend + ?Sized>(be: &B, comb: &B::Tensor, iters: usize, eps: f32) -> Result<B::Tensor> {
+        let col_norm = |c: &B::Tensor| -> Result<B::Tensor> {
+            let s = be.affine(&be.reduce(c, 1, ReduceOp::Sum)?, 1.0, eps)?;
+            be.binary(c, &s, BinaryOp::Div)
+        };
+        let row_norm = |c: &B::Tensor| -> Result<B::Tensor> {
+            let s = be.affine(&be.reduce(c, 2, ReduceOp::Sum)?, 1.0, eps)?;
+            be.binary(c, &s, BinaryOp::Div)
+        };
+        let mut comb = col_norm(comb)?;
+        for _ in 1..iters {
+            comb = row_norm(&comb)?;
+            comb = col_norm(&comb)?;
+        }
+        Ok(comb)
     }
 
     /// The definition of [`Backend::moe_route`].
