@@ -497,7 +497,7 @@ fn dot_many_is_dot_rows_row_by_row() {
         |r: &mut Rng| 2f32.powi((r.next() % 20) as i32 - 10) * if r.next().is_multiple_of(2) { 1.0 } else { 1.5 };
     let kinds = [Kind::F32, Kind::Bf16, Kind::F16, Kind::Fp8(128), Kind::Fp8(48), Kind::Fp4(32), Kind::Fp4(7)];
     for kind in kinds {
-        for k in [2, 30, 64, 130, 258] {
+        for k in [2, 30, 32, 64, 130, 256, 258] {
             let n = 5;
             let w = Matrix((0..n).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
             for m in 1..=9 {
@@ -513,6 +513,12 @@ fn dot_many_is_dot_rows_row_by_row() {
                     dot_many(isa, &w, 1, n - 1, &xs, &mut got);
                     for (idx, (g, e)) in got.iter().zip(&want[m..]).enumerate() {
                         assert!(same(*g, *e), "{kind:?} k={k} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
+                    }
+                    // All five rows: an odd count (one input row pairs rows, one is left).
+                    let mut got = vec![f32::NAN; n * m];
+                    dot_many(isa, &w, 0, n, &xs, &mut got);
+                    for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(same(*g, *e), "{kind:?} k={k} m={m} {isa:?} all rows, output {idx}: {g:e} vs {e:e}");
                     }
                 }
             }
