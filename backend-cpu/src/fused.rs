@@ -6,9 +6,9 @@
 //! decoded into a buffer private to the thread, so the summation order, and for `f32` pools
 //! every bit, is the same whatever the format.
 //!
-//! Dot products use `dot`'s fixed order (eight interleaved partial sums), which vectorises;
-//! on x86_64 the indexer's scores and the attention logits are computed four keys at a time
-//! with SSE2 or AVX (`x86`), in the same order, so with the same bits.
+//! The indexer's scores, the attention logits, softmax and weighted sums and the decoding of
+//! pool rows are the SIMD kernels of `kernels::attn` (scalar, AVX2 or AVX-512, picked by
+//! `kernels::Isa`), which give the same bits on every instruction set.
 //!
 //! Work is spread over queries when there are enough of them (prefill). A decode step has one
 //! query per sequence, so when its work is large enough (`SHARE_WORK`) the threads share the

@@ -290,11 +290,11 @@ fn read_bandwidth(simd: Simd, threads: usize, bytes: usize, passes: usize, one: 
 fn sum_lines(simd: Simd, lines: &[Line]) -> f32 {
     match simd {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Simd::best` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Simd::Avx512 => unsafe { x86::sum_avx512(lines) },
+        // SAFETY: the guard detected avx512f, the function's only feature.
+        Simd::Avx512 if has_feature("avx512f") => unsafe { x86::sum_avx512(lines) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Simd::best` chose Avx2 only after detecting avx2 and fma.
-        Simd::Avx2 => unsafe { x86::sum_avx2(lines) },
+        // SAFETY: the guard detected avx2 and fma, the function's features.
+        Simd::Avx2 if has_feature("avx2") && has_feature("fma") => unsafe { x86::sum_avx2(lines) },
         _ => sum_portable(lines),
     }
 }
@@ -338,14 +338,14 @@ impl Peak {
         let iters = std::hint::black_box(iters);
         match self {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Fma(Avx512) is only built after `is_x86_feature_detected!("avx512f")`.
-            Peak::Fma(Simd::Avx512) => unsafe { x86::fma_avx512(iters) },
+            // SAFETY: the guard detected avx512f, the function's only feature.
+            Peak::Fma(Simd::Avx512) if has_feature("avx512f") => unsafe { x86::fma_avx512(iters) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Fma(Avx2) is only built after detecting avx2 and fma.
-            Peak::Fma(Simd::Avx2) => unsafe { x86::fma_avx2(iters) },
+            // SAFETY: the guard detected avx2 and fma, the function's features.
+            Peak::Fma(Simd::Avx2) if has_feature("avx2") && has_feature("fma") => unsafe { x86::fma_avx2(iters) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Bf16 is only built when `Simd::has_bf16` (avx512f and avx512bf16 detected).
-            Peak::Bf16 => unsafe { x86::dp_bf16(iters) },
+            // SAFETY: the guard detected avx512f and avx512bf16, the function's features.
+            Peak::Bf16 if Simd::has_bf16() => unsafe { x86::dp_bf16(iters) },
             _ => mul_add_portable(iters),
         }
     }

@@ -147,9 +147,13 @@ pub fn prefill_flops(cfg: &ModelConfig, w: &ActiveWeights, start: usize, n: usiz
 }
 
 /// Positions the run feeds: each context is prefilled from where the last one's decode
-/// stopped (at least one token), then `decode_steps` tokens are decoded.
+/// stopped (at least one token), then `decode_steps` tokens are decoded. `usize::MAX` when
+/// that does not fit in a `usize` (more than any model's context anyway).
 fn tokens_needed(contexts: &[usize], decode_steps: usize) -> usize {
-    contexts.iter().fold(0, |pos, &ctx| ctx.max(pos + 1) + decode_steps)
+    contexts
+        .iter()
+        .try_fold(0usize, |pos, &ctx| ctx.max(pos.checked_add(1)?).checked_add(decode_steps))
+        .unwrap_or(usize::MAX)
 }
 
 /// The bench's settings besides the model, backend and decoding-state flags.
@@ -264,8 +268,8 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
     let mut contexts = opts.contexts.to_vec();
     contexts.sort_unstable();
     contexts.dedup();
-    if contexts.is_empty() {
-        bail!("give at least one context length, e.g. --contexts 1024,8192");
+    if contexts.is_empty() || contexts[0] == 0 {
+        bail!("give context lengths of at least 1 token, e.g. --contexts 1024,8192");
     }
     if opts.chunk == 0 {
         bail!("--prefill-chunk must be at least 1");
@@ -280,7 +284,7 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
     let needed = tokens_needed(&contexts, opts.decode_steps);
     if needed >= cfg.max_position_embeddings {
         bail!(
-            "contexts up to {} + {} decode steps need {needed} positions, more than the model's {}",
+            "contexts up to {} + {} decode steps need {needed} positions; the model has {}",
             contexts[contexts.len() - 1],
             opts.decode_steps,
             cfg.max_position_embeddings
@@ -498,6 +502,8 @@ mod tests {
 
     #[test]
     fn the_pool_covers_every_context_and_its_decode_steps() {
+        assert_eq!(super::tokens_needed(&[usize::MAX], 1), usize::MAX, "overflow saturates");
+        assert_eq!(super::tokens_needed(&[1, usize::MAX - 1], 1), usize::MAX, "overflow saturates");
         assert_eq!(super::tokens_needed(&[1024, 8192], 32), 8192 + 32);
         // Decode tokens of one context run past the next: it starts one token later.
         assert_eq!(super::tokens_needed(&[100, 110], 32), 100 + 32 + 1 + 32);

@@ -255,7 +255,7 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
         row.check();
         let k = row.len();
         assert_eq!(xs.len(), m * k, "dot_many: {m} input rows of {k} values");
-        if m == 1 || matches!(row, Row::F32(_)) {
+        if matches!(row, Row::F32(_)) {
             // SAFETY: the caller guarantees `S`; the row and the lengths were checked above.
             unsafe { dot_rows_with::<S, G>(&row, xs, o) }
         } else {
@@ -462,7 +462,7 @@ where
 /// Two rows against one input row `x`, their chunks interleaved: two independent decode and
 /// multiply-add streams, which keep the core and the memory system busier than one. Each
 /// row's lanes see exactly the `fma`s of [`group`] with `M = 1`, so the bits are the same.
-/// `None` (nothing computed) unless both rows are whole chunks (`k` a multiple of 32) in
+/// `None` (no result) unless both rows are whole chunks (`k` a multiple of 32) in
 /// blocks of whole chunks with every block's fast decode exact: those go row by row.
 /// (A generic version over `R` rows in arrays compiled worse: 4 streams were slower than 2.)
 ///
@@ -477,10 +477,8 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32]) -> Option<(f32
         return None;
     }
     let blocks = k.div_ceil(block);
-    for b in 0..blocks {
-        d0.scale(b)?;
-        d1.scale(b)?;
-    }
+    // A block whose fast decode is not exact (`scale` is `None`) sends both rows down the
+    // row-by-row path, dropping what was summed so far; it takes extreme scales, so it is rare.
     let (mut acc0, mut acc1) = (S::zero(), S::zero());
     let mut j = 0;
     for b in 0..blocks {

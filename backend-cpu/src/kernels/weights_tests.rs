@@ -525,3 +525,38 @@ fn dot_many_is_dot_rows_row_by_row() {
         }
     }
 }
+
+/// One input row pairs rows; a block whose fast decode is not exact (`scale · 256`
+/// overflows) in either row of a pair sends both down the row-by-row path, same bits.
+#[test]
+fn dot_many_pairs_fall_back_on_extreme_scales() {
+    let mut rng = Rng(10);
+    for huge_row in 0..4 {
+        let rows: Vec<Owned> = (0..4)
+            .map(|r| {
+                let mut b = 0;
+                Owned::random(Kind::Fp8(128), 256, &mut rng, &mut |_| {
+                    b += 1;
+                    if r == huge_row && b == 2 {
+                        2f32.powi(127)
+                    } else {
+                        2f32.powi(-3)
+                    }
+                })
+            })
+            .collect();
+        let w = Matrix(rows);
+        let xs: Vec<f32> = rng.xs(256).iter().map(|v| v * 1e-30).collect();
+        let mut want = vec![0f32; 4];
+        for (j, o) in want.chunks_exact_mut(1).enumerate() {
+            dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+        }
+        for isa in Isa::supported() {
+            let mut got = vec![f32::NAN; 4];
+            dot_many(isa, &w, 0, 4, &xs, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!(same(*g, *e), "{isa:?} huge scale in row {huge_row}: {g:e} vs {e:e}");
+            }
+        }
+    }
+}
