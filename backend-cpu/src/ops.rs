@@ -51,6 +51,9 @@ pub(crate) fn linear_block(
     let xs = x.as_standard_layout();
     let xs = xs.as_slice().expect("standard layout");
     let mut y = ndarray::Array2::<f32>::zeros((m, n));
+    if m == 0 {
+        return y;
+    }
     if m <= GEMV_MAX_ROWS {
         if m == 1 {
             dot_many(Isa::active(), w, start, n, xs, y.as_slice_mut().expect("standard layout"));
