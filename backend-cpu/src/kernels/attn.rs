@@ -29,7 +29,7 @@
 use std::sync::OnceLock;
 
 use dsv4_core::backend::RowFormat;
-use dsv4_core::kv::format::FP8_KV_BLOCK;
+use dsv4_core::kv::format::{fp8_block_scale, Fp8Row, FP8_KV_BLOCK};
 
 use super::Isa;
 
@@ -559,15 +559,11 @@ fn decode_row_with<L: V16>(l: L, format: RowFormat, bytes: &[u8], out: &mut [f32
         }
         RowFormat::Bf16 => bf16_values(l, bytes, out),
         RowFormat::Fp8 { rope } => {
-            let rope = rope.min(out.len());
-            let nope = out.len() - rope;
-            let (codes, rest) = bytes.split_at(nope);
-            let (rope_in, scales) = rest.split_at(2 * rope);
+            let Fp8Row { nope, codes, rope: rope_in, scales } = Fp8Row::split(bytes, out.len(), rope);
             for ((code_block, o), &s) in
                 codes.chunks(FP8_KV_BLOCK).zip(out[..nope].chunks_mut(FP8_KV_BLOCK)).zip(scales)
             {
-                // As `RowFormat::decode` computes it (exact: an integer power of two).
-                let scale = ((s as i32 - 127) as f32).exp2();
+                let scale = fp8_block_scale(s);
                 let full = o.len() / LANES * LANES;
                 let (head, tail) = o.split_at_mut(full);
                 for (o, c) in head.chunks_exact_mut(LANES).zip(code_block.chunks_exact(LANES)) {

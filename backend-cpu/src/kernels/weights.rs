@@ -59,6 +59,15 @@ impl Row<'_> {
         }
     }
 
+    /// Values per scale (`block` or `group`), or `None` for unscaled formats.
+    pub(crate) fn block(&self) -> Option<usize> {
+        match *self {
+            Row::F32(_) | Row::Bf16(_) | Row::F16(_) => None,
+            Row::Fp8 { block, .. } => Some(block),
+            Row::Fp4 { group, .. } => Some(group),
+        }
+    }
+
     /// Whether the row has no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -340,13 +349,9 @@ pub(crate) trait Lanes {
 /// # Safety
 ///
 /// As [`Lanes`]; `chunk(j, _)` reads elements `j..j + 32`, which must lie inside the row.
-pub(crate) trait Decode<S: Lanes> {
+pub(crate) trait Decode<S: Lanes>: DecodedRow {
     /// A block's scale, prepared for `chunk` (a broadcast register, a scaled table).
     type Scale: Copy;
-    /// The row.
-    fn row(&self) -> &Row<'_>;
-    /// Values per scale, or `None` for unscaled formats.
-    fn block(&self) -> Option<usize>;
     /// The prepared scale of block `b`, or `None` when the fast decode would not be exact for
     /// it (then its values go through [`Row::value`]).
     unsafe fn scale(&self, b: usize) -> Option<Self::Scale>;
@@ -399,6 +404,24 @@ where
         Row::Fp4 { .. } => decode::<S, _>(&Fp4Dec(*w), out),
     }
 }
+
+/// The row a decoder reads, whatever the instruction set: every decoder holds its `Row`.
+pub(crate) trait DecodedRow {
+    /// The row.
+    fn row(&self) -> &Row<'_>;
+}
+
+macro_rules! decoded_row {
+    ($($t:ident),*) => {$(
+        impl DecodedRow for $t<'_> {
+            #[inline(always)]
+            fn row(&self) -> &Row<'_> {
+                &self.0
+            }
+        }
+    )*};
+}
+decoded_row!(F32Dec, Bf16Dec, F16Dec, Fp8Dec, Fp4Dec);
 
 /// The decoders, one per format; each holds its `Row` (of that variant only).
 pub(crate) struct F32Dec<'a>(pub Row<'a>);
@@ -472,8 +495,12 @@ where
 #[inline(always)]
 unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32]) -> Option<(f32, f32)> {
     let k = d0.row().len();
-    let block = d0.block().unwrap_or(k.max(LANES));
-    if d1.row().len() != k || d1.block() != d0.block() || k % LANES != 0 || block % LANES != 0 {
+    let block = d0.row().block().unwrap_or(k.max(LANES));
+    if d1.row().len() != k
+        || d1.row().block() != d0.row().block()
+        || !k.is_multiple_of(LANES)
+        || !block.is_multiple_of(LANES)
+    {
         return None;
     }
     let blocks = k.div_ceil(block);
@@ -528,9 +555,9 @@ unsafe fn group<S: Lanes, D: Decode<S>, const M: usize>(d: &D, xs: &[f32], out: 
     let x: [&[f32]; M] = std::array::from_fn(|i| &xs[i * k..(i + 1) * k]);
     let mut acc = [S::zero(); M];
     let full = k / LANES * LANES;
-    let block = d.block().unwrap_or(full.max(LANES));
+    let block = d.row().block().unwrap_or(full.max(LANES));
     let mut j = 0;
-    if block % LANES == 0 {
+    if block.is_multiple_of(LANES) {
         let mut b = 0;
         while j < full {
             let end = (j + block).min(full);
@@ -584,9 +611,9 @@ unsafe fn slow_chunk<S: Lanes, const M: usize>(w: &Row, j: usize, x: &[&[f32]; M
 unsafe fn decode<S: Lanes, D: Decode<S>>(d: &D, out: &mut [f32]) {
     let k = d.row().len();
     let full = k / LANES * LANES;
-    let block = d.block().unwrap_or(full.max(LANES));
+    let block = d.row().block().unwrap_or(full.max(LANES));
     let mut j = 0;
-    if block % LANES == 0 {
+    if block.is_multiple_of(LANES) {
         let mut b = 0;
         while j < full {
             let end = (j + block).min(full);
@@ -660,12 +687,6 @@ pub(crate) fn reduce32(a: &[f32; LANES]) -> f32 {
 
 impl Decode<Scalar> for F32Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -679,12 +700,6 @@ impl Decode<Scalar> for F32Dec<'_> {
 
 impl Decode<Scalar> for Bf16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -698,12 +713,6 @@ impl Decode<Scalar> for Bf16Dec<'_> {
 
 impl Decode<Scalar> for F16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -717,12 +726,6 @@ impl Decode<Scalar> for F16Dec<'_> {
 
 impl Decode<Scalar> for Fp8Dec<'_> {
     type Scale = f32;
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<f32> {
         Some(row_parts!(self.0, Scaled).1[b])
@@ -736,12 +739,6 @@ impl Decode<Scalar> for Fp8Dec<'_> {
 
 impl Decode<Scalar> for Fp4Dec<'_> {
     type Scale = f32;
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<f32> {
         Some(row_parts!(self.0, Scaled).1[b])

@@ -159,12 +159,6 @@ impl Lanes for Avx2 {
 
 impl Decode<Avx2> for F32Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -178,12 +172,6 @@ impl Decode<Avx2> for F32Dec<'_> {
 
 impl Decode<Avx2> for Bf16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -202,12 +190,6 @@ impl Decode<Avx2> for Bf16Dec<'_> {
 
 impl Decode<Avx2> for F16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -247,12 +229,6 @@ unsafe fn e4m3_halves_avx2(x: __m256i) -> __m256i {
 
 impl Decode<Avx2> for Fp8Dec<'_> {
     type Scale = __m256;
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<__m256> {
         // SAFETY: AVX (trait contract).
@@ -277,12 +253,6 @@ impl Decode<Avx2> for Fp8Dec<'_> {
 impl Decode<Avx2> for Fp4Dec<'_> {
     /// The 8 positive and the 8 negative table entries times the group's scale.
     type Scale = (__m256, __m256);
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<(__m256, __m256)> {
         let s = row_parts!(self.0, Scaled).1[b];
@@ -367,12 +337,6 @@ impl Lanes for Avx512 {
 
 impl Decode<Avx512> for F32Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -386,12 +350,6 @@ impl Decode<Avx512> for F32Dec<'_> {
 
 impl Decode<Avx512> for Bf16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -410,12 +368,6 @@ impl Decode<Avx512> for Bf16Dec<'_> {
 
 impl Decode<Avx512> for F16Dec<'_> {
     type Scale = ();
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        None
-    }
     #[inline(always)]
     unsafe fn scale(&self, _: usize) -> Option<()> {
         Some(())
@@ -430,12 +382,6 @@ impl Decode<Avx512> for F16Dec<'_> {
 
 impl Decode<Avx512> for Fp8Dec<'_> {
     type Scale = __m512;
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<__m512> {
         // SAFETY: AVX-512F (trait contract).
@@ -462,12 +408,6 @@ impl Decode<Avx512> for Fp8Dec<'_> {
 impl Decode<Avx512> for Fp4Dec<'_> {
     /// The 16 table entries times the group's scale.
     type Scale = __m512;
-    fn row(&self) -> &Row<'_> {
-        &self.0
-    }
-    fn block(&self) -> Option<usize> {
-        Some(row_parts!(self.0, Scaled).2)
-    }
     #[inline(always)]
     unsafe fn scale(&self, b: usize) -> Option<__m512> {
         let s = row_parts!(self.0, Scaled).1[b];

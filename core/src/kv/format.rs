@@ -46,6 +46,39 @@ pub enum RowFormat {
     },
 }
 
+/// The parts of one `fp8` row of `width` values (layout in [`RowFormat::Fp8`]): `nope` e4m3
+/// codes, the `rope` values as bf16 bytes, then one E8M0 scale byte per [`FP8_KV_BLOCK`] codes
+/// (and padding). Shared by [`RowFormat::decode`] and the backends' own decoders.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Row<'a> {
+    /// Values stored as e4m3 codes (`width` minus the rope part).
+    pub nope: usize,
+    /// `nope` e4m3fn codes.
+    pub codes: &'a [u8],
+    /// The rope part, `2 · (width − nope)` bytes of little-endian bf16.
+    pub rope: &'a [u8],
+    /// The block scales (E8M0 bytes), then any padding.
+    pub scales: &'a [u8],
+}
+
+impl<'a> Fp8Row<'a> {
+    /// Splits `bytes` (at least `row_bytes(width)`) of a row whose last `rope` values (at most
+    /// `width`) are bf16.
+    pub fn split(bytes: &'a [u8], width: usize, rope: usize) -> Fp8Row<'a> {
+        let rope = rope.min(width);
+        let nope = width - rope;
+        let (codes, rest) = bytes.split_at(nope);
+        let (rope, scales) = rest.split_at(2 * rope);
+        Fp8Row { nope, codes, rope, scales }
+    }
+}
+
+/// The multiplier of an `fp8` row block's E8M0 scale byte: `2^(s − 127)`, exact.
+#[inline]
+pub fn fp8_block_scale(s: u8) -> f32 {
+    ((s as i32 - 127) as f32).exp2()
+}
+
 impl RowFormat {
     /// Bytes one row of `width` values takes (the table in the module docs).
     pub fn row_bytes(self, width: usize) -> usize {
@@ -112,15 +145,11 @@ impl RowFormat {
                 }
             }
             RowFormat::Fp8 { rope } => {
-                let rope = rope.min(out.len());
-                let nope = out.len() - rope;
-                let (codes, rest) = bytes.split_at(nope);
-                let (rope_in, scales) = rest.split_at(2 * rope);
+                let Fp8Row { nope, codes, rope: rope_in, scales } = Fp8Row::split(bytes, out.len(), rope);
                 for ((code_block, o), &s) in
                     codes.chunks(FP8_KV_BLOCK).zip(out[..nope].chunks_mut(FP8_KV_BLOCK)).zip(scales)
                 {
-                    let scale = (s as i32 - 127) as f32;
-                    let scale = scale.exp2();
+                    let scale = fp8_block_scale(s);
                     for (c, v) in code_block.iter().zip(o.iter_mut()) {
                         *v = E4M3_TO_F32[*c as usize] * scale;
                     }
