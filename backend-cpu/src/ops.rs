@@ -34,6 +34,14 @@ fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
 /// Inputs with at most this many rows take the GEMV path in `linear_block`.
 const GEMV_MAX_ROWS: usize = 8;
 
+/// Weight rows per parallel task of a GEMV: about 8 tasks per thread (enough to even out
+/// a thread that starts late), in whole [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's:
+/// each task pays a set-up (checking and folding the input, see `kernels::fp8_fold`) that a
+/// GEMV's few multiply-adds per weight row do not hide in 64-row tasks.
+fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(8 * threads.max(1)).div_ceil(ROW_BLOCK).max(1) * ROW_BLOCK
+}
+
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.
 ///
 /// Few input rows (decode): [`dot_many`] reads each weight row once, in its stored form, and
@@ -164,11 +172,13 @@ impl Backend for CpuBackend {
         let k = w.cols;
         let m = x.numel() / k.max(1);
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
-        let blocks: Vec<(usize, ndarray::Array2<f32>)> = par::map(w.rows.div_ceil(ROW_BLOCK), m * k * w.rows, |b| {
-            let start = b * ROW_BLOCK;
-            let n = ROW_BLOCK.min(w.rows - start);
-            (start, linear_block(xv, w, start, n, &mut Vec::new()))
-        });
+        let rows_per_task = if m <= GEMV_MAX_ROWS { gemv_rows_per_task(w.rows, self.threads()) } else { ROW_BLOCK };
+        let blocks: Vec<(usize, ndarray::Array2<f32>)> =
+            par::map(w.rows.div_ceil(rows_per_task), m * k * w.rows, |b| {
+                let start = b * rows_per_task;
+                let n = rows_per_task.min(w.rows - start);
+                (start, linear_block(xv, w, start, n, &mut Vec::new()))
+            });
         let mut out = vec![0f32; m * w.rows];
         for (start, y) in blocks {
             let n = y.ncols();

@@ -11,6 +11,7 @@
 use std::sync::OnceLock;
 
 pub mod attn;
+mod fp8_fold;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;

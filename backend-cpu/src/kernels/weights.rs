@@ -27,6 +27,7 @@
 
 use dsv4_core::quant::{E2M1_TO_F32, E4M3_TO_F32};
 
+use super::fp8_fold::FoldedPair;
 use super::Isa;
 
 /// Values per chunk: the number of accumulator lanes of the canonical order.
@@ -232,6 +233,10 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
         // 265 MB BF16 head took 18.5 ms instead of 10.6), while two distant rows are two
         // clean sequential streams.
         let mut second = RowScratch::default();
+        // The input in the split layout, made when a pair first needs it.
+        let mut split = Vec::new();
+        // The folds of `fp8_fold`, taken from the thread when an FP8 pair first needs them.
+        let mut folded: Option<FoldedPair> = None;
         let h = n / 2;
         for i in 0..h {
             let (j0, j1) = (i, i + h);
@@ -239,8 +244,21 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             r0.check();
             r1.check();
             assert!(xs.len() == r0.len() && xs.len() == r1.len(), "dot_many: one input row of {} values", xs.len());
-            // SAFETY: the caller guarantees `S`; both rows and the lengths were checked above.
-            match unsafe { pair_any::<S>(&r0, &r1, xs) } {
+            let by_fold = if S::FOLDS_FP8 && matches!(r0, Row::Fp8 { .. }) {
+                // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; the rows and lengths were
+                // checked above.
+                unsafe { folded.get_or_insert_with(|| FoldedPair::take(xs)).pair(&r0, &r1) }
+            } else {
+                None
+            };
+            let got = by_fold.or_else(|| {
+                if split.is_empty() && matches!(r0, Row::Fp8 { .. } | Row::Fp4 { .. }) {
+                    split_input(xs, &mut split);
+                }
+                // SAFETY: the caller guarantees `S`; both rows and the lengths were checked above.
+                unsafe { pair_any::<S>(&r0, &r1, xs, &split) }
+            });
+            match got {
                 Some((a, b)) => (out[j0], out[j1]) = (a, b),
                 // SAFETY: as above.
                 None => unsafe {
@@ -342,6 +360,59 @@ pub(crate) trait Lanes {
     unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W;
     /// The canonical pairwise reduction (16, 8, 4, 2, 1).
     unsafe fn reduce(acc: Self::W) -> f32;
+    /// Whether the CPU of this set runs [`super::fp8_fold`]'s kernel. An implementation may
+    /// say `true` only if its instruction set includes AVX2 and FMA (the kernel is called on
+    /// this promise).
+    const FOLDS_FP8: bool = false;
+    /// The canonical reduction of an accumulator in the *split layout* (see
+    /// [`Decode::chunk_split`]): the 16 even lanes first, then the 16 odd ones. (This default
+    /// is the definition; the x86 lanes, the only ones whose decoders split, override it.) The canonical
+    /// tree pairs lanes 16, 8, 4 and 2 apart, which keeps their parity, so it is the tree over
+    /// the even lanes (8, 4, 2, 1 apart in the split layout), the same over the odd ones, and
+    /// their sum last.
+    unsafe fn reduce_split(acc: Self::W) -> f32 {
+        let mut a = [0f32; LANES];
+        // SAFETY: `a` holds 32 values; the CPU supports `Self` (trait contract).
+        unsafe { Self::store(acc, a.as_mut_ptr()) };
+        let (mut even, mut odd) = ([0f32; LANES / 2], [0f32; LANES / 2]);
+        even.copy_from_slice(&a[..LANES / 2]);
+        odd.copy_from_slice(&a[LANES / 2..]);
+        reduce16(even) + reduce16(odd)
+    }
+}
+
+/// The canonical tree over 16 values: `v[i] + v[i + 8]`, then `+ 4`, `+ 2`, `+ 1`.
+fn reduce16(mut v: [f32; LANES / 2]) -> f32 {
+    let mut h = LANES / 4;
+    while h > 0 {
+        for i in 0..h {
+            v[i] += v[i + h];
+        }
+        h /= 2;
+    }
+    v[0]
+}
+
+/// The split layout of one 32-value chunk: position `p < 16` holds value `2p`, position
+/// `16 + p` value `2p + 1` (the even values, then the odd ones).
+#[inline(always)]
+pub(crate) fn split_index(p: usize) -> usize {
+    if p < LANES / 2 {
+        2 * p
+    } else {
+        2 * (p - LANES / 2) + 1
+    }
+}
+
+/// `x` with every full 32-value chunk in the split layout ([`split_index`]); a tail shorter
+/// than a chunk is copied as it is.
+pub(crate) fn split_input(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        out.extend((0..LANES).map(|p| c[split_index(p)]));
+    }
+    out.extend_from_slice(chunks.remainder());
 }
 
 /// The decoder of one stored format for one instruction set.
@@ -357,6 +428,37 @@ pub(crate) trait Decode<S: Lanes>: DecodedRow {
     unsafe fn scale(&self, b: usize) -> Option<Self::Scale>;
     /// Values `j..j + 32`, all in one block whose prepared scale is `s`.
     unsafe fn chunk(&self, j: usize, s: Self::Scale) -> S::W;
+    /// Whether [`Decode::chunk_split`] is cheaper than [`Decode::chunk`] (so the one-input-row
+    /// path permutes its input once and uses it).
+    const SPLIT: bool = false;
+    /// The values of [`Decode::chunk`] in the split layout ([`split_index`]): the same bits,
+    /// in the order that formats packing neighbouring values together decode most cheaply
+    /// (FP4's two nibbles of a byte, FP8's two bytes of a 16-bit word). Multiplied into an
+    /// input in the same layout, each lane sees the same `fma`s as with `chunk`; the
+    /// accumulator is then reduced by [`Lanes::reduce_split`].
+    unsafe fn chunk_split(&self, j: usize, s: Self::Scale) -> S::W {
+        // SAFETY: the trait contract is `chunk`'s.
+        unsafe { to_split::<S>(self.chunk(j, s)) }
+    }
+}
+
+/// A chunk in the canonical layout moved into the split layout through memory (the generic
+/// [`Decode::chunk_split`], and the rare paths of the fast ones).
+///
+/// # Safety
+///
+/// The CPU supports `S`.
+#[inline(always)]
+pub(crate) unsafe fn to_split<S: Lanes>(w: S::W) -> S::W {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    // SAFETY: `a` and `b` hold 32 values; the caller guarantees `S`.
+    unsafe {
+        S::store(w, a.as_mut_ptr());
+        for (p, v) in b.iter_mut().enumerate() {
+            *v = a[split_index(p)];
+        }
+        S::load(b.as_ptr())
+    }
 }
 
 /// [`dot_rows`] on the instruction set `S`, input rows taken `G` at a time (at most 8).
@@ -464,7 +566,7 @@ pub(crate) use row_parts;
 ///
 /// The CPU supports `S`; both rows are checked and `x.len()` is their length.
 #[inline(always)]
-unsafe fn pair_any<S: Lanes>(r0: &Row, r1: &Row, x: &[f32]) -> Option<(f32, f32)>
+unsafe fn pair_any<S: Lanes>(r0: &Row, r1: &Row, x: &[f32], split: &[f32]) -> Option<(f32, f32)>
 where
     for<'a> F32Dec<'a>: Decode<S>,
     for<'a> Bf16Dec<'a>: Decode<S>,
@@ -473,11 +575,11 @@ where
     for<'a> Fp4Dec<'a>: Decode<S>,
 {
     match (*r0, *r1) {
-        (Row::F32(_), Row::F32(_)) => pair(&F32Dec(*r0), &F32Dec(*r1), x),
-        (Row::Bf16(_), Row::Bf16(_)) => pair(&Bf16Dec(*r0), &Bf16Dec(*r1), x),
-        (Row::F16(_), Row::F16(_)) => pair(&F16Dec(*r0), &F16Dec(*r1), x),
-        (Row::Fp8 { .. }, Row::Fp8 { .. }) => pair(&Fp8Dec(*r0), &Fp8Dec(*r1), x),
-        (Row::Fp4 { .. }, Row::Fp4 { .. }) => pair(&Fp4Dec(*r0), &Fp4Dec(*r1), x),
+        (Row::F32(_), Row::F32(_)) => pair(&F32Dec(*r0), &F32Dec(*r1), x, split),
+        (Row::Bf16(_), Row::Bf16(_)) => pair(&Bf16Dec(*r0), &Bf16Dec(*r1), x, split),
+        (Row::F16(_), Row::F16(_)) => pair(&F16Dec(*r0), &F16Dec(*r1), x, split),
+        (Row::Fp8 { .. }, Row::Fp8 { .. }) => pair(&Fp8Dec(*r0), &Fp8Dec(*r1), x, split),
+        (Row::Fp4 { .. }, Row::Fp4 { .. }) => pair(&Fp4Dec(*r0), &Fp4Dec(*r1), x, split),
         _ => None,
     }
 }
@@ -488,12 +590,15 @@ where
 /// `None` (no result) unless both rows are whole chunks (`k` a multiple of 32) in
 /// blocks of whole chunks with every block's fast decode exact: those go row by row.
 /// (A generic version over `R` rows in arrays compiled worse: 4 streams were slower than 2.)
+/// Formats with [`Decode::SPLIT`] decode in the split layout and multiply with `split`, the
+/// input in that layout ([`split_input`]): the same `fma`s per lane, so the same bits.
 ///
 /// # Safety
 ///
-/// The CPU supports `S`; both rows are checked and `x.len()` is their length.
+/// The CPU supports `S`; both rows are checked, `x.len()` is their length and `split` is
+/// `split_input(x)`.
 #[inline(always)]
-unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32]) -> Option<(f32, f32)> {
+unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &[f32]) -> Option<(f32, f32)> {
     let k = d0.row().len();
     let block = d0.row().block().unwrap_or(k.max(LANES));
     if d1.row().len() != k
@@ -508,6 +613,20 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32]) -> Option<(f32
     // row-by-row path, dropping what was summed so far; it takes extreme scales, so it is rare.
     let (mut acc0, mut acc1) = (S::zero(), S::zero());
     let mut j = 0;
+    if D::SPLIT {
+        debug_assert_eq!(split.len(), k);
+        for b in 0..blocks {
+            let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
+            let end = (j + block).min(k);
+            while j < end {
+                let xp = split.as_ptr().add(j);
+                acc0 = S::fma(d0.chunk_split(j, s0), xp, acc0);
+                acc1 = S::fma(d1.chunk_split(j, s1), xp, acc1);
+                j += LANES;
+            }
+        }
+        return Some((S::reduce_split(acc0), S::reduce_split(acc1)));
+    }
     for b in 0..blocks {
         let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
         let end = (j + block).min(k);

@@ -560,3 +560,98 @@ fn dot_many_pairs_fall_back_on_extreme_scales() {
         }
     }
 }
+
+/// The decode GEMV of FP8 rows with power-of-two scales folds the scale into the input
+/// (`fp8_fold.rs`); wherever that fold is not exact, or a code is a NaN, it must fall back.
+/// Every case is checked against the scalar reference, bit for bit, on every instruction set.
+#[test]
+fn folded_fp8_pairs_keep_the_reference_bits() {
+    let mut rng = Rng(11);
+    // Scales: in the fold's range, at both its edges, just outside it (2^8: the fold's factor
+    // overflows; 2^-127: subnormal), not a power of two, and a mix.
+    let scale_sets: [&dyn Fn(&mut Rng) -> f32; 7] = [
+        &|r| 2f32.powi((r.next() % 24) as i32 - 16),
+        &|_| 2f32.powi(-126),
+        &|_| 2f32.powi(7),
+        &|_| 2f32.powi(8),
+        &|_| 2f32.powi(-127),
+        &|_| 0.75,
+        &|r| if r.next().is_multiple_of(3) { 2f32.powi(9) } else { 2f32.powi(-9) },
+    ];
+    // Inputs: ordinary, huge (the folded input overflows), tiny (it loses bits), with zeros
+    // of both signs, and an infinity.
+    type Input = dyn Fn(&mut Rng, usize) -> Vec<f32>;
+    let inputs: [&Input; 5] = [
+        &|r, k| r.xs(k),
+        &|r, k| r.xs(k).iter().map(|v| v * 1e30).collect(),
+        &|r, k| r.xs(k).iter().map(|v| v * 1e-38).collect(),
+        &|_, k| (0..k).map(|j| if j % 2 == 0 { -0.0 } else { 0.0 }).collect(),
+        &|r, k| {
+            let mut x = r.xs(k);
+            x[k / 3] = f32::INFINITY;
+            x
+        },
+    ];
+    for k in [32, 96, 128, 256, 1024] {
+        for (si, scale) in scale_sets.iter().enumerate() {
+            let n = 6;
+            let mut w = Matrix((0..n).map(|_| Owned::random(Kind::Fp8(128), k, &mut rng, &mut |r| scale(r))).collect());
+            // Rows 2 and 3 share their scales with rows 0 and 1 (rows of one 128-row block).
+            for r in 2..4 {
+                w.0[r].scales = w.0[r - 2].scales.clone();
+            }
+            for (xi, input) in inputs.iter().enumerate() {
+                let xs = input(&mut rng, k);
+                for nan_row in [None, Some(1)] {
+                    if let Some(r) = nan_row {
+                        w.0[r].bytes[k - 1] = 0xFF;
+                    }
+                    let mut want = vec![0f32; n];
+                    for (j, o) in want.chunks_exact_mut(1).enumerate() {
+                        dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+                    }
+                    for isa in Isa::supported() {
+                        let mut got = vec![f32::NAN; n];
+                        dot_many(isa, &w, 0, n, &xs, &mut got);
+                        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                same(*g, *e),
+                                "k={k} scales {si} input {xi} nan {nan_row:?} {isa:?} row {j}: {g:e} vs {e:e}"
+                            );
+                        }
+                    }
+                    if let Some(r) = nan_row {
+                        w.0[r].bytes[k - 1] = 0x38;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The folds are kept per thread for the next call with the same input: a call with another
+/// input of the same length, or rows with other scales, must not reuse them.
+#[test]
+fn kept_folds_are_not_reused_for_another_input_or_other_scales() {
+    let mut rng = Rng(12);
+    let k = 256;
+    let mut w = Matrix((0..4).map(|_| Owned::random(Kind::Fp8(128), k, &mut rng, &mut |_| 2f32.powi(-4))).collect());
+    let (a, mut b) = (rng.xs(k), rng.xs(k));
+    b[..k / 2].copy_from_slice(&a[..k / 2]);
+    for isa in Isa::supported() {
+        for (xs, scale) in [(&a, -4), (&b, -4), (&b, -5), (&a, -5), (&a, -4)] {
+            for row in &mut w.0 {
+                row.scales.iter_mut().for_each(|s| *s = 2f32.powi(scale));
+            }
+            let mut want = vec![0f32; 4];
+            for (j, o) in want.chunks_exact_mut(1).enumerate() {
+                dot_rows(Isa::Scalar, &w.0[j].row(), xs, o);
+            }
+            let mut got = vec![f32::NAN; 4];
+            dot_many(isa, &w, 0, 4, xs, &mut got);
+            for (g, e) in got.iter().zip(&want) {
+                assert!(same(*g, *e), "{isa:?} scale 2^{scale}: {g:e} vs {e:e}");
+            }
+        }
+    }
+}

@@ -25,8 +25,8 @@ use std::arch::x86_64::*;
 use dsv4_core::quant::E2M1_TO_F32;
 
 use super::weights::{
-    decode_with, dot_many_with, dot_rows_with, row_parts, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec, Lanes, Row,
-    Rows, LANES,
+    decode_with, dot_many_with, dot_rows_with, row_parts, to_split, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec,
+    Lanes, Row, Rows, LANES,
 };
 
 /// [`super::weights::dot_many`] with AVX2.
@@ -103,7 +103,7 @@ pub(crate) unsafe fn decode_row_avx512(w: &Row, out: &mut [f32]) {
 ///
 /// The CPU supports AVX.
 #[inline(always)]
-unsafe fn reduce8(s8: __m256) -> f32 {
+pub(super) unsafe fn reduce8(s8: __m256) -> f32 {
     // SAFETY: register-only AVX/SSE operations; the caller guarantees AVX.
     unsafe {
         let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -119,6 +119,7 @@ unsafe fn reduce8(s8: __m256) -> f32 {
 pub(crate) struct Avx2;
 
 impl Lanes for Avx2 {
+    const FOLDS_FP8: bool = true;
     type W = [__m256; 4];
 
     #[inline(always)]
@@ -153,6 +154,15 @@ impl Lanes for Avx2 {
         unsafe {
             // s16 is (a[0] + a[2], a[1] + a[3]); s8 the sum of its two halves.
             reduce8(_mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3])))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn reduce_split(a: Self::W) -> f32 {
+        // SAFETY: register-only AVX operations (trait contract).
+        unsafe {
+            // Split layout: [even 0-7, even 8-15, odd 0-7, odd 8-15].
+            reduce8(_mm256_add_ps(a[0], a[1])) + reduce8(_mm256_add_ps(a[2], a[3]))
         }
     }
 }
@@ -227,6 +237,39 @@ unsafe fn e4m3_halves_avx2(x: __m256i) -> __m256i {
     }
 }
 
+/// 32 e4m3fn codes as 16-bit words `b[2i] | b[2i+1] << 8` → the halves of the even codes and
+/// of the odd codes (the split layout), 16 each: `(word << 8) >>ₐ 1` and `word >>ₐ 1` put
+/// a code's sign in bits 15 and 14 and its exponent and mantissa in bits 13..7; masking with
+/// `0xBF80` leaves the half of module docs. NaN codes are not handled (the callers check).
+///
+/// # Safety
+///
+/// The CPU supports AVX2.
+#[inline(always)]
+unsafe fn e4m3_split_halves(w: __m256i) -> (__m256i, __m256i) {
+    // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+    unsafe {
+        let m = _mm256_set1_epi16(0xBF80u16 as i16);
+        let even = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1), m);
+        let odd = _mm256_and_si256(_mm256_srai_epi16(w, 1), m);
+        (even, odd)
+    }
+}
+
+/// Whether any of 32 e4m3fn codes is a NaN (`0x7F` or `0xFF`).
+///
+/// # Safety
+///
+/// The CPU supports AVX2.
+#[inline(always)]
+unsafe fn e4m3_any_nan(w: __m256i) -> bool {
+    // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+    unsafe {
+        let all = _mm256_set1_epi8(-1);
+        _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), all)) != 0
+    }
+}
+
 impl Decode<Avx2> for Fp8Dec<'_> {
     type Scale = __m256;
     #[inline(always)]
@@ -246,6 +289,26 @@ impl Decode<Avx2> for Fp8Dec<'_> {
                 _mm256_mul_ps(_mm256_cvtph_ps(q), s)
             };
             [half(h0, false), half(h0, true), half(h1, false), half(h1, true)]
+        }
+    }
+    const SPLIT: bool = true;
+    #[inline(always)]
+    unsafe fn chunk_split(&self, j: usize, s: __m256) -> [__m256; 4] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j).cast::<__m256i>();
+        // SAFETY: the 32 codes j..j+32 lie inside the row; AVX2, F16C (trait contract).
+        unsafe {
+            let w = _mm256_loadu_si256(p);
+            if e4m3_any_nan(w) {
+                return to_split::<Avx2>(Decode::<Avx2>::chunk(self, j, s));
+            }
+            let (even, odd) = e4m3_split_halves(w);
+            let cvt = |h: __m128i| _mm256_mul_ps(_mm256_cvtph_ps(h), s);
+            [
+                cvt(_mm256_castsi256_si128(even)),
+                cvt(_mm256_extracti128_si256(even, 1)),
+                cvt(_mm256_castsi256_si128(odd)),
+                cvt(_mm256_extracti128_si256(odd, 1)),
+            ]
         }
     }
 }
@@ -282,6 +345,24 @@ impl Decode<Avx2> for Fp4Dec<'_> {
             [look(c0), look(_mm_srli_si128(c0, 8)), look(c1), look(_mm_srli_si128(c1, 8))]
         }
     }
+    const SPLIT: bool = true;
+    #[inline(always)]
+    unsafe fn chunk_split(&self, j: usize, (pos, neg): (__m256, __m256)) -> [__m256; 4] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
+        // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX2 (trait
+        // contract).
+        unsafe {
+            let b = _mm_loadu_si128(p);
+            // Byte i holds value 2i (low nibble) and 2i + 1 (high nibble): the low nibbles are
+            // the even values, the high ones the odd values, already in the split layout.
+            let (lo, hi) = (_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+            let look = |idx: __m256i| {
+                let sign = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                _mm256_blendv_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_permutevar8x32_ps(neg, idx), sign)
+            };
+            [look(lo), look(hi), look(_mm256_srli_epi32(lo, 4)), look(_mm256_srli_epi32(hi, 4))]
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +372,7 @@ impl Decode<Avx2> for Fp4Dec<'_> {
 pub(crate) struct Avx512;
 
 impl Lanes for Avx512 {
+    const FOLDS_FP8: bool = true;
     type W = [__m512; 2];
 
     #[inline(always)]
@@ -331,6 +413,16 @@ impl Lanes for Avx512 {
         unsafe {
             let s16 = _mm512_add_ps(a[0], a[1]);
             reduce8(_mm256_add_ps(_mm512_castps512_ps256(s16), _mm512_extractf32x8_ps(s16, 1)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn reduce_split(a: Self::W) -> f32 {
+        // SAFETY: register-only AVX-512F/DQ operations (trait contract).
+        unsafe {
+            // Split layout: [even 0-15, odd 0-15].
+            let half = |v: __m512| reduce8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+            half(a[0]) + half(a[1])
         }
     }
 }
@@ -403,6 +495,21 @@ impl Decode<Avx512> for Fp8Dec<'_> {
             ]
         }
     }
+    const SPLIT: bool = true;
+    #[inline(always)]
+    unsafe fn chunk_split(&self, j: usize, s: __m512) -> [__m512; 2] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j).cast::<__m256i>();
+        // SAFETY: the 32 codes j..j+32 lie inside the row; AVX-512F/BW/VL (trait contract).
+        unsafe {
+            let w = _mm256_loadu_si256(p);
+            let nan = _mm256_cmpeq_epi8_mask(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), _mm256_set1_epi8(-1));
+            if nan != 0 {
+                return to_split::<Avx512>(Decode::<Avx512>::chunk(self, j, s));
+            }
+            let (even, odd) = e4m3_split_halves(w);
+            [_mm512_mul_ps(_mm512_cvtph_ps(even), s), _mm512_mul_ps(_mm512_cvtph_ps(odd), s)]
+        }
+    }
 }
 
 impl Decode<Avx512> for Fp4Dec<'_> {
@@ -426,6 +533,18 @@ impl Decode<Avx512> for Fp4Dec<'_> {
             let c0 = _mm_unpacklo_epi8(b, hi);
             let c1 = _mm_unpackhi_epi8(b, hi);
             [_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c0), t), _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(c1), t)]
+        }
+    }
+    const SPLIT: bool = true;
+    #[inline(always)]
+    unsafe fn chunk_split(&self, j: usize, t: __m512) -> [__m512; 2] {
+        let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
+        // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX-512F
+        // (trait contract).
+        unsafe {
+            // Low nibbles: the even values; high nibbles: the odd ones (the split layout).
+            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
+            [_mm512_permutexvar_ps(idx, t), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t)]
         }
     }
 }

@@ -1,0 +1,373 @@
+//! One input row against FP8 rows with power-of-two block scales (DeepSeek V4's E8M0 scales),
+//! the scale folded into the input: the decode GEMV of every FP8 matrix.
+//!
+//! Decoding a code to f32 costs more than the multiply-add it feeds ([`super::weights`]'s
+//! half trick takes a shuffle, a conversion and a multiply per 16 values). Here a code `b`
+//! becomes an f32 by integer operations alone: its sign goes to bit 31 and its exponent and
+//! mantissa (`b & 0x7F`) to bits 26..20, i.e. to the bottom of the f32 exponent field and
+//! the top of its mantissa. That f32 is `E4M3(b) · 2⁻¹²⁰` exactly, subnormal codes included
+//! (they land on f32 subnormals: exact as long as MXCSR's denormals-are-zero flag is off,
+//! Rust's default, and taken by the multiply-add at full speed on the Zen 4 we measured; an
+//! Intel core may be slower on them, never wrong). The input is multiplied once by `scale · 2¹²⁰` of each block. The product the
+//! multiply-add rounds, `(E4M3(b) · 2⁻¹²⁰) · (x · scale · 2¹²⁰)`, is then the same real
+//! number as the canonical `(E4M3(b) · scale) · x`, so the bits are those of the canonical
+//! order whenever both factors were exact:
+//!
+//! * `E4M3(b) · scale` is exact when `scale = 2^e` with `-126 ≤ e` (a normal power of two:
+//!   the smallest code, `2⁻⁹`, times it is still a multiple of `2⁻¹⁴⁹`);
+//! * `x · scale · 2¹²⁰` is exact when `scale · 2¹²⁰` is finite (`e ≤ 7`) and no input value
+//!   overflows or loses bits; that is checked value by value (`(x · f) / f == x`).
+//!
+//! Rows that fail either test, and chunks with NaN codes (`0x7F`, `0xFF`, which the integer
+//! decode would turn into 480), go to the general kernels.
+//!
+//! A 32-bit lane holds four codes, value `4p + q` in byte `q` of lane `p`; each byte is
+//! moved into place with shifts, so a chunk of 32 values decodes into four 8-lane registers
+//! `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the *4-way layout*). The input is
+//! permuted into the same layout when it is folded. The canonical reduction pairs lanes 16,
+//! 8 and 4 apart first, which keeps `j mod 4`, so it is the 8-lane tree of each register and
+//! then `(r₀ + r₂) + (r₁ + r₃)`.
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use super::weights::{Row, LANES};
+
+/// The input folded with one row block's scales, in the 4-way layout.
+#[derive(Debug, Default)]
+struct Folded {
+    /// The scales it was folded with (one per block of the row).
+    scales: Vec<f32>,
+    /// The block size it was folded with.
+    block: usize,
+    /// `x[j] · scales[j / block] · 2¹²⁰`, permuted chunk by chunk; empty if not exact.
+    x: Vec<f32>,
+}
+
+/// `2¹²⁰`, the factor between an integer-decoded code and its value.
+const TWO_120: f32 = f32::from_bits((127 + 120) << 23);
+
+/// Folds kept per thread: a weight's rows come in blocks of 128 sharing scales, and the
+/// two rows of a pair are in at most two blocks.
+const KEPT: usize = 4;
+
+/// The value at position `p` of a chunk in the 4-way layout: register `p / 8`, lane `p % 8`.
+#[inline(always)]
+fn from_four_way(p: usize) -> usize {
+    4 * (p % (LANES / 4)) + p / (LANES / 4)
+}
+
+impl Folded {
+    /// `x` folded with `scales` (one per `block` values); `x` empty if the fold is not exact.
+    fn new(x: &[f32], scales: &[f32], block: usize) -> Folded {
+        let mut folded = Folded { scales: scales.to_vec(), block, x: Vec::new() };
+        let Some(factors) = scales.iter().map(|&s| factor(s)).collect::<Option<Vec<f32>>>() else {
+            return folded;
+        };
+        // `x.len()` is a multiple of 32 and every block a whole number of chunks.
+        folded.x.resize(x.len(), 0.0);
+        let mut inexact = false;
+        for (c, (chunk, out)) in x.chunks_exact(LANES).zip(folded.x.chunks_exact_mut(LANES)).enumerate() {
+            let f = factors[c * LANES / block];
+            // `1 / f` is a power of two in range, so `y · (1 / f)` is `y / f`.
+            let inv = 1.0 / f;
+            let mut y = [0f32; LANES];
+            for (yv, &v) in y.iter_mut().zip(chunk) {
+                *yv = v * f;
+                inexact |= *yv * inv != v;
+            }
+            for (p, o) in out.iter_mut().enumerate() {
+                *o = y[from_four_way(p)];
+            }
+        }
+        if inexact {
+            folded.x.clear();
+        }
+        folded
+    }
+}
+
+/// Whether two inputs are bit for bit the same (`-0.0` is not `+0.0` here: the folds differ
+/// in the sign of zero products). A loop without early exit, which the compiler vectorises.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.chunks(64)
+            .zip(b.chunks(64))
+            .all(|(p, q)| p.iter().zip(q).fold(true, |e, (u, v)| e & (u.to_bits() == v.to_bits())))
+}
+
+/// `scale · 2¹²⁰` when `scale` is a power of two `2^e` with `-126 ≤ e ≤ 7`.
+fn factor(scale: f32) -> Option<f32> {
+    let bits = scale.to_bits();
+    let e = (bits >> 23) as i32 - 127;
+    (bits & 0x807F_FFFF == 0 && (-126..=7).contains(&e)).then_some(scale * TWO_120)
+}
+
+/// The folds of one input, for the pairs of rows of a decode GEMV.
+///
+/// A `linear` splits a weight into tasks (a few per thread), each a [`super::dot_many`]
+/// call, whose rows come from several 128-row blocks; folding the input afresh for each
+/// block of each task would cost up to a tenth of the multiply-adds. So the
+/// last folds are kept per thread, with the input they were made from, and a call whose
+/// input has the same values (compared in full, so a stale fold is never used) starts with
+/// them. [`FoldedPair::take`] borrows them from the thread, `Drop` gives them back.
+#[derive(Debug, Default)]
+pub(crate) struct FoldedPair(Folds);
+
+/// What [`FoldedPair`] keeps (apart, because the thread's cell must hold a type without
+/// `Drop`: replacing its value drops the old one).
+#[derive(Debug, Default)]
+struct Folds {
+    /// The input the folds belong to.
+    x: Vec<f32>,
+    /// Up to [`KEPT`] folds, the oldest replaced first.
+    kept: Vec<Folded>,
+    next: usize,
+}
+
+thread_local! {
+    static KEPT_FOLDS: std::cell::Cell<Folds> = std::cell::Cell::new(Folds::default());
+}
+
+impl FoldedPair {
+    /// This thread's folds, made ready for input `x` (cleared unless they belong to it).
+    pub(crate) fn take(x: &[f32]) -> FoldedPair {
+        let mut f = KEPT_FOLDS.try_with(|k| k.take()).unwrap_or_default();
+        if !same_bits(&f.x, x) {
+            f.x.clear();
+            f.x.extend_from_slice(x);
+            f.kept.clear();
+            f.next = 0;
+        }
+        FoldedPair(f)
+    }
+
+    /// The index of the fold for `scales` (one per `block` values), made if not kept; a
+    /// new fold never replaces the one at `keep` (the pair's other row, still to be used).
+    fn fold(&mut self, scales: &[f32], block: usize, keep: Option<usize>) -> usize {
+        let f = &mut self.0;
+        let scales = &scales[..f.x.len().div_ceil(block)];
+        if let Some(i) = f.kept.iter().position(|k| k.block == block && same_bits(&k.scales, scales)) {
+            return i;
+        }
+        let new = Folded::new(&f.x, scales, block);
+        if f.kept.len() < KEPT {
+            f.kept.push(new);
+            return f.kept.len() - 1;
+        }
+        if Some(f.next) == keep {
+            f.next = (f.next + 1) % KEPT;
+        }
+        let i = f.next;
+        f.kept[i] = new;
+        f.next = (i + 1) % KEPT;
+        i
+    }
+
+    /// `(r0 · x, r1 · x)` by the folded kernel, or `None` when it does not apply (rows not
+    /// FP8, `k` or the block not whole chunks, a scale or an input the fold is not exact for,
+    /// a NaN code; always off x86-64): the caller then uses the general kernels. `x` is the
+    /// input of [`FoldedPair::take`].
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2 and FMA; both rows are checked and their length is that of the
+    /// input of [`FoldedPair::take`].
+    pub(crate) unsafe fn pair(&mut self, r0: &Row, r1: &Row) -> Option<(f32, f32)> {
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (r0, r1);
+            None
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (Row::Fp8 { codes: c0, scales: s0, block: b0 }, Row::Fp8 { codes: c1, scales: s1, block: b1 }) =
+                (*r0, *r1)
+            else {
+                return None;
+            };
+            let k = self.0.x.len();
+            if !k.is_multiple_of(LANES)
+                || !b0.is_multiple_of(LANES)
+                || !b1.is_multiple_of(LANES)
+                || c0.len() != k
+                || c1.len() != k
+            {
+                return None;
+            }
+            let i0 = self.fold(s0, b0, None);
+            if self.0.kept[i0].x.is_empty() {
+                return None;
+            }
+            let i1 = self.fold(s1, b1, Some(i0));
+            let (x0, x1) = (&self.0.kept[i0].x, &self.0.kept[i1].x);
+            if x1.is_empty() {
+                return None;
+            }
+            // SAFETY: the caller guarantees AVX2 and FMA; codes and folded inputs hold `k`
+            // values, a multiple of 32.
+            unsafe { x86::pair(c0.as_ptr(), c1.as_ptr(), x0.as_ptr(), x1.as_ptr(), k) }
+        }
+    }
+}
+
+impl Drop for FoldedPair {
+    /// Gives the folds back to the thread for its next call.
+    fn drop(&mut self) {
+        let _ = KEPT_FOLDS.try_with(|k| k.set(std::mem::take(&mut self.0)));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::x86::reduce8;
+
+    /// The four 8-lane registers of one chunk of 32 codes (module docs): shifting a lane
+    /// left by `8·(3-q)`, then arithmetically right by 4, puts byte `q`'s sign in bits 31..27
+    /// and its exponent and mantissa in 26..20; the mask keeps bit 31 and bits 26..20.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2.
+    #[inline(always)]
+    unsafe fn decode(w: __m256i) -> [__m256; 4] {
+        // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+        unsafe {
+            let m = _mm256_set1_epi32(0x87F0_0000u32 as i32);
+            let at = |v: __m256i| _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(v, 4), m));
+            [at(_mm256_slli_epi32(w, 24)), at(_mm256_slli_epi32(w, 16)), at(_mm256_slli_epi32(w, 8)), at(w)]
+        }
+    }
+
+    /// The 8-lane tree of each register, then `(r0 + r2) + (r1 + r3)` (module docs).
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX.
+    #[inline(always)]
+    unsafe fn reduce(a: [__m256; 4]) -> f32 {
+        // SAFETY: register-only AVX/SSE operations (the caller guarantees AVX).
+        let r = a.map(|v| unsafe { reduce8(v) });
+        (r[0] + r[2]) + (r[1] + r[3])
+    }
+
+    /// Whether any of 32 codes is a NaN code (`b | 0x80 == 0xFF`), as a byte mask.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2.
+    #[inline(always)]
+    unsafe fn nans(w: __m256i) -> __m256i {
+        // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+        unsafe { _mm256_cmpeq_epi8(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), _mm256_set1_epi8(-1)) }
+    }
+
+    /// Codes `c0`, `c1` (`k` each) against the folded inputs `x0`, `x1`; `None` if a code is
+    /// a NaN. The two rows' chunks are interleaved, as in the general pair kernel.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2 and FMA; every pointer is valid for `k` values, `k` a multiple
+    /// of 32.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pair(
+        c0: *const u8,
+        c1: *const u8,
+        x0: *const f32,
+        x1: *const f32,
+        k: usize,
+    ) -> Option<(f32, f32)> {
+        // SAFETY: every load reads inside the `k` values the caller guarantees.
+        unsafe {
+            let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            let mut bad = _mm256_setzero_si256();
+            let mut j = 0;
+            while j < k {
+                let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
+                bad = _mm256_or_si256(bad, _mm256_or_si256(nans(w0), nans(w1)));
+                let (d0, d1) = (decode(w0), decode(w1));
+                for q in 0..4 {
+                    a0[q] = _mm256_fmadd_ps(d0[q], _mm256_loadu_ps(x0.add(j + 8 * q)), a0[q]);
+                    a1[q] = _mm256_fmadd_ps(d1[q], _mm256_loadu_ps(x1.add(j + 8 * q)), a1[q]);
+                }
+                j += 32;
+            }
+            (_mm256_testz_si256(bad, bad) == 1).then(|| (reduce(a0), reduce(a1)))
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    fn avx2() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// The scalar reference of one FP8 row: `fma(E4M3(b)·scale, x, acc)` into lane `j % 32`,
+    /// then the canonical tree.
+    fn reference(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+        let mut acc = [0f32; LANES];
+        for (j, (&c, &v)) in codes.iter().zip(x).enumerate() {
+            let w = dsv4_core::quant::E4M3_TO_F32[c as usize] * scales[j / block];
+            acc[j % LANES] = w.mul_add(v, acc[j % LANES]);
+        }
+        let mut n = LANES;
+        while n > 1 {
+            n /= 2;
+            for i in 0..n {
+                acc[i] += acc[i + n];
+            }
+        }
+        acc[0]
+    }
+
+    /// An ordinary pair takes the fold (so the tests of `dot_many` do test it), and agrees
+    /// with the reference; every code, subnormal ones included, is in the rows.
+    #[test]
+    fn an_ordinary_pair_is_folded_and_exact() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2+FMA, the fold's only path");
+            return;
+        }
+        let k = 256;
+        let codes: Vec<u8> = (0..k).map(|j| (j as u8).wrapping_mul(37) & 0xF7).collect();
+        let codes1: Vec<u8> = codes.iter().rev().copied().collect();
+        let x: Vec<f32> = (0..k).map(|j| ((j * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let (s0, s1) = ([2f32.powi(-9), 2f32.powi(3)], [2f32.powi(-20), 1.0]);
+        let r0 = Row::Fp8 { codes: &codes, scales: &s0, block: 128 };
+        let r1 = Row::Fp8 { codes: &codes1, scales: &s1, block: 128 };
+        let mut f = FoldedPair::take(&x);
+        // SAFETY: AVX2 and FMA checked above; both rows hold `k` codes and their scales.
+        let got = unsafe { f.pair(&r0, &r1) }.expect("an ordinary pair is folded");
+        assert_eq!(got.0.to_bits(), reference(&codes, &s0, 128, &x).to_bits());
+        assert_eq!(got.1.to_bits(), reference(&codes1, &s1, 128, &x).to_bits());
+    }
+
+    /// With the kept folds full, a pair whose first row's fold is the oldest and whose
+    /// second row's is new must not replace the first (it did: row 0 then got row 1's
+    /// scales).
+    #[test]
+    fn a_new_fold_never_replaces_the_other_row_of_its_pair() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2+FMA, the fold's only path");
+            return;
+        }
+        let k = 128;
+        let codes: Vec<u8> = (0..k).map(|j| (j as u8).wrapping_mul(13) & 0x77).collect();
+        let x: Vec<f32> = (0..k).map(|j| (j % 17) as f32 - 8.0).collect();
+        let scale = |e: i32| [2f32.powi(e)];
+        let mut f = FoldedPair::take(&x);
+        for (e0, e1) in [(-1, -1), (-2, -2), (-3, -3), (-4, -4), (-1, -5)] {
+            let (s0, s1) = (scale(e0), scale(e1));
+            let r0 = Row::Fp8 { codes: &codes, scales: &s0, block: 128 };
+            let r1 = Row::Fp8 { codes: &codes, scales: &s1, block: 128 };
+            // SAFETY: AVX2 and FMA checked above; both rows hold `k` codes and one scale.
+            let got = unsafe { f.pair(&r0, &r1) }.expect("folded");
+            assert_eq!(got.0.to_bits(), reference(&codes, &s0, 128, &x).to_bits(), "scales 2^{e0}, 2^{e1}");
+            assert_eq!(got.1.to_bits(), reference(&codes, &s1, 128, &x).to_bits(), "scales 2^{e0}, 2^{e1}");
+        }
+    }
+}
