@@ -247,9 +247,10 @@ mod x86 {
     /// The CPU supports AVX.
     #[inline(always)]
     unsafe fn reduce(a: [__m256; 4]) -> f32 {
-        // SAFETY: register-only AVX/SSE operations (the caller guarantees AVX).
-        let r = a.map(|v| unsafe { reduce8(v) });
-        (r[0] + r[2]) + (r[1] + r[3])
+        // SAFETY: register-only AVX/SSE operations (the caller guarantees AVX). Written out,
+        // not through `array::map`: a closure passed to a generic function is compiled
+        // without the caller's target features and may keep the intrinsics as calls.
+        unsafe { (reduce8(a[0]) + reduce8(a[2])) + (reduce8(a[1]) + reduce8(a[3])) }
     }
 
     /// Whether any of 32 codes is a NaN code (`b | 0x80 == 0xFF`), as a byte mask.

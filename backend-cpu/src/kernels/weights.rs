@@ -244,20 +244,27 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             r0.check();
             r1.check();
             assert!(xs.len() == r0.len() && xs.len() == r1.len(), "dot_many: one input row of {} values", xs.len());
-            let by_fold = if S::FOLDS_FP8 && matches!(r0, Row::Fp8 { .. }) {
-                // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; the rows and lengths were
-                // checked above.
-                unsafe { folded.get_or_insert_with(|| FoldedPair::take(xs)).pair(&r0, &r1) }
-            } else {
-                None
-            };
-            let got = by_fold.or_else(|| {
+            // No closures here: a closure is compiled without the caller's target features,
+            // so the `#[inline(always)]` kernels inside one are not inlined (the AVX2 path ran
+            // 15 times slower).
+            let mut got = None;
+            if S::FOLDS_FP8 && matches!(r0, Row::Fp8 { .. }) {
+                if folded.is_none() {
+                    folded = Some(FoldedPair::take(xs));
+                }
+                if let Some(f) = folded.as_mut() {
+                    // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; the rows and lengths
+                    // were checked above.
+                    got = unsafe { f.pair(&r0, &r1) };
+                }
+            }
+            if got.is_none() {
                 if split.is_empty() && matches!(r0, Row::Fp8 { .. } | Row::Fp4 { .. }) {
                     split_input(xs, &mut split);
                 }
                 // SAFETY: the caller guarantees `S`; both rows and the lengths were checked above.
-                unsafe { pair_any::<S>(&r0, &r1, xs, &split) }
-            });
+                got = unsafe { pair_any::<S>(&r0, &r1, xs, &split) };
+            }
             match got {
                 Some((a, b)) => (out[j0], out[j1]) = (a, b),
                 // SAFETY: as above.
