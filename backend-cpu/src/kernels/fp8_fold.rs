@@ -234,9 +234,26 @@ mod x86 {
     unsafe fn decode(w: __m256i) -> [__m256; 4] {
         // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
         unsafe {
-            let m = _mm256_set1_epi32(0x87F0_0000u32 as i32);
-            let at = |v: __m256i| _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(v, 4), m));
-            [at(_mm256_slli_epi32(w, 24)), at(_mm256_slli_epi32(w, 16)), at(_mm256_slli_epi32(w, 8)), at(w)]
+            [
+                top_byte(_mm256_slli_epi32(w, 24)),
+                top_byte(_mm256_slli_epi32(w, 16)),
+                top_byte(_mm256_slli_epi32(w, 8)),
+                top_byte(w),
+            ]
+        }
+    }
+
+    /// The code in each lane's top byte as an f32 (`E4M3 · 2⁻¹²⁰`): `>>ₐ 4`, then the mask
+    /// of bit 31 and bits 26..20. A named function, not a closure (see `x86.rs`).
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2.
+    #[inline(always)]
+    unsafe fn top_byte(v: __m256i) -> __m256 {
+        // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+        unsafe {
+            _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(v, 4), _mm256_set1_epi32(0x87F0_0000u32 as i32)))
         }
     }
 
@@ -248,8 +265,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn reduce(a: [__m256; 4]) -> f32 {
         // SAFETY: register-only AVX/SSE operations (the caller guarantees AVX). Written out,
-        // not through `array::map`: a closure passed to a generic function is compiled
-        // without the caller's target features and may keep the intrinsics as calls.
+        // not through `array::map` (see `x86.rs` on closures in kernels).
         unsafe { (reduce8(a[0]) + reduce8(a[2])) + (reduce8(a[1]) + reduce8(a[3])) }
     }
 
@@ -294,7 +310,11 @@ mod x86 {
                 }
                 j += 32;
             }
-            (_mm256_testz_si256(bad, bad) == 1).then(|| (reduce(a0), reduce(a1)))
+            if _mm256_testz_si256(bad, bad) == 1 {
+                Some((reduce(a0), reduce(a1)))
+            } else {
+                None
+            }
         }
     }
 }
