@@ -221,7 +221,7 @@ impl Drop for FoldedPair {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::reduce8;
+    use super::super::x86::{e4m3_nan_bytes, reduce8};
 
     /// The four 8-lane registers of one chunk of 32 codes (module docs): shifting a lane
     /// left by `8·(3-q)`, then arithmetically right by 4, puts byte `q`'s sign in bits 31..27
@@ -269,17 +269,6 @@ mod x86 {
         unsafe { (reduce8(a[0]) + reduce8(a[2])) + (reduce8(a[1]) + reduce8(a[3])) }
     }
 
-    /// Whether any of 32 codes is a NaN code (`b | 0x80 == 0xFF`), as a byte mask.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX2.
-    #[inline(always)]
-    unsafe fn nans(w: __m256i) -> __m256i {
-        // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
-        unsafe { _mm256_cmpeq_epi8(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), _mm256_set1_epi8(-1)) }
-    }
-
     /// Codes `c0`, `c1` (`k` each) against the folded inputs `x0`, `x1`; `None` if a code is
     /// a NaN. The two rows' chunks are interleaved, as in the general pair kernel.
     ///
@@ -302,7 +291,7 @@ mod x86 {
             let mut j = 0;
             while j < k {
                 let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
-                bad = _mm256_or_si256(bad, _mm256_or_si256(nans(w0), nans(w1)));
+                bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));
                 let (d0, d1) = (decode(w0), decode(w1));
                 for q in 0..4 {
                     a0[q] = _mm256_fmadd_ps(d0[q], _mm256_loadu_ps(x0.add(j + 8 * q)), a0[q]);

@@ -620,32 +620,30 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &[f32])
     // A block whose fast decode is not exact (`scale` is `None`) sends both rows down the
     // row-by-row path, dropping what was summed so far; it takes extreme scales, so it is rare.
     let (mut acc0, mut acc1) = (S::zero(), S::zero());
+    // `D::SPLIT` is a constant: each format compiles to one of the two decodes.
+    let input = if D::SPLIT { split } else { x };
+    debug_assert_eq!(input.len(), k);
     let mut j = 0;
-    if D::SPLIT {
-        debug_assert_eq!(split.len(), k);
-        for b in 0..blocks {
-            let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
-            let end = (j + block).min(k);
-            while j < end {
-                let xp = split.as_ptr().add(j);
-                acc0 = S::fma(d0.chunk_split(j, s0), xp, acc0);
-                acc1 = S::fma(d1.chunk_split(j, s1), xp, acc1);
-                j += LANES;
-            }
-        }
-        return Some((S::reduce_split(acc0), S::reduce_split(acc1)));
-    }
     for b in 0..blocks {
         let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
         let end = (j + block).min(k);
         while j < end {
-            let xp = x.as_ptr().add(j);
-            acc0 = S::fma(d0.chunk(j, s0), xp, acc0);
-            acc1 = S::fma(d1.chunk(j, s1), xp, acc1);
+            let (w0, w1) = if D::SPLIT {
+                (d0.chunk_split(j, s0), d1.chunk_split(j, s1))
+            } else {
+                (d0.chunk(j, s0), d1.chunk(j, s1))
+            };
+            let xp = input.as_ptr().add(j);
+            acc0 = S::fma(w0, xp, acc0);
+            acc1 = S::fma(w1, xp, acc1);
             j += LANES;
         }
     }
-    Some((S::reduce(acc0), S::reduce(acc1)))
+    if D::SPLIT {
+        Some((S::reduce_split(acc0), S::reduce_split(acc1)))
+    } else {
+        Some((S::reduce(acc0), S::reduce(acc1)))
+    }
 }
 
 /// Runs the input rows through [`group`], `G` (or the rest) at a time.

@@ -336,7 +336,18 @@ unsafe fn e4m3_split_halves(w: __m256i) -> (__m256i, __m256i) {
     }
 }
 
-/// Whether any of 32 e4m3fn codes is a NaN (`0x7F` or `0xFF`).
+/// The NaN codes (`0x7F`, `0xFF`: `b | 0x80 == 0xFF`) among 32 e4m3fn codes, as a byte mask.
+///
+/// # Safety
+///
+/// The CPU supports AVX2.
+#[inline(always)]
+pub(super) unsafe fn e4m3_nan_bytes(w: __m256i) -> __m256i {
+    // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
+    unsafe { _mm256_cmpeq_epi8(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), _mm256_set1_epi8(-1)) }
+}
+
+/// Whether any of 32 e4m3fn codes is a NaN.
 ///
 /// # Safety
 ///
@@ -344,10 +355,7 @@ unsafe fn e4m3_split_halves(w: __m256i) -> (__m256i, __m256i) {
 #[inline(always)]
 unsafe fn e4m3_any_nan(w: __m256i) -> bool {
     // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
-    unsafe {
-        let all = _mm256_set1_epi8(-1);
-        _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), all)) != 0
-    }
+    unsafe { _mm256_movemask_epi8(e4m3_nan_bytes(w)) != 0 }
 }
 
 impl Decode<Avx2> for Fp8Dec<'_> {
@@ -580,8 +588,7 @@ impl Decode<Avx512> for Fp8Dec<'_> {
         // SAFETY: the 32 codes j..j+32 lie inside the row; AVX-512F/BW/VL (trait contract).
         unsafe {
             let w = _mm256_loadu_si256(p);
-            let nan = _mm256_cmpeq_epi8_mask(_mm256_or_si256(w, _mm256_set1_epi8(0x80u8 as i8)), _mm256_set1_epi8(-1));
-            if nan != 0 {
+            if e4m3_any_nan(w) {
                 return to_split::<Avx512>(Decode::<Avx512>::chunk(self, j, s));
             }
             let (even, odd) = e4m3_split_halves(w);
