@@ -16,6 +16,9 @@ fn server() -> &'static common::Server {
     S.get_or_init(|| {
         let mut opts = Options::default();
         opts.config.read_timeouts = ReadTimeouts { header: Duration::from_secs(1), body: Duration::from_secs(1) };
+        // Room for a reply that certainly outlasts the deadlines (one sequence at a time).
+        opts.engine.max_model_len = 24576;
+        opts.seqs = 2;
         start(opts)
     })
 }
@@ -63,12 +66,14 @@ fn a_half_sent_body_gets_a_408_in_its_apis_shape() {
 
 #[test]
 fn a_reply_longer_than_the_deadlines_is_not_cut() {
+    // 8,000 tokens of the tiny model take about 3 s in a release build (2,500 took 0.86 s, too close to
+    // the 1 s deadlines on a fast machine).
     let t = Instant::now();
     let events = sse(
         server(),
         "/v1/chat/completions",
         &json!({"model": common::MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true,
-                "max_tokens": 2500, "ignore_eos": true, "temperature": 0}),
+                "max_tokens": 8000, "ignore_eos": true, "temperature": 0}),
     );
     let finish = events.iter().rev().find_map(|e| e["choices"][0]["finish_reason"].as_str().map(str::to_string));
     assert_eq!(finish.as_deref(), Some("length"));
