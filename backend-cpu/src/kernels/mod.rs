@@ -11,12 +11,20 @@
 use std::sync::OnceLock;
 
 pub mod attn;
+pub(crate) mod bf16_gemm;
 mod fp8_fold;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use weights::{decode_row, dot, dot_many, dot_rows, Row, RowScratch, Rows};
+
+/// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with
+/// AVX512-BF16 and `DSV4_CPU_ISA` not lowered below `avx512` (`dsv4 bench` reads prefill against
+/// the BF16 peak then).
+pub fn bf16_gemm_available() -> bool {
+    bf16_gemm::available()
+}
 
 /// The environment variable that lowers the instruction set the kernels use.
 pub const ISA_ENV: &str = "DSV4_CPU_ISA";
