@@ -47,7 +47,9 @@ use std::sync::Arc;
 use acl::{err, esize, AclIntArray, AclScalar, AclTensor, AclTensorList, Buffer, Device};
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
+use dsv4_core::backend::{
+    composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, Precision, ReduceOp, RowFormat, UnaryOp,
+};
 use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::{Error, Result};
@@ -684,6 +686,24 @@ impl Backend for AscendBackend {
         Ok(out)
     }
 
+    /// aclnnCast to BF16 (round to nearest even) into a pooled temporary, then aclnnCast back
+    /// to FLOAT (exact).
+    fn round_to_bf16(&self, x: &AscendTensor) -> Result<AscendTensor> {
+        checks::unary(self.name(), &x.shape)?;
+        let out = self.new_tensor(&x.shape)?;
+        let n = numel(&x.shape);
+        if n == 0 {
+            return Ok(out);
+        }
+        let tmp = self.alloc(n, Dt::ACL_BF16)?;
+        let narrow = || self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_BF16 }, &x.shape);
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [self.tv(x)?] => [narrow()?], attrs [Dt::ACL_BF16.0],
+            |i, o| (i[0].ptr(), Dt::ACL_BF16, o[0].ptr()))?;
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [narrow()?] => [self.tv(&out)?], attrs [Dt::ACL_FLOAT.0],
+            |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+        Ok(out)
+    }
+
     fn binary(&self, a: &AscendTensor, b: &AscendTensor, op: BinaryOp) -> Result<AscendTensor> {
         let shape = checks::binary(self.name(), &a.shape, &b.shape)?;
         let out = self.new_tensor(&shape)?;
@@ -1057,10 +1077,11 @@ impl Backend for AscendBackend {
         weights: &AscendTensor,
         experts: &[ExpertWeights<AscendWeight>],
         limit: f32,
+        act: Precision,
     ) -> Result<AscendTensor> {
-        match self.experts_grouped(x, expert_ids, weights, experts, limit)? {
+        match self.experts_grouped(x, expert_ids, weights, experts, limit, act)? {
             Some(out) => Ok(out),
-            None => composed::moe_experts(self, x, expert_ids, weights, experts, limit),
+            None => composed::moe_experts(self, x, expert_ids, weights, experts, limit, act),
         }
     }
 }

@@ -21,7 +21,7 @@ use std::ptr::{null, null_mut};
 
 use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, ReduceOp};
+use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, Precision, ReduceOp};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::Result;
 
@@ -107,7 +107,10 @@ impl AscendBackend {
         Ok(launched.map(|()| (ids, w)))
     }
 
-    /// The routed experts on grouped matmuls, or None when the kernel does not apply.
+    /// The routed experts on grouped matmuls, or None when the kernel does not apply. In
+    /// `act` = bf16 the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16, as in the
+    /// composition (`Backend::expert_ffn`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_grouped(
         &self,
         x: &AscendTensor,
@@ -115,6 +118,7 @@ impl AscendBackend {
         weights: &AscendTensor,
         experts: &[ExpertWeights<AscendWeight>],
         limit: f32,
+        act: Precision,
     ) -> Result<Option<AscendTensor>> {
         let [t, d] = x.shape[..] else { return Ok(None) };
         let Some(first) = experts.first() else { return Ok(None) };
@@ -175,7 +179,9 @@ impl AscendBackend {
             };
             let Some(g) = gmm(&xc, pick(|e| &e.w1))? else { return Ok(None) };
             let Some(u) = gmm(&xc, pick(|e| &e.w3))? else { return Ok(None) };
-            let Some(y) = gmm(&self.swiglu(&g, &u, limit)?, pick(|e| &e.w2))? else { return Ok(None) };
+            let h = act.act_of(self, self.swiglu(&act.act(self, &g)?, &act.act(self, &u)?, limit))?;
+            let Some(y) = gmm(&h, pick(|e| &e.w2))? else { return Ok(None) };
+            let y = act.act(self, &y)?;
             outs.push(self.binary(&y, &self.narrow(&ws, 0, row0, mc)?, BinaryOp::Mul)?);
             row0 += mc;
         }

@@ -9,6 +9,7 @@
 //! same ascending-expert summation), so the results are identical, bit for bit.
 
 use dsv4_core::backend::ExpertWeights;
+use dsv4_core::precision::{round_bf16, Precision};
 use ndarray::ArrayView2;
 
 use crate::ops::{linear_block, ROW_BLOCK};
@@ -18,6 +19,8 @@ use crate::storage::CpuWeight;
 /// One expert applied to `m` rows of `x` (`[m, k]`, row-major).
 pub(crate) struct FfnJob<'a> {
     pub x: &'a [f32],
+    /// Every value of `x` is a BF16 value (`CpuTensor::bf16`).
+    pub x_bf16: bool,
     pub m: usize,
     pub expert: &'a ExpertWeights<CpuWeight>,
 }
@@ -58,8 +61,12 @@ fn view(x: &[f32], m: usize, k: usize) -> ArrayView2<'_, f32> {
     ArrayView2::from_shape((m, k), x).expect("expert input shape")
 }
 
-/// `w2 · swiglu(w1·x, w3·x)` for every job, `[m, d]` each (d = rows of `w2`).
-pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32) -> Vec<Vec<f32>> {
+/// `w2 · swiglu(w1·x, w3·x)` for every job, `[m, d]` each (d = rows of `w2`). With `act`
+/// = bf16 the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16, as the composition
+/// (`Backend::expert_ffn`) rounds them.
+pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Vec<f32>> {
+    let bf16 = act.rounds_to_bf16();
+    let round = |v: f32| if bf16 { round_bf16(v) } else { v };
     // Pass 1: the hidden activations, one block of w1/w3 rows per item.
     let items = blocks(jobs, |j| j.expert.w1.rows);
     let work: usize = jobs.iter().map(|j| 2 * j.m * j.expert.w1.cols * j.expert.w1.rows).sum();
@@ -67,9 +74,9 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32) -> Vec<Vec<f32>> {
         let (j, start, n) = items[i];
         let (job, mut scratch) = (&jobs[j], Vec::new());
         let x = view(job.x, job.m, job.expert.w1.cols);
-        let g = linear_block(x, &job.expert.w1, start, n, &mut scratch);
-        let u = linear_block(x, &job.expert.w3, start, n, &mut scratch);
-        let h: Vec<f32> = g.iter().zip(u.iter()).map(|(&g, &u)| swiglu(g, u, limit)).collect();
+        let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n, &mut scratch);
+        let u = linear_block(x, job.x_bf16, &job.expert.w3, start, n, &mut scratch);
+        let h: Vec<f32> = g.iter().zip(u.iter()).map(|(&g, &u)| round(swiglu(round(g), round(u), limit))).collect();
         (j, start, h)
     });
     let hidden = assemble(jobs, |j| j.expert.w1.rows, parts);
@@ -80,8 +87,8 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32) -> Vec<Vec<f32>> {
         let (j, start, n) = items[i];
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
-        let y = linear_block(h, &job.expert.w2, start, n, &mut Vec::new());
-        (j, start, y.iter().copied().collect())
+        let y = linear_block(h, bf16, &job.expert.w2, start, n, &mut Vec::new());
+        (j, start, y.iter().map(|&v| round(v)).collect())
     });
     assemble(jobs, |j| j.expert.w2.rows, parts)
 }

@@ -3,9 +3,11 @@
 use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
 use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::error::{Error, Result};
+use dsv4_core::precision::{round_bf16, Precision};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
+use crate::kernels::bf16_gemm;
 use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
 use crate::moe::{expert_ffns, FfnJob};
@@ -47,9 +49,13 @@ fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
 /// Few input rows (decode): [`dot_many`] reads each weight row once, in its stored form, and
 /// decodes it in registers for every input row; its summation order is the same on every
 /// instruction set, and the same for a packed weight and its dequantised-at-load copy.
-/// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`.
+/// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`;
+/// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
+/// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
+/// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
 pub(crate) fn linear_block(
     x: ArrayView2<'_, f32>,
+    x_bf16: bool,
     w: &CpuWeight,
     start: usize,
     n: usize,
@@ -85,7 +91,11 @@ pub(crate) fn linear_block(
             scratch
         }
     };
-    crate::gemm::matmul_nt(xs, wb, y.as_slice_mut().expect("standard layout"), m, w.cols, n);
+    let out = y.as_slice_mut().expect("standard layout");
+    if x_bf16 && bf16_gemm::available() && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
+        return y;
+    }
+    crate::gemm::matmul_nt(xs, wb, out, m, w.cols, n);
     y
 }
 
@@ -177,7 +187,7 @@ impl Backend for CpuBackend {
             par::map(w.rows.div_ceil(rows_per_task), m * k * w.rows, |b| {
                 let start = b * rows_per_task;
                 let n = rows_per_task.min(w.rows - start);
-                (start, linear_block(xv, w, start, n, &mut Vec::new()))
+                (start, linear_block(xv, x.bf16, w, start, n, &mut Vec::new()))
             });
         let mut out = vec![0f32; m * w.rows];
         for (start, y) in blocks {
@@ -194,8 +204,9 @@ impl Backend for CpuBackend {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let per_group: Vec<ndarray::Array2<f32>> =
-            par::map(groups, m * k * w.rows, |g| linear_block(xv.slice(s![.., g, ..]), w, g * r, r, &mut Vec::new()));
+        let per_group: Vec<ndarray::Array2<f32>> = par::map(groups, m * k * w.rows, |g| {
+            linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, &mut Vec::new())
+        });
         let mut out = vec![0f32; m * groups * r];
         for (g, y) in per_group.iter().enumerate() {
             for i in 0..m {
@@ -288,6 +299,14 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, |v| v.max(min).min(max))))
     }
 
+    fn round_to_bf16(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        checks::unary(self.name(), &x.shape)?;
+        if x.bf16 {
+            return Ok(x.clone());
+        }
+        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, round_bf16)).with_bf16(true))
+    }
+
     fn reduce(&self, x: &CpuTensor, axis: usize, op: ReduceOp) -> Result<CpuTensor> {
         let shape = checks::reduce(self.name(), &x.shape, axis)?;
         let v = x.view();
@@ -369,14 +388,14 @@ impl Backend for CpuBackend {
 
     fn reshape(&self, x: &CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
         checks::reshape(self.name(), &x.shape, shape)?;
-        Ok(CpuTensor { shape: shape.to_vec(), data: x.data.clone() })
+        Ok(CpuTensor { shape: shape.to_vec(), data: x.data.clone(), bf16: x.bf16 })
     }
 
     fn transpose(&self, x: &CpuTensor, a: usize, b: usize) -> Result<CpuTensor> {
         checks::transpose(self.name(), &x.shape, a, b)?;
         let mut v = x.view();
         v.swap_axes(a, b);
-        Ok(owned(v))
+        Ok(owned(v).with_bf16(x.bf16))
     }
 
     fn narrow(&self, x: &CpuTensor, axis: usize, start: usize, len: usize) -> Result<CpuTensor> {
@@ -385,9 +404,9 @@ impl Backend for CpuBackend {
             let row: usize = x.shape[1..].iter().product();
             let mut shape = x.shape.clone();
             shape[0] = len;
-            return Ok(CpuTensor::new(shape, x.data[start * row..(start + len) * row].to_vec()));
+            return Ok(CpuTensor::new(shape, x.data[start * row..(start + len) * row].to_vec()).with_bf16(x.bf16));
         }
-        Ok(owned(x.view().slice_axis(Axis(axis), (start..start + len).into())))
+        Ok(owned(x.view().slice_axis(Axis(axis), (start..start + len).into())).with_bf16(x.bf16))
     }
 
     fn concat(&self, xs: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
@@ -397,7 +416,8 @@ impl Backend for CpuBackend {
             err(format!("concat along {axis}: {e} ({:?})", xs.iter().map(|x| x.shape.clone()).collect::<Vec<_>>()))
         })?;
         let shape = out.shape().to_vec();
-        Ok(CpuTensor::new(shape, out.as_standard_layout().into_owned().into_raw_vec_and_offset().0))
+        let bf16 = xs.iter().all(|x| x.bf16);
+        Ok(CpuTensor::new(shape, out.as_standard_layout().into_owned().into_raw_vec_and_offset().0).with_bf16(bf16))
     }
 
     fn index_select(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
@@ -411,7 +431,8 @@ impl Backend for CpuBackend {
             let id = id as usize;
             out[i * row..(i + 1) * row].copy_from_slice(&x.data[id * row..(id + 1) * row]);
         }
-        Ok(CpuTensor::new(shape, out))
+        // -1 rows are zeros, a BF16 value.
+        Ok(CpuTensor::new(shape, out).with_bf16(x.bf16))
     }
 
     fn gather_last(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
@@ -498,14 +519,14 @@ impl Backend for CpuBackend {
     }
 
     /// Both passes of [`crate::moe::expert_ffns`] for one expert: identical to the composition.
-    fn expert_ffn(&self, x: &CpuTensor, e: &ExpertWeights<CpuWeight>, limit: f32) -> Result<CpuTensor> {
+    fn expert_ffn(&self, x: &CpuTensor, e: &ExpertWeights<CpuWeight>, limit: f32, act: Precision) -> Result<CpuTensor> {
         let hidden = checks::linear(self.name(), &x.shape, &e.w1.shape)?;
         checks::linear(self.name(), &x.shape, &e.w3.shape)?;
         let shape = checks::linear(self.name(), &hidden, &e.w2.shape)?;
         let m = x.numel() / e.w1.cols.max(1);
-        let job = FfnJob { x: &x.data, m, expert: e };
-        let y = expert_ffns(&[job], limit).pop().expect("one job");
-        Ok(CpuTensor::new(shape, y))
+        let job = FfnJob { x: &x.data, x_bf16: x.bf16, m, expert: e };
+        let y = expert_ffns(&[job], limit, act).pop().expect("one job");
+        Ok(CpuTensor::new(shape, y).with_bf16(act.rounds_to_bf16()))
     }
 
     /// In place on each `[n, n]` matrix, with the composition's arithmetic: sums from `+0.0` in
@@ -555,6 +576,7 @@ impl Backend for CpuBackend {
         weights: &CpuTensor,
         experts: &[ExpertWeights<CpuWeight>],
         limit: f32,
+        act: Precision,
     ) -> Result<CpuTensor> {
         if x.shape.len() != 2 || weights.shape.len() != 2 || weights.numel() != expert_ids.len() {
             return Err(err(format!(
@@ -589,9 +611,9 @@ impl Backend for CpuBackend {
         let jobs: Vec<FfnJob> = routed
             .iter()
             .zip(&gathered)
-            .map(|((e, rows, _), xs)| FfnJob { x: xs, m: rows.len(), expert: &experts[*e] })
+            .map(|((e, rows, _), xs)| FfnJob { x: xs, x_bf16: x.bf16, m: rows.len(), expert: &experts[*e] })
             .collect();
-        let ys = expert_ffns(&jobs, limit);
+        let ys = expert_ffns(&jobs, limit, act);
         let mut out = vec![0f32; t * d];
         for ((_, rows, slots), y) in routed.iter().zip(&ys) {
             for (i, (&r, &s)) in rows.iter().zip(slots).enumerate() {

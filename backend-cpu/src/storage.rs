@@ -15,6 +15,12 @@ use ndarray::{ArrayViewD, IxDyn};
 pub struct CpuTensor {
     pub(crate) shape: Vec<usize>,
     pub(crate) data: Arc<Vec<f32>>,
+    /// Every value is a BF16 value (made by `round_to_bf16`, or a reshape, slice, gather or
+    /// concatenation of such tensors): a GEMM may then multiply in BF16 with f32 accumulation
+    /// (`kernels::bf16_gemm`), which is exact per product but sums in another order and flushes
+    /// denormals, so bf16 results depend on whether the CPU has AVX512-BF16. The BF16 GEMM
+    /// trusts the flag: it must only be set on tensors whose every value is a BF16 value.
+    pub(crate) bf16: bool,
 }
 
 impl DeviceTensor for CpuTensor {
@@ -26,7 +32,13 @@ impl DeviceTensor for CpuTensor {
 impl CpuTensor {
     pub(crate) fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        CpuTensor { shape, data: Arc::new(data) }
+        CpuTensor { shape, data: Arc::new(data), bf16: false }
+    }
+
+    /// The same tensor, marked as holding BF16 values only when `bf16` (see the field).
+    pub(crate) fn with_bf16(mut self, bf16: bool) -> Self {
+        self.bf16 = bf16;
+        self
     }
 
     pub(crate) fn view(&self) -> ArrayViewD<'_, f32> {

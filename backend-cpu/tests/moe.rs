@@ -5,6 +5,7 @@
 
 use dsv4_backend_cpu::{CpuBackend, CpuWeight};
 use dsv4_core::backend::{composed, ExpertWeights};
+use dsv4_core::precision::Precision;
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
 use dsv4_core::Backend;
 
@@ -51,14 +52,21 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// The trait's default `expert_ffn`: three linears and the SwiGLU composition.
-fn composed_ffn(be: &CpuBackend, x: &<CpuBackend as Backend>::Tensor, e: &ExpertWeights<CpuWeight>) -> Vec<f32> {
-    let g = be.linear(x, &e.w1).unwrap();
-    let u = be.linear(x, &e.w3).unwrap();
+/// The trait's default `expert_ffn`: three linears and the SwiGLU composition, each output
+/// rounded to BF16 in `act` = bf16.
+fn composed_ffn(
+    be: &CpuBackend,
+    x: &<CpuBackend as Backend>::Tensor,
+    e: &ExpertWeights<CpuWeight>,
+    act: Precision,
+) -> Vec<f32> {
+    let g = act.act_of(be, be.linear(x, &e.w1)).unwrap();
+    let u = act.act_of(be, be.linear(x, &e.w3)).unwrap();
     let g = be.clamp(&g, f32::NEG_INFINITY, 10.0).unwrap();
     let u = be.clamp(&u, -10.0, 10.0).unwrap();
     let h = be.binary(&be.unary(&g, dsv4_core::backend::UnaryOp::Silu).unwrap(), &u, dsv4_core::backend::BinaryOp::Mul);
-    be.download(&be.linear(&h.unwrap(), &e.w2).unwrap()).unwrap()
+    let h = act.act_of(be, h).unwrap();
+    be.download(&act.act_of(be, be.linear(&h, &e.w2)).unwrap()).unwrap()
 }
 
 #[test]
@@ -67,18 +75,19 @@ fn fused_experts_equal_the_composition_bit_for_bit() {
     let mut rng = Rng(17);
     // d = 160 and inter = 96: blocks of rows that do not divide evenly.
     let (d, inter, n_experts) = (160, 96, 8);
-    for fp4 in [true, false] {
+    for (fp4, act) in [true, false].into_iter().flat_map(|f| Precision::ALL.map(|a| (f, a))) {
         let experts: Vec<_> = (0..n_experts).map(|_| expert(&mut rng, d, inter, fp4)).collect();
         for (t, k) in [(1, 3), (2, 2), (5, 3), (40, 4)] {
-            // Large inputs so that the clamps at ±10 are reached.
+            // Large inputs so that the clamps at ±10 are reached; BF16 values in bf16, as the
+            // graph feeds them.
             let xs: Vec<f32> = (0..t * d).map(|_| rng.f32() * 8.0).collect();
-            let x = be.upload(&xs, &[t, d]).unwrap();
+            let x = act.act(&be, &be.upload(&xs, &[t, d]).unwrap()).unwrap();
             let e0 = &experts[0];
-            assert_eq!(
-                bits(&be.download(&be.expert_ffn(&x, e0, 10.0).unwrap()).unwrap()),
-                bits(&composed_ffn(&be, &x, e0)),
-                "expert_ffn, {t} rows, fp4 {fp4}"
-            );
+            let fused = be.download(&be.expert_ffn(&x, e0, 10.0, act).unwrap()).unwrap();
+            if act == Precision::Bf16 {
+                assert!(fused.iter().all(|v| v.to_bits() & 0xffff == 0), "bf16 expert outputs are BF16 values");
+            }
+            assert_eq!(bits(&fused), bits(&composed_ffn(&be, &x, e0, act)), "expert_ffn, {t} rows, fp4 {fp4}, {act}");
             // Distinct experts per row; expert 5 chosen by every row when t > 1.
             let ids: Vec<i32> =
                 (0..t * k).map(|i| if i % k == 0 { 5 } else { ((i * 7 + i / k) % n_experts) as i32 }).collect();
@@ -98,13 +107,14 @@ fn fused_experts_equal_the_composition_bit_for_bit() {
                 .collect();
             let w: Vec<f32> = (0..t * k).map(|_| rng.f32()).collect();
             let w = be.upload(&w, &[t, k]).unwrap();
-            let fused = be.download(&be.moe_experts(&x, &ids, &w, &experts, 10.0).unwrap()).unwrap();
-            let reference = be.download(&composed::moe_experts(&be, &x, &ids, &w, &experts, 10.0).unwrap()).unwrap();
-            assert_eq!(bits(&fused), bits(&reference), "moe_experts, {t} rows, top-{k}, fp4 {fp4}");
+            let fused = be.download(&be.moe_experts(&x, &ids, &w, &experts, 10.0, act).unwrap()).unwrap();
+            let reference =
+                be.download(&composed::moe_experts(&be, &x, &ids, &w, &experts, 10.0, act).unwrap()).unwrap();
+            assert_eq!(bits(&fused), bits(&reference), "moe_experts, {t} rows, top-{k}, fp4 {fp4}, {act}");
         }
         let x = be.upload(&vec![0.5; d], &[1, d]).unwrap();
         let w = be.upload(&[1.0], &[1, 1]).unwrap();
-        let e = be.moe_experts(&x, &[n_experts as i32], &w, &experts, 10.0).unwrap_err();
+        let e = be.moe_experts(&x, &[n_experts as i32], &w, &experts, 10.0, act).unwrap_err();
         assert!(e.to_string().contains("expert id 8 is outside 0..8"), "{e}");
     }
 }

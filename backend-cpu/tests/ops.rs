@@ -112,7 +112,7 @@ impl CompressorCase {
         for &c in chunks {
             let xt = up(be, &x[start * self.d..(start + c) * self.d], &[c, self.d]);
             let plan = SeqCompressPlan::lone(be, &shape, start, c).unwrap();
-            let new = comp.step(be, &mut carry, &plan, &xt, &self.rope).unwrap();
+            let new = comp.step(be, &mut carry, &plan, &xt, &self.rope, dsv4_core::Precision::F32).unwrap();
             start += c;
             let completed = start / self.m - plan.windows_before;
             let rows = new.as_ref().map_or(0, |e| e.shape()[0]);

@@ -1,7 +1,8 @@
 //! `dsv4 bench`: prefill and decode speed at several context lengths, read against the machine's
 //! limits measured in the same run ([`dsv4_backend_cpu::machine`]): decode against the read bandwidth (it
 //! is memory-bound: every active weight and the decoding state are read per token), prefill
-//! against the f32 FMA peak (it is compute-bound).
+//! against the f32 FMA peak (it is compute-bound), or with `--precision bf16` against the BF16
+//! dot-product peak where the CPU has one (BF16 GEMMs multiply in BF16).
 //!
 //! What one decode token reads ([`active_weights`]), in the checkpoint's stored form (FP8 1
 //! byte per value + block scales, FP4 half a byte + scales, BF16 2 bytes, F32 4 bytes), `mtp.*`
@@ -30,6 +31,7 @@ use dsv4_core::kv::layout::sequence_footprint;
 use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
 use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
 use dsv4_core::sampling::argmax;
+use dsv4_core::Precision;
 use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
 use serde_json::{json, Value};
 
@@ -194,14 +196,15 @@ struct Derived {
 }
 
 impl Row {
-    fn derive(&self, weights: &ActiveWeights, m: &Machine) -> Derived {
+    /// `peak`: the FLOP/s prefill is read against ([`prefill_peak`]).
+    fn derive(&self, weights: &ActiveWeights, m: &Machine, peak: f64) -> Derived {
         let prefill_flop_s = self.prefill_flops / self.prefill_secs;
         let bytes_per_token = weights.bytes() + self.kv_held as f64;
         let achieved = self.decode_secs_per_token.map(|s| bytes_per_token / s);
         Derived {
             prefill_tok_s: self.prefill_tokens as f64 / self.prefill_secs,
             prefill_flop_s,
-            prefill_peak_fraction: prefill_flop_s / m.fma_flops_per_sec,
+            prefill_peak_fraction: prefill_flop_s / peak,
             bytes_per_token,
             achieved,
             roofline: achieved.map(|a| a / m.read_bytes_per_sec),
@@ -296,7 +299,9 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
     if !opts.json {
         print!("{}", machine_report(&machine, isa));
     }
-    let model = crate::load::load_model(be, spec)?;
+    let model = crate::load::load_model(be, spec, kv.precision)?;
+    let bf16_gemms =
+        kv.precision == Precision::Bf16 && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
     let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
     let kv_description = kv_args::describe(&cfg, &config);
     let on_row: &mut dyn FnMut(&Row) = if opts.json {
@@ -304,10 +309,12 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
+        let peak = if prefill_peak(&machine, bf16_gemms) == machine.fma_flops_per_sec { "f32 FMA" } else { "BF16 dot" };
+        println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
         print!("{}", weights_report(&weights));
         println!("{kv_description}");
         println!("{}", table_header());
-        &mut |row| println!("{}", table_row(row, &weights, &machine))
+        &mut |row| println!("{}", table_row(row, &weights, &machine, bf16_gemms))
     };
     let rows =
         time_contexts(be, &model, config, kv.kv_dtype, &weights, &contexts, opts.decode_steps, opts.chunk, on_row)?;
@@ -318,6 +325,8 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
             backend: be.describe(),
             model: spec,
             kv: kv_description,
+            precision: kv.precision,
+            bf16_gemms,
             weights: &weights,
             decode_steps: opts.decode_steps,
             chunk: opts.chunk,
@@ -398,8 +407,18 @@ fn table_header() -> String {
     )
 }
 
-fn table_row(r: &Row, w: &ActiveWeights, m: &Machine) -> String {
-    let d = r.derive(w, m);
+/// The compute peak prefill is read against: the f32 FMA peak, or the BF16 dot-product peak
+/// when the GEMMs multiply in BF16 (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16) and
+/// the machine measurement has one.
+fn prefill_peak(m: &Machine, bf16_gemms: bool) -> f64 {
+    match (bf16_gemms, m.bf16_flops_per_sec) {
+        (true, Some(bf16)) => bf16,
+        _ => m.fma_flops_per_sec,
+    }
+}
+
+fn table_row(r: &Row, w: &ActiveWeights, m: &Machine, bf16_gemms: bool) -> String {
+    let d = r.derive(w, m, prefill_peak(m, bf16_gemms));
     let opt = |v: Option<f64>, scale: f64, prec: usize| v.map_or("-".to_string(), |v| format!("{:.prec$}", v * scale));
     format!(
         "{:>9} {:>14.1} {:>14} {:>16.2} {:>12.1}% {:>12.1} {:>12} {:>16.0} {:>14} {:>8}%",
@@ -423,6 +442,9 @@ struct Report<'a> {
     backend: String,
     model: &'a str,
     kv: String,
+    precision: Precision,
+    /// Prefill GEMMs multiplied in BF16 (read against the BF16 peak).
+    bf16_gemms: bool,
     weights: &'a ActiveWeights,
     decode_steps: usize,
     chunk: usize,
@@ -439,7 +461,7 @@ impl Report<'_> {
             .rows
             .iter()
             .map(|r| {
-                let d = r.derive(w, m);
+                let d = r.derive(w, m, prefill_peak(m, self.bf16_gemms));
                 json!({
                     "context": r.context,
                     "prefill_tokens": r.prefill_tokens,
@@ -473,6 +495,12 @@ impl Report<'_> {
             },
             "backend": self.backend,
             "model": self.model,
+            "precision": self.precision.name(),
+            "prefill_peak": if prefill_peak(self.machine, self.bf16_gemms) == self.machine.fma_flops_per_sec {
+                "f32_fma"
+            } else {
+                "bf16_dot"
+            },
             "kv": self.kv,
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
@@ -599,7 +627,7 @@ mod tests {
         let be = CpuBackend::new();
         let (cfg, ckpt) = builtin::tiny().unwrap();
         let weights = active_weights(&cfg, &ckpt).unwrap();
-        let model = crate::load::load_model(&be, builtin::TINY_NAME).unwrap();
+        let model = crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32).unwrap();
         let contexts = [8, 20];
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
         let mut seen = 0;
@@ -627,6 +655,8 @@ mod tests {
             backend: be.describe(),
             model: builtin::TINY_NAME,
             kv: "kv".into(),
+            precision: Precision::F32,
+            bf16_gemms: false,
             weights: &weights,
             decode_steps: 2,
             chunk: 4,
@@ -645,7 +675,7 @@ mod tests {
             header.split_whitespace().take(5).collect::<Vec<_>>(),
             ["context", "prefill", "tok/s", "decode", "ms/tok"]
         );
-        let line = table_row(&rows[0], &weights, &machine);
+        let line = table_row(&rows[0], &weights, &machine, false);
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[0], "8");
         assert!(cols[1].parse::<f64>().unwrap() > 0.0 && cols[2].parse::<f64>().unwrap() > 0.0);

@@ -1,4 +1,5 @@
-//! `--kv-dtype` and `--kv-cache-memory`: how the paged decoding state is stored and sized.
+//! `--precision`, `--kv-dtype` and `--kv-cache-memory`: the run's numerics, and how the paged
+//! decoding state is stored and sized (flattened into every command that runs the model).
 //!
 //! `--kv-cache-memory` takes bytes with an optional unit (`8GiB`, `512MiB`, `2G`, `1000000`) or
 //! a fraction in (0, 1] of the memory free once the weights are loaded (`0.5`): on the CPU backend
@@ -10,11 +11,18 @@ use std::str::FromStr;
 
 use anyhow::{Context, Result};
 use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
-use dsv4_core::{Backend, ModelConfig};
+use dsv4_core::{Backend, ModelConfig, Precision};
 
-/// The decoding-state flags, flattened into every command that runs the model.
+/// The numerics and decoding-state flags, flattened into every command that runs the model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct KvArgs {
+    /// Activation precision: f32 (every activation f32, the conformance reference) or bf16
+    /// (what a production deployment computes: BF16 residual stream and sub-layer inputs and
+    /// outputs, f32 accumulation, f32 norms, router and mHC; see docs/precision.md for the
+    /// rounding points and the accuracy budget against f32). Weights are used in their stored
+    /// form either way.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    pub precision: Precision,
     /// Row format of the decoding state: f32 (the conformance reference), bf16, or fp8 (the
     /// official inference's KV numerics for attention rows: e4m3 with one power-of-two scale per
     /// 64 channels, rotary channels bf16; 584 bytes per V4 row instead of 2048; indexer keys bf16).
@@ -259,7 +267,11 @@ mod tests {
     #[test]
     fn a_budget_too_small_is_an_input_error() {
         let cfg = tiny();
-        let args = KvArgs { kv_dtype: KvDtype::Fp8, kv_cache_memory: Some(MemorySize::Bytes(1000)) };
+        let args = KvArgs {
+            precision: Precision::F32,
+            kv_dtype: KvDtype::Fp8,
+            kv_cache_memory: Some(MemorySize::Bytes(1000)),
+        };
         let e = args.config_for_run(&dsv4_backend_cpu::CpuBackend::new(), &cfg, 100, 16).unwrap_err();
         let e = format!("{e:#}");
         assert!(e.contains("cannot hold the sliding windows") && e.contains("--kv-cache-memory"), "{e}");
@@ -268,7 +280,7 @@ mod tests {
     #[test]
     fn exact_sizing_and_the_start_up_line() {
         let cfg = tiny();
-        let args = KvArgs { kv_dtype: KvDtype::Bf16, kv_cache_memory: None };
+        let args = KvArgs { precision: Precision::F32, kv_dtype: KvDtype::Bf16, kv_cache_memory: None };
         let kv = args.config_for_run(&dsv4_backend_cpu::CpuBackend::new(), &cfg, 300, 64).unwrap();
         assert_eq!(kv, KvConfig::for_sequences(&cfg, KvDtype::Bf16, 1, 300, 64));
         let line = describe(&cfg, &kv);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig};
+use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig, Precision};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// The config and checkpoint named by `--model`.
@@ -31,8 +31,9 @@ pub fn config_from_dir(dir: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Loads onto `be`; a progress bar appears on stderr once loading has taken more than a second.
-pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<Model<B>> {
+/// Loads onto `be`, to run in `precision`; a progress bar appears on stderr once loading has
+/// taken more than a second.
+pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision) -> Result<Model<B>> {
     let (cfg, ckpt) = open(spec)?;
     let bar = ProgressBar::with_draw_target(Some(ckpt.len() as u64), ProgressDrawTarget::hidden());
     bar.set_style(
@@ -51,5 +52,7 @@ pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<Model<B>> {
     })
     .with_context(|| format!("loading model `{spec}`"))?;
     bar.finish_and_clear();
+    let mut model = model;
+    model.precision = precision;
     Ok(model)
 }

@@ -184,9 +184,13 @@ enum Command {
         /// Token ids (default: a fixed 200-token sequence).
         #[arg(long, value_delimiter = ',')]
         ids: Option<Vec<String>>,
-        /// Largest allowed max|Δ| / max|reference| per block.
-        #[arg(long, default_value_t = 1e-4)]
-        tolerance: f64,
+        /// Largest allowed max|Δ| / max|reference| per block. Default: 1e-4 with --precision
+        /// f32; 5e-2 with bf16, where a value that two backends round to different BF16
+        /// neighbours already differs by a BF16 ulp (2^-7 to 2^-6 of itself). In bf16 the blocks
+        /// after a differing top-k selection are reported but not judged, and the first backend
+        /// is also run in f32 to show the distance of bf16 to it (docs/precision.md).
+        #[arg(long)]
+        tolerance: Option<f64>,
         #[command(flatten)]
         kv: kv_args::KvArgs,
     },
@@ -254,7 +258,7 @@ pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
 
 fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv: &kv_args::KvArgs) -> Result<()> {
     eprintln!("backend: {}", be.describe());
-    let model = load::load_model(be, &model.model)?;
+    let model = load::load_model(be, &model.model, kv.precision)?;
     let batch = Batch::prefill(&[ids])?;
     let start = std::time::Instant::now();
     // The whole prompt in one step, the state stored as --kv-dtype.

@@ -153,7 +153,7 @@ fn spawn_engine<B: Backend + 'static>(
     let engine = EngineHandle::spawn(config, move || {
         let be = make()?;
         eprintln!("backend: {}", be.describe());
-        let model = load::load_model(&be, &spec)?;
+        let model = load::load_model(&be, &spec, kv.precision)?;
         let context = model.cfg.max_position_embeddings;
         let tokens = match config.max_model_len {
             0 => context,
@@ -237,7 +237,11 @@ mod tests {
     fn the_default_pool_is_capped_at_half_the_free_memory() {
         let be = dsv4_backend_cpu::CpuBackend::new();
         let cfg = dsv4_core::builtin::tiny().unwrap().0;
-        let kv = KvArgs { kv_dtype: dsv4_core::kv::KvDtype::F32, kv_cache_memory: None };
+        let kv = KvArgs {
+            precision: dsv4_core::Precision::F32,
+            kv_dtype: dsv4_core::kv::KvDtype::F32,
+            kv_cache_memory: None,
+        };
         let small = serving_kv(&be, &cfg, &kv, 2, 1000, 64).unwrap();
         assert!(small.token_capacity(&cfg).unwrap() >= 2000, "{small:?}");
         let free = kv_args::free_memory(&be).unwrap();

@@ -30,6 +30,7 @@ use std::ops::Range;
 use crate::config::ScoringFunc;
 use crate::error::{Error, Result};
 pub use crate::kv::format::RowFormat;
+pub use crate::precision::Precision;
 use crate::tensor::StoredWeight;
 
 /// numpy broadcasting of two shapes (the rule `Backend::binary` follows); None if they do not
@@ -182,6 +183,10 @@ pub trait Backend: Send + Sync {
     /// `x · mul + add`.
     fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
     fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor>;
+    /// Every value rounded to the nearest BF16 value (ties to even) and held as f32 again: a
+    /// cast to BF16 and back, per value exactly [`crate::precision::round_bf16`]. The rounding
+    /// points of the `bf16` precision ([`crate::precision`]) call it.
+    fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Reduction over `axis`, which is kept with size 1.
     fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor>;
     /// Numerically stable softmax over `axis` (`-inf` entries get weight 0).
@@ -399,10 +404,20 @@ pub trait Backend: Send + Sync {
         self.binary(&self.unary(&g, UnaryOp::Silu)?, &u, BinaryOp::Mul)
     }
 
-    /// One expert on a batch of rows: `w2 · swiglu(w1·x, w3·x)`.
-    fn expert_ffn(&self, x: &Self::Tensor, e: &ExpertWeights<Self::Weight>, limit: f32) -> Result<Self::Tensor> {
-        let h = self.swiglu(&self.linear(x, &e.w1)?, &self.linear(x, &e.w3)?, limit)?;
-        self.linear(&h, &e.w2)
+    /// One expert on a batch of rows: `w2 · swiglu(w1·x, w3·x)`. With `act` =
+    /// [`Precision::Bf16`] the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16
+    /// ([`crate::precision`]).
+    fn expert_ffn(
+        &self,
+        x: &Self::Tensor,
+        e: &ExpertWeights<Self::Weight>,
+        limit: f32,
+        act: Precision,
+    ) -> Result<Self::Tensor> {
+        let g = act.act_of(self, self.linear(x, &e.w1))?;
+        let u = act.act_of(self, self.linear(x, &e.w3))?;
+        let h = act.act_of(self, self.swiglu(&g, &u, limit))?;
+        act.act_of(self, self.linear(&h, &e.w2))
     }
 
     /// MoE routing (spec §B.5 steps 1-3): router logits `[T, E]` → (expert ids `[T, k]`,
@@ -425,7 +440,8 @@ pub trait Backend: Send + Sync {
 
     /// Routed experts: x `[T, D]`, `expert_ids` `[T, k]` (host), weights `[T, k]`.
     /// Returns `Σ_j weights[t, j] · expert_{ids[t, j]}(x_t)`, summed in ascending expert id
-    /// (transformers' eager order: weight applied after w2).
+    /// (transformers' eager order: weight applied after w2) in f32; each expert as
+    /// [`Self::expert_ffn`] with `act`.
     fn moe_experts(
         &self,
         x: &Self::Tensor,
@@ -433,8 +449,9 @@ pub trait Backend: Send + Sync {
         weights: &Self::Tensor,
         experts: &[ExpertWeights<Self::Weight>],
         limit: f32,
+        act: Precision,
     ) -> Result<Self::Tensor> {
-        composed::moe_experts(self, x, expert_ids, weights, experts, limit)
+        composed::moe_experts(self, x, expert_ids, weights, experts, limit, act)
     }
 }
 
@@ -507,6 +524,7 @@ pub mod composed {
         weights: &B::Tensor,
         experts: &[ExpertWeights<B::Weight>],
         limit: f32,
+        act: Precision,
     ) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let k = expert_ids.len() / t.max(1);
@@ -527,7 +545,7 @@ pub mod composed {
             let rows = be.upload_index(&rows, &[slots.len()])?;
             let slots = be.upload_index(&slots, &[slots.len()])?;
             let xe = be.index_select(x, &rows)?;
-            let ye = be.expert_ffn(&xe, ew, limit)?;
+            let ye = be.expert_ffn(&xe, ew, limit, act)?;
             let we = be.index_select(&flat_w, &slots)?; // [n_e, 1]
             out = be.index_add(&out, &rows, &be.binary(&ye, &we, BinaryOp::Mul)?)?;
         }

@@ -80,6 +80,9 @@ impl<B: Backend> Backend for PrimitivesOnly<B> {
     fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor> {
         self.0.clamp(x, min, max)
     }
+    fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.0.round_to_bf16(x)
+    }
     fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor> {
         self.0.reduce(x, axis, op)
     }

@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use dsv4_core::backend::{
-    composed, Backend, BinaryOp, DevicePool, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp,
+    composed, Backend, BinaryOp, DevicePool, DeviceTensor, ExpertWeights, Precision, ReduceOp, RowFormat, UnaryOp,
 };
 use dsv4_core::config::ScoringFunc;
 pub use dsv4_core::primitives_only::PrimitivesOnly;
@@ -58,6 +58,7 @@ macro_rules! backend_suite {
             unary_ops_against_f64,
             binary_ops_broadcast_like_numpy,
             affine_and_clamp,
+            round_to_bf16_is_a_cast_to_nearest_even,
             reduce_over_each_axis,
             softmax_over_any_axis_with_masked_entries,
             rms_norm_with_and_without_weight,
@@ -501,6 +502,41 @@ pub fn matmul_batched_transposed_and_shared<B: Backend>(be: &B) {
 }
 
 // ---------------------------------------------------------------------------- elementwise
+
+/// `round_to_bf16` equals `precision::round_bf16` (nearest, ties to even) value for value:
+/// halfway cases both ways, values already BF16, ±0, ±inf, the overflow to inf, subnormals,
+/// NaN staying NaN, and random values in every binade.
+pub fn round_to_bf16_is_a_cast_to_nearest_even<B: Backend>(be: &B) {
+    let mut xs: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        -(1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::from_bits(0x0000_8000),
+        f32::from_bits(0x0001_8000),
+        448.0,
+        -3.0e-5,
+    ];
+    let mut rng = Rng(99);
+    xs.extend((0..4000).map(|i| rng.f32() * 2f32.powi((i % 80) - 40)));
+    let got = down(be, &be.round_to_bf16(&up(be, &xs, &[xs.len() / 4, 4])).unwrap());
+    for (&x, &g) in xs.iter().zip(&got) {
+        let want = dsv4_core::precision::round_bf16(x);
+        assert_eq!(g.to_bits(), want.to_bits(), "{}: round_to_bf16({x:e}) = {g:e}, want {want:e}", be.name());
+    }
+    let nan = down(be, &be.round_to_bf16(&up(be, &[f32::NAN], &[1])).unwrap())[0];
+    assert!(nan.is_nan(), "{}: NaN stays NaN", be.name());
+    let empty = be.round_to_bf16(&up(be, &[], &[0, 3])).unwrap();
+    assert_eq!(empty.shape(), &[0, 3]);
+}
 
 pub fn unary_ops_against_f64<B: Backend>(be: &B) {
     let xs: Vec<f32> =
@@ -1675,7 +1711,10 @@ fn moe_inputs() -> (usize, usize, usize, usize, usize, f32, Vec<f32>, Experts, V
 pub fn moe_experts_accumulate_in_ascending_expert_order<B: Backend>(be: &B) {
     let (t, d, i, e, k, limit, x, ex, ids, w) = moe_inputs();
     let experts = ex.upload(be);
-    let got = down(be, &be.moe_experts(&up(be, &x, &[t, d]), &ids, &up(be, &w, &[t, k]), &experts, limit).unwrap());
+    let got = down(
+        be,
+        &be.moe_experts(&up(be, &x, &[t, d]), &ids, &up(be, &w, &[t, k]), &experts, limit, Precision::F32).unwrap(),
+    );
 
     // Against f64: each expert output is a chain of D- and I-term dot products through a
     // 1.1-Lipschitz SwiGLU of clamped inputs; ≲ (D + I + 8)·u·|W|·|x| per expert, times Σ w ≤ 4.
@@ -1699,11 +1738,14 @@ pub fn moe_experts_accumulate_in_ascending_expert_order<B: Backend>(be: &B) {
     // above and to the composition in `fused_ops_match_default_compositions`.
     let xt = up(be, &x, &[t, d]);
     let wt = up(be, &w, &[t, k]);
-    let definition = down(be, &composed::moe_experts(be, &xt, &ids, &wt, &experts, limit).unwrap());
+    let definition = down(be, &composed::moe_experts(be, &xt, &ids, &wt, &experts, limit, Precision::F32).unwrap());
     let per_expert: Vec<Vec<f32>> =
-        experts.iter().map(|ew| down(be, &be.expert_ffn(&xt, ew, limit).unwrap())).collect();
+        experts.iter().map(|ew| down(be, &be.expert_ffn(&xt, ew, limit, Precision::F32).unwrap())).collect();
     let row_independent = (0..t).all(|ti| {
-        let one = down(be, &be.expert_ffn(&up(be, &x[ti * d..(ti + 1) * d], &[1, d]), &experts[0], limit).unwrap());
+        let one = down(
+            be,
+            &be.expert_ffn(&up(be, &x[ti * d..(ti + 1) * d], &[1, d]), &experts[0], limit, Precision::F32).unwrap(),
+        );
         bits(&one) == bits(&per_expert[0][ti * d..(ti + 1) * d])
     });
     if !row_independent {
@@ -1825,12 +1867,26 @@ pub fn fused_ops_match_default_compositions<B: Backend>(composed: &PrimitivesOnl
     let (t, d, _, _, k, limit, x, ex, ids, w) = moe_inputs();
     let experts = ex.upload(be);
     let (xt, wt) = (up(be, &x, &[t, d]), up(be, &w, &[t, k]));
-    let a = be.moe_experts(&xt, &ids, &wt, &experts, limit).unwrap();
-    let b = composed.moe_experts(&xt, &ids, &wt, &experts, limit).unwrap();
-    assert_close("moe_experts", &down(be, &a), &down(be, &b), rel);
-    let a = be.expert_ffn(&xt, &experts[1], limit).unwrap();
-    let b = composed.expert_ffn(&xt, &experts[1], limit).unwrap();
-    assert_close("expert_ffn", &down(be, &a), &down(be, &b), rel);
+    for act in Precision::ALL {
+        // In bf16 a value the two paths compute a few f32 ulps apart may round to the other
+        // BF16 neighbour (2^-7 of it), which w2 carries into its output: 2^-5 covers two such
+        // ulps relative to the largest output, far below what a missed rounding point or a
+        // wrong expert gives.
+        let (rel, xt) = match act {
+            Precision::F32 => (rel, xt.clone()),
+            Precision::Bf16 => (2f64.powi(-5), be.round_to_bf16(&xt).unwrap()),
+        };
+        let a = be.moe_experts(&xt, &ids, &wt, &experts, limit, act).unwrap();
+        let b = composed.moe_experts(&xt, &ids, &wt, &experts, limit, act).unwrap();
+        assert_close(&format!("moe_experts {act}"), &down(be, &a), &down(be, &b), rel);
+        let a = be.expert_ffn(&xt, &experts[1], limit, act).unwrap();
+        let b = composed.expert_ffn(&xt, &experts[1], limit, act).unwrap();
+        let a = down(be, &a);
+        if act == Precision::Bf16 {
+            assert!(a.iter().all(|v| v.to_bits() & 0xffff == 0), "{}: bf16 expert_ffn gives BF16 values", be.name());
+        }
+        assert_close(&format!("expert_ffn {act}"), &a, &down(be, &b), rel);
+    }
 }
 
 // ------------------------------------------------------------------------------ bad inputs
@@ -2027,7 +2083,9 @@ pub fn bad_indices_are_errors<B: Backend>(be: &B) {
     let (xm, wm) = (up(be, &[0.5; 6], &[2, 3]), up(be, &[1.0; 2], &[2, 1]));
     let experts = Experts::new(&mut Rng(50), 2, 3, 2).upload(be);
     for bad in [2, -1] {
-        x.err(&format!("moe_experts: expert {bad} of 2"), &[], || be.moe_experts(&xm, &[0, bad], &wm, &experts, 10.0));
+        x.err(&format!("moe_experts: expert {bad} of 2"), &[], || {
+            be.moe_experts(&xm, &[0, bad], &wm, &experts, 10.0, Precision::F32)
+        });
     }
     x.finish();
 }

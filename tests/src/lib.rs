@@ -3,6 +3,7 @@
 
 pub mod backend_suite;
 pub mod primitives_only;
+pub mod recording;
 
 use std::path::{Path, PathBuf};
 

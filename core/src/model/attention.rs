@@ -11,6 +11,7 @@ use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
 use crate::model::loader::Loader;
 use crate::model::rope::RopeTable;
+use crate::precision::Precision;
 
 /// cos/sin of one rope table at the batch's token positions.
 pub struct StepAngles<B: Backend> {
@@ -103,18 +104,22 @@ impl<B: Backend> Attention<B> {
         angles: &StepAngles<B>,
         plan: &StepPlan<B>,
         pools: &mut LayerPools<B>,
+        prec: Precision,
     ) -> Result<(B::Tensor, Option<B::Index>)> {
         let t = x.shape()[0];
         let (h, hd) = (self.n_heads, self.head_dim);
+        // In bf16, every projection's, norm's and rotation's output is cast (crate::precision).
+        let act = |r: Result<B::Tensor>| prec.act_of(be, r);
 
         // Queries: low-rank path, per-head unweighted RMSNorm, RoPE on the trailing channels.
-        let q_res = be.rms_norm(&be.linear(x, &self.wq_a)?, Some(&self.q_norm), self.eps)?;
-        let q = be.reshape(&be.linear(&q_res, &self.wq_b)?, &[t, h, hd])?;
-        let q = be.rope(&be.rms_norm(&q, None, self.eps)?, &angles.cos, &angles.sin, false)?;
+        let q_res = act(be.rms_norm(&act(be.linear(x, &self.wq_a))?, Some(&self.q_norm), self.eps))?;
+        let q = be.reshape(&act(be.linear(&q_res, &self.wq_b))?, &[t, h, hd])?;
+        let q = act(be.rope(&act(be.rms_norm(&q, None, self.eps))?, &angles.cos, &angles.sin, false))?;
 
         // The single shared key/value head, appended to the window rows in place.
-        let kv = be.rms_norm(&be.linear(x, &self.wkv)?, Some(&self.kv_norm), self.eps)?;
-        let kv = be.reshape(&be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false)?, &[t, hd])?;
+        let kv = act(be.rms_norm(&act(be.linear(x, &self.wkv))?, Some(&self.kv_norm), self.eps))?;
+        let kv = act(be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false))?;
+        let kv = be.reshape(&kv, &[t, hd])?;
         be.pool_write(&mut pools.kv, &plan.window_write, &kv)?;
 
         // Key set per query: the sliding window, then either every causal HCA entry or the
@@ -127,7 +132,7 @@ impl<B: Backend> Attention<B> {
                 let carry = pools.carry.as_mut().ok_or_else(|| missing(be, "compressor carry"))?;
                 for sp in &kp.seqs {
                     let x_s = be.narrow(x, 0, sp.rows.start, sp.rows.len())?;
-                    if let Some(entries) = comp.step(be, carry, sp, &x_s, &angles.table)? {
+                    if let Some(entries) = comp.step(be, carry, sp, &x_s, &angles.table, prec)? {
                         let (rows, _) = sp.new_entries.as_ref().ok_or_else(|| missing(be, "entry rows"))?;
                         be.pool_write(&mut pools.kv, rows, &entries)?;
                     }
@@ -135,7 +140,7 @@ impl<B: Backend> Attention<B> {
                 match indexer {
                     None => kp.attn_keys.clone().ok_or_else(|| missing(be, "HCA key rows"))?,
                     Some(ix) => {
-                        let all = self.select(be, ix, x, &q_res, angles, kp, pools)?;
+                        let all = self.select(be, ix, x, &q_res, angles, kp, pools, prec)?;
                         let idx = match &all {
                             Some(p) => be.concat_index(&[&plan.window_keys, p], 1)?,
                             None => plan.window_keys.clone(),
@@ -146,14 +151,14 @@ impl<B: Backend> Attention<B> {
                 }
             }
         };
-        let out = be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5))?;
+        let out = act(be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5)))?;
 
         // Undo the value rotation at the query position, then the grouped output projection.
-        let out = be.rope(&out, &angles.cos, &angles.sin, true)?;
+        let out = act(be.rope(&out, &angles.cos, &angles.sin, true))?;
         let grouped = be.reshape(&out, &[t, self.groups, h * hd / self.groups])?;
-        let grouped = be.grouped_linear(&grouped, &self.wo_a, self.groups)?;
+        let grouped = act(be.grouped_linear(&grouped, &self.wo_a, self.groups))?;
         let r = grouped.shape()[2];
-        Ok((be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b)?, picks))
+        Ok((act(be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b))?, picks))
     }
 
     /// CSA: runs the indexer's compressor for every sequence (new keys go into the key pool)
@@ -169,13 +174,14 @@ impl<B: Backend> Attention<B> {
         angles: &StepAngles<B>,
         kp: &KindPlan<B>,
         pools: &mut LayerPools<B>,
+        prec: Precision,
     ) -> Result<Option<B::Index>> {
         let keys = pools.index_keys.as_mut().ok_or_else(|| missing(be, "indexer key pool"))?;
         let carry = pools.index_carry.as_mut().ok_or_else(|| missing(be, "indexer carry"))?;
         let mut selected: Vec<Option<B::Index>> = vec![];
         for sp in &kp.seqs {
             let x_s = be.narrow(x, 0, sp.rows.start, sp.rows.len())?;
-            if let Some(new_keys) = ix.compressor.step(be, carry, sp, &x_s, &angles.table)? {
+            if let Some(new_keys) = ix.compressor.step(be, carry, sp, &x_s, &angles.table, prec)? {
                 let (_, rows) = sp.new_entries.as_ref().ok_or_else(|| missing(be, "indexer key rows"))?;
                 be.pool_write(keys, rows, &new_keys)?;
             }
@@ -185,7 +191,7 @@ impl<B: Backend> Attention<B> {
                     let q_res_s = be.narrow(q_res, 0, sp.rows.start, sp.rows.len())?;
                     let (cos, sin) = angles.rows(be, sp.rows.clone())?;
                     let offset = pools.window_rows;
-                    Some(ix.select(be, &x_s, &q_res_s, &cos, &sin, keys, key_rows, &sp.visible, offset)?)
+                    Some(ix.select(be, &x_s, &q_res_s, &cos, &sin, keys, key_rows, &sp.visible, offset, prec)?)
                 }
             });
         }

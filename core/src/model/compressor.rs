@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::kv::SeqCompressPlan;
 use crate::model::loader::Loader;
 use crate::model::rope::RopeTable;
+use crate::precision::Precision;
 
 pub struct Compressor<B: Backend> {
     wkv: B::Weight,
@@ -71,6 +72,7 @@ impl<B: Backend> Compressor<B> {
         sp: &SeqCompressPlan<B>,
         x: &B::Tensor,
         rope: &RopeTable,
+        prec: Precision,
     ) -> Result<Option<B::Tensor>> {
         let (m, width, start) = (self.ratio, self.width(), sp.start);
         let s = x.shape()[0];
@@ -106,14 +108,15 @@ impl<B: Backend> Compressor<B> {
         let (kv, score) =
             if self.overlap { self.overlap_candidates(be, &kv, &score, base_window < w0)? } else { (kv, score) };
         let windows = w1 - w0;
-        let pooled = be.compressor_pool(&kv, &score)?; // [W, dim]
-        let normed = be.rms_norm(&pooled, Some(&self.norm), self.eps)?;
+        // The projections and the pooling stay f32; the entry is cast before its norm (§B.4.3).
+        let pooled = prec.act_of(be, be.compressor_pool(&kv, &score))?; // [W, dim]
+        let normed = prec.act_of(be, be.rms_norm(&pooled, Some(&self.norm), self.eps))?;
         let positions: Vec<usize> = (w0..w1).map(|w| w * m).collect();
         let (cos, sin) = rope.cos_sin(&positions);
         let half = rope.inv_freq.len();
         let cos = be.upload(&cos, &[windows, half])?;
         let sin = be.upload(&sin, &[windows, half])?;
-        let roped = be.rope(&be.reshape(&normed, &[windows, 1, self.dim])?, &cos, &sin, false)?;
+        let roped = prec.act_of(be, be.rope(&be.reshape(&normed, &[windows, 1, self.dim])?, &cos, &sin, false))?;
         Ok(Some(be.reshape(&roped, &[windows, self.dim])?))
     }
 

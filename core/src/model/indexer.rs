@@ -9,6 +9,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::compressor::Compressor;
 use crate::model::loader::Loader;
+use crate::precision::Precision;
 
 pub struct Indexer<B: Backend> {
     wq_b: B::Weight,
@@ -53,11 +54,14 @@ impl<B: Backend> Indexer<B> {
         key_rows: &B::Index,
         visible: &[usize],
         offset: usize,
+        prec: Precision,
     ) -> Result<B::Index> {
         let s = x.shape()[0];
-        let q = be.reshape(&be.linear(q_res, &self.wq_b)?, &[s, self.n_heads, self.head_dim])?;
-        let q = be.rope(&q, cos, sin, false)?;
-        let w = be.affine(&be.linear(x, &self.weights_proj)?, (self.n_heads as f32).powf(-0.5), 0.0)?;
+        let q = prec.act_of(be, be.linear(q_res, &self.wq_b))?;
+        let q = be.reshape(&q, &[s, self.n_heads, self.head_dim])?;
+        let q = prec.act_of(be, be.rope(&q, cos, sin, false))?;
+        let w = prec.act_of(be, be.linear(x, &self.weights_proj))?;
+        let w = prec.act_of(be, be.affine(&w, (self.n_heads as f32).powf(-0.5), 0.0))?;
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
         let k = self.topk.min(key_rows.numel());
         be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32)

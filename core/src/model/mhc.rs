@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::loader::Loader;
+use crate::precision::Precision;
 
 /// The pre/post/comb projection of one sub-layer (`hc_attn_*` or `hc_ffn_*`).
 pub struct HyperConnection<B: Backend> {
@@ -36,16 +37,18 @@ impl<B: Backend> HyperConnection<B> {
         })
     }
 
-    /// Streams `[T, n, D]` → the sub-layer input `[T, D]` and the mix for [`Self::post`].
-    pub fn pre(&self, be: &B, x: &B::Tensor) -> Result<(B::Tensor, HcMix<B>)> {
+    /// Streams `[T, n, D]` → the sub-layer input `[T, D]` (in `prec`: the f32 mix cast back
+    /// to the activation dtype, spec §B.2 step 5) and the mix for [`Self::post`] (f32).
+    pub fn pre(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<(B::Tensor, HcMix<B>)> {
         let (collapsed, post, comb) =
             be.hc_pre(x, &self.fn_w, &self.base, &self.scale, self.sinkhorn_iters, self.hc_eps, self.norm_eps)?;
-        Ok((collapsed, HcMix { post, comb }))
+        Ok((prec.act(be, &collapsed)?, HcMix { post, comb }))
     }
 
-    /// Residual update with the sub-layer output y `[T, D]`.
-    pub fn post(&self, be: &B, x: &B::Tensor, y: &B::Tensor, mix: &HcMix<B>) -> Result<B::Tensor> {
-        be.hc_post(x, y, &mix.post, &mix.comb)
+    /// Residual update with the sub-layer output y `[T, D]`, computed in f32 and cast to the
+    /// activation dtype (spec §B.7).
+    pub fn post(&self, be: &B, x: &B::Tensor, y: &B::Tensor, mix: &HcMix<B>, prec: Precision) -> Result<B::Tensor> {
+        prec.act_of(be, be.hc_post(x, y, &mix.post, &mix.comb))
     }
 }
 

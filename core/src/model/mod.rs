@@ -17,6 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvConfig, KvDtype, LayerPools, Sequence, StepPlan};
+use crate::precision::Precision;
 use attention::{Attention, StepAngles};
 use batch::Batch;
 use loader::{Loader, Progress};
@@ -51,6 +52,7 @@ impl<B: Backend> Block<B> {
     }
 
     /// Streams `[T, n, D]` → streams `[T, n, D]`.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         be: &B,
@@ -59,14 +61,16 @@ impl<B: Backend> Block<B> {
         angles: &StepAngles<B>,
         plan: &StepPlan<B>,
         pools: &mut LayerPools<B>,
+        prec: Precision,
     ) -> Result<(B::Tensor, Option<B::Index>)> {
-        let (h, mix) = self.attn_hc.pre(be, x)?;
-        let (y, picks) =
-            self.attn.forward(be, &be.rms_norm(&h, Some(&self.attn_norm), self.eps)?, angles, plan, pools)?;
-        let x = self.attn_hc.post(be, x, &y, &mix)?;
-        let (h, mix) = self.ffn_hc.pre(be, &x)?;
-        let y = self.moe.forward(be, &be.rms_norm(&h, Some(&self.ffn_norm), self.eps)?, &batch.tokens)?;
-        Ok((self.ffn_hc.post(be, &x, &y, &mix)?, picks))
+        let (h, mix) = self.attn_hc.pre(be, x, prec)?;
+        let h = prec.act_of(be, be.rms_norm(&h, Some(&self.attn_norm), self.eps))?;
+        let (y, picks) = self.attn.forward(be, &h, angles, plan, pools, prec)?;
+        let x = self.attn_hc.post(be, x, &y, &mix, prec)?;
+        let (h, mix) = self.ffn_hc.pre(be, &x, prec)?;
+        let h = prec.act_of(be, be.rms_norm(&h, Some(&self.ffn_norm), self.eps))?;
+        let y = self.moe.forward(be, &h, &batch.tokens, prec)?;
+        Ok((self.ffn_hc.post(be, &x, &y, &mix, prec)?, picks))
     }
 }
 
@@ -83,6 +87,9 @@ pub struct Model<B: Backend> {
     pub mtp: Option<mtp::Mtp<B>>,
     rope_main: RopeTable,
     rope_compress: RopeTable,
+    /// The activation precision every forward pass runs in ([`crate::precision`]); f32 unless
+    /// set after loading.
+    pub precision: Precision,
 }
 
 /// Optional per-layer outputs of a forward pass, for conformance checks.
@@ -129,6 +136,7 @@ impl<B: Backend> Model<B> {
             blocks,
             rope_main: RopeTable::new(&cfg.rope_main, cfg.rope_dim),
             rope_compress: RopeTable::new(&cfg.rope_compress, cfg.rope_dim),
+            precision: Precision::F32,
             cfg,
         })
     }
@@ -231,7 +239,8 @@ impl<B: Backend> Model<B> {
         let plan = cache.plan_step(be, batch, seqs)?;
         let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
         let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
-        let e = be.embedding(&self.embed, &be.upload_index(&ids, &[t])?)?;
+        let prec = self.precision;
+        let e = prec.act_of(be, be.embedding(&self.embed, &be.upload_index(&ids, &[t])?))?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.embed = Some(e.clone());
         }
@@ -246,7 +255,7 @@ impl<B: Backend> Model<B> {
                 _ => &compress,
             };
             let picks;
-            (x, picks) = block.forward(be, &x, batch, angles, &plan, pools)?;
+            (x, picks) = block.forward(be, &x, batch, angles, &plan, pools, prec)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layers.push(x.clone());
                 tr.indexer_picks.push(picks);
@@ -257,7 +266,8 @@ impl<B: Backend> Model<B> {
             let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
             x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
         }
-        let h = be.rms_norm(&self.hc_head.forward(be, &x)?, Some(&self.norm), self.cfg.rms_norm_eps as f32)?;
+        let h = be.rms_norm(&self.hc_head.forward(be, &x)?, Some(&self.norm), self.cfg.rms_norm_eps as f32);
+        let h = prec.act_of(be, h)?;
         be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))
     }
 }

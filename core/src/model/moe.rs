@@ -7,6 +7,7 @@ use crate::backend::{Backend, BinaryOp, ExpertWeights};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::{fused_experts, Loader};
+use crate::precision::Precision;
 use crate::tensor::StoredWeight;
 
 enum Selection<B: Backend> {
@@ -106,7 +107,9 @@ impl<B: Backend> Moe<B> {
     }
 
     /// x `[T, D]` (ffn_norm'ed), `tokens` the ids of the T rows (hash routing reads them).
-    pub fn forward(&self, be: &B, x: &B::Tensor, tokens: &[u32]) -> Result<B::Tensor> {
+    /// The router runs in f32 whatever `prec` (spec §B.7); the experts' outputs and the sum are
+    /// in `prec`.
+    pub fn forward(&self, be: &B, x: &B::Tensor, tokens: &[u32], prec: Precision) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let logits = be.linear(x, &self.gate)?;
         let (host_ids, w) = match &self.selection {
@@ -131,8 +134,8 @@ impl<B: Backend> Moe<B> {
                 (be.download_index(&ids)?, w)
             }
         };
-        let routed = be.moe_experts(x, &host_ids, &w, &self.experts, self.limit)?;
-        let shared = be.expert_ffn(x, &self.shared, self.limit)?;
-        be.binary(&routed, &shared, BinaryOp::Add)
+        let routed = be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?;
+        let shared = be.expert_ffn(x, &self.shared, self.limit, prec)?;
+        prec.act_of(be, be.binary(&routed, &shared, BinaryOp::Add))
     }
 }

@@ -202,6 +202,9 @@ mod tests {
         fn clamp(&self, x: &S, min: f32, max: f32) -> Result<S> {
             unimplemented!()
         }
+        fn round_to_bf16(&self, x: &S) -> Result<S> {
+            unimplemented!()
+        }
         fn reduce(&self, x: &S, axis: usize, op: crate::backend::ReduceOp) -> Result<S> {
             unimplemented!()
         }

@@ -1,0 +1,175 @@
+//! Activation precision: which tensors of the V4 graph are rounded to BF16 between ops.
+//!
+//! Weights are never affected (they are used in their stored form, spec §D.4). What changes is
+//! the dtype of the activations that cross op boundaries:
+//!
+//! * [`Precision::F32`]: every activation stays f32. The reference the fixtures check (they
+//!   were produced by transformers in float64, spec §B.9), and the CPU default.
+//! * [`Precision::Bf16`]: what a production deployment computes (spec §B.7): the residual
+//!   streams, the embedding, every sub-layer's input and output and every GEMM's input and
+//!   output are BF16, with f32 accumulation inside each op; norms, the mHC mixing and Sinkhorn,
+//!   the router, the compressor's projections and pooling, attention's softmax and the logits
+//!   stay f32. On the CPU the tensors are still stored as f32 holding BF16 values (rounded to
+//!   nearest even by [`crate::Backend::round_to_bf16`]), which is numerically the same as
+//!   BF16 storage; a backend may store them narrower.
+//!
+//! The rounding points, in graph order (each is one `round_to_bf16` call in `crate::model`):
+//!
+//! | where | tensor rounded |
+//! |---|---|
+//! | embedding | the looked-up rows (exact for a BF16 table) |
+//! | mHC pre (§B.2 step 5) | the collapsed sub-layer input |
+//! | attn_norm, ffn_norm, q_norm, kv_norm, the per-head q norm, the final norm | the norm's output |
+//! | attention (§B.4) | outputs of wq_a, wq_b, wkv, RoPE on q and kv, the attention output, inverse RoPE, wo_a, wo_b |
+//! | compressor (§B.4.3) | the pooled entry (before its norm: "official casts to BF16 before the norm"), the norm's output, RoPE |
+//! | indexer (§B.4.4) | outputs of wq_b, RoPE, weights_proj and its scaling |
+//! | experts (§B.5) | outputs of w1, w3, the SwiGLU (w2's input), w2; the MoE's output |
+//! | mHC post (§B.3) | the new residual streams |
+//!
+//! Not rounded in `bf16` (f32 as in §B.7): the compressor's `wkv`/`wgate` projections (the
+//! official code computes them in fp32 from an fp32 copy of x), the router logits and weights,
+//! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8: part of
+//! the future `official` mode), attention probabilities (the official kernel casts them to BF16
+//! before P·V; dsv4's fused attention keeps them f32), the hc_head collapse before the final
+//! norm, and the logits.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The activation precision of a run (`--precision`). See the module docs for the rounding
+/// points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// Every activation f32 (the conformance reference).
+    #[default]
+    F32,
+    /// BF16 activations between ops, f32 accumulation, f32 norms/router/mHC (spec §B.7).
+    Bf16,
+}
+
+impl Precision {
+    /// Every mode, in the order `--help` lists them.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether activations are rounded to BF16 at the rounding points.
+    pub fn rounds_to_bf16(self) -> bool {
+        self != Precision::F32
+    }
+
+    /// `x` rounded to BF16 when this mode rounds activations, else `x` unchanged (a clone of
+    /// the handle, no copy).
+    pub fn act<B: crate::Backend + ?Sized>(self, be: &B, x: &B::Tensor) -> crate::Result<B::Tensor> {
+        if self.rounds_to_bf16() {
+            be.round_to_bf16(x)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// [`Self::act`] of a result, for chaining: `prec.act_of(be, be.linear(x, w))`.
+    pub fn act_of<B: crate::Backend + ?Sized>(self, be: &B, x: crate::Result<B::Tensor>) -> crate::Result<B::Tensor> {
+        let x = x?;
+        if self.rounds_to_bf16() {
+            be.round_to_bf16(&x)
+        } else {
+            Ok(x)
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("official") {
+            return Err("--precision official (bf16 plus the official FP8/FP4 activation quantisation of spec §B.8) \
+                        is not implemented yet; use f32 or bf16"
+                .into());
+        }
+        Precision::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
+            format!("unknown precision {s:?}; expected one of {}", names.join(", "))
+        })
+    }
+}
+
+/// `v` rounded to the nearest BF16 value (ties to even), returned as f32: what every backend's
+/// [`crate::Backend::round_to_bf16`] computes per value. NaN stays NaN (quiet), ±inf and ±0
+/// stay themselves, values beyond the largest BF16 round to ±inf as the cast does.
+#[inline]
+pub fn round_bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return f32::from_bits((b | 0x0040_0000) & 0xffff_0000);
+    }
+    let lsb = (b >> 16) & 1;
+    f32::from_bits(b.wrapping_add(0x7fff + lsb) & 0xffff_0000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_official_says_it_is_not_there_yet() {
+        for p in Precision::ALL {
+            assert_eq!(p.name().parse::<Precision>(), Ok(p));
+        }
+        assert_eq!(" BF16 ".parse::<Precision>(), Ok(Precision::Bf16));
+        assert!("official".parse::<Precision>().unwrap_err().contains("not implemented yet"));
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("f32, bf16"));
+        assert_eq!(Precision::default(), Precision::F32);
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_with_the_edges_of_a_cast() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up to even.
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        // Just above halfway rounds up.
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 1.0 + 2f32.powi(-7));
+        for v in [0.0f32, -0.0, 1.0, -3.5, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE] {
+            assert_eq!(round_bf16(v).to_bits(), v.to_bits(), "{v} is a BF16 value");
+        }
+        // The largest f32 is past the largest BF16 (0x7f7f·2^16) plus half an ulp: inf.
+        assert_eq!(round_bf16(f32::MAX), f32::INFINITY);
+        assert_eq!(round_bf16(-f32::MAX), f32::NEG_INFINITY);
+        let nan = round_bf16(f32::from_bits(0x7f80_0001));
+        assert!(nan.is_nan() && nan.to_bits() & 0xffff == 0);
+        // Against an independent definition: the nearer of the two neighbours, even on a tie.
+        let mut s = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let v = f32::from_bits(s);
+            if !v.is_finite() {
+                continue;
+            }
+            let lo = f32::from_bits(s & 0xffff_0000);
+            let hi = f32::from_bits((s & 0xffff_0000).wrapping_add(0x1_0000));
+            if !hi.is_finite() {
+                continue; // the overflow edge is checked above
+            }
+            let (dl, dh) = ((v as f64 - lo as f64).abs(), (hi as f64 - v as f64).abs());
+            let want = if dl < dh || (dl == dh && (s >> 16) & 1 == 0) { lo } else { hi };
+            assert_eq!(round_bf16(v).to_bits(), want.to_bits(), "{v:e}");
+        }
+    }
+}
