@@ -9,9 +9,12 @@ use dsv4_core::config::{AttentionKind, RoutingKind};
 use dsv4_core::kv::format::FP8_KV_BLOCK;
 use dsv4_core::kv::layout::{block_bytes, default_block_tokens, layer_layouts, sequence_footprint, LayerLayout};
 use dsv4_core::kv::{human_bytes, KvDtype, RowFormat};
-use dsv4_core::model::loader::{check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present};
-use dsv4_core::quant::scale_name;
-use dsv4_core::tensor::{DType, HostTensor};
+use dsv4_core::model::loader::{
+    check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present, TensorRole,
+};
+use dsv4_core::quant::{scale_name, FP4_GROUP, FP8_BLOCK};
+use dsv4_core::tensor::{DType, HostTensor, WeightFormat};
+use dsv4_core::weight_forms::{DeviceForm, SocFamily};
 use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
 /// Layer schedule and shape summary (config only).
@@ -294,7 +297,114 @@ fn human(n: usize) -> String {
     }
 }
 
-pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>) -> Result<()> {
+/// The stored form of an official V4 release's tensor (spec §D.2: attention projections, the
+/// indexer's `wq_b`, shared experts and MTP `e_proj`/`h_proj` FP8 with 128×128 E8M0 scales;
+/// routed experts FP4 with E8M0 per 32; the other matrices BF16), for config-only directories.
+fn official_stored_form(name: &str) -> (WeightFormat, DType, Option<DType>) {
+    const FP8: [&str; 9] = [
+        ".attn.wq_a.weight",
+        ".attn.wq_b.weight",
+        ".attn.wkv.weight",
+        ".attn.wo_a.weight",
+        ".attn.wo_b.weight",
+        ".attn.indexer.wq_b.weight",
+        ".shared_experts.w1.weight",
+        ".shared_experts.w2.weight",
+        ".shared_experts.w3.weight",
+    ];
+    if name.contains(".ffn.experts.") {
+        (WeightFormat::Fp4Group { group: FP4_GROUP }, DType::I8, Some(DType::F8E8M0))
+    } else if FP8.iter().any(|s| name.ends_with(s)) || name.ends_with("_proj.weight") && name.starts_with("mtp.") {
+        (WeightFormat::Fp8Block { rows: FP8_BLOCK, cols: FP8_BLOCK }, DType::F8E4M3, Some(DType::F8E8M0))
+    } else if name.contains(".hc_") || name.starts_with("hc_") {
+        (WeightFormat::Float, DType::F32, None)
+    } else {
+        (WeightFormat::Float, DType::BF16, None)
+    }
+}
+
+/// The stored form of a checkpoint's tensor: FP8 elements are 128×128 blocks, I8/U8 with a
+/// scale packed FP4 per 32 (spec §D.4), else the float dtype.
+fn stored_form(ckpt: &Checkpoint, name: &str) -> Option<(WeightFormat, DType, Option<DType>)> {
+    let t = ckpt.get(name)?;
+    let scale = scale_name(name).and_then(|s| ckpt.get(&s)).map(|s| s.dtype);
+    Some(match t.dtype {
+        DType::F8E4M3 => (WeightFormat::Fp8Block { rows: FP8_BLOCK, cols: FP8_BLOCK }, t.dtype, scale),
+        DType::I8 | DType::U8 if scale.is_some() => (WeightFormat::Fp4Group { group: FP4_GROUP }, t.dtype, scale),
+        d => (WeightFormat::Float, d, None),
+    })
+}
+
+/// Device bytes on an Ascend SoC family when every matrix is kept in its device form
+/// ([`dsv4_core::weight_forms`]): per form, the tensors, parameters and bytes; small parameters
+/// (norms, biases, sinks, mHC bases) are f32 on the device, `tid2eid` stays on the host. With
+/// `ckpt` None (a config-only directory) the official release's stored forms are assumed.
+pub fn device_bytes_report(cfg: &ModelConfig, ckpt: Option<&Checkpoint>, soc: SocFamily) -> String {
+    let empty = Checkpoint::from_tensors(vec![]).expect("an empty checkpoint");
+    let source = ckpt.unwrap_or(&empty);
+    let mut expected = expected_tensors(cfg, source);
+    for i in mtp_layers_present(cfg, source) {
+        expected.extend(expected_mtp_tensors(cfg, source, i));
+    }
+    let mut by_form: BTreeMap<DeviceForm, (usize, usize)> = BTreeMap::new();
+    let (mut stored_bytes, mut fallback) = (0f64, 0usize);
+    for e in &expected {
+        let params: usize = e.shape.iter().product();
+        let form = match e.role {
+            TensorRole::Ints => continue,
+            TensorRole::Param => DeviceForm::F32,
+            TensorRole::Weight | TensorRole::FusedExperts => {
+                let (format, dtype, scale) = match ckpt {
+                    Some(c) => match stored_form(c, &e.name) {
+                        Some(f) => f,
+                        None => continue,
+                    },
+                    None => official_stored_form(&e.name),
+                };
+                let stored = DeviceForm::for_stored(format, dtype, scale, SocFamily::A5);
+                stored_bytes += stored.bytes_per_param() * params as f64;
+                let form = DeviceForm::for_stored(format, dtype, scale, soc);
+                fallback += usize::from(form == DeviceForm::F32 && dtype == DType::F8E4M3);
+                form
+            }
+        };
+        let entry = by_form.entry(form).or_default();
+        entry.0 += 1;
+        entry.1 += params;
+    }
+    let mut s = format!(
+        "device weights on Ascend {} ({}; every value kept exactly, nothing widened beyond what the SoC's matmuls need):\n",
+        soc.name(),
+        if ckpt.is_some() { "this checkpoint's stored forms" } else { "the official release's stored forms, spec §D.2" }
+    );
+    s += &format!("  {:<28} {:>8} {:>16} {:>10} {:>18}\n", "form", "tensors", "parameters", "bytes/par", "bytes");
+    let mut total = 0f64;
+    for (form, (count, params)) in &by_form {
+        let bytes = form.bytes_per_param() * *params as f64;
+        total += bytes;
+        s += &format!(
+            "  {:<28} {count:>8} {:>16} {:>10.4} {:>18}\n",
+            form.name(),
+            human(*params),
+            form.bytes_per_param(),
+            format!("{:.0} ({})", bytes, human_bytes(bytes as usize))
+        );
+    }
+    s += &format!(
+        "  total {:.0} bytes ({}); the checkpoint stores its matrices in {}\n",
+        total,
+        human_bytes(total as usize),
+        human_bytes(stored_bytes as usize)
+    );
+    if fallback > 0 {
+        s += &format!(
+            "  {fallback} FP8 tensors have F32 block scales: kept as F32 on this SoC (e4m3 times a non-power-of-two scale is not a BF16 value)\n"
+        );
+    }
+    s
+}
+
+pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>, soc: Option<SocFamily>) -> Result<()> {
     let state = |cfg: &ModelConfig| {
         if context.is_some() || kv_dtype.is_some() {
             print!("{}", cache_report(cfg, kv_dtype.unwrap_or_default(), context));
@@ -310,11 +420,17 @@ pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>) -> Res
         let cfg = crate::load::config_from_dir(dir)?;
         print!("{}", schedule_report(&cfg));
         println!("weights: none in {} (config only)", dir.display());
+        if let Some(soc) = soc {
+            print!("{}", device_bytes_report(&cfg, None, soc));
+        }
         state(&cfg);
         return Ok(());
     }
     let (cfg, ckpt) = crate::load::open(spec)?;
     print!("{}{}", schedule_report(&cfg), weights_report(&cfg, &ckpt));
+    if let Some(soc) = soc {
+        print!("{}", device_bytes_report(&cfg, Some(&ckpt), soc));
+    }
     state(&cfg);
     Ok(())
 }
@@ -332,6 +448,26 @@ mod tests {
     fn config(name: &str) -> dsv4_core::ModelConfig {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
         dsv4_core::ModelConfig::from_dir(&dir).unwrap()
+    }
+
+    /// Device bytes of the official releases per SoC family: the parameter totals are the
+    /// published 284B / 1.6T, 950 keeps the checkpoint's bytes, 910B/C pay 1.0625 bytes per
+    /// routed-expert parameter (INT8) and 2 per FP8 one (BF16).
+    #[test]
+    fn device_bytes_of_the_official_releases() {
+        use dsv4_core::weight_forms::SocFamily;
+        for name in ["deepseek-v4-flash", "deepseek-v4-pro"] {
+            let cfg = config(name);
+            for soc in [SocFamily::A2, SocFamily::A5] {
+                let r = super::device_bytes_report(&cfg, None, soc);
+                insta::assert_snapshot!(format!("device_bytes_{name}_{soc:?}"), r);
+            }
+        }
+        // The built-in model's own checkpoint (BF16/F32 stored, no FP8/FP4): the same on every SoC.
+        let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+        let a2 = super::device_bytes_report(&cfg, Some(&ckpt), SocFamily::A2);
+        let a5 = super::device_bytes_report(&cfg, Some(&ckpt), SocFamily::A5);
+        assert_eq!(a2.lines().skip(1).collect::<Vec<_>>(), a5.lines().skip(1).collect::<Vec<_>>());
     }
 
     #[test]

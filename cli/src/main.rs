@@ -173,6 +173,11 @@ enum Command {
         /// Row format of the decoding state to report (default f32).
         #[arg(long, value_name = "f32|bf16|fp8")]
         kv_dtype: Option<dsv4_core::kv::KvDtype>,
+        /// Report the device bytes of the weights on this Ascend SoC family, each matrix in the
+        /// form that SoC keeps it exactly: 950 native FP8/MXFP4; 910b/910c FP8 as BF16 and FP4
+        /// experts as INT8 with a BF16 scale per 32 (docs/precision.md).
+        #[arg(long, value_name = "910b|910c|950", value_parser = parse_soc)]
+        soc: Option<dsv4_core::weight_forms::SocFamily>,
     },
     /// Run the same input through several backends and compare them block by block.
     Check {
@@ -244,6 +249,11 @@ enum Command {
         #[command(flatten)]
         kv: kv_args::KvArgs,
     },
+}
+
+fn parse_soc(s: &str) -> std::result::Result<dsv4_core::weight_forms::SocFamily, String> {
+    dsv4_core::weight_forms::SocFamily::from_name(s)
+        .ok_or_else(|| format!("unknown Ascend SoC `{s}`; expected 910b, 910c or 950 (or a name like Ascend910B3)"))
 }
 
 pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
@@ -339,7 +349,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat { model, chat, sampling, backend, kv } => {
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
         }
-        Command::Inspect { model, context, kv_dtype } => inspect::run(&model.model, context, kv_dtype),
+        Command::Inspect { model, context, kv_dtype, soc } => inspect::run(&model.model, context, kv_dtype, soc),
         Command::Check { model, backends, ids, tolerance, kv } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             check::run(&model.model, &backends, ids, tolerance, &kv)

@@ -20,6 +20,7 @@ pub mod sampling;
 pub mod tensor;
 pub mod test_data;
 pub mod tokenizer;
+pub mod weight_forms;
 
 pub use backend::{Backend, DeviceTensor};
 pub use checkpoint::Checkpoint;
