@@ -82,19 +82,20 @@ fn top1_agreement(got: &[f32], want: &[f32], vocab: usize, clear: f32) -> (usize
     (agree, w.len(), clear_misses)
 }
 
-#[test]
-fn bf16_fixtures_stay_within_the_budget() {
-    let be = CpuBackend::new();
+/// Runs every fixture in bf16 on `be`, checks the budgets against the float64 reference and
+/// returns each case's logits.
+fn bf16_fixture_budgets<B: Backend>(be: &B) -> Vec<(String, Vec<f32>)> {
     let mut failures = vec![];
+    let mut out = vec![];
     let (mut agree_all, mut rows_all, mut first_layers) = (0, 0, 0);
     for case in fixture_cases() {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let mut model = load_model(&be, &case);
+        let mut model = load_model(be, &case);
         model.precision = Precision::Bf16;
         let reference = read_reference(&case);
         let mut trace = Trace::default();
         let batch = Batch::prefill(&[&reference.input_ids]).unwrap();
-        let logits = be.download(&model.forward_traced(&be, &batch, Some(&mut trace)).unwrap()).unwrap();
+        let logits = be.download(&model.forward_traced(be, &batch, Some(&mut trace)).unwrap()).unwrap();
         let max_rel = max_rel_err(&logits, &reference.logits);
         let rms = rms_rel(&logits, &reference.logits);
         let scale = reference.logits.iter().fold(0f32, |m, &v| m.max(v.abs()));
@@ -117,8 +118,10 @@ fn bf16_fixtures_stay_within_the_budget() {
         agree_all += agree;
         rows_all += rows;
         println!(
-            "{name}: n={rows} bf16 vs f64 reference: max rel {max_rel:.2e}, rms rel {rms:.2e}, top-1 {agree}/{rows}, \
-             disagreements where the reference's top-1 leads by > {CLEAR_MARGIN}·max|logit|: {clear_misses}; per layer {layers:?}"
+            "{} {name}: n={rows} bf16 vs f64 reference: max rel {max_rel:.2e}, rms rel {rms:.2e}, top-1 {agree}/{rows}, \
+             disagreements where the reference's top-1 leads by > {CLEAR_MARGIN}·max|logit|: {clear_misses}; \
+             per layer {layers:?}",
+            be.name()
         );
         // A bf16 run that rounds nothing would pass every budget: it must be visibly off f32.
         if rms < NOT_F32 {
@@ -128,15 +131,42 @@ fn bf16_fixtures_stay_within_the_budget() {
             failures
                 .push(format!("{name}: max rel {max_rel:.2e}, rms rel {rms:.2e}, clear top-1 misses {clear_misses}"));
         }
+        out.push((name, logits));
     }
     let top1 = agree_all as f64 / rows_all as f64;
-    println!("top-1 agreement over every fixture: {agree_all}/{rows_all} = {top1:.3}");
+    println!("{}: top-1 agreement over every fixture: {agree_all}/{rows_all} = {top1:.3}", be.name());
     assert!(first_layers >= 4, "only {first_layers} fixtures start with a sliding, hash-routed layer");
-    assert!(top1 >= TOP1_BUDGET, "bf16 top-1 agreement {top1:.3} below {TOP1_BUDGET}");
+    assert!(top1 >= TOP1_BUDGET, "{}: bf16 top-1 agreement {top1:.3} below {TOP1_BUDGET}", be.name());
     assert!(
         failures.is_empty(),
-        "bf16 outside its budget (max rel {MAX_REL_BUDGET:.0e}, rms rel {RMS_REL_BUDGET:.0e}): {failures:#?}"
+        "{}: bf16 outside its budget (max rel {MAX_REL_BUDGET:.0e}, rms rel {RMS_REL_BUDGET:.0e}): {failures:#?}",
+        be.name()
     );
+    out
+}
+
+#[test]
+fn bf16_fixtures_stay_within_the_budget() {
+    bf16_fixture_budgets(&CpuBackend::new());
+}
+
+/// The same budgets on the Ascend backend (the emulator), and its bf16 logits against the CPU's
+/// bf16 logits: like against like.
+#[test]
+fn bf16_fixtures_on_the_ascend_emulator() {
+    dsv4_tests::use_ascend_emulator();
+    let ascend = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
+    let npu = bf16_fixture_budgets(&ascend);
+    let cpu = bf16_fixture_budgets(&CpuBackend::new());
+    for ((name, a), (_, c)) in npu.iter().zip(&cpu) {
+        let vocab = a.len() / read_reference(&dsv4_tests::fixtures_dir().join(name)).input_ids.len();
+        let (agree, rows, _) = top1_agreement(a, c, vocab, f32::INFINITY);
+        println!(
+            "{name}: ascend bf16 vs cpu bf16: max rel {:.2e}, rms rel {:.2e}, top-1 {agree}/{rows}",
+            max_rel_err(a, c),
+            rms_rel(a, c)
+        );
+    }
 }
 
 /// The built-in model over 512 tokens (4 compressed windows of the HCA layer, the CSA indexer
