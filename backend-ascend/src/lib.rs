@@ -161,12 +161,27 @@ pub struct AscendWeight {
     dtype: Dt,
     rows: usize,
     cols: usize,
+    /// For `ACL_INT8` weights (FP4 e2m1 experts in their exact 910B/910C form,
+    /// `dsv4_core::weight_forms`): one BF16 scale per `group` consecutive values of a row,
+    /// `[rows, cols / group]`; the value is `int8 · scale`.
+    group_scale: Option<GroupScale>,
+}
+
+struct GroupScale {
+    buf: Buffer,
+    group: usize,
 }
 
 impl AscendWeight {
-    /// `ACL_FLOAT`, `ACL_BF16` or `ACL_FLOAT16`.
+    /// `ACL_FLOAT`, `ACL_BF16`, `ACL_FLOAT16`, or `ACL_INT8` with per-group BF16 scales.
     pub fn dtype(&self) -> Dt {
         self.dtype
+    }
+
+    /// Device bytes the weight takes, scales included.
+    pub fn device_bytes(&self) -> usize {
+        let scales = self.group_scale.as_ref().map_or(0, |g| self.rows * (self.cols / g.group) * 2);
+        self.rows * self.cols * esize(self.dtype) + scales
     }
 }
 
@@ -349,16 +364,77 @@ impl AscendBackend {
     /// temporary when it is kept in a narrower type. Returns the temporary to keep alive.
     fn weight_f32(&self, w: &AscendWeight) -> Result<(Option<Buffer>, AclTensor)> {
         let dims = [w.rows, w.cols];
-        let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?;
         if w.dtype == Dt::ACL_FLOAT {
-            return Ok((None, src));
+            return Ok((None, self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?));
         }
         let tmp = self.alloc(w.rows * w.cols, Dt::ACL_FLOAT)?;
+        self.widen_weight_into(w, Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT })?;
         let t = self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT }, &dims)?;
-        let t2 = self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT }, &dims)?;
-        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [t2], attrs [Dt::ACL_FLOAT.0],
-            |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
         Ok((Some(tmp), t))
+    }
+
+    /// Writes `w` widened to f32 (exactly) into the `rows × cols` f32 elements at `dst`:
+    /// aclnnCast for float weights; for INT8 group weights aclnnCast of the codes and of the
+    /// BF16 scales, then aclnnMul broadcasting each scale over its group.
+    fn widen_weight_into(&self, w: &AscendWeight, dst: Mem<'_>) -> Result<()> {
+        let dims = [w.rows, w.cols];
+        let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?;
+        let Some(gs) = &w.group_scale else {
+            let d = self.cview(dst, &dims)?;
+            return aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [d], attrs [Dt::ACL_FLOAT.0],
+                |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()));
+        };
+        let (g, groups) = (gs.group, w.cols / gs.group);
+        let codes = self.alloc(w.rows * w.cols, Dt::ACL_FLOAT)?;
+        let scales = self.alloc(w.rows * groups, Dt::ACL_FLOAT)?;
+        let cm = Mem { buf: &codes, offset: 0, dtype: Dt::ACL_FLOAT };
+        let sm = Mem { buf: &scales, offset: 0, dtype: Dt::ACL_FLOAT };
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [self.cview(cm, &dims)?],
+            attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+        let stored = self.cview(Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups])?;
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [stored] => [self.cview(sm, &[w.rows, groups])?],
+            attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+        let (a, b) = (self.cview(cm, &[w.rows, groups, g])?, self.cview(sm, &[w.rows, groups, 1])?);
+        let o = self.cview(dst, &[w.rows, groups, g])?;
+        aclnn_cached!(self, aclnnMul / aclnnMulGetWorkspaceSize, [a, b] => [o], attrs [],
+            |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
+    }
+
+    /// An FP4 e2m1 weight with E8M0 scales per `group` in its exact INT8 form
+    /// (`dsv4_core::weight_forms`): the codes doubled to INT8 (−12..12), one BF16 scale
+    /// `2^(b−128)` per group. 1 + 2/group bytes per value instead of the 2 of BF16.
+    fn upload_fp4_as_int8(&self, w: &StoredWeight, group: usize) -> Result<AscendWeight> {
+        use dsv4_core::weight_forms::{fp4_as_int8, int8_group_scale_bf16};
+        let (rows, cols) = (w.shape[0], w.shape.iter().skip(1).product::<usize>());
+        let scale = w.scale.as_ref().ok_or_else(|| err(format!("upload_weight {}: FP4 without scales", w.name)))?;
+        let (packed, scale_bytes) = (w.data.bytes(), scale.bytes());
+        if group == 0
+            || cols % group != 0
+            || packed.len() * 2 != rows * cols
+            || scale_bytes.len() != rows * cols / group
+        {
+            return Err(err(format!("upload_weight {}: FP4 layout does not fit [{rows}, {cols}] / {group}", w.name)));
+        }
+        let codes: Vec<u8> =
+            packed.iter().flat_map(|&b| [fp4_as_int8(b & 0xF) as u8, fp4_as_int8(b >> 4) as u8]).collect();
+        let mut scales = Vec::with_capacity(scale_bytes.len() * 2);
+        for &b in scale_bytes {
+            let s =
+                int8_group_scale_bf16(b).ok_or_else(|| err(format!("upload_weight {}: NaN scale byte 255", w.name)))?;
+            scales.extend_from_slice(&s.to_le_bytes());
+        }
+        let buf = self.alloc(rows * cols, Dt::ACL_INT8)?;
+        self.dev.upload_bytes(&buf, &codes)?;
+        let sbuf = self.alloc(rows * cols / group, Dt::ACL_BF16)?;
+        self.dev.upload_bytes(&sbuf, &scales)?;
+        Ok(AscendWeight {
+            buf,
+            shape: w.shape.clone(),
+            dtype: Dt::ACL_INT8,
+            rows,
+            cols,
+            group_scale: Some(GroupScale { buf: sbuf, group }),
+        })
     }
 
     /// A BOOL tensor `idx < 0` (or `idx == value` with `eq`) over an index tensor.
@@ -530,6 +606,12 @@ impl Backend for AscendBackend {
                     msg: format!("the Ascend backend cannot use {other} weights"),
                 })
             }
+            // Rows that end in a partial group stay on the dequantised path below.
+            (WeightFormat::Fp4Group { group }, _)
+                if group > 0 && w.shape.iter().skip(1).product::<usize>() % group == 0 =>
+            {
+                return self.upload_fp4_as_int8(w, group)
+            }
             _ => {
                 let v = dsv4_core::quant::dequantize(w)?;
                 if exact_in_bf16(&v) {
@@ -546,7 +628,7 @@ impl Backend for AscendBackend {
         }
         let buf = self.alloc(rows * cols, dtype)?;
         self.dev.upload_bytes(&buf, &bytes)?;
-        Ok(AscendWeight { buf, shape: w.shape.clone(), dtype, rows, cols })
+        Ok(AscendWeight { buf, shape: w.shape.clone(), dtype, rows, cols, group_scale: None })
     }
 
     fn weight_shape<'w>(&self, w: &'w AscendWeight) -> &'w [usize] {
@@ -637,9 +719,16 @@ impl Backend for AscendBackend {
         if numel(&shape) == 0 {
             return Ok(out);
         }
-        let tbl = self.cview(Mem { buf: &table.buf, offset: 0, dtype: table.dtype }, &[table.rows, d])?;
+        // An INT8 group table is widened whole first (V4's embedding is BF16; this keeps other
+        // checkpoints correct).
+        let (widened, dtype) = match table.group_scale {
+            Some(_) => (self.weight_f32(table)?.0, Dt::ACL_FLOAT),
+            None => (None, table.dtype),
+        };
+        let tbl =
+            self.cview(Mem { buf: widened.as_ref().unwrap_or(&table.buf), offset: 0, dtype }, &[table.rows, d])?;
         let iv = self.iv(ids)?;
-        if table.dtype == Dt::ACL_FLOAT {
+        if dtype == Dt::ACL_FLOAT {
             let o = self.tv(&out)?;
             aclnn!(self, aclnnEmbedding / aclnnEmbeddingGetWorkspaceSize(tbl.ptr(), iv.ptr(), o.ptr()))?;
         } else {

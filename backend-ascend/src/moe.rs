@@ -220,9 +220,7 @@ impl AscendBackend {
         let g = ws.len();
         let stack = self.alloc(g * n * kk, Dt::ACL_FLOAT)?;
         for (a, w) in ws.iter().enumerate() {
-            let dst = self.cview(Mem { buf: &stack, offset: a * n * kk, dtype: Dt::ACL_FLOAT }, &[n, kk])?;
-            let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &[n, kk])?;
-            self.copy(&dst, &src)?;
+            self.widen_weight_into(w, Mem { buf: &stack, offset: a * n * kk, dtype: Dt::ACL_FLOAT })?;
         }
         let group_list = self.upload_i64(counts)?;
         let gl = self.cview(Mem { buf: &group_list, offset: 0, dtype: Dt::ACL_INT64 }, &[g])?;

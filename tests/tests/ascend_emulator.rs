@@ -93,3 +93,35 @@ fn decode_reuses_executors_and_still_matches() {
     let launches = dsv4_backend_ascend::emulator_launches("aclnnMatmul").unwrap();
     assert!(plans < launches, "aclnnMatmul planned {plans} times for {launches} launches");
 }
+
+/// FP4 experts are kept in their exact INT8 form (codes doubled, one BF16 scale per 32:
+/// `dsv4_core::weight_forms`), 1.0625 bytes per value instead of BF16's 2, and multiply exactly
+/// as their dequantised values do on the CPU; a row length that is not a whole number of groups
+/// keeps the dequantised form.
+#[test]
+fn fp4_weights_are_kept_as_int8_with_group_scales() {
+    use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+    let be = backend();
+    let cpu = dsv4_backend_cpu::CpuBackend::new();
+    for (n, k) in [(48, 96), (5, 64), (3, 40)] {
+        let v: Vec<f32> = (0..n * k).map(|i| (((i * 37) % 101) as f32 - 50.0) * 0.013).collect();
+        let (packed, scales) = dsv4_core::quant::quantize_fp4_group(&v, n, k);
+        let data = HostTensor::from_bytes("w.weight", DType::I8, vec![n, k / 2], packed).unwrap();
+        let scale = HostTensor::from_bytes("w.scale", DType::F8E8M0, vec![n, k.div_ceil(32)], scales).unwrap();
+        let sw = StoredWeight::detect(&data, Some(&scale), &[n, k]).unwrap();
+        let w = be.upload_weight(&sw).unwrap();
+        if k % 32 == 0 {
+            assert_eq!(w.dtype(), dsv4_ascend_sys::aclDataType::ACL_INT8);
+            assert_eq!(w.device_bytes(), n * k + 2 * n * k / 32, "{n}x{k}");
+        } else {
+            assert_eq!(w.dtype(), dsv4_ascend_sys::aclDataType::ACL_BF16, "{n}x{k}: partial group");
+        }
+        let x: Vec<f32> = (0..7 * k).map(|i| ((i * 13) % 17) as f32 * 0.25 - 2.0).collect();
+        let got = be.download(&be.linear(&be.upload(&x, &[7, k]).unwrap(), &w).unwrap()).unwrap();
+        let cw = cpu.upload_weight(&sw).unwrap();
+        let want = cpu.download(&cpu.linear(&cpu.upload(&x, &[7, k]).unwrap(), &cw).unwrap()).unwrap();
+        // Same exact weight values; only the summation order of the two GEMMs differs.
+        let err = dsv4_tests::max_rel_err(&got, &want);
+        assert!(err <= 1e-6, "{n}x{k}: {err:.2e}");
+    }
+}
