@@ -54,5 +54,8 @@ pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision) -> Resul
     bar.finish_and_clear();
     let mut model = model;
     model.precision = precision;
+    if precision != Precision::F32 {
+        eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)");
+    }
     Ok(model)
 }
