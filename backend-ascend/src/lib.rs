@@ -11,10 +11,12 @@
 //!   stay ordered with queued kernels; downloads synchronise first.
 //! * Every operator goes through one helper (`acl::Device::call`): GetWorkspaceSize →
 //!   workspace from the pool → launch, with `aclGetRecentErrMsg` in every error.
-//! * Weights: F32 / BF16 / F16 are kept as stored; FP8 / FP4 are dequantised at upload with
-//!   `dsv4_core::quant` and kept as BF16 when that is exact (E8M0-scaled FP8/FP4 always is),
-//!   F32 otherwise. Non-F32 weights are widened into a pooled F32 temporary per GEMM, so results
-//!   equal the CPU reference (f32 accumulation, `cubeMathType` KEEP_DTYPE).
+//! * Weights (`dsv4_core::weight_forms`): F32 / BF16 / F16 are kept as stored; FP4 with E8M0
+//!   scales as INT8 `2·e2m1` with a BF16 scale per group (exact); other FP8 / FP4 are
+//!   dequantised at upload with `dsv4_core::quant` and kept as BF16 when that is exact (for
+//!   E8M0-scaled FP8 whenever the scale bytes are in 3..=246), F32 otherwise. Non-F32 weights
+//!   are widened into a pooled F32 temporary per GEMM, so results equal the CPU reference (f32
+//!   accumulation, `cubeMathType` KEEP_DTYPE).
 //!
 //! Fused V4 operations: Huawei's kernels replace the trait's compositions where the SoC, the
 //! loaded op libraries and `DSV4_ASCEND_FUSED` allow ([`kernels`]); `dsv4 devices` lists each
@@ -35,8 +37,8 @@
 //! every backend matches the f32/f64 reference within 1e-4, so they wait for an opt-in BF16
 //! activation mode. The MoE kernels run in FLOAT32 and keep that accuracy.
 //!
-//! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`); on A2/A3 they are
-//! dequantised here. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
+//! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`, not used yet); here they
+//! are kept in the exact A2/A3 forms above on every SoC. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
 //! rejected by the operators with their own error text.
 
 mod acl;
@@ -381,6 +383,10 @@ impl AscendBackend {
         let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?;
         let Some(gs) = &w.group_scale else {
             let d = self.cview(dst, &dims)?;
+            if dst.offset != 0 {
+                // A slot of the grouped matmul's stack: not cached (one executor per slot).
+                return aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_FLOAT, d.ptr()));
+            }
             return aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [d], attrs [Dt::ACL_FLOAT.0],
                 |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()));
         };
@@ -396,6 +402,9 @@ impl AscendBackend {
             attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
         let (a, b) = (self.cview(cm, &[w.rows, groups, g])?, self.cview(sm, &[w.rows, groups, 1])?);
         let o = self.cview(dst, &[w.rows, groups, g])?;
+        if dst.offset != 0 {
+            return aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(a.ptr(), b.ptr(), o.ptr()));
+        }
         aclnn_cached!(self, aclnnMul / aclnnMulGetWorkspaceSize, [a, b] => [o], attrs [],
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
     }
@@ -590,7 +599,9 @@ impl Backend for AscendBackend {
         Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// F32 / BF16 / F16 as stored; FP8 / FP4 dequantised (BF16 when exact, else F32).
+    /// F32 / BF16 / F16 as stored; FP4 with E8M0 scales per whole group as INT8 + BF16 group
+    /// scales ([`Self::upload_fp4_as_int8`]); other FP8 / FP4 dequantised (BF16 when exact, else
+    /// F32).
     fn upload_weight(&self, w: &StoredWeight) -> Result<AscendWeight> {
         let (dtype, bytes): (Dt, Vec<u8>) = match (w.format, w.data.dtype) {
             (WeightFormat::Float, DType::F32) => (Dt::ACL_FLOAT, w.data.bytes().to_vec()),
@@ -606,9 +617,12 @@ impl Backend for AscendBackend {
                     msg: format!("the Ascend backend cannot use {other} weights"),
                 })
             }
-            // Rows that end in a partial group stay on the dequantised path below.
+            // E8M0 scales only (an F32 scale is not a power of two in general), and whole groups:
+            // the rest stays on the dequantised path below.
             (WeightFormat::Fp4Group { group }, _)
-                if group > 0 && w.shape.iter().skip(1).product::<usize>() % group == 0 =>
+                if group > 0
+                    && w.shape.iter().skip(1).product::<usize>() % group == 0
+                    && w.scale.as_ref().is_some_and(|s| s.dtype == DType::F8E8M0) =>
             {
                 return self.upload_fp4_as_int8(w, group)
             }

@@ -14,7 +14,7 @@ use dsv4_core::model::loader::{
 };
 use dsv4_core::quant::{scale_name, FP4_GROUP, FP8_BLOCK};
 use dsv4_core::tensor::{DType, HostTensor, WeightFormat};
-use dsv4_core::weight_forms::{DeviceForm, SocFamily};
+use dsv4_core::weight_forms::{DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
 use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
 /// Layer schedule and shape summary (config only).
@@ -335,6 +335,36 @@ fn stored_form(ckpt: &Checkpoint, name: &str) -> Option<(WeightFormat, DType, Op
     })
 }
 
+/// [`DeviceForm::for_stored`] for a checkpoint's tensor, with the fallbacks the Ascend backend
+/// takes on this tensor's data: FP8 → BF16 needs every E8M0 scale byte in
+/// [`FP8_BF16_EXACT_SCALES`] (else F32), FP4 → INT8 needs whole groups (else BF16).
+fn checked_form(
+    ckpt: &Checkpoint,
+    name: &str,
+    shape: &[usize],
+    format: WeightFormat,
+    dtype: DType,
+    scale: Option<DType>,
+    soc: SocFamily,
+) -> DeviceForm {
+    let form = DeviceForm::for_stored(format, dtype, scale, soc);
+    let cols: usize = shape.iter().skip(1).product();
+    match (form, format) {
+        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
+            let in_range = scale_name(name)
+                .and_then(|s| ckpt.get(&s))
+                .is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
+            if in_range {
+                form
+            } else {
+                DeviceForm::F32
+            }
+        }
+        (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
+        _ => form,
+    }
+}
+
 /// Device bytes on an Ascend SoC family when every matrix is kept in its device form
 /// ([`dsv4_core::weight_forms`]): per form, the tensors, parameters and bytes; small parameters
 /// (norms, biases, sinks, mHC bases) are f32 on the device, `tid2eid` stays on the host. With
@@ -343,7 +373,12 @@ pub fn device_bytes_report(cfg: &ModelConfig, ckpt: Option<&Checkpoint>, soc: So
     let empty = Checkpoint::from_tensors(vec![]).expect("an empty checkpoint");
     let source = ckpt.unwrap_or(&empty);
     let mut expected = expected_tensors(cfg, source);
-    for i in mtp_layers_present(cfg, source) {
+    // The official releases ship the MTP block(s) the config announces, and dsv4 loads them.
+    let mtp: Vec<usize> = match ckpt {
+        Some(c) => mtp_layers_present(cfg, c),
+        None => (0..cfg.num_mtp_layers).collect(),
+    };
+    for i in mtp {
         expected.extend(expected_mtp_tensors(cfg, source, i));
     }
     let mut by_form: BTreeMap<DeviceForm, (usize, usize)> = BTreeMap::new();
@@ -363,7 +398,10 @@ pub fn device_bytes_report(cfg: &ModelConfig, ckpt: Option<&Checkpoint>, soc: So
                 };
                 let stored = DeviceForm::for_stored(format, dtype, scale, SocFamily::A5);
                 stored_bytes += stored.bytes_per_param() * params as f64;
-                let form = DeviceForm::for_stored(format, dtype, scale, soc);
+                let form = match ckpt {
+                    Some(c) => checked_form(c, &e.name, &e.shape, format, dtype, scale, soc),
+                    None => DeviceForm::for_stored(format, dtype, scale, soc),
+                };
                 fallback += usize::from(form == DeviceForm::F32 && dtype == DType::F8E4M3);
                 form
             }

@@ -54,8 +54,11 @@ pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision) -> Resul
     bar.finish_and_clear();
     let mut model = model;
     model.precision = precision;
+    static SAID: std::sync::Once = std::sync::Once::new();
     if precision != Precision::F32 {
-        eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)");
+        SAID.call_once(|| {
+            eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)")
+        });
     }
     Ok(model)
 }

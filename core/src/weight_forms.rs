@@ -11,6 +11,7 @@
 //! | BF16 | BF16 | BF16 | 2 |
 //! | FP8 e4m3, 128×128 E8M0 scales | FP8 + E8M0 (native) | **BF16**: e4m3·2^k is a BF16 value for every code when the scale byte is in 3..=246 | 1 + 1/16384 → 2 |
 //! | FP8 e4m3, 128×128 F32 scales (Base checkpoints' experts) | FP8 + F32 block scales | F32 (e4m3 times a non-power-of-two scale is not BF16 in general) | 1 + 4/16384 → 4 |
+//! | FP4 e2m1, 1×32 F32 scales | F32 | F32 | 0.5 + 4/32 → 4 |
 //! | FP4 e2m1, 1×32 E8M0 scales | MXFP4 (native) | **INT8 + one BF16 scale per 32** (A16W8, antiquant group 32): 2·e2m1 is an integer in [−12, 12] and the scale 2^(b−128) a BF16 value for every byte | 0.5 + 1/32 → 1 + 2/32 |
 //! | F32 (mHC mixers, routers in F32 checkpoints) | F32 | F32 | 4 |
 //!
@@ -97,13 +98,15 @@ impl DeviceForm {
                     (false, false) => DeviceForm::F32,
                 }
             }
-            WeightFormat::Fp4Group { group } => {
+            // MXFP4 and the INT8 form need power-of-two (E8M0) scales.
+            WeightFormat::Fp4Group { group } if scale == Some(DType::F8E8M0) => {
                 if soc.has_fp8_fp4_matmul() {
                     DeviceForm::Mxfp4 { group }
                 } else {
                     DeviceForm::Int8Groups { group }
                 }
             }
+            WeightFormat::Fp4Group { .. } => DeviceForm::F32,
         }
     }
 
@@ -237,6 +240,7 @@ mod tests {
         assert_eq!(DeviceForm::for_stored(fp8, DType::F8E4M3, e8, SocFamily::A2), DeviceForm::Bf16);
         assert_eq!(DeviceForm::for_stored(fp8, DType::F8E4M3, Some(DType::F32), SocFamily::A3), DeviceForm::F32);
         assert_eq!(DeviceForm::for_stored(fp4, DType::I8, e8, SocFamily::A2), DeviceForm::Int8Groups { group: 32 });
+        assert_eq!(DeviceForm::for_stored(fp4, DType::I8, Some(DType::F32), SocFamily::A2), DeviceForm::F32);
         let native = DeviceForm::for_stored(fp8, DType::F8E4M3, e8, SocFamily::A5);
         assert_eq!(native.bytes_per_param(), 1.0 + 1.0 / 16384.0);
         assert_eq!(DeviceForm::for_stored(fp4, DType::I8, e8, SocFamily::A5).bytes_per_param(), 0.53125);

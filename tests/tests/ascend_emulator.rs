@@ -123,5 +123,15 @@ fn fp4_weights_are_kept_as_int8_with_group_scales() {
         // Same exact weight values; only the summation order of the two GEMMs differs.
         let err = dsv4_tests::max_rel_err(&got, &want);
         assert!(err <= 1e-6, "{n}x{k}: {err:.2e}");
+        // The same weight with F32 scales (a Base checkpoint's form) is not put in the INT8 form,
+        // and still loads and multiplies the same.
+        let f32_scales: Vec<u8> =
+            scale.bytes().iter().flat_map(|&b| dsv4_core::quant::e8m0_to_f32(b).unwrap().to_le_bytes()).collect();
+        let scale32 = HostTensor::from_bytes("w.scale", DType::F32, vec![n, k.div_ceil(32)], f32_scales).unwrap();
+        let sw32 = StoredWeight::detect(&data, Some(&scale32), &[n, k]).unwrap();
+        let w32 = be.upload_weight(&sw32).unwrap();
+        assert_ne!(w32.dtype(), dsv4_ascend_sys::aclDataType::ACL_INT8, "{n}x{k}: F32 scales");
+        let got32 = be.download(&be.linear(&be.upload(&x, &[7, k]).unwrap(), &w32).unwrap()).unwrap();
+        assert!(dsv4_tests::max_rel_err(&got32, &want) <= 1e-6, "{n}x{k}: F32 scales");
     }
 }
