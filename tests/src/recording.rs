@@ -1,15 +1,13 @@
-//! `Recording<B>`: forwards every op, primitives and fused ones, to `B` and records the input
-//! shape of every `round_to_bf16` call: the rounding points of a `bf16` forward pass in graph
-//! order (`tests/tests/precision.rs` snapshots them, so a rounding point added or dropped in the
-//! graph shows up as a snapshot change).
+//! `Recording<B>`: [`dsv4_core::primitives_only::PrimitivesOnly`] that also records the input
+//! shape of every `round_to_bf16` call. Fused ops run as the trait's default compositions, so
+//! the record is every rounding point of a `bf16` forward pass in graph order, the experts'
+//! included (`tests/tests/precision.rs` snapshots it, so a rounding point added or dropped
+//! anywhere shows up as a snapshot change).
 
-use std::ops::Range;
 use std::sync::Mutex;
 
-use dsv4_core::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, Precision, ReduceOp, RowFormat, UnaryOp};
-use dsv4_core::config::ScoringFunc;
+use dsv4_core::backend::{Backend, DeviceTensor};
 use dsv4_core::error::Result;
-use dsv4_core::tensor::StoredWeight;
 
 pub struct Recording<B: Backend>(pub B, pub Mutex<Vec<Vec<usize>>>);
 
@@ -25,223 +23,13 @@ impl<B: Backend> Recording<B> {
 }
 
 impl<B: Backend> Backend for Recording<B> {
-    type Tensor = B::Tensor;
-    type Index = B::Index;
-    type Weight = B::Weight;
-    type Pool = B::Pool;
+    dsv4_core::forward_primitives!(B, 0);
 
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn free_memory(&self) -> Option<usize> {
-        self.0.free_memory()
-    }
     fn describe(&self) -> String {
-        self.0.describe()
-    }
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
-        self.0.upload(data, shape)
-    }
-    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
-        self.0.download(t)
-    }
-    fn upload_index(&self, data: &[i32], shape: &[usize]) -> Result<Self::Index> {
-        self.0.upload_index(data, shape)
-    }
-    fn download_index(&self, t: &Self::Index) -> Result<Vec<i32>> {
-        self.0.download_index(t)
-    }
-    fn upload_weight(&self, w: &StoredWeight) -> Result<Self::Weight> {
-        self.0.upload_weight(w)
-    }
-    fn weight_shape<'w>(&self, w: &'w Self::Weight) -> &'w [usize] {
-        self.0.weight_shape(w)
-    }
-    fn synchronize(&self) -> Result<()> {
-        self.0.synchronize()
-    }
-    fn full(&self, shape: &[usize], value: f32) -> Result<Self::Tensor> {
-        self.0.full(shape, value)
-    }
-    fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<Self::Pool> {
-        self.0.alloc_pool(rows, width, format)
-    }
-    fn pool_write(&self, pool: &mut Self::Pool, slots: &Self::Index, values: &Self::Tensor) -> Result<()> {
-        self.0.pool_write(pool, slots, values)
-    }
-    fn pool_read(&self, pool: &Self::Pool, slots: &Self::Index) -> Result<Self::Tensor> {
-        self.0.pool_read(pool, slots)
-    }
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor> {
-        self.0.linear(x, w)
-    }
-    fn grouped_linear(&self, x: &Self::Tensor, w: &Self::Weight, groups: usize) -> Result<Self::Tensor> {
-        self.0.grouped_linear(x, w, groups)
-    }
-    fn embedding(&self, table: &Self::Weight, ids: &Self::Index) -> Result<Self::Tensor> {
-        self.0.embedding(table, ids)
-    }
-    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, transpose_b: bool) -> Result<Self::Tensor> {
-        self.0.matmul(a, b, transpose_b)
-    }
-    fn unary(&self, x: &Self::Tensor, op: UnaryOp) -> Result<Self::Tensor> {
-        self.0.unary(x, op)
-    }
-    fn binary(&self, a: &Self::Tensor, b: &Self::Tensor, op: BinaryOp) -> Result<Self::Tensor> {
-        self.0.binary(a, b, op)
-    }
-    fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor> {
-        self.0.affine(x, mul, add)
-    }
-    fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor> {
-        self.0.clamp(x, min, max)
+        format!("{} (recording round_to_bf16; fused ops composed)", self.0.describe())
     }
     fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
         self.1.lock().unwrap_or_else(|p| p.into_inner()).push(x.shape().to_vec());
         self.0.round_to_bf16(x)
-    }
-    fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor> {
-        self.0.reduce(x, axis, op)
-    }
-    fn softmax(&self, x: &Self::Tensor, axis: usize) -> Result<Self::Tensor> {
-        self.0.softmax(x, axis)
-    }
-    fn rms_norm(&self, x: &Self::Tensor, weight: Option<&Self::Tensor>, eps: f32) -> Result<Self::Tensor> {
-        self.0.rms_norm(x, weight, eps)
-    }
-    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, inverse: bool) -> Result<Self::Tensor> {
-        self.0.rope(x, cos, sin, inverse)
-    }
-    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
-        self.0.reshape(x, shape)
-    }
-    fn transpose(&self, x: &Self::Tensor, a: usize, b: usize) -> Result<Self::Tensor> {
-        self.0.transpose(x, a, b)
-    }
-    fn narrow(&self, x: &Self::Tensor, axis: usize, start: usize, len: usize) -> Result<Self::Tensor> {
-        self.0.narrow(x, axis, start, len)
-    }
-    fn concat(&self, xs: &[&Self::Tensor], axis: usize) -> Result<Self::Tensor> {
-        self.0.concat(xs, axis)
-    }
-    fn index_select(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.index_select(x, idx)
-    }
-    fn gather_last(&self, x: &Self::Tensor, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.gather_last(x, idx)
-    }
-    fn index_add(&self, dst: &Self::Tensor, idx: &Self::Index, src: &Self::Tensor) -> Result<Self::Tensor> {
-        self.0.index_add(dst, idx, src)
-    }
-    fn topk(&self, x: &Self::Tensor, k: usize) -> Result<(Self::Tensor, Self::Index)> {
-        self.0.topk(x, k)
-    }
-    fn index_mask(&self, idx: &Self::Index) -> Result<Self::Tensor> {
-        self.0.index_mask(idx)
-    }
-    fn concat_index(&self, xs: &[&Self::Index], axis: usize) -> Result<Self::Index> {
-        self.0.concat_index(xs, axis)
-    }
-    fn offset_index(&self, idx: &Self::Index, offset: i32) -> Result<Self::Index> {
-        self.0.offset_index(idx, offset)
-    }
-
-    // ------------------------------------------------------------- fused ops: forwarded
-    #[allow(clippy::too_many_arguments)]
-    fn hc_pre(
-        &self,
-        x: &Self::Tensor,
-        fn_w: &Self::Weight,
-        base: &Self::Tensor,
-        scale: &Self::Tensor,
-        sinkhorn_iters: usize,
-        hc_eps: f32,
-        norm_eps: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        self.0.hc_pre(x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps)
-    }
-    fn sinkhorn(&self, comb: &Self::Tensor, iters: usize, eps: f32) -> Result<Self::Tensor> {
-        self.0.sinkhorn(comb, iters, eps)
-    }
-    fn hc_post(
-        &self,
-        x: &Self::Tensor,
-        y: &Self::Tensor,
-        post: &Self::Tensor,
-        comb: &Self::Tensor,
-    ) -> Result<Self::Tensor> {
-        self.0.hc_post(x, y, post, comb)
-    }
-    fn hc_head(
-        &self,
-        x: &Self::Tensor,
-        fn_w: &Self::Weight,
-        base: &Self::Tensor,
-        scale: &Self::Tensor,
-        hc_eps: f32,
-        norm_eps: f32,
-    ) -> Result<Self::Tensor> {
-        self.0.hc_head(x, fn_w, base, scale, hc_eps, norm_eps)
-    }
-    fn compressor_pool(&self, kv: &Self::Tensor, score: &Self::Tensor) -> Result<Self::Tensor> {
-        self.0.compressor_pool(kv, score)
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn indexer_select(
-        &self,
-        q: &Self::Tensor,
-        keys: &Self::Pool,
-        key_rows: &Self::Index,
-        weights: &Self::Tensor,
-        valid: &[Range<usize>],
-        k: usize,
-        offset: i32,
-    ) -> Result<Self::Index> {
-        self.0.indexer_select(q, keys, key_rows, weights, valid, k, offset)
-    }
-    fn sparse_attention(
-        &self,
-        q: &Self::Tensor,
-        kv: &Self::Pool,
-        idx: &Self::Index,
-        sinks: &Self::Tensor,
-        scale: f32,
-    ) -> Result<Self::Tensor> {
-        self.0.sparse_attention(q, kv, idx, sinks, scale)
-    }
-    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, limit: f32) -> Result<Self::Tensor> {
-        self.0.swiglu(gate, up, limit)
-    }
-    fn expert_ffn(
-        &self,
-        x: &Self::Tensor,
-        e: &ExpertWeights<Self::Weight>,
-        limit: f32,
-        act: Precision,
-    ) -> Result<Self::Tensor> {
-        self.0.expert_ffn(x, e, limit, act)
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn moe_route(
-        &self,
-        logits: &Self::Tensor,
-        scoring: ScoringFunc,
-        bias: Option<&Self::Tensor>,
-        hash_ids: Option<&Self::Index>,
-        k: usize,
-        routed_scale: f32,
-    ) -> Result<(Self::Index, Self::Tensor)> {
-        self.0.moe_route(logits, scoring, bias, hash_ids, k, routed_scale)
-    }
-    fn moe_experts(
-        &self,
-        x: &Self::Tensor,
-        expert_ids: &[i32],
-        weights: &Self::Tensor,
-        experts: &[ExpertWeights<Self::Weight>],
-        limit: f32,
-        act: Precision,
-    ) -> Result<Self::Tensor> {
-        self.0.moe_experts(x, expert_ids, weights, experts, limit, act)
     }
 }

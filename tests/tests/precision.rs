@@ -205,9 +205,10 @@ fn bf16_long_builtin_run_stays_within_the_budget() {
 /// The rounding points of a bf16 forward pass, in graph order, as the input shapes of every
 /// `round_to_bf16` call (the built-in model, 20 tokens: every layer kind, a complete window of
 /// each compressor, the indexer selecting). A rounding point added to or dropped from the graph
-/// changes this list; compare it with the table in `core/src/precision.rs`. The experts'
-/// internal points are inside the CPU's fused MoE (checked bit for bit against the composition
-/// in `backend-cpu/tests/moe.rs`), so they do not appear here.
+/// changes this list; compare it with the table in `core/src/precision.rs`. Fused ops run as
+/// the trait's compositions here, so the experts' points (w1, w3, SwiGLU, w2) are listed too;
+/// the CPU's fused MoE is checked bit for bit against that composition in
+/// `backend-cpu/tests/moe.rs`.
 #[test]
 fn bf16_rounding_points_are_the_documented_ones() {
     let rec = dsv4_tests::recording::Recording::new(CpuBackend::new());
