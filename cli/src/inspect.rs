@@ -10,11 +10,11 @@ use dsv4_core::kv::format::FP8_KV_BLOCK;
 use dsv4_core::kv::layout::{block_bytes, default_block_tokens, layer_layouts, sequence_footprint, LayerLayout};
 use dsv4_core::kv::{human_bytes, KvDtype, RowFormat};
 use dsv4_core::model::loader::{
-    check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present, TensorRole,
+    check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present, stored_weight, TensorRole,
 };
-use dsv4_core::quant::{scale_name, FP4_GROUP, FP8_BLOCK};
-use dsv4_core::tensor::{DType, HostTensor, WeightFormat};
-use dsv4_core::weight_forms::{DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
+use dsv4_core::quant::scale_name;
+use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
+use dsv4_core::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
 use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
 /// Layer schedule and shape summary (config only).
@@ -297,63 +297,16 @@ fn human(n: usize) -> String {
     }
 }
 
-/// The stored form of an official V4 release's tensor (spec §D.2: attention projections, the
-/// indexer's `wq_b`, shared experts and MTP `e_proj`/`h_proj` FP8 with 128×128 E8M0 scales;
-/// routed experts FP4 with E8M0 per 32; the other matrices BF16), for config-only directories.
-fn official_stored_form(name: &str) -> (WeightFormat, DType, Option<DType>) {
-    const FP8: [&str; 9] = [
-        ".attn.wq_a.weight",
-        ".attn.wq_b.weight",
-        ".attn.wkv.weight",
-        ".attn.wo_a.weight",
-        ".attn.wo_b.weight",
-        ".attn.indexer.wq_b.weight",
-        ".shared_experts.w1.weight",
-        ".shared_experts.w2.weight",
-        ".shared_experts.w3.weight",
-    ];
-    if name.contains(".ffn.experts.") {
-        (WeightFormat::Fp4Group { group: FP4_GROUP }, DType::I8, Some(DType::F8E8M0))
-    } else if FP8.iter().any(|s| name.ends_with(s)) || name.ends_with("_proj.weight") && name.starts_with("mtp.") {
-        (WeightFormat::Fp8Block { rows: FP8_BLOCK, cols: FP8_BLOCK }, DType::F8E4M3, Some(DType::F8E8M0))
-    } else if name.contains(".hc_") || name.starts_with("hc_") {
-        (WeightFormat::Float, DType::F32, None)
-    } else {
-        (WeightFormat::Float, DType::BF16, None)
-    }
-}
-
-/// The stored form of a checkpoint's tensor: FP8 elements are 128×128 blocks, I8/U8 with a
-/// scale packed FP4 per 32 (spec §D.4), else the float dtype.
-fn stored_form(ckpt: &Checkpoint, name: &str) -> Option<(WeightFormat, DType, Option<DType>)> {
-    let t = ckpt.get(name)?;
-    let scale = scale_name(name).and_then(|s| ckpt.get(&s)).map(|s| s.dtype);
-    Some(match t.dtype {
-        DType::F8E4M3 => (WeightFormat::Fp8Block { rows: FP8_BLOCK, cols: FP8_BLOCK }, t.dtype, scale),
-        DType::I8 | DType::U8 if scale.is_some() => (WeightFormat::Fp4Group { group: FP4_GROUP }, t.dtype, scale),
-        d => (WeightFormat::Float, d, None),
-    })
-}
-
-/// [`DeviceForm::for_stored`] for a checkpoint's tensor, with the fallbacks the Ascend backend
-/// takes on this tensor's data: FP8 → BF16 needs every E8M0 scale byte in
-/// [`FP8_BF16_EXACT_SCALES`] (else F32), FP4 → INT8 needs whole groups (else BF16).
-fn checked_form(
-    ckpt: &Checkpoint,
-    name: &str,
-    shape: &[usize],
-    format: WeightFormat,
-    dtype: DType,
-    scale: Option<DType>,
-    soc: SocFamily,
-) -> DeviceForm {
-    let form = DeviceForm::for_stored(format, dtype, scale, soc);
-    let cols: usize = shape.iter().skip(1).product();
-    match (form, format) {
+/// [`DeviceForm::for_stored`] for a checkpoint's weight, with the fallbacks the Ascend backend
+/// takes on its data: FP8 → BF16 needs every E8M0 scale byte in [`FP8_BF16_EXACT_SCALES`]
+/// (else F32), FP4 → INT8 needs whole groups (else BF16).
+fn checked_form(w: &StoredWeight, soc: SocFamily) -> DeviceForm {
+    let form = DeviceForm::for_stored(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype), soc);
+    let cols: usize = w.shape.iter().skip(1).product();
+    match (form, w.format) {
         (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
-            let in_range = scale_name(name)
-                .and_then(|s| ckpt.get(&s))
-                .is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
+            let in_range =
+                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
             if in_range {
                 form
             } else {
@@ -389,19 +342,29 @@ pub fn device_bytes_report(cfg: &ModelConfig, ckpt: Option<&Checkpoint>, soc: So
             TensorRole::Ints => continue,
             TensorRole::Param => DeviceForm::F32,
             TensorRole::Weight | TensorRole::FusedExperts => {
-                let (format, dtype, scale) = match ckpt {
-                    Some(c) => match stored_form(c, &e.name) {
-                        Some(f) => f,
-                        None => continue,
+                // A checkpoint's weights as the loader reads them (missing or invalid ones are
+                // tensor_check's to report); a config-only directory's in the official forms.
+                let (stored, form, dtype) = match ckpt {
+                    Some(c) => match stored_weight(c, &e.name, &e.shape) {
+                        Ok(w) => (
+                            DeviceForm::for_stored(
+                                w.format,
+                                w.data.dtype,
+                                w.scale.as_ref().map(|s| s.dtype),
+                                SocFamily::A5,
+                            ),
+                            checked_form(&w, soc),
+                            w.data.dtype,
+                        ),
+                        Err(_) => continue,
                     },
-                    None => official_stored_form(&e.name),
+                    None => {
+                        let (format, dtype, scale) = official_stored_form(&e.name);
+                        let form = |soc| DeviceForm::for_stored(format, dtype, scale, soc);
+                        (form(SocFamily::A5), form(soc), dtype)
+                    }
                 };
-                let stored = DeviceForm::for_stored(format, dtype, scale, SocFamily::A5);
                 stored_bytes += stored.bytes_per_param() * params as f64;
-                let form = match ckpt {
-                    Some(c) => checked_form(c, &e.name, &e.shape, format, dtype, scale, soc),
-                    None => DeviceForm::for_stored(format, dtype, scale, soc),
-                };
                 fallback += usize::from(form == DeviceForm::F32 && dtype == DType::F8E4M3);
                 form
             }

@@ -18,7 +18,7 @@
 //! INT4 cannot hold 2·e2m1 (±12 is outside −8..7), so A2/A3 pay 1 byte per expert weight for
 //! exactness; a W4A8 deployment (msmodelslim) re-quantises and is not the checkpoint any more.
 
-use crate::quant::{e2m1_to_f32, e4m3_to_f32, E8M0_NAN};
+use crate::quant::{e2m1_to_f32, e4m3_to_f32, E8M0_NAN, FP4_GROUP, FP8_BLOCK};
 use crate::tensor::{DType, WeightFormat};
 
 /// The Ascend SoC families whose weight support differs.
@@ -131,6 +131,37 @@ impl DeviceForm {
             DeviceForm::Mxfp4 { group } => format!("MXFP4 (E8M0 per {group})"),
             DeviceForm::Int8Groups { group } => format!("INT8 + BF16 scale per {group}"),
         }
+    }
+}
+
+/// The weights an official V4 release stores as FP8 with 128×128 E8M0 scales (spec §D.2): the
+/// attention projections, the indexer's `wq_b`, the shared experts and MTP's `e_proj`/`h_proj`.
+pub const OFFICIAL_FP8_WEIGHTS: [&str; 11] = [
+    ".attn.wq_a.weight",
+    ".attn.wq_b.weight",
+    ".attn.wkv.weight",
+    ".attn.wo_a.weight",
+    ".attn.wo_b.weight",
+    ".attn.indexer.wq_b.weight",
+    ".ffn.shared_experts.w1.weight",
+    ".ffn.shared_experts.w2.weight",
+    ".ffn.shared_experts.w3.weight",
+    ".e_proj.weight",
+    ".h_proj.weight",
+];
+
+/// The stored form (format, element dtype, scale dtype) of an official V4 release's weight
+/// (spec §D.2): [`OFFICIAL_FP8_WEIGHTS`] FP8, routed experts FP4 with E8M0 per 32, the mHC
+/// mixers F32, the other matrices BF16. For config-only directories (`dsv4 inspect --soc`).
+pub fn official_stored_form(name: &str) -> (WeightFormat, DType, Option<DType>) {
+    if name.contains(".ffn.experts.") {
+        (WeightFormat::Fp4Group { group: FP4_GROUP }, DType::I8, Some(DType::F8E8M0))
+    } else if OFFICIAL_FP8_WEIGHTS.iter().any(|s| name.ends_with(s)) {
+        (WeightFormat::Fp8Block { rows: FP8_BLOCK, cols: FP8_BLOCK }, DType::F8E4M3, Some(DType::F8E8M0))
+    } else if name.contains(".hc_") || name.starts_with("hc_") {
+        (WeightFormat::Float, DType::F32, None)
+    } else {
+        (WeightFormat::Float, DType::BF16, None)
     }
 }
 

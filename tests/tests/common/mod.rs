@@ -34,20 +34,7 @@ pub fn official_form(name: &str) -> Form {
             _ => Form::Fp4,
         };
     }
-    let fp8 = [
-        ".attn.wq_a.weight",
-        ".attn.wq_b.weight",
-        ".attn.wkv.weight",
-        ".attn.wo_a.weight",
-        ".attn.wo_b.weight",
-        ".attn.indexer.wq_b.weight",
-        ".ffn.shared_experts.w1.weight",
-        ".ffn.shared_experts.w2.weight",
-        ".ffn.shared_experts.w3.weight",
-        ".e_proj.weight",
-        ".h_proj.weight",
-    ];
-    if fp8.iter().any(|s| name.ends_with(s)) {
+    if dsv4_core::weight_forms::OFFICIAL_FP8_WEIGHTS.iter().any(|s| name.ends_with(s)) {
         Form::Fp8E8m0
     } else {
         Form::Keep
