@@ -309,7 +309,7 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
-        let peak = if prefill_peak(&machine, bf16_gemms) == machine.fma_flops_per_sec { "f32 FMA" } else { "BF16 dot" };
+        let peak = if bf16_peak(&machine, bf16_gemms) { "BF16 dot" } else { "f32 FMA" };
         println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
         print!("{}", weights_report(&weights));
         println!("{kv_description}");
@@ -407,12 +407,17 @@ fn table_header() -> String {
     )
 }
 
-/// The compute peak prefill is read against: the f32 FMA peak, or the BF16 dot-product peak
-/// when the GEMMs multiply in BF16 (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16) and
-/// the machine measurement has one.
+/// Whether prefill is read against the BF16 dot-product peak: the GEMMs multiply in BF16
+/// (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16) and the machine has that peak.
+fn bf16_peak(m: &Machine, bf16_gemms: bool) -> bool {
+    bf16_gemms && m.bf16_flops_per_sec.is_some()
+}
+
+/// The compute peak prefill is read against: the BF16 dot-product peak when [`bf16_peak`],
+/// else the f32 FMA peak.
 fn prefill_peak(m: &Machine, bf16_gemms: bool) -> f64 {
-    match (bf16_gemms, m.bf16_flops_per_sec) {
-        (true, Some(bf16)) => bf16,
+    match m.bf16_flops_per_sec {
+        Some(bf16) if bf16_peak(m, bf16_gemms) => bf16,
         _ => m.fma_flops_per_sec,
     }
 }
@@ -496,11 +501,7 @@ impl Report<'_> {
             "backend": self.backend,
             "model": self.model,
             "precision": self.precision.name(),
-            "prefill_peak": if prefill_peak(self.machine, self.bf16_gemms) == self.machine.fma_flops_per_sec {
-                "f32_fma"
-            } else {
-                "bf16_dot"
-            },
+            "prefill_peak": if bf16_peak(self.machine, self.bf16_gemms) { "bf16_dot" } else { "f32_fma" },
             "kv": self.kv,
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
