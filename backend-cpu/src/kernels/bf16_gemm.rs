@@ -490,30 +490,21 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (splitmix64).
-    struct Rng(u64);
+    use dsv4_core::test_data::Rng;
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+    /// A random BF16 value held in f32: uniform-ish in (-4, 4), exponents spread, some zeros.
+    fn bf16(rng: &mut Rng) -> f32 {
+        let x = rng.next_u64();
+        if x.is_multiple_of(32) {
+            return if x & 64 == 0 { 0.0 } else { -0.0 };
         }
-        /// A random BF16 value held in f32: uniform-ish in (-4, 4), exponents spread, some zeros.
-        fn bf16(&mut self) -> f32 {
-            let x = self.next();
-            if x.is_multiple_of(32) {
-                return if x & 64 == 0 { 0.0 } else { -0.0 };
-            }
-            let v = ((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * 4.0;
-            f32::from_bits(v.to_bits() & 0xFFFF_0000)
-        }
-        /// A small integer in -8..=8.
-        fn int(&mut self) -> f32 {
-            (self.next() % 17) as f32 - 8.0
-        }
+        let v = ((x >> 7) as f32 / (1u64 << 23) as f32 - 1.0) * 4.0;
+        f32::from_bits(v.to_bits() & 0xFFFF_0000)
+    }
+
+    /// A small integer in -8..=8.
+    fn int(rng: &mut Rng) -> f32 {
+        rng.ints(1, 8)[0]
     }
 
     /// Returns whether the BF16 path runs here; if not, says that only `false` was checked.
@@ -562,8 +553,8 @@ mod tests {
         for m in MS {
             for n in NS {
                 for k in KS {
-                    let a: Vec<f32> = (0..m * k).map(|_| rng.bf16()).collect();
-                    let b: Vec<f32> = (0..n * k).map(|_| rng.bf16()).collect();
+                    let a: Vec<f32> = (0..m * k).map(|_| bf16(&mut rng)).collect();
+                    let b: Vec<f32> = (0..n * k).map(|_| bf16(&mut rng)).collect();
                     let mut c = vec![f32::NAN; m * n];
                     let ok = matmul_nt_bf16(&a, &b, &mut c, m, k, n);
                     assert_eq!(ok, run, "({m},{k},{n})");
@@ -603,8 +594,8 @@ mod tests {
                 for k in [1, 2, 3, 31, 129, 512, 513, 1000, 2049] {
                     // |a|, |b| ≤ 8 and k ≤ 2049: every partial sum is an integer below 2¹⁸,
                     // exact in f32, so any summation order gives the f64 sum bit for bit.
-                    let a: Vec<f32> = (0..m * k).map(|_| rng.int()).collect();
-                    let b: Vec<f32> = (0..n * k).map(|_| rng.int() * 0.25).collect();
+                    let a: Vec<f32> = (0..m * k).map(|_| int(&mut rng)).collect();
+                    let b: Vec<f32> = (0..n * k).map(|_| int(&mut rng) * 0.25).collect();
                     let mut c = vec![f32::NAN; m * n];
                     assert_eq!(matmul_nt_bf16(&a, &b, &mut c, m, k, n), run, "({m},{k},{n})");
                     if !run {
@@ -626,8 +617,8 @@ mod tests {
         let mut rng = Rng(3);
         let run = runs("a_value_of_b_that_is_not_bf16_is_refused");
         for (m, k, n) in [(5, 37, 33), (8, 1000, 64), (3, 1, 1), (9, 64, 70)] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.int()).collect();
-            let b: Vec<f32> = (0..n * k).map(|_| rng.int()).collect();
+            let a: Vec<f32> = (0..m * k).map(|_| int(&mut rng)).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| int(&mut rng)).collect();
             for at in [0, (n * k) / 2, n * k - 1] {
                 for low in [1u32, 0x8000, 0xFFFF] {
                     let mut bad = b.clone();
@@ -762,8 +753,8 @@ mod tests {
         let run = runs("bench_bf16_gemm");
         let mut rng = Rng(4);
         for (m, k, n) in [(512, 4096, 64), (512, 1024, 64), (2048, 7168, 64), (64, 4096, 64)] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.bf16()).collect();
-            let b: Vec<f32> = (0..n * k).map(|_| rng.bf16()).collect();
+            let a: Vec<f32> = (0..m * k).map(|_| bf16(&mut rng)).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| bf16(&mut rng)).collect();
             let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
             let flop = 2.0 * (m * k * n) as f64;
             let reps = (4e9 / flop).ceil() as usize;
