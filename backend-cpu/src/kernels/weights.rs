@@ -260,11 +260,8 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
                 }
             }
             if got.is_none() {
-                if split.is_empty() && matches!(r0, Row::Fp8 { .. } | Row::Fp4 { .. }) {
-                    split_input(xs, &mut split);
-                }
                 // SAFETY: the caller guarantees `S`; both rows and the lengths were checked above.
-                got = unsafe { pair_any::<S>(&r0, &r1, xs, &split) };
+                got = unsafe { pair_any::<S>(&r0, &r1, xs, &mut split) };
             }
             match got {
                 Some((a, b)) => (out[j0], out[j1]) = (a, b),
@@ -574,7 +571,7 @@ pub(crate) use row_parts;
 ///
 /// The CPU supports `S`; both rows are checked and `x.len()` is their length.
 #[inline(always)]
-unsafe fn pair_any<S: Lanes>(r0: &Row, r1: &Row, x: &[f32], split: &[f32]) -> Option<(f32, f32)>
+unsafe fn pair_any<S: Lanes>(r0: &Row, r1: &Row, x: &[f32], split: &mut Vec<f32>) -> Option<(f32, f32)>
 where
     for<'a> F32Dec<'a>: Decode<S>,
     for<'a> Bf16Dec<'a>: Decode<S>,
@@ -599,14 +596,15 @@ where
 /// blocks of whole chunks with every block's fast decode exact: those go row by row.
 /// (A generic version over `R` rows in arrays compiled worse: 4 streams were slower than 2.)
 /// Formats with [`Decode::SPLIT`] decode in the split layout and multiply with `split`, the
-/// input in that layout ([`split_input`]): the same `fma`s per lane, so the same bits.
+/// input in that layout ([`split_input`], made here when the first such pair needs it): the
+/// same `fma`s per lane, so the same bits.
 ///
 /// # Safety
 ///
 /// The CPU supports `S`; both rows are checked, `x.len()` is their length and `split` is
-/// `split_input(x)`.
+/// empty or `split_input(x)`.
 #[inline(always)]
-unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &[f32]) -> Option<(f32, f32)> {
+unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &mut Vec<f32>) -> Option<(f32, f32)> {
     let k = d0.row().len();
     let block = d0.row().block().unwrap_or(k.max(LANES));
     if d1.row().len() != k
@@ -621,12 +619,11 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &[f32])
     // row-by-row path, dropping what was summed so far; it takes extreme scales, so it is rare.
     let (mut acc0, mut acc1) = (S::zero(), S::zero());
     // `D::SPLIT` is a constant: each format compiles to one of the two decodes.
-    let input = if D::SPLIT { split } else { x };
-    // A split input that was not made (a format missing from `dot_many`'s list) would be read
-    // out of bounds: go row by row instead.
-    if input.len() != k {
-        return None;
+    if D::SPLIT && split.is_empty() {
+        split_input(x, split);
     }
+    let input: &[f32] = if D::SPLIT { split } else { x };
+    debug_assert_eq!(input.len(), k);
     let mut j = 0;
     for b in 0..blocks {
         let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
