@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
-use dsv4_core::quant::e8m0_to_f32_unchecked;
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
 use crate::kernels::weights::{decode_row, Row, RowScratch, Rows};
@@ -215,8 +214,13 @@ impl CpuWeight {
     }
 }
 
+/// FP4 rows whose group scales [`Rows::row`] decodes together: one decode (a vectorised loop)
+/// instead of a short one per row, which cost a third of a decode-time FP4 GEMV's time.
+const FP4_SCALE_ROWS: usize = 64;
+
 /// Rows for [`crate::kernels::dot_many`]: as [`CpuWeight::row`], but an FP8 row block's
-/// scales are decoded once for all its rows (`scratch.key` is the block).
+/// scales are decoded once for all its rows, and an FP4 weight's scales once per
+/// [`FP4_SCALE_ROWS`] rows (`scratch.key` is the block).
 impl Rows for CpuWeight {
     #[inline]
     fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a> {
@@ -230,6 +234,22 @@ impl Rows for CpuWeight {
                     scratch.key = Some(block);
                 }
                 Row::Fp8 { codes: &data.bytes()[r * k..(r + 1) * k], scales: &scratch.scales, block: *block_cols }
+            }
+            WeightData::Fp4 { data, scale, group } => {
+                let per_row = k.div_ceil(*group);
+                let block = r / FP4_SCALE_ROWS;
+                let first = block * FP4_SCALE_ROWS;
+                if scratch.key != Some(block) {
+                    let n = FP4_SCALE_ROWS.min(self.rows - first);
+                    decode_scales(scale, first * per_row, n * per_row, &mut scratch.scales);
+                    scratch.key = Some(block);
+                }
+                let at = (r - first) * per_row;
+                Row::Fp4 {
+                    codes: &data.bytes()[r * k / 2..(r + 1) * k / 2],
+                    scales: &scratch.scales[at..at + per_row],
+                    group: *group,
+                }
             }
             _ => {
                 scratch.key = None;
@@ -247,6 +267,9 @@ fn decode_scales(scale: &HostTensor, first: usize, count: usize, out: &mut Vec<f
         DType::F32 => out.extend(
             bytes[4 * first..4 * (first + count)].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         ),
-        _ => out.extend(bytes[first..first + count].iter().map(|&b| e8m0_to_f32_unchecked(b))),
+        _ => {
+            out.resize(count, 0.0);
+            crate::kernels::e8m0::e8m0_to_f32s(Isa::active(), &bytes[first..first + count], out);
+        }
     }
 }
