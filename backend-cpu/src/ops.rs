@@ -99,6 +99,27 @@ pub(crate) fn linear_block(
     y
 }
 
+/// `f(a, b)` elementwise over the broadcast `shape` (checked by the caller).
+fn elementwise(a: &CpuTensor, b: &CpuTensor, shape: Vec<usize>, f: impl Fn(f32, f32) -> f32 + Sync) -> CpuTensor {
+    if a.shape == b.shape {
+        let data = par::zip_values(&a.data, &b.data, f);
+        return CpuTensor::new(a.shape.clone(), data);
+    }
+    let (av, bv) = (a.view(), b.view());
+    let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
+    let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
+    // Parallel over the outer axis: each piece is one outer index of the broadcast views.
+    let inner: usize = shape[1..].iter().product();
+    let len: usize = shape.iter().product();
+    let mut out = vec![0f32; len];
+    par::chunks_mut(&mut out, inner, len, |i, o| {
+        let (a, b) = (ab.index_axis(Axis(0), i), bb.index_axis(Axis(0), i));
+        let mut ov = ndarray::ArrayViewMutD::from_shape(IxDyn(&shape[1..]), o).expect("piece shape");
+        Zip::from(&mut ov).and(&a).and(&b).for_each(|o, &x, &y| *o = f(x, y));
+    });
+    CpuTensor::new(shape, out)
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Index = CpuIndex;
@@ -246,47 +267,32 @@ impl Backend for CpuBackend {
 
     fn unary(&self, x: &CpuTensor, op: UnaryOp) -> Result<CpuTensor> {
         checks::unary(self.name(), &x.shape)?;
-        let f: fn(f32) -> f32 = match op {
-            UnaryOp::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
-            UnaryOp::Silu => |v| v / (1.0 + (-v).exp()),
-            UnaryOp::Softplus => |v| if v > 20.0 { v } else { v.exp().ln_1p() },
-            UnaryOp::Sqrt => f32::sqrt,
-            UnaryOp::Rsqrt => |v| 1.0 / v.sqrt(),
-            UnaryOp::Exp => f32::exp,
-            UnaryOp::Relu => |v| v.max(0.0),
-            UnaryOp::Neg => |v| -v,
-            UnaryOp::Square => |v| v * v,
+        // One instantiation per op (a `fn` pointer would be an indirect call per element).
+        let data = match op {
+            UnaryOp::Sigmoid => par::map_values(&x.data, |v| 1.0 / (1.0 + (-v).exp())),
+            UnaryOp::Silu => par::map_values(&x.data, |v| v / (1.0 + (-v).exp())),
+            UnaryOp::Softplus => par::map_values(&x.data, |v| if v > 20.0 { v } else { v.exp().ln_1p() }),
+            UnaryOp::Sqrt => par::map_values(&x.data, f32::sqrt),
+            UnaryOp::Rsqrt => par::map_values(&x.data, |v| 1.0 / v.sqrt()),
+            UnaryOp::Exp => par::map_values(&x.data, f32::exp),
+            UnaryOp::Relu => par::map_values(&x.data, |v| v.max(0.0)),
+            UnaryOp::Neg => par::map_values(&x.data, |v| -v),
+            UnaryOp::Square => par::map_values(&x.data, |v| v * v),
         };
-        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, f)))
+        Ok(CpuTensor::new(x.shape.clone(), data))
     }
 
     fn binary(&self, a: &CpuTensor, b: &CpuTensor, op: BinaryOp) -> Result<CpuTensor> {
-        let f: fn(f32, f32) -> f32 = match op {
-            BinaryOp::Add => |x, y| x + y,
-            BinaryOp::Sub => |x, y| x - y,
-            BinaryOp::Mul => |x, y| x * y,
-            BinaryOp::Div => |x, y| x / y,
-            BinaryOp::Max => f32::max,
-            BinaryOp::Min => f32::min,
-        };
         let shape = checks::binary(self.name(), &a.shape, &b.shape)?;
-        if a.shape == b.shape {
-            let data = par::zip_values(&a.data, &b.data, f);
-            return Ok(CpuTensor::new(a.shape.clone(), data));
-        }
-        let (av, bv) = (a.view(), b.view());
-        let ab = av.broadcast(IxDyn(&shape)).expect("checked broadcast");
-        let bb = bv.broadcast(IxDyn(&shape)).expect("checked broadcast");
-        // Parallel over the outer axis: each piece is one outer index of the broadcast views.
-        let inner: usize = shape[1..].iter().product();
-        let len: usize = shape.iter().product();
-        let mut out = vec![0f32; len];
-        par::chunks_mut(&mut out, inner, len, |i, o| {
-            let (a, b) = (ab.index_axis(Axis(0), i), bb.index_axis(Axis(0), i));
-            let mut ov = ndarray::ArrayViewMutD::from_shape(IxDyn(&shape[1..]), o).expect("piece shape");
-            Zip::from(&mut ov).and(&a).and(&b).for_each(|o, &x, &y| *o = f(x, y));
-        });
-        Ok(CpuTensor::new(shape, out))
+        // One instantiation per op (a `fn` pointer would be an indirect call per element).
+        Ok(match op {
+            BinaryOp::Add => elementwise(a, b, shape, |x, y| x + y),
+            BinaryOp::Sub => elementwise(a, b, shape, |x, y| x - y),
+            BinaryOp::Mul => elementwise(a, b, shape, |x, y| x * y),
+            BinaryOp::Div => elementwise(a, b, shape, |x, y| x / y),
+            BinaryOp::Max => elementwise(a, b, shape, f32::max),
+            BinaryOp::Min => elementwise(a, b, shape, f32::min),
+        })
     }
 
     fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
