@@ -35,14 +35,34 @@ fn swiglu(g: f32, u: f32, limit: f32) -> f32 {
 }
 
 /// The weight-row blocks of matrix `rows` for every job: (job, first row, rows).
+///
+/// Jobs of one token (decode) get equal blocks of up to [`DECODE_BLOCK_ROWS`] rows, about four
+/// per thread over all jobs: a 64-row block of a small FP4 expert matrix (16-32 KB in the 0.75 B
+/// benchmark model) is too little to hide a task's start (the first rows' memory latency, the
+/// input's permuted layout) behind; on 2 threads, 64-row blocks made the routed experts of a
+/// decode token 40% slower than 512-row ones. Prefill jobs keep [`ROW_BLOCK`]: their rows cost
+/// `m` times more each. Every row is computed the same way whatever block it is in.
 fn blocks(jobs: &[FfnJob], rows: impl Fn(&FfnJob) -> usize) -> Vec<(usize, usize, usize)> {
+    let decode_rows: usize = jobs.iter().filter(|j| j.m == 1).map(&rows).sum();
+    let decode_block = (decode_rows / (4 * crate::threads::size().max(1)))
+        .clamp(ROW_BLOCK, DECODE_BLOCK_ROWS)
+        .next_multiple_of(ROW_BLOCK);
     let mut out = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let n = rows(job);
-        out.extend((0..n.div_ceil(ROW_BLOCK)).map(|b| (j, b * ROW_BLOCK, ROW_BLOCK.min(n - b * ROW_BLOCK))));
+        if n == 0 {
+            continue;
+        }
+        // Equal blocks (a 512-row matrix in 384-row blocks would leave a 128-row one).
+        let block =
+            if job.m == 1 { n.div_ceil(n.div_ceil(decode_block)).next_multiple_of(ROW_BLOCK) } else { ROW_BLOCK };
+        out.extend((0..n.div_ceil(block)).map(|b| (j, b * block, block.min(n - b * block))));
     }
     out
 }
+
+/// The largest block of weight rows a one-token job's task takes ([`blocks`]).
+const DECODE_BLOCK_ROWS: usize = 512;
 
 /// Places the blocks' `[m, n]` results into one `[m, cols]` matrix per job.
 fn assemble(jobs: &[FfnJob], cols: impl Fn(&FfnJob) -> usize, parts: Vec<(usize, usize, Vec<f32>)>) -> Vec<Vec<f32>> {
