@@ -7,9 +7,9 @@ use dsv4_core::precision::{round_bf16, Precision};
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{concatenate, s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::kernels::bf16_gemm;
 use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
+use crate::kernels::{bf16_gemm, fp4_bf16};
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
@@ -48,7 +48,9 @@ fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
 ///
 /// Few input rows (decode): [`dot_many`] reads each weight row once, in its stored form, and
 /// decodes it in registers for every input row; its summation order is the same on every
-/// instruction set, and the same for a packed weight and its dequantised-at-load copy.
+/// instruction set, and the same for a packed weight and its dequantised-at-load copy. The
+/// exception: one BF16 input row (`x_bf16`) on an FP4 weight with E8M0 scales goes through
+/// [`fp4_bf16`] where the CPU has AVX512-BF16 (exact products, another summation order).
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`;
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
@@ -70,7 +72,16 @@ pub(crate) fn linear_block(
     }
     if m <= GEMV_MAX_ROWS {
         if m == 1 {
-            dot_many(Isa::active(), w, start, n, xs, y.as_slice_mut().expect("standard layout"));
+            let out = y.as_slice_mut().expect("standard layout");
+            // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
+            if x_bf16 && fp4_bf16::available() {
+                if let Some((codes, scales)) = w.fp4_e8m0() {
+                    if fp4_bf16::gemv(codes, scales, w.cols, start, xs, out) {
+                        return y;
+                    }
+                }
+            }
+            dot_many(Isa::active(), w, start, n, xs, out);
         } else {
             // dot_many writes row j's m outputs together: [n, m], transposed into y [m, n].
             scratch.resize(n * m, 0.0);

@@ -16,9 +16,10 @@ pub struct CpuTensor {
     pub(crate) data: Arc<Vec<f32>>,
     /// Every value is a BF16 value (made by `round_to_bf16`, or a reshape, slice, gather or
     /// concatenation of such tensors): a GEMM may then multiply in BF16 with f32 accumulation
-    /// (`kernels::bf16_gemm`), which is exact per product but sums in another order and flushes
-    /// denormals, so bf16 results depend on whether the CPU has AVX512-BF16. The BF16 GEMM
-    /// trusts the flag: it must only be set on tensors whose every value is a BF16 value.
+    /// (`kernels::bf16_gemm`; for one row on FP4 weights `kernels::fp4_bf16`), which is exact per
+    /// product but sums in another order and flushes denormals, so bf16 results depend on
+    /// whether the CPU has AVX512-BF16. Both kernels trust the flag: it must only be set on
+    /// tensors whose every value is a BF16 value.
     pub(crate) bf16: bool,
 }
 
@@ -202,6 +203,19 @@ impl CpuWeight {
         let (isa, mut scales) = (Isa::active(), Vec::new());
         for (i, o) in out.chunks_exact_mut(self.cols.max(1)).take(n).enumerate() {
             decode_row(isa, &self.row(start + i, &mut scales), o);
+        }
+    }
+
+    /// The packed codes and E8M0 scale bytes of an FP4 weight in groups of 32 (DeepSeek V4's
+    /// routed experts), for [`crate::kernels::fp4_bf16`]; `None` for any other form.
+    pub(crate) fn fp4_e8m0(&self) -> Option<(&[u8], &[u8])> {
+        match &self.data {
+            WeightData::Fp4 { data, scale, group }
+                if *group == crate::kernels::fp4_bf16::GROUP && scale.dtype == DType::F8E8M0 =>
+            {
+                Some((data.bytes(), scale.bytes()))
+            }
+            _ => None,
         }
     }
 

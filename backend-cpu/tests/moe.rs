@@ -30,7 +30,10 @@ fn tensor(name: &str, dtype: DType, shape: &[usize], bytes: Vec<u8>) -> HostTens
 fn weight(rng: &mut Rng, n: usize, k: usize, fp4: bool) -> CpuWeight {
     let w = if fp4 {
         let q: Vec<u8> = (0..n * k / 2).map(|_| rng.next() as u8).collect();
-        let s: Vec<u8> = (0..n * k.div_ceil(32)).map(|_| 122 + (rng.next() % 6) as u8).collect();
+        // Now and then a 0 byte (2⁻¹²⁷), which the kernels decode apart.
+        let s: Vec<u8> = (0..n * k.div_ceil(32))
+            .map(|_| if rng.next().is_multiple_of(50) { 0 } else { 122 + (rng.next() % 6) as u8 })
+            .collect();
         StoredWeight::detect(
             &tensor("w.weight", DType::I8, &[n, k / 2], q),
             Some(&tensor("w.scale", DType::F8E8M0, &[n, k.div_ceil(32)], s)),
@@ -73,9 +76,14 @@ fn composed_ffn(
 fn fused_experts_equal_the_composition_bit_for_bit() {
     let be = CpuBackend::new();
     let mut rng = Rng(17);
-    // d = 160 and inter = 96: blocks of rows that do not divide evenly.
-    let (d, inter, n_experts) = (160, 96, 8);
-    for (fp4, act) in [true, false].into_iter().flat_map(|f| Precision::ALL.map(|a| (f, a))) {
+    // d = 160 and inter = 96: blocks of rows that do not divide evenly. d = 256 and inter = 640:
+    // whole 128-value blocks, so one-row FP4 jobs in bf16 take `kernels::fp4_bf16` (on a CPU
+    // with AVX512-BF16), in more than one 512-row block.
+    let n_experts = 8;
+    for (d, inter, fp4, act) in [(160, 96), (256, 640)]
+        .into_iter()
+        .flat_map(|(d, i)| [true, false].into_iter().flat_map(move |f| Precision::ALL.map(move |a| (d, i, f, a))))
+    {
         let experts: Vec<_> = (0..n_experts).map(|_| expert(&mut rng, d, inter, fp4)).collect();
         for (t, k) in [(1, 3), (2, 2), (5, 3), (40, 4)] {
             // Large inputs so that the clamps at ±10 are reached; BF16 values in bf16, as the

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 pub mod attn;
 pub(crate) mod bf16_gemm;
 pub(crate) mod e8m0;
+pub(crate) mod fp4_bf16;
 mod fp8_fold;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
