@@ -58,25 +58,26 @@ fn from_four_way(p: usize) -> usize {
 
 impl Folded {
     /// `x` folded with `scales` (one per `block` values); `x` empty if the fold is not exact.
-    fn new(x: &[f32], scales: &[f32], block: usize) -> Folded {
+    /// `xp` is the input already in the 4-way layout ([`four_way`]): the layout keeps each
+    /// value inside its chunk, so inside its block, and the fold is one multiply per value, a
+    /// loop the compiler vectorises. (Permuting here, per fold, cost as much as the GEMV's
+    /// multiply-adds for a weight whose row blocks all have different scales.)
+    fn new(xp: &[f32], scales: &[f32], block: usize) -> Folded {
         let mut folded = Folded { scales: scales.to_vec(), block, x: Vec::new() };
         let Some(factors) = scales.iter().map(|&s| factor(s)).collect::<Option<Vec<f32>>>() else {
             return folded;
         };
-        // `x.len()` is a multiple of 32 and every block a whole number of chunks.
-        folded.x.resize(x.len(), 0.0);
+        // `xp.len()` is a multiple of 32 and every block a whole number of chunks.
+        folded.x.resize(xp.len(), 0.0);
         let mut inexact = false;
-        for (c, (chunk, out)) in x.chunks_exact(LANES).zip(folded.x.chunks_exact_mut(LANES)).enumerate() {
-            let f = factors[c * LANES / block];
+        for (b, (xb, out)) in xp.chunks(block).zip(folded.x.chunks_mut(block)).enumerate() {
+            let f = factors[b];
             // `1 / f` is a power of two in range, so `y · (1 / f)` is `y / f`.
             let inv = 1.0 / f;
-            let mut y = [0f32; LANES];
-            for (yv, &v) in y.iter_mut().zip(chunk) {
-                *yv = v * f;
-                inexact |= *yv * inv != v;
-            }
-            for (p, o) in out.iter_mut().enumerate() {
-                *o = y[from_four_way(p)];
+            for (o, &v) in out.iter_mut().zip(xb) {
+                let y = v * f;
+                inexact |= y * inv != v;
+                *o = y;
             }
         }
         if inexact {
@@ -86,9 +87,21 @@ impl Folded {
     }
 }
 
+/// `x` (a multiple of 32 values) with every chunk in the 4-way layout.
+fn four_way(x: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    for chunk in x.chunks_exact(LANES) {
+        out.extend((0..LANES).map(|p| chunk[from_four_way(p)]));
+    }
+}
+
 /// Whether two inputs are bit for bit the same (`-0.0` is not `+0.0` here: the folds differ
 /// in the sign of zero products). A loop without early exit, which the compiler vectorises.
 fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    if a.len() <= 16 {
+        // A row's scales (one per block): a short loop, which the chunked one costs more than.
+        return a.len() == b.len() && a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits());
+    }
     a.len() == b.len()
         && a.chunks(64)
             .zip(b.chunks(64))
@@ -119,6 +132,8 @@ pub(crate) struct FoldedPair(Folds);
 struct Folds {
     /// The input the folds belong to.
     x: Vec<f32>,
+    /// `x` in the 4-way layout ([`four_way`]; empty unless `x` is whole chunks).
+    xp: Vec<f32>,
     /// Up to [`KEPT`] folds, the oldest replaced first.
     kept: Vec<Folded>,
     next: usize,
@@ -135,6 +150,10 @@ impl FoldedPair {
         if !same_bits(&f.x, x) {
             f.x.clear();
             f.x.extend_from_slice(x);
+            f.xp.clear();
+            if x.len().is_multiple_of(LANES) {
+                four_way(x, &mut f.xp);
+            }
             f.kept.clear();
             f.next = 0;
         }
@@ -149,7 +168,7 @@ impl FoldedPair {
         if let Some(i) = f.kept.iter().position(|k| k.block == block && same_bits(&k.scales, scales)) {
             return i;
         }
-        let new = Folded::new(&f.x, scales, block);
+        let new = Folded::new(&f.xp, scales, block);
         if f.kept.len() < KEPT {
             f.kept.push(new);
             return f.kept.len() - 1;
