@@ -6,7 +6,7 @@ use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
-use crate::kernels::weights::{decode_row, Row, RowScratch, Rows};
+use crate::kernels::weights::{decode_row, Fp8Blocks, Row, RowScratch, Rows};
 use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -269,6 +269,22 @@ impl Rows for CpuWeight {
                 scratch.key = None;
                 CpuWeight::row(self, r, &mut scratch.scales)
             }
+        }
+    }
+
+    fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
+        match &self.data {
+            WeightData::Fp8 { data, block_rows, block_cols, .. } => {
+                Some(Fp8Blocks { codes: data.bytes(), k: self.cols, block_rows: *block_rows, block_cols: *block_cols })
+            }
+            _ => None,
+        }
+    }
+
+    fn fp8_block_scales(&self, b: usize, out: &mut Vec<f32>) {
+        if let WeightData::Fp8 { scale, block_cols, .. } = &self.data {
+            let per_row = self.cols.div_ceil(*block_cols);
+            decode_scales(scale, b * per_row, per_row, out);
         }
     }
 }

@@ -159,6 +159,26 @@ pub trait Rows: Sync {
     /// the format has them. `scratch` is reused from row to row, so an implementation may keep
     /// scales there that rows share (FP8 rows of one 128-row block).
     fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a>;
+
+    /// An FP8 matrix's codes and scale blocks, for the one-input-row kernel that walks a block
+    /// of rows at a time ([`super::fp8_fold::rows`]); `None` (the default) for other forms.
+    fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
+        None
+    }
+
+    /// The scales of FP8 row block `b` (one per `block_cols` values), into `out`. Called only
+    /// when [`Rows::fp8_blocks`] is `Some`.
+    fn fp8_block_scales(&self, _b: usize, _out: &mut Vec<f32>) {}
+}
+
+/// The codes of an FP8 matrix ([`Rows::fp8_blocks`]): `codes` is `[rows, k]` e4m3fn, row-major,
+/// with one scale per `block_rows × block_cols` block.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8Blocks<'a> {
+    pub codes: &'a [u8],
+    pub k: usize,
+    pub block_rows: usize,
+    pub block_cols: usize,
 }
 
 /// Per-thread scratch of [`Rows::row`]: decoded scales and which rows they belong to.
@@ -226,6 +246,14 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
     let m = out.len() / n;
     let mut scratch = RowScratch::default();
     let mut decoded = Vec::new();
+    if m == 1 && S::FOLDS_FP8 {
+        if let Some(blocks) = w.fp8_blocks() {
+            // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; `rows` checks the lengths.
+            if unsafe { super::fp8_fold::rows(w, blocks, start, n, xs, out) } {
+                return;
+            }
+        }
+    }
     if m == 1 {
         // One input row (decode): rows two at a time, their chunks interleaved. The pair is
         // row i and row i + n/2, far apart: two adjacent rows interleaved make one
