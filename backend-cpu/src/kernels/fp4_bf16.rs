@@ -5,21 +5,23 @@
 //! The f32 kernels of [`super::weights`] turn each code into an f32 with a cross-lane table
 //! look-up (`vpermps`, 16 values at a time) and multiply-add it: on Zen 4 that runs at about
 //! 20 G values/s per core, half the rate at which memory delivers FP4 codes, so the experts of a
-//! decode token took twice their share of memory time. Here a code becomes a BF16 value with
-//! in-lane byte shuffles (`vpshufb` on the low and high byte of the 16 possible values, then
-//! `vpunpck{l,h}bw`), and `vdpbf16ps` multiplies two pairs per f32 lane: per 128 values, four
-//! shuffles, four unpacks, four `vdpbf16ps` and one f32 multiply-add by the scales.
+//! decode token took twice their share of memory time. Here 32 codes at a time become BF16
+//! values with one `vpermw` (a 32-entry table of words), and `vdpbf16ps` multiplies two pairs
+//! per f32 lane: per 128 values, three shifts, four `vpermw`, four `vdpbf16ps` and one f32
+//! multiply-add by the scales (one thread on Zen 4: 44 G values/s from L2, 30-33 from memory).
 //!
 //! # Layout
 //!
-//! A 64-byte load holds 128 values, four groups of 32, one per 128-bit lane `L`. In lane `L`,
-//! the low nibbles of the 16 bytes are the group's even values, the high nibbles its odd ones;
-//! the unpacks give four word vectors `w0..w3` whose word `w` of lane `L` is value
-//! `2w`, `2w + 16`, `2w + 1`, `2w + 17` of group `L`. The input is permuted into the same layout
-//! (and narrowed to its BF16 bits) once per call, so each `vdpbf16ps` pairs every weight with
-//! its input. The four `vdpbf16ps` of a block sum into a fresh register, whose lane `L` then holds
-//! group `L`'s unscaled partial sums; one `vfmadd` by the groups' scales (`2^(e−127)`, built from
-//! the four E8M0 bytes with a `vpshufb` and a shift) adds them to the row's accumulator.
+//! A 64-byte load holds 128 values as 32 words; word `w` holds the codes of values `4w .. 4w+3`,
+//! one per nibble. Shifted right by `4q`, its low 4 bits are the code of value `4w + q`; `vpermw`
+//! reads the low 5 bits of each word, and the table holds the 16 BF16 values twice, so bit 4
+//! (the next code's) does not matter. So word vector `q` holds values `4w + q`, and 128-bit lane
+//! `L` (words `8L .. 8L+7`) holds values of group `L` only. The input is permuted into the same
+//! layout (and narrowed to its BF16 bits) once per call, so each `vdpbf16ps` pairs every weight
+//! with its input. The four `vdpbf16ps` of a block sum into a fresh register, whose lane `L`
+//! then holds group `L`'s unscaled partial sums; one `vfmadd` by the groups' scales
+//! (`2^(e−127)`, built from the four E8M0 bytes with a `vpshufb` and a shift) adds them to the
+//! row's accumulator.
 //!
 //! # Arithmetic
 //!
@@ -101,10 +103,10 @@ pub(crate) fn gemv(codes: &[u8], scales: &[u8], k: usize, start: usize, x: &[f32
     }
 }
 
-/// The position in a block of the value that word `w` of word vector `i` in lane `lane` holds
-/// (module documentation).
+/// The position in a block of the value that word `w` of lane `lane` in word vector `i` holds
+/// (module documentation): word `8 · lane + w` of the load, nibble `i`.
 const fn value_at(i: usize, lane: usize, w: usize) -> usize {
-    GROUP * lane + 2 * w + [0, 16, 1, 17][i]
+    4 * (8 * lane + w) + i
 }
 
 /// For each position `32 i + 8 L + w` of a block in the kernel's layout, the value it holds.
@@ -136,22 +138,11 @@ mod x86 {
     use super::{BLOCK, GROUP};
 
     /// The low and the high byte of the BF16 value of each e2m1 code (0, ±0.5, ±1, ±1.5, ±2, ±3,
-    /// ±4, ±6; code 8 is −0), one 16-entry table per 128-bit lane.
+    /// ±4, ±6; code 8 is −0).
     const BF16_LOW: [u8; 16] =
         [0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0];
     const BF16_HIGH: [u8; 16] =
         [0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0];
-
-    /// A 16-byte table in all four 128-bit lanes.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX-512 F.
-    #[inline(always)]
-    unsafe fn table(t: &[u8; 16]) -> __m512i {
-        // SAFETY: `t` is 16 bytes; AVX-512 F (the caller).
-        unsafe { _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr().cast())) }
-    }
 
     /// The same 512 bits as BF16 pairs.
     ///
@@ -167,9 +158,7 @@ mod x86 {
     /// The constants of [`block`].
     #[derive(Clone, Copy)]
     struct Consts {
-        lo_t: __m512i,
-        hi_t: __m512i,
-        nibble: __m512i,
+        table: __m512i,
         pick: __m512i,
     }
 
@@ -184,18 +173,17 @@ mod x86 {
         // SAFETY: as above.
         unsafe {
             let c = _mm512_loadu_si512(c.cast());
-            let lo = _mm512_and_si512(c, k.nibble);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), k.nibble);
-            let (ll, lh) = (_mm512_shuffle_epi8(k.lo_t, lo), _mm512_shuffle_epi8(k.hi_t, lo));
-            let (hl, hh) = (_mm512_shuffle_epi8(k.lo_t, hi), _mm512_shuffle_epi8(k.hi_t, hi));
-            let mut p = _mm512_dpbf16_ps(
-                _mm512_setzero_ps(),
-                bh(_mm512_unpacklo_epi8(ll, lh)),
-                bh(_mm512_loadu_si512(x.cast())),
-            );
-            p = _mm512_dpbf16_ps(p, bh(_mm512_unpackhi_epi8(ll, lh)), bh(_mm512_loadu_si512(x.add(32).cast())));
-            p = _mm512_dpbf16_ps(p, bh(_mm512_unpacklo_epi8(hl, hh)), bh(_mm512_loadu_si512(x.add(64).cast())));
-            p = _mm512_dpbf16_ps(p, bh(_mm512_unpackhi_epi8(hl, hh)), bh(_mm512_loadu_si512(x.add(96).cast())));
+            // Word `w` holds the codes of values 4w .. 4w + 3, one per nibble; `vpermw` reads the
+            // low 5 bits of each word, and the table repeats its 16 entries, so bit 4 (the next
+            // nibble's) does not matter.
+            let w0 = _mm512_permutexvar_epi16(c, k.table);
+            let w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(c, 4), k.table);
+            let w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(c, 8), k.table);
+            let w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(c, 12), k.table);
+            let mut p = _mm512_dpbf16_ps(_mm512_setzero_ps(), bh(w0), bh(_mm512_loadu_si512(x.cast())));
+            p = _mm512_dpbf16_ps(p, bh(w1), bh(_mm512_loadu_si512(x.add(32).cast())));
+            p = _mm512_dpbf16_ps(p, bh(w2), bh(_mm512_loadu_si512(x.add(64).cast())));
+            p = _mm512_dpbf16_ps(p, bh(w3), bh(_mm512_loadu_si512(x.add(96).cast())));
             let e = _mm512_shuffle_epi8(_mm512_set1_epi32(sc.cast::<i32>().read_unaligned()), k.pick);
             let mut s = _mm512_slli_epi32(e, 23);
             if FIX {
@@ -232,9 +220,11 @@ mod x86 {
             // (a control byte with bit 7 set writes a zero).
             let pick: [u32; 16] = std::array::from_fn(|i| 0x8080_8000 | (i / 4) as u32);
             let consts = Consts {
-                lo_t: table(&BF16_LOW),
-                hi_t: table(&BF16_HIGH),
-                nibble: _mm512_set1_epi8(0x0F),
+                table: {
+                    let t: [u16; 32] =
+                        std::array::from_fn(|i| ((BF16_HIGH[i % 16] as u16) << 8) | BF16_LOW[i % 16] as u16);
+                    _mm512_loadu_si512(t.as_ptr().cast())
+                },
                 pick: _mm512_loadu_si512(pick.as_ptr().cast()),
             };
             let blocks = k / BLOCK;
