@@ -39,9 +39,15 @@ const GEMV_MAX_ROWS: usize = 8;
 /// Weight rows per parallel task of a GEMV: about 8 tasks per thread (enough to even out
 /// a thread that starts late), in whole [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's:
 /// each task pays a set-up (checking and folding the input, see `kernels::fp8_fold`) that a
-/// GEMV's few multiply-adds per weight row do not hide in 64-row tasks.
+/// GEMV's few multiply-adds per weight row do not hide in 64-row tasks. A matrix of fewer than
+/// two blocks per thread (mHC's `[24, 4096]` mixing weights, the router) is split evenly over
+/// the threads instead of going whole to one of them.
 fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
-    rows.div_ceil(8 * threads.max(1)).div_ceil(ROW_BLOCK).max(1) * ROW_BLOCK
+    let threads = threads.max(1);
+    if rows < 2 * ROW_BLOCK * threads {
+        return rows.div_ceil(threads).next_multiple_of(2).max(1);
+    }
+    rows.div_ceil(8 * threads).div_ceil(ROW_BLOCK) * ROW_BLOCK
 }
 
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.
