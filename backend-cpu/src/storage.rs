@@ -67,10 +67,6 @@ impl CpuIndex {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         CpuIndex { shape, data: Arc::new(data) }
     }
-
-    pub(crate) fn view(&self) -> ArrayViewD<'_, i32> {
-        ArrayViewD::from_shape(IxDyn(&self.shape), &self.data).expect("shape matches data length")
-    }
 }
 
 /// Element storage of a weight.
