@@ -36,8 +36,9 @@ fn owned(view: ArrayViewD<'_, f32>) -> CpuTensor {
 /// Inputs with at most this many rows take the GEMV path in `linear_block`.
 const GEMV_MAX_ROWS: usize = 8;
 
-/// Weight rows per parallel task of a GEMV: about 8 tasks per thread (enough to even out
-/// a thread that starts late), in whole [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's:
+/// Weight rows per parallel task of a GEMV: for a matrix of at least two [`ROW_BLOCK`]s per
+/// thread, about 8 tasks per thread (enough to even out a thread that starts late), in whole
+/// [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's:
 /// each task pays a set-up (checking and folding the input, see `kernels::fp8_fold`) that a
 /// GEMV's few multiply-adds per weight row do not hide in 64-row tasks. A matrix of fewer than
 /// two blocks per thread (mHC's `[24, 4096]` mixing weights, the router) is split evenly over
@@ -123,6 +124,9 @@ pub(crate) fn linear_block(
 fn concat_rows<T: Copy>(shapes: &[&[usize]], data: &[&[T]], axis: usize) -> (Vec<usize>, Vec<T>) {
     let mut shape = shapes[0].to_vec();
     shape[axis] = shapes.iter().map(|s| s[axis]).sum();
+    if shape.iter().product::<usize>() == 0 {
+        return (shape, Vec::new());
+    }
     let outer: usize = shape[..axis].iter().product();
     let runs: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
     let mut out = Vec::with_capacity(shape.iter().product());
@@ -665,5 +669,38 @@ impl Backend for CpuBackend {
         checks::offset_index(self.name(), &idx.shape, offset, bounds(idx))?;
         let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
         Ok(CpuIndex::new(idx.shape.clone(), data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_tasks_are_never_empty_and_cover_small_matrices_evenly() {
+        for threads in [0, 1, 2, 3, 16, 64] {
+            for rows in 1..2100 {
+                let per = gemv_rows_per_task(rows, threads);
+                assert!(per > 0, "{rows} rows, {threads} threads");
+                if rows < 2 * ROW_BLOCK * threads.max(1) {
+                    assert!(per.is_multiple_of(2) || per == 1, "{rows} rows, {threads} threads: {per}");
+                    assert!(rows.div_ceil(per) <= threads.max(1), "{rows} rows, {threads} threads: {per}");
+                } else {
+                    assert!(per.is_multiple_of(ROW_BLOCK), "{rows} rows, {threads} threads: {per}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concat_rows_joins_contiguous_runs() {
+        let (a, b) = ([1, 2, 3, 4, 5, 6], [7, 8]);
+        // [2, 3] ++ [2, 1] along axis 1.
+        assert_eq!(concat_rows(&[&[2, 3], &[2, 1]], &[&a, &b], 1), (vec![2, 4], vec![1, 2, 3, 7, 4, 5, 6, 8]));
+        // [3, 2] ++ [1, 2] along axis 0.
+        assert_eq!(concat_rows(&[&[3, 2], &[1, 2]], &[&a, &b], 0), (vec![4, 2], vec![1, 2, 3, 4, 5, 6, 7, 8]));
+        // Empty runs.
+        let e: [i32; 0] = [];
+        assert_eq!(concat_rows(&[&[1 << 40, 0], &[1 << 40, 0]], &[&e, &e], 1), (vec![1 << 40, 0], vec![]));
     }
 }

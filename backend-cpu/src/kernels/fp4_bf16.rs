@@ -304,6 +304,28 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
     }
 
+    /// What the kernel reads, modelled in scalar code (so it runs on every CPU): word `8L + w`
+    /// of a 64-byte block, shifted right by `4i`, has in its low 4 bits the code of the value
+    /// `value_at(i, L, w)` that the input layout puts at word `w` of lane `L` in vector `i`.
+    #[test]
+    fn the_words_the_kernel_reads_hold_the_layouts_values() {
+        let codes: Vec<u8> = (0..BLOCK / 2).map(|i| (i as u8).wrapping_mul(73).wrapping_add(5)).collect();
+        for i in 0..4 {
+            for lane in 0..4 {
+                for w in 0..8 {
+                    let word = u16::from_le_bytes([codes[2 * (8 * lane + w)], codes[2 * (8 * lane + w) + 1]]);
+                    let v = value_at(i, lane, w);
+                    assert_eq!(
+                        ((word >> (4 * i)) & 0xF) as usize,
+                        code(&codes, BLOCK, 0, v),
+                        "vector {i} lane {lane} word {w}"
+                    );
+                    assert_eq!(LAYOUT[32 * i + 8 * lane + w] as usize, v);
+                }
+            }
+        }
+    }
+
     /// Integer inputs and scales near 1 keep every partial sum exact, so any pairing of a weight
     /// with the wrong input or scale shows as a different result.
     #[test]

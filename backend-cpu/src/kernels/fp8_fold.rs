@@ -24,7 +24,8 @@
 //! A 32-bit lane holds four codes, value `4p + q` in byte `q` of lane `p`; each byte is
 //! moved into place with shifts, so a chunk of 32 values decodes into four 8-lane registers
 //! `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the *4-way layout*). The input is
-//! permuted into the same layout when it is folded. The canonical reduction pairs lanes 16,
+//! permuted into the same layout once (per input and thread, [`FoldedPair::take`]), and each fold
+//! multiplies the permuted input. The canonical reduction pairs lanes 16,
 //! 8 and 4 apart first, which keeps `j mod 4`, so it is the 8-lane tree of each register and
 //! then `(r₀ + r₂) + (r₁ + r₃)`.
 
@@ -57,8 +58,8 @@ fn from_four_way(p: usize) -> usize {
 }
 
 impl Folded {
-    /// `x` folded with `scales` (one per `block` values); `x` empty if the fold is not exact.
-    /// `xp` is the input already in the 4-way layout ([`four_way`]): the layout keeps each
+    /// The input folded with `scales` (one per `block` values); `x` empty if the fold is not
+    /// exact. `xp` is the input already in the 4-way layout ([`four_way`]): the layout keeps each
     /// value inside its chunk, so inside its block, and the fold is one multiply per value, a
     /// loop the compiler vectorises. (Permuting here, per fold, cost as much as the GEMV's
     /// multiply-adds for a weight whose row blocks all have different scales.)
@@ -236,8 +237,8 @@ impl FoldedPair {
 /// as much as the multiply-adds of two 512-value rows). The same bits as [`FoldedPair::pair`]
 /// row by row. Returns `false` (the caller then runs the general path, which gives the same
 /// bits; `out` may be partly written) when the fold does not apply: `k` or `block_cols` not
-/// whole chunks, a scale or an input value the fold is not exact for, a NaN code, or an odd
-/// number of rows in a block.
+/// whole chunks, a scale or an input value the fold is not exact for, or a NaN code. An odd
+/// number of rows in a block ends with its last row alone.
 ///
 /// # Safety
 ///
@@ -253,7 +254,12 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
         let k = m.k;
         assert_eq!(out.len(), n, "fp8_fold::rows: {n} rows into {} outputs", out.len());
         assert!(m.codes.len() >= (start + n) * k, "fp8_fold::rows: codes too short for rows ..{}", start + n);
-        if x.len() != k || !k.is_multiple_of(LANES) || !m.block_cols.is_multiple_of(LANES) || m.block_rows == 0 {
+        if x.len() != k
+            || !k.is_multiple_of(LANES)
+            || m.block_cols == 0
+            || !m.block_cols.is_multiple_of(LANES)
+            || m.block_rows == 0
+        {
             return false;
         }
         let mut folds = FoldedPair::take(x);
@@ -262,9 +268,7 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
         while j < n {
             let b = (start + j) / m.block_rows;
             let seg = ((b + 1) * m.block_rows - (start + j)).min(n - j);
-            if !seg.is_multiple_of(2) {
-                return false;
-            }
+            scales.clear();
             w.fp8_block_scales(b, &mut scales);
             if scales.len() < k.div_ceil(m.block_cols) {
                 return false;
@@ -283,6 +287,17 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
                     x86::pair(m.codes.as_ptr().add(r0 * k), m.codes.as_ptr().add(r1 * k), xf.as_ptr(), xf.as_ptr(), k)
                 } {
                     Some((a, c)) => (out[j + p], out[j + p + h]) = (a, c),
+                    None => return false,
+                }
+            }
+            if seg % 2 == 1 {
+                // The last row alone, as both rows of a pair (the two sums are independent).
+                let r = start + j + seg - 1;
+                // SAFETY: as above.
+                match unsafe {
+                    x86::pair(m.codes.as_ptr().add(r * k), m.codes.as_ptr().add(r * k), xf.as_ptr(), xf.as_ptr(), k)
+                } {
+                    Some((a, _)) => out[j + seg - 1] = a,
                     None => return false,
                 }
             }
@@ -461,5 +476,75 @@ mod tests {
             assert_eq!(got.0.to_bits(), reference(&codes, &s0, 128, &x).to_bits(), "scales 2^{e0}, 2^{e1}");
             assert_eq!(got.1.to_bits(), reference(&codes, &s1, 128, &x).to_bits(), "scales 2^{e0}, 2^{e1}");
         }
+    }
+
+    /// An FP8 matrix with 128-row blocks, readable both ways (`row` and `fp8_blocks`).
+    struct Blocked {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        k: usize,
+    }
+
+    impl Rows for Blocked {
+        fn row<'a>(&'a self, r: usize, _: &'a mut crate::kernels::RowScratch) -> Row<'a> {
+            let per = self.k.div_ceil(128);
+            Row::Fp8 {
+                codes: &self.codes[r * self.k..(r + 1) * self.k],
+                scales: &self.scales[r / 128 * per..],
+                block: 128,
+            }
+        }
+        fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
+            Some(Fp8Blocks { codes: &self.codes, k: self.k, block_rows: 128, block_cols: 128 })
+        }
+        fn fp8_block_scales(&self, b: usize, out: &mut Vec<f32>) {
+            let per = self.k.div_ceil(128);
+            out.extend_from_slice(&self.scales[b * per..(b + 1) * per]);
+        }
+    }
+
+    /// The block walk gives the reference bits for any first row and row count (blocks entered
+    /// midway, odd segments), and declines (so the general path runs) for a block whose scale
+    /// does not fold or a NaN code, wherever they are.
+    #[test]
+    fn the_block_walk_gives_the_reference_bits_or_declines() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2+FMA, the fold's only path");
+            return;
+        }
+        let (n, k) = (300usize, 256usize);
+        let mut m = Blocked {
+            codes: (0..n * k).map(|j| (j as u8).wrapping_mul(151).wrapping_add((j / 97) as u8) & 0xF7).collect(),
+            scales: (0..n.div_ceil(128) * 2).map(|i| 2f32.powi(i as i32 % 5 - 3)).collect(),
+            k,
+        };
+        let x: Vec<f32> = (0..k).map(|j| ((j * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let per = k.div_ceil(128);
+        let check = |m: &Blocked, start: usize, len: usize| {
+            let mut out = vec![f32::NAN; len];
+            // SAFETY: AVX2 and FMA checked above.
+            let ok = unsafe { rows(m, m.fp8_blocks().unwrap(), start, len, &x, &mut out) };
+            if ok {
+                for (j, &o) in out.iter().enumerate() {
+                    let r = start + j;
+                    let want = reference(&m.codes[r * k..(r + 1) * k], &m.scales[r / 128 * per..], 128, &x);
+                    assert_eq!(o.to_bits(), want.to_bits(), "row {r} of {start}..{}", start + len);
+                }
+            }
+            ok
+        };
+        for (start, len) in [(0, 300), (1, 127), (64, 128), (127, 3), (5, 1), (129, 171)] {
+            assert!(check(&m, start, len), "rows {start}..{} decline", start + len);
+        }
+        // Block 2 (rows 256..) with a scale the fold cannot take (2^8): declined when the call
+        // reaches it, not otherwise.
+        m.scales[2 * per] = 256.0;
+        assert!(!check(&m, 200, 100));
+        assert!(check(&m, 0, 256));
+        // A NaN code in row 140.
+        m.scales[2 * per] = 1.0;
+        m.codes[140 * k + 9] = 0x7F;
+        assert!(!check(&m, 100, 60));
+        assert!(check(&m, 141, 100));
     }
 }

@@ -161,13 +161,14 @@ pub trait Rows: Sync {
     fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a>;
 
     /// An FP8 matrix's codes and scale blocks, for the one-input-row kernel that walks a block
-    /// of rows at a time ([`super::fp8_fold::rows`]); `None` (the default) for other forms.
+    /// of rows at a time (`fp8_fold::rows`); `None` (the default) for other forms. Must describe
+    /// the same matrix as [`Rows::row`] (the two paths must give the same bits).
     fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
         None
     }
 
-    /// The scales of FP8 row block `b` (one per `block_cols` values), into `out`. Called only
-    /// when [`Rows::fp8_blocks`] is `Some`.
+    /// The scales of FP8 row block `b` (one per `block_cols` values), replacing the contents of
+    /// `out`. Called only when [`Rows::fp8_blocks`] is `Some`.
     fn fp8_block_scales(&self, _b: usize, _out: &mut Vec<f32>) {}
 }
 
