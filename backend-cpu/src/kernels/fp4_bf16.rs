@@ -135,14 +135,9 @@ fn permute_input(x: &[f32]) -> Vec<u16> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, GROUP};
+    use dsv4_core::quant::E2M1_TO_F32;
 
-    /// The low and the high byte of the BF16 value of each e2m1 code (0, ±0.5, ±1, ±1.5, ±2, ±3,
-    /// ±4, ±6; code 8 is −0).
-    const BF16_LOW: [u8; 16] =
-        [0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0, 0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0];
-    const BF16_HIGH: [u8; 16] =
-        [0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40, 0x80, 0xBF, 0xBF, 0xBF, 0xC0, 0xC0, 0xC0, 0xC0];
+    use super::{BLOCK, GROUP};
 
     /// The same 512 bits as BF16 pairs.
     ///
@@ -221,8 +216,8 @@ mod x86 {
             let pick: [u32; 16] = std::array::from_fn(|i| 0x8080_8000 | (i / 4) as u32);
             let consts = Consts {
                 table: {
-                    let t: [u16; 32] =
-                        std::array::from_fn(|i| ((BF16_HIGH[i % 16] as u16) << 8) | BF16_LOW[i % 16] as u16);
+                    // Each e2m1 value's BF16 bits (the high half of its f32, exact), twice.
+                    let t: [u16; 32] = std::array::from_fn(|i| (E2M1_TO_F32[i % 16].to_bits() >> 16) as u16);
                     _mm512_loadu_si512(t.as_ptr().cast())
                 },
                 pick: _mm512_loadu_si512(pick.as_ptr().cast()),
