@@ -24,10 +24,10 @@
 //! A 32-bit lane holds four codes, value `4p + q` in byte `q` of lane `p`; each byte is
 //! moved into place with shifts, so a chunk of 32 values decodes into four 8-lane registers
 //! `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the *4-way layout*). The input is
-//! permuted into the same layout once (per input and thread, [`FoldedPair::take`]), and each fold
-//! multiplies the permuted input. The canonical reduction pairs lanes 16,
-//! 8 and 4 apart first, which keeps `j mod 4`, so it is the 8-lane tree of each register and
-//! then `(r₀ + r₂) + (r₁ + r₃)`.
+//! permuted into the same layout once (per input and thread, [`FoldedPair::take`]), and each
+//! fold multiplies the permuted input. The canonical reduction pairs lanes 16, 8 and 4 apart
+//! first, which keeps `j mod 4`, so it is the 8-lane tree of each register and then
+//! `(r₀ + r₂) + (r₁ + r₃)`.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -278,26 +278,23 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
             if xf.is_empty() {
                 return false;
             }
-            let h = seg / 2;
+            // Row p with row p + h; in an odd segment row h - 1 has no partner and runs as both
+            // rows of a pair (the two sums are independent).
+            let h = seg.div_ceil(2);
             for p in 0..h {
-                let (r0, r1) = (start + j + p, start + j + p + h);
+                let alone = p + h == seg;
+                let (r0, r1) = (start + j + p, start + j + if alone { p } else { p + h });
                 // SAFETY: the caller guarantees AVX2 and FMA; rows r0, r1 < start + n hold `k`
                 // codes each (checked above) and the folded input `k` values.
                 match unsafe {
                     x86::pair(m.codes.as_ptr().add(r0 * k), m.codes.as_ptr().add(r1 * k), xf.as_ptr(), xf.as_ptr(), k)
                 } {
-                    Some((a, c)) => (out[j + p], out[j + p + h]) = (a, c),
-                    None => return false,
-                }
-            }
-            if seg % 2 == 1 {
-                // The last row alone, as both rows of a pair (the two sums are independent).
-                let r = start + j + seg - 1;
-                // SAFETY: as above.
-                match unsafe {
-                    x86::pair(m.codes.as_ptr().add(r * k), m.codes.as_ptr().add(r * k), xf.as_ptr(), xf.as_ptr(), k)
-                } {
-                    Some((a, _)) => out[j + seg - 1] = a,
+                    Some((a, c)) => {
+                        out[j + p] = a;
+                        if !alone {
+                            out[j + p + h] = c;
+                        }
+                    }
                     None => return false,
                 }
             }
