@@ -38,11 +38,10 @@ const GEMV_MAX_ROWS: usize = 8;
 
 /// Weight rows per parallel task of a GEMV: for a matrix of at least two [`ROW_BLOCK`]s per
 /// thread, about 8 tasks per thread (enough to even out a thread that starts late), in whole
-/// [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's:
-/// each task pays a set-up (checking and folding the input, see `kernels::fp8_fold`) that a
-/// GEMV's few multiply-adds per weight row do not hide in 64-row tasks. A matrix of fewer than
-/// two blocks per thread (mHC's `[24, 4096]` mixing weights, the router) is split evenly over
-/// the threads instead of going whole to one of them.
+/// [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's: each task pays a set-up (checking and
+/// folding the input, see `kernels::fp8_fold`) that a GEMV's few multiply-adds per weight row
+/// do not hide in 64-row tasks. A smaller matrix (mHC's `[24, 4096]` mixing weights, the
+/// router) is split evenly over the threads instead of going whole to one of them.
 fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
     let threads = threads.max(1);
     if rows < 2 * ROW_BLOCK * threads {
@@ -117,25 +116,23 @@ pub(crate) fn linear_block(
     y
 }
 
-/// The concatenation of row-major tensors along `axis` (shapes checked by the caller: equal
-/// but for `axis`): for each index of the axes before `axis`, each input's contiguous run in
-/// turn. Plain copies, where ndarray's `concatenate` plus a standard-layout copy took 7-8 us for
-/// the few-KB tensors of a decode step.
-fn concat_rows<T: Copy>(shapes: &[&[usize]], data: &[&[T]], axis: usize) -> (Vec<usize>, Vec<T>) {
-    let mut shape = shapes[0].to_vec();
-    shape[axis] = shapes.iter().map(|s| s[axis]).sum();
-    if shape.iter().product::<usize>() == 0 {
-        return (shape, Vec::new());
+/// The concatenation along `axis` of row-major tensors of `shapes` into one of `shape` (as
+/// `checks::concat` gives it): for each index of the axes before `axis`, each input's contiguous
+/// run in turn. Plain copies, where ndarray's `concatenate` plus a standard-layout copy took
+/// 7-8 us for the few-KB tensors of a decode step.
+fn concat_rows<T: Copy>(shape: &[usize], shapes: &[&[usize]], data: &[&[T]], axis: usize) -> Vec<T> {
+    let len: usize = shape.iter().product();
+    if len == 0 {
+        return Vec::new();
     }
-    let outer: usize = shape[..axis].iter().product();
     let runs: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
-    let mut out = Vec::with_capacity(shape.iter().product());
-    for o in 0..outer {
+    let mut out = Vec::with_capacity(len);
+    for o in 0..shape[..axis].iter().product() {
         for (d, &run) in data.iter().zip(&runs) {
             out.extend_from_slice(&d[o * run..(o + 1) * run]);
         }
     }
-    (shape, out)
+    out
 }
 
 /// `f(a, b)` elementwise over the broadcast `shape` (checked by the caller).
@@ -456,8 +453,8 @@ impl Backend for CpuBackend {
 
     fn concat(&self, xs: &[&CpuTensor], axis: usize) -> Result<CpuTensor> {
         let shapes: Vec<&[usize]> = xs.iter().map(|x| &x.shape[..]).collect();
-        checks::concat(self.name(), &shapes, axis)?;
-        let (shape, data) = concat_rows(&shapes, &xs.iter().map(|x| &x.data[..]).collect::<Vec<_>>(), axis);
+        let shape = checks::concat(self.name(), &shapes, axis)?;
+        let data = concat_rows(&shape, &shapes, &xs.iter().map(|x| &x.data[..]).collect::<Vec<_>>(), axis);
         let bf16 = xs.iter().all(|x| x.bf16);
         Ok(CpuTensor::new(shape, data).with_bf16(bf16))
     }
@@ -529,8 +526,8 @@ impl Backend for CpuBackend {
 
     fn concat_index(&self, xs: &[&CpuIndex], axis: usize) -> Result<CpuIndex> {
         let shapes: Vec<&[usize]> = xs.iter().map(|x| &x.shape[..]).collect();
-        checks::concat_index(self.name(), &shapes, axis)?;
-        let (shape, data) = concat_rows(&shapes, &xs.iter().map(|x| &x.data[..]).collect::<Vec<_>>(), axis);
+        let shape = checks::concat_index(self.name(), &shapes, axis)?;
+        let data = concat_rows(&shape, &shapes, &xs.iter().map(|x| &x.data[..]).collect::<Vec<_>>(), axis);
         Ok(CpuIndex::new(shape, data))
     }
 
@@ -696,11 +693,11 @@ mod tests {
     fn concat_rows_joins_contiguous_runs() {
         let (a, b) = ([1, 2, 3, 4, 5, 6], [7, 8]);
         // [2, 3] ++ [2, 1] along axis 1.
-        assert_eq!(concat_rows(&[&[2, 3], &[2, 1]], &[&a, &b], 1), (vec![2, 4], vec![1, 2, 3, 7, 4, 5, 6, 8]));
+        assert_eq!(concat_rows(&[2, 4], &[&[2, 3], &[2, 1]], &[&a, &b], 1), vec![1, 2, 3, 7, 4, 5, 6, 8]);
         // [3, 2] ++ [1, 2] along axis 0.
-        assert_eq!(concat_rows(&[&[3, 2], &[1, 2]], &[&a, &b], 0), (vec![4, 2], vec![1, 2, 3, 4, 5, 6, 7, 8]));
+        assert_eq!(concat_rows(&[4, 2], &[&[3, 2], &[1, 2]], &[&a, &b], 0), vec![1, 2, 3, 4, 5, 6, 7, 8]);
         // Empty runs.
         let e: [i32; 0] = [];
-        assert_eq!(concat_rows(&[&[1 << 40, 0], &[1 << 40, 0]], &[&e, &e], 1), (vec![1 << 40, 0], vec![]));
+        assert_eq!(concat_rows(&[1 << 40, 0], &[&[1 << 40, 0], &[1 << 40, 0]], &[&e, &e], 1), Vec::<i32>::new());
     }
 }
