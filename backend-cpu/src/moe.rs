@@ -37,10 +37,11 @@ fn swiglu(g: f32, u: f32, limit: f32) -> f32 {
 /// The weight-row blocks of matrix `rows` for every job: (job, first row, rows).
 ///
 /// Jobs of one token (decode) get equal blocks of [`DECODE_MIN_BLOCK_ROWS`] to
-/// [`DECODE_BLOCK_ROWS`] rows (unless a matrix has fewer), about four per thread over all jobs: a 64-row block of a small FP4 expert matrix (16-32 KB in the 0.75 B
-/// benchmark model) is too little to hide a task's start (the first rows' memory latency, the
-/// input's permuted layout) behind; on 2 threads, 64-row blocks made the routed experts of a
-/// decode token 40% slower than 512-row ones. Prefill jobs keep [`ROW_BLOCK`]: their rows cost
+/// [`DECODE_BLOCK_ROWS`] rows (unless a matrix has fewer), about four per thread over all
+/// jobs: a 64-row block of a small FP4 expert matrix (16-32 KB in the 0.75 B benchmark model)
+/// is too little to hide a task's start (the first rows' memory latency, the input's permuted
+/// layout) behind; on 2 threads, 64-row blocks made the routed experts of a decode token 40%
+/// slower than 512-row ones. Prefill jobs keep [`ROW_BLOCK`]: their rows cost
 /// `m` times more each. Every row is computed the same way whatever block it is in.
 fn blocks(jobs: &[FfnJob], rows: impl Fn(&FfnJob) -> usize) -> Vec<(usize, usize, usize)> {
     let decode_rows: usize = jobs.iter().filter(|j| j.m == 1).map(&rows).sum();

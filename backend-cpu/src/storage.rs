@@ -236,11 +236,10 @@ impl Rows for CpuWeight {
     fn row<'a>(&'a self, r: usize, scratch: &'a mut RowScratch) -> Row<'a> {
         let k = self.cols;
         match &self.data {
-            WeightData::Fp8 { data, scale, block_rows, block_cols } => {
-                let per_row = k.div_ceil(*block_cols);
+            WeightData::Fp8 { data, block_rows, block_cols, .. } => {
                 let block = r / block_rows;
                 if scratch.key != Some(block) {
-                    decode_scales(scale, block * per_row, per_row, &mut scratch.scales);
+                    self.fp8_block_scales(block, &mut scratch.scales);
                     scratch.key = Some(block);
                 }
                 Row::Fp8 { codes: &data.bytes()[r * k..(r + 1) * k], scales: &scratch.scales, block: *block_cols }
