@@ -45,15 +45,25 @@ pub struct Sampler {
     rng: ChaCha8Rng,
 }
 
-/// Index of the largest value; ties go to the lowest index. NaN never wins.
+/// Index of the largest value; ties go to the lowest index (+0 and −0 are equal). NaN never
+/// wins; a row of NaNs only gives its last index (0 when empty).
+///
+/// Two passes, the first in 16 independent lanes that the compiler vectorises: over a
+/// 129 280-entry vocabulary the one-pass compare-and-branch loop took ~0.4 ms per token, about
+/// 2% of a decode step.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] || logits[best].is_nan() {
-            best = i;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            // `f32::max` returns the other operand when one is NaN.
+            *m = m.max(v);
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    logits.iter().position(|&v| v == max).unwrap_or(logits.len().saturating_sub(1)) as u32
 }
 
 impl Sampler {
@@ -120,6 +130,34 @@ mod tests {
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
+    }
+
+    /// The one-pass definition the vectorised `argmax` must equal.
+    fn argmax_reference(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] || logits[best].is_nan() {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_equals_the_one_pass_definition() {
+        // Few distinct values, so ties, ±0, infinities and NaNs meet in every lane position.
+        let pool = [0.0f32, -0.0, 1.0, -1.0, 2.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30];
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for len in (0..70).chain([129_280, 1000, 17]) {
+            for _ in 0..40 {
+                let v: Vec<f32> = (0..len).map(|_| pool[(rng.next_u32() % pool.len() as u32) as usize]).collect();
+                assert_eq!(argmax(&v), argmax_reference(&v), "{v:?}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NAN; 20]), 19);
+        assert_eq!(argmax(&[-0.0, 0.0]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY]), 0);
     }
 
     #[test]
