@@ -78,16 +78,7 @@ pub(crate) fn linear_block(
     }
     if m <= GEMV_MAX_ROWS {
         if m == 1 {
-            let out = y.as_slice_mut().expect("standard layout");
-            // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
-            if x_bf16 && fp4_bf16::available() {
-                if let Some((codes, scales)) = w.fp4_e8m0() {
-                    if fp4_bf16::gemv(codes, scales, w.cols, start, xs, out) {
-                        return y;
-                    }
-                }
-            }
-            dot_many(Isa::active(), w, start, n, xs, out);
+            gemv(xs, x_bf16, w, start, y.as_slice_mut().expect("standard layout"));
         } else {
             // dot_many writes row j's m outputs together: [n, m], transposed into y [m, n].
             scratch.resize(n * m, 0.0);
@@ -114,6 +105,66 @@ pub(crate) fn linear_block(
     }
     crate::gemm::matmul_nt(xs, wb, out, m, w.cols, n);
     y
+}
+
+/// One input row `xs` (`[w.cols]`) times weight rows `start..start + out.len()`, written to
+/// `out`: the decode case of [`linear_block`].
+pub(crate) fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) {
+    // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
+    if x_bf16 && fp4_bf16::available() {
+        if let Some((codes, scales)) = w.fp4_e8m0() {
+            if fp4_bf16::gemv(codes, scales, w.cols, start, xs, out) {
+                return;
+            }
+        }
+    }
+    dot_many(Isa::active(), w, start, out.len(), xs, out);
+}
+
+/// Softmax of one lane in place, as the `softmax` op computes it.
+fn softmax_lane(lane: &mut [f32]) {
+    let max = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        // Every entry masked: no mass anywhere (torch would give NaN).
+        lane.fill(0.0);
+        return;
+    }
+    lane.iter_mut().for_each(|v| *v = (*v - max).exp());
+    // ndarray's sum (eight unrolled partial sums), as this op has always summed.
+    let sum: f32 = ndarray::ArrayView1::from(&lane[..]).sum();
+    lane.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// The logistic function, as the `unary` op's `Sigmoid` computes it.
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Sinkhorn normalisation of one `[n, n]` matrix `m` (`n` < 8) in place, with the
+/// composition's arithmetic (see the `sinkhorn` op).
+fn sinkhorn_in_place(m: &mut [f32], n: usize, iters: usize, eps: f32) {
+    let mut sums = [0f32; 8];
+    let col_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
+        for (k, s) in sums.iter_mut().enumerate().take(n) {
+            *s = (0..n).fold(0.0f32, |acc, j| acc + m[j * n + k]) * 1.0 + eps;
+        }
+        for (i, v) in m.iter_mut().enumerate() {
+            *v /= sums[i % n];
+        }
+    };
+    let row_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
+        for (j, s) in sums.iter_mut().enumerate().take(n) {
+            *s = m[j * n..(j + 1) * n].iter().fold(0.0f32, |acc, &v| acc + v) * 1.0 + eps;
+        }
+        for (i, v) in m.iter_mut().enumerate() {
+            *v /= sums[i / n];
+        }
+    };
+    col_norm(m, &mut sums);
+    for _ in 1..iters {
+        row_norm(m, &mut sums);
+        col_norm(m, &mut sums);
+    }
 }
 
 /// The concatenation along `axis` of row-major tensors of `shapes` into one of `shape` (as
@@ -305,7 +356,7 @@ impl Backend for CpuBackend {
         checks::unary(self.name(), &x.shape)?;
         // One instantiation per op (a `fn` pointer would be an indirect call per element).
         let data = match op {
-            UnaryOp::Sigmoid => par::map_values(&x.data, |v| 1.0 / (1.0 + (-v).exp())),
+            UnaryOp::Sigmoid => par::map_values(&x.data, sigmoid),
             UnaryOp::Silu => par::map_values(&x.data, |v| v / (1.0 + (-v).exp())),
             UnaryOp::Softplus => par::map_values(&x.data, |v| if v > 20.0 { v } else { v.exp().ln_1p() }),
             UnaryOp::Sqrt => par::map_values(&x.data, f32::sqrt),
@@ -363,18 +414,6 @@ impl Backend for CpuBackend {
 
     fn softmax(&self, x: &CpuTensor, axis: usize) -> Result<CpuTensor> {
         checks::softmax(self.name(), &x.shape, axis)?;
-        fn softmax_lane(lane: &mut [f32]) {
-            let max = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            if max == f32::NEG_INFINITY {
-                // Every entry masked: no mass anywhere (torch would give NaN).
-                lane.fill(0.0);
-                return;
-            }
-            lane.iter_mut().for_each(|v| *v = (*v - max).exp());
-            // ndarray's sum (eight unrolled partial sums), as this op has always summed.
-            let sum: f32 = ndarray::ArrayView1::from(&lane[..]).sum();
-            lane.iter_mut().for_each(|v| *v /= sum);
-        }
         let mut out = x.data.to_vec();
         let len = out.len();
         if axis + 1 == x.shape.len() {
@@ -567,6 +606,65 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(shape, y).with_bf16(act.rounds_to_bf16()))
     }
 
+    /// The composition's operations in the same order (bit for bit the same results, tested
+    /// in `tests/ops.rs`): the norm and the mixing GEMV as ops, then everything after them in
+    /// one pass over the few mixing values, where the composition dispatched about 30 tiny
+    /// ops (narrows, broadcasts, each allocating) per call, twice per layer and token.
+    fn hc_pre(
+        &self,
+        x: &CpuTensor,
+        fn_w: &CpuWeight,
+        base: &CpuTensor,
+        scale: &CpuTensor,
+        sinkhorn_iters: usize,
+        hc_eps: f32,
+        norm_eps: f32,
+    ) -> Result<(CpuTensor, CpuTensor, CpuTensor)> {
+        let &[t, n, d] = &x.shape[..] else {
+            return composed::hc_pre(self, x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps);
+        };
+        let w = (2 + n) * n;
+        // Anything the composition would reject (or compute with other arithmetic: n ≥ 8
+        // sums, D = 1 reduces along the contiguous axis) goes through it, errors included.
+        if n == 0 || n >= 8 || d < 2 || fn_w.rows != w || base.shape != [w] || scale.shape != [3] {
+            return composed::hc_pre(self, x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps);
+        }
+        let flat = self.reshape(x, &[t, n * d])?;
+        let flat = self.rms_norm(&flat, None, norm_eps)?;
+        let mixes = self.linear(&flat, fn_w)?; // [T, (2+n)n]
+        let (mut pre, mut post, mut comb) = (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n * n]);
+        for ti in 0..t {
+            // `binary` Mul by the scale, then Add of the base: two roundings, no FMA.
+            let part = |i: usize, si: usize| mixes.data[ti * w + i] * scale.data[si] + base.data[i];
+            for j in 0..n {
+                pre[ti * n + j] = sigmoid(part(j, 0)) * 1.0 + hc_eps;
+                post[ti * n + j] = sigmoid(part(n + j, 1)) * 2.0 + 0.0;
+            }
+            let c = &mut comb[ti * n * n..(ti + 1) * n * n];
+            for (i, v) in c.iter_mut().enumerate() {
+                *v = part(2 * n + i, 2);
+            }
+            c.chunks_exact_mut(n).for_each(softmax_lane);
+            c.iter_mut().for_each(|v| *v = *v * 1.0 + hc_eps);
+            sinkhorn_in_place(c, n, sinkhorn_iters, hc_eps);
+        }
+        // `reduce` over the streams of `pre · x`: ndarray's `sum_axis` adds the streams in
+        // order onto zeros.
+        let mut collapsed = vec![0f32; t * d];
+        par::chunks_mut(&mut collapsed, d, t * n * d, |ti, out| {
+            for j in 0..n {
+                let p = pre[ti * n + j];
+                let xs = &x.data[(ti * n + j) * d..(ti * n + j + 1) * d];
+                out.iter_mut().zip(xs).for_each(|(o, &v)| *o += p * v);
+            }
+        });
+        Ok((
+            CpuTensor::new(vec![t, d], collapsed),
+            CpuTensor::new(vec![t, n], post),
+            CpuTensor::new(vec![t, n, n], comb),
+        ))
+    }
+
     /// In place on each `[n, n]` matrix, with the composition's arithmetic: sums from `+0.0` in
     /// index order (what `reduce` gives for the small `n` of mHC: ndarray's unrolled sum only
     /// reorders lines of 8 or more, which use `reduce` itself here), `sum · 1 + eps`, then
@@ -578,29 +676,8 @@ impl Backend for CpuBackend {
             return composed::sinkhorn(self, comb, iters, eps);
         }
         let mut c = comb.data.to_vec();
-        let mut sums = [0f32; 8];
-        let col_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
-            for (k, s) in sums.iter_mut().enumerate().take(n) {
-                *s = (0..n).fold(0.0f32, |acc, j| acc + m[j * n + k]) * 1.0 + eps;
-            }
-            for (i, v) in m.iter_mut().enumerate() {
-                *v /= sums[i % n];
-            }
-        };
-        let row_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
-            for (j, s) in sums.iter_mut().enumerate().take(n) {
-                *s = m[j * n..(j + 1) * n].iter().fold(0.0f32, |acc, &v| acc + v) * 1.0 + eps;
-            }
-            for (i, v) in m.iter_mut().enumerate() {
-                *v /= sums[i / n];
-            }
-        };
         for m in c.chunks_exact_mut((n * n).max(1)) {
-            col_norm(m, &mut sums);
-            for _ in 1..iters {
-                row_norm(m, &mut sums);
-                col_norm(m, &mut sums);
-            }
+            sinkhorn_in_place(m, n, iters, eps);
         }
         Ok(CpuTensor::new(comb.shape.clone(), c))
     }

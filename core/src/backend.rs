@@ -232,26 +232,7 @@ pub trait Backend: Send + Sync {
         hc_eps: f32,
         norm_eps: f32,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
-        let s = x.shape().to_vec();
-        let (t, n, d) = (s[0], s[1], s[2]);
-        let flat = self.reshape(x, &[t, n * d])?;
-        let flat = self.rms_norm(&flat, None, norm_eps)?;
-        let mixes = self.linear(&flat, fn_w)?; // [T, (2+n)n]
-        let part = |start: usize, len: usize, si: usize| -> Result<Self::Tensor> {
-            let m = self.narrow(&mixes, 1, start, len)?;
-            let sc = self.narrow(scale, 0, si, 1)?;
-            let b = self.narrow(base, 0, start, len)?;
-            self.binary(&self.binary(&m, &sc, BinaryOp::Mul)?, &b, BinaryOp::Add)
-        };
-        let pre = self.affine(&self.unary(&part(0, n, 0)?, UnaryOp::Sigmoid)?, 1.0, hc_eps)?;
-        let post = self.affine(&self.unary(&part(n, n, 1)?, UnaryOp::Sigmoid)?, 2.0, 0.0)?;
-        let comb = self.reshape(&part(2 * n, n * n, 2)?, &[t, n, n])?;
-        let comb = self.affine(&self.softmax(&comb, 2)?, 1.0, hc_eps)?;
-        let comb = self.sinkhorn(&comb, sinkhorn_iters, hc_eps)?;
-        let pre = self.reshape(&pre, &[t, n, 1])?;
-        let collapsed = self.reduce(&self.binary(&pre, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
-        let collapsed = self.reshape(&collapsed, &[t, d])?;
-        Ok((collapsed, post, comb))
+        composed::hc_pre(self, x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps)
     }
 
     /// mHC Sinkhorn normalisation of `comb` `[T, n, n]` (spec §B.2, `hc_pre`'s last step):
@@ -467,6 +448,40 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::hc_pre`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn hc_pre<B: Backend + ?Sized>(
+        be: &B,
+        x: &B::Tensor,
+        fn_w: &B::Weight,
+        base: &B::Tensor,
+        scale: &B::Tensor,
+        sinkhorn_iters: usize,
+        hc_eps: f32,
+        norm_eps: f32,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let s = x.shape().to_vec();
+        let (t, n, d) = (s[0], s[1], s[2]);
+        let flat = be.reshape(x, &[t, n * d])?;
+        let flat = be.rms_norm(&flat, None, norm_eps)?;
+        let mixes = be.linear(&flat, fn_w)?; // [T, (2+n)n]
+        let part = |start: usize, len: usize, si: usize| -> Result<B::Tensor> {
+            let m = be.narrow(&mixes, 1, start, len)?;
+            let sc = be.narrow(scale, 0, si, 1)?;
+            let b = be.narrow(base, 0, start, len)?;
+            be.binary(&be.binary(&m, &sc, BinaryOp::Mul)?, &b, BinaryOp::Add)
+        };
+        let pre = be.affine(&be.unary(&part(0, n, 0)?, UnaryOp::Sigmoid)?, 1.0, hc_eps)?;
+        let post = be.affine(&be.unary(&part(n, n, 1)?, UnaryOp::Sigmoid)?, 2.0, 0.0)?;
+        let comb = be.reshape(&part(2 * n, n * n, 2)?, &[t, n, n])?;
+        let comb = be.affine(&be.softmax(&comb, 2)?, 1.0, hc_eps)?;
+        let comb = be.sinkhorn(&comb, sinkhorn_iters, hc_eps)?;
+        let pre = be.reshape(&pre, &[t, n, 1])?;
+        let collapsed = be.reduce(&be.binary(&pre, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
+        let collapsed = be.reshape(&collapsed, &[t, d])?;
+        Ok((collapsed, post, comb))
     }
 
     /// The definition of [`Backend::sinkhorn`]: `reduce`, `affine` and a broadcast `binary`
