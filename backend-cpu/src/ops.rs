@@ -291,6 +291,14 @@ impl Backend for CpuBackend {
         let m = x.numel() / k.max(1);
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let rows_per_task = if m <= GEMV_MAX_ROWS { gemv_rows_per_task(w.rows, self.threads()) } else { ROW_BLOCK };
+        if m == 1 {
+            // Each task writes its rows straight into the output.
+            let mut out = vec![0f32; w.rows];
+            par::chunks_mut(&mut out, rows_per_task, k * w.rows, |b, piece| {
+                gemv(&x.data, x.bf16, w, b * rows_per_task, piece)
+            });
+            return Ok(CpuTensor::new(shape, out));
+        }
         let blocks: Vec<(usize, ndarray::Array2<f32>)> =
             par::map(w.rows.div_ceil(rows_per_task), m * k * w.rows, |b| {
                 let start = b * rows_per_task;
@@ -312,6 +320,17 @@ impl Backend for CpuBackend {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
+        if m == 1 {
+            // Tasks of whole rows within one group, each writing straight into the output.
+            let per_task = Some(gemv_rows_per_task(r, self.threads())).filter(|&c| r % c == 0).unwrap_or(r);
+            let mut out = vec![0f32; groups * r];
+            par::chunks_mut(&mut out, per_task, k * w.rows, |b, piece| {
+                let start = b * per_task;
+                let g = start / r;
+                gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, start, piece)
+            });
+            return Ok(CpuTensor::new(shape, out));
+        }
         let per_group: Vec<ndarray::Array2<f32>> = par::map(groups, m * k * w.rows, |g| {
             linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, &mut Vec::new())
         });

@@ -267,6 +267,13 @@ impl Rows for CpuWeight {
         }
     }
 
+    fn bf16_rows(&self) -> Option<(&[u8], usize)> {
+        match &self.data {
+            WeightData::Float { dtype: DType::BF16, data } => Some((data.bytes(), self.cols)),
+            _ => None,
+        }
+    }
+
     fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
         match &self.data {
             WeightData::Fp8 { data, block_rows, block_cols, .. } => {

@@ -413,9 +413,10 @@ pub fn linear_f32_bf16_f16_weights<B: Backend>(be: &B) {
 
 pub fn grouped_linear_is_block_diagonal<B: Backend>(be: &B) {
     let mut rng = Rng(2);
-    let (g, k, r) = (3, 20, 5);
-    for dtype in [DType::F32, DType::BF16] {
-        for m in [3, 70] {
+    // One input row (decode: a backend may split each group's rows into tasks) and several;
+    // groups of a few rows and of several hundred.
+    for (g, k, r) in [(3, 20, 5), (2, 64, 320), (2, 16, 200)] {
+        for (dtype, m) in [DType::F32, DType::BF16].into_iter().flat_map(|d| [1, 3, 70].map(|m| (d, m))) {
             let xs = rng.vec(m * g * k);
             let (sw, exact) = stored_as(dtype, &[g * r, k], &rng.grid(g * r * k));
             let w = be.upload_weight(&sw).unwrap();
@@ -435,7 +436,7 @@ pub fn grouped_linear_is_block_diagonal<B: Backend>(be: &B) {
                     }
                 }
             }
-            assert_within(&format!("grouped_linear {dtype} m={m}"), &down(be, &y), &want, |i| bound[i]);
+            assert_within(&format!("grouped_linear {dtype} m={m} [{g}x{r}, {k}]"), &down(be, &y), &want, |i| bound[i]);
         }
     }
 }
