@@ -109,7 +109,7 @@ pub(crate) fn linear_block(
 
 /// One input row `xs` (`[w.cols]`) times weight rows `start..start + out.len()`, written to
 /// `out`: the decode case of [`linear_block`].
-pub(crate) fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) {
+fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) {
     // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
     if x_bf16 && fp4_bf16::available() {
         if let Some((codes, scales)) = w.fp4_e8m0() {
@@ -289,7 +289,6 @@ impl Backend for CpuBackend {
         let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
         let k = w.cols;
         let m = x.numel() / k.max(1);
-        let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let rows_per_task = if m <= GEMV_MAX_ROWS { gemv_rows_per_task(w.rows, self.threads()) } else { ROW_BLOCK };
         if m == 1 {
             // Each task writes its rows straight into the output.
@@ -299,6 +298,7 @@ impl Backend for CpuBackend {
             });
             return Ok(CpuTensor::new(shape, out));
         }
+        let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let blocks: Vec<(usize, ndarray::Array2<f32>)> =
             par::map(w.rows.div_ceil(rows_per_task), m * k * w.rows, |b| {
                 let start = b * rows_per_task;
@@ -319,18 +319,24 @@ impl Backend for CpuBackend {
     fn grouped_linear(&self, x: &CpuTensor, w: &CpuWeight, groups: usize) -> Result<CpuTensor> {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
-        let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         if m == 1 {
-            // Tasks of whole rows within one group, each writing straight into the output.
-            let per_task = Some(gemv_rows_per_task(r, self.threads())).filter(|&c| r % c == 0).unwrap_or(r);
+            // Tasks of rows as for `linear`, each writing straight into the output; a task's
+            // rows that span groups are multiplied group by group, each with its group's input.
+            let per_task = gemv_rows_per_task(w.rows, self.threads());
             let mut out = vec![0f32; groups * r];
             par::chunks_mut(&mut out, per_task, k * w.rows, |b, piece| {
                 let start = b * per_task;
-                let g = start / r;
-                gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, start, piece)
+                let mut row = start;
+                while row < start + piece.len() {
+                    let g = row / r;
+                    let end = ((g + 1) * r).min(start + piece.len());
+                    gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, row, &mut piece[row - start..end - start]);
+                    row = end;
+                }
             });
             return Ok(CpuTensor::new(shape, out));
         }
+        let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         let per_group: Vec<ndarray::Array2<f32>> = par::map(groups, m * k * w.rows, |g| {
             linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, &mut Vec::new())
         });
@@ -643,30 +649,38 @@ impl Backend for CpuBackend {
             return composed::hc_pre(self, x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps);
         };
         let w = (2 + n) * n;
-        // Anything the composition would reject (or compute with other arithmetic: n ≥ 8
-        // sums, D = 1 reduces along the contiguous axis) goes through it, errors included.
-        if n == 0 || n >= 8 || d < 2 || fn_w.rows != w || base.shape != [w] || scale.shape != [3] {
+        // Anything the composition would reject, or compute with other arithmetic (Sinkhorn
+        // sums over 8 or more streams, which ndarray unrolls), goes through it, errors
+        // included; so do empty streams.
+        if n == 0 || n >= 8 || d == 0 || fn_w.rows != w || base.shape != [w] || scale.shape != [3] {
             return composed::hc_pre(self, x, fn_w, base, scale, sinkhorn_iters, hc_eps, norm_eps);
         }
         let flat = self.reshape(x, &[t, n * d])?;
         let flat = self.rms_norm(&flat, None, norm_eps)?;
         let mixes = self.linear(&flat, fn_w)?; // [T, (2+n)n]
-        let (mut pre, mut post, mut comb) = (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n * n]);
-        for ti in 0..t {
+                                               // Per token: pre `[n]`, post `[n]`, comb `[n, n]`, side by side.
+        let per = 2 * n + n * n;
+        let mut mix = vec![0f32; t * per];
+        par::chunks_mut(&mut mix, per, t * per * (4 * sinkhorn_iters + 8), |ti, o| {
             // `binary` Mul by the scale, then Add of the base: two roundings, no FMA.
             let part = |i: usize, si: usize| mixes.data[ti * w + i] * scale.data[si] + base.data[i];
+            let (pre, rest) = o.split_at_mut(n);
+            let (post, comb) = rest.split_at_mut(n);
             for j in 0..n {
-                pre[ti * n + j] = sigmoid(part(j, 0)) * 1.0 + hc_eps;
-                post[ti * n + j] = sigmoid(part(n + j, 1)) * 2.0 + 0.0;
+                pre[j] = sigmoid(part(j, 0)) * 1.0 + hc_eps;
+                post[j] = sigmoid(part(n + j, 1)) * 2.0 + 0.0;
             }
-            let c = &mut comb[ti * n * n..(ti + 1) * n * n];
-            for (i, v) in c.iter_mut().enumerate() {
+            for (i, v) in comb.iter_mut().enumerate() {
                 *v = part(2 * n + i, 2);
             }
-            c.chunks_exact_mut(n).for_each(softmax_lane);
-            c.iter_mut().for_each(|v| *v = *v * 1.0 + hc_eps);
-            sinkhorn_in_place(c, n, sinkhorn_iters, hc_eps);
-        }
+            comb.chunks_exact_mut(n).for_each(softmax_lane);
+            comb.iter_mut().for_each(|v| *v = *v * 1.0 + hc_eps);
+            sinkhorn_in_place(comb, n, sinkhorn_iters, hc_eps);
+        });
+        let pick = |from: usize, len: usize| -> Vec<f32> {
+            mix.chunks_exact(per).flat_map(|o| &o[from..from + len]).copied().collect()
+        };
+        let (pre, post, comb) = (pick(0, n), pick(n, n), pick(2 * n, n * n));
         // `reduce` over the streams of `pre · x`: ndarray's `sum_axis` adds the streams in
         // order onto zeros.
         let mut collapsed = vec![0f32; t * d];

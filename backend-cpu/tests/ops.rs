@@ -241,9 +241,10 @@ fn csa_entry_zero_ignores_its_missing_previous_window() {
 }
 
 /// The CPU's `hc_pre` (norm and mixing GEMV as ops, the rest in one pass) gives exactly the
-/// composition's bits for every output, for mHC's sizes and odd ones, goes through the
-/// composition where its arithmetic differs (n ≥ 8, D = 1), and refuses a mixing weight of
-/// the wrong width as it does.
+/// composition's bits for every output, for mHC's sizes and odd ones (no tokens, one stream,
+/// D = 1, no Sinkhorn iterations; n = 8 goes through the composition itself), with the two
+/// epsilons distinct so that swapping them fails; and refuses a mixing weight of the wrong
+/// width and an `x` that is not `[T, n, D]`, as the composition does.
 #[test]
 fn hc_pre_is_the_composition_bit_for_bit() {
     use dsv4_backend_cpu::CpuWeight;
@@ -258,16 +259,18 @@ fn hc_pre_is_the_composition_bit_for_bit() {
     };
     let bits =
         |t: &<CpuBackend as Backend>::Tensor| be.download(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    for (t, n, d) in [(1, 4, 64), (3, 4, 32), (2, 1, 8), (2, 3, 16), (1, 7, 4), (2, 8, 4), (2, 4, 1), (33, 4, 2048)] {
+    for (t, n, d) in
+        [(1, 4, 64), (3, 4, 32), (2, 1, 8), (2, 3, 16), (1, 7, 4), (2, 8, 4), (2, 4, 1), (0, 4, 8), (33, 4, 2048)]
+    {
         let w = (2 + n) * n;
         let fn_w = f32_weight(&mut rng, w, n * d);
         let x: Vec<f32> = (0..t * n * d).map(|_| rng.f32() * 2.0).collect();
         let base: Vec<f32> = (0..w).map(|_| rng.f32() * 0.5).collect();
         let x = up(&be, &x, &[t, n, d]);
         let (base, scale) = (up(&be, &base, &[w]), up(&be, &[0.7, 1.3, 2.1], &[3]));
-        for iters in [1, 20] {
-            let got = be.hc_pre(&x, &fn_w, &base, &scale, iters, 1e-6, 1e-6).unwrap();
-            let want = composed::hc_pre(&be, &x, &fn_w, &base, &scale, iters, 1e-6, 1e-6).unwrap();
+        for iters in [0, 1, 20] {
+            let got = be.hc_pre(&x, &fn_w, &base, &scale, iters, 1e-3, 0.5).unwrap();
+            let want = composed::hc_pre(&be, &x, &fn_w, &base, &scale, iters, 1e-3, 0.5).unwrap();
             for (k, (g, w)) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)].into_iter().enumerate() {
                 assert_eq!(g.shape(), w.shape(), "t={t} n={n} d={d} output {k}");
                 assert_eq!(bits(g), bits(w), "t={t} n={n} d={d} iters={iters} output {k}");
@@ -277,6 +280,8 @@ fn hc_pre_is_the_composition_bit_for_bit() {
         let bad = f32_weight(&mut rng, w, n * d + 1);
         assert!(be.hc_pre(&x, &bad, &base, &scale, 20, 1e-6, 1e-6).is_err());
         assert!(composed::hc_pre(&be, &x, &bad, &base, &scale, 20, 1e-6, 1e-6).is_err());
+        let flat = up(&be, &vec![0.5; t * n * d], &[t, n * d]);
+        assert!(be.hc_pre(&flat, &fn_w, &base, &scale, 20, 1e-6, 1e-6).is_err());
     }
 }
 

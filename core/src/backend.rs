@@ -462,8 +462,9 @@ pub mod composed {
         hc_eps: f32,
         norm_eps: f32,
     ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
-        let s = x.shape().to_vec();
-        let (t, n, d) = (s[0], s[1], s[2]);
+        let &[t, n, d] = x.shape() else {
+            return Err(Error::backend(be.name(), format!("hc_pre: x {:?} is not [T, n, D]", x.shape())));
+        };
         let flat = be.reshape(x, &[t, n * d])?;
         let flat = be.rms_norm(&flat, None, norm_eps)?;
         let mixes = be.linear(&flat, fn_w)?; // [T, (2+n)n]

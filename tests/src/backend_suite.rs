@@ -413,30 +413,34 @@ pub fn linear_f32_bf16_f16_weights<B: Backend>(be: &B) {
 
 pub fn grouped_linear_is_block_diagonal<B: Backend>(be: &B) {
     let mut rng = Rng(2);
-    // One input row (decode: a backend may split each group's rows into tasks) and several;
-    // groups of a few rows and of several hundred.
+    // One input row (decode: a backend may split the rows into tasks, some spanning two
+    // groups) and several; groups of a few rows and of several hundred.
     for (g, k, r) in [(3, 20, 5), (2, 64, 320), (2, 16, 200)] {
-        for (dtype, m) in [DType::F32, DType::BF16].into_iter().flat_map(|d| [1, 3, 70].map(|m| (d, m))) {
-            let xs = rng.vec(m * g * k);
-            let (sw, exact) = stored_as(dtype, &[g * r, k], &rng.grid(g * r * k));
-            let w = be.upload_weight(&sw).unwrap();
-            let y = be.grouped_linear(&up(be, &xs, &[m, g, k]), &w, g).unwrap();
-            assert_eq!(y.shape(), &[m, g, r]);
-            let (mut want, mut bound) = (vec![], vec![]);
-            for i in 0..m {
-                for gi in 0..g {
-                    for ri in 0..r {
-                        let row = gi * r + ri;
-                        let (s, a) = dot64(
-                            xs[(i * g + gi) * k..(i * g + gi + 1) * k].iter().map(|&v| v as f64),
-                            exact[row * k..(row + 1) * k].iter().copied(),
-                        );
-                        want.push(s);
-                        bound.push(k as f64 * EPS * a + 1e-30);
+        for dtype in [DType::F32, DType::BF16] {
+            for m in [1, 3, 70] {
+                let xs = rng.vec(m * g * k);
+                let (sw, exact) = stored_as(dtype, &[g * r, k], &rng.grid(g * r * k));
+                let w = be.upload_weight(&sw).unwrap();
+                let y = be.grouped_linear(&up(be, &xs, &[m, g, k]), &w, g).unwrap();
+                assert_eq!(y.shape(), &[m, g, r]);
+                let (mut want, mut bound) = (vec![], vec![]);
+                for i in 0..m {
+                    for gi in 0..g {
+                        for ri in 0..r {
+                            let row = gi * r + ri;
+                            let (s, a) = dot64(
+                                xs[(i * g + gi) * k..(i * g + gi + 1) * k].iter().map(|&v| v as f64),
+                                exact[row * k..(row + 1) * k].iter().copied(),
+                            );
+                            want.push(s);
+                            bound.push(k as f64 * EPS * a + 1e-30);
+                        }
                     }
                 }
+                assert_within(&format!("grouped_linear {dtype} m={m} [{g}x{r}, {k}]"), &down(be, &y), &want, |i| {
+                    bound[i]
+                });
             }
-            assert_within(&format!("grouped_linear {dtype} m={m} [{g}x{r}, {k}]"), &down(be, &y), &want, |i| bound[i]);
         }
     }
 }

@@ -172,9 +172,9 @@ pub trait Rows: Sync {
     fn fp8_block_scales(&self, _b: usize, _out: &mut Vec<f32>) {}
 
     /// A BF16 matrix's bytes (`[rows, k]` row-major) and `k`, so that a GEMV slices its rows
-    /// directly instead of calling [`Rows::row`] per row (a BF16 head has 129 280 rows of 2 KB:
-    /// the calls cost more than a tenth of its time); `None` (the default) for other forms.
-    /// Must describe the same matrix as [`Rows::row`].
+    /// directly instead of calling [`Rows::row`] per row (the calls showed as 2.5-3% of decode
+    /// in perf; a 1024×1024 GEMV from cache went from 33-42 to 24-31 µs); `None` (the default)
+    /// for other forms. Must describe the same matrix as [`Rows::row`].
     fn bf16_rows(&self) -> Option<(&[u8], usize)> {
         None
     }
