@@ -121,6 +121,26 @@ fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) 
     dot_many(Isa::active(), w, start, out.len(), xs, out);
 }
 
+/// One input row through all of `w`'s rows, in parallel tasks of [`gemv_rows_per_task`] rows
+/// that write straight into the output: `linear` (`group_rows` = all rows, `x` `[K]`) and
+/// `grouped_linear` (`x` `[groups, K]`, group `g` = weight rows `g·group_rows..`, multiplied
+/// with `x[g]`). A task whose rows span groups multiplies them group by group.
+fn gemv_tasks(x: &CpuTensor, w: &CpuWeight, group_rows: usize, threads: usize) -> Vec<f32> {
+    let (k, per_task) = (w.cols, gemv_rows_per_task(w.rows, threads));
+    let mut out = vec![0f32; w.rows];
+    par::chunks_mut(&mut out, per_task, k * w.rows, |b, piece| {
+        let start = b * per_task;
+        let mut row = start;
+        while row < start + piece.len() {
+            let g = row / group_rows;
+            let end = ((g + 1) * group_rows).min(start + piece.len());
+            gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, row, &mut piece[row - start..end - start]);
+            row = end;
+        }
+    });
+    out
+}
+
 /// Softmax of one lane in place, as the `softmax` op computes it.
 fn softmax_lane(lane: &mut [f32]) {
     let max = lane.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -291,12 +311,7 @@ impl Backend for CpuBackend {
         let m = x.numel() / k.max(1);
         let rows_per_task = if m <= GEMV_MAX_ROWS { gemv_rows_per_task(w.rows, self.threads()) } else { ROW_BLOCK };
         if m == 1 {
-            // Each task writes its rows straight into the output.
-            let mut out = vec![0f32; w.rows];
-            par::chunks_mut(&mut out, rows_per_task, k * w.rows, |b, piece| {
-                gemv(&x.data, x.bf16, w, b * rows_per_task, piece)
-            });
-            return Ok(CpuTensor::new(shape, out));
+            return Ok(CpuTensor::new(shape, gemv_tasks(x, w, w.rows, self.threads())));
         }
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let blocks: Vec<(usize, ndarray::Array2<f32>)> =
@@ -320,21 +335,7 @@ impl Backend for CpuBackend {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
         if m == 1 {
-            // Tasks of rows as for `linear`, each writing straight into the output; a task's
-            // rows that span groups are multiplied group by group, each with its group's input.
-            let per_task = gemv_rows_per_task(w.rows, self.threads());
-            let mut out = vec![0f32; groups * r];
-            par::chunks_mut(&mut out, per_task, k * w.rows, |b, piece| {
-                let start = b * per_task;
-                let mut row = start;
-                while row < start + piece.len() {
-                    let g = row / r;
-                    let end = ((g + 1) * r).min(start + piece.len());
-                    gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, row, &mut piece[row - start..end - start]);
-                    row = end;
-                }
-            });
-            return Ok(CpuTensor::new(shape, out));
+            return Ok(CpuTensor::new(shape, gemv_tasks(x, w, r, self.threads())));
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         let per_group: Vec<ndarray::Array2<f32>> = par::map(groups, m * k * w.rows, |g| {
@@ -658,7 +659,8 @@ impl Backend for CpuBackend {
         let flat = self.reshape(x, &[t, n * d])?;
         let flat = self.rms_norm(&flat, None, norm_eps)?;
         let mixes = self.linear(&flat, fn_w)?; // [T, (2+n)n]
-                                               // Per token: pre `[n]`, post `[n]`, comb `[n, n]`, side by side.
+
+        // Per token: pre `[n]`, post `[n]`, comb `[n, n]`, side by side.
         let per = 2 * n + n * n;
         let mut mix = vec![0f32; t * per];
         par::chunks_mut(&mut mix, per, t * per * (4 * sinkhorn_iters + 8), |ti, o| {
@@ -680,13 +682,13 @@ impl Backend for CpuBackend {
         let pick = |from: usize, len: usize| -> Vec<f32> {
             mix.chunks_exact(per).flat_map(|o| &o[from..from + len]).copied().collect()
         };
-        let (pre, post, comb) = (pick(0, n), pick(n, n), pick(2 * n, n * n));
+        let (post, comb) = (pick(n, n), pick(2 * n, n * n));
         // `reduce` over the streams of `pre · x`: ndarray's `sum_axis` adds the streams in
         // order onto zeros.
         let mut collapsed = vec![0f32; t * d];
         par::chunks_mut(&mut collapsed, d, t * n * d, |ti, out| {
             for j in 0..n {
-                let p = pre[ti * n + j];
+                let p = mix[ti * per + j]; // pre
                 let xs = &x.data[(ti * n + j) * d..(ti * n + j + 1) * d];
                 out.iter_mut().zip(xs).for_each(|(o, &v)| *o += p * v);
             }

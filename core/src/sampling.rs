@@ -49,8 +49,8 @@ pub struct Sampler {
 /// wins; a row of NaNs only gives its last index (0 when empty).
 ///
 /// Two passes, the first in 16 independent lanes that the compiler vectorises: over a
-/// 129 280-entry vocabulary the one-pass compare-and-branch loop took ~0.4 ms per token, about
-/// 2% of a decode step.
+/// 129 280-entry vocabulary the one-pass compare-and-branch loop took about 0.6 ms per token
+/// (2.4% of a decode step in perf), these two passes about 0.08 ms.
 pub fn argmax(logits: &[f32]) -> u32 {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
