@@ -6,7 +6,7 @@ use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
-use crate::kernels::weights::{decode_row, Fp8Blocks, Row, RowScratch, Rows};
+use crate::kernels::weights::{decode_row, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
 use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -278,6 +278,15 @@ impl Rows for CpuWeight {
         match &self.data {
             WeightData::Fp8 { data, block_rows, block_cols, .. } => {
                 Some(Fp8Blocks { codes: data.bytes(), k: self.cols, block_rows: *block_rows, block_cols: *block_cols })
+            }
+            _ => None,
+        }
+    }
+
+    fn fp4_groups(&self) -> Option<Fp4Groups<'_>> {
+        match &self.data {
+            WeightData::Fp4 { data, scale, group: 32 } if scale.dtype == DType::F8E8M0 => {
+                Some(Fp4Groups { codes: data.bytes(), scales: scale.bytes(), k: self.cols })
             }
             _ => None,
         }

@@ -14,12 +14,13 @@ pub mod attn;
 pub(crate) mod bf16_gemm;
 pub(crate) mod e8m0;
 pub(crate) mod fp4_bf16;
+mod fp4_f32;
 mod fp8_fold;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use weights::{decode_row, dot, dot_many, dot_rows, Fp8Blocks, Row, RowScratch, Rows};
+pub use weights::{decode_row, dot, dot_many, dot_rows, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
 
 /// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with
 /// AVX512-BF16 and `DSV4_CPU_ISA` not lowered below `avx512` (`dsv4 bench` reads prefill against

@@ -171,6 +171,14 @@ pub trait Rows: Sync {
     /// `out`. Called only when [`Rows::fp8_blocks`] is `Some`.
     fn fp8_block_scales(&self, _b: usize, _out: &mut Vec<f32>) {}
 
+    /// An FP4 matrix with E8M0 scales per 32 values, for the one-input-row kernel that reads
+    /// the codes and scale bytes directly ([`super::fp4_f32`]); `None` (the default) for other
+    /// forms. Must describe the same matrix as [`Rows::row`] (the two paths must give the same
+    /// bits).
+    fn fp4_groups(&self) -> Option<Fp4Groups<'_>> {
+        None
+    }
+
     /// A BF16 matrix's bytes (`[rows, k]` row-major) and `k`, so that a GEMV slices its rows
     /// directly instead of calling [`Rows::row`] per row (the calls showed as 2.5-3% of decode
     /// in perf; a 1024×1024 GEMV from cache went from 33-42 to 24-31 µs); `None` (the default)
@@ -188,6 +196,15 @@ pub struct Fp8Blocks<'a> {
     pub k: usize,
     pub block_rows: usize,
     pub block_cols: usize,
+}
+
+/// The codes and scales of an FP4 matrix ([`Rows::fp4_groups`]): `codes` is `[rows, k / 2]`
+/// (two e2m1 codes a byte, low nibble first), `scales` `[rows, k / 32]` E8M0 bytes, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct Fp4Groups<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    pub k: usize,
 }
 
 /// Per-thread scratch of [`Rows::row`]: decoded scales and which rows they belong to.
@@ -261,6 +278,13 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             if unsafe { super::fp8_fold::rows(w, blocks, start, n, xs, out) } {
                 return;
             }
+        }
+    }
+    if let (1, Some(isa), Some(groups)) = (m, S::FP4_TABLES, w.fp4_groups()) {
+        // SAFETY: `FP4_TABLES` names a set the CPU supports (the caller guarantees `S`);
+        // `rows` checks the lengths.
+        if unsafe { super::fp4_f32::rows(isa, groups, start, n, xs, out) } {
+            return;
         }
     }
     if m == 1 {
@@ -413,6 +437,10 @@ pub(crate) trait Lanes {
     /// say `true` only if its instruction set includes AVX2 and FMA (the kernel is called on
     /// this promise).
     const FOLDS_FP8: bool = false;
+    /// The instruction set [`super::fp4_f32`]'s kernel runs with on these lanes, if any. An
+    /// implementation may name only a set its own includes (the kernel is called on this
+    /// promise).
+    const FP4_TABLES: Option<Isa> = None;
     /// The canonical reduction of an accumulator in the *split layout* (see
     /// [`Decode::chunk_split`]): the 16 even lanes first, then the 16 odd ones. (This default
     /// is the definition; the x86 lanes, the only ones whose decoders split, override it.) The canonical

@@ -655,3 +655,89 @@ fn kept_folds_are_not_reused_for_another_input_or_other_scales() {
         }
     }
 }
+
+/// An FP4 matrix with E8M0 scale bytes that offers them to the one-input-row kernel of
+/// `fp4_f32` ([`Rows::fp4_groups`]) as well as through [`Rows::row`] (scales widened to f32).
+struct Fp4Bytes {
+    codes: Vec<u8>,
+    scales: Vec<u8>,
+    widened: Vec<f32>,
+    k: usize,
+}
+
+impl Fp4Bytes {
+    fn new(codes: Vec<u8>, scales: Vec<u8>, k: usize) -> Fp4Bytes {
+        let widened = scales.iter().map(|&b| dsv4_core::quant::e8m0_to_f32_unchecked(b)).collect();
+        Fp4Bytes { codes, scales, widened, k }
+    }
+}
+
+impl Rows for Fp4Bytes {
+    fn row<'a>(&'a self, r: usize, _scratch: &'a mut RowScratch) -> Row<'a> {
+        let (k, g) = (self.k, self.k.div_ceil(32));
+        Row::Fp4 {
+            codes: &self.codes[r * k / 2..(r + 1) * k / 2],
+            scales: &self.widened[r * g..(r + 1) * g],
+            group: 32,
+        }
+    }
+
+    fn fp4_groups(&self) -> Option<Fp4Groups<'_>> {
+        Some(Fp4Groups { codes: &self.codes, scales: &self.scales, k: self.k })
+    }
+}
+
+/// The one-input-row FP4 kernel that reads codes and E8M0 bytes directly (`fp4_f32`, on the
+/// AVX-512 lanes) gives the scalar reference's bits: every code, every scale byte (0, the
+/// subnormal 2⁻¹²⁷, and 255, NaN, included), rows in pairs and an odd one out, a start offset,
+/// inputs with signed zeros, infinities and values whose products are subnormal, and widths
+/// that are not whole 32-value groups (which it leaves to the general path).
+#[test]
+fn fp4_rows_from_scale_bytes_keep_the_reference_bits() {
+    let mut rng = Rng(13);
+    type Input = dyn Fn(&mut Rng, usize) -> Vec<f32>;
+    let inputs: [&Input; 4] = [
+        &|r, k| r.xs(k),
+        &|r, k| r.xs(k).iter().map(|v| v * 1e-38).collect(),
+        &|r, k| {
+            let mut x = r.xs(k);
+            x[k / 3] = f32::INFINITY;
+            x
+        },
+        &|_, k| (0..k).map(|j| if j % 3 == 0 { -0.0 } else { 0.0 }).collect(),
+    ];
+    // (k, n, the first scale byte or none): every byte, two neighbouring ones per matrix (a
+    // row's groups must be of similar size, or the small ones' products would vanish in the
+    // sum), on a small matrix; ordinary bytes on every shape.
+    let cases = (0..=255u8).map(|b| (64, 3, Some(b))).chain(
+        [32usize, 64, 96, 256, 512, 1024, 48, 2].into_iter().flat_map(|k| [1, 2, 5, 8, 9].map(|n| (k, n, None))),
+    );
+    for (k, n, first_byte) in cases {
+        let g = k.div_ceil(32);
+        let codes: Vec<u8> = (0..n * k / 2).map(|_| rng.next() as u8).collect();
+        let scales: Vec<u8> = (0..n * g)
+            .map(|i| first_byte.map_or(115 + (rng.next() % 10) as u8, |b| b.saturating_add((i % 2) as u8)))
+            .collect();
+        let w = Fp4Bytes::new(codes, scales, k);
+        for (xi, input) in inputs.iter().enumerate() {
+            let xs = input(&mut rng, k);
+            let mut want = vec![0f32; n];
+            for (j, o) in want.chunks_exact_mut(1).enumerate() {
+                dot_rows(Isa::Scalar, &w.row(j, &mut RowScratch::default()), &xs, o);
+            }
+            for isa in Isa::supported() {
+                for start in [0, 1.min(n - 1)] {
+                    let mut got = vec![f32::NAN; n - start];
+                    dot_many(isa, &w, start, n - start, &xs, &mut got);
+                    for (j, (g, e)) in got.iter().zip(&want[start..]).enumerate() {
+                        assert!(
+                            same(*g, *e),
+                            "k={k} n={n} first byte {first_byte:?} input {xi} {isa:?} row {}: {g:e} vs {e:e}",
+                            start + j
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

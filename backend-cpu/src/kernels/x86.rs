@@ -28,6 +28,7 @@ use super::weights::{
     decode_with, dot_many_with, dot_rows_with, row_parts, to_split, Bf16Dec, Decode, F16Dec, F32Dec, Fp4Dec, Fp8Dec,
     Lanes, Row, Rows, LANES,
 };
+use super::Isa;
 
 /// [`super::weights::dot_many`] with AVX2.
 ///
@@ -120,6 +121,7 @@ pub(crate) struct Avx2;
 
 impl Lanes for Avx2 {
     const FOLDS_FP8: bool = true;
+    const FP4_TABLES: Option<Isa> = Some(Isa::Avx2);
     type W = [__m256; 4];
 
     #[inline(always)]
@@ -172,10 +174,7 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn reduce_split(a: Self::W) -> f32 {
         // SAFETY: register-only AVX operations (trait contract).
-        unsafe {
-            // Split layout: [even 0-7, even 8-15, odd 0-7, odd 8-15].
-            reduce8(_mm256_add_ps(a[0], a[1])) + reduce8(_mm256_add_ps(a[2], a[3]))
-        }
+        unsafe { reduce_split8(a) }
     }
 }
 
@@ -298,7 +297,7 @@ unsafe fn halves_times(h: __m128i, s: __m256) -> __m256 {
 ///
 /// The CPU supports AVX2.
 #[inline(always)]
-unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
+pub(super) unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
     // SAFETY: register-only AVX2 operations (as above).
     unsafe {
         let sign = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
@@ -315,6 +314,31 @@ unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
 unsafe fn reduce16(v: __m512) -> f32 {
     // SAFETY: register-only operations (as above).
     unsafe { reduce8(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1))) }
+}
+
+/// The canonical reduction of an AVX2 accumulator in the split layout (`[even 0-7, even 8-15,
+/// odd 0-7, odd 8-15]`): as [`reduce_split16`].
+///
+/// # Safety
+///
+/// The CPU supports AVX.
+#[inline(always)]
+pub(super) unsafe fn reduce_split8(a: [__m256; 4]) -> f32 {
+    // SAFETY: register-only operations (as above).
+    unsafe { reduce8(_mm256_add_ps(a[0], a[1])) + reduce8(_mm256_add_ps(a[2], a[3])) }
+}
+
+/// The canonical reduction of an accumulator in the split layout (`[even 0-15, odd 0-15]`):
+/// the canonical tree pairs lanes 16, 8, 4 and 2 apart, which keeps their parity, so it is the
+/// tree over the even lanes, the same over the odd ones, and their sum last.
+///
+/// # Safety
+///
+/// The CPU supports AVX-512F and DQ.
+#[inline(always)]
+pub(super) unsafe fn reduce_split16(a: [__m512; 2]) -> f32 {
+    // SAFETY: register-only operations (as above).
+    unsafe { reduce16(a[0]) + reduce16(a[1]) }
 }
 
 /// 32 e4m3fn codes as 16-bit words `b[2i] | b[2i+1] << 8` → the halves of the even codes and
@@ -463,6 +487,7 @@ pub(crate) struct Avx512;
 
 impl Lanes for Avx512 {
     const FOLDS_FP8: bool = true;
+    const FP4_TABLES: Option<Isa> = Some(Isa::Avx512);
     type W = [__m512; 2];
 
     #[inline(always)]
@@ -509,10 +534,7 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn reduce_split(a: Self::W) -> f32 {
         // SAFETY: register-only AVX-512F/DQ operations (trait contract).
-        unsafe {
-            // Split layout: [even 0-15, odd 0-15].
-            reduce16(a[0]) + reduce16(a[1])
-        }
+        unsafe { reduce_split16(a) }
     }
 }
 
