@@ -12,7 +12,7 @@ use dsv4_core::backend::ExpertWeights;
 use dsv4_core::precision::{round_bf16, Precision};
 use ndarray::ArrayView2;
 
-use crate::ops::{linear_block, ROW_BLOCK};
+use crate::ops::{linear_block, prefill_rows_per_task, ROW_BLOCK};
 use crate::par;
 use crate::storage::CpuWeight;
 
@@ -41,13 +41,15 @@ fn swiglu(g: f32, u: f32, limit: f32) -> f32 {
 /// jobs: a 64-row block of a small FP4 expert matrix (16-32 KB in the 0.75 B benchmark model)
 /// is too little to hide a task's start (the first rows' memory latency, the input's permuted
 /// layout) behind; on 2 threads, 64-row blocks made the routed experts of a decode token 40%
-/// slower than 512-row ones. Prefill jobs keep [`ROW_BLOCK`]: their rows cost
-/// `m` times more each. Every row is computed the same way whatever block it is in.
+/// slower than 512-row ones; every row is computed the same way whatever block it is in.
+/// Prefill jobs (more rows) are cut as `linear` cuts a matrix ([`prefill_rows_per_task`]):
+/// each block is a GEMM, whose bits depend on its shape, and the result must be the
+/// composition's (`linear` per matrix).
 fn blocks(jobs: &[FfnJob], rows: impl Fn(&FfnJob) -> usize) -> Vec<(usize, usize, usize)> {
+    let threads = crate::threads::size().max(1);
     let decode_rows: usize = jobs.iter().filter(|j| j.m == 1).map(&rows).sum();
-    let decode_block = (decode_rows / (4 * crate::threads::size().max(1)))
-        .clamp(DECODE_MIN_BLOCK_ROWS, DECODE_BLOCK_ROWS)
-        .next_multiple_of(ROW_BLOCK);
+    let decode_block =
+        (decode_rows / (4 * threads)).clamp(DECODE_MIN_BLOCK_ROWS, DECODE_BLOCK_ROWS).next_multiple_of(ROW_BLOCK);
     let mut out = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let n = rows(job);
@@ -55,8 +57,11 @@ fn blocks(jobs: &[FfnJob], rows: impl Fn(&FfnJob) -> usize) -> Vec<(usize, usize
             continue;
         }
         // Equal blocks (a 512-row matrix in 384-row blocks would leave a 128-row one).
-        let block =
-            if job.m == 1 { n.div_ceil(n.div_ceil(decode_block)).next_multiple_of(ROW_BLOCK) } else { ROW_BLOCK };
+        let block = if job.m == 1 {
+            n.div_ceil(n.div_ceil(decode_block)).next_multiple_of(ROW_BLOCK)
+        } else {
+            prefill_rows_per_task(n)
+        };
         out.extend((0..n.div_ceil(block)).map(|b| (j, b * block, block.min(n - b * block))));
     }
     out

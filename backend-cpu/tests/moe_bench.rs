@@ -31,6 +31,41 @@ fn fp4(seed: &mut u64, n: usize, k: usize) -> CpuWeight {
     CpuWeight::from_stored(&w).unwrap()
 }
 
+/// Prefill: 512 tokens, each to 6 of the 32 experts (about 96 tokens an expert), in f32;
+/// GFLOP/s of the expert matrices' multiply-adds (2 FLOP each).
+#[test]
+#[ignore = "benchmark; run with --release --ignored --nocapture"]
+fn routed_experts_prefill() {
+    let (d, inter, n_experts, top_k, t) = (1024, 512, 32, 6, 512);
+    let be = CpuBackend::new();
+    let mut seed = 11u64;
+    let experts: Vec<ExpertWeights<CpuWeight>> = (0..n_experts)
+        .map(|_| ExpertWeights {
+            w1: fp4(&mut seed, inter, d),
+            w2: fp4(&mut seed, d, inter),
+            w3: fp4(&mut seed, inter, d),
+        })
+        .collect();
+    let xs: Vec<f32> = (0..t * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    let x = be.upload(&xs, &[t, d]).unwrap();
+    let ids: Vec<i32> = (0..t * top_k).map(|i| ((i / top_k * 7 + (i % top_k) * 5) % n_experts) as i32).collect();
+    let w = be.upload(&vec![1.0 / top_k as f32; t * top_k], &[t, top_k]).unwrap();
+    for act in [Precision::F32, Precision::Bf16] {
+        let x = act.act(&be, &x).unwrap();
+        let run = || std::hint::black_box(be.moe_experts(&x, &ids, &w, &experts, 10.0, act).unwrap());
+        run();
+        let best = (0..5)
+            .map(|_| {
+                let s = Instant::now();
+                run();
+                s.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        let flop = 2.0 * (t * top_k) as f64 * 3.0 * (d * inter) as f64;
+        println!("prefill {act:<5} {:>8.2} ms/call {:>7.1} GFLOP/s", best * 1e3, flop / best / 1e9);
+    }
+}
+
 #[test]
 #[ignore = "benchmark; run with --release --ignored --nocapture"]
 fn routed_experts_throughput() {
