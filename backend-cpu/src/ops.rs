@@ -15,7 +15,8 @@ use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
 use crate::{par, CpuBackend};
 
-/// Rows of a weight processed per parallel task in `linear`.
+/// The granularity of weight-row blocks of parallel tasks: a task's rows are a multiple of it
+/// ([`gemv_rows_per_task`], [`prefill_rows_per_task`], `moe.rs`).
 pub(crate) const ROW_BLOCK: usize = 64;
 
 fn err(msg: impl Into<String>) -> Error {
@@ -50,19 +51,24 @@ fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(8 * threads).div_ceil(ROW_BLOCK) * ROW_BLOCK
 }
 
-/// Weight rows per parallel task of a matrix product of many input rows (prefill): equal
-/// blocks of at most [`PREFILL_ROWS_PER_TASK`], in whole [`ROW_BLOCK`]s. A function of the
-/// matrix's row count alone, never of the thread count or of other matrices: a GEMM's bits
-/// depend on its shape (the `gemm` crate's blocking), so `linear` and the fused expert FFNs
-/// (`moe.rs`) must cut a matrix the same way on every machine to give the same results.
+/// Weight rows per parallel task of a matrix product of many input rows (prefill): a quarter
+/// of the matrix, in whole [`ROW_BLOCK`]s, between [`ROW_BLOCK`] and [`PREFILL_ROWS_PER_TASK`]
+/// (so a matrix of up to 256 rows keeps its 64-row tasks, and any matrix at least four tasks
+/// or 256-row ones). A function of the matrix's row count alone, never of the thread count or
+/// of other matrices: a GEMM's bits depend on its shape (the `gemm` crate's blocking), so
+/// `linear` and the fused expert FFNs (`moe.rs`) must cut a matrix the same way on every
+/// machine to give the same results.
 pub(crate) fn prefill_rows_per_task(rows: usize) -> usize {
-    rows.div_ceil(rows.div_ceil(PREFILL_ROWS_PER_TASK).max(1)).next_multiple_of(ROW_BLOCK)
+    let most = (rows / 4).next_multiple_of(ROW_BLOCK).clamp(ROW_BLOCK, PREFILL_ROWS_PER_TASK);
+    rows.div_ceil(rows.div_ceil(most).max(1)).next_multiple_of(ROW_BLOCK).max(ROW_BLOCK)
 }
 
 /// The largest block of weight rows one prefill GEMM takes ([`prefill_rows_per_task`]). Each
 /// block packs the input afresh: in 64-row blocks the routed experts of a 512-token chunk of
 /// the 0.75 B benchmark model (about 96 tokens an expert) spent a tenth of their time packing;
-/// 256-row blocks made them 5-15% (f32) and 15% (bf16) faster (`tests/moe_bench.rs`, 2 threads).
+/// 128-row blocks (what their 512-row matrices get) made them about 10% faster, 256-row ones
+/// 5-15% (f32) and 15% (bf16) (`tests/moe_bench.rs`, 2 threads). Larger blocks also mean fewer
+/// tasks: measured on 2 threads only.
 const PREFILL_ROWS_PER_TASK: usize = 256;
 
 /// `y[m, n] = Σ_k x[m, k] · w[n, k]` for a block of weight rows, f32 accumulation.

@@ -80,7 +80,7 @@ pub(crate) fn available() -> bool {
 /// BF16 value held in f32 (low 16 bits zero; debug_assert it). Returns false, leaving `c`
 /// unspecified, when some value of `b` is not exactly a BF16 value or `available()` is false; the
 /// caller then runs its f32 GEMM. Single-threaded (the caller parallelises over blocks of b's rows,
-/// typically n = 64 rows per call, m = 64..2048, k = 256..8192).
+/// typically n = 64..256 rows per call (`ops::prefill_rows_per_task`), m = 64..2048, k = 256..8192).
 ///
 /// A value is a BF16 value iff its low 16 bits are zero (infinities are; a NaN is iff its
 /// payload fits in BF16). Each output is one f32 FMA chain over `k` in the order the module

@@ -58,13 +58,13 @@ fn tables() -> &'static [[f32; 16]; 256] {
 /// The CPU supports `isa`.
 pub(crate) unsafe fn rows(isa: super::Isa, m: Fp4Groups, start: usize, n: usize, x: &[f32], out: &mut [f32]) -> bool {
     let k = m.k;
+    if !k.is_multiple_of(LANES) {
+        return false;
+    }
     assert_eq!(out.len(), n, "fp4_f32::rows: {n} rows into {} outputs", out.len());
     assert_eq!(x.len(), k, "fp4_f32::rows: an input of {} values for rows of {k}", x.len());
     assert!(m.codes.len() >= (start + n) * k / 2, "fp4_f32::rows: codes too short for rows ..{}", start + n);
     assert!(m.scales.len() >= (start + n) * k / GROUP, "fp4_f32::rows: scales too short for rows ..{}", start + n);
-    if !k.is_multiple_of(LANES) {
-        return false;
-    }
     #[cfg(target_arch = "x86_64")]
     {
         use super::Isa;

@@ -688,15 +688,16 @@ impl Rows for Fp4Bytes {
 }
 
 /// The one-input-row FP4 kernel that reads codes and E8M0 bytes directly (`fp4_f32`, on the
-/// AVX-512 lanes) gives the scalar reference's bits: every code, every scale byte (0, the
-/// subnormal 2⁻¹²⁷, and 255, NaN, included), rows in pairs and an odd one out, a start offset,
-/// inputs with signed zeros, infinities and values whose products are subnormal, and widths
-/// that are not whole 32-value groups (which it leaves to the general path).
+/// AVX2 and AVX-512 lanes) gives the scalar reference's bits: every code, every scale byte (0,
+/// the subnormal 2⁻¹²⁷, and 255, NaN, included), rows in pairs and an odd one out, a start
+/// offset, inputs with signed zeros, infinities and values whose products are subnormal, rows
+/// whose every product is -0 (the lanes start at +0), and widths that are not whole 32-value
+/// groups (which it leaves to the general path). It checks that the kernel did run.
 #[test]
 fn fp4_rows_from_scale_bytes_keep_the_reference_bits() {
     let mut rng = Rng(13);
     type Input = dyn Fn(&mut Rng, usize) -> Vec<f32>;
-    let inputs: [&Input; 4] = [
+    let inputs: [&Input; 5] = [
         &|r, k| r.xs(k),
         &|r, k| r.xs(k).iter().map(|v| v * 1e-38).collect(),
         &|r, k| {
@@ -705,18 +706,38 @@ fn fp4_rows_from_scale_bytes_keep_the_reference_bits() {
             x
         },
         &|_, k| (0..k).map(|j| if j % 3 == 0 { -0.0 } else { 0.0 }).collect(),
+        &|_, k| vec![-0.0; k],
     ];
     // (k, n, the first scale byte or none): every byte, two neighbouring ones per matrix (a
     // row's groups must be of similar size, or the small ones' products would vanish in the
-    // sum), on a small matrix; ordinary bytes on every shape.
+    // sum; from 252 up the one below, and codes of magnitude at most 1, so that the sums stay
+    // finite), on a small matrix; ordinary bytes on every shape.
     let cases = (0..=255u8).map(|b| (64, 3, Some(b))).chain(
         [32usize, 64, 96, 256, 512, 1024, 48, 2].into_iter().flat_map(|k| [1, 2, 5, 8, 9].map(|n| (k, n, None))),
     );
     for (k, n, first_byte) in cases {
         let g = k.div_ceil(32);
-        let codes: Vec<u8> = (0..n * k / 2).map(|_| rng.next() as u8).collect();
+        let high = first_byte.is_some_and(|b| b >= 252);
+        // Every third small matrix has codes of one sign only, so that with the all -0 input
+        // every product is -0 and the result shows that the lanes start at +0.
+        let one_sign = first_byte.is_some_and(|b| b % 3 == 0);
+        // Nibbles 0-2 and 8-10: magnitudes 0, 0.5 and 1.
+        let small = |v: u8| (v % 3) | (v & 8);
+        let codes: Vec<u8> = (0..n * k / 2)
+            .map(|_| rng.next() as u8)
+            .map(|c| if high { small(c & 0xF) | (small(c >> 4) << 4) } else { c })
+            .map(|c| if one_sign { c & 0x77 } else { c })
+            .collect();
         let scales: Vec<u8> = (0..n * g)
-            .map(|i| first_byte.map_or(115 + (rng.next() % 10) as u8, |b| b.saturating_add((i % 2) as u8)))
+            .map(|i| {
+                first_byte.map_or(115 + (rng.next() % 10) as u8, |b| {
+                    if high {
+                        b - (i % 2) as u8
+                    } else {
+                        b + (i % 2) as u8
+                    }
+                })
+            })
             .collect();
         let w = Fp4Bytes::new(codes, scales, k);
         for (xi, input) in inputs.iter().enumerate() {
@@ -726,6 +747,21 @@ fn fp4_rows_from_scale_bytes_keep_the_reference_bits() {
                 dot_rows(Isa::Scalar, &w.row(j, &mut RowScratch::default()), &xs, o);
             }
             for isa in Isa::supported() {
+                if matches!(isa, Isa::Avx2 | Isa::Avx512) {
+                    // The kernel itself, so that a dispatch that stopped reaching it fails here.
+                    let mut got = vec![f32::NAN; n];
+                    // SAFETY: `isa` is supported by this CPU (`Isa::supported`).
+                    let ran = unsafe { super::super::fp4_f32::rows(isa, w.fp4_groups().unwrap(), 0, n, &xs, &mut got) };
+                    assert_eq!(ran, k % 32 == 0, "k={k}: fp4_f32::rows ran {ran}");
+                    if ran {
+                        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                same(*g, *e),
+                                "k={k} n={n} first byte {first_byte:?} input {xi} {isa:?} kernel row {j}"
+                            );
+                        }
+                    }
+                }
                 for start in [0, 1.min(n - 1)] {
                     let mut got = vec![f32::NAN; n - start];
                     dot_many(isa, &w, start, n - start, &xs, &mut got);
