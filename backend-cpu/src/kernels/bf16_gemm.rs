@@ -121,6 +121,8 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    use super::super::x86::transpose16;
+
     /// Rows of `a` per micro-tile.
     const MR: usize = 8;
     /// zmm accumulators per row of a micro-tile.
@@ -256,45 +258,6 @@ mod x86 {
             let low_bits = _mm512_set1_epi32(0xFFFF);
             let inexact = _mm512_test_epi32_mask(lo, low_bits) | _mm512_test_epi32_mask(hi, low_bits);
             (_mm512_permutex2var_epi16(lo, odd_words, hi), inexact)
-        }
-    }
-
-    /// Transposes a 16 × 16 matrix of 32-bit lanes: `t[p]` lane `i` is `r[i]` lane `p`.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX-512 F.
-    #[inline(always)]
-    unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
-        // SAFETY: register-only AVX-512 F operations; the caller guarantees AVX-512 F.
-        unsafe {
-            // Within each 128-bit lane L: a[2i] = (r2i[4L], r2i+1[4L], r2i[4L+1], r2i+1[4L+1]), ...
-            let mut a = [_mm512_setzero_si512(); 16];
-            for i in 0..8 {
-                a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-                a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-            }
-            // b[4i+e], 128-bit lane L: rows 4i..4i+4 of element 4L+e.
-            let mut b = [_mm512_setzero_si512(); 16];
-            for i in 0..4 {
-                b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
-                b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
-                b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
-                b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
-            }
-            // t[4L+e] = lane L of b[e], b[4+e], b[8+e], b[12+e].
-            let mut t = [_mm512_setzero_si512(); 16];
-            for e in 0..4 {
-                let c0 = _mm512_shuffle_i32x4::<0x88>(b[e], b[4 + e]);
-                let c1 = _mm512_shuffle_i32x4::<0xDD>(b[e], b[4 + e]);
-                let d0 = _mm512_shuffle_i32x4::<0x88>(b[8 + e], b[12 + e]);
-                let d1 = _mm512_shuffle_i32x4::<0xDD>(b[8 + e], b[12 + e]);
-                t[e] = _mm512_shuffle_i32x4::<0x88>(c0, d0);
-                t[4 + e] = _mm512_shuffle_i32x4::<0x88>(c1, d1);
-                t[8 + e] = _mm512_shuffle_i32x4::<0xDD>(c0, d0);
-                t[12 + e] = _mm512_shuffle_i32x4::<0xDD>(c1, d1);
-            }
-            t
         }
     }
 

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 pub mod attn;
 pub(crate) mod bf16_gemm;
 pub(crate) mod e8m0;
+pub(crate) mod f32_gemm;
 pub(crate) mod fp4_bf16;
 mod fp4_f32;
 mod fp8_fold;

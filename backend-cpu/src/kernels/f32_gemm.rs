@@ -1,0 +1,444 @@
+//! f32 matrix products for prefill with AVX-512 F: `c = a · bᵀ`, one FMA chain per output.
+//!
+//! The `gemm` crate (the general path, [`crate::gemm`]) runs its AVX2 micro-kernel on a stable
+//! compiler (its AVX-512 one needs nightly). This kernel is [`super::bf16_gemm`]'s blocking with
+//! f32 lanes: an 8 × 32 tile of outputs in 16 zmm accumulators, and per `k` index two zmm of `b`
+//! and eight broadcasts of `a`, 16 FMAs per 10 loads. On one Zen 4 core (`bench_f32_gemm`, the
+//! prefill shapes of the 0.75 B benchmark model: m ≈ 100 tokens per routed expert or 512, k =
+//! 512 to 4096, n = 24 to 256 weight rows a task) it ran at 75-110 GFLOP/s, 1.0 to 1.6 times the
+//! `gemm` crate in the same run, against a peak of about 118.
+//!
+//! # Arithmetic
+//!
+//! Every output is `c[i, j] = fma(a[i, k−1], b[j, k−1], … fma(a[i, 1], b[j, 1], fma(a[i, 0],
+//! b[j, 0], +0)) …)`: one IEEE f32 FMA chain over `p = 0, 1, …, k − 1` from `+0`, whatever
+//! the blocking (the k blocks carry the sum through the output tile), tile position, `m`, `n`
+//! or thread. So the bits of a product do not depend on how a matrix is cut into tasks (the
+//! `gemm` crate's do), and a scalar `f32::mul_add` loop gives them exactly (NaN payloads
+//! aside): the tests compare bit for bit. Denormals are kept (MXCSR's defaults, Rust's).
+//!
+//! Compared with the exact sum, the error is within `k · 2⁻²⁴ · Σₚ |a_p · b_p|` (first order),
+//! the bound of any sequential f32 sum.
+//!
+//! # Layout and blocking
+//!
+//! The whole `b` is packed per call into panels of `NR` = 32 output columns, `[k][32]` f32 each
+//! (zero past `n`), transposed in registers 16 × 16 at a time, in a thread-local buffer
+//! (`n · k · 4` bytes, rounded up to whole panels, kept between calls). The rows of `a` go
+//! `MR` = 8 at a time (a strip), read in place (eight sequential streams); for each strip, `k`
+//! is cut into blocks of `KC` = 256, and the strip's block is multiplied by every panel's block
+//! (32 KiB). A last strip of fewer than 8 rows is copied into an `[8][256]` buffer, zero past
+//! `m`. Edge tiles (partial `m` or `n`) run through an 8 × 32 buffer on the stack.
+
+#[cfg(target_arch = "x86_64")]
+use super::Isa;
+
+/// Whether this CPU (and `DSV4_CPU_ISA`, via `Isa::active() == Isa::Avx512`) runs the kernel:
+/// x86-64 with AVX-512 F/BW/DQ/VL, `DSV4_CPU_ISA` not lowered below `avx512`. Always `false` on
+/// other architectures.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::active() == Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `c[m, n] = a[m, k] · bᵀ`, b `[n, k]`, all row-major, overwriting c, each output one f32 FMA
+/// chain over `k` (module documentation). Returns `false`, leaving `c` untouched, when
+/// [`available`] is false; the caller then runs the `gemm` crate. Single-threaded (the caller
+/// parallelises over blocks of b's rows). With `m == 0` or `n == 0` it returns `true` without
+/// reading anything; with `k == 0`, `c` is zeroed.
+///
+/// Panics if a slice is shorter than its shape. Uses a thread-local buffer of `n · k · 4` bytes
+/// (rounded up to whole panels), kept between calls.
+pub(crate) fn matmul_nt_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> bool {
+    assert!(
+        a.len() >= m * k && b.len() >= n * k && c.len() >= m * n,
+        "matmul_nt_f32: slices shorter than their shapes"
+    );
+    if !available() {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `available()` holds, so the CPU supports AVX-512 F.
+        unsafe { x86::matmul_nt(&a[..m * k], &b[..n * k], &mut c[..m * n], m, k, n) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    use super::super::x86::transpose16;
+
+    /// Rows of `a` per micro-tile.
+    const MR: usize = 8;
+    /// zmm accumulators per row of a micro-tile.
+    const NV: usize = 2;
+    /// Columns per micro-tile and per packed panel of `b`.
+    const NR: usize = 16 * NV;
+    /// Values of `k` per cache block (a multiple of 16).
+    const KC: usize = 256;
+
+    /// 16 f32, aligned to a cache line.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([f32; 16]);
+
+    const ZERO_LINE: Line = Line([0.0; 16]);
+
+    /// The `[MR][KC]` values of a partial strip of `a` (rows past `m` zero), aligned to a cache
+    /// line.
+    #[repr(C, align(64))]
+    struct Strip([f32; MR * KC]);
+
+    thread_local! {
+        /// The packed `b` of the last call on this thread: `[n/NR panels][k][NV lines]`.
+        static PACKED_B: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// [`super::matmul_nt_f32`] for `m, n, k > 0` and exact slice lengths.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512 F.
+    pub(super) unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+        let lines = n.div_ceil(NR) * k * NV;
+        PACKED_B.with_borrow_mut(|packed| {
+            if packed.len() < lines {
+                packed.resize(lines, ZERO_LINE);
+            }
+            // SAFETY: the caller guarantees the CPU features `run` is compiled with.
+            unsafe { run(a, b, c, m, k, n, &mut packed[..lines]) }
+        })
+    }
+
+    /// Packs `b`, then multiplies block by block (see the module documentation).
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512 F; `a.len() == m·k`, `b.len() == n·k`, `c.len() == m·n`,
+    /// `packed.len() == ⌈n/NR⌉·k·NV`, and `m, n, k > 0`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, packed: &mut [Line]) {
+        let panels = n.div_ceil(NR);
+        for (j, panel) in packed.chunks_exact_mut(k * NV).enumerate() {
+            // SAFETY: this function's features; the panel has `k·NV` lines.
+            unsafe { pack_b_panel(b, k, n, j, panel) };
+        }
+        let mut strip = Strip([0.0; MR * KC]);
+        let mut edge = [0f32; MR * NR];
+        for i0 in (0..m).step_by(MR) {
+            let mr = MR.min(m - i0);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let load = k0 > 0;
+                // A full strip is read in place (row stride k); a partial one is copied into
+                // `strip` with zero rows after it.
+                let (ap, lda) = if mr == MR {
+                    (a[i0 * k + k0..].as_ptr(), k)
+                } else {
+                    pack_a_strip(&a[i0 * k..], k, mr, k0, kc, &mut strip);
+                    (strip.0.as_ptr(), KC)
+                };
+                for j in 0..panels {
+                    let (j0, nr) = (j * NR, NR.min(n - j * NR));
+                    let panel = &packed[(j * k + k0) * NV..(j * k + k0 + kc) * NV];
+                    if mr == MR && nr == NR {
+                        // SAFETY: this function's features; `ap` is rows i0..i0+MR <= m of `a`
+                        // from column k0 (k0 + kc <= k) or the strip; the tile's rows and
+                        // columns j0..j0+NR <= n lie inside `c` (row stride n).
+                        unsafe { tile(ap, lda, panel, kc, c.as_mut_ptr().add(i0 * n + j0), n, load) };
+                    } else {
+                        if load {
+                            for r in 0..mr {
+                                edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
+                            }
+                        }
+                        // SAFETY: this function's features; `ap` as above (a partial strip is
+                        // the strip buffer); `edge` holds MR rows of NR.
+                        unsafe { tile(ap, lda, panel, kc, edge.as_mut_ptr(), NR, load) };
+                        for r in 0..mr {
+                            c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The mask of the first `min(n, 16)` lanes.
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// Packs rows `j·NR .. j·NR + NR` of `b` (zero past `n`) as `[k][NR]` f32.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512 F; `b.len() == n·k`, `j·NR < n`, `out.len() == k·NV`.
+    #[inline(always)]
+    unsafe fn pack_b_panel(b: &[f32], k: usize, n: usize, j: usize, out: &mut [Line]) {
+        debug_assert!(b.len() == n * k && j * NR < n && out.len() == k * NV);
+        // SAFETY: AVX-512 F as the caller guarantees; every masked load reads inside `b` (row
+        // < n, `min(k - k0, 16)` values from column k0 < k), every store writes a line of `out`
+        // (index k0 + pp < k).
+        unsafe {
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for k0 in (0..k).step_by(16) {
+                let cols = 16.min(k - k0);
+                for g in 0..NV {
+                    for (r, row) in rows.iter_mut().enumerate() {
+                        let jr = j * NR + g * 16 + r;
+                        *row = if jr < n {
+                            _mm512_maskz_loadu_epi32(lanes(cols), b.as_ptr().add(jr * k + k0).cast())
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                    }
+                    let t = transpose16(&rows);
+                    for (pp, v) in t.iter().take(cols).enumerate() {
+                        let line: *mut Line = &mut out[(k0 + pp) * NV + g];
+                        _mm512_store_si512(line.cast(), *v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies values `k0 .. k0 + kc` of the first `mr` rows of `rows` (the rows of `a` from the
+    /// strip's first on) into `strip`, row `r` at `r·KC ..`; rows `mr .. MR` become zero.
+    fn pack_a_strip(rows: &[f32], k: usize, mr: usize, k0: usize, kc: usize, strip: &mut Strip) {
+        debug_assert!(rows.len() >= mr * k && kc <= KC && k0 + kc <= k);
+        for r in 0..MR {
+            let dst = &mut strip.0[r * KC..r * KC + kc];
+            if r < mr {
+                dst.copy_from_slice(&rows[r * k + k0..r * k + k0 + kc]);
+            } else {
+                dst.fill(0.0);
+            }
+        }
+    }
+
+    /// The micro-kernel: the MR × NR tile at `c` (row stride `ldc`) becomes (`load`: the tile
+    /// plus) the products of the strip's `kc` values (MR rows at `ap`, row stride `lda`) with the
+    /// panel's, `k` ascending.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512 F; `ap` points at MR rows of `kc` readable f32 with row stride
+    /// `lda`; `panel.len() >= kc·NV`, `kc <= KC`, and `c` points at MR rows of NR writable f32
+    /// with row stride `ldc`.
+    #[inline(always)]
+    unsafe fn tile(ap: *const f32, lda: usize, panel: &[Line], kc: usize, c: *mut f32, ldc: usize, load: bool) {
+        debug_assert!(panel.len() >= kc * NV && kc <= KC);
+        // SAFETY: AVX-512 F as the caller guarantees; the strip reads stay in row r's kc values
+        // (p < kc), the panel reads in its kc·NV lines, and the tile's loads and stores
+        // in the MR × NR block the caller vouches for.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+            if load {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                    }
+                }
+            }
+            let bp = panel.as_ptr();
+            for p in 0..kc {
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_load_ps(bp.add(p * NV + v).cast());
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r * lda + p));
+                    for (x, &bw) in row.iter_mut().zip(&bv) {
+                        *x = _mm512_fmadd_ps(av, bw, *x);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (v, x) in row.iter().enumerate() {
+                    _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use dsv4_core::test_data::Rng;
+
+    /// Returns whether the kernel runs here; if not, says that only `false` was checked.
+    fn runs(test: &str) -> bool {
+        if available() {
+            return true;
+        }
+        eprintln!(
+            "{test}: the AVX-512 f32 GEMM is not available here (no AVX-512, or {} below avx512): \
+             only checked that matmul_nt_f32 returns false",
+            super::super::ISA_ENV
+        );
+        false
+    }
+
+    /// The module's definition: one `mul_add` chain over `k` from `+0`.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).fold(0f32, |s, p| a[i * k + p].mul_add(b[j * k + p], s));
+            }
+        }
+        c
+    }
+
+    /// Bit equality, any NaN equal to any NaN.
+    fn same(x: f32, y: f32) -> bool {
+        x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+    }
+
+    /// Values of every magnitude: uniform in (-4, 4) scaled by 2^e, e in -140..=20 (denormal
+    /// products and partial sums included), and some signed zeros.
+    fn value(rng: &mut Rng) -> f32 {
+        let x = rng.next_u64();
+        if x.is_multiple_of(29) {
+            return if x & 64 == 0 { 0.0 } else { -0.0 };
+        }
+        let v = ((x >> 8) as u32 as f32 / u32::MAX as f32 - 0.5) * 8.0;
+        let e = if x.is_multiple_of(7) { ((x >> 40) % 161) as i32 - 140 } else { ((x >> 40) % 9) as i32 - 4 };
+        v * 2f32.powi(e)
+    }
+
+    const MS: [usize; 6] = [1, 7, 8, 9, 13, 100];
+    const NS: [usize; 7] = [1, 15, 31, 32, 33, 64, 65];
+    const KS: [usize; 10] = [0, 1, 2, 15, 16, 17, 255, 256, 257, 1025];
+
+    #[test]
+    fn products_are_the_fma_chain_bit_for_bit() {
+        let mut rng = Rng(7);
+        let run = runs("products_are_the_fma_chain_bit_for_bit");
+        for m in MS {
+            for n in NS {
+                for k in KS {
+                    let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
+                    let b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+                    let mut c = vec![f32::NAN; m * n];
+                    assert_eq!(matmul_nt_f32(&a, &b, &mut c, m, k, n), run, "({m},{k},{n})");
+                    if !run {
+                        continue;
+                    }
+                    let want = reference(&a, &b, m, k, n);
+                    for (i, (&x, &y)) in c.iter().zip(&want).enumerate() {
+                        assert!(same(x, y), "({m},{k},{n}) at ({}, {}): {x:e} vs {y:e}", i / n, i % n);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn infinities_nans_and_signed_zeros() {
+        let run = runs("infinities_nans_and_signed_zeros");
+        let (m, k, n) = (9, 40, 33);
+        let mut rng = Rng(8);
+        let specials = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -0.0, 0.0, f32::MAX, f32::MIN_POSITIVE / 4.0];
+        let mut a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
+        let mut b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+        for (i, s) in specials.iter().enumerate() {
+            a[(i * 37) % (m * k)] = *s;
+            b[(i * 53 + 11) % (n * k)] = *s;
+        }
+        // A row of -0 products only: the chain from +0 stays +0.
+        a[..k].fill(-0.0);
+        let mut c = vec![f32::NAN; m * n];
+        assert_eq!(matmul_nt_f32(&a, &b, &mut c, m, k, n), run);
+        if run {
+            let want = reference(&a, &b, m, k, n);
+            for (i, (&x, &y)) in c.iter().zip(&want).enumerate() {
+                assert!(same(x, y), "at ({}, {}): {x:e} vs {y:e}", i / n, i % n);
+            }
+            assert!(c.iter().any(|v| v.is_nan()) && c.iter().any(|v| v.is_infinite()));
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        let run = runs("empty_shapes");
+        let mut c = vec![1f32; 6];
+        assert_eq!(matmul_nt_f32(&[], &[], &mut c, 2, 0, 3), run);
+        if run {
+            assert!(c.iter().all(|&v| v.to_bits() == 0));
+        }
+        assert_eq!(matmul_nt_f32(&[], &[1.0; 4], &mut [], 0, 4, 1), run);
+        assert_eq!(matmul_nt_f32(&[1.0; 4], &[], &mut [], 1, 4, 0), run);
+    }
+
+    /// GFLOP/s of `matmul_nt_f32` (packing included) against the `gemm` crate, one thread.
+    /// `cargo test -p dsv4-backend-cpu --release f32_gemm -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_f32_gemm() {
+        let run = runs("bench_f32_gemm");
+        let mut rng = Rng(4);
+        for (m, k, n) in [
+            (96, 1024, 256),
+            (96, 512, 256),
+            (512, 1024, 256),
+            (512, 512, 256),
+            (512, 2048, 256),
+            (512, 4096, 64),
+            (512, 4096, 24),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
+            let b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let flop = 2.0 * (m * k * n) as f64;
+            let reps = (4e9 / flop).ceil() as usize;
+            let best = |f: &mut dyn FnMut()| {
+                f();
+                (0..reps)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let tg = best(&mut || crate::gemm::matmul_nt_gemm_crate(&a, &b, &mut c2, m, k, n));
+            let line = format!("m={m} k={k} n={n}: gemm crate {:.1} GFLOP/s", flop / tg * 1e-9);
+            if run {
+                let tf = best(&mut || assert!(matmul_nt_f32(&a, &b, &mut c1, m, k, n)));
+                println!("{line}, avx512 kernel {:.1} GFLOP/s ({:.2}x)", flop / tf * 1e-9, tg / tf);
+            } else {
+                println!("{line}, avx512 kernel not available");
+            }
+        }
+    }
+}
