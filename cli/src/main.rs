@@ -37,6 +37,14 @@ use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::model::Logits;
 use dsv4_core::{Backend, Batch};
 
+/// mimalloc instead of glibc's malloc: glibc hands allocations above its mmap threshold (a
+/// prefill's activations, megabytes each) back to the kernel on free, so the next one faults its
+/// pages in and zeroes them again; mimalloc keeps and reuses them. `dsv4 bench` prefill 512 on
+/// the benchmark model (`gen_synthetic.py mini`), four interleaved pairs: 286-324 tokens/s
+/// against 210-289 with glibc; decode unchanged within the noise.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "dsv4", version, about = "DeepSeek-V4 inference engine (Ascend-first; CPU reference backend)")]
 struct Cli {
