@@ -5,7 +5,8 @@
 //!
 //! `cargo test --release -p dsv4-backend-cpu --test attn_bench -- --ignored --nocapture`
 //!
-//! `DSV4_THREADS` sets the number of threads, `ATTN_BENCH_REPS` the timings per figure (their median is shown).
+//! `DSV4_THREADS` sets the number of threads, `ATTN_BENCH_REPS` the timings per figure (their median is shown),
+//! `ATTN_BENCH_COLD=1` evicts the caches before each timing.
 
 use std::time::Instant;
 
@@ -22,12 +23,21 @@ fn pool(be: &CpuBackend, rows: usize, width: usize, format: RowFormat, rng: &mut
     p
 }
 
-/// Median of `ATTN_BENCH_REPS` (default 101) timings of `f`, in microseconds.
+/// Median of `ATTN_BENCH_REPS` (default 101) timings of `f`, in microseconds. With
+/// `ATTN_BENCH_COLD=1`, 64 MiB are read before each timing, so that the keys come from memory
+/// as in a real decode step (eight layers' states exceed the last-level cache), not from cache.
 fn time(mut f: impl FnMut()) -> f64 {
     let reps = std::env::var("ATTN_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(101).max(1);
+    let flush: Vec<u8> = if std::env::var_os("ATTN_BENCH_COLD").is_some_and(|v| v == "1") {
+        (0..64usize << 20).map(|i| i as u8).collect()
+    } else {
+        Vec::new()
+    };
     f();
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
+            // Read, not written: dirty lines would be written back during the timing.
+            std::hint::black_box(flush.iter().step_by(64).fold(0u8, |a, &b| a ^ b));
             let s = Instant::now();
             f();
             s.elapsed().as_secs_f64() * 1e6
