@@ -13,13 +13,14 @@
 //! computes (`E2M1_TO_F32[c] · scale`, one rounding), so the values, the `fma`s per lane and
 //! their order are those of [`super::weights`]'s definition.
 //!
-//! Per group and row, the decode of the general path's split layout (`Decode::chunk_split` in
-//! `x86.rs`), with the group's table loaded instead of computed: the 16 code bytes widened to
-//! 32-bit lanes, the low nibbles (the even values) and the high ones (the odd values, after a
-//! shift) looked up with `vpermps` (AVX-512: one 16-entry look-up; AVX2: the 8 positive and 8
-//! negative entries, picked by the sign bit). The input is permuted into the split layout
-//! (`weights::split_input`) once per call, and the accumulators are reduced as
-//! `Lanes::reduce_split` reduces that layout.
+//! Per group and row, the decode of the general path's split layout (the functions of
+//! `Decode::chunk_split` in `x86.rs`, `fp4_split_avx2` / `fp4_split_avx512`), with the group's
+//! table loaded instead of computed: the 16 code bytes widened to 32-bit lanes, the low nibbles
+//! (the even values) and the high ones (the odd values, after a shift) looked up with `vpermps`
+//! (AVX-512: one 16-entry look-up; AVX2: the 8 positive and 8 negative entries, picked by the
+//! sign bit). The input is permuted into the split layout (`weights::split_input`) once per
+//! call; the multiply-adds and the reduction of that layout are the lanes' own
+//! (`weights::Lanes::fma` and `reduce_split`).
 
 use dsv4_core::quant::{e8m0_to_f32_unchecked, E2M1_TO_F32};
 
@@ -97,85 +98,36 @@ pub(crate) unsafe fn rows(isa: super::Isa, m: Fp4Groups, start: usize, n: usize,
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::x86::{e2m1_look, reduce_split16, reduce_split8};
+    use super::super::weights::Lanes;
+    use super::super::x86::{fp4_split_avx2, fp4_split_avx512, Avx2, Avx512};
     use super::GROUP;
 
-    /// One instruction set's accumulators and group step.
+    /// The group decode of one instruction set's lanes; the multiply-adds and the reduction are
+    /// [`Lanes`]'.
     ///
     /// # Safety
     ///
     /// Every method may only run on a CPU with the instruction set of the implementing type.
-    trait Lanes {
-        /// The 32 lanes of one row's sums, in the split layout.
-        type Acc: Copy;
-        unsafe fn zero() -> Self::Acc;
-        /// `acc` plus one group: codes at `c` (16 bytes), table at `t` (16 values), input at
-        /// `x` (32 values, split layout).
-        unsafe fn group(c: *const u8, t: *const f32, x: *const f32, acc: Self::Acc) -> Self::Acc;
-        /// The canonical reduction of the split layout.
-        unsafe fn reduce(acc: Self::Acc) -> f32;
+    trait Fp4Lanes: Lanes {
+        /// One group's 32 values in the split layout: codes at `c` (16 bytes), table at `t`
+        /// (16 values).
+        unsafe fn group(c: *const u8, t: *const f32) -> Self::W;
     }
 
-    struct Avx512;
-
-    impl Lanes for Avx512 {
-        type Acc = [__m512; 2];
+    impl Fp4Lanes for Avx512 {
         #[inline(always)]
-        unsafe fn zero() -> Self::Acc {
-            // SAFETY: AVX-512F (trait contract).
-            unsafe { [_mm512_setzero_ps(); 2] }
-        }
-        #[inline(always)]
-        unsafe fn group(c: *const u8, t: *const f32, x: *const f32, acc: Self::Acc) -> Self::Acc {
-            // SAFETY: AVX-512F (trait contract); the pointers are valid as documented.
-            unsafe {
-                let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.cast()));
-                let table = _mm512_loadu_ps(t);
-                let (even, odd) =
-                    (_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table));
-                [
-                    _mm512_fmadd_ps(even, _mm512_loadu_ps(x), acc[0]),
-                    _mm512_fmadd_ps(odd, _mm512_loadu_ps(x.add(16)), acc[1]),
-                ]
-            }
-        }
-        #[inline(always)]
-        unsafe fn reduce(acc: Self::Acc) -> f32 {
-            // SAFETY: AVX-512F/DQ (trait contract).
-            unsafe { reduce_split16(acc) }
+        unsafe fn group(c: *const u8, t: *const f32) -> Self::W {
+            // SAFETY: AVX-512 F (trait contract); 16 code bytes at `c`, 16 values at `t`.
+            unsafe { fp4_split_avx512(c, _mm512_loadu_ps(t)) }
         }
     }
 
-    struct Avx2;
-
-    impl Lanes for Avx2 {
-        type Acc = [__m256; 4];
+    impl Fp4Lanes for Avx2 {
         #[inline(always)]
-        unsafe fn zero() -> Self::Acc {
-            // SAFETY: AVX (trait contract).
-            unsafe { [_mm256_setzero_ps(); 4] }
-        }
-        #[inline(always)]
-        unsafe fn group(c: *const u8, t: *const f32, x: *const f32, acc: Self::Acc) -> Self::Acc {
-            // SAFETY: AVX2 and FMA (trait contract); the pointers are valid as documented.
-            unsafe {
-                let b = _mm_loadu_si128(c.cast());
-                // Bytes 0-7 and 8-15; low nibbles the even values, high ones the odd values.
-                let (lo, hi) = (_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-                let (pos, neg) = (_mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8)));
-                let w = [
-                    e2m1_look(lo, pos, neg),
-                    e2m1_look(hi, pos, neg),
-                    e2m1_look(_mm256_srli_epi32(lo, 4), pos, neg),
-                    e2m1_look(_mm256_srli_epi32(hi, 4), pos, neg),
-                ];
-                std::array::from_fn(|i| _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x.add(8 * i)), acc[i]))
-            }
-        }
-        #[inline(always)]
-        unsafe fn reduce(acc: Self::Acc) -> f32 {
-            // SAFETY: AVX (trait contract).
-            unsafe { reduce_split8(acc) }
+        unsafe fn group(c: *const u8, t: *const f32) -> Self::W {
+            // SAFETY: AVX2 (trait contract); 16 code bytes at `c`, 16 values at `t` (the 8
+            // positive entries, then the 8 negative ones).
+            unsafe { fp4_split_avx2(c, _mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8))) }
         }
     }
 
@@ -187,7 +139,7 @@ mod x86 {
     /// The CPU supports `L`; `k` is a multiple of 32, `codes` holds `out.len() · k / 2` bytes,
     /// `scales` `out.len() · k / 32` bytes and `xp` `k` values.
     #[inline(always)]
-    unsafe fn walk<L: Lanes>(
+    unsafe fn walk<L: Fp4Lanes>(
         codes: &[u8],
         scales: &[u8],
         k: usize,
@@ -206,12 +158,8 @@ mod x86 {
             macro_rules! group {
                 ($r:expr, $g:expr, $acc:expr) => {{
                     let (r, g) = ($r, $g);
-                    L::group(
-                        c.add(r * k / 2 + 16 * g),
-                        t.add(16 * *s.add(r * groups + g) as usize),
-                        x.add(GROUP * g),
-                        $acc,
-                    )
+                    let w = L::group(c.add(r * k / 2 + 16 * g), t.add(16 * *s.add(r * groups + g) as usize));
+                    L::fma(w, x.add(GROUP * g), $acc)
                 }};
             }
             // Row i with row i + n/2: two sequential streams (see `weights::dot_many_with`).
@@ -222,8 +170,8 @@ mod x86 {
                     a0 = group!(i, g, a0);
                     a1 = group!(i + h, g, a1);
                 }
-                out[i] = L::reduce(a0);
-                out[i + h] = L::reduce(a1);
+                out[i] = L::reduce_split(a0);
+                out[i + h] = L::reduce_split(a1);
             }
             if out.len() % 2 == 1 {
                 let r = out.len() - 1;
@@ -231,7 +179,7 @@ mod x86 {
                 for g in 0..groups {
                     a = group!(r, g, a);
                 }
-                out[r] = L::reduce(a);
+                out[r] = L::reduce_split(a);
             }
         }
     }

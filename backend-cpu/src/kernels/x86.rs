@@ -336,11 +336,53 @@ unsafe fn halves_times(h: __m128i, s: __m256) -> __m256 {
 ///
 /// The CPU supports AVX2.
 #[inline(always)]
-pub(super) unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
+unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
     // SAFETY: register-only AVX2 operations (as above).
     unsafe {
         let sign = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
         _mm256_blendv_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_permutevar8x32_ps(neg, idx), sign)
+    }
+}
+
+/// The 32 FP4 values of one chunk in the split layout (the even values in the first two
+/// registers, the odd ones in the last two), looked up in the group's table `pos`, `neg` (the
+/// 8 positive and the 8 negative E2M1 values times the group's scale): the decode of
+/// `Decode::<Avx2>::chunk_split` for FP4 and of `fp4_f32`'s kernel.
+///
+/// # Safety
+///
+/// The CPU supports AVX2; 16 bytes are readable at `p` (byte `i` holds value `2i` in its low
+/// nibble and `2i + 1` in its high one).
+#[inline(always)]
+pub(super) unsafe fn fp4_split_avx2(p: *const u8, pos: __m256, neg: __m256) -> [__m256; 4] {
+    // SAFETY: a 16-byte load the caller vouches for, then register-only AVX2 operations.
+    unsafe {
+        let b = _mm_loadu_si128(p.cast());
+        // The low nibbles are the even values, the high ones the odd values, already in the
+        // split layout.
+        let (lo, hi) = (_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+        [
+            e2m1_look(lo, pos, neg),
+            e2m1_look(hi, pos, neg),
+            e2m1_look(_mm256_srli_epi32(lo, 4), pos, neg),
+            e2m1_look(_mm256_srli_epi32(hi, 4), pos, neg),
+        ]
+    }
+}
+
+/// [`fp4_split_avx2`] with AVX-512: one `vpermps` per 16 values on the 16-entry table `t`.
+///
+/// # Safety
+///
+/// The CPU supports AVX-512 F; 16 bytes are readable at `p` (as for [`fp4_split_avx2`]).
+#[inline(always)]
+pub(super) unsafe fn fp4_split_avx512(p: *const u8, t: __m512) -> [__m512; 2] {
+    // SAFETY: a 16-byte load the caller vouches for, then register-only AVX-512 F operations.
+    unsafe {
+        // Low nibbles: the even values; high nibbles: the odd ones. `vpermps` reads only the
+        // low 4 bits of each index.
+        let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+        [_mm512_permutexvar_ps(idx, t), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t)]
     }
 }
 
@@ -362,7 +404,7 @@ unsafe fn reduce16(v: __m512) -> f32 {
 ///
 /// The CPU supports AVX.
 #[inline(always)]
-pub(super) unsafe fn reduce_split8(a: [__m256; 4]) -> f32 {
+unsafe fn reduce_split8(a: [__m256; 4]) -> f32 {
     // SAFETY: register-only operations (as above).
     unsafe { reduce8(_mm256_add_ps(a[0], a[1])) + reduce8(_mm256_add_ps(a[2], a[3])) }
 }
@@ -375,7 +417,7 @@ pub(super) unsafe fn reduce_split8(a: [__m256; 4]) -> f32 {
 ///
 /// The CPU supports AVX-512F and DQ.
 #[inline(always)]
-pub(super) unsafe fn reduce_split16(a: [__m512; 2]) -> f32 {
+unsafe fn reduce_split16(a: [__m512; 2]) -> f32 {
     // SAFETY: register-only operations (as above).
     unsafe { reduce16(a[0]) + reduce16(a[1]) }
 }
@@ -503,18 +545,7 @@ impl Decode<Avx2> for Fp4Dec<'_> {
         let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
         // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX2 (trait
         // contract).
-        unsafe {
-            let b = _mm_loadu_si128(p);
-            // Byte i holds value 2i (low nibble) and 2i + 1 (high nibble): the low nibbles are
-            // the even values, the high ones the odd values, already in the split layout.
-            let (lo, hi) = (_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-            [
-                e2m1_look(lo, pos, neg),
-                e2m1_look(hi, pos, neg),
-                e2m1_look(_mm256_srli_epi32(lo, 4), pos, neg),
-                e2m1_look(_mm256_srli_epi32(hi, 4), pos, neg),
-            ]
-        }
+        unsafe { fp4_split_avx2(p.cast(), pos, neg) }
     }
 }
 
@@ -687,11 +718,7 @@ impl Decode<Avx512> for Fp4Dec<'_> {
         let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
         // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX-512F
         // (trait contract).
-        unsafe {
-            // Low nibbles: the even values; high nibbles: the odd ones (the split layout).
-            let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
-            [_mm512_permutexvar_ps(idx, t), _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t)]
-        }
+        unsafe { fp4_split_avx512(p.cast(), t) }
     }
 }
 
