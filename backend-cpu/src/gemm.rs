@@ -1,16 +1,16 @@
-//! Matrix products of many rows (prefill) through the `gemm` crate.
+//! Matrix products of many rows (prefill): the `gemm` crate, or this crate's AVX-512 kernel.
 //!
-//! `gemm` (the kernels behind faer) dispatches at run time to AVX-512 or AVX2+FMA micro-kernels
-//! and reached 105 GFLOP/s on one AVX-512 core for a 512×1024 by 1024×64 product, against
-//! 61 GFLOP/s for `matrixmultiply`, which ndarray's `dot` uses and which has no AVX-512 kernel.
-//! It runs single-threaded here: the backend's thread team spreads the blocks.
-//!
-//! Its AVX-512 micro-kernels need a nightly compiler, so on a stable build it runs the AVX2 one;
-//! where AVX-512 is available, [`matmul_nt`] runs [`crate::kernels::f32_gemm`] instead (1.0 to 1.6
-//! times as fast on the prefill shapes, and its bits do not depend on how a matrix is cut).
+//! `gemm` (the kernels behind faer) dispatches at run time among its micro-kernels; on a stable
+//! compiler that is AVX2+FMA at best (gemm-f32 builds its AVX-512 ones only with its `nightly`
+//! feature). It was chosen over `matrixmultiply` (ndarray's `dot`), which was about 40% slower.
+//! Where AVX-512 is available and `a` has at least 8 rows, [`matmul_nt`] runs
+//! [`crate::kernels::f32_gemm`] instead (on the prefill shapes, 1.0 to 1.7 times as fast in three
+//! runs of its `bench_f32_gemm`; and its bits do not depend on how a matrix is cut). Both run
+//! single-threaded here: the backend's thread team spreads the blocks.
 
 /// `c[m, n] = a[m, k] · bᵀ` for `b` `[n, k]` (both row-major), overwriting `c`: the AVX-512
-/// kernel of [`crate::kernels::f32_gemm`] where it runs, else the `gemm` crate.
+/// kernel of [`crate::kernels::f32_gemm`] where it runs (AVX-512, `m ≥ 8`), else the `gemm`
+/// crate.
 ///
 /// Panics if a slice is shorter than its shape.
 pub(crate) fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
@@ -31,7 +31,11 @@ pub(crate) fn matmul_nn(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize,
 }
 
 fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, b_transposed: bool) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: slices shorter than their shapes");
+    use crate::kernels::holds;
+    assert!(
+        holds(a.len(), m, k) && holds(b.len(), k, n) && holds(c.len(), m, n),
+        "matmul: slices shorter than their shapes (or a size overflows)"
+    );
     if m == 0 || n == 0 {
         return;
     }

@@ -78,7 +78,8 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// instruction set, and the same for a packed weight and its dequantised-at-load copy. The
 /// exception: one BF16 input row (`x_bf16`) on an FP4 weight with E8M0 scales goes through
 /// [`fp4_bf16`] where the CPU has AVX512-BF16 (exact products, another summation order).
-/// Many input rows (prefill): the block is widened once (exactly) and multiplied by `gemm`;
+/// Many input rows (prefill): the block is widened once (exactly) and multiplied by
+/// [`crate::gemm::matmul_nt`] (an AVX-512 kernel or the `gemm` crate);
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
 /// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).

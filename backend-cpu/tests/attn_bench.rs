@@ -6,7 +6,7 @@
 //! `cargo test --release -p dsv4-backend-cpu --test attn_bench -- --ignored --nocapture`
 //!
 //! `DSV4_THREADS` sets the number of threads, `ATTN_BENCH_REPS` the timings per figure (their median is shown),
-//! `ATTN_BENCH_COLD=1` evicts the caches before each timing.
+//! `ATTN_BENCH_COLD=1` (any value but `0`) evicts the caches before each timing.
 
 use std::time::Instant;
 
@@ -24,12 +24,13 @@ fn pool(be: &CpuBackend, rows: usize, width: usize, format: RowFormat, rng: &mut
 }
 
 /// Median of `ATTN_BENCH_REPS` (default 101) timings of `f`, in microseconds. With
-/// `ATTN_BENCH_COLD=1`, 64 MiB are read before each timing, so that the keys come from memory
-/// as in a real decode step (eight layers' states exceed the last-level cache), not from cache.
+/// `ATTN_BENCH_COLD=1`, 256 MiB (more than most servers' last-level cache) are read before each
+/// timing, so that the keys come from memory as in a real decode step (eight layers' states
+/// exceed the last-level cache), not from cache.
 fn time(mut f: impl FnMut()) -> f64 {
     let reps = std::env::var("ATTN_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(101).max(1);
-    let flush: Vec<u8> = if std::env::var_os("ATTN_BENCH_COLD").is_some_and(|v| v == "1") {
-        (0..64usize << 20).map(|i| i as u8).collect()
+    let flush: Vec<u8> = if std::env::var_os("ATTN_BENCH_COLD").is_some_and(|v| !v.is_empty() && v != "0") {
+        (0..256usize << 20).map(|i| i as u8).collect()
     } else {
         Vec::new()
     };

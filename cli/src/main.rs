@@ -39,7 +39,8 @@ use dsv4_core::{Backend, Batch};
 
 /// mimalloc instead of glibc's malloc: glibc hands allocations above its mmap threshold (a
 /// prefill's activations, megabytes each) back to the kernel on free, so the next one faults its
-/// pages in and zeroes them again; mimalloc keeps and reuses them. `dsv4 bench` prefill 512 on
+/// pages in and zeroes them again; mimalloc keeps them for reuse (it returns memory unused for
+/// about a second to the OS: its `purge_delay`, 1000 ms in v3). `dsv4 bench` prefill 512 on
 /// the benchmark model (`gen_synthetic.py mini`), four interleaved pairs: 286-324 tokens/s
 /// against 210-289 with glibc; decode unchanged within the noise.
 #[global_allocator]

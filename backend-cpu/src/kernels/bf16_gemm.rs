@@ -91,9 +91,10 @@ pub(crate) fn available() -> bool {
 /// Panics if a slice is shorter than its shape. Uses a thread-local buffer of `n · k · 2` bytes
 /// (rounded up to whole panels), kept between calls.
 pub(crate) fn matmul_nt_bf16(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> bool {
+    use super::holds;
     assert!(
-        a.len() >= m * k && b.len() >= n * k && c.len() >= m * n,
-        "matmul_nt_bf16: slices shorter than their shapes"
+        holds(a.len(), m, k) && holds(b.len(), n, k) && holds(c.len(), m, n),
+        "matmul_nt_bf16: slices shorter than their shapes (or a size overflows)"
     );
     if !available() {
         return false;
@@ -708,7 +709,7 @@ mod tests {
         }
     }
 
-    /// GFLOP/s of `matmul_nt_bf16` (packing included) against the f32 `gemm` crate path, one
+    /// GFLOP/s of `matmul_nt_bf16` (packing included) against the f32 path (`gemm::matmul_nt`), one
     /// thread. `cargo test -p dsv4-backend-cpu --release bf16_gemm -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -732,7 +733,7 @@ mod tests {
                     .fold(f64::INFINITY, f64::min)
             };
             let t32 = best(&mut || crate::gemm::matmul_nt(&a, &b, &mut c2, m, k, n));
-            let line = format!("m={m} k={k} n={n}: f32 gemm {:.1} GFLOP/s", flop / t32 * 1e-9);
+            let line = format!("m={m} k={k} n={n}: f32 (gemm::matmul_nt) {:.1} GFLOP/s", flop / t32 * 1e-9);
             if run {
                 let t16 = best(&mut || assert!(matmul_nt_bf16(&a, &b, &mut c1, m, k, n)));
                 println!("{line}, bf16 {:.1} GFLOP/s ({:.2}x)", flop / t16 * 1e-9, t32 / t16);

@@ -22,16 +22,21 @@
 //!
 //! # Layout and blocking
 //!
-//! The whole `b` is packed per call into panels of `NR` = 32 output columns, `[k][32]` f32 each
-//! (zero past `n`), transposed in registers 16 × 16 at a time, in a thread-local buffer
-//! (`n · k · 4` bytes, rounded up to whole panels, kept between calls). The rows of `a` go
-//! `MR` = 8 at a time (a strip), read in place (eight sequential streams); for each strip, `k`
-//! is cut into blocks of `KC` = 256, and the strip's block is multiplied by every panel's block
-//! (32 KiB). A last strip of fewer than 8 rows is copied into an `[8][256]` buffer, zero past
+//! `b` is packed into panels of `NR` = 32 output columns, `[k][32]` f32 each (zero past `n`),
+//! transposed in registers 16 × 16 at a time, 8 panels (256 columns) at a time into a
+//! thread-local buffer (up to `256 · k · 4` bytes, kept between calls). For each such block, the
+//! rows of `a` go `MR` = 8 at a time (a strip), read in place (eight sequential streams); for
+//! each strip, `k` is cut into blocks of `KC` = 256, and the strip's block is multiplied by every
+//! panel's block (32 KiB each, 256 KiB for the 8). A last strip of fewer than 8 rows is copied into an `[8][256]` buffer, zero past
 //! `m`. Edge tiles (partial `m` or `n`) run through an 8 × 32 buffer on the stack.
 
 #[cfg(target_arch = "x86_64")]
 use super::Isa;
+
+/// The fewest rows of `a` the kernel takes (one tile's); fewer go to the `gemm` crate: the kernel
+/// packs all of `b` for them, which on one row costs ten times the products (m = 1, k = 512,
+/// n = 8192: 3.2 ms against 0.3).
+const MIN_ROWS: usize = 8;
 
 /// Whether this CPU (and `DSV4_CPU_ISA`, via `Isa::active() == Isa::Avx512`) runs the kernel:
 /// x86-64 with AVX-512 F/BW/DQ/VL, `DSV4_CPU_ISA` not lowered below `avx512`. Always `false` on
@@ -49,18 +54,20 @@ pub(crate) fn available() -> bool {
 
 /// `c[m, n] = a[m, k] · bᵀ`, b `[n, k]`, all row-major, overwriting c, each output one f32 FMA
 /// chain over `k` (module documentation). Returns `false`, leaving `c` untouched, when
-/// [`available`] is false; the caller then runs the `gemm` crate. Single-threaded (the caller
-/// parallelises over blocks of b's rows). With `m == 0` or `n == 0` it returns `true` without
-/// reading anything; with `k == 0`, `c` is zeroed.
+/// [`available`] is false or `0 < m < MIN_ROWS` (fewer rows of `a` than a tile: packing `b`
+/// would cost more than the products); the caller then runs the `gemm` crate. Single-threaded
+/// (the caller parallelises over blocks of b's rows). With `m == 0` or `n == 0` it returns
+/// `true` without reading anything; with `k == 0`, `c` is zeroed.
 ///
-/// Panics if a slice is shorter than its shape. Uses a thread-local buffer of `n · k · 4` bytes
-/// (rounded up to whole panels), kept between calls.
+/// Panics if a slice is shorter than its shape (or a shape's size overflows). Uses a
+/// thread-local buffer of up to `min(n, 256) · k · 4` bytes, kept between calls.
 pub(crate) fn matmul_nt_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> bool {
+    use super::holds;
     assert!(
-        a.len() >= m * k && b.len() >= n * k && c.len() >= m * n,
-        "matmul_nt_f32: slices shorter than their shapes"
+        holds(a.len(), m, k) && holds(b.len(), n, k) && holds(c.len(), m, n),
+        "matmul_nt_f32: slices shorter than their shapes (or a size overflows)"
     );
-    if !available() {
+    if !available() || (m > 0 && m < MIN_ROWS) {
         return false;
     }
     if m == 0 || n == 0 {
@@ -72,7 +79,8 @@ pub(crate) fn matmul_nt_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
     }
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `available()` holds, so the CPU supports AVX-512 F.
+        // SAFETY: `available()` holds, so the CPU supports AVX-512 F; the slices are cut to
+        // exactly `m·k`, `n·k` and `m·n` values (checked above), and `m, n, k > 0`.
         unsafe { x86::matmul_nt(&a[..m * k], &b[..n * k], &mut c[..m * n], m, k, n) };
         true
     }
@@ -110,8 +118,14 @@ mod x86 {
     #[repr(C, align(64))]
     struct Strip([f32; MR * KC]);
 
+    /// Panels of `b` packed and multiplied together (256 columns): a `k`-block of them (256 KiB)
+    /// stays in L2 while every strip of `a` passes over it. (With all of a wide `b` at once,
+    /// e.g. V4-Flash's 1024-row `wo_a` groups, the strips read it from L3 and the kernel ran at
+    /// 1.3 to 1.6 times the `gemm` crate's time.)
+    const BLOCK_PANELS: usize = 8;
+
     thread_local! {
-        /// The packed `b` of the last call on this thread: `[n/NR panels][k][NV lines]`.
+        /// The packed panels of `b` of the current block: `[BLOCK_PANELS][k][NV lines]`.
         static PACKED_B: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
     }
 
@@ -119,65 +133,73 @@ mod x86 {
     ///
     /// # Safety
     ///
-    /// The CPU supports AVX-512 F.
+    /// The CPU supports AVX-512 F; `a.len() == m·k`, `b.len() == n·k`, `c.len() == m·n`, and
+    /// `m, n, k > 0`.
     pub(super) unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-        let lines = n.div_ceil(NR) * k * NV;
+        let lines = n.div_ceil(NR).min(BLOCK_PANELS) * k * NV;
         PACKED_B.with_borrow_mut(|packed| {
             if packed.len() < lines {
                 packed.resize(lines, ZERO_LINE);
             }
-            // SAFETY: the caller guarantees the CPU features `run` is compiled with.
+            // SAFETY: the caller guarantees the CPU features `run` is compiled with, the slice
+            // lengths and `m, n, k > 0`; `packed` holds `lines` lines.
             unsafe { run(a, b, c, m, k, n, &mut packed[..lines]) }
         })
     }
 
-    /// Packs `b`, then multiplies block by block (see the module documentation).
+    /// Packs `b` a block of panels at a time, and multiplies each block by every strip of `a`
+    /// (see the module documentation).
     ///
     /// # Safety
     ///
     /// The CPU supports AVX-512 F; `a.len() == m·k`, `b.len() == n·k`, `c.len() == m·n`,
-    /// `packed.len() == ⌈n/NR⌉·k·NV`, and `m, n, k > 0`.
+    /// `packed.len() == min(⌈n/NR⌉, BLOCK_PANELS)·k·NV`, and `m, n, k > 0`.
     #[target_feature(enable = "avx512f")]
     unsafe fn run(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, packed: &mut [Line]) {
         let panels = n.div_ceil(NR);
-        for (j, panel) in packed.chunks_exact_mut(k * NV).enumerate() {
-            // SAFETY: this function's features; the panel has `k·NV` lines.
-            unsafe { pack_b_panel(b, k, n, j, panel) };
-        }
         let mut strip = Strip([0.0; MR * KC]);
         let mut edge = [0f32; MR * NR];
-        for i0 in (0..m).step_by(MR) {
-            let mr = MR.min(m - i0);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let load = k0 > 0;
-                // A full strip is read in place (row stride k); a partial one is copied into
-                // `strip` with zero rows after it.
-                let (ap, lda) = if mr == MR {
-                    (a[i0 * k + k0..].as_ptr(), k)
-                } else {
-                    pack_a_strip(&a[i0 * k..], k, mr, k0, kc, &mut strip);
-                    (strip.0.as_ptr(), KC)
-                };
-                for j in 0..panels {
-                    let (j0, nr) = (j * NR, NR.min(n - j * NR));
-                    let panel = &packed[(j * k + k0) * NV..(j * k + k0 + kc) * NV];
-                    if mr == MR && nr == NR {
-                        // SAFETY: this function's features; `ap` is rows i0..i0+MR <= m of `a`
-                        // from column k0 (k0 + kc <= k) or the strip; the tile's rows and
-                        // columns j0..j0+NR <= n lie inside `c` (row stride n).
-                        unsafe { tile(ap, lda, panel, kc, c.as_mut_ptr().add(i0 * n + j0), n, load) };
+        for jb in (0..panels).step_by(BLOCK_PANELS) {
+            let block = jb..panels.min(jb + BLOCK_PANELS);
+            for (j, panel) in block.clone().zip(packed.chunks_exact_mut(k * NV)) {
+                // SAFETY: this function's features; the panel has `k·NV` lines, `j·NR < n`.
+                unsafe { pack_b_panel(b, k, n, j, panel) };
+            }
+            for i0 in (0..m).step_by(MR) {
+                let mr = MR.min(m - i0);
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let load = k0 > 0;
+                    // A full strip is read in place (row stride k); a partial one is copied into
+                    // `strip` with zero rows after it.
+                    let (ap, lda) = if mr == MR {
+                        (a[i0 * k + k0..].as_ptr(), k)
                     } else {
-                        if load {
-                            for r in 0..mr {
-                                edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
+                        pack_a_strip(&a[i0 * k..], k, mr, k0, kc, &mut strip);
+                        (strip.0.as_ptr(), KC)
+                    };
+                    for j in block.clone() {
+                        let (j0, nr) = (j * NR, NR.min(n - j * NR));
+                        let p0 = (j - jb) * k + k0;
+                        let panel = &packed[p0 * NV..(p0 + kc) * NV];
+                        if mr == MR && nr == NR {
+                            // SAFETY: this function's features; `ap` is rows i0..i0+MR <= m of
+                            // `a` from column k0 (k0 + kc <= k, so row r's kc values lie inside
+                            // `a[i0·k + k0..]`) or the strip; the tile's rows and columns
+                            // j0..j0+NR <= n lie inside `c` (row stride n).
+                            unsafe { tile(ap, lda, panel, kc, c.as_mut_ptr().add(i0 * n + j0), n, load) };
+                        } else {
+                            if load {
+                                for r in 0..mr {
+                                    edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
+                                }
                             }
-                        }
-                        // SAFETY: this function's features; `ap` as above (a partial strip is
-                        // the strip buffer); `edge` holds MR rows of NR.
-                        unsafe { tile(ap, lda, panel, kc, edge.as_mut_ptr(), NR, load) };
-                        for r in 0..mr {
-                            c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
+                            // SAFETY: this function's features; `ap` as above (a partial strip
+                            // is the strip buffer); `edge` holds MR rows of NR.
+                            unsafe { tile(ap, lda, panel, kc, edge.as_mut_ptr(), NR, load) };
+                            for r in 0..mr {
+                                c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
+                            }
                         }
                     }
                 }
@@ -205,7 +227,7 @@ mod x86 {
         debug_assert!(b.len() == n * k && j * NR < n && out.len() == k * NV);
         // SAFETY: AVX-512 F as the caller guarantees; every masked load reads inside `b` (row
         // < n, `min(k - k0, 16)` values from column k0 < k), every store writes a line of `out`
-        // (index k0 + pp < k).
+        // (index k0 + pp < k), 64-byte aligned as `Line` is `align(64)`.
         unsafe {
             let mut rows = [_mm512_setzero_si512(); 16];
             for k0 in (0..k).step_by(16) {
@@ -256,7 +278,7 @@ mod x86 {
     unsafe fn tile(ap: *const f32, lda: usize, panel: &[Line], kc: usize, c: *mut f32, ldc: usize, load: bool) {
         debug_assert!(panel.len() >= kc * NV && kc <= KC);
         // SAFETY: AVX-512 F as the caller guarantees; the strip reads stay in row r's kc values
-        // (p < kc), the panel reads in its kc·NV lines, and the tile's loads and stores
+        // (p < kc), the aligned panel loads are whole `Line`s (`align(64)`), the panel reads in its kc·NV lines, and the tile's loads and stores
         // in the MR × NR block the caller vouches for.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); NV]; MR];
@@ -324,16 +346,26 @@ mod tests {
         x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
     }
 
-    /// Values of every magnitude: uniform in (-4, 4) scaled by 2^e, e in -140..=20 (denormal
-    /// products and partial sums included), and some signed zeros.
+    /// Values of every magnitude and both signs: uniform in (-4, 4) scaled by `2^e`, `e` in
+    /// -4..=4 mostly and in -140..=20 for one value in seven (denormal products and partial
+    /// sums included), and signed zeros (`Rng::next_u64` gives 31 random bits, so two draws).
     fn value(rng: &mut Rng) -> f32 {
-        let x = rng.next_u64();
+        let x = (rng.next_u64() << 31) ^ rng.next_u64();
         if x.is_multiple_of(29) {
             return if x & 64 == 0 { 0.0 } else { -0.0 };
         }
         let v = ((x >> 8) as u32 as f32 / u32::MAX as f32 - 0.5) * 8.0;
-        let e = if x.is_multiple_of(7) { ((x >> 40) % 161) as i32 - 140 } else { ((x >> 40) % 9) as i32 - 4 };
+        let e = if (x >> 40).is_multiple_of(7) { ((x >> 43) % 161) as i32 - 140 } else { ((x >> 43) % 9) as i32 - 4 };
         v * 2f32.powi(e)
+    }
+
+    #[test]
+    fn the_values_cover_signs_and_magnitudes() {
+        let mut rng = Rng(3);
+        let v: Vec<f32> = (0..10_000).map(|_| value(&mut rng)).collect();
+        let (pos, neg) = (v.iter().filter(|&&x| x > 0.0).count(), v.iter().filter(|&&x| x < 0.0).count());
+        assert!(pos > 4000 && neg > 4000, "{pos} positive, {neg} negative");
+        assert!(v.iter().any(|x| x.is_subnormal()) && v.iter().any(|x| x.abs() > 8.0));
     }
 
     const MS: [usize; 6] = [1, 7, 8, 9, 13, 100];
@@ -350,8 +382,9 @@ mod tests {
                     let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
                     let b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
                     let mut c = vec![f32::NAN; m * n];
-                    assert_eq!(matmul_nt_f32(&a, &b, &mut c, m, k, n), run, "({m},{k},{n})");
-                    if !run {
+                    let takes = run && m >= MIN_ROWS;
+                    assert_eq!(matmul_nt_f32(&a, &b, &mut c, m, k, n), takes, "({m},{k},{n})");
+                    if !takes {
                         continue;
                     }
                     let want = reference(&a, &b, m, k, n);
@@ -375,11 +408,14 @@ mod tests {
             a[(i * 37) % (m * k)] = *s;
             b[(i * 53 + 11) % (n * k)] = *s;
         }
-        // A row of -0 products only: the chain from +0 stays +0.
+        // Row 0 of `a` and of `b` give -0 products only: the chain from +0 stays +0 (from -0 it
+        // would be -0).
         a[..k].fill(-0.0);
+        b[..k].fill(1.0);
         let mut c = vec![f32::NAN; m * n];
         assert_eq!(matmul_nt_f32(&a, &b, &mut c, m, k, n), run);
         if run {
+            assert_eq!(c[0].to_bits(), 0, "{:e}", c[0]);
             let want = reference(&a, &b, m, k, n);
             for (i, (&x, &y)) in c.iter().zip(&want).enumerate() {
                 assert!(same(x, y), "at ({}, {}): {x:e} vs {y:e}", i / n, i % n);
@@ -391,13 +427,53 @@ mod tests {
     #[test]
     fn empty_shapes() {
         let run = runs("empty_shapes");
-        let mut c = vec![1f32; 6];
-        assert_eq!(matmul_nt_f32(&[], &[], &mut c, 2, 0, 3), run);
+        let mut c = vec![1f32; 27];
+        assert_eq!(matmul_nt_f32(&[], &[], &mut c, 9, 0, 3), run);
         if run {
             assert!(c.iter().all(|&v| v.to_bits() == 0));
         }
+        // Fewer rows than a tile go to the `gemm` crate.
+        assert!(!matmul_nt_f32(&[1.0; 4], &[1.0; 4], &mut [0.0], 1, 4, 1));
         assert_eq!(matmul_nt_f32(&[], &[1.0; 4], &mut [], 0, 4, 1), run);
-        assert_eq!(matmul_nt_f32(&[1.0; 4], &[], &mut [], 1, 4, 0), run);
+        assert_eq!(matmul_nt_f32(&[1.0; 36], &[], &mut [], 9, 4, 0), run);
+    }
+
+    /// Sizes whose product overflows are refused, not wrapped into a length check that empty
+    /// slices pass (which then read out of bounds).
+    #[test]
+    #[should_panic(expected = "slices shorter than their shapes")]
+    fn overflowing_sizes_panic() {
+        matmul_nt_f32(&[], &[], &mut [], 1 << 60, 1 << 20, 16);
+    }
+
+    /// `gemm::matmul_nt` reaches the kernel wherever it can run (same bits on inexact data, which
+    /// the `gemm` crate's order would change), and it can run on every AVX-512 CPU unless
+    /// `DSV4_CPU_ISA` lowers the set.
+    #[test]
+    fn matmul_nt_dispatches_to_the_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os(super::super::ISA_ENV).is_none() {
+            let avx512 = ["avx512f", "avx512bw", "avx512dq", "avx512vl"];
+            let has = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            assert_eq!(available(), has, "CPU with {avx512:?}: {has}");
+        }
+        if !runs("matmul_nt_dispatches_to_the_kernel") {
+            return;
+        }
+        let (m, k, n) = (37, 300, 45);
+        let mut rng = Rng(9);
+        let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
+        let b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        crate::gemm::matmul_nt(&a, &b, &mut c1, m, k, n);
+        assert!(matmul_nt_f32(&a, &b, &mut c2, m, k, n));
+        assert!(c1.iter().zip(&c2).all(|(x, y)| same(*x, *y)), "matmul_nt did not run the kernel");
     }
 
     /// GFLOP/s of `matmul_nt_f32` (packing included) against the `gemm` crate, one thread.
@@ -411,10 +487,12 @@ mod tests {
             (96, 1024, 256),
             (96, 512, 256),
             (512, 1024, 256),
-            (512, 512, 256),
             (512, 2048, 256),
             (512, 4096, 64),
             (512, 4096, 24),
+            (512, 4096, 1024),
+            (8, 512, 8192),
+            (64, 512, 8192),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
             let b: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();

@@ -30,6 +30,12 @@ pub fn bf16_gemm_available() -> bool {
     bf16_gemm::available()
 }
 
+/// Whether a slice of `len` values holds a `rows × cols` matrix: `false` also when the size
+/// overflows (a plain `rows * cols` wraps in release builds and would pass a length check).
+pub(crate) fn holds(len: usize, rows: usize, cols: usize) -> bool {
+    rows.checked_mul(cols).is_some_and(|need| len >= need)
+}
+
 /// The environment variable that lowers the instruction set the kernels use.
 pub const ISA_ENV: &str = "DSV4_CPU_ISA";
 
