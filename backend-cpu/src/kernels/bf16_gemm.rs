@@ -122,7 +122,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    use super::super::x86::transpose16;
+    use super::super::x86::{first_lanes, on_tile, transpose16, Line, ZERO_LINE};
 
     /// Rows of `a` per micro-tile.
     const MR: usize = 8;
@@ -134,13 +134,6 @@ mod x86 {
     const KCP: usize = 256;
     /// 16-pair lines per packed row of an `a` strip.
     const STRIP_LINES: usize = KCP / 16;
-
-    /// 16 BF16 pairs (or 16 f32), aligned to a cache line.
-    #[derive(Clone, Copy)]
-    #[repr(C, align(64))]
-    struct Line([u32; 16]);
-
-    const ZERO_LINE: Line = Line([0; 16]);
 
     /// `vpermt2w` indices picking the high halves of 32 f32 lanes (word 2i+1 of the pair of
     /// vectors): 16 BF16 pairs, low half the even element.
@@ -204,22 +197,12 @@ mod x86 {
                 for j in 0..panels {
                     let (j0, nr) = (j * NR, NR.min(n - j * NR));
                     let panel = &packed[(j * kp + pk0) * NV..(j * kp + pk0 + kcp) * NV];
-                    if mr == MR && nr == NR {
-                        // SAFETY: this function's features; the tile's rows i0..i0+MR < m and
-                        // columns j0..j0+NR <= n lie inside `c` (row stride n).
-                        unsafe { tile(&strip, panel, kcp, c.as_mut_ptr().add(i0 * n + j0), n, load) };
-                    } else {
-                        if load {
-                            for r in 0..mr {
-                                edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
-                            }
-                        }
-                        // SAFETY: this function's features; `edge` holds MR rows of NR.
-                        unsafe { tile(&strip, panel, kcp, edge.as_mut_ptr(), NR, load) };
-                        for r in 0..mr {
-                            c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
-                        }
-                    }
+                    // SAFETY (of the `tile` call): this function's features; `on_tile` hands it
+                    // MR rows of NR writable values at stride `ld` (inside `c` for a whole tile,
+                    // else its edge buffer).
+                    on_tile::<MR, NR>(c, n, (i0, j0), (mr, nr), load, &mut edge, |p, ld| unsafe {
+                        tile(&strip, panel, kcp, p, ld, load)
+                    });
                 }
             }
         }
@@ -229,17 +212,7 @@ mod x86 {
     /// Load masks for the `rem` (≥ 1) values of a row left from a 32-value chunk on.
     #[inline(always)]
     fn chunk_masks(rem: usize) -> (__mmask16, __mmask16) {
-        (lanes(rem), lanes(rem.saturating_sub(16)))
-    }
-
-    /// The mask of the first `min(n, 16)` lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
+        (first_lanes(rem), first_lanes(rem.saturating_sub(16)))
     }
 
     /// Loads the up to 32 values of a row at `p` (`rem` of them valid, zero past them) and

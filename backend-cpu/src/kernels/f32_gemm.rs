@@ -95,7 +95,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    use super::super::x86::transpose16;
+    use super::super::x86::{first_lanes, on_tile, transpose16, Line, ZERO_LINE};
 
     /// Rows of `a` per micro-tile.
     const MR: usize = 8;
@@ -105,13 +105,6 @@ mod x86 {
     const NR: usize = 16 * NV;
     /// Values of `k` per cache block (a multiple of 16).
     const KC: usize = 256;
-
-    /// 16 f32, aligned to a cache line.
-    #[derive(Clone, Copy)]
-    #[repr(C, align(64))]
-    struct Line([f32; 16]);
-
-    const ZERO_LINE: Line = Line([0.0; 16]);
 
     /// The `[MR][KC]` values of a partial strip of `a` (rows past `m` zero), aligned to a cache
     /// line.
@@ -182,38 +175,17 @@ mod x86 {
                         let (j0, nr) = (j * NR, NR.min(n - j * NR));
                         let p0 = (j - jb) * k + k0;
                         let panel = &packed[p0 * NV..(p0 + kc) * NV];
-                        if mr == MR && nr == NR {
-                            // SAFETY: this function's features; `ap` is rows i0..i0+MR <= m of
-                            // `a` from column k0 (k0 + kc <= k, so row r's kc values lie inside
-                            // `a[i0·k + k0..]`) or the strip; the tile's rows and columns
-                            // j0..j0+NR <= n lie inside `c` (row stride n).
-                            unsafe { tile(ap, lda, panel, kc, c.as_mut_ptr().add(i0 * n + j0), n, load) };
-                        } else {
-                            if load {
-                                for r in 0..mr {
-                                    edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
-                                }
-                            }
-                            // SAFETY: this function's features; `ap` as above (a partial strip
-                            // is the strip buffer); `edge` holds MR rows of NR.
-                            unsafe { tile(ap, lda, panel, kc, edge.as_mut_ptr(), NR, load) };
-                            for r in 0..mr {
-                                c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
-                            }
-                        }
+                        // SAFETY (of the `tile` call): this function's features; `ap` is rows
+                        // i0..i0+MR <= m of `a` from column k0 (k0 + kc <= k, so row r's kc
+                        // values lie inside `a[i0·k + k0..]`) or the strip buffer for a partial
+                        // strip; `on_tile` hands it MR rows of NR writable values at stride `ld`
+                        // (inside `c` for a whole tile, else its edge buffer).
+                        on_tile::<MR, NR>(c, n, (i0, j0), (mr, nr), load, &mut edge, |p, ld| unsafe {
+                            tile(ap, lda, panel, kc, p, ld, load)
+                        });
                     }
                 }
             }
-        }
-    }
-
-    /// The mask of the first `min(n, 16)` lanes.
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
         }
     }
 
@@ -236,7 +208,7 @@ mod x86 {
                     for (r, row) in rows.iter_mut().enumerate() {
                         let jr = j * NR + g * 16 + r;
                         *row = if jr < n {
-                            _mm512_maskz_loadu_epi32(lanes(cols), b.as_ptr().add(jr * k + k0).cast())
+                            _mm512_maskz_loadu_epi32(first_lanes(cols), b.as_ptr().add(jr * k + k0).cast())
                         } else {
                             _mm512_setzero_si512()
                         };

@@ -296,6 +296,57 @@ pub(super) unsafe fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
     }
 }
 
+/// 16 32-bit values (f32, or a BF16 pair), aligned to a cache line: the unit of the packed
+/// operands of the GEMMs (`f32_gemm`, `bf16_gemm`), loaded and stored with aligned moves.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u32; 16]);
+
+/// A line of zeros.
+pub(super) const ZERO_LINE: Line = Line([0; 16]);
+
+/// The mask of the first `min(n, 16)` lanes.
+#[inline(always)]
+pub(super) fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Runs a GEMM micro-kernel on the output block of `c` (row-major, row stride `n`) at row `i0`,
+/// column `j0`, of which `mr ≤ MR` rows and `nr ≤ NR` columns lie inside `c`: `tile(p, ld)`
+/// computes a whole `MR × NR` tile at `p` with row stride `ld`, reading it first if `load`. A
+/// whole block is computed in place; a partial one through `edge` (`MR · NR` values, row stride
+/// `NR`), filled from `c` first when `load` and copied back after.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_tile<const MR: usize, const NR: usize>(
+    c: &mut [f32],
+    n: usize,
+    (i0, j0): (usize, usize),
+    (mr, nr): (usize, usize),
+    load: bool,
+    edge: &mut [f32],
+    tile: impl FnOnce(*mut f32, usize),
+) {
+    debug_assert!(mr <= MR && nr <= NR && edge.len() >= MR * NR && (i0 + mr - 1) * n + j0 + nr <= c.len());
+    if mr == MR && nr == NR {
+        tile(c[i0 * n + j0..].as_mut_ptr(), n);
+        return;
+    }
+    if load {
+        for r in 0..mr {
+            edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
+        }
+    }
+    tile(edge.as_mut_ptr(), NR);
+    for r in 0..mr {
+        c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
+    }
+}
+
 /// 8 bf16 values → f32 (zero-extend, shift left by 16).
 ///
 /// # Safety
