@@ -22,7 +22,7 @@
 //! (2·index_heads·index_head_dim per compressed entry) on CSA layers. Norms, RoPE, softmax,
 //! routing and the compressors' pooling are not counted.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dsv4_core::config::AttentionKind;
@@ -30,6 +30,7 @@ use dsv4_core::generate::Session;
 use dsv4_core::kv::layout::sequence_footprint;
 use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
 use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
+use dsv4_core::profile::Profile;
 use dsv4_core::sampling::argmax;
 use dsv4_core::Precision;
 use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
@@ -183,6 +184,40 @@ pub struct Row {
     pub kv_bytes_per_context_token: f64,
     /// Bytes the sequence's decoding state holds when decode starts.
     pub kv_held: usize,
+    /// Per-op profiles of the two phases (with `--profile`).
+    pub profile: Option<PhaseProfiles>,
+}
+
+/// What a profiled run recorded at one context ([`dsv4_core::profile::Profiled`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseProfiles {
+    /// The prefill to the context.
+    pub prefill: Profile,
+    /// All the decode steps at the context together (empty with `--decode-steps 0`).
+    pub decode: Profile,
+}
+
+/// Entries of a phase's profile table (text report; `--json` has all).
+const PROFILE_TOP: usize = 15;
+
+/// What [`time_contexts`] reports as it goes.
+pub enum Progress<'a> {
+    /// A phase ended at a context (only when profiling): its profile and wall time.
+    Phase(Phase<'a>),
+    /// A context's row is complete (after its decode phase).
+    Row(&'a Row),
+}
+
+/// One phase (prefill to a context, or its decode steps) of a profiled run.
+pub struct Phase<'a> {
+    /// `"prefill"` or `"decode"`.
+    pub name: &'static str,
+    pub context: usize,
+    /// Tokens fed in the phase (decode: the decode steps).
+    pub tokens: usize,
+    /// Wall time of the whole phase, synchronisation included.
+    pub wall: Duration,
+    pub profile: &'a Profile,
 }
 
 /// [`Row`] read against the machine.
@@ -213,7 +248,8 @@ impl Row {
 }
 
 /// Prefills to each context in turn (continuing the same sequence) and times `decode_steps`
-/// greedy decode steps there; `on_row` sees each row as it is measured.
+/// greedy decode steps there; `progress` sees each row as it is measured and, with
+/// `take_profile` (a `Profiled` backend's `take`), each phase's profile as the phase ends.
 #[allow(clippy::too_many_arguments)]
 fn time_contexts<B: Backend>(
     be: &B,
@@ -224,7 +260,8 @@ fn time_contexts<B: Backend>(
     contexts: &[usize],
     decode_steps: usize,
     chunk: usize,
-    on_row: &mut dyn FnMut(&Row),
+    take_profile: Option<&dyn Fn() -> Profile>,
+    progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Row>> {
     let cfg = &model.cfg;
     let block_tokens = config.block_tokens;
@@ -235,39 +272,63 @@ fn time_contexts<B: Backend>(
     let mut session = Session::new(be, model, config)?;
     let mut logits = vec![];
     let mut rows = vec![];
+    let take = || take_profile.map(|take| take());
     for &ctx in contexts {
         // Prefill up to ctx (continuing from the previous context, decode tokens included).
         let pos = session.sequence().pos();
         let target = ctx.max(pos + 1);
         let todo = &prompt[pos..target];
+        // Not the phase's: loading and the pool's allocation (first context), nothing else.
+        take();
         let t = Instant::now();
         logits = session.feed(be, todo, chunk)?;
         be.synchronize()?;
-        let prefill_secs = t.elapsed().as_secs_f64();
+        let prefill_wall = t.elapsed();
+        let prefill_secs = prefill_wall.as_secs_f64();
+        let prefill_profile = take();
+        if let Some(profile) = &prefill_profile {
+            let phase = Phase { name: "prefill", context: target, tokens: todo.len(), wall: prefill_wall, profile };
+            progress(Progress::Phase(phase));
+        }
         let fp = sequence_footprint(cfg, kv_dtype, block_tokens, target);
         let kv_held = session.state_bytes();
+        take();
         let t = Instant::now();
         for _ in 0..decode_steps {
             let tok = argmax(&logits);
             logits = session.feed(be, &[tok], 1)?;
         }
         be.synchronize()?;
+        let decode_wall = t.elapsed();
+        let decode_profile = take();
+        if let Some(profile) = decode_profile.as_ref().filter(|_| decode_steps > 0) {
+            let phase = Phase { name: "decode", context: target, tokens: decode_steps, wall: decode_wall, profile };
+            progress(Progress::Phase(phase));
+        }
         let row = Row {
             context: target,
             prefill_tokens: todo.len(),
             prefill_secs,
             prefill_flops: prefill_flops(cfg, weights, pos, todo.len(), chunk),
-            decode_secs_per_token: (decode_steps > 0).then(|| t.elapsed().as_secs_f64() / decode_steps as f64),
+            decode_secs_per_token: (decode_steps > 0).then(|| decode_wall.as_secs_f64() / decode_steps as f64),
             kv_bytes_per_context_token: fp.compressed_row_bytes as f64 / target as f64,
             kv_held,
+            profile: prefill_profile.zip(decode_profile).map(|(prefill, decode)| PhaseProfiles { prefill, decode }),
         };
-        on_row(&row);
+        progress(Progress::Row(&row));
         rows.push(row);
     }
     Ok(rows)
 }
 
-pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Result<()> {
+/// `take_profile`: with `--profile`, `be` is a `Profiled` backend and this is its `take`.
+pub fn run<B: Backend>(
+    be: &B,
+    spec: &str,
+    kv: &KvArgs,
+    opts: &Options,
+    take_profile: Option<&dyn Fn() -> Profile>,
+) -> Result<()> {
     let mut contexts = opts.contexts.to_vec();
     contexts.sort_unstable();
     contexts.dedup();
@@ -304,7 +365,7 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
         kv.precision == Precision::Bf16 && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
     let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
     let kv_description = kv_args::describe(&cfg, &config);
-    let on_row: &mut dyn FnMut(&Row) = if opts.json {
+    let progress: &mut dyn FnMut(Progress) = if opts.json {
         &mut |_| {}
     } else {
         println!("backend: {}", be.describe());
@@ -313,11 +374,30 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
         println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
         print!("{}", weights_report(&weights));
         println!("{kv_description}");
+        if take_profile.is_some() {
+            println!(
+                "profile: wall time of every backend op, synchronising after each (asynchronous backends run slower \
+                 profiled); the {PROFILE_TOP} longest per phase after each prefill and decode"
+            );
+        }
         println!("{}", table_header());
-        &mut |row| println!("{}", table_row(row, &weights, &machine, bf16_gemms))
+        &mut |p| match p {
+            Progress::Phase(phase) => print!("{}", phase_report(&phase)),
+            Progress::Row(row) => println!("{}", table_row(row, &weights, &machine, bf16_gemms)),
+        }
     };
-    let rows =
-        time_contexts(be, &model, config, kv.kv_dtype, &weights, &contexts, opts.decode_steps, opts.chunk, on_row)?;
+    let rows = time_contexts(
+        be,
+        &model,
+        config,
+        kv.kv_dtype,
+        &weights,
+        &contexts,
+        opts.decode_steps,
+        opts.chunk,
+        take_profile,
+        progress,
+    )?;
     if opts.json {
         let report = Report {
             machine: &machine,
@@ -335,6 +415,30 @@ pub fn run<B: Backend>(be: &B, spec: &str, kv: &KvArgs, opts: &Options) -> Resul
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     }
     Ok(())
+}
+
+/// A phase's profile as text: a title line, then the [`PROFILE_TOP`] longest entries (decode: per
+/// token) with the share of the phase's wall time they cover. Every line starts with the phase's
+/// name, so that none can be taken for a row of the bench's table (rows start with a number).
+fn phase_report(p: &Phase) -> String {
+    let per_token = p.name == "decode";
+    let mut s = format!("{} profile at context {}: {} tokens, wall ", p.name, p.context, p.tokens);
+    if per_token {
+        s += &format!("{:.3} ms/token\n", p.wall.as_secs_f64() * 1e3 / p.tokens.max(1) as f64);
+    } else {
+        s += &format!("{:.3} ms\n", p.wall.as_secs_f64() * 1e3);
+    }
+    let table = p.profile.table(p.wall).top(PROFILE_TOP);
+    let table = if per_token { table.per(p.tokens, "token").to_string() } else { table.to_string() };
+    for line in table.lines() {
+        s += &format!("{:<7} | {line}\n", p.name);
+    }
+    s
+}
+
+/// A profile as JSON: `[{op, total_ms, calls}]`, longest first.
+fn profile_json(p: &Profile) -> Value {
+    p.entries.iter().map(|e| json!({"op": e.key, "total_ms": e.total.as_secs_f64() * 1e3, "calls": e.calls})).collect()
 }
 
 fn gb(bytes_per_sec: f64) -> f64 {
@@ -467,7 +571,7 @@ impl Report<'_> {
             .iter()
             .map(|r| {
                 let d = r.derive(w, m, prefill_peak(m, self.bf16_gemms));
-                json!({
+                let mut row = json!({
                     "context": r.context,
                     "prefill_tokens": r.prefill_tokens,
                     "prefill_tok_s": d.prefill_tok_s,
@@ -481,7 +585,11 @@ impl Report<'_> {
                     "bytes_read_per_token": d.bytes_per_token,
                     "achieved_gb_s": d.achieved.map(gb),
                     "roofline_fraction": d.roofline,
-                })
+                });
+                if let Some(p) = &r.profile {
+                    row["profile"] = json!({"prefill": profile_json(&p.prefill), "decode": profile_json(&p.decode)});
+                }
+                row
             })
             .collect();
         json!({
@@ -526,6 +634,7 @@ mod tests {
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::builtin;
     use dsv4_core::kv::KvConfig;
+    use dsv4_core::profile::Profiled;
 
     use super::*;
 
@@ -623,22 +732,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_report_on_tiny() {
-        let be = CpuBackend::new();
-        let (cfg, ckpt) = builtin::tiny().unwrap();
-        let weights = active_weights(&cfg, &ckpt).unwrap();
-        let model = crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32).unwrap();
-        let contexts = [8, 20];
-        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
-        let mut seen = 0;
-        let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, &mut |_| seen += 1).unwrap();
-        assert_eq!(seen, 2);
-        assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
-        // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
-        assert_eq!(rows[1].prefill_flops, prefill_flops(&cfg, &weights, 10, 10, 4));
-        let machine = Machine {
+    /// Machine figures for the report tests (not measured: the numbers do not matter).
+    fn test_machine() -> Machine {
+        Machine {
             cpu: "test".into(),
             features: machine::FEATURE_NAMES.iter().map(|&f| (f, true)).collect(),
             threads: 2,
@@ -649,7 +745,26 @@ mod tests {
             fma_kernel: "avx512f",
             fma_flops_per_sec: 200e9,
             bf16_flops_per_sec: Some(400e9),
-        };
+        }
+    }
+
+    #[test]
+    fn json_report_on_tiny() {
+        let be = CpuBackend::new();
+        let (cfg, ckpt) = builtin::tiny().unwrap();
+        let weights = active_weights(&cfg, &ckpt).unwrap();
+        let model = crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32).unwrap();
+        let contexts = [8, 20];
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
+        let mut seen = 0;
+        let mut count = |p: Progress| seen += matches!(p, Progress::Row(_)) as usize;
+        let rows =
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, None, &mut count).unwrap();
+        assert_eq!(seen, 2);
+        assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
+        // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
+        assert_eq!(rows[1].prefill_flops, prefill_flops(&cfg, &weights, 10, 10, 4));
+        let machine = test_machine();
         let report = Report {
             machine: &machine,
             isa: Some("avx512"),
@@ -683,5 +798,80 @@ mod tests {
         // The machine section has no line a script could take for a table row.
         let section = machine_report(&machine, Some("avx512"));
         assert!(section.lines().all(|l| !l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')), "{section}");
+    }
+
+    /// `--profile` on builtin:tiny: a prefill and a decode table per context, as each phase
+    /// ends and before the context's row, and each row's profiles in the JSON.
+    #[test]
+    fn profile_on_tiny() {
+        let prof = Profiled::new(CpuBackend::new(), true);
+        let (cfg, ckpt) = builtin::tiny().unwrap();
+        let weights = active_weights(&cfg, &ckpt).unwrap();
+        let model = crate::load::load_model(&prof, builtin::TINY_NAME, Precision::F32).unwrap();
+        let contexts = [8, 20];
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
+        let machine = test_machine();
+        let mut text = String::new();
+        let take = || prof.take();
+        let mut progress = |p: Progress| match p {
+            Progress::Phase(phase) => text += &phase_report(&phase),
+            Progress::Row(row) => text += &format!("{}\n", table_row(row, &weights, &machine, false)),
+        };
+        let rows =
+            time_contexts(&prof, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, Some(&take), &mut progress)
+                .unwrap();
+        // In order: prefill table, decode table, row; for each context.
+        let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("no `{needle}` in\n{text}"));
+        let order = [
+            at("prefill profile at context 8: 8 tokens, wall "),
+            at("decode profile at context 8: 2 tokens, wall "),
+            at("\n        8 "),
+            at("prefill profile at context 20: 10 tokens, wall "),
+            at("decode profile at context 20: 2 tokens, wall "),
+            at("\n       20 "),
+        ];
+        assert!(order.is_sorted(), "{order:?} in\n{text}");
+        let lines = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).collect::<Vec<_>>();
+        let (prefill, decode) = (lines("prefill |"), lines("decode  |"));
+        // Per context: header, at most 15 ops, the coverage line.
+        assert!(prefill.len() <= 2 * 17 && prefill.len() > 2 * 3, "{text}");
+        for header in [prefill[0], decode[0]] {
+            assert!(["ms", "calls", "µs/call", "% wall", "op"].iter().all(|c| header.contains(c)), "{header}");
+        }
+        assert!(decode[0].contains("ms/token") && decode[0].contains("calls/token"), "{}", decode[0]);
+        assert!(prefill.iter().any(|l| l.ends_with(" hc_pre")), "{text}");
+        assert!(prefill.iter().any(|l| l.contains("linear [") && l.ends_with("m>1")), "{text}");
+        assert!(decode.iter().any(|l| l.contains("linear [") && l.ends_with("m=1")), "{text}");
+        assert!(prefill.iter().any(|l| l.contains(" listed ops: ") && l.contains(" ms wall (")), "{text}");
+        assert!(decode.iter().any(|l| l.contains(" listed ops: ") && l.contains(" ms/token wall (")), "{text}");
+        // Only the two rows start with a blank or a digit (what scripts take for table rows).
+        let numeric = text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')).count();
+        assert_eq!(numeric, 2, "{text}");
+
+        let report = Report {
+            machine: &machine,
+            isa: None,
+            backend: prof.describe(),
+            model: builtin::TINY_NAME,
+            kv: "kv".into(),
+            precision: Precision::F32,
+            bf16_gemms: false,
+            weights: &weights,
+            decode_steps: 2,
+            chunk: 4,
+            rows: &rows,
+        };
+        let j = report.to_json();
+        let profile = &j["rows"][0]["profile"];
+        for phase in ["prefill", "decode"] {
+            let entries = profile[phase].as_array().unwrap_or_else(|| panic!("{phase}: {profile}"));
+            assert!(entries.len() > PROFILE_TOP, "every op, not the top {PROFILE_TOP}: {profile}");
+            assert!(entries
+                .iter()
+                .all(|e| skeleton(e) == json!({"op": "string", "total_ms": "number", "calls": "number"})));
+            // The head runs once per step: two prefill chunks of 4, two decode steps.
+            let head = entries.iter().find(|e| e["op"] == "hc_head").unwrap();
+            assert_eq!(head["calls"], 2, "{phase}");
+        }
     }
 }

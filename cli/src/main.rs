@@ -2,21 +2,32 @@
 
 #[macro_use]
 mod dispatch {
-    /// Runs `$body` with `$be` bound to the backend `$choice` resolves to. The graph is generic
-    /// over the backend, so each arm instantiates the body for one backend type.
-    macro_rules! with_backend {
+    /// Runs `$body` with `$be` bound to the backend `$choice` resolves to, by value (for a body
+    /// that wraps it, e.g. in `Profiled`). The graph is generic over the backend, so each arm
+    /// instantiates the body for one backend type.
+    macro_rules! with_owned_backend {
         ($choice:expr, |$be:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
                 crate::Resolved::Cpu => {
-                    let $be = &dsv4_backend_cpu::CpuBackend::new();
+                    let $be = dsv4_backend_cpu::CpuBackend::new();
                     $body
                 }
                 crate::Resolved::Ascend => {
-                    let $be = &dsv4_backend_ascend::open(0)?;
+                    let $be = dsv4_backend_ascend::open(0)?;
                     $body
                 }
             }
         }};
+    }
+
+    /// `with_owned_backend!` with `$be` a reference to the backend.
+    macro_rules! with_backend {
+        ($choice:expr, |$be:ident| $body:expr) => {
+            with_owned_backend!($choice, |owned| {
+                let $be = &owned;
+                $body
+            })
+        };
     }
 }
 
@@ -35,6 +46,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::model::Logits;
+use dsv4_core::profile::Profiled;
 use dsv4_core::{Backend, Batch};
 
 /// mimalloc instead of glibc's malloc: glibc hands allocations above its mmap threshold (a
@@ -255,6 +267,13 @@ enum Command {
         /// instead of the text report and table.
         #[arg(long)]
         json: bool,
+        /// Time every backend op (synchronising the device after each) and print, after each
+        /// context's prefill and decode, the 15 ops that took longest (decode: per token) with
+        /// the share of the phase's wall time they cover. With --json every op goes in the row
+        /// instead (`profile`: `prefill`, `decode`: [{op, total_ms, calls}]). Asynchronous
+        /// backends (Ascend) run slower profiled, and so do the rows' speeds.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         kv: kv_args::KvArgs,
     },
@@ -368,9 +387,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { model, backend, kv, serve } => serve::run(&model.model, backend, &kv, &serve),
-        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, threads, json, kv } => {
+        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, threads, json, profile, kv } => {
             let opts = bench::Options { contexts: &contexts, decode_steps, chunk: prefill_chunk, threads, json };
-            with_backend!(backend, |be| bench::run(be, &model.model, &kv, &opts))
+            with_owned_backend!(backend, |be| if profile {
+                // Synchronising after each op charges an asynchronous backend's device time to
+                // the op that queued it; on the CPU backend it is a no-op.
+                let be = Profiled::new(be, true);
+                bench::run(&be, &model.model, &kv, &opts, Some(&|| be.take()))
+            } else {
+                bench::run(&be, &model.model, &kv, &opts, None)
+            })
         }
     }
 }

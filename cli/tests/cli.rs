@@ -287,6 +287,29 @@ fn check_and_bench_take_the_kv_flags() {
     assert_eq!(rows.len(), 2, "{stdout}");
 }
 
+/// `bench --profile` prints a prefill and a decode table before the context's row; with
+/// `--json` the row holds the profiles instead.
+#[test]
+fn bench_profile_prints_the_tables() {
+    let args = ["bench", "--model", "builtin:tiny", "--backend", "cpu", "--contexts", "16", "--decode-steps", "2"];
+    let (stdout, _) = run_ok(&[&args[..], &["--profile"]].concat());
+    for needle in ["prefill profile at context 16: 16 tokens", "decode profile at context 16: 2 tokens", "ms/token"] {
+        assert!(stdout.contains(needle), "no `{needle}` in\n{stdout}");
+    }
+    assert!(stdout.lines().any(|l| l.starts_with("prefill |") && l.ends_with(" hc_pre")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("decode  |") && l.contains(" listed ops: ")), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("16 ")).collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    let (stdout, _) = run_ok(&[&args[..], &["--profile", "--json"]].concat());
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let decode = j["rows"][0]["profile"]["decode"].as_array().unwrap();
+    assert!(decode.iter().any(|e| e["op"] == "hc_head" && e["calls"] == 2), "{stdout}");
+    // Without --profile the rows have no profile.
+    let (stdout, _) = run_ok(&[&args[..], &["--json"]].concat());
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(j["rows"][0].get("profile").is_none(), "{stdout}");
+}
+
 fn read_i64(path: &Path, name: &str) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -15,6 +15,7 @@ pub mod kv;
 pub mod model;
 pub mod precision;
 pub mod primitives_only;
+pub mod profile;
 pub mod quant;
 pub mod sampling;
 pub mod tensor;
