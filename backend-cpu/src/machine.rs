@@ -249,24 +249,29 @@ fn timed_on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -
 fn read_bandwidth(simd: Simd, threads: usize, bytes: usize, passes: usize, one: bool) -> (usize, f64, Option<f64>) {
     let per_thread = (bytes / 64 / threads).max(1);
     let n = per_thread * threads;
-    // A fresh allocation this large is mapped lazily: thread i writes part i (the part it will
-    // read) first, so first touch puts its pages on that thread's NUMA node, with non-zero
-    // values so that reads hit real memory, not the shared zero page.
-    let mut buf: Vec<Line> = Vec::with_capacity(n);
+    // Anonymous memory advised for transparent huge pages, as `--weight-memory resident` holds
+    // the weights (the bandwidth is the limit of that layout; on 4 KiB pages a stream pays a
+    // TLB miss every 4 KiB). Best effort: without THP the pages are ordinary ones. Mapped
+    // lazily: thread i writes part i (the part it will read) first, so first touch puts its
+    // pages on that thread's NUMA node, with non-zero values so that reads hit real memory,
+    // not the shared zero page.
+    let mut map = memmap2::MmapMut::map_anon(n * 64).expect("an anonymous map for the read-bandwidth buffer");
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    // SAFETY: the map is page-aligned (so 64-byte aligned for `Line`), n · 64 bytes long, and
+    // zero-filled, which is a valid `Line` (sixteen 0.0 f32s); `map` outlives `buf`.
+    let buf: &mut [Line] = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().cast::<Line>(), n) };
     {
-        let parts: Vec<Option<&mut [std::mem::MaybeUninit<Line>]>> =
-            buf.spare_capacity_mut()[..n].chunks_mut(per_thread).map(Some).collect();
+        let parts: Vec<Option<&mut [Line]>> = buf.chunks_mut(per_thread).map(Some).collect();
         let parts = std::sync::Mutex::new(parts);
         timed_on_threads(threads, |i| {
             let part = parts.lock().unwrap_or_else(|e| e.into_inner())[i].take();
             for (j, l) in part.into_iter().flatten().enumerate() {
-                l.write(Line([1.0 + (j % 7) as f32; 16]));
+                *l = Line([1.0 + (j % 7) as f32; 16]);
             }
         });
     }
-    // SAFETY: the threads above wrote all n = threads x per_thread elements (the capacity is n,
-    // split into exactly `threads` parts of `per_thread`).
-    unsafe { buf.set_len(n) };
+    let buf: &[Line] = buf;
     let total = (n * 64) as f64;
     let mut best = Duration::MAX;
     for _ in 0..passes {
@@ -279,7 +284,7 @@ fn read_bandwidth(simd: Simd, threads: usize, bytes: usize, passes: usize, one: 
         let mut best = Duration::MAX;
         for _ in 0..3 {
             let t = Instant::now();
-            std::hint::black_box(sum_lines(simd, &buf));
+            std::hint::black_box(sum_lines(simd, buf));
             best = best.min(t.elapsed());
         }
         total / best.as_secs_f64()
