@@ -33,7 +33,7 @@ use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
 use dsv4_core::profile::Profile;
 use dsv4_core::sampling::argmax;
 use dsv4_core::Precision;
-use dsv4_core::{Backend, Checkpoint, Model, ModelConfig};
+use dsv4_core::{Backend, Checkpoint, Model, ModelConfig, WeightMemory};
 use serde_json::{json, Value};
 
 use crate::kv_args::{self, KvArgs};
@@ -157,6 +157,32 @@ fn tokens_needed(contexts: &[usize], decode_steps: usize) -> usize {
         .iter()
         .try_fold(0usize, |pos, &ctx| ctx.max(pos.checked_add(1)?).checked_add(decode_steps))
         .unwrap_or(usize::MAX)
+}
+
+/// Where the weights ended up, read after loading: the `--weight-memory` outcome and how much
+/// of the process's anonymous memory the kernel put on transparent huge pages (the resident
+/// weights, if THP gave them huge pages; 0 says it did not, e.g. THP set to `never`).
+struct WeightMemoryReport {
+    /// None for a built-in model (generated in memory).
+    held: Option<WeightMemory>,
+    /// `AnonHugePages` of the process (None off Linux).
+    huge_page_bytes: Option<usize>,
+}
+
+impl WeightMemoryReport {
+    fn describe(&self) -> String {
+        let huge = match self.huge_page_bytes {
+            Some(b) => format!(", {} of the process's memory on transparent huge pages", human_bytes(b)),
+            None => String::new(),
+        };
+        match self.held {
+            None => format!("generated in memory (built-in model){huge}"),
+            Some(WeightMemory::Resident) => format!("resident (read into memory){huge}"),
+            Some(WeightMemory::Mapped) => {
+                format!("memory-mapped from the files (4 KiB pages: slower decode than --weight-memory resident){huge}")
+            }
+        }
+    }
 }
 
 /// The bench's settings besides the model, backend and decoding-state flags.
@@ -360,7 +386,8 @@ pub fn run<B: Backend>(
     if !opts.json {
         print!("{}", machine_report(&machine, isa));
     }
-    let model = crate::load::load_model(be, spec, kv.precision)?;
+    let (model, held) = crate::load::load_model_with_memory(be, spec, kv.precision, kv.weight_memory)?;
+    let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
     let bf16_gemms =
         kv.precision == Precision::Bf16 && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
     let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
@@ -370,6 +397,7 @@ pub fn run<B: Backend>(
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
+        println!("weights: {}", weight_memory.describe());
         let peak = if bf16_peak(&machine, bf16_gemms) { "BF16 dot" } else { "f32 FMA" };
         println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
         print!("{}", weights_report(&weights));
@@ -408,6 +436,7 @@ pub fn run<B: Backend>(
             precision: kv.precision,
             bf16_gemms,
             weights: &weights,
+            weight_memory: &weight_memory,
             decode_steps: opts.decode_steps,
             chunk: opts.chunk,
             rows: &rows,
@@ -555,6 +584,7 @@ struct Report<'a> {
     /// Prefill GEMMs multiplied in BF16 (read against the BF16 peak).
     bf16_gemms: bool,
     weights: &'a ActiveWeights,
+    weight_memory: &'a WeightMemoryReport,
     decode_steps: usize,
     chunk: usize,
     rows: &'a [Row],
@@ -611,6 +641,10 @@ impl Report<'_> {
             "precision": self.precision.name(),
             "prefill_peak": if bf16_peak(self.machine, self.bf16_gemms) { "bf16_dot" } else { "f32_fma" },
             "kv": self.kv,
+            "weight_memory": {
+                "mode": self.weight_memory.held.map(|m| m.name()),
+                "anon_huge_page_bytes": self.weight_memory.huge_page_bytes,
+            },
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
             "weights_per_token": {
@@ -753,7 +787,9 @@ mod tests {
         let be = CpuBackend::new();
         let (cfg, ckpt) = builtin::tiny().unwrap();
         let weights = active_weights(&cfg, &ckpt).unwrap();
-        let model = crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32).unwrap();
+        let model =
+            crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32, crate::load::WeightMemoryArg::Auto)
+                .unwrap();
         let contexts = [8, 20];
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
         let mut seen = 0;
@@ -774,6 +810,7 @@ mod tests {
             precision: Precision::F32,
             bf16_gemms: false,
             weights: &weights,
+            weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
             chunk: 4,
             rows: &rows,
@@ -807,7 +844,9 @@ mod tests {
         let prof = Profiled::new(CpuBackend::new(), true);
         let (cfg, ckpt) = builtin::tiny().unwrap();
         let weights = active_weights(&cfg, &ckpt).unwrap();
-        let model = crate::load::load_model(&prof, builtin::TINY_NAME, Precision::F32).unwrap();
+        let model =
+            crate::load::load_model(&prof, builtin::TINY_NAME, Precision::F32, crate::load::WeightMemoryArg::Auto)
+                .unwrap();
         let contexts = [8, 20];
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
         let machine = test_machine();
@@ -857,6 +896,7 @@ mod tests {
             precision: Precision::F32,
             bf16_gemms: false,
             weights: &weights,
+            weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
             chunk: 4,
             rows: &rows,

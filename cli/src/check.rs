@@ -30,7 +30,7 @@ struct Run {
 }
 
 fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run> {
-    let model = crate::load::load_model(be, spec, kv.precision)?;
+    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let precision = kv.precision;
     if kv.kv_cache_memory.is_some() {
         // The traced forward sizes its own pool; a budget given must still hold the prompt

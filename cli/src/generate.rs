@@ -213,7 +213,7 @@ pub fn run_generate<B: Backend>(
             "note: {spec} has no tokenizer.json, so only the generated token ids are printed (text output needs the model's tokenizer.json in the directory)"
         );
     }
-    let model = crate::load::load_model(be, spec, kv.precision)?;
+    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let prompt_ids = match (prompt, ids, &tok) {
         (Some(text), None, Some(tok)) => tok.encode(&render_user_prompt(text, chat_args)?)?,
         (None, Some(ids), _) => ids.to_vec(),
@@ -265,7 +265,7 @@ pub fn run_chat<B: Backend>(
     kv: &KvArgs,
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
-    let model = crate::load::load_model(be, spec, kv.precision)?;
+    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let opts = sampling.options(&model, Some(&tok));
     let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
     eprintln!("{}", kv_args::describe(&model.cfg, &config));

@@ -4,8 +4,91 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig, Precision};
+use dsv4_core::kv::human_bytes;
+use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig, Precision, WeightMemory};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// `--weight-memory`: where the checkpoint's bytes live while the model runs
+/// ([`WeightMemory`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightMemoryArg {
+    /// Resident for the CPU backend when the checkpoint's files take at most three quarters
+    /// of the available memory, else mapped.
+    #[default]
+    Auto,
+    /// Read into memory on transparent huge pages: faster CPU decode; needs memory for the
+    /// whole checkpoint.
+    Resident,
+    /// Memory-mapped from the files: instant load, shared page cache, runs a checkpoint
+    /// larger than the memory; slower CPU decode (4 KiB pages).
+    Mapped,
+}
+
+/// The share of the available memory a checkpoint may take to be made resident by `auto`:
+/// the rest is for the decoding state and the activations (`--kv-cache-memory` fractions are
+/// of what is left once the weights are in).
+const AUTO_RESIDENT_SHARE: f64 = 0.75;
+
+/// What `arg` means for a checkpoint of `bytes` bytes (its files) on a backend that computes
+/// on the host's copy of the weights (`host`: the CPU backend) with `available` bytes of
+/// memory available (None: unknown), and a note to print when `auto` leaves a CPU run
+/// mapped. Device backends copy the weights to the device, so `auto` maps for them.
+pub fn resolve_weight_memory(
+    arg: WeightMemoryArg,
+    host: bool,
+    bytes: u64,
+    available: Option<usize>,
+) -> (WeightMemory, Option<String>) {
+    match arg {
+        WeightMemoryArg::Resident => (WeightMemory::Resident, None),
+        WeightMemoryArg::Mapped => (WeightMemory::Mapped, None),
+        WeightMemoryArg::Auto if !host => (WeightMemory::Mapped, None),
+        WeightMemoryArg::Auto => match available {
+            Some(a) if bytes as f64 <= a as f64 * AUTO_RESIDENT_SHARE => (WeightMemory::Resident, None),
+            Some(a) => (
+                WeightMemory::Mapped,
+                Some(format!(
+                    "note: the weights stay memory-mapped from the files ({} is more than 3/4 of the {} of memory \
+                     available), which makes CPU decode slower; --weight-memory resident reads them into memory anyway",
+                    human_bytes(bytes as usize),
+                    human_bytes(a)
+                )),
+            ),
+            // No `/proc/meminfo` (not Linux): no transparent huge pages to gain either.
+            None => (WeightMemory::Mapped, None),
+        },
+    }
+}
+
+/// The checkpoint of `dir` (already opened mapped as `mapped`) held as `memory` says: `mapped`
+/// itself, or the files read again into memory with a progress bar on stderr once reading has
+/// taken more than a second.
+fn with_memory(dir: &Path, mapped: Checkpoint, memory: WeightMemory) -> Result<Checkpoint> {
+    if memory == WeightMemory::Mapped {
+        return Ok(mapped);
+    }
+    drop(mapped);
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "reading weights into memory {bar:40} {bytes}/{total_bytes} ({bytes_per_sec}) [{elapsed_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let start = Instant::now();
+    let mut shown = false;
+    let ckpt = Checkpoint::open_with(dir, memory, &mut |done, total| {
+        if !shown && start.elapsed() > Duration::from_secs(1) {
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .with_context(|| format!("reading the checkpoint in {} into memory", dir.display()))?;
+    bar.finish_and_clear();
+    Ok(ckpt)
+}
 
 /// The config and checkpoint named by `--model`.
 pub fn open(spec: &str) -> Result<(ModelConfig, Checkpoint)> {
@@ -31,10 +114,33 @@ pub fn config_from_dir(dir: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Loads onto `be`, to run in `precision`; a progress bar appears on stderr once loading has
+/// Loads onto `be`, to run in `precision`, with the checkpoint's bytes held as `memory`
+/// resolves to ([`resolve_weight_memory`]); a progress bar appears on stderr once loading has
 /// taken more than a second.
-pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision) -> Result<Model<B>> {
-    let (cfg, ckpt) = open(spec)?;
+pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision, memory: WeightMemoryArg) -> Result<Model<B>> {
+    Ok(load_model_with_memory(be, spec, precision, memory)?.0)
+}
+
+/// [`load_model`], also returning where the checkpoint's bytes ended up (None for a built-in
+/// model, which is generated in memory).
+pub fn load_model_with_memory<B: Backend>(
+    be: &B,
+    spec: &str,
+    precision: Precision,
+    memory: WeightMemoryArg,
+) -> Result<(Model<B>, Option<WeightMemory>)> {
+    let (cfg, mut ckpt) = open(spec)?;
+    let mut held = None;
+    if let Some(dir) = ckpt.dir.clone() {
+        let host = be.name() == "cpu";
+        let bytes = ckpt.file_bytes()?;
+        let (memory, note) = resolve_weight_memory(memory, host, bytes, if host { be.free_memory() } else { None });
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
+        ckpt = with_memory(&dir, ckpt, memory)?;
+        held = Some(memory);
+    }
     let bar = ProgressBar::with_draw_target(Some(ckpt.len() as u64), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors, {msg} [{elapsed_precise}]")
@@ -60,5 +166,55 @@ pub fn load_model<B: Backend>(be: &B, spec: &str, precision: Precision) -> Resul
             eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)")
         });
     }
-    Ok(model)
+    Ok((model, held))
+}
+
+/// This process's anonymous memory on transparent huge pages (`AnonHugePages` of
+/// `/proc/self/smaps_rollup`), in bytes; None where that file does not exist (not Linux).
+pub fn anon_huge_page_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kb: usize = line["AnonHugePages:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+
+    #[test]
+    fn auto_makes_the_cpu_backend_resident_when_the_checkpoint_fits() {
+        let auto = WeightMemoryArg::Auto;
+        // 15 GiB of files, 20 GiB available: exactly 3/4.
+        assert_eq!(resolve_weight_memory(auto, true, 15 * GIB as u64, Some(20 * GIB)), (WeightMemory::Resident, None));
+        let (memory, note) = resolve_weight_memory(auto, true, 15 * GIB as u64 + 1, Some(20 * GIB));
+        assert_eq!(memory, WeightMemory::Mapped);
+        let note = note.expect("a CPU run left mapped says so");
+        assert!(note.contains("--weight-memory resident") && note.contains("20.00 GiB"), "{note}");
+        // Unknown memory (not Linux) and device backends: mapped, silently.
+        assert_eq!(resolve_weight_memory(auto, true, 1, None), (WeightMemory::Mapped, None));
+        assert_eq!(resolve_weight_memory(auto, false, 1, Some(20 * GIB)), (WeightMemory::Mapped, None));
+    }
+
+    #[test]
+    fn an_explicit_choice_is_kept() {
+        for host in [true, false] {
+            for available in [None, Some(1), Some(100 * GIB)] {
+                let r = resolve_weight_memory(WeightMemoryArg::Resident, host, 50 * GIB as u64, available);
+                assert_eq!(r, (WeightMemory::Resident, None));
+                let m = resolve_weight_memory(WeightMemoryArg::Mapped, host, 1, available);
+                assert_eq!(m, (WeightMemory::Mapped, None));
+            }
+        }
+    }
+
+    #[test]
+    fn huge_page_bytes_parse_where_linux_has_them() {
+        // Linux always has /proc/self/smaps_rollup with an AnonHugePages line (0 kB at least).
+        if std::path::Path::new("/proc/self/smaps_rollup").exists() {
+            assert!(anon_huge_page_bytes().is_some());
+        }
+    }
 }

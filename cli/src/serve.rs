@@ -153,7 +153,7 @@ fn spawn_engine<B: Backend + 'static>(
     let engine = EngineHandle::spawn(config, move || {
         let be = make()?;
         eprintln!("backend: {}", be.describe());
-        let model = load::load_model(&be, &spec, kv.precision)?;
+        let model = load::load_model(&be, &spec, kv.precision, kv.weight_memory)?;
         let context = model.cfg.max_position_embeddings;
         let tokens = match config.max_model_len {
             0 => context,
@@ -241,6 +241,7 @@ mod tests {
             precision: dsv4_core::Precision::F32,
             kv_dtype: dsv4_core::kv::KvDtype::F32,
             kv_cache_memory: None,
+            weight_memory: Default::default(),
         };
         let small = serving_kv(&be, &cfg, &kv, 2, 1000, 64).unwrap();
         assert!(small.token_capacity(&cfg).unwrap() >= 2000, "{small:?}");

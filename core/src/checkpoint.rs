@@ -1,5 +1,6 @@
 //! Safetensors checkpoints: a single file or shards listed in `model.safetensors.index.json`,
-//! memory-mapped, every header validated before any byte is read.
+//! memory-mapped or read into memory ([`WeightMemory`]), every header validated before any
+//! tensor byte is used.
 //!
 //! Tensor names are canonicalised to the official DeepSeek spelling (`layers.3.attn.wq_a.weight`)
 //! whatever the file used: official names, transformers' module names
@@ -8,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,70 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     // (another process truncating the file while we run would fault); checkpoints are treated
     // as immutable inputs, and every header is validated against the mapped length first.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Where a checkpoint's bytes live while the model runs.
+///
+/// The CPU backend computes on the weights where they lie, so this decides its decode speed:
+/// a token streams every active weight byte once, and through 4 KiB pages that is a TLB miss,
+/// and a restart of the hardware prefetcher, every 4 KiB. On the 0.75 B benchmark model
+/// (`../shared/bench/gen_synthetic.py mini`, 2 threads, AMD EPYC Zen 4, six interleaved pairs
+/// of `dsv4 bench` runs) decode took 17-19 ms a token with the weights resident on huge pages
+/// (one run of the six: 24) against 20-26 ms memory-mapped, and the 265 MB BF16 head alone
+/// 6.8-8.7 ms against 9.5-13.4.
+/// Device backends copy the weights to the device, so for them the host bytes only need to be
+/// readable once: [`WeightMemory::Mapped`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMemory {
+    /// Memory-mapped from the files (read-only, private): loading is instant, the page cache
+    /// is shared with other processes, and a checkpoint larger than the memory still runs
+    /// (pages are read from disk as they are touched), but every byte is on a 4 KiB page.
+    Mapped,
+    /// Each file read, whole, into anonymous memory advised for transparent huge pages
+    /// (`madvise(MADV_HUGEPAGE)`, Linux; elsewhere, or with THP set to `never`, ordinary pages):
+    /// loading reads every byte once, and the process holds the whole checkpoint in memory.
+    Resident,
+}
+
+impl WeightMemory {
+    /// The name `--weight-memory` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightMemory::Mapped => "mapped",
+            WeightMemory::Resident => "resident",
+        }
+    }
+}
+
+/// Bytes read per call while loading a file into memory (the unit of the progress callback).
+const READ_CHUNK: usize = 64 << 20;
+
+/// Reads the whole of `path` into anonymous memory advised for transparent huge pages
+/// ([`WeightMemory::Resident`]), reporting each chunk to `progress` as bytes read so far
+/// (`done` carries the count across the files of a checkpoint). An empty file is mapped
+/// instead (an anonymous map cannot be empty; the header check then rejects the file).
+fn read_resident(path: &Path, done: &mut u64, progress: &mut dyn FnMut(u64)) -> Result<memmap2::Mmap> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let len = usize::try_from(len).map_err(|_| Error::Checkpoint {
+        msg: format!("{}: {len} bytes do not fit in this machine's address space", path.display()),
+    })?;
+    if len == 0 {
+        return map_file(path);
+    }
+    let mut map = memmap2::MmapMut::map_anon(len).map_err(|e| Error::io(path, e))?;
+    // Before the first write, so that the pages are allocated huge from the start. Best effort:
+    // a kernel without THP, or with it set to `never`, refuses or ignores the advice, and the
+    // bytes are then on ordinary pages (slower decode, same results).
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    for chunk in map.chunks_mut(READ_CHUNK) {
+        // A file that shrank since its length was read ends in an `UnexpectedEof` error here.
+        file.read_exact(chunk).map_err(|e| Error::io(path, e))?;
+        *done += chunk.len() as u64;
+        progress(*done);
+    }
+    map.make_read_only().map_err(|e| Error::io(path, e))
 }
 
 /// Largest header accepted (the official shards' headers are a few hundred KB).
@@ -224,7 +290,15 @@ impl Checkpoint {
     /// Opens `dir`: the shards `model.safetensors.index.json` lists if it exists, else
     /// `model.safetensors` if it exists (as transformers does: other files beside it, such as
     /// reference outputs, are not part of the model), else every `*.safetensors` file.
+    /// The files are memory-mapped ([`WeightMemory::Mapped`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, WeightMemory::Mapped, &mut |_, _| {})
+    }
+
+    /// [`Checkpoint::open`], with the bytes held as `memory` says. `progress(read, total)` is
+    /// called as [`WeightMemory::Resident`] reads the files (bytes read so far, bytes of all the
+    /// files); never for [`WeightMemory::Mapped`].
+    pub fn open_with(dir: &Path, memory: WeightMemory, progress: &mut dyn FnMut(u64, u64)) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Checkpoint {
                 msg: format!("{} is not a directory (pass the model directory with --model)", dir.display()),
@@ -292,8 +366,23 @@ impl Checkpoint {
             accessed: Mutex::new(None),
         };
         let mut seen_in_files: BTreeMap<String, String> = BTreeMap::new();
+        let total = match memory {
+            WeightMemory::Mapped => 0,
+            WeightMemory::Resident => {
+                let mut total = 0;
+                for path in &files {
+                    total += std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+                }
+                total
+            }
+        };
+        let mut done = 0;
         for path in &files {
-            for original in ckpt.add_file(path)? {
+            let map = match memory {
+                WeightMemory::Mapped => map_file(path)?,
+                WeightMemory::Resident => read_resident(path, &mut done, &mut |d| progress(d, total))?,
+            };
+            for original in ckpt.add_map(path, map)? {
                 seen_in_files.insert(original, path.file_name().unwrap_or_default().to_string_lossy().to_string());
             }
         }
@@ -331,8 +420,24 @@ impl Checkpoint {
 
     /// Maps one file, validates its header and adds its tensors; returns their stored names.
     fn add_file(&mut self, path: &Path) -> Result<Vec<String>> {
-        let mmap = Arc::new(map_file(path)?);
+        self.add_map(path, map_file(path)?)
+    }
+
+    /// Validates the header of `path`'s bytes `map` and adds its tensors; returns their stored
+    /// names.
+    fn add_map(&mut self, path: &Path, map: memmap2::Mmap) -> Result<Vec<String>> {
+        let mmap = Arc::new(map);
         self.add_storage(path, Storage::Mmap(mmap.clone()), &mmap)
+    }
+
+    /// Bytes of the checkpoint's files (0 for an in-memory checkpoint): what
+    /// [`WeightMemory::Resident`] holds in memory.
+    pub fn file_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for path in &self.files {
+            total += std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+        }
+        Ok(total)
     }
 
     fn add_storage(&mut self, path: &Path, storage: Storage, bytes: &[u8]) -> Result<Vec<String>> {
@@ -511,6 +616,63 @@ pub fn canonical_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::canonical_name as c;
+    use super::{Checkpoint, WeightMemory};
+
+    fn fixture(case: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases").join(case)
+    }
+
+    /// Reading a sharded checkpoint into memory gives every tensor the bytes the mapped
+    /// checkpoint has, and the progress callback counts every byte of every shard once, in
+    /// increasing order, ending at the total.
+    #[test]
+    fn resident_holds_the_mapped_bytes() {
+        let dir = fixture("sharded");
+        let mapped = Checkpoint::open(&dir).unwrap();
+        let mut seen = vec![];
+        let resident = Checkpoint::open_with(&dir, WeightMemory::Resident, &mut |d, t| seen.push((d, t))).unwrap();
+        assert_eq!(mapped.len(), resident.len());
+        assert!(mapped.files.len() > 1, "the case must have several shards");
+        for t in mapped.tensors() {
+            let r = resident.get(&t.name).unwrap_or_else(|| panic!("{} missing", t.name));
+            assert_eq!((r.dtype, &r.shape, &r.source), (t.dtype, &t.shape, &t.source), "{}", t.name);
+            assert!(r.bytes() == t.bytes(), "{}: bytes differ", t.name);
+        }
+        let total = mapped.file_bytes().unwrap();
+        assert_eq!(resident.file_bytes().unwrap(), total);
+        assert!(seen.len() >= mapped.files.len(), "{seen:?}");
+        assert!(seen.iter().all(|&(_, t)| t == total), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
+        assert_eq!(seen.last().unwrap().0, total);
+    }
+
+    /// A mapped open never reports progress; a resident one of a directory with a bad shard
+    /// fails with the error the mapped open gives.
+    #[test]
+    fn resident_errors_are_the_mapped_ones() {
+        let mut calls = 0;
+        Checkpoint::open_with(&fixture("sharded"), WeightMemory::Mapped, &mut |_, _| calls += 1).unwrap();
+        assert_eq!(calls, 0);
+        let dir = std::env::temp_dir().join(format!("dsv4-resident-errors-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}").unwrap();
+        std::fs::write(dir.join("empty.safetensors"), b"").unwrap();
+        let mapped = Checkpoint::open(&dir).err().expect("a corrupt header").to_string();
+        let resident = Checkpoint::open_with(&dir, WeightMemory::Resident, &mut |_, _| {})
+            .err()
+            .expect("a corrupt header")
+            .to_string();
+        assert_eq!(mapped, resident);
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        let mapped = Checkpoint::open(&dir).err().expect("an empty file").to_string();
+        let resident = Checkpoint::open_with(&dir, WeightMemory::Resident, &mut |_, _| {})
+            .err()
+            .expect("an empty file")
+            .to_string();
+        assert_eq!(mapped, resident);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn canonical_names() {

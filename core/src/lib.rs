@@ -24,7 +24,7 @@ pub mod tokenizer;
 pub mod weight_forms;
 
 pub use backend::{Backend, DeviceTensor};
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, WeightMemory};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use model::batch::Batch;
