@@ -285,6 +285,45 @@ fn hc_pre_is_the_composition_bit_for_bit() {
     }
 }
 
+/// The CPU's `hc_post` (one pass) gives exactly the composition's bits (broadcast product,
+/// batched `matmul` of `combᵀ` through the `gemm` crate, sum) for mHC's sizes and odd ones
+/// (no tokens, one stream, D = 1, eight streams, a wide D), with values of both signs and
+/// magnitudes far apart (so that a different summation order would show), and refuses the
+/// shapes the composition refuses.
+#[test]
+fn hc_post_is_the_composition_bit_for_bit() {
+    use dsv4_core::backend::composed;
+    let be = CpuBackend::new();
+    let mut rng = Rng(0x0c0f_fee5);
+    let bits =
+        |t: &<CpuBackend as Backend>::Tensor| be.download(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (t, n, d) in
+        [(1, 4, 64), (3, 4, 33), (2, 1, 8), (2, 3, 16), (2, 8, 5), (4, 4, 1), (4, 4, 2), (0, 4, 8), (9, 4, 2048)]
+    {
+        // Magnitudes from 2^-12 to 2^12: sums whose rounding depends on the order.
+        let val = |rng: &mut Rng| rng.f32() * 2f32.powi((rng.f32() * 12.0) as i32);
+        let x: Vec<f32> = (0..t * n * d).map(|_| val(&mut rng)).collect();
+        let y: Vec<f32> = (0..t * d).map(|_| val(&mut rng)).collect();
+        let post: Vec<f32> = (0..t * n).map(|_| val(&mut rng)).collect();
+        let comb: Vec<f32> = (0..t * n * n).map(|_| val(&mut rng)).collect();
+        let (x, y) = (up(&be, &x, &[t, n, d]), up(&be, &y, &[t, d]));
+        let (post, comb) = (up(&be, &post, &[t, n]), up(&be, &comb, &[t, n, n]));
+        let got = be.hc_post(&x, &y, &post, &comb).unwrap();
+        let want = composed::hc_post(&be, &x, &y, &post, &comb).unwrap();
+        assert_eq!(got.shape(), want.shape(), "t={t} n={n} d={d}");
+        assert_eq!(bits(&got), bits(&want), "t={t} n={n} d={d}");
+        // A post of the wrong width (with tokens: an empty one reshapes to anything) and an x
+        // that is not [T, n, D]: both refuse.
+        if t > 0 {
+            let bad = up(&be, &vec![1.0; t * (n + 1)], &[t, n + 1]);
+            assert!(be.hc_post(&x, &y, &bad, &comb).is_err());
+            assert!(composed::hc_post(&be, &x, &y, &bad, &comb).is_err());
+        }
+        let flat = up(&be, &vec![0.5; t * n * d], &[t, n * d]);
+        assert!(be.hc_post(&flat, &y, &post, &comb).is_err());
+    }
+}
+
 /// The CPU's `sinkhorn` (one loop) gives exactly the composition's bits (reduce, affine,
 /// broadcast division per step), for the mHC sizes and odd ones, and falls back to the
 /// composition for lines of 8 or more.

@@ -250,12 +250,7 @@ pub trait Backend: Send + Sync {
         post: &Self::Tensor,
         comb: &Self::Tensor,
     ) -> Result<Self::Tensor> {
-        let s = x.shape().to_vec();
-        let (t, n, d) = (s[0], s[1], s[2]);
-        let expanded = self.binary(&self.reshape(post, &[t, n, 1])?, &self.reshape(y, &[t, 1, d])?, BinaryOp::Mul)?;
-        let comb_t = self.transpose(comb, 1, 2)?; // [T, k, j]
-        let mixed = self.matmul(&comb_t, x, false)?; // [T, k, D]
-        self.binary(&expanded, &mixed, BinaryOp::Add)
+        composed::hc_post(self, x, y, post, comb)
     }
 
     /// Final stream collapse (spec §B.6 steps 1-3): x `[T, n, D]` → `[T, D]`.
@@ -483,6 +478,24 @@ pub mod composed {
         let collapsed = be.reduce(&be.binary(&pre, x, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
         let collapsed = be.reshape(&collapsed, &[t, d])?;
         Ok((collapsed, post, comb))
+    }
+
+    /// The definition of [`Backend::hc_post`]: a broadcast `binary` product `post_k · y`, a
+    /// batched `matmul` of `combᵀ` `[T, k, j]` with `x` `[T, j, D]`, and their `binary` sum.
+    pub fn hc_post<B: Backend + ?Sized>(
+        be: &B,
+        x: &B::Tensor,
+        y: &B::Tensor,
+        post: &B::Tensor,
+        comb: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let &[t, n, d] = x.shape() else {
+            return Err(Error::backend(be.name(), format!("hc_post: x {:?} is not [T, n, D]", x.shape())));
+        };
+        let expanded = be.binary(&be.reshape(post, &[t, n, 1])?, &be.reshape(y, &[t, 1, d])?, BinaryOp::Mul)?;
+        let comb_t = be.transpose(comb, 1, 2)?; // [T, k, j]
+        let mixed = be.matmul(&comb_t, x, false)?; // [T, k, D]
+        be.binary(&expanded, &mixed, BinaryOp::Add)
     }
 
     /// The definition of [`Backend::sinkhorn`]: `reduce`, `affine` and a broadcast `binary`
