@@ -219,7 +219,8 @@ pub struct Row {
 pub struct PhaseProfiles {
     /// The prefill to the context.
     pub prefill: Profile,
-    /// All the decode steps at the context together (empty with `--decode-steps 0`).
+    /// All the decode steps at the context together (with `--decode-steps 0`, only the phase's
+    /// closing `synchronize`).
     pub decode: Profile,
 }
 

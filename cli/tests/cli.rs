@@ -310,6 +310,40 @@ fn bench_profile_prints_the_tables() {
     assert!(j["rows"][0].get("profile").is_none(), "{stdout}");
 }
 
+/// `--weight-memory resident` and `mapped` give the same logits bit for bit on a sharded
+/// checkpoint, and `bench --json` says which one the run got.
+#[test]
+fn weight_memory_resident_and_mapped_agree() {
+    let case = fixture("sharded");
+    let model = case.to_str().unwrap();
+    let logits = |memory: &str| {
+        let out = tmp(&format!("weight_memory_{memory}.safetensors"));
+        let out_arg = out.to_str().unwrap();
+        run_ok(&[
+            "logits",
+            "--model",
+            model,
+            "--backend",
+            "cpu",
+            "--ids",
+            "1,2,3,4,5",
+            "--out",
+            out_arg,
+            "--weight-memory",
+            memory,
+        ]);
+        std::fs::read(&out).unwrap()
+    };
+    let resident = logits("resident");
+    assert!(resident == logits("mapped"), "resident and mapped logits differ");
+    for memory in ["resident", "mapped"] {
+        let args = ["bench", "--model", model, "--backend", "cpu", "--contexts", "8", "--decode-steps", "1", "--json"];
+        let (stdout, _) = run_ok(&[&args[..], &["--weight-memory", memory]].concat());
+        let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(j["weight_memory"]["mode"], memory, "{stdout}");
+    }
+}
+
 fn read_i64(path: &Path, name: &str) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

@@ -30,10 +30,23 @@ pub struct Checkpoint {
     accessed: Mutex<Option<BTreeSet<String>>>,
 }
 
+/// Opens `path` for reading, if it is a regular file (after symlinks): opening a FIFO would
+/// block until a writer came, and a directory or device is no safetensors file (mapping one
+/// fails with an obscure `No such device`, reading a directory with `Is a directory`).
+fn open_regular(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Checkpoint {
+            msg: format!("{} is not a regular file (a directory, device or pipe)", path.display()),
+        });
+    }
+    File::open(path).map_err(|e| Error::io(path, e))
+}
+
 /// Memory-maps a file read-only.
 #[allow(unsafe_code)]
 fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = open_regular(path)?;
     // SAFETY: the map is read-only and private to this process. The usual mmap caveat applies
     // (another process truncating the file while we run would fault); checkpoints are treated
     // as immutable inputs, and every header is validated against the mapped length first.
@@ -81,7 +94,7 @@ const READ_CHUNK: usize = 64 << 20;
 /// (`done` carries the count across the files of a checkpoint). An empty file is mapped
 /// instead (an anonymous map cannot be empty; the header check then rejects the file).
 fn read_resident(path: &Path, done: &mut u64, progress: &mut dyn FnMut(u64)) -> Result<memmap2::Mmap> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = open_regular(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let len = usize::try_from(len).map_err(|_| Error::Checkpoint {
         msg: format!("{}: {len} bytes do not fit in this machine's address space", path.display()),
@@ -329,13 +342,14 @@ impl Checkpoint {
             let files: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
             for f in &files {
                 if !f.is_file() {
+                    let what = if f.exists() { "which is not a regular file" } else { "which does not exist" };
                     let shard = f.file_name().unwrap_or_default().to_string_lossy().to_string();
                     let mut tensors = index.iter().filter(|(_, s)| **s == shard).map(|(n, _)| n);
                     let first = tensors.next().cloned().unwrap_or_default();
                     let others = tensors.count();
                     return Err(Error::Checkpoint {
                         msg: format!(
-                            "{} maps tensor `{first}`{} to shard {shard}, which does not exist in {}",
+                            "{} maps tensor `{first}`{} to shard {shard}, {what} in {}",
                             index_path.display(),
                             if others > 0 { format!(" (and {others} more)") } else { String::new() },
                             dir.display()
@@ -368,13 +382,7 @@ impl Checkpoint {
         let mut seen_in_files: BTreeMap<String, String> = BTreeMap::new();
         let total = match memory {
             WeightMemory::Mapped => 0,
-            WeightMemory::Resident => {
-                let mut total = 0;
-                for path in &files {
-                    total += std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
-                }
-                total
-            }
+            WeightMemory::Resident => ckpt.file_bytes()?,
         };
         let mut done = 0;
         for path in &files {
@@ -671,6 +679,29 @@ mod tests {
             .expect("an empty file")
             .to_string();
         assert_eq!(mapped, resident);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `*.safetensors` entry that is a directory or a FIFO is refused by name, both ways, and
+    /// the FIFO does not block the open (it would, waiting for a writer, if it were opened).
+    #[test]
+    fn non_regular_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("dsv4-non-regular-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a.safetensors")).unwrap();
+        let fifo = dir.join("b.safetensors");
+        let made_fifo = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        for memory in [WeightMemory::Mapped, WeightMemory::Resident] {
+            let e = Checkpoint::open_with(&dir, memory, &mut |_, _| {}).err().expect("a directory").to_string();
+            assert!(e.contains("a.safetensors is not a regular file"), "{e}");
+        }
+        if made_fifo {
+            std::fs::remove_dir(dir.join("a.safetensors")).unwrap();
+            for memory in [WeightMemory::Mapped, WeightMemory::Resident] {
+                let e = Checkpoint::open_with(&dir, memory, &mut |_, _| {}).err().expect("a FIFO").to_string();
+                assert!(e.contains("b.safetensors is not a regular file"), "{e}");
+            }
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
