@@ -16,6 +16,7 @@
 
 mod fused;
 mod gemm;
+mod host_memory;
 pub mod kernels;
 pub mod machine;
 mod moe;

@@ -285,9 +285,10 @@ impl Backend for CpuBackend {
         )
     }
 
-    /// `MemAvailable` from `/proc/meminfo`.
+    /// `MemAvailable` from `/proc/meminfo`, capped by the memory cgroup's headroom
+    /// ([`crate::host_memory`]).
     fn free_memory(&self) -> Option<usize> {
-        dsv4_core::kv::mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+        crate::host_memory::available()
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {

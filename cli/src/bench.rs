@@ -412,6 +412,10 @@ pub fn run<B: Backend>(
         println!("{}", table_header());
         &mut |p| match p {
             Progress::Phase(phase) => print!("{}", phase_report(&phase)),
+            // Profiled, each row comes after some 35 lines of tables: its header again above it.
+            Progress::Row(row) if take_profile.is_some() => {
+                println!("{}\n{}", table_header(), table_row(row, &weights, &machine, bf16_gemms))
+            }
             Progress::Row(row) => println!("{}", table_row(row, &weights, &machine, bf16_gemms)),
         }
     };

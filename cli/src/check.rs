@@ -30,7 +30,9 @@ struct Run {
 }
 
 fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run> {
-    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
+    // A few passes over each weight, not a long decode: a resident copy would cost more than it
+    // saves.
+    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory.one_pass())?;
     let precision = kv.precision;
     if kv.kv_cache_memory.is_some() {
         // The traced forward sizes its own pool; a budget given must still hold the prompt

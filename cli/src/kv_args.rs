@@ -4,7 +4,8 @@
 //!
 //! `--kv-cache-memory` takes bytes with an optional unit (`8GiB`, `512MiB`, `2G`, `1000000`) or
 //! a fraction in (0, 1] of the memory free once the weights are loaded (`0.5`): on the CPU backend
-//! `MemAvailable` from `/proc/meminfo`, on a device the free device memory its backend reports.
+//! `MemAvailable` from `/proc/meminfo` capped by the memory cgroup's headroom, on a device the free
+//! device memory its backend reports.
 //! Without the flag the pool is sized exactly for the run (or, for `chat`, for the model's whole
 //! context, capped at half the free memory).
 
@@ -35,12 +36,8 @@ pub struct KvArgs {
     /// what the run needs (chat: the model's whole context, at most half the free memory).
     #[arg(long, value_name = "SIZE")]
     pub kv_cache_memory: Option<MemorySize>,
-    /// Where the checkpoint's bytes live while the model runs: resident (read into memory on
-    /// transparent huge pages: the CPU backend decodes 15-20% faster than from 4 KiB pages, and
-    /// the process holds the whole checkpoint), mapped (memory-mapped from the files: instant
-    /// load, page cache shared between processes, runs a checkpoint larger than the memory), or
-    /// auto (resident for the CPU backend when the files take at most 3/4 of the available
-    /// memory; mapped for device backends, which copy the weights to the device).
+    /// Where the checkpoint's bytes live while the model runs (the CPU backend computes on
+    /// them in place; device backends copy them to the device).
     #[arg(long, value_enum, value_name = "auto|resident|mapped", default_value = "auto")]
     pub weight_memory: crate::load::WeightMemoryArg,
 }
@@ -115,8 +112,8 @@ impl MemorySize {
     }
 }
 
-/// Memory free for the decoding state on `be` now: host `MemAvailable` for the CPU backend,
-/// free device memory otherwise.
+/// Memory free for the decoding state on `be` now: host `MemAvailable` (capped by the memory
+/// cgroup's headroom) for the CPU backend, free device memory otherwise.
 pub fn free_memory<B: Backend>(be: &B) -> Result<usize> {
     be.free_memory().with_context(|| {
         format!(

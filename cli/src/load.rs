@@ -12,16 +12,28 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// ([`WeightMemory`]).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightMemoryArg {
-    /// Resident for the CPU backend when the checkpoint's files take at most three quarters
-    /// of the available memory, else mapped.
+    /// resident for the CPU backend's generate, chat, serve and bench when the checkpoint takes
+    /// at most 3/4 of the available memory; mapped otherwise
     #[default]
     Auto,
-    /// Read into memory on transparent huge pages: faster CPU decode; needs memory for the
-    /// whole checkpoint.
+    /// read into memory on transparent huge pages: CPU decode about 15-20% faster; the process
+    /// holds the whole checkpoint
     Resident,
-    /// Memory-mapped from the files: instant load, shared page cache, runs a checkpoint
-    /// larger than the memory; slower CPU decode (4 KiB pages).
+    /// memory-mapped from the files: instant load, page cache shared between processes, runs
+    /// a checkpoint larger than the memory
     Mapped,
+}
+
+impl WeightMemoryArg {
+    /// The choice for a command that reads each weight about once (`logits`, `check`):
+    /// `auto` maps, since a resident copy only pays off over many decode steps; an explicit
+    /// choice stays.
+    pub fn one_pass(self) -> Self {
+        match self {
+            WeightMemoryArg::Auto => WeightMemoryArg::Mapped,
+            other => other,
+        }
+    }
 }
 
 /// The share of the available memory a checkpoint may take to be made resident by `auto`:
@@ -49,7 +61,8 @@ pub fn resolve_weight_memory(
                 WeightMemory::Mapped,
                 Some(format!(
                     "note: the weights stay memory-mapped from the files ({} is more than 3/4 of the {} of memory \
-                     available), which makes CPU decode slower; --weight-memory resident reads them into memory anyway",
+                     available to this process), which makes CPU decode slower; --weight-memory resident reads them \
+                     into memory anyway",
                     human_bytes(bytes as usize),
                     human_bytes(a)
                 )),
@@ -139,6 +152,9 @@ pub fn load_model_with_memory<B: Backend>(
             eprintln!("{note}");
         }
         ckpt = with_memory(&dir, ckpt, memory)?;
+        if memory == WeightMemory::Resident {
+            eprintln!("weights: {} read into memory (--weight-memory resident)", human_bytes(bytes as usize));
+        }
         held = Some(memory);
     }
     let bar = ProgressBar::with_draw_target(Some(ckpt.len() as u64), ProgressDrawTarget::hidden());
@@ -208,6 +224,13 @@ mod tests {
                 assert_eq!(m, (WeightMemory::Mapped, None));
             }
         }
+    }
+
+    #[test]
+    fn one_pass_commands_map_under_auto_only() {
+        assert_eq!(WeightMemoryArg::Auto.one_pass(), WeightMemoryArg::Mapped);
+        assert_eq!(WeightMemoryArg::Resident.one_pass(), WeightMemoryArg::Resident);
+        assert_eq!(WeightMemoryArg::Mapped.one_pass(), WeightMemoryArg::Mapped);
     }
 
     #[test]

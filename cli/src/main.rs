@@ -296,7 +296,9 @@ pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
 
 fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv: &kv_args::KvArgs) -> Result<()> {
     eprintln!("backend: {}", be.describe());
-    let model = load::load_model(be, &model.model, kv.precision, kv.weight_memory)?;
+    // One prefill pass reads each weight once: reading the checkpoint into memory first would
+    // only add a copy.
+    let model = load::load_model(be, &model.model, kv.precision, kv.weight_memory.one_pass())?;
     let batch = Batch::prefill(&[ids])?;
     let start = std::time::Instant::now();
     // The whole prompt in one step, the state stored as --kv-dtype.
