@@ -1,10 +1,14 @@
 //! Memory the host can give this process now: `MemAvailable` of `/proc/meminfo`, capped by the
-//! headroom of the process's memory cgroup and its ancestors (v2: `memory.max −
-//! memory.current`; v1: `memory.limit_in_bytes − memory.usage_in_bytes`). Without the cap, a
-//! container limited to 8 GiB on a 512 GiB host would be told about the host's memory, and
-//! `--weight-memory auto` or a `--kv-cache-memory` fraction would size past the limit, where
-//! the kernel kills the process. The usage counts the cgroup's page cache, which the kernel
-//! could reclaim, so the headroom errs low: a safe direction for sizing.
+//! headroom of the process's memory cgroup and its ancestors: the limit less the usage less
+//! the inactive file cache, which the kernel reclaims before it kills (v2: `memory.max`,
+//! `memory.current`, `inactive_file` of `memory.stat`; v1: `memory.limit_in_bytes`,
+//! `memory.usage_in_bytes`, `total_inactive_file`; the working set as kubelet and `docker
+//! stats` count it). Without the cap, a container limited to 8 GiB on a 512 GiB host would be
+//! told about the host's memory, and `--weight-memory auto` or a `--kv-cache-memory` fraction
+//! would size past the limit, where the kernel kills the process. Without the cache term, a
+//! checkpoint read once stays charged to the cgroup as cache and the next run would see
+//! almost no room. Limits set above the cgroup namespace's root, a memory controller mounted
+//! elsewhere than `/sys/fs/cgroup[/memory]`, and v2's `memory.high` are not seen.
 
 use std::path::Path;
 
@@ -39,10 +43,10 @@ fn cgroup_headroom(proc_cgroup: &str, read: &dyn Fn(&Path) -> Option<String>) ->
         let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
-        let (root, limit_file, usage_file) = if id == "0" && controllers.is_empty() {
-            ("/sys/fs/cgroup", "memory.max", "memory.current")
+        let (root, limit_file, usage_file, cache_key) = if id == "0" && controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file")
         } else if controllers.split(',').any(|c| c == "memory") {
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         } else {
             continue;
         };
@@ -53,13 +57,22 @@ fn cgroup_headroom(proc_cgroup: &str, read: &dyn Fn(&Path) -> Option<String>) ->
             let limit = read(&base.join(limit_file)).and_then(|s| parse_limit(&s));
             let usage = read(&base.join(usage_file)).and_then(|s| s.trim().parse::<u64>().ok());
             if let (Some(limit), Some(usage)) = (limit, usage) {
-                let room = limit.saturating_sub(usage);
+                let cache = read(&base.join("memory.stat")).and_then(|s| stat_value(&s, cache_key)).unwrap_or(0);
+                let room = limit.saturating_sub(usage.saturating_sub(cache));
                 best = Some(best.map_or(room, |b| b.min(room)));
             }
             dir = d.parent();
         }
     }
     best.map(|b| usize::try_from(b).unwrap_or(usize::MAX))
+}
+
+/// The value of `key` in a `memory.stat` text (`key value` lines).
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    stat.lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        (parts.next() == Some(key)).then(|| parts.next()?.parse().ok()).flatten()
+    })
 }
 
 /// A limit file's value in bytes; None for "max" (v2) or a value at [`UNLIMITED`] (v1).
@@ -108,6 +121,23 @@ mod tests {
             ("/sys/fs/cgroup/memory/k8s/memory.usage_in_bytes", "1073741824"),
         ]);
         assert_eq!(available_from(MEMINFO, "7:cpu,cpuacct:/k8s/pod\n4:memory:/k8s/pod\n", &v1), Some(1 << 30));
+        // Inactive file cache counts as room (v2 `inactive_file`; v1 the hierarchical total,
+        // not the cgroup's own `inactive_file`).
+        let cached = files(&[
+            ("/sys/fs/cgroup/memory.max", "8589934592\n"),
+            ("/sys/fs/cgroup/memory.current", "7516192768\n"),
+            (
+                "/sys/fs/cgroup/memory.stat",
+                "anon 1073741824\nfile 6442450944\nactive_file 2147483648\ninactive_file 4294967296\n",
+            ),
+        ]);
+        assert_eq!(available_from(MEMINFO, "0::/\n", &cached), Some(5 << 30));
+        let v1_cached = files(&[
+            ("/sys/fs/cgroup/memory/c/memory.limit_in_bytes", "4294967296"),
+            ("/sys/fs/cgroup/memory/c/memory.usage_in_bytes", "4294967296"),
+            ("/sys/fs/cgroup/memory/c/memory.stat", "inactive_file 1\ntotal_inactive_file 1073741824\n"),
+        ]);
+        assert_eq!(available_from(MEMINFO, "4:memory:/c\n", &v1_cached), Some(1 << 30));
         // Usage over the limit: nothing left, not an underflow.
         let over = files(&[("/sys/fs/cgroup/x/memory.max", "100"), ("/sys/fs/cgroup/x/memory.current", "200")]);
         assert_eq!(available_from(MEMINFO, "0::/x\n", &over), Some(0));

@@ -119,8 +119,7 @@ impl Settings {
     pub fn for_bench(threads: usize) -> Settings {
         let llc = last_level_cache_bytes().unwrap_or(32 << 20);
         let mut bytes = (8 * llc).max(1 << 30);
-        let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| dsv4_core::kv::mem_available(&m));
-        if let Some(a) = avail {
+        if let Some(a) = crate::host_memory::available() {
             bytes = bytes.min(a / 4).max(64 << 20);
         }
         Settings {

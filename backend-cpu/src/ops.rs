@@ -684,9 +684,9 @@ impl Backend for CpuBackend {
             return composed::hc_post(self, x, y, post, comb);
         };
         // Anything the composition would reject (or broadcast) goes through it, errors included;
-        // so does D = 1, for which the `gemm` crate sums in another order (mHC's D is the hidden
-        // size).
-        if d < 2 || y.shape != [t, d] || post.shape != [t, n] || comb.shape != [t, n, n] {
+        // so does every case where the `gemm` crate sums the composition's product otherwise
+        // than one FMA chain ([`mhc::same_as_gemm`]).
+        if !mhc::same_as_gemm(n, d) || y.shape != [t, d] || post.shape != [t, n] || comb.shape != [t, n, n] {
             return composed::hc_post(self, x, y, post, comb);
         }
         let mut out = vec![0f32; t * n * d];

@@ -324,6 +324,58 @@ fn hc_post_is_the_composition_bit_for_bit() {
     }
 }
 
+/// `hc_post` against the composition on the values where fused and unfused arithmetic part:
+/// signed zeros, subnormals, products that overflow or underflow, infinities and NaNs, for
+/// 1 to 9 streams and 520 (n ≤ 2 and n > 512 go through the composition itself: the `gemm`
+/// crate sums those otherwise; a review found their bits differing from the kernel's), widths
+/// around the vector lengths and enough tokens to split across threads. A NaN only has to be
+/// a NaN (Rust leaves which payload an operation returns unspecified).
+#[test]
+fn hc_post_is_the_composition_bit_for_bit_on_special_values() {
+    use dsv4_core::backend::composed;
+    let be = CpuBackend::new();
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut val = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let base = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        match s % 16 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => f32::INFINITY,
+            3 => f32::NEG_INFINITY,
+            4 => f32::NAN,
+            5 => f32::from_bits(1 + (s >> 44) as u32),  // subnormal
+            6 => -f32::from_bits(1 + (s >> 44) as u32), // subnormal
+            7 => f32::MAX * base,
+            8 => base * 1e-30, // products underflow, to -0.0 for opposite signs
+            _ => base * 2f32.powi((s % 200) as i32 - 100),
+        }
+    };
+    let down_bits = |t: &<CpuBackend as Backend>::Tensor| {
+        be.download(t)
+            .unwrap()
+            .iter()
+            .map(|&v| if v.is_nan() { f32::NAN.to_bits() } else { v.to_bits() })
+            .collect::<Vec<_>>()
+    };
+    let shapes = [(1, 2), (3, 7), (2, 16), (2, 17), (1, 63), (1, 65), (2, 1024), (1, 4097), (97, 40)];
+    for (n, (t, d)) in (1..=9).flat_map(|n| shapes.map(|s| (n, s))).chain([(520, (1, 2)), (520, (1, 70))]) {
+        {
+            let x: Vec<f32> = (0..t * n * d).map(|_| val()).collect();
+            let y: Vec<f32> = (0..t * d).map(|_| val()).collect();
+            let post: Vec<f32> = (0..t * n).map(|_| val()).collect();
+            let comb: Vec<f32> = (0..t * n * n).map(|_| val()).collect();
+            let (x, y) = (up(&be, &x, &[t, n, d]), up(&be, &y, &[t, d]));
+            let (post, comb) = (up(&be, &post, &[t, n]), up(&be, &comb, &[t, n, n]));
+            let got = be.hc_post(&x, &y, &post, &comb).unwrap();
+            let want = composed::hc_post(&be, &x, &y, &post, &comb).unwrap();
+            assert_eq!(down_bits(&got), down_bits(&want), "t={t} n={n} d={d}");
+        }
+    }
+}
+
 /// The CPU's `sinkhorn` (one loop) gives exactly the composition's bits (reduce, affine,
 /// broadcast division per step), for the mHC sizes and odd ones, and falls back to the
 /// composition for lines of 8 or more.

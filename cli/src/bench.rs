@@ -409,10 +409,12 @@ pub fn run<B: Backend>(
                  profiled); the {PROFILE_TOP} longest per phase after each prefill and decode"
             );
         }
-        println!("{}", table_header());
+        // Profiled, the header comes above each row instead (the tables come between).
+        if take_profile.is_none() {
+            println!("{}", table_header());
+        }
         &mut |p| match p {
             Progress::Phase(phase) => print!("{}", phase_report(&phase)),
-            // Profiled, each row comes after some 35 lines of tables: its header again above it.
             Progress::Row(row) if take_profile.is_some() => {
                 println!("{}\n{}", table_header(), table_row(row, &weights, &machine, bf16_gemms))
             }

@@ -147,13 +147,15 @@ pub fn load_model_with_memory<B: Backend>(
     if let Some(dir) = ckpt.dir.clone() {
         let host = be.name() == "cpu";
         let bytes = ckpt.file_bytes()?;
-        let (memory, note) = resolve_weight_memory(memory, host, bytes, if host { be.free_memory() } else { None });
+        let asked = memory;
+        let (memory, note) = resolve_weight_memory(asked, host, bytes, if host { be.free_memory() } else { None });
         if let Some(note) = note {
             eprintln!("{note}");
         }
         ckpt = with_memory(&dir, ckpt, memory)?;
         if memory == WeightMemory::Resident {
-            eprintln!("weights: {} read into memory (--weight-memory resident)", human_bytes(bytes as usize));
+            let why = if asked == WeightMemoryArg::Auto { "auto: it fits the available memory" } else { "asked" };
+            eprintln!("weights: {} read into memory (--weight-memory resident, {why})", human_bytes(bytes as usize));
         }
         held = Some(memory);
     }

@@ -135,7 +135,8 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
 
     /// Bytes of device memory free now (what a fraction given to `--kv-cache-memory` is taken
-    /// of), or None when the backend cannot tell.
+    /// of, and on the CPU backend what `--weight-memory auto` checks the checkpoint against),
+    /// or None when the backend cannot tell.
     fn free_memory(&self) -> Option<usize> {
         None
     }

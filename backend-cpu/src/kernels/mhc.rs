@@ -1,7 +1,8 @@
 //! The mHC post-mapping of one token (spec §B.3), `X'_k = post_k · y + Σ_j comb[j, k] · X_j`,
 //! with the arithmetic of `Backend::hc_post`'s composition: the product `post_k · y` rounded,
 //! the mix one FMA chain over the streams `j` from `+0.0` (what the `gemm` crate's kernel does
-//! for the composition's 4×4 by 4×D products), then the sum of the two.
+//! for the composition's n×n by n×D products where [`same_as_gemm`] says so), then the sum of
+//! the two.
 //!
 //! The chain runs stream by stream over a whole output row (`mix[i] = fma(c, x_j[i], mix[i])`),
 //! which the compiler vectorises; compiled inside a `#[target_feature(enable = "fma")]` copy on
@@ -10,6 +11,31 @@
 //! composition). Same bits either way: `mul_add` is the fused operation on every path.
 
 use super::Isa;
+
+/// Whether the `gemm` crate (0.18) computes the composition's `[n, n] × [n, D]` product as one
+/// FMA chain per output over the `n` streams from `+0.0`, which is what [`post_token`]
+/// computes; the CPU backend's `hc_post` uses the kernel only then (mHC has n = 4). It does not:
+/// for D = 1 (another loop order); for n ≤ 2, which it sends to a plain `a · b + c` loop
+/// without FMA; for n > 512, which it splits into blocks of 512 summed apart; and on x86-64
+/// CPUs without FMA, where its scalar kernel multiplies and adds apart (found by review: the
+/// bits differed in each case; `tests/ops.rs` covers n = 3..8).
+pub(crate) fn same_as_gemm(n: usize, d: usize) -> bool {
+    let fma = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            true
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            false
+        }
+    };
+    fma && d >= 2 && (3..=512).contains(&n)
+}
 
 /// One token: `x` `[n, d]` (its streams), `y` `[d]`, `post` `[n]`, `comb` `[n, n]` (row `j`,
 /// column `k`), `out` `[n, d]`.
@@ -28,7 +54,8 @@ pub(crate) fn post_token(isa: Isa, x: &[f32], y: &[f32], post: &[f32], comb: &[f
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
             assert!(isa.is_supported(), "hc_post: this CPU does not support {}", isa.name());
-            // SAFETY: every set above Scalar includes FMA (`Isa` docs), checked just above.
+            // SAFETY: every set above Scalar includes AVX2 and FMA (`Isa` docs), checked just
+            // above.
             unsafe { post_fma(x, y, post, comb, out) }
         }
         _ => post_any(x, y, post, comb, out),
@@ -59,12 +86,9 @@ fn post_any(x: &[f32], y: &[f32], post: &[f32], comb: &[f32], out: &mut [f32]) {
         }
         let p = post[k];
         for (m, &v) in row.iter_mut().zip(y) {
-            // `p·v + mix` in the composition's operand order (the same sum either way, except
-            // which NaN payload survives when both are NaN).
-            #[allow(clippy::assign_op_pattern)]
-            {
-                *m = p * v + *m;
-            }
+            // `mix + p·v`: the same sum as the composition's `p·v + mix` (IEEE addition
+            // commutes; only which NaN payload survives may differ, which Rust leaves open).
+            *m += p * v;
         }
     }
 }
@@ -104,6 +128,26 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{} n={n} d={d}", isa.name());
             }
+        }
+    }
+
+    #[test]
+    fn the_kernel_is_used_only_where_gemm_sums_alike() {
+        let fma = cfg!(target_arch = "aarch64") || {
+            #[cfg(target_arch = "x86_64")]
+            {
+                std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        };
+        assert_eq!(same_as_gemm(4, 1024), fma);
+        assert_eq!(same_as_gemm(3, 2), fma);
+        assert_eq!(same_as_gemm(512, 7), fma);
+        for (n, d) in [(4, 1), (2, 1024), (1, 1024), (513, 1024), (0, 8)] {
+            assert!(!same_as_gemm(n, d), "n={n} d={d}");
         }
     }
 

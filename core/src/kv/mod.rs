@@ -19,7 +19,8 @@ pub use cache::{
 };
 pub use format::{KvDtype, RowFormat};
 
-/// `MemAvailable` of a `/proc/meminfo` text, in bytes (the CPU backend's free memory).
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes (the CPU backend's free memory caps it by
+/// the memory cgroup's headroom).
 pub fn mem_available(meminfo: &str) -> Option<usize> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let mut parts = line["MemAvailable:".len()..].split_whitespace();
