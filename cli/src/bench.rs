@@ -415,10 +415,12 @@ pub fn run<B: Backend>(
         }
         &mut |p| match p {
             Progress::Phase(phase) => print!("{}", phase_report(&phase)),
-            Progress::Row(row) if take_profile.is_some() => {
-                println!("{}\n{}", table_header(), table_row(row, &weights, &machine, bf16_gemms))
+            Progress::Row(row) => {
+                if take_profile.is_some() {
+                    println!("{}", table_header());
+                }
+                println!("{}", table_row(row, &weights, &machine, bf16_gemms))
             }
-            Progress::Row(row) => println!("{}", table_row(row, &weights, &machine, bf16_gemms)),
         }
     };
     let rows = time_contexts(

@@ -190,10 +190,7 @@ pub fn load_model_with_memory<B: Backend>(
 /// This process's anonymous memory on transparent huge pages (`AnonHugePages` of
 /// `/proc/self/smaps_rollup`), in bytes; None where that file does not exist (not Linux).
 pub fn anon_huge_page_bytes() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: usize = line["AnonHugePages:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
+    dsv4_core::kv::proc_bytes_field(&std::fs::read_to_string("/proc/self/smaps_rollup").ok()?, "AnonHugePages")
 }
 
 #[cfg(test)]
@@ -237,6 +234,8 @@ mod tests {
 
     #[test]
     fn huge_page_bytes_parse_where_linux_has_them() {
+        let rollup = "Rss:  5000 kB\nAnonHugePagesX:  1 kB\nAnonHugePages:  2048 kB\n";
+        assert_eq!(dsv4_core::kv::proc_bytes_field(rollup, "AnonHugePages"), Some(2 << 20));
         // Linux always has /proc/self/smaps_rollup with an AnonHugePages line (0 kB at least).
         if std::path::Path::new("/proc/self/smaps_rollup").exists() {
             assert!(anon_huge_page_bytes().is_some());

@@ -654,6 +654,11 @@ mod tests {
         assert_eq!(seen.last().unwrap().0, total);
     }
 
+    /// The error of opening `dir` held as `memory` (`what`: the failure expected).
+    fn open_err(dir: &std::path::Path, memory: WeightMemory, what: &str) -> String {
+        Checkpoint::open_with(dir, memory, &mut |_, _| {}).err().expect(what).to_string()
+    }
+
     /// A mapped open never reports progress; a resident one of a directory with a bad shard
     /// fails with the error the mapped open gives.
     #[test]
@@ -666,19 +671,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}").unwrap();
         std::fs::write(dir.join("empty.safetensors"), b"").unwrap();
-        let mapped = Checkpoint::open(&dir).err().expect("a corrupt header").to_string();
-        let resident = Checkpoint::open_with(&dir, WeightMemory::Resident, &mut |_, _| {})
-            .err()
-            .expect("a corrupt header")
-            .to_string();
-        assert_eq!(mapped, resident);
-        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-        let mapped = Checkpoint::open(&dir).err().expect("an empty file").to_string();
-        let resident = Checkpoint::open_with(&dir, WeightMemory::Resident, &mut |_, _| {})
-            .err()
-            .expect("an empty file")
-            .to_string();
-        assert_eq!(mapped, resident);
+        for what in ["a corrupt header", "an empty file"] {
+            let mapped = Checkpoint::open(&dir).err().expect(what).to_string();
+            assert_eq!(mapped, open_err(&dir, WeightMemory::Resident, what));
+            // Then the empty file alone.
+            let _ = std::fs::remove_file(dir.join("model.safetensors"));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -692,13 +690,13 @@ mod tests {
         let fifo = dir.join("b.safetensors");
         let made_fifo = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
         for memory in [WeightMemory::Mapped, WeightMemory::Resident] {
-            let e = Checkpoint::open_with(&dir, memory, &mut |_, _| {}).err().expect("a directory").to_string();
+            let e = open_err(&dir, memory, "a directory");
             assert!(e.contains("a.safetensors is not a regular file"), "{e}");
         }
         if made_fifo {
             std::fs::remove_dir(dir.join("a.safetensors")).unwrap();
             for memory in [WeightMemory::Mapped, WeightMemory::Resident] {
-                let e = Checkpoint::open_with(&dir, memory, &mut |_, _| {}).err().expect("a FIFO").to_string();
+                let e = open_err(&dir, memory, "a FIFO");
                 assert!(e.contains("b.safetensors is not a regular file"), "{e}");
             }
         }

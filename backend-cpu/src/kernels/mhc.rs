@@ -20,21 +20,23 @@ use super::Isa;
 /// CPUs without FMA, where its scalar kernel multiplies and adds apart (found by review: the
 /// bits differed in each case; `tests/ops.rs` covers n = 3..8).
 pub(crate) fn same_as_gemm(n: usize, d: usize) -> bool {
-    let fma = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            true
-        }
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        {
-            false
-        }
-    };
-    fma && d >= 2 && (3..=512).contains(&n)
+    gemm_fuses() && d >= 2 && (3..=512).contains(&n)
+}
+
+/// Whether the `gemm` crate's kernels multiply-add fused on this CPU: x86-64 with FMA, aarch64.
+fn gemm_fuses() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        true
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
 }
 
 /// One token: `x` `[n, d]` (its streams), `y` `[d]`, `post` `[n]`, `comb` `[n, n]` (row `j`,
@@ -133,16 +135,7 @@ mod tests {
 
     #[test]
     fn the_kernel_is_used_only_where_gemm_sums_alike() {
-        let fma = cfg!(target_arch = "aarch64") || {
-            #[cfg(target_arch = "x86_64")]
-            {
-                std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                false
-            }
-        };
+        let fma = gemm_fuses();
         assert_eq!(same_as_gemm(4, 1024), fma);
         assert_eq!(same_as_gemm(3, 2), fma);
         assert_eq!(same_as_gemm(512, 7), fma);

@@ -22,8 +22,14 @@ pub use format::{KvDtype, RowFormat};
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes (the CPU backend's free memory caps it by
 /// the memory cgroup's headroom).
 pub fn mem_available(meminfo: &str) -> Option<usize> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let mut parts = line["MemAvailable:".len()..].split_whitespace();
+    proc_bytes_field(meminfo, "MemAvailable")
+}
+
+/// The value of the `field: N [kB]` line of a `/proc` text (`/proc/meminfo`,
+/// `/proc/self/smaps_rollup`), in bytes; None when the line is missing, malformed or overflows.
+pub fn proc_bytes_field(text: &str, field: &str) -> Option<usize> {
+    let line = text.lines().find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))?;
+    let mut parts = line[field.len() + 1..].split_whitespace();
     let value: usize = parts.next()?.parse().ok()?;
     let scale = match parts.next() {
         None => 1,
