@@ -8,6 +8,7 @@
 //! as the composition computes it (the same `linear` blocks, the same elementwise formulas, the
 //! same ascending-expert summation), so the results are identical, bit for bit.
 
+use dsv4_core::act_quant::{fake_quant_rows, FakeQuant};
 use dsv4_core::backend::ExpertWeights;
 use dsv4_core::precision::{round_bf16, Precision};
 use ndarray::ArrayView2;
@@ -18,11 +19,16 @@ use crate::storage::CpuWeight;
 
 /// One expert applied to `m` rows of `x` (`[m, k]`, row-major).
 pub(crate) struct FfnJob<'a> {
+    /// Already e4m3-quantised where the official quantisation applies (the caller's job: the
+    /// quantisation of a row does not depend on the expert).
     pub x: &'a [f32],
     /// Every value of `x` is a BF16 value (`CpuTensor::bf16`).
     pub x_bf16: bool,
     pub m: usize,
     pub expert: &'a ExpertWeights<CpuWeight>,
+    /// Under the official quantisation, each row's routing weight, applied to the SwiGLU output
+    /// before w2 (`composed::expert_ffn_weighted`); None otherwise.
+    pub row_weights: Option<&'a [f32]>,
 }
 
 /// Clamped SwiGLU of one value pair, as `Backend::swiglu`'s composition computes it:
@@ -92,9 +98,10 @@ fn view(x: &[f32], m: usize, k: usize) -> ArrayView2<'_, f32> {
     ArrayView2::from_shape((m, k), x).expect("expert input shape")
 }
 
-/// `w2 · swiglu(w1·x, w3·x)` for every job, `[m, d]` each (d = rows of `w2`). With `act`
-/// = bf16 the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16, as the composition
-/// (`Backend::expert_ffn`) rounds them.
+/// `w2 · swiglu(w1·x, w3·x)` for every job, `[m, d]` each (d = rows of `w2`). Where `act`
+/// rounds to BF16 the outputs of w1, w3, the SwiGLU (times the row weight, if any) and w2 are
+/// rounded, and where it simulates the official quantisation w2's input is e4m3-quantised on
+/// low-bit experts, as the composition (`composed::expert_ffn_weighted`) does.
 pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Vec<f32>> {
     let bf16 = act.rounds_to_bf16();
     let round = |v: f32| if bf16 { round_bf16(v) } else { v };
@@ -107,10 +114,26 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         let x = view(job.x, job.m, job.expert.w1.cols);
         let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n, &mut scratch);
         let u = linear_block(x, job.x_bf16, &job.expert.w3, start, n, &mut scratch);
-        let h: Vec<f32> = g.iter().zip(u.iter()).map(|(&g, &u)| round(swiglu(round(g), round(u), limit))).collect();
+        let h: Vec<f32> = g
+            .iter()
+            .zip(u.iter())
+            .enumerate()
+            .map(|(i, (&g, &u))| {
+                let v = swiglu(round(g), round(u), limit);
+                round(match job.row_weights {
+                    Some(w) => v * w[i / n],
+                    None => v,
+                })
+            })
+            .collect();
         (j, start, h)
     });
-    let hidden = assemble(jobs, |j| j.expert.w1.rows, parts);
+    let mut hidden = assemble(jobs, |j| j.expert.w1.rows, parts);
+    for (job, h) in jobs.iter().zip(hidden.iter_mut()) {
+        if act.simulates_quant() && job.expert.low_bit {
+            fake_quant_rows(h, job.expert.w1.rows, FakeQuant::LINEAR_INPUT);
+        }
+    }
     // Pass 2: the outputs, one block of w2 rows per item.
     let items = blocks(jobs, |j| j.expert.w2.rows);
     let work: usize = jobs.iter().map(|j| j.m * j.expert.w2.cols * j.expert.w2.rows).sum();

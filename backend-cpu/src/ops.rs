@@ -1,6 +1,9 @@
 //! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
 
-use dsv4_core::backend::{composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
+use dsv4_core::act_quant::{fake_quant_row, fake_quant_rows, hadamard_row};
+use dsv4_core::backend::{
+    composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, FakeQuant, ReduceOp, RowFormat, UnaryOp,
+};
 use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::error::{Error, Result};
 use dsv4_core::precision::{round_bf16, Precision};
@@ -468,6 +471,27 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, round_bf16)).with_bf16(true))
     }
 
+    /// `act_quant::fake_quant_rows` in place of the composition's download and upload; the
+    /// result keeps `x`'s BF16 flag (quantised values of BF16 values are BF16 values, and
+    /// keeping the flag makes the following GEMM the one the composition's consumer would get
+    /// from this backend's own ops).
+    fn fake_quant(&self, x: &CpuTensor, q: FakeQuant) -> Result<CpuTensor> {
+        checks::unary(self.name(), &x.shape)?;
+        let width = x.shape.last().copied().unwrap_or(1);
+        let mut data = x.data.to_vec();
+        par::chunks_mut(&mut data, width.max(1), 8 * x.numel(), |_, row| fake_quant_row(row, q));
+        Ok(CpuTensor::new(x.shape.clone(), data).with_bf16(x.bf16))
+    }
+
+    fn hadamard(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        checks::unary(self.name(), &x.shape)?;
+        let width = x.shape.last().copied().unwrap_or(1).max(1);
+        let mut data = x.data.to_vec();
+        let work = 2 * x.numel() * width.next_power_of_two().ilog2().max(1) as usize;
+        par::chunks_mut(&mut data, width, work, |_, row| hadamard_row(row));
+        Ok(CpuTensor::new(x.shape.clone(), data))
+    }
+
     fn reduce(&self, x: &CpuTensor, axis: usize, op: ReduceOp) -> Result<CpuTensor> {
         let shape = checks::reduce(self.name(), &x.shape, axis)?;
         let v = x.view();
@@ -669,7 +693,8 @@ impl Backend for CpuBackend {
         checks::linear(self.name(), &x.shape, &e.w3.shape)?;
         let shape = checks::linear(self.name(), &hidden, &e.w2.shape)?;
         let m = x.numel() / e.w1.cols.max(1);
-        let job = FfnJob { x: &x.data, x_bf16: x.bf16, m, expert: e };
+        let xq = quantised_input(x, act, e.low_bit);
+        let job = FfnJob { x: xq.as_deref().unwrap_or(&x.data), x_bf16: x.bf16, m, expert: e, row_weights: None };
         let y = expert_ffns(&[job], limit, act).pop().expect("one job");
         Ok(CpuTensor::new(shape, y).with_bf16(act.rounds_to_bf16()))
     }
@@ -826,18 +851,34 @@ impl Backend for CpuBackend {
             }
             routed.push((e, slots.iter().map(|&s| s / k).collect(), slots));
         }
+        // Under the official quantisation each row is quantised once, for every low-bit expert,
+        // and the routing weights multiply the SwiGLU outputs before w2 (then not again below).
+        let official = act.simulates_quant();
+        let xq = quantised_input(x, act, routed.iter().any(|(e, _, _)| experts[*e].low_bit));
         let gathered: Vec<Vec<f32>> = routed
             .iter()
-            .map(|(_, rows, _)| {
+            .map(|(e, rows, _)| {
+                let src = if experts[*e].low_bit { xq.as_deref().unwrap_or(&x.data) } else { &x.data };
                 let mut g = Vec::with_capacity(rows.len() * d);
-                rows.iter().for_each(|&r| g.extend_from_slice(&x.data[r * d..(r + 1) * d]));
+                rows.iter().for_each(|&r| g.extend_from_slice(&src[r * d..(r + 1) * d]));
                 g
             })
+            .collect();
+        let row_weights: Vec<Vec<f32>> = routed
+            .iter()
+            .map(|(_, _, slots)| if official { slots.iter().map(|&s| weights.data[s]).collect() } else { vec![] })
             .collect();
         let jobs: Vec<FfnJob> = routed
             .iter()
             .zip(&gathered)
-            .map(|((e, rows, _), xs)| FfnJob { x: xs, x_bf16: x.bf16, m: rows.len(), expert: &experts[*e] })
+            .zip(&row_weights)
+            .map(|(((e, rows, _), xs), w)| FfnJob {
+                x: xs,
+                x_bf16: x.bf16,
+                m: rows.len(),
+                expert: &experts[*e],
+                row_weights: official.then_some(&w[..]),
+            })
             .collect();
         let ys = expert_ffns(&jobs, limit, act);
         // Each token's (expert output row, weight) pairs in ascending expert order, the order
@@ -845,7 +886,7 @@ impl Backend for CpuBackend {
         let mut per_token: Vec<Vec<(&[f32], f32)>> = vec![Vec::new(); t];
         for ((_, rows, slots), y) in routed.iter().zip(&ys) {
             for (i, (&r, &s)) in rows.iter().zip(slots).enumerate() {
-                per_token[r].push((&y[i * d..(i + 1) * d], weights.data[s]));
+                per_token[r].push((&y[i * d..(i + 1) * d], if official { 1.0 } else { weights.data[s] }));
             }
         }
         let mut out = vec![0f32; t * d];
@@ -862,6 +903,17 @@ impl Backend for CpuBackend {
         let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
         Ok(CpuIndex::new(idx.shape.clone(), data))
     }
+}
+
+/// `x`'s values e4m3-quantised per row (blocks of 128) when `act` simulates the official
+/// quantisation and the weights are low-bit (`Precision::linear_input` without the tensor
+/// round trip); None when the input goes in unchanged.
+fn quantised_input(x: &CpuTensor, act: Precision, low_bit: bool) -> Option<Vec<f32>> {
+    (act.simulates_quant() && low_bit).then(|| {
+        let mut data = x.data.to_vec();
+        fake_quant_rows(&mut data, x.shape.last().copied().unwrap_or(1), FakeQuant::LINEAR_INPUT);
+        data
+    })
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ fn routed_experts_prefill() {
             w1: fp4(&mut seed, inter, d),
             w2: fp4(&mut seed, d, inter),
             w3: fp4(&mut seed, inter, d),
+            low_bit: true,
         })
         .collect();
     let xs: Vec<f32> = (0..t * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
@@ -81,6 +82,7 @@ fn routed_experts_throughput() {
                     w1: fp4(&mut seed, inter, d),
                     w2: fp4(&mut seed, d, inter),
                     w3: fp4(&mut seed, inter, d),
+                    low_bit: true,
                 })
                 .collect()
         })

@@ -390,7 +390,7 @@ pub fn run<B: Backend>(
     let (model, held) = crate::load::load_model_with_memory(be, spec, kv.precision, kv.weight_memory)?;
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
     let bf16_gemms =
-        kv.precision == Precision::Bf16 && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
+        kv.precision.rounds_to_bf16() && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
     let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
     let kv_description = kv_args::describe(&cfg, &config);
     let progress: &mut dyn FnMut(Progress) = if opts.json {
@@ -427,7 +427,7 @@ pub fn run<B: Backend>(
         be,
         &model,
         config,
-        kv.kv_dtype,
+        kv.kv_dtype(),
         &weights,
         &contexts,
         opts.decode_steps,

@@ -40,7 +40,7 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
         kv.config_for_run(be, &model.cfg, ids.len(), ids.len())?;
     }
     let mut tr = Trace::default();
-    let logits = model.forward_with(be, &Batch::prefill(&[ids])?, kv.kv_dtype, Some(&mut tr))?;
+    let logits = model.forward_with(be, &Batch::prefill(&[ids])?, kv.kv_dtype(), Some(&mut tr))?;
     let mut blocks = vec![];
     if let Some(e) = &tr.embed {
         blocks.push(BlockOutput { name: "embedding".into(), values: be.download(e)?, picks: None });
@@ -149,11 +149,12 @@ fn report(
 /// The default `--tolerance` of a precision: f32 backends agree to a few f32 ulps carried
 /// through the layers; in bf16 one value rounded to the other BF16 neighbour differs by a BF16
 /// ulp (2^-7 to 2^-6 of itself), and a few such flips per block are expected between any two
-/// backends.
+/// backends; under the official quantisation a value two backends place on either side of an
+/// e4m3 rounding tie differs by an e4m3 ulp (2^-4 to 2^-3 of itself) instead, rarer but larger.
 pub fn default_tolerance(precision: Precision) -> f64 {
     match precision {
         Precision::F32 => 1e-4,
-        Precision::Bf16 => 5e-2,
+        Precision::Bf16 | Precision::Official | Precision::OfficialF32 => 5e-2,
     }
 }
 
@@ -171,7 +172,7 @@ pub fn run(
     let (cfg, _) = crate::load::open(spec)?;
     let ids =
         ids.unwrap_or_else(|| (0..200u64).map(|i| (((i * 2654435761) >> 7) % cfg.vocab_size as u64) as u32).collect());
-    println!("precision: {}, decoding state: {} rows", kv.precision, kv.kv_dtype);
+    println!("precision: {}, decoding state: {} rows", kv.precision, kv.kv_dtype());
     let mut runs = vec![];
     for &b in backends {
         runs.push(with_backend!(b, |be| trace(be, spec, &ids, kv))?);
@@ -199,18 +200,18 @@ pub fn run(
     if worst > tolerance {
         let hint = if kv.precision != Precision::F32 {
             format!(
-                " (in {}, a value the backends round to different neighbours differs by a BF16 ulp, and where \
+                " (in {}, a value the backends round to different neighbours differs by a BF16 or e4m3 ulp, and where \
                  that changes a top-k selection (flagged above) the blocks after it diverge further, most on random-\
                  weight models; compare at --precision f32 for a kernel check, or raise --tolerance)",
                 kv.precision
             )
-        } else if kv.kv_dtype == dsv4_core::kv::KvDtype::F32 {
+        } else if kv.kv_dtype() == dsv4_core::kv::KvDtype::F32 {
             String::new()
         } else {
             format!(
                 " (with --kv-dtype {}, backends that differ in the last f32 bit can round a stored value differently, \
                  which top-k selections then amplify; compare at --kv-dtype f32 for a kernel check, or raise --tolerance)",
-                kv.kv_dtype
+                kv.kv_dtype()
             )
         };
         bail!("backends disagree: worst relative difference {worst:.3e} > tolerance {tolerance:.1e}{hint}");

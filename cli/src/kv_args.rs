@@ -18,18 +18,22 @@ use dsv4_core::{Backend, ModelConfig, Precision};
 /// The numerics and decoding-state flags, flattened into every command that runs the model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct KvArgs {
-    /// Activation precision: f32 (every activation f32, the conformance reference) or bf16
+    /// Activation precision: f32 (every activation f32, the conformance reference); bf16
     /// (what a production deployment computes: BF16 residual stream and sub-layer inputs and
-    /// outputs, f32 accumulation, f32 norms, router and mHC; see docs/precision.md for the
-    /// rounding points and the accuracy budget against f32). Weights are used in their stored
-    /// form either way.
-    #[arg(long, value_name = "f32|bf16", default_value = "f32")]
+    /// outputs, f32 accumulation, f32 norms, router and mHC); official (bf16 plus the official
+    /// inference's quantisation simulation: e4m3 inputs of FP8/FP4 matrices, Hadamard + FP4
+    /// indexer queries and keys, fp8 KV rows); official-f32 (that simulation on f32
+    /// activations). See docs/precision.md for the rounding points and the accuracy budgets.
+    /// Weights are used in their stored form in every mode.
+    #[arg(long, value_name = "f32|bf16|official|official-f32", default_value = "f32")]
     pub precision: Precision,
     /// Row format of the decoding state: f32 (the conformance reference), bf16, or fp8 (the
     /// official inference's KV numerics for attention rows: e4m3 with one power-of-two scale per
     /// 64 channels, rotary channels bf16; 584 bytes per V4 row instead of 2048; indexer keys bf16).
-    #[arg(long, value_name = "f32|bf16|fp8", default_value = "f32")]
-    pub kv_dtype: KvDtype,
+    /// Default: fp8 with --precision official / official-f32 (whose KV rows are quantised as
+    /// fp8 rows anyway: f32 or bf16 states hold the same values in more memory), else f32.
+    #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
+    pub kv_dtype_arg: Option<KvDtype>,
     /// Memory for the decoding state: bytes with an optional unit (8GiB, 512MiB, 2G, 1000000;
     /// K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000), or a
     /// fraction in (0, 1] of the memory free once the weights are loaded (0.5). Default: exactly
@@ -135,6 +139,12 @@ pub fn budget_for_tokens(cfg: &ModelConfig, dtype: KvDtype, tokens: usize, max_s
 }
 
 impl KvArgs {
+    /// The decoding state's row format: `--kv-dtype`, or the precision's own
+    /// ([`Precision::kv_dtype`]).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype_arg.unwrap_or(self.precision.kv_dtype())
+    }
+
     /// The budget in bytes when `--kv-cache-memory` is given.
     fn budget<B: Backend>(&self, be: &B) -> Result<Option<usize>> {
         self.kv_cache_memory.map(|m| m.resolve(|| free_memory(be))).transpose()
@@ -150,8 +160,8 @@ impl KvArgs {
         max_step: usize,
     ) -> Result<KvConfig> {
         let config = match self.budget(be)? {
-            None => KvConfig::for_sequences(cfg, self.kv_dtype, 1, tokens, max_step),
-            Some(bytes) => KvConfig::for_budget(cfg, self.kv_dtype, bytes, 1, max_step)?,
+            None => KvConfig::for_sequences(cfg, self.kv_dtype(), 1, tokens, max_step),
+            Some(bytes) => KvConfig::for_budget(cfg, self.kv_dtype(), bytes, 1, max_step)?,
         };
         // Refuse up front rather than fail midway through the run.
         if let Some(cap) = config.token_capacity(cfg).filter(|&cap| cap < tokens.min(cfg.max_position_embeddings)) {
@@ -170,7 +180,7 @@ impl KvArgs {
         let bytes = match self.budget(be)? {
             Some(b) => b,
             None => {
-                let need = budget_for_tokens(cfg, self.kv_dtype, cfg.max_position_embeddings, max_step);
+                let need = budget_for_tokens(cfg, self.kv_dtype(), cfg.max_position_embeddings, max_step);
                 match free_memory(be) {
                     Ok(free) => need.min(free / 2),
                     Err(e) => {
@@ -180,7 +190,7 @@ impl KvArgs {
                 }
             }
         };
-        Ok(KvConfig::for_budget(cfg, self.kv_dtype, bytes, 1, max_step)?)
+        Ok(KvConfig::for_budget(cfg, self.kv_dtype(), bytes, 1, max_step)?)
     }
 }
 
@@ -275,7 +285,7 @@ mod tests {
         let cfg = tiny();
         let args = KvArgs {
             precision: Precision::F32,
-            kv_dtype: KvDtype::Fp8,
+            kv_dtype_arg: Some(KvDtype::Fp8),
             kv_cache_memory: Some(MemorySize::Bytes(1000)),
             weight_memory: Default::default(),
         };
@@ -289,7 +299,7 @@ mod tests {
         let cfg = tiny();
         let args = KvArgs {
             precision: Precision::F32,
-            kv_dtype: KvDtype::Bf16,
+            kv_dtype_arg: Some(KvDtype::Bf16),
             kv_cache_memory: None,
             weight_memory: Default::default(),
         };

@@ -27,6 +27,7 @@
 
 use std::ops::Range;
 
+pub use crate::act_quant::FakeQuant;
 use crate::config::ScoringFunc;
 use crate::error::{Error, Result};
 pub use crate::kv::format::RowFormat;
@@ -116,6 +117,9 @@ pub struct ExpertWeights<W> {
     pub w1: W,
     pub w2: W,
     pub w3: W,
+    /// The checkpoint stores the three FP8 or FP4: under the official quantisation
+    /// ([`Precision::simulates_quant`]) their inputs are e4m3-quantised (spec §B.8).
+    pub low_bit: bool,
 }
 
 pub trait Backend: Send + Sync {
@@ -188,6 +192,20 @@ pub trait Backend: Send + Sync {
     /// cast to BF16 and back, per value exactly [`crate::precision::round_bf16`]. The rounding
     /// points of the `bf16` precision ([`crate::precision`]) call it.
     fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The official inference's quantise-dequantise step (spec §B.8, [`crate::act_quant`]) on
+    /// every row of x `[.., K]`: blocks of `q.block()` values, one power-of-two scale each,
+    /// values rounded to e4m3 or e2m1 and scaled back. Same shape. The default runs
+    /// [`crate::act_quant::fake_quant_rows`] on the host (its definition).
+    fn fake_quant(&self, x: &Self::Tensor, q: FakeQuant) -> Result<Self::Tensor> {
+        composed::fake_quant(self, x, q)
+    }
+    /// The normalised Walsh–Hadamard transform of every row of x `[.., d]`
+    /// ([`crate::act_quant::hadamard_row`]: the official `rotate_activation`; a `d` that is not
+    /// a power of two is zero-padded to the next and cut back). Same shape. The default runs on
+    /// the host (its definition).
+    fn hadamard(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        composed::hadamard(self, x)
+    }
     /// Reduction over `axis`, which is kept with size 1.
     fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor>;
     /// Numerically stable softmax over `axis` (`-inf` entries get weight 0).
@@ -381,9 +399,10 @@ pub trait Backend: Send + Sync {
         self.binary(&self.unary(&g, UnaryOp::Silu)?, &u, BinaryOp::Mul)
     }
 
-    /// One expert on a batch of rows: `w2 · swiglu(w1·x, w3·x)`. With `act` =
-    /// [`Precision::Bf16`] the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16
-    /// ([`crate::precision`]).
+    /// One expert on a batch of rows: `w2 · swiglu(w1·x, w3·x)`. Where `act` rounds to BF16,
+    /// the outputs of w1, w3, the SwiGLU and w2 are rounded ([`crate::precision`]); where it
+    /// simulates the official quantisation, the inputs of w1/w3 and of w2 are e4m3-quantised
+    /// when the expert is low-bit ([`composed::expert_ffn_weighted`]).
     fn expert_ffn(
         &self,
         x: &Self::Tensor,
@@ -391,10 +410,7 @@ pub trait Backend: Send + Sync {
         limit: f32,
         act: Precision,
     ) -> Result<Self::Tensor> {
-        let g = act.act_of(self, self.linear(x, &e.w1))?;
-        let u = act.act_of(self, self.linear(x, &e.w3))?;
-        let h = act.act_of(self, self.swiglu(&g, &u, limit))?;
-        act.act_of(self, self.linear(&h, &e.w2))
+        composed::expert_ffn_weighted(self, x, e, limit, act, None)
     }
 
     /// MoE routing (spec §B.5 steps 1-3): router logits `[T, E]` → (expert ids `[T, k]`,
@@ -417,8 +433,10 @@ pub trait Backend: Send + Sync {
 
     /// Routed experts: x `[T, D]`, `expert_ids` `[T, k]` (host), weights `[T, k]`.
     /// Returns `Σ_j weights[t, j] · expert_{ids[t, j]}(x_t)`, summed in ascending expert id
-    /// (transformers' eager order: weight applied after w2) in f32; each expert as
-    /// [`Self::expert_ffn`] with `act`.
+    /// in f32; each expert as [`Self::expert_ffn`] with `act`. The weight is applied after w2
+    /// (transformers' eager order), except where `act` simulates the official quantisation:
+    /// there, as in the official `Expert.forward`, it multiplies the SwiGLU output before w2
+    /// (and before w2's input quantisation), [`composed::expert_ffn_weighted`].
     fn moe_experts(
         &self,
         x: &Self::Tensor,
@@ -444,6 +462,47 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::expert_ffn`], and of a routed expert under the official
+    /// quantisation (`row_weights` `[n, 1]`: each row's routing weight, applied before w2):
+    /// `g = w1·q(x)`, `u = w3·q(x)`, `h = swiglu(g, u)` (times the row weight), `w2·q(h)`, with
+    /// `q` = [`Precision::linear_input`] (identity unless `act` simulates the quantisation and the
+    /// expert is low-bit) and `act`'s BF16 rounding of g, u, h and the output.
+    pub fn expert_ffn_weighted<B: Backend + ?Sized>(
+        be: &B,
+        x: &B::Tensor,
+        e: &ExpertWeights<B::Weight>,
+        limit: f32,
+        act: Precision,
+        row_weights: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let x = act.linear_input(be, x, e.low_bit)?;
+        let g = act.act_of(be, be.linear(&x, &e.w1))?;
+        let u = act.act_of(be, be.linear(&x, &e.w3))?;
+        let h = be.swiglu(&g, &u, limit)?;
+        let h = match row_weights {
+            Some(w) => be.binary(&h, w, BinaryOp::Mul)?,
+            None => h,
+        };
+        let h = act.linear_input(be, &act.act(be, &h)?, e.low_bit)?;
+        act.act_of(be, be.linear(&h, &e.w2))
+    }
+
+    /// The definition of [`Backend::fake_quant`]: the rows on the host.
+    pub fn fake_quant<B: Backend + ?Sized>(be: &B, x: &B::Tensor, q: FakeQuant) -> Result<B::Tensor> {
+        let width = x.shape().last().copied().unwrap_or(1);
+        let mut data = be.download(x)?;
+        crate::act_quant::fake_quant_rows(&mut data, width, q);
+        be.upload(&data, x.shape())
+    }
+
+    /// The definition of [`Backend::hadamard`]: the rows on the host.
+    pub fn hadamard<B: Backend + ?Sized>(be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let width = x.shape().last().copied().unwrap_or(1).max(1);
+        let mut data = be.download(x)?;
+        data.chunks_mut(width).for_each(crate::act_quant::hadamard_row);
+        be.upload(&data, x.shape())
     }
 
     /// The definition of [`Backend::hc_pre`].
@@ -575,9 +634,13 @@ pub mod composed {
             let rows = be.upload_index(&rows, &[slots.len()])?;
             let slots = be.upload_index(&slots, &[slots.len()])?;
             let xe = be.index_select(x, &rows)?;
-            let ye = be.expert_ffn(&xe, ew, limit, act)?;
             let we = be.index_select(&flat_w, &slots)?; // [n_e, 1]
-            out = be.index_add(&out, &rows, &be.binary(&ye, &we, BinaryOp::Mul)?)?;
+            let ye = if act.simulates_quant() {
+                expert_ffn_weighted(be, &xe, ew, limit, act, Some(&we))?
+            } else {
+                be.binary(&be.expert_ffn(&xe, ew, limit, act)?, &we, BinaryOp::Mul)?
+            };
+            out = be.index_add(&out, &rows, &ye)?;
         }
         Ok(out)
     }

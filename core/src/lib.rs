@@ -3,6 +3,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod act_quant;
 pub mod backend;
 pub mod backend_checks;
 pub mod builtin;

@@ -28,10 +28,26 @@
 //!
 //! Not rounded in `bf16` (f32 as in §B.7): the compressor's `wkv`/`wgate` projections (the
 //! official code computes them in fp32 from an fp32 copy of x), the router logits and weights,
-//! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8: part of
-//! the future `official` mode), attention probabilities (the official kernel casts them to BF16
+//! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8; f32 in
+//! every dsv4 mode so far), attention probabilities (the official kernel casts them to BF16
 //! before P·V; dsv4's fused attention keeps them f32), the hc_head collapse before the final
 //! norm, and the logits.
+//!
+//! # The official quantisation simulation
+//!
+//! [`Precision::Official`] (`bf16` plus it) and [`Precision::OfficialF32`] (on f32 activations)
+//! add what DeepSeek's own inference computes on top of its BF16 activations (spec §B.8,
+//! [`crate::act_quant`]):
+//!
+//! | where | what |
+//! |---|---|
+//! | input of every linear whose checkpoint weight is FP8 or FP4 (`wq_a`, `wq_b`, `wkv`, `wo_b`, the indexer's `wq_b`, every expert's `w1`/`w3`/`w2`), not `wo_a` (the official conversion stores it BF16) | e4m3 per 128 values with a power-of-two scale |
+//! | routed experts | the routing weight multiplies the SwiGLU output before `w2` (official `Expert.forward`), so `w2`'s input is `q(round(h·g))` |
+//! | window KV rows and attention-compressor entries, before they are stored | e4m3 per 64 non-rope channels, rope channels BF16: the `fp8` row format's round trip (so any state format holds them exactly; `fp8` is the default) |
+//! | the indexer's queries (after RoPE) and keys (compressor entries after norm and RoPE) | normalised Hadamard transform per head, then e2m1 per 32 values with a power-of-two scale |
+//!
+//! Which linears quantise their input is decided by the checkpoint's stored dtype, as in the
+//! official `linear()`: a BF16 checkpoint gets the KV and indexer steps only.
 
 use std::fmt;
 use std::str::FromStr;
@@ -45,23 +61,49 @@ pub enum Precision {
     F32,
     /// BF16 activations between ops, f32 accumulation, f32 norms/router/mHC (spec §B.7).
     Bf16,
+    /// `Bf16` plus the official inference's quantisation simulation (spec §B.8,
+    /// [`crate::act_quant`]): what DeepSeek's own code computes.
+    Official,
+    /// The quantisation simulation of `Official` on f32 activations: no BF16 rounding, so an
+    /// f32 engine and a float64 reference agree to ~1e-6 and the simulation itself can be
+    /// checked against fixtures; also tells the quantisation's effect apart from BF16's.
+    OfficialF32,
 }
 
 impl Precision {
     /// Every mode, in the order `--help` lists them.
-    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+    pub const ALL: [Precision; 4] = [Precision::F32, Precision::Bf16, Precision::Official, Precision::OfficialF32];
 
     /// The name `--precision` takes.
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Official => "official",
+            Precision::OfficialF32 => "official-f32",
         }
     }
 
     /// Whether activations are rounded to BF16 at the rounding points.
     pub fn rounds_to_bf16(self) -> bool {
-        self != Precision::F32
+        matches!(self, Precision::Bf16 | Precision::Official)
+    }
+
+    /// Whether the official quantisation simulation runs (spec §B.8): e4m3 inputs of FP8/FP4
+    /// linears, the routing weight applied before an expert's w2, the indexer's Hadamard +
+    /// e2m1 queries and keys, and fp8-quantised KV rows.
+    pub fn simulates_quant(self) -> bool {
+        matches!(self, Precision::Official | Precision::OfficialF32)
+    }
+
+    /// The decoding state's row format this mode implies when none is chosen: under the official
+    /// quantisation `fp8` (its rows are fp8-quantised anyway, so it loses nothing), else `f32`.
+    pub fn kv_dtype(self) -> crate::kv::KvDtype {
+        if self.simulates_quant() {
+            crate::kv::KvDtype::Fp8
+        } else {
+            crate::kv::KvDtype::F32
+        }
     }
 
     /// `x` rounded to BF16 when this mode rounds activations, else `x` unchanged (a clone of
@@ -83,6 +125,22 @@ impl Precision {
             Ok(x)
         }
     }
+
+    /// The input of a linear as this mode feeds it: e4m3-quantised in blocks of 128
+    /// ([`crate::act_quant::FakeQuant::LINEAR_INPUT`]) when the quantisation is simulated and
+    /// the weight is stored FP8/FP4 in the checkpoint (`low_bit`), else `x` itself.
+    pub fn linear_input<B: crate::Backend + ?Sized>(
+        self,
+        be: &B,
+        x: &B::Tensor,
+        low_bit: bool,
+    ) -> crate::Result<B::Tensor> {
+        if self.simulates_quant() && low_bit {
+            be.fake_quant(x, crate::act_quant::FakeQuant::LINEAR_INPUT)
+        } else {
+            Ok(x.clone())
+        }
+    }
 }
 
 impl fmt::Display for Precision {
@@ -96,11 +154,6 @@ impl FromStr for Precision {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if s.eq_ignore_ascii_case("official") {
-            return Err("--precision official (bf16 plus the official FP8/FP4 activation quantisation of spec §B.8) \
-                        is not implemented yet; use f32 or bf16"
-                .into());
-        }
         Precision::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
             let names: Vec<&str> = Precision::ALL.iter().map(|p| p.name()).collect();
             format!("unknown precision {s:?}; expected one of {}", names.join(", "))
@@ -126,13 +179,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_parse_and_official_says_it_is_not_there_yet() {
+    fn names_parse() {
         for p in Precision::ALL {
             assert_eq!(p.name().parse::<Precision>(), Ok(p));
         }
         assert_eq!(" BF16 ".parse::<Precision>(), Ok(Precision::Bf16));
-        assert!("official".parse::<Precision>().unwrap_err().contains("not implemented yet"));
-        assert!("fp16".parse::<Precision>().unwrap_err().contains("f32, bf16"));
+        assert_eq!("Official".parse::<Precision>(), Ok(Precision::Official));
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("f32, bf16, official, official-f32"));
+        assert!(Precision::Official.rounds_to_bf16() && Precision::Official.simulates_quant());
+        assert!(!Precision::OfficialF32.rounds_to_bf16() && Precision::OfficialF32.simulates_quant());
         assert_eq!(Precision::default(), Precision::F32);
     }
 

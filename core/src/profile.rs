@@ -26,7 +26,7 @@ use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, ReduceOp, RowFormat, UnaryOp};
+use crate::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, FakeQuant, ReduceOp, RowFormat, UnaryOp};
 use crate::config::ScoringFunc;
 use crate::error::Result;
 use crate::precision::Precision;
@@ -212,6 +212,8 @@ profiled_backend! {
     timed fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
     timed fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor>;
     timed fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    timed fn fake_quant(&self, x: &Self::Tensor, q: FakeQuant) -> Result<Self::Tensor>;
+    timed fn hadamard(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     timed fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor>;
     timed fn softmax(&self, x: &Self::Tensor, axis: usize) -> Result<Self::Tensor>;
     timed fn rms_norm(&self, x: &Self::Tensor, weight: Option<&Self::Tensor>, eps: f32) -> Result<Self::Tensor>;

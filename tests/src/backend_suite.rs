@@ -1674,6 +1674,8 @@ impl Experts {
                 w1: weight(be, &[self.i, self.d], &self.w1[e]),
                 w2: weight(be, &[self.d, self.i], &self.w2[e]),
                 w3: weight(be, &[self.i, self.d], &self.w3[e]),
+                // As if stored FP8/FP4: the official precisions quantise the experts' inputs.
+                low_bit: true,
             })
             .collect()
     }
@@ -1878,8 +1880,8 @@ pub fn fused_ops_match_default_compositions<B: Backend>(composed: &PrimitivesOnl
         // ulps relative to the largest output, far below what a missed rounding point or a
         // wrong expert gives.
         let (rel, xt) = match act {
-            Precision::F32 => (rel, xt.clone()),
-            Precision::Bf16 => (2f64.powi(-5), be.round_to_bf16(&xt).unwrap()),
+            Precision::F32 | Precision::OfficialF32 => (rel, xt.clone()),
+            Precision::Bf16 | Precision::Official => (2f64.powi(-5), be.round_to_bf16(&xt).unwrap()),
         };
         let a = be.moe_experts(&xt, &ids, &wt, &experts, limit, act).unwrap();
         let b = composed.moe_experts(&xt, &ids, &wt, &experts, limit, act).unwrap();
@@ -1887,7 +1889,7 @@ pub fn fused_ops_match_default_compositions<B: Backend>(composed: &PrimitivesOnl
         let a = be.expert_ffn(&xt, &experts[1], limit, act).unwrap();
         let b = composed.expert_ffn(&xt, &experts[1], limit, act).unwrap();
         let a = down(be, &a);
-        if act == Precision::Bf16 {
+        if act.rounds_to_bf16() {
             assert!(a.iter().all(|v| v.to_bits() & 0xffff == 0), "{}: bf16 expert_ffn gives BF16 values", be.name());
         }
         assert_close(&format!("expert_ffn {act}"), &a, &down(be, &b), rel);

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::kv::{KindPlan, LayerPools, StepPlan};
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
-use crate::model::loader::Loader;
+use crate::model::loader::{Loader, Proj};
 use crate::model::rope::RopeTable;
 use crate::precision::Precision;
 
@@ -39,13 +39,13 @@ impl<B: Backend> StepAngles<B> {
 
 pub struct Attention<B: Backend> {
     pub kind: AttentionKind,
-    wq_a: B::Weight,
+    wq_a: Proj<B>,
     q_norm: B::Tensor,
-    wq_b: B::Weight,
-    wkv: B::Weight,
+    wq_b: Proj<B>,
+    wkv: Proj<B>,
     kv_norm: B::Tensor,
     wo_a: B::Weight,
-    wo_b: B::Weight,
+    wo_b: Proj<B>,
     sinks: B::Tensor,
     compressor: Option<Compressor<B>>,
     indexer: Option<Indexer<B>>,
@@ -73,13 +73,13 @@ impl<B: Backend> Attention<B> {
         };
         Ok(Attention {
             kind,
-            wq_a: ld.weight(&format!("{p}.wq_a.weight"), &[ql, d])?,
+            wq_a: ld.proj(&format!("{p}.wq_a.weight"), &[ql, d])?,
             q_norm: ld.tensor(&format!("{p}.q_norm.weight"), &[ql])?,
-            wq_b: ld.weight(&format!("{p}.wq_b.weight"), &[h * hd, ql])?,
-            wkv: ld.weight(&format!("{p}.wkv.weight"), &[hd, d])?,
+            wq_b: ld.proj(&format!("{p}.wq_b.weight"), &[h * hd, ql])?,
+            wkv: ld.proj(&format!("{p}.wkv.weight"), &[hd, d])?,
             kv_norm: ld.tensor(&format!("{p}.kv_norm.weight"), &[hd])?,
             wo_a: ld.weight(&format!("{p}.wo_a.weight"), &[g * r, h * hd / g])?,
-            wo_b: ld.weight(&format!("{p}.wo_b.weight"), &[d, g * r])?,
+            wo_b: ld.proj(&format!("{p}.wo_b.weight"), &[d, g * r])?,
             sinks: ld.tensor(&format!("{p}.attn_sink"), &[h])?,
             compressor,
             indexer,
@@ -112,14 +112,16 @@ impl<B: Backend> Attention<B> {
         let act = |r: Result<B::Tensor>| prec.act_of(be, r);
 
         // Queries: low-rank path, per-head unweighted RMSNorm, RoPE on the trailing channels.
-        let q_res = act(be.rms_norm(&act(be.linear(x, &self.wq_a))?, Some(&self.q_norm), self.eps))?;
-        let q = be.reshape(&act(be.linear(&q_res, &self.wq_b))?, &[t, h, hd])?;
+        // Under the official quantisation, FP8/FP4 projections see e4m3 inputs (`Proj::linear`).
+        let q_res = act(be.rms_norm(&act(self.wq_a.linear(be, x, prec))?, Some(&self.q_norm), self.eps))?;
+        let q = be.reshape(&act(self.wq_b.linear(be, &q_res, prec))?, &[t, h, hd])?;
         let q = act(be.rope(&act(be.rms_norm(&q, None, self.eps))?, &angles.cos, &angles.sin, false))?;
 
         // The single shared key/value head, appended to the window rows in place.
-        let kv = act(be.rms_norm(&act(be.linear(x, &self.wkv))?, Some(&self.kv_norm), self.eps))?;
+        let kv = act(be.rms_norm(&act(self.wkv.linear(be, x, prec))?, Some(&self.kv_norm), self.eps))?;
         let kv = act(be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false))?;
         let kv = be.reshape(&kv, &[t, hd])?;
+        let kv = kv_row_quant(be, &kv, angles.table.inv_freq.len() * 2, prec)?;
         be.pool_write(&mut pools.kv, &plan.window_write, &kv)?;
 
         // Key set per query: the sliding window, then either every causal HCA entry or the
@@ -158,7 +160,8 @@ impl<B: Backend> Attention<B> {
         let grouped = be.reshape(&out, &[t, self.groups, h * hd / self.groups])?;
         let grouped = act(be.grouped_linear(&grouped, &self.wo_a, self.groups))?;
         let r = grouped.shape()[2];
-        Ok((act(be.linear(&be.reshape(&grouped, &[t, self.groups * r])?, &self.wo_b))?, picks))
+        // wo_a takes no quantised input: the official conversion stores it BF16 (spec §B.8).
+        Ok((act(self.wo_b.linear(be, &be.reshape(&grouped, &[t, self.groups * r])?, prec))?, picks))
     }
 
     /// CSA: runs the indexer's compressor for every sequence (new keys go into the key pool)
@@ -214,6 +217,18 @@ impl<B: Backend> Attention<B> {
         }
         let refs: Vec<&B::Index> = parts.iter().collect();
         Ok(Some(be.concat_index(&refs, 0)?))
+    }
+}
+
+/// Under the official quantisation, KV rows (window rows and attention-compressor entries,
+/// `[rows, width]`, the last `rope` channels rotary) as the official code keeps them: e4m3 per
+/// 64 non-rope channels, rope channels BF16 (spec §B.8). The same values as a round trip
+/// through the `fp8` row format, so the state then holds them exactly in any row format.
+pub(crate) fn kv_row_quant<B: Backend>(be: &B, rows: &B::Tensor, rope: usize, prec: Precision) -> Result<B::Tensor> {
+    if prec.simulates_quant() {
+        be.fake_quant(rows, crate::act_quant::FakeQuant::KvRow { rope })
+    } else {
+        Ok(rows.clone())
     }
 }
 

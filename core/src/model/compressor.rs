@@ -27,6 +27,9 @@ pub struct Compressor<B: Backend> {
     /// Width of one entry.
     pub dim: usize,
     eps: f32,
+    /// The indexer's compressor: under the official quantisation its entries (the indexer keys)
+    /// are Hadamard-rotated and e2m1-quantised (spec §B.8; official `Compressor(rotate=True)`).
+    rotate: bool,
 }
 
 impl<B: Backend> Compressor<B> {
@@ -49,7 +52,14 @@ impl<B: Backend> Compressor<B> {
             overlap,
             dim,
             eps: cfg.rms_norm_eps as f32,
+            rotate: false,
         })
+    }
+
+    /// This compressor as the lightning indexer's (its keys rotated and quantised under the
+    /// official quantisation).
+    pub fn rotated(self) -> Self {
+        Compressor { rotate: true, ..self }
     }
 
     fn width(&self) -> usize {
@@ -117,7 +127,11 @@ impl<B: Backend> Compressor<B> {
         let cos = be.upload(&cos, &[windows, half])?;
         let sin = be.upload(&sin, &[windows, half])?;
         let roped = prec.act_of(be, be.rope(&be.reshape(&normed, &[windows, 1, self.dim])?, &cos, &sin, false))?;
-        Ok(Some(be.reshape(&roped, &[windows, self.dim])?))
+        let entries = be.reshape(&roped, &[windows, self.dim])?;
+        if self.rotate && prec.simulates_quant() {
+            return Ok(Some(crate::model::indexer::rotate_and_quantise(be, &entries, prec)?));
+        }
+        Ok(Some(crate::model::attention::kv_row_quant(be, &entries, 2 * half, prec)?))
     }
 
     /// CSA candidate layout `[W, 2m, dim]` from complete windows `[n, m, 2·dim]`: rows 0..m are

@@ -8,11 +8,11 @@ use crate::backend::DeviceTensor;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::compressor::Compressor;
-use crate::model::loader::Loader;
+use crate::model::loader::{Loader, Proj};
 use crate::precision::Precision;
 
 pub struct Indexer<B: Backend> {
-    wq_b: B::Weight,
+    wq_b: Proj<B>,
     weights_proj: B::Weight,
     pub compressor: Compressor<B>,
     n_heads: usize,
@@ -24,9 +24,9 @@ impl<B: Backend> Indexer<B> {
     pub fn load(ld: &mut Loader<B>, cfg: &ModelConfig, prefix: &str, ratio: usize) -> Result<Self> {
         let (nh, dh) = (cfg.index_n_heads, cfg.index_head_dim);
         Ok(Indexer {
-            wq_b: ld.weight(&format!("{prefix}.wq_b.weight"), &[nh * dh, cfg.q_lora_rank])?,
+            wq_b: ld.proj(&format!("{prefix}.wq_b.weight"), &[nh * dh, cfg.q_lora_rank])?,
             weights_proj: ld.weight(&format!("{prefix}.weights_proj.weight"), &[nh, cfg.hidden_size])?,
-            compressor: Compressor::load(ld, cfg, &format!("{prefix}.compressor"), ratio, true, dh)?,
+            compressor: Compressor::load(ld, cfg, &format!("{prefix}.compressor"), ratio, true, dh)?.rotated(),
             n_heads: nh,
             head_dim: dh,
             topk: cfg.index_topk,
@@ -57,13 +57,23 @@ impl<B: Backend> Indexer<B> {
         prec: Precision,
     ) -> Result<B::Index> {
         let s = x.shape()[0];
-        let q = prec.act_of(be, be.linear(q_res, &self.wq_b))?;
+        let q = prec.act_of(be, self.wq_b.linear(be, q_res, prec))?;
         let q = be.reshape(&q, &[s, self.n_heads, self.head_dim])?;
         let q = prec.act_of(be, be.rope(&q, cos, sin, false))?;
+        // The official query: rotated, then e2m1 fake-quantised per 32 channels (spec §B.8).
+        let q = if prec.simulates_quant() { rotate_and_quantise(be, &q, prec)? } else { q };
         let w = prec.act_of(be, be.linear(x, &self.weights_proj))?;
         let w = prec.act_of(be, be.affine(&w, (self.n_heads as f32).powf(-0.5), 0.0))?;
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
         let k = self.topk.min(key_rows.numel());
         be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32)
     }
+}
+
+/// The official indexer's query and key treatment (spec §B.8; official `rotate_activation`
+/// then `fp4_act_quant`): a normalised Hadamard transform over each head's channels (`x`'s last
+/// axis), rounded to BF16 where `prec` rounds, then e2m1 fake-quantisation in blocks of 32.
+pub fn rotate_and_quantise<B: Backend>(be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
+    let rotated = prec.act_of(be, be.hadamard(x))?;
+    be.fake_quant(&rotated, crate::act_quant::FakeQuant::INDEXER)
 }

@@ -15,8 +15,9 @@ use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionKind, ModelConfig, RoutingKind};
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 use crate::quant::scale_name;
-use crate::tensor::StoredWeight;
+use crate::tensor::{StoredWeight, WeightFormat};
 
 /// Called after each tensor is uploaded: (tensors done, tensors total, bytes done).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, u64);
@@ -46,6 +47,13 @@ impl<'a, B: Backend> Loader<'a, B> {
     pub fn weight(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight> {
         let stored = stored_weight(self.ckpt, name, shape)?;
         self.upload(&stored)
+    }
+
+    /// A linear layer's weight together with its stored form ([`Proj`]).
+    pub fn proj(&mut self, name: &str, shape: &[usize]) -> Result<Proj<B>> {
+        let stored = stored_weight(self.ckpt, name, shape)?;
+        let low_bit = stored.format != WeightFormat::Float;
+        Ok(Proj { w: self.upload(&stored)?, low_bit })
     }
 
     /// Uploads an already-described weight (e.g. a slice of a fused expert tensor).
@@ -84,6 +92,24 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
         self.tick(1, t.size_bytes());
         Ok(v.into_iter().map(|x| x as i32).collect())
+    }
+}
+
+/// A linear layer's weight and whether the checkpoint stores it FP8 or FP4: the official
+/// inference quantises the input of exactly those linears (spec §B.8), which the `official`
+/// precisions simulate ([`Precision::linear_input`]).
+pub struct Proj<B: Backend> {
+    pub w: B::Weight,
+    /// Stored FP8 (e4m3 blocks) or FP4 (e2m1 groups) in the checkpoint.
+    pub low_bit: bool,
+}
+
+impl<B: Backend> Proj<B> {
+    /// `x · Wᵀ` (x `[.., K]`, W `[N, K]`), the input e4m3-quantised first when `prec` simulates
+    /// the official quantisation and the weight is low-bit. The output is not rounded: callers
+    /// apply `prec`'s BF16 rounding where the graph has a rounding point.
+    pub fn linear(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
+        be.linear(&prec.linear_input(be, x, self.low_bit)?, &self.w)
     }
 }
 

@@ -182,10 +182,11 @@ impl<B: Backend> Model<B> {
         self.forward_traced(be, batch, None)
     }
 
-    /// [`forward`](Self::forward) on a temporary f32 pool sized for the batch, recording
-    /// per-layer outputs in `trace`.
+    /// [`forward`](Self::forward) on a temporary pool sized for the batch, in the precision's
+    /// own row format ([`Precision::kv_dtype`]: f32, or fp8 under the official quantisation),
+    /// recording per-layer outputs in `trace`.
     pub fn forward_traced(&self, be: &B, batch: &Batch, trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
-        self.forward_with(be, batch, KvDtype::F32, trace)
+        self.forward_with(be, batch, self.precision.kv_dtype(), trace)
     }
 
     /// Whole-prompt forward with the decoding state in `dtype` (the pool's rounding applies to

@@ -30,8 +30,12 @@ pub struct Moe<B: Backend> {
 }
 
 fn load_expert<B: Backend>(ld: &mut Loader<B>, p: &str, d: usize, i: usize) -> Result<ExpertWeights<B::Weight>> {
+    let w1 = ld.proj(&format!("{p}.w1.weight"), &[i, d])?;
+    // The three matrices of an expert share a stored form in V4 checkpoints; w1's decides
+    // whether the official quantisation applies to the expert's inputs.
     Ok(ExpertWeights {
-        w1: ld.weight(&format!("{p}.w1.weight"), &[i, d])?,
+        low_bit: w1.low_bit,
+        w1: w1.w,
         w2: ld.weight(&format!("{p}.w2.weight"), &[d, i])?,
         w3: ld.weight(&format!("{p}.w3.weight"), &[i, d])?,
     })
@@ -69,6 +73,7 @@ fn load_fused_experts<B: Backend>(
                 w1: ld.upload(&StoredWeight::float(gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?)?,
                 w3: ld.upload(&StoredWeight::float(gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?)?,
                 w2: ld.upload(&StoredWeight::float(down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?)?,
+                low_bit: false,
             })
         })
         .collect()
