@@ -11,7 +11,7 @@ use dsv4_core::generate::Session;
 use dsv4_core::kv::{KvConfig, KvDtype};
 use dsv4_core::model::{Logits, Trace};
 use dsv4_core::tensor::DType;
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
+use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig, Precision};
 
 /// Builds the AscendCL emulator (`tests/ascend-emu`; a no-op when fresh) and points
 /// `DSV4_ASCEND_EMULATOR` at it, unless the variable is already set. Call it before anything in
@@ -38,28 +38,46 @@ pub fn fixture_cases() -> Vec<PathBuf> {
     fixture_cases_with_kv(KvDtype::F32)
 }
 
-/// The cases whose references were computed with the decoding state stored as `dtype`
-/// (`meta.json` `kv_dtype`, f32 when absent): `kv_fp8` simulates the official fp8 KV rows.
+/// The f32-precision cases whose references were computed with the decoding state stored as
+/// `dtype` (`meta.json` `kv_dtype`, f32 when absent): `kv_fp8` simulates the official fp8 KV rows.
 pub fn fixture_cases_with_kv(dtype: KvDtype) -> Vec<PathBuf> {
+    cases_where(|p| case_kv_dtype(p) == dtype && case_precision(p) == Precision::F32)
+}
+
+/// The cases whose references simulate the official quantisation (`meta.json` `precision`:
+/// `official-f32`; they also store the KV as fp8): `official_qsim*`.
+pub fn official_cases() -> Vec<PathBuf> {
+    cases_where(|p| case_precision(p) == Precision::OfficialF32)
+}
+
+fn cases_where(keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
         .expect("tests/fixtures/cases exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("reference.safetensors").exists())
-        .filter(|p| case_kv_dtype(p) == dtype)
+        .filter(|p| keep(p))
         .collect();
     v.sort();
     v
 }
 
+fn meta(case: &Path) -> serde_json::Value {
+    std::fs::read_to_string(case.join("meta.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+}
+
 /// The KV dtype a case's reference simulates.
 pub fn case_kv_dtype(case: &Path) -> KvDtype {
-    let meta: serde_json::Value = std::fs::read_to_string(case.join("meta.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    match meta.get("kv_dtype").and_then(|v| v.as_str()) {
+    match meta(case).get("kv_dtype").and_then(|v| v.as_str()) {
         None => KvDtype::F32,
         Some(s) => s.parse().unwrap_or_else(|e| panic!("{}: meta.json kv_dtype: {e}", case.display())),
+    }
+}
+
+/// The precision a case's reference computes (`meta.json` `precision`, f32 when absent).
+pub fn case_precision(case: &Path) -> Precision {
+    match meta(case).get("precision").and_then(|v| v.as_str()) {
+        None => Precision::F32,
+        Some(s) => s.parse().unwrap_or_else(|e| panic!("{}: meta.json precision: {e}", case.display())),
     }
 }
 
