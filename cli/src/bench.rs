@@ -427,7 +427,7 @@ pub fn run<B: Backend>(
         be,
         &model,
         config,
-        kv.kv_dtype(),
+        kv.kv_dtype(be),
         &weights,
         &contexts,
         opts.decode_steps,

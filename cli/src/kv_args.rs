@@ -30,8 +30,9 @@ pub struct KvArgs {
     /// Row format of the decoding state: f32 (the conformance reference), bf16, or fp8 (the
     /// official inference's KV numerics for attention rows: e4m3 with one power-of-two scale per
     /// 64 channels, rotary channels bf16; 584 bytes per V4 row instead of 2048; indexer keys bf16).
-    /// Default: fp8 with --precision official / official-f32 (whose KV rows are quantised as
-    /// fp8 rows anyway: f32 or bf16 states hold the same values in more memory), else f32.
+    /// Default: f32; with --precision official / official-f32 fp8 (their KV rows are quantised
+    /// as fp8 rows anyway, so bf16 or f32 states hold the same values in more memory), or bf16 on
+    /// a backend without fp8 rows (Ascend).
     #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
     pub kv_dtype_arg: Option<KvDtype>,
     /// Memory for the decoding state: bytes with an optional unit (8GiB, 512MiB, 2G, 1000000;
@@ -139,10 +140,10 @@ pub fn budget_for_tokens(cfg: &ModelConfig, dtype: KvDtype, tokens: usize, max_s
 }
 
 impl KvArgs {
-    /// The decoding state's row format: `--kv-dtype`, or the precision's own
-    /// ([`Precision::kv_dtype`]).
-    pub fn kv_dtype(&self) -> KvDtype {
-        self.kv_dtype_arg.unwrap_or(self.precision.kv_dtype())
+    /// The decoding state's row format on `be`: `--kv-dtype`, or the precision's default there
+    /// ([`Precision::default_kv_dtype`]).
+    pub fn kv_dtype<B: Backend + ?Sized>(&self, be: &B) -> KvDtype {
+        self.kv_dtype_arg.unwrap_or_else(|| self.precision.default_kv_dtype(be))
     }
 
     /// The budget in bytes when `--kv-cache-memory` is given.
@@ -160,8 +161,8 @@ impl KvArgs {
         max_step: usize,
     ) -> Result<KvConfig> {
         let config = match self.budget(be)? {
-            None => KvConfig::for_sequences(cfg, self.kv_dtype(), 1, tokens, max_step),
-            Some(bytes) => KvConfig::for_budget(cfg, self.kv_dtype(), bytes, 1, max_step)?,
+            None => KvConfig::for_sequences(cfg, self.kv_dtype(be), 1, tokens, max_step),
+            Some(bytes) => KvConfig::for_budget(cfg, self.kv_dtype(be), bytes, 1, max_step)?,
         };
         // Refuse up front rather than fail midway through the run.
         if let Some(cap) = config.token_capacity(cfg).filter(|&cap| cap < tokens.min(cfg.max_position_embeddings)) {
@@ -180,7 +181,7 @@ impl KvArgs {
         let bytes = match self.budget(be)? {
             Some(b) => b,
             None => {
-                let need = budget_for_tokens(cfg, self.kv_dtype(), cfg.max_position_embeddings, max_step);
+                let need = budget_for_tokens(cfg, self.kv_dtype(be), cfg.max_position_embeddings, max_step);
                 match free_memory(be) {
                     Ok(free) => need.min(free / 2),
                     Err(e) => {
@@ -190,7 +191,7 @@ impl KvArgs {
                 }
             }
         };
-        Ok(KvConfig::for_budget(cfg, self.kv_dtype(), bytes, 1, max_step)?)
+        Ok(KvConfig::for_budget(cfg, self.kv_dtype(be), bytes, 1, max_step)?)
     }
 }
 

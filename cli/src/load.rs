@@ -181,7 +181,15 @@ pub fn load_model_with_memory<B: Backend>(
     static SAID: std::sync::Once = std::sync::Once::new();
     if precision != Precision::F32 {
         SAID.call_once(|| {
-            eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)")
+            eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)");
+            let (linears, low_bit) = model.low_bit_linears;
+            if precision.simulates_quant() && low_bit < linears {
+                eprintln!(
+                    "precision: {low_bit} of the {linears} matrices whose input the official inference quantises are \
+                     stored FP8/FP4 in this checkpoint; only those get e4m3 inputs (the KV and indexer steps apply \
+                     everywhere)"
+                );
+            }
         });
     }
     Ok((model, held))

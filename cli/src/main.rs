@@ -308,7 +308,7 @@ fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv
         let mut seq = cache.new_sequence();
         model.step(be, &batch, &mut cache, &mut [&mut seq], Logits::All)?
     } else {
-        model.forward_with(be, &batch, kv.kv_dtype(), None)?
+        model.forward_with(be, &batch, kv.kv_dtype(be), None)?
     };
     let data = be.download(&logits)?;
     eprintln!(

@@ -125,7 +125,7 @@ fn serving_kv<B: Backend>(
     let bytes = match kv.kv_cache_memory {
         Some(m) => m.resolve(|| kv_args::free_memory(be))?,
         None => {
-            let need = kv_args::budget_for_tokens(cfg, kv.kv_dtype(), tokens, chunk).saturating_mul(seqs);
+            let need = kv_args::budget_for_tokens(cfg, kv.kv_dtype(be), tokens, chunk).saturating_mul(seqs);
             match kv_args::free_memory(be) {
                 Ok(free) => need.min(free / 2),
                 Err(e) => {
@@ -138,7 +138,7 @@ fn serving_kv<B: Backend>(
             }
         }
     };
-    Ok(KvConfig::for_budget(cfg, kv.kv_dtype(), bytes, seqs, chunk)?)
+    Ok(KvConfig::for_budget(cfg, kv.kv_dtype(be), bytes, seqs, chunk)?)
 }
 
 /// Starts the engine thread with the backend `make` opens there (backend handles never cross

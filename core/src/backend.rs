@@ -112,6 +112,18 @@ pub enum ReduceOp {
     Mean,
 }
 
+/// How the lightning indexer scores an entry ([`composed::indexer_select`]): with `q_h` a
+/// query head, `k` the entry's key, `w_h` the head's weight and `d` the head width,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexScores {
+    /// `Σ_h relu(q_h·k) · d^(-1/2) · w_h` in f32 (transformers; [`Backend::indexer_select`]).
+    F32,
+    /// The official BF16 einsum (spec §B.8): `bf16(Σ_h bf16(relu(bf16(q_h·k)) · w_h))`, the
+    /// products and the sum over heads accumulated in f32; `w_h` carries `d^(-1/2)` itself (the
+    /// official `weights_proj(x) · softmax_scale · n_heads^(-1/2)`).
+    Bf16,
+}
+
 /// One routed or shared expert: gate (`w1`), up (`w3`) and down (`w2`) projections.
 pub struct ExpertWeights<W> {
     pub w1: W,
@@ -317,45 +329,7 @@ pub trait Backend: Send + Sync {
         k: usize,
         offset: i32,
     ) -> Result<Self::Index> {
-        let rows = self.download_index(key_rows)?;
-        let bounds = crate::backend_checks::IndexBounds::of(&rows);
-        crate::backend_checks::indexer_select(
-            self.name(),
-            q.shape(),
-            keys.rows(),
-            keys.width(),
-            key_rows.shape(),
-            bounds,
-            weights.shape(),
-            valid,
-            k,
-        )?;
-        let (t, nh, dh) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        let n = key_rows.numel();
-        let keys = self.pool_read(keys, key_rows)?; // [N, dI]
-        let keys = &keys;
-        let scores = self.matmul(q, keys, true)?; // [T, nI, N]
-        let scores = self.affine(&self.unary(&scores, UnaryOp::Relu)?, (dh as f32).powf(-0.5), 0.0)?;
-        let scores = self.binary(&scores, &self.reshape(weights, &[t, nh, 1])?, BinaryOp::Mul)?;
-        let scores = self.reduce(&scores, 1, ReduceOp::Sum)?; // [T, 1, N]
-        let scores = self.reshape(&scores, &[t, n])?;
-        let mut mask = vec![f32::NEG_INFINITY; t * n];
-        for (i, r) in valid.iter().enumerate() {
-            mask[i * n + r.start..i * n + r.end].fill(0.0);
-        }
-        let scores = self.binary(&scores, &self.upload(&mask, &[t, n])?, BinaryOp::Add)?;
-        let (vals, idx) = self.topk(&scores, k)?;
-        // Picks with -inf score were invalid: turn them into -1, then offset the rest.
-        let host_vals = self.download(&vals)?;
-        let mut host_idx = self.download_index(&idx)?;
-        for (i, v) in host_vals.iter().enumerate() {
-            if *v == f32::NEG_INFINITY {
-                host_idx[i] = -1;
-            } else {
-                host_idx[i] = rows[host_idx[i] as usize] + offset;
-            }
-        }
-        self.upload_index(&host_idx, &[t, k])
+        composed::indexer_select(self, q, keys, key_rows, weights, valid, k, offset, IndexScores::F32)
     }
 
     /// Attention of each query over an explicit key set, with a per-head sink (spec §B.4.6).
@@ -462,6 +436,72 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::indexer_select`] (`form` = [`IndexScores::F32`]), and of the
+    /// official inference's BF16 index scores ([`IndexScores::Bf16`], which the `official`
+    /// precision calls directly).
+    #[allow(clippy::too_many_arguments)]
+    pub fn indexer_select<B: Backend + ?Sized>(
+        be: &B,
+        q: &B::Tensor,
+        keys: &B::Pool,
+        key_rows: &B::Index,
+        weights: &B::Tensor,
+        valid: &[Range<usize>],
+        k: usize,
+        offset: i32,
+        form: IndexScores,
+    ) -> Result<B::Index> {
+        let rows = be.download_index(key_rows)?;
+        let bounds = crate::backend_checks::IndexBounds::of(&rows);
+        crate::backend_checks::indexer_select(
+            be.name(),
+            q.shape(),
+            keys.rows(),
+            keys.width(),
+            key_rows.shape(),
+            bounds,
+            weights.shape(),
+            valid,
+            k,
+        )?;
+        let (t, nh, dh) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let n = key_rows.numel();
+        let keys = be.pool_read(keys, key_rows)?; // [N, dI]
+        let keys = &keys;
+        let weights = be.reshape(weights, &[t, nh, 1])?;
+        let scores = match form {
+            IndexScores::F32 => {
+                let scores = be.matmul(q, keys, true)?; // [T, nI, N]
+                let scores = be.affine(&be.unary(&scores, UnaryOp::Relu)?, (dh as f32).powf(-0.5), 0.0)?;
+                be.reduce(&be.binary(&scores, &weights, BinaryOp::Mul)?, 1, ReduceOp::Sum)?
+                // [T, 1, N]
+            }
+            IndexScores::Bf16 => {
+                let scores = be.unary(&be.round_to_bf16(&be.matmul(q, keys, true)?)?, UnaryOp::Relu)?;
+                let scores = be.round_to_bf16(&be.binary(&scores, &weights, BinaryOp::Mul)?)?;
+                be.round_to_bf16(&be.reduce(&scores, 1, ReduceOp::Sum)?)?
+            }
+        };
+        let scores = be.reshape(&scores, &[t, n])?;
+        let mut mask = vec![f32::NEG_INFINITY; t * n];
+        for (i, r) in valid.iter().enumerate() {
+            mask[i * n + r.start..i * n + r.end].fill(0.0);
+        }
+        let scores = be.binary(&scores, &be.upload(&mask, &[t, n])?, BinaryOp::Add)?;
+        let (vals, idx) = be.topk(&scores, k)?;
+        // Picks with -inf score were invalid: turn them into -1, then offset the rest.
+        let host_vals = be.download(&vals)?;
+        let mut host_idx = be.download_index(&idx)?;
+        for (i, v) in host_vals.iter().enumerate() {
+            if *v == f32::NEG_INFINITY {
+                host_idx[i] = -1;
+            } else {
+                host_idx[i] = rows[host_idx[i] as usize] + offset;
+            }
+        }
+        be.upload_index(&host_idx, &[t, k])
     }
 
     /// The definition of [`Backend::expert_ffn`], and of a routed expert under the official

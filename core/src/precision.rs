@@ -25,13 +25,13 @@
 //! | indexer (§B.4.4) | outputs of wq_b, RoPE, weights_proj and its scaling |
 //! | experts (§B.5) | outputs of w1, w3, the SwiGLU (w2's input), w2; the MoE's output |
 //! | mHC post (§B.3) | the new residual streams |
+//! | mHC head (§B.6) | the collapsed stream before the final norm (official `hc_head` returns it cast) |
 //!
 //! Not rounded in `bf16` (f32 as in §B.7): the compressor's `wkv`/`wgate` projections (the
 //! official code computes them in fp32 from an fp32 copy of x), the router logits and weights,
-//! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8; f32 in
-//! every dsv4 mode so far), attention probabilities (the official kernel casts them to BF16
-//! before P·V; dsv4's fused attention keeps them f32), the hc_head collapse before the final
-//! norm, and the logits.
+//! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8, and in
+//! `official`), attention probabilities (the official kernel casts them to BF16
+//! before P·V; dsv4's fused attention keeps them f32), and the logits.
 //!
 //! # The official quantisation simulation
 //!
@@ -45,6 +45,7 @@
 //! | routed experts | the routing weight multiplies the SwiGLU output before `w2` (official `Expert.forward`), so `w2`'s input is `q(round(h·g))` |
 //! | window KV rows and attention-compressor entries, before they are stored | e4m3 per 64 non-rope channels, rope channels BF16: the `fp8` row format's round trip (so any state format holds them exactly; `fp8` is the default) |
 //! | the indexer's queries (after RoPE) and keys (compressor entries after norm and RoPE) | normalised Hadamard transform per head, then e2m1 per 32 values with a power-of-two scale |
+//! | index scores (`official` only: they are BF16 because the activations are) | the official BF16 einsum, [`crate::backend::IndexScores::Bf16`] |
 //!
 //! Which linears quantise their input is decided by the checkpoint's stored dtype, as in the
 //! official `linear()`: a BF16 checkpoint gets the KV and indexer steps only.
@@ -96,13 +97,24 @@ impl Precision {
         matches!(self, Precision::Official | Precision::OfficialF32)
     }
 
-    /// The decoding state's row format this mode implies when none is chosen: under the official
-    /// quantisation `fp8` (its rows are fp8-quantised anyway, so it loses nothing), else `f32`.
-    pub fn kv_dtype(self) -> crate::kv::KvDtype {
-        if self.simulates_quant() {
-            crate::kv::KvDtype::Fp8
+    /// Whether the lightning indexer's scores are the official BF16 einsum
+    /// ([`crate::backend::IndexScores::Bf16`]): `official` only (BF16 activations and the
+    /// official numerics); every other mode scores in f32.
+    pub fn bf16_index_scores(self) -> bool {
+        self == Precision::Official
+    }
+
+    /// The decoding state's row format this mode uses on `be` when none is chosen: `f32`, or
+    /// under the official quantisation `fp8` (its rows are fp8-quantised before they are stored,
+    /// so it loses nothing) where `be` has fp8 rows, else `bf16` (which holds the same values).
+    pub fn default_kv_dtype<B: crate::Backend + ?Sized>(self, be: &B) -> crate::kv::KvDtype {
+        use crate::kv::{KvDtype, RowFormat};
+        if !self.simulates_quant() {
+            KvDtype::F32
+        } else if be.alloc_pool(1, 2, RowFormat::Fp8 { rope: 0 }).is_ok() {
+            KvDtype::Fp8
         } else {
-            crate::kv::KvDtype::F32
+            KvDtype::Bf16
         }
     }
 

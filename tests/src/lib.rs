@@ -61,8 +61,13 @@ fn cases_where(keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     v
 }
 
+/// A case's `meta.json` (null when the case has none); a malformed one panics, so that a broken
+/// file cannot quietly turn a case into a plain f32 one.
 fn meta(case: &Path) -> serde_json::Value {
-    std::fs::read_to_string(case.join("meta.json")).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+    match std::fs::read_to_string(case.join("meta.json")) {
+        Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: meta.json: {e}", case.display())),
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// The KV dtype a case's reference simulates.

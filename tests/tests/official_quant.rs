@@ -109,3 +109,31 @@ fn official_results_do_not_depend_on_the_state_format() {
         }
     }
 }
+
+/// The official BF16 index scores (`IndexScores::Bf16`, what `official` uses) round the dot
+/// products to BF16: keys scoring 256 and 257 tie there (BF16 has 8 significant bits) and the
+/// lower row wins, where the f32 scores pick 257.
+#[test]
+fn bf16_index_scores_round_where_the_official_einsum_does() {
+    use dsv4_core::backend::{composed, IndexScores, RowFormat};
+    let be = CpuBackend::new();
+    let q = be.upload(&[256.0, 1.0], &[1, 1, 2]).unwrap();
+    let mut pool = be.alloc_pool(2, 2, RowFormat::F32).unwrap();
+    be.pool_write(
+        &mut pool,
+        &be.upload_index(&[0, 1], &[2]).unwrap(),
+        &be.upload(&[1.0, 0.0, 1.0, 1.0], &[2, 2]).unwrap(),
+    )
+    .unwrap();
+    let rows = be.upload_index(&[0, 1], &[2]).unwrap();
+    let w = be.upload(&[1.0], &[1, 1]).unwrap();
+    let valid = std::slice::from_ref(&(0..2));
+    let pick = |form| {
+        let idx = composed::indexer_select(&be, &q, &pool, &rows, &w, valid, 1, 0, form).unwrap();
+        be.download_index(&idx).unwrap()
+    };
+    assert_eq!(pick(IndexScores::F32), vec![1], "f32: 257 beats 256");
+    assert_eq!(pick(IndexScores::Bf16), vec![0], "bf16: 257 rounds to 256 and the lower row wins the tie");
+    // The trait's indexer_select is the f32 form (the CPU's fused kernel included).
+    assert_eq!(be.download_index(&be.indexer_select(&q, &pool, &rows, &w, valid, 1, 0).unwrap()).unwrap(), vec![1]);
+}

@@ -16,7 +16,7 @@
 //!   (measured ≤ 9.2e-3; one BF16 ulp is 7.8e-3 of the value);
 //! * the logits: RMS error ≤ 0.25 relative and max ≤ 1.0 of max|logit| (measured ≤ 0.147 and
 //!   ≤ 0.58; transformers' BF16: ≤ 0.120 and ≤ 0.51), top-1 agreement ≥ 85% over all fixtures
-//!   (measured 93.7%; transformers 92.0% on the cases it loads), and no top-1 disagreement where the
+//!   (measured 94.0%; transformers 92.0% on the cases it loads), and no top-1 disagreement where the
 //!   reference's top-1 leads the runner-up by more than 0.4 of max|logit| (measured widest:
 //!   0.16 on the fixtures, 0.25 on the built-in run);
 //! * a longer run of the built-in model, bf16 against f32 (no float64 reference there).
@@ -44,21 +44,22 @@ struct Budget {
     not_f32: f64,
 }
 
-/// `bf16` (measured: first layer ≤ 9.2e-3, rms ≤ 0.147, max ≤ 0.58, top-1 93.7%, widest margin
+/// `bf16` (measured: first layer ≤ 9.2e-3, rms ≤ 0.147, max ≤ 0.58, top-1 94.0%, widest margin
 /// among disagreements 0.16 of max|logit| on the fixtures and 0.25 on the built-in run, rms
 /// ≥ 5e-2 against f32).
 const BF16: Budget =
     Budget { max_rel: 1.0, rms_rel: 0.25, top1: 0.85, first_layer: 2e-2, clear_margin: 0.4, not_f32: 1e-3 };
 
 /// `official` against the unquantised float64 references (measured on the 7 f32 fixtures: first
-/// layer ≤ 8.7e-2, rms ≤ 0.52, max ≤ 0.95, top-1 73.7%, widest margin among disagreements 0.21
+/// layer ≤ 8.7e-2, rms ≤ 0.52, max ≤ 0.95, top-1 73.8%, widest margin among disagreements 0.21
 /// of max|logit|). e4m3 keeps 4 significant bits (a rounding moves a value by up to 2⁻⁴ of
 /// itself, 8× BF16's) and the indexer's e2m1 2 bits, so on these random-weight models far more
-/// top-k choices flip than in bf16; the budget keeps ~2× the measured error and the bf16 clear
-/// margin. What checks the simulation itself is `tests/official_quant.rs` (1e-4 against the
-/// generator's own simulation); this budget documents and bounds its effect.
+/// top-k choices flip than in bf16; the budget keeps ~1.5× the measured errors (an rms of 1.0
+/// would let all-zero logits through) and the bf16 clear margin. What checks the simulation
+/// itself is `tests/official_quant.rs` (1e-4 against the generator's own simulation); this
+/// budget documents and bounds its effect.
 const OFFICIAL: Budget =
-    Budget { max_rel: 2.0, rms_rel: 1.0, top1: 0.6, first_layer: 0.15, clear_margin: 0.4, not_f32: 1e-2 };
+    Budget { max_rel: 1.5, rms_rel: 0.75, top1: 0.6, first_layer: 0.15, clear_margin: 0.4, not_f32: 1e-2 };
 
 /// ‖a − b‖₂ / ‖b‖₂.
 fn rms_rel(got: &[f32], want: &[f32]) -> f64 {
@@ -182,7 +183,9 @@ fn official_fixtures_stay_within_the_budget() {
 
 /// `official` on the `official_qsim*` fixtures, whose references simulate the quantisation in
 /// float64 (`official-f32`): what remains is BF16's effect, which must stay within the `bf16`
-/// budget against f32.
+/// budget against f32 (max rel, rms rel, clear margin); top-1 ≥ 75% over their 96 positions
+/// (measured 87.5%; the bf16 budget's 85% is over 1001 positions, where a few flips weigh
+/// less).
 #[test]
 fn official_against_the_simulated_references_is_within_the_bf16_budget() {
     let be = CpuBackend::new();
@@ -207,7 +210,7 @@ fn official_against_the_simulated_references_is_within_the_bf16_budget() {
     }
     let top1 = agree_all as f64 / rows_all as f64;
     println!("official vs official-f32 references: top-1 {agree_all}/{rows_all} = {top1:.3}");
-    assert!(top1 >= BF16.top1, "top-1 {top1:.3}");
+    assert!(top1 >= 0.75, "top-1 {top1:.3}");
 }
 
 /// The same budgets on the Ascend backend (the emulator), and its bf16 logits against the CPU's
@@ -300,12 +303,24 @@ fn bf16_rounding_points_are_the_documented_ones() {
 /// and no BF16 rounding. Compare with the list in docs/precision.md (spec §B.8).
 #[test]
 fn official_quantisation_points_are_the_documented_ones() {
+    insta::assert_snapshot!(recorded_points(Precision::OfficialF32));
+}
+
+/// The same pass in `official`: the quantisation points among the BF16 rounding points, which
+/// pins their order (e.g. the expert's SwiGLU output times its weight, cast, then quantised;
+/// the BF16 index scores' roundings).
+#[test]
+fn official_bf16_and_quantisation_points_are_the_documented_ones() {
+    insta::assert_snapshot!(recorded_points(Precision::Official));
+}
+
+fn recorded_points(prec: Precision) -> String {
     let rec = dsv4_tests::recording::Recording::new(CpuBackend::new());
     let case = dsv4_tests::fixtures_dir().join("official_fp8");
     let mut model = load_model(&rec, &case);
     let ids: Vec<u32> = read_reference(&case).input_ids[..20].to_vec();
     let batch = Batch::prefill(&[&ids]).unwrap();
-    model.precision = Precision::OfficialF32;
+    model.precision = prec;
     model.forward_traced(&rec, &batch, None).unwrap();
-    insta::assert_snapshot!(rec.take().join("\n"));
+    rec.take().join("\n")
 }

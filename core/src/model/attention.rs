@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::kv::{KindPlan, LayerPools, StepPlan};
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
-use crate::model::loader::{Loader, Proj};
+use crate::model::loader::Loader;
+use crate::model::official::{kv_row_quant, Proj};
 use crate::model::rope::RopeTable;
 use crate::precision::Precision;
 
@@ -217,18 +218,6 @@ impl<B: Backend> Attention<B> {
         }
         let refs: Vec<&B::Index> = parts.iter().collect();
         Ok(Some(be.concat_index(&refs, 0)?))
-    }
-}
-
-/// Under the official quantisation, KV rows (window rows and attention-compressor entries,
-/// `[rows, width]`, the last `rope` channels rotary) as the official code keeps them: e4m3 per
-/// 64 non-rope channels, rope channels BF16 (spec §B.8). The same values as a round trip
-/// through the `fp8` row format, so the state then holds them exactly in any row format.
-pub(crate) fn kv_row_quant<B: Backend>(be: &B, rows: &B::Tensor, rope: usize, prec: Precision) -> Result<B::Tensor> {
-    if prec.simulates_quant() {
-        be.fake_quant(rows, crate::act_quant::FakeQuant::KvRow { rope })
-    } else {
-        Ok(rows.clone())
     }
 }
 

@@ -13,6 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv::SeqCompressPlan;
 use crate::model::loader::Loader;
+use crate::model::official::{kv_row_quant, rotate_and_quantise};
 use crate::model::rope::RopeTable;
 use crate::precision::Precision;
 
@@ -129,9 +130,9 @@ impl<B: Backend> Compressor<B> {
         let roped = prec.act_of(be, be.rope(&be.reshape(&normed, &[windows, 1, self.dim])?, &cos, &sin, false))?;
         let entries = be.reshape(&roped, &[windows, self.dim])?;
         if self.rotate && prec.simulates_quant() {
-            return Ok(Some(crate::model::indexer::rotate_and_quantise(be, &entries, prec)?));
+            return Ok(Some(rotate_and_quantise(be, &entries, prec)?));
         }
-        Ok(Some(crate::model::attention::kv_row_quant(be, &entries, 2 * half, prec)?))
+        Ok(Some(kv_row_quant(be, &entries, 2 * half, prec)?))
     }
 
     /// CSA candidate layout `[W, 2m, dim]` from complete windows `[n, m, 2·dim]`: rows 0..m are

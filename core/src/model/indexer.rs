@@ -3,12 +3,13 @@
 
 use std::ops::Range;
 
-use crate::backend::Backend;
 use crate::backend::DeviceTensor;
+use crate::backend::{composed, Backend, IndexScores};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::compressor::Compressor;
-use crate::model::loader::{Loader, Proj};
+use crate::model::loader::Loader;
+use crate::model::official::{rotate_and_quantise, Proj};
 use crate::precision::Precision;
 
 pub struct Indexer<B: Backend> {
@@ -63,17 +64,16 @@ impl<B: Backend> Indexer<B> {
         // The official query: rotated, then e2m1 fake-quantised per 32 channels (spec §B.8).
         let q = if prec.simulates_quant() { rotate_and_quantise(be, &q, prec)? } else { q };
         let w = prec.act_of(be, be.linear(x, &self.weights_proj))?;
-        let w = prec.act_of(be, be.affine(&w, (self.n_heads as f32).powf(-0.5), 0.0))?;
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
         let k = self.topk.min(key_rows.numel());
+        if prec.bf16_index_scores() {
+            // The official BF16 einsum: the weights carry the softmax scale too
+            // (`weights_proj(x) · softmax_scale · n_heads^-1/2`), spec §B.8.
+            let scale = ((self.head_dim as f64).powf(-0.5) * (self.n_heads as f64).powf(-0.5)) as f32;
+            let w = prec.act_of(be, be.affine(&w, scale, 0.0))?;
+            return composed::indexer_select(be, &q, keys, key_rows, &w, &valid, k, offset as i32, IndexScores::Bf16);
+        }
+        let w = prec.act_of(be, be.affine(&w, (self.n_heads as f32).powf(-0.5), 0.0))?;
         be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32)
     }
-}
-
-/// The official indexer's query and key treatment (spec §B.8; official `rotate_activation`
-/// then `fp4_act_quant`): a normalised Hadamard transform over each head's channels (`x`'s last
-/// axis), rounded to BF16 where `prec` rounds, then e2m1 fake-quantisation in blocks of 32.
-pub fn rotate_and_quantise<B: Backend>(be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
-    let rotated = prec.act_of(be, be.hadamard(x))?;
-    be.fake_quant(&rotated, crate::act_quant::FakeQuant::INDEXER)
 }

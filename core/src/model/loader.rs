@@ -15,7 +15,7 @@ use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionKind, ModelConfig, RoutingKind};
 use crate::error::{Error, Result};
-use crate::precision::Precision;
+use crate::model::official::Proj;
 use crate::quant::scale_name;
 use crate::tensor::{StoredWeight, WeightFormat};
 
@@ -29,12 +29,14 @@ pub struct Loader<'a, B: Backend> {
     total: usize,
     bytes: u64,
     progress: Progress<'a>,
+    /// Linears loaded through [`Loader::proj`], and how many of them are FP8/FP4.
+    pub projs: (usize, usize),
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
     pub fn new(be: &'a B, ckpt: &'a Checkpoint, progress: Progress<'a>) -> Self {
         let total = ckpt.len();
-        Loader { be, ckpt, done: 0, total, bytes: 0, progress }
+        Loader { be, ckpt, done: 0, total, bytes: 0, progress, projs: (0, 0) }
     }
 
     fn tick(&mut self, tensors: usize, bytes: usize) {
@@ -53,6 +55,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     pub fn proj(&mut self, name: &str, shape: &[usize]) -> Result<Proj<B>> {
         let stored = stored_weight(self.ckpt, name, shape)?;
         let low_bit = stored.format != WeightFormat::Float;
+        self.projs = (self.projs.0 + 1, self.projs.1 + usize::from(low_bit));
         Ok(Proj { w: self.upload(&stored)?, low_bit })
     }
 
@@ -92,24 +95,6 @@ impl<'a, B: Backend> Loader<'a, B> {
         }
         self.tick(1, t.size_bytes());
         Ok(v.into_iter().map(|x| x as i32).collect())
-    }
-}
-
-/// A linear layer's weight and whether the checkpoint stores it FP8 or FP4: the official
-/// inference quantises the input of exactly those linears (spec §B.8), which the `official`
-/// precisions simulate ([`Precision::linear_input`]).
-pub struct Proj<B: Backend> {
-    pub w: B::Weight,
-    /// Stored FP8 (e4m3 blocks) or FP4 (e2m1 groups) in the checkpoint.
-    pub low_bit: bool,
-}
-
-impl<B: Backend> Proj<B> {
-    /// `x · Wᵀ` (x `[.., K]`, W `[N, K]`), the input e4m3-quantised first when `prec` simulates
-    /// the official quantisation and the weight is low-bit. The output is not rounded: callers
-    /// apply `prec`'s BF16 rounding where the graph has a rounding point.
-    pub fn linear(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
-        be.linear(&prec.linear_input(be, x, self.low_bit)?, &self.w)
     }
 }
 

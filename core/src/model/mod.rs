@@ -10,6 +10,7 @@ pub mod loader;
 pub mod mhc;
 pub mod moe;
 pub mod mtp;
+pub mod official;
 pub mod rope;
 
 use crate::backend::Backend;
@@ -90,6 +91,9 @@ pub struct Model<B: Backend> {
     /// The activation precision every forward pass runs in ([`crate::precision`]); f32 unless
     /// set after loading.
     pub precision: Precision,
+    /// (linears whose input the official quantisation may quantise, how many of them the
+    /// checkpoint stores FP8/FP4): only the latter get e4m3 inputs under `official`.
+    pub low_bit_linears: (usize, usize),
 }
 
 /// Optional per-layer outputs of a forward pass, for conformance checks.
@@ -127,16 +131,19 @@ impl<B: Backend> Model<B> {
         // Tied embeddings: transformers uses the embedding as the head (and does not save it).
         let head = if cfg.tie_word_embeddings { None } else { Some(ld.weight("head.weight", &[v, d])?) };
         let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut ld, &cfg, i)).collect::<Result<Vec<_>>>()?;
+        let (norm, hc_head, mtp) =
+            (ld.tensor("norm.weight", &[d])?, HyperHead::load(&mut ld, &cfg, "")?, mtp::load_mtp(&mut ld, &cfg)?);
         Ok(Model {
             embed,
             head,
-            norm: ld.tensor("norm.weight", &[d])?,
-            hc_head: HyperHead::load(&mut ld, &cfg, "")?,
-            mtp: mtp::load_mtp(&mut ld, &cfg)?,
+            norm,
+            hc_head,
+            mtp,
             blocks,
             rope_main: RopeTable::new(&cfg.rope_main, cfg.rope_dim),
             rope_compress: RopeTable::new(&cfg.rope_compress, cfg.rope_dim),
             precision: Precision::F32,
+            low_bit_linears: ld.projs,
             cfg,
         })
     }
@@ -183,10 +190,10 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`forward`](Self::forward) on a temporary pool sized for the batch, in the precision's
-    /// own row format ([`Precision::kv_dtype`]: f32, or fp8 under the official quantisation),
-    /// recording per-layer outputs in `trace`.
+    /// default row format ([`Precision::default_kv_dtype`]: f32, or fp8/bf16 under the official
+    /// quantisation), recording per-layer outputs in `trace`.
     pub fn forward_traced(&self, be: &B, batch: &Batch, trace: Option<&mut Trace<B>>) -> Result<B::Tensor> {
-        self.forward_with(be, batch, self.precision.kv_dtype(), trace)
+        self.forward_with(be, batch, self.precision.default_kv_dtype(be), trace)
     }
 
     /// Whole-prompt forward with the decoding state in `dtype` (the pool's rounding applies to
@@ -267,7 +274,9 @@ impl<B: Backend> Model<B> {
             let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
             x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
         }
-        let h = be.rms_norm(&self.hc_head.forward(be, &x)?, Some(&self.norm), self.cfg.rms_norm_eps as f32);
+        // The collapsed stream is cast before the final norm, as the official `hc_head` returns it.
+        let collapsed = prec.act_of(be, self.hc_head.forward(be, &x))?;
+        let h = be.rms_norm(&collapsed, Some(&self.norm), self.cfg.rms_norm_eps as f32);
         let h = prec.act_of(be, h)?;
         be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))
     }

@@ -31,14 +31,11 @@ pub struct Moe<B: Backend> {
 
 fn load_expert<B: Backend>(ld: &mut Loader<B>, p: &str, d: usize, i: usize) -> Result<ExpertWeights<B::Weight>> {
     let w1 = ld.proj(&format!("{p}.w1.weight"), &[i, d])?;
-    // The three matrices of an expert share a stored form in V4 checkpoints; w1's decides
-    // whether the official quantisation applies to the expert's inputs.
-    Ok(ExpertWeights {
-        low_bit: w1.low_bit,
-        w1: w1.w,
-        w2: ld.weight(&format!("{p}.w2.weight"), &[d, i])?,
-        w3: ld.weight(&format!("{p}.w3.weight"), &[i, d])?,
-    })
+    let w2 = ld.proj(&format!("{p}.w2.weight"), &[d, i])?;
+    let w3 = ld.proj(&format!("{p}.w3.weight"), &[i, d])?;
+    // V4 checkpoints store an expert's three matrices alike; one that mixes forms is treated as
+    // float (its inputs are not quantised) rather than quantised where the official code would not.
+    Ok(ExpertWeights { low_bit: w1.low_bit && w2.low_bit && w3.low_bit, w1: w1.w, w2: w2.w, w3: w3.w })
 }
 
 /// Experts stored fused, as transformers keeps them: `gate_up_proj` `[E, 2I, D]` (rows 0..I are
