@@ -46,6 +46,7 @@
 //! | window KV rows and attention-compressor entries, before they are stored | e4m3 per 64 non-rope channels, rope channels BF16: the `fp8` row format's round trip (so any state format holds them exactly; `fp8` is the default) |
 //! | the indexer's queries (after RoPE) and keys (compressor entries after norm and RoPE) | normalised Hadamard transform per head, then e2m1 per 32 values with a power-of-two scale |
 //! | index scores (`official` only: they are BF16 because the activations are) | the official BF16 einsum, [`crate::backend::IndexScores::Bf16`] |
+//! | the per-head query norm (`official` only, likewise) | BF16 arithmetic: squares, mean, `+ eps`, rsqrt and product each cast ([`crate::model::official::head_norm_bf16`]) |
 //!
 //! Which linears quantise their input is decided by the checkpoint's stored dtype, as in the
 //! official `linear()`: a BF16 checkpoint gets the KV and indexer steps only.
@@ -101,6 +102,12 @@ impl Precision {
     /// ([`crate::backend::IndexScores::Bf16`]): `official` only (BF16 activations and the
     /// official numerics); every other mode scores in f32.
     pub fn bf16_index_scores(self) -> bool {
+        self == Precision::Official
+    }
+
+    /// Whether the per-head query norm runs in BF16 arithmetic, as the official code computes
+    /// it on its BF16 query ([`crate::model::official::head_norm_bf16`]): `official` only.
+    pub fn bf16_head_norm(self) -> bool {
         self == Precision::Official
     }
 

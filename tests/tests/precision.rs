@@ -51,15 +51,15 @@ const BF16: Budget =
     Budget { max_rel: 1.0, rms_rel: 0.25, top1: 0.85, first_layer: 2e-2, clear_margin: 0.4, not_f32: 1e-3 };
 
 /// `official` against the unquantised float64 references (measured on the 7 f32 fixtures: first
-/// layer ≤ 8.7e-2, rms ≤ 0.52, max ≤ 0.95, top-1 73.8%, widest margin among disagreements 0.21
-/// of max|logit|). e4m3 keeps 4 significant bits (a rounding moves a value by up to 2⁻⁴ of
+/// layer ≤ 7.3e-2, rms ≤ 0.52, max ≤ 0.89, top-1 74.4%, widest margin among disagreements 0.36
+/// of max|logit|, on the 300-token `official` case). e4m3 keeps 4 significant bits (a rounding moves a value by up to 2⁻⁴ of
 /// itself, 8× BF16's) and the indexer's e2m1 2 bits, so on these random-weight models far more
 /// top-k choices flip than in bf16; the budget keeps ~1.5× the measured errors (an rms of 1.0
-/// would let all-zero logits through) and the bf16 clear margin. What checks the simulation
+/// would let all-zero logits through) and a clear margin of 0.6. What checks the simulation
 /// itself is `tests/official_quant.rs` (1e-4 against the generator's own simulation); this
 /// budget documents and bounds its effect.
 const OFFICIAL: Budget =
-    Budget { max_rel: 1.5, rms_rel: 0.75, top1: 0.6, first_layer: 0.15, clear_margin: 0.4, not_f32: 1e-2 };
+    Budget { max_rel: 1.5, rms_rel: 0.75, top1: 0.6, first_layer: 0.15, clear_margin: 0.6, not_f32: 1e-2 };
 
 /// ‖a − b‖₂ / ‖b‖₂.
 fn rms_rel(got: &[f32], want: &[f32]) -> f64 {
@@ -184,7 +184,7 @@ fn official_fixtures_stay_within_the_budget() {
 /// `official` on the `official_qsim*` fixtures, whose references simulate the quantisation in
 /// float64 (`official-f32`): what remains is BF16's effect, which must stay within the `bf16`
 /// budget against f32 (max rel, rms rel, clear margin); top-1 ≥ 75% over their 96 positions
-/// (measured 87.5%; the bf16 budget's 85% is over 1001 positions, where a few flips weigh
+/// (measured 84.4%; the bf16 budget's 85% is over 1001 positions, where a few flips weigh
 /// less).
 #[test]
 fn official_against_the_simulated_references_is_within_the_bf16_budget() {

@@ -10,7 +10,7 @@ use crate::kv::{KindPlan, LayerPools, StepPlan};
 use crate::model::compressor::Compressor;
 use crate::model::indexer::Indexer;
 use crate::model::loader::Loader;
-use crate::model::official::{kv_row_quant, Proj};
+use crate::model::official::{head_norm_bf16, kv_row_quant, Proj};
 use crate::model::rope::RopeTable;
 use crate::precision::Precision;
 
@@ -116,7 +116,12 @@ impl<B: Backend> Attention<B> {
         // Under the official quantisation, FP8/FP4 projections see e4m3 inputs (`Proj::linear`).
         let q_res = act(be.rms_norm(&act(self.wq_a.linear(be, x, prec))?, Some(&self.q_norm), self.eps))?;
         let q = be.reshape(&act(self.wq_b.linear(be, &q_res, prec))?, &[t, h, hd])?;
-        let q = act(be.rope(&act(be.rms_norm(&q, None, self.eps))?, &angles.cos, &angles.sin, false))?;
+        let q = if prec.bf16_head_norm() {
+            head_norm_bf16(be, &q, self.eps)?
+        } else {
+            act(be.rms_norm(&q, None, self.eps))?
+        };
+        let q = act(be.rope(&q, &angles.cos, &angles.sin, false))?;
 
         // The single shared key/value head, appended to the window rows in place.
         let kv = act(be.rms_norm(&act(self.wkv.linear(be, x, prec))?, Some(&self.kv_norm), self.eps))?;

@@ -6,7 +6,8 @@
 //! and does nothing unless the precision simulates the quantisation.
 
 use crate::act_quant::FakeQuant;
-use crate::backend::Backend;
+use crate::backend::DeviceTensor;
+use crate::backend::{Backend, BinaryOp, ReduceOp, UnaryOp};
 use crate::error::Result;
 use crate::precision::Precision;
 
@@ -46,4 +47,18 @@ pub fn kv_row_quant<B: Backend>(be: &B, rows: &B::Tensor, rope: usize, prec: Pre
 pub fn rotate_and_quantise<B: Backend>(be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
     let rotated = prec.act_of(be, be.hadamard(x))?;
     be.fake_quant(&rotated, FakeQuant::INDEXER)
+}
+
+/// The per-head query norm as the official code computes it on a BF16 query `q` `[T, H, d]`:
+/// `q *= rsqrt(q.square().mean(-1) + eps)` in BF16 arithmetic, every step's result cast (the
+/// squares, their mean, the sum with eps, the rsqrt, the product), each step computed in f32
+/// as torch's BF16 ops do. Used by `official` ([`Precision::bf16_head_norm`]); the other modes
+/// normalise in f32 (`rms_norm`) and cast once.
+pub fn head_norm_bf16<B: Backend>(be: &B, q: &B::Tensor, eps: f32) -> Result<B::Tensor> {
+    let axis = q.shape().len().saturating_sub(1);
+    let squares = be.round_to_bf16(&be.unary(q, UnaryOp::Square)?)?;
+    let mean = be.round_to_bf16(&be.reduce(&squares, axis, ReduceOp::Mean)?)?;
+    let shifted = be.round_to_bf16(&be.affine(&mean, 1.0, eps)?)?;
+    let scale = be.round_to_bf16(&be.unary(&shifted, UnaryOp::Rsqrt)?)?;
+    be.round_to_bf16(&be.binary(q, &scale, BinaryOp::Mul)?)
 }
