@@ -151,13 +151,13 @@ fn report(
 /// ulp (2^-7 to 2^-6 of itself), and a few such flips per block are expected between any two
 /// backends. `official-f32` has no BF16 rounding, so backends agree to f32 noise (1e-7 on the
 /// fixtures) until a value lands on the other side of an e4m3 rounding tie, which moves it by an
-/// e4m3 ulp (2^-4 to 2^-3 of itself) and the logits by 1e-3 to 1e-1: 1e-2 catches a wrong
-/// kernel and lets the rarer small flips through.
+/// e4m3 ulp (2^-4 to 2^-3 of itself) and the blocks after it by 1e-3 to 1e-1 (CPU against the
+/// Ascend emulator on 200 tokens of `official_qsim`: 1.4e-7 at layer 0, 1.7e-2 at layer 2), so
+/// it gets the bf16 tolerance too.
 pub fn default_tolerance(precision: Precision) -> f64 {
     match precision {
         Precision::F32 => 1e-4,
-        Precision::Bf16 | Precision::Official => 5e-2,
-        Precision::OfficialF32 => 1e-2,
+        Precision::Bf16 | Precision::Official | Precision::OfficialF32 => 5e-2,
     }
 }
 

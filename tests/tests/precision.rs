@@ -52,9 +52,9 @@ const BF16: Budget =
 
 /// `official` against the unquantised float64 references (measured on the 7 f32 fixtures: first
 /// layer ≤ 7.3e-2, rms ≤ 0.52, max ≤ 0.89, top-1 74.4%, widest margin among disagreements 0.36
-/// of max|logit|, on the 300-token `official` case). e4m3 keeps 4 significant bits (a rounding moves a value by up to 2⁻⁴ of
-/// itself, 8× BF16's) and the indexer's e2m1 2 bits, so on these random-weight models far more
-/// top-k choices flip than in bf16; the budget keeps ~1.5× the measured errors (an rms of 1.0
+/// of max|logit|, on the 300-token `official` case). e4m3 keeps 4 significant bits (a rounding
+/// moves a value by up to 2⁻⁴ of itself, 8× BF16's) and the indexer's e2m1 2 bits, so on these
+/// random-weight models far more top-k choices flip than in bf16; the budget keeps ~1.5× the measured errors (an rms of 1.0
 /// would let all-zero logits through) and a clear margin of 0.6. What checks the simulation
 /// itself is `tests/official_quant.rs` (1e-4 against the generator's own simulation); this
 /// budget documents and bounds its effect.
