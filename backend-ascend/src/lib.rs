@@ -664,6 +664,11 @@ impl Backend for AscendBackend {
 
     /// One device block, zeroed on the stream (aclrtMemsetAsync); F32 rows as ACL_FLOAT, BF16
     /// rows as ACL_BF16. The fp8 format is refused (see `pool`).
+    /// fp8 rows are not implemented yet (they need the 950's FLOAT8_E4M3FN operators).
+    fn supports_row_format(&self, format: RowFormat) -> bool {
+        !matches!(format, RowFormat::Fp8 { .. })
+    }
+
     fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<AscendPool> {
         self.new_pool(rows, width, format)
     }

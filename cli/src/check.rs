@@ -177,7 +177,10 @@ pub fn run(
         ids.unwrap_or_else(|| (0..200u64).map(|i| (((i * 2654435761) >> 7) % cfg.vocab_size as u64) as u32).collect());
     match kv.kv_dtype_arg {
         Some(dtype) => println!("precision: {}, decoding state: {dtype} rows", kv.precision),
-        None => println!("precision: {}, decoding state: the precision's default rows on each backend", kv.precision),
+        None if kv.precision.simulates_quant() => {
+            println!("precision: {}, decoding state: the precision's default rows on each backend", kv.precision)
+        }
+        None => println!("precision: {}, decoding state: f32 rows", kv.precision),
     }
     let mut runs = vec![];
     for &b in backends {

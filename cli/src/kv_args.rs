@@ -20,10 +20,10 @@ use dsv4_core::{Backend, ModelConfig, Precision};
 pub struct KvArgs {
     /// Activation precision: f32 (every activation f32, the conformance reference); bf16
     /// (what a production deployment computes: BF16 residual stream and sub-layer inputs and
-    /// outputs, f32 accumulation, f32 norms, router and mHC); official (bf16 plus the official
-    /// inference's quantisation simulation: e4m3 inputs of FP8/FP4 matrices, Hadamard + FP4
-    /// indexer queries and keys, fp8 KV rows); official-f32 (that simulation on f32
-    /// activations). See docs/precision.md for the rounding points and the accuracy budgets.
+    /// outputs, f32 accumulation, f32 norms, router and mHC); official (bf16 plus what DeepSeek's
+    /// own inference computes on top: e4m3 inputs of FP8/FP4 matrices, the routing weight before
+    /// w2, fp8 KV rows, Hadamard + FP4 indexer queries and keys, BF16 index scores, the query
+    /// norm in BF16 arithmetic); official-f32 (the quantisation steps on f32 activations). See docs/precision.md for the rounding points and the accuracy budgets.
     /// Weights are used in their stored form in every mode.
     #[arg(long, value_name = "f32|bf16|official|official-f32", default_value = "f32")]
     pub precision: Precision,

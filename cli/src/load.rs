@@ -183,11 +183,16 @@ pub fn load_model_with_memory<B: Backend>(
         SAID.call_once(|| {
             eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)");
             let (linears, low_bit) = model.low_bit_linears;
-            if precision.simulates_quant() && low_bit < linears {
+            if precision.simulates_quant() && low_bit == 0 {
                 eprintln!(
-                    "precision: {low_bit} of the {linears} matrices whose input the official inference quantises are \
-                     stored FP8/FP4 in this checkpoint; only those get e4m3 inputs (the KV and indexer steps apply \
-                     everywhere)"
+                    "precision: this checkpoint stores none of its {linears} projection matrices FP8/FP4, so no input \
+                     gets the official e4m3 quantisation (which applies to FP8/FP4 matrices only); the KV, indexer and \
+                     expert-order steps still apply"
+                );
+            } else if precision.simulates_quant() && low_bit < linears {
+                eprintln!(
+                    "precision: {low_bit} of this checkpoint's {linears} projection matrices are stored FP8/FP4; only \
+                     their inputs get the official e4m3 quantisation"
                 );
             }
         });

@@ -150,6 +150,13 @@ pub trait Backend: Send + Sync {
     /// Human-readable description of the device (name, memory).
     fn describe(&self) -> String;
 
+    /// Whether [`Self::alloc_pool`] takes rows in `format` (a capability, not a memory check).
+    /// Every backend takes `f32` and `bf16` rows.
+    fn supports_row_format(&self, format: RowFormat) -> bool {
+        let _ = format;
+        true
+    }
+
     /// Bytes of device memory free now (what a fraction given to `--kv-cache-memory` is taken
     /// of, and on the CPU backend what `--weight-memory auto` checks the checkpoint against),
     /// or None when the backend cannot tell.
@@ -469,7 +476,35 @@ pub mod composed {
         let (t, nh, dh) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let n = key_rows.numel();
         let keys = be.pool_read(keys, key_rows)?; // [N, dI]
-        let keys = &keys;
+                                                  // Query rows in blocks, so that the `[rows, nI, N]` scores stay within ~64 MiB of f32
+                                                  // however long the prompt: each row's picks depend on that row alone.
+        let block = ((16usize << 20) / (nh * n).max(1)).clamp(1, t.max(1));
+        let mut picks = Vec::with_capacity(t * k);
+        for r0 in (0..t).step_by(block) {
+            let rows_here = block.min(t - r0);
+            let qb = be.narrow(q, 0, r0, rows_here)?;
+            let wb = be.narrow(weights, 0, r0, rows_here)?;
+            picks.extend(select_block(be, &qb, &keys, &rows, &wb, &valid[r0..r0 + rows_here], k, offset, form, dh)?);
+        }
+        be.upload_index(&picks, &[t, k])
+    }
+
+    /// [`indexer_select`] of one block of query rows (`q` `[t, nI, dI]`), keys already read
+    /// (`[N, dI]`, pool rows `rows`): the `[t, k]` picks as host pool rows.
+    #[allow(clippy::too_many_arguments)]
+    fn select_block<B: Backend + ?Sized>(
+        be: &B,
+        q: &B::Tensor,
+        keys: &B::Tensor,
+        rows: &[i32],
+        weights: &B::Tensor,
+        valid: &[Range<usize>],
+        k: usize,
+        offset: i32,
+        form: IndexScores,
+        dh: usize,
+    ) -> Result<Vec<i32>> {
+        let (t, nh, n) = (q.shape()[0], q.shape()[1], rows.len());
         let weights = be.reshape(weights, &[t, nh, 1])?;
         let scores = match form {
             IndexScores::F32 => {
@@ -501,7 +536,7 @@ pub mod composed {
                 host_idx[i] = rows[host_idx[i] as usize] + offset;
             }
         }
-        be.upload_index(&host_idx, &[t, k])
+        Ok(host_idx)
     }
 
     /// The definition of [`Backend::expert_ffn`], and of a routed expert under the official

@@ -118,7 +118,7 @@ impl Precision {
         use crate::kv::{KvDtype, RowFormat};
         if !self.simulates_quant() {
             KvDtype::F32
-        } else if be.alloc_pool(1, 2, RowFormat::Fp8 { rope: 0 }).is_ok() {
+        } else if be.supports_row_format(RowFormat::Fp8 { rope: 0 }) {
             KvDtype::Fp8
         } else {
             KvDtype::Bf16

@@ -25,6 +25,9 @@ macro_rules! forward_primitives {
         fn free_memory(&self) -> Option<usize> {
             self.$f.free_memory()
         }
+        fn supports_row_format(&self, format: $crate::backend::RowFormat) -> bool {
+            self.$f.supports_row_format(format)
+        }
         fn upload(&self, data: &[f32], shape: &[usize]) -> $crate::error::Result<Self::Tensor> {
             self.$f.upload(data, shape)
         }

@@ -185,6 +185,7 @@ profiled_backend! {
     untimed fn name(&self) -> &str;
     untimed fn describe(&self) -> String;
     untimed fn free_memory(&self) -> Option<usize>;
+    untimed fn supports_row_format(&self, format: RowFormat) -> bool;
 
     timed fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
     timed fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;

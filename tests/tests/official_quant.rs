@@ -137,3 +137,30 @@ fn bf16_index_scores_round_where_the_official_einsum_does() {
     // The trait's indexer_select is the f32 form (the CPU's fused kernel included).
     assert_eq!(be.download_index(&be.indexer_select(&q, &pool, &rows, &w, valid, 1, 0).unwrap()).unwrap(), vec![1]);
 }
+
+/// `official`'s per-head query norm is the official code's BF16 arithmetic, step for step: on
+/// values where one f32 norm and a single cast give another result, it matches a host
+/// evaluation that casts after the square, the mean, `+ eps`, the rsqrt and the product.
+#[test]
+fn head_norm_bf16_casts_after_every_step() {
+    use dsv4_core::model::official::head_norm_bf16;
+    use dsv4_core::precision::round_bf16;
+    let be = CpuBackend::new();
+    let (rows, d, eps) = (64usize, 16usize, 1e-6f32);
+    let mut rng = dsv4_core::test_data::Rng(5);
+    let x: Vec<f32> = (0..rows * d).map(|_| round_bf16(rng.f32() * 3.0 - 1.5)).collect();
+    let got = be.download(&head_norm_bf16(&be, &be.upload(&x, &[rows, 1, d]).unwrap(), eps).unwrap()).unwrap();
+    let mut differs_from_one_cast = 0;
+    for (r, row) in x.chunks(d).enumerate() {
+        let squares: Vec<f32> = row.iter().map(|v| round_bf16(v * v)).collect();
+        let mean = round_bf16(squares.iter().sum::<f32>() / d as f32);
+        let scale = round_bf16(1.0 / round_bf16(mean + eps).sqrt());
+        for (i, &v) in row.iter().enumerate() {
+            let want = round_bf16(v * scale);
+            assert_eq!(got[r * d + i], want, "row {r}, value {i}");
+            let one_cast = round_bf16(v / (row.iter().map(|u| u * u).sum::<f32>() / d as f32 + eps).sqrt());
+            differs_from_one_cast += usize::from(one_cast != want);
+        }
+    }
+    assert!(differs_from_one_cast > 0, "the inputs do not tell BF16 arithmetic from one cast");
+}

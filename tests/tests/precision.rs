@@ -181,6 +181,25 @@ fn official_fixtures_stay_within_the_budget() {
     fixture_budgets(&CpuBackend::new(), Precision::Official, &OFFICIAL);
 }
 
+/// The `official` budget on the Ascend backend (the emulator, bf16 state: it has no fp8 rows),
+/// and its logits against the CPU's: like against like.
+#[test]
+fn official_fixtures_on_the_ascend_emulator() {
+    dsv4_tests::use_ascend_emulator();
+    let ascend = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
+    let npu = fixture_budgets(&ascend, Precision::Official, &OFFICIAL);
+    let cpu = fixture_budgets(&CpuBackend::new(), Precision::Official, &OFFICIAL);
+    for ((name, a), (_, c)) in npu.iter().zip(&cpu) {
+        let vocab = a.len() / read_reference(&dsv4_tests::fixtures_dir().join(name)).input_ids.len();
+        let (agree, rows, _) = top1_agreement(a, c, vocab, f32::INFINITY);
+        println!(
+            "{name}: ascend official vs cpu official: max rel {:.2e}, rms rel {:.2e}, top-1 {agree}/{rows}",
+            max_rel_err(a, c),
+            rms_rel(a, c)
+        );
+    }
+}
+
 /// `official` on the `official_qsim*` fixtures, whose references simulate the quantisation in
 /// float64 (`official-f32`): what remains is BF16's effect, which must stay within the `bf16`
 /// budget against f32 (max rel, rms rel, clear margin); top-1 ≥ 75% over their 96 positions
