@@ -1,6 +1,6 @@
 //! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
 
-use dsv4_core::act_quant::{fake_quant_row, fake_quant_rows, hadamard_row};
+use dsv4_core::act_quant::{fake_quant_row, hadamard_row};
 use dsv4_core::backend::{
     composed, Backend, BinaryOp, DeviceTensor, ExpertWeights, FakeQuant, ReduceOp, RowFormat, UnaryOp,
 };
@@ -693,8 +693,8 @@ impl Backend for CpuBackend {
         checks::linear(self.name(), &x.shape, &e.w3.shape)?;
         let shape = checks::linear(self.name(), &hidden, &e.w2.shape)?;
         let m = x.numel() / e.w1.cols.max(1);
-        let xq = quantised_input(x, act, e.low_bit);
-        let job = FfnJob { x: xq.as_deref().unwrap_or(&x.data), x_bf16: x.bf16, m, expert: e, row_weights: None };
+        let xq = act.linear_input(self, x, e.low_bit)?;
+        let job = FfnJob { x: &xq.data, x_bf16: x.bf16, m, expert: e, row_weights: None };
         let y = expert_ffns(&[job], limit, act).pop().expect("one job");
         Ok(CpuTensor::new(shape, y).with_bf16(act.rounds_to_bf16()))
     }
@@ -854,11 +854,11 @@ impl Backend for CpuBackend {
         // Under the official quantisation each row is quantised once, for every low-bit expert,
         // and the routing weights multiply the SwiGLU outputs before w2 (then not again below).
         let official = act.simulates_quant();
-        let xq = quantised_input(x, act, routed.iter().any(|(e, _, _)| experts[*e].low_bit));
+        let xq = act.linear_input(self, x, routed.iter().any(|(e, _, _)| experts[*e].low_bit))?;
         let gathered: Vec<Vec<f32>> = routed
             .iter()
             .map(|(e, rows, _)| {
-                let src = if experts[*e].low_bit { xq.as_deref().unwrap_or(&x.data) } else { &x.data };
+                let src = if experts[*e].low_bit { &xq.data } else { &x.data };
                 let mut g = Vec::with_capacity(rows.len() * d);
                 rows.iter().for_each(|&r| g.extend_from_slice(&src[r * d..(r + 1) * d]));
                 g
@@ -903,17 +903,6 @@ impl Backend for CpuBackend {
         let data = idx.data.iter().map(|&i| if i == -1 { -1 } else { i + offset }).collect();
         Ok(CpuIndex::new(idx.shape.clone(), data))
     }
-}
-
-/// `x`'s values e4m3-quantised per row (blocks of 128) when `act` simulates the official
-/// quantisation and the weights are low-bit (`Precision::linear_input` without the tensor
-/// round trip); None when the input goes in unchanged.
-fn quantised_input(x: &CpuTensor, act: Precision, low_bit: bool) -> Option<Vec<f32>> {
-    (act.simulates_quant() && low_bit).then(|| {
-        let mut data = x.data.to_vec();
-        fake_quant_rows(&mut data, x.shape.last().copied().unwrap_or(1), FakeQuant::LINEAR_INPUT);
-        data
-    })
 }
 
 #[cfg(test)]

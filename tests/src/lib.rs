@@ -120,6 +120,16 @@ pub fn read_reference(case: &Path) -> Reference {
     }
 }
 
+/// [`max_rel_err`] of every traced layer output against the reference's `layer_out`.
+pub fn layer_errors<B: Backend>(be: &B, trace: &Trace<B>, reference: &Reference) -> Vec<f64> {
+    trace
+        .layers
+        .iter()
+        .zip(&reference.layer_out)
+        .map(|(got, want)| max_rel_err(&be.download(got).unwrap(), want))
+        .collect()
+}
+
 /// max |a - b| / max |b|: the error measure of the conformance suite.
 pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
@@ -218,12 +228,7 @@ pub fn check_every_fixture<B: Backend>(be: &B, tolerance: f64) {
         let logits = model.forward_traced(be, &batch, Some(&mut trace)).unwrap();
         let logits = be.download(&logits).unwrap();
         let err = max_rel_err(&logits, &reference.logits);
-        let per_layer: Vec<String> = trace
-            .layers
-            .iter()
-            .zip(&reference.layer_out)
-            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
-            .collect();
+        let per_layer: Vec<String> = layer_errors(be, &trace, &reference).iter().map(|e| format!("{e:.1e}")).collect();
         println!(
             "{} {name}: n={} max rel err {err:.2e}; per layer {per_layer:?}",
             be.describe(),

@@ -15,7 +15,9 @@ use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::kv::KvDtype;
 use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, Precision};
-use dsv4_tests::{chunks, kv_config, load_model, max_rel_err, official_cases, read_reference, run_in_steps_with};
+use dsv4_tests::{
+    chunks, kv_config, layer_errors, load_model, max_rel_err, official_cases, read_reference, run_in_steps_with,
+};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -34,12 +36,7 @@ fn check_cases<B: Backend>(be: &B, kv: KvDtype) {
         let mut trace = Trace::default();
         let logits = be.download(&model.forward_with(be, &batch, kv, Some(&mut trace)).unwrap()).unwrap();
         let err = max_rel_err(&logits, &r.logits);
-        let layers: Vec<String> = trace
-            .layers
-            .iter()
-            .zip(&r.layer_out)
-            .map(|(got, want)| format!("{:.1e}", max_rel_err(&be.download(got).unwrap(), want)))
-            .collect();
+        let layers: Vec<String> = layer_errors(be, &trace, &r).iter().map(|e| format!("{e:.1e}")).collect();
         println!("{} {name}: official-f32, {kv} state, whole prompt: logits {err:.2e}, layers {layers:?}", be.name());
         assert!(err <= TOLERANCE, "{name}: official-f32 logits {err:.3e} > {TOLERANCE:.0e} (layers {layers:?})");
 

@@ -25,7 +25,7 @@ use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::config::{AttentionKind, RoutingKind};
 use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, Model, Precision};
-use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
+use dsv4_tests::{fixture_cases, layer_errors, load_model, max_rel_err, read_reference};
 
 /// What a reduced-precision run must keep against an f32 (float64) reference.
 struct Budget {
@@ -122,12 +122,7 @@ fn fixture_budgets<B: Backend>(be: &B, prec: Precision, budget: &Budget) -> Vec<
         let scale = reference.logits.iter().fold(0f32, |m, &v| m.max(v.abs()));
         let (agree, rows, clear_misses) =
             top1_agreement(&logits, &reference.logits, reference.vocab, budget.clear_margin * scale);
-        let layer_errs: Vec<f64> = trace
-            .layers
-            .iter()
-            .zip(&reference.layer_out)
-            .map(|(got, want)| max_rel_err(&be.download(got).unwrap(), want))
-            .collect();
+        let layer_errs = layer_errors(be, &trace, &reference);
         let layers: Vec<String> = layer_errs.iter().map(|e| format!("{e:.1e}")).collect();
         let cfg = &model.cfg;
         if cfg.attention[0] == AttentionKind::Sliding && cfg.routing[0] == RoutingKind::Hash {
@@ -185,19 +180,7 @@ fn official_fixtures_stay_within_the_budget() {
 /// and its logits against the CPU's: like against like.
 #[test]
 fn official_fixtures_on_the_ascend_emulator() {
-    dsv4_tests::use_ascend_emulator();
-    let ascend = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
-    let npu = fixture_budgets(&ascend, Precision::Official, &OFFICIAL);
-    let cpu = fixture_budgets(&CpuBackend::new(), Precision::Official, &OFFICIAL);
-    for ((name, a), (_, c)) in npu.iter().zip(&cpu) {
-        let vocab = a.len() / read_reference(&dsv4_tests::fixtures_dir().join(name)).input_ids.len();
-        let (agree, rows, _) = top1_agreement(a, c, vocab, f32::INFINITY);
-        println!(
-            "{name}: ascend official vs cpu official: max rel {:.2e}, rms rel {:.2e}, top-1 {agree}/{rows}",
-            max_rel_err(a, c),
-            rms_rel(a, c)
-        );
-    }
+    emulator_against_cpu(Precision::Official, &OFFICIAL);
 }
 
 /// `official` on the `official_qsim*` fixtures, whose references simulate the quantisation in
@@ -236,15 +219,21 @@ fn official_against_the_simulated_references_is_within_the_bf16_budget() {
 /// bf16 logits: like against like.
 #[test]
 fn bf16_fixtures_on_the_ascend_emulator() {
+    emulator_against_cpu(Precision::Bf16, &BF16);
+}
+
+/// [`fixture_budgets`] in `prec` on the Ascend emulator and on the CPU, then the emulator's
+/// logits against the CPU's, per case (printed: the budgets are what is judged).
+fn emulator_against_cpu(prec: Precision, budget: &Budget) {
     dsv4_tests::use_ascend_emulator();
     let ascend = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
-    let npu = fixture_budgets(&ascend, Precision::Bf16, &BF16);
-    let cpu = fixture_budgets(&CpuBackend::new(), Precision::Bf16, &BF16);
+    let npu = fixture_budgets(&ascend, prec, budget);
+    let cpu = fixture_budgets(&CpuBackend::new(), prec, budget);
     for ((name, a), (_, c)) in npu.iter().zip(&cpu) {
         let vocab = a.len() / read_reference(&dsv4_tests::fixtures_dir().join(name)).input_ids.len();
         let (agree, rows, _) = top1_agreement(a, c, vocab, f32::INFINITY);
         println!(
-            "{name}: ascend bf16 vs cpu bf16: max rel {:.2e}, rms rel {:.2e}, top-1 {agree}/{rows}",
+            "{name}: ascend {prec} vs cpu {prec}: max rel {:.2e}, rms rel {:.2e}, top-1 {agree}/{rows}",
             max_rel_err(a, c),
             rms_rel(a, c)
         );
