@@ -669,6 +669,7 @@ impl Backend for CpuBackend {
         idx: &CpuIndex,
         sinks: &CpuTensor,
         scale: f32,
+        _act: Precision,
     ) -> Result<CpuTensor> {
         crate::fused::sparse_attention(q, kv, idx, sinks, scale)
     }
@@ -683,6 +684,7 @@ impl Backend for CpuBackend {
         valid: &[std::ops::Range<usize>],
         k: usize,
         offset: i32,
+        _act: Precision,
     ) -> Result<CpuIndex> {
         crate::fused::indexer_select(q, keys, key_rows, weights, valid, k, offset)
     }

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use dsv4_backend_cpu::{CpuBackend, CpuIndex, CpuPool, CpuTensor};
-use dsv4_core::backend::{Backend, RowFormat};
+use dsv4_core::backend::{Backend, Precision, RowFormat};
 use dsv4_core::test_data::Rng;
 
 fn pool(be: &CpuBackend, rows: usize, width: usize, format: RowFormat, rng: &mut Rng) -> CpuPool {
@@ -68,7 +68,7 @@ fn indexer(be: &CpuBackend, format: RowFormat, n: usize, rng: &mut Rng) -> f64 {
     let q = tensor(be, rng, &[1, nh, dh]);
     let w = tensor(be, rng, &[1, nh]);
     time(|| {
-        be.indexer_select(&q, &keys, &rows, &w, std::slice::from_ref(&(0..n)), k.min(n), 0).unwrap();
+        be.indexer_select(&q, &keys, &rows, &w, std::slice::from_ref(&(0..n)), k.min(n), 0, Precision::F32).unwrap();
     })
 }
 
@@ -81,7 +81,7 @@ fn attention(be: &CpuBackend, format: RowFormat, n: usize, rng: &mut Rng) -> f64
     let q = tensor(be, rng, &[1, h, d]);
     let sinks = tensor(be, rng, &[h]);
     time(|| {
-        be.sparse_attention(&q, &kv, &idx, &sinks, (d as f32).powf(-0.5)).unwrap();
+        be.sparse_attention(&q, &kv, &idx, &sinks, (d as f32).powf(-0.5), Precision::F32).unwrap();
     })
 }
 

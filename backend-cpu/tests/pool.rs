@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use dsv4_backend_cpu::{CpuBackend, CpuIndex, CpuPool, CpuTensor};
-use dsv4_core::backend::{Backend, DevicePool, DeviceTensor, RowFormat};
+use dsv4_core::backend::{Backend, DevicePool, DeviceTensor, Precision, RowFormat};
 use dsv4_core::primitives_only::PrimitivesOnly;
 
 const EPS: f64 = f32::EPSILON as f64;
@@ -297,8 +297,10 @@ fn sparse_attention_over_bf16_and_fp8_pools_matches_the_composition() {
     let (qt, it, st) = (tensor(&cpu, &q, &[t, h, d]), idx(&cpu, &ids, &[t, k]), tensor(&cpu, &sinks, &[h]));
     for format in FORMATS {
         let pool = pool_with(&cpu, format, rows, &slots, &kv);
-        let fused = cpu.download(&cpu.sparse_attention(&qt, &pool, &it, &st, scale).unwrap()).unwrap();
-        let want = composed.download(&composed.sparse_attention(&qt, &pool, &it, &st, scale).unwrap()).unwrap();
+        let fused = cpu.download(&cpu.sparse_attention(&qt, &pool, &it, &st, scale, Precision::F32).unwrap()).unwrap();
+        let want = composed
+            .download(&composed.sparse_attention(&qt, &pool, &it, &st, scale, Precision::F32).unwrap())
+            .unwrap();
         let decoded = read_all(&cpu, &pool);
         if format != RowFormat::F32 {
             assert_ne!(bits(&decoded[9 * d..10 * d]), bits(&kv[..d]), "{format:?} rounds the keys");
@@ -306,7 +308,8 @@ fn sparse_attention_over_bf16_and_fp8_pools_matches_the_composition() {
         // The fused kernel reads exactly the decoded rows: over an f32 pool holding the decoded
         // values it gives the same bits.
         let f32_pool = pool_with(&cpu, RowFormat::F32, rows, &(0..rows as i32).collect::<Vec<_>>(), &decoded);
-        let again = cpu.download(&cpu.sparse_attention(&qt, &f32_pool, &it, &st, scale).unwrap()).unwrap();
+        let again =
+            cpu.download(&cpu.sparse_attention(&qt, &f32_pool, &it, &st, scale, Precision::F32).unwrap()).unwrap();
         assert_eq!(bits(&fused), bits(&again), "{format:?}: fused over the decoded f32 rows");
         // Bound. The logits, their max and their exps are the same f32 values on both sides
         // (see above), so each side differs from the exact function of those exps only by
@@ -348,10 +351,12 @@ fn sparse_attention_over_bf16_and_fp8_pools_matches_the_composition() {
         // Key indices outside the pool are errors.
         for bad in [rows as i32, -2] {
             let bad = idx(&cpu, &[vec![bad], vec![0; k - 1]].concat().repeat(t), &[t, k]);
-            assert!(cpu.sparse_attention(&qt, &pool, &bad, &st, scale).is_err(), "{format:?}");
+            assert!(cpu.sparse_attention(&qt, &pool, &bad, &st, scale, Precision::F32).is_err(), "{format:?}");
         }
         let narrow = pool_with(&cpu, format, 2, &[0, 1], &vec![0.5; 2 * (d - 8)]);
-        assert!(cpu.sparse_attention(&qt, &narrow, &idx(&cpu, &vec![0; t * k], &[t, k]), &st, scale).is_err());
+        assert!(cpu
+            .sparse_attention(&qt, &narrow, &idx(&cpu, &vec![0; t * k], &[t, k]), &st, scale, Precision::F32)
+            .is_err());
     }
 }
 
@@ -400,9 +405,9 @@ fn indexer_select_over_bf16_and_fp8_pools_matches_the_composition() {
             let row = &decoded[r as usize * dh..(r as usize + 1) * dh];
             assert!(row.iter().all(|v| v.fract() == 0.0), "{format:?}: row {r} decodes to integers: {row:?}");
         }
-        let fused = cpu.indexer_select(&qt, &pool, &kr, &wt, &valid, k, offset).unwrap();
+        let fused = cpu.indexer_select(&qt, &pool, &kr, &wt, &valid, k, offset, Precision::F32).unwrap();
         let fused = cpu.download_index(&fused).unwrap();
-        let want = composed.indexer_select(&qt, &pool, &kr, &wt, &valid, k, offset).unwrap();
+        let want = composed.indexer_select(&qt, &pool, &kr, &wt, &valid, k, offset, Precision::F32).unwrap();
         assert_eq!(fused, composed.download_index(&want).unwrap(), "{format:?}");
         // Picks are pool rows + offset, within each query's valid keys, and -1 past them.
         for (ti, r) in valid.iter().enumerate() {
@@ -424,16 +429,19 @@ fn indexer_select_over_bf16_and_fp8_pools_matches_the_composition() {
         }
         // The fused kernel reads exactly the decoded rows: same picks over an f32 pool of them.
         let f32_pool = pool_with(&cpu, RowFormat::F32, rows, &(0..rows as i32).collect::<Vec<_>>(), &decoded);
-        let again = cpu.indexer_select(&qt, &f32_pool, &kr, &wt, &valid, k, offset).unwrap();
+        let again = cpu.indexer_select(&qt, &f32_pool, &kr, &wt, &valid, k, offset, Precision::F32).unwrap();
         assert_eq!(fused, cpu.download_index(&again).unwrap(), "{format:?}: over the decoded f32 rows");
     }
     // Over the f32 keys themselves the noise breaks the tie the other way for some query:
     // the BF16/FP8 results above really come from the decoded rows.
     let f32_pool = pool_with(&cpu, RowFormat::F32, rows, &key_rows, &keys);
     let bf16_pool = pool_with(&cpu, RowFormat::Bf16, rows, &key_rows, &keys);
-    let exact = cpu.download_index(&cpu.indexer_select(&qt, &f32_pool, &kr, &wt, &valid, k, offset).unwrap()).unwrap();
-    let rounded =
-        cpu.download_index(&cpu.indexer_select(&qt, &bf16_pool, &kr, &wt, &valid, k, offset).unwrap()).unwrap();
+    let exact = cpu
+        .download_index(&cpu.indexer_select(&qt, &f32_pool, &kr, &wt, &valid, k, offset, Precision::F32).unwrap())
+        .unwrap();
+    let rounded = cpu
+        .download_index(&cpu.indexer_select(&qt, &bf16_pool, &kr, &wt, &valid, k, offset, Precision::F32).unwrap())
+        .unwrap();
     assert_ne!(exact, rounded, "the f32 noise changes some pick");
 }
 
@@ -446,17 +454,22 @@ fn indexer_select_checks_key_rows_against_the_pool() {
     let (qt, wt) = (tensor(&cpu, &rng.vec(t * nh * dh), &[t, nh, dh]), tensor(&cpu, &[1.0; 4], &[t, nh]));
     let valid = vec![0..3, 0..3];
     for (rows, bad) in [([0, 5, 1], "5"), ([0, -1, 1], "-1")] {
-        let e = cpu.indexer_select(&qt, &pool, &idx(&cpu, &rows, &[n]), &wt, &valid, 2, 0).unwrap_err().to_string();
+        let e = cpu
+            .indexer_select(&qt, &pool, &idx(&cpu, &rows, &[n]), &wt, &valid, 2, 0, Precision::F32)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("indexer_select") && e.contains(bad), "{e}");
     }
     // A valid range past the N keys, key rows that are not 1-D, and a pool of another width.
     let rows = idx(&cpu, &[4, 3, 2], &[n]);
-    assert!(cpu.indexer_select(&qt, &pool, &rows, &wt, &[0..3, 0..4], 2, 0).is_err());
-    assert!(cpu.indexer_select(&qt, &pool, &idx(&cpu, &[4, 3, 2], &[1, 3]), &wt, &valid, 2, 0).is_err());
+    assert!(cpu.indexer_select(&qt, &pool, &rows, &wt, &[0..3, 0..4], 2, 0, Precision::F32).is_err());
+    assert!(cpu
+        .indexer_select(&qt, &pool, &idx(&cpu, &[4, 3, 2], &[1, 3]), &wt, &valid, 2, 0, Precision::F32)
+        .is_err());
     let wide = pool_with(&cpu, RowFormat::Bf16, 3, &[0, 1, 2], &rng.vec(n * 2 * dh));
-    assert!(cpu.indexer_select(&qt, &wide, &rows, &wt, &valid, 2, 0).is_err());
+    assert!(cpu.indexer_select(&qt, &wide, &rows, &wt, &valid, 2, 0, Precision::F32).is_err());
     // Rows in any order: picks are the rows + offset.
-    let got = cpu.indexer_select(&qt, &pool, &rows, &wt, &valid, 3, 10).unwrap();
+    let got = cpu.indexer_select(&qt, &pool, &rows, &wt, &valid, 3, 10, Precision::F32).unwrap();
     let mut picks = cpu.download_index(&got).unwrap();
     picks.sort();
     assert_eq!(picks, vec![12, 12, 13, 13, 14, 14]);

@@ -30,9 +30,10 @@ pub struct KvArgs {
     /// Row format of the decoding state: f32 (the conformance reference), bf16, or fp8 (the
     /// official inference's KV numerics for attention rows: e4m3 with one power-of-two scale per
     /// 64 channels, rotary channels bf16; 584 bytes per V4 row instead of 2048; indexer keys bf16).
-    /// Default: f32; with --precision official / official-f32 fp8 (their KV rows are quantised
-    /// as fp8 rows anyway, so bf16 or f32 states hold the same values in more memory), or bf16 on
-    /// a backend without fp8 rows (Ascend).
+    /// Default: the smallest format that holds the precision's rows exactly: f32 with --precision
+    /// f32; bf16 with bf16 (its rows are BF16 values already); fp8 with official / official-f32
+    /// (their KV rows are quantised as fp8 rows anyway), or bf16 on a backend without fp8 rows
+    /// (Ascend).
     #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
     pub kv_dtype_arg: Option<KvDtype>,
     /// Memory for the decoding state: bytes with an optional unit (8GiB, 512MiB, 2G, 1000000;

@@ -325,6 +325,10 @@ pub trait Backend: Send + Sync {
     /// head weights `[T, nI]` (already scaled by `nI^-1/2`); `valid[t]` = the keys (0..N) query t
     /// may see. Score `Σ_h w_h · relu(q_h·k)·dI^-1/2`; returns the top-`k` keys per query as
     /// `[T, k]` pool rows `key_rows[n] + offset`, and `-1` for picks outside `valid[t]`.
+    ///
+    /// `act` is the caller's activation precision: a backend may use a kernel that takes BF16
+    /// queries and keys when it is not `F32` (Ascend's `aclnnLightningIndexerV2`); under `F32`
+    /// the scores must keep f32 inputs.
     #[allow(clippy::too_many_arguments)]
     fn indexer_select(
         &self,
@@ -335,13 +339,19 @@ pub trait Backend: Send + Sync {
         valid: &[Range<usize>],
         k: usize,
         offset: i32,
+        act: Precision,
     ) -> Result<Self::Index> {
+        let _ = act;
         composed::indexer_select(self, q, keys, key_rows, weights, valid, k, offset, IndexScores::F32)
     }
 
     /// Attention of each query over an explicit key set, with a per-head sink (spec §B.4.6).
     /// q `[T, H, d]`, kv a pool of width d (K = V), idx `[T, K]` rows of kv (`-1` = none),
     /// sinks `[H]`. Returns `[T, H, d]`.
+    ///
+    /// `act` is the caller's activation precision: a backend may use a kernel that takes BF16
+    /// queries and keys when it is not `F32` (Ascend's `aclnnSparseFlashMla`); under `F32` the
+    /// result must keep f32 accuracy.
     fn sparse_attention(
         &self,
         q: &Self::Tensor,
@@ -349,26 +359,10 @@ pub trait Backend: Send + Sync {
         idx: &Self::Index,
         sinks: &Self::Tensor,
         scale: f32,
+        act: Precision,
     ) -> Result<Self::Tensor> {
-        crate::backend_checks::sparse_attention(
-            self.name(),
-            q.shape(),
-            kv.rows(),
-            kv.width(),
-            idx.shape(),
-            sinks.shape(),
-            None,
-        )?;
-        let (t, h, _d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-        let kk = idx.shape()[1];
-        let keys = self.pool_read(kv, idx)?; // [T, K, d]
-        let logits = self.affine(&self.matmul(q, &keys, true)?, scale, 0.0)?; // [T, H, K]
-        let mask = self.reshape(&self.index_mask(idx)?, &[t, 1, kk])?;
-        let logits = self.binary(&logits, &mask, BinaryOp::Add)?;
-        let sink = self.binary(&self.full(&[t, h, 1], 0.0)?, &self.reshape(sinks, &[1, h, 1])?, BinaryOp::Add)?;
-        let probs = self.softmax(&self.concat(&[&logits, &sink], 2)?, 2)?;
-        let probs = self.narrow(&probs, 2, 0, kk)?;
-        self.matmul(&probs, &keys, false)
+        let _ = act;
+        composed::sparse_attention(self, q, kv, idx, sinks, scale)
     }
 
     /// Clamped SwiGLU (spec §B.5 step 4): `silu(min(g, L)) · clamp(u, -L, L)`. The clamp is
@@ -443,6 +437,37 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::sparse_attention`]: gather the key rows, scaled scores,
+    /// `-inf` for `-1` slots, a softmax that includes the sink logit, then `P·V` (V = K).
+    pub fn sparse_attention<B: Backend + ?Sized>(
+        be: &B,
+        q: &B::Tensor,
+        kv: &B::Pool,
+        idx: &B::Index,
+        sinks: &B::Tensor,
+        scale: f32,
+    ) -> Result<B::Tensor> {
+        crate::backend_checks::sparse_attention(
+            be.name(),
+            q.shape(),
+            kv.rows(),
+            kv.width(),
+            idx.shape(),
+            sinks.shape(),
+            None,
+        )?;
+        let (t, h, _d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let kk = idx.shape()[1];
+        let keys = be.pool_read(kv, idx)?; // [T, K, d]
+        let logits = be.affine(&be.matmul(q, &keys, true)?, scale, 0.0)?; // [T, H, K]
+        let mask = be.reshape(&be.index_mask(idx)?, &[t, 1, kk])?;
+        let logits = be.binary(&logits, &mask, BinaryOp::Add)?;
+        let sink = be.binary(&be.full(&[t, h, 1], 0.0)?, &be.reshape(sinks, &[1, h, 1])?, BinaryOp::Add)?;
+        let probs = be.softmax(&be.concat(&[&logits, &sink], 2)?, 2)?;
+        let probs = be.narrow(&probs, 2, 0, kk)?;
+        be.matmul(&probs, &keys, false)
     }
 
     /// The definition of [`Backend::indexer_select`] (`form` = [`IndexScores::F32`]), and of the

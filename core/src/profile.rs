@@ -271,6 +271,7 @@ profiled_backend! {
         valid: &[Range<usize>],
         k: usize,
         offset: i32,
+        act: Precision,
     ) -> Result<Self::Index>;
     timed fn sparse_attention(
         &self,
@@ -279,6 +280,7 @@ profiled_backend! {
         idx: &Self::Index,
         sinks: &Self::Tensor,
         scale: f32,
+        act: Precision,
     ) -> Result<Self::Tensor>;
     timed fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor, limit: f32) -> Result<Self::Tensor>;
     timed fn expert_ffn(

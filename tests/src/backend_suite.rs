@@ -1312,6 +1312,7 @@ impl Attn {
             &upi(be, &self.idx(), &[t, k]),
             &up(be, &self.sinks, &[h]),
             self.scale(),
+            Precision::F32,
         )
     }
 
@@ -1478,6 +1479,7 @@ impl IndexerCase {
             &self.valid,
             self.k,
             self.offset,
+            Precision::F32,
         )
     }
 }
@@ -1531,6 +1533,7 @@ pub fn indexer_causality_at_window_boundaries<B: Backend>(be: &B) {
                 &valid,
                 k,
                 offset,
+                Precision::F32,
             )
             .unwrap();
         let got = downi(be, &got);
@@ -1971,29 +1974,37 @@ pub fn mismatched_shapes_are_errors<B: Backend>(be: &B) {
     // Fused ops: an error, from the op or from the primitive that cannot take the shapes.
     let (q, sinks, idx) = (t(&[5, 3, 3]), t(&[3]), ti(&[5, 2]));
     x.err("sparse_attention: q width 4, pool width 3", &[], || {
-        be.sparse_attention(&t(&[5, 3, 4]), &pool, &idx, &sinks, 1.0)
+        be.sparse_attention(&t(&[5, 3, 4]), &pool, &idx, &sinks, 1.0, Precision::F32)
     });
     x.err("sparse_attention: idx for 4 queries, 5 queries", &[], || {
-        be.sparse_attention(&q, &pool, &ti(&[4, 2]), &sinks, 1.0)
+        be.sparse_attention(&q, &pool, &ti(&[4, 2]), &sinks, 1.0, Precision::F32)
     });
-    x.err("sparse_attention: 2 sinks, 3 heads", &[], || be.sparse_attention(&q, &pool, &idx, &t(&[2]), 1.0));
-    x.err("sparse_attention: 2-D q", &[], || be.sparse_attention(&t(&[5, 3]), &pool, &idx, &sinks, 1.0));
-    x.err("sparse_attention: 1-D idx", &[], || be.sparse_attention(&q, &pool, &ti(&[5]), &sinks, 1.0));
+    x.err("sparse_attention: 2 sinks, 3 heads", &[], || {
+        be.sparse_attention(&q, &pool, &idx, &t(&[2]), 1.0, Precision::F32)
+    });
+    x.err("sparse_attention: 2-D q", &[], || {
+        be.sparse_attention(&t(&[5, 3]), &pool, &idx, &sinks, 1.0, Precision::F32)
+    });
+    x.err("sparse_attention: 1-D idx", &[], || be.sparse_attention(&q, &pool, &ti(&[5]), &sinks, 1.0, Precision::F32));
     let (iq, rows, iw) = (t(&[2, 2, 3]), ti(&[3]), t(&[2, 2]));
     x.err("indexer_select: 1 validity range, 2 queries", &[], || {
-        be.indexer_select(&iq, &pool, &rows, &iw, &[0..1, 0..2][..1], 1, 0)
+        be.indexer_select(&iq, &pool, &rows, &iw, &[0..1, 0..2][..1], 1, 0, Precision::F32)
     });
     x.err("indexer_select: weights [2, 3], 2 heads", &[], || {
-        be.indexer_select(&iq, &pool, &rows, &t(&[2, 3]), &[0..1, 0..2], 1, 0)
+        be.indexer_select(&iq, &pool, &rows, &t(&[2, 3]), &[0..1, 0..2], 1, 0, Precision::F32)
     });
     x.err("indexer_select: q width 4, pool width 3", &[], || {
-        be.indexer_select(&t(&[2, 2, 4]), &pool, &rows, &iw, &[0..1, 0..2], 1, 0)
+        be.indexer_select(&t(&[2, 2, 4]), &pool, &rows, &iw, &[0..1, 0..2], 1, 0, Precision::F32)
     });
-    x.err("indexer_select: 2-D q", &[], || be.indexer_select(&t(&[2, 6]), &pool, &rows, &iw, &[0..1, 0..2], 1, 0));
+    x.err("indexer_select: 2-D q", &[], || {
+        be.indexer_select(&t(&[2, 6]), &pool, &rows, &iw, &[0..1, 0..2], 1, 0, Precision::F32)
+    });
     x.err("indexer_select: 2-D key_rows", &[], || {
-        be.indexer_select(&iq, &pool, &ti(&[3, 1]), &iw, &[0..1, 0..2], 1, 0)
+        be.indexer_select(&iq, &pool, &ti(&[3, 1]), &iw, &[0..1, 0..2], 1, 0, Precision::F32)
     });
-    x.err("indexer_select: k 4 of 3 keys", &[], || be.indexer_select(&iq, &pool, &rows, &iw, &[0..3, 0..2], 4, 0));
+    x.err("indexer_select: k 4 of 3 keys", &[], || {
+        be.indexer_select(&iq, &pool, &rows, &iw, &[0..3, 0..2], 4, 0, Precision::F32)
+    });
     x.err("moe_route: k 9 of 8 experts", &[], || be.moe_route(&t(&[2, 8]), ScoringFunc::Sigmoid, None, None, 9, 1.0));
     x.err("moe_route: bias [7] for 8 experts", &[], || {
         be.moe_route(&t(&[2, 8]), ScoringFunc::Sigmoid, Some(&t(&[7])), None, 2, 1.0)
@@ -2071,17 +2082,17 @@ pub fn bad_indices_are_errors<B: Backend>(be: &B) {
     let (q, sinks) = (up(be, &[0.1; 18], &[2, 3, 3]), up(be, &[0.0; 3], &[3]));
     for bad in [4, -2] {
         x.err(&format!("sparse_attention: index {bad} of a 4-row pool"), &[], || {
-            be.sparse_attention(&q, &pool, &upi(be, &[0, 1, bad, -1], &[2, 2]), &sinks, 1.0)
+            be.sparse_attention(&q, &pool, &upi(be, &[0, 1, bad, -1], &[2, 2]), &sinks, 1.0, Precision::F32)
         });
     }
     let (iq, iw) = (up(be, &[0.1; 12], &[2, 2, 3]), up(be, &[1.0; 4], &[2, 2]));
     for bad in [4, -1] {
         x.err(&format!("indexer_select: key row {bad} of a 4-row pool"), &[], || {
-            be.indexer_select(&iq, &pool, &upi(be, &[0, bad], &[2]), &iw, &[0..1, 0..2], 1, 0)
+            be.indexer_select(&iq, &pool, &upi(be, &[0, bad], &[2]), &iw, &[0..1, 0..2], 1, 0, Precision::F32)
         });
     }
     x.err("indexer_select: validity range 0..3 of 2 keys", &[], || {
-        be.indexer_select(&iq, &pool, &upi(be, &[0, 1], &[2]), &iw, &[0..3, 0..2], 1, 0)
+        be.indexer_select(&iq, &pool, &upi(be, &[0, 1], &[2]), &iw, &[0..3, 0..2], 1, 0, Precision::F32)
     });
     let logits = up(be, &[0.0; 16], &[2, 8]);
     x.err("moe_route: hash id 8 of 8 experts", &[], || {

@@ -19,7 +19,7 @@ use std::ptr::null_mut;
 use dsv4_ascend_sys::*;
 use dsv4_backend_ascend::AscendBackend;
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::backend::{Backend, DevicePool, DeviceTensor, RowFormat};
+use dsv4_core::backend::{Backend, DevicePool, DeviceTensor, Precision, RowFormat};
 
 const TOLERANCE: f64 = 1e-6;
 const WIDTH: usize = 40;
@@ -234,6 +234,7 @@ fn sparse_attention_over_a_pool_matches_the_cpu_backend() {
                 &be.upload_index(&idx, &[t, k]).unwrap(),
                 &be.upload(&sinks, &[h]).unwrap(),
                 scale,
+                Precision::F32,
             )
             .unwrap();
         let c = cpu
@@ -243,6 +244,7 @@ fn sparse_attention_over_a_pool_matches_the_cpu_backend() {
                 &cpu.upload_index(&idx, &[t, k]).unwrap(),
                 &cpu.upload(&sinks, &[h]).unwrap(),
                 scale,
+                Precision::F32,
             )
             .unwrap();
         assert_eq!(a.shape(), [t, h, WIDTH]);
@@ -278,6 +280,7 @@ fn indexer_select_over_a_pool_matches_the_cpu_backend() {
                 &valid,
                 k,
                 offset,
+                Precision::F32,
             )
             .unwrap();
         let c = cpu
@@ -289,6 +292,7 @@ fn indexer_select_over_a_pool_matches_the_cpu_backend() {
                 &valid,
                 k,
                 offset,
+                Precision::F32,
             )
             .unwrap();
         assert_eq!(a.shape(), [t, k]);

@@ -132,7 +132,10 @@ fn bf16_index_scores_round_where_the_official_einsum_does() {
     assert_eq!(pick(IndexScores::F32), vec![1], "f32: 257 beats 256");
     assert_eq!(pick(IndexScores::Bf16), vec![0], "bf16: 257 rounds to 256 and the lower row wins the tie");
     // The trait's indexer_select is the f32 form (the CPU's fused kernel included).
-    assert_eq!(be.download_index(&be.indexer_select(&q, &pool, &rows, &w, valid, 1, 0).unwrap()).unwrap(), vec![1]);
+    assert_eq!(
+        be.download_index(&be.indexer_select(&q, &pool, &rows, &w, valid, 1, 0, Precision::F32).unwrap()).unwrap(),
+        vec![1]
+    );
 }
 
 /// `official`'s per-head query norm is the official code's BF16 arithmetic, step for step: on

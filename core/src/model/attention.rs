@@ -159,7 +159,7 @@ impl<B: Backend> Attention<B> {
                 }
             }
         };
-        let out = act(be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5)))?;
+        let out = act(be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5), prec))?;
 
         // Undo the value rotation at the query position, then the grouped output projection.
         let out = act(be.rope(&out, &angles.cos, &angles.sin, true))?;

@@ -74,6 +74,6 @@ impl<B: Backend> Indexer<B> {
             return composed::indexer_select(be, &q, keys, key_rows, &w, &valid, k, offset as i32, IndexScores::Bf16);
         }
         let w = prec.act_of(be, be.affine(&w, (self.n_heads as f32).powf(-0.5), 0.0))?;
-        be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32)
+        be.indexer_select(&q, keys, key_rows, &w, &valid, k, offset as i32, prec)
     }
 }
