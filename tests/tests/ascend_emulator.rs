@@ -51,7 +51,7 @@ fn atlas_a2_uses_grouped_matmul_for_the_experts() {
 fn grouped_matmul_in_one_expert_chunks_matches_the_reference() {
     let mut be = backend();
     be.set_grouped_matmul_budget(1);
-    for name in ["mixed_f32", "bf16"] {
+    for name in ["mixed_f32", "bf16", "fused_dims"] {
         let case = dsv4_tests::fixtures_dir().join(name);
         let model = dsv4_tests::load_model(&be, &case);
         let r = dsv4_tests::read_reference(&case);

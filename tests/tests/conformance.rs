@@ -31,7 +31,7 @@ fn default_fused_compositions_match_the_reference() {
 #[test]
 fn batched_sequences_match_their_solo_runs() {
     let be = CpuBackend::new();
-    for name in ["mixed_f32", "odd_hc2"] {
+    for name in ["mixed_f32", "odd_hc2", "fused_dims"] {
         let case = dsv4_tests::fixtures_dir().join(name);
         let model = load_model(&be, &case);
         let ids = read_reference(&case).input_ids;

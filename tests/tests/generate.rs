@@ -20,7 +20,7 @@ fn greedy(n: usize) -> GenerateOptions {
 #[test]
 fn greedy_generation_agrees_with_the_full_forward() {
     let be = CpuBackend::new();
-    for name in ["mixed_f32", "odd_hc2", "official"] {
+    for name in ["mixed_f32", "odd_hc2", "official", "fused_dims"] {
         let (model, ids) = load(&be, name);
         let prompt = &ids[..ids.len().min(40)];
         let mut session = dsv4_tests::session(&be, &model);
