@@ -425,6 +425,64 @@ aclnnStatus aclnnMoeGatingTopKV2GetWorkspaceSize(
     const aclTensor *expertIdxOut, const aclTensor *outOut, uint64_t *workspaceSize, aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnMoeGatingTopKV2);
 
+/** Load-balancing pre-pass of aclnnSparseFlashMla (AICPU; no numerics): writes the core split
+ * metaData (INT32 [1024]) from the sequence lengths (docs: attention/sparse_flash_mla_metadata/
+ * docs/aclnnSparseFlashMlaMetadata.md). */
+aclnnStatus aclnnSparseFlashMlaMetadataGetWorkspaceSize(
+    const aclTensor *cuSeqlensQOptional, const aclTensor *cuSeqlensOriKvOptional,
+    const aclTensor *cuSeqlensCmpKvOptional, const aclTensor *sequsedQOptional,
+    const aclTensor *sequsedOriKvOptional, const aclTensor *sequsedCmpKvOptional,
+    const aclTensor *cmpResidualKvOptional, const aclTensor *oriTopkLengthOptional,
+    const aclTensor *cmpTopkLengthOptional, int64_t numHeadsQ, int64_t numHeadsKv, int64_t headDim,
+    int64_t batchSize, int64_t maxSeqlenQ, int64_t maxSeqlenOriKv, int64_t maxSeqlenCmpKv, int64_t oriTopk,
+    int64_t cmpTopk, int64_t cmpRatio, int64_t oriMaskMode, int64_t cmpMaskMode, int64_t oriWinLeft,
+    int64_t oriWinRight, const char *layoutQOptional, const char *layoutKvOptional, bool hasOriKv, bool hasCmpKv,
+    const aclTensor *metaData, uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnSparseFlashMlaMetadata);
+
+/** Shared-KV (K = V) sparse attention with per-head sinks, D = 512, BF16/FP16 (docs: attention/
+ * sparse_flash_mla/docs/aclnnSparseFlashMla.md): SWA, CSA, HCA, or the "SWA sparse ori_kv"
+ * scenario dsv4 uses (oriKv + oriSparseIndices + oriTopkLength, oriMaskMode 0). */
+aclnnStatus aclnnSparseFlashMlaGetWorkspaceSize(
+    const aclTensor *q, const aclTensor *oriKvOptional, const aclTensor *cmpKvOptional,
+    const aclTensor *oriSparseIndicesOptional, const aclTensor *cmpSparseIndicesOptional,
+    const aclTensor *oriBlockTableOptional, const aclTensor *cmpBlockTableOptional,
+    const aclTensor *cuSeqlensQOptional, const aclTensor *cuSeqlensOriKvOptional,
+    const aclTensor *cuSeqlensCmpKvOptional, const aclTensor *sequsedQOptional,
+    const aclTensor *sequsedOriKvOptional, const aclTensor *sequsedCmpKvOptional,
+    const aclTensor *cmpResidualKvOptional, const aclTensor *oriTopkLengthOptional,
+    const aclTensor *cmpTopkLengthOptional, const aclTensor *sinksOptional, const aclTensor *metadataOptional,
+    double softmaxScale, int64_t cmpRatio, int64_t oriMaskMode, int64_t cmpMaskMode, int64_t oriWinLeft,
+    int64_t oriWinRight, char *layoutQOptional, char *layoutKvOptional, int64_t topkValueMode,
+    bool returnSoftmaxLse, const aclTensor *attnOutOut, const aclTensor *softmaxLseOutOptional,
+    uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnSparseFlashMla);
+
+/** Load-balancing pre-pass of aclnnLightningIndexerV2 (AICPU; no numerics): writes the core
+ * split metadata (INT32 [1024]) from the sequence lengths (docs: attention/
+ * lightning_indexer_v2_metadata/docs/aclnnLightningIndexerV2Metadata.md). */
+aclnnStatus aclnnLightningIndexerV2MetadataGetWorkspaceSize(
+    const aclTensor *cuSeqlensQOptional, const aclTensor *cuSeqlensKOptional, const aclTensor *sequsedQOptional,
+    const aclTensor *sequsedKOptional, const aclTensor *cmpResidualKOptional, int64_t numHeadsQ, int64_t numHeadsK,
+    int64_t headDim, int64_t topk, int64_t batchSize, int64_t maxSeqlenQ, int64_t maxSeqlenK, char *layoutQOptional,
+    char *layoutKOptional, int64_t maskMode, int64_t cmpRatio, const aclTensor *metadata, uint64_t *workspaceSize,
+    aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnLightningIndexerV2Metadata);
+
+/** Lightning indexer top-k, D = 128, BF16/FP16 q and k, FLOAT w (docs: attention/lightning_indexer_v2/
+ * docs/aclnnLightningIndexerV2.md): per query, the topk keys by sum_h w_h relu(q_h . k), keys paged
+ * (PA_BBND) or contiguous (BSND/TND), mask 0 (none) or 3 (right-down causal over compressed keys);
+ * INT32 sparseIndices with -1 for empty slots, FLOAT sparseValues (-inf) when returnValue is 1. */
+aclnnStatus aclnnLightningIndexerV2GetWorkspaceSize(
+    const aclTensor *q, const aclTensor *k, const aclTensor *w, const aclTensor *cuSeqlensQOptional,
+    const aclTensor *cuSeqlensKOptional, const aclTensor *sequsedQOptional, const aclTensor *sequsedKOptional,
+    const aclTensor *cmpResidualKOptional, const aclTensor *blockTableOptional,
+    const aclTensor *outputIdxOffsetOptional, const aclTensor *metadataOptional, int64_t topk, int64_t maxSeqlenQ,
+    char *layoutQ, char *layoutK, int64_t maskMode, int64_t cmpRatio, int64_t returnValue,
+    const aclTensor *sparseIndices, const aclTensor *sparseValues, uint64_t *workspaceSize,
+    aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnLightningIndexerV2);
+
 #undef DSV4_ACLNN_LAUNCH
 
 /* ------------------------------------------------------------------ dsv4 emulator extensions

@@ -98,7 +98,37 @@ pub const MOE_GATING_SQRT_SOFTPLUS: KernelSpec = KernelSpec {
     families: &[SocFamily::Ascend950],
 };
 
-pub const ALL: &[&KernelSpec] = &[&GROUPED_MATMUL, &MOE_GATING, &MOE_GATING_SQRT_SOFTPLUS];
+/// `aclnnSparseFlashMla` (with its AICPU pre-pass `aclnnSparseFlashMlaMetadata`) for
+/// `sparse_attention` in bf16 / official: V4's shared-KV attention with sinks over an explicit
+/// key set per query (the "SWA sparse ori_kv" scenario), BF16 q and KV rows, D = 512.
+pub const SPARSE_FLASH_MLA: KernelSpec = KernelSpec {
+    name: "sparse_attention (bf16/official, D = 512): aclnnSparseFlashMla",
+    symbols: &[
+        "aclnnSparseFlashMlaMetadataGetWorkspaceSize",
+        "aclnnSparseFlashMlaMetadata",
+        "aclnnSparseFlashMlaGetWorkspaceSize",
+        "aclnnSparseFlashMla",
+    ],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+};
+
+/// `aclnnLightningIndexerV2` for `indexer_select` in bf16: the indexer's scores and top-k in
+/// one launch, BF16 q and keys, indexer head dim 128.
+pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
+    name: "indexer_select (bf16, index head dim 128): aclnnLightningIndexerV2",
+    // The 950 requires the metadata pre-pass (A2/A3 do not call it); it is listed for every
+    // SoC, so an install without it composes rather than failing its first call.
+    symbols: &[
+        "aclnnLightningIndexerV2MetadataGetWorkspaceSize",
+        "aclnnLightningIndexerV2Metadata",
+        "aclnnLightningIndexerV2GetWorkspaceSize",
+        "aclnnLightningIndexerV2",
+    ],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+};
+
+pub const ALL: &[&KernelSpec] =
+    &[&GROUPED_MATMUL, &MOE_GATING, &MOE_GATING_SQRT_SOFTPLUS, &SPARSE_FLASH_MLA, &LIGHTNING_INDEXER];
 
 /// The decision for one kernel, with the reason when it is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +192,8 @@ pub struct Kernels {
     pub grouped_matmul: KernelState,
     pub gating: KernelState,
     pub gating_sqrt_softplus: KernelState,
+    pub sparse_flash_mla: KernelState,
+    pub lightning_indexer: KernelState,
 }
 
 impl Kernels {
@@ -171,12 +203,40 @@ impl Kernels {
             grouped_matmul: state(&GROUPED_MATMUL),
             gating: state(&MOE_GATING),
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
+            sparse_flash_mla: state(&SPARSE_FLASH_MLA),
+            lightning_indexer: state(&LIGHTNING_INDEXER),
         }
+    }
+
+    /// Switches off every kernel whose name contains `which` (e.g. `aclnnSparseFlashMla`);
+    /// returns how many.
+    pub fn switch_off(&self, which: &str) -> usize {
+        let all = [
+            &self.grouped_matmul,
+            &self.gating,
+            &self.gating_sqrt_softplus,
+            &self.sparse_flash_mla,
+            &self.lightning_indexer,
+        ];
+        let hit: Vec<_> = all.into_iter().filter(|k| k.name.contains(which)).collect();
+        for k in &hit {
+            k.disable("switched off by the caller".into());
+        }
+        hit.len()
     }
 
     /// Every kernel's current decision, in the order of [`ALL`].
     pub fn choices(&self) -> Vec<Choice> {
-        [&self.grouped_matmul, &self.gating, &self.gating_sqrt_softplus].iter().map(|k| k.choice()).collect()
+        [
+            &self.grouped_matmul,
+            &self.gating,
+            &self.gating_sqrt_softplus,
+            &self.sparse_flash_mla,
+            &self.lightning_indexer,
+        ]
+        .iter()
+        .map(|k| k.choice())
+        .collect()
     }
 }
 

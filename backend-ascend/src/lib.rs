@@ -27,15 +27,15 @@
 //! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
-//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`) | yes (D = 512, BF16/FP16) | yes | yes | no: IndexSelect, Matmul, Softmax, Matmul |
-//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | no: Matmul, Relu, ReduceSum, Topk |
-//! | `compressor_pool` | `aclnnCompressor` | **no** | yes | yes | no: Softmax, Mul, ReduceSum |
+//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | **yes** in bf16/official with a BF16 pool (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
+//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | **yes** in bf16 with a BF16 pool (`indexer.rs`); else Matmul, Relu, ReduceSum, Topk |
+//! | compressor step | `aclnnCompressor` | docs disagree | yes | yes | no: its per-token state needs another carry layout |
 //! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`) | – | – | – | no: default composition |
 //! | `swiglu` | `aclnnSwiGlu` (no clamp) | yes | yes | yes | no: the V4 clamp needs Clamp + Silu + Mul |
 //!
-//! The attention kernels take BF16/FP16 activations only; dsv4 keeps f32 activations so that
-//! every backend matches the f32/f64 reference within 1e-4, so they wait for an opt-in BF16
-//! activation mode. The MoE kernels run in FLOAT32 and keep that accuracy.
+//! The attention kernels take BF16/FP16 activations only, so they serve `--precision bf16` /
+//! `official`; in f32 every backend matches the f32/f64 reference within 1e-4 through the
+//! compositions. The MoE kernels run in FLOAT32 and keep that accuracy.
 //!
 //! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`, not used yet); here they
 //! are kept in the exact A2/A3 forms above on every SoC. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
@@ -105,6 +105,8 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     let kernels = kernels::Kernels::select(api, &soc, policy);
     let be = AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES };
     be.self_test_fused()?;
+    be.self_test_attention()?;
+    be.self_test_indexer()?;
     Ok(be)
 }
 
@@ -243,6 +245,8 @@ macro_rules! aclnn_cached {
     }};
 }
 
+mod attention;
+mod indexer;
 mod pool;
 
 fn strides(dims: &[usize]) -> Vec<usize> {
@@ -270,6 +274,14 @@ impl AscendBackend {
     /// Which Huawei fused kernels this backend uses, and why the others are not used.
     pub fn fused_kernels(&self) -> Vec<Choice> {
         self.kernels.choices()
+    }
+
+    /// Switches off, for this backend's lifetime, every fused kernel whose `dsv4 devices` name
+    /// contains `which` (e.g. `aclnnSparseFlashMla`), so that its composition runs: to compare
+    /// one kernel against the composition or bisect a suspected kernel problem. Returns how many
+    /// kernels matched.
+    pub fn switch_off_fused(&self, which: &str) -> usize {
+        self.kernels.switch_off(which)
     }
 
     /// (hits, misses) of the reusable-executor cache since the device was opened; None when
@@ -1175,6 +1187,49 @@ impl Backend for AscendBackend {
         match self.route_fused(logits, scoring, bias, hash_ids, k, routed_scale)? {
             Some(r) => Ok(r),
             None => composed::moe_route(self, logits, scoring, bias, hash_ids, k, routed_scale),
+        }
+    }
+
+    fn sparse_attention(
+        &self,
+        q: &AscendTensor,
+        kv: &AscendPool,
+        idx: &AscendIndex,
+        sinks: &AscendTensor,
+        scale: f32,
+        act: Precision,
+    ) -> Result<AscendTensor> {
+        match self.sparse_attention_fused(q, kv, idx, sinks, scale, act)? {
+            Some(out) => Ok(out),
+            None => composed::sparse_attention(self, q, kv, idx, sinks, scale),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_select(
+        &self,
+        q: &AscendTensor,
+        keys: &AscendPool,
+        key_rows: &AscendIndex,
+        weights: &AscendTensor,
+        valid: &[std::ops::Range<usize>],
+        k: usize,
+        offset: i32,
+        act: Precision,
+    ) -> Result<AscendIndex> {
+        match self.indexer_select_fused(q, keys, key_rows, weights, valid, k, offset, act)? {
+            Some(out) => Ok(out),
+            None => composed::indexer_select(
+                self,
+                q,
+                keys,
+                key_rows,
+                weights,
+                valid,
+                k,
+                offset,
+                dsv4_core::backend::IndexScores::F32,
+            ),
         }
     }
 

@@ -200,7 +200,7 @@ impl AscendBackend {
     /// Runs a fused kernel; if it fails (a CANN release that rejects this use of it), the
     /// kernel is switched off for the rest of the process with the reason, which `dsv4 devices`
     /// and a one-time message show, and None tells the caller to compose instead.
-    fn fused<T>(&self, state: &KernelState, run: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    pub(crate) fn fused<T>(&self, state: &KernelState, run: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
         match run() {
             Ok(v) => Ok(Some(v)),
             Err(e) => {

@@ -56,7 +56,7 @@ impl AscendPool {
         self.dtype
     }
 
-    fn mem(&self) -> Mem<'_> {
+    pub(crate) fn mem(&self) -> Mem<'_> {
         Mem { buf: &self.buf, offset: 0, dtype: self.dtype }
     }
 }

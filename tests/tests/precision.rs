@@ -13,10 +13,10 @@
 //! point or a lost f32 accumulation would break:
 //!
 //! * the first layer, where it has no top-k (sliding window, hash routing): ≤ 2e-2 relative
-//!   (measured ≤ 9.2e-3; one BF16 ulp is 7.8e-3 of the value);
+//!   (measured ≤ 9.9e-3; one BF16 ulp is 7.8e-3 of the value);
 //! * the logits: RMS error ≤ 0.25 relative and max ≤ 1.0 of max|logit| (measured ≤ 0.147 and
 //!   ≤ 0.58; transformers' BF16: ≤ 0.120 and ≤ 0.51), top-1 agreement ≥ 85% over all fixtures
-//!   (measured 94.0%; transformers 92.0% on the cases it loads), and no top-1 disagreement where the
+//!   (measured 94.1%; transformers 92.0% on the cases it loads), and no top-1 disagreement where the
 //!   reference's top-1 leads the runner-up by more than 0.4 of max|logit| (measured widest:
 //!   0.16 on the fixtures, 0.25 on the built-in run);
 //! * a longer run of the built-in model, bf16 against f32 (no float64 reference there).
@@ -44,14 +44,14 @@ struct Budget {
     not_f32: f64,
 }
 
-/// `bf16` (measured: first layer ≤ 9.2e-3, rms ≤ 0.147, max ≤ 0.58, top-1 94.0%, widest margin
+/// `bf16` (measured: first layer ≤ 9.9e-3, rms ≤ 0.147, max ≤ 0.58, top-1 94.1%, widest margin
 /// among disagreements 0.16 of max|logit| on the fixtures and 0.25 on the built-in run, rms
 /// ≥ 5e-2 against f32).
 const BF16: Budget =
     Budget { max_rel: 1.0, rms_rel: 0.25, top1: 0.85, first_layer: 2e-2, clear_margin: 0.4, not_f32: 1e-3 };
 
-/// `official` against the unquantised float64 references (measured on the 7 f32 fixtures: first
-/// layer ≤ 7.3e-2, rms ≤ 0.52, max ≤ 0.89, top-1 74.4%, widest margin among disagreements 0.36
+/// `official` against the unquantised float64 references (measured on the 8 f32 fixtures: first
+/// layer ≤ 7.3e-2, rms ≤ 0.52, max ≤ 0.89, top-1 75.3%, widest margin among disagreements 0.36
 /// of max|logit|, on the 300-token `official` case). e4m3 keeps 4 significant bits (a rounding
 /// moves a value by up to 2⁻⁴ of itself, 8× BF16's) and the indexer's e2m1 2 bits, so on these
 /// random-weight models far more top-k choices flip than in bf16; the budget keeps ~1.5× the measured errors (an rms of 1.0

@@ -39,7 +39,9 @@
 mod mem;
 #[macro_use]
 mod ops;
+mod flash_mla;
 mod fused;
+mod indexer;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

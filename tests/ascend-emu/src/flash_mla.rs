@@ -1,0 +1,510 @@
+//! Huawei's V4 attention kernel `aclnnSparseFlashMla` and its AICPU pre-pass
+//! `aclnnSparseFlashMlaMetadata` (ops-transformer `attention/sparse_flash_mla/docs/
+//! aclnnSparseFlashMla.md`, `attention/sparse_flash_mla_metadata/docs/
+//! aclnnSparseFlashMlaMetadata.md`), with the documented constraints per SoC.
+//!
+//! Emulated: the "SWA sparse ori_kv" scenario (oriKv + oriSparseIndices + oriTopkLength,
+//! oriMaskMode 0, no cmpKv), in the BSND/BSND and TND/TND layouts. The SWA band, CSA and HCA
+//! scenarios (cmpKv, masks 3/4) and the paged PA_BBND layout are refused with "not emulated"
+//! rather than guessed at.
+//!
+//! Numerics: per query token and head, `softmax` over the scaled scores of the token's first
+//! `oriTopkLength` indexed rows, with the head's sink as one more logit (the documented
+//! online softmax starts from row_max = sink, row_sum = 1), then `P·V` with V = K; computed in
+//! f64 from the stored BF16/FP16 values and rounded once to the output dtype. Whether the
+//! hardware rounds P to BF16 before `P·V` is not documented; the emulator does not.
+//!
+//! The metadata's real layout (per-core FA/FD task ranges) depends on the core count; the
+//! emulator writes one core's range covering everything, and signs the unused tail
+//! ([`META_SIGNATURE`]) with the parameters it was computed for, so that the main operator can
+//! refuse metadata from another call's shapes (a stale or missing pre-pass).
+
+use std::ffi::{c_char, c_void, CStr};
+
+use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclnnStatus, aclrtStream};
+
+use crate::mem::{dtype_name, Desc};
+use crate::ops::{contiguous_out, plan, shape_is, ws_for, R};
+use crate::{get_workspace, launch, soc_name, Emu, Plan};
+
+launcher!(aclnnSparseFlashMlaMetadata, aclnnSparseFlashMla);
+
+/// Metadata length (INT32 elements), fixed by the docs.
+const META_LEN: usize = 1024;
+/// Where the emulator's signature starts in the metadata (after the largest real layout:
+/// 9 INT32 per AI Core and 8 per vector core stay far below it).
+const META_SIGNATURE: usize = 1016;
+/// "SFMA": marks metadata written by this emulator's aclnnSparseFlashMlaMetadata.
+const META_MAGIC: i64 = 0x5346_4d41;
+/// The only head size the kernel takes (448 nope + 64 rope channels).
+const HEAD_DIM: usize = 512;
+
+/// The SoC families the CANN docs name for this kernel.
+fn family() -> R<&'static str> {
+    let soc = soc_name();
+    if soc.starts_with("Ascend910B") {
+        Ok("A2")
+    } else if soc.starts_with("Ascend910_93") {
+        Ok("A3")
+    } else if soc.starts_with("Ascend950") {
+        Ok("950")
+    } else {
+        Err(format!("not supported on {soc} (Atlas A2, Atlas A3 and Ascend 950 only)"))
+    }
+}
+
+fn opt(e: &Emu, p: *const aclTensor, name: &str) -> R<Option<Desc>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        e.tensor(p, name).map(Some)
+    }
+}
+
+/// A documented "nullptr or empty tensor".
+fn must_be_absent(e: &Emu, p: *const aclTensor, name: &str, why: &str) -> R<()> {
+    match opt(e, p, name)? {
+        Some(d) if d.numel() != 0 => Err(format!("{name} must be NULL or an empty tensor ({why})")),
+        _ => Ok(()),
+    }
+}
+
+fn int32(d: &Desc, name: &str) -> R<()> {
+    if d.dtype != aclDataType::ACL_INT32 {
+        return Err(format!("{name} must be INT32, got {}", dtype_name(d.dtype)));
+    }
+    Ok(())
+}
+
+/// A layout string; NULL means the documented default "BSND".
+unsafe fn layout(p: *const c_char, name: &str) -> R<String> {
+    if p.is_null() {
+        return Ok("BSND".into());
+    }
+    // SAFETY: the caller passes a NUL-terminated C string (the API takes `char*`).
+    let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    match s.as_str() {
+        "BSND" | "TND" => Ok(s),
+        "PA_BBND" if name == "layoutKvOptional" => {
+            Err("layoutKvOptional \"PA_BBND\" (paged KV through block tables) is not emulated".into())
+        }
+        _ => Err(format!(
+            "{name} {s:?} is not supported (\"BSND\" or \"TND\"{})",
+            if name == "layoutKvOptional" { ", \"PA_BBND\"" } else { "" }
+        )),
+    }
+}
+
+/// The head counts the docs allow: N1 in 1..=128, N2 = 1; on Atlas A2/A3 N1/N2 also a power
+/// of two.
+fn check_heads(fam: &str, n1: usize, n2: usize) -> R<()> {
+    if !(1..=128).contains(&n1) || n2 != 1 {
+        return Err(format!("N1 = {n1} query heads and N2 = {n2} KV heads: N1 must be in 1..=128 and N2 = 1"));
+    }
+    if fam != "950" && !n1.is_power_of_two() {
+        return Err(format!("N1/N2 = {n1}: {} takes a power of two in 1..=128", soc_name()));
+    }
+    Ok(())
+}
+
+/// The mask and window arguments of the sparse ori_kv scenario, per SoC.
+fn check_sparse_modes(fam: &str, ori_mask: i64, cmp_mask: i64, win_left: i64, win_right: i64, cmp_ratio: i64) -> R<()> {
+    if ori_mask != 0 {
+        return Err(format!(
+            "oriMaskMode {ori_mask}: the SWA sparse ori_kv scenario (oriSparseIndices given) takes 0 (no mask)"
+        ));
+    }
+    // A2/A3 reject cmpMaskMode != 3 outright; the 950 takes 0 or 3 (it is unused without cmpKv).
+    let cmp_ok = if fam == "950" { matches!(cmp_mask, 0 | 3) } else { cmp_mask == 3 };
+    if !cmp_ok {
+        return Err(format!(
+            "cmpMaskMode {cmp_mask} is not supported on {} ({})",
+            soc_name(),
+            if fam == "950" { "0 or 3" } else { "3" }
+        ));
+    }
+    if win_left < 0 || win_right < 0 {
+        return Err(format!(
+            "oriWinLeft {win_left} / oriWinRight {win_right}: the SWA sparse ori_kv scenario takes non-negative windows"
+        ));
+    }
+    if fam != "950" && cmp_ratio != 1 {
+        return Err(format!("cmpRatio {cmp_ratio}: the SWA scenario takes 1"));
+    }
+    if fam == "950" && !(1..=128).contains(&cmp_ratio) {
+        return Err(format!("cmpRatio {cmp_ratio} is outside 1..=128"));
+    }
+    Ok(())
+}
+
+/// Sequence boundaries from a `cuSeqlens` tensor (`B + 1` prefix sums starting at 0, ending at
+/// `total`), checked when the stream runs.
+fn boundaries(v: &[f64], total: usize, name: &str) -> R<Vec<usize>> {
+    if v.first() != Some(&0.0) {
+        return Err(format!("{name} must start at 0, got {:?}", v.first()));
+    }
+    let b: Vec<usize> = v.iter().map(|&x| x.max(0.0) as usize).collect();
+    if v.windows(2).any(|w| w[1] < w[0]) {
+        return Err(format!("{name} must be non-decreasing, got {v:?}"));
+    }
+    if b.last() != Some(&total) {
+        return Err(format!("{name} ends at {:?}, but the tensor has {total} tokens", b.last()));
+    }
+    Ok(b)
+}
+
+phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMetadata", e, (
+    cuSeqlensQOptional: *const aclTensor, cuSeqlensOriKvOptional: *const aclTensor,
+    cuSeqlensCmpKvOptional: *const aclTensor, sequsedQOptional: *const aclTensor,
+    sequsedOriKvOptional: *const aclTensor, sequsedCmpKvOptional: *const aclTensor,
+    cmpResidualKvOptional: *const aclTensor, oriTopkLengthOptional: *const aclTensor,
+    cmpTopkLengthOptional: *const aclTensor, numHeadsQ: i64, numHeadsKv: i64, headDim: i64, batchSize: i64,
+    maxSeqlenQ: i64, maxSeqlenOriKv: i64, maxSeqlenCmpKv: i64, oriTopk: i64, cmpTopk: i64, cmpRatio: i64,
+    oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64, layoutQOptional: *const c_char,
+    layoutKvOptional: *const c_char, hasOriKv: bool, hasCmpKv: bool, metaData: *const aclTensor) {
+    let fam = family()?;
+    if numHeadsQ < 1 || numHeadsKv < 1 {
+        return Err(format!("numHeadsQ {numHeadsQ} / numHeadsKv {numHeadsKv} must be positive"));
+    }
+    check_heads(fam, numHeadsQ as usize, numHeadsKv as usize)?;
+    if headDim != HEAD_DIM as i64 {
+        return Err(format!("headDim {headDim}: only {HEAD_DIM} is supported"));
+    }
+    if batchSize < 0 || maxSeqlenQ < 0 || maxSeqlenOriKv < 0 || maxSeqlenCmpKv < 0 {
+        return Err("batchSize and the maxSeqlen* arguments must not be negative".into());
+    }
+    if !hasOriKv {
+        return Err("hasOriKv must be true: every scenario passes oriKv".into());
+    }
+    if hasCmpKv || cmpTopk != 0 {
+        return Err("the CSA/HCA scenarios (hasCmpKv, cmpTopk) are not emulated".into());
+    }
+    if fam != "950" {
+        must_be_absent(e, sequsedQOptional, "sequsedQOptional", "not supported on Atlas A2/A3")?;
+    } else if opt(e, sequsedQOptional, "sequsedQOptional")?.is_some_and(|d| d.numel() != 0) {
+        return Err("sequsedQOptional is not emulated".into());
+    }
+    must_be_absent(e, cmpTopkLengthOptional, "cmpTopkLengthOptional", "reserved")?;
+    for (p, n) in [
+        (cuSeqlensCmpKvOptional, "cuSeqlensCmpKvOptional"),
+        (sequsedCmpKvOptional, "sequsedCmpKvOptional"),
+        (cmpResidualKvOptional, "cmpResidualKvOptional"),
+    ] {
+        must_be_absent(e, p, n, "no cmpKv")?;
+    }
+    if oriTopk <= 0 {
+        return Err(format!(
+            "oriTopk {oriTopk}: only the SWA sparse ori_kv scenario (oriTopk > 0 with oriTopkLengthOptional) is emulated"
+        ));
+    }
+    check_sparse_modes(fam, oriMaskMode, cmpMaskMode, oriWinLeft, oriWinRight, cmpRatio)?;
+    // SAFETY: the layouts are NUL-terminated C strings or NULL.
+    let (lq, lkv) = unsafe { (layout(layoutQOptional, "layoutQOptional")?, layout(layoutKvOptional, "layoutKvOptional")?) };
+    if lq != lkv {
+        return Err(format!("layoutQOptional {lq:?} and layoutKvOptional {lkv:?} must be the same outside PA_BBND"));
+    }
+    let topk_len = opt(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
+        .filter(|d| d.numel() != 0)
+        .ok_or("oriTopkLengthOptional is required in the SWA sparse ori_kv scenario")?;
+    int32(&topk_len, "oriTopkLengthOptional")?;
+    let tokens = match (lq.as_str(), topk_len.dims.as_slice()) {
+        ("TND", [t1, n2]) if *n2 == numHeadsKv as usize => *t1,
+        ("BSND", [b, s1, n2]) if *n2 == numHeadsKv as usize => b * s1,
+        _ => {
+            return Err(format!(
+                "oriTopkLengthOptional has shape {:?}; layout {lq} takes {}",
+                topk_len.dims,
+                if lq == "TND" { "(T1, N2)" } else { "(B, S1, N2)" }
+            ))
+        }
+    };
+    let mut reads = vec![topk_len.clone()];
+    if lq == "TND" {
+        let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
+        let ckv =
+            opt(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional")?.ok_or("cuSeqlensOriKvOptional is required for layout TND")?;
+        for (d, n) in [(&cq, "cuSeqlensQOptional"), (&ckv, "cuSeqlensOriKvOptional")] {
+            int32(d, n)?;
+            if d.dims.len() != 1 || d.dims[0] < 2 {
+                return Err(format!("{n} must be 1-D (B + 1,), got {:?}", d.dims));
+            }
+        }
+        if cq.dims != ckv.dims {
+            return Err(format!("cuSeqlensQOptional {:?} and cuSeqlensOriKvOptional {:?} name different batch sizes", cq.dims, ckv.dims));
+        }
+        if opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.is_some_and(|d| d.numel() != 0) {
+            return Err("sequsedOriKvOptional with layout TND is not emulated (TND uses cuSeqlensOriKvOptional)".into());
+        }
+        reads.push(cq);
+    }
+    let md = e.tensor(metaData, "metaData")?;
+    int32(&md, "metaData")?;
+    shape_is(&md, &[META_LEN], "metaData")?;
+    contiguous_out(&md, "metaData")?;
+    let (n1, k, lq_code) = (numHeadsQ, oriTopk, if lq == "TND" { 1 } else { 0 });
+    let out = md.clone();
+    Ok(plan(ws_for(&md), reads, vec![md], vec![], move |mem| {
+        // One core takes every (batch, head-group) row and the whole key range.
+        let mut v = vec![0f64; META_LEN];
+        v[0] = 1.0;
+        v[4] = tokens as f64;
+        v[5] = n1 as f64;
+        v[6] = k as f64;
+        v[8] = (k as u64).div_ceil(512) as f64;
+        v[META_SIGNATURE] = META_MAGIC as f64;
+        v[META_SIGNATURE + 1] = n1 as f64;
+        v[META_SIGNATURE + 2] = k as f64;
+        v[META_SIGNATURE + 3] = tokens as f64;
+        v[META_SIGNATURE + 4] = lq_code as f64;
+        out.write(mem, &v, "metaData")
+    }))
+});
+
+phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
+    q: *const aclTensor, oriKvOptional: *const aclTensor, cmpKvOptional: *const aclTensor,
+    oriSparseIndicesOptional: *const aclTensor, cmpSparseIndicesOptional: *const aclTensor,
+    oriBlockTableOptional: *const aclTensor, cmpBlockTableOptional: *const aclTensor,
+    cuSeqlensQOptional: *const aclTensor, cuSeqlensOriKvOptional: *const aclTensor,
+    cuSeqlensCmpKvOptional: *const aclTensor, sequsedQOptional: *const aclTensor,
+    sequsedOriKvOptional: *const aclTensor, sequsedCmpKvOptional: *const aclTensor,
+    cmpResidualKvOptional: *const aclTensor, oriTopkLengthOptional: *const aclTensor,
+    cmpTopkLengthOptional: *const aclTensor, sinksOptional: *const aclTensor, metadataOptional: *const aclTensor,
+    softmaxScale: f64, cmpRatio: i64, oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64,
+    layoutQOptional: *mut c_char, layoutKvOptional: *mut c_char, topkValueMode: i64, returnSoftmaxLse: bool,
+    attnOutOut: *const aclTensor, softmaxLseOutOptional: *const aclTensor) {
+    let fam = family()?;
+    let qd = e.tensor(q, "q")?;
+    if !matches!(qd.dtype, aclDataType::ACL_BF16 | aclDataType::ACL_FLOAT16) {
+        return Err(format!("q must be BFLOAT16 or FLOAT16, got {}", dtype_name(qd.dtype)));
+    }
+    if qd.numel() == 0 {
+        return Err("q must not be empty".into());
+    }
+    // SAFETY: the layouts are NUL-terminated C strings or NULL.
+    let (lq, lkv) = unsafe { (layout(layoutQOptional, "layoutQOptional")?, layout(layoutKvOptional, "layoutKvOptional")?) };
+    if lq != lkv {
+        return Err(format!("layoutQOptional {lq:?} and layoutKvOptional {lkv:?} must be the same outside PA_BBND"));
+    }
+    let tnd = lq == "TND";
+    // (batch or 1, S1 or T1, N1, D)
+    let (bq, s1, n1, d) = match (tnd, qd.dims.as_slice()) {
+        (true, [t1, n1, d]) => (1, *t1, *n1, *d),
+        (false, [b, s1, n1, d]) => (*b, *s1, *n1, *d),
+        _ => return Err(format!("q has shape {:?}; layout {lq} takes {}", qd.dims, if tnd { "(T1, N1, D)" } else { "(B, S1, N1, D)" })),
+    };
+    if d != HEAD_DIM {
+        return Err(format!("D = {d}: only {HEAD_DIM} (448 nope + 64 rope) is supported"));
+    }
+    let kv = opt(e, oriKvOptional, "oriKvOptional")?.ok_or("oriKvOptional is required in every scenario")?;
+    if kv.dtype != qd.dtype {
+        return Err(format!("oriKvOptional ({}) must have q's dtype ({})", dtype_name(kv.dtype), dtype_name(qd.dtype)));
+    }
+    let (bkv, s2, n2) = match (tnd, kv.dims.as_slice()) {
+        (true, [t2, n2, dk]) if *dk == HEAD_DIM => (1, *t2, *n2),
+        (false, [b, s2, n2, dk]) if *dk == HEAD_DIM => (*b, *s2, *n2),
+        _ => {
+            return Err(format!(
+                "oriKvOptional has shape {:?}; layout {lkv} takes {} with D = {HEAD_DIM}",
+                kv.dims,
+                if tnd { "(T2, N2, D)" } else { "(B, S2, N2, D)" }
+            ))
+        }
+    };
+    check_heads(fam, n1, n2)?;
+    if !tnd && bkv != bq {
+        return Err(format!("q has batch {bq} but oriKvOptional has {bkv}"));
+    }
+    if opt(e, cmpKvOptional, "cmpKvOptional")?.is_some() || opt(e, cmpSparseIndicesOptional, "cmpSparseIndicesOptional")?.is_some() {
+        return Err("the CSA/HCA scenarios (cmpKvOptional, cmpSparseIndicesOptional) are not emulated".into());
+    }
+    for (p, n) in [(oriBlockTableOptional, "oriBlockTableOptional"), (cmpBlockTableOptional, "cmpBlockTableOptional")] {
+        must_be_absent(e, p, n, "block tables belong to layout PA_BBND")?;
+    }
+    for (p, n) in [
+        (cuSeqlensCmpKvOptional, "cuSeqlensCmpKvOptional"),
+        (sequsedCmpKvOptional, "sequsedCmpKvOptional"),
+        (cmpResidualKvOptional, "cmpResidualKvOptional"),
+    ] {
+        must_be_absent(e, p, n, "no cmpKv")?;
+    }
+    must_be_absent(e, sequsedQOptional, "sequsedQOptional", "not supported yet")?;
+    must_be_absent(e, cmpTopkLengthOptional, "cmpTopkLengthOptional", "reserved")?;
+    if topkValueMode != 1 {
+        return Err(format!("topkValueMode {topkValueMode}: only 1 is supported"));
+    }
+    if !softmaxScale.is_finite() {
+        return Err(format!("softmaxScale {softmaxScale} must be finite"));
+    }
+    let idx = opt(e, oriSparseIndicesOptional, "oriSparseIndicesOptional")?.ok_or(
+        "oriSparseIndicesOptional is required: only the SWA sparse ori_kv scenario is emulated (the band-masked SWA is not)",
+    )?;
+    int32(&idx, "oriSparseIndicesOptional")?;
+    let k = match (tnd, idx.dims.as_slice()) {
+        (true, [t1, nn, k]) if *t1 == s1 && *nn == n2 => *k,
+        (false, [b, ss, nn, k]) if *b == bq && *ss == s1 && *nn == n2 => *k,
+        _ => {
+            return Err(format!(
+                "oriSparseIndicesOptional has shape {:?}; expected {} with q {:?}",
+                idx.dims,
+                if tnd { "(T1, N2, K)" } else { "(B, S1, N2, K)" },
+                qd.dims
+            ))
+        }
+    };
+    if k == 0 {
+        return Err("oriSparseIndicesOptional has K = 0".into());
+    }
+    check_sparse_modes(fam, oriMaskMode, cmpMaskMode, oriWinLeft, oriWinRight, cmpRatio)?;
+    let len = opt(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
+        .filter(|d| d.numel() != 0)
+        .ok_or("oriTopkLengthOptional is required with oriSparseIndicesOptional")?;
+    int32(&len, "oriTopkLengthOptional")?;
+    shape_is(&len, &idx.dims[..idx.dims.len() - 1], "oriTopkLengthOptional (oriSparseIndicesOptional without its last dim)")?;
+    let sinks = opt(e, sinksOptional, "sinksOptional")?.ok_or("sinksOptional is required")?;
+    if sinks.dtype != aclDataType::ACL_FLOAT {
+        return Err(format!("sinksOptional must be FLOAT32, got {}", dtype_name(sinks.dtype)));
+    }
+    shape_is(&sinks, &[n1], "sinksOptional (N1,)")?;
+    let meta = opt(e, metadataOptional, "metadataOptional")?
+        .ok_or("metadataOptional is required: run aclnnSparseFlashMlaMetadata first")?;
+    int32(&meta, "metadataOptional")?;
+    shape_is(&meta, &[META_LEN], "metadataOptional")?;
+    let mut seq = vec![];
+    if tnd {
+        let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
+        let ckv =
+            opt(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional")?.ok_or("cuSeqlensOriKvOptional is required for layout TND")?;
+        for (dd, n) in [(&cq, "cuSeqlensQOptional"), (&ckv, "cuSeqlensOriKvOptional")] {
+            int32(dd, n)?;
+            if dd.dims.len() != 1 || dd.dims[0] < 2 {
+                return Err(format!("{n} must be 1-D (B + 1,), got {:?}", dd.dims));
+            }
+        }
+        if cq.dims != ckv.dims {
+            return Err(format!("cuSeqlensQOptional {:?} and cuSeqlensOriKvOptional {:?} name different batch sizes", cq.dims, ckv.dims));
+        }
+        if opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.is_some_and(|d| d.numel() != 0) {
+            return Err("sequsedOriKvOptional with layout TND is not emulated (TND uses cuSeqlensOriKvOptional)".into());
+        }
+        seq = vec![cq, ckv];
+    } else if let Some(su) = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.filter(|d| d.numel() != 0) {
+        int32(&su, "sequsedOriKvOptional")?;
+        shape_is(&su, &[bq], "sequsedOriKvOptional (B,)")?;
+        seq = vec![su];
+    }
+    let out = e.tensor(attnOutOut, "attnOutOut")?;
+    if out.dtype != qd.dtype {
+        return Err(format!("attnOutOut ({}) must have q's dtype ({})", dtype_name(out.dtype), dtype_name(qd.dtype)));
+    }
+    shape_is(&out, &qd.dims, "attnOutOut (q's shape)")?;
+    contiguous_out(&out, "attnOutOut")?;
+    let lse = if returnSoftmaxLse {
+        let l = opt(e, softmaxLseOutOptional, "softmaxLseOutOptional")?.ok_or("returnSoftmaxLse needs softmaxLseOutOptional")?;
+        if l.dtype != aclDataType::ACL_FLOAT {
+            return Err(format!("softmaxLseOutOptional must be FLOAT32, got {}", dtype_name(l.dtype)));
+        }
+        let want: Vec<usize> = if tnd { vec![n2, s1, n1 / n2] } else { vec![bq, n2, s1, n1 / n2] };
+        shape_is(&l, &want, "softmaxLseOutOptional")?;
+        contiguous_out(&l, "softmaxLseOutOptional")?;
+        Some(l)
+    } else {
+        None
+    };
+    let mut reads = vec![qd.clone(), kv.clone(), idx.clone(), len.clone(), sinks.clone(), meta.clone()];
+    reads.extend(seq.iter().cloned());
+    let mut writes = vec![out.clone()];
+    writes.extend(lse.iter().cloned());
+    let lq_code = if tnd { 1.0 } else { 0.0 };
+    let tokens = bq * s1;
+    Ok(plan(ws_for(&out), reads, writes, vec![], move |mem| {
+        let m = meta.read(mem, "metadataOptional")?;
+        let signed = m[META_SIGNATURE] == META_MAGIC as f64;
+        let want = [n1 as f64, k as f64, tokens as f64, lq_code];
+        if !signed || m[META_SIGNATURE + 1..META_SIGNATURE + 5] != want {
+            return Err(format!(
+                "metadataOptional was not produced by aclnnSparseFlashMlaMetadata for this call (N1 {n1}, K {k}, {tokens} query tokens, \
+                 layout {}): {}",
+                if tnd { "TND" } else { "BSND" },
+                if signed { "it was computed for other parameters" } else { "it holds no metadata" }
+            ));
+        }
+        let (qv, kvv, iv, lv, sv) = (
+            qd.read(mem, "q")?,
+            kv.read(mem, "oriKvOptional")?,
+            idx.read(mem, "oriSparseIndicesOptional")?,
+            len.read(mem, "oriTopkLengthOptional")?,
+            sinks.read(mem, "sinksOptional")?,
+        );
+        // Per query token: the first KV row of its batch and the batch's KV length.
+        let mut kv_span = vec![(0usize, s2); tokens];
+        if tnd {
+            let (cq, ckv) = (seq[0].read(mem, "cuSeqlensQOptional")?, seq[1].read(mem, "cuSeqlensOriKvOptional")?);
+            let (bq_, bk) = (boundaries(&cq, s1, "cuSeqlensQOptional")?, boundaries(&ckv, s2, "cuSeqlensOriKvOptional")?);
+            for b in 0..bq_.len() - 1 {
+                for span in &mut kv_span[bq_[b]..bq_[b + 1]] {
+                    *span = (bk[b], bk[b + 1] - bk[b]);
+                }
+            }
+        } else {
+            let used = seq.first().map(|s| s.read(mem, "sequsedOriKvOptional")).transpose()?;
+            for b in 0..bq {
+                let n = match &used {
+                    Some(u) if u[b] < 0.0 || u[b] as usize > s2 => {
+                        return Err(format!("sequsedOriKvOptional[{b}] = {} is outside 0..={s2}", u[b]))
+                    }
+                    Some(u) => u[b] as usize,
+                    None => s2,
+                };
+                for span in &mut kv_span[b * s1..(b + 1) * s1] {
+                    *span = (b * s2, n);
+                }
+            }
+        }
+        let mut o = vec![0f64; tokens * n1 * HEAD_DIM];
+        let mut lse_v = vec![0f64; tokens * n1];
+        for t in 0..tokens {
+            let (base, n_kv) = kv_span[t];
+            let valid = lv[t];
+            if valid < 0.0 || valid as usize > k {
+                return Err(format!("oriTopkLengthOptional[{t}] = {valid} is outside 0..={k}"));
+            }
+            let rows: Vec<usize> = iv[t * k..t * k + valid as usize]
+                .iter()
+                .map(|&r| {
+                    if r < 0.0 || r as usize >= n_kv {
+                        Err(format!(
+                            "oriSparseIndicesOptional[{t}] names KV row {r} among its first {valid} (valid) entries; \
+                             the batch has {n_kv} rows"
+                        ))
+                    } else {
+                        Ok(base + r as usize)
+                    }
+                })
+                .collect::<R<_>>()?;
+            for h in 0..n1 {
+                let qh = &qv[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
+                let scores: Vec<f64> = rows
+                    .iter()
+                    .map(|&r| softmaxScale * qh.iter().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]).map(|(a, b)| a * b).sum::<f64>())
+                    .collect();
+                let mx = scores.iter().cloned().fold(sv[h], f64::max);
+                let p: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let sum = (sv[h] - mx).exp() + p.iter().sum::<f64>();
+                let oh = &mut o[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
+                for (&r, pj) in rows.iter().zip(&p) {
+                    for (acc, v) in oh.iter_mut().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]) {
+                        *acc += pj / sum * v;
+                    }
+                }
+                lse_v[t * n1 + h] = mx + sum.ln();
+            }
+        }
+        out.write(mem, &o, "attnOutOut")?;
+        if let Some(l) = &lse {
+            // Stored (N2 = 1, tokens, N1) for TND and (B, N2 = 1, S1, N1) for BSND: both are
+            // token-major, head-minor, like the computed order.
+            l.write(mem, &lse_v, "softmaxLseOutOptional")?;
+        }
+        Ok(())
+    }))
+});
