@@ -83,6 +83,15 @@ pub const GROUPED_MATMUL: KernelSpec = KernelSpec {
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
 };
 
+/// The same kernel's BF16 form in `--precision bf16`: BF16 x, a list of BF16 weights (INT8
+/// FP4 experts dequantised to BF16 exactly), BF16 out; its own switch, so that a release that
+/// rejects it keeps the FLOAT32 form.
+pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
+    name: "moe_experts (bf16, BF16 weight list): aclnnGroupedMatmulV4",
+    symbols: &["aclnnGroupedMatmulV4GetWorkspaceSize", "aclnnGroupedMatmulV4"],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+};
+
 /// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
 pub const MOE_GATING: KernelSpec = KernelSpec {
     name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
@@ -127,8 +136,14 @@ pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
 };
 
-pub const ALL: &[&KernelSpec] =
-    &[&GROUPED_MATMUL, &MOE_GATING, &MOE_GATING_SQRT_SOFTPLUS, &SPARSE_FLASH_MLA, &LIGHTNING_INDEXER];
+pub const ALL: &[&KernelSpec] = &[
+    &GROUPED_MATMUL,
+    &GROUPED_MATMUL_BF16,
+    &MOE_GATING,
+    &MOE_GATING_SQRT_SOFTPLUS,
+    &SPARSE_FLASH_MLA,
+    &LIGHTNING_INDEXER,
+];
 
 /// The decision for one kernel, with the reason when it is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +205,7 @@ impl KernelState {
 #[derive(Debug)]
 pub struct Kernels {
     pub grouped_matmul: KernelState,
+    pub grouped_matmul_bf16: KernelState,
     pub gating: KernelState,
     pub gating_sqrt_softplus: KernelState,
     pub sparse_flash_mla: KernelState,
@@ -201,6 +217,7 @@ impl Kernels {
         let state = |k: &KernelSpec| KernelState::new(&choose(k, soc, policy, |s| api.has(s)));
         Kernels {
             grouped_matmul: state(&GROUPED_MATMUL),
+            grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
             gating: state(&MOE_GATING),
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
@@ -213,6 +230,7 @@ impl Kernels {
     pub fn switch_off(&self, which: &str) -> usize {
         let all = [
             &self.grouped_matmul,
+            &self.grouped_matmul_bf16,
             &self.gating,
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,
@@ -229,6 +247,7 @@ impl Kernels {
     pub fn choices(&self) -> Vec<Choice> {
         [
             &self.grouped_matmul,
+            &self.grouped_matmul_bf16,
             &self.gating,
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,

@@ -24,7 +24,7 @@
 //!
 //! | dsv4 fused op | aclnn kernel | Atlas A2 (910B) | Atlas A3 (910C) | Ascend 950 | dsv4 uses it |
 //! |---|---|---|---|---|---|
-//! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
+//! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M; in bf16 BF16 with a weight list) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
 //! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | **yes** in bf16/official with a BF16 pool (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
@@ -35,7 +35,8 @@
 //!
 //! The attention kernels take BF16/FP16 activations only, so they serve `--precision bf16` /
 //! `official`; in f32 every backend matches the f32/f64 reference within 1e-4 through the
-//! compositions. The MoE kernels run in FLOAT32 and keep that accuracy.
+//! compositions. The MoE kernels run in FLOAT32 and keep that accuracy, except the routed
+//! experts in bf16, which run in BF16 on the stored weights (`moe.rs`).
 //!
 //! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`, not used yet); here they
 //! are kept in the exact A2/A3 forms above on every SoC. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
@@ -290,8 +291,9 @@ impl AscendBackend {
         self.dev.executor_stats()
     }
 
-    /// Caps the F32 expert stack each grouped matmul widens weights into (default 256 MiB);
-    /// experts beyond it go to further grouped matmuls. At least one expert per launch.
+    /// Caps the temporary each grouped matmul widens expert weights into (default 256 MiB): the
+    /// F32 stack in f32, the BF16 copies of INT8 experts in bf16; experts beyond it go to
+    /// further grouped matmuls. At least one expert per launch.
     pub fn set_grouped_matmul_budget(&mut self, bytes: usize) {
         self.gmm_stack_bytes = bytes;
     }

@@ -5,12 +5,22 @@
 //!   grouped matmul per projection for a whole chunk of experts instead of a gather, three
 //!   matmuls and a scatter per expert.
 //!
-//! Both keep dsv4's f32 numerics. Atlas A2/A3 run FLOAT32 grouped matmul only with a single
-//! 3-D weight, so each chunk's expert matrices are widened (BF16 → F32) into one pooled
-//! `[experts, N, K]` block, read as `[experts, K, N]` through strides; chunks are sized to
-//! keep that block under [`AscendBackend::set_grouped_matmul_budget`] bytes. A token's k
-//! weighted expert rows are then gathered into `[T, k, D]` in ascending expert id and reduced
-//! over k (a deterministic ReduceSum rather than a scatter-add with repeated rows).
+//! In `--precision f32` both keep dsv4's f32 numerics. Atlas A2/A3 run FLOAT32 grouped matmul
+//! only with a single 3-D weight, so each chunk's expert matrices are widened (BF16 → F32)
+//! into one pooled `[experts, N, K]` block, read as `[experts, K, N]` through strides; chunks
+//! are sized to keep that block under [`AscendBackend::set_grouped_matmul_budget`] bytes.
+//!
+//! Where the activations are BF16 values (`Precision::Bf16`), the experts run on the
+//! documented non-quantised BF16 form instead (x, weight and out BFLOAT16, the weights as a
+//! list of per-expert `[K, N]` views): BF16 weights as stored, with no copy, and the FP4
+//! experts' INT8 form dequantised exactly into a BF16 temporary (a Cast and a Mul by the BF16
+//! group scales). Nothing is widened to F32. The A16W8 antiquant form (INT8 weight with
+//! `antiquantScaleOptional`) is not used: `aclnnGroupedMatmulV4.md` allows INT8 weights
+//! per-channel only (antiquantScale `[E, N]`), and per-group scales for INT4 weights only,
+//! which cannot hold `2·e2m1` (±12). See [`AscendBackend::grouped_matmul_bf16`].
+//!
+//! A token's k weighted expert rows are then gathered into `[T, k, D]` in ascending expert id
+//! and reduced over k (a deterministic ReduceSum rather than a scatter-add with repeated rows).
 //!
 //! Each kernel is checked against the composition on a tiny input when the device opens (an
 //! older CANN with different semantics, e.g. gating weights that include the bias, or a build
@@ -25,9 +35,9 @@ use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, Precision, 
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::Result;
 
-use crate::acl::{AclTensorList, Buffer};
+use crate::acl::{err, AclScalar, AclTensor, AclTensorList, Buffer};
 use crate::kernels::KernelState;
-use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
+use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, GroupScale, Mem};
 
 /// Default size of one widened expert stack (per chunk and projection).
 pub(crate) const DEFAULT_STACK_BYTES: usize = 256 << 20;
@@ -36,9 +46,18 @@ pub(crate) const DEFAULT_STACK_BYTES: usize = 256 << 20;
 const GMM_MAX_INNER: usize = 65535;
 /// Experts per 3-D weight (groupList length) aclnnGroupedMatmulV4 takes.
 const GMM_MAX_GROUPS: usize = 1024;
+/// Weight tensors per weight list aclnnGroupedMatmulV4 takes on Atlas A2/A3 (the 950 takes
+/// 1024 in the non-quantised form).
+const GMM_MAX_LIST: usize = 128;
 /// Experts aclnnMoeGatingTopKV2 takes, and the largest k of its hash mode.
 const GATING_MAX_EXPERTS: usize = 2048;
 const GATING_MAX_HASH_K: usize = 64;
+
+/// Whether a weight's values are BF16 values in the form it is kept: BF16, or INT8 with BF16
+/// group scales (`2·e2m1` times a power of two).
+fn holds_bf16(w: &AscendWeight) -> bool {
+    w.dtype == Dt::ACL_BF16 || (w.dtype == Dt::ACL_INT8 && w.group_scale.is_some())
+}
 
 impl AscendBackend {
     /// The fused routing, or None when the kernel does not apply (then the trait's composition
@@ -109,7 +128,9 @@ impl AscendBackend {
 
     /// The routed experts on grouped matmuls, or None when the kernel does not apply. In
     /// `act` = bf16 the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16, as in the
-    /// composition (`Backend::expert_ffn`).
+    /// composition (`Backend::expert_ffn`); there, when every active expert's weights hold
+    /// BF16 values (BF16, or INT8 with group scales), the grouped matmuls run in BF16 on the
+    /// stored weights ([`Self::grouped_matmul_bf16`]) and round their outputs themselves.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_grouped(
         &self,
@@ -128,7 +149,7 @@ impl AscendBackend {
             .all(|e| [e.w1.rows, e.w1.cols, e.w3.rows, e.w3.cols, e.w2.rows, e.w2.cols] == [i, d, i, d, d, i]);
         // The official quantisation (weight before w2, e4m3 inputs) is not in this path yet: the
         // composition runs it.
-        if !self.kernels.grouped_matmul.usable()
+        if !(self.kernels.grouped_matmul.usable() || self.kernels.grouped_matmul_bf16.usable())
             || act.simulates_quant()
             || !same
             || t == 0
@@ -167,7 +188,25 @@ impl AscendBackend {
         let xs = self.index_select(x, &self.upload_index(&rows, &[m])?)?;
         let ws = self.index_select(&self.reshape(weights, &[t * k, 1])?, &self.upload_index(&slots, &[m])?)?;
 
-        let chunk = (self.gmm_stack_bytes / (i * d * 4)).clamp(1, GMM_MAX_GROUPS);
+        // BF16 activations and weights whose values BF16 holds: the narrow form. x is a BF16
+        // value there (the graph rounds the ffn_norm output, `core/src/precision.rs`), so its
+        // cast is exact; a weight kept F32 or F16 (not BF16 values) keeps the f32 form.
+        let narrow = act.rounds_to_bf16()
+            && self.kernels.grouped_matmul_bf16.usable()
+            && groups.iter().all(|g| {
+                let e = &experts[g.0];
+                [&e.w1, &e.w3, &e.w2].into_iter().all(holds_bf16)
+            });
+        if !narrow && !self.kernels.grouped_matmul.usable() {
+            return Ok(None);
+        }
+        let xs_bf16 = if narrow { Some(self.cast_to(&xs, Dt::ACL_BF16)?) } else { None };
+        // The f32 form's widened stack is 4 bytes per value; the narrow form's dequantised INT8
+        // weights 2 (BF16 weights need no temporary), in a weight list of at most 128.
+        let chunk = match narrow {
+            false => (self.gmm_stack_bytes / (i * d * 4)).clamp(1, GMM_MAX_GROUPS),
+            true => (self.gmm_stack_bytes / (i * d * 2)).clamp(1, GMM_MAX_LIST),
+        };
         let mut outs = vec![];
         let mut row0 = 0;
         for part in groups.chunks(chunk) {
@@ -176,15 +215,31 @@ impl AscendBackend {
             let pick = |f: fn(&ExpertWeights<AscendWeight>) -> &AscendWeight| -> Vec<&AscendWeight> {
                 part.iter().map(|g| f(&experts[g.0])).collect()
             };
-            let xc = self.narrow(&xs, 0, row0, mc)?;
-            let gmm = |x: &AscendTensor, w: Vec<&AscendWeight>| {
-                self.fused(&self.kernels.grouped_matmul, || self.grouped_matmul(x, &w, &counts))
+            let y = if let Some(xb) = &xs_bf16 {
+                let xc = Mem { buf: xb, offset: row0 * d, dtype: Dt::ACL_BF16 };
+                let gmm = |x: Mem<'_>, w: Vec<&AscendWeight>| {
+                    self.fused(&self.kernels.grouped_matmul_bf16, || self.grouped_matmul_bf16(x, mc, &w, &counts))
+                };
+                // The kernel rounds w1's, w3's and w2's outputs to BF16 (they hold BF16
+                // values); the SwiGLU output is rounded by its cast to w2's BF16 input.
+                let Some(g) = gmm(xc, pick(|e| &e.w1))? else { return Ok(None) };
+                let Some(u) = gmm(xc, pick(|e| &e.w3))? else { return Ok(None) };
+                let h = self.cast_to(&self.swiglu(&g, &u, limit)?, Dt::ACL_BF16)?;
+                let Some(y) = gmm(Mem { buf: &h, offset: 0, dtype: Dt::ACL_BF16 }, pick(|e| &e.w2))? else {
+                    return Ok(None);
+                };
+                y
+            } else {
+                let xc = self.narrow(&xs, 0, row0, mc)?;
+                let gmm = |x: &AscendTensor, w: Vec<&AscendWeight>| {
+                    self.fused(&self.kernels.grouped_matmul, || self.grouped_matmul(x, &w, &counts))
+                };
+                let Some(g) = gmm(&xc, pick(|e| &e.w1))? else { return Ok(None) };
+                let Some(u) = gmm(&xc, pick(|e| &e.w3))? else { return Ok(None) };
+                let h = act.act_of(self, self.swiglu(&act.act(self, &g)?, &act.act(self, &u)?, limit))?;
+                let Some(y) = gmm(&h, pick(|e| &e.w2))? else { return Ok(None) };
+                act.act(self, &y)?
             };
-            let Some(g) = gmm(&xc, pick(|e| &e.w1))? else { return Ok(None) };
-            let Some(u) = gmm(&xc, pick(|e| &e.w3))? else { return Ok(None) };
-            let h = act.act_of(self, self.swiglu(&act.act(self, &g)?, &act.act(self, &u)?, limit))?;
-            let Some(y) = gmm(&h, pick(|e| &e.w2))? else { return Ok(None) };
-            let y = act.act(self, &y)?;
             outs.push(self.binary(&y, &self.narrow(&ws, 0, row0, mc)?, BinaryOp::Mul)?);
             row0 += mc;
         }
@@ -265,6 +320,147 @@ impl AscendBackend {
         Ok(out)
     }
 
+    /// `x [M, K]` (BF16, contiguous at `x`) through one weight `[N, K]` per group, group g
+    /// taking `counts[g]` consecutive rows: aclnnGroupedMatmulV4 in its non-quantised BF16
+    /// form (x, weight and out BFLOAT16; `aclnnGroupedMatmulV4.md`, the non-quantised scenario, on Atlas A2/A3
+    /// and the 950), with the weights as a list of `[K, N]` views (one x, a weight list, one
+    /// out: groupType 0, splitItem 3, at most 128 weights on A2/A3). Its output is BF16 (the
+    /// docs do not state the accumulation type; the cube units accumulate BF16 products in
+    /// f32, and the emulator computes in f64 and rounds once); it is widened to f32 (exact).
+    ///
+    /// Weights: BF16 as stored (no copy); INT8 with BF16 group scales (FP4 e2m1 experts,
+    /// `dsv4_core::weight_forms`) dequantised into a pooled BF16 temporary, exactly (a code
+    /// in −12..=12 times a power of two is a BF16 value), by aclnnCast and aclnnMul.
+    ///
+    /// Not the A16W8 antiquant form (INT8 weight, `antiquantScaleOptional`): the docs allow
+    /// it per-channel only (scale `[E, N]`, per the A2/A3 constraints; on the 950
+    /// per-group only for INT4), and the FP4 experts have a scale per 32 values of K; INT4,
+    /// which takes per-group scales, cannot hold `2·e2m1`.
+    pub(crate) fn grouped_matmul_bf16(
+        &self,
+        x: Mem<'_>,
+        m: usize,
+        ws: &[&AscendWeight],
+        counts: &[i64],
+    ) -> Result<AscendTensor> {
+        let (n, kk) = (ws[0].rows, ws[0].cols);
+        // Dequantised INT8 weights, alive until the launch is queued (the pool orders reuse
+        // after it on the stream).
+        let temps: Vec<Option<Buffer>> = ws
+            .iter()
+            .map(|w| match (&w.group_scale, w.dtype) {
+                (Some(gs), Dt::ACL_INT8) => self.dequantize_bf16(w, gs).map(Some),
+                (None, Dt::ACL_BF16) => Ok(None),
+                _ => Err(err(format!("grouped_matmul_bf16: a {:?} weight does not hold BF16 values", w.dtype))),
+            })
+            .collect::<Result<_>>()?;
+        let api = self.api();
+        let views = ws
+            .iter()
+            .zip(&temps)
+            .map(|(w, t)| {
+                let buf = t.as_ref().unwrap_or(&w.buf);
+                // [N, K] read as [K, N] through strides (a transposed weight).
+                self.view(Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }, &[kk, n], &[1, kk], 0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let wl = AclTensorList::new(api, views)?;
+        let xl = AclTensorList::new(api, vec![self.cview(x, &[m, kk])?])?;
+        let out = self.alloc(m * n, Dt::ACL_BF16)?;
+        let om = Mem { buf: &out, offset: 0, dtype: Dt::ACL_BF16 };
+        let ol = AclTensorList::new(api, vec![self.cview(om, &[m, n])?])?;
+        let group_list = self.upload_i64(counts)?;
+        let gl = self.cview(Mem { buf: &group_list, offset: 0, dtype: Dt::ACL_INT64 }, &[ws.len()])?;
+        let none: *const sys::aclTensorList = null();
+        aclnn!(
+            self,
+            aclnnGroupedMatmulV4
+                / aclnnGroupedMatmulV4GetWorkspaceSize(
+                    xl.ptr(),
+                    wl.ptr(),
+                    none,
+                    none,
+                    none,
+                    none,
+                    none,
+                    none,
+                    gl.ptr(),
+                    none,
+                    none,
+                    none,
+                    3, // splitItem: one output tensor
+                    0, // groupType: groups along M
+                    1, // groupListType: counts
+                    0, // actType: none
+                    ol.ptr(),
+                    null_mut(),
+                    null_mut()
+                )
+        )?;
+        drop(temps);
+        let y = self.new_tensor(&[m, n])?;
+        self.cast_into(self.cview(om, &[m, n])?, self.tv(&y)?, Dt::ACL_FLOAT)?;
+        Ok(y)
+    }
+
+    /// An INT8 weight with BF16 group scales as BF16 `[rows, cols]` in a pooled block, exactly:
+    /// aclnnCast of the codes to BF16, then aclnnMul by the scales broadcast over their groups.
+    fn dequantize_bf16(&self, w: &AscendWeight, gs: &GroupScale) -> Result<Buffer> {
+        let (g, groups) = (gs.group, w.cols / gs.group);
+        let codes = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
+        let out = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
+        let cm = Mem { buf: &codes, offset: 0, dtype: Dt::ACL_BF16 };
+        let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: Dt::ACL_INT8 }, &[w.rows, w.cols])?;
+        self.cast_into(src, self.cview(cm, &[w.rows, w.cols])?, Dt::ACL_BF16)?;
+        let (a, b) = (
+            self.cview(cm, &[w.rows, groups, g])?,
+            self.cview(Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups, 1])?,
+        );
+        let o = self.cview(Mem { buf: &out, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups, g])?;
+        let api = self.api();
+        self.dev.call_cached(
+            "aclnnMul",
+            api.aclnnMul(),
+            vec![a, b],
+            vec![o],
+            vec![],
+            &[],
+            Box::new(|i: &[AclTensor], o: &[AclTensor], _: &[AclScalar], ws, ex| {
+                let f = api.aclnnMulGetWorkspaceSize()?;
+                // SAFETY: the tensors are owned by the call (or the executor cache) and outlive
+                // the launch; `ws`/`ex` are out-pointers.
+                Ok(unsafe { f(i[0].ptr(), i[1].ptr(), o[0].ptr(), ws, ex) })
+            }),
+        )?;
+        Ok(out)
+    }
+
+    /// `x` (f32) cast to `dtype` in a new pooled block of its shape.
+    fn cast_to(&self, x: &AscendTensor, dtype: Dt) -> Result<Buffer> {
+        let out = self.alloc(x.shape.iter().product(), dtype)?;
+        self.cast_into(self.tv(x)?, self.cview(Mem { buf: &out, offset: 0, dtype }, &x.shape)?, dtype)?;
+        Ok(out)
+    }
+
+    /// `dst ← src` converted to `dtype` (dst's dtype): aclnnCast, through the executor cache
+    /// (both views contiguous).
+    fn cast_into(&self, src: AclTensor, dst: AclTensor, dtype: Dt) -> Result<()> {
+        let api = self.api();
+        self.dev.call_cached(
+            "aclnnCast",
+            api.aclnnCast(),
+            vec![src],
+            vec![dst],
+            vec![],
+            &[dtype.0 as i64],
+            Box::new(move |i: &[AclTensor], o: &[AclTensor], _: &[AclScalar], ws, ex| {
+                let f = api.aclnnCastGetWorkspaceSize()?;
+                // SAFETY: as in `dequantize_bf16`.
+                Ok(unsafe { f(i[0].ptr(), dtype, o[0].ptr(), ws, ex) })
+            }),
+        )
+    }
+
     fn upload_i64(&self, v: &[i64]) -> Result<Buffer> {
         let buf = self.alloc(v.len(), Dt::ACL_INT64)?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -341,6 +537,57 @@ impl AscendBackend {
                     self.kernels.grouped_matmul.disable(format!("self-test disagreed with Matmul: {g:?} vs {w:?}"));
                 }
             }
+        }
+        if self.kernels.grouped_matmul_bf16.usable() {
+            self.self_test_grouped_matmul_bf16()?;
+        }
+        Ok(())
+    }
+
+    /// The BF16 form of the grouped matmul (`--precision bf16`) on a tiny input, a BF16 weight
+    /// and an FP4 one (kept as INT8 + group scales), against Matmul on the same values with its
+    /// output rounded to BF16: they may differ by one BF16 ulp (the summation order), not more.
+    fn self_test_grouped_matmul_bf16(&self) -> Result<()> {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+        let (m, kk, n) = (5usize, 64usize, 3usize);
+        let bf16 = |v: f32| f32::from_bits(v.to_bits() & 0xffff_0000);
+        let x: Vec<f32> = (0..m * kk).map(|v| bf16(((v * 7 % 23) as f32 - 11.0) / 8.0)).collect();
+        let w0: Vec<f32> = (0..n * kk).map(|j| bf16(((j * 5 % 17) as f32 - 8.0) / 6.0)).collect();
+        let w1: Vec<f32> = (0..n * kk).map(|j| ((j * 11 % 29) as f32 - 14.0) / (1.0 + (j / 32) as f32)).collect();
+        let w0_bytes = w0.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let (packed, scales) = dsv4_core::quant::quantize_fp4_group(&w1, n, kk);
+        let ws = [
+            self.upload_weight(&StoredWeight::float(HostTensor::from_bytes(
+                "self-test BF16 expert",
+                DType::BF16,
+                vec![n, kk],
+                w0_bytes,
+            )?)?)?,
+            self.upload_weight(&StoredWeight::detect(
+                &HostTensor::from_bytes("self-test FP4 expert", DType::I8, vec![n, kk / 2], packed)?,
+                Some(&HostTensor::from_bytes("self-test FP4 scales", DType::F8E8M0, vec![n, kk / 32], scales)?),
+                &[n, kk],
+            )?)?,
+        ];
+        if !ws.iter().all(holds_bf16) {
+            return Ok(());
+        }
+        let xt = self.upload(&x, &[m, kk])?;
+        let xb = self.cast_to(&xt, Dt::ACL_BF16)?;
+        let refs: Vec<&AscendWeight> = ws.iter().collect();
+        let xm = Mem { buf: &xb, offset: 0, dtype: Dt::ACL_BF16 };
+        let state = &self.kernels.grouped_matmul_bf16;
+        let Some(got) = self.fused(state, || self.grouped_matmul_bf16(xm, m, &refs, &[2, 3]))? else {
+            return Ok(());
+        };
+        let want = self.round_to_bf16(&self.concat(
+            &[&self.linear(&self.narrow(&xt, 0, 0, 2)?, &ws[0])?, &self.linear(&self.narrow(&xt, 0, 2, 3)?, &ws[1])?],
+            0,
+        )?)?;
+        let (g, w) = (self.download(&got)?, self.download(&want)?);
+        let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if g.iter().zip(&w).any(|(a, b)| (a - b).abs() > 2f32.powi(-7) * b.abs() + 2f32.powi(-20) * scale) {
+            state.disable(format!("self-test of the BF16 form disagreed with Matmul: {g:?} vs {w:?}"));
         }
         Ok(())
     }

@@ -2,6 +2,14 @@
 //! `aclnnMoeGatingTopKV2`, in the forms dsv4 uses, with the documented constraints. Parts of
 //! the operators dsv4 does not use (quantised GMM, K- or N-axis grouping, bias, grouped expert
 //! selection) are refused with "not emulated" rather than guessed at.
+//!
+//! Grouped matmul forms emulated (`gmm/grouped_matmul/docs/aclnnGroupedMatmulV4.md`, the non-quantised scenario):
+//! x, weight and out all FLOAT32, BFLOAT16 or FLOAT16, one x and one out, groups along M with a
+//! single 3-D weight or a list of 2-D weights (FLOAT32 with a single weight only on A2/A3; the
+//! 310P takes FLOAT16 only). The antiquant forms (pseudo-quantised: A16W8 / A16W4, x BFLOAT16/FLOAT16 with
+//! an INT8/INT4 weight and `antiquantScaleOptional`) are checked against the docs and then
+//! refused as not emulated; the docs allow INT8 weights per-channel only (antiquantScale
+//! `[E, N]`), so a per-group scale on an INT8 weight is refused as the documented misuse.
 
 use std::ffi::c_void;
 
@@ -35,6 +43,108 @@ fn family() -> &'static str {
     } else {
         "other"
     }
+}
+
+/// The antiquant (pseudo-quantised) scenarios: x BFLOAT16/FLOAT16 with an INT8 weight (A16W8; INT4, A16W4,
+/// has no emulated dtype) and `antiquantScaleOptional` (+ optional offset), as
+/// `aclnnGroupedMatmulV4.md` documents them for Atlas A2/A3 (the A16W8 constraints: per-channel only,
+/// antiquantScale `[E, N]` for a single weight; x, weight and out single tensors; groupType
+/// -1/0; actType 0; groupListType 0/1; not on the 310P) and the 950 (its antiquant constraints: INT8
+/// per-channel; per-group, of 32/64/128/256 values, for INT4 only). dsv4 does not use them
+/// (its FP4 experts' INT8 form has a BF16 scale per 32 values of K), so a call that passes
+/// every documented check is still refused, as not emulated. Returns the reason.
+#[allow(clippy::too_many_arguments)]
+fn antiquant_refusal(
+    e: &Emu,
+    fam: &str,
+    x: *const aclTensorList,
+    weight: *const aclTensorList,
+    scale: *const aclTensorList,
+    offset: *const aclTensorList,
+    group_type: i64,
+    group_list_type: i64,
+    act_type: i64,
+) -> R<String> {
+    let (xs, ws) = (e.tensor_list(x, "x")?, e.tensor_list(weight, "weight")?);
+    let (Some(xd), Some(wd)) = (xs.first(), ws.first()) else {
+        return Ok("antiquant: x and weight must not be empty".into());
+    };
+    if fam == "310P" {
+        return Ok(format!(
+            "antiquant (x {}, weight {}) is not supported on {}",
+            dtype_name(xd.dtype),
+            dtype_name(wd.dtype),
+            soc_name()
+        ));
+    }
+    if wd.dtype != aclDataType::ACL_INT8 {
+        return Ok(format!(
+            "antiquant arguments are set but weight is {}: the antiquant forms take an INT8 or INT4 weight",
+            dtype_name(wd.dtype)
+        ));
+    }
+    if !matches!(xd.dtype, aclDataType::ACL_BF16 | aclDataType::ACL_FLOAT16) {
+        return Ok(format!(
+            "an INT8 weight with x {} is no documented form: A16W8 (antiquant) takes x BFLOAT16 or FLOAT16 \
+             (and INT8 x is the A8W8 quantised form)",
+            dtype_name(xd.dtype)
+        ));
+    }
+    if xs.len() != 1 || ws.len() != 1 || wd.dims.len() != 3 {
+        // The formula section allows single x, weight and y tensors only (the constraint tables also
+        // list weight-list shapes for groupType -1; the stricter reading is checked).
+        return Ok("A16W8 supports only single x, weight and out tensors (one 3-D weight [E, K, N])".into());
+    }
+    if !matches!(group_type, -1 | 0) || act_type != 0 || !matches!(group_list_type, 0 | 1) {
+        return Ok(format!(
+            "A16W8 supports groupType -1 or 0, actType 0 and groupListType 0/1, got {group_type}, {act_type}, {group_list_type}"
+        ));
+    }
+    if scale.is_null() {
+        return Ok("an INT8 weight with BFLOAT16/FLOAT16 x (A16W8) needs antiquantScaleOptional".into());
+    }
+    let ss = e.tensor_list(scale, "antiquantScaleOptional")?;
+    let [sd] = &ss[..] else {
+        return Ok(format!("antiquantScaleOptional must hold one tensor (as weight), got {}", ss.len()));
+    };
+    if sd.dtype != xd.dtype {
+        return Ok(format!(
+            "antiquantScaleOptional must be {} (x's dtype), got {}",
+            dtype_name(xd.dtype),
+            dtype_name(sd.dtype)
+        ));
+    }
+    let (g, k, n) = (wd.dims[0], wd.dims[1], wd.dims[2]);
+    if sd.dims.len() == 3 && sd.dims[0] == g && sd.dims[2] == n {
+        let groups = sd.dims[1];
+        let size = if groups > 0 && k % groups == 0 {
+            format!("groups of {} values of K = {k}", k / groups)
+        } else {
+            format!("{groups} groups, which do not divide K = {k}")
+        };
+        return Ok(format!(
+            "per-group antiquantScaleOptional {:?} ({size}) with an INT8 weight: A16W8 supports per-channel \
+             quantisation only (antiquantScale [E, N] = [{g}, {n}]); per-group scales are documented for INT4 weights only",
+            sd.dims
+        ));
+    }
+    if sd.dims != [g, n] {
+        return Ok(format!(
+            "antiquantScaleOptional has shape {:?}; per-channel A16W8 takes [E, N] = [{g}, {n}]",
+            sd.dims
+        ));
+    }
+    if !offset.is_null() {
+        let os = e.tensor_list(offset, "antiquantOffsetOptional")?;
+        if os.len() != 1 || os[0].dtype != xd.dtype || os[0].dims != sd.dims {
+            return Ok(format!(
+                "antiquantOffsetOptional must be one {} tensor of antiquantScaleOptional's shape {:?}",
+                dtype_name(xd.dtype),
+                sd.dims
+            ));
+        }
+    }
+    Ok("A16W8 per-channel antiquant is a documented form but not emulated (dsv4 does not use it)".into())
 }
 
 fn null_or_err(p: *const c_void, name: &str) -> R<()> {
@@ -72,12 +182,26 @@ phase_one!(aclnnGroupedMatmulV4GetWorkspaceSize = "aclnnGroupedMatmulV4", e, (
     if !matches!(fam, "A2" | "A3" | "950" | "310P") {
         return Err(format!("not supported on {}", soc_name()));
     }
+    // An INT8 weight (or any antiquant argument): the antiquant forms, checked, then refused.
+    let int8_weight = e.tensor_list(weight, "weight")?.iter().any(|w| w.dtype == aclDataType::ACL_INT8);
+    let int8_x = e.tensor_list(x, "x")?.iter().any(|x| x.dtype == aclDataType::ACL_INT8);
+    if !antiquantScaleOptional.is_null() || !antiquantOffsetOptional.is_null() || (int8_weight && !int8_x) {
+        return Err(antiquant_refusal(
+            e,
+            fam,
+            x,
+            weight,
+            antiquantScaleOptional,
+            antiquantOffsetOptional,
+            groupType,
+            groupListType,
+            actType,
+        )?);
+    }
     for (p, n) in [
         (biasOptional, "biasOptional"),
         (scaleOptional, "scaleOptional"),
         (offsetOptional, "offsetOptional"),
-        (antiquantScaleOptional, "antiquantScaleOptional"),
-        (antiquantOffsetOptional, "antiquantOffsetOptional"),
         (perTokenScaleOptional, "perTokenScaleOptional"),
         (activationInputOptional, "activationInputOptional"),
         (activationQuantScaleOptional, "activationQuantScaleOptional"),
