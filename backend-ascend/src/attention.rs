@@ -6,20 +6,30 @@
 //! * Used in `bf16` / `official` only (the kernel takes BF16/FP16 q and KV), with D = 512 (the
 //!   kernel's only head size: 448 nope + 64 rope channels), a BF16 kv pool, and N1 query heads
 //!   the SoC takes (1..=128; a power of two on Atlas A2/A3). Anything else composes.
-//! * The pool is passed whole as one TND "sequence" (`cuSeqlensOriKv = [0, rows]`), so the
-//!   trait's pool rows are the kernel's logical indices; the queries are one TND batch.
+//!   Opt-in (`DSV4_ASCEND_FUSED=all`, [`crate::kernels::KernelSpec::opt_in`]).
+//! * The pool is passed as paged KV (layout PA_BBND): `[rows / bs, bs, 1, 512]` with an identity
+//!   block table and `sequsedOriKv = rows`, so the trait's pool rows are the kernel's logical
+//!   indices. The A2/A3 kernels read sparse ori_kv rows through the block table only
+//!   (`op_kernel/arch22`, `GetOriSparseKeyGmOffset`); the queries are one TND batch.
 //! * The kernel wants each row's valid indices first, then padding: a descending aclnnTopk over
-//!   the row (valid rows are ≥ 0, padding is -1) moves the -1s to the end, and the count of
-//!   non-negative entries is `oriTopkLength`. Attention over a set does not depend on its
-//!   order; only the f32 summation order differs from the composition.
+//!   the row (valid rows are ≥ 0, padding is -1) moves the -1s to the end, and
+//!   `oriTopkLength` = Σ clamp(idx + 1, 0, 1). Attention over a set does not depend on its
+//!   order; only the summation order differs from the composition.
+//! * Mask and window arguments per SoC: A2/A3 take oriMaskMode 0 with non-negative windows and
+//!   cmpMaskMode 3 (their error tables); the 950's host checker wants windows -1 and
+//!   cmpMaskMode 0 when there is no band mask and no cmpKv.
 //! * `aclnnSparseFlashMlaMetadata` (an AICPU pre-pass) computes the core split from the same
 //!   lengths before every call.
+//! * Numerics: the A2/A3 kernel casts the probabilities to the KV dtype (BF16) before `P·V`
+//!   (`vec1ResGm` is `KV_T`), so the result differs from the composition (f32 P) by up to a
+//!   few BF16 ulps of the values attended to.
 //!
 //! Checked against the composition on a tiny input when the device opens
 //! ([`AscendBackend::self_test_attention`]); a failing call switches the kernel off.
 
 use std::ptr::null_mut;
 
+use dsv4_ascend_sys as sys;
 use dsv4_ascend_sys::aclDataType as Dt;
 use dsv4_core::backend::{composed, Backend, DevicePool, Precision, ReduceOp, RowFormat};
 use dsv4_core::backend_checks as checks;
@@ -46,6 +56,7 @@ impl AscendBackend {
             && kv.rows() > 0
             && kv.dtype() == Dt::ACL_BF16
             && i32::try_from(kv.rows()).is_ok()
+            && kv_block(kv.rows()).is_some()
     }
 
     /// The fused attention, or None when the kernel does not apply.
@@ -104,24 +115,29 @@ impl AscendBackend {
             let (qv, bv) = (self.tv(q)?, qb_v()?);
             aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(qv.ptr(), Dt::ACL_BF16, bv.ptr()))?;
         }
-        // One TND batch of T queries over the whole pool.
+        // One TND batch of T queries over the whole pool, paged as `[rows / bs, bs, 1, D]`.
+        let rows = kv.rows();
+        let bs = kv_block(rows).expect("checked by flash_mla_applies");
+        let nb = rows / bs;
         let cu_q = self.upload_index(&[0, t as i32], &[2])?;
-        let cu_kv = self.upload_index(&[0, kv.rows() as i32], &[2])?;
+        let used_kv = self.upload_index(&[rows as i32], &[1])?;
+        let table = self.upload_index(&(0..nb as i32).collect::<Vec<_>>(), &[1, nb])?;
         let meta = self.alloc(1024, Dt::ACL_INT32)?;
         let meta_v = || self.cview(Mem { buf: &meta, offset: 0, dtype: Dt::ACL_INT32 }, &[1024]);
-        let tnd = c"TND";
-        let none = || -> *mut dsv4_ascend_sys::aclTensor { null_mut() };
+        let (tnd, paged) = (c"TND", c"PA_BBND");
+        let none = null_mut::<sys::aclTensor>;
+        let args = MaskArgs::of(SocFamily::of(&self.soc));
         {
-            let (cq, ck, lv, mv) = (self.iv(&cu_q)?, self.iv(&cu_kv)?, lens_v()?, meta_v()?);
+            let (cq, uk, lv, mv) = (self.iv(&cu_q)?, self.iv(&used_kv)?, lens_v()?, meta_v()?);
             aclnn!(
                 self,
                 aclnnSparseFlashMlaMetadata
                     / aclnnSparseFlashMlaMetadataGetWorkspaceSize(
                         cq.ptr(),
-                        ck.ptr(),
+                        none(), // cuSeqlensOriKv: PA_BBND takes sequsedOriKv
                         none(),
                         none(),
-                        none(),
+                        uk.ptr(),
                         none(),
                         none(),
                         lv.ptr(),
@@ -137,26 +153,30 @@ impl AscendBackend {
                         0,               // cmpTopk: no cmpKv
                         1,               // cmpRatio: SWA
                         0,               // oriMaskMode: none (the indices are the key set)
-                        3,               // cmpMaskMode: A2/A3 accept only 3, the 950 0 or 3
-                        0,               // oriWinLeft (unused without a mask)
-                        0,               // oriWinRight
+                        args.cmp_mask,
+                        args.window,
+                        args.window,
                         tnd.as_ptr(),
-                        tnd.as_ptr(),
+                        paged.as_ptr(),
                         true,  // hasOriKv
                         false, // hasCmpKv
                         mv.ptr()
                     )
             )?;
         }
+        // Zeroed: the A2/A3 kernel does not write a TND row without valid indices (it can only
+        // come from a caller outside the model: the window always holds the token itself).
         let out_b = self.alloc(numel(&q.shape), Dt::ACL_BF16)?;
+        self.dev.zero(&out_b)?;
         {
             let qv = qb_v()?;
-            let kvv = self.cview(kv.mem(), &[kv.rows(), 1, HEAD_DIM])?;
-            let (sv, lv, mv, cq, ck) = (sorted_v()?, lens_v()?, meta_v()?, self.iv(&cu_q)?, self.iv(&cu_kv)?);
+            let kvv = self.cview(kv.mem(), &[nb, bs, 1, HEAD_DIM])?;
+            let (sv, lv, mv, cq, uk, tv) =
+                (sorted_v()?, lens_v()?, meta_v()?, self.iv(&cu_q)?, self.iv(&used_kv)?, self.iv(&table)?);
             let snk = self.tv(sinks)?;
             let ov = self.cview(Mem { buf: &out_b, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape)?;
             // The API takes the layouts as `char*`; it does not write through them.
-            let layout = tnd.as_ptr() as *mut std::ffi::c_char;
+            let (lq, lkv) = (tnd.as_ptr() as *mut std::ffi::c_char, paged.as_ptr() as *mut std::ffi::c_char);
             aclnn!(
                 self,
                 aclnnSparseFlashMla
@@ -166,13 +186,13 @@ impl AscendBackend {
                         none(),
                         sv.ptr(),
                         none(),
-                        none(),
+                        tv.ptr(),
                         none(),
                         cq.ptr(),
-                        ck.ptr(),
                         none(),
                         none(),
                         none(),
+                        uk.ptr(),
                         none(),
                         none(),
                         lv.ptr(),
@@ -182,11 +202,11 @@ impl AscendBackend {
                         scale as f64,
                         1, // cmpRatio
                         0, // oriMaskMode
-                        3, // cmpMaskMode
-                        0, // oriWinLeft
-                        0, // oriWinRight
-                        layout,
-                        layout,
+                        args.cmp_mask,
+                        args.window,
+                        args.window,
+                        lq,
+                        lkv,
                         1,     // topkValueMode
                         false, // returnSoftmaxLse
                         ov.ptr(),
@@ -202,13 +222,23 @@ impl AscendBackend {
 
     /// Runs `aclnnSparseFlashMla` on a tiny input (D = 512, two heads, padded key lists) against
     /// the composition, and switches the kernel off with the reason when they disagree by more
-    /// than BF16 output rounding.
+    /// than BF16 rounding of the probabilities and the output allows, or when the kernel fails
+    /// (also asynchronously: the device still opens, composing).
     pub(crate) fn self_test_attention(&self) -> Result<()> {
         let state = &self.kernels.sparse_flash_mla;
         if !state.usable() {
             return Ok(());
         }
-        let (t, h, rows, k) = (3usize, 2usize, 6usize, 4usize);
+        if let Err(e) = self.compare_attention_with_composition() {
+            state.disable(format!("self-test failed, so the composition is used: {e}"));
+            self.dev.synchronize()?;
+        }
+        Ok(())
+    }
+
+    fn compare_attention_with_composition(&self) -> Result<()> {
+        let state = &self.kernels.sparse_flash_mla;
+        let (t, h, rows, k) = (3usize, 2usize, 32usize, 4usize);
         let bf16 = |v: f32| f32::from_bits(v.to_bits() & 0xffff_0000);
         let qv: Vec<f32> = (0..t * h * HEAD_DIM).map(|i| bf16(((i * 7 % 19) as f32 - 9.0) / 40.0)).collect();
         let kvv: Vec<f32> = (0..rows * HEAD_DIM).map(|i| bf16(((i * 5 % 23) as f32 - 11.0) / 30.0)).collect();
@@ -216,17 +246,60 @@ impl AscendBackend {
         let all = self.upload_index(&(0..rows as i32).collect::<Vec<_>>(), &[rows])?;
         self.pool_write(&mut pool, &all, &self.upload(&kvv, &[rows, HEAD_DIM])?)?;
         let q = self.upload(&qv, &[t, h, HEAD_DIM])?;
-        let idx = self.upload_index(&[0, 2, -1, 5, -1, -1, -1, -1, 4, -1, 1, 3], &[t, k])?;
+        // Padding inside and after the valid entries, rows from every block of 16.
+        let idx = self.upload_index(&[0, 20, -1, 5, -1, 31, -1, -1, 4, -1, 17, 3], &[t, k])?;
         let sinks = self.upload(&[0.25, -1.5], &[h])?;
-        let got = match self.sparse_attention_fused(&q, &pool, &idx, &sinks, 0.05, Precision::Bf16)? {
-            Some(g) => self.download(&g)?,
-            None => return Ok(()),
+        let Some(got) = self.sparse_attention_fused(&q, &pool, &idx, &sinks, 0.05, Precision::Bf16)? else {
+            return Ok(());
         };
+        let got = self.download(&got)?;
         let want = self.download(&composed::sparse_attention(self, &q, &pool, &idx, &sinks, 0.05)?)?;
-        // The kernel rounds its output to BF16 (relative 2^-9); allow twice that.
-        if let Some((g, w)) = got.iter().zip(&want).find(|(g, w)| (*g - *w).abs() > 2f32.powi(-8) * w.abs().max(1e-3)) {
+        // The kernel rounds the probabilities (relative 2^-9 each) and its output (2^-9) to
+        // BF16: the output moves by at most ~2^-8 of the largest value attended to.
+        let vmax = kvv.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if let Some((g, w)) = got.iter().zip(&want).find(|(g, w)| (*g - *w).abs() > 2f32.powi(-7) * vmax) {
             state.disable(format!("self-test disagreed with the composition: {g} vs {w}"));
         }
         Ok(())
+    }
+}
+
+/// The mask and window arguments of the "SWA sparse ori_kv" call on a SoC family.
+struct MaskArgs {
+    /// oriWinLeft = oriWinRight (unused without a band mask).
+    window: i64,
+    /// cmpMaskMode (unused without cmpKv).
+    cmp_mask: i64,
+}
+
+impl MaskArgs {
+    fn of(family: SocFamily) -> MaskArgs {
+        match family {
+            // The 950's host checker (mask_checker CheckFeature): windows -1 unless oriMaskMode
+            // is 4, cmpMaskMode 0 without cmpKv.
+            SocFamily::Ascend950 => MaskArgs { window: -1, cmp_mask: 0 },
+            // A2/A3 error tables: non-negative windows in this scenario, cmpMaskMode 3.
+            _ => MaskArgs { window: 0, cmp_mask: 3 },
+        }
+    }
+}
+
+/// The block size the pool is paged with for the kernel: the largest multiple of 16 up to 1024
+/// that divides the pool's rows (A2/A3 take multiples of 16 up to 1024); None when none does.
+fn kv_block(rows: usize) -> Option<usize> {
+    (1..=64).rev().map(|m| m * 16).find(|&bs| rows.is_multiple_of(bs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_block;
+
+    #[test]
+    fn the_pool_is_paged_in_the_largest_block_that_divides_it() {
+        assert_eq!(kv_block(1 << 20), Some(1024));
+        assert_eq!(kv_block(384), Some(384));
+        assert_eq!(kv_block(48), Some(48));
+        assert_eq!(kv_block(1040), Some(208));
+        assert_eq!(kv_block(40), None);
     }
 }

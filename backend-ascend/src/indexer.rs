@@ -399,41 +399,40 @@ impl AscendBackend {
     /// Runs `aclnnLightningIndexerV2` on tiny inputs (dI = 128) against the composition,
     /// covering the three visibility forms and both key tensors (the pool's own blocks and a
     /// gathered copy), and switches the kernel off with the reason when the picks differ as
-    /// sets per query (or the kernel fails).
+    /// sets per query, or when anything in the test fails (the device still opens, composing).
+    /// Each query's last visible and first invisible keys score highest of all
+    /// ([`self_test_queries`]), so a visibility off by one key changes its picks.
     pub(crate) fn self_test_indexer(&self) -> Result<()> {
         let state = &self.kernels.lightning_indexer;
         if !state.usable() {
             return Ok(());
         }
-        let (rows, n, t, heads, k, offset) = (64usize, 40usize, 5usize, 2usize, 6usize, 7i32);
-        // Key j lies along channel 0 with a distinct positive weight, so the scores are
-        // distinct and far apart (no near-ties to flip between the two computations); the
-        // other channels carry values the second head sees.
-        let scale = |j: usize| ((j * 23) % n + 1) as f32 / 16.0;
-        let mut kv = vec![0f32; n * HEAD_DIM];
-        for j in 0..n {
-            kv[j * HEAD_DIM] = scale(j);
-            kv[j * HEAD_DIM + 1 + j % 7] = -0.25;
+        if let Err(e) = self.compare_indexer_with_composition() {
+            state.disable(format!("self-test failed, so the composition is used: {e}"));
+            self.dev.synchronize()?;
         }
-        let mut qv = vec![0f32; t * heads * HEAD_DIM];
-        for i in 0..t {
-            qv[i * heads * HEAD_DIM] = 0.5 + i as f32 / 8.0;
-            qv[(i * heads + 1) * HEAD_DIM + 1] = 0.75;
-        }
-        let wv: Vec<f32> = (0..t * heads).map(|i| if i % 2 == 0 { 1.5 } else { -0.5 }).collect();
-        let (q, w) = (self.upload(&qv, &[t, heads, HEAD_DIM])?, self.upload(&wv, &[t, heads])?);
+        Ok(())
+    }
+
+    fn compare_indexer_with_composition(&self) -> Result<()> {
+        let state = &self.kernels.lightning_indexer;
+        let (rows, n, t, heads, k, offset) = SELF_TEST;
+        let kv = self_test_keys(n);
         let blockwise: Vec<i32> = (16..32).chain(48..64).chain(0..8).collect();
         let scattered: Vec<i32> = (0..n as i32).map(|j| (j * 37 + 5) % rows as i32).collect();
-        let causal: Vec<Range<usize>> = (0..t).map(|i| 0..(n * 4 + 2 - t + i + 1) / 4).collect();
-        let uneven: Vec<Range<usize>> = [3, 0, n, 17, 5].iter().map(|&e| 0..e).collect();
-        let all: Vec<Range<usize>> = vec![0..n; t];
+        let [causal, uneven, all] = self_test_visibility(n, t);
         for (order, valid) in [(&blockwise, &causal), (&scattered, &uneven), (&scattered, &all), (&blockwise, &uneven)]
         {
+            let ends: Vec<usize> = valid.iter().map(|r| r.end).collect();
+            let (qv, wv) = self_test_queries(&ends, n, heads);
+            let (q, w) = (self.upload(&qv, &[t, heads, HEAD_DIM])?, self.upload(&wv, &[t, heads])?);
             let mut pool = self.alloc_pool(rows, HEAD_DIM, RowFormat::Bf16)?;
             self.pool_write(&mut pool, &self.upload_index(order, &[n])?, &self.upload(&kv, &[n, HEAD_DIM])?)?;
             let key_rows = self.upload_index(order, &[n])?;
             let got = match self.indexer_select_fused(&q, &pool, &key_rows, &w, valid, k, offset, Precision::Bf16)? {
                 Some(g) => self.download_index(&g)?,
+                // The kernel failed and `fused` switched it off with the reason (these inputs
+                // are always in its range).
                 None => return Ok(()),
             };
             let want = self.download_index(&composed::indexer_select(
@@ -453,7 +452,9 @@ impl AscendBackend {
                 ws.sort_unstable();
                 if gs != ws {
                     state.disable(format!(
-                        "self-test disagreed with the composition (query {i}, visible keys {:?}): picks {g:?} vs {w:?}",
+                        "self-test disagreed with the composition ({:?}, query {i}, visible keys {:?}): \
+                         picks (pool rows) {g:?} vs {w:?}",
+                        Visibility::of(&ends, n),
                         valid[i]
                     ));
                     return Ok(());
@@ -462,6 +463,60 @@ impl AscendBackend {
         }
         Ok(())
     }
+}
+
+/// The self-test's pool rows, keys N, queries T, heads, k and row offset.
+const SELF_TEST: (usize, usize, usize, usize, usize, i32) = (64, 40, 8, 2, 6, 7);
+
+/// The self-test's keys `[n, 128]` (n ≤ 64): key j is 1 in channel j and 0.5 in channel
+/// 64 + j, so query channel j (head 0) and 64 + j (head 1) score key j alone.
+fn self_test_keys(n: usize) -> Vec<f32> {
+    let mut kv = vec![0f32; n * HEAD_DIM];
+    for j in 0..n {
+        kv[j * HEAD_DIM + j] = 1.0;
+        kv[j * HEAD_DIM + 64 + j] = 0.5;
+    }
+    kv
+}
+
+/// The self-test's visible counts over `n` keys for `t` queries, one per form: the causal
+/// pattern of compressed keys (ratio 4, remainder 2: counts n − 2, n − 1 and n for t = 8),
+/// arbitrary counts (0, fewer than k, k, n − 1, n, not monotone), and all keys.
+fn self_test_visibility(n: usize, t: usize) -> [Vec<Range<usize>>; 3] {
+    let causal = (0..t).map(|i| 0..(n * 4 + 2 - t + i + 1) / 4).collect();
+    let uneven = [3, 0, n, 17, 6, 1, n - 1, 24].iter().cycle().take(t).map(|&e| 0..e).collect();
+    [causal, uneven, vec![0..n; t]]
+}
+
+/// The self-test's queries `[t, heads, 128]` and (positive) weights `[t, heads]` over
+/// [`self_test_keys`] for the visible counts `ends`: query i scores key j `m_i · s_ij` with
+/// distinct integers `s_ij`, the largest two (2n + 2 and 2n + 1) at its last visible key
+/// `ends[i] − 1` and its first invisible one `ends[i]`, so one key more or less changes its
+/// picks. `s = 2·d0 + relu(d1)` over the heads (weights 2·m_i and m_i), with d1 = −3 (cut by
+/// the relu) where s is even. All values are exact in BF16; n must be coprime to 23 and ≤ 64,
+/// heads ≥ 2 (heads past the second are zero).
+fn self_test_queries(ends: &[usize], n: usize, heads: usize) -> (Vec<f32>, Vec<f32>) {
+    let t = ends.len();
+    let mut qv = vec![0f32; t * heads * HEAD_DIM];
+    let mut wv = vec![0f32; t * heads];
+    for (i, &v) in ends.iter().enumerate() {
+        for j in 0..n {
+            let s = if j + 1 == v {
+                2 * n + 2
+            } else if j == v {
+                2 * n + 1
+            } else {
+                (j * 23 + i * 7) % n + 1
+            };
+            let (d0, d1) = (s / 2, if s % 2 == 1 { 1.0 } else { -3.0 });
+            qv[i * heads * HEAD_DIM + j] = d0 as f32;
+            qv[(i * heads + 1) * HEAD_DIM + 64 + j] = 2.0 * d1;
+        }
+        let m = 1.0 + (i % 3) as f32 / 2.0;
+        wv[i * heads] = 2.0 * m;
+        wv[i * heads + 1] = m;
+    }
+    (qv, wv)
 }
 
 #[cfg(test)]
@@ -518,14 +573,73 @@ mod tests {
         assert!(!topk_supported(SocFamily::Ascend950, 8193) && !topk_supported(SocFamily::AtlasA2, 0));
     }
 
-    /// With the emulator (`DSV4_ASCEND_EMULATOR` set, e.g. by the integration tests' build):
-    /// the self-test agrees with the composition and keeps the kernel on.
+    /// The self-test's inputs, on the host: the three forms are the ones named, the values are
+    /// exact in BF16, the weights positive, every query's scores distinct, and its last visible
+    /// and first invisible keys score highest of all keys, so that a visibility one key
+    /// longer or shorter changes its top-k set.
+    #[test]
+    fn self_test_boundary_keys_score_highest() {
+        let (_, n, t, heads, k, _) = SELF_TEST;
+        let kv = self_test_keys(n);
+        let bf16 = |v: &f32| f32::from_bits(v.to_bits() & 0xffff_0000) == *v;
+        assert!(kv.iter().all(bf16));
+        let forms = self_test_visibility(n, t);
+        let want = [Visibility::Causal { ratio: 4, residual: 2 }, Visibility::PerQuery, Visibility::All];
+        for (valid, form) in forms.iter().zip(want) {
+            let ends: Vec<usize> = valid.iter().map(|r| r.end).collect();
+            assert_eq!(Visibility::of(&ends, n), form, "{ends:?}");
+            let (qv, wv) = self_test_queries(&ends, n, heads);
+            assert!(qv.iter().all(bf16) && wv.iter().all(bf16) && wv.iter().all(|&w| w > 0.0));
+            for (i, &v) in ends.iter().enumerate() {
+                let score = |j: usize| -> f64 {
+                    (0..heads)
+                        .map(|h| {
+                            let q = &qv[(i * heads + h) * HEAD_DIM..][..HEAD_DIM];
+                            let dot: f64 =
+                                q.iter().zip(&kv[j * HEAD_DIM..][..HEAD_DIM]).map(|(a, b)| (a * b) as f64).sum();
+                            wv[i * heads + h] as f64 * dot.max(0.0)
+                        })
+                        .sum()
+                };
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+                assert!(order.windows(2).all(|w| score(w[0]) > score(w[1])), "{form:?} query {i}: a tie");
+                let top: Vec<usize> = (v.saturating_sub(1)..(v + 1).min(n)).collect();
+                assert_eq!(order[..top.len()], top[..], "{form:?} query {i} (visible 0..{v}): {order:?}");
+                // One key more, or one fewer: the top k of the visible keys differ.
+                let picks = |v: usize| {
+                    let mut p: Vec<usize> = order.iter().copied().filter(|&j| j < v).take(k).collect();
+                    p.sort_unstable();
+                    p
+                };
+                if v < n {
+                    assert_ne!(picks(v), picks(v + 1), "{form:?} query {i}");
+                }
+                if v > 0 {
+                    assert_ne!(picks(v), picks(v - 1), "{form:?} query {i}");
+                }
+            }
+        }
+    }
+
+    /// With the emulator (`DSV4_ASCEND_EMULATOR` set, e.g. `DSV4_ASCEND_EMULATOR=$PWD/target/
+    /// debug/libdsv4_ascend_emu.so` after `cargo build -p dsv4-ascend-emu`) and the kernel
+    /// opted in: the self-test agrees with the composition at open and again here, launching
+    /// the kernel once per case, and keeps it on. Without the emulator this test says that it
+    /// skipped (shown with `--nocapture`); `tests/tests/ascend_lightning_indexer.rs` opens the
+    /// device, which runs the self-test, on the emulator as A2, A3 and 950.
     #[test]
     fn self_test_passes_on_the_emulator() {
         if std::env::var_os(sys::EMULATOR_VAR).is_none() {
+            eprintln!(
+                "SKIPPED self_test_passes_on_the_emulator: {} is not set (build the emulator with \
+                 `cargo build -p dsv4-ascend-emu` and point it at target/debug/libdsv4_ascend_emu.so)",
+                sys::EMULATOR_VAR
+            );
             return;
         }
-        let be = crate::open_with(0, crate::FusedPolicy::Auto).unwrap();
+        let be = crate::open_with(0, crate::FusedPolicy::All).unwrap();
+        assert!(be.kernels.lightning_indexer.usable(), "at open: {:?}", be.fused_kernels());
         let before = crate::emulator_launches("aclnnLightningIndexerV2").unwrap();
         be.self_test_indexer().unwrap();
         assert!(be.kernels.lightning_indexer.usable(), "{:?}", be.fused_kernels());

@@ -12,14 +12,17 @@ use dsv4_core::error::Result;
 
 use crate::acl::err;
 
-/// The variable that turns fused kernels off (`off`) or on where supported (`auto`, default).
+/// The variable that turns fused kernels off (`off`), on where supported except the opt-in
+/// ones (`auto`, default), or on including the opt-in ones (`all`).
 pub const FUSED_VAR: &str = "DSV4_ASCEND_FUSED";
 
 /// Whether fused kernels may be used at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FusedPolicy {
-    /// Every fused kernel the SoC and the libraries support.
+    /// Every fused kernel the SoC and the libraries support, except the opt-in ones.
     Auto,
+    /// Also the opt-in kernels ([`KernelSpec::opt_in`]).
+    All,
     /// Compositions of primitives only (to bisect a suspected kernel problem).
     Off,
 }
@@ -29,8 +32,9 @@ impl FusedPolicy {
     pub fn from_env() -> Result<Self> {
         match std::env::var(FUSED_VAR).ok().as_deref().map(str::trim) {
             None | Some("") | Some("auto") => Ok(FusedPolicy::Auto),
+            Some("all") => Ok(FusedPolicy::All),
             Some("off") => Ok(FusedPolicy::Off),
-            Some(other) => Err(err(format!("{FUSED_VAR}={other:?} is not understood; use `auto` or `off`"))),
+            Some(other) => Err(err(format!("{FUSED_VAR}={other:?} is not understood; use `auto`, `all` or `off`"))),
         }
     }
 }
@@ -74,6 +78,14 @@ pub struct KernelSpec {
     /// Every symbol the override calls beyond the primitives'.
     pub symbols: &'static [&'static str],
     pub families: &'static [SocFamily],
+    /// Used only with `DSV4_ASCEND_FUSED=all`: the V4 attention kernels, whose argument lists
+    /// differ between ops-transformer releases under the same symbol names (a 34-argument
+    /// aclnnSparseFlashMla with KV strides, a 26-argument experimental aclnnLightningIndexerV2,
+    /// revisions that ignore oriSparseIndices), so a symbol lookup cannot tell whether the call
+    /// dsv4 makes is the one the library implements; a wrong argument list is undefined
+    /// behaviour, which no self-test can catch. Emulator-verified against the revision
+    /// `dsv4_ascend.h` names, not yet run on hardware.
+    pub opt_in: bool,
 }
 
 /// `aclnnGroupedMatmulV4` for the routed experts: one launch per projection for all experts.
@@ -81,6 +93,7 @@ pub const GROUPED_MATMUL: KernelSpec = KernelSpec {
     name: "moe_experts: aclnnGroupedMatmulV4",
     symbols: &["aclnnGroupedMatmulV4GetWorkspaceSize", "aclnnGroupedMatmulV4"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: false,
 };
 
 /// The same kernel's BF16 form in `--precision bf16`: BF16 x, a list of BF16 weights (INT8
@@ -90,6 +103,7 @@ pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
     name: "moe_experts (bf16, BF16 weight list): aclnnGroupedMatmulV4",
     symbols: &["aclnnGroupedMatmulV4GetWorkspaceSize", "aclnnGroupedMatmulV4"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: false,
 };
 
 /// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
@@ -97,6 +111,7 @@ pub const MOE_GATING: KernelSpec = KernelSpec {
     name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
     symbols: &["aclnnMoeGatingTopKV2GetWorkspaceSize", "aclnnMoeGatingTopKV2"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: false,
 };
 
 /// The same kernel with V4's sqrt(softplus) scores (normType 2), which the docs give for the
@@ -105,6 +120,7 @@ pub const MOE_GATING_SQRT_SOFTPLUS: KernelSpec = KernelSpec {
     name: "moe_route (sqrt-softplus scores, V4): aclnnMoeGatingTopKV2",
     symbols: &["aclnnMoeGatingTopKV2GetWorkspaceSize", "aclnnMoeGatingTopKV2"],
     families: &[SocFamily::Ascend950],
+    opt_in: false,
 };
 
 /// `aclnnSparseFlashMla` (with its AICPU pre-pass `aclnnSparseFlashMlaMetadata`) for
@@ -119,6 +135,7 @@ pub const SPARSE_FLASH_MLA: KernelSpec = KernelSpec {
         "aclnnSparseFlashMla",
     ],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: true,
 };
 
 /// `aclnnLightningIndexerV2` for `indexer_select` in bf16: the indexer's scores and top-k in
@@ -134,6 +151,7 @@ pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
         "aclnnLightningIndexerV2",
     ],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: true,
 };
 
 pub const ALL: &[&KernelSpec] = &[
@@ -160,6 +178,14 @@ pub fn choose(k: &KernelSpec, soc: &str, policy: FusedPolicy, has: impl Fn(&str)
         (false, format!("off ({FUSED_VAR}=off)"))
     } else if !k.families.contains(&family) {
         (false, format!("not supported on {soc}"))
+    } else if k.opt_in && policy != FusedPolicy::All {
+        (
+            false,
+            format!(
+                "opt-in ({FUSED_VAR}=all): emulator-verified only, and its argument list differs between \
+                 ops-transformer releases"
+            ),
+        )
     } else if let Some(missing) = k.symbols.iter().find(|s| !has(s)) {
         (false, format!("{missing} not found in the loaded op libraries"))
     } else {

@@ -31,7 +31,8 @@
 //! official code computes them in fp32 from an fp32 copy of x), the router logits and weights,
 //! the mHC `post`/`comb` mixes, index scores (BF16 in the official code, spec §B.8, and in
 //! `official`), attention probabilities (the official kernel casts them to BF16
-//! before P·V; dsv4's fused attention keeps them f32), and the logits.
+//! before P·V; dsv4's CPU and composed attention keep them f32, Ascend's fused
+//! `aclnnSparseFlashMla` rounds them), and the logits.
 //!
 //! # The official quantisation simulation
 //!
@@ -115,8 +116,9 @@ impl Precision {
     /// that holds the values the mode stores exactly: `f32` for f32 activations; `bf16` for
     /// `bf16` (every row the format applies to, attention rows and indexer keys, is a sub-layer
     /// output already rounded to BF16, and the compressors' carry stays f32 in every format:
-    /// measured bit-identical logits with f32 and bf16 states on the fixtures, at half the
-    /// memory; it is also what Ascend's BF16 attention kernels read); under the official quantisation `fp8` (its rows are fp8-quantised before
+    /// measured bit-identical CPU logits with f32 and bf16 states on the fixtures, at half the
+    /// memory; it is also what Ascend's BF16 attention kernels read, so there the format also
+    /// decides whether they run); under the official quantisation `fp8` (its rows are fp8-quantised before
     /// they are stored) where `be` has fp8 rows, else `bf16` (which holds the same values).
     pub fn default_kv_dtype<B: crate::Backend + ?Sized>(self, be: &B) -> crate::kv::KvDtype {
         use crate::kv::{KvDtype, RowFormat};

@@ -1,7 +1,8 @@
 //! The fused-kernel self-tests at device open, against the emulator posing as CANN releases
 //! whose kernels differ (`DSV4_ASCEND_EMU_QUIRKS`): MoE gating weights that include the
-//! correction bias (an older documented revision) and a grouped matmul that rejects FLOAT32.
-//! Both kernels must be switched off with the reason, and the model must still match the
+//! correction bias (an older documented revision), a grouped matmul that rejects FLOAT32, and
+//! an attention kernel that leaves the sinks out. Each kernel must be switched off with the
+//! reason, and the model must still match the
 //! reference through the compositions. A separate test binary: the quirks are process-wide.
 
 use dsv4_core::Backend;
@@ -10,13 +11,15 @@ use dsv4_core::Backend;
 fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
     dsv4_tests::use_ascend_emulator();
     // The only test in this binary: nothing else reads the environment concurrently.
-    std::env::set_var("DSV4_ASCEND_EMU_QUIRKS", "gating-bias-in-weights,gmm-no-fp32");
-    let be = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
+    std::env::set_var("DSV4_ASCEND_EMU_QUIRKS", "gating-bias-in-weights,gmm-no-fp32,sfmla-ignores-sinks");
+    let be = dsv4_backend_ascend::open_with(0, dsv4_backend_ascend::FusedPolicy::All).unwrap_or_else(|e| panic!("{e}"));
     let choices = be.fused_kernels();
-    let gmm = choices.iter().find(|c| c.name.contains("aclnnGroupedMatmulV4")).unwrap();
+    let gmm = choices.iter().find(|c| c.name.starts_with("moe_experts: aclnnGroupedMatmulV4")).unwrap();
     assert!(!gmm.used && gmm.why.contains("gmm-no-fp32"), "{gmm:?}");
     let gating = choices.iter().find(|c| c.name.contains("sigmoid/softmax")).unwrap();
     assert!(!gating.used && gating.why.contains("self-test disagreed"), "{gating:?}");
+    let attention = choices.iter().find(|c| c.name.contains("aclnnSparseFlashMla")).unwrap();
+    assert!(!attention.used && attention.why.contains("self-test disagreed"), "{attention:?}");
 
     let case = dsv4_tests::fixtures_dir().join("mixed_f32");
     let model = dsv4_tests::load_model(&be, &case);

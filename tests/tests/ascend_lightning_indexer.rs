@@ -252,7 +252,7 @@ fn cases() -> Vec<Case> {
 
 /// Runs in a child process per SoC name (the emulator's SoC is fixed per process).
 fn fused_path_on_this_soc(soc: &str) {
-    let be = open(FusedPolicy::Auto);
+    let be = open(FusedPolicy::All);
     assert_eq!(be.soc(), soc);
     assert!(kernel_used(&be), "{:?}", be.fused_kernels());
     let (ops, metas) = (launches(OP), launches(META_OP));
@@ -296,7 +296,7 @@ fn fused_indexer_picks_what_the_composition_picks_on_a2_a3_and_950() {
 #[test]
 fn other_precisions_policies_and_shapes_compose() {
     let _g = serial();
-    let be = open(FusedPolicy::Auto);
+    let be = open(FusedPolicy::All);
     assert!(kernel_used(&be), "{:?}", be.fused_kernels());
     let mut rng = Rng(5);
     let (t, heads, n, k) = (3usize, 2usize, 20usize, 4usize);
@@ -326,6 +326,10 @@ fn other_precisions_policies_and_shapes_compose() {
     let off = open(FusedPolicy::Off);
     assert!(!kernel_used(&off));
     assert_eq!(run(&off, &mut rng, D, RowFormat::Bf16, Precision::Bf16), 0, "DSV4_ASCEND_FUSED=off composes");
+    // Opt-in: the default policy leaves it off.
+    let auto = open(FusedPolicy::Auto);
+    assert!(!kernel_used(&auto));
+    assert_eq!(run(&auto, &mut rng, D, RowFormat::Bf16, Precision::Bf16), 0, "DSV4_ASCEND_FUSED=auto composes");
     assert!(kernel_used(&be), "{:?}", be.fused_kernels());
 }
 

@@ -4,15 +4,22 @@
 //! aclnnSparseFlashMlaMetadata.md`), with the documented constraints per SoC.
 //!
 //! Emulated: the "SWA sparse ori_kv" scenario (oriKv + oriSparseIndices + oriTopkLength,
-//! oriMaskMode 0, no cmpKv), in the BSND/BSND and TND/TND layouts. The SWA band, CSA and HCA
-//! scenarios (cmpKv, masks 3/4) and the paged PA_BBND layout are refused with "not emulated"
-//! rather than guessed at.
+//! oriMaskMode 0, no cmpKv) with paged KV (layout PA_BBND: a block table and sequsedOriKv per
+//! batch) and q in TND or BSND. The A2/A3 kernels read sparse ori_kv rows through the block
+//! table only (ops-transformer `op_kernel/arch22`, `GetOriSparseKeyGmOffset`), so a BSND/TND KV
+//! is refused there; on the 950 it is not emulated. The SWA band, CSA and HCA scenarios
+//! (cmpKv, masks 3/4) are refused with "not emulated" rather than guessed at.
 //!
-//! Numerics: per query token and head, `softmax` over the scaled scores of the token's first
-//! `oriTopkLength` indexed rows, with the head's sink as one more logit (the documented
-//! online softmax starts from row_max = sink, row_sum = 1), then `P·V` with V = K; computed in
-//! f64 from the stored BF16/FP16 values and rounded once to the output dtype. Whether the
-//! hardware rounds P to BF16 before `P·V` is not documented; the emulator does not.
+//! Per SoC, for this scenario: Atlas A2/A3 take non-negative windows and cmpMaskMode 3 (their
+//! error tables); the 950's host checker (`op_host/checkers/mask_checker.cpp`) wants both
+//! windows -1 unless oriMaskMode is 4, and cmpMaskMode 0 without cmpKv.
+//!
+//! Numerics, as the kernel computes them (the doc's online softmax, S2 in tiles of 512, from
+//! row_max = sink and row_sum = 1): per query token and head, scores of the token's first
+//! `oriTopkLength` indexed rows; per tile the running max and sum in float, and the
+//! probabilities `exp(s - max)` cast to the KV dtype before `P·V` (the A2/A3 kernel keeps them
+//! in a `KV_T` buffer, `vec1ResGm`); the output divided by the sum and rounded once to its
+//! dtype. Values are f64 otherwise.
 //!
 //! The metadata's real layout (per-core FA/FD task ranges) depends on the core count; the
 //! emulator writes one core's range covering everything, and signs the unused tail
@@ -23,7 +30,7 @@ use std::ffi::{c_char, c_void, CStr};
 
 use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclnnStatus, aclrtStream};
 
-use crate::mem::{dtype_name, Desc};
+use crate::mem::{decode, dtype_name, encode, Desc};
 use crate::ops::{contiguous_out, plan, shape_is, ws_for, R};
 use crate::{get_workspace, launch, soc_name, Emu, Plan};
 
@@ -85,9 +92,7 @@ unsafe fn layout(p: *const c_char, name: &str) -> R<String> {
     let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
     match s.as_str() {
         "BSND" | "TND" => Ok(s),
-        "PA_BBND" if name == "layoutKvOptional" => {
-            Err("layoutKvOptional \"PA_BBND\" (paged KV through block tables) is not emulated".into())
-        }
+        "PA_BBND" if name == "layoutKvOptional" => Ok(s),
         _ => Err(format!(
             "{name} {s:?} is not supported (\"BSND\" or \"TND\"{})",
             if name == "layoutKvOptional" { ", \"PA_BBND\"" } else { "" }
@@ -114,27 +119,46 @@ fn check_sparse_modes(fam: &str, ori_mask: i64, cmp_mask: i64, win_left: i64, wi
             "oriMaskMode {ori_mask}: the SWA sparse ori_kv scenario (oriSparseIndices given) takes 0 (no mask)"
         ));
     }
-    // A2/A3 reject cmpMaskMode != 3 outright; the 950 takes 0 or 3 (it is unused without cmpKv).
-    let cmp_ok = if fam == "950" { matches!(cmp_mask, 0 | 3) } else { cmp_mask == 3 };
-    if !cmp_ok {
-        return Err(format!(
-            "cmpMaskMode {cmp_mask} is not supported on {} ({})",
-            soc_name(),
-            if fam == "950" { "0 or 3" } else { "3" }
-        ));
+    if fam == "950" {
+        // mask_checker CheckFeature: without the band mask both windows are -1; without cmpKv
+        // cmpMaskMode is 0.
+        if win_left != -1 || win_right != -1 {
+            return Err(format!(
+                "oriWinLeft {win_left} / oriWinRight {win_right}: {} takes -1 unless oriMaskMode is 4",
+                soc_name()
+            ));
+        }
+        if cmp_mask != 0 {
+            return Err(format!("cmpMaskMode {cmp_mask}: {} takes 0 without cmpKv", soc_name()));
+        }
+        return Ok(());
+    }
+    if cmp_mask != 3 {
+        return Err(format!("cmpMaskMode {cmp_mask} is not supported on {} (3)", soc_name()));
     }
     if win_left < 0 || win_right < 0 {
         return Err(format!(
             "oriWinLeft {win_left} / oriWinRight {win_right}: the SWA sparse ori_kv scenario takes non-negative windows"
         ));
     }
-    if fam != "950" && cmp_ratio != 1 {
+    if cmp_ratio != 1 {
         return Err(format!("cmpRatio {cmp_ratio}: the SWA scenario takes 1"));
     }
-    if fam == "950" && !(1..=128).contains(&cmp_ratio) {
-        return Err(format!("cmpRatio {cmp_ratio} is outside 1..=128"));
-    }
     Ok(())
+}
+
+/// The KV layout of the sparse ori_kv scenario: paged (PA_BBND) is what the kernels read
+/// sparse rows through.
+fn check_sparse_kv_layout(fam: &str, lkv: &str) -> R<()> {
+    match (lkv, fam) {
+        ("PA_BBND", _) => Ok(()),
+        (_, "950") => Err(format!("layoutKvOptional {lkv:?} with oriSparseIndices is not emulated (PA_BBND is)")),
+        _ => Err(format!(
+            "layoutKvOptional {lkv:?} with oriSparseIndices: {} reads sparse ori_kv rows through \
+             oriBlockTable only (PA_BBND)",
+            soc_name()
+        )),
+    }
 }
 
 /// Sequence boundaries from a `cuSeqlens` tensor (`B + 1` prefix sums starting at 0, ending at
@@ -200,16 +224,14 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
     check_sparse_modes(fam, oriMaskMode, cmpMaskMode, oriWinLeft, oriWinRight, cmpRatio)?;
     // SAFETY: the layouts are NUL-terminated C strings or NULL.
     let (lq, lkv) = unsafe { (layout(layoutQOptional, "layoutQOptional")?, layout(layoutKvOptional, "layoutKvOptional")?) };
-    if lq != lkv {
-        return Err(format!("layoutQOptional {lq:?} and layoutKvOptional {lkv:?} must be the same outside PA_BBND"));
-    }
+    check_sparse_kv_layout(fam, &lkv)?;
     let topk_len = opt(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("oriTopkLengthOptional is required in the SWA sparse ori_kv scenario")?;
     int32(&topk_len, "oriTopkLengthOptional")?;
-    let tokens = match (lq.as_str(), topk_len.dims.as_slice()) {
-        ("TND", [t1, n2]) if *n2 == numHeadsKv as usize => *t1,
-        ("BSND", [b, s1, n2]) if *n2 == numHeadsKv as usize => b * s1,
+    let (batch, tokens) = match (lq.as_str(), topk_len.dims.as_slice()) {
+        ("TND", [t1, n2]) if *n2 == numHeadsKv as usize => (None, *t1),
+        ("BSND", [b, s1, n2]) if *n2 == numHeadsKv as usize => (Some(*b), b * s1),
         _ => {
             return Err(format!(
                 "oriTopkLengthOptional has shape {:?}; layout {lq} takes {}",
@@ -219,24 +241,24 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
         }
     };
     let mut reads = vec![topk_len.clone()];
-    if lq == "TND" {
-        let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
-        let ckv =
-            opt(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional")?.ok_or("cuSeqlensOriKvOptional is required for layout TND")?;
-        for (d, n) in [(&cq, "cuSeqlensQOptional"), (&ckv, "cuSeqlensOriKvOptional")] {
-            int32(d, n)?;
-            if d.dims.len() != 1 || d.dims[0] < 2 {
-                return Err(format!("{n} must be 1-D (B + 1,), got {:?}", d.dims));
+    let batch = match batch {
+        Some(b) => b,
+        None => {
+            let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
+            int32(&cq, "cuSeqlensQOptional")?;
+            if cq.dims.len() != 1 || cq.dims[0] < 2 {
+                return Err(format!("cuSeqlensQOptional must be 1-D (B + 1,), got {:?}", cq.dims));
             }
+            reads.push(cq.clone());
+            cq.dims[0] - 1
         }
-        if cq.dims != ckv.dims {
-            return Err(format!("cuSeqlensQOptional {:?} and cuSeqlensOriKvOptional {:?} name different batch sizes", cq.dims, ckv.dims));
-        }
-        if opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.is_some_and(|d| d.numel() != 0) {
-            return Err("sequsedOriKvOptional with layout TND is not emulated (TND uses cuSeqlensOriKvOptional)".into());
-        }
-        reads.push(cq);
-    }
+    };
+    must_be_absent(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional", "layout PA_BBND takes sequsedOriKvOptional")?;
+    let used = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
+        .filter(|d| d.numel() != 0)
+        .ok_or("sequsedOriKvOptional is required for layout PA_BBND")?;
+    int32(&used, "sequsedOriKvOptional")?;
+    shape_is(&used, &[batch], "sequsedOriKvOptional (B,)")?;
     let md = e.tensor(metaData, "metaData")?;
     int32(&md, "metaData")?;
     shape_is(&md, &[META_LEN], "metaData")?;
@@ -282,14 +304,14 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     }
     // SAFETY: the layouts are NUL-terminated C strings or NULL.
     let (lq, lkv) = unsafe { (layout(layoutQOptional, "layoutQOptional")?, layout(layoutKvOptional, "layoutKvOptional")?) };
-    if lq != lkv {
+    if lkv != "PA_BBND" && lq != lkv {
         return Err(format!("layoutQOptional {lq:?} and layoutKvOptional {lkv:?} must be the same outside PA_BBND"));
     }
     let tnd = lq == "TND";
-    // (batch or 1, S1 or T1, N1, D)
-    let (bq, s1, n1, d) = match (tnd, qd.dims.as_slice()) {
-        (true, [t1, n1, d]) => (1, *t1, *n1, *d),
-        (false, [b, s1, n1, d]) => (*b, *s1, *n1, *d),
+    // (batch, S1 or T1, N1, D); TND's batch comes from cuSeqlensQ.
+    let (s1, n1, d) = match (tnd, qd.dims.as_slice()) {
+        (true, [t1, n1, d]) => (*t1, *n1, *d),
+        (false, [_, s1, n1, d]) => (*s1, *n1, *d),
         _ => return Err(format!("q has shape {:?}; layout {lq} takes {}", qd.dims, if tnd { "(T1, N1, D)" } else { "(B, S1, N1, D)" })),
     };
     if d != HEAD_DIM {
@@ -299,27 +321,33 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     if kv.dtype != qd.dtype {
         return Err(format!("oriKvOptional ({}) must have q's dtype ({})", dtype_name(kv.dtype), dtype_name(qd.dtype)));
     }
-    let (bkv, s2, n2) = match (tnd, kv.dims.as_slice()) {
-        (true, [t2, n2, dk]) if *dk == HEAD_DIM => (1, *t2, *n2),
-        (false, [b, s2, n2, dk]) if *dk == HEAD_DIM => (*b, *s2, *n2),
-        _ => {
-            return Err(format!(
-                "oriKvOptional has shape {:?}; layout {lkv} takes {} with D = {HEAD_DIM}",
-                kv.dims,
-                if tnd { "(T2, N2, D)" } else { "(B, S2, N2, D)" }
-            ))
-        }
-    };
-    check_heads(fam, n1, n2)?;
-    if !tnd && bkv != bq {
-        return Err(format!("q has batch {bq} but oriKvOptional has {bkv}"));
-    }
     if opt(e, cmpKvOptional, "cmpKvOptional")?.is_some() || opt(e, cmpSparseIndicesOptional, "cmpSparseIndicesOptional")?.is_some() {
         return Err("the CSA/HCA scenarios (cmpKvOptional, cmpSparseIndicesOptional) are not emulated".into());
     }
-    for (p, n) in [(oriBlockTableOptional, "oriBlockTableOptional"), (cmpBlockTableOptional, "cmpBlockTableOptional")] {
-        must_be_absent(e, p, n, "block tables belong to layout PA_BBND")?;
+    let idx = opt(e, oriSparseIndicesOptional, "oriSparseIndicesOptional")?.ok_or(
+        "oriSparseIndicesOptional is required: only the SWA sparse ori_kv scenario is emulated (the band-masked SWA is not)",
+    )?;
+    check_sparse_kv_layout(fam, &lkv)?;
+    // Paged KV: (blocks, block size, N2, D).
+    let (nblocks, bs, n2) = match kv.dims.as_slice() {
+        [nb, bs, n2, dk] if *dk == HEAD_DIM => (*nb, *bs, *n2),
+        _ => return Err(format!("oriKvOptional has shape {:?}; layout PA_BBND takes (blocks, block_size, N2, D = {HEAD_DIM})", kv.dims)),
+    };
+    check_heads(fam, n1, n2)?;
+    if !(1..=1024).contains(&bs) || (fam != "950" && bs % 16 != 0) {
+        return Err(format!(
+            "ori_block_size {bs}: 1..=1024{}",
+            if fam != "950" { format!(", a multiple of 16 on {}", soc_name()) } else { String::new() }
+        ));
     }
+    if kv.dims.len() == 4 && !kv.is_contiguous() {
+        // Only the block axis may be strided (as in the other paged kernels).
+        let row = kv.strides[1] == n2 * HEAD_DIM && kv.strides[2] == HEAD_DIM && kv.strides[3] == 1;
+        if !row {
+            return Err(format!("oriKvOptional must be contiguous within a block, got {}", kv.describe()));
+        }
+    }
+    must_be_absent(e, cmpBlockTableOptional, "cmpBlockTableOptional", "no cmpKv")?;
     for (p, n) in [
         (cuSeqlensCmpKvOptional, "cuSeqlensCmpKvOptional"),
         (sequsedCmpKvOptional, "sequsedCmpKvOptional"),
@@ -329,19 +357,22 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     }
     must_be_absent(e, sequsedQOptional, "sequsedQOptional", "not supported yet")?;
     must_be_absent(e, cmpTopkLengthOptional, "cmpTopkLengthOptional", "reserved")?;
+    must_be_absent(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional", "layout PA_BBND takes sequsedOriKvOptional")?;
     if topkValueMode != 1 {
         return Err(format!("topkValueMode {topkValueMode}: only 1 is supported"));
     }
     if !softmaxScale.is_finite() {
         return Err(format!("softmaxScale {softmaxScale} must be finite"));
     }
-    let idx = opt(e, oriSparseIndicesOptional, "oriSparseIndicesOptional")?.ok_or(
-        "oriSparseIndicesOptional is required: only the SWA sparse ori_kv scenario is emulated (the band-masked SWA is not)",
-    )?;
     int32(&idx, "oriSparseIndicesOptional")?;
+    let bq = if tnd {
+        None
+    } else {
+        Some(qd.dims[0])
+    };
     let k = match (tnd, idx.dims.as_slice()) {
         (true, [t1, nn, k]) if *t1 == s1 && *nn == n2 => *k,
-        (false, [b, ss, nn, k]) if *b == bq && *ss == s1 && *nn == n2 => *k,
+        (false, [b, ss, nn, k]) if Some(*b) == bq && *ss == s1 && *nn == n2 => *k,
         _ => {
             return Err(format!(
                 "oriSparseIndicesOptional has shape {:?}; expected {} with q {:?}",
@@ -369,53 +400,55 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
         .ok_or("metadataOptional is required: run aclnnSparseFlashMlaMetadata first")?;
     int32(&meta, "metadataOptional")?;
     shape_is(&meta, &[META_LEN], "metadataOptional")?;
-    let mut seq = vec![];
-    if tnd {
+    let cq = if tnd {
         let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
-        let ckv =
-            opt(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional")?.ok_or("cuSeqlensOriKvOptional is required for layout TND")?;
-        for (dd, n) in [(&cq, "cuSeqlensQOptional"), (&ckv, "cuSeqlensOriKvOptional")] {
-            int32(dd, n)?;
-            if dd.dims.len() != 1 || dd.dims[0] < 2 {
-                return Err(format!("{n} must be 1-D (B + 1,), got {:?}", dd.dims));
-            }
+        int32(&cq, "cuSeqlensQOptional")?;
+        if cq.dims.len() != 1 || cq.dims[0] < 2 {
+            return Err(format!("cuSeqlensQOptional must be 1-D (B + 1,), got {:?}", cq.dims));
         }
-        if cq.dims != ckv.dims {
-            return Err(format!("cuSeqlensQOptional {:?} and cuSeqlensOriKvOptional {:?} name different batch sizes", cq.dims, ckv.dims));
-        }
-        if opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.is_some_and(|d| d.numel() != 0) {
-            return Err("sequsedOriKvOptional with layout TND is not emulated (TND uses cuSeqlensOriKvOptional)".into());
-        }
-        seq = vec![cq, ckv];
-    } else if let Some(su) = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?.filter(|d| d.numel() != 0) {
-        int32(&su, "sequsedOriKvOptional")?;
-        shape_is(&su, &[bq], "sequsedOriKvOptional (B,)")?;
-        seq = vec![su];
+        Some(cq)
+    } else {
+        None
+    };
+    let batch = bq.unwrap_or_else(|| cq.as_ref().map_or(1, |c| c.dims[0] - 1));
+    let table = opt(e, oriBlockTableOptional, "oriBlockTableOptional")?
+        .filter(|d| d.numel() != 0)
+        .ok_or("oriBlockTableOptional is required for layout PA_BBND")?;
+    int32(&table, "oriBlockTableOptional")?;
+    if table.dims.len() != 2 || table.dims[0] != batch {
+        return Err(format!("oriBlockTableOptional has shape {:?}; expected (B = {batch}, max blocks per batch)", table.dims));
     }
+    let used = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
+        .filter(|d| d.numel() != 0)
+        .ok_or("sequsedOriKvOptional is required for layout PA_BBND")?;
+    int32(&used, "sequsedOriKvOptional")?;
+    shape_is(&used, &[batch], "sequsedOriKvOptional (B,)")?;
     let out = e.tensor(attnOutOut, "attnOutOut")?;
     if out.dtype != qd.dtype {
         return Err(format!("attnOutOut ({}) must have q's dtype ({})", dtype_name(out.dtype), dtype_name(qd.dtype)));
     }
     shape_is(&out, &qd.dims, "attnOutOut (q's shape)")?;
     contiguous_out(&out, "attnOutOut")?;
+    let tokens = bq.map_or(s1, |b| b * s1);
     let lse = if returnSoftmaxLse {
         let l = opt(e, softmaxLseOutOptional, "softmaxLseOutOptional")?.ok_or("returnSoftmaxLse needs softmaxLseOutOptional")?;
         if l.dtype != aclDataType::ACL_FLOAT {
             return Err(format!("softmaxLseOutOptional must be FLOAT32, got {}", dtype_name(l.dtype)));
         }
-        let want: Vec<usize> = if tnd { vec![n2, s1, n1 / n2] } else { vec![bq, n2, s1, n1 / n2] };
+        let want: Vec<usize> = if tnd { vec![n2, s1, n1 / n2] } else { vec![batch, n2, s1, n1 / n2] };
         shape_is(&l, &want, "softmaxLseOutOptional")?;
         contiguous_out(&l, "softmaxLseOutOptional")?;
         Some(l)
     } else {
         None
     };
-    let mut reads = vec![qd.clone(), kv.clone(), idx.clone(), len.clone(), sinks.clone(), meta.clone()];
-    reads.extend(seq.iter().cloned());
+    let mut reads = vec![qd.clone(), kv.clone(), idx.clone(), len.clone(), sinks.clone(), meta.clone(), table.clone(), used.clone()];
+    reads.extend(cq.iter().cloned());
     let mut writes = vec![out.clone()];
     writes.extend(lse.iter().cloned());
     let lq_code = if tnd { 1.0 } else { 0.0 };
-    let tokens = bq * s1;
+    let kv_dtype = kv.dtype;
+    let ignore_sinks = crate::fused::quirk("sfmla-ignores-sinks");
     Ok(plan(ws_for(&out), reads, writes, vec![], move |mem| {
         let m = meta.read(mem, "metadataOptional")?;
         let signed = m[META_SIGNATURE] == META_MAGIC as f64;
@@ -435,66 +468,84 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
             len.read(mem, "oriTopkLengthOptional")?,
             sinks.read(mem, "sinksOptional")?,
         );
-        // Per query token: the first KV row of its batch and the batch's KV length.
-        let mut kv_span = vec![(0usize, s2); tokens];
-        if tnd {
-            let (cq, ckv) = (seq[0].read(mem, "cuSeqlensQOptional")?, seq[1].read(mem, "cuSeqlensOriKvOptional")?);
-            let (bq_, bk) = (boundaries(&cq, s1, "cuSeqlensQOptional")?, boundaries(&ckv, s2, "cuSeqlensOriKvOptional")?);
-            for b in 0..bq_.len() - 1 {
-                for span in &mut kv_span[bq_[b]..bq_[b + 1]] {
-                    *span = (bk[b], bk[b + 1] - bk[b]);
+        let (tv, uv) = (table.read(mem, "oriBlockTableOptional")?, used.read(mem, "sequsedOriKvOptional")?);
+        let per_batch = table.dims[1];
+        // Each query token's batch.
+        let mut batch_of = vec![0usize; tokens];
+        match &cq {
+            Some(c) => {
+                let b = boundaries(&c.read(mem, "cuSeqlensQOptional")?, s1, "cuSeqlensQOptional")?;
+                for (i, w) in b.windows(2).enumerate() {
+                    batch_of[w[0]..w[1]].fill(i);
                 }
             }
-        } else {
-            let used = seq.first().map(|s| s.read(mem, "sequsedOriKvOptional")).transpose()?;
-            for b in 0..bq {
-                let n = match &used {
-                    Some(u) if u[b] < 0.0 || u[b] as usize > s2 => {
-                        return Err(format!("sequsedOriKvOptional[{b}] = {} is outside 0..={s2}", u[b]))
-                    }
-                    Some(u) => u[b] as usize,
-                    None => s2,
-                };
-                for span in &mut kv_span[b * s1..(b + 1) * s1] {
-                    *span = (b * s2, n);
+            None => {
+                for (t, slot) in batch_of.iter_mut().enumerate() {
+                    *slot = t / s1;
                 }
             }
         }
+        // Logical row r of batch b → the physical row of the paged KV.
+        let physical = |t: usize, r: f64, valid: f64| -> R<usize> {
+            let b = batch_of[t];
+            let n_kv = uv[b];
+            if n_kv < 0.0 || n_kv as usize > per_batch * bs {
+                return Err(format!("sequsedOriKvOptional[{b}] = {n_kv} is outside 0..={}", per_batch * bs));
+            }
+            if r < 0.0 || r >= n_kv {
+                return Err(format!(
+                    "oriSparseIndicesOptional[{t}] names KV row {r} among its first {valid} (valid) entries; \
+                     the batch has {n_kv} rows"
+                ));
+            }
+            let (blk, off) = (r as usize / bs, r as usize % bs);
+            let id = tv[b * per_batch + blk];
+            if id < 0.0 || id as usize >= nblocks {
+                return Err(format!("oriBlockTableOptional[{b}][{blk}] = {id} is outside 0..{nblocks}"));
+            }
+            Ok(id as usize * bs + off)
+        };
+        // A value as the KV dtype holds it (the probabilities before P·V).
+        let as_kv = |v: f64| {
+            let mut b = [0u8; 2];
+            encode(kv_dtype, v, &mut b);
+            decode(kv_dtype, &b)
+        };
         let mut o = vec![0f64; tokens * n1 * HEAD_DIM];
         let mut lse_v = vec![0f64; tokens * n1];
         for t in 0..tokens {
-            let (base, n_kv) = kv_span[t];
             let valid = lv[t];
             if valid < 0.0 || valid as usize > k {
                 return Err(format!("oriTopkLengthOptional[{t}] = {valid} is outside 0..={k}"));
             }
-            let rows: Vec<usize> = iv[t * k..t * k + valid as usize]
-                .iter()
-                .map(|&r| {
-                    if r < 0.0 || r as usize >= n_kv {
-                        Err(format!(
-                            "oriSparseIndicesOptional[{t}] names KV row {r} among its first {valid} (valid) entries; \
-                             the batch has {n_kv} rows"
-                        ))
-                    } else {
-                        Ok(base + r as usize)
-                    }
-                })
-                .collect::<R<_>>()?;
+            let rows: Vec<usize> =
+                iv[t * k..t * k + valid as usize].iter().map(|&r| physical(t, r, valid)).collect::<R<_>>()?;
             for h in 0..n1 {
                 let qh = &qv[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
-                let scores: Vec<f64> = rows
-                    .iter()
-                    .map(|&r| softmaxScale * qh.iter().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]).map(|(a, b)| a * b).sum::<f64>())
-                    .collect();
-                let mx = scores.iter().cloned().fold(sv[h], f64::max);
-                let p: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                let sum = (sv[h] - mx).exp() + p.iter().sum::<f64>();
                 let oh = &mut o[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
-                for (&r, pj) in rows.iter().zip(&p) {
-                    for (acc, v) in oh.iter_mut().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]) {
-                        *acc += pj / sum * v;
+                // Online softmax over tiles of 512 rows, from row_max = sink, row_sum = 1.
+                let (mut mx, mut sum) = if ignore_sinks { (f64::NEG_INFINITY, 0f64) } else { (sv[h], 1f64) };
+                for tile in rows.chunks(512) {
+                    let scores: Vec<f64> = tile
+                        .iter()
+                        .map(|&r| softmaxScale * qh.iter().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]).map(|(a, b)| a * b).sum::<f64>())
+                        .collect();
+                    let new_mx = scores.iter().cloned().fold(mx, f64::max);
+                    let rescale = (mx - new_mx).exp();
+                    sum *= rescale;
+                    oh.iter_mut().for_each(|v| *v *= rescale);
+                    for (&r, s) in tile.iter().zip(&scores) {
+                        let p = (s - new_mx).exp();
+                        sum += p;
+                        let pk = as_kv(p);
+                        for (acc, v) in oh.iter_mut().zip(&kvv[r * HEAD_DIM..(r + 1) * HEAD_DIM]) {
+                            *acc += pk * v;
+                        }
                     }
+                    mx = new_mx;
+                }
+                if sum > 0.0 {
+                    oh.iter_mut().for_each(|v| *v /= sum);
                 }
                 lse_v[t * n1 + h] = mx + sum.ln();
             }
