@@ -427,9 +427,9 @@ DSV4_ACLNN_LAUNCH(aclnnMoeGatingTopKV2);
 
 /* The V4 attention kernels below: prototypes from the hicann/ops-transformer docs as read on
  * 2026-12-02 (aclnnSparseFlashMla.md @ 05683434, aclnnSparseFlashMlaMetadata.md @ 030ddc32,
- * aclnnLightningIndexerV2.md). Other revisions export other argument lists under the same
- * names, so dsv4 uses them only when opted in (DSV4_ASCEND_FUSED=all); compare these with the
- * installed aclnnop headers first. */
+ * aclnnLightningIndexerV2.md and its metadata doc as stored that day). Other revisions export
+ * other argument lists under the same names, so dsv4 uses them only when opted in
+ * (DSV4_ASCEND_FUSED=all); compare these with the installed aclnnop headers first. */
 
 /** Load-balancing pre-pass of aclnnSparseFlashMla (AICPU; no numerics): writes the core split
  * metaData (INT32 [1024]) from the sequence lengths (docs: attention/sparse_flash_mla_metadata/

@@ -168,6 +168,7 @@ impl AscendBackend {
         // come from a caller outside the model: the window always holds the token itself).
         let out_b = self.alloc(numel(&q.shape), Dt::ACL_BF16)?;
         self.dev.zero(&out_b)?;
+        let lse_buf = self.alloc(1, Dt::ACL_FLOAT)?;
         {
             let qv = qb_v()?;
             let kvv = self.cview(kv.mem(), &[nb, bs, 1, HEAD_DIM])?;
@@ -175,6 +176,9 @@ impl AscendBackend {
                 (sorted_v()?, lens_v()?, meta_v()?, self.iv(&cu_q)?, self.iv(&used_kv)?, self.iv(&table)?);
             let snk = self.tv(sinks)?;
             let ov = self.cview(Mem { buf: &out_b, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape)?;
+            // returnSoftmaxLse is false, but every published caller (the doc's example, the torch
+            // extension) passes a placeholder FLOAT tensor rather than NULL.
+            let lse = self.cview(Mem { buf: &lse_buf, offset: 0, dtype: Dt::ACL_FLOAT }, &[1])?;
             // The API takes the layouts as `char*`; it does not write through them.
             let (lq, lkv) = (tnd.as_ptr() as *mut std::ffi::c_char, paged.as_ptr() as *mut std::ffi::c_char);
             aclnn!(
@@ -210,7 +214,7 @@ impl AscendBackend {
                         1,     // topkValueMode
                         false, // returnSoftmaxLse
                         ov.ptr(),
-                        none()
+                        lse.ptr()
                     )
             )?;
         }
@@ -238,7 +242,8 @@ impl AscendBackend {
 
     fn compare_attention_with_composition(&self) -> Result<()> {
         let state = &self.kernels.sparse_flash_mla;
-        let (t, h, rows, k) = (3usize, 2usize, 32usize, 4usize);
+        // 1040 rows page as 5 blocks of 208, so the block table is exercised.
+        let (t, h, rows, k) = (3usize, 2usize, 1040usize, 4usize);
         let bf16 = |v: f32| f32::from_bits(v.to_bits() & 0xffff_0000);
         let qv: Vec<f32> = (0..t * h * HEAD_DIM).map(|i| bf16(((i * 7 % 19) as f32 - 9.0) / 40.0)).collect();
         let kvv: Vec<f32> = (0..rows * HEAD_DIM).map(|i| bf16(((i * 5 % 23) as f32 - 11.0) / 30.0)).collect();
@@ -246,8 +251,8 @@ impl AscendBackend {
         let all = self.upload_index(&(0..rows as i32).collect::<Vec<_>>(), &[rows])?;
         self.pool_write(&mut pool, &all, &self.upload(&kvv, &[rows, HEAD_DIM])?)?;
         let q = self.upload(&qv, &[t, h, HEAD_DIM])?;
-        // Padding inside and after the valid entries, rows from every block of 16.
-        let idx = self.upload_index(&[0, 20, -1, 5, -1, 31, -1, -1, 4, -1, 17, 3], &[t, k])?;
+        // Padding inside and after the valid entries, rows from every block.
+        let idx = self.upload_index(&[0, 700, -1, 205, -1, 1039, -1, -1, 416, -1, 833, 3], &[t, k])?;
         let sinks = self.upload(&[0.25, -1.5], &[h])?;
         let Some(got) = self.sparse_attention_fused(&q, &pool, &idx, &sinks, 0.05, Precision::Bf16)? else {
             return Ok(());

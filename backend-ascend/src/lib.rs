@@ -27,8 +27,8 @@
 //! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M; in bf16 BF16 with a weight list) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
-//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | **yes** in bf16/official with a BF16 pool (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
-//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | **yes** in bf16 with a BF16 pool (`indexer.rs`); else Matmul, Relu, ReduceSum, Topk |
+//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool whose rows a multiple of 16 divides (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
+//! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16 with a BF16 pool (`indexer.rs`); else Matmul, Relu, ReduceSum, Topk |
 //! | compressor step | `aclnnCompressor` | docs disagree | yes | yes | no: its per-token state needs another carry layout |
 //! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`) | – | – | – | no: default composition |
 //! | `swiglu` | `aclnnSwiGlu` (no clamp) | yes | yes | yes | no: the V4 clamp needs Clamp + Silu + Mul |

@@ -335,7 +335,7 @@ fn run_devices() {
             Ok(be) => {
                 println!("ascend  available    {found}; {}", be.describe());
                 for k in be.fused_kernels() {
-                    println!("        fused kernel {:<62} {}", k.name, k.why);
+                    println!("        fused kernel {:<68} {}", k.name, k.why);
                 }
                 let cache = if be.executor_cache_stats().is_some() {
                     "on (repeatable aclnn executors per operand layout; DSV4_ASCEND_EXECUTOR_CACHE=off disables)"

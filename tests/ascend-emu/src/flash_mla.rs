@@ -443,12 +443,15 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
         None
     };
     let mut reads = vec![qd.clone(), kv.clone(), idx.clone(), len.clone(), sinks.clone(), meta.clone(), table.clone(), used.clone()];
+    // Read as well as written where rows may be left unwritten.
+    reads.push(out.clone());
     reads.extend(cq.iter().cloned());
     let mut writes = vec![out.clone()];
     writes.extend(lse.iter().cloned());
     let lq_code = if tnd { 1.0 } else { 0.0 };
     let kv_dtype = kv.dtype;
     let ignore_sinks = crate::fused::quirk("sfmla-ignores-sinks");
+    let fam_a2a3 = fam != "950";
     Ok(plan(ws_for(&out), reads, writes, vec![], move |mem| {
         let m = meta.read(mem, "metadataOptional")?;
         let signed = m[META_SIGNATURE] == META_MAGIC as f64;
@@ -511,7 +514,10 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
             encode(kv_dtype, v, &mut b);
             decode(kv_dtype, &b)
         };
-        let mut o = vec![0f64; tokens * n1 * HEAD_DIM];
+        // The A2/A3 kernel neither initialises a TND output nor writes a row without valid
+        // indices (`InitOutputSingleCore` runs for other layouts only): such rows keep what the
+        // buffer held.
+        let mut o = if tnd && fam_a2a3 { out.read(mem, "attnOutOut")? } else { vec![0f64; tokens * n1 * HEAD_DIM] };
         let mut lse_v = vec![0f64; tokens * n1];
         for t in 0..tokens {
             let valid = lv[t];
@@ -520,6 +526,10 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
             }
             let rows: Vec<usize> =
                 iv[t * k..t * k + valid as usize].iter().map(|&r| physical(t, r, valid)).collect::<R<_>>()?;
+            if rows.is_empty() && tnd && fam_a2a3 {
+                continue;
+            }
+            o[t * n1 * HEAD_DIM..(t + 1) * n1 * HEAD_DIM].fill(0.0);
             for h in 0..n1 {
                 let qh = &qv[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
                 let oh = &mut o[(t * n1 + h) * HEAD_DIM..(t * n1 + h + 1) * HEAD_DIM];
