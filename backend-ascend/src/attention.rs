@@ -97,24 +97,14 @@ impl AscendBackend {
         // oriTopkLength = the number of non-negative entries, as INT32 [T, 1]:
         // Σ clamp(idx + 1, 0, 1) (exact: the sums are small integers).
         let idxf = self.new_tensor(&idx.shape)?;
-        {
-            let (iv, fv) = (self.iv(idx)?, self.tv(&idxf)?);
-            aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(iv.ptr(), Dt::ACL_FLOAT, fv.ptr()))?;
-        }
+        self.cast_into(self.iv(idx)?, self.tv(&idxf)?, Dt::ACL_FLOAT)?;
         let valid = self.reduce(&self.clamp(&self.affine(&idxf, 1.0, 1.0)?, 0.0, 1.0)?, 1, ReduceOp::Sum)?;
         let lens = self.alloc(t, Dt::ACL_INT32)?;
         let lens_v = || self.cview(Mem { buf: &lens, offset: 0, dtype: Dt::ACL_INT32 }, &[t, 1]);
-        {
-            let (vv, lv) = (self.cview(self.tmem(&valid), &[t, 1])?, lens_v()?);
-            aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(vv.ptr(), Dt::ACL_INT32, lv.ptr()))?;
-        }
+        self.cast_into(self.cview(self.tmem(&valid), &[t, 1])?, lens_v()?, Dt::ACL_INT32)?;
         // BF16 queries (exact in bf16/official, whose activations are BF16 values already).
-        let qb = self.alloc(numel(&q.shape), Dt::ACL_BF16)?;
+        let qb = self.cast_to(q, Dt::ACL_BF16)?;
         let qb_v = || self.cview(Mem { buf: &qb, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape);
-        {
-            let (qv, bv) = (self.tv(q)?, qb_v()?);
-            aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(qv.ptr(), Dt::ACL_BF16, bv.ptr()))?;
-        }
         // One TND batch of T queries over the whole pool, paged as `[rows / bs, bs, 1, D]`.
         let rows = kv.rows();
         let bs = kv_block(rows).expect("checked by flash_mla_applies");
@@ -219,15 +209,19 @@ impl AscendBackend {
             )?;
         }
         let out = self.new_tensor(&q.shape)?;
-        let (bv, ov) = (self.cview(Mem { buf: &out_b, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape)?, self.tv(&out)?);
-        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(bv.ptr(), Dt::ACL_FLOAT, ov.ptr()))?;
+        self.cast_into(
+            self.cview(Mem { buf: &out_b, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape)?,
+            self.tv(&out)?,
+            Dt::ACL_FLOAT,
+        )?;
         Ok(out)
     }
 
     /// Runs `aclnnSparseFlashMla` on a tiny input (D = 512, two heads, padded key lists) against
     /// the composition, and switches the kernel off with the reason when they disagree by more
     /// than BF16 rounding of the probabilities and the output allows, or when the kernel fails
-    /// (also asynchronously: the device still opens, composing).
+    /// (also when the runtime reports it at the next synchronisation); the device then opens
+    /// and composes.
     pub(crate) fn self_test_attention(&self) -> Result<()> {
         let state = &self.kernels.sparse_flash_mla;
         if !state.usable() {

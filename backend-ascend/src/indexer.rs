@@ -47,7 +47,7 @@ use dsv4_core::Backend;
 
 use crate::acl::{AclScalar, Buffer};
 use crate::kernels::SocFamily;
-use crate::{numel, AscendBackend, AscendIndex, AscendPool, AscendTensor, Mem};
+use crate::{AscendBackend, AscendIndex, AscendPool, AscendTensor, Mem};
 
 /// The kernel's only head size.
 const HEAD_DIM: usize = 128;
@@ -251,12 +251,8 @@ impl AscendBackend {
         let (t, heads) = (q.shape[0], q.shape[1]);
         let n = key_rows.shape[0];
         // BF16 queries (exact in bf16, whose activations are BF16 values already).
-        let qb = self.alloc(numel(&q.shape), Dt::ACL_BF16)?;
+        let qb = self.cast_to(q, Dt::ACL_BF16)?;
         let qm = Mem { buf: &qb, offset: 0, dtype: Dt::ACL_BF16 };
-        {
-            let (qv, bv) = (self.tv(q)?, self.cview(qm, &q.shape)?);
-            aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(qv.ptr(), Dt::ACL_BF16, bv.ptr()))?;
-        }
         // The kernel's score has no 1/sqrt(dI): fold it into the weights.
         let w = self.affine(weights, (HEAD_DIM as f32).powf(-0.5), 0.0)?;
         let keys = self.indexer_keys(pool, key_rows, n)?;

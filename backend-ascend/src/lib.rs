@@ -211,7 +211,6 @@ macro_rules! aclnn {
 }
 
 pub mod kernels;
-mod moe;
 
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
 pub use pool::AscendPool;
@@ -248,6 +247,7 @@ macro_rules! aclnn_cached {
 
 mod attention;
 mod indexer;
+mod moe;
 mod pool;
 
 fn strides(dims: &[usize]) -> Vec<usize> {
@@ -389,31 +389,35 @@ impl AscendBackend {
         Ok((Some(tmp), t))
     }
 
-    /// Writes `w` widened to f32 (exactly) into the `rows × cols` f32 elements at `dst`:
-    /// aclnnCast for float weights; for INT8 group weights aclnnCast of the codes and of the
-    /// BF16 scales, then aclnnMul broadcasting each scale over its group.
+    /// Writes `w` widened exactly into the `rows × cols` elements at `dst`, in `dst`'s dtype
+    /// (F32; or BF16, which holds every BF16 and INT8-group value): aclnnCast for float
+    /// weights; for INT8 group weights aclnnCast of the codes (and of the BF16 scales, for an
+    /// F32 `dst`), then aclnnMul broadcasting each scale over its group.
     fn widen_weight_into(&self, w: &AscendWeight, dst: Mem<'_>) -> Result<()> {
-        let dims = [w.rows, w.cols];
+        let (dims, dt) = ([w.rows, w.cols], dst.dtype);
         let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?;
         let Some(gs) = &w.group_scale else {
             let d = self.cview(dst, &dims)?;
             if dst.offset != 0 {
                 // A slot of the grouped matmul's stack: not cached (one executor per slot).
-                return aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_FLOAT, d.ptr()));
+                return aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), dt, d.ptr()));
             }
-            return aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [d], attrs [Dt::ACL_FLOAT.0],
-                |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()));
+            return self.cast_into(src, d, dt);
         };
         let (g, groups) = (gs.group, w.cols / gs.group);
-        let codes = self.alloc(w.rows * w.cols, Dt::ACL_FLOAT)?;
-        let scales = self.alloc(w.rows * groups, Dt::ACL_FLOAT)?;
-        let cm = Mem { buf: &codes, offset: 0, dtype: Dt::ACL_FLOAT };
-        let sm = Mem { buf: &scales, offset: 0, dtype: Dt::ACL_FLOAT };
-        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [self.cview(cm, &dims)?],
-            attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
-        let stored = self.cview(Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups])?;
-        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [stored] => [self.cview(sm, &[w.rows, groups])?],
-            attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+        let codes = self.alloc(w.rows * w.cols, dt)?;
+        let cm = Mem { buf: &codes, offset: 0, dtype: dt };
+        self.cast_into(src, self.cview(cm, &dims)?, dt)?;
+        let stored = Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 };
+        let widened = if dt == Dt::ACL_BF16 { None } else { Some(self.alloc(w.rows * groups, dt)?) };
+        let sm = match &widened {
+            Some(buf) => {
+                let sm = Mem { buf, offset: 0, dtype: dt };
+                self.cast_into(self.cview(stored, &[w.rows, groups])?, self.cview(sm, &[w.rows, groups])?, dt)?;
+                sm
+            }
+            None => stored,
+        };
         let (a, b) = (self.cview(cm, &[w.rows, groups, g])?, self.cview(sm, &[w.rows, groups, 1])?);
         let o = self.cview(dst, &[w.rows, groups, g])?;
         if dst.offset != 0 {
@@ -421,6 +425,20 @@ impl AscendBackend {
         }
         aclnn_cached!(self, aclnnMul / aclnnMulGetWorkspaceSize, [a, b] => [o], attrs [],
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
+    }
+
+    /// `dst ← src` converted to `dtype` (dst's dtype): aclnnCast, through the executor cache
+    /// (both views contiguous).
+    fn cast_into(&self, src: AclTensor, dst: AclTensor, dtype: Dt) -> Result<()> {
+        aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [src] => [dst], attrs [dtype.0],
+            |i, o| (i[0].ptr(), dtype, o[0].ptr()))
+    }
+
+    /// `x` (f32) cast to `dtype` in a new pooled block of its shape.
+    fn cast_to(&self, x: &AscendTensor, dtype: Dt) -> Result<Buffer> {
+        let out = self.alloc(numel(&x.shape), dtype)?;
+        self.cast_into(self.tv(x)?, self.cview(Mem { buf: &out, offset: 0, dtype }, &x.shape)?, dtype)?;
+        Ok(out)
     }
 
     /// An FP4 e2m1 weight with E8M0 scales per `group` in its exact INT8 form

@@ -35,9 +35,9 @@ use dsv4_core::backend::{composed, Backend, BinaryOp, ExpertWeights, Precision, 
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::Result;
 
-use crate::acl::{err, AclScalar, AclTensor, AclTensorList, Buffer};
+use crate::acl::{err, AclTensor, AclTensorList, Buffer};
 use crate::kernels::KernelState;
-use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, GroupScale, Mem};
+use crate::{AscendBackend, AscendIndex, AscendTensor, AscendWeight, Mem};
 
 /// Default size of one widened expert stack (per chunk and projection).
 pub(crate) const DEFAULT_STACK_BYTES: usize = 256 << 20;
@@ -291,32 +291,7 @@ impl AscendBackend {
             vec![self.view(Mem { buf: &stack, offset: 0, dtype: Dt::ACL_FLOAT }, &[g, kk, n], &[n * kk, 1, kk], 0)?],
         )?;
         let ol = AclTensorList::new(api, vec![self.tv(&out)?])?;
-        let none: *const sys::aclTensorList = null();
-        aclnn!(
-            self,
-            aclnnGroupedMatmulV4
-                / aclnnGroupedMatmulV4GetWorkspaceSize(
-                    xl.ptr(),
-                    wl.ptr(),
-                    none,
-                    none,
-                    none,
-                    none,
-                    none,
-                    none,
-                    gl.ptr(),
-                    none,
-                    none,
-                    none,
-                    3, // splitItem: one output tensor
-                    0, // groupType: groups along M
-                    1, // groupListType: counts
-                    0, // actType: none
-                    ol.ptr(),
-                    null_mut(),
-                    null_mut()
-                )
-        )?;
+        self.launch_grouped_matmul(&xl, &wl, &gl, &ol)?;
         Ok(out)
     }
 
@@ -349,7 +324,11 @@ impl AscendBackend {
         let temps: Vec<Option<Buffer>> = ws
             .iter()
             .map(|w| match (&w.group_scale, w.dtype) {
-                (Some(gs), Dt::ACL_INT8) => self.dequantize_bf16(w, gs).map(Some),
+                (Some(_), Dt::ACL_INT8) => {
+                    let tmp = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
+                    self.widen_weight_into(w, Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_BF16 })?;
+                    Ok(Some(tmp))
+                }
                 (None, Dt::ACL_BF16) => Ok(None),
                 _ => Err(err(format!("grouped_matmul_bf16: a {:?} weight does not hold BF16 values", w.dtype))),
             })
@@ -371,6 +350,23 @@ impl AscendBackend {
         let ol = AclTensorList::new(api, vec![self.cview(om, &[m, n])?])?;
         let group_list = self.upload_i64(counts)?;
         let gl = self.cview(Mem { buf: &group_list, offset: 0, dtype: Dt::ACL_INT64 }, &[ws.len()])?;
+        self.launch_grouped_matmul(&xl, &wl, &gl, &ol)?;
+        drop(temps);
+        let y = self.new_tensor(&[m, n])?;
+        self.cast_into(self.cview(om, &[m, n])?, self.tv(&y)?, Dt::ACL_FLOAT)?;
+        Ok(y)
+    }
+
+    /// aclnnGroupedMatmulV4 in its non-quantised form: one x, the weight list `wl`, one out,
+    /// groups along M with per-group row counts `gl`, every quantisation and activation
+    /// argument NULL.
+    fn launch_grouped_matmul(
+        &self,
+        xl: &AclTensorList,
+        wl: &AclTensorList,
+        gl: &AclTensor,
+        ol: &AclTensorList,
+    ) -> Result<()> {
         let none: *const sys::aclTensorList = null();
         aclnn!(
             self,
@@ -396,68 +392,6 @@ impl AscendBackend {
                     null_mut(),
                     null_mut()
                 )
-        )?;
-        drop(temps);
-        let y = self.new_tensor(&[m, n])?;
-        self.cast_into(self.cview(om, &[m, n])?, self.tv(&y)?, Dt::ACL_FLOAT)?;
-        Ok(y)
-    }
-
-    /// An INT8 weight with BF16 group scales as BF16 `[rows, cols]` in a pooled block, exactly:
-    /// aclnnCast of the codes to BF16, then aclnnMul by the scales broadcast over their groups.
-    fn dequantize_bf16(&self, w: &AscendWeight, gs: &GroupScale) -> Result<Buffer> {
-        let (g, groups) = (gs.group, w.cols / gs.group);
-        let codes = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
-        let out = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
-        let cm = Mem { buf: &codes, offset: 0, dtype: Dt::ACL_BF16 };
-        let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: Dt::ACL_INT8 }, &[w.rows, w.cols])?;
-        self.cast_into(src, self.cview(cm, &[w.rows, w.cols])?, Dt::ACL_BF16)?;
-        let (a, b) = (
-            self.cview(cm, &[w.rows, groups, g])?,
-            self.cview(Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups, 1])?,
-        );
-        let o = self.cview(Mem { buf: &out, offset: 0, dtype: Dt::ACL_BF16 }, &[w.rows, groups, g])?;
-        let api = self.api();
-        self.dev.call_cached(
-            "aclnnMul",
-            api.aclnnMul(),
-            vec![a, b],
-            vec![o],
-            vec![],
-            &[],
-            Box::new(|i: &[AclTensor], o: &[AclTensor], _: &[AclScalar], ws, ex| {
-                let f = api.aclnnMulGetWorkspaceSize()?;
-                // SAFETY: the tensors are owned by the call (or the executor cache) and outlive
-                // the launch; `ws`/`ex` are out-pointers.
-                Ok(unsafe { f(i[0].ptr(), i[1].ptr(), o[0].ptr(), ws, ex) })
-            }),
-        )?;
-        Ok(out)
-    }
-
-    /// `x` (f32) cast to `dtype` in a new pooled block of its shape.
-    fn cast_to(&self, x: &AscendTensor, dtype: Dt) -> Result<Buffer> {
-        let out = self.alloc(x.shape.iter().product(), dtype)?;
-        self.cast_into(self.tv(x)?, self.cview(Mem { buf: &out, offset: 0, dtype }, &x.shape)?, dtype)?;
-        Ok(out)
-    }
-
-    /// `dst ← src` converted to `dtype` (dst's dtype): aclnnCast, through the executor cache
-    /// (both views contiguous).
-    fn cast_into(&self, src: AclTensor, dst: AclTensor, dtype: Dt) -> Result<()> {
-        let api = self.api();
-        self.dev.call_cached(
-            "aclnnCast",
-            api.aclnnCast(),
-            vec![src],
-            vec![dst],
-            vec![],
-            &[dtype.0 as i64],
-            Box::new(move |i: &[AclTensor], o: &[AclTensor], _: &[AclScalar], ws, ex| {
-                let f = api.aclnnCastGetWorkspaceSize()?;
-                // SAFETY: as in `dequantize_bf16`.
-                Ok(unsafe { f(i[0].ptr(), dtype, o[0].ptr(), ws, ex) })
-            }),
         )
     }
 

@@ -30,6 +30,7 @@ use std::ffi::{c_char, c_void, CStr};
 
 use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclnnStatus, aclrtStream};
 
+use crate::fused::{optional, v4_attention_family};
 use crate::mem::{decode, dtype_name, encode, Desc};
 use crate::ops::{contiguous_out, plan, shape_is, ws_for, R};
 use crate::{get_workspace, launch, soc_name, Emu, Plan};
@@ -46,31 +47,9 @@ const META_MAGIC: i64 = 0x5346_4d41;
 /// The only head size the kernel takes (448 nope + 64 rope channels).
 const HEAD_DIM: usize = 512;
 
-/// The SoC families the CANN docs name for this kernel.
-fn family() -> R<&'static str> {
-    let soc = soc_name();
-    if soc.starts_with("Ascend910B") {
-        Ok("A2")
-    } else if soc.starts_with("Ascend910_93") {
-        Ok("A3")
-    } else if soc.starts_with("Ascend950") {
-        Ok("950")
-    } else {
-        Err(format!("not supported on {soc} (Atlas A2, Atlas A3 and Ascend 950 only)"))
-    }
-}
-
-fn opt(e: &Emu, p: *const aclTensor, name: &str) -> R<Option<Desc>> {
-    if p.is_null() {
-        Ok(None)
-    } else {
-        e.tensor(p, name).map(Some)
-    }
-}
-
 /// A documented "nullptr or empty tensor".
 fn must_be_absent(e: &Emu, p: *const aclTensor, name: &str, why: &str) -> R<()> {
-    match opt(e, p, name)? {
+    match optional(e, p, name)? {
         Some(d) if d.numel() != 0 => Err(format!("{name} must be NULL or an empty tensor ({why})")),
         _ => Ok(()),
     }
@@ -186,7 +165,7 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
     maxSeqlenQ: i64, maxSeqlenOriKv: i64, maxSeqlenCmpKv: i64, oriTopk: i64, cmpTopk: i64, cmpRatio: i64,
     oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64, layoutQOptional: *const c_char,
     layoutKvOptional: *const c_char, hasOriKv: bool, hasCmpKv: bool, metaData: *const aclTensor) {
-    let fam = family()?;
+    let fam = v4_attention_family()?;
     if numHeadsQ < 1 || numHeadsKv < 1 {
         return Err(format!("numHeadsQ {numHeadsQ} / numHeadsKv {numHeadsKv} must be positive"));
     }
@@ -205,7 +184,7 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
     }
     if fam != "950" {
         must_be_absent(e, sequsedQOptional, "sequsedQOptional", "not supported on Atlas A2/A3")?;
-    } else if opt(e, sequsedQOptional, "sequsedQOptional")?.is_some_and(|d| d.numel() != 0) {
+    } else if optional(e, sequsedQOptional, "sequsedQOptional")?.is_some_and(|d| d.numel() != 0) {
         return Err("sequsedQOptional is not emulated".into());
     }
     must_be_absent(e, cmpTopkLengthOptional, "cmpTopkLengthOptional", "reserved")?;
@@ -225,7 +204,7 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
     // SAFETY: the layouts are NUL-terminated C strings or NULL.
     let (lq, lkv) = unsafe { (layout(layoutQOptional, "layoutQOptional")?, layout(layoutKvOptional, "layoutKvOptional")?) };
     check_sparse_kv_layout(fam, &lkv)?;
-    let topk_len = opt(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
+    let topk_len = optional(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("oriTopkLengthOptional is required in the SWA sparse ori_kv scenario")?;
     int32(&topk_len, "oriTopkLengthOptional")?;
@@ -244,7 +223,7 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
     let batch = match batch {
         Some(b) => b,
         None => {
-            let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
+            let cq = optional(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
             int32(&cq, "cuSeqlensQOptional")?;
             if cq.dims.len() != 1 || cq.dims[0] < 2 {
                 return Err(format!("cuSeqlensQOptional must be 1-D (B + 1,), got {:?}", cq.dims));
@@ -254,7 +233,7 @@ phase_one!(aclnnSparseFlashMlaMetadataGetWorkspaceSize = "aclnnSparseFlashMlaMet
         }
     };
     must_be_absent(e, cuSeqlensOriKvOptional, "cuSeqlensOriKvOptional", "layout PA_BBND takes sequsedOriKvOptional")?;
-    let used = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
+    let used = optional(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("sequsedOriKvOptional is required for layout PA_BBND")?;
     int32(&used, "sequsedOriKvOptional")?;
@@ -294,7 +273,7 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     softmaxScale: f64, cmpRatio: i64, oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64,
     layoutQOptional: *mut c_char, layoutKvOptional: *mut c_char, topkValueMode: i64, returnSoftmaxLse: bool,
     attnOutOut: *const aclTensor, softmaxLseOutOptional: *const aclTensor) {
-    let fam = family()?;
+    let fam = v4_attention_family()?;
     let qd = e.tensor(q, "q")?;
     if !matches!(qd.dtype, aclDataType::ACL_BF16 | aclDataType::ACL_FLOAT16) {
         return Err(format!("q must be BFLOAT16 or FLOAT16, got {}", dtype_name(qd.dtype)));
@@ -317,14 +296,14 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     if d != HEAD_DIM {
         return Err(format!("D = {d}: only {HEAD_DIM} (448 nope + 64 rope) is supported"));
     }
-    let kv = opt(e, oriKvOptional, "oriKvOptional")?.ok_or("oriKvOptional is required in every scenario")?;
+    let kv = optional(e, oriKvOptional, "oriKvOptional")?.ok_or("oriKvOptional is required in every scenario")?;
     if kv.dtype != qd.dtype {
         return Err(format!("oriKvOptional ({}) must have q's dtype ({})", dtype_name(kv.dtype), dtype_name(qd.dtype)));
     }
-    if opt(e, cmpKvOptional, "cmpKvOptional")?.is_some() || opt(e, cmpSparseIndicesOptional, "cmpSparseIndicesOptional")?.is_some() {
+    if optional(e, cmpKvOptional, "cmpKvOptional")?.is_some() || optional(e, cmpSparseIndicesOptional, "cmpSparseIndicesOptional")?.is_some() {
         return Err("the CSA/HCA scenarios (cmpKvOptional, cmpSparseIndicesOptional) are not emulated".into());
     }
-    let idx = opt(e, oriSparseIndicesOptional, "oriSparseIndicesOptional")?.ok_or(
+    let idx = optional(e, oriSparseIndicesOptional, "oriSparseIndicesOptional")?.ok_or(
         "oriSparseIndicesOptional is required: only the SWA sparse ori_kv scenario is emulated (the band-masked SWA is not)",
     )?;
     check_sparse_kv_layout(fam, &lkv)?;
@@ -386,22 +365,22 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
         return Err("oriSparseIndicesOptional has K = 0".into());
     }
     check_sparse_modes(fam, oriMaskMode, cmpMaskMode, oriWinLeft, oriWinRight, cmpRatio)?;
-    let len = opt(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
+    let len = optional(e, oriTopkLengthOptional, "oriTopkLengthOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("oriTopkLengthOptional is required with oriSparseIndicesOptional")?;
     int32(&len, "oriTopkLengthOptional")?;
     shape_is(&len, &idx.dims[..idx.dims.len() - 1], "oriTopkLengthOptional (oriSparseIndicesOptional without its last dim)")?;
-    let sinks = opt(e, sinksOptional, "sinksOptional")?.ok_or("sinksOptional is required")?;
+    let sinks = optional(e, sinksOptional, "sinksOptional")?.ok_or("sinksOptional is required")?;
     if sinks.dtype != aclDataType::ACL_FLOAT {
         return Err(format!("sinksOptional must be FLOAT32, got {}", dtype_name(sinks.dtype)));
     }
     shape_is(&sinks, &[n1], "sinksOptional (N1,)")?;
-    let meta = opt(e, metadataOptional, "metadataOptional")?
+    let meta = optional(e, metadataOptional, "metadataOptional")?
         .ok_or("metadataOptional is required: run aclnnSparseFlashMlaMetadata first")?;
     int32(&meta, "metadataOptional")?;
     shape_is(&meta, &[META_LEN], "metadataOptional")?;
     let cq = if tnd {
-        let cq = opt(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
+        let cq = optional(e, cuSeqlensQOptional, "cuSeqlensQOptional")?.ok_or("cuSeqlensQOptional is required for layout TND")?;
         int32(&cq, "cuSeqlensQOptional")?;
         if cq.dims.len() != 1 || cq.dims[0] < 2 {
             return Err(format!("cuSeqlensQOptional must be 1-D (B + 1,), got {:?}", cq.dims));
@@ -411,14 +390,14 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
         None
     };
     let batch = bq.unwrap_or_else(|| cq.as_ref().map_or(1, |c| c.dims[0] - 1));
-    let table = opt(e, oriBlockTableOptional, "oriBlockTableOptional")?
+    let table = optional(e, oriBlockTableOptional, "oriBlockTableOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("oriBlockTableOptional is required for layout PA_BBND")?;
     int32(&table, "oriBlockTableOptional")?;
     if table.dims.len() != 2 || table.dims[0] != batch {
         return Err(format!("oriBlockTableOptional has shape {:?}; expected (B = {batch}, max blocks per batch)", table.dims));
     }
-    let used = opt(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
+    let used = optional(e, sequsedOriKvOptional, "sequsedOriKvOptional")?
         .filter(|d| d.numel() != 0)
         .ok_or("sequsedOriKvOptional is required for layout PA_BBND")?;
     int32(&used, "sequsedOriKvOptional")?;
@@ -431,7 +410,7 @@ phase_one!(aclnnSparseFlashMlaGetWorkspaceSize = "aclnnSparseFlashMla", e, (
     contiguous_out(&out, "attnOutOut")?;
     let tokens = bq.map_or(s1, |b| b * s1);
     let lse = if returnSoftmaxLse {
-        let l = opt(e, softmaxLseOutOptional, "softmaxLseOutOptional")?.ok_or("returnSoftmaxLse needs softmaxLseOutOptional")?;
+        let l = optional(e, softmaxLseOutOptional, "softmaxLseOutOptional")?.ok_or("returnSoftmaxLse needs softmaxLseOutOptional")?;
         if l.dtype != aclDataType::ACL_FLOAT {
             return Err(format!("softmaxLseOutOptional must be FLOAT32, got {}", dtype_name(l.dtype)));
         }

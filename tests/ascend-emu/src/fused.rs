@@ -31,7 +31,7 @@ pub(crate) fn quirk(name: &str) -> bool {
 }
 
 /// The SoC families the CANN docs name (`Ascend910B*` = Atlas A2, `Ascend910_93*` = A3).
-fn family() -> &'static str {
+pub(crate) fn family() -> &'static str {
     let soc = soc_name();
     if soc.starts_with("Ascend910B") {
         "A2"
@@ -146,6 +146,24 @@ fn antiquant_refusal(
         }
     }
     Ok("A16W8 per-channel antiquant is a documented form but not emulated (dsv4 does not use it)".into())
+}
+
+/// The family of a SoC that Huawei's V4 attention kernels support (Atlas A2, A3, Ascend 950),
+/// or the refusal on any other.
+pub(crate) fn v4_attention_family() -> R<&'static str> {
+    match family() {
+        f @ ("A2" | "A3" | "950") => Ok(f),
+        _ => Err(format!("not supported on {} (Atlas A2, Atlas A3 and Ascend 950 only)", soc_name())),
+    }
+}
+
+/// An optional tensor argument: None for NULL (an empty tensor is still a tensor).
+pub(crate) fn optional(e: &Emu, p: *const aclTensor, name: &str) -> R<Option<Desc>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        e.tensor(p, name).map(Some)
+    }
 }
 
 fn null_or_err(p: *const c_void, name: &str) -> R<()> {

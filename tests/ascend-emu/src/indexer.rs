@@ -27,6 +27,7 @@ use std::ffi::{c_char, c_void, CStr};
 
 use dsv4_ascend_sys::{aclDataType, aclOpExecutor, aclTensor, aclnnStatus, aclrtStream};
 
+use crate::fused::{optional, v4_attention_family};
 use crate::mem::{dtype_name, Desc, Memory};
 use crate::ops::{contiguous_out, plan, shape_is, ws_for, R};
 use crate::{get_workspace, launch, soc_name, Emu, Plan};
@@ -44,20 +45,6 @@ const HEAD_DIM: usize = 128;
 /// Query heads per key head (N1 with N2 = 1).
 const MAX_HEADS: usize = 64;
 const MAX_TOPK: i64 = 8192;
-
-/// The SoC families the CANN docs name for this kernel.
-fn family() -> R<&'static str> {
-    let soc = soc_name();
-    if soc.starts_with("Ascend910B") {
-        Ok("A2")
-    } else if soc.starts_with("Ascend910_93") {
-        Ok("A3")
-    } else if soc.starts_with("Ascend950") {
-        Ok("950")
-    } else {
-        Err(format!("not supported on {soc} (Atlas A2, Atlas A3 and Ascend 950 only)"))
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Layout {
@@ -95,11 +82,7 @@ unsafe fn layout(p: *const c_char, name: &str, key: bool) -> R<Layout> {
 
 /// An optional tensor: NULL or an empty tensor means "not given".
 fn opt(e: &Emu, p: *const aclTensor, name: &str) -> R<Option<Desc>> {
-    if p.is_null() {
-        return Ok(None);
-    }
-    let d = e.tensor(p, name)?;
-    Ok((d.numel() != 0).then_some(d))
+    Ok(optional(e, p, name)?.filter(|d| d.numel() != 0))
 }
 
 fn absent(d: &Option<Desc>, name: &str, why: &str) -> R<()> {
@@ -282,7 +265,7 @@ phase_one!(aclnnLightningIndexerV2MetadataGetWorkspaceSize = "aclnnLightningInde
     cmpResidualKOptional: *const aclTensor, numHeadsQ: i64, numHeadsK: i64, headDim: i64, topk: i64,
     batchSize: i64, maxSeqlenQ: i64, maxSeqlenK: i64, layoutQOptional: *mut c_char,
     layoutKOptional: *mut c_char, maskMode: i64, cmpRatio: i64, metadata: *const aclTensor) {
-    family()?;
+    v4_attention_family()?;
     if !(1..=MAX_HEADS as i64).contains(&numHeadsQ) {
         return Err(format!("numHeadsQ {numHeadsQ} is outside 1..={MAX_HEADS}"));
     }
@@ -616,7 +599,7 @@ phase_one!(aclnnLightningIndexerV2GetWorkspaceSize = "aclnnLightningIndexerV2", 
     outputIdxOffsetOptional: *const aclTensor, metadataOptional: *const aclTensor, topk: i64, maxSeqlenQ: i64,
     layoutQ: *mut c_char, layoutK: *mut c_char, maskMode: i64, cmpRatio: i64, returnValue: i64,
     sparseIndices: *const aclTensor, sparseValues: *const aclTensor) {
-    let fam = family()?;
+    let fam = v4_attention_family()?;
     let a2a3 = fam != "950";
     // SAFETY: the layouts are NUL-terminated C strings or NULL.
     let (lq, lk) = unsafe { (layout(layoutQ, "layoutQ", false)?, layout(layoutK, "layoutK", true)?) };
