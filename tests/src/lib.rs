@@ -4,6 +4,7 @@
 pub mod backend_suite;
 pub mod fused_attention;
 pub mod primitives_only;
+pub mod raw_acl;
 pub mod recording;
 
 use std::path::{Path, PathBuf};

@@ -10,7 +10,6 @@
 //!
 //! The emulator's launch counters are process-global, so every test here holds `COUNTING`.
 
-use std::ffi::c_void;
 use std::ptr::{null, null_mut};
 use std::sync::{Mutex, MutexGuard};
 
@@ -19,6 +18,7 @@ use dsv4_backend_ascend::{emulator_launches, AscendBackend};
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::backend::{composed, Backend, ExpertWeights, Precision};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+use dsv4_tests::raw_acl;
 
 static COUNTING: Mutex<()> = Mutex::new(());
 
@@ -284,44 +284,6 @@ fn f32_weights_keep_the_float32_form_in_bf16() {
 
 // ----------------------------------------------------------------- the operator itself
 
-/// The emulator's API with device 0 set on this thread.
-fn api() -> &'static Api {
-    dsv4_tests::use_ascend_emulator();
-    let api = runtime().unwrap_or_else(|e| panic!("{e}"));
-    assert!(api.is_emulator());
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { api.aclrtSetDevice().unwrap()(0) }, ACL_SUCCESS);
-    api
-}
-
-fn msg(api: &Api) -> String {
-    api.recent_error().unwrap_or_default()
-}
-
-/// A device block holding `bytes`.
-fn dev(api: &Api, bytes: &[u8]) -> *mut c_void {
-    let mut p = null_mut();
-    let len = bytes.len().max(1);
-    // SAFETY: out-pointer to a local; a host slice of `len` bytes (or a 1-byte dummy copy skipped).
-    unsafe {
-        assert_eq!(
-            api.aclrtMalloc().unwrap()(&mut p, len, aclrtMemMallocPolicy::ACL_MEM_MALLOC_HUGE_FIRST),
-            ACL_SUCCESS
-        );
-        if !bytes.is_empty() {
-            let st = api.aclrtMemcpy().unwrap()(
-                p,
-                len,
-                bytes.as_ptr() as *const c_void,
-                len,
-                aclrtMemcpyKind::ACL_MEMCPY_HOST_TO_DEVICE,
-            );
-            assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
-        }
-    }
-    p
-}
-
 fn esize(dtype: aclDataType) -> usize {
     match dtype {
         aclDataType::ACL_FLOAT | aclDataType::ACL_INT32 => 4,
@@ -332,47 +294,22 @@ fn esize(dtype: aclDataType) -> usize {
     }
 }
 
-/// A tensor over `data` with `strides` (contiguous when None), storage = its elements.
-fn tensor(api: &Api, data: *mut c_void, dims: &[i64], strides: Option<&[i64]>, dtype: aclDataType) -> *mut aclTensor {
-    let mut st = vec![1i64; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * dims[i + 1];
-    }
-    let st = strides.map_or(st, |s| s.to_vec());
-    let storage = [dims.iter().product::<i64>()];
-    // SAFETY: arrays valid for the call.
-    unsafe {
-        api.aclCreateTensor().unwrap()(
-            dims.as_ptr(),
-            dims.len() as u64,
-            dtype,
-            st.as_ptr(),
-            0,
-            aclFormat::ACL_FORMAT_ND,
-            storage.as_ptr(),
-            1,
-            data,
-        )
-    }
-}
-
 /// A zeroed contiguous tensor.
 fn zeros(api: &Api, dims: &[i64], dtype: aclDataType) -> *mut aclTensor {
-    let n = dims.iter().product::<i64>() as usize;
-    tensor(api, dev(api, &vec![0u8; n * esize(dtype)]), dims, None, dtype)
+    raw_acl::zero_tensor(api, dims, dtype, esize(dtype))
 }
 
 fn list(api: &Api, members: &[*mut aclTensor]) -> *mut aclTensorList {
     let m: Vec<*const aclTensor> = members.iter().map(|&t| t as *const aclTensor).collect();
     // SAFETY: live tensors; the list takes them over.
     let l = unsafe { api.aclCreateTensorList().unwrap()(m.as_ptr(), m.len() as u64) };
-    assert!(!l.is_null(), "{}", msg(api));
+    assert!(!l.is_null(), "{}", raw_acl::recent_error(api));
     l
 }
 
 fn group_list(api: &Api, counts: &[i64]) -> *mut aclTensor {
     let bytes: Vec<u8> = counts.iter().flat_map(|v| v.to_le_bytes()).collect();
-    tensor(api, dev(api, &bytes), &[counts.len() as i64], None, aclDataType::ACL_INT64)
+    raw_acl::tensor_of(api, &[counts.len() as i64], aclDataType::ACL_INT64, &bytes)
 }
 
 /// GetWorkspaceSize with groups along M (groupType 0), one output (splitItem 3), counts
@@ -396,8 +333,8 @@ fn plan(
     if st == ACLNN_SUCCESS {
         Ok((ws, ex))
     } else {
-        assert_eq!(st, ACLNN_ERR_PARAM_INVALID, "{}", msg(api));
-        Err(msg(api))
+        assert_eq!(st, ACLNN_ERR_PARAM_INVALID, "{}", raw_acl::recent_error(api));
+        Err(raw_acl::recent_error(api))
     }
 }
 
@@ -418,7 +355,7 @@ fn plan_a16w8(api: &Api, x_dtype: aclDataType, scale: Option<(&[i64], aclDataTyp
 #[test]
 fn the_emulator_refuses_antiquant_misuse_with_the_documented_reason() {
     let _one = serial();
-    let api = api();
+    let api = raw_acl::api();
     let (bf, f) = (aclDataType::ACL_BF16, aclDataType::ACL_FLOAT);
     let refused = |x_dtype, scale| plan_a16w8(api, x_dtype, scale).expect_err("refused");
 
@@ -460,7 +397,7 @@ fn the_emulator_refuses_antiquant_misuse_with_the_documented_reason() {
 #[test]
 fn the_bf16_form_rounds_its_output_once() {
     let _one = serial();
-    let api = api();
+    let api = raw_acl::api();
     let bf = aclDataType::ACL_BF16;
     let b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect() };
     let e = 2f32.powi(-8);
@@ -468,32 +405,26 @@ fn the_bf16_form_rounds_its_output_once() {
     let xv = [1.0, e, e, 0.5, 0.25, 2.0, -1.0, 3.0, 0.125];
     // Expert weights [N = 2, K = 3] each, read as [K, N] through strides (transposed).
     let (w0, w1) = ([1.0, 1.0, 1.0, 2.0, 0.0, -1.0], [1.0, -2.0, 0.5, 0.0, 1.0, 4.0]);
-    let x = list(api, &[tensor(api, dev(api, &b(&xv)), &[3, 3], None, bf)]);
-    let tw = |v: &[f32]| tensor(api, dev(api, &b(v)), &[3, 2], Some(&[1, 3]), bf);
+    let x = list(api, &[raw_acl::tensor_of(api, &[3, 3], bf, &b(&xv))]);
+    let tw = |v: &[f32]| raw_acl::strided_tensor(api, raw_acl::device_bytes(api, &b(v)), &[3, 2], &[1, 3], 6, bf);
     let w = list(api, &[tw(&w0), tw(&w1)]);
-    let od = dev(api, &[0u8; 12]);
-    let out = list(api, &[tensor(api, od, &[3, 2], None, bf)]);
+    let od = raw_acl::device_bytes(api, &[0u8; 12]);
+    let out = list(api, &[raw_acl::tensor(api, od, &[3, 2], bf)]);
     let (ws, ex) = plan(api, x, w, null_mut(), null_mut(), group_list(api, &[1, 2]), out).unwrap();
     let mut s = null_mut();
     // SAFETY: out-pointer to a local; the executor just planned, a workspace of its size.
     unsafe {
         assert_eq!(api.aclrtCreateStream().unwrap()(&mut s), ACL_SUCCESS);
-        let wsp = dev(api, &vec![0u8; ws as usize]);
-        assert_eq!(api.aclnnGroupedMatmulV4().unwrap()(wsp, ws, ex, s), ACLNN_SUCCESS, "{}", msg(api));
-        assert_eq!(api.aclrtSynchronizeStream().unwrap()(s), ACL_SUCCESS, "{}", msg(api));
+        let wsp = raw_acl::malloc(api, ws as usize);
+        assert_eq!(
+            api.aclnnGroupedMatmulV4().unwrap()(wsp, ws, ex, s),
+            ACLNN_SUCCESS,
+            "{}",
+            raw_acl::recent_error(api)
+        );
+        assert_eq!(api.aclrtSynchronizeStream().unwrap()(s), ACL_SUCCESS, "{}", raw_acl::recent_error(api));
     }
-    let mut raw = [0u8; 12];
-    // SAFETY: a host buffer of 12 bytes.
-    let st = unsafe {
-        api.aclrtMemcpy().unwrap()(
-            raw.as_mut_ptr() as *mut c_void,
-            12,
-            od,
-            12,
-            aclrtMemcpyKind::ACL_MEMCPY_DEVICE_TO_HOST,
-        )
-    };
-    assert_eq!(st, ACL_SUCCESS);
+    let raw = raw_acl::download_bytes(api, od, 12);
     let got: Vec<f32> =
         raw.chunks(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect();
     let dot =

@@ -24,6 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 use dsv4_ascend_sys::*;
 use dsv4_backend_ascend::{AscendBackend, FusedPolicy};
 use dsv4_core::backend::{composed, Backend, DeviceTensor, IndexScores, Precision, RowFormat};
+use dsv4_tests::raw_acl;
 
 const D: usize = 128;
 const SOC_VAR: &str = "DSV4_ASCEND_EMU_SOC";
@@ -335,52 +336,6 @@ fn other_precisions_policies_and_shapes_compose() {
 
 // ------------------------------------------------------------- the emulated operator (FFI)
 
-fn api() -> &'static Api {
-    dsv4_tests::use_ascend_emulator();
-    let api = runtime().unwrap_or_else(|e| panic!("{e}"));
-    assert!(api.is_emulator());
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { api.aclrtSetDevice().unwrap()(0) }, ACL_SUCCESS);
-    api
-}
-
-fn msg(api: &Api) -> String {
-    api.recent_error().unwrap_or_default()
-}
-
-fn malloc(api: &Api, bytes: usize) -> *mut c_void {
-    let mut p = null_mut();
-    // SAFETY: out-pointer to a local.
-    let st =
-        unsafe { api.aclrtMalloc().unwrap()(&mut p, bytes.max(1), aclrtMemMallocPolicy::ACL_MEM_MALLOC_HUGE_FIRST) };
-    assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
-    p
-}
-
-fn upload_bytes(api: &Api, dst: *mut c_void, bytes: &[u8]) {
-    // SAFETY: a host slice of that many bytes; the emulator checks the device side.
-    let st = unsafe {
-        api.aclrtMemcpy().unwrap()(
-            dst,
-            bytes.len(),
-            bytes.as_ptr() as *const c_void,
-            bytes.len(),
-            aclrtMemcpyKind::ACL_MEMCPY_HOST_TO_DEVICE,
-        )
-    };
-    assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
-}
-
-fn download_bytes(api: &Api, src: *mut c_void, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    // SAFETY: a host buffer of n bytes.
-    let st = unsafe {
-        api.aclrtMemcpy().unwrap()(v.as_mut_ptr() as *mut c_void, n, src, n, aclrtMemcpyKind::ACL_MEMCPY_DEVICE_TO_HOST)
-    };
-    assert_eq!(st, ACL_SUCCESS, "{}", msg(api));
-    v
-}
-
 /// A tensor over fresh device memory holding `bytes`, with explicit strides (storage: `storage`
 /// elements of `esize` bytes).
 fn strided(api: &Api, dims: &[i64], st: &[i64], storage: i64, dt: aclDataType, bytes: &[u8]) -> *mut aclTensor {
@@ -388,65 +343,31 @@ fn strided(api: &Api, dims: &[i64], st: &[i64], storage: i64, dt: aclDataType, b
         aclDataType::ACL_BF16 | aclDataType::ACL_FLOAT16 => 2,
         _ => 4,
     };
-    let p = malloc(api, storage as usize * esize);
-    upload_bytes(api, p, bytes);
-    // SAFETY: arrays valid for the call; the emulator validates the rest.
-    let t = unsafe {
-        api.aclCreateTensor().unwrap()(
-            dims.as_ptr(),
-            dims.len() as u64,
-            dt,
-            st.as_ptr(),
-            0,
-            aclFormat::ACL_FORMAT_ND,
-            [storage].as_ptr(),
-            1,
-            p,
-        )
-    };
-    assert!(!t.is_null(), "{}", msg(api));
-    t
-}
-
-fn contiguous(dims: &[i64]) -> Vec<i64> {
-    (0..dims.len()).map(|i| dims[i + 1..].iter().product()).collect()
+    let p = raw_acl::malloc(api, storage as usize * esize);
+    raw_acl::upload_bytes(api, p, bytes);
+    raw_acl::strided_tensor(api, p, dims, st, storage, dt)
 }
 
 fn t_bf16(api: &Api, dims: &[i64], v: &[f32]) -> *mut aclTensor {
     let bytes: Vec<u8> = v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect();
-    strided(api, dims, &contiguous(dims), dims.iter().product(), aclDataType::ACL_BF16, &bytes)
+    strided(api, dims, &raw_acl::contiguous_strides(dims), dims.iter().product(), aclDataType::ACL_BF16, &bytes)
 }
 
 fn t_f32(api: &Api, dims: &[i64], v: &[f32]) -> *mut aclTensor {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    strided(api, dims, &contiguous(dims), dims.iter().product(), aclDataType::ACL_FLOAT, &bytes)
+    strided(api, dims, &raw_acl::contiguous_strides(dims), dims.iter().product(), aclDataType::ACL_FLOAT, &bytes)
 }
 
 fn t_i32(api: &Api, dims: &[i64], v: &[i32]) -> *mut aclTensor {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    strided(api, dims, &contiguous(dims), dims.iter().product(), aclDataType::ACL_INT32, &bytes)
+    strided(api, dims, &raw_acl::contiguous_strides(dims), dims.iter().product(), aclDataType::ACL_INT32, &bytes)
 }
 
 /// An uninitialised tensor (NaN / -1 bytes, as fresh emulator memory).
 fn t_out(api: &Api, dims: &[i64], dt: aclDataType) -> (*mut aclTensor, *mut c_void) {
     let n: i64 = dims.iter().product();
-    let p = malloc(api, n as usize * 4);
-    // SAFETY: arrays valid for the call.
-    let t = unsafe {
-        api.aclCreateTensor().unwrap()(
-            dims.as_ptr(),
-            dims.len() as u64,
-            dt,
-            contiguous(dims).as_ptr(),
-            0,
-            aclFormat::ACL_FORMAT_ND,
-            [n].as_ptr(),
-            1,
-            p,
-        )
-    };
-    assert!(!t.is_null(), "{}", msg(api));
-    (t, p)
+    let p = raw_acl::malloc(api, n as usize * 4);
+    (raw_acl::strided_tensor(api, p, dims, &raw_acl::contiguous_strides(dims), n, dt), p)
 }
 
 /// The arguments of aclnnLightningIndexerV2GetWorkspaceSize.
@@ -516,28 +437,31 @@ fn plan_li(api: &Api, a: &Li) -> Result<(*mut aclOpExecutor, u64), String> {
         Ok((ex, ws))
     } else {
         assert_eq!(st, ACLNN_ERR_PARAM_INVALID);
-        Err(msg(api))
+        Err(raw_acl::recent_error(api))
     }
 }
 
 /// Plans, launches with a fresh workspace and synchronises; the message of whatever failed.
 fn launch_planned(api: &Api, ex: *mut aclOpExecutor, ws: u64, f: pfn::aclnnLightningIndexerV2) -> Result<(), String> {
-    let w = if ws > 0 { malloc(api, ws as usize) } else { null_mut() };
+    let w = if ws > 0 { raw_acl::malloc(api, ws as usize) } else { null_mut() };
     // SAFETY: the executor just planned, a workspace of its size, the default stream.
     if unsafe { f(w, ws, ex, null_mut()) } != ACLNN_SUCCESS {
-        return Err(msg(api));
+        return Err(raw_acl::recent_error(api));
     }
     // SAFETY: the default stream.
     match unsafe { api.aclrtSynchronizeStream().unwrap()(null_mut()) } {
         ACL_SUCCESS => Ok(()),
-        _ => Err(msg(api)),
+        _ => Err(raw_acl::recent_error(api)),
     }
 }
 
 fn run_li(api: &Api, a: &Li) -> Result<(Vec<i32>, Vec<f32>), String> {
     let (ex, ws) = plan_li(api, a)?;
     launch_planned(api, ex, ws, api.aclnnLightningIndexerV2().unwrap())?;
-    Ok((i32s(&download_bytes(api, a.idx_p, a.len * 4)), f32s(&download_bytes(api, a.vals_p, a.len * 4))))
+    Ok((
+        i32s(&raw_acl::download_bytes(api, a.idx_p, a.len * 4)),
+        f32s(&raw_acl::download_bytes(api, a.vals_p, a.len * 4)),
+    ))
 }
 
 fn i32s(b: &[u8]) -> Vec<i32> {
@@ -589,7 +513,7 @@ fn metadata(
         )
     };
     if st != ACLNN_SUCCESS {
-        return Err(msg(api));
+        return Err(raw_acl::recent_error(api));
     }
     launch_planned(api, ex, ws, api.aclnnLightningIndexerV2Metadata().unwrap())?;
     Ok(m)
@@ -674,7 +598,7 @@ fn baseline_for(api: &Api, rng: &mut Rng, soc: &str) -> Li {
 #[test]
 fn emulated_operator_matches_a_host_reference() {
     let _g = serial();
-    let api = api();
+    let api = raw_acl::api();
     let mut rng = Rng(21);
     let (heads, topk) = (3usize, 4usize);
 
@@ -758,7 +682,7 @@ fn emulated_operator_matches_a_host_reference() {
         len: 5 * topk,
         ..a
     };
-    let before = f32s(&download_bytes(api, vals_p, 5 * topk * 4));
+    let before = f32s(&raw_acl::download_bytes(api, vals_p, 5 * topk * 4));
     let (gi, gv) = run_li(api, &a).unwrap_or_else(|m| panic!("{m}"));
     for bi in 0..2 {
         for row in cu_q[bi]..cu_q[bi + 1] {
@@ -864,7 +788,7 @@ fn faults(api: &Api, a: &Li, want: &[&str], what: &str) {
 #[test]
 fn emulated_operator_refuses_misuse_with_a_reason() {
     let _g = serial();
-    let api = api();
+    let api = raw_acl::api();
     let mut rng = Rng(33);
     let a = baseline(api, &mut rng);
     run_li(api, &a).unwrap_or_else(|m| panic!("the baseline must run: {m}"));
@@ -1003,7 +927,7 @@ fn emulated_operator_refuses_misuse_with_a_reason() {
 
 /// What differs between the SoCs (run on the emulator's SoC, which must be `soc`).
 fn per_soc_limits(soc: &str) {
-    let api = api();
+    let api = raw_acl::api();
     let mut rng = Rng(77);
     let is950 = soc.starts_with("Ascend950");
     let a = baseline_for(api, &mut rng, soc);
@@ -1114,7 +1038,7 @@ fn metadata_with_used_q(
             &mut ex,
         )
     };
-    assert_eq!(st, ACLNN_SUCCESS, "{}", msg(api));
+    assert_eq!(st, ACLNN_SUCCESS, "{}", raw_acl::recent_error(api));
     launch_planned(api, ex, ws, api.aclnnLightningIndexerV2Metadata().unwrap()).unwrap();
     m
 }

@@ -9,23 +9,10 @@ use std::ptr::{null, null_mut};
 
 use dsv4_ascend_sys::*;
 use dsv4_core::Backend;
+use dsv4_tests::raw_acl::{api, recent_error as msg};
 
 fn setup() {
     dsv4_tests::use_ascend_emulator();
-}
-
-/// The emulator's API with device 0 set on this thread.
-fn api() -> &'static Api {
-    setup();
-    let api = runtime().unwrap_or_else(|e| panic!("{e}"));
-    assert!(api.is_emulator());
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { api.aclrtSetDevice().unwrap()(0) }, ACL_SUCCESS);
-    api
-}
-
-fn msg(api: &Api) -> String {
-    api.recent_error().unwrap_or_default()
 }
 
 fn malloc(api: &Api, bytes: usize) -> *mut c_void {

@@ -20,6 +20,7 @@ use dsv4_ascend_sys::*;
 use dsv4_backend_ascend::AscendBackend;
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::backend::{Backend, DevicePool, DeviceTensor, Precision, RowFormat};
+use dsv4_tests::raw_acl::{api, recent_error as msg};
 
 const TOLERANCE: f64 = 1e-6;
 const WIDTH: usize = 40;
@@ -311,19 +312,6 @@ fn indexer_select_over_a_pool_matches_the_cpu_backend() {
 }
 
 // ------------------------------------------------------------------ the emulator's operator
-
-fn api() -> &'static Api {
-    dsv4_tests::use_ascend_emulator();
-    let api = runtime().unwrap_or_else(|e| panic!("{e}"));
-    assert!(api.is_emulator());
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { api.aclrtSetDevice().unwrap()(0) }, ACL_SUCCESS);
-    api
-}
-
-fn msg(api: &Api) -> String {
-    api.recent_error().unwrap_or_default()
-}
 
 fn malloc(api: &Api, bytes: usize) -> *mut c_void {
     let mut p = null_mut();

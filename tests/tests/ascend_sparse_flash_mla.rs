@@ -12,6 +12,7 @@ use dsv4_ascend_sys::*;
 use dsv4_backend_ascend::{emulator_launches, AscendBackend, FusedPolicy};
 use dsv4_core::backend::{composed, Backend, Precision, RowFormat};
 use dsv4_core::test_data::Rng;
+use dsv4_tests::raw_acl;
 
 const D: usize = 512;
 
@@ -125,66 +126,16 @@ fn the_kernel_runs_only_where_it_applies() {
 
 // ------------------------------------------------------------------------ the raw FFI checks
 
-fn api() -> &'static Api {
-    dsv4_tests::use_ascend_emulator();
-    let api = runtime().unwrap_or_else(|e| panic!("{e}"));
-    // SAFETY: plain integer argument.
-    assert_eq!(unsafe { api.aclrtSetDevice().unwrap()(0) }, ACL_SUCCESS);
-    api
+fn dims(d: &[usize]) -> Vec<i64> {
+    d.iter().map(|&v| v as i64).collect()
 }
 
-/// Device memory holding `bytes`.
-fn dev(api: &Api, bytes: &[u8]) -> *mut c_void {
-    let mut p = null_mut();
-    // SAFETY: out-pointer to a local; then a host slice of the given length.
-    unsafe {
-        let len = bytes.len().max(1);
-        assert_eq!(
-            api.aclrtMalloc().unwrap()(&mut p, len, aclrtMemMallocPolicy::ACL_MEM_MALLOC_HUGE_FIRST),
-            ACL_SUCCESS
-        );
-        if !bytes.is_empty() {
-            let st = api.aclrtMemcpy().unwrap()(
-                p,
-                len,
-                bytes.as_ptr() as *const c_void,
-                len,
-                aclrtMemcpyKind::ACL_MEMCPY_HOST_TO_DEVICE,
-            );
-            assert_eq!(st, ACL_SUCCESS);
-        }
-    }
-    p
+fn i32s(api: &Api, v: &[i32], d: &[usize]) -> *mut aclTensor {
+    raw_acl::i32_tensor(api, &dims(d), v)
 }
 
-fn tensor(api: &Api, data: *mut c_void, dims: &[usize], dtype: aclDataType) -> *mut aclTensor {
-    let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-    let mut st = vec![1i64; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * dims[i + 1];
-    }
-    // SAFETY: arrays valid for the call.
-    unsafe {
-        api.aclCreateTensor().unwrap()(
-            dims.as_ptr(),
-            dims.len() as u64,
-            dtype,
-            st.as_ptr(),
-            0,
-            aclFormat::ACL_FORMAT_ND,
-            dims.as_ptr(),
-            dims.len() as u64,
-            data,
-        )
-    }
-}
-
-fn i32s(api: &Api, v: &[i32], dims: &[usize]) -> *mut aclTensor {
-    tensor(api, dev(api, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>()), dims, aclDataType::ACL_INT32)
-}
-
-fn zeros(api: &Api, dims: &[usize], dtype: aclDataType, esize: usize) -> *mut aclTensor {
-    tensor(api, dev(api, &vec![0u8; dims.iter().product::<usize>() * esize]), dims, dtype)
+fn zeros(api: &Api, d: &[usize], dtype: aclDataType, esize: usize) -> *mut aclTensor {
+    raw_acl::zero_tensor(api, &dims(d), dtype, esize)
 }
 
 /// Every argument of one SWA-sparse-ori_kv call (TND), valid by default; tests change one.
@@ -240,15 +191,11 @@ impl Default for Call {
     }
 }
 
-fn recent(api: &Api) -> String {
-    api.recent_error().unwrap_or_default()
-}
-
 /// Plans (and with `launch`, runs and synchronises) the metadata pre-pass and the kernel;
 /// Err(message) at the first failure.
 fn call(c: &Call, launch: bool) -> Result<(), String> {
     let _one = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
-    let api = api();
+    let api = raw_acl::api();
     let esize = if c.q_dtype == aclDataType::ACL_FLOAT { 4 } else { 2 };
     let q = zeros(api, &[c.t, c.h, c.d], c.q_dtype, esize);
     let kv = zeros(api, &[c.rows / c.block, c.block, 1, c.d], c.q_dtype, esize);
@@ -269,13 +216,13 @@ fn call(c: &Call, launch: bool) -> Result<(), String> {
             if !launch {
                 return Ok(());
             }
-            let w = dev(api, &vec![0u8; ws as usize]);
+            let w = raw_acl::malloc(api, ws as usize);
             // SAFETY: the executor just planned, a workspace of its size, the default stream.
             let st = unsafe { f(w, ws, ex, null_mut()) };
             // SAFETY: the default stream.
             let sync = unsafe { api.aclrtSynchronizeStream().unwrap()(null_mut()) };
             if st != ACLNN_SUCCESS || sync != ACL_SUCCESS {
-                return Err(recent(api));
+                return Err(raw_acl::recent_error(api));
             }
             Ok(())
         };
@@ -318,7 +265,7 @@ fn call(c: &Call, launch: bool) -> Result<(), String> {
             )
         };
         if st != ACLNN_SUCCESS {
-            return Err(recent(api));
+            return Err(raw_acl::recent_error(api));
         }
         run(ex, ws, api.aclnnSparseFlashMlaMetadata().unwrap())?;
     }
@@ -361,7 +308,7 @@ fn call(c: &Call, launch: bool) -> Result<(), String> {
         )
     };
     if st != ACLNN_SUCCESS {
-        return Err(recent(api));
+        return Err(raw_acl::recent_error(api));
     }
     run(ex, ws, api.aclnnSparseFlashMla().unwrap())
 }
