@@ -34,6 +34,10 @@ pub enum Error {
 
     #[error("backend `{backend}`: {msg}")]
     Backend { backend: String, msg: String },
+
+    /// A collective between ranks failed (`crate::parallel::comm`).
+    #[error("communicator (rank {rank} of {size}): {msg}")]
+    Comm { rank: usize, size: usize, msg: String },
 }
 
 impl Error {

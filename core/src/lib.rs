@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod parallel;
 pub mod precision;
 pub mod primitives_only;
 pub mod profile;

@@ -12,7 +12,9 @@ use crate::model::indexer::Indexer;
 use crate::model::loader::Loader;
 use crate::model::official::{head_norm_bf16, kv_row_quant, Proj};
 use crate::model::rope::RopeTable;
+use crate::parallel::Communicator;
 use crate::precision::Precision;
+use std::sync::Arc;
 
 /// cos/sin of one rope table at the batch's token positions.
 pub struct StepAngles<B: Backend> {
@@ -50,10 +52,13 @@ pub struct Attention<B: Backend> {
     sinks: B::Tensor,
     compressor: Option<Compressor<B>>,
     indexer: Option<Indexer<B>>,
+    /// The heads and output groups this rank computes (all of them on one device).
     n_heads: usize,
     head_dim: usize,
     groups: usize,
     eps: f32,
+    /// The TP group that sums the partial `wo_b` outputs, when heads are split.
+    tp: Option<Arc<dyn Communicator<B>>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -72,22 +77,27 @@ impl<B: Backend> Attention<B> {
                 Some(Indexer::load(ld, cfg, &format!("{p}.indexer"), ratio)?),
             ),
         };
+        // Tensor parallelism (crate::parallel): this rank's heads are whole output groups;
+        // wq_b and wo_a are cut by rows, wo_b by columns, the rest is replicated.
+        let (heads, groups) = (ld.rank.layout.heads(cfg), ld.rank.layout.groups(cfg));
+        let group_rows = groups.start * r..groups.end * r;
         Ok(Attention {
             kind,
             wq_a: ld.proj(&format!("{p}.wq_a.weight"), &[ql, d])?,
             q_norm: ld.tensor(&format!("{p}.q_norm.weight"), &[ql])?,
-            wq_b: ld.proj(&format!("{p}.wq_b.weight"), &[h * hd, ql])?,
+            wq_b: ld.proj_rows(&format!("{p}.wq_b.weight"), &[h * hd, ql], heads.start * hd..heads.end * hd)?,
             wkv: ld.proj(&format!("{p}.wkv.weight"), &[hd, d])?,
             kv_norm: ld.tensor(&format!("{p}.kv_norm.weight"), &[hd])?,
-            wo_a: ld.weight(&format!("{p}.wo_a.weight"), &[g * r, h * hd / g])?,
-            wo_b: ld.proj(&format!("{p}.wo_b.weight"), &[d, g * r])?,
-            sinks: ld.tensor(&format!("{p}.attn_sink"), &[h])?,
+            wo_a: ld.weight_rows(&format!("{p}.wo_a.weight"), &[g * r, h * hd / g], group_rows.clone())?,
+            wo_b: ld.proj_cols(&format!("{p}.wo_b.weight"), &[d, g * r], group_rows)?,
+            sinks: ld.tensor_part(&format!("{p}.attn_sink"), &[h], heads.clone())?,
             compressor,
             indexer,
-            n_heads: h,
+            n_heads: heads.len(),
             head_dim: hd,
-            groups: g,
+            groups: groups.len(),
             eps: cfg.rms_norm_eps as f32,
+            tp: ld.rank.tp.clone(),
         })
     }
 
@@ -167,7 +177,14 @@ impl<B: Backend> Attention<B> {
         let grouped = act(be.grouped_linear(&grouped, &self.wo_a, self.groups))?;
         let r = grouped.shape()[2];
         // wo_a takes no quantised input: the official conversion stores it BF16 (spec §B.8).
-        Ok((act(self.wo_b.linear(be, &be.reshape(&grouped, &[t, self.groups * r])?, prec))?, picks))
+        let y = self.wo_b.linear(be, &be.reshape(&grouped, &[t, self.groups * r])?, prec)?;
+        // Split heads: wo_b is row-parallel, the TP group sums its partial outputs before the
+        // rounding point (the official `RowParallelLinear`).
+        let y = match &self.tp {
+            Some(tp) => tp.all_reduce_sum(be, &y)?,
+            None => y,
+        };
+        Ok((act(Ok(y))?, picks))
     }
 
     /// CSA: runs the indexer's compressor for every sequence (new keys go into the key pool)

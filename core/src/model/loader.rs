@@ -10,12 +10,14 @@
 //! list matches what [`crate::Model::load`] actually fetches.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::config::{AttentionKind, ModelConfig, RoutingKind};
 use crate::error::{Error, Result};
 use crate::model::official::Proj;
+use crate::parallel::{shard, RankContext};
 use crate::quant::scale_name;
 use crate::tensor::{StoredWeight, WeightFormat};
 
@@ -31,12 +33,24 @@ pub struct Loader<'a, B: Backend> {
     progress: Progress<'a>,
     /// Linears loaded through [`Loader::proj`], and how many of them are FP8/FP4.
     pub projs: (usize, usize),
+    /// The rank this load is for: which parts of split layers to read ([`crate::parallel`]).
+    pub rank: RankContext<B>,
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
     pub fn new(be: &'a B, ckpt: &'a Checkpoint, progress: Progress<'a>) -> Self {
         let total = ckpt.len();
-        Loader { be, ckpt, done: 0, total, bytes: 0, progress, projs: (0, 0) }
+        Loader { be, ckpt, done: 0, total, bytes: 0, progress, projs: (0, 0), rank: RankContext::single() }
+    }
+
+    /// A loader for one rank of a multi-device run.
+    pub fn for_rank(be: &'a B, ckpt: &'a Checkpoint, progress: Progress<'a>, rank: RankContext<B>) -> Self {
+        Loader { rank, ..Self::new(be, ckpt, progress) }
+    }
+
+    /// Counts tensors this rank does not hold as done, so progress still ends at 100%.
+    pub fn skip(&mut self, tensors: usize) {
+        self.tick(tensors, 0);
     }
 
     fn tick(&mut self, tensors: usize, bytes: usize) {
@@ -54,9 +68,34 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A linear layer's weight together with its stored form ([`Proj`]).
     pub fn proj(&mut self, name: &str, shape: &[usize]) -> Result<Proj<B>> {
         let stored = stored_weight(self.ckpt, name, shape)?;
-        let low_bit = stored.format != WeightFormat::Float;
+        self.proj_of(&stored, stored.clone())
+    }
+
+    /// Rows `rows` of the weight `name` (logical shape `shape`), for a layer split by output
+    /// rows (column-parallel: `wq_b`, `wo_a`, vocabulary-parallel tables).
+    pub fn weight_rows(&mut self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<B::Weight> {
+        let stored = shard::rows(&stored_weight(self.ckpt, name, shape)?, rows)?;
+        self.upload(&stored)
+    }
+
+    /// [`Loader::proj`] of rows `rows` (column-parallel linears).
+    pub fn proj_rows(&mut self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<Proj<B>> {
+        let stored = stored_weight(self.ckpt, name, shape)?;
+        self.proj_of(&stored, shard::rows(&stored, rows)?)
+    }
+
+    /// [`Loader::proj`] of columns `cols` (row-parallel linears: `wo_b`).
+    pub fn proj_cols(&mut self, name: &str, shape: &[usize], cols: Range<usize>) -> Result<Proj<B>> {
+        let stored = stored_weight(self.ckpt, name, shape)?;
+        self.proj_of(&stored, shard::cols(&stored, cols)?)
+    }
+
+    /// A part of a stored weight as a [`Proj`] whose low-bit flag is the whole weight's (a part
+    /// dequantised at a block boundary still takes the official quantised inputs).
+    fn proj_of(&mut self, whole: &StoredWeight, part: StoredWeight) -> Result<Proj<B>> {
+        let low_bit = whole.format != WeightFormat::Float;
         self.projs = (self.projs.0 + 1, self.projs.1 + usize::from(low_bit));
-        Ok(Proj { w: self.upload(&stored)?, low_bit })
+        Ok(Proj { w: self.upload(&part)?, low_bit })
     }
 
     /// Uploads an already-described weight (e.g. a slice of a fused expert tensor).
@@ -68,8 +107,19 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// A small parameter used as an f32 activation-side tensor (norm weights, biases, sinks).
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        self.tensor_part(name, shape, 0..shape.first().copied().unwrap_or(1))
+    }
+
+    /// Elements `part` of the 1-D parameter `name` (a rank's attention sinks), or the whole
+    /// tensor when `part` covers it.
+    pub fn tensor_part(&mut self, name: &str, shape: &[usize], part: Range<usize>) -> Result<B::Tensor> {
         let t = self.ckpt.require(name, shape)?;
-        let data = t.to_f32_vec()?;
+        let mut data = t.to_f32_vec()?;
+        let mut shape = shape.to_vec();
+        if shape.len() == 1 && part != (0..shape[0]) {
+            data = data[part.clone()].to_vec();
+            shape[0] = part.len();
+        }
         if let Some(bad) = data.iter().position(|v| !v.is_finite()) {
             return Err(Error::Tensor {
                 name: name.into(),
@@ -77,7 +127,7 @@ impl<'a, B: Backend> Loader<'a, B> {
                 msg: format!("element {bad} is not finite ({})", data[bad]),
             });
         }
-        let out = self.be.upload(&data, shape)?;
+        let out = self.be.upload(&data, &shape)?;
         self.tick(1, t.size_bytes());
         Ok(out)
     }

@@ -18,6 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvConfig, KvDtype, LayerPools, Sequence, StepPlan};
+use crate::parallel::RankContext;
 use crate::precision::Precision;
 use attention::{Attention, StepAngles};
 use batch::Batch;
@@ -77,9 +78,12 @@ impl<B: Backend> Block<B> {
 
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
+    /// The embedding table (this rank's block of vocabulary rows when the vocabulary is split).
     embed: B::Weight,
     /// None when the head is tied to the embedding.
     head: Option<B::Weight>,
+    /// This rank's place in a multi-device run ([`crate::parallel`]); single on one device.
+    pub rank: RankContext<B>,
     norm: B::Tensor,
     hc_head: HyperHead<B>,
     pub blocks: Vec<Block<B>>,
@@ -124,18 +128,40 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// [`Model::load`] of one rank's part of the model for a multi-device run: the rank's
+    /// vocabulary rows, heads and experts ([`crate::parallel`]). The MTP block is not loaded
+    /// (speculative decoding runs on one device).
+    pub fn load_rank(
+        be: &B,
+        cfg: ModelConfig,
+        ckpt: &Checkpoint,
+        progress: Progress,
+        rank: RankContext<B>,
+    ) -> Result<Self> {
+        let note = cfg.assumed_defaults_note();
+        Self::load_on(Loader::for_rank(be, ckpt, progress, rank), cfg).map_err(|e| match &note {
+            Some(note) => e.with_config_note(note),
+            None => e,
+        })
+    }
+
     fn load_checked(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
-        let mut ld = Loader::new(be, ckpt, progress);
+        Self::load_on(Loader::new(be, ckpt, progress), cfg)
+    }
+
+    fn load_on(mut ld: Loader<B>, cfg: ModelConfig) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = ld.weight("embed.weight", &[v, d])?;
+        let vocab = ld.rank.layout.vocab(&cfg);
+        let embed = ld.weight_rows("embed.weight", &[v, d], vocab.clone())?;
         // Tied embeddings: transformers uses the embedding as the head (and does not save it).
-        let head = if cfg.tie_word_embeddings { None } else { Some(ld.weight("head.weight", &[v, d])?) };
+        let head = if cfg.tie_word_embeddings { None } else { Some(ld.weight_rows("head.weight", &[v, d], vocab)?) };
         let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut ld, &cfg, i)).collect::<Result<Vec<_>>>()?;
-        let (norm, hc_head, mtp) =
-            (ld.tensor("norm.weight", &[d])?, HyperHead::load(&mut ld, &cfg, "")?, mtp::load_mtp(&mut ld, &cfg)?);
+        let (norm, hc_head) = (ld.tensor("norm.weight", &[d])?, HyperHead::load(&mut ld, &cfg, "")?);
+        let mtp = if ld.rank.layout.is_single() { mtp::load_mtp(&mut ld, &cfg)? } else { None };
         Ok(Model {
             embed,
             head,
+            rank: ld.rank.clone(),
             norm,
             hc_head,
             mtp,
@@ -248,7 +274,7 @@ impl<B: Backend> Model<B> {
         let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
         let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
         let prec = self.precision;
-        let e = prec.act_of(be, be.embedding(&self.embed, &be.upload_index(&ids, &[t])?))?;
+        let e = prec.act_of(be, self.embed(be, &ids))?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.embed = Some(e.clone());
         }
@@ -278,7 +304,29 @@ impl<B: Backend> Model<B> {
         let collapsed = prec.act_of(be, self.hc_head.forward(be, &x))?;
         let h = be.rms_norm(&collapsed, Some(&self.norm), self.cfg.rms_norm_eps as f32);
         let h = prec.act_of(be, h)?;
-        be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))
+        let logits = be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))?;
+        // A split vocabulary: each rank has its block of logit columns (`ParallelHead`).
+        match &self.rank.tp {
+            Some(tp) => tp.all_gather(be, &logits, 1),
+            None => Ok(logits),
+        }
+    }
+
+    /// Embedding rows `[T, D]` of the token ids. With the vocabulary split over the TP group
+    /// (`ParallelEmbedding`), each rank looks up the ids in its block, zeroes the other rows,
+    /// and the group sums: one rank contributes each row, so the sum is exact.
+    fn embed(&self, be: &B, ids: &[i32]) -> Result<B::Tensor> {
+        let t = ids.len();
+        let Some(tp) = &self.rank.tp else {
+            return be.embedding(&self.embed, &be.upload_index(ids, &[t])?);
+        };
+        let vocab = self.rank.layout.vocab(&self.cfg);
+        let held = |id: i32| vocab.contains(&(id as usize));
+        let local: Vec<i32> = ids.iter().map(|&id| if held(id) { id - vocab.start as i32 } else { 0 }).collect();
+        let mask: Vec<f32> = ids.iter().map(|&id| if held(id) { 1.0 } else { 0.0 }).collect();
+        let rows = be.embedding(&self.embed, &be.upload_index(&local, &[t])?)?;
+        let rows = be.binary(&rows, &be.upload(&mask, &[t, 1])?, crate::backend::BinaryOp::Mul)?;
+        tp.all_reduce_sum(be, &rows)
     }
 }
 

@@ -7,8 +7,12 @@ use crate::backend::{Backend, BinaryOp, ExpertWeights};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::{fused_experts, Loader};
+use crate::parallel::Communicator;
 use crate::precision::Precision;
+use crate::quant::scale_name;
 use crate::tensor::StoredWeight;
+use std::ops::Range;
+use std::sync::Arc;
 
 enum Selection<B: Backend> {
     /// `tid2eid`, `[vocab, k]`, kept on the host: selection is a table lookup by token id.
@@ -20,7 +24,12 @@ enum Selection<B: Backend> {
 pub struct Moe<B: Backend> {
     gate: B::Weight,
     selection: Selection<B>,
+    /// The routed experts this rank holds: ids `held.start..held.end` (all of them on one
+    /// device; a block of them under expert parallelism, [`crate::parallel`]).
     experts: Vec<ExpertWeights<B::Weight>>,
+    held: Range<usize>,
+    /// The EP group that sums the ranks' routed outputs, when the experts are split.
+    ep: Option<Arc<dyn Communicator<B>>>,
     shared: ExpertWeights<B::Weight>,
     top_k: usize,
     scoring: ScoringFunc,
@@ -45,6 +54,7 @@ fn load_fused_experts<B: Backend>(
     ld: &mut Loader<B>,
     p: &str,
     e: usize,
+    held: Range<usize>,
     d: usize,
     i: usize,
 ) -> Result<Vec<ExpertWeights<B::Weight>>> {
@@ -63,17 +73,16 @@ fn load_fused_experts<B: Backend>(
             });
         }
     }
-    (0..e)
-        .map(|x| {
-            let gu = gate_up.index_outer(x, format!("{p}.gate_up_proj[{x}]"))?;
-            Ok(ExpertWeights {
-                w1: ld.upload(&StoredWeight::float(gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?)?,
-                w3: ld.upload(&StoredWeight::float(gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?)?,
-                w2: ld.upload(&StoredWeight::float(down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?)?,
-                low_bit: false,
-            })
+    held.map(|x| {
+        let gu = gate_up.index_outer(x, format!("{p}.gate_up_proj[{x}]"))?;
+        Ok(ExpertWeights {
+            w1: ld.upload(&StoredWeight::float(gu.rows_outer(0, i, format!("{p}.{x}.w1"))?)?)?,
+            w3: ld.upload(&StoredWeight::float(gu.rows_outer(i, i, format!("{p}.{x}.w3"))?)?)?,
+            w2: ld.upload(&StoredWeight::float(down.index_outer(x, format!("{p}.down_proj[{x}]"))?)?)?,
+            low_bit: false,
         })
-        .collect()
+    })
+    .collect()
 }
 
 impl<B: Backend> Moe<B> {
@@ -90,15 +99,28 @@ impl<B: Backend> Moe<B> {
             }
             RoutingKind::TopK => Selection::TopK(ld.tensor(&format!("{p}.gate.bias"), &[e])?),
         };
+        let held = ld.rank.layout.experts(cfg);
         let experts = if fused_experts(ld.ckpt, p) {
-            load_fused_experts(ld, &format!("{p}.experts"), e, d, i)?
+            load_fused_experts(ld, &format!("{p}.experts"), e, held.clone(), d, i)?
         } else {
-            (0..e).map(|x| load_expert(ld, &format!("{p}.experts.{x}"), d, i)).collect::<Result<_>>()?
+            let experts = held.clone().map(|x| load_expert(ld, &format!("{p}.experts.{x}"), d, i));
+            let experts = experts.collect::<Result<_>>()?;
+            // The experts other ranks hold count as loaded for the progress bar.
+            for x in (0..e).filter(|x| !held.contains(x)) {
+                for w in ["w1", "w2", "w3"] {
+                    let name = format!("{p}.experts.{x}.{w}.weight");
+                    let scale = scale_name(&name).is_some_and(|s| ld.ckpt.get(&s).is_some());
+                    ld.skip(1 + usize::from(scale));
+                }
+            }
+            experts
         };
         Ok(Moe {
             gate: ld.weight(&format!("{p}.gate.weight"), &[e, d])?,
             selection,
             experts,
+            held,
+            ep: ld.rank.ep.clone(),
             shared: load_expert(ld, &format!("{p}.shared_experts"), d, i)?,
             top_k: k,
             scoring: cfg.scoring_func,
@@ -136,8 +158,37 @@ impl<B: Backend> Moe<B> {
                 (be.download_index(&ids)?, w)
             }
         };
-        let routed = be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?;
+        let routed = match &self.ep {
+            None => be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?,
+            Some(ep) => ep.all_reduce_sum(be, &self.held_experts(be, x, &host_ids, &w, prec)?)?,
+        };
         let shared = be.expert_ffn(x, &self.shared, self.limit, prec)?;
         prec.act_of(be, be.binary(&routed, &shared, BinaryOp::Add))
+    }
+
+    /// Expert parallelism: the part of the routed output `[T, D]` that this rank's experts
+    /// produce (zero rows for tokens none of them serve), as the official MoE computes it
+    /// before its `all_reduce`. Each (token, expert) pair held here becomes one row of a
+    /// `k = 1` call of [`Backend::moe_experts`].
+    fn held_experts(&self, be: &B, x: &B::Tensor, ids: &[i32], w: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
+        let t = x.shape()[0];
+        let (mut rows, mut slots, mut local) = (vec![], vec![], vec![]);
+        for (slot, &id) in ids.iter().enumerate() {
+            if self.held.contains(&(id as usize)) {
+                rows.push((slot / self.top_k) as i32);
+                slots.push(slot as i32);
+                local.push(id - self.held.start as i32);
+            }
+        }
+        let zeros = be.full(x.shape(), 0.0)?;
+        if rows.is_empty() {
+            return Ok(zeros);
+        }
+        let rows = be.upload_index(&rows, &[local.len()])?;
+        let slots = be.upload_index(&slots, &[local.len()])?;
+        let flat_w = be.reshape(w, &[t * self.top_k, 1])?;
+        let (xs, ws) = (be.index_select(x, &rows)?, be.index_select(&flat_w, &slots)?);
+        let ys = be.moe_experts(&xs, &local, &ws, &self.experts, self.limit, prec)?;
+        be.index_add(&zeros, &rows, &ys)
     }
 }

@@ -1,0 +1,36 @@
+//! Running one model over several devices (ranks): how the weights are split
+//! ([`layout`]), how ranks exchange activations ([`comm`], with the in-process [`local`]
+//! implementation that the CPU backend and CI use), and how each split weight is cut out of
+//! the checkpoint ([`shard`]).
+//!
+//! The split follows DeepSeek's own inference code (`inference/model.py`, spec §D):
+//! - **expert parallelism (EP):** the routed experts of every MoE layer are cut into `ep`
+//!   contiguous blocks, one per rank of an EP group; every rank routes all tokens, runs the
+//!   experts it holds, and the group sums the results (`dist.all_reduce(y)`), after which each
+//!   rank adds the (replicated) shared expert;
+//! - **tensor parallelism (TP) of attention:** the query heads are split by output groups
+//!   (`n_local_groups = o_groups / tp`): `wq_b`, `wo_a` and the sinks are cut by rows, `wo_b` by
+//!   columns, and the group sums the partial `wo_b` outputs (`RowParallelLinear`). The shared
+//!   K = V head, the compressors and the indexer are replicated (they are small, and the
+//!   indexer's top-k needs every head's score);
+//! - **vocabulary parallelism** of the embedding and the head over the TP group
+//!   (`ParallelEmbedding`, `ParallelHead`): each rank holds a block of vocabulary rows, the
+//!   embedding sums the group's lookups (only one rank holds a row, so the sum is exact) and the
+//!   head gathers the group's logit columns.
+//!
+//! Activations stay replicated between sub-layers, so every rank holds the whole residual
+//! stream and its own copy of the decoding state.
+
+pub mod comm;
+pub mod layout;
+pub mod local;
+pub mod plan;
+pub mod rank;
+pub mod run;
+pub mod shard;
+
+pub use comm::{CollectiveKind, Communicator, Traffic};
+pub use layout::{ParallelLayout, RankLayout};
+pub use local::LocalComm;
+pub use rank::RankContext;
+pub use run::run_local;

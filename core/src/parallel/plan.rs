@@ -1,0 +1,922 @@
+//! A per-device memory plan: what each rank of a [`ParallelLayout`] holds of the weights (bytes
+//! by device form), what the rest of its memory holds of the decoding state, how many sequences
+//! of what length that is, and what one decode step puts into the collectives. Pure arithmetic
+//! on the config and the tensor list; `dsv4 plan` prints it.
+//!
+//! The split follows [`super`]'s rules: per rank, `RankLayout::vocab` rows of `embed.weight` and
+//! `head.weight`; per layer the rows of `wq_b` of its heads, the rows of `wo_a` and the columns
+//! of `wo_b` of its output groups, its heads' `attn_sink`, and its routed experts; everything
+//! else (`wq_a`, `wkv`, norms, compressors, indexers, routers, shared experts, mHC) replicated.
+//! A rank's part of an FP8 (128×128 block scales) or FP4 (1×32 group scales) matrix holds the
+//! scales of every block or group its rows and columns touch: a partial block counts as a whole
+//! block of scales. (The loader dequantises a cut through a block to F32 instead, see
+//! [`super::shard`]; V4's head, group and vocabulary cuts never fall inside a block except the
+//! vocabulary's, which is BF16.)
+//!
+//! Every rank holds the whole decoding state of every sequence (activations are replicated and
+//! the K = V head, the compressors and the indexer are not split), so the KV bytes of a sequence
+//! are the single-device footprint on every rank, and the ranks serve the same sequences.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv::layout::{block_bytes, default_block_tokens, has_compressed, BlockBytes};
+use crate::kv::{human_bytes, KvConfig, KvDtype};
+use crate::model::loader::{expected_mtp_tensors, expected_tensors, mtp_layers_present, stored_weight, TensorRole};
+use crate::parallel::comm::{CollectiveKind, Traffic};
+use crate::parallel::layout::{ParallelLayout, RankLayout};
+use crate::tensor::{DType, StoredWeight, WeightFormat};
+use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
+
+/// Where the weights live and in what form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightTarget {
+    /// The CPU backend: every weight in its stored form (FP8 with its block scales, FP4 packed
+    /// two per byte with its group scales), decoded inside the GEMM.
+    Host,
+    /// The CPU backend with `DSV4_CPU_DEQUANTIZE=1`: every weight dequantised to f32.
+    HostF32,
+    /// An Ascend SoC family, each matrix in the form [`DeviceForm::for_stored`] gives.
+    Soc(SocFamily),
+}
+
+impl WeightTarget {
+    /// `host`, `host-f32`, or a `--soc` name (`910b`, `910c`, `950`, `Ascend910B3`, ...).
+    pub fn from_name(s: &str) -> Option<WeightTarget> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "host" | "cpu" => Some(WeightTarget::Host),
+            "host-f32" | "cpu-f32" => Some(WeightTarget::HostF32),
+            other => SocFamily::from_name(other).map(WeightTarget::Soc),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            WeightTarget::Host => "host (CPU backend, stored forms)".into(),
+            WeightTarget::HostF32 => "host (CPU backend, dequantised to f32)".into(),
+            WeightTarget::Soc(soc) => format!("Ascend {}", soc.name()),
+        }
+    }
+
+    /// The form this target keeps for a weight stored as `format` (element dtype `dtype`, scale
+    /// dtype `scale`).
+    pub fn form(self, format: WeightFormat, dtype: DType, scale: Option<DType>) -> DeviceForm {
+        match self {
+            // The stored form is what the 950 keeps natively.
+            WeightTarget::Host => DeviceForm::for_stored(format, dtype, scale, SocFamily::A5),
+            WeightTarget::HostF32 => DeviceForm::F32,
+            WeightTarget::Soc(soc) => DeviceForm::for_stored(format, dtype, scale, soc),
+        }
+    }
+
+    /// Whether its backend stores fp8 KV rows (the CPU backend does, Ascend's does not).
+    pub fn has_fp8_kv_rows(self) -> bool {
+        !matches!(self, WeightTarget::Soc(_))
+    }
+}
+
+/// One tensor that loading reads and a device keeps, with the form it keeps it in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanTensor {
+    pub name: String,
+    /// Logical shape (for packed FP4 the stored inner dimension is half).
+    pub shape: Vec<usize>,
+    pub form: DeviceForm,
+    /// Part of an MTP block (`mtp.{i}.*`).
+    pub mtp: bool,
+}
+
+/// The tensors of an official V4 release of `cfg` (spec §D.2 stored forms), MTP block(s)
+/// included as the config announces them: what `dsv4 inspect --soc` counts for a config-only
+/// directory. Small parameters are f32; `tid2eid` tables stay on the host and are left out.
+pub fn official_tensors(cfg: &ModelConfig, target: WeightTarget) -> Vec<PlanTensor> {
+    let empty = Checkpoint::from_tensors(vec![]).expect("an empty checkpoint");
+    let mut expected = expected_tensors(cfg, &empty);
+    for i in 0..cfg.num_mtp_layers {
+        expected.extend(expected_mtp_tensors(cfg, &empty, i));
+    }
+    expected
+        .into_iter()
+        .filter_map(|e| {
+            let form = match e.role {
+                TensorRole::Ints => return None,
+                TensorRole::Param => DeviceForm::F32,
+                TensorRole::Weight | TensorRole::FusedExperts => {
+                    let (format, dtype, scale) = official_stored_form(&e.name);
+                    target.form(format, dtype, scale)
+                }
+            };
+            Some(PlanTensor { mtp: e.name.starts_with("mtp."), name: e.name, shape: e.shape, form })
+        })
+        .collect()
+}
+
+/// The tensors of a checkpoint as loading reads them (its MTP layers included), each in the
+/// form `target` keeps it, with the Ascend backend's fallbacks: FP8 → BF16 needs every scale
+/// byte in [`FP8_BF16_EXACT_SCALES`] (else F32), FP4 → INT8 whole groups (else BF16). Errors on
+/// a tensor loading would refuse (`dsv4 inspect` lists them all).
+pub fn checkpoint_tensors(cfg: &ModelConfig, ckpt: &Checkpoint, target: WeightTarget) -> Result<Vec<PlanTensor>> {
+    let mut expected = expected_tensors(cfg, ckpt);
+    for i in mtp_layers_present(cfg, ckpt) {
+        expected.extend(expected_mtp_tensors(cfg, ckpt, i));
+    }
+    let mut out = vec![];
+    for e in expected {
+        let form = match e.role {
+            TensorRole::Ints => continue,
+            TensorRole::Param => {
+                ckpt.require(&e.name, &e.shape)?;
+                DeviceForm::F32
+            }
+            TensorRole::FusedExperts => {
+                let t = ckpt.require(&e.name, &e.shape)?;
+                target.form(WeightFormat::Float, t.dtype, None)
+            }
+            TensorRole::Weight => checked_form(&stored_weight(ckpt, &e.name, &e.shape)?, target),
+        };
+        out.push(PlanTensor { mtp: e.name.starts_with("mtp."), name: e.name, shape: e.shape, form });
+    }
+    Ok(out)
+}
+
+/// [`WeightTarget::form`] of a checkpoint's weight with the fallbacks the Ascend backend takes
+/// on its data.
+fn checked_form(w: &StoredWeight, target: WeightTarget) -> DeviceForm {
+    let form = target.form(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype));
+    if !matches!(target, WeightTarget::Soc(_)) {
+        return form;
+    }
+    let cols: usize = w.shape.iter().skip(1).product();
+    match (form, w.format) {
+        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
+            let in_range =
+                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
+            if in_range {
+                form
+            } else {
+                DeviceForm::F32
+            }
+        }
+        (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
+        _ => form,
+    }
+}
+
+/// How a tensor is divided between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Split {
+    /// Every rank holds all of it.
+    Replicated,
+    /// Vocabulary rows over the TP group (`embed.weight`, `head.weight`).
+    Vocab,
+    /// Query heads / output groups over the TP group (`wq_b`, `wo_a`, `wo_b`, `attn_sink`).
+    Heads,
+    /// Routed experts over the EP group.
+    Experts,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Replicated => "replicated",
+            Split::Vocab => "vocabulary rows",
+            Split::Heads => "attention heads",
+            Split::Experts => "routed experts",
+        }
+    }
+}
+
+/// The part of a 2-D view `[rows, cols]` of a tensor one rank holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub split: Split,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+}
+
+/// What `rank` holds of tensor `name` of logical shape `shape`, seen as `[shape[0], rest]`
+/// (`[n, 1]` for a vector), or None when it holds none of it (another rank's expert).
+pub fn held(cfg: &ModelConfig, rank: &RankLayout, name: &str, shape: &[usize]) -> Option<Held> {
+    let n = shape.first().copied().unwrap_or(1);
+    let k: usize = shape.iter().skip(1).product();
+    let all = |split| Some(Held { split, rows: 0..n, cols: 0..k });
+    let rows = |split, rows| Some(Held { split, rows, cols: 0..k });
+    // The part after `layers.{i}.` / `mtp.{i}.`; top-level names have none.
+    let local = ["layers.", "mtp."].iter().find_map(|p| name.strip_prefix(p)?.split_once('.').map(|(_, rest)| rest));
+    let Some(rest) = local else {
+        return match name {
+            "embed.weight" | "head.weight" => rows(Split::Vocab, rank.vocab(cfg)),
+            _ => all(Split::Replicated),
+        };
+    };
+    let (hd, r) = (cfg.head_dim, cfg.o_lora_rank);
+    let (heads, groups) = (rank.heads(cfg), rank.groups(cfg));
+    match rest {
+        "attn.wq_b.weight" => rows(Split::Heads, heads.start * hd..heads.end * hd),
+        "attn.wo_a.weight" => rows(Split::Heads, groups.start * r..groups.end * r),
+        "attn.wo_b.weight" => Some(Held { split: Split::Heads, rows: 0..n, cols: groups.start * r..groups.end * r }),
+        "attn.attn_sink" => rows(Split::Heads, heads),
+        // transformers' fused experts `[E, ..]`: the rank's experts are rows of dim 0.
+        "ffn.experts.gate_up_proj" | "ffn.experts.down_proj" => rows(Split::Experts, rank.experts(cfg)),
+        _ => match rest.strip_prefix("ffn.experts.").and_then(|e| e.split('.').next()?.parse::<usize>().ok()) {
+            Some(e) if rank.experts(cfg).contains(&e) => all(Split::Experts),
+            Some(_) => None,
+            None => all(Split::Replicated),
+        },
+    }
+}
+
+/// Blocks of `b` that `r` touches.
+fn blocks(r: &Range<usize>, b: usize) -> usize {
+    if r.is_empty() {
+        0
+    } else {
+        r.end.div_ceil(b) - r.start / b
+    }
+}
+
+/// Device bytes of rows `rows` × columns `cols` of a matrix kept as `form`: the values, and the
+/// scales of every block (FP8, square blocks) or group (FP4 / INT8, along the columns) the part
+/// touches. For a whole matrix whose sides are multiples of the block this is
+/// `form.bytes_per_param() × rows × cols` exactly.
+pub fn part_bytes(form: DeviceForm, rows: &Range<usize>, cols: &Range<usize>) -> usize {
+    let elems = rows.len() * cols.len();
+    match form {
+        DeviceForm::Bf16 | DeviceForm::F16 => 2 * elems,
+        DeviceForm::F32 => 4 * elems,
+        DeviceForm::Fp8Blocks { scale_bytes, block } => {
+            let side = block.isqrt();
+            debug_assert_eq!(side * side, block, "FP8 blocks are square");
+            elems + blocks(rows, side) * blocks(cols, side) * scale_bytes
+        }
+        DeviceForm::Mxfp4 { group } => elems.div_ceil(2) + rows.len() * blocks(cols, group),
+        DeviceForm::Int8Groups { group } => elems + rows.len() * blocks(cols, group) * 2,
+    }
+}
+
+/// Tensors, parameters and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    pub tensors: usize,
+    pub params: usize,
+    pub bytes: usize,
+}
+
+impl Count {
+    fn add(&mut self, params: usize, bytes: usize) {
+        self.tensors += 1;
+        self.params += params;
+        self.bytes += bytes;
+    }
+}
+
+/// What one rank holds of the weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankWeights {
+    pub rank: RankLayout,
+    /// The main model (what every run loads), by device form.
+    pub by_form: BTreeMap<DeviceForm, Count>,
+    /// The main model by how it is divided.
+    pub by_split: BTreeMap<Split, Count>,
+    /// The MTP block(s), by device form.
+    pub mtp: BTreeMap<DeviceForm, Count>,
+    /// Whether the MTP block is loaded: single-device runs load it, multi-rank runs do not yet.
+    pub mtp_loaded: bool,
+}
+
+impl RankWeights {
+    pub fn main(&self) -> Count {
+        sum(self.by_form.values())
+    }
+
+    pub fn mtp_total(&self) -> Count {
+        sum(self.mtp.values())
+    }
+
+    /// Bytes the rank's device holds: the main model, and the MTP block when it is loaded.
+    pub fn loaded_bytes(&self) -> usize {
+        self.main().bytes + if self.mtp_loaded { self.mtp_total().bytes } else { 0 }
+    }
+
+    /// The same holdings up to the rank's id (for folding ranks into one row).
+    pub fn same_amounts(&self, other: &RankWeights) -> bool {
+        (&self.by_form, &self.by_split, &self.mtp) == (&other.by_form, &other.by_split, &other.mtp)
+    }
+}
+
+fn sum<'a>(counts: impl Iterator<Item = &'a Count>) -> Count {
+    counts.fold(Count::default(), |a, c| Count {
+        tensors: a.tensors + c.tensors,
+        params: a.params + c.params,
+        bytes: a.bytes + c.bytes,
+    })
+}
+
+/// What every rank of `layout` holds of `tensors`.
+pub fn rank_weights(cfg: &ModelConfig, tensors: &[PlanTensor], layout: ParallelLayout) -> Vec<RankWeights> {
+    (0..layout.world).map(|r| rank_weights_of(cfg, tensors, layout.rank(r))).collect()
+}
+
+/// What `rank` holds of `tensors`.
+pub fn rank_weights_of(cfg: &ModelConfig, tensors: &[PlanTensor], rank: RankLayout) -> RankWeights {
+    let mut w = RankWeights {
+        rank,
+        by_form: BTreeMap::new(),
+        by_split: BTreeMap::new(),
+        mtp: BTreeMap::new(),
+        mtp_loaded: rank.layout.world == 1,
+    };
+    for t in tensors {
+        let Some(h) = held(cfg, &rank, &t.name, &t.shape) else { continue };
+        let (params, bytes) = (h.rows.len() * h.cols.len(), part_bytes(t.form, &h.rows, &h.cols));
+        if t.mtp {
+            w.mtp.entry(t.form).or_default().add(params, bytes);
+        } else {
+            w.by_form.entry(t.form).or_default().add(params, bytes);
+            w.by_split.entry(h.split).or_default().add(params, bytes);
+        }
+    }
+    w
+}
+
+/// What a plan is asked.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub cfg: &'a ModelConfig,
+    pub tensors: &'a [PlanTensor],
+    pub layout: ParallelLayout,
+    pub kv_dtype: KvDtype,
+    /// Bytes of one device.
+    pub device_memory: usize,
+    /// The share of it the plan may use, in (0, 1] (vLLM's `gpu_memory_utilization`); the rest
+    /// is left for activations, workspaces and the runtime.
+    pub utilisation: f64,
+    /// Most tokens one sequence feeds in one step (`serve --prefill-chunk`): the window blocks
+    /// a running sequence needs.
+    pub max_step: usize,
+}
+
+/// The default [`PlanInput::utilisation`].
+pub const DEFAULT_UTILISATION: f64 = 0.9;
+
+/// Sequence counts the fit table gives the longest context for.
+pub const FIT_SEQUENCES: [usize; 4] = [1, 8, 32, 128];
+
+/// Contexts the fit table gives the number of sequences for (those above the model's context
+/// are left out; the model's context comes first).
+pub const FIT_CONTEXTS: [usize; 3] = [131072, 32768, 4096];
+
+/// The decoding state of one sequence, on every rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub dtype: KvDtype,
+    pub block_tokens: usize,
+    pub block_bytes: BlockBytes,
+    /// Window blocks a running sequence holds (its window plus a step).
+    pub window_blocks_per_sequence: usize,
+}
+
+impl KvShape {
+    pub fn new(cfg: &ModelConfig, dtype: KvDtype, max_step: usize) -> Self {
+        let block_tokens = default_block_tokens(cfg);
+        KvShape {
+            dtype,
+            block_tokens,
+            block_bytes: block_bytes(cfg, dtype, block_tokens),
+            window_blocks_per_sequence: KvConfig::window_blocks_per_sequence(cfg, block_tokens, max_step),
+        }
+    }
+
+    /// Bytes of one running sequence's window blocks (bounded, whatever its length).
+    pub fn window_bytes(&self) -> usize {
+        self.window_blocks_per_sequence * self.block_bytes.window
+    }
+
+    /// Bytes of the compressed blocks of `tokens` tokens of one sequence (0 for a sliding-only
+    /// model).
+    pub fn compressed_bytes(&self, cfg: &ModelConfig, tokens: usize) -> usize {
+        if has_compressed(cfg) {
+            tokens.div_ceil(self.block_tokens) * self.block_bytes.compressed
+        } else {
+            0
+        }
+    }
+
+    /// What one running sequence of `tokens` tokens reserves: its window blocks and its
+    /// compressed blocks.
+    pub fn sequence_bytes(&self, cfg: &ModelConfig, tokens: usize) -> usize {
+        self.window_bytes() + self.compressed_bytes(cfg, tokens)
+    }
+}
+
+/// How much decoding state a pool holds, split the way the server splits it
+/// ([`KvConfig::for_budget`]: window blocks for the running sequences or an eighth of the pool,
+/// whichever is more; the rest compressed blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fit {
+    /// (sequences, longest context each can reach; 0 when the windows alone do not fit).
+    pub by_sequences: Vec<(usize, usize)>,
+    /// (context, how many sequences of that length fit).
+    pub by_context: Vec<(usize, usize)>,
+}
+
+/// The context every one of `seqs` sequences can reach in `pool` bytes (capped at the model's).
+pub fn longest_context(cfg: &ModelConfig, kv: &KvShape, pool: usize, seqs: usize, max_step: usize) -> usize {
+    match KvConfig::for_budget(cfg, kv.dtype, pool, seqs, max_step) {
+        Err(_) => 0,
+        Ok(c) => match c.token_capacity(cfg) {
+            None => cfg.max_position_embeddings,
+            Some(_) => (c.compressed_blocks / seqs.max(1) * kv.block_tokens).min(cfg.max_position_embeddings),
+        },
+    }
+}
+
+/// How many sequences of `tokens` tokens fit in `pool` bytes.
+pub fn sequences_at(cfg: &ModelConfig, kv: &KvShape, pool: usize, tokens: usize, max_step: usize) -> usize {
+    let per_seq = tokens.div_ceil(kv.block_tokens);
+    let fits = |s: usize| {
+        s == 0
+            || KvConfig::for_budget(cfg, kv.dtype, pool, s, max_step)
+                .is_ok_and(|c| !has_compressed(cfg) || c.compressed_blocks >= s * per_seq)
+    };
+    // Each sequence takes at least its own blocks, so no more than this can fit.
+    let (mut lo, mut hi) = (0, pool / kv.sequence_bytes(cfg, tokens).max(1) + 1);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// The fit table for `pool` bytes of decoding state.
+pub fn fit(cfg: &ModelConfig, kv: &KvShape, pool: usize, max_step: usize) -> Fit {
+    let max = cfg.max_position_embeddings;
+    let mut contexts = vec![max];
+    contexts.extend(FIT_CONTEXTS.iter().copied().filter(|&c| c < max));
+    Fit {
+        by_sequences: FIT_SEQUENCES.iter().map(|&s| (s, longest_context(cfg, kv, pool, s, max_step))).collect(),
+        by_context: contexts.into_iter().map(|c| (c, sequences_at(cfg, kv, pool, c, max_step))).collect(),
+    }
+}
+
+/// A layout that fits: every rank's weights, its pool, and the fit of the tightest rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub layout: ParallelLayout,
+    pub device_memory: usize,
+    pub utilisation: f64,
+    /// `device_memory × utilisation`, rounded down.
+    pub available: usize,
+    pub ranks: Vec<RankWeights>,
+    pub kv: KvShape,
+    pub max_step: usize,
+    /// The rank with the most weights (the least pool): it bounds every rank's sequences, since
+    /// every rank holds every sequence's state.
+    pub tightest: usize,
+    /// `available −` the tightest rank's weights.
+    pub pool: usize,
+    pub fit: Fit,
+}
+
+impl Plan {
+    pub fn pool_of(&self, rank: usize) -> usize {
+        self.available - self.ranks[rank].loaded_bytes()
+    }
+}
+
+/// Why a layout does not fit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanError {
+    /// A rank's weights alone exceed its usable memory.
+    WeightsDoNotFit { rank: usize, need: usize, available: usize, device_memory: usize, utilisation: f64 },
+    /// The weights fit, but what is left cannot hold one running sequence's window blocks plus
+    /// one compressed block.
+    StateDoesNotFit { rank: usize, pool: usize, need: usize },
+}
+
+impl PlanError {
+    /// Bytes missing.
+    pub fn short(&self) -> usize {
+        match *self {
+            PlanError::WeightsDoNotFit { need, available, .. } => need - available,
+            PlanError::StateDoesNotFit { pool, need, .. } => need - pool,
+        }
+    }
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            PlanError::WeightsDoNotFit { rank, need, available, device_memory, utilisation } => write!(
+                f,
+                "rank {rank} needs {} of weights, {} is available ({} × {utilisation}); short by {}",
+                human_bytes(need),
+                human_bytes(available),
+                human_bytes(device_memory),
+                human_bytes(self.short())
+            ),
+            PlanError::StateDoesNotFit { rank, pool, need } => write!(
+                f,
+                "rank {rank} has {} left after its weights, one sequence's decoding state needs {} (its window \
+                 blocks and one compressed block); short by {}",
+                human_bytes(pool),
+                human_bytes(need),
+                human_bytes(self.short())
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+/// The plan of `input`, or why it does not fit (the first rank that does not).
+pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
+    let cfg = input.cfg;
+    let available = (input.device_memory as f64 * input.utilisation).floor() as usize;
+    let ranks = rank_weights(cfg, input.tensors, input.layout);
+    // The first rank with the most weights.
+    let tightest = (0..ranks.len()).rev().max_by_key(|&r| ranks[r].loaded_bytes()).unwrap_or(0);
+    let need = ranks[tightest].loaded_bytes();
+    if need > available {
+        return Err(PlanError::WeightsDoNotFit {
+            rank: tightest,
+            need,
+            available,
+            device_memory: input.device_memory,
+            utilisation: input.utilisation,
+        });
+    }
+    let pool = available - need;
+    let kv = KvShape::new(cfg, input.kv_dtype, input.max_step);
+    if KvConfig::for_budget(cfg, input.kv_dtype, pool, 1, input.max_step).is_err() {
+        let need = kv.window_bytes() + if has_compressed(cfg) { kv.block_bytes.compressed } else { 0 };
+        return Err(PlanError::StateDoesNotFit { rank: tightest, pool, need });
+    }
+    let fit = fit(cfg, &kv, pool, input.max_step);
+    Ok(Plan {
+        layout: input.layout,
+        device_memory: input.device_memory,
+        utilisation: input.utilisation,
+        available,
+        ranks,
+        kv,
+        max_step: input.max_step,
+        tightest,
+        pool,
+        fit,
+    })
+}
+
+/// The fewest devices (at most `max_world`, more than `input`'s) of the same memory on which
+/// `input`'s model fits with its TP degree and the experts split over all of them (EP = world),
+/// or None. Candidates are screened with rank 0's non-expert bytes (which depend on TP only)
+/// plus its share of the routed experts, then checked with [`plan`].
+pub fn fewest_devices(input: &PlanInput, max_world: usize) -> Option<ParallelLayout> {
+    let cfg = input.cfg;
+    let tp = input.layout.tp;
+    let r0 = rank_weights_of(cfg, input.tensors, input.layout.rank(0));
+    let experts = r0.by_split.get(&Split::Experts).map_or(0, |c| c.bytes);
+    let per_expert = experts / r0.rank.experts(cfg).len().max(1);
+    let rest = r0.loaded_bytes() - experts;
+    let available = (input.device_memory as f64 * input.utilisation).floor() as usize;
+    (input.layout.world + 1..=max_world.min(cfg.n_routed_experts)).filter(|w| w.is_multiple_of(tp)).find_map(|w| {
+        let estimate = rest + cfg.n_routed_experts.div_ceil(w) * per_expert;
+        if estimate > available {
+            return None;
+        }
+        let layout = ParallelLayout::new(w, tp, w, cfg).ok()?;
+        plan(&PlanInput { layout, ..*input }).ok().map(|_| layout)
+    })
+}
+
+/// Payload bytes (f32 activations, 4 bytes per element) one rank puts into the collectives for
+/// one decode step of `tokens` tokens, counted as [`Traffic`] counts them (all-reduce its whole
+/// buffer, all-gather this rank's part): per main layer one all-reduce of `tokens × hidden` over
+/// the EP group (the MoE combine) when `ep > 1` and one over the TP group (`wo_b`) when
+/// `tp > 1`; with `tp > 1` also the embedding's all-reduce of `tokens × hidden` and the head's
+/// all-gather of `tokens ×` this rank's vocabulary rows. Rank 0's share (ranks differ only in
+/// the head's part when the vocabulary does not divide evenly). The MTP block is not run by
+/// multi-rank runs and not counted.
+pub fn decode_traffic(cfg: &ModelConfig, layout: ParallelLayout, tokens: usize) -> Traffic {
+    rank_decode_traffic(cfg, &layout.rank(0), tokens)
+}
+
+/// [`decode_traffic`] of one rank.
+pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) -> Traffic {
+    const F32: u64 = 4;
+    let layout = rank.layout;
+    let hidden = (tokens * cfg.hidden_size) as u64 * F32;
+    let mut t = Traffic::default();
+    if layout.tp > 1 {
+        t.record(CollectiveKind::AllReduce, hidden);
+    }
+    for _ in 0..cfg.num_layers {
+        if layout.tp > 1 {
+            t.record(CollectiveKind::AllReduce, hidden);
+        }
+        if layout.ep > 1 {
+            t.record(CollectiveKind::AllReduce, hidden);
+        }
+    }
+    if layout.tp > 1 {
+        t.record(CollectiveKind::AllGather, (tokens * rank.vocab(cfg).len()) as u64 * F32);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::layout::sequence_footprint;
+
+    fn tiny() -> ModelConfig {
+        crate::builtin::tiny().unwrap().0
+    }
+
+    /// The tiny config with 4 heads in 2 output groups and 8 experts, as in the layout tests.
+    fn layout(world: usize, tp: usize, ep: usize) -> ParallelLayout {
+        ParallelLayout::new(world, tp, ep, &tiny()).unwrap()
+    }
+
+    #[test]
+    fn part_bytes_by_hand() {
+        let fp8 = DeviceForm::Fp8Blocks { scale_bytes: 1, block: 128 * 128 };
+        // A whole [256, 256]: 65536 codes + 2×2 scales.
+        assert_eq!(part_bytes(fp8, &(0..256), &(0..256)), 65536 + 4);
+        // Rows 0..192: 192·256 codes, rows touch blocks 0 and 1 (the partial one counts whole).
+        assert_eq!(part_bytes(fp8, &(0..192), &(0..256)), 49152 + 4);
+        // Rows 64..192 touch blocks 0 and 1 too; rows 128..256 only block 1.
+        assert_eq!(part_bytes(fp8, &(64..192), &(0..256)), 32768 + 4);
+        assert_eq!(part_bytes(fp8, &(128..256), &(0..256)), 32768 + 2);
+        // F32 block scales: 4 bytes each.
+        let fp8_f32 = DeviceForm::Fp8Blocks { scale_bytes: 4, block: 128 * 128 };
+        assert_eq!(part_bytes(fp8_f32, &(0..256), &(128..256)), 32768 + 2 * 4);
+        // INT8 + a BF16 scale per 32 columns: columns 16..48 touch groups 0 and 1.
+        let int8 = DeviceForm::Int8Groups { group: 32 };
+        assert_eq!(part_bytes(int8, &(0..4), &(16..48)), 4 * 32 + 4 * 2 * 2);
+        assert_eq!(part_bytes(int8, &(0..4), &(0..64)), 256 + 4 * 2 * 2);
+        // MXFP4: half a byte per code, one E8M0 per 32.
+        let mx = DeviceForm::Mxfp4 { group: 32 };
+        assert_eq!(part_bytes(mx, &(0..4), &(0..64)), 128 + 8);
+        assert_eq!(part_bytes(mx, &(2..3), &(0..33)), 17 + 2);
+        assert_eq!(part_bytes(DeviceForm::Bf16, &(3..5), &(0..7)), 28);
+        assert_eq!(part_bytes(DeviceForm::F32, &(3..5), &(0..7)), 56);
+        // A whole matrix with block-multiple sides: the form's bytes per parameter.
+        for form in [fp8, fp8_f32, int8, mx, DeviceForm::Bf16] {
+            let b = part_bytes(form, &(0..1024), &(0..4096));
+            assert_eq!(b as f64, form.bytes_per_param() * (1024.0 * 4096.0), "{form:?}");
+        }
+    }
+
+    #[test]
+    fn what_each_rank_holds_of_each_tensor() {
+        let c = tiny();
+        let (hd, r) = (c.head_dim, c.o_lora_rank);
+        // TP 2 × EP 2 on 4 ranks: rank 3 is TP rank 1 (head 2..4, group 1), EP rank 1.
+        let l = layout(4, 2, 2);
+        let x = l.rank(3);
+        let h = |n: &str, s: &[usize]| held(&c, &x, n, s);
+        let v = c.vocab_size;
+        assert_eq!(h("embed.weight", &[v, 64]), Some(Held { split: Split::Vocab, rows: 136..271, cols: 0..64 }));
+        assert_eq!(h("head.weight", &[v, 64]).unwrap().rows, 136..271);
+        assert_eq!(h("layers.1.attn.wq_b.weight", &[4 * hd, 32]).unwrap().rows, 2 * hd..4 * hd);
+        assert_eq!(h("layers.1.attn.wo_a.weight", &[2 * r, 64]).unwrap().rows, r..2 * r);
+        let wo_b = h("layers.1.attn.wo_b.weight", &[64, 2 * r]).unwrap();
+        assert_eq!((wo_b.rows, wo_b.cols), (0..64, r..2 * r));
+        assert_eq!(h("layers.1.attn.attn_sink", &[4]).unwrap().rows, 2..4);
+        // Replicated: the indexer's own wq_b, the compressor, wq_a, the router, shared experts.
+        for n in [
+            "layers.1.attn.indexer.wq_b.weight",
+            "layers.1.attn.compressor.wkv.weight",
+            "layers.1.attn.wq_a.weight",
+            "layers.1.ffn.gate.weight",
+            "layers.1.ffn.shared_experts.w1.weight",
+            "layers.1.hc_attn_fn",
+            "hc_head_fn",
+            "norm.weight",
+        ] {
+            assert_eq!(h(n, &[8, 8]).unwrap().split, Split::Replicated, "{n}");
+        }
+        // Experts 4..8 of 8.
+        assert_eq!(h("layers.2.ffn.experts.3.w1.weight", &[32, 64]), None);
+        assert_eq!(h("layers.2.ffn.experts.4.w2.weight", &[64, 32]).unwrap().split, Split::Experts);
+        assert_eq!(h("mtp.0.ffn.experts.7.w3.weight", &[32, 64]).unwrap().split, Split::Experts);
+        assert_eq!(h("layers.2.ffn.experts.gate_up_proj", &[8, 64, 64]).unwrap().rows, 4..8);
+        assert_eq!(h("mtp.0.attn.wq_b.weight", &[4 * hd, 32]).unwrap().rows, 2 * hd..4 * hd);
+        // One device holds everything.
+        let one = ParallelLayout::SINGLE.rank(0);
+        assert_eq!(held(&c, &one, "embed.weight", &[v, 64]).unwrap().rows, 0..v);
+        assert_eq!(held(&c, &one, "layers.1.attn.wo_b.weight", &[64, 2 * r]).unwrap().cols, 0..2 * r);
+    }
+
+    /// Every group holds each split tensor exactly once, every rank the replicated ones: summed
+    /// over the ranks, the bytes are `world / tp` (heads, vocabulary) or `world / ep` (experts)
+    /// times one device's, in BF16 where no block rounding applies.
+    #[test]
+    fn ranks_add_up_to_one_device() {
+        let c = tiny();
+        let tensors = official_tensors(&c, WeightTarget::Soc(SocFamily::A2));
+        let one = &rank_weights(&c, &tensors, ParallelLayout::SINGLE)[0];
+        assert!(one.mtp_loaded && !one.mtp.is_empty());
+        for (w, tp, ep) in [(2, 2, 2), (4, 2, 2), (4, 1, 4), (2, 1, 2), (8, 2, 8)] {
+            let l = layout(w, tp, ep);
+            let ranks = rank_weights(&c, &tensors, l);
+            assert!(ranks.iter().all(|r| !r.mtp_loaded));
+            let total = |s: Split| ranks.iter().map(|r| r.by_split.get(&s).map_or(0, |c| c.params)).sum::<usize>();
+            let single = |s: Split| one.by_split.get(&s).map_or(0, |c| c.params);
+            assert_eq!(total(Split::Replicated), w * single(Split::Replicated), "{l:?}");
+            assert_eq!(total(Split::Heads), w / tp * single(Split::Heads), "{l:?}");
+            assert_eq!(total(Split::Vocab), w / tp * single(Split::Vocab), "{l:?}");
+            assert_eq!(total(Split::Experts), w / ep * single(Split::Experts), "{l:?}");
+            // INT8 experts (the tiny widths are multiples of 32): bytes add up exactly too.
+            let int8 = DeviceForm::Int8Groups { group: 32 };
+            let bytes: usize = ranks.iter().map(|r| r.by_form[&int8].bytes).sum();
+            assert_eq!(bytes, w / ep * one.by_form[&int8].bytes);
+        }
+    }
+
+    /// The fit arithmetic on the tiny model with f32 rows, from its block sizes worked out by
+    /// hand: head_dim 32 (128 bytes a row), window 16, ratios 4 (CSA, indexer width 16) and 16
+    /// (HCA), so blocks of 64 tokens.
+    #[test]
+    fn fit_by_hand() {
+        let c = tiny();
+        let kv = KvShape::new(&c, KvDtype::F32, 16);
+        assert_eq!(kv.block_tokens, 64);
+        // Compressed block: CSA layers 16 entries × (128 + 64 indexer bytes), HCA 4 × 128.
+        assert_eq!(kv.block_bytes.compressed, 2 * 16 * (128 + 64) + 4 * 128);
+        // Window block: 64 rows × 128 bytes per layer, plus each compressor's carry, f32
+        // projections and scores of `carry_rows` rows each: CSA attention 8 rows of 2·32, CSA
+        // indexer 8 rows of 2·16, HCA 16 rows of 32.
+        let csa_carry = 2 * 8 * 64 * 4 + 2 * 8 * 32 * 4;
+        assert_eq!(kv.block_bytes.window, 4 * 64 * 128 + 2 * csa_carry + 2 * 16 * 32 * 4);
+        let (cb, wb) = (6656, 49152);
+        assert_eq!((kv.block_bytes.compressed, kv.block_bytes.window), (cb, wb));
+        // Steps of 16: (15 + 16) / 64 → 1 page, + 1 = 2 window blocks per running sequence.
+        assert_eq!(kv.window_blocks_per_sequence, 2);
+        // A pool of 80 window blocks' worth. One sequence: an eighth (10 window blocks) stays
+        // window blocks, the other 70 · 49152 bytes hold ⌊3440640 / 6656⌋ = 516 compressed
+        // blocks of 64 tokens.
+        let pool = 80 * wb;
+        assert_eq!(longest_context(&c, &kv, pool, 1, 16), 516 * 64);
+        // 8 sequences need 16 window blocks: ⌊64 · 49152 / 6656⌋ = 472 left, 59 each.
+        assert_eq!(longest_context(&c, &kv, pool, 8, 16), 59 * 64);
+        // 32 sequences need 64 window blocks: ⌊16 · 49152 / 6656⌋ = 118 left, 3 each.
+        assert_eq!(longest_context(&c, &kv, pool, 32, 16), 3 * 64);
+        // 40 sequences need all 80 window blocks: no compressed block left.
+        assert_eq!(longest_context(&c, &kv, pool, 40, 16), 0);
+        // At 4096 tokens (64 compressed blocks each): 7 sequences take 14 window blocks and
+        // leave ⌊66 · 49152 / 6656⌋ = 487 ≥ 448; 8 leave 472 < 512.
+        assert_eq!(sequences_at(&c, &kv, pool, 4096, 16), 7);
+        // At 64 tokens (1 block each): 37 leave ⌊6 · 49152 / 6656⌋ = 44 ≥ 37; 38 leave 29.
+        assert_eq!(sequences_at(&c, &kv, pool, 64, 16), 37);
+        // 32768 tokens (512 blocks) once; the model's context (2048 blocks) not at all.
+        assert_eq!(sequences_at(&c, &kv, pool, 32768, 16), 1);
+        assert_eq!(sequences_at(&c, &kv, pool, 131072, 16), 0);
+        // The one-sequence footprint agrees with the layout's at a page boundary.
+        assert_eq!(kv.compressed_bytes(&c, 4096), 64 * cb);
+        assert_eq!(sequence_footprint(&c, KvDtype::F32, 64, 4096).compressed_blocks, 64);
+    }
+
+    /// The refusal names the rank, what it needs, what is available and the shortfall; a plan
+    /// that fits pools the rest.
+    #[test]
+    fn refusal_and_pool_by_hand() {
+        let c = tiny();
+        let tensors = official_tensors(&c, WeightTarget::HostF32);
+        let l = layout(2, 1, 2);
+        let ranks = rank_weights(&c, &tensors, l);
+        let need = ranks[0].loaded_bytes();
+        assert_eq!(need, ranks[1].loaded_bytes());
+        // F32: 4 bytes a parameter, MTP not counted with 2 ranks.
+        assert_eq!(need, 4 * ranks[0].main().params);
+        let input = |device_memory, utilisation| PlanInput {
+            cfg: &c,
+            tensors: &tensors,
+            layout: l,
+            kv_dtype: KvDtype::F32,
+            device_memory,
+            utilisation,
+            max_step: 16,
+        };
+        // 1000 bytes short at 0.5: device memory 2·(need − 1000).
+        let e = plan(&input(2 * (need - 1000), 0.5)).unwrap_err();
+        assert_eq!(
+            e,
+            PlanError::WeightsDoNotFit {
+                rank: 0,
+                need,
+                available: need - 1000,
+                device_memory: 2 * (need - 1000),
+                utilisation: 0.5
+            }
+        );
+        assert_eq!(e.short(), 1000);
+        let msg = e.to_string();
+        assert!(msg.starts_with("rank 0 needs ") && msg.ends_with("short by 1000 B"), "{msg}");
+        // Weights fit, one sequence's windows (2 · 49152) plus a compressed block do not.
+        let e = plan(&input(need + 1000, 1.0)).unwrap_err();
+        assert_eq!(e, PlanError::StateDoesNotFit { rank: 0, pool: 1000, need: 2 * 49152 + 6656 });
+        assert_eq!(e.short(), 2 * 49152 + 6656 - 1000);
+        // 80 window blocks' worth of pool: the fit table of `fit_by_hand`.
+        let p = plan(&input(need + 80 * 49152, 1.0)).unwrap();
+        assert_eq!((p.pool, p.available, p.pool_of(1)), (80 * 49152, need + 80 * 49152, 80 * 49152));
+        assert_eq!(p.fit.by_sequences, vec![(1, 516 * 64), (8, 59 * 64), (32, 3 * 64), (128, 0)]);
+        assert_eq!(p.fit.by_context, vec![(131072, 0), (32768, 1), (4096, 7)]);
+    }
+
+    /// Uneven experts: the rank with more is the tightest and bounds the plan.
+    #[test]
+    fn the_rank_with_most_weights_bounds_the_plan() {
+        let mut c = tiny();
+        c.n_routed_experts = 6;
+        let tensors = official_tensors(&c, WeightTarget::Host);
+        let l = ParallelLayout::new(4, 1, 4, &c).unwrap();
+        let ranks = rank_weights(&c, &tensors, l);
+        // 6 experts on 4 ranks: 2, 2, 1, 1.
+        assert!(ranks[0].same_amounts(&ranks[1]) && ranks[2].same_amounts(&ranks[3]));
+        assert!(ranks[0].loaded_bytes() > ranks[2].loaded_bytes());
+        let p = plan(&PlanInput {
+            cfg: &c,
+            tensors: &tensors,
+            layout: l,
+            kv_dtype: KvDtype::Bf16,
+            device_memory: 64 << 20,
+            utilisation: DEFAULT_UTILISATION,
+            max_step: 512,
+        })
+        .unwrap();
+        assert_eq!(p.tightest, 0);
+        assert_eq!(p.pool, p.pool_of(0));
+        assert!(p.pool_of(3) > p.pool);
+    }
+
+    /// The fewest devices that fit: 2 ranks (4 experts each) do not, 4 (2 each) do.
+    #[test]
+    fn fewest_devices_that_fit() {
+        let c = tiny();
+        let tensors = official_tensors(&c, WeightTarget::HostF32);
+        let l2 = layout(2, 1, 2);
+        let w2 = rank_weights(&c, &tensors, l2)[0].loaded_bytes();
+        let w4 = rank_weights(&c, &tensors, layout(4, 1, 4))[0].loaded_bytes();
+        let one_seq = 2 * 49152 + 6656;
+        assert!(w4 + one_seq < w2);
+        let input = PlanInput {
+            cfg: &c,
+            tensors: &tensors,
+            layout: l2,
+            kv_dtype: KvDtype::F32,
+            device_memory: w4 + one_seq,
+            utilisation: 1.0,
+            max_step: 16,
+        };
+        assert!(plan(&input).is_err());
+        assert_eq!(fewest_devices(&input, 64), Some(layout(4, 1, 4)));
+        assert_eq!(fewest_devices(&input, 3), None);
+        // One byte less: 4 ranks do not fit, nor do 5 to 7 (rank 0 still holds 2 experts); 8
+        // (one expert each) do.
+        let smaller = PlanInput { device_memory: w4 + one_seq - 1, ..input };
+        assert_eq!(fewest_devices(&smaller, 64), Some(layout(8, 1, 8)));
+    }
+
+    #[test]
+    fn decode_traffic_by_hand() {
+        let c = tiny();
+        let (layers, d) = (c.num_layers as u64, c.hidden_size as u64);
+        assert_eq!(decode_traffic(&c, ParallelLayout::SINGLE, 1), Traffic::default());
+        // EP only: one all-reduce of tokens × hidden per layer.
+        let t = decode_traffic(&c, layout(4, 1, 4), 3);
+        assert_eq!(t.by_kind.len(), 1);
+        assert_eq!(t.by_kind[&CollectiveKind::AllReduce], (layers, layers * 3 * d * 4));
+        // TP 2 × EP 2: two all-reduces per layer and the embedding's; the head gathers this
+        // rank's 136 (rank 0) or 135 (rank 1) vocabulary columns.
+        let l = layout(4, 2, 2);
+        let t = decode_traffic(&c, l, 2);
+        assert_eq!(t.by_kind[&CollectiveKind::AllReduce], (2 * layers + 1, (2 * layers + 1) * 2 * d * 4));
+        assert_eq!(t.by_kind[&CollectiveKind::AllGather], (1, 2 * 136 * 4));
+        let t1 = rank_decode_traffic(&c, &l.rank(1), 2);
+        assert_eq!(t1.by_kind[&CollectiveKind::AllGather], (1, 2 * 135 * 4));
+        assert_eq!(t.calls(), 2 * layers + 2);
+        assert_eq!(t.bytes(), (2 * layers + 1) * 2 * d * 4 + 2 * 136 * 4);
+        // TP only: no MoE combine.
+        let t = decode_traffic(&c, layout(2, 2, 1), 1);
+        assert_eq!(t.by_kind[&CollectiveKind::AllReduce].0, layers + 1);
+    }
+
+    #[test]
+    fn targets_by_name() {
+        assert_eq!(WeightTarget::from_name("host"), Some(WeightTarget::Host));
+        assert_eq!(WeightTarget::from_name("host-f32"), Some(WeightTarget::HostF32));
+        assert_eq!(WeightTarget::from_name("910c"), Some(WeightTarget::Soc(SocFamily::A3)));
+        assert_eq!(WeightTarget::from_name("Ascend910B3"), Some(WeightTarget::Soc(SocFamily::A2)));
+        assert_eq!(WeightTarget::from_name("h100"), None);
+    }
+}

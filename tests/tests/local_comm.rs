@@ -1,0 +1,506 @@
+//! The in-process communicator (`dsv4_core::parallel::LocalComm`) on the CPU backend: every
+//! collective on 1–4 ranks against a host reference, subgroups, and the strict failure rules
+//! (misuse, a rank that leaves or panics, timeouts, poisoning), plus traffic counts.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::backend::{Backend, DeviceTensor};
+use dsv4_core::parallel::{CollectiveKind, Communicator, LocalComm, Traffic};
+use dsv4_core::Error;
+
+type T = <CpuBackend as Backend>::Tensor;
+
+/// Runs `f(comm, backend)` for every rank of `world` on its own thread; results in rank order.
+fn on_ranks<R: Send>(world: Vec<LocalComm>, f: impl Fn(LocalComm, &CpuBackend) -> R + Sync) -> Vec<R> {
+    let be = CpuBackend::new();
+    thread::scope(|s| {
+        let handles: Vec<_> = world.into_iter().map(|c| s.spawn(|| f(c, &be))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Distinct, irregular values (so that the order of a sum shows in its bits).
+fn values(seed: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| (((seed * 7919 + i) as f32) * 0.618_034).sin() * 3.7 + 1e-3 * i as f32).collect()
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+fn up(be: &CpuBackend, data: &[f32], shape: &[usize]) -> T {
+    be.upload(data, shape).unwrap()
+}
+
+fn down(be: &CpuBackend, t: &T) -> (Vec<usize>, Vec<f32>) {
+    (t.shape().to_vec(), be.download(t).unwrap())
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The rank-order sum `a[0] + a[1] + …`, elementwise.
+fn rank_order_sum(parts: &[Vec<f32>]) -> Vec<f32> {
+    let mut out = parts[0].clone();
+    for p in &parts[1..] {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += *v;
+        }
+    }
+    out
+}
+
+/// Concatenation along `dim` of `(shape, data)` parts.
+fn concat(parts: &[(Vec<usize>, Vec<f32>)], dim: usize) -> (Vec<usize>, Vec<f32>) {
+    let outer: usize = numel(&parts[0].0[..dim]);
+    let mut shape = parts[0].0.clone();
+    shape[dim] = parts.iter().map(|p| p.0[dim]).sum();
+    let mut out = Vec::new();
+    for o in 0..outer {
+        for (s, d) in parts {
+            let chunk = numel(&s[dim..]);
+            out.extend_from_slice(&d[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    (shape, out)
+}
+
+fn comm_err(e: Error) -> (usize, usize, String) {
+    match e {
+        Error::Comm { rank, size, msg } => (rank, size, msg),
+        other => panic!("expected a communicator error, got {other}"),
+    }
+}
+
+#[test]
+fn all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere() {
+    for n in 1..=4 {
+        let shape = [3, 5, 2];
+        let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(r, numel(&shape))).collect();
+        let want = rank_order_sum(&inputs);
+        let out = on_ranks(LocalComm::world(n), |c, be| {
+            let x = up(be, &inputs[c.rank()], &shape);
+            down(be, &c.all_reduce_sum(be, &x).unwrap())
+        });
+        for (r, (s, d)) in out.iter().enumerate() {
+            assert_eq!(s, &shape, "n {n} rank {r}");
+            assert_eq!(bits(d), bits(&want), "n {n} rank {r}");
+        }
+    }
+}
+
+#[test]
+fn all_gather_concatenates_along_any_dim_in_rank_order() {
+    for n in 1..=4 {
+        // Each rank a different size in the gathered dim.
+        let shapes: [fn(usize) -> Vec<usize>; 3] = [|r| vec![r + 1, 4], |r| vec![2, r + 1, 3], |r| vec![2, 3, r + 2]];
+        for (dim, shape_of) in shapes.iter().enumerate() {
+            let parts: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+                .map(|r| {
+                    let s = shape_of(r);
+                    let d = values(10 * r + dim, numel(&s));
+                    (s, d)
+                })
+                .collect();
+            let want = concat(&parts, dim);
+            let out = on_ranks(LocalComm::world(n), |c, be| {
+                let (s, d) = &parts[c.rank()];
+                down(be, &c.all_gather(be, &up(be, d, s), dim).unwrap())
+            });
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(got, &want, "n {n} dim {dim} rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_gives_rank_r_part_r_of_the_sum() {
+    for n in 1..=4 {
+        // Odd row widths; the scattered dim first, in the middle and last.
+        for (shape, dim) in [(vec![2 * n, 7], 0), (vec![3, 2 * n, 5], 1), (vec![3, n], 1)] {
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(100 + r, numel(&shape))).collect();
+            let sum = rank_order_sum(&inputs);
+            let out = on_ranks(LocalComm::world(n), |c, be| {
+                let x = up(be, &inputs[c.rank()], &shape);
+                down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap())
+            });
+            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
+            let part = len / n;
+            for (r, (s, d)) in out.iter().enumerate() {
+                let mut want_shape = shape.clone();
+                want_shape[dim] = part;
+                let want: Vec<f32> = (0..outer)
+                    .flat_map(|o| {
+                        let start = (o * len + r * part) * inner;
+                        sum[start..start + part * inner].to_vec()
+                    })
+                    .collect();
+                assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
+                assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_v_routes_rows_with_empty_parts() {
+    for n in 1..=4 {
+        // Rows rank s sends to rank r; the last rank of a multi-rank world receives none.
+        let count = |s: usize, r: usize| if n > 1 && r == n - 1 { 0 } else { (s + 2 * r) % 3 };
+        let rest = [2, 3];
+        let width = numel(&rest);
+        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
+        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+            .map(|s| {
+                let rows: usize = sends[s].iter().sum();
+                (vec![rows, rest[0], rest[1]], values(200 + s, rows * width))
+            })
+            .collect();
+        let out = on_ranks(LocalComm::world(n), |c, be| {
+            let (s, d) = &inputs[c.rank()];
+            let (t, counts) = c.all_to_all_v(be, &up(be, d, s), &sends[c.rank()]).unwrap();
+            (down(be, &t), counts)
+        });
+        for (r, ((shape, data), counts)) in out.iter().enumerate() {
+            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
+            let mut want = Vec::new();
+            for s in 0..n {
+                let start: usize = sends[s][..r].iter().sum();
+                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
+            }
+            assert_eq!(counts, &want_counts, "n {n} rank {r}");
+            assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
+            assert_eq!(data, &want, "n {n} rank {r}");
+        }
+        if n > 1 {
+            assert_eq!(out[n - 1].0 .0, vec![0, 2, 3]);
+        }
+    }
+}
+
+#[test]
+fn broadcast_from_every_root() {
+    for n in 1..=4 {
+        for root in 0..n {
+            let shape = [2, 3];
+            let out = on_ranks(LocalComm::world(n), |c, be| {
+                let x = up(be, &values(300 + c.rank(), 6), &shape);
+                down(be, &c.broadcast(be, &x, root).unwrap())
+            });
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(got, &(shape.to_vec(), values(300 + root, 6)), "n {n} root {root} rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn split_subgroups_run_collectives_concurrently() {
+    let out = on_ranks(LocalComm::world(4), |c, be| {
+        let colour = c.rank() % 2;
+        // The trait's split (boxed), as the engine uses it.
+        let sub: Box<dyn Communicator<CpuBackend>> = Communicator::<CpuBackend>::split(&c, colour).unwrap();
+        let x = up(be, &values(c.rank(), 4), &[4]);
+        let mut sums = Vec::new();
+        for _ in 0..20 {
+            sums.push(down(be, &sub.all_reduce_sum(be, &x).unwrap()).1);
+        }
+        let gathered = down(be, &sub.all_gather(be, &x, 0).unwrap()).1;
+        (colour, sub.rank(), sub.size(), sums, gathered)
+    });
+    for (r, (colour, sub_rank, sub_size, sums, gathered)) in out.into_iter().enumerate() {
+        assert_eq!((colour, sub_rank, sub_size), (r % 2, r / 2, 2));
+        let members = [colour, colour + 2];
+        let want = rank_order_sum(&[values(members[0], 4), values(members[1], 4)]);
+        for s in &sums {
+            assert_eq!(bits(s), bits(&want));
+        }
+        assert_eq!(gathered, [values(members[0], 4), values(members[1], 4)].concat());
+    }
+}
+
+#[test]
+fn a_shared_rank_works_through_an_arc() {
+    let world: Vec<Arc<LocalComm>> = LocalComm::world(2).into_iter().map(Arc::new).collect();
+    let handles: Vec<_> = world
+        .iter()
+        .map(|c| {
+            let c = Arc::clone(c);
+            thread::spawn(move || {
+                let be = CpuBackend::new();
+                let x = up(&be, &[c.rank() as f32 + 1.0], &[1]);
+                down(&be, &c.all_reduce_sum(&be, &x).unwrap()).1
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![3.0]);
+    }
+}
+
+/// Runs one misuse on `n` ranks; every rank must fail with a communicator error, each from
+/// its own rank.
+fn misuse(n: usize, f: impl Fn(&LocalComm, &CpuBackend) -> Result<(), Error> + Sync) -> Vec<String> {
+    let out = on_ranks(LocalComm::world_with_timeout(n, Duration::from_secs(20)), |c, be| {
+        let t = Instant::now();
+        let e = f(&c, be).expect_err("the misuse must fail on every rank");
+        assert!(t.elapsed() < Duration::from_secs(2), "failing took {:?}", t.elapsed());
+        let (rank, size, msg) = comm_err(e);
+        assert_eq!((rank, size), (c.rank(), n));
+        msg
+    });
+    out
+}
+
+#[test]
+fn different_collectives_fail_on_every_rank_naming_what_each_called() {
+    let msgs = misuse(3, |c, be| {
+        let x = up(be, &[1.0, 2.0], &[2]);
+        match c.rank() {
+            1 => c.all_gather(be, &x, 0).map(drop),
+            _ => c.all_reduce_sum(be, &x).map(drop),
+        }
+    });
+    for m in msgs {
+        assert_eq!(
+            m,
+            "ranks called different collectives at the same step: rank 0 all_reduce, rank 1 all_gather, rank 2 all_reduce"
+        );
+    }
+}
+
+#[test]
+fn mismatched_shapes_fail_on_every_rank_naming_the_numbers() {
+    let msgs = misuse(2, |c, be| {
+        let shape = [[2, 3], [2, 4]][c.rank()];
+        c.all_reduce_sum(be, &up(be, &vec![0.5; numel(&shape)], &shape)).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(m, "all_reduce: the ranks' shapes differ: rank 0 [2, 3] (6 values), rank 1 [2, 4] (8 values)");
+    }
+    let msgs = misuse(2, |c, be| {
+        let shape = [[2, 3], [3, 4]][c.rank()];
+        c.all_gather(be, &up(be, &vec![0.5; numel(&shape)], &shape), 0).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(
+            m,
+            "all_gather: the ranks' shapes differ outside dim 0: rank 0 [2, 3] (6 values), rank 1 [3, 4] (12 values)"
+        );
+    }
+    let msgs = misuse(3, |c, be| c.all_gather(be, &up(be, &[0.0; 4], &[2, 2]), c.rank().min(1)).map(drop));
+    for m in msgs {
+        assert_eq!(m, "all_gather: the ranks disagree on dim: rank 0 0, rank 1 1, rank 2 1");
+    }
+    let msgs = misuse(2, |c, be| {
+        let shape: &[usize] = [&[1, 4][..], &[1, 2, 2]][c.rank()];
+        c.all_to_all_v(be, &up(be, &[0.0; 4], shape), &[1, 0]).map(drop)
+    });
+    for m in msgs {
+        assert!(m.starts_with("all_to_all_v: the ranks' rows differ"), "{m}");
+        assert!(m.contains("rank 0 [4] (4), rank 1 [2, 2] (4)"), "{m}");
+    }
+}
+
+#[test]
+fn mismatched_or_bad_roots_fail_on_every_rank() {
+    let msgs = misuse(3, |c, be| c.broadcast(be, &up(be, &[1.0], &[1]), c.rank() % 2).map(drop));
+    for m in msgs {
+        assert_eq!(m, "broadcast: the ranks disagree on the root: rank 0 0, rank 1 1, rank 2 0");
+    }
+    let msgs = misuse(3, |c, be| {
+        let root = if c.rank() == 1 { 5 } else { 0 };
+        c.broadcast(be, &up(be, &[1.0], &[1]), root).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(m, "rank 1 called broadcast with invalid arguments: root 5 is not a rank of 3");
+    }
+}
+
+#[test]
+fn bad_arguments_fail_on_every_rank() {
+    let msgs = misuse(3, |c, be| {
+        let x = up(be, &[0.0; 6], &[3, 2]);
+        let send: &[usize] = if c.rank() == 0 { &[1, 2] } else { &[1, 1, 1] };
+        c.all_to_all_v(be, &x, send).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(m, "rank 0 called all_to_all_v with invalid arguments: 2 send_rows for 3 ranks");
+    }
+    let msgs = misuse(2, |c, be| {
+        let x = up(be, &[0.0; 6], &[3, 2]);
+        let send: &[usize] = if c.rank() == 1 { &[2, 2] } else { &[1, 2] };
+        c.all_to_all_v(be, &x, send).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(
+            m,
+            "rank 1 called all_to_all_v with invalid arguments: send_rows [2, 2] do not sum to the 3 rows of [3, 2]"
+        );
+    }
+    let msgs = misuse(2, |c, be| c.all_gather(be, &up(be, &[0.0; 6], &[3, 2]), 2 * c.rank()).map(drop));
+    for m in msgs {
+        assert_eq!(m, "rank 1 called all_gather with invalid arguments: dim 2 is out of range for shape [3, 2]");
+    }
+    let msgs = misuse(2, |c, be| c.reduce_scatter_sum(be, &up(be, &[0.0; 6], &[3, 2]), 0).map(drop));
+    for m in msgs {
+        // Both ranks find it; whichever poisons first is the reason every rank reports.
+        assert!(m.ends_with("called reduce_scatter with invalid arguments: dim 0 of shape [3, 2] has size 3, not a multiple of the 2 ranks"), "{m}");
+    }
+}
+
+#[test]
+fn the_rank_with_bad_arguments_is_refused_afterwards() {
+    let out = on_ranks(LocalComm::world(2), |c, be| {
+        let x = up(be, &[1.0], &[1]);
+        let first = comm_err(c.all_gather(be, &x, c.rank()).unwrap_err()).2;
+        let later = comm_err(c.all_reduce_sum(be, &x).unwrap_err()).2;
+        (first, later)
+    });
+    let reason = "rank 1 called all_gather with invalid arguments: dim 1 is out of range for shape [1]";
+    for (first, later) in out {
+        assert_eq!(first, reason);
+        assert_eq!(later, format!("all_reduce refused: the communicator failed earlier: {reason}"));
+    }
+}
+
+#[test]
+fn a_rank_that_returns_without_calling_fails_the_others_naming_it() {
+    let start = Instant::now();
+    let out = on_ranks(LocalComm::world(4), |c, be| {
+        if c.rank() == 2 {
+            return None; // drops its LocalComm
+        }
+        let t = Instant::now();
+        let e = c.all_reduce_sum(be, &up(be, &[1.0], &[1])).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        Some(comm_err(e).2)
+    });
+    assert!(start.elapsed() < Duration::from_secs(2));
+    for m in out.into_iter().flatten() {
+        assert_eq!(m, "rank 2 left the communicator (its worker stopped) during all_reduce");
+    }
+}
+
+#[test]
+fn a_rank_that_waits_while_its_peer_leaves_gets_the_during_message() {
+    let out = on_ranks(LocalComm::world(2), |c, be| {
+        if c.rank() == 1 {
+            thread::sleep(Duration::from_millis(300));
+            return None;
+        }
+        Some(comm_err(c.all_reduce_sum(be, &up(be, &[1.0], &[1])).unwrap_err()).2)
+    });
+    assert_eq!(out[0].as_deref(), Some("rank 1 left the communicator (its worker stopped) during all_reduce"));
+}
+
+#[test]
+fn a_rank_that_panics_fails_the_others() {
+    let handles: Vec<_> = LocalComm::world(3)
+        .into_iter()
+        .map(|c| {
+            thread::spawn(move || {
+                let be = CpuBackend::new();
+                let x = up(&be, &[1.0, 2.0], &[2]);
+                c.all_reduce_sum(&be, &x).unwrap();
+                if c.rank() == 1 {
+                    panic!("worker 1 fails on purpose");
+                }
+                let t = Instant::now();
+                let e = c.all_reduce_sum(&be, &x).unwrap_err();
+                assert!(t.elapsed() < Duration::from_secs(2));
+                comm_err(e).2
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+    assert!(results[1].is_err(), "rank 1 panicked");
+    for r in [0, 2] {
+        let m = results[r].as_ref().unwrap();
+        assert_eq!(m, "rank 1 left the communicator (its worker stopped) during all_reduce");
+    }
+}
+
+#[test]
+fn a_rank_that_never_calls_times_the_others_out() {
+    let out = on_ranks(LocalComm::world_with_timeout(3, Duration::from_millis(200)), |c, be| {
+        let x = up(be, &[1.0], &[1]);
+        if c.rank() == 0 {
+            // Alive but late: its call comes after the others gave up.
+            thread::sleep(Duration::from_millis(700));
+        }
+        let t = Instant::now();
+        let m = comm_err(c.all_gather(be, &x, 0).unwrap_err()).2;
+        assert!(t.elapsed() < Duration::from_secs(2));
+        m
+    });
+    // The late rank arrives at the step that failed, so it gets the same message.
+    for m in &out {
+        assert_eq!(m, "all_gather timed out after 200ms: rank 0 did not call it (ranks 1 and 2 did)");
+    }
+}
+
+#[test]
+fn a_failure_poisons_every_later_collective() {
+    let out = on_ranks(LocalComm::world(2), |c, be| {
+        let x = up(be, &[1.0, 2.0], &[2]);
+        assert_eq!(down(be, &c.all_reduce_sum(be, &x).unwrap()).1, vec![2.0, 4.0]);
+        let first = comm_err(c.broadcast(be, &x, c.rank()).unwrap_err()).2;
+        // Well-formed calls now fail at once with the original reason.
+        let t = Instant::now();
+        let later = [
+            comm_err(c.all_reduce_sum(be, &x).unwrap_err()).2,
+            comm_err(c.barrier().unwrap_err()).2,
+            comm_err(c.split(0).unwrap_err()).2,
+        ];
+        assert!(t.elapsed() < Duration::from_millis(100));
+        (first, later)
+    });
+    for (first, later) in out {
+        assert_eq!(first, "broadcast: the ranks disagree on the root: rank 0 0, rank 1 1");
+        for (m, kind) in later.iter().zip(["all_reduce", "barrier", "split"]) {
+            assert_eq!(m, &format!("{kind} refused: the communicator failed earlier: {first}"));
+        }
+    }
+}
+
+#[test]
+fn traffic_counts_calls_and_payload_bytes_per_rank() {
+    let out = on_ranks(LocalComm::world(3), |c, be| {
+        let r = c.rank();
+        c.all_reduce_sum(be, &up(be, &[0.0; 6], &[2, 3])).unwrap();
+        c.all_reduce_sum(be, &up(be, &[0.0; 6], &[2, 3])).unwrap();
+        c.all_gather(be, &up(be, &vec![0.0; (r + 1) * 2], &[r + 1, 2]), 0).unwrap();
+        c.reduce_scatter_sum(be, &up(be, &[0.0; 12], &[3, 4]), 0).unwrap();
+        // Rank r sends r+1 rows of width 2 to each rank (itself included).
+        let rows = 3 * (r + 1);
+        c.all_to_all_v(be, &up(be, &vec![0.0; rows * 2], &[rows, 2]), &[r + 1; 3]).unwrap();
+        c.broadcast(be, &up(be, &[0.0; 5], &[5]), 1).unwrap();
+        c.barrier().unwrap();
+        let sub = c.split(0).unwrap();
+        sub.barrier().unwrap();
+        (c.traffic(), sub.traffic())
+    });
+    for (r, (t, sub)) in out.into_iter().enumerate() {
+        let mut want = Traffic::default();
+        for (kind, calls, bytes) in [
+            (CollectiveKind::AllReduce, 2, 2 * 6 * 4),
+            (CollectiveKind::AllGather, 1, (r + 1) * 2 * 4),
+            (CollectiveKind::ReduceScatter, 1, 12 * 4),
+            (CollectiveKind::AllToAllV, 1, 2 * (r + 1) * 2 * 4),
+            (CollectiveKind::Broadcast, 1, if r == 1 { 20 } else { 0 }),
+            (CollectiveKind::Barrier, 1, 0),
+            (CollectiveKind::Split, 1, 0),
+        ] {
+            want.by_kind.insert(kind, (calls, bytes as u64));
+        }
+        assert_eq!(t, want, "rank {r}");
+        assert_eq!(t.calls(), 6, "rank {r}");
+        assert_eq!(sub.by_kind.into_iter().collect::<Vec<_>>(), vec![(CollectiveKind::Barrier, (1, 0))]);
+    }
+}
