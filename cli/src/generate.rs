@@ -114,7 +114,7 @@ enum Display {
 }
 
 impl Display {
-    fn show(&mut self, out: &mut impl Write, piece: &str) -> std::io::Result<()> {
+    fn show(&mut self, out: &mut (impl Write + ?Sized), piece: &str) -> std::io::Result<()> {
         match self {
             Display::Raw => out.write_all(piece.as_bytes())?,
             Display::Parsed(p) => {
@@ -126,7 +126,7 @@ impl Display {
         out.flush()
     }
 
-    fn finish(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+    fn finish(&mut self, out: &mut (impl Write + ?Sized)) -> std::io::Result<()> {
         if let Display::Parsed(p) = self {
             for ev in p.finish() {
                 Self::event(out, ev)?;
@@ -135,7 +135,7 @@ impl Display {
         out.flush()
     }
 
-    fn event(out: &mut impl Write, ev: chat::Event) -> std::io::Result<()> {
+    fn event(out: &mut (impl Write + ?Sized), ev: chat::Event) -> std::io::Result<()> {
         match ev {
             chat::Event::Reasoning(t) => write!(out, "\x1b[2m{t}\x1b[0m"),
             chat::Event::Content(t) => write!(out, "{t}"),
@@ -156,9 +156,24 @@ fn stream<B: Backend>(
     stops: &[String],
     display: &mut Display,
 ) -> Result<(Generation, String)> {
+    stream_to(be, session, tok, prompt, opts, stops, display, &mut std::io::stdout().lock(), true)
+}
+
+/// [`stream`] writing the text to `out`, and the speed line to stderr when `report`.
+#[allow(clippy::too_many_arguments)]
+fn stream_to<B: Backend>(
+    be: &B,
+    session: &mut Session<B>,
+    tok: Option<&Tokenizer>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    stops: &[String],
+    display: &mut Display,
+    out: &mut dyn Write,
+    report: bool,
+) -> Result<(Generation, String)> {
     let mut decoder = tok.map(StreamDecoder::new);
     let mut text = String::new();
-    let mut out = std::io::stdout().lock();
     let eos = opts.stop_token_ids.clone();
     let generation = session.generate(be, prompt, opts, &mut |id| {
         if eos.contains(&id) {
@@ -167,23 +182,25 @@ fn stream<B: Backend>(
         let Some(decoder) = decoder.as_mut() else { return Ok(Control::Continue) };
         let piece = decoder.push(id)?;
         text.push_str(&piece);
-        let _ = display.show(&mut out, &piece);
+        let _ = display.show(out, &piece);
         Ok(if stops.iter().any(|s| text.contains(s.as_str())) { Control::Stop } else { Control::Continue })
     })?;
     if let Some(decoder) = decoder.as_mut() {
         let tail = decoder.finish()?;
         text.push_str(&tail);
-        display.show(&mut out, &tail)?;
-        display.finish(&mut out)?;
+        display.show(out, &tail)?;
+        display.finish(out)?;
     }
-    eprintln!(
-        "\nprefill: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s; stopped: {}",
-        generation.prefilled,
-        generation.prefill_tokens_per_sec(),
-        generation.tokens.len(),
-        generation.decode_tokens_per_sec(),
-        stop_words(generation.stop)
-    );
+    if report {
+        eprintln!(
+            "\nprefill: {} tokens, {:.1} tokens/s; decode: {} tokens, {:.1} tokens/s; stopped: {}",
+            generation.prefilled,
+            generation.prefill_tokens_per_sec(),
+            generation.tokens.len(),
+            generation.decode_tokens_per_sec(),
+            stop_words(generation.stop)
+        );
+    }
     Ok((generation, text))
 }
 
@@ -198,10 +215,45 @@ pub fn run_generate<B: Backend>(
     kv: &KvArgs,
     print_ids: bool,
 ) -> Result<()> {
-    // Token ids in, token ids out needs no tokenizer; text in or out does.
-    let tok = match ids {
-        Some(_) => optional_tokenizer(spec)?,
-        None => Some(tokenizer_for(spec)?),
+    let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
+    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
+    generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, true)
+}
+
+/// `dsv4 generate --devices N` on the CPU backend: every rank runs the same generation (same
+/// prompt, same seed, and the ranks' logits are the same bits, so the same tokens) and rank 0
+/// prints it.
+#[allow(clippy::too_many_arguments)]
+pub fn run_generate_ranks(
+    spec: &str,
+    prompt: Option<&str>,
+    ids: Option<&[u32]>,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    kv: &KvArgs,
+    print_ids: bool,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<()> {
+    let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
+    let probe = dsv4_backend_cpu::CpuBackend::new();
+    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    dsv4_core::parallel::run_local(layout, |ctx| {
+        let be = dsv4_backend_cpu::CpuBackend::new();
+        let first = ctx.layout.rank == 0;
+        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        generate_with(&be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)
+    })?;
+    Ok(())
+}
+
+/// The tokenizer a generation needs: token ids in, token ids out needs none; text in or out
+/// does.
+fn generate_tokenizer(spec: &str, ids_given: bool, sampling: &SamplingArgs) -> Result<Option<Tokenizer>> {
+    let tok = match ids_given {
+        true => optional_tokenizer(spec)?,
+        false => Some(tokenizer_for(spec)?),
     };
     if tok.is_none() {
         if !sampling.stop.is_empty() {
@@ -213,21 +265,43 @@ pub fn run_generate<B: Backend>(
             "note: {spec} has no tokenizer.json, so only the generated token ids are printed (text output needs the model's tokenizer.json in the directory)"
         );
     }
-    let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
-    let prompt_ids = match (prompt, ids, &tok) {
+    Ok(tok)
+}
+
+/// One generation on a loaded model, printed to stdout when `show` (else computed silently:
+/// the other ranks of a split run).
+#[allow(clippy::too_many_arguments)]
+fn generate_with<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tok: Option<&Tokenizer>,
+    prompt: Option<&str>,
+    ids: Option<&[u32]>,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    kv: &KvArgs,
+    print_ids: bool,
+    show: bool,
+) -> Result<()> {
+    let prompt_ids = match (prompt, ids, tok) {
         (Some(text), None, Some(tok)) => tok.encode(&render_user_prompt(text, chat_args)?)?,
         (None, Some(ids), _) => ids.to_vec(),
         _ => bail!("give exactly one of --prompt and --ids"),
     };
-    let opts = sampling.options(&model, tok.as_ref());
+    let opts = sampling.options(model, tok);
     // The pool holds the prompt and every token generated (all but the last are fed back).
     let tokens = (prompt_ids.len() + opts.max_new_tokens).min(model.cfg.max_position_embeddings);
     let config = kv.config_for_run(be, &model.cfg, tokens, opts.prefill_chunk)?;
-    eprintln!("{}", kv_args::describe(&model.cfg, &config));
-    let mut session = Session::new(be, &model, config)?;
+    if show {
+        eprintln!("{}", kv_args::describe(&model.cfg, &config));
+    }
+    let mut session = Session::new(be, model, config)?;
+    // Only the showing rank takes stdout's lock: the others must not hold it while rank 0 waits.
+    let mut out: Box<dyn Write> = if show { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::sink()) };
     let (generation, _) =
-        stream(be, &mut session, tok.as_ref(), &prompt_ids, &opts, &sampling.stop, &mut Display::Raw)?;
-    if print_ids || tok.is_none() {
+        stream_to(be, &mut session, tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw, &mut *out, show)?;
+    drop(out);
+    if show && (print_ids || tok.is_none()) {
         if tok.is_some() {
             println!();
         }

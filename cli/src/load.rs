@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use dsv4_core::kv::human_bytes;
+use dsv4_core::parallel::RankContext;
 use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig, Precision, WeightMemory};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -142,6 +143,19 @@ pub fn load_model_with_memory<B: Backend>(
     precision: Precision,
     memory: WeightMemoryArg,
 ) -> Result<(Model<B>, Option<WeightMemory>)> {
+    let (cfg, ckpt, held) = open_with_memory(be, spec, memory)?;
+    let model = load_opened(be, cfg, &ckpt, spec, precision, RankContext::single())?;
+    Ok((model, held))
+}
+
+/// The config and checkpoint named by `--model`, the checkpoint's bytes held as `memory`
+/// resolves to for `be` ([`resolve_weight_memory`]); also where they ended up (None for a
+/// built-in model). Ranks of one process share what this returns.
+pub fn open_with_memory<B: Backend>(
+    be: &B,
+    spec: &str,
+    memory: WeightMemoryArg,
+) -> Result<(ModelConfig, Checkpoint, Option<WeightMemory>)> {
     let (cfg, mut ckpt) = open(spec)?;
     let mut held = None;
     if let Some(dir) = ckpt.dir.clone() {
@@ -159,6 +173,20 @@ pub fn load_model_with_memory<B: Backend>(
         }
         held = Some(memory);
     }
+    Ok((cfg, ckpt, held))
+}
+
+/// Loads an opened checkpoint onto `be` (the part `rank` holds), to run in `precision`; a
+/// progress bar appears on stderr once loading has taken more than a second (rank 0 only).
+pub fn load_opened<B: Backend>(
+    be: &B,
+    cfg: ModelConfig,
+    ckpt: &Checkpoint,
+    spec: &str,
+    precision: Precision,
+    rank: RankContext<B>,
+) -> Result<Model<B>> {
+    let quiet = rank.layout.rank != 0;
     let bar = ProgressBar::with_draw_target(Some(ckpt.len() as u64), ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors, {msg} [{elapsed_precise}]")
@@ -166,20 +194,25 @@ pub fn load_model_with_memory<B: Backend>(
     );
     let start = Instant::now();
     let mut shown = false;
-    let model = Model::load(be, cfg, &ckpt, &mut |done, _total, bytes| {
-        if !shown && start.elapsed() > Duration::from_secs(1) {
+    let progress = &mut |done, _total, bytes| {
+        if !quiet && !shown && start.elapsed() > Duration::from_secs(1) {
             bar.set_draw_target(ProgressDrawTarget::stderr());
             shown = true;
         }
         bar.set_position(done as u64);
         bar.set_message(format!("{:.1} MB", bytes as f64 / 1e6));
-    })
+    };
+    let model = if rank.layout.is_single() {
+        Model::load(be, cfg, ckpt, progress)
+    } else {
+        Model::load_rank(be, cfg, ckpt, progress, rank)
+    }
     .with_context(|| format!("loading model `{spec}`"))?;
     bar.finish_and_clear();
     let mut model = model;
     model.precision = precision;
     static SAID: std::sync::Once = std::sync::Once::new();
-    if precision != Precision::F32 {
+    if precision != Precision::F32 && !quiet {
         SAID.call_once(|| {
             eprintln!("precision: {precision} activations (rounding points and accuracy budget: docs/precision.md)");
             let (linears, low_bit) = model.low_bit_linears;
@@ -197,7 +230,7 @@ pub fn load_model_with_memory<B: Backend>(
             }
         });
     }
-    Ok((model, held))
+    Ok(model)
 }
 
 /// This process's anonymous memory on transparent huge pages (`AnonHugePages` of

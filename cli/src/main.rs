@@ -37,6 +37,8 @@ mod generate;
 mod inspect;
 mod kv_args;
 mod load;
+mod parallel_args;
+mod plan;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -126,6 +128,8 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         kv: kv_args::KvArgs,
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -151,6 +155,8 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         kv: kv_args::KvArgs,
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
     },
     /// Print the prompt the V4 chat encoder produces for an OpenAI-style message list.
     Render {
@@ -199,6 +205,17 @@ enum Command {
         /// experts as INT8 with a BF16 scale per 32 (docs/precision.md).
         #[arg(long, value_name = "910b|910c|950", value_parser = parse_soc)]
         soc: Option<dsv4_core::weight_forms::SocFamily>,
+    },
+    /// A per-device memory plan for N devices: the layout (TP, EP), each rank's weight bytes by
+    /// device form, the KV pool the rest of its memory holds and how many sequences of what
+    /// length fit, and the collectives' payload per decoded token. Exits non-zero when a rank's
+    /// weights do not fit, naming by how much. A config-only directory (configs/deepseek-v4-pro)
+    /// is enough.
+    Plan {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        plan: plan::PlanArgs,
     },
     /// Run the same input through several backends and compare them block by block.
     Check {
@@ -299,6 +316,42 @@ fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv
     // One prefill pass reads each weight once: reading the checkpoint into memory first would
     // only add a copy.
     let model = load::load_model(be, &model.model, kv.precision, kv.weight_memory.one_pass())?;
+    let data = prefill_logits(be, &model, ids, kv, true)?;
+    write_logits(out, ids.len(), model.cfg.vocab_size, &data)
+}
+
+/// `dsv4 logits --devices N` on the CPU backend: every rank computes the prefill (the ranks'
+/// logits are the same bits), rank 0's are written.
+fn run_logits_ranks(
+    model: &ModelArgs,
+    ids: &[u32],
+    out: &Path,
+    kv: &kv_args::KvArgs,
+    parallel: &parallel_args::ParallelArgs,
+) -> Result<()> {
+    let probe = CpuBackend::new();
+    let (cfg, ckpt, _) = load::open_with_memory(&probe, &model.model, kv.weight_memory.one_pass())?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", parallel_args::ParallelArgs::describe(&layout, &cfg));
+    let vocab = cfg.vocab_size;
+    let mut ranks = dsv4_core::parallel::run_local(layout, |ctx| {
+        let be = CpuBackend::new();
+        let first = ctx.layout.rank == 0;
+        let model = load::load_opened(&be, cfg.clone(), &ckpt, &model.model, kv.precision, ctx)?;
+        prefill_logits(&be, &model, ids, kv, first)
+    })?;
+    write_logits(out, ids.len(), vocab, &ranks.swap_remove(0))
+}
+
+/// The prefill logits `[ids, vocab]` of one sequence, the state stored as --kv-dtype; the
+/// speed on stderr when `report`.
+fn prefill_logits<B: Backend>(
+    be: &B,
+    model: &dsv4_core::Model<B>,
+    ids: &[u32],
+    kv: &kv_args::KvArgs,
+    report: bool,
+) -> Result<Vec<f32>> {
     let batch = Batch::prefill(&[ids])?;
     let start = std::time::Instant::now();
     // The whole prompt in one step, the state stored as --kv-dtype.
@@ -311,20 +364,39 @@ fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv
         model.forward_with(be, &batch, kv.kv_dtype(be), None)?
     };
     let data = be.download(&logits)?;
-    eprintln!(
-        "prefill: {} tokens in {:.3} s ({:.1} tokens/s)",
-        ids.len(),
-        start.elapsed().as_secs_f64(),
-        ids.len() as f64 / start.elapsed().as_secs_f64()
-    );
+    if report {
+        eprintln!(
+            "prefill: {} tokens in {:.3} s ({:.1} tokens/s)",
+            ids.len(),
+            start.elapsed().as_secs_f64(),
+            ids.len() as f64 / start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(data)
+}
+
+/// Writes logits `[n, vocab]` as the F32 tensor `logits` of a safetensors file.
+fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![ids.len(), model.cfg.vocab_size], &bytes)
-            .context("building the output tensor")?;
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)
+        .context("building the output tensor")?;
     safetensors::serialize_to_file([("logits", view)], None, out)
         .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("wrote logits [{}, {}] to {}", ids.len(), model.cfg.vocab_size, out.display());
+    eprintln!("wrote logits [{n}, {vocab}] to {}", out.display());
     Ok(())
+}
+
+/// `--devices N` runs on the CPU backend only in this build.
+fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs) -> Result<()> {
+    match backend {
+        BackendChoice::Cpu | BackendChoice::Auto => Ok(()),
+        other => anyhow::bail!(
+            "--devices {} runs on the CPU backend only in this build: {:?} ranks need their collective library \
+             (HCCL for Ascend, NCCL for CUDA), which dsv4 does not drive yet; use --backend cpu to check the layout",
+            parallel.world(),
+            other
+        ),
+    }
 }
 
 fn run_devices() {
@@ -356,12 +428,29 @@ fn run_devices() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Logits { model, ids, backend, kv, out } => {
+        Command::Logits { model, ids, backend, kv, parallel, out } => {
             let ids = parse_ids(&ids)?;
+            if parallel.is_split()? {
+                split_backend(backend, &parallel)?;
+                return run_logits_ranks(&model, &ids, &out, &kv, &parallel);
+            }
             with_backend!(backend, |be| run_logits(be, &model, &ids, &out, &kv))
         }
-        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv } => {
+        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            if parallel.is_split()? {
+                split_backend(backend, &parallel)?;
+                return generate::run_generate_ranks(
+                    &model.model,
+                    prompt.as_deref(),
+                    ids.as_deref(),
+                    &chat,
+                    &sampling,
+                    &kv,
+                    print_ids,
+                    &parallel,
+                );
+            }
             with_backend!(backend, |be| generate::run_generate(
                 be,
                 &model.model,
@@ -380,6 +469,7 @@ fn run(cli: Cli) -> Result<()> {
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
         }
         Command::Inspect { model, context, kv_dtype, soc } => inspect::run(&model.model, context, kv_dtype, soc),
+        Command::Plan { model, plan } => plan::run(&model.model, &plan),
         Command::Check { model, backends, ids, tolerance, kv } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             check::run(&model.model, &backends, ids, tolerance, &kv)

@@ -1,0 +1,70 @@
+//! `--devices` on the commands that run the model, as a user runs them on the CPU backend: the
+//! split run gives the single-device answer, and layouts it cannot run are refused with a
+//! message that says why.
+
+use std::process::{Command, Output};
+
+fn dsv4(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsv4")).args(args).output().unwrap()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn logits(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("logits").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+#[test]
+fn split_logits_equal_one_device() {
+    let dir = std::env::temp_dir().join(format!("dsv4-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = "5,17,42,7,9,3,1,4,1,5,9,2,6,5,3,5,8,9,7,9";
+    let one = dir.join("one.safetensors");
+    ok(dsv4(&["logits", "--ids", ids, "--out", one.to_str().unwrap()]));
+    let want = logits(&one);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for split in [
+        &["--devices", "2"][..],
+        &["--devices", "0-3", "--tensor-parallel", "2"],
+        &["--devices", "2,5", "--tensor-parallel", "2", "--expert-parallel", "1"],
+    ] {
+        let out = dir.join("split.safetensors");
+        let o = ok(dsv4(&[&["logits", "--ids", ids, "--out", out.to_str().unwrap()][..], split].concat()));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("ranks: "), "{split:?}");
+        let got = logits(&out);
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err <= 1e-5, "{split:?}: {err:e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn split_generation_prints_the_one_device_tokens_once() {
+    let args =
+        ["generate", "--ids", "1,2,3", "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "7", "--print-ids"];
+    let one = ok(dsv4(&args));
+    let split = ok(dsv4(&[&args[..], &["--devices", "4", "--tensor-parallel", "2"]].concat()));
+    assert_eq!(String::from_utf8_lossy(&split.stdout), String::from_utf8_lossy(&one.stdout));
+    let err = String::from_utf8_lossy(&split.stderr);
+    assert_eq!(err.matches("prefill:").count(), 1, "one speed line, from rank 0: {err}");
+}
+
+#[test]
+fn layouts_that_cannot_run_are_refused_with_the_reason() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--devices", "2", "--backend", "ascend"], "HCCL"),
+        (&["--tensor-parallel", "2"], "give --devices N"),
+        (&["--devices", "4", "--tensor-parallel", "3"], "TP 3 does not divide the 4 devices"),
+        (&["--devices", "0-1,1"], "an id appears twice"),
+    ];
+    for (extra, want) in cases {
+        let o = dsv4(&[&["logits", "--ids", "1,2", "--out", "/dev/null"][..], extra].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{extra:?}: {err}");
+    }
+}

@@ -1,0 +1,53 @@
+//! `dsv4 plan` as a user runs it: a layout that fits prints the plan and exits 0, one that
+//! does not prints the weights per rank and exits 1 with the shortfall on stderr.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn plan(args: &[&str]) -> std::process::Output {
+    let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .arg("plan")
+        .arg("--model")
+        .arg(configs.join(args[0]))
+        .args(&args[1..])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn plan_that_fits_exits_zero() {
+    let o = plan(&["deepseek-v4-flash", "--devices", "8", "--device-memory", "64GiB", "--soc", "910b"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("layout: 8 ranks, TP 1, EP 8 (all ranks)"), "{out}");
+    assert!(out.contains("batch  1: 43 all_reduce 704512 (688.00 KiB)"), "{out}");
+}
+
+#[test]
+fn plan_that_does_not_fit_names_the_shortfall() {
+    let o = plan(&["deepseek-v4-pro", "--devices", "16", "--device-memory", "64GiB", "--soc", "910c"]);
+    assert_eq!(o.status.code(), Some(1));
+    let (out, err) = (String::from_utf8(o.stdout).unwrap(), String::from_utf8(o.stderr).unwrap());
+    assert!(out.contains("weights per rank") && !out.contains("decoding state"), "{out}");
+    assert_eq!(
+        err.trim_end(),
+        "error: deepseek-v4-pro on 16 × 64.00 GiB: rank 0 needs 143.55 GiB of weights, 57.60 GiB is available \
+         (64.00 GiB × 0.9); short by 85.95 GiB. With TP 1, 192 devices of this size fit (EP 192). Use more devices, \
+         a larger --tensor-parallel, or a smaller weight form (--soc 950 keeps FP8/FP4)."
+    );
+}
+
+#[test]
+fn plan_flags_are_checked() {
+    for (args, want) in [
+        (&["deepseek-v4-flash", "--devices", "8", "--device-memory", "0.5"][..], "not a device memory size"),
+        (&["deepseek-v4-flash", "--devices", "8", "--device-memory", "64GiB", "--soc", "h100"], "unknown target"),
+        (&["deepseek-v4-flash", "--devices", "6", "--device-memory", "64GiB", "--expert-parallel", "4"], "EP 4"),
+        (&["deepseek-v4-flash", "--devices", "8", "--device-memory", "64GiB", "--memory-utilization", "0"], "(0, 1]"),
+    ] {
+        let o = plan(args);
+        let err = String::from_utf8(o.stderr).unwrap();
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+}
