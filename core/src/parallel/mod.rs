@@ -33,4 +33,4 @@ pub use comm::{CollectiveKind, Communicator, Traffic};
 pub use layout::{ParallelLayout, RankLayout};
 pub use local::LocalComm;
 pub use rank::RankContext;
-pub use run::run_local;
+pub use run::{run_local, run_threads};

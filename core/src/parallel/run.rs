@@ -1,47 +1,33 @@
-//! Running every rank of a layout as a thread of this process over [`LocalComm`]: how the CPU
-//! backend runs `--devices N`, and how the multi-rank conformance tests run on any backend.
+//! Running every rank of a layout as a thread of this process: [`run_threads`] supervises the
+//! threads (a failing or panicking rank ends the run with its own error), [`run_local`] runs
+//! them over [`LocalComm`], which is how the CPU backend runs `--devices N` and how the
+//! multi-rank conformance tests run on any backend. A device backend with its own collective
+//! library (HCCL) builds its communicators inside [`run_threads`]' workers.
 
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::parallel::{Communicator, LocalComm, ParallelLayout, RankContext};
 
-/// Runs `f` once per rank of `layout`, each on its own thread with its [`RankContext`] (the TP
-/// and EP groups split from one in-process world), and returns the ranks' results in rank
-/// order.
+/// Runs `f(rank)` for every rank `0..world`, each on its own thread, and returns the results
+/// in rank order.
 ///
-/// A rank that fails or panics leaves its communicators, so the others fail at their next
-/// collective instead of waiting; the error returned is then the failing rank's own (the cause),
-/// not the others' "rank r left".
-///
-/// `E` is the callers' error type (this crate's, or an application's that wraps it).
-pub fn run_local<B, T, E, F>(layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
+/// A rank that fails or panics drops its communicators, so the others fail at their next
+/// collective instead of waiting; the error returned is then the failing rank's own (the
+/// cause), not the others' "rank r left the communicator". `E` is the caller's error type
+/// (this crate's, or an application's that wraps it).
+pub fn run_threads<T, E, F>(world: usize, f: F) -> std::result::Result<Vec<T>, E>
 where
-    B: Backend,
     T: Send,
     E: From<Error> + std::fmt::Display + Send,
-    F: Fn(RankContext<B>) -> std::result::Result<T, E> + Sync,
+    F: Fn(usize) -> std::result::Result<T, E> + Sync,
 {
-    let worlds = LocalComm::world(layout.world);
     let results: Vec<std::result::Result<T, E>> = std::thread::scope(|s| {
-        let handles: Vec<_> = worlds
-            .into_iter()
-            .enumerate()
-            .map(|(rank, world)| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
                 let f = &f;
-                std::thread::Builder::new()
-                    .name(format!("dsv4-rank-{rank}"))
-                    .spawn_scoped(s, move || {
-                        let ctx =
-                            RankContext::new(layout.rank(rank), &world as &dyn Communicator<B>).map_err(E::from)?;
-                        // The world communicator stays alive until this rank is done, so a
-                        // finished rank is not mistaken for a dead one by slower peers.
-                        let out = f(ctx);
-                        drop(world);
-                        out
-                    })
-                    .map_err(|e| {
-                        E::from(Error::Comm { rank, size: layout.world, msg: format!("cannot start its thread: {e}") })
-                    })
+                std::thread::Builder::new().name(format!("dsv4-rank-{rank}")).spawn_scoped(s, move || f(rank)).map_err(
+                    |e| E::from(Error::Comm { rank, size: world, msg: format!("cannot start its thread: {e}") }),
+                )
             })
             .collect();
         handles
@@ -55,7 +41,7 @@ where
                         .cloned()
                         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_else(|| "a panic".into());
-                    Err(E::from(Error::Comm { rank, size: layout.world, msg: format!("the worker panicked: {what}") }))
+                    Err(E::from(Error::Comm { rank, size: world, msg: format!("the worker panicked: {what}") }))
                 }),
             })
             .collect()
@@ -75,4 +61,26 @@ where
     let left = |e: &E| e.to_string().contains(" left the communicator");
     let i = errors.iter().position(|e| !left(e)).unwrap_or(0);
     Err(errors.swap_remove(i))
+}
+
+/// [`run_threads`] over an in-process [`LocalComm`] world: `f` gets each rank's
+/// [`RankContext`] (its TP and EP groups split from the world).
+pub fn run_local<B, T, E, F>(layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
+where
+    B: Backend,
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(RankContext<B>) -> std::result::Result<T, E> + Sync,
+{
+    let worlds: Vec<std::sync::Mutex<Option<LocalComm>>> =
+        LocalComm::world(layout.world).into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect();
+    run_threads(layout.world, |rank| {
+        let world = worlds[rank].lock().expect("taken once").take().expect("one thread per rank");
+        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<B>).map_err(E::from)?;
+        // The world communicator stays alive until this rank is done, so a finished rank is
+        // not mistaken for a dead one by slower peers.
+        let out = f(ctx);
+        drop(world);
+        out
+    })
 }
