@@ -13,6 +13,7 @@ use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, DeviceTensor, Precision};
 
 use crate::kv_args::KvArgs;
+use crate::parallel_args::ParallelArgs;
 use crate::BackendChoice;
 
 /// One block's output on one backend.
@@ -33,6 +34,26 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
     // A few passes over each weight, not a long decode: a resident copy would cost more than it
     // saves.
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory.one_pass())?;
+    trace_model(be, &model, ids, kv)
+}
+
+/// [`trace`] split over the ranks of `parallel` on the CPU backend; rank 0's outputs (every
+/// rank holds the whole residual stream and logits).
+fn trace_split(spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
+    let probe = dsv4_backend_cpu::CpuBackend::new();
+    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory.one_pass())?;
+    let layout = parallel.layout(&cfg)?;
+    let mut runs = dsv4_core::parallel::run_local(layout, |ctx| {
+        let be = dsv4_backend_cpu::CpuBackend::new();
+        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        trace_model(&be, &model, ids, kv)
+    })?;
+    let mut run = runs.swap_remove(0);
+    run.backend = format!("{} on {} ranks (TP {}, EP {})", run.backend, layout.world, layout.tp, layout.ep);
+    Ok(run)
+}
+
+fn trace_model<B: Backend>(be: &B, model: &dsv4_core::Model<B>, ids: &[u32], kv: &KvArgs) -> Result<Run> {
     let precision = kv.precision;
     if kv.kv_cache_memory.is_some() {
         // The traced forward sizes its own pool; a budget given must still hold the prompt
@@ -167,6 +188,7 @@ pub fn run(
     ids: Option<Vec<u32>>,
     tolerance: Option<f64>,
     kv: &KvArgs,
+    parallel: &ParallelArgs,
 ) -> Result<()> {
     let tolerance = tolerance.unwrap_or_else(|| default_tolerance(kv.precision));
     if backends.len() < 2 {
@@ -183,8 +205,11 @@ pub fn run(
         None => println!("precision: {}, decoding state: f32 rows", kv.precision),
     }
     let mut runs = vec![];
-    for &b in backends {
-        runs.push(with_backend!(b, |be| trace(be, spec, &ids, kv))?);
+    for (i, &b) in backends.iter().enumerate() {
+        runs.push(match i > 0 && parallel.world() > 1 {
+            true => trace_split(spec, &ids, kv, parallel)?,
+            false => with_backend!(b, |be| trace(be, spec, &ids, kv))?,
+        });
     }
     let (mut worst, mut judged, mut blocks) = (0f64, usize::MAX, 0);
     for other in &runs[1..] {

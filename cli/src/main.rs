@@ -221,7 +221,9 @@ enum Command {
     Check {
         #[command(flatten)]
         model: ModelArgs,
-        /// Backends to compare; the first is the reference.
+        /// Backends to compare; the first is the reference. With --devices, the first runs on
+        /// one device and the others split over the ranks (e.g. `--backends cpu,cpu --devices 4`
+        /// checks a layout against one device).
         #[arg(long, value_delimiter = ',', default_value = "cpu,ascend")]
         backends: Vec<BackendChoice>,
         /// Token ids (default: a fixed 200-token sequence).
@@ -236,6 +238,8 @@ enum Command {
         tolerance: Option<f64>,
         #[command(flatten)]
         kv: kv_args::KvArgs,
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
@@ -470,9 +474,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { model, context, kv_dtype, soc } => inspect::run(&model.model, context, kv_dtype, soc),
         Command::Plan { model, plan } => plan::run(&model.model, &plan),
-        Command::Check { model, backends, ids, tolerance, kv } => {
+        Command::Check { model, backends, ids, tolerance, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
-            check::run(&model.model, &backends, ids, tolerance, &kv)
+            if parallel.is_split()? {
+                for &b in backends.iter().skip(1) {
+                    split_backend(b, &parallel)?;
+                }
+            }
+            check::run(&model.model, &backends, ids, tolerance, &kv, &parallel)
         }
         Command::Devices => {
             run_devices();

@@ -68,3 +68,10 @@ fn layouts_that_cannot_run_are_refused_with_the_reason() {
         assert!(!o.status.success() && err.contains(want), "{extra:?}: {err}");
     }
 }
+
+#[test]
+fn check_compares_a_split_run_with_one_device() {
+    let o = ok(dsv4(&["check", "--backends", "cpu,cpu", "--devices", "4", "--tensor-parallel", "2"]));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("on 4 ranks (TP 2, EP 4)") && out.contains("ok: worst relative difference"), "{out}");
+}

@@ -29,7 +29,7 @@ impl ParallelLayout {
     pub const SINGLE: ParallelLayout = ParallelLayout { world: 1, tp: 1, ep: 1 };
 
     /// Checks the degrees against each other and against the model: `tp` and `ep` divide
-    /// `world`, `tp ≤ o_groups`, `ep ≤ n_routed_experts`, `tp ≤ vocab`.
+    /// `world`, `tp ≤ o_groups`, `ep ≤ n_routed_experts`.
     pub fn new(world: usize, tp: usize, ep: usize, cfg: &ModelConfig) -> Result<Self> {
         let bad = |field: &str, msg: String| Err(Error::config(field, msg));
         if world == 0 || tp == 0 || ep == 0 {
