@@ -257,6 +257,8 @@ enum Command {
         kv: kv_args::KvArgs,
         #[command(flatten)]
         serve: serve::ServeArgs,
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
     },
     /// Measure prefill and decode speed at several context lengths, against the machine's limits
     /// measured in the same run: decode against the read bandwidth (weight bytes one token
@@ -487,7 +489,12 @@ fn run(cli: Cli) -> Result<()> {
             run_devices();
             Ok(())
         }
-        Command::Serve { model, backend, kv, serve } => serve::run(&model.model, backend, &kv, &serve),
+        Command::Serve { model, backend, kv, serve, parallel } => {
+            if parallel.is_split()? {
+                split_backend(backend, &parallel)?;
+            }
+            serve::run(&model.model, backend, &kv, &serve, &parallel)
+        }
         Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, threads, json, profile, kv } => {
             let opts = bench::Options { contexts: &contexts, decode_steps, chunk: prefill_chunk, threads, json };
             with_owned_backend!(backend, |be| if profile {

@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dsv4_core::chat::EncoderRevision;
 use dsv4_core::kv::{human_bytes, KvConfig};
 use dsv4_core::tokenizer::Tokenizer;
 use dsv4_core::Backend;
-use dsv4_engine::{EngineConfig, EngineHandle};
+use dsv4_engine::{EngineConfig, EngineHandle, RankBuild};
 use dsv4_server::ServerConfig;
 
 use crate::kv_args::{self, KvArgs};
@@ -175,8 +175,64 @@ fn spawn_engine<B: Backend + 'static>(
     Ok((engine, eos_rx.recv().unwrap_or_default()))
 }
 
+/// [`spawn_engine`] over the ranks of `parallel` on the CPU backend: one engine thread per
+/// rank over the in-process communicator, rank 0's serving (`dsv4_engine`'s replicated
+/// engine). Every rank gets the same pool configuration, sized here for one rank: the ranks'
+/// engines must make the same block decisions.
+fn spawn_engine_ranks(
+    spec: &str,
+    kv: &KvArgs,
+    config: EngineConfig,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<(EngineHandle, Vec<u32>)> {
+    use dsv4_backend_cpu::CpuBackend;
+    use dsv4_core::parallel::{Communicator, LocalComm, RankContext};
+    let probe = CpuBackend::new();
+    eprintln!("backend: {}", probe.describe());
+    let (cfg, ckpt, _) = load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    let context = cfg.max_position_embeddings;
+    let tokens = match config.max_model_len {
+        0 => context,
+        n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
+        n => n,
+    };
+    // Each rank holds its own pool: size one for a share of the memory.
+    let mut per_rank = kv.clone();
+    per_rank.kv_cache_memory = match kv.kv_cache_memory {
+        Some(kv_args::MemorySize::Fraction(f)) => Some(kv_args::MemorySize::Fraction(f / layout.world as f64)),
+        other => other,
+    };
+    let pool = serving_kv(&probe, &cfg, &per_rank, config.max_num_seqs, tokens, config.prefill_chunk)?;
+    eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
+    let eos = cfg.eos_token_ids.clone();
+    let ckpt = std::sync::Arc::new(ckpt);
+    let builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(layout.world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, world)| {
+            let (cfg, ckpt, spec, precision) = (cfg.clone(), ckpt.clone(), spec.to_string(), kv.precision);
+            Box::new(move || {
+                let be = CpuBackend::new();
+                let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<CpuBackend>)?;
+                let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
+                Ok((be, model, pool))
+            }) as RankBuild<CpuBackend>
+        })
+        .collect();
+    let engine = EngineHandle::spawn_ranks(config, builds).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((engine, eos))
+}
+
 /// Runs the server until Ctrl-C.
-pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) -> Result<()> {
+pub fn run(
+    spec: &str,
+    backend: BackendChoice,
+    kv: &KvArgs,
+    args: &ServeArgs,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<()> {
     check_args(args)?;
     let tok = tokenizer(spec, args.tokenizer.as_deref())?;
     let config = EngineConfig {
@@ -200,6 +256,7 @@ pub fn run(spec: &str, backend: BackendChoice, kv: &KvArgs, args: &ServeArgs) ->
     // The port first: a taken one is reported before the model is loaded.
     let listener = dsv4_server::bind(&server)?;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
+        _ if parallel.world() > 1 => spawn_engine_ranks(spec, kv, config, parallel)?,
         Resolved::Cpu => {
             spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
         }

@@ -125,3 +125,28 @@ fn serve_reports_a_taken_port_before_loading_the_model() {
     // Nothing was loaded first.
     assert!(!err.contains("backend:") && !err.contains("kv cache:"), "{err}");
 }
+
+/// `serve --devices 4 --tensor-parallel 2` on the CPU backend answers exactly as one device.
+#[test]
+fn serve_split_over_ranks_answers_as_one_device() {
+    let mut answers = vec![];
+    for devices in [&[][..], &["--devices", "4", "--tensor-parallel", "2"]] {
+        let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+            .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
+            .args(devices)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Server(child);
+        let mut line = String::new();
+        BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port: u16 = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+        let body = r#"{"prompt": "Hello there", "max_tokens": 12, "temperature": 0}"#;
+        let (status, body) = http(port, "POST", "/v1/completions", &[], body);
+        assert_eq!(status, 200, "{devices:?}: {body}");
+        let text = body.split("\"text\":").nth(1).unwrap().split(",\"logprobs\"").next().unwrap().to_string();
+        answers.push(text);
+    }
+    assert_eq!(answers[0], answers[1]);
+}

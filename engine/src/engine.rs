@@ -12,6 +12,7 @@ use dsv4_core::{Backend, Batch, Model};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::logprobs::token_logprobs;
+use crate::replica::{Mirror, Tick};
 use crate::request::{EngineEvent, FinishReason, GenerationRequest, Usage};
 use crate::scheduler::{self, Candidate};
 use crate::stats::EngineStats;
@@ -98,13 +99,28 @@ impl RequestStream {
     }
 }
 
-struct Submitted {
-    req: GenerationRequest,
+pub(crate) struct Submitted {
+    /// Unique per engine, in submission order (how a follower engine names the request).
+    pub(crate) id: u64,
+    pub(crate) req: GenerationRequest,
     sampler: Sampler,
     out: UnboundedSender<EngineEvent>,
 }
 
-struct Shared {
+impl Submitted {
+    /// A follower's copy of a request the leader admitted: nobody listens to its events.
+    pub(crate) fn replica(id: u64, req: GenerationRequest) -> Result<Self, String> {
+        let sampler = Sampler::new(req.sampling).map_err(|e| e.to_string())?;
+        Ok(Submitted { id, req, sampler, out: unbounded_channel().0 })
+    }
+}
+
+/// What loads one rank's backend, model and pool configuration, on that rank's engine thread.
+pub type RankBuild<B> = Box<dyn FnOnce() -> Result<(B, Model<B>, KvConfig), BuildError> + Send>;
+
+pub(crate) struct Shared {
+    /// The next request id.
+    next_id: std::sync::atomic::AtomicU64,
     stats: Mutex<EngineStats>,
     /// Requests submitted but not yet admitted.
     waiting: AtomicUsize,
@@ -120,7 +136,19 @@ pub struct EngineHandle {
     info: Arc<EngineInfo>,
 }
 
-type BuildError = Box<dyn std::error::Error + Send + Sync>;
+/// Why an engine could not start.
+pub type BuildError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            next_id: Default::default(),
+            stats: Mutex::new(EngineStats::default()),
+            waiting: AtomicUsize::new(0),
+            stopped: Mutex::new(None),
+        }
+    }
+}
 
 impl EngineHandle {
     /// Starts the engine thread. `build` runs on it and returns the backend, the loaded model
@@ -131,42 +159,92 @@ impl EngineHandle {
         B: Backend + 'static,
         F: FnOnce() -> Result<(B, Model<B>, KvConfig), BuildError> + Send + 'static,
     {
+        Self::spawn_ranks(config, vec![Box::new(build) as RankBuild<B>])
+    }
+
+    /// Starts one engine thread per rank of a multi-device model ([`crate::replica`]):
+    /// `builds[r]` runs on rank r's thread and loads that rank's part of the model (all of
+    /// them at once: splitting the communicators is collective). Rank 0's engine serves the
+    /// handle; the others follow it. Returns once every rank is ready, or with the first
+    /// rank's error (the others are then stopped).
+    pub fn spawn_ranks<B>(config: EngineConfig, builds: Vec<RankBuild<B>>) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+    {
         if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.prefill_chunk == 0 {
             return Err("--max-num-seqs, --max-num-batched-tokens and the prefill chunk must be at least 1".into());
         }
+        if builds.is_empty() {
+            return Err("an engine needs at least one rank".into());
+        }
         let (tx, rx) = mpsc::channel::<Submitted>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<EngineInfo, String>>();
-        let shared = Arc::new(Shared {
-            stats: Mutex::new(EngineStats::default()),
-            waiting: AtomicUsize::new(0),
-            stopped: Mutex::new(None),
-        });
-        let thread_shared = shared.clone();
-        std::thread::Builder::new().name("dsv4-engine".into()).spawn(move || {
-            let (be, model, kv) = match build() {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<EngineInfo, String>)>();
+        let shared = Arc::new(Shared::new());
+        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
+        let mut mirrors = vec![Mirror::Lead(tick_txs)];
+        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
+        let mut rx = Some(rx);
+        let mut gos = vec![];
+        for (rank, (build, mirror)) in builds.into_iter().zip(mirrors).enumerate() {
+            // Rank 0 reads the handle's queue; a follower's queue is never written.
+            let rx = rx.take().unwrap_or_else(|| mpsc::channel().1);
+            // The leader's state is the handle's; a follower's is its own.
+            let shared = if rank == 0 { shared.clone() } else { Arc::new(Shared::new()) };
+            let (ready_tx, (go_tx, go_rx)) = (ready_tx.clone(), mpsc::channel::<bool>());
+            gos.push(go_tx);
+            let name = if rank == 0 { "dsv4-engine".to_string() } else { format!("dsv4-engine-rank-{rank}") };
+            std::thread::Builder::new().name(name).spawn(move || {
+                let (be, model, kv) = match build() {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready_tx.send((rank, Err(e.to_string())));
+                        return;
+                    }
+                };
+                let mut engine = match Engine::new(&be, &model, kv, config, shared.clone(), mirror) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = ready_tx.send((rank, Err(e)));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send((rank, Ok(engine.info.clone())));
+                // Every rank must be ready before any runs: a follower replays from the start.
+                if go_rx.recv() != Ok(true) {
                     return;
                 }
-            };
-            let mut engine = match Engine::new(&be, &model, kv, config, thread_shared.clone()) {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
+                let why = engine.run(rx);
+                *shared.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            })?;
+        }
+        drop(ready_tx);
+        let mut info = None;
+        let mut failure = None;
+        for _ in 0..gos.len() {
+            match ready_rx.recv() {
+                Ok((0, Ok(i))) => info = Some(i),
+                Ok((_, Ok(_))) => {}
+                Ok((rank, Err(e))) => {
+                    let e = if gos.len() > 1 { format!("rank {rank}: {e}") } else { e };
+                    failure.get_or_insert(e);
+                    // A rank that failed has dropped its communicators: the others' loads fail
+                    // too, or finish; either way they report.
                 }
-            };
-            let _ = ready_tx.send(Ok(engine.info.clone()));
-            let why = engine.run(rx);
-            *thread_shared.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-        })?;
-        let info = match ready_rx.recv() {
-            Ok(Ok(info)) => info,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Err("the engine thread stopped while starting".into()),
-        };
-        Ok(EngineHandle { tx, shared, info: Arc::new(info) })
+                Err(_) => {
+                    failure.get_or_insert("an engine thread stopped while starting".into());
+                    break;
+                }
+            }
+        }
+        let go = failure.is_none();
+        for g in &gos {
+            let _ = g.send(go);
+        }
+        match (failure, info) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(info)) => Ok(EngineHandle { tx, shared, info: Arc::new(info) }),
+            (None, None) => Err("rank 0's engine did not start".into()),
+        }
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -213,7 +291,8 @@ impl EngineHandle {
             return Err(SubmitError::QueueFull { waiting });
         }
         let (out, rx) = unbounded_channel();
-        if self.tx.send(Submitted { req, sampler, out }).is_err() {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Submitted { id, req, sampler, out }).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Stopped("the engine thread is gone".into()));
         }
@@ -261,6 +340,8 @@ struct Engine<'a, B: Backend> {
     preempted: VecDeque<Active>,
     admissions: u64,
     stats: EngineStats,
+    /// This engine's part in a group of ranks ([`crate::replica`]).
+    mirror: Mirror,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -270,6 +351,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         kv: KvConfig,
         mut config: EngineConfig,
         shared: Arc<Shared>,
+        mirror: Mirror,
     ) -> Result<Self, String> {
         let cache = model.new_cache(be, kv).map_err(|e| e.to_string())?;
         let cfg = &model.cfg;
@@ -312,25 +394,23 @@ impl<'a, B: Backend> Engine<'a, B> {
             preempted: VecDeque::new(),
             admissions: 0,
             stats: EngineStats::default(),
+            mirror,
         };
         engine.publish();
         Ok(engine)
     }
 
-    /// The engine loop: until every handle is dropped. Returns why it stopped.
+    /// The engine loop: until every handle is dropped (or, on several ranks, a rank fails).
+    /// Returns why it stopped.
     fn run(&mut self, rx: mpsc::Receiver<Submitted>) -> String {
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
-                match rx.recv() {
-                    Ok(s) => self.waiting.push_back(s),
-                    Err(_) => return "every handle was dropped".into(),
-                }
+            if let Err(why) = self.begin_iteration(&rx) {
+                return why;
             }
-            while let Ok(s) = rx.try_recv() {
-                self.waiting.push_back(s);
-            }
-            self.drop_cancelled();
-            let progressed = self.step();
+            let progressed = match self.step() {
+                Ok(p) => p,
+                Err(why) => return why,
+            };
             self.publish();
             if !progressed && self.active.is_empty() {
                 // Nothing runs and the head of the queue (a preempted request first) cannot be
@@ -371,19 +451,70 @@ impl<'a, B: Backend> Engine<'a, B> {
         *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = *s;
     }
 
-    /// Cancels requests whose stream was dropped: their blocks go back at once.
-    fn drop_cancelled(&mut self) {
+    /// The iteration's inputs: the requests that arrived and the requests whose client left.
+    /// The leader reads them (blocking while it has nothing to do) and tells the followers; a
+    /// follower receives them from the leader. Err(why) stops the engine.
+    fn begin_iteration(&mut self, rx: &mpsc::Receiver<Submitted>) -> Result<(), String> {
+        if let Mirror::Follow(ticks) = &self.mirror {
+            let (arrived, cancelled) = match ticks.recv() {
+                Ok(Tick::Begin { arrived, cancelled }) => (arrived, cancelled),
+                Ok(Tick::After { .. }) => return Err("this rank's engine is out of step with rank 0's".into()),
+                Err(_) => return Err("rank 0's engine stopped".into()),
+            };
+            for (id, req) in arrived {
+                self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+                self.waiting.push_back(Submitted::replica(id, req)?);
+            }
+            self.drop_ids(&cancelled);
+            return Ok(());
+        }
+        let mut arrived = vec![];
+        if self.active.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
+            match rx.recv() {
+                Ok(s) => arrived.push(s),
+                Err(_) => return Err("every handle was dropped".into()),
+            }
+        }
+        while let Ok(s) = rx.try_recv() {
+            arrived.push(s);
+        }
+        let told: Vec<(u64, GenerationRequest)> = match self.mirror.is_replicated() {
+            true => arrived.iter().map(|s| (s.id, s.req.clone())).collect(),
+            false => vec![],
+        };
+        self.waiting.extend(arrived);
+        let cancelled = self.cancelled_ids();
+        if !self.mirror.tell(|| Tick::Begin { arrived: told.clone(), cancelled: cancelled.clone() }) {
+            return Err("the engine of another rank stopped".into());
+        }
+        self.drop_ids(&cancelled);
+        Ok(())
+    }
+
+    /// Requests whose stream was dropped.
+    fn cancelled_ids(&self) -> Vec<u64> {
+        let waiting = self.waiting.iter().filter(|s| s.out.is_closed()).map(|s| s.id);
+        let preempted = self.preempted.iter().filter(|a| a.sub.out.is_closed()).map(|a| a.sub.id);
+        let active = self.active.iter().filter(|a| a.sub.out.is_closed()).map(|a| a.sub.id);
+        waiting.chain(preempted).chain(active).collect()
+    }
+
+    /// Cancels the requests `ids`: their blocks go back at once.
+    fn drop_ids(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
         let before = self.waiting.len();
-        self.waiting.retain(|s| !s.out.is_closed());
+        self.waiting.retain(|s| !ids.contains(&s.id));
         let gone = before - self.waiting.len();
         self.shared.waiting.fetch_sub(gone, Ordering::SeqCst);
         let mut cancelled = gone as u64;
         let before = self.preempted.len();
-        self.preempted.retain(|a| !a.sub.out.is_closed());
+        self.preempted.retain(|a| !ids.contains(&a.sub.id));
         cancelled += (before - self.preempted.len()) as u64;
         let mut i = 0;
         while i < self.active.len() {
-            if self.active[i].sub.out.is_closed() {
+            if ids.contains(&self.active[i].sub.id) {
                 let mut a = self.active.swap_remove(i);
                 self.cache.release(&mut a.seq);
                 cancelled += 1;
@@ -427,8 +558,9 @@ impl<'a, B: Backend> Engine<'a, B> {
         true
     }
 
-    /// Composes and runs one step. Returns whether any tokens were computed.
-    fn step(&mut self) -> bool {
+    /// Composes and runs one step. Returns whether any tokens were computed; Err(why) stops
+    /// the engine.
+    fn step(&mut self) -> Result<bool, String> {
         // Decoding and part-prefilled requests first (oldest first), then new admissions.
         self.active.sort_by_key(|a| a.admitted);
         let mut plan = scheduler::StepBudget::new(&self.cache, &self.config);
@@ -508,13 +640,16 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         if chosen.is_empty() {
-            return false;
+            return Ok(false);
         }
-        self.run_step(&chosen);
-        true
+        self.run_step(&chosen)?;
+        Ok(true)
     }
 
-    fn run_step(&mut self, chosen: &[(usize, usize)]) {
+    /// Runs the model on the chosen rows, then samples (leader) or takes the leader's tokens
+    /// (follower). Err(why) stops the engine: a failed step of a multi-rank engine, or a rank
+    /// that stopped.
+    fn run_step(&mut self, chosen: &[(usize, usize)]) -> Result<(), String> {
         let parts: Vec<(Vec<u32>, usize)> = chosen
             .iter()
             .map(|&(i, take)| {
@@ -548,10 +683,37 @@ impl<'a, B: Backend> Engine<'a, B> {
                     self.stats.requests_failed_total += 1;
                     let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
                 }
-                return;
+                // On several ranks a failed step (a collective that failed, a rank that died)
+                // leaves the ranks' states apart: stop, so every request gets this error.
+                return if self.mirror.is_replicated() { Err(message) } else { Ok(()) };
             }
         };
+        if let Mirror::Follow(ticks) = &self.mirror {
+            let (tokens, ended) = match ticks.recv() {
+                Ok(Tick::After { tokens, ended }) => (tokens, ended),
+                Ok(Tick::Begin { .. }) => return Err("this rank's engine is out of step with rank 0's".into()),
+                Err(_) => return Err("rank 0's engine stopped".into()),
+            };
+            for (id, token) in tokens {
+                if let Some(a) = self.active.iter_mut().find(|a| a.sub.id == id) {
+                    a.tokens.push(token);
+                    a.generated += 1;
+                }
+            }
+            let mut i = 0;
+            while i < self.active.len() {
+                if ended.contains(&self.active[i].sub.id) {
+                    let mut a = self.active.swap_remove(i);
+                    self.cache.release(&mut a.seq);
+                } else {
+                    i += 1;
+                }
+            }
+            self.publish();
+            return Ok(());
+        }
         let vocab = self.info.vocab_size;
+        let mut sampled = vec![];
         let mut finished = vec![];
         for (k, &(i, _)) in chosen.iter().enumerate() {
             let a = &mut self.active[i];
@@ -560,6 +722,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             let row = &logits[k * vocab..(k + 1) * vocab];
             let id = a.sub.sampler.sample(row);
+            sampled.push((a.sub.id, id));
             let lp = a.sub.req.logprobs.map(|n| token_logprobs(row, id, n));
             a.tokens.push(id);
             a.generated += 1;
@@ -585,6 +748,8 @@ impl<'a, B: Backend> Engine<'a, B> {
         // Blocks go back and the counters are published before `Finished` is sent, so a
         // client that has seen its request finish sees its blocks free too.
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        let ended: Vec<u64> = finished.iter().map(|&(i, _)| self.active[i].sub.id).collect();
+        let followers_up = self.mirror.tell(|| Tick::After { tokens: sampled.clone(), ended: ended.clone() });
         let mut done = vec![];
         for (i, reason) in finished {
             let mut a = self.active.swap_remove(i);
@@ -597,5 +762,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                 let _ = a.sub.out.send(EngineEvent::Finished { reason, usage: a.usage() });
             }
         }
+        if !followers_up {
+            return Err("the engine of another rank stopped".into());
+        }
+        Ok(())
     }
 }

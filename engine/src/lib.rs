@@ -15,17 +15,21 @@
 //! answers [`SubmitError::QueueFull`]. A prompt starting with whole pages cached in the pool
 //! reuses them ([`dsv4_core::kv::KvCache::reuse_prefix`]).
 //!
+//! A model split over several ranks runs one engine per rank ([`EngineHandle::spawn_ranks`]):
+//! rank 0's serves the handle and the others replay its decisions (`replica`).
+//!
 //! Text is not the engine's business: tokenising, detokenising, stop strings and the chat
 //! format live in the server (`dsv4-server`), which sees token ids come back and drops the
 //! stream when a stop string completes.
 
 mod engine;
 mod logprobs;
+mod replica;
 mod request;
 pub mod scheduler;
 mod stats;
 
-pub use engine::{EngineConfig, EngineHandle, EngineInfo, RequestStream, SubmitError};
+pub use engine::{BuildError, EngineConfig, EngineHandle, EngineInfo, RankBuild, RequestStream, SubmitError};
 pub use logprobs::{token_logprobs, TokenLogprobs};
 pub use request::{EngineEvent, FinishReason, GenerationRequest, Usage};
 pub use stats::EngineStats;

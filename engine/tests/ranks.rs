@@ -1,0 +1,205 @@
+//! One engine over several ranks (`dsv4 serve --devices N` on the CPU backend): rank 0's
+//! engine serves, the others replay its decisions, and the model's collectives join them. The
+//! answers equal one device's, through batching, preemption, prefix reuse and cancellation; a
+//! rank that dies stops the engine with a clear error instead of a hang.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::kv::{KvConfig, KvDtype};
+use dsv4_core::parallel::{Communicator, LocalComm, ParallelLayout, RankContext, Traffic};
+use dsv4_core::sampling::SamplingParams;
+use dsv4_core::{builtin, Backend, Model, ModelConfig};
+use dsv4_engine::{
+    EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerationRequest, RankBuild, RequestStream, SubmitError,
+};
+
+type Kv = fn(&ModelConfig) -> KvConfig;
+
+/// An engine over `builtin:tiny` split `world`/`tp`/`ep`; rank `dies.0` panics at its
+/// `dies.1`-th expert combine, like a worker that dies mid-step.
+fn ranked(
+    config: EngineConfig,
+    (world, tp, ep): (usize, usize, usize),
+    kv: Kv,
+    dies: Option<(usize, usize)>,
+) -> EngineHandle {
+    let (cfg, _) = builtin::tiny().unwrap();
+    let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
+    let builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, world_comm)| {
+            Box::new(move || {
+                let be = CpuBackend::new();
+                let (cfg, ckpt) = builtin::tiny()?;
+                let mut ctx = RankContext::new(layout.rank(rank), &world_comm as &dyn Communicator<CpuBackend>)?;
+                if let Some((_, after)) = dies.filter(|d| d.0 == rank) {
+                    let inner = ctx.ep.take().expect("the test splits experts");
+                    ctx.ep = Some(Arc::new(Dying { inner, left: AtomicUsize::new(after) }));
+                }
+                let model = Model::load_rank(&be, cfg, &ckpt, &mut |_, _, _| {}, ctx)?;
+                let kv = kv(&model.cfg);
+                Ok((be, model, kv))
+            }) as RankBuild<CpuBackend>
+        })
+        .collect();
+    EngineHandle::spawn_ranks(config, builds).expect("engine starts")
+}
+
+fn single(config: EngineConfig, kv: Kv) -> EngineHandle {
+    EngineHandle::spawn(config, move || {
+        let be = CpuBackend::new();
+        let (cfg, ckpt) = builtin::tiny()?;
+        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
+        let kv = kv(&model.cfg);
+        Ok((be, model, kv))
+    })
+    .unwrap()
+}
+
+/// A communicator that forwards to `inner` and panics at its `left`-th all-reduce.
+struct Dying<B: Backend> {
+    inner: Arc<dyn Communicator<B>>,
+    left: AtomicUsize,
+}
+
+impl<B: Backend> Communicator<B> for Dying<B> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn all_reduce_sum(&self, be: &B, x: &B::Tensor) -> dsv4_core::Result<B::Tensor> {
+        if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            panic!("worker killed by the test");
+        }
+        self.inner.all_reduce_sum(be, x)
+    }
+    fn all_gather(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
+        self.inner.all_gather(be, x, dim)
+    }
+    fn reduce_scatter_sum(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
+        self.inner.reduce_scatter_sum(be, x, dim)
+    }
+    fn all_to_all_v(&self, be: &B, x: &B::Tensor, rows: &[usize]) -> dsv4_core::Result<(B::Tensor, Vec<usize>)> {
+        self.inner.all_to_all_v(be, x, rows)
+    }
+    fn broadcast(&self, be: &B, x: &B::Tensor, root: usize) -> dsv4_core::Result<B::Tensor> {
+        self.inner.broadcast(be, x, root)
+    }
+    fn barrier(&self) -> dsv4_core::Result<()> {
+        self.inner.barrier()
+    }
+    fn split(&self, colour: usize) -> dsv4_core::Result<Box<dyn Communicator<B>>> {
+        self.inner.split(colour)
+    }
+    fn traffic(&self) -> Traffic {
+        self.inner.traffic()
+    }
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop_token_ids: vec![], logprobs: None }
+}
+
+fn prompt(seed: u32, n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| 3 + (i.wrapping_mul(2654435761).wrapping_add(seed * 977) >> 9) % 250).collect()
+}
+
+fn collect(mut s: RequestStream) -> (Vec<u32>, Result<FinishReason, String>) {
+    let mut toks = vec![];
+    while let Some(e) = s.blocking_recv() {
+        match e {
+            EngineEvent::Admitted { .. } => {}
+            EngineEvent::Token { id, .. } => toks.push(id),
+            EngineEvent::Finished { reason, .. } => return (toks, Ok(reason)),
+            EngineEvent::Error { message, .. } => return (toks, Err(message)),
+        }
+    }
+    panic!("the stream ended without Finished or Error");
+}
+
+fn roomy(cfg: &ModelConfig) -> KvConfig {
+    KvConfig::for_sequences(cfg, KvDtype::F32, 8, 160, 16)
+}
+
+/// Four prompts' worth of compressed blocks: growing past their first page preempts.
+fn tight(cfg: &ModelConfig) -> KvConfig {
+    KvConfig { compressed_blocks: 4, window_blocks: 16, ..KvConfig::for_sequences(cfg, KvDtype::F32, 1, 128, 16) }
+}
+
+const CONFIG: EngineConfig = EngineConfig {
+    prefill_chunk: 16,
+    max_num_batched_tokens: 64,
+    max_num_seqs: 64,
+    max_model_len: 0,
+    max_waiting: 1024,
+};
+
+#[test]
+fn a_split_engine_answers_as_one_device_does() {
+    let reqs: Vec<_> =
+        [5, 40, 17, 1, 33, 9].iter().enumerate().map(|(i, &n)| greedy(prompt(i as u32, n), 14)).collect();
+    let want: Vec<_> = {
+        let e = single(CONFIG, roomy);
+        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        s.into_iter().map(collect).collect()
+    };
+    for layout in [(2, 1, 2), (4, 2, 2)] {
+        let e = ranked(CONFIG, layout, roomy, None);
+        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let got: Vec<_> = s.into_iter().map(collect).collect();
+        assert_eq!(got, want, "{layout:?}");
+        // The same prompt again reuses its cached pages on every rank alike.
+        let again = collect(e.submit(reqs[1].clone()).unwrap());
+        assert_eq!(again, want[1], "{layout:?} with a reused prefix");
+    }
+}
+
+#[test]
+fn preemption_and_cancellation_replay_on_every_rank() {
+    let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(100 + i, 10), 100)).collect();
+    let want: Vec<_> = {
+        let e = single(CONFIG, roomy);
+        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
+    };
+    let e = ranked(CONFIG, (2, 2, 2), tight, None);
+    // A request whose client leaves after a few tokens, while the others run.
+    let mut gone = e.submit(greedy(prompt(7, 12), 90)).unwrap();
+    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(EngineEvent::Token { .. }) = gone.blocking_recv() {
+            seen += 1;
+        }
+    }
+    drop(gone);
+    let got: Vec<_> = streams.into_iter().map(collect).collect();
+    assert_eq!(got, want);
+    let s = e.stats();
+    assert!(s.preemptions_total > 0, "nothing was preempted: the test does not test preemption");
+    assert_eq!((s.requests_failed_total, s.requests_cancelled_total), (0, 1));
+    // Afterwards the ranks are still in step: a new request answers as one device does.
+    assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0]);
+}
+
+#[test]
+fn a_rank_that_dies_stops_the_engine_with_an_error() {
+    let e = ranked(CONFIG, (2, 1, 2), roomy, Some((1, 60)));
+    let start = Instant::now();
+    let (toks, end) = collect(e.submit(greedy(prompt(3, 20), 200)).unwrap());
+    let message = end.expect_err("the request fails");
+    assert!(message.contains("rank 1") && message.contains("left the communicator"), "{message}");
+    assert!(toks.len() < 200);
+    // The engine has stopped: new requests are refused with the reason, at once.
+    std::thread::sleep(Duration::from_millis(100));
+    match e.submit(greedy(prompt(4, 5), 5)) {
+        Err(SubmitError::Stopped(why)) => assert!(why.contains("model step failed"), "{why}"),
+        other => panic!("expected Stopped, got {:?}", other.map(|_| "a stream")),
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
