@@ -145,23 +145,11 @@ impl Display {
     }
 }
 
-/// Streams a generation to stdout; returns it and its text. Without a tokenizer nothing is
-/// shown and the text is empty (stop strings need text: callers refuse them first).
-fn stream<B: Backend>(
-    be: &B,
-    session: &mut Session<B>,
-    tok: Option<&Tokenizer>,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-    stops: &[String],
-    display: &mut Display,
-) -> Result<(Generation, String)> {
-    stream_to(be, session, tok, prompt, opts, stops, display, &mut std::io::stdout().lock(), true)
-}
-
-/// [`stream`] writing the text to `out`, and the speed line to stderr when `report`.
+/// Streams a generation to `out`, and the speed line to stderr when `report`; returns it and
+/// its text. Without a tokenizer nothing is shown and the text is empty (stop strings need
+/// text: callers refuse them first).
 #[allow(clippy::too_many_arguments)]
-fn stream_to<B: Backend>(
+fn stream<B: Backend>(
     be: &B,
     session: &mut Session<B>,
     tok: Option<&Tokenizer>,
@@ -299,7 +287,7 @@ fn generate_with<B: Backend>(
     // Only the showing rank takes stdout's lock: the others must not hold it while rank 0 waits.
     let mut out: Box<dyn Write> = if show { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::sink()) };
     let (generation, _) =
-        stream_to(be, &mut session, tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw, &mut *out, show)?;
+        stream(be, &mut session, tok, &prompt_ids, &opts, &sampling.stop, &mut Display::Raw, &mut *out, show)?;
     drop(out);
     if show && (print_ids || tok.is_none()) {
         if tok.is_some() {
@@ -340,23 +328,84 @@ pub fn run_chat<B: Backend>(
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
-    let opts = sampling.options(&model, Some(&tok));
-    let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
-    eprintln!("{}", kv_args::describe(&model.cfg, &config));
-    let mut session = Session::new(be, &model, config)?;
-    let mut messages: Vec<serde_json::Value> = vec![];
     let stdin = std::io::stdin();
-    eprintln!(
-        "dsv4 chat ({}): type a message, an empty line or Ctrl-D to quit",
-        if chat_args.thinking { "thinking" } else { "chat mode" }
-    );
-    loop {
-        eprint!("> ");
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
+    chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true)
+}
+
+/// `dsv4 chat --devices N` on the CPU backend: rank 0 reads the user's lines and hands each to
+/// the other ranks, which run the same conversation (same seed, same logits bits) silently.
+pub fn run_chat_ranks(
+    spec: &str,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    kv: &KvArgs,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<()> {
+    let tok = tokenizer_for(spec)?;
+    let probe = dsv4_backend_cpu::CpuBackend::new();
+    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    let (txs, rxs): (Vec<_>, Vec<_>) = (1..layout.world).map(|_| std::sync::mpsc::channel::<Option<String>>()).unzip();
+    let rxs: Vec<_> = rxs.into_iter().map(std::sync::Mutex::new).collect();
+    dsv4_core::parallel::run_local(layout, |ctx| {
+        let be = dsv4_backend_cpu::CpuBackend::new();
+        let rank = ctx.layout.rank;
+        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        if rank == 0 {
+            let stdin = std::io::stdin();
+            let mut lines = || {
+                let line = read_turn(&stdin);
+                for tx in &txs {
+                    let _ = tx.send(line.clone());
+                }
+                line
+            };
+            chat_loop(&be, &model, &tok, chat_args, sampling, kv, &mut lines, true)
+        } else {
+            let rx = rxs[rank - 1].lock().expect("one thread per rank");
+            chat_loop(&be, &model, &tok, chat_args, sampling, kv, &mut || rx.recv().ok().flatten(), false)
         }
-        messages.push(serde_json::json!({"role": "user", "content": line.trim_end()}));
+    })?;
+    Ok(())
+}
+
+/// The user's next line, or None at an empty line or the end of input.
+fn read_turn(stdin: &std::io::Stdin) -> Option<String> {
+    eprint!("> ");
+    let mut line = String::new();
+    match stdin.lock().read_line(&mut line) {
+        Ok(n) if n > 0 && !line.trim().is_empty() => Some(line.trim_end().to_string()),
+        _ => None,
+    }
+}
+
+/// The conversation: each line `next_turn` gives is a user message, answered on stdout when
+/// `show` (else computed silently: the other ranks of a split run).
+#[allow(clippy::too_many_arguments)]
+fn chat_loop<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tok: &Tokenizer,
+    chat_args: &ChatArgs,
+    sampling: &SamplingArgs,
+    kv: &KvArgs,
+    next_turn: &mut dyn FnMut() -> Option<String>,
+    show: bool,
+) -> Result<()> {
+    let opts = sampling.options(model, Some(tok));
+    let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
+    let mut session = Session::new(be, model, config)?;
+    let mut messages: Vec<serde_json::Value> = vec![];
+    if show {
+        eprintln!("{}", kv_args::describe(&model.cfg, &config));
+        eprintln!(
+            "dsv4 chat ({}): type a message, an empty line or Ctrl-D to quit",
+            if chat_args.thinking { "thinking" } else { "chat mode" }
+        );
+    }
+    while let Some(line) = next_turn() {
+        messages.push(serde_json::json!({"role": "user", "content": line}));
         let prompt = chat::render_openai(
             &serde_json::Value::Array(messages.clone()),
             None,
@@ -365,13 +414,18 @@ pub fn run_chat<B: Backend>(
         )?;
         let ids = tok.encode(&prompt)?;
         let mut display = Display::Parsed(chat::StreamParser::for_prompt(&prompt, chat::UnclosedThink::Reasoning));
-        let (generation, text) = stream(be, &mut session, Some(&tok), &ids, &opts, &sampling.stop, &mut display)?;
-        if generation.prefix_cached > 0 {
+        let mut out: Box<dyn Write> = if show { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::sink()) };
+        let (generation, text) =
+            stream(be, &mut session, Some(tok), &ids, &opts, &sampling.stop, &mut display, &mut *out, show)?;
+        drop(out);
+        if show && generation.prefix_cached > 0 {
             eprintln!("prefix cache: {} tokens reused", generation.prefix_cached);
         }
         let parsed = chat::parse_completion(&text, chat_args.thinking);
         messages.push(parsed.to_openai_message());
-        println!();
+        if show {
+            println!();
+        }
     }
     Ok(())
 }

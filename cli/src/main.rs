@@ -186,6 +186,8 @@ enum Command {
         backend: BackendChoice,
         #[command(flatten)]
         kv: kv_args::KvArgs,
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
     },
     /// Show a model's layer schedule, parameter counts and storage by dtype, and with
     /// `--context` / `--kv-dtype` the decoding state's pools, block sizes and what one sequence
@@ -471,7 +473,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Render { model, messages, tools, chat, ids } => {
             generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
         }
-        Command::Chat { model, chat, sampling, backend, kv } => {
+        Command::Chat { model, chat, sampling, backend, kv, parallel } => {
+            if parallel.is_split()? {
+                split_backend(backend, &parallel)?;
+                return generate::run_chat_ranks(&model.model, &chat, &sampling, &kv, &parallel);
+            }
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
         }
         Command::Inspect { model, context, kv_dtype, soc } => inspect::run(&model.model, context, kv_dtype, soc),

@@ -75,3 +75,23 @@ fn check_compares_a_split_run_with_one_device() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("on 4 ranks (TP 2, EP 4)") && out.contains("ok: worst relative difference"), "{out}");
 }
+
+#[test]
+fn split_chat_answers_every_turn_as_one_device() {
+    use std::io::Write;
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+            .args([&["chat", "--max-new-tokens", "6", "--temperature", "0"][..], extra].concat())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"Hello\nAgain\n\n").unwrap();
+        ok(child.wait_with_output().unwrap())
+    };
+    let one = run(&[]);
+    let split = run(&["--devices", "2"]);
+    assert!(!one.stdout.is_empty());
+    assert_eq!(split.stdout, one.stdout);
+}
