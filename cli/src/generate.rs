@@ -348,9 +348,14 @@ pub fn run_chat_ranks(
     eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     let (txs, rxs): (Vec<_>, Vec<_>) = (1..layout.world).map(|_| std::sync::mpsc::channel::<Option<String>>()).unzip();
     let rxs: Vec<_> = rxs.into_iter().map(std::sync::Mutex::new).collect();
+    // Rank 0's thread owns the senders, so they close whenever it ends (an error, a closed
+    // stdout, a failed load): the other ranks then see the end of the conversation instead of
+    // waiting for a line forever.
+    let txs = std::sync::Mutex::new(Some(txs));
     dsv4_core::parallel::run_local(layout, |ctx| {
-        let be = dsv4_backend_cpu::CpuBackend::new();
         let rank = ctx.layout.rank;
+        let txs = if rank == 0 { txs.lock().expect("taken once").take().unwrap_or_default() } else { vec![] };
+        let be = dsv4_backend_cpu::CpuBackend::new();
         let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         if rank == 0 {
             let stdin = std::io::stdin();

@@ -113,21 +113,21 @@ fn model_names(spec: &str, served: Option<&str>) -> (String, Vec<String>) {
 }
 
 /// The pool: `--kv-cache-memory` when given; else what `seqs` sequences of `tokens` tokens need,
-/// at most half the memory free once the weights are loaded.
+/// at most half the memory free once the weights are loaded, shared by the `sharing` pools
+/// that memory holds (the ranks of a CPU run each hold a pool of this size in the same memory).
 fn serving_kv<B: Backend>(
     be: &B,
     cfg: &dsv4_core::ModelConfig,
     kv: &KvArgs,
-    seqs: usize,
-    tokens: usize,
-    chunk: usize,
+    (seqs, tokens, chunk): (usize, usize, usize),
+    sharing: usize,
 ) -> Result<KvConfig> {
     let bytes = match kv.kv_cache_memory {
         Some(m) => m.resolve(|| kv_args::free_memory(be))?,
         None => {
             let need = kv_args::budget_for_tokens(cfg, kv.kv_dtype(be), tokens, chunk).saturating_mul(seqs);
             match kv_args::free_memory(be) {
-                Ok(free) => need.min(free / 2),
+                Ok(free) => need.min(free / 2 / sharing.max(1)),
                 Err(e) => {
                     eprintln!(
                         "kv cache: {e:#}; sizing for {seqs} sequences of {tokens} tokens ({})",
@@ -166,7 +166,7 @@ fn spawn_engine<B: Backend + 'static>(
             }
             n => n,
         };
-        let kv = serving_kv(&be, &model.cfg, &kv, config.max_num_seqs, tokens, config.prefill_chunk)?;
+        let kv = serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, config.prefill_chunk), 1)?;
         eprintln!("{}", kv_args::describe(&model.cfg, &kv));
         let _ = eos_tx.send(model.cfg.eos_token_ids.clone());
         Ok((be, model, kv))
@@ -204,7 +204,9 @@ fn spawn_engine_ranks(
         Some(kv_args::MemorySize::Fraction(f)) => Some(kv_args::MemorySize::Fraction(f / layout.world as f64)),
         other => other,
     };
-    let pool = serving_kv(&probe, &cfg, &per_rank, config.max_num_seqs, tokens, config.prefill_chunk)?;
+    // The ranks' pools share this machine's memory: together they take what one would.
+    let shape = (config.max_num_seqs, tokens, config.prefill_chunk);
+    let pool = serving_kv(&probe, &cfg, &per_rank, shape, layout.world)?;
     eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
@@ -300,10 +302,14 @@ mod tests {
             kv_cache_memory: None,
             weight_memory: Default::default(),
         };
-        let small = serving_kv(&be, &cfg, &kv, 2, 1000, 64).unwrap();
+        let small = serving_kv(&be, &cfg, &kv, (2, 1000, 64), 1).unwrap();
         assert!(small.token_capacity(&cfg).unwrap() >= 2000, "{small:?}");
         let free = kv_args::free_memory(&be).unwrap();
-        let big = serving_kv(&be, &cfg, &kv, 64, cfg.max_position_embeddings, 512).unwrap();
+        let big = serving_kv(&be, &cfg, &kv, (64, cfg.max_position_embeddings, 512), 1).unwrap();
         assert!(big.total_bytes(&cfg) <= free / 2 + free / 100, "{big:?}");
+        // Four CPU ranks hold four pools in the same memory: together at most half of it.
+        let flash = dsv4_core::builtin::flash_shape().unwrap().0;
+        let ranks = serving_kv(&be, &flash, &kv, (64, flash.max_position_embeddings, 512), 4).unwrap();
+        assert!(4 * ranks.total_bytes(&flash) <= free / 2 + free / 100, "{ranks:?}");
     }
 }

@@ -95,3 +95,35 @@ fn split_chat_answers_every_turn_as_one_device() {
     assert!(!one.stdout.is_empty());
     assert_eq!(split.stdout, one.stdout);
 }
+
+#[test]
+fn split_chat_ends_when_rank_0_fails() {
+    // Rank 0 fails writing the answer (stdout closed, as under `| head -c 1`): the other ranks,
+    // waiting for the next line, must end too, and the command exit with rank 0's error.
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["chat", "--max-new-tokens", "6", "--devices", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"Hello\n").unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().ok();
+            panic!("dsv4 chat --devices 2 hangs after rank 0 failed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(stdin);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success() && err.contains("Broken pipe"), "{status}: {err}");
+}

@@ -401,10 +401,28 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// The engine loop: until every handle is dropped (or, on several ranks, a rank fails).
-    /// Returns why it stopped.
+    /// Returns why it stopped; every request still queued, preempted or running then gets that
+    /// reason as its error (not a stream that just ends).
     fn run(&mut self, rx: mpsc::Receiver<Submitted>) -> String {
+        let why = self.serve(&rx);
+        let message = format!("the engine has stopped: {why}");
+        let waiting: Vec<Submitted> = self.waiting.drain(..).chain(rx.try_iter()).collect();
+        for s in waiting {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            let usage = Usage { prompt_tokens: s.req.prompt.len(), ..Default::default() };
+            let _ = s.out.send(EngineEvent::Error { message: message.clone(), usage });
+        }
+        for mut a in self.preempted.drain(..).chain(std::mem::take(&mut self.active)) {
+            self.cache.release(&mut a.seq);
+            let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
+        }
+        why
+    }
+
+    /// [`Engine::run`]'s loop: one iteration's inputs, one step, until the engine stops.
+    fn serve(&mut self, rx: &mpsc::Receiver<Submitted>) -> String {
         loop {
-            if let Err(why) = self.begin_iteration(&rx) {
+            if let Err(why) = self.begin_iteration(rx) {
                 return why;
             }
             let progressed = match self.step() {

@@ -203,3 +203,16 @@ fn a_rank_that_dies_stops_the_engine_with_an_error() {
     }
     assert!(start.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn a_rank_that_dies_fails_the_queued_requests_with_its_error_too() {
+    // One sequence at a time: the second request is still queued when rank 1 dies.
+    let config = EngineConfig { max_num_seqs: 1, ..CONFIG };
+    let e = ranked(config, (2, 1, 2), roomy, Some((1, 60)));
+    let running = e.submit(greedy(prompt(3, 20), 200)).unwrap();
+    let queued = e.submit(greedy(prompt(5, 20), 200)).unwrap();
+    for (what, s) in [("running", running), ("queued", queued)] {
+        let message = collect(s).1.expect_err("the request fails");
+        assert!(message.contains("rank 1") && message.contains("left the communicator"), "{what}: {message}");
+    }
+}
