@@ -13,6 +13,9 @@
 //!   library instead (the CPU emulator in `tests/ascend-emu`), through the same code path.
 //! * `ASCEND_RT_VISIBLE_DEVICES` is applied by the runtime itself (the emulator too): device
 //!   ids are indices into the visible set.
+//! * HCCL (`libhccl.so`, [`hccl`]) has its own header (`include/dsv4_hccl.h`), bindings and
+//!   table, loaded only when the first communicator is made, from the emulator as well when
+//!   `DSV4_ASCEND_EMULATOR` is set.
 
 use std::ffi::{c_void, CStr};
 use std::ops::Deref;
@@ -80,6 +83,8 @@ pub mod sys {
     include!("bindings.rs");
 }
 pub use sys::*;
+
+pub mod hccl;
 
 /// The library dsv4 looks for first; its directory is where the others are expected.
 pub const RUNTIME_LIBRARY: &str = "libascendcl.so";
