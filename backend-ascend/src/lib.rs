@@ -212,6 +212,7 @@ macro_rules! aclnn {
 
 pub mod kernels;
 
+pub use hccl::{run_ranks, HcclCommunicator};
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
 pub use pool::AscendPool;
 
@@ -246,6 +247,7 @@ macro_rules! aclnn_cached {
 }
 
 mod attention;
+pub mod hccl;
 mod indexer;
 mod moe;
 mod pool;

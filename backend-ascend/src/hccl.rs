@@ -1,0 +1,892 @@
+//! Collectives over HCCL: [`HcclCommunicator`] implements dsv4's
+//! [`Communicator`](dsv4_core::parallel::Communicator) on device tensors, enqueued on the
+//! backend's stream, and [`run_ranks`] runs one rank per device as threads of this process.
+//!
+//! # How each collective maps onto HCCL (f32 activations, `HCCL_DATA_TYPE_FP32`)
+//!
+//! * `all_reduce_sum`: `HcclAllReduce` (SUM) into a new tensor; stream ordered, no host sync.
+//! * `reduce_scatter_sum` along `dim`: a strided copy makes every rank's part of `dim`
+//!   contiguous (`[size, outer, part·inner]`; none when `dim`'s outer extent is 1), then
+//!   `HcclReduceScatter`; stream ordered.
+//! * `broadcast`: `HcclBroadcast` from the root's own tensor (returned as it is there) into a new
+//!   tensor elsewhere; stream ordered.
+//! * `all_gather` along `dim`: the ranks first exchange their shapes (a small metadata
+//!   all-gather, read on the host), because the trait lets `dim` differ between ranks; then
+//!   `HcclAllGather` into `[size · n]` (each part zero-padded to the largest when the sizes
+//!   differ) and a rearrangement on the device with the backend's strided copy / concat when
+//!   `dim` is not the outermost.
+//! * `all_to_all_v`: the metadata exchange carries every rank's `send_rows`, so every rank knows
+//!   the whole count matrix (HCCL requires matching send/receive counts on both sides), then one
+//!   `HcclAlltoAllV` with element counts and displacements.
+//! * `barrier`: `HcclBarrier`, then the stream is synchronised (it returns once every rank has
+//!   called it).
+//! * `split`: the metadata exchange carries the colours, so every member passes the same
+//!   ascending `rankIds`, then `HcclCreateSubCommConfig` on the *global* communicator (HCCL
+//!   cannot split a sub-communicator, so a split of one is made from the global communicator
+//!   with the members' global ranks), with a `subCommId` derived from the parent, the split's
+//!   sequence number and the group's first member, unique within the global communicator.
+//!
+//! The metadata exchange also gives the strict checks of the in-process communicator where it
+//! runs (all-gather, all-to-all-v, split): invalid arguments on one rank, disagreeing dims or
+//! shapes and different collectives at the same step fail on *every* rank with one message.
+//! All-reduce, reduce-scatter and broadcast stay purely stream-ordered: their arguments are
+//! checked on the calling rank only, and HCCL itself reports (or times out on) ranks that
+//! disagree.
+//!
+//! # Errors
+//!
+//! Every HCCL failure is [`Error::Comm`] naming the function, the status
+//! (`HCCL_E_PARA (1)`), `HcclGetErrorString` and the runtime's (or the emulator's) recent error
+//! message. Traffic follows [`dsv4_core::parallel::Traffic`]'s rules exactly as
+//! [`dsv4_core::parallel::LocalComm`] counts it (the metadata exchanges are not counted).
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use dsv4_ascend_sys::hccl::{self as h, HcclComm, HcclDataType, HcclReduceOp, HcclResult, HcclRootInfo};
+use dsv4_core::backend::Backend;
+use dsv4_core::error::{Error, Result};
+use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, ParallelLayout, RankContext, Traffic};
+
+use crate::acl::{err, Device};
+use crate::{numel, AscendBackend, AscendTensor};
+
+/// The HCCL library, loaded on first use (single-device runs never load it).
+pub fn library() -> Result<&'static h::Hccl> {
+    h::hccl().map_err(|e| err(e.to_string()))
+}
+
+/// One HCCL communicator handle, destroyed (after the stream drains) when the last user is
+/// gone. A sub-communicator keeps its global communicator alive, so that HCCL sees the
+/// sub-communicators destroyed first.
+struct Handle {
+    hccl: &'static h::Hccl,
+    comm: HcclComm,
+    dev: Arc<Device>,
+    parent: Option<Arc<Handle>>,
+}
+
+// SAFETY: the handle is an opaque pointer that HCCL accepts from any thread once the device is
+// set on it (every use goes through `Device::enter` first); the communicator serialises its
+// own calls with a mutex.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Queued collectives still use the communicator: drain the stream first.
+        let _ = self.dev.synchronize();
+        if let Ok(destroy) = self.hccl.HcclCommDestroy() {
+            // SAFETY: a communicator from HcclCommInitRootInfo / HcclCreateSubCommConfig, owned by
+            // this handle, destroyed once; its sub-communicators (which hold this handle) are gone.
+            unsafe { destroy(self.comm) };
+        }
+    }
+}
+
+/// One rank of an HCCL communicator on one Ascend device.
+pub struct HcclCommunicator {
+    handle: Arc<Handle>,
+    rank: usize,
+    size: usize,
+    /// The members' ranks in the global communicator, ascending (this rank's is `[rank]`).
+    global_ranks: Vec<u32>,
+    /// This communicator's `subCommId` (0 for a global one), for deriving its children's.
+    id: u64,
+    /// Splits made from this communicator so far.
+    splits: AtomicU64,
+    traffic: Mutex<Traffic>,
+    /// Collectives on one communicator run one at a time.
+    busy: Mutex<()>,
+}
+
+impl std::fmt::Debug for HcclCommunicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HcclCommunicator")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("device", &self.handle.dev.id)
+            .field("global_ranks", &self.global_ranks)
+            .finish()
+    }
+}
+
+/// Dims a tensor may have in the collectives that exchange shapes.
+const MAX_DIMS: usize = 8;
+/// Bytes of an invalid-argument message carried by the metadata exchange.
+const MSG_BYTES: usize = 256;
+
+/// A rank's entry of a metadata exchange (see [`HcclCommunicator::exchange`]).
+struct Meta {
+    kind: CollectiveKind,
+    /// This rank's reason its arguments are invalid (then the collective fails everywhere).
+    invalid: Option<String>,
+    /// The dim (all-gather) or colour (split).
+    arg: u64,
+    shape: Vec<usize>,
+    /// All-to-all-v: rows to each rank.
+    rows: Vec<usize>,
+}
+
+const KINDS: [CollectiveKind; 7] = [
+    CollectiveKind::AllReduce,
+    CollectiveKind::AllGather,
+    CollectiveKind::ReduceScatter,
+    CollectiveKind::AllToAllV,
+    CollectiveKind::Broadcast,
+    CollectiveKind::Barrier,
+    CollectiveKind::Split,
+];
+
+impl HcclCommunicator {
+    /// On one rank (the root) of a communicator of `size` ranks about to be made:
+    /// `HcclGetRootInfo`, the blob every rank passes to [`HcclCommunicator::init_rank`]. Loads
+    /// HCCL on first use.
+    pub fn root_info(be: &AscendBackend, size: usize) -> Result<HcclRootInfo> {
+        let hccl = library()?;
+        be.dev.enter()?;
+        let f = hccl.HcclGetRootInfo().map_err(|e| err(e.to_string()))?;
+        let mut info = HcclRootInfo::default();
+        // SAFETY: out-pointer to a local blob of the documented size.
+        let code = unsafe { f(&mut info) };
+        check(hccl, be.dev.api, code, "HcclGetRootInfo").map_err(|msg| Error::Comm { rank: 0, size, msg })?;
+        Ok(info)
+    }
+
+    /// Collective over the `size` ranks (each on its own thread or process, with its own
+    /// device): joins the communicator described by `root` as rank `rank`
+    /// (`HcclCommInitRootInfo`) on `be`'s device and stream.
+    pub fn init_rank(be: &AscendBackend, root: &HcclRootInfo, rank: usize, size: usize) -> Result<HcclCommunicator> {
+        let comm_err = |msg: String| Error::Comm { rank, size, msg };
+        let hccl = library()?;
+        if rank >= size {
+            return Err(comm_err(format!("rank {rank} is not a rank of {size}")));
+        }
+        let (r, n) = (u32::try_from(rank), u32::try_from(size));
+        let (Ok(r), Ok(n)) = (r, n) else { return Err(comm_err(format!("{size} ranks are too many for HCCL"))) };
+        be.dev.enter()?;
+        let f = hccl.HcclCommInitRootInfo().map_err(|e| err(e.to_string()))?;
+        let mut comm: HcclComm = std::ptr::null_mut();
+        // SAFETY: `root` is a live blob from HcclGetRootInfo; `comm` is an out-pointer to a local.
+        let code = unsafe { f(n, root, r, &mut comm) };
+        check(hccl, be.dev.api, code, "HcclCommInitRootInfo").map_err(comm_err)?;
+        let handle = Arc::new(Handle { hccl, comm, dev: be.dev.clone(), parent: None });
+        let c = HcclCommunicator::new(handle, rank, size, (0..n).collect(), 0);
+        c.verify()?;
+        Ok(c)
+    }
+
+    fn new(handle: Arc<Handle>, rank: usize, size: usize, global_ranks: Vec<u32>, id: u64) -> HcclCommunicator {
+        HcclCommunicator {
+            handle,
+            rank,
+            size,
+            global_ranks,
+            id,
+            splits: AtomicU64::new(0),
+            traffic: Mutex::new(Traffic::default()),
+            busy: Mutex::new(()),
+        }
+    }
+
+    /// Checks HCCL's own idea of this rank and size (`HcclGetRankId`, `HcclGetRankSize`).
+    fn verify(&self) -> Result<()> {
+        let hccl = self.handle.hccl;
+        let (mut r, mut n) = (u32::MAX, 0u32);
+        let f = hccl.HcclGetRankId().map_err(|e| self.error(e.to_string()))?;
+        // SAFETY: our live communicator and an out-pointer to a local.
+        self.check(unsafe { f(self.handle.comm, &mut r) }, "HcclGetRankId")?;
+        let f = hccl.HcclGetRankSize().map_err(|e| self.error(e.to_string()))?;
+        // SAFETY: as above.
+        self.check(unsafe { f(self.handle.comm, &mut n) }, "HcclGetRankSize")?;
+        if (r as usize, n as usize) != (self.rank, self.size) {
+            return Err(self.error(format!(
+                "HCCL reports rank {r} of {n} for the communicator made as rank {} of {}",
+                self.rank, self.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device the communicator runs on.
+    pub fn device(&self) -> i32 {
+        self.handle.dev.id
+    }
+
+    fn error(&self, msg: String) -> Error {
+        Error::Comm { rank: self.rank, size: self.size, msg }
+    }
+
+    fn check(&self, code: HcclResult, what: &str) -> Result<()> {
+        check(self.handle.hccl, self.handle.dev.api, code, what).map_err(|m| self.error(m))
+    }
+
+    /// Locks the communicator for one collective, after checking that `be` is its device.
+    fn enter(&self, be: Option<&AscendBackend>, kind: CollectiveKind) -> Result<MutexGuard<'_, ()>> {
+        if let Some(be) = be {
+            if !Arc::ptr_eq(&be.dev, &self.handle.dev) {
+                return Err(self.error(format!(
+                    "{} was given a backend of device {}, but the communicator runs on device {}'s stream",
+                    kind.name(),
+                    be.dev.id,
+                    self.handle.dev.id
+                )));
+            }
+        }
+        let guard = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        self.handle.dev.enter().map_err(|e| self.error(format!("{}: {e}", kind.name())))?;
+        Ok(guard)
+    }
+
+    fn record(&self, kind: CollectiveKind, values: usize) {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, values as u64 * 4);
+    }
+
+    /// A backend error during `kind`, as a communicator error.
+    fn wrap(&self, kind: CollectiveKind) -> impl Fn(Error) -> Error + '_ {
+        move |e| self.error(format!("{}: {e}", kind.name()))
+    }
+
+    fn invalid(&self, kind: CollectiveKind, what: String) -> String {
+        format!("rank {} called {} with invalid arguments: {what}", self.rank, kind.name())
+    }
+
+    fn ptr(t: &AscendTensor) -> *mut c_void {
+        (t.buf.ptr + (t.offset * 4) as u64) as *mut c_void
+    }
+
+    /// Words per rank of a metadata exchange: kind, status, arg, ndim, shape, rows, message.
+    fn meta_len(&self) -> usize {
+        4 + MAX_DIMS + self.size + MSG_BYTES / 8
+    }
+
+    /// Every rank's [`Meta`] (a small `HcclAllGather` of UINT64 words, read on the host), with
+    /// the checks every rank makes identically: the same collective everywhere, and no rank
+    /// with invalid arguments.
+    fn exchange(&self, me: Meta) -> Result<Vec<Meta>> {
+        let len = self.meta_len();
+        let mut words = vec![0u64; len];
+        words[0] = KINDS.iter().position(|k| *k == me.kind).unwrap_or(0) as u64;
+        words[2] = me.arg;
+        let mut invalid = me.invalid.clone();
+        if invalid.is_none() && me.shape.len() > MAX_DIMS {
+            invalid = Some(self.invalid(
+                me.kind,
+                format!("shape {:?} has more than {MAX_DIMS} dims, the most this communicator exchanges", me.shape),
+            ));
+        }
+        words[3] = me.shape.len().min(MAX_DIMS) as u64;
+        for (w, &d) in words[4..4 + MAX_DIMS].iter_mut().zip(&me.shape) {
+            *w = d as u64;
+        }
+        for (w, &r) in words[4 + MAX_DIMS..4 + MAX_DIMS + self.size].iter_mut().zip(&me.rows) {
+            *w = r as u64;
+        }
+        if let Some(msg) = &invalid {
+            words[1] = 1;
+            let mut bytes = msg.as_bytes().to_vec();
+            bytes.truncate(MSG_BYTES);
+            bytes.resize(MSG_BYTES, 0);
+            for (w, c) in words[len - MSG_BYTES / 8..].iter_mut().zip(bytes.chunks_exact(8)) {
+                *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            }
+        }
+        let dev = &self.handle.dev;
+        let send = dev.alloc(len * 8).map_err(self.wrap(me.kind))?;
+        let recv = dev.alloc(len * 8 * self.size).map_err(self.wrap(me.kind))?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        dev.upload_bytes(&send, &bytes).map_err(self.wrap(me.kind))?;
+        let f = self.handle.hccl.HcclAllGather().map_err(|e| self.error(e.to_string()))?;
+        // SAFETY: `send` holds `len` u64 words, `recv` room for `size · len`; both are live device
+        // blocks, used in order on our stream (returned to the pool only after the stream drains
+        // below); the communicator and stream are ours.
+        let code = unsafe {
+            f(
+                send.ptr as *mut c_void,
+                recv.ptr as *mut c_void,
+                len as u64,
+                HcclDataType::HCCL_DATA_TYPE_UINT64,
+                self.handle.comm,
+                dev.stream,
+            )
+        };
+        self.check(code, "HcclAllGather")?;
+        let mut out = vec![0u8; len * 8 * self.size];
+        dev.download_bytes(recv.ptr, &mut out).map_err(self.wrap(me.kind))?;
+        let words: Vec<u64> =
+            out.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        let metas: Vec<Meta> = words
+            .chunks_exact(len)
+            .map(|w| {
+                let ndim = (w[3] as usize).min(MAX_DIMS);
+                let invalid = (w[1] != 0).then(|| {
+                    let bytes: Vec<u8> = w[len - MSG_BYTES / 8..].iter().flat_map(|x| x.to_le_bytes()).collect();
+                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+                    String::from_utf8_lossy(&bytes[..end]).into_owned()
+                });
+                Meta {
+                    kind: KINDS.get(w[0] as usize).copied().unwrap_or(CollectiveKind::Barrier),
+                    invalid,
+                    arg: w[2],
+                    shape: w[4..4 + ndim].iter().map(|&d| d as usize).collect(),
+                    rows: w[4 + MAX_DIMS..4 + MAX_DIMS + self.size].iter().map(|&r| r as usize).collect(),
+                }
+            })
+            .collect();
+        if metas.iter().any(|m| m.kind != me.kind) {
+            return Err(self.error(format!(
+                "ranks called different collectives at the same step: {}",
+                per_rank(&metas, |m| m.kind.name())
+            )));
+        }
+        if let Some(msg) = metas.iter().find_map(|m| m.invalid.clone()) {
+            return Err(self.error(msg));
+        }
+        Ok(metas)
+    }
+
+    /// A new f32 tensor on the device (a communicator error on failure).
+    fn alloc(&self, be: &AscendBackend, kind: CollectiveKind, shape: &[usize]) -> Result<AscendTensor> {
+        be.new_tensor(shape).map_err(self.wrap(kind))
+    }
+}
+
+/// A status as a message (None on success): the function, the status name and number,
+/// `HcclGetErrorString` and the runtime's recent error message.
+fn check(hccl: &h::Hccl, api: &dsv4_ascend_sys::Api, code: HcclResult, what: &str) -> std::result::Result<(), String> {
+    if code == HcclResult::HCCL_SUCCESS {
+        return Ok(());
+    }
+    let mut msg = format!("{what} failed with {} ({})", h::result_name(code), code.0);
+    if let Some(s) = hccl.error_string(code) {
+        msg.push_str(&format!(": {s}"));
+    }
+    msg.push_str(&format!("; {}", api.recent_error().unwrap_or_else(|| "no detail from aclGetRecentErrMsg".into())));
+    Err(msg)
+}
+
+/// "rank 0 X, rank 1 Y, …".
+fn per_rank<T: std::fmt::Display>(metas: &[Meta], f: impl Fn(&Meta) -> T) -> String {
+    metas.iter().enumerate().map(|(r, m)| format!("rank {r} {}", f(m))).collect::<Vec<_>>().join(", ")
+}
+
+fn describe_shape(shape: &[usize]) -> String {
+    format!("{shape:?} ({} values)", numel(shape))
+}
+
+/// `(outer, len, inner)` of `shape` around `dim`.
+fn around(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+    (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]))
+}
+
+/// A 64-bit FNV-1a mix, for sub-communicator ids.
+fn mix(words: &[u64]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for w in words {
+        for b in w.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl Communicator<AscendBackend> for HcclCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, be: &AscendBackend, x: &AscendTensor) -> Result<AscendTensor> {
+        let kind = CollectiveKind::AllReduce;
+        let _busy = self.enter(Some(be), kind)?;
+        let n = numel(&x.shape);
+        let out = self.alloc(be, kind, &x.shape)?;
+        if n > 0 {
+            let f = self.handle.hccl.HcclAllReduce().map_err(|e| self.error(e.to_string()))?;
+            // SAFETY: `x` and `out` are live device tensors of `n` f32 each (the input is only
+            // read); the communicator and the stream are ours, and later users of `out` are
+            // ordered after the collective on the same stream.
+            let code = unsafe {
+                f(
+                    Self::ptr(x),
+                    Self::ptr(&out),
+                    n as u64,
+                    HcclDataType::HCCL_DATA_TYPE_FP32,
+                    HcclReduceOp::HCCL_REDUCE_SUM,
+                    self.handle.comm,
+                    self.handle.dev.stream,
+                )
+            };
+            self.check(code, "HcclAllReduce")?;
+        }
+        self.record(kind, n);
+        Ok(out)
+    }
+
+    fn all_gather(&self, be: &AscendBackend, x: &AscendTensor, dim: usize) -> Result<AscendTensor> {
+        let kind = CollectiveKind::AllGather;
+        let _busy = self.enter(Some(be), kind)?;
+        let shape = x.shape.clone();
+        let invalid =
+            (dim >= shape.len()).then(|| self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}")));
+        let metas = self.exchange(Meta { kind, invalid, arg: dim as u64, shape: shape.clone(), rows: Vec::new() })?;
+        if metas.iter().any(|m| m.arg != dim as u64) {
+            return Err(self.error(format!("all_gather: the ranks disagree on dim: {}", per_rank(&metas, |m| m.arg))));
+        }
+        let others = |s: &[usize]| {
+            let mut s = s.to_vec();
+            s[dim] = 0;
+            s
+        };
+        if metas.iter().any(|m| m.shape.len() != shape.len() || others(&m.shape) != others(&shape)) {
+            return Err(self.error(format!(
+                "all_gather: the ranks' shapes differ outside dim {dim}: {}",
+                per_rank(&metas, |m| describe_shape(&m.shape))
+            )));
+        }
+        let lens: Vec<usize> = metas.iter().map(|m| m.shape[dim]).collect();
+        let (outer, len, inner) = around(&shape, dim);
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let total: usize = lens.iter().sum();
+        let mut out_shape = shape.clone();
+        out_shape[dim] = total;
+        let chunk = outer * max * inner;
+        if chunk == 0 {
+            // Nothing to move on any rank (every rank computed the same sizes).
+            let out = self.alloc(be, kind, &out_shape)?;
+            self.record(kind, numel(&shape));
+            return Ok(out);
+        }
+        // This rank's part, zero-padded along `dim` to the largest part.
+        let padded;
+        let send = if len == max {
+            x
+        } else {
+            let mut pad_shape = shape.clone();
+            pad_shape[dim] = max - len;
+            let zeros = be.full(&pad_shape, 0.0).map_err(self.wrap(kind))?;
+            padded = be.concat(&[x, &zeros], dim).map_err(self.wrap(kind))?;
+            &padded
+        };
+        let gathered = self.alloc(be, kind, &[self.size * chunk])?;
+        let f = self.handle.hccl.HcclAllGather().map_err(|e| self.error(e.to_string()))?;
+        // SAFETY: `send` holds `chunk` f32 and `gathered` `size · chunk`, both live device tensors;
+        // the communicator and stream are ours; later reads are ordered after it on the stream.
+        let code = unsafe {
+            f(
+                Self::ptr(send),
+                Self::ptr(&gathered),
+                chunk as u64,
+                HcclDataType::HCCL_DATA_TYPE_FP32,
+                self.handle.comm,
+                self.handle.dev.stream,
+            )
+        };
+        self.check(code, "HcclAllGather")?;
+        // `gathered` is `[size, outer, max, inner]`; the result is `[outer, total, inner]`.
+        let out = if lens.iter().all(|&l| l == max) {
+            if outer == 1 {
+                gathered
+            } else {
+                be.gather_view(&gathered, &[outer, self.size, max * inner], &[max * inner, chunk, 1], 0)
+                    .map_err(self.wrap(kind))?
+            }
+        } else {
+            let parts: Vec<AscendTensor> = lens
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l > 0)
+                .map(|(r, &l)| be.gather_view(&gathered, &[outer, l * inner], &[max * inner, 1], r * chunk))
+                .collect::<Result<_>>()
+                .map_err(self.wrap(kind))?;
+            let refs: Vec<&AscendTensor> = parts.iter().collect();
+            be.concat(&refs, 1).map_err(self.wrap(kind))?
+        };
+        let out = be.reshape(&out, &out_shape).map_err(self.wrap(kind))?;
+        self.record(kind, numel(&shape));
+        Ok(out)
+    }
+
+    fn reduce_scatter_sum(&self, be: &AscendBackend, x: &AscendTensor, dim: usize) -> Result<AscendTensor> {
+        let kind = CollectiveKind::ReduceScatter;
+        let _busy = self.enter(Some(be), kind)?;
+        let (size, shape) = (self.size, x.shape.clone());
+        if dim >= shape.len() {
+            return Err(self.error(self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}"))));
+        }
+        if shape[dim] % size != 0 {
+            return Err(self.error(self.invalid(
+                kind,
+                format!("dim {dim} of shape {shape:?} has size {}, not a multiple of the {size} ranks", shape[dim]),
+            )));
+        }
+        let n = numel(&shape);
+        let (outer, len, inner) = around(&shape, dim);
+        let part = len / size;
+        let mut out_shape = shape.clone();
+        out_shape[dim] = part;
+        let out = self.alloc(be, kind, &out_shape)?;
+        if n > 0 {
+            // Rank r's part of every outer row, made contiguous: `[size, outer, part · inner]`.
+            let arranged;
+            let send = if outer == 1 {
+                x
+            } else {
+                arranged = be
+                    .gather_view(x, &[size, outer, part * inner], &[part * inner, len * inner, 1], 0)
+                    .map_err(self.wrap(kind))?;
+                &arranged
+            };
+            let f = self.handle.hccl.HcclReduceScatter().map_err(|e| self.error(e.to_string()))?;
+            // SAFETY: `send` holds `size · count` f32 and `out` `count`, both live device tensors;
+            // the communicator and stream are ours; later reads are ordered after it.
+            let code = unsafe {
+                f(
+                    Self::ptr(send),
+                    Self::ptr(&out),
+                    (n / size) as u64,
+                    HcclDataType::HCCL_DATA_TYPE_FP32,
+                    HcclReduceOp::HCCL_REDUCE_SUM,
+                    self.handle.comm,
+                    self.handle.dev.stream,
+                )
+            };
+            self.check(code, "HcclReduceScatter")?;
+        }
+        self.record(kind, n);
+        Ok(out)
+    }
+
+    /// Receiving no rows gives a `[0, ..]` tensor.
+    fn all_to_all_v(
+        &self,
+        be: &AscendBackend,
+        x: &AscendTensor,
+        send_rows: &[usize],
+    ) -> Result<(AscendTensor, Vec<usize>)> {
+        let kind = CollectiveKind::AllToAllV;
+        let _busy = self.enter(Some(be), kind)?;
+        let (size, shape) = (self.size, x.shape.clone());
+        let rows = shape.first().copied();
+        let invalid = match rows {
+            None => Some(self.invalid(kind, "x is a scalar; it needs a row dim".into())),
+            Some(_) if send_rows.len() != size => {
+                Some(self.invalid(kind, format!("{} send_rows for {size} ranks", send_rows.len())))
+            }
+            Some(rows) if send_rows.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(rows) => {
+                Some(self.invalid(kind, format!("send_rows {send_rows:?} do not sum to the {rows} rows of {shape:?}")))
+            }
+            Some(_) => None,
+        };
+        let metas = self.exchange(Meta { kind, invalid, arg: 0, shape: shape.clone(), rows: send_rows.to_vec() })?;
+        let rest = |m: &Meta| m.shape[1..].to_vec();
+        if metas.iter().any(|m| rest(m) != shape[1..]) {
+            return Err(self.error(format!(
+                "all_to_all_v: the ranks' rows differ (shape after the row dim, and values per row): {}",
+                per_rank(&metas, |m| format!("{:?} ({})", &m.shape[1..], numel(&m.shape[1..])))
+            )));
+        }
+        let width = numel(&shape[1..]);
+        let rows = shape[0];
+        let counts: Vec<usize> = metas.iter().map(|m| m.rows[self.rank]).collect();
+        let mut out_shape = shape.clone();
+        out_shape[0] = counts.iter().sum();
+        let out = self.alloc(be, kind, &out_shape)?;
+        let moved: usize = metas.iter().flat_map(|m| m.rows.iter()).sum();
+        if moved * width > 0 {
+            let prefix = |v: &[u64]| -> Vec<u64> {
+                v.iter()
+                    .scan(0u64, |acc, &c| {
+                        let start = *acc;
+                        *acc += c;
+                        Some(start)
+                    })
+                    .collect()
+            };
+            let send_counts: Vec<u64> = send_rows.iter().map(|&r| (r * width) as u64).collect();
+            let recv_counts: Vec<u64> = counts.iter().map(|&r| (r * width) as u64).collect();
+            let (sdispls, rdispls) = (prefix(&send_counts), prefix(&recv_counts));
+            let f = self.handle.hccl.HcclAlltoAllV().map_err(|e| self.error(e.to_string()))?;
+            // SAFETY: the four host arrays hold `size` u64 each and live across the call; `x` holds
+            // the sent elements at the send displacements and `out` room for every received one;
+            // both are live device tensors; the communicator and stream are ours.
+            let code = unsafe {
+                f(
+                    Self::ptr(x),
+                    send_counts.as_ptr() as *const c_void,
+                    sdispls.as_ptr() as *const c_void,
+                    HcclDataType::HCCL_DATA_TYPE_FP32,
+                    Self::ptr(&out),
+                    recv_counts.as_ptr() as *const c_void,
+                    rdispls.as_ptr() as *const c_void,
+                    HcclDataType::HCCL_DATA_TYPE_FP32,
+                    self.handle.comm,
+                    self.handle.dev.stream,
+                )
+            };
+            self.check(code, "HcclAlltoAllV")?;
+        }
+        self.record(kind, (rows - send_rows[self.rank]) * width);
+        Ok((out, counts))
+    }
+
+    fn broadcast(&self, be: &AscendBackend, x: &AscendTensor, root: usize) -> Result<AscendTensor> {
+        let kind = CollectiveKind::Broadcast;
+        let _busy = self.enter(Some(be), kind)?;
+        if root >= self.size {
+            return Err(self.error(self.invalid(kind, format!("root {root} is not a rank of {}", self.size))));
+        }
+        let n = numel(&x.shape);
+        let is_root = self.rank == root;
+        // The root sends from its own tensor, which HCCL only reads there.
+        let out = if is_root { x.clone() } else { self.alloc(be, kind, &x.shape)? };
+        if n > 0 {
+            let f = self.handle.hccl.HcclBroadcast().map_err(|e| self.error(e.to_string()))?;
+            // SAFETY: `out` is a live device tensor of `n` f32 (the root's input, read; a new tensor
+            // elsewhere, written); the communicator and stream are ours.
+            let code = unsafe {
+                f(
+                    Self::ptr(&out),
+                    n as u64,
+                    HcclDataType::HCCL_DATA_TYPE_FP32,
+                    root as u32,
+                    self.handle.comm,
+                    self.handle.dev.stream,
+                )
+            };
+            self.check(code, "HcclBroadcast")?;
+        }
+        self.record(kind, if is_root { n } else { 0 });
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let kind = CollectiveKind::Barrier;
+        let _busy = self.enter(None, kind)?;
+        let f = self.handle.hccl.HcclBarrier().map_err(|e| self.error(e.to_string()))?;
+        // SAFETY: our live communicator and stream.
+        let code = unsafe { f(self.handle.comm, self.handle.dev.stream) };
+        self.check(code, "HcclBarrier")?;
+        self.handle.dev.synchronize().map_err(self.wrap(kind))?;
+        self.record(kind, 0);
+        Ok(())
+    }
+
+    fn split(&self, colour: usize) -> Result<Box<dyn Communicator<AscendBackend>>> {
+        let kind = CollectiveKind::Split;
+        let _busy = self.enter(None, kind)?;
+        let metas =
+            self.exchange(Meta { kind, invalid: None, arg: colour as u64, shape: Vec::new(), rows: Vec::new() })?;
+        let members: Vec<usize> = (0..self.size).filter(|&r| metas[r].arg == colour as u64).collect();
+        let sub_rank = members.iter().position(|&r| r == self.rank).unwrap_or(0);
+        let mut ids: Vec<u32> = members.iter().map(|&r| self.global_ranks[r]).collect();
+        let seq = self.splits.fetch_add(1, Ordering::Relaxed);
+        let mut id = mix(&[self.id, seq, ids[0] as u64]);
+        if id == h::HCCL_INVALID_SUB_COMM_ID as u64 || id == 0 {
+            id ^= 0x5a5a;
+        }
+        // HCCL splits only a global communicator: a sub-communicator's split is made from its
+        // global one, with the members' global ranks.
+        let global = self.handle.parent.clone().unwrap_or_else(|| self.handle.clone());
+        let f = self.handle.hccl.HcclCreateSubCommConfig().map_err(|e| self.error(e.to_string()))?;
+        let mut config = h::HcclCommConfig::init();
+        let mut parent_comm = global.comm;
+        let mut sub: HcclComm = std::ptr::null_mut();
+        // SAFETY: `parent_comm` holds the live global communicator; `ids` has `ids.len()` entries
+        // and `config` was initialised as the API requires; both outlive the call; `sub` is an
+        // out-pointer to a local.
+        let code = unsafe {
+            f(&mut parent_comm, ids.len() as u32, ids.as_mut_ptr(), id, sub_rank as u32, &mut config, &mut sub)
+        };
+        self.check(code, "HcclCreateSubCommConfig")?;
+        let handle =
+            Arc::new(Handle { hccl: self.handle.hccl, comm: sub, dev: self.handle.dev.clone(), parent: Some(global) });
+        let size = ids.len();
+        let c = HcclCommunicator::new(handle, sub_rank, size, ids, id);
+        c.verify()?;
+        self.record(kind, 0);
+        Ok(Box::new(c))
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// Where rank 0 hands the root info to the other ranks of this process, and where every rank
+/// says whether it is ready to join, so that no rank enters `HcclCommInitRootInfo` (which
+/// blocks until every rank has) when another has already failed.
+///
+/// Multi-node runs would exchange the root info over TCP (or a shared file) instead; that is
+/// out of scope: every rank here is a thread of this process.
+struct Gate {
+    state: Mutex<GateState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    root: Option<HcclRootInfo>,
+    ready: usize,
+    /// The first rank that failed before joining, and why.
+    failed: Option<(usize, String)>,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reports this rank ready (rank 0 with the root info) or failed, then waits until every
+    /// rank is ready (the root info) or one failed (the error to return).
+    fn arrive(
+        &self,
+        rank: usize,
+        world: usize,
+        ready: std::result::Result<Option<HcclRootInfo>, String>,
+    ) -> Result<HcclRootInfo> {
+        let mut st = self.lock();
+        match ready {
+            Ok(root) => {
+                if let Some(root) = root {
+                    st.root = Some(root);
+                }
+                st.ready += 1;
+            }
+            Err(msg) => {
+                if st.failed.is_none() {
+                    st.failed = Some((rank, msg));
+                }
+            }
+        }
+        self.wake.notify_all();
+        let deadline = Instant::now() + dsv4_core::parallel::local::default_timeout();
+        loop {
+            if let Some((r, why)) = &st.failed {
+                return Err(Error::Comm {
+                    rank,
+                    size: world,
+                    msg: format!("rank {r} left the communicator (it failed before joining: {why})"),
+                });
+            }
+            if st.ready == world {
+                if let Some(root) = st.root {
+                    return Ok(root);
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Comm {
+                    rank,
+                    size: world,
+                    msg: format!("timed out waiting for {} of {world} ranks to open their devices", world - st.ready),
+                });
+            }
+            st = self.wake.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+/// Reports a failure to the gate if the rank leaves (an error or a panic) before arriving.
+struct Arrival<'g> {
+    gate: &'g Gate,
+    rank: usize,
+    world: usize,
+    done: bool,
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.gate.arrive(self.rank, self.world, Err("its worker stopped".into()));
+        }
+    }
+}
+
+/// Runs `f(backend, context)` for every rank of `layout` on its own thread: rank r opens device
+/// `devices[r]` (an index into the visible devices), rank 0 makes the HCCL root info and hands it
+/// to the others in-process, every rank joins the world communicator (`HcclCommInitRootInfo`),
+/// splits its TP and EP groups ([`RankContext::new`]) and runs `f`. Results in rank order.
+///
+/// Like [`dsv4_core::parallel::run_local`], a failing rank ends the run with its own error: a
+/// rank that fails before the communicator exists stops the others before they join it, and
+/// after that the error returned is the first one to happen (a peer's consequential failure
+/// comes later). HCCL is loaded before any device is opened, so a missing `libhccl.so` is
+/// reported at once.
+pub fn run_ranks<T, E, F>(devices: &[i32], layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
+where
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&AscendBackend, RankContext<AscendBackend>) -> std::result::Result<T, E> + Sync,
+{
+    let world = layout.world;
+    if devices.len() != world {
+        return Err(E::from(Error::config(
+            "devices",
+            format!("{} devices for a layout of {world} ranks", devices.len()),
+        )));
+    }
+    library().map_err(E::from)?;
+    let gate = Gate { state: Mutex::new(GateState::default()), wake: Condvar::new() };
+    let order = AtomicUsize::new(0);
+    let results = run_threads(world, |rank| -> std::result::Result<_, E> {
+        let failed = |e: E| (Some(order.fetch_add(1, Ordering::SeqCst)), Err(e));
+        let mut arrival = Arrival { gate: &gate, rank, world, done: false };
+        // Open the device (rank 0 also makes the root info), then wait for the others.
+        let opened = usize::try_from(devices[rank])
+            .map_err(|_| err(format!("device {} is not a device index", devices[rank])))
+            .and_then(crate::open)
+            .and_then(|be| {
+                let root = if rank == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
+                Ok((be, root))
+            });
+        let report = match &opened {
+            Ok((_, root)) => Ok(*root),
+            Err(e) => Err(e.to_string()),
+        };
+        arrival.done = true;
+        let root = gate.arrive(rank, world, report);
+        let be = match opened {
+            Ok((be, _)) => be,
+            Err(e) => return Ok(failed(E::from(e))),
+        };
+        let comm = match root.and_then(|root| HcclCommunicator::init_rank(&be, &root, rank, world)) {
+            Ok(c) => c,
+            Err(e) => return Ok(failed(E::from(e))),
+        };
+        let out = RankContext::new(layout.rank(rank), &comm as &dyn Communicator<AscendBackend>)
+            .map_err(E::from)
+            .and_then(|ctx| f(&be, ctx));
+        // The failure is ordered before this rank's communicators are destroyed (which is what
+        // makes its peers fail).
+        let out = match out {
+            Ok(v) => (None, Ok(v)),
+            Err(e) => failed(e),
+        };
+        drop(comm);
+        drop(be);
+        Ok(out)
+    })?;
+    let mut out = Vec::with_capacity(world);
+    let mut errors = vec![];
+    for (seq, r) in results {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) => errors.push((seq.unwrap_or(usize::MAX), e)),
+        }
+    }
+    if errors.is_empty() {
+        return Ok(out);
+    }
+    // The cause: the first failure that is not a report of another rank leaving.
+    let left = |e: &E| e.to_string().contains(" left the communicator");
+    errors.sort_by_key(|(seq, e)| (left(e), *seq));
+    Err(errors.swap_remove(0).1)
+}
