@@ -37,16 +37,15 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
     trace_model(be, &model, ids, kv)
 }
 
-/// [`trace`] split over the ranks of `parallel` on the CPU backend; rank 0's outputs (every
-/// rank holds the whole residual stream and logits).
-fn trace_split(spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
-    let probe = dsv4_backend_cpu::CpuBackend::new();
-    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory.one_pass())?;
+/// [`trace`] split over the ranks of `parallel` on `backend`; rank 0's outputs (every rank
+/// holds the whole residual stream and logits).
+fn trace_split(backend: BackendChoice, spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
+    let (cfg, ckpt, _) =
+        with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, kv.weight_memory.one_pass()))?;
     let layout = parallel.layout(&cfg)?;
-    let mut runs = dsv4_core::parallel::run_local(layout, |ctx| {
-        let be = dsv4_backend_cpu::CpuBackend::new();
-        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
-        trace_model(&be, &model, ids, kv)
+    let mut runs = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+        let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        trace_model(be, &model, ids, kv)
     })?;
     let mut run = runs.swap_remove(0);
     run.backend = format!("{} on {} ranks (TP {}, EP {})", run.backend, layout.world, layout.tp, layout.ep);
@@ -207,7 +206,7 @@ pub fn run(
     let mut runs = vec![];
     for (i, &b) in backends.iter().enumerate() {
         runs.push(match i > 0 && parallel.world() > 1 {
-            true => trace_split(spec, &ids, kv, parallel)?,
+            true => trace_split(b, spec, &ids, kv, parallel)?,
             false => with_backend!(b, |be| trace(be, spec, &ids, kv))?,
         });
     }

@@ -208,11 +208,12 @@ pub fn run_generate<B: Backend>(
     generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, true)
 }
 
-/// `dsv4 generate --devices N` on the CPU backend: every rank runs the same generation (same
+/// `dsv4 generate --devices N`: every rank runs the same generation (same
 /// prompt, same seed, and the ranks' logits are the same bits, so the same tokens) and rank 0
 /// prints it.
 #[allow(clippy::too_many_arguments)]
 pub fn run_generate_ranks(
+    backend: crate::BackendChoice,
     spec: &str,
     prompt: Option<&str>,
     ids: Option<&[u32]>,
@@ -223,15 +224,14 @@ pub fn run_generate_ranks(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
-    let probe = dsv4_backend_cpu::CpuBackend::new();
-    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, kv.weight_memory))?;
     let layout = parallel.layout(&cfg)?;
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
     eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
-    dsv4_core::parallel::run_local(layout, |ctx| {
-        let be = dsv4_backend_cpu::CpuBackend::new();
+    on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
-        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
-        generate_with(&be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)
+        let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)
     })?;
     Ok(())
 }
@@ -332,9 +332,10 @@ pub fn run_chat<B: Backend>(
     chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true)
 }
 
-/// `dsv4 chat --devices N` on the CPU backend: rank 0 reads the user's lines and hands each to
+/// `dsv4 chat --devices N`: rank 0 reads the user's lines and hands each to
 /// the other ranks, which run the same conversation (same seed, same logits bits) silently.
 pub fn run_chat_ranks(
+    backend: crate::BackendChoice,
     spec: &str,
     chat_args: &ChatArgs,
     sampling: &SamplingArgs,
@@ -342,9 +343,9 @@ pub fn run_chat_ranks(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
-    let probe = dsv4_backend_cpu::CpuBackend::new();
-    let (cfg, ckpt, _) = crate::load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, kv.weight_memory))?;
     let layout = parallel.layout(&cfg)?;
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
     eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     let (txs, rxs): (Vec<_>, Vec<_>) = (1..layout.world).map(|_| std::sync::mpsc::channel::<Option<String>>()).unzip();
     let rxs: Vec<_> = rxs.into_iter().map(std::sync::Mutex::new).collect();
@@ -352,11 +353,10 @@ pub fn run_chat_ranks(
     // stdout, a failed load): the other ranks then see the end of the conversation instead of
     // waiting for a line forever.
     let txs = std::sync::Mutex::new(Some(txs));
-    dsv4_core::parallel::run_local(layout, |ctx| {
+    on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
         let rank = ctx.layout.rank;
         let txs = if rank == 0 { txs.lock().expect("taken once").take().unwrap_or_default() } else { vec![] };
-        let be = dsv4_backend_cpu::CpuBackend::new();
-        let model = crate::load::load_opened(&be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         if rank == 0 {
             let stdin = std::io::stdin();
             let mut lines = || {
@@ -366,10 +366,10 @@ pub fn run_chat_ranks(
                 }
                 line
             };
-            chat_loop(&be, &model, &tok, chat_args, sampling, kv, &mut lines, true)
+            chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut lines, true)
         } else {
             let rx = rxs[rank - 1].lock().expect("one thread per rank");
-            chat_loop(&be, &model, &tok, chat_args, sampling, kv, &mut || rx.recv().ok().flatten(), false)
+            chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || rx.recv().ok().flatten(), false)
         }
     })?;
     Ok(())

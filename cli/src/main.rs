@@ -20,6 +20,26 @@ mod dispatch {
         }};
     }
 
+    /// Runs `$body` once per rank of `$layout` on the backend `$choice` resolves to, with `$be` a
+    /// reference to the rank's backend and `$ctx` its `RankContext`; evaluates to the ranks'
+    /// results in rank order (`anyhow::Result<Vec<_>>`). CPU ranks are threads over the in-process
+    /// communicator; Ascend ranks are threads, one per device of `$devices`, over HCCL.
+    macro_rules! on_ranks {
+        ($choice:expr, $devices:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
+            match crate::resolve_backend($choice)? {
+                crate::Resolved::Cpu => dsv4_core::parallel::run_local($layout, |$ctx| -> anyhow::Result<_> {
+                    let owned = dsv4_backend_cpu::CpuBackend::new();
+                    let $be = &owned;
+                    $body
+                }),
+                crate::Resolved::Ascend => {
+                    let ids = crate::parallel_args::device_ids($devices)?;
+                    dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
+                }
+            }
+        }};
+    }
+
     /// `with_owned_backend!` with `$be` a reference to the backend.
     macro_rules! with_backend {
         ($choice:expr, |$be:ident| $body:expr) => {
@@ -328,25 +348,25 @@ fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv
     write_logits(out, ids.len(), model.cfg.vocab_size, &data)
 }
 
-/// `dsv4 logits --devices N` on the CPU backend: every rank computes the prefill (the ranks'
-/// logits are the same bits), rank 0's are written.
+/// `dsv4 logits --devices N`: every rank computes the prefill (the ranks' logits are the same
+/// bits), rank 0's are written.
 fn run_logits_ranks(
+    backend: BackendChoice,
     model: &ModelArgs,
     ids: &[u32],
     out: &Path,
     kv: &kv_args::KvArgs,
     parallel: &parallel_args::ParallelArgs,
 ) -> Result<()> {
-    let probe = CpuBackend::new();
-    let (cfg, ckpt, _) = load::open_with_memory(&probe, &model.model, kv.weight_memory.one_pass())?;
+    let (cfg, ckpt, _) =
+        with_backend!(backend, |probe| load::open_with_memory(probe, &model.model, kv.weight_memory.one_pass()))?;
     let layout = parallel.layout(&cfg)?;
     eprintln!("{}", parallel_args::ParallelArgs::describe(&layout, &cfg));
     let vocab = cfg.vocab_size;
-    let mut ranks = dsv4_core::parallel::run_local(layout, |ctx| {
-        let be = CpuBackend::new();
+    let mut ranks = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
-        let model = load::load_opened(&be, cfg.clone(), &ckpt, &model.model, kv.precision, ctx)?;
-        prefill_logits(&be, &model, ids, kv, first)
+        let model = load::load_opened(be, cfg.clone(), &ckpt, &model.model, kv.precision, ctx)?;
+        prefill_logits(be, &model, ids, kv, first)
     })?;
     write_logits(out, ids.len(), vocab, &ranks.swap_remove(0))
 }
@@ -394,16 +414,15 @@ fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> 
     Ok(())
 }
 
-/// `--devices N` runs on the CPU backend only in this build.
+/// `--devices N` runs on the CPU backend and on Ascend (HCCL); CUDA ranks need NCCL, not built
+/// yet.
 fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs) -> Result<()> {
     match backend {
-        BackendChoice::Cpu | BackendChoice::Auto => Ok(()),
-        other => anyhow::bail!(
-            "--devices {} runs on the CPU backend only in this build: {:?} ranks need their collective library \
-             (HCCL for Ascend, NCCL for CUDA), which dsv4 does not drive yet; use --backend cpu to check the layout",
-            parallel.world(),
-            other
+        BackendChoice::Cuda => anyhow::bail!(
+            "--devices {} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)",
+            parallel.world()
         ),
+        _ => Ok(()),
     }
 }
 
@@ -440,7 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = parse_ids(&ids)?;
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
-                return run_logits_ranks(&model, &ids, &out, &kv, &parallel);
+                return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
             }
             with_backend!(backend, |be| run_logits(be, &model, &ids, &out, &kv))
         }
@@ -449,6 +468,7 @@ fn run(cli: Cli) -> Result<()> {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
                 return generate::run_generate_ranks(
+                    backend,
                     &model.model,
                     prompt.as_deref(),
                     ids.as_deref(),
@@ -476,7 +496,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat { model, chat, sampling, backend, kv, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
-                return generate::run_chat_ranks(&model.model, &chat, &sampling, &kv, &parallel);
+                return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
             }
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
         }
@@ -498,6 +518,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { model, backend, kv, serve, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
+                if matches!(resolve_backend(backend)?, Resolved::Ascend) {
+                    anyhow::bail!(
+                        "serve --devices runs on the CPU backend only in this build (Ascend ranks run logits, generate, \
+                         chat and check); use --backend cpu"
+                    );
+                }
             }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }

@@ -4,14 +4,18 @@
 //! `--devices` takes a count (`4`) or device ids (`0-7`, `0,2,4,6`), as `vllm`'s
 //! `CUDA_VISIBLE_DEVICES`-style lists and `dsv4 serve --devices 0-7` read. On the CPU backend the
 //! ranks are threads of this process over the in-process communicator, which checks a layout's
-//! numerics on any machine (it is not faster: the ranks share the cores). Device backends need
-//! their collective libraries (HCCL, NCCL), which this build does not drive yet.
+//! numerics on any machine (it is not faster: the ranks share the cores). On Ascend the ranks
+//! are threads of this process too, one per device, exchanging through HCCL
+//! (`dsv4_backend_ascend::run_ranks`); CUDA ranks (NCCL) are not built yet.
 
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
 use dsv4_core::parallel::ParallelLayout;
 use dsv4_core::ModelConfig;
+
+use crate::kv_args::{KvArgs, MemorySize};
+use crate::BackendChoice;
 
 /// The devices of a run: their ids, in rank order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,13 +60,47 @@ impl FromStr for DeviceList {
     }
 }
 
+/// Device ids as AscendCL numbers them.
+pub fn device_ids(devices: &DeviceList) -> Result<Vec<i32>> {
+    devices.0.iter().map(|&d| i32::try_from(d).map_err(|_| anyhow::anyhow!("device id {d} is too large"))).collect()
+}
+
+/// `kv` with a decoding-state budget every rank resolves to the same pool: a share of the free
+/// memory (a `--kv-cache-memory` fraction, or with `open_ended` chat's default of half the free
+/// memory) becomes bytes once, here, divided among the ranks' pools, which share one machine's
+/// memory on the CPU backend. Ranks whose pools differed would make different block decisions
+/// and fall out of step. On Ascend every device has its own memory and the free memory a rank
+/// sees depends on its part of the weights, so there a size in bytes is required.
+pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_ended: bool) -> Result<KvArgs> {
+    let shares_free =
+        matches!(kv.kv_cache_memory, Some(MemorySize::Fraction(_))) || (open_ended && kv.kv_cache_memory.is_none());
+    if !shares_free {
+        return Ok(kv.clone());
+    }
+    match crate::resolve_backend(backend)? {
+        crate::Resolved::Ascend => bail!(
+            "with --devices on Ascend, give --kv-cache-memory as a size per device (e.g. 8GiB): every rank's pool must \
+             be the same size, and a share of each device's free memory is not"
+        ),
+        crate::Resolved::Cpu => {
+            let free = crate::kv_args::free_memory(&dsv4_backend_cpu::CpuBackend::new())?;
+            let total = match kv.kv_cache_memory {
+                Some(m) => m.resolve(|| Ok(free))?,
+                None => free / 2,
+            };
+            Ok(KvArgs { kv_cache_memory: Some(MemorySize::Bytes(total / world)), ..kv.clone() })
+        }
+    }
+}
+
 /// The parallel flags, flattened into the commands that run the model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ParallelArgs {
     /// Devices to split the model over, one rank each: a count (4) or device ids (0-7,
     /// 0,2,4,6). On the CPU backend, N ranks run as threads of this process over the in-process
     /// communicator (to check a layout's numerics; the ranks share the cores, so it is not
-    /// faster). Ascend and CUDA ranks need HCCL / NCCL, which this build does not drive yet.
+    /// faster); on Ascend, one thread per listed device over HCCL (not `serve` yet). CUDA ranks
+    /// (NCCL) are not built yet.
     #[arg(long, value_name = "N|IDS", default_value = "1")]
     pub devices: DeviceList,
     /// Tensor-parallel degree of attention: ranks that split each layer's heads (by output
@@ -84,7 +122,16 @@ impl ParallelArgs {
     /// The layout these flags ask for, checked against the model.
     pub fn layout(&self, cfg: &ModelConfig) -> Result<ParallelLayout> {
         let world = self.world();
-        Ok(ParallelLayout::new(world, self.tensor_parallel, self.expert_parallel.unwrap_or(world), cfg)?)
+        let ep = self.expert_parallel.unwrap_or(world);
+        if self.expert_parallel.is_none() && ep > cfg.n_routed_experts {
+            bail!(
+                "--expert-parallel defaults to the number of devices ({world}), more than the model's {} routed \
+                 experts: give --expert-parallel N with N dividing {world} and at most {}",
+                cfg.n_routed_experts,
+                cfg.n_routed_experts
+            );
+        }
+        Ok(ParallelLayout::new(world, self.tensor_parallel, ep, cfg)?)
     }
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
@@ -99,8 +146,8 @@ impl ParallelArgs {
     pub fn describe(layout: &ParallelLayout, cfg: &ModelConfig) -> String {
         let r0 = layout.rank(0);
         format!(
-            "ranks: {} on the CPU backend, threads of this process over the in-process communicator; TP {} (rank 0: \
-             heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts {:?} of {})",
+            "ranks: {}, threads of this process (CPU: over the in-process communicator; Ascend: one device each, over \
+             HCCL); TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts {:?} of {})",
             layout.world,
             layout.tp,
             r0.heads(cfg),

@@ -56,8 +56,9 @@ fn split_generation_prints_the_one_device_tokens_once() {
 
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
-    let cases: [(&[&str], &str); 4] = [
-        (&["--devices", "2", "--backend", "ascend"], "HCCL"),
+    let cases: [(&[&str], &str); 5] = [
+        (&["--devices", "2", "--backend", "cuda"], "NCCL"),
+        (&["--devices", "16"], "--expert-parallel defaults to the number of devices (16)"),
         (&["--tensor-parallel", "2"], "give --devices N"),
         (&["--devices", "4", "--tensor-parallel", "3"], "TP 3 does not divide the 4 devices"),
         (&["--devices", "0-1,1"], "an id appears twice"),
@@ -126,4 +127,38 @@ fn split_chat_ends_when_rank_0_fails() {
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success() && err.contains("Broken pipe"), "{status}: {err}");
+}
+
+fn emulator() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Ascend ranks (here 4 emulated devices over the emulator's HCCL) against the CPU on one
+/// device, block by block; and what Ascend ranks do not run yet is refused with the reason.
+#[test]
+fn ascend_ranks_run_over_hccl() {
+    let ascend = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dsv4"))
+            .args(args)
+            .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+            .env("DSV4_ASCEND_EMU_DEVICES", "4")
+            .output()
+            .unwrap()
+    };
+    let o = ok(ascend(&["check", "--backends", "cpu,ascend", "--devices", "0-3", "--tensor-parallel", "2"]));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("on 4 ranks (TP 2, EP 4)") && out.contains("ok: worst relative difference"), "{out}");
+    for (args, want) in [
+        (&["serve", "--backend", "ascend", "--devices", "2"][..], "serve --devices runs on the CPU backend only"),
+        (&["chat", "--backend", "ascend", "--devices", "2"], "give --kv-cache-memory as a size per device"),
+        (
+            &["logits", "--backend", "ascend", "--devices", "0-7", "--ids", "1", "--out", "/dev/null"],
+            "does not exist: the runtime reports 4 device(s)",
+        ),
+    ] {
+        let o = ascend(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    }
 }
