@@ -810,6 +810,58 @@ impl Drop for Arrival<'_> {
     }
 }
 
+/// How the ranks of one process join one HCCL world: rank r opens its device, rank 0 makes the
+/// root info and hands it to the others, and every rank joins (`HcclCommInitRootInfo`) once all
+/// have opened their devices. Shared by the rank threads; each calls [`HcclBootstrap::join`]
+/// once. [`run_ranks`] is built on it, and so is anything that starts its rank threads itself
+/// (the serving engine's).
+pub struct HcclBootstrap {
+    gate: Gate,
+    devices: Vec<i32>,
+}
+
+impl HcclBootstrap {
+    /// A world of `devices.len()` ranks, rank r on device `devices[r]`. Loads HCCL now, so a
+    /// missing `libhccl.so` is reported before any device is opened.
+    pub fn new(devices: &[i32]) -> Result<Self> {
+        library()?;
+        Ok(HcclBootstrap {
+            gate: Gate { state: Mutex::new(GateState::default()), wake: Condvar::new() },
+            devices: devices.to_vec(),
+        })
+    }
+
+    /// On rank `rank`'s thread: opens its device and joins the world. If any rank fails before
+    /// joining (here, or by dropping out: an error or a panic on its thread before it calls
+    /// this), every rank's `join` fails instead of waiting in `HcclCommInitRootInfo`.
+    pub fn join(&self, rank: usize) -> Result<(AscendBackend, HcclCommunicator)> {
+        let world = self.devices.len();
+        let mut arrival = Arrival { gate: &self.gate, rank, world, done: false };
+        let opened = usize::try_from(self.devices[rank])
+            .map_err(|_| err(format!("device {} is not a device index", self.devices[rank])))
+            .and_then(crate::open)
+            .and_then(|be| {
+                let root = if rank == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
+                Ok((be, root))
+            });
+        let report = match &opened {
+            Ok((_, root)) => Ok(*root),
+            Err(e) => Err(e.to_string()),
+        };
+        arrival.done = true;
+        let root = self.gate.arrive(rank, world, report);
+        let (be, _) = opened?;
+        let comm = HcclCommunicator::init_rank(&be, &root?, rank, world)?;
+        Ok((be, comm))
+    }
+
+    /// Reports rank `rank` failed before joining (e.g. a build step before `join` failed), so
+    /// the others do not wait for it.
+    pub fn abandon(&self, rank: usize, why: &str) {
+        let _ = self.gate.arrive(rank, self.devices.len(), Err(why.to_string()));
+    }
+}
+
 /// Runs `f(backend, context)` for every rank of `layout` on its own thread: rank r opens device
 /// `devices[r]` (an index into the visible devices), rank 0 makes the HCCL root info and hands it
 /// to the others in-process, every rank joins the world communicator (`HcclCommInitRootInfo`),
@@ -833,32 +885,12 @@ where
             format!("{} devices for a layout of {world} ranks", devices.len()),
         )));
     }
-    library().map_err(E::from)?;
-    let gate = Gate { state: Mutex::new(GateState::default()), wake: Condvar::new() };
+    let boot = HcclBootstrap::new(devices).map_err(E::from)?;
     let order = AtomicUsize::new(0);
     let results = run_threads(world, |rank| -> std::result::Result<_, E> {
         let failed = |e: E| (Some(order.fetch_add(1, Ordering::SeqCst)), Err(e));
-        let mut arrival = Arrival { gate: &gate, rank, world, done: false };
-        // Open the device (rank 0 also makes the root info), then wait for the others.
-        let opened = usize::try_from(devices[rank])
-            .map_err(|_| err(format!("device {} is not a device index", devices[rank])))
-            .and_then(crate::open)
-            .and_then(|be| {
-                let root = if rank == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
-                Ok((be, root))
-            });
-        let report = match &opened {
-            Ok((_, root)) => Ok(*root),
-            Err(e) => Err(e.to_string()),
-        };
-        arrival.done = true;
-        let root = gate.arrive(rank, world, report);
-        let be = match opened {
-            Ok((be, _)) => be,
-            Err(e) => return Ok(failed(E::from(e))),
-        };
-        let comm = match root.and_then(|root| HcclCommunicator::init_rank(&be, &root, rank, world)) {
-            Ok(c) => c,
+        let (be, comm) = match boot.join(rank) {
+            Ok(x) => x,
             Err(e) => return Ok(failed(E::from(e))),
         };
         let out = RankContext::new(layout.rank(rank), &comm as &dyn Communicator<AscendBackend>)

@@ -518,12 +518,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { model, backend, kv, serve, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
-                if matches!(resolve_backend(backend)?, Resolved::Ascend) {
-                    anyhow::bail!(
-                        "serve --devices runs on the CPU backend only in this build (Ascend ranks run logits, generate, \
-                         chat and check); use --backend cpu"
-                    );
-                }
             }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }

@@ -99,7 +99,7 @@ pub struct ParallelArgs {
     /// Devices to split the model over, one rank each: a count (4) or device ids (0-7,
     /// 0,2,4,6). On the CPU backend, N ranks run as threads of this process over the in-process
     /// communicator (to check a layout's numerics; the ranks share the cores, so it is not
-    /// faster); on Ascend, one thread per listed device over HCCL (not `serve` yet). CUDA ranks
+    /// faster); on Ascend, one thread per listed device over HCCL. CUDA ranks
     /// (NCCL) are not built yet.
     #[arg(long, value_name = "N|IDS", default_value = "1")]
     pub devices: DeviceList,

@@ -175,21 +175,25 @@ fn spawn_engine<B: Backend + 'static>(
     Ok((engine, eos_rx.recv().unwrap_or_default()))
 }
 
-/// [`spawn_engine`] over the ranks of `parallel` on the CPU backend: one engine thread per
-/// rank over the in-process communicator, rank 0's serving (`dsv4_engine`'s replicated
-/// engine). Every rank gets the same pool configuration, sized here for one rank: the ranks'
-/// engines must make the same block decisions.
+/// [`spawn_engine`] over the ranks of `parallel`: one engine thread per rank, rank 0's serving
+/// (`dsv4_engine`'s replicated engine); CPU ranks over the in-process communicator, Ascend ranks
+/// one per device over HCCL. Every rank gets the same pool configuration, sized here once: the
+/// ranks' engines must make the same block decisions.
 fn spawn_engine_ranks(
+    backend: BackendChoice,
     spec: &str,
     kv: &KvArgs,
     config: EngineConfig,
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<(EngineHandle, Vec<u32>)> {
+    use dsv4_backend_ascend::{AscendBackend, HcclBootstrap};
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm, RankContext};
-    let probe = CpuBackend::new();
-    eprintln!("backend: {}", probe.describe());
-    let (cfg, ckpt, _) = load::open_with_memory(&probe, spec, kv.weight_memory)?;
+    let resolved = crate::resolve_backend(backend)?;
+    let (cfg, ckpt, _) = with_backend!(backend, |probe| {
+        eprintln!("backend: {}", probe.describe());
+        load::open_with_memory(probe, spec, kv.weight_memory)
+    })?;
     let layout = parallel.layout(&cfg)?;
     eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     let context = cfg.max_position_embeddings;
@@ -198,32 +202,68 @@ fn spawn_engine_ranks(
         n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
         n => n,
     };
-    // Each rank holds its own pool: size one for a share of the memory.
-    let mut per_rank = kv.clone();
-    per_rank.kv_cache_memory = match kv.kv_cache_memory {
-        Some(kv_args::MemorySize::Fraction(f)) => Some(kv_args::MemorySize::Fraction(f / layout.world as f64)),
-        other => other,
-    };
-    // The ranks' pools share this machine's memory: together they take what one would.
     let shape = (config.max_num_seqs, tokens, config.prefill_chunk);
-    let pool = serving_kv(&probe, &cfg, &per_rank, shape, layout.world)?;
+    let pool = match resolved {
+        Resolved::Cpu => {
+            // Each rank holds its own pool, and they share this machine's memory: together
+            // they take what one would.
+            let mut per_rank = kv.clone();
+            per_rank.kv_cache_memory = match kv.kv_cache_memory {
+                Some(kv_args::MemorySize::Fraction(f)) => Some(kv_args::MemorySize::Fraction(f / layout.world as f64)),
+                other => other,
+            };
+            serving_kv(&CpuBackend::new(), &cfg, &per_rank, shape, layout.world)?
+        }
+        Resolved::Ascend => {
+            // Each device has its own memory, but what is free on it depends on the rank's part
+            // of the weights: the pools must be the same, so the size is given.
+            if !matches!(kv.kv_cache_memory, Some(kv_args::MemorySize::Bytes(_))) {
+                bail!(
+                    "serve --devices on Ascend needs --kv-cache-memory as a size per device (e.g. 16GiB): every \
+                     rank's pool must be the same size"
+                );
+            }
+            serving_kv(&dsv4_backend_ascend::open(0)?, &cfg, kv, shape, 1)?
+        }
+    };
     eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
-    let builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(layout.world)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, world)| {
-            let (cfg, ckpt, spec, precision) = (cfg.clone(), ckpt.clone(), spec.to_string(), kv.precision);
-            Box::new(move || {
-                let be = CpuBackend::new();
-                let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<CpuBackend>)?;
-                let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
-                Ok((be, model, pool))
-            }) as RankBuild<CpuBackend>
-        })
-        .collect();
-    let engine = EngineHandle::spawn_ranks(config, builds).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (spec, precision) = (spec.to_string(), kv.precision);
+    let engine = match resolved {
+        Resolved::Cpu => {
+            let builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(layout.world)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, world)| {
+                    let (cfg, ckpt, spec) = (cfg.clone(), ckpt.clone(), spec.clone());
+                    Box::new(move || {
+                        let be = CpuBackend::new();
+                        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<CpuBackend>)?;
+                        let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
+                        Ok((be, model, pool))
+                    }) as RankBuild<CpuBackend>
+                })
+                .collect();
+            EngineHandle::spawn_ranks(config, builds)
+        }
+        Resolved::Ascend => {
+            let boot = std::sync::Arc::new(HcclBootstrap::new(&crate::parallel_args::device_ids(&parallel.devices)?)?);
+            let builds: Vec<RankBuild<AscendBackend>> = (0..layout.world)
+                .map(|rank| {
+                    let (cfg, ckpt, spec, boot) = (cfg.clone(), ckpt.clone(), spec.clone(), boot.clone());
+                    Box::new(move || {
+                        let (be, world) = boot.join(rank)?;
+                        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<AscendBackend>)?;
+                        let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
+                        Ok((be, model, pool))
+                    }) as RankBuild<AscendBackend>
+                })
+                .collect();
+            EngineHandle::spawn_ranks(config, builds)
+        }
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((engine, eos))
 }
 
@@ -258,7 +298,7 @@ pub fn run(
     // The port first: a taken one is reported before the model is loaded.
     let listener = dsv4_server::bind(&server)?;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
-        _ if parallel.world() > 1 => spawn_engine_ranks(spec, kv, config, parallel)?,
+        _ if parallel.world() > 1 => spawn_engine_ranks(backend, spec, kv, config, parallel)?,
         Resolved::Cpu => {
             spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
         }

@@ -150,7 +150,7 @@ fn ascend_ranks_run_over_hccl() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("on 4 ranks (TP 2, EP 4)") && out.contains("ok: worst relative difference"), "{out}");
     for (args, want) in [
-        (&["serve", "--backend", "ascend", "--devices", "2"][..], "serve --devices runs on the CPU backend only"),
+        (&["serve", "--backend", "ascend", "--devices", "2"][..], "needs --kv-cache-memory as a size per device"),
         (&["chat", "--backend", "ascend", "--devices", "2"], "give --kv-cache-memory as a size per device"),
         (
             &["logits", "--backend", "ascend", "--devices", "0-7", "--ids", "1", "--out", "/dev/null"],

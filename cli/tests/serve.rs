@@ -126,14 +126,20 @@ fn serve_reports_a_taken_port_before_loading_the_model() {
     assert!(!err.contains("backend:") && !err.contains("kv cache:"), "{err}");
 }
 
-/// `serve --devices 4 --tensor-parallel 2` on the CPU backend answers exactly as one device.
+/// `serve --devices 4 --tensor-parallel 2` answers exactly as one device, on the CPU backend and
+/// on four emulated Ascend devices over the emulator's HCCL.
 #[test]
 fn serve_split_over_ranks_answers_as_one_device() {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    let emulator = dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap();
     let mut answers = vec![];
-    for devices in [&[][..], &["--devices", "4", "--tensor-parallel", "2"]] {
+    let split = ["--devices", "4", "--tensor-parallel", "2", "--kv-cache-memory", "64MiB"];
+    for (backend, devices) in [("cpu", &[][..]), ("cpu", &split[..]), ("ascend", &split[..])] {
         let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
-            .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
+            .args(["serve", "--backend", backend, "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
             .args(devices)
+            .env(dsv4_ascend_sys::EMULATOR_VAR, &emulator)
+            .env("DSV4_ASCEND_EMU_DEVICES", "4")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -144,9 +150,10 @@ fn serve_split_over_ranks_answers_as_one_device() {
         let port: u16 = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
         let body = r#"{"prompt": "Hello there", "max_tokens": 12, "temperature": 0}"#;
         let (status, body) = http(port, "POST", "/v1/completions", &[], body);
-        assert_eq!(status, 200, "{devices:?}: {body}");
+        assert_eq!(status, 200, "{backend} {devices:?}: {body}");
         let text = body.split("\"text\":").nth(1).unwrap().split(",\"logprobs\"").next().unwrap().to_string();
         answers.push(text);
     }
     assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
 }
