@@ -179,3 +179,23 @@ fn a_worker_that_dies_ends_the_run_with_its_error() {
         assert!(start.elapsed() < std::time::Duration::from_secs(60), "took {:?}", start.elapsed());
     }
 }
+
+/// A rank's load reports progress to the end, counting the parts other ranks hold (and the MTP
+/// block, which multi-rank runs do not load) as done.
+#[test]
+fn a_rank_load_reports_progress_to_the_end() {
+    for case in fixture_cases() {
+        let (cfg, ckpt) = open(&case);
+        let layout = ParallelLayout::new(4, 2, 2, &cfg).unwrap();
+        let ends = run_local(layout, |ctx: RankContext<CpuBackend>| {
+            let be = CpuBackend::new();
+            let mut last = (0, 0);
+            Model::load_rank(&be, cfg.clone(), &ckpt, &mut |done, total, _| last = (done, total), ctx)?;
+            Ok::<_, dsv4_core::Error>(last)
+        })
+        .unwrap();
+        for (rank, (done, total)) in ends.into_iter().enumerate() {
+            assert_eq!(done, total, "{} rank {rank}", case.display());
+        }
+    }
+}

@@ -74,8 +74,18 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// Rows `rows` of the weight `name` (logical shape `shape`), for a layer split by output
     /// rows (column-parallel: `wq_b`, `wo_a`, vocabulary-parallel tables).
     pub fn weight_rows(&mut self, name: &str, shape: &[usize], rows: Range<usize>) -> Result<B::Weight> {
-        let stored = shard::rows(&stored_weight(self.ckpt, name, shape)?, rows)?;
-        self.upload(&stored)
+        let whole = stored_weight(self.ckpt, name, shape)?;
+        self.upload_part(&whole, &shard::rows(&whole, rows)?)
+    }
+
+    /// Uploads a part of `whole`; a part dequantised to F32 at a block boundary still counts
+    /// its whole's scale tensor as loaded.
+    fn upload_part(&mut self, whole: &StoredWeight, part: &StoredWeight) -> Result<B::Weight> {
+        let out = self.upload(part)?;
+        if whole.scale.is_some() && part.scale.is_none() {
+            self.skip(1);
+        }
+        Ok(out)
     }
 
     /// [`Loader::proj`] of rows `rows` (column-parallel linears).
@@ -95,7 +105,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     fn proj_of(&mut self, whole: &StoredWeight, part: StoredWeight) -> Result<Proj<B>> {
         let low_bit = whole.format != WeightFormat::Float;
         self.projs = (self.projs.0 + 1, self.projs.1 + usize::from(low_bit));
-        Ok(Proj { w: self.upload(&part)?, low_bit })
+        Ok(Proj { w: self.upload_part(whole, &part)?, low_bit })
     }
 
     /// Uploads an already-described weight (e.g. a slice of a fused expert tensor).

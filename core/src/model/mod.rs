@@ -121,16 +121,12 @@ impl<B: Backend> Model<B> {
     /// shape or missing-tensor error says which shape fields the config only assumed
     /// ([`ModelConfig::assumed_defaults_note`]).
     pub fn load(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
-        let note = cfg.assumed_defaults_note();
-        Self::load_checked(be, cfg, ckpt, progress).map_err(|e| match &note {
-            Some(note) => e.with_config_note(note),
-            None => e,
-        })
+        Self::load_rank(be, cfg, ckpt, progress, RankContext::single())
     }
 
     /// [`Model::load`] of one rank's part of the model for a multi-device run: the rank's
-    /// vocabulary rows, heads and experts ([`crate::parallel`]). The MTP block is not loaded
-    /// (speculative decoding runs on one device).
+    /// vocabulary rows, heads and experts ([`crate::parallel`]). With several ranks the MTP
+    /// block is not loaded (speculative decoding runs on one device).
     pub fn load_rank(
         be: &B,
         cfg: ModelConfig,
@@ -145,10 +141,6 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    fn load_checked(be: &B, cfg: ModelConfig, ckpt: &Checkpoint, progress: Progress) -> Result<Self> {
-        Self::load_on(Loader::new(be, ckpt, progress), cfg)
-    }
-
     fn load_on(mut ld: Loader<B>, cfg: ModelConfig) -> Result<Self> {
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
         let vocab = ld.rank.layout.vocab(&cfg);
@@ -157,7 +149,14 @@ impl<B: Backend> Model<B> {
         let head = if cfg.tie_word_embeddings { None } else { Some(ld.weight_rows("head.weight", &[v, d], vocab)?) };
         let blocks = (0..cfg.num_layers).map(|i| Block::load(&mut ld, &cfg, i)).collect::<Result<Vec<_>>>()?;
         let (norm, hc_head) = (ld.tensor("norm.weight", &[d])?, HyperHead::load(&mut ld, &cfg, "")?);
-        let mtp = if ld.rank.layout.is_single() { mtp::load_mtp(&mut ld, &cfg)? } else { None };
+        let mtp = if ld.rank.layout.is_single() {
+            mtp::load_mtp(&mut ld, &cfg)?
+        } else {
+            // Counted as loaded, so a rank's progress still ends at 100%.
+            let mtp_tensors = ld.ckpt.tensors().filter(|t| t.name.starts_with("mtp.")).count();
+            ld.skip(mtp_tensors);
+            None
+        };
         Ok(Model {
             embed,
             head,
