@@ -16,7 +16,9 @@
 //! * executors are single-use unless `aclSetAclOpExecutorRepeatable`; a repeatable one may be
 //!   given new operand addresses (`aclSetInputTensorAddr` / `aclSetOutputTensorAddr`, checked
 //!   against what was planned) and then computes on those; tensor lists own their members;
-//!   destroyed objects stay known, so any later use is reported.
+//!   handles are never reused, so any use of a destroyed object is reported (what it was and
+//!   how it ended for the last 65536 destroyed; the objects themselves are dropped, so host
+//!   memory stays bounded however many operators a process launches).
 //!
 //! Every failure returns the documented error code and leaves a message for
 //! `aclGetRecentErrMsg`. `ASCEND_RT_VISIBLE_DEVICES` is applied at `aclInit`;
@@ -63,11 +65,11 @@ const HANDLE_BASE: u64 = 0x0e00_0000_0000;
 /// The computation of one launched operator, run when its stream executes.
 pub(crate) type OpFn = dyn Fn(&mut Memory) -> Result<(), String> + Send + Sync;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Life {
-    Live,
-    Destroyed,
-}
+/// How many destroyed objects (and executors their launch released) keep a record, for
+/// telling a use after destroy what the handle was; older ones are forgotten (their handles are
+/// still recognised as once handed out, never reused). A record per object ever destroyed, or
+/// the destroyed object itself, would grow with every launch: thousands per decode step.
+const TOMBS_KEPT: usize = 1 << 16;
 
 pub(crate) enum ScalarVal {
     Float(f64),
@@ -137,12 +139,20 @@ impl Obj {
     }
 }
 
+/// A live object. Destroying one drops it (with everything it holds: an executor's kernel, its
+/// operand descriptions) and leaves a [`Tomb`].
 struct Entry {
     obj: Obj,
-    life: Life,
     owner: ThreadId,
-    /// Why it is no longer live, for messages.
+}
+
+/// What is remembered of a destroyed object, for messages.
+struct Tomb {
+    kind: &'static str,
+    /// Why it is no longer live.
     ended_by: &'static str,
+    /// A single-use executor released by its launch: its operator.
+    launched: Option<&'static str>,
 }
 
 #[derive(Default)]
@@ -222,6 +232,9 @@ pub(crate) struct Emu {
     pub(crate) mem: Memory,
     host: HashMap<u64, HostAlloc>,
     objects: HashMap<u64, Entry>,
+    /// The most recently destroyed objects ([`TOMBS_KEPT`]), oldest first in `tomb_order`.
+    tombs: HashMap<u64, Tomb>,
+    tomb_order: VecDeque<u64>,
     streams: HashMap<u64, Stream>,
     default_streams: HashMap<(ThreadId, i32), u64>,
     next_handle: u64,
@@ -241,6 +254,8 @@ static EMU: LazyLock<Mutex<Emu>> = LazyLock::new(|| {
         mem: Memory { allocs: Default::default(), next: DEVICE_BASE, relocated: Default::default() },
         host: HashMap::new(),
         objects: HashMap::new(),
+        tombs: HashMap::new(),
+        tomb_order: VecDeque::new(),
         streams: HashMap::new(),
         default_streams: HashMap::new(),
         next_handle: HANDLE_BASE,
@@ -286,8 +301,30 @@ impl Emu {
 
     fn insert(&mut self, obj: Obj) -> u64 {
         let h = self.handle();
-        self.objects.insert(h, Entry { obj, life: Life::Live, owner: std::thread::current().id(), ended_by: "" });
+        self.objects.insert(h, Entry { obj, owner: std::thread::current().id() });
         h
+    }
+
+    /// Ends live object `h`: drops it and keeps a [`Tomb`] (the oldest beyond [`TOMBS_KEPT`]
+    /// are forgotten).
+    fn bury(&mut self, h: u64, ended_by: &'static str, launched: Option<&'static str>) {
+        let Some(entry) = self.objects.remove(&h) else { return };
+        self.tombs.insert(h, Tomb { kind: entry.obj.kind(), ended_by, launched });
+        self.tomb_order.push_back(h);
+        while self.tomb_order.len() > TOMBS_KEPT {
+            let old = self.tomb_order.pop_front().expect("non-empty");
+            self.tombs.remove(&old);
+        }
+    }
+
+    /// Whether `h` is a handle this runtime handed out (handles are never reused).
+    fn handed_out(&self, h: u64) -> bool {
+        h > HANDLE_BASE && h <= self.next_handle && (h - HANDLE_BASE).is_multiple_of(16)
+    }
+
+    /// The kind of object `h` is or was, when known.
+    fn kind_of(&self, h: u64) -> Option<&'static str> {
+        self.objects.get(&h).map(|e| e.obj.kind()).or_else(|| self.tombs.get(&h).map(|t| t.kind))
     }
 
     fn require_init(&self, what: &str) -> Result<(), (i32, String)> {
@@ -312,13 +349,25 @@ impl Emu {
         if h == 0 {
             return Err(format!("{what}: {kind} is NULL"));
         }
-        match self.objects.get(&h) {
-            None => Err(format!("{what}: {h:#x} is not a {kind} created by this runtime")),
-            Some(e) if e.obj.kind() != kind => Err(format!("{what}: {h:#x} is a {}, not a {kind}", e.obj.kind())),
-            Some(e) if e.life == Life::Destroyed => {
-                Err(format!("{what}: {kind} {h:#x} was already destroyed ({}): use after destroy", e.ended_by))
+        if let Some(e) = self.objects.get(&h) {
+            return match e.obj.kind() {
+                k if k != kind => Err(format!("{what}: {h:#x} is a {k}, not a {kind}")),
+                _ => Ok(&e.obj),
+            };
+        }
+        match self.tombs.get(&h) {
+            Some(t) if t.kind != kind => Err(format!("{what}: {h:#x} is a {}, not a {kind}", t.kind)),
+            Some(Tomb { launched: Some(op), .. }) => Err(format!(
+                "{what}: executor {h:#x} ({op}) was already launched, which released it (non-repeatable executors are single-use)"
+            )),
+            Some(t) => {
+                Err(format!("{what}: {kind} {h:#x} was already destroyed ({}): use after destroy", t.ended_by))
             }
-            Some(e) => Ok(&e.obj),
+            None if self.handed_out(h) && !self.streams.contains_key(&h) => Err(format!(
+                "{what}: {h:#x} is not a live object: it was already destroyed (long enough ago that what it was \
+                 is forgotten): use after destroy"
+            )),
+            None => Err(format!("{what}: {h:#x} is not a {kind} created by this runtime")),
         }
     }
 
@@ -510,12 +559,7 @@ impl Emu {
 
     fn count_live(&self, kind: u32, me: ThreadId) -> u64 {
         match kind {
-            0..=4 | 8 => self
-                .objects
-                .values()
-                .filter(|e| e.owner == me && e.life == Life::Live && e.obj.kind_id() == kind)
-                .filter(|e| !matches!(&e.obj, Obj::Executor(x) if x.launches > 0 && !x.repeatable))
-                .count() as u64,
+            0..=4 | 8 => self.objects.values().filter(|e| e.owner == me && e.obj.kind_id() == kind).count() as u64,
             5 => self.mem.allocs.values().filter(|a| a.owner == me && a.data.is_some()).count() as u64,
             6 => self.host.values().filter(|a| a.owner == me).count() as u64,
             7 => self.streams.iter().filter(|(id, s)| s.owner == me && s.live && !self.is_default(**id)).count() as u64,
@@ -789,9 +833,7 @@ pub unsafe extern "C" fn aclrtDestroyEvent(event: aclrtEvent) -> aclError {
                     .into(),
             ));
         }
-        let entry = e.objects.get_mut(&(event as u64)).expect("checked");
-        entry.life = Life::Destroyed;
-        entry.ended_by = "aclrtDestroyEvent";
+        e.bury(event as u64, "aclrtDestroyEvent", None);
         Ok(())
     });
     code_of(r)
@@ -1273,9 +1315,7 @@ fn destroy(e: &mut Emu, h: u64, kind: &'static str, how: &'static str) -> aclnnS
     match e.live(h, kind, how) {
         Err(m) => fail(ACLNN_ERR_PARAM_INVALID, m.replace("use after destroy", "double destroy")),
         Ok(_) => {
-            let entry = e.objects.get_mut(&h).expect("live");
-            entry.life = Life::Destroyed;
-            entry.ended_by = how;
+            e.bury(h, how, None);
             ACLNN_SUCCESS
         }
     }
@@ -1285,7 +1325,7 @@ fn destroy(e: &mut Emu, h: u64, kind: &'static str, how: &'static str) -> aclnnS
 pub unsafe extern "C" fn aclDestroyTensor(tensor: *const aclTensor) -> aclnnStatus {
     let mut e = emu();
     let h = tensor as u64;
-    if let Some(Entry { obj: Obj::Tensor(t), life: Life::Live, .. }) = e.objects.get(&h) {
+    if let Some(Entry { obj: Obj::Tensor(t), .. }) = e.objects.get(&h) {
         if let Some(list) = t.list {
             return fail(
                 ACLNN_ERR_PARAM_INVALID,
@@ -1387,26 +1427,16 @@ pub unsafe extern "C" fn aclDestroyTensorList(array: *const aclTensorList) -> ac
         _ => return destroy(&mut e, h, "aclTensorList", "aclDestroyTensorList"),
     };
     for m in members {
-        if let Some(entry) = e.objects.get_mut(&m) {
-            entry.life = Life::Destroyed;
-            entry.ended_by = "by aclDestroyTensorList, which owns its members";
-        }
+        e.bury(m, "by aclDestroyTensorList, which owns its members", None);
     }
     destroy(&mut e, h, "aclTensorList", "aclDestroyTensorList")
 }
 
 fn executor_mut<'e>(e: &'e mut Emu, h: u64, what: &str) -> Result<&'e mut Executor, String> {
     e.live(h, "aclOpExecutor", what)?;
+    // A launched single-use executor is no longer live (its launch released it).
     match &mut e.objects.get_mut(&h).expect("live").obj {
-        Obj::Executor(x) => {
-            if x.launches > 0 && !x.repeatable {
-                return Err(format!(
-                    "{what}: executor {h:#x} ({}) was already launched, which released it (non-repeatable executors are single-use)",
-                    x.op
-                ));
-            }
-            Ok(x)
-        }
+        Obj::Executor(x) => Ok(x),
         _ => unreachable!("kind checked"),
     }
 }
@@ -1626,7 +1656,7 @@ pub(crate) fn launch(
             ws_region = Some((ws, workspace_size as usize));
         }
         for &o in &objects {
-            if let Err(m) = e.live(o, e.objects.get(&o).map_or("object", |x| x.obj.kind()), op) {
+            if let Err(m) = e.live(o, e.kind_of(o).unwrap_or("object"), op) {
                 return Err(inv(format!("{m} (destroyed between GetWorkspaceSize and the launch)")));
             }
         }
@@ -1648,6 +1678,10 @@ pub(crate) fn launch(
         }
         let x = executor_mut(&mut e, h, op).map_err(|m| (ACLNN_ERR_PARAM_INVALID, m))?;
         x.launches += 1;
+        if !x.repeatable {
+            // Released by its launch (the queued task holds the kernel it needs).
+            e.bury(h, "launched", Some(op));
+        }
         *e.launches.entry(op.to_string()).or_default() += 1;
         e.total_launches += 1;
         e.enqueue(
