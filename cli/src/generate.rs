@@ -224,10 +224,8 @@ pub fn run_generate_ranks(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
-    let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, kv.weight_memory))?;
-    let layout = parallel.layout(&cfg)?;
+    let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
-    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
@@ -343,10 +341,8 @@ pub fn run_chat_ranks(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
-    let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, kv.weight_memory))?;
-    let layout = parallel.layout(&cfg)?;
+    let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
-    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     let (txs, rxs): (Vec<_>, Vec<_>) = (1..layout.world).map(|_| std::sync::mpsc::channel::<Option<String>>()).unzip();
     let rxs: Vec<_> = rxs.into_iter().map(std::sync::Mutex::new).collect();
     // Rank 0's thread owns the senders, so they close whenever it ends (an error, a closed

@@ -13,8 +13,8 @@ use dsv4_core::model::loader::{
     check_expected, expected_mtp_tensors, expected_tensors, mtp_layers_present, stored_weight, TensorRole,
 };
 use dsv4_core::quant::scale_name;
-use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
-use dsv4_core::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
+use dsv4_core::tensor::{DType, HostTensor};
+use dsv4_core::weight_forms::{checkpoint_form, official_stored_form, DeviceForm, SocFamily};
 use dsv4_core::{builtin, Checkpoint, ModelConfig};
 
 /// Layer schedule and shape summary (config only).
@@ -288,33 +288,12 @@ pub fn cache_report(cfg: &ModelConfig, dtype: KvDtype, context: Option<usize>) -
     s
 }
 
-fn human(n: usize) -> String {
+pub(crate) fn human(n: usize) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
         n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
         n => n.to_string(),
-    }
-}
-
-/// [`DeviceForm::for_stored`] for a checkpoint's weight, with the fallbacks the Ascend backend
-/// takes on its data: FP8 → BF16 needs every E8M0 scale byte in [`FP8_BF16_EXACT_SCALES`]
-/// (else F32), FP4 → INT8 needs whole groups (else BF16).
-fn checked_form(w: &StoredWeight, soc: SocFamily) -> DeviceForm {
-    let form = DeviceForm::for_stored(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype), soc);
-    let cols: usize = w.shape.iter().skip(1).product();
-    match (form, w.format) {
-        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
-            let in_range =
-                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
-            if in_range {
-                form
-            } else {
-                DeviceForm::F32
-            }
-        }
-        (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
-        _ => form,
     }
 }
 
@@ -353,7 +332,7 @@ pub fn device_bytes_report(cfg: &ModelConfig, ckpt: Option<&Checkpoint>, soc: So
                                 w.scale.as_ref().map(|s| s.dtype),
                                 SocFamily::A5,
                             ),
-                            checked_form(&w, soc),
+                            checkpoint_form(&w, soc),
                             w.data.dtype,
                         ),
                         Err(_) => continue,

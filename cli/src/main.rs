@@ -358,10 +358,7 @@ fn run_logits_ranks(
     kv: &kv_args::KvArgs,
     parallel: &parallel_args::ParallelArgs,
 ) -> Result<()> {
-    let (cfg, ckpt, _) =
-        with_backend!(backend, |probe| load::open_with_memory(probe, &model.model, kv.weight_memory.one_pass()))?;
-    let layout = parallel.layout(&cfg)?;
-    eprintln!("{}", parallel_args::ParallelArgs::describe(&layout, &cfg));
+    let (cfg, ckpt, layout) = parallel_args::open_split(backend, &model.model, kv.weight_memory.one_pass(), parallel)?;
     let vocab = cfg.vocab_size;
     let mut ranks = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;

@@ -60,6 +60,21 @@ impl FromStr for DeviceList {
     }
 }
 
+/// What every command that splits the model starts with: the checkpoint opened once for all
+/// ranks (held as `memory` resolves to on `backend`), the layout checked against its config,
+/// and the layout said on stderr.
+pub fn open_split(
+    backend: BackendChoice,
+    spec: &str,
+    memory: crate::load::WeightMemoryArg,
+    parallel: &ParallelArgs,
+) -> Result<(ModelConfig, dsv4_core::Checkpoint, ParallelLayout)> {
+    let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, memory))?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", ParallelArgs::describe(&layout, &cfg));
+    Ok((cfg, ckpt, layout))
+}
+
 /// Device ids as AscendCL numbers them.
 pub fn device_ids(devices: &DeviceList) -> Result<Vec<i32>> {
     devices.0.iter().map(|&d| i32::try_from(d).map_err(|_| anyhow::anyhow!("device id {d} is too large"))).collect()

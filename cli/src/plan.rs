@@ -110,15 +110,6 @@ fn rank_list(ranks: &[usize]) -> String {
     parts.join(", ")
 }
 
-fn human(n: usize) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
-        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
-        n => n.to_string(),
-    }
-}
-
 fn bytes(n: usize) -> String {
     format!("{n} ({})", human_bytes(n))
 }
@@ -233,7 +224,7 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
             rank.heads(cfg).len(),
             rank.vocab(cfg).len(),
             rank.experts(cfg).len(),
-            human(main.params),
+            crate::inspect::human(main.params),
             main.tensors,
             bytes(main.bytes),
             human_bytes(w.mtp_total().bytes),
@@ -245,8 +236,14 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
         let _ = writeln!(o, "  {head}, by device form:");
         let _ = writeln!(o, "    {:<28} {:>8} {:>14} {:>28}", "form", "tensors", "parameters", "bytes");
         for (form, c) in &w.by_form {
-            let _ =
-                writeln!(o, "    {:<28} {:>8} {:>14} {:>28}", form.name(), c.tensors, human(c.params), bytes(c.bytes));
+            let _ = writeln!(
+                o,
+                "    {:<28} {:>8} {:>14} {:>28}",
+                form.name(),
+                c.tensors,
+                crate::inspect::human(c.params),
+                bytes(c.bytes)
+            );
         }
         let splits: Vec<String> = [Split::Replicated, Split::Vocab, Split::Heads, Split::Experts]
             .iter()
@@ -261,7 +258,7 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
                 o,
                 "    MTP block: {} tensors, {} parameters, {} ({}){}",
                 mtp.tensors,
-                human(mtp.params),
+                crate::inspect::human(mtp.params),
                 bytes(mtp.bytes),
                 forms.join(", "),
                 if w.mtp_loaded { "" } else { "; not loaded with --devices > 1 yet" }

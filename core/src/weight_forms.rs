@@ -205,6 +205,28 @@ pub fn int8_group_scale_bf16(scale: u8) -> Option<u16> {
     Some((bits >> 16) as u16)
 }
 
+/// [`DeviceForm::for_stored`] of a checkpoint's weight, with the fallbacks the Ascend backend
+/// takes on its data: FP8 → BF16 needs every E8M0 scale byte in [`FP8_BF16_EXACT_SCALES`]
+/// (else F32), FP4 → INT8 needs whole groups (else BF16). `dsv4 inspect --soc` and `dsv4 plan`
+/// count with it.
+pub fn checkpoint_form(w: &crate::tensor::StoredWeight, soc: SocFamily) -> DeviceForm {
+    let form = DeviceForm::for_stored(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype), soc);
+    let cols: usize = w.shape.iter().skip(1).product();
+    match (form, w.format) {
+        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
+            let in_range =
+                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
+            if in_range {
+                form
+            } else {
+                DeviceForm::F32
+            }
+        }
+        (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
+        _ => form,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

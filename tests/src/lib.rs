@@ -242,3 +242,43 @@ pub fn check_every_fixture<B: Backend>(be: &B, tolerance: f64) {
     }
     assert!(failures.is_empty(), "cases above {tolerance:.0e}: {failures:#?}");
 }
+
+/// Logits of `ids` through `model` twice, concatenated: a whole-prompt prefill with the state in
+/// `dtype`, then a prefill of 17 tokens followed by one-token decode steps (`decode_steps` of
+/// them, or to the end of `ids`). What the multi-rank suites compare with one device.
+pub fn prefill_and_decode<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    ids: &[u32],
+    dtype: KvDtype,
+    decode_steps: Option<usize>,
+) -> Vec<f32> {
+    let batch = Batch::prefill(&[ids]).unwrap();
+    let mut out = be.download(&model.forward_with(be, &batch, dtype, None).unwrap()).unwrap();
+    let first = 17.min(ids.len());
+    let ids = &ids[..decode_steps.map_or(ids.len(), |n| (first + n).min(ids.len()))];
+    let steps = std::iter::once(first).chain(std::iter::repeat_n(1, ids.len() - first));
+    let mut cache = model.new_cache(be, kv_config(&model.cfg, dtype, 1, ids.len(), first)).unwrap();
+    let mut seq = cache.new_sequence();
+    let mut pos = 0;
+    for n in steps {
+        let b = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
+        let logits = model.step(be, &b, &mut cache, &mut [&mut seq], Logits::All).unwrap();
+        out.extend(be.download(&logits).unwrap());
+        pos += n;
+    }
+    out
+}
+
+/// The emulator is process-wide (devices, HCCL rendezvous, environment): multi-device tests of
+/// one binary take turns through this lock, on an emulator with `devices` devices (unless
+/// `DSV4_ASCEND_EMU_DEVICES` is already set).
+pub fn emulated_devices(devices: usize) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if std::env::var_os("DSV4_ASCEND_EMU_DEVICES").is_none() {
+        std::env::set_var("DSV4_ASCEND_EMU_DEVICES", devices.to_string());
+    }
+    use_ascend_emulator();
+    guard
+}

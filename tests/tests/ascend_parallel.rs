@@ -6,14 +6,11 @@
 //! Why 1e-5: as on the CPU (tests/parallel.rs), splitting only reorders f32 sums.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use dsv4_backend_ascend::{run_ranks, AscendBackend};
-use dsv4_core::kv::KvDtype;
-use dsv4_core::model::Logits;
 use dsv4_core::parallel::{ParallelLayout, RankContext};
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
-use dsv4_tests::{case_kv_dtype, fixture_cases, kv_config, max_rel_err, read_reference};
+use dsv4_core::{Checkpoint, Model, ModelConfig};
+use dsv4_tests::{case_kv_dtype, fixture_cases, max_rel_err, prefill_and_decode, read_reference};
 
 const TOLERANCE: f64 = 1e-5;
 const DEVICES: usize = 4;
@@ -22,42 +19,12 @@ const DEVICES: usize = 4;
 const LAYOUTS: [(usize, usize, usize, &str); 4] =
     [(2, 1, 2, "EP 2"), (4, 1, 4, "EP 4"), (2, 2, 1, "TP 2"), (4, 2, 2, "EP 2 x TP 2")];
 
-/// The emulator is process-wide: the tests of this binary take turns, on 4 emulated devices.
-fn emulator() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if std::env::var_os("DSV4_ASCEND_EMU_DEVICES").is_none() {
-        std::env::set_var("DSV4_ASCEND_EMU_DEVICES", DEVICES.to_string());
-    }
-    dsv4_tests::use_ascend_emulator();
-    guard
-}
-
 /// Decode steps after the 17-token prefill (fewer where a prompt is shorter). The CPU suite
 /// (tests/parallel.rs) decodes every fixture to its end; here 24 steps (past several compression
 /// boundaries and out of the first window) keep the emulated ranks' run time near a minute.
 /// Host memory does not limit it: the emulator drops destroyed objects
 /// (tests/ascend_host_memory.rs); the peak RSS of this binary is about 460 MB.
 const DECODE_STEPS: usize = 24;
-
-/// Prefill logits of the whole prompt, then those of a prefill of 17 tokens followed by
-/// [`DECODE_STEPS`] one-token steps, concatenated.
-fn prefill_and_decode<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], dtype: KvDtype) -> Vec<f32> {
-    let batch = Batch::prefill(&[ids]).unwrap();
-    let mut out = be.download(&model.forward_with(be, &batch, dtype, None).unwrap()).unwrap();
-    let first = 17.min(ids.len());
-    let ids = &ids[..(first + DECODE_STEPS).min(ids.len())];
-    let steps = std::iter::once(first).chain(std::iter::repeat_n(1, ids.len() - first));
-    let mut cache = model.new_cache(be, kv_config(&model.cfg, dtype, 1, ids.len(), first)).unwrap();
-    let mut seq = cache.new_sequence();
-    let mut pos = 0;
-    for n in steps {
-        let b = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
-        out.extend(be.download(&model.step(be, &b, &mut cache, &mut [&mut seq], Logits::All).unwrap()).unwrap());
-        pos += n;
-    }
-    out
-}
 
 fn check(case: &Path) {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
@@ -68,14 +35,14 @@ fn check(case: &Path) {
     let want = {
         let be = dsv4_backend_ascend::open(0).unwrap();
         let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
-        prefill_and_decode(&be, &model, &ids, dtype)
+        prefill_and_decode(&be, &model, &ids, dtype, Some(DECODE_STEPS))
     };
     for (world, tp, ep, label) in LAYOUTS {
         let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
         let devices: Vec<i32> = (0..world as i32).collect();
         let ranks = run_ranks(&devices, layout, |be: &AscendBackend, ctx: RankContext<AscendBackend>| {
             let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
-            Ok::<_, dsv4_core::Error>(prefill_and_decode(be, &model, &ids, dtype))
+            Ok::<_, dsv4_core::Error>(prefill_and_decode(be, &model, &ids, dtype, Some(DECODE_STEPS)))
         })
         .unwrap_or_else(|e| panic!("{name} / {label}: {e}"));
         let err = max_rel_err(&ranks[0], &want);
@@ -89,7 +56,7 @@ fn check(case: &Path) {
 
 #[test]
 fn every_f32_fixture_splits_over_emulated_devices() {
-    let _emu = emulator();
+    let _emu = dsv4_tests::emulated_devices(DEVICES);
     let cases = fixture_cases();
     assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
     for case in cases {

@@ -11,11 +11,11 @@ use std::path::Path;
 
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::kv::KvDtype;
-use dsv4_core::model::Logits;
 use dsv4_core::parallel::{run_local, ParallelLayout, RankContext};
-use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig};
+use dsv4_core::{Batch, Checkpoint, Model, ModelConfig};
 use dsv4_tests::{
-    case_kv_dtype, case_precision, chunks, fixture_cases, kv_config, max_rel_err, official_cases, read_reference,
+    case_kv_dtype, case_precision, chunks, fixture_cases, max_rel_err, official_cases, prefill_and_decode,
+    read_reference,
 };
 
 const TOLERANCE: f64 = 1e-5;
@@ -23,25 +23,6 @@ const TOLERANCE: f64 = 1e-5;
 /// (world, TP, EP) and a label.
 const LAYOUTS: [(usize, usize, usize, &str); 4] =
     [(2, 1, 2, "EP 2"), (4, 1, 4, "EP 4"), (2, 2, 1, "TP 2"), (4, 2, 2, "EP 2 x TP 2")];
-
-/// Prefill logits of the whole prompt, then the logits of a prefill of 17 tokens followed by
-/// token-by-token decoding, concatenated.
-fn prefill_and_decode<B: Backend>(be: &B, model: &Model<B>, ids: &[u32], dtype: KvDtype) -> Vec<f32> {
-    let batch = Batch::prefill(&[ids]).unwrap();
-    let mut out = be.download(&model.forward_with(be, &batch, dtype, None).unwrap()).unwrap();
-    let first = 17.min(ids.len());
-    let steps: Vec<usize> = std::iter::once(first).chain(std::iter::repeat_n(1, ids.len() - first)).collect();
-    let mut cache = model.new_cache(be, kv_config(&model.cfg, dtype, 1, ids.len(), first)).unwrap();
-    let mut seq = cache.new_sequence();
-    let mut pos = 0;
-    for n in steps {
-        let b = Batch::new(&[(&ids[pos..pos + n], pos)]).unwrap();
-        let logits = model.step(be, &b, &mut cache, &mut [&mut seq], Logits::All).unwrap();
-        out.extend(be.download(&logits).unwrap());
-        pos += n;
-    }
-    out
-}
 
 fn open(case: &Path) -> (ModelConfig, Checkpoint) {
     (ModelConfig::from_dir(case).unwrap(), Checkpoint::open(case).unwrap())
@@ -54,12 +35,12 @@ fn single_and_split(case: &Path, layout: ParallelLayout, ids: &[u32]) -> (Vec<f3
     let be = CpuBackend::new();
     let mut single = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
     single.precision = prec;
-    let want = prefill_and_decode(&be, &single, ids, dtype);
+    let want = prefill_and_decode(&be, &single, ids, dtype, None);
     let ranks = run_local(layout, |ctx: RankContext<CpuBackend>| {
         let be = CpuBackend::new();
         let mut model = Model::load_rank(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
         model.precision = prec;
-        Ok::<_, dsv4_core::Error>(prefill_and_decode(&be, &model, ids, dtype))
+        Ok::<_, dsv4_core::Error>(prefill_and_decode(&be, &model, ids, dtype, None))
     })
     .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
     (want, ranks)

@@ -30,7 +30,7 @@ use crate::model::loader::{expected_mtp_tensors, expected_tensors, mtp_layers_pr
 use crate::parallel::comm::{CollectiveKind, Traffic};
 use crate::parallel::layout::{ParallelLayout, RankLayout};
 use crate::tensor::{DType, StoredWeight, WeightFormat};
-use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
+use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily};
 
 /// Where the weights live and in what form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,26 +143,12 @@ pub fn checkpoint_tensors(cfg: &ModelConfig, ckpt: &Checkpoint, target: WeightTa
     Ok(out)
 }
 
-/// [`WeightTarget::form`] of a checkpoint's weight with the fallbacks the Ascend backend takes
-/// on its data.
+/// [`WeightTarget::form`] of a checkpoint's weight, with the Ascend backend's fallbacks on its
+/// data on an Ascend target ([`crate::weight_forms::checkpoint_form`]).
 fn checked_form(w: &StoredWeight, target: WeightTarget) -> DeviceForm {
-    let form = target.form(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype));
-    if !matches!(target, WeightTarget::Soc(_)) {
-        return form;
-    }
-    let cols: usize = w.shape.iter().skip(1).product();
-    match (form, w.format) {
-        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
-            let in_range =
-                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
-            if in_range {
-                form
-            } else {
-                DeviceForm::F32
-            }
-        }
-        (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
-        _ => form,
+    match target {
+        WeightTarget::Soc(soc) => crate::weight_forms::checkpoint_form(w, soc),
+        _ => target.form(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype)),
     }
 }
 
