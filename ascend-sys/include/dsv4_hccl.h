@@ -115,6 +115,15 @@ typedef struct HcclRootInfoDef {
 #define HCCL_COMM_TRAFFIC_CLASS_CONFIG_NOT_SET 0xffffffffu
 #define HCCL_COMM_SERVICE_LEVEL_CONFIG_NOT_SET 0xffffffffu
 #define HCCL_COMM_EXECTIMEOUT_CONFIG_NOT_SET (-1)
+/* `hcclExecTimeOut` is in whole seconds (HCCL_EXEC_TIMEOUT's unit; default 1836). Atlas A2/A3
+ * accept [0, 2147483647] (0: never time out); Atlas training/inference (910, 310P) accept
+ * (0, HCCL_COMM_EXECTIMEOUT_MAX_S], rounded down to a multiple of
+ * HCCL_COMM_EXECTIMEOUT_INTERVAL_S (at least one). An out-of-range value is ignored with a
+ * warning (the communicator keeps HCCL_EXEC_TIMEOUT). Honoured when HcclGetCommConfigCapability()
+ * is greater than HCCL_COMM_CONFIG_EXEC_TIMEOUT; older libraries ignore the field. */
+#define HCCL_COMM_EXECTIMEOUT_MAX_S 17340
+#define HCCL_COMM_EXECTIMEOUT_INTERVAL_S 68
+#define HCCL_COMM_CONFIG_EXEC_TIMEOUT 8
 #define HCCL_COMM_QOS_CONFIG_NOT_SET 0xffffffffu
 #define HCCL_DEFAULT_SYMMETRIC_MEMORY_STRIDE 16
 
@@ -155,6 +164,16 @@ HcclResult HcclGetRootInfo(HcclRootInfo *rootInfo);
 /** Collective over the nRanks ranks (each on its own device, set on the calling thread first):
  * joins the communicator described by rootInfo as rank `rank`. */
 HcclResult HcclCommInitRootInfo(uint32_t nRanks, const HcclRootInfo *rootInfo, uint32_t rank, HcclComm *comm);
+
+/** HcclCommInitRootInfo with communicator options (`config`, initialised like
+ * `HcclCommConfigInit` does; dsv4 sets `hcclExecTimeOut`). Not in older CANN releases: dsv4
+ * falls back to HcclCommInitRootInfo when the library lacks it. */
+HcclResult HcclCommInitRootInfoConfig(uint32_t nRanks, const HcclRootInfo *rootInfo, uint32_t rank,
+                                      const HcclCommConfig *config, HcclComm *comm);
+
+/** A number n: the config fields whose HcclCommConfigCapability index is below n are honoured
+ * (hcclExecTimeOut: HCCL_COMM_CONFIG_EXEC_TIMEOUT). Not in older CANN releases. */
+uint32_t HcclGetCommConfigCapability(void);
 
 /** Destroys a communicator (its sub-communicators first). */
 HcclResult HcclCommDestroy(HcclComm comm);

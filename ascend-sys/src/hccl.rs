@@ -33,7 +33,9 @@ pub const LIBRARY: &str = "libhccl.so";
 pub const SO_PATH_VAR: &str = "HCCL_SO_PATH";
 
 /// Functions without which no communicator can be made or used; checked at load. The others
-/// (`HcclCreateSubCommConfig`, `HcclAlltoAllV`, `HcclGetErrorString`) fail when called.
+/// (`HcclCreateSubCommConfig`, `HcclAlltoAllV`, `HcclGetErrorString`, and
+/// `HcclCommInitRootInfoConfig` / `HcclGetCommConfigCapability`, which older CANN lacks) fail
+/// when called.
 pub const REQUIRED_FUNCTIONS: &[&str] = &[
     "HcclGetRootInfo",
     "HcclCommInitRootInfo",
@@ -198,6 +200,33 @@ impl Hccl {
     }
 }
 
+impl Hccl {
+    /// Whether the library honours `HcclCommConfig::hcclExecTimeOut`: its
+    /// `HcclGetCommConfigCapability()` exceeds `HCCL_COMM_CONFIG_EXEC_TIMEOUT`, or (a library
+    /// without that function) unknown, taken as yes (a library older than the config version
+    /// ignores the field).
+    pub fn honours_exec_timeout(&self) -> bool {
+        match self.HcclGetCommConfigCapability() {
+            Ok(f) => {
+                // SAFETY: no arguments; returns a plain number.
+                let capability = unsafe { f() };
+                capability > HCCL_COMM_CONFIG_EXEC_TIMEOUT
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+/// `HcclCommConfig::hcclExecTimeOut` for a collective timeout: whole seconds, rounded up, in
+/// `1..=HCCL_COMM_EXECTIMEOUT_MAX_S` (17340 s), the range every SoC accepts (Atlas A2/A3 take
+/// up to `i32::MAX`, Atlas training/inference products only up to 17340 and ignore a larger
+/// value; 0, "never", is not used). Atlas training/inference products further round down to a
+/// multiple of 68 s (at least 68 s).
+pub fn exec_timeout_seconds(timeout: std::time::Duration) -> i32 {
+    let s = timeout.as_secs_f64().ceil();
+    s.clamp(1.0, HCCL_COMM_EXECTIMEOUT_MAX_S as f64) as i32
+}
+
 static HCCL: OnceLock<Result<Hccl, HcclLoadError>> = OnceLock::new();
 
 /// The process-wide HCCL library: [`Hccl::load`] once, on the first call (the environment is
@@ -293,7 +322,13 @@ mod tests {
         for f in REQUIRED_FUNCTIONS {
             assert!(FUNCTION_NAMES.contains(f), "{f} is required but not declared");
         }
-        for f in ["HcclCreateSubCommConfig", "HcclAlltoAllV", "HcclGetErrorString"] {
+        for f in [
+            "HcclCreateSubCommConfig",
+            "HcclAlltoAllV",
+            "HcclGetErrorString",
+            "HcclCommInitRootInfoConfig",
+            "HcclGetCommConfigCapability",
+        ] {
             assert!(FUNCTION_NAMES.contains(&f), "{f}");
         }
     }
@@ -308,6 +343,18 @@ mod tests {
         assert_eq!(usize::from_ne_bytes(header[..8].try_into().unwrap()), 2240);
         assert_eq!(u32::from_ne_bytes(header[8..12].try_into().unwrap()), 0xf0f0_f0f0);
         assert_eq!(u32::from_ne_bytes(header[12..16].try_into().unwrap()), HCCL_COMM_CONFIG_VERSION);
+    }
+
+    #[test]
+    fn exec_timeouts_are_whole_seconds_in_the_accepted_range() {
+        use std::time::Duration;
+        assert_eq!(exec_timeout_seconds(Duration::from_secs(600)), 600);
+        assert_eq!(exec_timeout_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(exec_timeout_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(exec_timeout_seconds(Duration::ZERO), 1);
+        assert_eq!(exec_timeout_seconds(Duration::from_secs(1 << 40)), 17340);
+        assert_eq!(HcclCommConfig::init().hcclExecTimeOut, HCCL_COMM_EXECTIMEOUT_CONFIG_NOT_SET);
+        assert_eq!(std::mem::offset_of!(HcclCommConfig, hcclExecTimeOut), 316);
     }
 
     #[test]

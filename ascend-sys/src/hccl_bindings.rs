@@ -19,6 +19,9 @@ pub const HCCL_COMM_DEFAULT_OP_EXPANSION_MODE: u32 = 0;
 pub const HCCL_COMM_TRAFFIC_CLASS_CONFIG_NOT_SET: u32 = 4294967295;
 pub const HCCL_COMM_SERVICE_LEVEL_CONFIG_NOT_SET: u32 = 4294967295;
 pub const HCCL_COMM_EXECTIMEOUT_CONFIG_NOT_SET: i32 = -1;
+pub const HCCL_COMM_EXECTIMEOUT_MAX_S: u32 = 17340;
+pub const HCCL_COMM_EXECTIMEOUT_INTERVAL_S: u32 = 68;
+pub const HCCL_COMM_CONFIG_EXEC_TIMEOUT: u32 = 8;
 pub const HCCL_COMM_QOS_CONFIG_NOT_SET: u32 = 4294967295;
 pub const HCCL_DEFAULT_SYMMETRIC_MEMORY_STRIDE: u32 = 16;
 pub const HCCL_INVALID_SUB_COMM_ID: u32 = 4294967295;
@@ -132,6 +135,16 @@ acl_functions! {
         rank: u32,
         comm: *mut HcclComm,
     ) -> HcclResult;
+    #[doc = " HcclCommInitRootInfo with communicator options (`config`, initialised like\n `HcclCommConfigInit` does; dsv4 sets `hcclExecTimeOut`). Not in older CANN releases: dsv4\n falls back to HcclCommInitRootInfo when the library lacks it."]
+    pub fn HcclCommInitRootInfoConfig(
+        nRanks: u32,
+        rootInfo: *const HcclRootInfo,
+        rank: u32,
+        config: *const HcclCommConfig,
+        comm: *mut HcclComm,
+    ) -> HcclResult;
+    #[doc = " A number n: the config fields whose HcclCommConfigCapability index is below n are honoured\n (hcclExecTimeOut: HCCL_COMM_CONFIG_EXEC_TIMEOUT). Not in older CANN releases."]
+    pub fn HcclGetCommConfigCapability() -> u32;
     #[doc = " Destroys a communicator (its sub-communicators first)."]
     pub fn HcclCommDestroy(comm: HcclComm) -> HcclResult;
     pub fn HcclGetRankSize(comm: HcclComm, rankSize: *mut u32) -> HcclResult;

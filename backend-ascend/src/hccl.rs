@@ -53,6 +53,16 @@ use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, ParallelLay
 use crate::acl::{err, Device};
 use crate::{numel, AscendBackend, AscendTensor};
 
+/// A communicator config whose `hcclExecTimeOut` is dsv4's communicator timeout
+/// ([`dsv4_core::parallel::local::default_timeout`], `DSV4_COMM_TIMEOUT_S`, default 600 s) in
+/// whole seconds ([`h::exec_timeout_seconds`]): a collective whose peer never arrives (a dead
+/// rank) fails after that long instead of HCCL_EXEC_TIMEOUT's 1836 s.
+fn exec_timeout_config() -> h::HcclCommConfig {
+    let mut config = h::HcclCommConfig::init();
+    config.hcclExecTimeOut = h::exec_timeout_seconds(dsv4_core::parallel::local::default_timeout());
+    config
+}
+
 /// The HCCL library, loaded on first use (single-device runs never load it).
 pub fn library() -> Result<&'static h::Hccl> {
     h::hccl().map_err(|e| err(e.to_string()))
@@ -158,7 +168,8 @@ impl HcclCommunicator {
 
     /// Collective over the `size` ranks (each on its own thread or process, with its own
     /// device): joins the communicator described by `root` as rank `rank`
-    /// (`HcclCommInitRootInfo`) on `be`'s device and stream.
+    /// (`HcclCommInitRootInfoConfig` with `hcclExecTimeOut` = `DSV4_COMM_TIMEOUT_S`, or
+    /// `HcclCommInitRootInfo` on a CANN without it) on `be`'s device and stream.
     pub fn init_rank(be: &AscendBackend, root: &HcclRootInfo, rank: usize, size: usize) -> Result<HcclCommunicator> {
         let comm_err = |msg: String| Error::Comm { rank, size, msg };
         let hccl = library()?;
@@ -168,11 +179,24 @@ impl HcclCommunicator {
         let (r, n) = (u32::try_from(rank), u32::try_from(size));
         let (Ok(r), Ok(n)) = (r, n) else { return Err(comm_err(format!("{size} ranks are too many for HCCL"))) };
         be.dev.enter()?;
-        let f = hccl.HcclCommInitRootInfo().map_err(|e| err(e.to_string()))?;
         let mut comm: HcclComm = std::ptr::null_mut();
-        // SAFETY: `root` is a live blob from HcclGetRootInfo; `comm` is an out-pointer to a local.
-        let code = unsafe { f(n, root, r, &mut comm) };
-        check(hccl, be.dev.api, code, "HcclCommInitRootInfo").map_err(comm_err)?;
+        match hccl.HcclCommInitRootInfoConfig() {
+            Ok(f) if hccl.honours_exec_timeout() => {
+                let config = exec_timeout_config();
+                // SAFETY: `root` is a live blob from HcclGetRootInfo; `config` was initialised as
+                // the API requires and outlives the call; `comm` is an out-pointer to a local.
+                let code = unsafe { f(n, root, r, &config, &mut comm) };
+                check(hccl, be.dev.api, code, "HcclCommInitRootInfoConfig").map_err(comm_err)?;
+            }
+            // An older CANN: the communicator keeps HCCL_EXEC_TIMEOUT.
+            _ => {
+                let f = hccl.HcclCommInitRootInfo().map_err(|e| err(e.to_string()))?;
+                // SAFETY: `root` is a live blob from HcclGetRootInfo; `comm` is an out-pointer to
+                // a local.
+                let code = unsafe { f(n, root, r, &mut comm) };
+                check(hccl, be.dev.api, code, "HcclCommInitRootInfo").map_err(comm_err)?;
+            }
+        }
         let handle = Arc::new(Handle { hccl, comm, dev: be.dev.clone(), parent: None });
         let c = HcclCommunicator::new(handle, rank, size, (0..n).collect(), 0);
         c.verify()?;
@@ -696,7 +720,7 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         // global one, with the members' global ranks.
         let global = self.handle.parent.clone().unwrap_or_else(|| self.handle.clone());
         let f = self.handle.hccl.HcclCreateSubCommConfig().map_err(|e| self.error(e.to_string()))?;
-        let mut config = h::HcclCommConfig::init();
+        let mut config = exec_timeout_config();
         let mut parent_comm = global.comm;
         let mut sub: HcclComm = std::ptr::null_mut();
         // SAFETY: `parent_comm` holds the live global communicator; `ids` has `ids.len()` entries

@@ -452,9 +452,12 @@ fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
     .unwrap_err();
     assert_eq!(e.to_string(), fails().to_string());
 
-    // The others wait for it in a collective until HCCL gives up: still its error.
+    // The others wait for it in a collective until HCCL gives up (after DSV4_COMM_TIMEOUT_S,
+    // the communicators' hcclExecTimeOut): still its error.
     let saved = std::env::var_os(HCCL_TIMEOUT_VAR);
+    let saved_comm = std::env::var_os(dsv4_core::parallel::local::TIMEOUT_ENV);
     std::env::set_var(HCCL_TIMEOUT_VAR, "1");
+    std::env::set_var(dsv4_core::parallel::local::TIMEOUT_ENV, "1");
     let start = Instant::now();
     let e = run_ranks(&[0, 1, 2], layout, |be, ctx| {
         let tp = ctx.tp.unwrap();
@@ -471,6 +474,10 @@ fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
     match saved {
         Some(v) => std::env::set_var(HCCL_TIMEOUT_VAR, v),
         None => std::env::remove_var(HCCL_TIMEOUT_VAR),
+    }
+    match saved_comm {
+        Some(v) => std::env::set_var(dsv4_core::parallel::local::TIMEOUT_ENV, v),
+        None => std::env::remove_var(dsv4_core::parallel::local::TIMEOUT_ENV),
     }
     assert_eq!(e.to_string(), fails().to_string());
     assert!(start.elapsed() < Duration::from_secs(60), "{:?}", start.elapsed());
@@ -527,6 +534,49 @@ fn without_hccl_making_a_communicator_is_an_actionable_error() {
         cmd.env_remove(var);
     }
     let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the child failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn a_dead_peer_fails_the_others_after_the_communicator_timeout() {
+    const TEST: &str = "a_dead_peer_fails_the_others_after_the_communicator_timeout";
+    if std::env::var_os(CHILD_VAR).is_some() {
+        // The child: DSV4_COMM_TIMEOUT_S=1, the emulator's own HCCL timeout 60 s. Only the
+        // communicator config (`hcclExecTimeOut`) can make rank 0 give up within seconds.
+        let _emu = emulator();
+        let done = Barrier::new(2);
+        let out = world(2, |be, c| {
+            let r = if Communicator::<AscendBackend>::rank(&c) == 0 {
+                let start = Instant::now();
+                let e = c.all_reduce_sum(be, &up(be, &[1.0], &[1])).map(|_| ()).unwrap_err();
+                Some((start.elapsed(), e.to_string()))
+            } else {
+                // Rank 1 never calls the collective but keeps its communicator until rank 0
+                // gave up (a dead rank, as far as rank 0 can tell).
+                None
+            };
+            done.wait();
+            r
+        });
+        let (elapsed, e) = out[0].clone().expect("rank 0");
+        assert!(e.contains("HCCL_E_TIMEOUT") && e.contains("hcclExecTimeOut"), "{e}");
+        assert!(elapsed < Duration::from_secs(20), "rank 0 waited {elapsed:?}: {e}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_VAR, "1")
+        .env(dsv4_core::parallel::local::TIMEOUT_ENV, "1")
+        .env(HCCL_TIMEOUT_VAR, "60")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "the child failed:\n{}\n{}",

@@ -39,7 +39,10 @@
 //! * Timeouts: a rendezvous (init, split or collective) that not every rank reaches within
 //!   `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S` seconds (default 120; fractions allowed), read when a
 //!   rank starts waiting, fails with HCCL_E_TIMEOUT on the ranks that came, and the
-//!   communicator (or root info) is poisoned, so latecomers get the same error.
+//!   communicator (or root info) is poisoned, so latecomers get the same error. A communicator
+//!   made with a config whose `hcclExecTimeOut` is set (whole seconds, the first joiner's; 0:
+//!   never) uses that for its collectives instead, as HCCL's communicator-level setting takes
+//!   precedence over `HCCL_EXEC_TIMEOUT` (a sub-communicator: its own config).
 //! * `HcclCommDestroy` marks the handle destroyed (later use is reported as such); it returns
 //!   HCCL_E_AGAIN while another thread is inside a call on that handle, as documented.
 
@@ -74,6 +77,14 @@ const COMM_NAME_MAX_LENGTH: usize = 128;
 const HCCL_COMM_CONFIG_MAGIC_WORD: u32 = 0xf0f0_f0f0;
 /// Offset of `hcclCommName` in `HcclCommConfig` (after the 24-byte info block and two u32).
 const CONFIG_NAME_OFFSET: usize = 32;
+/// Offset of `int32_t hcclExecTimeOut` in `HcclCommConfig`.
+const CONFIG_EXEC_TIMEOUT_OFFSET: usize = 316;
+const _: () = assert!(
+    CONFIG_EXEC_TIMEOUT_OFFSET == std::mem::offset_of!(dsv4_ascend_sys::hccl::HcclCommConfig, hcclExecTimeOut)
+        && CONFIG_NAME_OFFSET == std::mem::offset_of!(dsv4_ascend_sys::hccl::HcclCommConfig, hcclCommName)
+);
+/// `hcclExecTimeOut` of a config that leaves it unset.
+const EXEC_TIMEOUT_NOT_SET: i32 = -1;
 /// `subCommId` of a rank that takes no part in a split (with `rankIds == NULL`).
 const NO_SUB_COMM: u64 = 0xFFFF_FFFF;
 
@@ -118,6 +129,9 @@ struct Spec {
     name: Option<String>,
     /// Sub-communicators: the parent ranks, in sub-rank order.
     rank_ids: Vec<u32>,
+    /// The collective timeout its config asks for (`hcclExecTimeOut`); not compared between
+    /// ranks (the first joiner's wins).
+    exec_timeout: Option<Duration>,
 }
 
 struct Join {
@@ -178,6 +192,9 @@ struct Group {
     handles: Vec<u64>,
     /// Sub-communicators: the parent group.
     parent: Option<u64>,
+    /// The collective timeout from its config (`hcclExecTimeOut`), else
+    /// `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S`.
+    exec_timeout: Option<Duration>,
     poisoned: Option<Fail>,
     /// Per rank: the number of collectives it issued.
     seq: Vec<u64>,
@@ -208,9 +225,12 @@ fn state() -> MutexGuard<'static, Hccl> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The variable with the emulator's rendezvous timeout.
+const TIMEOUT_VAR: &str = "DSV4_ASCEND_EMU_HCCL_TIMEOUT_S";
+
 /// `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S` (default 120 s).
 fn timeout() -> Duration {
-    std::env::var("DSV4_ASCEND_EMU_HCCL_TIMEOUT_S")
+    std::env::var(TIMEOUT_VAR)
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
@@ -442,9 +462,17 @@ fn decode_root(b: &[u8]) -> Option<u64> {
     (check == id ^ ROOT_CHECK).then_some(id)
 }
 
-/// Reads and validates an `HcclCommConfig` the caller initialised with `HcclCommConfigInit`;
-/// returns the communicator name it asks for, if any.
-unsafe fn read_config(config: *const HcclCommConfig, what: &str) -> Result<Option<String>, Fail> {
+/// What a config asks for.
+#[derive(Default)]
+struct Config {
+    /// `hcclCommName`, if set.
+    name: Option<String>,
+    /// `hcclExecTimeOut`, if set (0: never time out).
+    exec_timeout: Option<Duration>,
+}
+
+/// Reads and validates an `HcclCommConfig` the caller initialised with `HcclCommConfigInit`.
+unsafe fn read_config(config: *const HcclCommConfig, what: &str) -> Result<Config, Fail> {
     if config.is_null() {
         return Err((HCCL_E_PTR, format!("{what}: config is NULL (initialise one with HcclCommConfigInit)")));
     }
@@ -469,7 +497,7 @@ unsafe fn read_config(config: *const HcclCommConfig, what: &str) -> Result<Optio
         )));
     }
     if size < CONFIG_NAME_OFFSET + COMM_NAME_MAX_LENGTH {
-        return Ok(None);
+        return Ok(Config::default());
     }
     // SAFETY: `size` (as HcclCommConfigInit wrote it) covers hcclCommName.
     let raw = unsafe { std::slice::from_raw_parts(p.add(CONFIG_NAME_OFFSET), COMM_NAME_MAX_LENGTH) };
@@ -478,7 +506,24 @@ unsafe fn read_config(config: *const HcclCommConfig, what: &str) -> Result<Optio
             "{what}: config hcclCommName is not NUL-terminated within {COMM_NAME_MAX_LENGTH} bytes"
         )));
     };
-    Ok((end > 0).then(|| String::from_utf8_lossy(&raw[..end]).into_owned()))
+    let name = (end > 0).then(|| String::from_utf8_lossy(&raw[..end]).into_owned());
+    if size < CONFIG_EXEC_TIMEOUT_OFFSET + 4 {
+        return Ok(Config { name, exec_timeout: None });
+    }
+    // SAFETY: `size` covers hcclExecTimeOut.
+    let secs = unsafe { (p.add(CONFIG_EXEC_TIMEOUT_OFFSET) as *const i32).read_unaligned() };
+    let exec_timeout = match secs {
+        EXEC_TIMEOUT_NOT_SET => None,
+        // As on Atlas A2/A3: 0 is "never" (here: a century).
+        0 => Some(Duration::from_secs(100 * 365 * 86_400)),
+        s if s > 0 => Some(Duration::from_secs(s as u64)),
+        s => {
+            return Err(para(format!(
+                "{what}: config hcclExecTimeOut is {s}; it must be a number of seconds >= 0, or -1 (not set)"
+            )))
+        }
+    };
+    Ok(Config { name, exec_timeout })
 }
 
 /// The caller's device, checked like the runtime would.
@@ -577,6 +622,7 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
                     devices,
                     handles,
                     parent: parent_group,
+                    exec_timeout: spec.exec_timeout,
                     poisoned: None,
                     seq: vec![0; n as usize],
                     steps: HashMap::new(),
@@ -645,7 +691,7 @@ unsafe fn init_root_info(
     nRanks: u32,
     rootInfo: *const HcclRootInfo,
     rank: u32,
-    name: Option<String>,
+    config: Config,
     comm: *mut HcclComm,
     what: &str,
 ) -> Result<(), Fail> {
@@ -668,7 +714,7 @@ unsafe fn init_root_info(
     if nRanks > visible {
         return Err(para(format!("{what}: nRanks {nRanks} exceeds the {visible} visible device(s) (one per rank)")));
     }
-    let spec = Spec { n_ranks: nRanks, name, rank_ids: vec![] };
+    let spec = Spec { n_ranks: nRanks, name: config.name, rank_ids: vec![], exec_timeout: config.exec_timeout };
     let h = join(JoinKey::Root(id), spec, rank, device, what)?;
     // SAFETY: checked non-null above.
     unsafe { comm.write(h as HcclComm) };
@@ -683,7 +729,7 @@ pub unsafe extern "C" fn HcclCommInitRootInfo(
     comm: *mut HcclComm,
 ) -> HcclResult {
     // SAFETY: pointers checked inside.
-    ret(unsafe { init_root_info(nRanks, rootInfo, rank, None, comm, "HcclCommInitRootInfo") })
+    ret(unsafe { init_root_info(nRanks, rootInfo, rank, Config::default(), comm, "HcclCommInitRootInfo") })
 }
 
 #[no_mangle]
@@ -698,7 +744,7 @@ pub unsafe extern "C" fn HcclCommInitRootInfoConfig(
     // SAFETY: the config is checked for NULL and read within the size it declares.
     let r = unsafe { read_config(config, what) }
         // SAFETY: pointers checked inside.
-        .and_then(|name| unsafe { init_root_info(nRanks, rootInfo, rank, name, comm, what) });
+        .and_then(|config| unsafe { init_root_info(nRanks, rootInfo, rank, config, comm, what) });
     ret(r)
 }
 
@@ -758,7 +804,7 @@ pub unsafe extern "C" fn HcclCreateSubCommConfig(
             ));
         }
         // SAFETY: config checked for NULL and read within the size it declares.
-        let name = unsafe { read_config(config, what) }?;
+        let config = unsafe { read_config(config, what) }?;
         let n_parent = state().groups[&gid].n;
         if rankNum == 0 || rankNum > n_parent {
             return Err(para(format!("{what}: rankNum {rankNum} is not in 1..={n_parent} (the ranks of {pname})")));
@@ -780,7 +826,7 @@ pub unsafe extern "C" fn HcclCreateSubCommConfig(
                 "{what}: subCommRankId is {subCommRankId}, but the caller (rank {prank} of {pname}) is at index {mine} of rankIds {ids:?}"
             )));
         }
-        let spec = Spec { n_ranks: rankNum, name, rank_ids: ids };
+        let spec = Spec { n_ranks: rankNum, name: config.name, rank_ids: ids, exec_timeout: config.exec_timeout };
         let h = join(JoinKey::Sub(gid, subCommId), spec, subCommRankId, device, what)?;
         // SAFETY: checked non-null above.
         unsafe { subComm.write(h as HcclComm) };
@@ -1036,7 +1082,7 @@ fn collective(
 ) -> HcclResult {
     let comm = comm as u64;
     // Phase A: the communicator.
-    let (gid, ctx, gname, _busy) = {
+    let (gid, ctx, gname, (limit, limit_from), _busy) = {
         let mut st = state();
         let (gid, rank, destroyed) = match st.handle(comm, what) {
             Ok(h) => (h.group, h.rank, h.destroyed),
@@ -1056,8 +1102,9 @@ fn collective(
         }
         let ctx = Ctx { rank, n: g.n, device: g.devices[rank as usize] };
         let gname = g.name.clone();
+        let limit = g.exec_timeout.map(|t| (t, "hcclExecTimeOut")).unwrap_or((timeout(), TIMEOUT_VAR));
         match enter(&mut st, comm, what) {
-            Ok(b) => (gid, ctx, gname, b),
+            Ok(b) => (gid, ctx, gname, limit, b),
             Err(f) => {
                 st.poison(gid, &(f.0, format!("rank {rank}: {}", f.1)));
                 return ret(Err(f));
@@ -1110,7 +1157,6 @@ fn collective(
         }
     };
     // Phase C: the rendezvous.
-    let limit = timeout();
     let deadline = Instant::now() + limit;
     let rank = ctx.rank as usize;
     let call = plan.call.clone();
@@ -1177,7 +1223,7 @@ fn collective(
             let f = (
                 HCCL_E_TIMEOUT,
                 format!(
-                    "collective #{seq} ({}) on {gname} timed out after {:.1} s (DSV4_ASCEND_EMU_HCCL_TIMEOUT_S): \
+                    "collective #{seq} ({}) on {gname} timed out after {:.1} s ({limit_from}): \
                      ranks {missing:?} never called it",
                     call.name(),
                     limit.as_secs_f64()
