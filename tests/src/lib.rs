@@ -2,6 +2,7 @@
 //! `tests/fixtures/generate.py` produced with transformers (float64).
 
 pub mod backend_suite;
+pub mod collectives;
 pub mod fused_attention;
 pub mod primitives_only;
 pub mod raw_acl;

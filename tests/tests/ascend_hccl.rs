@@ -7,32 +7,25 @@
 //! actionable error when no HCCL library exists. Emulator-verified, not hardware-verified.
 
 use std::sync::{Barrier, Mutex, MutexGuard};
+
+use dsv4_tests::collectives::{bits, comm_err, concat, down, numel, rank_order_sum, up, values};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use dsv4_ascend_sys::hccl::HcclRootInfo;
 use dsv4_backend_ascend::{run_ranks, AscendBackend, HcclCommunicator};
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::backend::{Backend, DeviceTensor};
+use dsv4_core::backend::Backend;
 use dsv4_core::parallel::{CollectiveKind, Communicator, LocalComm, ParallelLayout, Traffic};
 use dsv4_core::Error;
-
-type T = <AscendBackend as Backend>::Tensor;
 
 const DEVICES: usize = 4;
 const CHILD_VAR: &str = "DSV4_TEST_HCCL_CHILD";
 const HCCL_TIMEOUT_VAR: &str = "DSV4_ASCEND_EMU_HCCL_TIMEOUT_S";
 
-/// The emulator is process-wide (devices, HCCL rendezvous, environment): the tests of this
-/// binary take turns, on an emulator with one device per rank.
+/// The tests of this binary take turns on an emulator with one device per rank.
 fn emulator() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    if std::env::var_os("DSV4_ASCEND_EMU_DEVICES").is_none() {
-        std::env::set_var("DSV4_ASCEND_EMU_DEVICES", DEVICES.to_string());
-    }
-    dsv4_tests::use_ascend_emulator();
-    guard
+    dsv4_tests::emulated_devices(DEVICES)
 }
 
 /// `n` ranks of one world communicator, each on its own thread and device (0..n), made with
@@ -62,60 +55,6 @@ fn world<R: Send>(n: usize, f: impl Fn(&AscendBackend, HcclCommunicator) -> R + 
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-/// Distinct, irregular values (so that the order of a sum shows in its bits).
-fn values(seed: usize, n: usize) -> Vec<f32> {
-    (0..n).map(|i| (((seed * 7919 + i) as f32) * 0.618_034).sin() * 3.7 + 1e-3 * i as f32).collect()
-}
-
-fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
-}
-
-fn up(be: &AscendBackend, data: &[f32], shape: &[usize]) -> T {
-    be.upload(data, shape).unwrap()
-}
-
-fn down(be: &AscendBackend, t: &T) -> (Vec<usize>, Vec<f32>) {
-    (t.shape().to_vec(), be.download(t).unwrap())
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// The rank-order sum `a[0] + a[1] + …`, elementwise.
-fn rank_order_sum(parts: &[Vec<f32>]) -> Vec<f32> {
-    let mut out = parts[0].clone();
-    for p in &parts[1..] {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += *v;
-        }
-    }
-    out
-}
-
-/// Concatenation along `dim` of `(shape, data)` parts.
-fn concat(parts: &[(Vec<usize>, Vec<f32>)], dim: usize) -> (Vec<usize>, Vec<f32>) {
-    let outer: usize = numel(&parts[0].0[..dim]);
-    let mut shape = parts[0].0.clone();
-    shape[dim] = parts.iter().map(|p| p.0[dim]).sum();
-    let mut out = Vec::new();
-    for o in 0..outer {
-        for (s, d) in parts {
-            let chunk = numel(&s[dim..]);
-            out.extend_from_slice(&d[o * chunk..(o + 1) * chunk]);
-        }
-    }
-    (shape, out)
-}
-
-fn comm_err(e: Error) -> (usize, usize, String) {
-    match e {
-        Error::Comm { rank, size, msg } => (rank, size, msg),
-        other => panic!("expected a communicator error, got {other}"),
-    }
 }
 
 #[test]

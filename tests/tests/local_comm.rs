@@ -3,15 +3,14 @@
 //! (misuse, a rank that leaves or panics, timeouts, poisoning), plus traffic counts.
 
 use std::sync::Arc;
+
+use dsv4_tests::collectives::{bits, comm_err, concat, down, numel, rank_order_sum, up, values};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use dsv4_backend_cpu::CpuBackend;
-use dsv4_core::backend::{Backend, DeviceTensor};
 use dsv4_core::parallel::{CollectiveKind, Communicator, LocalComm, Traffic};
 use dsv4_core::Error;
-
-type T = <CpuBackend as Backend>::Tensor;
 
 /// Runs `f(comm, backend)` for every rank of `world` on its own thread; results in rank order.
 fn on_ranks<R: Send>(world: Vec<LocalComm>, f: impl Fn(LocalComm, &CpuBackend) -> R + Sync) -> Vec<R> {
@@ -20,60 +19,6 @@ fn on_ranks<R: Send>(world: Vec<LocalComm>, f: impl Fn(LocalComm, &CpuBackend) -
         let handles: Vec<_> = world.into_iter().map(|c| s.spawn(|| f(c, &be))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
-}
-
-/// Distinct, irregular values (so that the order of a sum shows in its bits).
-fn values(seed: usize, n: usize) -> Vec<f32> {
-    (0..n).map(|i| (((seed * 7919 + i) as f32) * 0.618_034).sin() * 3.7 + 1e-3 * i as f32).collect()
-}
-
-fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
-}
-
-fn up(be: &CpuBackend, data: &[f32], shape: &[usize]) -> T {
-    be.upload(data, shape).unwrap()
-}
-
-fn down(be: &CpuBackend, t: &T) -> (Vec<usize>, Vec<f32>) {
-    (t.shape().to_vec(), be.download(t).unwrap())
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// The rank-order sum `a[0] + a[1] + …`, elementwise.
-fn rank_order_sum(parts: &[Vec<f32>]) -> Vec<f32> {
-    let mut out = parts[0].clone();
-    for p in &parts[1..] {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += *v;
-        }
-    }
-    out
-}
-
-/// Concatenation along `dim` of `(shape, data)` parts.
-fn concat(parts: &[(Vec<usize>, Vec<f32>)], dim: usize) -> (Vec<usize>, Vec<f32>) {
-    let outer: usize = numel(&parts[0].0[..dim]);
-    let mut shape = parts[0].0.clone();
-    shape[dim] = parts.iter().map(|p| p.0[dim]).sum();
-    let mut out = Vec::new();
-    for o in 0..outer {
-        for (s, d) in parts {
-            let chunk = numel(&s[dim..]);
-            out.extend_from_slice(&d[o * chunk..(o + 1) * chunk]);
-        }
-    }
-    (shape, out)
-}
-
-fn comm_err(e: Error) -> (usize, usize, String) {
-    match e {
-        Error::Comm { rank, size, msg } => (rank, size, msg),
-        other => panic!("expected a communicator error, got {other}"),
-    }
 }
 
 #[test]
