@@ -4,7 +4,8 @@
 # installed into a venv under the cargo target dir, which later runs reuse. Builds dsv4 the way
 # `cargo test` does (a no-op right after `cargo test --workspace`), starts the server on a free
 # loopback port, waits for /health (at most 120 s), runs the tests and stops the server. Exits
-# non-zero if anything fails. Extra arguments go to pytest (e.g. `-k messages -x`).
+# non-zero if anything fails. Extra arguments go to pytest (e.g. `-k messages -x`);
+# DSV4_SDK_SERVE_ARGS adds arguments to `dsv4 serve` (e.g. `--devices 2 --tensor-parallel 2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1
@@ -36,7 +37,9 @@ bin="$target_dir/debug/dsv4"
 
 log=$(mktemp "${TMPDIR:-/tmp}/dsv4-sdk-serve.XXXXXX")
 api_key=test-key
-"$bin" serve --model builtin:tiny --backend cpu --host 127.0.0.1 --port 0 --api-key "$api_key" >"$log" 2>&1 &
+# shellcheck disable=SC2086 # the extra arguments are words
+"$bin" serve --model builtin:tiny --backend cpu --host 127.0.0.1 --port 0 --api-key "$api_key" \
+    ${DSV4_SDK_SERVE_ARGS:-} >"$log" 2>&1 &
 server_pid=$!
 stop_server() {
     kill "$server_pid" 2>/dev/null || true
@@ -87,7 +90,7 @@ EOF
     server_log
     exit 1
 fi
-echo "sdk-tests: dsv4 serve is up at $base_url"
+echo "sdk-tests: dsv4 serve ${DSV4_SDK_SERVE_ARGS:-} is up at $base_url"
 
 status=0
 DSV4_BASE_URL="$base_url" DSV4_API_KEY="$api_key" DSV4_BIN="$bin" DSV4_MODEL=builtin:tiny \

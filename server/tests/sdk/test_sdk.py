@@ -251,6 +251,33 @@ def test_chat_whole_and_streamed_agree(label, kw):
     assert got_calls == want_calls
 
 
+def test_a_client_that_leaves_mid_stream_does_not_disturb_the_next():
+    # A streaming client that closes its connection after two chunks: its request is cancelled
+    # (on a split server, on every rank alike), and the same greedy request afterwards gets the
+    # reply it got before.
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+
+    def ask(stream, max_tokens):
+        return oa.chat.completions.create(
+            model=served_model(),
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=stream,
+            extra_body={"thinking": OFF},
+        )
+
+    before = ask(False, 48)
+    stream = ask(True, 400)
+    for i, _ in enumerate(stream):
+        if i == 1:
+            break
+    stream.close()
+    after = ask(False, 48)
+    assert after.choices[0].message.content == before.choices[0].message.content
+    assert after.choices[0].finish_reason == before.choices[0].finish_reason
+
+
 def test_chat_tools_are_in_the_prompt():
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     plain = chat(messages, extra_body={"thinking": OFF})
