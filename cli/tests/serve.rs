@@ -33,6 +33,14 @@ fn http(port: u16, method: &str, path: &str, headers: &[&str], body: &str) -> (u
     (status, body)
 }
 
+/// The first line a started server prints (its URL) and the port in it.
+fn url_line(server: &mut Server) -> (String, u16) {
+    let mut line = String::new();
+    BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+    (line, port)
+}
+
 #[test]
 fn serve_prints_its_url_and_answers() {
     let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
@@ -43,11 +51,9 @@ fn serve_prints_its_url_and_answers() {
         .spawn()
         .unwrap();
     let mut server = Server(child);
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (line, port) = url_line(&mut server);
     assert!(line.contains("dsv4 serving `tiny` at http://127.0.0.1:"), "{line}");
     assert!(line.contains("max model len 512") && line.contains("API key required"), "{line}");
-    let port: u16 = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
 
     assert_eq!(http(port, "GET", "/health", &[], "").0, 200);
     let chat = r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#;
@@ -145,9 +151,7 @@ fn serve_split_over_ranks_answers_as_one_device() {
             .spawn()
             .unwrap();
         let mut server = Server(child);
-        let mut line = String::new();
-        BufReader::new(server.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port: u16 = line.split("http://127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+        let (_, port) = url_line(&mut server);
         let body = r#"{"prompt": "Hello there", "max_tokens": 12, "temperature": 0}"#;
         let (status, body) = http(port, "POST", "/v1/completions", &[], body);
         assert_eq!(status, 200, "{backend} {devices:?}: {body}");
