@@ -1,31 +1,55 @@
-//! The CUDA backend. This build only detects the driver library (`libcuda.so.1`) at run time:
-//! the `Backend` implementation is the CUDA backend issue's work, so opening it is an error
-//! that says so.
+//! The Nvidia CUDA backend: `dsv4_core::Backend` over a [`device::Device`], which is either a
+//! GPU through `cudarc` (resolved at run time: the crate builds with no CUDA toolkit and runs
+//! with no GPU until one is asked for) or dsv4's CUDA emulator in `tests/cuda-emu`.
+//!
+//! * Activations f32 and indices i32, contiguous row-major in device buffers (`tensor.rs`);
+//!   `reshape` and axis-0 `narrow` share memory, every other op writes a new buffer.
+//! * One kernel (CUDA C, `kernels/*.cu`, compiled with NVRTC at run time) per primitive;
+//!   GEMMs through cuBLAS (`Device::gemm`).
+//! * The fused V4 ops keep the trait's default compositions until a kernel replaces them.
 
-use dsv4_core::error::{Error, Result};
+pub mod backend;
+pub mod device;
+pub mod driver;
+pub mod kernels;
+pub mod tensor;
 
-const DRIVER_LIBRARY: &str = "libcuda.so.1";
+mod attention;
+mod elementwise;
+mod fused;
+mod index;
+mod layout;
+mod memory;
+mod pool;
+mod reduce;
+mod weights;
 
-/// What `dsv4 devices` prints for CUDA.
+pub use backend::CudaBackend;
+pub use device::{Device, Gemm, GemmType, KernelArg, LaunchConfig};
+pub use driver::DriverDevice;
+use dsv4_core::error::Result;
+
+/// What `dsv4 devices` prints for CUDA: which of the libraries the backend loads at run time
+/// (the driver, NVRTC, cuBLAS) were found, each under the file name that loads. `Err` when one
+/// is missing, with each library's state and what to install for the missing ones.
 pub fn probe() -> std::result::Result<String, String> {
-    // SAFETY: loading the system's CUDA driver library runs its initialisers only; nothing is
-    // called through it here.
-    match unsafe { libloading::Library::new(DRIVER_LIBRARY) } {
-        Ok(_) => Ok(format!("driver library {DRIVER_LIBRARY} found")),
-        Err(e) => Err(format!(
-            "the CUDA driver library {DRIVER_LIBRARY} could not be loaded ({e}); install the NVIDIA driver \
-             or add its directory to LD_LIBRARY_PATH"
-        )),
+    let found: Vec<_> = driver::LIBRARIES.iter().map(|lib| (lib.name, lib.find())).collect();
+    let states: Vec<String> = found
+        .iter()
+        .map(|(name, r)| match r {
+            Ok(file) => format!("{name} {file}"),
+            Err(_) => format!("{name} missing"),
+        })
+        .collect();
+    let problems: Vec<&str> = found.iter().filter_map(|(_, r)| r.as_ref().err().map(String::as_str)).collect();
+    match problems.is_empty() {
+        true => Ok(states.join(", ")),
+        false => Err(format!("{}: {}", states.join(", "), problems.join(" "))),
     }
 }
 
-/// Opens the CUDA backend; fails with an actionable message on this build.
-pub fn open() -> Result<std::convert::Infallible> {
-    match probe() {
-        Err(e) => Err(Error::backend("cuda", e)),
-        Ok(found) => Err(Error::backend(
-            "cuda",
-            format!("{found}, but this build of dsv4 does not implement the CUDA backend yet; use --backend cpu"),
-        )),
-    }
+/// Opens the CUDA backend on GPU `device` (as the driver numbers them). Fails with an actionable
+/// message, never a panic, when a library is missing or there is no such GPU.
+pub fn open(device: usize) -> Result<CudaBackend<DriverDevice>> {
+    Ok(CudaBackend::new(DriverDevice::open(device)?))
 }

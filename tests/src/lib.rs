@@ -31,6 +31,19 @@ pub fn use_ascend_emulator() {
     });
 }
 
+/// The CUDA backend on the GPU that `DSV4_CUDA_DEVICE` names (an ordinal), for the tests that
+/// run on a real GPU (`ci/gpu-check.sh` sets it). None, after printing why, when the variable is
+/// unset; a panic when it is set and the device does not open (a GPU run must not pass silently).
+pub fn cuda_gpu() -> Option<dsv4_backend_cuda::CudaBackend<dsv4_backend_cuda::DriverDevice>> {
+    let Ok(ordinal) = std::env::var("DSV4_CUDA_DEVICE") else {
+        println!("skipped: DSV4_CUDA_DEVICE is not set (no GPU run; ci/gpu-check.sh sets it on a GPU machine)");
+        return None;
+    };
+    let ordinal: usize =
+        ordinal.parse().unwrap_or_else(|_| panic!("DSV4_CUDA_DEVICE={ordinal:?} is not a device ordinal"));
+    Some(dsv4_backend_cuda::open(ordinal).unwrap_or_else(|e| panic!("DSV4_CUDA_DEVICE={ordinal}: {e}")))
+}
+
 /// `tests/fixtures/cases`.
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("cases")

@@ -1,11 +1,18 @@
-//! The op-level backend suite on CUDA, once there is a CUDA backend to run it on.
+//! The op-level backend suite (`dsv4_tests::backend_suite`) on the CUDA backend, twice:
 //!
-//! `backend-cuda` only detects the driver library so far: it has no `dsv4_core::Backend`
-//! implementation, so there is nothing to instantiate `dsv4_tests::backend_suite!` with. When
-//! it has one, this file becomes `backend_suite!(cuda())` behind a check that a device opens
-//! (printing the reason and passing when none does).
+//! * `emulated`: on dsv4's CUDA emulator (`tests/cuda-emu`), which compiles the backend's CUDA C
+//!   kernel sources as C++ for the host and runs every thread block with one cooperative fiber
+//!   per thread. Always runs: this is how CI checks the kernels' numbers without a GPU.
+//! * `gpu`: on a real GPU through cudarc, when `DSV4_CUDA_DEVICE` names one (`ci/gpu-check.sh`
+//!   sets it); otherwise each test prints why it did not run.
 
-#[test]
-fn cuda_backend_suite() {
-    println!("CUDA backend has no Backend implementation yet: the op-level suite does not run on CUDA");
+mod emulated {
+    dsv4_tests::backend_suite!(dsv4_backend_cuda::CudaBackend::new(dsv4_cuda_emu::EmulatedDevice::new()));
+}
+
+mod gpu {
+    dsv4_tests::backend_suite!(match dsv4_tests::cuda_gpu() {
+        Some(be) => be,
+        None => return,
+    });
 }
