@@ -16,6 +16,10 @@ mod dispatch {
                     let $be = dsv4_backend_ascend::open(0)?;
                     $body
                 }
+                crate::Resolved::Cuda => {
+                    let $be = dsv4_backend_cuda::open(0)?;
+                    $body
+                }
             }
         }};
     }
@@ -23,7 +27,8 @@ mod dispatch {
     /// Runs `$body` once per rank of `$layout` on the backend `$choice` resolves to, with `$be` a
     /// reference to the rank's backend and `$ctx` its `RankContext`; evaluates to the ranks'
     /// results in rank order (`anyhow::Result<Vec<_>>`). CPU ranks are threads over the in-process
-    /// communicator; Ascend ranks are threads, one per device of `$devices`, over HCCL.
+    /// communicator; Ascend ranks are threads, one per device of `$devices`, over HCCL; CUDA
+    /// ranks (NCCL) are refused.
     macro_rules! on_ranks {
         ($choice:expr, $devices:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
@@ -36,6 +41,7 @@ mod dispatch {
                     let ids = crate::parallel_args::device_ids($devices)?;
                     dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
                 }
+                crate::Resolved::Cuda => Err(crate::cuda_ranks_refused($layout.world)),
             }
         }};
     }
@@ -102,10 +108,12 @@ pub enum BackendChoice {
 pub(crate) enum Resolved {
     Cpu,
     Ascend,
+    Cuda,
 }
 
-/// `auto` takes Ascend when its runtime loads and opens, then CUDA (not implemented in this
-/// build, so skipped), then CPU. An explicit choice that cannot be used is an error saying why.
+/// `auto` takes Ascend when its runtime loads and opens, else CPU; CUDA only when asked for
+/// (`--backend cuda`) while its backend is being completed. An explicit choice that cannot be
+/// used is an error saying why.
 pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
     Ok(match choice {
         BackendChoice::Cpu => Resolved::Cpu,
@@ -113,7 +121,10 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
             dsv4_backend_ascend::open(0)?;
             Resolved::Ascend
         }
-        BackendChoice::Cuda => match dsv4_backend_cuda::open()? {},
+        BackendChoice::Cuda => {
+            dsv4_backend_cuda::open(0)?;
+            Resolved::Cuda
+        }
         BackendChoice::Auto => {
             if dsv4_backend_ascend::probe().is_ok() && dsv4_backend_ascend::open(0).is_ok() {
                 Resolved::Ascend
@@ -415,12 +426,16 @@ fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> 
 /// yet.
 fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs) -> Result<()> {
     match backend {
-        BackendChoice::Cuda => anyhow::bail!(
-            "--devices {} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)",
-            parallel.world()
-        ),
+        BackendChoice::Cuda => Err(cuda_ranks_refused(parallel.world())),
         _ => Ok(()),
     }
+}
+
+/// Why a model split over `world` ranks does not run on CUDA.
+pub(crate) fn cuda_ranks_refused(world: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--devices {world} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)"
+    )
 }
 
 fn run_devices() {
@@ -445,7 +460,10 @@ fn run_devices() {
         Err(why) => println!("ascend  unavailable  {why}"),
     }
     match dsv4_backend_cuda::probe() {
-        Ok(found) => println!("cuda    not usable   {found}; this build has no CUDA backend yet"),
+        Ok(found) => match dsv4_backend_cuda::open(0) {
+            Ok(be) => println!("cuda    available    {found}; {}", be.describe()),
+            Err(e) => println!("cuda    unusable     {found}; {e}"),
+        },
         Err(why) => println!("cuda    unavailable  {why}"),
     }
 }

@@ -97,6 +97,7 @@ pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_e
             "with --devices on Ascend, give --kv-cache-memory as a size per device (e.g. 8GiB): every rank's pool must \
              be the same size, and a share of each device's free memory is not"
         ),
+        crate::Resolved::Cuda => Err(crate::cuda_ranks_refused(world)),
         crate::Resolved::Cpu => {
             let free = crate::kv_args::free_memory(&dsv4_backend_cpu::CpuBackend::new())?;
             let total = match kv.kv_cache_memory {

@@ -214,6 +214,7 @@ fn spawn_engine_ranks(
             };
             serving_kv(&CpuBackend::new(), &cfg, &per_rank, shape, layout.world)?
         }
+        Resolved::Cuda => return Err(crate::cuda_ranks_refused(layout.world)),
         Resolved::Ascend => {
             // Each device has its own memory, but what is free on it depends on the rank's part
             // of the weights: the pools must be the same, so the size is given.
@@ -247,6 +248,7 @@ fn spawn_engine_ranks(
                 .collect();
             EngineHandle::spawn_ranks(config, builds)
         }
+        Resolved::Cuda => return Err(crate::cuda_ranks_refused(layout.world)),
         Resolved::Ascend => {
             let boot = std::sync::Arc::new(HcclBootstrap::new(&crate::parallel_args::device_ids(&parallel.devices)?)?);
             let builds: Vec<RankBuild<AscendBackend>> = (0..layout.world)
@@ -303,6 +305,7 @@ pub fn run(
             spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
         }
         Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), spec.to_string(), kv.clone(), config)?,
+        Resolved::Cuda => spawn_engine(|| Ok(dsv4_backend_cuda::open(0)?), spec.to_string(), kv.clone(), config)?,
     };
     let vocab = engine.info().vocab_size;
     if tok.vocab_size() > vocab {
