@@ -123,10 +123,6 @@ pub(crate) fn indexer_launch(rows: usize, n: usize, nh: usize, dh: usize) -> Opt
     })
 }
 
-fn i64_of(v: usize) -> i64 {
-    v as i64
-}
-
 impl<D: Device> CudaBackend<D> {
     /// [`dsv4_core::backend::Backend::sparse_attention`]: `dsv4_sparse_attention_*`.
     pub(crate) fn sparse_attention_op(
@@ -156,14 +152,14 @@ impl<D: Device> CudaBackend<D> {
             KernelArg::In(&kv.buf, 0),
             KernelArg::In(&*idx.buf, idx.offset),
             KernelArg::In(&*sinks.buf, sinks.offset),
-            KernelArg::I64(i64_of(t)),
-            KernelArg::I64(i64_of(h)),
-            KernelArg::I64(i64_of(d)),
-            KernelArg::I64(i64_of(kk)),
+            KernelArg::count(t),
+            KernelArg::count(h),
+            KernelArg::count(d),
+            KernelArg::count(kk),
             KernelArg::I32(format),
-            KernelArg::I64(i64_of(rope)),
-            KernelArg::I64(i64_of(row_bytes)),
-            KernelArg::I64(i64_of(kv.rows)),
+            KernelArg::count(rope),
+            KernelArg::count(row_bytes),
+            KernelArg::count(kv.rows),
             KernelArg::F32(scale),
         ]);
         self.dev.launch(plan.kernel, plan.config, &args)?;
@@ -225,14 +221,14 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&keys.buf, 0),
                     KernelArg::In(&*key_rows.buf, key_rows.offset),
                     KernelArg::In(&*ranges.buf, r0 * 2 * 4),
-                    KernelArg::I64(i64_of(rows)),
-                    KernelArg::I64(i64_of(n)),
-                    KernelArg::I64(i64_of(nh)),
-                    KernelArg::I64(i64_of(dh)),
+                    KernelArg::count(rows),
+                    KernelArg::count(n),
+                    KernelArg::count(nh),
+                    KernelArg::count(dh),
                     KernelArg::I32(format),
-                    KernelArg::I64(i64_of(rope)),
-                    KernelArg::I64(i64_of(row_bytes)),
-                    KernelArg::I64(i64_of(keys.rows)),
+                    KernelArg::count(rope),
+                    KernelArg::count(row_bytes),
+                    KernelArg::count(keys.rows),
                     KernelArg::F32(scale),
                 ],
             )?;
@@ -245,8 +241,8 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&*vals.buf, vals.offset),
                     KernelArg::In(&*ids.buf, ids.offset),
                     KernelArg::In(&*key_rows.buf, key_rows.offset),
-                    KernelArg::I64(i64_of(rows * k)),
-                    KernelArg::I64(i64_of(n)),
+                    KernelArg::count(rows * k),
+                    KernelArg::count(n),
                     KernelArg::I32(offset),
                 ],
             )?;

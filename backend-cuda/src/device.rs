@@ -50,6 +50,14 @@ pub enum KernelArg<'a, B> {
     F32(f32),
 }
 
+impl<B> KernelArg<'_, B> {
+    /// A count or extent (`long long` parameter). Host sizes come from allocations, so they
+    /// fit in `i64`.
+    pub fn count(v: usize) -> Self {
+        KernelArg::I64(v as i64)
+    }
+}
+
 /// Element type of a GEMM operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmType {

@@ -54,8 +54,7 @@ impl<D: Device> CudaBackend<D> {
         let out = self.new_tensor(&x.shape)?;
         let n: usize = x.shape.iter().product();
         if n > 0 {
-            let mut args =
-                vec![KernelArg::In(&*x.buf, x.offset), KernelArg::Out(&*out.buf, 0), KernelArg::I64(n as i64)];
+            let mut args = vec![KernelArg::In(&*x.buf, x.offset), KernelArg::Out(&*out.buf, 0), KernelArg::count(n)];
             args.extend(scalars.iter().map(|s| match *s {
                 Scalar::I32(v) => KernelArg::I32(v),
                 Scalar::F32(v) => KernelArg::F32(v),
@@ -126,10 +125,10 @@ impl<D: Device> CudaBackend<D> {
                 KernelArg::In(&*cos.buf, cos.offset),
                 KernelArg::In(&*sin.buf, sin.offset),
                 KernelArg::Out(&*out.buf, 0),
-                KernelArg::I64(t as i64),
-                KernelArg::I64(heads as i64),
-                KernelArg::I64(d as i64),
-                KernelArg::I64(half as i64),
+                KernelArg::count(t),
+                KernelArg::count(heads),
+                KernelArg::count(d),
+                KernelArg::count(half),
                 KernelArg::I32(inverse as i32),
             ];
             self.dev.launch("dsv4_rope_f32", elementwise_launch(n), &args)?;

@@ -117,10 +117,6 @@ fn hc_pre_mix(n: usize) -> usize {
     (2 + n) * n
 }
 
-fn i64_of(v: usize) -> i64 {
-    v as i64
-}
-
 impl<D: Device> CudaBackend<D> {
     /// `linear` of the streams x `[T, n, D]` as `[T, n·D]` (a view: no copy) against `fn_w`.
     fn hc_mixes(&self, x: &CudaTensor<D>, fn_w: &CudaWeight<D>) -> Result<CudaTensor<D>> {
@@ -160,10 +156,10 @@ impl<D: Device> CudaBackend<D> {
                 KernelArg::Out(&collapsed.buf, 0),
                 KernelArg::Out(&post.buf, 0),
                 KernelArg::Out(&comb.buf, 0),
-                KernelArg::I64(i64_of(t)),
-                KernelArg::I64(i64_of(n)),
-                KernelArg::I64(i64_of(d)),
-                KernelArg::I64(i64_of(iters)),
+                KernelArg::count(t),
+                KernelArg::count(n),
+                KernelArg::count(d),
+                KernelArg::count(iters),
                 KernelArg::F32(hc_eps),
                 KernelArg::F32(norm_eps),
             ],
@@ -186,10 +182,10 @@ impl<D: Device> CudaBackend<D> {
             &[
                 KernelArg::In(&comb.buf, comb.offset),
                 KernelArg::Out(&out.buf, 0),
-                KernelArg::I64(i64_of(t)),
-                KernelArg::I64(i64_of(rows)),
-                KernelArg::I64(i64_of(cols)),
-                KernelArg::I64(i64_of(iters)),
+                KernelArg::count(t),
+                KernelArg::count(rows),
+                KernelArg::count(cols),
+                KernelArg::count(iters),
                 KernelArg::F32(eps),
             ],
         )?;
@@ -228,9 +224,9 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&post.buf, post.offset),
                     KernelArg::In(&comb.buf, comb.offset),
                     KernelArg::Out(&out.buf, 0),
-                    KernelArg::I64(i64_of(t)),
-                    KernelArg::I64(i64_of(n)),
-                    KernelArg::I64(i64_of(d)),
+                    KernelArg::count(t),
+                    KernelArg::count(n),
+                    KernelArg::count(d),
                 ],
             )?;
         }
@@ -264,9 +260,9 @@ impl<D: Device> CudaBackend<D> {
                 KernelArg::In(&base.buf, base.offset),
                 KernelArg::In(&scale.buf, scale.offset),
                 KernelArg::Out(&out.buf, 0),
-                KernelArg::I64(i64_of(t)),
-                KernelArg::I64(i64_of(n)),
-                KernelArg::I64(i64_of(d)),
+                KernelArg::count(t),
+                KernelArg::count(n),
+                KernelArg::count(d),
                 KernelArg::F32(hc_eps),
                 KernelArg::F32(norm_eps),
             ],
@@ -314,9 +310,9 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&kv.buf, kv.offset),
                     KernelArg::In(&score.buf, score.offset),
                     KernelArg::Out(&out.buf, 0),
-                    KernelArg::I64(i64_of(w)),
-                    KernelArg::I64(i64_of(l)),
-                    KernelArg::I64(i64_of(c)),
+                    KernelArg::count(w),
+                    KernelArg::count(l),
+                    KernelArg::count(c),
                 ],
             )?;
         }
@@ -341,7 +337,7 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&gate.buf, gate.offset),
                     KernelArg::In(&up.buf, up.offset),
                     KernelArg::Out(&out.buf, 0),
-                    KernelArg::I64(i64_of(n)),
+                    KernelArg::count(n),
                     KernelArg::F32(limit),
                 ],
             )?;
@@ -384,9 +380,9 @@ impl<D: Device> CudaBackend<D> {
                             KernelArg::Out(&weights.buf, 0),
                             KernelArg::In(&logits.buf, logits.offset),
                             KernelArg::In(&ids.buf, ids.offset),
-                            KernelArg::I64(i64_of(t)),
-                            KernelArg::I64(i64_of(e)),
-                            KernelArg::I64(i64_of(k)),
+                            KernelArg::count(t),
+                            KernelArg::count(e),
+                            KernelArg::count(k),
                             KernelArg::I32(scoring),
                             KernelArg::F32(routed_scale),
                         ],
@@ -407,9 +403,9 @@ impl<D: Device> CudaBackend<D> {
                             KernelArg::Out(&weights.buf, 0),
                             KernelArg::In(&logits.buf, logits.offset),
                             KernelArg::In(&b.buf, b.offset),
-                            KernelArg::I64(i64_of(t)),
-                            KernelArg::I64(i64_of(e)),
-                            KernelArg::I64(i64_of(k)),
+                            KernelArg::count(t),
+                            KernelArg::count(e),
+                            KernelArg::count(k),
                             KernelArg::I32(scoring),
                             KernelArg::I32(i32::from(bias.is_some())),
                             KernelArg::F32(routed_scale),

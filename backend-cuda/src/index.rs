@@ -91,10 +91,6 @@ pub(crate) fn concat_parts(out: &[usize], parts: &[&[usize]], axis: usize) -> Ve
         .collect()
 }
 
-fn i64_of(v: usize) -> i64 {
-    v as i64
-}
-
 impl<D: Device> CudaBackend<D> {
     pub(crate) fn index_select_op(&self, x: &CudaTensor<D>, idx: &CudaIndex<D>) -> Result<CudaTensor<D>> {
         let shape = checks::index_select(Self::NAME, &x.shape, &idx.shape, idx.bounds())?;
@@ -109,9 +105,9 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::Out(&out.buf, 0),
                     KernelArg::In(&x.buf, x.offset),
                     KernelArg::In(&idx.buf, idx.offset),
-                    KernelArg::I64(i64_of(n)),
-                    KernelArg::I64(i64_of(row)),
-                    KernelArg::I64(i64_of(x.shape[0])),
+                    KernelArg::count(n),
+                    KernelArg::count(row),
+                    KernelArg::count(x.shape[0]),
                 ],
             )?;
         }
@@ -130,9 +126,9 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::Out(&out.buf, 0),
                     KernelArg::In(&x.buf, x.offset),
                     KernelArg::In(&idx.buf, idx.offset),
-                    KernelArg::I64(i64_of(total)),
-                    KernelArg::I64(i64_of(shape[shape.len() - 1])),
-                    KernelArg::I64(i64_of(x.shape[x.shape.len() - 1])),
+                    KernelArg::count(total),
+                    KernelArg::count(shape[shape.len() - 1]),
+                    KernelArg::count(x.shape[x.shape.len() - 1]),
                 ],
             )?;
         }
@@ -161,9 +157,9 @@ impl<D: Device> CudaBackend<D> {
                     KernelArg::In(&dst.buf, dst.offset),
                     KernelArg::In(&idx.buf, idx.offset),
                     KernelArg::In(&src.buf, src.offset),
-                    KernelArg::I64(i64_of(rows)),
-                    KernelArg::I64(i64_of(row)),
-                    KernelArg::I64(i64_of(n)),
+                    KernelArg::count(rows),
+                    KernelArg::count(row),
+                    KernelArg::count(n),
                 ],
             )?;
         }
@@ -191,10 +187,10 @@ impl<D: Device> CudaBackend<D> {
         }
         args.extend([
             KernelArg::In(&*x.buf, x.offset),
-            KernelArg::I64(i64_of(rows)),
-            KernelArg::I64(i64_of(n)),
-            KernelArg::I64(i64_of(k)),
-            KernelArg::I64(i64_of(plan.p)),
+            KernelArg::count(rows),
+            KernelArg::count(n),
+            KernelArg::count(k),
+            KernelArg::count(plan.p),
             KernelArg::I32(i32::from(plan.select)),
         ]);
         self.dev.launch(plan.kernel, plan.config, &args)?;
@@ -209,7 +205,7 @@ impl<D: Device> CudaBackend<D> {
             self.dev.launch(
                 "dsv4_index_mask",
                 elementwise_launch(n),
-                &[KernelArg::Out(&out.buf, 0), KernelArg::In(&idx.buf, idx.offset), KernelArg::I64(i64_of(n))],
+                &[KernelArg::Out(&out.buf, 0), KernelArg::In(&idx.buf, idx.offset), KernelArg::count(n)],
             )?;
         }
         Ok(out)
@@ -242,10 +238,10 @@ impl<D: Device> CudaBackend<D> {
                 &[
                     KernelArg::Out(&out.buf, 0),
                     KernelArg::In(&x.buf, x.offset),
-                    KernelArg::I64(i64_of(outer)),
-                    KernelArg::I64(i64_of(chunk)),
-                    KernelArg::I64(i64_of(out_chunk)),
-                    KernelArg::I64(i64_of(at)),
+                    KernelArg::count(outer),
+                    KernelArg::count(chunk),
+                    KernelArg::count(out_chunk),
+                    KernelArg::count(at),
                 ],
             )?;
         }
@@ -267,7 +263,7 @@ impl<D: Device> CudaBackend<D> {
                 &[
                     KernelArg::Out(&out.buf, 0),
                     KernelArg::In(&idx.buf, idx.offset),
-                    KernelArg::I64(i64_of(n)),
+                    KernelArg::count(n),
                     KernelArg::I32(offset),
                 ],
             )?;

@@ -97,7 +97,7 @@ pub(crate) fn for_each_launch<const K: usize>(
 pub(crate) fn strided_args<'a, B, const K: usize>(inner: &[Dim<K>], operands: usize) -> Vec<KernelArg<'a, B>> {
     debug_assert!(inner.len() <= KERNEL_DIMS && operands <= K);
     let n: usize = inner.iter().map(|d| d.0).product();
-    let mut args = vec![KernelArg::I64(n as i64), KernelArg::I32(inner.len() as i32)];
+    let mut args = vec![KernelArg::count(n), KernelArg::I32(inner.len() as i32)];
     args.extend((0..KERNEL_DIMS).map(|k| KernelArg::I64(inner.get(k).map_or(1, |d| d.0) as i64)));
     for op in 0..operands {
         args.extend((0..KERNEL_DIMS).map(|k| KernelArg::I64(inner.get(k).map_or(0, |d| d.1[op]) as i64)));

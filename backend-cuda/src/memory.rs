@@ -70,7 +70,7 @@ impl<D: Device> CudaBackend<D> {
             self.dev.launch(
                 "dsv4_fill_f32",
                 elementwise_launch(n),
-                &[KernelArg::Out(&out.buf, 0), KernelArg::I64(n as i64), KernelArg::F32(value)],
+                &[KernelArg::Out(&out.buf, 0), KernelArg::count(n), KernelArg::F32(value)],
             )?;
         }
         Ok(out)

@@ -57,19 +57,19 @@ impl<D: Device> CudaBackend<D> {
             KernelArg::Out(&pool.buf, 0),
             KernelArg::In(&slots.buf, slots.offset),
             KernelArg::In(&values.buf, values.offset),
-            KernelArg::I64(n as i64),
-            KernelArg::I64(width as i64),
+            KernelArg::count(n),
+            KernelArg::count(width),
         ];
         let (kernel, launch) = match pool.format {
             RowFormat::F32 => ("dsv4_pool_write_f32", elementwise_launch(n * width)),
             RowFormat::Bf16 => ("dsv4_pool_write_bf16", elementwise_launch(n * width)),
             RowFormat::Fp8 { rope } => {
                 let rope = rope.min(width);
-                args.extend([KernelArg::I64(rope as i64), KernelArg::I64(pool.format.row_bytes(width) as i64)]);
+                args.extend([KernelArg::count(rope), KernelArg::count(pool.format.row_bytes(width))]);
                 ("dsv4_pool_write_fp8", fp8_write_launch(n, width, rope))
             }
         };
-        args.push(KernelArg::I64(pool.rows as i64));
+        args.push(KernelArg::count(pool.rows));
         self.dev.launch(kernel, launch, &args)
     }
 
@@ -84,19 +84,19 @@ impl<D: Device> CudaBackend<D> {
             KernelArg::Out(&out.buf, 0),
             KernelArg::In(&pool.buf, 0),
             KernelArg::In(&slots.buf, slots.offset),
-            KernelArg::I64(n as i64),
-            KernelArg::I64(width as i64),
+            KernelArg::count(n),
+            KernelArg::count(width),
         ];
         let kernel = match pool.format {
             RowFormat::F32 => "dsv4_pool_read_f32",
             RowFormat::Bf16 => "dsv4_pool_read_bf16",
             RowFormat::Fp8 { rope } => {
                 let rope = rope.min(width);
-                args.extend([KernelArg::I64(rope as i64), KernelArg::I64(pool.format.row_bytes(width) as i64)]);
+                args.extend([KernelArg::count(rope), KernelArg::count(pool.format.row_bytes(width))]);
                 "dsv4_pool_read_fp8"
             }
         };
-        args.push(KernelArg::I64(pool.rows as i64));
+        args.push(KernelArg::count(pool.rows));
         self.dev.launch(kernel, elementwise_launch(n * width), &args)?;
         Ok(out)
     }

@@ -55,10 +55,10 @@ impl<D: Device> CudaBackend<D> {
         }
         let (xa, oa, code) = (KernelArg::In(&*x.buf, x.offset), KernelArg::Out(&*out.buf, 0), reduce_code(op));
         if inner == 1 {
-            let args = [xa, oa, KernelArg::I64(outer as i64), KernelArg::I64(n as i64), KernelArg::I32(code)];
+            let args = [xa, oa, KernelArg::count(outer), KernelArg::count(n), KernelArg::I32(code)];
             self.dev.launch("dsv4_reduce_rows_f32", row_launch(outer, n), &args)?;
         } else {
-            let (o, l, i) = (KernelArg::I64(outer as i64), KernelArg::I64(n as i64), KernelArg::I64(inner as i64));
+            let (o, l, i) = (KernelArg::count(outer), KernelArg::count(n), KernelArg::count(inner));
             let args = [xa, oa, o, l, i, KernelArg::I32(code)];
             self.dev.launch("dsv4_reduce_cols_f32", elementwise_launch(outer * inner), &args)?;
         }
@@ -74,10 +74,10 @@ impl<D: Device> CudaBackend<D> {
         }
         let (xa, oa) = (KernelArg::In(&*x.buf, x.offset), KernelArg::Out(&*out.buf, 0));
         if inner == 1 {
-            let args = [xa, oa, KernelArg::I64(outer as i64), KernelArg::I64(n as i64)];
+            let args = [xa, oa, KernelArg::count(outer), KernelArg::count(n)];
             self.dev.launch("dsv4_softmax_rows_f32", row_launch(outer, n), &args)?;
         } else {
-            let args = [xa, oa, KernelArg::I64(outer as i64), KernelArg::I64(n as i64), KernelArg::I64(inner as i64)];
+            let args = [xa, oa, KernelArg::count(outer), KernelArg::count(n), KernelArg::count(inner)];
             self.dev.launch("dsv4_softmax_cols_f32", elementwise_launch(outer * inner), &args)?;
         }
         Ok(out)
@@ -103,8 +103,8 @@ impl<D: Device> CudaBackend<D> {
             KernelArg::In(&*x.buf, x.offset),
             KernelArg::In(&*w.buf, w.offset),
             KernelArg::Out(&*out.buf, 0),
-            KernelArg::I64(rows as i64),
-            KernelArg::I64(d as i64),
+            KernelArg::count(rows),
+            KernelArg::count(d),
             KernelArg::F32(eps),
             KernelArg::I32(weight.is_some() as i32),
         ];

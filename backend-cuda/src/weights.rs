@@ -178,7 +178,7 @@ impl<D: Device> CudaBackend<D> {
                     self.dev.launch(
                         "dsv4_widen_bf16",
                         elementwise_launch(n),
-                        &[KernelArg::Out(&out, 0), KernelArg::In(&w.buf, 0), KernelArg::I64(n as i64)],
+                        &[KernelArg::Out(&out, 0), KernelArg::In(&w.buf, 0), KernelArg::count(n)],
                     )?;
                 }
                 Ok(Some(out))
@@ -211,12 +211,12 @@ impl<D: Device> CudaBackend<D> {
                 KernelArg::Out(&out.buf, 0),
                 KernelArg::In(&x.buf, x.offset),
                 KernelArg::In(&w.buf, 0),
-                KernelArg::I64(m as i64),
-                KernelArg::I64(n as i64),
-                KernelArg::I64(k as i64),
-                KernelArg::I64(r as i64),
-                KernelArg::I64((groups * k) as i64),
-                KernelArg::I64(k as i64),
+                KernelArg::count(m),
+                KernelArg::count(n),
+                KernelArg::count(k),
+                KernelArg::count(r),
+                KernelArg::count(groups * k),
+                KernelArg::count(k),
             ],
         )
     }
@@ -230,9 +230,9 @@ impl<D: Device> CudaBackend<D> {
             &[
                 KernelArg::Out(&out, 0),
                 KernelArg::In(src, offset),
-                KernelArg::I64(a as i64),
-                KernelArg::I64(b as i64),
-                KernelArg::I64(c as i64),
+                KernelArg::count(a),
+                KernelArg::count(b),
+                KernelArg::count(c),
             ],
         )?;
         Ok(out)
@@ -306,9 +306,9 @@ impl<D: Device> CudaBackend<D> {
                 KernelArg::Out(&out.buf, 0),
                 KernelArg::In(&table.buf, 0),
                 KernelArg::In(&ids.buf, ids.offset),
-                KernelArg::I64(n as i64),
-                KernelArg::I64(d as i64),
-                KernelArg::I64(v as i64),
+                KernelArg::count(n),
+                KernelArg::count(d),
+                KernelArg::count(v),
             ],
         )?;
         Ok(out)
