@@ -16,14 +16,21 @@ use crate::kv_args::{self, KvArgs};
 pub fn tokenizer_for(spec: &str) -> Result<Tokenizer> {
     match optional_tokenizer(spec)? {
         Some(t) => Ok(t),
+        None if spec == dsv4_core::builtin::TINY_V4_VOCAB_NAME => bail!(
+            "{spec} has V4's 129,280-id vocabulary and no tokenizer (the built-in byte tokenizer covers 271 ids): serve it with V4's tokenizer.json (`serve --tokenizer PATH`), or give and print token ids (`generate --ids 1,2,3 --print-ids`)"
+        ),
         None => bail!(
             "{spec} has no tokenizer.json: copy the model's tokenizer.json into the directory (`generate` also takes token ids with --ids, `serve` a --tokenizer PATH)"
         ),
     }
 }
 
-/// The tokenizer of `--model` if it has one (the built-in models always do: bytes).
+/// The tokenizer of `--model` if it has one: the built-in models have bytes, except
+/// `builtin:tiny-v4vocab`, whose ids past the byte tokenizer's 271 would be undecodable text.
 fn optional_tokenizer(spec: &str) -> Result<Option<Tokenizer>> {
+    if spec == dsv4_core::builtin::TINY_V4_VOCAB_NAME {
+        return Ok(None);
+    }
     if spec.starts_with("builtin:") {
         return Ok(Some(Tokenizer::byte_fallback()));
     }

@@ -93,6 +93,26 @@ fn bad_input_gives_an_actionable_error() {
     assert!(failing(&["logits", "--model", "builtin:huge", "--ids", "1", "--out", out]).contains("unknown built-in"));
     let e = failing(&["logits", "--backend", "ascend", "--ids", "1", "--out", out]);
     assert!(e.contains("ASCEND_TOOLKIT_HOME") || e.contains("does not implement"), "{e}");
+    // V4's vocabulary with no tokenizer: refused before loading, not at the first token past the
+    // byte tokenizer's 271 ids; token ids in and out still work.
+    for cmd in [
+        &["chat", "--model", "builtin:tiny-v4vocab"][..],
+        &["generate", "--model", "builtin:tiny-v4vocab", "--prompt", "hi"],
+    ] {
+        let e = failing(cmd);
+        assert!(e.contains("129,280-id vocabulary") && e.contains("--tokenizer"), "{e}");
+    }
+    let (ids, _) = run_ok(&[
+        "generate",
+        "--model",
+        "builtin:tiny-v4vocab",
+        "--ids",
+        "1,2",
+        "--print-ids",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(!ids.trim().is_empty(), "{ids}");
     // No GPU here: the CUDA backend says which library is missing and what to install.
     let e = failing(&["logits", "--backend", "cuda", "--ids", "1", "--out", out]);
     assert!(e.contains("backend `cuda`") && e.contains("To fix:"), "{e}");
