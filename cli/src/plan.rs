@@ -93,6 +93,19 @@ impl PlanArgs {
     pub fn layout(&self, cfg: &ModelConfig) -> Result<ParallelLayout> {
         self.parallel.layout(cfg)
     }
+
+    /// The row format the plan is for, refused where the backend `--soc` implies cannot hold it:
+    /// a plan must describe a deployment dsv4 can run.
+    pub fn checked_kv_dtype(&self) -> Result<KvDtype> {
+        let kv = self.kv_dtype();
+        if kv == KvDtype::Fp8 && !self.soc.has_fp8_kv_rows() {
+            bail!(
+                "--kv-dtype fp8 on {}: the Ascend backend keeps f32 or bf16 rows only for now (fp8 rows are CPU-only); plan with --kv-dtype bf16",
+                self.soc.name()
+            );
+        }
+        Ok(kv)
+    }
 }
 
 /// `3`, `0-7`, `0-1, 4-5`.
@@ -409,6 +422,7 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
 }
 
 pub fn run(spec: &str, args: &PlanArgs) -> Result<()> {
+    args.checked_kv_dtype()?;
     let dir = Path::new(spec);
     let config_only = spec != builtin::TINY_NAME
         && dir.join("config.json").exists()
@@ -528,6 +542,12 @@ mod tests {
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision official --soc 910b").kv_dtype(), KvDtype::Bf16);
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision bf16").kv_dtype(), KvDtype::Bf16);
         assert_eq!(args("--devices 1 --device-memory 1G --kv-dtype fp8 --soc 950").kv_dtype(), KvDtype::Fp8);
+        // ... which no Ascend device can hold yet: the plan refuses it there, not on the host.
+        for soc in ["910b", "910c", "950"] {
+            let e = args(&format!("--devices 1 --device-memory 1G --kv-dtype fp8 --soc {soc}")).checked_kv_dtype();
+            assert!(format!("{:#}", e.unwrap_err()).contains("--kv-dtype bf16"), "{soc}");
+        }
+        assert_eq!(args("--devices 1 --device-memory 1G --kv-dtype fp8").checked_kv_dtype().unwrap(), KvDtype::Fp8);
         for bad in ["--device-memory 0.5", "--device-memory 64parsecs", "--memory-utilization 1.5"] {
             let line = format!("--devices 2 --device-memory 1GiB {bad}");
             assert!(Cli::try_parse_from(std::iter::once("plan").chain(line.split_whitespace())).is_err(), "{bad}");
