@@ -87,12 +87,22 @@ unsafe impl Sync for Handle {}
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // Queued collectives still use the communicator: drain the stream first.
-        let _ = self.dev.synchronize();
+        // Queued collectives still use the communicator: drain the stream first. A drop cannot
+        // return an error, so failures are reported on stderr (a leaked communicator on a
+        // device that is going away anyway), never silently ignored.
+        if let Err(e) = self.dev.synchronize() {
+            eprintln!(
+                "dsv4: destroying the HCCL communicator on device {}: draining its stream failed: {e}",
+                self.dev.id
+            );
+        }
         if let Ok(destroy) = self.hccl.HcclCommDestroy() {
             // SAFETY: a communicator from HcclCommInitRootInfo / HcclCreateSubCommConfig, owned by
             // this handle, destroyed once; its sub-communicators (which hold this handle) are gone.
-            unsafe { destroy(self.comm) };
+            let code = unsafe { destroy(self.comm) };
+            if let Err(msg) = check(self.hccl, self.dev.api, code, "HcclCommDestroy") {
+                eprintln!("dsv4: device {}: {msg}", self.dev.id);
+            }
         }
     }
 }
