@@ -36,7 +36,7 @@ use crate::memory::elementwise_launch;
 use crate::tensor::{CudaIndex, CudaPool, CudaTensor};
 
 /// Dynamic shared memory a launch gets without opting in.
-const SHARED_BYTES: usize = 48 * 1024;
+const SHARED_BYTES: usize = crate::device::DYNAMIC_SHARED_BUDGET;
 /// Most warps per block of the attention and indexer kernels.
 const MAX_WARPS: usize = 4;
 /// Most blocks along a grid dimension the kernels walk grid-stride.
@@ -284,7 +284,9 @@ mod tests {
         let p = attention_plan(64, 512, 640);
         assert_eq!((p.config.grid, p.config.shared_bytes), ((64, 1, 1), 2560));
         // The most that fit; no keys at all.
-        assert_eq!(attention_plan(1, 512, 12_288).kernel, "dsv4_sparse_attention_shared");
+        // (12 032 floats: 47 KiB, leaving 1 KiB of the 48 for the kernels' static arrays).
+        assert_eq!(attention_plan(1, 512, 12_032).kernel, "dsv4_sparse_attention_shared");
+        assert_eq!(attention_plan(1, 512, 12_033).kernel, "dsv4_sparse_attention_global");
         assert_eq!(attention_plan(3, 8, 0).config.shared_bytes, 0);
         // Many pairs walk the grid.
         assert_eq!(attention_plan(1 << 20, 512, 640).config.grid, (65_535, 1, 1));

@@ -58,6 +58,11 @@ impl<B> KernelArg<'_, B> {
     }
 }
 
+/// Dynamic shared memory a launch may ask for without the per-kernel opt-in: CUDA allows
+/// 48 KiB per block for static and dynamic shared memory together, and the kernels' own static
+/// `__shared__` arrays take at most 1 KiB of it (the largest is a `float[32]` scratch).
+pub const DYNAMIC_SHARED_BUDGET: usize = 47 * 1024;
+
 /// Element type of a GEMM operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmType {

@@ -24,9 +24,10 @@
 //! Shapes are checked first (`dsv4_core::backend_checks::moe_route`; the others here, as the
 //! model passes them: [`hc_params`]), with errors that name the op; a `swiglu` of two shapes
 //! takes the definition's primitives (which broadcast). Where a kernel's per-token state would
-//! not fit in a block's 48 KiB of shared memory (more than 110 mHC streams in `hc_pre`, 12288 in
-//! `hc_head`; more than 6144 experts in a top-k route, 12288 in a hash route: far from V4's 4
-//! streams and 256-384 experts), the op runs its composition instead.
+//! not fit in a block's dynamic shared memory ([`crate::device::DYNAMIC_SHARED_BUDGET`], 47 KiB:
+//! more than 109 mHC streams in `hc_pre`, 12032 in `hc_head`; more than 6016 experts in a top-k
+//! route, 12032 in a hash route: far from V4's 4 streams and 256-384 experts), the op runs its
+//! composition instead.
 
 use dsv4_core::backend::{composed, BinaryOp, ReduceOp, UnaryOp};
 use dsv4_core::backend_checks::{self as checks, weight_matrix};
@@ -41,7 +42,7 @@ use crate::tensor::{CudaIndex, CudaTensor, CudaWeight};
 /// Most blocks of a launch (the kernels walk further tokens or lanes grid-stride).
 const MAX_BLOCKS: usize = 65_535;
 /// Dynamic shared memory a launch may use without opting in.
-const MAX_SHARED_BYTES: usize = 48 * 1024;
+const MAX_SHARED_BYTES: usize = crate::device::DYNAMIC_SHARED_BUDGET;
 
 /// A 1-D launch with one thread per lane (`lanes` of them, walked grid-stride): whole warps,
 /// no more threads per block than the lanes need (at most 256, at least one warp), so that a
@@ -55,7 +56,8 @@ pub(crate) fn lane_launch(lanes: usize) -> LaunchConfig {
 /// One block per token (at most [`MAX_BLOCKS`], walked grid-stride) of `row_threads(width)`
 /// threads, `width` being the row the block reduces (the same blockDim as the `rms_norm` or
 /// `softmax` launch over such rows, so its block sums give the same bits), with `shared_words`
-/// 4-byte words of dynamic shared memory; None when those do not fit in 48 KiB.
+/// 4-byte words of dynamic shared memory; None when those do not fit in
+/// [`crate::device::DYNAMIC_SHARED_BUDGET`].
 pub(crate) fn token_launch(tokens: usize, width: usize, shared_words: usize) -> Option<LaunchConfig> {
     let bytes = shared_words.checked_mul(4).filter(|&b| b <= MAX_SHARED_BYTES)?;
     Some(LaunchConfig {
@@ -460,11 +462,11 @@ mod tests {
         assert!(token_launch(1, 8, MAX_SHARED_BYTES / 4).is_some());
         assert!(token_launch(1, 8, MAX_SHARED_BYTES / 4 + 1).is_none());
         assert!(token_launch(1, 8, usize::MAX).is_none());
-        // Where the fallbacks start: 110 mHC streams still fit, 111 do not; 6144 experts.
-        assert!(token_launch(1, 8, 110 + 110 * 110).is_some());
-        assert!(token_launch(1, 8, 111 + 111 * 111).is_none());
-        assert!(token_launch(1, 6144, 2 * 6144).is_some());
-        assert!(token_launch(1, 6145, 2 * 6145).is_none());
+        // Where the fallbacks start: 109 mHC streams still fit, 110 do not; 6016 experts.
+        assert!(token_launch(1, 8, 109 + 109 * 109).is_some());
+        assert!(token_launch(1, 8, 110 + 110 * 110).is_none());
+        assert!(token_launch(1, 6016, 2 * 6016).is_some());
+        assert!(token_launch(1, 6017, 2 * 6017).is_none());
     }
 
     #[test]

@@ -15,8 +15,10 @@ pub(crate) const THREADS: u32 = 256;
 /// A 1-D launch covering `n` elements with [`THREADS`] threads per block (at least one block,
 /// so a launch over nothing is still well-formed; the kernels check `i < n`).
 pub(crate) fn elementwise_launch(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).max(1);
-    LaunchConfig::linear(u32::try_from(blocks).unwrap_or(u32::MAX), THREADS)
+    // The kernels loop grid-stride, so the grid is capped (CUDA's gridDim.x limit is 2^31 - 1;
+    // 2^16 blocks of 256 threads fill any GPU).
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16);
+    LaunchConfig::linear(blocks as u32, THREADS)
 }
 
 impl<D: Device> CudaBackend<D> {

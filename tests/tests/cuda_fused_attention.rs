@@ -136,7 +136,7 @@ fn sparse_attention_runs_its_kernel_and_matches_the_composition() {
 fn sparse_attention_over_more_keys_than_shared_memory_holds() {
     let c = backends();
     let be = &c.0;
-    // 12 289 logits do not fit in 48 KiB: they go to the global scratch.
+    // 12 289 logits do not fit in the 47 KiB of dynamic shared memory: they go to the global scratch.
     let a = Attention::new(2, 1, 2, 4, 12_289, 300);
     let (got, want) = a.run(&c, RowFormat::Bf16);
     assert_eq!(be.device().launch_count("dsv4_sparse_attention_global"), 1);
