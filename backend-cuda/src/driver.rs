@@ -11,7 +11,9 @@
 //!   allocates with `cuMemAllocAsync` when the device supports memory pools (every GPU dsv4
 //!   targets), i.e. from the driver's stream-ordered caching pool: a buffer dropped while the
 //!   stream still uses it is freed in stream order (`cuMemFreeAsync`) and its memory is reused by
-//!   the next allocation without a trip to the OS. cudarc's per-buffer event tracking is turned
+//!   the next allocation without a trip to the OS (the pool's release threshold is raised from
+//!   its default 0, which would return freed memory at every synchronisation:
+//!   `keep_freed_memory`). cudarc's per-buffer event tracking is turned
 //!   off: everything runs on one stream, so stream order is the only ordering needed.
 //! * **Kernels.** A kernel's source file ([`crate::kernels::SOURCES`], with the prelude) is
 //!   compiled by NVRTC to PTX for the device's compute capability (the highest virtual
@@ -98,6 +100,10 @@ pub struct CudaLibrary {
     pub what: &'static str,
     /// What to do when it is missing.
     fix: &'static str,
+    /// Functions dsv4 calls through cudarc, checked when the library is found: cudarc panics
+    /// (with a backtrace on stderr, even where [`guard`] turns the panic into an error) when it
+    /// calls one a library lacks, so a library without them counts as not there.
+    symbols: &'static [&'static str],
 }
 
 /// The CUDA driver (`libcuda.so.1`).
@@ -107,6 +113,26 @@ pub const DRIVER: CudaLibrary = CudaLibrary {
     what: "the CUDA driver library (libcuda)",
     fix: "install the NVIDIA driver (it provides libcuda.so.1), or add the folder holding libcuda.so.1 to \
           LD_LIBRARY_PATH",
+    symbols: &[
+        "cuInit",
+        "cuDeviceGetCount",
+        "cuDeviceGet",
+        "cuDevicePrimaryCtxRetain",
+        "cuCtxSetCurrent",
+        "cuStreamCreate",
+        "cuMemAllocAsync",
+        "cuMemFreeAsync",
+        "cuMemcpyHtoDAsync_v2",
+        "cuMemcpyDtoHAsync_v2",
+        "cuMemcpyDtoDAsync_v2",
+        "cuModuleLoadData",
+        "cuModuleGetFunction",
+        "cuLaunchKernel",
+        "cuStreamSynchronize",
+        "cuMemGetInfo_v2",
+        "cuDeviceGetDefaultMemPool",
+        "cuMemPoolSetAttribute",
+    ],
 };
 
 /// NVRTC, the run-time CUDA C++ compiler the kernels are built with.
@@ -116,6 +142,7 @@ pub const NVRTC: CudaLibrary = CudaLibrary {
     what: "NVRTC, the CUDA run-time compiler (libnvrtc)",
     fix: "install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` and add the wheel's \
           site-packages/nvidia/cuda_nvrtc/lib folder to LD_LIBRARY_PATH",
+    symbols: &["nvrtcCreateProgram", "nvrtcCompileProgram", "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetProgramLog"],
 };
 
 /// cuBLAS, for the GEMMs.
@@ -125,22 +152,33 @@ pub const CUBLAS: CudaLibrary = CudaLibrary {
     what: "cuBLAS (libcublas)",
     fix: "install the CUDA toolkit, or `pip install nvidia-cublas-cu12` and add the wheel's \
           site-packages/nvidia/cublas/lib folder to LD_LIBRARY_PATH",
+    symbols: &["cublasCreate_v2", "cublasSetStream_v2", "cublasSgemmStridedBatched", "cublasGemmStridedBatchedEx"],
 };
 
 /// Every library [`DriverDevice`] needs.
 pub const LIBRARIES: [CudaLibrary; 3] = [DRIVER, NVRTC, CUBLAS];
 
-/// Loads `name` and unloads it again; the loader's message when it cannot.
-fn try_load(name: &str) -> std::result::Result<(), String> {
+/// Loads `name`, checks that it has `symbols`, and unloads it again; the loader's message when
+/// it cannot load, or the first missing function.
+fn try_load(name: &str, symbols: &[&str]) -> std::result::Result<(), String> {
     // SAFETY: loading a CUDA library runs its initialisers only (they set up the library's own
     // state); no function of it is called, and it is unloaded when the handle drops.
-    match unsafe { libloading::Library::new(name) } {
-        Ok(_) => Ok(()),
-        Err(e) => Err(match std::error::Error::source(&e) {
-            Some(detail) => detail.to_string(),
-            None => e.to_string(),
-        }),
+    let lib = match unsafe { libloading::Library::new(name) } {
+        Ok(lib) => lib,
+        Err(e) => {
+            return Err(match std::error::Error::source(&e) {
+                Some(detail) => detail.to_string(),
+                None => e.to_string(),
+            })
+        }
+    };
+    for sym in symbols {
+        // SAFETY: only the symbol's address is looked up; nothing is called through it.
+        if unsafe { lib.get::<*const ()>(sym.as_bytes()) }.is_err() {
+            return Err(format!("{name} lacks the function {sym} (an older or a different library)"));
+        }
     }
+    Ok(())
 }
 
 impl CudaLibrary {
@@ -160,7 +198,7 @@ impl CudaLibrary {
         let candidates = self.candidates();
         let mut broken = None;
         for name in &candidates {
-            match try_load(name) {
+            match try_load(name, self.symbols) {
                 Ok(()) => return Ok(name.clone()),
                 // A file that exists but does not load (a missing dependency, a wrong
                 // architecture) says more than the names that are not there.
@@ -185,7 +223,7 @@ impl CudaLibrary {
         for stem in self.stems {
             for major in 13..=14 {
                 let other = format!("lib{stem}.so.{major}");
-                if try_load(&other).is_ok() {
+                if try_load(&other, &[]).is_ok() {
                     msg.push_str(&format!(
                         "; {other} is installed, but this build does not look for that name: link it as lib{stem}.so \
                          in a folder on LD_LIBRARY_PATH (ci/nvrtc.sh does this)"
@@ -299,6 +337,35 @@ pub fn compile_ptx(program: &str, name: &str, arch: u32) -> Result<String> {
 }
 
 // ------------------------------------------------------------------------------- PTX disk cache
+
+/// Makes the device's default memory pool (where `cuMemAllocAsync` takes buffers) keep freed
+/// memory for reuse: its release threshold defaults to 0, which hands freed memory back to the
+/// OS at every synchronisation, and the backend frees and allocates each op's output while every
+/// decode step synchronises (to read the logits).
+fn keep_freed_memory(ordinal: usize) -> Result<()> {
+    let mut dev: cu::CUdevice = 0;
+    // SAFETY: a valid out-pointer; the driver is initialised (the caller holds a context).
+    unsafe { cu::cuDeviceGet(&mut dev, ordinal as c_int) }
+        .result()
+        .map_err(|e| driver_err("finding the device for its memory pool", e))?;
+    let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer and a device handle from cuDeviceGet.
+    unsafe { cu::cuDeviceGetDefaultMemPool(&mut pool, dev) }
+        .result()
+        .map_err(|e| driver_err("finding the device's memory pool", e))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold attribute takes a pointer to a cuuint64_t, read during the
+    // call only; the pool is the device's default one.
+    unsafe {
+        cu::cuMemPoolSetAttribute(
+            pool,
+            cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| driver_err("setting the memory pool's release threshold", e))
+}
 
 /// Where compiled PTX is kept between runs: `$DSV4_CUDA_CACHE_DIR` (`off` or empty: nowhere),
 /// else `$XDG_CACHE_HOME/dsv4/cuda`, else `~/.cache/dsv4/cuda`.
@@ -517,6 +584,7 @@ impl DriverDevice {
         // only, in stream order, so cudarc's cross-stream events are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_err("creating a stream", e))?;
+        keep_freed_memory(ordinal)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(format!("creating a cuBLAS handle: {e:?}")))?;
         let name = ctx.name().map_err(|e| driver_err("reading the device name", e))?;
         let capability = ctx.compute_capability().map_err(|e| driver_err("reading the compute capability", e))?;
@@ -575,8 +643,13 @@ impl DriverDevice {
 
     /// Base address and length of a buffer of this device.
     fn address(&self, buffer: &CudaSlice<u8>) -> Result<(u64, usize)> {
-        if buffer.context() != &self.ctx {
-            return Err(err(format!("a buffer of another CUDA device was passed to device {}", self.ordinal)));
+        // Stream, not context: two handles on one GPU share its primary context but each has
+        // its own stream, and with event tracking off nothing would order their work.
+        if !Arc::ptr_eq(buffer.stream(), &self.stream) {
+            return Err(err(format!(
+                "a buffer of another CUDA device (or another handle on device {}) was passed to it",
+                self.ordinal
+            )));
         }
         // Event tracking is off, so the returned guard records nothing.
         let (ptr, _no_events) = buffer.device_ptr(&self.stream);
@@ -1136,8 +1209,13 @@ mod tests {
 
     #[test]
     fn a_missing_library_is_an_error_that_says_what_to_install() {
-        let missing =
-            CudaLibrary { stems: &["dsv4-no-such-library"], name: "test", what: "a test library", fix: "install it" };
+        let missing = CudaLibrary {
+            stems: &["dsv4-no-such-library"],
+            name: "test",
+            what: "a test library",
+            fix: "install it",
+            symbols: &[],
+        };
         let e = missing.find().unwrap_err();
         assert!(e.contains("a test library could not be loaded") && e.contains("install it"), "{e}");
         assert!(e.contains("libdsv4-no-such-library.so"), "{e}");
@@ -1145,6 +1223,15 @@ mod tests {
         assert!(NVRTC.candidates().contains(&"libnvrtc.so.12".to_string()));
         assert!(DRIVER.candidates().contains(&"libcuda.so.1".to_string()));
         assert!(CUBLAS.candidates().contains(&"libcublas.so.12".to_string()));
+    }
+
+    /// A library that loads but lacks a function cudarc would call counts as broken: cudarc
+    /// would panic (and print a backtrace) on the call.
+    #[test]
+    fn a_library_without_the_functions_dsv4_calls_is_refused() {
+        assert_eq!(try_load("libc.so.6", &["malloc", "free"]), Ok(()));
+        let e = try_load("libc.so.6", &["malloc", "cuInit"]).unwrap_err();
+        assert!(e.contains("lacks the function cuInit"), "{e}");
     }
 
     #[test]
