@@ -16,8 +16,10 @@
 #   devices  dsv4 devices
 #   unit     cargo test -p dsv4-backend-cuda: unit tests, the NVRTC compile test (with
 #            DSV4_REQUIRE_NVRTC=1) and tests/driver_gpu.rs (the device itself, DSV4_CUDA_DEVICE=0)
-#   ops      cargo test -p dsv4-tests --test backend_ops_cuda --test cuda_conformance, with
-#            DSV4_CUDA_DEVICE=0 so they run on the GPU
+#            (prebuilt: one step each, unit / nvrtc / driver)
+#   ops      the op-level suite's GPU half (backend_ops_cuda gpu::), DSV4_CUDA_DEVICE=0
+#   fixtures every fixture's prefill and decode on the GPU (cuda_conformance on_a_gpu)
+# (the emulator halves of those two test files ran in CI and are skipped here)
 #   check    dsv4 check --backends cpu,cuda on the built-in model
 # Output: gpu-check-summary.txt (one line a step, then 'N passed, N failed') and gpu-check.log
 # (everything) in $OUT when set, else target/gpu-check/. Exits non-zero when a step failed.
@@ -25,6 +27,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 BIN="$ROOT/target/gpu-check-bin"
+# The binaries a prebuilt run needs.
+EXPECTED="dsv4 backend_cuda_unit nvrtc_compile driver_gpu backend_ops_cuda cuda_conformance"
 
 if [ "${1:-}" = "--prepare" ]; then
     rm -rf "$BIN"
@@ -43,7 +47,10 @@ for line in sys.stdin:
     for build in "cargo build -p dsv4-cli" "cargo test -p dsv4-backend-cuda --no-run" \
         "cargo test -p dsv4-tests --test backend_ops_cuda --no-run" \
         "cargo test -p dsv4-tests --test cuda_conformance --no-run"; do
-        $build --message-format=json | executables >"$BIN/.list" || echo "warning: '$build' failed" >&2
+        if ! $build --message-format=json | executables >"$BIN/.list"; then
+            echo "error: '$build' failed; nothing to carry" >&2
+            exit 1
+        fi
         while read -r name exe; do
             case "$name" in dsv4_backend_cuda) name=backend_cuda_unit ;; esac
             # No debug info: the carried folder must stay small (a few tens of MiB).
@@ -51,6 +58,9 @@ for line in sys.stdin:
         done <"$BIN/.list"
     done
     rm -f "$BIN/.list"
+    for b in $EXPECTED; do
+        [ -x "$BIN/$b" ] || { echo "error: $BIN/$b was not built" >&2; exit 1; }
+    done
     # Tests find their fixtures through the source path compiled into them.
     echo "$ROOT" >"$BIN/built-in"
     ls -la "$BIN"
@@ -116,9 +126,11 @@ libs() {
     local dirs=() d
     while IFS= read -r d; do dirs+=("$d"); done < <(
         {
+            # The toolkit first: it matches the driver, while a Python package's NVRTC may be
+            # newer than the driver and emit PTX it rejects.
+            ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 2>/dev/null
             python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null |
                 while IFS= read -r sp; do find "$sp/nvidia" -maxdepth 2 -type d -name lib 2>/dev/null; done
-            ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 2>/dev/null
         } | awk '!seen[$0]++'
     )
     echo "folders searched: ${dirs[*]:-none}"
@@ -157,7 +169,9 @@ if command -v cargo >/dev/null; then
     DSV4="$ROOT/target/debug/dsv4"
     SHOW='^cuda ' step devices 30 "$DSV4" devices
     step unit 90 cargo test -p dsv4-backend-cuda
-    step ops 150 cargo test -p dsv4-tests --test backend_ops_cuda --test cuda_conformance
+    # The GPU halves only: the emulator halves ran in CI and would spend device time here.
+    step ops 60 cargo test -p dsv4-tests --test backend_ops_cuda -- gpu::
+    step fixtures 150 cargo test -p dsv4-tests --test cuda_conformance -- on_a_gpu
 elif [ -d "$BIN" ]; then
     # Prebuilt (ci/gpu-check.sh --prepare): the tests find their fixtures under the path they
     # were built in, so that path must lead here.
@@ -166,11 +180,17 @@ elif [ -d "$BIN" ]; then
         mkdir -p "$(dirname "$built")" && ln -s "$ROOT" "$built"
     fi
     note "mode        prebuilt binaries from $BIN (built in $built)"
+    for b in $EXPECTED; do
+        [ -x "$BIN/$b" ] || note "missing     $b: rerun 'bash ci/gpu-check.sh --prepare' and carry target/gpu-check-bin"
+    done
     DSV4="$BIN/dsv4"
     SHOW='^cuda ' step devices 30 "$DSV4" devices
-    step unit 90 bash -c "cd '$built/backend-cuda' && '$BIN/backend_cuda_unit' && '$BIN/nvrtc_compile' &&
-        '$BIN/driver_gpu'"
-    step ops 150 bash -c "cd '$built/tests' && '$BIN/backend_ops_cuda' && '$BIN/cuda_conformance'"
+    # One step per binary, so that a failure in one does not hide the others.
+    step unit 30 bash -c "cd '$built/backend-cuda' && '$BIN/backend_cuda_unit'"
+    step nvrtc 60 bash -c "cd '$built/backend-cuda' && '$BIN/nvrtc_compile'"
+    step driver 60 bash -c "cd '$built/backend-cuda' && '$BIN/driver_gpu'"
+    step ops 60 bash -c "cd '$built/tests' && '$BIN/backend_ops_cuda' gpu::"
+    step fixtures 150 bash -c "cd '$built/tests' && '$BIN/cuda_conformance' on_a_gpu"
 else
     note "FAILED      build    no cargo here and no prebuilt binaries: run 'bash ci/gpu-check.sh --prepare' where cargo is, and carry target/gpu-check-bin"
     FAILED=$((FAILED + 1))
