@@ -5,8 +5,13 @@
 //! * Activations f32 and indices i32, contiguous row-major in device buffers (`tensor.rs`);
 //!   `reshape` and axis-0 `narrow` share memory, every other op writes a new buffer.
 //! * One kernel (CUDA C, `kernels/*.cu`, compiled with NVRTC at run time) per primitive;
-//!   GEMMs through cuBLAS (`Device::gemm`).
-//! * The fused V4 ops keep the trait's default compositions until a kernel replaces them.
+//!   GEMMs through cuBLAS (`Device::gemm`), decode-sized products through a GEMV kernel.
+//! * Fused kernels for mHC (pre, Sinkhorn, post, head), compressor pooling, the clamped SwiGLU,
+//!   MoE routing, sparse attention over the paged pool and the lightning indexer (`fused.rs`,
+//!   `attention.rs`); the routed experts keep the trait's composition.
+//!
+//! Emulator-verified (the op-level suite and the fixtures on `tests/cuda-emu`), not yet run on
+//! a GPU: `ci/gpu-check.sh` is the prepared first run.
 
 pub mod backend;
 pub mod device;

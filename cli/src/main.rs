@@ -95,7 +95,8 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// Ascend if its runtime is usable, then CUDA, then CPU.
+    /// Ascend if its runtime is usable, else CPU (CUDA only when asked for: it has run on dsv4's
+    /// emulator only, not yet on a GPU).
     Auto,
     /// The reference CPU backend.
     Cpu,
