@@ -36,7 +36,7 @@ fn check_topk(be: &CudaBackend<EmulatedDevice>, rows: usize, n: usize, k: usize,
     let xs: Vec<f32> = (0..rows * n)
         .map(|_| {
             let r = rng.next();
-            if r % 97 == 0 {
+            if r.is_multiple_of(97) {
                 specials[(r / 97 % 8) as usize]
             } else {
                 ((r >> 8) % levels) as f32 - (levels / 2) as f32
