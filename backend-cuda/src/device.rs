@@ -122,6 +122,11 @@ pub trait Device: Send + Sync + 'static {
     /// A buffer of `bytes` bytes, every byte zero. `bytes` may be 0.
     fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
 
+    /// A buffer of `bytes` bytes whose contents are unspecified: the caller writes every byte
+    /// before any is read (an op's output that its kernel writes whole). Saves the zeroing
+    /// pass. The emulator fills it with NaN bytes so that a read before the write shows.
+    fn alloc_uninit(&self, bytes: usize) -> Result<Self::Buffer>;
+
     /// Size of a buffer in bytes.
     fn len(&self, buffer: &Self::Buffer) -> usize;
 

@@ -934,6 +934,10 @@ impl Device for DriverDevice {
         })
     }
 
+    fn alloc_uninit(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        guard("allocating device memory", || self.alloc(bytes))
+    }
+
     fn len(&self, buffer: &CudaSlice<u8>) -> usize {
         buffer.len()
     }

@@ -22,16 +22,18 @@ pub(crate) fn elementwise_launch(n: usize) -> LaunchConfig {
 }
 
 impl<D: Device> CudaBackend<D> {
-    /// A new, uninitialised-by-contract (zeroed) f32 tensor of `shape`.
+    /// A new f32 tensor of `shape` for an op to write whole: its contents are unspecified
+    /// (`Device::alloc_uninit`; NaN on the emulator), so every op writes every element.
     pub(crate) fn new_tensor(&self, shape: &[usize]) -> Result<CudaTensor<D>> {
         let n: usize = shape.iter().product();
-        Ok(CudaTensor { buf: Arc::new(self.dev.alloc_zeroed(n * 4)?), offset: 0, shape: shape.to_vec() })
+        Ok(CudaTensor { buf: Arc::new(self.dev.alloc_uninit(n * 4)?), offset: 0, shape: shape.to_vec() })
     }
 
-    /// A new (zeroed) i32 index tensor of `shape`, values unknown on the host.
+    /// A new i32 index tensor of `shape` for an op to write whole (contents unspecified, as
+    /// [`Self::new_tensor`]), values unknown on the host.
     pub(crate) fn new_index(&self, shape: &[usize]) -> Result<CudaIndex<D>> {
         let n: usize = shape.iter().product();
-        Ok(CudaIndex { buf: Arc::new(self.dev.alloc_zeroed(n * 4)?), offset: 0, shape: shape.to_vec(), host: None })
+        Ok(CudaIndex { buf: Arc::new(self.dev.alloc_uninit(n * 4)?), offset: 0, shape: shape.to_vec(), host: None })
     }
 
     pub(crate) fn upload_f32(&self, data: &[f32], shape: &[usize]) -> Result<CudaTensor<D>> {

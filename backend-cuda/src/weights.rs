@@ -241,11 +241,11 @@ impl<D: Device> CudaBackend<D> {
     pub(crate) fn linear_op(&self, x: &CudaTensor<D>, w: &CudaWeight<D>) -> Result<CudaTensor<D>> {
         let shape = checks::linear(Self::NAME, &x.shape, &w.shape)?;
         let (n, k) = checks::weight_matrix(&w.shape);
-        let out = self.new_tensor(&shape)?;
         let total: usize = shape.iter().product();
         if total == 0 || k == 0 {
-            return Ok(out); // zeros: nothing to sum
+            return self.fill(&shape, 0.0); // nothing to sum
         }
+        let out = self.new_tensor(&shape)?;
         let m = total / n;
         if m <= GEMV_MAX_ROWS {
             self.gemv(x, w, &out, m, 1, n, k)?;
@@ -264,10 +264,10 @@ impl<D: Device> CudaBackend<D> {
     ) -> Result<CudaTensor<D>> {
         let shape = checks::grouped_linear(Self::NAME, &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
-        let out = self.new_tensor(&shape)?;
         if m * r == 0 || k == 0 {
-            return Ok(out);
+            return self.fill(&shape, 0.0); // nothing to sum
         }
+        let out = self.new_tensor(&shape)?;
         if m <= GEMV_MAX_ROWS {
             self.gemv(x, w, &out, m, groups, r, k)?;
             return Ok(out);
@@ -316,10 +316,10 @@ impl<D: Device> CudaBackend<D> {
 
     pub(crate) fn matmul_op(&self, a: &CudaTensor<D>, b: &CudaTensor<D>, transpose_b: bool) -> Result<CudaTensor<D>> {
         let dims = checks::matmul(Self::NAME, &a.shape, &b.shape, transpose_b)?;
-        let out = self.new_tensor(&dims.out)?;
         if dims.batch * dims.m * dims.n == 0 || dims.k == 0 {
-            return Ok(out);
+            return self.fill(&dims.out, 0.0); // nothing to sum
         }
+        let out = self.new_tensor(&dims.out)?;
         self.dev.gemm(&matmul_gemm(&dims, transpose_b, a.offset / 4, b.offset / 4), &a.buf, &b.buf, &out.buf)?;
         Ok(out)
     }

@@ -49,6 +49,10 @@ const dsv4emu_kernel* dsv4emu_kernel_at(unsigned long i);
 
 // Runs `kernel` over grid x block threads on the calling OS thread and returns when it is done.
 // `params` as cuLaunchKernel's kernelParams. The caller has checked the arguments.
+// Threads of each block start in reverse order (the last first) in this OS thread's launches
+// from now on when `reverse` is non-zero (a way to expose intra-block races; see runtime.cpp).
+void dsv4emu_set_reverse_order(unsigned int reverse);
+
 int dsv4emu_launch(const dsv4emu_kernel* kernel, void* const* params, const unsigned int grid[3],
                    const unsigned int block[3], unsigned int shared_bytes);
 

@@ -137,6 +137,10 @@ struct Scheduler {
 };
 
 thread_local std::unique_ptr<Scheduler> tls_scheduler;
+// Threads of a block start in reverse order (N-1 first) on this OS thread's launches: with the
+// emulator interleaving threads only at barriers, running both orders exposes a kernel that
+// reads, before a barrier, what another thread of the block writes (a race on a GPU).
+thread_local bool tls_reverse_order = false;
 thread_local std::vector<char> tls_last_error;
 
 void set_last_error(const char* msg) {
@@ -258,7 +262,8 @@ void fiber_main() {
     Fiber* self = s.current;
     for (;;) {
         while (!s.failed && s.next_unstarted < s.nthreads) {
-            const unsigned int tid = s.next_unstarted++;
+            const unsigned int started = s.next_unstarted++;
+            const unsigned int tid = tls_reverse_order ? s.nthreads - 1 - started : started;
             self->tid = tid;
             threadIdx = s.threads[tid].idx;
             s.threads[tid].state = State::Running;
@@ -527,6 +532,8 @@ void* dsv4emu_dynamic_shared() {
     Scheduler* s = tls_scheduler.get();
     return s != nullptr && s->in_launch ? s->shared : nullptr;
 }
+
+extern "C" void dsv4emu_set_reverse_order(unsigned int reverse) { tls_reverse_order = reverse != 0; }
 
 extern "C" int dsv4emu_launch(const dsv4emu_kernel* kernel, void* const* params, const unsigned int grid[3],
                               const unsigned int block[3], unsigned int shared_bytes) {

@@ -141,3 +141,8 @@ extern "C" __global__ void dsv4emu_test_math(const float* in, float* out, unsign
         bf16[i] = dsv4_f32_to_bf16(x);
     }
 }
+
+// A deliberate race: every thread writes out[blockIdx.x] with no barrier, so the value left is
+// the last writer's, which on the emulator is the last thread to start: blockDim.x - 1 in the
+// usual order, 0 in reverse order (EmulatedDevice::reverse_thread_order).
+extern "C" __global__ void dsv4emu_test_last_writer(int* out) { out[blockIdx.x] = (int)threadIdx.x; }

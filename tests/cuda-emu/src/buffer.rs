@@ -46,6 +46,16 @@ impl EmuBuffer {
         Self::allocate(device, len, true)
     }
 
+    /// A buffer of `len` bytes of device `device` whose contents are unspecified, filled with
+    /// the f32 NaN 0x7FC00001 (as i32 2143289345, outside every tensor): a kernel that reads
+    /// before the backend's write shows in the results instead of reading zeros by luck.
+    pub(crate) fn poisoned(device: u64, len: usize) -> Result<EmuBuffer> {
+        let buf = Self::allocate(device, len, false)?;
+        let pattern: Vec<u8> = [0x01u8, 0x00, 0xC0, 0x7F].iter().copied().cycle().take(len).collect();
+        buf.write_from(0, &pattern);
+        Ok(buf)
+    }
+
     /// A buffer of `len` bytes of device `device` whose contents the caller overwrites at once.
     pub(crate) fn for_overwrite(device: u64, len: usize) -> Result<EmuBuffer> {
         Self::allocate(device, len, false)

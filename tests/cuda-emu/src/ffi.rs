@@ -42,6 +42,13 @@ extern "C" {
         shared_bytes: c_uint,
     ) -> c_int;
     fn dsv4emu_last_error() -> *const c_char;
+    fn dsv4emu_set_reverse_order(reverse: c_uint);
+}
+
+/// Whether the threads of each block start last-first in this OS thread's next launches.
+pub(crate) fn set_reverse_order(reverse: bool) {
+    // SAFETY: sets a thread-local flag of the runtime; no pointers.
+    unsafe { dsv4emu_set_reverse_order(c_uint::from(reverse)) }
 }
 
 /// What a kernel parameter is, as its C++ type says.

@@ -54,6 +54,8 @@ pub struct EmulatedDevice {
     stream: Mutex<()>,
     /// Successful launches per kernel name.
     launches: Mutex<HashMap<&'static str, u64>>,
+    /// Threads of each block start last-first ([`EmulatedDevice::reverse_thread_order`]).
+    reverse: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -79,6 +81,7 @@ impl Default for EmulatedDevice {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             stream: Mutex::default(),
             launches: Mutex::default(),
+            reverse: false,
         }
     }
 }
@@ -86,6 +89,15 @@ impl Default for EmulatedDevice {
 impl EmulatedDevice {
     pub fn new() -> EmulatedDevice {
         EmulatedDevice::default()
+    }
+
+    /// A device whose launches start each block's threads in reverse order (the last thread
+    /// first). The emulator switches threads only at barriers, so a kernel that reads what
+    /// another thread of its block writes without a `__syncthreads` between them (a race on a
+    /// GPU) sees the write in one order and not in the other: running a suite both ways exposes
+    /// it.
+    pub fn reverse_thread_order() -> EmulatedDevice {
+        EmulatedDevice { reverse: true, ..EmulatedDevice::default() }
     }
 
     /// `buffers` were all allocated by this device.
@@ -133,6 +145,10 @@ impl Device for EmulatedDevice {
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<EmuBuffer> {
         EmuBuffer::zeroed(self.id, bytes)
+    }
+
+    fn alloc_uninit(&self, bytes: usize) -> Result<EmuBuffer> {
+        EmuBuffer::poisoned(self.id, bytes)
     }
 
     fn len(&self, buffer: &EmuBuffer) -> usize {
@@ -192,6 +208,7 @@ impl Device for EmulatedDevice {
         });
         self.owns(|| format!("launch of `{kernel}`"), buffers)?;
         let _stream = lock(&self.stream);
+        ffi::set_reverse_order(self.reverse);
         launch::launch(kernel, &config, args)?;
         *lock(&self.launches).entry(kernel).or_insert(0) += 1;
         Ok(())

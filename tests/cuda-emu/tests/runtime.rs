@@ -366,3 +366,14 @@ fn concurrent_launches_from_two_threads() {
     });
     assert_eq!(shared.launch_count("dsv4emu_test_block_sum"), 20);
 }
+
+/// Reverse order really starts the last thread first (so a race shows in one of the orders):
+/// with no barrier, the last writer of a racy store is the last thread to start.
+#[test]
+fn reverse_order_starts_the_last_thread_first() {
+    for (dev, want) in [(EmulatedDevice::new(), 127), (EmulatedDevice::reverse_thread_order(), 0)] {
+        let out = i32s(&dev, &[-5; 3]);
+        dev.launch("dsv4emu_test_last_writer", LaunchConfig::linear(3, 128), &[KernelArg::Out(&out, 0)]).unwrap();
+        assert_eq!(read_i32(&dev, &out), vec![want; 3]);
+    }
+}
