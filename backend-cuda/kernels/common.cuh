@@ -80,3 +80,22 @@ static __device__ __forceinline__ float dsv4_block_max(float v, float* scratch) 
     for (unsigned int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
     return m;
 }
+
+// The offsets of element i of a row-major index space of `rank` dimensions `dims` in two
+// strided operands: with (c0, …, c(rank-1)) the multi-index of i, *o0 = Σ ck·s0[k] and
+// *o1 = Σ ck·s1[k] (element strides; 0 where an operand is broadcast along k). Dimensions of
+// size 1 contribute nothing. Shared by the broadcasting binary op and the strided copy.
+static __device__ __forceinline__ void dsv4_strided_offsets(i64 i, int rank, const i64* dims, const i64* s0,
+                                                            const i64* s1, i64* o0, i64* o1) {
+    i64 r = i, a = 0, b = 0;
+    for (int k = rank - 1; k >= 0; --k) {
+        const i64 dk = dims[k];
+        if (dk <= 1) continue;
+        const i64 c = r % dk;
+        r /= dk;
+        a += c * s0[k];
+        b += c * s1[k];
+    }
+    *o0 = a;
+    *o1 = b;
+}

@@ -75,15 +75,8 @@ extern "C" __global__ void dsv4_binary_f32(const float* a, const float* b, float
     const i64 sb[DSV4_BINARY_DIMS] = {sb0, sb1, sb2, sb3, sb4, sb5};
     if (rank < 0 || rank > DSV4_BINARY_DIMS) return;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        i64 r = i, oa = 0, ob = 0;
-        for (int k = rank - 1; k >= 0; --k) {
-            const i64 dk = dims[k];
-            if (dk <= 1) continue;  // a dimension of 1 contributes nothing
-            const i64 c = r % dk;
-            r /= dk;
-            oa += c * sa[k];
-            ob += c * sb[k];
-        }
+        i64 oa, ob;
+        dsv4_strided_offsets(i, rank, dims, sa, sb, &oa, &ob);
         out[i] = dsv4_ew_binary(op, a[oa], b[ob]);
     }
 }

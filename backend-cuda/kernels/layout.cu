@@ -17,15 +17,8 @@ extern "C" __global__ void dsv4_copy_strided_u32(const unsigned int* src, unsign
     const i64 ds[DSV4_COPY_DIMS] = {ds0, ds1, ds2, ds3, ds4, ds5};
     if (rank < 0 || rank > DSV4_COPY_DIMS) return;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        i64 r = i, os = 0, od = 0;
-        for (int k = rank - 1; k >= 0; --k) {
-            const i64 dk = dims[k];
-            if (dk <= 1) continue;  // a dimension of 1 contributes nothing
-            const i64 c = r % dk;
-            r /= dk;
-            os += c * ss[k];
-            od += c * ds[k];
-        }
+        i64 os, od;
+        dsv4_strided_offsets(i, rank, dims, ss, ds, &os, &od);
         dst[od] = src[os];
     }
 }
