@@ -186,7 +186,6 @@ impl<D: Device> Backend for CudaBackend<D> {
     // (which stay their definition and the op-level suite's reference); the rest keep them.
 
     // ---------------------------------------------------------------- attention (attention.rs)
-    // BEGIN attention overrides
     fn sparse_attention(
         &self,
         q: &CudaTensor<D>,
@@ -212,10 +211,8 @@ impl<D: Device> Backend for CudaBackend<D> {
     ) -> Result<CudaIndex<D>> {
         self.indexer_select_op(q, keys, key_rows, weights, valid, k, offset)
     }
-    // END attention overrides
 
     // ---------------------------------------------------------------- mHC, compressor, MoE (fused.rs)
-    // BEGIN fused overrides
     #[allow(clippy::too_many_arguments)]
     fn hc_pre(
         &self,
@@ -269,5 +266,4 @@ impl<D: Device> Backend for CudaBackend<D> {
     ) -> Result<(CudaIndex<D>, CudaTensor<D>)> {
         self.moe_route_op(logits, scoring, bias, hash_ids, k, routed_scale)
     }
-    // END fused overrides
 }
