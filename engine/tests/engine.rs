@@ -169,15 +169,26 @@ fn bad_requests_are_refused_up_front() {
     let bad_sampling =
         GenerationRequest { sampling: SamplingParams { top_p: 0.0, ..Default::default() }, ..greedy(vec![5], 1) };
     assert!(matches!(e.submit(bad_sampling), Err(SubmitError::Invalid(_))));
-    // A long request runs; two more wait; the next is refused.
-    let mut held = vec![e.submit(greedy(prompt(2, 10), 25)).unwrap()];
-    wait_until("the first request runs", || e.stats().running == 1);
-    held.push(e.submit(greedy(prompt(3, 10), 1)).unwrap());
-    held.push(e.submit(greedy(prompt(4, 10), 1)).unwrap());
+    // A request that cannot finish during the test runs; two more wait; the next is refused.
+    // (Polling `stats()` for the running request raced with a short request finishing between
+    // polls on a busy CI machine; the first token on its own stream is proof that it runs.)
+    let e = engine(EngineConfig { max_waiting: 2, max_num_seqs: 1, ..Default::default() }, 1, 4096);
+    let mut long = e.submit(greedy(prompt(2, 10), 4000)).unwrap();
+    loop {
+        match long.blocking_recv() {
+            Some(EngineEvent::Token { .. }) => break,
+            Some(EngineEvent::Admitted { .. }) => {}
+            other => panic!("the long request ended early: {other:?}"),
+        }
+    }
+    let held = [e.submit(greedy(prompt(3, 10), 1)).unwrap(), e.submit(greedy(prompt(4, 10), 1)).unwrap()];
     assert!(matches!(e.submit(greedy(prompt(5, 10), 1)), Err(SubmitError::QueueFull { waiting: 2 })));
+    // Dropping the long request's stream cancels it; the two that waited then run.
+    drop(long);
     for s in held {
         assert!(collect(s).1.is_ok());
     }
+    assert_eq!(e.stats().waiting, 0);
 }
 
 #[test]
