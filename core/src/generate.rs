@@ -16,6 +16,7 @@ use crate::kv::{KvCache, KvConfig, Sequence};
 use crate::model::batch::Batch;
 use crate::model::{Logits, Model};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::{SpecStats, Speculator};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -25,6 +26,9 @@ pub struct GenerateOptions {
     pub stop_token_ids: Vec<u32>,
     /// Longest prefill step; long prompts are fed in chunks of this many tokens.
     pub prefill_chunk: usize,
+    /// Tokens the checkpoint's MTP block drafts per step for speculative decoding
+    /// ([`crate::speculative`]); 0 decodes one token per step.
+    pub speculative_tokens: usize,
 }
 
 impl Default for GenerateOptions {
@@ -34,6 +38,7 @@ impl Default for GenerateOptions {
             sampling: SamplingParams::default(),
             stop_token_ids: vec![],
             prefill_chunk: 512,
+            speculative_tokens: 0,
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct Generation {
     pub prefix_cached: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Acceptance and step counts of a speculative generation (None without speculation).
+    pub speculation: Option<SpecStats>,
 }
 
 impl Generation {
@@ -87,6 +94,8 @@ pub struct Session<'m, B: Backend> {
     model: &'m Model<B>,
     cache: KvCache<B>,
     seq: Sequence,
+    /// The MTP drafting state, once a generation asked for speculative decoding.
+    spec: Option<Speculator<B>>,
 }
 
 impl<'m, B: Backend> Session<'m, B> {
@@ -95,7 +104,7 @@ impl<'m, B: Backend> Session<'m, B> {
     pub fn new(be: &B, model: &'m Model<B>, config: KvConfig) -> Result<Self> {
         let cache = model.new_cache(be, config)?;
         let seq = cache.new_sequence();
-        Ok(Session { model, cache, seq })
+        Ok(Session { model, cache, seq, spec: None })
     }
 
     /// The session's sequence (its position and block tables).
@@ -115,6 +124,9 @@ impl<'m, B: Backend> Session<'m, B> {
     /// Forgets the sequence (its full pages stay in the pool's prefix cache).
     pub fn reset(&mut self) {
         self.cache.release(&mut self.seq);
+        if let Some(spec) = &mut self.spec {
+            spec.reset();
+        }
     }
 
     /// Feeds tokens (in chunks) and returns the logits row of the last one. A failed step
@@ -153,6 +165,9 @@ impl<'m, B: Backend> Session<'m, B> {
                 "the prompt has {} tokens but the model's context is {ctx} (room must be left to generate)",
                 prompt.len()
             )));
+        }
+        if opts.speculative_tokens > 0 {
+            return self.generate_speculative(be, prompt, opts, on_token);
         }
         let mut sampler = Sampler::new(opts.sampling)?;
         // Continue if the prompt extends what the sequence has seen, else start over from the
@@ -199,6 +214,128 @@ impl<'m, B: Backend> Session<'m, B> {
             prefix_cached,
             prefill_secs,
             decode_secs: t1.elapsed().as_secs_f64(),
+            speculation: None,
+        })
+    }
+
+    /// [`generate`](Self::generate) with the MTP block drafting
+    /// [`GenerateOptions::speculative_tokens`] tokens per main-model step
+    /// ([`crate::speculative`]). The session continues when the prompt extends what it has
+    /// seen; otherwise it starts over without prefix reuse (the MTP block's window needs the
+    /// main residual streams of the positions before it, which the pool does not keep).
+    fn generate_speculative(
+        &mut self,
+        be: &B,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> Result<Control>,
+    ) -> Result<Generation> {
+        let (model, k) = (self.model, opts.speculative_tokens);
+        let mut sampler = Sampler::new(opts.sampling)?;
+        if self.spec.as_ref().map(Speculator::k) != Some(k) {
+            let spec = Speculator::new(be, model, k, opts.prefill_chunk, self.cache.config.dtype)?;
+            self.reset();
+            self.spec = Some(spec);
+        }
+        let fed = self.seq.tokens();
+        let continues = prompt.len() > fed.len()
+            && prompt.starts_with(fed)
+            && self.spec.as_ref().is_some_and(|s| s.continues(prompt));
+        if !continues {
+            self.reset();
+        }
+        let result = self.speculate(be, prompt, opts, &mut sampler, on_token);
+        if result.is_err() {
+            self.reset();
+        }
+        result
+    }
+
+    fn speculate(
+        &mut self,
+        be: &B,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32) -> Result<Control>,
+    ) -> Result<Generation> {
+        let model = self.model;
+        let ctx = model.cfg.max_position_embeddings;
+        let spec = self.spec.as_mut().expect("created by generate_speculative");
+        let stats0 = spec.stats;
+        // Prefill, handing each chunk's residual streams to the MTP block.
+        self.seq.set_rollback_depth(0);
+        let todo = prompt[self.seq.pos()..].to_vec();
+        let t0 = Instant::now();
+        let mut logits = vec![];
+        for part in todo.chunks(opts.prefill_chunk.max(1)) {
+            let start = self.seq.pos();
+            let batch = Batch::new(&[(part, start)])?;
+            let (l, h) =
+                model.step_with_residual(be, &batch, &mut self.cache, &mut [&mut self.seq], Logits::LastPerSequence)?;
+            logits = be.download(&l)?;
+            spec.push(be, model, Some((&h, start)), prompt)?;
+        }
+        let prefill_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut tokens = prompt.to_vec();
+        let mut out = vec![];
+        let mut emit = |tok: u32, tokens: &mut Vec<u32>, out: &mut Vec<u32>| -> Result<Option<StopReason>> {
+            tokens.push(tok);
+            out.push(tok);
+            let control = on_token(tok)?;
+            Ok(if opts.stop_token_ids.contains(&tok) {
+                Some(StopReason::Eos)
+            } else if control == Control::Stop {
+                Some(StopReason::Caller)
+            } else if out.len() == opts.max_new_tokens {
+                Some(StopReason::MaxTokens)
+            } else if tokens.len() >= ctx {
+                Some(StopReason::ContextLength)
+            } else {
+                None
+            })
+        };
+        let mut stop = if opts.max_new_tokens == 0 {
+            Some(StopReason::MaxTokens)
+        } else {
+            emit(sampler.sample(&logits), &mut tokens, &mut out)?
+        };
+        self.seq.set_rollback_depth(spec.main_rollback_depth());
+        'decode: while stop.is_none() {
+            // Drafts that fit the token budget and the context; 0 makes a plain step.
+            let k = spec.k().min(opts.max_new_tokens - out.len() - 1).min(ctx - tokens.len());
+            let first = spec
+                .push(be, model, None, &tokens)?
+                .ok_or_else(|| Error::Input("internal: the MTP block has no row to draft from".into()))?;
+            let drafts = spec.draft(be, model, first, k)?;
+            let verdict = spec.verify(be, model, &mut self.cache, &mut self.seq, &tokens, &drafts, sampler)?;
+            for tok in verdict.tokens {
+                stop = emit(tok, &mut tokens, &mut out)?;
+                if stop.is_some() {
+                    break 'decode;
+                }
+            }
+        }
+        let s = spec.stats;
+        let stats = SpecStats {
+            verify_steps: s.verify_steps - stats0.verify_steps,
+            verify_rows: s.verify_rows - stats0.verify_rows,
+            drafted: s.drafted - stats0.drafted,
+            accepted: s.accepted - stats0.accepted,
+            emitted: s.emitted - stats0.emitted,
+            draft_secs: s.draft_secs - stats0.draft_secs,
+            verify_secs: s.verify_secs - stats0.verify_secs,
+        };
+        Ok(Generation {
+            tokens: out,
+            stop: stop.unwrap_or(StopReason::MaxTokens),
+            prefilled: todo.len(),
+            prefix_cached: 0,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+            speculation: Some(stats),
         })
     }
 }

@@ -20,6 +20,7 @@ pub mod primitives_only;
 pub mod profile;
 pub mod quant;
 pub mod sampling;
+pub mod speculative;
 pub mod tensor;
 pub mod test_data;
 pub mod tokenizer;

@@ -78,18 +78,74 @@ impl Sampler {
 
     /// The next token for one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let Some((order, probs)) = self.distribution(logits) else {
+            return argmax(logits);
+        };
+        if order.is_empty() {
+            return 0;
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = self.uniform() * total;
+        for (i, &x) in probs.iter().enumerate() {
+            if u < x {
+                return order[i];
+            }
+            u -= x;
+        }
+        *order.last().expect("non-empty")
+    }
+
+    /// Speculative acceptance of a draft token (Leviathan et al. 2023, "Fast Inference from
+    /// Transformers via Speculative Decoding", with a deterministic draft, i.e. a draft
+    /// distribution that is a point mass on `draft`): `(true, draft)` with probability
+    /// p(draft), else `(false, t)` with t drawn from p without `draft`, renormalised. Either way
+    /// the token is distributed as [`sample`](Self::sample)'s would be, so the output is
+    /// unchanged in distribution. Greedy: accepted exactly when `draft` is the argmax.
+    pub fn accept_draft(&mut self, logits: &[f32], draft: u32) -> (bool, u32) {
+        let Some((order, probs)) = self.distribution(logits) else {
+            let t = argmax(logits);
+            return (t == draft, t);
+        };
+        if order.is_empty() {
+            return (draft == 0, 0);
+        }
+        let total: f64 = probs.iter().sum();
+        let p_draft = order.iter().position(|&t| t == draft).map_or(0.0, |i| probs[i] / total);
+        if self.uniform() < p_draft {
+            return (true, draft);
+        }
+        let rest = total * (1.0 - p_draft);
+        let mut u = self.uniform() * rest;
+        let mut last = None;
+        for (i, &x) in probs.iter().enumerate() {
+            if order[i] == draft {
+                continue;
+            }
+            if u < x {
+                return (false, order[i]);
+            }
+            u -= x;
+            last = Some(order[i]);
+        }
+        // Rounding left u past the end: the last candidate other than the draft.
+        (false, last.unwrap_or(draft))
+    }
+
+    /// The candidates (descending logit order, ties to the lower id, NaN dropped) after top-k
+    /// and top-p, and their probabilities at the temperature (summing to the top-p mass, not
+    /// renormalised); None for greedy decoding.
+    fn distribution(&self, logits: &[f32]) -> Option<(Vec<u32>, Vec<f64>)> {
         let p = self.params;
         if p.temperature == 0.0 || p.top_k == 1 {
-            return argmax(logits);
+            return None;
         }
-        // Candidates in descending logit order (ties: lower id first), NaN dropped.
         let mut order: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
         order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
         if p.top_k > 0 {
             order.truncate(p.top_k);
         }
         if order.is_empty() {
-            return 0;
+            return Some((order, vec![]));
         }
         let max = logits[order[0] as usize] as f64;
         let t = p.temperature as f64;
@@ -109,15 +165,7 @@ impl Sampler {
             probs.truncate(keep);
             order.truncate(keep);
         }
-        let total: f64 = probs.iter().sum();
-        let mut u = self.uniform() * total;
-        for (i, &x) in probs.iter().enumerate() {
-            if u < x {
-                return order[i];
-            }
-            u -= x;
-        }
-        *order.last().expect("non-empty")
+        Some((order, probs))
     }
 }
 

@@ -107,6 +107,16 @@ impl BlockAllocator {
         self.by_hash.insert(h, b);
     }
 
+    /// Takes `b` out of the prefix index (its page is about to be rewritten: a speculative
+    /// step's rejected tokens are rolled back). Does nothing when `b` is not the indexed block.
+    pub fn unregister(&mut self, b: BlockId) {
+        if let Some(h) = self.hash_of[b as usize].take() {
+            if self.by_hash.get(&h) == Some(&b) {
+                self.by_hash.remove(&h);
+            }
+        }
+    }
+
     /// The cached block of the page with hash `h`.
     pub fn lookup(&self, h: u64) -> Option<BlockId> {
         self.by_hash.get(&h).copied()

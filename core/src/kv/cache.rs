@@ -149,6 +149,9 @@ pub struct Sequence {
     hashes: Vec<u64>,
     /// Set while a step runs: a step that failed leaves the state undefined.
     poisoned: bool,
+    /// Tokens a [`KvCache::rollback`] may take back: the window pages that position's window
+    /// reaches stay held (0 unless the sequence decodes speculatively).
+    rollback_depth: usize,
 }
 
 impl Sequence {
@@ -171,6 +174,28 @@ impl Sequence {
 
     pub fn is_empty(&self) -> bool {
         self.pos == 0
+    }
+
+    /// Keeps the window pages that a rollback of up to `tokens` tokens needs (speculative
+    /// decoding). A pool sized with [`KvConfig::for_sequences`] needs `tokens` more in its
+    /// `max_step` for this.
+    pub fn set_rollback_depth(&mut self, tokens: usize) {
+        self.rollback_depth = tokens;
+    }
+}
+
+/// The compressors' carry of one sequence at one position, copied out of the pools: what a
+/// [`KvCache::rollback`] to that position restores (a later step may overwrite it in place).
+pub struct CarrySnapshot<B: Backend> {
+    pos: usize,
+    /// (layer, indexer carry?, pool rows, their values).
+    parts: Vec<(usize, bool, B::Index, B::Tensor)>,
+}
+
+impl<B: Backend> CarrySnapshot<B> {
+    /// The position the snapshot was taken at.
+    pub fn pos(&self) -> usize {
+        self.pos
     }
 }
 
@@ -309,7 +334,7 @@ impl<B: Backend> KvCache<B> {
         for b in seq.window.drain(..).rev().flatten() {
             self.window.release(b);
         }
-        *seq = Sequence::default();
+        *seq = Sequence { rollback_depth: seq.rollback_depth, ..Sequence::default() };
     }
 
     /// Attaches to the empty `seq` the longest cached prefix of `prompt` made of whole pages,
@@ -530,7 +555,8 @@ impl<B: Backend> KvCache<B> {
                     self.window.register(*b, h);
                 }
             }
-            let keep = layout::held_window_pages(seq.pos, self.window_size, bt);
+            // A rollback of `rollback_depth` tokens needs the window reaching back that far.
+            let keep = layout::held_window_pages(seq.pos, self.window_size + seq.rollback_depth, bt);
             for p in 0..*keep.start() {
                 if let Some(b) = seq.window[p].take() {
                     self.window.release(b);
@@ -538,6 +564,97 @@ impl<B: Backend> KvCache<B> {
             }
             seq.poisoned = false;
         }
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Copies `seq`'s compressor carry at its current position out of the pools, for a
+    /// [`rollback`](Self::rollback) to this position after the next step.
+    pub fn snapshot_carry(&self, be: &B, seq: &Sequence) -> Result<CarrySnapshot<B>> {
+        let bt = self.config.block_tokens;
+        let mut parts = vec![];
+        if seq.pos > 0 {
+            let block = seq.window[(seq.pos - 1) / bt].expect("the page of the last token is held");
+            for (i, l) in self.layers.iter().enumerate() {
+                let Some(c) = l.layout.compressor else { continue };
+                let count = seq.pos - c.carry_start(seq.pos);
+                if count == 0 {
+                    continue;
+                }
+                let (r, b) = (c.carry_rows(), block as usize * 2 * c.carry_rows());
+                let rows: Vec<i32> = (0..count).chain(r..r + count).map(|j| (b + j) as i32).collect();
+                let slots = be.upload_index(&rows, &[rows.len()])?;
+                for (index, pool) in [(false, &l.carry), (true, &l.index_carry)] {
+                    if let Some(pool) = pool {
+                        parts.push((i, index, slots.clone(), be.pool_read(pool, &slots)?));
+                    }
+                }
+            }
+        }
+        Ok(CarrySnapshot { pos: seq.pos, parts })
+    }
+
+    /// The latest position `≤ wanted` that `seq` (advanced by one step since `snap` was
+    /// taken) can be rolled back to exactly: `wanted` itself when no compression window of
+    /// any layer ends between it and the step's end (the carry there is then a prefix of the
+    /// carry the step stored), else the last page end the step crossed (the step stored the
+    /// carry there), else the snapshot's position. Every compression ratio divides the page
+    /// size, so a page end is a window end for every layer.
+    pub fn rollback_point(&self, seq: &Sequence, snap: &CarrySnapshot<B>, wanted: usize) -> usize {
+        let (end, bt) = (seq.pos, self.config.block_tokens);
+        let last_window_end = self.layers.iter().filter_map(|l| l.layout.compressor).map(|c| end / c.ratio * c.ratio);
+        if wanted >= last_window_end.max().unwrap_or(0) {
+            return wanted;
+        }
+        let page_end = wanted / bt * bt;
+        if page_end > snap.pos {
+            page_end
+        } else {
+            snap.pos
+        }
+    }
+
+    /// Takes `seq` back to position `q`, taken from [`rollback_point`](Self::rollback_point)
+    /// after one step since `snap` was taken (and at most
+    /// [`Sequence::set_rollback_depth`] tokens back): the carry is restored when `q` is the
+    /// snapshot's position, the block tables keep their blocks (the next steps rewrite the rows
+    /// past `q`), and pages that became full after `q` leave the prefix index. The result is
+    /// the state the sequence had after `q` tokens.
+    pub fn rollback(&mut self, be: &B, seq: &mut Sequence, snap: CarrySnapshot<B>, q: usize) -> Result<()> {
+        if seq.poisoned
+            || q < snap.pos
+            || q > seq.pos
+            || seq.pos - q > seq.rollback_depth
+            || q != self.rollback_point(seq, &snap, q)
+        {
+            return Err(Error::Input(format!(
+                "cannot roll a sequence at position {} back to {q} (snapshot at {}, rollback depth {})",
+                seq.pos, snap.pos, seq.rollback_depth
+            )));
+        }
+        let bt = self.config.block_tokens;
+        if q > 0 && seq.window.get((q - 1) / bt).copied().flatten().is_none() {
+            return Err(Error::Input(format!("the window page of position {} is no longer held", q - 1)));
+        }
+        if q == snap.pos {
+            for (i, index, slots, values) in &snap.parts {
+                let l = &mut self.layers[*i];
+                let pool = if *index { l.index_carry.as_mut() } else { l.carry.as_mut() };
+                be.pool_write(pool.expect("snapshot of an existing pool"), slots, values)?;
+            }
+        }
+        for j in q / bt..seq.hashes.len() {
+            if let Some(&b) = seq.compressed.get(j) {
+                self.compressed.unregister(b);
+            }
+            if let Some(Some(b)) = seq.window.get(j) {
+                self.window.unregister(*b);
+            }
+        }
+        seq.hashes.truncate(q / bt);
+        seq.tokens.truncate(q);
+        seq.pos = q;
+        Ok(())
     }
 }
 

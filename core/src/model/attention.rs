@@ -62,11 +62,15 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// Decoder layer `layer`'s attention (`layers.{layer}.attn.*`), of the kind the config gives.
     pub fn load(ld: &mut Loader<B>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
-        let p = format!("layers.{layer}.attn");
+        Self::load_at(ld, cfg, &format!("layers.{layer}.attn"), cfg.attention[layer])
+    }
+
+    /// The attention whose tensors live under `p` (`layers.3.attn`, `mtp.0.attn`), of `kind`.
+    pub fn load_at(ld: &mut Loader<B>, cfg: &ModelConfig, p: &str, kind: AttentionKind) -> Result<Self> {
         let (d, h, hd, ql) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
         let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
-        let kind = cfg.attention[layer];
         let (compressor, indexer) = match kind {
             AttentionKind::Sliding => (None, None),
             AttentionKind::Hca { ratio } => {

@@ -40,15 +40,26 @@ pub struct Block<B: Backend> {
 
 impl<B: Backend> Block<B> {
     fn load(ld: &mut Loader<B>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
-        let p = format!("layers.{layer}");
+        Self::load_at(ld, cfg, &format!("layers.{layer}"), cfg.attention[layer], cfg.routing[layer])
+    }
+
+    /// The block whose tensors live under `p` (`layers.3`, `mtp.0`), with `kind` attention and
+    /// `routing` MoE.
+    fn load_at(
+        ld: &mut Loader<B>,
+        cfg: &ModelConfig,
+        p: &str,
+        kind: crate::config::AttentionKind,
+        routing: crate::config::RoutingKind,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Block {
             attn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_attn"))?,
             attn_norm: ld.tensor(&format!("{p}.attn_norm.weight"), &[d])?,
-            attn: Attention::load(ld, cfg, layer)?,
+            attn: Attention::load_at(ld, cfg, &format!("{p}.attn"), kind)?,
             ffn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_ffn"))?,
             ffn_norm: ld.tensor(&format!("{p}.ffn_norm.weight"), &[d])?,
-            moe: Moe::load(ld, cfg, layer)?,
+            moe: Moe::load_at(ld, cfg, &format!("{p}.ffn"), routing)?,
             eps: cfg.rms_norm_eps as f32,
         })
     }
@@ -87,8 +98,8 @@ pub struct Model<B: Backend> {
     norm: B::Tensor,
     hc_head: HyperHead<B>,
     pub blocks: Vec<Block<B>>,
-    /// The multi-token-prediction block, when the checkpoint ships one (used by speculative
-    /// decoding later; prefill and decode do not read it).
+    /// The multi-token-prediction block, when the checkpoint ships one: the draft model of
+    /// speculative decoding ([`crate::speculative`]); prefill and decode do not read it.
     pub mtp: Option<mtp::Mtp<B>>,
     rope_main: RopeTable,
     rope_compress: RopeTable,
@@ -235,7 +246,7 @@ impl<B: Backend> Model<B> {
         let mut cache = self.new_cache(be, config)?;
         let mut seqs: Vec<Sequence> = batch.seqs.iter().map(|_| cache.new_sequence()).collect();
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        self.step_inner(be, batch, &mut cache, &mut refs, Logits::All, trace)
+        Ok(self.step_inner(be, batch, &mut cache, &mut refs, Logits::All, trace)?.0)
     }
 
     /// One step: sequence k of `batch` continues from `seqs[k]` in `cache`, and is advanced.
@@ -249,6 +260,19 @@ impl<B: Backend> Model<B> {
         seqs: &mut [&mut Sequence],
         logits: Logits,
     ) -> Result<B::Tensor> {
+        Ok(self.step_inner(be, batch, cache, seqs, logits, None)?.0)
+    }
+
+    /// [`step`](Self::step), also returning the residual streams after the last block, before `hc_head` `[T, n, D]`: the input of the
+    /// MTP block (spec §D.5) for speculative decoding.
+    pub fn step_with_residual(
+        &self,
+        be: &B,
+        batch: &Batch,
+        cache: &mut KvCache<B>,
+        seqs: &mut [&mut Sequence],
+        logits: Logits,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         self.step_inner(be, batch, cache, seqs, logits, None)
     }
 
@@ -260,7 +284,7 @@ impl<B: Backend> Model<B> {
         seqs: &mut [&mut Sequence],
         logits: Logits,
         mut trace: Option<&mut Trace<B>>,
-    ) -> Result<B::Tensor> {
+    ) -> Result<(B::Tensor, B::Tensor)> {
         self.check_batch(batch, seqs)?;
         if cache.layers.len() != self.blocks.len() {
             return Err(Error::Input(format!(
@@ -295,13 +319,21 @@ impl<B: Backend> Model<B> {
             }
         }
         cache.finish_step(batch, seqs);
+        let residual = x.clone();
         if logits == Logits::LastPerSequence {
             let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
             x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
         }
+        Ok((self.logits(be, &self.hc_head, &self.norm, &x)?, residual))
+    }
+
+    /// Logits `[T, vocab]` of residual streams `[T, n, D]`: `hc_head`, the final norm, the head
+    /// (the main model's, or the MTP block's own `hc_head` and `norm` before the shared head).
+    fn logits(&self, be: &B, hc_head: &HyperHead<B>, norm: &B::Tensor, x: &B::Tensor) -> Result<B::Tensor> {
+        let prec = self.precision;
         // The collapsed stream is cast before the final norm, as the official `hc_head` returns it.
-        let collapsed = prec.act_of(be, self.hc_head.forward(be, &x))?;
-        let h = be.rms_norm(&collapsed, Some(&self.norm), self.cfg.rms_norm_eps as f32);
+        let collapsed = prec.act_of(be, hc_head.forward(be, x))?;
+        let h = be.rms_norm(&collapsed, Some(norm), self.cfg.rms_norm_eps as f32);
         let h = prec.act_of(be, h)?;
         let logits = be.linear(&h, self.head.as_ref().unwrap_or(&self.embed))?;
         // A split vocabulary: each rank has its block of logit columns (`ParallelHead`).

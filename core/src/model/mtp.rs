@@ -1,4 +1,6 @@
-//! The multi-token-prediction (MTP) block's weights (spec §D.5), under `mtp.{i}.*`.
+//! The multi-token-prediction (MTP) block (spec §D.5; DeepSeek's `inference/model.py`,
+//! `MTPBlock.forward`), under `mtp.{i}.*`: the draft model of speculative decoding
+//! ([`crate::speculative`]).
 //!
 //! Official checkpoints ship one MTP layer (Flash: shard 46, 1,575 tensors): a sliding-window
 //! block with a score-routed MoE, the `e_proj`/`h_proj` input projections with their norms,
@@ -8,42 +10,38 @@
 //! error naming the first missing tensor. They are never taken for decoder layers: those are
 //! only ever read under `layers.{i}.`.
 //!
-//! This module only loads the weights; drafting with them (speculative decoding) is not
-//! implemented yet.
+//! The forward of row i takes the main model's residual streams at position i (after the last
+//! block, before `hc_head`) and the token at position i + 1, runs at position i with its own
+//! sliding-window state, and its logits predict the token at position i + 2:
+//!
+//! ```text
+//! x = e_proj·enorm(embed(next)) (every stream) + h_proj·hnorm(h) (per stream)
+//! x = Block(x)                  (sliding attention, score-routed MoE)
+//! logits = head(norm(hc_head_mtp(x)))
+//! ```
+//!
+//! Drafting a second token re-feeds the block's own output streams `x` as `h`.
 
-use crate::backend::Backend;
-use crate::config::{ModelConfig, RoutingKind};
-use crate::error::Result;
+use crate::backend::{Backend, BinaryOp, DeviceTensor};
+use crate::config::{AttentionKind, ModelConfig, RoutingKind};
+use crate::error::{Error, Result};
+use crate::kv::{KvCache, KvConfig, KvDtype, Sequence};
+use crate::model::attention::StepAngles;
+use crate::model::batch::Batch;
 use crate::model::loader::{mtp_layers_present, Loader};
-use crate::model::mhc::{HyperConnection, HyperHead};
-use crate::model::moe::Moe;
-
-/// The sliding-window attention weights of an MTP block (`mtp.{i}.attn.*`).
-pub struct MtpAttention<B: Backend> {
-    pub wq_a: B::Weight,
-    pub q_norm: B::Tensor,
-    pub wq_b: B::Weight,
-    pub wkv: B::Weight,
-    pub kv_norm: B::Tensor,
-    pub wo_a: B::Weight,
-    pub wo_b: B::Weight,
-    pub sinks: B::Tensor,
-}
+use crate::model::mhc::HyperHead;
+use crate::model::official::Proj;
+use crate::model::{Block, Logits, Model};
 
 /// One MTP layer: `Z = h_proj·hnorm(h) + e_proj·enorm(embed(next))`, one block, own head mix.
 pub struct MtpLayer<B: Backend> {
-    pub e_proj: B::Weight,
-    pub h_proj: B::Weight,
-    pub enorm: B::Tensor,
-    pub hnorm: B::Tensor,
-    pub attn_hc: HyperConnection<B>,
-    pub attn_norm: B::Tensor,
-    pub attn: MtpAttention<B>,
-    pub ffn_hc: HyperConnection<B>,
-    pub ffn_norm: B::Tensor,
-    pub moe: Moe<B>,
-    pub norm: B::Tensor,
-    pub hc_head: HyperHead<B>,
+    e_proj: Proj<B>,
+    h_proj: Proj<B>,
+    enorm: B::Tensor,
+    hnorm: B::Tensor,
+    block: Block<B>,
+    norm: B::Tensor,
+    hc_head: HyperHead<B>,
 }
 
 /// The MTP layers present in the checkpoint (index i of `layers` is `mtp.{i}` for the
@@ -54,35 +52,15 @@ pub struct Mtp<B: Backend> {
     pub indices: Vec<usize>,
 }
 
-fn load_attention<B: Backend>(ld: &mut Loader<B>, cfg: &ModelConfig, p: &str) -> Result<MtpAttention<B>> {
-    let (d, h, hd, ql) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
-    let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
-    Ok(MtpAttention {
-        wq_a: ld.weight(&format!("{p}.wq_a.weight"), &[ql, d])?,
-        q_norm: ld.tensor(&format!("{p}.q_norm.weight"), &[ql])?,
-        wq_b: ld.weight(&format!("{p}.wq_b.weight"), &[h * hd, ql])?,
-        wkv: ld.weight(&format!("{p}.wkv.weight"), &[hd, d])?,
-        kv_norm: ld.tensor(&format!("{p}.kv_norm.weight"), &[hd])?,
-        wo_a: ld.weight(&format!("{p}.wo_a.weight"), &[g * r, h * hd / g])?,
-        wo_b: ld.weight(&format!("{p}.wo_b.weight"), &[d, g * r])?,
-        sinks: ld.tensor(&format!("{p}.attn_sink"), &[h])?,
-    })
-}
-
 fn load_layer<B: Backend>(ld: &mut Loader<B>, cfg: &ModelConfig, i: usize) -> Result<MtpLayer<B>> {
     let p = format!("mtp.{i}");
     let d = cfg.hidden_size;
     Ok(MtpLayer {
-        e_proj: ld.weight(&format!("{p}.e_proj.weight"), &[d, d])?,
-        h_proj: ld.weight(&format!("{p}.h_proj.weight"), &[d, d])?,
+        e_proj: ld.proj(&format!("{p}.e_proj.weight"), &[d, d])?,
+        h_proj: ld.proj(&format!("{p}.h_proj.weight"), &[d, d])?,
         enorm: ld.tensor(&format!("{p}.enorm.weight"), &[d])?,
         hnorm: ld.tensor(&format!("{p}.hnorm.weight"), &[d])?,
-        attn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_attn"))?,
-        attn_norm: ld.tensor(&format!("{p}.attn_norm.weight"), &[d])?,
-        attn: load_attention(ld, cfg, &format!("{p}.attn"))?,
-        ffn_hc: HyperConnection::load(ld, cfg, &format!("{p}.hc_ffn"))?,
-        ffn_norm: ld.tensor(&format!("{p}.ffn_norm.weight"), &[d])?,
-        moe: Moe::load_at(ld, cfg, &format!("{p}.ffn"), RoutingKind::TopK)?,
+        block: Block::load_at(ld, cfg, &p, AttentionKind::Sliding, RoutingKind::TopK)?,
         norm: ld.tensor(&format!("{p}.norm.weight"), &[d])?,
         hc_head: HyperHead::load(ld, cfg, &format!("{p}."))?,
     })
@@ -97,6 +75,95 @@ pub fn load_mtp<B: Backend>(ld: &mut Loader<B>, cfg: &ModelConfig) -> Result<Opt
     }
     let layers = indices.iter().map(|&i| load_layer(ld, cfg, i)).collect::<Result<Vec<_>>>()?;
     Ok(Some(Mtp { layers, indices }))
+}
+
+/// The config of the MTP block's decoding state: one sliding-window layer (the block has no
+/// compressor, so its pool is window blocks only).
+pub fn mtp_state_config(cfg: &ModelConfig) -> ModelConfig {
+    ModelConfig {
+        num_layers: 1,
+        attention: vec![AttentionKind::Sliding],
+        routing: vec![RoutingKind::TopK],
+        ..cfg.clone()
+    }
+}
+
+/// The MTP block's decoding state for one sequence: its window rows in a pool of its own.
+pub struct MtpState<B: Backend> {
+    pub cache: KvCache<B>,
+    pub seq: Sequence,
+}
+
+impl<B: Backend> MtpState<B> {
+    /// A state for one sequence fed in steps of up to `max_step` rows.
+    pub fn new(be: &B, cfg: &ModelConfig, dtype: KvDtype, max_step: usize) -> Result<Self> {
+        let mcfg = mtp_state_config(cfg);
+        let config = KvConfig::for_sequences(&mcfg, dtype, 1, cfg.sliding_window + max_step, max_step);
+        let cache = KvCache::new(be, &mcfg, config)?;
+        let seq = cache.new_sequence();
+        Ok(MtpState { cache, seq })
+    }
+
+    /// Rows fed so far (= the position of the next row).
+    pub fn pos(&self) -> usize {
+        self.seq.pos()
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// The first MTP layer's forward over a run of rows of one sequence (spec §D.5): row r has
+    /// the residual streams `h[r]` `[T, n, D]` of position `start + r` (the main model's after
+    /// its last block, or this block's own output when drafting further) and `next[r]`, the
+    /// token at position `start + r + 1`. `start` must be the state's position. Returns the
+    /// logits (`[T, vocab]`, or `[1, vocab]` of the last row with [`Logits::LastPerSequence`];
+    /// row r predicts the token at `start + r + 2`) and the block's output streams `[T, n, D]`
+    /// (the `h` of the next draft).
+    ///
+    /// Errors when the checkpoint has no MTP block, on shape mismatches, and where a main step
+    /// would (ids outside the vocabulary, positions past the context, a full pool).
+    pub fn mtp_forward(
+        &self,
+        be: &B,
+        h: &B::Tensor,
+        next: &[u32],
+        start: usize,
+        state: &mut MtpState<B>,
+        logits: Logits,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let layer = self
+            .mtp
+            .as_ref()
+            .and_then(|m| m.layers.first())
+            .ok_or_else(|| Error::Input("this checkpoint has no MTP block (mtp.0.*) to draft with".into()))?;
+        let (t, n, d) = (next.len(), self.cfg.hc_mult, self.cfg.hidden_size);
+        if h.shape() != [t, n, d] {
+            return Err(Error::Input(format!(
+                "MTP input streams have shape {:?}, expected [{t}, {n}, {d}] (one row per next token)",
+                h.shape()
+            )));
+        }
+        let batch = Batch::new(&[(next, start)])?;
+        self.check_batch(&batch, &[&mut state.seq])?;
+        let prec = self.precision;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let ids: Vec<i32> = next.iter().map(|&x| x as i32).collect();
+        let e = prec.act_of(be, self.embed(be, &ids))?;
+        let e = prec.act_of(be, be.rms_norm(&e, Some(&layer.enorm), eps))?;
+        let hn = prec.act_of(be, be.rms_norm(&be.reshape(h, &[t * n, d])?, Some(&layer.hnorm), eps))?;
+        let pe = be.reshape(&prec.act_of(be, layer.e_proj.linear(be, &e, prec))?, &[t, 1, d])?;
+        let ph = be.reshape(&prec.act_of(be, layer.h_proj.linear(be, &hn, prec))?, &[t, n, d])?;
+        let x = prec.act_of(be, be.binary(&ph, &pe, BinaryOp::Add))?;
+
+        let plan = state.cache.plan_step(be, &batch, &mut [&mut state.seq])?;
+        let angles = StepAngles::new(be, self.rope_main.clone(), &batch.positions)?;
+        let (x, _) = layer.block.forward(be, &x, &batch, &angles, &plan, &mut state.cache.layers[0], prec)?;
+        state.cache.finish_step(&batch, &mut [&mut state.seq]);
+        let rows = match logits {
+            Logits::All => x.clone(),
+            Logits::LastPerSequence => be.narrow(&x, 0, t - 1, 1)?,
+        };
+        Ok((self.logits(be, &layer.hc_head, &layer.norm, &rows)?, x))
+    }
 }
 
 #[cfg(test)]

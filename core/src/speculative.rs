@@ -1,0 +1,278 @@
+//! Speculative decoding with the checkpoint's own MTP block (spec §D.5): the block drafts k
+//! tokens, the main model verifies all of them in one step, and the longest prefix the
+//! sampler agrees with is kept (plus the main model's own next token), so every step emits
+//! between 1 and k + 1 tokens. Lossless: greedy output is the plain greedy output, and with
+//! sampling each token has the plain sampler's distribution ([`Sampler::accept_draft`]).
+//!
+//! State, per sequence:
+//! * the main model's paged state; a verify step is rolled back when a draft is rejected:
+//!   the carry is restored from a [`CarrySnapshot`] taken before the step and the block tables
+//!   go back to its start ([`KvCache::rollback`]), and the accepted tokens are fed again with
+//!   the next step's drafts (they cost rows of the next step, not a step of their own);
+//! * the MTP block's own sliding-window state ([`MtpState`]), holding rows computed from the
+//!   main model's residual streams only: draft rows past the first (which feed the block its
+//!   own output) are rolled back as soon as the drafts are made;
+//! * the main residual rows the MTP block has not consumed yet (their next token is unknown).
+//!
+//! Row i of the MTP block takes the main residual at position i and the token at i + 1, and
+//! predicts the token at i + 2. So after the main model has seen tokens `..L` the block, fed
+//! up to position L − 2, drafts token L; the verify step feeds token L − 1 and the drafts.
+
+use std::time::Instant;
+
+use crate::backend::{Backend, DeviceTensor};
+use crate::error::{Error, Result};
+use crate::kv::{KvCache, KvDtype, Sequence};
+use crate::model::batch::Batch;
+use crate::model::mtp::MtpState;
+use crate::model::{Logits, Model};
+use crate::sampling::{argmax, Sampler};
+
+/// Counters of a speculative generation.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct SpecStats {
+    /// Main-model steps that verified drafts (each emits 1 to k + 1 tokens).
+    pub verify_steps: usize,
+    /// Rows those steps fed (pending tokens, re-fed accepted tokens and drafts).
+    pub verify_rows: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Tokens emitted by verify steps.
+    pub emitted: usize,
+    /// Seconds in MTP forwards (catching up and drafting) and in verify steps.
+    pub draft_secs: f64,
+    pub verify_secs: f64,
+}
+
+impl SpecStats {
+    /// Accepted drafts per drafted token.
+    pub fn acceptance_rate(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+
+    /// Tokens emitted per verify step (the speed-up over plain decoding at equal step cost).
+    pub fn tokens_per_step(&self) -> f64 {
+        self.emitted as f64 / self.verify_steps.max(1) as f64
+    }
+}
+
+/// What one verify step decided.
+pub struct Verdict {
+    /// Tokens to emit, in order: the accepted drafts, then the main model's own token.
+    pub tokens: Vec<u32>,
+    /// How many of them were drafts.
+    pub accepted: usize,
+}
+
+/// The drafting side of one sequence: the MTP block's state and the main residual rows it
+/// has not consumed.
+pub struct Speculator<B: Backend> {
+    k: usize,
+    mtp: MtpState<B>,
+    /// Main residual rows `[r, n, D]` for positions `mtp.pos()..mtp.pos() + r`.
+    pending: Option<B::Tensor>,
+    /// The tokens the MTP rows and the pending rows were computed from (positions
+    /// `..mtp.pos() + pending rows`).
+    basis: Vec<u32>,
+    /// The smallest compression ratio of the main model (0 without compressed layers).
+    min_ratio: usize,
+    pub stats: SpecStats,
+}
+
+impl<B: Backend> Speculator<B> {
+    /// A speculator drafting `k ≥ 1` tokens per step, for steps (prefill chunks) of up to
+    /// `max_step` rows. Errors when the checkpoint has no MTP block.
+    pub fn new(be: &B, model: &Model<B>, k: usize, max_step: usize, dtype: KvDtype) -> Result<Self> {
+        if model.mtp.is_none() {
+            return Err(Error::Input(
+                "speculative decoding drafts with the checkpoint's MTP block (mtp.0.*), and this checkpoint has none; \
+                 drop --speculative-tokens"
+                    .into(),
+            ));
+        }
+        if k == 0 {
+            return Err(Error::Input("--speculative-tokens must be at least 1".into()));
+        }
+        let mut mtp = MtpState::new(be, &model.cfg, dtype, max_step.max(2 * k + 2))?;
+        mtp.seq.set_rollback_depth(k);
+        let min_ratio = model.cfg.attention.iter().filter_map(|a| a.ratio()).min().unwrap_or(0);
+        Ok(Speculator { k, mtp, pending: None, basis: vec![], min_ratio, stats: SpecStats::default() })
+    }
+
+    /// Drafts per step.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Rows a verify step of the main model may take back: the whole step, i.e. the pending
+    /// tokens and k drafts. Pending tokens are the newest one plus those a rollback could not
+    /// keep: it keeps every accepted token unless a compression window ends after the last of
+    /// them within the step ([`KvCache::rollback_point`]), so fewer than the smallest ratio
+    /// plus k of them.
+    pub fn main_rollback_depth(&self) -> usize {
+        self.min_ratio + 2 * self.k + 2
+    }
+
+    /// Whether a generation of `prompt` can continue from this state: the prompt extends the
+    /// tokens the state was computed from.
+    pub fn continues(&self, prompt: &[u32]) -> bool {
+        prompt.len() > self.basis.len() && prompt.starts_with(&self.basis)
+    }
+
+    fn held(&self) -> usize {
+        self.pending.as_ref().map_or(0, |h| h.shape()[0])
+    }
+
+    /// Sets the basis to `tokens[..n]`, where `tokens` extends the basis (the caller's
+    /// token list only ever grows).
+    fn set_basis(&mut self, tokens: &[u32], n: usize) {
+        let keep = self.basis.len().min(n);
+        debug_assert_eq!(self.basis[..keep], tokens[..keep]);
+        self.basis.truncate(keep);
+        self.basis.extend_from_slice(&tokens[keep..n]);
+    }
+
+    /// Forgets everything (the main sequence started over).
+    pub fn reset(&mut self) {
+        self.mtp.cache.release(&mut self.mtp.seq);
+        self.pending = None;
+        self.basis.clear();
+    }
+
+    /// Takes main residual rows `h` `[r, n, D]` of positions `start..start + r` (`start` must
+    /// continue the rows held), and feeds the MTP block every held row whose next token is in
+    /// `tokens` (all tokens known so far). Returns the last fed row's logits (host) and output
+    /// streams when it fed any.
+    pub fn push(
+        &mut self,
+        be: &B,
+        model: &Model<B>,
+        h: Option<(&B::Tensor, usize)>,
+        tokens: &[u32],
+    ) -> Result<Option<(Vec<f32>, B::Tensor)>> {
+        let t0 = Instant::now();
+        if let Some((h, start)) = h {
+            // Rows the state already has (a main sequence rolled back and fed them again) are
+            // the same rows: skip them.
+            let (expected, rows) = (self.mtp.pos() + self.held(), h.shape()[0]);
+            if start > expected {
+                return Err(Error::Input(format!(
+                    "main residual rows from position {start} do not continue the MTP block's rows (up to {expected})"
+                )));
+            }
+            let skip = expected - start;
+            if skip < rows {
+                let h = if skip > 0 { be.narrow(h, 0, skip, rows - skip)? } else { h.clone() };
+                self.pending = Some(match self.pending.take() {
+                    Some(p) => be.concat(&[&p, &h], 0)?,
+                    None => h,
+                });
+            }
+        }
+        let Some(p) = self.pending.take() else { return Ok(None) };
+        let (start, held) = (self.mtp.pos(), p.shape()[0]);
+        let feed = held.min(tokens.len().saturating_sub(start + 1));
+        if feed < held {
+            self.pending = Some(be.narrow(&p, 0, feed, held - feed)?);
+        }
+        if feed == 0 {
+            return Ok(None);
+        }
+        let h = if feed < held { be.narrow(&p, 0, 0, feed)? } else { p };
+        self.set_basis(tokens, start + held);
+        let next = &tokens[start + 1..start + 1 + feed];
+        let (logits, x) = model.mtp_forward(be, &h, next, start, &mut self.mtp, Logits::LastPerSequence)?;
+        let last = be.narrow(&x, 0, feed - 1, 1)?;
+        let logits = be.download(&logits)?;
+        self.stats.draft_secs += t0.elapsed().as_secs_f64();
+        Ok(Some((logits, last)))
+    }
+
+    /// Up to `k` greedy drafts of the tokens after `tokens`: the first from the MTP row of
+    /// position `tokens.len() − 2` (fed by [`push`](Self::push), whose result `first` is), the
+    /// rest by feeding the block its own output streams. The block's state is rolled back to
+    /// where it was before the extra rows.
+    pub fn draft(&mut self, be: &B, model: &Model<B>, first: (Vec<f32>, B::Tensor), k: usize) -> Result<Vec<u32>> {
+        if k == 0 {
+            return Ok(vec![]);
+        }
+        let t0 = Instant::now();
+        let (logits, mut x) = first;
+        let mut drafts = vec![argmax(&logits)];
+        let snap = self.mtp.cache.snapshot_carry(be, &self.mtp.seq)?;
+        while drafts.len() < k {
+            let pos = self.mtp.pos();
+            let last = *drafts.last().expect("one draft");
+            let (logits, out) = model.mtp_forward(be, &x, &[last], pos, &mut self.mtp, Logits::All)?;
+            drafts.push(argmax(&be.download(&logits)?));
+            x = out;
+        }
+        let start = snap.pos();
+        self.mtp.cache.rollback(be, &mut self.mtp.seq, snap, start)?;
+        self.stats.drafted += drafts.len();
+        self.stats.draft_secs += t0.elapsed().as_secs_f64();
+        Ok(drafts)
+    }
+
+    /// One verify step of the main model: feeds `tokens[seq.pos()..]` (the pending tokens; the
+    /// last is the newest) and `drafts`, and accepts or replaces each draft with `sampler`.
+    /// Rolls the main state back when a draft is rejected and keeps the residual rows of the
+    /// accepted positions for the MTP block. `tokens` is not changed: the caller appends
+    /// [`Verdict::tokens`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn verify(
+        &mut self,
+        be: &B,
+        model: &Model<B>,
+        cache: &mut KvCache<B>,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        drafts: &[u32],
+        sampler: &mut Sampler,
+    ) -> Result<Verdict> {
+        let t0 = Instant::now();
+        let (p, l) = (seq.pos(), tokens.len());
+        if p >= l || self.mtp.pos() + 1 != l {
+            return Err(Error::Input(format!(
+                "verify step out of order: main state at {p}, MTP at {}, {l} tokens",
+                self.mtp.pos()
+            )));
+        }
+        let mut feed = tokens[p..].to_vec();
+        feed.extend_from_slice(drafts);
+        let snap = cache.snapshot_carry(be, seq)?;
+        let batch = Batch::new(&[(&feed, p)])?;
+        let (logits, h) = model.step_with_residual(be, &batch, cache, &mut [seq], Logits::All)?;
+        let logits = be.download(&logits)?;
+        let vocab = logits.len() / feed.len();
+        let row = |j: usize| &logits[(l - 1 - p + j) * vocab..(l - p + j) * vocab];
+        let (mut out, mut accepted) = (vec![], 0);
+        for (j, &d) in drafts.iter().enumerate() {
+            let (ok, t) = sampler.accept_draft(row(j), d);
+            out.push(t);
+            if !ok {
+                break;
+            }
+            accepted += 1;
+        }
+        if accepted == drafts.len() {
+            out.push(sampler.sample(row(drafts.len())));
+        }
+        // Residual rows of positions l − 1 .. l − 1 + accepted were fed accepted tokens.
+        self.pending = Some(be.narrow(&h, 0, l - 1 - p, accepted + 1)?);
+        if accepted < drafts.len() {
+            // Back to the last accepted token's position when the carry there is exact, else
+            // to an earlier point; the accepted tokens past it are fed again next step.
+            let q = cache.rollback_point(seq, &snap, l + accepted);
+            cache.rollback(be, seq, snap, q)?;
+        }
+        self.set_basis(tokens, l);
+        self.basis.extend_from_slice(&drafts[..accepted]);
+        self.stats.verify_steps += 1;
+        self.stats.verify_rows += feed.len();
+        self.stats.accepted += accepted;
+        self.stats.emitted += out.len();
+        self.stats.verify_secs += t0.elapsed().as_secs_f64();
+        Ok(Verdict { tokens: out, accepted })
+    }
+}

@@ -1,0 +1,176 @@
+//! Speculative decoding with the MTP block (spec §D.5): lossless against plain decoding.
+
+use dsv4_backend_cpu::CpuBackend;
+use dsv4_core::checkpoint::Checkpoint;
+use dsv4_core::generate::{Control, GenerateOptions, Generation};
+use dsv4_core::kv::KvDtype;
+use dsv4_core::model::mtp::MtpState;
+use dsv4_core::model::Logits;
+use dsv4_core::sampling::{Sampler, SamplingParams};
+use dsv4_core::speculative::Speculator;
+use dsv4_core::{Backend, Batch, Model};
+use dsv4_tests::{fixtures_dir, load_model, max_rel_err, read_reference};
+
+fn run(be: &CpuBackend, model: &Model<CpuBackend>, prompt: &[u32], n: usize, k: usize) -> Generation {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        prefill_chunk: 16,
+        speculative_tokens: k,
+        ..Default::default()
+    };
+    dsv4_tests::session(be, model).generate(be, prompt, &opts, &mut |_| Ok(Control::Continue)).unwrap()
+}
+
+#[test]
+fn greedy_speculation_equals_plain_greedy() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    assert!(model.mtp.is_some());
+    let ids = read_reference(&case).input_ids;
+    for &(start, n) in &[(10usize, 40usize), (30, 60)] {
+        let prompt = &ids[..start];
+        let plain = run(&be, &model, prompt, n, 0);
+        for k in 1..=3 {
+            let spec = run(&be, &model, prompt, n, k);
+            let s = spec.speculation.unwrap();
+            eprintln!("prompt {start} k={k}: {s:?}");
+            assert_eq!(spec.tokens, plain.tokens, "k = {k}, prompt {start}");
+        }
+    }
+}
+
+/// The MTP forward against the generator's float64 reference of the official
+/// `MTPBlock.forward` (`official_fp8/mtp_reference.safetensors`, FP8 MTP weights): every row
+/// fed in one step and in uneven chunks from our own main residual, and a three-row chain
+/// that feeds the block its own output (drafting k > 1).
+#[test]
+fn mtp_forward_matches_the_reference() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let r = Checkpoint::open_file(&case.join("mtp_reference.safetensors")).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("mtp_meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["valid"], true);
+    assert!(meta["rows_below_margin"].as_array().unwrap().is_empty(), "every row's routing is clear");
+    let ids: Vec<u32> = r.get("input_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
+    let want = r.get("mtp_logits").unwrap().to_f32_vec().unwrap();
+    let (n, v) = (ids.len(), model.cfg.vocab_size);
+
+    // The main residual of every position, from a whole-prompt step.
+    let mut cache = model.new_cache(&be, dsv4_tests::kv_config(&model.cfg, KvDtype::F32, 1, n, n)).unwrap();
+    let mut seq = cache.new_sequence();
+    let batch = Batch::new(&[(&ids, 0)]).unwrap();
+    let (_, h) = model.step_with_residual(&be, &batch, &mut cache, &mut [&mut seq], Logits::LastPerSequence).unwrap();
+
+    for chunk in [n - 1, 37] {
+        let mut state = MtpState::new(&be, &model.cfg, KvDtype::F32, chunk).unwrap();
+        let mut got = vec![];
+        let mut start = 0;
+        while start < n - 1 {
+            let len = chunk.min(n - 1 - start);
+            let rows = be.narrow(&h, 0, start, len).unwrap();
+            let (logits, _) = model
+                .mtp_forward(&be, &rows, &ids[start + 1..start + 1 + len], start, &mut state, Logits::All)
+                .unwrap();
+            got.extend(be.download(&logits).unwrap());
+            start += len;
+        }
+        let err = max_rel_err(&got, &want);
+        eprintln!("MTP logits, chunks of {chunk}: {err:.2e}");
+        assert!(err <= 1e-4, "chunks of {chunk}: {err:.2e}");
+        assert_eq!(got.len(), (n - 1) * v);
+    }
+
+    // The chain: rows 0..=s from the main residual, then three rows fed the block's own output.
+    let s = r.get("mtp_chain_start").unwrap().to_i64_vec().unwrap()[0] as usize;
+    let want_chain = r.get("mtp_chain_logits").unwrap().to_f32_vec().unwrap();
+    let mut state = MtpState::new(&be, &model.cfg, KvDtype::F32, s + 1).unwrap();
+    let rows = be.narrow(&h, 0, 0, s + 1).unwrap();
+    let (_, out) = model.mtp_forward(&be, &rows, &ids[1..s + 2], 0, &mut state, Logits::LastPerSequence).unwrap();
+    let mut x = be.narrow(&out, 0, s, 1).unwrap();
+    let mut got = vec![];
+    for j in 1..=3 {
+        let (logits, out) = model.mtp_forward(&be, &x, &[ids[s + j + 1]], s + j, &mut state, Logits::All).unwrap();
+        got.extend(be.download(&logits).unwrap());
+        x = out;
+    }
+    let err = max_rel_err(&got, &want_chain);
+    eprintln!("MTP chain logits: {err:.2e}");
+    assert!(err <= 1e-4, "chain: {err:.2e}");
+}
+
+/// Drafts chosen by the test (the plain greedy continuation, with the draft at a chosen offset
+/// made wrong) so that every acceptance length occurs, at every offset within the compression
+/// windows: rollbacks to every point of a CSA window and across the HCA window end at 128, and
+/// the output stays the plain greedy output.
+#[test]
+fn rollbacks_at_every_offset_keep_greedy_output_exact() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let ids = read_reference(&case).input_ids;
+    let v = model.cfg.vocab_size as u32;
+    let (prompt, n) = (&ids[..100], 60);
+    let plain = run(&be, &model, prompt, n, 0).tokens;
+    for k in 1..=3usize {
+        let mut cache = model.new_cache(&be, dsv4_tests::kv_config(&model.cfg, KvDtype::F32, 1, 512, 16)).unwrap();
+        let mut seq = cache.new_sequence();
+        let mut spec = Speculator::new(&be, &model, k, 16, KvDtype::F32).unwrap();
+        let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+        let mut logits = vec![];
+        for part in prompt.chunks(16) {
+            let start = seq.pos();
+            let batch = Batch::new(&[(part, start)]).unwrap();
+            let (l, h) =
+                model.step_with_residual(&be, &batch, &mut cache, &mut [&mut seq], Logits::LastPerSequence).unwrap();
+            logits = be.download(&l).unwrap();
+            spec.push(&be, &model, Some((&h, start)), prompt).unwrap();
+        }
+        let mut tokens = prompt.to_vec();
+        tokens.push(sampler.sample(&logits));
+        seq.set_rollback_depth(spec.main_rollback_depth());
+        let mut accepted_lengths = vec![0usize; k + 1];
+        let mut rollback_offsets = std::collections::BTreeSet::new();
+        let (mut step, mut fallbacks) = (0, 0);
+        while tokens.len() < prompt.len() + n {
+            spec.push(&be, &model, None, &tokens).unwrap().expect("a row to draft from");
+            let done = tokens.len() - prompt.len();
+            // A scrambled number of right drafts per step, the next one wrong.
+            let good = ((step * 2654435761usize) >> 7) % (k + 1);
+            let drafts: Vec<u32> = (0..k)
+                .map(|j| {
+                    let t = plain.get(done + j).copied().unwrap_or(0);
+                    if j == good {
+                        (t + 1) % v
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            let before = seq.pos();
+            let verdict = spec.verify(&be, &model, &mut cache, &mut seq, &tokens, &drafts, &mut sampler).unwrap();
+            accepted_lengths[verdict.accepted] += 1;
+            tokens.extend(verdict.tokens);
+            if verdict.accepted < k {
+                // Wanted: the state of every accepted token; an earlier point when a window
+                // ended in between (those tokens are fed again).
+                let wanted = tokens.len() - 1;
+                rollback_offsets.insert(wanted % 4);
+                assert!(seq.pos() >= before && seq.pos() <= wanted);
+                fallbacks += usize::from(seq.pos() < wanted);
+            }
+            step += 1;
+        }
+        assert_eq!(&tokens[prompt.len()..prompt.len() + n], &plain[..], "k = {k}");
+        assert!(accepted_lengths.iter().all(|&c| c > 0), "k = {k}: acceptance lengths {accepted_lengths:?}");
+        eprintln!(
+            "k = {k}: acceptance lengths {accepted_lengths:?}, rollbacks wanted at positions mod 4 \
+             {rollback_offsets:?}, {fallbacks} to an earlier point"
+        );
+        assert_eq!(rollback_offsets.len(), 4, "k = {k}: rollbacks at every offset of a CSA window");
+        assert!(fallbacks > 0, "k = {k}: no rollback had to go back further");
+    }
+}
