@@ -11,7 +11,7 @@ use dsv4_core::speculative::Speculator;
 use dsv4_core::{Backend, Batch, Model};
 use dsv4_tests::{fixtures_dir, load_model, max_rel_err, read_reference};
 
-fn run(be: &CpuBackend, model: &Model<CpuBackend>, prompt: &[u32], n: usize, k: usize) -> Generation {
+fn run<B: Backend>(be: &B, model: &Model<B>, prompt: &[u32], n: usize, k: usize) -> Generation {
     let opts = GenerateOptions {
         max_new_tokens: n,
         sampling: SamplingParams::greedy(),
@@ -45,9 +45,7 @@ fn greedy_speculation_equals_plain_greedy() {
 /// `MTPBlock.forward` (`official_fp8/mtp_reference.safetensors`, FP8 MTP weights): every row
 /// fed in one step and in uneven chunks from our own main residual, and a three-row chain
 /// that feeds the block its own output (drafting k > 1).
-#[test]
-fn mtp_forward_matches_the_reference() {
-    let be = CpuBackend::new();
+fn check_mtp_forward<B: Backend>(be: B) {
     let case = fixtures_dir().join("official_fp8");
     let model = load_model(&be, &case);
     let r = Checkpoint::open_file(&case.join("mtp_reference.safetensors")).unwrap();
@@ -100,6 +98,35 @@ fn mtp_forward_matches_the_reference() {
     let err = max_rel_err(&got, &want_chain);
     eprintln!("MTP chain logits: {err:.2e}");
     assert!(err <= 1e-4, "chain: {err:.2e}");
+}
+
+#[test]
+fn mtp_forward_matches_the_reference() {
+    check_mtp_forward(CpuBackend::new());
+}
+
+#[test]
+fn mtp_forward_matches_the_reference_on_the_ascend_emulator() {
+    dsv4_tests::use_ascend_emulator();
+    check_mtp_forward(dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}")));
+}
+
+#[test]
+fn mtp_forward_matches_the_reference_on_the_cuda_emulator() {
+    check_mtp_forward(dsv4_backend_cuda::CudaBackend::new(dsv4_cuda_emu::EmulatedDevice::new()));
+}
+
+/// Rollbacks restore the carry through the backend's pool reads and writes: greedy
+/// speculation on the Ascend emulator equals plain greedy there.
+#[test]
+fn greedy_speculation_equals_plain_greedy_on_the_ascend_emulator() {
+    dsv4_tests::use_ascend_emulator();
+    let be = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let prompt = &read_reference(&case).input_ids[..20];
+    let plain = run(&be, &model, prompt, 24, 0);
+    assert_eq!(run(&be, &model, prompt, 24, 2).tokens, plain.tokens);
 }
 
 /// Drafts chosen by the test (the plain greedy continuation, with the draft at a chosen offset
@@ -173,4 +200,44 @@ fn rollbacks_at_every_offset_keep_greedy_output_exact() {
         assert_eq!(rollback_offsets.len(), 4, "k = {k}: rollbacks at every offset of a CSA window");
         assert!(fallbacks > 0, "k = {k}: no rollback had to go back further");
     }
+}
+
+/// Sampling with speculation draws from the same distribution as plain sampling: over many
+/// seeds, the frequencies of the third generated token (which comes from verify steps, after
+/// accepted and rejected drafts) agree. With N runs per side a frequency difference has a
+/// standard deviation of at most √(2·0.25/N) = 0.018 at N = 1500; the bound 0.09 is 5 of those
+/// (the seeds are fixed, so the outcome is deterministic).
+#[test]
+fn sampling_with_speculation_keeps_the_distribution() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let ids = read_reference(&case).input_ids;
+    let prompt = &ids[..12];
+    let v = model.cfg.vocab_size;
+    let n = 1500;
+    let mut session = dsv4_tests::session(&be, &model);
+    let mut third = |k: usize, accepted: &mut usize| -> Vec<f64> {
+        let mut counts = vec![0usize; v];
+        for seed in 0..n as u64 {
+            let opts = GenerateOptions {
+                max_new_tokens: 3,
+                sampling: SamplingParams { temperature: 0.7, top_k: 8, top_p: 1.0, seed },
+                prefill_chunk: 16,
+                speculative_tokens: k,
+                ..Default::default()
+            };
+            let g = session.generate(&be, prompt, &opts, &mut |_| Ok(Control::Continue)).unwrap();
+            *accepted += g.speculation.map_or(0, |s| s.accepted);
+            counts[g.tokens[2] as usize] += 1;
+        }
+        counts.into_iter().map(|c| c as f64 / n as f64).collect()
+    };
+    let mut accepted = 0;
+    let plain = third(0, &mut accepted);
+    let spec = third(2, &mut accepted);
+    assert!(accepted > 0, "no draft was accepted: the test does not reach the acceptance path");
+    let worst = plain.iter().zip(&spec).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    eprintln!("{accepted} drafts accepted; largest frequency difference {worst:.4}");
+    assert!(worst < 0.09, "largest frequency difference {worst}");
 }
