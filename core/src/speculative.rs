@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, DeviceTensor};
 use crate::error::{Error, Result};
-use crate::kv::{KvCache, KvDtype, Sequence};
+use crate::kv::{CarrySnapshot, KvCache, KvDtype, Sequence};
 use crate::model::batch::Batch;
 use crate::model::mtp::MtpState;
 use crate::model::{Logits, Model};
@@ -119,6 +119,13 @@ impl<B: Backend> Speculator<B> {
         prompt.len() > self.basis.len() && prompt.starts_with(&self.basis)
     }
 
+    /// Whether the state can draft for a sequence of `tokens` tokens whose main state has fed
+    /// all but the newest: it holds (as rows or pending residual rows) every position before
+    /// the newest token. Not after a restart until the main model has fed the sequence again.
+    pub fn ready(&self, tokens: usize) -> bool {
+        self.mtp.pos() + self.held() + 1 == tokens
+    }
+
     fn held(&self) -> usize {
         self.pending.as_ref().map_or(0, |h| h.shape()[0])
     }
@@ -134,9 +141,16 @@ impl<B: Backend> Speculator<B> {
 
     /// Forgets everything (the main sequence started over).
     pub fn reset(&mut self) {
-        self.mtp.cache.release(&mut self.mtp.seq);
+        self.restart_at(0, &[]);
+    }
+
+    /// Forgets everything; the main sequence continues a cached prefix, `tokens[..pos]`,
+    /// whose residual streams the MTP block never sees: its rows start at `pos`.
+    pub fn restart_at(&mut self, pos: usize, tokens: &[u32]) {
+        self.mtp.restart_at(pos);
         self.pending = None;
         self.basis.clear();
+        self.basis.extend_from_slice(&tokens[..pos]);
     }
 
     /// Takes main residual rows `h` `[r, n, D]` of positions `start..start + r` (`start` must
@@ -231,21 +245,49 @@ impl<B: Backend> Speculator<B> {
         sampler: &mut Sampler,
     ) -> Result<Verdict> {
         let t0 = Instant::now();
-        let (p, l) = (seq.pos(), tokens.len());
-        if p >= l || self.mtp.pos() + 1 != l {
-            return Err(Error::Input(format!(
-                "verify step out of order: main state at {p}, MTP at {}, {l} tokens",
-                self.mtp.pos()
-            )));
-        }
-        let mut feed = tokens[p..].to_vec();
+        let p = seq.pos();
+        let mut feed = tokens[p.min(tokens.len())..].to_vec();
         feed.extend_from_slice(drafts);
         let snap = cache.snapshot_carry(be, seq)?;
         let batch = Batch::new(&[(&feed, p)])?;
-        let (logits, h) = model.step_with_residual(be, &batch, cache, &mut [seq], Logits::All)?;
+        let rows: Vec<usize> = (tokens.len() - 1 - p..feed.len()).collect();
+        let (logits, h) = model.step_rows(be, &batch, cache, &mut [seq], &rows)?;
         let logits = be.download(&logits)?;
-        let vocab = logits.len() / feed.len();
-        let row = |j: usize| &logits[(l - 1 - p + j) * vocab..(l - p + j) * vocab];
+        let verdict = self.judge(be, cache, seq, tokens, drafts, &logits, &h, snap, sampler)?;
+        self.stats.verify_secs += t0.elapsed().as_secs_f64();
+        Ok(verdict)
+    }
+
+    /// The decisions of a verify step that has run (in a batch of other sequences' rows,
+    /// perhaps): `seq` was at `snap`'s position and fed `tokens[snap.pos()..]` then `drafts`;
+    /// `logits` `[drafts.len() + 1, vocab]` are those of the rows of the newest token and the
+    /// drafts, `h` `[fed, n, D]` the step's residual rows of this sequence. Accepts or replaces
+    /// each draft, rolls `seq` back past the first rejected one, and keeps the residual rows of
+    /// the accepted positions for the MTP block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn judge(
+        &mut self,
+        be: &B,
+        cache: &mut KvCache<B>,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        drafts: &[u32],
+        logits: &[f32],
+        h: &B::Tensor,
+        snap: CarrySnapshot<B>,
+        sampler: &mut Sampler,
+    ) -> Result<Verdict> {
+        let (p, l) = (snap.pos(), tokens.len());
+        if p >= l || self.mtp.pos() + 1 != l || seq.pos() != l + drafts.len() {
+            return Err(Error::Input(format!(
+                "verify step out of order: main state from {p} to {}, MTP at {}, {l} tokens and {} drafts",
+                seq.pos(),
+                self.mtp.pos(),
+                drafts.len()
+            )));
+        }
+        let vocab = logits.len() / (drafts.len() + 1);
+        let row = |j: usize| &logits[j * vocab..(j + 1) * vocab];
         let (mut out, mut accepted) = (vec![], 0);
         for (j, &d) in drafts.iter().enumerate() {
             let (ok, t) = sampler.accept_draft(row(j), d);
@@ -259,7 +301,7 @@ impl<B: Backend> Speculator<B> {
             out.push(sampler.sample(row(drafts.len())));
         }
         // Residual rows of positions l − 1 .. l − 1 + accepted were fed accepted tokens.
-        self.pending = Some(be.narrow(&h, 0, l - 1 - p, accepted + 1)?);
+        self.pending = Some(be.narrow(h, 0, l - 1 - p, accepted + 1)?);
         if accepted < drafts.len() {
             // Back to the last accepted token's position when the carry there is exact, else
             // to an earlier point; the accepted tokens past it are fed again next step.
@@ -269,10 +311,9 @@ impl<B: Backend> Speculator<B> {
         self.set_basis(tokens, l);
         self.basis.extend_from_slice(&drafts[..accepted]);
         self.stats.verify_steps += 1;
-        self.stats.verify_rows += feed.len();
+        self.stats.verify_rows += l - p + drafts.len();
         self.stats.accepted += accepted;
         self.stats.emitted += out.len();
-        self.stats.verify_secs += t0.elapsed().as_secs_f64();
         Ok(Verdict { tokens: out, accepted })
     }
 }

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use dsv4_core::kv::{KvCache, KvConfig, Sequence};
+use dsv4_core::kv::{CarrySnapshot, KvCache, KvConfig, Sequence};
 use dsv4_core::model::Logits;
 use dsv4_core::sampling::Sampler;
+use dsv4_core::speculative::Speculator;
 use dsv4_core::{Backend, Batch, Model};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -34,6 +35,9 @@ pub struct EngineConfig {
     /// Prompts are fed in chunks of this many tokens, at fixed offsets, so a prompt is
     /// computed the same way alone and in a full batch. At most `max_num_batched_tokens`.
     pub prefill_chunk: usize,
+    /// Tokens the checkpoint's MTP block drafts per decode step of every request
+    /// (`--speculative-tokens`; speculative decoding, [`dsv4_core::speculative`]); 0: none.
+    pub speculative_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
             max_model_len: 0,
             max_waiting: 1024,
             prefill_chunk: 512,
+            speculative_tokens: 0,
         }
     }
 }
@@ -300,8 +305,18 @@ impl EngineHandle {
     }
 }
 
+/// One request's rows in a speculative step.
+struct StepPart<B: Backend> {
+    /// Tokens fed (pending tokens, then drafts), from position `start`.
+    feed: Vec<u32>,
+    start: usize,
+    drafts: Vec<u32>,
+    /// The carry before the step, when the request verifies drafts.
+    snap: Option<CarrySnapshot<B>>,
+}
+
 /// A request the engine is working on.
-struct Active {
+struct Active<B: Backend> {
     sub: Submitted,
     seq: Sequence,
     /// Prompt then generated tokens: everything that must end up in the state.
@@ -310,9 +325,16 @@ struct Active {
     cached_tokens: usize,
     /// Admission order (preemption takes the youngest first).
     admitted: u64,
+    /// The MTP drafting state, when the engine decodes speculatively.
+    spec: Option<Speculator<B>>,
+    /// Drafts the step being composed verifies for this request.
+    drafts: usize,
+    /// Whether the step being composed verifies drafts for this request (it has a drafting
+    /// state that is ready; perhaps 0 drafts near its end).
+    speculating: bool,
 }
 
-impl Active {
+impl<B: Backend> Active<B> {
     /// Tokens still to feed before the next sample.
     fn pending(&self) -> usize {
         self.tokens.len() - self.seq.pos()
@@ -335,9 +357,9 @@ struct Engine<'a, B: Backend> {
     info: EngineInfo,
     shared: Arc<Shared>,
     waiting: VecDeque<Submitted>,
-    active: Vec<Active>,
+    active: Vec<Active<B>>,
     /// Requests preempted for blocks, youngest first: re-admitted before new ones.
-    preempted: VecDeque<Active>,
+    preempted: VecDeque<Active<B>>,
     admissions: u64,
     stats: EngineStats,
     /// This engine's part in a group of ranks ([`crate::replica`]).
@@ -353,6 +375,17 @@ impl<'a, B: Backend> Engine<'a, B> {
         shared: Arc<Shared>,
         mirror: Mirror,
     ) -> Result<Self, String> {
+        if config.speculative_tokens > 0 {
+            if model.mtp.is_none() {
+                return Err("--speculative-tokens drafts with the checkpoint's MTP block (mtp.0.*), which this \
+                            checkpoint does not have (transformers drops it when it saves a model); drop \
+                            --speculative-tokens"
+                    .into());
+            }
+            if mirror.is_replicated() {
+                return Err("--speculative-tokens runs on one device for now; drop it or --devices".into());
+            }
+        }
         let cache = model.new_cache(be, kv).map_err(|e| e.to_string())?;
         let cfg = &model.cfg;
         let capacity = kv.token_capacity(cfg).unwrap_or(usize::MAX);
@@ -544,9 +577,10 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// Moves a request from the queue into the batch: reuses its cached prefix.
-    fn admit(&mut self, sub: Submitted) -> Active {
+    fn admit(&mut self, sub: Submitted) -> Active<B> {
         let mut seq = self.cache.new_sequence();
         let cached = self.cache.reuse_prefix(&mut seq, &sub.req.prompt).unwrap_or(0);
+        let spec = self.speculator(&mut seq, &sub.req.prompt);
         self.admissions += 1;
         self.stats.prompt_tokens_total += sub.req.prompt.len() as u64;
         let _ = sub.out.send(EngineEvent::Admitted { cached_tokens: cached });
@@ -557,6 +591,31 @@ impl<'a, B: Backend> Engine<'a, B> {
             generated: 0,
             cached_tokens: cached,
             admitted: self.admissions,
+            spec,
+            drafts: 0,
+            speculating: false,
+        }
+    }
+
+    /// A drafting state for a request whose sequence `seq` starts from `tokens[..seq.pos()]`
+    /// (a cached prefix), when the engine speculates. None when it does not, or when the MTP
+    /// block's own small pool cannot be allocated (the request then decodes plainly).
+    fn speculator(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Option<Speculator<B>> {
+        let k = self.config.speculative_tokens;
+        if k == 0 {
+            return None;
+        }
+        let dtype = self.cache.config.dtype;
+        match Speculator::new(self.be, self.model, k, self.config.prefill_chunk, dtype) {
+            Ok(mut s) => {
+                s.restart_at(seq.pos(), tokens);
+                seq.set_rollback_depth(s.main_rollback_depth());
+                Some(s)
+            }
+            Err(e) => {
+                eprintln!("dsv4: speculative decoding off for one request: {e}");
+                None
+            }
         }
     }
 
@@ -585,8 +644,20 @@ impl<'a, B: Backend> Engine<'a, B> {
         let mut chosen: Vec<(usize, usize)> = vec![]; // (active index, tokens this step)
         let mut i = 0;
         while i < self.active.len() {
+            let a = &mut self.active[i];
+            // A speculating request past its prompt feeds its pending tokens and its drafts.
+            // (One that was preempted prefills again first: its MTP block needs the rows.)
+            let decoding = a.spec.as_ref().is_some_and(|s| a.generated > 0 && s.ready(a.tokens.len()));
+            a.drafts = match &a.spec {
+                Some(s) if decoding => s
+                    .k()
+                    .min(a.sub.req.max_tokens - a.generated - 1)
+                    .min(self.info.max_model_len.saturating_sub(a.tokens.len())),
+                _ => 0,
+            };
+            let take = if decoding { a.pending() + a.drafts } else { a.pending().min(self.config.prefill_chunk) };
+            a.speculating = decoding;
             let a = &self.active[i];
-            let take = a.pending().min(self.config.prefill_chunk);
             let need = self.cache.blocks_needed(&a.seq, take);
             match plan.try_take(Candidate { tokens: take, blocks: need }) {
                 scheduler::Decision::Take => chosen.push((i, take)),
@@ -642,6 +713,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             let a = match self.preempted.pop_front() {
                 Some(mut a) => {
                     let _ = self.cache.reuse_prefix(&mut a.seq, &a.tokens);
+                    if let Some(spec) = &mut a.spec {
+                        spec.restart_at(a.seq.pos(), &a.tokens);
+                    }
                     a
                 }
                 None => {
@@ -652,6 +726,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             };
             let take = a.pending().min(self.config.prefill_chunk);
             let need = self.cache.blocks_needed(&a.seq, take);
+            // Admitted requests prefill first (a preempted one feeds its tokens again).
+            let mut a = a;
+            (a.speculating, a.drafts) = (false, 0);
             self.active.push(a);
             if plan.try_take(Candidate { tokens: take, blocks: need }) == scheduler::Decision::Take {
                 chosen.push((self.active.len() - 1, take));
@@ -668,6 +745,9 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// (follower). Err(why) stops the engine: a failed step of a multi-rank engine, or a rank
     /// that stopped.
     fn run_step(&mut self, chosen: &[(usize, usize)]) -> Result<(), String> {
+        if chosen.iter().any(|&(i, _)| self.active[i].spec.is_some()) {
+            return self.run_speculative_step(chosen);
+        }
         let parts: Vec<(Vec<u32>, usize)> = chosen
             .iter()
             .map(|&(i, take)| {
@@ -680,7 +760,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let result = Batch::new(&refs).and_then(|batch| {
             // Every chosen sequence, borrowed mutably at once, in batch order.
             let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
-            let mut slots: Vec<Option<&mut Active>> = self.active.iter_mut().map(Some).collect();
+            let mut slots: Vec<Option<&mut Active<B>>> = self.active.iter_mut().map(Some).collect();
             for &(i, _) in chosen {
                 seqs.push(&mut slots[i].take().expect("each sequence chosen once").seq);
             }
@@ -741,28 +821,49 @@ impl<'a, B: Backend> Engine<'a, B> {
             let row = &logits[k * vocab..(k + 1) * vocab];
             let id = a.sub.sampler.sample(row);
             sampled.push((a.sub.id, id));
-            let lp = a.sub.req.logprobs.map(|n| token_logprobs(row, id, n));
-            a.tokens.push(id);
-            a.generated += 1;
-            self.stats.generation_tokens_total += 1;
-            let delivered = a.sub.out.send(EngineEvent::Token { id, logprobs: lp }).is_ok();
-            let reason = if a.sub.req.stop_token_ids.contains(&id) {
-                Some(FinishReason::Stop)
-            } else if a.generated >= a.sub.req.max_tokens {
-                Some(FinishReason::Length)
-            } else if a.tokens.len() >= self.info.max_model_len {
-                Some(FinishReason::ContextLength)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                finished.push((i, Some(reason)));
-                self.stats.requests_finished_total += 1;
-            } else if !delivered {
-                finished.push((i, None)); // the client is gone
-                self.stats.requests_cancelled_total += 1;
+            if let Some(end) = self.deliver(i, id, row) {
+                finished.push((i, end));
             }
         }
+        self.end_step(finished, sampled)
+    }
+
+    /// Hands request `i` its next token `id`, chosen from logits `row`. Returns how the
+    /// request ends when it does: `Some(reason)`, or `None` when its client is gone.
+    fn deliver(&mut self, i: usize, id: u32, row: &[f32]) -> Option<Option<FinishReason>> {
+        let a = &mut self.active[i];
+        let lp = a.sub.req.logprobs.map(|n| token_logprobs(row, id, n));
+        a.tokens.push(id);
+        a.generated += 1;
+        self.stats.generation_tokens_total += 1;
+        let delivered = a.sub.out.send(EngineEvent::Token { id, logprobs: lp }).is_ok();
+        let reason = if a.sub.req.stop_token_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else if a.generated >= a.sub.req.max_tokens {
+            Some(FinishReason::Length)
+        } else if a.tokens.len() >= self.info.max_model_len {
+            Some(FinishReason::ContextLength)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.stats.requests_finished_total += 1;
+            Some(Some(reason))
+        } else if !delivered {
+            self.stats.requests_cancelled_total += 1;
+            Some(None) // the client is gone
+        } else {
+            None
+        }
+    }
+
+    /// Ends a step: the `finished` requests (active index, reason; None = cancelled) leave,
+    /// followers hear the `sampled` tokens.
+    fn end_step(
+        &mut self,
+        mut finished: Vec<(usize, Option<FinishReason>)>,
+        sampled: Vec<(u64, u32)>,
+    ) -> Result<(), String> {
         // Blocks go back and the counters are published before `Finished` is sent, so a
         // client that has seen its request finish sees its blocks free too.
         finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
@@ -784,5 +885,139 @@ impl<'a, B: Backend> Engine<'a, B> {
             return Err("the engine of another rank stopped".into());
         }
         Ok(())
+    }
+
+    /// [`run_step`](Self::run_step) for a batch with speculating requests (one device):
+    /// each decoding one drafts with its MTP block, feeds its pending tokens and the drafts,
+    /// and keeps the longest accepted prefix plus the main model's own next token
+    /// ([`Speculator::judge`]); prefilling ones hand their residual rows to their MTP block;
+    /// the others run as in a plain step.
+    fn run_speculative_step(&mut self, chosen: &[(usize, usize)]) -> Result<(), String> {
+        let (be, model) = (self.be, self.model);
+        let mut parts: Vec<StepPart<B>> = vec![];
+        let mut rows = vec![];
+        let drafted = (|| -> dsv4_core::Result<()> {
+            for &(i, take) in chosen {
+                let a = &mut self.active[i];
+                let pos = a.seq.pos();
+                match &mut a.spec {
+                    Some(spec) if a.speculating => {
+                        let drafts = match spec.push(be, model, None, &a.tokens)? {
+                            Some(first) => spec.draft(be, model, first, a.drafts)?,
+                            None => vec![],
+                        };
+                        let mut feed = a.tokens[pos..].to_vec();
+                        feed.extend_from_slice(&drafts);
+                        let base: usize = parts.iter().map(|p| p.feed.len()).sum();
+                        rows.extend(base + a.tokens.len() - 1 - pos..base + feed.len());
+                        let snap = Some(self.cache.snapshot_carry(be, &a.seq)?);
+                        parts.push(StepPart { feed, start: pos, drafts, snap });
+                    }
+                    _ => {
+                        let feed = a.tokens[pos..pos + take].to_vec();
+                        let base: usize = parts.iter().map(|p| p.feed.len()).sum();
+                        rows.push(base + feed.len() - 1);
+                        parts.push(StepPart { feed, start: pos, drafts: vec![], snap: None });
+                    }
+                }
+            }
+            Ok(())
+        })();
+        let result = drafted.and_then(|()| {
+            let refs: Vec<(&[u32], usize)> = parts.iter().map(|p| (p.feed.as_slice(), p.start)).collect();
+            let batch = Batch::new(&refs)?;
+            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
+            let mut slots: Vec<Option<&mut Active<B>>> = self.active.iter_mut().map(Some).collect();
+            for &(i, _) in chosen {
+                seqs.push(&mut slots[i].take().expect("each sequence chosen once").seq);
+            }
+            let (logits, h) = model.step_rows(be, &batch, &mut self.cache, &mut seqs, &rows)?;
+            Ok((be.download(&logits)?, h))
+        });
+        self.stats.steps_total += 1;
+        let (logits, h) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                let message = format!("model step failed: {e}");
+                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let mut a = self.active.swap_remove(i);
+                    self.cache.release(&mut a.seq);
+                    self.stats.requests_failed_total += 1;
+                    let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
+                }
+                return Ok(());
+            }
+        };
+        let vocab = self.info.vocab_size;
+        let (mut sampled, mut finished) = (vec![], vec![]);
+        let (mut row0, mut h0) = (0, 0);
+        for (&(i, _), StepPart { feed, start: pos, drafts, snap }) in chosen.iter().zip(parts) {
+            let snap_taken = snap.is_some();
+            let n_rows = if snap_taken { drafts.len() + 1 } else { 1 };
+            let logit_rows = &logits[row0 * vocab..(row0 + n_rows) * vocab];
+            let h_rows = be.narrow(&h, 0, h0, feed.len()).map_err(|e| e.to_string());
+            row0 += n_rows;
+            h0 += feed.len();
+            let a = &mut self.active[i];
+            let verdict = match (snap, &mut a.spec) {
+                (Some(snap), Some(spec)) => h_rows.and_then(|h| {
+                    spec.judge(
+                        be,
+                        &mut self.cache,
+                        &mut a.seq,
+                        &a.tokens,
+                        &drafts,
+                        logit_rows,
+                        &h,
+                        snap,
+                        &mut a.sub.sampler,
+                    )
+                    .map_err(|e| e.to_string())
+                }),
+                (_, spec) => {
+                    // Prefill chunk (or plain request): the MTP block takes its residual rows.
+                    if let Some(spec) = spec {
+                        let fed = h_rows
+                            .and_then(|h| spec.push(be, model, Some((&h, pos)), &a.tokens).map_err(|e| e.to_string()));
+                        if let Err(e) = fed {
+                            a.spec = None; // decode plainly from here
+                            eprintln!("dsv4: speculative decoding off for one request: {e}");
+                        }
+                    }
+                    if a.pending() > 0 {
+                        continue; // mid-prompt: no token yet
+                    }
+                    let id = a.sub.sampler.sample(logit_rows);
+                    Ok(dsv4_core::speculative::Verdict { tokens: vec![id], accepted: 0 })
+                }
+            };
+            let verdict = match verdict {
+                Ok(v) => v,
+                Err(e) => {
+                    // This request's state is undefined now: it fails, the others go on.
+                    self.stats.requests_failed_total += 1;
+                    let _ = a.sub.out.send(EngineEvent::Error {
+                        message: format!("speculative step failed: {e}"),
+                        usage: a.usage(),
+                    });
+                    finished.push((i, None));
+                    continue;
+                }
+            };
+            if snap_taken {
+                self.stats.spec_draft_tokens_total += drafts.len() as u64;
+                self.stats.spec_accepted_tokens_total += verdict.accepted as u64;
+            }
+            for (j, id) in verdict.tokens.into_iter().enumerate() {
+                sampled.push((self.active[i].sub.id, id));
+                if let Some(end) = self.deliver(i, id, &logit_rows[j * vocab..(j + 1) * vocab]) {
+                    finished.push((i, end));
+                    break;
+                }
+            }
+        }
+        self.end_step(finished, sampled)
     }
 }

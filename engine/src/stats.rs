@@ -27,4 +27,8 @@ pub struct EngineStats {
     pub requests_failed_total: u64,
     /// Requests preempted (blocks released, recomputed later) to let older ones continue.
     pub preemptions_total: u64,
+    /// Speculative decoding: tokens the MTP block drafted, and those the main model accepted
+    /// (vLLM's `spec_decode_num_draft_tokens` / `num_accepted_tokens`).
+    pub spec_draft_tokens_total: u64,
+    pub spec_accepted_tokens_total: u64,
 }

@@ -204,3 +204,108 @@ fn the_engine_reports_why_it_could_not_start() {
     .expect("refused");
     assert!(err.to_string().contains("--max-model-len"), "{err}");
 }
+
+/// `official_fp8` (a checkpoint with an MTP block) from the fixtures.
+fn mtp_checkpoint() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases/official_fp8")
+}
+
+fn mtp_engine(config: EngineConfig, seqs: usize, tokens: usize) -> EngineHandle {
+    EngineHandle::spawn(config, move || {
+        let be = CpuBackend::new();
+        let dir = mtp_checkpoint();
+        let cfg = ModelConfig::from_dir(&dir)?;
+        let ckpt = dsv4_core::checkpoint::Checkpoint::open(&dir)?;
+        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
+        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, seqs, tokens, config.prefill_chunk);
+        Ok((be, model, kv))
+    })
+    .expect("engine starts")
+}
+
+/// Speculative decoding in the engine: requests with drafts and requests still prefilling
+/// share steps, and every request's greedy output is the plain engine's, token for token,
+/// also for a request that reuses a cached prefix (its MTP block starts without the prefix's
+/// rows) and with log-probabilities.
+#[test]
+fn speculative_decoding_in_the_engine_keeps_greedy_output() {
+    let plain = EngineConfig { prefill_chunk: 16, max_num_batched_tokens: 64, ..Default::default() };
+    let lens = [5, 40, 17, 1, 64, 33, 9, 70];
+    let prompt =
+        |i: usize, n: usize| -> Vec<u32> { (0..n as u32).map(|j| 2 + (j * 31 + i as u32 * 17) % 120).collect() };
+    let outputs = |config: EngineConfig| -> Vec<Vec<u32>> {
+        let e = mtp_engine(config, lens.len() + 1, 256);
+        let streams: Vec<_> =
+            lens.iter().enumerate().map(|(i, &n)| e.submit(greedy(prompt(i, n), 20)).unwrap()).collect();
+        let mut out: Vec<Vec<u32>> = streams.into_iter().map(|s| collect(s).0).collect();
+        // A prompt longer than a page (128 tokens here), then the same again: the second one's
+        // first page comes from the prefix cache.
+        out.push(collect(e.submit(greedy(prompt(9, 150), 20)).unwrap()).0);
+        let again = GenerationRequest { logprobs: Some(2), ..greedy(prompt(9, 150), 20) };
+        let (t, reason, cached) = collect(e.submit(again).unwrap());
+        assert!(cached > 0, "the second request reused the cached prefix");
+        assert_eq!(reason, Ok(FinishReason::Length));
+        out.push(t);
+        out
+    };
+    let want = outputs(plain);
+    for k in [1, 3] {
+        let got = outputs(EngineConfig { speculative_tokens: k, ..plain });
+        assert_eq!(got, want, "speculative_tokens = {k}");
+    }
+}
+
+#[test]
+fn speculation_needs_an_mtp_block() {
+    let err = EngineHandle::spawn(EngineConfig { speculative_tokens: 2, ..Default::default() }, || {
+        let be = CpuBackend::new();
+        let (cfg, ckpt) = builtin::tiny()?;
+        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
+        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 64, 16);
+        Ok((be, model, kv))
+    })
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("MTP block"), "{err}");
+}
+
+/// A full pool preempts speculating requests too (their MTP block starts over when they come
+/// back, from their cached prefix), and the outputs stay the plain engine's.
+#[test]
+fn speculating_requests_survive_preemption() {
+    let config =
+        EngineConfig { prefill_chunk: 16, max_num_batched_tokens: 64, speculative_tokens: 2, ..Default::default() };
+    let reqs: Vec<_> = (0..4u32).map(|i| greedy((0..10).map(|j| 2 + (j * 13 + i * 29) % 120).collect(), 130)).collect();
+    let alone: Vec<_> = {
+        let e = mtp_engine(EngineConfig { speculative_tokens: 0, ..config }, 1, 256);
+        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap()).0).collect()
+    };
+    let e = EngineHandle::spawn(config, move || {
+        let be = CpuBackend::new();
+        let dir = mtp_checkpoint();
+        let model = Model::load(
+            &be,
+            ModelConfig::from_dir(&dir)?,
+            &dsv4_core::checkpoint::Checkpoint::open(&dir)?,
+            &mut |_, _, _| {},
+        )?;
+        let kv = KvConfig {
+            compressed_blocks: 5,
+            window_blocks: 16,
+            ..KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 256, 16)
+        };
+        Ok((be, model, kv))
+    })
+    .expect("engine starts");
+    assert_eq!(e.info().kv.block_tokens, 128, "the test assumes 128-token pages");
+    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let together: Vec<_> = streams.into_iter().map(collect).collect();
+    for (i, (t, reason, _)) in together.iter().enumerate() {
+        assert_eq!(reason, &Ok(FinishReason::Length), "request {i}");
+        assert_eq!(t, &alone[i], "request {i}");
+    }
+    let s = e.stats();
+    assert_eq!(s.requests_failed_total, 0);
+    assert!(s.preemptions_total > 0, "nothing was preempted: the test does not test preemption");
+    assert!(s.spec_draft_tokens_total > 0);
+}

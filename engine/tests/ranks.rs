@@ -138,6 +138,7 @@ const CONFIG: EngineConfig = EngineConfig {
     max_num_seqs: 64,
     max_model_len: 0,
     max_waiting: 1024,
+    speculative_tokens: 0,
 };
 
 #[test]

@@ -30,6 +30,8 @@ pub struct Metrics {
     prefix_queries: IntCounter,
     prefix_hits: IntCounter,
     preemptions: IntCounter,
+    spec_drafts: IntCounter,
+    spec_accepted: IntCounter,
     engine_finished: IntCounter,
     engine_cancelled: IntCounter,
     engine_failed: IntCounter,
@@ -72,6 +74,14 @@ impl Metrics {
             ),
             prefix_hits: counter("dsv4:prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
             preemptions: counter("dsv4:num_preemptions_total", "Requests preempted to free KV blocks."),
+            spec_drafts: counter(
+                "dsv4:spec_decode_num_draft_tokens_total",
+                "Tokens the MTP block drafted (speculative decoding; acceptance rate = accepted / drafted).",
+            ),
+            spec_accepted: counter(
+                "dsv4:spec_decode_num_accepted_tokens_total",
+                "Drafted tokens the main model accepted.",
+            ),
             engine_finished: counter("dsv4:engine_requests_finished_total", "Requests the engine finished."),
             engine_cancelled: counter(
                 "dsv4:engine_requests_cancelled_total",
@@ -105,6 +115,8 @@ impl Metrics {
             Box::new(m.prefix_queries.clone()),
             Box::new(m.prefix_hits.clone()),
             Box::new(m.preemptions.clone()),
+            Box::new(m.spec_drafts.clone()),
+            Box::new(m.spec_accepted.clone()),
             Box::new(m.engine_finished.clone()),
             Box::new(m.engine_cancelled.clone()),
             Box::new(m.engine_failed.clone()),
@@ -151,6 +163,8 @@ impl Metrics {
         add(&self.prefix_queries, stats.prefix_cache_queries_total, seen.prefix_cache_queries_total);
         add(&self.prefix_hits, stats.prefix_cache_hits_total, seen.prefix_cache_hits_total);
         add(&self.preemptions, stats.preemptions_total, seen.preemptions_total);
+        add(&self.spec_drafts, stats.spec_draft_tokens_total, seen.spec_draft_tokens_total);
+        add(&self.spec_accepted, stats.spec_accepted_tokens_total, seen.spec_accepted_tokens_total);
         add(&self.engine_finished, stats.requests_finished_total, seen.requests_finished_total);
         add(&self.engine_cancelled, stats.requests_cancelled_total, seen.requests_cancelled_total);
         add(&self.engine_failed, stats.requests_failed_total, seen.requests_failed_total);
@@ -195,6 +209,11 @@ mod tests {
         assert!(text.contains("dsv4:prompt_tokens_total 10"), "{text}");
         assert!(text.contains("dsv4:kv_cache_blocks_used{kind=\"compressed\"} 3"), "{text}");
         assert!(text.contains("dsv4:kv_cache_blocks_free{kind=\"window\"} 7"), "{text}");
+        s.spec_draft_tokens_total = 12;
+        s.spec_accepted_tokens_total = 5;
+        let text = m.render(&s);
+        assert!(text.contains("dsv4:spec_decode_num_draft_tokens_total 12"), "{text}");
+        assert!(text.contains("dsv4:spec_decode_num_accepted_tokens_total 5"), "{text}");
         s.prompt_tokens_total = 25;
         s.running = 0;
         let text = m.render(&s);

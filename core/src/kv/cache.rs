@@ -149,6 +149,9 @@ pub struct Sequence {
     hashes: Vec<u64>,
     /// Set while a step runs: a step that failed leaves the state undefined.
     poisoned: bool,
+    /// The first position with rows ([`KvCache::new_sequence_at`]; 0 for every sequence of
+    /// the main model).
+    first: usize,
     /// Tokens a [`KvCache::rollback`] may take back: the window pages that position's window
     /// reaches stay held (0 unless the sequence decodes speculatively).
     rollback_depth: usize,
@@ -181,6 +184,10 @@ impl Sequence {
     /// `max_step` for this.
     pub fn set_rollback_depth(&mut self, tokens: usize) {
         self.rollback_depth = tokens;
+    }
+
+    pub fn rollback_depth(&self) -> usize {
+        self.rollback_depth
     }
 }
 
@@ -293,6 +300,15 @@ impl<B: Backend> KvCache<B> {
 
     pub fn new_sequence(&self) -> Sequence {
         Sequence::default()
+    }
+
+    /// A sequence whose rows start at position `pos`: earlier positions have none, so the
+    /// window of its first `window − 1` positions is shorter than a full state's. For the
+    /// MTP block after the main sequence reused a cached prefix (whose residual streams it
+    /// never saw): its drafts are then a little less informed, which costs acceptance, never
+    /// exactness. Its pages do not enter the prefix index.
+    pub fn new_sequence_at(&self, pos: usize) -> Sequence {
+        Sequence { pos, first: pos, tokens: vec![0; pos], ..Sequence::default() }
     }
 
     /// (compressed, window) blocks free or evictable now.
@@ -458,7 +474,7 @@ impl<B: Backend> KvCache<B> {
             for row in batch.seqs[k].clone() {
                 let p = batch.positions[row];
                 write.push(win_row(seq, p));
-                let lo = (p + 1).saturating_sub(self.window_size);
+                let lo = (p + 1).saturating_sub(self.window_size).max(seq.first);
                 for (i, q) in (lo..=p).enumerate() {
                     keys[row * kw + i] = win_row(seq, q);
                 }
@@ -544,7 +560,7 @@ impl<B: Backend> KvCache<B> {
             let rows = batch.seqs[k].clone();
             seq.tokens.extend_from_slice(&batch.tokens[rows.clone()]);
             seq.pos += rows.len();
-            while (seq.hashes.len() + 1) * bt <= seq.pos {
+            while seq.first == 0 && (seq.hashes.len() + 1) * bt <= seq.pos {
                 let j = seq.hashes.len();
                 let h = self.hasher.page(seq.hashes.last().copied().unwrap_or(0), &seq.tokens[j * bt..(j + 1) * bt]);
                 seq.hashes.push(h);
@@ -574,13 +590,13 @@ impl<B: Backend> KvCache<B> {
         let bt = self.config.block_tokens;
         let mut parts = vec![];
         if seq.pos > 0 {
-            let block = seq.window[(seq.pos - 1) / bt].expect("the page of the last token is held");
             for (i, l) in self.layers.iter().enumerate() {
                 let Some(c) = l.layout.compressor else { continue };
                 let count = seq.pos - c.carry_start(seq.pos);
                 if count == 0 {
                     continue;
                 }
+                let block = seq.window[(seq.pos - 1) / bt].expect("the page of the last token is held");
                 let (r, b) = (c.carry_rows(), block as usize * 2 * c.carry_rows());
                 let rows: Vec<i32> = (0..count).chain(r..r + count).map(|j| (b + j) as i32).collect();
                 let slots = be.upload_index(&rows, &[rows.len()])?;
@@ -633,7 +649,7 @@ impl<B: Backend> KvCache<B> {
             )));
         }
         let bt = self.config.block_tokens;
-        if q > 0 && seq.window.get((q - 1) / bt).copied().flatten().is_none() {
+        if q > seq.first && seq.window.get((q - 1) / bt).copied().flatten().is_none() {
             return Err(Error::Input(format!("the window page of position {} is no longer held", q - 1)));
         }
         if q == snap.pos {

@@ -15,7 +15,8 @@ pub mod format;
 pub mod layout;
 
 pub use cache::{
-    human_bytes, CacheStats, KindPlan, KvCache, KvConfig, LayerPools, SeqCompressPlan, Sequence, StepPlan,
+    human_bytes, CacheStats, CarrySnapshot, KindPlan, KvCache, KvConfig, LayerPools, SeqCompressPlan, Sequence,
+    StepPlan,
 };
 pub use format::{KvDtype, RowFormat};
 

@@ -246,7 +246,7 @@ impl<B: Backend> Model<B> {
         let mut cache = self.new_cache(be, config)?;
         let mut seqs: Vec<Sequence> = batch.seqs.iter().map(|_| cache.new_sequence()).collect();
         let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-        Ok(self.step_inner(be, batch, &mut cache, &mut refs, Logits::All, trace)?.0)
+        Ok(self.step_inner(be, batch, &mut cache, &mut refs, Some(Logits::All), trace)?.0)
     }
 
     /// One step: sequence k of `batch` continues from `seqs[k]` in `cache`, and is advanced.
@@ -260,7 +260,7 @@ impl<B: Backend> Model<B> {
         seqs: &mut [&mut Sequence],
         logits: Logits,
     ) -> Result<B::Tensor> {
-        Ok(self.step_inner(be, batch, cache, seqs, logits, None)?.0)
+        Ok(self.step_inner(be, batch, cache, seqs, Some(logits), None)?.0)
     }
 
     /// [`step`](Self::step), also returning the residual streams after the last block, before `hc_head` `[T, n, D]`: the input of the
@@ -273,7 +273,27 @@ impl<B: Backend> Model<B> {
         seqs: &mut [&mut Sequence],
         logits: Logits,
     ) -> Result<(B::Tensor, B::Tensor)> {
-        self.step_inner(be, batch, cache, seqs, logits, None)
+        self.step_inner(be, batch, cache, seqs, Some(logits), None)
+    }
+
+    /// [`step_with_residual`](Self::step_with_residual) with logits for the batch rows `rows`
+    /// only (`[rows.len(), vocab]`): a batch of speculative verify steps and prefill chunks
+    /// needs every verified row of the former and the last row of the latter.
+    pub fn step_rows(
+        &self,
+        be: &B,
+        batch: &Batch,
+        cache: &mut KvCache<B>,
+        seqs: &mut [&mut Sequence],
+        rows: &[usize],
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= batch.len()) {
+            return Err(Error::Input(format!("logits row {bad} of a {}-token step", batch.len())));
+        }
+        let (_, residual) = self.step_inner(be, batch, cache, seqs, None, None)?;
+        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
+        let x = be.index_select(&residual, &be.upload_index(&idx, &[idx.len()])?)?;
+        Ok((self.logits(be, &self.hc_head, &self.norm, &x)?, residual))
     }
 
     fn step_inner(
@@ -282,7 +302,7 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         cache: &mut KvCache<B>,
         seqs: &mut [&mut Sequence],
-        logits: Logits,
+        logits: Option<Logits>,
         mut trace: Option<&mut Trace<B>>,
     ) -> Result<(B::Tensor, B::Tensor)> {
         self.check_batch(batch, seqs)?;
@@ -320,9 +340,14 @@ impl<B: Backend> Model<B> {
         }
         cache.finish_step(batch, seqs);
         let residual = x.clone();
-        if logits == Logits::LastPerSequence {
-            let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
-            x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
+        match logits {
+            Some(Logits::All) => {}
+            Some(Logits::LastPerSequence) => {
+                let last: Vec<i32> = batch.seqs.iter().map(|r| (r.end - 1) as i32).collect();
+                x = be.index_select(&x, &be.upload_index(&last, &[last.len()])?)?;
+            }
+            // The caller picks the rows that get logits.
+            None => return Ok((residual.clone(), residual)),
         }
         Ok((self.logits(be, &self.hc_head, &self.norm, &x)?, residual))
     }

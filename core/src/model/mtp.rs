@@ -108,6 +108,15 @@ impl<B: Backend> MtpState<B> {
     pub fn pos(&self) -> usize {
         self.seq.pos()
     }
+
+    /// Empties the state and starts it at position `pos` (the main sequence continues a cached
+    /// prefix of `pos` tokens; see [`KvCache::new_sequence_at`]).
+    pub fn restart_at(&mut self, pos: usize) {
+        self.cache.release(&mut self.seq);
+        let depth = self.seq.rollback_depth();
+        self.seq = self.cache.new_sequence_at(pos);
+        self.seq.set_rollback_depth(depth);
+    }
 }
 
 impl<B: Backend> Model<B> {

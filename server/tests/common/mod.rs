@@ -49,6 +49,7 @@ impl Default for Options {
                 max_model_len: MAX_MODEL_LEN,
                 max_waiting: 64,
                 prefill_chunk: 64,
+                speculative_tokens: 0,
             },
             model: dsv4_core::builtin::tiny,
             tokenizer: Tokenizer::byte_fallback(),
