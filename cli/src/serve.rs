@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Prompts are computed in chunks of this many tokens.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
+    /// Speculative decoding: the checkpoint's MTP block drafts this many tokens per decode
+    /// step of every request, and the main model verifies them in the same step (output
+    /// unchanged; greedy replies are token for token the same). 0: off. One device only.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub speculative_tokens: usize,
     /// Most requests waiting for a slot (at least 1); beyond it requests get 503 (529 on the
     /// Anthropic API).
     #[arg(long, default_value_t = 1024)]
@@ -285,6 +290,7 @@ pub fn run(
         max_model_len: args.max_model_len.unwrap_or(0),
         max_waiting: args.max_waiting,
         prefill_chunk: args.prefill_chunk.min(args.max_num_batched_tokens.max(1)),
+        speculative_tokens: args.speculative_tokens,
     };
     let (served, aliases) = model_names(spec, args.served_model_name.as_deref());
     let mut server = ServerConfig::new(served);
