@@ -231,6 +231,9 @@ impl<'m, B: Backend> Session<'m, B> {
         on_token: &mut dyn FnMut(u32) -> Result<Control>,
     ) -> Result<Generation> {
         let (model, k) = (self.model, opts.speculative_tokens);
+        if prompt.is_empty() {
+            return Err(Error::Input("nothing to feed: the prompt is empty".into()));
+        }
         let mut sampler = Sampler::new(opts.sampling)?;
         if self.spec.as_ref().map(Speculator::k) != Some(k) {
             let spec = Speculator::new(be, model, k, opts.prefill_chunk, self.cache.config.dtype)?;

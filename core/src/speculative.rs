@@ -93,7 +93,9 @@ impl<B: Backend> Speculator<B> {
         if k == 0 {
             return Err(Error::Input("--speculative-tokens must be at least 1".into()));
         }
-        let mut mtp = MtpState::new(be, &model.cfg, dtype, max_step.max(2 * k + 2))?;
+        // A catch-up after a prefill chunk feeds the chunk's rows plus those held back; a chain
+        // of drafts adds k − 1 rows that are rolled back.
+        let mut mtp = MtpState::new(be, &model.cfg, dtype, max_step + 2 * k + 2)?;
         mtp.seq.set_rollback_depth(k);
         let min_ratio = model.cfg.attention.iter().filter_map(|a| a.ratio()).min().unwrap_or(0);
         Ok(Speculator { k, mtp, pending: None, basis: vec![], min_ratio, stats: SpecStats::default() })

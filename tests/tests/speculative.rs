@@ -241,3 +241,37 @@ fn sampling_with_speculation_keeps_the_distribution() {
     eprintln!("{accepted} drafts accepted; largest frequency difference {worst:.4}");
     assert!(worst < 0.09, "largest frequency difference {worst}");
 }
+
+/// A speculative session continues a chat turn (only the new tokens are prefilled, the MTP
+/// block keeps its rows) and gives what a fresh plain session gives; an empty prompt is an
+/// error, and a checkpoint without an MTP block says so.
+#[test]
+fn a_speculative_session_continues_turns_exactly() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let ids = read_reference(&case).input_ids;
+    let opts = |k: usize, n: usize| GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        prefill_chunk: 16,
+        speculative_tokens: k,
+        ..Default::default()
+    };
+    let mut session = dsv4_tests::session(&be, &model);
+    let first = session.generate(&be, &ids[..40], &opts(3, 17), &mut |_| Ok(Control::Continue)).unwrap();
+    let mut turn2 = ids[..40].to_vec();
+    turn2.extend(&first.tokens);
+    turn2.extend(&ids[100..133]);
+    let second = session.generate(&be, &turn2, &opts(3, 30), &mut |_| Ok(Control::Continue)).unwrap();
+    assert!(second.prefilled < turn2.len() - 40, "the turn continued ({} prefilled)", second.prefilled);
+    let fresh = run(&be, &model, &turn2, 30, 0);
+    assert_eq!(second.tokens, fresh.tokens);
+
+    let err = session.generate(&be, &[], &opts(2, 3), &mut |_| Ok(Control::Continue)).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let tiny = dsv4_core::builtin::tiny().unwrap();
+    let tiny = Model::load(&be, tiny.0, &tiny.1, &mut |_, _, _| {}).unwrap();
+    let err = dsv4_tests::session(&be, &tiny).generate(&be, &[5, 6], &opts(2, 3), &mut |_| Ok(Control::Continue));
+    assert!(err.unwrap_err().to_string().contains("MTP block"));
+}
