@@ -21,19 +21,28 @@
 //! every one on HCA layers, the indexer's top-k on CSA layers) plus the indexer's scoring
 //! (2·index_heads·index_head_dim per compressed entry) on CSA layers. Norms, RoPE, softmax,
 //! routing and the compressors' pooling are not counted.
+//!
+//! With `--speculative-tokens k` each context also measures speculative decoding (the
+//! checkpoint's MTP block drafting k tokens per main-model step) after its plain decode steps,
+//! in the same run: the median time of a (k+1)-token verify step against a 1-token step at that
+//! context (the verify-cost ratio: what decides the speed-up at a given acceptance), then
+//! `--decode-steps` tokens decoded speculatively. The MTP block is fed the main model's residual
+//! streams as the sequence grows, outside the timed phases. Acceptance on the bench's
+//! pseudo-random prompt says nothing about real text.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use dsv4_core::config::AttentionKind;
-use dsv4_core::generate::Session;
 use dsv4_core::kv::layout::sequence_footprint;
-use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
+use dsv4_core::kv::{human_bytes, KvCache, KvConfig, KvDtype, Sequence};
 use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
+use dsv4_core::model::Logits;
 use dsv4_core::profile::Profile;
-use dsv4_core::sampling::argmax;
+use dsv4_core::sampling::{argmax, Sampler, SamplingParams};
+use dsv4_core::speculative::{SpecStats, Speculator};
 use dsv4_core::Precision;
-use dsv4_core::{Backend, Checkpoint, Model, ModelConfig, WeightMemory};
+use dsv4_core::{Backend, Batch, Checkpoint, Model, ModelConfig, WeightMemory};
 use serde_json::{json, Value};
 
 use crate::kv_args::{self, KvArgs};
@@ -150,13 +159,25 @@ pub fn prefill_flops(cfg: &ModelConfig, w: &ActiveWeights, start: usize, n: usiz
 }
 
 /// Positions the run feeds: each context is prefilled from where the last one's decode
-/// stopped (at least one token), then `decode_steps` tokens are decoded. `usize::MAX` when
-/// that does not fit in a `usize` (more than any model's context anyway).
-fn tokens_needed(contexts: &[usize], decode_steps: usize) -> usize {
+/// stopped (at least one token), then `decode_steps` tokens are decoded. With `speculative`
+/// = k > 0, also a verify step of k + 1 tokens (rolled back) and `decode_steps` more tokens
+/// decoded speculatively after the next one. `usize::MAX` when that does not fit in a `usize`
+/// (more than any model's context anyway).
+fn tokens_needed(contexts: &[usize], decode_steps: usize, speculative: usize) -> usize {
+    let extra = if speculative == 0 { 0 } else { decode_steps.max(speculative) + 1 };
     contexts
         .iter()
-        .try_fold(0usize, |pos, &ctx| ctx.max(pos.checked_add(1)?).checked_add(decode_steps))
-        .unwrap_or(usize::MAX)
+        .try_fold((1usize, 0usize), |(next, need), &ctx| {
+            // `next`: the least position the context's prefill reaches.
+            let target = ctx.max(next);
+            let decoded = target.checked_add(decode_steps)?;
+            let next = match speculative {
+                0 => decoded.checked_add(1)?,
+                _ => decoded.checked_add(decode_steps)?.checked_add(1)?,
+            };
+            Some((next, need.max(decoded.checked_add(extra)?)))
+        })
+        .map_or(usize::MAX, |(_, need)| need)
 }
 
 /// Where the weights ended up, read after loading: the `--weight-memory` outcome and how much
@@ -193,6 +214,8 @@ pub struct Options<'a> {
     /// Threads for the machine measurements (None: the CPU backend's thread count).
     pub threads: Option<usize>,
     pub json: bool,
+    /// Drafts per step of the speculative decoding measured at each context (0: none).
+    pub speculative_tokens: usize,
 }
 
 /// What was measured at one context.
@@ -212,6 +235,50 @@ pub struct Row {
     pub kv_held: usize,
     /// Per-op profiles of the two phases (with `--profile`).
     pub profile: Option<PhaseProfiles>,
+    /// Speculative decoding at the context (with `--speculative-tokens`).
+    pub speculation: Option<SpecRow>,
+}
+
+/// What `--speculative-tokens k` measured at one context, after the plain decode steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecRow {
+    pub k: usize,
+    /// Median seconds of a 1-token main-model step (plain decode's) at the context.
+    pub step_secs: f64,
+    /// Median seconds of a (k+1)-token verify step (every row's logits) at the same context.
+    pub verify_step_secs: f64,
+    /// Wall time of the speculative decode of `--decode-steps` tokens, drafting included.
+    pub decode_secs: f64,
+    /// Its counters.
+    pub stats: SpecStats,
+}
+
+impl SpecRow {
+    /// A verify step's cost in 1-token steps.
+    pub fn verify_cost_ratio(&self) -> f64 {
+        self.verify_step_secs / self.step_secs
+    }
+
+    /// Seconds the MTP block took per verify step (catching up and drafting).
+    pub fn draft_secs_per_step(&self) -> f64 {
+        self.stats.draft_secs / self.stats.verify_steps.max(1) as f64
+    }
+
+    /// The drafting per verify step in 1-token steps.
+    pub fn draft_cost_ratio(&self) -> f64 {
+        self.draft_secs_per_step() / self.step_secs
+    }
+
+    /// The speed-up over plain decoding these figures predict: tokens per step over what a step
+    /// costs in 1-token steps.
+    pub fn expected_speedup(&self) -> f64 {
+        self.stats.tokens_per_step() / (self.verify_cost_ratio() + self.draft_cost_ratio())
+    }
+
+    /// Decode tokens per second with speculation.
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.stats.emitted as f64 / self.decode_secs
+    }
 }
 
 /// What a profiled run recorded at one context ([`dsv4_core::profile::Profiled`]).
@@ -277,6 +344,9 @@ impl Row {
 /// Prefills to each context in turn (continuing the same sequence) and times `decode_steps`
 /// greedy decode steps there; `progress` sees each row as it is measured and, with
 /// `take_profile` (a `Profiled` backend's `take`), each phase's profile as the phase ends.
+/// With `speculative` = k > 0 each context then also measures speculative decoding
+/// ([`measure_speculation`]); the MTP block is fed the main model's residual streams as the
+/// sequence grows, outside the timed phases.
 #[allow(clippy::too_many_arguments)]
 fn time_contexts<B: Backend>(
     be: &B,
@@ -287,30 +357,58 @@ fn time_contexts<B: Backend>(
     contexts: &[usize],
     decode_steps: usize,
     chunk: usize,
+    speculative: usize,
     take_profile: Option<&dyn Fn() -> Profile>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Row>> {
     let cfg = &model.cfg;
     let block_tokens = config.block_tokens;
-    let needed = tokens_needed(contexts, decode_steps);
+    let needed = tokens_needed(contexts, decode_steps, speculative);
     // Deterministic pseudo-random prompt over the vocabulary.
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
-    let mut session = Session::new(be, model, config)?;
+    let mut cache = model.new_cache(be, config)?;
+    let mut seq = cache.new_sequence();
+    let mut spec = match speculative {
+        0 => None,
+        k => {
+            let depth = dsv4_core::speculative::rollback_depth(k);
+            let spec = Speculator::new(be, model, k, chunk + depth, kv_dtype)?;
+            seq.set_rollback_depth(spec.main_rollback_depth());
+            Some(spec)
+        }
+    };
+    // The sequence's tokens: those fed, then (after speculative steps) those not fed yet.
+    let mut tokens: Vec<u32> = vec![];
     let mut logits = vec![];
     let mut rows = vec![];
     let take = || take_profile.map(|take| take());
     for &ctx in contexts {
         // Prefill up to ctx (continuing from the previous context, decode tokens included).
-        let pos = session.sequence().pos();
-        let target = ctx.max(pos + 1);
-        let todo = &prompt[pos..target];
+        let pos = seq.pos();
+        let target = ctx.max(pos + 1).max(tokens.len());
+        let known = tokens.len();
+        tokens.extend_from_slice(&prompt[known..target]);
+        let todo = tokens[pos..target].to_vec();
         // Not the phase's: loading and the pool's allocation (first context), nothing else.
         take();
         let t = Instant::now();
-        logits = session.feed(be, todo, chunk)?;
+        let mut mtp = Duration::ZERO;
+        for part in todo.chunks(chunk.max(1)) {
+            let start = seq.pos();
+            let batch = Batch::new(&[(part, start)])?;
+            let (l, h) = model.step_with_residual(be, &batch, &mut cache, &mut [&mut seq], Logits::LastPerSequence)?;
+            logits = be.download(&l)?;
+            if let Some(spec) = spec.as_mut() {
+                // The MTP block's catch-up is not prefill's.
+                let t = Instant::now();
+                spec.push(be, model, Some((&h, start)), &tokens)?;
+                be.synchronize()?;
+                mtp += t.elapsed();
+            }
+        }
         be.synchronize()?;
-        let prefill_wall = t.elapsed();
+        let prefill_wall = t.elapsed().saturating_sub(mtp);
         let prefill_secs = prefill_wall.as_secs_f64();
         let prefill_profile = take();
         if let Some(profile) = &prefill_profile {
@@ -318,12 +416,20 @@ fn time_contexts<B: Backend>(
             progress(Progress::Phase(phase));
         }
         let fp = sequence_footprint(cfg, kv_dtype, block_tokens, target);
-        let kv_held = session.state_bytes();
+        let kv_held = cache.sequence_bytes(&seq);
         take();
+        let mut residuals = vec![];
         let t = Instant::now();
         for _ in 0..decode_steps {
             let tok = argmax(&logits);
-            logits = session.feed(be, &[tok], 1)?;
+            tokens.push(tok);
+            let start = seq.pos();
+            let batch = Batch::new(&[(&[tok][..], start)])?;
+            let (l, h) = model.step_with_residual(be, &batch, &mut cache, &mut [&mut seq], Logits::LastPerSequence)?;
+            logits = be.download(&l)?;
+            if spec.is_some() {
+                residuals.push((h, start));
+            }
         }
         be.synchronize()?;
         let decode_wall = t.elapsed();
@@ -332,6 +438,16 @@ fn time_contexts<B: Backend>(
             let phase = Phase { name: "decode", context: target, tokens: decode_steps, wall: decode_wall, profile };
             progress(Progress::Phase(phase));
         }
+        let speculation = match spec.as_mut() {
+            None => None,
+            Some(spec) => {
+                for (h, start) in &residuals {
+                    spec.push(be, model, Some((h, *start)), &tokens)?;
+                }
+                drop(residuals);
+                Some(measure_speculation(be, model, &mut cache, &mut seq, spec, &mut tokens, &logits, decode_steps)?)
+            }
+        };
         let row = Row {
             context: target,
             prefill_tokens: todo.len(),
@@ -341,11 +457,110 @@ fn time_contexts<B: Backend>(
             kv_bytes_per_context_token: fp.compressed_row_bytes as f64 / target as f64,
             kv_held,
             profile: prefill_profile.zip(decode_profile).map(|(prefill, decode)| PhaseProfiles { prefill, decode }),
+            speculation,
         };
         progress(Progress::Row(&row));
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Timed main-model steps per kind in [`measure_speculation`] (after one untimed pair); the
+/// medians are reported.
+const VERIFY_REPS: usize = 5;
+
+/// Speculative decoding at the sequence's current context (everything in `tokens` fed, the
+/// next token's `logits` at hand, the MTP block caught up): the median time of a 1-token
+/// decode step and of a (k+1)-token verify step there (each rolled back, alternating, after a
+/// warm-up pair), then `decode_steps` tokens decoded greedily with k drafts per step.
+#[allow(clippy::too_many_arguments)]
+fn measure_speculation<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    cache: &mut KvCache<B>,
+    seq: &mut Sequence,
+    spec: &mut Speculator<B>,
+    tokens: &mut Vec<u32>,
+    logits: &[f32],
+    decode_steps: usize,
+) -> Result<SpecRow> {
+    let k = spec.k();
+    let next = argmax(logits);
+    // A verify step feeds the newest token and k drafts; which tokens hardly changes its cost.
+    let verify_feed: Vec<u32> = std::iter::once(next).chain(tokens.iter().rev().take(k).copied()).collect();
+    let verify_feed = if verify_feed.len() == k + 1 { verify_feed } else { vec![next; k + 1] };
+    let (mut one, mut many) = (vec![], vec![]);
+    for rep in 0..=VERIFY_REPS {
+        // Plain decode's step (the last row's logits) and the verify step's (every row's).
+        let a = timed_step(be, model, cache, seq, &[next], Logits::LastPerSequence)?;
+        let b = timed_step(be, model, cache, seq, &verify_feed, Logits::All)?;
+        if rep > 0 {
+            one.push(a);
+            many.push(b);
+        }
+    }
+
+    tokens.push(next);
+    let stats0 = spec.stats;
+    let mut sampler = Sampler::new(SamplingParams::greedy())?;
+    let mut emitted = 0;
+    let t = Instant::now();
+    while emitted < decode_steps {
+        // As `Session::generate` does: no drafts past the tokens wanted.
+        let k_now = k.min(decode_steps - emitted - 1);
+        let first = spec
+            .push(be, model, None, tokens)?
+            .ok_or_else(|| anyhow::anyhow!("internal: the MTP block has no row to draft from"))?;
+        let drafts = spec.draft(be, model, first, k_now)?;
+        let verdict = spec.verify(be, model, cache, seq, tokens, &drafts, &mut sampler)?;
+        emitted += verdict.tokens.len();
+        tokens.extend_from_slice(&verdict.tokens);
+    }
+    be.synchronize()?;
+    let decode_secs = t.elapsed().as_secs_f64();
+    let s = spec.stats;
+    let stats = SpecStats {
+        verify_steps: s.verify_steps - stats0.verify_steps,
+        verify_rows: s.verify_rows - stats0.verify_rows,
+        drafted: s.drafted - stats0.drafted,
+        accepted: s.accepted - stats0.accepted,
+        emitted: s.emitted - stats0.emitted,
+        draft_secs: s.draft_secs - stats0.draft_secs,
+        verify_secs: s.verify_secs - stats0.verify_secs,
+    };
+    Ok(SpecRow { k, step_secs: median(&mut one), verify_step_secs: median(&mut many), decode_secs, stats })
+}
+
+/// Seconds of one main-model step feeding `feed` at the sequence's position, synchronised,
+/// its logits downloaded; the sequence is rolled back to where it was.
+fn timed_step<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    cache: &mut KvCache<B>,
+    seq: &mut Sequence,
+    feed: &[u32],
+    logits: Logits,
+) -> Result<f64> {
+    let p = seq.pos();
+    let snap = cache.snapshot_carry(be, seq)?;
+    let batch = Batch::new(&[(feed, p)])?;
+    be.synchronize()?;
+    let t = Instant::now();
+    let (l, _) = model.step_with_residual(be, &batch, cache, &mut [&mut *seq], logits)?;
+    be.download(&l)?;
+    be.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    cache.rollback(be, seq, snap, p)?;
+    Ok(secs)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// `take_profile`: with `--profile`, `be` is a `Profiled` backend and this is its `take`.
@@ -369,10 +584,18 @@ pub fn run<B: Backend>(
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
+    let k = opts.speculative_tokens;
+    if k > 0 && opts.decode_steps == 0 {
+        bail!("--speculative-tokens compares speculative with plain decoding: give --decode-steps of at least 1");
+    }
+    if k > 0 && take_profile.is_some() {
+        bail!("--profile and --speculative-tokens time different things: run them separately");
+    }
     let (cfg, ckpt) = crate::load::open(spec)?;
     let weights = active_weights(&cfg, &ckpt)?;
+    crate::generate::require_mtp(spec, k, &cfg, &ckpt)?;
     drop(ckpt);
-    let needed = tokens_needed(&contexts, opts.decode_steps);
+    let needed = tokens_needed(&contexts, opts.decode_steps, k);
     if needed >= cfg.max_position_embeddings {
         bail!(
             "contexts up to {} + {} decode steps need {needed} positions; the model has {}",
@@ -391,7 +614,9 @@ pub fn run<B: Backend>(
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
     let bf16_gemms =
         kv.precision.rounds_to_bf16() && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
-    let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
+    // Speculative decoding keeps the window pages a rollback needs on top of the longest step.
+    let max_step = crate::generate::pool_max_step(opts.chunk, k);
+    let config = kv.config_for_run(be, &cfg, needed, max_step)?;
     let kv_description = kv_args::describe(&cfg, &config);
     let progress: &mut dyn FnMut(Progress) = if opts.json {
         &mut |_| {}
@@ -403,6 +628,9 @@ pub fn run<B: Backend>(
         println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
         print!("{}", weights_report(&weights));
         println!("{kv_description}");
+        if k > 0 {
+            println!("{}", speculation_note(k));
+        }
         if take_profile.is_some() {
             println!(
                 "profile: wall time of every backend op, synchronising after each (asynchronous backends run slower \
@@ -419,7 +647,10 @@ pub fn run<B: Backend>(
                 if take_profile.is_some() {
                     println!("{}", table_header());
                 }
-                println!("{}", table_row(row, &weights, &machine, bf16_gemms))
+                println!("{}", table_row(row, &weights, &machine, bf16_gemms));
+                if let Some(s) = &row.speculation {
+                    print!("{}", speculation_report(row, s));
+                }
             }
         }
     };
@@ -432,6 +663,7 @@ pub fn run<B: Backend>(
         &contexts,
         opts.decode_steps,
         opts.chunk,
+        k,
         take_profile,
         progress,
     )?;
@@ -448,6 +680,7 @@ pub fn run<B: Backend>(
             weight_memory: &weight_memory,
             decode_steps: opts.decode_steps,
             chunk: opts.chunk,
+            speculative_tokens: k,
             rows: &rows,
         };
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
@@ -582,6 +815,83 @@ fn table_row(r: &Row, w: &ActiveWeights, m: &Machine, bf16_gemms: bool) -> Strin
     )
 }
 
+/// The line above the table with `--speculative-tokens`: what the acceptance measured here is
+/// worth, and which figure decides the speed-up.
+fn speculation_note(k: usize) -> String {
+    format!(
+        "speculative decoding (--speculative-tokens {k}): acceptance here is greedy decoding of a pseudo-random \
+         prompt, meaningless on random weights and unrepresentative on real ones (measure it on real text with \
+         `dsv4 generate --speculative-tokens`); what decides the speed-up at a given acceptance is the verify-cost \
+         ratio: speed-up = tokens per main-model step / (verify cost + draft cost, in 1-token steps)"
+    )
+}
+
+/// The speculative decoding measured at a context, under its table row. Every line starts with
+/// `speculative |` (not a number: scripts take rows by their first column).
+fn speculation_report(r: &Row, s: &SpecRow) -> String {
+    let st = &s.stats;
+    let plain = r.decode_secs_per_token.map_or(f64::NAN, |t| 1.0 / t);
+    let mut out = format!(
+        "speculative | context {}, {} drafts per step: {} of {} drafts accepted ({:.1}%), {:.2} tokens per main-model \
+         step ({} tokens in {} steps, {:.2} rows fed per step)\n",
+        r.context,
+        s.k,
+        st.accepted,
+        st.drafted,
+        100.0 * st.acceptance_rate(),
+        st.tokens_per_step(),
+        st.emitted,
+        st.verify_steps,
+        st.verify_rows as f64 / st.verify_steps.max(1) as f64,
+    );
+    out += &format!(
+        "speculative | verify step of {} tokens: {:.3} ms = {:.2}x a 1-token step ({:.3} ms; medians of {VERIFY_REPS}); \
+         drafting {:.3} ms per step = {:.2}x\n",
+        s.k + 1,
+        s.verify_step_secs * 1e3,
+        s.verify_cost_ratio(),
+        s.step_secs * 1e3,
+        s.draft_secs_per_step() * 1e3,
+        s.draft_cost_ratio(),
+    );
+    out += &format!(
+        "speculative | decode {:.2} tok/s vs {:.2} plain: {:.2}x (expected {:.2} / ({:.2} + {:.2}) = {:.2}x)\n",
+        s.tokens_per_sec(),
+        plain,
+        s.tokens_per_sec() / plain,
+        st.tokens_per_step(),
+        s.verify_cost_ratio(),
+        s.draft_cost_ratio(),
+        s.expected_speedup(),
+    );
+    out
+}
+
+/// A row's `speculative` object in `--json`.
+fn speculation_json(r: &Row, s: &SpecRow) -> Value {
+    let st = &s.stats;
+    let plain = r.decode_secs_per_token.map(|t| 1.0 / t);
+    json!({
+        "draft_tokens": s.k,
+        "acceptance_rate": st.acceptance_rate(),
+        "tokens_per_step": st.tokens_per_step(),
+        "drafted": st.drafted,
+        "accepted": st.accepted,
+        "verify_steps": st.verify_steps,
+        "rows_per_verify_step": st.verify_rows as f64 / st.verify_steps.max(1) as f64,
+        "step_ms": s.step_secs * 1e3,
+        "verify_step_ms": s.verify_step_secs * 1e3,
+        "verify_cost_ratio": s.verify_cost_ratio(),
+        "draft_ms_per_step": s.draft_secs_per_step() * 1e3,
+        "draft_cost_ratio": s.draft_cost_ratio(),
+        "expected_speedup": s.expected_speedup(),
+        "decode_tokens": st.emitted,
+        "decode_tok_s": s.tokens_per_sec(),
+        "plain_decode_tok_s": plain,
+        "speedup": plain.map(|p| s.tokens_per_sec() / p),
+    })
+}
+
 /// Everything `--json` prints.
 struct Report<'a> {
     machine: &'a Machine,
@@ -596,6 +906,7 @@ struct Report<'a> {
     weight_memory: &'a WeightMemoryReport,
     decode_steps: usize,
     chunk: usize,
+    speculative_tokens: usize,
     rows: &'a [Row],
 }
 
@@ -628,6 +939,9 @@ impl Report<'_> {
                 if let Some(p) = &r.profile {
                     row["profile"] = json!({"prefill": profile_json(&p.prefill), "decode": profile_json(&p.decode)});
                 }
+                if let Some(s) = &r.speculation {
+                    row["speculative"] = speculation_json(r, s);
+                }
                 row
             })
             .collect();
@@ -656,6 +970,7 @@ impl Report<'_> {
             },
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
+            "speculative_tokens": self.speculative_tokens,
             "weights_per_token": {
                 "embedding_row": w.embedding_row,
                 "tid2eid_rows": w.tid2eid_rows,
@@ -683,12 +998,18 @@ mod tests {
 
     #[test]
     fn the_pool_covers_every_context_and_its_decode_steps() {
-        assert_eq!(super::tokens_needed(&[usize::MAX], 1), usize::MAX, "overflow saturates");
-        assert_eq!(super::tokens_needed(&[1, usize::MAX - 1], 1), usize::MAX, "overflow saturates");
-        assert_eq!(super::tokens_needed(&[1024, 8192], 32), 8192 + 32);
+        assert_eq!(super::tokens_needed(&[usize::MAX], 1, 0), usize::MAX, "overflow saturates");
+        assert_eq!(super::tokens_needed(&[1, usize::MAX - 1], 1, 0), usize::MAX, "overflow saturates");
+        assert_eq!(super::tokens_needed(&[usize::MAX - 3], 1, 2), usize::MAX, "overflow saturates");
+        assert_eq!(super::tokens_needed(&[1024, 8192], 32, 0), 8192 + 32);
         // Decode tokens of one context run past the next: it starts one token later.
-        assert_eq!(super::tokens_needed(&[100, 110], 32), 100 + 32 + 1 + 32);
-        assert_eq!(super::tokens_needed(&[0], 4), 5);
+        assert_eq!(super::tokens_needed(&[100, 110], 32, 0), 100 + 32 + 1 + 32);
+        assert_eq!(super::tokens_needed(&[0], 4, 0), 5);
+        // Speculation: the next token and 32 more decoded speculatively after the plain steps.
+        assert_eq!(super::tokens_needed(&[1024, 8192], 32, 3), 8192 + 32 + 1 + 32);
+        assert_eq!(super::tokens_needed(&[100, 110], 32, 3), 100 + 2 * (32 + 32 + 1));
+        // ... or the verify step timed there, when k is larger than that.
+        assert_eq!(super::tokens_needed(&[100], 2, 5), 100 + 2 + 5 + 1);
     }
 
     /// builtin:tiny by hand: vocab 271, hidden 64, 4 layers (sliding, CSA 4, HCA 16, CSA 4;
@@ -800,11 +1121,11 @@ mod tests {
             crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32, crate::load::WeightMemoryArg::Auto)
                 .unwrap();
         let contexts = [8, 20];
-        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2, 0), 4);
         let mut seen = 0;
         let mut count = |p: Progress| seen += matches!(p, Progress::Row(_)) as usize;
         let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, None, &mut count).unwrap();
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, 0, None, &mut count).unwrap();
         assert_eq!(seen, 2);
         assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
         // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
@@ -822,6 +1143,7 @@ mod tests {
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
             chunk: 4,
+            speculative_tokens: 0,
             rows: &rows,
         };
         let j = report.to_json();
@@ -846,6 +1168,42 @@ mod tests {
         assert!(section.lines().all(|l| !l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')), "{section}");
     }
 
+    /// `--speculative-tokens 2` on official_fp8 (it has an MTP block) in a pool sized exactly by
+    /// `tokens_needed`: every context gets its speculation figures, the verify steps timed there
+    /// are rolled back (the next context starts where the speculative decode stopped).
+    #[test]
+    fn speculation_on_official_fp8() {
+        let be = CpuBackend::new();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cases/official_fp8");
+        let (cfg, ckpt) = crate::load::open(dir).unwrap();
+        let weights = active_weights(&cfg, &ckpt).unwrap();
+        let model = crate::load::load_model(&be, dir, Precision::F32, crate::load::WeightMemoryArg::Auto).unwrap();
+        // Contexts across the 128-token page, chunks of 16 with a rollback depth of 10 on top.
+        let (contexts, k) = ([100, 140], 2);
+        let depth = dsv4_core::speculative::rollback_depth(k);
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 4, k), 16 + depth);
+        let rows =
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 4, 16, k, None, &mut |_| {}).unwrap();
+        assert_eq!(rows.iter().map(|r| r.context).collect::<Vec<_>>(), [100, 140]);
+        for r in &rows {
+            let s = r.speculation.as_ref().unwrap();
+            assert_eq!((s.k, s.stats.emitted), (2, 4));
+            assert!(s.stats.verify_steps >= 2 && s.stats.drafted >= 1 && s.stats.drafted <= 2 * s.stats.verify_steps);
+            assert!(s.step_secs > 0.0 && s.verify_step_secs > 0.0 && s.decode_secs > 0.0);
+            assert!(s.expected_speedup() > 0.0 && s.tokens_per_sec() > 0.0);
+        }
+        // 100 + 4 plain + 1 + 4 speculative tokens, the newest (at least) not fed yet.
+        assert!((140 - 108..=140 - 104).contains(&rows[1].prefill_tokens), "{}", rows[1].prefill_tokens);
+        let j = speculation_json(&rows[0], rows[0].speculation.as_ref().unwrap());
+        let keys: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+        for key in ["acceptance_rate", "tokens_per_step", "verify_cost_ratio", "decode_tok_s", "plain_decode_tok_s"] {
+            assert!(keys.contains(&key), "{j}");
+        }
+        let text = speculation_report(&rows[0], rows[0].speculation.as_ref().unwrap());
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(text.lines().all(|l| l.starts_with("speculative | ")), "{text}");
+    }
+
     /// `--profile` on builtin:tiny: a prefill and a decode table per context, as each phase
     /// ends and before the context's row, and each row's profiles in the JSON.
     #[test]
@@ -857,7 +1215,7 @@ mod tests {
             crate::load::load_model(&prof, builtin::TINY_NAME, Precision::F32, crate::load::WeightMemoryArg::Auto)
                 .unwrap();
         let contexts = [8, 20];
-        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2), 4);
+        let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2, 0), 4);
         let machine = test_machine();
         let mut text = String::new();
         let take = || prof.take();
@@ -865,9 +1223,20 @@ mod tests {
             Progress::Phase(phase) => text += &phase_report(&phase),
             Progress::Row(row) => text += &format!("{}\n", table_row(row, &weights, &machine, false)),
         };
-        let rows =
-            time_contexts(&prof, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, Some(&take), &mut progress)
-                .unwrap();
+        let rows = time_contexts(
+            &prof,
+            &model,
+            config,
+            KvDtype::F32,
+            &weights,
+            &contexts,
+            2,
+            4,
+            0,
+            Some(&take),
+            &mut progress,
+        )
+        .unwrap();
         // In order: prefill table, decode table, row; for each context.
         let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("no `{needle}` in\n{text}"));
         let order = [
@@ -908,6 +1277,7 @@ mod tests {
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
             chunk: 4,
+            speculative_tokens: 0,
             rows: &rows,
         };
         let j = report.to_json();

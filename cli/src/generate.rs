@@ -6,9 +6,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use dsv4_core::chat;
 use dsv4_core::generate::{Control, GenerateOptions, Generation, Session, StopReason};
+use dsv4_core::model::loader::mtp_layers_present;
 use dsv4_core::sampling::SamplingParams;
+use dsv4_core::speculative::SpecStats;
 use dsv4_core::tokenizer::{StreamDecoder, Tokenizer};
-use dsv4_core::{Backend, Model};
+use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig};
 
 use crate::kv_args::{self, KvArgs};
 
@@ -84,6 +86,14 @@ pub struct SamplingArgs {
     /// Stop when the generated text contains this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Speculative decoding: the checkpoint's MTP block (mtp.0.*) drafts K tokens per step and
+    /// the main model verifies them all in one step, keeping the drafts it agrees with plus its
+    /// own next token (1 to K+1 tokens per step). The output is unchanged: greedy
+    /// (--temperature 0) gives the same tokens as without, and with sampling each token has the
+    /// plain sampler's distribution. Needs the checkpoint's MTP weights; one device only. The
+    /// summary on stderr adds the acceptance rate and tokens per main-model step. 0 = off.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub speculative_tokens: usize,
 }
 
 impl SamplingArgs {
@@ -101,9 +111,94 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             stop_token_ids: stop_ids,
+            speculative_tokens: self.speculative_tokens,
             ..Default::default()
         }
     }
+}
+
+/// Refuses `--speculative-tokens K` (K > 0) before the model is loaded when the checkpoint
+/// has no MTP block to draft with. Reads the config and the safetensors headers only; when
+/// those cannot be read the load reports why.
+pub fn check_speculation(spec: &str, k: usize) -> Result<()> {
+    if k == 0 {
+        return Ok(());
+    }
+    let opened = match builtin::by_name(spec) {
+        Some(m) => m.ok(),
+        None if Path::new(spec).is_dir() => {
+            let dir = Path::new(spec);
+            ModelConfig::from_dir(dir).ok().zip(Checkpoint::open(dir).ok())
+        }
+        None => None,
+    };
+    match opened {
+        Some((cfg, ckpt)) => require_mtp(spec, k, &cfg, &ckpt),
+        None => Ok(()),
+    }
+}
+
+/// The error of `--speculative-tokens K` (K > 0) on a checkpoint without an MTP block.
+pub fn require_mtp(spec: &str, k: usize, cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
+    if k == 0 || !mtp_layers_present(cfg, ckpt).is_empty() {
+        return Ok(());
+    }
+    let why = if spec.starts_with("builtin:") {
+        "the built-in models have none"
+    } else if cfg.num_mtp_layers == 0 {
+        "its config.json sets num_nextn_predict_layers = 0"
+    } else {
+        "it holds no mtp.0.* tensors; transformers drops them when it saves a model"
+    };
+    bail!(
+        "--speculative-tokens {k}: {spec} has no MTP block to draft with ({why}); speculative decoding needs the \
+         checkpoint's MTP weights: drop --speculative-tokens"
+    )
+}
+
+/// `--speculative-tokens` with `--devices`: the split model does not load the MTP block.
+fn refuse_split_speculation(k: usize) -> Result<()> {
+    if k > 0 {
+        bail!(
+            "--speculative-tokens runs on one device for now (a model split over --devices does not load the MTP \
+             block): drop --devices or --speculative-tokens"
+        );
+    }
+    Ok(())
+}
+
+/// The `max_step` the pool is sized for: the prefill chunk, and with speculative decoding the
+/// window pages a rollback keeps on top of the longest step (a verify step, or a chat turn's
+/// prefill chunk that follows speculative decode steps), as `Sequence::set_rollback_depth` asks.
+pub fn pool_step(opts: &GenerateOptions) -> usize {
+    pool_max_step(opts.prefill_chunk, opts.speculative_tokens)
+}
+
+/// [`pool_step`] for prefill chunks of `chunk` tokens and `k` drafts per step (0: none).
+pub fn pool_max_step(chunk: usize, k: usize) -> usize {
+    match k {
+        0 => chunk,
+        k => {
+            let depth = dsv4_core::speculative::rollback_depth(k);
+            chunk.max(depth) + depth
+        }
+    }
+}
+
+/// The summary line of a speculative generation (stderr).
+pub fn speculation_summary(k: usize, s: &SpecStats) -> String {
+    format!(
+        "speculative: {k} drafts per step (MTP block); {} of {} drafts accepted ({:.1}%), {:.2} tokens per main-model \
+         step ({} tokens in {} steps); drafting {:.3} s, verifying {:.3} s",
+        s.accepted,
+        s.drafted,
+        100.0 * s.acceptance_rate(),
+        s.tokens_per_step(),
+        s.emitted,
+        s.verify_steps,
+        s.draft_secs,
+        s.verify_secs
+    )
 }
 
 fn render_user_prompt(text: &str, chat_args: &ChatArgs) -> Result<String> {
@@ -195,6 +290,9 @@ fn stream<B: Backend>(
             generation.decode_tokens_per_sec(),
             stop_words(generation.stop)
         );
+        if let Some(s) = &generation.speculation {
+            eprintln!("{}", speculation_summary(opts.speculative_tokens, s));
+        }
     }
     Ok((generation, text))
 }
@@ -211,6 +309,7 @@ pub fn run_generate<B: Backend>(
     print_ids: bool,
 ) -> Result<()> {
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
+    check_speculation(spec, sampling.speculative_tokens)?;
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, true)
 }
@@ -230,6 +329,7 @@ pub fn run_generate_ranks(
     print_ids: bool,
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
+    refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
@@ -284,7 +384,7 @@ fn generate_with<B: Backend>(
     let opts = sampling.options(model, tok);
     // The pool holds the prompt and every token generated (all but the last are fed back).
     let tokens = (prompt_ids.len() + opts.max_new_tokens).min(model.cfg.max_position_embeddings);
-    let config = kv.config_for_run(be, &model.cfg, tokens, opts.prefill_chunk)?;
+    let config = kv.config_for_run(be, &model.cfg, tokens, pool_step(&opts))?;
     if show {
         eprintln!("{}", kv_args::describe(&model.cfg, &config));
     }
@@ -332,6 +432,7 @@ pub fn run_chat<B: Backend>(
     kv: &KvArgs,
 ) -> Result<()> {
     let tok = tokenizer_for(spec)?;
+    check_speculation(spec, sampling.speculative_tokens)?;
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let stdin = std::io::stdin();
     chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true)
@@ -347,6 +448,7 @@ pub fn run_chat_ranks(
     kv: &KvArgs,
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
+    refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = tokenizer_for(spec)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
@@ -402,7 +504,7 @@ fn chat_loop<B: Backend>(
     show: bool,
 ) -> Result<()> {
     let opts = sampling.options(model, Some(tok));
-    let config = kv.config_open_ended(be, &model.cfg, opts.prefill_chunk)?;
+    let config = kv.config_open_ended(be, &model.cfg, pool_step(&opts))?;
     let mut session = Session::new(be, model, config)?;
     let mut messages: Vec<serde_json::Value> = vec![];
     if show {
@@ -436,4 +538,54 @@ fn chat_loop<B: Backend>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use dsv4_backend_cpu::CpuBackend;
+    use dsv4_core::kv::{KvConfig, KvDtype};
+    use dsv4_core::speculative::Speculator;
+    use dsv4_core::Precision;
+
+    use super::*;
+
+    const OFFICIAL_FP8: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cases/official_fp8");
+
+    /// The rollback depth the CLI sizes with is the speculator's; a pool sized with
+    /// [`pool_step`] holds a speculative session over two turns (the second continuing the
+    /// first past a page), whose greedy tokens are those of a plain generation.
+    #[test]
+    fn the_pool_holds_speculative_turns() {
+        let be = CpuBackend::new();
+        let model = crate::load::load_model(&be, OFFICIAL_FP8, Precision::F32, Default::default()).unwrap();
+        let cfg = &model.cfg;
+        for k in [1, 2, 5] {
+            let spec = Speculator::new(&be, &model, k, 8, KvDtype::F32).unwrap();
+            assert_eq!(dsv4_core::speculative::rollback_depth(k), spec.main_rollback_depth(), "k = {k}");
+        }
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            sampling: SamplingParams::greedy(),
+            prefill_chunk: 16,
+            speculative_tokens: 3,
+            ..Default::default()
+        };
+        assert_eq!(pool_step(&opts), 16 + dsv4_core::speculative::rollback_depth(3));
+        let plain_opts = GenerateOptions { speculative_tokens: 0, ..opts.clone() };
+        assert_eq!(pool_step(&plain_opts), 16);
+        let config = KvConfig::for_sequences(cfg, KvDtype::F32, 1, 220, pool_step(&opts));
+        let mut session = Session::new(&be, &model, config).unwrap();
+        let mut prompt: Vec<u32> = (0..100u32).map(|i| i * 37 % 128).collect();
+        let mut on = |_| Ok(Control::Continue);
+        for turn in 0..2 {
+            let g = session.generate(&be, &prompt, &opts, &mut on).unwrap();
+            let spec = g.speculation.expect("speculative");
+            assert_eq!((g.tokens.len(), spec.emitted), (24, 23), "turn {turn}");
+            let plain =
+                Session::new(&be, &model, config).unwrap().generate(&be, &prompt, &plain_opts, &mut on).unwrap();
+            assert_eq!(g.tokens, plain.tokens, "turn {turn}");
+            prompt.extend_from_slice(&g.tokens);
+            prompt.extend((0..60u32).map(|i| i * 11 % 128));
+        }
+    }
 }

@@ -331,6 +331,16 @@ enum Command {
         /// backends (Ascend) run slower profiled, and so do the rows' speeds.
         #[arg(long)]
         profile: bool,
+        /// Also measure speculative decoding with K drafts per step by the checkpoint's MTP
+        /// block, verified by the main model in one step, in the same run: at each context,
+        /// after the plain decode steps, the median time of a (K+1)-token verify step against a
+        /// 1-token step (rolled back), then --decode-steps tokens decoded speculatively.
+        /// Reports the acceptance rate, tokens per main-model step, the verify-cost ratio and
+        /// decode tokens/s with and without speculation (--json: each row's `speculative`).
+        /// The acceptance of a pseudo-random prompt (and of random weights) says nothing about
+        /// real text; the verify-cost ratio is what decides the speed-up at a given acceptance.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        speculative_tokens: usize,
         #[command(flatten)]
         kv: kv_args::KvArgs,
     },
@@ -537,8 +547,26 @@ fn run(cli: Cli) -> Result<()> {
             }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
-        Command::Bench { model, backend, contexts, decode_steps, prefill_chunk, threads, json, profile, kv } => {
-            let opts = bench::Options { contexts: &contexts, decode_steps, chunk: prefill_chunk, threads, json };
+        Command::Bench {
+            model,
+            backend,
+            contexts,
+            decode_steps,
+            prefill_chunk,
+            threads,
+            json,
+            profile,
+            speculative_tokens,
+            kv,
+        } => {
+            let opts = bench::Options {
+                contexts: &contexts,
+                decode_steps,
+                chunk: prefill_chunk,
+                threads,
+                json,
+                speculative_tokens,
+            };
             with_owned_backend!(backend, |be| if profile {
                 // Synchronising after each op charges an asynchronous backend's device time to
                 // the op that queued it; on the CPU backend it is a no-op.

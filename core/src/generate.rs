@@ -308,7 +308,8 @@ impl<'m, B: Backend> Session<'m, B> {
         self.seq.set_rollback_depth(spec.main_rollback_depth());
         'decode: while stop.is_none() {
             // Drafts that fit the token budget and the context; 0 makes a plain step.
-            let k = spec.k().min(opts.max_new_tokens - out.len() - 1).min(ctx - tokens.len());
+            let k =
+                spec.drafts_for(&self.seq, tokens.len(), (opts.max_new_tokens - out.len() - 1).min(ctx - tokens.len()));
             let first = spec
                 .push(be, model, None, &tokens)?
                 .ok_or_else(|| Error::Input("internal: the MTP block has no row to draft from".into()))?;

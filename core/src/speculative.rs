@@ -56,6 +56,13 @@ impl SpecStats {
     }
 }
 
+/// Rows a verify step with `k` drafts may take back from the main sequence (the newest
+/// token and the drafts; [`Speculator::drafts_for`]): what [`Sequence::set_rollback_depth`]
+/// is given, and what a pool's `max_step` needs on top of the longest step.
+pub fn rollback_depth(k: usize) -> usize {
+    k + 1
+}
+
 /// What one verify step decided.
 pub struct Verdict {
     /// Tokens to emit, in order: the accepted drafts, then the main model's own token.
@@ -74,8 +81,6 @@ pub struct Speculator<B: Backend> {
     /// The tokens the MTP rows and the pending rows were computed from (positions
     /// `..mtp.pos() + pending rows`).
     basis: Vec<u32>,
-    /// The smallest compression ratio of the main model (0 without compressed layers).
-    min_ratio: usize,
     pub stats: SpecStats,
 }
 
@@ -97,8 +102,7 @@ impl<B: Backend> Speculator<B> {
         // of drafts adds k − 1 rows that are rolled back.
         let mut mtp = MtpState::new(be, &model.cfg, dtype, max_step + 2 * k + 2)?;
         mtp.seq.set_rollback_depth(k);
-        let min_ratio = model.cfg.attention.iter().filter_map(|a| a.ratio()).min().unwrap_or(0);
-        Ok(Speculator { k, mtp, pending: None, basis: vec![], min_ratio, stats: SpecStats::default() })
+        Ok(Speculator { k, mtp, pending: None, basis: vec![], stats: SpecStats::default() })
     }
 
     /// Drafts per step.
@@ -106,13 +110,24 @@ impl<B: Backend> Speculator<B> {
         self.k
     }
 
-    /// Rows a verify step of the main model may take back: the whole step, i.e. the pending
-    /// tokens and k drafts. Pending tokens are the newest one plus those a rollback could not
-    /// keep: it keeps every accepted token unless a compression window ends after the last of
-    /// them within the step ([`KvCache::rollback_point`]), so fewer than the smallest ratio
-    /// plus k of them.
+    /// Rows a verify step of the main model may take back: the whole step, the newest token
+    /// and k drafts ([`drafts_for`](Self::drafts_for) drafts only from the newest token).
     pub fn main_rollback_depth(&self) -> usize {
-        self.min_ratio + 2 * self.k + 2
+        rollback_depth(self.k)
+    }
+
+    /// Drafts the next step of a main sequence `seq` with `tokens` tokens verifies: k, at most
+    /// `cap` (the token budget and the context left), and none while tokens that a rollback
+    /// took back are still to be fed again. A rollback keeps every accepted token unless a
+    /// compression window ends after the last of them within the step
+    /// ([`KvCache::rollback_point`]); then the next step feeds them again without drafts, so
+    /// the tokens to feed again never pile up and a rollback is at most k + 1 rows.
+    pub fn drafts_for(&self, seq: &Sequence, tokens: usize, cap: usize) -> usize {
+        if seq.pos() + 1 == tokens {
+            self.k.min(cap)
+        } else {
+            0
+        }
     }
 
     /// Whether a generation of `prompt` can continue from this state: the prompt extends the

@@ -649,10 +649,12 @@ impl<'a, B: Backend> Engine<'a, B> {
             // (One that was preempted prefills again first: its MTP block needs the rows.)
             let decoding = a.spec.as_ref().is_some_and(|s| a.generated > 0 && s.ready(a.tokens.len()));
             a.drafts = match &a.spec {
-                Some(s) if decoding => s
-                    .k()
-                    .min(a.sub.req.max_tokens - a.generated - 1)
-                    .min(self.info.max_model_len.saturating_sub(a.tokens.len())),
+                Some(s) if decoding => s.drafts_for(
+                    &a.seq,
+                    a.tokens.len(),
+                    (a.sub.req.max_tokens - a.generated - 1)
+                        .min(self.info.max_model_len.saturating_sub(a.tokens.len())),
+                ),
                 _ => 0,
             };
             let take = if decoding { a.pending() + a.drafts } else { a.pending().min(self.config.prefill_chunk) };
