@@ -507,7 +507,7 @@ fn measure_speculation<B: Backend>(
     let t = Instant::now();
     while emitted < decode_steps {
         // As `Session::generate` does: no drafts past the tokens wanted.
-        let k_now = k.min(decode_steps - emitted - 1);
+        let k_now = spec.drafts_for(seq, tokens.len(), decode_steps - emitted - 1);
         let first = spec
             .push(be, model, None, tokens)?
             .ok_or_else(|| anyhow::anyhow!("internal: the MTP block has no row to draft from"))?;

@@ -303,6 +303,11 @@ impl<B: Backend> Speculator<B> {
                 drafts.len()
             )));
         }
+        if !drafts.is_empty() && p + 1 != l {
+            return Err(Error::Input(format!(
+                "drafts are verified from the newest token only (the state is at {p} of {l} tokens; see drafts_for)"
+            )));
+        }
         let vocab = logits.len() / (drafts.len() + 1);
         let row = |j: usize| &logits[j * vocab..(j + 1) * vocab];
         let (mut out, mut accepted) = (vec![], 0);
