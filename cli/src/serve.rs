@@ -171,7 +171,9 @@ fn spawn_engine<B: Backend + 'static>(
             }
             n => n,
         };
-        let kv = serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, config.prefill_chunk), 1)?;
+        // Speculating sequences keep the window pages of their rollback depth as well.
+        let step = crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens);
+        let kv = serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, step), 1)?;
         eprintln!("{}", kv_args::describe(&model.cfg, &kv));
         let _ = eos_tx.send(model.cfg.eos_token_ids.clone());
         Ok((be, model, kv))

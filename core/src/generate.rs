@@ -220,9 +220,9 @@ impl<'m, B: Backend> Session<'m, B> {
 
     /// [`generate`](Self::generate) with the MTP block drafting
     /// [`GenerateOptions::speculative_tokens`] tokens per main-model step
-    /// ([`crate::speculative`]). The session continues when the prompt extends what it has
-    /// seen; otherwise it starts over without prefix reuse (the MTP block's window needs the
-    /// main residual streams of the positions before it, which the pool does not keep).
+    /// ([`crate::speculative`]). Output as without speculation (greedy: the same tokens; a
+    /// seeded sampler: the same distribution, not the same tokens, since acceptance draws from
+    /// the generator too).
     fn generate_speculative(
         &mut self,
         be: &B,
@@ -235,23 +235,37 @@ impl<'m, B: Backend> Session<'m, B> {
             return Err(Error::Input("nothing to feed: the prompt is empty".into()));
         }
         let mut sampler = Sampler::new(opts.sampling)?;
-        if self.spec.as_ref().map(Speculator::k) != Some(k) {
-            let spec = Speculator::new(be, model, k, opts.prefill_chunk, self.cache.config.dtype)?;
+        let chunk = opts.prefill_chunk.max(1);
+        if self.spec.as_ref().map(|s| (s.k(), s.max_step())) != Some((k, chunk)) {
+            let spec = Speculator::new(be, model, k, chunk, self.cache.config.dtype)?;
             self.reset();
             self.spec = Some(spec);
         }
+        // Continue if the prompt extends what both the sequence and the MTP block have seen
+        // (a plain generation in between moves only the former), else start over from the
+        // longest cached prefix, the MTP block's rows from there (its window is then shorter
+        // for its first rows, which costs acceptance, never exactness).
         let fed = self.seq.tokens();
         let continues = prompt.len() > fed.len()
             && prompt.starts_with(fed)
-            && self.spec.as_ref().is_some_and(|s| s.continues(prompt));
+            && self.spec.as_ref().is_some_and(|s| s.continues(prompt, self.seq.pos()));
+        let mut prefix_cached = 0;
         if !continues {
             self.reset();
+            prefix_cached = self.cache.reuse_prefix(&mut self.seq, prompt)?;
+            self.spec.as_mut().expect("created above").restart_at(self.seq.pos(), prompt);
         }
         let result = self.speculate(be, prompt, opts, &mut sampler, on_token);
-        if result.is_err() {
-            self.reset();
+        match result {
+            Ok(mut g) => {
+                g.prefix_cached = prefix_cached;
+                Ok(g)
+            }
+            Err(e) => {
+                self.reset();
+                Err(e)
+            }
         }
-        result
     }
 
     fn speculate(

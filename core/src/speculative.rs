@@ -28,6 +28,10 @@ use crate::model::mtp::MtpState;
 use crate::model::{Logits, Model};
 use crate::sampling::{argmax, Sampler};
 
+/// Most drafts per step [`Speculator::new`] accepts: DeepSeek's deployments and the peers use
+/// 1 to 3; beyond a few, a draft chain of random-looking tokens only costs.
+pub const MAX_SPECULATIVE_TOKENS: usize = 16;
+
 /// Counters of a speculative generation.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct SpecStats {
@@ -64,6 +68,7 @@ pub fn rollback_depth(k: usize) -> usize {
 }
 
 /// What one verify step decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     /// Tokens to emit, in order: the accepted drafts, then the main model's own token.
     pub tokens: Vec<u32>,
@@ -95,8 +100,10 @@ impl<B: Backend> Speculator<B> {
                     .into(),
             ));
         }
-        if k == 0 {
-            return Err(Error::Input("--speculative-tokens must be at least 1".into()));
+        if k == 0 || k > MAX_SPECULATIVE_TOKENS {
+            return Err(Error::Input(format!(
+                "--speculative-tokens must be between 1 and {MAX_SPECULATIVE_TOKENS} (got {k})"
+            )));
         }
         // A catch-up after a prefill chunk feeds the chunk's rows plus those held back; a chain
         // of drafts adds k − 1 rows that are rolled back.
@@ -110,6 +117,11 @@ impl<B: Backend> Speculator<B> {
         self.k
     }
 
+    /// The longest main-model step (a prefill chunk) whose rows it can take at once.
+    pub fn max_step(&self) -> usize {
+        self.mtp.max_step() - 2 * self.k - 2
+    }
+
     /// Rows a verify step of the main model may take back: the whole step, the newest token
     /// and k drafts ([`drafts_for`](Self::drafts_for) drafts only from the newest token).
     pub fn main_rollback_depth(&self) -> usize {
@@ -118,10 +130,10 @@ impl<B: Backend> Speculator<B> {
 
     /// Drafts the next step of a main sequence `seq` with `tokens` tokens verifies: k, at most
     /// `cap` (the token budget and the context left), and none while tokens that a rollback
-    /// took back are still to be fed again. A rollback keeps every accepted token unless a
-    /// compression window ends after the last of them within the step
-    /// ([`KvCache::rollback_point`]); then the next step feeds them again without drafts, so
-    /// the tokens to feed again never pile up and a rollback is at most k + 1 rows.
+    /// took back are still to be fed again. (A rollback keeps every accepted token unless a
+    /// compression window ends after the last of them within the step,
+    /// [`KvCache::rollback_point`]; the next step then feeds them again, without drafts, so
+    /// such tokens never pile up and a rollback takes back at most k + 1 rows.)
     pub fn drafts_for(&self, seq: &Sequence, tokens: usize, cap: usize) -> usize {
         if seq.pos() + 1 == tokens {
             self.k.min(cap)
@@ -130,10 +142,11 @@ impl<B: Backend> Speculator<B> {
         }
     }
 
-    /// Whether a generation of `prompt` can continue from this state: the prompt extends the
-    /// tokens the state was computed from.
-    pub fn continues(&self, prompt: &[u32]) -> bool {
-        prompt.len() > self.basis.len() && prompt.starts_with(&self.basis)
+    /// Whether a generation of `prompt` can continue from this state, with the main sequence
+    /// at `main_pos`: the state has the rows of every position the main sequence has fed (no
+    /// plain step moved it on since), and the prompt extends the tokens they came from.
+    pub fn continues(&self, prompt: &[u32], main_pos: usize) -> bool {
+        self.basis.len() >= main_pos && prompt.len() > self.basis.len() && prompt.starts_with(&self.basis)
     }
 
     /// Whether the state can draft for a sequence of `tokens` tokens whose main state has fed
@@ -171,9 +184,10 @@ impl<B: Backend> Speculator<B> {
     }
 
     /// Takes main residual rows `h` `[r, n, D]` of positions `start..start + r` (`start` must
-    /// continue the rows held), and feeds the MTP block every held row whose next token is in
-    /// `tokens` (all tokens known so far). Returns the last fed row's logits (host) and output
-    /// streams when it fed any.
+    /// continue the rows held; rows it has already are skipped), and feeds the MTP block every
+    /// held row whose next token is in `tokens` (all tokens known so far). Returns, when it fed
+    /// any, the last fed row's logits (host, `[vocab]`) and output streams (`[1, n, D]`): the
+    /// input of [`draft`](Self::draft). Errors as [`Model::mtp_forward`] does.
     pub fn push(
         &mut self,
         be: &B,
@@ -263,7 +277,10 @@ impl<B: Backend> Speculator<B> {
     ) -> Result<Verdict> {
         let t0 = Instant::now();
         let p = seq.pos();
-        let mut feed = tokens[p.min(tokens.len())..].to_vec();
+        if p >= tokens.len() {
+            return Err(Error::Input(format!("verify step: the state has fed {p} of {} tokens", tokens.len())));
+        }
+        let mut feed = tokens[p..].to_vec();
         feed.extend_from_slice(drafts);
         let snap = cache.snapshot_carry(be, seq)?;
         let batch = Batch::new(&[(&feed, p)])?;

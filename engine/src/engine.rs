@@ -385,6 +385,15 @@ impl<'a, B: Backend> Engine<'a, B> {
             if mirror.is_replicated() {
                 return Err("--speculative-tokens runs on one device for now; drop it or --devices".into());
             }
+            let k = config.speculative_tokens;
+            if k > dsv4_core::speculative::MAX_SPECULATIVE_TOKENS || k + 1 > config.max_num_batched_tokens {
+                return Err(format!(
+                    "--speculative-tokens {k}: a verify step feeds k + 1 tokens, so k must be at most {} and below \
+                     --max-num-batched-tokens ({})",
+                    dsv4_core::speculative::MAX_SPECULATIVE_TOKENS,
+                    config.max_num_batched_tokens
+                ));
+            }
         }
         let cache = model.new_cache(be, kv).map_err(|e| e.to_string())?;
         let cfg = &model.cfg;
@@ -653,7 +662,9 @@ impl<'a, B: Backend> Engine<'a, B> {
                     &a.seq,
                     a.tokens.len(),
                     (a.sub.req.max_tokens - a.generated - 1)
-                        .min(self.info.max_model_len.saturating_sub(a.tokens.len())),
+                        .min(self.info.max_model_len.saturating_sub(a.tokens.len()))
+                        // The token budget left: a request never waits for room for all k.
+                        .min(plan.tokens.saturating_sub(a.pending())),
                 ),
                 _ => 0,
             };
@@ -695,7 +706,12 @@ impl<'a, B: Backend> Engine<'a, B> {
         // Preempted requests come back first, then new ones, first come first served, while
         // their prompts fit.
         let bt = self.cache.config.block_tokens;
-        let per_seq_windows = KvConfig::window_blocks_per_sequence(&self.model.cfg, bt, self.config.prefill_chunk);
+        let depth = match self.config.speculative_tokens {
+            0 => 0,
+            k => dsv4_core::speculative::rollback_depth(k),
+        };
+        let per_seq_windows =
+            KvConfig::window_blocks_per_sequence(&self.model.cfg, bt, self.config.prefill_chunk + depth);
         loop {
             if self.active.len() >= self.config.max_num_seqs {
                 break;
@@ -898,34 +914,38 @@ impl<'a, B: Backend> Engine<'a, B> {
         let (be, model) = (self.be, self.model);
         let mut parts: Vec<StepPart<B>> = vec![];
         let mut rows = vec![];
-        let drafted = (|| -> dsv4_core::Result<()> {
-            for &(i, take) in chosen {
-                let a = &mut self.active[i];
-                let pos = a.seq.pos();
-                match &mut a.spec {
-                    Some(spec) if a.speculating => {
-                        let drafts = match spec.push(be, model, None, &a.tokens)? {
-                            Some(first) => spec.draft(be, model, first, a.drafts)?,
-                            None => vec![],
-                        };
+        for &(i, take) in chosen {
+            let a = &mut self.active[i];
+            let pos = a.seq.pos();
+            let base: usize = parts.iter().map(|p| p.feed.len()).sum();
+            if let (Some(spec), true) = (&mut a.spec, a.speculating) {
+                let drafted = (|| -> dsv4_core::Result<(Vec<u32>, CarrySnapshot<B>)> {
+                    let drafts = match spec.push(be, model, None, &a.tokens)? {
+                        Some(first) => spec.draft(be, model, first, a.drafts)?,
+                        None => vec![],
+                    };
+                    Ok((drafts, self.cache.snapshot_carry(be, &a.seq)?))
+                })();
+                match drafted {
+                    Ok((drafts, snap)) => {
                         let mut feed = a.tokens[pos..].to_vec();
                         feed.extend_from_slice(&drafts);
-                        let base: usize = parts.iter().map(|p| p.feed.len()).sum();
                         rows.extend(base + a.tokens.len() - 1 - pos..base + feed.len());
-                        let snap = Some(self.cache.snapshot_carry(be, &a.seq)?);
-                        parts.push(StepPart { feed, start: pos, drafts, snap });
+                        parts.push(StepPart { feed, start: pos, drafts, snap: Some(snap) });
+                        continue;
                     }
-                    _ => {
-                        let feed = a.tokens[pos..pos + take].to_vec();
-                        let base: usize = parts.iter().map(|p| p.feed.len()).sum();
-                        rows.push(base + feed.len() - 1);
-                        parts.push(StepPart { feed, start: pos, drafts: vec![], snap: None });
+                    Err(e) => {
+                        // Its main state is untouched: it decodes plainly from here.
+                        eprintln!("dsv4: speculative decoding off for one request: {e}");
+                        (a.spec, a.speculating) = (None, false);
                     }
                 }
             }
-            Ok(())
-        })();
-        let result = drafted.and_then(|()| {
+            let feed = a.tokens[pos..(pos + take).min(a.tokens.len())].to_vec();
+            rows.push(base + feed.len() - 1);
+            parts.push(StepPart { feed, start: pos, drafts: vec![], snap: None });
+        }
+        let result = (|| -> dsv4_core::Result<(Vec<f32>, B::Tensor)> {
             let refs: Vec<(&[u32], usize)> = parts.iter().map(|p| (p.feed.as_slice(), p.start)).collect();
             let batch = Batch::new(&refs)?;
             let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
@@ -935,7 +955,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             let (logits, h) = model.step_rows(be, &batch, &mut self.cache, &mut seqs, &rows)?;
             Ok((be.download(&logits)?, h))
-        });
+        })();
         self.stats.steps_total += 1;
         let (logits, h) = match result {
             Ok(x) => x,

@@ -309,3 +309,31 @@ fn speculating_requests_survive_preemption() {
     assert!(s.preemptions_total > 0, "nothing was preempted: the test does not test preemption");
     assert!(s.spec_draft_tokens_total > 0);
 }
+
+/// A step budget of k + 1 tokens: requests share it, drafts shrink to what is left, nobody
+/// waits forever; a budget below k + 1 is refused at start.
+#[test]
+fn speculation_fits_a_small_step_budget() {
+    let config = EngineConfig { prefill_chunk: 4, max_num_batched_tokens: 4, ..Default::default() };
+    let reqs: Vec<_> = (0..3u32).map(|i| greedy((0..9).map(|j| 3 + (j * 7 + i * 11) % 120).collect(), 12)).collect();
+    let run = |config: EngineConfig| -> Vec<Vec<u32>> {
+        let e = mtp_engine(config, 3, 64);
+        let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        streams.into_iter().map(|s| collect(s).0).collect()
+    };
+    assert_eq!(run(EngineConfig { speculative_tokens: 3, ..config }), run(config));
+    let refused = EngineHandle::spawn(EngineConfig { speculative_tokens: 4, ..config }, || {
+        let be = CpuBackend::new();
+        let dir = mtp_checkpoint();
+        let model = Model::load(
+            &be,
+            ModelConfig::from_dir(&dir)?,
+            &dsv4_core::checkpoint::Checkpoint::open(&dir)?,
+            &mut |_, _, _| {},
+        )?;
+        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 64, 4);
+        Ok((be, model, kv))
+    });
+    let err = refused.err().expect("refused").to_string();
+    assert!(err.contains("--max-num-batched-tokens"), "{err}");
+}

@@ -283,3 +283,30 @@ fn a_speculative_session_continues_turns_exactly() {
     let err = dsv4_tests::session(&be, &tiny).generate(&be, &[5, 6], &opts(2, 3), &mut |_| Ok(Control::Continue));
     assert!(err.unwrap_err().to_string().contains("MTP block"));
 }
+
+/// One session used with and without speculation, and with a larger prefill chunk later: each
+/// call gives what a fresh plain session gives (the MTP state starts over when a plain call
+/// moved the sequence on, and is rebuilt for a longer chunk).
+#[test]
+fn a_session_mixes_plain_and_speculative_calls() {
+    let be = CpuBackend::new();
+    let case = fixtures_dir().join("official_fp8");
+    let model = load_model(&be, &case);
+    let ids = read_reference(&case).input_ids;
+    let opts = |k: usize, chunk: usize| GenerateOptions {
+        max_new_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        prefill_chunk: chunk,
+        speculative_tokens: k,
+        ..Default::default()
+    };
+    let mut session = dsv4_tests::session(&be, &model);
+    let mut prompt = ids[..20].to_vec();
+    for (k, chunk) in [(2, 8), (0, 8), (2, 8), (2, 64), (3, 16)] {
+        let g = session.generate(&be, &prompt, &opts(k, chunk), &mut |_| Ok(Control::Continue)).unwrap();
+        let fresh = run(&be, &model, &prompt, 12, 0);
+        assert_eq!(g.tokens, fresh.tokens, "k = {k}, chunk {chunk}");
+        prompt.extend(&g.tokens);
+        prompt.extend(&ids[prompt.len()..prompt.len() + 5]);
+    }
+}

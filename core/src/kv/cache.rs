@@ -186,6 +186,7 @@ impl Sequence {
         self.rollback_depth = tokens;
     }
 
+    /// Tokens a rollback may take back ([`set_rollback_depth`](Self::set_rollback_depth)).
     pub fn rollback_depth(&self) -> usize {
         self.rollback_depth
     }
@@ -307,7 +308,13 @@ impl<B: Backend> KvCache<B> {
     /// MTP block after the main sequence reused a cached prefix (whose residual streams it
     /// never saw): its drafts are then a little less informed, which costs acceptance, never
     /// exactness. Its pages do not enter the prefix index.
+    ///
+    /// Panics on a cache with compressed layers (their compressors would start from nothing).
     pub fn new_sequence_at(&self, pos: usize) -> Sequence {
+        assert!(
+            !self.has_compressed || pos == 0,
+            "new_sequence_at: only sliding-window states can start past position 0"
+        );
         Sequence { pos, first: pos, tokens: vec![0; pos], ..Sequence::default() }
     }
 
@@ -623,11 +630,7 @@ impl<B: Backend> KvCache<B> {
             return wanted;
         }
         let page_end = wanted / bt * bt;
-        if page_end > snap.pos {
-            page_end
-        } else {
-            snap.pos
-        }
+        page_end.max(snap.pos)
     }
 
     /// Takes `seq` back to position `q`, taken from [`rollback_point`](Self::rollback_point)

@@ -263,8 +263,8 @@ impl<B: Backend> Model<B> {
         Ok(self.step_inner(be, batch, cache, seqs, Some(logits), None)?.0)
     }
 
-    /// [`step`](Self::step), also returning the residual streams after the last block, before `hc_head` `[T, n, D]`: the input of the
-    /// MTP block (spec §D.5) for speculative decoding.
+    /// [`step`](Self::step), also returning the residual streams after the last block, before
+    /// `hc_head` `[T, n, D]`: the input of the MTP block (spec §D.5) for speculative decoding.
     pub fn step_with_residual(
         &self,
         be: &B,

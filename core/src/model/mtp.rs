@@ -90,8 +90,10 @@ pub fn mtp_state_config(cfg: &ModelConfig) -> ModelConfig {
 
 /// The MTP block's decoding state for one sequence: its window rows in a pool of its own.
 pub struct MtpState<B: Backend> {
-    pub cache: KvCache<B>,
-    pub seq: Sequence,
+    pub(crate) cache: KvCache<B>,
+    pub(crate) seq: Sequence,
+    /// The longest step it was sized for.
+    max_step: usize,
 }
 
 impl<B: Backend> MtpState<B> {
@@ -101,12 +103,17 @@ impl<B: Backend> MtpState<B> {
         let config = KvConfig::for_sequences(&mcfg, dtype, 1, cfg.sliding_window + max_step, max_step);
         let cache = KvCache::new(be, &mcfg, config)?;
         let seq = cache.new_sequence();
-        Ok(MtpState { cache, seq })
+        Ok(MtpState { cache, seq, max_step })
     }
 
     /// Rows fed so far (= the position of the next row).
     pub fn pos(&self) -> usize {
         self.seq.pos()
+    }
+
+    /// The longest step (rows) its pool was sized for.
+    pub fn max_step(&self) -> usize {
+        self.max_step
     }
 
     /// Empties the state and starts it at position `pos` (the main sequence continues a cached
