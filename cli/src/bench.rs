@@ -518,16 +518,7 @@ fn measure_speculation<B: Backend>(
     }
     be.synchronize()?;
     let decode_secs = t.elapsed().as_secs_f64();
-    let s = spec.stats;
-    let stats = SpecStats {
-        verify_steps: s.verify_steps - stats0.verify_steps,
-        verify_rows: s.verify_rows - stats0.verify_rows,
-        drafted: s.drafted - stats0.drafted,
-        accepted: s.accepted - stats0.accepted,
-        emitted: s.emitted - stats0.emitted,
-        draft_secs: s.draft_secs - stats0.draft_secs,
-        verify_secs: s.verify_secs - stats0.verify_secs,
-    };
+    let stats = spec.stats.since(&stats0);
     Ok(SpecRow { k, step_secs: median(&mut one), verify_step_secs: median(&mut many), decode_secs, stats })
 }
 

@@ -336,16 +336,7 @@ impl<'m, B: Backend> Session<'m, B> {
                 }
             }
         }
-        let s = spec.stats;
-        let stats = SpecStats {
-            verify_steps: s.verify_steps - stats0.verify_steps,
-            verify_rows: s.verify_rows - stats0.verify_rows,
-            drafted: s.drafted - stats0.drafted,
-            accepted: s.accepted - stats0.accepted,
-            emitted: s.emitted - stats0.emitted,
-            draft_secs: s.draft_secs - stats0.draft_secs,
-            verify_secs: s.verify_secs - stats0.verify_secs,
-        };
+        let stats = spec.stats.since(&stats0);
         Ok(Generation {
             tokens: out,
             stop: stop.unwrap_or(StopReason::MaxTokens),

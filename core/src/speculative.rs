@@ -49,6 +49,19 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
+    /// The counts added since `before` (an earlier copy of the same counters).
+    pub fn since(&self, before: &SpecStats) -> SpecStats {
+        SpecStats {
+            verify_steps: self.verify_steps - before.verify_steps,
+            verify_rows: self.verify_rows - before.verify_rows,
+            drafted: self.drafted - before.drafted,
+            accepted: self.accepted - before.accepted,
+            emitted: self.emitted - before.emitted,
+            draft_secs: self.draft_secs - before.draft_secs,
+            verify_secs: self.verify_secs - before.verify_secs,
+        }
+    }
+
     /// Accepted drafts per drafted token.
     pub fn acceptance_rate(&self) -> f64 {
         self.accepted as f64 / self.drafted.max(1) as f64

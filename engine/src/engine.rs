@@ -791,14 +791,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             Err(e) => {
                 // The chosen sequences' state is undefined now: fail them; others go on.
                 let message = format!("model step failed: {e}");
-                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
-                failed.sort_unstable_by(|a, b| b.cmp(a));
-                for i in failed {
-                    let mut a = self.active.swap_remove(i);
-                    self.cache.release(&mut a.seq);
-                    self.stats.requests_failed_total += 1;
-                    let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
-                }
+                self.fail_chosen(chosen, &message);
                 // On several ranks a failed step (a collective that failed, a rank that died)
                 // leaves the ranks' states apart: stop, so every request gets this error.
                 return if self.mirror.is_replicated() { Err(message) } else { Ok(()) };
@@ -844,6 +837,18 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         self.end_step(finished, sampled)
+    }
+
+    /// Fails every chosen request of a step that failed (their state is undefined now).
+    fn fail_chosen(&mut self, chosen: &[(usize, usize)], message: &str) {
+        let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+        failed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in failed {
+            let mut a = self.active.swap_remove(i);
+            self.cache.release(&mut a.seq);
+            self.stats.requests_failed_total += 1;
+            let _ = a.sub.out.send(EngineEvent::Error { message: message.to_string(), usage: a.usage() });
+        }
     }
 
     /// Hands request `i` its next token `id`, chosen from logits `row`. Returns how the
@@ -961,14 +966,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             Ok(x) => x,
             Err(e) => {
                 let message = format!("model step failed: {e}");
-                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
-                failed.sort_unstable_by(|a, b| b.cmp(a));
-                for i in failed {
-                    let mut a = self.active.swap_remove(i);
-                    self.cache.release(&mut a.seq);
-                    self.stats.requests_failed_total += 1;
-                    let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
-                }
+                self.fail_chosen(chosen, &message);
                 return Ok(());
             }
         };
