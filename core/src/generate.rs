@@ -31,6 +31,25 @@ pub struct GenerateOptions {
     pub speculative_tokens: usize,
 }
 
+impl GenerateOptions {
+    /// Why generation ends after emitting `tok` (the caller said `control`), with `generated`
+    /// tokens emitted and `total` in the sequence (prompt included), under a context of `ctx`
+    /// positions; None to go on. One rule for plain and speculative decoding.
+    fn stop_after(&self, tok: u32, control: Control, generated: usize, total: usize, ctx: usize) -> Option<StopReason> {
+        if self.stop_token_ids.contains(&tok) {
+            Some(StopReason::Eos)
+        } else if control == Control::Stop {
+            Some(StopReason::Caller)
+        } else if generated == self.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if total >= ctx {
+            Some(StopReason::ContextLength)
+        } else {
+            None
+        }
+    }
+}
+
 impl Default for GenerateOptions {
     fn default() -> Self {
         GenerateOptions {
@@ -159,6 +178,9 @@ impl<'m, B: Backend> Session<'m, B> {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32) -> Result<Control>,
     ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(Error::Input("nothing to feed: the prompt is empty".into()));
+        }
         let ctx = self.model.cfg.max_position_embeddings;
         if prompt.len() >= ctx {
             return Err(Error::Input(format!(
@@ -190,19 +212,8 @@ impl<'m, B: Backend> Session<'m, B> {
             let tok = sampler.sample(&logits);
             out.push(tok);
             let control = on_token(tok)?;
-            if opts.stop_token_ids.contains(&tok) {
-                stop = StopReason::Eos;
-                break;
-            }
-            if control == Control::Stop {
-                stop = StopReason::Caller;
-                break;
-            }
-            if out.len() == opts.max_new_tokens {
-                break;
-            }
-            if self.seq.pos() + 1 >= ctx {
-                stop = StopReason::ContextLength;
+            if let Some(why) = opts.stop_after(tok, control, out.len(), prompt.len() + out.len(), ctx) {
+                stop = why;
                 break;
             }
             logits = self.feed(be, &[tok], 1)?;
@@ -231,9 +242,6 @@ impl<'m, B: Backend> Session<'m, B> {
         on_token: &mut dyn FnMut(u32) -> Result<Control>,
     ) -> Result<Generation> {
         let (model, k) = (self.model, opts.speculative_tokens);
-        if prompt.is_empty() {
-            return Err(Error::Input("nothing to feed: the prompt is empty".into()));
-        }
         let mut sampler = Sampler::new(opts.sampling)?;
         let chunk = opts.prefill_chunk.max(1);
         if self.spec.as_ref().map(|s| (s.k(), s.max_step())) != Some((k, chunk)) {
@@ -255,23 +263,18 @@ impl<'m, B: Backend> Session<'m, B> {
             prefix_cached = self.cache.reuse_prefix(&mut self.seq, prompt)?;
             self.spec.as_mut().expect("created above").restart_at(self.seq.pos(), prompt);
         }
-        let result = self.speculate(be, prompt, opts, &mut sampler, on_token);
-        match result {
-            Ok(mut g) => {
-                g.prefix_cached = prefix_cached;
-                Ok(g)
-            }
-            Err(e) => {
-                self.reset();
-                Err(e)
-            }
+        let result = self.speculate(be, prompt, prefix_cached, opts, &mut sampler, on_token);
+        if result.is_err() {
+            self.reset();
         }
+        result
     }
 
     fn speculate(
         &mut self,
         be: &B,
         prompt: &[u32],
+        prefix_cached: usize,
         opts: &GenerateOptions,
         sampler: &mut Sampler,
         on_token: &mut dyn FnMut(u32) -> Result<Control>,
@@ -302,17 +305,7 @@ impl<'m, B: Backend> Session<'m, B> {
             tokens.push(tok);
             out.push(tok);
             let control = on_token(tok)?;
-            Ok(if opts.stop_token_ids.contains(&tok) {
-                Some(StopReason::Eos)
-            } else if control == Control::Stop {
-                Some(StopReason::Caller)
-            } else if out.len() == opts.max_new_tokens {
-                Some(StopReason::MaxTokens)
-            } else if tokens.len() >= ctx {
-                Some(StopReason::ContextLength)
-            } else {
-                None
-            })
+            Ok(opts.stop_after(tok, control, out.len(), tokens.len(), ctx))
         };
         let mut stop = if opts.max_new_tokens == 0 {
             Some(StopReason::MaxTokens)
@@ -341,7 +334,7 @@ impl<'m, B: Backend> Session<'m, B> {
             tokens: out,
             stop: stop.unwrap_or(StopReason::MaxTokens),
             prefilled: todo.len(),
-            prefix_cached: 0,
+            prefix_cached,
             prefill_secs,
             decode_secs: t1.elapsed().as_secs_f64(),
             speculation: Some(stats),
