@@ -305,6 +305,12 @@ impl EngineHandle {
     }
 }
 
+/// Every chosen request's sequence, borrowed mutably at once, in batch order.
+fn chosen_sequences<'s, B: Backend>(active: &'s mut [Active<B>], chosen: &[(usize, usize)]) -> Vec<&'s mut Sequence> {
+    let mut slots: Vec<Option<&mut Active<B>>> = active.iter_mut().map(Some).collect();
+    chosen.iter().map(|&(i, _)| &mut slots[i].take().expect("each sequence chosen once").seq).collect()
+}
+
 /// One request's rows in a speculative step.
 struct StepPart<B: Backend> {
     /// Tokens fed (pending tokens, then drafts), from position `start`.
@@ -776,12 +782,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             .collect();
         let refs: Vec<(&[u32], usize)> = parts.iter().map(|(t, p)| (t.as_slice(), *p)).collect();
         let result = Batch::new(&refs).and_then(|batch| {
-            // Every chosen sequence, borrowed mutably at once, in batch order.
-            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
-            let mut slots: Vec<Option<&mut Active<B>>> = self.active.iter_mut().map(Some).collect();
-            for &(i, _) in chosen {
-                seqs.push(&mut slots[i].take().expect("each sequence chosen once").seq);
-            }
+            let mut seqs = chosen_sequences(&mut self.active, chosen);
             let logits = self.model.step(self.be, &batch, &mut self.cache, &mut seqs, Logits::LastPerSequence)?;
             self.be.download(&logits)
         });
@@ -953,11 +954,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         let result = (|| -> dsv4_core::Result<(Vec<f32>, B::Tensor)> {
             let refs: Vec<(&[u32], usize)> = parts.iter().map(|p| (p.feed.as_slice(), p.start)).collect();
             let batch = Batch::new(&refs)?;
-            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(chosen.len());
-            let mut slots: Vec<Option<&mut Active<B>>> = self.active.iter_mut().map(Some).collect();
-            for &(i, _) in chosen {
-                seqs.push(&mut slots[i].take().expect("each sequence chosen once").seq);
-            }
+            let mut seqs = chosen_sequences(&mut self.active, chosen);
             let (logits, h) = model.step_rows(be, &batch, &mut self.cache, &mut seqs, &rows)?;
             Ok((be.download(&logits)?, h))
         })();
@@ -972,17 +969,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         let vocab = self.info.vocab_size;
         let (mut sampled, mut finished) = (vec![], vec![]);
-        let (mut row0, mut h0) = (0, 0);
+        let (mut row_end, mut h_end) = (0, 0);
         for (&(i, _), StepPart { feed, start: pos, drafts, snap }) in chosen.iter().zip(parts) {
             let snap_taken = snap.is_some();
             let n_rows = if snap_taken { drafts.len() + 1 } else { 1 };
+            let (row0, h0) = (row_end, h_end);
+            (row_end, h_end) = (row0 + n_rows, h0 + feed.len());
             let logit_rows = &logits[row0 * vocab..(row0 + n_rows) * vocab];
-            let h_rows = be.narrow(&h, 0, h0, feed.len()).map_err(|e| e.to_string());
-            row0 += n_rows;
-            h0 += feed.len();
+            // This request's residual rows, for its MTP block (copied only if it has one).
+            let h_rows = || be.narrow(&h, 0, h0, feed.len()).map_err(|e| e.to_string());
             let a = &mut self.active[i];
             let verdict = match (snap, &mut a.spec) {
-                (Some(snap), Some(spec)) => h_rows.and_then(|h| {
+                (Some(snap), Some(spec)) => h_rows().and_then(|h| {
                     spec.judge(
                         be,
                         &mut self.cache,
@@ -999,7 +997,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 (_, spec) => {
                     // Prefill chunk (or plain request): the MTP block takes its residual rows.
                     if let Some(spec) = spec {
-                        let fed = h_rows
+                        let fed = h_rows()
                             .and_then(|h| spec.push(be, model, Some((&h, pos)), &a.tokens).map_err(|e| e.to_string()));
                         if let Err(e) = fed {
                             a.spec = None; // decode plainly from here
