@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::kv::{KvConfig, KvDtype};
 use dsv4_core::sampling::SamplingParams;
-use dsv4_core::{builtin, Model, ModelConfig};
+use dsv4_core::{builtin, Checkpoint, Model, ModelConfig};
 use dsv4_engine::{
     EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerationRequest, RequestStream, SubmitError,
 };
@@ -18,14 +18,29 @@ fn engine(config: EngineConfig, seqs: usize, tokens: usize) -> EngineHandle {
 }
 
 fn engine_with(config: EngineConfig, kv: impl FnOnce(&ModelConfig) -> KvConfig + Send + 'static) -> EngineHandle {
+    spawn(config, builtin::tiny, kv).expect("engine starts")
+}
+
+/// Starts an engine over the checkpoint `open` gives, with the pool `kv` sizes; Err says why
+/// it did not start.
+fn spawn(
+    config: EngineConfig,
+    open: impl FnOnce() -> dsv4_core::Result<(ModelConfig, Checkpoint)> + Send + 'static,
+    kv: impl FnOnce(&ModelConfig) -> KvConfig + Send + 'static,
+) -> Result<EngineHandle, dsv4_engine::BuildError> {
     EngineHandle::spawn(config, move || {
         let be = CpuBackend::new();
-        let (cfg, ckpt) = builtin::tiny()?;
+        let (cfg, ckpt) = open()?;
         let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
         let kv = kv(&model.cfg);
         Ok((be, model, kv))
     })
-    .expect("engine starts")
+}
+
+/// Why an engine over `builtin:tiny` with `config` did not start.
+fn tiny_refusal(config: EngineConfig) -> String {
+    let kv = |cfg: &ModelConfig| KvConfig::for_sequences(cfg, KvDtype::F32, 1, 64, 16);
+    spawn(config, builtin::tiny, kv).err().expect("refused").to_string()
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
@@ -193,16 +208,8 @@ fn bad_requests_are_refused_up_front() {
 
 #[test]
 fn the_engine_reports_why_it_could_not_start() {
-    let err = EngineHandle::spawn(EngineConfig { max_model_len: 1 << 30, ..Default::default() }, || {
-        let be = CpuBackend::new();
-        let (cfg, ckpt) = builtin::tiny()?;
-        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
-        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 64, 16);
-        Ok((be, model, kv))
-    })
-    .err()
-    .expect("refused");
-    assert!(err.to_string().contains("--max-model-len"), "{err}");
+    let err = tiny_refusal(EngineConfig { max_model_len: 1 << 30, ..Default::default() });
+    assert!(err.contains("--max-model-len"), "{err}");
 }
 
 /// `official_fp8` (a checkpoint with an MTP block) from the fixtures.
@@ -210,17 +217,14 @@ fn mtp_checkpoint() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/cases/official_fp8")
 }
 
+fn open_mtp_checkpoint() -> dsv4_core::Result<(ModelConfig, Checkpoint)> {
+    let dir = mtp_checkpoint();
+    Ok((ModelConfig::from_dir(&dir)?, Checkpoint::open(&dir)?))
+}
+
 fn mtp_engine(config: EngineConfig, seqs: usize, tokens: usize) -> EngineHandle {
-    EngineHandle::spawn(config, move || {
-        let be = CpuBackend::new();
-        let dir = mtp_checkpoint();
-        let cfg = ModelConfig::from_dir(&dir)?;
-        let ckpt = dsv4_core::checkpoint::Checkpoint::open(&dir)?;
-        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
-        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, seqs, tokens, config.prefill_chunk);
-        Ok((be, model, kv))
-    })
-    .expect("engine starts")
+    let kv = move |cfg: &ModelConfig| KvConfig::for_sequences(cfg, KvDtype::F32, seqs, tokens, config.prefill_chunk);
+    spawn(config, open_mtp_checkpoint, kv).expect("engine starts")
 }
 
 /// Speculative decoding in the engine: requests with drafts and requests still prefilling
@@ -257,16 +261,8 @@ fn speculative_decoding_in_the_engine_keeps_greedy_output() {
 
 #[test]
 fn speculation_needs_an_mtp_block() {
-    let err = EngineHandle::spawn(EngineConfig { speculative_tokens: 2, ..Default::default() }, || {
-        let be = CpuBackend::new();
-        let (cfg, ckpt) = builtin::tiny()?;
-        let model = Model::load(&be, cfg, &ckpt, &mut |_, _, _| {})?;
-        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 64, 16);
-        Ok((be, model, kv))
-    })
-    .err()
-    .expect("refused");
-    assert!(err.to_string().contains("MTP block"), "{err}");
+    let err = tiny_refusal(EngineConfig { speculative_tokens: 2, ..Default::default() });
+    assert!(err.contains("MTP block"), "{err}");
 }
 
 /// A full pool preempts speculating requests too (their MTP block starts over when they come
@@ -280,23 +276,12 @@ fn speculating_requests_survive_preemption() {
         let e = mtp_engine(EngineConfig { speculative_tokens: 0, ..config }, 1, 256);
         reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap()).0).collect()
     };
-    let e = EngineHandle::spawn(config, move || {
-        let be = CpuBackend::new();
-        let dir = mtp_checkpoint();
-        let model = Model::load(
-            &be,
-            ModelConfig::from_dir(&dir)?,
-            &dsv4_core::checkpoint::Checkpoint::open(&dir)?,
-            &mut |_, _, _| {},
-        )?;
-        let kv = KvConfig {
-            compressed_blocks: 5,
-            window_blocks: 16,
-            ..KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 256, 16)
-        };
-        Ok((be, model, kv))
-    })
-    .expect("engine starts");
+    let kv = |cfg: &ModelConfig| KvConfig {
+        compressed_blocks: 5,
+        window_blocks: 16,
+        ..KvConfig::for_sequences(cfg, KvDtype::F32, 1, 256, 16)
+    };
+    let e = spawn(config, open_mtp_checkpoint, kv).expect("engine starts");
     assert_eq!(e.info().kv.block_tokens, 128, "the test assumes 128-token pages");
     let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
     let together: Vec<_> = streams.into_iter().map(collect).collect();
@@ -322,18 +307,8 @@ fn speculation_fits_a_small_step_budget() {
         streams.into_iter().map(|s| collect(s).0).collect()
     };
     assert_eq!(run(EngineConfig { speculative_tokens: 3, ..config }), run(config));
-    let refused = EngineHandle::spawn(EngineConfig { speculative_tokens: 4, ..config }, || {
-        let be = CpuBackend::new();
-        let dir = mtp_checkpoint();
-        let model = Model::load(
-            &be,
-            ModelConfig::from_dir(&dir)?,
-            &dsv4_core::checkpoint::Checkpoint::open(&dir)?,
-            &mut |_, _, _| {},
-        )?;
-        let kv = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, 64, 4);
-        Ok((be, model, kv))
-    });
+    let kv = |cfg: &ModelConfig| KvConfig::for_sequences(cfg, KvDtype::F32, 1, 64, 4);
+    let refused = spawn(EngineConfig { speculative_tokens: 4, ..config }, open_mtp_checkpoint, kv);
     let err = refused.err().expect("refused").to_string();
     assert!(err.contains("--max-num-batched-tokens"), "{err}");
 }
