@@ -350,6 +350,14 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
         }
         return;
     }
+    if S::TILE_INPUTS > 1 && m <= S::TILE_MOST_INPUTS {
+        // Several input rows (batched decode, a speculative verify step): tiles of rows ×
+        // input rows with the weights decoded in registers ([`tile_any`]).
+        // SAFETY: the caller guarantees `S`; `tiled` checks every row and length.
+        if unsafe { tiled::<S, W>(w, start, n, xs, out) } {
+            return;
+        }
+    }
     for (j, o) in out.chunks_exact_mut(m.max(1)).take(n).enumerate() {
         let row = w.row(start + j, &mut scratch);
         row.check();
@@ -359,10 +367,10 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             // SAFETY: the caller guarantees `S`; the row and the lengths were checked above.
             unsafe { dot_rows_with::<S, G>(&row, xs, o) }
         } else {
-            // Several input rows: decode the row once into L1 (the values `dot_rows_with`
-            // would decode, bit for bit: `decode_row`'s contract) and run the f32 kernel on it.
-            // Decoding in registers for every group of input rows keeps more live values
-            // than the registers hold, and the spills cost more than the decode.
+            // Several input rows where no tiles run (the scalar lanes, AVX2 past
+            // `TILE_MOST_INPUTS`, rows not in whole chunks): decode the row once into L1 (the
+            // values `dot_rows_with` would decode, bit for bit: `decode_row`'s contract) and
+            // run the f32 kernel on it.
             decoded.resize(k, 0f32);
             // SAFETY: as above; `decoded` has `k` values.
             unsafe {
@@ -371,6 +379,327 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             }
         }
     }
+}
+
+/// [`dot_many_with`] for `m = out.len() / n > 1` input rows, in tiles: [`Lanes::TILE_ROWS`]
+/// weight rows (far apart, as the one-row path pairs them: two clean memory streams) against
+/// up to [`Lanes::TILE_INPUTS`] input rows, each chunk decoded in registers once per tile and
+/// multiplied into every input row of it ([`tile`]), the inputs' chunks loaded once for the
+/// tile's rows. The columns are taken in slices whose `m` input rows fit in L1
+/// ([`TILE_INPUT_BYTES`]), a group of rows ([`TILE_WEIGHT_BYTES`], in L2 meanwhile) going
+/// through one slice before the next: the inputs are then read from L1, not L2, and each
+/// weight byte is still fetched from memory once. The
+/// accumulators wait in memory between slices (exact: a store and a load change no bits), so
+/// each output's lanes see the canonical `fma` sequence and the bits are those of
+/// [`dot_rows`].
+///
+/// Why: decoding a row into memory and running the f32 kernel on it read all `m · k` input
+/// values from L2 for every weight row; on a 2-vCPU Zen 4 (one 512-bit load a cycle) four
+/// input rows then cost about 8 one-row GEMVs (`tests/gemv_bench.rs`).
+///
+/// Returns `false`, having written nothing, when the first row is not in whole chunks of whole
+/// blocks (the caller's row-by-row path then computes everything). A unit of rows whose
+/// blocks turn out not to fit (a block without an exact fast decode) is computed row by row
+/// here.
+///
+/// # Safety
+///
+/// The CPU supports `S`.
+#[inline(always)]
+unsafe fn tiled<S: Lanes, W: Rows>(w: &W, start: usize, n: usize, xs: &[f32], out: &mut [f32]) -> bool
+where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    let m = out.len() / n;
+    let (mut scratch, mut second) = (RowScratch::default(), RowScratch::default());
+    // The rows' length, blocks and layout (one weight: all rows alike, checked below).
+    let (k, blocks, split_layout, format) = {
+        let first = w.row(start, &mut scratch);
+        first.check();
+        (first.len(), first.block(), row_splits::<S>(&first), format_of(&first))
+    };
+    assert_eq!(xs.len(), m * k, "dot_many: {m} input rows of {k} values");
+    let block = blocks.unwrap_or(k);
+    if k == 0 || !k.is_multiple_of(LANES) || !block.is_multiple_of(LANES) {
+        return false;
+    }
+    // Slices of whole blocks (FP8's 128, FP4's 32; one chunk for the unscaled formats).
+    let unit = if blocks.is_some() { block } else { LANES };
+    let slice = (TILE_INPUT_BYTES / (4 * m)).max(unit) / unit * unit;
+    // Units of rows: pairs `t, t + h` (or single rows), then the odd row left.
+    let r = S::TILE_ROWS.clamp(1, 2);
+    let h = n / r;
+    let mut units: Vec<([usize; 2], usize)> = (0..h).map(|t| ([t, t + h], r)).collect();
+    units.extend((h * r..n).map(|j| ([j, j], 1)));
+    // Each unit's accumulators, `2 · m` of them (row q, input i at `q · m + i`).
+    let mut acc = vec![S::zero(); units.len() * 2 * m];
+    let mut failed = vec![false; units.len()];
+    // The inputs in the split layout, for formats that decode in it (made when first needed).
+    let mut split = Vec::new();
+    // Units a group: their rows (at most TILE_WEIGHT_BYTES, counted as f32) stay in L2 while
+    // the group goes through the slices, so no weight byte is fetched from memory twice.
+    let group = (TILE_WEIGHT_BYTES / (2 * 4 * k)).max(1);
+    for first_unit in (0..units.len()).step_by(group) {
+        let group = first_unit..(first_unit + group).min(units.len());
+        let mut j0 = 0;
+        while j0 < k {
+            let j1 = (j0 + slice).min(k);
+            for (u, &(rows, r)) in units.iter().enumerate().take(group.end).skip(group.start) {
+                if failed[u] {
+                    continue;
+                }
+                let r0 = w.row(start + rows[0], &mut scratch);
+                let r1 = if r == 2 { Some(w.row(start + rows[1], &mut second)) } else { None };
+                for row in std::iter::once(&r0).chain(r1.as_ref()) {
+                    row.check();
+                    assert!(
+                        row.len() == k && row.block() == blocks && format_of(row) == format,
+                        "dot_many: rows of different shapes or formats"
+                    );
+                }
+                let a = &mut acc[u * 2 * m..(u + 1) * 2 * m];
+                let mut i = 0;
+                while i < m {
+                    let g = (m - i).min(S::TILE_INPUTS).min(MAX_TILE_INPUTS);
+                    // SAFETY: the caller guarantees `S`; the rows were checked, they and every
+                    // input row have `k` values (a multiple of 32, in blocks of whole chunks).
+                    if !unsafe { tile_any::<S>(&r0, r1.as_ref(), xs, k, &mut split, (i, g), (j0, j1), a) } {
+                        failed[u] = true;
+                        break;
+                    }
+                    i += g;
+                }
+            }
+            j0 = j1;
+        }
+    }
+    let mut decoded = Vec::new();
+    for (u, &(rows, r)) in units.iter().enumerate() {
+        for (q, &row) in rows[..r].iter().enumerate() {
+            let o = &mut out[row * m..(row + 1) * m];
+            if failed[u] {
+                // Row by row, as the caller's fallback does (rare: extreme scales).
+                let wr = w.row(start + row, &mut scratch);
+                decoded.resize(k, 0f32);
+                // SAFETY: the caller guarantees `S`; the row was checked above.
+                unsafe {
+                    decode_with::<S>(&wr, &mut decoded);
+                    dot_rows_with::<S, 4>(&Row::F32(&decoded), xs, o);
+                }
+                continue;
+            }
+            for (i, v) in o.iter_mut().enumerate() {
+                let a = acc[u * 2 * m + q * m + i];
+                // SAFETY: the caller guarantees `S`.
+                *v = unsafe {
+                    if split_layout {
+                        S::reduce_split(a)
+                    } else {
+                        S::reduce(a)
+                    }
+                };
+            }
+        }
+    }
+    true
+}
+
+/// The input bytes one slice of [`tiled`] keeps in L1 for all input rows (half of a 32 KiB
+/// L1, leaving the rest to the weights and the accumulators).
+const TILE_INPUT_BYTES: usize = 16 << 10;
+
+/// The weight bytes (as f32) of the rows [`tiled`] takes through all column slices before the
+/// next rows: a quarter of a 1 MiB L2.
+const TILE_WEIGHT_BYTES: usize = 256 << 10;
+
+/// The most input rows one tile takes on any instruction set.
+const MAX_TILE_INPUTS: usize = 4;
+
+/// The row's format, as a number ([`tiled`] checks that a weight's rows share it).
+fn format_of(row: &Row) -> u8 {
+    match row {
+        Row::F32(_) => 0,
+        Row::Bf16(_) => 1,
+        Row::F16(_) => 2,
+        Row::Fp8 { .. } => 3,
+        Row::Fp4 { .. } => 4,
+    }
+}
+
+/// Whether `S` decodes the row's format in the split layout ([`Decode::SPLIT`]).
+#[inline(always)]
+fn row_splits<S: Lanes>(row: &Row) -> bool
+where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    match row {
+        Row::F32(_) => <F32Dec as Decode<S>>::SPLIT,
+        Row::Bf16(_) => <Bf16Dec as Decode<S>>::SPLIT,
+        Row::F16(_) => <F16Dec as Decode<S>>::SPLIT,
+        Row::Fp8 { .. } => <Fp8Dec as Decode<S>>::SPLIT,
+        Row::Fp4 { .. } => <Fp4Dec as Decode<S>>::SPLIT,
+    }
+}
+
+/// [`tile`] for the rows' format (`r1`, if any, is of `r0`'s format: the caller checks).
+/// `inputs = (first, g)` picks input rows `first..first + g` (`g ≤ MAX_TILE_INPUTS`) of
+/// `xs_all` (all input rows, `k` values each); `split` is empty or holds all of them in the
+/// split layout ([`split_input`] per row), made here when a splitting format first needs it.
+/// `acc` holds the unit's `2 · m` accumulators (row `q`, input `i` at `q · m + i`).
+///
+/// # Safety
+///
+/// The CPU supports `S`; both rows are checked and `k` long, `xs_all` holds the input rows,
+/// `cols` is a range of whole blocks inside `0..k`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_any<S: Lanes>(
+    r0: &Row,
+    r1: Option<&Row>,
+    xs_all: &[f32],
+    k: usize,
+    split: &mut Vec<f32>,
+    inputs: (usize, usize),
+    cols: (usize, usize),
+    acc: &mut [S::W],
+) -> bool
+where
+    for<'a> F32Dec<'a>: Decode<S>,
+    for<'a> Bf16Dec<'a>: Decode<S>,
+    for<'a> F16Dec<'a>: Decode<S>,
+    for<'a> Fp8Dec<'a>: Decode<S>,
+    for<'a> Fp4Dec<'a>: Decode<S>,
+{
+    macro_rules! go {
+        ($dec:ident) => {{
+            let d0 = $dec(*r0);
+            match r1 {
+                Some(r1) => tile_g::<S, _, 2>([&d0, &$dec(*r1)], xs_all, k, split, inputs, cols, acc),
+                None => tile_g::<S, _, 1>([&d0], xs_all, k, split, inputs, cols, acc),
+            }
+        }};
+    }
+    // SAFETY (each arm): forwarded from the caller.
+    unsafe {
+        match r0 {
+            Row::F32(_) => go!(F32Dec),
+            Row::Bf16(_) => go!(Bf16Dec),
+            Row::F16(_) => go!(F16Dec),
+            Row::Fp8 { .. } => go!(Fp8Dec),
+            Row::Fp4 { .. } => go!(Fp4Dec),
+        }
+    }
+}
+
+/// [`tile`] with the input count `g` as a constant, on the inputs in the decoder's layout.
+///
+/// # Safety
+///
+/// As [`tile_any`].
+#[inline(always)]
+unsafe fn tile_g<S: Lanes, D: Decode<S>, const R: usize>(
+    d: [&D; R],
+    xs_all: &[f32],
+    k: usize,
+    split: &mut Vec<f32>,
+    (first, g): (usize, usize),
+    cols: (usize, usize),
+    acc: &mut [S::W],
+) -> bool {
+    let input: &[f32] = if D::SPLIT {
+        if split.is_empty() {
+            // Every input row, so the later tiles find them made.
+            let mut one = Vec::with_capacity(k);
+            for x in xs_all.chunks_exact(k) {
+                split_input(x, &mut one);
+                split.extend_from_slice(&one);
+            }
+        }
+        &split[first * k..(first + g) * k]
+    } else {
+        &xs_all[first * k..(first + g) * k]
+    };
+    let m = xs_all.len() / k;
+    // SAFETY (each arm): forwarded from the caller.
+    unsafe {
+        match g {
+            1 => tile::<S, D, R, 1>(d, input, k, cols, acc, (first, m)),
+            2 => tile::<S, D, R, 2>(d, input, k, cols, acc, (first, m)),
+            3 => tile::<S, D, R, 3>(d, input, k, cols, acc, (first, m)),
+            _ => tile::<S, D, R, 4>(d, input, k, cols, acc, (first, m)),
+        }
+    }
+}
+
+/// Columns `cols` of `R` weight rows against `M` input rows (`x`, `M · k` values, in the split
+/// layout when `D::SPLIT`): every chunk of each row decoded once, in registers, and multiplied
+/// into the `M` accumulators of that row, which are taken from and put back into `acc` (row
+/// `q`, input `first + i` at `q · m + first + i`). Each accumulator sees the `fma`s of
+/// [`group`] (or of [`pair`]'s split layout), so the bits are the canonical ones. `false`
+/// when a block's fast decode is not exact for one of the rows (the accumulators are then
+/// partial: the caller computes the rows again another way).
+///
+/// # Safety
+///
+/// The CPU supports `S`; the rows are checked, `k` long (a multiple of 32, in blocks of whole
+/// chunks), `x.len() == M · k` and `cols` is a range of whole blocks inside `0..k`.
+#[inline(always)]
+unsafe fn tile<S: Lanes, D: Decode<S>, const R: usize, const M: usize>(
+    d: [&D; R],
+    x: &[f32],
+    k: usize,
+    (j0, j1): (usize, usize),
+    acc: &mut [S::W],
+    (first, m): (usize, usize),
+) -> bool {
+    let block = d[0].row().block().unwrap_or(k);
+    debug_assert!(x.len() == M * k && j1 <= k && j0.is_multiple_of(LANES) && j1.is_multiple_of(LANES));
+    let mut a = [[S::zero(); M]; R];
+    for q in 0..R {
+        for i in 0..M {
+            a[q][i] = acc[q * m + first + i];
+        }
+    }
+    let mut j = j0;
+    while j < j1 {
+        let b = j / block;
+        let Some(s0) = d[0].scale(b) else { return false };
+        let mut s = [s0; R];
+        for q in 1..R {
+            let Some(sq) = d[q].scale(b) else { return false };
+            s[q] = sq;
+        }
+        let end = ((b + 1) * block).min(j1);
+        while j < end {
+            // The inputs' chunks are loaded once for the tile's rows (no closure: see
+            // `dot_many_with` on target features).
+            let mut xv = [S::zero(); M];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = S::load(x.as_ptr().add(i * k + j));
+            }
+            for q in 0..R {
+                let wv = if D::SPLIT { d[q].chunk_split(j, s[q]) } else { d[q].chunk(j, s[q]) };
+                for i in 0..M {
+                    a[q][i] = S::fma_reg(wv, xv[i], a[q][i]);
+                }
+            }
+            j += LANES;
+        }
+    }
+    for q in 0..R {
+        for i in 0..M {
+            acc[q * m + first + i] = a[q][i];
+        }
+    }
+    true
 }
 
 /// The `k` values of the row widened to f32 into `out` (length `k`): exactly the values
@@ -431,6 +760,15 @@ pub(crate) trait Lanes {
     unsafe fn store(w: Self::W, p: *mut f32);
     /// `fma(w[l], x[l], acc[l])` for every lane, each rounded once.
     unsafe fn fma(w: Self::W, x: *const f32, acc: Self::W) -> Self::W;
+    /// [`Lanes::fma`] with the input in registers (a tile reuses it for several rows).
+    unsafe fn fma_reg(w: Self::W, x: Self::W, acc: Self::W) -> Self::W {
+        let mut b = [0f32; LANES];
+        // SAFETY: `b` holds 32 values; the CPU supports `Self` (trait contract).
+        unsafe {
+            Self::store(x, b.as_mut_ptr());
+            Self::fma(w, b.as_ptr(), acc)
+        }
+    }
     /// The canonical pairwise reduction (16, 8, 4, 2, 1).
     unsafe fn reduce(acc: Self::W) -> f32;
     /// Whether the CPU of this set runs [`super::fp8_fold`]'s kernel. An implementation may
@@ -441,6 +779,14 @@ pub(crate) trait Lanes {
     /// implementation may name only a set its own includes (the kernel is called on this
     /// promise).
     const FP4_TABLES: Option<Isa> = None;
+    /// Weight rows (1 or 2) of one tile of several input rows ([`tiled`]).
+    const TILE_ROWS: usize = 1;
+    /// Input rows of one tile (at most `MAX_TILE_INPUTS`); 1 (the default) leaves several
+    /// input rows to the decode-then-multiply path. A tile holds `TILE_ROWS · TILE_INPUTS`
+    /// 32-lane accumulators, plus the decoded chunks, in registers.
+    const TILE_INPUTS: usize = 1;
+    /// The most input rows that go through tiles; more take the decode-then-multiply path.
+    const TILE_MOST_INPUTS: usize = usize::MAX;
     /// The canonical reduction of an accumulator in the *split layout* (see
     /// [`Decode::chunk_split`]): the 16 even lanes first, then the 16 odd ones. (This default
     /// is the definition; the x86 lanes, the only ones whose decoders split, override it.) The canonical

@@ -546,16 +546,48 @@ fn dot_many_pairs_fall_back_on_extreme_scales() {
             })
             .collect();
         let w = Matrix(rows);
-        let xs: Vec<f32> = rng.xs(256).iter().map(|v| v * 1e-30).collect();
-        let mut want = vec![0f32; 4];
-        for (j, o) in want.chunks_exact_mut(1).enumerate() {
-            dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+        // One input row (pairs of rows) and several (tiles, in slices of the columns: the
+        // huge block is the second of the row, so the first slices went the fast way).
+        for m in [1, 3, 6] {
+            let xs: Vec<f32> = rng.xs(256 * m).iter().map(|v| v * 1e-30).collect();
+            let mut want = vec![0f32; 4 * m];
+            for (j, o) in want.chunks_exact_mut(m).enumerate() {
+                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+            }
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; 4 * m];
+                dot_many(isa, &w, 0, 4, &xs, &mut got);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(same(*g, *e), "{isa:?} m={m} huge scale in row {huge_row}: {g:e} vs {e:e}");
+                }
+            }
         }
-        for isa in Isa::supported() {
-            let mut got = vec![f32::NAN; 4];
-            dot_many(isa, &w, 0, 4, &xs, &mut got);
-            for (g, e) in got.iter().zip(&want) {
-                assert!(same(*g, *e), "{isa:?} huge scale in row {huge_row}: {g:e} vs {e:e}");
+    }
+}
+
+/// Several input rows on rows long enough that the tiles take the columns in several slices
+/// (16 KiB of inputs each: 455 values for 9 input rows, rounded down to whole blocks), with a
+/// shorter last slice, an odd row count, more rows than one group of rows (22 pairs of 1440
+/// values) and every format: the same bits as row by row.
+#[test]
+fn dot_many_in_column_slices_is_dot_rows_row_by_row() {
+    let mut rng = Rng(12);
+    let scale = |r: &mut Rng| 2f32.powi((r.next() % 12) as i32 - 6);
+    for kind in [Kind::F32, Kind::Bf16, Kind::F16, Kind::Fp8(128), Kind::Fp4(32)] {
+        let (n, k) = (47, 1440);
+        let w = Matrix((0..n).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
+        for m in [2, 5, 8, 9] {
+            let xs = rng.xs(m * k);
+            let mut want = vec![0f32; n * m];
+            for (j, o) in want.chunks_exact_mut(m).enumerate() {
+                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+            }
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; n * m];
+                dot_many(isa, &w, 0, n, &xs, &mut got);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(same(*g, *e), "{kind:?} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
+                }
             }
         }
     }

@@ -122,6 +122,14 @@ pub(crate) struct Avx2;
 impl Lanes for Avx2 {
     const FOLDS_FP8: bool = true;
     const FP4_TABLES: Option<Isa> = Some(Isa::Avx2);
+    // 16 registers: two accumulators of four, one decoded chunk of four, the decoder's. One
+    // row a tile (no input reuse across rows), so past 3 input rows the tiles decode each row
+    // too often: on a Zen 4 with DSV4_CPU_ISA=avx2 tiles took 0.5-0.6× the time of the
+    // decode-then-multiply path at 2 input rows, about the same at 4 and up to 1.5× at 8
+    // (FP4; `tests/gemv_bench.rs`, 4096 × 2048).
+    const TILE_ROWS: usize = 1;
+    const TILE_INPUTS: usize = 2;
+    const TILE_MOST_INPUTS: usize = 3;
     type W = [__m256; 4];
 
     #[inline(always)]
@@ -158,6 +166,19 @@ impl Lanes for Avx2 {
                 _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[1]),
                 _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[2]),
                 _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[3]),
+            ]
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fma_reg(w: Self::W, x: Self::W, acc: Self::W) -> Self::W {
+        // SAFETY: register-only FMA operations (trait contract).
+        unsafe {
+            [
+                _mm256_fmadd_ps(w[0], x[0], acc[0]),
+                _mm256_fmadd_ps(w[1], x[1], acc[1]),
+                _mm256_fmadd_ps(w[2], x[2], acc[2]),
+                _mm256_fmadd_ps(w[3], x[3], acc[3]),
             ]
         }
     }
@@ -609,6 +630,11 @@ pub(crate) struct Avx512;
 impl Lanes for Avx512 {
     const FOLDS_FP8: bool = true;
     const FP4_TABLES: Option<Isa> = Some(Isa::Avx512);
+    // 32 registers: 2 rows × 4 inputs accumulators of two (16), the 4 inputs' chunks (8), two
+    // decoded chunks (4), the decoders'. Against 2 or 3 inputs a tile, 4 was as fast or
+    // faster for every format at 2-8 input rows (Zen 4, `tests/gemv_bench.rs`).
+    const TILE_ROWS: usize = 2;
+    const TILE_INPUTS: usize = 4;
     type W = [__m512; 2];
 
     #[inline(always)]
@@ -641,6 +667,12 @@ impl Lanes for Avx512 {
                 _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), acc[1]),
             ]
         }
+    }
+
+    #[inline(always)]
+    unsafe fn fma_reg(w: Self::W, x: Self::W, acc: Self::W) -> Self::W {
+        // SAFETY: register-only AVX-512F operations (trait contract).
+        unsafe { [_mm512_fmadd_ps(w[0], x[0], acc[0]), _mm512_fmadd_ps(w[1], x[1], acc[1])] }
     }
 
     #[inline(always)]
