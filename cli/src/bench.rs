@@ -38,6 +38,8 @@ use dsv4_core::kv::layout::sequence_footprint;
 use dsv4_core::kv::{human_bytes, KvCache, KvConfig, KvDtype, Sequence};
 use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
 use dsv4_core::model::Logits;
+use dsv4_core::parallel::plan::rank_decode_traffic;
+use dsv4_core::parallel::{ParallelLayout, RankContext, RankLayout, Traffic};
 use dsv4_core::profile::Profile;
 use dsv4_core::sampling::{argmax, Sampler, SamplingParams};
 use dsv4_core::speculative::{SpecStats, Speculator};
@@ -237,6 +239,8 @@ pub struct Row {
     pub profile: Option<PhaseProfiles>,
     /// Speculative decoding at the context (with `--speculative-tokens`).
     pub speculation: Option<SpecRow>,
+    /// What this rank put into its communicators over the decode steps (a split run).
+    pub decode_traffic: Option<Traffic>,
 }
 
 /// What `--speculative-tokens k` measured at one context, after the plain decode steps.
@@ -359,6 +363,7 @@ fn time_contexts<B: Backend>(
     chunk: usize,
     speculative: usize,
     take_profile: Option<&dyn Fn() -> Profile>,
+    count_traffic: Option<&dyn Fn() -> Traffic>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Vec<Row>> {
     let cfg = &model.cfg;
@@ -418,6 +423,7 @@ fn time_contexts<B: Backend>(
         let fp = sequence_footprint(cfg, kv_dtype, block_tokens, target);
         let kv_held = cache.sequence_bytes(&seq);
         take();
+        let traffic_before = count_traffic.map(|count| count());
         let mut residuals = vec![];
         let t = Instant::now();
         for _ in 0..decode_steps {
@@ -433,6 +439,7 @@ fn time_contexts<B: Backend>(
         }
         be.synchronize()?;
         let decode_wall = t.elapsed();
+        let decode_traffic = count_traffic.zip(traffic_before).map(|(count, before)| count().since(&before));
         let decode_profile = take();
         if let Some(profile) = decode_profile.as_ref().filter(|_| decode_steps > 0) {
             let phase = Phase { name: "decode", context: target, tokens: decode_steps, wall: decode_wall, profile };
@@ -458,6 +465,7 @@ fn time_contexts<B: Backend>(
             kv_held,
             profile: prefill_profile.zip(decode_profile).map(|(prefill, decode)| PhaseProfiles { prefill, decode }),
             speculation,
+            decode_traffic,
         };
         progress(Progress::Row(&row));
         rows.push(row);
@@ -554,14 +562,9 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// `take_profile`: with `--profile`, `be` is a `Profiled` backend and this is its `take`.
-pub fn run<B: Backend>(
-    be: &B,
-    spec: &str,
-    kv: &KvArgs,
-    opts: &Options,
-    take_profile: Option<&dyn Fn() -> Profile>,
-) -> Result<()> {
+/// The contexts in increasing order, once each, and the threads to measure the machine with;
+/// refuses settings that measure nothing.
+fn checked_options(opts: &Options) -> Result<(Vec<usize>, usize)> {
     let mut contexts = opts.contexts.to_vec();
     contexts.sort_unstable();
     contexts.dedup();
@@ -575,6 +578,18 @@ pub fn run<B: Backend>(
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
+    Ok((contexts, threads))
+}
+
+/// `take_profile`: with `--profile`, `be` is a `Profiled` backend and this is its `take`.
+pub fn run<B: Backend>(
+    be: &B,
+    spec: &str,
+    kv: &KvArgs,
+    opts: &Options,
+    take_profile: Option<&dyn Fn() -> Profile>,
+) -> Result<()> {
+    let (contexts, threads) = checked_options(opts)?;
     let k = opts.speculative_tokens;
     if k > 0 && opts.decode_steps == 0 {
         bail!("--speculative-tokens compares speculative with plain decoding: give --decode-steps of at least 1");
@@ -656,6 +671,7 @@ pub fn run<B: Backend>(
         opts.chunk,
         k,
         take_profile,
+        None,
         progress,
     )?;
     if opts.json {
@@ -673,9 +689,231 @@ pub fn run<B: Backend>(
             chunk: opts.chunk,
             speculative_tokens: k,
             rows: &rows,
+            ranks: None,
         };
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     }
+    Ok(())
+}
+
+/// What one rank of a split run (`--devices`) measured: its rows, and the plan's payload per
+/// decoded token for it ([`rank_decode_traffic`] of one token).
+pub struct RankRun {
+    pub rank: RankLayout,
+    pub plan: Traffic,
+    pub rows: Vec<Row>,
+}
+
+/// What a rank has put into its TP and EP communicators so far.
+fn rank_traffic<B: Backend>(ctx: &RankContext<B>) -> Traffic {
+    let mut t = Traffic::default();
+    for c in [&ctx.tp, &ctx.ep].into_iter().flatten() {
+        for (k, (calls, bytes)) in c.traffic().by_kind {
+            let e = t.by_kind.entry(k).or_default();
+            e.0 += calls;
+            e.1 += bytes;
+        }
+    }
+    t
+}
+
+/// `t` over `n` steps.
+fn times(t: &Traffic, n: usize) -> Traffic {
+    let n = n as u64;
+    Traffic { by_kind: t.by_kind.iter().map(|(&k, &(c, b))| (k, (c * n, b * n))).collect() }
+}
+
+fn kinds(t: &Traffic, per: usize) -> String {
+    let per = per.max(1) as f64;
+    let parts: Vec<String> = t
+        .by_kind
+        .iter()
+        .map(|(k, &(c, b))| format!("{} {} of {} B", c as f64 / per, k.name(), b as f64 / per))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The communication section of a split run's text report: per context, the payload per
+/// decoded token each rank put into its communicators (as the in-process communicator counted
+/// it over the decode steps) beside the plan's figure, ranks with the same figures folded. Every
+/// line starts with `comm |` (not a number: scripts take rows by their first column).
+fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
+    let mut out = String::new();
+    if decode_steps == 0 || runs.is_empty() {
+        return out;
+    }
+    out += "comm | payload per decoded token and rank (f32 activations; an all_reduce counts its buffer, an \
+            all_gather the rank's part), counted by the communicator over the decode steps | as `dsv4 plan` computes \
+            it\n";
+    for (i, row) in runs[0].rows.iter().enumerate() {
+        let mut classes: Vec<(Vec<usize>, &Traffic, &Traffic)> = vec![];
+        for run in runs {
+            let Some(counted) = run.rows.get(i).and_then(|r| r.decode_traffic.as_ref()) else { continue };
+            match classes.iter_mut().find(|(_, c, p)| *c == counted && *p == &run.plan) {
+                Some((ranks, _, _)) => ranks.push(run.rank.rank),
+                None => classes.push((vec![run.rank.rank], counted, &run.plan)),
+            }
+        }
+        for (ranks, counted, plan) in classes {
+            let verdict = if *counted == times(plan, decode_steps) { "equal" } else { "DIFFERENT" };
+            out += &format!(
+                "comm | context {}, rank{} {}: {} B counted ({}) | {} B planned ({}): {verdict}\n",
+                row.context,
+                if ranks.len() == 1 { "" } else { "s" },
+                crate::plan::rank_list(&ranks),
+                counted.bytes() as f64 / decode_steps as f64,
+                kinds(counted, decode_steps),
+                plan.bytes(),
+                kinds(plan, 1),
+            );
+        }
+    }
+    out
+}
+
+/// A row's `comm` array in `--json`: every rank's payload per decoded token, counted and planned.
+fn comm_json(runs: &[RankRun], i: usize, decode_steps: usize) -> Value {
+    let steps = decode_steps.max(1) as f64;
+    runs.iter()
+        .filter_map(|run| {
+            let counted = run.rows.get(i)?.decode_traffic.as_ref()?;
+            let by_kind: serde_json::Map<String, Value> = counted
+                .by_kind
+                .iter()
+                .map(|(k, &(c, b))| {
+                    (k.name().to_string(), json!({"calls": c as f64 / steps, "bytes": b as f64 / steps}))
+                })
+                .collect();
+            Some(json!({
+                "rank": run.rank.rank,
+                "counted_bytes_per_token": counted.bytes() as f64 / steps,
+                "counted_calls_per_token": counted.calls() as f64 / steps,
+                "counted_by_kind": by_kind,
+                "plan_bytes_per_token": run.plan.bytes(),
+                "plan_calls_per_token": run.plan.calls(),
+                "matches_plan": decode_steps > 0 && *counted == times(&run.plan, decode_steps),
+            }))
+        })
+        .collect()
+}
+
+/// `dsv4 bench --devices N`: the model split over the ranks of `parallel` (CPU: threads over the
+/// in-process communicator; Ascend: one device each, over HCCL), every rank timing the same
+/// contexts in step, rank 0's rows printed as it goes; then each rank's communication per decoded
+/// token beside the plan's.
+pub fn run_ranks(
+    backend: crate::BackendChoice,
+    spec: &str,
+    kv: &KvArgs,
+    opts: &Options,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<()> {
+    let (contexts, threads) = checked_options(opts)?;
+    if opts.speculative_tokens > 0 {
+        bail!(
+            "--speculative-tokens runs on one device for now (a model split over --devices does not load the MTP \
+             block): bench speculative decoding without --devices, or drop --speculative-tokens"
+        );
+    }
+    let (cfg, ckpt, held, name, description) = with_backend!(backend, |probe| {
+        let (cfg, ckpt, held) = crate::load::open_with_memory(probe, spec, kv.weight_memory)?;
+        anyhow::Ok((cfg, ckpt, held, probe.name().to_string(), probe.describe()))
+    })?;
+    let layout = parallel.layout(&cfg)?;
+    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    let weights = active_weights(&cfg, &ckpt)?;
+    let needed = tokens_needed(&contexts, opts.decode_steps, 0);
+    if needed >= cfg.max_position_embeddings {
+        bail!(
+            "contexts up to {} + {} decode steps need {needed} positions; the model has {}",
+            contexts[contexts.len() - 1],
+            opts.decode_steps,
+            cfg.max_position_embeddings
+        );
+    }
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
+    let machine = machine::measure(&machine::Settings::for_bench(threads));
+    let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
+    let bf16_gemms = kv.precision.rounds_to_bf16() && name == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
+    let weight_memory = WeightMemoryReport { held, huge_page_bytes: None };
+    if !opts.json {
+        print!("{}", machine_report(&machine, isa));
+        println!("backend: {description}");
+        println!("model: {spec}");
+        println!(
+            "ranks: {} (TP {}, EP {}), threads of this process sharing its cores and memory: the speeds are the split \
+             run's; bytes read/tok and the roofline are one device's figures",
+            layout.world, layout.tp, layout.ep
+        );
+        println!("weights: {}", weight_memory.describe());
+        let peak = if bf16_peak(&machine, bf16_gemms) { "BF16 dot" } else { "f32 FMA" };
+        println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
+        print!("{}", weights_report(&weights));
+    }
+    let kv_description = std::sync::Mutex::new(String::new());
+    let runs = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+        let (rank, counter) = (ctx.layout, ctx.clone());
+        let first = rank.rank == 0;
+        let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        let config = kv.config_for_run(be, &cfg, needed, opts.chunk)?;
+        let count = move || rank_traffic(&counter);
+        let mut quiet = |_: Progress| {};
+        let mut show = |p: Progress| {
+            if let Progress::Row(row) = p {
+                println!("{}", table_row(row, &weights, &machine, bf16_gemms));
+            }
+        };
+        let progress: &mut dyn FnMut(Progress) = if first && !opts.json {
+            println!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &config), layout.world);
+            println!("{}", table_header());
+            &mut show
+        } else {
+            &mut quiet
+        };
+        if first {
+            *kv_description.lock().unwrap_or_else(|e| e.into_inner()) = kv_args::describe(&cfg, &config);
+        }
+        let rows = time_contexts(
+            be,
+            &model,
+            config,
+            kv.kv_dtype(be),
+            &weights,
+            &contexts,
+            opts.decode_steps,
+            opts.chunk,
+            0,
+            None,
+            Some(&count),
+            progress,
+        )?;
+        Ok(RankRun { rank, plan: rank_decode_traffic(&cfg, &rank, 1), rows })
+    })?;
+    if !opts.json {
+        print!("{}", comm_report(&runs, opts.decode_steps));
+        return Ok(());
+    }
+    let report = Report {
+        machine: &machine,
+        isa,
+        backend: description,
+        model: spec,
+        kv: kv_description.into_inner().unwrap_or_else(|e| e.into_inner()),
+        precision: kv.precision,
+        bf16_gemms,
+        weights: &weights,
+        weight_memory: &weight_memory,
+        decode_steps: opts.decode_steps,
+        chunk: opts.chunk,
+        speculative_tokens: 0,
+        rows: &runs[0].rows,
+        ranks: Some((layout, &runs)),
+    };
+    println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     Ok(())
 }
 
@@ -899,6 +1137,8 @@ struct Report<'a> {
     chunk: usize,
     speculative_tokens: usize,
     rows: &'a [Row],
+    /// A split run's layout and every rank's runs (`rows` are rank 0's).
+    ranks: Option<(ParallelLayout, &'a [RankRun])>,
 }
 
 impl Report<'_> {
@@ -910,7 +1150,8 @@ impl Report<'_> {
         let rows: Vec<Value> = self
             .rows
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
                 let d = r.derive(w, m, prefill_peak(m, self.bf16_gemms));
                 let mut row = json!({
                     "context": r.context,
@@ -933,10 +1174,13 @@ impl Report<'_> {
                 if let Some(s) = &r.speculation {
                     row["speculative"] = speculation_json(r, s);
                 }
+                if let Some((_, runs)) = self.ranks {
+                    row["comm"] = comm_json(runs, i, self.decode_steps);
+                }
                 row
             })
             .collect();
-        json!({
+        let mut report = json!({
             "machine": {
                 "cpu": m.cpu,
                 "features": features,
@@ -974,7 +1218,11 @@ impl Report<'_> {
                 "head_params": w.head_params,
             },
             "rows": rows,
-        })
+        });
+        if let Some((l, _)) = self.ranks {
+            report["devices"] = json!({"world": l.world, "tensor_parallel": l.tp, "expert_parallel": l.ep});
+        }
+        report
     }
 }
 
@@ -1116,7 +1364,8 @@ mod tests {
         let mut seen = 0;
         let mut count = |p: Progress| seen += matches!(p, Progress::Row(_)) as usize;
         let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, 0, None, &mut count).unwrap();
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, 0, None, None, &mut count)
+                .unwrap();
         assert_eq!(seen, 2);
         assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
         // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
@@ -1136,6 +1385,7 @@ mod tests {
             chunk: 4,
             speculative_tokens: 0,
             rows: &rows,
+            ranks: None,
         };
         let j = report.to_json();
         insta::assert_snapshot!(serde_json::to_string_pretty(&skeleton(&j)).unwrap());
@@ -1174,7 +1424,8 @@ mod tests {
         let depth = dsv4_core::speculative::rollback_depth(k);
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 4, k), 16 + depth);
         let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 4, 16, k, None, &mut |_| {}).unwrap();
+            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 4, 16, k, None, None, &mut |_| {})
+                .unwrap();
         assert_eq!(rows.iter().map(|r| r.context).collect::<Vec<_>>(), [100, 140]);
         for r in &rows {
             let s = r.speculation.as_ref().unwrap();
@@ -1225,6 +1476,7 @@ mod tests {
             4,
             0,
             Some(&take),
+            None,
             &mut progress,
         )
         .unwrap();
@@ -1270,6 +1522,7 @@ mod tests {
             chunk: 4,
             speculative_tokens: 0,
             rows: &rows,
+            ranks: None,
         };
         let j = report.to_json();
         let profile = &j["rows"][0]["profile"];

@@ -133,11 +133,7 @@ pub fn free_memory<B: Backend>(be: &B) -> Result<usize> {
 /// to `max_step`: its windows and compressed blocks, or (when the budget's window share, an
 /// eighth, is the larger) enough that seven eighths still hold the compressed blocks.
 pub fn budget_for_tokens(cfg: &ModelConfig, dtype: KvDtype, tokens: usize, max_step: usize) -> usize {
-    let exact = KvConfig::for_sequences(cfg, dtype, 1, tokens, max_step);
-    let bb = exact.block_bytes(cfg);
-    let compressed = exact.compressed_blocks.max(1) * bb.compressed;
-    let windows = KvConfig::window_blocks_per_sequence(cfg, exact.block_tokens, max_step) * bb.window;
-    (windows + compressed).max((compressed * 8).div_ceil(7) + bb.window)
+    dsv4_core::parallel::plan::pool_bytes_for(cfg, dtype, (1, 1, tokens), max_step)
 }
 
 impl KvArgs {

@@ -66,6 +66,7 @@ mod load;
 mod parallel_args;
 mod plan;
 mod serve;
+mod serve_plan;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -343,6 +344,12 @@ enum Command {
         speculative_tokens: usize,
         #[command(flatten)]
         kv: kv_args::KvArgs,
+        /// With --devices N the model is split over N ranks (CPU: threads over the in-process
+        /// communicator; Ascend: one device each, over HCCL), the ranks time the same contexts in
+        /// step, and after the table each rank's communication per decoded token is printed
+        /// beside what `dsv4 plan` computes (--json: each row's `comm`).
+        #[command(flatten)]
+        parallel: parallel_args::ParallelArgs,
     },
 }
 
@@ -558,6 +565,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
             speculative_tokens,
             kv,
+            parallel,
         } => {
             let opts = bench::Options {
                 contexts: &contexts,
@@ -567,6 +575,16 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 speculative_tokens,
             };
+            if parallel.is_split()? {
+                split_backend(backend, &parallel)?;
+                if profile {
+                    anyhow::bail!(
+                        "--profile times one backend's ops; with --devices the ranks run on several: profile without \
+                         --devices"
+                    );
+                }
+                return bench::run_ranks(backend, &model.model, &kv, &opts, &parallel);
+            }
             with_owned_backend!(backend, |be| if profile {
                 // Synchronising after each op charges an asynchronous backend's device time to
                 // the op that queued it; on the CPU backend it is a no-op.

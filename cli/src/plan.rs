@@ -109,7 +109,7 @@ impl PlanArgs {
 }
 
 /// `3`, `0-7`, `0-1, 4-5`.
-fn rank_list(ranks: &[usize]) -> String {
+pub(crate) fn rank_list(ranks: &[usize]) -> String {
     let mut parts: Vec<String> = vec![];
     let mut i = 0;
     while i < ranks.len() {
@@ -128,7 +128,7 @@ fn bytes(n: usize) -> String {
 }
 
 /// Ranks with the same amounts of everything, folded: (ranks, the first one's weights).
-fn classes(ranks: &[RankWeights]) -> Vec<(Vec<usize>, &RankWeights)> {
+pub(crate) fn classes(ranks: &[RankWeights]) -> Vec<(Vec<usize>, &RankWeights)> {
     let mut out: Vec<(Vec<usize>, &RankWeights)> = vec![];
     for (i, r) in ranks.iter().enumerate() {
         match out.iter_mut().find(|(_, w)| w.same_amounts(r)) {

@@ -153,6 +153,7 @@ fn spawn_engine<B: Backend + 'static>(
     spec: String,
     kv: KvArgs,
     config: EngineConfig,
+    planned: Option<KvConfig>,
 ) -> Result<(EngineHandle, Vec<u32>)> {
     let (eos_tx, eos_rx) = mpsc::channel();
     let engine = EngineHandle::spawn(config, move || {
@@ -173,13 +174,112 @@ fn spawn_engine<B: Backend + 'static>(
         };
         // Speculating sequences keep the window pages of their rollback depth as well.
         let step = crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens);
-        let kv = serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, step), 1)?;
+        let kv = match planned {
+            Some(pool) => pool,
+            None => serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, step), 1)?,
+        };
         eprintln!("{}", kv_args::describe(&model.cfg, &kv));
         let _ = eos_tx.send(model.cfg.eos_token_ids.clone());
         Ok((be, model, kv))
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((engine, eos_rx.recv().unwrap_or_default()))
+}
+
+/// The memory plan of a server on `parallel`'s devices (one or more) and the pool every rank
+/// holds, sized from it, the summary printed on stderr; or the refusal, before any weights are
+/// loaded. Each rank's memory is measured before `open` opens the checkpoint: on the CPU backend
+/// the ranks share the memory available to the process; on Ascend each device has its own.
+fn planned_pool(
+    resolved: &Resolved,
+    spec: &str,
+    kv: &KvArgs,
+    config: &EngineConfig,
+    parallel: &crate::parallel_args::ParallelArgs,
+    open: impl FnOnce() -> Result<(dsv4_core::ModelConfig, dsv4_core::Checkpoint)>,
+) -> Result<(dsv4_core::ModelConfig, dsv4_core::Checkpoint, dsv4_core::parallel::ParallelLayout, KvConfig)> {
+    use dsv4_core::parallel::plan::{checkpoint_tensors, PoolAsk, ServingAsk, WeightTarget};
+    use dsv4_core::weight_forms::SocFamily;
+
+    use crate::serve_plan::RankMemory;
+    let world = parallel.world();
+    let (memory, kv_dtype, target) = match resolved {
+        Resolved::Ascend => {
+            if world > 1 && !matches!(kv.kv_cache_memory, Some(kv_args::MemorySize::Bytes(_))) {
+                // Each device has its own memory, but what is free on it depends on the rank's
+                // part of the weights: the pools must be the same, so the size is given.
+                bail!(
+                    "serve --devices on Ascend needs --kv-cache-memory as a size per device (e.g. 16GiB): every \
+                     rank's pool must be the same size"
+                );
+            }
+            let first = if world > 1 { parallel.devices.0[0] } else { 0 };
+            let be = dsv4_backend_ascend::open(first)?;
+            let target = WeightTarget::from_name(be.soc()).unwrap_or(WeightTarget::Soc(SocFamily::A2));
+            (RankMemory::device(be.free_memory(), first), kv.kv_dtype(&be), target)
+        }
+        _ => {
+            let be = dsv4_backend_cpu::CpuBackend::new();
+            let dequantized = std::env::var_os("DSV4_CPU_DEQUANTIZE").is_some_and(|v| v == "1");
+            let target = if dequantized { WeightTarget::HostF32 } else { WeightTarget::Host };
+            (RankMemory::cpu(be.free_memory(), world), kv.kv_dtype(&be), target)
+        }
+    };
+    let (cfg, ckpt) = open()?;
+    let layout = parallel.layout(&cfg)?;
+    if world > 1 {
+        eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    }
+    let context = cfg.max_position_embeddings;
+    let tokens = match config.max_model_len {
+        0 => context,
+        n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
+        n => n,
+    };
+    let tensors = checkpoint_tensors(&cfg, &ckpt, target)
+        .map_err(|e| anyhow::anyhow!("{e}; `dsv4 inspect --model {spec}` lists what the checkpoint lacks"))?;
+    // CPU weights that stay memory-mapped live in the page cache, which the kernel reclaims:
+    // they do not take from the memory the pool is planned in (a checkpoint larger than the
+    // memory still runs mapped), so each rank's memory gets its weights added back.
+    let mut memory = memory;
+    if memory.shared {
+        let bytes = ckpt.file_bytes().unwrap_or(0);
+        let available = memory.bytes.map(|b| b * world);
+        if load::resolve_weight_memory(kv.weight_memory, true, bytes, available).0 == dsv4_core::WeightMemory::Mapped {
+            let layout = parallel.layout(&cfg)?;
+            let most = dsv4_core::parallel::plan::rank_weights(&cfg, &tensors, layout)
+                .iter()
+                .map(|w| w.loaded_bytes())
+                .max()
+                .unwrap_or(0);
+            memory = memory.with_mapped_weights(most);
+        }
+    }
+    let ask = ServingAsk {
+        max_seqs: config.max_num_seqs,
+        max_len: tokens,
+        len_asked: config.max_model_len != 0,
+        pool: match kv.kv_cache_memory {
+            Some(kv_args::MemorySize::Bytes(b)) => PoolAsk::Bytes(b),
+            Some(kv_args::MemorySize::Fraction(f)) => PoolAsk::Share(f),
+            None => PoolAsk::Need,
+        },
+    };
+    let request = crate::serve_plan::Request {
+        cfg: &cfg,
+        tensors: &tensors,
+        layout,
+        kv_dtype,
+        fp8_rows: target.has_fp8_kv_rows(),
+        // Speculating sequences keep the window pages of their rollback depth as well.
+        max_step: crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens).max(1),
+        ask,
+    };
+    let planned = crate::serve_plan::plan_serving(&request, &memory)?;
+    eprint!("{}", crate::serve_plan::summary(&request, &memory, &planned));
+    let pool = planned.pool.kv;
+    drop(tensors);
+    Ok((cfg, ckpt, layout, pool))
 }
 
 /// [`spawn_engine`] over the ranks of `parallel`: one engine thread per rank, rank 0's serving
@@ -197,43 +297,16 @@ fn spawn_engine_ranks(
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm, RankContext};
     let resolved = crate::resolve_backend(backend)?;
-    let (cfg, ckpt, _) = with_backend!(backend, |probe| {
-        eprintln!("backend: {}", probe.describe());
-        load::open_with_memory(probe, spec, kv.weight_memory)
-    })?;
-    let layout = parallel.layout(&cfg)?;
-    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
-    let context = cfg.max_position_embeddings;
-    let tokens = match config.max_model_len {
-        0 => context,
-        n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
-        n => n,
+    if matches!(resolved, Resolved::Cuda) {
+        return Err(crate::cuda_ranks_refused(parallel.world()));
+    }
+    let open = || {
+        with_backend!(backend, |probe| {
+            eprintln!("backend: {}", probe.describe());
+            load::open_with_memory(probe, spec, kv.weight_memory).map(|(cfg, ckpt, _)| (cfg, ckpt))
+        })
     };
-    let shape = (config.max_num_seqs, tokens, config.prefill_chunk);
-    let pool = match resolved {
-        Resolved::Cpu => {
-            // Each rank holds its own pool, and they share this machine's memory: together
-            // they take what one would.
-            let mut per_rank = kv.clone();
-            per_rank.kv_cache_memory = match kv.kv_cache_memory {
-                Some(kv_args::MemorySize::Fraction(f)) => Some(kv_args::MemorySize::Fraction(f / layout.world as f64)),
-                other => other,
-            };
-            serving_kv(&CpuBackend::new(), &cfg, &per_rank, shape, layout.world)?
-        }
-        Resolved::Cuda => return Err(crate::cuda_ranks_refused(layout.world)),
-        Resolved::Ascend => {
-            // Each device has its own memory, but what is free on it depends on the rank's part
-            // of the weights: the pools must be the same, so the size is given.
-            if !matches!(kv.kv_cache_memory, Some(kv_args::MemorySize::Bytes(_))) {
-                bail!(
-                    "serve --devices on Ascend needs --kv-cache-memory as a size per device (e.g. 16GiB): every \
-                     rank's pool must be the same size"
-                );
-            }
-            serving_kv(&dsv4_backend_ascend::open(0)?, &cfg, kv, shape, 1)?
-        }
-    };
+    let (cfg, ckpt, layout, pool) = planned_pool(&resolved, spec, kv, &config, parallel, open)?;
     eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
@@ -309,11 +382,17 @@ pub fn run(
     let listener = dsv4_server::bind(&server)?;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
         _ if parallel.world() > 1 => spawn_engine_ranks(backend, spec, kv, config, parallel)?,
-        Resolved::Cpu => {
-            spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec.to_string(), kv.clone(), config)?
+        resolved @ (Resolved::Cpu | Resolved::Ascend) => {
+            // The plan on one device: measured and checked before the engine loads the weights.
+            let open = || load::open(spec);
+            let (_, _, _, pool) = planned_pool(&resolved, spec, kv, &config, parallel, open)?;
+            let (spec, kv) = (spec.to_string(), kv.clone());
+            match resolved {
+                Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), spec, kv, config, Some(pool))?,
+                _ => spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec, kv, config, Some(pool))?,
+            }
         }
-        Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), spec.to_string(), kv.clone(), config)?,
-        Resolved::Cuda => spawn_engine(|| Ok(dsv4_backend_cuda::open(0)?), spec.to_string(), kv.clone(), config)?,
+        Resolved::Cuda => spawn_engine(|| Ok(dsv4_backend_cuda::open(0)?), spec.to_string(), kv.clone(), config, None)?,
     };
     let vocab = engine.info().vocab_size;
     if tok.vocab_size() > vocab {

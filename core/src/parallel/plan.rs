@@ -583,6 +583,161 @@ pub fn fewest_devices(input: &PlanInput, max_world: usize) -> Option<ParallelLay
     })
 }
 
+/// Bytes a pool needs for the window blocks of `running` sequences and the compressed blocks
+/// of `held` sequences of `tokens` tokens each, split as [`KvConfig::for_budget`] splits it
+/// (window blocks for the running sequences or an eighth of the pool, whichever is more): a
+/// budget whose `token_capacity` reaches `held × tokens` (each rounded up to whole blocks).
+pub fn pool_bytes_for(
+    cfg: &ModelConfig,
+    dtype: KvDtype,
+    (running, held, tokens): (usize, usize, usize),
+    max_step: usize,
+) -> usize {
+    let kv = KvShape::new(cfg, dtype, max_step);
+    let bb = kv.block_bytes;
+    let windows = running.max(1).saturating_mul(kv.window_bytes());
+    let blocks =
+        if has_compressed(cfg) { held.max(1).saturating_mul(tokens.div_ceil(kv.block_tokens).max(1)) } else { 0 };
+    let compressed = blocks.saturating_mul(bb.compressed);
+    windows.saturating_add(compressed).max(compressed.saturating_mul(8).div_ceil(7).saturating_add(bb.window))
+}
+
+/// How big the pool of a server is asked to be, per rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PoolAsk {
+    /// This many bytes (`--kv-cache-memory 8GiB`): refused when the plan leaves less.
+    Bytes(usize),
+    /// This share of what the plan leaves after the weights (`--kv-cache-memory 0.5`).
+    Share(f64),
+    /// What the running sequences need at their longest, at most half of what the plan leaves
+    /// (no `--kv-cache-memory`).
+    Need,
+}
+
+/// What `dsv4 serve` asks of a plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServingAsk {
+    /// Sequences running at once (`--max-num-seqs`).
+    pub max_seqs: usize,
+    /// Longest sequence (`--max-model-len`, else the model's context).
+    pub max_len: usize,
+    /// Whether `max_len` was asked for (`--max-model-len`): only then is a pool that cannot hold
+    /// one sequence of it refused (else the server's longest sequence is what the pool holds).
+    pub len_asked: bool,
+    pub pool: PoolAsk,
+}
+
+/// The pool a server runs with on every rank, and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServingPool {
+    pub kv: KvConfig,
+    /// Bytes of the pool ([`KvConfig::total_bytes`]).
+    pub bytes: usize,
+    /// Tokens one sequence can reach while `max_seqs` run (capped at the model's context).
+    pub longest: usize,
+}
+
+/// Why a server's pool does not fit a plan that fits (its weights and one sequence do).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServingError {
+    /// `--kv-cache-memory` asks more than the plan leaves after the weights.
+    PoolDoesNotFit { rank: usize, asked: usize, left: usize },
+    /// The pool cannot hold the sliding windows of `seqs` running sequences plus one
+    /// compressed block; `most` sequences fit.
+    SequencesDoNotFit { rank: usize, seqs: usize, pool: usize, need: usize, most: usize },
+    /// With `seqs` running, the pool holds `longest` tokens, less than the `tokens` asked.
+    ContextDoesNotFit { rank: usize, seqs: usize, tokens: usize, pool: usize, need: usize, longest: usize },
+}
+
+impl ServingError {
+    /// Bytes missing per rank.
+    pub fn short(&self) -> usize {
+        match *self {
+            ServingError::PoolDoesNotFit { asked, left, .. } => asked - left,
+            ServingError::SequencesDoNotFit { pool, need, .. } | ServingError::ContextDoesNotFit { pool, need, .. } => {
+                need.saturating_sub(pool)
+            }
+        }
+    }
+}
+
+impl fmt::Display for ServingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ServingError::PoolDoesNotFit { rank, asked, left } => write!(
+                f,
+                "--kv-cache-memory asks {} per rank, rank {rank} has {} left after its weights; short by {}",
+                human_bytes(asked),
+                human_bytes(left),
+                human_bytes(self.short())
+            ),
+            ServingError::SequencesDoNotFit { rank, seqs, pool, need, most } => write!(
+                f,
+                "a KV pool of {} (rank {rank}) cannot hold the sliding windows of {seqs} running sequences plus one \
+                 compressed block ({}), {}; short by {}",
+                human_bytes(pool),
+                human_bytes(need),
+                match most {
+                    0 => "not even one sequence's".to_string(),
+                    1 => "only one sequence's".to_string(),
+                    n => format!("only those of {n}"),
+                },
+                human_bytes(self.short())
+            ),
+            ServingError::ContextDoesNotFit { rank, seqs, tokens, pool, need, longest } => write!(
+                f,
+                "with {seqs} running sequences a KV pool of {} (rank {rank}) holds {longest} tokens, --max-model-len \
+                 asks {tokens} ({} of pool); short by {}",
+                human_bytes(pool),
+                human_bytes(need),
+                human_bytes(self.short())
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ServingError {}
+
+/// Tokens one sequence can reach in a pool of `kv` (the model's context for a sliding-only model).
+fn capacity(cfg: &ModelConfig, kv: &KvConfig) -> usize {
+    kv.token_capacity(cfg).unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings)
+}
+
+/// The pool every rank of a server planned by `p` holds: sized as `ask.pool` says out of what
+/// the plan leaves the tightest rank after its weights ([`Plan::pool`]), checked to hold the
+/// running sequences' windows and, when `--max-model-len` is asked, one sequence of that length.
+pub fn serving_pool(cfg: &ModelConfig, p: &Plan, ask: &ServingAsk) -> std::result::Result<ServingPool, ServingError> {
+    let (rank, dtype, step) = (p.tightest, p.kv.dtype, p.max_step);
+    let seqs = ask.max_seqs.max(1);
+    let bytes = match ask.pool {
+        PoolAsk::Bytes(b) if b > p.pool => return Err(ServingError::PoolDoesNotFit { rank, asked: b, left: p.pool }),
+        PoolAsk::Bytes(b) => b,
+        PoolAsk::Share(f) => (p.pool as f64 * f.clamp(0.0, 1.0)).floor() as usize,
+        PoolAsk::Need => pool_bytes_for(cfg, dtype, (seqs, seqs, ask.max_len), step).min(p.pool / 2),
+    };
+    let kv = match KvConfig::for_budget(cfg, dtype, bytes, seqs, step) {
+        Ok(kv) => kv,
+        Err(_) => {
+            let one = p.kv.window_bytes();
+            let compressed = if has_compressed(cfg) { p.kv.block_bytes.compressed } else { 0 };
+            let most = bytes.saturating_sub(compressed) / one.max(1);
+            return Err(ServingError::SequencesDoNotFit {
+                rank,
+                seqs,
+                pool: bytes,
+                need: seqs * one + compressed,
+                most,
+            });
+        }
+    };
+    let longest = capacity(cfg, &kv);
+    if ask.len_asked && longest < ask.max_len {
+        let need = pool_bytes_for(cfg, dtype, (seqs, 1, ask.max_len), step);
+        return Err(ServingError::ContextDoesNotFit { rank, seqs, tokens: ask.max_len, pool: bytes, need, longest });
+    }
+    Ok(ServingPool { kv, bytes: kv.total_bytes(cfg), longest })
+}
+
 /// Payload bytes (f32 activations, 4 bytes per element) one rank puts into the collectives for
 /// one decode step of `tokens` tokens, counted as [`Traffic`] counts them (all-reduce its whole
 /// buffer, all-gather this rank's part): per main layer one all-reduce of `tokens × hidden` over
@@ -817,6 +972,68 @@ mod tests {
         assert_eq!((p.pool, p.available, p.pool_of(1)), (80 * 49152, need + 80 * 49152, 80 * 49152));
         assert_eq!(p.fit.by_sequences, vec![(1, 516 * 64), (8, 59 * 64), (32, 3 * 64), (128, 0)]);
         assert_eq!(p.fit.by_context, vec![(131072, 0), (32768, 1), (4096, 7)]);
+    }
+
+    /// A server's pool out of the plan of `refusal_and_pool_by_hand` (80 window blocks' worth
+    /// left after the weights; f32 rows of tiny: window blocks of 49152 bytes, 2 per running
+    /// sequence, compressed blocks of 6656 bytes and 64 tokens), by hand.
+    #[test]
+    fn serving_pools_by_hand() {
+        let c = tiny();
+        let tensors = official_tensors(&c, WeightTarget::HostF32);
+        let l = layout(2, 1, 2);
+        let need = rank_weights(&c, &tensors, l)[0].loaded_bytes();
+        let (wb, cb) = (49152, 6656);
+        let pool = 80 * wb;
+        let p = plan(&PlanInput {
+            cfg: &c,
+            tensors: &tensors,
+            layout: l,
+            kv_dtype: KvDtype::F32,
+            device_memory: need + pool,
+            utilisation: 1.0,
+            max_step: 16,
+        })
+        .unwrap();
+        assert_eq!(p.pool, pool);
+        let ask = |max_seqs, max_len, len_asked, pool| ServingAsk { max_seqs, max_len, len_asked, pool };
+        // More than the weights leave.
+        let e = serving_pool(&c, &p, &ask(1, 64, true, PoolAsk::Bytes(pool + 1))).unwrap_err();
+        assert_eq!(e, ServingError::PoolDoesNotFit { rank: 0, asked: pool + 1, left: pool });
+        assert_eq!(e.short(), 1);
+        // 41 sequences need 82 window blocks and a compressed block; 39 fit (78 + room for one).
+        let e = serving_pool(&c, &p, &ask(41, 64, false, PoolAsk::Bytes(pool))).unwrap_err();
+        assert_eq!(e, ServingError::SequencesDoNotFit { rank: 0, seqs: 41, pool, need: 82 * wb + cb, most: 39 });
+        assert_eq!(e.short(), 2 * wb + cb);
+        assert!(serving_pool(&c, &p, &ask(39, 64, false, PoolAsk::Bytes(pool))).is_ok());
+        assert!(serving_pool(&c, &p, &ask(40, 64, false, PoolAsk::Bytes(pool))).is_err());
+        // 8 sequences: 16 window blocks, 472 compressed blocks (30208 tokens). One token more
+        // needs 473 blocks: 16 · 49152 + 473 · 6656 = 3934720 bytes, 2560 more than the pool.
+        let s = serving_pool(&c, &p, &ask(8, 30208, true, PoolAsk::Bytes(pool))).unwrap();
+        assert_eq!((s.kv.window_blocks, s.kv.compressed_blocks, s.longest), (16, 472, 30208));
+        let e = serving_pool(&c, &p, &ask(8, 30209, true, PoolAsk::Bytes(pool))).unwrap_err();
+        assert_eq!(
+            e,
+            ServingError::ContextDoesNotFit { rank: 0, seqs: 8, tokens: 30209, pool, need: 3934720, longest: 30208 }
+        );
+        assert_eq!(e.short(), 2560);
+        assert!(e.to_string().ends_with("short by 2.50 KiB"), "{e}");
+        // Not asked for: the server's longest sequence is what the pool holds.
+        assert_eq!(serving_pool(&c, &p, &ask(8, 30209, false, PoolAsk::Bytes(pool))).unwrap().longest, 30208);
+        // What 2 sequences of 300 tokens need: 4 window blocks and 2 · 5 compressed blocks.
+        let s = serving_pool(&c, &p, &ask(2, 300, true, PoolAsk::Need)).unwrap();
+        assert_eq!((s.kv.window_blocks, s.kv.compressed_blocks, s.bytes), (4, 10, 4 * wb + 10 * cb));
+        // At most half of what the weights leave; a share of it.
+        let s = serving_pool(&c, &p, &ask(2, 131072, false, PoolAsk::Need)).unwrap();
+        assert!(s.bytes <= pool / 2 && s.bytes + cb > pool / 2, "{s:?}");
+        let s = serving_pool(&c, &p, &ask(2, 131072, false, PoolAsk::Share(0.25))).unwrap();
+        assert!(s.bytes <= pool / 4 && s.bytes + cb > pool / 4, "{s:?}");
+        // The single-sequence budget is the one `KvConfig::for_budget` needs.
+        for tokens in [1, 64, 65, 1000] {
+            let b = pool_bytes_for(&c, KvDtype::F32, (1, 1, tokens), 16);
+            let kv = KvConfig::for_budget(&c, KvDtype::F32, b, 1, 16).unwrap();
+            assert!(kv.token_capacity(&c).unwrap() >= tokens && kv.total_bytes(&c) <= b, "{tokens}");
+        }
     }
 
     /// Uneven experts: the rank with more is the tightest and bounds the plan.

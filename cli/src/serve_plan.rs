@@ -1,0 +1,377 @@
+//! `dsv4 serve --devices N` at start-up: the memory plan of `dsv4 plan`
+//! ([`dsv4_core::parallel::plan`]) computed from what the server runs with (the checkpoint's
+//! tensors in the backend's forms, the layout, the KV row format, each rank's memory), and the
+//! pool every rank holds sized from it ([`serving_pool`]): one computation for the summary on
+//! stderr, the refusal and the pool. A layout that does not fit is refused here, before any rank
+//! loads its weights, naming the shortfall and what to change.
+
+use std::fmt::Write;
+
+use anyhow::{bail, Result};
+use dsv4_core::kv::{human_bytes, KvDtype};
+use dsv4_core::parallel::plan::{
+    fewest_devices, plan, rank_weights, serving_pool, Plan, PlanError, PlanInput, PlanTensor, PoolAsk, ServingAsk,
+    ServingError, ServingPool, DEFAULT_UTILISATION,
+};
+use dsv4_core::parallel::ParallelLayout;
+use dsv4_core::ModelConfig;
+
+/// The memory one rank plans with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankMemory {
+    /// Bytes of one rank's memory (None: the backend does not say; the plan then assumes the
+    /// weights and the asked pool fit).
+    pub bytes: Option<usize>,
+    /// The share of it the plan uses.
+    pub utilisation: f64,
+    /// Where the figure comes from, for the summary.
+    pub source: String,
+    /// The ranks share one memory (the CPU backend): more devices do not add memory.
+    pub shared: bool,
+}
+
+impl RankMemory {
+    /// CPU ranks: the memory available to the process (`free`), shared by the `world` ranks,
+    /// all of it (no runtime reserve: without `--kv-cache-memory` the pool takes at most half
+    /// of what the weights leave).
+    pub fn cpu(free: Option<usize>, world: usize) -> Self {
+        RankMemory {
+            bytes: free.map(|f| f / world.max(1)),
+            utilisation: 1.0,
+            source: match free {
+                Some(f) if world > 1 => format!("the {} available to this process / {world} ranks", human_bytes(f)),
+                Some(f) => format!("the {} available to this process", human_bytes(f)),
+                None => "unknown (the CPU backend does not report it)".into(),
+            },
+            shared: true,
+        }
+    }
+
+    /// CPU ranks whose weights stay memory-mapped (`--weight-memory mapped`, or `auto` on a
+    /// checkpoint over 3/4 of the memory): the page cache holding them is reclaimed as needed,
+    /// so the fullest rank's `weights` bytes are added back to each rank's memory and only the
+    /// pool is planned in what is available.
+    pub fn with_mapped_weights(self, weights: usize) -> Self {
+        RankMemory {
+            bytes: self.bytes.map(|b| b + weights),
+            source: format!("{}, the weights memory-mapped (page cache, not counted)", self.source),
+            ..self
+        }
+    }
+
+    /// Ascend ranks: the first device's free memory, of which the plan uses
+    /// [`DEFAULT_UTILISATION`] (the rest for activations, workspaces and the runtime).
+    pub fn device(free: Option<usize>, device: usize) -> Self {
+        RankMemory {
+            bytes: free,
+            utilisation: DEFAULT_UTILISATION,
+            source: match free {
+                Some(f) => format!("device {device}'s free {} × {DEFAULT_UTILISATION}", human_bytes(f)),
+                None => format!("unknown (device {device} does not report its free memory)"),
+            },
+            shared: false,
+        }
+    }
+}
+
+/// What the server was asked, besides the pool size.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub cfg: &'a ModelConfig,
+    pub tensors: &'a [PlanTensor],
+    pub layout: ParallelLayout,
+    pub kv_dtype: KvDtype,
+    /// Whether the backend keeps fp8 KV rows (the CPU backend).
+    pub fp8_rows: bool,
+    pub max_step: usize,
+    pub ask: ServingAsk,
+}
+
+/// The plan and the pool of a server that fits.
+#[derive(Debug, Clone)]
+pub struct ServePlan {
+    pub plan: Plan,
+    pub pool: ServingPool,
+}
+
+/// Why it does not fit.
+#[derive(Debug, Clone)]
+enum Refusal {
+    Plan(PlanError),
+    /// The error, and what the plan leaves each rank after its weights.
+    Serving(ServingError, usize),
+}
+
+fn input<'a>(r: &Request<'a>, memory: &RankMemory, kv_dtype: KvDtype) -> PlanInput<'a> {
+    let device_memory = memory.bytes.unwrap_or_else(|| {
+        // Unknown memory: exactly the fullest rank's weights and the pool asked for.
+        let weights = rank_weights(r.cfg, r.tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap_or(0);
+        let seqs = r.ask.max_seqs.max(1);
+        let pool = match r.ask.pool {
+            PoolAsk::Bytes(b) => b,
+            _ => dsv4_core::parallel::plan::pool_bytes_for(r.cfg, kv_dtype, (seqs, seqs, r.ask.max_len), r.max_step),
+        };
+        // `Need` takes at most half of what is left.
+        weights + if matches!(r.ask.pool, PoolAsk::Need) { 2 * pool } else { pool }
+    });
+    let utilisation = if memory.bytes.is_some() { memory.utilisation } else { 1.0 };
+    PlanInput {
+        cfg: r.cfg,
+        tensors: r.tensors,
+        layout: r.layout,
+        kv_dtype,
+        device_memory,
+        utilisation,
+        max_step: r.max_step,
+    }
+}
+
+fn attempt(r: &Request, memory: &RankMemory, kv_dtype: KvDtype) -> std::result::Result<ServePlan, Refusal> {
+    let p = plan(&input(r, memory, kv_dtype)).map_err(Refusal::Plan)?;
+    let pool = serving_pool(r.cfg, &p, &r.ask).map_err(|e| Refusal::Serving(e, p.pool))?;
+    Ok(ServePlan { plan: p, pool })
+}
+
+/// The plan and pool of `r` on ranks of `memory`, or an error naming the shortfall and what to
+/// change (each suggestion checked against the plan where it is cheap to).
+pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
+    let e = match attempt(r, memory, r.kv_dtype) {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    let what = match &e {
+        Refusal::Plan(e) => e.to_string(),
+        Refusal::Serving(e, _) => e.to_string(),
+    };
+    let mut fixes: Vec<String> = vec![];
+    let seqs = r.ask.max_seqs.max(1);
+    let weights_short = matches!(e, Refusal::Plan(PlanError::WeightsDoNotFit { .. }));
+    if !weights_short {
+        // Fewer sequences: the most that fit as asked otherwise, or at least their windows.
+        let fewer = (1..seqs).rev().find(|&s| {
+            let ask = ServingAsk { max_seqs: s, ..r.ask };
+            attempt(&Request { ask, ..*r }, memory, r.kv_dtype).is_ok()
+        });
+        match (fewer, &e) {
+            (Some(s), _) => fixes.push(format!("fewer --max-num-seqs (at most {s} fit)")),
+            (None, Refusal::Serving(ServingError::SequencesDoNotFit { most, .. }, _)) if *most > 0 => {
+                fixes.push(format!("fewer --max-num-seqs (the windows of at most {most} fit)"))
+            }
+            _ => {}
+        }
+        match e {
+            Refusal::Serving(ServingError::ContextDoesNotFit { longest, .. }, _) if longest > 0 => {
+                fixes.push(format!("a smaller --max-model-len (at most {longest} with {seqs} sequences)"));
+            }
+            Refusal::Serving(ServingError::PoolDoesNotFit { left, .. }, _) => {
+                fixes.push(format!("a smaller --kv-cache-memory (at most {} per rank)", human_bytes(left)));
+            }
+            _ => {}
+        }
+        if let Refusal::Serving(
+            ServingError::SequencesDoNotFit { pool, .. } | ServingError::ContextDoesNotFit { pool, .. },
+            left,
+        ) = e
+        {
+            if pool < left {
+                fixes.push(format!(
+                    "a larger --kv-cache-memory (up to {} per rank: what the weights leave)",
+                    human_bytes(left)
+                ));
+            }
+        }
+        if r.fp8_rows && r.kv_dtype != KvDtype::Fp8 && attempt(r, memory, KvDtype::Fp8).is_ok() {
+            fixes.push("--kv-dtype fp8 (it fits with fp8 rows)".into());
+        }
+    }
+    if memory.shared {
+        if weights_short {
+            fixes.push(
+                "more free memory: the CPU ranks share this machine's memory, so more devices do not help".into(),
+            );
+        }
+    } else {
+        match &e {
+            Refusal::Plan(PlanError::WeightsDoNotFit { .. }) => {
+                match fewest_devices(&input(r, memory, r.kv_dtype), 1024) {
+                    Some(l) => fixes
+                        .push(format!("more devices ({} of this size fit, with TP {} and EP {})", l.world, l.tp, l.ep)),
+                    None => fixes
+                        .push(format!("devices with more memory (no number of these fits with TP {})", r.layout.tp)),
+                }
+            }
+            _ => fixes.push(
+                "more devices (each then holds fewer experts, leaving more of its memory for the KV pool)".into(),
+            ),
+        }
+        if weights_short && r.layout.tp < r.cfg.o_groups {
+            fixes.push("a larger --tensor-parallel".into());
+        }
+    }
+    let advice = match fixes.len() {
+        0 => String::new(),
+        1 => format!(" Use {}.", fixes[0]),
+        n => format!(" Use {}, or {}.", fixes[..n - 1].join(", "), fixes[n - 1]),
+    };
+    let l = r.layout;
+    let ranks =
+        if l.world == 1 { "one device".to_string() } else { format!("{} ranks (TP {}, EP {})", l.world, l.tp, l.ep) };
+    bail!("the memory plan of {ranks} does not fit: {what}.{advice}")
+}
+
+/// The start-up summary: each rank's weights and pool, and the sequences × context they hold.
+pub fn summary(r: &Request, memory: &RankMemory, s: &ServePlan) -> String {
+    let (cfg, p) = (r.cfg, &s.plan);
+    let mut o = String::new();
+    let l = p.layout;
+    let _ = writeln!(
+        o,
+        "memory plan (as `dsv4 plan`): {} rank{}, TP {}, EP {}; per rank {} usable ({})",
+        l.world,
+        if l.world == 1 { "" } else { "s" },
+        l.tp,
+        l.ep,
+        human_bytes(p.available),
+        memory.source
+    );
+    for (ranks, w) in crate::plan::classes(&p.ranks) {
+        let _ = writeln!(
+            o,
+            "  rank{} {}: weights {}, KV pool {} (of {} left after the weights)",
+            if ranks.len() == 1 { "" } else { "s" },
+            crate::plan::rank_list(&ranks),
+            human_bytes(w.loaded_bytes()),
+            human_bytes(s.pool.bytes),
+            human_bytes(p.pool_of(w.rank.rank)),
+        );
+    }
+    let seqs = r.ask.max_seqs.max(1);
+    let kv = &s.pool.kv;
+    let each = match kv.token_capacity(cfg) {
+        Some(_) => (kv.compressed_blocks / seqs * kv.block_tokens).min(cfg.max_position_embeddings),
+        None => cfg.max_position_embeddings,
+    };
+    let served = match r.ask.len_asked {
+        true => format!("{} (--max-model-len)", r.ask.max_len),
+        false => format!("{} (the model's context, capped by the pool)", s.pool.longest.min(r.ask.max_len)),
+    };
+    let _ = writeln!(
+        o,
+        "  the pool ({} rows) holds {seqs} sequences (--max-num-seqs) × {each} tokens, or one of {}; longest \
+         sequence served: {served}",
+        kv.dtype, s.pool.longest
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsv4_core::parallel::plan::{official_tensors, WeightTarget};
+
+    fn tiny() -> ModelConfig {
+        dsv4_core::builtin::tiny().unwrap().0
+    }
+
+    fn request<'a>(cfg: &'a ModelConfig, tensors: &'a [PlanTensor], ask: ServingAsk) -> Request<'a> {
+        Request {
+            cfg,
+            tensors,
+            layout: ParallelLayout::new(2, 1, 2, cfg).unwrap(),
+            kv_dtype: KvDtype::F32,
+            fp8_rows: true,
+            max_step: 16,
+            ask,
+        }
+    }
+
+    const ASK: ServingAsk = ServingAsk { max_seqs: 4, max_len: 256, len_asked: true, pool: PoolAsk::Bytes(1 << 20) };
+
+    #[test]
+    fn summary_of_two_cpu_ranks() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let r = request(&cfg, &tensors, ASK);
+        let memory = RankMemory::cpu(Some(64 << 20), 2);
+        let s = plan_serving(&r, &memory).unwrap();
+        assert_eq!(s.pool.bytes, s.pool.kv.total_bytes(&cfg));
+        assert!(s.pool.bytes <= 1 << 20 && s.pool.longest >= 256);
+        insta::assert_snapshot!("serve_plan_tiny_2_cpu_ranks", summary(&r, &memory, &s));
+    }
+
+    /// Memory-mapped CPU weights do not take from the memory: a checkpoint larger than the
+    /// memory is refused resident and served mapped.
+    #[test]
+    fn mapped_cpu_weights_are_not_counted_against_the_memory() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let r = request(&cfg, &tensors, ASK);
+        let weights = rank_weights(&cfg, &tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap();
+        let r = request(&cfg, &tensors, ServingAsk { max_seqs: 1, pool: PoolAsk::Bytes(weights / 2), ..ASK });
+        // 1 KiB less than the weights per rank: they cannot be read into memory.
+        let cpu = RankMemory::cpu(Some(2 * (weights - 1024)), 2);
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("more devices do not help"), "{e}");
+        let mapped = cpu.with_mapped_weights(weights);
+        assert!(mapped.source.contains("memory-mapped"), "{}", mapped.source);
+        let s = plan_serving(&r, &mapped).unwrap();
+        assert!(s.pool.bytes <= weights / 2 && s.pool.bytes > 0);
+    }
+
+    /// Each refusal names the shortfall and the changes that fit, checked against the plan.
+    #[test]
+    fn refusals_name_the_shortfall_and_what_fits() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let cpu = RankMemory::cpu(Some(64 << 20), 2);
+        // A pool past what the weights leave.
+        let r = request(&cfg, &tensors, ServingAsk { pool: PoolAsk::Bytes(40 << 20), ..ASK });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(
+            e.contains("--kv-cache-memory asks 40.00 MiB per rank") && e.contains("a smaller --kv-cache-memory"),
+            "{e}"
+        );
+        // 4 sequences of 64K tokens in 1 MiB: a smaller --max-model-len, or fp8 rows.
+        let r = request(&cfg, &tensors, ServingAsk { max_len: 65536, ..ASK });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("--max-model-len asks 65536") && e.contains("a smaller --max-model-len (at most "), "{e}");
+        // Too many running sequences for their windows: at most N fit.
+        let r = request(&cfg, &tensors, ServingAsk { max_seqs: 64, len_asked: false, ..ASK });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("cannot hold the sliding windows of 64 running sequences"), "{e}");
+        let most: usize = e.split("at most ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let fits = request(&cfg, &tensors, ServingAsk { max_seqs: most, len_asked: false, ..ASK });
+        assert!(plan_serving(&fits, &cpu).is_ok());
+        let over = request(&cfg, &tensors, ServingAsk { max_seqs: most + 1, len_asked: false, ..ASK });
+        assert!(plan_serving(&over, &cpu).is_err());
+        // Weights past the memory: on the CPU, more devices do not help; on devices they do.
+        let r = request(&cfg, &tensors, ASK);
+        let e = format!("{:#}", plan_serving(&r, &RankMemory::cpu(Some(256 << 10), 2)).unwrap_err());
+        assert!(e.contains("of weights") && e.contains("more devices do not help"), "{e}");
+        let e = format!("{:#}", plan_serving(&r, &RankMemory::device(Some(256 << 10), 0)).unwrap_err());
+        assert!(e.contains("of weights") && e.contains("devices with more memory (no number"), "{e}");
+    }
+
+    /// Without `--kv-cache-memory` the pool is what the sequences need, at most half of what the
+    /// weights leave; a fraction is a share of what they leave.
+    #[test]
+    fn pool_sizes_follow_the_plan() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let cpu = RankMemory::cpu(Some(64 << 20), 2);
+        let need = ServingAsk { max_seqs: 2, max_len: 300, len_asked: true, pool: PoolAsk::Need };
+        let s = plan_serving(&request(&cfg, &tensors, need), &cpu).unwrap();
+        assert!(s.pool.longest >= 300 && s.pool.bytes <= s.plan.pool / 2, "{s:?}");
+        let all =
+            ServingAsk { max_seqs: 64, max_len: cfg.max_position_embeddings, len_asked: false, pool: PoolAsk::Need };
+        let s = plan_serving(&request(&cfg, &tensors, all), &cpu).unwrap();
+        assert!(s.pool.bytes <= s.plan.pool / 2 && s.pool.bytes + s.pool.kv.block_bytes(&cfg).window > s.plan.pool / 2);
+        let half = ServingAsk { pool: PoolAsk::Share(0.5), ..all };
+        let s = plan_serving(&request(&cfg, &tensors, half), &cpu).unwrap();
+        assert!(s.pool.bytes <= s.plan.pool / 2);
+        // Unknown memory: the asked pool, as before.
+        let unknown = RankMemory::cpu(None, 2);
+        let s = plan_serving(&request(&cfg, &tensors, ASK), &unknown).unwrap();
+        assert_eq!(s.pool.kv, dsv4_core::kv::KvConfig::for_budget(&cfg, KvDtype::F32, 1 << 20, 4, 16).unwrap());
+    }
+}
