@@ -5,7 +5,8 @@
 # `cargo test` does (a no-op right after `cargo test --workspace`), starts the server on a free
 # loopback port, waits for /health (at most 120 s), runs the tests and stops the server. Exits
 # non-zero if anything fails. Extra arguments go to pytest (e.g. `-k messages -x`);
-# DSV4_SDK_SERVE_ARGS adds arguments to `dsv4 serve` (e.g. `--devices 2 --tensor-parallel 2`).
+# DSV4_SDK_SERVE_ARGS adds arguments to `dsv4 serve` (e.g. `--devices 2 --tensor-parallel 2`);
+# DSV4_SDK_MODEL replaces its model (default builtin:tiny).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1
@@ -38,7 +39,7 @@ bin="$target_dir/debug/dsv4"
 log=$(mktemp "${TMPDIR:-/tmp}/dsv4-sdk-serve.XXXXXX")
 api_key=test-key
 # shellcheck disable=SC2086 # the extra arguments are words
-"$bin" serve --model builtin:tiny --backend cpu --host 127.0.0.1 --port 0 --api-key "$api_key" \
+"$bin" serve --model "${DSV4_SDK_MODEL:-builtin:tiny}" --backend cpu --host 127.0.0.1 --port 0 --api-key "$api_key" \
     ${DSV4_SDK_SERVE_ARGS:-} >"$log" 2>&1 &
 server_pid=$!
 stop_server() {

@@ -142,7 +142,8 @@ struct ModelArgs {
     /// Model directory (config.json + *.safetensors), or a built-in random-weight model:
     /// `builtin:tiny` (every layer type) or `builtin:flash-shape` (tiny widths with V4-Flash's
     /// window 128, compression ratios 4/128, top-512 indexer and 1M positions) or
-    /// `builtin:tiny-v4vocab` (tiny with V4's 129,280-id vocabulary, for `serve --tokenizer`).
+    /// `builtin:tiny-v4vocab` (tiny with V4's 129,280-id vocabulary, for `serve --tokenizer`) or
+    /// `builtin:tiny-mtp` (tiny plus a random MTP block, for `--speculative-tokens`).
     #[arg(long, default_value = dsv4_core::builtin::TINY_NAME)]
     model: String,
 }

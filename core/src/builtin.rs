@@ -21,8 +21,14 @@ pub const FLASH_SHAPE_NAME: &str = "builtin:flash-shape";
 /// tokenizer (`dsv4 serve --tokenizer tokenizer.json`). Random weights, as the tiny model's.
 pub const TINY_V4_VOCAB_NAME: &str = "builtin:tiny-v4vocab";
 
+/// The tiny model plus an MTP block (`mtp.0.*`, spec §D.5), for speculative decoding
+/// (`--speculative-tokens`) with no download. The block's weights are random like the rest, so
+/// its drafts are mostly rejected: it exercises the machinery, not the speed-up. The main
+/// model's weights are the tiny model's, byte for byte (the block is generated after them).
+pub const TINY_MTP_NAME: &str = "builtin:tiny-mtp";
+
 /// The built-in models' names.
-pub const NAMES: [&str; 3] = [TINY_NAME, FLASH_SHAPE_NAME, TINY_V4_VOCAB_NAME];
+pub const NAMES: [&str; 4] = [TINY_NAME, FLASH_SHAPE_NAME, TINY_V4_VOCAB_NAME, TINY_MTP_NAME];
 
 /// The built-in model called `name` (one of [`NAMES`]), or None.
 pub fn by_name(name: &str) -> Option<Result<(ModelConfig, Checkpoint)>> {
@@ -30,6 +36,7 @@ pub fn by_name(name: &str) -> Option<Result<(ModelConfig, Checkpoint)>> {
         TINY_NAME => Some(tiny()),
         FLASH_SHAPE_NAME => Some(flash_shape()),
         TINY_V4_VOCAB_NAME => Some(tiny_v4_vocab()),
+        TINY_MTP_NAME => Some(tiny_mtp()),
         _ => None,
     }
 }
@@ -162,29 +169,35 @@ impl Builder {
 
 /// The tiny model: its config and an in-memory checkpoint under the official names.
 pub fn tiny() -> Result<(ModelConfig, Checkpoint)> {
-    build(&tiny_config_json())
+    build(&tiny_config_json(), 0)
 }
 
 /// `builtin:flash-shape`: the tiny model's weights generator on [`flash_shape_config_json`].
 pub fn flash_shape() -> Result<(ModelConfig, Checkpoint)> {
-    build(&flash_shape_config_json())
+    build(&flash_shape_config_json(), 0)
 }
 
 /// `builtin:tiny-v4vocab`: the tiny model's weights generator with `vocab_size` 129,280.
 pub fn tiny_v4_vocab() -> Result<(ModelConfig, Checkpoint)> {
     let mut c = tiny_config_json();
     c["vocab_size"] = json!(129_280);
-    build(&c)
+    build(&c, 0)
 }
 
-fn build(config: &serde_json::Value) -> Result<(ModelConfig, Checkpoint)> {
+/// `builtin:tiny-mtp`: the tiny model with `num_nextn_predict_layers: 1` and its MTP block.
+pub fn tiny_mtp() -> Result<(ModelConfig, Checkpoint)> {
+    let mut c = tiny_config_json();
+    c["num_nextn_predict_layers"] = json!(1);
+    build(&c, 1)
+}
+
+/// The model of `config` with `mtp_layers` MTP blocks (0 for all but `builtin:tiny-mtp`: a
+/// config without `num_nextn_predict_layers` means 1, as in the official code, but the other
+/// built-in models have none).
+fn build(config: &serde_json::Value, mtp_layers: usize) -> Result<(ModelConfig, Checkpoint)> {
     let cfg = ModelConfig::from_json(config.as_object().expect("literal object"))?;
     let mut b = Builder { rng: Rng(0x5EED_D5F4), out: vec![] };
     let (v, d, n) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
-    let (h, hd, ql) = (cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
-    let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
-    let (e, i, k) = (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok);
-    let mix = cfg.hc_mix_dim();
 
     b.f32("embed.weight", &[v, d], 0.0, 1.0)?;
     b.linear("head.weight", v, d)?;
@@ -194,69 +207,95 @@ fn build(config: &serde_json::Value) -> Result<(ModelConfig, Checkpoint)> {
     b.f32("hc_head_scale", &[1], 1.0, 0.2)?;
 
     for l in 0..cfg.num_layers {
-        let p = format!("layers.{l}");
-        for hc in ["hc_attn", "hc_ffn"] {
-            b.f32(&format!("{p}.{hc}_fn"), &[mix, n * d], 0.0, 0.5 * ((n * d) as f32).powf(-0.5))?;
-            b.f32(&format!("{p}.{hc}_base"), &[mix], 0.0, 0.5)?;
-            b.f32(&format!("{p}.{hc}_scale"), &[3], 1.0, 0.2)?;
-        }
-        b.norm(&format!("{p}.attn_norm.weight"), d)?;
-        b.norm(&format!("{p}.ffn_norm.weight"), d)?;
-
-        let a = format!("{p}.attn");
-        b.linear(&format!("{a}.wq_a.weight"), ql, d)?;
-        b.norm(&format!("{a}.q_norm.weight"), ql)?;
-        b.linear(&format!("{a}.wq_b.weight"), h * hd, ql)?;
-        b.linear(&format!("{a}.wkv.weight"), hd, d)?;
-        b.norm(&format!("{a}.kv_norm.weight"), hd)?;
-        b.linear(&format!("{a}.wo_a.weight"), g * r, h * hd / g)?;
-        b.linear(&format!("{a}.wo_b.weight"), d, g * r)?;
-        b.f32(&format!("{a}.attn_sink"), &[h], 0.0, 1.0)?;
-        let compressor = |b: &mut Builder, prefix: &str, ratio: usize, width: usize, dim: usize| -> Result<()> {
-            b.linear(&format!("{prefix}.wkv.weight"), width, d)?;
-            b.linear(&format!("{prefix}.wgate.weight"), width, d)?;
-            b.f32(&format!("{prefix}.ape"), &[ratio, width], 0.0, 0.5)?;
-            b.norm(&format!("{prefix}.norm.weight"), dim)
-        };
-        match cfg.attention[l] {
-            AttentionKind::Sliding => {}
-            AttentionKind::Hca { ratio } => compressor(&mut b, &format!("{a}.compressor"), ratio, hd, hd)?,
-            AttentionKind::Csa { ratio } => {
-                compressor(&mut b, &format!("{a}.compressor"), ratio, 2 * hd, hd)?;
-                let (ih, id) = (cfg.index_n_heads, cfg.index_head_dim);
-                b.linear(&format!("{a}.indexer.wq_b.weight"), ih * id, ql)?;
-                b.linear(&format!("{a}.indexer.weights_proj.weight"), ih, d)?;
-                compressor(&mut b, &format!("{a}.indexer.compressor"), ratio, 2 * id, id)?;
-            }
-        }
-
-        let f = format!("{p}.ffn");
-        b.linear(&format!("{f}.gate.weight"), e, d)?;
-        match cfg.routing[l] {
-            RoutingKind::TopK => b.f32(&format!("{f}.gate.bias"), &[e], 0.0, 0.1)?,
-            RoutingKind::Hash => {
-                // k distinct experts per token id.
-                let mut ids = Vec::with_capacity(v * k);
-                for _ in 0..v {
-                    let mut perm: Vec<i64> = (0..e as i64).collect();
-                    for j in 0..k {
-                        let pick = j + (b.rng.next_u64() % (e - j) as u64) as usize;
-                        perm.swap(j, pick);
-                    }
-                    ids.extend_from_slice(&perm[..k]);
-                }
-                let bytes = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
-                b.out.push(HostTensor::from_bytes(format!("{f}.gate.tid2eid"), DType::I64, vec![v, k], bytes)?);
-            }
-        }
-        for x in 0..e {
-            b.linear(&format!("{f}.experts.{x}.w1.weight"), i, d)?;
-            b.linear(&format!("{f}.experts.{x}.w3.weight"), i, d)?;
-            b.linear(&format!("{f}.experts.{x}.w2.weight"), d, i)?;
-        }
-        b.linear(&format!("{f}.shared_experts.w1.weight"), i, d)?;
-        b.linear(&format!("{f}.shared_experts.w3.weight"), i, d)?;
-        b.linear(&format!("{f}.shared_experts.w2.weight"), d, i)?;
+        block(&mut b, &cfg, &format!("layers.{l}"), cfg.attention[l], cfg.routing[l])?;
+    }
+    // The MTP layers (spec §D.5, `MTPBlock`): a sliding-attention block with a score-routed
+    // MoE, the input projections and norms, and their own head mix and norm.
+    for m in 0..mtp_layers {
+        let p = format!("mtp.{m}");
+        block(&mut b, &cfg, &p, AttentionKind::Sliding, RoutingKind::TopK)?;
+        b.linear(&format!("{p}.e_proj.weight"), d, d)?;
+        b.linear(&format!("{p}.h_proj.weight"), d, d)?;
+        b.norm(&format!("{p}.enorm.weight"), d)?;
+        b.norm(&format!("{p}.hnorm.weight"), d)?;
+        b.norm(&format!("{p}.norm.weight"), d)?;
+        b.f32(&format!("{p}.hc_head_fn"), &[n, n * d], 0.0, 0.5 * ((n * d) as f32).powf(-0.5))?;
+        b.f32(&format!("{p}.hc_head_base"), &[n], 0.0, 0.5)?;
+        b.f32(&format!("{p}.hc_head_scale"), &[1], 1.0, 0.2)?;
     }
     Ok((cfg, Checkpoint::from_tensors(b.out)?))
+}
+
+/// One block's tensors under `p` (`layers.{l}` or `mtp.{m}`): mHC mixing, norms, attention of
+/// the given kind, the MoE with its routing.
+fn block(b: &mut Builder, cfg: &ModelConfig, p: &str, attention: AttentionKind, routing: RoutingKind) -> Result<()> {
+    let (v, d, n) = (cfg.vocab_size, cfg.hidden_size, cfg.hc_mult);
+    let (h, hd, ql) = (cfg.num_heads, cfg.head_dim, cfg.q_lora_rank);
+    let (g, r) = (cfg.o_groups, cfg.o_lora_rank);
+    let (e, i, k) = (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok);
+    let mix = cfg.hc_mix_dim();
+
+    for hc in ["hc_attn", "hc_ffn"] {
+        b.f32(&format!("{p}.{hc}_fn"), &[mix, n * d], 0.0, 0.5 * ((n * d) as f32).powf(-0.5))?;
+        b.f32(&format!("{p}.{hc}_base"), &[mix], 0.0, 0.5)?;
+        b.f32(&format!("{p}.{hc}_scale"), &[3], 1.0, 0.2)?;
+    }
+    b.norm(&format!("{p}.attn_norm.weight"), d)?;
+    b.norm(&format!("{p}.ffn_norm.weight"), d)?;
+
+    let a = format!("{p}.attn");
+    b.linear(&format!("{a}.wq_a.weight"), ql, d)?;
+    b.norm(&format!("{a}.q_norm.weight"), ql)?;
+    b.linear(&format!("{a}.wq_b.weight"), h * hd, ql)?;
+    b.linear(&format!("{a}.wkv.weight"), hd, d)?;
+    b.norm(&format!("{a}.kv_norm.weight"), hd)?;
+    b.linear(&format!("{a}.wo_a.weight"), g * r, h * hd / g)?;
+    b.linear(&format!("{a}.wo_b.weight"), d, g * r)?;
+    b.f32(&format!("{a}.attn_sink"), &[h], 0.0, 1.0)?;
+    let compressor = |b: &mut Builder, prefix: &str, ratio: usize, width: usize, dim: usize| -> Result<()> {
+        b.linear(&format!("{prefix}.wkv.weight"), width, d)?;
+        b.linear(&format!("{prefix}.wgate.weight"), width, d)?;
+        b.f32(&format!("{prefix}.ape"), &[ratio, width], 0.0, 0.5)?;
+        b.norm(&format!("{prefix}.norm.weight"), dim)
+    };
+    match attention {
+        AttentionKind::Sliding => {}
+        AttentionKind::Hca { ratio } => compressor(b, &format!("{a}.compressor"), ratio, hd, hd)?,
+        AttentionKind::Csa { ratio } => {
+            compressor(b, &format!("{a}.compressor"), ratio, 2 * hd, hd)?;
+            let (ih, id) = (cfg.index_n_heads, cfg.index_head_dim);
+            b.linear(&format!("{a}.indexer.wq_b.weight"), ih * id, ql)?;
+            b.linear(&format!("{a}.indexer.weights_proj.weight"), ih, d)?;
+            compressor(b, &format!("{a}.indexer.compressor"), ratio, 2 * id, id)?;
+        }
+    }
+
+    let f = format!("{p}.ffn");
+    b.linear(&format!("{f}.gate.weight"), e, d)?;
+    match routing {
+        RoutingKind::TopK => b.f32(&format!("{f}.gate.bias"), &[e], 0.0, 0.1)?,
+        RoutingKind::Hash => {
+            // k distinct experts per token id.
+            let mut ids = Vec::with_capacity(v * k);
+            for _ in 0..v {
+                let mut perm: Vec<i64> = (0..e as i64).collect();
+                for j in 0..k {
+                    let pick = j + (b.rng.next_u64() % (e - j) as u64) as usize;
+                    perm.swap(j, pick);
+                }
+                ids.extend_from_slice(&perm[..k]);
+            }
+            let bytes = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+            b.out.push(HostTensor::from_bytes(format!("{f}.gate.tid2eid"), DType::I64, vec![v, k], bytes)?);
+        }
+    }
+    for x in 0..e {
+        b.linear(&format!("{f}.experts.{x}.w1.weight"), i, d)?;
+        b.linear(&format!("{f}.experts.{x}.w3.weight"), i, d)?;
+        b.linear(&format!("{f}.experts.{x}.w2.weight"), d, i)?;
+    }
+    b.linear(&format!("{f}.shared_experts.w1.weight"), i, d)?;
+    b.linear(&format!("{f}.shared_experts.w3.weight"), i, d)?;
+    b.linear(&format!("{f}.shared_experts.w2.weight"), d, i)?;
+    Ok(())
 }

@@ -310,3 +310,33 @@ fn a_session_mixes_plain_and_speculative_calls() {
         prompt.extend(&ids[prompt.len()..prompt.len() + 5]);
     }
 }
+
+/// `builtin:tiny-mtp` is `builtin:tiny` (the same main tensors, byte for byte) plus an MTP
+/// block that loads, and speculative greedy decoding on it equals plain greedy: what the
+/// server's SDK suite runs with `--speculative-tokens` in CI.
+#[test]
+fn builtin_tiny_mtp_is_tiny_plus_a_working_mtp_block() {
+    let (_, tiny) = dsv4_core::builtin::tiny().unwrap();
+    let (cfg, with_mtp) = dsv4_core::builtin::by_name(dsv4_core::builtin::TINY_MTP_NAME).unwrap().unwrap();
+    let mut extra = 0;
+    for t in with_mtp.tensors() {
+        match tiny.get(&t.name) {
+            Some(same) => assert!(same.bytes() == t.bytes() && same.shape == t.shape, "{} differs", t.name),
+            None => {
+                assert!(t.name.starts_with("mtp.0."), "{} is new but not an MTP tensor", t.name);
+                extra += 1;
+            }
+        }
+    }
+    assert_eq!(tiny.len() + extra, with_mtp.len(), "every tiny tensor is kept");
+    let be = CpuBackend::new();
+    let model = Model::load(&be, cfg, &with_mtp, &mut |_, _, _| {}).unwrap();
+    assert!(model.mtp.is_some(), "the MTP block loads");
+    let prompt: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 271).collect();
+    let plain = run(&be, &model, &prompt, 40, 0);
+    for k in [1, 2, 3] {
+        let spec = run(&be, &model, &prompt, 40, k);
+        assert_eq!(spec.tokens, plain.tokens, "k = {k}");
+        assert!(spec.speculation.unwrap().drafted > 0);
+    }
+}
