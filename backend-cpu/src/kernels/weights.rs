@@ -350,9 +350,10 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
         }
         return;
     }
-    if S::TILE_INPUTS > 1 && m <= S::TILE_MOST_INPUTS {
+    if S::TILE_INPUTS > 1 && (2..=S::TILE_MOST_INPUTS).contains(&m) {
         // Several input rows (batched decode, a speculative verify step): tiles of rows ×
-        // input rows with the weights decoded in registers ([`tile_any`]).
+        // input rows with the weights decoded in registers ([`tile_any`]). (No input rows,
+        // `m = 0`, leave nothing to compute: the loop below does nothing.)
         // SAFETY: the caller guarantees `S`; `tiled` checks every row and length.
         if unsafe { tiled::<S, W>(w, start, n, xs, out) } {
             return;
@@ -435,16 +436,20 @@ where
     let h = n / r;
     let mut units: Vec<([usize; 2], usize)> = (0..h).map(|t| ([t, t + h], r)).collect();
     units.extend((h * r..n).map(|j| ([j, j], 1)));
-    // Each unit's accumulators, `2 · m` of them (row q, input i at `q · m + i`).
-    let mut acc = vec![S::zero(); units.len() * 2 * m];
     let mut failed = vec![false; units.len()];
     // The inputs in the split layout, for formats that decode in it (made when first needed).
     let mut split = Vec::new();
+    let mut decoded = Vec::new();
     // Units a group: their rows (at most TILE_WEIGHT_BYTES, counted as f32) stay in L2 while
     // the group goes through the slices, so no weight byte is fetched from memory twice.
     let group = (TILE_WEIGHT_BYTES / (2 * 4 * k)).max(1);
+    // The group's accumulators, `2 · m` a unit (row q, input i at `q · m + i`), reused.
+    let mut acc = Vec::with_capacity(group * 2 * m);
     for first_unit in (0..units.len()).step_by(group) {
         let group = first_unit..(first_unit + group).min(units.len());
+        acc.clear();
+        // SAFETY: the caller guarantees `S`.
+        acc.resize(group.len() * 2 * m, unsafe { S::zero() });
         let mut j0 = 0;
         while j0 < k {
             let j1 = (j0 + slice).min(k);
@@ -461,7 +466,8 @@ where
                         "dot_many: rows of different shapes or formats"
                     );
                 }
-                let a = &mut acc[u * 2 * m..(u + 1) * 2 * m];
+                let at = (u - group.start) * 2 * m;
+                let a = &mut acc[at..at + 2 * m];
                 let mut i = 0;
                 while i < m {
                     let g = (m - i).min(S::TILE_INPUTS).min(MAX_TILE_INPUTS);
@@ -476,32 +482,32 @@ where
             }
             j0 = j1;
         }
-    }
-    let mut decoded = Vec::new();
-    for (u, &(rows, r)) in units.iter().enumerate() {
-        for (q, &row) in rows[..r].iter().enumerate() {
-            let o = &mut out[row * m..(row + 1) * m];
-            if failed[u] {
-                // Row by row, as the caller's fallback does (rare: extreme scales).
-                let wr = w.row(start + row, &mut scratch);
-                decoded.resize(k, 0f32);
-                // SAFETY: the caller guarantees `S`; the row was checked above.
-                unsafe {
-                    decode_with::<S>(&wr, &mut decoded);
-                    dot_rows_with::<S, 4>(&Row::F32(&decoded), xs, o);
-                }
-                continue;
-            }
-            for (i, v) in o.iter_mut().enumerate() {
-                let a = acc[u * 2 * m + q * m + i];
-                // SAFETY: the caller guarantees `S`.
-                *v = unsafe {
-                    if split_layout {
-                        S::reduce_split(a)
-                    } else {
-                        S::reduce(a)
+        // The group's outputs.
+        for (u, &(rows, r)) in units.iter().enumerate().take(group.end).skip(group.start) {
+            for (q, &row) in rows[..r].iter().enumerate() {
+                let o = &mut out[row * m..(row + 1) * m];
+                if failed[u] {
+                    // Row by row, as the caller's fallback does (rare: extreme scales).
+                    let wr = w.row(start + row, &mut scratch);
+                    decoded.resize(k, 0f32);
+                    // SAFETY: the caller guarantees `S`; the row was checked above.
+                    unsafe {
+                        decode_with::<S>(&wr, &mut decoded);
+                        dot_rows_with::<S, 4>(&Row::F32(&decoded), xs, o);
                     }
-                };
+                    continue;
+                }
+                let at = (u - group.start) * 2 * m + q * m;
+                for (v, &a) in o.iter_mut().zip(&acc[at..at + m]) {
+                    // SAFETY: the caller guarantees `S`.
+                    *v = unsafe {
+                        if split_layout {
+                            S::reduce_split(a)
+                        } else {
+                            S::reduce(a)
+                        }
+                    };
+                }
             }
         }
     }

@@ -809,3 +809,87 @@ fn fp4_rows_from_scale_bytes_keep_the_reference_bits() {
         }
     }
 }
+
+/// Rows but no input rows (`m = 0`, an empty batch): nothing to compute, on every set (the
+/// tiles must not be asked for zero input rows).
+#[test]
+fn dot_many_with_no_input_rows_does_nothing() {
+    let mut rng = Rng(13);
+    let scale = |r: &mut Rng| 2f32.powi((r.next() % 12) as i32 - 6);
+    for kind in [Kind::F32, Kind::Bf16, Kind::Fp8(128), Kind::Fp4(32)] {
+        let w = Matrix((0..3).map(|_| Owned::random(kind, 64, &mut rng, &mut { scale })).collect());
+        for isa in Isa::supported() {
+            dot_many(isa, &w, 0, 3, &[], &mut []);
+        }
+    }
+}
+
+/// Several input rows on long FP8 rows (many column slices): a block without an exact fast
+/// decode in a late slice of one row, after the earlier slices of its unit (and of the other
+/// units of its group) went the fast way; in the first or the second row of a pair, or the
+/// odd row. Every output keeps the reference bits.
+#[test]
+fn dot_many_tiles_fall_back_in_a_late_slice() {
+    let mut rng = Rng(14);
+    let (n, blocks) = (7, 20);
+    let k = 128 * blocks;
+    for huge_row in [0, 3, 4, 6] {
+        let rows: Vec<Owned> = (0..n)
+            .map(|r| {
+                let mut b = 0;
+                Owned::random(Kind::Fp8(128), k, &mut rng, &mut |_| {
+                    b += 1;
+                    if r == huge_row && b == blocks - 2 {
+                        2f32.powi(127)
+                    } else {
+                        2f32.powi(-3)
+                    }
+                })
+            })
+            .collect();
+        let w = Matrix(rows);
+        for m in [2, 3, 4, 8] {
+            let xs: Vec<f32> = rng.xs(k * m).iter().map(|v| v * 1e-30).collect();
+            let mut want = vec![0f32; n * m];
+            for (j, o) in want.chunks_exact_mut(m).enumerate() {
+                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
+            }
+            for isa in Isa::supported() {
+                let mut got = vec![f32::NAN; n * m];
+                dot_many(isa, &w, 0, n, &xs, &mut got);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(same(*g, *e), "{isa:?} m={m} huge row {huge_row} output {idx}: {g:e} vs {e:e}");
+                }
+            }
+        }
+    }
+}
+
+/// Tiles on every shape around the edges: one and two rows, `k` of one chunk, a start offset,
+/// 2-8 input rows, every format: the same bits as row by row.
+#[test]
+fn dot_many_tiles_on_small_shapes() {
+    let mut rng = Rng(15);
+    let scale = |r: &mut Rng| 2f32.powi((r.next() % 12) as i32 - 6);
+    for kind in [Kind::F32, Kind::Bf16, Kind::F16, Kind::Fp8(32), Kind::Fp8(128), Kind::Fp4(32), Kind::Fp4(64)] {
+        for k in [32, 96, 160] {
+            let w = Matrix((0..4).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
+            for n in 1..=3 {
+                for m in 2..=8 {
+                    let xs = rng.xs(m * k);
+                    let mut want = vec![0f32; n * m];
+                    for (j, o) in want.chunks_exact_mut(m).enumerate() {
+                        dot_rows(Isa::Scalar, &w.0[1 + j].row(), &xs, o);
+                    }
+                    for isa in Isa::supported() {
+                        let mut got = vec![f32::NAN; n * m];
+                        dot_many(isa, &w, 1, n, &xs, &mut got);
+                        for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(same(*g, *e), "{kind:?} k={k} n={n} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
