@@ -39,7 +39,9 @@ pub struct KvArgs {
     /// Memory for the decoding state: bytes with an optional unit (8GiB, 512MiB, 2G, 1000000;
     /// K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000), or a
     /// fraction in (0, 1] of the memory free once the weights are loaded (0.5). Default: exactly
-    /// what the run needs (chat: the model's whole context, at most half the free memory).
+    /// what the run needs (chat: the model's whole context, at most half the free memory; serve:
+    /// what --max-num-seqs sequences of --max-model-len tokens need, at most half of what the
+    /// weights leave, per rank with --devices, from the memory plan printed at start-up).
     #[arg(long, value_name = "SIZE")]
     pub kv_cache_memory: Option<MemorySize>,
     /// Where the checkpoint's bytes live while the model runs (the CPU backend computes on

@@ -28,6 +28,8 @@ pub struct RankMemory {
     pub source: String,
     /// The ranks share one memory (the CPU backend): more devices do not add memory.
     pub shared: bool,
+    /// The weights stay memory-mapped and are not counted ([`RankMemory::with_mapped_weights`]).
+    pub mapped: bool,
 }
 
 impl RankMemory {
@@ -44,6 +46,7 @@ impl RankMemory {
                 None => "unknown (the CPU backend does not report it)".into(),
             },
             shared: true,
+            mapped: false,
         }
     }
 
@@ -55,6 +58,7 @@ impl RankMemory {
         RankMemory {
             bytes: self.bytes.map(|b| b + weights),
             source: format!("{}, the weights memory-mapped (page cache, not counted)", self.source),
+            mapped: true,
             ..self
         }
     }
@@ -70,6 +74,7 @@ impl RankMemory {
                 None => format!("unknown (device {device} does not report its free memory)"),
             },
             shared: false,
+            mapped: false,
         }
     }
 }
@@ -148,10 +153,23 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
     let weights_short = matches!(e, Refusal::Plan(PlanError::WeightsDoNotFit { .. }));
     if !weights_short {
         // Fewer sequences: the most that fit as asked otherwise, or at least their windows.
-        let fewer = (1..seqs).rev().find(|&s| {
+        // Found by bisection (each try is a whole plan: a count tried one by one from a
+        // `--max-num-seqs 1000000` took seconds on `builtin:tiny`, minutes on a real
+        // checkpoint's tensors); `lo` always fits (or is 0), `hi` does not.
+        let fits = |s: usize| {
             let ask = ServingAsk { max_seqs: s, ..r.ask };
             attempt(&Request { ask, ..*r }, memory, r.kv_dtype).is_ok()
-        });
+        };
+        let (mut lo, mut hi) = (0, seqs);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let fewer = (lo > 0).then_some(lo);
         match (fewer, &e) {
             (Some(s), _) => fixes.push(format!("fewer --max-num-seqs (at most {s} fit)")),
             (None, Refusal::Serving(ServingError::SequencesDoNotFit { most, .. }, _)) if *most > 0 => {
@@ -169,11 +187,12 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
             _ => {}
         }
         if let Refusal::Serving(
-            ServingError::SequencesDoNotFit { pool, .. } | ServingError::ContextDoesNotFit { pool, .. },
+            ServingError::SequencesDoNotFit { pool, need, .. } | ServingError::ContextDoesNotFit { pool, need, .. },
             left,
         ) = e
         {
-            if pool < left {
+            // Only when a pool of what the weights leave would hold what was asked.
+            if pool < left && need <= left {
                 fixes.push(format!(
                     "a larger --kv-cache-memory (up to {} per rank: what the weights leave)",
                     human_bytes(left)
@@ -186,9 +205,16 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
     }
     if memory.shared {
         if weights_short {
-            fixes.push(
-                "more free memory: the CPU ranks share this machine's memory, so more devices do not help".into(),
-            );
+            // Resident weights (`--weight-memory resident`) past the memory: mapped, they are
+            // not counted (checked: the pool must still fit).
+            let most = rank_weights(r.cfg, r.tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap_or(0);
+            if !memory.mapped && attempt(r, &memory.clone().with_mapped_weights(most), r.kv_dtype).is_ok() {
+                fixes.push("--weight-memory mapped (the weights then stay in the page cache, not counted)".into());
+            }
+            fixes.push(match r.layout.world {
+                1 => "more free memory".into(),
+                _ => "more free memory: the CPU ranks share this machine's memory, so more devices do not help".into(),
+            });
         }
     } else {
         match &e {
@@ -311,7 +337,7 @@ mod tests {
         // 1 KiB less than the weights per rank: they cannot be read into memory.
         let cpu = RankMemory::cpu(Some(2 * (weights - 1024)), 2);
         let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
-        assert!(e.contains("more devices do not help"), "{e}");
+        assert!(e.contains("more devices do not help") && e.contains("Use --weight-memory mapped"), "{e}");
         let mapped = cpu.with_mapped_weights(weights);
         assert!(mapped.source.contains("memory-mapped"), "{}", mapped.source);
         let s = plan_serving(&r, &mapped).unwrap();
@@ -335,6 +361,16 @@ mod tests {
         let r = request(&cfg, &tensors, ServingAsk { max_len: 65536, ..ASK });
         let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
         assert!(e.contains("--max-model-len asks 65536") && e.contains("a smaller --max-model-len (at most "), "{e}");
+        // Far too many (found by bisection: one count at a time took seconds here), and no
+        // --kv-cache-memory is suggested when what the weights leave would not do either.
+        let r = request(&cfg, &tensors, ServingAsk { max_seqs: 10_000_000, len_asked: false, ..ASK });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("fewer --max-num-seqs (at most ") && !e.contains("a larger --kv-cache-memory"), "{e}");
+        let most: usize = e.split("at most ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        for (seqs, fits) in [(most, true), (most + 1, false)] {
+            let r = request(&cfg, &tensors, ServingAsk { max_seqs: seqs, len_asked: false, ..ASK });
+            assert_eq!(plan_serving(&r, &cpu).is_ok(), fits, "{seqs}");
+        }
         // Too many running sequences for their windows: at most N fit.
         let r = request(&cfg, &tensors, ServingAsk { max_seqs: 64, len_asked: false, ..ASK });
         let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
