@@ -490,6 +490,23 @@ impl Rows for Matrix {
     }
 }
 
+/// `dot_many` of rows `start..start + n` of `w` on every supported set against `dot_rows` on
+/// the scalar lanes row by row (the reference bits), output by output; `what` names the case.
+fn check_dot_many(w: &Matrix, start: usize, n: usize, xs: &[f32], what: &str) {
+    let m = xs.len() / w.0[start].row().len().max(1);
+    let mut want = vec![0f32; n * m];
+    for (j, o) in want.chunks_exact_mut(m).enumerate() {
+        dot_rows(Isa::Scalar, &w.0[start + j].row(), xs, o);
+    }
+    for isa in Isa::supported() {
+        let mut got = vec![f32::NAN; n * m];
+        dot_many(isa, w, start, n, xs, &mut got);
+        for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(same(*g, *e), "{what} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
+        }
+    }
+}
+
 #[test]
 fn dot_many_is_dot_rows_row_by_row() {
     let mut rng = Rng(9);
@@ -550,17 +567,7 @@ fn dot_many_pairs_fall_back_on_extreme_scales() {
         // huge block is the second of the row, so the first slices went the fast way).
         for m in [1, 3, 6] {
             let xs: Vec<f32> = rng.xs(256 * m).iter().map(|v| v * 1e-30).collect();
-            let mut want = vec![0f32; 4 * m];
-            for (j, o) in want.chunks_exact_mut(m).enumerate() {
-                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
-            }
-            for isa in Isa::supported() {
-                let mut got = vec![f32::NAN; 4 * m];
-                dot_many(isa, &w, 0, 4, &xs, &mut got);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!(same(*g, *e), "{isa:?} m={m} huge scale in row {huge_row}: {g:e} vs {e:e}");
-                }
-            }
+            check_dot_many(&w, 0, 4, &xs, &format!("huge scale in row {huge_row}"));
         }
     }
 }
@@ -577,18 +584,7 @@ fn dot_many_in_column_slices_is_dot_rows_row_by_row() {
         let (n, k) = (47, 1440);
         let w = Matrix((0..n).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
         for m in [2, 5, 8, 9] {
-            let xs = rng.xs(m * k);
-            let mut want = vec![0f32; n * m];
-            for (j, o) in want.chunks_exact_mut(m).enumerate() {
-                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
-            }
-            for isa in Isa::supported() {
-                let mut got = vec![f32::NAN; n * m];
-                dot_many(isa, &w, 0, n, &xs, &mut got);
-                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(same(*g, *e), "{kind:?} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
-                }
-            }
+            check_dot_many(&w, 0, n, &rng.xs(m * k), &format!("{kind:?}"));
         }
     }
 }
@@ -850,17 +846,7 @@ fn dot_many_tiles_fall_back_in_a_late_slice() {
         let w = Matrix(rows);
         for m in [2, 3, 4, 8] {
             let xs: Vec<f32> = rng.xs(k * m).iter().map(|v| v * 1e-30).collect();
-            let mut want = vec![0f32; n * m];
-            for (j, o) in want.chunks_exact_mut(m).enumerate() {
-                dot_rows(Isa::Scalar, &w.0[j].row(), &xs, o);
-            }
-            for isa in Isa::supported() {
-                let mut got = vec![f32::NAN; n * m];
-                dot_many(isa, &w, 0, n, &xs, &mut got);
-                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(same(*g, *e), "{isa:?} m={m} huge row {huge_row} output {idx}: {g:e} vs {e:e}");
-                }
-            }
+            check_dot_many(&w, 0, n, &xs, &format!("huge row {huge_row}"));
         }
     }
 }
@@ -876,18 +862,7 @@ fn dot_many_tiles_on_small_shapes() {
             let w = Matrix((0..4).map(|_| Owned::random(kind, k, &mut rng, &mut { scale })).collect());
             for n in 1..=3 {
                 for m in 2..=8 {
-                    let xs = rng.xs(m * k);
-                    let mut want = vec![0f32; n * m];
-                    for (j, o) in want.chunks_exact_mut(m).enumerate() {
-                        dot_rows(Isa::Scalar, &w.0[1 + j].row(), &xs, o);
-                    }
-                    for isa in Isa::supported() {
-                        let mut got = vec![f32::NAN; n * m];
-                        dot_many(isa, &w, 1, n, &xs, &mut got);
-                        for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                            assert!(same(*g, *e), "{kind:?} k={k} n={n} m={m} {isa:?} output {idx}: {g:e} vs {e:e}");
-                        }
-                    }
+                    check_dot_many(&w, 1, n, &rng.xs(m * k), &format!("{kind:?} k={k} n={n}"));
                 }
             }
         }
