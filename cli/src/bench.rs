@@ -581,6 +581,35 @@ fn checked_options(opts: &Options) -> Result<(Vec<usize>, usize)> {
     Ok((contexts, threads))
 }
 
+/// The lines under the machine report of either bench: where the weights are, the precision
+/// and which peak the prefill column reads against, the weights read per token.
+fn run_report(
+    weight_memory: &WeightMemoryReport,
+    precision: Precision,
+    bf16_peak: bool,
+    weights: &ActiveWeights,
+) -> String {
+    let peak = if bf16_peak { "BF16 dot" } else { "f32 FMA" };
+    format!(
+        "weights: {}\nprecision: {precision} (prefill peak column: against the {peak} peak)\n{}",
+        weight_memory.describe(),
+        weights_report(weights)
+    )
+}
+
+/// [`tokens_needed`] for the contexts (increasing), refused when the model has fewer positions.
+fn positions_needed(cfg: &dsv4_core::ModelConfig, contexts: &[usize], decode_steps: usize, k: usize) -> Result<usize> {
+    let needed = tokens_needed(contexts, decode_steps, k);
+    if needed >= cfg.max_position_embeddings {
+        bail!(
+            "contexts up to {} + {decode_steps} decode steps need {needed} positions; the model has {}",
+            contexts[contexts.len() - 1],
+            cfg.max_position_embeddings
+        );
+    }
+    Ok(needed)
+}
+
 /// `take_profile`: with `--profile`, `be` is a `Profiled` backend and this is its `take`.
 pub fn run<B: Backend>(
     be: &B,
@@ -601,15 +630,7 @@ pub fn run<B: Backend>(
     let weights = active_weights(&cfg, &ckpt)?;
     crate::generate::require_mtp(spec, k, &cfg, &ckpt)?;
     drop(ckpt);
-    let needed = tokens_needed(&contexts, opts.decode_steps, k);
-    if needed >= cfg.max_position_embeddings {
-        bail!(
-            "contexts up to {} + {} decode steps need {needed} positions; the model has {}",
-            contexts[contexts.len() - 1],
-            opts.decode_steps,
-            cfg.max_position_embeddings
-        );
-    }
+    let needed = positions_needed(&cfg, &contexts, opts.decode_steps, k)?;
     // Before the model is loaded: the buffer is large, and nothing else should run meanwhile.
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (be.name() == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
@@ -629,10 +650,7 @@ pub fn run<B: Backend>(
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
-        println!("weights: {}", weight_memory.describe());
-        let peak = if bf16_peak(&machine, bf16_gemms) { "BF16 dot" } else { "f32 FMA" };
-        println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
-        print!("{}", weights_report(&weights));
+        print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
         println!("{kv_description}");
         if k > 0 {
             println!("{}", speculation_note(k));
@@ -708,19 +726,9 @@ pub struct RankRun {
 fn rank_traffic<B: Backend>(ctx: &RankContext<B>) -> Traffic {
     let mut t = Traffic::default();
     for c in [&ctx.tp, &ctx.ep].into_iter().flatten() {
-        for (k, (calls, bytes)) in c.traffic().by_kind {
-            let e = t.by_kind.entry(k).or_default();
-            e.0 += calls;
-            e.1 += bytes;
-        }
+        t.add(&c.traffic());
     }
     t
-}
-
-/// `t` over `n` steps.
-fn times(t: &Traffic, n: usize) -> Traffic {
-    let n = n as u64;
-    Traffic { by_kind: t.by_kind.iter().map(|(&k, &(c, b))| (k, (c * n, b * n))).collect() }
 }
 
 fn kinds(t: &Traffic, per: usize) -> String {
@@ -759,7 +767,7 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
             }
         }
         for (ranks, counted, plan) in classes {
-            let verdict = if *counted == times(plan, decode_steps) { "equal" } else { "DIFFERENT" };
+            let verdict = if *counted == plan.times(decode_steps as u64) { "equal" } else { "DIFFERENT" };
             out += &format!(
                 "comm | context {}, rank{} {}: {} B counted ({}) | {} B planned ({}): {verdict}\n",
                 row.context,
@@ -795,7 +803,7 @@ fn comm_json(runs: &[RankRun], i: usize, decode_steps: usize) -> Value {
                 "counted_by_kind": by_kind,
                 "plan_bytes_per_token": run.plan.bytes(),
                 "plan_calls_per_token": run.plan.calls(),
-                "matches_plan": decode_steps > 0 && *counted == times(&run.plan, decode_steps),
+                "matches_plan": decode_steps > 0 && *counted == run.plan.times(decode_steps as u64),
             }))
         })
         .collect()
@@ -826,15 +834,7 @@ pub fn run_ranks(
     let layout = parallel.layout(&cfg)?;
     eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
     let weights = active_weights(&cfg, &ckpt)?;
-    let needed = tokens_needed(&contexts, opts.decode_steps, 0);
-    if needed >= cfg.max_position_embeddings {
-        bail!(
-            "contexts up to {} + {} decode steps need {needed} positions; the model has {}",
-            contexts[contexts.len() - 1],
-            opts.decode_steps,
-            cfg.max_position_embeddings
-        );
-    }
+    let needed = positions_needed(&cfg, &contexts, opts.decode_steps, 0)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
@@ -849,10 +849,7 @@ pub fn run_ranks(
              run's; bytes read/tok and the roofline are one device's figures",
             layout.world, layout.tp, layout.ep
         );
-        println!("weights: {}", weight_memory.describe());
-        let peak = if bf16_peak(&machine, bf16_gemms) { "BF16 dot" } else { "f32 FMA" };
-        println!("precision: {} (prefill peak column: against the {peak} peak)", kv.precision);
-        print!("{}", weights_report(&weights));
+        print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
     }
     let kv_description = std::sync::Mutex::new(String::new());
     let runs = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {

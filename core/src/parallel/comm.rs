@@ -72,6 +72,20 @@ impl Traffic {
             .sum()
     }
 
+    /// Adds `other`'s calls and bytes, kind by kind (a rank's several communicators).
+    pub fn add(&mut self, other: &Traffic) {
+        for (k, &(c, b)) in &other.by_kind {
+            let e = self.by_kind.entry(*k).or_default();
+            e.0 += c;
+            e.1 += b;
+        }
+    }
+
+    /// `self` repeated `n` times (the traffic of `n` steps of one step's).
+    pub fn times(&self, n: u64) -> Traffic {
+        Traffic { by_kind: self.by_kind.iter().map(|(&k, &(c, b))| (k, (c * n, b * n))).collect() }
+    }
+
     /// `self − earlier`, kind by kind (for the traffic of one step).
     pub fn since(&self, earlier: &Traffic) -> Traffic {
         let mut out = Traffic::default();
