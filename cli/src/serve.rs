@@ -246,13 +246,7 @@ fn planned_pool(
         let bytes = ckpt.file_bytes().unwrap_or(0);
         let available = memory.bytes.map(|b| b * world);
         if load::resolve_weight_memory(kv.weight_memory, true, bytes, available).0 == dsv4_core::WeightMemory::Mapped {
-            let layout = parallel.layout(&cfg)?;
-            let most = dsv4_core::parallel::plan::rank_weights(&cfg, &tensors, layout)
-                .iter()
-                .map(|w| w.loaded_bytes())
-                .max()
-                .unwrap_or(0);
-            memory = memory.with_mapped_weights(most);
+            memory = memory.with_mapped_weights(dsv4_core::parallel::plan::fullest_rank_bytes(&cfg, &tensors, layout));
         }
     }
     let ask = ServingAsk {

@@ -10,8 +10,8 @@ use std::fmt::Write;
 use anyhow::{bail, Result};
 use dsv4_core::kv::{human_bytes, KvDtype};
 use dsv4_core::parallel::plan::{
-    fewest_devices, plan, rank_weights, serving_pool, Plan, PlanError, PlanInput, PlanTensor, PoolAsk, ServingAsk,
-    ServingError, ServingPool, DEFAULT_UTILISATION,
+    fewest_devices, fullest_rank_bytes, plan, serving_pool, Plan, PlanError, PlanInput, PlanTensor, PoolAsk,
+    ServingAsk, ServingError, ServingPool, DEFAULT_UTILISATION,
 };
 use dsv4_core::parallel::ParallelLayout;
 use dsv4_core::ModelConfig;
@@ -110,7 +110,7 @@ enum Refusal {
 fn input<'a>(r: &Request<'a>, memory: &RankMemory, kv_dtype: KvDtype) -> PlanInput<'a> {
     let device_memory = memory.bytes.unwrap_or_else(|| {
         // Unknown memory: exactly the fullest rank's weights and the pool asked for.
-        let weights = rank_weights(r.cfg, r.tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap_or(0);
+        let weights = fullest_rank_bytes(r.cfg, r.tensors, r.layout);
         let seqs = r.ask.max_seqs.max(1);
         let pool = match r.ask.pool {
             PoolAsk::Bytes(b) => b,
@@ -207,7 +207,7 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
         if weights_short {
             // Resident weights (`--weight-memory resident`) past the memory: mapped, they are
             // not counted (checked: the pool must still fit).
-            let most = rank_weights(r.cfg, r.tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap_or(0);
+            let most = fullest_rank_bytes(r.cfg, r.tensors, r.layout);
             if !memory.mapped && attempt(r, &memory.clone().with_mapped_weights(most), r.kv_dtype).is_ok() {
                 fixes.push("--weight-memory mapped (the weights then stay in the page cache, not counted)".into());
             }
@@ -332,7 +332,7 @@ mod tests {
         let cfg = tiny();
         let tensors = official_tensors(&cfg, WeightTarget::Host);
         let r = request(&cfg, &tensors, ASK);
-        let weights = rank_weights(&cfg, &tensors, r.layout).iter().map(|w| w.loaded_bytes()).max().unwrap();
+        let weights = fullest_rank_bytes(&cfg, &tensors, r.layout);
         let r = request(&cfg, &tensors, ServingAsk { max_seqs: 1, pool: PoolAsk::Bytes(weights / 2), ..ASK });
         // 1 KiB less than the weights per rank: they cannot be read into memory.
         let cpu = RankMemory::cpu(Some(2 * (weights - 1024)), 2);

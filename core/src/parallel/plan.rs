@@ -307,6 +307,11 @@ pub fn rank_weights(cfg: &ModelConfig, tensors: &[PlanTensor], layout: ParallelL
     (0..layout.world).map(|r| rank_weights_of(cfg, tensors, layout.rank(r))).collect()
 }
 
+/// The loaded bytes of the rank of `layout` holding the most of `tensors` (0 with no rank).
+pub fn fullest_rank_bytes(cfg: &ModelConfig, tensors: &[PlanTensor], layout: ParallelLayout) -> usize {
+    rank_weights(cfg, tensors, layout).iter().map(RankWeights::loaded_bytes).max().unwrap_or(0)
+}
+
 /// What `rank` holds of `tensors`.
 pub fn rank_weights_of(cfg: &ModelConfig, tensors: &[PlanTensor], rank: RankLayout) -> RankWeights {
     let mut w = RankWeights {
