@@ -54,6 +54,11 @@ fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(8 * threads).div_ceil(ROW_BLOCK) * ROW_BLOCK
 }
 
+/// Input rows per parallel task of a matrix product whose weight is a single task's rows
+/// ([`prefill_rows_per_task`]): enough rows for the GEMM's 8-row tiles to stream well, few
+/// enough that a 512-token prefill makes four tasks.
+const PREFILL_INPUT_ROWS_PER_TASK: usize = 128;
+
 /// Weight rows per parallel task of a matrix product of many input rows (prefill): a quarter
 /// of the matrix, in whole [`ROW_BLOCK`]s, between [`ROW_BLOCK`] and [`PREFILL_ROWS_PER_TASK`]
 /// (so a matrix of up to 256 rows keeps its 64-row tasks, and any matrix at least four tasks
@@ -359,18 +364,24 @@ impl Backend for CpuBackend {
             return Ok(CpuTensor::new(shape, gemv_tasks(x, w, w.rows, self.threads())));
         }
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
-        let blocks: Vec<(usize, ndarray::Array2<f32>)> =
-            par::map(w.rows.div_ceil(rows_per_task), m * k * w.rows, |b| {
-                let start = b * rows_per_task;
-                let n = rows_per_task.min(w.rows - start);
-                (start, linear_block(xv, x.bf16, w, start, n, &mut Vec::new()))
-            });
+        let row_tasks = w.rows.div_ceil(rows_per_task);
+        // A matrix of one task's rows (mHC's `[24, 4096]` mixing weights, the indexer's head
+        // weights) would run on one thread: its input rows are cut as well, into pieces that
+        // depend on `m` alone (never on the thread count, see `prefill_rows_per_task`).
+        let pieces = if m > GEMV_MAX_ROWS && row_tasks == 1 { m.div_ceil(PREFILL_INPUT_ROWS_PER_TASK) } else { 1 };
+        let piece_rows = m.div_ceil(pieces);
+        let blocks: Vec<(usize, usize, ndarray::Array2<f32>)> = par::map(row_tasks * pieces, m * k * w.rows, |b| {
+            let (start, first) = ((b / pieces) * rows_per_task, (b % pieces) * piece_rows);
+            let n = rows_per_task.min(w.rows - start);
+            let rows = xv.slice(s![first..(first + piece_rows).min(m), ..]);
+            (start, first, linear_block(rows, x.bf16, w, start, n, &mut Vec::new()))
+        });
         let mut out = vec![0f32; m * w.rows];
-        for (start, y) in blocks {
+        for (start, first, y) in blocks {
             let n = y.ncols();
             for (r, row) in y.outer_iter().enumerate() {
-                out[r * w.rows + start..r * w.rows + start + n]
-                    .copy_from_slice(row.as_slice().expect("standard layout"));
+                let at = (first + r) * w.rows + start;
+                out[at..at + n].copy_from_slice(row.as_slice().expect("standard layout"));
             }
         }
         Ok(CpuTensor::new(shape, out))
