@@ -114,18 +114,21 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         let x = view(job.x, job.m, job.expert.w1.cols);
         let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n, &mut scratch);
         let u = linear_block(x, job.x_bf16, &job.expert.w3, start, n, &mut scratch);
-        let h: Vec<f32> = g
-            .iter()
-            .zip(u.iter())
-            .enumerate()
-            .map(|(i, (&g, &u))| {
+        let (g, u) = (g.as_slice().expect("standard layout"), u.as_slice().expect("standard layout"));
+        // Row by row over plain slices: an iterator over the `[m, n]` arrays with the row's
+        // routing weight found by `i / n` (a division per value) took about 4% of a 512-token
+        // prefill of the 0.75 B benchmark model.
+        let mut h = vec![0f32; g.len()];
+        for (r, ((h, g), u)) in h.chunks_exact_mut(n).zip(g.chunks_exact(n)).zip(u.chunks_exact(n)).enumerate() {
+            let weight = job.row_weights.map(|w| w[r]);
+            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
                 let v = swiglu(round(g), round(u), limit);
-                round(match job.row_weights {
-                    Some(w) => v * w[i / n],
+                *h = round(match weight {
+                    Some(w) => v * w,
                     None => v,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         (j, start, h)
     });
     let mut hidden = assemble(jobs, |j| j.expert.w1.rows, parts);
@@ -142,7 +145,11 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
         let y = linear_block(h, bf16, &job.expert.w2, start, n, &mut Vec::new());
-        (j, start, y.iter().map(|&v| round(v)).collect())
+        let mut y = y.into_raw_vec_and_offset().0;
+        if bf16 {
+            y.iter_mut().for_each(|v| *v = round_bf16(*v));
+        }
+        (j, start, y)
     });
     assemble(jobs, |j| j.expert.w2.rows, parts)
 }
