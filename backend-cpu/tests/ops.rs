@@ -285,6 +285,42 @@ fn hc_pre_is_the_composition_bit_for_bit() {
     }
 }
 
+/// The CPU's `compressor_pool` (one pass per window) gives exactly the composition's bits
+/// (softmax over axis 1, product, `reduce` over axis 1) for the compressor's sizes and odd ones
+/// (one candidate row, many, widths around the vector lengths, no windows, c = 1 which goes
+/// through the composition itself), with scores far apart, masked (`-inf`) candidates and a
+/// fully masked lane, and kv magnitudes from 2^-12 to 2^12 (a different summation order
+/// would show); and refuses mismatched shapes as the composition does.
+#[test]
+fn compressor_pool_is_the_composition_bit_for_bit() {
+    use dsv4_core::backend::composed;
+    let be = CpuBackend::new();
+    let mut rng = Rng(0xc0b1_9e55);
+    let bits =
+        |t: &<CpuBackend as Backend>::Tensor| be.download(t).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (w, l, c) in [(1, 8, 64), (3, 2, 33), (5, 8, 2), (2, 1, 16), (4, 16, 7), (2, 8, 1), (0, 8, 4), (40, 8, 576)] {
+        let n = w * l * c;
+        let kv: Vec<f32> = (0..n).map(|_| rng.f32() * 2f32.powi((rng.f32() * 12.0) as i32)).collect();
+        let mut score: Vec<f32> = (0..n).map(|_| rng.f32() * 8.0).collect();
+        // A masked candidate here and there, and window 0's channel 0 masked entirely.
+        for (i, v) in score.iter_mut().enumerate() {
+            if i % 7 == 3 || (i < l * c && i % c == 0) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let (kv, score) = (up(&be, &kv, &[w, l, c]), up(&be, &score, &[w, l, c]));
+        let got = be.compressor_pool(&kv, &score).unwrap();
+        let want = composed::compressor_pool(&be, &kv, &score).unwrap();
+        assert_eq!(got.shape(), want.shape(), "w={w} l={l} c={c}");
+        assert_eq!(bits(&got), bits(&want), "w={w} l={l} c={c}");
+        if n > 0 {
+            let wide = up(&be, &vec![0.5; w * l * (c + 1)], &[w, l, c + 1]);
+            assert!(be.compressor_pool(&kv, &wide).is_err());
+            assert!(composed::compressor_pool(&be, &kv, &wide).is_err());
+        }
+    }
+}
+
 /// The CPU's `hc_post` (one pass) gives exactly the composition's bits (broadcast product,
 /// batched `matmul` of `combᵀ` through the `gemm` crate, sum) for mHC's sizes and odd ones
 /// (no tokens, one stream, D = 1, eight streams, a wide D), with values of both signs and

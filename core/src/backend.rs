@@ -314,10 +314,7 @@ pub trait Backend: Send + Sync {
     /// Compressor pooling (spec §B.4.3): kv, score `[W, L, c]` → `Σ_l softmax_l(score)·kv`,
     /// `[W, c]`, the softmax taken per channel over the L candidate rows.
     fn compressor_pool(&self, kv: &Self::Tensor, score: &Self::Tensor) -> Result<Self::Tensor> {
-        let w = self.softmax(score, 1)?;
-        let pooled = self.reduce(&self.binary(&w, kv, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
-        let s = kv.shape();
-        self.reshape(&pooled, &[s[0], s[2]])
+        composed::compressor_pool(self, kv, score)
     }
 
     /// Lightning-indexer selection (spec §B.4.4). q `[T, nI, dI]` (roped); the sequence's keys
@@ -437,6 +434,15 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::compressor_pool`]: a softmax over the L candidate rows
+    /// (axis 1), the product with kv, and its sum over axis 1, reshaped to `[W, c]`.
+    pub fn compressor_pool<B: Backend + ?Sized>(be: &B, kv: &B::Tensor, score: &B::Tensor) -> Result<B::Tensor> {
+        let w = be.softmax(score, 1)?;
+        let pooled = be.reduce(&be.binary(&w, kv, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
+        let s = kv.shape();
+        be.reshape(&pooled, &[s[0], s[2]])
     }
 
     /// The definition of [`Backend::sparse_attention`]: gather the key rows, scaled scores,
