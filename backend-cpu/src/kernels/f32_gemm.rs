@@ -36,7 +36,7 @@ use super::Isa;
 /// The fewest rows of `a` the kernel takes (one tile's); fewer go to the `gemm` crate: the kernel
 /// packs all of `b` for them, which on one row costs ten times the products (m = 1, k = 512,
 /// n = 8192: 3.2 ms against 0.3).
-const MIN_ROWS: usize = 8;
+pub(crate) const MIN_ROWS: usize = 8;
 
 /// Whether this CPU (and `DSV4_CPU_ISA`, via `Isa::active() == Isa::Avx512`) runs the kernel:
 /// x86-64 with AVX-512 F/BW/DQ/VL, `DSV4_CPU_ISA` not lowered below `avx512`. Always `false` on
@@ -489,6 +489,7 @@ mod tests {
         let run = runs("bench_f32_gemm");
         let mut rng = Rng(4);
         for (m, k, n) in [
+            (12, 1024, 256),
             (96, 1024, 256),
             (96, 512, 256),
             (512, 1024, 256),
@@ -522,7 +523,14 @@ mod tests {
             let line = format!("m={m} k={k} n={n}: gemm crate {:.1} GFLOP/s", flop / tg * 1e-9);
             if run {
                 let tf = best(&mut || assert!(matmul_nt_f32(&a, &b, &mut c1, m, k, n)));
-                println!("{line}, avx512 kernel {:.1} GFLOP/s ({:.2}x)", flop / tf * 1e-9, tg / tf);
+                // `matmul_nt` runs the kernel on swapped operands when m < n.
+                let ts = best(&mut || crate::gemm::matmul_nt(&a, &b, &mut c1, m, k, n));
+                println!(
+                    "{line}, avx512 kernel {:.1} GFLOP/s ({:.2}x), matmul_nt {:.1}",
+                    flop / tf * 1e-9,
+                    tg / tf,
+                    flop / ts * 1e-9
+                );
             } else {
                 println!("{line}, avx512 kernel not available");
             }
