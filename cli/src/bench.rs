@@ -731,12 +731,22 @@ fn rank_traffic<B: Backend>(ctx: &RankContext<B>) -> Traffic {
     t
 }
 
+/// `t`'s collectives per decoded token (`t` counted over `per` tokens), kind by kind: how many
+/// calls, and the payload of one (the kind's bytes over its calls): `9 all-reduces of 256 B
+/// each, 1 all-gather of 544 B`.
 fn kinds(t: &Traffic, per: usize) -> String {
     let per = per.max(1) as f64;
     let parts: Vec<String> = t
         .by_kind
         .iter()
-        .map(|(k, &(c, b))| format!("{} {} of {} B", c as f64 / per, k.name(), b as f64 / per))
+        .map(|(k, &(c, b))| {
+            let (calls, each, name) = (c as f64 / per, b as f64 / c.max(1) as f64, k.name().replace('_', "-"));
+            if calls == 1.0 {
+                format!("1 {name} of {each} B")
+            } else {
+                format!("{calls} {name}s of {each} B each")
+            }
+        })
         .collect();
     if parts.is_empty() {
         "none".into()
@@ -754,8 +764,8 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
     if decode_steps == 0 || runs.is_empty() {
         return out;
     }
-    out += "comm | payload per decoded token and rank (f32 activations; an all_reduce counts its buffer, an \
-            all_gather the rank's part), counted by the communicator over the decode steps | as `dsv4 plan` computes \
+    out += "comm | payload per decoded token and rank (f32 activations; an all-reduce counts its buffer, an \
+            all-gather the rank's part), counted by the communicator over the decode steps | as `dsv4 plan` computes \
             it\n";
     for (i, row) in runs[0].rows.iter().enumerate() {
         let mut classes: Vec<(Vec<usize>, &Traffic, &Traffic)> = vec![];
@@ -769,7 +779,7 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
         for (ranks, counted, plan) in classes {
             let verdict = if *counted == plan.times(decode_steps as u64) { "equal" } else { "DIFFERENT" };
             out += &format!(
-                "comm | context {}, rank{} {}: {} B counted ({}) | {} B planned ({}): {verdict}\n",
+                "comm | context {}, rank{} {}: counted {} B per token ({}) | planned {} B per token ({}): {verdict}\n",
                 row.context,
                 if ranks.len() == 1 { "" } else { "s" },
                 crate::plan::rank_list(&ranks),
@@ -1330,6 +1340,40 @@ mod tests {
             Value::Array(a) => Value::Array(a.iter().map(skeleton).collect()),
             Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), skeleton(v))).collect()),
         }
+    }
+
+    /// The communication lines: per token, how many collectives of each kind and the payload
+    /// of one (the kind's bytes are its calls' together), counted and planned.
+    #[test]
+    fn comm_lines_say_the_calls_and_the_size_of_each() {
+        let cfg = builtin::tiny().unwrap().0;
+        let layout = ParallelLayout::new(4, 2, 2, &cfg).unwrap();
+        // Rank 0 of TP 2 × EP 2 on tiny (4 layers, hidden 64): per token the embedding's and
+        // two per layer all-reduces of 64 f32, and the head's gather of its 136 vocabulary rows.
+        let plan = rank_decode_traffic(&cfg, &layout.rank(0), 1);
+        assert_eq!(kinds(&plan, 1), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        assert_eq!(kinds(&plan.times(3), 3), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        let row = |traffic| Row {
+            context: 16,
+            prefill_tokens: 16,
+            prefill_secs: 1.0,
+            prefill_flops: 1.0,
+            decode_secs_per_token: Some(1.0),
+            kv_bytes_per_context_token: 1.0,
+            kv_held: 0,
+            profile: None,
+            speculation: None,
+            decode_traffic: Some(traffic),
+        };
+        let runs = [RankRun { rank: layout.rank(0), plan: plan.clone(), rows: vec![row(plan.times(2))] }];
+        let report = comm_report(&runs, 2);
+        let lines: Vec<&str> = report.lines().collect();
+        assert!(lines[0].contains("an all-reduce counts its buffer, an all-gather the rank's part"), "{report}");
+        assert_eq!(
+            lines[1],
+            "comm | context 16, rank 0: counted 2848 B per token (9 all-reduces of 256 B each, 1 all-gather of 544 B) \
+             | planned 2848 B per token (9 all-reduces of 256 B each, 1 all-gather of 544 B): equal"
+        );
     }
 
     /// Machine figures for the report tests (not measured: the numbers do not matter).
