@@ -203,12 +203,13 @@ pub fn describe(cfg: &ModelConfig, kv: &KvConfig) -> String {
         Some(n) => format!("up to {n} tokens"),
         None => "any length (sliding-window layers only)".to_string(),
     };
+    use dsv4_core::parallel::plan::plural;
     format!(
-        "kv cache: {}, {} blocks of {} tokens + {} window blocks ({}), {capacity}",
+        "kv cache: {}, {} of {} tokens + {} ({}), {capacity}",
         kv.dtype,
-        kv.compressed_blocks,
+        plural(kv.compressed_blocks, "block"),
         kv.block_tokens,
-        kv.window_blocks,
+        plural(kv.window_blocks, "window block"),
         human_bytes(kv.total_bytes(cfg))
     )
 }
@@ -309,5 +310,9 @@ mod tests {
         assert!(line
             .starts_with(&format!("kv cache: bf16, {} blocks of {} tokens + ", kv.compressed_blocks, kv.block_tokens)));
         assert!(line.ends_with(&format!("up to {} tokens", kv.token_capacity(&cfg).unwrap())), "{line}");
+        // One block is singular (`serve --max-num-seqs 1 --kv-cache-memory 487KiB` on tiny).
+        let one = KvConfig { compressed_blocks: 1, window_blocks: 1, ..kv };
+        let line = describe(&cfg, &one);
+        assert!(line.starts_with("kv cache: bf16, 1 block of 64 tokens + 1 window block ("), "{line}");
     }
 }

@@ -156,24 +156,34 @@ pub fn open_with_memory<B: Backend>(
     spec: &str,
     memory: WeightMemoryArg,
 ) -> Result<(ModelConfig, Checkpoint, Option<WeightMemory>)> {
-    let (cfg, mut ckpt) = open(spec)?;
-    let mut held = None;
-    if let Some(dir) = ckpt.dir.clone() {
-        let host = be.name() == "cpu";
-        let bytes = ckpt.file_bytes()?;
-        let asked = memory;
-        let (memory, note) = resolve_weight_memory(asked, host, bytes, if host { be.free_memory() } else { None });
-        if let Some(note) = note {
-            eprintln!("{note}");
-        }
-        ckpt = with_memory(&dir, ckpt, memory)?;
-        if memory == WeightMemory::Resident {
-            let why = if asked == WeightMemoryArg::Auto { "auto: it fits the available memory" } else { "asked" };
-            eprintln!("weights: {} read into memory (--weight-memory resident, {why})", human_bytes(bytes as usize));
-        }
-        held = Some(memory);
-    }
+    let (cfg, ckpt) = open(spec)?;
+    let (ckpt, held) = hold(be, ckpt, memory)?;
     Ok((cfg, ckpt, held))
+}
+
+/// `ckpt`, as [`open`] opened it (memory-mapped), held as `memory` resolves to for `be`
+/// ([`resolve_weight_memory`]): itself when mapped, else its files read into memory; also where
+/// its bytes ended up (None for a built-in model).
+pub fn hold<B: Backend>(
+    be: &B,
+    ckpt: Checkpoint,
+    memory: WeightMemoryArg,
+) -> Result<(Checkpoint, Option<WeightMemory>)> {
+    let Some(dir) = ckpt.dir.clone() else { return Ok((ckpt, None)) };
+    let host = be.name() == "cpu";
+    // Mapped as asked: the files are not looked at again.
+    let bytes = if memory == WeightMemoryArg::Mapped { 0 } else { ckpt.file_bytes()? };
+    let asked = memory;
+    let (memory, note) = resolve_weight_memory(asked, host, bytes, if host { be.free_memory() } else { None });
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let ckpt = with_memory(&dir, ckpt, memory)?;
+    if memory == WeightMemory::Resident {
+        let why = if asked == WeightMemoryArg::Auto { "auto: it fits the available memory" } else { "asked" };
+        eprintln!("weights: {} read into memory (--weight-memory resident, {why})", human_bytes(bytes as usize));
+    }
+    Ok((ckpt, Some(memory)))
 }
 
 /// Loads an opened checkpoint onto `be` (the part `rank` holds), to run in `precision`; a

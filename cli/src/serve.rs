@@ -2,18 +2,21 @@
 //! serving engine (crate `dsv4-engine`), which runs the model on a thread of its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use dsv4_core::chat::EncoderRevision;
-use dsv4_core::kv::{human_bytes, KvConfig};
+use dsv4_core::kv::{KvConfig, KvDtype};
+use dsv4_core::parallel::plan::{checkpoint_tensors, PoolAsk, ServingAsk, WeightTarget};
+use dsv4_core::parallel::{ParallelLayout, RankContext};
 use dsv4_core::tokenizer::Tokenizer;
-use dsv4_core::Backend;
+use dsv4_core::weight_forms::SocFamily;
+use dsv4_core::{Backend, Checkpoint, ModelConfig};
 use dsv4_engine::{EngineConfig, EngineHandle, RankBuild};
 use dsv4_server::ServerConfig;
 
 use crate::kv_args::{self, KvArgs};
+use crate::serve_plan::RankMemory;
 use crate::{load, BackendChoice, Resolved};
 
 /// On or off.
@@ -51,17 +54,17 @@ pub struct ServeArgs {
     #[arg(long)]
     pub api_key: Option<String>,
     /// Most sequences in one step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_num_seqs: usize,
     /// Most tokens in one step (decode tokens and prompt chunks together).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = at_least_one)]
     pub max_num_batched_tokens: usize,
     /// Longest sequence, prompt and reply together (default: the model's context, capped by
     /// what the KV cache holds).
-    #[arg(long)]
+    #[arg(long, value_parser = max_model_len)]
     pub max_model_len: Option<usize>,
     /// Prompts are computed in chunks of this many tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     pub prefill_chunk: usize,
     /// Speculative decoding: the checkpoint's MTP block drafts this many tokens per decode
     /// step of every request, and the main model verifies them in the same step (output
@@ -70,7 +73,7 @@ pub struct ServeArgs {
     pub speculative_tokens: usize,
     /// Most requests waiting for a slot (at least 1); beyond it requests get 503 (529 on the
     /// Anthropic API).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = max_waiting)]
     pub max_waiting: usize,
     /// A tokenizer.json to use instead of the model directory's.
     #[arg(long, value_name = "PATH")]
@@ -83,14 +86,31 @@ pub struct ServeArgs {
     pub encoder: EncoderChoice,
 }
 
-/// Flag values that would give a server that cannot work as asked, refused before anything is
-/// loaded: `--max-waiting 0` (every request would be refused: a request waits, however briefly,
-/// before it is admitted) and an empty `--api-key` (`--api-key "$KEY"` with `KEY` unset would
-/// otherwise serve with no key at all).
-fn check_args(args: &ServeArgs) -> Result<()> {
-    if args.max_waiting == 0 {
-        anyhow::bail!("--max-waiting must be at least 1 (with 0 every request would be refused)");
+/// A count flag's value: a whole number, at least 1 (`--max-num-seqs 0` would start a server
+/// that cannot run a request); refused by clap as it parses, before anything is printed.
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number ({e})")),
     }
+}
+
+/// `--max-model-len`: [`at_least_one`]; leaving the flag out means the model's context.
+fn max_model_len(s: &str) -> std::result::Result<usize, String> {
+    at_least_one(s).map_err(|e| format!("{e} (leave the flag out to serve the model's whole context)"))
+}
+
+/// `--max-waiting`: [`at_least_one`] (with 0 every request would be refused: a request waits,
+/// however briefly, before it is admitted).
+fn max_waiting(s: &str) -> std::result::Result<usize, String> {
+    at_least_one(s).map_err(|e| format!("{e} (with 0 every request would be refused)"))
+}
+
+/// Flag values that would give a server that cannot work as asked, refused before anything is
+/// loaded: an empty `--api-key` (`--api-key "$KEY"` with `KEY` unset would otherwise serve with
+/// no key at all). Counts of 0 are refused as the flags are parsed ([`at_least_one`]).
+fn check_args(args: &ServeArgs) -> Result<()> {
     if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         anyhow::bail!("--api-key is empty; give the key clients must send, or leave the flag out to serve without one");
     }
@@ -117,93 +137,52 @@ fn model_names(spec: &str, served: Option<&str>) -> (String, Vec<String>) {
     (served.unwrap_or(spec).to_string(), aliases)
 }
 
-/// The pool: `--kv-cache-memory` when given; else what `seqs` sequences of `tokens` tokens need,
-/// at most half the memory free once the weights are loaded, shared by the `sharing` pools
-/// that memory holds (the ranks of a CPU run each hold a pool of this size in the same memory).
-fn serving_kv<B: Backend>(
-    be: &B,
-    cfg: &dsv4_core::ModelConfig,
-    kv: &KvArgs,
-    (seqs, tokens, chunk): (usize, usize, usize),
-    sharing: usize,
-) -> Result<KvConfig> {
-    let bytes = match kv.kv_cache_memory {
-        Some(m) => m.resolve(|| kv_args::free_memory(be))?,
-        None => {
-            let need = kv_args::budget_for_tokens(cfg, kv.kv_dtype(be), tokens, chunk).saturating_mul(seqs);
-            match kv_args::free_memory(be) {
-                Ok(free) => need.min(free / 2 / sharing.max(1)),
-                Err(e) => {
-                    eprintln!(
-                        "kv cache: {e:#}; sizing for {seqs} sequences of {tokens} tokens ({})",
-                        human_bytes(need)
-                    );
-                    need
-                }
-            }
-        }
-    };
-    Ok(KvConfig::for_budget(cfg, kv.kv_dtype(be), bytes, seqs, chunk)?)
-}
-
 /// Starts the engine thread with the backend `make` opens there (backend handles never cross
-/// threads). Returns the engine and the model config's EOS ids.
+/// threads), loading the checkpoint `opened` (opened once, memory-mapped, for the plan too) held
+/// as `--weight-memory` says, with the planned `pool`. Returns the engine and the model config's
+/// EOS ids.
 fn spawn_engine<B: Backend + 'static>(
     make: impl FnOnce() -> Result<B> + Send + 'static,
+    (cfg, ckpt): (ModelConfig, Checkpoint),
     spec: String,
     kv: KvArgs,
     config: EngineConfig,
-    planned: Option<KvConfig>,
+    pool: KvConfig,
 ) -> Result<(EngineHandle, Vec<u32>)> {
-    let (eos_tx, eos_rx) = mpsc::channel();
+    let eos = cfg.eos_token_ids.clone();
     let engine = EngineHandle::spawn(config, move || {
         let be = make()?;
         eprintln!("backend: {}", be.describe());
-        let model = load::load_model(&be, &spec, kv.precision, kv.weight_memory)?;
-        let context = model.cfg.max_position_embeddings;
-        let tokens = match config.max_model_len {
-            0 => context,
-            // Refused before the pool is sized and allocated for it (the engine would refuse it
-            // too, once the memory is taken).
-            n if n > context => {
-                return Err(
-                    format!("--max-model-len {n} is longer than the model's context ({context} positions)").into()
-                )
-            }
-            n => n,
-        };
-        // Speculating sequences keep the window pages of their rollback depth as well.
-        let step = crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens);
-        let kv = match planned {
-            Some(pool) => pool,
-            None => serving_kv(&be, &model.cfg, &kv, (config.max_num_seqs, tokens, step), 1)?,
-        };
-        eprintln!("{}", kv_args::describe(&model.cfg, &kv));
-        let _ = eos_tx.send(model.cfg.eos_token_ids.clone());
-        Ok((be, model, kv))
+        let (ckpt, _) = load::hold(&be, ckpt, kv.weight_memory)?;
+        let model = load::load_opened(&be, cfg, &ckpt, &spec, kv.precision, RankContext::single())?;
+        eprintln!("{}", kv_args::describe(&model.cfg, &pool));
+        Ok((be, model, pool))
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((engine, eos_rx.recv().unwrap_or_default()))
+    Ok((engine, eos))
 }
 
-/// The memory plan of a server on `parallel`'s devices (one or more) and the pool every rank
-/// holds, sized from it, the summary printed on stderr; or the refusal, before any weights are
-/// loaded. Each rank's memory is measured before `open` opens the checkpoint: on the CPU backend
-/// the ranks share the memory available to the process; on Ascend each device has its own.
-fn planned_pool(
-    resolved: &Resolved,
-    spec: &str,
-    kv: &KvArgs,
-    config: &EngineConfig,
-    parallel: &crate::parallel_args::ParallelArgs,
-    open: impl FnOnce() -> Result<(dsv4_core::ModelConfig, dsv4_core::Checkpoint)>,
-) -> Result<(dsv4_core::ModelConfig, dsv4_core::Checkpoint, dsv4_core::parallel::ParallelLayout, KvConfig)> {
-    use dsv4_core::parallel::plan::{checkpoint_tensors, PoolAsk, ServingAsk, WeightTarget};
-    use dsv4_core::weight_forms::SocFamily;
+/// What a server's memory plan is made for, as its backend reports it: each rank's memory, the
+/// KV row format, and the forms the weights take.
+struct Measured {
+    memory: RankMemory,
+    kv_dtype: KvDtype,
+    target: WeightTarget,
+}
 
-    use crate::serve_plan::RankMemory;
+/// [`Measured`] of a device backend `be` (Ascend, CUDA): its free memory (None when it does not
+/// say, as dsv4's CUDA emulator does not: the plan then takes the asked pool), of which the plan
+/// uses [`dsv4_core::parallel::plan::DEFAULT_UTILISATION`].
+fn on_device<B: Backend>(be: &B, kv: &KvArgs, target: WeightTarget, device: usize) -> Measured {
+    Measured { memory: RankMemory::device(be.free_memory(), device), kv_dtype: kv.kv_dtype(be), target }
+}
+
+/// [`Measured`] of the backend `resolved` on `parallel`'s devices, measured before the
+/// checkpoint is opened: on the CPU backend the ranks share the memory available to the
+/// process; on Ascend and CUDA each device has its own.
+fn measure(resolved: &Resolved, kv: &KvArgs, parallel: &crate::parallel_args::ParallelArgs) -> Result<Measured> {
     let world = parallel.world();
-    let (memory, kv_dtype, target) = match resolved {
+    Ok(match resolved {
         Resolved::Ascend => {
             if world > 1 && !matches!(kv.kv_cache_memory, Some(kv_args::MemorySize::Bytes(_))) {
                 // Each device has its own memory, but what is free on it depends on the rank's
@@ -216,37 +195,51 @@ fn planned_pool(
             let first = if world > 1 { parallel.devices.0[0] } else { 0 };
             let be = dsv4_backend_ascend::open(first)?;
             let target = WeightTarget::from_name(be.soc()).unwrap_or(WeightTarget::Soc(SocFamily::A2));
-            (RankMemory::device(be.free_memory(), first), kv.kv_dtype(&be), target)
+            on_device(&be, kv, target, first)
         }
-        _ => {
+        Resolved::Cuda => on_device(&dsv4_backend_cuda::open(0)?, kv, WeightTarget::Cuda, 0),
+        Resolved::Cpu => {
             let be = dsv4_backend_cpu::CpuBackend::new();
             let dequantized = std::env::var_os("DSV4_CPU_DEQUANTIZE").is_some_and(|v| v == "1");
             let target = if dequantized { WeightTarget::HostF32 } else { WeightTarget::Host };
-            (RankMemory::cpu(be.free_memory(), world), kv.kv_dtype(&be), target)
+            Measured { memory: RankMemory::cpu(be.free_memory(), world), kv_dtype: kv.kv_dtype(&be), target }
         }
-    };
-    let (cfg, ckpt) = open()?;
-    let layout = parallel.layout(&cfg)?;
-    if world > 1 {
-        eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
-    }
+    })
+}
+
+/// The memory plan of a server on `parallel`'s devices (one or more), measured as `measured`,
+/// of the checkpoint `cfg`/`ckpt` (opened, not yet loaded), and the pool every rank holds, sized
+/// from it, the summary printed on stderr; or the refusal, before any weights are loaded.
+fn planned_pool(
+    measured: Measured,
+    spec: &str,
+    kv: &KvArgs,
+    config: &EngineConfig,
+    parallel: &crate::parallel_args::ParallelArgs,
+    (cfg, ckpt): (&ModelConfig, &Checkpoint),
+) -> Result<(ParallelLayout, KvConfig)> {
     let context = cfg.max_position_embeddings;
     let tokens = match config.max_model_len {
         0 => context,
         n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
         n => n,
     };
-    let tensors = checkpoint_tensors(&cfg, &ckpt, target)
+    let world = parallel.world();
+    let layout = parallel.layout(cfg)?;
+    if world > 1 {
+        eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, cfg));
+    }
+    let Measured { mut memory, kv_dtype, target } = measured;
+    let tensors = checkpoint_tensors(cfg, ckpt, target)
         .map_err(|e| anyhow::anyhow!("{e}; `dsv4 inspect --model {spec}` lists what the checkpoint lacks"))?;
     // CPU weights that stay memory-mapped live in the page cache, which the kernel reclaims:
     // they do not take from the memory the pool is planned in (a checkpoint larger than the
     // memory still runs mapped), so each rank's memory gets its weights added back.
-    let mut memory = memory;
     if memory.shared {
         let bytes = ckpt.file_bytes().unwrap_or(0);
         let available = memory.bytes.map(|b| b * world);
         if load::resolve_weight_memory(kv.weight_memory, true, bytes, available).0 == dsv4_core::WeightMemory::Mapped {
-            memory = memory.with_mapped_weights(dsv4_core::parallel::plan::fullest_rank_bytes(&cfg, &tensors, layout));
+            memory = memory.with_mapped_weights(dsv4_core::parallel::plan::fullest_rank_bytes(cfg, &tensors, layout));
         }
     }
     let ask = ServingAsk {
@@ -260,7 +253,7 @@ fn planned_pool(
         },
     };
     let request = crate::serve_plan::Request {
-        cfg: &cfg,
+        cfg,
         tensors: &tensors,
         layout,
         kv_dtype,
@@ -271,9 +264,7 @@ fn planned_pool(
     };
     let planned = crate::serve_plan::plan_serving(&request, &memory)?;
     eprint!("{}", crate::serve_plan::summary(&request, &memory, &planned));
-    let pool = planned.pool.kv;
-    drop(tensors);
-    Ok((cfg, ckpt, layout, pool))
+    Ok((layout, planned.pool.kv))
 }
 
 /// [`spawn_engine`] over the ranks of `parallel`: one engine thread per rank, rank 0's serving
@@ -289,18 +280,19 @@ fn spawn_engine_ranks(
 ) -> Result<(EngineHandle, Vec<u32>)> {
     use dsv4_backend_ascend::{AscendBackend, HcclBootstrap};
     use dsv4_backend_cpu::CpuBackend;
-    use dsv4_core::parallel::{Communicator, LocalComm, RankContext};
+    use dsv4_core::parallel::{Communicator, LocalComm};
     let resolved = crate::resolve_backend(backend)?;
     if matches!(resolved, Resolved::Cuda) {
         return Err(crate::cuda_ranks_refused(parallel.world()));
     }
-    let open = || {
-        with_backend!(backend, |probe| {
-            eprintln!("backend: {}", probe.describe());
-            load::open_with_memory(probe, spec, kv.weight_memory).map(|(cfg, ckpt, _)| (cfg, ckpt))
-        })
-    };
-    let (cfg, ckpt, layout, pool) = planned_pool(&resolved, spec, kv, &config, parallel, open)?;
+    let measured = measure(&resolved, kv, parallel)?;
+    let (cfg, ckpt) = load::open(spec)?;
+    let (layout, pool) = planned_pool(measured, spec, kv, &config, parallel, (&cfg, &ckpt))?;
+    // Once it fits: the checkpoint held as --weight-memory says, shared by the ranks.
+    let ckpt = with_backend!(backend, |probe| {
+        eprintln!("backend: {}", probe.describe());
+        load::hold(probe, ckpt, kv.weight_memory).map(|(ckpt, _)| ckpt)
+    })?;
     eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
@@ -376,17 +368,21 @@ pub fn run(
     let listener = dsv4_server::bind(&server)?;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
         _ if parallel.world() > 1 => spawn_engine_ranks(backend, spec, kv, config, parallel)?,
-        resolved @ (Resolved::Cpu | Resolved::Ascend) => {
-            // The plan on one device: measured and checked before the engine loads the weights.
-            let open = || load::open(spec);
-            let (_, _, _, pool) = planned_pool(&resolved, spec, kv, &config, parallel, open)?;
+        resolved => {
+            // The plan on one device: measured and checked before the engine loads the weights
+            // of the checkpoint opened here, once.
+            let measured = measure(&resolved, kv, parallel)?;
+            let opened = load::open(spec)?;
+            let (_, pool) = planned_pool(measured, spec, kv, &config, parallel, (&opened.0, &opened.1))?;
             let (spec, kv) = (spec.to_string(), kv.clone());
             match resolved {
-                Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), spec, kv, config, Some(pool))?,
-                _ => spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), spec, kv, config, Some(pool))?,
+                Resolved::Ascend => spawn_engine(|| Ok(dsv4_backend_ascend::open(0)?), opened, spec, kv, config, pool)?,
+                Resolved::Cuda => spawn_engine(|| Ok(dsv4_backend_cuda::open(0)?), opened, spec, kv, config, pool)?,
+                Resolved::Cpu => {
+                    spawn_engine(|| Ok(dsv4_backend_cpu::CpuBackend::new()), opened, spec, kv, config, pool)?
+                }
             }
         }
-        Resolved::Cuda => spawn_engine(|| Ok(dsv4_backend_cuda::open(0)?), spec.to_string(), kv.clone(), config, None)?,
     };
     let vocab = engine.info().vocab_size;
     if tok.vocab_size() > vocab {
@@ -416,24 +412,92 @@ mod tests {
         assert_eq!(model_names("builtin:tiny", Some("tiny")).0, "tiny");
     }
 
+    fn kv_args(weight_memory: load::WeightMemoryArg) -> KvArgs {
+        KvArgs { precision: dsv4_core::Precision::F32, kv_dtype_arg: None, kv_cache_memory: None, weight_memory }
+    }
+
+    fn one_device() -> crate::parallel_args::ParallelArgs {
+        crate::parallel_args::ParallelArgs {
+            devices: crate::parallel_args::DeviceList(vec![0]),
+            tensor_parallel: 1,
+            expert_parallel: None,
+        }
+    }
+
+    fn engine_config(max_num_seqs: usize, max_model_len: usize) -> EngineConfig {
+        EngineConfig { max_num_seqs, max_model_len, prefill_chunk: 64, ..EngineConfig::default() }
+    }
+
+    /// The CUDA path is planned as the CPU and Ascend paths are, on what the device reports:
+    /// dsv4's CUDA emulator reports no free memory, so the plan takes the pool the ask needs
+    /// (what the old sizing did too), with the weights in the CUDA backend's forms.
     #[test]
-    fn the_default_pool_is_capped_at_half_the_free_memory() {
-        let be = dsv4_backend_cpu::CpuBackend::new();
-        let cfg = dsv4_core::builtin::tiny().unwrap().0;
-        let kv = KvArgs {
-            precision: dsv4_core::Precision::F32,
-            kv_dtype_arg: Some(dsv4_core::kv::KvDtype::F32),
-            kv_cache_memory: None,
-            weight_memory: Default::default(),
-        };
-        let small = serving_kv(&be, &cfg, &kv, (2, 1000, 64), 1).unwrap();
-        assert!(small.token_capacity(&cfg).unwrap() >= 2000, "{small:?}");
-        let free = kv_args::free_memory(&be).unwrap();
-        let big = serving_kv(&be, &cfg, &kv, (64, cfg.max_position_embeddings, 512), 1).unwrap();
-        assert!(big.total_bytes(&cfg) <= free / 2 + free / 100, "{big:?}");
-        // Four CPU ranks hold four pools in the same memory: together at most half of it.
-        let flash = dsv4_core::builtin::flash_shape().unwrap().0;
-        let ranks = serving_kv(&be, &flash, &kv, (64, flash.max_position_embeddings, 512), 4).unwrap();
-        assert!(4 * ranks.total_bytes(&flash) <= free / 2 + free / 100, "{ranks:?}");
+    fn cuda_serving_is_planned_on_what_the_device_reports() {
+        use dsv4_core::parallel::plan::pool_bytes_for;
+        let emu = dsv4_backend_cuda::CudaBackend::new(dsv4_cuda_emu::EmulatedDevice::new());
+        let kv = kv_args(Default::default());
+        let measured = on_device(&emu, &kv, WeightTarget::Cuda, 0);
+        assert_eq!((measured.memory.bytes, measured.kv_dtype), (None, KvDtype::F32));
+        assert_eq!(measured.memory.source, "unknown (device 0 does not report its free memory)");
+        let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+        let config = engine_config(3, 1000);
+        let (layout, pool) =
+            planned_pool(measured, "builtin:tiny", &kv, &config, &one_device(), (&cfg, &ckpt)).unwrap();
+        assert_eq!(layout, ParallelLayout::SINGLE);
+        let step = crate::generate::pool_max_step(config.prefill_chunk, 0);
+        let need = pool_bytes_for(&cfg, KvDtype::F32, (3, 3, 1000), step);
+        assert_eq!(pool, KvConfig::for_budget(&cfg, KvDtype::F32, need, 3, step).unwrap());
+        assert!(pool.token_capacity(&cfg).unwrap() >= 3 * 1000, "{pool:?}");
+        // A --max-model-len past the model's context is refused before anything is printed.
+        let long = engine_config(3, cfg.max_position_embeddings + 1);
+        let measured = on_device(&emu, &kv, WeightTarget::Cuda, 0);
+        let e = planned_pool(measured, "builtin:tiny", &kv, &long, &one_device(), (&cfg, &ckpt)).unwrap_err();
+        assert!(e.to_string().contains("is longer than the model's context"), "{e}");
+    }
+
+    /// A model directory holding builtin:tiny, in a fresh temporary directory.
+    fn tiny_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dsv4-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dsv4_core::builtin::tiny_config_json();
+        std::fs::write(dir.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+        let (_, ckpt) = dsv4_core::builtin::tiny().unwrap();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = ckpt
+            .tensors()
+            .map(|t| {
+                let dtype = match t.dtype {
+                    dsv4_core::tensor::DType::F32 => safetensors::Dtype::F32,
+                    dsv4_core::tensor::DType::BF16 => safetensors::Dtype::BF16,
+                    dsv4_core::tensor::DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
+                    dsv4_core::tensor::DType::F8E8M0 => safetensors::Dtype::F8_E8M0,
+                    dsv4_core::tensor::DType::I8 => safetensors::Dtype::I8,
+                    dsv4_core::tensor::DType::I32 => safetensors::Dtype::I32,
+                    dsv4_core::tensor::DType::I64 => safetensors::Dtype::I64,
+                    other => panic!("{}: {other}", t.name),
+                };
+                (t.name.clone(), safetensors::tensor::TensorView::new(dtype, t.shape.clone(), t.bytes()).unwrap())
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+        dir
+    }
+
+    /// On one device the checkpoint is opened once: the engine loads the opening the plan was
+    /// made from (memory-mapped: its files are not opened again; here they are gone by then).
+    #[test]
+    fn one_device_loads_the_checkpoint_the_plan_opened() {
+        let dir = tiny_dir("serve-opens-once");
+        let spec = dir.to_str().unwrap().to_string();
+        let kv = kv_args(load::WeightMemoryArg::Mapped);
+        let config = engine_config(2, 256);
+        let opened = load::open(&spec).unwrap();
+        let measured = measure(&Resolved::Cpu, &kv, &one_device()).unwrap();
+        let (_, pool) = planned_pool(measured, &spec, &kv, &config, &one_device(), (&opened.0, &opened.1)).unwrap();
+        let (vocab, eos) = (opened.0.vocab_size, opened.0.eos_token_ids.clone());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let make = || Ok(dsv4_backend_cpu::CpuBackend::new());
+        let (engine, model_eos) = spawn_engine(make, opened, spec, kv, config, pool).unwrap();
+        assert_eq!((engine.info().vocab_size, model_eos), (vocab, eos));
     }
 }

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use anyhow::{bail, Result};
 use dsv4_core::kv::{human_bytes, KvDtype};
 use dsv4_core::parallel::plan::{
-    fewest_devices, fullest_rank_bytes, plan, serving_pool, Plan, PlanError, PlanInput, PlanTensor, PoolAsk,
+    fewest_devices, fullest_rank_bytes, plan, plural, serving_pool, Plan, PlanError, PlanInput, PlanTensor, PoolAsk,
     ServingAsk, ServingError, ServingPool, DEFAULT_UTILISATION,
 };
 use dsv4_core::parallel::ParallelLayout;
@@ -169,17 +169,23 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
                 hi = mid;
             }
         }
+        // The one figure for the sequences a message states: the error itself does not count
+        // them ([`ServingError::SequencesDoNotFit`]'s `most`, those whose windows fit, can be
+        // more than fit at the asked --max-model-len).
         let fewer = (lo > 0).then_some(lo);
         match (fewer, &e) {
-            (Some(s), _) => fixes.push(format!("fewer --max-num-seqs (at most {s} fit)")),
+            (Some(s), _) => {
+                let at = if r.ask.len_asked { format!(" at --max-model-len {}", r.ask.max_len) } else { String::new() };
+                fixes.push(format!("fewer --max-num-seqs (at most {s} {}{at})", if s == 1 { "fits" } else { "fit" }))
+            }
             (None, Refusal::Serving(ServingError::SequencesDoNotFit { most, .. }, _)) if *most > 0 => {
-                fixes.push(format!("fewer --max-num-seqs (the windows of at most {most} fit)"))
+                fixes.push(format!("fewer --max-num-seqs (the windows of at most {} fit)", plural(*most, "sequence")))
             }
             _ => {}
         }
         match e {
             Refusal::Serving(ServingError::ContextDoesNotFit { longest, .. }, _) if longest > 0 => {
-                fixes.push(format!("a smaller --max-model-len (at most {longest} with {seqs} sequences)"));
+                fixes.push(format!("a smaller --max-model-len (at most {longest} with {})", plural(seqs, "sequence")));
             }
             Refusal::Serving(ServingError::PoolDoesNotFit { left, .. }, _) => {
                 fixes.push(format!("a smaller --kv-cache-memory (at most {} per rank)", human_bytes(left)));
@@ -283,9 +289,11 @@ pub fn summary(r: &Request, memory: &RankMemory, s: &ServePlan) -> String {
     };
     let _ = writeln!(
         o,
-        "  the pool ({} rows) holds {seqs} sequences (--max-num-seqs) × {each} tokens, or one of {}; longest \
-         sequence served: {served}",
-        kv.dtype, s.pool.longest
+        "  the pool ({} rows) holds {} (--max-num-seqs) × {}, or one of {}; longest sequence served: {served}",
+        kv.dtype,
+        plural(seqs, "sequence"),
+        plural(each, "token"),
+        s.pool.longest
     );
     o
 }
@@ -386,6 +394,65 @@ mod tests {
         assert!(e.contains("of weights") && e.contains("more devices do not help"), "{e}");
         let e = format!("{:#}", plan_serving(&r, &RankMemory::device(Some(256 << 10), 0)).unwrap_err());
         assert!(e.contains("of weights") && e.contains("devices with more memory (no number"), "{e}");
+    }
+
+    /// Every refusal states one figure for how many sequences fit, the one checked against the
+    /// plan: with a --max-model-len the windows of more may fit than sequences of that length
+    /// (here those of 2, but only 1 sequence of 3000 tokens), and the message says only the
+    /// latter.
+    #[test]
+    fn a_refusal_states_one_figure_for_the_sequences_that_fit() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let cpu = RankMemory::cpu(Some(64 << 20), 2);
+        let ask = ServingAsk { max_seqs: 64, max_len: 3000, len_asked: true, pool: PoolAsk::Bytes(1 << 20) };
+        // Steps of 512 tokens (serve's --prefill-chunk): window blocks for 576 tokens a sequence.
+        let request = |cfg, tensors, ask| Request { max_step: 512, ..request(cfg, tensors, ask) };
+        let r = request(&cfg, &tensors, ask);
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        insta::assert_snapshot!("serve_plan_refusal_one_figure", e);
+        // Not also the error's own count of the windows that fit ("only those of 2").
+        assert!(e.matches("at most ").count() == 1 && !e.contains("only "), "{e}");
+        assert!(e.contains("fewer --max-num-seqs (at most 1 fits at --max-model-len 3000)"), "{e}");
+        for (seqs, fits) in [(1, true), (2, false)] {
+            let r = request(&cfg, &tensors, ServingAsk { max_seqs: seqs, ..ask });
+            assert_eq!(plan_serving(&r, &cpu).is_ok(), fits, "{seqs}");
+        }
+        // The windows of 2 do fit: the error's own count (which the message leaves out).
+        let mut shape = r;
+        shape.ask = ServingAsk { max_seqs: 2, len_asked: false, ..ask };
+        assert!(plan_serving(&shape, &cpu).is_ok());
+        // Without --max-model-len the same pool: the most whose windows fit, stated once.
+        let r = request(&cfg, &tensors, ServingAsk { len_asked: false, ..ask });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("(at most 2 fit)") && e.matches("at most ").count() == 1 && !e.contains("only "), "{e}");
+        // Not even one sequence of the asked length: the windows' count, once.
+        let r = request(&cfg, &tensors, ServingAsk { max_len: 100_000, ..ask });
+        let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
+        assert!(e.contains("(the windows of at most 2 sequences fit)") && !e.contains("only "), "{e}");
+    }
+
+    /// Counts of one are singular in the refusals and the summary.
+    #[test]
+    fn one_is_singular() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let cpu = RankMemory::cpu(Some(64 << 20), 2);
+        let one = ServingAsk { max_seqs: 1, max_len: 100_000, len_asked: true, pool: PoolAsk::Bytes(1 << 20) };
+        let e = format!("{:#}", plan_serving(&request(&cfg, &tensors, one), &cpu).unwrap_err());
+        insta::assert_snapshot!("serve_plan_refusal_one_sequence", e);
+        assert!(e.contains("with 1 running sequence a KV pool") && e.contains(" with 1 sequence)"), "{e}");
+        assert!(!e.contains("1 sequences") && !e.contains("1 running sequences"), "{e}");
+        let r = request(&cfg, &tensors, ServingAsk { max_len: 256, ..one });
+        let s = plan_serving(&r, &cpu).unwrap();
+        let text = summary(&r, &cpu, &s);
+        assert!(text.contains("holds 1 sequence (--max-num-seqs) × "), "{text}");
+        let e = format!(
+            "{:#}",
+            plan_serving(&request(&cfg, &tensors, ServingAsk { pool: PoolAsk::Bytes(100 << 10), ..one }), &cpu)
+                .unwrap_err()
+        );
+        assert!(e.contains("the sliding windows of 1 running sequence plus") && e.contains("not even one"), "{e}");
     }
 
     /// Without `--kv-cache-memory` the pool is what the sequences need, at most half of what the

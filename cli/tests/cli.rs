@@ -266,7 +266,7 @@ fn a_kv_budget_too_small_or_malformed_is_a_clear_error() {
 fn generate_reports_its_kv_cache() {
     let (_, stderr) =
         run_ok(&["generate", "--backend", "cpu", "--ids", "1,2,3,4,5", "--max-new-tokens", "4", "--kv-dtype", "fp8"]);
-    assert!(stderr.contains("kv cache: fp8, 1 blocks of 64 tokens + "), "{stderr}");
+    assert!(stderr.contains("kv cache: fp8, 1 block of 64 tokens + "), "{stderr}");
     assert!(stderr.contains("up to 64 tokens"), "{stderr}");
     let (_, stderr) = run_ok(&[
         "generate",

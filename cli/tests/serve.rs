@@ -104,6 +104,36 @@ fn serve_refuses_flags_that_would_refuse_every_request_or_drop_the_key() {
     }
 }
 
+/// Counts of 0 are refused as clap refuses any bad flag value (exit status 2), before anything
+/// else is printed: no memory plan, no backend.
+#[test]
+fn serve_refuses_zero_counts_before_anything_else() {
+    for flag in ["--max-num-seqs", "--max-model-len", "--max-num-batched-tokens", "--prefill-chunk", "--max-waiting"] {
+        let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+            .args(["serve", "--backend", "cpu", "--port", "0", flag, "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A server that starts anyway is killed, not waited for.
+        let mut server = Server(child);
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{flag} 0: the server started");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(2), "{flag}: {err}");
+        assert!(err.starts_with(&format!("error: invalid value '0' for '{flag} <")), "{flag}: {err}");
+        assert!(err.contains(": must be at least 1"), "{flag}: {err}");
+        assert!(!err.contains("memory plan") && !err.contains("backend:"), "{flag}: {err}");
+    }
+}
+
 #[test]
 fn serve_refuses_a_max_model_len_past_the_context_before_sizing_the_pool() {
     let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))

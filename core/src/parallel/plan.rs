@@ -30,7 +30,7 @@ use crate::model::loader::{expected_mtp_tensors, expected_tensors, mtp_layers_pr
 use crate::parallel::comm::{CollectiveKind, Traffic};
 use crate::parallel::layout::{ParallelLayout, RankLayout};
 use crate::tensor::{DType, StoredWeight, WeightFormat};
-use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily};
+use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
 
 /// Where the weights live and in what form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,6 +42,10 @@ pub enum WeightTarget {
     HostF32,
     /// An Ascend SoC family, each matrix in the form [`DeviceForm::for_stored`] gives.
     Soc(SocFamily),
+    /// The CUDA backend (`backend-cuda/src/weights.rs`): F32 and BF16 as stored, F16 and F64
+    /// as F32, FP8 blocks and FP4 groups dequantised to BF16 (E8M0 scales: the values are
+    /// BF16 values; other scales are counted as F32).
+    Cuda,
 }
 
 impl WeightTarget {
@@ -59,6 +63,7 @@ impl WeightTarget {
             WeightTarget::Host => "host (CPU backend, stored forms)".into(),
             WeightTarget::HostF32 => "host (CPU backend, dequantised to f32)".into(),
             WeightTarget::Soc(soc) => format!("Ascend {}", soc.name()),
+            WeightTarget::Cuda => "CUDA (FP8/FP4 dequantised to BF16)".into(),
         }
     }
 
@@ -70,10 +75,16 @@ impl WeightTarget {
             WeightTarget::Host => DeviceForm::for_stored(format, dtype, scale, SocFamily::A5),
             WeightTarget::HostF32 => DeviceForm::F32,
             WeightTarget::Soc(soc) => DeviceForm::for_stored(format, dtype, scale, soc),
+            WeightTarget::Cuda => match (format, dtype) {
+                (WeightFormat::Float, DType::BF16) => DeviceForm::Bf16,
+                (WeightFormat::Float, _) => DeviceForm::F32,
+                _ if scale == Some(DType::F8E8M0) => DeviceForm::Bf16,
+                _ => DeviceForm::F32,
+            },
         }
     }
 
-    /// Whether its backend stores fp8 KV rows (the CPU backend does, Ascend's does not).
+    /// Whether its backend stores fp8 KV rows (the CPU and CUDA backends do, Ascend's does not).
     pub fn has_fp8_kv_rows(self) -> bool {
         !matches!(self, WeightTarget::Soc(_))
     }
@@ -148,6 +159,18 @@ pub fn checkpoint_tensors(cfg: &ModelConfig, ckpt: &Checkpoint, target: WeightTa
 fn checked_form(w: &StoredWeight, target: WeightTarget) -> DeviceForm {
     match target {
         WeightTarget::Soc(soc) => crate::weight_forms::checkpoint_form(w, soc),
+        WeightTarget::Cuda => {
+            let form = target.form(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype));
+            // FP8 codes times a scale past BF16's range ends are not BF16 values: the CUDA
+            // backend keeps such a weight as F32.
+            let in_range = |s: &crate::tensor::HostTensor| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b));
+            match (form, w.format) {
+                (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) if !w.scale.as_ref().is_some_and(in_range) => {
+                    DeviceForm::F32
+                }
+                _ => form,
+            }
+        }
         _ => target.form(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype)),
     }
 }
@@ -349,6 +372,16 @@ pub struct PlanInput<'a> {
     /// Most tokens one sequence feeds in one step (`serve --prefill-chunk`): the window blocks
     /// a running sequence needs.
     pub max_step: usize,
+}
+
+/// `n` and `noun`, the noun plural (an `s` added) unless `n` is 1: `1 sequence`, `2 sequences`,
+/// `0 tokens`.
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// The default [`PlanInput::utilisation`].
@@ -648,7 +681,9 @@ pub enum ServingError {
     /// `--kv-cache-memory` asks more than the plan leaves after the weights.
     PoolDoesNotFit { rank: usize, asked: usize, left: usize },
     /// The pool cannot hold the sliding windows of `seqs` running sequences plus one
-    /// compressed block; `most` sequences fit.
+    /// compressed block; those of `most` sequences fit. The message says only whether none do:
+    /// how many sequences fit as asked is the caller's to say (with `--max-model-len` it can
+    /// be fewer than `most`), once.
     SequencesDoNotFit { rank: usize, seqs: usize, pool: usize, need: usize, most: usize },
     /// With `seqs` running, the pool holds `longest` tokens, less than the `tokens` asked.
     ContextDoesNotFit { rank: usize, seqs: usize, tokens: usize, pool: usize, need: usize, longest: usize },
@@ -678,22 +713,21 @@ impl fmt::Display for ServingError {
             ),
             ServingError::SequencesDoNotFit { rank, seqs, pool, need, most } => write!(
                 f,
-                "a KV pool of {} (rank {rank}) cannot hold the sliding windows of {seqs} running sequences plus one \
-                 compressed block ({}), {}; short by {}",
+                "a KV pool of {} (rank {rank}) cannot hold the sliding windows of {} plus one compressed block \
+                 ({}){}; short by {}",
                 human_bytes(pool),
+                plural(seqs, "running sequence"),
                 human_bytes(need),
-                match most {
-                    0 => "not even one sequence's".to_string(),
-                    1 => "only one sequence's".to_string(),
-                    n => format!("only those of {n}"),
-                },
+                if most == 0 { ", not even one sequence's" } else { "" },
                 human_bytes(self.short())
             ),
             ServingError::ContextDoesNotFit { rank, seqs, tokens, pool, need, longest } => write!(
                 f,
-                "with {seqs} running sequences a KV pool of {} (rank {rank}) holds {longest} tokens, --max-model-len \
-                 asks {tokens} ({} of pool); short by {}",
+                "with {} a KV pool of {} (rank {rank}) holds {}, --max-model-len asks {tokens} ({} of pool); short \
+                 by {}",
+                plural(seqs, "running sequence"),
                 human_bytes(pool),
+                plural(longest, "token"),
                 human_bytes(need),
                 human_bytes(self.short())
             ),
@@ -1039,6 +1073,66 @@ mod tests {
             let kv = KvConfig::for_budget(&c, KvDtype::F32, b, 1, 16).unwrap();
             assert!(kv.token_capacity(&c).unwrap() >= tokens && kv.total_bytes(&c) <= b, "{tokens}");
         }
+    }
+
+    /// The refusals' text: counts in the singular for one, and no count of the sequences
+    /// whose windows fit (the caller states how many fit as asked, one figure per message).
+    #[test]
+    fn serving_refusals_in_words() {
+        let e = ServingError::SequencesDoNotFit { rank: 0, seqs: 64, pool: 1 << 20, need: 30 << 20, most: 2 };
+        assert_eq!(
+            e.to_string(),
+            "a KV pool of 1.00 MiB (rank 0) cannot hold the sliding windows of 64 running sequences plus one \
+             compressed block (30.00 MiB); short by 29.00 MiB"
+        );
+        let e = ServingError::SequencesDoNotFit { rank: 1, seqs: 1, pool: 1000, need: 2000, most: 0 };
+        assert_eq!(
+            e.to_string(),
+            "a KV pool of 1000 B (rank 1) cannot hold the sliding windows of 1 running sequence plus one compressed \
+             block (1.95 KiB), not even one sequence's; short by 1000 B"
+        );
+        let e = ServingError::ContextDoesNotFit { rank: 0, seqs: 1, tokens: 100, pool: 1000, need: 2000, longest: 1 };
+        assert_eq!(
+            e.to_string(),
+            "with 1 running sequence a KV pool of 1000 B (rank 0) holds 1 token, --max-model-len asks 100 (1.95 KiB \
+             of pool); short by 1000 B"
+        );
+        let e = ServingError::ContextDoesNotFit { rank: 0, seqs: 2, tokens: 100, pool: 1000, need: 2000, longest: 64 };
+        assert!(e.to_string().starts_with("with 2 running sequences a KV pool of 1000 B (rank 0) holds 64 tokens,"));
+        assert_eq!(
+            (plural(0, "rank"), plural(1, "rank"), plural(2, "rank")),
+            ("0 ranks".into(), "1 rank".into(), "2 ranks".into())
+        );
+    }
+
+    /// The CUDA backend's forms (`backend-cuda/src/weights.rs`): F32 and BF16 as stored, other
+    /// floats as F32, FP8 and FP4 with E8M0 scales as BF16 (FP8 only when every scale keeps its
+    /// codes BF16 values), other scales as F32.
+    #[test]
+    fn cuda_forms() {
+        let t = WeightTarget::Cuda;
+        let fp8 = WeightFormat::Fp8Block { rows: 128, cols: 128 };
+        let fp4 = WeightFormat::Fp4Group { group: 32 };
+        assert_eq!(t.form(WeightFormat::Float, DType::F32, None), DeviceForm::F32);
+        assert_eq!(t.form(WeightFormat::Float, DType::BF16, None), DeviceForm::Bf16);
+        assert_eq!(t.form(WeightFormat::Float, DType::F16, None), DeviceForm::F32);
+        assert_eq!(t.form(fp8, DType::F8E4M3, Some(DType::F8E8M0)), DeviceForm::Bf16);
+        assert_eq!(t.form(fp8, DType::F8E4M3, Some(DType::F32)), DeviceForm::F32);
+        assert_eq!(t.form(fp4, DType::I8, Some(DType::F8E8M0)), DeviceForm::Bf16);
+        assert!(t.has_fp8_kv_rows() && !WeightTarget::Soc(SocFamily::A2).has_fp8_kv_rows());
+        // A checkpoint's FP8 weight is BF16 with every scale in the exact range, else F32.
+        let fp8_weight = |scales: Vec<u8>| {
+            let data = crate::tensor::HostTensor::from_bytes("w", DType::F8E4M3, vec![256, 128], vec![0x38; 256 * 128]);
+            let scale = crate::tensor::HostTensor::from_bytes("w.scale", DType::F8E8M0, vec![2, 1], scales);
+            StoredWeight::detect(&data.unwrap(), Some(&scale.unwrap()), &[256, 128]).unwrap()
+        };
+        assert_eq!(checked_form(&fp8_weight(vec![127, 3]), t), DeviceForm::Bf16);
+        assert_eq!(checked_form(&fp8_weight(vec![127, 2]), t), DeviceForm::F32);
+        assert_eq!(checked_form(&fp8_weight(vec![247, 127]), t), DeviceForm::F32);
+        // The official forms of tiny: its FP8 and FP4 matrices as BF16, so 2 bytes a parameter.
+        let official = official_tensors(&tiny(), t);
+        assert!(official.iter().any(|p| p.name.contains(".ffn.experts.") && p.form == DeviceForm::Bf16));
+        assert!(official.iter().all(|p| matches!(p.form, DeviceForm::Bf16 | DeviceForm::F32)));
     }
 
     /// Uneven experts: the rank with more is the tightest and bounds the plan.
