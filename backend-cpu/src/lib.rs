@@ -16,6 +16,7 @@
 
 mod fused;
 mod gemm;
+pub mod heap;
 mod host_memory;
 pub mod kernels;
 pub mod machine;

@@ -83,7 +83,8 @@ use dsv4_core::{Backend, Batch};
 /// pages in and zeroes them again; mimalloc keeps them for reuse (it returns memory unused for
 /// about a second to the OS: its `purge_delay`, 1000 ms in v3). `dsv4 bench` prefill 512 on
 /// the benchmark model (`gen_synthetic.py mini`), four interleaved pairs: 286-324 tokens/s
-/// against 210-289 with glibc; decode unchanged within the noise.
+/// against 210-289 with glibc; decode unchanged within the noise. `main` makes it keep freed
+/// pages for 10 s instead ([`dsv4_backend_cpu::heap`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -599,6 +600,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    dsv4_backend_cpu::heap::keep_freed_pages();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
