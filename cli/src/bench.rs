@@ -731,30 +731,6 @@ fn rank_traffic<B: Backend>(ctx: &RankContext<B>) -> Traffic {
     t
 }
 
-/// `t`'s collectives per decoded token (`t` counted over `per` tokens), kind by kind: how many
-/// calls, and the payload of one (the kind's bytes over its calls): `9 all-reduces of 256 B
-/// each, 1 all-gather of 544 B`.
-fn kinds(t: &Traffic, per: usize) -> String {
-    let per = per.max(1) as f64;
-    let parts: Vec<String> = t
-        .by_kind
-        .iter()
-        .map(|(k, &(c, b))| {
-            let (calls, each, name) = (c as f64 / per, b as f64 / c.max(1) as f64, k.name().replace('_', "-"));
-            if calls == 1.0 {
-                format!("1 {name} of {each} B")
-            } else {
-                format!("{calls} {name}s of {each} B each")
-            }
-        })
-        .collect();
-    if parts.is_empty() {
-        "none".into()
-    } else {
-        parts.join(", ")
-    }
-}
-
 /// The communication section of a split run's text report: per context, the payload per
 /// decoded token each rank put into its communicators (as the in-process communicator counted
 /// it over the decode steps) beside the plan's figure, ranks with the same figures folded. Every
@@ -784,9 +760,9 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
                 if ranks.len() == 1 { "" } else { "s" },
                 crate::plan::rank_list(&ranks),
                 counted.bytes() as f64 / decode_steps as f64,
-                kinds(counted, decode_steps),
+                crate::plan::kinds(counted, decode_steps),
                 plan.bytes(),
-                kinds(plan, 1),
+                crate::plan::kinds(plan, 1),
             );
         }
     }
@@ -1351,8 +1327,8 @@ mod tests {
         // Rank 0 of TP 2 × EP 2 on tiny (4 layers, hidden 64): per token the embedding's and
         // two per layer all-reduces of 64 f32, and the head's gather of its 136 vocabulary rows.
         let plan = rank_decode_traffic(&cfg, &layout.rank(0), 1);
-        assert_eq!(kinds(&plan, 1), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
-        assert_eq!(kinds(&plan.times(3), 3), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        assert_eq!(crate::plan::kinds(&plan, 1), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        assert_eq!(crate::plan::kinds(&plan.times(3), 3), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
         let row = |traffic| Row {
             context: 16,
             prefill_tokens: 16,

@@ -13,7 +13,8 @@ use dsv4_core::parallel::plan::{
     checkpoint_tensors, decode_traffic, fewest_devices, official_tensors, plan, rank_weights, Plan, PlanError,
     PlanInput, PlanTensor, RankWeights, Split, WeightTarget, DEFAULT_UTILISATION,
 };
-use dsv4_core::parallel::{CollectiveKind, ParallelLayout};
+use dsv4_core::parallel::{CollectiveKind, ParallelLayout, Traffic};
+use dsv4_core::weight_forms::SocFamily;
 use dsv4_core::{builtin, ModelConfig, Precision};
 
 /// The flags of `dsv4 plan` (besides `--model`).
@@ -33,17 +34,18 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = DEFAULT_UTILISATION, value_parser = parse_utilisation)]
     pub memory_utilization: f64,
     /// Where the weights live and so their form: an Ascend SoC family (910b, 910c: FP8 as
-    /// BF16, FP4 experts as INT8 with a BF16 scale per 32; 950: FP8/MXFP4 as stored), host (the
-    /// CPU backend: every weight as stored) or host-f32 (the CPU backend with
+    /// BF16, FP4 experts as INT8 with a BF16 scale per 32; 950: FP8/MXFP4 as stored), cuda (the
+    /// CUDA backend: BF16 as stored, FP8/FP4 with E8M0 scales as BF16, the rest as F32), host
+    /// (the CPU backend: every weight as stored) or host-f32 (the CPU backend with
     /// DSV4_CPU_DEQUANTIZE=1).
-    #[arg(long, value_name = "910b|910c|950|host|host-f32", default_value = "host", value_parser = parse_target)]
+    #[arg(long, value_name = "910b|910c|950|cuda|host|host-f32", default_value = "host", value_parser = parse_target)]
     pub soc: WeightTarget,
     /// Activation precision, as for the commands that run the model: here it picks the
     /// default --kv-dtype.
     #[arg(long, value_name = "f32|bf16|official|official-f32", default_value = "f32")]
     pub precision: Precision,
     /// Row format of the decoding state (default: the precision's on the backend --soc
-    /// implies: f32, bf16, or for official fp8 on the host and bf16 on Ascend).
+    /// implies: f32, bf16, or for official fp8 on the host and CUDA and bf16 on Ascend).
     #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
     pub kv_dtype: Option<KvDtype>,
     /// Most tokens a sequence feeds in one step (`serve --prefill-chunk`): the window blocks a
@@ -74,7 +76,7 @@ fn parse_utilisation(s: &str) -> std::result::Result<f64, String> {
 
 fn parse_target(s: &str) -> std::result::Result<WeightTarget, String> {
     WeightTarget::from_name(s).ok_or_else(|| {
-        format!("unknown target `{s}`; expected 910b, 910c, 950 (or a name like Ascend910B3), host or host-f32")
+        format!("unknown target `{s}`; expected 910b, 910c, 950 (or a name like Ascend910B3), cuda, host or host-f32")
     })
 }
 
@@ -169,7 +171,16 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
         human_bytes(args.device_memory),
         args.memory_utilization
     );
-    let _ = writeln!(o, "weights in the forms of {}", args.soc.name());
+    let _ = writeln!(
+        o,
+        "weights in the forms of {}{}",
+        args.soc.name(),
+        if args.soc == WeightTarget::Cuda && layout.world > 1 {
+            "; dsv4 runs CUDA on one device for now (--devices > 1 needs NCCL): this layout is a what-if"
+        } else {
+            ""
+        }
+    );
     let (world, tp, ep) = (layout.world, layout.tp, layout.ep);
     let group = |n: usize, how: String| match n {
         1 => String::new(),
@@ -342,13 +353,39 @@ fn human_tokens(n: usize) -> String {
     }
 }
 
-/// Payload bytes per rank of one decode step at a few batch sizes.
+/// One kind's collectives of a [`Traffic`] counted over `per` tokens or steps, per one: how many
+/// calls, and the payload of one (the kind's bytes over its calls), the kind named as in prose:
+/// `9 all-reduces of 256 B each`, `1 all-gather of 544 B`.
+pub(crate) fn kind_calls(kind: CollectiveKind, (calls, bytes): (u64, u64), per: usize) -> String {
+    let (each, name) = (bytes as f64 / calls.max(1) as f64, kind.name().replace('_', "-"));
+    let calls = calls as f64 / per.max(1) as f64;
+    if calls == 1.0 {
+        format!("1 {name} of {each} B")
+    } else {
+        format!("{calls} {name}s of {each} B each")
+    }
+}
+
+/// `t`'s collectives per token or step (`t` counted over `per` of them), kind by kind
+/// ([`kind_calls`]): `9 all-reduces of 256 B each, 1 all-gather of 544 B`; `none` without any.
+pub(crate) fn kinds(t: &Traffic, per: usize) -> String {
+    let parts: Vec<String> = t.by_kind.iter().map(|(&k, &v)| kind_calls(k, v, per)).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Payload bytes per rank of one decode step at a few batch sizes: per kind the calls, the
+/// payload of one and the kind's total in the step (`43 all-reduces of 16384 B each = 704512
+/// (688.00 KiB)`), then the step's total per token.
 fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "decode traffic per rank and step (payload of f32 activations, as the communicator counts it: an all_reduce \
-         its buffer, an all_gather this rank's part; a ring all_reduce moves about 2(n-1)/n of it each way):"
+        "decode traffic per rank and step (payload of f32 activations, as the communicator counts it: an all-reduce \
+         its buffer, an all-gather this rank's part; a ring all-reduce moves about 2(n-1)/n of it each way):"
     );
     let what = match (layout.tp > 1, layout.ep > 1) {
         (false, false) => "  one device: no collectives".to_string(),
@@ -376,7 +413,7 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
     for tokens in [1, 32] {
         let t = decode_traffic(cfg, layout, tokens);
         let kinds: Vec<String> =
-            t.by_kind.iter().map(|(k, &(calls, b))| format!("{calls} {} {}", k.name(), bytes(b as usize))).collect();
+            t.by_kind.iter().map(|(&k, &v)| format!("{} = {}", kind_calls(k, v, 1), bytes(v.1 as usize))).collect();
         let _ =
             writeln!(o, "  batch {tokens:>2}: {}; {} per token", kinds.join(", "), bytes(t.bytes() as usize / tokens));
     }
@@ -404,11 +441,20 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
     match plan(&input) {
         Ok(p) => Ok(format!("{head}{}{}", state_section(s.cfg, &p), traffic_section(s.cfg, layout))),
         Err(e) => {
-            let advice = match e {
-                PlanError::WeightsDoNotFit { .. } => {
+            let advice = match (&e, args.soc) {
+                (PlanError::WeightsDoNotFit { .. }, WeightTarget::Soc(SocFamily::A2 | SocFamily::A3)) => {
                     "Use more devices, a larger --tensor-parallel, or a smaller weight form (--soc 950 keeps FP8/FP4)."
                 }
-                PlanError::StateDoesNotFit { .. } => "Use more devices or a smaller --kv-dtype.",
+                (PlanError::WeightsDoNotFit { .. }, WeightTarget::HostF32) => {
+                    "Use more devices, a larger --tensor-parallel, or the stored forms (--soc host: without \
+                     DSV4_CPU_DEQUANTIZE=1)."
+                }
+                (PlanError::WeightsDoNotFit { .. }, WeightTarget::Cuda) => {
+                    "Use more devices or a larger --tensor-parallel (a what-if on CUDA, where --devices > 1 needs NCCL, \
+                     which dsv4 does not drive yet)."
+                }
+                (PlanError::WeightsDoNotFit { .. }, _) => "Use more devices or a larger --tensor-parallel.",
+                (PlanError::StateDoesNotFit { .. }, _) => "Use more devices or a smaller --kv-dtype.",
             };
             let fewest = match fewest_devices(&input, 1024) {
                 Some(l) => format!(" With TP {}, {} devices of this size fit (EP {}).", l.tp, l.world, l.ep),
@@ -494,6 +540,65 @@ mod tests {
         insta::assert_snapshot!("plan_pro_16x910c_refused", r);
     }
 
+    /// On CUDA: the weights in the CUDA backend's forms (FP8/FP4 with E8M0 scales as BF16), fp8
+    /// rows under the official precision (the CUDA backend has them), and a layout of more than
+    /// one device marked a what-if (no NCCL yet).
+    #[test]
+    fn plan_flash_on_8_cuda() {
+        let r =
+            plan_of("deepseek-v4-flash", "--devices 8 --device-memory 141GB --soc cuda --precision official").unwrap();
+        assert!(r.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16); dsv4 runs CUDA on one"), "{r}");
+        assert!(r.contains("decoding state, --kv-dtype fp8,"), "{r}");
+        insta::assert_snapshot!("plan_flash_8xcuda_141gb", r);
+        // One GPU does not hold V4-Flash in BF16; the advice names no Ascend SoC.
+        let e = plan_of("deepseek-v4-flash", "--devices 1 --device-memory 141GB --soc cuda").unwrap_err();
+        assert!(e.starts_with("plan: deepseek-v4-flash (config only"), "{e}");
+        assert!(!e.contains("what-if)") && e.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16)\n"));
+        assert!(e.contains("short by 423.81 GiB. With TP 1, 6 devices of this size fit (EP 6)."), "{e}");
+        assert!(e.contains("(a what-if on CUDA, where --devices > 1 needs NCCL") && !e.contains("--soc 950"), "{e}");
+    }
+
+    /// The traffic lines say, per kind, how many calls, the payload of one call and the kind's
+    /// total in the step (then the step's payload per token), in `dsv4 bench`'s words.
+    #[test]
+    fn traffic_lines_say_the_calls_the_size_of_each_and_the_total() {
+        let mut t = Traffic::default();
+        for _ in 0..9 {
+            t.record(CollectiveKind::AllReduce, 256);
+        }
+        t.record(CollectiveKind::AllGather, 544);
+        assert_eq!(kinds(&t, 1), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        assert_eq!(kinds(&t.times(4), 4), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
+        assert_eq!(kinds(&t, 2), "4.5 all-reduces of 256 B each, 0.5 all-gathers of 544 B each");
+        assert_eq!(kinds(&Traffic::default(), 1), "none");
+        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-vs of 500 B each");
+        let cfg = config("deepseek-v4-flash");
+        let text = traffic_section(&cfg, ParallelLayout::new(8, 1, 8, &cfg).unwrap());
+        assert!(
+            text.contains(
+                "  batch  1: 43 all-reduces of 16384 B each = 704512 (688.00 KiB); 704512 (688.00 KiB) per token\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  batch 32: 43 all-reduces of 524288 B each = 22544384 (21.50 MiB); 704512 (688.00 KiB) per token\n"
+            ),
+            "{text}"
+        );
+        let cfg = config("deepseek-v4-pro");
+        let text = traffic_section(&cfg, ParallelLayout::new(48, 16, 48, &cfg).unwrap());
+        assert!(
+            text.contains(
+                "  batch  1: 123 all-reduces of 28672 B each = 3526656 (3.36 MiB), 1 all-gather of 32320 B = 32320 \
+                 (31.56 KiB); 3558976 (3.39 MiB) per token\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("all_"), "{text}");
+        assert_eq!(traffic_section(&cfg, ParallelLayout::SINGLE).lines().count(), 2);
+    }
+
     /// 32 dies do not hold V4-Pro in the A3 forms even with the heads split 16 ways (the INT8
     /// experts alone take 47.8 GiB a rank); 48 do.
     #[test]
@@ -516,7 +621,6 @@ mod tests {
     /// One device: the weights are `dsv4 inspect --soc`'s total (MTP included), byte for byte.
     #[test]
     fn plan_on_one_device_counts_what_inspect_counts() {
-        use dsv4_core::weight_forms::SocFamily;
         for name in ["deepseek-v4-flash", "deepseek-v4-pro"] {
             let cfg = config(name);
             for soc in [SocFamily::A2, SocFamily::A5] {
@@ -537,6 +641,15 @@ mod tests {
         assert_eq!((a.parallel.world(), a.parallel.expert_parallel, a.parallel.tensor_parallel), (8, None, 1));
         assert_eq!(a.memory_utilization, 0.9);
         assert_eq!(a.soc, WeightTarget::Host);
+        // cuda: the CUDA backend's forms, fp8 rows by default under the official precision (the
+        // CUDA backend has them), and --device-memory required as on every target.
+        let a = args("--devices 1 --device-memory 141GB --soc cuda --precision official");
+        assert_eq!((a.soc, a.device_memory, a.kv_dtype()), (WeightTarget::Cuda, 141_000_000_000, KvDtype::Fp8));
+        assert_eq!(a.checked_kv_dtype().unwrap(), KvDtype::Fp8);
+        assert_eq!(args("--devices 1 --device-memory 1G --soc CUDA --precision bf16").kv_dtype(), KvDtype::Bf16);
+        for line in ["--devices 1 --soc cuda", "--devices 1 --device-memory 1G --soc h100"] {
+            assert!(Cli::try_parse_from(std::iter::once("plan").chain(line.split_whitespace())).is_err(), "{line}");
+        }
         assert_eq!(args("--devices 1 --device-memory 68719476736").device_memory, 64 << 30);
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision official").kv_dtype(), KvDtype::Fp8);
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision official --soc 910b").kv_dtype(), KvDtype::Bf16);

@@ -21,7 +21,26 @@ fn plan_that_fits_exits_zero() {
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("layout: 8 ranks, TP 1, EP 8 (all ranks)"), "{out}");
-    assert!(out.contains("batch  1: 43 all_reduce 704512 (688.00 KiB)"), "{out}");
+    assert!(
+        out.contains("batch  1: 43 all-reduces of 16384 B each = 704512 (688.00 KiB); 704512 (688.00 KiB) per token"),
+        "{out}"
+    );
+}
+
+/// `--soc cuda`: the CUDA backend's forms, fp8 state under the official precision; one GPU does
+/// not hold V4-Flash in BF16, and the refusal's advice names no Ascend SoC.
+#[test]
+fn plan_on_cuda() {
+    let flags = ["--device-memory", "141GB", "--soc", "cuda", "--precision", "official"];
+    let o = plan(&[&["deepseek-v4-flash", "--devices", "8"][..], &flags].concat());
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16); dsv4 runs CUDA on one"), "{out}");
+    assert!(out.contains("decoding state, --kv-dtype fp8,"), "{out}");
+    let o = plan(&[&["deepseek-v4-flash", "--devices", "1"][..], &flags].concat());
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("short by 423.81 GiB") && !err.contains("--soc 950"), "{err}");
 }
 
 #[test]

@@ -49,11 +49,12 @@ pub enum WeightTarget {
 }
 
 impl WeightTarget {
-    /// `host`, `host-f32`, or a `--soc` name (`910b`, `910c`, `950`, `Ascend910B3`, ...).
+    /// `host`, `host-f32`, `cuda`, or a `--soc` name (`910b`, `910c`, `950`, `Ascend910B3`, ...).
     pub fn from_name(s: &str) -> Option<WeightTarget> {
         match s.trim().to_ascii_lowercase().as_str() {
             "host" | "cpu" => Some(WeightTarget::Host),
             "host-f32" | "cpu-f32" => Some(WeightTarget::HostF32),
+            "cuda" => Some(WeightTarget::Cuda),
             other => SocFamily::from_name(other).map(WeightTarget::Soc),
         }
     }
@@ -1219,6 +1220,8 @@ mod tests {
         assert_eq!(WeightTarget::from_name("host-f32"), Some(WeightTarget::HostF32));
         assert_eq!(WeightTarget::from_name("910c"), Some(WeightTarget::Soc(SocFamily::A3)));
         assert_eq!(WeightTarget::from_name("Ascend910B3"), Some(WeightTarget::Soc(SocFamily::A2)));
+        assert_eq!(WeightTarget::from_name("cuda"), Some(WeightTarget::Cuda));
+        assert_eq!(WeightTarget::from_name("CUDA"), Some(WeightTarget::Cuda));
         assert_eq!(WeightTarget::from_name("h100"), None);
     }
 }
