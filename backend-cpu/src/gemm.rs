@@ -12,19 +12,29 @@
 /// kernel of [`crate::kernels::f32_gemm`] where it runs (AVX-512, `m ≥ 8`), else the `gemm`
 /// crate.
 ///
-/// With fewer rows in `a` than in `b` (a routed expert's tokens against a block of its weight
-/// rows: about 100 against 256 in a 512-token prefill of the 0.75 B benchmark model, about 12
-/// in V4-Flash's 256 experts), the kernel computes `cᵀ = b · aᵀ` and transposes it: it packs
-/// (transposes) the operand it multiplies from the right, so the smaller one is packed. The
-/// bits are the same: every output is the same FMA chain over `k` either way (multiplication
-/// commutes exactly). (96, 1024, 256) ran at 108 GFLOP/s against 97 on one Zen 4 core
-/// (`bench_f32_gemm`).
-///
 /// Panics if a slice is shorter than its shape.
 pub(crate) fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    if !crate::kernels::f32_gemm::matmul_nt_f32(a, b, c, m, k, n) {
+        matmul(a, b, c, m, k, n, true)
+    }
+}
+
+/// [`matmul_nt`] for input rows `a` against a block of weight rows `b` (`linear`): with fewer
+/// rows in `a` than in `b` (a routed expert's tokens against a block of its weight rows: about
+/// 100 against 256 in a 512-token prefill of the 0.75 B benchmark model, about 12 in
+/// V4-Flash's 256 experts), the AVX-512 kernel computes `cᵀ = b · aᵀ` and transposes it: it
+/// packs (transposes) the operand it multiplies from the right, so the smaller one is packed.
+/// The bits are the same, NaN payloads aside (which NaN propagates depends on the operand
+/// order): every output is the same FMA chain over `k` either way (multiplication commutes
+/// exactly). (96, 1024, 256) ran at 108 GFLOP/s against 97 on one Zen 4 core
+/// (`bench_f32_gemm`). Activation products (`Backend::matmul`) keep [`matmul_nt`]: the swap's
+/// buffer and strided transpose were not measured there.
+///
+/// Panics if a slice is shorter than its shape.
+pub(crate) fn matmul_nt_weights(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
     use crate::kernels::f32_gemm::{self, MIN_ROWS};
     if (MIN_ROWS..n).contains(&m) && f32_gemm::available() {
-        assert!(c.len() >= m * n, "matmul_nt: c shorter than its shape");
+        assert!(c.len() >= m * n, "matmul_nt_weights: c shorter than its shape");
         let mut ct = vec![0f32; n * m];
         if f32_gemm::matmul_nt_f32(b, a, &mut ct, n, k, m) {
             for (j, col) in ct.chunks_exact(m).enumerate() {
@@ -35,9 +45,7 @@ pub(crate) fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize,
             return;
         }
     }
-    if !f32_gemm::matmul_nt_f32(a, b, c, m, k, n) {
-        matmul(a, b, c, m, k, n, true)
-    }
+    matmul_nt(a, b, c, m, k, n)
 }
 
 /// [`matmul_nt`] through the `gemm` crate always (the path of CPUs without AVX-512).
@@ -120,7 +128,7 @@ mod tests {
             let a: Vec<f32> = (0..m * k).map(|_| value()).collect();
             let b: Vec<f32> = (0..n * k).map(|_| value()).collect();
             let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
-            matmul_nt(&a, &b, &mut got, m, k, n);
+            matmul_nt_weights(&a, &b, &mut got, m, k, n);
             assert!(f32_gemm::matmul_nt_f32(&a, &b, &mut want, m, k, n));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "({m}, {k}, {n})");

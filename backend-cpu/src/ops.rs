@@ -44,7 +44,7 @@ const GEMV_MAX_ROWS: usize = 8;
 /// thread, about 8 tasks per thread (enough to even out a thread that starts late), in whole
 /// [`ROW_BLOCK`]s. Fewer, larger tasks than prefill's: each task pays a set-up (checking and
 /// folding the input, see `kernels::fp8_fold`) that a GEMV's few multiply-adds per weight row
-/// do not hide in 64-row tasks. A smaller matrix (mHC's `[24, 4096]` mixing weights, the
+/// do not hide in 64-row tasks. A smaller matrix (mHC's `[24, 4 · hidden]` mixing weights, the
 /// router) is split evenly over the threads instead of going whole to one of them.
 fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
     let threads = threads.max(1);
@@ -56,8 +56,22 @@ fn gemv_rows_per_task(rows: usize, threads: usize) -> usize {
 
 /// Input rows per parallel task of a matrix product whose weight is a single task's rows
 /// ([`prefill_rows_per_task`]): enough rows for the GEMM's 8-row tiles to stream well, few
-/// enough that a 512-token prefill makes four tasks.
+/// enough that a 512-token prefill makes four tasks. The last piece takes the remainder
+/// ([`input_pieces`]).
 const PREFILL_INPUT_ROWS_PER_TASK: usize = 128;
+
+/// The pieces `m` input rows are cut into for a weight of one task's rows: `(first row, rows)`,
+/// every piece [`PREFILL_INPUT_ROWS_PER_TASK`] rows but the last, which takes the remainder
+/// (128 to 255 rows); one piece for fewer than 256 rows. Each piece is more than 64 rows, so
+/// it takes the same GEMM path as the whole would (never the GEMV of 8 rows or fewer, never the
+/// `gemm` crate's other k-blocking for 64 rows or fewer), and the cuts depend on `m` alone.
+fn input_pieces(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let pieces = (m / PREFILL_INPUT_ROWS_PER_TASK).max(1);
+    (0..pieces).map(move |p| {
+        let first = p * PREFILL_INPUT_ROWS_PER_TASK;
+        (first, if p + 1 == pieces { m - first } else { PREFILL_INPUT_ROWS_PER_TASK })
+    })
+}
 
 /// Weight rows per parallel task of a matrix product of many input rows (prefill): a quarter
 /// of the matrix, in whole [`ROW_BLOCK`]s, between [`ROW_BLOCK`] and [`PREFILL_ROWS_PER_TASK`]
@@ -87,7 +101,7 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// exception: one BF16 input row (`x_bf16`) on an FP4 weight with E8M0 scales goes through
 /// [`fp4_bf16`] where the CPU has AVX512-BF16 (exact products, another summation order).
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by
-/// [`crate::gemm::matmul_nt`] (an AVX-512 kernel or the `gemm` crate);
+/// [`crate::gemm::matmul_nt_weights`] (an AVX-512 kernel or the `gemm` crate);
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
 /// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
@@ -133,7 +147,7 @@ pub(crate) fn linear_block(
     if x_bf16 && bf16_gemm::available() && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
         return y;
     }
-    crate::gemm::matmul_nt(xs, wb, out, m, w.cols, n);
+    crate::gemm::matmul_nt_weights(xs, wb, out, m, w.cols, n);
     y
 }
 
@@ -365,17 +379,21 @@ impl Backend for CpuBackend {
         }
         let xv = ArrayView2::from_shape((m, k), &x.data).expect("2-D view");
         let row_tasks = w.rows.div_ceil(rows_per_task);
-        // A matrix of one task's rows (mHC's `[24, 4096]` mixing weights, the indexer's head
-        // weights) would run on one thread: its input rows are cut as well, into pieces that
-        // depend on `m` alone (never on the thread count, see `prefill_rows_per_task`).
-        let pieces = if m > GEMV_MAX_ROWS && row_tasks == 1 { m.div_ceil(PREFILL_INPUT_ROWS_PER_TASK) } else { 1 };
-        let piece_rows = m.div_ceil(pieces);
-        let blocks: Vec<(usize, usize, ndarray::Array2<f32>)> = par::map(row_tasks * pieces, m * k * w.rows, |b| {
-            let (start, first) = ((b / pieces) * rows_per_task, (b % pieces) * piece_rows);
-            let n = rows_per_task.min(w.rows - start);
-            let rows = xv.slice(s![first..(first + piece_rows).min(m), ..]);
-            (start, first, linear_block(rows, x.bf16, w, start, n, &mut Vec::new()))
-        });
+        // A matrix of one task's rows (mHC's `[24, 4 · hidden]` mixing weights, the indexer's
+        // head weights) would run on one thread: its input rows are cut as well, into pieces
+        // that depend on `m` alone (never on the thread count, see `prefill_rows_per_task`).
+        // Only for the AVX-512 f32 kernel, whose outputs do not depend on how many rows it
+        // takes: the `gemm` crate's k-blocking does (m = 300 against 128 + 172 rows differ
+        // at k = 600), and so may the BF16 GEMM's.
+        let cut = row_tasks == 1 && !x.bf16 && crate::kernels::f32_gemm::available();
+        let pieces: Vec<(usize, usize)> = if cut { input_pieces(m).collect() } else { vec![(0, m)] };
+        let blocks: Vec<(usize, usize, ndarray::Array2<f32>)> =
+            par::map(row_tasks * pieces.len(), m * k * w.rows, |b| {
+                let (start, (first, rows)) = ((b / pieces.len()) * rows_per_task, pieces[b % pieces.len()]);
+                let n = rows_per_task.min(w.rows - start);
+                let piece = xv.slice(s![first..first + rows, ..]);
+                (start, first, linear_block(piece, x.bf16, w, start, n, &mut Vec::new()))
+            });
         let mut out = vec![0f32; m * w.rows];
         for (start, first, y) in blocks {
             let n = y.ncols();
@@ -953,6 +971,50 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The input-row pieces of a one-task weight cover `0..m` in order, each of more than 64
+    /// rows (so none leaves the GEMM path the whole takes), all 128 rows but the last.
+    #[test]
+    fn input_pieces_cover_the_rows_in_pieces_of_more_than_64() {
+        for m in (9..2000).chain([15368, 15369, 16383, 16384]) {
+            let pieces: Vec<(usize, usize)> = input_pieces(m).collect();
+            let mut next = 0;
+            for (i, &(first, rows)) in pieces.iter().enumerate() {
+                assert_eq!(first, next, "m = {m}: {pieces:?}");
+                assert!(rows > 64 || pieces.len() == 1, "m = {m}: {pieces:?}");
+                assert!(rows == PREFILL_INPUT_ROWS_PER_TASK || i + 1 == pieces.len(), "m = {m}: {pieces:?}");
+                next += rows;
+            }
+            assert_eq!(next, m, "m = {m}: {pieces:?}");
+        }
+    }
+
+    /// `linear` on a weight of one task's rows (its input rows cut into pieces where the AVX-512
+    /// kernel runs; uncut on the `gemm` crate, `DSV4_CPU_ISA=avx2`) gives the bits of the uncut
+    /// product (`linear_block` over all the rows): row counts just past a cut, with remainders
+    /// that a cut into equal pieces would have left at 8 rows or fewer (the GEMV path).
+    #[test]
+    fn linear_input_pieces_give_the_uncut_bits() {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+        let be = CpuBackend::new();
+        let mut seed = 0x9e37_79b9u64;
+        let mut value = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2f32.powi(((seed >> 20) % 13) as i32 - 6)
+        };
+        for (m, k, rows) in [(129, 1100, 24), (129, 600, 64), (300, 600, 1), (385, 64, 24), (15368, 96, 24)] {
+            let bytes: Vec<u8> = (0..rows * k).flat_map(|_| value().to_le_bytes()).collect();
+            let t = HostTensor::from_bytes("w", DType::F32, vec![rows, k], bytes).unwrap();
+            let w = CpuWeight::from_stored(&StoredWeight::float(t).unwrap()).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| value()).collect();
+            assert!(prefill_rows_per_task(rows) >= rows, "one weight task");
+            let got = be.linear(&CpuTensor::new(vec![m, k], x.clone()), &w).unwrap();
+            let xv = ArrayView2::from_shape((m, k), &x[..]).unwrap();
+            let want = linear_block(xv, false, &w, 0, rows, &mut Vec::new());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.data), bits(want.as_slice().unwrap()), "m = {m}, k = {k}, rows = {rows}");
+        }
+    }
 
     #[test]
     fn gemv_tasks_are_never_empty_and_cover_small_matrices_evenly() {

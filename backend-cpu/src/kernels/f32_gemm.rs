@@ -523,10 +523,10 @@ mod tests {
             let line = format!("m={m} k={k} n={n}: gemm crate {:.1} GFLOP/s", flop / tg * 1e-9);
             if run {
                 let tf = best(&mut || assert!(matmul_nt_f32(&a, &b, &mut c1, m, k, n)));
-                // `matmul_nt` runs the kernel on swapped operands when m < n.
-                let ts = best(&mut || crate::gemm::matmul_nt(&a, &b, &mut c1, m, k, n));
+                // `matmul_nt_weights` runs the kernel on swapped operands when m < n.
+                let ts = best(&mut || crate::gemm::matmul_nt_weights(&a, &b, &mut c1, m, k, n));
                 println!(
-                    "{line}, avx512 kernel {:.1} GFLOP/s ({:.2}x), matmul_nt {:.1}",
+                    "{line}, avx512 kernel {:.1} GFLOP/s ({:.2}x), matmul_nt_weights {:.1}",
                     flop / tf * 1e-9,
                     tg / tf,
                     flop / ts * 1e-9
