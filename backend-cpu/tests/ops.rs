@@ -290,7 +290,8 @@ fn hc_pre_is_the_composition_bit_for_bit() {
 /// (one candidate row, many, widths around the vector lengths, no windows, c = 1 which goes
 /// through the composition itself), with scores far apart, masked (`-inf`) candidates and a
 /// fully masked lane, and kv magnitudes from 2^-12 to 2^12 (a different summation order
-/// would show); and refuses mismatched shapes as the composition does.
+/// would show); and refuses mismatched shapes and shapes that are not 3-D as the composition
+/// does.
 #[test]
 fn compressor_pool_is_the_composition_bit_for_bit() {
     use dsv4_core::backend::composed;
@@ -318,6 +319,13 @@ fn compressor_pool_is_the_composition_bit_for_bit() {
             assert!(be.compressor_pool(&kv, &wide).is_err());
             assert!(composed::compressor_pool(&be, &kv, &wide).is_err());
         }
+    }
+    // Not [W, L, c]: an error from both, not a panic (a 2-D pair passes softmax, product and
+    // sum; the composition's reshape to [W, c] indexed a third dimension).
+    let flat = up(&be, &[0.5; 12], &[3, 4]);
+    for e in [be.compressor_pool(&flat, &flat).unwrap_err(), composed::compressor_pool(&be, &flat, &flat).unwrap_err()]
+    {
+        assert!(e.to_string().contains("are not both [W, L, c] of one shape"), "{e}");
     }
 }
 

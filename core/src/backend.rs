@@ -439,10 +439,10 @@ pub mod composed {
     /// The definition of [`Backend::compressor_pool`]: a softmax over the L candidate rows
     /// (axis 1), the product with kv, and its sum over axis 1, reshaped to `[W, c]`.
     pub fn compressor_pool<B: Backend + ?Sized>(be: &B, kv: &B::Tensor, score: &B::Tensor) -> Result<B::Tensor> {
+        let shape = crate::backend_checks::compressor_pool(be.name(), kv.shape(), score.shape())?;
         let w = be.softmax(score, 1)?;
         let pooled = be.reduce(&be.binary(&w, kv, BinaryOp::Mul)?, 1, ReduceOp::Sum)?;
-        let s = kv.shape();
-        be.reshape(&pooled, &[s[0], s[2]])
+        be.reshape(&pooled, &shape)
     }
 
     /// The definition of [`Backend::sparse_attention`]: gather the key rows, scaled scores,

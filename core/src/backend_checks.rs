@@ -259,6 +259,17 @@ pub fn matmul(backend: &str, a: &[usize], b: &[usize], transpose_b: bool) -> Res
 }
 
 /// `unary`: any shape.
+/// `compressor_pool`: kv and score both `[W, L, c]`; the output shape `[W, c]`.
+pub fn compressor_pool(backend: &str, kv: &[usize], score: &[usize]) -> Result<Vec<usize>> {
+    if kv.len() != 3 || kv != score {
+        return Err(Error::backend(
+            backend,
+            format!("compressor_pool: kv {kv:?} and score {score:?} are not both [W, L, c] of one shape"),
+        ));
+    }
+    Ok(vec![kv[0], kv[2]])
+}
+
 pub fn unary(_backend: &str, x: &[usize]) -> Result<Vec<usize>> {
     Ok(x.to_vec())
 }
