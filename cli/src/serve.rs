@@ -89,16 +89,20 @@ pub struct ServeArgs {
 /// A count flag's value: a whole number, at least 1 (`--max-num-seqs 0` would start a server
 /// that cannot run a request); refused by clap as it parses, before anything is printed.
 fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    use std::num::IntErrorKind;
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
+        Err(e) if *e.kind() == IntErrorKind::PosOverflow => Err("too large".into()),
         Err(e) => Err(format!("not a whole number ({e})")),
     }
 }
 
 /// `--max-model-len`: [`at_least_one`]; leaving the flag out means the model's context.
 fn max_model_len(s: &str) -> std::result::Result<usize, String> {
-    at_least_one(s).map_err(|e| format!("{e} (leave the flag out to serve the model's whole context)"))
+    at_least_one(s).map_err(|e| {
+        format!("{e} (leave the flag out to serve the longest sequence the model's context and the KV cache allow)")
+    })
 }
 
 /// `--max-waiting`: [`at_least_one`] (with 0 every request would be refused: a request waits,
@@ -221,7 +225,10 @@ fn planned_pool(
     let context = cfg.max_position_embeddings;
     let tokens = match config.max_model_len {
         0 => context,
-        n if n > context => bail!("--max-model-len {n} is longer than the model's context ({context} positions)"),
+        n if n > context => bail!(
+            "--max-model-len {n} is longer than the model's context ({context} positions); use at most {context}, or \
+             leave the flag out"
+        ),
         n => n,
     };
     let world = parallel.world();

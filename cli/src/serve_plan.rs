@@ -179,7 +179,20 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
                 fixes.push(format!("fewer --max-num-seqs (at most {s} {}{at})", if s == 1 { "fits" } else { "fit" }))
             }
             (None, Refusal::Serving(ServingError::SequencesDoNotFit { most, .. }, _)) if *most > 0 => {
-                fixes.push(format!("fewer --max-num-seqs (the windows of at most {} fit)", plural(*most, "sequence")))
+                // No count fits at the asked --max-model-len: say how long the sequences of
+                // the most whose windows fit can be, or the next refusal would be that.
+                let ask = ServingAsk { max_seqs: *most, len_asked: false, ..r.ask };
+                match attempt(&Request { ask, ..*r }, memory, r.kv_dtype) {
+                    Ok(p) if r.ask.len_asked => fixes.push(format!(
+                        "fewer --max-num-seqs and a smaller --max-model-len (at most {} of at most {})",
+                        plural(*most, "sequence"),
+                        plural(p.pool.longest, "token")
+                    )),
+                    _ => fixes.push(format!(
+                        "fewer --max-num-seqs (the windows of at most {} fit)",
+                        plural(*most, "sequence")
+                    )),
+                }
             }
             _ => {}
         }
@@ -426,10 +439,20 @@ mod tests {
         let r = request(&cfg, &tensors, ServingAsk { len_asked: false, ..ask });
         let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
         assert!(e.contains("(at most 2 fit)") && e.matches("at most ").count() == 1 && !e.contains("only "), "{e}");
-        // Not even one sequence of the asked length: the windows' count, once.
+        // Not even one sequence of the asked length: fewer sequences alone would only be
+        // refused again (for the length), so the advice gives both figures, and they fit.
         let r = request(&cfg, &tensors, ServingAsk { max_len: 100_000, ..ask });
         let e = format!("{:#}", plan_serving(&r, &cpu).unwrap_err());
-        assert!(e.contains("(the windows of at most 2 sequences fit)") && !e.contains("only "), "{e}");
+        assert!(
+            e.contains(
+                "fewer --max-num-seqs and a smaller --max-model-len (at most 2 sequences of at most 576 tokens)"
+            ) && !e.contains("only "),
+            "{e}"
+        );
+        for (seqs, len, fits) in [(2, 576, true), (2, 577, false), (3, 64, false)] {
+            let r = request(&cfg, &tensors, ServingAsk { max_seqs: seqs, max_len: len, ..ask });
+            assert_eq!(plan_serving(&r, &cpu).is_ok(), fits, "{seqs} × {len}");
+        }
     }
 
     /// Counts of one are singular in the refusals and the summary.

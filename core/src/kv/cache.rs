@@ -56,15 +56,17 @@ impl KvConfig {
     ) -> Result<Self> {
         let block_tokens = layout::default_block_tokens(cfg);
         let bb = layout::block_bytes(cfg, dtype, block_tokens);
-        let needed = max_seqs.max(1) * Self::window_blocks_per_sequence(cfg, block_tokens, max_step);
-        let fits = bytes.checked_sub(needed * bb.window).filter(|r| *r >= bb.compressed || bb.compressed == 0);
+        // Saturating: `--max-num-seqs` is the user's number (a product past usize fits nowhere).
+        let needed = max_seqs.max(1).saturating_mul(Self::window_blocks_per_sequence(cfg, block_tokens, max_step));
+        let fits =
+            bytes.checked_sub(needed.saturating_mul(bb.window)).filter(|r| *r >= bb.compressed || bb.compressed == 0);
         if fits.is_none() {
             let seqs = if max_seqs == 1 { "one sequence".to_string() } else { format!("{max_seqs} sequences") };
             return Err(Error::Input(format!(
                 "a KV cache of {} cannot hold the sliding windows of {seqs} ({} in {needed} window blocks) plus one \
                  compressed block ({}); raise --kv-cache-memory",
                 human_bytes(bytes),
-                human_bytes(needed * bb.window),
+                human_bytes(needed.saturating_mul(bb.window)),
                 human_bytes(bb.compressed)
             )));
         }

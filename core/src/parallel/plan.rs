@@ -765,7 +765,7 @@ pub fn serving_pool(cfg: &ModelConfig, p: &Plan, ask: &ServingAsk) -> std::resul
                 rank,
                 seqs,
                 pool: bytes,
-                need: seqs * one + compressed,
+                need: seqs.saturating_mul(one).saturating_add(compressed),
                 most,
             });
         }
