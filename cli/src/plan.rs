@@ -354,15 +354,27 @@ fn human_tokens(n: usize) -> String {
 }
 
 /// One kind's collectives of a [`Traffic`] counted over `per` tokens or steps, per one: how many
-/// calls, and the payload of one (the kind's bytes over its calls), the kind named as in prose:
-/// `9 all-reduces of 256 B each`, `1 all-gather of 544 B`.
+/// calls, and the payload of one (the kind's bytes over its calls; said to be an average where
+/// the calls' sizes cannot all be equal), the kind named as in prose: `9 all-reduces of 256 B
+/// each`, `1 all-gather of 544 B`, `2 all-to-all-v calls of 333.3 B on average`.
 pub(crate) fn kind_calls(kind: CollectiveKind, (calls, bytes): (u64, u64), per: usize) -> String {
-    let (each, name) = (bytes as f64 / calls.max(1) as f64, kind.name().replace('_', "-"));
+    let name = kind.name().replace('_', "-");
+    let names = match kind {
+        CollectiveKind::AllToAllV => format!("{name} calls"),
+        _ => format!("{name}s"),
+    };
+    let each = if bytes % calls.max(1) == 0 {
+        format!("{} B", bytes / calls.max(1))
+    } else {
+        format!("{:.1} B on average", bytes as f64 / calls as f64)
+    };
     let calls = calls as f64 / per.max(1) as f64;
     if calls == 1.0 {
-        format!("1 {name} of {each} B")
+        format!("1 {name} of {each}")
+    } else if each.ends_with("average") {
+        format!("{calls} {names} of {each}")
     } else {
-        format!("{calls} {name}s of {each} B each")
+        format!("{calls} {names} of {each} each")
     }
 }
 
@@ -571,7 +583,9 @@ mod tests {
         assert_eq!(kinds(&t.times(4), 4), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
         assert_eq!(kinds(&t, 2), "4.5 all-reduces of 256 B each, 0.5 all-gathers of 544 B each");
         assert_eq!(kinds(&Traffic::default(), 1), "none");
-        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-vs of 500 B each");
+        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-v calls of 500 B each");
+        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (3, 1000), 1), "3 all-to-all-v calls of 333.3 B on average");
+        assert_eq!(kind_calls(CollectiveKind::Barrier, (2, 0), 1), "2 barriers of 0 B each");
         let cfg = config("deepseek-v4-flash");
         let text = traffic_section(&cfg, ParallelLayout::new(8, 1, 8, &cfg).unwrap());
         assert!(
