@@ -78,28 +78,37 @@ fn serve_refuses_a_kv_cache_too_small() {
     assert!(err.contains("--kv-cache-memory"), "{err}");
 }
 
+/// `dsv4 serve --backend cpu --port 0 ARGS`, expected to exit: its status and stderr. A server
+/// that starts anyway fails the test after 60 s and is killed (`Server`'s drop), not waited for.
+fn serve_refusal(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "cpu", "--port", "0"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{args:?}: the server started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status, err)
+}
+
 #[test]
 fn serve_refuses_flags_that_would_refuse_every_request_or_drop_the_key() {
     for (flags, want) in [(&["--max-waiting", "0"], "--max-waiting"), (&["--api-key", ""], "--api-key")] {
-        let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
-            .args(["serve", "--backend", "cpu", "--port", "0", "--max-model-len", "512", "--max-num-seqs", "2"])
-            .args(flags)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut server = Server(child);
-        let t = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "{flags:?}: the server started");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let mut args = vec!["--max-model-len", "512", "--max-num-seqs", "2"];
+        args.extend(flags);
+        let (status, err) = serve_refusal(&args);
         assert!(!status.success(), "{flags:?} was accepted");
-        let mut err = String::new();
-        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         assert!(err.contains(want), "{flags:?}: {err}");
     }
 }
@@ -109,24 +118,7 @@ fn serve_refuses_flags_that_would_refuse_every_request_or_drop_the_key() {
 #[test]
 fn serve_refuses_zero_counts_before_anything_else() {
     for flag in ["--max-num-seqs", "--max-model-len", "--max-num-batched-tokens", "--prefill-chunk", "--max-waiting"] {
-        let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
-            .args(["serve", "--backend", "cpu", "--port", "0", flag, "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A server that starts anyway is killed, not waited for.
-        let mut server = Server(child);
-        let t = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
-                break status;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "{flag} 0: the server started");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut err = String::new();
-        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        let (status, err) = serve_refusal(&[flag, "0"]);
         assert_eq!(status.code(), Some(2), "{flag}: {err}");
         assert!(err.starts_with(&format!("error: invalid value '0' for '{flag} <")), "{flag}: {err}");
         assert!(err.contains(": must be at least 1"), "{flag}: {err}");
