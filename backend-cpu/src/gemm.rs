@@ -37,15 +37,24 @@ pub(crate) fn matmul_nt_weights(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k
         assert!(c.len() >= m * n, "matmul_nt_weights: c shorter than its shape");
         let mut ct = vec![0f32; n * m];
         if f32_gemm::matmul_nt_f32(b, a, &mut ct, n, k, m) {
-            for (j, col) in ct.chunks_exact(m).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    c[i * n + j] = v;
-                }
-            }
+            transpose(&ct, n, m, c);
             return;
         }
     }
     matmul_nt(a, b, c, m, k, n)
+}
+
+/// `dst[m, n] = srcᵀ` for `src` `[n, m]` (both row-major): the results of kernels that
+/// produce a weight row's outputs for every input row together.
+///
+/// Panics if a slice is shorter than `n · m`.
+pub(crate) fn transpose(src: &[f32], n: usize, m: usize, dst: &mut [f32]) {
+    assert!(src.len() >= n * m && dst.len() >= n * m, "transpose: slices shorter than [{n}, {m}]");
+    for (j, col) in src[..n * m].chunks_exact(m.max(1)).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            dst[i * n + j] = v;
+        }
+    }
 }
 
 /// [`matmul_nt`] through the `gemm` crate always (the path of CPUs without AVX-512).
