@@ -110,10 +110,10 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     let work: usize = jobs.iter().map(|j| 2 * j.m * j.expert.w1.cols * j.expert.w1.rows).sum();
     let parts = par::map(items.len(), work, |i| {
         let (j, start, n) = items[i];
-        let (job, mut scratch) = (&jobs[j], Vec::new());
+        let job = &jobs[j];
         let x = view(job.x, job.m, job.expert.w1.cols);
-        let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n, &mut scratch);
-        let u = linear_block(x, job.x_bf16, &job.expert.w3, start, n, &mut scratch);
+        let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n);
+        let u = linear_block(x, job.x_bf16, &job.expert.w3, start, n);
         let (g, u) = (g.as_slice().expect("standard layout"), u.as_slice().expect("standard layout"));
         // Row by row over plain slices: an iterator over the `[m, n]` arrays with the row's
         // routing weight found by `i / n` (a division per value) took about 4% of a 512-token
@@ -144,7 +144,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         let (j, start, n) = items[i];
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
-        let y = linear_block(h, bf16, &job.expert.w2, start, n, &mut Vec::new());
+        let y = linear_block(h, bf16, &job.expert.w2, start, n);
         let mut y = y.into_raw_vec_and_offset().0;
         if bf16 {
             y.iter_mut().for_each(|v| *v = round_bf16(*v));

@@ -105,7 +105,38 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
 /// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
+///
+/// The widened rows (and `dot_many`'s transposed outputs) go to a buffer kept per thread that
+/// only grows ([`SCRATCH`]): a new zeroed buffer per block cost its allocation and a `memset` of
+/// up to `n · k` values that the widening overwrites anyway (about 2% of a 2048-token prefill
+/// of the 0.75 B benchmark model in `perf`).
 pub(crate) fn linear_block(
+    x: ArrayView2<'_, f32>,
+    x_bf16: bool,
+    w: &CpuWeight,
+    start: usize,
+    n: usize,
+) -> ndarray::Array2<f32> {
+    SCRATCH.with_borrow_mut(|scratch| linear_block_with(x, x_bf16, w, start, n, scratch))
+}
+
+thread_local! {
+    /// [`linear_block`]'s buffer of this thread: at most one row block of a weight widened to
+    /// f32 (`rows per task · k` values, e.g. 256 · 7168 · 4 bytes = 7 MiB for V4-Flash), kept
+    /// between calls as the GEMM's packing buffer is.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `scratch[..len]`, growing `scratch` (never shrinking it) as needed: the values are whatever
+/// an earlier call left, for a caller that overwrites them all.
+fn scratch_of(scratch: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    &mut scratch[..len]
+}
+
+fn linear_block_with(
     x: ArrayView2<'_, f32>,
     x_bf16: bool,
     w: &CpuWeight,
@@ -125,20 +156,16 @@ pub(crate) fn linear_block(
             gemv(xs, x_bf16, w, start, y.as_slice_mut().expect("standard layout"));
         } else {
             // dot_many writes row j's m outputs together: [n, m], transposed into y [m, n].
-            scratch.resize(n * m, 0.0);
-            dot_many(Isa::active(), w, start, n, xs, &mut scratch[..n * m]);
-            for (j, col) in scratch[..n * m].chunks_exact(m).enumerate() {
-                for (i, &v) in col.iter().enumerate() {
-                    y[(i, j)] = v;
-                }
-            }
+            let scratch = scratch_of(scratch, n * m);
+            dot_many(Isa::active(), w, start, n, xs, scratch);
+            crate::gemm::transpose(scratch, n, m, y.as_slice_mut().expect("standard layout"));
         }
         return y;
     }
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
         None => {
-            scratch.resize(n * w.cols, 0.0);
+            let scratch = scratch_of(scratch, n * w.cols);
             w.rows_f32(start, n, scratch);
             scratch
         }
@@ -392,7 +419,7 @@ impl Backend for CpuBackend {
                 let (start, (first, rows)) = ((b / pieces.len()) * rows_per_task, pieces[b % pieces.len()]);
                 let n = rows_per_task.min(w.rows - start);
                 let piece = xv.slice(s![first..first + rows, ..]);
-                (start, first, linear_block(piece, x.bf16, w, start, n, &mut Vec::new()))
+                (start, first, linear_block(piece, x.bf16, w, start, n))
             });
         let mut out = vec![0f32; m * w.rows];
         for (start, first, y) in blocks {
@@ -412,9 +439,8 @@ impl Backend for CpuBackend {
             return Ok(CpuTensor::new(shape, gemv_tasks(x, w, r, self.threads())));
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let per_group: Vec<ndarray::Array2<f32>> = par::map(groups, m * k * w.rows, |g| {
-            linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, &mut Vec::new())
-        });
+        let per_group: Vec<ndarray::Array2<f32>> =
+            par::map(groups, m * k * w.rows, |g| linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r));
         let mut out = vec![0f32; m * groups * r];
         for (g, y) in per_group.iter().enumerate() {
             for i in 0..m {
@@ -1010,9 +1036,55 @@ mod tests {
             assert!(prefill_rows_per_task(rows) >= rows, "one weight task");
             let got = be.linear(&CpuTensor::new(vec![m, k], x.clone()), &w).unwrap();
             let xv = ArrayView2::from_shape((m, k), &x[..]).unwrap();
-            let want = linear_block(xv, false, &w, 0, rows, &mut Vec::new());
+            let want = linear_block(xv, false, &w, 0, rows);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got.data), bits(want.as_slice().unwrap()), "m = {m}, k = {k}, rows = {rows}");
+        }
+    }
+
+    /// `linear_block` widens packed rows into a per-thread buffer that keeps what earlier calls
+    /// left: after a bigger weight has filled it with other values (NaN), a smaller FP8 weight
+    /// gives the bits it gives on a thread whose buffer is new, on the GEMM path (m > 8) and on
+    /// `dot_many`'s (2 to 8 rows, transposed through the buffer).
+    #[test]
+    fn linear_block_buffer_keeps_no_stale_values() {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+        let fp8 = |rows: usize, k: usize, code: &dyn Fn(usize) -> u8| {
+            let q = HostTensor::from_bytes("w.weight", DType::F8E4M3, vec![rows, k], (0..rows * k).map(code).collect());
+            let blocks = rows.div_ceil(128) * k.div_ceil(128);
+            let scale = HostTensor::from_bytes(
+                "w.scale",
+                DType::F8E8M0,
+                vec![rows.div_ceil(128), k.div_ceil(128)],
+                (0..blocks).map(|b| 120 + (b % 5) as u8).collect(),
+            );
+            CpuWeight::from_stored(&StoredWeight::detect(&q.unwrap(), Some(&scale.unwrap()), &[rows, k]).unwrap())
+                .unwrap()
+        };
+        // 0x7F is e4m3's NaN: the big weight leaves NaN everywhere in the buffer.
+        let big = fp8(256, 1024, &|_| 0x7F);
+        let small = fp8(96, 256, &|i| ((i * 37) % 251) as u8 & 0x77);
+        for m in [3, 40] {
+            let x: Vec<f32> = (0..m * 1024).map(|i| ((i * 13) % 17) as f32 * 0.125 - 1.0).collect();
+            // Each on a thread of its own, whose buffer starts empty.
+            let run = |dirty: bool| {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        if dirty {
+                            let xv = ArrayView2::from_shape((m, 1024), &x[..]).unwrap();
+                            let y = linear_block(xv, false, &big, 0, 256);
+                            assert!(y.iter().all(|v| v.is_nan()), "the big weight's rows are NaN");
+                        }
+                        let xv = ArrayView2::from_shape((m, 256), &x[..m * 256]).unwrap();
+                        linear_block(xv, false, &small, 0, 96).iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    })
+                    .join()
+                    .unwrap()
+                })
+            };
+            let (fresh, dirty) = (run(false), run(true));
+            assert!(fresh.iter().all(|&b| f32::from_bits(b).is_finite()), "m = {m}");
+            assert_eq!(fresh, dirty, "m = {m}");
         }
     }
 
