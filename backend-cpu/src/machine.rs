@@ -9,9 +9,12 @@
 //!   latency) on every thread, 2 FLOP per multiply-add per lane.
 //! * **BF16 dot-product peak** (`vdpbf16ps`, AVX-512 BF16 only): 2 FLOP per bf16 product.
 //!
-//! Kernels are picked at run time (`is_x86_feature_detected!`): AVX-512, then AVX2 + FMA, then a
-//! portable loop. The intrinsics run inside `#[target_feature]` functions, which are only called
-//! after the detection says the CPU has the features.
+//! Kernels are picked at run time: the instruction set the CPU backend's kernels use
+//! ([`crate::kernels::Isa::active`]: the best the CPU has, lowered by `DSV4_CPU_ISA`), so that a
+//! run forced onto the AVX2 path is read against the AVX2 limits (on a CPU with two 512-bit FMA
+//! units, half the AVX-512 peak); the BF16 peak only where those kernels multiply in BF16. The
+//! intrinsics run inside `#[target_feature]` functions, which are only called after the
+//! detection says the CPU has the features.
 
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -158,10 +161,11 @@ pub struct Machine {
 /// Measures everything in `s`. Takes about a second and a half with the bench settings.
 pub fn measure(s: &Settings) -> Machine {
     let threads = s.threads.max(1);
-    let simd = Simd::best();
+    let simd = Simd::active();
     let (read_bytes, all, one) = read_bandwidth(simd, threads, s.read_bytes, s.read_passes.max(1), s.one_thread);
     let fma = compute_peak(Peak::Fma(simd), threads, s.compute_run, s.compute_runs.max(1));
-    let bf16 = Simd::has_bf16().then(|| compute_peak(Peak::Bf16, threads, s.compute_run, s.compute_runs.max(1)));
+    let bf16 = (simd == Simd::Avx512 && Simd::has_bf16())
+        .then(|| compute_peak(Peak::Bf16, threads, s.compute_run, s.compute_runs.max(1)));
     Machine {
         cpu: cpu_model_name(),
         features: features(),
@@ -187,13 +191,14 @@ enum Simd {
 }
 
 impl Simd {
-    fn best() -> Simd {
-        if has_feature("avx512f") {
-            Simd::Avx512
-        } else if has_feature("avx2") && has_feature("fma") {
-            Simd::Avx2
-        } else {
-            Simd::Scalar
+    /// The width of the backend's kernels ([`Isa::active`](crate::kernels::Isa::active)); each
+    /// set implies the features of its `Simd` (AVX2 with FMA; AVX-512 F).
+    fn active() -> Simd {
+        use crate::kernels::Isa;
+        match Isa::active() {
+            Isa::Avx512 => Simd::Avx512,
+            Isa::Avx2 => Simd::Avx2,
+            Isa::Scalar => Simd::Scalar,
         }
     }
 
@@ -567,7 +572,15 @@ mod tests {
         assert!(m.read_bytes_per_sec > 0.0 && m.read_bytes_per_sec.is_finite());
         assert!(m.read_bytes_per_sec_one_thread.is_some_and(|b| b > 0.0));
         assert!(m.fma_flops_per_sec > 0.0 && m.fma_flops_per_sec.is_finite());
-        assert_eq!(m.bf16_flops_per_sec.is_some(), Simd::has_bf16());
+        // The figures of the kernels' instruction set.
+        let (fma, bf16) = match crate::kernels::Isa::active() {
+            crate::kernels::Isa::Avx512 => ("avx512f", Simd::has_bf16()),
+            crate::kernels::Isa::Avx2 => ("avx2+fma", false),
+            crate::kernels::Isa::Scalar => ("scalar", false),
+        };
+        assert_eq!(m.fma_kernel, fma);
+        assert_eq!(m.bf16_flops_per_sec.is_some(), bf16);
+        assert_eq!(m.bf16_flops_per_sec.is_some(), crate::kernels::bf16_gemm_available());
         assert_eq!(m.features.len(), FEATURE_NAMES.len());
     }
 }

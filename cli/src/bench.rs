@@ -954,6 +954,9 @@ fn machine_report(m: &Machine, isa: Option<&str>) -> String {
     );
     match m.bf16_flops_per_sec {
         Some(f) => s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product)\n", f / 1e9),
+        None if m.features.iter().any(|&(f, has)| f == "avx512_bf16" && has) => {
+            s += "bf16 dot peak: not measured (the cpu kernels do not use avx512_bf16 here)\n"
+        }
         None => s += "bf16 dot peak: not measured (no avx512_bf16)\n",
     }
     s
@@ -1366,6 +1369,25 @@ mod tests {
             fma_flops_per_sec: 200e9,
             bf16_flops_per_sec: Some(400e9),
         }
+    }
+
+    /// Why the BF16 peak is missing: the CPU lacks the instructions, or it has them and the
+    /// kernels were lowered (`DSV4_CPU_ISA=avx2`) and do not use them.
+    #[test]
+    fn machine_report_says_why_the_bf16_peak_is_missing() {
+        let mut m = test_machine();
+        assert!(machine_report(&m, Some("avx512")).contains("bf16 dot peak: 400.0 GFLOP/s"));
+        m.bf16_flops_per_sec = None;
+        (m.fma_kernel, m.read_kernel) = ("avx2+fma", "avx2");
+        let lowered = machine_report(&m, Some("avx2"));
+        assert!(
+            lowered.contains("bf16 dot peak: not measured (the cpu kernels do not use avx512_bf16 here)"),
+            "{lowered}"
+        );
+        assert!(lowered.contains("(avx2+fma, 2 FLOP per multiply-add)"), "{lowered}");
+        m.features.iter_mut().filter(|f| f.0 == "avx512_bf16").for_each(|f| f.1 = false);
+        let lacking = machine_report(&m, Some("avx2"));
+        assert!(lacking.contains("bf16 dot peak: not measured (no avx512_bf16)"), "{lacking}");
     }
 
     #[test]
