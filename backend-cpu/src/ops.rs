@@ -106,10 +106,10 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
 /// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
 ///
-/// The widened rows (and `dot_many`'s transposed outputs) go to a buffer kept per thread that
-/// only grows ([`SCRATCH`]): a new zeroed buffer per block cost its allocation and a `memset` of
-/// up to `n · k` values that the widening overwrites anyway (about 2% of a 2048-token prefill
-/// of the 0.75 B benchmark model in `perf`).
+/// The widened rows (and `dot_many`'s transposed outputs) go to a buffer kept per thread
+/// ([`SCRATCH`]): a new zeroed buffer per block cost its allocation and a `memset` of up to
+/// `n · k` values that the widening overwrites anyway (about 2% of a 2048-token prefill of the
+/// 0.75 B benchmark model in `perf`).
 pub(crate) fn linear_block(
     x: ArrayView2<'_, f32>,
     x_bf16: bool,
@@ -117,14 +117,26 @@ pub(crate) fn linear_block(
     start: usize,
     n: usize,
 ) -> ndarray::Array2<f32> {
-    SCRATCH.with_borrow_mut(|scratch| linear_block_with(x, x_bf16, w, start, n, scratch))
+    // Taken out of the cell for the call: a nested call (none today) would find it empty and
+    // use a buffer of its own, never a borrow error.
+    let mut scratch = SCRATCH.take();
+    let y = linear_block_with(x, x_bf16, w, start, n, &mut scratch);
+    if scratch.capacity() <= SCRATCH_KEPT_VALUES {
+        SCRATCH.set(scratch);
+    }
+    y
 }
 
+/// The largest [`SCRATCH`] a thread keeps between calls, in f32 values (8 MiB): a `linear`
+/// task's rows widened (256 rows of V4-Flash's 4096 or 8192 inputs: 4 or 8 MiB). A bigger one
+/// (a whole `grouped_linear` group: 1024 × 4096 values of V4-Flash's `wo_a`; V4-Pro's `wo_b` rows)
+/// is freed after the call, so a many-core machine does not keep 16 MiB a thread.
+const SCRATCH_KEPT_VALUES: usize = 2 << 20;
+
 thread_local! {
-    /// [`linear_block`]'s buffer of this thread: at most one row block of a weight widened to
-    /// f32 (`rows per task · k` values, e.g. 256 · 7168 · 4 bytes = 7 MiB for V4-Flash), kept
-    /// between calls as the GEMM's packing buffer is.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`linear_block`]'s buffer of this thread, at most [`SCRATCH_KEPT_VALUES`] kept between
+    /// calls, as the GEMM keeps its packing buffer.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `scratch[..len]`, growing `scratch` (never shrinking it) as needed: the values are whatever
