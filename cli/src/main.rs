@@ -300,7 +300,9 @@ enum Command {
     /// Measure prefill and decode speed at several context lengths, against the machine's limits
     /// measured in the same run: decode against the read bandwidth (weight bytes one token
     /// reads, in their stored form, plus the decoding state held), prefill against the f32 FMA
-    /// peak. Prints the machine figures, then a row per context.
+    /// peak (the BF16 dot-product peak where `--precision bf16` multiplies in BF16). The CPU
+    /// limits are measured with the instruction set the kernels use (`DSV4_CPU_ISA=avx2` or
+    /// `scalar` lowers it). Prints the machine figures, then a row per context.
     Bench {
         #[command(flatten)]
         model: ModelArgs,
