@@ -139,6 +139,20 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// A row-major matrix of rows of `width` values (`out`) cut into column blocks of `block`
+/// values (the last one narrower): element `j` holds block `j` of every row, in row order, as
+/// disjoint mutable slices that parallel tasks can each fill.
+fn column_blocks<T>(out: &mut [T], width: usize, block: usize) -> Vec<Vec<&mut [T]>> {
+    let block = block.max(1);
+    let mut blocks: Vec<Vec<&mut [T]>> = (0..width.div_ceil(block)).map(|_| Vec::new()).collect();
+    for row in out.chunks_exact_mut(width.max(1)) {
+        for (j, segment) in row.chunks_mut(block).enumerate() {
+            blocks[j].push(segment);
+        }
+    }
+    blocks
+}
+
 /// `scratch[..len]`, growing `scratch` (never shrinking it) as needed: the values are whatever
 /// an earlier call left, for a caller that overwrites them all.
 fn scratch_of(scratch: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -426,21 +440,28 @@ impl Backend for CpuBackend {
         // at k = 600), and so may the BF16 GEMM's.
         let cut = row_tasks == 1 && !x.bf16 && crate::kernels::f32_gemm::available();
         let pieces: Vec<(usize, usize)> = if cut { input_pieces(m).collect() } else { vec![(0, m)] };
-        let blocks: Vec<(usize, usize, ndarray::Array2<f32>)> =
-            par::map(row_tasks * pieces.len(), m * k * w.rows, |b| {
-                let (start, (first, rows)) = ((b / pieces.len()) * rows_per_task, pieces[b % pieces.len()]);
-                let n = rows_per_task.min(w.rows - start);
-                let piece = xv.slice(s![first..first + rows, ..]);
-                (start, first, linear_block(piece, x.bf16, w, start, n))
-            });
         let mut out = vec![0f32; m * w.rows];
-        for (start, first, y) in blocks {
-            let n = y.ncols();
-            for (r, row) in y.outer_iter().enumerate() {
-                let at = (first + r) * w.rows + start;
-                out[at..at + n].copy_from_slice(row.as_slice().expect("standard layout"));
+        // Task (weight block j, input piece p) writes its own rectangle of `out`, split off
+        // here as row segments, so the copy runs inside the parallel tasks (it ran on the
+        // calling thread after them, about 3% of a prefill's samples, with the other threads
+        // idle meanwhile).
+        let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::with_capacity(row_tasks * pieces.len());
+        let mut rest = &mut out[..];
+        for &(first, rows) in &pieces {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(rows * w.rows);
+            rest = tail;
+            for (j, segments) in column_blocks(piece, w.rows, rows_per_task).into_iter().enumerate() {
+                tasks.push((j * rows_per_task, first, segments));
             }
         }
+        par::for_each_owned(tasks, m * k * w.rows, |(start, first, segments)| {
+            let n = rows_per_task.min(w.rows - start);
+            let piece = xv.slice(s![first..first + segments.len(), ..]);
+            let y = linear_block(piece, x.bf16, w, start, n);
+            for (segment, row) in segments.into_iter().zip(y.outer_iter()) {
+                segment.copy_from_slice(row.as_slice().expect("standard layout"));
+            }
+        });
         Ok(CpuTensor::new(shape, out))
     }
 
@@ -451,15 +472,16 @@ impl Backend for CpuBackend {
             return Ok(CpuTensor::new(shape, gemv_tasks(x, w, r, self.threads())));
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let per_group: Vec<ndarray::Array2<f32>> =
-            par::map(groups, m * k * w.rows, |g| linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r));
         let mut out = vec![0f32; m * groups * r];
-        for (g, y) in per_group.iter().enumerate() {
-            for i in 0..m {
-                out[(i * groups + g) * r..(i * groups + g + 1) * r]
-                    .copy_from_slice(y.row(i).as_slice().expect("standard layout"));
+        // Group g writes `out[.., g, ..]` itself, as `linear`'s tasks do.
+        let tasks: Vec<(usize, Vec<&mut [f32]>)> =
+            column_blocks(&mut out, groups * r, r).into_iter().enumerate().collect();
+        par::for_each_owned(tasks, m * k * w.rows, |(g, segments)| {
+            let y = linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r);
+            for (segment, row) in segments.into_iter().zip(y.outer_iter()) {
+                segment.copy_from_slice(row.as_slice().expect("standard layout"));
             }
-        }
+        });
         Ok(CpuTensor::new(vec![m, groups, r], out))
     }
 
@@ -1097,6 +1119,25 @@ mod tests {
             let (fresh, dirty) = (run(false), run(true));
             assert!(fresh.iter().all(|&b| f32::from_bits(b).is_finite()), "m = {m}");
             assert_eq!(fresh, dirty, "m = {m}");
+        }
+    }
+
+    /// `column_blocks` hands out every value of the matrix once: block `j` of row `i` is
+    /// columns `j·block ..` of row `i`, the last block narrower.
+    #[test]
+    fn column_blocks_cover_every_value_once() {
+        for (rows, width, block) in [(3, 10, 4), (2, 8, 8), (1, 5, 7), (0, 6, 2), (4, 9, 1)] {
+            let mut out = vec![0usize; rows * width];
+            for (j, segments) in column_blocks(&mut out, width, block).into_iter().enumerate() {
+                assert_eq!(segments.len(), rows, "({rows}, {width}, {block})");
+                for (i, segment) in segments.into_iter().enumerate() {
+                    assert_eq!(segment.len(), block.min(width - j * block));
+                    for (c, v) in segment.iter_mut().enumerate() {
+                        *v += i * width + j * block + c + 1;
+                    }
+                }
+            }
+            assert_eq!(out, (1..=rows * width).collect::<Vec<_>>(), "({rows}, {width}, {block})");
         }
     }
 
