@@ -127,6 +127,22 @@ pub(crate) fn linear_block(
     y
 }
 
+/// [`linear_block`] written into `out`, one slice of `n` values per input row (a task's
+/// block of a larger output, from [`column_blocks`]).
+fn linear_block_into(
+    x: ArrayView2<'_, f32>,
+    x_bf16: bool,
+    w: &CpuWeight,
+    start: usize,
+    n: usize,
+    out: Vec<&mut [f32]>,
+) {
+    let y = linear_block(x, x_bf16, w, start, n);
+    for (segment, row) in out.into_iter().zip(y.outer_iter()) {
+        segment.copy_from_slice(row.as_slice().expect("standard layout"));
+    }
+}
+
 /// The largest [`SCRATCH`] a thread keeps between calls, in f32 values (8 MiB): a `linear`
 /// task's rows widened (256 rows of V4-Flash's 4096 or 8192 inputs: 4 or 8 MiB). A bigger one
 /// (a whole `grouped_linear` group: 1024 × 4096 values of V4-Flash's `wo_a`; V4-Pro's `wo_b` rows)
@@ -457,10 +473,7 @@ impl Backend for CpuBackend {
         par::for_each_owned(tasks, m * k * w.rows, |(start, first, segments)| {
             let n = rows_per_task.min(w.rows - start);
             let piece = xv.slice(s![first..first + segments.len(), ..]);
-            let y = linear_block(piece, x.bf16, w, start, n);
-            for (segment, row) in segments.into_iter().zip(y.outer_iter()) {
-                segment.copy_from_slice(row.as_slice().expect("standard layout"));
-            }
+            linear_block_into(piece, x.bf16, w, start, n, segments);
         });
         Ok(CpuTensor::new(shape, out))
     }
@@ -477,10 +490,7 @@ impl Backend for CpuBackend {
         let tasks: Vec<(usize, Vec<&mut [f32]>)> =
             column_blocks(&mut out, groups * r, r).into_iter().enumerate().collect();
         par::for_each_owned(tasks, m * k * w.rows, |(g, segments)| {
-            let y = linear_block(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r);
-            for (segment, row) in segments.into_iter().zip(y.outer_iter()) {
-                segment.copy_from_slice(row.as_slice().expect("standard layout"));
-            }
+            linear_block_into(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, segments)
         });
         Ok(CpuTensor::new(vec![m, groups, r], out))
     }
