@@ -2,16 +2,24 @@
 //! benchmark, not a check):
 //!
 //! ```sh
-//! cargo test --release -p dsv4-backend-cpu --test moe_bench -- --ignored --nocapture
+//! cargo test --release -p dsv4-backend-cpu --test moe_bench -- --ignored --nocapture --test-threads=1
 //! ```
+//!
+//! (`--test-threads=1`: the two benchmarks would otherwise share the cores.)
 //!
 //! The shapes are the 0.75 B benchmark model's (`gen_synthetic.py mini`: d = 1024, 32 FP4
 //! experts of 512 hidden values, 6 per token, 8 layers). Each call takes a different layer's
 //! experts, so that, as in a real decode step, the weights come from memory rather than cache
 //! (8 × 32 experts are 200 MB). It prints the best time per call over 7 trials and the expert
-//! bytes read per second.
+//! bytes read per second. `MOE_BENCH_PRECISION=f32` (or `bf16`) runs the prefill benchmark in
+//! that precision only and `MOE_BENCH_TRIALS=N` times N calls instead of 5 (to profile one path).
 
 use std::time::Instant;
+
+/// The `dsv4` binary's allocator (and its `keep_freed_pages`, set in each benchmark): with
+/// glibc's, large outputs come as fresh zeroed pages on every call, which the binary never sees.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use dsv4_backend_cpu::{CpuBackend, CpuWeight};
 use dsv4_core::backend::ExpertWeights;
@@ -37,6 +45,7 @@ fn fp4(seed: &mut u64, n: usize, k: usize) -> CpuWeight {
 #[ignore = "benchmark; run with --release --ignored --nocapture"]
 fn routed_experts_prefill() {
     let (d, inter, n_experts, top_k, t) = (1024, 512, 32, 6, 512);
+    dsv4_backend_cpu::heap::keep_freed_pages();
     let be = CpuBackend::new();
     let mut seed = 11u64;
     let experts: Vec<ExpertWeights<CpuWeight>> = (0..n_experts)
@@ -49,13 +58,36 @@ fn routed_experts_prefill() {
         .collect();
     let xs: Vec<f32> = (0..t * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let x = be.upload(&xs, &[t, d]).unwrap();
-    let ids: Vec<i32> = (0..t * top_k).map(|i| ((i / top_k * 7 + (i % top_k) * 5) % n_experts) as i32).collect();
+    // Six distinct pseudo-random experts per token, as a router gives them: 96 tokens an
+    // expert on average, unevenly (a fixed rotation gave every expert exactly 96, three whole
+    // 32-column tiles, which no real batch does).
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let ids: Vec<i32> = (0..t)
+        .flat_map(|_| {
+            let mut chosen = Vec::with_capacity(top_k);
+            while chosen.len() < top_k {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let e = (state % n_experts as u64) as i32;
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            chosen
+        })
+        .collect();
     let w = be.upload(&vec![1.0 / top_k as f32; t * top_k], &[t, top_k]).unwrap();
+    // MOE_BENCH_PRECISION=f32 or bf16: that precision only (to profile one path).
+    let only = std::env::var("MOE_BENCH_PRECISION").ok();
     for act in [Precision::F32, Precision::Bf16] {
+        if only.as_deref().is_some_and(|p| p != act.to_string()) {
+            continue;
+        }
         let x = act.act(&be, &x).unwrap();
         let run = || std::hint::black_box(be.moe_experts(&x, &ids, &w, &experts, 10.0, act).unwrap());
         run();
-        let best = (0..5)
+        let best = (0..std::env::var("MOE_BENCH_TRIALS").map_or(5, |s| s.parse().expect("trials")))
             .map(|_| {
                 let s = Instant::now();
                 run();
@@ -73,6 +105,7 @@ fn routed_experts_throughput() {
     let (d, inter, n_experts, top_k) = (1024, 512, 32, 6);
     // MOE_BENCH_LAYERS=1: the same six experts every call (from cache).
     let layers: usize = std::env::var("MOE_BENCH_LAYERS").map_or(8, |s| s.parse().expect("layers"));
+    dsv4_backend_cpu::heap::keep_freed_pages();
     let be = CpuBackend::new();
     let mut seed = 7u64;
     let layers: Vec<Vec<ExpertWeights<CpuWeight>>> = (0..layers)
