@@ -204,8 +204,17 @@ fn linear_block_with(
         }
         return y;
     }
+    let bf16_products = x_bf16 && bf16_gemm::available();
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
+        None if !bf16_products => {
+            // f32 products on a packed weight: widened as the kernel goes where it can.
+            let mut scales = Vec::new();
+            let mut widen = |i: usize, row: &mut [f32]| w.row_f32(start + i, &mut scales, row);
+            let out = y.as_slice_mut().expect("standard layout");
+            crate::gemm::matmul_nt_packed_weights(xs, &mut widen, scratch, out, m, w.cols, n);
+            return y;
+        }
         None => {
             let scratch = scratch_of(scratch, n * w.cols);
             w.rows_f32(start, n, scratch);
@@ -213,7 +222,7 @@ fn linear_block_with(
         }
     };
     let out = y.as_slice_mut().expect("standard layout");
-    if x_bf16 && bf16_gemm::available() && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
+    if bf16_products && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
         return y;
     }
     crate::gemm::matmul_nt_weights(xs, wb, out, m, w.cols, n);

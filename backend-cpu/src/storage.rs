@@ -202,6 +202,12 @@ impl CpuWeight {
         }
     }
 
+    /// Widens row `r` into `out` (`cols` values), as [`Self::rows_f32`] does; `scales` is the
+    /// caller's buffer for the row's decoded scales, kept between calls.
+    pub(crate) fn row_f32(&self, r: usize, scales: &mut Vec<f32>, out: &mut [f32]) {
+        decode_row(Isa::active(), &self.row(r, scales), out);
+    }
+
     /// The packed codes and E8M0 scale bytes of an FP4 weight in groups of 32 (DeepSeek V4's
     /// routed experts), for [`crate::kernels::fp4_bf16`]; `None` for any other form.
     pub(crate) fn fp4_e8m0(&self) -> Option<(&[u8], &[u8])> {

@@ -27,8 +27,15 @@
 //! thread-local buffer (up to `256 · k · 4` bytes, kept between calls). For each such block, the
 //! rows of `a` go `MR` = 8 at a time (a strip), read in place (eight sequential streams); for
 //! each strip, `k` is cut into blocks of `KC` = 256, and the strip's block is multiplied by every
-//! panel's block (32 KiB each, 256 KiB for the 8). A last strip of fewer than 8 rows is copied into an `[8][256]` buffer, zero past
-//! `m`. Edge tiles (partial `m` or `n`) run through an 8 × 32 buffer on the stack.
+//! panel's block (32 KiB each, 256 KiB for the 8). A last strip of fewer than 8 rows is copied
+//! into an `[8][256]` buffer, zero past `m`. Edge tiles (partial `m` or `n`) run through an
+//! 8 × 32 buffer on the stack; a last panel of at most 16 columns runs a tile of one zmm per
+//! row (half the work of a whole one).
+//!
+//! [`matmul_nt_widened_weights`] is the layout for a weight held packed (FP4, FP8) against
+//! fewer input rows than weight rows: the inputs are the panels, the weight's rows the strips,
+//! each strip widened into a small buffer as it comes and multiplied over the whole `k`, the
+//! finished tiles stored transposed.
 
 #[cfg(target_arch = "x86_64")]
 use super::Isa;
@@ -86,6 +93,54 @@ pub(crate) fn matmul_nt_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        false
+    }
+}
+
+/// `c[m, n] = a[m, k] · wᵀ` for a weight `w` `[n, k]` whose rows are widened on demand:
+/// `widen(j, row)` writes row `j`'s `k` values (a weight held as FP4, FP8 or BF16), for every
+/// row once. For fewer input rows than weight rows (a routed expert's tokens against a block of
+/// its weight rows: about 96 against 256 in a 512-token chunk of the 0.75 B benchmark model).
+/// Each output is the kernel's FMA chain over `k` (module documentation): the bits of
+/// `matmul_nt_f32` on the widened matrix.
+///
+/// The kernel runs on swapped operands (it packs `a`, the smaller, as panels) with the weight
+/// as its strips: each strip of 8 weight rows is widened into a small buffer as it comes and
+/// multiplied by every panel over the whole `k` at once, and each finished tile is stored
+/// transposed into `c`. Where the caller used to widen the whole block (1 MiB of f32 for 256
+/// rows of 1024), run the kernel into a `[n, m]` buffer and transpose that, a routed-expert
+/// prefill spent about 6% of its time in the transpose alone (`tests/moe_bench.rs`, `perf`).
+///
+/// Returns `false`, calling nothing, when the kernel does not run here ([`available`]), when
+/// `m < MIN_ROWS` or `m >= n` (not this shape), or when `a`'s panels (`⌈m/32⌉ · k · 128`
+/// bytes) exceed 1 MiB (they would not stay in L2 while every strip passes over them): the
+/// caller then widens the rows itself. Panics if `a` or `c` is shorter than its shape.
+pub(crate) fn matmul_nt_widened_weights(
+    a: &[f32],
+    widen: &mut dyn FnMut(usize, &mut [f32]),
+    c: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> bool {
+    use super::holds;
+    assert!(
+        holds(a.len(), m, k) && holds(c.len(), m, n),
+        "matmul_nt_widened_weights: slices shorter than their shapes (or a size overflows)"
+    );
+    if !available() || m < MIN_ROWS || m >= n || k == 0 || m.div_ceil(32) * k * 128 > 1 << 20 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU supports AVX-512 F (`available`); the slices are cut to exactly
+        // `m·k` and `m·n` values (checked above); `0 < MIN_ROWS <= m < n` and `k > 0`.
+        unsafe { x86::matmul_widened_rhs(&a[..m * k], widen, &mut c[..m * n], m, k, n) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = widen;
         false
     }
 }
@@ -193,10 +248,105 @@ mod x86 {
                     // i0..i0+MR <= m of `a` from column k0 (k0 + kc <= k, so row r's kc
                     // values lie inside `a[i0·k + k0..]`) or the strip buffer for a partial
                     // strip; `on_tile` hands it MR rows of NR writable values at stride `ld`
-                    // (inside `c` for a whole tile, else its edge buffer).
+                    // (inside `c` for a whole tile, else its edge buffer). A last panel of at
+                    // most 16 columns runs the one-line tile, which computes those 16 and leaves
+                    // the edge buffer's other 16 columns, which `on_tile` does not copy back.
                     on_tile::<MR, NR>(c, n, (i0, j0), (mr, nr), load, &mut edge, |p, ld| unsafe {
-                        tile(ap, lda, panel, kc, p, ld, load)
+                        if nr <= 16 {
+                            tile::<1>(ap, lda, panel, kc, p, ld, load)
+                        } else {
+                            tile::<NV>(ap, lda, panel, kc, p, ld, load)
+                        }
                     });
+                }
+            }
+        }
+    }
+
+    /// [`super::matmul_nt_widened_weights`]: `c[m, n] = a · wᵀ`, with the kernel's operands
+    /// swapped (`a` packed as panels, the weight's rows as strips, widened a strip at a time)
+    /// and whole-`k` tiles stored transposed.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX-512 F; `a.len() == m·k`, `c.len() == m·n`, `k > 0`, and
+    /// `0 < m <= BLOCK_PANELS · NR` (one block of panels).
+    pub(super) unsafe fn matmul_widened_rhs(
+        a: &[f32],
+        widen: &mut dyn FnMut(usize, &mut [f32]),
+        c: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let panels = m.div_ceil(NR);
+        assert!(panels <= BLOCK_PANELS && k > 0 && a.len() == m * k && c.len() == m * n);
+        PACKED_B.with_borrow_mut(|packed| {
+            if packed.len() < panels * k * NV {
+                packed.resize(panels * k * NV, ZERO_LINE);
+            }
+            // SAFETY: the caller guarantees the CPU features and the lengths; `packed` holds
+            // `panels · k · NV` lines.
+            unsafe { run_widened_rhs(a, widen, c, m, k, n, &mut packed[..panels * k * NV]) }
+        })
+    }
+
+    /// The row stride of a widened strip: `k` rounded up to whole cache lines, plus one line,
+    /// so that a power-of-two `k` does not put the strip's eight rows 4 KiB apart, in one L1
+    /// set.
+    fn widened_stride(k: usize) -> usize {
+        k.next_multiple_of(16) + 16
+    }
+
+    /// See [`matmul_widened_rhs`].
+    ///
+    /// # Safety
+    ///
+    /// As [`matmul_widened_rhs`]'s, and `packed.len() == ⌈m/NR⌉·k·NV`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_widened_rhs(
+        a: &[f32],
+        widen: &mut dyn FnMut(usize, &mut [f32]),
+        c: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        packed: &mut [Line],
+    ) {
+        for (j, panel) in packed.chunks_exact_mut(k * NV).enumerate() {
+            // SAFETY: this function's features; the panel has `k·NV` lines, `j·NR < m`.
+            unsafe { pack_b_panel(a, k, m, j, panel) };
+        }
+        let ws = widened_stride(k);
+        let mut wide = vec![0f32; MR * ws];
+        let mut edge = [0f32; MR * NR];
+        for i0 in (0..n).step_by(MR) {
+            let nr_rows = MR.min(n - i0);
+            for (r, row) in wide.chunks_exact_mut(ws).enumerate() {
+                if r < nr_rows {
+                    widen(i0 + r, &mut row[..k]);
+                } else {
+                    row[..k].fill(0.0);
+                }
+            }
+            for (j, panel) in packed.chunks_exact(k * NV).enumerate() {
+                let (j0, cols) = (j * NR, NR.min(m - j * NR));
+                // SAFETY: this function's features; `wide` holds MR rows of `ws >= k` values,
+                // the panel `k·NV` lines, and `edge` MR rows of NR values.
+                unsafe {
+                    if cols <= 16 {
+                        tile::<1>(wide.as_ptr(), ws, panel, k, edge.as_mut_ptr(), NR, false)
+                    } else {
+                        tile::<NV>(wide.as_ptr(), ws, panel, k, edge.as_mut_ptr(), NR, false)
+                    }
+                }
+                // Edge row r is weight row i0 + r against inputs j0.., i.e. column i0 + r of
+                // c's rows j0..: each input row takes the strip's `nr_rows` values.
+                for col in 0..cols {
+                    let dst = &mut c[(j0 + col) * n + i0..][..nr_rows];
+                    for (r, d) in dst.iter_mut().enumerate() {
+                        *d = edge[r * NR + col];
+                    }
                 }
             }
         }
@@ -250,23 +400,35 @@ mod x86 {
         }
     }
 
-    /// The micro-kernel: the MR × NR tile at `c` (row stride `ldc`) becomes (`load`: the tile
-    /// plus) the products of the strip's `kc` values (MR rows at `ap`, row stride `lda`) with the
-    /// panel's, `k` ascending.
+    /// The micro-kernel: the first `L·16` columns of the MR × NR tile at `c` (row stride `ldc`)
+    /// become (`load`: those columns plus) the products of the strip's `kc` values (MR rows at
+    /// `ap`, row stride `lda`) with the panel's first `L` lines, `k` ascending. `L` is NV (the
+    /// whole tile) or 1 (a last panel of at most 16 columns: a routed expert's tokens on
+    /// swapped operands, about 96 ± 10 in a 512-token chunk of the 0.75 B benchmark model, left
+    /// half of such a tile idle).
     ///
     /// # Safety
     ///
-    /// The CPU supports AVX-512 F; `ap` points at MR rows of `kc` readable f32 with row stride
-    /// `lda`; `panel.len() >= kc·NV`, `kc <= KC`, and `c` points at MR rows of NR writable f32
-    /// with row stride `ldc`.
+    /// The CPU supports AVX-512 F; `1 <= L <= NV`; `ap` points at MR rows of `kc` readable f32
+    /// with row stride `lda`; `panel.len() >= kc·NV`, and `c` points at MR rows of `L·16`
+    /// writable f32 with row stride `ldc`.
     #[inline(always)]
-    unsafe fn tile(ap: *const f32, lda: usize, panel: &[Line], kc: usize, c: *mut f32, ldc: usize, load: bool) {
-        debug_assert!(panel.len() >= kc * NV && kc <= KC);
+    unsafe fn tile<const L: usize>(
+        ap: *const f32,
+        lda: usize,
+        panel: &[Line],
+        kc: usize,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        debug_assert!(panel.len() >= kc * NV && (1..=NV).contains(&L));
         // SAFETY: AVX-512 F as the caller guarantees; the strip reads stay in row r's kc values
-        // (p < kc), the aligned panel loads are whole `Line`s (`align(64)`), the panel reads in its kc·NV lines, and the tile's loads and stores
-        // in the MR × NR block the caller vouches for.
+        // (p < kc), the aligned panel loads are whole `Line`s (`align(64)`) among its kc·NV
+        // lines (v < L <= NV), and the tile's loads and stores in the MR × L·16 block the
+        // caller vouches for.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+            let mut acc = [[_mm512_setzero_ps(); L]; MR];
             if load {
                 for (r, row) in acc.iter_mut().enumerate() {
                     for (v, x) in row.iter_mut().enumerate() {
@@ -276,7 +438,7 @@ mod x86 {
             }
             let bp = panel.as_ptr();
             for p in 0..kc {
-                let mut bv = [_mm512_setzero_ps(); NV];
+                let mut bv = [_mm512_setzero_ps(); L];
                 for (v, x) in bv.iter_mut().enumerate() {
                     *x = _mm512_load_ps(bp.add(p * NV + v).cast());
                 }
@@ -356,6 +518,46 @@ mod tests {
     const MS: [usize; 6] = [1, 7, 8, 9, 13, 100];
     const NS: [usize; 7] = [1, 15, 31, 32, 33, 64, 65];
     const KS: [usize; 10] = [0, 1, 2, 15, 16, 17, 255, 256, 257, 1025];
+
+    /// `matmul_nt_widened_weights` gives the FMA chain too (its whole-`k` tiles, stored
+    /// transposed), with every row widened once; it declines exactly the shapes it documents.
+    /// Inputs of 8 to 256 rows (partial panels of 1, 15, 16, 17 and 31 columns), weights of
+    /// more rows than inputs (partial strips), `k` across cache lines and past 1024 (where 256
+    /// input rows no longer fit its 1 MiB of panels).
+    #[test]
+    fn widened_weights_are_the_fma_chain_bit_for_bit() {
+        let mut rng = Rng(8);
+        let run = runs("widened_weights_are_the_fma_chain_bit_for_bit");
+        for (m, n) in [(8, 9), (8, 64), (15, 64), (16, 17), (17, 40), (31, 200), (33, 34), (96, 256), (256, 300)] {
+            for k in [1, 15, 17, 256, 1025, 2048] {
+                let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
+                let mut c = vec![f32::NAN; m * n];
+                let mut widened = vec![0usize; n];
+                let mut widen = |j: usize, row: &mut [f32]| {
+                    widened[j] += 1;
+                    row.copy_from_slice(&w[j * k..(j + 1) * k]);
+                };
+                let takes = run && m.div_ceil(32) * k * 128 <= 1 << 20;
+                assert_eq!(matmul_nt_widened_weights(&a, &mut widen, &mut c, m, k, n), takes, "({m},{k},{n})");
+                if !takes {
+                    assert!(widened.iter().all(|&t| t == 0), "({m},{k},{n}): widened rows it declined");
+                    continue;
+                }
+                assert!(widened.iter().all(|&t| t == 1), "({m},{k},{n}): rows widened {widened:?} times");
+                let want = reference(&a, &w, m, k, n);
+                for (i, (&x, &y)) in c.iter().zip(&want).enumerate() {
+                    assert!(same(x, y), "({m},{k},{n}) at ({}, {}): {x:e} vs {y:e}", i / n, i % n);
+                }
+            }
+        }
+        // Not its shapes: as many input rows as weight rows or more, fewer than 8, no k.
+        let mut never = |_: usize, _: &mut [f32]| panic!("widened a row of a declined shape");
+        for (m, k, n) in [(8, 4, 8), (9, 4, 8), (7, 4, 64), (8, 0, 64)] {
+            let mut c = vec![0f32; m * n];
+            assert!(!matmul_nt_widened_weights(&vec![1.0; m * k], &mut never, &mut c, m, k, n), "({m},{k},{n})");
+        }
+    }
 
     #[test]
     fn products_are_the_fma_chain_bit_for_bit() {
