@@ -13,7 +13,7 @@ use dsv4_core::backend::ExpertWeights;
 use dsv4_core::precision::{round_bf16, Precision};
 use ndarray::ArrayView2;
 
-use crate::ops::{linear_block, prefill_rows_per_task, ROW_BLOCK};
+use crate::ops::{column_blocks, linear_block, prefill_rows_per_task, ROW_BLOCK};
 use crate::par;
 use crate::storage::CpuWeight;
 
@@ -81,17 +81,28 @@ const DECODE_BLOCK_ROWS: usize = 512;
 /// task's start (9 G values/s a thread for its FP8 rows, 11 in 256-row blocks).
 const DECODE_MIN_BLOCK_ROWS: usize = 256;
 
-/// Places the blocks' `[m, n]` results into one `[m, cols]` matrix per job.
-fn assemble(jobs: &[FfnJob], cols: impl Fn(&FfnJob) -> usize, parts: Vec<(usize, usize, Vec<f32>)>) -> Vec<Vec<f32>> {
-    let mut out: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * cols(j)]).collect();
-    for (j, start, block) in parts {
-        let (m, c) = (jobs[j].m, cols(&jobs[j]));
-        let n = block.len() / m.max(1);
-        for r in 0..m {
-            out[j][r * c + start..r * c + start + n].copy_from_slice(&block[r * n..(r + 1) * n]);
-        }
-    }
-    out
+/// One zeroed `[m, cols]` matrix per job, and the tasks that fill them: for every block of
+/// `items` (job, first row, rows), that block's row segments of its job's matrix (as
+/// [`column_blocks`] cuts them: [`blocks`] cuts every job's rows into equal blocks but the
+/// last). Each task writes its own block: a serial copy of every block into place after the
+/// parallel pass ran on the calling thread with the other threads idle.
+type BlockTask<'a> = ((usize, usize, usize), Vec<&'a mut [f32]>);
+
+fn block_tasks<'a>(
+    outs: &'a mut [Vec<f32>],
+    items: &[(usize, usize, usize)],
+    cols: impl Fn(usize) -> usize,
+) -> Vec<BlockTask<'a>> {
+    let mut segments: Vec<std::vec::IntoIter<Vec<&mut [f32]>>> = outs
+        .iter_mut()
+        .enumerate()
+        .map(|(j, out)| {
+            // The block width of job j: its first item's (every block but the last has it).
+            let block = items.iter().find(|it| it.0 == j).map_or(1, |it| it.2);
+            column_blocks(out, cols(j), block).into_iter()
+        })
+        .collect();
+    items.iter().map(|&(j, start, n)| ((j, start, n), segments[j].next().expect("a block per item"))).collect()
 }
 
 fn view(x: &[f32], m: usize, k: usize) -> ArrayView2<'_, f32> {
@@ -108,8 +119,9 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     // Pass 1: the hidden activations, one block of w1/w3 rows per item.
     let items = blocks(jobs, |j| j.expert.w1.rows);
     let work: usize = jobs.iter().map(|j| 2 * j.m * j.expert.w1.cols * j.expert.w1.rows).sum();
-    let parts = par::map(items.len(), work, |i| {
-        let (j, start, n) = items[i];
+    let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w1.rows]).collect();
+    let tasks = block_tasks(&mut hidden, &items, |j| jobs[j].expert.w1.rows);
+    par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let x = view(job.x, job.m, job.expert.w1.cols);
         let g = linear_block(x, job.x_bf16, &job.expert.w1, start, n);
@@ -118,8 +130,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         // Row by row over plain slices: an iterator over the `[m, n]` arrays with the row's
         // routing weight found by `i / n` (a division per value) took about 4% of a 512-token
         // prefill of the 0.75 B benchmark model.
-        let mut h = vec![0f32; g.len()];
-        for (r, ((h, g), u)) in h.chunks_exact_mut(n).zip(g.chunks_exact(n)).zip(u.chunks_exact(n)).enumerate() {
+        for (r, ((h, g), u)) in out.into_iter().zip(g.chunks_exact(n)).zip(u.chunks_exact(n)).enumerate() {
             let weight = job.row_weights.map(|w| w[r]);
             for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
                 let v = swiglu(round(g), round(u), limit);
@@ -129,9 +140,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
                 });
             }
         }
-        (j, start, h)
     });
-    let mut hidden = assemble(jobs, |j| j.expert.w1.rows, parts);
     for (job, h) in jobs.iter().zip(hidden.iter_mut()) {
         if act.simulates_quant() && job.expert.low_bit {
             fake_quant_rows(h, job.expert.w1.rows, FakeQuant::LINEAR_INPUT);
@@ -140,16 +149,19 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     // Pass 2: the outputs, one block of w2 rows per item.
     let items = blocks(jobs, |j| j.expert.w2.rows);
     let work: usize = jobs.iter().map(|j| j.m * j.expert.w2.cols * j.expert.w2.rows).sum();
-    let parts = par::map(items.len(), work, |i| {
-        let (j, start, n) = items[i];
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w2.rows]).collect();
+    let tasks = block_tasks(&mut outs, &items, |j| jobs[j].expert.w2.rows);
+    par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
         let y = linear_block(h, bf16, &job.expert.w2, start, n);
-        let mut y = y.into_raw_vec_and_offset().0;
-        if bf16 {
-            y.iter_mut().for_each(|v| *v = round_bf16(*v));
+        for (segment, row) in out.into_iter().zip(y.as_slice().expect("standard layout").chunks_exact(n)) {
+            if bf16 {
+                segment.iter_mut().zip(row).for_each(|(o, &v)| *o = round_bf16(v));
+            } else {
+                segment.copy_from_slice(row);
+            }
         }
-        (j, start, y)
     });
-    assemble(jobs, |j| j.expert.w2.rows, parts)
+    outs
 }

@@ -158,7 +158,7 @@ thread_local! {
 /// A row-major matrix of rows of `width` values (`out`) cut into column blocks of `block`
 /// values (the last one narrower): element `j` holds block `j` of every row, in row order, as
 /// disjoint mutable slices that parallel tasks can each fill.
-fn column_blocks<T>(out: &mut [T], width: usize, block: usize) -> Vec<Vec<&mut [T]>> {
+pub(crate) fn column_blocks<T>(out: &mut [T], width: usize, block: usize) -> Vec<Vec<&mut [T]>> {
     let block = block.max(1);
     let mut blocks: Vec<Vec<&mut [T]>> = (0..width.div_ceil(block)).map(|_| Vec::new()).collect();
     for row in out.chunks_exact_mut(width.max(1)) {
@@ -997,15 +997,15 @@ impl Backend for CpuBackend {
         // and the routing weights multiply the SwiGLU outputs before w2 (then not again below).
         let official = act.simulates_quant();
         let xq = act.linear_input(self, x, routed.iter().any(|(e, _, _)| experts[*e].low_bit))?;
-        let gathered: Vec<Vec<f32>> = routed
-            .iter()
-            .map(|(e, rows, _)| {
-                let src = if experts[*e].low_bit { &xq.data } else { &x.data };
-                let mut g = Vec::with_capacity(rows.len() * d);
-                rows.iter().for_each(|&r| g.extend_from_slice(&src[r * d..(r + 1) * d]));
-                g
-            })
-            .collect();
+        // Each expert's rows gathered in parallel: 12 MiB of copies for a 512-token chunk of
+        // the 0.75 B benchmark model, which the calling thread made alone.
+        let gathered: Vec<Vec<f32>> = par::map(routed.len(), expert_ids.len() * d, |i| {
+            let (e, rows, _) = &routed[i];
+            let src = if experts[*e].low_bit { &xq.data } else { &x.data };
+            let mut g = Vec::with_capacity(rows.len() * d);
+            rows.iter().for_each(|&r| g.extend_from_slice(&src[r * d..(r + 1) * d]));
+            g
+        });
         let row_weights: Vec<Vec<f32>> = routed
             .iter()
             .map(|(_, _, slots)| if official { slots.iter().map(|&s| weights.data[s]).collect() } else { vec![] })
