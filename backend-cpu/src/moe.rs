@@ -81,13 +81,14 @@ const DECODE_BLOCK_ROWS: usize = 512;
 /// task's start (9 G values/s a thread for its FP8 rows, 11 in 256-row blocks).
 const DECODE_MIN_BLOCK_ROWS: usize = 256;
 
-/// One zeroed `[m, cols]` matrix per job, and the tasks that fill them: for every block of
-/// `items` (job, first row, rows), that block's row segments of its job's matrix (as
-/// [`column_blocks`] cuts them: [`blocks`] cuts every job's rows into equal blocks but the
-/// last). Each task writes its own block: a serial copy of every block into place after the
-/// parallel pass ran on the calling thread with the other threads idle.
+/// A block of [`blocks`] (job, first row, rows) with its row segments of the job's output.
 type BlockTask<'a> = ((usize, usize, usize), Vec<&'a mut [f32]>);
 
+/// The tasks that fill `outs` (one `[m, cols(j)]` matrix per job): every block of `items` with
+/// that block's row segments of its job's matrix, as [`column_blocks`] cuts it ([`blocks`] cuts
+/// every job's rows into equal blocks but the last, in ascending order). Each task writes its
+/// own block: a serial copy of every block into place after the parallel pass ran on the
+/// calling thread with the other threads idle.
 fn block_tasks<'a>(
     outs: &'a mut [Vec<f32>],
     items: &[(usize, usize, usize)],
@@ -102,7 +103,14 @@ fn block_tasks<'a>(
             column_blocks(out, cols(j), block).into_iter()
         })
         .collect();
-    items.iter().map(|&(j, start, n)| ((j, start, n), segments[j].next().expect("a block per item"))).collect()
+    items
+        .iter()
+        .map(|&(j, start, n)| {
+            let segments = segments[j].next().expect("a block per item");
+            debug_assert!(segments.iter().all(|s| s.len() == n), "block ({j}, {start}, {n}) and its segments");
+            ((j, start, n), segments)
+        })
+        .collect()
 }
 
 fn view(x: &[f32], m: usize, k: usize) -> ArrayView2<'_, f32> {

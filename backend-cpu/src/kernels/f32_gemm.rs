@@ -111,6 +111,9 @@ pub(crate) fn matmul_nt_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
 /// rows of 1024), run the kernel into a `[n, m]` buffer and transpose that, a routed-expert
 /// prefill spent about 6% of its time in the transpose alone (`tests/moe_bench.rs`, `perf`).
 ///
+/// `widen` must not call the f32 GEMM itself (it runs while this thread's packing buffer is
+/// borrowed; a nested call would panic).
+///
 /// Returns `false`, calling nothing, when the kernel does not run here ([`available`]), when
 /// `m < MIN_ROWS` or `m >= n` (not this shape), or when `a`'s panels (`⌈m/32⌉ · k · 128`
 /// bytes) exceed 1 MiB (they would not stay in L2 while every strip passes over them): the
@@ -134,7 +137,8 @@ pub(crate) fn matmul_nt_widened_weights(
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: the CPU supports AVX-512 F (`available`); the slices are cut to exactly
-        // `m·k` and `m·n` values (checked above); `0 < MIN_ROWS <= m < n` and `k > 0`.
+        // `m·k` and `m·n` values (checked above); `0 < MIN_ROWS <= m < n` and `k > 0`. Any
+        // number of panels is fine: the packing buffer is sized to them.
         unsafe { x86::matmul_widened_rhs(&a[..m * k], widen, &mut c[..m * n], m, k, n) };
         true
     }
@@ -269,8 +273,10 @@ mod x86 {
     ///
     /// # Safety
     ///
-    /// The CPU supports AVX-512 F; `a.len() == m·k`, `c.len() == m·n`, `k > 0`, and
-    /// `0 < m <= BLOCK_PANELS · NR` (one block of panels).
+    /// The CPU supports AVX-512 F; `a.len() == m·k`, `c.len() == m·n`, and `m, n, k > 0`.
+    ///
+    /// `widen` runs while this thread's packing buffer is borrowed: it must not call the f32
+    /// GEMM itself (that would panic on the buffer's `RefCell`).
     pub(super) unsafe fn matmul_widened_rhs(
         a: &[f32],
         widen: &mut dyn FnMut(usize, &mut [f32]),
@@ -280,7 +286,7 @@ mod x86 {
         n: usize,
     ) {
         let panels = m.div_ceil(NR);
-        assert!(panels <= BLOCK_PANELS && k > 0 && a.len() == m * k && c.len() == m * n);
+        assert!(m > 0 && n > 0 && k > 0 && a.len() == m * k && c.len() == m * n);
         PACKED_B.with_borrow_mut(|packed| {
             if packed.len() < panels * k * NV {
                 packed.resize(panels * k * NV, ZERO_LINE);
@@ -291,9 +297,9 @@ mod x86 {
         })
     }
 
-    /// The row stride of a widened strip: `k` rounded up to whole cache lines, plus one line,
-    /// so that a power-of-two `k` does not put the strip's eight rows 4 KiB apart, in one L1
-    /// set.
+    /// The row stride of a widened strip, in values: `k` rounded up to a multiple of 16, plus
+    /// 16, so that a power-of-two `k` does not put the strip's eight rows 4 KiB apart (in one
+    /// L1 set).
     fn widened_stride(k: usize) -> usize {
         k.next_multiple_of(16) + 16
     }
@@ -528,8 +534,22 @@ mod tests {
     fn widened_weights_are_the_fma_chain_bit_for_bit() {
         let mut rng = Rng(8);
         let run = runs("widened_weights_are_the_fma_chain_bit_for_bit");
-        for (m, n) in [(8, 9), (8, 64), (15, 64), (16, 17), (17, 40), (31, 200), (33, 34), (96, 256), (256, 300)] {
-            for k in [1, 15, 17, 256, 1025, 2048] {
+        for (m, n) in [
+            (8, 9),
+            (8, 64),
+            (15, 64),
+            (16, 17),
+            (17, 40),
+            (31, 200),
+            (33, 34),
+            (96, 256),
+            (256, 300),
+            (257, 300),
+            (300, 1024),
+        ] {
+            // More than 8 panels (m > 256: a `grouped_linear` group of many weight rows) only
+            // where they fit in the 1 MiB (k <= 1024 at m = 257).
+            for k in [1, 15, 17, 256, 512, 1025, 2048] {
                 let a: Vec<f32> = (0..m * k).map(|_| value(&mut rng)).collect();
                 let w: Vec<f32> = (0..n * k).map(|_| value(&mut rng)).collect();
                 let mut c = vec![f32::NAN; m * n];

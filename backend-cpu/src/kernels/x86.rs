@@ -338,7 +338,8 @@ pub(super) fn first_lanes(n: usize) -> __mmask16 {
 
 /// Runs a GEMM micro-kernel on the output block of `c` (row-major, row stride `n`) at row `i0`,
 /// column `j0`, of which `mr ≤ MR` rows and `nr ≤ NR` columns lie inside `c`: `tile(p, ld)`
-/// computes a whole `MR × NR` tile at `p` with row stride `ld`, reading it first if `load`. A
+/// computes an `MR × NR` tile at `p` with row stride `ld` (at least its first `nr` columns; the
+/// f32 GEMM computes only 16 for `nr ≤ 16`), reading it first if `load`. A
 /// whole block is computed in place; a partial one through `edge` (`MR · NR` values, row stride
 /// `NR`), filled from `c` first when `load` and copied back after.
 #[inline(always)]
