@@ -44,37 +44,6 @@ pub(crate) fn matmul_nt_weights(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k
     matmul_nt(a, b, c, m, k, n)
 }
 
-/// [`matmul_nt_weights`] for a weight block held in a packed form (FP4, FP8, BF16): `widen(j,
-/// row)` writes weight row `j`'s `k` values. Where `matmul_nt_weights` would swap the operands
-/// (fewer input rows than weight rows, AVX-512), [`f32_gemm::matmul_nt_widened_weights`]
-/// widens the weight 8 rows at a time as it multiplies and writes `c` itself (no whole block
-/// widened into `scratch`, no transposed copy); otherwise the block is widened into `scratch`
-/// for `matmul_nt_weights`. The bits are the same either way.
-///
-/// Panics if a slice is shorter than its shape.
-///
-/// [`f32_gemm::matmul_nt_widened_weights`]: crate::kernels::f32_gemm::matmul_nt_widened_weights
-pub(crate) fn matmul_nt_packed_weights(
-    a: &[f32],
-    widen: &mut dyn FnMut(usize, &mut [f32]),
-    scratch: &mut Vec<f32>,
-    c: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    if crate::kernels::f32_gemm::matmul_nt_widened_weights(a, widen, c, m, k, n) {
-        return;
-    }
-    if scratch.len() < n * k {
-        scratch.resize(n * k, 0.0);
-    }
-    for (j, row) in scratch[..n * k].chunks_exact_mut(k.max(1)).enumerate().take(n) {
-        widen(j, row);
-    }
-    matmul_nt_weights(a, &scratch[..n * k], c, m, k, n)
-}
-
 /// `dst[m, n] = srcᵀ` for `src` `[n, m]` (both row-major): the results of kernels that
 /// produce a weight row's outputs for every input row together.
 ///

@@ -205,16 +205,19 @@ fn linear_block_with(
         return y;
     }
     let bf16_products = x_bf16 && bf16_gemm::available();
-    let wb: &[f32] = match w.f32_rows(start, n) {
-        Some(rows) => rows,
-        None if !bf16_products => {
-            // f32 products on a packed weight: widened as the kernel goes where it can.
-            let mut scales = Vec::new();
-            let mut widen = |i: usize, row: &mut [f32]| w.row_f32(start + i, &mut scales, row);
-            let out = y.as_slice_mut().expect("standard layout");
-            crate::gemm::matmul_nt_packed_weights(xs, &mut widen, scratch, out, m, w.cols, n);
+    if !bf16_products && w.f32_rows(start, n).is_none() {
+        // f32 products on a packed weight: with fewer input rows than weight rows (routed
+        // experts) the kernel widens the weight 8 rows at a time itself; the same bits as
+        // widening the block below and `matmul_nt_weights`.
+        let mut scales = Vec::new();
+        let mut widen = |i: usize, row: &mut [f32]| w.row_f32(start + i, &mut scales, row);
+        let out = y.as_slice_mut().expect("standard layout");
+        if crate::kernels::f32_gemm::matmul_nt_widened_weights(xs, &mut widen, out, m, w.cols, n) {
             return y;
         }
+    }
+    let wb: &[f32] = match w.f32_rows(start, n) {
+        Some(rows) => rows,
         None => {
             let scratch = scratch_of(scratch, n * w.cols);
             w.rows_f32(start, n, scratch);

@@ -131,11 +131,14 @@ pub(crate) fn matmul_nt_widened_weights(
         holds(a.len(), m, k) && holds(c.len(), m, n),
         "matmul_nt_widened_weights: slices shorter than their shapes (or a size overflows)"
     );
-    if !available() || m < MIN_ROWS || m >= n || k == 0 || m.div_ceil(32) * k * 128 > 1 << 20 {
+    if !available() || m < MIN_ROWS || m >= n || k == 0 {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
     {
+        if !x86::widened_panels_fit(m, k) {
+            return false;
+        }
         // SAFETY: the CPU supports AVX-512 F (`available`); the slices are cut to exactly
         // `m·k` and `m·n` values (checked above); `0 < MIN_ROWS <= m < n` and `k > 0`. Any
         // number of panels is fine: the packing buffer is sized to them.
@@ -192,14 +195,26 @@ mod x86 {
     /// `m, n, k > 0`.
     pub(super) unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
         let lines = n.div_ceil(NR).min(BLOCK_PANELS) * k * NV;
+        // SAFETY: the caller guarantees the CPU features `run` is compiled with, the slice
+        // lengths and `m, n, k > 0`; `packed` holds `lines` lines.
+        with_packed(lines, |packed| unsafe { run(a, b, c, m, k, n, packed) })
+    }
+
+    /// `f` on this thread's first `lines` lines of [`PACKED_B`], grown to them if needed (and
+    /// kept, as a GEMM library keeps its packing buffer). Panics if `f` re-enters.
+    fn with_packed<R>(lines: usize, f: impl FnOnce(&mut [Line]) -> R) -> R {
         PACKED_B.with_borrow_mut(|packed| {
             if packed.len() < lines {
                 packed.resize(lines, ZERO_LINE);
             }
-            // SAFETY: the caller guarantees the CPU features `run` is compiled with, the slice
-            // lengths and `m, n, k > 0`; `packed` holds `lines` lines.
-            unsafe { run(a, b, c, m, k, n, &mut packed[..lines]) }
+            f(&mut packed[..lines])
         })
+    }
+
+    /// Whether `m` input rows' panels (`⌈m/NR⌉ · k · NR · 4` bytes) fit in [`K_OUTER_BYTES`]:
+    /// [`matmul_widened_rhs`] passes every strip over all of them, so they must stay in L2.
+    pub(super) fn widened_panels_fit(m: usize, k: usize) -> bool {
+        m.div_ceil(NR) * k * NR * 4 <= K_OUTER_BYTES
     }
 
     /// Packs `b` a block of panels at a time, and multiplies each block by every strip of `a`
@@ -285,16 +300,10 @@ mod x86 {
         k: usize,
         n: usize,
     ) {
-        let panels = m.div_ceil(NR);
         assert!(m > 0 && n > 0 && k > 0 && a.len() == m * k && c.len() == m * n);
-        PACKED_B.with_borrow_mut(|packed| {
-            if packed.len() < panels * k * NV {
-                packed.resize(panels * k * NV, ZERO_LINE);
-            }
-            // SAFETY: the caller guarantees the CPU features and the lengths; `packed` holds
-            // `panels · k · NV` lines.
-            unsafe { run_widened_rhs(a, widen, c, m, k, n, &mut packed[..panels * k * NV]) }
-        })
+        // SAFETY: the caller guarantees the CPU features and the lengths; `packed` holds
+        // `⌈m/NR⌉ · k · NV` lines.
+        with_packed(m.div_ceil(NR) * k * NV, |packed| unsafe { run_widened_rhs(a, widen, c, m, k, n, packed) })
     }
 
     /// The row stride of a widened strip, in values: `k` rounded up to a multiple of 16, plus
