@@ -1,6 +1,8 @@
 //! Collectives over HCCL: [`HcclCommunicator`] implements dsv4's
 //! [`Communicator`](dsv4_core::parallel::Communicator) on device tensors, enqueued on the
-//! backend's stream, and [`run_ranks`] runs one rank per device as threads of this process.
+//! backend's stream, and [`run_ranks`] runs one rank per device as threads of this process;
+//! [`run_node_ranks`] runs this process's share of a world over several processes (nodes),
+//! node 0's root info reaching the others over [`NodeGroup`]'s TCP rendezvous.
 //!
 //! # How each collective maps onto HCCL (f32 activations, `HCCL_DATA_TYPE_FP32`)
 //!
@@ -48,7 +50,7 @@ use std::time::Instant;
 use dsv4_ascend_sys::hccl::{self as h, HcclComm, HcclDataType, HcclReduceOp, HcclResult, HcclRootInfo};
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
-use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, ParallelLayout, RankContext, Traffic};
+use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, Traffic};
 
 use crate::acl::{err, Device};
 use crate::{numel, AscendBackend, AscendTensor};
@@ -758,19 +760,26 @@ impl Communicator<AscendBackend> for HcclCommunicator {
 /// says whether it is ready to join, so that no rank enters `HcclCommInitRootInfo` (which
 /// blocks until every rank has) when another has already failed.
 ///
-/// Multi-node runs would exchange the root info over TCP (or a shared file) instead; that is
-/// out of scope: every rank here is a thread of this process.
+/// In a run over several processes ([`NodeGroup`]), the rank that completes this process's
+/// gate (the last to arrive, or the first to fail) also does the processes' exchange: node 0
+/// sends its root info to the others over TCP once every node is ready, or every node's ranks
+/// fail with the first failure.
 struct Gate {
     state: Mutex<GateState>,
     wake: Condvar,
+    node: Option<Arc<NodeGroup>>,
 }
 
 #[derive(Default)]
 struct GateState {
     root: Option<HcclRootInfo>,
     ready: usize,
-    /// The first rank that failed before joining, and why.
-    failed: Option<(usize, String)>,
+    /// The first failure before joining (this process's or another node's), as the message.
+    failed: Option<String>,
+    /// Multi-node: a rank has taken on the exchange between the nodes.
+    exchanging: bool,
+    /// Multi-node: the exchange is done and succeeded (`root` is node 0's).
+    exchanged: bool,
 }
 
 impl Gate {
@@ -779,11 +788,13 @@ impl Gate {
     }
 
     /// Reports this rank ready (rank 0 with the root info) or failed, then waits until every
-    /// rank is ready (the root info) or one failed (the error to return).
+    /// rank is ready (the root info) or one failed (the error to return). `rank` and `world`
+    /// are global (as in the error messages); `local` ranks arrive at this process's gate.
     fn arrive(
         &self,
         rank: usize,
         world: usize,
+        local: usize,
         ready: std::result::Result<Option<HcclRootInfo>, String>,
     ) -> Result<HcclRootInfo> {
         let mut st = self.lock();
@@ -796,21 +807,56 @@ impl Gate {
             }
             Err(msg) => {
                 if st.failed.is_none() {
-                    st.failed = Some((rank, msg));
+                    st.failed = Some(format!("rank {rank} left the communicator (it failed before joining: {msg})"));
+                }
+            }
+        }
+        if let Some(node) = &self.node {
+            // The last local arrival (or the first failure) speaks for this process.
+            if !st.exchanging && (st.ready == local || st.failed.is_some()) {
+                st.exchanging = true;
+                let mine = match &st.failed {
+                    Some(msg) => Err(msg.clone()),
+                    None => Ok(st.root.map(|r| r.internal.iter().map(|&b| b as u8).collect::<Vec<u8>>())),
+                };
+                drop(st);
+                let shared = node.share(mine);
+                st = self.lock();
+                match shared {
+                    Ok(bytes) if bytes.len() == std::mem::size_of::<HcclRootInfo>() => {
+                        let mut root = HcclRootInfo::default();
+                        for (d, b) in root.internal.iter_mut().zip(bytes) {
+                            *d = b as _;
+                        }
+                        st.root = Some(root);
+                        st.exchanged = true;
+                    }
+                    Ok(bytes) => {
+                        st.failed.get_or_insert_with(|| {
+                            format!(
+                                "node 0 sent a {}-byte root info, not HCCL's {}",
+                                bytes.len(),
+                                std::mem::size_of::<HcclRootInfo>()
+                            )
+                        });
+                    }
+                    Err(e) => {
+                        let msg = match e {
+                            Error::Comm { msg, .. } => msg,
+                            e => e.to_string(),
+                        };
+                        st.failed.get_or_insert(msg);
+                    }
                 }
             }
         }
         self.wake.notify_all();
         let deadline = Instant::now() + dsv4_core::parallel::local::default_timeout();
         loop {
-            if let Some((r, why)) = &st.failed {
-                return Err(Error::Comm {
-                    rank,
-                    size: world,
-                    msg: format!("rank {r} left the communicator (it failed before joining: {why})"),
-                });
+            if let Some(msg) = &st.failed {
+                return Err(Error::Comm { rank, size: world, msg: msg.clone() });
             }
-            if st.ready == world {
+            if st.ready == local && (self.node.is_none() || st.exchanged) {
                 if let Some(root) = st.root {
                     return Ok(root);
                 }
@@ -820,7 +866,11 @@ impl Gate {
                 return Err(Error::Comm {
                     rank,
                     size: world,
-                    msg: format!("timed out waiting for {} of {world} ranks to open their devices", world - st.ready),
+                    msg: format!(
+                        "timed out waiting for {} of {local} ranks of this process to open their devices{}",
+                        local - st.ready.min(local),
+                        if self.node.is_some() { " (or for the other nodes)" } else { "" }
+                    ),
                 });
             }
             st = self.wake.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
@@ -833,13 +883,14 @@ struct Arrival<'g> {
     gate: &'g Gate,
     rank: usize,
     world: usize,
+    local: usize,
     done: bool,
 }
 
 impl Drop for Arrival<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.gate.arrive(self.rank, self.world, Err("its worker stopped".into()));
+            let _ = self.gate.arrive(self.rank, self.world, self.local, Err("its worker stopped".into()));
         }
     }
 }
@@ -849,9 +900,16 @@ impl Drop for Arrival<'_> {
 /// have opened their devices. Shared by the rank threads; each calls [`HcclBootstrap::join`]
 /// once. [`run_ranks`] is built on it, and so is anything that starts its rank threads itself
 /// (the serving engine's).
+///
+/// Over several processes ([`HcclBootstrap::on_nodes`]) this process's ranks are global ranks
+/// `base..base + devices.len()` of the group's world, and the root info comes from node 0 over
+/// the group's TCP connections.
 pub struct HcclBootstrap {
     gate: Gate,
     devices: Vec<i32>,
+    /// This process's first global rank and the world over every process.
+    base: usize,
+    world: usize,
 }
 
 impl HcclBootstrap {
@@ -860,22 +918,50 @@ impl HcclBootstrap {
     pub fn new(devices: &[i32]) -> Result<Self> {
         library()?;
         Ok(HcclBootstrap {
-            gate: Gate { state: Mutex::new(GateState::default()), wake: Condvar::new() },
+            gate: Gate { state: Mutex::new(GateState::default()), wake: Condvar::new(), node: None },
             devices: devices.to_vec(),
+            base: 0,
+            world: devices.len(),
         })
     }
 
-    /// On rank `rank`'s thread: opens its device and joins the world. If any rank fails before
-    /// joining (here, or by dropping out: an error or a panic on its thread before it calls
-    /// this), every rank's `join` fails instead of waiting in `HcclCommInitRootInfo`.
+    /// This process's part of a world over the processes of `node`: its local rank r (global
+    /// rank `node.base() + r`) on device `devices[r]`. `devices.len()` must be the group's ranks
+    /// per process.
+    pub fn on_nodes(devices: &[i32], node: Arc<NodeGroup>) -> Result<Self> {
+        if devices.len() != node.local_ranks() {
+            return Err(Error::config(
+                "devices",
+                format!("{} devices for a node of {} ranks", devices.len(), node.local_ranks()),
+            ));
+        }
+        library()?;
+        let (base, world) = (node.base(), node.world());
+        Ok(HcclBootstrap {
+            gate: Gate { state: Mutex::new(GateState::default()), wake: Condvar::new(), node: Some(node) },
+            devices: devices.to_vec(),
+            base,
+            world,
+        })
+    }
+
+    /// The global rank of this process's local rank `local`.
+    pub fn global_rank(&self, local: usize) -> usize {
+        self.base + local
+    }
+
+    /// On local rank `rank`'s thread: opens its device and joins the world. If any rank fails
+    /// before joining (here, or by dropping out: an error or a panic on its thread before it
+    /// calls this; on any node), every rank's `join` fails instead of waiting in
+    /// `HcclCommInitRootInfo`.
     pub fn join(&self, rank: usize) -> Result<(AscendBackend, HcclCommunicator)> {
-        let world = self.devices.len();
-        let mut arrival = Arrival { gate: &self.gate, rank, world, done: false };
+        let (global, world, local) = (self.base + rank, self.world, self.devices.len());
+        let mut arrival = Arrival { gate: &self.gate, rank: global, world, local, done: false };
         let opened = usize::try_from(self.devices[rank])
             .map_err(|_| err(format!("device {} is not a device index", self.devices[rank])))
             .and_then(crate::open)
             .and_then(|be| {
-                let root = if rank == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
+                let root = if global == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
                 Ok((be, root))
             });
         let report = match &opened {
@@ -883,16 +969,16 @@ impl HcclBootstrap {
             Err(e) => Err(e.to_string()),
         };
         arrival.done = true;
-        let root = self.gate.arrive(rank, world, report);
+        let root = self.gate.arrive(global, world, local, report);
         let (be, _) = opened?;
-        let comm = HcclCommunicator::init_rank(&be, &root?, rank, world)?;
+        let comm = HcclCommunicator::init_rank(&be, &root?, global, world)?;
         Ok((be, comm))
     }
 
-    /// Reports rank `rank` failed before joining (e.g. a build step before `join` failed), so
-    /// the others do not wait for it.
+    /// Reports local rank `rank` failed before joining (e.g. a build step before `join`
+    /// failed), so the others do not wait for it.
     pub fn abandon(&self, rank: usize, why: &str) {
-        let _ = self.gate.arrive(rank, self.devices.len(), Err(why.to_string()));
+        let _ = self.gate.arrive(self.base + rank, self.world, self.devices.len(), Err(why.to_string()));
     }
 }
 
@@ -912,22 +998,56 @@ where
     E: From<Error> + std::fmt::Display + Send,
     F: Fn(&AscendBackend, RankContext<AscendBackend>) -> std::result::Result<T, E> + Sync,
 {
-    let world = layout.world;
-    if devices.len() != world {
+    if devices.len() != layout.world {
         return Err(E::from(Error::config(
             "devices",
-            format!("{} devices for a layout of {world} ranks", devices.len()),
+            format!("{} devices for a layout of {} ranks", devices.len(), layout.world),
         )));
     }
     let boot = HcclBootstrap::new(devices).map_err(E::from)?;
+    run_booted(&boot, layout, f)
+}
+
+/// [`run_ranks`] for this process's part of a run over several processes: `devices` are this
+/// node's (local rank r on `devices[r]`, global rank `node.base() + r`), `layout` is the whole
+/// world's (`node.world()` ranks), and the root info comes from node 0 over `node`'s
+/// connections. Returns this process's ranks' results, in rank order.
+pub fn run_node_ranks<T, E, F>(
+    devices: &[i32],
+    layout: ParallelLayout,
+    node: Arc<NodeGroup>,
+    f: F,
+) -> std::result::Result<Vec<T>, E>
+where
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&AscendBackend, RankContext<AscendBackend>) -> std::result::Result<T, E> + Sync,
+{
+    if layout.world != node.world() {
+        return Err(E::from(Error::config(
+            "devices",
+            format!("a layout of {} ranks over nodes of {} ranks in all", layout.world, node.world()),
+        )));
+    }
+    let boot = HcclBootstrap::on_nodes(devices, node).map_err(E::from)?;
+    run_booted(&boot, layout, f)
+}
+
+fn run_booted<T, E, F>(boot: &HcclBootstrap, layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
+where
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&AscendBackend, RankContext<AscendBackend>) -> std::result::Result<T, E> + Sync,
+{
+    let local = boot.devices.len();
     let order = AtomicUsize::new(0);
-    let results = run_threads(world, |rank| -> std::result::Result<_, E> {
+    let results = run_threads(local, |rank| -> std::result::Result<_, E> {
         let failed = |e: E| (Some(order.fetch_add(1, Ordering::SeqCst)), Err(e));
         let (be, comm) = match boot.join(rank) {
             Ok(x) => x,
             Err(e) => return Ok(failed(E::from(e))),
         };
-        let out = RankContext::new(layout.rank(rank), &comm as &dyn Communicator<AscendBackend>)
+        let out = RankContext::new(layout.rank(boot.global_rank(rank)), &comm as &dyn Communicator<AscendBackend>)
             .map_err(E::from)
             .and_then(|ctx| f(&be, ctx));
         // The failure is ordered before this rank's communicators are destroyed (which is what
@@ -940,7 +1060,7 @@ where
         drop(be);
         Ok(out)
     })?;
-    let mut out = Vec::with_capacity(world);
+    let mut out = Vec::with_capacity(local);
     let mut errors = vec![];
     for (seq, r) in results {
         match r {

@@ -25,21 +25,42 @@ mod dispatch {
     }
 
     /// Runs `$body` once per rank of `$layout` on the backend `$choice` resolves to, with `$be` a
-    /// reference to the rank's backend and `$ctx` its `RankContext`; evaluates to the ranks'
-    /// results in rank order (`anyhow::Result<Vec<_>>`). CPU ranks are threads over the in-process
-    /// communicator; Ascend ranks are threads, one per device of `$devices`, over HCCL; CUDA
-    /// ranks (NCCL) are refused.
+    /// reference to the rank's backend and `$ctx` its `RankContext`; evaluates to the results of
+    /// this process's ranks in rank order (`anyhow::Result<Vec<_>>`). `$parallel` is the
+    /// command's `ParallelArgs`. CPU ranks are threads over the in-process communicator; Ascend
+    /// ranks are threads, one per device of `--devices`, over HCCL, and with `--nnodes` this
+    /// process runs its node's share of a world over several processes; CUDA ranks (NCCL) are
+    /// refused.
     macro_rules! on_ranks {
-        ($choice:expr, $devices:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
+        ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
-                crate::Resolved::Cpu => dsv4_core::parallel::run_local($layout, |$ctx| -> anyhow::Result<_> {
-                    let owned = dsv4_backend_cpu::CpuBackend::new();
-                    let $be = &owned;
-                    $body
-                }),
+                crate::Resolved::Cpu => match $parallel.nodes() {
+                    Some(spec) => Err(crate::cpu_nodes_refused(spec.nnodes)),
+                    None => dsv4_core::parallel::run_local($layout, |$ctx| -> anyhow::Result<_> {
+                        let owned = dsv4_backend_cpu::CpuBackend::new();
+                        let $be = &owned;
+                        $body
+                    }),
+                },
                 crate::Resolved::Ascend => {
-                    let ids = crate::parallel_args::device_ids($devices)?;
-                    dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
+                    let ids = crate::parallel_args::device_ids(&$parallel.devices)?;
+                    match $parallel.join_nodes(ids.len())? {
+                        None => {
+                            dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
+                        }
+                        Some(group) => {
+                            let out = dsv4_backend_ascend::run_node_ranks(
+                                &ids,
+                                $layout,
+                                group.clone(),
+                                |$be, $ctx| -> anyhow::Result<_> { $body },
+                            );
+                            if out.is_ok() {
+                                group.finish();
+                            }
+                            out
+                        }
+                    }
                 }
                 crate::Resolved::Cuda => Err(crate::cuda_ranks_refused($layout.world)),
             }
@@ -393,12 +414,20 @@ fn run_logits_ranks(
 ) -> Result<()> {
     let (cfg, ckpt, layout) = parallel_args::open_split(backend, &model.model, kv.weight_memory.one_pass(), parallel)?;
     let vocab = cfg.vocab_size;
-    let mut ranks = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+    let mut ranks = on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let model = load::load_opened(be, cfg.clone(), &ckpt, &model.model, kv.precision, ctx)?;
         prefill_logits(be, &model, ids, kv, first)
     })?;
-    write_logits(out, ids.len(), vocab, &ranks.swap_remove(0))
+    // Over several nodes every rank holds the same logits; node 0 writes them (the nodes may
+    // share a file system).
+    match parallel.nodes() {
+        Some(spec) if spec.node_rank != 0 => {
+            eprintln!("node {}: done; node 0 writes {}", spec.node_rank, out.display());
+            Ok(())
+        }
+        _ => write_logits(out, ids.len(), vocab, &ranks.swap_remove(0)),
+    }
 }
 
 /// The prefill logits `[ids, vocab]` of one sequence, the state stored as --kv-dtype; the
@@ -457,6 +486,13 @@ fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs)
 pub(crate) fn cuda_ranks_refused(world: usize) -> anyhow::Error {
     anyhow::anyhow!(
         "--devices {world} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)"
+    )
+}
+
+pub(crate) fn cpu_nodes_refused(nnodes: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--nnodes {nnodes} (or NNODES / WORLD_SIZE in the environment) runs one process per node over HCCL, but the CPU \
+         backend's ranks are threads of one process: drop --nnodes (and unset NNODES / WORLD_SIZE), and give --devices N"
     )
 }
 
@@ -533,6 +569,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat { model, chat, sampling, backend, kv, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
+                parallel.refuse_nodes("dsv4 chat")?;
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
             }
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))
@@ -542,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check { model, backends, ids, tolerance, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             if parallel.is_split()? {
+                parallel.refuse_nodes("dsv4 check")?;
                 for &b in backends.iter().skip(1) {
                     split_backend(b, &parallel)?;
                 }
@@ -555,6 +593,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { model, backend, kv, serve, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
+                parallel.refuse_nodes("dsv4 serve")?;
             }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
@@ -581,6 +620,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
+                parallel.refuse_nodes("dsv4 bench")?;
                 if profile {
                     anyhow::bail!(
                         "--profile times one backend's ops; with --devices the ranks run on several: profile without \

@@ -11,7 +11,7 @@
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use dsv4_core::parallel::ParallelLayout;
+use dsv4_core::parallel::{NodeGroup, NodeSpec, ParallelLayout};
 use dsv4_core::ModelConfig;
 
 use crate::kv_args::{KvArgs, MemorySize};
@@ -71,8 +71,39 @@ pub fn open_split(
 ) -> Result<(ModelConfig, dsv4_core::Checkpoint, ParallelLayout)> {
     let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, memory))?;
     let layout = parallel.layout(&cfg)?;
-    eprintln!("{}", ParallelArgs::describe(&layout, &cfg));
+    let mut line = ParallelArgs::describe(&layout, &cfg);
+    if let Some(spec) = parallel.nodes() {
+        let local = layout.world / spec.nnodes;
+        line = line.replacen(
+            "threads of this process",
+            &format!(
+                "over {} processes (this one: node {}, global ranks {}..{}, one thread per device)",
+                spec.nnodes,
+                spec.node_rank,
+                spec.node_rank * local,
+                (spec.node_rank + 1) * local
+            ),
+            1,
+        );
+    }
+    eprintln!("{line}");
     Ok((cfg, ckpt, layout))
+}
+
+/// What every node of a run must agree on: this process's command line without the flags that
+/// differ from node to node (--node-rank, --devices, the rendezvous address).
+fn run_fingerprint() -> String {
+    let per_node = ["--node-rank", "--devices", "--master-addr", "--master-port", "--nnodes"];
+    let mut out = vec![];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if per_node.contains(&a.as_str()) {
+            args.next();
+        } else if !per_node.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            out.push(a);
+        }
+    }
+    out.join(" ")
 }
 
 /// Device ids as AscendCL numbers them.
@@ -127,12 +158,112 @@ pub struct ParallelArgs {
     /// of devices. Default: the number of devices (every rank holds 1/N of the experts).
     #[arg(long, value_name = "EP")]
     pub expert_parallel: Option<usize>,
+    /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
+    /// the same arguments and its own --node-rank, over its own --devices (the same number on
+    /// every node); TP and EP count the ranks of all nodes. Ascend only (HCCL). Default: the
+    /// NNODES environment variable, else WORLD_SIZE, else 1.
+    #[arg(long, value_name = "N")]
+    pub nnodes: Option<usize>,
+    /// This process's place among the --nnodes, 0..N; node 0 listens for the others. Default:
+    /// NODE_RANK, else RANK, else 0.
+    #[arg(long, value_name = "R")]
+    pub node_rank: Option<usize>,
+    /// Node 0's address as the other nodes reach it. Default: MASTER_ADDR, else 127.0.0.1.
+    #[arg(long, value_name = "HOST")]
+    pub master_addr: Option<String>,
+    /// The TCP port node 0 listens on for the other nodes. Default: MASTER_PORT, else 29500.
+    #[arg(long, value_name = "PORT")]
+    pub master_port: Option<u16>,
+}
+
+/// The first of `vars` set in the environment, parsed (an unparsable value is an error
+/// naming the variable).
+fn from_env<T: FromStr>(vars: &[&str]) -> Result<Option<T>> {
+    for v in vars {
+        if let Ok(text) = std::env::var(v) {
+            return match text.trim().parse() {
+                Ok(x) => Ok(Some(x)),
+                Err(_) => bail!("the environment variable {v}={text:?} is not a number"),
+            };
+        }
+    }
+    Ok(None)
 }
 
 impl ParallelArgs {
-    /// The number of ranks.
+    /// The number of ranks, over every node.
     pub fn world(&self) -> usize {
-        self.devices.0.len()
+        self.devices.0.len() * self.nodes().map_or(1, |n| n.nnodes)
+    }
+
+    /// Where this process sits in a multi-process run: the flags, else the standard
+    /// environment (`NNODES`/`WORLD_SIZE`, `NODE_RANK`/`RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+    /// A bad value or an environment variable that does not parse is an error.
+    pub fn node_spec(&self) -> Result<NodeSpec> {
+        let nnodes = match self.nnodes {
+            Some(n) => n,
+            None => from_env(&["NNODES", "WORLD_SIZE"])?.unwrap_or(1),
+        };
+        let node_rank = match self.node_rank {
+            Some(r) => r,
+            None => from_env(&["NODE_RANK", "RANK"])?.unwrap_or(0),
+        };
+        let addr = match &self.master_addr {
+            Some(a) => a.clone(),
+            None => std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into()),
+        };
+        let port = match self.master_port {
+            Some(p) => p,
+            None => from_env(&["MASTER_PORT"])?.unwrap_or(29500),
+        };
+        // An IPv6 literal needs brackets in host:port.
+        let host = if addr.contains(':') && !addr.starts_with('[') { format!("[{addr}]") } else { addr };
+        let spec = NodeSpec { nnodes, node_rank, master: format!("{host}:{port}") };
+        spec.validate().map_err(|e| anyhow::anyhow!("--nnodes / --node-rank: {e}"))?;
+        Ok(spec)
+    }
+
+    /// [`ParallelArgs::node_spec`] when the run spans more than one process.
+    pub fn nodes(&self) -> Option<NodeSpec> {
+        self.node_spec().ok().filter(|n| n.nnodes > 1)
+    }
+
+    /// Refuses a multi-process run for a command that does not support one yet.
+    pub fn refuse_nodes(&self, command: &str) -> Result<()> {
+        let spec = self.node_spec()?;
+        if spec.nnodes > 1 {
+            bail!(
+                "{command} does not run over several processes yet (--nnodes {}, or NNODES / WORLD_SIZE in the \
+                 environment): `dsv4 logits` and `dsv4 generate` do; run {command} on one node with --devices",
+                spec.nnodes
+            );
+        }
+        Ok(())
+    }
+
+    /// Joins the other processes of a multi-process run (None on one node): node 0 listens on
+    /// --master-port until every node has connected (`DSV4_COMM_TIMEOUT_S`, default 600 s). A
+    /// node whose process dies later ends this one with a clear error on stderr (exit 1),
+    /// instead of a collective waiting for it until HCCL's timeout.
+    pub fn join_nodes(&self, local: usize) -> Result<Option<std::sync::Arc<NodeGroup>>> {
+        let spec = self.node_spec()?;
+        if spec.nnodes == 1 {
+            return Ok(None);
+        }
+        eprintln!(
+            "node {} of {}: meeting the other nodes at {} ({} device(s) here, {} ranks in all)",
+            spec.node_rank,
+            spec.nnodes,
+            spec.master,
+            local,
+            local * spec.nnodes
+        );
+        let group = NodeGroup::join(&spec, local, &run_fingerprint(), dsv4_core::parallel::local::default_timeout())?;
+        group.watch(|msg| {
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        });
+        Ok(Some(std::sync::Arc::new(group)))
     }
 
     /// The layout these flags ask for, checked against the model.
@@ -152,6 +283,7 @@ impl ParallelArgs {
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
     pub fn is_split(&self) -> Result<bool> {
+        self.node_spec()?;
         if self.world() == 1 && (self.tensor_parallel > 1 || self.expert_parallel.is_some_and(|e| e > 1)) {
             bail!("--tensor-parallel / --expert-parallel split the model over ranks: give --devices N (N > 1) as well");
         }

@@ -428,6 +428,10 @@ mod tests {
             devices: crate::parallel_args::DeviceList(vec![0]),
             tensor_parallel: 1,
             expert_parallel: None,
+            nnodes: Some(1),
+            node_rank: Some(0),
+            master_addr: None,
+            master_port: None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Running one model over several devices (ranks): how the weights are split
 //! ([`layout`]), how ranks exchange activations ([`comm`], with the in-process [`local`]
 //! implementation that the CPU backend and CI use), and how each split weight is cut out of
-//! the checkpoint ([`shard`]).
+//! the checkpoint ([`shard`]), and how the processes of a multi-node run find each other
+//! ([`nodes`]).
 //!
 //! The split follows DeepSeek's own inference code (`inference/model.py`, spec §D):
 //! - **expert parallelism (EP):** the routed experts of every MoE layer are cut into `ep`
@@ -24,6 +25,7 @@
 pub mod comm;
 pub mod layout;
 pub mod local;
+pub mod nodes;
 pub mod plan;
 pub mod rank;
 pub mod run;
@@ -32,5 +34,6 @@ pub mod shard;
 pub use comm::{CollectiveKind, Communicator, Traffic};
 pub use layout::{ParallelLayout, RankLayout};
 pub use local::LocalComm;
+pub use nodes::{NodeGroup, NodeSpec};
 pub use rank::RankContext;
 pub use run::{run_local, run_threads};
