@@ -120,6 +120,12 @@ impl Submitted {
     }
 }
 
+/// Where the leader's node sends each encoded tick (false: the other side is gone).
+pub type TickSink = Box<dyn FnMut(Vec<u8>) -> bool + Send>;
+
+/// Where a follower node reads the leader's encoded ticks (None: the leader ended).
+pub type TickSource = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
+
 /// What loads one rank's backend, model and pool configuration, on that rank's engine thread.
 pub type RankBuild<B> = Box<dyn FnOnce() -> Result<(B, Model<B>, KvConfig), BuildError> + Send>;
 
@@ -176,6 +182,85 @@ impl EngineHandle {
     where
         B: Backend + 'static,
     {
+        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
+        let mut mirrors = vec![Mirror::Lead(tick_txs)];
+        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
+        Self::spawn_mirrored(config, builds, mirrors)
+    }
+
+    /// [`EngineHandle::spawn_ranks`] on the leader's node of a run over several processes
+    /// (`dsv4 serve --nnodes`): besides this process's followers, every tick rank 0's engine
+    /// decides goes, encoded, to `remote` (which sends it to the other nodes' followers, see
+    /// [`EngineHandle::spawn_followers`]), on a thread of its own. When `remote` returns false
+    /// (a node is gone) the engine stops as it does when a local rank stops.
+    pub fn spawn_ranks_leading<B>(
+        config: EngineConfig,
+        builds: Vec<RankBuild<B>>,
+        mut remote: TickSink,
+    ) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+    {
+        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
+        let (remote_tx, remote_rx) = mpsc::channel::<Tick>();
+        std::thread::Builder::new().name("dsv4-engine-remote".into()).spawn(move || {
+            for tick in remote_rx {
+                if !remote(tick.encode()) {
+                    return;
+                }
+            }
+        })?;
+        let mut leader = tick_txs;
+        leader.push(remote_tx);
+        let mut mirrors = vec![Mirror::Lead(leader)];
+        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
+        Self::spawn_mirrored(config, builds, mirrors)
+    }
+
+    /// The engines of a node other than the leader's in a run over several processes: every
+    /// rank here follows the leader, replaying the ticks `source` yields (the leader's
+    /// [`EngineHandle::spawn_ranks_leading`] sends them) until it yields `None` or a tick that
+    /// does not decode. The handle serves no requests; [`EngineHandle::stopped`] says when and
+    /// why the engines stopped.
+    pub fn spawn_followers<B>(
+        config: EngineConfig,
+        builds: Vec<RankBuild<B>>,
+        mut source: TickSource,
+    ) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+    {
+        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (0..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
+        std::thread::Builder::new().name("dsv4-engine-ticks".into()).spawn(move || {
+            while let Some(bytes) = source() {
+                let tick = match Tick::decode(&bytes) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("dsv4: a tick from the leader's node does not decode ({e}); stopping");
+                        return;
+                    }
+                };
+                if !tick_txs.iter().all(|tx| tx.send(tick.clone()).is_ok()) {
+                    return;
+                }
+            }
+        })?;
+        Self::spawn_mirrored(config, builds, tick_rxs.into_iter().map(Mirror::Follow).collect())
+    }
+
+    /// Why the engine stopped, once it has (None while it runs).
+    pub fn stopped(&self) -> Option<String> {
+        self.shared.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn spawn_mirrored<B>(
+        config: EngineConfig,
+        builds: Vec<RankBuild<B>>,
+        mirrors: Vec<Mirror>,
+    ) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+    {
         if config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 || config.prefill_chunk == 0 {
             return Err("--max-num-seqs, --max-num-batched-tokens and the prefill chunk must be at least 1".into());
         }
@@ -185,9 +270,6 @@ impl EngineHandle {
         let (tx, rx) = mpsc::channel::<Submitted>();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<EngineInfo, String>)>();
         let shared = Arc::new(Shared::new());
-        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
-        let mut mirrors = vec![Mirror::Lead(tick_txs)];
-        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
         let mut rx = Some(rx);
         let mut gos = vec![];
         for (rank, (build, mirror)) in builds.into_iter().zip(mirrors).enumerate() {

@@ -16,7 +16,9 @@
 //! reuses them ([`dsv4_core::kv::KvCache::reuse_prefix`]).
 //!
 //! A model split over several ranks runs one engine per rank ([`EngineHandle::spawn_ranks`]):
-//! rank 0's serves the handle and the others replay its decisions (`replica`).
+//! rank 0's serves the handle and the others replay its decisions (`replica`); over several
+//! processes the decisions also travel between them encoded ([`EngineHandle::spawn_ranks_leading`],
+//! [`EngineHandle::spawn_followers`]).
 //!
 //! Text is not the engine's business: tokenising, detokenising, stop strings and the chat
 //! format live in the server (`dsv4-server`), which sees token ids come back and drops the
@@ -29,7 +31,9 @@ mod request;
 pub mod scheduler;
 mod stats;
 
-pub use engine::{BuildError, EngineConfig, EngineHandle, EngineInfo, RankBuild, RequestStream, SubmitError};
+pub use engine::{
+    BuildError, EngineConfig, EngineHandle, EngineInfo, RankBuild, RequestStream, SubmitError, TickSink, TickSource,
+};
 pub use logprobs::{token_logprobs, TokenLogprobs};
 pub use request::{EngineEvent, FinishReason, GenerationRequest, Usage};
 pub use stats::EngineStats;

@@ -217,3 +217,69 @@ fn a_rank_that_dies_fails_the_queued_requests_with_its_error_too() {
         assert!(message.contains("rank 1") && message.contains("left the communicator"), "{what}: {message}");
     }
 }
+
+/// `dsv4 serve --nnodes 2` at the engine level: ranks 0-1 (the leader's node) and 2-3 (a
+/// follower node, every engine there a follower) as separate engine groups whose only link is
+/// the leader's ticks as bytes (here a channel; between processes, `NodeGroup`'s socket). The
+/// answers equal one device's, through preemption, prefix reuse and a client that leaves.
+#[test]
+fn an_engine_over_two_nodes_answers_as_one_device_does() {
+    let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(200 + i, 10), 100)).collect();
+    let want: Vec<_> = {
+        let e = single(CONFIG, roomy);
+        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
+    };
+    let (cfg, _) = builtin::tiny().unwrap();
+    let layout = ParallelLayout::new(4, 2, 2, &cfg).unwrap();
+    let mut builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(4)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, comm)| {
+            Box::new(move || {
+                let be = CpuBackend::new();
+                let (cfg, ckpt) = builtin::tiny()?;
+                let ctx = RankContext::new(layout.rank(rank), &comm as &dyn Communicator<CpuBackend>)?;
+                let model = Model::load_rank(&be, cfg, &ckpt, &mut |_, _, _| {}, ctx)?;
+                let kv = tight(&model.cfg);
+                Ok((be, model, kv))
+            }) as RankBuild<CpuBackend>
+        })
+        .collect();
+    let node1 = builds.split_off(2);
+    let (wire_tx, wire_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = sent.clone();
+    // Loading is collective, so the two nodes start at the same time.
+    let follower = std::thread::spawn(move || {
+        EngineHandle::spawn_followers(CONFIG, node1, Box::new(move || wire_rx.recv().ok())).expect("node 1 starts")
+    });
+    let sink = Box::new(move |bytes: Vec<u8>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        wire_tx.send(bytes).is_ok()
+    });
+    let e = EngineHandle::spawn_ranks_leading(CONFIG, builds, sink).expect("node 0 starts");
+    let node1 = follower.join().unwrap();
+    let mut gone = e.submit(greedy(prompt(7, 12), 90)).unwrap();
+    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(EngineEvent::Token { .. }) = gone.blocking_recv() {
+            seen += 1;
+        }
+    }
+    drop(gone);
+    let got: Vec<_> = streams.into_iter().map(collect).collect();
+    assert_eq!(got, want);
+    assert!(e.stats().preemptions_total > 0, "nothing was preempted: the test does not test preemption");
+    assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0], "a reused prefix");
+    assert!(sent.load(Ordering::SeqCst) > 10, "the ticks went over the wire");
+    assert!(node1.stopped().is_none(), "node 1 still runs: {:?}", node1.stopped());
+    // The leader's node ends: node 1's engines stop, saying so.
+    drop(e);
+    let start = Instant::now();
+    while node1.stopped().is_none() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = node1.stopped().expect("node 1 stops when the leader's ticks end");
+    assert!(why.contains("rank 0's engine stopped"), "{why}");
+}
