@@ -838,7 +838,7 @@ pub fn run_ranks(
         print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
     }
     let kv_description = std::sync::Mutex::new(String::new());
-    let runs = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+    let runs = on_ranks!(backend, parallel, layout, |be, ctx| {
         let (rank, counter) = (ctx.layout, ctx.clone());
         let first = rank.rank == 0;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;

@@ -41,7 +41,7 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
 /// holds the whole residual stream and logits).
 fn trace_split(backend: BackendChoice, spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory.one_pass(), parallel)?;
-    let mut runs = on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+    let mut runs = on_ranks!(backend, parallel, layout, |be, ctx| {
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         trace_model(be, &model, ids, kv)
     })?;

@@ -333,7 +333,7 @@ pub fn run_generate_ranks(
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
-    on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+    on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)
@@ -458,7 +458,7 @@ pub fn run_chat_ranks(
     // stdout, a failed load): the other ranks then see the end of the conversation instead of
     // waiting for a line forever.
     let txs = std::sync::Mutex::new(Some(txs));
-    on_ranks!(backend, &parallel.devices, layout, |be, ctx| {
+    on_ranks!(backend, parallel, layout, |be, ctx| {
         let rank = ctx.layout.rank;
         let txs = if rank == 0 { txs.lock().expect("taken once").take().unwrap_or_default() } else { vec![] };
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;

@@ -44,7 +44,7 @@ mod dispatch {
                 },
                 crate::Resolved::Ascend => {
                     let ids = crate::parallel_args::device_ids(&$parallel.devices)?;
-                    match $parallel.join_nodes(ids.len())? {
+                    match $parallel.join_nodes(ids.len(), "")? {
                         None => {
                             dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
                         }
@@ -593,7 +593,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve { model, backend, kv, serve, parallel } => {
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
-                parallel.refuse_nodes("dsv4 serve")?;
             }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }

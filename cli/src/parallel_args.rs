@@ -71,22 +71,7 @@ pub fn open_split(
 ) -> Result<(ModelConfig, dsv4_core::Checkpoint, ParallelLayout)> {
     let (cfg, ckpt, _) = with_backend!(backend, |probe| crate::load::open_with_memory(probe, spec, memory))?;
     let layout = parallel.layout(&cfg)?;
-    let mut line = ParallelArgs::describe(&layout, &cfg);
-    if let Some(spec) = parallel.nodes() {
-        let local = layout.world / spec.nnodes;
-        line = line.replacen(
-            "threads of this process",
-            &format!(
-                "over {} processes (this one: node {}, global ranks {}..{}, one thread per device)",
-                spec.nnodes,
-                spec.node_rank,
-                spec.node_rank * local,
-                (spec.node_rank + 1) * local
-            ),
-            1,
-        );
-    }
-    eprintln!("{line}");
+    eprintln!("{}", parallel.describe_run(&layout, &cfg));
     Ok((cfg, ckpt, layout))
 }
 
@@ -234,7 +219,8 @@ impl ParallelArgs {
         if spec.nnodes > 1 {
             bail!(
                 "{command} does not run over several processes yet (--nnodes {}, or NNODES / WORLD_SIZE in the \
-                 environment): `dsv4 logits` and `dsv4 generate` do; run {command} on one node with --devices",
+                 environment): `dsv4 logits`, `dsv4 generate` and `dsv4 serve` do; run {command} on one node with \
+                 --devices",
                 spec.nnodes
             );
         }
@@ -245,7 +231,9 @@ impl ParallelArgs {
     /// --master-port until every node has connected (`DSV4_COMM_TIMEOUT_S`, default 600 s). A
     /// node whose process dies later ends this one with a clear error on stderr (exit 1),
     /// instead of a collective waiting for it until HCCL's timeout.
-    pub fn join_nodes(&self, local: usize) -> Result<Option<std::sync::Arc<NodeGroup>>> {
+    /// `agree` is appended to what the nodes must agree on (the command line): e.g. the pool a
+    /// server planned, which every rank's engine must share.
+    pub fn join_nodes(&self, local: usize, agree: &str) -> Result<Option<std::sync::Arc<NodeGroup>>> {
         let spec = self.node_spec()?;
         if spec.nnodes == 1 {
             return Ok(None);
@@ -258,7 +246,8 @@ impl ParallelArgs {
             local,
             local * spec.nnodes
         );
-        let group = NodeGroup::join(&spec, local, &run_fingerprint(), dsv4_core::parallel::local::default_timeout())?;
+        let fingerprint = format!("{}{agree}", run_fingerprint());
+        let group = NodeGroup::join(&spec, local, &fingerprint, dsv4_core::parallel::local::default_timeout())?;
         group.watch(|msg| {
             eprintln!("error: {msg}");
             std::process::exit(1);
@@ -288,6 +277,29 @@ impl ParallelArgs {
             bail!("--tensor-parallel / --expert-parallel split the model over ranks: give --devices N (N > 1) as well");
         }
         Ok(self.world() > 1)
+    }
+
+    /// [`ParallelArgs::describe`], saying which ranks this process runs when the run spans
+    /// several processes.
+    pub fn describe_run(&self, layout: &ParallelLayout, cfg: &ModelConfig) -> String {
+        let line = ParallelArgs::describe(layout, cfg);
+        match self.nodes() {
+            None => line,
+            Some(spec) => {
+                let local = layout.world / spec.nnodes;
+                line.replacen(
+                    "threads of this process",
+                    &format!(
+                        "over {} processes (this one: node {}, global ranks {}..{}, one thread per device)",
+                        spec.nnodes,
+                        spec.node_rank,
+                        spec.node_rank * local,
+                        (spec.node_rank + 1) * local
+                    ),
+                    1,
+                )
+            }
+        }
     }
 
     /// One line for stderr describing the layout.

@@ -234,7 +234,7 @@ fn planned_pool(
     let world = parallel.world();
     let layout = parallel.layout(cfg)?;
     if world > 1 {
-        eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, cfg));
+        eprintln!("{}", parallel.describe_run(&layout, cfg));
     }
     let Measured { mut memory, kv_dtype, target } = measured;
     let tensors = checkpoint_tensors(cfg, ckpt, target)
@@ -284,7 +284,7 @@ fn spawn_engine_ranks(
     kv: &KvArgs,
     config: EngineConfig,
     parallel: &crate::parallel_args::ParallelArgs,
-) -> Result<(EngineHandle, Vec<u32>)> {
+) -> Result<(EngineHandle, Vec<u32>, Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>)> {
     use dsv4_backend_ascend::{AscendBackend, HcclBootstrap};
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm};
@@ -292,6 +292,12 @@ fn spawn_engine_ranks(
     if matches!(resolved, Resolved::Cuda) {
         return Err(crate::cuda_ranks_refused(parallel.world()));
     }
+    if matches!(resolved, Resolved::Cpu) {
+        if let Some(nodes) = parallel.nodes() {
+            return Err(crate::cpu_nodes_refused(nodes.nnodes));
+        }
+    }
+    let mut group = None;
     let measured = measure(&resolved, kv, parallel)?;
     let (cfg, ckpt) = load::open(spec)?;
     let (layout, pool) = planned_pool(measured, spec, kv, &config, parallel, (&cfg, &ckpt))?;
@@ -323,23 +329,64 @@ fn spawn_engine_ranks(
         }
         Resolved::Cuda => return Err(crate::cuda_ranks_refused(layout.world)),
         Resolved::Ascend => {
-            let boot = std::sync::Arc::new(HcclBootstrap::new(&crate::parallel_args::device_ids(&parallel.devices)?)?);
-            let builds: Vec<RankBuild<AscendBackend>> = (0..layout.world)
+            let ids = crate::parallel_args::device_ids(&parallel.devices)?;
+            // Over several nodes every rank's engine must plan the same pool: it is part of
+            // what the nodes agree on when they meet.
+            group = parallel.join_nodes(ids.len(), &format!(" [pool {pool:?}]"))?;
+            let inbox = group.as_ref().filter(|g| g.node_rank() != 0).map(|g| g.messages());
+            let boot = std::sync::Arc::new(match &group {
+                Some(g) => HcclBootstrap::on_nodes(&ids, g.clone())?,
+                None => HcclBootstrap::new(&ids)?,
+            });
+            let builds: Vec<RankBuild<AscendBackend>> = (0..ids.len())
                 .map(|rank| {
                     let (cfg, ckpt, spec, boot) = (cfg.clone(), ckpt.clone(), spec.clone(), boot.clone());
                     Box::new(move || {
                         let (be, world) = boot.join(rank)?;
-                        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<AscendBackend>)?;
+                        let global = boot.global_rank(rank);
+                        let ctx = RankContext::new(layout.rank(global), &world as &dyn Communicator<AscendBackend>)?;
                         let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
                         Ok((be, model, pool))
                     }) as RankBuild<AscendBackend>
                 })
                 .collect();
-            EngineHandle::spawn_ranks(config, builds)
+            match (&group, inbox) {
+                (None, _) => EngineHandle::spawn_ranks(config, builds),
+                // Node 0: rank 0's decisions also go to the other nodes.
+                (Some(g), None) => {
+                    let g = g.clone();
+                    EngineHandle::spawn_ranks_leading(config, builds, Box::new(move |tick| g.send_to_all(&tick)))
+                }
+                // Another node: every rank here replays node 0's decisions.
+                (Some(_), Some(inbox)) => {
+                    EngineHandle::spawn_followers(config, builds, Box::new(move || inbox.recv().ok()))
+                }
+            }
         }
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((engine, eos))
+    Ok((engine, eos, group))
+}
+
+/// `dsv4 serve` on a node other than 0 of a run over several processes: no HTTP here; this
+/// node's engines replay node 0's decisions until node 0 ends the run (or is lost: then the
+/// node watcher exits with that error).
+fn follow_node(
+    spec: &str,
+    backend: BackendChoice,
+    kv: &KvArgs,
+    config: EngineConfig,
+    parallel: &crate::parallel_args::ParallelArgs,
+) -> Result<()> {
+    let (engine, _, _) = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
+    eprintln!("serving as a follower node: node 0 takes the requests");
+    loop {
+        if let Some(why) = engine.stopped() {
+            eprintln!("node 0 ended the run ({why}); stopping");
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Runs the server until Ctrl-C.
@@ -351,7 +398,6 @@ pub fn run(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     check_args(args)?;
-    let tok = tokenizer(spec, args.tokenizer.as_deref())?;
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -360,6 +406,10 @@ pub fn run(
         prefill_chunk: args.prefill_chunk.min(args.max_num_batched_tokens.max(1)),
         speculative_tokens: args.speculative_tokens,
     };
+    if parallel.nodes().is_some_and(|n| n.node_rank != 0) {
+        return follow_node(spec, backend, kv, config, parallel);
+    }
+    let tok = tokenizer(spec, args.tokenizer.as_deref())?;
     let (served, aliases) = model_names(spec, args.served_model_name.as_deref());
     let mut server = ServerConfig::new(served);
     server.host = args.host.clone();
@@ -373,8 +423,13 @@ pub fn run(
     };
     // The port first: a taken one is reported before the model is loaded.
     let listener = dsv4_server::bind(&server)?;
+    let mut group = None;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
-        _ if parallel.world() > 1 => spawn_engine_ranks(backend, spec, kv, config, parallel)?,
+        _ if parallel.world() > 1 => {
+            let (engine, eos, g) = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
+            group = g;
+            (engine, eos)
+        }
         resolved => {
             // The plan on one device: measured and checked before the engine loads the weights
             // of the checkpoint opened here, once.
@@ -400,7 +455,12 @@ pub fn run(
     }
     server.stop_token_ids = model_eos;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(dsv4_server::serve_bound(listener, server, engine, tok))
+    let served = runtime.block_on(dsv4_server::serve_bound(listener, server, engine, tok));
+    // The other nodes' engines stop when node 0 says goodbye (not reported as a lost node).
+    if let Some(g) = group {
+        g.finish();
+    }
+    served
 }
 
 #[cfg(test)]

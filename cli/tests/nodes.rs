@@ -88,6 +88,20 @@ fn a_node_that_dies_stops_the_others_with_its_name() {
     assert!(stderr(&o0).contains("lost node 1"), "{}", stderr(&o0));
 }
 
+/// `dsv4 serve` over two processes: node 0 binds the HTTP port and leads, node 1 follows; they
+/// meet (the planned pool is part of what they agree on), and when node 1 fails after the
+/// meeting (its emulator cannot join node 0's HCCL world, as above) node 0 stops naming it.
+#[test]
+fn a_serving_node_that_dies_stops_node_0() {
+    let serve = ["serve", "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4", "--kv-cache-memory", "64MiB"];
+    let (o0, o1) = two_nodes(&serve, &serve, Duration::from_secs(60));
+    let (e0, e1) = (stderr(&o0), stderr(&o1));
+    assert!(!o1.status.success() && e1.contains("node 1 of 2: meeting the other nodes"), "{e1}");
+    assert!(!o0.status.success() && e0.contains("lost node 1"), "{e0}");
+    // Node 1 never serves HTTP.
+    assert!(!String::from_utf8_lossy(&o1.stdout).contains("http://"), "{}", String::from_utf8_lossy(&o1.stdout));
+}
+
 #[test]
 fn runs_that_cannot_span_nodes_are_refused_with_the_reason() {
     /// Arguments, environment, what stderr must say.
@@ -107,7 +121,7 @@ fn runs_that_cannot_span_nodes_are_refused_with_the_reason() {
         (&["logits", "--ids", "1", "--out", "/dev/null"], &[("NNODES", "two")], "NNODES=\"two\" is not a number"),
         (&["logits", "--ids", "1", "--out", "/dev/null", "--nnodes", "2", "--node-rank", "2"], &[], "node rank 2"),
         (&["chat", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 chat does not run over several processes"),
-        (&["serve", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 serve does not run over several processes"),
+        (&["bench", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 bench does not run over several processes"),
     ];
     let emu = emulator();
     for (args, env, want) in cases {

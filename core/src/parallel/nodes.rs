@@ -11,7 +11,9 @@
 //! Layout: node `n` of `nnodes` runs `local` ranks (the same number on every node), global ranks
 //! `n·local .. (n+1)·local`. One process per device is the case `local = 1`.
 //!
-//! After the rendezvous the connections stay open: [`NodeGroup::watch`] reports a node whose
+//! After the rendezvous the connections stay open. Node 0 can send data to every other node
+//! over them ([`NodeGroup::send_to_all`], [`NodeGroup::messages`]: the serving engine's
+//! decisions, which the other nodes' engines replay), and [`NodeGroup::watch`] reports a node whose
 //! connection closes without a goodbye ([`NodeGroup::finish`]), so a process that dies brings the
 //! others to a clear error within about a second, never the collective library's timeout
 //! (HCCL's default is 1836 s).
@@ -42,6 +44,7 @@ const READY: u8 = 4;
 const FAILED: u8 = 5;
 const ROOT: u8 = 6;
 const BYE: u8 = 7;
+const DATA: u8 = 8;
 
 /// Where this process sits in a multi-process run (`--nnodes`, `--node-rank`,
 /// `--master-addr`, `--master-port`; torchrun's names).
@@ -152,6 +155,8 @@ pub struct NodeGroup {
     /// start when the share is done: before, they would read its messages).
     /// Whether the share is done, and a callback waiting for it.
     pending_watch: Mutex<(bool, Option<LostFn>)>,
+    /// Where the watchers deliver node 0's data messages ([`NodeGroup::messages`]).
+    inbox: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
 }
 
 type LostFn = Arc<dyn Fn(String) + Send + Sync>;
@@ -342,6 +347,7 @@ impl NodeGroup {
             shared: AtomicBool::new(false),
             finished: Arc::new(AtomicBool::new(false)),
             pending_watch: Mutex::new((false, None)),
+            inbox: Mutex::new(None),
         }
     }
 
@@ -475,17 +481,25 @@ impl NodeGroup {
 
     fn spawn_watchers(&self, on_lost: LostFn) {
         let reported = Arc::new(AtomicBool::new(false));
+        let inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner).take();
         let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
         for link in links.iter() {
             let Ok(mut stream) = link.stream.try_clone() else { continue };
             let (node, me) = (link.node, self.node_rank);
             let (on_lost, reported, finished) = (on_lost.clone(), reported.clone(), self.finished.clone());
+            // Only node 0 sends data, so only a link to node 0 has an inbox.
+            let inbox = if node == 0 { inbox.clone() } else { None };
             std::thread::Builder::new()
                 .name(format!("dsv4-node-watch-{node}"))
                 .spawn(move || {
                     let why = loop {
                         match read_frame(&mut stream, None) {
                             Ok((BYE, _)) => return,
+                            Ok((DATA, payload)) => {
+                                if let Some(inbox) = &inbox {
+                                    let _ = inbox.send(payload);
+                                }
+                            }
                             Ok(_) => continue,
                             Err(e) => break e,
                         }
@@ -498,6 +512,26 @@ impl NodeGroup {
                 })
                 .ok();
         }
+    }
+
+    /// On node 0, after [`NodeGroup::share`]: sends `payload` to every other node (their
+    /// [`NodeGroup::messages`]), in order. False when a node cannot be reached (its process
+    /// stopped); the watchers report that too.
+    pub fn send_to_all(&self, payload: &[u8]) -> bool {
+        if self.node_rank != 0 {
+            return false;
+        }
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        links.iter_mut().all(|l| write_frame(&mut l.stream, DATA, payload).is_ok())
+    }
+
+    /// On a node other than 0, before [`NodeGroup::share`] (and with [`NodeGroup::watch`]
+    /// registered, whose watcher reads them): the payloads node 0 sends with
+    /// [`NodeGroup::send_to_all`], in order. The channel ends when node 0 finishes.
+    pub fn messages(&self) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
     }
 
     /// Says goodbye to every connected node (the run ended normally here), so that their
@@ -639,5 +673,29 @@ mod tests {
         assert!(spec(2, 1, "h").validate().is_err());
         assert!(spec(1, 0, "").validate().is_ok());
         assert!(spec(2, 1, "10.0.0.1:29500").validate().is_ok());
+    }
+
+    #[test]
+    fn node_0s_messages_reach_every_node_in_order_and_end_with_its_goodbye() {
+        let out = run_nodes(3, &[1, 1, 1], &["x"; 3], |n, g| {
+            let g = g.unwrap();
+            let inbox = (n != 0).then(|| g.messages());
+            g.watch(|m| panic!("{m}"));
+            g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
+            if n == 0 {
+                for i in 0..100u32 {
+                    assert!(g.send_to_all(&i.to_le_bytes()));
+                }
+                g.finish();
+                return vec![];
+            }
+            assert!(!g.send_to_all(b"x"), "only node 0 sends");
+            let got: Vec<Vec<u8>> = inbox.unwrap().iter().collect();
+            g.finish();
+            got
+        });
+        let want: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        assert_eq!(out[1], want);
+        assert_eq!(out[2], want);
     }
 }
