@@ -194,6 +194,15 @@ pub fn run(
     let (cfg, _) = crate::load::open(spec)?;
     let ids =
         ids.unwrap_or_else(|| (0..200u64).map(|i| (((i * 2654435761) >> 7) % cfg.vocab_size as u64) as u32).collect());
+    if let Some(node) = parallel.nodes().filter(|n| n.node_rank != 0) {
+        // Another node of a run over several processes: it takes part in the split runs; node 0
+        // runs the reference and reports.
+        for &b in &backends[1..] {
+            trace_split(b, spec, &ids, kv, parallel)?;
+        }
+        eprintln!("node {}: done; node 0 reports the comparison", node.node_rank);
+        return Ok(());
+    }
     match kv.kv_dtype_arg {
         Some(dtype) => println!("precision: {}, decoding state: {dtype} rows", kv.precision),
         None if kv.precision.simulates_quant() => {

@@ -579,7 +579,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Check { model, backends, ids, tolerance, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             if parallel.is_split()? {
-                parallel.refuse_nodes("dsv4 check")?;
                 for &b in backends.iter().skip(1) {
                     split_backend(b, &parallel)?;
                 }
