@@ -818,7 +818,7 @@ pub fn run_ranks(
         anyhow::Ok((cfg, ckpt, held, probe.name().to_string(), probe.describe()))
     })?;
     let layout = parallel.layout(&cfg)?;
-    eprintln!("{}", crate::parallel_args::ParallelArgs::describe(&layout, &cfg));
+    eprintln!("{}", parallel.describe_run(&layout, &cfg));
     let weights = active_weights(&cfg, &ckpt)?;
     let needed = positions_needed(&cfg, &contexts, opts.decode_steps, 0)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;

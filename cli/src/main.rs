@@ -53,7 +53,19 @@ mod dispatch {
                                 &ids,
                                 $layout,
                                 group.clone(),
-                                |$be, $ctx| -> anyhow::Result<_> { $body },
+                                |$be, $ctx| -> anyhow::Result<_> {
+                                    let rank = $ctx.layout.rank;
+                                    let out = (|| -> anyhow::Result<_> { $body })();
+                                    // A rank that fails after the ranks met leaves its peers on
+                                    // every node waiting in a collective: say why and stop this
+                                    // process now; the other nodes hear it and stop too.
+                                    if let Err(e) = &out {
+                                        eprintln!("error: rank {rank}: {e:#}");
+                                        group.abort(&format!("rank {rank}: {e:#}"));
+                                        std::process::exit(1);
+                                    }
+                                    out
+                                },
                             );
                             if out.is_ok() {
                                 group.finish();

@@ -76,11 +76,12 @@ pub fn open_split(
 }
 
 /// What every node of a run must agree on: this process's command line without the flags that
-/// differ from node to node (--node-rank, --devices, the rendezvous address).
+/// differ from node to node (--node-rank, --devices, the rendezvous address), one argument a
+/// line (node 0 names the first line that differs).
 fn run_fingerprint() -> String {
     let per_node = ["--node-rank", "--devices", "--master-addr", "--master-port", "--nnodes"];
     let mut out = vec![];
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = args.next() {
         if per_node.contains(&a.as_str()) {
             args.next();
@@ -88,7 +89,7 @@ fn run_fingerprint() -> String {
             out.push(a);
         }
     }
-    out.join(" ")
+    out.join("\n")
 }
 
 /// Device ids as AscendCL numbers them.
@@ -136,21 +137,23 @@ pub struct ParallelArgs {
     #[arg(long, value_name = "N|IDS", default_value = "1")]
     pub devices: DeviceList,
     /// Tensor-parallel degree of attention: ranks that split each layer's heads (by output
-    /// group) and the vocabulary. Divides the number of devices; at most the model's o_groups.
+    /// group) and the vocabulary. Divides the number of ranks (devices over all --nnodes); at
+    /// most the model's o_groups.
     #[arg(long, value_name = "TP", default_value_t = 1)]
     pub tensor_parallel: usize,
     /// Expert-parallel degree: ranks that split each layer's routed experts. Divides the number
-    /// of devices. Default: the number of devices (every rank holds 1/N of the experts).
+    /// of ranks (devices over all --nnodes). Default: the number of ranks (every rank holds 1/N
+    /// of the experts).
     #[arg(long, value_name = "EP")]
     pub expert_parallel: Option<usize>,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
     /// the same arguments and its own --node-rank, over its own --devices (the same number on
-    /// every node); TP and EP count the ranks of all nodes. Ascend only (HCCL). Default: the
-    /// NNODES environment variable, else WORLD_SIZE, else 1.
+    /// every node); TP and EP count the ranks of all nodes. Ascend only (HCCL). Default: where
+    /// MASTER_ADDR is set (by a launcher), NNODES, else WORLD_SIZE; else 1.
     #[arg(long, value_name = "N")]
     pub nnodes: Option<usize>,
     /// This process's place among the --nnodes, 0..N; node 0 listens for the others. Default:
-    /// NODE_RANK, else RANK, else 0.
+    /// where MASTER_ADDR is set, NODE_RANK (with NNODES), else RANK (with WORLD_SIZE); else 0.
     #[arg(long, value_name = "R")]
     pub node_rank: Option<usize>,
     /// Node 0's address as the other nodes reach it. Default: MASTER_ADDR, else 127.0.0.1.
@@ -182,17 +185,19 @@ impl ParallelArgs {
     }
 
     /// Where this process sits in a multi-process run: the flags, else the standard
-    /// environment (`NNODES`/`WORLD_SIZE`, `NODE_RANK`/`RANK`, `MASTER_ADDR`, `MASTER_PORT`).
-    /// A bad value or an environment variable that does not parse is an error.
+    /// environment, read in pairs and only where a launcher set `MASTER_ADDR` (a stray
+    /// `WORLD_SIZE` alone does not make a run multi-process): `NNODES` with `NODE_RANK`
+    /// (one process per node), else `WORLD_SIZE` with `RANK` (torchrun's one process per
+    /// device). A bad value or an environment variable that does not parse is an error.
     pub fn node_spec(&self) -> Result<NodeSpec> {
-        let nnodes = match self.nnodes {
-            Some(n) => n,
-            None => from_env(&["NNODES", "WORLD_SIZE"])?.unwrap_or(1),
+        let launched = std::env::var_os("MASTER_ADDR").is_some();
+        let (env_nodes, env_rank) = match (launched, from_env::<usize>(&["NNODES"])?) {
+            (false, _) => (None, None),
+            (true, Some(n)) => (Some(n), from_env(&["NODE_RANK"])?),
+            (true, None) => (from_env(&["WORLD_SIZE"])?, from_env(&["RANK"])?),
         };
-        let node_rank = match self.node_rank {
-            Some(r) => r,
-            None => from_env(&["NODE_RANK", "RANK"])?.unwrap_or(0),
-        };
+        let nnodes = self.nnodes.or(env_nodes).unwrap_or(1);
+        let node_rank = self.node_rank.or(env_rank).unwrap_or(0);
         let addr = match &self.master_addr {
             Some(a) => a.clone(),
             None => std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into()),
@@ -246,7 +251,7 @@ impl ParallelArgs {
             local,
             local * spec.nnodes
         );
-        let fingerprint = format!("{}{agree}", run_fingerprint());
+        let fingerprint = if agree.is_empty() { run_fingerprint() } else { format!("{}\n{agree}", run_fingerprint()) };
         let group = NodeGroup::join(&spec, local, &fingerprint, dsv4_core::parallel::local::default_timeout())?;
         group.watch(|msg| {
             eprintln!("error: {msg}");
@@ -261,7 +266,7 @@ impl ParallelArgs {
         let ep = self.expert_parallel.unwrap_or(world);
         if self.expert_parallel.is_none() && ep > cfg.n_routed_experts {
             bail!(
-                "--expert-parallel defaults to the number of devices ({world}), more than the model's {} routed \
+                "--expert-parallel defaults to the number of ranks ({world}), more than the model's {} routed \
                  experts: give --expert-parallel N with N dividing {world} and at most {}",
                 cfg.n_routed_experts,
                 cfg.n_routed_experts

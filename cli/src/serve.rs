@@ -284,7 +284,7 @@ fn spawn_engine_ranks(
     kv: &KvArgs,
     config: EngineConfig,
     parallel: &crate::parallel_args::ParallelArgs,
-) -> Result<(EngineHandle, Vec<u32>, Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>)> {
+) -> Result<RankEngines> {
     use dsv4_backend_ascend::{AscendBackend, HcclBootstrap};
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm};
@@ -298,6 +298,7 @@ fn spawn_engine_ranks(
         }
     }
     let mut group = None;
+    let leader_ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let measured = measure(&resolved, kv, parallel)?;
     let (cfg, ckpt) = load::open(spec)?;
     let (layout, pool) = planned_pool(measured, spec, kv, &config, parallel, (&cfg, &ckpt))?;
@@ -332,8 +333,14 @@ fn spawn_engine_ranks(
             let ids = crate::parallel_args::device_ids(&parallel.devices)?;
             // Over several nodes every rank's engine must plan the same pool: it is part of
             // what the nodes agree on when they meet.
-            group = parallel.join_nodes(ids.len(), &format!(" [pool {pool:?}]"))?;
+            group = parallel.join_nodes(
+                ids.len(),
+                &format!(
+                    "the KV pool this node planned (give --kv-cache-memory to plan the same on every node): {pool:?}"
+                ),
+            )?;
             let inbox = group.as_ref().filter(|g| g.node_rank() != 0).map(|g| g.messages());
+            let ended = leader_ended.clone();
             let boot = std::sync::Arc::new(match &group {
                 Some(g) => HcclBootstrap::on_nodes(&ids, g.clone())?,
                 None => HcclBootstrap::new(&ids)?,
@@ -358,14 +365,35 @@ fn spawn_engine_ranks(
                     EngineHandle::spawn_ranks_leading(config, builds, Box::new(move |tick| g.send_to_all(&tick)))
                 }
                 // Another node: every rank here replays node 0's decisions.
-                (Some(_), Some(inbox)) => {
-                    EngineHandle::spawn_followers(config, builds, Box::new(move || inbox.recv().ok()))
-                }
+                (Some(_), Some(inbox)) => EngineHandle::spawn_followers(
+                    config,
+                    builds,
+                    Box::new(move || {
+                        let tick = inbox.recv().ok();
+                        // The inbox ends only with node 0's goodbye (a lost node 0 exits
+                        // this process from the watcher instead).
+                        if tick.is_none() {
+                            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        tick
+                    }),
+                ),
             }
         }
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok((engine, eos, group))
+    Ok(RankEngines { engine, eos, group, leader_ended })
+}
+
+/// What [`spawn_engine_ranks`] started.
+struct RankEngines {
+    engine: EngineHandle,
+    /// The model's end-of-sequence ids.
+    eos: Vec<u32>,
+    /// The processes of a multi-node run.
+    group: Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>,
+    /// On a follower node: set when node 0 ended the run (its goodbye).
+    leader_ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `dsv4 serve` on a node other than 0 of a run over several processes: no HTTP here; this
@@ -378,12 +406,20 @@ fn follow_node(
     config: EngineConfig,
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
-    let (engine, _, _) = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
+    let ranks = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
     eprintln!("serving as a follower node: node 0 takes the requests");
     loop {
-        if let Some(why) = engine.stopped() {
-            eprintln!("node 0 ended the run ({why}); stopping");
-            return Ok(());
+        if let Some(why) = ranks.engine.stopped() {
+            if ranks.leader_ended.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("node 0 ended the run; stopping");
+                return Ok(());
+            }
+            // This node's own failure: tell the others rather than leave them waiting in a
+            // collective for this node's ranks.
+            if let Some(g) = &ranks.group {
+                g.abort(&why);
+            }
+            anyhow::bail!("this node's engine stopped: {why}");
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -426,9 +462,9 @@ pub fn run(
     let mut group = None;
     let (engine, model_eos) = match crate::resolve_backend(backend)? {
         _ if parallel.world() > 1 => {
-            let (engine, eos, g) = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
-            group = g;
-            (engine, eos)
+            let ranks = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
+            group = ranks.group;
+            (ranks.engine, ranks.eos)
         }
         resolved => {
             // The plan on one device: measured and checked before the engine loads the weights

@@ -58,7 +58,7 @@ fn split_generation_prints_the_one_device_tokens_once() {
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
     let cases: [(&[&str], &str); 5] = [
         (&["--devices", "2", "--backend", "cuda"], "NCCL"),
-        (&["--devices", "16"], "--expert-parallel defaults to the number of devices (16)"),
+        (&["--devices", "16"], "--expert-parallel defaults to the number of ranks (16)"),
         (&["--tensor-parallel", "2"], "give --devices N"),
         (&["--devices", "4", "--tensor-parallel", "3"], "TP 3 does not divide the 4 devices"),
         (&["--devices", "0-1,1"], "an id appears twice"),

@@ -70,7 +70,11 @@ fn nodes_started_with_different_arguments_are_refused_on_both() {
     );
     for o in [&o0, &o1] {
         assert!(!o.status.success());
-        assert!(stderr(o).contains("started with different arguments"), "{}", stderr(o));
+        assert!(
+            stderr(o).contains("started with different arguments (it has `1,2,4` where node 0 has `1,2,3`)"),
+            "{}",
+            stderr(o)
+        );
     }
 }
 
@@ -115,10 +119,14 @@ fn runs_that_cannot_span_nodes_are_refused_with_the_reason() {
         // The standard environment of launchers (torchrun's) is read too.
         (
             &["logits", "--backend", "cpu", "--ids", "1", "--out", "/dev/null"],
-            &[("WORLD_SIZE", "2"), ("RANK", "1")],
+            &[("MASTER_ADDR", "127.0.0.1"), ("WORLD_SIZE", "2"), ("RANK", "1")],
             "--nnodes 2",
         ),
-        (&["logits", "--ids", "1", "--out", "/dev/null"], &[("NNODES", "two")], "NNODES=\"two\" is not a number"),
+        (
+            &["logits", "--ids", "1", "--out", "/dev/null"],
+            &[("MASTER_ADDR", "127.0.0.1"), ("NNODES", "two")],
+            "NNODES=\"two\" is not a number",
+        ),
         (&["logits", "--ids", "1", "--out", "/dev/null", "--nnodes", "2", "--node-rank", "2"], &[], "node rank 2"),
         (&["chat", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 chat does not run over several processes"),
         (&["bench", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 bench does not run over several processes"),
@@ -128,4 +136,9 @@ fn runs_that_cannot_span_nodes_are_refused_with_the_reason() {
         let o = dsv4(args, env).env(dsv4_ascend_sys::EMULATOR_VAR, &emu).output().unwrap();
         assert!(!o.status.success() && stderr(&o).contains(want), "{args:?} {env:?}: {}", stderr(&o));
     }
+    // Without MASTER_ADDR (no launcher), a stray WORLD_SIZE does not make a run multi-process.
+    let o = dsv4(&["logits", "--backend", "cpu", "--ids", "1,2", "--out", "/dev/null"], &[("WORLD_SIZE", "8")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -38,6 +38,11 @@ pub enum Error {
     /// A collective between ranks failed (`crate::parallel::comm`).
     #[error("communicator (rank {rank} of {size}): {msg}")]
     Comm { rank: usize, size: usize, msg: String },
+
+    /// The processes of a multi-node run could not meet or lost each other
+    /// (`crate::parallel::nodes`).
+    #[error("node {node} of {nnodes}: {msg}")]
+    Nodes { node: usize, nnodes: usize, msg: String },
 }
 
 impl Error {

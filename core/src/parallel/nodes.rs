@@ -32,9 +32,11 @@ use crate::error::{Error, Result};
 /// Protocol version; both sides must agree.
 const VERSION: u32 = 1;
 const MAGIC: &[u8; 4] = b"DSV4";
-/// The largest payload a peer may announce (a root info is 4 KiB; a fingerprint a few hundred
-/// bytes): anything bigger is not a dsv4 peer.
-const MAX_PAYLOAD: u32 = 1 << 20;
+/// The largest handshake payload a peer may announce (a root info is 4 KiB; a fingerprint a
+/// few hundred bytes): anything bigger is not a dsv4 peer.
+const MAX_HANDSHAKE: u32 = 1 << 20;
+/// The largest data payload (a serving tick carries the prompts that arrived: 4 bytes a token).
+const MAX_DATA: u32 = 1 << 30;
 
 /// Message tags.
 const HELLO: u8 = 1;
@@ -45,6 +47,7 @@ const FAILED: u8 = 5;
 const ROOT: u8 = 6;
 const BYE: u8 = 7;
 const DATA: u8 = 8;
+const ABORT: u8 = 9;
 
 /// Where this process sits in a multi-process run (`--nnodes`, `--node-rank`,
 /// `--master-addr`, `--master-port`; torchrun's names).
@@ -85,8 +88,8 @@ fn port_of(addr: &str) -> Option<u16> {
     addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
 
-fn comm_err(spec_rank: usize, nnodes: usize, msg: impl Into<String>) -> Error {
-    Error::Comm { rank: spec_rank, size: nnodes, msg: format!("node rendezvous: {}", msg.into()) }
+fn comm_err(node: usize, nnodes: usize, msg: impl Into<String>) -> Error {
+    Error::Nodes { node, nnodes, msg: msg.into() }
 }
 
 /// One framed connection to another node.
@@ -97,6 +100,13 @@ struct Link {
 }
 
 fn write_frame(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+    let limit = if tag == DATA { MAX_DATA } else { MAX_HANDSHAKE };
+    if payload.len() > limit as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a {}-byte message is over the {limit}-byte limit", payload.len()),
+        ));
+    }
     let mut buf = Vec::with_capacity(9 + payload.len());
     buf.extend_from_slice(MAGIC);
     buf.push(tag);
@@ -106,29 +116,73 @@ fn write_frame(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Resu
     stream.flush()
 }
 
+/// Why a frame could not be read.
+#[derive(Debug)]
+enum ReadError {
+    /// The peer's process is gone (the connection closed or was reset).
+    Closed(String),
+    /// Nothing came before the deadline.
+    TimedOut,
+    /// The peer sent something that is not a frame of this protocol.
+    Bad(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Closed(why) => write!(f, "{why}"),
+            ReadError::TimedOut => write!(f, "timed out"),
+            ReadError::Bad(why) => write!(f, "it sent a bad frame: {why}"),
+        }
+    }
+}
+
+fn io_read_error(e: std::io::Error) -> ReadError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ReadError::TimedOut,
+        std::io::ErrorKind::UnexpectedEof => ReadError::Closed("the connection closed".into()),
+        _ => ReadError::Closed(e.to_string()),
+    }
+}
+
 /// Reads one frame before `deadline` (`None`: wait as long as it takes).
-fn read_frame(stream: &mut TcpStream, deadline: Option<Instant>) -> std::result::Result<(u8, Vec<u8>), String> {
+fn read_frame(stream: &mut TcpStream, deadline: Option<Instant>) -> std::result::Result<(u8, Vec<u8>), ReadError> {
     let timeout = match deadline {
-        Some(d) => Some(d.checked_duration_since(Instant::now()).filter(|t| !t.is_zero()).ok_or("timed out")?),
+        Some(d) => Some(d.checked_duration_since(Instant::now()).filter(|t| !t.is_zero()).ok_or(ReadError::TimedOut)?),
         None => None,
     };
-    stream.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(timeout).map_err(|e| ReadError::Closed(e.to_string()))?;
     let mut head = [0u8; 9];
-    stream.read_exact(&mut head).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "timed out".to_string(),
-        std::io::ErrorKind::UnexpectedEof => "the connection closed".to_string(),
-        _ => e.to_string(),
-    })?;
+    stream.read_exact(&mut head).map_err(io_read_error)?;
     if &head[..4] != MAGIC {
-        return Err("the peer does not speak dsv4's node protocol".into());
+        return Err(ReadError::Bad("not dsv4's node protocol".into()));
     }
     let len = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
-    if len > MAX_PAYLOAD {
-        return Err(format!("the peer announced a {len}-byte message"));
+    let limit = if head[4] == DATA { MAX_DATA } else { MAX_HANDSHAKE };
+    if len > limit {
+        return Err(ReadError::Bad(format!("a {len}-byte message (the limit is {limit})")));
     }
     let mut payload = vec![0u8; len as usize];
-    stream.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    stream.read_exact(&mut payload).map_err(io_read_error)?;
     Ok((head[4], payload))
+}
+
+/// Where two fingerprints (one item a line) first differ, for the refusal.
+fn first_difference(theirs: &str, ours: &str) -> String {
+    let (mut a, mut b) = (theirs.lines(), ours.lines());
+    loop {
+        match (a.next(), b.next()) {
+            (Some(x), Some(y)) if x == y => continue,
+            (x, y) => {
+                let show = |v: Option<&str>| v.map_or("nothing".to_string(), |v| format!("`{v}`"));
+                return format!(
+                    "it was started with different arguments (it has {} where node 0 has {})",
+                    show(x),
+                    show(y)
+                );
+            }
+        }
+    }
 }
 
 fn u32s(words: &[u32]) -> Vec<u8> {
@@ -151,9 +205,8 @@ pub struct NodeGroup {
     shared: AtomicBool,
     /// Set by [`NodeGroup::finish`]: the watchers stop reporting.
     finished: Arc<AtomicBool>,
-    /// A [`NodeGroup::watch`] callback registered before [`NodeGroup::share`] (the watchers
-    /// start when the share is done: before, they would read its messages).
-    /// Whether the share is done, and a callback waiting for it.
+    /// Whether the share is done, and a [`NodeGroup::watch`] callback waiting for it (the
+    /// watchers start when the share is done: before, they would read its messages).
     pending_watch: Mutex<(bool, Option<LostFn>)>,
     /// Where the watchers deliver node 0's data messages ([`NodeGroup::messages`]).
     inbox: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
@@ -186,9 +239,12 @@ impl NodeGroup {
         spec.validate()?;
         if spec.node_rank == 0 {
             let port = if spec.nnodes == 1 { 0 } else { port_of(&spec.master).unwrap_or(0) };
-            let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| {
-                comm_err(0, spec.nnodes, format!("node 0 cannot listen on port {port} ({e}): is another run using it?"))
-            })?;
+            // Every interface, IPv6 and IPv4 (Linux's `[::]` is dual-stack), or IPv4 alone where
+            // IPv6 is off.
+            let listener =
+                TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))).map_err(|e| {
+                    comm_err(0, spec.nnodes, format!("cannot listen on port {port} ({e}): is another run using it?"))
+                })?;
             NodeGroup::lead(listener, spec.nnodes, local, fingerprint, timeout)
         } else {
             NodeGroup::follow(&spec.master, spec.nnodes, spec.node_rank, local, fingerprint, timeout)
@@ -232,11 +288,19 @@ impl NodeGroup {
             let hello_by = deadline.min(Instant::now() + Duration::from_secs(5));
             let (tag, payload) = match read_frame(&mut stream, Some(hello_by)) {
                 Ok(f) => f,
-                // Not a dsv4 node (a port scanner, a health check): ignore it.
+                Err(ReadError::Bad(why)) => {
+                    let _ =
+                        write_frame(&mut stream, REFUSED, format!("node 0 could not read the hello: {why}").as_bytes());
+                    continue;
+                }
+                // Silent or gone (a port scanner, a health check): not a dsv4 node.
                 Err(_) => continue,
             };
             let words = read_u32s(&payload, 4).filter(|_| tag == HELLO);
-            let Some(words) = words else { continue };
+            let Some(words) = words else {
+                let _ = write_frame(&mut stream, REFUSED, b"node 0 expected a hello");
+                continue;
+            };
             let (version, their_nnodes, node, their_local) =
                 (words[0], words[1] as usize, words[2] as usize, words[3] as usize);
             let theirs = String::from_utf8_lossy(&payload[16..]).into_owned();
@@ -253,9 +317,7 @@ impl NodeGroup {
                     "node {node} ({peer}) runs {their_local} device(s), node 0 runs {local}: every node must run the same number"
                 ))
             } else if theirs != fingerprint {
-                Some(format!(
-                    "node {node} ({peer}) was started with different arguments: it runs `{theirs}`, node 0 runs `{fingerprint}`"
-                ))
+                Some(format!("node {node} ({peer}) disagrees with node 0: {}", first_difference(&theirs, fingerprint)))
             } else {
                 None
             };
@@ -288,8 +350,15 @@ impl NodeGroup {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         let mut stream = loop {
-            let addrs =
-                master.to_socket_addrs().map_err(|e| fail(format!("cannot resolve node 0's address {master}: {e}")))?;
+            // A name may resolve late (a container's DNS entry appears with its pod): retry it
+            // like a refused connection.
+            let addrs = match master.to_socket_addrs() {
+                Ok(a) => a.collect::<Vec<_>>(),
+                Err(e) => {
+                    last = format!("cannot resolve {master}: {e}");
+                    vec![]
+                }
+            };
             let mut got = None;
             for a in addrs {
                 match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
@@ -339,6 +408,11 @@ impl NodeGroup {
     }
 
     fn new(nnodes: usize, node_rank: usize, local: usize, links: Vec<Link>) -> NodeGroup {
+        // A peer that stops reading (stalled, not dead) must not block node 0's sends, or a
+        // goodbye, forever.
+        for l in &links {
+            let _ = l.stream.set_write_timeout(Some(crate::parallel::local::default_timeout()));
+        }
         NodeGroup {
             nnodes,
             node_rank,
@@ -398,8 +472,12 @@ impl NodeGroup {
             pending.0 = true;
             pending.1.take()
         };
-        if let Some(on_lost) = waiting {
-            self.spawn_watchers(on_lost);
+        match (&out, waiting) {
+            (Ok(_), Some(on_lost)) => self.spawn_watchers(on_lost),
+            // The run failed for every node with the cause in `out`: a peer exiting now is a
+            // consequence, not news (and reporting it could hide the cause).
+            (Err(_), _) => self.finished.store(true, Ordering::SeqCst),
+            _ => {}
         }
         out
     }
@@ -492,7 +570,7 @@ impl NodeGroup {
             std::thread::Builder::new()
                 .name(format!("dsv4-node-watch-{node}"))
                 .spawn(move || {
-                    let why = loop {
+                    let message = loop {
                         match read_frame(&mut stream, None) {
                             Ok((BYE, _)) => return,
                             Ok((DATA, payload)) => {
@@ -500,14 +578,22 @@ impl NodeGroup {
                                     let _ = inbox.send(payload);
                                 }
                             }
+                            Ok((ABORT, why)) => {
+                                break format!("node {node} stopped the run: {}", String::from_utf8_lossy(&why));
+                            }
                             Ok(_) => continue,
-                            Err(e) => break e,
+                            Err(ReadError::Bad(why)) => {
+                                break format!("node {node} {why}; the run cannot continue");
+                            }
+                            Err(e) => {
+                                break format!(
+                                    "lost node {node} ({e}): its process stopped; the run cannot continue without it"
+                                );
+                            }
                         }
                     };
                     if !finished.load(Ordering::SeqCst) && !reported.swap(true, Ordering::SeqCst) {
-                        on_lost(format!(
-                            "node {me}: lost node {node} ({why}): its process stopped; the run cannot continue without it"
-                        ));
+                        on_lost(format!("node {me}: {message}"));
                     }
                 })
                 .ok();
@@ -528,10 +614,28 @@ impl NodeGroup {
     /// On a node other than 0, before [`NodeGroup::share`] (and with [`NodeGroup::watch`]
     /// registered, whose watcher reads them): the payloads node 0 sends with
     /// [`NodeGroup::send_to_all`], in order. The channel ends when node 0 finishes.
+    /// Called after the share, the channel is empty and ended.
     pub fn messages(&self) -> std::sync::mpsc::Receiver<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        *self.inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        let done = self.pending_watch.lock().unwrap_or_else(PoisonError::into_inner).0;
+        if !done {
+            *self.inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        }
         rx
+    }
+
+    /// This process cannot go on (`why`): tells every connected node, whose watchers then
+    /// stop their processes naming this node and `why`, instead of their collectives waiting
+    /// for this node's ranks until the library's timeout. This process's own watchers stop
+    /// reporting.
+    pub fn abort(&self, why: &str) {
+        self.finished.store(true, Ordering::SeqCst);
+        let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut why = why.as_bytes().to_vec();
+        why.truncate(64 << 10);
+        for link in links.iter_mut() {
+            let _ = write_frame(&mut link.stream, ABORT, &why);
+        }
     }
 
     /// Says goodbye to every connected node (the run ended normally here), so that their
@@ -655,14 +759,61 @@ mod tests {
             g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
             match n {
                 0 => {}
-                // Node 1 ends normally, node 2 "dies" (its connection drops without a goodbye).
+                // Node 1 ends normally at once; node 2 "dies" later (its connection drops
+                // without a goodbye). Had node 1's goodbye been missed, node 1 would be the
+                // first (and, reports being once per group, the only) node reported.
                 1 => g.finish(),
-                _ => drop(g),
+                _ => {
+                    std::thread::sleep(Duration::from_millis(500));
+                    drop(g)
+                }
             }
         });
         let msg = rx.recv_timeout(Duration::from_secs(5)).expect("node 0 hears that node 2 is lost");
         assert!(msg.contains("lost node 2"), "{msg}");
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "only the lost node is reported");
+    }
+
+    #[test]
+    fn an_abort_names_the_node_and_its_reason() {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        run_nodes(2, &[1, 1], &["x"; 2], |n, g| {
+            let g = g.unwrap();
+            let tx = tx.lock().unwrap().clone();
+            g.watch(move |m| tx.send(m).unwrap());
+            g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
+            if n == 1 {
+                g.abort("rank 3: out of device memory");
+                std::thread::sleep(Duration::from_millis(300));
+            } else {
+                std::thread::sleep(Duration::from_millis(600));
+                g.finish();
+            }
+        });
+        let msgs: Vec<String> = rx.try_iter().collect();
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(msgs[0].contains("node 0: node 1 stopped the run: rank 3: out of device memory"), "{msgs:?}");
+    }
+
+    #[test]
+    fn a_failed_share_starts_no_watchers() {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let tx = Mutex::new(tx);
+        run_nodes(2, &[1, 1], &["x"; 2], |n, g| {
+            let g = g.unwrap();
+            if n == 0 {
+                let tx = tx.lock().unwrap().clone();
+                g.watch(move |m| tx.send(m).unwrap());
+            }
+            let mine = if n == 0 { Ok(Some(vec![0])) } else { Err("device 77 does not exist".into()) };
+            assert!(g.share(mine).is_err());
+            // Node 1 exits at once; node 0 must not report it as lost.
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        assert!(rx.try_iter().next().is_none());
     }
 
     #[test]
@@ -677,15 +828,21 @@ mod tests {
 
     #[test]
     fn node_0s_messages_reach_every_node_in_order_and_end_with_its_goodbye() {
+        let (lost_tx, lost) = std::sync::mpsc::channel::<String>();
+        let lost_tx = Mutex::new(lost_tx);
+        let big = vec![7u8; 3 << 20];
         let out = run_nodes(3, &[1, 1, 1], &["x"; 3], |n, g| {
             let g = g.unwrap();
             let inbox = (n != 0).then(|| g.messages());
-            g.watch(|m| panic!("{m}"));
+            let tx = lost_tx.lock().unwrap().clone();
+            g.watch(move |m| tx.send(m).unwrap());
             g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
             if n == 0 {
                 for i in 0..100u32 {
                     assert!(g.send_to_all(&i.to_le_bytes()));
                 }
+                // A serving tick with long prompts is megabytes.
+                assert!(g.send_to_all(&big));
                 g.finish();
                 return vec![];
             }
@@ -694,8 +851,9 @@ mod tests {
             g.finish();
             got
         });
-        let want: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
-        assert_eq!(out[1], want);
-        assert_eq!(out[2], want);
+        let mut want: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        want.push(big.clone());
+        assert!(out[1] == want && out[2] == want, "{} and {} messages", out[1].len(), out[2].len());
+        assert!(lost.try_iter().next().is_none(), "no node was lost");
     }
 }
