@@ -490,6 +490,19 @@ pub fn run(
         );
     }
     server.stop_token_ids = model_eos;
+    if let Some(g) = &group {
+        // Node 0's engine stopping (a failed step) leaves the other nodes' ranks waiting in a
+        // collective for node 0's: tell them. This server goes on answering every request with
+        // the engine's error, as on one node.
+        let (g, engine) = (g.clone(), engine.clone());
+        std::thread::Builder::new().name("dsv4-node-monitor".into()).spawn(move || loop {
+            if let Some(why) = engine.stopped() {
+                g.abort(&format!("node 0's engine stopped: {why}"));
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        })?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let served = runtime.block_on(dsv4_server::serve_bound(listener, server, engine, tok));
     // The other nodes' engines stop when node 0 says goodbye (not reported as a lost node).
