@@ -210,17 +210,19 @@ pub fn run(
         }
         None => println!("precision: {}, decoding state: f32 rows", kv.precision),
     }
-    // The reference last when the others are split: over several nodes the other processes
-    // wait for node 0 to meet them, which it does at its first split run.
-    let split = parallel.world() > 1;
     let mut runs = vec![];
-    for &b in &backends[1..] {
-        runs.push(match split {
-            true => trace_split(b, spec, &ids, kv, parallel)?,
-            false => with_backend!(b, |be| trace(be, spec, &ids, kv))?,
-        });
+    if parallel.world() > 1 {
+        // The reference last when the others are split: over several nodes the other
+        // processes wait for node 0 to meet them, which it does at its first split run.
+        for &b in &backends[1..] {
+            runs.push(trace_split(b, spec, &ids, kv, parallel)?);
+        }
+        runs.insert(0, with_backend!(backends[0], |be| trace(be, spec, &ids, kv))?);
+    } else {
+        for &b in backends {
+            runs.push(with_backend!(b, |be| trace(be, spec, &ids, kv))?);
+        }
     }
-    runs.insert(0, with_backend!(backends[0], |be| trace(be, spec, &ids, kv))?);
     let (mut worst, mut judged, mut blocks) = (0f64, usize::MAX, 0);
     for other in &runs[1..] {
         let mut text = String::new();

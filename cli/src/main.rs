@@ -62,13 +62,16 @@ mod dispatch {
                                     if let Err(e) = &out {
                                         eprintln!("error: rank {rank}: {e:#}");
                                         group.abort(&format!("rank {rank}: {e:#}"));
-                                        std::process::exit(1);
+                                        crate::exit_now(1);
                                     }
                                     out
                                 },
                             );
-                            if out.is_ok() {
-                                group.finish();
+                            match &out {
+                                Ok(_) => group.finish(),
+                                // A failure before the ranks' bodies (joining the communicator):
+                                // the other nodes hear why, not only that this one is gone.
+                                Err(e) => group.abort(&format!("{e:#}")),
                             }
                             out
                         }
@@ -499,6 +502,16 @@ pub(crate) fn cuda_ranks_refused(world: usize) -> anyhow::Error {
     anyhow::anyhow!(
         "--devices {world} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)"
     )
+}
+
+/// Ends the process at once from any thread, stdout and stderr flushed first (as far as their
+/// locks allow): for a rank of a multi-node run that cannot go on while its peers' threads
+/// are still inside collectives.
+pub(crate) fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(code)
 }
 
 pub(crate) fn cpu_nodes_refused(nnodes: usize) -> anyhow::Error {

@@ -191,10 +191,25 @@ impl ParallelArgs {
     /// device). A bad value or an environment variable that does not parse is an error.
     pub fn node_spec(&self) -> Result<NodeSpec> {
         let launched = std::env::var_os("MASTER_ADDR").is_some();
-        let (env_nodes, env_rank) = match (launched, from_env::<usize>(&["NNODES"])?) {
-            (false, _) => (None, None),
-            (true, Some(n)) => (Some(n), from_env(&["NODE_RANK"])?),
-            (true, None) => (from_env(&["WORLD_SIZE"])?, from_env(&["RANK"])?),
+        let (env_nodes, env_rank) = if !launched {
+            (None, None)
+        } else {
+            let pair = |count: &str, rank: &str| -> Result<Option<(usize, usize)>> {
+                match (from_env::<usize>(&[count])?, from_env::<usize>(&[rank])?) {
+                    (Some(n), Some(r)) => Ok(Some((n, r))),
+                    (None, None) => Ok(None),
+                    // Every process would take the default rank 0 and wait for the others.
+                    _ if self.nnodes.is_some() && self.node_rank.is_some() => Ok(None),
+                    _ => bail!(
+                        "MASTER_ADDR is set and so is one of {count} / {rank} but not the other: set both (or give \
+                         --nnodes and --node-rank)"
+                    ),
+                }
+            };
+            match pair("NNODES", "NODE_RANK")?.or(pair("WORLD_SIZE", "RANK")?) {
+                Some((n, r)) => (Some(n), Some(r)),
+                None => (None, None),
+            }
         };
         let nnodes = self.nnodes.or(env_nodes).unwrap_or(1);
         let node_rank = self.node_rank.or(env_rank).unwrap_or(0);
@@ -255,7 +270,7 @@ impl ParallelArgs {
         let group = NodeGroup::join(&spec, local, &fingerprint, dsv4_core::parallel::local::default_timeout())?;
         group.watch(|msg| {
             eprintln!("error: {msg}");
-            std::process::exit(1);
+            crate::exit_now(1);
         });
         Ok(Some(std::sync::Arc::new(group)))
     }

@@ -408,7 +408,17 @@ fn follow_node(
 ) -> Result<()> {
     let ranks = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
     eprintln!("serving as a follower node: node 0 takes the requests");
+    let mut ended_at = None;
     loop {
+        // Node 0 said goodbye, possibly mid-step: ranks waiting in a collective for node 0's
+        // would wait until HCCL's timeout, so after a grace period this node just ends.
+        if ranks.leader_ended.load(std::sync::atomic::Ordering::SeqCst) {
+            let at = *ended_at.get_or_insert_with(std::time::Instant::now);
+            if ranks.engine.stopped().is_none() && at.elapsed() > std::time::Duration::from_secs(5) {
+                eprintln!("node 0 ended the run; stopping");
+                crate::exit_now(0);
+            }
+        }
         if let Some(why) = ranks.engine.stopped() {
             if ranks.leader_ended.load(std::sync::atomic::Ordering::SeqCst) {
                 eprintln!("node 0 ended the run; stopping");

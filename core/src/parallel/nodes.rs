@@ -173,6 +173,9 @@ fn first_difference(theirs: &str, ours: &str) -> String {
     loop {
         match (a.next(), b.next()) {
             (Some(x), Some(y)) if x == y => continue,
+            (None, None) => {
+                return format!("it was started with different arguments (`{theirs:?}`, node 0: `{ours:?}`)")
+            }
             (x, y) => {
                 let show = |v: Option<&str>| v.map_or("nothing".to_string(), |v| format!("`{v}`"));
                 return format!(
@@ -608,7 +611,16 @@ impl NodeGroup {
             return false;
         }
         let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
-        links.iter_mut().all(|l| write_frame(&mut l.stream, DATA, payload).is_ok())
+        let mut all = true;
+        for l in links.iter_mut() {
+            if write_frame(&mut l.stream, DATA, payload).is_err() {
+                // A frame may be half written: close the link, so that the peer sees it gone
+                // rather than reading whatever comes next as the rest of the frame.
+                let _ = l.stream.shutdown(Shutdown::Both);
+                all = false;
+            }
+        }
+        all
     }
 
     /// On a node other than 0, before [`NodeGroup::share`] (and with [`NodeGroup::watch`]
@@ -617,8 +629,9 @@ impl NodeGroup {
     /// Called after the share, the channel is empty and ended.
     pub fn messages(&self) -> std::sync::mpsc::Receiver<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let done = self.pending_watch.lock().unwrap_or_else(PoisonError::into_inner).0;
-        if !done {
+        // Held while the inbox is set, so that a share ending meanwhile cannot miss it.
+        let pending = self.pending_watch.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pending.0 {
             *self.inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
         }
         rx
@@ -629,13 +642,13 @@ impl NodeGroup {
     /// for this node's ranks until the library's timeout. This process's own watchers stop
     /// reporting.
     pub fn abort(&self, why: &str) {
-        self.finished.store(true, Ordering::SeqCst);
         let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
         let mut why = why.as_bytes().to_vec();
         why.truncate(64 << 10);
         for link in links.iter_mut() {
             let _ = write_frame(&mut link.stream, ABORT, &why);
         }
+        self.finished.store(true, Ordering::SeqCst);
     }
 
     /// Says goodbye to every connected node (the run ended normally here), so that their
