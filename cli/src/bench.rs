@@ -826,15 +826,30 @@ pub fn run_ranks(
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
     let bf16_gemms = kv.precision.rounds_to_bf16() && name == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: None };
-    if !opts.json {
+    // Over several processes node 0 reports the table; every node reports its own ranks'
+    // communication (each process counts only its ranks').
+    let nodes = parallel.nodes();
+    let follower = nodes.as_ref().is_some_and(|n| n.node_rank != 0);
+    if !opts.json && !follower {
         print!("{}", machine_report(&machine, isa));
         println!("backend: {description}");
         println!("model: {spec}");
-        println!(
-            "ranks: {} (TP {}, EP {}), threads of this process sharing its cores and memory: the speeds are the split \
-             run's; bytes read/tok and the roofline are one device's figures",
-            layout.world, layout.tp, layout.ep
-        );
+        match &nodes {
+            None => println!(
+                "ranks: {} (TP {}, EP {}), threads of this process sharing its cores and memory: the speeds are the \
+                 split run's; bytes read/tok and the roofline are one device's figures",
+                layout.world, layout.tp, layout.ep
+            ),
+            Some(n) => println!(
+                "ranks: {} (TP {}, EP {}) over {} processes, {} here: the speeds are the split run's; bytes read/tok \
+                 and the roofline are one device's figures",
+                layout.world,
+                layout.tp,
+                layout.ep,
+                n.nnodes,
+                layout.world / n.nnodes
+            ),
+        }
         print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
     }
     let kv_description = std::sync::Mutex::new(String::new());
@@ -876,6 +891,12 @@ pub fn run_ranks(
         )?;
         Ok(RankRun { rank, plan: rank_decode_traffic(&cfg, &rank, 1), rows })
     })?;
+    if follower {
+        if !opts.json {
+            print!("{}", comm_report(&runs, opts.decode_steps));
+        }
+        return Ok(());
+    }
     if !opts.json {
         print!("{}", comm_report(&runs, opts.decode_steps));
         return Ok(());

@@ -643,7 +643,6 @@ fn run(cli: Cli) -> Result<()> {
             };
             if parallel.is_split()? {
                 split_backend(backend, &parallel)?;
-                parallel.refuse_nodes("dsv4 bench")?;
                 if profile {
                     anyhow::bail!(
                         "--profile times one backend's ops; with --devices the ranks run on several: profile without \

@@ -239,7 +239,7 @@ impl ParallelArgs {
         if spec.nnodes > 1 {
             bail!(
                 "{command} does not run over several processes yet (--nnodes {}, or NNODES / WORLD_SIZE in the \
-                 environment): `dsv4 logits`, `dsv4 generate`, `dsv4 check` and `dsv4 serve` do; run {command} on one node with \
+                 environment): `dsv4 logits`, `dsv4 generate`, `dsv4 check`, `dsv4 bench` and `dsv4 serve` do; run {command} on one node with \
                  --devices",
                 spec.nnodes
             );
