@@ -120,6 +120,16 @@ impl Submitted {
     }
 }
 
+/// The mirrors of `ranks` local engines: rank 0 leads, telling the others (and `remote`, a
+/// follower outside this process, when given) each tick; every other rank follows.
+fn lead_and_follow(ranks: usize, remote: Option<mpsc::Sender<Tick>>) -> Vec<Mirror> {
+    let (mut told, heard): (Vec<_>, Vec<_>) = (1..ranks).map(|_| mpsc::channel::<Tick>()).unzip();
+    told.extend(remote);
+    let mut mirrors = vec![Mirror::Lead(told)];
+    mirrors.extend(heard.into_iter().map(Mirror::Follow));
+    mirrors
+}
+
 /// Where the leader's node sends each encoded tick (false: the other side is gone).
 pub type TickSink = Box<dyn FnMut(Vec<u8>) -> bool + Send>;
 
@@ -182,9 +192,7 @@ impl EngineHandle {
     where
         B: Backend + 'static,
     {
-        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
-        let mut mirrors = vec![Mirror::Lead(tick_txs)];
-        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
+        let mirrors = lead_and_follow(builds.len(), None);
         Self::spawn_mirrored(config, builds, mirrors)
     }
 
@@ -201,7 +209,6 @@ impl EngineHandle {
     where
         B: Backend + 'static,
     {
-        let (tick_txs, tick_rxs): (Vec<_>, Vec<_>) = (1..builds.len()).map(|_| mpsc::channel::<Tick>()).unzip();
         let (remote_tx, remote_rx) = mpsc::channel::<Tick>();
         std::thread::Builder::new().name("dsv4-engine-remote".into()).spawn(move || {
             for tick in remote_rx {
@@ -210,10 +217,7 @@ impl EngineHandle {
                 }
             }
         })?;
-        let mut leader = tick_txs;
-        leader.push(remote_tx);
-        let mut mirrors = vec![Mirror::Lead(leader)];
-        mirrors.extend(tick_rxs.into_iter().map(Mirror::Follow));
+        let mirrors = lead_and_follow(builds.len(), Some(remote_tx));
         Self::spawn_mirrored(config, builds, mirrors)
     }
 

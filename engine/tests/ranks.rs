@@ -110,7 +110,10 @@ fn prompt(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 3 + (i.wrapping_mul(2654435761).wrapping_add(seed * 977) >> 9) % 250).collect()
 }
 
-fn collect(mut s: RequestStream) -> (Vec<u32>, Result<FinishReason, String>) {
+/// A request's tokens and how it ended.
+type Answer = (Vec<u32>, Result<FinishReason, String>);
+
+fn collect(mut s: RequestStream) -> Answer {
     let mut toks = vec![];
     while let Some(e) = s.blocking_recv() {
         match e {
@@ -141,6 +144,24 @@ const CONFIG: EngineConfig = EngineConfig {
     speculative_tokens: 0,
 };
 
+/// Submits a request whose client leaves after 3 tokens, then `reqs` (on a `tight` pool, so
+/// that they preempt each other), and checks their answers are `want` and something was
+/// preempted.
+fn run_with_a_client_that_leaves(e: &EngineHandle, reqs: &[GenerationRequest], want: &[Answer]) {
+    let mut gone = e.submit(greedy(prompt(7, 12), 90)).unwrap();
+    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(EngineEvent::Token { .. }) = gone.blocking_recv() {
+            seen += 1;
+        }
+    }
+    drop(gone);
+    let got: Vec<_> = streams.into_iter().map(collect).collect();
+    assert_eq!(got, want);
+    assert!(e.stats().preemptions_total > 0, "nothing was preempted: the test does not test preemption");
+}
+
 #[test]
 fn a_split_engine_answers_as_one_device_does() {
     let reqs: Vec<_> =
@@ -169,20 +190,8 @@ fn preemption_and_cancellation_replay_on_every_rank() {
         reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
     };
     let e = ranked(CONFIG, (2, 2, 2), tight, None);
-    // A request whose client leaves after a few tokens, while the others run.
-    let mut gone = e.submit(greedy(prompt(7, 12), 90)).unwrap();
-    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    let mut seen = 0;
-    while seen < 3 {
-        if let Some(EngineEvent::Token { .. }) = gone.blocking_recv() {
-            seen += 1;
-        }
-    }
-    drop(gone);
-    let got: Vec<_> = streams.into_iter().map(collect).collect();
-    assert_eq!(got, want);
+    run_with_a_client_that_leaves(&e, &reqs, &want);
     let s = e.stats();
-    assert!(s.preemptions_total > 0, "nothing was preempted: the test does not test preemption");
     assert_eq!((s.requests_failed_total, s.requests_cancelled_total), (0, 1));
     // Afterwards the ranks are still in step: a new request answers as one device does.
     assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0]);
@@ -259,18 +268,7 @@ fn an_engine_over_two_nodes_answers_as_one_device_does() {
     });
     let e = EngineHandle::spawn_ranks_leading(CONFIG, builds, sink).expect("node 0 starts");
     let node1 = follower.join().unwrap();
-    let mut gone = e.submit(greedy(prompt(7, 12), 90)).unwrap();
-    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    let mut seen = 0;
-    while seen < 3 {
-        if let Some(EngineEvent::Token { .. }) = gone.blocking_recv() {
-            seen += 1;
-        }
-    }
-    drop(gone);
-    let got: Vec<_> = streams.into_iter().map(collect).collect();
-    assert_eq!(got, want);
-    assert!(e.stats().preemptions_total > 0, "nothing was preempted: the test does not test preemption");
+    run_with_a_client_that_leaves(&e, &reqs, &want);
     assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0], "a reused prefix");
     assert!(sent.load(Ordering::SeqCst) > 10, "the ticks went over the wire");
     assert!(node1.stopped().is_none(), "node 1 still runs: {:?}", node1.stopped());
