@@ -157,6 +157,18 @@ pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
     diff / scale
 }
 
+/// Checks a split run's outputs (`ranks`, in rank order) against one device's (`want`): rank
+/// 0's within `tolerance` ([`max_rel_err`]), printed under `what`, and every other rank the
+/// same bits as rank 0 (activations are replicated, so the ranks must agree exactly).
+pub fn assert_ranks_match_one_device(what: &str, ranks: &[Vec<f32>], want: &[f32], tolerance: f64) {
+    let err = max_rel_err(&ranks[0], want);
+    println!("{what}: prefill + decode max rel err {err:.2e} against one device");
+    assert!(err <= tolerance, "{what}: {err:.3e}");
+    for (r, got) in ranks.iter().enumerate().skip(1) {
+        assert!(got == &ranks[0], "{what}: rank {r}'s logits differ from rank 0's");
+    }
+}
+
 /// A pool for `seqs` sequences of up to `tokens` tokens fed in steps of up to `max_step`.
 pub fn kv_config(cfg: &ModelConfig, dtype: KvDtype, seqs: usize, tokens: usize, max_step: usize) -> KvConfig {
     KvConfig::for_sequences(cfg, dtype, seqs, tokens, max_step)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dsv4_backend_ascend::{run_node_ranks, AscendBackend};
 use dsv4_core::parallel::{NodeGroup, ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
-use dsv4_tests::{case_kv_dtype, fixture_cases, max_rel_err, prefill_and_decode, read_reference};
+use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
 
 const TOLERANCE: f64 = 1e-5;
 const DECODE_STEPS: usize = 8;
@@ -85,12 +85,7 @@ fn two_nodes_of_two_devices_equal_one_device() {
         let ranks: Vec<Vec<f32>> =
             nodes.into_iter().flat_map(|r| r.unwrap_or_else(|e| panic!("{name}: {e}"))).collect();
         assert_eq!(ranks.len(), 4);
-        let err = max_rel_err(&ranks[0], &want);
-        println!("{name} / 2 nodes x 2 devices (TP 2, EP 2): max rel err {err:.2e} against one device");
-        assert!(err <= TOLERANCE, "{name}: {err:.3e}");
-        for (r, got) in ranks.iter().enumerate().skip(1) {
-            assert!(got == &ranks[0], "{name}: global rank {r}'s logits differ from rank 0's");
-        }
+        assert_ranks_match_one_device(&format!("{name} / 2 nodes x 2 devices (TP 2, EP 2)"), &ranks, &want, TOLERANCE);
     }
 }
 

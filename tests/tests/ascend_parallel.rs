@@ -10,7 +10,7 @@ use std::path::Path;
 use dsv4_backend_ascend::{run_ranks, AscendBackend};
 use dsv4_core::parallel::{ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
-use dsv4_tests::{case_kv_dtype, fixture_cases, max_rel_err, prefill_and_decode, read_reference};
+use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
 
 const TOLERANCE: f64 = 1e-5;
 const DEVICES: usize = 4;
@@ -45,12 +45,7 @@ fn check(case: &Path) {
             Ok::<_, dsv4_core::Error>(prefill_and_decode(be, &model, &ids, dtype, Some(DECODE_STEPS)))
         })
         .unwrap_or_else(|e| panic!("{name} / {label}: {e}"));
-        let err = max_rel_err(&ranks[0], &want);
-        println!("{name} / {label} over HCCL: prefill + decode max rel err {err:.2e} against one device");
-        assert!(err <= TOLERANCE, "{name} / {label}: {err:.3e}");
-        for (r, got) in ranks.iter().enumerate().skip(1) {
-            assert!(got == &ranks[0], "{name} / {label}: rank {r}'s logits differ from rank 0's");
-        }
+        assert_ranks_match_one_device(&format!("{name} / {label} over HCCL"), &ranks, &want, TOLERANCE);
     }
 }
 

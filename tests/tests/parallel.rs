@@ -14,8 +14,8 @@ use dsv4_core::kv::KvDtype;
 use dsv4_core::parallel::{run_local, ParallelLayout, RankContext};
 use dsv4_core::{Batch, Checkpoint, Model, ModelConfig};
 use dsv4_tests::{
-    case_kv_dtype, case_precision, chunks, fixture_cases, max_rel_err, official_cases, prefill_and_decode,
-    read_reference,
+    assert_ranks_match_one_device, case_kv_dtype, case_precision, chunks, fixture_cases, max_rel_err, official_cases,
+    prefill_and_decode, read_reference,
 };
 
 const TOLERANCE: f64 = 1e-5;
@@ -53,12 +53,7 @@ fn check(case: &Path, layouts: &[(usize, usize, usize, &str)]) {
     for &(world, tp, ep, label) in layouts {
         let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
         let (want, ranks) = single_and_split(case, layout, &ids);
-        let err = max_rel_err(&ranks[0], &want);
-        println!("{name} / {label}: prefill + decode max rel err {err:.2e} against one device");
-        assert!(err <= TOLERANCE, "{name} / {label}: {err:.3e}");
-        for (r, got) in ranks.iter().enumerate().skip(1) {
-            assert!(got == &ranks[0], "{name} / {label}: rank {r}'s logits differ from rank 0's");
-        }
+        assert_ranks_match_one_device(&format!("{name} / {label}"), &ranks, &want, TOLERANCE);
     }
 }
 
