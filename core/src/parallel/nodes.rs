@@ -428,11 +428,6 @@ impl NodeGroup {
         }
     }
 
-    /// A group of one process (no network): what a single-node run is.
-    pub fn single(local: usize) -> NodeGroup {
-        NodeGroup::new(1, 0, local, vec![])
-    }
-
     pub fn nnodes(&self) -> usize {
         self.nnodes
     }
