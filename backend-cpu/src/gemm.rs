@@ -1,16 +1,16 @@
-//! Matrix products of many rows (prefill): the `gemm` crate, or this crate's AVX-512 kernel.
+//! Matrix products of many rows (prefill): the `gemm` crate, or this crate's AVX-512 / AVX2 kernel.
 //!
 //! `gemm` (the kernels behind faer) dispatches at run time among its micro-kernels; on a stable
 //! compiler that is AVX2+FMA at best (gemm-f32 builds its AVX-512 ones only with its `nightly`
 //! feature). It was chosen over `matrixmultiply` (ndarray's `dot`), which was about 40% slower.
-//! Where AVX-512 is available and `a` has at least 8 rows, [`matmul_nt`] runs
-//! [`crate::kernels::f32_gemm`] instead (on the prefill shapes, 1.0 to 1.7 times as fast in three
-//! runs of its `bench_f32_gemm`; and its bits do not depend on how a matrix is cut). Both run
-//! single-threaded here: the backend's thread team spreads the blocks.
+//! Where AVX2 + FMA or AVX-512 is available and `a` has at least 8 rows, [`matmul_nt`] runs
+//! [`crate::kernels::f32_gemm`] instead (with AVX-512, 1.0 to 1.7 times as fast on the prefill
+//! shapes in three runs of its `bench_f32_gemm`; with AVX2, 0.8 to 1.8 times; and its bits
+//! depend neither on how a matrix is cut nor on the instruction set). Both run single-threaded
+//! here: the backend's thread team spreads the blocks.
 
-/// `c[m, n] = a[m, k] · bᵀ` for `b` `[n, k]` (both row-major), overwriting `c`: the AVX-512
-/// kernel of [`crate::kernels::f32_gemm`] where it runs (AVX-512, `m ≥ 8`), else the `gemm`
-/// crate.
+/// `c[m, n] = a[m, k] · bᵀ` for `b` `[n, k]` (both row-major), overwriting `c`: the kernel of
+/// [`crate::kernels::f32_gemm`] where it runs (AVX2 or AVX-512, `m ≥ 8`), else the `gemm` crate.
 ///
 /// Panics if a slice is shorter than its shape.
 pub(crate) fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
@@ -22,7 +22,7 @@ pub(crate) fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize,
 /// [`matmul_nt`] for input rows `a` against a block of weight rows `b` (`linear`): with fewer
 /// rows in `a` than in `b` (a routed expert's tokens against a block of its weight rows: about
 /// 100 against 256 in a 512-token prefill of the 0.75 B benchmark model, about 12 in
-/// V4-Flash's 256 experts), the AVX-512 kernel computes `cᵀ = b · aᵀ` and transposes it: it
+/// V4-Flash's 256 experts), the f32 kernel computes `cᵀ = b · aᵀ` and transposes it: it
 /// packs (transposes) the operand it multiplies from the right, so the smaller one is packed.
 /// The bits are the same, NaN payloads aside (which NaN propagates depends on the operand
 /// order): every output is the same FMA chain over `k` either way (multiplication commutes
@@ -57,7 +57,7 @@ pub(crate) fn transpose(src: &[f32], n: usize, m: usize, dst: &mut [f32]) {
     }
 }
 
-/// [`matmul_nt`] through the `gemm` crate always (the path of CPUs without AVX-512).
+/// [`matmul_nt`] through the `gemm` crate always (the path of CPUs without AVX2).
 #[cfg(test)]
 pub(crate) fn matmul_nt_gemm_crate(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
     matmul(a, b, c, m, k, n, true)
@@ -124,7 +124,7 @@ mod tests {
     fn fewer_rows_of_a_give_the_kernels_bits() {
         use crate::kernels::f32_gemm;
         if !f32_gemm::available() {
-            eprintln!("fewer_rows_of_a_give_the_kernels_bits: no AVX-512 f32 kernel on this CPU: nothing is swapped");
+            eprintln!("fewer_rows_of_a_give_the_kernels_bits: no f32 kernel on this CPU: nothing is swapped");
             return;
         }
         let mut seed = 0x5a5a_1234u64;

@@ -101,7 +101,7 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// exception: one BF16 input row (`x_bf16`) on an FP4 weight with E8M0 scales goes through
 /// [`fp4_bf16`] where the CPU has AVX512-BF16 (exact products, another summation order).
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by
-/// [`crate::gemm::matmul_nt_weights`] (an AVX-512 kernel or the `gemm` crate);
+/// [`crate::gemm::matmul_nt_weights`] (the AVX-512 or AVX2 kernel, or the `gemm` crate);
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
 /// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
 /// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
@@ -463,7 +463,7 @@ impl Backend for CpuBackend {
         // A matrix of one task's rows (mHC's `[24, 4 · hidden]` mixing weights, the indexer's
         // head weights) would run on one thread: its input rows are cut as well, into pieces
         // that depend on `m` alone (never on the thread count, see `prefill_rows_per_task`).
-        // Only for the AVX-512 f32 kernel, whose outputs do not depend on how many rows it
+        // Only for the f32 kernel (AVX-512 or AVX2), whose outputs do not depend on how many rows it
         // takes: the `gemm` crate's k-blocking does (m = 300 against 128 + 172 rows differ
         // at k = 600), and so may the BF16 GEMM's.
         let cut = row_tasks == 1 && !x.bf16 && crate::kernels::f32_gemm::available();

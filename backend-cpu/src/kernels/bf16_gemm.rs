@@ -200,7 +200,7 @@ mod x86 {
                     // SAFETY (of the `tile` call): this function's features; `on_tile` hands it
                     // MR rows of NR writable values at stride `ld` (inside `c` for a whole tile,
                     // else its edge buffer).
-                    on_tile::<MR, NR>(c, n, (i0, j0), (mr, nr), load, &mut edge, |p, ld| unsafe {
+                    on_tile(c, n, (i0, j0), (mr, nr), (MR, NR), load, &mut edge, |p, ld| unsafe {
                         tile(&strip, panel, kcp, p, ld, load)
                     });
                 }

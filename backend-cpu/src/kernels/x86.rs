@@ -336,36 +336,75 @@ pub(super) fn first_lanes(n: usize) -> __mmask16 {
     }
 }
 
-/// Runs a GEMM micro-kernel on the output block of `c` (row-major, row stride `n`) at row `i0`,
-/// column `j0`, of which `mr ≤ MR` rows and `nr ≤ NR` columns lie inside `c`: `tile(p, ld)`
-/// computes an `MR × NR` tile at `p` with row stride `ld` (at least its first `nr` columns; the
-/// f32 GEMM computes only 16 for `nr ≤ 16`), reading it first if `load`. A
-/// whole block is computed in place; a partial one through `edge` (`MR · NR` values, row stride
-/// `NR`), filled from `c` first when `load` and copied back after.
+/// Runs a GEMM micro-kernel whose tile is `MR × NR` (`(tile_mr, tile_nr)`) on the output block
+/// of `c` (row-major, row stride `n`) at row `i0`, column `j0`, of which `mr ≤ MR` rows and
+/// `nr ≤ NR` columns lie inside `c`: `tile(p, ld)` computes an `MR × NR` tile at `p` with row
+/// stride `ld` (at least its first `nr` columns; the f32 GEMM computes only `NR / 2` for
+/// `nr ≤ NR / 2`), reading it first if `load`. A whole block is computed in place; a partial
+/// one through `edge` (`MR · NR` values, row stride `NR`), filled from `c` first when `load`
+/// and copied back after ([`tile_in`], [`tile_out`]).
+///
+/// The closure does not inherit `#[target_feature]`s unless the function that writes it has
+/// them: a generic kernel (`f32_gemm`'s) calls the two halves itself instead.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn on_tile<const MR: usize, const NR: usize>(
+pub(super) fn on_tile(
     c: &mut [f32],
     n: usize,
-    (i0, j0): (usize, usize),
-    (mr, nr): (usize, usize),
+    at: (usize, usize),
+    size: (usize, usize),
+    tile_shape: (usize, usize),
     load: bool,
     edge: &mut [f32],
     tile: impl FnOnce(*mut f32, usize),
 ) {
-    debug_assert!(mr <= MR && nr <= NR && edge.len() >= MR * NR && (i0 + mr - 1) * n + j0 + nr <= c.len());
-    if mr == MR && nr == NR {
-        tile(c[i0 * n + j0..].as_mut_ptr(), n);
-        return;
+    let (p, ld) = tile_in(c, n, at, size, tile_shape, load, edge);
+    tile(p, ld);
+    tile_out(c, n, at, size, tile_shape, edge);
+}
+
+/// Where [`on_tile`]'s micro-kernel writes: `c` itself (row stride `n`) for a whole block, else
+/// `edge` (row stride `NR`), filled with the block first when `load`.
+#[inline(always)]
+pub(super) fn tile_in(
+    c: &mut [f32],
+    n: usize,
+    (i0, j0): (usize, usize),
+    (mr, nr): (usize, usize),
+    (tile_mr, tile_nr): (usize, usize),
+    load: bool,
+    edge: &mut [f32],
+) -> (*mut f32, usize) {
+    debug_assert!(
+        mr <= tile_mr && nr <= tile_nr && edge.len() >= tile_mr * tile_nr && (i0 + mr - 1) * n + j0 + nr <= c.len()
+    );
+    if mr == tile_mr && nr == tile_nr {
+        return (c[i0 * n + j0..].as_mut_ptr(), n);
     }
     if load {
         for r in 0..mr {
-            edge[r * NR..r * NR + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
+            edge[r * tile_nr..r * tile_nr + nr].copy_from_slice(&c[(i0 + r) * n + j0..][..nr]);
         }
     }
-    tile(edge.as_mut_ptr(), NR);
+    (edge.as_mut_ptr(), tile_nr)
+}
+
+/// Copies a partial block's tile from `edge` back into `c` ([`tile_in`]); nothing for a whole
+/// one.
+#[inline(always)]
+pub(super) fn tile_out(
+    c: &mut [f32],
+    n: usize,
+    (i0, j0): (usize, usize),
+    (mr, nr): (usize, usize),
+    (tile_mr, tile_nr): (usize, usize),
+    edge: &[f32],
+) {
+    if mr == tile_mr && nr == tile_nr {
+        return;
+    }
     for r in 0..mr {
-        c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * NR..r * NR + nr]);
+        c[(i0 + r) * n + j0..][..nr].copy_from_slice(&edge[r * tile_nr..r * tile_nr + nr]);
     }
 }
 
