@@ -84,6 +84,30 @@ impl NodeSpec {
     }
 }
 
+/// Node 0's listener: every interface, IPv6 and IPv4, on `port` (0: any free port), or IPv4
+/// alone where the host has no IPv6.
+///
+/// # Errors
+/// The IPv4 bind's error, when both fail (the port is taken, or not ours to bind).
+fn listen_on_every_interface(port: u16) -> std::io::Result<TcpListener> {
+    let ipv6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, Some(socket2::Protocol::TCP));
+    ipv6.and_then(|socket| listen_dual_stack(socket, port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+}
+
+/// `socket` (an IPv6 TCP socket) bound to `[::]:port` and listening, for IPv4 clients as well:
+/// IPV6_V6ONLY is cleared first, since a host may set it by default (Linux's
+/// `net.ipv6.bindv6only = 1`, and Windows always), and a `[::]` listener then takes IPv6
+/// connections only, so the other nodes' IPv4 `--master-addr` would never reach node 0.
+/// Address reuse as std sets it on Unix (a restarted node 0 can bind at once).
+fn listen_dual_stack(socket: socket2::Socket, port: u16) -> std::io::Result<TcpListener> {
+    socket.set_only_v6(false)?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
 fn port_of(addr: &str) -> Option<u16> {
     addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
@@ -231,7 +255,7 @@ impl NodeGroup {
     /// Joins the run `spec` describes with `local` ranks on this process, every process
     /// passing the same `fingerprint` (a description of the command: model, layout, precision;
     /// a node with another is refused, so that nodes started with different arguments never
-    /// meet in a collective). Node 0 listens on `0.0.0.0:<master port>`; the others connect,
+    /// meet in a collective). Node 0 listens on every interface (IPv6 and IPv4) on the master port; the others connect,
     /// retrying until node 0 is up. Gives up after `timeout`.
     ///
     /// # Errors
@@ -242,12 +266,9 @@ impl NodeGroup {
         spec.validate()?;
         if spec.node_rank == 0 {
             let port = if spec.nnodes == 1 { 0 } else { port_of(&spec.master).unwrap_or(0) };
-            // Every interface, IPv6 and IPv4 (Linux's `[::]` is dual-stack), or IPv4 alone where
-            // IPv6 is off.
-            let listener =
-                TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))).map_err(|e| {
-                    comm_err(0, spec.nnodes, format!("cannot listen on port {port} ({e}): is another run using it?"))
-                })?;
+            let listener = listen_on_every_interface(port).map_err(|e| {
+                comm_err(0, spec.nnodes, format!("cannot listen on port {port} ({e}): is another run using it?"))
+            })?;
             NodeGroup::lead(listener, spec.nnodes, local, fingerprint, timeout)
         } else {
             NodeGroup::follow(&spec.master, spec.nnodes, spec.node_rank, local, fingerprint, timeout)
@@ -668,6 +689,32 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         (l, addr)
+    }
+
+    /// Node 0's listener takes IPv4 connections even from a socket that starts IPv6-only, as
+    /// on a host with `net.ipv6.bindv6only = 1`; and `listen_on_every_interface` takes them
+    /// whatever the host's default.
+    #[test]
+    fn node_0_listens_for_ipv4_on_an_ipv6_only_default() {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let listeners: Vec<TcpListener> = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+            Ok(socket) => {
+                socket.set_only_v6(true).unwrap();
+                vec![listen_dual_stack(socket, 0).unwrap(), listen_on_every_interface(0).unwrap()]
+            }
+            Err(e) => {
+                eprintln!("no IPv6 sockets here ({e}): only the IPv4 fallback is checked");
+                vec![listen_on_every_interface(0).unwrap()]
+            }
+        };
+        for l in listeners {
+            // The kernel completes the connection in the listen backlog (or refuses it at once):
+            // connect, then accept, so that a refusal fails the test instead of hanging it.
+            let port = l.local_addr().unwrap().port();
+            let _client = TcpStream::connect(("127.0.0.1", port)).expect("an IPv4 connection to node 0's listener");
+            let (_, from) = l.accept().unwrap();
+            assert!(from.ip().to_canonical().is_loopback(), "{from}");
+        }
     }
 
     /// Runs node 0 and nodes 1.. on threads; each node's result.
