@@ -299,35 +299,28 @@ impl ParallelArgs {
         Ok(self.world() > 1)
     }
 
-    /// [`ParallelArgs::describe`], saying which ranks this process runs when the run spans
-    /// several processes.
+    /// One line for stderr describing the layout, and where its ranks run: threads of this
+    /// process, or this process's share of a run over several (node rank, global ranks).
     pub fn describe_run(&self, layout: &ParallelLayout, cfg: &ModelConfig) -> String {
-        let line = ParallelArgs::describe(layout, cfg);
-        match self.nodes() {
-            None => line,
+        let placement = match self.nodes() {
+            None => "threads of this process (CPU: over the in-process communicator; Ascend: one device each, over \
+                     HCCL)"
+                .to_string(),
             Some(spec) => {
                 let local = layout.world / spec.nnodes;
-                line.replacen(
-                    "threads of this process",
-                    &format!(
-                        "over {} processes (this one: node {}, global ranks {}..{}, one thread per device)",
-                        spec.nnodes,
-                        spec.node_rank,
-                        spec.node_rank * local,
-                        (spec.node_rank + 1) * local
-                    ),
-                    1,
+                format!(
+                    "over {} processes (this one: node {}, global ranks {}..{}, one thread per device; over HCCL)",
+                    spec.nnodes,
+                    spec.node_rank,
+                    spec.node_rank * local,
+                    (spec.node_rank + 1) * local
                 )
             }
-        }
-    }
-
-    /// One line for stderr describing the layout.
-    pub fn describe(layout: &ParallelLayout, cfg: &ModelConfig) -> String {
+        };
         let r0 = layout.rank(0);
         format!(
-            "ranks: {}, threads of this process (CPU: over the in-process communicator; Ascend: one device each, over \
-             HCCL); TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts {:?} of {})",
+            "ranks: {}, {placement}; TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts \
+             {:?} of {})",
             layout.world,
             layout.tp,
             r0.heads(cfg),
@@ -355,5 +348,43 @@ mod tests {
             let e = bad.parse::<DeviceList>().unwrap_err();
             assert!(e.contains("device list"), "{bad}: {e}");
         }
+    }
+
+    /// The layout line says where the ranks run: threads of this process, or this node's
+    /// global ranks of a run over several processes.
+    #[test]
+    fn the_layout_line_names_this_processs_ranks() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            parallel: ParallelArgs,
+        }
+        let cfg = dsv4_core::builtin::tiny().unwrap().0;
+        let line = |args: &[&str]| {
+            let cli =
+                <Cli as clap::Parser>::try_parse_from(std::iter::once("dsv4").chain(args.iter().copied())).unwrap();
+            let layout = cli.parallel.layout(&cfg).unwrap();
+            cli.parallel.describe_run(&layout, &cfg)
+        };
+        let one = line(&["--devices", "2", "--tensor-parallel", "2"]);
+        assert!(one.starts_with("ranks: 2, threads of this process (CPU: "), "{one}");
+        assert!(one.contains("; TP 2 (rank 0: heads 0..2 of 4,"), "{one}");
+        let nodes = [
+            "--devices",
+            "2",
+            "--nnodes",
+            "3",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "10.0.0.1",
+            "--master-port",
+            "29500",
+        ];
+        let node_1 = line(&nodes);
+        assert!(
+            node_1.starts_with("ranks: 6, over 3 processes (this one: node 1, global ranks 2..4, one thread per device; over HCCL); TP 1 "),
+            "{node_1}"
+        );
     }
 }
