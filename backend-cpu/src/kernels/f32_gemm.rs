@@ -48,7 +48,8 @@
 
 use super::Isa;
 
-/// The fewest rows of `a` the kernel takes (an AVX-512 tile's); fewer go to the `gemm` crate:
+/// The fewest rows of `a` the kernel takes (an AVX-512 tile's, for either micro-kernel, so that
+/// both take the same shapes); fewer go to the `gemm` crate:
 /// the kernel packs all of `b` for them, which on one row costs ten times the products (m = 1,
 /// k = 512, n = 8192: 3.2 ms against 0.3).
 pub(crate) const MIN_ROWS: usize = 8;
@@ -281,7 +282,8 @@ mod x86 {
         // the slice lengths and `m, n, k > 0`; `packed` holds the kernel's `lines`.
         match isa {
             Isa::Avx512 => with_packed(lines::<Avx512>(n, k), |packed| unsafe { run_avx512(a, b, c, m, k, n, packed) }),
-            _ => with_packed(lines::<Avx2>(n, k), |packed| unsafe { run_avx2(a, b, c, m, k, n, packed) }),
+            Isa::Avx2 => with_packed(lines::<Avx2>(n, k), |packed| unsafe { run_avx2(a, b, c, m, k, n, packed) }),
+            Isa::Scalar => unreachable!("the f32 GEMM has no scalar micro-kernel"),
         }
     }
 
@@ -419,7 +421,8 @@ mod x86 {
             Isa::Avx512 => with_packed(m.div_ceil(Avx512::NR) * k * Avx512::NV, |packed| unsafe {
                 widened_rhs_avx512(a, widen, c, m, k, n, packed)
             }),
-            _ => with_packed(m.div_ceil(Avx2::NR) * k * Avx2::NV, |packed| unsafe {
+            Isa::Scalar => unreachable!("the f32 GEMM has no scalar micro-kernel"),
+            Isa::Avx2 => with_packed(m.div_ceil(Avx2::NR) * k * Avx2::NV, |packed| unsafe {
                 widened_rhs_avx2(a, widen, c, m, k, n, packed)
             }),
         }
@@ -708,12 +711,15 @@ mod x86 {
     }
 
     /// The `vmaskmovps` mask of the first `n` (at most 8) of 8 lanes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX.
     #[inline(always)]
-    fn first_lanes8(n: usize) -> __m256i {
+    unsafe fn first_lanes8(n: usize) -> __m256i {
         static LANES: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
         debug_assert!(n <= 8);
-        // SAFETY: 8 i32 from index 8 − n <= 8 lie inside the 16; AVX is part of the callers'
-        // AVX2.
+        // SAFETY: 8 i32 from index 8 − n <= 8 lie inside the 16; AVX as the caller guarantees.
         unsafe { _mm256_loadu_si256(LANES[8 - n..].as_ptr().cast()) }
     }
 
@@ -877,7 +883,9 @@ mod tests {
     }
 
     const MS: [usize; 6] = [1, 7, 8, 9, 13, 100];
-    const NS: [usize; 7] = [1, 15, 31, 32, 33, 64, 65];
+    /// Last tiles of every width around the narrow-tile cut of both micro-kernels (8 of 16
+    /// columns for AVX2, 16 of 32 for AVX-512) and whole ones.
+    const NS: [usize; 13] = [1, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 64, 65];
     const KS: [usize; 10] = [0, 1, 2, 15, 16, 17, 255, 256, 257, 1025];
 
     /// `matmul_nt_widened_weights` gives the FMA chain too (its whole-`k` tiles, stored
@@ -895,6 +903,11 @@ mod tests {
             (15, 64),
             (16, 17),
             (17, 40),
+            (24, 40),
+            (25, 64),
+            (40, 64),
+            (48, 64),
+            (49, 64),
             (31, 200),
             (33, 34),
             (96, 256),

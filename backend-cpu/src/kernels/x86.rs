@@ -339,8 +339,8 @@ pub(super) fn first_lanes(n: usize) -> __mmask16 {
 /// Runs a GEMM micro-kernel whose tile is `MR × NR` (`(tile_mr, tile_nr)`) on the output block
 /// of `c` (row-major, row stride `n`) at row `i0`, column `j0`, of which `mr ≤ MR` rows and
 /// `nr ≤ NR` columns lie inside `c`: `tile(p, ld)` computes an `MR × NR` tile at `p` with row
-/// stride `ld` (at least its first `nr` columns; the f32 GEMM computes only `NR / 2` for
-/// `nr ≤ NR / 2`), reading it first if `load`. A whole block is computed in place; a partial
+/// stride `ld` (at least its first `nr` columns: `f32_gemm`'s narrow tile computes only
+/// `NR / 2` for `nr ≤ NR / 2`), reading it first if `load`. A whole block is computed in place; a partial
 /// one through `edge` (`MR · NR` values, row stride `NR`), filled from `c` first when `load`
 /// and copied back after ([`tile_in`], [`tile_out`]).
 ///

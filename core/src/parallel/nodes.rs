@@ -710,9 +710,21 @@ mod tests {
         for l in listeners {
             // The kernel completes the connection in the listen backlog (or refuses it at once):
             // connect, then accept, so that a refusal fails the test instead of hanging it.
+            // Accepting with a deadline: were the port also held by another process's IPv4
+            // socket, the connection would land there and a blocking accept would hang.
             let port = l.local_addr().unwrap().port();
             let _client = TcpStream::connect(("127.0.0.1", port)).expect("an IPv4 connection to node 0's listener");
-            let (_, from) = l.accept().unwrap();
+            l.set_nonblocking(true).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let from = loop {
+                match l.accept() {
+                    Ok((_, from)) => break from,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("node 0's listener took no IPv4 connection: {e}"),
+                }
+            };
             assert!(from.ip().to_canonical().is_loopback(), "{from}");
         }
     }
