@@ -17,8 +17,8 @@
 //! `Decode::chunk_split` in `x86.rs`, `fp4_split_avx2` / `fp4_split_avx512`), with the group's
 //! table loaded instead of computed: the 16 code bytes widened to 32-bit lanes, the low nibbles
 //! (the even values) and the high ones (the odd values, after a shift) looked up with `vpermps`
-//! (AVX-512: one 16-entry look-up; AVX2: the 8 positive and 8 negative entries, picked by the
-//! sign bit). The input is permuted into the split layout (`weights::split_input`) once per
+//! (AVX-512: one 16-entry look-up; AVX2: the 8 positive entries, and the sign bit XORed into
+//! the result). The input is permuted into the split layout (`weights::split_input`) once per
 //! call; the multiply-adds and the reduction of that layout are the lanes' own
 //! (`weights::Lanes::fma` and `reduce_split`).
 
@@ -126,8 +126,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn group(c: *const u8, t: *const f32) -> Self::W {
             // SAFETY: AVX2 (trait contract); 16 code bytes at `c`, 16 values at `t` (the 8
-            // positive entries, then the 8 negative ones).
-            unsafe { fp4_split_avx2(c, _mm256_loadu_ps(t), _mm256_loadu_ps(t.add(8))) }
+            // positive entries first: the negative ones are their negations).
+            unsafe { fp4_split_avx2(c, _mm256_loadu_ps(t)) }
         }
     }
 

@@ -17,8 +17,9 @@
 //!   bytes and the bytes shifted right by 4), widened to 32 bits, and looked up in a register
 //!   table already multiplied by the group's scale (`E2M1_TO_F32[c] * scale`, the same multiply
 //!   as the scalar path): AVX-512 `vpermps` on the 16 entries; AVX2 `vpermps` on the 8 positive
-//!   and the 8 negative entries, chosen by the code's sign bit (`blendv`), so `-0.0` stays.
-//!   `vpermps` reads only the low 4 (3) bits of an index, so the other bits may hold garbage.
+//!   entries, then the code's sign bit XORed into the f32 sign (the negative entries are the
+//!   positive ones negated, exactly; `-0.0` stays). `vpermps` reads only the low 4 (3) bits of
+//!   an index, so the other bits may hold garbage.
 
 use std::arch::x86_64::*;
 
@@ -441,24 +442,28 @@ unsafe fn halves_times(h: __m128i, s: __m256) -> __m256 {
     unsafe { _mm256_mul_ps(_mm256_cvtph_ps(h), s) }
 }
 
-/// 8 e2m1 codes (in the low 4 bits of each lane) looked up in the 8 positive and 8 negative
-/// scaled table entries: `vpermps` reads the low 3 bits, the sign bit picks the table.
+/// 8 e2m1 codes (in the low 4 bits of each lane; the bits above are ignored) looked up in the
+/// 8 positive scaled table entries `pos` (`vpermps` reads the low 3 bits), the code's sign bit
+/// then moved into the f32 sign: `-(v·s)` is the negative entry `(-v)·s` bit for bit (negation
+/// is exact), except that a NaN scale's NaN may change sign, which no NaN comparison sees. One
+/// `vpermps` and two bit operations where a lookup in both halves and a `blendv` took two
+/// `vpermps`: AVX2 decode of FP4 experts is shuffle-bound.
 ///
 /// # Safety
 ///
 /// The CPU supports AVX2.
 #[inline(always)]
-unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
+unsafe fn e2m1_look(idx: __m256i, pos: __m256) -> __m256 {
     // SAFETY: register-only AVX2 operations (as above).
     unsafe {
-        let sign = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-        _mm256_blendv_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_permutevar8x32_ps(neg, idx), sign)
+        let sign = _mm256_and_si256(_mm256_slli_epi32(idx, 28), _mm256_set1_epi32(i32::MIN));
+        _mm256_xor_ps(_mm256_permutevar8x32_ps(pos, idx), _mm256_castsi256_ps(sign))
     }
 }
 
 /// The 32 FP4 values of one chunk in the split layout (the even values in the first two
-/// registers, the odd ones in the last two), looked up in the group's table `pos`, `neg` (the
-/// 8 positive and the 8 negative E2M1 values times the group's scale): the decode of
+/// registers, the odd ones in the last two), looked up in the group's table `pos` (the 8
+/// positive E2M1 values times the group's scale, [`e2m1_look`]): the decode of
 /// `Decode::<Avx2>::chunk_split` for FP4 and of `fp4_f32`'s kernel.
 ///
 /// # Safety
@@ -466,7 +471,7 @@ unsafe fn e2m1_look(idx: __m256i, pos: __m256, neg: __m256) -> __m256 {
 /// The CPU supports AVX2; 16 bytes are readable at `p` (byte `i` holds value `2i` in its low
 /// nibble and `2i + 1` in its high one).
 #[inline(always)]
-pub(super) unsafe fn fp4_split_avx2(p: *const u8, pos: __m256, neg: __m256) -> [__m256; 4] {
+pub(super) unsafe fn fp4_split_avx2(p: *const u8, pos: __m256) -> [__m256; 4] {
     // SAFETY: a 16-byte load the caller vouches for, then register-only AVX2 operations.
     unsafe {
         let b = _mm_loadu_si128(p.cast());
@@ -474,10 +479,10 @@ pub(super) unsafe fn fp4_split_avx2(p: *const u8, pos: __m256, neg: __m256) -> [
         // split layout.
         let (lo, hi) = (_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
         [
-            e2m1_look(lo, pos, neg),
-            e2m1_look(hi, pos, neg),
-            e2m1_look(_mm256_srli_epi32(lo, 4), pos, neg),
-            e2m1_look(_mm256_srli_epi32(hi, 4), pos, neg),
+            e2m1_look(lo, pos),
+            e2m1_look(hi, pos),
+            e2m1_look(_mm256_srli_epi32(lo, 4), pos),
+            e2m1_look(_mm256_srli_epi32(hi, 4), pos),
         ]
     }
 }
@@ -620,20 +625,17 @@ impl Decode<Avx2> for Fp8Dec<'_> {
 }
 
 impl Decode<Avx2> for Fp4Dec<'_> {
-    /// The 8 positive and the 8 negative table entries times the group's scale.
-    type Scale = (__m256, __m256);
+    /// The 8 positive table entries times the group's scale (the negative ones are their
+    /// negations: [`e2m1_look`]).
+    type Scale = __m256;
     #[inline(always)]
-    unsafe fn scale(&self, b: usize) -> Option<(__m256, __m256)> {
+    unsafe fn scale(&self, b: usize) -> Option<__m256> {
         let s = row_parts!(self.0, Scaled).1[b];
         // SAFETY: the table has 16 entries; AVX (trait contract).
-        unsafe {
-            let s = _mm256_set1_ps(s);
-            let t = E2M1_TO_F32.as_ptr();
-            Some((_mm256_mul_ps(_mm256_loadu_ps(t), s), _mm256_mul_ps(_mm256_loadu_ps(t.add(8)), s)))
-        }
+        unsafe { Some(_mm256_mul_ps(_mm256_loadu_ps(E2M1_TO_F32.as_ptr()), _mm256_set1_ps(s))) }
     }
     #[inline(always)]
-    unsafe fn chunk(&self, j: usize, (pos, neg): (__m256, __m256)) -> [__m256; 4] {
+    unsafe fn chunk(&self, j: usize, pos: __m256) -> [__m256; 4] {
         let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
         // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX2 (trait
         // contract).
@@ -644,20 +646,20 @@ impl Decode<Avx2> for Fp4Dec<'_> {
             let c0 = _mm_unpacklo_epi8(b, hi);
             let c1 = _mm_unpackhi_epi8(b, hi);
             [
-                e2m1_look(_mm256_cvtepu8_epi32(c0), pos, neg),
-                e2m1_look(_mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)), pos, neg),
-                e2m1_look(_mm256_cvtepu8_epi32(c1), pos, neg),
-                e2m1_look(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)), pos, neg),
+                e2m1_look(_mm256_cvtepu8_epi32(c0), pos),
+                e2m1_look(_mm256_cvtepu8_epi32(_mm_srli_si128(c0, 8)), pos),
+                e2m1_look(_mm256_cvtepu8_epi32(c1), pos),
+                e2m1_look(_mm256_cvtepu8_epi32(_mm_srli_si128(c1, 8)), pos),
             ]
         }
     }
     const SPLIT: bool = true;
     #[inline(always)]
-    unsafe fn chunk_split(&self, j: usize, (pos, neg): (__m256, __m256)) -> [__m256; 4] {
+    unsafe fn chunk_split(&self, j: usize, pos: __m256) -> [__m256; 4] {
         let p = row_parts!(self.0, Scaled).0.as_ptr().wrapping_add(j / 2).cast::<__m128i>();
         // SAFETY: the 16 bytes of values j..j+32 lie inside the row (j is even); AVX2 (trait
         // contract).
-        unsafe { fp4_split_avx2(p.cast(), pos, neg) }
+        unsafe { fp4_split_avx2(p.cast(), pos) }
     }
 }
 
