@@ -891,14 +891,12 @@ pub fn run_ranks(
         )?;
         Ok(RankRun { rank, plan: rank_decode_traffic(&cfg, &rank, 1), rows })
     })?;
-    if follower {
-        if !opts.json {
-            print!("{}", comm_report(&runs, opts.decode_steps));
-        }
-        return Ok(());
-    }
     if !opts.json {
         print!("{}", comm_report(&runs, opts.decode_steps));
+        return Ok(());
+    }
+    // The JSON report is node 0's alone.
+    if follower {
         return Ok(());
     }
     let report = Report {

@@ -122,7 +122,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    use super::super::x86::{first_lanes, on_tile, transpose16, Line, ZERO_LINE};
+    use super::super::x86::{first_lanes, tile_in, tile_out, transpose16, Line, ZERO_LINE};
 
     /// Rows of `a` per micro-tile.
     const MR: usize = 8;
@@ -197,12 +197,12 @@ mod x86 {
                 for j in 0..panels {
                     let (j0, nr) = (j * NR, NR.min(n - j * NR));
                     let panel = &packed[(j * kp + pk0) * NV..(j * kp + pk0 + kcp) * NV];
-                    // SAFETY (of the `tile` call): this function's features; `on_tile` hands it
-                    // MR rows of NR writable values at stride `ld` (inside `c` for a whole tile,
-                    // else its edge buffer).
-                    on_tile(c, n, (i0, j0), (mr, nr), (MR, NR), load, &mut edge, |p, ld| unsafe {
-                        tile(&strip, panel, kcp, p, ld, load)
-                    });
+                    let (at, size, shape) = ((i0, j0), (mr, nr), (MR, NR));
+                    let (p, ld) = tile_in(c, n, at, size, shape, load, &mut edge);
+                    // SAFETY: this function's features; `tile_in` gives MR rows of NR writable
+                    // values at stride `ld` (inside `c` for a whole tile, else the edge buffer).
+                    unsafe { tile(&strip, panel, kcp, p, ld, load) };
+                    tile_out(c, n, at, size, shape, &edge);
                 }
             }
         }

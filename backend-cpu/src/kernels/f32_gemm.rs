@@ -58,8 +58,20 @@ pub(crate) const MIN_ROWS: usize = 8;
 /// AVX-512 (so `DSV4_CPU_ISA=scalar` turns it off, and `avx2` picks the AVX2 micro-kernel on an
 /// AVX-512 CPU); `None` on other CPUs and architectures.
 pub(crate) fn kernel_isa() -> Option<Isa> {
-    let isa = Isa::active();
-    (cfg!(target_arch = "x86_64") && isa >= Isa::Avx2).then_some(isa)
+    Some(Isa::active()).filter(|&isa| has_micro_kernel(isa))
+}
+
+/// Whether the kernel has a micro-kernel for `isa` (AVX2 or AVX-512, on x86-64).
+fn has_micro_kernel(isa: Isa) -> bool {
+    cfg!(target_arch = "x86_64") && isa >= Isa::Avx2
+}
+
+/// `isa` where it has a micro-kernel, else None. Panics, naming `op`, if the CPU does not
+/// support it.
+fn micro_kernel(isa: Option<Isa>, op: &str) -> Option<Isa> {
+    let isa = isa.filter(|&i| has_micro_kernel(i))?;
+    assert!(isa.is_supported(), "{op}: this CPU does not support {}", isa.name());
+    Some(isa)
 }
 
 /// Whether this CPU (and `DSV4_CPU_ISA`) runs the kernel: [`kernel_isa`] is some.
@@ -88,10 +100,9 @@ fn matmul_nt_f32_with(isa: Option<Isa>, a: &[f32], b: &[f32], c: &mut [f32], m: 
         holds(a.len(), m, k) && holds(b.len(), n, k) && holds(c.len(), m, n),
         "matmul_nt_f32: slices shorter than their shapes (or a size overflows)"
     );
-    let Some(isa) = isa.filter(|&i| i >= Isa::Avx2) else {
+    let Some(isa) = micro_kernel(isa, "matmul_nt_f32") else {
         return false;
     };
-    assert!(isa.is_supported(), "matmul_nt_f32: this CPU does not support {}", isa.name());
     if m > 0 && m < MIN_ROWS {
         return false;
     }
@@ -163,10 +174,9 @@ fn matmul_nt_widened_weights_with(
         holds(a.len(), m, k) && holds(c.len(), m, n),
         "matmul_nt_widened_weights: slices shorter than their shapes (or a size overflows)"
     );
-    let Some(isa) = isa.filter(|&i| i >= Isa::Avx2) else {
+    let Some(isa) = micro_kernel(isa, "matmul_nt_widened_weights") else {
         return false;
     };
-    assert!(isa.is_supported(), "matmul_nt_widened_weights: this CPU does not support {}", isa.name());
     if m < MIN_ROWS || m >= n || k == 0 || !widened_panels_fit(m, k) {
         return false;
     }
@@ -376,8 +386,6 @@ mod x86 {
                     let (j0, nr) = (j * nr_full, nr_full.min(n - j * nr_full));
                     let p0 = (j - jb) * k + k0;
                     let panel = &packed[p0 * nv..(p0 + kc) * nv];
-                    // No `on_tile` closure here: it would not inherit the features of the
-                    // `run_*` function this is inlined into, and the kernel would not inline.
                     let (at, size, shape) = ((i0, j0), (mr, nr), (mr_full, nr_full));
                     let (p, ld) = tile_in(c, n, at, size, shape, load, &mut edge);
                     // SAFETY: `K`'s features; `ap` is rows i0..i0+MR <= m of `a` from column k0
@@ -826,7 +834,7 @@ mod tests {
     /// says: the tests check every micro-kernel the machine has, AVX2 on an AVX-512 CPU too);
     /// where there is none, says that only `false` was checked (on `None` and `Scalar`).
     fn kernels(test: &str) -> Vec<Isa> {
-        let isas: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i >= Isa::Avx2).collect();
+        let isas: Vec<Isa> = Isa::supported().into_iter().filter(|&i| has_micro_kernel(i)).collect();
         if isas.is_empty() {
             eprintln!("{test}: no f32 GEMM micro-kernel runs here (no AVX2): only checked that it declines");
         }
@@ -841,7 +849,7 @@ mod tests {
 
     /// Whether `isa` runs a micro-kernel.
     fn has_kernel(isa: Option<Isa>) -> bool {
-        isa.is_some_and(|i| i >= Isa::Avx2)
+        isa.is_some_and(has_micro_kernel)
     }
 
     /// The module's definition: one `mul_add` chain over `k` from `+0`.

@@ -337,35 +337,16 @@ pub(super) fn first_lanes(n: usize) -> __mmask16 {
     }
 }
 
-/// Runs a GEMM micro-kernel whose tile is `MR × NR` (`(tile_mr, tile_nr)`) on the output block
-/// of `c` (row-major, row stride `n`) at row `i0`, column `j0`, of which `mr ≤ MR` rows and
-/// `nr ≤ NR` columns lie inside `c`: `tile(p, ld)` computes an `MR × NR` tile at `p` with row
-/// stride `ld` (at least its first `nr` columns: `f32_gemm`'s narrow tile computes only
-/// `NR / 2` for `nr ≤ NR / 2`), reading it first if `load`. A whole block is computed in place; a partial
-/// one through `edge` (`MR · NR` values, row stride `NR`), filled from `c` first when `load`
-/// and copied back after ([`tile_in`], [`tile_out`]).
+/// Where a GEMM micro-kernel whose tile is `MR × NR` (`(tile_mr, tile_nr)`) writes the output
+/// block of `c` (row-major, row stride `n`) at row `i0`, column `j0`, of which `mr ≤ MR` rows and
+/// `nr ≤ NR` columns lie inside `c`: `c` itself (row stride `n`) for a whole block, else `edge`
+/// (`MR · NR` values, row stride `NR`), filled with the block first when `load`; [`tile_out`]
+/// copies a partial block back after the micro-kernel ran (which computes at least the first
+/// `nr` columns: `f32_gemm`'s narrow tile computes only `NR / 2` for `nr ≤ NR / 2`).
 ///
-/// The closure does not inherit `#[target_feature]`s unless the function that writes it has
-/// them: a generic kernel (`f32_gemm`'s) calls the two halves itself instead.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn on_tile(
-    c: &mut [f32],
-    n: usize,
-    at: (usize, usize),
-    size: (usize, usize),
-    tile_shape: (usize, usize),
-    load: bool,
-    edge: &mut [f32],
-    tile: impl FnOnce(*mut f32, usize),
-) {
-    let (p, ld) = tile_in(c, n, at, size, tile_shape, load, edge);
-    tile(p, ld);
-    tile_out(c, n, at, size, tile_shape, edge);
-}
-
-/// Where [`on_tile`]'s micro-kernel writes: `c` itself (row stride `n`) for a whole block, else
-/// `edge` (row stride `NR`), filled with the block first when `load`.
+/// Two calls around the micro-kernel rather than one taking it as a closure: a closure does
+/// not inherit `#[target_feature]`s unless the function that writes it has them, and
+/// `f32_gemm`'s generic blocking has none (its intrinsics would become calls).
 #[inline(always)]
 pub(super) fn tile_in(
     c: &mut [f32],

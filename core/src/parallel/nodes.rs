@@ -255,8 +255,8 @@ impl NodeGroup {
     /// Joins the run `spec` describes with `local` ranks on this process, every process
     /// passing the same `fingerprint` (a description of the command: model, layout, precision;
     /// a node with another is refused, so that nodes started with different arguments never
-    /// meet in a collective). Node 0 listens on every interface (IPv6 and IPv4) on the master port; the others connect,
-    /// retrying until node 0 is up. Gives up after `timeout`.
+    /// meet in a collective). Node 0 listens on every interface (IPv6 and IPv4) on the master
+    /// port; the others connect, retrying until node 0 is up. Gives up after `timeout`.
     ///
     /// # Errors
     /// [`Error::Config`] for a spec that does not add up; [`Error::Comm`] when the port cannot
