@@ -156,3 +156,50 @@ pub trait Device: Send + Sync + 'static {
     /// Waits for all queued work.
     fn synchronize(&self) -> Result<()>;
 }
+
+/// A shared device is the device: the ranks of a multi-device run share theirs between the
+/// rank's backend and its communicator (`crate::comm`), which enqueue on the same stream.
+impl<D: Device> Device for std::sync::Arc<D> {
+    type Buffer = D::Buffer;
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn free_memory(&self) -> Option<usize> {
+        (**self).free_memory()
+    }
+    fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer> {
+        (**self).alloc_zeroed(bytes)
+    }
+    fn alloc_uninit(&self, bytes: usize) -> Result<Self::Buffer> {
+        (**self).alloc_uninit(bytes)
+    }
+    fn len(&self, buffer: &Self::Buffer) -> usize {
+        (**self).len(buffer)
+    }
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer> {
+        (**self).upload(bytes)
+    }
+    fn download(&self, buffer: &Self::Buffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        (**self).download(buffer, offset, out)
+    }
+    fn copy(
+        &self,
+        src: &Self::Buffer,
+        src_offset: usize,
+        dst: &Self::Buffer,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        (**self).copy(src, src_offset, dst, dst_offset, bytes)
+    }
+    fn launch(&self, kernel: &'static str, config: LaunchConfig, args: &[KernelArg<'_, Self::Buffer>]) -> Result<()> {
+        (**self).launch(kernel, config, args)
+    }
+    fn gemm(&self, g: &Gemm, a: &Self::Buffer, b: &Self::Buffer, c: &Self::Buffer) -> Result<()> {
+        (**self).gemm(g, a, b, c)
+    }
+    fn synchronize(&self) -> Result<()> {
+        (**self).synchronize()
+    }
+}

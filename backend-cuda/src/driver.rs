@@ -69,7 +69,7 @@ fn driver_err(what: &str, e: driver::DriverError) -> Error {
 
 /// Runs `f`, turning a panic inside cudarc (a library or a function it binds that is missing)
 /// into an error.
-fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let msg = payload
             .downcast_ref::<String>()
@@ -104,6 +104,10 @@ pub struct CudaLibrary {
     /// (with a backtrace on stderr, even where [`guard`] turns the panic into an error) when it
     /// calls one a library lacks, so a library without them counts as not there.
     symbols: &'static [&'static str],
+    /// File names the library is commonly installed under that cudarc does not try (none of
+    /// [`CudaLibrary::candidates`]): when one of them loads, the message says to link it under
+    /// the first candidate's name.
+    unlooked: &'static [&'static str],
 }
 
 /// The CUDA driver (`libcuda.so.1`).
@@ -133,6 +137,7 @@ pub const DRIVER: CudaLibrary = CudaLibrary {
         "cuDeviceGetDefaultMemPool",
         "cuMemPoolSetAttribute",
     ],
+    unlooked: &[],
 };
 
 /// NVRTC, the run-time CUDA C++ compiler the kernels are built with.
@@ -143,6 +148,7 @@ pub const NVRTC: CudaLibrary = CudaLibrary {
     fix: "install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc-cu12` and add the wheel's \
           site-packages/nvidia/cuda_nvrtc/lib folder to LD_LIBRARY_PATH",
     symbols: &["nvrtcCreateProgram", "nvrtcCompileProgram", "nvrtcGetPTXSize", "nvrtcGetPTX", "nvrtcGetProgramLog"],
+    unlooked: &[],
 };
 
 /// cuBLAS, for the GEMMs.
@@ -153,6 +159,40 @@ pub const CUBLAS: CudaLibrary = CudaLibrary {
     fix: "install the CUDA toolkit, or `pip install nvidia-cublas-cu12` and add the wheel's \
           site-packages/nvidia/cublas/lib folder to LD_LIBRARY_PATH",
     symbols: &["cublasCreate_v2", "cublasSetStream_v2", "cublasSgemmStridedBatched", "cublasGemmStridedBatchedEx"],
+    unlooked: &[],
+};
+
+/// NCCL, for the collectives of a multi-GPU run ([`crate::nccl::NcclComm`]). Not one of
+/// [`LIBRARIES`]: a single-GPU run does not need it. cudarc looks for `libnccl.so` (and
+/// CUDA-versioned names), not NCCL's soname `libnccl.so.2`, which is the only name the `libnccl2`
+/// package and the `nvidia-nccl-cu12` wheel install.
+pub const NCCL: CudaLibrary = CudaLibrary {
+    stems: &["nccl"],
+    name: "NCCL",
+    what: "NCCL, the NVIDIA collective communications library (libnccl)",
+    fix: "install NCCL 2.18 or newer: the libnccl-dev package (it provides libnccl.so; libnccl2 alone has only \
+          libnccl.so.2), or `pip install nvidia-nccl-cu12` and link the wheel's \
+          site-packages/nvidia/nccl/lib/libnccl.so.2 as libnccl.so in a folder on LD_LIBRARY_PATH",
+    symbols: &[
+        "ncclCommInitAll",
+        "ncclCommSplit",
+        "ncclCommDestroy",
+        "ncclCommAbort",
+        "ncclCommCount",
+        "ncclCommUserRank",
+        "ncclCommGetAsyncError",
+        "ncclGetErrorString",
+        "ncclGetLastError",
+        "ncclAllReduce",
+        "ncclAllGather",
+        "ncclReduceScatter",
+        "ncclBroadcast",
+        "ncclSend",
+        "ncclRecv",
+        "ncclGroupStart",
+        "ncclGroupEnd",
+    ],
+    unlooked: &["libnccl.so.2"],
 };
 
 /// Every library [`DriverDevice`] needs.
@@ -231,11 +271,24 @@ impl CudaLibrary {
                 }
             }
         }
+        // An installed name cudarc does not look for.
+        for other in self.unlooked {
+            match try_load(other, self.symbols) {
+                Ok(()) => msg.push_str(&format!(
+                    "; {other} is installed, but cudarc does not look for that name: link it as {} in a folder on \
+                     LD_LIBRARY_PATH",
+                    candidates.first().map(String::as_str).unwrap_or("the name above")
+                )),
+                Err(e) if e.contains("lacks the function") => msg.push_str(&format!("; {e}")),
+                Err(_) => {}
+            }
+        }
         msg.push_str(&format!(". To fix: {}.", self.fix));
         Err(msg)
     }
 
-    fn require(&self) -> Result<String> {
+    /// [`CudaLibrary::find`] as an [`Error::Backend`].
+    pub(crate) fn require(&self) -> Result<String> {
         self.find().map_err(err)
     }
 }
@@ -657,7 +710,7 @@ impl DriverDevice {
     }
 
     /// The address of byte `offset` of `buffer`, with `bytes` bytes from there inside it.
-    fn range(&self, buffer: &CudaSlice<u8>, offset: usize, bytes: usize, what: &str) -> Result<u64> {
+    pub(crate) fn range(&self, buffer: &CudaSlice<u8>, offset: usize, bytes: usize, what: &str) -> Result<u64> {
         let (base, len) = self.address(buffer)?;
         match offset.checked_add(bytes) {
             Some(end) if end <= len => Ok(base + offset as u64),
@@ -665,8 +718,14 @@ impl DriverDevice {
         }
     }
 
-    fn bind(&self) -> Result<()> {
+    /// Makes the device's context current on the calling thread.
+    pub(crate) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| driver_err("binding the CUDA context to this thread", e))
+    }
+
+    /// The device's one stream, as the driver API's handle.
+    pub(crate) fn cu_stream(&self) -> cu::CUstream {
+        self.stream.cu_stream()
     }
 
     /// A new buffer of `bytes` bytes, contents undefined. A zero-byte buffer still owns a
@@ -1219,6 +1278,7 @@ mod tests {
             what: "a test library",
             fix: "install it",
             symbols: &[],
+            unlooked: &[],
         };
         let e = missing.find().unwrap_err();
         assert!(e.contains("a test library could not be loaded") && e.contains("install it"), "{e}");
@@ -1227,6 +1287,33 @@ mod tests {
         assert!(NVRTC.candidates().contains(&"libnvrtc.so.12".to_string()));
         assert!(DRIVER.candidates().contains(&"libcuda.so.1".to_string()));
         assert!(CUBLAS.candidates().contains(&"libcublas.so.12".to_string()));
+    }
+
+    #[test]
+    fn an_installed_name_cudarc_does_not_try_is_named_with_how_to_link_it() {
+        let elsewhere = CudaLibrary {
+            stems: &["dsv4-no-such-library"],
+            name: "test",
+            what: "a test library",
+            fix: "install it",
+            symbols: &["malloc"],
+            unlooked: &["libc.so.6", "libdsv4-no-such-library.so.2"],
+        };
+        let e = elsewhere.find().unwrap_err();
+        assert!(
+            e.contains(
+                "libc.so.6 is installed, but cudarc does not look for that name: link it as \
+                        libdsv4-no-such-library.so in a folder on LD_LIBRARY_PATH"
+            ),
+            "{e}"
+        );
+        assert!(!e.contains("libdsv4-no-such-library.so.2"), "{e}");
+        // The names NCCL's packages install are not among those cudarc tries (else the hint
+        // would be wrong).
+        for lib in [DRIVER, NVRTC, CUBLAS, NCCL] {
+            let tried = lib.candidates();
+            assert!(lib.unlooked.iter().all(|n| !tried.iter().any(|t| t == n)), "{}: {tried:?}", lib.name);
+        }
     }
 
     /// A library that loads but lacks a function cudarc would call counts as broken: cudarc

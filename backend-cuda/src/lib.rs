@@ -14,9 +14,12 @@
 //! a GPU: `ci/gpu-check.sh` is the prepared first run.
 
 pub mod backend;
+pub mod collective;
+pub mod comm;
 pub mod device;
 pub mod driver;
 pub mod kernels;
+pub mod nccl;
 pub mod tensor;
 
 mod attention;
@@ -30,21 +33,41 @@ mod reduce;
 mod weights;
 
 pub use backend::CudaBackend;
+pub use comm::{run_ranks, NcclCommunicator};
 pub use device::{Device, Gemm, GemmType, KernelArg, LaunchConfig};
 pub use driver::DriverDevice;
 use dsv4_core::error::Result;
+pub use nccl::NcclComm;
+
+/// Opens GPUs `ordinals` (as the driver numbers them; rank r on `ordinals[r]`) and one NCCL
+/// communicator over them (`ncclCommInitAll`), for [`run_ranks`]: the ranks of a multi-GPU run
+/// in this process. Fails with an actionable message, never a panic, when a library (NCCL
+/// included) is missing, a GPU does not exist or one is listed twice.
+pub fn open_ranks(ordinals: &[usize]) -> Result<(Vec<std::sync::Arc<DriverDevice>>, Vec<NcclComm>)> {
+    let devices: Vec<std::sync::Arc<DriverDevice>> =
+        ordinals.iter().map(|&o| DriverDevice::open(o).map(std::sync::Arc::new)).collect::<Result<_>>()?;
+    let refs: Vec<&DriverDevice> = devices.iter().map(|d| &**d).collect();
+    let members = NcclComm::init_all(&refs)?;
+    Ok((devices, members))
+}
 
 /// What `dsv4 devices` prints for CUDA: which of the libraries the backend loads at run time
-/// (the driver, NVRTC, cuBLAS) were found, each under the file name that loads. `Err` when one
-/// is missing, with each library's state and what to install for the missing ones.
+/// (the driver, NVRTC, cuBLAS; and NCCL, needed only for `--devices` > 1) were found, each under
+/// the file name that loads. `Err` when a required one is missing, with each library's state
+/// and what to install for the missing ones.
 pub fn probe() -> std::result::Result<String, String> {
     let found: Vec<_> = driver::LIBRARIES.iter().map(|lib| (lib.name, lib.find())).collect();
+    let nccl = match driver::NCCL.find() {
+        Ok(file) => format!("NCCL {file}"),
+        Err(_) => "NCCL missing (needed for --devices > 1 only)".to_string(),
+    };
     let states: Vec<String> = found
         .iter()
         .map(|(name, r)| match r {
             Ok(file) => format!("{name} {file}"),
             Err(_) => format!("{name} missing"),
         })
+        .chain([nccl])
         .collect();
     let problems: Vec<&str> = found.iter().filter_map(|(_, r)| r.as_ref().err().map(String::as_str)).collect();
     match problems.is_empty() {

@@ -1,0 +1,561 @@
+//! Collectives for the CUDA backend: [`NcclCommunicator`] implements dsv4's
+//! [`Communicator`](dsv4_core::parallel::Communicator) on device tensors over a collective
+//! library's [`DeviceComm`] (NCCL on GPUs, [`crate::nccl::NcclComm`]; the emulator's in CI), and
+//! [`run_ranks`] runs one rank per device as threads of this process, as the Ascend backend
+//! does over HCCL (`dsv4_backend_ascend::run_ranks`).
+//!
+//! # How each collective maps onto NCCL (f32 activations)
+//!
+//! * `all_reduce_sum`: `ncclAllReduce` (sum) into a new tensor; stream ordered.
+//! * `reduce_scatter_sum` along `dim`: a transpose makes every rank's part of `dim` contiguous
+//!   (`[size, outer, part·inner]`; none when `dim`'s outer extent is 1), then
+//!   `ncclReduceScatter`.
+//! * `broadcast`: `ncclBroadcast` from the root's own tensor (returned as it is there) into a
+//!   new tensor elsewhere.
+//! * `all_gather` along `dim`: the ranks first exchange their shapes (a small metadata
+//!   all-gather, read on the host), because the trait lets `dim` differ between ranks; then
+//!   `ncclAllGather` into `[size · n]` (each part zero-padded to the largest when the sizes
+//!   differ), rearranged with the backend's transpose, narrow and concat when `dim` is not the
+//!   outermost.
+//! * `all_to_all_v`: the metadata exchange carries every rank's `send_rows`, so every rank
+//!   knows the whole count matrix; then one group of `ncclSend` / `ncclRecv` (NCCL has no
+//!   all-to-all-v; its documentation builds one this way), zero-row transfers left out on both
+//!   sides.
+//! * `barrier`: a one-value `ncclAllReduce`, then the stream is synchronised.
+//! * `split`: `ncclCommSplit` with the rank as key.
+//!
+//! The metadata exchange also gives the strict checks of the in-process communicator where it
+//! runs (all-gather, all-to-all-v): invalid arguments on one rank, disagreeing dims or shapes
+//! and different collectives at the same step fail on *every* rank with one message.
+//! All-reduce, reduce-scatter and broadcast stay purely stream-ordered: their arguments are
+//! checked on the calling rank only, and the library reports (or times out on) ranks that
+//! disagree. Traffic follows [`Traffic`]'s rules exactly as
+//! [`dsv4_core::parallel::LocalComm`] counts it (the metadata exchanges are not counted).
+//!
+//! Emulator-verified (`tests/cuda-emu`'s NCCL), not yet run on GPUs.
+
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use dsv4_core::backend::Backend;
+use dsv4_core::error::{Error, Result};
+use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, ParallelLayout, RankContext, Traffic};
+
+use crate::collective::{DeviceComm, Span, Transfer};
+use crate::device::Device;
+use crate::tensor::CudaTensor;
+use crate::CudaBackend;
+
+/// Dims a tensor may have in the collectives that exchange shapes.
+const MAX_DIMS: usize = 8;
+/// Bytes of an invalid-argument message carried by the metadata exchange.
+const MSG_BYTES: usize = 256;
+
+const KINDS: [CollectiveKind; 7] = [
+    CollectiveKind::AllReduce,
+    CollectiveKind::AllGather,
+    CollectiveKind::ReduceScatter,
+    CollectiveKind::AllToAllV,
+    CollectiveKind::Broadcast,
+    CollectiveKind::Barrier,
+    CollectiveKind::Split,
+];
+
+/// A rank's entry of a metadata exchange (see [`NcclCommunicator::exchange`]).
+struct Meta {
+    kind: CollectiveKind,
+    /// This rank's reason its arguments are invalid (then the collective fails everywhere).
+    invalid: Option<String>,
+    /// The dim (all-gather).
+    arg: u64,
+    shape: Vec<usize>,
+    /// All-to-all-v: rows to each rank.
+    rows: Vec<usize>,
+}
+
+/// One rank of a communicator on one CUDA device: the collective library's member `C` and the
+/// rank's device, shared with the rank's backend (`CudaBackend<Arc<D>>`), on whose stream
+/// every collective is enqueued.
+pub struct NcclCommunicator<D: Device, C: DeviceComm<D>> {
+    /// A backend on the rank's device, for the communicator's own buffers (barrier, metadata).
+    be: CudaBackend<Arc<D>>,
+    comm: C,
+    traffic: Mutex<Traffic>,
+    /// Collectives on one communicator run one at a time.
+    busy: Mutex<()>,
+    _device: PhantomData<fn() -> D>,
+}
+
+impl<D: Device, C: DeviceComm<D>> std::fmt::Debug for NcclCommunicator<D, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclCommunicator").field("rank", &self.comm.rank()).field("size", &self.comm.size()).finish()
+    }
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// "rank 0 X, rank 1 Y, …".
+fn per_rank<T: std::fmt::Display>(metas: &[Meta], f: impl Fn(&Meta) -> T) -> String {
+    metas.iter().enumerate().map(|(r, m)| format!("rank {r} {}", f(m))).collect::<Vec<_>>().join(", ")
+}
+
+fn describe_shape(shape: &[usize]) -> String {
+    format!("{shape:?} ({} values)", numel(shape))
+}
+
+/// `(outer, len, inner)` of `shape` around `dim`.
+fn around(shape: &[usize], dim: usize) -> (usize, usize, usize) {
+    (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]))
+}
+
+/// Exclusive prefix sums.
+fn starts(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0usize, |acc, &c| {
+            let s = *acc;
+            *acc += c;
+            Some(s)
+        })
+        .collect()
+}
+
+impl<D: Device, C: DeviceComm<D>> NcclCommunicator<D, C> {
+    /// The communicator of member `comm` on `dev` (the device `comm` was made for); the rank's
+    /// backend is `CudaBackend::new(dev.clone())`.
+    pub fn new(dev: Arc<D>, comm: C) -> Self {
+        NcclCommunicator {
+            be: CudaBackend::new(dev),
+            comm,
+            traffic: Mutex::new(Traffic::default()),
+            busy: Mutex::new(()),
+            _device: PhantomData,
+        }
+    }
+
+    /// The device this communicator runs on.
+    pub fn device(&self) -> &Arc<D> {
+        &self.be.dev
+    }
+
+    fn error(&self, msg: String) -> Error {
+        Error::Comm { rank: self.comm.rank(), size: self.comm.size(), msg }
+    }
+
+    /// Locks the communicator for one collective, after checking that `be` is its backend.
+    fn enter(&self, be: Option<&CudaBackend<Arc<D>>>, kind: CollectiveKind) -> Result<MutexGuard<'_, ()>> {
+        if let Some(be) = be {
+            if !Arc::ptr_eq(&be.dev, &self.be.dev) {
+                return Err(self.error(format!(
+                    "{} was given a backend on another device than the communicator's ({} here, {} there)",
+                    kind.name(),
+                    self.be.dev.describe(),
+                    be.dev.describe()
+                )));
+            }
+        }
+        Ok(self.busy.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn record(&self, kind: CollectiveKind, values: usize) {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, values as u64 * 4);
+    }
+
+    /// A backend or library error during `kind`, as a communicator error.
+    fn wrap(&self, kind: CollectiveKind) -> impl Fn(Error) -> Error + '_ {
+        move |e| match e {
+            e @ Error::Comm { .. } => e,
+            e => self.error(format!("{}: {e}", kind.name())),
+        }
+    }
+
+    fn invalid(&self, kind: CollectiveKind, what: String) -> String {
+        format!("rank {} called {} with invalid arguments: {what}", self.comm.rank(), kind.name())
+    }
+
+    /// The whole of tensor `t` as a byte range of its buffer.
+    fn span(t: &CudaTensor<Arc<D>>) -> Span<'_, D::Buffer> {
+        Span::new(&*t.buf, t.offset, numel(&t.shape) * 4)
+    }
+
+    fn dev(&self) -> &D {
+        &self.be.dev
+    }
+
+    /// Words per rank of a metadata exchange: kind, status, arg, ndim, shape, rows, message.
+    fn meta_len(&self) -> usize {
+        4 + MAX_DIMS + self.comm.size() + MSG_BYTES / 8
+    }
+
+    /// Every rank's [`Meta`] (a small all-gather of u64 words, read on the host), with the
+    /// checks every rank makes identically: the same collective everywhere, and no rank with
+    /// invalid arguments.
+    fn exchange(&self, me: Meta) -> Result<Vec<Meta>> {
+        let (len, size) = (self.meta_len(), self.comm.size());
+        let mut words = vec![0u64; len];
+        words[0] = KINDS.iter().position(|k| *k == me.kind).unwrap_or(0) as u64;
+        words[2] = me.arg;
+        let mut invalid = me.invalid.clone();
+        if invalid.is_none() && me.shape.len() > MAX_DIMS {
+            invalid = Some(self.invalid(
+                me.kind,
+                format!("shape {:?} has more than {MAX_DIMS} dims, the most this communicator exchanges", me.shape),
+            ));
+        }
+        words[3] = me.shape.len().min(MAX_DIMS) as u64;
+        for (w, &d) in words[4..4 + MAX_DIMS].iter_mut().zip(&me.shape) {
+            *w = d as u64;
+        }
+        for (w, &r) in words[4 + MAX_DIMS..4 + MAX_DIMS + size].iter_mut().zip(&me.rows) {
+            *w = r as u64;
+        }
+        if let Some(msg) = &invalid {
+            words[1] = 1;
+            let mut bytes = msg.as_bytes().to_vec();
+            bytes.truncate(MSG_BYTES);
+            bytes.resize(MSG_BYTES, 0);
+            for (w, c) in words[len - MSG_BYTES / 8..].iter_mut().zip(bytes.chunks_exact(8)) {
+                *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            }
+        }
+        let wrap = self.wrap(me.kind);
+        let dev = self.dev();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let send = dev.upload(&bytes).map_err(&wrap)?;
+        let recv = dev.alloc_zeroed(len * 8 * size).map_err(&wrap)?;
+        self.comm
+            .all_gather_bytes(dev, Span::new(&send, 0, len * 8), Span::new(&recv, 0, len * 8 * size))
+            .map_err(&wrap)?;
+        let mut out = vec![0u8; len * 8 * size];
+        dev.download(&recv, 0, &mut out).map_err(&wrap)?;
+        let words: Vec<u64> =
+            out.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
+        let metas: Vec<Meta> = words
+            .chunks_exact(len)
+            .map(|w| {
+                let ndim = (w[3] as usize).min(MAX_DIMS);
+                let invalid = (w[1] != 0).then(|| {
+                    let bytes: Vec<u8> = w[len - MSG_BYTES / 8..].iter().flat_map(|x| x.to_le_bytes()).collect();
+                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+                    String::from_utf8_lossy(&bytes[..end]).into_owned()
+                });
+                Meta {
+                    kind: KINDS.get(w[0] as usize).copied().unwrap_or(CollectiveKind::Barrier),
+                    invalid,
+                    arg: w[2],
+                    shape: w[4..4 + ndim].iter().map(|&d| d as usize).collect(),
+                    rows: w[4 + MAX_DIMS..4 + MAX_DIMS + size].iter().map(|&r| r as usize).collect(),
+                }
+            })
+            .collect();
+        if metas.iter().any(|m| m.kind != me.kind) {
+            return Err(self.error(format!(
+                "ranks called different collectives at the same step: {}",
+                per_rank(&metas, |m| m.kind.name())
+            )));
+        }
+        if let Some(msg) = metas.iter().find_map(|m| m.invalid.clone()) {
+            return Err(self.error(msg));
+        }
+        Ok(metas)
+    }
+}
+
+impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> for NcclCommunicator<D, C> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.comm.size()
+    }
+
+    fn all_reduce_sum(&self, be: &CudaBackend<Arc<D>>, x: &CudaTensor<Arc<D>>) -> Result<CudaTensor<Arc<D>>> {
+        let kind = CollectiveKind::AllReduce;
+        let _busy = self.enter(Some(be), kind)?;
+        let n = numel(&x.shape);
+        let out = be.new_tensor(&x.shape).map_err(self.wrap(kind))?;
+        if n > 0 {
+            self.comm.all_reduce_sum_f32(self.dev(), Self::span(x), Self::span(&out)).map_err(self.wrap(kind))?;
+        }
+        self.record(kind, n);
+        Ok(out)
+    }
+
+    fn all_gather(&self, be: &CudaBackend<Arc<D>>, x: &CudaTensor<Arc<D>>, dim: usize) -> Result<CudaTensor<Arc<D>>> {
+        let kind = CollectiveKind::AllGather;
+        let _busy = self.enter(Some(be), kind)?;
+        let wrap = self.wrap(kind);
+        let (size, shape) = (self.comm.size(), x.shape.clone());
+        let invalid =
+            (dim >= shape.len()).then(|| self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}")));
+        let metas = self.exchange(Meta { kind, invalid, arg: dim as u64, shape: shape.clone(), rows: Vec::new() })?;
+        if metas.iter().any(|m| m.arg != dim as u64) {
+            return Err(self.error(format!("all_gather: the ranks disagree on dim: {}", per_rank(&metas, |m| m.arg))));
+        }
+        let others = |s: &[usize]| {
+            let mut s = s.to_vec();
+            s[dim] = 0;
+            s
+        };
+        if metas.iter().any(|m| m.shape.len() != shape.len() || others(&m.shape) != others(&shape)) {
+            return Err(self.error(format!(
+                "all_gather: the ranks' shapes differ outside dim {dim}: {}",
+                per_rank(&metas, |m| describe_shape(&m.shape))
+            )));
+        }
+        let lens: Vec<usize> = metas.iter().map(|m| m.shape[dim]).collect();
+        let (outer, len, inner) = around(&shape, dim);
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let mut out_shape = shape.clone();
+        out_shape[dim] = lens.iter().sum();
+        let chunk = outer * max * inner;
+        if chunk == 0 {
+            // Nothing to move on any rank (every rank computed the same sizes).
+            let out = be.full(&out_shape, 0.0).map_err(&wrap)?;
+            self.record(kind, numel(&shape));
+            return Ok(out);
+        }
+        // This rank's part, zero-padded along `dim` to the largest part.
+        let padded;
+        let send = if len == max {
+            x
+        } else {
+            let mut pad_shape = shape.clone();
+            pad_shape[dim] = max - len;
+            let zeros = be.full(&pad_shape, 0.0).map_err(&wrap)?;
+            padded = be.concat(&[x, &zeros], dim).map_err(&wrap)?;
+            &padded
+        };
+        let gathered = be.new_tensor(&[size * chunk]).map_err(&wrap)?;
+        self.comm.all_gather_bytes(self.dev(), Self::span(send), Self::span(&gathered)).map_err(&wrap)?;
+        // `gathered` is `[size, outer, max, inner]`; the result is `[outer, total, inner]`.
+        let out = if lens.iter().all(|&l| l == max) {
+            if outer == 1 {
+                gathered
+            } else {
+                let g = be.reshape(&gathered, &[size, outer, max * inner]).map_err(&wrap)?;
+                be.transpose(&g, 0, 1).map_err(&wrap)?
+            }
+        } else {
+            let g = be.reshape(&gathered, &[size, outer, max, inner]).map_err(&wrap)?;
+            let parts: Vec<CudaTensor<Arc<D>>> = lens
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| l > 0)
+                .map(|(r, &l)| {
+                    let part = be.narrow(&g, 0, r, 1)?;
+                    let part = be.reshape(&part, &[outer, max, inner])?;
+                    be.narrow(&part, 1, 0, l)
+                })
+                .collect::<Result<_>>()
+                .map_err(&wrap)?;
+            let refs: Vec<&CudaTensor<Arc<D>>> = parts.iter().collect();
+            be.concat(&refs, 1).map_err(&wrap)?
+        };
+        let out = be.reshape(&out, &out_shape).map_err(&wrap)?;
+        self.record(kind, numel(&shape));
+        Ok(out)
+    }
+
+    fn reduce_scatter_sum(
+        &self,
+        be: &CudaBackend<Arc<D>>,
+        x: &CudaTensor<Arc<D>>,
+        dim: usize,
+    ) -> Result<CudaTensor<Arc<D>>> {
+        let kind = CollectiveKind::ReduceScatter;
+        let _busy = self.enter(Some(be), kind)?;
+        let wrap = self.wrap(kind);
+        let (size, shape) = (self.comm.size(), x.shape.clone());
+        if dim >= shape.len() {
+            return Err(self.error(self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}"))));
+        }
+        if shape[dim] % size != 0 {
+            return Err(self.error(self.invalid(
+                kind,
+                format!("dim {dim} of shape {shape:?} has size {}, not a multiple of the {size} ranks", shape[dim]),
+            )));
+        }
+        let n = numel(&shape);
+        let (outer, len, inner) = around(&shape, dim);
+        let part = len / size;
+        let mut out_shape = shape.clone();
+        out_shape[dim] = part;
+        let out = be.new_tensor(&out_shape).map_err(&wrap)?;
+        if n > 0 {
+            // Rank r's part of every outer row, made contiguous: `[size, outer, part · inner]`.
+            let arranged;
+            let send = if outer == 1 {
+                x
+            } else {
+                let v = be.reshape(x, &[outer, size, part * inner]).map_err(&wrap)?;
+                arranged = be.transpose(&v, 0, 1).map_err(&wrap)?;
+                &arranged
+            };
+            self.comm.reduce_scatter_sum_f32(self.dev(), Self::span(send), Self::span(&out)).map_err(&wrap)?;
+        }
+        self.record(kind, n);
+        Ok(out)
+    }
+
+    /// Receiving no rows gives a `[0, ..]` tensor.
+    fn all_to_all_v(
+        &self,
+        be: &CudaBackend<Arc<D>>,
+        x: &CudaTensor<Arc<D>>,
+        send_rows: &[usize],
+    ) -> Result<(CudaTensor<Arc<D>>, Vec<usize>)> {
+        let kind = CollectiveKind::AllToAllV;
+        let _busy = self.enter(Some(be), kind)?;
+        let wrap = self.wrap(kind);
+        let (size, rank, shape) = (self.comm.size(), self.comm.rank(), x.shape.clone());
+        let rows = shape.first().copied();
+        let invalid = match rows {
+            None => Some(self.invalid(kind, "x is a scalar; it needs a row dim".into())),
+            Some(_) if send_rows.len() != size => {
+                Some(self.invalid(kind, format!("{} send_rows for {size} ranks", send_rows.len())))
+            }
+            Some(rows) if send_rows.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(rows) => {
+                Some(self.invalid(kind, format!("send_rows {send_rows:?} do not sum to the {rows} rows of {shape:?}")))
+            }
+            Some(_) => None,
+        };
+        let metas = self.exchange(Meta { kind, invalid, arg: 0, shape: shape.clone(), rows: send_rows.to_vec() })?;
+        let rest = |m: &Meta| m.shape.get(1..).map(<[usize]>::to_vec);
+        if metas.iter().any(|m| rest(m) != shape.get(1..).map(<[usize]>::to_vec)) {
+            return Err(self.error(format!(
+                "all_to_all_v: the ranks' rows differ (shape after the row dim, and values per row): {}",
+                per_rank(&metas, |m| {
+                    let r = m.shape.get(1..).unwrap_or(&[]);
+                    format!("{r:?} ({})", numel(r))
+                })
+            )));
+        }
+        let width = numel(&shape[1..]);
+        let rows = shape[0];
+        let counts: Vec<usize> = metas.iter().map(|m| m.rows[rank]).collect();
+        let mut out_shape = shape.clone();
+        out_shape[0] = counts.iter().sum();
+        let out = be.new_tensor(&out_shape).map_err(&wrap)?;
+        if width > 0 {
+            let transfers = |rows: &[usize], base: usize| -> Vec<Transfer> {
+                rows.iter()
+                    .zip(starts(rows))
+                    .enumerate()
+                    .filter(|(_, (&n, _))| n > 0)
+                    .map(|(peer, (&n, start))| Transfer {
+                        peer,
+                        offset: base + start * width * 4,
+                        bytes: n * width * 4,
+                    })
+                    .collect()
+            };
+            let (sends, recvs) = (transfers(send_rows, x.offset), transfers(&counts, out.offset));
+            if !sends.is_empty() || !recvs.is_empty() {
+                self.comm.send_recv(self.dev(), &x.buf, &sends, &out.buf, &recvs).map_err(&wrap)?;
+            }
+        }
+        self.record(kind, (rows - send_rows[rank]) * width);
+        Ok((out, counts))
+    }
+
+    fn broadcast(&self, be: &CudaBackend<Arc<D>>, x: &CudaTensor<Arc<D>>, root: usize) -> Result<CudaTensor<Arc<D>>> {
+        let kind = CollectiveKind::Broadcast;
+        let _busy = self.enter(Some(be), kind)?;
+        let size = self.comm.size();
+        if root >= size {
+            return Err(self.error(self.invalid(kind, format!("root {root} is not a rank of {size}"))));
+        }
+        let n = numel(&x.shape);
+        let is_root = self.comm.rank() == root;
+        // The root sends from its own tensor, which the library only reads there.
+        let out = if is_root { x.clone() } else { be.new_tensor(&x.shape).map_err(self.wrap(kind))? };
+        if n > 0 {
+            self.comm.broadcast_bytes(self.dev(), Self::span(x), Self::span(&out), root).map_err(self.wrap(kind))?;
+        }
+        self.record(kind, if is_root { n } else { 0 });
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let kind = CollectiveKind::Barrier;
+        let _busy = self.enter(None, kind)?;
+        let wrap = self.wrap(kind);
+        let one = self.be.full(&[1], 1.0).map_err(&wrap)?;
+        self.comm.all_reduce_sum_f32(self.dev(), Self::span(&one), Self::span(&one)).map_err(&wrap)?;
+        self.dev().synchronize().map_err(&wrap)?;
+        self.record(kind, 0);
+        Ok(())
+    }
+
+    fn split(&self, colour: usize) -> Result<Box<dyn Communicator<CudaBackend<Arc<D>>>>> {
+        let kind = CollectiveKind::Split;
+        let _busy = self.enter(None, kind)?;
+        let sub = self.comm.split(self.dev(), colour, self.comm.rank()).map_err(self.wrap(kind))?;
+        self.record(kind, 0);
+        Ok(Box::new(NcclCommunicator::new(self.be.dev.clone(), sub)))
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// Runs `f(backend, context)` for every rank of `layout`, each on its own thread, rank `r` on
+/// `devices[r]` with the collective library's member `members[r]` (made for that device:
+/// [`crate::nccl::NcclComm::init_all`] on GPUs, the emulator's world in tests).
+/// Returns the results in rank order; a rank that fails or panics ends the run with its own
+/// error ([`run_threads`]), its communicator dropped so that the others stop waiting.
+pub fn run_ranks<D, C, T, E, F>(
+    devices: Vec<Arc<D>>,
+    members: Vec<C>,
+    layout: ParallelLayout,
+    f: F,
+) -> std::result::Result<Vec<T>, E>
+where
+    D: Device,
+    C: DeviceComm<D> + 'static,
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&CudaBackend<Arc<D>>, RankContext<CudaBackend<Arc<D>>>) -> std::result::Result<T, E> + Sync,
+{
+    if devices.len() != layout.world || members.len() != layout.world {
+        return Err(E::from(Error::config(
+            "devices",
+            format!(
+                "{} devices and {} communicator members for a layout of {} ranks",
+                devices.len(),
+                members.len(),
+                layout.world
+            ),
+        )));
+    }
+    if let Some((r, m)) = members.iter().enumerate().find(|(r, m)| m.rank() != *r || m.size() != layout.world) {
+        return Err(E::from(Error::Comm {
+            rank: r,
+            size: layout.world,
+            msg: format!("member {r} of the communicator is rank {} of {}", m.rank(), m.size()),
+        }));
+    }
+    // Each rank's device and member, taken by its thread.
+    type Slot<D, C> = Mutex<Option<(Arc<D>, C)>>;
+    let slots: Vec<Slot<D, C>> = devices.into_iter().zip(members).map(|p| Mutex::new(Some(p))).collect();
+    run_threads(layout.world, |rank| {
+        let taken = slots[rank].lock().unwrap_or_else(PoisonError::into_inner).take();
+        let (dev, member) = taken.ok_or_else(|| {
+            E::from(Error::Comm { rank, size: layout.world, msg: "its device was taken by another thread".into() })
+        })?;
+        let be = CudaBackend::new(dev.clone());
+        let world = NcclCommunicator::new(dev, member);
+        let ctx =
+            RankContext::new(layout.rank(rank), &world as &dyn Communicator<CudaBackend<Arc<D>>>).map_err(E::from)?;
+        // The world communicator stays alive until this rank is done, so a finished rank is not
+        // mistaken for a dead one by slower peers.
+        let out = f(&be, ctx);
+        drop(world);
+        out
+    })
+}
