@@ -30,6 +30,7 @@
 //! Each CUDA thread has a 64 KiB stack; a kernel needing more crashes on the guard page.
 
 mod buffer;
+pub mod collective;
 mod ffi;
 mod gemm;
 mod launch;
@@ -42,6 +43,7 @@ use dsv4_backend_cuda::{Device, Gemm, KernelArg, LaunchConfig};
 use dsv4_core::error::{Error, Result};
 
 pub use buffer::{EmuBuffer, ALIGN};
+pub use collective::EmuComm;
 pub use ffi::{kernel, kernels, KernelInfo, ParamInfo, ParamKind};
 
 /// The emulated CUDA device. Cheap to create; every instance is independent, and a buffer of one
@@ -115,6 +117,45 @@ impl EmulatedDevice {
                 ),
             )),
         }
+    }
+
+    /// Reads the byte ranges `(offset, bytes)` of `buffer` as one operation in stream order
+    /// (like [`Device::download`], with its checks: the buffer is this device's, every range is
+    /// inside it); nothing is read unless every range is valid.
+    pub(crate) fn read_ranges(
+        &self,
+        what: &str,
+        buffer: &EmuBuffer,
+        ranges: &[(usize, usize)],
+    ) -> Result<Vec<Vec<u8>>> {
+        self.owns(|| what.into(), [buffer])?;
+        let _stream = lock(&self.stream);
+        if let Some(&(offset, bytes)) = ranges.iter().find(|&&(o, n)| !in_range(o, n, buffer.len())) {
+            return Err(range_err(what, offset, bytes, buffer.len()));
+        }
+        Ok(ranges
+            .iter()
+            .map(|&(offset, bytes)| {
+                let mut out = vec![0u8; bytes];
+                buffer.read_into(offset, &mut out);
+                out
+            })
+            .collect())
+    }
+
+    /// Writes each `(offset, bytes)` of `ranges` into `buffer` as one operation in stream order
+    /// (with [`Device::copy`]'s checks: the buffer is this device's, every range is inside it);
+    /// nothing is written unless every range is valid.
+    pub(crate) fn write_ranges(&self, what: &str, buffer: &EmuBuffer, ranges: &[(usize, &[u8])]) -> Result<()> {
+        self.owns(|| what.into(), [buffer])?;
+        let _stream = lock(&self.stream);
+        if let Some(&(offset, bytes)) = ranges.iter().find(|&&(o, b)| !in_range(o, b.len(), buffer.len())) {
+            return Err(range_err(what, offset, bytes.len(), buffer.len()));
+        }
+        for &(offset, bytes) in ranges {
+            buffer.write_from(offset, bytes);
+        }
+        Ok(())
     }
 
     /// How many launches of `kernel` this device ran successfully.

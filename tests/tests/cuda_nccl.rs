@@ -1,0 +1,644 @@
+//! The CUDA backend's communicator (`dsv4_backend_cuda::NcclCommunicator`) and its launcher
+//! (`run_ranks`) over NCCL's API, on the emulator's NCCL (`dsv4_cuda_emu::EmuComm`), with one
+//! emulated device per rank: every collective on 1–4 ranks against a host reference
+//! (all-reduce with the same bits on every rank), subgroups working concurrently, the TP / EP
+//! groups of a 2 × 2 layout, traffic counted exactly like the in-process communicator, and
+//! errors (invalid arguments and disagreeing shapes fail on every rank with one message; a
+//! backend of another device is refused; the failing rank's own error ends the run; a rank
+//! that leaves or goes silent fails the others within a bounded time). The same suite as
+//! `tests/ascend_hccl.rs` on HCCL. Emulator-verified, not run on GPUs.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dsv4_backend_cpu::CpuBackend;
+use dsv4_backend_cuda::{run_ranks, CudaBackend, NcclCommunicator};
+use dsv4_core::backend::Backend;
+use dsv4_core::parallel::{CollectiveKind, Communicator, LocalComm, ParallelLayout, RankContext, Traffic};
+use dsv4_core::Error;
+use dsv4_cuda_emu::{EmuComm, EmulatedDevice};
+use dsv4_tests::collectives::{bits, comm_err, concat, down, numel, rank_order_sum, up, values};
+
+type Gpu = CudaBackend<Arc<EmulatedDevice>>;
+type Nccl = NcclCommunicator<EmulatedDevice, EmuComm>;
+
+/// How long an emulated NCCL call waits for its peers here: far more than any call of a
+/// healthy test takes, and short enough that a broken one fails instead of hanging (the
+/// default, `DSV4_COMM_TIMEOUT_S`, is 600 s).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a failure that must not wait for the timeout may take.
+const PROMPT: Duration = Duration::from_secs(5);
+
+/// `n` distinct emulated GPUs.
+fn devices(n: usize) -> Vec<Arc<EmulatedDevice>> {
+    (0..n).map(|_| Arc::new(EmulatedDevice::new())).collect()
+}
+
+/// An emulated NCCL world over `devices` (`ncclCommInitAll`), member `r` on `devices[r]`.
+fn members(devices: &[Arc<EmulatedDevice>], timeout: Duration) -> Vec<EmuComm> {
+    let refs: Vec<&EmulatedDevice> = devices.iter().map(|d| &**d).collect();
+    EmuComm::world_with_timeout(&refs, timeout).unwrap()
+}
+
+/// `n` ranks of one world communicator, each on its own thread and emulated device, whose
+/// calls give up after `timeout`; `f(backend, communicator)` per rank, results in rank order.
+fn world_with_timeout<R: Send>(n: usize, timeout: Duration, f: impl Fn(&Gpu, Nccl) -> R + Sync) -> Vec<R> {
+    let devs = devices(n);
+    let comms = members(&devs, timeout);
+    thread::scope(|s| {
+        let handles: Vec<_> = devs
+            .into_iter()
+            .zip(comms)
+            .enumerate()
+            .map(|(r, (dev, member))| {
+                let f = &f;
+                s.spawn(move || {
+                    let be = CudaBackend::new(dev.clone());
+                    let c = NcclCommunicator::new(dev, member);
+                    assert_eq!((c.rank(), c.size()), (r, n));
+                    f(&be, c)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// [`world_with_timeout`] with the suite's [`TIMEOUT`].
+fn world<R: Send>(n: usize, f: impl Fn(&Gpu, Nccl) -> R + Sync) -> Vec<R> {
+    world_with_timeout(n, TIMEOUT, f)
+}
+
+#[test]
+fn all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere() {
+    for n in 1..=4 {
+        let shape = [3, 5, 2];
+        let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(r, numel(&shape))).collect();
+        let want = rank_order_sum(&inputs);
+        let want_twice = rank_order_sum(&vec![want.clone(); n]);
+        let out = world(n, |be, c| {
+            let x = up(be, &inputs[c.rank()], &shape);
+            // Twice, the second on the first's output: stream order between collectives.
+            let once = c.all_reduce_sum(be, &x).unwrap();
+            let twice = c.all_reduce_sum(be, &once).unwrap();
+            // The input is left as it was.
+            (down(be, &once), down(be, &twice).1, down(be, &x).1)
+        });
+        for (r, ((s, d), twice, x)) in out.iter().enumerate() {
+            assert_eq!(s, &shape, "n {n} rank {r}");
+            assert_eq!(bits(d), bits(&want), "n {n} rank {r}");
+            assert_eq!(bits(twice), bits(&want_twice), "n {n} rank {r}: the same bits on every rank");
+            assert_eq!(bits(x), bits(&inputs[r]), "n {n} rank {r}");
+        }
+    }
+}
+
+#[test]
+fn all_gather_concatenates_along_any_dim_in_rank_order() {
+    type Shapes = [fn(usize) -> Vec<usize>; 3];
+    for n in 1..=4 {
+        // Each rank a different size in the gathered dim; all the same size; some ranks (all,
+        // on one rank) with none.
+        let uneven: Shapes = [|r| vec![r + 1, 4], |r| vec![2, r + 1, 3], |r| vec![2, 3, r + 2]];
+        let even: Shapes = [|_| vec![2, 4], |_| vec![2, 3, 3], |_| vec![2, 3, 2]];
+        let empty: Shapes = [|r| vec![r % 2, 4], |r| vec![2, 2 * (r % 2), 3], |r| vec![2, 3, r % 2]];
+        for shapes in [uneven, even, empty] {
+            for (dim, shape_of) in shapes.iter().enumerate() {
+                let parts: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+                    .map(|r| {
+                        let s = shape_of(r);
+                        let d = values(10 * r + dim, numel(&s));
+                        (s, d)
+                    })
+                    .collect();
+                let want = concat(&parts, dim);
+                let out = world(n, |be, c| {
+                    let (s, d) = &parts[c.rank()];
+                    let t = (c.all_gather(be, &up(be, d, s), dim).unwrap(), c.traffic());
+                    (down(be, &t.0), t.1)
+                });
+                for (r, (got, traffic)) in out.iter().enumerate() {
+                    assert_eq!(got.0, want.0, "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                    assert_eq!(bits(&got.1), bits(&want.1), "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                    let bytes = numel(&parts[r].0) as u64 * 4;
+                    assert_eq!(traffic.by_kind[&CollectiveKind::AllGather], (1, bytes), "n {n} dim {dim} rank {r}");
+                    assert_eq!(traffic.calls(), 1, "n {n} dim {dim} rank {r}: the shape exchange is not counted");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_gives_rank_r_part_r_of_the_sum() {
+    for n in 1..=4 {
+        // Odd row widths; the scattered dim first, in the middle and last.
+        for (shape, dim) in [(vec![2 * n, 7], 0), (vec![3, 2 * n, 5], 1), (vec![3, n], 1)] {
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(100 + r, numel(&shape))).collect();
+            let sum = rank_order_sum(&inputs);
+            let out = world(n, |be, c| {
+                let x = up(be, &inputs[c.rank()], &shape);
+                down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap())
+            });
+            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
+            let part = len / n;
+            for (r, (s, d)) in out.iter().enumerate() {
+                let mut want_shape = shape.clone();
+                want_shape[dim] = part;
+                let want: Vec<f32> = (0..outer)
+                    .flat_map(|o| {
+                        let start = (o * len + r * part) * inner;
+                        sum[start..start + part * inner].to_vec()
+                    })
+                    .collect();
+                assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
+                assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_v_routes_rows_with_empty_parts() {
+    for n in 1..=4 {
+        // Rows rank s sends to rank r; the last rank of a multi-rank world receives none.
+        let count = |s: usize, r: usize| if n > 1 && r == n - 1 { 0 } else { (s + 2 * r) % 3 };
+        let rest = [2, 3];
+        let width = numel(&rest);
+        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
+        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+            .map(|s| {
+                let rows: usize = sends[s].iter().sum();
+                (vec![rows, rest[0], rest[1]], values(200 + s, rows * width))
+            })
+            .collect();
+        let out = world(n, |be, c| {
+            let (s, d) = &inputs[c.rank()];
+            let (t, counts) = c.all_to_all_v(be, &up(be, d, s), &sends[c.rank()]).unwrap();
+            (down(be, &t), counts)
+        });
+        for (r, ((shape, data), counts)) in out.iter().enumerate() {
+            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
+            let mut want = Vec::new();
+            for s in 0..n {
+                let start: usize = sends[s][..r].iter().sum();
+                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
+            }
+            assert_eq!(counts, &want_counts, "n {n} rank {r}");
+            assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
+            assert_eq!(bits(data), bits(&want), "n {n} rank {r}");
+        }
+        if n > 1 {
+            assert_eq!(out[n - 1].0 .0, vec![0, 2, 3]);
+        }
+    }
+}
+
+#[test]
+fn broadcast_from_every_root() {
+    for n in 1..=4 {
+        let shape = [2, 3];
+        let out = world(n, |be, c| {
+            let x = up(be, &values(300 + c.rank(), 6), &shape);
+            let got: Vec<_> = (0..n).map(|root| down(be, &c.broadcast(be, &x, root).unwrap())).collect();
+            // Every rank's own tensor is left as it was.
+            (got, down(be, &x).1)
+        });
+        for (r, (got, x)) in out.iter().enumerate() {
+            for (root, (s, d)) in got.iter().enumerate() {
+                assert_eq!(s, &shape, "n {n} root {root} rank {r}");
+                assert_eq!(bits(d), bits(&values(300 + root, 6)), "n {n} root {root} rank {r}");
+            }
+            assert_eq!(bits(x), bits(&values(300 + r, 6)), "n {n} rank {r}");
+        }
+    }
+}
+
+#[test]
+fn barriers_and_splits_subgroups_run_collectives_concurrently() {
+    let out = world(4, |be, c| {
+        for _ in 0..3 {
+            c.barrier().unwrap();
+        }
+        let colour = c.rank() % 2;
+        let sub = c.split(colour).unwrap();
+        let x = up(be, &values(c.rank(), 4), &[4]);
+        let mut sums = Vec::new();
+        for _ in 0..10 {
+            sums.push(down(be, &sub.all_reduce_sum(be, &x).unwrap()).1);
+        }
+        let gathered = down(be, &sub.all_gather(be, &x, 0).unwrap()).1;
+        sub.barrier().unwrap();
+        // A split of the subgroup: one group per rank.
+        let single = sub.split(sub.rank()).unwrap();
+        let alone = down(be, &single.all_reduce_sum(be, &x).unwrap()).1;
+        // The world still works after the splits.
+        let total = down(be, &c.all_reduce_sum(be, &x).unwrap()).1;
+        (colour, sub.rank(), sub.size(), (single.rank(), single.size()), sums, gathered, alone, total)
+    });
+    let all: Vec<Vec<f32>> = (0..4).map(|r| values(r, 4)).collect();
+    for (r, (colour, sub_rank, sub_size, single, sums, gathered, alone, total)) in out.into_iter().enumerate() {
+        assert_eq!((colour, sub_rank, sub_size, single), (r % 2, r / 2, 2, (0, 1)), "rank {r}");
+        let members = [colour, colour + 2];
+        let want = rank_order_sum(&[values(members[0], 4), values(members[1], 4)]);
+        for s in &sums {
+            assert_eq!(bits(s), bits(&want), "rank {r}");
+        }
+        assert_eq!(bits(&gathered), bits(&[values(members[0], 4), values(members[1], 4)].concat()), "rank {r}");
+        assert_eq!(bits(&alone), bits(&values(r, 4)), "rank {r}");
+        assert_eq!(bits(&total), bits(&rank_order_sum(&all)), "rank {r}");
+    }
+}
+
+#[test]
+fn run_ranks_gives_every_rank_its_tp_and_ep_groups() {
+    // 2 × 2 mesh: TP groups {0,1},{2,3}; EP groups {0,2},{1,3}.
+    let layout = ParallelLayout { world: 4, tp: 2, ep: 2 };
+    let devs = devices(4);
+    let out = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |be: &Gpu, ctx: RankContext<Gpu>| {
+        let r = ctx.layout.rank;
+        let (tp, ep) = (ctx.tp.clone().unwrap(), ctx.ep.clone().unwrap());
+        let x = up(be, &values(r, 6), &[2, 3]);
+        let tp_sum = down(be, &tp.all_reduce_sum(be, &x)?).1;
+        let ep_sum = down(be, &ep.all_reduce_sum(be, &x)?).1;
+        let logits = down(be, &tp.all_gather(be, &x, 1)?);
+        // Rank r runs on devices[r]: its groups take a backend on that device and refuse one on
+        // any other.
+        let here = CudaBackend::new(devs[r].clone());
+        let again = down(&here, &ep.all_reduce_sum(&here, &x)?).1;
+        let refused: Vec<String> = (1..4)
+            .map(|k| {
+                let there = CudaBackend::new(devs[(r + k) % 4].clone());
+                tp.all_reduce_sum(&there, &x).map(drop).unwrap_err().to_string()
+            })
+            .collect();
+        Ok::<_, Error>((r, (tp.rank(), tp.size()), (ep.rank(), ep.size()), tp_sum, ep_sum, logits, again, refused))
+    })
+    .unwrap();
+    for (r, (rank, tp, ep, tp_sum, ep_sum, (shape, logits), again, refused)) in out.into_iter().enumerate() {
+        assert_eq!(rank, r);
+        assert_eq!((tp, ep), ((r % 2, 2), (r / 2, 2)), "rank {r}");
+        let tp_members = [r / 2 * 2, r / 2 * 2 + 1];
+        let ep_members = [r % 2, r % 2 + 2];
+        let ep_want = rank_order_sum(&[values(ep_members[0], 6), values(ep_members[1], 6)]);
+        assert_eq!(bits(&tp_sum), bits(&rank_order_sum(&[values(tp_members[0], 6), values(tp_members[1], 6)])));
+        assert_eq!(bits(&ep_sum), bits(&ep_want), "rank {r}");
+        assert_eq!(bits(&again), bits(&ep_want), "rank {r}");
+        let parts: Vec<_> = tp_members.iter().map(|&m| (vec![2, 3], values(m, 6))).collect();
+        let want = concat(&parts, 1);
+        assert_eq!(shape, want.0, "rank {r}");
+        assert_eq!(bits(&logits), bits(&want.1), "rank {r}");
+        for e in refused {
+            assert!(e.contains("all_reduce was given a backend on another device than the communicator's"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn traffic_is_counted_exactly_like_the_in_process_communicator() {
+    /// The same calls on any backend's communicator: (world, world after a split).
+    fn calls<B: Backend>(be: &B, c: &dyn Communicator<B>) -> (Traffic, Traffic) {
+        let r = c.rank();
+        let up = |d: &[f32], s: &[usize]| be.upload(d, s).unwrap();
+        c.all_reduce_sum(be, &up(&[0.0; 6], &[2, 3])).unwrap();
+        c.all_reduce_sum(be, &up(&[0.0; 6], &[2, 3])).unwrap();
+        c.all_gather(be, &up(&vec![0.0; (r + 1) * 2], &[r + 1, 2]), 0).unwrap();
+        c.reduce_scatter_sum(be, &up(&[0.0; 12], &[3, 4]), 0).unwrap();
+        // Rank r sends r+1 rows of width 2 to each rank (itself included).
+        let rows = 3 * (r + 1);
+        c.all_to_all_v(be, &up(&vec![0.0; rows * 2], &[rows, 2]), &[r + 1; 3]).unwrap();
+        c.broadcast(be, &up(&[0.0; 5], &[5]), 1).unwrap();
+        c.barrier().unwrap();
+        let sub = c.split(0).unwrap();
+        sub.barrier().unwrap();
+        (c.traffic(), sub.traffic())
+    }
+    let nccl = world(3, |be, c| calls(be, &c));
+    let cpu = CpuBackend::new();
+    let local: Vec<(Traffic, Traffic)> = thread::scope(|s| {
+        let handles: Vec<_> =
+            LocalComm::world(3).into_iter().map(|c| s.spawn(|| calls::<CpuBackend>(&cpu, &{ c }))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(nccl, local);
+    for (r, (t, sub)) in nccl.into_iter().enumerate() {
+        assert_eq!(t.by_kind[&CollectiveKind::AllReduce], (2, 2 * 6 * 4), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::AllGather], (1, (r as u64 + 1) * 2 * 4), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::ReduceScatter], (1, 12 * 4), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::AllToAllV], (1, 2 * (r as u64 + 1) * 2 * 4), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::Broadcast], (1, if r == 1 { 20 } else { 0 }), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::Barrier], (1, 0), "rank {r}");
+        assert_eq!(t.by_kind[&CollectiveKind::Split], (1, 0), "rank {r}");
+        assert_eq!(t.calls(), 6, "rank {r}");
+        assert_eq!(sub.by_kind.into_iter().collect::<Vec<_>>(), vec![(CollectiveKind::Barrier, (1, 0))]);
+    }
+}
+
+/// Runs one misuse on `n` ranks: every rank must fail promptly (not by a timeout) with a
+/// communicator error from its own rank; the messages in rank order.
+fn misuse(n: usize, f: impl Fn(&Gpu, &Nccl) -> Result<(), Error> + Sync) -> Vec<String> {
+    world(n, |be, c| {
+        let start = Instant::now();
+        let e = f(be, &c).expect_err("the misuse must fail on every rank");
+        assert!(start.elapsed() < PROMPT, "failing took {:?}: {e}", start.elapsed());
+        let (rank, size, msg) = comm_err(e);
+        assert_eq!((rank, size), (c.rank(), n), "{msg}");
+        msg
+    })
+}
+
+#[test]
+fn invalid_arguments_and_disagreeing_shapes_fail_on_every_rank_with_one_message() {
+    // Checked by the communicator's shape exchange (all-gather, all-to-all-v): one rank's
+    // invalid arguments fail every rank with that rank's message.
+    let msgs = misuse(3, |be, c| {
+        let x = up(be, &[0.0; 6], &[3, 2]);
+        let send: &[usize] = if c.rank() == 0 { &[1, 2] } else { &[1, 1, 1] };
+        c.all_to_all_v(be, &x, send).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(m, "rank 0 called all_to_all_v with invalid arguments: 2 send_rows for 3 ranks");
+    }
+    let msgs = misuse(2, |be, c| {
+        let x = up(be, &[0.0; 6], &[3, 2]);
+        let send: &[usize] = if c.rank() == 1 { &[2, 2] } else { &[1, 2] };
+        c.all_to_all_v(be, &x, send).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(
+            m,
+            "rank 1 called all_to_all_v with invalid arguments: send_rows [2, 2] do not sum to the 3 rows of [3, 2]"
+        );
+    }
+    let msgs = misuse(2, |be, c| c.all_gather(be, &up(be, &[0.0; 6], &[3, 2]), 2 * c.rank()).map(drop));
+    for m in msgs {
+        assert_eq!(m, "rank 1 called all_gather with invalid arguments: dim 2 is out of range for shape [3, 2]");
+    }
+    // Disagreeing shapes and dims.
+    let msgs = misuse(2, |be, c| {
+        let shape = [[2, 3], [3, 4]][c.rank()];
+        c.all_gather(be, &up(be, &vec![0.5; numel(&shape)], &shape), 0).map(drop)
+    });
+    for m in msgs {
+        assert_eq!(
+            m,
+            "all_gather: the ranks' shapes differ outside dim 0: rank 0 [2, 3] (6 values), rank 1 [3, 4] (12 values)"
+        );
+    }
+    let msgs = misuse(3, |be, c| c.all_gather(be, &up(be, &[0.0; 4], &[2, 2]), c.rank().min(1)).map(drop));
+    for m in msgs {
+        assert_eq!(m, "all_gather: the ranks disagree on dim: rank 0 0, rank 1 1, rank 2 1");
+    }
+    let msgs = misuse(2, |be, c| {
+        let shape: &[usize] = [&[1, 4][..], &[1, 2, 2]][c.rank()];
+        c.all_to_all_v(be, &up(be, &[0.0; 4], shape), &[1, 0]).map(drop)
+    });
+    for m in msgs {
+        assert!(m.starts_with("all_to_all_v: the ranks' rows differ"), "{m}");
+        assert!(m.contains("rank 0 [4] (4), rank 1 [2, 2] (4)"), "{m}");
+    }
+    // Different collectives at the same step.
+    let msgs = misuse(2, |be, c| {
+        let x = up(be, &[0.0; 4], &[2, 2]);
+        if c.rank() == 1 {
+            c.all_to_all_v(be, &x, &[1, 1]).map(drop)
+        } else {
+            c.all_gather(be, &x, 0).map(drop)
+        }
+    });
+    for m in msgs {
+        assert_eq!(m, "ranks called different collectives at the same step: rank 0 all_gather, rank 1 all_to_all_v");
+    }
+    // Stream-ordered collectives check their arguments on the calling rank: every rank that
+    // passes invalid ones fails, naming itself, before anything reaches NCCL.
+    for (r, m) in
+        misuse(2, |be, c| c.reduce_scatter_sum(be, &up(be, &[0.0; 6], &[3, 2]), 0).map(drop)).into_iter().enumerate()
+    {
+        assert_eq!(
+            m,
+            format!(
+                "rank {r} called reduce_scatter with invalid arguments: dim 0 of shape [3, 2] has size 3, not a \
+                 multiple of the 2 ranks"
+            )
+        );
+    }
+    for (r, m) in
+        misuse(2, |be, c| c.reduce_scatter_sum(be, &up(be, &[0.0; 6], &[3, 2]), 2).map(drop)).into_iter().enumerate()
+    {
+        assert_eq!(
+            m,
+            format!("rank {r} called reduce_scatter with invalid arguments: dim 2 is out of range for shape [3, 2]")
+        );
+    }
+    for (r, m) in misuse(3, |be, c| c.broadcast(be, &up(be, &[1.0], &[1]), 3).map(drop)).into_iter().enumerate() {
+        assert_eq!(m, format!("rank {r} called broadcast with invalid arguments: root 3 is not a rank of 3"));
+    }
+    // Disagreement that only NCCL sees (all-reduce is not checked across ranks by dsv4): the
+    // library fails every rank with one message naming the counts, and refuses later calls.
+    let out = world(2, |be, c| {
+        let shape = [[2, 3], [2, 4]][c.rank()];
+        let start = Instant::now();
+        let first = c.all_reduce_sum(be, &up(be, &vec![0.5; numel(&shape)], &shape)).map(drop);
+        let later = c.all_reduce_sum(be, &up(be, &[1.0], &[1])).map(drop);
+        (first, later, start.elapsed())
+    });
+    let msgs: Vec<(String, String)> = out
+        .into_iter()
+        .enumerate()
+        .map(|(r, (first, later, elapsed))| {
+            assert!(elapsed < PROMPT, "rank {r} took {elapsed:?}");
+            let (rank, size, first) = comm_err(first.expect_err("different counts must fail"));
+            assert_eq!((rank, size), (r, 2));
+            let (rank, size, later) = comm_err(later.expect_err("a failed communicator must refuse later calls"));
+            assert_eq!((rank, size), (r, 2));
+            (first, later)
+        })
+        .collect();
+    let (first, later) = &msgs[0];
+    assert!(first.starts_with("ncclAllReduce"), "{first}");
+    assert!(first.contains("count 6") && first.contains("count 8"), "the counts are named: {first}");
+    assert!(later.starts_with("ncclAllReduce refused") && later.contains(first.as_str()), "{later}");
+    assert!(msgs.iter().all(|m| m == &msgs[0]), "one message on every rank: {msgs:?}");
+}
+
+#[test]
+fn a_backend_or_tensor_of_another_device_is_an_error() {
+    let out = world(2, |be, c| {
+        let other = CudaBackend::new(Arc::new(EmulatedDevice::new()));
+        let x = up(be, &values(c.rank(), 4), &[2, 2]);
+        // Every collective that takes a backend refuses one on another device, on the calling
+        // rank, before anything reaches NCCL: the communicator keeps working.
+        let refused = vec![
+            c.all_reduce_sum(&other, &x).map(drop),
+            c.all_gather(&other, &x, 0).map(drop),
+            c.reduce_scatter_sum(&other, &x, 0).map(drop),
+            c.all_to_all_v(&other, &x, &[1, 1]).map(drop),
+            c.broadcast(&other, &x, 0).map(drop),
+        ];
+        let works = down(be, &c.all_reduce_sum(be, &x).unwrap()).1;
+        // A tensor of another device with the communicator's backend: NCCL refuses the buffer
+        // on rank 0, and the others fail in the same call.
+        let foreign = if c.rank() == 0 { up(&other, &values(9, 4), &[2, 2]) } else { x.clone() };
+        let start = Instant::now();
+        let failed = c.all_reduce_sum(be, &foreign).map(drop);
+        (refused, works, failed, start.elapsed())
+    });
+    let want = rank_order_sum(&[values(0, 4), values(1, 4)]);
+    let mut failures = Vec::new();
+    for (r, (refused, works, failed, elapsed)) in out.into_iter().enumerate() {
+        for (e, kind) in
+            refused.into_iter().zip(["all_reduce", "all_gather", "reduce_scatter", "all_to_all_v", "broadcast"])
+        {
+            let (rank, size, msg) = comm_err(e.expect_err("a backend of another device must be refused"));
+            assert_eq!((rank, size), (r, 2), "{msg}");
+            let want = format!("{kind} was given a backend on another device than the communicator's (");
+            assert!(msg.starts_with(&want), "{msg}");
+        }
+        assert_eq!(bits(&works), bits(&want), "rank {r}");
+        assert!(elapsed < PROMPT, "rank {r} took {elapsed:?}");
+        let (rank, size, msg) = comm_err(failed.expect_err("a tensor of another device must fail every rank"));
+        assert_eq!((rank, size), (r, 2), "{msg}");
+        failures.push(msg);
+    }
+    assert!(failures[0].starts_with("ncclAllReduce: rank 0 called it with invalid arguments"), "{}", failures[0]);
+    assert!(failures[0].contains("belongs to emulated device"), "{}", failures[0]);
+    assert_eq!(failures[1], failures[0], "one message on every rank");
+}
+
+#[test]
+fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
+    let layout = ParallelLayout { world: 3, tp: 3, ep: 1 };
+    let fails = || Error::Input("rank 1 fails on purpose".into());
+    let devs = devices(3);
+
+    // The others finish.
+    let e = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |be: &Gpu, ctx: RankContext<Gpu>| {
+        let tp = ctx.tp.unwrap();
+        tp.all_reduce_sum(be, &up(be, &[1.0], &[1]))?;
+        if ctx.layout.rank == 1 {
+            return Err(fails());
+        }
+        Ok(())
+    })
+    .unwrap_err();
+    assert_eq!(e.to_string(), fails().to_string());
+
+    // The others wait for it in a collective: its communicators go with it, so they fail at
+    // once (not after the timeout), and the run's error is still its own.
+    let start = Instant::now();
+    let e = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |be: &Gpu, ctx: RankContext<Gpu>| {
+        let tp = ctx.tp.unwrap();
+        let x = up(be, &[1.0], &[1]);
+        tp.all_reduce_sum(be, &x)?;
+        if ctx.layout.rank == 1 {
+            return Err(fails());
+        }
+        tp.all_reduce_sum(be, &x)?;
+        tp.all_gather(be, &x, 0)?;
+        be.synchronize()?;
+        Ok(())
+    })
+    .unwrap_err();
+    assert_eq!(e.to_string(), fails().to_string());
+    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+
+    // A panic is the run's error too.
+    let e = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |_: &Gpu, ctx: RankContext<Gpu>| {
+        if ctx.layout.rank == 2 {
+            panic!("rank 2 panics on purpose");
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap_err();
+    assert_eq!(comm_err(e), (2, 3, "the worker panicked: rank 2 panics on purpose".to_string()));
+
+    // The number of devices and members must match the layout, and member r must be rank r.
+    let e = run_ranks(devs[..2].to_vec(), members(&devs[..2], TIMEOUT), layout, |_: &Gpu, _| Ok::<_, Error>(()))
+        .unwrap_err();
+    assert!(matches!(&e, Error::Config { field, .. } if field == "devices"), "{e}");
+    let e = run_ranks(devs.clone(), members(&devs[..2], TIMEOUT), layout, |_: &Gpu, _| Ok::<_, Error>(())).unwrap_err();
+    assert!(matches!(&e, Error::Config { field, .. } if field == "devices"), "{e}");
+    let mut reversed = members(&devs, TIMEOUT);
+    reversed.reverse();
+    let e = run_ranks(devs.clone(), reversed, layout, |_: &Gpu, _| Ok::<_, Error>(())).unwrap_err();
+    assert_eq!(comm_err(e), (0, 3, "member 0 of the communicator is rank 2 of 3".to_string()));
+
+    // The devices are still fine for a healthy run.
+    let out = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |be: &Gpu, ctx: RankContext<Gpu>| {
+        let x = up(be, &values(ctx.layout.rank, 3), &[3]);
+        Ok::<_, Error>(down(be, &ctx.tp.unwrap().all_reduce_sum(be, &x)?).1)
+    })
+    .unwrap();
+    let want = rank_order_sum(&[values(0, 3), values(1, 3), values(2, 3)]);
+    for (r, got) in out.iter().enumerate() {
+        assert_eq!(bits(got), bits(&want), "rank {r}");
+    }
+}
+
+#[test]
+fn a_rank_that_leaves_fails_the_others_at_once_naming_it() {
+    let start = Instant::now();
+    let out = world(4, |be, c| {
+        if c.rank() == 2 {
+            return None; // drops its communicator
+        }
+        let t = Instant::now();
+        let e = c.all_reduce_sum(be, &up(be, &[1.0], &[1])).map(drop).err();
+        Some((e, t.elapsed()))
+    });
+    assert!(start.elapsed() < PROMPT, "{:?}", start.elapsed());
+    for (r, got) in out.into_iter().enumerate() {
+        let Some((e, elapsed)) = got else {
+            assert_eq!(r, 2);
+            continue;
+        };
+        let (rank, size, msg) = comm_err(e.expect("a collective without rank 2 must fail"));
+        assert_eq!((rank, size), (r, 4), "{msg}");
+        assert!(msg.starts_with("ncclAllReduce") && msg.contains("rank 2 left the communicator"), "{msg}");
+        assert!(elapsed < PROMPT, "rank {r} waited {elapsed:?}");
+    }
+}
+
+#[test]
+fn a_silent_peer_fails_the_others_after_the_communicator_timeout() {
+    let timeout = Duration::from_millis(500);
+    let done = Barrier::new(2);
+    let out = world_with_timeout(2, timeout, |be, c| {
+        let x = up(be, &[1.0], &[1]);
+        let r = if c.rank() == 0 {
+            let start = Instant::now();
+            let e = c.all_reduce_sum(be, &x).map(drop).err();
+            let elapsed = start.elapsed();
+            // After the failure, calls are refused at once.
+            let later = c.barrier().err();
+            (e, Some(elapsed), later)
+        } else {
+            (None, None, None)
+        };
+        // Rank 1 keeps its communicator (alive, as far as rank 0 can tell) and calls only once
+        // rank 0 gave up: it arrives at the step that failed.
+        done.wait();
+        if c.rank() == 1 {
+            let start = Instant::now();
+            let e = c.all_reduce_sum(be, &x).map(drop).err();
+            return (e, Some(start.elapsed()), None);
+        }
+        r
+    });
+    let mut out = out.into_iter();
+    let (e0, elapsed0, later) = out.next().unwrap();
+    let (_, _, m0) = comm_err(e0.expect("rank 0 must time out"));
+    let elapsed0 = elapsed0.unwrap();
+    assert!(m0.starts_with("ncclAllReduce") && m0.contains("timed out"), "{m0}");
+    assert!(m0.contains("rank 1 did not arrive"), "{m0}");
+    assert!(elapsed0 >= timeout && elapsed0 < timeout + PROMPT, "rank 0 waited {elapsed0:?}: {m0}");
+    let (_, _, refused) = comm_err(later.expect("later calls are refused"));
+    assert!(refused.contains("refused") && refused.contains(&m0), "{refused}");
+    let (e1, elapsed1, _) = out.next().unwrap();
+    let (rank, size, m1) = comm_err(e1.expect("the late rank fails in the step that failed"));
+    assert_eq!((rank, size), (1, 2));
+    assert_eq!(m1, m0);
+    assert!(elapsed1.unwrap() < PROMPT, "{elapsed1:?}");
+}
