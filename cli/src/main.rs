@@ -29,8 +29,8 @@ mod dispatch {
     /// this process's ranks in rank order (`anyhow::Result<Vec<_>>`). `$parallel` is the
     /// command's `ParallelArgs`. CPU ranks are threads over the in-process communicator; Ascend
     /// ranks are threads, one per device of `--devices`, over HCCL, and with `--nnodes` this
-    /// process runs its node's share of a world over several processes; CUDA ranks (NCCL) are
-    /// refused.
+    /// process runs its node's share of a world over several processes; CUDA ranks are threads,
+    /// one per GPU of `--devices`, over NCCL (one process: `--nnodes` is refused there).
     macro_rules! on_ranks {
         ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
@@ -77,7 +77,15 @@ mod dispatch {
                         }
                     }
                 }
-                crate::Resolved::Cuda => Err(crate::cuda_ranks_refused($layout.world)),
+                crate::Resolved::Cuda => match $parallel.nodes() {
+                    Some(spec) => Err(crate::cuda_nodes_refused(spec.nnodes)),
+                    None => {
+                        let (devices, members) = crate::open_cuda_ranks(&$parallel.devices)?;
+                        dsv4_backend_cuda::run_ranks(devices, members, $layout, |$be, $ctx| -> anyhow::Result<_> {
+                            $body
+                        })
+                    }
+                },
             }
         }};
     }
@@ -488,20 +496,31 @@ fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> 
     Ok(())
 }
 
-/// `--devices N` runs on the CPU backend and on Ascend (HCCL); CUDA ranks need NCCL, not built
-/// yet.
+/// `--devices N` runs on every backend; over several processes (`--nnodes`) only on Ascend
+/// (HCCL) and, for a clear message before anything loads, not on CUDA.
 fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs) -> Result<()> {
-    match backend {
-        BackendChoice::Cuda => Err(cuda_ranks_refused(parallel.world())),
+    match (backend, parallel.nodes()) {
+        (BackendChoice::Cuda, Some(spec)) => Err(cuda_nodes_refused(spec.nnodes)),
         _ => Ok(()),
     }
 }
 
-/// Why a model split over `world` ranks does not run on CUDA.
-pub(crate) fn cuda_ranks_refused(world: usize) -> anyhow::Error {
+/// Why a model split over several processes does not run on CUDA.
+pub(crate) fn cuda_nodes_refused(nnodes: usize) -> anyhow::Error {
     anyhow::anyhow!(
-        "--devices {world} on CUDA needs NCCL, which dsv4 does not drive yet; use --backend cpu (or ascend)"
+        "--nnodes {nnodes} (or NNODES / WORLD_SIZE in the environment): CUDA ranks run as threads of one process over \
+         NCCL, one per GPU of --devices; dsv4 has no NCCL bootstrap over several processes yet. Drop --nnodes (and \
+         unset NNODES / WORLD_SIZE), or use --backend ascend"
     )
+}
+
+/// The GPUs of `--devices` opened, and an NCCL communicator over them
+/// (`ncclCommInitAll`): rank r on the r-th listed GPU.
+pub(crate) fn open_cuda_ranks(
+    devices: &parallel_args::DeviceList,
+) -> Result<(Vec<std::sync::Arc<dsv4_backend_cuda::DriverDevice>>, Vec<dsv4_backend_cuda::NcclComm>)> {
+    let ordinals: Vec<usize> = devices.0.to_vec();
+    Ok(dsv4_backend_cuda::open_ranks(&ordinals)?)
 }
 
 /// Ends the process at once from any thread, stdout and stderr flushed first (as far as their

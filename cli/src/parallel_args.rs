@@ -6,7 +6,8 @@
 //! ranks are threads of this process over the in-process communicator, which checks a layout's
 //! numerics on any machine (it is not faster: the ranks share the cores). On Ascend the ranks
 //! are threads of this process too, one per device, exchanging through HCCL
-//! (`dsv4_backend_ascend::run_ranks`); CUDA ranks (NCCL) are not built yet.
+//! (`dsv4_backend_ascend::run_ranks`), and so are CUDA ranks, one per GPU, over NCCL
+//! (`dsv4_backend_cuda::run_ranks`; emulator-verified, not yet run on GPUs).
 
 use std::str::FromStr;
 
@@ -110,11 +111,8 @@ pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_e
         return Ok(kv.clone());
     }
     match crate::resolve_backend(backend)? {
-        crate::Resolved::Ascend => bail!(
-            "with --devices on Ascend, give --kv-cache-memory as a size per device (e.g. 8GiB): every rank's pool must \
-             be the same size, and a share of each device's free memory is not"
-        ),
-        crate::Resolved::Cuda => Err(crate::cuda_ranks_refused(world)),
+        crate::Resolved::Ascend => bail!(per_device_kv("Ascend")),
+        crate::Resolved::Cuda => bail!(per_device_kv("CUDA")),
         crate::Resolved::Cpu => {
             let free = crate::kv_args::free_memory(&dsv4_backend_cpu::CpuBackend::new())?;
             let total = match kv.kv_cache_memory {
@@ -126,14 +124,22 @@ pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_e
     }
 }
 
+/// Why a share of the free memory cannot size the pools of ranks on their own devices.
+fn per_device_kv(backend: &str) -> String {
+    format!(
+        "with --devices on {backend}, give --kv-cache-memory as a size per device (e.g. 8GiB): every rank's pool must \
+         be the same size, and a share of each device's free memory is not"
+    )
+}
+
 /// The parallel flags, flattened into the commands that run the model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ParallelArgs {
     /// Devices to split the model over, one rank each: a count (4) or device ids (0-7,
     /// 0,2,4,6). On the CPU backend, N ranks run as threads of this process over the in-process
     /// communicator (to check a layout's numerics; the ranks share the cores, so it is not
-    /// faster); on Ascend, one thread per listed device over HCCL. CUDA ranks
-    /// (NCCL) are not built yet.
+    /// faster); on Ascend, one thread per listed device over HCCL; on CUDA, one thread per
+    /// listed GPU over NCCL.
     #[arg(long, value_name = "N|IDS", default_value = "1")]
     pub devices: DeviceList,
     /// Tensor-parallel degree of attention: ranks that split each layer's heads (by output

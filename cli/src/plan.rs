@@ -171,16 +171,7 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
         human_bytes(args.device_memory),
         args.memory_utilization
     );
-    let _ = writeln!(
-        o,
-        "weights in the forms of {}{}",
-        args.soc.name(),
-        if args.soc == WeightTarget::Cuda && layout.world > 1 {
-            "; dsv4 runs CUDA on one device for now (--devices > 1 needs NCCL): this layout is a what-if"
-        } else {
-            ""
-        }
-    );
+    let _ = writeln!(o, "weights in the forms of {}", args.soc.name());
     let (world, tp, ep) = (layout.world, layout.tp, layout.ep);
     let group = |n: usize, how: String| match n {
         1 => String::new(),
@@ -461,10 +452,6 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
                     "Use more devices, a larger --tensor-parallel, or the stored forms (--soc host: without \
                      DSV4_CPU_DEQUANTIZE=1)."
                 }
-                (PlanError::WeightsDoNotFit { .. }, WeightTarget::Cuda) => {
-                    "Use more devices or a larger --tensor-parallel (a what-if on CUDA, where --devices > 1 needs NCCL, \
-                     which dsv4 does not drive yet)."
-                }
                 (PlanError::WeightsDoNotFit { .. }, _) => "Use more devices or a larger --tensor-parallel.",
                 (PlanError::StateDoesNotFit { .. }, _) => "Use more devices or a smaller --kv-dtype.",
             };
@@ -553,13 +540,12 @@ mod tests {
     }
 
     /// On CUDA: the weights in the CUDA backend's forms (FP8/FP4 with E8M0 scales as BF16), fp8
-    /// rows under the official precision (the CUDA backend has them), and a layout of more than
-    /// one device marked a what-if (no NCCL yet).
+    /// rows under the official precision (the CUDA backend has them); eight GPUs run over NCCL.
     #[test]
     fn plan_flash_on_8_cuda() {
         let r =
             plan_of("deepseek-v4-flash", "--devices 8 --device-memory 141GB --soc cuda --precision official").unwrap();
-        assert!(r.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16); dsv4 runs CUDA on one"), "{r}");
+        assert!(r.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16)\n"), "{r}");
         assert!(r.contains("decoding state, --kv-dtype fp8,"), "{r}");
         insta::assert_snapshot!("plan_flash_8xcuda_141gb", r);
         // One GPU does not hold V4-Flash in BF16; the advice names no Ascend SoC.
@@ -567,7 +553,7 @@ mod tests {
         assert!(e.starts_with("plan: deepseek-v4-flash (config only"), "{e}");
         assert!(!e.contains("what-if)") && e.contains("weights in the forms of CUDA (FP8/FP4 dequantised to BF16)\n"));
         assert!(e.contains("short by 423.81 GiB. With TP 1, 6 devices of this size fit (EP 6)."), "{e}");
-        assert!(e.contains("(a what-if on CUDA, where --devices > 1 needs NCCL") && !e.contains("--soc 950"), "{e}");
+        assert!(e.contains("Use more devices or a larger --tensor-parallel.") && !e.contains("--soc 950"), "{e}");
     }
 
     /// The traffic lines say, per kind, how many calls, the payload of one call and the kind's

@@ -201,7 +201,17 @@ fn measure(resolved: &Resolved, kv: &KvArgs, parallel: &crate::parallel_args::Pa
             let target = WeightTarget::from_name(be.soc()).unwrap_or(WeightTarget::Soc(SocFamily::A2));
             on_device(&be, kv, target, first)
         }
-        Resolved::Cuda => on_device(&dsv4_backend_cuda::open(0)?, kv, WeightTarget::Cuda, 0),
+        Resolved::Cuda => {
+            if world > 1 && !matches!(kv.kv_cache_memory, Some(kv_args::MemorySize::Bytes(_))) {
+                // As on Ascend: every rank's pool must be the same, whatever its GPU has free.
+                bail!(
+                    "serve --devices on CUDA needs --kv-cache-memory as a size per device (e.g. 16GiB): every \
+                     rank's pool must be the same size"
+                );
+            }
+            let first = if world > 1 { parallel.devices.0[0] } else { 0 };
+            on_device(&dsv4_backend_cuda::open(first)?, kv, WeightTarget::Cuda, first)
+        }
         Resolved::Cpu => {
             let be = dsv4_backend_cpu::CpuBackend::new();
             let dequantized = std::env::var_os("DSV4_CPU_DEQUANTIZE").is_some_and(|v| v == "1");
@@ -289,12 +299,11 @@ fn spawn_engine_ranks(
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm};
     let resolved = crate::resolve_backend(backend)?;
-    if matches!(resolved, Resolved::Cuda) {
-        return Err(crate::cuda_ranks_refused(parallel.world()));
-    }
-    if matches!(resolved, Resolved::Cpu) {
-        if let Some(nodes) = parallel.nodes() {
-            return Err(crate::cpu_nodes_refused(nodes.nnodes));
+    if let Some(nodes) = parallel.nodes() {
+        match resolved {
+            Resolved::Cpu => return Err(crate::cpu_nodes_refused(nodes.nnodes)),
+            Resolved::Cuda => return Err(crate::cuda_nodes_refused(nodes.nnodes)),
+            Resolved::Ascend => {}
         }
     }
     let mut group = None;
@@ -328,7 +337,27 @@ fn spawn_engine_ranks(
                 .collect();
             EngineHandle::spawn_ranks(config, builds)
         }
-        Resolved::Cuda => return Err(crate::cuda_ranks_refused(layout.world)),
+        Resolved::Cuda => {
+            use dsv4_backend_cuda::{CudaBackend, DriverDevice, NcclCommunicator};
+            type Gpu = CudaBackend<std::sync::Arc<DriverDevice>>;
+            let (devices, members) = crate::open_cuda_ranks(&parallel.devices)?;
+            let builds: Vec<RankBuild<Gpu>> = devices
+                .into_iter()
+                .zip(members)
+                .enumerate()
+                .map(|(rank, (dev, member))| {
+                    let (cfg, ckpt, spec) = (cfg.clone(), ckpt.clone(), spec.clone());
+                    Box::new(move || {
+                        let be = CudaBackend::new(dev.clone());
+                        let world = NcclCommunicator::new(dev, member);
+                        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<Gpu>)?;
+                        let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
+                        Ok((be, model, pool))
+                    }) as RankBuild<Gpu>
+                })
+                .collect();
+            EngineHandle::spawn_ranks(config, builds)
+        }
         Resolved::Ascend => {
             let ids = crate::parallel_args::device_ids(&parallel.devices)?;
             // Over several nodes every rank's engine must plan the same pool: it is part of

@@ -56,8 +56,10 @@ fn split_generation_prints_the_one_device_tokens_once() {
 
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
-    let cases: [(&[&str], &str); 5] = [
-        (&["--devices", "2", "--backend", "cuda"], "NCCL"),
+    let cases: [(&[&str], &str); 6] = [
+        // CUDA ranks need the GPUs (and NCCL): without a driver, the missing library is named.
+        (&["--devices", "2", "--backend", "cuda"], "the CUDA driver library (libcuda) could not be loaded"),
+        (&["--devices", "2", "--backend", "cuda", "--nnodes", "2"], "no NCCL bootstrap over several processes"),
         (&["--devices", "16"], "--expert-parallel defaults to the number of ranks (16)"),
         (&["--tensor-parallel", "2"], "give --devices N"),
         (&["--devices", "4", "--tensor-parallel", "3"], "TP 3 does not divide the 4 devices"),
