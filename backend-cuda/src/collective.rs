@@ -51,8 +51,9 @@ pub struct Transfer {
 /// order) and stream-ordered on the rank's device `dev` (the device the member was made for;
 /// passing another is an error). Counts are in elements of the named type. A call that cannot
 /// complete (arguments that disagree between ranks, a peer that left or never came, a buffer
-/// too small or of another device) returns an error on the calling rank; the implementation
-/// must never hang past its timeout (`DSV4_COMM_TIMEOUT_S`) or corrupt memory.
+/// too small or of another device) returns an error on the calling rank, and never corrupts
+/// memory. The emulator also never waits past its timeout (`DSV4_COMM_TIMEOUT_S`) and fails
+/// every rank when one leaves; NCCL's blocking communicators (`crate::nccl`) do neither yet.
 pub trait DeviceComm<D: Device>: Send + Sync + Sized {
     /// This member's rank, `0..size()`.
     fn rank(&self) -> usize;

@@ -28,11 +28,15 @@
 //! runs (all-gather, all-to-all-v): invalid arguments on one rank, disagreeing dims or shapes
 //! and different collectives at the same step fail on *every* rank with one message.
 //! All-reduce, reduce-scatter and broadcast stay purely stream-ordered: their arguments are
-//! checked on the calling rank only, and the library reports (or times out on) ranks that
-//! disagree. Traffic follows [`Traffic`]'s rules exactly as
+//! checked on the calling rank only; ranks that disagree are the library's to report (the
+//! emulator does, at once; NCCL does not check, see below). Traffic follows [`Traffic`]'s rules exactly as
 //! [`dsv4_core::parallel::LocalComm`] counts it (the metadata exchanges are not counted).
 //!
-//! Emulator-verified (`tests/cuda-emu`'s NCCL), not yet run on GPUs.
+//! Emulator-verified (`tests/cuda-emu`'s NCCL), not yet run on GPUs. On GPUs, a rank that fails
+//! while its peers are inside a collective leaves them waiting: NCCL's blocking communicators
+//! have no timeout, and destroying one member does not wake the others (the emulator's do
+//! fail). The `dsv4` binary therefore ends the process when a CUDA rank fails; a bounded
+//! wait needs non-blocking communicators and `ncclCommAbort` past a deadline (not done).
 
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -454,9 +458,9 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
                     .collect()
             };
             let (sends, recvs) = (transfers(send_rows, x.offset), transfers(&counts, out.offset));
-            if !sends.is_empty() || !recvs.is_empty() {
-                self.comm.send_recv(self.dev(), &x.buf, &sends, &out.buf, &recvs).map_err(&wrap)?;
-            }
+            // Called with nothing to move too: NCCL then enqueues nothing, and the emulator
+            // (which treats a group as a step of every rank) sees every rank's call.
+            self.comm.send_recv(self.dev(), &x.buf, &sends, &out.buf, &recvs).map_err(&wrap)?;
         }
         self.record(kind, (rows - send_rows[rank]) * width);
         Ok((out, counts))
@@ -508,7 +512,9 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
 /// `devices[r]` with the collective library's member `members[r]` (made for that device:
 /// [`crate::nccl::NcclComm::init_all`] on GPUs, the emulator's world in tests).
 /// Returns the results in rank order; a rank that fails or panics ends the run with its own
-/// error ([`run_threads`]), its communicator dropped so that the others stop waiting.
+/// error ([`run_threads`]) once the others have returned: its communicator is dropped, which
+/// fails the others' waits on the emulator but not on NCCL (see the module docs: a caller that
+/// must not hang ends the process on a rank's error, as `dsv4` does).
 pub fn run_ranks<D, C, T, E, F>(
     devices: Vec<Arc<D>>,
     members: Vec<C>,

@@ -44,6 +44,8 @@ pub use nccl::NcclComm;
 /// in this process. Fails with an actionable message, never a panic, when a library (NCCL
 /// included) is missing, a GPU does not exist or one is listed twice.
 pub fn open_ranks(ordinals: &[usize]) -> Result<(Vec<std::sync::Arc<DriverDevice>>, Vec<NcclComm>)> {
+    // NCCL first: a missing library is said before any GPU is opened.
+    driver::NCCL.require()?;
     let devices: Vec<std::sync::Arc<DriverDevice>> =
         ordinals.iter().map(|&o| DriverDevice::open(o).map(std::sync::Arc::new)).collect::<Result<_>>()?;
     let refs: Vec<&DriverDevice> = devices.iter().map(|d| &**d).collect();
@@ -59,7 +61,7 @@ pub fn probe() -> std::result::Result<String, String> {
     let found: Vec<_> = driver::LIBRARIES.iter().map(|lib| (lib.name, lib.find())).collect();
     let nccl = match driver::NCCL.find() {
         Ok(file) => format!("NCCL {file}"),
-        Err(_) => "NCCL missing (needed for --devices > 1 only)".to_string(),
+        Err(why) => format!("NCCL missing (needed for --devices > 1 only: {why})"),
     };
     let states: Vec<String> = found
         .iter()

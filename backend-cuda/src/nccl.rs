@@ -33,8 +33,9 @@
 //!   all-gather, of the send range for reduce-scatter). Zero-byte calls are checked, then
 //!   skipped (every rank passes the same counts, so every rank skips them).
 //! * **Errors** are [`Error::Comm`] naming the NCCL function, the status (`ncclResult_t` name
-//!   and number), `ncclGetErrorString`'s text and `ncclGetLastError`'s; `NCCL_DEBUG=WARN` makes
-//!   NCCL log more.
+//!   and number), `ncclGetErrorString`'s text and `ncclGetLastError`'s (process-wide: with one
+//!   thread per rank it may be another rank's); `NCCL_DEBUG=WARN` makes NCCL log more. After
+//!   a failed call the member refuses every further call (its peers are out of step with it).
 //! * **Not done:** the timeout of [`DeviceComm`] (`DSV4_COMM_TIMEOUT_S`). The communicators are
 //!   blocking ones and a peer that never comes shows as a stream that never finishes (in the
 //!   backend's synchronisation, outside this module) or, for a group's first connection
@@ -70,9 +71,10 @@ pub struct NcclComm {
     ordinal: usize,
 }
 
-// SAFETY: an NCCL communicator handle is not tied to the thread that made it (NCCL's own
-// examples create all of a process's members on one thread and use each from another); the
-// handle is owned by this value and destroyed once, in `Drop`.
+// SAFETY: an NCCL communicator handle is not tied to the thread that made it: NCCL's only
+// threading rule is that one communicator object is not used by two threads at once (user
+// guide, "Thread safety"), which `lock` ensures; the handle is owned by this value and
+// destroyed once, in `Drop`.
 unsafe impl Send for NcclComm {}
 
 // SAFETY: every NCCL call through a shared reference holds `lock` for its whole duration
@@ -116,6 +118,7 @@ impl NcclComm {
             .map(|&o| c_int::try_from(o).map_err(|_| fail(format!("CUDA device {o} does not fit a C int"))))
             .collect::<Result<_>>()?;
         let ndev = c_int::try_from(size).map_err(|_| fail(format!("{size} ranks do not fit a C int")))?;
+        direct_access_off();
         guard("creating NCCL communicators (ncclCommInitAll)", || {
             let mut comms: Vec<sys::ncclComm_t> = vec![std::ptr::null_mut(); size];
             // SAFETY: `comms` has room for the `ndev` handles NCCL writes and `devlist` holds
@@ -175,6 +178,13 @@ impl NcclComm {
     /// device's context to the thread: what every call does before calling NCCL.
     fn enter(&self, func: &str, dev: &DriverDevice) -> Result<MutexGuard<'_, ()>> {
         let held = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.broken.load(Ordering::Relaxed) {
+            // Its peers are out of step with it now: a further call could wait for ever.
+            return Err(self.error(
+                func,
+                "an earlier call on this communicator failed; it cannot be used again (it is aborted when dropped)",
+            ));
+        }
         if let Some(e) = async_error(self.comm) {
             self.broken.store(true, Ordering::Relaxed);
             return Err(self.error(
@@ -201,6 +211,21 @@ impl NcclComm {
             self.broken.store(true, Ordering::Relaxed);
             self.error(func, format!("{} failed: {}", doing(), status_text(&e)))
         })
+    }
+}
+
+/// Sets `NCCL_P2P_DIRECT_DISABLE=1` unless the user set it. With every rank in one process,
+/// NCCL would otherwise read and write the peers' buffers directly by pointer, and dsv4's
+/// buffers come from the device's stream-ordered memory pool (`cuMemAllocAsync`), which peer
+/// access does not open to other GPUs (CUDA programming guide, "Stream Ordered Memory
+/// Allocator": pool memory needs `cuMemPoolSetAccess`). NCCL documents this variable for
+/// exactly that case ("user buffers allocated with APIs which do not automatically make them
+/// accessible to other GPUs managed by the same process"): NCCL then copies through its own
+/// buffers. Read by NCCL when the communicators are made, so it is set just before.
+fn direct_access_off() {
+    const VAR: &str = "NCCL_P2P_DIRECT_DISABLE";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "1");
     }
 }
 
@@ -232,11 +257,13 @@ fn status_text(e: &NcclError) -> String {
     // loaded (a communicator, or the check before `ncclCommInitAll`, exists).
     let text = c_str(unsafe { sys::ncclGetErrorString(status) });
     // SAFETY: ncclGetLastError ignores its communicator argument (NULL is allowed) and returns
-    // the text of the calling thread's last NCCL error.
+    // NCCL's process-wide last-error buffer (`ncclLastError` in NCCL's debug.cc), which another
+    // rank's thread may be rewriting: the copy may be torn or another rank's text, which the
+    // message says; it is NUL-terminated within its fixed size, so the read stays inside it.
     let last = c_str(unsafe { sys::ncclGetLastError(std::ptr::null_mut()) });
     let mut out = format!("{status:?} ({}): {text}", status as u32);
     if !last.is_empty() {
-        out.push_str(&format!("; last error: {}", last.trim_end()));
+        out.push_str(&format!("; NCCL's last error in this process (possibly another rank's): {}", last.trim_end()));
     }
     out.push_str(" (NCCL_DEBUG=WARN makes NCCL log more)");
     out

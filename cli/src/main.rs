@@ -82,7 +82,15 @@ mod dispatch {
                     None => {
                         let (devices, members) = crate::open_cuda_ranks(&$parallel.devices)?;
                         dsv4_backend_cuda::run_ranks(devices, members, $layout, |$be, $ctx| -> anyhow::Result<_> {
-                            $body
+                            let rank = $ctx.layout.rank;
+                            let out = (|| -> anyhow::Result<_> { $body })();
+                            // A rank that fails leaves its peers waiting inside NCCL, which has no
+                            // timeout here (backend-cuda/src/comm.rs): say why and end the process.
+                            if let Err(e) = &out {
+                                eprintln!("error: rank {rank}: {e:#}");
+                                crate::exit_now(1);
+                            }
+                            out
                         })
                     }
                 },

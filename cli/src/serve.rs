@@ -348,11 +348,20 @@ fn spawn_engine_ranks(
                 .map(|(rank, (dev, member))| {
                     let (cfg, ckpt, spec) = (cfg.clone(), ckpt.clone(), spec.clone());
                     Box::new(move || {
-                        let be = CudaBackend::new(dev.clone());
-                        let world = NcclCommunicator::new(dev, member);
-                        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<Gpu>)?;
-                        let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
-                        Ok((be, model, pool))
+                        let build = || -> Result<_, dsv4_engine::BuildError> {
+                            let be = CudaBackend::new(dev.clone());
+                            let world = NcclCommunicator::new(dev, member);
+                            let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<Gpu>)?;
+                            let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
+                            Ok((be, model, pool))
+                        };
+                        let built = build();
+                        // Its peers would wait inside NCCL for ever (no timeout on GPUs yet).
+                        if let Err(e) = &built {
+                            eprintln!("error: rank {rank}: {e}");
+                            crate::exit_now(1);
+                        }
+                        built
                     }) as RankBuild<Gpu>
                 })
                 .collect();

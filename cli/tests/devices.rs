@@ -57,8 +57,8 @@ fn split_generation_prints_the_one_device_tokens_once() {
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
     let cases: [(&[&str], &str); 6] = [
-        // CUDA ranks need the GPUs (and NCCL): without a driver, the missing library is named.
-        (&["--devices", "2", "--backend", "cuda"], "the CUDA driver library (libcuda) could not be loaded"),
+        // CUDA ranks need the driver and NCCL (CI has neither): the missing library is named.
+        (&["--devices", "2", "--backend", "cuda"], "could not be loaded (tried lib"),
         (&["--devices", "2", "--backend", "cuda", "--nnodes", "2"], "no NCCL bootstrap over several processes"),
         (&["--devices", "16"], "--expert-parallel defaults to the number of ranks (16)"),
         (&["--tensor-parallel", "2"], "give --devices N"),
