@@ -1,8 +1,9 @@
 //! The CUDA backend's communicator (`dsv4_backend_cuda::NcclCommunicator`) and its launcher
 //! (`run_ranks`) over NCCL's API, on the emulator's NCCL (`dsv4_cuda_emu::EmuComm`), with one
 //! emulated device per rank: every collective on 1–4 ranks against a host reference
-//! (all-reduce with the same bits on every rank), subgroups working concurrently, the TP / EP
-//! groups of a 2 × 2 layout, traffic counted exactly like the in-process communicator, and
+//! (all-reduce with the same bits on every rank), also on inputs that are axis-0 `narrow` views
+//! into bigger tensors (a byte offset into a shared buffer), subgroups working concurrently, the
+//! TP / EP groups of a 2 × 2 layout, traffic counted exactly like the in-process communicator, and
 //! errors (invalid arguments and disagreeing shapes fail on every rank with one message; a
 //! backend of another device is refused; the failing rank's own error ends the run; a rank
 //! that leaves or goes silent fails the others within a bounded time). The same suite as
@@ -13,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use dsv4_backend_cpu::CpuBackend;
+use dsv4_backend_cuda::tensor::CudaTensor;
 use dsv4_backend_cuda::{run_ranks, CudaBackend, NcclCommunicator};
 use dsv4_core::backend::Backend;
 use dsv4_core::parallel::{CollectiveKind, Communicator, LocalComm, ParallelLayout, RankContext, Traffic};
@@ -22,6 +24,7 @@ use dsv4_tests::collectives::{bits, comm_err, concat, down, numel, rank_order_su
 
 type Gpu = CudaBackend<Arc<EmulatedDevice>>;
 type Nccl = NcclCommunicator<EmulatedDevice, EmuComm>;
+type GpuTensor = CudaTensor<Arc<EmulatedDevice>>;
 
 /// How long an emulated NCCL call waits for its peers here: far more than any call of a
 /// healthy test takes, and short enough that a broken one fails instead of hanging (the
@@ -212,6 +215,155 @@ fn broadcast_from_every_root() {
                 assert_eq!(bits(d), bits(&values(300 + root, 6)), "n {n} root {root} rank {r}");
             }
             assert_eq!(bits(x), bits(&values(300 + r, 6)), "n {n} rank {r}");
+        }
+    }
+}
+
+/// A view like the ones the model's layers pass: `data` (of `shape`) as
+/// `be.narrow(&big, 0, start, shape[0])` of a bigger uploaded tensor `big`, with `start` rows of
+/// other values before it and two rows after. On the CUDA backend an axis-0 narrow shares
+/// `big`'s buffer at a byte offset, which every collective must honour. Returns the view, `big`
+/// and `big`'s values (for checking that the collective left it as it was).
+fn narrow_view(be: &Gpu, data: &[f32], shape: &[usize], start: usize) -> (GpuTensor, GpuTensor, Vec<f32>) {
+    assert!(start > 0, "a view at offset 0 would not tell the offset from the buffer's start");
+    let row = numel(&shape[1..]);
+    let mut big_shape = shape.to_vec();
+    big_shape[0] += start + 2;
+    let mut all = values(9000 + start, start * row);
+    all.extend_from_slice(data);
+    all.extend(values(9500 + start, 2 * row));
+    let big = up(be, &all, &big_shape);
+    let view = be.narrow(&big, 0, start, shape[0]).unwrap();
+    assert_eq!(down(be, &view), (shape.to_vec(), data.to_vec()));
+    (view, big, all)
+}
+
+/// Where rank `r`'s view starts in its bigger tensor (a different offset on every rank).
+fn view_start(r: usize) -> usize {
+    r + 1
+}
+
+#[test]
+fn all_reduce_and_broadcast_of_narrow_views_read_them_at_their_offset() {
+    for n in 1..=4 {
+        let shape = [3, 5];
+        let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(400 + r, numel(&shape))).collect();
+        let want = rank_order_sum(&inputs);
+        let out = world(n, |be, c| {
+            let (x, big, all) = narrow_view(be, &inputs[c.rank()], &shape, view_start(c.rank()));
+            let sum = down(be, &c.all_reduce_sum(be, &x).unwrap());
+            let got: Vec<_> = (0..n).map(|root| down(be, &c.broadcast(be, &x, root).unwrap())).collect();
+            // The bigger tensor (the view included) is left as it was.
+            assert_eq!(bits(&down(be, &big).1), bits(&all), "n {n} rank {}", c.rank());
+            (sum, got)
+        });
+        for (r, ((s, d), got)) in out.iter().enumerate() {
+            assert_eq!(s, &shape, "n {n} rank {r}");
+            assert_eq!(bits(d), bits(&want), "n {n} rank {r}: all_reduce");
+            for (root, (s, d)) in got.iter().enumerate() {
+                assert_eq!(s, &shape, "n {n} root {root} rank {r}");
+                assert_eq!(bits(d), bits(&inputs[root]), "n {n} root {root} rank {r}: broadcast");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_gather_of_narrow_views_along_dims_0_and_1() {
+    type Shapes = [fn(usize) -> Vec<usize>; 2];
+    for n in 1..=4 {
+        // By dim gathered: all ranks the same size (each sends its view itself), and different
+        // sizes (the largest part is sent as it is, the others padded first).
+        let even: Shapes = [|_| vec![2, 4], |_| vec![3, 2, 2]];
+        let uneven: Shapes = [|r| vec![r + 1, 4], |r| vec![3, r + 1]];
+        for shapes in [even, uneven] {
+            for (dim, shape_of) in shapes.iter().enumerate() {
+                let parts: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+                    .map(|r| {
+                        let s = shape_of(r);
+                        let d = values(500 + 10 * r + dim, numel(&s));
+                        (s, d)
+                    })
+                    .collect();
+                let want = concat(&parts, dim);
+                let out = world(n, |be, c| {
+                    let (s, d) = &parts[c.rank()];
+                    let (x, big, all) = narrow_view(be, d, s, view_start(c.rank()));
+                    let got = down(be, &c.all_gather(be, &x, dim).unwrap());
+                    assert_eq!(bits(&down(be, &big).1), bits(&all), "n {n} dim {dim} rank {}", c.rank());
+                    got
+                });
+                for (r, (s, d)) in out.iter().enumerate() {
+                    assert_eq!(s, &want.0, "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                    assert_eq!(bits(d), bits(&want.1), "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_of_narrow_views_along_dims_0_and_1() {
+    for n in 1..=4 {
+        // Along dim 0 the view is sent as it is; along dim 1 it is rearranged first.
+        for (shape, dim) in [(vec![2 * n, 3], 0), (vec![3, 2 * n], 1), (vec![2, n, 3], 1)] {
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(600 + r, numel(&shape))).collect();
+            let sum = rank_order_sum(&inputs);
+            let out = world(n, |be, c| {
+                let (x, big, all) = narrow_view(be, &inputs[c.rank()], &shape, view_start(c.rank()));
+                let got = down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap());
+                assert_eq!(bits(&down(be, &big).1), bits(&all), "n {n} {shape:?} dim {dim} rank {}", c.rank());
+                got
+            });
+            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
+            let part = len / n;
+            for (r, (s, d)) in out.iter().enumerate() {
+                let mut want_shape = shape.clone();
+                want_shape[dim] = part;
+                let want: Vec<f32> = (0..outer)
+                    .flat_map(|o| {
+                        let start = (o * len + r * part) * inner;
+                        sum[start..start + part * inner].to_vec()
+                    })
+                    .collect();
+                assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
+                assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_v_of_narrow_views_sends_the_views_rows() {
+    for n in 1..=4 {
+        // Rows rank s sends to rank r, some of them none.
+        let count = |s: usize, r: usize| (2 * s + r + 1) % 3;
+        let rest = [2, 3];
+        let width = numel(&rest);
+        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
+        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+            .map(|s| {
+                let rows: usize = sends[s].iter().sum();
+                (vec![rows, rest[0], rest[1]], values(700 + s, rows * width))
+            })
+            .collect();
+        let out = world(n, |be, c| {
+            let (s, d) = &inputs[c.rank()];
+            let (x, big, all) = narrow_view(be, d, s, view_start(c.rank()));
+            let (t, counts) = c.all_to_all_v(be, &x, &sends[c.rank()]).unwrap();
+            assert_eq!(bits(&down(be, &big).1), bits(&all), "n {n} rank {}", c.rank());
+            (down(be, &t), counts)
+        });
+        for (r, ((shape, data), counts)) in out.iter().enumerate() {
+            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
+            let mut want = Vec::new();
+            for s in 0..n {
+                let start: usize = sends[s][..r].iter().sum();
+                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
+            }
+            assert_eq!(counts, &want_counts, "n {n} rank {r}");
+            assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
+            assert_eq!(bits(data), bits(&want), "n {n} rank {r}");
         }
     }
 }

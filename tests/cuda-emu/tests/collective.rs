@@ -295,6 +295,125 @@ fn send_recv_mismatches_fail_on_every_rank() {
     }
 }
 
+/// Both ranks of a pair send each other two transfers of different sizes (4 bytes, then 8) in
+/// one group; each receives them into `[0xCD; 1]` + a slot per receive + `[0xCD; 3]` gaps, its
+/// receives of the sizes in `recv_sizes`, in that order. Per rank: the result and the receive
+/// buffer afterwards.
+fn exchange_two_transfers(recv_sizes: [usize; 2]) -> Vec<(Result<()>, Vec<u8>)> {
+    on_ranks(2, SAFETY, |devs, c| {
+        let (me, dev) = (c.rank(), &devs[c.rank()]);
+        let peer = 1 - me;
+        let mut send_bytes: Vec<u8> = (0..4).map(|i| payload(me, peer, 0, i)).collect();
+        send_bytes.extend((0..8).map(|i| payload(me, peer, 1, i)));
+        let sends = [Transfer { peer, offset: 0, bytes: 4 }, Transfer { peer, offset: 4, bytes: 8 }];
+        let recvs = [
+            Transfer { peer, offset: 1, bytes: recv_sizes[0] },
+            Transfer { peer, offset: 1 + recv_sizes[0] + 3, bytes: recv_sizes[1] },
+        ];
+        let send = dev.upload(&send_bytes).unwrap();
+        let recv = dev.upload(&[0xCDu8; 1 + 4 + 3 + 8 + 3]).unwrap();
+        let r = c.send_recv(dev, &send, &sends, &recv, &recvs);
+        (r, download(dev, &recv))
+    })
+}
+
+#[test]
+fn send_recv_matches_the_kth_send_of_a_pair_with_the_kth_receive() {
+    // Received in the order sent: each transfer lands in its own slot.
+    for (r, (res, got)) in exchange_two_transfers([4, 8]).into_iter().enumerate() {
+        res.unwrap();
+        let peer = 1 - r;
+        let mut want = vec![0xCDu8];
+        want.extend((0..4).map(|i| payload(peer, r, 0, i)));
+        want.extend([0xCDu8; 3]);
+        want.extend((0..8).map(|i| payload(peer, r, 1, i)));
+        want.extend([0xCDu8; 3]);
+        assert_eq!(got, want, "rank {r}");
+    }
+    // Both receives posted, but in the other order than the peer's sends: the same sizes in
+    // total, yet the first send (4 bytes) meets the first receive (8 bytes). NCCL matches per
+    // pair in order, so this is a mismatch on every rank, with nothing written.
+    let msg = "ncclSend/ncclRecv: sends and receives do not match (in order per pair of ranks): rank 0 sends [4, 8] \
+               bytes to rank 1, which receives [8, 4] bytes from rank 0; rank 1 sends [4, 8] bytes to rank 0, which \
+               receives [8, 4] bytes from rank 1; the calls: rank 0 ncclSend/ncclRecv(sends: 4 bytes to rank 1, 8 \
+               bytes to rank 1; receives: 8 bytes from rank 1, 4 bytes from rank 1), rank 1 \
+               ncclSend/ncclRecv(sends: 4 bytes to rank 0, 8 bytes to rank 0; receives: 8 bytes from rank 0, 4 \
+               bytes from rank 0)";
+    for (r, (res, got)) in exchange_two_transfers([8, 4]).into_iter().enumerate() {
+        assert_eq!(comm_err(res), (r, msg.to_string()), "rank {r}");
+        assert_eq!(got, vec![0xCDu8; 19], "rank {r}: a failed call wrote its recv buffer");
+    }
+}
+
+#[test]
+fn broadcast_with_different_counts_fails_on_every_rank() {
+    // A non-root with fewer bytes than the root, then the root with fewer than the others: the
+    // receive spans lie in bigger buffers, so only the count check can catch it.
+    for counts in [[8, 8, 4], [4, 8, 8]] {
+        let out = on_ranks(3, SAFETY, |devs, c| {
+            let dev = &devs[c.rank()];
+            let bytes = counts[c.rank()];
+            let send = dev.upload(&[7u8; 16]).unwrap();
+            let recv = dev.upload(&[0xCDu8; 16]).unwrap();
+            let e = comm_err(c.broadcast_bytes(dev, Span::new(&send, 0, bytes), Span::new(&recv, 0, bytes), 0));
+            (e, download(dev, &recv))
+        });
+        let calls: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(r, b)| format!("rank {r} ncclBroadcast(count {b} bytes, root 0)"))
+            .collect();
+        let msg = format!("ncclBroadcast: the ranks' counts differ: {}", calls.join(", "));
+        for (r, ((rank, m), recv)) in out.iter().enumerate() {
+            assert_eq!((*rank, m), (r, &msg), "counts {counts:?}");
+            assert_eq!(recv, &vec![0xCDu8; 16], "counts {counts:?} rank {r}: a failed call wrote its recv buffer");
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_is_in_place_only_with_recv_at_part_rank_of_send() {
+    let (n, count) = (3, 2);
+    let (part, whole) = (4 * count, 4 * n * count);
+    let inputs: Vec<Vec<f32>> = (0..n).map(|r| order_sensitive(r, n * count)).collect();
+    let sums = fold(&inputs);
+    // send is [4, 4 + whole) of a buffer padded by 4 bytes on either side; recv is 4·count bytes
+    // at `recv_at(rank)`.
+    let run = |recv_at: &(dyn Fn(usize) -> usize + Sync)| {
+        on_ranks(n, SAFETY, |devs, c| {
+            let dev = &devs[c.rank()];
+            let buf = padded(dev, 4, &f32_bytes(&inputs[c.rank()]));
+            let before = download(dev, &buf);
+            let at = recv_at(c.rank());
+            let r = c.reduce_scatter_sum_f32(dev, Span::new(&buf, 4, whole), Span::new(&buf, at, part));
+            (r, before, download(dev, &buf))
+        })
+    };
+    // NCCL's in-place layout, recv = send + rank · recvcount, on every rank.
+    for (r, (res, before, after)) in run(&|r| 4 + r * part).into_iter().enumerate() {
+        res.unwrap();
+        let at = 4 + r * part;
+        assert_eq!(bits(&after[at..at + part]), to_bits(&sums[r * count..(r + 1) * count]), "rank {r}");
+        assert_eq!((&after[..4], &after[4 + whole..]), (&before[..4], &before[4 + whole..]), "rank {r}: padding");
+    }
+    // Rank 1's recv overlaps its send without being its part 1: another rank's part (before and
+    // after its own), straddling two parts, running past the end of send, starting before it.
+    // The others are in place; rank 1's refusal fails every rank, and nothing is written.
+    for bad in [4, 4 + 2 * part, 4 + part + 4, 4 + whole - 4, 0] {
+        let out = run(&|r| if r == 1 { bad } else { 4 + r * part });
+        let msg = format!(
+            "ncclReduceScatter: rank 1 called it with invalid arguments: send [4, {}) and recv [{bad}, {}) overlap \
+             in one buffer, which NCCL leaves undefined unless recv is part `rank` of send (in place)",
+            4 + whole,
+            bad + part
+        );
+        for (r, (res, before, after)) in out.into_iter().enumerate() {
+            assert_eq!(comm_err(res), (r, msg.clone()), "recv at {bad}, rank {r}");
+            assert_eq!(after, before, "recv at {bad}, rank {r}: a failed call wrote its buffer");
+        }
+    }
+}
+
 #[test]
 fn split_into_two_groups_running_concurrently() {
     // Colours 0 and 1; group 0 (ranks 0, 2, 4, keys 5, 5, 1) is ordered 4, 0, 2 (ties by rank);
