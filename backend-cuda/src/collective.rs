@@ -97,3 +97,15 @@ pub trait DeviceComm<D: Device>: Send + Sync + Sized {
     /// `colour` form a new communicator, ranked by `key` (ties by rank here).
     fn split(&self, dev: &D, colour: usize, key: usize) -> Result<Self>;
 }
+
+/// Making a member from a unique id, as ranks in several processes do (`ncclGetUniqueId` on
+/// one rank, the id handed to the others out of band, then `ncclCommInitRank` on every rank):
+/// how the ranks of a run over several nodes meet ([`crate::comm::run_node_ranks`]).
+pub trait InitByUniqueId<D: Device>: DeviceComm<D> {
+    /// `ncclGetUniqueId`: the blob (NCCL: 128 bytes) every rank passes to [`Self::init_rank`].
+    fn unique_id() -> Result<Vec<u8>>;
+
+    /// `ncclCommInitRank(id, size, rank)` on `dev`: collective, it returns once every rank of
+    /// the communicator has called it (or fails: a wrong id, a rank that never comes).
+    fn init_rank(dev: &D, id: &[u8], rank: usize, size: usize) -> Result<Self>;
+}

@@ -43,9 +43,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
-use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, ParallelLayout, RankContext, Traffic};
+use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, Traffic};
 
-use crate::collective::{DeviceComm, Span, Transfer};
+use crate::collective::{DeviceComm, InitByUniqueId, Span, Transfer};
 use crate::device::Device;
 use crate::tensor::CudaTensor;
 use crate::CudaBackend;
@@ -564,4 +564,77 @@ where
         drop(world);
         out
     })
+}
+
+/// [`run_ranks`] for this process's part of a run over several processes (nodes): `devices`
+/// are this node's (local rank r on `devices[r]`, global rank `node.base() + r`), or why they
+/// could not be opened (then every node fails with it, naming this node, before anyone joins
+/// the communicator); `layout` is the whole world's (`node.world()` ranks). Node 0 makes the
+/// library's unique id
+/// ([`InitByUniqueId::unique_id`], NCCL's `ncclGetUniqueId`) and `node` hands it to the other
+/// nodes over their TCP connections (or every node fails with the first failure, before anyone
+/// joins); then every rank joins with its global rank (`ncclCommInitRank`). Returns this
+/// process's ranks' results, in local rank order.
+pub fn run_node_ranks<D, C, T, E, F>(
+    devices: Result<Vec<Arc<D>>>,
+    layout: ParallelLayout,
+    node: Arc<NodeGroup>,
+    f: F,
+) -> std::result::Result<Vec<T>, E>
+where
+    D: Device,
+    C: InitByUniqueId<D> + 'static,
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&CudaBackend<Arc<D>>, RankContext<CudaBackend<Arc<D>>>) -> std::result::Result<T, E> + Sync,
+{
+    let world = node.world();
+    let devices = devices.and_then(|d| match layout.world == world && d.len() == node.local_ranks() {
+        true => Ok(d),
+        false => Err(Error::config(
+            "devices",
+            format!(
+                "a layout of {} ranks and {} devices here, over nodes of {} ranks each ({world} in all)",
+                layout.world,
+                d.len(),
+                node.local_ranks()
+            ),
+        )),
+    });
+    let id = node_unique_id::<D, C>(&node, devices.as_ref().map(drop).map_err(|e| e.to_string()));
+    let (devices, id) = match (devices, id) {
+        (Ok(d), Ok(id)) => (d, id),
+        (Err(e), _) | (_, Err(e)) => return Err(E::from(e)),
+    };
+    run_threads(devices.len(), |local| {
+        let rank = node.base() + local;
+        let dev = devices[local].clone();
+        let member = C::init_rank(&dev, &id, rank, world).map_err(E::from)?;
+        let be = CudaBackend::new(dev.clone());
+        let comm = NcclCommunicator::new(dev, member);
+        let ctx =
+            RankContext::new(layout.rank(rank), &comm as &dyn Communicator<CudaBackend<Arc<D>>>).map_err(E::from)?;
+        // As in `run_ranks`: the world stays alive until this rank is done.
+        let out = f(&be, ctx);
+        drop(comm);
+        out
+    })
+}
+
+/// Collective over the nodes of `node` (each process calls it once, after opening its devices;
+/// `ready` is `Err(why)` when that failed): node 0's [`InitByUniqueId::unique_id`], handed to
+/// every node over the nodes' TCP connections; or, on every node, the first failure, naming its
+/// node. Every rank then joins with [`InitByUniqueId::init_rank`] and its global rank.
+pub fn node_unique_id<D: Device, C: InitByUniqueId<D>>(
+    node: &NodeGroup,
+    ready: std::result::Result<(), String>,
+) -> Result<Vec<u8>> {
+    let mine = match (ready, node.node_rank()) {
+        (Err(why), _) => Err(why),
+        (Ok(()), 0) => {
+            C::unique_id().map(Some).map_err(|e| format!("node 0 could not make the communicator's id: {e}"))
+        }
+        (Ok(()), _) => Ok(None),
+    };
+    node.share(mine)
 }

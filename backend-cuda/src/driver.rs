@@ -175,6 +175,8 @@ pub const NCCL: CudaLibrary = CudaLibrary {
           site-packages/nvidia/nccl/lib/libnccl.so.2 as libnccl.so in a folder on LD_LIBRARY_PATH",
     symbols: &[
         "ncclCommInitAll",
+        "ncclGetUniqueId",
+        "ncclCommInitRank",
         "ncclCommSplit",
         "ncclCommDestroy",
         "ncclCommAbort",

@@ -33,7 +33,7 @@ mod reduce;
 mod weights;
 
 pub use backend::CudaBackend;
-pub use comm::{run_ranks, NcclCommunicator};
+pub use comm::{node_unique_id, run_node_ranks, run_ranks, NcclCommunicator};
 pub use device::{Device, Gemm, GemmType, KernelArg, LaunchConfig};
 pub use driver::DriverDevice;
 use dsv4_core::error::Result;
@@ -45,12 +45,17 @@ pub use nccl::NcclComm;
 /// included) is missing, a GPU does not exist or one is listed twice.
 pub fn open_ranks(ordinals: &[usize]) -> Result<(Vec<std::sync::Arc<DriverDevice>>, Vec<NcclComm>)> {
     // NCCL first: a missing library is said before any GPU is opened.
-    driver::NCCL.require()?;
-    let devices: Vec<std::sync::Arc<DriverDevice>> =
-        ordinals.iter().map(|&o| DriverDevice::open(o).map(std::sync::Arc::new)).collect::<Result<_>>()?;
+    let devices = open_devices(ordinals)?;
     let refs: Vec<&DriverDevice> = devices.iter().map(|d| &**d).collect();
     let members = NcclComm::init_all(&refs)?;
     Ok((devices, members))
+}
+
+/// Opens GPUs `ordinals` (rank r on `ordinals[r]`) for [`run_node_ranks`], whose ranks join
+/// their NCCL communicator from node 0's unique id; NCCL is checked for first.
+pub fn open_devices(ordinals: &[usize]) -> Result<Vec<std::sync::Arc<DriverDevice>>> {
+    driver::NCCL.require()?;
+    ordinals.iter().map(|&o| DriverDevice::open(o).map(std::sync::Arc::new)).collect()
 }
 
 /// What `dsv4 devices` prints for CUDA: which of the libraries the backend loads at run time

@@ -54,7 +54,7 @@ use cudarc::nccl::result::{self, NcclError, NcclStatus};
 use cudarc::nccl::sys;
 use dsv4_core::error::{Error, Result};
 
-use crate::collective::{DeviceComm, Span, Transfer};
+use crate::collective::{DeviceComm, InitByUniqueId, Span, Transfer};
 use crate::driver::{guard, DriverDevice, NCCL};
 
 /// One rank's member of an NCCL communicator, on one GPU. See the module documentation.
@@ -278,6 +278,58 @@ fn async_error(comm: sys::ncclComm_t) -> Option<String> {
         return Some(format!("ncclCommGetAsyncError failed: {}", status_text(&e)));
     }
     status.result().err().map(|e| status_text(&e))
+}
+
+/// Bytes of NCCL's unique id (`NCCL_UNIQUE_ID_BYTES` in nccl.h).
+const UNIQUE_ID_BYTES: usize = 128;
+
+impl InitByUniqueId<DriverDevice> for NcclComm {
+    fn unique_id() -> Result<Vec<u8>> {
+        NCCL.require()?;
+        guard("making an NCCL unique id (ncclGetUniqueId)", || {
+            let id = result::get_uniqueid().map_err(|e| Error::Comm {
+                rank: 0,
+                size: 0,
+                msg: format!("ncclGetUniqueId: {}", status_text(&e)),
+            })?;
+            Ok(id.internal.iter().map(|&b| b as u8).collect())
+        })
+    }
+
+    fn init_rank(dev: &DriverDevice, id: &[u8], rank: usize, size: usize) -> Result<NcclComm> {
+        NCCL.require()?;
+        let fail = |msg: String| Error::Comm { rank, size, msg: format!("ncclCommInitRank: {msg}") };
+        if id.len() != UNIQUE_ID_BYTES {
+            return Err(fail(format!("a unique id of {} bytes, not NCCL's {UNIQUE_ID_BYTES}", id.len())));
+        }
+        if rank >= size {
+            return Err(fail(format!("rank {rank} is not a rank of {size}")));
+        }
+        let (Ok(r), Ok(n)) = (c_int::try_from(rank), c_int::try_from(size)) else {
+            return Err(fail(format!("{size} ranks do not fit a C int")));
+        };
+        let mut unique = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        for (d, &b) in unique.internal.iter_mut().zip(id) {
+            *d = b as std::ffi::c_char;
+        }
+        direct_access_off();
+        dev.bind()?;
+        guard("joining an NCCL communicator (ncclCommInitRank)", || {
+            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: `comm` is an out-pointer to a local; `unique` is a full 128-byte id passed
+            // by value; `r < n` (checked above); the device's context is current on this thread
+            // (NCCL makes the member for the current device) and the library has the function
+            // (`NCCL.require()` above).
+            let made = unsafe { result::comm_init_rank(&mut comm, n, unique, r) };
+            if let Err(e) = made {
+                return Err(fail(format!("as rank {rank} of {size}: {}", status_text(&e))));
+            }
+            if comm.is_null() {
+                return Err(fail("succeeded but gave no communicator".to_string()));
+            }
+            Ok(NcclComm::new(comm, rank, size, dev.ordinal()))
+        })
+    }
 }
 
 impl DeviceComm<DriverDevice> for NcclComm {

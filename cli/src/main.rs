@@ -77,8 +77,7 @@ mod dispatch {
                         }
                     }
                 }
-                crate::Resolved::Cuda => match $parallel.nodes() {
-                    Some(spec) => Err(crate::cuda_nodes_refused(spec.nnodes)),
+                crate::Resolved::Cuda => match $parallel.join_nodes($parallel.devices.0.len(), "")? {
                     None => {
                         let (devices, members) = crate::open_cuda_ranks(&$parallel.devices)?;
                         dsv4_backend_cuda::run_ranks(devices, members, $layout, |$be, $ctx| -> anyhow::Result<_> {
@@ -92,6 +91,31 @@ mod dispatch {
                             }
                             out
                         })
+                    }
+                    Some(group) => {
+                        // A GPU that does not open fails every node, naming this one.
+                        let devices = dsv4_backend_cuda::open_devices(&$parallel.devices.0);
+                        let out = dsv4_backend_cuda::run_node_ranks::<_, dsv4_backend_cuda::NcclComm, _, _, _>(
+                            devices,
+                            $layout,
+                            group.clone(),
+                            |$be, $ctx| -> anyhow::Result<_> {
+                                let rank = $ctx.layout.rank;
+                                let out = (|| -> anyhow::Result<_> { $body })();
+                                // As over HCCL: say why, tell the other nodes, stop this process.
+                                if let Err(e) = &out {
+                                    eprintln!("error: rank {rank}: {e:#}");
+                                    group.abort(&format!("rank {rank}: {e:#}"));
+                                    crate::exit_now(1);
+                                }
+                                out
+                            },
+                        );
+                        match &out {
+                            Ok(_) => group.finish(),
+                            Err(e) => group.abort(&format!("{e:#}")),
+                        }
+                        out
                     }
                 },
             }
@@ -504,24 +528,6 @@ fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> 
     Ok(())
 }
 
-/// `--devices N` runs on every backend; over several processes (`--nnodes`) only on Ascend
-/// (HCCL) and, for a clear message before anything loads, not on CUDA.
-fn split_backend(backend: BackendChoice, parallel: &parallel_args::ParallelArgs) -> Result<()> {
-    match (backend, parallel.nodes()) {
-        (BackendChoice::Cuda, Some(spec)) => Err(cuda_nodes_refused(spec.nnodes)),
-        _ => Ok(()),
-    }
-}
-
-/// Why a model split over several processes does not run on CUDA.
-pub(crate) fn cuda_nodes_refused(nnodes: usize) -> anyhow::Error {
-    anyhow::anyhow!(
-        "--nnodes {nnodes} (or NNODES / WORLD_SIZE in the environment): CUDA ranks run as threads of one process over \
-         NCCL, one per GPU of --devices; dsv4 has no NCCL bootstrap over several processes yet. Drop --nnodes (and \
-         unset NNODES / WORLD_SIZE), or use --backend ascend"
-    )
-}
-
 /// The GPUs of `--devices` opened, and an NCCL communicator over them
 /// (`ncclCommInitAll`): rank r on the r-th listed GPU.
 pub(crate) fn open_cuda_ranks(
@@ -583,7 +589,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logits { model, ids, backend, kv, parallel, out } => {
             let ids = parse_ids(&ids)?;
             if parallel.is_split()? {
-                split_backend(backend, &parallel)?;
                 return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
             }
             with_backend!(backend, |be| run_logits(be, &model, &ids, &out, &kv))
@@ -591,7 +596,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             if parallel.is_split()? {
-                split_backend(backend, &parallel)?;
                 return generate::run_generate_ranks(
                     backend,
                     &model.model,
@@ -620,7 +624,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { model, chat, sampling, backend, kv, parallel } => {
             if parallel.is_split()? {
-                split_backend(backend, &parallel)?;
                 parallel.refuse_nodes("dsv4 chat")?;
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
             }
@@ -630,11 +633,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { model, plan } => plan::run(&model.model, &plan),
         Command::Check { model, backends, ids, tolerance, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
-            if parallel.is_split()? {
-                for &b in backends.iter().skip(1) {
-                    split_backend(b, &parallel)?;
-                }
-            }
             check::run(&model.model, &backends, ids, tolerance, &kv, &parallel)
         }
         Command::Devices => {
@@ -642,9 +640,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { model, backend, kv, serve, parallel } => {
-            if parallel.is_split()? {
-                split_backend(backend, &parallel)?;
-            }
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
         Command::Bench {
@@ -669,7 +664,6 @@ fn run(cli: Cli) -> Result<()> {
                 speculative_tokens,
             };
             if parallel.is_split()? {
-                split_backend(backend, &parallel)?;
                 if profile {
                     anyhow::bail!(
                         "--profile times one backend's ops; with --devices the ranks run on several: profile without \

@@ -154,7 +154,7 @@ pub struct ParallelArgs {
     pub expert_parallel: Option<usize>,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
     /// the same arguments and its own --node-rank, over its own --devices (the same number on
-    /// every node); TP and EP count the ranks of all nodes. Ascend only (HCCL). Default: where
+    /// every node); TP and EP count the ranks of all nodes. Ascend (HCCL) and CUDA (NCCL). Default: where
     /// MASTER_ADDR is set (by a launcher), NNODES, else WORLD_SIZE; else 1.
     #[arg(long, value_name = "N")]
     pub nnodes: Option<usize>,
@@ -310,12 +310,13 @@ impl ParallelArgs {
     pub fn describe_run(&self, layout: &ParallelLayout, cfg: &ModelConfig) -> String {
         let placement = match self.nodes() {
             None => "threads of this process (CPU: over the in-process communicator; Ascend: one device each, over \
-                     HCCL)"
+                     HCCL; CUDA: one GPU each, over NCCL)"
                 .to_string(),
             Some(spec) => {
                 let local = layout.world / spec.nnodes;
                 format!(
-                    "over {} processes (this one: node {}, global ranks {}..{}, one thread per device; over HCCL)",
+                    "over {} processes (this one: node {}, global ranks {}..{}, one thread per device; over HCCL or \
+                     NCCL)",
                     spec.nnodes,
                     spec.node_rank,
                     spec.node_rank * local,
@@ -389,7 +390,7 @@ mod tests {
         ];
         let node_1 = line(&nodes);
         assert!(
-            node_1.starts_with("ranks: 6, over 3 processes (this one: node 1, global ranks 2..4, one thread per device; over HCCL); TP 1 "),
+            node_1.starts_with("ranks: 6, over 3 processes (this one: node 1, global ranks 2..4, one thread per device; over HCCL or NCCL); TP 1 "),
             "{node_1}"
         );
     }

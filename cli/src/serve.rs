@@ -299,12 +299,8 @@ fn spawn_engine_ranks(
     use dsv4_backend_cpu::CpuBackend;
     use dsv4_core::parallel::{Communicator, LocalComm};
     let resolved = crate::resolve_backend(backend)?;
-    if let Some(nodes) = parallel.nodes() {
-        match resolved {
-            Resolved::Cpu => return Err(crate::cpu_nodes_refused(nodes.nnodes)),
-            Resolved::Cuda => return Err(crate::cuda_nodes_refused(nodes.nnodes)),
-            Resolved::Ascend => {}
-        }
+    if let (Some(nodes), Resolved::Cpu) = (parallel.nodes(), &resolved) {
+        return Err(crate::cpu_nodes_refused(nodes.nnodes));
     }
     let mut group = None;
     let leader_ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -338,17 +334,48 @@ fn spawn_engine_ranks(
             EngineHandle::spawn_ranks(config, builds)
         }
         Resolved::Cuda => {
-            use dsv4_backend_cuda::{CudaBackend, DriverDevice, NcclCommunicator};
+            use dsv4_backend_cuda::collective::InitByUniqueId;
+            use dsv4_backend_cuda::{CudaBackend, DriverDevice, NcclComm, NcclCommunicator};
             type Gpu = CudaBackend<std::sync::Arc<DriverDevice>>;
-            let (devices, members) = crate::open_cuda_ranks(&parallel.devices)?;
+            // How a rank gets its NCCL member: made with the others here (ncclCommInitAll), or,
+            // over several nodes, joined from node 0's unique id (ncclCommInitRank).
+            enum Join {
+                Made(NcclComm),
+                FromId(std::sync::Arc<Vec<u8>>, usize),
+            }
+            group = parallel.join_nodes(parallel.devices.0.len(), &pool_agreement(&pool))?;
+            let inbox = inbox_of(&group);
+            let (devices, joins): (Vec<_>, Vec<Join>) = match &group {
+                None => {
+                    let (devices, members) = crate::open_cuda_ranks(&parallel.devices)?;
+                    (devices, members.into_iter().map(Join::Made).collect())
+                }
+                Some(g) => {
+                    // A GPU that does not open fails every node, naming this one.
+                    let devices = dsv4_backend_cuda::open_devices(&parallel.devices.0);
+                    let ready = devices.as_ref().map(drop).map_err(|e| e.to_string());
+                    let id = dsv4_backend_cuda::node_unique_id::<DriverDevice, NcclComm>(g, ready);
+                    let (devices, id) = (devices?, std::sync::Arc::new(id?));
+                    let joins = (0..devices.len()).map(|r| Join::FromId(id.clone(), g.base() + r)).collect();
+                    (devices, joins)
+                }
+            };
             let builds: Vec<RankBuild<Gpu>> = devices
                 .into_iter()
-                .zip(members)
+                .zip(joins)
                 .enumerate()
-                .map(|(rank, (dev, member))| {
-                    let (cfg, ckpt, spec) = (cfg.clone(), ckpt.clone(), spec.clone());
+                .map(|(local, (dev, join))| {
+                    let (cfg, ckpt, spec, group) = (cfg.clone(), ckpt.clone(), spec.clone(), group.clone());
                     Box::new(move || {
+                        let rank = match &join {
+                            Join::Made(_) => local,
+                            Join::FromId(_, global) => *global,
+                        };
                         let build = || -> Result<_, dsv4_engine::BuildError> {
+                            let member = match join {
+                                Join::Made(m) => m,
+                                Join::FromId(id, global) => NcclComm::init_rank(&dev, &id, global, layout.world)?,
+                            };
                             let be = CudaBackend::new(dev.clone());
                             let world = NcclCommunicator::new(dev, member);
                             let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<Gpu>)?;
@@ -356,29 +383,27 @@ fn spawn_engine_ranks(
                             Ok((be, model, pool))
                         };
                         let built = build();
-                        // Its peers would wait inside NCCL for ever (no timeout on GPUs yet).
+                        // Its peers would wait inside NCCL for ever (no timeout on GPUs yet): say
+                        // why, tell the other nodes, and end.
                         if let Err(e) = &built {
                             eprintln!("error: rank {rank}: {e}");
+                            if let Some(g) = &group {
+                                g.abort(&format!("rank {rank}: {e}"));
+                            }
                             crate::exit_now(1);
                         }
                         built
                     }) as RankBuild<Gpu>
                 })
                 .collect();
-            EngineHandle::spawn_ranks(config, builds)
+            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone())
         }
         Resolved::Ascend => {
             let ids = crate::parallel_args::device_ids(&parallel.devices)?;
             // Over several nodes every rank's engine must plan the same pool: it is part of
             // what the nodes agree on when they meet.
-            group = parallel.join_nodes(
-                ids.len(),
-                &format!(
-                    "the KV pool this node planned (give --kv-cache-memory to plan the same on every node): {pool:?}"
-                ),
-            )?;
-            let inbox = group.as_ref().filter(|g| g.node_rank() != 0).map(|g| g.messages());
-            let ended = leader_ended.clone();
+            group = parallel.join_nodes(ids.len(), &pool_agreement(&pool))?;
+            let inbox = inbox_of(&group);
             let boot = std::sync::Arc::new(match &group {
                 Some(g) => HcclBootstrap::on_nodes(&ids, g.clone())?,
                 None => HcclBootstrap::new(&ids)?,
@@ -395,32 +420,59 @@ fn spawn_engine_ranks(
                     }) as RankBuild<AscendBackend>
                 })
                 .collect();
-            match (&group, inbox) {
-                (None, _) => EngineHandle::spawn_ranks(config, builds),
-                // Node 0: rank 0's decisions also go to the other nodes.
-                (Some(g), None) => {
-                    let g = g.clone();
-                    EngineHandle::spawn_ranks_leading(config, builds, Box::new(move |tick| g.send_to_all(&tick)))
-                }
-                // Another node: every rank here replays node 0's decisions.
-                (Some(_), Some(inbox)) => EngineHandle::spawn_followers(
-                    config,
-                    builds,
-                    Box::new(move || {
-                        let tick = inbox.recv().ok();
-                        // The inbox ends only with node 0's goodbye (a lost node 0 exits
-                        // this process from the watcher instead).
-                        if tick.is_none() {
-                            ended.store(true, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        tick
-                    }),
-                ),
-            }
+            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone())
         }
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(RankEngines { engine, eos, group, leader_ended })
+}
+
+/// Over several nodes every rank's engine must plan the same pool: it is part of what the
+/// nodes agree on when they meet.
+fn pool_agreement(pool: &KvConfig) -> String {
+    format!("the KV pool this node planned (give --kv-cache-memory to plan the same on every node): {pool:?}")
+}
+
+/// On a node other than 0, node 0's decisions as they arrive: taken right after the nodes
+/// meet, before the communicator's id is shared ([`dsv4_core::parallel::NodeGroup::messages`]).
+fn inbox_of(
+    group: &Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>,
+) -> Option<std::sync::mpsc::Receiver<Vec<u8>>> {
+    group.as_ref().filter(|g| g.node_rank() != 0).map(|g| g.messages())
+}
+
+/// Starts this process's rank engines: alone, or over several nodes as node 0 (rank 0's
+/// decisions also go to the other nodes) or as another node (every rank here replays node 0's
+/// decisions from `inbox`; `ended` is set when node 0 says goodbye).
+fn spawn_on_nodes<B: Backend + 'static>(
+    config: EngineConfig,
+    builds: Vec<RankBuild<B>>,
+    group: &Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>,
+    inbox: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<EngineHandle, dsv4_engine::BuildError> {
+    match (group, inbox) {
+        (None, _) => EngineHandle::spawn_ranks(config, builds),
+        (Some(g), None) => {
+            let g = g.clone();
+            EngineHandle::spawn_ranks_leading(config, builds, Box::new(move |tick| g.send_to_all(&tick)))
+        }
+        (Some(_), Some(inbox)) => {
+            EngineHandle::spawn_followers(
+                config,
+                builds,
+                Box::new(move || {
+                    let tick = inbox.recv().ok();
+                    // The inbox ends only with node 0's goodbye (a lost node 0 exits this process
+                    // from the watcher instead).
+                    if tick.is_none() {
+                        ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    tick
+                }),
+            )
+        }
+    }
 }
 
 /// What [`spawn_engine_ranks`] started.

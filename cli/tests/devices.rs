@@ -57,9 +57,10 @@ fn split_generation_prints_the_one_device_tokens_once() {
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
     let cases: [(&[&str], &str); 6] = [
-        // CUDA ranks need the driver and NCCL (CI has neither): the missing library is named.
+        // CUDA ranks need the driver and NCCL (CI has neither): the missing library is named,
+        // over one process or several (before any node waits for the others).
         (&["--devices", "2", "--backend", "cuda"], "could not be loaded (tried lib"),
-        (&["--devices", "2", "--backend", "cuda", "--nnodes", "2"], "no NCCL bootstrap over several processes"),
+        (&["--devices", "2", "--backend", "cuda", "--nnodes", "2"], "could not be loaded (tried lib"),
         (&["--devices", "16"], "--expert-parallel defaults to the number of ranks (16)"),
         (&["--tensor-parallel", "2"], "give --devices N"),
         (&["--devices", "4", "--tensor-parallel", "3"], "TP 3 does not divide the 4 devices"),

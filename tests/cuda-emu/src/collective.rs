@@ -87,7 +87,7 @@ use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use dsv4_backend_cuda::collective::{DeviceComm, Span, Transfer};
+use dsv4_backend_cuda::collective::{DeviceComm, InitByUniqueId, Span, Transfer};
 use dsv4_core::error::{Error, Result};
 use dsv4_core::parallel::local::default_timeout;
 
@@ -893,5 +893,118 @@ impl DeviceComm<EmulatedDevice> for EmuComm {
             return Err(self.fail(format!("{SPLIT}: internal error: the completed split has no group for this rank")));
         };
         Ok(EmuComm { group, rank, device: self.device })
+    }
+}
+
+// ------------------------------------------------------------------ init by unique id
+
+const GET_UNIQUE_ID: &str = "ncclGetUniqueId";
+const INIT_RANK: &str = "ncclCommInitRank";
+
+/// The ids made by [`EmuComm::unique_id`] whose communicators are not complete yet, and who
+/// has joined each. The emulated communicator lives in one process, so the "nodes" of a test
+/// are threads of it; what crosses between them is the id's bytes, as between hosts.
+static PENDING: Mutex<Vec<Pending>> = Mutex::new(Vec::new());
+/// Signalled when a rank joins.
+static JOINED: Condvar = Condvar::new();
+
+struct Pending {
+    id: Vec<u8>,
+    /// The size the first joining rank gave.
+    size: Option<usize>,
+    /// Each rank's device once it joined.
+    ranks: Vec<Option<u64>>,
+    /// Made when the last rank joins.
+    group: Option<Arc<Group>>,
+    /// Ranks that took their member of the complete group.
+    taken: usize,
+}
+
+fn pending() -> MutexGuard<'static, Vec<Pending>> {
+    PENDING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EmuComm {
+    /// How many ranks have joined the communicator of `id` so far (`None` once it is complete,
+    /// given up, or for an id not made here): for tests that need a rank to be waiting.
+    pub fn ranks_joined(id: &[u8]) -> Option<usize> {
+        pending().iter().find(|p| p.id == id).map(|p| p.ranks.iter().filter(|r| r.is_some()).count())
+    }
+}
+
+impl InitByUniqueId<EmulatedDevice> for EmuComm {
+    /// 128 bytes, as NCCL's: a process-unique counter and the process id, the rest a fixed
+    /// pattern.
+    fn unique_id() -> Result<Vec<u8>> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut id = vec![0xa5u8; 128];
+        id[..8].copy_from_slice(&n.to_le_bytes());
+        id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+        pending().push(Pending { id: id.clone(), size: None, ranks: Vec::new(), group: None, taken: 0 });
+        Ok(id)
+    }
+
+    /// Waits up to [`default_timeout`] for the other ranks; an id not made here (or already
+    /// used up), disagreeing sizes, a rank joined twice and a device joined twice are errors.
+    fn init_rank(dev: &EmulatedDevice, id: &[u8], rank: usize, size: usize) -> Result<EmuComm> {
+        let fail = |msg: String| Error::Comm { rank, size, msg: format!("{INIT_RANK}: {msg}") };
+        if rank >= size {
+            return Err(fail(format!("rank {rank} is not a rank of {size}")));
+        }
+        let deadline = Instant::now() + default_timeout();
+        let mut all = pending();
+        let find = |all: &[Pending]| all.iter().position(|p| p.id == id);
+        let Some(i) = find(&all) else {
+            return Err(fail(format!(
+                "an id that {GET_UNIQUE_ID} did not make in this process, or whose communicator is complete"
+            )));
+        };
+        let p = &mut all[i];
+        match p.size {
+            None => {
+                p.size = Some(size);
+                p.ranks = vec![None; size];
+            }
+            Some(s) if s != size => {
+                return Err(fail(format!("the ranks disagree on the size: {s} and {size}")));
+            }
+            Some(_) => {}
+        }
+        if p.ranks[rank].is_some() {
+            return Err(fail(format!("rank {rank} joined twice")));
+        }
+        if let Some(other) = p.ranks.iter().position(|d| *d == Some(dev.id)) {
+            return Err(fail(format!("ranks {other} and {rank} are on the same device (emulated device {})", dev.id)));
+        }
+        p.ranks[rank] = Some(dev.id);
+        if p.ranks.iter().all(Option::is_some) {
+            p.group = Some(Group::new(size, default_timeout()));
+            JOINED.notify_all();
+        }
+        loop {
+            let Some(i) = find(&all) else {
+                return Err(fail("the communicator was given up while this rank waited".into()));
+            };
+            if let Some(group) = all[i].group.clone() {
+                all[i].taken += 1;
+                if all[i].taken == size {
+                    all.remove(i);
+                }
+                return Ok(EmuComm { group, rank, device: dev.id });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> = (0..size).filter(|&r| all[i].ranks[r].is_none()).collect();
+                // Given up: the ranks still waiting fail too, and a late rank finds no id.
+                all.remove(i);
+                JOINED.notify_all();
+                return Err(fail(format!(
+                    "timed out after {:?} waiting for ranks {missing:?} to join",
+                    default_timeout()
+                )));
+            }
+            all = JOINED.wait_timeout(all, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
     }
 }
