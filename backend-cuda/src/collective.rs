@@ -106,6 +106,7 @@ pub trait InitByUniqueId<D: Device>: DeviceComm<D> {
     fn unique_id() -> Result<Vec<u8>>;
 
     /// `ncclCommInitRank(id, size, rank)` on `dev`: collective, it returns once every rank of
-    /// the communicator has called it (or fails: a wrong id, a rank that never comes).
+    /// the communicator has called it, or fails (a wrong id, disagreeing sizes). A rank that
+    /// never comes: the emulator fails after its timeout; NCCL's blocking init waits for ever.
     fn init_rank(dev: &D, id: &[u8], rank: usize, size: usize) -> Result<Self>;
 }

@@ -514,11 +514,32 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
 /// Returns the results in rank order; a rank that fails or panics ends the run with its own
 /// error ([`run_threads`]) once the others have returned: its communicator is dropped, which
 /// fails the others' waits on the emulator but not on NCCL (see the module docs: a caller that
-/// must not hang ends the process on a rank's error, as `dsv4` does).
+/// must not hang ends the process on a rank's error, as `dsv4` does, with [`run_ranks_with`]).
 pub fn run_ranks<D, C, T, E, F>(
     devices: Vec<Arc<D>>,
     members: Vec<C>,
     layout: ParallelLayout,
+    f: F,
+) -> std::result::Result<Vec<T>, E>
+where
+    D: Device,
+    C: DeviceComm<D> + 'static,
+    T: Send,
+    E: From<Error> + std::fmt::Display + Send,
+    F: Fn(&CudaBackend<Arc<D>>, RankContext<CudaBackend<Arc<D>>>) -> std::result::Result<T, E> + Sync,
+{
+    run_ranks_with(devices, members, layout, &|_, _| {}, f)
+}
+
+/// [`run_ranks`], calling `on_join_failure(rank, error)` on the rank's thread when the rank
+/// fails before `f` runs (splitting its TP / EP groups, `ncclCommSplit`): its peers may then
+/// be waiting inside NCCL, which on GPUs has no timeout, so a caller that must not hang ends
+/// the process there (`f`'s own errors are `f`'s to handle).
+pub fn run_ranks_with<D, C, T, E, F>(
+    devices: Vec<Arc<D>>,
+    members: Vec<C>,
+    layout: ParallelLayout,
+    on_join_failure: &(dyn Fn(usize, &Error) + Sync),
     f: F,
 ) -> std::result::Result<Vec<T>, E>
 where
@@ -556,8 +577,9 @@ where
         })?;
         let be = CudaBackend::new(dev.clone());
         let world = NcclCommunicator::new(dev, member);
-        let ctx =
-            RankContext::new(layout.rank(rank), &world as &dyn Communicator<CudaBackend<Arc<D>>>).map_err(E::from)?;
+        let ctx = RankContext::new(layout.rank(rank), &world as &dyn Communicator<CudaBackend<Arc<D>>>)
+            .inspect_err(|e| on_join_failure(rank, e))
+            .map_err(E::from)?;
         // The world communicator stays alive until this rank is done, so a finished rank is not
         // mistaken for a dead one by slower peers.
         let out = f(&be, ctx);
@@ -573,12 +595,15 @@ where
 /// library's unique id
 /// ([`InitByUniqueId::unique_id`], NCCL's `ncclGetUniqueId`) and `node` hands it to the other
 /// nodes over their TCP connections (or every node fails with the first failure, before anyone
-/// joins); then every rank joins with its global rank (`ncclCommInitRank`). Returns this
-/// process's ranks' results, in local rank order.
+/// joins); then every rank joins with its global rank (`ncclCommInitRank`). A rank that fails to
+/// join calls `on_join_failure(global rank, error)` on its thread (as in [`run_ranks_with`]: on
+/// GPUs the other ranks, on every node, may be waiting for it inside NCCL with no timeout).
+/// Returns this process's ranks' results, in local rank order.
 pub fn run_node_ranks<D, C, T, E, F>(
     devices: Result<Vec<Arc<D>>>,
     layout: ParallelLayout,
     node: Arc<NodeGroup>,
+    on_join_failure: &(dyn Fn(usize, &Error) + Sync),
     f: F,
 ) -> std::result::Result<Vec<T>, E>
 where
@@ -609,11 +634,15 @@ where
     run_threads(devices.len(), |local| {
         let rank = node.base() + local;
         let dev = devices[local].clone();
-        let member = C::init_rank(&dev, &id, rank, world).map_err(E::from)?;
-        let be = CudaBackend::new(dev.clone());
-        let comm = NcclCommunicator::new(dev, member);
-        let ctx =
-            RankContext::new(layout.rank(rank), &comm as &dyn Communicator<CudaBackend<Arc<D>>>).map_err(E::from)?;
+        // Joining (`ncclCommInitRank`, then the TP / EP splits) is collective over every node:
+        // a rank that fails here leaves the others waiting, so the caller hears of it at once.
+        let joined = C::init_rank(&dev, &id, rank, world).and_then(|member| {
+            let comm = NcclCommunicator::new(dev.clone(), member);
+            let ctx = RankContext::new(layout.rank(rank), &comm as &dyn Communicator<CudaBackend<Arc<D>>>)?;
+            Ok((comm, ctx))
+        });
+        let (comm, ctx) = joined.inspect_err(|e| on_join_failure(rank, e)).map_err(E::from)?;
+        let be = CudaBackend::new(dev);
         // As in `run_ranks`: the world stays alive until this rank is done.
         let out = f(&be, ctx);
         drop(comm);

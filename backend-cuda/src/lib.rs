@@ -33,7 +33,7 @@ mod reduce;
 mod weights;
 
 pub use backend::CudaBackend;
-pub use comm::{node_unique_id, run_node_ranks, run_ranks, NcclCommunicator};
+pub use comm::{node_unique_id, run_node_ranks, run_ranks, run_ranks_with, NcclCommunicator};
 pub use device::{Device, Gemm, GemmType, KernelArg, LaunchConfig};
 pub use driver::DriverDevice;
 use dsv4_core::error::Result;
@@ -55,6 +55,7 @@ pub fn open_ranks(ordinals: &[usize]) -> Result<(Vec<std::sync::Arc<DriverDevice
 /// their NCCL communicator from node 0's unique id; NCCL is checked for first.
 pub fn open_devices(ordinals: &[usize]) -> Result<Vec<std::sync::Arc<DriverDevice>>> {
     driver::NCCL.require()?;
+    nccl::direct_access_off();
     ordinals.iter().map(|&o| DriverDevice::open(o).map(std::sync::Arc::new)).collect()
 }
 

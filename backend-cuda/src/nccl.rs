@@ -221,12 +221,18 @@ impl NcclComm {
 /// Allocator": pool memory needs `cuMemPoolSetAccess`). NCCL documents this variable for
 /// exactly that case ("user buffers allocated with APIs which do not automatically make them
 /// accessible to other GPUs managed by the same process"): NCCL then copies through its own
-/// buffers. Read by NCCL when the communicators are made, so it is set just before.
-fn direct_access_off() {
-    const VAR: &str = "NCCL_P2P_DIRECT_DISABLE";
-    if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, "1");
-    }
+/// buffers. Read by NCCL when the communicators are made. Set once per process
+/// ([`crate::open_devices`] calls it on the main thread before any rank thread starts; the
+/// calls at communicator creation are then no-ops): writing the environment while another
+/// thread reads it (NCCL's `getenv` in a concurrent `ncclCommInitRank`) is a data race in libc.
+pub(crate) fn direct_access_off() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        const VAR: &str = "NCCL_P2P_DIRECT_DISABLE";
+        if std::env::var_os(VAR).is_none() {
+            std::env::set_var(VAR, "1");
+        }
+    });
 }
 
 /// The device's stream as NCCL's `cudaStream_t` (the same `CUstream_st*` handle).

@@ -30,7 +30,9 @@ mod dispatch {
     /// command's `ParallelArgs`. CPU ranks are threads over the in-process communicator; Ascend
     /// ranks are threads, one per device of `--devices`, over HCCL, and with `--nnodes` this
     /// process runs its node's share of a world over several processes; CUDA ranks are threads,
-    /// one per GPU of `--devices`, over NCCL (one process: `--nnodes` is refused there).
+    /// one per GPU of `--devices`, over NCCL, in one process or over several as on Ascend. A CUDA
+    /// rank that fails (joining or running) ends the process with its error, after telling the
+    /// other nodes: NCCL has no timeout on GPUs, so its peers would wait for ever.
     macro_rules! on_ranks {
         ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
@@ -80,25 +82,41 @@ mod dispatch {
                 crate::Resolved::Cuda => match $parallel.join_nodes($parallel.devices.0.len(), "")? {
                     None => {
                         let (devices, members) = crate::open_cuda_ranks(&$parallel.devices)?;
-                        dsv4_backend_cuda::run_ranks(devices, members, $layout, |$be, $ctx| -> anyhow::Result<_> {
-                            let rank = $ctx.layout.rank;
-                            let out = (|| -> anyhow::Result<_> { $body })();
-                            // A rank that fails leaves its peers waiting inside NCCL, which has no
-                            // timeout here (backend-cuda/src/comm.rs): say why and end the process.
-                            if let Err(e) = &out {
-                                eprintln!("error: rank {rank}: {e:#}");
-                                crate::exit_now(1);
-                            }
-                            out
-                        })
+                        let stop = |rank: usize, e: &dsv4_core::Error| {
+                            eprintln!("error: rank {rank}: {e}");
+                            crate::exit_now(1);
+                        };
+                        dsv4_backend_cuda::run_ranks_with(
+                            devices,
+                            members,
+                            $layout,
+                            &stop,
+                            |$be, $ctx| -> anyhow::Result<_> {
+                                let rank = $ctx.layout.rank;
+                                let out = (|| -> anyhow::Result<_> { $body })();
+                                // A rank that fails leaves its peers waiting inside NCCL, which has no
+                                // timeout here (backend-cuda/src/comm.rs): say why and end the process.
+                                if let Err(e) = &out {
+                                    eprintln!("error: rank {rank}: {e:#}");
+                                    crate::exit_now(1);
+                                }
+                                out
+                            },
+                        )
                     }
                     Some(group) => {
                         // A GPU that does not open fails every node, naming this one.
                         let devices = dsv4_backend_cuda::open_devices(&$parallel.devices.0);
+                        let stop = |rank: usize, e: &dsv4_core::Error| {
+                            eprintln!("error: rank {rank}: {e}");
+                            group.abort(&format!("rank {rank}: {e}"));
+                            crate::exit_now(1);
+                        };
                         let out = dsv4_backend_cuda::run_node_ranks::<_, dsv4_backend_cuda::NcclComm, _, _, _>(
                             devices,
                             $layout,
                             group.clone(),
+                            &stop,
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
                                 let out = (|| -> anyhow::Result<_> { $body })();

@@ -8,42 +8,16 @@
 //! Tolerance 1e-5 relative against one device, as in `ascend_parallel.rs` (splitting only
 //! reorders f32 sums); every rank, on either node, must hold rank 0's bits.
 
-use std::net::TcpListener;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dsv4_backend_ascend::{run_node_ranks, AscendBackend};
-use dsv4_core::parallel::{NodeGroup, ParallelLayout, RankContext};
+use dsv4_core::parallel::{ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
+use dsv4_tests::nodes::on_nodes;
 use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
 
 const TOLERANCE: f64 = 1e-5;
 const DECODE_STEPS: usize = 8;
-const T: Duration = Duration::from_secs(60);
-
-/// Runs `body(node, group)` for `nnodes` nodes of `local` ranks each on threads, node 0 leading
-/// on a loopback port; each node's result.
-fn on_nodes<R: Send>(nnodes: usize, local: usize, body: impl Fn(usize, Arc<NodeGroup>) -> R + Sync) -> Vec<R> {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let mut listener = Some(listener);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..nnodes)
-            .map(|n| {
-                let l = if n == 0 { listener.take() } else { None };
-                let (addr, body) = (addr.clone(), &body);
-                s.spawn(move || {
-                    let group = match l {
-                        Some(l) => NodeGroup::lead(l, nnodes, local, "test run", T),
-                        None => NodeGroup::follow(&addr, nnodes, n, local, "test run", T),
-                    };
-                    body(n, Arc::new(group.unwrap()))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
 
 #[test]
 fn two_nodes_of_two_devices_equal_one_device() {

@@ -8,45 +8,20 @@
 //! Tolerance 1e-5 relative against one GPU, as in `cuda_parallel.rs` (splitting only reorders
 //! f32 sums); every rank, on either node, must hold rank 0's bits.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dsv4_backend_cuda::{node_unique_id, run_node_ranks, CudaBackend};
-use dsv4_core::parallel::{NodeGroup, ParallelLayout, RankContext};
+use dsv4_core::parallel::{ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
 use dsv4_cuda_emu::{EmuComm, EmulatedDevice};
+use dsv4_tests::nodes::on_nodes;
 use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
 
 const TOLERANCE: f64 = 1e-5;
 const DECODE_STEPS: usize = 8;
-const T: Duration = Duration::from_secs(60);
 
 type Gpu = CudaBackend<Arc<EmulatedDevice>>;
-
-/// Runs `body(node, group)` for `nnodes` nodes of `local` ranks each on threads, node 0 leading
-/// on a loopback port; each node's result.
-fn on_nodes<R: Send>(nnodes: usize, local: usize, body: impl Fn(usize, Arc<NodeGroup>) -> R + Sync) -> Vec<R> {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let mut listener = Some(listener);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..nnodes)
-            .map(|n| {
-                let l = if n == 0 { listener.take() } else { None };
-                let (addr, body) = (addr.clone(), &body);
-                s.spawn(move || {
-                    let group = match l {
-                        Some(l) => NodeGroup::lead(l, nnodes, local, "test run", T),
-                        None => NodeGroup::follow(&addr, nnodes, n, local, "test run", T),
-                    };
-                    body(n, Arc::new(group.unwrap()))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
 
 fn gpus(n: usize) -> Vec<Arc<EmulatedDevice>> {
     (0..n).map(|_| Arc::new(EmulatedDevice::new())).collect()
@@ -78,6 +53,7 @@ fn two_nodes_of_two_gpus_equal_one_gpu() {
                 Ok(gpus(2)),
                 layout,
                 group.clone(),
+                &|_, _| {},
                 |be: &Gpu, ctx: RankContext<Gpu>| {
                     assert_eq!(ctx.layout.rank / 2, n, "node {n} holds global ranks {}..{}", 2 * n, 2 * n + 2);
                     let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
@@ -118,7 +94,7 @@ fn a_node_that_fails_before_joining_stops_every_node_quickly() {
             0 => Ok(gpus(2)),
             _ => Err(dsv4_core::Error::backend("cuda", "no CUDA device 77 (2 found)")),
         };
-        run_node_ranks::<_, EmuComm, _, _, _>(devices, layout, group, |_, _| Ok::<_, dsv4_core::Error>(()))
+        run_node_ranks::<_, EmuComm, _, _, _>(devices, layout, group, &|_, _| {}, |_, _| Ok::<_, dsv4_core::Error>(()))
             .unwrap_err()
             .to_string()
     });
@@ -132,30 +108,64 @@ fn a_node_that_fails_before_joining_stops_every_node_quickly() {
     );
 }
 
-/// `ncclCommInitRank` on the emulator: an id it did not make, ranks that disagree on the size
-/// and a rank joined twice are refused, not waited on.
+/// `ncclCommInitRank` on the emulator: an id it did not make is refused; ranks that disagree on
+/// the size, or a rank joining twice, are refused and fail the rank already waiting on the id
+/// (the emulator fails every rank rather than wait; NCCL's would wait for ever).
 #[test]
 fn joining_with_a_foreign_id_or_disagreeing_sizes_is_refused() {
     use dsv4_backend_cuda::collective::InitByUniqueId;
     let dev = EmulatedDevice::new();
     let e = EmuComm::init_rank(&dev, &[7u8; 128], 0, 2).unwrap_err().to_string();
     assert!(e.contains("ncclCommInitRank: an id that ncclGetUniqueId did not make"), "{e}");
-    let id = EmuComm::unique_id().unwrap();
     let other = EmulatedDevice::new();
-    std::thread::scope(|s| {
-        // Rank 0 of 2 waits for rank 1; rank 1 says the world has 3 ranks, then joins properly.
-        let first = s.spawn(|| EmuComm::init_rank(&dev, &id, 0, 2).map(|c| c.timeout()));
-        let deadline = Instant::now() + T;
-        while EmuComm::ranks_joined(&id) != Some(1) {
-            assert!(Instant::now() < deadline, "rank 0 never joined");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let e = EmuComm::init_rank(&other, &id, 1, 3).unwrap_err().to_string();
-        assert!(e.contains("the ranks disagree on the size: 2 and 3"), "{e}");
-        let e = EmuComm::init_rank(&other, &id, 0, 2).unwrap_err().to_string();
-        assert!(e.contains("rank 0 joined twice"), "{e}");
-        let second = EmuComm::init_rank(&other, &id, 1, 2).unwrap();
-        assert!(first.join().unwrap().is_ok());
-        drop(second);
+    // (rank, size) of the second join, and what it and the waiting rank 0 are told.
+    let cases = [((1, 3), "the ranks disagree on the size: 2 and 3"), ((0, 2), "rank 0 joined twice")];
+    for ((rank, size), want) in cases {
+        let id = EmuComm::unique_id().unwrap();
+        let (waiting, second) = std::thread::scope(|s| {
+            let first = s.spawn(|| EmuComm::init_rank(&dev, &id, 0, 2).map(drop));
+            let deadline = Instant::now() + dsv4_tests::nodes::MEET_TIMEOUT;
+            while EmuComm::ranks_joined(&id) != Some(1) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let second = EmuComm::init_rank(&other, &id, rank, size).map(drop);
+            (first.join().unwrap(), second)
+        });
+        let second = second.unwrap_err().to_string();
+        assert!(second.contains(want), "{second}");
+        let waiting = waiting.unwrap_err().to_string();
+        assert!(waiting.contains("another rank failed to join") && waiting.contains(want), "{waiting}");
+    }
+}
+
+/// A rank that fails to join (here: node 1 puts both its ranks on one GPU) is reported to the
+/// caller's hook at once, on its own thread (`dsv4` ends the process there: on GPUs the other
+/// ranks would wait inside NCCL for ever), and no node hangs on the emulator.
+#[test]
+fn a_rank_that_fails_to_join_is_reported_at_once() {
+    let cfg = ModelConfig::from_dir(&fixture_cases()[0]).unwrap();
+    let layout = ParallelLayout::new(4, 1, 4, &cfg).unwrap();
+    let failed = std::sync::Mutex::new(Vec::new());
+    let start = Instant::now();
+    let errors = on_nodes(2, 2, |n, group| {
+        let devices = match n {
+            0 => gpus(2),
+            _ => {
+                let one = Arc::new(EmulatedDevice::new());
+                vec![one.clone(), one]
+            }
+        };
+        let hook = |rank: usize, e: &dsv4_core::Error| failed.lock().unwrap().push((rank, e.to_string()));
+        run_node_ranks::<_, EmuComm, _, _, _>(Ok(devices), layout, group, &hook, |_, _| Ok::<_, dsv4_core::Error>(()))
+            .unwrap_err()
+            .to_string()
     });
+    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    let failed = failed.into_inner().unwrap();
+    println!("{failed:?}\n{errors:?}");
+    // Rank 3 (node 1's second) found the device taken; every other rank failed with its reason.
+    let first = failed.iter().find(|(r, _)| *r == 3).expect("rank 3 reported");
+    assert!(first.1.contains("ranks 2 and 3 are on the same device"), "{first:?}");
+    assert_eq!(failed.len(), 4, "every rank's join failed: {failed:?}");
+    assert!(errors.iter().all(|e| e.contains("same device")), "{errors:?}");
 }

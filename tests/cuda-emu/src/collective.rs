@@ -916,8 +916,13 @@ struct Pending {
     ranks: Vec<Option<u64>>,
     /// Made when the last rank joins.
     group: Option<Arc<Group>>,
+    /// Why a rank's join failed: the ranks waiting fail with it (stricter than NCCL, whose
+    /// other ranks would wait for ever; the emulator's rule is "fail every rank, never hang").
+    failed: Option<String>,
     /// Ranks that took their member of the complete group.
     taken: usize,
+    /// When the id was made.
+    made: Instant,
 }
 
 fn pending() -> MutexGuard<'static, Vec<Pending>> {
@@ -941,7 +946,23 @@ impl InitByUniqueId<EmulatedDevice> for EmuComm {
         let mut id = vec![0xa5u8; 128];
         id[..8].copy_from_slice(&n.to_le_bytes());
         id[8..12].copy_from_slice(&std::process::id().to_le_bytes());
-        pending().push(Pending { id: id.clone(), size: None, ranks: Vec::new(), group: None, taken: 0 });
+        let mut all = pending();
+        // Ids nobody joined (a share that failed, a test that only looked at the id) and whose
+        // joins would have timed out by now are dropped, so the registry does not grow.
+        let now = Instant::now();
+        all.retain(|p| {
+            now.duration_since(p.made) < default_timeout()
+                || (p.failed.is_none() && p.ranks.iter().any(Option::is_some))
+        });
+        all.push(Pending {
+            id: id.clone(),
+            size: None,
+            ranks: Vec::new(),
+            group: None,
+            taken: 0,
+            failed: None,
+            made: now,
+        });
         Ok(id)
     }
 
@@ -961,21 +982,26 @@ impl InitByUniqueId<EmulatedDevice> for EmuComm {
             )));
         };
         let p = &mut all[i];
-        match p.size {
-            None => {
-                p.size = Some(size);
-                p.ranks = vec![None; size];
-            }
-            Some(s) if s != size => {
-                return Err(fail(format!("the ranks disagree on the size: {s} and {size}")));
-            }
-            Some(_) => {}
+        if let Some(why) = &p.failed {
+            return Err(fail(format!("another rank failed to join: {why}")));
         }
-        if p.ranks[rank].is_some() {
-            return Err(fail(format!("rank {rank} joined twice")));
+        let refused =
+            match p.size {
+                Some(s) if s != size => Some(format!("the ranks disagree on the size: {s} and {size}")),
+                Some(_) if p.ranks[rank].is_some() => Some(format!("rank {rank} joined twice")),
+                _ => p.ranks.iter().position(|d| *d == Some(dev.id)).map(|other| {
+                    format!("ranks {other} and {rank} are on the same device (emulated device {})", dev.id)
+                }),
+            };
+        if let Some(why) = refused {
+            // Every rank waiting on this id fails too, with this reason.
+            p.failed = Some(format!("rank {rank}: {why}"));
+            JOINED.notify_all();
+            return Err(fail(why));
         }
-        if let Some(other) = p.ranks.iter().position(|d| *d == Some(dev.id)) {
-            return Err(fail(format!("ranks {other} and {rank} are on the same device (emulated device {})", dev.id)));
+        if p.size.is_none() {
+            p.size = Some(size);
+            p.ranks = vec![None; size];
         }
         p.ranks[rank] = Some(dev.id);
         if p.ranks.iter().all(Option::is_some) {
@@ -986,6 +1012,9 @@ impl InitByUniqueId<EmulatedDevice> for EmuComm {
             let Some(i) = find(&all) else {
                 return Err(fail("the communicator was given up while this rank waited".into()));
             };
+            if let Some(why) = all[i].failed.clone() {
+                return Err(fail(format!("another rank failed to join: {why}")));
+            }
             if let Some(group) = all[i].group.clone() {
                 all[i].taken += 1;
                 if all[i].taken == size {
