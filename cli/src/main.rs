@@ -651,6 +651,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plan { model, plan } => plan::run(&model.model, &plan),
         Command::Check { model, backends, ids, tolerance, kv, parallel } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            parallel.is_split()?; // the flags' checks
             check::run(&model.model, &backends, ids, tolerance, &kv, &parallel)
         }
         Command::Devices => {
@@ -658,6 +659,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve { model, backend, kv, serve, parallel } => {
+            parallel.is_split()?; // the flags' checks
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
         Command::Bench {

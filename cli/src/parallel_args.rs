@@ -299,6 +299,16 @@ impl ParallelArgs {
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
     pub fn is_split(&self) -> Result<bool> {
         self.node_spec()?;
+        if self.world() == 1 && self.devices.0 != [0] {
+            // One process on one device runs on device 0 (the backends' `open(0)`): an id would
+            // be ignored, so it is refused with the standard way to pick the device.
+            let id = self.devices.0[0];
+            bail!(
+                "--devices {id}-{id} names one device by id, but a run on one device uses the first device the \
+                 runtime shows: pick it with CUDA_VISIBLE_DEVICES={id} (CUDA) or ASCEND_RT_VISIBLE_DEVICES={id} \
+                 (Ascend) and drop --devices (ids pick devices for runs over several: --devices 0-7, or with --nnodes)"
+            );
+        }
         if self.world() == 1 && (self.tensor_parallel > 1 || self.expert_parallel.is_some_and(|e| e > 1)) {
             bail!("--tensor-parallel / --expert-parallel split the model over ranks: give --devices N (N > 1) as well");
         }

@@ -56,7 +56,9 @@ fn split_generation_prints_the_one_device_tokens_once() {
 
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        // One device by id would be ignored (a one-device run opens device 0): refused.
+        (&["--devices", "3-3"], "pick it with CUDA_VISIBLE_DEVICES=3"),
         // CUDA ranks need the driver and NCCL (CI has neither): the missing library is named,
         // over one process or several (before any node waits for the others).
         (&["--devices", "2", "--backend", "cuda"], "could not be loaded (tried lib"),
