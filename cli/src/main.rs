@@ -57,7 +57,7 @@ mod dispatch {
                                 group.clone(),
                                 |$be, $ctx| -> anyhow::Result<_> {
                                     let rank = $ctx.layout.rank;
-                                    let out = (|| -> anyhow::Result<_> { $body })();
+                                    let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                     // A rank that fails after the ranks met leaves its peers on
                                     // every node waiting in a collective: say why and stop this
                                     // process now; the other nodes hear it and stop too.
@@ -93,7 +93,7 @@ mod dispatch {
                             &stop,
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
-                                let out = (|| -> anyhow::Result<_> { $body })();
+                                let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                 // A rank that fails leaves its peers waiting inside NCCL, which has no
                                 // timeout here (backend-cuda/src/comm.rs): say why and end the process.
                                 if let Err(e) = &out {
@@ -119,7 +119,7 @@ mod dispatch {
                             &stop,
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
-                                let out = (|| -> anyhow::Result<_> { $body })();
+                                let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                 // As over HCCL: say why, tell the other nodes, stop this process.
                                 if let Err(e) = &out {
                                     eprintln!("error: rank {rank}: {e:#}");
@@ -558,6 +558,16 @@ pub(crate) fn open_cuda_ranks(
 /// Ends the process at once from any thread, stdout and stderr flushed first (as far as their
 /// locks allow): for a rank of a multi-node run that cannot go on while its peers' threads
 /// are still inside collectives.
+/// Runs a rank's body with a panic turned into its error: a rank thread that unwinds would leave
+/// its peers waiting in a collective (for ever on NCCL), where an error reaches the code that
+/// ends the process.
+pub(crate) fn rank_body<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+        let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        Err(anyhow::anyhow!("the rank panicked: {}", message.as_deref().unwrap_or("(no message)")))
+    })
+}
+
 pub(crate) fn exit_now(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -560,7 +560,14 @@ pub fn run(
     // The port first: a taken one is reported before the model is loaded.
     let listener = dsv4_server::bind(&server)?;
     let mut group = None;
-    let (engine, model_eos) = match crate::resolve_backend(backend)? {
+    let resolved = crate::resolve_backend(backend)?;
+    // Over several ranks, a rank's engine that stops (a failed step, a panic) leaves the others
+    // waiting in a collective: HCCL's wait ends only at its execution timeout (half an hour by
+    // default) and NCCL's blocking one never, so on a device this server ends, as vLLM's does
+    // when its engine dies. (The CPU's communicator fails the waiting ranks at once: the server
+    // stays up and answers every request with the engine's error.)
+    let rank_failure_ends_server = parallel.world() > 1 && !matches!(resolved, Resolved::Cpu);
+    let (engine, model_eos) = match resolved {
         _ if parallel.world() > 1 => {
             let ranks = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
             group = ranks.group;
@@ -590,14 +597,22 @@ pub fn run(
         );
     }
     server.stop_token_ids = model_eos;
-    if let Some(g) = &group {
-        // Node 0's engine stopping (a failed step) leaves the other nodes' ranks waiting in a
-        // collective for node 0's: tell them. This server goes on answering every request with
-        // the engine's error, as on one node.
-        let (g, engine) = (g.clone(), engine.clone());
-        std::thread::Builder::new().name("dsv4-node-monitor".into()).spawn(move || loop {
+    if group.is_some() || rank_failure_ends_server {
+        // An engine of this node stopping leaves the other nodes' ranks waiting in a collective
+        // for this node's: tell them.
+        let (group, engine) = (group.clone(), engine.clone());
+        std::thread::Builder::new().name("dsv4-rank-monitor".into()).spawn(move || loop {
             if let Some(why) = engine.stopped() {
-                g.abort(&format!("node 0's engine stopped: {why}"));
+                if let Some(g) = &group {
+                    g.abort(&format!("node 0's engine stopped: {why}"));
+                }
+                if rank_failure_ends_server {
+                    eprintln!(
+                        "error: {why}\nerror: the server stops: the other ranks wait for this one in a collective \
+                         that cannot be interrupted"
+                    );
+                    crate::exit_now(1);
+                }
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(200));

@@ -183,3 +183,52 @@ fn serve_split_over_ranks_answers_as_one_device() {
     assert_eq!(answers[0], answers[1]);
     assert_eq!(answers[0], answers[2]);
 }
+
+/// A rank that fails mid-request while its peers wait for it in a collective that nothing wakes
+/// (on hardware: HCCL until its execution timeout, NCCL for ever; here the emulator's injected
+/// failure, with its timeout set past the test's) ends the server with the rank's error,
+/// instead of a server that hangs.
+#[test]
+fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    let emulator = dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "ascend", "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
+        .args(["--devices", "2", "--kv-cache-memory", "64MiB"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, &emulator)
+        .env("DSV4_ASCEND_EMU_DEVICES", "2")
+        // Rank 1's 40th collective (loading the model takes fewer; 100 tokens take more).
+        .env("DSV4_ASCEND_EMU_HCCL_FAIL", "1:40")
+        .env("DSV4_ASCEND_EMU_HCCL_TIMEOUT_S", "600")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = Server(child);
+    let (_, port) = url_line(&mut server);
+    let start = std::time::Instant::now();
+    // The connection ends without an answer: the process is gone.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = r#"{"prompt": "Hello there", "max_tokens": 100, "temperature": 0}"#;
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the server still runs after rank 1 failed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{status}: {err}");
+    assert!(err.contains("rank 1's engine stopped") && err.contains("injected by DSV4_ASCEND_EMU_HCCL_FAIL"), "{err}");
+    assert!(err.contains("the server stops"), "{err}");
+    assert!(!answer.contains("200 OK"), "{answer}");
+}

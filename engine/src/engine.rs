@@ -154,6 +154,9 @@ pub(crate) struct Shared {
 pub struct EngineHandle {
     tx: mpsc::Sender<Submitted>,
     shared: Arc<Shared>,
+    /// Every rank's state in rank order (the first is `shared`): a follower that stops is seen
+    /// here even while the leader waits for it in a collective that nothing will wake (NCCL's).
+    ranks: Arc<Vec<Arc<Shared>>>,
     info: Arc<EngineInfo>,
 }
 
@@ -252,9 +255,21 @@ impl EngineHandle {
         Self::spawn_mirrored(config, builds, tick_rxs.into_iter().map(Mirror::Follow).collect())
     }
 
-    /// Why the engine stopped, once it has (None while it runs).
+    /// Why the engine stopped, once it has (None while it runs): rank 0's reason, or else the
+    /// first of the other ranks' (`"rank r's engine stopped: why"`, r in this process's rank
+    /// order). A rank's engine stops when its step fails, when it panics, or when its inputs end.
+    /// On a backend whose collectives cannot time out (NCCL's blocking communicators), a
+    /// follower that stops leaves rank 0 waiting for ever, so this is the only sign of it: `dsv4
+    /// serve` watches it and ends the process.
     pub fn stopped(&self) -> Option<String> {
-        self.shared.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        let why = |s: &Shared| s.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        why(&self.shared).or_else(|| {
+            self.ranks
+                .iter()
+                .enumerate()
+                .skip(1)
+                .find_map(|(r, s)| Some(format!("rank {r}'s engine stopped: {}", why(s)?)))
+        })
     }
 
     fn spawn_mirrored<B>(
@@ -276,11 +291,14 @@ impl EngineHandle {
         let shared = Arc::new(Shared::new());
         let mut rx = Some(rx);
         let mut gos = vec![];
+        // The leader's state is the handle's; a follower's is its own.
+        let ranks: Arc<Vec<Arc<Shared>>> = Arc::new(
+            (0..builds.len()).map(|r| if r == 0 { shared.clone() } else { Arc::new(Shared::new()) }).collect(),
+        );
         for (rank, (build, mirror)) in builds.into_iter().zip(mirrors).enumerate() {
             // Rank 0 reads the handle's queue; a follower's queue is never written.
             let rx = rx.take().unwrap_or_else(|| mpsc::channel().1);
-            // The leader's state is the handle's; a follower's is its own.
-            let shared = if rank == 0 { shared.clone() } else { Arc::new(Shared::new()) };
+            let shared = ranks[rank].clone();
             let (ready_tx, (go_tx, go_rx)) = (ready_tx.clone(), mpsc::channel::<bool>());
             gos.push(go_tx);
             let name = if rank == 0 { "dsv4-engine".to_string() } else { format!("dsv4-engine-rank-{rank}") };
@@ -333,7 +351,7 @@ impl EngineHandle {
         }
         match (failure, info) {
             (Some(e), _) => Err(e.into()),
-            (None, Some(info)) => Ok(EngineHandle { tx, shared, info: Arc::new(info) }),
+            (None, Some(info)) => Ok(EngineHandle { tx, shared, ranks, info: Arc::new(info) }),
             (None, None) => Err("rank 0's engine did not start".into()),
         }
     }
@@ -388,6 +406,15 @@ impl EngineHandle {
             return Err(SubmitError::Stopped("the engine thread is gone".into()));
         }
         Ok(RequestStream { rx })
+    }
+}
+
+/// A panic's message, when it is a string (as `panic!` makes it).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "(no message)".into(),
     }
 }
 
@@ -538,7 +565,10 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Returns why it stopped; every request still queued, preempted or running then gets that
     /// reason as its error (not a stream that just ends).
     fn run(&mut self, rx: mpsc::Receiver<Submitted>) -> String {
-        let why = self.serve(&rx);
+        // A panic (a bug, or a backend that gave up) stops the engine like a failed step: the
+        // requests get its message and the handle sees it, rather than streams that just end.
+        let why = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&rx)))
+            .unwrap_or_else(|p| format!("the engine thread panicked: {}", panic_message(p.as_ref())));
         let message = format!("the engine has stopped: {why}");
         let waiting: Vec<Submitted> = self.waiting.drain(..).chain(rx.try_iter()).collect();
         for s in waiting {

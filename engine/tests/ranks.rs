@@ -20,11 +20,18 @@ type Kv = fn(&ModelConfig) -> KvConfig;
 
 /// An engine over `builtin:tiny` split `world`/`tp`/`ep`; rank `dies.0` panics at its
 /// `dies.1`-th expert combine, like a worker that dies mid-step.
-fn ranked(
+fn ranked(config: EngineConfig, split: (usize, usize, usize), kv: Kv, dies: Option<(usize, usize)>) -> EngineHandle {
+    ranked_on(config, split, kv, dies, false)
+}
+
+/// [`ranked`]; with `deaf`, a rank whose expert collective fails waits for ever instead of
+/// returning the error, as on NCCL's blocking communicators when a peer is gone.
+fn ranked_on(
     config: EngineConfig,
     (world, tp, ep): (usize, usize, usize),
     kv: Kv,
     dies: Option<(usize, usize)>,
+    deaf: bool,
 ) -> EngineHandle {
     let (cfg, _) = builtin::tiny().unwrap();
     let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
@@ -36,9 +43,10 @@ fn ranked(
                 let be = CpuBackend::new();
                 let (cfg, ckpt) = builtin::tiny()?;
                 let mut ctx = RankContext::new(layout.rank(rank), &world_comm as &dyn Communicator<CpuBackend>)?;
-                if let Some((_, after)) = dies.filter(|d| d.0 == rank) {
+                let dies_at = dies.filter(|d| d.0 == rank).map(|d| AtomicUsize::new(d.1));
+                if dies_at.is_some() || deaf {
                     let inner = ctx.ep.take().expect("the test splits experts");
-                    ctx.ep = Some(Arc::new(Dying { inner, left: AtomicUsize::new(after) }));
+                    ctx.ep = Some(Arc::new(Faulty { inner, dies_at, deaf }));
                 }
                 let model = Model::load_rank(&be, cfg, &ckpt, &mut |_, _, _| {}, ctx)?;
                 let kv = kv(&model.cfg);
@@ -60,13 +68,27 @@ fn single(config: EngineConfig, kv: Kv) -> EngineHandle {
     .unwrap()
 }
 
-/// A communicator that forwards to `inner` and panics at its `left`-th all-reduce.
-struct Dying<B: Backend> {
+/// A communicator that forwards to `inner`; it panics at its `dies_at`-th all-reduce (a worker
+/// that dies mid-step), and when `deaf` a call that fails waits for ever instead of returning
+/// the error (what a blocking NCCL communicator does when a peer is gone).
+struct Faulty<B: Backend> {
     inner: Arc<dyn Communicator<B>>,
-    left: AtomicUsize,
+    dies_at: Option<AtomicUsize>,
+    deaf: bool,
 }
 
-impl<B: Backend> Communicator<B> for Dying<B> {
+impl<B: Backend> Faulty<B> {
+    fn pass<T>(&self, out: dsv4_core::Result<T>) -> dsv4_core::Result<T> {
+        if self.deaf && out.is_err() {
+            loop {
+                std::thread::park();
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Communicator<B> for Faulty<B> {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -74,25 +96,25 @@ impl<B: Backend> Communicator<B> for Dying<B> {
         self.inner.size()
     }
     fn all_reduce_sum(&self, be: &B, x: &B::Tensor) -> dsv4_core::Result<B::Tensor> {
-        if self.left.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.dies_at.as_ref().is_some_and(|left| left.fetch_sub(1, Ordering::SeqCst) == 1) {
             panic!("worker killed by the test");
         }
-        self.inner.all_reduce_sum(be, x)
+        self.pass(self.inner.all_reduce_sum(be, x))
     }
     fn all_gather(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
-        self.inner.all_gather(be, x, dim)
+        self.pass(self.inner.all_gather(be, x, dim))
     }
     fn reduce_scatter_sum(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
-        self.inner.reduce_scatter_sum(be, x, dim)
+        self.pass(self.inner.reduce_scatter_sum(be, x, dim))
     }
     fn all_to_all_v(&self, be: &B, x: &B::Tensor, rows: &[usize]) -> dsv4_core::Result<(B::Tensor, Vec<usize>)> {
-        self.inner.all_to_all_v(be, x, rows)
+        self.pass(self.inner.all_to_all_v(be, x, rows))
     }
     fn broadcast(&self, be: &B, x: &B::Tensor, root: usize) -> dsv4_core::Result<B::Tensor> {
-        self.inner.broadcast(be, x, root)
+        self.pass(self.inner.broadcast(be, x, root))
     }
     fn barrier(&self) -> dsv4_core::Result<()> {
-        self.inner.barrier()
+        self.pass(self.inner.barrier())
     }
     fn split(&self, colour: usize) -> dsv4_core::Result<Box<dyn Communicator<B>>> {
         self.inner.split(colour)
@@ -225,6 +247,23 @@ fn a_rank_that_dies_fails_the_queued_requests_with_its_error_too() {
         let message = collect(s).1.expect_err("the request fails");
         assert!(message.contains("rank 1") && message.contains("left the communicator"), "{what}: {message}");
     }
+}
+
+/// On a communicator that cannot time out (NCCL's), rank 0 waits for ever for a rank that
+/// died: the handle still says which rank stopped and why, which is what `dsv4 serve` watches
+/// to end the process instead of hanging.
+#[test]
+fn a_rank_that_dies_while_rank_0_waits_for_ever_is_reported() {
+    let e = ranked_on(CONFIG, (2, 1, 2), roomy, Some((1, 60)), true);
+    let stream = e.submit(greedy(prompt(3, 20), 200)).unwrap();
+    let start = Instant::now();
+    while e.stopped().is_none() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let why = e.stopped().expect("the handle reports the dead rank");
+    assert!(why.contains("rank 1's engine stopped") && why.contains("worker killed by the test"), "{why}");
+    // Rank 0 is still waiting (this test leaves its thread parked), and its request with it.
+    drop(stream);
 }
 
 /// `dsv4 serve --nnodes 2` at the engine level: ranks 0-1 (the leader's node) and 2-3 (a

@@ -36,6 +36,8 @@
 //! * Poisoning: after a failed collective the communicator is unusable; every later collective
 //!   or split on it fails at once with the first failure's code and message (a real
 //!   communicator is in an unknown state after a mismatch). Queries and HcclCommDestroy work.
+//! * Injected failures (`DSV4_ASCEND_EMU_HCCL_FAIL=DEVICE:N`, for tests): the N-th collective
+//!   called on DEVICE fails on that rank only, and its peers wait until the timeout.
 //! * Timeouts: a rendezvous (init, split or collective) that not every rank reaches within
 //!   `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S` seconds (default 120; fractions allowed), read when a
 //!   rank starts waiting, fails with HCCL_E_TIMEOUT on the ranks that came, and the
@@ -223,6 +225,30 @@ static CHANGED: Condvar = Condvar::new();
 
 fn state() -> MutexGuard<'static, Hccl> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The variable that injects a rank's failure, for tests of what the others do then:
+/// `DEVICE:N` makes the N-th collective (1-based) called on `DEVICE` fail on that rank alone,
+/// with HCCL_E_RUNTIME, without poisoning the communicator: its peers are not told and wait,
+/// until the timeout, as on hardware when a rank's device or process fails.
+const FAIL_VAR: &str = "DSV4_ASCEND_EMU_HCCL_FAIL";
+
+/// Whether [`FAIL_VAR`] fails this call on `device` (counting the device's collectives).
+fn injected_failure(device: i32) -> bool {
+    static CALLS: LazyLock<Mutex<HashMap<i32, usize>>> = LazyLock::new(Default::default);
+    let Some((dev, nth)) = std::env::var(FAIL_VAR).ok().and_then(|v| {
+        let (d, n) = v.split_once(':')?;
+        Some((d.trim().parse::<i32>().ok()?, n.trim().parse::<usize>().ok()?))
+    }) else {
+        return false;
+    };
+    if dev != device {
+        return false;
+    }
+    let mut calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let count = calls.entry(device).or_insert(0);
+    *count += 1;
+    *count == nth
 }
 
 /// The variable with the emulator's rendezvous timeout.
@@ -1111,6 +1137,12 @@ fn collective(
             }
         }
     };
+    if injected_failure(ctx.device) {
+        return ret(Err((
+            HCCL_E_RUNTIME,
+            format!("{what}: a failure injected by {FAIL_VAR} on device {} (rank {} of {gname})", ctx.device, ctx.rank),
+        )));
+    }
     let local_failure = |f: Fail| -> HcclResult {
         state().poison(gid, &(f.0, format!("rank {}: {}", ctx.rank, f.1)));
         ret(Err((f.0, format!("{} (rank {} of communicator {gname})", f.1, ctx.rank))))
