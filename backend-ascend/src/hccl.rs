@@ -50,6 +50,7 @@ use std::time::Instant;
 use dsv4_ascend_sys::hccl::{self as h, HcclComm, HcclDataType, HcclReduceOp, HcclResult, HcclRootInfo};
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
+use dsv4_core::parallel::exchange::{invalid_args, starts, AllToAllPlan, GatherPlan, Meta, ScatterPlan};
 use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, Traffic};
 
 use crate::acl::{err, Device};
@@ -135,33 +136,6 @@ impl std::fmt::Debug for HcclCommunicator {
             .finish()
     }
 }
-
-/// Dims a tensor may have in the collectives that exchange shapes.
-const MAX_DIMS: usize = 8;
-/// Bytes of an invalid-argument message carried by the metadata exchange.
-const MSG_BYTES: usize = 256;
-
-/// A rank's entry of a metadata exchange (see [`HcclCommunicator::exchange`]).
-struct Meta {
-    kind: CollectiveKind,
-    /// This rank's reason its arguments are invalid (then the collective fails everywhere).
-    invalid: Option<String>,
-    /// The dim (all-gather) or colour (split).
-    arg: u64,
-    shape: Vec<usize>,
-    /// All-to-all-v: rows to each rank.
-    rows: Vec<usize>,
-}
-
-const KINDS: [CollectiveKind; 7] = [
-    CollectiveKind::AllReduce,
-    CollectiveKind::AllGather,
-    CollectiveKind::ReduceScatter,
-    CollectiveKind::AllToAllV,
-    CollectiveKind::Broadcast,
-    CollectiveKind::Barrier,
-    CollectiveKind::Split,
-];
 
 impl HcclCommunicator {
     /// On one rank (the root) of a communicator of `size` ranks about to be made:
@@ -286,50 +260,15 @@ impl HcclCommunicator {
         move |e| self.error(format!("{}: {e}", kind.name()))
     }
 
-    fn invalid(&self, kind: CollectiveKind, what: String) -> String {
-        format!("rank {} called {} with invalid arguments: {what}", self.rank, kind.name())
-    }
-
     fn ptr(t: &AscendTensor) -> *mut c_void {
         (t.buf.ptr + (t.offset * 4) as u64) as *mut c_void
     }
 
-    /// Words per rank of a metadata exchange: kind, status, arg, ndim, shape, rows, message.
-    fn meta_len(&self) -> usize {
-        4 + MAX_DIMS + self.size + MSG_BYTES / 8
-    }
-
-    /// Every rank's [`Meta`] (a small `HcclAllGather` of UINT64 words, read on the host), with
-    /// the checks every rank makes identically: the same collective everywhere, and no rank
-    /// with invalid arguments.
+    /// Every rank's [`Meta`] (a small `HcclAllGather` of UINT64 words, read on the host),
+    /// checked as [`Meta::decode_all`] does on every rank.
     fn exchange(&self, me: Meta) -> Result<Vec<Meta>> {
-        let len = self.meta_len();
-        let mut words = vec![0u64; len];
-        words[0] = KINDS.iter().position(|k| *k == me.kind).unwrap_or(0) as u64;
-        words[2] = me.arg;
-        let mut invalid = me.invalid.clone();
-        if invalid.is_none() && me.shape.len() > MAX_DIMS {
-            invalid = Some(self.invalid(
-                me.kind,
-                format!("shape {:?} has more than {MAX_DIMS} dims, the most this communicator exchanges", me.shape),
-            ));
-        }
-        words[3] = me.shape.len().min(MAX_DIMS) as u64;
-        for (w, &d) in words[4..4 + MAX_DIMS].iter_mut().zip(&me.shape) {
-            *w = d as u64;
-        }
-        for (w, &r) in words[4 + MAX_DIMS..4 + MAX_DIMS + self.size].iter_mut().zip(&me.rows) {
-            *w = r as u64;
-        }
-        if let Some(msg) = &invalid {
-            words[1] = 1;
-            let mut bytes = msg.as_bytes().to_vec();
-            bytes.truncate(MSG_BYTES);
-            bytes.resize(MSG_BYTES, 0);
-            for (w, c) in words[len - MSG_BYTES / 8..].iter_mut().zip(bytes.chunks_exact(8)) {
-                *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
-            }
-        }
+        let words = me.encode(self.rank, self.size);
+        let len = words.len();
         let dev = &self.handle.dev;
         let send = dev.alloc(len * 8).map_err(self.wrap(me.kind))?;
         let recv = dev.alloc(len * 8 * self.size).map_err(self.wrap(me.kind))?;
@@ -354,34 +293,7 @@ impl HcclCommunicator {
         dev.download_bytes(recv.ptr, &mut out).map_err(self.wrap(me.kind))?;
         let words: Vec<u64> =
             out.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-        let metas: Vec<Meta> = words
-            .chunks_exact(len)
-            .map(|w| {
-                let ndim = (w[3] as usize).min(MAX_DIMS);
-                let invalid = (w[1] != 0).then(|| {
-                    let bytes: Vec<u8> = w[len - MSG_BYTES / 8..].iter().flat_map(|x| x.to_le_bytes()).collect();
-                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-                    String::from_utf8_lossy(&bytes[..end]).into_owned()
-                });
-                Meta {
-                    kind: KINDS.get(w[0] as usize).copied().unwrap_or(CollectiveKind::Barrier),
-                    invalid,
-                    arg: w[2],
-                    shape: w[4..4 + ndim].iter().map(|&d| d as usize).collect(),
-                    rows: w[4 + MAX_DIMS..4 + MAX_DIMS + self.size].iter().map(|&r| r as usize).collect(),
-                }
-            })
-            .collect();
-        if metas.iter().any(|m| m.kind != me.kind) {
-            return Err(self.error(format!(
-                "ranks called different collectives at the same step: {}",
-                per_rank(&metas, |m| m.kind.name())
-            )));
-        }
-        if let Some(msg) = metas.iter().find_map(|m| m.invalid.clone()) {
-            return Err(self.error(msg));
-        }
-        Ok(metas)
+        Meta::decode_all(&words, self.size, me.kind).map_err(|m| self.error(m))
     }
 
     /// A new f32 tensor on the device (a communicator error on failure).
@@ -402,20 +314,6 @@ fn check(hccl: &h::Hccl, api: &dsv4_ascend_sys::Api, code: HcclResult, what: &st
     }
     msg.push_str(&format!("; {}", api.recent_error().unwrap_or_else(|| "no detail from aclGetRecentErrMsg".into())));
     Err(msg)
-}
-
-/// "rank 0 X, rank 1 Y, …".
-fn per_rank<T: std::fmt::Display>(metas: &[Meta], f: impl Fn(&Meta) -> T) -> String {
-    metas.iter().enumerate().map(|(r, m)| format!("rank {r} {}", f(m))).collect::<Vec<_>>().join(", ")
-}
-
-fn describe_shape(shape: &[usize]) -> String {
-    format!("{shape:?} ({} values)", numel(shape))
-}
-
-/// `(outer, len, inner)` of `shape` around `dim`.
-fn around(shape: &[usize], dim: usize) -> (usize, usize, usize) {
-    (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]))
 }
 
 /// A 64-bit FNV-1a mix, for sub-communicator ids.
@@ -470,33 +368,12 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         let kind = CollectiveKind::AllGather;
         let _busy = self.enter(Some(be), kind)?;
         let shape = x.shape.clone();
-        let invalid =
-            (dim >= shape.len()).then(|| self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}")));
-        let metas = self.exchange(Meta { kind, invalid, arg: dim as u64, shape: shape.clone(), rows: Vec::new() })?;
-        if metas.iter().any(|m| m.arg != dim as u64) {
-            return Err(self.error(format!("all_gather: the ranks disagree on dim: {}", per_rank(&metas, |m| m.arg))));
-        }
-        let others = |s: &[usize]| {
-            let mut s = s.to_vec();
-            s[dim] = 0;
-            s
-        };
-        if metas.iter().any(|m| m.shape.len() != shape.len() || others(&m.shape) != others(&shape)) {
-            return Err(self.error(format!(
-                "all_gather: the ranks' shapes differ outside dim {dim}: {}",
-                per_rank(&metas, |m| describe_shape(&m.shape))
-            )));
-        }
-        let lens: Vec<usize> = metas.iter().map(|m| m.shape[dim]).collect();
-        let (outer, len, inner) = around(&shape, dim);
-        let max = lens.iter().copied().max().unwrap_or(0);
-        let total: usize = lens.iter().sum();
-        let mut out_shape = shape.clone();
-        out_shape[dim] = total;
-        let chunk = outer * max * inner;
+        let metas = self.exchange(GatherPlan::meta(self.rank, &shape, dim))?;
+        let plan = GatherPlan::new(&metas, &shape, dim).map_err(|m| self.error(m))?;
+        let GatherPlan { outer, len, inner, max, chunk, .. } = plan;
         if chunk == 0 {
             // Nothing to move on any rank (every rank computed the same sizes).
-            let out = self.alloc(be, kind, &out_shape)?;
+            let out = self.alloc(be, kind, &plan.out_shape)?;
             self.record(kind, numel(&shape));
             return Ok(out);
         }
@@ -527,7 +404,7 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         };
         self.check(code, "HcclAllGather")?;
         // `gathered` is `[size, outer, max, inner]`; the result is `[outer, total, inner]`.
-        let out = if lens.iter().all(|&l| l == max) {
+        let out = if plan.equal_parts() {
             if outer == 1 {
                 gathered
             } else {
@@ -535,7 +412,8 @@ impl Communicator<AscendBackend> for HcclCommunicator {
                     .map_err(self.wrap(kind))?
             }
         } else {
-            let parts: Vec<AscendTensor> = lens
+            let parts: Vec<AscendTensor> = plan
+                .lens
                 .iter()
                 .enumerate()
                 .filter(|(_, &l)| l > 0)
@@ -545,7 +423,7 @@ impl Communicator<AscendBackend> for HcclCommunicator {
             let refs: Vec<&AscendTensor> = parts.iter().collect();
             be.concat(&refs, 1).map_err(self.wrap(kind))?
         };
-        let out = be.reshape(&out, &out_shape).map_err(self.wrap(kind))?;
+        let out = be.reshape(&out, &plan.out_shape).map_err(self.wrap(kind))?;
         self.record(kind, numel(&shape));
         Ok(out)
     }
@@ -554,21 +432,9 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         let kind = CollectiveKind::ReduceScatter;
         let _busy = self.enter(Some(be), kind)?;
         let (size, shape) = (self.size, x.shape.clone());
-        if dim >= shape.len() {
-            return Err(self.error(self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}"))));
-        }
-        if shape[dim] % size != 0 {
-            return Err(self.error(self.invalid(
-                kind,
-                format!("dim {dim} of shape {shape:?} has size {}, not a multiple of the {size} ranks", shape[dim]),
-            )));
-        }
-        let n = numel(&shape);
-        let (outer, len, inner) = around(&shape, dim);
-        let part = len / size;
-        let mut out_shape = shape.clone();
-        out_shape[dim] = part;
-        let out = self.alloc(be, kind, &out_shape)?;
+        let plan = ScatterPlan::new(self.rank, size, &shape, dim).map_err(|m| self.error(m))?;
+        let (n, outer, part, inner, len) = (numel(&shape), plan.outer, plan.part, plan.inner, shape[dim]);
+        let out = self.alloc(be, kind, &plan.out_shape)?;
         if n > 0 {
             // Rank r's part of every outer row, made contiguous: `[size, outer, part · inner]`.
             let arranged;
@@ -610,45 +476,15 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         let kind = CollectiveKind::AllToAllV;
         let _busy = self.enter(Some(be), kind)?;
         let (size, shape) = (self.size, x.shape.clone());
-        let rows = shape.first().copied();
-        let invalid = match rows {
-            None => Some(self.invalid(kind, "x is a scalar; it needs a row dim".into())),
-            Some(_) if send_rows.len() != size => {
-                Some(self.invalid(kind, format!("{} send_rows for {size} ranks", send_rows.len())))
-            }
-            Some(rows) if send_rows.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(rows) => {
-                Some(self.invalid(kind, format!("send_rows {send_rows:?} do not sum to the {rows} rows of {shape:?}")))
-            }
-            Some(_) => None,
-        };
-        let metas = self.exchange(Meta { kind, invalid, arg: 0, shape: shape.clone(), rows: send_rows.to_vec() })?;
-        let rest = |m: &Meta| m.shape[1..].to_vec();
-        if metas.iter().any(|m| rest(m) != shape[1..]) {
-            return Err(self.error(format!(
-                "all_to_all_v: the ranks' rows differ (shape after the row dim, and values per row): {}",
-                per_rank(&metas, |m| format!("{:?} ({})", &m.shape[1..], numel(&m.shape[1..])))
-            )));
-        }
-        let width = numel(&shape[1..]);
+        let metas = self.exchange(AllToAllPlan::meta(self.rank, size, &shape, send_rows))?;
+        let AllToAllPlan { width, counts, out_shape, moved } =
+            AllToAllPlan::new(&metas, self.rank, &shape).map_err(|m| self.error(m))?;
         let rows = shape[0];
-        let counts: Vec<usize> = metas.iter().map(|m| m.rows[self.rank]).collect();
-        let mut out_shape = shape.clone();
-        out_shape[0] = counts.iter().sum();
         let out = self.alloc(be, kind, &out_shape)?;
-        let moved: usize = metas.iter().flat_map(|m| m.rows.iter()).sum();
         if moved * width > 0 {
-            let prefix = |v: &[u64]| -> Vec<u64> {
-                v.iter()
-                    .scan(0u64, |acc, &c| {
-                        let start = *acc;
-                        *acc += c;
-                        Some(start)
-                    })
-                    .collect()
-            };
-            let send_counts: Vec<u64> = send_rows.iter().map(|&r| (r * width) as u64).collect();
-            let recv_counts: Vec<u64> = counts.iter().map(|&r| (r * width) as u64).collect();
-            let (sdispls, rdispls) = (prefix(&send_counts), prefix(&recv_counts));
+            let words = |v: Vec<usize>| -> Vec<u64> { v.into_iter().map(|c| (c * width) as u64).collect() };
+            let (send_counts, recv_counts) = (words(send_rows.to_vec()), words(counts.clone()));
+            let (sdispls, rdispls) = (words(starts(send_rows)), words(starts(&counts)));
             let f = self.handle.hccl.HcclAlltoAllV().map_err(|e| self.error(e.to_string()))?;
             // SAFETY: the four host arrays hold `size` u64 each and live across the call; `x` holds
             // the sent elements at the send displacements and `out` room for every received one;
@@ -677,7 +513,11 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         let kind = CollectiveKind::Broadcast;
         let _busy = self.enter(Some(be), kind)?;
         if root >= self.size {
-            return Err(self.error(self.invalid(kind, format!("root {root} is not a rank of {}", self.size))));
+            return Err(self.error(invalid_args(
+                self.rank,
+                kind,
+                format!("root {root} is not a rank of {}", self.size),
+            )));
         }
         let n = numel(&x.shape);
         let is_root = self.rank == root;
@@ -718,8 +558,7 @@ impl Communicator<AscendBackend> for HcclCommunicator {
     fn split(&self, colour: usize) -> Result<Box<dyn Communicator<AscendBackend>>> {
         let kind = CollectiveKind::Split;
         let _busy = self.enter(None, kind)?;
-        let metas =
-            self.exchange(Meta { kind, invalid: None, arg: colour as u64, shape: Vec::new(), rows: Vec::new() })?;
+        let metas = self.exchange(Meta::of(kind, colour as u64))?;
         let members: Vec<usize> = (0..self.size).filter(|&r| metas[r].arg == colour as u64).collect();
         let sub_rank = members.iter().position(|&r| r == self.rank).unwrap_or(0);
         let mut ids: Vec<u32> = members.iter().map(|&r| self.global_ranks[r]).collect();

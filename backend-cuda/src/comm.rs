@@ -43,39 +43,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
+use dsv4_core::parallel::exchange::{invalid_args, starts, AllToAllPlan, GatherPlan, Meta, ScatterPlan};
 use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, Traffic};
 
 use crate::collective::{DeviceComm, InitByUniqueId, Span, Transfer};
 use crate::device::Device;
 use crate::tensor::CudaTensor;
 use crate::CudaBackend;
-
-/// Dims a tensor may have in the collectives that exchange shapes.
-const MAX_DIMS: usize = 8;
-/// Bytes of an invalid-argument message carried by the metadata exchange.
-const MSG_BYTES: usize = 256;
-
-const KINDS: [CollectiveKind; 7] = [
-    CollectiveKind::AllReduce,
-    CollectiveKind::AllGather,
-    CollectiveKind::ReduceScatter,
-    CollectiveKind::AllToAllV,
-    CollectiveKind::Broadcast,
-    CollectiveKind::Barrier,
-    CollectiveKind::Split,
-];
-
-/// A rank's entry of a metadata exchange (see [`NcclCommunicator::exchange`]).
-struct Meta {
-    kind: CollectiveKind,
-    /// This rank's reason its arguments are invalid (then the collective fails everywhere).
-    invalid: Option<String>,
-    /// The dim (all-gather).
-    arg: u64,
-    shape: Vec<usize>,
-    /// All-to-all-v: rows to each rank.
-    rows: Vec<usize>,
-}
 
 /// One rank of a communicator on one CUDA device: the collective library's member `C` and the
 /// rank's device, shared with the rank's backend (`CudaBackend<Arc<D>>`), on whose stream
@@ -98,32 +72,6 @@ impl<D: Device, C: DeviceComm<D>> std::fmt::Debug for NcclCommunicator<D, C> {
 
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
-}
-
-/// "rank 0 X, rank 1 Y, …".
-fn per_rank<T: std::fmt::Display>(metas: &[Meta], f: impl Fn(&Meta) -> T) -> String {
-    metas.iter().enumerate().map(|(r, m)| format!("rank {r} {}", f(m))).collect::<Vec<_>>().join(", ")
-}
-
-fn describe_shape(shape: &[usize]) -> String {
-    format!("{shape:?} ({} values)", numel(shape))
-}
-
-/// `(outer, len, inner)` of `shape` around `dim`.
-fn around(shape: &[usize], dim: usize) -> (usize, usize, usize) {
-    (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]))
-}
-
-/// Exclusive prefix sums.
-fn starts(counts: &[usize]) -> Vec<usize> {
-    counts
-        .iter()
-        .scan(0usize, |acc, &c| {
-            let s = *acc;
-            *acc += c;
-            Some(s)
-        })
-        .collect()
 }
 
 impl<D: Device, C: DeviceComm<D>> NcclCommunicator<D, C> {
@@ -175,10 +123,6 @@ impl<D: Device, C: DeviceComm<D>> NcclCommunicator<D, C> {
         }
     }
 
-    fn invalid(&self, kind: CollectiveKind, what: String) -> String {
-        format!("rank {} called {} with invalid arguments: {what}", self.comm.rank(), kind.name())
-    }
-
     /// The whole of tensor `t` as a byte range of its buffer.
     fn span(t: &CudaTensor<Arc<D>>) -> Span<'_, D::Buffer> {
         Span::new(&*t.buf, t.offset, numel(&t.shape) * 4)
@@ -188,82 +132,20 @@ impl<D: Device, C: DeviceComm<D>> NcclCommunicator<D, C> {
         &self.be.dev
     }
 
-    /// Words per rank of a metadata exchange: kind, status, arg, ndim, shape, rows, message.
-    fn meta_len(&self) -> usize {
-        4 + MAX_DIMS + self.comm.size() + MSG_BYTES / 8
-    }
-
-    /// Every rank's [`Meta`] (a small all-gather of u64 words, read on the host), with the
-    /// checks every rank makes identically: the same collective everywhere, and no rank with
-    /// invalid arguments.
+    /// Every rank's [`Meta`] (a small all-gather of u64 words, read on the host), checked as
+    /// [`Meta::decode_all`] does on every rank.
     fn exchange(&self, me: Meta) -> Result<Vec<Meta>> {
-        let (len, size) = (self.meta_len(), self.comm.size());
-        let mut words = vec![0u64; len];
-        words[0] = KINDS.iter().position(|k| *k == me.kind).unwrap_or(0) as u64;
-        words[2] = me.arg;
-        let mut invalid = me.invalid.clone();
-        if invalid.is_none() && me.shape.len() > MAX_DIMS {
-            invalid = Some(self.invalid(
-                me.kind,
-                format!("shape {:?} has more than {MAX_DIMS} dims, the most this communicator exchanges", me.shape),
-            ));
-        }
-        words[3] = me.shape.len().min(MAX_DIMS) as u64;
-        for (w, &d) in words[4..4 + MAX_DIMS].iter_mut().zip(&me.shape) {
-            *w = d as u64;
-        }
-        for (w, &r) in words[4 + MAX_DIMS..4 + MAX_DIMS + size].iter_mut().zip(&me.rows) {
-            *w = r as u64;
-        }
-        if let Some(msg) = &invalid {
-            words[1] = 1;
-            let mut bytes = msg.as_bytes().to_vec();
-            bytes.truncate(MSG_BYTES);
-            bytes.resize(MSG_BYTES, 0);
-            for (w, c) in words[len - MSG_BYTES / 8..].iter_mut().zip(bytes.chunks_exact(8)) {
-                *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
-            }
-        }
-        let wrap = self.wrap(me.kind);
-        let dev = self.dev();
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (size, wrap) = (self.comm.size(), self.wrap(me.kind));
+        let bytes: Vec<u8> = me.encode(self.comm.rank(), size).iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (dev, len) = (self.dev(), bytes.len());
         let send = dev.upload(&bytes).map_err(&wrap)?;
-        let recv = dev.alloc_zeroed(len * 8 * size).map_err(&wrap)?;
-        self.comm
-            .all_gather_bytes(dev, Span::new(&send, 0, len * 8), Span::new(&recv, 0, len * 8 * size))
-            .map_err(&wrap)?;
-        let mut out = vec![0u8; len * 8 * size];
+        let recv = dev.alloc_zeroed(len * size).map_err(&wrap)?;
+        self.comm.all_gather_bytes(dev, Span::new(&send, 0, len), Span::new(&recv, 0, len * size)).map_err(&wrap)?;
+        let mut out = vec![0u8; len * size];
         dev.download(&recv, 0, &mut out).map_err(&wrap)?;
         let words: Vec<u64> =
             out.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-        let metas: Vec<Meta> = words
-            .chunks_exact(len)
-            .map(|w| {
-                let ndim = (w[3] as usize).min(MAX_DIMS);
-                let invalid = (w[1] != 0).then(|| {
-                    let bytes: Vec<u8> = w[len - MSG_BYTES / 8..].iter().flat_map(|x| x.to_le_bytes()).collect();
-                    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-                    String::from_utf8_lossy(&bytes[..end]).into_owned()
-                });
-                Meta {
-                    kind: KINDS.get(w[0] as usize).copied().unwrap_or(CollectiveKind::Barrier),
-                    invalid,
-                    arg: w[2],
-                    shape: w[4..4 + ndim].iter().map(|&d| d as usize).collect(),
-                    rows: w[4 + MAX_DIMS..4 + MAX_DIMS + size].iter().map(|&r| r as usize).collect(),
-                }
-            })
-            .collect();
-        if metas.iter().any(|m| m.kind != me.kind) {
-            return Err(self.error(format!(
-                "ranks called different collectives at the same step: {}",
-                per_rank(&metas, |m| m.kind.name())
-            )));
-        }
-        if let Some(msg) = metas.iter().find_map(|m| m.invalid.clone()) {
-            return Err(self.error(msg));
-        }
-        Ok(metas)
+        Meta::decode_all(&words, size, me.kind).map_err(|m| self.error(m))
     }
 }
 
@@ -293,32 +175,12 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
         let _busy = self.enter(Some(be), kind)?;
         let wrap = self.wrap(kind);
         let (size, shape) = (self.comm.size(), x.shape.clone());
-        let invalid =
-            (dim >= shape.len()).then(|| self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}")));
-        let metas = self.exchange(Meta { kind, invalid, arg: dim as u64, shape: shape.clone(), rows: Vec::new() })?;
-        if metas.iter().any(|m| m.arg != dim as u64) {
-            return Err(self.error(format!("all_gather: the ranks disagree on dim: {}", per_rank(&metas, |m| m.arg))));
-        }
-        let others = |s: &[usize]| {
-            let mut s = s.to_vec();
-            s[dim] = 0;
-            s
-        };
-        if metas.iter().any(|m| m.shape.len() != shape.len() || others(&m.shape) != others(&shape)) {
-            return Err(self.error(format!(
-                "all_gather: the ranks' shapes differ outside dim {dim}: {}",
-                per_rank(&metas, |m| describe_shape(&m.shape))
-            )));
-        }
-        let lens: Vec<usize> = metas.iter().map(|m| m.shape[dim]).collect();
-        let (outer, len, inner) = around(&shape, dim);
-        let max = lens.iter().copied().max().unwrap_or(0);
-        let mut out_shape = shape.clone();
-        out_shape[dim] = lens.iter().sum();
-        let chunk = outer * max * inner;
+        let metas = self.exchange(GatherPlan::meta(self.comm.rank(), &shape, dim))?;
+        let plan = GatherPlan::new(&metas, &shape, dim).map_err(|m| self.error(m))?;
+        let GatherPlan { outer, len, inner, max, chunk, .. } = plan;
         if chunk == 0 {
             // Nothing to move on any rank (every rank computed the same sizes).
-            let out = be.full(&out_shape, 0.0).map_err(&wrap)?;
+            let out = be.full(&plan.out_shape, 0.0).map_err(&wrap)?;
             self.record(kind, numel(&shape));
             return Ok(out);
         }
@@ -336,7 +198,7 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
         let gathered = be.new_tensor(&[size * chunk]).map_err(&wrap)?;
         self.comm.all_gather_bytes(self.dev(), Self::span(send), Self::span(&gathered)).map_err(&wrap)?;
         // `gathered` is `[size, outer, max, inner]`; the result is `[outer, total, inner]`.
-        let out = if lens.iter().all(|&l| l == max) {
+        let out = if plan.equal_parts() {
             if outer == 1 {
                 gathered
             } else {
@@ -345,7 +207,8 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
             }
         } else {
             let g = be.reshape(&gathered, &[size, outer, max, inner]).map_err(&wrap)?;
-            let parts: Vec<CudaTensor<Arc<D>>> = lens
+            let parts: Vec<CudaTensor<Arc<D>>> = plan
+                .lens
                 .iter()
                 .enumerate()
                 .filter(|(_, &l)| l > 0)
@@ -359,7 +222,7 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
             let refs: Vec<&CudaTensor<Arc<D>>> = parts.iter().collect();
             be.concat(&refs, 1).map_err(&wrap)?
         };
-        let out = be.reshape(&out, &out_shape).map_err(&wrap)?;
+        let out = be.reshape(&out, &plan.out_shape).map_err(&wrap)?;
         self.record(kind, numel(&shape));
         Ok(out)
     }
@@ -374,21 +237,9 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
         let _busy = self.enter(Some(be), kind)?;
         let wrap = self.wrap(kind);
         let (size, shape) = (self.comm.size(), x.shape.clone());
-        if dim >= shape.len() {
-            return Err(self.error(self.invalid(kind, format!("dim {dim} is out of range for shape {shape:?}"))));
-        }
-        if shape[dim] % size != 0 {
-            return Err(self.error(self.invalid(
-                kind,
-                format!("dim {dim} of shape {shape:?} has size {}, not a multiple of the {size} ranks", shape[dim]),
-            )));
-        }
-        let n = numel(&shape);
-        let (outer, len, inner) = around(&shape, dim);
-        let part = len / size;
-        let mut out_shape = shape.clone();
-        out_shape[dim] = part;
-        let out = be.new_tensor(&out_shape).map_err(&wrap)?;
+        let plan = ScatterPlan::new(self.comm.rank(), size, &shape, dim).map_err(|m| self.error(m))?;
+        let (n, outer, part, inner) = (numel(&shape), plan.outer, plan.part, plan.inner);
+        let out = be.new_tensor(&plan.out_shape).map_err(&wrap)?;
         if n > 0 {
             // Rank r's part of every outer row, made contiguous: `[size, outer, part · inner]`.
             let arranged;
@@ -416,33 +267,10 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
         let _busy = self.enter(Some(be), kind)?;
         let wrap = self.wrap(kind);
         let (size, rank, shape) = (self.comm.size(), self.comm.rank(), x.shape.clone());
-        let rows = shape.first().copied();
-        let invalid = match rows {
-            None => Some(self.invalid(kind, "x is a scalar; it needs a row dim".into())),
-            Some(_) if send_rows.len() != size => {
-                Some(self.invalid(kind, format!("{} send_rows for {size} ranks", send_rows.len())))
-            }
-            Some(rows) if send_rows.iter().try_fold(0usize, |a, &b| a.checked_add(b)) != Some(rows) => {
-                Some(self.invalid(kind, format!("send_rows {send_rows:?} do not sum to the {rows} rows of {shape:?}")))
-            }
-            Some(_) => None,
-        };
-        let metas = self.exchange(Meta { kind, invalid, arg: 0, shape: shape.clone(), rows: send_rows.to_vec() })?;
-        let rest = |m: &Meta| m.shape.get(1..).map(<[usize]>::to_vec);
-        if metas.iter().any(|m| rest(m) != shape.get(1..).map(<[usize]>::to_vec)) {
-            return Err(self.error(format!(
-                "all_to_all_v: the ranks' rows differ (shape after the row dim, and values per row): {}",
-                per_rank(&metas, |m| {
-                    let r = m.shape.get(1..).unwrap_or(&[]);
-                    format!("{r:?} ({})", numel(r))
-                })
-            )));
-        }
-        let width = numel(&shape[1..]);
+        let metas = self.exchange(AllToAllPlan::meta(rank, size, &shape, send_rows))?;
+        let AllToAllPlan { width, counts, out_shape, .. } =
+            AllToAllPlan::new(&metas, rank, &shape).map_err(|m| self.error(m))?;
         let rows = shape[0];
-        let counts: Vec<usize> = metas.iter().map(|m| m.rows[rank]).collect();
-        let mut out_shape = shape.clone();
-        out_shape[0] = counts.iter().sum();
         let out = be.new_tensor(&out_shape).map_err(&wrap)?;
         if width > 0 {
             let transfers = |rows: &[usize], base: usize| -> Vec<Transfer> {
@@ -471,7 +299,11 @@ impl<D: Device, C: DeviceComm<D> + 'static> Communicator<CudaBackend<Arc<D>>> fo
         let _busy = self.enter(Some(be), kind)?;
         let size = self.comm.size();
         if root >= size {
-            return Err(self.error(self.invalid(kind, format!("root {root} is not a rank of {size}"))));
+            return Err(self.error(invalid_args(
+                self.comm.rank(),
+                kind,
+                format!("root {root} is not a rank of {size}"),
+            )));
         }
         let n = numel(&x.shape);
         let is_root = self.comm.rank() == root;

@@ -23,6 +23,7 @@
 //! stream and its own copy of the decoding state.
 
 pub mod comm;
+pub mod exchange;
 pub mod layout;
 pub mod local;
 pub mod nodes;
