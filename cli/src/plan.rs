@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use dsv4_core::kv::{human_bytes, KvDtype};
 use dsv4_core::parallel::plan::{
-    checkpoint_tensors, decode_traffic, fewest_devices, official_tensors, plan, rank_weights, Plan, PlanError,
-    PlanInput, PlanTensor, RankWeights, Split, WeightTarget, DEFAULT_UTILISATION,
+    checkpoint_tensors, decode_traffic, fewest_devices, official_tensors, plan, rank_weights, CollectiveLibrary, Plan,
+    PlanError, PlanInput, PlanTensor, RankWeights, Split, WeightTarget, DEFAULT_UTILISATION, HCCL_BUFFSIZE_DEFAULT_MB,
 };
 use dsv4_core::parallel::{CollectiveKind, ParallelLayout, Traffic};
 use dsv4_core::weight_forms::SocFamily;
@@ -110,6 +110,60 @@ impl PlanArgs {
     }
 }
 
+/// The library the collectives of ranks on `target` run on: HCCL on Ascend (with
+/// `HCCL_BUFFSIZE` from the environment, as HCCL reads it), NCCL on CUDA, the in-process
+/// communicator on the CPU.
+///
+/// # Errors
+/// `HCCL_BUFFSIZE` set to something that is not a whole number of MB of at least 1.
+pub(crate) fn collective_library(target: WeightTarget) -> Result<CollectiveLibrary> {
+    Ok(match target {
+        WeightTarget::Soc(_) => {
+            let buffsize_mb = match std::env::var("HCCL_BUFFSIZE") {
+                Err(_) => None,
+                Ok(v) => match v.trim().parse::<usize>() {
+                    Ok(mb) if mb >= 1 => Some(mb),
+                    _ => bail!(
+                        "HCCL_BUFFSIZE={v:?} is not a size in MB (a whole number of at least 1; HCCL's default is 200)"
+                    ),
+                },
+            };
+            CollectiveLibrary::Hccl { buffsize_mb }
+        }
+        WeightTarget::Cuda => CollectiveLibrary::Nccl,
+        WeightTarget::Host | WeightTarget::HostF32 => CollectiveLibrary::InProcess,
+    })
+}
+
+/// What the collectives' library holds on each rank of `layout`, as a line of the plan (None
+/// where nothing is held or there is one device).
+pub(crate) fn comm_line(lib: CollectiveLibrary, layout: ParallelLayout) -> Option<String> {
+    if layout.world == 1 {
+        return None;
+    }
+    match lib {
+        CollectiveLibrary::InProcess => None,
+        CollectiveLibrary::Hccl { buffsize_mb } => {
+            let b = lib.buffers(layout);
+            let mb = buffsize_mb.unwrap_or(HCCL_BUFFSIZE_DEFAULT_MB);
+            Some(format!(
+                "communicator buffers: {} per rank, off the usable memory: {} HCCL communicators (the world{}{}) × \
+                 2 × HCCL_BUFFSIZE ({mb} MB{})",
+                human_bytes(b.total()),
+                b.communicators,
+                if layout.tp > 1 { ", TP" } else { "" },
+                if layout.ep > 1 { ", EP" } else { "" },
+                if buffsize_mb.is_none() { ", the default" } else { "" }
+            ))
+        }
+        CollectiveLibrary::Nccl => Some(
+            "communicator buffers: NCCL's are not counted (NCCL_BUFFSIZE per channel and peer, sized at run time): \
+             the memory --memory-utilization leaves must hold them"
+                .into(),
+        ),
+    }
+}
+
 /// `3`, `0-7`, `0-1, 4-5`.
 pub(crate) fn rank_list(ranks: &[usize]) -> String {
     let mut parts: Vec<String> = vec![];
@@ -171,6 +225,9 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
         human_bytes(args.device_memory),
         args.memory_utilization
     );
+    if let Some(line) = collective_library(args.soc).ok().and_then(|lib| comm_line(lib, layout)) {
+        let _ = writeln!(o, "{line}");
+    }
     let _ = writeln!(o, "weights in the forms of {}", args.soc.name());
     let (world, tp, ep) = (layout.world, layout.tp, layout.ep);
     let group = |n: usize, how: String| match n {
@@ -308,10 +365,11 @@ fn state_section(cfg: &ModelConfig, p: &Plan) -> String {
     let weights = p.ranks[p.tightest].loaded_bytes();
     let _ = writeln!(
         o,
-        "  KV pool: {} per rank ({} usable - {} of weights on rank {}, the fullest), split as `dsv4 serve` splits \
+        "  KV pool: {} per rank ({} usable{} - {} of weights on rank {}, the fullest), split as `dsv4 serve` splits \
          it: window blocks for the running sequences or an eighth of the pool, the rest compressed blocks",
         bytes(p.pool),
         human_bytes(p.available),
+        if p.comm.total() > 0 { " after the communicator buffers" } else { "" },
         human_bytes(weights),
         p.tightest
     );
@@ -438,6 +496,7 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
         device_memory: args.device_memory,
         utilisation: args.memory_utilization,
         max_step: args.prefill_chunk.max(1),
+        comm: collective_library(args.soc).map_err(|e| (String::new(), format!("{e:#}")))?,
     };
     let ranks = rank_weights(s.cfg, s.tensors, layout);
     let head = weights_section(s, args, layout, &ranks);
@@ -608,7 +667,7 @@ mod tests {
             "--devices 32 --tensor-parallel 16 --device-memory 64GiB --soc 910c --precision bf16",
         )
         .unwrap_err();
-        assert!(r.contains("short by 4.48 GiB. With TP 16, 48 devices of this size fit (EP 48)."), "{r}");
+        assert!(r.contains("short by 5.65 GiB. With TP 16, 48 devices of this size fit (EP 48)."), "{r}");
         insta::assert_snapshot!("plan_pro_32x910c_tp16_refused", r);
         let r = plan_of(
             "deepseek-v4-pro",

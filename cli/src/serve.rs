@@ -275,6 +275,7 @@ fn planned_pool(
         layout,
         kv_dtype,
         fp8_rows: target.has_fp8_kv_rows(),
+        comm: crate::plan::collective_library(target)?,
         // Speculating sequences keep the window pages of their rollback depth as well.
         max_step: crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens).max(1),
         ask,

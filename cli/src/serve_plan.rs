@@ -88,6 +88,8 @@ pub struct Request<'a> {
     pub kv_dtype: KvDtype,
     /// Whether the backend keeps fp8 KV rows (the CPU backend).
     pub fp8_rows: bool,
+    /// The collectives' library (what it holds per rank comes off the usable memory).
+    pub comm: dsv4_core::parallel::plan::CollectiveLibrary,
     pub max_step: usize,
     pub ask: ServingAsk,
 }
@@ -128,6 +130,7 @@ fn input<'a>(r: &Request<'a>, memory: &RankMemory, kv_dtype: KvDtype) -> PlanInp
         device_memory,
         utilisation,
         max_step: r.max_step,
+        comm: r.comm,
     }
 }
 
@@ -276,9 +279,12 @@ pub fn summary(r: &Request, memory: &RankMemory, s: &ServePlan) -> String {
         if l.world == 1 { "" } else { "s" },
         l.tp,
         l.ep,
-        human_bytes(p.available),
+        human_bytes(p.available + p.comm.total()),
         memory.source
     );
+    if let Some(line) = crate::plan::comm_line(r.comm, l) {
+        let _ = writeln!(o, "  {line}");
+    }
     for (ranks, w) in crate::plan::classes(&p.ranks) {
         let _ = writeln!(
             o,
@@ -327,6 +333,7 @@ mod tests {
             layout: ParallelLayout::new(2, 1, 2, cfg).unwrap(),
             kv_dtype: KvDtype::F32,
             fp8_rows: true,
+            comm: dsv4_core::parallel::plan::CollectiveLibrary::InProcess,
             max_step: 16,
             ask,
         }

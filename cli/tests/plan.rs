@@ -5,12 +5,18 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn plan(args: &[&str]) -> std::process::Output {
+    plan_with(args, &[])
+}
+
+/// `dsv4 plan --model configs/ARGS[0] ARGS[1..]` with `env` added to the environment.
+fn plan_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
     Command::new(env!("CARGO_BIN_EXE_dsv4"))
         .arg("plan")
         .arg("--model")
         .arg(configs.join(args[0]))
         .args(&args[1..])
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -51,10 +57,31 @@ fn plan_that_does_not_fit_names_the_shortfall() {
     assert!(out.contains("weights per rank") && !out.contains("decoding state"), "{out}");
     assert_eq!(
         err.trim_end(),
-        "error: deepseek-v4-pro on 16 × 64.00 GiB: rank 0 needs 143.55 GiB of weights, 57.60 GiB is available \
-         (64.00 GiB × 0.9); short by 85.95 GiB. With TP 1, 192 devices of this size fit (EP 192). Use more devices, \
-         a larger --tensor-parallel, or a smaller weight form (--soc 950 keeps FP8/FP4)."
+        "error: deepseek-v4-pro on 16 × 64.00 GiB: rank 0 needs 143.55 GiB of weights, 56.82 GiB is available \
+         (64.00 GiB × 0.9 - 800.00 MiB of communicator buffers); short by 86.73 GiB. With TP 1, 192 devices of this \
+         size fit (EP 192). Use more devices, a larger --tensor-parallel, or a smaller weight form (--soc 950 keeps \
+         FP8/FP4)."
     );
+}
+
+/// HCCL's buffers follow HCCL_BUFFSIZE as HCCL reads it (2 × HCCL_BUFFSIZE MB a communicator),
+/// and a value HCCL would not take is refused.
+#[test]
+fn hccl_buffers_follow_hccl_buffsize() {
+    let args =
+        ["deepseek-v4-flash", "--devices", "8", "--device-memory", "64GiB", "--soc", "910b", "--precision", "bf16"];
+    let run = |v: &str| plan_with(&args, &[("HCCL_BUFFSIZE", v)]);
+    let o = run("50");
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("communicator buffers: 200.00 MiB per rank, off the usable memory: 2 HCCL communicators (the world, EP) × 2 × HCCL_BUFFSIZE (50 MB)"),
+        "{out}"
+    );
+    let o = run("0");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("HCCL_BUFFSIZE=\"0\" is not a size in MB"), "{err}");
 }
 
 #[test]

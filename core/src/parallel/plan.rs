@@ -358,6 +358,64 @@ pub fn rank_weights_of(cfg: &ModelConfig, tensors: &[PlanTensor], rank: RankLayo
     w
 }
 
+/// Device memory a rank's collective library holds for its communicators, outside dsv4's
+/// own allocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommBuffers {
+    /// Communicators the rank holds.
+    pub communicators: usize,
+    /// Bytes each holds.
+    pub bytes_each: usize,
+}
+
+/// HCCL_BUFFSIZE's default, in MB (2^20 bytes: CANN's environment variable reference).
+pub const HCCL_BUFFSIZE_DEFAULT_MB: usize = 200;
+
+impl CommBuffers {
+    pub const NONE: CommBuffers = CommBuffers { communicators: 0, bytes_each: 0 };
+
+    pub fn total(&self) -> usize {
+        self.communicators * self.bytes_each
+    }
+
+    /// What HCCL holds on a rank of `layout`: "each communicator occupies 2 × HCCL_BUFFSIZE
+    /// memory, used for receiving and sending" (CANN's environment variable reference,
+    /// HCCL_BUFFSIZE; `buffsize_mb` when set, else 200 MB), and a rank holds the world
+    /// communicator and, where they have more than one rank, its TP and EP groups'
+    /// ([`super::RankContext::new`]). Nothing on one device.
+    pub fn hccl(layout: ParallelLayout, buffsize_mb: Option<usize>) -> CommBuffers {
+        if layout.world == 1 {
+            return CommBuffers::NONE;
+        }
+        let communicators = 1 + usize::from(layout.tp > 1) + usize::from(layout.ep > 1);
+        let mb = buffsize_mb.unwrap_or(HCCL_BUFFSIZE_DEFAULT_MB);
+        CommBuffers { communicators, bytes_each: 2 * mb * (1 << 20) }
+    }
+}
+
+/// The library a layout's collectives run on, for the device memory it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveLibrary {
+    /// The CPU backend's in-process communicator: host memory, nothing held.
+    InProcess,
+    /// HCCL, with `HCCL_BUFFSIZE` in MB when set.
+    Hccl { buffsize_mb: Option<usize> },
+    /// NCCL. Its buffers (`NCCL_BUFFSIZE`, 4 MiB by default, per channel and peer connection,
+    /// channels and connections chosen at run time from the topology) are not counted: the
+    /// share of memory the plan leaves (`--memory-utilization`) must hold them.
+    Nccl,
+}
+
+impl CollectiveLibrary {
+    /// What the library holds on a rank of `layout`.
+    pub fn buffers(self, layout: ParallelLayout) -> CommBuffers {
+        match self {
+            CollectiveLibrary::Hccl { buffsize_mb } => CommBuffers::hccl(layout, buffsize_mb),
+            CollectiveLibrary::InProcess | CollectiveLibrary::Nccl => CommBuffers::NONE,
+        }
+    }
+}
+
 /// What a plan is asked.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
@@ -373,6 +431,9 @@ pub struct PlanInput<'a> {
     /// Most tokens one sequence feeds in one step (`serve --prefill-chunk`): the window blocks
     /// a running sequence needs.
     pub max_step: usize,
+    /// The collectives' library: what it holds on each rank is taken from the usable memory
+    /// first.
+    pub comm: CollectiveLibrary,
 }
 
 /// `n` and `noun`, the noun plural (an `s` added) unless `n` is 1: `1 sequence`, `2 sequences`,
@@ -498,8 +559,9 @@ pub struct Plan {
     pub layout: ParallelLayout,
     pub device_memory: usize,
     pub utilisation: f64,
-    /// `device_memory × utilisation`, rounded down.
+    /// `device_memory × utilisation`, rounded down, less the communicators' buffers.
     pub available: usize,
+    pub comm: CommBuffers,
     pub ranks: Vec<RankWeights>,
     pub kv: KvShape,
     pub max_step: usize,
@@ -520,8 +582,15 @@ impl Plan {
 /// Why a layout does not fit.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlanError {
-    /// A rank's weights alone exceed its usable memory.
-    WeightsDoNotFit { rank: usize, need: usize, available: usize, device_memory: usize, utilisation: f64 },
+    /// A rank's weights alone exceed its usable memory (`available`: after `comm`).
+    WeightsDoNotFit {
+        rank: usize,
+        need: usize,
+        available: usize,
+        device_memory: usize,
+        utilisation: f64,
+        comm: CommBuffers,
+    },
     /// The weights fit, but what is left cannot hold one running sequence's window blocks plus
     /// one compressed block.
     StateDoesNotFit { rank: usize, pool: usize, need: usize },
@@ -540,12 +609,16 @@ impl PlanError {
 impl fmt::Display for PlanError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            PlanError::WeightsDoNotFit { rank, need, available, device_memory, utilisation } => write!(
+            PlanError::WeightsDoNotFit { rank, need, available, device_memory, utilisation, comm } => write!(
                 f,
-                "rank {rank} needs {} of weights, {} is available ({} × {utilisation}); short by {}",
+                "rank {rank} needs {} of weights, {} is available ({} × {utilisation}{}); short by {}",
                 human_bytes(need),
                 human_bytes(available),
                 human_bytes(device_memory),
+                match comm.total() {
+                    0 => String::new(),
+                    c => format!(" - {} of communicator buffers", human_bytes(c)),
+                },
                 human_bytes(self.short())
             ),
             PlanError::StateDoesNotFit { rank, pool, need } => write!(
@@ -562,10 +635,17 @@ impl fmt::Display for PlanError {
 
 impl std::error::Error for PlanError {}
 
+/// What a rank of `input` may fill with weights and decoding state: `device_memory ×
+/// utilisation`, rounded down, less the communicators' buffers.
+fn usable(input: &PlanInput) -> usize {
+    let buffers = input.comm.buffers(input.layout).total();
+    ((input.device_memory as f64 * input.utilisation).floor() as usize).saturating_sub(buffers)
+}
+
 /// The plan of `input`, or why it does not fit (the first rank that does not).
 pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
     let cfg = input.cfg;
-    let available = (input.device_memory as f64 * input.utilisation).floor() as usize;
+    let available = usable(input);
     let ranks = rank_weights(cfg, input.tensors, input.layout);
     // The first rank with the most weights.
     let tightest = (0..ranks.len()).rev().max_by_key(|&r| ranks[r].loaded_bytes()).unwrap_or(0);
@@ -577,6 +657,7 @@ pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
             available,
             device_memory: input.device_memory,
             utilisation: input.utilisation,
+            comm: input.comm.buffers(input.layout),
         });
     }
     let pool = available - need;
@@ -591,6 +672,7 @@ pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
         device_memory: input.device_memory,
         utilisation: input.utilisation,
         available,
+        comm: input.comm.buffers(input.layout),
         ranks,
         kv,
         max_step: input.max_step,
@@ -611,14 +693,14 @@ pub fn fewest_devices(input: &PlanInput, max_world: usize) -> Option<ParallelLay
     let experts = r0.by_split.get(&Split::Experts).map_or(0, |c| c.bytes);
     let per_expert = experts / r0.rank.experts(cfg).len().max(1);
     let rest = r0.loaded_bytes() - experts;
-    let available = (input.device_memory as f64 * input.utilisation).floor() as usize;
     (input.layout.world + 1..=max_world.min(cfg.n_routed_experts)).filter(|w| w.is_multiple_of(tp)).find_map(|w| {
+        let layout = ParallelLayout::new(w, tp, w, cfg).ok()?;
+        let input = PlanInput { layout, ..*input };
         let estimate = rest + cfg.n_routed_experts.div_ceil(w) * per_expert;
-        if estimate > available {
+        if estimate > usable(&input) {
             return None;
         }
-        let layout = ParallelLayout::new(w, tp, w, cfg).ok()?;
-        plan(&PlanInput { layout, ..*input }).ok().map(|_| layout)
+        plan(&input).ok().map(|_| layout)
     })
 }
 
@@ -987,6 +1069,7 @@ mod tests {
             device_memory,
             utilisation,
             max_step: 16,
+            comm: CollectiveLibrary::InProcess,
         };
         // 1000 bytes short at 0.5: device memory 2·(need − 1000).
         let e = plan(&input(2 * (need - 1000), 0.5)).unwrap_err();
@@ -997,7 +1080,8 @@ mod tests {
                 need,
                 available: need - 1000,
                 device_memory: 2 * (need - 1000),
-                utilisation: 0.5
+                utilisation: 0.5,
+                comm: CommBuffers::NONE,
             }
         );
         assert_eq!(e.short(), 1000);
@@ -1012,6 +1096,42 @@ mod tests {
         assert_eq!((p.pool, p.available, p.pool_of(1)), (80 * 49152, need + 80 * 49152, 80 * 49152));
         assert_eq!(p.fit.by_sequences, vec![(1, 516 * 64), (8, 59 * 64), (32, 3 * 64), (128, 0)]);
         assert_eq!(p.fit.by_context, vec![(131072, 0), (32768, 1), (4096, 7)]);
+    }
+
+    /// HCCL's buffers (2 × HCCL_BUFFSIZE per communicator: the world's, and the TP and EP
+    /// groups' where they have more than one rank) come out of the usable memory first.
+    #[test]
+    fn hccl_buffers_come_off_the_usable_memory() {
+        let c = tiny();
+        let hccl = CollectiveLibrary::Hccl { buffsize_mb: None };
+        let mib = 1 << 20;
+        assert_eq!(hccl.buffers(layout(1, 1, 1)), CommBuffers::NONE);
+        assert_eq!(hccl.buffers(layout(2, 1, 2)), CommBuffers { communicators: 2, bytes_each: 400 * mib });
+        assert_eq!(hccl.buffers(layout(4, 2, 2)).total(), 3 * 400 * mib);
+        assert_eq!(hccl.buffers(layout(2, 2, 1)).communicators, 2);
+        let small = CollectiveLibrary::Hccl { buffsize_mb: Some(50) };
+        assert_eq!(small.buffers(layout(2, 1, 2)).total(), 2 * 100 * mib);
+        assert_eq!(CollectiveLibrary::Nccl.buffers(layout(2, 1, 2)), CommBuffers::NONE);
+        let tensors = official_tensors(&c, WeightTarget::HostF32);
+        let l = layout(2, 1, 2);
+        let need = rank_weights(&c, &tensors, l)[0].loaded_bytes();
+        let input = |device_memory, comm| PlanInput {
+            cfg: &c,
+            tensors: &tensors,
+            layout: l,
+            kv_dtype: KvDtype::F32,
+            device_memory,
+            utilisation: 1.0,
+            max_step: 16,
+            comm,
+        };
+        let roomy = need + 800 * mib + 80 * 49152;
+        let p = plan(&input(roomy, small)).unwrap();
+        assert_eq!((p.available, p.pool, p.comm.total()), (roomy - 200 * mib, 600 * mib + 80 * 49152, 200 * mib));
+        assert_eq!(plan(&input(roomy, hccl)).unwrap().pool, 80 * 49152);
+        let e = plan(&input(need + 799 * mib, hccl)).unwrap_err();
+        assert_eq!(e.short(), mib);
+        assert!(e.to_string().contains(" - 800.00 MiB of communicator buffers); short by 1.00 MiB"), "{e}");
     }
 
     /// A server's pool out of the plan of `refusal_and_pool_by_hand` (80 window blocks' worth
@@ -1033,6 +1153,7 @@ mod tests {
             device_memory: need + pool,
             utilisation: 1.0,
             max_step: 16,
+            comm: CollectiveLibrary::InProcess,
         })
         .unwrap();
         assert_eq!(p.pool, pool);
@@ -1155,6 +1276,7 @@ mod tests {
             device_memory: 64 << 20,
             utilisation: DEFAULT_UTILISATION,
             max_step: 512,
+            comm: CollectiveLibrary::InProcess,
         })
         .unwrap();
         assert_eq!(p.tightest, 0);
@@ -1180,6 +1302,7 @@ mod tests {
             device_memory: w4 + one_seq,
             utilisation: 1.0,
             max_step: 16,
+            comm: CollectiveLibrary::InProcess,
         };
         assert!(plan(&input).is_err());
         assert_eq!(fewest_devices(&input, 64), Some(layout(4, 1, 4)));
