@@ -236,7 +236,7 @@ impl ScatterPlan {
         if dim >= shape.len() {
             return Err(invalid_args(rank, kind, format!("dim {dim} is out of range for shape {shape:?}")));
         }
-        if shape[dim] % size != 0 {
+        if !shape[dim].is_multiple_of(size) {
             return Err(invalid_args(
                 rank,
                 kind,
