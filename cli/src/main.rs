@@ -47,9 +47,9 @@ mod dispatch {
                 crate::Resolved::Ascend => {
                     let ids = crate::parallel_args::device_ids(&$parallel.devices)?;
                     match $parallel.join_nodes(ids.len(), "")? {
-                        None => {
-                            dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| -> anyhow::Result<_> { $body })
-                        }
+                        None => dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| {
+                            crate::rank_body(|| -> anyhow::Result<_> { $body })
+                        }),
                         Some(group) => {
                             let out = dsv4_backend_ascend::run_node_ranks(
                                 &ids,
@@ -555,19 +555,18 @@ pub(crate) fn open_cuda_ranks(
     Ok(dsv4_backend_cuda::open_ranks(&ordinals)?)
 }
 
-/// Ends the process at once from any thread, stdout and stderr flushed first (as far as their
-/// locks allow): for a rank of a multi-node run that cannot go on while its peers' threads
-/// are still inside collectives.
 /// Runs a rank's body with a panic turned into its error: a rank thread that unwinds would leave
 /// its peers waiting in a collective (for ever on NCCL), where an error reaches the code that
 /// ends the process.
 pub(crate) fn rank_body<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
-        let message = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-        Err(anyhow::anyhow!("the rank panicked: {}", message.as_deref().unwrap_or("(no message)")))
+        Err(anyhow::anyhow!("the rank panicked: {}", dsv4_core::parallel::panic_message(p.as_ref())))
     })
 }
 
+/// Ends the process at once from any thread, stdout and stderr flushed first (as far as their
+/// locks allow): for a rank of a multi-node run that cannot go on while its peers' threads
+/// are still inside collectives.
 pub(crate) fn exit_now(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();

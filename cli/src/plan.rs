@@ -110,14 +110,16 @@ impl PlanArgs {
     }
 }
 
-/// The library the collectives of ranks on `target` run on: HCCL on Ascend (with
-/// `HCCL_BUFFSIZE` from the environment, as HCCL reads it), NCCL on CUDA, the in-process
-/// communicator on the CPU.
+/// The library the collectives of `layout`'s ranks on `target` run on: HCCL on Ascend (with
+/// `HCCL_BUFFSIZE` from the environment, as HCCL reads it; not read for one device, which has
+/// no communicator), NCCL on CUDA, the in-process communicator on the CPU.
 ///
 /// # Errors
-/// `HCCL_BUFFSIZE` set to something that is not a whole number of MB of at least 1.
-pub(crate) fn collective_library(target: WeightTarget) -> Result<CollectiveLibrary> {
+/// Over several devices on Ascend, `HCCL_BUFFSIZE` set to something that is not a whole number
+/// of MB of at least 1.
+pub(crate) fn collective_library(target: WeightTarget, layout: ParallelLayout) -> Result<CollectiveLibrary> {
     Ok(match target {
+        WeightTarget::Soc(_) if layout.world == 1 => CollectiveLibrary::Hccl { buffsize_mb: None },
         WeightTarget::Soc(_) => {
             let buffsize_mb = match std::env::var("HCCL_BUFFSIZE") {
                 Err(_) => None,
@@ -148,7 +150,7 @@ pub(crate) fn comm_line(lib: CollectiveLibrary, layout: ParallelLayout) -> Optio
             let mb = buffsize_mb.unwrap_or(HCCL_BUFFSIZE_DEFAULT_MB);
             Some(format!(
                 "communicator buffers: {} per rank, off the usable memory: {} HCCL communicators (the world{}{}) × \
-                 2 × HCCL_BUFFSIZE ({mb} MB{})",
+                 2 × HCCL_BUFFSIZE ({mb} MiB{})",
                 human_bytes(b.total()),
                 b.communicators,
                 if layout.tp > 1 { ", TP" } else { "" },
@@ -209,7 +211,13 @@ pub struct Subject<'a> {
 }
 
 /// The header and the per-rank weights (what a refused plan still shows).
-fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: &[RankWeights]) -> String {
+fn weights_section(
+    s: &Subject,
+    args: &PlanArgs,
+    layout: ParallelLayout,
+    comm: CollectiveLibrary,
+    ranks: &[RankWeights],
+) -> String {
     let cfg = s.cfg;
     let mut o = String::new();
     let available = (args.device_memory as f64 * args.memory_utilization).floor() as usize;
@@ -225,7 +233,7 @@ fn weights_section(s: &Subject, args: &PlanArgs, layout: ParallelLayout, ranks: 
         human_bytes(args.device_memory),
         args.memory_utilization
     );
-    if let Some(line) = collective_library(args.soc).ok().and_then(|lib| comm_line(lib, layout)) {
+    if let Some(line) = comm_line(comm, layout) {
         let _ = writeln!(o, "{line}");
     }
     let _ = writeln!(o, "weights in the forms of {}", args.soc.name());
@@ -485,8 +493,9 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
     o
 }
 
-/// The whole report, or the weights part and the refusal.
-pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> {
+/// The whole report, or the weights part and the refusal; `comm`: the collectives' library
+/// ([`collective_library`], which reads the environment).
+pub fn report(s: &Subject, args: &PlanArgs, comm: CollectiveLibrary) -> Result<String, (String, String)> {
     let layout = args.layout(s.cfg).map_err(|e| (String::new(), format!("{e:#}")))?;
     let input = PlanInput {
         cfg: s.cfg,
@@ -496,10 +505,10 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
         device_memory: args.device_memory,
         utilisation: args.memory_utilization,
         max_step: args.prefill_chunk.max(1),
-        comm: collective_library(args.soc).map_err(|e| (String::new(), format!("{e:#}")))?,
+        comm,
     };
     let ranks = rank_weights(s.cfg, s.tensors, layout);
-    let head = weights_section(s, args, layout, &ranks);
+    let head = weights_section(s, args, layout, comm, &ranks);
     match plan(&input) {
         Ok(p) => Ok(format!("{head}{}{}", state_section(s.cfg, &p), traffic_section(s.cfg, layout))),
         Err(e) => {
@@ -513,6 +522,9 @@ pub fn report(s: &Subject, args: &PlanArgs) -> Result<String, (String, String)> 
                 }
                 (PlanError::WeightsDoNotFit { .. }, _) => "Use more devices or a larger --tensor-parallel.",
                 (PlanError::StateDoesNotFit { .. }, _) => "Use more devices or a smaller --kv-dtype.",
+                (PlanError::CommBuffersDoNotFit { .. }, _) => {
+                    "Lower HCCL_BUFFSIZE (MiB per send and per receive buffer; HCCL's default is 200)."
+                }
             };
             let fewest = match fewest_devices(&input, 1024) {
                 Some(l) => format!(" With TP {}, {} devices of this size fit (EP {}).", l.tp, l.world, l.ep),
@@ -543,7 +555,8 @@ pub fn run(spec: &str, args: &PlanArgs) -> Result<()> {
         (cfg, tensors, "this checkpoint's stored forms".to_string())
     };
     let subject = Subject { name: &name, source: &source, cfg: &cfg, tensors: &tensors };
-    match report(&subject, args) {
+    let comm = collective_library(args.soc, args.layout(&cfg)?)?;
+    match report(&subject, args, comm) {
         Ok(text) => {
             print!("{text}");
             Ok(())
@@ -581,7 +594,13 @@ mod tests {
         let a = args(line);
         let tensors = official_tensors(&cfg, a.soc);
         let s = Subject { name, source: CONFIG_ONLY, cfg: &cfg, tensors: &tensors };
-        report(&s, &a).map_err(|(head, msg)| format!("{head}error: {msg}\n"))
+        // HCCL's buffers at HCCL_BUFFSIZE's default, whatever this machine's environment says.
+        let comm = match a.soc {
+            WeightTarget::Soc(_) => CollectiveLibrary::Hccl { buffsize_mb: None },
+            WeightTarget::Cuda => CollectiveLibrary::Nccl,
+            _ => CollectiveLibrary::InProcess,
+        };
+        report(&s, &a, comm).map_err(|(head, msg)| format!("{head}error: {msg}\n"))
     }
 
     #[test]

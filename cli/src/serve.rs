@@ -275,7 +275,7 @@ fn planned_pool(
         layout,
         kv_dtype,
         fp8_rows: target.has_fp8_kv_rows(),
-        comm: crate::plan::collective_library(target)?,
+        comm: crate::plan::collective_library(target, layout)?,
         // Speculating sequences keep the window pages of their rollback depth as well.
         max_step: crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens).max(1),
         ask,
@@ -383,9 +383,11 @@ fn spawn_engine_ranks(
                             let model = load::load_opened(&be, cfg, &ckpt, &spec, precision, ctx)?;
                             Ok((be, model, pool))
                         };
-                        let built = build();
-                        // Its peers would wait inside NCCL for ever (no timeout on GPUs yet): say
-                        // why, tell the other nodes, and end.
+                        // A panic too: its peers would wait inside NCCL for ever (no timeout on
+                        // GPUs yet), so say why, tell the other nodes, and end.
+                        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or_else(|p| {
+                            Err(format!("loading panicked: {}", dsv4_core::parallel::panic_message(p.as_ref())).into())
+                        });
                         if let Err(e) = &built {
                             eprintln!("error: rank {rank}: {e}");
                             if let Some(g) = &group {
@@ -563,8 +565,8 @@ pub fn run(
     let mut group = None;
     let resolved = crate::resolve_backend(backend)?;
     // Over several ranks, a rank's engine that stops (a failed step, a panic) leaves the others
-    // waiting in a collective: HCCL's wait ends only at its execution timeout (half an hour by
-    // default) and NCCL's blocking one never, so on a device this server ends, as vLLM's does
+    // waiting in a collective: HCCL's wait ends only at its execution timeout (the communicators'
+    // hcclExecTimeOut, DSV4_COMM_TIMEOUT_S: 600 s by default) and NCCL's blocking one never, so on a device this server ends, as vLLM's does
     // when its engine dies. (The CPU's communicator fails the waiting ranks at once: the server
     // stays up and answers every request with the engine's error.)
     let rank_failure_ends_server = parallel.world() > 1 && !matches!(resolved, Resolved::Cpu);
@@ -609,8 +611,8 @@ pub fn run(
                 }
                 if rank_failure_ends_server {
                     eprintln!(
-                        "error: {why}\nerror: the server stops: the other ranks wait for this one in a collective \
-                         that cannot be interrupted"
+                        "error: {why}\nerror: the server stops: the other ranks would wait for the stopped one in a \
+                         collective that cannot be interrupted"
                     );
                     crate::exit_now(1);
                 }

@@ -118,8 +118,9 @@ fn input<'a>(r: &Request<'a>, memory: &RankMemory, kv_dtype: KvDtype) -> PlanInp
             PoolAsk::Bytes(b) => b,
             _ => dsv4_core::parallel::plan::pool_bytes_for(r.cfg, kv_dtype, (seqs, seqs, r.ask.max_len), r.max_step),
         };
-        // `Need` takes at most half of what is left.
-        weights + if matches!(r.ask.pool, PoolAsk::Need) { 2 * pool } else { pool }
+        // `Need` takes at most half of what is left; the communicators' buffers come first.
+        let pool = if matches!(r.ask.pool, PoolAsk::Need) { 2 * pool } else { pool };
+        weights + pool + r.comm.buffers(r.layout).total()
     });
     let utilisation = if memory.bytes.is_some() { memory.utilisation } else { 1.0 };
     PlanInput {
@@ -288,12 +289,13 @@ pub fn summary(r: &Request, memory: &RankMemory, s: &ServePlan) -> String {
     for (ranks, w) in crate::plan::classes(&p.ranks) {
         let _ = writeln!(
             o,
-            "  rank{} {}: weights {}, KV pool {} (of {} left after the weights)",
+            "  rank{} {}: weights {}, KV pool {} (of {} left after the weights{})",
             if ranks.len() == 1 { "" } else { "s" },
             crate::plan::rank_list(&ranks),
             human_bytes(w.loaded_bytes()),
             human_bytes(s.pool.bytes),
             human_bytes(p.pool_of(w.rank.rank)),
+            if p.comm.total() > 0 { " and the communicator buffers" } else { "" },
         );
     }
     let seqs = r.ask.max_seqs.max(1);

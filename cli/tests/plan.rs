@@ -16,6 +16,8 @@ fn plan_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         .arg("--model")
         .arg(configs.join(args[0]))
         .args(&args[1..])
+        // The plan follows HCCL_BUFFSIZE: only what a test sets counts.
+        .env_remove("HCCL_BUFFSIZE")
         .envs(env.iter().copied())
         .output()
         .unwrap()
@@ -75,13 +77,20 @@ fn hccl_buffers_follow_hccl_buffsize() {
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{out}");
     assert!(
-        out.contains("communicator buffers: 200.00 MiB per rank, off the usable memory: 2 HCCL communicators (the world, EP) × 2 × HCCL_BUFFSIZE (50 MB)"),
+        out.contains("communicator buffers: 200.00 MiB per rank, off the usable memory: 2 HCCL communicators (the world, EP) × 2 × HCCL_BUFFSIZE (50 MiB)"),
         "{out}"
     );
     let o = run("0");
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8(o.stderr).unwrap();
     assert!(err.contains("HCCL_BUFFSIZE=\"0\" is not a size in MB"), "{err}");
+    let o = run("99999999999");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("buffers (2 communicators × ") && err.contains("Lower HCCL_BUFFSIZE"), "{err}");
+    // One device has no communicator: HCCL_BUFFSIZE is not read.
+    let one = ["deepseek-v4-flash", "--devices", "1", "--device-memory", "1TiB", "--soc", "910b"];
+    let o = plan_with(&one, &[("HCCL_BUFFSIZE", "abc")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -186,8 +186,8 @@ fn serve_split_over_ranks_answers_as_one_device() {
 
 /// A rank that fails mid-request while its peers wait for it in a collective that nothing wakes
 /// (on hardware: HCCL until its execution timeout, NCCL for ever; here the emulator's injected
-/// failure, with its timeout set past the test's) ends the server with the rank's error,
-/// instead of a server that hangs.
+/// failure, with the communicators' timeout set past the test's) ends the server with the
+/// rank's error, instead of a server that hangs.
 #[test]
 fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
@@ -199,7 +199,8 @@ fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
         .env("DSV4_ASCEND_EMU_DEVICES", "2")
         // Rank 1's 40th collective (loading the model takes fewer; 100 tokens take more).
         .env("DSV4_ASCEND_EMU_HCCL_FAIL", "1:40")
-        .env("DSV4_ASCEND_EMU_HCCL_TIMEOUT_S", "600")
+        // The communicators' hcclExecTimeOut (the emulator honours it as HCCL does).
+        .env("DSV4_COMM_TIMEOUT_S", "600")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

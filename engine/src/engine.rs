@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     waiting: AtomicUsize,
     /// Set when the engine thread ends (why).
     stopped: Mutex<Option<String>>,
+    /// When it stopped, in the order of every engine's stops in this process (0: running).
+    stop_order: std::sync::atomic::AtomicU64,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -170,7 +172,32 @@ impl Shared {
             stats: Mutex::new(EngineStats::default()),
             waiting: AtomicUsize::new(0),
             stopped: Mutex::new(None),
+            stop_order: Default::default(),
         }
+    }
+
+    /// Records that the engine stopped and why (the first reason given wins).
+    fn stop(&self, why: String) {
+        static STOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if stopped.is_none() {
+            *stopped = Some(why);
+            self.stop_order.store(STOPS.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+        }
+    }
+
+    fn stopped(&self) -> Option<String> {
+        self.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Records a stop when the engine thread ends in any way (a panic while stopping included),
+/// so that a handle never waits on a thread that is gone.
+struct StopOnExit(Arc<Shared>);
+
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        self.0.stop("the engine thread ended while stopping (a panic)".into());
     }
 }
 
@@ -262,14 +289,16 @@ impl EngineHandle {
     /// follower that stops leaves rank 0 waiting for ever, so this is the only sign of it: `dsv4
     /// serve` watches it and ends the process.
     pub fn stopped(&self) -> Option<String> {
-        let why = |s: &Shared| s.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        why(&self.shared).or_else(|| {
-            self.ranks
-                .iter()
-                .enumerate()
-                .skip(1)
-                .find_map(|(r, s)| Some(format!("rank {r}'s engine stopped: {}", why(s)?)))
-        })
+        // The first rank that stopped: the others' reasons are often its consequences ("the
+        // engine of another rank stopped").
+        let (r, s) = self
+            .ranks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.stop_order.load(Ordering::SeqCst) != 0)
+            .min_by_key(|(_, s)| s.stop_order.load(Ordering::SeqCst))?;
+        let why = s.stopped()?;
+        Some(if r == 0 { why } else { format!("rank {r}'s engine stopped: {why}") })
     }
 
     fn spawn_mirrored<B>(
@@ -303,7 +332,12 @@ impl EngineHandle {
             gos.push(go_tx);
             let name = if rank == 0 { "dsv4-engine".to_string() } else { format!("dsv4-engine-rank-{rank}") };
             std::thread::Builder::new().name(name).spawn(move || {
-                let (be, model, kv) = match build() {
+                // A build that panics is reported like one that fails: the other ranks may be
+                // waiting for this one in a collective, and the caller must hear of it.
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).unwrap_or_else(|p| {
+                    Err(format!("loading panicked: {}", dsv4_core::parallel::panic_message(p.as_ref())).into())
+                });
+                let (be, model, kv) = match built {
                     Ok(x) => x,
                     Err(e) => {
                         let _ = ready_tx.send((rank, Err(e.to_string())));
@@ -322,8 +356,8 @@ impl EngineHandle {
                 if go_rx.recv() != Ok(true) {
                     return;
                 }
-                let why = engine.run(rx);
-                *shared.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                let _stop = StopOnExit(shared.clone());
+                engine.run(rx);
             })?;
         }
         drop(ready_tx);
@@ -371,7 +405,7 @@ impl EngineHandle {
     /// Checks `req` and queues it. Errors are immediate; everything later arrives on the
     /// stream.
     pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream, SubmitError> {
-        if let Some(why) = self.shared.stopped.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(why) = self.shared.stopped() {
             return Err(SubmitError::Stopped(why));
         }
         let info = &self.info;
@@ -406,15 +440,6 @@ impl EngineHandle {
             return Err(SubmitError::Stopped("the engine thread is gone".into()));
         }
         Ok(RequestStream { rx })
-    }
-}
-
-/// A panic's message, when it is a string (as `panic!` makes it).
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
-        (Some(s), _) => s.to_string(),
-        (_, Some(s)) => s.clone(),
-        _ => "(no message)".into(),
     }
 }
 
@@ -567,8 +592,13 @@ impl<'a, B: Backend> Engine<'a, B> {
     fn run(&mut self, rx: mpsc::Receiver<Submitted>) -> String {
         // A panic (a bug, or a backend that gave up) stops the engine like a failed step: the
         // requests get its message and the handle sees it, rather than streams that just end.
-        let why = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&rx)))
-            .unwrap_or_else(|p| format!("the engine thread panicked: {}", panic_message(p.as_ref())));
+        let (why, panicked) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&rx))) {
+            Ok(why) => (why, false),
+            Err(p) => (format!("the engine thread panicked: {}", dsv4_core::parallel::panic_message(p.as_ref())), true),
+        };
+        // Stopped before the queue is drained: a request submitted from now on is refused, not
+        // queued behind a drain that has passed.
+        self.shared.stop(why.clone());
         let message = format!("the engine has stopped: {why}");
         let waiting: Vec<Submitted> = self.waiting.drain(..).chain(rx.try_iter()).collect();
         for s in waiting {
@@ -577,7 +607,11 @@ impl<'a, B: Backend> Engine<'a, B> {
             let _ = s.out.send(EngineEvent::Error { message: message.clone(), usage });
         }
         for mut a in self.preempted.drain(..).chain(std::mem::take(&mut self.active)) {
-            self.cache.release(&mut a.seq);
+            // After a panic the cache may be inconsistent (releasing could panic again); it is
+            // dropped with the engine anyway.
+            if !panicked {
+                self.cache.release(&mut a.seq);
+            }
             let _ = a.sub.out.send(EngineEvent::Error { message: message.clone(), usage: a.usage() });
         }
         why

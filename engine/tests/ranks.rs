@@ -320,3 +320,19 @@ fn an_engine_over_two_nodes_answers_as_one_device_does() {
     let why = node1.stopped().expect("node 1 stops when the leader's ticks end");
     assert!(why.contains("rank 0's engine stopped"), "{why}");
 }
+
+/// A rank whose load panics is reported like one whose load fails (the caller hears which rank
+/// and why), and the handle says which rank stopped first when one dies while running.
+#[test]
+fn a_panicking_load_is_an_error_and_the_first_stop_is_reported() {
+    let builds: Vec<RankBuild<CpuBackend>> =
+        vec![Box::new(|| panic!("the loader fell over")), Box::new(|| panic!("the loader fell over"))];
+    let e = EngineHandle::spawn_ranks(CONFIG, builds).err().expect("the engine does not start");
+    let e = e.to_string();
+    assert!(e.contains(": loading panicked: the loader fell over"), "{e}");
+    // Rank 1 dies first; rank 0 stops because of it: the handle names rank 1's cause.
+    let e = ranked(CONFIG, (2, 1, 2), roomy, Some((1, 60)));
+    let _ = collect(e.submit(greedy(prompt(3, 20), 200)).unwrap());
+    let why = e.stopped().expect("stopped");
+    assert!(why.starts_with("rank 1's engine stopped: the engine thread panicked: worker killed by the test"), "{why}");
+}

@@ -37,4 +37,4 @@ pub use layout::{ParallelLayout, RankLayout};
 pub use local::LocalComm;
 pub use nodes::{NodeGroup, NodeSpec};
 pub use rank::RankContext;
-pub use run::{run_local, run_threads};
+pub use run::{panic_message, run_local, run_threads};

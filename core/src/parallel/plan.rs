@@ -375,7 +375,7 @@ impl CommBuffers {
     pub const NONE: CommBuffers = CommBuffers { communicators: 0, bytes_each: 0 };
 
     pub fn total(&self) -> usize {
-        self.communicators * self.bytes_each
+        self.communicators.saturating_mul(self.bytes_each)
     }
 
     /// What HCCL holds on a rank of `layout`: "each communicator occupies 2 × HCCL_BUFFSIZE
@@ -389,7 +389,8 @@ impl CommBuffers {
         }
         let communicators = 1 + usize::from(layout.tp > 1) + usize::from(layout.ep > 1);
         let mb = buffsize_mb.unwrap_or(HCCL_BUFFSIZE_DEFAULT_MB);
-        CommBuffers { communicators, bytes_each: 2 * mb * (1 << 20) }
+        // Saturating: an absurd HCCL_BUFFSIZE then fills any device (refused by `plan`).
+        CommBuffers { communicators, bytes_each: mb.saturating_mul(2 << 20) }
     }
 }
 
@@ -591,6 +592,9 @@ pub enum PlanError {
         utilisation: f64,
         comm: CommBuffers,
     },
+    /// The collective library's buffers alone take all of `usable` (`device_memory ×
+    /// utilisation`).
+    CommBuffersDoNotFit { usable: usize, comm: CommBuffers },
     /// The weights fit, but what is left cannot hold one running sequence's window blocks plus
     /// one compressed block.
     StateDoesNotFit { rank: usize, pool: usize, need: usize },
@@ -602,6 +606,7 @@ impl PlanError {
         match *self {
             PlanError::WeightsDoNotFit { need, available, .. } => need - available,
             PlanError::StateDoesNotFit { pool, need, .. } => need - pool,
+            PlanError::CommBuffersDoNotFit { usable, comm } => comm.total().saturating_sub(usable),
         }
     }
 }
@@ -620,6 +625,13 @@ impl fmt::Display for PlanError {
                     c => format!(" - {} of communicator buffers", human_bytes(c)),
                 },
                 human_bytes(self.short())
+            ),
+            PlanError::CommBuffersDoNotFit { usable, comm } => write!(
+                f,
+                "the collective library's buffers ({} communicators × {}) take all of the {} usable on each device",
+                comm.communicators,
+                human_bytes(comm.bytes_each),
+                human_bytes(usable)
             ),
             PlanError::StateDoesNotFit { rank, pool, need } => write!(
                 f,
@@ -645,6 +657,11 @@ fn usable(input: &PlanInput) -> usize {
 /// The plan of `input`, or why it does not fit (the first rank that does not).
 pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
     let cfg = input.cfg;
+    let comm = input.comm.buffers(input.layout);
+    let gross = (input.device_memory as f64 * input.utilisation).floor() as usize;
+    if comm.total() > 0 && comm.total() >= gross {
+        return Err(PlanError::CommBuffersDoNotFit { usable: gross, comm });
+    }
     let available = usable(input);
     let ranks = rank_weights(cfg, input.tensors, input.layout);
     // The first rank with the most weights.
@@ -1132,6 +1149,12 @@ mod tests {
         let e = plan(&input(need + 799 * mib, hccl)).unwrap_err();
         assert_eq!(e.short(), mib);
         assert!(e.to_string().contains(" - 800.00 MiB of communicator buffers); short by 1.00 MiB"), "{e}");
+        // An HCCL_BUFFSIZE that fills the device (or overflows) is its own refusal.
+        for mb in [usize::MAX / 2, 1 << 40] {
+            let e = plan(&input(roomy, CollectiveLibrary::Hccl { buffsize_mb: Some(mb) })).unwrap_err();
+            assert!(matches!(e, PlanError::CommBuffersDoNotFit { usable, .. } if usable == roomy), "{e}");
+            assert!(e.to_string().contains("take all of the"), "{e}");
+        }
     }
 
     /// A server's pool out of the plan of `refusal_and_pool_by_hand` (80 window blocks' worth

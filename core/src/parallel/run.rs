@@ -36,11 +36,7 @@ where
             .map(|(rank, h)| match h {
                 Err(e) => Err(e),
                 Ok(h) => h.join().unwrap_or_else(|panic| {
-                    let what = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "a panic".into());
+                    let what = panic_message(panic.as_ref());
                     Err(E::from(Error::Comm { rank, size: world, msg: format!("the worker panicked: {what}") }))
                 }),
             })
@@ -83,4 +79,14 @@ where
         drop(world);
         out
     })
+}
+
+/// A panic's payload as text: its message when it is a string (as `panic!` makes it), else
+/// "a panic".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic".into(),
+    }
 }

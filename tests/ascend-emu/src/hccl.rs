@@ -233,22 +233,25 @@ fn state() -> MutexGuard<'static, Hccl> {
 /// until the timeout, as on hardware when a rank's device or process fails.
 const FAIL_VAR: &str = "DSV4_ASCEND_EMU_HCCL_FAIL";
 
-/// Whether [`FAIL_VAR`] fails this call on `device` (counting the device's collectives).
-fn injected_failure(device: i32) -> bool {
+/// Why [`FAIL_VAR`] fails this call on `device` (counting the device's collectives), if it
+/// does; a value that is not `DEVICE:N` with N ≥ 1 fails every call, naming it (a typo must not
+/// turn a fault test into a healthy run).
+fn injected_failure(device: i32) -> Option<String> {
     static CALLS: LazyLock<Mutex<HashMap<i32, usize>>> = LazyLock::new(Default::default);
-    let Some((dev, nth)) = std::env::var(FAIL_VAR).ok().and_then(|v| {
-        let (d, n) = v.split_once(':')?;
-        Some((d.trim().parse::<i32>().ok()?, n.trim().parse::<usize>().ok()?))
-    }) else {
-        return false;
+    let v = std::env::var(FAIL_VAR).ok()?;
+    let parsed = v
+        .split_once(':')
+        .and_then(|(d, n)| Some((d.trim().parse::<i32>().ok()?, n.trim().parse::<usize>().ok().filter(|&n| n >= 1)?)));
+    let Some((dev, nth)) = parsed else {
+        return Some(format!("{FAIL_VAR}={v:?} is not DEVICE:N (a device id and N >= 1)"));
     };
     if dev != device {
-        return false;
+        return None;
     }
     let mut calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
     let count = calls.entry(device).or_insert(0);
     *count += 1;
-    *count == nth
+    (*count == nth).then(|| format!("a failure injected by {FAIL_VAR} on device {device}"))
 }
 
 /// The variable with the emulator's rendezvous timeout.
@@ -1137,11 +1140,8 @@ fn collective(
             }
         }
     };
-    if injected_failure(ctx.device) {
-        return ret(Err((
-            HCCL_E_RUNTIME,
-            format!("{what}: a failure injected by {FAIL_VAR} on device {} (rank {} of {gname})", ctx.device, ctx.rank),
-        )));
+    if let Some(why) = injected_failure(ctx.device) {
+        return ret(Err((HCCL_E_RUNTIME, format!("{what}: {why} (rank {} of {gname})", ctx.rank))));
     }
     let local_failure = |f: Fail| -> HcclResult {
         state().poison(gid, &(f.0, format!("rank {}: {}", ctx.rank, f.1)));
