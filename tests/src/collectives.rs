@@ -1,8 +1,10 @@
-//! Host references for the communicator suites (`tests/local_comm.rs` on the in-process
-//! communicator, `tests/ascend_hccl.rs` on HCCL): the same expectations for both
-//! implementations of `dsv4_core::parallel::Communicator`.
+//! The communicator suite and its host references: the same expectations for every
+//! implementation of `dsv4_core::parallel::Communicator` (`tests/local_comm.rs` on the
+//! in-process communicator, `tests/ascend_hccl.rs` on HCCL, `tests/cuda_nccl.rs` on NCCL, each
+//! through a [`World`]).
 
 use dsv4_core::backend::{Backend, DeviceTensor};
+use dsv4_core::parallel::{CollectiveKind, Communicator};
 use dsv4_core::Error;
 
 /// Distinct, irregular values (so that the order of a sum shows in its bits).
@@ -58,5 +60,157 @@ pub fn comm_err(e: Error) -> (usize, usize, String) {
     match e {
         Error::Comm { rank, size, msg } => (rank, size, msg),
         other => panic!("expected a communicator error, got {other}"),
+    }
+}
+
+/// A communicator under test: `n` ranks of one world, each on its own thread (and device).
+pub trait World<B: Backend>: Sync {
+    /// Runs `f(backend, communicator)` on every rank of a new world of `n` ranks; results in
+    /// rank order.
+    fn run<R: Send>(&self, n: usize, f: impl Fn(&B, &dyn Communicator<B>) -> R + Sync) -> Vec<R>;
+}
+
+// The semantics every communicator must have, on 1-4 ranks against host references: one suite
+// for the in-process communicator (`tests/local_comm.rs`), HCCL on the Ascend emulator
+// (`tests/ascend_hccl.rs`) and NCCL on the CUDA emulator (`tests/cuda_nccl.rs`), as
+// `backend_suite` is for the ops.
+
+pub fn all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere<B: Backend>(w: &impl World<B>) {
+    for n in 1..=4 {
+        let shape = [3, 5, 2];
+        let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(r, numel(&shape))).collect();
+        let want = rank_order_sum(&inputs);
+        let want_twice = rank_order_sum(&vec![want.clone(); n]);
+        let out = w.run(n, |be, c| {
+            let x = up(be, &inputs[c.rank()], &shape);
+            // Twice, the second on the first's output: stream order between collectives.
+            let once = c.all_reduce_sum(be, &x).unwrap();
+            let twice = c.all_reduce_sum(be, &once).unwrap();
+            // The input is left as it was.
+            (down(be, &once), down(be, &twice).1, down(be, &x).1)
+        });
+        for (r, ((s, d), twice, x)) in out.iter().enumerate() {
+            assert_eq!(s, &shape, "n {n} rank {r}");
+            assert_eq!(bits(d), bits(&want), "n {n} rank {r}");
+            assert_eq!(bits(twice), bits(&want_twice), "n {n} rank {r}: the same bits on every rank");
+            assert_eq!(bits(x), bits(&inputs[r]), "n {n} rank {r}");
+        }
+    }
+}
+
+pub fn all_gather_concatenates_along_any_dim_in_rank_order<B: Backend>(w: &impl World<B>) {
+    type Shapes = [fn(usize) -> Vec<usize>; 3];
+    for n in 1..=4 {
+        // Each rank a different size in the gathered dim; all the same size; some ranks (all,
+        // on one rank) with none.
+        let uneven: Shapes = [|r| vec![r + 1, 4], |r| vec![2, r + 1, 3], |r| vec![2, 3, r + 2]];
+        let even: Shapes = [|_| vec![2, 4], |_| vec![2, 3, 3], |_| vec![2, 3, 2]];
+        let empty: Shapes = [|r| vec![r % 2, 4], |r| vec![2, 2 * (r % 2), 3], |r| vec![2, 3, r % 2]];
+        for shapes in [uneven, even, empty] {
+            for (dim, shape_of) in shapes.iter().enumerate() {
+                let parts: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+                    .map(|r| {
+                        let s = shape_of(r);
+                        let d = values(10 * r + dim, numel(&s));
+                        (s, d)
+                    })
+                    .collect();
+                let want = concat(&parts, dim);
+                let out = w.run(n, |be, c| {
+                    let (s, d) = &parts[c.rank()];
+                    let t = (c.all_gather(be, &up(be, d, s), dim).unwrap(), c.traffic());
+                    (down(be, &t.0), t.1)
+                });
+                for (r, (got, traffic)) in out.iter().enumerate() {
+                    assert_eq!(got.0, want.0, "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                    assert_eq!(bits(&got.1), bits(&want.1), "n {n} dim {dim} rank {r} {:?}", parts[r].0);
+                    let bytes = numel(&parts[r].0) as u64 * 4;
+                    assert_eq!(traffic.by_kind[&CollectiveKind::AllGather], (1, bytes), "n {n} dim {dim} rank {r}");
+                    assert_eq!(traffic.calls(), 1, "n {n} dim {dim} rank {r}: the shape exchange is not counted");
+                }
+            }
+        }
+    }
+}
+
+pub fn reduce_scatter_gives_rank_r_part_r_of_the_sum<B: Backend>(w: &impl World<B>) {
+    for n in 1..=4 {
+        // Odd row widths; the scattered dim first, in the middle and last.
+        for (shape, dim) in [(vec![2 * n, 7], 0), (vec![3, 2 * n, 5], 1), (vec![3, n], 1)] {
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(100 + r, numel(&shape))).collect();
+            let sum = rank_order_sum(&inputs);
+            let out = w.run(n, |be, c| {
+                let x = up(be, &inputs[c.rank()], &shape);
+                down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap())
+            });
+            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
+            let part = len / n;
+            for (r, (s, d)) in out.iter().enumerate() {
+                let mut want_shape = shape.clone();
+                want_shape[dim] = part;
+                let want: Vec<f32> = (0..outer)
+                    .flat_map(|o| {
+                        let start = (o * len + r * part) * inner;
+                        sum[start..start + part * inner].to_vec()
+                    })
+                    .collect();
+                assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
+                assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
+            }
+        }
+    }
+}
+
+pub fn all_to_all_v_routes_rows_with_empty_parts<B: Backend>(w: &impl World<B>) {
+    for n in 1..=4 {
+        // Rows rank s sends to rank r; the last rank of a multi-rank world receives none.
+        let count = |s: usize, r: usize| if n > 1 && r == n - 1 { 0 } else { (s + 2 * r) % 3 };
+        let rest = [2, 3];
+        let width = numel(&rest);
+        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
+        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
+            .map(|s| {
+                let rows: usize = sends[s].iter().sum();
+                (vec![rows, rest[0], rest[1]], values(200 + s, rows * width))
+            })
+            .collect();
+        let out = w.run(n, |be, c| {
+            let (s, d) = &inputs[c.rank()];
+            let (t, counts) = c.all_to_all_v(be, &up(be, d, s), &sends[c.rank()]).unwrap();
+            (down(be, &t), counts)
+        });
+        for (r, ((shape, data), counts)) in out.iter().enumerate() {
+            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
+            let mut want = Vec::new();
+            for s in 0..n {
+                let start: usize = sends[s][..r].iter().sum();
+                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
+            }
+            assert_eq!(counts, &want_counts, "n {n} rank {r}");
+            assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
+            assert_eq!(bits(data), bits(&want), "n {n} rank {r}");
+        }
+        if n > 1 {
+            assert_eq!(out[n - 1].0 .0, vec![0, 2, 3]);
+        }
+    }
+}
+
+pub fn broadcast_from_every_root<B: Backend>(w: &impl World<B>) {
+    for n in 1..=4 {
+        let shape = [2, 3];
+        let out = w.run(n, |be, c| {
+            let x = up(be, &values(300 + c.rank(), 6), &shape);
+            let got: Vec<_> = (0..n).map(|root| down(be, &c.broadcast(be, &x, root).unwrap())).collect();
+            // Every rank's own tensor is left as it was.
+            (got, down(be, &x).1)
+        });
+        for (r, (got, x)) in out.iter().enumerate() {
+            for (root, (s, d)) in got.iter().enumerate() {
+                assert_eq!(s, &shape, "n {n} root {root} rank {r}");
+                assert_eq!(bits(d), bits(&values(300 + root, 6)), "n {n} root {root} rank {r}");
+            }
+            assert_eq!(bits(x), bits(&values(300 + r, 6)), "n {n} rank {r}");
+        }
     }
 }

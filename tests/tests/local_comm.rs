@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use dsv4_tests::collectives::{bits, comm_err, concat, down, numel, rank_order_sum, up, values};
+use dsv4_tests::collectives::{self, bits, comm_err, down, numel, rank_order_sum, up, values, World};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,127 +21,38 @@ fn on_ranks<R: Send>(world: Vec<LocalComm>, f: impl Fn(LocalComm, &CpuBackend) -
     })
 }
 
+/// The shared suite's world: a new in-process world of CPU ranks.
+struct InProcess;
+
+impl World<CpuBackend> for InProcess {
+    fn run<R: Send>(&self, n: usize, f: impl Fn(&CpuBackend, &dyn Communicator<CpuBackend>) -> R + Sync) -> Vec<R> {
+        on_ranks(LocalComm::world(n), |c, be| f(be, &c))
+    }
+}
+
 #[test]
 fn all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere() {
-    for n in 1..=4 {
-        let shape = [3, 5, 2];
-        let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(r, numel(&shape))).collect();
-        let want = rank_order_sum(&inputs);
-        let out = on_ranks(LocalComm::world(n), |c, be| {
-            let x = up(be, &inputs[c.rank()], &shape);
-            down(be, &c.all_reduce_sum(be, &x).unwrap())
-        });
-        for (r, (s, d)) in out.iter().enumerate() {
-            assert_eq!(s, &shape, "n {n} rank {r}");
-            assert_eq!(bits(d), bits(&want), "n {n} rank {r}");
-        }
-    }
+    collectives::all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere(&InProcess);
 }
 
 #[test]
 fn all_gather_concatenates_along_any_dim_in_rank_order() {
-    for n in 1..=4 {
-        // Each rank a different size in the gathered dim.
-        let shapes: [fn(usize) -> Vec<usize>; 3] = [|r| vec![r + 1, 4], |r| vec![2, r + 1, 3], |r| vec![2, 3, r + 2]];
-        for (dim, shape_of) in shapes.iter().enumerate() {
-            let parts: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
-                .map(|r| {
-                    let s = shape_of(r);
-                    let d = values(10 * r + dim, numel(&s));
-                    (s, d)
-                })
-                .collect();
-            let want = concat(&parts, dim);
-            let out = on_ranks(LocalComm::world(n), |c, be| {
-                let (s, d) = &parts[c.rank()];
-                down(be, &c.all_gather(be, &up(be, d, s), dim).unwrap())
-            });
-            for (r, got) in out.iter().enumerate() {
-                assert_eq!(got, &want, "n {n} dim {dim} rank {r}");
-            }
-        }
-    }
+    collectives::all_gather_concatenates_along_any_dim_in_rank_order(&InProcess);
 }
 
 #[test]
 fn reduce_scatter_gives_rank_r_part_r_of_the_sum() {
-    for n in 1..=4 {
-        // Odd row widths; the scattered dim first, in the middle and last.
-        for (shape, dim) in [(vec![2 * n, 7], 0), (vec![3, 2 * n, 5], 1), (vec![3, n], 1)] {
-            let inputs: Vec<Vec<f32>> = (0..n).map(|r| values(100 + r, numel(&shape))).collect();
-            let sum = rank_order_sum(&inputs);
-            let out = on_ranks(LocalComm::world(n), |c, be| {
-                let x = up(be, &inputs[c.rank()], &shape);
-                down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap())
-            });
-            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
-            let part = len / n;
-            for (r, (s, d)) in out.iter().enumerate() {
-                let mut want_shape = shape.clone();
-                want_shape[dim] = part;
-                let want: Vec<f32> = (0..outer)
-                    .flat_map(|o| {
-                        let start = (o * len + r * part) * inner;
-                        sum[start..start + part * inner].to_vec()
-                    })
-                    .collect();
-                assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
-                assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
-            }
-        }
-    }
+    collectives::reduce_scatter_gives_rank_r_part_r_of_the_sum(&InProcess);
 }
 
 #[test]
 fn all_to_all_v_routes_rows_with_empty_parts() {
-    for n in 1..=4 {
-        // Rows rank s sends to rank r; the last rank of a multi-rank world receives none.
-        let count = |s: usize, r: usize| if n > 1 && r == n - 1 { 0 } else { (s + 2 * r) % 3 };
-        let rest = [2, 3];
-        let width = numel(&rest);
-        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
-        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
-            .map(|s| {
-                let rows: usize = sends[s].iter().sum();
-                (vec![rows, rest[0], rest[1]], values(200 + s, rows * width))
-            })
-            .collect();
-        let out = on_ranks(LocalComm::world(n), |c, be| {
-            let (s, d) = &inputs[c.rank()];
-            let (t, counts) = c.all_to_all_v(be, &up(be, d, s), &sends[c.rank()]).unwrap();
-            (down(be, &t), counts)
-        });
-        for (r, ((shape, data), counts)) in out.iter().enumerate() {
-            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
-            let mut want = Vec::new();
-            for s in 0..n {
-                let start: usize = sends[s][..r].iter().sum();
-                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
-            }
-            assert_eq!(counts, &want_counts, "n {n} rank {r}");
-            assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
-            assert_eq!(data, &want, "n {n} rank {r}");
-        }
-        if n > 1 {
-            assert_eq!(out[n - 1].0 .0, vec![0, 2, 3]);
-        }
-    }
+    collectives::all_to_all_v_routes_rows_with_empty_parts(&InProcess);
 }
 
 #[test]
 fn broadcast_from_every_root() {
-    for n in 1..=4 {
-        for root in 0..n {
-            let shape = [2, 3];
-            let out = on_ranks(LocalComm::world(n), |c, be| {
-                let x = up(be, &values(300 + c.rank(), 6), &shape);
-                down(be, &c.broadcast(be, &x, root).unwrap())
-            });
-            for (r, got) in out.iter().enumerate() {
-                assert_eq!(got, &(shape.to_vec(), values(300 + root, 6)), "n {n} root {root} rank {r}");
-            }
-        }
-    }
+    collectives::broadcast_from_every_root(&InProcess);
 }
 
 #[test]
