@@ -157,7 +157,7 @@ pub fn require_mtp(spec: &str, k: usize, cfg: &ModelConfig, ckpt: &Checkpoint) -
 }
 
 /// `--speculative-tokens` with `--devices`: the split model does not load the MTP block.
-fn refuse_split_speculation(k: usize) -> Result<()> {
+pub(crate) fn refuse_split_speculation(k: usize) -> Result<()> {
     if k > 0 {
         bail!(
             "--speculative-tokens runs on one device for now (a model split over --devices does not load the MTP \

@@ -122,7 +122,9 @@ pub(crate) fn collective_library(target: WeightTarget, layout: ParallelLayout) -
         WeightTarget::Soc(_) if layout.world == 1 => CollectiveLibrary::Hccl { buffsize_mb: None },
         WeightTarget::Soc(_) => {
             let buffsize_mb = match std::env::var("HCCL_BUFFSIZE") {
+                // Unset, or set to nothing (as a shell `HCCL_BUFFSIZE=` leaves it): the default.
                 Err(_) => None,
+                Ok(v) if v.trim().is_empty() => None,
                 Ok(v) => match v.trim().parse::<usize>() {
                     Ok(mb) if mb >= 1 => Some(mb),
                     _ => bail!(

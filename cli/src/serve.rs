@@ -537,6 +537,9 @@ pub fn run(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     check_args(args)?;
+    if parallel.world() > 1 {
+        crate::generate::refuse_split_speculation(args.speculative_tokens)?;
+    }
     let config = EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
@@ -610,6 +613,10 @@ pub fn run(
                     g.abort(&format!("node 0's engine stopped: {why}"));
                 }
                 if rank_failure_ends_server {
+                    // The requests in flight get the error (rank 0, which holds them, is stuck
+                    // in the collective); a moment for the HTTP side to write it, then the end.
+                    engine.fail_requests(&format!("the engine has stopped: {why}"));
+                    std::thread::sleep(std::time::Duration::from_millis(500));
                     eprintln!(
                         "error: {why}\nerror: the server stops: the other ranks would wait for the stopped one in a \
                          collective that cannot be interrupted"

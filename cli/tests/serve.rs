@@ -208,7 +208,7 @@ fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
     let mut server = Server(child);
     let (_, port) = url_line(&mut server);
     let start = std::time::Instant::now();
-    // The connection ends without an answer: the process is gone.
+    // The request in flight gets the error (in the API's shape), then the process ends.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let body = r#"{"prompt": "Hello there", "max_tokens": 100, "temperature": 0}"#;
@@ -232,4 +232,5 @@ fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
     assert!(err.contains("rank 1's engine stopped") && err.contains("injected by DSV4_ASCEND_EMU_HCCL_FAIL"), "{err}");
     assert!(err.contains("the server stops"), "{err}");
     assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(answer.contains("{\"error\":") && answer.contains("rank 1's engine stopped"), "{answer}");
 }

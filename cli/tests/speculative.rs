@@ -206,3 +206,14 @@ fn bench_measures_speculative_decoding() {
     let (_, stderr) = failing(&[&args[..], &["--profile"]].concat());
     assert!(stderr.contains("--profile"), "{stderr}");
 }
+
+/// A split model does not load its MTP block: `serve --devices 2 --speculative-tokens` is
+/// refused for that, before anything loads, not blamed on a checkpoint that has the block.
+#[test]
+fn speculation_over_devices_is_refused_for_the_right_reason() {
+    let args =
+        ["serve", "--model", "builtin:tiny-mtp", "--backend", "cpu", "--devices", "2", "--speculative-tokens", "1"];
+    let (_, err) = failing(&args);
+    assert!(err.contains("--speculative-tokens runs on one device for now"), "{err}");
+    assert!(!err.contains("does not have") && !err.contains("kv cache:"), "{err}");
+}

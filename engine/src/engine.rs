@@ -10,7 +10,7 @@ use dsv4_core::model::Logits;
 use dsv4_core::sampling::Sampler;
 use dsv4_core::speculative::Speculator;
 use dsv4_core::{Backend, Batch, Model};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 
 use crate::logprobs::token_logprobs;
 use crate::replica::{Mirror, Tick};
@@ -149,6 +149,9 @@ pub(crate) struct Shared {
     stopped: Mutex<Option<String>>,
     /// When it stopped, in the order of every engine's stops in this process (0: running).
     stop_order: std::sync::atomic::AtomicU64,
+    /// The event streams of the requests submitted, without keeping them open (a finished
+    /// request's stream ends when the engine drops its sender): [`EngineHandle::fail_requests`].
+    streams: Mutex<Vec<WeakUnboundedSender<EngineEvent>>>,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -173,6 +176,7 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             stopped: Mutex::new(None),
             stop_order: Default::default(),
+            streams: Mutex::new(Vec::new()),
         }
     }
 
@@ -394,6 +398,17 @@ impl EngineHandle {
         &self.info
     }
 
+    /// Sends `message` as an error to every request still open, from outside the engine
+    /// thread: for a caller that is about to end the process because a rank stopped while rank
+    /// 0's engine waits for it in a collective (and so cannot answer them itself). The clients
+    /// then get an error in the API's shape instead of a connection that just closes.
+    pub fn fail_requests(&self, message: &str) {
+        let streams = std::mem::take(&mut *self.shared.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        for out in streams.iter().filter_map(|w| w.upgrade()) {
+            let _ = out.send(EngineEvent::Error { message: message.to_string(), usage: Usage::default() });
+        }
+    }
+
     /// Counters as of the last step.
     pub fn stats(&self) -> EngineStats {
         let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,6 +449,11 @@ impl EngineHandle {
             return Err(SubmitError::QueueFull { waiting });
         }
         let (out, rx) = unbounded_channel();
+        {
+            let mut streams = self.shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+            streams.retain(|w| w.strong_count() > 0);
+            streams.push(out.downgrade());
+        }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Submitted { id, req, sampler, out }).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -520,14 +540,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         mirror: Mirror,
     ) -> Result<Self, String> {
         if config.speculative_tokens > 0 {
+            // First: a split model does not load its MTP block, so the next check would blame
+            // the checkpoint.
+            if mirror.is_replicated() {
+                return Err("--speculative-tokens runs on one device for now; drop it or --devices".into());
+            }
             if model.mtp.is_none() {
                 return Err("--speculative-tokens drafts with the checkpoint's MTP block (mtp.0.*), which this \
                             checkpoint does not have (transformers drops it when it saves a model); drop \
                             --speculative-tokens"
                     .into());
-            }
-            if mirror.is_replicated() {
-                return Err("--speculative-tokens runs on one device for now; drop it or --devices".into());
             }
             let k = config.speculative_tokens;
             if k > dsv4_core::speculative::MAX_SPECULATIVE_TOKENS || k + 1 > config.max_num_batched_tokens {
