@@ -86,19 +86,30 @@ unsafe impl Sync for Device {}
 /// Bytes of pinned staging after which uploads synchronise to release them.
 const STAGING_LIMIT: usize = 64 << 20;
 
+/// Fails, naming the first of `ids` the runtime does not have (and how many it has), unless
+/// every one is a device of this process.
+pub fn require_devices(api: &'static Api, ids: &[i32]) -> Result<()> {
+    let mut count = 0u32;
+    let f = api.aclrtGetDeviceCount().map_err(|e| err(e.to_string()))?;
+    // SAFETY: out-pointer to a local.
+    check(api, "aclrtGetDeviceCount", unsafe { f(&mut count) })?;
+    let mut missing: Vec<i32> = ids.iter().copied().filter(|&id| id < 0 || id as u32 >= count).collect();
+    missing.sort_unstable();
+    let Some(&first) = missing.first() else { return Ok(()) };
+    let vis = sys::visible_devices()
+        .map(|v| format!(" ({} is {v:?}; device ids index the visible devices)", sys::VISIBLE_DEVICES_VAR))
+        .unwrap_or_default();
+    let others = match missing.len() {
+        1 => String::new(),
+        _ => format!(" (nor do {})", missing[1..].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    Err(err(format!("device {first} does not exist{others}: the runtime reports {count} device(s){vis}")))
+}
+
 impl Device {
     /// Sets `id` on this thread and creates the stream.
     pub fn open(api: &'static Api, id: i32) -> Result<Arc<Device>> {
-        let mut count = 0u32;
-        let f = api.aclrtGetDeviceCount().map_err(|e| err(e.to_string()))?;
-        // SAFETY: out-pointer to a local.
-        check(api, "aclrtGetDeviceCount", unsafe { f(&mut count) })?;
-        if id < 0 || id as u32 >= count {
-            let vis = sys::visible_devices()
-                .map(|v| format!(" ({} is {v:?}; device ids index the visible devices)", sys::VISIBLE_DEVICES_VAR))
-                .unwrap_or_default();
-            return Err(err(format!("device {id} does not exist: the runtime reports {count} device(s){vis}")));
-        }
+        require_devices(api, &[id])?;
         set_device(api, id)?;
         let mut stream = null_mut();
         let f = api.aclrtCreateStream().map_err(|e| err(e.to_string()))?;

@@ -756,6 +756,11 @@ impl HcclBootstrap {
     /// missing `libhccl.so` is reported before any device is opened.
     pub fn new(devices: &[i32]) -> Result<Self> {
         library()?;
+        // Every device exists, checked before any rank opens one and loads (a missing one
+        // would otherwise surface from whichever rank thread reached it first, after the others
+        // loaded their weights).
+        let api = dsv4_ascend_sys::runtime().map_err(|e| crate::acl::err(e.to_string()))?;
+        crate::acl::require_devices(api, devices)?;
         Ok(HcclBootstrap {
             gate: Gate { state: Mutex::new(GateState::default()), wake: Condvar::new(), node: None },
             devices: devices.to_vec(),

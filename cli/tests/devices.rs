@@ -159,7 +159,7 @@ fn ascend_ranks_run_over_hccl() {
         (&["chat", "--backend", "ascend", "--devices", "2"], "give --kv-cache-memory as a size per device"),
         (
             &["logits", "--backend", "ascend", "--devices", "0-7", "--ids", "1", "--out", "/dev/null"],
-            "does not exist: the runtime reports 4 device(s)",
+            "device 4 does not exist (nor do 5, 6, 7): the runtime reports 4 device(s)",
         ),
     ] {
         let o = ascend(args);
