@@ -88,13 +88,21 @@ fn serve_refusal(args: &[&str]) -> (std::process::ExitStatus, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut server = Server(child);
-    let t = std::time::Instant::now();
+    exit_of(
+        &mut Server(child),
+        std::time::Instant::now() + Duration::from_secs(60),
+        &format!("{args:?}: the server started"),
+    )
+}
+
+/// Waits for `server` (started with its stderr piped) to exit by `deadline`, failing the test
+/// with `what` past it; its status and stderr.
+fn exit_of(server: &mut Server, deadline: std::time::Instant, what: &str) -> (std::process::ExitStatus, String) {
     let status = loop {
         if let Some(status) = server.0.try_wait().unwrap() {
             break status;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "{args:?}: the server started");
+        assert!(std::time::Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
@@ -154,12 +162,17 @@ fn serve_reports_a_taken_port_before_loading_the_model() {
     assert!(!err.contains("backend:") && !err.contains("kv cache:"), "{err}");
 }
 
+/// The AscendCL emulator's library, built if needed.
+fn emulator() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
+    dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap()
+}
+
 /// `serve --devices 4 --tensor-parallel 2` answers exactly as one device, on the CPU backend and
 /// on four emulated Ascend devices over the emulator's HCCL.
 #[test]
 fn serve_split_over_ranks_answers_as_one_device() {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-    let emulator = dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap();
+    let emulator = emulator();
     let mut answers = vec![];
     let split = ["--devices", "4", "--tensor-parallel", "2", "--kv-cache-memory", "64MiB"];
     for (backend, devices) in [("cpu", &[][..]), ("cpu", &split[..]), ("ascend", &split[..])] {
@@ -190,12 +203,10 @@ fn serve_split_over_ranks_answers_as_one_device() {
 /// rank's error, instead of a server that hangs.
 #[test]
 fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml");
-    let emulator = dsv4_ascend_sys::emulator::build(std::path::Path::new(env!("CARGO")), &manifest).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
         .args(["serve", "--backend", "ascend", "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
         .args(["--devices", "2", "--kv-cache-memory", "64MiB"])
-        .env(dsv4_ascend_sys::EMULATOR_VAR, &emulator)
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
         .env("DSV4_ASCEND_EMU_DEVICES", "2")
         // Rank 1's 40th collective (loading the model takes fewer; 100 tokens take more).
         .env("DSV4_ASCEND_EMU_HCCL_FAIL", "1:40")
@@ -219,15 +230,8 @@ fn a_rank_that_fails_mid_request_ends_the_server_with_its_error() {
     s.write_all(req.as_bytes()).unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "the server still runs after rank 1 failed");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let (status, err) =
+        exit_of(&mut server, start + Duration::from_secs(120), "the server still runs after rank 1 failed");
     assert!(!status.success(), "{status}: {err}");
     assert!(err.contains("rank 1's engine stopped") && err.contains("injected by DSV4_ASCEND_EMU_HCCL_FAIL"), "{err}");
     assert!(err.contains("the server stops"), "{err}");

@@ -63,6 +63,63 @@ pub fn comm_err(e: Error) -> (usize, usize, String) {
     }
 }
 
+/// Rank `r`'s part of a reduce-scatter of `sum` (of `shape`) along `dim` over `n` ranks: its
+/// shape and values (the `r`-th of `n` equal slices of every outer row).
+pub fn scattered_part(sum: &[f32], shape: &[usize], dim: usize, n: usize, r: usize) -> (Vec<usize>, Vec<f32>) {
+    let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
+    let part = len / n;
+    let mut want_shape = shape.to_vec();
+    want_shape[dim] = part;
+    let want = (0..outer)
+        .flat_map(|o| {
+            let start = (o * len + r * part) * inner;
+            sum[start..start + part * inner].to_vec()
+        })
+        .collect();
+    (want_shape, want)
+}
+
+/// A tensor on the host: its shape and values.
+pub type Part = (Vec<usize>, Vec<f32>);
+
+/// The rows each of `n` ranks sends to each (`count(s, r)` from rank s to rank r) and each
+/// rank's input: `[rows, rest..]` of distinct values (`values(seed + s, ..)`).
+pub fn all_to_all_inputs(
+    n: usize,
+    count: impl Fn(usize, usize) -> usize,
+    rest: &[usize],
+    seed: usize,
+) -> (Vec<Vec<usize>>, Vec<Part>) {
+    let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
+    let inputs = sends
+        .iter()
+        .enumerate()
+        .map(|(s, to)| {
+            let rows: usize = to.iter().sum();
+            ([&[rows][..], rest].concat(), values(seed + s, rows * numel(rest)))
+        })
+        .collect();
+    (sends, inputs)
+}
+
+/// What rank `r` receives in an all-to-all-v where rank s sends `sends[s][j]` consecutive rows
+/// of `inputs[s]` (rows of `width` values) to each rank j: the rows from each rank, and the
+/// rows themselves in rank order.
+pub fn received(
+    inputs: &[(Vec<usize>, Vec<f32>)],
+    sends: &[Vec<usize>],
+    r: usize,
+    width: usize,
+) -> (Vec<usize>, Vec<f32>) {
+    let counts: Vec<usize> = sends.iter().map(|s| s[r]).collect();
+    let mut rows = Vec::new();
+    for (s, input) in inputs.iter().enumerate() {
+        let start: usize = sends[s][..r].iter().sum();
+        rows.extend_from_slice(&input.1[start * width..(start + counts[s]) * width]);
+    }
+    (counts, rows)
+}
+
 /// A communicator under test: `n` ranks of one world, each on its own thread (and device).
 pub trait World<B: Backend>: Sync {
     /// Runs `f(backend, communicator)` on every rank of a new world of `n` ranks; results in
@@ -143,17 +200,8 @@ pub fn reduce_scatter_gives_rank_r_part_r_of_the_sum<B: Backend>(w: &impl World<
                 let x = up(be, &inputs[c.rank()], &shape);
                 down(be, &c.reduce_scatter_sum(be, &x, dim).unwrap())
             });
-            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
-            let part = len / n;
             for (r, (s, d)) in out.iter().enumerate() {
-                let mut want_shape = shape.clone();
-                want_shape[dim] = part;
-                let want: Vec<f32> = (0..outer)
-                    .flat_map(|o| {
-                        let start = (o * len + r * part) * inner;
-                        sum[start..start + part * inner].to_vec()
-                    })
-                    .collect();
+                let (want_shape, want) = scattered_part(&sum, &shape, dim, n, r);
                 assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
                 assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
             }
@@ -167,25 +215,14 @@ pub fn all_to_all_v_routes_rows_with_empty_parts<B: Backend>(w: &impl World<B>) 
         let count = |s: usize, r: usize| if n > 1 && r == n - 1 { 0 } else { (s + 2 * r) % 3 };
         let rest = [2, 3];
         let width = numel(&rest);
-        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
-        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
-            .map(|s| {
-                let rows: usize = sends[s].iter().sum();
-                (vec![rows, rest[0], rest[1]], values(200 + s, rows * width))
-            })
-            .collect();
+        let (sends, inputs) = all_to_all_inputs(n, count, &rest, 200);
         let out = w.run(n, |be, c| {
             let (s, d) = &inputs[c.rank()];
             let (t, counts) = c.all_to_all_v(be, &up(be, d, s), &sends[c.rank()]).unwrap();
             (down(be, &t), counts)
         });
         for (r, ((shape, data), counts)) in out.iter().enumerate() {
-            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
-            let mut want = Vec::new();
-            for s in 0..n {
-                let start: usize = sends[s][..r].iter().sum();
-                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
-            }
+            let (want_counts, want) = received(&inputs, &sends, r, width);
             assert_eq!(counts, &want_counts, "n {n} rank {r}");
             assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
             assert_eq!(bits(data), bits(&want), "n {n} rank {r}");

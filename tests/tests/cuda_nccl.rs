@@ -204,17 +204,8 @@ fn reduce_scatter_of_narrow_views_along_dims_0_and_1() {
                 assert_eq!(bits(&down(be, &big).1), bits(&all), "n {n} {shape:?} dim {dim} rank {}", c.rank());
                 got
             });
-            let (outer, len, inner) = (numel(&shape[..dim]), shape[dim], numel(&shape[dim + 1..]));
-            let part = len / n;
             for (r, (s, d)) in out.iter().enumerate() {
-                let mut want_shape = shape.clone();
-                want_shape[dim] = part;
-                let want: Vec<f32> = (0..outer)
-                    .flat_map(|o| {
-                        let start = (o * len + r * part) * inner;
-                        sum[start..start + part * inner].to_vec()
-                    })
-                    .collect();
+                let (want_shape, want) = collectives::scattered_part(&sum, &shape, dim, n, r);
                 assert_eq!(s, &want_shape, "n {n} {shape:?} dim {dim} rank {r}");
                 assert_eq!(bits(d), bits(&want), "n {n} {shape:?} dim {dim} rank {r}");
             }
@@ -229,13 +220,7 @@ fn all_to_all_v_of_narrow_views_sends_the_views_rows() {
         let count = |s: usize, r: usize| (2 * s + r + 1) % 3;
         let rest = [2, 3];
         let width = numel(&rest);
-        let sends: Vec<Vec<usize>> = (0..n).map(|s| (0..n).map(|r| count(s, r)).collect()).collect();
-        let inputs: Vec<(Vec<usize>, Vec<f32>)> = (0..n)
-            .map(|s| {
-                let rows: usize = sends[s].iter().sum();
-                (vec![rows, rest[0], rest[1]], values(700 + s, rows * width))
-            })
-            .collect();
+        let (sends, inputs) = collectives::all_to_all_inputs(n, count, &rest, 700);
         let out = world(n, |be, c| {
             let (s, d) = &inputs[c.rank()];
             let (x, big, all) = narrow_view(be, d, s, view_start(c.rank()));
@@ -244,12 +229,7 @@ fn all_to_all_v_of_narrow_views_sends_the_views_rows() {
             (down(be, &t), counts)
         });
         for (r, ((shape, data), counts)) in out.iter().enumerate() {
-            let want_counts: Vec<usize> = (0..n).map(|s| count(s, r)).collect();
-            let mut want = Vec::new();
-            for s in 0..n {
-                let start: usize = sends[s][..r].iter().sum();
-                want.extend_from_slice(&inputs[s].1[start * width..(start + count(s, r)) * width]);
-            }
+            let (want_counts, want) = collectives::received(&inputs, &sends, r, width);
             assert_eq!(counts, &want_counts, "n {n} rank {r}");
             assert_eq!(shape, &vec![want_counts.iter().sum::<usize>(), rest[0], rest[1]], "n {n} rank {r}");
             assert_eq!(bits(data), bits(&want), "n {n} rank {r}");
