@@ -569,8 +569,8 @@ pub fn run(
     let resolved = crate::resolve_backend(backend)?;
     // Over several ranks, a rank's engine that stops (a failed step, a panic) leaves the others
     // waiting in a collective: HCCL's wait ends only at its execution timeout (the communicators'
-    // hcclExecTimeOut, DSV4_COMM_TIMEOUT_S: 600 s by default) and NCCL's blocking one never, so on a device this server ends, as vLLM's does
-    // when its engine dies. (The CPU's communicator fails the waiting ranks at once: the server
+    // hcclExecTimeOut, DSV4_COMM_TIMEOUT_S: 600 s by default) and NCCL's blocking one never, so
+    // on a device this server ends, as vLLM's does when its engine dies. (The CPU's communicator fails the waiting ranks at once: the server
     // stays up and answers every request with the engine's error.)
     let rank_failure_ends_server = parallel.world() > 1 && !matches!(resolved, Resolved::Cpu);
     let (engine, model_eos) = match resolved {

@@ -158,9 +158,9 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Submitted>,
-    shared: Arc<Shared>,
-    /// Every rank's state in rank order (the first is `shared`): a follower that stops is seen
-    /// here even while the leader waits for it in a collective that nothing will wake (NCCL's).
+    /// Every rank's state in rank order, the first the leader's (the one requests go to): a
+    /// follower that stops is seen here even while the leader waits for it in a collective that
+    /// nothing will wake (NCCL's).
     ranks: Arc<Vec<Arc<Shared>>>,
     info: Arc<EngineInfo>,
 }
@@ -286,8 +286,13 @@ impl EngineHandle {
         Self::spawn_mirrored(config, builds, tick_rxs.into_iter().map(Mirror::Follow).collect())
     }
 
-    /// Why the engine stopped, once it has (None while it runs): rank 0's reason, or else the
-    /// first of the other ranks' (`"rank r's engine stopped: why"`, r in this process's rank
+    /// The leader's state (rank 0's: the queue, the counters, the request streams).
+    fn leader(&self) -> &Shared {
+        &self.ranks[0]
+    }
+
+    /// Why the engine stopped, once it has (None while it runs): the reason of the first rank
+    /// that stopped (`"rank r's engine stopped: why"` for r > 0, r in this process's rank
     /// order). A rank's engine stops when its step fails, when it panics, or when its inputs end.
     /// On a backend whose collectives cannot time out (NCCL's blocking communicators), a
     /// follower that stops leaves rank 0 waiting for ever, so this is the only sign of it: `dsv4
@@ -321,13 +326,10 @@ impl EngineHandle {
         }
         let (tx, rx) = mpsc::channel::<Submitted>();
         let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<EngineInfo, String>)>();
-        let shared = Arc::new(Shared::new());
         let mut rx = Some(rx);
         let mut gos = vec![];
-        // The leader's state is the handle's; a follower's is its own.
-        let ranks: Arc<Vec<Arc<Shared>>> = Arc::new(
-            (0..builds.len()).map(|r| if r == 0 { shared.clone() } else { Arc::new(Shared::new()) }).collect(),
-        );
+        // Each rank its own state; the handle reads them all (the leader's, rank 0, for requests).
+        let ranks: Arc<Vec<Arc<Shared>>> = Arc::new((0..builds.len()).map(|_| Arc::new(Shared::new())).collect());
         for (rank, (build, mirror)) in builds.into_iter().zip(mirrors).enumerate() {
             // Rank 0 reads the handle's queue; a follower's queue is never written.
             let rx = rx.take().unwrap_or_else(|| mpsc::channel().1);
@@ -389,7 +391,7 @@ impl EngineHandle {
         }
         match (failure, info) {
             (Some(e), _) => Err(e.into()),
-            (None, Some(info)) => Ok(EngineHandle { tx, shared, ranks, info: Arc::new(info) }),
+            (None, Some(info)) => Ok(EngineHandle { tx, ranks, info: Arc::new(info) }),
             (None, None) => Err("rank 0's engine did not start".into()),
         }
     }
@@ -403,7 +405,7 @@ impl EngineHandle {
     /// 0's engine waits for it in a collective (and so cannot answer them itself). The clients
     /// then get an error in the API's shape instead of a connection that just closes.
     pub fn fail_requests(&self, message: &str) {
-        let streams = std::mem::take(&mut *self.shared.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        let streams = std::mem::take(&mut *self.leader().streams.lock().unwrap_or_else(|e| e.into_inner()));
         for out in streams.iter().filter_map(|w| w.upgrade()) {
             let _ = out.send(EngineEvent::Error { message: message.to_string(), usage: Usage::default() });
         }
@@ -411,16 +413,16 @@ impl EngineHandle {
 
     /// Counters as of the last step.
     pub fn stats(&self) -> EngineStats {
-        let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = *self.leader().stats.lock().unwrap_or_else(|e| e.into_inner());
         // Preempted requests wait too (for blocks), as vLLM counts them.
-        s.waiting = self.shared.waiting.load(Ordering::Relaxed) + s.preempted;
+        s.waiting = self.leader().waiting.load(Ordering::Relaxed) + s.preempted;
         s
     }
 
     /// Checks `req` and queues it. Errors are immediate; everything later arrives on the
     /// stream.
     pub fn submit(&self, req: GenerationRequest) -> Result<RequestStream, SubmitError> {
-        if let Some(why) = self.shared.stopped() {
+        if let Some(why) = self.leader().stopped() {
             return Err(SubmitError::Stopped(why));
         }
         let info = &self.info;
@@ -443,20 +445,20 @@ impl EngineHandle {
             return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
         }
         let sampler = Sampler::new(req.sampling).map_err(|e| SubmitError::Invalid(e.to_string()))?;
-        let waiting = self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let waiting = self.leader().waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= info.config.max_waiting {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.leader().waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull { waiting });
         }
         let (out, rx) = unbounded_channel();
         {
-            let mut streams = self.shared.streams.lock().unwrap_or_else(|e| e.into_inner());
+            let mut streams = self.leader().streams.lock().unwrap_or_else(|e| e.into_inner());
             streams.retain(|w| w.strong_count() > 0);
             streams.push(out.downgrade());
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.leader().next_id.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Submitted { id, req, sampler, out }).is_err() {
-            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.leader().waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Stopped("the engine thread is gone".into()));
         }
         Ok(RequestStream { rx })

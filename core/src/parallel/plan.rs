@@ -662,7 +662,7 @@ pub fn plan(input: &PlanInput) -> std::result::Result<Plan, PlanError> {
     if comm.total() > 0 && comm.total() >= gross {
         return Err(PlanError::CommBuffersDoNotFit { usable: gross, comm });
     }
-    let available = usable(input);
+    let available = gross - comm.total();
     let ranks = rank_weights(cfg, input.tensors, input.layout);
     // The first rank with the most weights.
     let tightest = (0..ranks.len()).rev().max_by_key(|&r| ranks[r].loaded_bytes()).unwrap_or(0);
