@@ -19,8 +19,15 @@
 #            (prebuilt: one step each, unit / nvrtc / driver)
 #   ops      the op-level suite's GPU half (backend_ops_cuda gpu::), DSV4_CUDA_DEVICE=0
 #   fixtures every fixture's prefill and decode on the GPU (cuda_conformance on_a_gpu)
+#   nccl     the communicator suite on real NCCL (cuda_nccl gpu::), one rank per GPU the machine
+#            has (DSV4_CUDA_DEVICES): worlds of one rank on a one-GPU machine
 # (the emulator halves of those two test files ran in CI and are skipped here)
 #   check    dsv4 check --backends cpu,cuda on the built-in model
+#   bench    only where asked for and time is left: dsv4 bench --backend cuda on the synthetic
+#            0.75 B checkpoint (../shared/bench/gen_synthetic.py mini, run there with the machine's
+#            torch: DSV4_GPU_BENCH_GEN=path/to/gen_synthetic.py; or an existing DSV4_GPU_BENCH_MODEL
+#            directory), then the same profiled. With --prepare the generator is copied into the
+#            carried folder when ../shared/bench has it, and the run finds it there.
 # Output: gpu-check-summary.txt (one line a step, then 'N passed, N failed') and gpu-check.log
 # (everything) in $OUT when set, else target/gpu-check/. Exits non-zero when a step failed.
 set -uo pipefail
@@ -28,7 +35,7 @@ cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 BIN="$ROOT/target/gpu-check-bin"
 # The binaries a prebuilt run needs.
-EXPECTED="dsv4 backend_cuda_unit nvrtc_compile driver_gpu backend_ops_cuda cuda_conformance"
+EXPECTED="dsv4 backend_cuda_unit nvrtc_compile driver_gpu backend_ops_cuda cuda_conformance cuda_nccl"
 
 if [ "${1:-}" = "--prepare" ]; then
     rm -rf "$BIN"
@@ -44,9 +51,10 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["target"]["name"], m["executable"])'
     }
-    for build in "cargo build -p dsv4-cli" "cargo test -p dsv4-backend-cuda --no-run" \
+    # The CLI in release: the bench step times it (host-side launch overhead counts at decode).
+    for build in "cargo build --release -p dsv4-cli" "cargo test -p dsv4-backend-cuda --no-run" \
         "cargo test -p dsv4-tests --test backend_ops_cuda --no-run" \
-        "cargo test -p dsv4-tests --test cuda_conformance --no-run"; do
+        "cargo test -p dsv4-tests --test cuda_conformance --test cuda_nccl --no-run"; do
         if ! $build --message-format=json | executables >"$BIN/.list"; then
             echo "error: '$build' failed; nothing to carry" >&2
             exit 1
@@ -63,6 +71,9 @@ for line in sys.stdin:
     done
     # Tests find their fixtures through the source path compiled into them.
     echo "$ROOT" >"$BIN/built-in"
+    if [ -f "$ROOT/../shared/bench/gen_synthetic.py" ]; then
+        cp "$ROOT/../shared/bench/gen_synthetic.py" "$BIN/"
+    fi
     ls -la "$BIN"
     du -sh "$BIN"
     exit 0
@@ -162,16 +173,20 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
 
 # ----------------------------------------------------------------------------- build and run
 export DSV4_REQUIRE_NVRTC=1 DSV4_CUDA_DEVICE=0 RUST_BACKTRACE=1 CARGO_TERM_COLOR=never
+# Every GPU the machine has, for the NCCL suite (one rank per GPU).
+DSV4_CUDA_DEVICES=$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, -)
+export DSV4_CUDA_DEVICES=${DSV4_CUDA_DEVICES:-0}
 if command -v cargo >/dev/null; then
     note "mode        cargo $(cargo --version 2>/dev/null | cut -d' ' -f2)"
     step build 300 bash -c 'cargo build -p dsv4-cli && cargo test -p dsv4-backend-cuda --no-run &&
-        cargo test -p dsv4-tests --test backend_ops_cuda --test cuda_conformance --no-run'
+        cargo test -p dsv4-tests --test backend_ops_cuda --test cuda_conformance --test cuda_nccl --no-run'
     DSV4="$ROOT/target/debug/dsv4"
     SHOW='^cuda ' step devices 30 "$DSV4" devices
     step unit 90 cargo test -p dsv4-backend-cuda
     # The GPU halves only: the emulator halves ran in CI and would spend device time here.
     step ops 60 cargo test -p dsv4-tests --test backend_ops_cuda -- gpu::
-    step fixtures 150 cargo test -p dsv4-tests --test cuda_conformance -- on_a_gpu
+    SHOW='max rel err' step fixtures 150 cargo test -p dsv4-tests --test cuda_conformance -- on_a_gpu --nocapture
+    step nccl 60 cargo test -p dsv4-tests --test cuda_nccl -- gpu:: --test-threads=1
 elif [ -d "$BIN" ]; then
     # Prebuilt (ci/gpu-check.sh --prepare): the tests find their fixtures under the path they
     # were built in, so that path must lead here.
@@ -190,7 +205,8 @@ elif [ -d "$BIN" ]; then
     step nvrtc 60 bash -c "cd '$built/backend-cuda' && '$BIN/nvrtc_compile'"
     step driver 60 bash -c "cd '$built/backend-cuda' && '$BIN/driver_gpu'"
     step ops 60 bash -c "cd '$built/tests' && '$BIN/backend_ops_cuda' gpu::"
-    step fixtures 150 bash -c "cd '$built/tests' && '$BIN/cuda_conformance' on_a_gpu"
+    SHOW='max rel err' step fixtures 150 bash -c "cd '$built/tests' && '$BIN/cuda_conformance' on_a_gpu --nocapture"
+    step nccl 60 bash -c "cd '$built/tests' && '$BIN/cuda_nccl' gpu:: --test-threads=1"
 else
     note "FAILED      build    no cargo here and no prebuilt binaries: run 'bash ci/gpu-check.sh --prepare' where cargo is, and carry target/gpu-check-bin"
     FAILED=$((FAILED + 1))
@@ -198,6 +214,22 @@ else
 fi
 if [ -n "$DSV4" ]; then
     SHOW='^ok:' step check 90 "$DSV4" check --model builtin:tiny --backends cpu,cuda
+fi
+
+# ----------------------------------------------------------------------------- bench (optional)
+GEN=${DSV4_GPU_BENCH_GEN:-}
+[ -z "$GEN" ] && [ -f "$BIN/gen_synthetic.py" ] && [ -n "${DSV4_GPU_BENCH:-}" ] && GEN="$BIN/gen_synthetic.py"
+BENCH_MODEL=${DSV4_GPU_BENCH_MODEL:-}
+if [ -n "$DSV4" ] && [ -z "$BENCH_MODEL" ] && [ -n "$GEN" ]; then
+    BENCH_MODEL=/tmp/dsv4-gpu-bench/v4mini
+    [ -f "$BENCH_MODEL/config.json" ] ||
+        step gen 150 python3 "$GEN" "$BENCH_MODEL" mini
+fi
+if [ -n "$DSV4" ] && [ -n "$BENCH_MODEL" ] && [ -f "$BENCH_MODEL/config.json" ]; then
+    SHOW='^ +[0-9]+ +[0-9.]|^weights|^kv cache|^model' step bench 150 "$DSV4" bench --backend cuda \
+        --model "$BENCH_MODEL" --contexts 512,4096 --decode-steps 32
+    SHOW='^ +[0-9]+ +[0-9.]|^(prefill|decode) ' step profile 120 "$DSV4" bench --backend cuda \
+        --model "$BENCH_MODEL" --contexts 512 --decode-steps 8 --profile
 fi
 
 note "$PASSED passed, $FAILED failed"

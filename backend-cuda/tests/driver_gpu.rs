@@ -74,21 +74,22 @@ fn kernels_compile_load_and_run_and_round_as_written() {
     let x = 1.0f32 + f32::powi(2.0, -12);
     let (mul, add) = (x, -(1.0f32 + f32::powi(2.0, -11)));
     assert_eq!(x * mul + add, 0.0, "the host rounds twice");
-    let xs = dev.upload(&f32_bytes(&[x])).unwrap();
-    let ys = dev.alloc_zeroed(4).unwrap();
-    let args =
-        [KernelArg::In(&xs, 0), KernelArg::Out(&ys, 0), KernelArg::I64(1), KernelArg::F32(mul), KernelArg::F32(add)];
-    // A second process would take the PTX from the disk cache: a fresh device does. It has its
-    // own stream, so the first one's upload is waited for.
-    dev.synchronize().unwrap();
+    // A second process would take the PTX from the disk cache: a fresh device handle does. Its
+    // buffers are its own (a handle refuses another handle's buffers, below).
     let mut again = DriverDevice::open(dev.ordinal()).unwrap();
     again.set_ptx_cache_dir(Some(cache.clone()));
+    let xs = again.upload(&f32_bytes(&[x])).unwrap();
+    let ys = again.alloc_zeroed(4).unwrap();
+    let args =
+        [KernelArg::In(&xs, 0), KernelArg::Out(&ys, 0), KernelArg::I64(1), KernelArg::F32(mul), KernelArg::F32(add)];
     again.launch("dsv4_affine_f32", LaunchConfig::linear(1, 32), &args).unwrap_or_else(|e| panic!("{e}"));
     let mut y = [0u8; 4];
     again.download(&ys, 0, &mut y).unwrap();
     assert_eq!(f32s(&y), [0.0]);
     std::fs::remove_dir_all(&cache).ok();
 
+    let e = dev.launch("dsv4_affine_f32", LaunchConfig::linear(1, 32), &args).unwrap_err().to_string();
+    assert!(e.contains("a buffer of another CUDA device (or another handle on device"), "{e}");
     let e = dev.launch("dsv4_no_such_kernel", LaunchConfig::linear(1, 32), &[]).unwrap_err().to_string();
     assert!(e.contains("no kernel source defines dsv4_no_such_kernel"), "{e}");
     let e = dev.launch("dsv4_fill_f32", LaunchConfig::linear(1, 32), &[KernelArg::Out(&buf, 41)]).unwrap_err();

@@ -7,7 +7,8 @@
 //! errors (invalid arguments and disagreeing shapes fail on every rank with one message; a
 //! backend of another device is refused; the failing rank's own error ends the run; a rank
 //! that leaves or goes silent fails the others within a bounded time). The same suite as
-//! `tests/ascend_hccl.rs` on HCCL. Emulator-verified, not run on GPUs.
+//! `tests/ascend_hccl.rs` on HCCL. The `gpu` module runs the suite on real NCCL, one rank per
+//! GPU (`ci/gpu-check.sh`; on one H200 so far, so in worlds of one rank).
 
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -662,4 +663,116 @@ fn a_silent_peer_fails_the_others_after_the_communicator_timeout() {
     assert_eq!((rank, size), (1, 2));
     assert_eq!(m1, m0);
     assert!(elapsed1.unwrap() < PROMPT, "{elapsed1:?}");
+}
+
+/// The suite on real NCCL (libnccl through cudarc) on the GPUs `DSV4_CUDA_DEVICES` lists
+/// (`0,1`), or the one `DSV4_CUDA_DEVICE` names: as many ranks as GPUs (NCCL refuses two ranks
+/// on one GPU), so on a one-GPU machine worlds of one rank, which still run every call through
+/// the library (`ncclCommInitAll`, the collectives, grouped send/recv, `ncclCommSplit`).
+/// `ci/gpu-check.sh` runs it; without either variable each test prints why and passes.
+mod gpu {
+    use super::*;
+    use dsv4_backend_cuda::{DriverDevice, NcclComm};
+    use std::sync::OnceLock;
+
+    type RealGpu = CudaBackend<Arc<DriverDevice>>;
+
+    /// The GPUs named in the environment, opened once for the whole binary.
+    fn gpus() -> Option<&'static [Arc<DriverDevice>]> {
+        static GPUS: OnceLock<Option<Vec<Arc<DriverDevice>>>> = OnceLock::new();
+        GPUS.get_or_init(|| {
+            let list = std::env::var("DSV4_CUDA_DEVICES").or_else(|_| std::env::var("DSV4_CUDA_DEVICE")).ok()?;
+            let ordinals: Vec<usize> = list
+                .split(',')
+                .map(|o| o.trim().parse().unwrap_or_else(|_| panic!("DSV4_CUDA_DEVICES={list:?}: not ordinals")))
+                .collect();
+            Some(dsv4_backend_cuda::open_devices(&ordinals).unwrap_or_else(|e| panic!("opening {ordinals:?}: {e}")))
+        })
+        .as_deref()
+    }
+
+    struct RealNccl(&'static [Arc<DriverDevice>]);
+
+    impl World<RealGpu> for RealNccl {
+        fn run<R: Send>(&self, n: usize, f: impl Fn(&RealGpu, &dyn Communicator<RealGpu>) -> R + Sync) -> Vec<R> {
+            let devs = &self.0[..n];
+            let refs: Vec<&DriverDevice> = devs.iter().map(|d| &**d).collect();
+            let members = NcclComm::init_all(&refs).unwrap_or_else(|e| panic!("{e}"));
+            thread::scope(|s| {
+                let handles: Vec<_> = devs
+                    .iter()
+                    .zip(members)
+                    .map(|(dev, member)| {
+                        let f = &f;
+                        s.spawn(move || f(&CudaBackend::new(dev.clone()), &NcclCommunicator::new(dev.clone(), member)))
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        }
+
+        fn max_ranks(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    fn world() -> Option<RealNccl> {
+        match gpus() {
+            Some(g) => Some(RealNccl(g)),
+            None => {
+                println!("skipped: DSV4_CUDA_DEVICES / DSV4_CUDA_DEVICE not set (no GPU run)");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere() {
+        let Some(w) = world() else { return };
+        collectives::all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere(&w);
+    }
+
+    #[test]
+    fn all_gather_concatenates_along_any_dim_in_rank_order() {
+        let Some(w) = world() else { return };
+        collectives::all_gather_concatenates_along_any_dim_in_rank_order(&w);
+    }
+
+    #[test]
+    fn reduce_scatter_gives_rank_r_part_r_of_the_sum() {
+        let Some(w) = world() else { return };
+        collectives::reduce_scatter_gives_rank_r_part_r_of_the_sum(&w);
+    }
+
+    #[test]
+    fn all_to_all_v_routes_rows_with_empty_parts() {
+        let Some(w) = world() else { return };
+        collectives::all_to_all_v_routes_rows_with_empty_parts(&w);
+    }
+
+    #[test]
+    fn broadcast_from_every_root() {
+        let Some(w) = world() else { return };
+        collectives::broadcast_from_every_root(&w);
+    }
+
+    /// Barriers and a split into one group per rank (`ncclCommSplit`), whose members then
+    /// all-reduce alone: their own values back, bit for bit.
+    #[test]
+    fn splits_and_barriers() {
+        let Some(w) = world() else { return };
+        let n = w.max_ranks();
+        let out = w.run(n, |be, c| {
+            c.barrier().unwrap();
+            let alone = c.split(c.rank()).unwrap();
+            assert_eq!((alone.rank(), alone.size()), (0, 1));
+            let x = up(be, &values(c.rank(), 6), &[2, 3]);
+            let sum = down(be, &alone.all_reduce_sum(be, &x).unwrap()).1;
+            c.barrier().unwrap();
+            sum
+        });
+        for (r, sum) in out.iter().enumerate() {
+            assert_eq!(bits(sum), bits(&values(r, 6)), "rank {r}");
+        }
+    }
 }
