@@ -322,25 +322,25 @@ pub struct Phase<'a> {
 struct Derived {
     prefill_tok_s: f64,
     prefill_flop_s: f64,
-    prefill_peak_fraction: f64,
+    prefill_peak_fraction: Option<f64>,
     bytes_per_token: f64,
     achieved: Option<f64>,
     roofline: Option<f64>,
 }
 
 impl Row {
-    /// `peak`: the FLOP/s prefill is read against ([`prefill_peak`]).
-    fn derive(&self, weights: &ActiveWeights, m: &Machine, peak: f64) -> Derived {
+    /// `limits`: what the row is read against ([`limits`]); the fractions are `None` without.
+    fn derive(&self, weights: &ActiveWeights, limits: Option<Limits>) -> Derived {
         let prefill_flop_s = self.prefill_flops / self.prefill_secs;
         let bytes_per_token = weights.bytes() + self.kv_held as f64;
         let achieved = self.decode_secs_per_token.map(|s| bytes_per_token / s);
         Derived {
             prefill_tok_s: self.prefill_tokens as f64 / self.prefill_secs,
             prefill_flop_s,
-            prefill_peak_fraction: prefill_flop_s / peak,
+            prefill_peak_fraction: limits.map(|l| prefill_flop_s / l.peak_flops),
             bytes_per_token,
             achieved,
-            roofline: achieved.map(|a| a / m.read_bytes_per_sec),
+            roofline: achieved.zip(limits).map(|(a, l)| a / l.read_bytes_per_sec),
         }
     }
 }
@@ -641,6 +641,7 @@ pub fn run<B: Backend>(
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
     let bf16_gemms =
         kv.precision.rounds_to_bf16() && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
+    let limits = limits(&machine, bf16_gemms, be.name() == "cpu");
     // Speculative decoding keeps the window pages a rollback needs on top of the longest step.
     let max_step = crate::generate::pool_max_step(opts.chunk, k);
     let config = kv.config_for_run(be, &cfg, needed, max_step)?;
@@ -651,6 +652,9 @@ pub fn run<B: Backend>(
         println!("backend: {}", be.describe());
         println!("model: {spec}");
         print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
+        if limits.is_none() {
+            println!("{}", no_limits_note(be.name()));
+        }
         println!("{kv_description}");
         if k > 0 {
             println!("{}", speculation_note(k));
@@ -671,7 +675,7 @@ pub fn run<B: Backend>(
                 if take_profile.is_some() {
                     println!("{}", table_header());
                 }
-                println!("{}", table_row(row, &weights, &machine, bf16_gemms));
+                println!("{}", table_row(row, &weights, limits));
                 if let Some(s) = &row.speculation {
                     print!("{}", speculation_report(row, s));
                 }
@@ -701,6 +705,7 @@ pub fn run<B: Backend>(
             kv: kv_description,
             precision: kv.precision,
             bf16_gemms,
+            limits,
             weights: &weights,
             weight_memory: &weight_memory,
             decode_steps: opts.decode_steps,
@@ -825,6 +830,7 @@ pub fn run_ranks(
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
     let bf16_gemms = kv.precision.rounds_to_bf16() && name == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
+    let limits = limits(&machine, bf16_gemms, name == "cpu");
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: None };
     // Over several processes node 0 reports the table; every node reports its own ranks'
     // communication (each process counts only its ranks').
@@ -851,6 +857,9 @@ pub fn run_ranks(
             ),
         }
         print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
+        if limits.is_none() {
+            println!("{}", no_limits_note(&name));
+        }
     }
     let kv_description = std::sync::Mutex::new(String::new());
     let runs = on_ranks!(backend, parallel, layout, |be, ctx| {
@@ -862,7 +871,7 @@ pub fn run_ranks(
         let mut quiet = |_: Progress| {};
         let mut show = |p: Progress| {
             if let Progress::Row(row) = p {
-                println!("{}", table_row(row, &weights, &machine, bf16_gemms));
+                println!("{}", table_row(row, &weights, limits));
             }
         };
         let progress: &mut dyn FnMut(Progress) = if first && !opts.json {
@@ -907,6 +916,7 @@ pub fn run_ranks(
         kv: kv_description.into_inner().unwrap_or_else(|e| e.into_inner()),
         precision: kv.precision,
         bf16_gemms,
+        limits,
         weights: &weights,
         weight_memory: &weight_memory,
         decode_steps: opts.decode_steps,
@@ -1022,30 +1032,52 @@ fn bf16_peak(m: &Machine, bf16_gemms: bool) -> bool {
     bf16_gemms && m.bf16_flops_per_sec.is_some()
 }
 
-/// The compute peak prefill is read against: the BF16 dot-product peak when [`bf16_peak`],
-/// else the f32 FMA peak.
-fn prefill_peak(m: &Machine, bf16_gemms: bool) -> f64 {
-    match m.bf16_flops_per_sec {
-        Some(bf16) if bf16_peak(m, bf16_gemms) => bf16,
-        _ => m.fma_flops_per_sec,
-    }
+/// The limits a row is read against: prefill against a compute peak, decode against the read
+/// bandwidth.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    peak_flops: f64,
+    read_bytes_per_sec: f64,
 }
 
-fn table_row(r: &Row, w: &ActiveWeights, m: &Machine, bf16_gemms: bool) -> String {
-    let d = r.derive(w, m, prefill_peak(m, bf16_gemms));
-    let opt = |v: Option<f64>, scale: f64, prec: usize| v.map_or("-".to_string(), |v| format!("{:.prec$}", v * scale));
+/// The host CPU's limits, measured in the same run: the BF16 dot-product peak when
+/// [`bf16_peak`], else the f32 FMA peak, and the all-threads read bandwidth. `None` unless the
+/// run computes on the CPU (`on_cpu`): another backend computes on its device, whose bandwidth
+/// and peak the bench does not measure, and dividing by the host's would mean nothing (an H200
+/// "ran at 180% of the peak").
+fn limits(m: &Machine, bf16_gemms: bool, on_cpu: bool) -> Option<Limits> {
+    let peak_flops = match m.bf16_flops_per_sec {
+        Some(bf16) if bf16_peak(m, bf16_gemms) => bf16,
+        _ => m.fma_flops_per_sec,
+    };
+    on_cpu.then_some(Limits { peak_flops, read_bytes_per_sec: m.read_bytes_per_sec })
+}
+
+/// The line printed above the table when the rows are not read against the machine's limits.
+fn no_limits_note(backend: &str) -> String {
     format!(
-        "{:>9} {:>14.1} {:>14} {:>16.2} {:>12.1}% {:>12.1} {:>12} {:>16.0} {:>14} {:>8}%",
+        "limits: the figures above are the host CPU's, and backend `{backend}` computes on its device, whose read \
+         bandwidth and compute peak dsv4 bench does not measure yet: the prefill peak and roofline columns are left \
+         empty (bytes read/tok counts the weights in their stored forms)"
+    )
+}
+
+fn table_row(r: &Row, w: &ActiveWeights, limits: Option<Limits>) -> String {
+    let d = r.derive(w, limits);
+    let opt = |v: Option<f64>, scale: f64, prec: usize| v.map_or("-".to_string(), |v| format!("{:.prec$}", v * scale));
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
+    format!(
+        "{:>9} {:>14.1} {:>14} {:>16.2} {:>13} {:>12.1} {:>12} {:>16.0} {:>14} {:>9}",
         r.context,
         d.prefill_tok_s,
         opt(r.decode_secs_per_token, 1e3, 3),
         d.prefill_flop_s / 1e9,
-        100.0 * d.prefill_peak_fraction,
+        pct(d.prefill_peak_fraction),
         r.kv_bytes_per_context_token,
         human_bytes(r.kv_held).replace(' ', ""),
         d.bytes_per_token,
         opt(d.achieved, 1e-9, 3),
-        opt(d.roofline, 100.0, 1),
+        pct(d.roofline),
     )
 }
 
@@ -1136,6 +1168,8 @@ struct Report<'a> {
     precision: Precision,
     /// Prefill GEMMs multiplied in BF16 (read against the BF16 peak).
     bf16_gemms: bool,
+    /// What the rows are read against ([`limits`]).
+    limits: Option<Limits>,
     weights: &'a ActiveWeights,
     weight_memory: &'a WeightMemoryReport,
     decode_steps: usize,
@@ -1157,7 +1191,7 @@ impl Report<'_> {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let d = r.derive(w, m, prefill_peak(m, self.bf16_gemms));
+                let d = r.derive(w, self.limits);
                 let mut row = json!({
                     "context": r.context,
                     "prefill_tokens": r.prefill_tokens,
@@ -1437,6 +1471,7 @@ mod tests {
             kv: "kv".into(),
             precision: Precision::F32,
             bf16_gemms: false,
+            limits: limits(&machine, false, true),
             weights: &weights,
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
@@ -1458,10 +1493,21 @@ mod tests {
             header.split_whitespace().take(5).collect::<Vec<_>>(),
             ["context", "prefill", "tok/s", "decode", "ms/tok"]
         );
-        let line = table_row(&rows[0], &weights, &machine, false);
+        let line = table_row(&rows[0], &weights, limits(&machine, false, true));
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[0], "8");
         assert!(cols[1].parse::<f64>().unwrap() > 0.0 && cols[2].parse::<f64>().unwrap() > 0.0);
+        assert!(cols[4].ends_with('%') && cols[9].ends_with('%'), "{line}");
+        // On a device backend the host's limits are not divided into: those columns stay empty,
+        // in the table and in the JSON, and the rest are the same.
+        let on_device = table_row(&rows[0], &weights, limits(&machine, false, false));
+        let dev_cols: Vec<&str> = on_device.split_whitespace().collect();
+        assert_eq!((dev_cols[4], dev_cols[9]), ("-", "-"), "{on_device}");
+        assert_eq!(on_device.len(), line.len(), "columns stay aligned: {line}\n{on_device}");
+        assert_eq!(dev_cols[..4], cols[..4]);
+        let j = Report { limits: None, ..report }.to_json();
+        assert!(j["rows"][0]["roofline_fraction"].is_null() && j["rows"][0]["prefill_peak_fraction"].is_null());
+        assert!(j["rows"][0]["achieved_gb_s"].as_f64().unwrap() > 0.0);
         // The machine section has no line a script could take for a table row.
         let section = machine_report(&machine, Some("avx512"));
         assert!(section.lines().all(|l| !l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')), "{section}");
@@ -1521,7 +1567,7 @@ mod tests {
         let take = || prof.take();
         let mut progress = |p: Progress| match p {
             Progress::Phase(phase) => text += &phase_report(&phase),
-            Progress::Row(row) => text += &format!("{}\n", table_row(row, &weights, &machine, false)),
+            Progress::Row(row) => text += &format!("{}\n", table_row(row, &weights, limits(&machine, false, true))),
         };
         let rows = time_contexts(
             &prof,
@@ -1574,6 +1620,7 @@ mod tests {
             kv: "kv".into(),
             precision: Precision::F32,
             bf16_gemms: false,
+            limits: limits(&machine, false, true),
             weights: &weights,
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
