@@ -32,7 +32,8 @@
 //! emulator does, at once; NCCL does not check, see below). Traffic follows [`Traffic`]'s rules exactly as
 //! [`dsv4_core::parallel::LocalComm`] counts it (the metadata exchanges are not counted).
 //!
-//! Emulator-verified (`tests/cuda-emu`'s NCCL), not yet run on GPUs. On GPUs, a rank that fails
+//! Emulator-verified (`tests/cuda-emu`'s NCCL); on a GPU only in worlds of one rank (one H200,
+//! `tests/cuda_nccl.rs`'s `gpu::` tests), not yet across GPUs. On GPUs, a rank that fails
 //! while its peers are inside a collective leaves them waiting: NCCL's blocking communicators
 //! have no timeout, and destroying one member does not wake the others (the emulator's do
 //! fail). The `dsv4` binary therefore ends the process when a CUDA rank fails; a bounded

@@ -191,8 +191,8 @@ struct Cli {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// Ascend if its runtime is usable, else CPU (CUDA only when asked for: it has run on dsv4's
-    /// emulator only, not yet on a GPU).
+    /// Ascend if its runtime is usable, else CPU (CUDA only when asked for: it has run on one
+    /// H200 and is not fast yet).
     Auto,
     /// The reference CPU backend.
     Cpu,

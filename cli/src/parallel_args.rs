@@ -7,7 +7,7 @@
 //! numerics on any machine (it is not faster: the ranks share the cores). On Ascend the ranks
 //! are threads of this process too, one per device, exchanging through HCCL
 //! (`dsv4_backend_ascend::run_ranks`), and so are CUDA ranks, one per GPU, over NCCL
-//! (`dsv4_backend_cuda::run_ranks`; emulator-verified, not yet run on GPUs).
+//! (`dsv4_backend_cuda::run_ranks`; emulator-verified, not yet run across GPUs).
 
 use std::str::FromStr;
 
