@@ -169,6 +169,18 @@ fn message_from_json(i: usize, v: &Value) -> Result<Message, ApiError> {
         return Err(ApiError::invalid_param(&param, format!("{param} must be an object, not {}", json_type(v))));
     };
     let mut m = Message::from_json(v).map_err(|e| ApiError::invalid_param(&param, format!("{param}: {e}")))?;
+    // OpenAI (and vLLM) require `content` on every message but an assistant's (which may carry
+    // tool calls instead): a missing or null one would otherwise be rendered as empty text.
+    if m.content.is_none() && m.role != Role::Assistant {
+        let what = match obj.get("content") {
+            None => "is required".to_string(),
+            Some(other) => format!("must be a string or an array of content parts, not {}", json_type(other)),
+        };
+        return Err(ApiError::invalid_param(
+            format!("{param}.content"),
+            format!("{param}.content {what} (a {} message needs its text)", obj["role"].as_str().unwrap_or("")),
+        ));
+    }
     if m.reasoning_content.is_none() {
         match obj.get("reasoning") {
             None | Some(Value::Null) => {}

@@ -474,6 +474,9 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
         (json!({}), "messages"),
         (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0]"),
         (json!({"messages": [7]}), "messages[0]"),
+        (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
+        (json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": null}]}), "messages[1].content"),
+        (json!({"messages": [{"role": "tool", "tool_call_id": "c"}]}), "messages[0].content"),
         (json!({"messages": user("x"), "temperature": "hot"}), "temperature"),
         (json!({"messages": user("x"), "temperature": 3}), "temperature"),
         (json!({"messages": user("x"), "top_p": 0}), "top_p"),
@@ -506,6 +509,16 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
         let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(msg.contains("out of range") && !msg.contains("must be an integer"), "{body}: {msg}");
     }
+    // An assistant message may leave content out (or null) when it carries tool calls; the
+    // tool's result then needs its content.
+    let turn = json!([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]);
+    let r = post(s, "/v1/chat/completions", &json!({"messages": turn, "max_tokens": 1}));
+    assert_eq!(r.status, 200, "{}", r.body);
     let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": 2.5}));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("must be an integer, not 2.5"), "{}", r.body);
     let r = post_raw(s, "/v1/chat/completions", "[1, 2]", &[]);
