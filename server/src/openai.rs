@@ -378,11 +378,12 @@ fn stream_options(f: &Fields) -> Result<(bool, bool), ApiError> {
     Ok((stream, include_usage))
 }
 
+/// The first of `keys` present, at least 1 (one message for 0 and for negative numbers).
 fn max_tokens(f: &Fields, keys: &[&str]) -> Result<Option<usize>, ApiError> {
     for k in keys {
-        match f.usize(k)? {
-            Some(0) => return Err(ApiError::invalid_param(*k, format!("{k} must be at least 1"))),
-            Some(n) => return Ok(Some(n)),
+        match f.i64(k)? {
+            Some(n) if n >= 1 => return Ok(Some(n as usize)),
+            Some(n) => return Err(ApiError::invalid_param(*k, format!("`{k}` must be at least 1, not {n}"))),
             None => {}
         }
     }

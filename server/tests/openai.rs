@@ -519,6 +519,12 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
     ]);
     let r = post(s, "/v1/chat/completions", &json!({"messages": turn, "max_tokens": 1}));
     assert_eq!(r.status, 200, "{}", r.body);
+    // 0 and negative counts get the same message.
+    for n in [0, -1] {
+        let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": n}));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert_eq!(msg, format!("`max_tokens` must be at least 1, not {n}"));
+    }
     let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": 2.5}));
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("must be an integer, not 2.5"), "{}", r.body);
     let r = post_raw(s, "/v1/chat/completions", "[1, 2]", &[]);
