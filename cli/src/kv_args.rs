@@ -41,7 +41,10 @@ pub struct KvArgs {
     /// fraction in (0, 1] of the memory free once the weights are loaded (0.5). Default: exactly
     /// what the run needs (chat: the model's whole context, at most half the free memory; serve:
     /// what --max-num-seqs sequences of --max-model-len tokens need, at most half of what the
-    /// weights leave, per rank with --devices, from the memory plan printed at start-up).
+    /// weights leave, per rank with --devices, from the memory plan printed at start-up). On
+    /// Ascend and CUDA a run over several devices (--devices) needs a size per device, not a
+    /// fraction: every rank's pool must be the same, whatever its device has free (chat and
+    /// serve need it given there).
     #[arg(long, value_name = "SIZE")]
     pub kv_cache_memory: Option<MemorySize>,
     /// Where the checkpoint's bytes live while the model runs (the CPU backend computes on

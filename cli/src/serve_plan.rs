@@ -249,6 +249,10 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
                         .push(format!("devices with more memory (no number of these fits with TP {})", r.layout.tp)),
                 }
             }
+            // A pool of a size given in bytes stays that size on more devices: they help only
+            // when it is the pool that does not fit beside the weights.
+            Refusal::Serving(ServingError::SequencesDoNotFit { .. } | ServingError::ContextDoesNotFit { .. }, _)
+                if matches!(r.ask.pool, PoolAsk::Bytes(_)) => {}
             _ => fixes.push(
                 "more devices (each then holds fewer experts, leaving more of its memory for the KV pool)".into(),
             ),
@@ -416,6 +420,25 @@ mod tests {
         assert!(e.contains("of weights") && e.contains("more devices do not help"), "{e}");
         let e = format!("{:#}", plan_serving(&r, &RankMemory::device(Some(256 << 10), 0)).unwrap_err());
         assert!(e.contains("of weights") && e.contains("devices with more memory (no number"), "{e}");
+    }
+
+    /// On devices, more devices leave more of each one's memory for a pool sized from it, but a
+    /// pool given in bytes stays that size: its refusals for sequences or context do not
+    /// suggest them, a pool too big for what the weights leave does.
+    #[test]
+    fn more_devices_are_suggested_only_where_they_help() {
+        let cfg = tiny();
+        let tensors = official_tensors(&cfg, WeightTarget::Host);
+        let device = RankMemory::device(Some(64 << 20), 0);
+        let fixed = request(&cfg, &tensors, ServingAsk { max_len: 65536, ..ASK });
+        let e = format!("{:#}", plan_serving(&fixed, &device).unwrap_err());
+        assert!(e.contains("--max-model-len asks 65536") && !e.contains("more devices"), "{e}");
+        let too_big = request(&cfg, &tensors, ServingAsk { pool: PoolAsk::Bytes(1 << 30), ..ASK });
+        let e = format!("{:#}", plan_serving(&too_big, &device).unwrap_err());
+        assert!(e.contains("a smaller --kv-cache-memory") && e.contains("more devices (each then"), "{e}");
+        let sized = request(&cfg, &tensors, ServingAsk { max_len: 1 << 40, pool: PoolAsk::Need, ..ASK });
+        let e = format!("{:#}", plan_serving(&sized, &device).unwrap_err());
+        assert!(e.contains("more devices (each then"), "{e}");
     }
 
     /// Every refusal states one figure for how many sequences fit, the one checked against the
