@@ -293,7 +293,14 @@ impl ParallelArgs {
                 cfg.n_routed_experts
             );
         }
-        Ok(ParallelLayout::new(world, self.tensor_parallel, ep, cfg)?)
+        // Core names the layout's fields; the user gave flags.
+        ParallelLayout::new(world, self.tensor_parallel, ep, cfg).map_err(|e| match e {
+            dsv4_core::Error::Config { field, msg } if field == "tensor_parallel" || field == "expert_parallel" => {
+                let value = if field == "tensor_parallel" { self.tensor_parallel } else { ep };
+                anyhow::anyhow!("--{} {value}: {msg}", field.replace('_', "-"))
+            }
+            e => e.into(),
+        })
     }
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
