@@ -2,7 +2,7 @@
 //! ([`layout`]), how ranks exchange activations ([`comm`], with the in-process [`local`]
 //! implementation that the CPU backend and CI use), and how each split weight is cut out of
 //! the checkpoint ([`shard`]), and how the processes of a multi-node run find each other
-//! ([`nodes`]).
+//! ([`nodes`]), and HCCL rank-table files that describe such a world ([`rank_table`]).
 //!
 //! The split follows DeepSeek's own inference code (`inference/model.py`, spec §D):
 //! - **expert parallelism (EP):** the routed experts of every MoE layer are cut into `ep`
@@ -29,6 +29,7 @@ pub mod local;
 pub mod nodes;
 pub mod plan;
 pub mod rank;
+pub mod rank_table;
 pub mod run;
 pub mod shard;
 
@@ -37,4 +38,5 @@ pub use layout::{ParallelLayout, RankLayout};
 pub use local::LocalComm;
 pub use nodes::{NodeGroup, NodeSpec};
 pub use rank::RankContext;
+pub use rank_table::{RankTable, RankTableError};
 pub use run::{panic_message, run_local, run_threads};
