@@ -171,6 +171,18 @@ HcclResult HcclCommInitRootInfo(uint32_t nRanks, const HcclRootInfo *rootInfo, u
 HcclResult HcclCommInitRootInfoConfig(uint32_t nRanks, const HcclRootInfo *rootInfo, uint32_t rank,
                                       const HcclCommConfig *config, HcclComm *comm);
 
+/** Collective over the ranks a rank table lists (each on its own device, set on the calling
+ * thread first, the table's device_id for that rank): joins the communicator the JSON rank
+ * table at `clusterInfo` (a path, at most 4096 bytes with the NUL) describes, as the rank whose
+ * rank_id is `rank`. The alternative to HcclGetRootInfo / HcclCommInitRootInfo. */
+HcclResult HcclCommInitClusterInfo(const char *clusterInfo, uint32_t rank, HcclComm *comm);
+
+/** HcclCommInitClusterInfo with communicator options (`config`, initialised like
+ * `HcclCommConfigInit` does; dsv4 sets `hcclExecTimeOut`). dsv4 falls back to
+ * HcclCommInitClusterInfo when the library lacks it. */
+HcclResult HcclCommInitClusterInfoConfig(const char *clusterInfo, uint32_t rank, HcclCommConfig *config,
+                                         HcclComm *comm);
+
 /** A number n: the config fields whose HcclCommConfigCapability index is below n are honoured
  * (hcclExecTimeOut: HCCL_COMM_CONFIG_EXEC_TIMEOUT). Not in older CANN releases. */
 uint32_t HcclGetCommConfigCapability(void);

@@ -33,9 +33,10 @@ pub const LIBRARY: &str = "libhccl.so";
 pub const SO_PATH_VAR: &str = "HCCL_SO_PATH";
 
 /// Functions without which no communicator can be made or used; checked at load. The others
-/// (`HcclCreateSubCommConfig`, `HcclAlltoAllV`, `HcclGetErrorString`, and
-/// `HcclCommInitRootInfoConfig` / `HcclGetCommConfigCapability`, which older CANN lacks) fail
-/// when called.
+/// (`HcclCreateSubCommConfig`, `HcclAlltoAllV`, `HcclGetErrorString`,
+/// `HcclCommInitRootInfoConfig` / `HcclGetCommConfigCapability`, which older CANN lacks, and the
+/// rank-table joins `HcclCommInitClusterInfo[Config]`, used only with a rank table) fail when
+/// called.
 pub const REQUIRED_FUNCTIONS: &[&str] = &[
     "HcclGetRootInfo",
     "HcclCommInitRootInfo",
@@ -217,6 +218,10 @@ impl Hccl {
     }
 }
 
+/// The most bytes `HcclCommInitClusterInfo` takes for the rank table's path, the terminating NUL
+/// included (HCCL API reference, `HcclCommInitClusterInfo`: "a maximum of 4096 bytes").
+pub const CLUSTER_INFO_PATH_MAX: usize = 4096;
+
 /// `HcclCommConfig::hcclExecTimeOut` for a collective timeout: whole seconds, rounded up, in
 /// `1..=HCCL_COMM_EXECTIMEOUT_MAX_S` (17340 s), the range every SoC accepts (Atlas A2/A3 take
 /// up to `i32::MAX`, Atlas training/inference products only up to 17340 and ignore a larger
@@ -328,6 +333,8 @@ mod tests {
             "HcclGetErrorString",
             "HcclCommInitRootInfoConfig",
             "HcclGetCommConfigCapability",
+            "HcclCommInitClusterInfo",
+            "HcclCommInitClusterInfoConfig",
         ] {
             assert!(FUNCTION_NAMES.contains(&f), "{f}");
         }

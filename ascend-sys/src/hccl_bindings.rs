@@ -143,6 +143,19 @@ acl_functions! {
         config: *const HcclCommConfig,
         comm: *mut HcclComm,
     ) -> HcclResult;
+    #[doc = " Collective over the ranks a rank table lists (each on its own device, set on the calling\n thread first, the table's device_id for that rank): joins the communicator the JSON rank\n table at `clusterInfo` (a path, at most 4096 bytes with the NUL) describes, as the rank whose\n rank_id is `rank`. The alternative to HcclGetRootInfo / HcclCommInitRootInfo."]
+    pub fn HcclCommInitClusterInfo(
+        clusterInfo: *const ::std::os::raw::c_char,
+        rank: u32,
+        comm: *mut HcclComm,
+    ) -> HcclResult;
+    #[doc = " HcclCommInitClusterInfo with communicator options (`config`, initialised like\n `HcclCommConfigInit` does; dsv4 sets `hcclExecTimeOut`). dsv4 falls back to\n HcclCommInitClusterInfo when the library lacks it."]
+    pub fn HcclCommInitClusterInfoConfig(
+        clusterInfo: *const ::std::os::raw::c_char,
+        rank: u32,
+        config: *mut HcclCommConfig,
+        comm: *mut HcclComm,
+    ) -> HcclResult;
     #[doc = " A number n: the config fields whose HcclCommConfigCapability index is below n are honoured\n (hcclExecTimeOut: HCCL_COMM_CONFIG_EXEC_TIMEOUT). Not in older CANN releases."]
     pub fn HcclGetCommConfigCapability() -> u32;
     #[doc = " Destroys a communicator (its sub-communicators first)."]
