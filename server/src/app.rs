@@ -277,8 +277,30 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Serves `state` on an already bound listener until it fails (tests bind port 0).
 pub async fn serve_listener(listener: tokio::net::TcpListener, state: Arc<AppState>) -> anyhow::Result<()> {
+    serve_listener_until(listener, state, std::future::pending()).await
+}
+
+/// How long a shutdown waits for the connections to write what they have (the requests in
+/// flight get their error first, so this is seconds of writing, not of generating).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `state` on `listener` until `shutdown` completes; then stops accepting, gives every
+/// request still open an error in its API's shape ("the server is shutting down": a stream
+/// gets its error event and ends, as when the engine fails) and drains the connections for at
+/// most [`SHUTDOWN_GRACE`]. Unlike a process that simply exits, no client is left with a
+/// response cut off mid-way and no error.
+pub async fn serve_listener_until(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let timeouts = state.read_timeouts;
-    connection::serve_connections(listener, router(state), timeouts, std::future::pending()).await;
+    let engine = state.engine.clone();
+    let stop = async move {
+        shutdown.await;
+        engine.fail_requests("the server is shutting down");
+    };
+    connection::serve_connections(listener, router(state), timeouts, stop, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -316,12 +338,20 @@ pub async fn serve_bound(
         state.max_model_len(),
         if state.api_key.is_some() { "; API key required" } else { "" }
     );
-    let timeouts = state.read_timeouts;
-    connection::serve_connections(listener, router(state), timeouts, async {
+    serve_listener_until(listener, state, async {
         let _ = tokio::signal::ctrl_c().await;
+        eprintln!(
+            "dsv4: shutting down: open requests get an error, connections close within {} s (Ctrl-C again to stop at \
+             once)",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("dsv4: stopped at once (second Ctrl-C)");
+            std::process::exit(130);
+        });
     })
-    .await;
-    Ok(())
+    .await
 }
 
 #[cfg(test)]

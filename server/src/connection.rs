@@ -6,6 +6,10 @@
 //! connection is closed), and [`body_deadline`] reads each request body within a deadline
 //! (after it the client gets a 408 in its API's error shape). Responses, streamed ones
 //! included, are not limited: a reply may take as long as generation takes.
+//!
+//! At shutdown the listener stops accepting and every connection is drained (hyper-util's
+//! `GracefulShutdown`): a response being written is finished, idle keep-alive connections are
+//! closed, for at most a grace period.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use axum::response::Response;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
 use crate::app::AppState;
@@ -38,14 +43,17 @@ impl Default for ReadTimeouts {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` completes; connections that do not send their
-/// header within `timeouts.header` are closed.
+/// Serves `app` on `listener` until `shutdown` completes, then drains the open connections for
+/// at most `grace` (responses in progress finish; see the module docs); connections that do not
+/// send their header within `timeouts.header` are closed.
 pub async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
     timeouts: ReadTimeouts,
     shutdown: impl Future<Output = ()>,
+    grace: Duration,
 ) {
+    let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header);
     tokio::pin!(shutdown);
@@ -59,16 +67,20 @@ pub async fn serve_connections(
                     continue;
                 }
             },
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
             // A connection's end, clean or not (reset, timeout), concerns only that client.
-            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+            let _ = connection.await;
         });
     }
+    drop(listener);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
 }
 
 /// Middleware: reads the request body within the body deadline and at most the body limit,

@@ -20,7 +20,9 @@ pub mod signature;
 pub mod thinking;
 pub mod tokenize;
 
-pub use app::{bind, router, serve, serve_bound, serve_listener, AppState, ServerConfig};
+pub use app::{
+    bind, router, serve, serve_bound, serve_listener, serve_listener_until, AppState, ServerConfig, SHUTDOWN_GRACE,
+};
 pub use conversation::{
     Conversation, Delta, Effort, Finish, FinishReason, GenerationParams, PromptInfo, Reply, ReplyAssembler, ReplyEvent,
     ToolChoice, UsageCounts,

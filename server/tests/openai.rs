@@ -475,7 +475,10 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
         (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0]"),
         (json!({"messages": [7]}), "messages[0]"),
         (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
-        (json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": null}]}), "messages[1].content"),
+        (
+            json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": null}]}),
+            "messages[1].content",
+        ),
         (json!({"messages": [{"role": "tool", "tool_call_id": "c"}]}), "messages[0].content"),
         (json!({"messages": user("x"), "temperature": "hot"}), "temperature"),
         (json!({"messages": user("x"), "temperature": 3}), "temperature"),

@@ -60,6 +60,15 @@ impl Default for Options {
 
 /// Starts a server; it runs until the test process ends.
 pub fn start(opts: Options) -> Server {
+    start_until(opts, std::future::pending()).0
+}
+
+/// Starts a server that shuts down when `shutdown` completes (as on Ctrl-C); the thread that
+/// serves it ends after the shutdown's drain.
+pub fn start_until(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Server, std::thread::JoinHandle<()>) {
     let Options { config, engine, model, tokenizer, seqs } = opts;
     let handle = EngineHandle::spawn(engine, move || {
         let be = CpuBackend::new();
@@ -74,14 +83,14 @@ pub fn start(opts: Options) -> Server {
     listener.set_nonblocking(true).unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let served = state.clone();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(listener).unwrap();
-            dsv4_server::serve_listener(l, served).await.unwrap();
+            dsv4_server::serve_listener_until(l, served, shutdown).await.unwrap();
         });
     });
-    Server { base, state }
+    (Server { base, state }, thread)
 }
 
 /// The server most tests share (default options).
