@@ -10,6 +10,19 @@
 //!   joined and fails, on every rank that joined or joins later, when the ranks disagree on
 //!   nRanks (or on the configured name), a rank id is out of range or joined twice, two ranks
 //!   share a device, or a blob has already formed a communicator.
+//! * `HcclCommInitClusterInfo[Config]` (device set) reads the rank table at the path (HCCL's
+//!   JSON "ranktable", version 1.0 or 1.2: `status` "completed", `server_count` = the servers of
+//!   `server_list`, unique `server_id`s, every `rank_id` 0..n-1 exactly once, `device_id`s
+//!   distinct per server) and joins the world it describes as `rank` (its `rank_id`). The world is
+//!   named by the `server_id` of the server holding rank 0 (on hardware the ranks meet at the
+//!   addresses the table gives), so ranks of one world may pass different files with the same
+//!   contents, as the nodes of a multi-host run do. A path that is NULL, too long (4096 bytes with
+//!   the NUL) or unreadable, or a malformed table, fails the caller only (HCCL_E_OPEN_FILE_FAILURE
+//!   / HCCL_E_PARA; its peers then time out); a rank not in the table, a calling thread whose
+//!   device's physical id is not the table's `device_id` for that rank, and tables that
+//!   disagree with the first joiner's (servers, device ids or device IPs of any rank) fail every
+//!   rank of the world, as do the root-info checks. A world that formed frees its name for a
+//!   later one; a failed one stays failed for latecomers.
 //! * `HcclCreateSubCommConfig` is collective over the listed ranks of a global communicator
 //!   (they must agree on rankNum, rankIds and the name; rankIds ascending; subCommRankId is the
 //!   caller's index there); a rank outside passes `rankIds = NULL, subCommId = 0xFFFFFFFF` and
@@ -71,6 +84,7 @@ const HCCL_E_PARA: HcclResult = 1;
 const HCCL_E_PTR: HcclResult = 2;
 const HCCL_E_NOT_SUPPORT: HcclResult = 5;
 const HCCL_E_TIMEOUT: HcclResult = 9;
+const HCCL_E_OPEN_FILE_FAILURE: HcclResult = 10;
 const HCCL_E_RUNTIME: HcclResult = 15;
 const HCCL_E_AGAIN: HcclResult = 20;
 
@@ -120,11 +134,13 @@ type Fail = (HcclResult, String);
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum JoinKey {
     Root(u64),
+    /// A rank table's world: a hash of the server_id holding rank 0.
+    Cluster(u64),
     /// (parent group, subCommId)
     Sub(u64, u64),
 }
 
-#[derive(Clone, PartialEq, Debug)]
+#[derive(Clone, PartialEq, Debug, Default)]
 struct Spec {
     n_ranks: u32,
     /// The name asked for in a config (None: the default).
@@ -134,10 +150,16 @@ struct Spec {
     /// The collective timeout its config asks for (`hcclExecTimeOut`); not compared between
     /// ranks (the first joiner's wins).
     exec_timeout: Option<Duration>,
+    /// Rank tables: what the table says of each rank (one line per rank, in rank order).
+    table: Vec<String>,
+    /// Rank tables: each rank's physical device id.
+    table_devices: Vec<i32>,
 }
 
 struct Join {
     spec: Spec,
+    /// Rank tables: the file the first rank passed.
+    origin: String,
     /// Rank → its device.
     joined: HashMap<u32, i32>,
     failed: Option<Fail>,
@@ -569,6 +591,18 @@ fn calling_device(what: &str) -> Result<i32, Fail> {
 /// Joins the rendezvous `key` as `rank` on `device`; blocks until every rank joined (returns
 /// the new handle of this rank) or the rendezvous failed.
 fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<u64, Fail> {
+    join_from(key, spec, rank, device, (device, String::new()), what)
+}
+
+/// [`join`] with the caller's physical device id and, for a rank table, the file it read.
+fn join_from(
+    key: JoinKey,
+    spec: Spec,
+    rank: u32,
+    device: i32,
+    (physical, origin): (i32, String),
+    what: &str,
+) -> Result<u64, Fail> {
     let limit = timeout();
     let deadline = Instant::now() + limit;
     let mut st = state();
@@ -576,6 +610,7 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
         let st = &mut *st;
         let j = st.joins.entry(key).or_insert_with(|| Join {
             spec: spec.clone(),
+            origin: origin.clone(),
             joined: HashMap::new(),
             failed: None,
             group: None,
@@ -591,7 +626,16 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
             )));
         }
         let n = j.spec.n_ranks;
-        let mismatch = if j.spec.n_ranks != spec.n_ranks {
+        let mismatch = if j.spec.table != spec.table {
+            let at = j.spec.table.iter().zip(&spec.table).position(|(a, b)| a != b).unwrap_or(0);
+            Some(format!(
+                "rank {rank}'s rank table ({origin}) disagrees with the one the ranks that joined before read ({}): \
+                 {} there, {} here",
+                j.origin,
+                j.spec.table.get(at).map_or("nothing", String::as_str),
+                spec.table.get(at).map_or("nothing", String::as_str)
+            ))
+        } else if j.spec.n_ranks != spec.n_ranks {
             Some(format!("rank {rank} passes {} ranks but the ranks that joined before pass {n}", spec.n_ranks))
         } else if j.spec.rank_ids != spec.rank_ids {
             Some(format!(
@@ -603,8 +647,16 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
                 "rank {rank} asks for the name {:?} but the ranks that joined before ask for {:?}",
                 spec.name, j.spec.name
             ))
+        } else if rank >= n && !spec.table.is_empty() {
+            Some(format!("rank {rank} is not in the rank table {origin} (its rank_ids are 0..{n})"))
         } else if rank >= n {
             Some(format!("rank id {rank} is out of range for {n} ranks"))
+        } else if spec.table_devices.get(rank as usize).is_some_and(|&d| d != physical) {
+            Some(format!(
+                "rank {rank} runs on device {physical} (physical id; logical {device}), but the rank table {origin} \
+                 puts it on device_id {} ({}); set that device on the thread first",
+                spec.table_devices[rank as usize], spec.table[rank as usize]
+            ))
         } else if j.joined.contains_key(&rank) {
             Some(format!("rank id {rank} joined twice"))
         } else if let Some((r, _)) = j.joined.iter().find(|(_, d)| **d == device) {
@@ -625,6 +677,7 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
                 (Some(name), _) => name.clone(),
                 (None, JoinKey::Sub(pg, sub_id)) => format!("{}_sub_{sub_id}", st.groups[&pg].name),
                 (None, JoinKey::Root(id)) => format!("dsv4emu_hccl_comm_{id}"),
+                (None, JoinKey::Cluster(_)) => format!("dsv4emu_hccl_cluster_{gid}"),
             };
             let taken = st.name_in_use(&name);
             let j = st.joins.get_mut(&key).expect("present");
@@ -641,7 +694,7 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
             }
             let parent_group = match key {
                 JoinKey::Sub(pg, _) => Some(pg),
-                JoinKey::Root(_) => None,
+                JoinKey::Root(_) | JoinKey::Cluster(_) => None,
             };
             st.groups.insert(
                 gid,
@@ -667,8 +720,9 @@ fn join(key: JoinKey, spec: Spec, rank: u32, device: i32, what: &str) -> Result<
         if let Some(gid) = j.group {
             j.claimed += 1;
             if j.claimed == j.spec.n_ranks {
-                if let JoinKey::Sub(..) = key {
-                    // A later split may reuse the subCommId once this one is destroyed.
+                if let JoinKey::Sub(..) | JoinKey::Cluster(_) = key {
+                    // A later split may reuse the subCommId once this one is destroyed (a later
+                    // world, the rank table's servers).
                     st2.joins.remove(&key);
                 }
             }
@@ -743,7 +797,13 @@ unsafe fn init_root_info(
     if nRanks > visible {
         return Err(para(format!("{what}: nRanks {nRanks} exceeds the {visible} visible device(s) (one per rank)")));
     }
-    let spec = Spec { n_ranks: nRanks, name: config.name, rank_ids: vec![], exec_timeout: config.exec_timeout };
+    let spec = Spec {
+        n_ranks: nRanks,
+        name: config.name,
+        rank_ids: vec![],
+        exec_timeout: config.exec_timeout,
+        ..Spec::default()
+    };
     let h = join(JoinKey::Root(id), spec, rank, device, what)?;
     // SAFETY: checked non-null above.
     unsafe { comm.write(h as HcclComm) };
@@ -774,6 +834,159 @@ pub unsafe extern "C" fn HcclCommInitRootInfoConfig(
     let r = unsafe { read_config(config, what) }
         // SAFETY: pointers checked inside.
         .and_then(|config| unsafe { init_root_info(nRanks, rootInfo, rank, config, comm, what) });
+    ret(r)
+}
+
+// ------------------------------------------------------------------------------ rank tables
+
+/// What a rank table says, as the emulator reads it.
+struct ClusterTable {
+    /// Per rank, in rank order: (server_id, device_id, the line compared between ranks).
+    ranks: Vec<(String, i32, String)>,
+}
+
+/// A field of the table that must be a non-negative integer (a JSON string, as Huawei's
+/// templates write it, or a number).
+fn table_number(v: Option<&serde_json::Value>) -> Option<u64> {
+    match v? {
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+/// Reads and checks the rank table at `path` as HCCL would before joining.
+fn read_cluster_table(path: &str, what: &str) -> Result<ClusterTable, Fail> {
+    use serde_json::Value;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| (HCCL_E_OPEN_FILE_FAILURE, format!("{what}: cannot read the rank table {path}: {e}")))?;
+    let bad = |field: &str, msg: String| para(format!("{what}: rank table {path}: {field}: {msg}"));
+    let root: Value =
+        serde_json::from_str(&text).map_err(|e| para(format!("{what}: rank table {path} is not JSON: {e}")))?;
+    match root.get("status").and_then(Value::as_str) {
+        Some("completed") => {}
+        other => return Err(bad("status", format!("{other:?}, not \"completed\""))),
+    }
+    match root.get("version").and_then(Value::as_str) {
+        Some("1.0" | "1.2") => {}
+        other => return Err(bad("version", format!("{other:?}; this emulator reads 1.0 and 1.2"))),
+    }
+    let Some(servers) = root.get("server_list").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+        return Err(bad("server_list", "missing, empty or not a list".into()));
+    };
+    if table_number(root.get("server_count")) != Some(servers.len() as u64) {
+        return Err(bad("server_count", format!("{:?} for {} servers", root.get("server_count"), servers.len())));
+    }
+    let mut by_rank: HashMap<u64, (String, i32, String)> = HashMap::new();
+    let mut server_ids = HashSet::new();
+    for (i, server) in servers.iter().enumerate() {
+        let Some(id) = server.get("server_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
+            return Err(bad(&format!("server_list[{i}].server_id"), "missing or not a string".into()));
+        };
+        if !server_ids.insert(id.to_string()) {
+            return Err(bad(&format!("server_list[{i}].server_id"), format!("{id:?} appears twice")));
+        }
+        let Some(devices) = server.get("device").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+            return Err(bad(&format!("server_list[{i}].device"), "missing, empty or not a list".into()));
+        };
+        let mut seen = HashSet::new();
+        for (k, d) in devices.iter().enumerate() {
+            let at = format!("server_list[{i}].device[{k}]");
+            let dev = table_number(d.get("device_id")).and_then(|v| i32::try_from(v).ok());
+            let Some(dev) = dev else { return Err(bad(&format!("{at}.device_id"), "missing or not a number".into())) };
+            let Some(rank) = table_number(d.get("rank_id")) else {
+                return Err(bad(&format!("{at}.rank_id"), "missing or not a number".into()));
+            };
+            if !seen.insert(dev) {
+                return Err(bad(&format!("{at}.device_id"), format!("device {dev} appears twice on server {id:?}")));
+            }
+            let ip = d.get("device_ip").and_then(Value::as_str).unwrap_or("");
+            let line = format!("rank {rank}: server {id:?} device_id {dev} device_ip {ip:?}");
+            if by_rank.insert(rank, (id.to_string(), dev, line)).is_some() {
+                return Err(bad(&format!("{at}.rank_id"), format!("rank {rank} appears twice")));
+            }
+        }
+    }
+    let n = by_rank.len() as u64;
+    let mut ranks = Vec::with_capacity(n as usize);
+    for r in 0..n {
+        let Some(entry) = by_rank.remove(&r) else {
+            return Err(bad("rank_id", format!("the {n} rank ids are not 0..{n}: rank {r} is missing")));
+        };
+        ranks.push(entry);
+    }
+    Ok(ClusterTable { ranks })
+}
+
+/// A 64-bit FNV-1a hash, naming a rank table's world.
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+unsafe fn init_cluster_info(
+    clusterInfo: *const c_char,
+    rank: u32,
+    config: Config,
+    comm: *mut HcclComm,
+    what: &str,
+) -> Result<(), Fail> {
+    if clusterInfo.is_null() || comm.is_null() {
+        return Err((HCCL_E_PTR, format!("{what}: clusterInfo ({clusterInfo:p}) or comm ({comm:p}) is NULL")));
+    }
+    // SAFETY: non-null; the caller passes a NUL-terminated path.
+    let path = unsafe { CStr::from_ptr(clusterInfo) };
+    if path.to_bytes_with_nul().len() > 4096 {
+        return Err(para(format!("{what}: the rank table path is longer than 4096 bytes (with the NUL)")));
+    }
+    let path = path.to_string_lossy().into_owned();
+    let device = calling_device(what)?;
+    let table = read_cluster_table(&path, what)?;
+    let physical = emu().visible.get(device as usize).copied().unwrap_or(device);
+    let n = table.ranks.len() as u32;
+    let visible = emu().visible.len() as u32;
+    if n > visible {
+        return Err(para(format!(
+            "{what}: the rank table {path} lists {n} ranks but this process sees {visible} device(s) (the emulator \
+             runs every rank in one process, one device each)"
+        )));
+    }
+    let key = JoinKey::Cluster(fnv(&table.ranks[0].0));
+    let spec = Spec {
+        n_ranks: n,
+        name: config.name,
+        exec_timeout: config.exec_timeout,
+        table: table.ranks.iter().map(|r| r.2.clone()).collect(),
+        table_devices: table.ranks.iter().map(|r| r.1).collect(),
+        ..Spec::default()
+    };
+    let h = join_from(key, spec, rank, device, (physical, path), what)?;
+    // SAFETY: checked non-null above.
+    unsafe { comm.write(h as HcclComm) };
+    Ok(())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn HcclCommInitClusterInfo(
+    clusterInfo: *const c_char,
+    rank: u32,
+    comm: *mut HcclComm,
+) -> HcclResult {
+    // SAFETY: pointers checked inside.
+    ret(unsafe { init_cluster_info(clusterInfo, rank, Config::default(), comm, "HcclCommInitClusterInfo") })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn HcclCommInitClusterInfoConfig(
+    clusterInfo: *const c_char,
+    rank: u32,
+    config: *mut HcclCommConfig,
+    comm: *mut HcclComm,
+) -> HcclResult {
+    let what = "HcclCommInitClusterInfoConfig";
+    // SAFETY: the config is checked for NULL and read within the size it declares.
+    let r = unsafe { read_config(config, what) }
+        // SAFETY: pointers checked inside.
+        .and_then(|config| unsafe { init_cluster_info(clusterInfo, rank, config, comm, what) });
     ret(r)
 }
 
@@ -855,7 +1068,13 @@ pub unsafe extern "C" fn HcclCreateSubCommConfig(
                 "{what}: subCommRankId is {subCommRankId}, but the caller (rank {prank} of {pname}) is at index {mine} of rankIds {ids:?}"
             )));
         }
-        let spec = Spec { n_ranks: rankNum, name: config.name, rank_ids: ids, exec_timeout: config.exec_timeout };
+        let spec = Spec {
+            n_ranks: rankNum,
+            name: config.name,
+            rank_ids: ids,
+            exec_timeout: config.exec_timeout,
+            ..Spec::default()
+        };
         let h = join(JoinKey::Sub(gid, subCommId), spec, subCommRankId, device, what)?;
         // SAFETY: checked non-null above.
         unsafe { subComm.write(h as HcclComm) };
