@@ -2,7 +2,10 @@
 //! [`Communicator`](dsv4_core::parallel::Communicator) on device tensors, enqueued on the
 //! backend's stream, and [`run_ranks`] runs one rank per device as threads of this process;
 //! [`run_node_ranks`] runs this process's share of a world over several processes (nodes),
-//! node 0's root info reaching the others over [`NodeGroup`]'s TCP rendezvous.
+//! node 0's root info reaching the others over [`NodeGroup`]'s TCP rendezvous. With an HCCL rank
+//! table ([`HcclBootstrap::from_rank_table`], [`run_bootstrapped`]) every rank joins with
+//! `HcclCommInitClusterInfo(table, global rank)` instead of the root info; the processes still
+//! meet over the rendezvous (readiness, failures, serve's decisions).
 //!
 //! # How each collective maps onto HCCL (f32 activations, `HCCL_DATA_TYPE_FP32`)
 //!
@@ -42,7 +45,8 @@
 //! message. Traffic follows [`dsv4_core::parallel::Traffic`]'s rules exactly as
 //! [`dsv4_core::parallel::LocalComm`] counts it (the metadata exchanges are not counted).
 
-use std::ffi::c_void;
+use std::ffi::{c_void, CStr, CString};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -51,7 +55,9 @@ use dsv4_ascend_sys::hccl::{self as h, HcclComm, HcclDataType, HcclReduceOp, Hcc
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::parallel::exchange::{invalid_args, starts, AllToAllPlan, GatherPlan, Meta, ScatterPlan};
-use dsv4_core::parallel::{run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, Traffic};
+use dsv4_core::parallel::{
+    run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, RankTable, Traffic,
+};
 
 use crate::acl::{err, Device};
 use crate::{numel, AscendBackend, AscendTensor};
@@ -185,6 +191,53 @@ impl HcclCommunicator {
         }
         let handle = Arc::new(Handle { hccl, comm, dev: be.dev.clone(), parent: None });
         let c = HcclCommunicator::new(handle, rank, size, (0..n).collect(), 0);
+        c.verify()?;
+        Ok(c)
+    }
+
+    /// Collective over the ranks of the rank table at `table` (each on its own thread or process,
+    /// on the device the table gives it): joins the world the table describes as `rank` (its
+    /// `rank_id`) with `HcclCommInitClusterInfoConfig` (`hcclExecTimeOut` = `DSV4_COMM_TIMEOUT_S`),
+    /// or `HcclCommInitClusterInfo` on a CANN without it, on `be`'s device and stream; `size` is
+    /// the table's number of ranks (checked against HCCL's).
+    pub fn init_rank_from_table(
+        be: &AscendBackend,
+        table: &CStr,
+        rank: usize,
+        size: usize,
+    ) -> Result<HcclCommunicator> {
+        let comm_err = |msg: String| Error::Comm { rank, size, msg };
+        let hccl = library()?;
+        if table.to_bytes_with_nul().len() > h::CLUSTER_INFO_PATH_MAX {
+            return Err(comm_err(format!(
+                "the rank table's path is longer than HCCL's {} bytes: {}",
+                h::CLUSTER_INFO_PATH_MAX,
+                table.to_string_lossy()
+            )));
+        }
+        let Ok(r) = u32::try_from(rank) else { return Err(comm_err(format!("rank {rank} is too large for HCCL"))) };
+        be.dev.enter()?;
+        let mut comm: HcclComm = std::ptr::null_mut();
+        match hccl.HcclCommInitClusterInfoConfig() {
+            Ok(f) if hccl.honours_exec_timeout() => {
+                let mut config = exec_timeout_config();
+                // SAFETY: `table` is a NUL-terminated path that outlives the call; `config` was
+                // initialised as the API requires and outlives the call; `comm` is an out-pointer
+                // to a local.
+                let code = unsafe { f(table.as_ptr(), r, &mut config, &mut comm) };
+                check(hccl, be.dev.api, code, "HcclCommInitClusterInfoConfig").map_err(comm_err)?;
+            }
+            // An older CANN: the communicator keeps HCCL_EXEC_TIMEOUT.
+            _ => {
+                let f = hccl.HcclCommInitClusterInfo().map_err(|e| err(e.to_string()))?;
+                // SAFETY: `table` is a NUL-terminated path that outlives the call; `comm` is an
+                // out-pointer to a local.
+                let code = unsafe { f(table.as_ptr(), r, &mut comm) };
+                check(hccl, be.dev.api, code, "HcclCommInitClusterInfo").map_err(comm_err)?;
+            }
+        }
+        let handle = Arc::new(Handle { hccl, comm, dev: be.dev.clone(), parent: None });
+        let c = HcclCommunicator::new(handle, rank, size, (0..size as u32).collect(), 0);
         c.verify()?;
         Ok(c)
     }
@@ -611,7 +664,9 @@ struct Gate {
 
 #[derive(Default)]
 struct GateState {
-    root: Option<HcclRootInfo>,
+    /// What global rank 0 hands the others: the root info's bytes, or with a rank table its
+    /// fingerprint (so the nodes check they read the same table).
+    root: Option<Vec<u8>>,
     ready: usize,
     /// The first failure before joining (this process's or another node's), as the message.
     failed: Option<String>,
@@ -634,8 +689,8 @@ impl Gate {
         rank: usize,
         world: usize,
         local: usize,
-        ready: std::result::Result<Option<HcclRootInfo>, String>,
-    ) -> Result<HcclRootInfo> {
+        ready: std::result::Result<Option<Vec<u8>>, String>,
+    ) -> Result<Vec<u8>> {
         let mut st = self.lock();
         match ready {
             Ok(root) => {
@@ -656,28 +711,15 @@ impl Gate {
                 st.exchanging = true;
                 let mine = match &st.failed {
                     Some(msg) => Err(msg.clone()),
-                    None => Ok(st.root.map(|r| r.internal.iter().map(|&b| b as u8).collect::<Vec<u8>>())),
+                    None => Ok(st.root.clone()),
                 };
                 drop(st);
                 let shared = node.share(mine);
                 st = self.lock();
                 match shared {
-                    Ok(bytes) if bytes.len() == std::mem::size_of::<HcclRootInfo>() => {
-                        let mut root = HcclRootInfo::default();
-                        for (d, b) in root.internal.iter_mut().zip(bytes) {
-                            *d = b as _;
-                        }
-                        st.root = Some(root);
-                        st.exchanged = true;
-                    }
                     Ok(bytes) => {
-                        st.failed.get_or_insert_with(|| {
-                            format!(
-                                "node 0 sent a {}-byte root info, not HCCL's {}",
-                                bytes.len(),
-                                std::mem::size_of::<HcclRootInfo>()
-                            )
-                        });
+                        st.root = Some(bytes);
+                        st.exchanged = true;
                     }
                     Err(e) => {
                         let msg = match e {
@@ -696,8 +738,8 @@ impl Gate {
                 return Err(Error::Comm { rank, size: world, msg: msg.clone() });
             }
             if st.ready == local && (self.node.is_none() || st.exchanged) {
-                if let Some(root) = st.root {
-                    return Ok(root);
+                if let Some(root) = &st.root {
+                    return Ok(root.clone());
                 }
             }
             let now = Instant::now();
@@ -749,6 +791,61 @@ pub struct HcclBootstrap {
     /// This process's first global rank and the world over every process.
     base: usize,
     world: usize,
+    /// How the ranks join: None for the root info, else the rank table.
+    table: Option<TableJoin>,
+}
+
+/// The rank-table route: the path HCCL reads and what dsv4 read of it.
+struct TableJoin {
+    path: CString,
+    table: RankTable,
+}
+
+/// HCCL's root info as bytes (what crosses the nodes' connections).
+fn root_bytes(root: &HcclRootInfo) -> Vec<u8> {
+    root.internal.iter().map(|&b| b as u8).collect()
+}
+
+/// Bytes from node 0 back into a root info.
+fn root_from(bytes: &[u8]) -> std::result::Result<HcclRootInfo, String> {
+    if bytes.len() != std::mem::size_of::<HcclRootInfo>() {
+        return Err(format!(
+            "node 0 sent a {}-byte root info, not HCCL's {} (was it given a rank table, and this node not?)",
+            bytes.len(),
+            std::mem::size_of::<HcclRootInfo>()
+        ));
+    }
+    let mut root = HcclRootInfo::default();
+    for (d, b) in root.internal.iter_mut().zip(bytes) {
+        *d = *b as _;
+    }
+    Ok(root)
+}
+
+/// Physical NPU ids of AscendCL's logical `devices`, as a rank table's `device_id`s give them:
+/// through `visible` (the value of `ASCEND_RT_VISIBLE_DEVICES`: logical id i is its i-th entry)
+/// when set, else the same ids.
+pub fn physical_devices(devices: &[i32], visible: Option<&str>) -> Result<Vec<usize>> {
+    let bad = |msg: String| Error::config("devices", msg);
+    let logical: Vec<usize> = devices
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| bad(format!("{d} is not a device id"))))
+        .collect::<Result<_>>()?;
+    let Some(visible) = visible.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(logical) };
+    let list: Vec<usize> = visible
+        .split(',')
+        .map(|x| {
+            x.trim().parse().map_err(|_| bad(format!("ASCEND_RT_VISIBLE_DEVICES={visible:?} is not a list of ids")))
+        })
+        .collect::<Result<_>>()?;
+    logical
+        .iter()
+        .map(|&d| {
+            list.get(d).copied().ok_or_else(|| {
+                bad(format!("device {d} is not among the {} of ASCEND_RT_VISIBLE_DEVICES={visible:?}", list.len()))
+            })
+        })
+        .collect()
 }
 
 impl HcclBootstrap {
@@ -766,7 +863,39 @@ impl HcclBootstrap {
             devices: devices.to_vec(),
             base: 0,
             world: devices.len(),
+            table: None,
         })
+    }
+
+    /// The world of the HCCL rank table at `path` (`RANK_TABLE_FILE`): this process's local rank
+    /// r (global rank `node.base() + r`, or r without `node`) on device `devices[r]` joins with
+    /// `HcclCommInitClusterInfo(path, global rank)`. The table is read and checked against the
+    /// run first ([`RankTable::check_run`]: server i of its `server_list` is node i, this node's
+    /// devices, through `ASCEND_RT_VISIBLE_DEVICES`, are its server's in rank order), so a wrong
+    /// table fails here, naming the file and the field, before any device opens. Over several
+    /// processes the nodes still meet over `node`'s connections; node 0 sends what it read of
+    /// the table instead of a root info, and a node whose table differs fails every node.
+    pub fn from_rank_table(path: &Path, devices: &[i32], node: Option<Arc<NodeGroup>>) -> Result<Self> {
+        let table = RankTable::read(path)?;
+        let (nnodes, node_rank) = node.as_ref().map_or((1, 0), |n| (n.nnodes(), n.node_rank()));
+        let visible = std::env::var("ASCEND_RT_VISIBLE_DEVICES").ok();
+        table.check_run(nnodes, node_rank, &physical_devices(devices, visible.as_deref())?)?;
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::Input(format!("rank table {}: the path contains a NUL byte", path.display())))?;
+        let mut boot = match node {
+            Some(node) => HcclBootstrap::on_nodes(devices, node)?,
+            None => HcclBootstrap::new(devices)?,
+        };
+        if table.world() != boot.world {
+            return Err(Error::Input(format!(
+                "rank table {}: {} ranks, but the run has {}",
+                path.display(),
+                table.world(),
+                boot.world
+            )));
+        }
+        boot.table = Some(TableJoin { path: c_path, table });
+        Ok(boot)
     }
 
     /// This process's part of a world over the processes of `node`: its local rank r (global
@@ -786,6 +915,7 @@ impl HcclBootstrap {
             devices: devices.to_vec(),
             base,
             world,
+            table: None,
         })
     }
 
@@ -805,17 +935,36 @@ impl HcclBootstrap {
             .map_err(|_| err(format!("device {} is not a device index", self.devices[rank])))
             .and_then(crate::open)
             .and_then(|be| {
-                let root = if global == 0 { Some(HcclCommunicator::root_info(&be, world)?) } else { None };
-                Ok((be, root))
+                let token = match (global, &self.table) {
+                    (0, None) => Some(root_bytes(&HcclCommunicator::root_info(&be, world)?)),
+                    (0, Some(t)) => Some(t.table.fingerprint().into_bytes()),
+                    _ => None,
+                };
+                Ok((be, token))
             });
         let report = match &opened {
-            Ok((_, root)) => Ok(*root),
+            Ok((_, token)) => Ok(token.clone()),
             Err(e) => Err(e.to_string()),
         };
         arrival.done = true;
-        let root = self.gate.arrive(global, world, local, report);
+        let token = self.gate.arrive(global, world, local, report);
         let (be, _) = opened?;
-        let comm = HcclCommunicator::init_rank(&be, &root?, global, world)?;
+        let token = token?;
+        let comm_err = |msg: String| Error::Comm { rank: global, size: world, msg };
+        let comm = match &self.table {
+            None => HcclCommunicator::init_rank(&be, &root_from(&token).map_err(comm_err)?, global, world)?,
+            Some(t) => {
+                let mine = t.table.fingerprint();
+                if token != mine.as_bytes() {
+                    return Err(comm_err(format!(
+                        "node 0 read another rank table than this node's {} (node 0: {:?}; here: {mine:?})",
+                        t.table.path.display(),
+                        String::from_utf8_lossy(&token)
+                    )));
+                }
+                HcclCommunicator::init_rank_from_table(&be, &t.path, global, world)?
+            }
+        };
         Ok((be, comm))
     }
 
@@ -849,7 +998,7 @@ where
         )));
     }
     let boot = HcclBootstrap::new(devices).map_err(E::from)?;
-    run_booted(&boot, layout, f)
+    run_bootstrapped(&boot, layout, f)
 }
 
 /// [`run_ranks`] for this process's part of a run over several processes: `devices` are this
@@ -874,15 +1023,24 @@ where
         )));
     }
     let boot = HcclBootstrap::on_nodes(devices, node).map_err(E::from)?;
-    run_booted(&boot, layout, f)
+    run_bootstrapped(&boot, layout, f)
 }
 
-fn run_booted<T, E, F>(boot: &HcclBootstrap, layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
+/// [`run_ranks`] / [`run_node_ranks`] over a bootstrap made beforehand (e.g.
+/// [`HcclBootstrap::from_rank_table`]): this process's ranks, in rank order. `layout` is the
+/// whole world's.
+pub fn run_bootstrapped<T, E, F>(boot: &HcclBootstrap, layout: ParallelLayout, f: F) -> std::result::Result<Vec<T>, E>
 where
     T: Send,
     E: From<Error> + std::fmt::Display + Send,
     F: Fn(&AscendBackend, RankContext<AscendBackend>) -> std::result::Result<T, E> + Sync,
 {
+    if layout.world != boot.world {
+        return Err(E::from(Error::config(
+            "devices",
+            format!("a layout of {} ranks for a world of {} ranks", layout.world, boot.world),
+        )));
+    }
     let local = boot.devices.len();
     let order = AtomicUsize::new(0);
     let results = run_threads(local, |rank| -> std::result::Result<_, E> {
