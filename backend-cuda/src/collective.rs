@@ -107,6 +107,7 @@ pub trait InitByUniqueId<D: Device>: DeviceComm<D> {
 
     /// `ncclCommInitRank(id, size, rank)` on `dev`: collective, it returns once every rank of
     /// the communicator has called it, or fails (a wrong id, disagreeing sizes). A rank that
-    /// never comes: the emulator fails after its timeout; NCCL's blocking init waits for ever.
+    /// never comes fails the others after `DSV4_COMM_TIMEOUT_S`: in the emulator, and on NCCL
+    /// through a non-blocking communicator polled against that deadline.
     fn init_rank(dev: &D, id: &[u8], rank: usize, size: usize) -> Result<Self>;
 }

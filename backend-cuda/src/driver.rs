@@ -177,6 +177,8 @@ pub const NCCL: CudaLibrary = CudaLibrary {
         "ncclCommInitAll",
         "ncclGetUniqueId",
         "ncclCommInitRank",
+        "ncclCommInitRankConfig",
+        "ncclGetVersion",
         "ncclCommSplit",
         "ncclCommDestroy",
         "ncclCommAbort",

@@ -2,9 +2,10 @@
 //! cudarc's NCCL bindings (`cudarc::nccl::{result, sys}`), for the GPUs of one process, each
 //! rank driven from its own thread (how dsv4 runs ranks).
 //!
-//! **Compiled, not run: no GPU or libnccl here.** The unit tests below cover the argument
-//! checks and the missing library; the calls themselves have not met a real NCCL yet (CI runs
-//! the communicator over the CUDA emulator's implementation of the same trait instead).
+//! CI runs the communicator over the CUDA emulator's implementation of the same trait; the
+//! unit tests below cover the argument checks and the missing library. On a GPU,
+//! `tests/cuda_nccl.rs`'s `gpu::` tests run the calls on real NCCL (on one H200 so far: NCCL
+//! 2.28, worlds of one rank, and a world of two whose second rank never joins).
 //!
 //! * **Library.** libnccl is opened at run time, like the other CUDA libraries
 //!   ([`crate::driver::NCCL`]): [`NcclComm::init_all`] first checks that a library cudarc will
@@ -12,9 +13,15 @@
 //!   `ncclCommSplit`), so a missing one is an error that says what to install, never cudarc's
 //!   panic. Single-GPU runs never open it.
 //! * **Communicators.** `ncclCommInitAll(comms, ndev, devlist)` (NCCL API, "Communicator
-//!   Creation and Management Functions") makes one member per GPU, rank `i` on `devlist[i]`;
+//!   Creation and Management Functions") makes one member per GPU of this process, rank `i` on
+//!   `devlist[i]` (blocking: every rank is here). Over several processes each rank joins with
+//!   `ncclCommInitRankConfig` and a **non-blocking** config (`blocking = 0`), polled with
+//!   `ncclCommGetAsyncError` until it is ready or `DSV4_COMM_TIMEOUT_S` has passed (then
+//!   `ncclCommAbort`: a rank that never joins, because its node died before, is an error, not a
+//!   wait for ever; NCCL user guide, "Fault Tolerance"). Every call on a non-blocking member is
+//!   settled the same way (NCCL may return `ncclInProgress` from any call of one).
 //!   `ncclCommSplit(comm, colour, key, &new, NULL)` makes sub-communicators (ranked by key, ties
-//!   by parent rank; a NULL config inherits the parent's, blocking). A member is dropped with
+//!   by parent rank; a NULL config inherits the parent's, so blocking or not). A member is dropped with
 //!   `ncclCommDestroy`, or `ncclCommAbort` once one of its calls failed or
 //!   `ncclCommGetAsyncError` reports an error (a broken communicator may never finish its
 //!   operations, and destroying waits for them).
@@ -36,18 +43,19 @@
 //!   and number), `ncclGetErrorString`'s text and `ncclGetLastError`'s (process-wide: with one
 //!   thread per rank it may be another rank's); `NCCL_DEBUG=WARN` makes NCCL log more. After
 //!   a failed call the member refuses every further call (its peers are out of step with it).
-//! * **Not done:** the timeout of [`DeviceComm`] (`DSV4_COMM_TIMEOUT_S`). The communicators are
-//!   blocking ones and a peer that never comes shows as a stream that never finishes (in the
-//!   backend's synchronisation, outside this module) or, for a group's first connection
-//!   between two ranks, as an `ncclGroupEnd` that does not return. Bounding that needs
-//!   non-blocking communicators (`ncclConfig_t::blocking = 0`) polled with
-//!   `ncclCommGetAsyncError` against a deadline and `ncclCommAbort`ed past it.
+//! * **Not done:** the timeout of [`DeviceComm`] (`DSV4_COMM_TIMEOUT_S`) once the ranks have
+//!   met. A peer that stops later shows as a stream that never finishes (a collective's kernel
+//!   waits on the GPU; the backend's synchronisation, outside this module, waits for it), and
+//!   in one process (`ncclCommInitAll`, blocking) also as an `ncclGroupEnd` that does not
+//!   return. Bounding that needs the stream polled against a deadline and the communicator
+//!   aborted past it; the `dsv4` binary instead ends the process when a rank fails.
 
 use std::ffi::{c_int, c_void, CStr};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::CudaSlice;
 use cudarc::nccl::result::{self, NcclError, NcclStatus};
@@ -69,6 +77,10 @@ pub struct NcclComm {
     size: usize,
     /// The CUDA device (ordinal) the member was made for.
     ordinal: usize,
+    /// A non-blocking communicator (joined by unique id): every call is settled with
+    /// [`settle`] within `timeout`.
+    nonblocking: bool,
+    timeout: Duration,
 }
 
 // SAFETY: an NCCL communicator handle is not tied to the thread that made it: NCCL's only
@@ -147,7 +159,93 @@ impl NcclComm {
     }
 
     fn new(comm: sys::ncclComm_t, rank: usize, size: usize, ordinal: usize) -> NcclComm {
-        NcclComm { comm, lock: Mutex::new(()), broken: AtomicBool::new(false), rank, size, ordinal }
+        NcclComm {
+            comm,
+            lock: Mutex::new(()),
+            broken: AtomicBool::new(false),
+            rank,
+            size,
+            ordinal,
+            nonblocking: false,
+            timeout: dsv4_core::parallel::local::default_timeout(),
+        }
+    }
+
+    /// `ncclCommInitRankConfig` with a non-blocking config on `dev`, as rank `rank` of `size`,
+    /// from node 0's unique `id`: returns once every rank has joined, or fails, also when they
+    /// have not all joined within `timeout` (the communicator is then aborted). What
+    /// [`InitByUniqueId::init_rank`] does with `DSV4_COMM_TIMEOUT_S`.
+    pub fn init_rank_within(
+        dev: &DriverDevice,
+        id: &[u8],
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<NcclComm> {
+        NCCL.require()?;
+        let fail = |msg: String| Error::Comm { rank, size, msg: format!("ncclCommInitRankConfig: {msg}") };
+        if id.len() != UNIQUE_ID_BYTES {
+            return Err(fail(format!("a unique id of {} bytes, not NCCL's {UNIQUE_ID_BYTES}", id.len())));
+        }
+        if rank >= size {
+            return Err(fail(format!("rank {rank} is not a rank of {size}")));
+        }
+        let (Ok(r), Ok(n)) = (c_int::try_from(rank), c_int::try_from(size)) else {
+            return Err(fail(format!("{size} ranks do not fit a C int")));
+        };
+        let mut unique = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
+        for (d, &b) in unique.internal.iter_mut().zip(id) {
+            *d = b as std::ffi::c_char;
+        }
+        direct_access_off();
+        dev.bind()?;
+        guard("joining an NCCL communicator (ncclCommInitRankConfig)", || {
+            let version =
+                result::get_nccl_version().map_err(|e| fail(format!("ncclGetVersion: {}", status_text(&e))))?;
+            let mut config = nonblocking_config(version);
+            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+            // SAFETY: `comm` is an out-pointer to a local; `unique` is a full 128-byte id passed
+            // by value; `r < n` (checked above); `config` is a whole ncclConfig_t made as
+            // NCCL_CONFIG_INITIALIZER makes it (NCCL reads `size` bytes of it at most); the
+            // device's context is current on this thread (NCCL makes the member for the current
+            // device) and the library has the function (`NCCL.require()` above).
+            let made = unsafe { result::comm_init_rank_config(&mut comm, n, unique, r, &mut config) };
+            if let Err(e) = made {
+                if !comm.is_null() {
+                    // SAFETY: the handle NCCL gave back, released once here.
+                    let _ = unsafe { result::comm_abort(comm) };
+                }
+                return Err(fail(format!("as rank {rank} of {size}: {}", status_text(&e))));
+            }
+            if comm.is_null() {
+                return Err(fail("succeeded but gave no communicator".to_string()));
+            }
+            let mut member = NcclComm::new(comm, rank, size, dev.ordinal());
+            member.nonblocking = true;
+            member.timeout = timeout;
+            // Dropped (aborted, being broken) if the others do not come.
+            member.settle("ncclCommInitRankConfig", || {
+                format!("joining as rank {rank} of {size} (the other ranks must join too)")
+            })?;
+            Ok(member)
+        })
+    }
+
+    /// On a non-blocking member, waits until its last call has finished (`ncclCommGetAsyncError`
+    /// no longer `ncclInProgress`) or `timeout` has passed; the member is broken (aborted when
+    /// dropped) when it failed or did not finish. A blocking member's calls have finished when
+    /// they return: nothing to wait for.
+    fn settle(&self, func: &str, doing: impl FnOnce() -> String) -> Result<()> {
+        if !self.nonblocking {
+            return Ok(());
+        }
+        match settle(self.comm, self.timeout) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.broken.store(true, Ordering::Relaxed);
+                Err(self.error(func, format!("{} {why}", doing())))
+            }
+        }
     }
 
     /// The CUDA device (ordinal) this member belongs to.
@@ -202,6 +300,23 @@ impl NcclComm {
     /// `Ok` for a call that succeeded; else an error naming `func`, what it was asked to do and
     /// NCCL's status, and the member is marked broken.
     fn check(
+        &self,
+        func: &str,
+        doing: impl FnOnce() -> String,
+        r: std::result::Result<NcclStatus, NcclError>,
+    ) -> Result<()> {
+        match r {
+            Ok(_) => self.settle(func, doing),
+            Err(e) => {
+                self.broken.store(true, Ordering::Relaxed);
+                Err(self.error(func, format!("{} failed: {}", doing(), status_text(&e))))
+            }
+        }
+    }
+
+    /// [`Self::check`] for a call inside an open group (`ncclGroupStart`, `ncclSend`,
+    /// `ncclRecv`): nothing runs before `ncclGroupEnd`, which is what is settled.
+    fn check_queued(
         &self,
         func: &str,
         doing: impl FnOnce() -> String,
@@ -286,6 +401,66 @@ fn async_error(comm: sys::ncclComm_t) -> Option<String> {
     status.result().err().map(|e| status_text(&e))
 }
 
+/// Polls `comm` (`ncclCommGetAsyncError`) until its operation in progress has finished:
+/// `Ok` once it reports `ncclSuccess`, `Err` (why, to follow "what was being done") when it
+/// reports an error or is still in progress after `timeout`.
+fn settle(comm: sys::ncclComm_t, timeout: Duration) -> std::result::Result<(), String> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(20);
+    loop {
+        let mut status = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: `comm` is a live communicator and `status` a valid out-pointer.
+        let asked = unsafe { sys::ncclCommGetAsyncError(comm, &mut status) };
+        if let Err(e) = asked.result() {
+            return Err(format!("could not be checked: ncclCommGetAsyncError failed: {}", status_text(&e)));
+        }
+        match status.result() {
+            Ok(NcclStatus::InProgress) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(format!("failed: {}", status_text(&e))),
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "did not finish within {:.0} s (DSV4_COMM_TIMEOUT_S): a rank did not take part (its process stopped, \
+                 or is stuck); the communicator is aborted",
+                timeout.as_secs_f64()
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// `NCCL_CONFIG_INITIALIZER` (nccl.h) with `blocking = 0`: the struct's size, NCCL's magic, the
+/// library's `version` (NCCL reads the fields that version has, at most `size` bytes: the
+/// bindings' struct may be newer than the library), every other field undefined (NCCL's
+/// defaults).
+fn nonblocking_config(version: c_int) -> sys::ncclConfig_t {
+    const UNDEF: c_int = c_int::MIN; // NCCL_CONFIG_UNDEF_INT
+    sys::ncclConfig_t {
+        size: std::mem::size_of::<sys::ncclConfig_t>(),
+        magic: 0xcafe_beef,
+        version: version as std::ffi::c_uint,
+        blocking: 0,
+        cgaClusterSize: UNDEF,
+        minCTAs: UNDEF,
+        maxCTAs: UNDEF,
+        netName: std::ptr::null(),
+        splitShare: UNDEF,
+        trafficClass: UNDEF,
+        commName: std::ptr::null(),
+        collnetEnable: UNDEF,
+        CTAPolicy: UNDEF,
+        shrinkShare: UNDEF,
+        nvlsCTAs: UNDEF,
+        nChannelsPerNetPeer: UNDEF,
+        nvlinkCentricSched: UNDEF,
+        graphUsageMode: UNDEF,
+        numRmaCtx: UNDEF,
+        maxP2pPeers: UNDEF,
+    }
+}
+
 /// Bytes of NCCL's unique id (`NCCL_UNIQUE_ID_BYTES` in nccl.h).
 const UNIQUE_ID_BYTES: usize = 128;
 
@@ -302,39 +477,9 @@ impl InitByUniqueId<DriverDevice> for NcclComm {
         })
     }
 
+    /// [`NcclComm::init_rank_within`] `DSV4_COMM_TIMEOUT_S` (600 s by default).
     fn init_rank(dev: &DriverDevice, id: &[u8], rank: usize, size: usize) -> Result<NcclComm> {
-        NCCL.require()?;
-        let fail = |msg: String| Error::Comm { rank, size, msg: format!("ncclCommInitRank: {msg}") };
-        if id.len() != UNIQUE_ID_BYTES {
-            return Err(fail(format!("a unique id of {} bytes, not NCCL's {UNIQUE_ID_BYTES}", id.len())));
-        }
-        if rank >= size {
-            return Err(fail(format!("rank {rank} is not a rank of {size}")));
-        }
-        let (Ok(r), Ok(n)) = (c_int::try_from(rank), c_int::try_from(size)) else {
-            return Err(fail(format!("{size} ranks do not fit a C int")));
-        };
-        let mut unique = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
-        for (d, &b) in unique.internal.iter_mut().zip(id) {
-            *d = b as std::ffi::c_char;
-        }
-        direct_access_off();
-        dev.bind()?;
-        guard("joining an NCCL communicator (ncclCommInitRank)", || {
-            let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-            // SAFETY: `comm` is an out-pointer to a local; `unique` is a full 128-byte id passed
-            // by value; `r < n` (checked above); the device's context is current on this thread
-            // (NCCL makes the member for the current device) and the library has the function
-            // (`NCCL.require()` above).
-            let made = unsafe { result::comm_init_rank(&mut comm, n, unique, r) };
-            if let Err(e) = made {
-                return Err(fail(format!("as rank {rank} of {size}: {}", status_text(&e))));
-            }
-            if comm.is_null() {
-                return Err(fail("succeeded but gave no communicator".to_string()));
-            }
-            Ok(NcclComm::new(comm, rank, size, dev.ordinal()))
-        })
+        NcclComm::init_rank_within(dev, id, rank, size, dsv4_core::parallel::local::default_timeout())
     }
 }
 
@@ -523,7 +668,7 @@ impl DeviceComm<DriverDevice> for NcclComm {
             }
             let _held = self.enter(F, dev)?;
             let st = stream(dev);
-            self.check("ncclGroupStart", || "opening the group".to_string(), result::group_start())?;
+            self.check_queued("ncclGroupStart", || "opening the group".to_string(), result::group_start())?;
             // Every call after a failure is skipped, but the group is always closed.
             let mut first: Result<()> = Ok(());
             for (i, &(peer, g)) in s.iter().enumerate().filter(|(_, (_, g))| g.bytes > 0) {
@@ -540,7 +685,7 @@ impl DeviceComm<DriverDevice> for NcclComm {
                         st,
                     )
                 };
-                first = self.check("ncclSend", || format!("send {i} ({} bytes to rank {peer})", g.bytes), done);
+                first = self.check_queued("ncclSend", || format!("send {i} ({} bytes to rank {peer})", g.bytes), done);
                 if first.is_err() {
                     break;
                 }
@@ -559,8 +704,11 @@ impl DeviceComm<DriverDevice> for NcclComm {
                             st,
                         )
                     };
-                    first =
-                        self.check("ncclRecv", || format!("receive {i} ({} bytes from rank {peer})", g.bytes), done);
+                    first = self.check_queued(
+                        "ncclRecv",
+                        || format!("receive {i} ({} bytes from rank {peer})", g.bytes),
+                        done,
+                    );
                     if first.is_err() {
                         break;
                     }
@@ -592,8 +740,12 @@ impl DeviceComm<DriverDevice> for NcclComm {
             if new.is_null() {
                 return Err(self.error(F, format!("gave no communicator for colour {colour}")));
             }
-            // Owned from here: dropped (destroyed) if asking its rank or size fails.
+            // Owned from here: dropped (destroyed) if asking its rank or size fails. It inherits
+            // the parent's config, so it is non-blocking when the parent is, and settled here.
             let mut member = NcclComm::new(new, 0, 0, self.ordinal);
+            member.nonblocking = self.nonblocking;
+            member.timeout = self.timeout;
+            member.settle(F, || format!("making the communicator of colour {colour}"))?;
             // SAFETY: `new` is the live communicator just made.
             let rank = unsafe { result::comm_user_rank(new) };
             // SAFETY: as above.
@@ -799,6 +951,21 @@ mod tests {
 
     fn at(addr: u64, bytes: usize) -> Region {
         Region { addr, bytes }
+    }
+
+    /// What NCCL_CONFIG_INITIALIZER makes, but non-blocking: NCCL checks the magic, reads at
+    /// most `size` bytes and takes every undefined field as its default.
+    #[test]
+    fn the_join_config_is_the_initializer_made_non_blocking() {
+        let c = nonblocking_config(22803);
+        assert_eq!(
+            (c.size, c.magic, c.version, c.blocking),
+            (std::mem::size_of::<sys::ncclConfig_t>(), 0xcafebeef, 22803, 0)
+        );
+        assert!(c.netName.is_null() && c.commName.is_null());
+        for v in [c.cgaClusterSize, c.minCTAs, c.maxCTAs, c.splitShare, c.collnetEnable, c.CTAPolicy, c.nvlsCTAs] {
+            assert_eq!(v, i32::MIN);
+        }
     }
 
     #[test]

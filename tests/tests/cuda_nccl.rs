@@ -672,6 +672,7 @@ fn a_silent_peer_fails_the_others_after_the_communicator_timeout() {
 /// `ci/gpu-check.sh` runs it; without either variable each test prints why and passes.
 mod gpu {
     use super::*;
+    use dsv4_backend_cuda::collective::InitByUniqueId;
     use dsv4_backend_cuda::{DriverDevice, NcclComm};
     use std::sync::OnceLock;
 
@@ -691,20 +692,38 @@ mod gpu {
         .as_deref()
     }
 
-    struct RealNccl(&'static [Arc<DriverDevice>]);
+    /// Real NCCL on `gpus`: one process's blocking communicator (`ncclCommInitAll`), or, with
+    /// `by_id`, each rank joining a non-blocking one from a unique id (`ncclCommInitRankConfig`),
+    /// as the ranks of a run over several processes do.
+    struct RealNccl {
+        gpus: &'static [Arc<DriverDevice>],
+        by_id: bool,
+    }
 
     impl World<RealGpu> for RealNccl {
         fn run<R: Send>(&self, n: usize, f: impl Fn(&RealGpu, &dyn Communicator<RealGpu>) -> R + Sync) -> Vec<R> {
-            let devs = &self.0[..n];
+            let devs = &self.gpus[..n];
             let refs: Vec<&DriverDevice> = devs.iter().map(|d| &**d).collect();
-            let members = NcclComm::init_all(&refs).unwrap_or_else(|e| panic!("{e}"));
+            let id = self.by_id.then(|| <NcclComm as InitByUniqueId<DriverDevice>>::unique_id().unwrap());
+            let members: Vec<Option<NcclComm>> = match &id {
+                None => NcclComm::init_all(&refs).unwrap_or_else(|e| panic!("{e}")).into_iter().map(Some).collect(),
+                Some(_) => (0..n).map(|_| None).collect(),
+            };
             thread::scope(|s| {
                 let handles: Vec<_> = devs
                     .iter()
                     .zip(members)
-                    .map(|(dev, member)| {
-                        let f = &f;
-                        s.spawn(move || f(&CudaBackend::new(dev.clone()), &NcclCommunicator::new(dev.clone(), member)))
+                    .enumerate()
+                    .map(|(r, (dev, member))| {
+                        let (f, id) = (&f, &id);
+                        s.spawn(move || {
+                            let member = member.unwrap_or_else(|| {
+                                let id = id.as_ref().unwrap();
+                                NcclComm::init_rank_within(dev, id, r, n, Duration::from_secs(60))
+                                    .unwrap_or_else(|e| panic!("{e}"))
+                            });
+                            f(&CudaBackend::new(dev.clone()), &NcclCommunicator::new(dev.clone(), member))
+                        })
                     })
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -712,13 +731,17 @@ mod gpu {
         }
 
         fn max_ranks(&self) -> usize {
-            self.0.len()
+            self.gpus.len()
         }
     }
 
     fn world() -> Option<RealNccl> {
+        world_of(false)
+    }
+
+    fn world_of(by_id: bool) -> Option<RealNccl> {
         match gpus() {
-            Some(g) => Some(RealNccl(g)),
+            Some(gpus) => Some(RealNccl { gpus, by_id }),
             None => {
                 println!("skipped: DSV4_CUDA_DEVICES / DSV4_CUDA_DEVICE not set (no GPU run)");
                 None
@@ -774,5 +797,43 @@ mod gpu {
         for (r, sum) in out.iter().enumerate() {
             assert_eq!(bits(sum), bits(&values(r, 6)), "rank {r}");
         }
+    }
+
+    /// The suite and the splits over non-blocking communicators joined by unique id: every
+    /// call settled by polling.
+    #[test]
+    fn joined_by_unique_id_the_suite_and_splits_hold() {
+        let Some(w) = world_of(true) else { return };
+        collectives::all_reduce_is_the_rank_order_sum_with_the_same_bits_everywhere(&w);
+        collectives::all_gather_concatenates_along_any_dim_in_rank_order(&w);
+        collectives::reduce_scatter_gives_rank_r_part_r_of_the_sum(&w);
+        collectives::all_to_all_v_routes_rows_with_empty_parts(&w);
+        collectives::broadcast_from_every_root(&w);
+        let n = w.max_ranks();
+        let out = w.run(n, |be, c| {
+            let alone = c.split(c.rank()).unwrap();
+            let x = up(be, &values(c.rank(), 6), &[2, 3]);
+            down(be, &alone.all_reduce_sum(be, &x).unwrap()).1
+        });
+        for (r, sum) in out.iter().enumerate() {
+            assert_eq!(bits(sum), bits(&values(r, 6)), "rank {r}");
+        }
+    }
+
+    /// A world one of whose ranks never joins (its process died before): the rank that did
+    /// join fails once the timeout has passed, saying so, instead of waiting for ever.
+    #[test]
+    fn a_rank_that_never_joins_fails_the_others_after_the_timeout() {
+        let Some(gpus) = gpus() else {
+            println!("skipped: DSV4_CUDA_DEVICES / DSV4_CUDA_DEVICE not set (no GPU run)");
+            return;
+        };
+        let id = <NcclComm as InitByUniqueId<DriverDevice>>::unique_id().unwrap();
+        let t = Instant::now();
+        let e = NcclComm::init_rank_within(&gpus[0], &id, 0, 2, Duration::from_secs(3)).map(drop).unwrap_err();
+        let took = t.elapsed();
+        let e = e.to_string();
+        assert!(e.contains("did not finish within 3 s") && e.contains("rank 0 of 2"), "{e}");
+        assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(20), "took {took:?}");
     }
 }
