@@ -23,6 +23,8 @@
 #            has (DSV4_CUDA_DEVICES): worlds of one rank on a one-GPU machine
 # (the emulator halves of those two test files ran in CI and are skipped here)
 #   check    dsv4 check --backends cpu,cuda on the built-in model
+#   serve    dsv4 serve --backend cuda on the built-in model: the OpenAI and Anthropic APIs answer
+#            (ci/serve_smoke.py), and Ctrl-C ends it
 #   bench    only where asked for and time is left: dsv4 bench --backend cuda on the synthetic
 #            0.75 B checkpoint (../shared/bench/gen_synthetic.py mini, run there with the machine's
 #            torch: DSV4_GPU_BENCH_GEN=path/to/gen_synthetic.py; or an existing DSV4_GPU_BENCH_MODEL
@@ -186,7 +188,7 @@ if command -v cargo >/dev/null; then
     # The GPU halves only: the emulator halves ran in CI and would spend device time here.
     step ops 60 cargo test -p dsv4-tests --test backend_ops_cuda -- gpu::
     SHOW='max rel err' step fixtures 150 cargo test -p dsv4-tests --test cuda_conformance -- on_a_gpu --nocapture
-    step nccl 60 cargo test -p dsv4-tests --test cuda_nccl -- gpu:: --test-threads=1
+    step nccl 120 cargo test -p dsv4-tests --test cuda_nccl -- gpu:: --test-threads=1
 elif [ -d "$BIN" ]; then
     # Prebuilt (ci/gpu-check.sh --prepare): the tests find their fixtures under the path they
     # were built in, so that path must lead here.
@@ -206,7 +208,7 @@ elif [ -d "$BIN" ]; then
     step driver 60 bash -c "cd '$built/backend-cuda' && '$BIN/driver_gpu'"
     step ops 60 bash -c "cd '$built/tests' && '$BIN/backend_ops_cuda' gpu::"
     SHOW='max rel err' step fixtures 150 bash -c "cd '$built/tests' && '$BIN/cuda_conformance' on_a_gpu --nocapture"
-    step nccl 60 bash -c "cd '$built/tests' && '$BIN/cuda_nccl' gpu:: --test-threads=1"
+    step nccl 120 bash -c "cd '$built/tests' && '$BIN/cuda_nccl' gpu:: --test-threads=1"
 else
     note "FAILED      build    no cargo here and no prebuilt binaries: run 'bash ci/gpu-check.sh --prepare' where cargo is, and carry target/gpu-check-bin"
     FAILED=$((FAILED + 1))
@@ -214,6 +216,16 @@ else
 fi
 if [ -n "$DSV4" ]; then
     SHOW='^ok:' step check 90 "$DSV4" check --model builtin:tiny --backends cpu,cuda
+    # The server on the GPU, as a user runs it; Ctrl-C must end it cleanly (exit 0).
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    SHOW='^(chat|stream|anthropic|ok):' step serve 120 bash -c '
+        "$0" serve --backend cuda --model builtin:tiny --port 18199 &
+        pid=$!
+        python3 ci/serve_smoke.py 18199
+        rc=$?
+        kill -INT "$pid"
+        wait "$pid" || { echo "serve exited with $? after Ctrl-C"; rc=1; }
+        exit $rc' "$DSV4"
 fi
 
 # ----------------------------------------------------------------------------- bench (optional)
