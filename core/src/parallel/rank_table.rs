@@ -314,12 +314,11 @@ impl RankTable {
     /// A canonical text of what dsv4 reads (version, servers in order, each device's id and
     /// rank): equal for two files that describe the same world, whatever their formatting.
     pub fn fingerprint(&self) -> String {
-        let mut out = format!("rank table {}", self.version);
-        for s in &self.servers {
-            out.push_str(&format!("\n{}:", s.server_id));
-            for d in &s.devices {
-                out.push_str(&format!(" {}@{}", d.rank_id, d.device_id));
-            }
+        let mut out = format!("rank table version {}", self.version);
+        for (i, s) in self.servers.iter().enumerate() {
+            let devices: Vec<String> =
+                s.devices.iter().map(|d| format!("rank {} on {}", d.rank_id, d.device_id)).collect();
+            out.push_str(&format!("\nrank table server_list[{i}]: {:?}, {}", s.server_id, devices.join(", ")));
         }
         out
     }
