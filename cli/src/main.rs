@@ -46,29 +46,45 @@ mod dispatch {
                 },
                 crate::Resolved::Ascend => {
                     let ids = crate::parallel_args::device_ids(&$parallel.devices)?;
-                    match $parallel.join_nodes(ids.len(), "")? {
-                        None => dsv4_backend_ascend::run_ranks(&ids, $layout, |$be, $ctx| {
-                            crate::rank_body(|| -> anyhow::Result<_> { $body })
-                        }),
+                    // With a rank table (--rank-table, RANK_TABLE_FILE) the ranks join with
+                    // HcclCommInitClusterInfo, and the nodes also agree on what it says.
+                    let table = crate::parallel_args::rank_table().map(|t| t.path.clone());
+                    match $parallel.join_nodes(ids.len(), &crate::parallel_args::rank_table_agreement())? {
+                        None => {
+                            let boot = match &table {
+                                Some(t) => dsv4_backend_ascend::HcclBootstrap::from_rank_table(t, &ids, None)?,
+                                None => dsv4_backend_ascend::HcclBootstrap::new(&ids)?,
+                            };
+                            dsv4_backend_ascend::run_bootstrapped(&boot, $layout, |$be, $ctx| {
+                                crate::rank_body(|| -> anyhow::Result<_> { $body })
+                            })
+                        }
                         Some(group) => {
-                            let out = dsv4_backend_ascend::run_node_ranks(
-                                &ids,
-                                $layout,
-                                group.clone(),
-                                |$be, $ctx| -> anyhow::Result<_> {
-                                    let rank = $ctx.layout.rank;
-                                    let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
-                                    // A rank that fails after the ranks met leaves its peers on
-                                    // every node waiting in a collective: say why and stop this
-                                    // process now; the other nodes hear it and stop too.
-                                    if let Err(e) = &out {
-                                        eprintln!("error: rank {rank}: {e:#}");
-                                        group.abort(&format!("rank {rank}: {e:#}"));
-                                        crate::exit_now(1);
-                                    }
-                                    out
-                                },
-                            );
+                            let boot = match &table {
+                                Some(t) => {
+                                    dsv4_backend_ascend::HcclBootstrap::from_rank_table(t, &ids, Some(group.clone()))
+                                }
+                                None => dsv4_backend_ascend::HcclBootstrap::on_nodes(&ids, group.clone()),
+                            };
+                            let out = boot.map_err(anyhow::Error::from).and_then(|boot| {
+                                dsv4_backend_ascend::run_bootstrapped(
+                                    &boot,
+                                    $layout,
+                                    |$be, $ctx| -> anyhow::Result<_> {
+                                        let rank = $ctx.layout.rank;
+                                        let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
+                                        // A rank that fails after the ranks met leaves its peers on
+                                        // every node waiting in a collective: say why and stop this
+                                        // process now; the other nodes hear it and stop too.
+                                        if let Err(e) = &out {
+                                            eprintln!("error: rank {rank}: {e:#}");
+                                            group.abort(&format!("rank {rank}: {e:#}"));
+                                            crate::exit_now(1);
+                                        }
+                                        out
+                                    },
+                                )
+                            });
                             match &out {
                                 Ok(_) => group.finish(),
                                 // A failure before the ranks' bodies (joining the communicator):
@@ -259,6 +275,8 @@ enum Command {
         kv: kv_args::KvArgs,
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
         /// Output file.
         #[arg(long)]
         out: PathBuf,
@@ -286,6 +304,8 @@ enum Command {
         kv: kv_args::KvArgs,
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
     },
     /// Print the prompt the V4 chat encoder produces for an OpenAI-style message list.
     Render {
@@ -317,6 +337,8 @@ enum Command {
         kv: kv_args::KvArgs,
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
     },
     /// Show a model's layer schedule, parameter counts and storage by dtype, and with
     /// `--context` / `--kv-dtype` the decoding state's pools, block sizes and what one sequence
@@ -371,6 +393,8 @@ enum Command {
         kv: kv_args::KvArgs,
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
     },
     /// List the backends, whether their runtime was found, and why not.
     Devices,
@@ -390,6 +414,8 @@ enum Command {
         serve: serve::ServeArgs,
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
     },
     /// Measure prefill and decode speed at several context lengths, against the machine's limits
     /// measured in the same run: decode against the read bandwidth (weight bytes one token
@@ -448,6 +474,8 @@ enum Command {
         /// beside what `dsv4 plan` computes (--json: each row's `comm`).
         #[command(flatten)]
         parallel: parallel_args::ParallelArgs,
+        #[command(flatten)]
+        rank_table: parallel_args::RankTableArgs,
     },
 }
 
@@ -613,15 +641,17 @@ fn run_devices() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Logits { model, ids, backend, kv, parallel, out } => {
+        Command::Logits { model, ids, backend, kv, parallel, rank_table, out } => {
             let ids = parse_ids(&ids)?;
+            rank_table.settle(&[backend], &parallel, None)?;
             if parallel.is_split()? {
                 return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
             }
             with_backend!(backend, |be| run_logits(be, &model, &ids, &out, &kv))
         }
-        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel } => {
+        Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel, rank_table } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            rank_table.settle(&[backend], &parallel, None)?;
             if parallel.is_split()? {
                 return generate::run_generate_ranks(
                     backend,
@@ -649,7 +679,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Render { model, messages, tools, chat, ids } => {
             generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
         }
-        Command::Chat { model, chat, sampling, backend, kv, parallel } => {
+        Command::Chat { model, chat, sampling, backend, kv, parallel, rank_table } => {
+            rank_table.settle(&[backend], &parallel, None)?;
             if parallel.is_split()? {
                 parallel.refuse_nodes("dsv4 chat")?;
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
@@ -658,17 +689,20 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { model, context, kv_dtype, soc } => inspect::run(&model.model, context, kv_dtype, soc),
         Command::Plan { model, plan } => plan::run(&model.model, &plan),
-        Command::Check { model, backends, ids, tolerance, kv, parallel } => {
+        Command::Check { model, backends, ids, tolerance, kv, parallel, rank_table } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             parallel.is_split()?; // the flags' checks
+                                  // The first backend is the one-device reference; the others split over the ranks.
+            rank_table.settle(backends.get(1..).unwrap_or_default(), &parallel, None)?;
             check::run(&model.model, &backends, ids, tolerance, &kv, &parallel)
         }
         Command::Devices => {
             run_devices();
             Ok(())
         }
-        Command::Serve { model, backend, kv, serve, parallel } => {
+        Command::Serve { model, backend, kv, serve, parallel, rank_table } => {
             parallel.is_split()?; // the flags' checks
+            rank_table.settle(&[backend], &parallel, Some("dsv4 serve"))?;
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
         Command::Bench {
@@ -683,7 +717,9 @@ fn run(cli: Cli) -> Result<()> {
             speculative_tokens,
             kv,
             parallel,
+            rank_table,
         } => {
+            rank_table.settle(&[backend], &parallel, None)?;
             let opts = bench::Options {
                 contexts: &contexts,
                 decode_steps,

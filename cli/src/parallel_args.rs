@@ -80,7 +80,9 @@ pub fn open_split(
 /// differ from node to node (--node-rank, --devices, the rendezvous address), one argument a
 /// line (node 0 names the first line that differs).
 fn run_fingerprint() -> String {
-    let per_node = ["--node-rank", "--devices", "--master-addr", "--master-port", "--nnodes"];
+    // Each node may read its own copy of a rank table: the nodes compare what the tables say
+    // (`rank_table_agreement`), not their paths.
+    let per_node = ["--node-rank", "--devices", "--master-addr", "--master-port", "--nnodes", "--rank-table"];
     let mut out = vec![];
     let mut args = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned());
     while let Some(a) = args.next() {
@@ -168,6 +170,119 @@ pub struct ParallelArgs {
     /// The TCP port node 0 listens on for the other nodes. Default: MASTER_PORT, else 29500.
     #[arg(long, value_name = "PORT")]
     pub master_port: Option<u16>,
+}
+
+/// `--rank-table`, flattened next to [`ParallelArgs`] into the commands that split the model
+/// over Ascend ranks.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RankTableArgs {
+    /// An HCCL rank table (JSON, version 1.0 or 1.2) describing the run's NPUs: Ascend ranks then
+    /// join with HcclCommInitClusterInfo instead of HCCL's root info. Server i of its server_list
+    /// is node i (--node-rank), whose ranks i·D..(i+1)·D must sit on this node's --devices in
+    /// rank order. Default: RANK_TABLE_FILE (used only for runs over several devices). Ascend only.
+    #[arg(long, value_name = "FILE")]
+    pub rank_table: Option<std::path::PathBuf>,
+}
+
+/// The rank table this run joins through (None: HCCL's root info), set once by
+/// [`RankTableArgs::settle`] before any device opens, read where the Ascend ranks start.
+static RANK_TABLE: std::sync::OnceLock<Option<dsv4_core::parallel::RankTable>> = std::sync::OnceLock::new();
+
+/// The rank table [`RankTableArgs::settle`] accepted for this run, if any.
+pub fn rank_table() -> Option<&'static dsv4_core::parallel::RankTable> {
+    RANK_TABLE.get().and_then(Option::as_ref)
+}
+
+/// What the nodes of a run must also agree on when they meet: the rank table as dsv4 read it
+/// (each node may read its own copy), or nothing.
+pub fn rank_table_agreement() -> String {
+    rank_table().map(|t| t.fingerprint()).unwrap_or_default()
+}
+
+impl RankTableArgs {
+    /// The flag, else a non-empty `RANK_TABLE_FILE`, with how it was given (for messages).
+    fn given(&self) -> Option<(std::path::PathBuf, String)> {
+        if let Some(p) = &self.rank_table {
+            return Some((p.clone(), format!("--rank-table {}", p.display())));
+        }
+        let env = std::env::var_os(dsv4_core::parallel::rank_table::RANK_TABLE_VAR).filter(|v| !v.is_empty())?;
+        let p = std::path::PathBuf::from(env);
+        let how = format!("{}={}", dsv4_core::parallel::rank_table::RANK_TABLE_VAR, p.display());
+        Some((p, how))
+    }
+
+    /// Reads and checks the rank table (the flag, else `RANK_TABLE_FILE`) against this run before
+    /// any device opens, and records it for the Ascend ranks ([`rank_table`]). `split_backends`
+    /// are the backends the ranks of the split run on. A table is refused on CPU and CUDA, by
+    /// commands that do not read one (`refused_by`), and (as a flag) on one device;
+    /// `RANK_TABLE_FILE` is ignored by a run on one device, which makes no communicator.
+    pub fn settle(
+        &self,
+        split_backends: &[BackendChoice],
+        parallel: &ParallelArgs,
+        refused_by: Option<&str>,
+    ) -> Result<()> {
+        let table = self.check(split_backends, parallel, refused_by)?;
+        let _ = RANK_TABLE.set(table);
+        Ok(())
+    }
+
+    fn check(
+        &self,
+        split_backends: &[BackendChoice],
+        parallel: &ParallelArgs,
+        refused_by: Option<&str>,
+    ) -> Result<Option<dsv4_core::parallel::RankTable>> {
+        let Some((path, how)) = self.given() else { return Ok(None) };
+        if !parallel.is_split()? {
+            if self.rank_table.is_some() {
+                bail!(
+                    "{how}: a rank table describes an HCCL world over several devices, but this run has one device \
+                     (no communicator): give --devices (e.g. --devices 0-7), or drop --rank-table"
+                );
+            }
+            return Ok(None);
+        }
+        if let Some(command) = refused_by {
+            bail!(
+                "{how}: {command} does not join through a rank table yet; its Ascend ranks join through HCCL's root \
+                 info (over the --nnodes rendezvous between nodes), which needs no table: drop --rank-table / unset \
+                 RANK_TABLE_FILE. `dsv4 logits`, `generate`, `chat`, `check` and `bench` read one"
+            );
+        }
+        for b in split_backends {
+            let other = match b {
+                BackendChoice::Cpu => Some("CPU"),
+                BackendChoice::Cuda => Some("CUDA"),
+                BackendChoice::Auto => match crate::resolve_backend(*b)? {
+                    crate::Resolved::Ascend => None,
+                    _ => Some("CPU (--backend auto found no Ascend runtime)"),
+                },
+                BackendChoice::Ascend => None,
+            };
+            if let Some(other) = other {
+                bail!(
+                    "{how}: an HCCL rank table is for Ascend runs, and this run's ranks are on {other}: drop \
+                     --rank-table / unset RANK_TABLE_FILE (the CPU backend's ranks are threads of one process; CUDA \
+                     ranks join through NCCL's unique id), or give --backend ascend"
+                );
+            }
+        }
+        let table = dsv4_core::parallel::RankTable::read(&path)?;
+        let spec = parallel.node_spec()?;
+        let ids = device_ids(&parallel.devices)?;
+        let visible = std::env::var("ASCEND_RT_VISIBLE_DEVICES").ok();
+        let physical = dsv4_backend_ascend::physical_devices(&ids, visible.as_deref())?;
+        table.check_run(spec.nnodes, spec.node_rank, &physical)?;
+        eprintln!(
+            "rank table {}: {} server(s), {} ranks; this node is {:?}: HCCL joins with HcclCommInitClusterInfo",
+            path.display(),
+            table.servers.len(),
+            table.world(),
+            table.servers[spec.node_rank].server_id
+        );
+        Ok(Some(table))
+    }
 }
 
 /// The first of `vars` set in the environment, parsed (an unparsable value is an error
