@@ -784,7 +784,8 @@ impl Drop for Arrival<'_> {
 ///
 /// Over several processes ([`HcclBootstrap::on_nodes`]) this process's ranks are global ranks
 /// `base..base + devices.len()` of the group's world, and the root info comes from node 0 over
-/// the group's TCP connections.
+/// the group's TCP connections. With an HCCL rank table ([`HcclBootstrap::from_rank_table`]) the
+/// ranks join with `HcclCommInitClusterInfo` instead, after the same readiness gate.
 pub struct HcclBootstrap {
     gate: Gate,
     devices: Vec<i32>,
