@@ -85,6 +85,9 @@ pub enum SubmitError {
     /// The engine thread has stopped.
     #[error("the engine has stopped: {0}")]
     Stopped(String),
+    /// The server takes no more requests ([`EngineHandle::fail_requests`]): why (HTTP 503).
+    #[error("{0}")]
+    Closed(String),
 }
 
 /// The events of one request. Dropping it cancels the request.
@@ -150,8 +153,18 @@ pub(crate) struct Shared {
     /// When it stopped, in the order of every engine's stops in this process (0: running).
     stop_order: std::sync::atomic::AtomicU64,
     /// The event streams of the requests submitted, without keeping them open (a finished
-    /// request's stream ends when the engine drops its sender): [`EngineHandle::fail_requests`].
-    streams: Mutex<Vec<WeakUnboundedSender<EngineEvent>>>,
+    /// request's stream ends when the engine drops its sender), and whether requests are still
+    /// taken: [`EngineHandle::fail_requests`].
+    streams: Mutex<OpenStreams>,
+}
+
+/// What [`EngineHandle::fail_requests`] reaches, under one lock with whether it has run (so
+/// that a request submitted while it runs is either reached or refused, never missed).
+#[derive(Default)]
+struct OpenStreams {
+    senders: Vec<WeakUnboundedSender<EngineEvent>>,
+    /// Set by `fail_requests`: later submissions are refused with it.
+    closed: Option<String>,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -176,7 +189,7 @@ impl Shared {
             waiting: AtomicUsize::new(0),
             stopped: Mutex::new(None),
             stop_order: Default::default(),
-            streams: Mutex::new(Vec::new()),
+            streams: Mutex::new(OpenStreams::default()),
         }
     }
 
@@ -400,14 +413,19 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Sends `message` as an error to every request still open, from outside the engine
-    /// thread: for a caller that is about to end the process because a rank stopped while rank
-    /// 0's engine waits for it in a collective (and so cannot answer them itself). The clients
-    /// then get an error in the API's shape instead of a connection that just closes.
+    /// Ends every request still open with [`EngineEvent::Unavailable`]`(message)`, from outside
+    /// the engine thread, and refuses every later submission ([`SubmitError::Closed`]): for a
+    /// server that is shutting down, or about to end the process because a rank stopped while
+    /// rank 0's engine waits for it in a collective (and so cannot answer them itself). The
+    /// clients then get an error in the API's shape instead of a connection that just closes.
     pub fn fail_requests(&self, message: &str) {
-        let streams = std::mem::take(&mut *self.leader().streams.lock().unwrap_or_else(|e| e.into_inner()));
-        for out in streams.iter().filter_map(|w| w.upgrade()) {
-            let _ = out.send(EngineEvent::Error { message: message.to_string(), usage: Usage::default() });
+        let senders = {
+            let mut open = self.leader().streams.lock().unwrap_or_else(|e| e.into_inner());
+            open.closed.get_or_insert_with(|| message.to_string());
+            std::mem::take(&mut open.senders)
+        };
+        for out in senders.iter().filter_map(|w| w.upgrade()) {
+            let _ = out.send(EngineEvent::Unavailable { message: message.to_string() });
         }
     }
 
@@ -452,9 +470,13 @@ impl EngineHandle {
         }
         let (out, rx) = unbounded_channel();
         {
-            let mut streams = self.leader().streams.lock().unwrap_or_else(|e| e.into_inner());
-            streams.retain(|w| w.strong_count() > 0);
-            streams.push(out.downgrade());
+            let mut open = self.leader().streams.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(why) = &open.closed {
+                self.leader().waiting.fetch_sub(1, Ordering::SeqCst);
+                return Err(SubmitError::Closed(why.clone()));
+            }
+            open.senders.retain(|w| w.strong_count() > 0);
+            open.senders.push(out.downgrade());
         }
         let id = self.leader().next_id.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Submitted { id, req, sampler, out }).is_err() {

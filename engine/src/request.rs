@@ -65,4 +65,10 @@ pub enum EngineEvent {
         message: String,
         usage: Usage,
     },
+    /// The engine will not finish the request, through no fault of it: the server is shutting
+    /// down, or a rank of a multi-device run stopped ([`crate::EngineHandle::fail_requests`]).
+    /// A client may retry it elsewhere (HTTP 503).
+    Unavailable {
+        message: String,
+    },
 }

@@ -63,7 +63,9 @@ fn collect(mut s: RequestStream) -> (Vec<u32>, Result<FinishReason, String>, usi
                 assert_eq!(usage.completion_tokens, toks.len());
                 return (toks, Ok(reason), cached);
             }
-            EngineEvent::Error { message, .. } => return (toks, Err(message), cached),
+            EngineEvent::Error { message, .. } | EngineEvent::Unavailable { message } => {
+                return (toks, Err(message), cached)
+            }
         }
     }
     panic!("the stream ended without Finished or Error");

@@ -142,7 +142,7 @@ fn collect(mut s: RequestStream) -> Answer {
             EngineEvent::Admitted { .. } => {}
             EngineEvent::Token { id, .. } => toks.push(id),
             EngineEvent::Finished { reason, .. } => return (toks, Ok(reason)),
-            EngineEvent::Error { message, .. } => return (toks, Err(message)),
+            EngineEvent::Error { message, .. } | EngineEvent::Unavailable { message } => return (toks, Err(message)),
         }
     }
     panic!("the stream ended without Finished or Error");

@@ -339,19 +339,43 @@ pub async fn serve_bound(
         if state.api_key.is_some() { "; API key required" } else { "" }
     );
     serve_listener_until(listener, state, async {
-        let _ = tokio::signal::ctrl_c().await;
+        let signal = stop_signal().await;
         eprintln!(
-            "dsv4: shutting down: open requests get an error, connections close within {} s (Ctrl-C again to stop at \
-             once)",
+            "dsv4: {signal}: shutting down: open requests get an error, connections close within {} s (Ctrl-C again \
+             to stop at once)",
             SHUTDOWN_GRACE.as_secs()
         );
         tokio::spawn(async {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("dsv4: stopped at once (second Ctrl-C)");
+            let signal = stop_signal().await;
+            eprintln!("dsv4: stopped at once (a second {signal})");
             std::process::exit(130);
         });
     })
     .await
+}
+
+/// The next SIGINT (Ctrl-C) or SIGTERM (what `docker stop`, Kubernetes and systemd send), by
+/// name: both drain the server, as uvicorn (vLLM's server) does.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "Ctrl-C"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
 }
 
 #[cfg(test)]

@@ -421,6 +421,10 @@ impl Reply {
                 Some(EngineEvent::Error { message, .. }) => {
                     return Some(Err(self.fail(ApiError::internal(message))));
                 }
+                // Shutting down (or a stopped rank): not the request's fault, retry elsewhere.
+                Some(EngineEvent::Unavailable { message }) => {
+                    return Some(Err(self.fail(ApiError::overloaded(message))));
+                }
                 None => {
                     return Some(Err(
                         self.fail(ApiError::internal("the engine ended the request without finishing it"))

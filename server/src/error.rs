@@ -142,7 +142,7 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Invalid(_) | SubmitError::PromptTooLong { .. } => ApiError::invalid(e.to_string()),
-            SubmitError::QueueFull { .. } => ApiError::overloaded(e.to_string()),
+            SubmitError::QueueFull { .. } | SubmitError::Closed(_) => ApiError::overloaded(e.to_string()),
             SubmitError::Stopped(_) => ApiError::internal(e.to_string()),
         }
     }

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{open_stream, start_until, Options};
+use common::{metric, open_stream, post, start_until, wait_until, Options};
 
 #[test]
 fn shutdown_ends_open_streams_with_an_error_and_stops_the_server() {
@@ -34,6 +34,29 @@ fn shutdown_ends_open_streams_with_an_error_and_stops_the_server() {
     };
     let mut openai = open_stream(&server, "/v1/chat/completions", &body("openai"), b"data: ", 3);
     let mut anthropic = open_stream(&server, "/v1/messages", &body("anthropic"), b"event: content_block_delta", 2);
+    // A request in flight that is not streamed, and one whose body is still on its way when
+    // the server stops (its header read, so the connection is not idle).
+    let server = std::sync::Arc::new(server);
+    let unary = {
+        let server = server.clone();
+        std::thread::spawn(move || {
+            let body = serde_json::json!({"model": common::MODEL, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 20000, "ignore_eos": true});
+            post(&server, "/v1/chat/completions", &body)
+        })
+    };
+    wait_until("three requests run", 20, || metric(&server, "dsv4:num_requests_running") >= 3.0);
+    let late_body = body("openai");
+    let mut late = TcpStream::connect(&addr).unwrap();
+    write!(
+        late,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: \
+         {}\r\n\r\n{}",
+        late_body.len(),
+        &late_body[..10]
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     stop.send(()).unwrap();
     let rest = |conn: &mut TcpStream| {
@@ -51,6 +74,16 @@ fn shutdown_ends_open_streams_with_an_error_and_stops_the_server() {
         anthropic_rest.contains("event: error") && anthropic_rest.contains("the server is shutting down"),
         "{anthropic_rest}"
     );
+    // In flight, not streamed: a 503 (the server is unavailable; retry elsewhere).
+    let r = unary.join().unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("the server is shutting down"), "{}", r.body);
+    // Submitted after the stop: refused the same way, not run and cut off.
+    std::thread::sleep(Duration::from_millis(200));
+    late.write_all(late_body[10..].as_bytes()).unwrap();
+    let late_reply = rest(&mut late);
+    assert!(late_reply.starts_with("HTTP/1.1 503"), "{late_reply}");
+    assert!(late_reply.contains("the server is shutting down") && !late_reply.contains("data: "), "{late_reply}");
     // The idle connection is closed, not left open.
     let mut idle = idle;
     assert_eq!(rest(&mut idle), "");
