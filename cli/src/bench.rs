@@ -583,18 +583,19 @@ fn checked_options(opts: &Options) -> Result<(Vec<usize>, usize)> {
 
 /// The lines under the machine report of either bench: where the weights are, the precision
 /// and which peak the prefill column reads against, the weights read per token.
+/// `peak`: what the prefill peak column is read against (`None`: left empty, [`limits`]).
 fn run_report(
     weight_memory: &WeightMemoryReport,
     precision: Precision,
-    bf16_peak: bool,
+    peak: Option<bool>,
     weights: &ActiveWeights,
 ) -> String {
-    let peak = if bf16_peak { "BF16 dot" } else { "f32 FMA" };
-    format!(
-        "weights: {}\nprecision: {precision} (prefill peak column: against the {peak} peak)\n{}",
-        weight_memory.describe(),
-        weights_report(weights)
-    )
+    let column = match peak {
+        Some(true) => " (prefill peak column: against the BF16 dot peak)",
+        Some(false) => " (prefill peak column: against the f32 FMA peak)",
+        None => "",
+    };
+    format!("weights: {}\nprecision: {precision}{column}\n{}", weight_memory.describe(), weights_report(weights))
 }
 
 /// [`tokens_needed`] for the contexts (increasing), refused when the model has fewer positions.
@@ -651,7 +652,10 @@ pub fn run<B: Backend>(
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
-        print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
+        print!(
+            "{}",
+            run_report(&weight_memory, kv.precision, limits.map(|_| bf16_peak(&machine, bf16_gemms)), &weights)
+        );
         if limits.is_none() {
             println!("{}", no_limits_note(be.name()));
         }
@@ -856,7 +860,10 @@ pub fn run_ranks(
                 layout.world / n.nnodes
             ),
         }
-        print!("{}", run_report(&weight_memory, kv.precision, bf16_peak(&machine, bf16_gemms), &weights));
+        print!(
+            "{}",
+            run_report(&weight_memory, kv.precision, limits.map(|_| bf16_peak(&machine, bf16_gemms)), &weights)
+        );
         if limits.is_none() {
             println!("{}", no_limits_note(&name));
         }

@@ -147,12 +147,12 @@ pub struct ParallelArgs {
     /// Tensor-parallel degree of attention: ranks that split each layer's heads (by output
     /// group) and the vocabulary. Divides the number of ranks (devices over all --nnodes); at
     /// most the model's o_groups.
-    #[arg(long, value_name = "TP", default_value_t = 1)]
+    #[arg(long, value_name = "TP", default_value_t = 1, value_parser = crate::serve::at_least_one)]
     pub tensor_parallel: usize,
     /// Expert-parallel degree: ranks that split each layer's routed experts. Divides the number
     /// of ranks (devices over all --nnodes). Default: the number of ranks (every rank holds 1/N
     /// of the experts).
-    #[arg(long, value_name = "EP")]
+    #[arg(long, value_name = "EP", value_parser = crate::serve::at_least_one)]
     pub expert_parallel: Option<usize>,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
     /// the same arguments and its own --node-rank, over its own --devices (the same number on

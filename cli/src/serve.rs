@@ -88,7 +88,7 @@ pub struct ServeArgs {
 
 /// A count flag's value: a whole number, at least 1 (`--max-num-seqs 0` would start a server
 /// that cannot run a request); refused by clap as it parses, before anything is printed.
-fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+pub(crate) fn at_least_one(s: &str) -> std::result::Result<usize, String> {
     use std::num::IntErrorKind;
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),

@@ -56,7 +56,7 @@ fn split_generation_prints_the_one_device_tokens_once() {
 
 #[test]
 fn layouts_that_cannot_run_are_refused_with_the_reason() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         // One device by id would be ignored (a one-device run opens device 0): refused.
         (&["--devices", "3-3"], "pick it with CUDA_VISIBLE_DEVICES=3"),
         // CUDA ranks need the driver and NCCL (CI has neither): the missing library is named,
@@ -70,6 +70,14 @@ fn layouts_that_cannot_run_are_refused_with_the_reason() {
             "error: --tensor-parallel 3: TP 3 does not divide the 4 devices",
         ),
         (&["--devices", "3", "--expert-parallel", "2"], "error: --expert-parallel 2: EP 2 does not divide"),
+        (
+            &["--devices", "2", "--tensor-parallel", "0"],
+            "invalid value '0' for '--tensor-parallel <TP>': must be at least 1",
+        ),
+        (
+            &["--devices", "2", "--expert-parallel", "0"],
+            "invalid value '0' for '--expert-parallel <EP>': must be at least 1",
+        ),
         (&["--devices", "0-1,1"], "an id appears twice"),
     ];
     for (extra, want) in cases {
