@@ -643,7 +643,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits { model, ids, backend, kv, parallel, rank_table, out } => {
             let ids = parse_ids(&ids)?;
-            rank_table.settle(&[backend], &parallel, None)?;
+            rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
             }
@@ -651,7 +651,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel, rank_table } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
-            rank_table.settle(&[backend], &parallel, None)?;
+            rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return generate::run_generate_ranks(
                     backend,
@@ -680,7 +680,7 @@ fn run(cli: Cli) -> Result<()> {
             generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
         }
         Command::Chat { model, chat, sampling, backend, kv, parallel, rank_table } => {
-            rank_table.settle(&[backend], &parallel, None)?;
+            rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 parallel.refuse_nodes("dsv4 chat")?;
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
@@ -693,7 +693,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             parallel.is_split()?; // the flags' checks
                                   // The first backend is the one-device reference; the others split over the ranks.
-            rank_table.settle(backends.get(1..).unwrap_or_default(), &parallel, None)?;
+            rank_table.settle(backends.get(1..).unwrap_or_default(), &parallel)?;
             check::run(&model.model, &backends, ids, tolerance, &kv, &parallel)
         }
         Command::Devices => {
@@ -702,7 +702,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve { model, backend, kv, serve, parallel, rank_table } => {
             parallel.is_split()?; // the flags' checks
-            rank_table.settle(&[backend], &parallel, Some("dsv4 serve"))?;
+            rank_table.settle(&[backend], &parallel)?;
             serve::run(&model.model, backend, &kv, &serve, &parallel)
         }
         Command::Bench {
@@ -719,7 +719,7 @@ fn run(cli: Cli) -> Result<()> {
             parallel,
             rank_table,
         } => {
-            rank_table.settle(&[backend], &parallel, None)?;
+            rank_table.settle(&[backend], &parallel)?;
             let opts = bench::Options {
                 contexts: &contexts,
                 decode_steps,

@@ -213,16 +213,11 @@ impl RankTableArgs {
 
     /// Reads and checks the rank table (the flag, else `RANK_TABLE_FILE`) against this run before
     /// any device opens, and records it for the Ascend ranks ([`rank_table`]). `split_backends`
-    /// are the backends the ranks of the split run on. A table is refused on CPU and CUDA, by
-    /// commands that do not read one (`refused_by`), and (as a flag) on one device;
-    /// `RANK_TABLE_FILE` is ignored by a run on one device, which makes no communicator.
-    pub fn settle(
-        &self,
-        split_backends: &[BackendChoice],
-        parallel: &ParallelArgs,
-        refused_by: Option<&str>,
-    ) -> Result<()> {
-        let table = self.check(split_backends, parallel, refused_by)?;
+    /// are the backends the ranks of the split run on. A table is refused on CPU and CUDA and
+    /// (as a flag) on one device; `RANK_TABLE_FILE` is ignored by a run on one device, which
+    /// makes no communicator.
+    pub fn settle(&self, split_backends: &[BackendChoice], parallel: &ParallelArgs) -> Result<()> {
+        let table = self.check(split_backends, parallel)?;
         let _ = RANK_TABLE.set(table);
         Ok(())
     }
@@ -231,7 +226,6 @@ impl RankTableArgs {
         &self,
         split_backends: &[BackendChoice],
         parallel: &ParallelArgs,
-        refused_by: Option<&str>,
     ) -> Result<Option<dsv4_core::parallel::RankTable>> {
         let Some((path, how)) = self.given() else { return Ok(None) };
         if !parallel.is_split()? {
@@ -242,13 +236,6 @@ impl RankTableArgs {
                 );
             }
             return Ok(None);
-        }
-        if let Some(command) = refused_by {
-            bail!(
-                "{how}: {command} does not join through a rank table yet; its Ascend ranks join through HCCL's root \
-                 info (over the --nnodes rendezvous between nodes), which needs no table: drop --rank-table / unset \
-                 RANK_TABLE_FILE. `dsv4 logits`, `generate`, `chat`, `check` and `bench` read one"
-            );
         }
         for b in split_backends {
             let other = match b {

@@ -405,11 +405,15 @@ fn spawn_engine_ranks(
             let ids = crate::parallel_args::device_ids(&parallel.devices)?;
             // Over several nodes every rank's engine must plan the same pool: it is part of
             // what the nodes agree on when they meet.
-            group = parallel.join_nodes(ids.len(), &pool_agreement(&pool))?;
+            // A rank table (--rank-table, RANK_TABLE_FILE), checked when the command started, is
+            // also part of what the nodes agree on; its ranks join with HcclCommInitClusterInfo.
+            let agree = format!("{}\n{}", pool_agreement(&pool), crate::parallel_args::rank_table_agreement());
+            group = parallel.join_nodes(ids.len(), &agree)?;
             let inbox = inbox_of(&group);
-            let boot = std::sync::Arc::new(match &group {
-                Some(g) => HcclBootstrap::on_nodes(&ids, g.clone())?,
-                None => HcclBootstrap::new(&ids)?,
+            let boot = std::sync::Arc::new(match (crate::parallel_args::rank_table(), &group) {
+                (Some(t), g) => HcclBootstrap::from_rank_table(&t.path, &ids, g.clone())?,
+                (None, Some(g)) => HcclBootstrap::on_nodes(&ids, g.clone())?,
+                (None, None) => HcclBootstrap::new(&ids)?,
             });
             let builds: Vec<RankBuild<AscendBackend>> = (0..ids.len())
                 .map(|rank| {

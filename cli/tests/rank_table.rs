@@ -1,6 +1,6 @@
 //! `--rank-table FILE` / `RANK_TABLE_FILE`: Ascend ranks join with `HcclCommInitClusterInfo`.
 //! A table that is malformed or does not describe the run is refused with its message (file,
-//! field, server or rank) before any device opens; a table is refused on CPU, by `serve`, and
+//! field, server or rank) before any device opens; a table is refused on CPU and
 //! as a flag on one device; a good table gives the same logits as the root-info bootstrap; two
 //! nodes whose tables differ are refused when they meet. The numerics over nodes joined by a
 //! table are checked in `tests/tests/ascend_rank_table.rs` (the emulator's HCCL lives in one
@@ -127,9 +127,10 @@ fn a_rank_table_is_refused_where_it_cannot_be_used() {
         run(&["generate", "--backend", "ascend", "--ids", "1", "--max-new-tokens", "1", "--rank-table", good]),
         &["this run has one device"],
     );
+    // serve reads it too (tests/serve.rs serves through one), and checks it before anything loads.
     refused(
-        run(&["serve", "--backend", "ascend", "--devices", "0-1", "--kv-cache-memory", "64MiB", "--rank-table", good]),
-        &["dsv4 serve does not join through a rank table yet"],
+        run(&["serve", "--backend", "ascend", "--devices", "2-3", "--kv-cache-memory", "64MiB", "--rank-table", good]),
+        &["server_list[0].device[].device_id", "give --devices 0,1"],
     );
     // On one device RANK_TABLE_FILE (a launcher's environment) is not used: the run works.
     let o = dsv4(

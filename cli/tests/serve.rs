@@ -169,13 +169,28 @@ fn emulator() -> std::path::PathBuf {
 }
 
 /// `serve --devices 4 --tensor-parallel 2` answers exactly as one device, on the CPU backend and
-/// on four emulated Ascend devices over the emulator's HCCL.
+/// on four emulated Ascend devices over the emulator's HCCL, joined through HCCL's root info or
+/// a rank table (`--rank-table`: `HcclCommInitClusterInfo`).
 #[test]
 fn serve_split_over_ranks_answers_as_one_device() {
     let emulator = emulator();
     let mut answers = vec![];
+    let table = std::env::temp_dir().join(format!("dsv4-serve-rank-table-{}.json", std::process::id()));
+    let devices: Vec<String> =
+        (0..4).map(|d| format!(r#"{{"device_id": "{d}", "device_ip": "192.168.1.{d}", "rank_id": "{d}"}}"#)).collect();
+    std::fs::write(
+        &table,
+        format!(
+            r#"{{"status": "completed", "version": "1.0", "server_count": "1",
+                "server_list": [{{"server_id": "serve-test", "device": [{}]}}]}}"#,
+            devices.join(", ")
+        ),
+    )
+    .unwrap();
     let split = ["--devices", "4", "--tensor-parallel", "2", "--kv-cache-memory", "64MiB"];
-    for (backend, devices) in [("cpu", &[][..]), ("cpu", &split[..]), ("ascend", &split[..])] {
+    let with_table = [&split[..], &["--rank-table", table.to_str().unwrap()]].concat();
+    let runs = [("cpu", &[][..]), ("cpu", &split[..]), ("ascend", &split[..]), ("ascend", &with_table[..])];
+    for (backend, devices) in runs {
         let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
             .args(["serve", "--backend", backend, "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
             .args(devices)
@@ -195,6 +210,8 @@ fn serve_split_over_ranks_answers_as_one_device() {
     }
     assert_eq!(answers[0], answers[1]);
     assert_eq!(answers[0], answers[2]);
+    assert_eq!(answers[0], answers[3], "through the rank table");
+    std::fs::remove_file(&table).ok();
 }
 
 /// A rank that fails mid-request while its peers wait for it in a collective that nothing wakes

@@ -80,7 +80,7 @@ fn shutdown_ends_open_streams_with_an_error_and_stops_the_server() {
     assert!(r.body.contains("the server is shutting down"), "{}", r.body);
     // Submitted after the stop: refused the same way, not run and cut off.
     std::thread::sleep(Duration::from_millis(200));
-    late.write_all(late_body[10..].as_bytes()).unwrap();
+    late.write_all(&late_body.as_bytes()[10..]).unwrap();
     let late_reply = rest(&mut late);
     assert!(late_reply.starts_with("HTTP/1.1 503"), "{late_reply}");
     assert!(late_reply.contains("the server is shutting down") && !late_reply.contains("data: "), "{late_reply}");
