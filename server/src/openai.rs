@@ -169,8 +169,10 @@ fn message_from_json(i: usize, v: &Value) -> Result<Message, ApiError> {
         return Err(ApiError::invalid_param(&param, format!("{param} must be an object, not {}", json_type(v))));
     };
     let mut m = Message::from_json(v).map_err(|e| ApiError::invalid_param(&param, format!("{param}: {e}")))?;
-    // OpenAI (and vLLM) require `content` on every message but an assistant's (which may carry
-    // tool calls instead): a missing or null one would otherwise be rendered as empty text.
+    // OpenAI requires `content` on every message but an assistant's (which may carry tool calls
+    // instead); vLLM takes a missing one as empty. A missing or null text is more likely a
+    // client's bug than an empty turn, so it is refused as OpenAI refuses it. An assistant
+    // message without content is accepted even without tool calls (a prefix to continue).
     if m.content.is_none() && m.role != Role::Assistant {
         let what = match obj.get("content") {
             None => "is required".to_string(),

@@ -702,6 +702,10 @@ mod gpu {
 
     impl World<RealGpu> for RealNccl {
         fn run<R: Send>(&self, n: usize, f: impl Fn(&RealGpu, &dyn Communicator<RealGpu>) -> R + Sync) -> Vec<R> {
+            // One world at a time over the GPUs, whatever --test-threads: NCCL documents that
+            // communicators used concurrently on one device can deadlock.
+            static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
             let devs = &self.gpus[..n];
             let refs: Vec<&DriverDevice> = devs.iter().map(|d| &**d).collect();
             let id = self.by_id.then(|| <NcclComm as InitByUniqueId<DriverDevice>>::unique_id().unwrap());
