@@ -249,10 +249,21 @@ pub fn plan_serving(r: &Request, memory: &RankMemory) -> Result<ServePlan> {
                         .push(format!("devices with more memory (no number of these fits with TP {})", r.layout.tp)),
                 }
             }
-            // A pool of a size given in bytes stays that size on more devices: they help only
-            // when it is the pool that does not fit beside the weights.
-            Refusal::Serving(ServingError::SequencesDoNotFit { .. } | ServingError::ContextDoesNotFit { .. }, _)
-                if matches!(r.ask.pool, PoolAsk::Bytes(_)) => {}
+            // A pool of a size given in bytes stays that size on more devices: they help alone
+            // only when it is the pool that does not fit beside the weights, and with a larger
+            // size when even all that the weights leave here would not hold what was asked.
+            Refusal::Serving(
+                ServingError::SequencesDoNotFit { need, .. } | ServingError::ContextDoesNotFit { need, .. },
+                left,
+            ) if matches!(r.ask.pool, PoolAsk::Bytes(_)) => {
+                if *need > *left {
+                    fixes.push(
+                        "more devices and a larger --kv-cache-memory (each device then holds fewer experts, leaving \
+                         more of its memory for the pool)"
+                            .into(),
+                    );
+                }
+            }
             _ => fixes.push(
                 "more devices (each then holds fewer experts, leaving more of its memory for the KV pool)".into(),
             ),
@@ -433,6 +444,10 @@ mod tests {
         let fixed = request(&cfg, &tensors, ServingAsk { max_len: 65536, ..ASK });
         let e = format!("{:#}", plan_serving(&fixed, &device).unwrap_err());
         assert!(e.contains("--max-model-len asks 65536") && !e.contains("more devices"), "{e}");
+        // Past all that the weights leave here: more devices only with a larger pool.
+        let past = request(&cfg, &tensors, ServingAsk { max_len: 1 << 30, len_asked: true, ..ASK });
+        let e = format!("{:#}", plan_serving(&past, &device).unwrap_err());
+        assert!(e.contains("more devices and a larger --kv-cache-memory"), "{e}");
         let too_big = request(&cfg, &tensors, ServingAsk { pool: PoolAsk::Bytes(1 << 30), ..ASK });
         let e = format!("{:#}", plan_serving(&too_big, &device).unwrap_err());
         assert!(e.contains("a smaller --kv-cache-memory") && e.contains("more devices (each then"), "{e}");
