@@ -505,6 +505,19 @@ fn follow_node(
 ) -> Result<()> {
     let ranks = spawn_engine_ranks(backend, spec, kv, config, parallel)?;
     eprintln!("serving as a follower node: node 0 takes the requests");
+    // A terminal's Ctrl-C (or a launcher's SIGTERM) reaches every process of its group: a
+    // follower that died at once would end node 0 mid-drain ("lost node"). It waits for node
+    // 0's goodbye instead (node 0 drains, then ends the run); a second signal stops it now.
+    std::thread::Builder::new().name("dsv4-follower-signals".into()).spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async {
+            let signal = dsv4_server::stop_signal().await;
+            eprintln!("{signal}: node 0 ends the run once it has drained its requests (a second {signal} stops this node now)");
+            let signal = dsv4_server::stop_signal().await;
+            eprintln!("stopped at once (a second {signal})");
+            crate::exit_now(130);
+        });
+    })?;
     let mut ended_at = None;
     loop {
         // Node 0 said goodbye, possibly mid-step: ranks waiting in a collective for node 0's

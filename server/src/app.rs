@@ -356,7 +356,7 @@ pub async fn serve_bound(
 
 /// The next SIGINT (Ctrl-C) or SIGTERM (what `docker stop`, Kubernetes and systemd send), by
 /// name: both drain the server, as uvicorn (vLLM's server) does.
-async fn stop_signal() -> &'static str {
+pub async fn stop_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -21,7 +21,8 @@ pub mod thinking;
 pub mod tokenize;
 
 pub use app::{
-    bind, router, serve, serve_bound, serve_listener, serve_listener_until, AppState, ServerConfig, SHUTDOWN_GRACE,
+    bind, router, serve, serve_bound, serve_listener, serve_listener_until, stop_signal, AppState, ServerConfig,
+    SHUTDOWN_GRACE,
 };
 pub use conversation::{
     Conversation, Delta, Effort, Finish, FinishReason, GenerationParams, PromptInfo, Reply, ReplyAssembler, ReplyEvent,
