@@ -73,15 +73,7 @@ mod dispatch {
                                     |$be, $ctx| -> anyhow::Result<_> {
                                         let rank = $ctx.layout.rank;
                                         let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
-                                        // A rank that fails after the ranks met leaves its peers on
-                                        // every node waiting in a collective: say why and stop this
-                                        // process now; the other nodes hear it and stop too.
-                                        if let Err(e) = &out {
-                                            eprintln!("error: rank {rank}: {e:#}");
-                                            group.abort(&format!("rank {rank}: {e:#}"));
-                                            crate::exit_now(1);
-                                        }
-                                        out
+                                        crate::end_if_failed(rank, out, Some(&group))
                                     },
                                 )
                             });
@@ -110,13 +102,7 @@ mod dispatch {
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
                                 let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
-                                // A rank that fails leaves its peers waiting inside NCCL, which has no
-                                // timeout here (backend-cuda/src/comm.rs): say why and end the process.
-                                if let Err(e) = &out {
-                                    eprintln!("error: rank {rank}: {e:#}");
-                                    crate::exit_now(1);
-                                }
-                                out
+                                crate::end_if_failed(rank, out, None)
                             },
                         )
                     }
@@ -136,13 +122,7 @@ mod dispatch {
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
                                 let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
-                                // As over HCCL: say why, tell the other nodes, stop this process.
-                                if let Err(e) = &out {
-                                    eprintln!("error: rank {rank}: {e:#}");
-                                    group.abort(&format!("rank {rank}: {e:#}"));
-                                    crate::exit_now(1);
-                                }
-                                out
+                                crate::end_if_failed(rank, out, Some(&group))
                             },
                         );
                         match &out {
@@ -590,6 +570,25 @@ pub(crate) fn rank_body<T>(body: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
         Err(anyhow::anyhow!("the rank panicked: {}", dsv4_core::parallel::panic_message(p.as_ref())))
     })
+}
+
+/// A rank's result, or the end of the process when the rank failed: its peers wait for it in a
+/// collective (on every node: HCCL until its execution timeout, NCCL for ever), so this says
+/// why, tells the other nodes (`group`, over several processes) and exits (1); they hear it and
+/// stop too.
+pub(crate) fn end_if_failed<T>(
+    rank: usize,
+    out: Result<T>,
+    group: Option<&dsv4_core::parallel::NodeGroup>,
+) -> Result<T> {
+    if let Err(e) = &out {
+        eprintln!("error: rank {rank}: {e:#}");
+        if let Some(g) = group {
+            g.abort(&format!("rank {rank}: {e:#}"));
+        }
+        exit_now(1);
+    }
+    out
 }
 
 /// Ends the process at once from any thread, stdout and stderr flushed first (as far as their
