@@ -106,8 +106,9 @@ impl Drop for Handle {
             );
         }
         if let Ok(destroy) = self.hccl.HcclCommDestroy() {
-            // SAFETY: a communicator from HcclCommInitRootInfo / HcclCreateSubCommConfig, owned by
-            // this handle, destroyed once; its sub-communicators (which hold this handle) are gone.
+            // SAFETY: a communicator from HcclCommInitRootInfo[Config], HcclCommInitClusterInfo[Config]
+            // or HcclCreateSubCommConfig, owned by this handle, destroyed once; its
+            // sub-communicators (which hold this handle) are gone.
             let code = unsafe { destroy(self.comm) };
             if let Err(msg) = check(self.hccl, self.dev.api, code, "HcclCommDestroy") {
                 eprintln!("dsv4: device {}: {msg}", self.dev.id);
@@ -832,13 +833,8 @@ pub fn physical_devices(devices: &[i32], visible: Option<&str>) -> Result<Vec<us
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| bad(format!("{d} is not a device id"))))
         .collect::<Result<_>>()?;
-    let Some(visible) = visible.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(logical) };
-    let list: Vec<usize> = visible
-        .split(',')
-        .map(|x| {
-            x.trim().parse().map_err(|_| bad(format!("ASCEND_RT_VISIBLE_DEVICES={visible:?} is not a list of ids")))
-        })
-        .collect::<Result<_>>()?;
+    let Some(list) = visible_devices(visible)? else { return Ok(logical) };
+    let visible = visible.unwrap_or_default().trim();
     logical
         .iter()
         .map(|&d| {
@@ -847,6 +843,21 @@ pub fn physical_devices(devices: &[i32], visible: Option<&str>) -> Result<Vec<us
             })
         })
         .collect()
+}
+
+/// The physical NPU ids `visible` (the value of `ASCEND_RT_VISIBLE_DEVICES`) lists, logical id i
+/// being the i-th; `None` when it is unset or empty (logical ids are physical ones).
+pub fn visible_devices(visible: Option<&str>) -> Result<Option<Vec<usize>>> {
+    let Some(visible) = visible.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(None) };
+    visible
+        .split(',')
+        .map(|x| {
+            x.trim().parse().map_err(|_| {
+                Error::config("devices", format!("ASCEND_RT_VISIBLE_DEVICES={visible:?} is not a list of ids"))
+            })
+        })
+        .collect::<Result<Vec<usize>>>()
+        .map(Some)
 }
 
 impl HcclBootstrap {
@@ -880,7 +891,13 @@ impl HcclBootstrap {
         let table = RankTable::read(path)?;
         let (nnodes, node_rank) = node.as_ref().map_or((1, 0), |n| (n.nnodes(), n.node_rank()));
         let visible = std::env::var("ASCEND_RT_VISIBLE_DEVICES").ok();
-        table.check_run(nnodes, node_rank, &physical_devices(devices, visible.as_deref())?)?;
+        let listed = visible_devices(visible.as_deref())?;
+        table.check_run_visible(
+            nnodes,
+            node_rank,
+            &physical_devices(devices, visible.as_deref())?,
+            listed.as_deref(),
+        )?;
         let c_path = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::Input(format!("rank table {}: the path contains a NUL byte", path.display())))?;
         let mut boot = match node {

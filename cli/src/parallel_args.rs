@@ -255,12 +255,28 @@ impl RankTableArgs {
                 );
             }
         }
-        let table = dsv4_core::parallel::RankTable::read(&path)?;
+        // A table from the environment may be a launcher's, not meant for this run: say where
+        // it came from, and how to do without it.
+        let origin = |e: dsv4_core::parallel::RankTableError| match self.rank_table {
+            Some(_) => anyhow::anyhow!("{e}"),
+            None => anyhow::anyhow!(
+                "{e} (the table comes from the environment, {how}: unset RANK_TABLE_FILE to join through HCCL's root \
+                 info instead)"
+            ),
+        };
+        let table = dsv4_core::parallel::RankTable::read_when_ready(
+            &path,
+            dsv4_core::parallel::local::default_timeout(),
+            std::time::Duration::from_secs(1),
+            &mut || eprintln!("rank table {}: status \"initializing\": waiting until it is completed", path.display()),
+        )
+        .map_err(origin)?;
         let spec = parallel.node_spec()?;
         let ids = device_ids(&parallel.devices)?;
         let visible = std::env::var("ASCEND_RT_VISIBLE_DEVICES").ok();
         let physical = dsv4_backend_ascend::physical_devices(&ids, visible.as_deref())?;
-        table.check_run(spec.nnodes, spec.node_rank, &physical)?;
+        let listed = dsv4_backend_ascend::visible_devices(visible.as_deref())?;
+        table.check_run_visible(spec.nnodes, spec.node_rank, &physical, listed.as_deref()).map_err(origin)?;
         eprintln!(
             "rank table {}: {} server(s), {} ranks; this node is {:?}: HCCL joins with HcclCommInitClusterInfo",
             path.display(),

@@ -85,8 +85,19 @@ fn a_bad_rank_table_is_refused_with_its_message() {
             "rank 0 is also server_list[0].device[0]'s",
         ],
     );
-    // The same from RANK_TABLE_FILE.
-    refused(logits(&[], &[("RANK_TABLE_FILE", dup.to_str().unwrap())]), &["server_list[0].device[1].rank_id"]);
+    // The same from RANK_TABLE_FILE, which the message names with the way out.
+    refused(
+        logits(&[], &[("RANK_TABLE_FILE", dup.to_str().unwrap())]),
+        &["server_list[0].device[1].rank_id", "comes from the environment", "unset RANK_TABLE_FILE"],
+    );
+    // A launcher's directory (ModelArts sets one), not a table file.
+    refused(logits(&[], &[("RANK_TABLE_FILE", "/tmp")]), &["ends in .json", "unset RANK_TABLE_FILE"]);
+    // Through ASCEND_RT_VISIBLE_DEVICES the advice gives logical ids, as --devices takes them.
+    let visible = write("visible.json", &table(&[("a", &[(2, 0), (3, 1)])]));
+    refused(
+        logits(&["--rank-table", visible.to_str().unwrap()], &[("ASCEND_RT_VISIBLE_DEVICES", "3,2")]),
+        &["give --devices 1,0 (logical ids"],
+    );
     // A table for other devices than --devices.
     let other = write("other.json", &table(&[("a", &[(2, 0), (3, 1)])]));
     refused(
@@ -98,7 +109,11 @@ fn a_bad_rank_table_is_refused_with_its_message() {
     refused(logits(&["--rank-table", two.to_str().unwrap()], &[]), &["lists 2 server(s)", "give --nnodes 2"]);
     // Not ready, and missing.
     let init = write("init.json", &table(&[("a", &[(0, 0), (1, 1)])]).replace("completed", "initializing"));
-    refused(logits(&["--rank-table", init.to_str().unwrap()], &[]), &["status: \"initializing\""]);
+    // Waited for (a launcher may still be writing it), up to DSV4_COMM_TIMEOUT_S.
+    refused(
+        logits(&["--rank-table", init.to_str().unwrap()], &[("DSV4_COMM_TIMEOUT_S", "1")]),
+        &["waiting until it is completed", "status: still \"initializing\" after 1 s"],
+    );
     refused(logits(&["--rank-table", "/nonexistent/hccl.json"], &[]), &["/nonexistent/hccl.json", "cannot read"]);
 }
 
@@ -152,13 +167,19 @@ fn logits_through_a_rank_table_equal_the_root_info_run() {
         let mut args = vec!["logits", "--backend", "ascend", "--devices", "0-1", "--tensor-parallel", "2"];
         args.extend_from_slice(&["--ids", "5,17,42", "--out", out.to_str().unwrap()]);
         args.extend_from_slice(extra);
-        let o = dsv4(&args, &[]).output().unwrap();
+        let o = dsv4(&args, &[("DSV4_ASCEND_EMU_TRACE_INIT", "1")]).output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         (std::fs::read(out).unwrap(), stderr(&o))
     };
-    let (root, _) = run(&dir.join("root.safetensors"), &[]);
+    let (root, err) = run(&dir.join("root.safetensors"), &[]);
+    assert!(err.contains("ascend-emu: HcclCommInitRootInfo") && !err.contains("ClusterInfo"), "{err}");
     let (from_table, err) = run(&dir.join("table.safetensors"), &["--rank-table", good.to_str().unwrap()]);
-    assert!(err.contains("HcclCommInitClusterInfo") && err.contains("this node is \"cli-good\""), "{err}");
+    assert!(err.contains("this node is \"cli-good\""), "{err}");
+    // The ranks joined through the table (the emulator says which call made each communicator).
+    for rank in 0..2 {
+        assert!(err.contains(&format!("ascend-emu: HcclCommInitClusterInfoConfig rank {rank}")), "{err}");
+    }
+    assert!(!err.contains("ascend-emu: HcclCommInitRootInfo"), "{err}");
     assert_eq!(root, from_table, "the logits differ");
 }
 

@@ -185,6 +185,24 @@ fn an_unreadable_or_malformed_table_fails_the_caller_with_hccls_code() {
             },
             &["rank_id", "rank 1 is missing"],
         ),
+        // HCCL reads numbers only as JSON strings.
+        (
+            {
+                let mut v = good.clone();
+                v["server_list"][0]["device"][0]["rank_id"] = 0.into();
+                v
+            },
+            &["server_list[0].device[0].rank_id", "not a number"],
+        ),
+        // A 1.2 table gives every device's super_device_id.
+        (
+            {
+                let mut v = good.clone();
+                v["version"] = "1.2".into();
+                v
+            },
+            &["server_list[0].device[0].super_device_id"],
+        ),
     ];
     for (i, (v, wants)) in cases.into_iter().enumerate() {
         let p = write(&format!("bad{i}.json"), &v.to_string());
@@ -193,6 +211,9 @@ fn an_unreadable_or_malformed_table_fails_the_caller_with_hccls_code() {
         all.extend_from_slice(wants);
         assert_all_failed(&out, &all);
     }
+    // HCCL takes only a path ending in .json.
+    let p = write("table.txt", &good.to_string());
+    assert_all_failed(&join_each(&[(0, &p, 0)], 2), &["HCCL_E_PARA", "does not end in .json"]);
 }
 
 #[test]
@@ -247,7 +268,7 @@ fn a_table_that_does_not_describe_the_run_is_refused_before_devices_open() {
     assert!(e.contains("give --devices 0,1"), "{e}");
     let e = HcclBootstrap::from_rank_table(&t, &[0, 1, 2], None).err().expect("refused").to_string();
     assert!(e.contains("lists 2 device(s)"), "{e}");
-    let e = HcclBootstrap::from_rank_table(&t.with_extension("missing"), &[0, 1], None).err().expect("refused");
+    let e = HcclBootstrap::from_rank_table(&t.with_file_name("missing.json"), &[0, 1], None).err().expect("refused");
     assert!(e.to_string().contains("cannot read"), "{e}");
 }
 

@@ -31,14 +31,15 @@
 //! `status` is `"completed"` once the table may be used (`"initializing"` while Ascend Operator
 //! still writes it); `server_count` is the number of servers; `server_id` identifies a server
 //! and must be unique; `device_id` is the NPU's physical id on its server; `device_ip` its NIC
-//! address; `rank_id` the global rank, from 0, unique. The documents write every value as a
-//! JSON string; dsv4 also accepts JSON integers for the numbers.
+//! address; `rank_id` the global rank, from 0, unique. Every value is a JSON string: HCCL's
+//! parser refuses numbers written as JSON integers (`GetJsonArrayMemberProperty`: "is not
+//! string"), and so does dsv4. HCCL also takes only a path ending in `.json`.
 //!
 //! Version `"1.2"` is the A3 super-node template (same user guide, "超节点模式"): each device
 //! also has `super_device_id` (and `device_port`, `backup_device_ip`, `host_port`, ...), each
 //! server `host_ip`, and the file a `super_pod_list` of `{super_pod_id, server_list:
-//! [{server_id}]}`. dsv4 reads it like 1.0 and checks that every server of `super_pod_list`
-//! is a server of `server_list`.
+//! [{server_id}]}`. dsv4 reads it like 1.0, requires every device's `super_device_id` (HCCL's
+//! parser does) and checks that every server of `super_pod_list` is a server of `server_list`.
 //!
 //! # What dsv4 reads, and what it passes through
 //!
@@ -46,7 +47,9 @@
 //! `server_id` and `device[j]`'s `device_id` and `rank_id`; for 1.2 the `server_id`s of
 //! `super_pod_list`. Everything else (`device_ip`, `super_device_id`, ports, `host_ip`,
 //! `container_ip`, `hardware_type`, ...) is passed through untouched: the file is handed to
-//! HCCL by its path, and HCCL reads the network fields itself. Templates dsv4 does not read
+//! HCCL by its path, and HCCL reads the network fields itself. They are part of what nodes
+//! compare when they meet ([`RankTable::fingerprint`]): a stale copy on one node would
+//! otherwise pass dsv4's checks and stall inside HCCL. Templates dsv4 does not read
 //! (template 2's `group_list`, ClusterD's `server_group_list`) are refused by name.
 //!
 //! # How a table maps onto a dsv4 run
@@ -115,12 +118,32 @@ pub struct RankTable {
     pub version: String,
     /// `server_list`, in the file's order (server `i` is node `i`).
     pub servers: Vec<TableServer>,
+    /// Per server, every field of its entry and its devices' (keys sorted, compact JSON), and
+    /// `super_pod_list` the same way: what [`RankTable::fingerprint`] adds to the ids.
+    pub canonical: Vec<String>,
 }
 
+/// `v` with every object's keys sorted, as compact JSON: equal for two files that say the same,
+/// however they order or format it.
+fn canonical(v: &Value) -> String {
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                Value::Object(keys.into_iter().map(|k| (k.clone(), sorted(&m[k]))).collect())
+            }
+            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(v).to_string()
+}
+
+/// A number written as HCCL reads it: a JSON string of digits.
 fn number(v: &Value) -> Option<u64> {
     match v {
         Value::String(s) => s.trim().parse().ok().filter(|_| !s.trim().starts_with('+')),
-        Value::Number(n) => n.as_u64(),
         _ => None,
     }
 }
@@ -137,6 +160,12 @@ fn shown(v: &Value) -> String {
 impl RankTable {
     /// Reads and validates the table at `path`.
     pub fn read(path: &Path) -> Result<RankTable, RankTableError> {
+        if path.extension().is_none_or(|e| e != "json") {
+            return Err(RankTableError(format!(
+                "rank table {}: HCCL takes only a rank table file whose name ends in .json",
+                path.display()
+            )));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| {
             RankTableError(format!(
                 "rank table {}: cannot read it: {e} (give the path of the JSON rank table with --rank-table or \
@@ -145,6 +174,42 @@ impl RankTable {
             ))
         })?;
         RankTable::parse(&text, path)
+    }
+
+    /// [`RankTable::read`], waiting while the table's `status` is `"initializing"` (a launcher
+    /// such as Ascend Operator writes the file while the job's pods start; HCCL itself waits
+    /// for "completed"): re-read every `poll` until it is complete, or fail after `timeout`.
+    /// `on_wait` is called once, when the waiting starts.
+    pub fn read_when_ready(
+        path: &Path,
+        timeout: std::time::Duration,
+        poll: std::time::Duration,
+        on_wait: &mut dyn FnMut(),
+    ) -> Result<RankTable, RankTableError> {
+        let start = std::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let initializing = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .is_some_and(|v| v.get("status").and_then(Value::as_str) == Some("initializing"));
+            if !initializing {
+                return RankTable::read(path);
+            }
+            if start.elapsed() >= timeout {
+                return Err(RankTableError(format!(
+                    "rank table {}: status: still \"initializing\" after {:.0} s (DSV4_COMM_TIMEOUT_S): whoever \
+                     writes it (e.g. Ascend Operator) has not finished",
+                    path.display(),
+                    timeout.as_secs_f64()
+                )));
+            }
+            if !waited {
+                waited = true;
+                on_wait();
+            }
+            std::thread::sleep(poll);
+        }
     }
 
     /// Parses and validates `text`, the contents of `path` (named in the messages).
@@ -196,7 +261,8 @@ impl RankTable {
             None => return Err(bad("server_list", "missing".into())),
         };
         let count = match top.get("server_count") {
-            Some(v) => number(v).ok_or_else(|| bad("server_count", format!("{} is not a number", shown(v))))?,
+            Some(v) => number(v)
+                .ok_or_else(|| bad("server_count", format!("{} is not a number written as a string", shown(v))))?,
             None => return Err(bad("server_count", "missing".into())),
         };
         if count as usize != servers_v.len() {
@@ -242,7 +308,13 @@ impl RankTable {
                 let field = |key: &str| -> Result<u64, RankTableError> {
                     match d.get(key) {
                         Some(v) => number(v).ok_or_else(|| {
-                            bad(&format!("{at}.{key}"), format!("{} is not a non-negative number", shown(v)))
+                            bad(
+                                &format!("{at}.{key}"),
+                                format!(
+                                    "{} is not a non-negative number written as a string (HCCL reads \"3\", not 3)",
+                                    shown(v)
+                                ),
+                            )
                         }),
                         None => Err(bad(&format!("{at}.{key}"), format!("missing (server {server_id:?})"))),
                     }
@@ -251,6 +323,23 @@ impl RankTable {
                 let device_id = u32::try_from(device_id)
                     .map_err(|_| bad(&format!("{at}.device_id"), format!("{device_id} is out of range")))?;
                 let rank_id = field("rank_id")? as usize;
+                if version == "1.2" {
+                    match d.get("super_device_id") {
+                        Some(v) if number(v).is_some() => {}
+                        Some(v) => {
+                            return Err(bad(
+                                &format!("{at}.super_device_id"),
+                                format!("{} is not a number written as a string", shown(v)),
+                            ))
+                        }
+                        None => {
+                            return Err(bad(
+                                &format!("{at}.super_device_id"),
+                                format!("missing (server {server_id:?}): a version 1.2 table gives every device's"),
+                            ))
+                        }
+                    }
+                }
                 if let Some(first) = seen.insert(device_id, j) {
                     return Err(bad(
                         &format!("{at}.device_id"),
@@ -303,7 +392,11 @@ impl RankTable {
                 }
             }
         }
-        Ok(RankTable { path: path.to_path_buf(), version, servers })
+        let mut canonical: Vec<String> = servers_v.iter().map(self::canonical).collect();
+        if let Some(pods) = top.get("super_pod_list") {
+            canonical.push(format!("super_pod_list {}", self::canonical(pods)));
+        }
+        Ok(RankTable { path: path.to_path_buf(), version, servers, canonical })
     }
 
     /// The number of ranks the table describes.
@@ -311,8 +404,9 @@ impl RankTable {
         self.servers.iter().map(|s| s.devices.len()).sum()
     }
 
-    /// A canonical text of what dsv4 reads (version, servers in order, each device's id and
-    /// rank): equal for two files that describe the same world, whatever their formatting.
+    /// A canonical text of the table (version, servers in order, each device's id and rank,
+    /// then every field of each entry, network ones included): equal for two files that
+    /// describe the same world, whatever their formatting or key order.
     pub fn fingerprint(&self) -> String {
         let mut out = format!("rank table version {}", self.version);
         for (i, s) in self.servers.iter().enumerate() {
@@ -320,12 +414,31 @@ impl RankTable {
                 s.devices.iter().map(|d| format!("rank {} on {}", d.rank_id, d.device_id)).collect();
             out.push_str(&format!("\nrank table server_list[{i}]: {:?}, {}", s.server_id, devices.join(", ")));
         }
+        for (i, c) in self.canonical.iter().enumerate() {
+            match self.servers.get(i) {
+                Some(_) => out.push_str(&format!("\nrank table server_list[{i}] fields: {c}")),
+                None => out.push_str(&format!("\nrank table {c}")),
+            }
+        }
         out
     }
 
     /// Checks the table against this process's run: node `node_rank` of `nnodes`, its local
     /// rank `r` on the NPU whose physical id is `devices[r]`. See the module docs for the rule.
     pub fn check_run(&self, nnodes: usize, node_rank: usize, devices: &[usize]) -> Result<(), RankTableError> {
+        self.check_run_visible(nnodes, node_rank, devices, None)
+    }
+
+    /// [`RankTable::check_run`] where the runtime numbers only `visible`'s physical NPUs, logical
+    /// id i being `visible[i]` (`ASCEND_RT_VISIBLE_DEVICES`): the advice then gives `--devices`
+    /// as logical ids, as the flag takes them.
+    pub fn check_run_visible(
+        &self,
+        nnodes: usize,
+        node_rank: usize,
+        devices: &[usize],
+        visible: Option<&[usize]>,
+    ) -> Result<(), RankTableError> {
         let file = self.path.display();
         let d = devices.len();
         let flags = if nnodes > 1 { format!("--nnodes {nnodes}") } else { "one node (no --nnodes)".into() };
@@ -368,17 +481,33 @@ impl RankTable {
         let ids: Vec<usize> = me.devices.iter().map(|x| x.device_id as usize).collect();
         if ids != devices {
             let pos = ids.iter().zip(devices).position(|(a, b)| a != b).unwrap_or(0);
+            // The flag takes logical ids: the table's physical ones mapped back through the
+            // visible list, where there is one.
+            let advice = match visible {
+                None => format!("give --devices {}", ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+                Some(v) => match ids.iter().map(|p| v.iter().position(|x| x == p)).collect::<Option<Vec<_>>>() {
+                    Some(logical) => format!(
+                        "give --devices {} (logical ids: ASCEND_RT_VISIBLE_DEVICES makes physical NPUs {v:?} devices \
+                         0..{})",
+                        logical.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","),
+                        v.len()
+                    ),
+                    None => format!(
+                        "the table's NPUs are not all visible to this process (ASCEND_RT_VISIBLE_DEVICES lists \
+                         physical NPUs {v:?}): make them visible, or fix the table"
+                    ),
+                },
+            };
             return Err(RankTableError(format!(
                 "rank table {file}: server_list[{node_rank}].device[].device_id: server {:?} (node {node_rank}) puts \
-                 ranks {}..{} on devices {ids:?}, but --devices gives {devices:?} (rank {} on device {} here, {} in \
-                 the table); give --devices {}",
+                 ranks {}..{} on physical NPUs {ids:?}, but --devices gives {devices:?} (rank {} on NPU {} here, {} \
+                 in the table); {advice}",
                 me.server_id,
                 node_rank * d,
                 (node_rank + 1) * d,
                 node_rank * d + pos,
                 devices[pos],
                 ids[pos],
-                ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
             )));
         }
         Ok(())
@@ -431,10 +560,15 @@ mod tests {
     }
 
     /// MindCluster's hccl.json (extra fields: container_ip, hardware_type; fields in another
-    /// order; numbers as integers), passed through.
+    /// order), passed through; numbers written as JSON integers are refused, as HCCL refuses
+    /// them.
     #[test]
-    fn extra_fields_and_integer_numbers_are_accepted() {
-        let text = r#"{"server_list": [{"device": [{"device_id": 1, "device_ip": "192.168.101.1", "rank_id": 0},
+    fn extra_fields_are_passed_through_and_integer_numbers_refused() {
+        let ints = r#"{"server_list": [{"device": [{"device_id": 1, "device_ip": "192.168.101.1", "rank_id": 0}],
+            "server_id": "a"}], "status": "completed", "server_count": "1", "version": "1.0"}"#;
+        let e = parse(ints).unwrap_err().0;
+        assert!(e.contains("server_list[0].device[0].device_id") && e.contains("written as a string"), "{e}");
+        let text = r#"{"server_list": [{"device": [{"device_id": "1", "device_ip": "192.168.101.1", "rank_id": "0"},
             {"device_id": "3", "device_ip": "192.168.103.3", "rank_id": "1"}],
             "server_id": "192.168.101.101", "container_ip": "192.168.149.101", "hardware_type": "800I-A2-32G"}],
             "status": "completed", "server_count": "1", "version": "1.0"}"#;
@@ -457,6 +591,12 @@ mod tests {
         let mut v: Value = serde_json::from_str(&two_by_two()).unwrap();
         v["version"] = "1.2".into();
         v["server_list"][0]["device"][0]["super_device_id"] = "0".into();
+        // HCCL's 1.2 parser needs every device's super_device_id.
+        let e = parse(&v.to_string()).unwrap_err().0;
+        assert!(e.contains("server_list[0].device[1].super_device_id") && e.contains("missing"), "{e}");
+        for (i, j) in [(0, 1), (1, 0), (1, 1)] {
+            v["server_list"][i]["device"][j]["super_device_id"] = format!("{}", 2 * i + j).into();
+        }
         v["super_pod_list"] = serde_json::json!([{"super_pod_id": "0", "server_list": [{"server_id": "node_0"},
                                                                                       {"server_id": "node_1"}]}]);
         parse(&v.to_string()).unwrap().check_run(2, 1, &[0, 1]).unwrap();
@@ -538,7 +678,14 @@ mod tests {
         assert!(e.contains("server_list[0].device") && e.contains("lists 2 device(s)") && e.contains("runs 3"), "{e}");
         let e = t.check_run(2, 1, &[2, 3]).unwrap_err().0;
         assert!(e.contains("server_list[1].device[].device_id") && e.contains("\"node_1\""), "{e}");
-        assert!(e.contains("rank 2 on device 2 here, 0 in the table") && e.contains("give --devices 0,1"), "{e}");
+        assert!(e.contains("rank 2 on NPU 2 here, 0 in the table") && e.contains("give --devices 0,1"), "{e}");
+        // With ASCEND_RT_VISIBLE_DEVICES the advice is in logical ids, as --devices takes them.
+        let t4 = parse(&table(&[("a", &[(4, 0), (5, 1)])])).unwrap();
+        t4.check_run_visible(1, 0, &[4, 5], Some(&[4, 5])).unwrap();
+        let e = t4.check_run_visible(1, 0, &[5, 4], Some(&[4, 5])).unwrap_err().0;
+        assert!(e.contains("give --devices 0,1 (logical ids"), "{e}");
+        let e = t4.check_run_visible(1, 0, &[6, 7], Some(&[6, 7])).unwrap_err().0;
+        assert!(e.contains("not all visible to this process"), "{e}");
         // Ranks not in dsv4's order: node 0 holds 0 and 2.
         let t = parse(&table(&[("a", &[(0, 0), (1, 2)]), ("b", &[(0, 1), (1, 3)])])).unwrap();
         let e = t.check_run(2, 0, &[0, 1]).unwrap_err().0;
@@ -550,16 +697,61 @@ mod tests {
         assert!(e.contains("server_list[0].device") && e.contains("same number of devices"), "{e}");
     }
 
+    /// Formatting and key order do not change a fingerprint; any field does, the network ones
+    /// (which HCCL reads and dsv4 passes through) included.
     #[test]
-    fn fingerprints_ignore_formatting_and_pass_through_fields() {
+    fn fingerprints_ignore_formatting_not_fields() {
         let a = parse(&two_by_two()).unwrap();
-        let mut v: Value = serde_json::from_str(&two_by_two()).unwrap();
-        v["server_list"][0]["device"][0]["device_ip"] = "10.0.0.1".into();
+        let v: Value = serde_json::from_str(&two_by_two()).unwrap();
+        // Pretty-printed.
         let b = RankTable::parse(&serde_json::to_string_pretty(&v).unwrap(), Path::new("/other.json")).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
-        v["server_list"][1]["device"][1]["device_id"] = "7".into();
-        let c = parse(&v.to_string()).unwrap();
-        assert_ne!(a.fingerprint(), c.fingerprint());
+        let mut w = v.clone();
+        w["server_list"][0]["device"][0]["device_ip"] = "10.0.0.1".into();
+        assert_ne!(a.fingerprint(), parse(&w.to_string()).unwrap().fingerprint(), "a stale device_ip");
+        let mut w = v.clone();
+        w["server_list"][1]["device"][1]["device_id"] = "7".into();
+        assert_ne!(a.fingerprint(), parse(&w.to_string()).unwrap().fingerprint());
+        // Key order: the same entry with its keys the other way round.
+        let mut m = serde_json::Map::new();
+        let entry = v["server_list"][0].as_object().unwrap();
+        for k in entry.keys().rev() {
+            m.insert(k.clone(), entry[k].clone());
+        }
+        let mut w = v.clone();
+        w["server_list"][0] = Value::Object(m);
+        assert_eq!(a.fingerprint(), parse(&w.to_string()).unwrap().fingerprint());
+    }
+
+    /// A table still being written is waited for, up to the timeout.
+    #[test]
+    fn an_initializing_table_is_waited_for() {
+        let dir = std::env::temp_dir().join(format!("dsv4-rank-table-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hccl.json");
+        std::fs::write(&path, two_by_two().replace("completed", "initializing")).unwrap();
+        let (ms, poll) = (std::time::Duration::from_millis, std::time::Duration::from_millis(10));
+        let mut waits = 0;
+        let e = RankTable::read_when_ready(&path, ms(100), poll, &mut || waits += 1).unwrap_err().0;
+        assert!(e.contains("still \"initializing\"") && e.contains("DSV4_COMM_TIMEOUT_S"), "{e}");
+        assert_eq!(waits, 1);
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                std::fs::write(&path, two_by_two()).unwrap();
+            })
+        };
+        let t = RankTable::read_when_ready(&path, ms(10_000), poll, &mut || {}).unwrap();
+        writer.join().unwrap();
+        assert_eq!(t.world(), 4);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn only_json_files_are_read() {
+        let e = RankTable::read(Path::new("/etc/hccl.txt")).unwrap_err().0;
+        assert!(e.contains("ends in .json"), "{e}");
     }
 
     #[test]

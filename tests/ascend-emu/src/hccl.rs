@@ -781,6 +781,7 @@ unsafe fn init_root_info(
     if rootInfo.is_null() || comm.is_null() {
         return Err((HCCL_E_PTR, format!("{what}: rootInfo ({rootInfo:p}) or comm ({comm:p}) is NULL")));
     }
+    trace_init(what, rank);
     let device = calling_device(what)?;
     // SAFETY: a non-null pointer to the caller's HcclRootInfo (4108 bytes).
     let blob = unsafe { std::slice::from_raw_parts(rootInfo as *const u8, HCCL_ROOT_INFO_BYTES) };
@@ -845,12 +846,11 @@ struct ClusterTable {
     ranks: Vec<(String, i32, String)>,
 }
 
-/// A field of the table that must be a non-negative integer (a JSON string, as Huawei's
-/// templates write it, or a number).
+/// A field of the table that must be a non-negative integer, written as a JSON string: HCCL's
+/// parser refuses a JSON number ("is not string", HCCL_E_PARA).
 fn table_number(v: Option<&serde_json::Value>) -> Option<u64> {
     match v? {
         serde_json::Value::String(s) => s.trim().parse().ok(),
-        serde_json::Value::Number(n) => n.as_u64(),
         _ => None,
     }
 }
@@ -897,6 +897,11 @@ fn read_cluster_table(path: &str, what: &str) -> Result<ClusterTable, Fail> {
             let Some(rank) = table_number(d.get("rank_id")) else {
                 return Err(bad(&format!("{at}.rank_id"), "missing or not a number".into()));
             };
+            if root.get("version").and_then(Value::as_str) == Some("1.2")
+                && table_number(d.get("super_device_id")).is_none()
+            {
+                return Err(bad(&format!("{at}.super_device_id"), "missing or not a number (version 1.2)".into()));
+            }
             if !seen.insert(dev) {
                 return Err(bad(&format!("{at}.device_id"), format!("device {dev} appears twice on server {id:?}")));
             }
@@ -916,6 +921,15 @@ fn read_cluster_table(path: &str, what: &str) -> Result<ClusterTable, Fail> {
         ranks.push(entry);
     }
     Ok(ClusterTable { ranks })
+}
+
+/// With `DSV4_ASCEND_EMU_TRACE_INIT` set, each communicator initialisation says on stderr which
+/// function made it and for which rank: how a test tells a rank-table join from a root-info
+/// one (both give the same world, so results alone cannot).
+fn trace_init(what: &str, rank: u32) {
+    if std::env::var_os("DSV4_ASCEND_EMU_TRACE_INIT").is_some() {
+        eprintln!("ascend-emu: {what} rank {rank}");
+    }
 }
 
 /// A 64-bit FNV-1a hash, naming a rank table's world.
@@ -939,6 +953,10 @@ unsafe fn init_cluster_info(
         return Err(para(format!("{what}: the rank table path is longer than 4096 bytes (with the NUL)")));
     }
     let path = path.to_string_lossy().into_owned();
+    trace_init(what, rank);
+    if !path.ends_with(".json") {
+        return Err(para(format!("{what}: the rank table path {path} does not end in .json (HCCL takes only those)")));
+    }
     let device = calling_device(what)?;
     let table = read_cluster_table(&path, what)?;
     let physical = emu().visible.get(device as usize).copied().unwrap_or(device);
