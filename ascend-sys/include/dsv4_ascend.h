@@ -187,6 +187,9 @@ aclError aclrtSetDevice(int32_t deviceId);
 aclError aclrtResetDevice(int32_t deviceId);
 aclError aclrtGetDevice(int32_t *deviceId);
 aclError aclrtGetDeviceCount(uint32_t *count);
+/** The physical NPU id of a logical one (an entry of ASCEND_RT_VISIBLE_DEVICES, else the user id):
+ * they differ inside containers. Optional (not in older CANN). */
+aclError aclrtGetPhyDevIdByLogicDevId(const int32_t logicDevId, int32_t *const phyDevId);
 const char *aclrtGetSocName(void);
 aclError aclrtGetMemInfo(aclrtMemAttr attr, size_t *free, size_t *total);
 

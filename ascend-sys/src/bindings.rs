@@ -194,6 +194,8 @@ acl_functions! {
     pub fn aclrtResetDevice(deviceId: i32) -> aclError;
     pub fn aclrtGetDevice(deviceId: *mut i32) -> aclError;
     pub fn aclrtGetDeviceCount(count: *mut u32) -> aclError;
+    #[doc = " The physical NPU id of a logical one (an entry of ASCEND_RT_VISIBLE_DEVICES, else the user id):\n they differ inside containers. Optional (not in older CANN)."]
+    pub fn aclrtGetPhyDevIdByLogicDevId(logicDevId: i32, phyDevId: *mut i32) -> aclError;
     pub fn aclrtGetSocName() -> *const ::std::os::raw::c_char;
     pub fn aclrtGetMemInfo(attr: aclrtMemAttr, free: *mut usize, total: *mut usize) -> aclError;
     pub fn aclrtCreateStream(stream: *mut aclrtStream) -> aclError;

@@ -824,23 +824,48 @@ fn root_from(bytes: &[u8]) -> std::result::Result<HcclRootInfo, String> {
     Ok(root)
 }
 
-/// Physical NPU ids of AscendCL's logical `devices`, as a rank table's `device_id`s give them:
-/// through `visible` (the value of `ASCEND_RT_VISIBLE_DEVICES`: logical id i is its i-th entry)
-/// when set, else the same ids.
+/// Physical NPU ids, as a rank table's `device_id`s give them, of this process's device ids
+/// `devices` (what `--devices` and `aclrtSetDevice` take): see [`physical_ids`].
 pub fn physical_devices(devices: &[i32], visible: Option<&str>) -> Result<Vec<usize>> {
-    let bad = |msg: String| Error::config("devices", msg);
-    let logical: Vec<usize> = devices
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| bad(format!("{d} is not a device id"))))
-        .collect::<Result<_>>()?;
-    let Some(list) = visible_devices(visible)? else { return Ok(logical) };
-    let visible = visible.unwrap_or_default().trim();
-    logical
+    let all = physical_ids(visible)?;
+    devices
         .iter()
         .map(|&d| {
-            list.get(d).copied().ok_or_else(|| {
-                bad(format!("device {d} is not among the {} of ASCEND_RT_VISIBLE_DEVICES={visible:?}", list.len()))
+            usize::try_from(d).ok().and_then(|i| all.get(i).copied()).ok_or_else(|| {
+                Error::config("devices", format!("device {d} is not one of this process's {} device(s)", all.len()))
             })
+        })
+        .collect()
+}
+
+/// For every device id of this process (0..aclrtGetDeviceCount), its physical NPU id: through
+/// `visible` (the value of `ASCEND_RT_VISIBLE_DEVICES`: device id i is its i-th entry, a logical
+/// id; else the same id), then through the runtime's `aclrtGetPhyDevIdByLogicDevId` (inside a
+/// container the logical ids are renumbered from 0 and differ from the physical ones; outside
+/// they are equal; hicann/runtime `docs/api_docs/aclrtGetPhyDevIdByLogicDevId.md`). Where the
+/// runtime lacks that function (older CANN), logical ids are taken as physical.
+pub fn physical_ids(visible: Option<&str>) -> Result<Vec<usize>> {
+    let api = dsv4_ascend_sys::runtime().map_err(|e| crate::acl::err(e.to_string()))?;
+    let count_of = api.aclrtGetDeviceCount().map_err(|e| crate::acl::err(e.to_string()))?;
+    let mut count = 0u32;
+    // SAFETY: out-pointer to a local.
+    crate::acl::check(api, "aclrtGetDeviceCount", unsafe { count_of(&mut count) })?;
+    let listed = visible_devices(visible)?;
+    (0..count as usize)
+        .map(|user| {
+            let logical = match &listed {
+                None => user,
+                Some(l) => *l.get(user).ok_or_else(|| {
+                    Error::config("devices", format!("device {user} is not in ASCEND_RT_VISIBLE_DEVICES={visible:?}"))
+                })?,
+            };
+            let Ok(to_physical) = api.aclrtGetPhyDevIdByLogicDevId() else { return Ok(logical) };
+            let mut physical = -1i32;
+            let id = i32::try_from(logical).map_err(|_| Error::config("devices", format!("{logical} is too large")))?;
+            // SAFETY: out-pointer to a local; the runtime is initialised (`runtime()`).
+            crate::acl::check(api, "aclrtGetPhyDevIdByLogicDevId", unsafe { to_physical(id, &mut physical) })?;
+            usize::try_from(physical)
+                .map_err(|_| crate::acl::err(format!("logical NPU {logical} has physical id {physical}")))
         })
         .collect()
 }

@@ -213,7 +213,8 @@ macro_rules! aclnn {
 pub mod kernels;
 
 pub use hccl::{
-    physical_devices, run_bootstrapped, run_node_ranks, run_ranks, visible_devices, HcclBootstrap, HcclCommunicator,
+    physical_devices, physical_ids, run_bootstrapped, run_node_ranks, run_ranks, visible_devices, HcclBootstrap,
+    HcclCommunicator,
 };
 pub use kernels::{Choice, FusedPolicy, FUSED_VAR};
 pub use pool::AscendPool;

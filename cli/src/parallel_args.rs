@@ -275,8 +275,8 @@ impl RankTableArgs {
         let ids = device_ids(&parallel.devices)?;
         let visible = std::env::var("ASCEND_RT_VISIBLE_DEVICES").ok();
         let physical = dsv4_backend_ascend::physical_devices(&ids, visible.as_deref())?;
-        let listed = dsv4_backend_ascend::visible_devices(visible.as_deref())?;
-        table.check_run_visible(spec.nnodes, spec.node_rank, &physical, listed.as_deref()).map_err(origin)?;
+        let all = dsv4_backend_ascend::physical_ids(visible.as_deref())?;
+        table.check_run_visible(spec.nnodes, spec.node_rank, &physical, Some(&all)).map_err(origin)?;
         eprintln!(
             "rank table {}: {} server(s), {} ranks; this node is {:?}: HCCL joins with HcclCommInitClusterInfo",
             path.display(),

@@ -96,7 +96,7 @@ fn a_bad_rank_table_is_refused_with_its_message() {
     let visible = write("visible.json", &table(&[("a", &[(2, 0), (3, 1)])]));
     refused(
         logits(&["--rank-table", visible.to_str().unwrap()], &[("ASCEND_RT_VISIBLE_DEVICES", "3,2")]),
-        &["give --devices 1,0 (logical ids"],
+        &["give --devices 1,0 (this process's device ids"],
     );
     // A table for other devices than --devices.
     let other = write("other.json", &table(&[("a", &[(2, 0), (3, 1)])]));
@@ -181,6 +181,23 @@ fn logits_through_a_rank_table_equal_the_root_info_run() {
     }
     assert!(!err.contains("ascend-emu: HcclCommInitRootInfo"), "{err}");
     assert_eq!(root, from_table, "the logits differ");
+    // In a container the runtime numbers the NPUs from 0 and the table names them by physical
+    // id (the emulator's DSV4_ASCEND_EMU_PHYSICAL_IDS plays the container): --devices 0-1 are
+    // physical NPUs 6 and 7 here, and the table for 6 and 7 joins them.
+    let container = [("DSV4_ASCEND_EMU_PHYSICAL_IDS", "4,5,6,7"), ("ASCEND_RT_VISIBLE_DEVICES", "2,3,0,1")];
+    let physical = write("container.json", &table(&[("cli-container", &[(6, 0), (7, 1)])]));
+    let out = dir.join("container.safetensors");
+    let mut args = vec!["logits", "--backend", "ascend", "--devices", "0-1", "--tensor-parallel", "2"];
+    args.extend_from_slice(&["--ids", "5,17,42", "--out", out.to_str().unwrap()]);
+    args.extend_from_slice(&["--rank-table", physical.to_str().unwrap()]);
+    let o = dsv4(&args, &container).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(root, std::fs::read(&out).unwrap(), "the logits differ in the container");
+    // A table for the container's other two NPUs: the advice gives this process's ids.
+    let other = write("container-other.json", &table(&[("cli-container", &[(4, 0), (5, 1)])]));
+    args.truncate(args.len() - 1);
+    args.push(other.to_str().unwrap());
+    refused(dsv4(&args, &container).output().unwrap(), &["give --devices 2,3 (this process's device ids"]);
 }
 
 /// Two nodes whose tables say different things are refused when they meet (each may read its

@@ -429,9 +429,9 @@ impl RankTable {
         self.check_run_visible(nnodes, node_rank, devices, None)
     }
 
-    /// [`RankTable::check_run`] where the runtime numbers only `visible`'s physical NPUs, logical
-    /// id i being `visible[i]` (`ASCEND_RT_VISIBLE_DEVICES`): the advice then gives `--devices`
-    /// as logical ids, as the flag takes them.
+    /// [`RankTable::check_run`] where this process's device id i is physical NPU `visible[i]`
+    /// (through `ASCEND_RT_VISIBLE_DEVICES` and, in a container, the runtime's renumbering): the
+    /// advice then gives `--devices` as this process's ids, as the flag takes them.
     pub fn check_run_visible(
         &self,
         nnodes: usize,
@@ -487,14 +487,12 @@ impl RankTable {
                 None => format!("give --devices {}", ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
                 Some(v) => match ids.iter().map(|p| v.iter().position(|x| x == p)).collect::<Option<Vec<_>>>() {
                     Some(logical) => format!(
-                        "give --devices {} (logical ids: ASCEND_RT_VISIBLE_DEVICES makes physical NPUs {v:?} devices \
-                         0..{})",
+                        "give --devices {} (this process's device ids, which are physical NPUs {v:?} in order)",
                         logical.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","),
-                        v.len()
                     ),
                     None => format!(
-                        "the table's NPUs are not all visible to this process (ASCEND_RT_VISIBLE_DEVICES lists \
-                         physical NPUs {v:?}): make them visible, or fix the table"
+                        "the table's NPUs are not all among this process's devices (physical NPUs {v:?}, through \
+                         ASCEND_RT_VISIBLE_DEVICES or a container): make them visible, or fix the table"
                     ),
                 },
             };
@@ -683,9 +681,9 @@ mod tests {
         let t4 = parse(&table(&[("a", &[(4, 0), (5, 1)])])).unwrap();
         t4.check_run_visible(1, 0, &[4, 5], Some(&[4, 5])).unwrap();
         let e = t4.check_run_visible(1, 0, &[5, 4], Some(&[4, 5])).unwrap_err().0;
-        assert!(e.contains("give --devices 0,1 (logical ids"), "{e}");
+        assert!(e.contains("give --devices 0,1 (this process's device ids"), "{e}");
         let e = t4.check_run_visible(1, 0, &[6, 7], Some(&[6, 7])).unwrap_err().0;
-        assert!(e.contains("not all visible to this process"), "{e}");
+        assert!(e.contains("not all among this process's devices"), "{e}");
         // Ranks not in dsv4's order: node 0 holds 0 and 2.
         let t = parse(&table(&[("a", &[(0, 0), (1, 2)]), ("b", &[(0, 1), (1, 3)])])).unwrap();
         let e = t.check_run(2, 0, &[0, 1]).unwrap_err().0;

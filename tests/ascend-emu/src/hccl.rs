@@ -959,7 +959,8 @@ unsafe fn init_cluster_info(
     }
     let device = calling_device(what)?;
     let table = read_cluster_table(&path, what)?;
-    let physical = emu().visible.get(device as usize).copied().unwrap_or(device);
+    let logical = emu().visible.get(device as usize).copied().unwrap_or(device);
+    let physical = crate::physical_of(logical).unwrap_or(logical);
     let n = table.ranks.len() as u32;
     let visible = emu().visible.len() as u32;
     if n > visible {

@@ -707,6 +707,35 @@ pub unsafe extern "C" fn aclrtGetDeviceCount(count: *mut u32) -> aclError {
     )
 }
 
+/// The physical id of logical NPU `logical` (0..DSV4_ASCEND_EMU_DEVICES): the
+/// `DSV4_ASCEND_EMU_PHYSICAL_IDS` list's entry (a container's view: logical ids renumbered from
+/// 0), else the same id (no container).
+pub(crate) fn physical_of(logical: i32) -> Option<i32> {
+    match std::env::var("DSV4_ASCEND_EMU_PHYSICAL_IDS") {
+        Err(_) => Some(logical),
+        Ok(list) => {
+            let ids: Vec<i32> = list.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            usize::try_from(logical).ok().and_then(|l| ids.get(l).copied())
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclrtGetPhyDevIdByLogicDevId(logicDevId: i32, phyDevId: *mut i32) -> aclError {
+    let e = emu();
+    let physical = env_usize("DSV4_ASCEND_EMU_DEVICES", 2) as i32;
+    code_of(e.require_init("aclrtGetPhyDevIdByLogicDevId").and_then(|()| {
+        match physical_of(logicDevId).filter(|_| (0..physical).contains(&logicDevId)) {
+            // SAFETY: `put` checks the pointer; the caller passes writable storage for an i32.
+            Some(p) => unsafe { put(phyDevId, p, "aclrtGetPhyDevIdByLogicDevId") },
+            None => Err((
+                ACL_ERROR_RT_INVALID_DEVICEID,
+                format!("aclrtGetPhyDevIdByLogicDevId: logical device {logicDevId} does not exist (0..{physical})"),
+            )),
+        }
+    }))
+}
+
 static SOC: LazyLock<CString> = LazyLock::new(|| {
     CString::new(std::env::var("DSV4_ASCEND_EMU_SOC").unwrap_or_else(|_| "Ascend910B3".into())).unwrap_or_default()
 });
@@ -1743,6 +1772,7 @@ check_signatures!(
     aclrtResetDevice,
     aclrtGetDevice,
     aclrtGetDeviceCount,
+    aclrtGetPhyDevIdByLogicDevId,
     aclrtGetSocName,
     aclrtGetMemInfo,
     aclrtCreateStream,
