@@ -106,6 +106,18 @@ pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
     opt_in: false,
 };
 
+/// `aclnnMatmul` on BF16 operands for `linear_act` in `--precision bf16`: the projections at
+/// a rounding point (attention, indexer, shared expert, MTP) read their BF16 weights as stored
+/// (INT8 group weights dequantised to BF16 exactly) instead of a per-call F32 copy, and the
+/// output is rounded to BF16 once. Not a fused kernel, but the same switch and self-test:
+/// BF16 matmuls are documented for Atlas A2/A3 and the 950 only (`aclnnMatmul.md`).
+pub const LINEAR_BF16: KernelSpec = KernelSpec {
+    name: "linear_act (bf16, BF16 weights): aclnnMatmul on BF16",
+    symbols: &["aclnnMatmulGetWorkspaceSize", "aclnnMatmul"],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: false,
+};
+
 /// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
 pub const MOE_GATING: KernelSpec = KernelSpec {
     name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
@@ -157,6 +169,7 @@ pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
 pub const ALL: &[&KernelSpec] = &[
     &GROUPED_MATMUL,
     &GROUPED_MATMUL_BF16,
+    &LINEAR_BF16,
     &MOE_GATING,
     &MOE_GATING_SQRT_SOFTPLUS,
     &SPARSE_FLASH_MLA,
@@ -232,6 +245,7 @@ impl KernelState {
 pub struct Kernels {
     pub grouped_matmul: KernelState,
     pub grouped_matmul_bf16: KernelState,
+    pub linear_bf16: KernelState,
     pub gating: KernelState,
     pub gating_sqrt_softplus: KernelState,
     pub sparse_flash_mla: KernelState,
@@ -244,6 +258,7 @@ impl Kernels {
         Kernels {
             grouped_matmul: state(&GROUPED_MATMUL),
             grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
+            linear_bf16: state(&LINEAR_BF16),
             gating: state(&MOE_GATING),
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
@@ -254,15 +269,7 @@ impl Kernels {
     /// Switches off every kernel whose name contains `which` (e.g. `aclnnSparseFlashMla`);
     /// returns how many.
     pub fn switch_off(&self, which: &str) -> usize {
-        let all = [
-            &self.grouped_matmul,
-            &self.grouped_matmul_bf16,
-            &self.gating,
-            &self.gating_sqrt_softplus,
-            &self.sparse_flash_mla,
-            &self.lightning_indexer,
-        ];
-        let hit: Vec<_> = all.into_iter().filter(|k| k.name.contains(which)).collect();
+        let hit: Vec<_> = self.all().into_iter().filter(|k| k.name.contains(which)).collect();
         for k in &hit {
             k.disable("switched off by the caller".into());
         }
@@ -271,17 +278,20 @@ impl Kernels {
 
     /// Every kernel's current decision, in the order of [`ALL`].
     pub fn choices(&self) -> Vec<Choice> {
+        self.all().iter().map(|k| k.choice()).collect()
+    }
+
+    /// Every kernel's state, in the order of [`ALL`].
+    fn all(&self) -> [&KernelState; 7] {
         [
             &self.grouped_matmul,
             &self.grouped_matmul_bf16,
+            &self.linear_bf16,
             &self.gating,
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,
             &self.lightning_indexer,
         ]
-        .iter()
-        .map(|k| k.choice())
-        .collect()
     }
 }
 

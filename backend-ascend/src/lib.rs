@@ -106,6 +106,7 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     let kernels = kernels::Kernels::select(api, &soc, policy);
     let be = AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES };
     be.self_test_fused()?;
+    be.self_test_linear_bf16()?;
     be.self_test_attention()?;
     be.self_test_indexer()?;
     Ok(be)
@@ -126,6 +127,10 @@ pub struct AscendTensor {
     buf: Arc<Buffer>,
     shape: Vec<usize>,
     offset: usize,
+    /// Every value is a BF16 value (the output of `round_to_bf16` or of a BF16 `linear_act`,
+    /// and views of those), so a cast to BF16 is exact: `linear_act` may then feed it to a
+    /// BF16 matmul. False when not known.
+    bf16: bool,
 }
 
 impl DeviceTensor for AscendTensor {
@@ -321,7 +326,12 @@ impl AscendBackend {
     }
 
     fn new_tensor(&self, shape: &[usize]) -> Result<AscendTensor> {
-        Ok(AscendTensor { buf: Arc::new(self.alloc(numel(shape), Dt::ACL_FLOAT)?), shape: shape.to_vec(), offset: 0 })
+        Ok(AscendTensor {
+            buf: Arc::new(self.alloc(numel(shape), Dt::ACL_FLOAT)?),
+            shape: shape.to_vec(),
+            offset: 0,
+            bf16: false,
+        })
     }
 
     fn new_index(&self, shape: &[usize]) -> Result<AscendIndex> {
@@ -392,6 +402,41 @@ impl AscendBackend {
         self.widen_weight_into(w, Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT })?;
         let t = self.cview(Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT }, &dims)?;
         Ok((Some(tmp), t))
+    }
+
+    /// [`Backend::linear_act`] in bf16 as one BF16 matmul: x (BF16 values, so the cast is
+    /// exact) times W as stored (an INT8 group weight dequantised exactly into a BF16
+    /// temporary), aclnnMatmul with KEEP_DTYPE rounding each f32-accumulated sum to BF16 once,
+    /// cast back to f32. W is never widened to F32. Callers check `x.bf16` and
+    /// [`moe::holds_bf16`].
+    fn linear_bf16(&self, x: &AscendTensor, w: &AscendWeight) -> Result<AscendTensor> {
+        let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
+        let (k, n) = (w.cols, w.rows);
+        let m = numel(&x.shape) / k.max(1);
+        if numel(&shape) == 0 || k == 0 {
+            return Ok(AscendTensor { bf16: true, ..self.full(&shape, 0.0)? });
+        }
+        fn bf(buf: &Buffer) -> Mem<'_> {
+            Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }
+        }
+        let xb = self.cast_to(x, Dt::ACL_BF16)?;
+        let dequantised = match w.group_scale {
+            Some(_) => {
+                let tmp = self.alloc(n * k, Dt::ACL_BF16)?;
+                self.widen_weight_into(w, bf(&tmp))?;
+                Some(tmp)
+            }
+            None => None,
+        };
+        // W [N, K] read as its transpose [K, N] through strides: no copy.
+        let w_t = self.view(bf(dequantised.as_ref().unwrap_or(&w.buf)), &[k, n], &[1, k], 0)?;
+        let ob = self.alloc(m * n, Dt::ACL_BF16)?;
+        let (a, o) = (self.cview(bf(&xb), &[m, k])?, self.cview(bf(&ob), &[m, n])?);
+        aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o], attrs [sys::ACL_CUBE_KEEP_DTYPE],
+            |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+        let out = self.new_tensor(&shape)?;
+        self.cast_into(self.cview(bf(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
+        Ok(AscendTensor { bf16: true, ..out })
     }
 
     /// Writes `w` widened exactly into the `rows × cols` elements at `dst`, in `dst`'s dtype
@@ -846,7 +891,16 @@ impl Backend for AscendBackend {
             |i, o| (i[0].ptr(), Dt::ACL_BF16, o[0].ptr()))?;
         aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [narrow()?] => [self.tv(&out)?], attrs [Dt::ACL_FLOAT.0],
             |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
-        Ok(out)
+        Ok(AscendTensor { bf16: true, ..out })
+    }
+
+    fn linear_act(&self, x: &AscendTensor, w: &AscendWeight, act: Precision) -> Result<AscendTensor> {
+        if act.rounds_to_bf16() && x.bf16 && self.kernels.linear_bf16.usable() && moe::holds_bf16(w) {
+            if let Some(y) = self.fused(&self.kernels.linear_bf16, || self.linear_bf16(x, w))? {
+                return Ok(y);
+            }
+        }
+        act.act_of(self, self.linear(x, w))
     }
 
     fn binary(&self, a: &AscendTensor, b: &AscendTensor, op: BinaryOp) -> Result<AscendTensor> {
@@ -1034,7 +1088,7 @@ impl Backend for AscendBackend {
 
     fn reshape(&self, x: &AscendTensor, shape: &[usize]) -> Result<AscendTensor> {
         checks::reshape(self.name(), &x.shape, shape)?;
-        Ok(AscendTensor { buf: x.buf.clone(), shape: shape.to_vec(), offset: x.offset })
+        Ok(AscendTensor { buf: x.buf.clone(), shape: shape.to_vec(), offset: x.offset, bf16: x.bf16 })
     }
 
     fn transpose(&self, x: &AscendTensor, a: usize, b: usize) -> Result<AscendTensor> {
@@ -1051,7 +1105,12 @@ impl Backend for AscendBackend {
         let st = strides(&x.shape);
         if axis == 0 || x.shape[..axis].iter().all(|&d| d == 1) {
             // Contiguous slice: share the block.
-            return Ok(AscendTensor { buf: x.buf.clone(), shape: dims, offset: x.offset + start * st[axis] });
+            return Ok(AscendTensor {
+                buf: x.buf.clone(),
+                shape: dims,
+                offset: x.offset + start * st[axis],
+                bf16: x.bf16,
+            });
         }
         self.gather_view(x, &dims, &st, start * st[axis])
     }

@@ -55,7 +55,7 @@ const GATING_MAX_HASH_K: usize = 64;
 
 /// Whether a weight's values are BF16 values in the form it is kept: BF16, or INT8 with BF16
 /// group scales (`2·e2m1` times a power of two).
-fn holds_bf16(w: &AscendWeight) -> bool {
+pub(crate) fn holds_bf16(w: &AscendWeight) -> bool {
     w.dtype == Dt::ACL_BF16 || (w.dtype == Dt::ACL_INT8 && w.group_scale.is_some())
 }
 
@@ -482,8 +482,66 @@ impl AscendBackend {
     /// and an FP4 one (kept as INT8 + group scales), against Matmul on the same values with its
     /// output rounded to BF16: they may differ by one BF16 ulp (the summation order), not more.
     fn self_test_grouped_matmul_bf16(&self) -> Result<()> {
-        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
         let (m, kk, n) = (5usize, 64usize, 3usize);
+        let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
+        if !ws.iter().all(holds_bf16) {
+            return Ok(());
+        }
+        let xt = self.upload(&x, &[m, kk])?;
+        let xb = self.cast_to(&xt, Dt::ACL_BF16)?;
+        let refs: Vec<&AscendWeight> = ws.iter().collect();
+        let xm = Mem { buf: &xb, offset: 0, dtype: Dt::ACL_BF16 };
+        let state = &self.kernels.grouped_matmul_bf16;
+        let Some(got) = self.fused(state, || self.grouped_matmul_bf16(xm, m, &refs, &[2, 3]))? else {
+            return Ok(());
+        };
+        let want = self.round_to_bf16(&self.concat(
+            &[&self.linear(&self.narrow(&xt, 0, 0, 2)?, &ws[0])?, &self.linear(&self.narrow(&xt, 0, 2, 3)?, &ws[1])?],
+            0,
+        )?)?;
+        if let Some(why) = self.bf16_disagreement(&got, &want)? {
+            state.disable(format!("self-test of the BF16 form disagreed with Matmul: {why}"));
+        }
+        Ok(())
+    }
+
+    /// The BF16 linear (`linear_act` in bf16, [`crate::kernels::LINEAR_BF16`]) on a tiny
+    /// input against Matmul on the same values with its output rounded to BF16, for a BF16
+    /// weight and an FP4 one (INT8 + group scales): one BF16 ulp apart at most.
+    pub(crate) fn self_test_linear_bf16(&self) -> Result<()> {
+        let state = &self.kernels.linear_bf16;
+        if !state.usable() {
+            return Ok(());
+        }
+        let (m, kk, n) = (5usize, 64usize, 3usize);
+        let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
+        let xt = self.round_to_bf16(&self.upload(&x, &[m, kk])?)?;
+        for w in ws.iter().filter(|w| holds_bf16(w)) {
+            let Some(got) = self.fused(state, || self.linear_bf16(&xt, w))? else {
+                return Ok(());
+            };
+            let want = self.round_to_bf16(&self.linear(&xt, w)?)?;
+            if let Some(why) = self.bf16_disagreement(&got, &want)? {
+                state.disable(format!("self-test disagreed with Matmul rounded to BF16: {why}"));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// `got` against `want` (both BF16 values): None when every value is within one BF16 ulp
+    /// (2⁻⁷ relative, the summation order) plus 2⁻²⁰ of the largest, else both listed.
+    fn bf16_disagreement(&self, got: &AscendTensor, want: &AscendTensor) -> Result<Option<String>> {
+        let (g, w) = (self.download(got)?, self.download(want)?);
+        let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let off = g.iter().zip(&w).any(|(a, b)| (a - b).abs() > 2f32.powi(-7) * b.abs() + 2f32.powi(-20) * scale);
+        Ok(off.then(|| format!("{g:?} vs {w:?}")))
+    }
+
+    /// The BF16 self-tests' operands: x `[m, kk]` of BF16 values, a BF16 weight `[n, kk]` and an
+    /// FP4 one (its form on this device: INT8 + group scales where the SoC keeps FP4 so).
+    fn bf16_self_test_operands(&self, m: usize, kk: usize, n: usize) -> Result<(Vec<f32>, [AscendWeight; 2])> {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
         let bf16 = |v: f32| f32::from_bits(v.to_bits() & 0xffff_0000);
         let x: Vec<f32> = (0..m * kk).map(|v| bf16(((v * 7 % 23) as f32 - 11.0) / 8.0)).collect();
         let w0: Vec<f32> = (0..n * kk).map(|j| bf16(((j * 5 % 17) as f32 - 8.0) / 6.0)).collect();
@@ -503,26 +561,6 @@ impl AscendBackend {
                 &[n, kk],
             )?)?,
         ];
-        if !ws.iter().all(holds_bf16) {
-            return Ok(());
-        }
-        let xt = self.upload(&x, &[m, kk])?;
-        let xb = self.cast_to(&xt, Dt::ACL_BF16)?;
-        let refs: Vec<&AscendWeight> = ws.iter().collect();
-        let xm = Mem { buf: &xb, offset: 0, dtype: Dt::ACL_BF16 };
-        let state = &self.kernels.grouped_matmul_bf16;
-        let Some(got) = self.fused(state, || self.grouped_matmul_bf16(xm, m, &refs, &[2, 3]))? else {
-            return Ok(());
-        };
-        let want = self.round_to_bf16(&self.concat(
-            &[&self.linear(&self.narrow(&xt, 0, 0, 2)?, &ws[0])?, &self.linear(&self.narrow(&xt, 0, 2, 3)?, &ws[1])?],
-            0,
-        )?)?;
-        let (g, w) = (self.download(&got)?, self.download(&want)?);
-        let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if g.iter().zip(&w).any(|(a, b)| (a - b).abs() > 2f32.powi(-7) * b.abs() + 2f32.powi(-20) * scale) {
-            state.disable(format!("self-test of the BF16 form disagreed with Matmul: {g:?} vs {w:?}"));
-        }
-        Ok(())
+        Ok((x, ws))
     }
 }

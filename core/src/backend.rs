@@ -256,6 +256,19 @@ pub trait Backend: Send + Sync {
     // ------------------------------------------------------------- fused ops
     // Default bodies: compositions of the primitives above. They define the semantics.
 
+    /// `x · Wᵀ` at a rounding point of `act` ([`crate::precision`]): [`Backend::linear`] then
+    /// [`Precision::act`], which is this default and the definition. Shapes as `linear`'s.
+    ///
+    /// Where `act` rounds to BF16, x holds BF16 values and W's values are BF16 (BF16 storage,
+    /// or an exact narrow form), a backend may compute it as one BF16 matmul instead: exact
+    /// products, f32 accumulation and one rounding of each sum to BF16, i.e. the same result
+    /// up to the summation order, without widening W. That is how a BF16 deployment runs its
+    /// projections (spec §B.7); the Ascend backend does so ([`crate::precision`] lists the
+    /// rounding points).
+    fn linear_act(&self, x: &Self::Tensor, w: &Self::Weight, act: Precision) -> Result<Self::Tensor> {
+        act.act_of(self, self.linear(x, w))
+    }
+
     /// mHC pre-mapping (spec §B.2). x `[T, n, D]`, `fn_w` `[(2+n)n, nD]`, base `[(2+n)n]`,
     /// scale `[3]`. Returns (collapsed `[T, D]`, post `[T, n]`, comb `[T, n, n]`), with comb
     /// Sinkhorn-projected (row j = source stream, column k = destination).
@@ -584,15 +597,15 @@ pub mod composed {
         row_weights: Option<&B::Tensor>,
     ) -> Result<B::Tensor> {
         let x = act.linear_input(be, x, e.low_bit)?;
-        let g = act.act_of(be, be.linear(&x, &e.w1))?;
-        let u = act.act_of(be, be.linear(&x, &e.w3))?;
+        let g = be.linear_act(&x, &e.w1, act)?;
+        let u = be.linear_act(&x, &e.w3, act)?;
         let h = be.swiglu(&g, &u, limit)?;
         let h = match row_weights {
             Some(w) => be.binary(&h, w, BinaryOp::Mul)?,
             None => h,
         };
         let h = act.linear_input(be, &act.act(be, &h)?, e.low_bit)?;
-        act.act_of(be, be.linear(&h, &e.w2))
+        be.linear_act(&h, &e.w2, act)
     }
 
     /// The definition of [`Backend::fake_quant`]: the rows on the host.

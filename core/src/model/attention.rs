@@ -128,8 +128,8 @@ impl<B: Backend> Attention<B> {
 
         // Queries: low-rank path, per-head unweighted RMSNorm, RoPE on the trailing channels.
         // Under the official quantisation, FP8/FP4 projections see e4m3 inputs (`Proj::linear`).
-        let q_res = act(be.rms_norm(&act(self.wq_a.linear(be, x, prec))?, Some(&self.q_norm), self.eps))?;
-        let q = be.reshape(&act(self.wq_b.linear(be, &q_res, prec))?, &[t, h, hd])?;
+        let q_res = act(be.rms_norm(&self.wq_a.linear_act(be, x, prec)?, Some(&self.q_norm), self.eps))?;
+        let q = be.reshape(&self.wq_b.linear_act(be, &q_res, prec)?, &[t, h, hd])?;
         let q = if prec.bf16_head_norm() {
             head_norm_bf16(be, &q, self.eps)?
         } else {
@@ -138,7 +138,7 @@ impl<B: Backend> Attention<B> {
         let q = act(be.rope(&q, &angles.cos, &angles.sin, false))?;
 
         // The single shared key/value head, appended to the window rows in place.
-        let kv = act(be.rms_norm(&act(self.wkv.linear(be, x, prec))?, Some(&self.kv_norm), self.eps))?;
+        let kv = act(be.rms_norm(&self.wkv.linear_act(be, x, prec)?, Some(&self.kv_norm), self.eps))?;
         let kv = act(be.rope(&be.reshape(&kv, &[t, 1, hd])?, &angles.cos, &angles.sin, false))?;
         let kv = be.reshape(&kv, &[t, hd])?;
         let kv = kv_row_quant(be, &kv, angles.table.inv_freq.len() * 2, prec)?;
@@ -181,14 +181,14 @@ impl<B: Backend> Attention<B> {
         let grouped = act(be.grouped_linear(&grouped, &self.wo_a, self.groups))?;
         let r = grouped.shape()[2];
         // wo_a takes no quantised input: the official conversion stores it BF16 (spec §B.8).
-        let y = self.wo_b.linear(be, &be.reshape(&grouped, &[t, self.groups * r])?, prec)?;
+        let grouped = be.reshape(&grouped, &[t, self.groups * r])?;
         // Split heads: wo_b is row-parallel, the TP group sums its partial outputs before the
         // rounding point (the official `RowParallelLinear`).
         let y = match &self.tp {
-            Some(tp) => tp.all_reduce_sum(be, &y)?,
-            None => y,
+            Some(tp) => act(tp.all_reduce_sum(be, &self.wo_b.linear(be, &grouped, prec)?))?,
+            None => self.wo_b.linear_act(be, &grouped, prec)?,
         };
-        Ok((act(Ok(y))?, picks))
+        Ok((y, picks))
     }
 
     /// CSA: runs the indexer's compressor for every sequence (new keys go into the key pool)

@@ -58,12 +58,12 @@ impl<B: Backend> Indexer<B> {
         prec: Precision,
     ) -> Result<B::Index> {
         let s = x.shape()[0];
-        let q = prec.act_of(be, self.wq_b.linear(be, q_res, prec))?;
+        let q = self.wq_b.linear_act(be, q_res, prec)?;
         let q = be.reshape(&q, &[s, self.n_heads, self.head_dim])?;
         let q = prec.act_of(be, be.rope(&q, cos, sin, false))?;
         // The official query: rotated, then e2m1 fake-quantised per 32 channels (spec §B.8).
         let q = if prec.simulates_quant() { rotate_and_quantise(be, &q, prec)? } else { q };
-        let w = prec.act_of(be, be.linear(x, &self.weights_proj))?;
+        let w = be.linear_act(x, &self.weights_proj, prec)?;
         let valid: Vec<Range<usize>> = visible.iter().map(|&v| 0..v).collect();
         let k = self.topk.min(key_rows.numel());
         if prec.bf16_index_scores() {

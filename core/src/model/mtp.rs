@@ -166,8 +166,8 @@ impl<B: Backend> Model<B> {
         let e = prec.act_of(be, self.embed(be, &ids))?;
         let e = prec.act_of(be, be.rms_norm(&e, Some(&layer.enorm), eps))?;
         let hn = prec.act_of(be, be.rms_norm(&be.reshape(h, &[t * n, d])?, Some(&layer.hnorm), eps))?;
-        let pe = be.reshape(&prec.act_of(be, layer.e_proj.linear(be, &e, prec))?, &[t, 1, d])?;
-        let ph = be.reshape(&prec.act_of(be, layer.h_proj.linear(be, &hn, prec))?, &[t, n, d])?;
+        let pe = be.reshape(&layer.e_proj.linear_act(be, &e, prec)?, &[t, 1, d])?;
+        let ph = be.reshape(&layer.h_proj.linear_act(be, &hn, prec)?, &[t, n, d])?;
         let x = prec.act_of(be, be.binary(&ph, &pe, BinaryOp::Add))?;
 
         let plan = state.cache.plan_step(be, &batch, &mut [&mut state.seq])?;

@@ -27,6 +27,12 @@ impl<B: Backend> Proj<B> {
     pub fn linear(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
         be.linear(&prec.linear_input(be, x, self.low_bit)?, &self.w)
     }
+
+    /// [`Self::linear`] at a rounding point of `prec`: its output rounded as `prec` rounds
+    /// activations ([`Backend::linear_act`], which may run it as a BF16 matmul).
+    pub fn linear_act(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<B::Tensor> {
+        be.linear_act(&prec.linear_input(be, x, self.low_bit)?, &self.w, prec)
+    }
 }
 
 /// Under the official quantisation, KV rows (window rows and attention-compressor entries,
