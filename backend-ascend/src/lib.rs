@@ -104,7 +104,13 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     let dev = Device::open(api, id)?;
     let soc = acl::soc_name(api);
     let kernels = kernels::Kernels::select(api, &soc, policy);
-    let be = AscendBackend { dev, soc, kernels, gmm_stack_bytes: moe::DEFAULT_STACK_BYTES };
+    let be = AscendBackend {
+        dev,
+        soc,
+        kernels,
+        gmm_stack_bytes: moe::DEFAULT_STACK_BYTES,
+        linear_widen_bytes: DEFAULT_LINEAR_WIDEN_BYTES,
+    };
     be.self_test_fused()?;
     be.self_test_linear_bf16()?;
     be.self_test_attention()?;
@@ -119,7 +125,12 @@ pub struct AscendBackend {
     kernels: kernels::Kernels,
     /// Largest widened expert stack one grouped matmul reads (see `moe`).
     gmm_stack_bytes: usize,
+    /// Largest F32 copy of a weight `linear` makes at once (see `linear`).
+    linear_widen_bytes: usize,
 }
+
+/// The default of [`AscendBackend::set_linear_widen_budget`]: 256 MiB.
+const DEFAULT_LINEAR_WIDEN_BYTES: usize = 256 << 20;
 
 /// An f32 activation in device memory: `shape` elements from element `offset` of `buf`.
 #[derive(Clone)]
@@ -308,6 +319,13 @@ impl AscendBackend {
         self.gmm_stack_bytes = bytes;
     }
 
+    /// Caps the F32 copy `linear` makes of a BF16/F16/INT8 weight for its f32 matmul (default
+    /// 256 MiB): a larger weight is widened and multiplied a block of rows at a time (same
+    /// results). At least one row per block.
+    pub fn set_linear_widen_budget(&mut self, bytes: usize) {
+        self.linear_widen_bytes = bytes;
+    }
+
     /// Device memory currently held by the pool (in use or cached).
     pub fn held_bytes(&self) -> usize {
         self.dev.held_bytes()
@@ -444,8 +462,14 @@ impl AscendBackend {
     /// weights; for INT8 group weights aclnnCast of the codes (and of the BF16 scales, for an
     /// F32 `dst`), then aclnnMul broadcasting each scale over its group.
     fn widen_weight_into(&self, w: &AscendWeight, dst: Mem<'_>) -> Result<()> {
-        let (dims, dt) = ([w.rows, w.cols], dst.dtype);
-        let src = self.cview(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &dims)?;
+        self.widen_rows_into(w, 0..w.rows, dst)
+    }
+
+    /// [`Self::widen_weight_into`] of the weight rows `rows` only (`rows.len() × cols` elements
+    /// at `dst`).
+    fn widen_rows_into(&self, w: &AscendWeight, rows: std::ops::Range<usize>, dst: Mem<'_>) -> Result<()> {
+        let (dims, dt) = ([rows.len(), w.cols], dst.dtype);
+        let src = self.cview(Mem { buf: &w.buf, offset: rows.start * w.cols, dtype: w.dtype }, &dims)?;
         let Some(gs) = &w.group_scale else {
             let d = self.cview(dst, &dims)?;
             if dst.offset != 0 {
@@ -454,22 +478,22 @@ impl AscendBackend {
             }
             return self.cast_into(src, d, dt);
         };
-        let (g, groups) = (gs.group, w.cols / gs.group);
-        let codes = self.alloc(w.rows * w.cols, dt)?;
+        let (g, groups, n) = (gs.group, w.cols / gs.group, rows.len());
+        let codes = self.alloc(n * w.cols, dt)?;
         let cm = Mem { buf: &codes, offset: 0, dtype: dt };
         self.cast_into(src, self.cview(cm, &dims)?, dt)?;
-        let stored = Mem { buf: &gs.buf, offset: 0, dtype: Dt::ACL_BF16 };
-        let widened = if dt == Dt::ACL_BF16 { None } else { Some(self.alloc(w.rows * groups, dt)?) };
+        let stored = Mem { buf: &gs.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 };
+        let widened = if dt == Dt::ACL_BF16 { None } else { Some(self.alloc(n * groups, dt)?) };
         let sm = match &widened {
             Some(buf) => {
                 let sm = Mem { buf, offset: 0, dtype: dt };
-                self.cast_into(self.cview(stored, &[w.rows, groups])?, self.cview(sm, &[w.rows, groups])?, dt)?;
+                self.cast_into(self.cview(stored, &[n, groups])?, self.cview(sm, &[n, groups])?, dt)?;
                 sm
             }
             None => stored,
         };
-        let (a, b) = (self.cview(cm, &[w.rows, groups, g])?, self.cview(sm, &[w.rows, groups, 1])?);
-        let o = self.cview(dst, &[w.rows, groups, g])?;
+        let (a, b) = (self.cview(cm, &[n, groups, g])?, self.cview(sm, &[n, groups, 1])?);
+        let o = self.cview(dst, &[n, groups, g])?;
         if dst.offset != 0 {
             return aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(a.ptr(), b.ptr(), o.ptr()));
         }
@@ -776,6 +800,27 @@ impl Backend for AscendBackend {
         }
         if k == 0 {
             return self.full(&shape, 0.0);
+        }
+        // A narrow weight is widened to F32 for the f32 matmul: in blocks of rows when the
+        // whole copy would pass the budget (the head: 129280 × 7168 values are 3.7 GB in F32),
+        // each block's outputs copied into their columns. Every output depends on its own
+        // weight row only, so the blocks give the same bits.
+        let block = (self.linear_widen_bytes / (k * 4)).max(1);
+        if w.dtype != Dt::ACL_FLOAT && block < w.rows {
+            for r0 in (0..w.rows).step_by(block) {
+                let a = self.cview(self.tmem(x), &[m, k])?;
+                let rb = block.min(w.rows - r0);
+                let tmp = self.alloc(rb * k, Dt::ACL_FLOAT)?;
+                let tm = Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT };
+                self.widen_rows_into(w, r0..r0 + rb, tm)?;
+                let part = self.alloc(m * rb, Dt::ACL_FLOAT)?;
+                let pm = Mem { buf: &part, offset: 0, dtype: Dt::ACL_FLOAT };
+                let (w_t, o) = (self.view(tm, &[k, rb], &[1, k], 0)?, self.cview(pm, &[m, rb])?);
+                aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o],
+                    attrs [sys::ACL_CUBE_KEEP_DTYPE], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+                self.copy(&self.view(self.tmem(&out), &[m, rb], &[w.rows, 1], r0)?, &self.cview(pm, &[m, rb])?)?;
+            }
+            return Ok(out);
         }
         let (_tmp, wt) = self.weight_f32(w)?;
         // W [N, K] read as its transpose [K, N] through strides: no copy.

@@ -213,3 +213,31 @@ fn the_bf16_linear_is_a_listed_switchable_kernel() {
     assert!(a.used, "{a:?}");
     assert!(!b.used && b.why.contains("off"), "{b:?}");
 }
+
+/// `linear` (f32) on a narrow weight larger than the widening budget runs a block of weight rows
+/// at a time, each block's F32 copy within the budget, and gives the bits of the one-copy run:
+/// the head of a real model would otherwise take an F32 copy of gigabytes per call.
+#[test]
+fn a_large_narrow_weight_is_widened_a_block_of_rows_at_a_time() {
+    let _one = serial();
+    let whole = backend(FusedPolicy::Auto);
+    let (t, k, n) = (6, 64, 40);
+    let x = x_values(t, k);
+    for form in [Form::Bf16, Form::Fp4] {
+        let w = weight(form, n, k);
+        let once = {
+            let y = whole.linear(&whole.upload(&x, &[t, k]).unwrap(), &whole.upload_weight(&w).unwrap()).unwrap();
+            whole.download(&y).unwrap()
+        };
+        // 12 rows a block: 12 + 12 + 12 + 4.
+        let mut blocked = backend(FusedPolicy::Auto);
+        blocked.set_linear_widen_budget(12 * k * 4);
+        let xt = blocked.upload(&x, &[t, k]).unwrap();
+        let wt = blocked.upload_weight(&w).unwrap();
+        let before = counts();
+        let y = blocked.linear(&xt, &wt).unwrap();
+        let matmuls = counts()[0] - before[0];
+        assert_eq!(blocked.download(&y).unwrap(), once, "{form:?}");
+        assert_eq!(matmuls, 4, "{form:?}: one Matmul per block");
+    }
+}
