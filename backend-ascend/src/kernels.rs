@@ -106,14 +106,15 @@ pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
     opt_in: false,
 };
 
-/// `aclnnMatmul` on BF16 operands for `linear_act` in `--precision bf16`: the projections at
-/// a rounding point (attention, indexer, shared expert, MTP) read their BF16 weights as stored
+/// `aclnnMatmul` / `aclnnBatchMatMul` on BF16 operands for `linear_act` / `grouped_linear_act`
+/// where the precision rounds to BF16: the projections at a rounding point (attention, indexer,
+/// shared expert, MTP) read their BF16 weights as stored
 /// (INT8 group weights dequantised to BF16 exactly) instead of a per-call F32 copy, and the
 /// output is rounded to BF16 once. Not a fused kernel, but the same switch and self-test:
 /// BF16 matmuls are documented for Atlas A2/A3 and the 950 only (`aclnnMatmul.md`).
 pub const LINEAR_BF16: KernelSpec = KernelSpec {
-    name: "linear_act (bf16, BF16 weights): aclnnMatmul on BF16",
-    symbols: &["aclnnMatmulGetWorkspaceSize", "aclnnMatmul"],
+    name: "linear_act (bf16/official, BF16 weights): aclnnMatmul / aclnnBatchMatMul on BF16",
+    symbols: &["aclnnMatmulGetWorkspaceSize", "aclnnMatmul", "aclnnBatchMatMulGetWorkspaceSize", "aclnnBatchMatMul"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
     opt_in: false,
 };
@@ -306,6 +307,24 @@ mod tests {
         assert_eq!(SocFamily::of("Ascend950PR_9599"), SocFamily::Ascend950);
         assert_eq!(SocFamily::of("Ascend310P3"), SocFamily::Atlas310P);
         assert_eq!(SocFamily::of("Ascend910A"), SocFamily::Other);
+    }
+
+    /// `Kernels::all` (hand-kept) lists every kernel of [`ALL`], in its order.
+    #[test]
+    fn every_kernel_has_a_state_in_the_order_of_all() {
+        let choice = |k: &KernelSpec| choose(k, "Ascend910B3", FusedPolicy::Auto, |_| true);
+        let state = |k: &KernelSpec| KernelState::new(&choice(k));
+        let kernels = Kernels {
+            grouped_matmul: state(&GROUPED_MATMUL),
+            grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
+            linear_bf16: state(&LINEAR_BF16),
+            gating: state(&MOE_GATING),
+            gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
+            sparse_flash_mla: state(&SPARSE_FLASH_MLA),
+            lightning_indexer: state(&LIGHTNING_INDEXER),
+        };
+        let names: Vec<&str> = kernels.choices().iter().map(|c| c.name).collect();
+        assert_eq!(names, ALL.iter().map(|k| k.name).collect::<Vec<_>>());
     }
 
     #[test]

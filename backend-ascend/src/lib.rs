@@ -14,9 +14,11 @@
 //! * Weights (`dsv4_core::weight_forms`): F32 / BF16 / F16 are kept as stored; FP4 with E8M0
 //!   scales as INT8 `2·e2m1` with a BF16 scale per group (exact); other FP8 / FP4 are
 //!   dequantised at upload with `dsv4_core::quant` and kept as BF16 when that is exact (for
-//!   E8M0-scaled FP8 whenever the scale bytes are in 3..=246), F32 otherwise. Non-F32 weights
-//!   are widened into a pooled F32 temporary per GEMM, so results equal the CPU reference (f32
-//!   accumulation, `cubeMathType` KEEP_DTYPE).
+//!   E8M0-scaled FP8 whenever the scale bytes are in 3..=246), F32 otherwise. For an f32 GEMM a
+//!   non-F32 weight is widened into a pooled F32 temporary per call (in blocks of rows beyond
+//!   256 MiB), so results equal the CPU reference (f32 accumulation, `cubeMathType`
+//!   KEEP_DTYPE). In bf16 the routed experts and the projections at a rounding point
+//!   (`linear_act`) multiply the BF16 / INT8-group weights without an F32 copy.
 //!
 //! Fused V4 operations: Huawei's kernels replace the trait's compositions where the SoC, the
 //! loaded op libraries and `DSV4_ASCEND_FUSED` allow ([`kernels`]); `dsv4 devices` lists each
@@ -25,6 +27,7 @@
 //! | dsv4 fused op | aclnn kernel | Atlas A2 (910B) | Atlas A3 (910C) | Ascend 950 | dsv4 uses it |
 //! |---|---|---|---|---|---|
 //! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M; in bf16 BF16 with a weight list) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
+//! | `linear_act`, `grouped_linear_act` in bf16 / official (projections at a rounding point) | `aclnnMatmul`, `aclnnBatchMatMul` on BF16 operands (not a fused kernel; in the table for its switch and self-test) | yes | yes | yes | **yes**: x holding BF16 values, BF16 / INT8-group weight; else Matmul in f32, then Cast to BF16 and back |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
 //! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool whose rows a multiple of 16 divides (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
@@ -36,7 +39,8 @@
 //! The attention kernels take BF16/FP16 activations only, so they serve `--precision bf16` /
 //! `official`; in f32 every backend matches the f32/f64 reference within 1e-4 through the
 //! compositions. The MoE kernels run in FLOAT32 and keep that accuracy, except the routed
-//! experts in bf16, which run in BF16 on the stored weights (`moe.rs`).
+//! experts in bf16, which run in BF16 on the stored weights (`moe.rs`), as do the projections
+//! at a rounding point (`linear_act`).
 //!
 //! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`, not used yet); here they
 //! are kept in the exact A2/A3 forms above on every SoC. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
@@ -320,8 +324,9 @@ impl AscendBackend {
     }
 
     /// Caps the F32 copy `linear` makes of a BF16/F16/INT8 weight for its f32 matmul (default
-    /// 256 MiB): a larger weight is widened and multiplied a block of rows at a time (same
-    /// results). At least one row per block.
+    /// 256 MiB; an INT8 group weight counts 8 bytes a value, its codes' F32 copy included): a
+    /// larger weight is widened and multiplied a block of rows at a time (the same values up to
+    /// the summation order). At least one row per block.
     pub fn set_linear_widen_budget(&mut self, bytes: usize) {
         self.linear_widen_bytes = bytes;
     }
@@ -454,6 +459,44 @@ impl AscendBackend {
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
         let out = self.new_tensor(&shape)?;
         self.cast_into(self.cview(bf(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
+        Ok(AscendTensor { bf16: true, ..out })
+    }
+
+    /// [`Backend::grouped_linear_act`] in bf16 as one BF16 aclnnBatchMatMul, as
+    /// [`Self::linear_bf16`] does for `linear`: x `[M, G, K]` cast to BF16 (exact) and read as
+    /// `[G, M, K]`, W `[G·R, K]` as stored (INT8 dequantised into BF16) read as `[G, K, R]`,
+    /// out `[G, M, R]` in BF16, cast back to F32 into `[M, G, R]`.
+    fn grouped_linear_bf16(&self, x: &AscendTensor, w: &AscendWeight, groups: usize) -> Result<AscendTensor> {
+        let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
+        let (m, k, r) = (shape[0], x.shape[2], shape[2]);
+        if m * r == 0 || k == 0 {
+            return Ok(AscendTensor { bf16: true, ..self.full(&shape, 0.0)? });
+        }
+        fn bf(buf: &Buffer) -> Mem<'_> {
+            Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }
+        }
+        let xb = self.cast_to(x, Dt::ACL_BF16)?;
+        let dequantised = match w.group_scale {
+            Some(_) => {
+                let tmp = self.alloc(w.rows * k, Dt::ACL_BF16)?;
+                self.widen_weight_into(w, bf(&tmp))?;
+                Some(tmp)
+            }
+            None => None,
+        };
+        let xa = self.view(bf(&xb), &[groups, m, k], &[k, groups * k, 1], 0)?;
+        let wb = self.view(bf(dequantised.as_ref().unwrap_or(&w.buf)), &[groups, k, r], &[r * k, 1, k], 0)?;
+        let gm = self.alloc(groups * m * r, Dt::ACL_BF16)?;
+        let gv = self.cview(bf(&gm), &[groups, m, r])?;
+        // Not through the executor cache: xa is a permuted view (see `grouped_linear`).
+        aclnn!(
+            self,
+            aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize(xa.ptr(), wb.ptr(), gv.ptr(), sys::ACL_CUBE_KEEP_DTYPE)
+        )?;
+        let out = self.new_tensor(&shape)?;
+        let src = self.view(bf(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
+        let ov = self.tv(&out)?;
+        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_FLOAT, ov.ptr()))?;
         Ok(AscendTensor { bf16: true, ..out })
     }
 
@@ -681,7 +724,10 @@ impl Backend for AscendBackend {
         let t = self.new_tensor(shape)?;
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.dev.upload_bytes(&t.buf, &bytes)?;
-        Ok(t)
+        // Values that are all BF16 values may take the BF16 matmuls (`linear_act`): the host
+        // steps of `official` (e4m3-quantised inputs: a 4-bit significand times a power of two)
+        // upload such values.
+        Ok(AscendTensor { bf16: exact_in_bf16(data), ..t })
     }
 
     fn download(&self, t: &AscendTensor) -> Result<Vec<f32>> {
@@ -803,9 +849,13 @@ impl Backend for AscendBackend {
         }
         // A narrow weight is widened to F32 for the f32 matmul: in blocks of rows when the
         // whole copy would pass the budget (the head: 129280 × 7168 values are 3.7 GB in F32),
-        // each block's outputs copied into their columns. Every output depends on its own
-        // weight row only, so the blocks give the same bits.
-        let block = (self.linear_widen_bytes / (k * 4)).max(1);
+        // each block's outputs copied into their columns (for one input row the block's
+        // columns are contiguous, and the Matmul writes them in place). Every output depends
+        // on its own weight row only: the same values up to the summation order the hardware
+        // picks per shape (the emulator's bits are the same). An INT8 group weight also
+        // takes an F32 copy of its codes while it is widened, so 8 bytes a value count.
+        let per_row = k * if w.group_scale.is_some() { 8 } else { 4 };
+        let block = (self.linear_widen_bytes / per_row).max(1);
         if w.dtype != Dt::ACL_FLOAT && block < w.rows {
             for r0 in (0..w.rows).step_by(block) {
                 let a = self.cview(self.tmem(x), &[m, k])?;
@@ -813,9 +863,16 @@ impl Backend for AscendBackend {
                 let tmp = self.alloc(rb * k, Dt::ACL_FLOAT)?;
                 let tm = Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_FLOAT };
                 self.widen_rows_into(w, r0..r0 + rb, tm)?;
+                let w_t = self.view(tm, &[k, rb], &[1, k], 0)?;
+                if m == 1 {
+                    let o = self.view(self.tmem(&out), &[1, rb], &[rb, 1], r0)?;
+                    aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o],
+                        attrs [sys::ACL_CUBE_KEEP_DTYPE], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+                    continue;
+                }
                 let part = self.alloc(m * rb, Dt::ACL_FLOAT)?;
                 let pm = Mem { buf: &part, offset: 0, dtype: Dt::ACL_FLOAT };
-                let (w_t, o) = (self.view(tm, &[k, rb], &[1, k], 0)?, self.cview(pm, &[m, rb])?);
+                let o = self.cview(pm, &[m, rb])?;
                 aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o],
                     attrs [sys::ACL_CUBE_KEEP_DTYPE], |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
                 self.copy(&self.view(self.tmem(&out), &[m, rb], &[w.rows, 1], r0)?, &self.cview(pm, &[m, rb])?)?;
@@ -946,6 +1003,21 @@ impl Backend for AscendBackend {
             }
         }
         act.act_of(self, self.linear(x, w))
+    }
+
+    fn grouped_linear_act(
+        &self,
+        x: &AscendTensor,
+        w: &AscendWeight,
+        groups: usize,
+        act: Precision,
+    ) -> Result<AscendTensor> {
+        if act.rounds_to_bf16() && x.bf16 && self.kernels.linear_bf16.usable() && moe::holds_bf16(w) {
+            if let Some(y) = self.fused(&self.kernels.linear_bf16, || self.grouped_linear_bf16(x, w, groups))? {
+                return Ok(y);
+            }
+        }
+        act.act_of(self, self.grouped_linear(x, w, groups))
     }
 
     fn binary(&self, a: &AscendTensor, b: &AscendTensor, op: BinaryOp) -> Result<AscendTensor> {

@@ -505,9 +505,10 @@ impl AscendBackend {
         Ok(())
     }
 
-    /// The BF16 linear (`linear_act` in bf16, [`crate::kernels::LINEAR_BF16`]) on a tiny
-    /// input against Matmul on the same values with its output rounded to BF16, for a BF16
-    /// weight and an FP4 one (INT8 + group scales): one BF16 ulp apart at most.
+    /// The BF16 linear and grouped linear (`linear_act` / `grouped_linear_act` in bf16,
+    /// [`crate::kernels::LINEAR_BF16`]) on a tiny input against their f32 forms on the same
+    /// values with the output rounded to BF16, for a BF16 weight and an FP4 one (INT8 + group
+    /// scales): one BF16 ulp apart at most.
     pub(crate) fn self_test_linear_bf16(&self) -> Result<()> {
         let state = &self.kernels.linear_bf16;
         if !state.usable() {
@@ -516,14 +517,23 @@ impl AscendBackend {
         let (m, kk, n) = (5usize, 64usize, 3usize);
         let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
         let xt = self.round_to_bf16(&self.upload(&x, &[m, kk])?)?;
+        // The grouped form: each of the weight's n rows its own group, x's rows repeated per group.
+        let xg: Vec<f32> = x.chunks_exact(kk).flat_map(|row| row.repeat(n)).collect();
+        let xg = self.round_to_bf16(&self.upload(&xg, &[m, n, kk])?)?;
         for w in ws.iter().filter(|w| holds_bf16(w)) {
             let Some(got) = self.fused(state, || self.linear_bf16(&xt, w))? else {
                 return Ok(());
             };
             let want = self.round_to_bf16(&self.linear(&xt, w)?)?;
-            if let Some(why) = self.bf16_disagreement(&got, &want)? {
-                state.disable(format!("self-test disagreed with Matmul rounded to BF16: {why}"));
+            let Some(got_g) = self.fused(state, || self.grouped_linear_bf16(&xg, w, n))? else {
                 return Ok(());
+            };
+            let want_g = self.round_to_bf16(&self.grouped_linear(&xg, w, n)?)?;
+            for (what, got, want) in [("Matmul", got, want), ("BatchMatMul", got_g, want_g)] {
+                if let Some(why) = self.bf16_disagreement(&got, &want)? {
+                    state.disable(format!("self-test disagreed with {what} in f32 rounded to BF16: {why}"));
+                    return Ok(());
+                }
             }
         }
         Ok(())

@@ -269,6 +269,19 @@ pub trait Backend: Send + Sync {
         act.act_of(self, self.linear(x, w))
     }
 
+    /// [`Backend::grouped_linear`] at a rounding point of `act`: its output rounded as `act`
+    /// rounds (this default, the definition). Shapes as `grouped_linear`'s. A backend may run it
+    /// as BF16 products under the same conditions as [`Backend::linear_act`].
+    fn grouped_linear_act(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        groups: usize,
+        act: Precision,
+    ) -> Result<Self::Tensor> {
+        act.act_of(self, self.grouped_linear(x, w, groups))
+    }
+
     /// mHC pre-mapping (spec §B.2). x `[T, n, D]`, `fn_w` `[(2+n)n, nD]`, base `[(2+n)n]`,
     /// scale `[3]`. Returns (collapsed `[T, D]`, post `[T, n]`, comb `[T, n, n]`), with comb
     /// Sinkhorn-projected (row j = source stream, column k = destination).

@@ -236,6 +236,8 @@ profiled_backend! {
     // rounding of the output, where the precision has one, is counted with it).
     timed(be => Key::weight("linear", be.weight_shape(w), linear_rows(x.shape())))
     fn linear_act(&self, x: &Self::Tensor, w: &Self::Weight, act: Precision) -> Result<Self::Tensor>;
+    timed(be => Key::weight("grouped_linear", be.weight_shape(w), x.shape().first().copied().unwrap_or(0)))
+    fn grouped_linear_act(&self, x: &Self::Tensor, w: &Self::Weight, groups: usize, act: Precision) -> Result<Self::Tensor>;
     #[allow(clippy::too_many_arguments)]
     timed fn hc_pre(
         &self,

@@ -1,5 +1,6 @@
 //! Device forms of the checkpoint's weights: what a device keeps for each stored form, chosen
-//! so that every weight value survives exactly and nothing is widened to f32 on the device.
+//! so that every weight value survives exactly. (What the Ascend backend still widens to f32 per
+//! call, and what it multiplies in BF16 as kept, is in `docs/precision.md`.)
 //!
 //! Ascend's matmuls take FP8 / FP4 / E8M0 inputs on the 950 only; on Atlas A2 (910B) and A3
 //! (910C) an FP8 + MXFP4 checkpoint must be converted (`../shared/spec/ascend-api.md` §0 item 4,

@@ -75,8 +75,9 @@ struct Launches {
     mul: u64,
 }
 
-fn counts() -> [u64; 3] {
-    ["aclnnMatmul", "aclnnCast", "aclnnMul"].map(|op| emulator_launches(op).expect("on the emulator"))
+fn counts() -> [u64; 4] {
+    ["aclnnMatmul", "aclnnCast", "aclnnMul", "aclnnBatchMatMul"]
+        .map(|op| emulator_launches(op).expect("on the emulator"))
 }
 
 /// `linear_act` of x `[t, k]` (rounded to BF16 on the device first when `x_bf16`, as the graph's
@@ -150,6 +151,64 @@ fn bf16_weights_run_as_one_bf16_matmul_on_the_weight_as_stored() {
     )
     .unwrap();
     assert_eq!(counts()[0] - before[0], 2, "both projections as BF16 matmuls");
+}
+
+/// x as a view with an element offset (rows 2.. of a rounded tensor, as a prefill chunk's
+/// narrow gives): the BF16 path reads the right rows.
+#[test]
+fn a_narrowed_input_is_read_from_its_offset() {
+    let _one = serial();
+    let be = backend(FusedPolicy::Auto);
+    let (t, k, n) = (6, 64, 24);
+    let (x, w) = (x_values(t, k), weight(Form::Bf16, n, k));
+    let full = be.round_to_bf16(&be.upload(&x, &[t, k]).unwrap()).unwrap();
+    let part = be.narrow(&full, 0, 2, t - 2).unwrap();
+    let wt = be.upload_weight(&w).unwrap();
+    let before = counts();
+    let got = be.download(&be.linear_act(&part, &wt, Precision::Bf16).unwrap()).unwrap();
+    assert_eq!(counts()[0] - before[0], 1, "the BF16 path");
+    let e = max_rel(&got, &on_cpu(&x[2 * k..], t - 2, &w, Precision::Bf16));
+    assert!(e <= BF16_ULP, "{e:.3e}");
+}
+
+/// Values uploaded from the host that are all BF16 values (what `official`'s host quantisation
+/// steps upload) take the BF16 path too.
+#[test]
+fn uploaded_bf16_values_take_the_bf16_path() {
+    let _one = serial();
+    let be = backend(FusedPolicy::Auto);
+    let (t, k, n) = (3, 64, 16);
+    let x: Vec<f32> = x_values(t, k).iter().map(|v| bf16(*v)).collect();
+    let (got, l) = run(&be, &x, t, &weight(Form::Bf16, n, k), Precision::Bf16, false);
+    assert_eq!(l, Launches { matmul: 1, cast: 2, mul: 0 });
+    assert!(got.iter().all(|v| *v == bf16(*v)));
+}
+
+/// `grouped_linear_act` (attention's `wo_a`): one BF16 BatchMatMul over the groups, on the
+/// weight as stored; within a BF16 ulp of the CPU's definition.
+#[test]
+fn the_grouped_projection_runs_as_one_bf16_batch_matmul() {
+    let _one = serial();
+    let be = backend(FusedPolicy::Auto);
+    let (m, g, k, r) = (5, 4, 32, 24);
+    let x = x_values(m * g, k);
+    for form in [Form::Bf16, Form::Fp4] {
+        let w = weight(form, g * r, k);
+        let xt = be.round_to_bf16(&be.upload(&x, &[m, g, k]).unwrap()).unwrap();
+        let wt = be.upload_weight(&w).unwrap();
+        let before = counts();
+        let got = be.download(&be.grouped_linear_act(&xt, &wt, g, Precision::Bf16).unwrap()).unwrap();
+        let after = counts();
+        assert_eq!(after[3] - before[3], 1, "{form:?}: one BatchMatMul");
+        let casts = 2 + u64::from(form == Form::Fp4);
+        assert_eq!((after[1] - before[1], after[2] - before[2]), (casts, u64::from(form == Form::Fp4)), "{form:?}");
+        let cpu = CpuBackend::new();
+        let cx = cpu.round_to_bf16(&cpu.upload(&x, &[m, g, k]).unwrap()).unwrap();
+        let want = cpu.grouped_linear_act(&cx, &cpu.upload_weight(&w).unwrap(), g, Precision::Bf16).unwrap();
+        let e = max_rel(&got, &cpu.download(&want).unwrap());
+        println!("{form:?} grouped weight: vs the CPU's grouped_linear then rounding {e:.3e} (of max |y|)");
+        assert!(e <= BF16_ULP, "{form:?}: {e:.3e}");
+    }
 }
 
 /// An FP4 weight (INT8 + BF16 group scales): dequantised exactly into a BF16 temporary (one
@@ -229,9 +288,10 @@ fn a_large_narrow_weight_is_widened_a_block_of_rows_at_a_time() {
             let y = whole.linear(&whole.upload(&x, &[t, k]).unwrap(), &whole.upload_weight(&w).unwrap()).unwrap();
             whole.download(&y).unwrap()
         };
-        // 12 rows a block: 12 + 12 + 12 + 4.
+        // 12 rows a block: 12 + 12 + 12 + 4 (an INT8 weight counts 8 bytes a value).
         let mut blocked = backend(FusedPolicy::Auto);
-        blocked.set_linear_widen_budget(12 * k * 4);
+        let per_value = if form == Form::Fp4 { 8 } else { 4 };
+        blocked.set_linear_widen_budget(12 * k * per_value);
         let xt = blocked.upload(&x, &[t, k]).unwrap();
         let wt = blocked.upload_weight(&w).unwrap();
         let before = counts();
@@ -239,5 +299,9 @@ fn a_large_narrow_weight_is_widened_a_block_of_rows_at_a_time() {
         let matmuls = counts()[0] - before[0];
         assert_eq!(blocked.download(&y).unwrap(), once, "{form:?}");
         assert_eq!(matmuls, 4, "{form:?}: one Matmul per block");
+        // One input row (decode), read from an offset: the blocks write the output in place.
+        let row = blocked.narrow(&xt, 0, 3, 1).unwrap();
+        let y = blocked.download(&blocked.linear(&row, &wt).unwrap()).unwrap();
+        assert_eq!(y, once[3 * n..4 * n], "{form:?}: one row");
     }
 }

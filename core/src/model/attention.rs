@@ -127,7 +127,7 @@ impl<B: Backend> Attention<B> {
         let act = |r: Result<B::Tensor>| prec.act_of(be, r);
 
         // Queries: low-rank path, per-head unweighted RMSNorm, RoPE on the trailing channels.
-        // Under the official quantisation, FP8/FP4 projections see e4m3 inputs (`Proj::linear`).
+        // Under the official quantisation, FP8/FP4 projections see e4m3 inputs (`Proj::linear_act`).
         let q_res = act(be.rms_norm(&self.wq_a.linear_act(be, x, prec)?, Some(&self.q_norm), self.eps))?;
         let q = be.reshape(&self.wq_b.linear_act(be, &q_res, prec)?, &[t, h, hd])?;
         let q = if prec.bf16_head_norm() {
@@ -178,7 +178,7 @@ impl<B: Backend> Attention<B> {
         // Undo the value rotation at the query position, then the grouped output projection.
         let out = act(be.rope(&out, &angles.cos, &angles.sin, true))?;
         let grouped = be.reshape(&out, &[t, self.groups, h * hd / self.groups])?;
-        let grouped = act(be.grouped_linear(&grouped, &self.wo_a, self.groups))?;
+        let grouped = be.grouped_linear_act(&grouped, &self.wo_a, self.groups, prec)?;
         let r = grouped.shape()[2];
         // wo_a takes no quantised input: the official conversion stores it BF16 (spec §B.8).
         let grouped = be.reshape(&grouped, &[t, self.groups * r])?;
