@@ -113,7 +113,7 @@ pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
 /// output is rounded to BF16 once. Not a fused kernel, but the same switch and self-test:
 /// BF16 matmuls are documented for Atlas A2/A3 and the 950 only (`aclnnMatmul.md`).
 pub const LINEAR_BF16: KernelSpec = KernelSpec {
-    name: "linear_act (bf16/official, BF16 weights): aclnnMatmul / aclnnBatchMatMul on BF16",
+    name: "linear_act (bf16/official): aclnnMatmul / aclnnBatchMatMul in BF16",
     symbols: &["aclnnMatmulGetWorkspaceSize", "aclnnMatmul", "aclnnBatchMatMulGetWorkspaceSize", "aclnnBatchMatMul"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
     opt_in: false,

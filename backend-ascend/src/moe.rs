@@ -520,15 +520,26 @@ impl AscendBackend {
         // The grouped form: each of the weight's n rows its own group, x's rows repeated per group.
         let xg: Vec<f32> = x.chunks_exact(kk).flat_map(|row| row.repeat(n)).collect();
         let xg = self.round_to_bf16(&self.upload(&xg, &[m, n, kk])?)?;
-        for w in ws.iter().filter(|w| holds_bf16(w)) {
-            let Some(got) = self.fused(state, || self.linear_bf16(&xt, w))? else {
+        // f32 accumulation: 1 + 255 · 2⁻⁹ is 1.498 (1.5 in BF16); a BF16 running sum stays 1.
+        use dsv4_core::tensor::{DType, HostTensor};
+        let probe = self.upload_weight(&dsv4_core::tensor::StoredWeight::float(HostTensor::from_bytes(
+            "self-test accumulation probe",
+            DType::BF16,
+            vec![1, 256],
+            (0..256).flat_map(|j| if j == 0 { 0x3f80u16 } else { 0x3b00 }.to_le_bytes()).collect(),
+        )?)?)?;
+        let ones = self.upload(&[1.0; 256], &[1, 256])?;
+        let (ones_g, probe_ref) = (self.reshape(&ones, &[1, 1, 256])?, &probe);
+        let pairs = [(&ws[0], &xt, &xg, n), (&ws[1], &xt, &xg, n), (probe_ref, &ones, &ones_g, 1)];
+        for (w, xt, xg, n) in pairs.into_iter().filter(|(w, ..)| holds_bf16(w)) {
+            let Some(got) = self.fused(state, || self.linear_bf16(xt, w))? else {
                 return Ok(());
             };
-            let want = self.round_to_bf16(&self.linear(&xt, w)?)?;
-            let Some(got_g) = self.fused(state, || self.grouped_linear_bf16(&xg, w, n))? else {
+            let want = self.round_to_bf16(&self.linear(xt, w)?)?;
+            let Some(got_g) = self.fused(state, || self.grouped_linear_bf16(xg, w, n))? else {
                 return Ok(());
             };
-            let want_g = self.round_to_bf16(&self.grouped_linear(&xg, w, n)?)?;
+            let want_g = self.round_to_bf16(&self.grouped_linear(xg, w, n)?)?;
             for (what, got, want) in [("Matmul", got, want), ("BatchMatMul", got_g, want_g)] {
                 if let Some(why) = self.bf16_disagreement(&got, &want)? {
                     state.disable(format!("self-test disagreed with {what} in f32 rounded to BF16: {why}"));

@@ -24,8 +24,10 @@ launcher!(aclnnGroupedMatmulV4, aclnnMoeGatingTopKV2);
 /// `DSV4_ASCEND_EMU_QUIRKS` (comma-separated) makes the emulator behave like other CANN
 /// releases, so dsv4's self-tests can be tested: `gating-bias-in-weights` (an older
 /// MoeGatingTopK revision documents the output weights as taken after adding the bias),
-/// `gmm-no-fp32` (a build that rejects FLOAT32 grouped matmul) and `sfmla-ignores-sinks` (an
-/// attention kernel that leaves the sinks out of the softmax).
+/// `gmm-no-fp32` (a build that rejects FLOAT32 grouped matmul), `sfmla-ignores-sinks` (an
+/// attention kernel that leaves the sinks out of the softmax) and
+/// `matmul-bf16-accumulates-in-bf16` (Matmul / BatchMatMul with a BF16 output rounding every
+/// partial sum, not only the result).
 pub(crate) fn quirk(name: &str) -> bool {
     std::env::var("DSV4_ASCEND_EMU_QUIRKS").is_ok_and(|v| v.split(',').any(|q| q.trim() == name))
 }

@@ -193,6 +193,9 @@ fn matmul_plan(
     shape_is(&o, &want, "out")?;
     contiguous_out(&o, "out")?;
     let ws = ws_for(&o);
+    // A release whose BF16 matmul accumulates in BF16 (each partial sum rounded), which dsv4's
+    // self-test of its BF16 linear must catch (`DSV4_ASCEND_EMU_QUIRKS`).
+    let bf16_sums = o.dtype == aclDataType::ACL_BF16 && crate::fused::quirk("matmul-bf16-accumulates-in-bf16");
     let (ra, rb, wo) = (a.clone(), b.clone(), o.clone());
     Ok(plan(ws, vec![a, b], vec![o], vec![], move |mem| {
         let mut ad = batch.clone();
@@ -210,6 +213,9 @@ fn matmul_plan(
                     let mut acc = 0f64;
                     for kk in 0..k {
                         acc += av[ao + i * k + kk] * bv[bo + kk * n + j];
+                        if bf16_sums {
+                            acc = half::bf16::from_f64(acc).to_f64();
+                        }
                     }
                     out[oo + i * n + j] = acc;
                 }
