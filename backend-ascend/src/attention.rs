@@ -9,7 +9,8 @@
 //!   Opt-in (`DSV4_ASCEND_FUSED=all`, [`crate::kernels::KernelSpec::opt_in`]).
 //! * The pool is passed as paged KV (layout PA_BBND): `[rows / bs, bs, 1, 512]` with an identity
 //!   block table and `sequsedOriKv = rows`, so the trait's pool rows are the kernel's logical
-//!   indices. The A2/A3 kernels read sparse ori_kv rows through the block table only
+//!   indices. BF16 pools hold a multiple of 16 rows (padding, zero and never indexed:
+//!   `pool::KERNEL_ROWS`), so every one can be paged (bs a multiple of 16 up to 1024). The A2/A3 kernels read sparse ori_kv rows through the block table only
 //!   (`op_kernel/arch22`, `GetOriSparseKeyGmOffset`); the queries are one TND batch.
 //! * The kernel wants each row's valid indices first, then padding: a descending aclnnTopk over
 //!   the row (valid rows are ≥ 0, padding is -1) moves the -1s to the end, and
@@ -55,8 +56,8 @@ impl AscendBackend {
             && idx.shape.get(1).is_some_and(|&k| k > 0)
             && kv.rows() > 0
             && kv.dtype() == Dt::ACL_BF16
-            && i32::try_from(kv.rows()).is_ok()
-            && kv_block(kv.rows()).is_some()
+            && i32::try_from(kv.stored_rows()).is_ok()
+            && kv_block(kv.stored_rows()).is_some()
     }
 
     /// The fused attention, or None when the kernel does not apply.
@@ -105,8 +106,9 @@ impl AscendBackend {
         // BF16 queries (exact in bf16/official, whose activations are BF16 values already).
         let qb = self.cast_to(q, Dt::ACL_BF16)?;
         let qb_v = || self.cview(Mem { buf: &qb, offset: 0, dtype: Dt::ACL_BF16 }, &q.shape);
-        // One TND batch of T queries over the whole pool, paged as `[rows / bs, bs, 1, D]`.
-        let rows = kv.rows();
+        // One TND batch of T queries over the whole pool, paged as `[rows / bs, bs, 1, D]`: the
+        // rows the block holds, a multiple of 16 for BF16 pools (the padding is never indexed).
+        let rows = kv.stored_rows();
         let bs = kv_block(rows).expect("checked by flash_mla_applies");
         let nb = rows / bs;
         let cu_q = self.upload_index(&[0, t as i32], &[2])?;

@@ -216,8 +216,10 @@ impl AscendBackend {
     /// The kernel's key tensor for the sequence: the pool itself when the rows are whole
     /// blocks of it (known on the host), else a gathered copy.
     fn indexer_keys<'a>(&self, keys: &'a AscendPool, key_rows: &AscendIndex, n: usize) -> Result<Keys<'a>> {
-        if let Some((bs, table_row)) = key_rows.host.as_deref().and_then(|h| pool_blocks(h, keys.rows())) {
-            return Ok(Keys { src: KeySource::Pool(keys), blocks: keys.rows() / bs, bs, table_row });
+        // The block's rows, a multiple of 16 for a BF16 pool (`pool::KERNEL_ROWS`).
+        let held = keys.stored_rows();
+        if let Some((bs, table_row)) = key_rows.host.as_deref().and_then(|h| pool_blocks(h, held)) {
+            return Ok(Keys { src: KeySource::Pool(keys), blocks: held / bs, bs, table_row });
         }
         let bs = GATHER_BLOCK.min(n.div_ceil(16) * 16);
         let blocks = n.div_ceil(bs);

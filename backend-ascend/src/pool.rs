@@ -31,6 +31,10 @@ use crate::{numel, AscendBackend, AscendIndex, AscendTensor, Dt, Mem};
 pub struct AscendPool {
     buf: Buffer,
     rows: usize,
+    /// Rows the block holds: `rows`, and for BF16 pools up to the next multiple of 16
+    /// ([`KERNEL_ROWS`]), zero and never addressed, so that `aclnnSparseFlashMla` can page
+    /// every BF16 kv pool (it takes blocks of a multiple of 16 rows; `attention.rs`).
+    stored_rows: usize,
     width: usize,
     format: RowFormat,
     dtype: Dt,
@@ -50,7 +54,16 @@ impl DevicePool for AscendPool {
     }
 }
 
+/// BF16 pools hold a multiple of this many rows ([`AscendPool`]'s `stored_rows`).
+pub(crate) const KERNEL_ROWS: usize = 16;
+
 impl AscendPool {
+    /// The rows the device block holds (a multiple of [`KERNEL_ROWS`] for BF16 pools): what the
+    /// attention kernel may page; rows past [`DevicePool::rows`] are zero and never indexed.
+    pub(crate) fn stored_rows(&self) -> usize {
+        self.stored_rows
+    }
+
     /// The element type the rows are stored in (`ACL_FLOAT` or `ACL_BF16`).
     pub fn dtype(&self) -> Dt {
         self.dtype
@@ -93,7 +106,11 @@ impl AscendBackend {
                 self.soc
             )));
         }
-        let bytes = rows
+        let stored_rows = match format {
+            RowFormat::Bf16 => rows.next_multiple_of(KERNEL_ROWS),
+            _ => rows,
+        };
+        let bytes = stored_rows
             .checked_mul(width)
             .and_then(|n| n.checked_mul(esize(dtype)))
             .ok_or_else(|| err(format!("alloc_pool: {rows} rows of {width} values do not fit in memory")))?;
@@ -102,7 +119,7 @@ impl AscendBackend {
             .alloc(bytes.max(1))
             .map_err(|e| err(format!("alloc_pool: {rows} rows of {width} {format:?} values ({bytes} bytes): {e}")))?;
         self.dev.zero(&buf)?;
-        Ok(AscendPool { buf, rows, width, format, dtype })
+        Ok(AscendPool { buf, rows, stored_rows, width, format, dtype })
     }
 
     pub(crate) fn write_rows(&self, pool: &mut AscendPool, slots: &AscendIndex, values: &AscendTensor) -> Result<()> {
