@@ -187,6 +187,8 @@ pub enum LoadError {
     NotFound(NotFound),
     /// The runtime was found but another library it needs was not.
     MissingLibrary { name: String, tried: Vec<PathBuf> },
+    /// `DSV4_ASCEND_EMULATOR` names a file that does not exist.
+    EmulatorNotFound { path: PathBuf },
     /// A library exists but the dynamic loader refused it.
     Open { path: PathBuf, error: String },
     /// A required function is exported by none of the libraries.
@@ -201,6 +203,19 @@ impl std::fmt::Display for LoadError {
             LoadError::NotFound(n) => n.fmt(f),
             LoadError::MissingLibrary { name, tried } => {
                 write!(f, "the Ascend runtime was found but {name} was not (tried {}); {HINT}", list(tried))
+            }
+            LoadError::EmulatorNotFound { path } => {
+                let relative = match std::env::current_dir() {
+                    Ok(dir) if path.is_relative() => format!(" (a relative path, taken from {})", dir.display()),
+                    _ => String::new(),
+                };
+                write!(
+                    f,
+                    "{EMULATOR_VAR} names {}{relative}, which does not exist: build dsv4's emulator with `cargo build \
+                     -p dsv4-ascend-emu` and give the absolute path of target/debug/libdsv4_ascend_emu.so, or unset \
+                     {EMULATOR_VAR} to use the installed CANN toolkit",
+                    path.display()
+                )
             }
             LoadError::Open { path, error } => write!(f, "cannot load {}: {error}; {HINT}", path.display()),
             LoadError::MissingSymbol(m) => m.fmt(f),
@@ -309,10 +324,7 @@ impl Api {
     /// Takes every symbol from one library (the emulator).
     pub fn load_emulator(path: &Path) -> Result<Api, LoadError> {
         if !path.exists() {
-            return Err(LoadError::MissingLibrary {
-                name: format!("the emulator library named by {EMULATOR_VAR}"),
-                tried: vec![path.to_path_buf()],
-            });
+            return Err(LoadError::EmulatorNotFound { path: path.to_path_buf() });
         }
         Self::from_libraries(vec![(path.to_path_buf(), open(path)?)], true)
     }
@@ -477,6 +489,10 @@ mod tests {
     fn missing_emulator_names_the_variable() {
         let e = Api::load_emulator(Path::new("/nonexistent/libdsv4_ascend_emu.so")).unwrap_err().to_string();
         assert!(e.contains(EMULATOR_VAR) && e.contains("/nonexistent"), "{e}");
+        // It says what to do, not that a runtime was found (none was looked for).
+        assert!(e.contains("cargo build -p dsv4-ascend-emu") && !e.contains("runtime was found"), "{e}");
+        let rel = Api::load_emulator(Path::new("target/nowhere/libdsv4_ascend_emu.so")).unwrap_err().to_string();
+        assert!(rel.contains("a relative path, taken from"), "{rel}");
     }
 
     #[test]

@@ -302,6 +302,12 @@ impl AscendBackend {
         self.kernels.choices()
     }
 
+    /// Why the first kernel whose name contains `which` is not used (`dsv4 devices`' reason).
+    fn kernel_why(&self, which: &str) -> String {
+        let choice = self.kernels.choices().into_iter().find(|c| c.name.contains(which));
+        choice.map_or_else(|| "unknown kernel".into(), |c| c.why)
+    }
+
     /// Switches off, for this backend's lifetime, every fused kernel whose `dsv4 devices` name
     /// contains `which` (e.g. `aclnnSparseFlashMla`), so that its composition runs: to compare
     /// one kernel against the composition or bisect a suspected kernel problem. Returns how many
@@ -675,6 +681,18 @@ impl AscendBackend {
         match op {
             UnaryOp::Sigmoid => plain!(aclnnSigmoid / aclnnSigmoidGetWorkspaceSize),
             UnaryOp::Silu => plain!(aclnnSilu / aclnnSiluGetWorkspaceSize),
+            UnaryOp::Softplus if kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Ascend950 => {
+                Err(err(format!(
+                "softplus: the CANN docs list no aclnnSoftplus on {}; V4's sqrt-softplus routing runs there on the \
+                 fused aclnnMoeGatingTopKV2 (normType 2), which is {}",
+                self.soc,
+                if self.kernels.gating_sqrt_softplus.usable() {
+                    "in use, so this call came from elsewhere".to_string()
+                } else {
+                    format!("not in use here: {}", self.kernel_why("sqrt-softplus"))
+                }
+            )))
+            }
             UnaryOp::Softplus => aclnn_cached!(self, aclnnSoftplus / aclnnSoftplusGetWorkspaceSize, [x] => [out],
                 scalars [self.f32s(1.0)?, self.f32s(20.0)?], attrs [],
                 |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr())),

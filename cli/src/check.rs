@@ -208,6 +208,8 @@ pub fn run(
         None if kv.precision.simulates_quant() => {
             println!("precision: {}, decoding state: the precision's default rows on each backend", kv.precision)
         }
+        // The precision's default (`Precision::default_kv_dtype`): bf16 rows where it rounds.
+        None if kv.precision.rounds_to_bf16() => println!("precision: {}, decoding state: bf16 rows", kv.precision),
         None => println!("precision: {}, decoding state: f32 rows", kv.precision),
     }
     let mut runs = vec![];
@@ -248,8 +250,9 @@ pub fn run(
         let hint = if kv.precision != Precision::F32 {
             format!(
                 " (in {}, a value the backends round to different neighbours differs by a BF16 or e4m3 ulp, and where \
-                 that changes a top-k selection (flagged above) the blocks after it diverge further, most on random-\
-                 weight models; compare at --precision f32 for a kernel check, or raise --tolerance)",
+                 that changes a top-k selection (an indexer's, flagged above, or a router's choice of experts, which \
+                 this report does not track) the blocks after it diverge further, most on random-weight models; \
+                 compare at --precision f32 for a kernel check, or raise --tolerance)",
                 kv.precision
             )
         } else if kv.kv_dtype_arg.unwrap_or_default() == dsv4_core::kv::KvDtype::F32 {

@@ -218,13 +218,21 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
             dsv4_backend_cuda::open(0)?;
             Resolved::Cuda
         }
-        BackendChoice::Auto => {
-            if dsv4_backend_ascend::probe().is_ok() && dsv4_backend_ascend::open(0).is_ok() {
-                Resolved::Ascend
-            } else {
-                Resolved::Cpu
-            }
-        }
+        BackendChoice::Auto => match dsv4_backend_ascend::probe() {
+            Err(_) => Resolved::Cpu,
+            Ok(_) => match dsv4_backend_ascend::open(0) {
+                Ok(_) => Resolved::Ascend,
+                // A runtime that is there but does not open (a device in use, a bad
+                // DSV4_ASCEND_* setting) is worth a line: the run is not where the user expects.
+                Err(e) => {
+                    eprintln!(
+                        "dsv4: an Ascend runtime was found but device 0 did not open ({e}); running on the CPU \
+                         backend (--backend ascend makes this an error)"
+                    );
+                    Resolved::Cpu
+                }
+            },
+        },
     })
 }
 

@@ -28,9 +28,9 @@ fn every_fixture_matches_on_a_950_with_fused_kernels() {
     // f32 activations never take the BF16 attention kernel.
     assert_eq!(dsv4_backend_ascend::emulator_launches("aclnnSparseFlashMla"), Some(self_test));
 
-    // bf16: the fixture with V4's head size runs its attention on aclnnSparseFlashMla.
+    // bf16: the fixture with V4's head size runs its attention on aclnnSparseFlashMla (every
+    // layer: BF16 pools are padded to a multiple of 16 rows).
     let runs = dsv4_tests::fused_attention::bf16_fixtures_on("Ascend950PR_9599", "aclnnSparseFlashMla", &[]);
-    // Layers whose pool no multiple of 16 divides compose.
     dsv4_tests::fused_attention::judge(&runs, &["fused_dims"], 1, false);
     // ... and its CSA layer's indexer on aclnnLightningIndexerV2 (the attention composed in
     // both runs, so the picks must be the same sets).
@@ -40,4 +40,11 @@ fn every_fixture_matches_on_a_950_with_fused_kernels() {
         &["aclnnSparseFlashMla"],
     );
     dsv4_tests::fused_attention::judge(&runs, &["fused_dims"], 1, true);
+
+    // With the fused kernels off, V4's routing cannot run on a 950 (no aclnnSoftplus there):
+    // the error says so and names the switch, instead of the operator's bare error code.
+    use dsv4_core::backend::{Backend, UnaryOp};
+    let off = dsv4_backend_ascend::open_with(0, dsv4_backend_ascend::FusedPolicy::Off).unwrap();
+    let e = off.unary(&off.upload(&[1.0, -2.0], &[2]).unwrap(), UnaryOp::Softplus).err().expect("refused").to_string();
+    assert!(e.contains("no aclnnSoftplus") && e.contains("DSV4_ASCEND_FUSED=off"), "{e}");
 }
