@@ -8,9 +8,10 @@
 //!   the SoC takes (1..=128; a power of two on Atlas A2/A3). Anything else composes.
 //!   Opt-in (`DSV4_ASCEND_FUSED=all`, [`crate::kernels::KernelSpec::opt_in`]).
 //! * The pool is passed as paged KV (layout PA_BBND): `[rows / bs, bs, 1, 512]` with an identity
-//!   block table and `sequsedOriKv = rows`, so the trait's pool rows are the kernel's logical
-//!   indices. BF16 pools hold a multiple of 16 rows (padding, zero and never indexed:
-//!   `pool::KERNEL_ROWS`), so every one can be paged (bs a multiple of 16 up to 1024). The A2/A3 kernels read sparse ori_kv rows through the block table only
+//!   block table and `sequsedOriKv` = the rows the block holds, so the trait's pool rows are the
+//!   kernel's logical indices. BF16 pools hold a multiple of 16 rows (128 from 128 rows on;
+//!   padding, zero and never indexed: `pool::KERNEL_ROWS`), so every one can be paged (bs a
+//!   multiple of 16 up to 1024). The A2/A3 kernels read sparse ori_kv rows through the block table only
 //!   (`op_kernel/arch22`, `GetOriSparseKeyGmOffset`); the queries are one TND batch.
 //! * The kernel wants each row's valid indices first, then padding: a descending aclnnTopk over
 //!   the row (valid rows are ≥ 0, padding is -1) moves the -1s to the end, and

@@ -30,7 +30,7 @@
 //! | `linear_act`, `grouped_linear_act` in bf16 / official (projections at a rounding point) | `aclnnMatmul`, `aclnnBatchMatMul` on BF16 operands (not a fused kernel; in the table for its switch and self-test) | yes | yes | yes | **yes**: x holding BF16 values, BF16 / INT8-group weight; else Matmul in f32, then Cast to BF16 and back |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
-//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool whose rows a multiple of 16 divides (`attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
+//! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool (padded to a block multiple, `pool.rs`; `attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
 //! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16 with a BF16 pool (`indexer.rs`); else Matmul, Relu, ReduceSum, Topk |
 //! | compressor step | `aclnnCompressor` | docs disagree | yes | yes | no: its per-token state needs another carry layout |
 //! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`) | – | – | – | no: default composition |
@@ -142,9 +142,9 @@ pub struct AscendTensor {
     buf: Arc<Buffer>,
     shape: Vec<usize>,
     offset: usize,
-    /// Every value is a BF16 value (the output of `round_to_bf16` or of a BF16 `linear_act`,
-    /// and views of those), so a cast to BF16 is exact: `linear_act` may then feed it to a
-    /// BF16 matmul. False when not known.
+    /// Every value is a BF16 value (the output of `round_to_bf16` or of a BF16 `linear_act`, an
+    /// upload of such values, and views of those), so a cast to BF16 is exact (up to a NaN's
+    /// payload): `linear_act` may then feed it to a BF16 matmul. False when not known.
     bf16: bool,
 }
 
@@ -302,10 +302,26 @@ impl AscendBackend {
         self.kernels.choices()
     }
 
-    /// Why the first kernel whose name contains `which` is not used (`dsv4 devices`' reason).
-    fn kernel_why(&self, which: &str) -> String {
-        let choice = self.kernels.choices().into_iter().find(|c| c.name.contains(which));
-        choice.map_or_else(|| "unknown kernel".into(), |c| c.why)
+    /// A failed aclnnSoftplus, explained where the CANN docs list none (the 950): V4's
+    /// sqrt-softplus routing runs there on the fused gating kernel, so the composition only
+    /// runs when that kernel is off or declines the call.
+    fn softplus_missing(&self, e: Error) -> Error {
+        if kernels::SocFamily::of(&self.soc) != kernels::SocFamily::Ascend950 {
+            return e;
+        }
+        let gating = self.kernels.choices().into_iter().find(|c| c.name.contains("sqrt-softplus"));
+        let state = match gating {
+            Some(c) if c.used => {
+                "in use, but it declined this call (more than 2048 experts, or a k it does not take)".into()
+            }
+            Some(c) => format!("not in use here: {}", c.why),
+            None => "unknown".into(),
+        };
+        err(format!(
+            "{e}; the CANN docs list no aclnnSoftplus on {}, where V4's sqrt-softplus routing runs on the fused \
+             aclnnMoeGatingTopKV2 (normType 2), which is {state}",
+            self.soc
+        ))
     }
 
     /// Switches off, for this backend's lifetime, every fused kernel whose `dsv4 devices` name
@@ -471,7 +487,7 @@ impl AscendBackend {
     /// [`Backend::grouped_linear_act`] in bf16 as one BF16 aclnnBatchMatMul, as
     /// [`Self::linear_bf16`] does for `linear`: x `[M, G, K]` cast to BF16 (exact) and read as
     /// `[G, M, K]`, W `[G·R, K]` as stored (INT8 dequantised into BF16) read as `[G, K, R]`,
-    /// out `[G, M, R]` in BF16, cast back to F32 into `[M, G, R]`.
+    /// out `[G, M, R]` in BF16, copied back (aclnnInplaceCopy, BF16 → F32) into `[M, G, R]`.
     fn grouped_linear_bf16(&self, x: &AscendTensor, w: &AscendWeight, groups: usize) -> Result<AscendTensor> {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
         let (m, k, r) = (shape[0], x.shape[2], shape[2]);
@@ -501,8 +517,8 @@ impl AscendBackend {
         )?;
         let out = self.new_tensor(&shape)?;
         let src = self.view(bf(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
-        let ov = self.tv(&out)?;
-        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_FLOAT, ov.ptr()))?;
+        // aclnnInplaceCopy: documented for strided sources, and it converts the dtype.
+        self.copy(&self.tv(&out)?, &src)?;
         Ok(AscendTensor { bf16: true, ..out })
     }
 
@@ -681,21 +697,10 @@ impl AscendBackend {
         match op {
             UnaryOp::Sigmoid => plain!(aclnnSigmoid / aclnnSigmoidGetWorkspaceSize),
             UnaryOp::Silu => plain!(aclnnSilu / aclnnSiluGetWorkspaceSize),
-            UnaryOp::Softplus if kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Ascend950 => {
-                Err(err(format!(
-                "softplus: the CANN docs list no aclnnSoftplus on {}; V4's sqrt-softplus routing runs there on the \
-                 fused aclnnMoeGatingTopKV2 (normType 2), which is {}",
-                self.soc,
-                if self.kernels.gating_sqrt_softplus.usable() {
-                    "in use, so this call came from elsewhere".to_string()
-                } else {
-                    format!("not in use here: {}", self.kernel_why("sqrt-softplus"))
-                }
-            )))
-            }
             UnaryOp::Softplus => aclnn_cached!(self, aclnnSoftplus / aclnnSoftplusGetWorkspaceSize, [x] => [out],
                 scalars [self.f32s(1.0)?, self.f32s(20.0)?], attrs [],
-                |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr())),
+                |i, o, s| (i[0].ptr(), s[0].ptr(), s[1].ptr(), o[0].ptr()))
+            .map_err(|e| self.softplus_missing(e)),
             UnaryOp::Sqrt => plain!(aclnnSqrt / aclnnSqrtGetWorkspaceSize),
             UnaryOp::Rsqrt => plain!(aclnnRsqrt / aclnnRsqrtGetWorkspaceSize),
             UnaryOp::Exp => plain!(aclnnExp / aclnnExpGetWorkspaceSize),

@@ -31,9 +31,9 @@ use crate::{numel, AscendBackend, AscendIndex, AscendTensor, Dt, Mem};
 pub struct AscendPool {
     buf: Buffer,
     rows: usize,
-    /// Rows the block holds: `rows`, and for BF16 pools up to the next multiple of 16
-    /// ([`KERNEL_ROWS`]), zero and never addressed, so that `aclnnSparseFlashMla` can page
-    /// every BF16 kv pool (it takes blocks of a multiple of 16 rows; `attention.rs`).
+    /// Rows the block holds: `rows`, and for BF16 pools up to the next multiple of 16 (128 from
+    /// 128 rows on; [`KERNEL_ROWS`]), zero and never addressed, so that `aclnnSparseFlashMla`
+    /// can page every BF16 kv pool (it takes blocks of a multiple of 16 rows; `attention.rs`).
     stored_rows: usize,
     width: usize,
     format: RowFormat,
@@ -54,8 +54,16 @@ impl DevicePool for AscendPool {
     }
 }
 
-/// BF16 pools hold a multiple of this many rows ([`AscendPool`]'s `stored_rows`).
+/// BF16 pools hold a multiple of this many rows ([`AscendPool`]'s `stored_rows`), and of
+/// [`KERNEL_BLOCK`] from that many rows on: the kernel then pages them in blocks of at least 128
+/// rows, so its block table stays short (at most 127 zero rows: 127 KiB of 512-wide BF16 rows).
 pub(crate) const KERNEL_ROWS: usize = 16;
+pub(crate) const KERNEL_BLOCK: usize = 128;
+
+/// The rows a BF16 pool of `rows` holds (None when that overflows).
+fn kernel_rows(rows: usize) -> Option<usize> {
+    rows.checked_next_multiple_of(if rows >= KERNEL_BLOCK { KERNEL_BLOCK } else { KERNEL_ROWS })
+}
 
 impl AscendPool {
     /// The rows the device block holds (a multiple of [`KERNEL_ROWS`] for BF16 pools): what the
@@ -107,9 +115,10 @@ impl AscendBackend {
             )));
         }
         let stored_rows = match format {
-            RowFormat::Bf16 => rows.next_multiple_of(KERNEL_ROWS),
-            _ => rows,
-        };
+            RowFormat::Bf16 => kernel_rows(rows),
+            _ => Some(rows),
+        }
+        .ok_or_else(|| err(format!("alloc_pool: {rows} rows do not fit in memory")))?;
         let bytes = stored_rows
             .checked_mul(width)
             .and_then(|n| n.checked_mul(esize(dtype)))
@@ -182,5 +191,15 @@ mod tests {
         assert!(check_distinct(&[3, 0, 2]).is_ok());
         let e = check_distinct(&[2, 0, 2]).unwrap_err().to_string();
         assert!(e.contains("slot 2 is written twice (entries 0 and 2)"), "{e}");
+    }
+
+    #[test]
+    fn bf16_pools_round_up_to_kernel_blocks() {
+        assert_eq!(kernel_rows(0), Some(0));
+        assert_eq!(kernel_rows(40), Some(48));
+        assert_eq!(kernel_rows(127), Some(128));
+        assert_eq!(kernel_rows(129), Some(256));
+        assert_eq!(kernel_rows(1024), Some(1024));
+        assert_eq!(kernel_rows(usize::MAX), None);
     }
 }

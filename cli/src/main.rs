@@ -198,6 +198,7 @@ pub enum BackendChoice {
     Cuda,
 }
 
+#[derive(Clone, Copy)]
 pub(crate) enum Resolved {
     Cpu,
     Ascend,
@@ -218,22 +219,29 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
             dsv4_backend_cuda::open(0)?;
             Resolved::Cuda
         }
-        BackendChoice::Auto => match dsv4_backend_ascend::probe() {
-            Err(_) => Resolved::Cpu,
-            Ok(_) => match dsv4_backend_ascend::open(0) {
-                Ok(_) => Resolved::Ascend,
-                // A runtime that is there but does not open (a device in use, a bad
-                // DSV4_ASCEND_* setting) is worth a line: the run is not where the user expects.
-                Err(e) => {
-                    eprintln!(
-                        "dsv4: an Ascend runtime was found but device 0 did not open ({e}); running on the CPU \
-                         backend (--backend ascend makes this an error)"
-                    );
-                    Resolved::Cpu
-                }
-            },
-        },
+        // Decided once per process (a command resolves its backend more than once), so that
+        // device 0 opens once and the reason for the CPU is printed once.
+        BackendChoice::Auto => {
+            static AUTO: std::sync::OnceLock<Resolved> = std::sync::OnceLock::new();
+            *AUTO.get_or_init(resolve_auto)
+        }
     })
+}
+
+/// [`resolve_backend`]'s `auto`. Where Ascend was meant but does not open (a device in use, a
+/// bad `DSV4_ASCEND_*` setting, a `DSV4_ASCEND_EMULATOR` that does not load) it says why it runs
+/// on the CPU: the run is not where the user expects.
+fn resolve_auto() -> Resolved {
+    let why = match dsv4_backend_ascend::probe() {
+        Err(e) if std::env::var_os("DSV4_ASCEND_EMULATOR").is_some_and(|v| !v.is_empty()) => e,
+        Err(_) => return Resolved::Cpu,
+        Ok(_) => match dsv4_backend_ascend::open(0) {
+            Ok(_) => return Resolved::Ascend,
+            Err(e) => format!("an Ascend runtime was found but device 0 did not open: {e}"),
+        },
+    };
+    eprintln!("dsv4: {why}; running on the CPU backend (--backend ascend makes this an error)");
+    Resolved::Cpu
 }
 
 #[derive(clap::Args)]

@@ -8,7 +8,7 @@
 #[test]
 fn bf16_fixtures_on_an_a3_with_the_fused_attention() {
     let runs = dsv4_tests::fused_attention::bf16_fixtures_on("Ascend910_9391", "aclnnSparseFlashMla", &[]);
-    // Layers whose pool no multiple of 16 divides compose.
+    // Every layer's BF16 pool is padded to a block multiple, so each runs the kernel.
     dsv4_tests::fused_attention::judge(&runs, &["fused_dims"], 1, false);
     // ... and its CSA layer's indexer on aclnnLightningIndexerV2 (the attention composed in
     // both runs, so the picks must be the same sets).

@@ -26,7 +26,7 @@
 //! `DSV4_ASCEND_EMU_MEMORY_MB` (default 16384) their memory and `DSV4_ASCEND_EMU_SOC` the name
 //! `aclrtGetSocName` reports (default `Ascend910B3`; per-SoC limits follow it, e.g. FLOAT32
 //! grouped matmul only with a 3-D weight on A2/A3, sqrt-softplus gating and no aclnnSoftplus on
-//! the 950, aclnnInplaceIndexCopy on A2/A3/950 only). `DSV4_ASCEND_EMU_QUIRKS` makes the fused MoE kernels behave like other CANN
+//! the 950, aclnnInplaceIndexCopy on A2/A3/950 only). `DSV4_ASCEND_EMU_QUIRKS` makes some kernels behave like other CANN
 //! releases (`gating-bias-in-weights`, `gmm-no-fp32`, `matmul-bf16-accumulates-in-bf16`; see `fused.rs`).
 //! HCCL (communicators whose ranks are threads, each on its own device, and the collectives
 //! dsv4 uses) is in `hccl.rs`; `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S` (default 120) bounds its rendezvous.
