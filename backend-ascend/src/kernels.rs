@@ -30,11 +30,15 @@ pub enum FusedPolicy {
 impl FusedPolicy {
     /// From `DSV4_ASCEND_FUSED` (`auto` when unset).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(FUSED_VAR).ok().as_deref().map(str::trim) {
+        let value = std::env::var(FUSED_VAR).ok();
+        match value.as_deref().map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             None | Some("") | Some("auto") => Ok(FusedPolicy::Auto),
             Some("all") => Ok(FusedPolicy::All),
             Some("off") => Ok(FusedPolicy::Off),
-            Some(other) => Err(err(format!("{FUSED_VAR}={other:?} is not understood; use `auto`, `all` or `off`"))),
+            _ => Err(err(format!(
+                "{FUSED_VAR}={:?} is not understood; use `auto`, `all` or `off`",
+                value.unwrap_or_default()
+            ))),
         }
     }
 }

@@ -73,14 +73,19 @@ pub struct SamplingArgs {
     /// Maximum number of tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// 0 = greedy.
+    /// Sampling temperature: the logits are divided by it before the softmax. 0 = greedy (the
+    /// most likely token every step).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: sample only from the most likely tokens whose probabilities add up to
+    /// at least P (after --top-k). 1 = off.
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
     pub top_p: f32,
-    /// 0 = off.
-    #[arg(long, default_value_t = 0)]
+    /// Sample only from the K most likely tokens. 0 = off.
+    #[arg(long, value_name = "K", default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampler's random numbers: the same seed, prompt and settings give the same
+    /// tokens.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when the generated text contains this string (repeatable).
