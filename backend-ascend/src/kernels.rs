@@ -259,7 +259,12 @@ pub struct Kernels {
 
 impl Kernels {
     pub fn select(api: &sys::Api, soc: &str, policy: FusedPolicy) -> Kernels {
-        let state = |k: &KernelSpec| KernelState::new(&choose(k, soc, policy, |s| api.has(s)));
+        Kernels::from_choices(|k| choose(k, soc, policy, |s| api.has(s)))
+    }
+
+    /// Every kernel's state from its decision.
+    fn from_choices(decide: impl Fn(&KernelSpec) -> Choice) -> Kernels {
+        let state = |k: &KernelSpec| KernelState::new(&decide(k));
         Kernels {
             grouped_matmul: state(&GROUPED_MATMUL),
             grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
@@ -316,17 +321,7 @@ mod tests {
     /// `Kernels::all` (hand-kept) lists every kernel of [`ALL`], in its order.
     #[test]
     fn every_kernel_has_a_state_in_the_order_of_all() {
-        let choice = |k: &KernelSpec| choose(k, "Ascend910B3", FusedPolicy::Auto, |_| true);
-        let state = |k: &KernelSpec| KernelState::new(&choice(k));
-        let kernels = Kernels {
-            grouped_matmul: state(&GROUPED_MATMUL),
-            grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
-            linear_bf16: state(&LINEAR_BF16),
-            gating: state(&MOE_GATING),
-            gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
-            sparse_flash_mla: state(&SPARSE_FLASH_MLA),
-            lightning_indexer: state(&LIGHTNING_INDEXER),
-        };
+        let kernels = Kernels::from_choices(|k| choose(k, "Ascend910B3", FusedPolicy::Auto, |_| true));
         let names: Vec<&str> = kernels.choices().iter().map(|c| c.name).collect();
         assert_eq!(names, ALL.iter().map(|k| k.name).collect::<Vec<_>>());
     }

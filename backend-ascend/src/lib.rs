@@ -218,6 +218,13 @@ struct Mem<'a> {
     dtype: Dt,
 }
 
+impl<'a> Mem<'a> {
+    /// The whole block `buf` as BF16 values.
+    fn bf16(buf: &'a Buffer) -> Mem<'a> {
+        Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }
+    }
+}
+
 macro_rules! aclnn {
     ($be:expr, $op:ident / $ws:ident ( $($arg:expr),* $(,)? )) => {{
         let api = $be.api();
@@ -449,6 +456,27 @@ impl AscendBackend {
         Ok((Some(tmp), t))
     }
 
+    /// A weight holding BF16 values ([`moe::holds_bf16`]) as the BF16 matmuls read it: None
+    /// when it is stored BF16 (read as is), else its INT8 group form dequantised exactly into a
+    /// BF16 temporary (keep it alive until the launch is queued).
+    fn bf16_weight(&self, w: &AscendWeight) -> Result<Option<Buffer>> {
+        match (&w.group_scale, w.dtype) {
+            (None, Dt::ACL_BF16) => Ok(None),
+            (Some(_), Dt::ACL_INT8) => {
+                let tmp = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
+                self.widen_weight_into(w, Mem::bf16(&tmp))?;
+                Ok(Some(tmp))
+            }
+            _ => Err(err(format!("a {:?} weight does not hold BF16 values", w.dtype))),
+        }
+    }
+
+    /// Whether `linear_act` / `grouped_linear_act` take the BF16 matmul: `act` rounds to BF16,
+    /// x holds BF16 values, the weight too, and the switch is on.
+    fn bf16_matmul_applies(&self, x: &AscendTensor, w: &AscendWeight, act: Precision) -> bool {
+        act.rounds_to_bf16() && x.bf16 && self.kernels.linear_bf16.usable() && moe::holds_bf16(w)
+    }
+
     /// [`Backend::linear_act`] in bf16 as one BF16 matmul: x (BF16 values, so the cast is
     /// exact) times W as stored (an INT8 group weight dequantised exactly into a BF16
     /// temporary), aclnnMatmul with KEEP_DTYPE rounding each f32-accumulated sum to BF16 once,
@@ -461,26 +489,16 @@ impl AscendBackend {
         if numel(&shape) == 0 || k == 0 {
             return Ok(AscendTensor { bf16: true, ..self.full(&shape, 0.0)? });
         }
-        fn bf(buf: &Buffer) -> Mem<'_> {
-            Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }
-        }
         let xb = self.cast_to(x, Dt::ACL_BF16)?;
-        let dequantised = match w.group_scale {
-            Some(_) => {
-                let tmp = self.alloc(n * k, Dt::ACL_BF16)?;
-                self.widen_weight_into(w, bf(&tmp))?;
-                Some(tmp)
-            }
-            None => None,
-        };
+        let dequantised = self.bf16_weight(w)?;
         // W [N, K] read as its transpose [K, N] through strides: no copy.
-        let w_t = self.view(bf(dequantised.as_ref().unwrap_or(&w.buf)), &[k, n], &[1, k], 0)?;
+        let w_t = self.view(Mem::bf16(dequantised.as_ref().unwrap_or(&w.buf)), &[k, n], &[1, k], 0)?;
         let ob = self.alloc(m * n, Dt::ACL_BF16)?;
-        let (a, o) = (self.cview(bf(&xb), &[m, k])?, self.cview(bf(&ob), &[m, n])?);
+        let (a, o) = (self.cview(Mem::bf16(&xb), &[m, k])?, self.cview(Mem::bf16(&ob), &[m, n])?);
         aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o], attrs [sys::ACL_CUBE_KEEP_DTYPE],
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
         let out = self.new_tensor(&shape)?;
-        self.cast_into(self.cview(bf(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
+        self.cast_into(self.cview(Mem::bf16(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
         Ok(AscendTensor { bf16: true, ..out })
     }
 
@@ -494,29 +512,19 @@ impl AscendBackend {
         if m * r == 0 || k == 0 {
             return Ok(AscendTensor { bf16: true, ..self.full(&shape, 0.0)? });
         }
-        fn bf(buf: &Buffer) -> Mem<'_> {
-            Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }
-        }
         let xb = self.cast_to(x, Dt::ACL_BF16)?;
-        let dequantised = match w.group_scale {
-            Some(_) => {
-                let tmp = self.alloc(w.rows * k, Dt::ACL_BF16)?;
-                self.widen_weight_into(w, bf(&tmp))?;
-                Some(tmp)
-            }
-            None => None,
-        };
-        let xa = self.view(bf(&xb), &[groups, m, k], &[k, groups * k, 1], 0)?;
-        let wb = self.view(bf(dequantised.as_ref().unwrap_or(&w.buf)), &[groups, k, r], &[r * k, 1, k], 0)?;
+        let dequantised = self.bf16_weight(w)?;
+        let xa = self.view(Mem::bf16(&xb), &[groups, m, k], &[k, groups * k, 1], 0)?;
+        let wb = self.view(Mem::bf16(dequantised.as_ref().unwrap_or(&w.buf)), &[groups, k, r], &[r * k, 1, k], 0)?;
         let gm = self.alloc(groups * m * r, Dt::ACL_BF16)?;
-        let gv = self.cview(bf(&gm), &[groups, m, r])?;
+        let gv = self.cview(Mem::bf16(&gm), &[groups, m, r])?;
         // Not through the executor cache: xa is a permuted view (see `grouped_linear`).
         aclnn!(
             self,
             aclnnBatchMatMul / aclnnBatchMatMulGetWorkspaceSize(xa.ptr(), wb.ptr(), gv.ptr(), sys::ACL_CUBE_KEEP_DTYPE)
         )?;
         let out = self.new_tensor(&shape)?;
-        let src = self.view(bf(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
+        let src = self.view(Mem::bf16(&gm), &[m, groups, r], &[r, m * r, 1], 0)?;
         // aclnnInplaceCopy: documented for strided sources, and it converts the dtype.
         self.copy(&self.tv(&out)?, &src)?;
         Ok(AscendTensor { bf16: true, ..out })
@@ -1020,7 +1028,7 @@ impl Backend for AscendBackend {
     }
 
     fn linear_act(&self, x: &AscendTensor, w: &AscendWeight, act: Precision) -> Result<AscendTensor> {
-        if act.rounds_to_bf16() && x.bf16 && self.kernels.linear_bf16.usable() && moe::holds_bf16(w) {
+        if self.bf16_matmul_applies(x, w, act) {
             if let Some(y) = self.fused(&self.kernels.linear_bf16, || self.linear_bf16(x, w))? {
                 return Ok(y);
             }
@@ -1035,7 +1043,7 @@ impl Backend for AscendBackend {
         groups: usize,
         act: Precision,
     ) -> Result<AscendTensor> {
-        if act.rounds_to_bf16() && x.bf16 && self.kernels.linear_bf16.usable() && moe::holds_bf16(w) {
+        if self.bf16_matmul_applies(x, w, act) {
             if let Some(y) = self.fused(&self.kernels.linear_bf16, || self.grouped_linear_bf16(x, w, groups))? {
                 return Ok(y);
             }

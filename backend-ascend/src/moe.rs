@@ -323,15 +323,7 @@ impl AscendBackend {
         // after it on the stream).
         let temps: Vec<Option<Buffer>> = ws
             .iter()
-            .map(|w| match (&w.group_scale, w.dtype) {
-                (Some(_), Dt::ACL_INT8) => {
-                    let tmp = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
-                    self.widen_weight_into(w, Mem { buf: &tmp, offset: 0, dtype: Dt::ACL_BF16 })?;
-                    Ok(Some(tmp))
-                }
-                (None, Dt::ACL_BF16) => Ok(None),
-                _ => Err(err(format!("grouped_matmul_bf16: a {:?} weight does not hold BF16 values", w.dtype))),
-            })
+            .map(|w| self.bf16_weight(w).map_err(|e| err(format!("grouped_matmul_bf16: {e}"))))
             .collect::<Result<_>>()?;
         let api = self.api();
         let views = ws
@@ -340,7 +332,7 @@ impl AscendBackend {
             .map(|(w, t)| {
                 let buf = t.as_ref().unwrap_or(&w.buf);
                 // [N, K] read as [K, N] through strides (a transposed weight).
-                self.view(Mem { buf, offset: 0, dtype: Dt::ACL_BF16 }, &[kk, n], &[1, kk], 0)
+                self.view(Mem::bf16(buf), &[kk, n], &[1, kk], 0)
             })
             .collect::<Result<Vec<_>>>()?;
         let wl = AclTensorList::new(api, views)?;
