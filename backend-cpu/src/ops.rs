@@ -127,6 +127,69 @@ pub(crate) fn linear_block(
     y
 }
 
+/// An expert's `w1` and `w3` rows `start..start + n` applied to the same input rows: what
+/// [`gate_up_block`] gives.
+pub(crate) enum GateUp {
+    /// `[m, 2n]`: each input row's `n` w1 outputs, then its `n` w3 outputs.
+    Joint(ndarray::Array2<f32>),
+    /// `[m, n]` each: w1's outputs, w3's outputs.
+    Apart(ndarray::Array2<f32>, ndarray::Array2<f32>),
+}
+
+impl GateUp {
+    /// Input row `i`'s `n` w1 (gate) and `n` w3 (up) outputs.
+    pub(crate) fn row(&self, i: usize, n: usize) -> (&[f32], &[f32]) {
+        match self {
+            GateUp::Joint(y) => y.as_slice().expect("standard layout")[i * 2 * n..(i + 1) * 2 * n].split_at(n),
+            GateUp::Apart(g, u) => (
+                &g.as_slice().expect("standard layout")[i * n..(i + 1) * n],
+                &u.as_slice().expect("standard layout")[i * n..(i + 1) * n],
+            ),
+        }
+    }
+}
+
+/// [`linear_block`] of `w1` and of `w3` (rows `start..start + n` of each) on the same input
+/// rows, with the same bits. Where the f32 kernel widens the packed weights itself (a routed
+/// expert's tokens in a prefill: [`crate::kernels::f32_gemm::matmul_nt_widened_weights`]),
+/// both blocks are one product of `2n` weight rows, so the input rows are packed into the
+/// kernel's panels once instead of twice (the packing, a strided transposing read, was about a
+/// tenth of the routed experts' kernel time in `tests/moe_bench.rs`); each output is the same
+/// FMA chain either way. Elsewhere, two [`linear_block`] calls.
+pub(crate) fn gate_up_block(
+    x: ArrayView2<'_, f32>,
+    x_bf16: bool,
+    w1: &CpuWeight,
+    w3: &CpuWeight,
+    start: usize,
+    n: usize,
+) -> GateUp {
+    let m = x.nrows();
+    let joint = m > GEMV_MAX_ROWS
+        && w1.cols == w3.cols
+        && !(x_bf16 && bf16_gemm::available())
+        && w1.f32_rows(start, n).is_none()
+        && w3.f32_rows(start, n).is_none();
+    if joint {
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().expect("standard layout");
+        let mut y = ndarray::Array2::<f32>::zeros((m, 2 * n));
+        let (mut s1, mut s3) = (Vec::new(), Vec::new());
+        let mut widen = |i: usize, row: &mut [f32]| {
+            if i < n {
+                w1.row_f32(start + i, &mut s1, row)
+            } else {
+                w3.row_f32(start + i - n, &mut s3, row)
+            }
+        };
+        let out = y.as_slice_mut().expect("standard layout");
+        if crate::kernels::f32_gemm::matmul_nt_widened_weights(xs, &mut widen, out, m, w1.cols, 2 * n) {
+            return GateUp::Joint(y);
+        }
+    }
+    GateUp::Apart(linear_block(x, x_bf16, w1, start, n), linear_block(x, x_bf16, w3, start, n))
+}
+
 /// [`linear_block`] written into `out`, one slice of `n` values per input row (a task's
 /// block of a larger output, from [`column_blocks`]).
 fn linear_block_into(
@@ -167,6 +230,32 @@ pub(crate) fn column_blocks<T>(out: &mut [T], width: usize, block: usize) -> Vec
         }
     }
     blocks
+}
+
+/// A block of [`group_row_blocks`]: (group, first column within the group), and the block's
+/// row segments.
+type GroupBlock<'a, T> = ((usize, usize), Vec<&'a mut [T]>);
+
+/// The tasks of a grouped product's output `out` (`[m, groups, r]`, row-major): every group's
+/// `r` columns cut into blocks of `per` (the last one narrower), each block `(group, first
+/// column within the group)` with its row segments, in row order, as disjoint mutable slices.
+fn group_row_blocks<T>(out: &mut [T], groups: usize, r: usize, per: usize) -> Vec<GroupBlock<'_, T>> {
+    if groups == 0 {
+        return Vec::new();
+    }
+    let (r, per) = (r.max(1), per.max(1));
+    let blocks_per_group = r.div_ceil(per);
+    let mut tasks: Vec<GroupBlock<'_, T>> = (0..groups * blocks_per_group)
+        .map(|i| ((i / blocks_per_group, i % blocks_per_group * per), Vec::new()))
+        .collect();
+    for row in out.chunks_exact_mut(groups * r) {
+        for (g, group) in row.chunks_exact_mut(r).enumerate() {
+            for (b, segment) in group.chunks_mut(per).enumerate() {
+                tasks[g * blocks_per_group + b].1.push(segment);
+            }
+        }
+    }
+    tasks
 }
 
 /// `scratch[..len]`, growing `scratch` (never shrinking it) as needed: the values are whatever
@@ -498,11 +587,17 @@ impl Backend for CpuBackend {
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         let mut out = vec![0f32; m * groups * r];
-        // Group g writes `out[.., g, ..]` itself, as `linear`'s tasks do.
-        let tasks: Vec<(usize, Vec<&mut [f32]>)> =
-            column_blocks(&mut out, groups * r, r).into_iter().enumerate().collect();
-        par::for_each_owned(tasks, m * k * w.rows, |(g, segments)| {
-            linear_block_into(xv.slice(s![.., g, ..]), x.bf16, w, g * r, r, segments)
+        // Each group's rows are cut as `linear` cuts a matrix of `r` rows, so a group gives the
+        // bits `linear` gives on its rows, and a prefill has more tasks than groups: with one
+        // task per group, V4's two `wo_a` groups were two tasks for the whole team (on 2
+        // threads the routed `wo_a` of the 0.75 B benchmark model ran at 53% of the FMA peak
+        // against 72-81% for the other projections). Task (g, b) writes its own rectangle of
+        // `out[.., g, ..]`, as `linear`'s tasks do.
+        let per = if m <= GEMV_MAX_ROWS { r.max(1) } else { prefill_rows_per_task(r) };
+        let tasks = group_row_blocks(&mut out, groups, r, per);
+        par::for_each_owned(tasks, m * k * w.rows, |((g, start), segments)| {
+            let n = segments.first().map_or(0, |s| s.len());
+            linear_block_into(xv.slice(s![.., g, ..]), x.bf16, w, g * r + start, n, segments)
         });
         Ok(CpuTensor::new(vec![m, groups, r], out))
     }
@@ -539,7 +634,12 @@ impl Backend for CpuBackend {
         // One instantiation per op (a `fn` pointer would be an indirect call per element).
         let data = match op {
             UnaryOp::Sigmoid => par::map_values(&x.data, sigmoid),
-            UnaryOp::Silu => par::map_values(&x.data, |v| v / (1.0 + (-v).exp())),
+            UnaryOp::Silu => {
+                // The vectorised SiLU every CPU path shares (`kernels::act`: the fused experts
+                // must give this op's bits).
+                let isa = Isa::active();
+                par::map_slices(&x.data, |src, dst| crate::kernels::act::silu_slice(isa, src, dst))
+            }
             UnaryOp::Softplus => par::map_values(&x.data, |v| if v > 20.0 { v } else { v.exp().ln_1p() }),
             UnaryOp::Sqrt => par::map_values(&x.data, f32::sqrt),
             UnaryOp::Rsqrt => par::map_values(&x.data, |v| 1.0 / v.sqrt()),
@@ -1146,6 +1246,77 @@ mod tests {
 
     /// `column_blocks` hands out every value of the matrix once: block `j` of row `i` is
     /// columns `j·block ..` of row `i`, the last block narrower.
+    #[test]
+    fn group_row_blocks_cover_every_value_once() {
+        for (rows, groups, r, per) in
+            [(3, 2, 10, 4), (2, 1, 8, 8), (1, 3, 5, 7), (0, 2, 6, 2), (4, 2, 9, 1), (2, 0, 4, 2)]
+        {
+            let width = groups * r;
+            let mut out = vec![0usize; rows * width];
+            for ((g, first), segments) in group_row_blocks(&mut out, groups, r, per) {
+                assert_eq!(segments.len(), rows, "({rows}, {groups}, {r}, {per})");
+                for (i, segment) in segments.into_iter().enumerate() {
+                    assert_eq!(segment.len(), per.min(r - first));
+                    for (c, v) in segment.iter_mut().enumerate() {
+                        *v += i * width + g * r + first + c + 1;
+                    }
+                }
+            }
+            assert_eq!(out, (1..=rows * width).collect::<Vec<_>>(), "({rows}, {groups}, {r}, {per})");
+        }
+    }
+
+    /// `grouped_linear` gives, group by group, the bits of `linear` on that group's input and
+    /// weight rows (it cuts each group's rows as `linear` cuts a matrix), for decode (one row,
+    /// a few rows) and prefill (more rows than a GEMV takes), on a packed (FP8) weight.
+    #[test]
+    fn grouped_linear_is_linear_per_group_bit_for_bit() {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+        let be = CpuBackend::new();
+        let mut seed = 0x5bd1_e995u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let (groups, r, k): (usize, usize, usize) = (3, 320, 256);
+        let codes: Vec<u8> = (0..groups * r * k).map(|_| (next() % 0x7f) as u8 | ((next() & 1) as u8) << 7).collect();
+        let scales: Vec<u8> =
+            (0..(groups * r).div_ceil(128) * k.div_ceil(128) * 4).map(|i| if i % 4 == 3 { 0x3c } else { 0 }).collect();
+        let t = |name: &str, dt, shape: Vec<usize>, b: Vec<u8>| HostTensor::from_bytes(name, dt, shape, b).unwrap();
+        let w = StoredWeight::detect(
+            &t("w.weight", DType::F8E4M3, vec![groups * r, k], codes.clone()),
+            Some(&t("w.scale", DType::F32, vec![(groups * r).div_ceil(128), k.div_ceil(128)], scales.clone())),
+            &[groups * r, k],
+        )
+        .unwrap();
+        let w = CpuWeight::from_stored(&w).unwrap();
+        for m in [1, 5, 200] {
+            let x: Vec<f32> = (0..m * groups * k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+            let got = be.grouped_linear(&CpuTensor::new(vec![m, groups, k], x.clone()), &w, groups).unwrap();
+            for g in 0..groups {
+                let xg: Vec<f32> =
+                    (0..m).flat_map(|i| x[(i * groups + g) * k..(i * groups + g + 1) * k].to_vec()).collect();
+                let wg = StoredWeight::detect(
+                    &t("w.weight", DType::F8E4M3, vec![r, k], codes[g * r * k..(g + 1) * r * k].to_vec()),
+                    Some(&t(
+                        "w.scale",
+                        DType::F32,
+                        vec![r.div_ceil(128), k.div_ceil(128)],
+                        (0..r.div_ceil(128) * k.div_ceil(128) * 4).map(|i| if i % 4 == 3 { 0x3c } else { 0 }).collect(),
+                    )),
+                    &[r, k],
+                )
+                .unwrap();
+                let want = be.linear(&CpuTensor::new(vec![m, k], xg), &CpuWeight::from_stored(&wg).unwrap()).unwrap();
+                for i in 0..m {
+                    let a = &got.data[(i * groups + g) * r..(i * groups + g + 1) * r];
+                    let b = &want.data[i * r..(i + 1) * r];
+                    assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()), "m = {m}, group {g}, row {i}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn column_blocks_cover_every_value_once() {
         for (rows, width, block) in [(3, 10, 4), (2, 8, 8), (1, 5, 7), (0, 6, 2), (4, 9, 1)] {

@@ -69,6 +69,17 @@ pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
+/// `f(src, dst)` over pieces of `x` and of a new vector of its length, piece by piece (a
+/// kernel that runs over whole slices, vectorised).
+pub(crate) fn map_slices(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    chunks_mut(&mut out, VALUES_GRAIN, x.len(), |i, o| {
+        let src = &x[i * VALUES_GRAIN..i * VALUES_GRAIN + o.len()];
+        f(src, o)
+    });
+    out
+}
+
 /// `f(a[i], b[i])` for every element of two equally long slices.
 pub(crate) fn zip_values(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     debug_assert_eq!(a.len(), b.len());

@@ -10,6 +10,7 @@
 
 use std::sync::OnceLock;
 
+pub(crate) mod act;
 pub mod attn;
 pub(crate) mod bf16_gemm;
 pub(crate) mod e8m0;
