@@ -304,6 +304,16 @@ impl AscendBackend {
         &self.soc
     }
 
+    /// Why this device cannot run a V4 model at all (`None` when it can): the Atlas inference
+    /// series (310P) lacks `aclnnInplaceIndexCopy`, which every KV pool write needs (the CANN
+    /// docs list it as unsupported there). `dsv4 devices` shows the device as unusable with
+    /// this reason, and `--backend auto` runs on the CPU instead.
+    pub fn unable_to_run_v4(&self) -> Option<String> {
+        (kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Atlas310P).then(|| {
+            format!("KV pools need aclnnInplaceIndexCopy, which the CANN docs list as unsupported on {}", self.soc)
+        })
+    }
+
     /// Which Huawei fused kernels this backend uses, and why the others are not used.
     pub fn fused_kernels(&self) -> Vec<Choice> {
         self.kernels.choices()

@@ -24,7 +24,6 @@ use dsv4_core::error::Result;
 use dsv4_core::Backend;
 
 use crate::acl::{self, err, esize, Buffer};
-use crate::kernels::SocFamily;
 use crate::{numel, AscendBackend, AscendIndex, AscendTensor, Dt, Mem};
 
 /// One pool: `rows` rows of `width` values in one device block, stored as FLOAT or BFLOAT16.
@@ -108,11 +107,8 @@ impl AscendBackend {
                      FLOAT8_E4M3FN operators, which only the Ascend 950 has; use --kv-dtype bf16 (or f32)"))
             }
         };
-        if SocFamily::of(&self.soc) == SocFamily::Atlas310P {
-            return Err(err(format!(
-                "KV pools need aclnnInplaceIndexCopy, which the CANN docs list as unsupported on {}",
-                self.soc
-            )));
+        if let Some(why) = self.unable_to_run_v4() {
+            return Err(err(why));
         }
         let stored_rows = match format {
             RowFormat::Bf16 => kernel_rows(rows),

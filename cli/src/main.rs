@@ -236,7 +236,10 @@ fn resolve_auto() -> Resolved {
         Err(e) if std::env::var_os("DSV4_ASCEND_EMULATOR").is_some_and(|v| !v.is_empty()) => e,
         Err(_) => return Resolved::Cpu,
         Ok(_) => match dsv4_backend_ascend::open(0) {
-            Ok(_) => return Resolved::Ascend,
+            Ok(be) => match be.unable_to_run_v4() {
+                None => return Resolved::Ascend,
+                Some(why) => format!("Ascend device 0 ({}) cannot run V4: {why}", be.soc()),
+            },
             Err(e) => format!("an Ascend runtime was found but device 0 did not open: {e}"),
         },
     };
@@ -629,18 +632,21 @@ fn run_devices() {
     println!("cpu     available    {}", cpu.describe());
     match dsv4_backend_ascend::probe() {
         Ok(found) => match dsv4_backend_ascend::open(0) {
-            Ok(be) => {
-                println!("ascend  available    {found}; {}", be.describe());
-                for k in be.fused_kernels() {
-                    println!("        fused kernel {:<68} {}", k.name, k.why);
+            Ok(be) => match be.unable_to_run_v4() {
+                Some(why) => println!("ascend  unusable     {found}; {}; cannot run V4: {why}", be.describe()),
+                None => {
+                    println!("ascend  available    {found}; {}", be.describe());
+                    for k in be.fused_kernels() {
+                        println!("        fused kernel {:<68} {}", k.name, k.why);
+                    }
+                    let cache = if be.executor_cache_stats().is_some() {
+                        "on (repeatable aclnn executors per operand layout; DSV4_ASCEND_EXECUTOR_CACHE=off disables)"
+                    } else {
+                        "off"
+                    };
+                    println!("        executor cache {cache}");
                 }
-                let cache = if be.executor_cache_stats().is_some() {
-                    "on (repeatable aclnn executors per operand layout; DSV4_ASCEND_EXECUTOR_CACHE=off disables)"
-                } else {
-                    "off"
-                };
-                println!("        executor cache {cache}");
-            }
+            },
             Err(e) => println!("ascend  unusable     {found}; {e}"),
         },
         Err(why) => println!("ascend  unavailable  {why}"),
