@@ -61,26 +61,34 @@ pub fn open_devices(ordinals: &[usize]) -> Result<Vec<std::sync::Arc<DriverDevic
 
 /// What `dsv4 devices` prints for CUDA: which of the libraries the backend loads at run time
 /// (the driver, NVRTC, cuBLAS; and NCCL, needed only for `--devices` > 1) were found, each under
-/// the file name that loads. `Err` when a required one is missing, with each library's state
-/// and what to install for the missing ones.
+/// the file name that loads. `Err` when a required one is missing: the first line gives each
+/// library's state, then one line per missing library (NCCL's too) says what was tried and
+/// what to install.
 pub fn probe() -> std::result::Result<String, String> {
     let found: Vec<_> = driver::LIBRARIES.iter().map(|lib| (lib.name, lib.find())).collect();
-    let nccl = match driver::NCCL.find() {
-        Ok(file) => format!("NCCL {file}"),
-        Err(why) => format!("NCCL missing (needed for --devices > 1 only: {why})"),
-    };
+    let nccl = driver::NCCL.find();
     let states: Vec<String> = found
         .iter()
         .map(|(name, r)| match r {
             Ok(file) => format!("{name} {file}"),
             Err(_) => format!("{name} missing"),
         })
-        .chain([nccl])
+        .chain([match &nccl {
+            Ok(file) => format!("NCCL {file}"),
+            Err(_) => "NCCL missing (needed for --devices > 1 only)".to_string(),
+        }])
         .collect();
     let problems: Vec<&str> = found.iter().filter_map(|(_, r)| r.as_ref().err().map(String::as_str)).collect();
     match problems.is_empty() {
-        true => Ok(states.join(", ")),
-        false => Err(format!("{}: {}", states.join(", "), problems.join(" "))),
+        true if nccl.is_ok() => Ok(states.join(", ")),
+        // Runs on one GPU; what NCCL needs is said on its own line.
+        true => Ok(format!("{}\n{}", states.join(", "), nccl.err().unwrap_or_default())),
+        false => Err([states.join(", ")]
+            .into_iter()
+            .chain(problems.iter().map(|p| p.to_string()))
+            .chain(nccl.err())
+            .collect::<Vec<_>>()
+            .join("\n")),
     }
 }
 
@@ -88,4 +96,24 @@ pub fn probe() -> std::result::Result<String, String> {
 /// message, never a panic, when a library is missing or there is no such GPU.
 pub fn open(device: usize) -> Result<CudaBackend<DriverDevice>> {
     Ok(CudaBackend::new(DriverDevice::open(device)?))
+}
+
+#[cfg(test)]
+mod probe_tests {
+    /// Whatever this machine has: one summary line naming every library, then one line per
+    /// missing one (what was tried and what to install), never all on one line.
+    #[test]
+    fn probe_says_each_missing_library_on_its_own_line() {
+        let text = match super::probe() {
+            Ok(s) | Err(s) => s,
+        };
+        let mut lines = text.lines();
+        let summary = lines.next().expect("a summary line");
+        for name in ["driver", "NVRTC", "cuBLAS", "NCCL"] {
+            assert!(summary.contains(name), "{summary}");
+        }
+        let details: Vec<&str> = lines.collect();
+        assert_eq!(details.len(), summary.matches(" missing").count(), "{text}");
+        assert!(details.iter().all(|l| l.contains("could not be loaded")), "{text}");
+    }
 }

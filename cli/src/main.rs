@@ -651,12 +651,25 @@ fn run_devices() {
         },
         Err(why) => println!("ascend  unavailable  {why}"),
     }
+    // The CUDA probe gives a summary line, then one line per missing library: those go under
+    // the description column, after the device.
+    let split = |s: &str| -> (String, String) {
+        let mut lines = s.lines();
+        let first = lines.next().unwrap_or_default().to_string();
+        (first, lines.map(|l| format!("\n                     {l}")).collect())
+    };
     match dsv4_backend_cuda::probe() {
-        Ok(found) => match dsv4_backend_cuda::open(0) {
-            Ok(be) => println!("cuda    available    {found}; {}", be.describe()),
-            Err(e) => println!("cuda    unusable     {found}; {e}"),
-        },
-        Err(why) => println!("cuda    unavailable  {why}"),
+        Ok(found) => {
+            let (summary, details) = split(&found);
+            match dsv4_backend_cuda::open(0) {
+                Ok(be) => println!("cuda    available    {summary}; {}{details}", be.describe()),
+                Err(e) => println!("cuda    unusable     {summary}; {e}{details}"),
+            }
+        }
+        Err(why) => {
+            let (summary, details) = split(&why);
+            println!("cuda    unavailable  {summary}{details}");
+        }
     }
 }
 
