@@ -166,6 +166,8 @@ pub(crate) fn gate_up_block(
 ) -> GateUp {
     let m = x.nrows();
     let joint = m > GEMV_MAX_ROWS
+        && m < 2 * n
+        && crate::kernels::f32_gemm::available()
         && w1.cols == w3.cols
         && !(x_bf16 && bf16_gemm::available())
         && w1.f32_rows(start, n).is_none()
@@ -191,7 +193,7 @@ pub(crate) fn gate_up_block(
 }
 
 /// [`linear_block`] written into `out`, one slice of `n` values per input row (a task's
-/// block of a larger output, from [`column_blocks`]).
+/// block of a larger output, from [`column_blocks`] or [`group_row_blocks`]).
 fn linear_block_into(
     x: ArrayView2<'_, f32>,
     x_bf16: bool,
@@ -208,8 +210,8 @@ fn linear_block_into(
 
 /// The largest [`SCRATCH`] a thread keeps between calls, in f32 values (8 MiB): a `linear`
 /// task's rows widened (256 rows of V4-Flash's 4096 or 8192 inputs: 4 or 8 MiB). A bigger one
-/// (a whole `grouped_linear` group: 1024 × 4096 values of V4-Flash's `wo_a`; V4-Pro's `wo_b` rows)
-/// is freed after the call, so a many-core machine does not keep 16 MiB a thread.
+/// (256 rows of a wider matrix: V4-Pro's `wo_b`) is freed after the call, so a many-core
+/// machine does not keep 16 MiB a thread.
 const SCRATCH_KEPT_VALUES: usize = 2 << 20;
 
 thread_local! {
@@ -588,15 +590,17 @@ impl Backend for CpuBackend {
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
         let mut out = vec![0f32; m * groups * r];
         // Each group's rows are cut as `linear` cuts a matrix of `r` rows, so a group gives the
-        // bits `linear` gives on its rows, and a prefill has more tasks than groups: with one
-        // task per group, V4's two `wo_a` groups were two tasks for the whole team (on 2
-        // threads the routed `wo_a` of the 0.75 B benchmark model ran at 53% of the FMA peak
-        // against 72-81% for the other projections). Task (g, b) writes its own rectangle of
+        // bits `linear` gives on its rows (a few input rows: `dot_many` computes each output
+        // alone, so any cut does), and the team gets more tasks than groups: with one task per
+        // group, V4's two `wo_a` groups were two tasks for the whole team (on 2 threads the
+        // `wo_a` of the 0.75 B benchmark model's prefill ran at 53% of the FMA peak against
+        // 72-81% for the other projections). Task (g, b) writes its own rectangle of
         // `out[.., g, ..]`, as `linear`'s tasks do.
-        let per = if m <= GEMV_MAX_ROWS { r.max(1) } else { prefill_rows_per_task(r) };
+        let per = if m <= GEMV_MAX_ROWS { gemv_rows_per_task(r, self.threads()) } else { prefill_rows_per_task(r) };
         // Each group's input rows made contiguous once, for all of the group's tasks (each task
         // copied its strided slice itself: 4 MiB per task for a `wo_a` group of the 0.75 B
-        // benchmark model's 512-token prefill).
+        // benchmark model's 512-token prefill). That is a second copy of `x` while the op runs
+        // (256 MiB for V4-Flash's `wo_a` input of a 2048-token chunk).
         let inputs: Vec<Vec<f32>> = if groups > 1 && per < r {
             par::map(groups, m * k, |g| {
                 let mut rows = Vec::with_capacity(m * k);
@@ -608,7 +612,7 @@ impl Backend for CpuBackend {
         };
         let tasks = group_row_blocks(&mut out, groups, r, per);
         par::for_each_owned(tasks, m * k * w.rows, |((g, start), segments)| {
-            let n = segments.first().map_or(0, |s| s.len());
+            let n = per.min(r - start);
             let xg = match inputs.get(g) {
                 Some(rows) => ArrayView2::from_shape((m, k), &rows[..]).expect("group input shape"),
                 None => xv.slice(s![.., g, ..]),
@@ -1260,8 +1264,9 @@ mod tests {
         }
     }
 
-    /// `column_blocks` hands out every value of the matrix once: block `j` of row `i` is
-    /// columns `j·block ..` of row `i`, the last block narrower.
+    /// `group_row_blocks` hands out every value of the `[m, groups, r]` output once: block
+    /// `(g, first)` of row `i` is columns `first..` of group `g` in row `i`, the last block of
+    /// a group narrower.
     #[test]
     fn group_row_blocks_cover_every_value_once() {
         for (rows, groups, r, per) in
@@ -1333,6 +1338,8 @@ mod tests {
         }
     }
 
+    /// `column_blocks` hands out every value of the matrix once: block `j` of row `i` is
+    /// columns `j·block ..` of row `i`, the last block narrower.
     #[test]
     fn column_blocks_cover_every_value_once() {
         for (rows, width, block) in [(3, 10, 4), (2, 8, 8), (1, 5, 7), (0, 6, 2), (4, 9, 1)] {
