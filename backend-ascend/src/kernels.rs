@@ -54,7 +54,10 @@ pub enum SocFamily {
     Ascend950,
     /// Atlas inference series (Ascend310P): no BF16, few transformer kernels.
     Atlas310P,
-    /// Anything else (910A, 310B, unknown names): no fused kernels assumed.
+    /// Atlas training series, the first 910 generation (Ascend910A, 910ProA, 910ProB,
+    /// 910PremiumA): no BF16, few transformer kernels.
+    Atlas910A,
+    /// Anything else (310B, unknown names): no fused kernels assumed.
     Other,
 }
 
@@ -69,6 +72,11 @@ impl SocFamily {
             SocFamily::Ascend950
         } else if soc.starts_with("Ascend310P") {
             SocFamily::Atlas310P
+        } else if ["Ascend910A", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA"]
+            .iter()
+            .any(|p| soc.starts_with(p))
+        {
+            SocFamily::Atlas910A
         } else {
             SocFamily::Other
         }
@@ -315,7 +323,11 @@ mod tests {
         assert_eq!(SocFamily::of("Ascend910_9391"), SocFamily::AtlasA3);
         assert_eq!(SocFamily::of("Ascend950PR_9599"), SocFamily::Ascend950);
         assert_eq!(SocFamily::of("Ascend310P3"), SocFamily::Atlas310P);
-        assert_eq!(SocFamily::of("Ascend910A"), SocFamily::Other);
+        for soc in ["Ascend910A", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA"] {
+            assert_eq!(SocFamily::of(soc), SocFamily::Atlas910A, "{soc}");
+        }
+        assert_eq!(SocFamily::of("Ascend910B4"), SocFamily::AtlasA2);
+        assert_eq!(SocFamily::of("Ascend310B1"), SocFamily::Other);
     }
 
     /// `Kernels::all` (hand-kept) lists every kernel of [`ALL`], in its order.

@@ -305,11 +305,13 @@ impl AscendBackend {
     }
 
     /// Why this device cannot run a V4 model at all (`None` when it can): the Atlas inference
-    /// series (310P) lacks `aclnnInplaceIndexCopy`, which every KV pool write needs (the CANN
-    /// docs list it as unsupported there). `dsv4 devices` shows the device as unusable with
-    /// this reason, and `--backend auto` runs on the CPU instead.
+    /// series (310P) and the first training series (910A) lack `aclnnInplaceIndexCopy`, which
+    /// every KV pool write needs (the CANN docs list it as unsupported there). `dsv4 devices`
+    /// shows such a device as unusable with this reason, `--backend ascend` is refused with it
+    /// before any weights load, and `--backend auto` runs on the CPU instead.
     pub fn unable_to_run_v4(&self) -> Option<String> {
-        (kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Atlas310P).then(|| {
+        use kernels::SocFamily;
+        matches!(SocFamily::of(&self.soc), SocFamily::Atlas310P | SocFamily::Atlas910A).then(|| {
             format!("KV pools need aclnnInplaceIndexCopy, which the CANN docs list as unsupported on {}", self.soc)
         })
     }

@@ -61,9 +61,9 @@ pub fn open_devices(ordinals: &[usize]) -> Result<Vec<std::sync::Arc<DriverDevic
 
 /// What `dsv4 devices` prints for CUDA: which of the libraries the backend loads at run time
 /// (the driver, NVRTC, cuBLAS; and NCCL, needed only for `--devices` > 1) were found, each under
-/// the file name that loads. `Err` when a required one is missing: the first line gives each
-/// library's state, then one line per missing library (NCCL's too) says what was tried and
-/// what to install.
+/// the file name that loads. The first line gives each library's state, then one line per
+/// missing library (NCCL's too) says what was tried and what to install: `Err` when a required
+/// one is missing, `Ok` with NCCL's line when only NCCL is.
 pub fn probe() -> std::result::Result<String, String> {
     let found: Vec<_> = driver::LIBRARIES.iter().map(|lib| (lib.name, lib.find())).collect();
     let nccl = driver::NCCL.find();

@@ -205,14 +205,17 @@ pub(crate) enum Resolved {
     Cuda,
 }
 
-/// `auto` takes Ascend when its runtime loads and opens, else CPU; CUDA only when asked for
-/// (`--backend cuda`) while its backend is being completed. An explicit choice that cannot be
-/// used is an error saying why.
+/// `auto` takes Ascend when its runtime loads and device 0 opens and can run V4, else CPU; CUDA
+/// only when asked for (`--backend cuda`) while its backend is being completed. An explicit
+/// choice that cannot be used is an error saying why, before any weights load.
 pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
     Ok(match choice {
         BackendChoice::Cpu => Resolved::Cpu,
         BackendChoice::Ascend => {
-            dsv4_backend_ascend::open(0)?;
+            let be = dsv4_backend_ascend::open(0)?;
+            if let Some(why) = be.unable_to_run_v4() {
+                anyhow::bail!("Ascend device 0 ({}) cannot run V4: {why}", be.soc());
+            }
             Resolved::Ascend
         }
         BackendChoice::Cuda => {
@@ -229,8 +232,9 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
 }
 
 /// [`resolve_backend`]'s `auto`. Where Ascend was meant but does not open (a device in use, a
-/// bad `DSV4_ASCEND_*` setting, a `DSV4_ASCEND_EMULATOR` that does not load) it says why it runs
-/// on the CPU: the run is not where the user expects.
+/// bad `DSV4_ASCEND_*` setting, a `DSV4_ASCEND_EMULATOR` that does not load) or opens but cannot
+/// run V4 (a 310P or 910A: `unable_to_run_v4`), it says why it runs on the CPU: the run is not
+/// where the user expects.
 fn resolve_auto() -> Resolved {
     let why = match dsv4_backend_ascend::probe() {
         Err(e) if std::env::var_os("DSV4_ASCEND_EMULATOR").is_some_and(|v| !v.is_empty()) => e,

@@ -156,6 +156,42 @@ fn check_compares_cpu_and_ascend_block_by_block() {
     assert!(text.contains("ok: worst relative difference"), "{text}");
 }
 
+/// A device that opens but cannot run V4 (the emulator posing as an Atlas 310P: no
+/// `aclnnInplaceIndexCopy` for the KV pools): `dsv4 devices` shows it as unusable with the
+/// reason, `--backend ascend` is refused with it before the model loads, and `--backend auto`
+/// says it and runs on the CPU.
+#[test]
+fn a_device_that_cannot_run_v4_is_named_and_skipped() {
+    let run = |args: &[&str]| {
+        dsv4()
+            .args(args)
+            .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+            .env("DSV4_ASCEND_EMU_SOC", "Ascend310P3")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("ascend")).unwrap_or_default();
+    assert!(line.starts_with("ascend  unusable") && line.contains("aclnnInplaceIndexCopy"), "{text}");
+    assert!(!text.contains("fused kernel"), "{text}");
+
+    let out = run(&["logits", "--backend", "ascend", "--ids", "1,2", "--out", "/dev/null"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Ascend device 0 (Ascend310P3) cannot run V4: KV pools need aclnnInplaceIndexCopy"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("dsv4-cannot-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("logits.safetensors");
+    let out = run(&["logits", "--ids", "1,2", "--out", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("cannot run V4") && err.contains("running on the CPU backend"), "{err}");
+    assert!(path.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A tolerance no two float pipelines meet makes `check` fail, naming the worst difference.
 #[test]
 fn check_fails_above_the_tolerance() {
