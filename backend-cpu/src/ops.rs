@@ -151,11 +151,11 @@ impl GateUp {
 
 /// [`linear_block`] of `w1` and of `w3` (rows `start..start + n` of each) on the same input
 /// rows, with the same bits. Where the f32 kernel widens the packed weights itself (a routed
-/// expert's tokens in a prefill: [`crate::kernels::f32_gemm::matmul_nt_widened_weights`]),
-/// both blocks are one product of `2n` weight rows, so the input rows are packed into the
-/// kernel's panels once instead of twice (the packing, a strided transposing read, was about a
-/// tenth of the routed experts' kernel time in `tests/moe_bench.rs`); each output is the same
-/// FMA chain either way. Elsewhere, two [`linear_block`] calls.
+/// expert's tokens in a prefill: [`widened_product`]), both blocks are one product of `2n`
+/// weight rows, so the input rows are packed into the kernel's panels once instead of twice
+/// (the packing, a strided transposing read, was about a tenth of the routed experts' kernel
+/// time in `tests/moe_bench.rs`); each output is the same FMA chain either way. Elsewhere, two
+/// [`linear_block`] calls.
 pub(crate) fn gate_up_block(
     x: ArrayView2<'_, f32>,
     x_bf16: bool,
@@ -164,32 +164,43 @@ pub(crate) fn gate_up_block(
     start: usize,
     n: usize,
 ) -> GateUp {
-    let m = x.nrows();
-    let joint = m > GEMV_MAX_ROWS
-        && m < 2 * n
-        && crate::kernels::f32_gemm::available()
-        && w1.cols == w3.cols
-        && !(x_bf16 && bf16_gemm::available())
-        && w1.f32_rows(start, n).is_none()
-        && w3.f32_rows(start, n).is_none();
-    if joint {
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout");
-        let mut y = ndarray::Array2::<f32>::zeros((m, 2 * n));
-        let (mut s1, mut s3) = (Vec::new(), Vec::new());
-        let mut widen = |i: usize, row: &mut [f32]| {
-            if i < n {
-                w1.row_f32(start + i, &mut s1, row)
-            } else {
-                w3.row_f32(start + i - n, &mut s3, row)
-            }
-        };
-        let out = y.as_slice_mut().expect("standard layout");
-        if crate::kernels::f32_gemm::matmul_nt_widened_weights(xs, &mut widen, out, m, w1.cols, 2 * n) {
-            return GateUp::Joint(y);
-        }
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().expect("standard layout");
+    match widened_product(xs, x.nrows(), x_bf16, &[w1, w3], start, n) {
+        Some(y) => GateUp::Joint(y),
+        None => GateUp::Apart(linear_block(x, x_bf16, w1, start, n), linear_block(x, x_bf16, w3, start, n)),
     }
-    GateUp::Apart(linear_block(x, x_bf16, w1, start, n), linear_block(x, x_bf16, w3, start, n))
+}
+
+/// Rows `start..start + n` of each weight of `ws`, one weight after another (`[m, ws.len()·n]`
+/// out), applied to the `m` rows of `xs` by the f32 kernel that widens packed rows itself, 8 at
+/// a time ([`crate::kernels::f32_gemm::matmul_nt_widened_weights`]): for fewer input rows than
+/// weight rows (routed experts), with the bits of widening the rows first and
+/// `matmul_nt_weights`. None where it does not apply: a few input rows (the GEMV path), BF16
+/// products, a weight held as f32, weights of different widths, or a shape the kernel declines.
+fn widened_product(
+    xs: &[f32],
+    m: usize,
+    x_bf16: bool,
+    ws: &[&CpuWeight],
+    start: usize,
+    n: usize,
+) -> Option<ndarray::Array2<f32>> {
+    let (k, rows) = (ws.first()?.cols, ws.len() * n);
+    let applies = m > GEMV_MAX_ROWS
+        && m < rows
+        && crate::kernels::f32_gemm::available()
+        && !(x_bf16 && bf16_gemm::available())
+        && ws.iter().all(|w| w.cols == k && w.f32_rows(start, n).is_none());
+    if !applies {
+        return None;
+    }
+    let mut y = ndarray::Array2::<f32>::zeros((m, rows));
+    // One buffer of decoded scales per weight.
+    let mut scales: Vec<Vec<f32>> = vec![Vec::new(); ws.len()];
+    let mut widen = |i: usize, row: &mut [f32]| ws[i / n].row_f32(start + i % n, &mut scales[i / n], row);
+    let out = y.as_slice_mut().expect("standard layout");
+    crate::kernels::f32_gemm::matmul_nt_widened_weights(xs, &mut widen, out, m, k, rows).then_some(y)
 }
 
 /// [`linear_block`] written into `out`, one slice of `n` values per input row (a task's
@@ -280,6 +291,11 @@ fn linear_block_with(
     let m = x.nrows();
     let xs = x.as_standard_layout();
     let xs = xs.as_slice().expect("standard layout");
+    // f32 products on a packed weight with fewer input rows than weight rows (routed experts):
+    // the kernel widens the weight 8 rows at a time itself.
+    if let Some(y) = widened_product(xs, m, x_bf16, &[w], start, n) {
+        return y;
+    }
     let mut y = ndarray::Array2::<f32>::zeros((m, n));
     if m == 0 {
         return y;
@@ -296,17 +312,6 @@ fn linear_block_with(
         return y;
     }
     let bf16_products = x_bf16 && bf16_gemm::available();
-    if !bf16_products && w.f32_rows(start, n).is_none() {
-        // f32 products on a packed weight: with fewer input rows than weight rows (routed
-        // experts) the kernel widens the weight 8 rows at a time itself; the same bits as
-        // widening the block below and `matmul_nt_weights`.
-        let mut scales = Vec::new();
-        let mut widen = |i: usize, row: &mut [f32]| w.row_f32(start + i, &mut scales, row);
-        let out = y.as_slice_mut().expect("standard layout");
-        if crate::kernels::f32_gemm::matmul_nt_widened_weights(xs, &mut widen, out, m, w.cols, n) {
-            return y;
-        }
-    }
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
         None => {
@@ -1301,34 +1306,28 @@ mod tests {
         };
         let (groups, r, k): (usize, usize, usize) = (3, 320, 256);
         let codes: Vec<u8> = (0..groups * r * k).map(|_| (next() % 0x7f) as u8 | ((next() & 1) as u8) << 7).collect();
-        let scales: Vec<u8> =
-            (0..(groups * r).div_ceil(128) * k.div_ceil(128) * 4).map(|i| if i % 4 == 3 { 0x3c } else { 0 }).collect();
         let t = |name: &str, dt, shape: Vec<usize>, b: Vec<u8>| HostTensor::from_bytes(name, dt, shape, b).unwrap();
-        let w = StoredWeight::detect(
-            &t("w.weight", DType::F8E4M3, vec![groups * r, k], codes.clone()),
-            Some(&t("w.scale", DType::F32, vec![(groups * r).div_ceil(128), k.div_ceil(128)], scales.clone())),
-            &[groups * r, k],
-        )
-        .unwrap();
-        let w = CpuWeight::from_stored(&w).unwrap();
+        // An FP8 weight of `rows` rows from `codes`, every 128 × 128 block scaled by 2⁻⁷ (F32).
+        let fp8 = |rows: usize, codes: &[u8]| {
+            let blocks = vec![rows.div_ceil(128), k.div_ceil(128)];
+            let scales = (0..blocks[0] * blocks[1] * 4).map(|i| if i % 4 == 3 { 0x3c } else { 0 }).collect();
+            let w = StoredWeight::detect(
+                &t("w.weight", DType::F8E4M3, vec![rows, k], codes.to_vec()),
+                Some(&t("w.scale", DType::F32, blocks, scales)),
+                &[rows, k],
+            )
+            .unwrap();
+            CpuWeight::from_stored(&w).unwrap()
+        };
+        let w = fp8(groups * r, &codes);
         for m in [1, 5, 200] {
             let x: Vec<f32> = (0..m * groups * k).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
             let got = be.grouped_linear(&CpuTensor::new(vec![m, groups, k], x.clone()), &w, groups).unwrap();
             for g in 0..groups {
                 let xg: Vec<f32> =
                     (0..m).flat_map(|i| x[(i * groups + g) * k..(i * groups + g + 1) * k].to_vec()).collect();
-                let wg = StoredWeight::detect(
-                    &t("w.weight", DType::F8E4M3, vec![r, k], codes[g * r * k..(g + 1) * r * k].to_vec()),
-                    Some(&t(
-                        "w.scale",
-                        DType::F32,
-                        vec![r.div_ceil(128), k.div_ceil(128)],
-                        (0..r.div_ceil(128) * k.div_ceil(128) * 4).map(|i| if i % 4 == 3 { 0x3c } else { 0 }).collect(),
-                    )),
-                    &[r, k],
-                )
-                .unwrap();
-                let want = be.linear(&CpuTensor::new(vec![m, k], xg), &CpuWeight::from_stored(&wg).unwrap()).unwrap();
+                let wg = fp8(r, &codes[g * r * k..(g + 1) * r * k]);
+                let want = be.linear(&CpuTensor::new(vec![m, k], xg), &wg).unwrap();
                 for i in 0..m {
                     let a = &got.data[(i * groups + g) * r..(i * groups + g + 1) * r];
                     let b = &want.data[i * r..(i + 1) * r];

@@ -212,9 +212,8 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
     Ok(match choice {
         BackendChoice::Cpu => Resolved::Cpu,
         BackendChoice::Ascend => {
-            let be = dsv4_backend_ascend::open(0)?;
-            if let Some(why) = be.unable_to_run_v4() {
-                anyhow::bail!("Ascend device 0 ({}) cannot run V4: {why}", be.soc());
+            if let Some(why) = cannot_run_v4(&dsv4_backend_ascend::open(0)?) {
+                anyhow::bail!(why);
             }
             Resolved::Ascend
         }
@@ -231,6 +230,12 @@ pub(crate) fn resolve_backend(choice: BackendChoice) -> Result<Resolved> {
     })
 }
 
+/// Why Ascend device 0 (`be`) cannot run V4, as `--backend ascend` and `auto` say it; None
+/// when it can.
+fn cannot_run_v4(be: &dsv4_backend_ascend::AscendBackend) -> Option<String> {
+    be.unable_to_run_v4().map(|why| format!("Ascend device 0 ({}) cannot run V4: {why}", be.soc()))
+}
+
 /// [`resolve_backend`]'s `auto`. Where Ascend was meant but does not open (a device in use, a
 /// bad `DSV4_ASCEND_*` setting, a `DSV4_ASCEND_EMULATOR` that does not load) or opens but cannot
 /// run V4 (a 310P or 910A: `unable_to_run_v4`), it says why it runs on the CPU: the run is not
@@ -240,9 +245,9 @@ fn resolve_auto() -> Resolved {
         Err(e) if std::env::var_os("DSV4_ASCEND_EMULATOR").is_some_and(|v| !v.is_empty()) => e,
         Err(_) => return Resolved::Cpu,
         Ok(_) => match dsv4_backend_ascend::open(0) {
-            Ok(be) => match be.unable_to_run_v4() {
+            Ok(be) => match cannot_run_v4(&be) {
                 None => return Resolved::Ascend,
-                Some(why) => format!("Ascend device 0 ({}) cannot run V4: {why}", be.soc()),
+                Some(why) => why,
             },
             Err(e) => format!("an Ascend runtime was found but device 0 did not open: {e}"),
         },
