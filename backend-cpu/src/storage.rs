@@ -1,12 +1,12 @@
 //! Tensor, index and weight storage of the CPU backend.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
-use crate::kernels::weights::{decode_row, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
+use crate::kernels::weights::{decode_row, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
 use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -75,8 +75,10 @@ pub(crate) enum WeightData {
     /// BF16 / F16 elements exactly as stored: a zero-copy view of the checkpoint
     /// bytes (the memory map stays alive through the view).
     Float { dtype: DType, data: HostTensor },
-    /// FP8 e4m3 codes `[N, K]` with one scale per `block_rows × block_cols` block.
-    Fp8 { data: HostTensor, scale: HostTensor, block_rows: usize, block_cols: usize },
+    /// FP8 e4m3 codes `[N, K]` with one scale per `block_rows × block_cols` block; `nan_free`
+    /// is whether no code is a NaN, found by one scan of the codes when a decode GEMV first
+    /// asks ([`Fp8Blocks::nan_free`]).
+    Fp8 { data: HostTensor, scale: HostTensor, block_rows: usize, block_cols: usize, nan_free: OnceLock<bool> },
     /// FP4 e2m1 codes, two per byte along K (low nibble first), one scale per `group` inputs.
     Fp4 { data: HostTensor, scale: HostTensor, group: usize },
     /// Every value dequantised to f32 at load: the reference path
@@ -131,6 +133,7 @@ impl CpuWeight {
                 scale: w.scale.clone().expect("validated"),
                 block_rows: rows,
                 block_cols: cols,
+                nan_free: OnceLock::new(),
             },
             WeightFormat::Fp4Group { group } => {
                 WeightData::Fp4 { data: t.clone(), scale: w.scale.clone().expect("validated"), group }
@@ -180,7 +183,7 @@ impl CpuWeight {
             WeightData::F32(v) => Row::F32(&v[r * k..(r + 1) * k]),
             WeightData::Float { dtype: DType::BF16, data } => Row::Bf16(&data.bytes()[r * k * 2..(r + 1) * k * 2]),
             WeightData::Float { data, .. } => Row::F16(&data.bytes()[r * k * 2..(r + 1) * k * 2]),
-            WeightData::Fp8 { data, scale, block_rows, block_cols } => {
+            WeightData::Fp8 { data, scale, block_rows, block_cols, .. } => {
                 let per_row = k.div_ceil(*block_cols);
                 decode_scales(scale, (r / block_rows) * per_row, per_row, scales);
                 Row::Fp8 { codes: &data.bytes()[r * k..(r + 1) * k], scales, block: *block_cols }
@@ -282,9 +285,13 @@ impl Rows for CpuWeight {
 
     fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
         match &self.data {
-            WeightData::Fp8 { data, block_rows, block_cols, .. } => {
-                Some(Fp8Blocks { codes: data.bytes(), k: self.cols, block_rows: *block_rows, block_cols: *block_cols })
-            }
+            WeightData::Fp8 { data, block_rows, block_cols, nan_free, .. } => Some(Fp8Blocks {
+                codes: data.bytes(),
+                k: self.cols,
+                block_rows: *block_rows,
+                block_cols: *block_cols,
+                nan_free: *nan_free.get_or_init(|| fp8_codes_nan_free(data.bytes())),
+            }),
             _ => None,
         }
     }

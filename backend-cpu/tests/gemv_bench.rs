@@ -51,6 +51,12 @@ fn weight(format: &str, n: usize, k: usize) -> StoredWeight {
     }
 }
 
+/// A copy of `w` with buffers of its own (a deep copy of the codes and the scales).
+fn own_bytes(w: &StoredWeight) -> StoredWeight {
+    let copy = |t: &HostTensor| HostTensor::from_bytes(&t.name, t.dtype, t.shape.clone(), t.bytes().to_vec()).unwrap();
+    StoredWeight { data: copy(&w.data), scale: w.scale.as_ref().map(copy), ..w.clone() }
+}
+
 #[test]
 #[ignore = "benchmark; run with --release --ignored --nocapture"]
 fn linear_throughput() {
@@ -78,7 +84,9 @@ fn linear_throughput() {
         for format in formats.split(',') {
             let w = weight(format, n, k);
             let copies: usize = std::env::var("GEMV_BENCH_COPIES").map_or(1, |c| c.parse().expect("copies"));
-            let packed: Vec<CpuWeight> = (0..copies).map(|_| CpuWeight::from_stored(&w).unwrap()).collect();
+            // Each copy owns its bytes: `CpuWeight::from_stored` shares the stored tensor's
+            // buffer, so copies of one `StoredWeight` would all read the same (cached) memory.
+            let packed: Vec<CpuWeight> = (0..copies).map(|_| CpuWeight::from_stored(&own_bytes(&w)).unwrap()).collect();
             let deq: Vec<CpuWeight> = (0..copies).map(|_| CpuWeight::dequantized(&w).unwrap()).collect();
             for &m in &ms {
                 let x = be.upload(&vec![0.5f32; m * k], &[m, k]).unwrap();

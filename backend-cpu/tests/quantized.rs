@@ -146,6 +146,32 @@ fn packed_weights_are_zero_copy_views() {
     assert_eq!(CpuWeight::from_stored(&w).unwrap().size_bytes(), 128 * 128 + 1);
 }
 
+/// NaN codes in a matrix that the decode GEMV folds (E8M0 scales, `k` a multiple of 32) make
+/// their rows NaN and leave every other row with the dequantised reference's bits: such a
+/// matrix keeps the kernel's per-chunk NaN test (`Fp8Blocks::nan_free` is false), and the
+/// chunks with a NaN take the general path. Were the test skipped, `0x7F` would read as 480.
+#[test]
+fn nan_fp8_codes_in_a_folded_matrix_touch_only_their_rows() {
+    let be = CpuBackend::new();
+    let mut rng = Rng(5);
+    let (n, k) = (256, 256);
+    let mut w = fp8(&mut rng, n, k, false);
+    let mut q = w.data.bytes().to_vec();
+    q[3 * k + 40] = 0x7F;
+    q[200 * k + 255] = 0xFF;
+    w.data = tensor("w.weight", DType::F8E4M3, &[n, k], q);
+    let x: Vec<f32> = (0..k).map(|_| rng.f32()).collect();
+    let run = |cw: &CpuWeight| be.download(&be.linear(&be.upload(&x, &[1, k]).unwrap(), cw).unwrap()).unwrap();
+    let (packed, reference) = (run(&CpuWeight::from_stored(&w).unwrap()), run(&CpuWeight::dequantized(&w).unwrap()));
+    for r in 0..n {
+        if r == 3 || r == 200 {
+            assert!(packed[r].is_nan(), "row {r} holds a NaN code: {}", packed[r]);
+        } else {
+            assert_eq!(packed[r].to_bits(), reference[r].to_bits(), "row {r}");
+        }
+    }
+}
+
 #[test]
 fn nan_fp8_codes_propagate_and_inconsistent_weights_are_refused() {
     let be = CpuBackend::new();

@@ -22,8 +22,11 @@
 //! decode would turn into 480), go to the general kernels.
 //!
 //! A 32-bit lane holds four codes, value `4p + q` in byte `q` of lane `p`; each byte is
-//! moved into place with shifts, so a chunk of 32 values decodes into four 8-lane registers
-//! `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the *4-way layout*). The input is
+//! moved into place with shifts (16-bit shifts take two bytes a time: five shifts and four
+//! masks a chunk, where one 32-bit shift pair per byte took seven; the shifts are what limits
+//! the kernel on the Zen 4 we measured, two of its four vector pipes), so a chunk of 32 values
+//! decodes into four 8-lane registers `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the
+//! *4-way layout*). The input is
 //! permuted into the same layout once (per input and thread, [`FoldedPair::take`]), and each
 //! fold multiplies the permuted input. The canonical reduction pairs lanes 16, 8 and 4 apart
 //! first, which keeps `j mod 4`, so it is the 8-lane tree of each register and then
@@ -225,7 +228,7 @@ impl FoldedPair {
             }
             // SAFETY: the caller guarantees AVX2 and FMA; codes and folded inputs hold `k`
             // values, a multiple of 32.
-            unsafe { x86::pair(c0.as_ptr(), c1.as_ptr(), x0.as_ptr(), x1.as_ptr(), k) }
+            unsafe { x86::pair::<true>(c0.as_ptr(), c1.as_ptr(), x0.as_ptr(), x1.as_ptr(), k) }
         }
     }
 }
@@ -284,11 +287,18 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
             for p in 0..h {
                 let alone = p + h == seg;
                 let (r0, r1) = (start + j + p, start + j + if alone { p } else { p + h });
+                let (c0, c1) = (m.codes[r0 * k..].as_ptr(), m.codes[r1 * k..].as_ptr());
                 // SAFETY: the caller guarantees AVX2 and FMA; rows r0, r1 < start + n hold `k`
-                // codes each (checked above) and the folded input `k` values.
-                match unsafe {
-                    x86::pair(m.codes.as_ptr().add(r0 * k), m.codes.as_ptr().add(r1 * k), xf.as_ptr(), xf.as_ptr(), k)
-                } {
+                // codes each (checked above) and the folded input `k` values; the NaN test is
+                // left out only for a matrix without NaN codes (`Fp8Blocks::nan_free`).
+                let got = unsafe {
+                    if m.nan_free {
+                        x86::pair::<false>(c0, c1, xf.as_ptr(), xf.as_ptr(), k)
+                    } else {
+                        x86::pair::<true>(c0, c1, xf.as_ptr(), xf.as_ptr(), k)
+                    }
+                };
+                match got {
                     Some((a, c)) => {
                         out[j + p] = a;
                         if !alone {
@@ -317,38 +327,38 @@ mod x86 {
 
     use super::super::x86::{e4m3_nan_bytes, reduce8};
 
-    /// The four 8-lane registers of one chunk of 32 codes (module docs): shifting a lane
-    /// left by `8·(3-q)`, then arithmetically right by 4, puts byte `q`'s sign in bits 31..27
-    /// and its exponent and mantissa in 26..20; the mask keeps bit 31 and bits 26..20.
+    /// The four 8-lane registers of one chunk of 32 codes (module docs). A 16-bit arithmetic
+    /// shift right by 4 of a lane's two halves puts byte 3 (of the high half) and byte 1 (of
+    /// the low half) each with its sign in the half's bits 15..11 and its exponent and mantissa
+    /// in 10..4; the same after a 16-bit shift left by 8 for bytes 2 and 0. The high half is
+    /// then in place (bit 31, bits 26..20), the low half is moved there by a 32-bit shift left
+    /// by 16, and the mask keeps bit 31 and bits 26..20 (dropping the sign's copies and the
+    /// neighbouring byte's bits). The same bits as one 32-bit shift pair per byte
+    /// (`decode_is_the_per_byte_shifts` checks every code in every byte).
     ///
     /// # Safety
     ///
     /// The CPU supports AVX2.
     #[inline(always)]
-    unsafe fn decode(w: __m256i) -> [__m256; 4] {
+    pub(super) unsafe fn decode(w: __m256i) -> [__m256; 4] {
         // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
         unsafe {
-            [
-                top_byte(_mm256_slli_epi32(w, 24)),
-                top_byte(_mm256_slli_epi32(w, 16)),
-                top_byte(_mm256_slli_epi32(w, 8)),
-                top_byte(w),
-            ]
+            let odd = _mm256_srai_epi16(w, 4);
+            let even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 4);
+            [masked(_mm256_slli_epi32(even, 16)), masked(_mm256_slli_epi32(odd, 16)), masked(even), masked(odd)]
         }
     }
 
-    /// The code in each lane's top byte as an f32 (`E4M3 · 2⁻¹²⁰`): `>>ₐ 4`, then the mask
-    /// of bit 31 and bits 26..20. A named function, not a closure (see `x86.rs`).
+    /// Bit 31 and bits 26..20 of each lane, as f32 (`E4M3 · 2⁻¹²⁰` of the code placed there).
+    /// A named function, not a closure (see `x86.rs`).
     ///
     /// # Safety
     ///
     /// The CPU supports AVX2.
     #[inline(always)]
-    unsafe fn top_byte(v: __m256i) -> __m256 {
+    unsafe fn masked(v: __m256i) -> __m256 {
         // SAFETY: register-only AVX2 operations (the caller guarantees AVX2).
-        unsafe {
-            _mm256_castsi256_ps(_mm256_and_si256(_mm256_srai_epi32(v, 4), _mm256_set1_epi32(0x87F0_0000u32 as i32)))
-        }
+        unsafe { _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x87F0_0000u32 as i32))) }
     }
 
     /// The 8-lane tree of each register, then `(r0 + r2) + (r1 + r3)` (module docs).
@@ -363,15 +373,17 @@ mod x86 {
         unsafe { (reduce8(a[0]) + reduce8(a[2])) + (reduce8(a[1]) + reduce8(a[3])) }
     }
 
-    /// Codes `c0`, `c1` (`k` each) against the folded inputs `x0`, `x1`; `None` if a code is
-    /// a NaN. The two rows' chunks are interleaved, as in the general pair kernel.
+    /// Codes `c0`, `c1` (`k` each) against the folded inputs `x0`, `x1`; with `NAN_TEST`,
+    /// `None` if a code is a NaN. The two rows' chunks are interleaved, as in the general pair
+    /// kernel.
     ///
     /// # Safety
     ///
     /// The CPU supports AVX2 and FMA; every pointer is valid for `k` values, `k` a multiple
-    /// of 32.
+    /// of 32; without `NAN_TEST`, no code is a NaN (the integer decode would read `0x7F` as
+    /// 480).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pair(
+    pub(super) unsafe fn pair<const NAN_TEST: bool>(
         c0: *const u8,
         c1: *const u8,
         x0: *const f32,
@@ -385,7 +397,9 @@ mod x86 {
             let mut j = 0;
             while j < k {
                 let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
-                bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));
+                if NAN_TEST {
+                    bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));
+                }
                 let (d0, d1) = (decode(w0), decode(w1));
                 for q in 0..4 {
                     a0[q] = _mm256_fmadd_ps(d0[q], _mm256_loadu_ps(x0.add(j + 8 * q)), a0[q]);
@@ -475,6 +489,57 @@ mod tests {
         }
     }
 
+    /// The 16-bit-shift decode gives each byte's `E4M3 · 2⁻¹²⁰` bits (sign to bit 31,
+    /// exponent and mantissa to bits 26..20), as the 32-bit shift pair per byte did: every
+    /// code in every byte position, next to neighbours with every top and bottom bit.
+    #[test]
+    fn decode_is_the_per_byte_shifts() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2+FMA, the fold's only path");
+            return;
+        }
+        let per_byte = |lane: u32, q: u32| (((lane << (24 - 8 * q)) as i32 >> 4) as u32) & 0x87F0_0000;
+        for code in 0..=255u8 {
+            for (i, &other) in [0x00u8, 0xFF, 0x80, 0x7F, 0x0F, 0xF0, 0x01].iter().enumerate() {
+                let mut bytes = [other; 32];
+                // The code in byte q = (lane + i) % 4 of each lane, so every position is covered.
+                for (j, b) in bytes.iter_mut().enumerate() {
+                    if j % 4 == (j / 4 + i) % 4 {
+                        *b = code;
+                    }
+                }
+                // SAFETY: AVX2 checked above; `bytes` holds 32 bytes.
+                let got: [[u32; 8]; 4] = unsafe {
+                    let d = x86::decode(std::arch::x86_64::_mm256_loadu_si256(bytes.as_ptr().cast()));
+                    std::mem::transmute(d)
+                };
+                for (q, reg) in got.iter().enumerate() {
+                    for (p, &v) in reg.iter().enumerate() {
+                        let lane = u32::from_le_bytes(bytes[4 * p..4 * p + 4].try_into().unwrap());
+                        assert_eq!(v, per_byte(lane, q as u32), "code {code:#04x}, byte {q} of lane {lane:#010x}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The NaN scan finds either NaN code anywhere (the last byte of a piece, of the slice) and
+    /// nothing else.
+    #[test]
+    fn the_nan_scan_finds_both_nan_codes_anywhere() {
+        use crate::kernels::fp8_codes_nan_free;
+        let clean: Vec<u8> = (0..10_000u32).map(|j| [0x7E, 0xFE, 0x80, 0x00, 0x77][j as usize % 5]).collect();
+        assert!(fp8_codes_nan_free(&clean));
+        assert!(fp8_codes_nan_free(&[]));
+        for at in [0, 4095, 4096, 9_999] {
+            for nan in [0x7F, 0xFF] {
+                let mut c = clean.clone();
+                c[at] = nan;
+                assert!(!fp8_codes_nan_free(&c), "{nan:#04x} at {at}");
+            }
+        }
+    }
+
     /// An FP8 matrix with 128-row blocks, readable both ways (`row` and `fp8_blocks`).
     struct Blocked {
         codes: Vec<u8>,
@@ -492,7 +557,13 @@ mod tests {
             }
         }
         fn fp8_blocks(&self) -> Option<Fp8Blocks<'_>> {
-            Some(Fp8Blocks { codes: &self.codes, k: self.k, block_rows: 128, block_cols: 128 })
+            Some(Fp8Blocks {
+                codes: &self.codes,
+                k: self.k,
+                block_rows: 128,
+                block_cols: 128,
+                nan_free: crate::kernels::fp8_codes_nan_free(&self.codes),
+            })
         }
         fn fp8_block_scales(&self, b: usize, out: &mut Vec<f32>) {
             let per = self.k.div_ceil(128);
@@ -530,6 +601,8 @@ mod tests {
             }
             ok
         };
+        // Without NaN codes the kernel runs without its NaN test.
+        assert!(m.fp8_blocks().unwrap().nan_free);
         for (start, len) in [(0, 300), (1, 127), (64, 128), (127, 3), (5, 1), (129, 171)] {
             assert!(check(&m, start, len), "rows {start}..{} decline", start + len);
         }
@@ -541,6 +614,7 @@ mod tests {
         // A NaN code in row 140.
         m.scales[2 * per] = 1.0;
         m.codes[140 * k + 9] = 0x7F;
+        assert!(!m.fp8_blocks().unwrap().nan_free);
         assert!(!check(&m, 100, 60));
         assert!(check(&m, 141, 100));
     }

@@ -23,7 +23,9 @@ pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use weights::{decode_row, dot, dot_many, dot_rows, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
+pub use weights::{
+    decode_row, dot, dot_many, dot_rows, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows,
+};
 
 /// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with
 /// AVX512-BF16 and `DSV4_CPU_ISA` not lowered below `avx512` (`dsv4 bench` reads prefill against
