@@ -1,12 +1,12 @@
 //! Tensor, index and weight storage of the CPU backend.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use dsv4_core::backend::DeviceTensor;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 
-use crate::kernels::weights::{decode_row, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows};
+use crate::kernels::weights::{decode_row, Fp4Groups, Fp8Blocks, NanFreeBlocks, Row, RowScratch, Rows};
 use crate::kernels::Isa;
 use ndarray::{ArrayViewD, IxDyn};
 
@@ -75,10 +75,10 @@ pub(crate) enum WeightData {
     /// BF16 / F16 elements exactly as stored: a zero-copy view of the checkpoint
     /// bytes (the memory map stays alive through the view).
     Float { dtype: DType, data: HostTensor },
-    /// FP8 e4m3 codes `[N, K]` with one scale per `block_rows × block_cols` block; `nan_free`
-    /// is whether no code is a NaN, found by one scan of the codes when a decode GEMV first
-    /// asks ([`Fp8Blocks::nan_free`]).
-    Fp8 { data: HostTensor, scale: HostTensor, block_rows: usize, block_cols: usize, nan_free: OnceLock<bool> },
+    /// FP8 e4m3 codes `[N, K]` with one scale per `block_rows × block_cols` block; `nan_free`:
+    /// which row blocks hold no NaN code, scanned as decode GEMVs reach them
+    /// ([`Fp8Blocks::nan_free`]).
+    Fp8 { data: HostTensor, scale: HostTensor, block_rows: usize, block_cols: usize, nan_free: NanFreeBlocks },
     /// FP4 e2m1 codes, two per byte along K (low nibble first), one scale per `group` inputs.
     Fp4 { data: HostTensor, scale: HostTensor, group: usize },
     /// Every value dequantised to f32 at load: the reference path
@@ -133,7 +133,7 @@ impl CpuWeight {
                 scale: w.scale.clone().expect("validated"),
                 block_rows: rows,
                 block_cols: cols,
-                nan_free: OnceLock::new(),
+                nan_free: NanFreeBlocks::new(w.shape[0].div_ceil(rows.max(1))),
             },
             WeightFormat::Fp4Group { group } => {
                 WeightData::Fp4 { data: t.clone(), scale: w.scale.clone().expect("validated"), group }
@@ -290,7 +290,7 @@ impl Rows for CpuWeight {
                 k: self.cols,
                 block_rows: *block_rows,
                 block_cols: *block_cols,
-                nan_free: *nan_free.get_or_init(|| fp8_codes_nan_free(data.bytes())),
+                nan_free,
             }),
             _ => None,
         }

@@ -4,6 +4,7 @@
 //! and `embedding`, on shapes that are not multiples of the block sizes; and both agree with
 //! an f64 dot product over `quant::dequantize`.
 
+use dsv4_backend_cpu::kernels::{Isa, Rows};
 use dsv4_backend_cpu::{CpuBackend, CpuWeight};
 use dsv4_core::quant::{dequantize, E4M3_TO_F32};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
@@ -147,22 +148,33 @@ fn packed_weights_are_zero_copy_views() {
 }
 
 /// NaN codes in a matrix that the decode GEMV folds (E8M0 scales, `k` a multiple of 32) make
-/// their rows NaN and leave every other row with the dequantised reference's bits: such a
-/// matrix keeps the kernel's per-chunk NaN test (`Fp8Blocks::nan_free` is false), and the
-/// chunks with a NaN take the general path. Were the test skipped, `0x7F` would read as 480.
+/// their rows NaN and leave every other row with the dequantised reference's bits: their row
+/// blocks keep the kernel's per-chunk NaN test (`Fp8Blocks::nan_free`), and the row pairs with
+/// a NaN take the general path. Were the test skipped, `0x7F` would read as 480. A clean
+/// matrix's blocks are found clean (so the kernel runs without the test).
 #[test]
 fn nan_fp8_codes_in_a_folded_matrix_touch_only_their_rows() {
     let be = CpuBackend::new();
     let mut rng = Rng(5);
     let (n, k) = (256, 256);
     let mut w = fp8(&mut rng, n, k, false);
+    let x: Vec<f32> = (0..k).map(|_| rng.f32()).collect();
+    let run = |cw: &CpuWeight| be.download(&be.linear(&be.upload(&x, &[1, k]).unwrap(), cw).unwrap()).unwrap();
+    let clean = CpuWeight::from_stored(&w).unwrap();
+    run(&clean);
+    let blocks = |cw: &CpuWeight| (0..2).map(|b| cw.fp8_blocks().unwrap().nan_free.known(b)).collect::<Vec<_>>();
+    if Isa::active() != Isa::Scalar {
+        assert_eq!(blocks(&clean), [Some(true); 2]);
+    }
     let mut q = w.data.bytes().to_vec();
     q[3 * k + 40] = 0x7F;
     q[200 * k + 255] = 0xFF;
     w.data = tensor("w.weight", DType::F8E4M3, &[n, k], q);
-    let x: Vec<f32> = (0..k).map(|_| rng.f32()).collect();
-    let run = |cw: &CpuWeight| be.download(&be.linear(&be.upload(&x, &[1, k]).unwrap(), cw).unwrap()).unwrap();
-    let (packed, reference) = (run(&CpuWeight::from_stored(&w).unwrap()), run(&CpuWeight::dequantized(&w).unwrap()));
+    let with_nan = CpuWeight::from_stored(&w).unwrap();
+    let (packed, reference) = (run(&with_nan), run(&CpuWeight::dequantized(&w).unwrap()));
+    if Isa::active() != Isa::Scalar {
+        assert_eq!(blocks(&with_nan), [Some(false); 2]);
+    }
     for r in 0..n {
         if r == 3 || r == 200 {
             assert!(packed[r].is_nan(), "row {r} holds a NaN code: {}", packed[r]);

@@ -19,16 +19,16 @@
 //!   overflows or loses bits; that is checked value by value (`(x · f) / f == x`).
 //!
 //! Rows that fail either test, and chunks with NaN codes (`0x7F`, `0xFF`, which the integer
-//! decode would turn into 480), go to the general kernels.
+//! decode would turn into 480), go to the general kernels. The NaN test is left out for row
+//! blocks found free of NaN codes ([`super::weights::NanFreeBlocks`]).
 //!
 //! A 32-bit lane holds four codes, value `4p + q` in byte `q` of lane `p`; each byte is
 //! moved into place with shifts (16-bit shifts take two bytes a time: five shifts and four
 //! masks a chunk, where one 32-bit shift pair per byte took seven; the shifts are what limits
 //! the kernel on the Zen 4 we measured, two of its four vector pipes), so a chunk of 32 values
 //! decodes into four 8-lane registers `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the
-//! *4-way layout*). The input is
-//! permuted into the same layout once (per input and thread, [`FoldedPair::take`]), and each
-//! fold multiplies the permuted input. The canonical reduction pairs lanes 16, 8 and 4 apart
+//! *4-way layout*). The input is permuted into the same layout once (per input and thread,
+//! [`FoldedPair::take`]), and each fold multiplies the permuted input. The canonical reduction pairs lanes 16, 8 and 4 apart
 //! first, which keeps `j mod 4`, so it is the 8-lane tree of each register and then
 //! `(r₀ + r₂) + (r₁ + r₃)`.
 
@@ -276,6 +276,7 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
             if scales.len() < k.div_ceil(m.block_cols) {
                 return false;
             }
+            let nan_free = m.block_nan_free(b);
             let i = folds.fold(&scales, m.block_cols, None);
             let xf = &folds.0.kept[i].x;
             if xf.is_empty() {
@@ -289,10 +290,11 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
                 let (r0, r1) = (start + j + p, start + j + if alone { p } else { p + h });
                 let (c0, c1) = (m.codes[r0 * k..].as_ptr(), m.codes[r1 * k..].as_ptr());
                 // SAFETY: the caller guarantees AVX2 and FMA; rows r0, r1 < start + n hold `k`
-                // codes each (checked above) and the folded input `k` values; the NaN test is
-                // left out only for a matrix without NaN codes (`Fp8Blocks::nan_free`).
+                // codes each (checked above) and the folded input `k` values. (The NaN test is
+                // left out only for a block without NaN codes: a matter of the values, not of
+                // memory safety.)
                 let got = unsafe {
-                    if m.nan_free {
+                    if nan_free {
                         x86::pair::<false>(c0, c1, xf.as_ptr(), xf.as_ptr(), k)
                     } else {
                         x86::pair::<true>(c0, c1, xf.as_ptr(), xf.as_ptr(), k)
@@ -375,13 +377,13 @@ mod x86 {
 
     /// Codes `c0`, `c1` (`k` each) against the folded inputs `x0`, `x1`; with `NAN_TEST`,
     /// `None` if a code is a NaN. The two rows' chunks are interleaved, as in the general pair
-    /// kernel.
+    /// kernel. Without `NAN_TEST` the codes must hold no NaN for the sums to be right (the
+    /// integer decode reads `0x7F` as 480).
     ///
     /// # Safety
     ///
     /// The CPU supports AVX2 and FMA; every pointer is valid for `k` values, `k` a multiple
-    /// of 32; without `NAN_TEST`, no code is a NaN (the integer decode would read `0x7F` as
-    /// 480).
+    /// of 32.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn pair<const NAN_TEST: bool>(
         c0: *const u8,
@@ -523,28 +525,12 @@ mod tests {
         }
     }
 
-    /// The NaN scan finds either NaN code anywhere (the last byte of a piece, of the slice) and
-    /// nothing else.
-    #[test]
-    fn the_nan_scan_finds_both_nan_codes_anywhere() {
-        use crate::kernels::fp8_codes_nan_free;
-        let clean: Vec<u8> = (0..10_000u32).map(|j| [0x7E, 0xFE, 0x80, 0x00, 0x77][j as usize % 5]).collect();
-        assert!(fp8_codes_nan_free(&clean));
-        assert!(fp8_codes_nan_free(&[]));
-        for at in [0, 4095, 4096, 9_999] {
-            for nan in [0x7F, 0xFF] {
-                let mut c = clean.clone();
-                c[at] = nan;
-                assert!(!fp8_codes_nan_free(&c), "{nan:#04x} at {at}");
-            }
-        }
-    }
-
     /// An FP8 matrix with 128-row blocks, readable both ways (`row` and `fp8_blocks`).
     struct Blocked {
         codes: Vec<u8>,
         scales: Vec<f32>,
         k: usize,
+        nan_free: crate::kernels::NanFreeBlocks,
     }
 
     impl Rows for Blocked {
@@ -562,7 +548,7 @@ mod tests {
                 k: self.k,
                 block_rows: 128,
                 block_cols: 128,
-                nan_free: crate::kernels::fp8_codes_nan_free(&self.codes),
+                nan_free: &self.nan_free,
             })
         }
         fn fp8_block_scales(&self, b: usize, out: &mut Vec<f32>) {
@@ -585,6 +571,7 @@ mod tests {
             codes: (0..n * k).map(|j| (j as u8).wrapping_mul(151).wrapping_add((j / 97) as u8) & 0xF7).collect(),
             scales: (0..n.div_ceil(128) * 2).map(|i| 2f32.powi(i as i32 % 5 - 3)).collect(),
             k,
+            nan_free: crate::kernels::NanFreeBlocks::new(n.div_ceil(128)),
         };
         let x: Vec<f32> = (0..k).map(|j| ((j * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
         let per = k.div_ceil(128);
@@ -601,21 +588,23 @@ mod tests {
             }
             ok
         };
-        // Without NaN codes the kernel runs without its NaN test.
-        assert!(m.fp8_blocks().unwrap().nan_free);
         for (start, len) in [(0, 300), (1, 127), (64, 128), (127, 3), (5, 1), (129, 171)] {
             assert!(check(&m, start, len), "rows {start}..{} decline", start + len);
         }
+        // Without NaN codes every block was found clean: the kernel ran without its NaN test.
+        assert_eq!((0..3).map(|b| m.nan_free.known(b)).collect::<Vec<_>>(), [Some(true); 3]);
         // Block 2 (rows 256..) with a scale the fold cannot take (2^8): declined when the call
         // reaches it, not otherwise.
         m.scales[2 * per] = 256.0;
         assert!(!check(&m, 200, 100));
         assert!(check(&m, 0, 256));
-        // A NaN code in row 140.
+        // A NaN code in row 140 (new codes: the blocks are scanned afresh). A call over it
+        // declines; one over other rows of its block runs, with the NaN test.
         m.scales[2 * per] = 1.0;
         m.codes[140 * k + 9] = 0x7F;
-        assert!(!m.fp8_blocks().unwrap().nan_free);
+        m.nan_free = crate::kernels::NanFreeBlocks::new(3);
         assert!(!check(&m, 100, 60));
+        assert_eq!(m.nan_free.known(1), Some(false));
         assert!(check(&m, 141, 100));
     }
 }

@@ -24,7 +24,7 @@ pub mod weights;
 mod x86;
 
 pub use weights::{
-    decode_row, dot, dot_many, dot_rows, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, Row, RowScratch, Rows,
+    decode_row, dot, dot_many, dot_rows, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, NanFreeBlocks, Row, RowScratch, Rows,
 };
 
 /// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with

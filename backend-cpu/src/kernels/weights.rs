@@ -27,6 +27,8 @@
 
 use dsv4_core::quant::{E2M1_TO_F32, E4M3_TO_F32};
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use super::fp8_fold::FoldedPair;
 use super::Isa;
 
@@ -196,15 +198,73 @@ pub struct Fp8Blocks<'a> {
     pub k: usize,
     pub block_rows: usize,
     pub block_cols: usize,
-    /// No code is a NaN (`0x7F`, `0xFF`; [`fp8_codes_nan_free`]). The folded kernel then skips
-    /// its per-chunk NaN test (a sixth of its vector work); with a NaN code it keeps the test and
-    /// declines the chunks that have one. Must be true only when it holds for `codes`.
-    pub nan_free: bool,
+    /// Which row blocks hold no NaN code (`0x7F`, `0xFF`), found when a decode GEMV first
+    /// reaches each block. The folded kernel skips its per-chunk NaN test (about a fifth of its
+    /// vector work) on such blocks; elsewhere it keeps the test, and a call that meets a NaN
+    /// declines (the general path then declines the row pairs that hold one).
+    pub nan_free: &'a NanFreeBlocks,
+}
+
+impl Fp8Blocks<'_> {
+    /// Whether row block `b` holds no NaN code ([`NanFreeBlocks`]: scanned on the first ask).
+    /// Panics if `b` is not a block of the codes.
+    pub fn block_nan_free(&self, b: usize) -> bool {
+        let rows = self.codes.len() / self.k.max(1);
+        let first = b * self.block_rows;
+        assert!(first < rows, "Fp8Blocks::block_nan_free: block {b} of {rows} rows");
+        let end = (first + self.block_rows).min(rows);
+        self.nan_free.get(b, &self.codes[first * self.k..end * self.k])
+    }
+}
+
+/// Per row block of an FP8 matrix: whether its codes hold no NaN (`0x7F`, `0xFF`). Unknown
+/// until asked; the first [`NanFreeBlocks::get`] for a block scans that block's codes (128 rows
+/// of a checkpoint matrix: a few microseconds), so the scans of a matrix are spread over the
+/// tasks of its first decode GEMV, which read those rows next anyway. Two tasks may scan one
+/// block at once: both find the same answer, as the codes never change.
+#[derive(Debug, Default)]
+pub struct NanFreeBlocks(Box<[AtomicU8]>);
+
+/// [`NanFreeBlocks`]' states of a block.
+const UNKNOWN: u8 = 0;
+const CLEAN: u8 = 1;
+const HAS_NAN: u8 = 2;
+
+impl NanFreeBlocks {
+    /// `blocks` row blocks, none scanned yet.
+    pub fn new(blocks: usize) -> Self {
+        NanFreeBlocks((0..blocks).map(|_| AtomicU8::new(UNKNOWN)).collect())
+    }
+
+    /// What is known of block `b`: `Some(true)` clean, `Some(false)` holds a NaN, `None` not
+    /// scanned yet (or past the end).
+    pub fn known(&self, b: usize) -> Option<bool> {
+        match self.0.get(b)?.load(Ordering::Relaxed) {
+            CLEAN => Some(true),
+            HAS_NAN => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether row block `b`, whose codes are `codes`, holds no NaN code; `codes` is scanned
+    /// the first time a block is asked about. `false` for a block past the end. The caller
+    /// ([`Fp8Blocks::block_nan_free`]) passes the same codes for a block every time.
+    fn get(&self, b: usize, codes: &[u8]) -> bool {
+        let Some(state) = self.0.get(b) else { return false };
+        match state.load(Ordering::Relaxed) {
+            CLEAN => true,
+            HAS_NAN => false,
+            _ => {
+                let clean = fp8_codes_nan_free(codes);
+                state.store(if clean { CLEAN } else { HAS_NAN }, Ordering::Relaxed);
+                clean
+            }
+        }
+    }
 }
 
 /// Whether none of `codes` (e4m3fn) is a NaN (`0x7F` or `0xFF`). One pass without early exit
-/// per 4 KiB piece, which the compiler vectorises: a checkpoint's matrices are scanned once, at
-/// their first decode GEMV.
+/// per 4 KiB piece, which the compiler vectorises.
 pub fn fp8_codes_nan_free(codes: &[u8]) -> bool {
     !codes.chunks(4096).any(|c| c.iter().fold(false, |nan, &b| nan | (b & 0x7F == 0x7F)))
 }

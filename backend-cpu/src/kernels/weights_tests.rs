@@ -868,3 +868,19 @@ fn dot_many_tiles_on_small_shapes() {
         }
     }
 }
+
+/// The NaN scan finds either NaN code anywhere (the last byte of a piece, of the slice) and
+/// nothing else.
+#[test]
+fn the_nan_scan_finds_both_nan_codes_anywhere() {
+    let clean: Vec<u8> = (0..10_000u32).map(|j| [0x7E, 0xFE, 0x80, 0x00, 0x77][j as usize % 5]).collect();
+    assert!(fp8_codes_nan_free(&clean));
+    assert!(fp8_codes_nan_free(&[]));
+    for at in [0, 4095, 4096, 9_999] {
+        for nan in [0x7F, 0xFF] {
+            let mut c = clean.clone();
+            c[at] = nan;
+            assert!(!fp8_codes_nan_free(&c), "{nan:#04x} at {at}");
+        }
+    }
+}
