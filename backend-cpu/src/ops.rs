@@ -12,7 +12,7 @@ use ndarray::{s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
 use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
-use crate::kernels::{bf16_gemm, fp4_bf16, mhc};
+use crate::kernels::{bf16_gemm, fp4_bf16, mhc, norm};
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
@@ -348,8 +348,7 @@ fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) 
 /// with `x[g]`). A task whose rows span groups multiplies them group by group.
 fn gemv_tasks(x: &CpuTensor, w: &CpuWeight, group_rows: usize, threads: usize) -> Vec<f32> {
     let (k, per_task) = (w.cols, gemv_rows_per_task(w.rows, threads));
-    let mut out = vec![0f32; w.rows];
-    par::chunks_mut(&mut out, per_task, k * w.rows, |b, piece| {
+    par::filled(w.rows, per_task, k * w.rows, |b, piece| {
         let start = b * per_task;
         let mut row = start;
         while row < start + piece.len() {
@@ -358,26 +357,7 @@ fn gemv_tasks(x: &CpuTensor, w: &CpuWeight, group_rows: usize, threads: usize) -
             gemv(&x.data[g * k..(g + 1) * k], x.bf16, w, row, &mut piece[row - start..end - start]);
             row = end;
         }
-    });
-    out
-}
-
-/// `Σ v²` in f64 over eight running sums (value `i` into sum `i % 8`, then `(s0 + s4) + (s2 + s6)`
-/// and so on pairwise): one f64 chain of `d` dependent additions took 4 cycles a value, which
-/// made `rms_norm` of a 512-token prefill's `[512, 4096]` mHC streams a millisecond; eight
-/// independent sums vectorise. Plain Rust, no FMA: the same bits on every CPU.
-fn sum_of_squares_f64(row: &[f32]) -> f64 {
-    let mut s = [0f64; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (s, &v) in s.iter_mut().zip(c) {
-            *s += (v as f64) * (v as f64);
-        }
-    }
-    for (s, &v) in s.iter_mut().zip(chunks.remainder()) {
-        *s += (v as f64) * (v as f64);
-    }
-    ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
+    })
 }
 
 /// Softmax of one lane in place, as the `softmax` op computes it.
@@ -457,8 +437,7 @@ fn elementwise(a: &CpuTensor, b: &CpuTensor, shape: Vec<usize>, f: impl Fn(f32, 
     // Parallel over the outer axis: each piece is one outer index of the broadcast views.
     let inner: usize = shape[1..].iter().product();
     let len: usize = shape.iter().product();
-    let mut out = vec![0f32; len];
-    par::chunks_mut(&mut out, inner, len, |i, o| {
+    let out = par::filled(len, inner, len, |i, o| {
         let (a, b) = (ab.index_axis(Axis(0), i), bb.index_axis(Axis(0), i));
         let mut ov = ndarray::ArrayViewMutD::from_shape(IxDyn(&shape[1..]), o).expect("piece shape");
         Zip::from(&mut ov).and(&a).and(&b).for_each(|o, &x, &y| *o = f(x, y));
@@ -641,8 +620,7 @@ impl Backend for CpuBackend {
         let checks::MatmulDims { batch, m, k, n, shared_b, out: shape } =
             checks::matmul(self.name(), &a.shape, &b.shape, transpose_b)?;
         let b_stride = if shared_b { 0 } else { k * n };
-        let mut out = vec![0f32; batch * m * n];
-        par::chunks_mut(&mut out, m * n, batch * m * n * k, |i, o| {
+        let out = par::filled(batch * m * n, m * n, batch * m * n * k, |i, o| {
             let a = &a.data[i * m * k..(i + 1) * m * k];
             let b = &b.data[i * b_stride..i * b_stride + k * n];
             if transpose_b {
@@ -762,15 +740,9 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &CpuTensor, weight: Option<&CpuTensor>, eps: f32) -> Result<CpuTensor> {
         checks::rms_norm(self.name(), &x.shape, weight.map(|w| &w.shape[..]))?;
         let d = x.shape[x.shape.len() - 1];
-        let mut out = vec![0f32; x.data.len()];
-        par::chunks_mut(&mut out, d, x.data.len(), |i, o| {
-            let row = &x.data[i * d..i * d + o.len()];
-            let ms = sum_of_squares_f64(row) / d as f64;
-            let r = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            match weight {
-                Some(w) => o.iter_mut().zip(row).zip(w.data.iter()).for_each(|((o, &v), &g)| *o = g * (v * r)),
-                None => o.iter_mut().zip(row).for_each(|(o, &v)| *o = v * r),
-            }
+        let isa = Isa::active();
+        let out = par::filled(x.data.len(), d, x.data.len(), |i, o| {
+            norm::rms_norm_row(isa, &x.data[i * d..i * d + o.len()], weight.map(|w| &w.data[..]), eps, o)
         });
         Ok(CpuTensor::new(x.shape.clone(), out))
     }
@@ -781,8 +753,7 @@ impl Backend for CpuBackend {
         // Each task copies its tokens and rotates their rotary channels: a serial copy of the
         // whole input first (64 MiB for the queries of a 512-token V4-Flash prefill, 64 heads
         // of 512) left the other threads waiting.
-        let mut out = vec![0f32; t * heads * d];
-        par::chunks_mut(&mut out, heads * d, t * heads * d, |ti, tok| {
+        let out = par::filled(t * heads * d, heads * d, t * heads * d, |ti, tok| {
             tok.copy_from_slice(&x.data[ti * heads * d..ti * heads * d + tok.len()]);
             let (c, s) = (&cos.data[ti * half..(ti + 1) * half], &sin.data[ti * half..(ti + 1) * half]);
             for head in tok.chunks_mut(d) {
@@ -956,8 +927,7 @@ impl Backend for CpuBackend {
         if score.shape != kv.shape || c < 2 || l == 0 || w == 0 {
             return composed::compressor_pool(self, kv, score);
         }
-        let mut out = vec![0f32; w * c];
-        par::chunks_mut(&mut out, c, 8 * w * l * c, |wi, o| {
+        let out = par::filled(w * c, c, 8 * w * l * c, |wi, o| {
             let (kv, sc) = (&kv.data[wi * l * c..(wi + 1) * l * c], &score.data[wi * l * c..(wi + 1) * l * c]);
             let mut lane = vec![0f32; l];
             for (ch, o) in o.iter_mut().enumerate() {
@@ -1029,8 +999,7 @@ impl Backend for CpuBackend {
 
         // Per token: pre `[n]`, post `[n]`, comb `[n, n]`, side by side.
         let per = 2 * n + n * n;
-        let mut mix = vec![0f32; t * per];
-        par::chunks_mut(&mut mix, per, t * per * (4 * sinkhorn_iters + 8), |ti, o| {
+        let mix = par::filled(t * per, per, t * per * (4 * sinkhorn_iters + 8), |ti, o| {
             // `binary` Mul by the scale, then Add of the base: two roundings, no FMA.
             let part = |i: usize, si: usize| mixes.data[ti * w + i] * scale.data[si] + base.data[i];
             let (pre, rest) = o.split_at_mut(n);
@@ -1052,8 +1021,7 @@ impl Backend for CpuBackend {
         let (post, comb) = (pick(n, n), pick(2 * n, n * n));
         // `reduce` over the streams of `pre · x`: ndarray's `sum_axis` adds the streams in
         // order onto zeros.
-        let mut collapsed = vec![0f32; t * d];
-        par::chunks_mut(&mut collapsed, d, t * n * d, |ti, out| {
+        let collapsed = par::filled(t * d, d, t * n * d, |ti, out| {
             for j in 0..n {
                 let p = mix[ti * per + j]; // pre
                 let xs = &x.data[(ti * n + j) * d..(ti * n + j + 1) * d];
@@ -1159,8 +1127,7 @@ impl Backend for CpuBackend {
                 per_token[r].push((&y[i * d..(i + 1) * d], if official { 1.0 } else { weights.data[s] }));
             }
         }
-        let mut out = vec![0f32; t * d];
-        par::chunks_mut(&mut out, d.max(1), t * k * d, |r, o| {
+        let out = par::filled(t * d, d.max(1), t * k * d, |r, o| {
             for &(y, w) in &per_token[r] {
                 o.iter_mut().zip(y).for_each(|(o, &v)| *o += v * w);
             }

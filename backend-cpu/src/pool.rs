@@ -219,9 +219,8 @@ impl CpuPool {
     pub(crate) fn read(&self, slots: &CpuIndex) -> Result<CpuTensor> {
         self.check_rows("pool_read", "slot", &slots.data, true)?;
         let width = self.width;
-        let mut out = vec![0f32; slots.data.len() * width];
         let isa = Isa::active();
-        par::chunks_mut(&mut out, width, slots.data.len() * width, |i, o| {
+        let out = par::filled(slots.data.len() * width, width, slots.data.len() * width, |i, o| {
             let s = slots.data[i];
             if s >= 0 {
                 self.decode_row(isa, s as usize, o);

@@ -19,6 +19,7 @@ pub(crate) mod fp4_bf16;
 mod fp4_f32;
 mod fp8_fold;
 pub(crate) mod mhc;
+pub(crate) mod norm;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;
