@@ -954,9 +954,8 @@ impl Backend for CpuBackend {
         if !mhc::same_as_gemm(n, d) || y.shape != [t, d] || post.shape != [t, n] || comb.shape != [t, n, n] {
             return composed::hc_post(self, x, y, post, comb);
         }
-        let mut out = vec![0f32; t * n * d];
         let isa = Isa::active();
-        par::chunks_mut(&mut out, (n * d).max(1), t * n * n * d, |ti, o| {
+        let out = par::filled(t * n * d, (n * d).max(1), t * n * n * d, |ti, o| {
             mhc::post_token(
                 isa,
                 &x.data[ti * n * d..(ti + 1) * n * d],

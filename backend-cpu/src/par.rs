@@ -45,7 +45,9 @@ pub(crate) fn for_each_owned<T: Send>(items: Vec<T>, work: usize, f: impl Fn(T) 
     });
 }
 
-/// `f(i, piece)` for each `chunk`-sized piece of `out`.
+/// `f(i, piece)` for each `chunk`-sized piece of `out`. Returns once `f` has run on every
+/// piece, exactly once each; if a piece panics, panics after the others have run (`filled`'s
+/// soundness rests on both).
 pub(crate) fn chunks_mut<T: Send>(out: &mut [T], chunk: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let chunk = chunk.max(1);
     if work < MIN_WORK || out.len() <= chunk {
@@ -62,10 +64,10 @@ pub(crate) fn chunks_mut<T: Send>(out: &mut [T], chunk: usize, work: usize, f: i
 
 /// A new vector of `len` values, filled by `f(i, piece)` for each `chunk`-sized piece (all zeros
 /// when `f` is called): `chunks_mut` over `vec![0.0; len]`, without zeroing the whole vector on
-/// the calling thread first. Each piece is zeroed by the task that fills it, while the piece is
-/// in its core's cache. (The allocator hands a large vector back from memory it reuses, so
-/// `vec![0.0; len]` is a serial `memset`: 2% of a 4096-token prefill's samples, with the rest
-/// of the team waiting.)
+/// the calling thread first. Each piece is zeroed by the task that fills it, so the zeroing is
+/// spread over the team (and for pieces that fit, done in the cache `f` then writes to). (The
+/// allocator hands a large vector back from memory it reuses, so `vec![0.0; len]` is a serial
+/// `memset`: 2% of a 4096-token prefill's samples, with the rest of the team waiting.)
 pub(crate) fn filled(len: usize, chunk: usize, work: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(len);
     chunks_mut(&mut out.spare_capacity_mut()[..len], chunk, work, |i, piece| {
@@ -129,6 +131,23 @@ mod tests {
             let made = filled(n, 7, n, |i, c| c.iter_mut().for_each(|v| *v += i as f32 + 1.0));
             assert_eq!(made.len(), n);
             assert!(made.iter().enumerate().all(|(j, &v)| v == (j / 7) as f32 + 1.0));
+        }
+    }
+
+    /// `filled` at its edges: nothing to fill, a zero chunk (taken as 1), one chunk longer
+    /// than the vector; and a panicking piece panics the call (no half-made vector comes back)
+    /// without spoiling the next call.
+    #[test]
+    fn filled_at_its_edges() {
+        assert!(filled(0, 4, 0, |_, _| panic!("no pieces")).is_empty());
+        assert_eq!(filled(3, 0, 3, |i, c| c.fill(i as f32)), [0.0, 1.0, 2.0]);
+        assert_eq!(filled(3, 10, 3, |i, c| c.fill(i as f32 + 5.0)), [5.0; 3]);
+        for n in [100, MIN_WORK * 4] {
+            let r = std::panic::catch_unwind(|| {
+                filled(n, 16, n, |i, c| if i == 3 { panic!("piece 3") } else { c.fill(1.0) })
+            });
+            assert!(r.is_err(), "{n} values");
+            assert!(filled(n, 16, n, |_, c| c.fill(2.0)).iter().all(|&v| v == 2.0));
         }
     }
 }
