@@ -26,7 +26,7 @@ use dsv4_core::error::{Error, Result};
 
 use crate::kernels::attn::{self, IndexQuery};
 use crate::kernels::Isa;
-use crate::par::MIN_WORK;
+use crate::par::{self, MIN_WORK};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor};
 use crate::threads;
@@ -183,7 +183,7 @@ fn sparse_attention_with(
     }
     let k = idx.shape[1];
     check_rows(kv, "sparse_attention", "key index", &idx.data, true)?;
-    let mut out = vec![0f32; t * h * d];
+    let mut out = par::zeroed(t * h * d);
     if out.is_empty() {
         return Ok(CpuTensor::new(vec![t, h, d], out));
     }

@@ -543,7 +543,7 @@ impl Backend for CpuBackend {
         // at k = 600), and so may the BF16 GEMM's.
         let cut = row_tasks == 1 && !x.bf16 && crate::kernels::f32_gemm::available();
         let pieces: Vec<(usize, usize)> = if cut { input_pieces(m).collect() } else { vec![(0, m)] };
-        let mut out = vec![0f32; m * w.rows];
+        let mut out = par::zeroed(m * w.rows);
         // Task (weight block j, input piece p) writes its own rectangle of `out`, split off
         // here as row segments, so the copy runs inside the parallel tasks (it ran on the
         // calling thread after them, about 3% of a prefill's samples, with the other threads
@@ -572,7 +572,7 @@ impl Backend for CpuBackend {
             return Ok(CpuTensor::new(shape, gemv_tasks(x, w, r, self.threads())));
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let mut out = vec![0f32; m * groups * r];
+        let mut out = par::zeroed(m * groups * r);
         // Each group's rows are cut as `linear` cuts a matrix of `r` rows, so a group gives the
         // bits `linear` gives on its rows (a few input rows: `dot_many` computes each output
         // alone, so any cut does), and the team gets more tasks than groups: with one task per

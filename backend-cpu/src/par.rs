@@ -86,6 +86,13 @@ pub(crate) fn filled(len: usize, chunk: usize, work: usize, f: impl Fn(usize, &m
     out
 }
 
+/// `len` zeros, written by the team in pieces when `len` is large: for an output that its tasks
+/// then fill through other splits than `chunks_mut`'s (a GEMM's rectangles, attention's heads),
+/// where [`filled`] does not fit; half the serial `memset` of `vec![0.0; len]` on 2 threads.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    filled(len, VALUES_GRAIN, len, |_, _| {})
+}
+
 /// `f` applied to every element.
 pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     filled(x.len(), VALUES_GRAIN, x.len(), |i, o| {
@@ -128,6 +135,7 @@ mod tests {
             assert!(out.iter().enumerate().all(|(j, &v)| v == j / 7));
             // Every piece reaches `f` as zeros (an accumulating `f` relies on it), and every
             // value of the vector belongs to a piece.
+            assert!(zeroed(n).iter().all(|&v| v.to_bits() == 0));
             let made = filled(n, 7, n, |i, c| c.iter_mut().for_each(|v| *v += i as f32 + 1.0));
             assert_eq!(made.len(), n);
             assert!(made.iter().enumerate().all(|(j, &v)| v == (j / 7) as f32 + 1.0));
