@@ -28,9 +28,9 @@
 //! the kernel on the Zen 4 we measured, two of its four vector pipes), so a chunk of 32 values
 //! decodes into four 8-lane registers `q = 0..3` holding values `q, 4 + q, …, 28 + q` (the
 //! *4-way layout*). The input is permuted into the same layout once (per input and thread,
-//! [`FoldedPair::take`]), and each fold multiplies the permuted input. The canonical reduction pairs lanes 16, 8 and 4 apart
-//! first, which keeps `j mod 4`, so it is the 8-lane tree of each register and then
-//! `(r₀ + r₂) + (r₁ + r₃)`.
+//! [`FoldedPair::take`]), and each fold multiplies the permuted input. The canonical reduction
+//! pairs lanes 16, 8 and 4 apart first, which keeps `j mod 4`, so it is the 8-lane tree of each
+//! register and then `(r₀ + r₂) + (r₁ + r₃)`.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -276,12 +276,13 @@ pub(crate) unsafe fn rows<W: Rows>(w: &W, m: Fp8Blocks, start: usize, n: usize, 
             if scales.len() < k.div_ceil(m.block_cols) {
                 return false;
             }
-            let nan_free = m.block_nan_free(b);
             let i = folds.fold(&scales, m.block_cols, None);
             let xf = &folds.0.kept[i].x;
             if xf.is_empty() {
                 return false;
             }
+            // Only once the fold applies: a block the fold declines is never scanned.
+            let nan_free = m.block_nan_free(b);
             // Row p with row p + h; in an odd segment row h - 1 has no partner and runs as both
             // rows of a pair (the two sums are independent).
             let h = seg.div_ceil(2);
