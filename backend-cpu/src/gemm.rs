@@ -115,6 +115,7 @@ fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, b_t
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_values::bits;
 
     /// With fewer rows in `a` than in `b`, `matmul_nt` computes `cᵀ` (the kernel on swapped
     /// operands): the bits must be those of the kernel on `a · bᵀ`, for values whose sums
@@ -139,7 +140,6 @@ mod tests {
             let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
             matmul_nt_weights(&a, &b, &mut got, m, k, n);
             assert!(f32_gemm::matmul_nt_f32(&a, &b, &mut want, m, k, n));
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "({m}, {k}, {n})");
         }
     }

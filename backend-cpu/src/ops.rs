@@ -1144,6 +1144,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_values::bits;
 
     /// The input-row pieces of a one-task weight cover `0..m` in order, each of more than 64
     /// rows (so none leaves the GEMM path the whole takes), all 128 rows but the last.
@@ -1184,7 +1185,6 @@ mod tests {
             let got = be.linear(&CpuTensor::new(vec![m, k], x.clone()), &w).unwrap();
             let xv = ArrayView2::from_shape((m, k), &x[..]).unwrap();
             let want = linear_block(xv, false, &w, 0, rows);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got.data), bits(want.as_slice().unwrap()), "m = {m}, k = {k}, rows = {rows}");
         }
     }

@@ -186,6 +186,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::bits;
     use super::*;
 
     /// Distance in units in the last place between an f32 and the f64 it approximates.
@@ -256,7 +257,6 @@ mod tests {
         values.extend((0..3000).map(|_| ((next() % 400_001) as f32 / 1000.0) - 200.0));
         values.extend((0..3000).map(|_| f32::from_bits(next() as u32)));
         let ups: Vec<f32> = values.iter().rev().copied().collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         for len in [0, 1, 7, 8, 15, 16, 17, 31, 33, values.len()] {
             let (x, u) = (&values[..len], &ups[..len]);
             let mut want = vec![0f32; len];

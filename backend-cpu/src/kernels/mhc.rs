@@ -97,6 +97,7 @@ fn post_any(x: &[f32], y: &[f32], post: &[f32], comb: &[f32], out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{bits, spread};
     use super::*;
 
     /// Every instruction set this CPU supports gives the portable path's bits, on odd widths and
@@ -104,13 +105,7 @@ mod tests {
     /// `post_k · y + (FMA chain over j from +0)`, checked value by value.
     #[test]
     fn every_isa_gives_the_definition() {
-        let mut s = 0x9e37_79b9u32;
-        let mut val = || {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((s % 25) as i32 - 12)
-        };
+        let mut val = spread(0x9e37_79b9, 12);
         for (n, d) in [(4, 1024), (4, 37), (1, 5), (8, 16), (3, 2)] {
             let x: Vec<f32> = (0..n * d).map(|_| val()).collect();
             let y: Vec<f32> = (0..d).map(|_| val()).collect();
@@ -127,7 +122,6 @@ mod tests {
             for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
                 let mut got = vec![f32::NAN; n * d];
                 post_token(isa, &x, &y, &post, &comb, &mut got);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{} n={n} d={d}", isa.name());
             }
         }

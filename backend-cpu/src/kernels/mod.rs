@@ -134,6 +134,29 @@ impl Isa {
     }
 }
 
+/// Helpers of the kernels' bit-for-bit tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    /// Values of both signs with magnitudes spread from about `2^-e` to `2^e`: a xorshift32
+    /// stream from `seed` (not 0), each value `(u − 0.5) · 2^(s mod (2e + 1) − e)` with `u` the
+    /// state scaled to [0, 1].
+    pub(crate) fn spread(seed: u32, e: u32) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((s % (2 * e + 1)) as i32 - e as i32)
+        }
+    }
+
+    /// The bits of each value: compares f32 slices bit for bit (the sign of zero and NaNs
+    /// included).
+    pub(crate) fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,6 +126,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values::{bits, spread};
     use super::*;
 
     /// Every instruction set this CPU supports gives the portable bits, of the f64 mean square
@@ -135,13 +136,7 @@ mod tests {
     /// as the module docs say.
     #[test]
     fn every_isa_gives_the_portable_bits() {
-        let mut s = 0x2545_f491u32;
-        let mut val = || {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((s % 31) as i32 - 15)
-        };
+        let mut val = spread(0x2545_f491, 15);
         for len in (1..=40).chain([1000, 4096]) {
             let row: Vec<f32> = (0..len).map(|_| val()).collect();
             let gain: Vec<f32> = (0..len).map(|_| val()).collect();
@@ -161,7 +156,6 @@ mod tests {
                     assert_eq!(mean_square(isa, &row).to_bits(), ms.to_bits(), "{} len {len}", isa.name());
                     let mut got = vec![f32::NAN; len];
                     rms_norm_row(isa, &row, g, 1e-6, &mut got);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&got), bits(&want), "{} len {len}", isa.name());
                 }
             }
