@@ -256,6 +256,20 @@ pub trait Backend: Send + Sync {
     // ------------------------------------------------------------- fused ops
     // Default bodies: compositions of the primitives above. They define the semantics.
 
+    /// [`Backend::rope`] of a tensor the caller gives up: the same values, but a backend may
+    /// rotate `x`'s own memory in place where nothing else shares it, instead of copying every
+    /// channel to change the trailing `2·cos.shape[1]` (the CPU backend does: a query's 64
+    /// rotary channels of 512 a head). Shapes and errors as `rope`'s; the default calls it.
+    fn rope_owned(
+        &self,
+        x: Self::Tensor,
+        cos: &Self::Tensor,
+        sin: &Self::Tensor,
+        inverse: bool,
+    ) -> Result<Self::Tensor> {
+        self.rope(&x, cos, sin, inverse)
+    }
+
     /// `x · Wᵀ` at a rounding point of `act` ([`crate::precision`]): [`Backend::linear`] then
     /// [`Precision::act`], which is this default and the definition. Shapes as `linear`'s.
     ///

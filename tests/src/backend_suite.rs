@@ -63,6 +63,7 @@ macro_rules! backend_suite {
             softmax_over_any_axis_with_masked_entries,
             rms_norm_with_and_without_weight,
             rope_rotates_interleaved_trailing_pairs_and_inverse_undoes_it,
+            rope_owned_is_rope_and_leaves_a_shared_input_alone,
             reshape_transpose_narrow_concat,
             index_select_rows_and_minus_one_gives_zeros,
             gather_last_picks_along_the_last_axis,
@@ -808,6 +809,31 @@ pub fn rope_rotates_interleaved_trailing_pairs_and_inverse_undoes_it<B: Backend>
         0.0,
         8.0 * EPS,
     );
+}
+
+/// `rope_owned` gives `rope`'s bits, whether the tensor it takes holds its memory alone (a
+/// backend may rotate it in place) or shares it (a reshape of a tensor the caller keeps, which
+/// must come out of the call unchanged).
+pub fn rope_owned_is_rope_and_leaves_a_shared_input_alone<B: Backend>(be: &B) {
+    let mut rng = Rng(10);
+    let (t, heads, d, half) = (5, 3, 12, 4);
+    let xs = rng.vec(t * heads * d);
+    let angles: Vec<f32> = (0..t * half).map(|i| 0.37 * i as f32 - 2.1).collect();
+    let ct = up(be, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), &[t, half]);
+    let st = up(be, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), &[t, half]);
+    for inverse in [false, true] {
+        let x = up(be, &xs, &[t, heads, d]);
+        let want = bits(&down(be, &be.rope(&x, &ct, &st, inverse).unwrap()));
+        let fresh = be.rope_owned(up(be, &xs, &[t, heads, d]), &ct, &st, inverse).unwrap();
+        assert_eq!(fresh.shape(), &[t, heads, d]);
+        assert_eq!(bits(&down(be, &fresh)), want, "{}: rope_owned of a fresh tensor, inverse={inverse}", be.name());
+        let shared = be.reshape(&x, &[t, heads, d]).unwrap();
+        let y = be.rope_owned(shared, &ct, &st, inverse).unwrap();
+        assert_eq!(bits(&down(be, &y)), want, "{}: rope_owned of a shared tensor, inverse={inverse}", be.name());
+        assert_eq!(bits(&down(be, &x)), bits(&xs), "{}: rope_owned changed a tensor it shared", be.name());
+    }
+    let err = be.rope_owned(up(be, &xs, &[t, heads * d]), &ct, &st, false).err().expect("a 2-D x must be refused");
+    assert!(err.to_string().contains("rope"), "{}: {err}", be.name());
 }
 
 // ------------------------------------------------------------------------------- layout

@@ -135,7 +135,7 @@ impl<B: Backend> Attention<B> {
         } else {
             act(be.rms_norm(&q, None, self.eps))?
         };
-        let q = act(be.rope(&q, &angles.cos, &angles.sin, false))?;
+        let q = act(be.rope_owned(q, &angles.cos, &angles.sin, false))?;
 
         // The single shared key/value head, appended to the window rows in place.
         let kv = act(be.rms_norm(&self.wkv.linear_act(be, x, prec)?, Some(&self.kv_norm), self.eps))?;
@@ -176,7 +176,7 @@ impl<B: Backend> Attention<B> {
         let out = act(be.sparse_attention(&q, &pools.kv, &idx, &self.sinks, (hd as f32).powf(-0.5), prec))?;
 
         // Undo the value rotation at the query position, then the grouped output projection.
-        let out = act(be.rope(&out, &angles.cos, &angles.sin, true))?;
+        let out = act(be.rope_owned(out, &angles.cos, &angles.sin, true))?;
         let grouped = be.reshape(&out, &[t, self.groups, h * hd / self.groups])?;
         let grouped = be.grouped_linear_act(&grouped, &self.wo_a, self.groups, prec)?;
         let r = grouped.shape()[2];

@@ -58,9 +58,10 @@ impl<B: Backend> Indexer<B> {
         prec: Precision,
     ) -> Result<B::Index> {
         let s = x.shape()[0];
-        let q = self.wq_b.linear_act(be, q_res, prec)?;
-        let q = be.reshape(&q, &[s, self.n_heads, self.head_dim])?;
-        let q = prec.act_of(be, be.rope(&q, cos, sin, false))?;
+        // The reshaped query holds its buffer alone (the projection's tensor is a temporary),
+        // so `rope_owned` can rotate it in place.
+        let q = be.reshape(&self.wq_b.linear_act(be, q_res, prec)?, &[s, self.n_heads, self.head_dim])?;
+        let q = prec.act_of(be, be.rope_owned(q, cos, sin, false))?;
         // The official query: rotated, then e2m1 fake-quantised per 32 channels (spec §B.8).
         let q = if prec.simulates_quant() { rotate_and_quantise(be, &q, prec)? } else { q };
         let w = be.linear_act(x, &self.weights_proj, prec)?;
