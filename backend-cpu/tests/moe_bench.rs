@@ -60,7 +60,12 @@ fn routed_experts_prefill() {
     let x = be.upload(&xs, &[t, d]).unwrap();
     // Six distinct pseudo-random experts per token, as a router gives them: 96 tokens an
     // expert on average, unevenly (a fixed rotation gave every expert exactly 96, three whole
-    // 32-column tiles, which no real batch does).
+    // 32-column tiles, which no real batch does). MOE_BENCH_SKEWED=1: expert e drawn with a
+    // weight of 1.12^(13e mod 32), so that the experts take from about 10 to 280 tokens, as the
+    // score-routed layers of the benchmark model's 512-token prefill route them (10 to 380; its
+    // hash-routed layers spread them as the default does).
+    let skewed = std::env::var_os("MOE_BENCH_SKEWED").is_some_and(|v| v != "0");
+    let popularity: Vec<f64> = (0..n_experts).map(|e| 1.12f64.powi((e * 13 % n_experts) as i32)).collect();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let ids: Vec<i32> = (0..t)
         .flat_map(|_| {
@@ -69,7 +74,17 @@ fn routed_experts_prefill() {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                let e = (state % n_experts as u64) as i32;
+                let e = if skewed {
+                    let mut u = (state >> 11) as f64 / (1u64 << 53) as f64 * popularity.iter().sum::<f64>();
+                    let mut e = 0;
+                    while e + 1 < n_experts && u >= popularity[e] {
+                        u -= popularity[e];
+                        e += 1;
+                    }
+                    e as i32
+                } else {
+                    (state % n_experts as u64) as i32
+                };
                 if !chosen.contains(&e) {
                     chosen.push(e);
                 }
