@@ -236,19 +236,20 @@ mod x86 {
         /// Columns per tile and per packed panel (at most [`MAX_NR`]).
         const NR: usize = 16 * Self::NV;
 
-        /// The first `NR` columns (or, where `narrow`, the first `NR / 2`) of the `MR × NR` tile
-        /// at `c` (row stride `ldc`) become (`load`: those columns plus) the products of the
-        /// strip's `kc` values (`MR` rows at `ap`, row stride `lda`) with the panel's `kc`
-        /// lines-per-`k`, `k` ascending: each output's FMA chain continued.
+        /// The first `cols` columns (`1 <= cols <= NR`) of the `MR × NR` tile at `c` (row stride
+        /// `ldc`; the kernel computes and writes `cols` rounded up to 8, `NR / 2` or `NR`) become
+        /// (`load`: those columns plus) the products of the strip's `kc` values (`MR` rows at
+        /// `ap`, row stride `lda`) with the panel's `kc` lines-per-`k`, `k` ascending: each
+        /// output's FMA chain continued.
         ///
         /// # Safety
         ///
         /// The CPU supports the micro-kernel's instruction set; `ap` points at `MR` rows of `kc`
         /// readable f32 with row stride `lda`; `panel.len() >= kc·NV`, and `c` points at `MR`
-        /// rows of `NR` (where `narrow`, `NR / 2`) writable f32 with row stride `ldc`.
+        /// rows of `NR` writable f32 with row stride `ldc`.
         #[allow(clippy::too_many_arguments)]
         unsafe fn tile(
-            narrow: bool,
+            cols: usize,
             ap: *const f32,
             lda: usize,
             panel: &[Line],
@@ -392,10 +393,10 @@ mod x86 {
                     // (k0 + kc <= k, so row r's kc values lie inside `a[i0·k + k0..]`) or the
                     // strip buffer for a partial strip; `tile_in` gives MR rows of NR writable
                     // values at stride `ld` (inside `c` for a whole tile, else the edge buffer).
-                    // A last panel of at most NR/2 columns runs the narrow tile, which computes
-                    // those and leaves the edge buffer's other columns, which `tile_out` does
-                    // not copy back.
-                    unsafe { K::tile(nr <= nr_full / 2, ap, lda, panel, kc, p, ld, load) };
+                    // A last panel of fewer than NR columns runs a narrower tile, which computes
+                    // those (rounded up) and leaves the edge buffer's other columns, which
+                    // `tile_out` does not copy back.
+                    unsafe { K::tile(nr, ap, lda, panel, kc, p, ld, load) };
                     tile_out(c, n, at, size, shape, &edge);
                 }
             }
@@ -517,7 +518,7 @@ mod x86 {
                 let (j0, cols) = (j * nr_full, nr_full.min(m - j * nr_full));
                 // SAFETY: `K`'s features; `wide` holds MR rows of `ws >= k` values, the panel
                 // `k·NV` lines, and `edge` MR rows of NR values (row stride NR).
-                unsafe { K::tile(cols <= nr_full / 2, wide.as_ptr(), ws, panel, k, edge.as_mut_ptr(), nr_full, false) };
+                unsafe { K::tile(cols, wide.as_ptr(), ws, panel, k, edge.as_mut_ptr(), nr_full, false) };
                 // Edge row r is weight row i0 + r against inputs j0.., i.e. column i0 + r of
                 // c's rows j0..: each input row takes the strip's `nr_rows` values.
                 for col in 0..cols {
@@ -555,7 +556,7 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn tile(
-            narrow: bool,
+            cols: usize,
             ap: *const f32,
             lda: usize,
             panel: &[Line],
@@ -564,12 +565,13 @@ mod x86 {
             ldc: usize,
             load: bool,
         ) {
-            // SAFETY: the caller's (the trait's contract); narrow runs the first line only.
+            // SAFETY: the caller's (the trait's contract): each variant computes the first
+            // `cols` columns rounded up to 8, 16 or 32.
             unsafe {
-                if narrow {
-                    tile_avx512::<1>(ap, lda, panel, kc, c, ldc, load)
-                } else {
-                    tile_avx512::<2>(ap, lda, panel, kc, c, ldc, load)
+                match cols {
+                    0..=8 => tile_avx512::<0, 1>(ap, lda, panel, kc, c, ldc, load),
+                    9..=16 => tile_avx512::<1, 0>(ap, lda, panel, kc, c, ldc, load),
+                    _ => tile_avx512::<2, 0>(ap, lda, panel, kc, c, ldc, load),
                 }
             }
         }
@@ -606,15 +608,21 @@ mod x86 {
         }
     }
 
-    /// The AVX-512 tile: the first `L·16` columns of the 8 × 32 tile (`L` is 2, or 1 for a last
-    /// panel of at most 16 columns: a routed expert's tokens on swapped operands, about 96 ± 10
-    /// in a 512-token chunk of the 0.75 B benchmark model, left half of such a tile idle).
+    /// The AVX-512 tile: the first `16·L + 8·H` columns of the 8 × 32 tile, in `L` zmm and `H`
+    /// ymm accumulators a row: 2, 0 for a whole panel, 1, 0 for a last panel of at most 16
+    /// columns, 0, 1 for one of at most 8. A routed expert's tokens are such a last panel on
+    /// swapped operands (about 10 to 380 tokens an expert in a 512-token chunk of the 0.75 B
+    /// benchmark model). On Zen 4 a ymm FMA takes half a zmm's time, and 8 columns of a
+    /// 256-row, k = 1024 block (`matmul_nt_widened_weights`, 8 input rows) took 67 µs instead
+    /// of the half tile's 102 on one core; where a ymm FMA is not faster (two 512-bit FMA
+    /// units), a quarter costs what a half does. (A 24-column variant, a zmm and a ymm a row,
+    /// took as long as the whole tile: LLVM broadcast each value twice, or spilled.)
     ///
     /// # Safety
     ///
-    /// [`MicroKernel::tile`]'s, with AVX-512 F and `1 <= L <= 2`.
+    /// [`MicroKernel::tile`]'s, with AVX-512 F, `L + H <= 2`, `H <= 1` and `L + H >= 1`.
     #[inline(always)]
-    unsafe fn tile_avx512<const L: usize>(
+    unsafe fn tile_avx512<const L: usize, const H: usize>(
         ap: *const f32,
         lda: usize,
         panel: &[Line],
@@ -625,17 +633,22 @@ mod x86 {
     ) {
         const MR: usize = Avx512::MR;
         const NV: usize = Avx512::NV;
-        debug_assert!(panel.len() >= kc * NV && (1..=NV).contains(&L));
-        // SAFETY: AVX-512 F as the caller guarantees; the strip reads stay in row r's kc values
-        // (p < kc), the aligned panel loads are whole `Line`s (`align(64)`) among its kc·NV
-        // lines (v < L <= NV), and the tile's loads and stores in the MR × L·16 block the
-        // caller vouches for.
+        debug_assert!(panel.len() >= kc * NV && L + H <= NV && H <= 1 && L + H >= 1);
+        // SAFETY: AVX-512 F (which implies AVX2 and FMA) as the caller guarantees; the strip
+        // reads stay in row r's kc values (p < kc), the aligned panel loads are the first L
+        // whole `Line`s and the first half of line L (`align(64)`, so 32-byte aligned) among
+        // its kc·NV lines (L + H <= NV), and the tile's loads and stores in the MR × (16L + 8H)
+        // block the caller vouches for.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); L]; MR];
+            let mut half = [[_mm256_setzero_ps(); H]; MR];
             if load {
-                for (r, row) in acc.iter_mut().enumerate() {
-                    for (v, x) in row.iter_mut().enumerate() {
+                for r in 0..MR {
+                    for (v, x) in acc[r].iter_mut().enumerate() {
                         *x = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                    }
+                    for x in half[r].iter_mut() {
+                        *x = _mm256_loadu_ps(c.add(r * ldc + 16 * L));
                     }
                 }
             }
@@ -645,16 +658,28 @@ mod x86 {
                 for (v, x) in bv.iter_mut().enumerate() {
                     *x = _mm512_load_ps(bp.add(p * NV + v).cast());
                 }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ap.add(r * lda + p));
-                    for (x, &bw) in row.iter_mut().zip(&bv) {
+                let mut bh = [_mm256_setzero_ps(); H];
+                for x in bh.iter_mut() {
+                    *x = _mm256_load_ps(bp.add(p * NV + L).cast());
+                }
+                for r in 0..MR {
+                    let a = *ap.add(r * lda + p);
+                    let av = _mm512_set1_ps(a);
+                    for (x, &bw) in acc[r].iter_mut().zip(&bv) {
                         *x = _mm512_fmadd_ps(av, bw, *x);
+                    }
+                    let ah = _mm256_set1_ps(a);
+                    for (x, &bw) in half[r].iter_mut().zip(&bh) {
+                        *x = _mm256_fmadd_ps(ah, bw, *x);
                     }
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                for (v, x) in row.iter().enumerate() {
+            for r in 0..MR {
+                for (v, x) in acc[r].iter().enumerate() {
                     _mm512_storeu_ps(c.add(r * ldc + 16 * v), *x);
+                }
+                for x in half[r].iter() {
+                    _mm256_storeu_ps(c.add(r * ldc + 16 * L), *x);
                 }
             }
         }
@@ -666,7 +691,7 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn tile(
-            narrow: bool,
+            cols: usize,
             ap: *const f32,
             lda: usize,
             panel: &[Line],
@@ -675,9 +700,10 @@ mod x86 {
             ldc: usize,
             load: bool,
         ) {
-            // SAFETY: the caller's (the trait's contract); narrow runs the first ymm only.
+            // SAFETY: the caller's (the trait's contract); up to 8 columns run the first ymm
+            // only.
             unsafe {
-                if narrow {
+                if cols <= 8 {
                     tile_avx2::<1>(ap, lda, panel, kc, c, ldc, load)
                 } else {
                     tile_avx2::<2>(ap, lda, panel, kc, c, ldc, load)
@@ -898,7 +924,7 @@ mod tests {
 
     /// `matmul_nt_widened_weights` gives the FMA chain too (its whole-`k` tiles, stored
     /// transposed), with every row widened once; it declines exactly the shapes it documents.
-    /// Inputs of 8 to 256 rows (partial panels of 1, 15, 16, 17 and 31 columns), weights of
+    /// Inputs of 8 to 256 rows (partial panels of 1, 8, 15, 16, 17 and 31 columns), weights of
     /// more rows than inputs (partial strips), `k` across cache lines and past 1024 (where 256
     /// input rows no longer fit its 1 MiB of panels).
     #[test]
