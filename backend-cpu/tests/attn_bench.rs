@@ -117,3 +117,40 @@ fn decode_attention_cost_at_1k_and_32k() {
         );
     }
 }
+
+/// Milliseconds of a prefill chunk's `sparse_attention` at V4-mini shapes (8 heads of 512):
+/// `t` queries, each over the 128-row window ending at it and the same `compressed` entries
+/// (a CSA layer whose top-512 takes every compressed entry), as a 512-token chunk at context
+/// `ctx` reads them.
+fn prefill_attention(be: &CpuBackend, t: usize, ctx: usize, rng: &mut Rng) -> f64 {
+    let (h, d, window) = (8, 512, 128);
+    let compressed = (ctx / 4).min(512);
+    let kv = pool(be, ctx + compressed, d, RowFormat::F32, rng);
+    let picks: Vec<i32> = (0..t)
+        .flat_map(|i| {
+            let p = ctx - t + i;
+            let win = (p + 1).saturating_sub(window)..p + 1;
+            (ctx..ctx + compressed).chain(win).map(|r| r as i32).chain(std::iter::repeat(-1)).take(compressed + window)
+        })
+        .collect();
+    let idx = index(be, &picks, &[t, compressed + window]);
+    let q = tensor(be, rng, &[t, h, d]);
+    let sinks = tensor(be, rng, &[h]);
+    time(|| {
+        be.sparse_attention(&q, &kv, &idx, &sinks, (d as f32).powf(-0.5), Precision::F32).unwrap();
+    }) / 1e3
+}
+
+#[test]
+#[ignore = "a timing run: use a release build"]
+fn prefill_attention_cost() {
+    let be = CpuBackend::new();
+    let mut rng = Rng(11);
+    for ctx in [512, 2048, 4096] {
+        let t = 512;
+        let ms = prefill_attention(&be, t, ctx, &mut rng);
+        let keys = ((ctx / 4).min(512) + 128) as f64;
+        let gflop = 2.0 * 2.0 * (t * 8 * 512) as f64 * keys / 1e9;
+        println!("prefill attention, 512 queries at context {ctx}: {ms:.2} ms, {:.1} GFLOP/s", gflop / ms * 1e3);
+    }
+}
