@@ -1405,7 +1405,9 @@ mod tests {
     /// anywhere in the inputs' runs (empty inputs and one-value runs included).
     #[test]
     fn concat_values_is_concat_rows() {
-        let cases: [(&[usize], &[&[usize]], usize); 5] = [
+        // (output shape, input shapes, axis)
+        type Case<'a> = (&'a [usize], &'a [&'a [usize]], usize);
+        let cases: [Case; 5] = [
             (&[40000, 3], &[&[25000, 3], &[15000, 3]], 0),
             (&[3, 40000], &[&[3, 1], &[3, 39998], &[3, 1]], 1),
             (&[700, 7, 30], &[&[700, 7, 12], &[700, 7, 0], &[700, 7, 18]], 2),
