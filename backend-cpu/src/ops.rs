@@ -454,6 +454,10 @@ fn concat_values(shape: &[usize], shapes: &[&[usize]], data: &[&[f32]], axis: us
     if len == 0 || outer_run == 0 {
         return Vec::new();
     }
+    // A small one (a decode step's) serially, as it was: no zeroing, no walk per piece.
+    if len < par::MIN_WORK {
+        return concat_rows(shape, shapes, data, axis);
+    }
     par::filled(len, CONCAT_PIECE, len, |i, mut piece| {
         let mut at = i * CONCAT_PIECE;
         while !piece.is_empty() {
@@ -825,6 +829,7 @@ impl Backend for CpuBackend {
             Ok(data) => data,
             Err(shared) => return self.rope(&CpuTensor { shape, data: shared, bf16 }, cos, sin, inverse),
         };
+        assert_eq!(data.len(), t * heads * d, "rope_owned: a tensor of {:?} holds {} values", shape, data.len());
         par::chunks_mut(&mut data, (heads * d).max(1), t * heads * 2 * half, |ti, tok| {
             rope_token(tok, d, cos, sin, ti, half, inverse)
         });

@@ -39,7 +39,8 @@
 //! strip's block is multiplied by every panel's block (256 KiB for the 256 columns). A last
 //! strip of fewer than `MR` rows is copied into an `[MR][256]` buffer, zero past `m`. Edge
 //! tiles (partial `m` or `n`) run through an `MR × NR` buffer on the stack; a last panel of at
-//! most `NR / 2` columns runs a tile of one register per row (half the work of a whole one).
+//! most `NR / 2` columns runs a tile of one register per row (half the work of a whole one),
+//! and on AVX-512 one of at most 8 columns a tile of one ymm register per row.
 //!
 //! [`matmul_nt_widened_weights`] is the layout for a weight held packed (FP4, FP8) against
 //! fewer input rows than weight rows: the inputs are the panels, the weight's rows the strips,
@@ -393,9 +394,9 @@ mod x86 {
                     // (k0 + kc <= k, so row r's kc values lie inside `a[i0·k + k0..]`) or the
                     // strip buffer for a partial strip; `tile_in` gives MR rows of NR writable
                     // values at stride `ld` (inside `c` for a whole tile, else the edge buffer).
-                    // A last panel of fewer than NR columns runs a narrower tile, which computes
-                    // those (rounded up) and leaves the edge buffer's other columns, which
-                    // `tile_out` does not copy back.
+                    // A last panel of at most NR/2 columns runs a narrower tile, which computes
+                    // those (rounded up to 8 or NR/2) and leaves the edge buffer's other
+                    // columns, which `tile_out` does not copy back.
                     unsafe { K::tile(nr, ap, lda, panel, kc, p, ld, load) };
                     tile_out(c, n, at, size, shape, &edge);
                 }
@@ -917,8 +918,8 @@ mod tests {
     }
 
     const MS: [usize; 6] = [1, 7, 8, 9, 13, 100];
-    /// Last tiles of every width around the narrow-tile cut of both micro-kernels (8 of 16
-    /// columns for AVX2, 16 of 32 for AVX-512) and whole ones.
+    /// Last tiles of every width around the narrow-tile cuts of both micro-kernels (8 of 16
+    /// columns for AVX2; 8 and 16 of 32 for AVX-512) and whole ones.
     const NS: [usize; 13] = [1, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 64, 65];
     const KS: [usize; 10] = [0, 1, 2, 15, 16, 17, 255, 256, 257, 1025];
 

@@ -342,7 +342,8 @@ pub(super) fn first_lanes(n: usize) -> __mmask16 {
 /// `nr ≤ NR` columns lie inside `c`: `c` itself (row stride `n`) for a whole block, else `edge`
 /// (`MR · NR` values, row stride `NR`), filled with the block first when `load`; [`tile_out`]
 /// copies a partial block back after the micro-kernel ran (which computes at least the first
-/// `nr` columns: `f32_gemm`'s narrow tile computes only `NR / 2` for `nr ≤ NR / 2`).
+/// `nr` columns and at most `NR`: `f32_gemm`'s tiles compute `nr` rounded up to 8, `NR / 2` or
+/// `NR`).
 ///
 /// Two calls around the micro-kernel rather than one taking it as a closure: a closure does
 /// not inherit `#[target_feature]`s unless the function that writes it has them, and
