@@ -232,11 +232,11 @@ profiled_backend! {
     timed fn offset_index(&self, idx: &Self::Index, offset: i32) -> Result<Self::Index>;
 
     // Fused ops: forwarded so that B's overrides run (see the module doc).
-    // Keyed as `linear`: the same matrices, whichever form the caller asked for (the BF16
-    // rounding of the output, where the precision has one, is counted with it).
     // Counted with `rope`: the same op, with or without the copy.
     timed(_be => Key::op("rope"))
     fn rope_owned(&self, x: Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, inverse: bool) -> Result<Self::Tensor>;
+    // Keyed as `linear`: the same matrices, whichever form the caller asked for (the BF16
+    // rounding of the output, where the precision has one, is counted with it).
     timed(be => Key::weight("linear", be.weight_shape(w), linear_rows(x.shape())))
     fn linear_act(&self, x: &Self::Tensor, w: &Self::Weight, act: Precision) -> Result<Self::Tensor>;
     timed(be => Key::weight("grouped_linear", be.weight_shape(w), x.shape().first().copied().unwrap_or(0)))
