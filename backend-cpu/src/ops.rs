@@ -448,16 +448,15 @@ fn concat_rows<T: Copy>(shape: &[usize], shapes: &[&[usize]], data: &[&[T]], axi
 /// 2% of a 512-token prefill of the 0.75 B benchmark model in `dsv4 bench --profile`).
 fn concat_values(shape: &[usize], shapes: &[&[usize]], data: &[&[f32]], axis: usize) -> Vec<f32> {
     let len: usize = shape.iter().product();
-    // Values of each input per index of the axes before `axis`, and of the output.
-    let runs: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
-    let outer_run: usize = runs.iter().sum();
-    if len == 0 || outer_run == 0 {
-        return Vec::new();
-    }
-    // A small one (a decode step's) serially, as it was: no zeroing, no walk per piece.
+    // A small one (a decode step's, or an empty one) serially, as it was: no zeroing, no walk
+    // per piece.
     if len < par::MIN_WORK {
         return concat_rows(shape, shapes, data, axis);
     }
+    // Values of each input per index of the axes before `axis`, and of the output (not 0, as
+    // `len` is not).
+    let runs: Vec<usize> = shapes.iter().map(|s| s[axis..].iter().product()).collect();
+    let outer_run: usize = runs.iter().sum();
     par::filled(len, CONCAT_PIECE, len, |i, mut piece| {
         let mut at = i * CONCAT_PIECE;
         while !piece.is_empty() {

@@ -66,6 +66,7 @@ fn routed_experts_prefill() {
     // hash-routed layers spread them as the default does).
     let skewed = std::env::var_os("MOE_BENCH_SKEWED").is_some_and(|v| v != "0");
     let popularity: Vec<f64> = (0..n_experts).map(|e| 1.12f64.powi((e * 13 % n_experts) as i32)).collect();
+    let total_popularity: f64 = popularity.iter().sum();
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let ids: Vec<i32> = (0..t)
         .flat_map(|_| {
@@ -75,7 +76,7 @@ fn routed_experts_prefill() {
                 state ^= state >> 7;
                 state ^= state << 17;
                 let e = if skewed {
-                    let mut u = (state >> 11) as f64 / (1u64 << 53) as f64 * popularity.iter().sum::<f64>();
+                    let mut u = (state >> 11) as f64 / (1u64 << 53) as f64 * total_popularity;
                     let mut e = 0;
                     while e + 1 < n_experts && u >= popularity[e] {
                         u -= popularity[e];
