@@ -218,6 +218,8 @@ pub struct Options<'a> {
     pub json: bool,
     /// Drafts per step of the speculative decoding measured at each context (0: none).
     pub speculative_tokens: usize,
+    /// Run [`warm_up`] before the timed runs (`--no-warmup` turns it off).
+    pub warmup: bool,
 }
 
 /// What was measured at one context.
@@ -362,6 +364,7 @@ fn time_contexts<B: Backend>(
     decode_steps: usize,
     chunk: usize,
     speculative: usize,
+    warmup: bool,
     take_profile: Option<&dyn Fn() -> Profile>,
     count_traffic: Option<&dyn Fn() -> Traffic>,
     progress: &mut dyn FnMut(Progress),
@@ -373,6 +376,10 @@ fn time_contexts<B: Backend>(
     let vocab = cfg.vocab_size as u64;
     let prompt: Vec<u32> = (0..needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
     let mut cache = model.new_cache(be, config)?;
+    let take = || take_profile.map(|take| take());
+    if warmup {
+        warm_up(be, model, &mut cache, contexts[0].min(chunk.max(1)))?;
+    }
     let mut seq = cache.new_sequence();
     let mut spec = match speculative {
         0 => None,
@@ -387,7 +394,6 @@ fn time_contexts<B: Backend>(
     let mut tokens: Vec<u32> = vec![];
     let mut logits = vec![];
     let mut rows = vec![];
-    let take = || take_profile.map(|take| take());
     for &ctx in contexts {
         // Prefill up to ctx (continuing from the previous context, decode tokens included).
         let pos = seq.pos();
@@ -471,6 +477,41 @@ fn time_contexts<B: Backend>(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// The untimed warm-up before the timed runs, as llama-bench's (`--no-warmup` skips both):
+/// a prefill of `tokens` tokens and one decode step, on a sequence of their own with another
+/// prompt than the timed one, released after. Without it the first context's prefill and
+/// decode also pay for the process's first touch of its activation buffers and of the
+/// decoding state's pages (page faults, and the kernel zeroing every new page), which a server
+/// pays once, at its first request: on the 0.75 B benchmark model on 2 CPU threads, a cold
+/// 512-token prefill ran at 60-69% of the f32 FMA peak where the next 512 tokens of the same
+/// run, warm, ran at 68-72%, and the first decode steps took up to twice as long as the rest.
+fn warm_up<B: Backend>(be: &B, model: &Model<B>, cache: &mut KvCache<B>, tokens: usize) -> Result<()> {
+    let vocab = model.cfg.vocab_size as u64;
+    let prompt: Vec<u32> = (0..tokens as u64).map(|i| ((i.wrapping_mul(40503) + 1) % vocab) as u32).collect();
+    let mut seq = cache.new_sequence();
+    let mut run = || -> Result<()> {
+        let batch = Batch::new(&[(&prompt[..], 0)])?;
+        let (l, _) = model.step_with_residual(be, &batch, cache, &mut [&mut seq], Logits::LastPerSequence)?;
+        let next = argmax(&be.download(&l)?);
+        let batch = Batch::new(&[(&[next][..], tokens)])?;
+        model.step_with_residual(be, &batch, cache, &mut [&mut seq], Logits::LastPerSequence)?;
+        be.synchronize()?;
+        Ok(())
+    };
+    let result = run();
+    cache.release(&mut seq);
+    result
+}
+
+/// The report's line on [`warm_up`].
+fn warmup_note(warmup: bool, tokens: usize) -> String {
+    if warmup {
+        format!("warm-up: a prefill of {tokens} tokens and a decode step, untimed, before the timed runs")
+    } else {
+        "warm-up: none (--no-warmup): the first row also times the first touch of the run's memory".into()
+    }
 }
 
 /// Timed main-model steps per kind in [`measure_speculation`] (after one untimed pair); the
@@ -660,6 +701,7 @@ pub fn run<B: Backend>(
             println!("{}", no_limits_note(be.name()));
         }
         println!("{kv_description}");
+        println!("{}", warmup_note(opts.warmup, contexts[0].min(opts.chunk)));
         if k > 0 {
             println!("{}", speculation_note(k));
         }
@@ -696,6 +738,7 @@ pub fn run<B: Backend>(
         opts.decode_steps,
         opts.chunk,
         k,
+        opts.warmup,
         take_profile,
         None,
         progress,
@@ -715,6 +758,7 @@ pub fn run<B: Backend>(
             decode_steps: opts.decode_steps,
             chunk: opts.chunk,
             speculative_tokens: k,
+            warmup: opts.warmup,
             rows: &rows,
             ranks: None,
         };
@@ -883,6 +927,7 @@ pub fn run_ranks(
         };
         let progress: &mut dyn FnMut(Progress) = if first && !opts.json {
             println!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &config), layout.world);
+            println!("{}", warmup_note(opts.warmup, contexts[0].min(opts.chunk)));
             println!("{}", table_header());
             &mut show
         } else {
@@ -901,6 +946,7 @@ pub fn run_ranks(
             opts.decode_steps,
             opts.chunk,
             0,
+            opts.warmup,
             None,
             Some(&count),
             progress,
@@ -929,6 +975,7 @@ pub fn run_ranks(
         decode_steps: opts.decode_steps,
         chunk: opts.chunk,
         speculative_tokens: 0,
+        warmup: opts.warmup,
         rows: &runs[0].rows,
         ranks: Some((layout, &runs)),
     };
@@ -1182,6 +1229,7 @@ struct Report<'a> {
     decode_steps: usize,
     chunk: usize,
     speculative_tokens: usize,
+    warmup: bool,
     rows: &'a [Row],
     /// A split run's layout and every rank's runs (`rows` are rank 0's).
     ranks: Option<(ParallelLayout, &'a [RankRun])>,
@@ -1252,6 +1300,7 @@ impl Report<'_> {
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
             "speculative_tokens": self.speculative_tokens,
+            "warmup": self.warmup,
             "weights_per_token": {
                 "embedding_row": w.embedding_row,
                 "tid2eid_rows": w.tid2eid_rows,
@@ -1450,6 +1499,28 @@ mod tests {
         assert!(lacking.contains("bf16 dot peak: not measured (no avx512_bf16)"), "{lacking}");
     }
 
+    /// The warm-up hands every block it took back to the pool: a pool sized for one sequence
+    /// holds a whole one after it (while its sequence held blocks, it could not).
+    #[test]
+    fn warm_up_gives_its_blocks_back() {
+        let be = CpuBackend::new();
+        let model =
+            crate::load::load_model(&be, builtin::TINY_NAME, Precision::F32, crate::load::WeightMemoryArg::Auto)
+                .unwrap();
+        let tokens = 40;
+        let config = KvConfig::for_sequences(&model.cfg, KvDtype::F32, 1, tokens, 16);
+        let mut cache = model.new_cache(&be, config).unwrap();
+        let fresh = cache.new_sequence();
+        assert!(cache.can_append(&fresh, tokens));
+        let mut held = cache.new_sequence();
+        let batch = Batch::new(&[(&[1u32; 16][..], 0)]).unwrap();
+        model.step_with_residual(&be, &batch, &mut cache, &mut [&mut held], Logits::LastPerSequence).unwrap();
+        assert!(!cache.can_append(&fresh, tokens), "the pool has room for more than one sequence");
+        cache.release(&mut held);
+        warm_up(&be, &model, &mut cache, 16).unwrap();
+        assert!(cache.can_append(&fresh, tokens));
+    }
+
     #[test]
     fn json_report_on_tiny() {
         let be = CpuBackend::new();
@@ -1462,9 +1533,22 @@ mod tests {
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 2, 0), 4);
         let mut seen = 0;
         let mut count = |p: Progress| seen += matches!(p, Progress::Row(_)) as usize;
-        let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 2, 4, 0, None, None, &mut count)
-                .unwrap();
+        let rows = time_contexts(
+            &be,
+            &model,
+            config,
+            KvDtype::F32,
+            &weights,
+            &contexts,
+            2,
+            4,
+            0,
+            false,
+            None,
+            None,
+            &mut count,
+        )
+        .unwrap();
         assert_eq!(seen, 2);
         assert_eq!(rows.iter().map(|r| (r.context, r.prefill_tokens)).collect::<Vec<_>>(), [(8, 8), (20, 10)]);
         // The second prefill continues at position 10 (8 prompt + 2 decoded) in 3 steps.
@@ -1484,6 +1568,7 @@ mod tests {
             decode_steps: 2,
             chunk: 4,
             speculative_tokens: 0,
+            warmup: false,
             rows: &rows,
             ranks: None,
         };
@@ -1534,9 +1619,22 @@ mod tests {
         let (contexts, k) = ([100, 140], 2);
         let depth = dsv4_core::speculative::rollback_depth(k);
         let config = KvConfig::for_sequences(&cfg, KvDtype::F32, 1, tokens_needed(&contexts, 4, k), 16 + depth);
-        let rows =
-            time_contexts(&be, &model, config, KvDtype::F32, &weights, &contexts, 4, 16, k, None, None, &mut |_| {})
-                .unwrap();
+        let rows = time_contexts(
+            &be,
+            &model,
+            config,
+            KvDtype::F32,
+            &weights,
+            &contexts,
+            4,
+            16,
+            k,
+            true,
+            None,
+            None,
+            &mut |_| {},
+        )
+        .unwrap();
         assert_eq!(rows.iter().map(|r| r.context).collect::<Vec<_>>(), [100, 140]);
         for r in &rows {
             let s = r.speculation.as_ref().unwrap();
@@ -1586,6 +1684,7 @@ mod tests {
             2,
             4,
             0,
+            true,
             Some(&take),
             None,
             &mut progress,
@@ -1633,6 +1732,7 @@ mod tests {
             decode_steps: 2,
             chunk: 4,
             speculative_tokens: 0,
+            warmup: false,
             rows: &rows,
             ranks: None,
         };

@@ -474,6 +474,12 @@ enum Command {
         /// real text; the verify-cost ratio is what decides the speed-up at a given acceptance.
         #[arg(long, value_name = "K", default_value_t = 0)]
         speculative_tokens: usize,
+        /// Skip the untimed warm-up (a prefill of the first context, at most --prefill-chunk
+        /// tokens, and one decode step, on a sequence of their own) that runs before the timed
+        /// ones, as llama-bench's does: without it the first row also times the process's
+        /// first touch of its activation and decoding-state memory.
+        #[arg(long)]
+        no_warmup: bool,
         #[command(flatten)]
         kv: kv_args::KvArgs,
         /// With --devices N the model is split over N ranks (CPU: threads over the in-process
@@ -758,6 +764,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             profile,
             speculative_tokens,
+            no_warmup,
             kv,
             parallel,
             rank_table,
@@ -770,6 +777,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 json,
                 speculative_tokens,
+                warmup: !no_warmup,
             };
             if parallel.is_split()? {
                 if profile {

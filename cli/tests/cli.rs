@@ -358,6 +358,8 @@ fn bench_profile_prints_the_tables() {
     assert!(stdout.lines().any(|l| l.starts_with("decode  |") && l.contains(" listed ops: ")), "{stdout}");
     let rows: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("16 ")).collect();
     assert_eq!(rows.len(), 1, "{stdout}");
+    // The warm-up is said, and its ops are in neither table (the call counts below).
+    assert!(stdout.contains("warm-up: a prefill of 16 tokens and a decode step, untimed"), "{stdout}");
     let (stdout, _) = run_ok(&[&args[..], &["--profile", "--json"]].concat());
     let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let decode = j["rows"][0]["profile"]["decode"].as_array().unwrap();
@@ -366,6 +368,9 @@ fn bench_profile_prints_the_tables() {
     let (stdout, _) = run_ok(&[&args[..], &["--json"]].concat());
     let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(j["rows"][0].get("profile").is_none(), "{stdout}");
+    assert_eq!(j["warmup"], true, "{stdout}");
+    let (stdout, _) = run_ok(&[&args[..], &["--no-warmup"]].concat());
+    assert!(stdout.contains("warm-up: none (--no-warmup)"), "{stdout}");
 }
 
 /// `--weight-memory resident` and `mapped` give the same logits bit for bit on a sharded
