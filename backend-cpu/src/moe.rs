@@ -106,6 +106,18 @@ fn block_tasks<'a>(
         .collect()
 }
 
+/// The tasks in decreasing order of their multiply-adds (input rows times weight rows; every
+/// block of a pass has the same width), ties in their order: the team hands tasks out in
+/// order, so the last ones to start are the shortest and the threads finish together. In
+/// expert order, a 512-token chunk's experts take from about 10 to 380 tokens (score-routed
+/// layers of the 0.75 B benchmark model), and a block of the busiest one, handed out last, kept
+/// one thread at work for up to a millisecond and a half while the others waited. Each task
+/// writes its own block, so the order changes no result.
+fn longest_first<'a>(mut tasks: Vec<BlockTask<'a>>, jobs: &[FfnJob]) -> Vec<BlockTask<'a>> {
+    tasks.sort_by_key(|&((j, _, n), _)| std::cmp::Reverse(jobs[j].m * n));
+    tasks
+}
+
 fn view(x: &[f32], m: usize, k: usize) -> ArrayView2<'_, f32> {
     ArrayView2::from_shape((m, k), x).expect("expert input shape")
 }
@@ -121,7 +133,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     let items = blocks(jobs, |j| j.expert.w1.rows);
     let work: usize = jobs.iter().map(|j| 2 * j.m * j.expert.w1.cols * j.expert.w1.rows).sum();
     let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w1.rows]).collect();
-    let tasks = block_tasks(&mut hidden, &items, |j| jobs[j].expert.w1.rows);
+    let tasks = longest_first(block_tasks(&mut hidden, &items, |j| jobs[j].expert.w1.rows), jobs);
     par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let x = view(job.x, job.m, job.expert.w1.cols);
@@ -156,7 +168,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     let items = blocks(jobs, |j| j.expert.w2.rows);
     let work: usize = jobs.iter().map(|j| j.m * j.expert.w2.cols * j.expert.w2.rows).sum();
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w2.rows]).collect();
-    let tasks = block_tasks(&mut outs, &items, |j| jobs[j].expert.w2.rows);
+    let tasks = longest_first(block_tasks(&mut outs, &items, |j| jobs[j].expert.w2.rows), jobs);
     par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);

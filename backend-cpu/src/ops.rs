@@ -400,21 +400,24 @@ fn sigmoid(v: f32) -> f32 {
 /// Sinkhorn normalisation of one `[n, n]` matrix `m` (`n` < 8) in place, with the
 /// composition's arithmetic (see the `sinkhorn` op).
 fn sinkhorn_in_place(m: &mut [f32], n: usize, iters: usize, eps: f32) {
+    if n == 0 {
+        return;
+    }
     let mut sums = [0f32; 8];
     let col_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
         for (k, s) in sums.iter_mut().enumerate().take(n) {
             *s = (0..n).fold(0.0f32, |acc, j| acc + m[j * n + k]) * 1.0 + eps;
         }
-        for (i, v) in m.iter_mut().enumerate() {
-            *v /= sums[i % n];
+        for row in m.chunks_exact_mut(n) {
+            row.iter_mut().zip(&sums[..n]).for_each(|(v, s)| *v /= s);
         }
     };
     let row_norm = |m: &mut [f32], sums: &mut [f32; 8]| {
         for (j, s) in sums.iter_mut().enumerate().take(n) {
             *s = m[j * n..(j + 1) * n].iter().fold(0.0f32, |acc, &v| acc + v) * 1.0 + eps;
         }
-        for (i, v) in m.iter_mut().enumerate() {
-            *v /= sums[i / n];
+        for (row, s) in m.chunks_exact_mut(n).zip(&sums[..n]) {
+            row.iter_mut().for_each(|v| *v /= s);
         }
     };
     col_norm(m, &mut sums);
