@@ -8,6 +8,8 @@
 //! as the composition computes it (the same `linear` blocks, the same elementwise formulas, the
 //! same ascending-expert summation), so the results are identical, bit for bit.
 
+use std::mem::MaybeUninit;
+
 use dsv4_core::act_quant::{fake_quant_rows, FakeQuant};
 use dsv4_core::backend::ExpertWeights;
 use dsv4_core::precision::{round_bf16, Precision};
@@ -75,35 +77,42 @@ const DECODE_BLOCK_ROWS: usize = 512;
 const DECODE_MIN_BLOCK_ROWS: usize = 256;
 
 /// A block of [`blocks`] (job, first row, rows) with its row segments of the job's output.
-type BlockTask<'a> = ((usize, usize, usize), Vec<&'a mut [f32]>);
+type BlockTask<'a> = ((usize, usize, usize), Vec<&'a mut [MaybeUninit<f32>]>);
 
 /// The tasks that fill `outs` (one `[m, cols(j)]` matrix per job): every block of `items` with
 /// that block's row segments of its job's matrix, as [`column_blocks`] cuts it ([`blocks`] cuts
 /// every job's rows into equal blocks but the last, in ascending order). Each task writes its
 /// own block: a serial copy of every block into place after the parallel pass ran on the
 /// calling thread with the other threads idle.
+///
+/// Panics unless every value of every job's matrix is in exactly one task's segments, each
+/// segment `n` values (the [`par::Unwritten::assume_written`] of the callers rests on it).
 fn block_tasks<'a>(
-    outs: &'a mut [Vec<f32>],
+    outs: &'a mut [par::Unwritten],
     items: &[(usize, usize, usize)],
     cols: impl Fn(usize) -> usize,
 ) -> Vec<BlockTask<'a>> {
-    let mut segments: Vec<std::vec::IntoIter<Vec<&mut [f32]>>> = outs
+    let mut segments: Vec<std::vec::IntoIter<Vec<&mut [MaybeUninit<f32>]>>> = outs
         .iter_mut()
         .enumerate()
         .map(|(j, out)| {
             // The block width of job j: its first item's (every block but the last has it).
             let block = items.iter().find(|it| it.0 == j).map_or(1, |it| it.2);
+            let out = out.values();
+            assert!(out.len() % cols(j).max(1) == 0, "job {j}: {} values in rows of {}", out.len(), cols(j));
             column_blocks(out, cols(j), block).into_iter()
         })
         .collect();
-    items
+    let tasks = items
         .iter()
         .map(|&(j, start, n)| {
             let segments = segments[j].next().expect("a block per item");
-            debug_assert!(segments.iter().all(|s| s.len() == n), "block ({j}, {start}, {n}) and its segments");
+            assert!(segments.iter().all(|s| s.len() == n), "block ({j}, {start}, {n}) and its segments");
             ((j, start, n), segments)
         })
-        .collect()
+        .collect();
+    assert!(segments.iter_mut().all(|s| s.next().is_none()), "a block without an item");
+    tasks
 }
 
 /// The tasks in decreasing order of their multiply-adds (input rows times weight rows; every
@@ -132,7 +141,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     // Pass 1: the hidden activations, one block of w1/w3 rows per item.
     let items = blocks(jobs, |j| j.expert.w1.rows);
     let work: usize = jobs.iter().map(|j| 2 * j.m * j.expert.w1.cols * j.expert.w1.rows).sum();
-    let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w1.rows]).collect();
+    let mut hidden: Vec<par::Unwritten> = jobs.iter().map(|j| par::Unwritten::new(j.m * j.expert.w1.rows)).collect();
     let tasks = longest_first(block_tasks(&mut hidden, &items, |j| jobs[j].expert.w1.rows), jobs);
     par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
@@ -146,6 +155,7 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         // vectorised SwiGLU.
         let mut rounded = if bf16 { vec![0f32; 2 * n] } else { Vec::new() };
         for (r, h) in out.into_iter().enumerate() {
+            let h = par::zero(h);
             let (g, u) = gate_up.row(r, n);
             let weight = job.row_weights.map(|w| w[r]);
             if !bf16 {
@@ -159,6 +169,10 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
             h.iter_mut().for_each(|v| *v = round_bf16(*v));
         }
     });
+    // SAFETY: `block_tasks` put every value of every job's matrix in one task's segments (it
+    // checks), `for_each_owned` ran every task (it panics, never reaching this line, if one
+    // did), and each task zeroed every row segment it was given (`par::zero`) before the SwiGLU.
+    let mut hidden: Vec<Vec<f32>> = hidden.into_iter().map(|h| unsafe { h.assume_written() }).collect();
     for (job, h) in jobs.iter().zip(hidden.iter_mut()) {
         if act.simulates_quant() && job.expert.low_bit {
             fake_quant_rows(h, job.expert.w1.rows, FakeQuant::LINEAR_INPUT);
@@ -167,19 +181,23 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     // Pass 2: the outputs, one block of w2 rows per item.
     let items = blocks(jobs, |j| j.expert.w2.rows);
     let work: usize = jobs.iter().map(|j| j.m * j.expert.w2.cols * j.expert.w2.rows).sum();
-    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.m * j.expert.w2.rows]).collect();
+    let mut outs: Vec<par::Unwritten> = jobs.iter().map(|j| par::Unwritten::new(j.m * j.expert.w2.rows)).collect();
     let tasks = longest_first(block_tasks(&mut outs, &items, |j| jobs[j].expert.w2.rows), jobs);
     par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
         let y = linear_block(h, bf16, &job.expert.w2, start, n);
-        for (segment, row) in out.into_iter().zip(y.as_slice().expect("standard layout").chunks_exact(n)) {
+        let rows = y.as_slice().expect("standard layout").chunks_exact(n);
+        assert_eq!(out.len(), rows.len(), "expert_ffns: {} segments for {} rows", out.len(), rows.len());
+        for (segment, row) in out.into_iter().zip(rows) {
             if bf16 {
-                segment.iter_mut().zip(row).for_each(|(o, &v)| *o = round_bf16(v));
+                par::write_mapped(segment, row, round_bf16);
             } else {
-                segment.copy_from_slice(row);
+                par::write(segment, row);
             }
         }
     });
-    outs
+    // SAFETY: as for `hidden`; each task wrote every row segment (`par::write*` writes a whole
+    // segment, and there is one output row per segment, checked).
+    outs.into_iter().map(|o| unsafe { o.assume_written() }).collect()
 }

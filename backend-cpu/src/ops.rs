@@ -1,5 +1,6 @@
 //! `Backend` for the CPU: every primitive, on contiguous f32 buffers.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use dsv4_core::act_quant::{fake_quant_row, hadamard_row};
@@ -222,18 +223,21 @@ fn widened_product(
 }
 
 /// [`linear_block`] written into `out`, one slice of `n` values per input row (a task's
-/// block of a larger output, from [`column_blocks`] or [`group_row_blocks`]).
+/// block of a larger [`par::Unwritten`] output, from [`column_blocks`] or
+/// [`group_row_blocks`]), every value of it. Panics if the slices do not match the block.
 fn linear_block_into(
     x: ArrayView2<'_, f32>,
     x_bf16: bool,
     w: &CpuWeight,
     start: usize,
     n: usize,
-    out: Vec<&mut [f32]>,
+    out: Vec<&mut [MaybeUninit<f32>]>,
 ) {
     let y = linear_block(x, x_bf16, w, start, n);
+    // Every segment written whole (the callers' `Unwritten::assume_written` relies on it).
+    assert_eq!(out.len(), y.nrows(), "linear_block_into: {} segments for {} rows", out.len(), y.nrows());
     for (segment, row) in out.into_iter().zip(y.outer_iter()) {
-        segment.copy_from_slice(row.as_slice().expect("standard layout"));
+        par::write(segment, row.as_slice().expect("standard layout"));
     }
 }
 
@@ -262,6 +266,10 @@ pub(crate) fn column_blocks<T>(out: &mut [T], width: usize, block: usize) -> Vec
     }
     blocks
 }
+
+/// A task of `linear`'s prefill: (first weight row, first input row, the row segments of its
+/// rectangle of the output).
+type LinearTask<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
 
 /// A block of [`group_row_blocks`]: (group, first column within the group), and the block's
 /// row segments.
@@ -602,13 +610,13 @@ impl Backend for CpuBackend {
         // at k = 600), and so may the BF16 GEMM's.
         let cut = row_tasks == 1 && !x.bf16 && crate::kernels::f32_gemm::available();
         let pieces: Vec<(usize, usize)> = if cut { input_pieces(m).collect() } else { vec![(0, m)] };
-        let mut out = par::zeroed(m * w.rows);
+        let mut out = par::Unwritten::new(m * w.rows);
         // Task (weight block j, input piece p) writes its own rectangle of `out`, split off
         // here as row segments, so the copy runs inside the parallel tasks (it ran on the
         // calling thread after them, about 3% of a prefill's samples, with the other threads
         // idle meanwhile).
-        let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::with_capacity(row_tasks * pieces.len());
-        let mut rest = &mut out[..];
+        let mut tasks: Vec<LinearTask> = Vec::with_capacity(row_tasks * pieces.len());
+        let mut rest = out.values();
         for &(first, rows) in &pieces {
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(rows * w.rows);
             rest = tail;
@@ -621,6 +629,11 @@ impl Backend for CpuBackend {
             let piece = xv.slice(s![first..first + segments.len(), ..]);
             linear_block_into(piece, x.bf16, w, start, n, segments);
         });
+        // SAFETY: the pieces cut every row of `out` once, `column_blocks` every piece's rows
+        // into blocks that each went to one task, `for_each_owned` ran every task (it panics,
+        // never reaching this line, if one did), and `linear_block_into` writes every value
+        // of its segments.
+        let out = unsafe { out.assume_written() };
         Ok(CpuTensor::new(shape, out))
     }
 
@@ -631,7 +644,7 @@ impl Backend for CpuBackend {
             return Ok(CpuTensor::new(shape, gemv_tasks(x, w, r, self.threads())));
         }
         let xv = ArrayView3::from_shape((m, groups, k), &x.data).expect("3-D view");
-        let mut out = par::zeroed(m * groups * r);
+        let mut out = par::Unwritten::new(m * groups * r);
         // Each group's rows are cut as `linear` cuts a matrix of `r` rows, so a group gives the
         // bits `linear` gives on its rows (a few input rows: `dot_many` computes each output
         // alone, so any cut does), and the team gets more tasks than groups: with one task per
@@ -653,7 +666,7 @@ impl Backend for CpuBackend {
         } else {
             Vec::new()
         };
-        let tasks = group_row_blocks(&mut out, groups, r, per);
+        let tasks = group_row_blocks(out.values(), groups, r, per);
         par::for_each_owned(tasks, m * k * w.rows, |((g, start), segments)| {
             let n = per.min(r - start);
             let xg = match inputs.get(g) {
@@ -662,6 +675,10 @@ impl Backend for CpuBackend {
             };
             linear_block_into(xg, x.bf16, w, g * r + start, n, segments)
         });
+        // SAFETY: `group_row_blocks` cuts every row of `out` into blocks that each went to one
+        // task, `for_each_owned` ran every task (it panics, never reaching this line, if one
+        // did), and `linear_block_into` writes every value of its segments.
+        let out = unsafe { out.assume_written() };
         Ok(CpuTensor::new(vec![m, groups, r], out))
     }
 

@@ -93,6 +93,66 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     filled(len, VALUES_GRAIN, len, |_, _| {})
 }
 
+/// A vector of `len` values not written yet, for parallel tasks that each write a disjoint
+/// part of it (the rectangles of a GEMM's output: `ops::column_blocks` of [`Self::values`]):
+/// the alternative, a zeroed vector, has every value written twice, the zeros first, from
+/// memory on the calling thread or the team ([`zeroed`]), then the results, and the zeroing
+/// alone was about 1% of a 512-token prefill of the 0.75 B benchmark model (`perf`: `memset`
+/// under `linear` and the expert FFNs, some of it on the calling thread with the team idle).
+pub(crate) struct Unwritten {
+    /// Capacity at least `len`, length 0 until [`Self::assume_written`].
+    buf: Vec<f32>,
+    len: usize,
+}
+
+impl Unwritten {
+    pub(crate) fn new(len: usize) -> Self {
+        Unwritten { buf: Vec::with_capacity(len), len }
+    }
+
+    /// The `len` values, to be cut into the tasks' parts and written with [`write`] or [`zero`].
+    pub(crate) fn values(&mut self) -> &mut [MaybeUninit<f32>] {
+        &mut self.buf.spare_capacity_mut()[..self.len]
+    }
+
+    /// The written vector.
+    ///
+    /// # Safety
+    ///
+    /// Every value of [`Self::values`] has been written (by [`write`], [`write_mapped`] or
+    /// [`zero`]).
+    pub(crate) unsafe fn assume_written(mut self) -> Vec<f32> {
+        // SAFETY: `len <= capacity` (`new`), and the caller vouches that the first `len`
+        // values are initialised.
+        unsafe { self.buf.set_len(self.len) };
+        self.buf
+    }
+}
+
+/// `dst[i] = src[i]` for every value. Panics if the lengths differ (a part left partly
+/// unwritten would break [`Unwritten::assume_written`]'s contract).
+pub(crate) fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    write_mapped(dst, src, |v| v);
+}
+
+/// `dst[i] = f(src[i])` for every value. Panics if the lengths differ.
+pub(crate) fn write_mapped(dst: &mut [MaybeUninit<f32>], src: &[f32], f: impl Fn(f32) -> f32) {
+    assert_eq!(dst.len(), src.len(), "par::write: a part of {} values from {}", dst.len(), src.len());
+    dst.iter_mut().zip(src).for_each(|(d, &v)| {
+        d.write(f(v));
+    });
+}
+
+/// `dst` zeroed, as values: for a kernel that writes into a `&mut [f32]`.
+pub(crate) fn zero(dst: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for v in dst.iter_mut() {
+        v.write(0.0);
+    }
+    // SAFETY: every value was written just above, and `MaybeUninit<f32>` has the layout of
+    // `f32`.
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// `f` applied to every element.
 pub(crate) fn map_values(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     filled(x.len(), VALUES_GRAIN, x.len(), |i, o| {
@@ -140,6 +200,29 @@ mod tests {
             assert_eq!(made.len(), n);
             assert!(made.iter().enumerate().all(|(j, &v)| v == (j / 7) as f32 + 1.0));
         }
+    }
+
+    /// An `Unwritten` vector written through disjoint parts in parallel tasks gives what the
+    /// parts wrote; `write` refuses a part of another length than its source (a part left
+    /// partly unwritten would be read as values).
+    #[test]
+    fn unwritten_parts_make_the_vector() {
+        let n = MIN_WORK + 37;
+        let mut out = Unwritten::new(n);
+        let parts: Vec<(usize, &mut [MaybeUninit<f32>])> = out.values().chunks_mut(1000).enumerate().collect();
+        for_each_owned(parts, n, |(i, part)| match i % 3 {
+            0 => zero(part).iter_mut().enumerate().for_each(|(j, v)| *v += (i * 1000 + j) as f32),
+            1 => write(part, &(0..part.len()).map(|j| (i * 1000 + j) as f32).collect::<Vec<_>>()),
+            _ => write_mapped(part, &(0..part.len()).map(|j| (i * 1000 + j) as f32 - 1.0).collect::<Vec<_>>(), |v| {
+                v + 1.0
+            }),
+        });
+        // SAFETY: every part was written by one of the three arms.
+        let out = unsafe { out.assume_written() };
+        assert_eq!(out, (0..n).map(|j| j as f32).collect::<Vec<_>>());
+        let mut short = Unwritten::new(4);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(short.values(), &[1.0; 3])));
+        assert!(r.is_err());
     }
 
     /// `filled` at its edges: nothing to fill, a zero chunk (taken as 1), one chunk longer
