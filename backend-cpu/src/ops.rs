@@ -891,13 +891,17 @@ impl Backend for CpuBackend {
     fn index_select(&self, x: &CpuTensor, idx: &CpuIndex) -> Result<CpuTensor> {
         let shape = checks::index_select(self.name(), &x.shape, &idx.shape, bounds(idx))?;
         let row: usize = x.shape[1..].iter().product();
-        let mut out = vec![0f32; idx.data.len() * row];
-        for (i, &id) in idx.data.iter().enumerate() {
-            if id == -1 {
-                continue;
+        // Appended row by row, not copied over zeros: the zeroing of the whole output was 0.5%
+        // of a decode step of the 0.75 B benchmark model (the compressor's gathers).
+        let mut out = Vec::with_capacity(idx.data.len() * row);
+        for &id in idx.data.iter() {
+            match id {
+                -1 => out.resize(out.len() + row, 0.0),
+                id => {
+                    let id = id as usize;
+                    out.extend_from_slice(&x.data[id * row..(id + 1) * row]);
+                }
             }
-            let id = id as usize;
-            out[i * row..(i + 1) * row].copy_from_slice(&x.data[id * row..(id + 1) * row]);
         }
         // -1 rows are zeros, a BF16 value.
         Ok(CpuTensor::new(shape, out).with_bf16(x.bf16))
