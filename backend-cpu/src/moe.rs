@@ -82,8 +82,8 @@ type BlockTask<'a> = ((usize, usize, usize), Vec<&'a mut [MaybeUninit<f32>]>);
 /// The tasks that fill `outs` (one `[m, cols(j)]` matrix per job): every block of `items` with
 /// that block's row segments of its job's matrix, as [`column_blocks`] cuts it ([`blocks`] cuts
 /// every job's rows into equal blocks but the last, in ascending order). Each task writes its
-/// own block: a serial copy of every block into place after the parallel pass ran on the
-/// calling thread with the other threads idle.
+/// own block (a serial copy of every block into place after the parallel pass, which this
+/// replaced, ran on the calling thread with the other threads idle).
 ///
 /// Panics unless every value of every job's matrix is in exactly one task's segments, each
 /// segment `n` values (the [`par::Unwritten::assume_written`] of the callers rests on it).

@@ -279,7 +279,8 @@ type GroupBlock<'a, T> = ((usize, usize), Vec<&'a mut [T]>);
 /// `r` columns cut into blocks of `per` (the last one narrower), each block `(group, first
 /// column within the group)` with its row segments, in row order, as disjoint mutable slices.
 fn group_row_blocks<T>(out: &mut [T], groups: usize, r: usize, per: usize) -> Vec<GroupBlock<'_, T>> {
-    if groups == 0 {
+    // No values, no tasks (a task of 0 columns would still hold a segment per row for nothing).
+    if groups == 0 || r == 0 {
         return Vec::new();
     }
     let (r, per) = (r.max(1), per.max(1));
@@ -624,6 +625,7 @@ impl Backend for CpuBackend {
                 tasks.push((j * rows_per_task, first, segments));
             }
         }
+        assert!(rest.is_empty(), "linear: the input pieces cover {} of {m} rows", m - rest.len() / w.rows.max(1));
         par::for_each_owned(tasks, m * k * w.rows, |(start, first, segments)| {
             let n = rows_per_task.min(w.rows - start);
             let piece = xv.slice(s![first..first + segments.len(), ..]);
@@ -1332,7 +1334,7 @@ mod tests {
     #[test]
     fn group_row_blocks_cover_every_value_once() {
         for (rows, groups, r, per) in
-            [(3, 2, 10, 4), (2, 1, 8, 8), (1, 3, 5, 7), (0, 2, 6, 2), (4, 2, 9, 1), (2, 0, 4, 2)]
+            [(3, 2, 10, 4), (2, 1, 8, 8), (1, 3, 5, 7), (0, 2, 6, 2), (4, 2, 9, 1), (2, 0, 4, 2), (3, 2, 0, 4)]
         {
             let width = groups * r;
             let mut out = vec![0usize; rows * width];
@@ -1346,6 +1348,24 @@ mod tests {
                 }
             }
             assert_eq!(out, (1..=rows * width).collect::<Vec<_>>(), "({rows}, {groups}, {r}, {per})");
+        }
+    }
+
+    /// A weight of no rows gives empty outputs, grouped or not, for one input row or several
+    /// (the grouped prefill path once asked for a segment per row of a block of no columns).
+    #[test]
+    fn a_weight_of_no_rows_gives_empty_outputs() {
+        use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+        let be = CpuBackend::new();
+        let t = HostTensor::from_bytes("w", DType::F32, vec![0, 4], vec![]).unwrap();
+        let w = CpuWeight::from_stored(&StoredWeight::float(t).unwrap()).unwrap();
+        for m in [1, 2, 9] {
+            let x = be.upload(&vec![0.5; m * 2 * 4], &[m, 2, 4]).unwrap();
+            let y = be.grouped_linear(&x, &w, 2).unwrap();
+            assert_eq!((y.shape.clone(), y.data.len()), (vec![m, 2, 0], 0), "grouped, m = {m}");
+            let x = be.upload(&vec![0.5; m * 4], &[m, 4]).unwrap();
+            let y = be.linear(&x, &w).unwrap();
+            assert_eq!((y.shape.clone(), y.data.len()), (vec![m, 0], 0), "m = {m}");
         }
     }
 

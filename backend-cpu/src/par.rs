@@ -110,7 +110,8 @@ impl Unwritten {
         Unwritten { buf: Vec::with_capacity(len), len }
     }
 
-    /// The `len` values, to be cut into the tasks' parts and written with [`write`] or [`zero`].
+    /// The `len` values, to be cut into the tasks' parts and written with [`write`],
+    /// [`write_mapped`] or [`zero`].
     pub(crate) fn values(&mut self) -> &mut [MaybeUninit<f32>] {
         &mut self.buf.spare_capacity_mut()[..self.len]
     }
