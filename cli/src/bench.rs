@@ -364,7 +364,7 @@ fn time_contexts<B: Backend>(
     decode_steps: usize,
     chunk: usize,
     speculative: usize,
-    warmup: bool,
+    warmup: Option<Warmup>,
     take_profile: Option<&dyn Fn() -> Profile>,
     count_traffic: Option<&dyn Fn() -> Traffic>,
     progress: &mut dyn FnMut(Progress),
@@ -377,8 +377,8 @@ fn time_contexts<B: Backend>(
     let prompt: Vec<u32> = (0..needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
     let mut cache = model.new_cache(be, config)?;
     let take = || take_profile.map(|take| take());
-    if warmup {
-        warm_up(be, model, &mut cache, contexts[0].min(chunk.max(1)))?;
+    if let Some(plan) = warmup {
+        warm_up(be, model, &mut cache, plan)?;
     }
     let mut seq = cache.new_sequence();
     let mut spec = match speculative {
@@ -401,7 +401,8 @@ fn time_contexts<B: Backend>(
         let known = tokens.len();
         tokens.extend_from_slice(&prompt[known..target]);
         let todo = tokens[pos..target].to_vec();
-        // Not the phase's: loading and the pool's allocation (first context), nothing else.
+        // Not the phase's: loading, the pool's allocation and the warm-up (first context),
+        // nothing else.
         take();
         let t = Instant::now();
         let mut mtp = Duration::ZERO;
@@ -479,24 +480,48 @@ fn time_contexts<B: Backend>(
     Ok(rows)
 }
 
-/// The untimed warm-up before the timed runs, as llama-bench's (`--no-warmup` skips both):
-/// a prefill of `tokens` tokens and one decode step, on a sequence of their own with another
-/// prompt than the timed one, released after. Without it the first context's prefill and
-/// decode also pay for the process's first touch of its activation buffers and of the
-/// decoding state's pages (page faults, and the kernel zeroing every new page), which a server
-/// pays once, at its first request: on the 0.75 B benchmark model on 2 CPU threads, a cold
-/// 512-token prefill ran at 60-69% of the f32 FMA peak where the next 512 tokens of the same
-/// run, warm, ran at 68-72%, and the first decode steps took up to twice as long as the rest.
-fn warm_up<B: Backend>(be: &B, model: &Model<B>, cache: &mut KvCache<B>, tokens: usize) -> Result<()> {
+/// What [`warm_up`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warmup {
+    /// Tokens prefilled in one step: the first context's, at most one chunk.
+    pub prefill_tokens: usize,
+    /// Decode steps after it: one, or none when the run times no decode (the pool is sized
+    /// for the timed tokens only, and a context of whole blocks leaves no room for another).
+    pub decode_steps: usize,
+}
+
+impl Warmup {
+    /// The warm-up of a run (None with `--no-warmup`); `contexts` in increasing order.
+    pub fn plan(on: bool, contexts: &[usize], chunk: usize, decode_steps: usize) -> Option<Warmup> {
+        let first = *contexts.first()?;
+        on.then(|| Warmup { prefill_tokens: first.min(chunk.max(1)), decode_steps: decode_steps.min(1) })
+    }
+}
+
+/// The untimed warm-up before the timed runs, as llama-bench's (`--no-warmup` skips it): a
+/// prefill of the first context (at most one chunk) and a decode step, on a sequence of their
+/// own with another prompt than the timed one, released after. Without it the first context's
+/// prefill and decode also pay for the process's first touch of the activation buffers of one
+/// chunk and of the decoding state's first pages (page faults, and the kernel zeroing every
+/// new page), which a server pays once, at its first request: on the 0.75 B benchmark model on
+/// 2 CPU threads, a cold 512-token prefill ran at 60-69% of the f32 FMA peak where the next
+/// 512 tokens of the same run, warm, ran at 68-72%, and the first decode steps took up to
+/// twice as long as the rest. (Later contexts' pages, and the MTP block of a speculative run,
+/// are still first touched in the timed runs.)
+fn warm_up<B: Backend>(be: &B, model: &Model<B>, cache: &mut KvCache<B>, plan: Warmup) -> Result<()> {
     let vocab = model.cfg.vocab_size as u64;
+    let tokens = plan.prefill_tokens;
     let prompt: Vec<u32> = (0..tokens as u64).map(|i| ((i.wrapping_mul(40503) + 1) % vocab) as u32).collect();
     let mut seq = cache.new_sequence();
     let mut run = || -> Result<()> {
         let batch = Batch::new(&[(&prompt[..], 0)])?;
         let (l, _) = model.step_with_residual(be, &batch, cache, &mut [&mut seq], Logits::LastPerSequence)?;
-        let next = argmax(&be.download(&l)?);
-        let batch = Batch::new(&[(&[next][..], tokens)])?;
-        model.step_with_residual(be, &batch, cache, &mut [&mut seq], Logits::LastPerSequence)?;
+        let mut next = argmax(&be.download(&l)?);
+        for step in 0..plan.decode_steps {
+            let batch = Batch::new(&[(&[next][..], tokens + step)])?;
+            let (l, _) = model.step_with_residual(be, &batch, cache, &mut [&mut seq], Logits::LastPerSequence)?;
+            next = argmax(&be.download(&l)?);
+        }
         be.synchronize()?;
         Ok(())
     };
@@ -506,11 +531,15 @@ fn warm_up<B: Backend>(be: &B, model: &Model<B>, cache: &mut KvCache<B>, tokens:
 }
 
 /// The report's line on [`warm_up`].
-fn warmup_note(warmup: bool, tokens: usize) -> String {
-    if warmup {
-        format!("warm-up: a prefill of {tokens} tokens and a decode step, untimed, before the timed runs")
-    } else {
-        "warm-up: none (--no-warmup): the first row also times the first touch of the run's memory".into()
+fn warmup_note(plan: Option<Warmup>) -> String {
+    match plan {
+        Some(Warmup { prefill_tokens, decode_steps: 0 }) => {
+            format!("warm-up: a prefill of {prefill_tokens} tokens, untimed, before the timed runs")
+        }
+        Some(Warmup { prefill_tokens, .. }) => {
+            format!("warm-up: a prefill of {prefill_tokens} tokens and a decode step, untimed, before the timed runs")
+        }
+        None => "warm-up: none (--no-warmup): the first row also times the first touch of the run's memory".into(),
     }
 }
 
@@ -661,6 +690,7 @@ pub fn run<B: Backend>(
     take_profile: Option<&dyn Fn() -> Profile>,
 ) -> Result<()> {
     let (contexts, threads) = checked_options(opts)?;
+    let warmup = Warmup::plan(opts.warmup, &contexts, opts.chunk, opts.decode_steps);
     let k = opts.speculative_tokens;
     if k > 0 && opts.decode_steps == 0 {
         bail!("--speculative-tokens compares speculative with plain decoding: give --decode-steps of at least 1");
@@ -701,7 +731,7 @@ pub fn run<B: Backend>(
             println!("{}", no_limits_note(be.name()));
         }
         println!("{kv_description}");
-        println!("{}", warmup_note(opts.warmup, contexts[0].min(opts.chunk)));
+        println!("{}", warmup_note(warmup));
         if k > 0 {
             println!("{}", speculation_note(k));
         }
@@ -738,7 +768,7 @@ pub fn run<B: Backend>(
         opts.decode_steps,
         opts.chunk,
         k,
-        opts.warmup,
+        warmup,
         take_profile,
         None,
         progress,
@@ -758,7 +788,7 @@ pub fn run<B: Backend>(
             decode_steps: opts.decode_steps,
             chunk: opts.chunk,
             speculative_tokens: k,
-            warmup: opts.warmup,
+            warmup,
             rows: &rows,
             ranks: None,
         };
@@ -860,6 +890,7 @@ pub fn run_ranks(
     parallel: &crate::parallel_args::ParallelArgs,
 ) -> Result<()> {
     let (contexts, threads) = checked_options(opts)?;
+    let warmup = Warmup::plan(opts.warmup, &contexts, opts.chunk, opts.decode_steps);
     if opts.speculative_tokens > 0 {
         bail!(
             "--speculative-tokens runs on one device for now (a model split over --devices does not load the MTP \
@@ -927,7 +958,7 @@ pub fn run_ranks(
         };
         let progress: &mut dyn FnMut(Progress) = if first && !opts.json {
             println!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &config), layout.world);
-            println!("{}", warmup_note(opts.warmup, contexts[0].min(opts.chunk)));
+            println!("{}", warmup_note(warmup));
             println!("{}", table_header());
             &mut show
         } else {
@@ -946,7 +977,7 @@ pub fn run_ranks(
             opts.decode_steps,
             opts.chunk,
             0,
-            opts.warmup,
+            warmup,
             None,
             Some(&count),
             progress,
@@ -975,7 +1006,7 @@ pub fn run_ranks(
         decode_steps: opts.decode_steps,
         chunk: opts.chunk,
         speculative_tokens: 0,
-        warmup: opts.warmup,
+        warmup,
         rows: &runs[0].rows,
         ranks: Some((layout, &runs)),
     };
@@ -1229,7 +1260,7 @@ struct Report<'a> {
     decode_steps: usize,
     chunk: usize,
     speculative_tokens: usize,
-    warmup: bool,
+    warmup: Option<Warmup>,
     rows: &'a [Row],
     /// A split run's layout and every rank's runs (`rows` are rank 0's).
     ranks: Option<(ParallelLayout, &'a [RankRun])>,
@@ -1300,7 +1331,7 @@ impl Report<'_> {
             "decode_steps": self.decode_steps,
             "prefill_chunk": self.chunk,
             "speculative_tokens": self.speculative_tokens,
-            "warmup": self.warmup,
+            "warmup": self.warmup.map(|w| json!({"prefill_tokens": w.prefill_tokens, "decode_steps": w.decode_steps})),
             "weights_per_token": {
                 "embedding_row": w.embedding_row,
                 "tid2eid_rows": w.tid2eid_rows,
@@ -1517,7 +1548,7 @@ mod tests {
         model.step_with_residual(&be, &batch, &mut cache, &mut [&mut held], Logits::LastPerSequence).unwrap();
         assert!(!cache.can_append(&fresh, tokens), "the pool has room for more than one sequence");
         cache.release(&mut held);
-        warm_up(&be, &model, &mut cache, 16).unwrap();
+        warm_up(&be, &model, &mut cache, Warmup { prefill_tokens: 16, decode_steps: 1 }).unwrap();
         assert!(cache.can_append(&fresh, tokens));
     }
 
@@ -1543,7 +1574,7 @@ mod tests {
             2,
             4,
             0,
-            false,
+            None,
             None,
             None,
             &mut count,
@@ -1568,7 +1599,7 @@ mod tests {
             decode_steps: 2,
             chunk: 4,
             speculative_tokens: 0,
-            warmup: false,
+            warmup: Warmup::plan(true, &contexts, 4, 2),
             rows: &rows,
             ranks: None,
         };
@@ -1629,7 +1660,7 @@ mod tests {
             4,
             16,
             k,
-            true,
+            Warmup::plan(true, &contexts, 16, 4),
             None,
             None,
             &mut |_| {},
@@ -1684,7 +1715,7 @@ mod tests {
             2,
             4,
             0,
-            true,
+            Warmup::plan(true, &contexts, 4, 2),
             Some(&take),
             None,
             &mut progress,
@@ -1732,7 +1763,7 @@ mod tests {
             decode_steps: 2,
             chunk: 4,
             speculative_tokens: 0,
-            warmup: false,
+            warmup: None,
             rows: &rows,
             ranks: None,
         };

@@ -475,9 +475,9 @@ enum Command {
         #[arg(long, value_name = "K", default_value_t = 0)]
         speculative_tokens: usize,
         /// Skip the untimed warm-up (a prefill of the first context, at most --prefill-chunk
-        /// tokens, and one decode step, on a sequence of their own) that runs before the timed
-        /// ones, as llama-bench's does: without it the first row also times the process's
-        /// first touch of its activation and decoding-state memory.
+        /// tokens, and one decode step unless --decode-steps 0, on a sequence of their own)
+        /// that runs before the timed ones, as llama-bench's does: without it the first row
+        /// also times the process's first touch of its activation and decoding-state memory.
         #[arg(long)]
         no_warmup: bool,
         #[command(flatten)]

@@ -364,13 +364,34 @@ fn bench_profile_prints_the_tables() {
     let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let decode = j["rows"][0]["profile"]["decode"].as_array().unwrap();
     assert!(decode.iter().any(|e| e["op"] == "hc_head" && e["calls"] == 2), "{stdout}");
+    // One prefill step of 16 tokens: one hc_head call (the warm-up's two are not counted).
+    let prefill = j["rows"][0]["profile"]["prefill"].as_array().unwrap();
+    assert!(prefill.iter().any(|e| e["op"] == "hc_head" && e["calls"] == 1), "{stdout}");
     // Without --profile the rows have no profile.
     let (stdout, _) = run_ok(&[&args[..], &["--json"]].concat());
     let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(j["rows"][0].get("profile").is_none(), "{stdout}");
-    assert_eq!(j["warmup"], true, "{stdout}");
+    assert_eq!(j["warmup"]["prefill_tokens"], 16, "{stdout}");
     let (stdout, _) = run_ok(&[&args[..], &["--no-warmup"]].concat());
     assert!(stdout.contains("warm-up: none (--no-warmup)"), "{stdout}");
+}
+
+/// Without decode steps the pool holds the timed tokens only, and a context of whole blocks
+/// leaves no room for a warm-up decode step: the warm-up is then a prefill alone.
+#[test]
+fn bench_without_decode_steps_warms_up_with_a_prefill_alone() {
+    for context in ["64", "128"] {
+        let args =
+            ["bench", "--model", "builtin:tiny", "--backend", "cpu", "--contexts", context, "--decode-steps", "0"];
+        let (stdout, _) = run_ok(&args);
+        assert!(stdout.contains(&format!("warm-up: a prefill of {context} tokens, untimed")), "{stdout}");
+        let (stdout, _) = run_ok(&[&args[..], &["--json"]].concat());
+        let j: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(
+            j["warmup"],
+            serde_json::json!({"prefill_tokens": context.parse::<u64>().unwrap(), "decode_steps": 0})
+        );
+    }
 }
 
 /// `--weight-memory resident` and `mapped` give the same logits bit for bit on a sharded
