@@ -17,7 +17,7 @@ use ndarray::ArrayView2;
 
 use crate::kernels::act::swiglu_slice;
 use crate::kernels::Isa;
-use crate::ops::{column_blocks, gate_up_block, linear_block, prefill_rows_per_task, ROW_BLOCK};
+use crate::ops::{column_blocks, gate_up_block, linear_block, prefill_rows_per_task, write_rows, ROW_BLOCK};
 use crate::par;
 use crate::storage::CpuWeight;
 
@@ -187,17 +187,13 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
         let y = linear_block(h, bf16, &job.expert.w2, start, n);
-        let rows = y.as_slice().expect("standard layout").chunks_exact(n);
-        assert_eq!(out.len(), rows.len(), "expert_ffns: {} segments for {} rows", out.len(), rows.len());
-        for (segment, row) in out.into_iter().zip(rows) {
-            if bf16 {
-                par::write_mapped(segment, row, round_bf16);
-            } else {
-                par::write(segment, row);
-            }
+        if bf16 {
+            write_rows(out, &y, round_bf16);
+        } else {
+            write_rows(out, &y, |v| v);
         }
     });
-    // SAFETY: as for `hidden`; each task wrote every row segment (`par::write*` writes a whole
-    // segment, and there is one output row per segment, checked).
+    // SAFETY: as for `hidden`; each task wrote every row segment (`write_rows` writes one whole
+    // segment per output row, and checks that there is one per row).
     outs.into_iter().map(|o| unsafe { o.assume_written() }).collect()
 }

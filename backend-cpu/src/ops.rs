@@ -233,11 +233,16 @@ fn linear_block_into(
     n: usize,
     out: Vec<&mut [MaybeUninit<f32>]>,
 ) {
-    let y = linear_block(x, x_bf16, w, start, n);
-    // Every segment written whole (the callers' `Unwritten::assume_written` relies on it).
-    assert_eq!(out.len(), y.nrows(), "linear_block_into: {} segments for {} rows", out.len(), y.nrows());
+    write_rows(out, &linear_block(x, x_bf16, w, start, n), |v| v);
+}
+
+/// Row `i` of `y` into segment `i` of `out`, each value through `f`: every value of every
+/// segment written (the `Unwritten::assume_written` of the callers rests on it). Panics unless
+/// there is one segment per row of `y`, each a row long.
+pub(crate) fn write_rows(out: Vec<&mut [MaybeUninit<f32>]>, y: &ndarray::Array2<f32>, f: impl Fn(f32) -> f32) {
+    assert_eq!(out.len(), y.nrows(), "write_rows: {} segments for {} rows", out.len(), y.nrows());
     for (segment, row) in out.into_iter().zip(y.outer_iter()) {
-        par::write(segment, row.as_slice().expect("standard layout"));
+        par::write_mapped(segment, row.as_slice().expect("standard layout"), &f);
     }
 }
 

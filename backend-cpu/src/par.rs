@@ -110,8 +110,8 @@ impl Unwritten {
         Unwritten { buf: Vec::with_capacity(len), len }
     }
 
-    /// The `len` values, to be cut into the tasks' parts and written with [`write`],
-    /// [`write_mapped`] or [`zero`].
+    /// The `len` values, to be cut into the tasks' parts and written with [`write_mapped`]
+    /// or [`zero`].
     pub(crate) fn values(&mut self) -> &mut [MaybeUninit<f32>] {
         &mut self.buf.spare_capacity_mut()[..self.len]
     }
@@ -120,8 +120,7 @@ impl Unwritten {
     ///
     /// # Safety
     ///
-    /// Every value of [`Self::values`] has been written (by [`write`], [`write_mapped`] or
-    /// [`zero`]).
+    /// Every value of [`Self::values`] has been written (by [`write_mapped`] or [`zero`]).
     pub(crate) unsafe fn assume_written(mut self) -> Vec<f32> {
         // SAFETY: `len <= capacity` (`new`), and the caller vouches that the first `len`
         // values are initialised.
@@ -130,15 +129,10 @@ impl Unwritten {
     }
 }
 
-/// `dst[i] = src[i]` for every value. Panics if the lengths differ (a part left partly
+/// `dst[i] = f(src[i])` for every value. Panics if the lengths differ (a part left partly
 /// unwritten would break [`Unwritten::assume_written`]'s contract).
-pub(crate) fn write(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
-    write_mapped(dst, src, |v| v);
-}
-
-/// `dst[i] = f(src[i])` for every value. Panics if the lengths differ.
 pub(crate) fn write_mapped(dst: &mut [MaybeUninit<f32>], src: &[f32], f: impl Fn(f32) -> f32) {
-    assert_eq!(dst.len(), src.len(), "par::write: a part of {} values from {}", dst.len(), src.len());
+    assert_eq!(dst.len(), src.len(), "par::write_mapped: a part of {} values from {}", dst.len(), src.len());
     dst.iter_mut().zip(src).for_each(|(d, &v)| {
         d.write(f(v));
     });
@@ -204,8 +198,8 @@ mod tests {
     }
 
     /// An `Unwritten` vector written through disjoint parts in parallel tasks gives what the
-    /// parts wrote; `write` refuses a part of another length than its source (a part left
-    /// partly unwritten would be read as values).
+    /// parts wrote; `write_mapped` refuses a part of another length than its source (a part
+    /// left partly unwritten would be read as values).
     #[test]
     fn unwritten_parts_make_the_vector() {
         let n = MIN_WORK + 37;
@@ -213,7 +207,7 @@ mod tests {
         let parts: Vec<(usize, &mut [MaybeUninit<f32>])> = out.values().chunks_mut(1000).enumerate().collect();
         for_each_owned(parts, n, |(i, part)| match i % 3 {
             0 => zero(part).iter_mut().enumerate().for_each(|(j, v)| *v += (i * 1000 + j) as f32),
-            1 => write(part, &(0..part.len()).map(|j| (i * 1000 + j) as f32).collect::<Vec<_>>()),
+            1 => write_mapped(part, &(0..part.len()).map(|j| (i * 1000 + j) as f32).collect::<Vec<_>>(), |v| v),
             _ => write_mapped(part, &(0..part.len()).map(|j| (i * 1000 + j) as f32 - 1.0).collect::<Vec<_>>(), |v| {
                 v + 1.0
             }),
@@ -222,7 +216,8 @@ mod tests {
         let out = unsafe { out.assume_written() };
         assert_eq!(out, (0..n).map(|j| j as f32).collect::<Vec<_>>());
         let mut short = Unwritten::new(4);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(short.values(), &[1.0; 3])));
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_mapped(short.values(), &[1.0; 3], |v| v)));
         assert!(r.is_err());
     }
 
