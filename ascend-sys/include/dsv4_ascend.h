@@ -417,6 +417,22 @@ aclnnStatus aclnnGroupedMatmulV4GetWorkspaceSize(
     aclTensorList *dynQuantScaleOutOptional, uint64_t *workspaceSize, aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnGroupedMatmulV4);
 
+/** Weight-only-quantised matmul, y = x @ ((weight + antiquantOffset) * antiquantScale) (docs:
+ * matmul/weight_quant_batch_matmul_v2/docs/aclnnWeightQuantBatchMatmulV2.md). x FLOAT16/BFLOAT16
+ * (m, k), contiguous; weight (k, n), contiguous or the transpose of contiguous storage; y (m, n) of
+ * x's dtype. dsv4 uses, on the Ascend 950: FLOAT4_E2M1 weights in the MX mode (antiquantScale
+ * FLOAT8_E8M0 (ceil(k/32), n), antiquantGroupSize 32) and FLOAT8_E4M3FN weights per channel
+ * (antiquantScale of x's dtype, (n,) or (1, n), antiquantGroupSize 0), antiquantOffsetOptional,
+ * quantScaleOptional, quantOffsetOptional and biasOptional NULL. INT8 weights (per tensor, per
+ * channel, or per group of g = antiquantGroupSize rows, g a multiple of 32 in [32, k-1]) are the
+ * form Atlas A2/A3 take. */
+aclnnStatus aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(
+    const aclTensor *x, const aclTensor *weight, const aclTensor *antiquantScale,
+    const aclTensor *antiquantOffsetOptional, const aclTensor *quantScaleOptional,
+    const aclTensor *quantOffsetOptional, const aclTensor *biasOptional, int antiquantGroupSize, const aclTensor *y,
+    uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnWeightQuantBatchMatmulV2);
+
 /** MoE gating: norm(x) (normType 0 softmax, 1 sigmoid, 2 sqrt(softplus)), top-k of norm + bias
  * (bias for selection only), or hash routing expertIdx = tid2eid[inputIds] when both are given;
  * yOut = gathered norm / (sum + eps) · routedScalingFactor (docs: moe/moe_gating_top_k/docs/

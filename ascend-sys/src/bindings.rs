@@ -829,6 +829,26 @@ acl_functions! {
         executor: *mut aclOpExecutor,
         stream: aclrtStream,
     ) -> aclnnStatus;
+    #[doc = " Weight-only-quantised matmul, y = x @ ((weight + antiquantOffset) * antiquantScale) (docs:\n matmul/weight_quant_batch_matmul_v2/docs/aclnnWeightQuantBatchMatmulV2.md). x FLOAT16/BFLOAT16\n (m, k), contiguous; weight (k, n), contiguous or the transpose of contiguous storage; y (m, n) of\n x's dtype. dsv4 uses, on the Ascend 950: FLOAT4_E2M1 weights in the MX mode (antiquantScale\n FLOAT8_E8M0 (ceil(k/32), n), antiquantGroupSize 32) and FLOAT8_E4M3FN weights per channel\n (antiquantScale of x's dtype, (n,) or (1, n), antiquantGroupSize 0), antiquantOffsetOptional,\n quantScaleOptional, quantOffsetOptional and biasOptional NULL. INT8 weights (per tensor, per\n channel, or per group of g = antiquantGroupSize rows, g a multiple of 32 in [32, k-1]) are the\n form Atlas A2/A3 take."]
+    pub fn aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(
+        x: *const aclTensor,
+        weight: *const aclTensor,
+        antiquantScale: *const aclTensor,
+        antiquantOffsetOptional: *const aclTensor,
+        quantScaleOptional: *const aclTensor,
+        quantOffsetOptional: *const aclTensor,
+        biasOptional: *const aclTensor,
+        antiquantGroupSize: ::std::os::raw::c_int,
+        y: *const aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
+    pub fn aclnnWeightQuantBatchMatmulV2(
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
     #[doc = " MoE gating: norm(x) (normType 0 softmax, 1 sigmoid, 2 sqrt(softplus)), top-k of norm + bias\n (bias for selection only), or hash routing expertIdx = tid2eid[inputIds] when both are given;\n yOut = gathered norm / (sum + eps) · routedScalingFactor (docs: moe/moe_gating_top_k/docs/\n aclnnMoeGatingTopKV2.md). outOut (FLOAT32, x's shape) is required even when outFlag is false."]
     pub fn aclnnMoeGatingTopKV2GetWorkspaceSize(
         x: *const aclTensor,

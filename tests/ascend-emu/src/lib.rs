@@ -28,6 +28,10 @@
 //! grouped matmul only with a 3-D weight on A2/A3, sqrt-softplus gating and no aclnnSoftplus on
 //! the 950, aclnnInplaceIndexCopy on A2/A3/950 only). `DSV4_ASCEND_EMU_QUIRKS` makes some kernels behave like other CANN
 //! releases (`gating-bias-in-weights`, `gmm-no-fp32`, `matmul-bf16-accumulates-in-bf16`; see `fused.rs`).
+//! FLOAT8_E4M3FN, FLOAT8_E8M0 and FLOAT4_E2M1 tensors (FP4 two codes a byte, the element at
+//! an even offset in the low nibble; views may start at an odd element) are accepted by
+//! `aclCreateTensor` but count as neither float nor integer, so only `aclnnCast` (the 950's
+//! conversion paths) and `aclnnWeightQuantBatchMatmulV2` (`weight_quant.rs`) take them.
 //! HCCL (communicators whose ranks are threads, each on its own device, and the collectives
 //! dsv4 uses) is in `hccl.rs`; `DSV4_ASCEND_EMU_HCCL_TIMEOUT_S` (default 120) bounds its rendezvous.
 //!
@@ -47,6 +51,9 @@ mod flash_mla;
 mod fused;
 mod hccl;
 mod indexer;
+#[cfg(test)]
+mod test_support;
+mod weight_quant;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -740,8 +747,18 @@ static SOC: LazyLock<CString> = LazyLock::new(|| {
     CString::new(std::env::var("DSV4_ASCEND_EMU_SOC").unwrap_or_else(|_| "Ascend910B3".into())).unwrap_or_default()
 });
 
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: the SoC this thread's calls see (the process-wide one is read once).
+    pub(crate) static SOC_OVERRIDE: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
 /// The SoC this emulator pretends to be (`DSV4_ASCEND_EMU_SOC`, default `Ascend910B3`).
 pub(crate) fn soc_name() -> String {
+    #[cfg(test)]
+    if let Some(s) = SOC_OVERRIDE.with(|o| o.borrow().clone()) {
+        return s;
+    }
     SOC.to_string_lossy().into_owned()
 }
 
@@ -1277,7 +1294,7 @@ pub unsafe extern "C" fn aclCreateTensor(
         if viewDimsNum > 8 {
             return Err(format!("{what}: {viewDimsNum} dimensions; at most 8 are supported"));
         }
-        let Some(es) = elem_size(dataType) else {
+        let Some(bits) = mem::elem_bits(dataType) else {
             return Err(format!("{what}: data type {} is not supported by the emulator", dataType.0));
         };
         if format != aclFormat::ACL_FORMAT_ND
@@ -1311,7 +1328,8 @@ pub unsafe extern "C" fn aclCreateTensor(
                 return Err(format!("{what}: tensorData is NULL for a non-empty storage {storage:?}"));
             }
         } else {
-            e.mem.check_range(data, storage_elems as usize * es, what)?;
+            // FLOAT4_E2M1 packs two elements a byte: an odd element count ends in a half byte.
+            e.mem.check_range(data, (storage_elems as usize * bits).div_ceil(8), what)?;
         }
         let desc = Desc {
             handle: 0,
@@ -1372,8 +1390,11 @@ pub unsafe extern "C" fn aclCreateScalar(value: *mut c_void, dataType: aclDataTy
         fail::<i32>(ACLNN_ERR_PARAM_NULLPTR, "aclCreateScalar: value is NULL");
         return std::ptr::null_mut();
     }
-    let Some(es) = elem_size(dataType) else {
-        fail::<i32>(ACLNN_ERR_PARAM_INVALID, format!("aclCreateScalar: data type {} is not supported", dataType.0));
+    let Some(es) = elem_size(dataType).filter(|_| !mem::is_low_precision(dataType)) else {
+        fail::<i32>(
+            ACLNN_ERR_PARAM_INVALID,
+            format!("aclCreateScalar: data type {} ({}) is not supported", dataType.0, mem::dtype_name(dataType)),
+        );
         return std::ptr::null_mut();
     };
     // SAFETY: the caller passes a host value of the given type.

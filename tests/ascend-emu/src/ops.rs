@@ -9,7 +9,7 @@ use dsv4_ascend_sys::{
     aclDataType, aclIntArray, aclOpExecutor, aclScalar, aclTensor, aclTensorList, aclnnStatus, aclrtStream,
 };
 
-use crate::mem::{broadcast, contiguous_strides, dtype_name, expand, is_float, is_int, Desc, Memory};
+use crate::mem::{broadcast, contiguous_strides, dtype_name, expand, is_float, is_int, is_low_precision, Desc, Memory};
 use crate::{get_workspace, launch, Emu, Plan};
 
 pub(crate) type R<T> = Result<T, String>;
@@ -205,24 +205,35 @@ fn matmul_plan(
         let av = expand(&ra.read(mem, "self")?, &pad(&ra.dims, ad.len()), &ad);
         let bv = expand(&rb.read(mem, "mat2")?, &pad(&rb.dims, bd.len()), &bd);
         let nb: usize = batch.iter().product();
-        let mut out = vec![0f64; nb * m * n];
+        let mut out = Vec::with_capacity(nb * m * n);
         for bi in 0..nb {
-            let (ao, bo, oo) = (bi * m * k, bi * k * n, bi * m * n);
-            for i in 0..m {
-                for j in 0..n {
-                    let mut acc = 0f64;
-                    for kk in 0..k {
-                        acc += av[ao + i * k + kk] * bv[bo + kk * n + j];
-                        if bf16_sums {
-                            acc = half::bf16::from_f64(acc).to_f64();
-                        }
-                    }
-                    out[oo + i * n + j] = acc;
-                }
-            }
+            let (ao, bo) = (bi * m * k, bi * k * n);
+            out.extend(matmul_values(&av[ao..ao + m * k], &bv[bo..bo + k * n], m, k, n, bf16_sums));
         }
         wo.write(mem, &out, "out")
     }))
+}
+
+/// One `[m, k] @ [k, n]` product of row-major values, as the emulator's matmul kernels compute
+/// it: an f64 sum over k in order with no intermediate rounding (the caller rounds once when
+/// writing), or, with `bf16_sums` (the `matmul-bf16-accumulates-in-bf16` quirk), every partial
+/// sum rounded to BF16. Shared by aclnnMatmul / aclnnBatchMatMul and
+/// aclnnWeightQuantBatchMatmulV2, whose results must agree bit for bit.
+pub(crate) fn matmul_values(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, bf16_sums: bool) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for kk in 0..k {
+                acc += a[i * k + kk] * b[kk * n + j];
+                if bf16_sums {
+                    acc = half::bf16::from_f64(acc).to_f64();
+                }
+            }
+            out[i * n + j] = acc;
+        }
+    }
+    out
 }
 
 /// `dims` left-padded with 1s to `rank`.
@@ -878,12 +889,16 @@ phase_one!(aclnnClampGetWorkspaceSize = "aclnnClamp", e, (s: *const aclTensor, c
 
 phase_one!(aclnnCastGetWorkspaceSize = "aclnnCast", e, (s: *const aclTensor, dtype: aclDataType, out: *mut aclTensor) {
     let (x, o) = (e.tensor(s, "self")?, e.tensor(out, "out")?);
-    need_numeric(&x, "self")?;
     if o.dtype != dtype {
         return Err(format!("out has dtype {} but dtype says {}", dtype_name(o.dtype), dtype_name(dtype)));
     }
-    if !is_float(dtype) && !is_int(dtype) && dtype != aclDataType::ACL_BOOL {
-        return Err(format!("cannot cast to {}", dtype_name(dtype)));
+    if is_low_precision(x.dtype) || is_low_precision(dtype) {
+        low_precision_cast_check(&x, dtype)?;
+    } else {
+        need_numeric(&x, "self")?;
+        if !is_float(dtype) && !is_int(dtype) && dtype != aclDataType::ACL_BOOL {
+            return Err(format!("cannot cast to {}", dtype_name(dtype)));
+        }
     }
     shape_is(&o, &x.dims, "out")?;
     contiguous_out(&o, "out")?;
@@ -893,6 +908,58 @@ phase_one!(aclnnCastGetWorkspaceSize = "aclnnCast", e, (s: *const aclTensor, dty
         wo.write(mem, &v, "out")
     }))
 });
+
+/// aclnnCast with FLOAT8_E4M3FN / FLOAT4_E2M1 / FLOAT8_E8M0 on either side
+/// (ops-math `math/cast/docs/aclnnCast.md`): Atlas A2/A3 support none of the 8- and 4-bit
+/// float types (nor does any other SoC the doc lists); the Ascend 950 only the conversion paths
+/// of its table: FLOAT4_E2M1 / FLOAT8_E4M3FN ↔ FLOAT / FLOAT16 / BFLOAT16 and
+/// FLOAT8_E4M3FN ↔ FLOAT4_E2M1, with a contiguous input when it is FLOAT4_E2M1. FLOAT8_E8M0
+/// is in neither dtype list. Encodes round to nearest even and saturate (±448, ±6); NaN stays
+/// NaN in FLOAT8_E4M3FN and has no FLOAT4_E2M1 encoding (refused when the kernel meets one).
+fn low_precision_cast_check(x: &Desc, dtype: aclDataType) -> R<()> {
+    const DOC: &str = "math/cast/docs/aclnnCast.md";
+    let (from, to) = (dtype_name(x.dtype), dtype_name(dtype));
+    if x.dtype == aclDataType::ACL_FLOAT8_E8M0 || dtype == aclDataType::ACL_FLOAT8_E8M0 {
+        return Err(format!(
+            "{from} -> {to}: FLOAT8_E8M0 is in neither the self nor the out dtype list of aclnnCast ({DOC})"
+        ));
+    }
+    let soc = crate::soc_name();
+    match crate::fused::family() {
+        "950" => {}
+        "A2" | "A3" => {
+            return Err(format!(
+                "{from} -> {to} is not supported on {soc}: {DOC} lists COMPLEX32, HIFLOAT8, FLOAT8_E5M2, \
+                 FLOAT8_E4M3FN, FLOAT4_E2M1, FLOAT4_E1M2 and INT4 as unsupported on Atlas A2/A3"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "{from} -> {to} is not supported on {soc}: {DOC} documents the 8- and 4-bit float types for the \
+                 Ascend 950 only"
+            ))
+        }
+    }
+    let (fp8, fp4) = (aclDataType::ACL_FLOAT8_E4M3FN, aclDataType::ACL_FLOAT4_E2M1);
+    let narrow = |d: aclDataType| d == fp8 || d == fp4;
+    // FLOAT / FLOAT16 / BFLOAT16 to and from either, or one to the other.
+    let ok = (narrow(x.dtype) && is_float(dtype))
+        || (is_float(x.dtype) && narrow(dtype))
+        || (narrow(x.dtype) && narrow(dtype) && x.dtype != dtype);
+    if !ok {
+        return Err(format!(
+            "{from} -> {to} is not a conversion path the Ascend 950 supports ({DOC}: FLOAT4_E2M1 / FLOAT8_E4M3FN \
+             to and from FLOAT32 / FLOAT16 / BFLOAT16, and between FLOAT8_E4M3FN and FLOAT4_E2M1)"
+        ));
+    }
+    if x.dtype == fp4 && !x.is_contiguous() {
+        return Err(format!(
+            "self {} is not contiguous: a FLOAT4_E2M1 input must be contiguous ({DOC}: 不支持输入为非连续)",
+            x.describe()
+        ));
+    }
+    Ok(())
+}
 
 // --------------------------------------------------------------------------- reductions
 
@@ -1074,3 +1141,109 @@ phase_one!(aclnnInplaceFillScalarGetWorkspaceSize = "aclnnInplaceFillScalar", e,
     let wd = d.clone();
     Ok(plan(0, vec![], vec![d], vec![], move |mem| wd.write(mem, &vec![value; wd.numel()], "selfRef")))
 });
+
+#[cfg(test)]
+mod low_precision_tests {
+    use std::ffi::c_void;
+
+    use dsv4_ascend_sys::{aclDataType, aclTensor};
+
+    use super::{aclnnAdd, aclnnAddGetWorkspaceSize, aclnnCast, aclnnCastGetWorkspaceSize};
+    use crate::mem::{decode_e2m1, decode_e4m3fn};
+    use crate::test_support::{device, download, run, setup, tensor, view};
+
+    const A2: &str = "Ascend910B3";
+    const S950: &str = "Ascend950PR_9599";
+
+    fn cast(x: *mut aclTensor, dt: aclDataType, y: *mut aclTensor) -> Result<(), String> {
+        // SAFETY: tensors created by the test.
+        run(|ws, ex| unsafe { aclnnCastGetWorkspaceSize(x, dt, y, ws, ex) }, aclnnCast)
+    }
+
+    fn out(n: usize, dt: aclDataType, bytes_each: usize) -> (*mut aclTensor, *mut c_void) {
+        let p = device(&vec![0u8; n * bytes_each]);
+        (tensor(&[n as i64], dt, p), p)
+    }
+
+    #[test]
+    fn fp4_to_bf16_decodes_nibbles_on_the_950() {
+        setup(S950);
+        // 16 codes, 0..=15, packed low nibble first; a view of 13 elements from odd offset 1.
+        let packed: Vec<u8> = (0..8u8).map(|i| (2 * i) | ((2 * i + 1) << 4)).collect();
+        let p = device(&packed);
+        let x = view(&[13], &[1], 1, aclDataType::ACL_FLOAT4_E2M1, &[16], p);
+        let (y, yp) = out(13, aclDataType::ACL_BF16, 2);
+        cast(x, aclDataType::ACL_BF16, y).unwrap();
+        let got: Vec<f64> =
+            download(yp, 26).chunks(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()).collect();
+        let want: Vec<f64> = (1..14u8).map(decode_e2m1).collect();
+        assert_eq!(got, want);
+        assert_eq!(got[..4], [0.5, 1.0, 1.5, 2.0]);
+        // A non-contiguous FLOAT4_E2M1 input is refused.
+        let strided = view(&[8], &[2], 0, aclDataType::ACL_FLOAT4_E2M1, &[16], p);
+        let (y8, _) = out(8, aclDataType::ACL_BF16, 2);
+        assert!(cast(strided, aclDataType::ACL_BF16, y8).unwrap_err().contains("must be contiguous"));
+        // Refused on Atlas A2.
+        setup(A2);
+        let err = cast(x, aclDataType::ACL_BF16, y).unwrap_err();
+        assert!(err.contains("Ascend910B3") && err.contains("aclnnCast.md"), "{err}");
+    }
+
+    #[test]
+    fn fp8_to_f32_decodes_all_codes_on_the_950() {
+        setup(S950);
+        let codes: Vec<u8> = (0..=255u8).collect();
+        let x = tensor(&[256], aclDataType::ACL_FLOAT8_E4M3FN, device(&codes));
+        let (y, yp) = out(256, aclDataType::ACL_FLOAT, 4);
+        cast(x, aclDataType::ACL_FLOAT, y).unwrap();
+        let got: Vec<f32> =
+            download(yp, 1024).chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        for (c, g) in codes.iter().zip(&got) {
+            let want = decode_e4m3fn(*c) as f32;
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{c:#04x}: {g}");
+        }
+        assert_eq!((got[0x7E], got[0xFE]), (448.0, -448.0));
+        setup(A2);
+        let err = cast(x, aclDataType::ACL_FLOAT, y).unwrap_err();
+        assert!(err.contains("not supported on Ascend910B3"), "{err}");
+    }
+
+    #[test]
+    fn encodes_and_paths_on_the_950() {
+        setup(S950);
+        let vals: [f32; 6] = [1.0625, -500.0, 0.3, 5.0, -0.75, 1e-9];
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let x = tensor(&[6], aclDataType::ACL_FLOAT, device(&bytes));
+        let (y8, p8) = out(6, aclDataType::ACL_FLOAT8_E4M3FN, 1);
+        cast(x, aclDataType::ACL_FLOAT8_E4M3FN, y8).unwrap();
+        let f8 = download(p8, 6);
+        assert_eq!(f8[..2], [0x38, 0xFE], "ties to even, saturation to -448");
+        let (y4, p4) = out(6, aclDataType::ACL_FLOAT4_E2M1, 1);
+        cast(x, aclDataType::ACL_FLOAT4_E2M1, y4).unwrap();
+        // 1.0625 -> 1 (0x2), -500 -> -6 (0xF), 0.3 -> 0.5 (0x1), 5 -> 4 (0x6), -0.75 -> -1 (0xA), ~0 -> 0.
+        assert_eq!(download(p4, 3), vec![0xF2, 0x61, 0x0A]);
+        // FLOAT8_E4M3FN -> FLOAT4_E2M1 is a path; FLOAT8_E8M0 is in no list; FP8 -> INT8 is not a path.
+        let (y4b, p4b) = out(6, aclDataType::ACL_FLOAT4_E2M1, 1);
+        let x8 = tensor(&[6], aclDataType::ACL_FLOAT8_E4M3FN, p8);
+        cast(x8, aclDataType::ACL_FLOAT4_E2M1, y4b).unwrap();
+        assert_eq!(download(p4b, 3), vec![0xF2, 0x61, 0x0A]);
+        let e8 = tensor(&[6], aclDataType::ACL_FLOAT8_E8M0, p8);
+        let (yf, _) = out(6, aclDataType::ACL_FLOAT, 4);
+        assert!(cast(e8, aclDataType::ACL_FLOAT, yf).unwrap_err().contains("FLOAT8_E8M0 is in neither"));
+        let (yi, _) = out(6, aclDataType::ACL_INT8, 1);
+        assert!(cast(x8, aclDataType::ACL_INT8, yi).unwrap_err().contains("not a conversion path"));
+        // Other operators keep refusing the 8-bit types.
+        let (ya, _) = out(6, aclDataType::ACL_FLOAT8_E4M3FN, 1);
+        let one = 1.0f32;
+        // SAFETY: a host f32.
+        let alpha = unsafe { crate::aclCreateScalar(&one as *const f32 as *mut c_void, aclDataType::ACL_FLOAT) };
+        // SAFETY: handles created here.
+        let err = run(|ws, ex| unsafe { aclnnAddGetWorkspaceSize(x8, x8, alpha, ya, ws, ex) }, aclnnAdd).unwrap_err();
+        assert!(err.contains("FLOAT8_E4M3FN"), "{err}");
+        // And no scalar takes them.
+        let b = 0x38u8;
+        // SAFETY: a host byte.
+        let s = unsafe { crate::aclCreateScalar(&b as *const u8 as *mut c_void, aclDataType::ACL_FLOAT8_E4M3FN) };
+        assert!(s.is_null());
+    }
+}
