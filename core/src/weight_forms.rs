@@ -10,10 +10,10 @@
 //! | stored (spec §D.4) | 950 | 910B / 910C | bytes per parameter |
 //! |---|---|---|---|
 //! | BF16 | BF16 | BF16 | 2 |
-//! | FP8 e4m3, 128×128 E8M0 scales | FP8 + E8M0 (native) | **BF16**: e4m3·2^k is a BF16 value for every code when the scale byte is in 3..=246 | 1 + 1/16384 → 2 |
-//! | FP8 e4m3, 128×128 F32 scales (Base checkpoints' experts) | FP8 + F32 block scales | F32 (e4m3 times a non-power-of-two scale is not BF16 in general) | 1 + 4/16384 → 4 |
+//! | FP8 e4m3, 128×128 E8M0 scales | FP8 + E8M0 (native; scale bytes 3..=246, whole column blocks) | **BF16**: e4m3·2^k is a BF16 value for every code when the scale byte is in 3..=246 | 1 + 1/16384 → 2 |
+//! | FP8 e4m3, 128×128 F32 scales (Base checkpoints' experts) | F32 (not kept natively yet) | F32 (e4m3 times a non-power-of-two scale is not BF16 in general) | 4 → 4 |
 //! | FP4 e2m1, 1×32 F32 scales | F32 | F32 | 0.5 + 4/32 → 4 |
-//! | FP4 e2m1, 1×32 E8M0 scales | MXFP4 (native) | **INT8 + one BF16 scale per 32** (A16W8, antiquant group 32): 2·e2m1 is an integer in [−12, 12] and the scale 2^(b−128) a BF16 value for every byte | 0.5 + 1/32 → 1 + 2/32 |
+//! | FP4 e2m1, 1×32 E8M0 scales | MXFP4 (native; scale bytes 1..=252) | **INT8 + one BF16 scale per 32** (A16W8, antiquant group 32): 2·e2m1 is an integer in [−12, 12] and the scale 2^(b−128) a BF16 value for every byte | 0.5 + 1/32 → 1 + 2/32 |
 //! | F32 (mHC mixers, routers in F32 checkpoints) | F32 | F32 | 4 |
 //!
 //! INT4 cannot hold 2·e2m1 (±12 is outside −8..7), so A2/A3 pay 1 byte per expert weight for
@@ -94,14 +94,15 @@ impl DeviceForm {
             WeightFormat::Fp8Block { rows, cols } => {
                 let e8m0 = scale == Some(DType::F8E8M0);
                 match (soc.has_fp8_fp4_matmul(), e8m0) {
-                    (true, _) => DeviceForm::Fp8Blocks { scale_bytes: if e8m0 { 1 } else { 4 }, block: rows * cols },
+                    (true, true) => DeviceForm::Fp8Blocks { scale_bytes: 1, block: rows * cols },
                     (false, true) => DeviceForm::Bf16,
-                    (false, false) => DeviceForm::F32,
+                    // F32 block scales: dsv4 keeps the dequantised values on every SoC.
+                    (_, false) => DeviceForm::F32,
                 }
             }
-            // MXFP4 and the INT8 form need power-of-two (E8M0) scales.
+            // MXFP4 and the INT8 form need power-of-two (E8M0) scales; MX takes groups of 32.
             WeightFormat::Fp4Group { group } if scale == Some(DType::F8E8M0) => {
-                if soc.has_fp8_fp4_matmul() {
+                if soc.has_fp8_fp4_matmul() && group == 32 {
                     DeviceForm::Mxfp4 { group }
                 } else {
                     DeviceForm::Int8Groups { group }
@@ -171,6 +172,11 @@ pub fn official_stored_form(name: &str) -> (WeightFormat, DType, Option<DType>) 
 /// largest (448) overflows BF16.
 pub const FP8_BF16_EXACT_SCALES: std::ops::RangeInclusive<u8> = 3..=246;
 
+/// The E8M0 scale bytes with which the 950 keeps FP4 e2m1 as MXFP4: every code times
+/// `2^(b−127)` is then a BF16 value (6·2^(b−127) overflows BF16 above 252) and the scale an F32
+/// normal number (byte 0 is the subnormal 2⁻¹²⁷, 255 NaN). Other bytes keep the INT8 form.
+pub const MXFP4_NATIVE_SCALES: std::ops::RangeInclusive<u8> = 1..=252;
+
 /// The BF16 bits of FP8 code `code` times the E8M0 scale `2^(scale−127)`, or None when that
 /// value is not a BF16 value (scale outside [`FP8_BF16_EXACT_SCALES`] for some codes, the NaN
 /// scale 255) . The NaN codes 0x7F / 0xFF give a BF16 NaN.
@@ -207,21 +213,29 @@ pub fn int8_group_scale_bf16(scale: u8) -> Option<u16> {
 }
 
 /// [`DeviceForm::for_stored`] of a checkpoint's weight, with the fallbacks the Ascend backend
-/// takes on its data: FP8 → BF16 needs every E8M0 scale byte in [`FP8_BF16_EXACT_SCALES`]
-/// (else F32), FP4 → INT8 needs whole groups (else BF16). `dsv4 inspect --soc` and `dsv4 plan`
-/// count with it.
+/// takes on its data (it decides with this function): FP8 → BF16 needs every E8M0 scale byte in
+/// [`FP8_BF16_EXACT_SCALES`] (else F32), and so do the 950's FP8 blocks, which also need whole
+/// column blocks of a matrix (else BF16); MXFP4 needs every scale byte in
+/// [`MXFP4_NATIVE_SCALES`] and FP4 → INT8 whole groups (else INT8, or BF16). `dsv4 inspect
+/// --soc` and `dsv4 plan` count with it.
 pub fn checkpoint_form(w: &crate::tensor::StoredWeight, soc: SocFamily) -> DeviceForm {
     let form = DeviceForm::for_stored(w.format, w.data.dtype, w.scale.as_ref().map(|s| s.dtype), soc);
     let cols: usize = w.shape.iter().skip(1).product();
+    let scales_in = |range: std::ops::RangeInclusive<u8>| {
+        w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| range.contains(b)))
+    };
     match (form, w.format) {
-        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) => {
-            let in_range =
-                w.scale.as_ref().is_some_and(|s| s.bytes().iter().all(|b| FP8_BF16_EXACT_SCALES.contains(b)));
-            if in_range {
-                form
-            } else {
-                DeviceForm::F32
+        (DeviceForm::Bf16, WeightFormat::Fp8Block { .. }) if !scales_in(FP8_BF16_EXACT_SCALES) => DeviceForm::F32,
+        (DeviceForm::Fp8Blocks { .. }, WeightFormat::Fp8Block { cols: bc, .. }) => {
+            let whole = w.shape.len() == 2 && bc > 0 && cols.is_multiple_of(bc) && w.data.dtype == DType::F8E4M3;
+            match (scales_in(FP8_BF16_EXACT_SCALES), whole) {
+                (true, true) => form,
+                (true, false) => DeviceForm::Bf16,
+                (false, _) => DeviceForm::F32,
             }
+        }
+        (DeviceForm::Mxfp4 { group }, _) if !(cols.is_multiple_of(group) && scales_in(MXFP4_NATIVE_SCALES)) => {
+            checkpoint_form(w, SocFamily::A3)
         }
         (DeviceForm::Int8Groups { group }, _) if group == 0 || !cols.is_multiple_of(group) => DeviceForm::Bf16,
         _ => form,
@@ -286,6 +300,22 @@ mod tests {
         assert_eq!(int8_group_scale_bf16(E8M0_NAN), None);
     }
 
+    /// The MXFP4 scale bytes are exactly those for which the scale is an F32 normal number (the
+    /// Ascend backend builds it from its exponent bits) and every code times it a finite BF16
+    /// value (the BF16 matmuls read it so).
+    #[test]
+    fn mxfp4_native_scales_are_the_bytes_the_950_forms_hold() {
+        for b in 0..=255u8 {
+            let scale = 2f64.powi(b as i32 - 127);
+            let normal = b != E8M0_NAN && (scale as f32).is_normal();
+            let bf16_values = (0..16u8).all(|code| {
+                let v = (e2m1_to_f32(code) as f64 * scale) as f32;
+                v.is_finite() && v.to_bits() & 0xffff == 0 && v as f64 == e2m1_to_f32(code) as f64 * scale
+            });
+            assert_eq!(MXFP4_NATIVE_SCALES.contains(&b), normal && bf16_values, "scale byte {b}");
+        }
+    }
+
     #[test]
     fn forms_and_bytes_per_soc() {
         let fp8 = WeightFormat::Fp8Block { rows: 128, cols: 128 };
@@ -295,6 +325,10 @@ mod tests {
         assert_eq!(DeviceForm::for_stored(fp8, DType::F8E4M3, Some(DType::F32), SocFamily::A3), DeviceForm::F32);
         assert_eq!(DeviceForm::for_stored(fp4, DType::I8, e8, SocFamily::A2), DeviceForm::Int8Groups { group: 32 });
         assert_eq!(DeviceForm::for_stored(fp4, DType::I8, Some(DType::F32), SocFamily::A2), DeviceForm::F32);
+        // F32-scaled FP8 is dequantised on the 950 too; MX takes groups of 32 only.
+        assert_eq!(DeviceForm::for_stored(fp8, DType::F8E4M3, Some(DType::F32), SocFamily::A5), DeviceForm::F32);
+        let fp4_16 = WeightFormat::Fp4Group { group: 16 };
+        assert_eq!(DeviceForm::for_stored(fp4_16, DType::I8, e8, SocFamily::A5), DeviceForm::Int8Groups { group: 16 });
         let native = DeviceForm::for_stored(fp8, DType::F8E4M3, e8, SocFamily::A5);
         assert_eq!(native.bytes_per_param(), 1.0 + 1.0 / 16384.0);
         assert_eq!(DeviceForm::for_stored(fp4, DType::I8, e8, SocFamily::A5).bytes_per_param(), 0.53125);
