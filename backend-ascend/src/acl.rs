@@ -35,13 +35,32 @@ fn size_class(bytes: usize) -> usize {
     }
 }
 
-/// Element size of the dtypes the backend creates.
+/// Element size of the dtypes the backend creates, in bytes (1 for FLOAT4_E2M1, which packs two
+/// elements into a byte: see [`bytes_for`] and [`elems_in`]).
 pub(crate) fn esize(dt: aclDataType) -> usize {
     match dt {
         aclDataType::ACL_FLOAT | aclDataType::ACL_INT32 => 4,
         aclDataType::ACL_BF16 | aclDataType::ACL_FLOAT16 => 2,
         aclDataType::ACL_INT64 | aclDataType::ACL_DOUBLE => 8,
         _ => 1,
+    }
+}
+
+/// Bytes `elems` elements of `dt` take: two FLOAT4_E2M1 codes share a byte.
+pub(crate) fn bytes_for(elems: usize, dt: aclDataType) -> usize {
+    if dt == aclDataType::ACL_FLOAT4_E2M1 {
+        elems.div_ceil(2)
+    } else {
+        elems * esize(dt)
+    }
+}
+
+/// Elements of `dt` that `bytes` bytes hold.
+pub(crate) fn elems_in(bytes: usize, dt: aclDataType) -> usize {
+    if dt == aclDataType::ACL_FLOAT4_E2M1 {
+        bytes * 2
+    } else {
+        bytes / esize(dt)
     }
 }
 
@@ -426,7 +445,7 @@ impl AclTensor {
     ) -> Result<AclTensor> {
         let d: Vec<i64> = dims.iter().map(|&v| v as i64).collect();
         let s: Vec<i64> = strides.iter().map(|&v| v as i64).collect();
-        let storage_elems = buf.bytes / esize(dtype);
+        let storage_elems = elems_in(buf.bytes, dtype);
         let storage = [storage_elems as i64];
         let f = api.aclCreateTensor().map_err(|e| err(e.to_string()))?;
         // SAFETY: the arrays live across the call and have the lengths passed; the data pointer

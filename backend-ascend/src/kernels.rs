@@ -131,6 +131,19 @@ pub const LINEAR_BF16: KernelSpec = KernelSpec {
     opt_in: false,
 };
 
+/// `aclnnWeightQuantBatchMatmulV2` for `linear_act` in bf16/official on a weight kept with group
+/// scales, multiplied as kept instead of dequantised into a BF16 temporary per call
+/// (`aclnnWeightQuantBatchMatmulV2.md`, hicann/ops-nn): the FP4 experts' INT8 form per-group
+/// (BF16 antiquant scales, group in [32, K−1]) on Atlas A2/A3 and the 950, MXFP4 in MX mode
+/// (FLOAT8_E8M0 scales per 32) on the 950. FP8 blocks are no form it takes (A16W8 FP8 is
+/// per-channel only), so they keep the BF16 matmul on a dequantised copy.
+pub const WEIGHT_QUANT_MATMUL: KernelSpec = KernelSpec {
+    name: "linear_act (bf16/official, INT8-group or MXFP4 weight): aclnnWeightQuantBatchMatmulV2",
+    symbols: &["aclnnWeightQuantBatchMatmulV2GetWorkspaceSize", "aclnnWeightQuantBatchMatmulV2"],
+    families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: false,
+};
+
 /// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
 pub const MOE_GATING: KernelSpec = KernelSpec {
     name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
@@ -183,6 +196,7 @@ pub const ALL: &[&KernelSpec] = &[
     &GROUPED_MATMUL,
     &GROUPED_MATMUL_BF16,
     &LINEAR_BF16,
+    &WEIGHT_QUANT_MATMUL,
     &MOE_GATING,
     &MOE_GATING_SQRT_SOFTPLUS,
     &SPARSE_FLASH_MLA,
@@ -259,6 +273,7 @@ pub struct Kernels {
     pub grouped_matmul: KernelState,
     pub grouped_matmul_bf16: KernelState,
     pub linear_bf16: KernelState,
+    pub weight_quant_matmul: KernelState,
     pub gating: KernelState,
     pub gating_sqrt_softplus: KernelState,
     pub sparse_flash_mla: KernelState,
@@ -277,6 +292,7 @@ impl Kernels {
             grouped_matmul: state(&GROUPED_MATMUL),
             grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
             linear_bf16: state(&LINEAR_BF16),
+            weight_quant_matmul: state(&WEIGHT_QUANT_MATMUL),
             gating: state(&MOE_GATING),
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
@@ -300,11 +316,12 @@ impl Kernels {
     }
 
     /// Every kernel's state, in the order of [`ALL`].
-    fn all(&self) -> [&KernelState; 7] {
+    fn all(&self) -> [&KernelState; 8] {
         [
             &self.grouped_matmul,
             &self.grouped_matmul_bf16,
             &self.linear_bf16,
+            &self.weight_quant_matmul,
             &self.gating,
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,

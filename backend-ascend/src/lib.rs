@@ -11,14 +11,20 @@
 //!   stay ordered with queued kernels; downloads synchronise first.
 //! * Every operator goes through one helper (`acl::Device::call`): GetWorkspaceSize →
 //!   workspace from the pool → launch, with `aclGetRecentErrMsg` in every error.
-//! * Weights (`dsv4_core::weight_forms`): F32 / BF16 / F16 are kept as stored; FP4 with E8M0
-//!   scales as INT8 `2·e2m1` with a BF16 scale per group (exact); other FP8 / FP4 are
-//!   dequantised at upload with `dsv4_core::quant` and kept as BF16 when that is exact (for
-//!   E8M0-scaled FP8 whenever the scale bytes are in 3..=246), F32 otherwise. For an f32 GEMM a
-//!   non-F32 weight is widened into a pooled F32 temporary per call (in blocks of rows beyond
-//!   256 MiB), so results equal the CPU reference (f32 accumulation, `cubeMathType`
+//! * Weights (`dsv4_core::weight_forms::checkpoint_form` decides): F32 / BF16 / F16 are kept
+//!   as stored. On the Ascend 950, FP8 e4m3 with E8M0 block scales and MXFP4 (FP4 e2m1, one
+//!   E8M0 per 32) stay as stored (FLOAT8_E4M3FN / FLOAT4_E2M1 codes and their FLOAT8_E8M0
+//!   scales: 1 and 0.53 bytes per value). Elsewhere, and for scales those forms cannot hold,
+//!   FP4 with E8M0 scales is kept as INT8 `2·e2m1` with a BF16 scale per group (exact); other
+//!   FP8 / FP4 are dequantised at upload with `dsv4_core::quant` and kept as BF16 when that is
+//!   exact (for E8M0-scaled FP8 whenever the scale bytes are in 3..=246), F32 otherwise. For
+//!   an f32 GEMM a non-F32 weight is widened into a pooled F32 temporary per call (in blocks of
+//!   rows beyond 256 MiB; quantised forms by aclnnCast of the codes and aclnnMul by their
+//!   scales), so results equal the CPU reference (f32 accumulation, `cubeMathType`
 //!   KEEP_DTYPE). In bf16 the routed experts and the projections at a rounding point
-//!   (`linear_act`) multiply the BF16 / INT8-group weights without an F32 copy.
+//!   (`linear_act`) multiply BF16 and quantised weights without an F32 copy: INT8-group and
+//!   MXFP4 projections as kept (aclnnWeightQuantBatchMatmulV2), the rest dequantised into a
+//!   BF16 temporary.
 //!
 //! Fused V4 operations: Huawei's kernels replace the trait's compositions where the SoC, the
 //! loaded op libraries and `DSV4_ASCEND_FUSED` allow ([`kernels`]); `dsv4 devices` lists each
@@ -27,7 +33,8 @@
 //! | dsv4 fused op | aclnn kernel | Atlas A2 (910B) | Atlas A3 (910C) | Ascend 950 | dsv4 uses it |
 //! |---|---|---|---|---|---|
 //! | `moe_experts` | `aclnnGroupedMatmulV4` (FLOAT32, one 3-D weight, groups along M; in bf16 BF16 with a weight list) | yes | yes | yes | **yes** where supported; else per-expert IndexSelect, Matmul, IndexAdd |
-//! | `linear_act`, `grouped_linear_act` in bf16 / official (projections at a rounding point) | `aclnnMatmul`, `aclnnBatchMatMul` on BF16 operands (not a fused kernel; in the table for its switch and self-test) | yes | yes | yes | **yes**: x holding BF16 values, BF16 / INT8-group weight; else Matmul in f32, then Cast to BF16 and back |
+//! | `linear_act`, `grouped_linear_act` in bf16 / official (projections at a rounding point) | `aclnnMatmul`, `aclnnBatchMatMul` on BF16 operands (not a fused kernel; in the table for its switch and self-test) | yes | yes | yes | **yes**: x holding BF16 values, BF16 / quantised weight; else Matmul in f32, then Cast to BF16 and back |
+//! | `linear_act` in bf16 / official on an INT8-group or MXFP4 weight | `aclnnWeightQuantBatchMatmulV2` (per-group INT8; MX mode FP4 + E8M0 on the 950) | yes | yes | yes | **yes**: the weight as kept, no BF16 copy; else the BF16 Matmul above on a dequantised copy |
 //! | `moe_route` (sigmoid / softmax scores) | `aclnnMoeGatingTopKV2` (top-k + bias, hash routing) | yes | yes | yes | **yes** where supported |
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
 //! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool (padded to a block multiple, `pool.rs`; `attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
@@ -42,9 +49,13 @@
 //! experts in bf16, which run in BF16 on the stored weights (`moe.rs`), as do the projections
 //! at a rounding point (`linear_act`).
 //!
-//! FP8 / FP4 weights run natively only on 950 (`aclnnQuantMatmulV5`, not used yet); here they
-//! are kept in the exact A2/A3 forms above on every SoC. BF16 is unavailable on 310P/910A: F16 weights work there, BF16 ones are
-//! rejected by the operators with their own error text.
+//! The 950's native FP8 / MXFP4 forms are read by aclnnCast (widening, `aclnnCast.md`'s 950
+//! conversion table) and, for MXFP4 in bf16, by aclnnWeightQuantBatchMatmulV2's MX mode. Not
+//! used: its A16W8 FP8 form (per-channel scales only, so not V4's 128×128 blocks), the W8A8 /
+//! MX-quantised forms of `aclnnQuantMatmulV5` and the grouped matmul (they take FP8
+//! activations), and F32-scaled FP8 natively (dequantised, as on A2/A3). BF16 is unavailable
+//! on 310P/910A: F16 weights work there, BF16 ones are rejected by the operators with their
+//! own error text.
 
 mod acl;
 mod executors;
@@ -61,6 +72,7 @@ use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::config::ScoringFunc;
 use dsv4_core::error::{Error, Result};
 use dsv4_core::tensor::{DType, StoredWeight, WeightFormat};
+use dsv4_core::weight_forms::{checkpoint_form, DeviceForm, SocFamily as WeightSoc};
 
 /// What `dsv4 devices` prints for Ascend.
 pub fn probe() -> std::result::Result<String, String> {
@@ -117,6 +129,7 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     };
     be.self_test_fused()?;
     be.self_test_linear_bf16()?;
+    be.self_test_weight_quant_matmul()?;
     be.self_test_attention()?;
     be.self_test_indexer()?;
     Ok(be)
@@ -179,34 +192,82 @@ impl DeviceTensor for AscendIndex {
     }
 }
 
-/// A weight in device memory: its logical shape and the element type it is kept in.
+/// A weight in device memory: its logical shape and the form it is kept in
+/// (`dsv4_core::weight_forms`).
 pub struct AscendWeight {
     buf: Buffer,
     shape: Vec<usize>,
+    /// The element type of `buf`: `ACL_FLOAT`, `ACL_BF16` or `ACL_FLOAT16` values, or the codes
+    /// of a quantised form (`ACL_INT8`, `ACL_FLOAT4_E2M1`, `ACL_FLOAT8_E4M3FN`; see `scales`).
     dtype: Dt,
     rows: usize,
     cols: usize,
-    /// For `ACL_INT8` weights (FP4 e2m1 experts in their exact 910B/910C form,
-    /// `dsv4_core::weight_forms`): one BF16 scale per `group` consecutive values of a row,
-    /// `[rows, cols / group]`; the value is `int8 · scale`.
-    group_scale: Option<GroupScale>,
+    /// The scales of a quantised form; None for float weights.
+    scales: Option<Scales>,
 }
 
-struct GroupScale {
+/// The scales of a weight kept quantised: the value of code `[r, c]` is `code · scale`, with
+/// the scale of row `r`'s group of `group` columns holding `c`
+/// ([`ScaleLayout::rows_per_scale`] rows share one scale row).
+struct Scales {
     buf: Buffer,
-    group: usize,
+    layout: ScaleLayout,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScaleLayout {
+    /// The FP4 experts' exact Atlas A2/A3 form: INT8 `2·e2m1` codes, one BF16 scale
+    /// `2^(b−128)` per `group` values of a row, `[rows, cols / group]`.
+    Int8Groups { group: usize },
+    /// MXFP4 as stored (Ascend 950): e2m1 codes two per byte, the first in the low nibble, and
+    /// one E8M0 byte `2^(b−127)` per 32 values of a row, `[rows, cols / 32]`.
+    Mx,
+    /// FP8 e4m3 as stored (Ascend 950): one E8M0 byte per `rows × cols` block,
+    /// `[⌈rows / block_rows⌉, cols / block_cols]`.
+    Fp8Blocks { rows: usize, cols: usize },
+}
+
+impl ScaleLayout {
+    /// Columns that share one scale.
+    fn group(self) -> usize {
+        match self {
+            ScaleLayout::Int8Groups { group } => group,
+            ScaleLayout::Mx => 32,
+            ScaleLayout::Fp8Blocks { cols, .. } => cols,
+        }
+    }
+
+    /// Weight rows that share one row of scales.
+    fn rows_per_scale(self) -> usize {
+        match self {
+            ScaleLayout::Fp8Blocks { rows, .. } => rows,
+            _ => 1,
+        }
+    }
+
+    /// The dtype of the stored scales.
+    fn dtype(self) -> Dt {
+        match self {
+            ScaleLayout::Int8Groups { .. } => Dt::ACL_BF16,
+            ScaleLayout::Mx | ScaleLayout::Fp8Blocks { .. } => Dt::ACL_FLOAT8_E8M0,
+        }
+    }
 }
 
 impl AscendWeight {
-    /// `ACL_FLOAT`, `ACL_BF16`, `ACL_FLOAT16`, or `ACL_INT8` with per-group BF16 scales.
+    /// `ACL_FLOAT`, `ACL_BF16`, `ACL_FLOAT16`, or the codes of a quantised form: `ACL_INT8`
+    /// (BF16 group scales), `ACL_FLOAT4_E2M1` (MXFP4) or `ACL_FLOAT8_E4M3FN` (E8M0 blocks).
     pub fn dtype(&self) -> Dt {
         self.dtype
     }
 
     /// Device bytes the weight takes, scales included.
     pub fn device_bytes(&self) -> usize {
-        let scales = self.group_scale.as_ref().map_or(0, |g| self.rows * (self.cols / g.group) * 2);
-        self.rows * self.cols * esize(self.dtype) + scales
+        let scales = self.scales.as_ref().map_or(0, |s| {
+            let scale_rows = self.rows.div_ceil(s.layout.rows_per_scale());
+            scale_rows * (self.cols / s.layout.group()) * esize(s.layout.dtype())
+        });
+        acl::bytes_for(self.rows * self.cols, self.dtype) + scales
     }
 }
 
@@ -300,6 +361,14 @@ impl AscendBackend {
     }
 
     /// The SoC the runtime reports (`aclrtGetSocName`).
+    /// On a 950, the form `dsv4_core::weight_forms::checkpoint_form` gives `w` there (FP8 and
+    /// MXFP4 are native matmul inputs, `../shared/spec/ascend-api.md` §2.6); None elsewhere,
+    /// where FP8 / FP4 take the exact Atlas A2/A3 forms.
+    fn native_form(&self, w: &StoredWeight) -> Option<DeviceForm> {
+        let on_950 = kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Ascend950;
+        on_950.then(|| checkpoint_form(w, WeightSoc::A5))
+    }
+
     pub fn soc(&self) -> &str {
         &self.soc
     }
@@ -386,7 +455,7 @@ impl AscendBackend {
     }
 
     fn alloc(&self, elems: usize, dtype: Dt) -> Result<Buffer> {
-        self.dev.alloc((elems * esize(dtype)).max(1))
+        self.dev.alloc(acl::bytes_for(elems, dtype).max(1))
     }
 
     fn new_tensor(&self, shape: &[usize]) -> Result<AscendTensor> {
@@ -469,12 +538,13 @@ impl AscendBackend {
     }
 
     /// A weight holding BF16 values ([`moe::holds_bf16`]) as the BF16 matmuls read it: None
-    /// when it is stored BF16 (read as is), else its INT8 group form dequantised exactly into a
-    /// BF16 temporary (keep it alive until the launch is queued).
+    /// when it is stored BF16 (read as is), else its quantised form (INT8 groups, MXFP4, FP8
+    /// blocks) dequantised exactly into a BF16 temporary (keep it alive until the launch is
+    /// queued).
     fn bf16_weight(&self, w: &AscendWeight) -> Result<Option<Buffer>> {
-        match (&w.group_scale, w.dtype) {
+        match (&w.scales, w.dtype) {
             (None, Dt::ACL_BF16) => Ok(None),
-            (Some(_), Dt::ACL_INT8) => {
+            (Some(_), _) => {
                 let tmp = self.alloc(w.rows * w.cols, Dt::ACL_BF16)?;
                 self.widen_weight_into(w, Mem::bf16(&tmp))?;
                 Ok(Some(tmp))
@@ -496,11 +566,24 @@ impl AscendBackend {
     /// [`moe::holds_bf16`].
     fn linear_bf16(&self, x: &AscendTensor, w: &AscendWeight) -> Result<AscendTensor> {
         let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
-        let (k, n) = (w.cols, w.rows);
+        let k = w.cols;
         let m = numel(&x.shape) / k.max(1);
         if numel(&shape) == 0 || k == 0 {
             return Ok(AscendTensor { bf16: true, ..self.full(&shape, 0.0)? });
         }
+        if self.kernels.weight_quant_matmul.usable() && self.weight_quant_applies(w, m) {
+            if let Some(y) = self.fused(&self.kernels.weight_quant_matmul, || self.linear_weight_quant(x, w))? {
+                return Ok(y);
+            }
+        }
+        self.linear_bf16_dequantised(x, w, m)
+    }
+
+    /// [`Self::linear_bf16`] as one BF16 aclnnMatmul, on a BF16 weight as stored or on a
+    /// quantised one dequantised into a BF16 temporary.
+    fn linear_bf16_dequantised(&self, x: &AscendTensor, w: &AscendWeight, m: usize) -> Result<AscendTensor> {
+        let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
+        let (k, n) = (w.cols, w.rows);
         let xb = self.cast_to(x, Dt::ACL_BF16)?;
         let dequantised = self.bf16_weight(w)?;
         // W [N, K] read as its transpose [K, N] through strides: no copy.
@@ -509,6 +592,61 @@ impl AscendBackend {
         let (a, o) = (self.cview(Mem::bf16(&xb), &[m, k])?, self.cview(Mem::bf16(&ob), &[m, n])?);
         aclnn_cached!(self, aclnnMatmul / aclnnMatmulGetWorkspaceSize, [a, w_t] => [o], attrs [sys::ACL_CUBE_KEEP_DTYPE],
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr(), sys::ACL_CUBE_KEEP_DTYPE))?;
+        let out = self.new_tensor(&shape)?;
+        self.cast_into(self.cview(Mem::bf16(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
+        Ok(AscendTensor { bf16: true, ..out })
+    }
+
+    /// Whether aclnnWeightQuantBatchMatmulV2 takes `w` as kept, for `m` input rows: the INT8
+    /// form with a group in [32, K−1] that is a multiple of 32 (per-group), or MXFP4 (MX mode,
+    /// 950 only, where it is kept); K and N within [1, 65535] on Atlas A2/A3.
+    fn weight_quant_applies(&self, w: &AscendWeight, m: usize) -> bool {
+        let Some(sc) = &w.scales else { return false };
+        let (k, n) = (w.cols, w.rows);
+        let form = match sc.layout {
+            ScaleLayout::Int8Groups { group } => group % 32 == 0 && group < k,
+            ScaleLayout::Mx => true,
+            ScaleLayout::Fp8Blocks { .. } => false,
+        };
+        let limit =
+            if kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Ascend950 { i32::MAX as usize } else { 65535 };
+        form && m > 0 && (1..=limit).contains(&k) && (1..=limit).contains(&n)
+    }
+
+    /// [`Backend::linear_act`] in bf16 on a weight kept with group scales, multiplied as kept:
+    /// aclnnWeightQuantBatchMatmulV2 with x BF16 `[m, K]` (its values are BF16 values, so the
+    /// cast is exact), the weight `[N, K]` read as its transpose `[K, N]` and its scales
+    /// `[N, K/g]` as `[K/g, N]` (the doc allows a transposed weight, with scales transposed
+    /// alike), y BF16 (f32 accumulation, one rounding), cast back to f32. The INT8 form runs
+    /// per-group with its BF16 scales; MXFP4 in MX mode with its E8M0 scales (group 32).
+    /// Callers check [`Self::weight_quant_applies`].
+    fn linear_weight_quant(&self, x: &AscendTensor, w: &AscendWeight) -> Result<AscendTensor> {
+        let shape = checks::linear(self.name(), &x.shape, &w.shape)?;
+        let sc = w.scales.as_ref().ok_or_else(|| err("aclnnWeightQuantBatchMatmulV2 needs a scaled weight"))?;
+        let (k, n, g) = (w.cols, w.rows, sc.layout.group());
+        let m = numel(&x.shape) / k;
+        let xb = self.cast_to(x, Dt::ACL_BF16)?;
+        let a = self.cview(Mem::bf16(&xb), &[m, k])?;
+        let wv = self.view(Mem { buf: &w.buf, offset: 0, dtype: w.dtype }, &[k, n], &[1, k], 0)?;
+        let sv = self.view(Mem { buf: &sc.buf, offset: 0, dtype: sc.layout.dtype() }, &[k / g, n], &[1, k / g], 0)?;
+        let ob = self.alloc(m * n, Dt::ACL_BF16)?;
+        let o = self.cview(Mem::bf16(&ob), &[m, n])?;
+        let null = std::ptr::null_mut();
+        aclnn!(
+            self,
+            aclnnWeightQuantBatchMatmulV2
+                / aclnnWeightQuantBatchMatmulV2GetWorkspaceSize(
+                    a.ptr(),
+                    wv.ptr(),
+                    sv.ptr(),
+                    null, // antiquantOffsetOptional: symmetric codes
+                    null, // quantScaleOptional / quantOffsetOptional: reserved
+                    null,
+                    null, // biasOptional
+                    g as std::os::raw::c_int,
+                    o.ptr()
+                )
+        )?;
         let out = self.new_tensor(&shape)?;
         self.cast_into(self.cview(Mem::bf16(&ob), &shape)?, self.tv(&out)?, Dt::ACL_FLOAT)?;
         Ok(AscendTensor { bf16: true, ..out })
@@ -543,9 +681,9 @@ impl AscendBackend {
     }
 
     /// Writes `w` widened exactly into the `rows × cols` elements at `dst`, in `dst`'s dtype
-    /// (F32; or BF16, which holds every BF16 and INT8-group value): aclnnCast for float
-    /// weights; for INT8 group weights aclnnCast of the codes (and of the BF16 scales, for an
-    /// F32 `dst`), then aclnnMul broadcasting each scale over its group.
+    /// (F32; or BF16, which holds every BF16 and quantised-form value): aclnnCast for float
+    /// weights; for quantised forms aclnnCast of the codes (INT8 on every SoC, FP4 / FP8 on the
+    /// 950, `aclnnCast.md`), then aclnnMul by each row's scales broadcast over their groups.
     fn widen_weight_into(&self, w: &AscendWeight, dst: Mem<'_>) -> Result<()> {
         self.widen_rows_into(w, 0..w.rows, dst)
     }
@@ -555,7 +693,7 @@ impl AscendBackend {
     fn widen_rows_into(&self, w: &AscendWeight, rows: std::ops::Range<usize>, dst: Mem<'_>) -> Result<()> {
         let (dims, dt) = ([rows.len(), w.cols], dst.dtype);
         let src = self.cview(Mem { buf: &w.buf, offset: rows.start * w.cols, dtype: w.dtype }, &dims)?;
-        let Some(gs) = &w.group_scale else {
+        let Some(sc) = &w.scales else {
             let d = self.cview(dst, &dims)?;
             if dst.offset != 0 {
                 // A slot of the grouped matmul's stack: not cached (one executor per slot).
@@ -563,27 +701,80 @@ impl AscendBackend {
             }
             return self.cast_into(src, d, dt);
         };
-        let (g, groups, n) = (gs.group, w.cols / gs.group, rows.len());
+        let (g, groups, n) = (sc.layout.group(), w.cols / sc.layout.group(), rows.len());
         let codes = self.alloc(n * w.cols, dt)?;
         let cm = Mem { buf: &codes, offset: 0, dtype: dt };
         self.cast_into(src, self.cview(cm, &dims)?, dt)?;
-        let stored = Mem { buf: &gs.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 };
-        let widened = if dt == Dt::ACL_BF16 { None } else { Some(self.alloc(n * groups, dt)?) };
-        let sm = match &widened {
-            Some(buf) => {
-                let sm = Mem { buf, offset: 0, dtype: dt };
-                self.cast_into(self.cview(stored, &[n, groups])?, self.cview(sm, &[n, groups])?, dt)?;
-                sm
-            }
-            None => stored,
+        let scales = self.row_scales(sc, groups, rows.clone(), dt)?;
+        let sm = match &scales {
+            Some(buf) => Mem { buf, offset: 0, dtype: dt },
+            None => Mem { buf: &sc.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 },
         };
-        let (a, b) = (self.cview(cm, &[n, groups, g])?, self.cview(sm, &[n, groups, 1])?);
+        let (a, b) = (self.cview(cm, &[n, groups, g])?, self.view(sm, &[n, groups, 1], &[groups, 1, 1], 0)?);
         let o = self.cview(dst, &[n, groups, g])?;
-        if dst.offset != 0 {
+        if dst.offset != 0 || sm.offset != 0 {
             return aclnn!(self, aclnnMul / aclnnMulGetWorkspaceSize(a.ptr(), b.ptr(), o.ptr()));
         }
         aclnn_cached!(self, aclnnMul / aclnnMulGetWorkspaceSize, [a, b] => [o], attrs [],
             |i, o| (i[0].ptr(), i[1].ptr(), o[0].ptr()))
+    }
+
+    /// The scales of weight rows `rows`, one per row and group of columns (`[rows.len(),
+    /// groups]`), as `dt` values in a new block; None when the stored scales already are that
+    /// (the INT8 form's BF16 scales, read in place from row `rows.start` on).
+    fn row_scales(&self, sc: &Scales, groups: usize, rows: std::ops::Range<usize>, dt: Dt) -> Result<Option<Buffer>> {
+        let n = rows.len();
+        if sc.layout.dtype() == dt {
+            return Ok(None);
+        }
+        let out = self.alloc(n * groups, dt)?;
+        let om = Mem { buf: &out, offset: 0, dtype: dt };
+        match sc.layout {
+            ScaleLayout::Int8Groups { .. } => {
+                let stored = Mem { buf: &sc.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 };
+                let (src, o) = (self.cview(stored, &[n, groups])?, self.cview(om, &[n, groups])?);
+                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), dt, o.ptr()))?;
+            }
+            ScaleLayout::Mx => {
+                let f = self.e8m0_as_f32(&sc.buf, rows.start * groups, n * groups)?;
+                let src = self.cview(Mem { buf: &f, offset: 0, dtype: Dt::ACL_FLOAT }, &[n, groups])?;
+                let o = self.cview(om, &[n, groups])?;
+                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), dt, o.ptr()))?;
+            }
+            ScaleLayout::Fp8Blocks { rows: br, .. } => {
+                // The block rows the weight rows fall in, widened, then one row per weight row.
+                let (first, last) = (rows.start / br, (rows.end.max(1) - 1) / br);
+                let blocks = last + 1 - first;
+                let f = self.e8m0_as_f32(&sc.buf, first * groups, blocks * groups)?;
+                let fv = self.cview(Mem { buf: &f, offset: 0, dtype: Dt::ACL_FLOAT }, &[blocks, groups])?;
+                let picks: Vec<i32> = rows.map(|r| (r / br - first) as i32).collect();
+                let idx = self.upload_index(&picks, &[n])?;
+                let per_row = self.alloc(n * groups, Dt::ACL_FLOAT)?;
+                let pv = self.cview(Mem { buf: &per_row, offset: 0, dtype: Dt::ACL_FLOAT }, &[n, groups])?;
+                let (iv, o) = (self.iv(&idx)?, self.cview(om, &[n, groups])?);
+                aclnn!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize(fv.ptr(), 0, iv.ptr(), pv.ptr()))?;
+                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(pv.ptr(), dt, o.ptr()))?;
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// E8M0 scale bytes `2^(b−127)` (`n` of them from byte `offset` of `scales`) as F32 values,
+    /// for bytes in `1..=254` (the native forms are kept with bytes in 1..=252 or 3..=246 only,
+    /// `dsv4_core::weight_forms::checkpoint_form`).
+    /// aclnnCast has no E8M0 path (`aclnnCast.md`, the 950's conversion table), so the bytes are
+    /// cast as UINT8 to INT32 and multiplied by 2²³ (aclnnMuls), which puts `b` in the F32
+    /// exponent field; the INT32 block is then read as FLOAT.
+    fn e8m0_as_f32(&self, scales: &Buffer, offset: usize, n: usize) -> Result<Buffer> {
+        let ints = self.alloc(n, Dt::ACL_INT32)?;
+        let im = Mem { buf: &ints, offset: 0, dtype: Dt::ACL_INT32 };
+        let (src, iv) = (self.cview(Mem { buf: scales, offset, dtype: Dt::ACL_UINT8 }, &[n])?, self.cview(im, &[n])?);
+        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), Dt::ACL_INT32, iv.ptr()))?;
+        let bits = self.alloc(n, Dt::ACL_INT32)?;
+        let bv = self.cview(Mem { buf: &bits, offset: 0, dtype: Dt::ACL_INT32 }, &[n])?;
+        let shift = AclScalar::i32(self.api(), 1 << 23)?;
+        aclnn!(self, aclnnMuls / aclnnMulsGetWorkspaceSize(iv.ptr(), shift.ptr(), bv.ptr()))?;
+        Ok(bits)
     }
 
     /// `dst ← src` converted to `dtype` (dst's dtype): aclnnCast, through the executor cache
@@ -605,16 +796,7 @@ impl AscendBackend {
     /// `2^(b−128)` per group. 1 + 2/group bytes per value instead of the 2 of BF16.
     fn upload_fp4_as_int8(&self, w: &StoredWeight, group: usize) -> Result<AscendWeight> {
         use dsv4_core::weight_forms::{fp4_as_int8, int8_group_scale_bf16};
-        let (rows, cols) = (w.shape[0], w.shape.iter().skip(1).product::<usize>());
-        let scale = w.scale.as_ref().ok_or_else(|| err(format!("upload_weight {}: FP4 without scales", w.name)))?;
-        let (packed, scale_bytes) = (w.data.bytes(), scale.bytes());
-        if group == 0
-            || cols % group != 0
-            || packed.len() * 2 != rows * cols
-            || scale_bytes.len() != rows * cols / group
-        {
-            return Err(err(format!("upload_weight {}: FP4 layout does not fit [{rows}, {cols}] / {group}", w.name)));
-        }
+        let (packed, scale_bytes) = fp4_parts(w, group)?;
         let codes: Vec<u8> =
             packed.iter().flat_map(|&b| [fp4_as_int8(b & 0xF) as u8, fp4_as_int8(b >> 4) as u8]).collect();
         let mut scales = Vec::with_capacity(scale_bytes.len() * 2);
@@ -623,18 +805,48 @@ impl AscendBackend {
                 int8_group_scale_bf16(b).ok_or_else(|| err(format!("upload_weight {}: NaN scale byte 255", w.name)))?;
             scales.extend_from_slice(&s.to_le_bytes());
         }
-        let buf = self.alloc(rows * cols, Dt::ACL_INT8)?;
-        self.dev.upload_bytes(&buf, &codes)?;
-        let sbuf = self.alloc(rows * cols / group, Dt::ACL_BF16)?;
-        self.dev.upload_bytes(&sbuf, &scales)?;
-        Ok(AscendWeight {
-            buf,
-            shape: w.shape.clone(),
-            dtype: Dt::ACL_INT8,
-            rows,
-            cols,
-            group_scale: Some(GroupScale { buf: sbuf, group }),
-        })
+        self.upload_quantised(w, Dt::ACL_INT8, &codes, &scales, ScaleLayout::Int8Groups { group })
+    }
+
+    /// An MXFP4 weight (FP4 e2m1, one E8M0 per 32) as stored, on the 950: 0.5 + 1/32 bytes per
+    /// value. Callers check [`Self::native_form`].
+    fn upload_mxfp4(&self, w: &StoredWeight) -> Result<AscendWeight> {
+        let (packed, scales) = fp4_parts(w, 32)?;
+        self.upload_quantised(w, Dt::ACL_FLOAT4_E2M1, packed, scales, ScaleLayout::Mx)
+    }
+
+    /// An FP8 e4m3 weight with E8M0 block scales as stored, on the 950: 1 byte per value plus
+    /// one per block. Callers check [`Self::native_form`].
+    fn upload_fp8_blocks(&self, w: &StoredWeight, rows: usize, cols: usize) -> Result<AscendWeight> {
+        let scale = w.scale.as_ref().ok_or_else(|| err(format!("upload_weight {}: FP8 without scales", w.name)))?;
+        let layout = ScaleLayout::Fp8Blocks { rows, cols };
+        self.upload_quantised(w, Dt::ACL_FLOAT8_E4M3FN, w.data.bytes(), scale.bytes(), layout)
+    }
+
+    /// Uploads the codes (`dtype`) and scales of a quantised form, checking their sizes.
+    fn upload_quantised(
+        &self,
+        w: &StoredWeight,
+        dtype: Dt,
+        codes: &[u8],
+        scales: &[u8],
+        layout: ScaleLayout,
+    ) -> Result<AscendWeight> {
+        let (rows, cols) = (w.shape[0], w.shape.iter().skip(1).product::<usize>());
+        let scale_count = rows.div_ceil(layout.rows_per_scale()) * (cols / layout.group());
+        if codes.len() != acl::bytes_for(rows * cols, dtype) || scales.len() != scale_count * esize(layout.dtype()) {
+            return Err(err(format!(
+                "upload_weight {}: {} code bytes and {} scale bytes do not fit [{rows}, {cols}] in {layout:?}",
+                w.name,
+                codes.len(),
+                scales.len()
+            )));
+        }
+        let buf = self.alloc(rows * cols, dtype)?;
+        self.dev.upload_bytes(&buf, codes)?;
+        let sbuf = self.alloc(scale_count, layout.dtype())?;
+        self.dev.upload_bytes(&sbuf, scales)?;
+        Ok(AscendWeight { buf, shape: w.shape.clone(), dtype, rows, cols, scales: Some(Scales { buf: sbuf, layout }) })
     }
 
     /// A BOOL tensor `idx < 0` (or `idx == value` with `eq`) over an index tensor.
@@ -735,6 +947,17 @@ impl AscendBackend {
 }
 
 /// Whether every value survives a round trip through BF16.
+/// The packed codes and scale bytes of an FP4 weight with E8M0 scales per whole `group`.
+fn fp4_parts(w: &StoredWeight, group: usize) -> Result<(&[u8], &[u8])> {
+    let (rows, cols) = (w.shape[0], w.shape.iter().skip(1).product::<usize>());
+    let scale = w.scale.as_ref().ok_or_else(|| err(format!("upload_weight {}: FP4 without scales", w.name)))?;
+    let (packed, scale_bytes) = (w.data.bytes(), scale.bytes());
+    if group == 0 || cols % group != 0 || packed.len() * 2 != rows * cols || scale_bytes.len() != rows * cols / group {
+        return Err(err(format!("upload_weight {}: FP4 layout does not fit [{rows}, {cols}] / {group}", w.name)));
+    }
+    Ok((packed, scale_bytes))
+}
+
 fn exact_in_bf16(v: &[f32]) -> bool {
     v.iter().all(|x| f32::from_bits(x.to_bits() & 0xFFFF_0000) == *x || x.is_nan())
 }
@@ -812,6 +1035,16 @@ impl Backend for AscendBackend {
                     msg: format!("the Ascend backend cannot use {other} weights"),
                 })
             }
+            // The 950 takes FP8 and MXFP4 natively: such weights stay as stored there, where
+            // `checkpoint_form` (which `dsv4 inspect --soc` and `dsv4 plan` count with) says so.
+            (WeightFormat::Fp4Group { .. }, _) if matches!(self.native_form(w), Some(DeviceForm::Mxfp4 { .. })) => {
+                return self.upload_mxfp4(w)
+            }
+            (WeightFormat::Fp8Block { rows, cols }, _)
+                if matches!(self.native_form(w), Some(DeviceForm::Fp8Blocks { .. })) =>
+            {
+                return self.upload_fp8_blocks(w, rows, cols)
+            }
             // E8M0 scales only (an F32 scale is not a power of two in general), and whole groups:
             // the rest stays on the dequantised path below.
             (WeightFormat::Fp4Group { group }, _)
@@ -837,7 +1070,7 @@ impl Backend for AscendBackend {
         }
         let buf = self.alloc(rows * cols, dtype)?;
         self.dev.upload_bytes(&buf, &bytes)?;
-        Ok(AscendWeight { buf, shape: w.shape.clone(), dtype, rows, cols, group_scale: None })
+        Ok(AscendWeight { buf, shape: w.shape.clone(), dtype, rows, cols, scales: None })
     }
 
     fn weight_shape<'w>(&self, w: &'w AscendWeight) -> &'w [usize] {
@@ -897,7 +1130,7 @@ impl Backend for AscendBackend {
         // on its own weight row only: the same values up to the summation order the hardware
         // picks per shape (the emulator's bits are the same). An INT8 group weight also
         // takes an F32 copy of its codes while it is widened, so 8 bytes a value count.
-        let per_row = k * if w.group_scale.is_some() { 8 } else { 4 };
+        let per_row = k * if w.scales.is_some() { 8 } else { 4 };
         let block = (self.linear_widen_bytes / per_row).max(1);
         if w.dtype != Dt::ACL_FLOAT && block < w.rows {
             for r0 in (0..w.rows).step_by(block) {
@@ -965,9 +1198,9 @@ impl Backend for AscendBackend {
         if numel(&shape) == 0 {
             return Ok(out);
         }
-        // An INT8 group table is widened whole first (V4's embedding is BF16; this keeps other
+        // A quantised table is widened whole first (V4's embedding is BF16; this keeps other
         // checkpoints correct).
-        let (widened, dtype) = match table.group_scale {
+        let (widened, dtype) = match table.scales {
             Some(_) => (self.weight_f32(table)?.0, Dt::ACL_FLOAT),
             None => (None, table.dtype),
         };

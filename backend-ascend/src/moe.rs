@@ -13,11 +13,12 @@
 //! Where the activations are BF16 values (`Precision::Bf16`), the experts run on the
 //! documented non-quantised BF16 form instead (x, weight and out BFLOAT16, the weights as a
 //! list of per-expert `[K, N]` views): BF16 weights as stored, with no copy, and the FP4
-//! experts' INT8 form dequantised exactly into a BF16 temporary (a Cast and a Mul by the BF16
-//! group scales). Nothing is widened to F32. The A16W8 antiquant form (INT8 weight with
-//! `antiquantScaleOptional`) is not used: `aclnnGroupedMatmulV4.md` allows INT8 weights
-//! per-channel only (antiquantScale `[E, N]`), and per-group scales for INT4 weights only,
-//! which cannot hold `2·e2m1` (±12). See [`AscendBackend::grouped_matmul_bf16`].
+//! experts' INT8 form (MXFP4 on the 950) dequantised exactly into a BF16 temporary (a Cast and
+//! a Mul by the group scales). Nothing is widened to F32. The A16W8 antiquant form (INT8
+//! weight with `antiquantScaleOptional`) is not used: `aclnnGroupedMatmulV4.md` allows INT8
+//! weights per-channel only (antiquantScale `[E, N]`), and per-group scales for INT4 weights
+//! only, which cannot hold `2·e2m1` (±12); it lists no MXFP4 antiquant form for the 950. See
+//! [`AscendBackend::grouped_matmul_bf16`].
 //!
 //! A token's k weighted expert rows are then gathered into `[T, k, D]` in ascending expert id
 //! and reduced over k (a deterministic ReduceSum rather than a scatter-add with repeated rows).
@@ -53,10 +54,11 @@ const GMM_MAX_LIST: usize = 128;
 const GATING_MAX_EXPERTS: usize = 2048;
 const GATING_MAX_HASH_K: usize = 64;
 
-/// Whether a weight's values are BF16 values in the form it is kept: BF16, or INT8 with BF16
-/// group scales (`2·e2m1` times a power of two).
+/// Whether a weight's values are BF16 values in the form it is kept: BF16, or a quantised form
+/// (INT8 with BF16 group scales, `2·e2m1` times a power of two; MXFP4 and FP8 blocks, kept
+/// only with scales that make every value a BF16 value).
 pub(crate) fn holds_bf16(w: &AscendWeight) -> bool {
-    w.dtype == Dt::ACL_BF16 || (w.dtype == Dt::ACL_INT8 && w.group_scale.is_some())
+    w.dtype == Dt::ACL_BF16 || w.scales.is_some()
 }
 
 impl AscendBackend {
@@ -538,6 +540,28 @@ impl AscendBackend {
                     return Ok(());
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// aclnnWeightQuantBatchMatmulV2 ([`crate::kernels::WEIGHT_QUANT_MATMUL`]) on a tiny input
+    /// and this device's form of an FP4 weight (INT8 groups, or MXFP4 on the 950) against the
+    /// BF16 matmul on its dequantised copy: one BF16 ulp apart at most.
+    pub(crate) fn self_test_weight_quant_matmul(&self) -> Result<()> {
+        let state = &self.kernels.weight_quant_matmul;
+        let (m, kk, n) = (5usize, 64usize, 3usize);
+        let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
+        let fp4 = &ws[1];
+        if !state.usable() || !self.kernels.linear_bf16.usable() || !self.weight_quant_applies(fp4, m) {
+            return Ok(());
+        }
+        let xt = self.round_to_bf16(&self.upload(&x, &[m, kk])?)?;
+        let Some(got) = self.fused(state, || self.linear_weight_quant(&xt, fp4))? else {
+            return Ok(());
+        };
+        let want = self.linear_bf16_dequantised(&xt, fp4, m)?;
+        if let Some(why) = self.bf16_disagreement(&got, &want)? {
+            state.disable(format!("self-test disagreed with the BF16 matmul on the dequantised weight: {why}"));
         }
         Ok(())
     }

@@ -212,19 +212,31 @@ fn the_grouped_projection_runs_as_one_bf16_batch_matmul() {
     }
 }
 
-/// An FP4 weight (INT8 + BF16 group scales): dequantised exactly into a BF16 temporary (one
-/// Cast, one Mul), then the same BF16 Matmul.
+/// An FP4 weight (INT8 + BF16 group scales on this A2): multiplied as kept by
+/// aclnnWeightQuantBatchMatmulV2 in its per-group form (two Casts: x in, y out; nothing
+/// dequantised). With that kernel switched off, dequantised exactly into a BF16 temporary (one
+/// more Cast, one Mul), then the BF16 Matmul. Both within a BF16 ulp of the CPU's definition,
+/// and, on the emulator, equal to each other bit for bit.
 #[test]
-fn fp4_weights_are_dequantised_to_bf16_not_widened() {
+fn fp4_weights_run_as_kept_or_dequantised_to_bf16_never_widened() {
     let _one = serial();
-    let be = backend(FusedPolicy::Auto);
     let (t, k, n) = (5, 64, 24);
     let (x, w) = (x_values(t, k), weight(Form::Fp4, n, k));
-    let (got, l) = run(&be, &x, t, &w, Precision::Bf16, true);
-    assert_eq!(l, Launches { matmul: 1, cast: 3, mul: 1 });
-    let e = max_rel(&got, &on_cpu(&x, t, &w, Precision::Bf16));
-    println!("FP4 weight: vs the CPU's linear then rounding {e:.3e} (of max |y|)");
+    let want = on_cpu(&x, t, &w, Precision::Bf16);
+    let wq = || emulator_launches("aclnnWeightQuantBatchMatmulV2").expect("on the emulator");
+    let be = backend(FusedPolicy::Auto);
+    let before = wq();
+    let (as_kept, l) = run(&be, &x, t, &w, Precision::Bf16, true);
+    assert_eq!((wq() - before, l), (1, Launches { matmul: 0, cast: 2, mul: 0 }));
+    let e = max_rel(&as_kept, &want);
+    println!("FP4 weight as kept: vs the CPU's linear then rounding {e:.3e} (of max |y|)");
     assert!(e <= BF16_ULP, "{e:.3e}");
+
+    assert_eq!(be.switch_off_fused("aclnnWeightQuantBatchMatmulV2"), 1);
+    let before = wq();
+    let (dequantised, l) = run(&be, &x, t, &w, Precision::Bf16, true);
+    assert_eq!((wq() - before, l), (0, Launches { matmul: 1, cast: 3, mul: 1 }));
+    assert_eq!(as_kept, dequantised);
 }
 
 /// Where the BF16 matmul would change the result, or is not allowed, the composition runs,
