@@ -108,7 +108,7 @@ pub const GROUPED_MATMUL: KernelSpec = KernelSpec {
     opt_in: false,
 };
 
-/// The same kernel's BF16 form in `--precision bf16`: BF16 x, a list of BF16 weights (INT8
+/// The same kernel's BF16 form in `--precision bf16`: BF16 x, a list of BF16 weights (quantised
 /// FP4 experts dequantised to BF16 exactly), BF16 out; its own switch, so that a release that
 /// rejects it keeps the FLOAT32 form.
 pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
@@ -121,7 +121,7 @@ pub const GROUPED_MATMUL_BF16: KernelSpec = KernelSpec {
 /// `aclnnMatmul` / `aclnnBatchMatMul` on BF16 operands for `linear_act` / `grouped_linear_act`
 /// where the precision rounds to BF16: the projections at a rounding point (attention, indexer,
 /// shared expert, MTP) read their BF16 weights as stored
-/// (INT8 group weights dequantised to BF16 exactly) instead of a per-call F32 copy, and the
+/// (quantised weights dequantised to BF16 exactly) instead of a per-call F32 copy, and the
 /// output is rounded to BF16 once. Not a fused kernel, but the same switch and self-test:
 /// BF16 matmuls are documented for Atlas A2/A3 and the 950 only (`aclnnMatmul.md`).
 pub const LINEAR_BF16: KernelSpec = KernelSpec {

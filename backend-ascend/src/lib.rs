@@ -360,15 +360,18 @@ impl AscendBackend {
         self.dev.api
     }
 
-    /// The SoC the runtime reports (`aclrtGetSocName`).
-    /// On a 950, the form `dsv4_core::weight_forms::checkpoint_form` gives `w` there (FP8 and
-    /// MXFP4 are native matmul inputs, `../shared/spec/ascend-api.md` §2.6); None elsewhere,
-    /// where FP8 / FP4 take the exact Atlas A2/A3 forms.
-    fn native_form(&self, w: &StoredWeight) -> Option<DeviceForm> {
-        let on_950 = kernels::SocFamily::of(&self.soc) == kernels::SocFamily::Ascend950;
-        on_950.then(|| checkpoint_form(w, WeightSoc::A5))
+    /// The SoC family `dsv4_core::weight_forms::checkpoint_form` decides the weight forms for:
+    /// the 950 keeps FP8 and MXFP4 natively (`../shared/spec/ascend-api.md` §2.6); Atlas A2, A3
+    /// and the rest take the exact A2/A3 forms.
+    fn weight_soc(&self) -> WeightSoc {
+        match kernels::SocFamily::of(&self.soc) {
+            kernels::SocFamily::Ascend950 => WeightSoc::A5,
+            kernels::SocFamily::AtlasA2 => WeightSoc::A2,
+            _ => WeightSoc::A3,
+        }
     }
 
+    /// The SoC the runtime reports (`aclrtGetSocName`).
     pub fn soc(&self) -> &str {
         &self.soc
     }
@@ -427,14 +430,15 @@ impl AscendBackend {
     }
 
     /// Caps the temporary each grouped matmul widens expert weights into (default 256 MiB): the
-    /// F32 stack in f32, the BF16 copies of INT8 experts in bf16; experts beyond it go to
+    /// F32 stack in f32, the BF16 copies of quantised experts in bf16; experts beyond it go to
     /// further grouped matmuls. At least one expert per launch.
     pub fn set_grouped_matmul_budget(&mut self, bytes: usize) {
         self.gmm_stack_bytes = bytes;
     }
 
-    /// Caps the F32 copy `linear` makes of a BF16/F16/INT8 weight for its f32 matmul (default
-    /// 256 MiB; an INT8 group weight counts 8 bytes a value, its codes' F32 copy included): a
+    /// Caps the F32 copy `linear` makes of a BF16/F16/quantised weight for its f32 matmul
+    /// (default 256 MiB; a quantised weight counts 8 bytes a value, its codes' F32 copy
+    /// included): a
     /// larger weight is widened and multiplied a block of rows at a time (the same values up to
     /// the summation order). At least one row per block.
     pub fn set_linear_widen_budget(&mut self, bytes: usize) {
@@ -560,7 +564,8 @@ impl AscendBackend {
     }
 
     /// [`Backend::linear_act`] in bf16 as one BF16 matmul: x (BF16 values, so the cast is
-    /// exact) times W as stored (an INT8 group weight dequantised exactly into a BF16
+    /// exact) times W as stored (a quantised weight through aclnnWeightQuantBatchMatmulV2 where
+    /// it takes it, else dequantised exactly into a BF16
     /// temporary), aclnnMatmul with KEEP_DTYPE rounding each f32-accumulated sum to BF16 once,
     /// cast back to f32. W is never widened to F32. Callers check `x.bf16` and
     /// [`moe::holds_bf16`].
@@ -599,13 +604,14 @@ impl AscendBackend {
 
     /// Whether aclnnWeightQuantBatchMatmulV2 takes `w` as kept, for `m` input rows: the INT8
     /// form with a group in [32, K−1] that is a multiple of 32 (per-group), or MXFP4 (MX mode,
-    /// 950 only, where it is kept); K and N within [1, 65535] on Atlas A2/A3.
+    /// 950 only, where it is kept) with an even N; K and N within [1, 65535] on Atlas A2/A3.
     fn weight_quant_applies(&self, w: &AscendWeight, m: usize) -> bool {
         let Some(sc) = &w.scales else { return false };
         let (k, n) = (w.cols, w.rows);
         let form = match sc.layout {
             ScaleLayout::Int8Groups { group } => group % 32 == 0 && group < k,
-            ScaleLayout::Mx => true,
+            // "若weight数据类型为FLOAT4_E2M1，则weight的最后一维应为2对齐": n of (k, n).
+            ScaleLayout::Mx => n % 2 == 0,
             ScaleLayout::Fp8Blocks { .. } => false,
         };
         let limit =
@@ -654,7 +660,7 @@ impl AscendBackend {
 
     /// [`Backend::grouped_linear_act`] in bf16 as one BF16 aclnnBatchMatMul, as
     /// [`Self::linear_bf16`] does for `linear`: x `[M, G, K]` cast to BF16 (exact) and read as
-    /// `[G, M, K]`, W `[G·R, K]` as stored (INT8 dequantised into BF16) read as `[G, K, R]`,
+    /// `[G, M, K]`, W `[G·R, K]` as stored (quantised: dequantised into BF16) read as `[G, K, R]`,
     /// out `[G, M, R]` in BF16, copied back (aclnnInplaceCopy, BF16 → F32) into `[M, G, R]`.
     fn grouped_linear_bf16(&self, x: &AscendTensor, w: &AscendWeight, groups: usize) -> Result<AscendTensor> {
         let shape = checks::grouped_linear(self.name(), &x.shape, &w.shape, groups)?;
@@ -809,14 +815,14 @@ impl AscendBackend {
     }
 
     /// An MXFP4 weight (FP4 e2m1, one E8M0 per 32) as stored, on the 950: 0.5 + 1/32 bytes per
-    /// value. Callers check [`Self::native_form`].
+    /// value, where `checkpoint_form` says so ([`Self::upload_weight`]).
     fn upload_mxfp4(&self, w: &StoredWeight) -> Result<AscendWeight> {
         let (packed, scales) = fp4_parts(w, 32)?;
         self.upload_quantised(w, Dt::ACL_FLOAT4_E2M1, packed, scales, ScaleLayout::Mx)
     }
 
     /// An FP8 e4m3 weight with E8M0 block scales as stored, on the 950: 1 byte per value plus
-    /// one per block. Callers check [`Self::native_form`].
+    /// one per block, where `checkpoint_form` says so ([`Self::upload_weight`]).
     fn upload_fp8_blocks(&self, w: &StoredWeight, rows: usize, cols: usize) -> Result<AscendWeight> {
         let scale = w.scale.as_ref().ok_or_else(|| err(format!("upload_weight {}: FP8 without scales", w.name)))?;
         let layout = ScaleLayout::Fp8Blocks { rows, cols };
@@ -946,7 +952,6 @@ impl AscendBackend {
     }
 }
 
-/// Whether every value survives a round trip through BF16.
 /// The packed codes and scale bytes of an FP4 weight with E8M0 scales per whole `group`.
 fn fp4_parts(w: &StoredWeight, group: usize) -> Result<(&[u8], &[u8])> {
     let (rows, cols) = (w.shape[0], w.shape.iter().skip(1).product::<usize>());
@@ -958,6 +963,7 @@ fn fp4_parts(w: &StoredWeight, group: usize) -> Result<(&[u8], &[u8])> {
     Ok((packed, scale_bytes))
 }
 
+/// Whether every value survives a round trip through BF16.
 fn exact_in_bf16(v: &[f32]) -> bool {
     v.iter().all(|x| f32::from_bits(x.to_bits() & 0xFFFF_0000) == *x || x.is_nan())
 }
@@ -1017,9 +1023,11 @@ impl Backend for AscendBackend {
         Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
-    /// F32 / BF16 / F16 as stored; FP4 with E8M0 scales per whole group as INT8 + BF16 group
-    /// scales ([`Self::upload_fp4_as_int8`]); other FP8 / FP4 dequantised (BF16 when exact, else
-    /// F32).
+    /// F32 / BF16 / F16 as stored; FP8 / FP4 in the form `dsv4_core::weight_forms::checkpoint_form`
+    /// gives this SoC: on the 950 FP8 with E8M0 blocks and MXFP4 as stored
+    /// ([`Self::upload_fp8_blocks`], [`Self::upload_mxfp4`]); FP4 with E8M0 scales per whole group
+    /// as INT8 + BF16 group scales ([`Self::upload_fp4_as_int8`]); the rest dequantised, BF16 or
+    /// F32 as that function says.
     fn upload_weight(&self, w: &StoredWeight) -> Result<AscendWeight> {
         let (dtype, bytes): (Dt, Vec<u8>) = match (w.format, w.data.dtype) {
             (WeightFormat::Float, DType::F32) => (Dt::ACL_FLOAT, w.data.bytes().to_vec()),
@@ -1035,31 +1043,28 @@ impl Backend for AscendBackend {
                     msg: format!("the Ascend backend cannot use {other} weights"),
                 })
             }
-            // The 950 takes FP8 and MXFP4 natively: such weights stay as stored there, where
-            // `checkpoint_form` (which `dsv4 inspect --soc` and `dsv4 plan` count with) says so.
-            (WeightFormat::Fp4Group { .. }, _) if matches!(self.native_form(w), Some(DeviceForm::Mxfp4 { .. })) => {
-                return self.upload_mxfp4(w)
-            }
-            (WeightFormat::Fp8Block { rows, cols }, _)
-                if matches!(self.native_form(w), Some(DeviceForm::Fp8Blocks { .. })) =>
-            {
-                return self.upload_fp8_blocks(w, rows, cols)
-            }
-            // E8M0 scales only (an F32 scale is not a power of two in general), and whole groups:
-            // the rest stays on the dequantised path below.
-            (WeightFormat::Fp4Group { group }, _)
-                if group > 0
-                    && w.shape.iter().skip(1).product::<usize>() % group == 0
-                    && w.scale.as_ref().is_some_and(|s| s.dtype == DType::F8E8M0) =>
-            {
-                return self.upload_fp4_as_int8(w, group)
-            }
-            _ => {
-                let v = dsv4_core::quant::dequantize(w)?;
-                if exact_in_bf16(&v) {
-                    (Dt::ACL_BF16, v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect())
-                } else {
-                    (Dt::ACL_FLOAT, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            // FP8 / FP4: the form `checkpoint_form` gives this SoC (what `dsv4 inspect --soc`
+            // and `dsv4 plan` count): as stored on the 950 where it can, else the exact A2/A3
+            // forms, else the dequantised values (BF16 when checkpoint_form says every value
+            // is one, F32 otherwise).
+            (WeightFormat::Fp8Block { .. } | WeightFormat::Fp4Group { .. }, _) => {
+                match (checkpoint_form(w, self.weight_soc()), w.format) {
+                    (DeviceForm::Mxfp4 { .. }, _) => return self.upload_mxfp4(w),
+                    (DeviceForm::Fp8Blocks { .. }, WeightFormat::Fp8Block { rows, cols }) => {
+                        return self.upload_fp8_blocks(w, rows, cols)
+                    }
+                    (DeviceForm::Int8Groups { group }, _) => return self.upload_fp4_as_int8(w, group),
+                    (form, _) => {
+                        let v = dsv4_core::quant::dequantize(w)?;
+                        // (By construction every value is a BF16 value where checkpoint_form
+                        // says BF16: `weight_forms`' tests check it code by code.)
+                        if form == DeviceForm::Bf16 && exact_in_bf16(&v) {
+                            let bf16 = v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes());
+                            (Dt::ACL_BF16, bf16.collect())
+                        } else {
+                            (Dt::ACL_FLOAT, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                        }
+                    }
                 }
             }
         };
@@ -1128,7 +1133,7 @@ impl Backend for AscendBackend {
         // each block's outputs copied into their columns (for one input row the block's
         // columns are contiguous, and the Matmul writes them in place). Every output depends
         // on its own weight row only: the same values up to the summation order the hardware
-        // picks per shape (the emulator's bits are the same). An INT8 group weight also
+        // picks per shape (the emulator's bits are the same). A quantised weight also
         // takes an F32 copy of its codes while it is widened, so 8 bytes a value count.
         let per_row = k * if w.scales.is_some() { 8 } else { 4 };
         let block = (self.linear_widen_bytes / per_row).max(1);

@@ -131,7 +131,7 @@ impl AscendBackend {
     /// The routed experts on grouped matmuls, or None when the kernel does not apply. In
     /// `act` = bf16 the outputs of w1, w3, the SwiGLU and w2 are rounded to BF16, as in the
     /// composition (`Backend::expert_ffn`); there, when every active expert's weights hold
-    /// BF16 values (BF16, or INT8 with group scales), the grouped matmuls run in BF16 on the
+    /// BF16 values (BF16, or a quantised form), the grouped matmuls run in BF16 on the
     /// stored weights ([`Self::grouped_matmul_bf16`]) and round their outputs themselves.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_grouped(
@@ -203,7 +203,7 @@ impl AscendBackend {
             return Ok(None);
         }
         let xs_bf16 = if narrow { Some(self.cast_to(&xs, Dt::ACL_BF16)?) } else { None };
-        // The f32 form's widened stack is 4 bytes per value; the narrow form's dequantised INT8
+        // The f32 form's widened stack is 4 bytes per value; the narrow form's dequantised
         // weights 2 (BF16 weights need no temporary), in a weight list of at most 128.
         let chunk = match narrow {
             false => (self.gmm_stack_bytes / (i * d * 4)).clamp(1, GMM_MAX_GROUPS),
@@ -305,9 +305,10 @@ impl AscendBackend {
     /// docs do not state the accumulation type; the cube units accumulate BF16 products in
     /// f32, and the emulator computes in f64 and rounds once); it is widened to f32 (exact).
     ///
-    /// Weights: BF16 as stored (no copy); INT8 with BF16 group scales (FP4 e2m1 experts,
-    /// `dsv4_core::weight_forms`) dequantised into a pooled BF16 temporary, exactly (a code
-    /// in −12..=12 times a power of two is a BF16 value), by aclnnCast and aclnnMul.
+    /// Weights: BF16 as stored (no copy); quantised forms (the FP4 experts' INT8 form with BF16
+    /// group scales, MXFP4 or FP8 blocks on the 950; `dsv4_core::weight_forms`) dequantised
+    /// into a pooled BF16 temporary, exactly (their values are BF16 values), by aclnnCast and
+    /// aclnnMul.
     ///
     /// Not the A16W8 antiquant form (INT8 weight, `antiquantScaleOptional`): the docs allow
     /// it per-channel only (scale `[E, N]`, per the A2/A3 constraints; on the 950
@@ -321,7 +322,7 @@ impl AscendBackend {
         counts: &[i64],
     ) -> Result<AscendTensor> {
         let (n, kk) = (ws[0].rows, ws[0].cols);
-        // Dequantised INT8 weights, alive until the launch is queued (the pool orders reuse
+        // The dequantised weights, alive until the launch is queued (the pool orders reuse
         // after it on the stream).
         let temps: Vec<Option<Buffer>> = ws
             .iter()
@@ -549,7 +550,8 @@ impl AscendBackend {
     /// BF16 matmul on its dequantised copy: one BF16 ulp apart at most.
     pub(crate) fn self_test_weight_quant_matmul(&self) -> Result<()> {
         let state = &self.kernels.weight_quant_matmul;
-        let (m, kk, n) = (5usize, 64usize, 3usize);
+        // N even: the MX mode wants the FP4 weight's last dimension 2-aligned.
+        let (m, kk, n) = (5usize, 64usize, 4usize);
         let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
         let fp4 = &ws[1];
         if !state.usable() || !self.kernels.linear_bf16.usable() || !self.weight_quant_applies(fp4, m) {

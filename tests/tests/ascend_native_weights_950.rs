@@ -11,6 +11,7 @@
 use dsv4_ascend_sys::aclDataType as Dt;
 use dsv4_backend_ascend::{emulator_launches, AscendBackend, FusedPolicy};
 use dsv4_core::backend::{Backend, Precision};
+use dsv4_core::parallel::plan::part_bytes;
 use dsv4_core::quant::{dequantize, quantize_fp4_group, quantize_fp8_block};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 use dsv4_core::weight_forms::{checkpoint_form, DeviceForm, SocFamily};
@@ -36,6 +37,21 @@ fn fp8(rows: usize, cols: usize, scale_override: Option<u8>) -> StoredWeight {
     let (sr, sc) = (rows.div_ceil(128), cols.div_ceil(128));
     let scale = HostTensor::from_bytes("w.scale", DType::F8E8M0, vec![sr, sc], scales).unwrap();
     StoredWeight::detect(&data, Some(&scale), &[rows, cols]).unwrap()
+}
+
+/// FP8 with every scale byte `scale` and codes whose values times `2^(scale−127)` are all BF16
+/// values (magnitudes from 2⁻³ up: no e4m3 subnormals or small exponents).
+fn fp8_without_small_codes(rows: usize, cols: usize, scale: u8) -> StoredWeight {
+    let codes: Vec<u8> =
+        (0..rows * cols).map(|i| (0x30 + (i * 7 % 0x40) as u8) | if i % 3 == 0 { 0x80 } else { 0 }).collect();
+    let scales = vec![scale; rows.div_ceil(128) * cols.div_ceil(128)];
+    let data = HostTensor::from_bytes("w", DType::F8E4M3, vec![rows, cols], codes).unwrap();
+    let scale =
+        HostTensor::from_bytes("w.scale", DType::F8E8M0, vec![rows.div_ceil(128), cols.div_ceil(128)], scales).unwrap();
+    let w = StoredWeight::detect(&data, Some(&scale), &[rows, cols]).unwrap();
+    let v = dequantize(&w).unwrap();
+    assert!(v.iter().all(|x| x.is_finite() && x.to_bits() & 0xffff == 0), "every value is a BF16 value");
+    w
 }
 
 /// FP4 with one E8M0 scale per 16 values (not an MX layout).
@@ -101,7 +117,8 @@ fn same_as_dequantised(be: &AscendBackend, w: &StoredWeight, what: &str) {
     // MXFP4, and the INT8 form with groups the per-group mode takes (multiples of 32 below K),
     // are multiplied as kept in bf16, not dequantised.
     let per_group = matches!(w.format, WeightFormat::Fp4Group { group } if group % 32 == 0 && group < k);
-    let as_kept = kept.dtype() == Dt::ACL_FLOAT4_E2M1 || (kept.dtype() == Dt::ACL_INT8 && per_group);
+    // (The MX mode wants an even N.)
+    let as_kept = (kept.dtype() == Dt::ACL_FLOAT4_E2M1 && n % 2 == 0) || (kept.dtype() == Dt::ACL_INT8 && per_group);
     assert_eq!(launches("aclnnWeightQuantBatchMatmulV2") > weight_quant, as_kept, "{what}");
     let g = 1 + usize::from(n % 2 == 0);
     let xg = be.round_to_bf16(&be.upload(&x.repeat(g), &[t, g, k]).unwrap()).unwrap();
@@ -125,9 +142,14 @@ fn fp8_and_mxfp4_weights_stay_as_stored_on_a_950() {
         ("fp8 200x256", fp8(200, 256, None), Dt::ACL_FLOAT8_E4M3FN),
         // A scale byte outside 3..=246: not every value is a BF16 value, so F32 (as on A2/A3).
         ("fp8 scale byte 2", fp8(128, 128, Some(2)), Dt::ACL_FLOAT),
+        // ... even where this weight's values all are (no codes small enough to leave BF16):
+        // the form follows the scale bytes, as `dsv4 plan` counts it, not the data.
+        ("fp8 scale byte 2, no small codes", fp8_without_small_codes(128, 128, 2), Dt::ACL_FLOAT),
         // Columns that are no whole number of blocks: BF16, as on A2/A3.
         ("fp8 128x200", fp8(128, 200, None), Dt::ACL_BF16),
         ("mxfp4 48x96", fp4(48, 96, None), Dt::ACL_FLOAT4_E2M1),
+        // An odd number of rows: kept as MXFP4, but the MX matmul wants an even N.
+        ("mxfp4 7x64", fp4(7, 64, None), Dt::ACL_FLOAT4_E2M1),
         // Scale byte 0 (2⁻¹²⁷, an F32 subnormal): the INT8 form (`MXFP4_NATIVE_SCALES`).
         ("mxfp4 scale byte 0", fp4(8, 64, Some(0)), Dt::ACL_INT8),
         // FP4 with 16-value groups: MX takes 32 only, so the INT8 form.
@@ -137,12 +159,9 @@ fn fp8_and_mxfp4_weights_stay_as_stored_on_a_950() {
         let form = checkpoint_form(w, SocFamily::A5);
         let kept = be.upload_weight(w).unwrap();
         assert_eq!(kept.dtype(), *dtype, "{what}: kept as {form:?}");
-        let numel = (w.shape[0] * w.shape[1]) as f64;
-        let want = match form {
-            DeviceForm::Fp8Blocks { .. } => numel + (w.shape[0].div_ceil(128) * w.shape[1] / 128) as f64,
-            other => other.bytes_per_param() * numel,
-        };
-        assert_eq!(kept.device_bytes() as f64, want, "{what}: device bytes of {form:?}");
+        // What `dsv4 plan` counts for the whole matrix.
+        let want = part_bytes(form, &(0..w.shape[0]), &(0..w.shape[1]));
+        assert_eq!(kept.device_bytes(), want, "{what}: device bytes of {form:?}");
         let native = matches!(form, DeviceForm::Fp8Blocks { .. } | DeviceForm::Mxfp4 { .. });
         assert_eq!(native, matches!(*dtype, Dt::ACL_FLOAT8_E4M3FN | Dt::ACL_FLOAT4_E2M1), "{what}: {form:?}");
     }

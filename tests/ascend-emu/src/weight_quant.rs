@@ -15,7 +15,7 @@
 //!   shape.
 //! * FLOAT8_E4M3FN weight (950 only): per channel only, scale of x's dtype, no offset.
 //! * FLOAT4_E2M1 weight (950 only): the MX mode, scale FLOAT8_E8M0 (⌈k/32⌉, n), group 32, no
-//!   offset; the storage's last dimension (n, or k for a transposed weight) even.
+//!   offset; n even, and the storage's last dimension (k for a transposed weight) too.
 //! * antiquantScale / antiquantOffsetOptional laid out like weight (transposed with a transposed
 //!   weight); quantScaleOptional, quantOffsetOptional and biasOptional NULL.
 //!
@@ -338,15 +338,19 @@ fn wqbmm_plan(
             if od.is_some() {
                 return Err(format!("antiquantOffsetOptional must be NULL in the MX mode ({DOC})"));
             }
-            // The storage's last dimension: n for a contiguous weight, k for a transposed one
-            // (told apart by the strides when a dimension of 1 makes the view both).
+            // "the weight's last dimension 2-aligned": n of the documented (k, n) shape, and (the
+            // stricter reading, since codes pack in pairs along storage) the storage's last
+            // dimension, k for a transposed weight (told apart by the strides when a dimension
+            // of 1 makes the view both). Both are checked.
             let stored_transposed = wd.strides[1] != 1 || (k > 1 && wd.strides[0] == 1);
             let last = if stored_transposed { k } else { n };
-            if last % 2 != 0 {
-                return Err(format!(
-                    "weight {}: the last dimension of a FLOAT4_E2M1 weight ({last}) must be even ({DOC})",
-                    wd.describe()
-                ));
+            for (what, d) in [("n", n), ("the storage's last dimension", last)] {
+                if d % 2 != 0 {
+                    return Err(format!(
+                        "weight {}: the last dimension of a FLOAT4_E2M1 weight must be even ({what} is {d}) ({DOC})",
+                        wd.describe()
+                    ));
+                }
             }
             Mode::Group(32)
         }
@@ -670,14 +674,16 @@ mod tests {
         wqbmm(&a).unwrap();
         let err = wqbmm(&Args { group: 64, ..a }).expect_err("MX group 64");
         assert!(err.contains("supports only 32"), "{err}");
-        // The storage's last dimension must be even: n = 5 stored contiguously is not, while
-        // the same n stored transposed (last dimension k = 64) is.
+        // The last dimension must be even: n = 5 is refused stored contiguously and stored
+        // transposed (where the storage's last dimension, k = 64, is even).
         let (w5, s5, _) = fp4_case(k, 5, false, 6);
         let (y5, _) = y_tensor(m, 5);
         let err = wqbmm(&Args { w: w5, scale: s5, y: y5, ..a }).expect_err("odd last dimension");
         assert!(err.contains("must be even"), "{err}");
         let (w5t, s5t, _) = fp4_case(k, 5, true, 6);
-        wqbmm(&Args { w: w5t, scale: s5t, y: y5, ..a }).unwrap();
+        let (y5t, _) = y_tensor(m, 5);
+        let err = wqbmm(&Args { w: w5t, scale: s5t, y: y5t, ..a }).expect_err("odd n, transposed");
+        assert!(err.contains("n is 5"), "{err}");
     }
 
     #[test]
