@@ -11,10 +11,12 @@
 use dsv4_ascend_sys::aclDataType as Dt;
 use dsv4_backend_ascend::{emulator_launches, AscendBackend, FusedPolicy};
 use dsv4_core::backend::{Backend, Precision};
-use dsv4_core::parallel::plan::part_bytes;
+use dsv4_core::model::loader::{expected_mtp_tensors, expected_tensors, mtp_layers_present, stored_weight, TensorRole};
+use dsv4_core::parallel::plan::{checkpoint_tensors, part_bytes, WeightTarget};
 use dsv4_core::quant::{dequantize, quantize_fp4_group, quantize_fp8_block};
 use dsv4_core::tensor::{DType, HostTensor, StoredWeight, WeightFormat};
 use dsv4_core::weight_forms::{checkpoint_form, DeviceForm, SocFamily};
+use dsv4_core::{Checkpoint, ModelConfig};
 
 /// Deterministic values in (-1, 1), scaled per row so that blocks get different scales.
 fn values(seed: u64, rows: usize, cols: usize) -> Vec<f32> {
@@ -175,6 +177,31 @@ fn fp8_and_mxfp4_weights_stay_as_stored_on_a_950() {
         same_as_dequantised(&be, w, what);
     }
     assert!(launches("aclnnCast") > casts);
+
+    // Every weight of every fixture checkpoint: what the backend keeps takes the bytes `dsv4
+    // plan` / `dsv4 inspect --soc 950` count for it (`checkpoint_tensors`).
+    let (mut native, mut total) = (0, 0);
+    for case in dsv4_tests::fixtures_dir().read_dir().unwrap().map(|e| e.unwrap().path()) {
+        let Ok(ckpt) = Checkpoint::open(&case) else { continue };
+        let cfg = ModelConfig::from_dir(&case).unwrap();
+        let planned = checkpoint_tensors(&cfg, &ckpt, WeightTarget::Soc(SocFamily::A5)).unwrap();
+        let mut expected = expected_tensors(&cfg, &ckpt);
+        for i in mtp_layers_present(&cfg, &ckpt) {
+            expected.extend(expected_mtp_tensors(&cfg, &ckpt, i));
+        }
+        for e in expected.iter().filter(|e| e.role == TensorRole::Weight) {
+            let plan = planned.iter().find(|p| p.name == e.name).expect("planned");
+            let kept = be.upload_weight(&stored_weight(&ckpt, &e.name, &e.shape).unwrap()).unwrap();
+            let rows = e.shape[0];
+            let cols = e.shape[1..].iter().product::<usize>();
+            let what = format!("{}: {}", case.display(), e.name);
+            assert_eq!(kept.device_bytes(), part_bytes(plan.form, &(0..rows), &(0..cols)), "{what}: {:?}", plan.form);
+            native += usize::from(matches!(plan.form, DeviceForm::Fp8Blocks { .. } | DeviceForm::Mxfp4 { .. }));
+            total += 1;
+        }
+    }
+    println!("fixture weights: {total}, {native} of them kept as FP8 / MXFP4");
+    assert!(native > 50 && total > native, "{native} native of {total}");
 
     // Widening in row blocks (the head's path): blocks of 48 rows cut FP8 row blocks of 128 in
     // the middle, so each block's scales start inside a scale row.
