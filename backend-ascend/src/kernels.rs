@@ -138,7 +138,7 @@ pub const LINEAR_BF16: KernelSpec = KernelSpec {
 /// (FLOAT8_E8M0 scales per 32) on the 950. FP8 blocks are no form it takes (A16W8 FP8 is
 /// per-channel only), so they keep the BF16 matmul on a dequantised copy.
 pub const WEIGHT_QUANT_MATMUL: KernelSpec = KernelSpec {
-    name: "linear_act (bf16/official, INT8-group or MXFP4 weight): aclnnWeightQuantBatchMatmulV2",
+    name: "linear_act (bf16, INT8/MXFP4 weight): aclnnWeightQuantBatchMatmulV2",
     symbols: &["aclnnWeightQuantBatchMatmulV2GetWorkspaceSize", "aclnnWeightQuantBatchMatmulV2"],
     families: &[SocFamily::AtlasA2, SocFamily::AtlasA3, SocFamily::Ascend950],
     opt_in: false,
