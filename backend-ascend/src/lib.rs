@@ -128,8 +128,8 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
         linear_widen_bytes: DEFAULT_LINEAR_WIDEN_BYTES,
     };
     be.self_test_fused()?;
-    be.self_test_linear_bf16()?;
     be.self_test_weight_quant_matmul()?;
+    be.self_test_linear_bf16()?;
     be.self_test_attention()?;
     be.self_test_indexer()?;
     Ok(be)

@@ -545,25 +545,35 @@ impl AscendBackend {
         Ok(())
     }
 
-    /// aclnnWeightQuantBatchMatmulV2 ([`crate::kernels::WEIGHT_QUANT_MATMUL`]) on a tiny input
-    /// and this device's form of an FP4 weight (INT8 groups, or MXFP4 on the 950) against the
-    /// BF16 matmul on its dequantised copy: one BF16 ulp apart at most.
+    /// aclnnWeightQuantBatchMatmulV2 ([`crate::kernels::WEIGHT_QUANT_MATMUL`]) on this device's
+    /// form of FP4 weights (INT8 groups, or MXFP4 on the 950) against the f32 matmul on the
+    /// same values with its output rounded to BF16 (independent of the BF16 matmuls, whose own
+    /// self-test runs after this one): one BF16 ulp apart at most. Two weights: a tiny random
+    /// one, and an accumulation probe, whose row sums 1 + 224 · 2⁻⁹ = 1.4375 in f32 but stay 1
+    /// in a BF16 running sum.
     pub(crate) fn self_test_weight_quant_matmul(&self) -> Result<()> {
         let state = &self.kernels.weight_quant_matmul;
+        if !state.usable() {
+            return Ok(());
+        }
         // N even: the MX mode wants the FP4 weight's last dimension 2-aligned.
         let (m, kk, n) = (5usize, 64usize, 4usize);
         let (x, ws) = self.bf16_self_test_operands(m, kk, n)?;
-        let fp4 = &ws[1];
-        if !state.usable() || !self.kernels.linear_bf16.usable() || !self.weight_quant_applies(fp4, m) {
-            return Ok(());
-        }
         let xt = self.round_to_bf16(&self.upload(&x, &[m, kk])?)?;
-        let Some(got) = self.fused(state, || self.linear_weight_quant(&xt, fp4))? else {
-            return Ok(());
-        };
-        let want = self.linear_bf16_dequantised(&xt, fp4, m)?;
-        if let Some(why) = self.bf16_disagreement(&got, &want)? {
-            state.disable(format!("self-test disagreed with the BF16 matmul on the dequantised weight: {why}"));
+        let ones = self.upload(&[1.0; 256], &[1, 256])?;
+        let probe = self.upload_weight(&fp4_accumulation_probe()?)?;
+        for (xt, w) in [(&xt, &ws[1]), (&ones, &probe)] {
+            if !self.weight_quant_applies(w, xt.shape[0]) {
+                continue;
+            }
+            let Some(got) = self.fused(state, || self.linear_weight_quant(xt, w))? else {
+                return Ok(());
+            };
+            let want = self.round_to_bf16(&self.linear(xt, w)?)?;
+            if let Some(why) = self.bf16_disagreement(&got, &want)? {
+                state.disable(format!("self-test disagreed with Matmul in f32 rounded to BF16: {why}"));
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -602,4 +612,35 @@ impl AscendBackend {
         ];
         Ok((x, ws))
     }
+}
+
+/// A `[2, 256]` FP4 weight with E8M0 scales per 32 whose rows hold 1.0 (group 0, scale 2⁰) and
+/// 224 values 2⁻⁹ (0.5 · 2⁻⁸, groups 1 to 7), then zeros: summed in f32 a row of ones gives
+/// 1.4375, a BF16 value; summed in BF16 it stays 1.
+fn fp4_accumulation_probe() -> Result<dsv4_core::tensor::StoredWeight> {
+    use dsv4_core::tensor::{DType, HostTensor, StoredWeight};
+    let (rows, k) = (2usize, 256usize);
+    // Two codes a byte, the even value in the low nibble: e2m1 code 2 is 1.0, code 1 is 0.5.
+    let row: Vec<u8> = (0..k / 2)
+        .map(|b| {
+            if b == 0 {
+                0x02
+            } else if b < 16 {
+                0x00
+            } else {
+                0x11
+            }
+        })
+        .collect();
+    let scales_row: Vec<u8> = (0..k / 32).map(|g| if g == 0 { 127 } else { 119 }).collect();
+    StoredWeight::detect(
+        &HostTensor::from_bytes("self-test FP4 accumulation probe", DType::I8, vec![rows, k / 2], row.repeat(rows))?,
+        Some(&HostTensor::from_bytes(
+            "self-test FP4 probe scales",
+            DType::F8E8M0,
+            vec![rows, k / 32],
+            scales_row.repeat(rows),
+        )?),
+        &[rows, k],
+    )
 }

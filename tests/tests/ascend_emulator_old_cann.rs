@@ -1,7 +1,8 @@
 //! The fused-kernel self-tests at device open, against the emulator posing as CANN releases
 //! whose kernels differ (`DSV4_ASCEND_EMU_QUIRKS`): MoE gating weights that include the
 //! correction bias (an older documented revision), a grouped matmul that rejects FLOAT32, an
-//! attention kernel that leaves the sinks out, and a BF16 matmul that accumulates in BF16. Each kernel must be switched off with the
+//! attention kernel that leaves the sinks out, and a BF16 matmul (and weight-quant matmul) that
+//! accumulates in BF16. Each kernel must be switched off with the
 //! reason, and the model must still match the
 //! reference through the compositions. A separate test binary: the quirks are process-wide.
 
@@ -26,6 +27,9 @@ fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
     // A BF16 matmul that rounds its running sum: the accumulation probe (1 + 255 · 2⁻⁹) tells.
     let linear = choices.iter().find(|c| c.name.starts_with("linear_act")).unwrap();
     assert!(!linear.used && linear.why.contains("self-test disagreed"), "{linear:?}");
+    // The weight-quant matmul, summing the same way, is caught by its own probe.
+    let weight_quant = choices.iter().find(|c| c.name.contains("aclnnWeightQuantBatchMatmulV2")).unwrap();
+    assert!(!weight_quant.used && weight_quant.why.contains("self-test disagreed"), "{weight_quant:?}");
 
     let case = dsv4_tests::fixtures_dir().join("mixed_f32");
     let model = dsv4_tests::load_model(&be, &case);
