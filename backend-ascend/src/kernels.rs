@@ -144,6 +144,20 @@ pub const WEIGHT_QUANT_MATMUL: KernelSpec = KernelSpec {
     opt_in: false,
 };
 
+/// On the 950, FP8 weights with E8M0 block scales and MXFP4 weights kept as stored
+/// (`dsv4_core::weight_forms::checkpoint_form`), widened by aclnnCast of their codes (the
+/// 950's conversion table in `aclnnCast.md`). Not a fused kernel: listed for its switch and
+/// its self-test at open, which widens a weight of every FP8 code and one of every FP4 code
+/// pair on the device and compares with the host's dequantisation value for value (no doc
+/// states the nibble order of FLOAT4_E2M1). Off: the Atlas A2/A3 forms (FP8 as BF16, FP4 as
+/// INT8 + BF16 scales), which `dsv4 plan --soc 950` does not count.
+pub const NATIVE_LOW_BIT_WEIGHTS: KernelSpec = KernelSpec {
+    name: "weights: FP8 blocks and MXFP4 kept as stored (aclnnCast)",
+    symbols: &["aclnnCastGetWorkspaceSize", "aclnnCast"],
+    families: &[SocFamily::Ascend950],
+    opt_in: false,
+};
+
 /// `aclnnMoeGatingTopKV2` for routing with sigmoid or softmax scores (normType 1 / 0).
 pub const MOE_GATING: KernelSpec = KernelSpec {
     name: "moe_route (sigmoid/softmax scores): aclnnMoeGatingTopKV2",
@@ -197,6 +211,7 @@ pub const ALL: &[&KernelSpec] = &[
     &GROUPED_MATMUL_BF16,
     &LINEAR_BF16,
     &WEIGHT_QUANT_MATMUL,
+    &NATIVE_LOW_BIT_WEIGHTS,
     &MOE_GATING,
     &MOE_GATING_SQRT_SOFTPLUS,
     &SPARSE_FLASH_MLA,
@@ -274,6 +289,7 @@ pub struct Kernels {
     pub grouped_matmul_bf16: KernelState,
     pub linear_bf16: KernelState,
     pub weight_quant_matmul: KernelState,
+    pub native_weights: KernelState,
     pub gating: KernelState,
     pub gating_sqrt_softplus: KernelState,
     pub sparse_flash_mla: KernelState,
@@ -293,6 +309,7 @@ impl Kernels {
             grouped_matmul_bf16: state(&GROUPED_MATMUL_BF16),
             linear_bf16: state(&LINEAR_BF16),
             weight_quant_matmul: state(&WEIGHT_QUANT_MATMUL),
+            native_weights: state(&NATIVE_LOW_BIT_WEIGHTS),
             gating: state(&MOE_GATING),
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
@@ -316,12 +333,13 @@ impl Kernels {
     }
 
     /// Every kernel's state, in the order of [`ALL`].
-    fn all(&self) -> [&KernelState; 8] {
+    fn all(&self) -> [&KernelState; 9] {
         [
             &self.grouped_matmul,
             &self.grouped_matmul_bf16,
             &self.linear_bf16,
             &self.weight_quant_matmul,
+            &self.native_weights,
             &self.gating,
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,

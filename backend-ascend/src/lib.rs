@@ -128,6 +128,7 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
         linear_widen_bytes: DEFAULT_LINEAR_WIDEN_BYTES,
     };
     be.self_test_fused()?;
+    be.self_test_native_weights()?;
     be.self_test_weight_quant_matmul()?;
     be.self_test_linear_bf16()?;
     be.self_test_attention()?;
@@ -361,11 +362,12 @@ impl AscendBackend {
     }
 
     /// The SoC family `dsv4_core::weight_forms::checkpoint_form` decides the weight forms for:
-    /// the 950 keeps FP8 and MXFP4 natively (`../shared/spec/ascend-api.md` §2.6); Atlas A2, A3
-    /// and the rest take the exact A2/A3 forms.
+    /// the 950 keeps FP8 and MXFP4 natively (`../shared/spec/ascend-api.md` §2.6) unless that is
+    /// switched off ([`kernels::NATIVE_LOW_BIT_WEIGHTS`]); Atlas A2, A3 and the rest take the
+    /// exact A2/A3 forms.
     fn weight_soc(&self) -> WeightSoc {
         match kernels::SocFamily::of(&self.soc) {
-            kernels::SocFamily::Ascend950 => WeightSoc::A5,
+            kernels::SocFamily::Ascend950 if self.kernels.native_weights.usable() => WeightSoc::A5,
             kernels::SocFamily::AtlasA2 => WeightSoc::A2,
             _ => WeightSoc::A3,
         }
@@ -795,6 +797,58 @@ impl AscendBackend {
         let out = self.alloc(numel(&x.shape), dtype)?;
         self.cast_into(self.tv(x)?, self.cview(Mem { buf: &out, offset: 0, dtype }, &x.shape)?, dtype)?;
         Ok(out)
+    }
+
+    /// The 950's native weight forms at open ([`kernels::NATIVE_LOW_BIT_WEIGHTS`]): an FP8
+    /// weight of every non-NaN code (one 128×128 block) and an MXFP4 weight of every code pair
+    /// (all 256 bytes), kept as stored, multiplied in f32 by the identity, against the host's
+    /// dequantisation value for value. A disagreement (another nibble order, a Cast that
+    /// flushes subnormals) switches the native forms off: weights then take the A2/A3 forms.
+    fn self_test_native_weights(&self) -> Result<()> {
+        use dsv4_core::tensor::{DType, HostTensor};
+        let state = &self.kernels.native_weights;
+        if !state.usable() {
+            return Ok(());
+        }
+        let fp8_codes: Vec<u8> = (0..128 * 128).map(|i| if i % 128 == 0x7F { 0 } else { i as u8 }).collect();
+        let fp8 = StoredWeight::detect(
+            &HostTensor::from_bytes("self-test FP8 weight", DType::F8E4M3, vec![128, 128], fp8_codes)?,
+            Some(&HostTensor::from_bytes("self-test FP8 scale", DType::F8E8M0, vec![1, 1], vec![120])?),
+            &[128, 128],
+        )?;
+        let fp4 = StoredWeight::detect(
+            &HostTensor::from_bytes("self-test FP4 weight", DType::I8, vec![8, 32], (0..=255u8).collect())?,
+            Some(&HostTensor::from_bytes(
+                "self-test FP4 scales",
+                DType::F8E8M0,
+                vec![8, 2],
+                (0..16).map(|i| 118 + i as u8).collect(),
+            )?),
+            &[8, 64],
+        )?;
+        for (w, native) in [(&fp8, Dt::ACL_FLOAT8_E4M3FN), (&fp4, Dt::ACL_FLOAT4_E2M1)] {
+            let kept = self.upload_weight(w)?;
+            if kept.dtype != native {
+                continue;
+            }
+            let k = kept.cols;
+            let identity: Vec<f32> = (0..k * k).map(|i| f32::from(u8::from(i / k == i % k))).collect();
+            let got = self.download(&self.linear(&self.upload(&identity, &[k, k])?, &kept)?)?;
+            let want = dsv4_core::quant::dequantize(w)?;
+            // got[i][j] = W[j][i].
+            let off = (0..got.len()).find(|&p| got[p] != want[(p % kept.rows) * k + p / kept.rows]);
+            if let Some(p) = off {
+                let (i, j) = (p / kept.rows, p % kept.rows);
+                state.disable(format!(
+                    "self-test: the device widened {} [{j}, {i}] to {} where the host's dequantisation gives {}",
+                    w.name,
+                    got[p],
+                    want[j * k + i]
+                ));
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// An FP4 e2m1 weight with E8M0 scales per `group` in its exact INT8 form

@@ -136,6 +136,7 @@ fn fp8_and_mxfp4_weights_stay_as_stored_on_a_950() {
     assert_eq!(be.soc(), "Ascend950PR_9599");
     let used: Vec<&str> = be.fused_kernels().iter().filter(|c| c.used).map(|c| c.name).collect();
     assert!(used.iter().any(|u| u.contains("aclnnWeightQuantBatchMatmulV2")), "{used:?}");
+    assert!(used.iter().any(|u| u.contains("FP8 blocks and MXFP4 kept as stored")), "{used:?}");
 
     // The kept dtype and the device bytes are what `checkpoint_form` says for the 950, for
     // weights it keeps natively and for those it does not.
