@@ -49,7 +49,8 @@
 //! experts in bf16, which run in BF16 on the stored weights (`moe.rs`), as do the projections
 //! at a rounding point (`linear_act`).
 //!
-//! The 950's native FP8 / MXFP4 forms are read by aclnnCast (widening, `aclnnCast.md`'s 950
+//! The 950's native FP8 / MXFP4 forms are checked at open against the host's dequantisation
+//! (`kernels::NATIVE_LOW_BIT_WEIGHTS`: no doc states FLOAT4_E2M1's nibble order) and read by aclnnCast (widening, `aclnnCast.md`'s 950
 //! conversion table) and, for MXFP4 in bf16, by aclnnWeightQuantBatchMatmulV2's MX mode. Not
 //! used: its A16W8 FP8 form (per-channel scales only, so not V4's 128×128 blocks), the W8A8 /
 //! MX-quantised forms of `aclnnQuantMatmulV5` and the grouped matmul (they take FP8
