@@ -27,8 +27,9 @@ launcher!(aclnnGroupedMatmulV4, aclnnMoeGatingTopKV2);
 /// `gmm-no-fp32` (a build that rejects FLOAT32 grouped matmul), `sfmla-ignores-sinks` (an
 /// attention kernel that leaves the sinks out of the softmax) and
 /// `matmul-bf16-accumulates-in-bf16` (Matmul / BatchMatMul with a BF16 output rounding every
-/// partial sum, not only the result) and `fp4-high-nibble-first` (FLOAT4_E2M1 reads take the
-/// element at an even offset from the high nibble: the nibble order no doc states).
+/// partial sum, not only the result), `fp4-high-nibble-first` (FLOAT4_E2M1 reads take the
+/// element at an even offset from the high nibble: the nibble order no doc states) and
+/// `cast-without-low-precision` (an aclnnCast without the 950's FP8 / FP4 paths).
 pub(crate) fn quirk(name: &str) -> bool {
     std::env::var("DSV4_ASCEND_EMU_QUIRKS").is_ok_and(|v| v.split(',').any(|q| q.trim() == name))
 }

@@ -926,6 +926,9 @@ fn low_precision_cast_check(x: &Desc, dtype: aclDataType) -> R<()> {
     }
     let soc = crate::soc_name();
     match crate::fused::family() {
+        "950" if crate::fused::quirk("cast-without-low-precision") => {
+            return Err(format!("{from} -> {to}: this CANN release's aclnnCast has no 8- or 4-bit float types"))
+        }
         "950" => {}
         "A2" | "A3" => {
             return Err(format!(
