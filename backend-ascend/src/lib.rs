@@ -730,41 +730,38 @@ impl AscendBackend {
 
     /// The scales of weight rows `rows`, one per row and group of columns (`[rows.len(),
     /// groups]`), as `dt` values in a new block; None when the stored scales already are that
-    /// (the INT8 form's BF16 scales, read in place from row `rows.start` on).
+    /// (the INT8 form's BF16 scales, read in place from row `rows.start` on). E8M0 scales are
+    /// widened to F32 first ([`Self::e8m0_as_f32`]), and cast only when `dt` is not F32.
     fn row_scales(&self, sc: &Scales, groups: usize, rows: std::ops::Range<usize>, dt: Dt) -> Result<Option<Buffer>> {
         let n = rows.len();
-        if sc.layout.dtype() == dt {
-            return Ok(None);
-        }
-        let out = self.alloc(n * groups, dt)?;
-        let om = Mem { buf: &out, offset: 0, dtype: dt };
-        match sc.layout {
-            ScaleLayout::Int8Groups { .. } => {
-                let stored = Mem { buf: &sc.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 };
-                let (src, o) = (self.cview(stored, &[n, groups])?, self.cview(om, &[n, groups])?);
-                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), dt, o.ptr()))?;
-            }
-            ScaleLayout::Mx => {
-                let f = self.e8m0_as_f32(&sc.buf, rows.start * groups, n * groups)?;
-                let src = self.cview(Mem { buf: &f, offset: 0, dtype: Dt::ACL_FLOAT }, &[n, groups])?;
-                let o = self.cview(om, &[n, groups])?;
-                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(src.ptr(), dt, o.ptr()))?;
-            }
+        let widened = match sc.layout {
+            ScaleLayout::Int8Groups { .. } if dt == Dt::ACL_BF16 => return Ok(None),
+            ScaleLayout::Int8Groups { .. } => None,
+            ScaleLayout::Mx => Some(self.e8m0_as_f32(&sc.buf, rows.start * groups, n * groups)?),
             ScaleLayout::Fp8Blocks { rows: br, .. } => {
                 // The block rows the weight rows fall in, widened, then one row per weight row.
                 let (first, last) = (rows.start / br, (rows.end.max(1) - 1) / br);
                 let blocks = last + 1 - first;
                 let f = self.e8m0_as_f32(&sc.buf, first * groups, blocks * groups)?;
                 let fv = self.cview(Mem { buf: &f, offset: 0, dtype: Dt::ACL_FLOAT }, &[blocks, groups])?;
-                let picks: Vec<i32> = rows.map(|r| (r / br - first) as i32).collect();
+                let picks: Vec<i32> = rows.clone().map(|r| (r / br - first) as i32).collect();
                 let idx = self.upload_index(&picks, &[n])?;
                 let per_row = self.alloc(n * groups, Dt::ACL_FLOAT)?;
                 let pv = self.cview(Mem { buf: &per_row, offset: 0, dtype: Dt::ACL_FLOAT }, &[n, groups])?;
-                let (iv, o) = (self.iv(&idx)?, self.cview(om, &[n, groups])?);
+                let iv = self.iv(&idx)?;
                 aclnn!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize(fv.ptr(), 0, iv.ptr(), pv.ptr()))?;
-                aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(pv.ptr(), dt, o.ptr()))?;
+                Some(per_row)
             }
-        }
+        };
+        let src = match &widened {
+            Some(_) if dt == Dt::ACL_FLOAT => return Ok(widened),
+            Some(buf) => Mem { buf, offset: 0, dtype: Dt::ACL_FLOAT },
+            None => Mem { buf: &sc.buf, offset: rows.start * groups, dtype: Dt::ACL_BF16 },
+        };
+        let out = self.alloc(n * groups, dt)?;
+        let (sv, o) =
+            (self.cview(src, &[n, groups])?, self.cview(Mem { buf: &out, offset: 0, dtype: dt }, &[n, groups])?);
+        aclnn!(self, aclnnCast / aclnnCastGetWorkspaceSize(sv.ptr(), dt, o.ptr()))?;
         Ok(Some(out))
     }
 
