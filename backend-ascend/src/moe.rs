@@ -486,17 +486,15 @@ impl AscendBackend {
         let xb = self.cast_to(&xt, Dt::ACL_BF16)?;
         let refs: Vec<&AscendWeight> = ws.iter().collect();
         let xm = Mem { buf: &xb, offset: 0, dtype: Dt::ACL_BF16 };
-        let state = &self.kernels.grouped_matmul_bf16;
-        let Some(got) = self.fused(state, || self.grouped_matmul_bf16(xm, m, &refs, &[2, 3]))? else {
-            return Ok(());
-        };
-        let want = self.round_to_bf16(&self.concat(
-            &[&self.linear(&self.narrow(&xt, 0, 0, 2)?, &ws[0])?, &self.linear(&self.narrow(&xt, 0, 2, 3)?, &ws[1])?],
-            0,
-        )?)?;
-        if let Some(why) = self.bf16_disagreement(&got, &want)? {
-            state.disable(format!("self-test of the BF16 form disagreed with Matmul: {why}"));
-        }
+        self.self_test_bf16(
+            &self.kernels.grouped_matmul_bf16,
+            "self-test of the BF16 form disagreed with Matmul",
+            || self.grouped_matmul_bf16(xm, m, &refs, &[2, 3]),
+            || {
+                let (a, b) = (self.narrow(&xt, 0, 0, 2)?, self.narrow(&xt, 0, 2, 3)?);
+                self.round_to_bf16(&self.concat(&[&self.linear(&a, &ws[0])?, &self.linear(&b, &ws[1])?], 0)?)
+            },
+        )?;
         Ok(())
     }
 
@@ -527,19 +525,21 @@ impl AscendBackend {
         let (ones_g, probe_ref) = (self.reshape(&ones, &[1, 1, 256])?, &probe);
         let pairs = [(&ws[0], &xt, &xg, n), (&ws[1], &xt, &xg, n), (probe_ref, &ones, &ones_g, 1)];
         for (w, xt, xg, n) in pairs.into_iter().filter(|(w, ..)| holds_bf16(w)) {
-            let Some(got) = self.fused(state, || self.linear_bf16(xt, w))? else {
+            // The BF16 Matmul itself (`linear_bf16` would hand an INT8-group or MXFP4 weight to
+            // the weight-quant matmul, which has its own self-test).
+            let still_on = self.self_test_bf16(
+                state,
+                "self-test disagreed with Matmul in f32 rounded to BF16",
+                || self.linear_bf16_dequantised(xt, w, xt.shape[0]),
+                || self.round_to_bf16(&self.linear(xt, w)?),
+            )? && self.self_test_bf16(
+                state,
+                "self-test disagreed with BatchMatMul in f32 rounded to BF16",
+                || self.grouped_linear_bf16(xg, w, n),
+                || self.round_to_bf16(&self.grouped_linear(xg, w, n)?),
+            )?;
+            if !still_on {
                 return Ok(());
-            };
-            let want = self.round_to_bf16(&self.linear(xt, w)?)?;
-            let Some(got_g) = self.fused(state, || self.grouped_linear_bf16(xg, w, n))? else {
-                return Ok(());
-            };
-            let want_g = self.round_to_bf16(&self.grouped_linear(xg, w, n)?)?;
-            for (what, got, want) in [("Matmul", got, want), ("BatchMatMul", got_g, want_g)] {
-                if let Some(why) = self.bf16_disagreement(&got, &want)? {
-                    state.disable(format!("self-test disagreed with {what} in f32 rounded to BF16: {why}"));
-                    return Ok(());
-                }
             }
         }
         Ok(())
@@ -563,19 +563,38 @@ impl AscendBackend {
         let ones = self.upload(&[1.0; 256], &[1, 256])?;
         let probe = self.upload_weight(&fp4_accumulation_probe()?)?;
         for (xt, w) in [(&xt, &ws[1]), (&ones, &probe)] {
-            if !self.weight_quant_applies(w, xt.shape[0]) {
-                continue;
-            }
-            let Some(got) = self.fused(state, || self.linear_weight_quant(xt, w))? else {
-                return Ok(());
-            };
-            let want = self.round_to_bf16(&self.linear(xt, w)?)?;
-            if let Some(why) = self.bf16_disagreement(&got, &want)? {
-                state.disable(format!("self-test disagreed with Matmul in f32 rounded to BF16: {why}"));
+            let still_on = !self.weight_quant_applies(w, xt.shape[0])
+                || self.self_test_bf16(
+                    state,
+                    "self-test disagreed with Matmul in f32 rounded to BF16",
+                    || self.linear_weight_quant(xt, w),
+                    || self.round_to_bf16(&self.linear(xt, w)?),
+                )?;
+            if !still_on {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// One comparison of a BF16 self-test: `kernel` run under `state` (an operator error
+    /// switches it off, [`Self::fused`]) against `reference` ([`Self::bf16_disagreement`]; a
+    /// disagreement switches it off as `"{disagreed}: …"`). Whether `state` is still on.
+    fn self_test_bf16(
+        &self,
+        state: &KernelState,
+        disagreed: &str,
+        kernel: impl FnOnce() -> Result<AscendTensor>,
+        reference: impl FnOnce() -> Result<AscendTensor>,
+    ) -> Result<bool> {
+        let Some(got) = self.fused(state, kernel)? else {
+            return Ok(false);
+        };
+        if let Some(why) = self.bf16_disagreement(&got, &reference()?)? {
+            state.disable(format!("{disagreed}: {why}"));
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// `got` against `want` (both BF16 values): None when every value is within one BF16 ulp
