@@ -242,6 +242,15 @@ pub fn check_decode_schedules<B: Backend>(be: &B, tolerance: f64) {
     }
 }
 
+/// A fixture case's checkpoint loaded on `be`, its prompt prefilled: max |Δlogit| / max |logit|
+/// against its reference ([`max_rel_err`]).
+pub fn prefill_error<B: Backend>(be: &B, case: &Path) -> f64 {
+    let model = load_model(be, case);
+    let r = read_reference(case);
+    let logits = be.download(&model.forward(be, &Batch::prefill(&[&r.input_ids]).unwrap()).unwrap()).unwrap();
+    max_rel_err(&logits, &r.logits)
+}
+
 /// Prefill logits of every fixture on `be` against the reference (max |Δ| / max |logit| ≤
 /// `tolerance`), with the per-layer errors printed to locate a failure.
 pub fn check_every_fixture<B: Backend>(be: &B, tolerance: f64) {

@@ -6,8 +6,6 @@
 //! reason, and the model must still match the
 //! reference through the compositions. A separate test binary: the quirks are process-wide.
 
-use dsv4_core::Backend;
-
 #[test]
 fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
     dsv4_tests::use_ascend_emulator();
@@ -32,10 +30,6 @@ fn kernels_that_disagree_or_fail_are_switched_off_at_open() {
     assert!(!weight_quant.used && weight_quant.why.contains("self-test disagreed"), "{weight_quant:?}");
 
     let case = dsv4_tests::fixtures_dir().join("mixed_f32");
-    let model = dsv4_tests::load_model(&be, &case);
-    let r = dsv4_tests::read_reference(&case);
-    let logits =
-        be.download(&model.forward(&be, &dsv4_core::Batch::prefill(&[&r.input_ids]).unwrap()).unwrap()).unwrap();
-    let err = dsv4_tests::max_rel_err(&logits, &r.logits);
+    let err = dsv4_tests::prefill_error(&be, &case);
     assert!(err <= 1e-4, "{err:.3e}");
 }
