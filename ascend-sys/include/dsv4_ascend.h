@@ -446,7 +446,8 @@ DSV4_ACLNN_LAUNCH(aclnnMoeGatingTopKV2);
 
 /* The V4 attention kernels below: prototypes from the hicann/ops-transformer docs as read on
  * 2026-12-02 (aclnnSparseFlashMla.md @ 05683434, aclnnSparseFlashMlaMetadata.md @ 030ddc32,
- * aclnnLightningIndexerV2.md and its metadata doc as stored that day). Other revisions export
+ * aclnnLightningIndexerV2.md and its metadata doc as stored that day; aclnnCompressor.md @ 06334407
+ * as read on 2026-12-05). Other revisions export
  * other argument lists under the same names, so dsv4 uses them only when opted in
  * (DSV4_ASCEND_FUSED=all); compare these with the installed aclnnop headers first. */
 
@@ -507,6 +508,24 @@ aclnnStatus aclnnLightningIndexerV2GetWorkspaceSize(
     const aclTensor *sparseIndices, const aclTensor *sparseValues, uint64_t *workspaceSize,
     aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnLightningIndexerV2);
+
+/** KV compressor of DeepSeek-V4's compressed attention (docs: attention/compressor/docs/
+ * aclnnCompressor.md): kv = x @ wkv^T and score = x @ wgate^T + ape[pos % cmpRatio] per token, the
+ * new [kv | score] rows saved into stateCacheRef (FLOAT [block_num, block_size, 2 * coff * D], paged
+ * through stateBlockTableOptional; cacheMode 1 linear, 2 ring buffer), and every window of cmpRatio
+ * tokens completed by this step pooled by a per-column softmax over its coff * cmpRatio candidate
+ * rows (coff 2: the previous window's first D columns and this window's last D) into one row of
+ * cmpKvOut (x's dtype, [min(T, T/cmpRatio + B), D] for x [T, H], [B, ceil(S/cmpRatio), D] for
+ * x [B, S, H]). Combinations: D 512 / coff 2 / ratio 4 (C4A), D 128 / coff 2 / ratio 4 (C4Li),
+ * D 512 / coff 1 / ratio 128 (C128A). softmaxScoreOut and kvOut (FLOAT) hold the intermediates only
+ * when gradEnabled is true. Atlas A3 and Ascend 950 only. */
+aclnnStatus aclnnCompressorGetWorkspaceSize(
+    const aclTensor *x, const aclTensor *wkv, const aclTensor *wgate, aclTensor *stateCacheRef,
+    const aclTensor *ape, const aclTensor *stateBlockTableOptional, const aclTensor *cuSeqlensOptional,
+    const aclTensor *sequsedOptional, const aclTensor *startPosOptional, int64_t cmpRatio, int64_t coff,
+    int64_t cacheMode, int64_t stateCacheStrideDim0, bool gradEnabled, const aclTensor *cmpKvOut,
+    const aclTensor *softmaxScoreOut, const aclTensor *kvOut, uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnCompressor);
 
 #undef DSV4_ACLNN_LAUNCH
 

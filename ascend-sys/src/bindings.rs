@@ -1015,6 +1015,34 @@ acl_functions! {
         executor: *mut aclOpExecutor,
         stream: aclrtStream,
     ) -> aclnnStatus;
+    #[doc = " KV compressor of DeepSeek-V4's compressed attention (docs: attention/compressor/docs/\n aclnnCompressor.md): kv = x @ wkv^T and score = x @ wgate^T + ape[pos % cmpRatio] per token, the\n new [kv | score] rows saved into stateCacheRef (FLOAT [block_num, block_size, 2 * coff * D], paged\n through stateBlockTableOptional; cacheMode 1 linear, 2 ring buffer), and every window of cmpRatio\n tokens completed by this step pooled by a per-column softmax over its coff * cmpRatio candidate\n rows (coff 2: the previous window's first D columns and this window's last D) into one row of\n cmpKvOut (x's dtype, [min(T, T/cmpRatio + B), D] for x [T, H], [B, ceil(S/cmpRatio), D] for\n x [B, S, H]). Combinations: D 512 / coff 2 / ratio 4 (C4A), D 128 / coff 2 / ratio 4 (C4Li),\n D 512 / coff 1 / ratio 128 (C128A). softmaxScoreOut and kvOut (FLOAT) hold the intermediates only\n when gradEnabled is true. Atlas A3 and Ascend 950 only."]
+    pub fn aclnnCompressorGetWorkspaceSize(
+        x: *const aclTensor,
+        wkv: *const aclTensor,
+        wgate: *const aclTensor,
+        stateCacheRef: *mut aclTensor,
+        ape: *const aclTensor,
+        stateBlockTableOptional: *const aclTensor,
+        cuSeqlensOptional: *const aclTensor,
+        sequsedOptional: *const aclTensor,
+        startPosOptional: *const aclTensor,
+        cmpRatio: i64,
+        coff: i64,
+        cacheMode: i64,
+        stateCacheStrideDim0: i64,
+        gradEnabled: bool,
+        cmpKvOut: *const aclTensor,
+        softmaxScoreOut: *const aclTensor,
+        kvOut: *const aclTensor,
+        workspaceSize: *mut u64,
+        executor: *mut *mut aclOpExecutor,
+    ) -> aclnnStatus;
+    pub fn aclnnCompressor(
+        workspace: *mut ::std::os::raw::c_void,
+        workspaceSize: u64,
+        executor: *mut aclOpExecutor,
+        stream: aclrtStream,
+    ) -> aclnnStatus;
     #[doc = " Objects of one kind created by the calling thread and not yet destroyed."]
     pub fn dsv4emu_live_objects(kind: dsv4emuObjectKind) -> u64;
     #[doc = " GetWorkspaceSize calls (all threads) since the process started, of the named operator (NULL: all)."]

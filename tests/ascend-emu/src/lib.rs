@@ -47,6 +47,7 @@
 mod mem;
 #[macro_use]
 mod ops;
+mod compressor;
 mod flash_mla;
 mod fused;
 mod hccl;
