@@ -124,6 +124,45 @@ pub enum IndexScores {
     Bf16,
 }
 
+/// One sequence's step through a KV compressor (spec §B.4.3), the arguments of
+/// [`Backend::compressor_step`].
+///
+/// The step feeds the tokens `x` `[S, D]` at positions `start..start + S`. The carry pool
+/// holds, per window block, the raw rows of the incomplete window (and, with `overlap`, of the
+/// complete window before it) as projection rows then score rows (`crate::kv::layout`,
+/// [`crate::kv::SeqCompressPlan`]).
+///
+/// Generic over a backend's tensor, index and weight types (not the backend), so that a wrapper
+/// backend with the same types (`crate::profile::Profiled`) forwards it as it is.
+pub struct CompressorStep<'a, T, I, W> {
+    /// The step's tokens `[S, D]`.
+    pub x: &'a T,
+    /// Content and gate projections, `[c·dim, D]` (c = 2 with overlap, else 1).
+    pub wkv: &'a W,
+    pub wgate: &'a W,
+    /// Position bias added to the scores, `[ratio, c·dim]`: row `p mod ratio` for position p.
+    pub ape: &'a T,
+    pub ratio: usize,
+    /// CSA's overlapping windows (two halves per projection row).
+    pub overlap: bool,
+    /// Width of one entry (`dim`).
+    pub dim: usize,
+    /// Position of the step's first token.
+    pub start: usize,
+    /// Position of the first carried row (a multiple of `ratio`): the carry holds positions
+    /// `carry_base..start`.
+    pub carry_base: usize,
+    /// Carry-pool rows of those positions `[2n]` (projections, then scores); None when n = 0.
+    pub carry_read: Option<&'a I>,
+    /// The rows to keep, as sources in the step's `[carried ++ new]` rows `[k]`, and the
+    /// carry-pool rows they go to `[2k]` (projections, then scores).
+    pub carry_write: Option<(&'a I, &'a I)>,
+}
+
+/// [`CompressorStep`] over backend `B`'s types.
+pub type CompressorStepOf<'a, B> =
+    CompressorStep<'a, <B as Backend>::Tensor, <B as Backend>::Index, <B as Backend>::Weight>;
+
 /// One routed or shared expert: gate (`w1`), up (`w3`) and down (`w2`) projections.
 pub struct ExpertWeights<W> {
     pub w1: W,
@@ -351,6 +390,26 @@ pub trait Backend: Send + Sync {
         self.reshape(&out, &[t, d])
     }
 
+    /// One sequence's step through a KV compressor (spec §B.4.3), up to the pooled entries:
+    /// the projections `a = wkv·x`, the scores `z = wgate·x + ape[p mod ratio]`, the carry read
+    /// and written back, and [`Backend::compressor_pool`] over every window the step completes.
+    /// Returns those windows' entries `[W, dim]` (before their norm and RoPE), or None when the
+    /// step completes no window.
+    ///
+    /// `act` is the caller's activation precision: when it is not `F32`, `x` holds BF16 values
+    /// and the entries are rounded to BF16 next, so a backend may use a kernel that takes BF16
+    /// tokens and returns BF16 entries (Ascend's `aclnnCompressor`); under `F32` the entries
+    /// must keep f32 accuracy.
+    fn compressor_step(
+        &self,
+        step: &CompressorStep<'_, Self::Tensor, Self::Index, Self::Weight>,
+        carry: &mut Self::Pool,
+        act: Precision,
+    ) -> Result<Option<Self::Tensor>> {
+        let _ = act;
+        composed::compressor_step(self, step, carry)
+    }
+
     /// Compressor pooling (spec §B.4.3): kv, score `[W, L, c]` → `Σ_l softmax_l(score)·kv`,
     /// `[W, c]`, the softmax taken per channel over the L candidate rows.
     fn compressor_pool(&self, kv: &Self::Tensor, score: &Self::Tensor) -> Result<Self::Tensor> {
@@ -474,6 +533,86 @@ pub mod composed {
             Some(bad) => Err(Error::backend(backend, format!("moe_experts: expert id {bad} is outside 0..{experts}"))),
             None => Ok(()),
         }
+    }
+
+    /// The definition of [`Backend::compressor_step`]: the two projections and the position
+    /// bias in f32, the carried rows put in front, the rows to keep written back to the carry,
+    /// then every complete window laid out as candidates (with overlap: the first halves of the
+    /// window before, then the second halves of this one) and pooled by
+    /// [`Backend::compressor_pool`].
+    pub fn compressor_step<B: Backend + ?Sized>(
+        be: &B,
+        step: &CompressorStepOf<'_, B>,
+        carry: &mut B::Pool,
+    ) -> Result<Option<B::Tensor>> {
+        let (m, start) = (step.ratio, step.start);
+        let width = if step.overlap { 2 * step.dim } else { step.dim };
+        let s = step.x.shape()[0];
+        let kv = be.linear(step.x, step.wkv)?;
+        let ape_rows: Vec<i32> = (start..start + s).map(|p| (p % m) as i32).collect();
+        let ape = be.index_select(step.ape, &be.upload_index(&ape_rows, &[s])?)?;
+        let score = be.binary(&be.linear(step.x, step.wgate)?, &ape, BinaryOp::Add)?;
+        // Rows of positions carry_base..start+S.
+        let (kv, score) = match step.carry_read {
+            Some(idx) => {
+                let c = idx.numel() / 2;
+                let carried = be.pool_read(carry, idx)?; // [2c, width]
+                (
+                    be.concat(&[&be.narrow(&carried, 0, 0, c)?, &kv], 0)?,
+                    be.concat(&[&be.narrow(&carried, 0, c, c)?, &score], 0)?,
+                )
+            }
+            None => (kv, score),
+        };
+        if let Some((src, dst)) = step.carry_write {
+            let rows = be.concat(&[&be.index_select(&kv, src)?, &be.index_select(&score, src)?], 0)?;
+            be.pool_write(carry, dst, &rows)?;
+        }
+        let (w0, w1) = (start / m, (start + s) / m);
+        if w1 == w0 {
+            return Ok(None);
+        }
+        // Every complete window in the rows, as [windows, m, width].
+        let base_window = step.carry_base / m;
+        let (total, used) = (w1 - base_window, (w1 - base_window) * m);
+        let kv = be.reshape(&be.narrow(&kv, 0, 0, used)?, &[total, m, width])?;
+        let score = be.reshape(&be.narrow(&score, 0, 0, used)?, &[total, m, width])?;
+        let (kv, score) = if step.overlap {
+            let has_prev = base_window < w0;
+            (
+                overlap_candidates(be, &kv, m, step.dim, has_prev, 0.0)?,
+                overlap_candidates(be, &score, m, step.dim, has_prev, f32::NEG_INFINITY)?,
+            )
+        } else {
+            (kv, score)
+        };
+        be.compressor_pool(&kv, &score).map(Some)
+    }
+
+    /// CSA candidate layout `[W, 2m, dim]` from complete windows `[n, m, 2·dim]`: rows 0..m are
+    /// the first halves of the previous window, rows m..2m the second halves of this one. With
+    /// `has_prev` the first of the n windows only supplies first halves (it completed in an
+    /// earlier step, W = n − 1); without, the sequence starts here and the window before the
+    /// first has `fill` everywhere (zero content, −inf score; W = n).
+    fn overlap_candidates<B: Backend + ?Sized>(
+        be: &B,
+        x: &B::Tensor,
+        m: usize,
+        dim: usize,
+        has_prev: bool,
+        fill: f32,
+    ) -> Result<B::Tensor> {
+        let n = x.shape()[0];
+        let first = be.narrow(x, 2, 0, dim)?;
+        let second = be.narrow(x, 2, dim, dim)?;
+        let (prev, cur) = if has_prev {
+            (be.narrow(&first, 0, 0, n - 1)?, be.narrow(&second, 0, 1, n - 1)?)
+        } else {
+            let pad = be.full(&[1, m, dim], fill)?;
+            let prev = if n == 1 { pad } else { be.concat(&[&pad, &be.narrow(&first, 0, 0, n - 1)?], 0)? };
+            (prev, second)
+        };
+        be.concat(&[&prev, &cur], 1)
     }
 
     /// The definition of [`Backend::compressor_pool`]: a softmax over the L candidate rows

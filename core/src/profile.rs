@@ -26,7 +26,9 @@ use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BinaryOp, DeviceTensor, ExpertWeights, FakeQuant, ReduceOp, RowFormat, UnaryOp};
+use crate::backend::{
+    Backend, BinaryOp, CompressorStep, DeviceTensor, ExpertWeights, FakeQuant, ReduceOp, RowFormat, UnaryOp,
+};
 use crate::config::ScoringFunc;
 use crate::error::Result;
 use crate::precision::Precision;
@@ -269,6 +271,12 @@ profiled_backend! {
         hc_eps: f32,
         norm_eps: f32,
     ) -> Result<Self::Tensor>;
+    timed fn compressor_step(
+        &self,
+        step: &CompressorStep<'_, Self::Tensor, Self::Index, Self::Weight>,
+        carry: &mut Self::Pool,
+        act: Precision,
+    ) -> Result<Option<Self::Tensor>>;
     timed fn compressor_pool(&self, kv: &Self::Tensor, score: &Self::Tensor) -> Result<Self::Tensor>;
     #[allow(clippy::too_many_arguments)]
     timed fn indexer_select(

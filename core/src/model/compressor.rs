@@ -8,9 +8,9 @@
 //! Entries are RMS-normed and roped (compress table) at the position of their window's first
 //! token. Tokens of an incomplete window wait in the carry (`crate::kv`) until it completes.
 
-use crate::backend::{Backend, BinaryOp, DeviceTensor};
+use crate::backend::{Backend, CompressorStep, DeviceTensor};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::SeqCompressPlan;
 use crate::model::loader::Loader;
 use crate::model::official::{kv_row_quant, rotate_and_quantise};
@@ -63,14 +63,6 @@ impl<B: Backend> Compressor<B> {
         Compressor { rotate: true, ..self }
     }
 
-    fn width(&self) -> usize {
-        if self.overlap {
-            2 * self.dim
-        } else {
-            self.dim
-        }
-    }
-
     /// Feeds the step's tokens of one sequence, x `[S, D]` at positions `sp.start..`: reads the
     /// carry (the raw rows of the incomplete window and, with overlap, of the window before it)
     /// from `carry`, writes the carry back at every page end the step crosses and at its end,
@@ -85,42 +77,33 @@ impl<B: Backend> Compressor<B> {
         rope: &RopeTable,
         prec: Precision,
     ) -> Result<Option<B::Tensor>> {
-        let (m, width, start) = (self.ratio, self.width(), sp.start);
-        let s = x.shape()[0];
-        let kv = be.linear(x, &self.wkv)?;
-        let ape_rows: Vec<i32> = (start..start + s).map(|p| (p % m) as i32).collect();
-        let ape = be.index_select(&self.ape, &be.upload_index(&ape_rows, &[s])?)?;
-        let score = be.binary(&be.linear(x, &self.wgate)?, &ape, BinaryOp::Add)?;
-        // Rows of positions carry_base..start+S.
-        let (kv, score) = match &sp.carry_read {
-            Some(idx) => {
-                let c = idx.numel() / 2;
-                let carried = be.pool_read(carry, idx)?; // [2c, width]
-                (
-                    be.concat(&[&be.narrow(&carried, 0, 0, c)?, &kv], 0)?,
-                    be.concat(&[&be.narrow(&carried, 0, c, c)?, &score], 0)?,
-                )
-            }
-            None => (kv, score),
+        let step = CompressorStep {
+            x,
+            wkv: &self.wkv,
+            wgate: &self.wgate,
+            ape: &self.ape,
+            ratio: self.ratio,
+            overlap: self.overlap,
+            dim: self.dim,
+            start: sp.start,
+            carry_base: sp.carry_base,
+            carry_read: sp.carry_read.as_ref(),
+            carry_write: sp.carry_write.as_ref().map(|(src, dst)| (src, dst)),
         };
-        if let Some((src, dst)) = &sp.carry_write {
-            let rows = be.concat(&[&be.index_select(&kv, src)?, &be.index_select(&score, src)?], 0)?;
-            be.pool_write(carry, dst, &rows)?;
-        }
-        let (w0, w1) = (start / m, (start + s) / m);
-        if w1 == w0 {
+        let Some(pooled) = be.compressor_step(&step, carry, prec)? else {
             return Ok(None);
-        }
-        // Every complete window in the rows, as [windows, m, width].
-        let base_window = sp.carry_base / m;
-        let (total, used) = (w1 - base_window, (w1 - base_window) * m);
-        let kv = be.reshape(&be.narrow(&kv, 0, 0, used)?, &[total, m, width])?;
-        let score = be.reshape(&be.narrow(&score, 0, 0, used)?, &[total, m, width])?;
-        let (kv, score) =
-            if self.overlap { self.overlap_candidates(be, &kv, &score, base_window < w0)? } else { (kv, score) };
+        };
+        let m = self.ratio;
+        let (w0, w1) = (sp.start / m, (sp.start + x.shape()[0]) / m);
         let windows = w1 - w0;
+        if pooled.shape() != [windows, self.dim] {
+            return Err(Error::backend(
+                be.name(),
+                format!("compressor_step returned {:?} for {windows} windows of {}", pooled.shape(), self.dim),
+            ));
+        }
         // The projections and the pooling stay f32; the entry is cast before its norm (§B.4.3).
-        let pooled = prec.act_of(be, be.compressor_pool(&kv, &score))?; // [W, dim]
+        let pooled = prec.act_of(be, Ok(pooled))?; // [W, dim]
         let normed = prec.act_of(be, be.rms_norm(&pooled, Some(&self.norm), self.eps))?;
         let positions: Vec<usize> = (w0..w1).map(|w| w * m).collect();
         let (cos, sin) = rope.cos_sin(&positions);
@@ -133,33 +116,5 @@ impl<B: Backend> Compressor<B> {
             return Ok(Some(rotate_and_quantise(be, &entries, prec)?));
         }
         Ok(Some(kv_row_quant(be, &entries, 2 * half, prec)?))
-    }
-
-    /// CSA candidate layout `[W, 2m, dim]` from complete windows `[n, m, 2·dim]`: rows 0..m are
-    /// the first halves of the previous window, rows m..2m the second halves of this one. With
-    /// `has_prev` the first of the n windows only supplies first halves (it completed in an
-    /// earlier step, W = n − 1); without, the sequence starts here and the window before the
-    /// first has zero content and −inf score (W = n).
-    fn overlap_candidates(
-        &self,
-        be: &B,
-        kv: &B::Tensor,
-        score: &B::Tensor,
-        has_prev: bool,
-    ) -> Result<(B::Tensor, B::Tensor)> {
-        let (m, dc, n) = (self.ratio, self.dim, kv.shape()[0]);
-        let candidates = |x: &B::Tensor, fill: f32| -> Result<B::Tensor> {
-            let first = be.narrow(x, 2, 0, dc)?;
-            let second = be.narrow(x, 2, dc, dc)?;
-            let (prev, cur) = if has_prev {
-                (be.narrow(&first, 0, 0, n - 1)?, be.narrow(&second, 0, 1, n - 1)?)
-            } else {
-                let pad = be.full(&[1, m, dc], fill)?;
-                let prev = if n == 1 { pad } else { be.concat(&[&pad, &be.narrow(&first, 0, 0, n - 1)?], 0)? };
-                (prev, second)
-            };
-            be.concat(&[&prev, &cur], 1)
-        };
-        Ok((candidates(kv, 0.0)?, candidates(score, f32::NEG_INFINITY)?))
     }
 }
