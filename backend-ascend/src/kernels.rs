@@ -206,6 +206,18 @@ pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
     opt_in: true,
 };
 
+/// `aclnnCompressor` for `compressor_step` in bf16/official: a compressor's two projections,
+/// position bias, state update and window pooling in one launch, BF16 tokens and weights,
+/// hidden size 1024..=10240 (a multiple of 512), and only the three V4 shapes (CSA attention
+/// D = 512 and indexer D = 128 with overlapping windows of 4, HCA D = 512 windows of 128).
+/// Atlas A3 and the 950 (`aclnnCompressor.md` lists Atlas A2 as unsupported).
+pub const COMPRESSOR: KernelSpec = KernelSpec {
+    name: "compressor_step (bf16/official, H >= 1024): aclnnCompressor",
+    symbols: &["aclnnCompressorGetWorkspaceSize", "aclnnCompressor"],
+    families: &[SocFamily::AtlasA3, SocFamily::Ascend950],
+    opt_in: true,
+};
+
 pub const ALL: &[&KernelSpec] = &[
     &GROUPED_MATMUL,
     &GROUPED_MATMUL_BF16,
@@ -216,6 +228,7 @@ pub const ALL: &[&KernelSpec] = &[
     &MOE_GATING_SQRT_SOFTPLUS,
     &SPARSE_FLASH_MLA,
     &LIGHTNING_INDEXER,
+    &COMPRESSOR,
 ];
 
 /// The decision for one kernel, with the reason when it is not used.
@@ -294,6 +307,7 @@ pub struct Kernels {
     pub gating_sqrt_softplus: KernelState,
     pub sparse_flash_mla: KernelState,
     pub lightning_indexer: KernelState,
+    pub compressor: KernelState,
 }
 
 impl Kernels {
@@ -314,6 +328,7 @@ impl Kernels {
             gating_sqrt_softplus: state(&MOE_GATING_SQRT_SOFTPLUS),
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
             lightning_indexer: state(&LIGHTNING_INDEXER),
+            compressor: state(&COMPRESSOR),
         }
     }
 
@@ -333,7 +348,7 @@ impl Kernels {
     }
 
     /// Every kernel's state, in the order of [`ALL`].
-    fn all(&self) -> [&KernelState; 9] {
+    fn all(&self) -> [&KernelState; 10] {
         [
             &self.grouped_matmul,
             &self.grouped_matmul_bf16,
@@ -344,6 +359,7 @@ impl Kernels {
             &self.gating_sqrt_softplus,
             &self.sparse_flash_mla,
             &self.lightning_indexer,
+            &self.compressor,
         ]
     }
 }

@@ -39,7 +39,7 @@
 //! | `moe_route` (V4 sqrt-softplus scores) | `aclnnMoeGatingTopKV2` normType 2 | no | no | yes | **yes** on 950; else Softplus, Sqrt, Add, Topk, Gather, ReduceSum, Div |
 //! | `sparse_attention` | `aclnnSparseFlashMla` (+ `…Metadata`; "SWA sparse ori_kv": D = 512, BF16/FP16) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official with a BF16 pool (padded to a block multiple, `pool.rs`; `attention.rs`); else IndexSelect, Matmul, Softmax, Matmul |
 //! | `indexer_select` | `aclnnLightningIndexerV2` (D = 128, BF16/FP16 q/k) | yes | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16 with a BF16 pool (`indexer.rs`); else Matmul, Relu, ReduceSum, Topk |
-//! | compressor step | `aclnnCompressor` | docs disagree | yes | yes | no: its per-token state needs another carry layout |
+//! | `compressor_step` | `aclnnCompressor` (H 1024..=10240, C4A / C4Li / C128A, BF16 x and weights) | no (`aclnnCompressor.md`) | yes | yes | opt-in (`DSV4_ASCEND_FUSED=all`): in bf16/official at V4's widths, through a per-step scratch state (`compressor.rs`); else Matmul, IndexSelect, Add, Softmax, Mul, ReduceSum |
 //! | `hc_pre` / `hc_post` / `hc_head` (mHC) | custom ops only (cann-recipes `npu_hc_pre/post`) | – | – | – | no: default composition |
 //! | `swiglu` | `aclnnSwiGlu` (no clamp) | yes | yes | yes | no: the V4 clamp needs Clamp + Silu + Mul |
 //!
@@ -134,6 +134,7 @@ pub fn open_with(device: usize, policy: FusedPolicy) -> Result<AscendBackend> {
     be.self_test_linear_bf16()?;
     be.self_test_attention()?;
     be.self_test_indexer()?;
+    be.self_test_compressor()?;
     Ok(be)
 }
 
@@ -340,6 +341,7 @@ macro_rules! aclnn_cached {
 }
 
 mod attention;
+mod compressor;
 pub mod hccl;
 mod indexer;
 mod moe;
@@ -1742,6 +1744,18 @@ impl Backend for AscendBackend {
         match self.sparse_attention_fused(q, kv, idx, sinks, scale, act)? {
             Some(out) => Ok(out),
             None => composed::sparse_attention(self, q, kv, idx, sinks, scale),
+        }
+    }
+
+    fn compressor_step(
+        &self,
+        step: &dsv4_core::backend::CompressorStepOf<'_, Self>,
+        carry: &mut AscendPool,
+        act: Precision,
+    ) -> Result<Option<AscendTensor>> {
+        match self.compressor_step_fused(step, carry, act)? {
+            Some(out) => Ok(out),
+            None => composed::compressor_step(self, step, carry),
         }
     }
 

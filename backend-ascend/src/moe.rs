@@ -599,7 +599,7 @@ impl AscendBackend {
 
     /// `got` against `want` (both BF16 values): None when every value is within one BF16 ulp
     /// (2⁻⁷ relative, the summation order) plus 2⁻²⁰ of the largest, else both listed.
-    fn bf16_disagreement(&self, got: &AscendTensor, want: &AscendTensor) -> Result<Option<String>> {
+    pub(crate) fn bf16_disagreement(&self, got: &AscendTensor, want: &AscendTensor) -> Result<Option<String>> {
         let (g, w) = (self.download(got)?, self.download(want)?);
         let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
         let off = g.iter().zip(&w).any(|(a, b)| (a - b).abs() > 2f32.powi(-7) * b.abs() + 2f32.powi(-20) * scale);
