@@ -191,6 +191,13 @@ pub fn tiny_mtp() -> Result<(ModelConfig, Checkpoint)> {
     build(&c, 1)
 }
 
+/// The model of `config` (a V4 config.json) with this module's seeded random weights, for
+/// shapes no built-in model has (tests of kernels that need V4's real widths). Same generator,
+/// so the same config gives the same weights everywhere.
+pub fn random_weights(config: &serde_json::Value) -> Result<(ModelConfig, Checkpoint)> {
+    build(config, 0)
+}
+
 /// The model of `config` with `mtp_layers` MTP blocks (0 for all but `builtin:tiny-mtp`: a
 /// config without `num_nextn_predict_layers` means 1, as in the official code, but the other
 /// built-in models have none).

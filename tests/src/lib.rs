@@ -4,6 +4,7 @@
 pub mod backend_suite;
 pub mod collectives;
 pub mod fused_attention;
+pub mod fused_compressor;
 pub mod nodes;
 pub mod primitives_only;
 pub mod raw_acl;
