@@ -51,6 +51,14 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("cases")
 }
 
+/// `tests/fixtures/wide/<name>`: a case at V4's real widths (e.g. `compressor_dims`, hidden
+/// 1024), too large for the loops over every case, which read `cases/` only.
+pub fn wide_case(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("wide").join(name);
+    assert!(dir.join("config.json").is_file(), "no fixture at {}", dir.display());
+    dir
+}
+
 /// Every fixture case directory, sorted by name.
 pub fn fixture_cases() -> Vec<PathBuf> {
     fixture_cases_with_kv(KvDtype::F32)

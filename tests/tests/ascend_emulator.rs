@@ -23,6 +23,15 @@ fn every_fixture_matches_the_reference_on_the_emulator() {
     dsv4_tests::check_every_fixture(&be, TOLERANCE);
 }
 
+/// The fixture at `aclnnCompressor`'s widths (`tests/fixtures/wide/compressor_dims`), composed
+/// in f32 on the A2 (the kernel runs in bf16 on A3 / 950 only: `ascend_compressor_*.rs`).
+#[test]
+fn the_wide_fixture_matches_the_reference_on_the_emulator() {
+    let err = dsv4_tests::prefill_error(&backend(), &dsv4_tests::wide_case("compressor_dims"));
+    println!("compressor_dims prefill on the emulator: max rel err {err:.2e}");
+    assert!(err <= TOLERANCE, "{err:.3e}");
+}
+
 #[test]
 fn decode_and_chunked_prefill_match_the_full_forward_on_the_emulator() {
     dsv4_tests::check_decode_schedules(&backend(), TOLERANCE);

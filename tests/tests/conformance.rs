@@ -13,6 +13,24 @@ use dsv4_tests::{check_every_fixture, load_model, max_rel_err, read_reference};
 
 const TOLERANCE: f64 = 1e-4;
 
+/// The fixture at the widths of Ascend's `aclnnCompressor` (hidden 1024, entries of 512 and 128,
+/// HCA windows of 128; `tests/fixtures/wide/compressor_dims`): prefill, and prefill chunks with
+/// decode steps that complete the HCA window inside a chunk and CSA windows in decode steps.
+#[test]
+fn the_wide_fixture_matches_the_reference() {
+    let be = CpuBackend::new();
+    let case = dsv4_tests::wide_case("compressor_dims");
+    let err = dsv4_tests::prefill_error(&be, &case);
+    println!("compressor_dims prefill: max rel err {err:.2e}");
+    assert!(err <= TOLERANCE, "prefill {err:.3e}");
+    let (model, r) = (load_model(&be, &case), read_reference(&case));
+    let steps = [100, 1, 1, 1, 27, 1, 1];
+    let got = dsv4_tests::run_in_steps(&be, &model, &r.input_ids, &steps);
+    let err = max_rel_err(&got, &r.logits);
+    println!("compressor_dims in steps {steps:?}: max rel err {err:.2e}");
+    assert!(err <= TOLERANCE, "in steps {err:.3e}");
+}
+
 #[test]
 fn every_fixture_matches_the_reference() {
     check_every_fixture(&CpuBackend::new(), TOLERANCE);
