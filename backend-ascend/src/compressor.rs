@@ -25,7 +25,9 @@
 //! * The kernel's output `[min(S, S/ratio + 1), D]` holds the completed windows first, in order.
 //!
 //! Checked against the composition on a tiny input when the device opens
-//! ([`AscendBackend::self_test_compressor`]); a failing call switches the kernel off.
+//! ([`AscendBackend::self_test_compressor`]); a failing launch switches the kernel off and
+//! composes (nothing is written to the carry before the launch succeeded; a failure after the
+//! carry write is an error).
 
 use std::ptr::null_mut;
 
@@ -58,7 +60,8 @@ impl AscendBackend {
         act: Precision,
     ) -> Result<Option<Option<AscendTensor>>> {
         let state = &self.kernels.compressor;
-        if !state.usable() || act == Precision::F32 {
+        // The kernel returns BF16 entries: only where the caller rounds them to BF16 next.
+        if !state.usable() || !act.rounds_to_bf16() {
             return Ok(None);
         }
         let x = step.x;
@@ -82,32 +85,53 @@ impl AscendBackend {
         {
             return Ok(None);
         }
-        self.fused(state, || self.compressor(step, carry, s, h, width))
+        // The caller's contract (a wrong carry plan is a graph bug, not a kernel failure).
+        let c = step.start - step.carry_base;
+        let read = step.carry_read.map_or(0, |idx| idx.numel());
+        if read != 2 * c {
+            return Err(crate::acl::err(format!(
+                "compressor_step: {read} carry rows to read for {c} carried positions (expected {})",
+                2 * c
+            )));
+        }
+        let Some((scratch, entries)) = self.fused(state, || self.compressor(step, carry, s, h, width))? else {
+            return Ok(None);
+        };
+        // The carry is written last and outside `fused`: once the pool is written, a failure is
+        // an error, never a fall-back to the composition (which would read the rows just
+        // overwritten). The same source rows as the composition's, now scratch rows.
+        if let Some((src, dst)) = step.carry_write {
+            let rows = self.index_select(&scratch, &self.offset_index(src, step.ratio as i32)?)?; // [k, 2·width]
+            let kv = self.narrow(&rows, 1, 0, width)?;
+            let score = self.narrow(&rows, 1, width, width)?;
+            self.pool_write(carry, dst, &self.concat(&[&kv, &score], 0)?)?;
+        }
+        Ok(Some(entries))
     }
 
+    /// The launch: the scratch state after it (`[(1 + blocks)·ratio, 2·width]`, row
+    /// `ratio + p` = position `carry_base + p`) and the entries. Reads the carry, writes nothing
+    /// but temporaries.
     fn compressor(
         &self,
         step: &CompressorStepOf<'_, Self>,
-        carry: &mut AscendPool,
+        carry: &AscendPool,
         s: usize,
         h: usize,
         width: usize,
-    ) -> Result<Option<AscendTensor>> {
+    ) -> Result<(AscendTensor, Option<AscendTensor>)> {
         let m = step.ratio;
         let coff = if step.overlap { 2 } else { 1 };
-        let row = 2 * width; // one state row: kv then score + ape
-                             // Positions from carry_base: the carried rows 0..c, the step's c..c + s.
+        // One state row: kv, then score + ape.
+        let row = 2 * width;
+        // Positions from carry_base: the carried rows 0..c, the step's c..c + s.
         let c = step.start - step.carry_base;
         let blocks = (c + s).div_ceil(m);
-        // The scratch state [1 + blocks, m, row]: block 0 unused, block 1 + w = window w.
-        let scratch = self.full(&[(1 + blocks) * m, row], 0.0)?;
+        // The scratch state [1 + blocks, m, row]: block 0 unused, block 1 + w = window w. Not
+        // cleared: the kernel reads only the carried rows (copied in below) and writes the
+        // step's before anything reads them; nothing reads the rest.
+        let scratch = self.new_tensor(&[(1 + blocks) * m, row])?;
         if let Some(idx) = step.carry_read {
-            if idx.numel() != 2 * c {
-                return Err(crate::acl::err(format!(
-                    "compressor_step: {} carry rows read for {c} carried positions",
-                    idx.numel()
-                )));
-            }
             let carried = self.pool_read(carry, idx)?; // [2c, width]: projections, then scores
             let sm = self.tmem(&scratch);
             for (half, col) in [(0, 0), (c, width)] {
@@ -115,8 +139,6 @@ impl AscendBackend {
                 let src = self.view(self.tmem(&carried), &[c, width], &[width, 1], half * width)?;
                 self.copy(&dst, &src)?;
             }
-        } else if c != 0 {
-            return Err(crate::acl::err(format!("compressor_step: {c} carried positions but no carry rows to read")));
         }
 
         let xb = self.cast_to(step.x, Dt::ACL_BF16)?;
@@ -170,29 +192,23 @@ impl AscendBackend {
             )?;
         }
 
-        // The carry keeps what the composition keeps: the same source rows, now scratch rows.
-        if let Some((src, dst)) = step.carry_write {
-            let rows = self.index_select(&scratch, &self.offset_index(src, m as i32)?)?; // [k, row]
-            let kv = self.narrow(&rows, 1, 0, width)?;
-            let score = self.narrow(&rows, 1, width, width)?;
-            self.pool_write(carry, dst, &self.concat(&[&kv, &score], 0)?)?;
-        }
-
         let windows = (step.start + s) / m - step.start / m;
         if windows == 0 {
-            return Ok(None);
+            return Ok((scratch, None));
         }
         let pooled = self.new_tensor(&[windows, step.dim])?;
         self.cast_into(self.cview(Mem::bf16(&out), &[windows, step.dim])?, self.tv(&pooled)?, Dt::ACL_FLOAT)?;
-        Ok(Some(AscendTensor { bf16: true, ..pooled }))
+        Ok((scratch, Some(AscendTensor { bf16: true, ..pooled })))
     }
 
     /// Runs `aclnnCompressor` on a tiny indexer-shaped compressor (H = 1024, D = 128, windows
-    /// of 4 with overlap) against the composition, over three steps that cover a start at 0, a
-    /// start inside a window with the carry read back, a step that completes no window, and one
-    /// that completes two; compares the entries (within a BF16 rounding) and the carry the
-    /// steps leave (within f32 summation-order noise), and switches the kernel off with the
-    /// reason when they differ or anything fails (the device still opens, composing).
+    /// of 4 with overlap) against the composition, over four steps: a start at 0, a step inside
+    /// a window that completes none, one that starts inside a window (the carry read back) and
+    /// completes three, and one that starts at a window boundary (the previous window read back
+    /// whole); compares the entries (within a BF16 rounding) and the carry the steps leave
+    /// (within f32 summation-order noise), and switches the kernel off with the reason when they
+    /// differ, the kernel declines the step, or anything fails (the device still opens,
+    /// composing).
     pub(crate) fn self_test_compressor(&self) -> Result<()> {
         let state = &self.kernels.compressor;
         if !state.usable() {
@@ -225,7 +241,7 @@ impl AscendBackend {
         let mut fused_carry = self.alloc_pool(2 * shape.carry_rows(), width, dsv4_core::backend::RowFormat::F32)?;
         let mut composed_carry = self.alloc_pool(2 * shape.carry_rows(), width, dsv4_core::backend::RowFormat::F32)?;
         let mut start = 0;
-        for len in [6, 1, 9] {
+        for len in [6, 1, 9, 4] {
             let xv: Vec<f32> = (0..len * h).map(|i| wave(i + start * h, 0.013) / 16.0).collect();
             let x = AscendTensor { bf16: true, ..self.upload(&xv, &[len, h])? };
             let plan = SeqCompressPlan::lone(self, &shape, start, len)?;
@@ -245,7 +261,12 @@ impl AscendBackend {
             let got = match self.compressor_step_fused(&step, &mut fused_carry, Precision::Bf16)? {
                 Some(g) => g,
                 // The kernel failed and `fused` switched it off with the reason.
-                None => return Ok(()),
+                None if !state.usable() => return Ok(()),
+                None => {
+                    return Err(crate::acl::err(format!(
+                        "the kernel did not take the self-test's step at {start} of {len} tokens"
+                    )))
+                }
             };
             let want = composed::compressor_step(self, &step, &mut composed_carry)?
                 .map(|p| self.round_to_bf16(&p))

@@ -212,7 +212,7 @@ pub const LIGHTNING_INDEXER: KernelSpec = KernelSpec {
 /// D = 512 and indexer D = 128 with overlapping windows of 4, HCA D = 512 windows of 128).
 /// Atlas A3 and the 950 (`aclnnCompressor.md` lists Atlas A2 as unsupported).
 pub const COMPRESSOR: KernelSpec = KernelSpec {
-    name: "compressor_step (bf16/official, H >= 1024): aclnnCompressor",
+    name: "compressor_step (bf16/official, H 1K..10K): aclnnCompressor",
     symbols: &["aclnnCompressorGetWorkspaceSize", "aclnnCompressor"],
     families: &[SocFamily::AtlasA3, SocFamily::Ascend950],
     opt_in: true,

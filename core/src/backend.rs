@@ -396,10 +396,12 @@ pub trait Backend: Send + Sync {
     /// Returns those windows' entries `[W, dim]` (before their norm and RoPE), or None when the
     /// step completes no window.
     ///
-    /// `act` is the caller's activation precision: when it is not `F32`, `x` holds BF16 values
-    /// and the entries are rounded to BF16 next, so a backend may use a kernel that takes BF16
-    /// tokens and returns BF16 entries (Ascend's `aclnnCompressor`); under `F32` the entries
-    /// must keep f32 accuracy.
+    /// `act` is the caller's activation precision: where it rounds to BF16 (`bf16`, `official`),
+    /// the entries are rounded to BF16 next, so a backend may use a kernel that takes BF16
+    /// tokens (when `x` holds BF16 values) and returns BF16 entries (Ascend's
+    /// `aclnnCompressor`); otherwise (`f32`, `official-f32`) the entries must keep f32 accuracy.
+    ///
+    /// Profiles ([`crate::profile`]) time the whole step as one op, whether fused or composed.
     fn compressor_step(
         &self,
         step: &CompressorStep<'_, Self::Tensor, Self::Index, Self::Weight>,
