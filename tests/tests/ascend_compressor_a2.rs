@@ -12,6 +12,7 @@ fn compressors_compose_on_an_a2() {
     assert_eq!(r.vs_off, 0.0);
     assert!(r.vs_cpu <= dsv4_tests::fused_compressor::VS_CPU, "vs the CPU {:.2e}", r.vs_cpu);
     assert_eq!(r.fixture_launches, 0);
+    assert_eq!((r.official_launches, r.official_vs_off), (0, 0.0));
     assert_eq!(r.fixture_vs_reference, r.fixture_off_vs_reference);
     dsv4_tests::fused_compressor::judge_fixture(&r);
 }
