@@ -3,9 +3,10 @@
 //! windows of 4, HCA windows of 128), its seeded random weights
 //! ([`dsv4_core::builtin::random_weights`]), run in `bf16` over a schedule of prefill chunks and
 //! decode steps, with the kernel and with only the kernel switched off, and on the CPU backend.
-//! Shared by the per-SoC test binaries (the SoC is fixed per process). No fixture has these
-//! widths (the kernel takes H ≥ 1024), so the composition, which the fixtures check, is the
-//! reference here.
+//! Shared by the per-SoC test binaries (the SoC is fixed per process). The composition, which
+//! every fixture checks, is the reference for these runs; the one fixture at these widths
+//! (`tests/fixtures/wide/compressor_dims`) is prefilled too, in bf16 against its float64
+//! reference and in `official` with the kernel against without.
 //!
 //! The model is chosen so that nothing downstream of the compressor is discontinuous: both
 //! layers route by token hash, and the indexer's top-k (512) exceeds the entries the sequence
@@ -133,27 +134,16 @@ pub fn run_on(soc: &str) -> CompressorRun {
     let on_cpu = run_in_steps(&cpu, &model(&cpu), &ids, &STEPS);
     let case = crate::wide_case("compressor_dims");
     let reference = crate::read_reference(&case);
-    let prefill = |be: &dyn Fn() -> Vec<f32>| max_rel_err(&be(), &reference.logits);
-    let prefill_in = |be: &AscendBackend, precision: Precision| {
-        let mut m = crate::load_model(be, &case);
-        m.precision = precision;
-        let batch = dsv4_core::Batch::prefill(&[&reference.input_ids]).unwrap();
-        be.download(&m.forward(be, &batch).unwrap()).unwrap()
-    };
+    let vs_reference = |logits: Vec<f32>| max_rel_err(&logits, &reference.logits);
     let before = dsv4_backend_ascend::emulator_launches(KERNEL).unwrap();
-    let fixture_vs_reference = prefill(&|| prefill_in(&fused, Precision::Bf16));
+    let fixture_vs_reference = vs_reference(prefill(&fused, &case, &reference.input_ids, Precision::Bf16));
     let fixture_launches = dsv4_backend_ascend::emulator_launches(KERNEL).unwrap() - before;
-    let fixture_off_vs_reference = prefill(&|| prefill_in(&off, Precision::Bf16));
+    let fixture_off_vs_reference = vs_reference(prefill(&off, &case, &reference.input_ids, Precision::Bf16));
+    let fixture_cpu_vs_reference = vs_reference(prefill(&cpu, &case, &reference.input_ids, Precision::Bf16));
     let before = dsv4_backend_ascend::emulator_launches(KERNEL).unwrap();
-    let official = prefill_in(&fused, Precision::Official);
+    let official = prefill(&fused, &case, &reference.input_ids, Precision::Official);
     let official_launches = dsv4_backend_ascend::emulator_launches(KERNEL).unwrap() - before;
-    let official_vs_off = max_rel_err(&official, &prefill_in(&off, Precision::Official));
-    let fixture_cpu_vs_reference = prefill(&|| {
-        let mut m = crate::load_model(&cpu, &case);
-        m.precision = Precision::Bf16;
-        let batch = dsv4_core::Batch::prefill(&[&reference.input_ids]).unwrap();
-        cpu.download(&m.forward(&cpu, &batch).unwrap()).unwrap()
-    });
+    let official_vs_off = max_rel_err(&official, &prefill(&off, &case, &reference.input_ids, Precision::Official));
     let ops = [(512, true, 4), (128, true, 4), (512, false, 128)]
         .into_iter()
         .map(|(dim, overlap, ratio)| compare_steps(&fused, &off, CompressorShape { ratio, overlap, dim }))
@@ -189,6 +179,13 @@ pub fn run_on(soc: &str) -> CompressorRun {
         println!("{soc}: {op:?}");
     }
     r
+}
+
+/// The logits of a fixture's prompt prefilled on `be` in `precision`.
+fn prefill<B: Backend>(be: &B, case: &std::path::Path, ids: &[u32], precision: Precision) -> Vec<f32> {
+    let mut m = crate::load_model(be, case);
+    m.precision = precision;
+    be.download(&m.forward(be, &dsv4_core::Batch::prefill(&[ids]).unwrap()).unwrap()).unwrap()
 }
 
 /// Hidden size of the op-level steps (the kernel's smallest).
