@@ -226,15 +226,7 @@ impl AscendBackend {
     /// (also when the runtime reports it at the next synchronisation); the device then opens
     /// and composes.
     pub(crate) fn self_test_attention(&self) -> Result<()> {
-        let state = &self.kernels.sparse_flash_mla;
-        if !state.usable() {
-            return Ok(());
-        }
-        if let Err(e) = self.compare_attention_with_composition() {
-            state.disable(format!("self-test failed, so the composition is used: {e}"));
-            self.dev.synchronize()?;
-        }
-        Ok(())
+        self.self_test(&self.kernels.sparse_flash_mla, || self.compare_attention_with_composition())
     }
 
     fn compare_attention_with_composition(&self) -> Result<()> {

@@ -210,15 +210,7 @@ impl AscendBackend {
     /// differ, the kernel declines the step, or anything fails (the device still opens,
     /// composing).
     pub(crate) fn self_test_compressor(&self) -> Result<()> {
-        let state = &self.kernels.compressor;
-        if !state.usable() {
-            return Ok(());
-        }
-        if let Err(e) = self.compare_compressor_with_composition() {
-            state.disable(format!("self-test failed, so the composition is used: {e}"));
-            self.dev.synchronize()?;
-        }
-        Ok(())
+        self.self_test(&self.kernels.compressor, || self.compare_compressor_with_composition())
     }
 
     fn compare_compressor_with_composition(&self) -> Result<()> {

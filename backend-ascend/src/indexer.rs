@@ -401,15 +401,7 @@ impl AscendBackend {
     /// Each query's last visible and first invisible keys score highest of all
     /// ([`self_test_queries`]), so a visibility off by one key changes its picks.
     pub(crate) fn self_test_indexer(&self) -> Result<()> {
-        let state = &self.kernels.lightning_indexer;
-        if !state.usable() {
-            return Ok(());
-        }
-        if let Err(e) = self.compare_indexer_with_composition() {
-            state.disable(format!("self-test failed, so the composition is used: {e}"));
-            self.dev.synchronize()?;
-        }
-        Ok(())
+        self.self_test(&self.kernels.lightning_indexer, || self.compare_indexer_with_composition())
     }
 
     fn compare_indexer_with_composition(&self) -> Result<()> {

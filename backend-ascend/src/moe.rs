@@ -272,6 +272,21 @@ impl AscendBackend {
         }
     }
 
+    /// Runs a fused kernel's self-test at device open when the kernel is in use: `compare`
+    /// checks it against the composition and switches it off itself when they disagree; an
+    /// error from `compare` (the kernel failed, or the test could not run) switches it off
+    /// with that reason, after the stream is drained, and the device still opens composing.
+    pub(crate) fn self_test(&self, state: &KernelState, compare: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !state.usable() {
+            return Ok(());
+        }
+        if let Err(e) = compare() {
+            state.disable(format!("self-test failed, so the composition is used: {e}"));
+            self.dev.synchronize()?;
+        }
+        Ok(())
+    }
+
     /// `x [M, K]` through one weight `[N, K]` per group, group g taking `counts[g]`
     /// consecutive rows: aclnnGroupedMatmulV4 on the weights widened into one F32 stack.
     fn grouped_matmul(&self, x: &AscendTensor, ws: &[&AscendWeight], counts: &[i64]) -> Result<AscendTensor> {
