@@ -32,7 +32,7 @@
 use std::ptr::null_mut;
 
 use dsv4_ascend_sys::aclDataType as Dt;
-use dsv4_core::backend::{composed, CompressorStep, CompressorStepOf, DevicePool, DeviceTensor, Precision};
+use dsv4_core::backend::{composed, CompressorStepOf, DevicePool, DeviceTensor, Precision};
 use dsv4_core::error::Result;
 use dsv4_core::kv::layout::CompressorShape;
 use dsv4_core::kv::SeqCompressPlan;
@@ -237,19 +237,7 @@ impl AscendBackend {
             let xv: Vec<f32> = (0..len * h).map(|i| wave(i + start * h, 0.013) / 16.0).collect();
             let x = AscendTensor { bf16: true, ..self.upload(&xv, &[len, h])? };
             let plan = SeqCompressPlan::lone(self, &shape, start, len)?;
-            let step = CompressorStep {
-                x: &x,
-                wkv: &wkv,
-                wgate: &wgate,
-                ape: &ape,
-                ratio,
-                overlap: true,
-                dim,
-                start,
-                carry_base: plan.carry_base,
-                carry_read: plan.carry_read.as_ref(),
-                carry_write: plan.carry_write.as_ref().map(|(s, d)| (s, d)),
-            };
+            let step = plan.compressor_step(&shape, &x, &wkv, &wgate, &ape);
             let got = match self.compressor_step_fused(&step, &mut fused_carry, Precision::Bf16)? {
                 Some(g) => g,
                 // The kernel failed and `fused` switched it off with the reason.

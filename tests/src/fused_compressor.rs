@@ -14,7 +14,7 @@
 //! logits a little instead of flipping a choice.
 
 use dsv4_backend_ascend::{AscendBackend, FusedPolicy};
-use dsv4_core::backend::{CompressorStep, DevicePool, RowFormat};
+use dsv4_core::backend::{DevicePool, RowFormat};
 use dsv4_core::kv::layout::CompressorShape;
 use dsv4_core::kv::SeqCompressPlan;
 use dsv4_core::model::Model;
@@ -224,19 +224,7 @@ fn compare_steps(fused: &AscendBackend, off: &AscendBackend, shape: CompressorSh
         let step = |be: &AscendBackend, (wkv, wgate, ape, pool): &mut (_, _, _, _)| {
             let x = be.round_to_bf16(&be.upload(x, &[len, HIDDEN]).unwrap()).unwrap();
             let plan = SeqCompressPlan::lone(be, &shape, start, len).unwrap();
-            let s = CompressorStep {
-                x: &x,
-                wkv,
-                wgate,
-                ape,
-                ratio: shape.ratio,
-                overlap: shape.overlap,
-                dim: shape.dim,
-                start,
-                carry_base: plan.carry_base,
-                carry_read: plan.carry_read.as_ref(),
-                carry_write: plan.carry_write.as_ref().map(|(s, d)| (s, d)),
-            };
+            let s = plan.compressor_step(&shape, &x, wkv, wgate, ape);
             let entries = be.compressor_step(&s, pool, Precision::Bf16).unwrap();
             let entries = entries.map(|e| be.download(&be.round_to_bf16(&e).unwrap()).unwrap());
             let all: Vec<i32> = (0..pool.rows() as i32).collect();

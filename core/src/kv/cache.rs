@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{Backend, DevicePool};
+use crate::backend::{Backend, CompressorStepOf, DevicePool};
 use crate::config::{AttentionKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv::blocks::{BlockAllocator, BlockId, PageHasher};
@@ -730,6 +730,31 @@ fn upload_carry<B: Backend>(be: &B, (read, src, dst): &(Vec<i32>, Vec<i32>, Vec<
 }
 
 impl<B: Backend> SeqCompressPlan<B> {
+    /// The arguments of [`Backend::compressor_step`] for this step of a compressor of `shape`:
+    /// `x` the step's tokens `[S, D]`, the compressor's projections and position bias.
+    pub fn compressor_step<'a>(
+        &'a self,
+        shape: &layout::CompressorShape,
+        x: &'a B::Tensor,
+        wkv: &'a B::Weight,
+        wgate: &'a B::Weight,
+        ape: &'a B::Tensor,
+    ) -> CompressorStepOf<'a, B> {
+        crate::backend::CompressorStep {
+            x,
+            wkv,
+            wgate,
+            ape,
+            ratio: shape.ratio,
+            overlap: shape.overlap,
+            dim: shape.dim,
+            start: self.start,
+            carry_base: self.carry_base,
+            carry_read: self.carry_read.as_ref(),
+            carry_write: self.carry_write.as_ref().map(|(src, dst)| (src, dst)),
+        }
+    }
+
     /// The plan of a lone compressor (no attention, no indexer) for positions
     /// `start..start+len` of a sequence whose carry lives in block 0 of a carry pool of
     /// `2·c.carry_rows()` rows: what a unit test of the compressor needs.

@@ -8,9 +8,10 @@
 //! Entries are RMS-normed and roped (compress table) at the position of their window's first
 //! token. Tokens of an incomplete window wait in the carry (`crate::kv`) until it completes.
 
-use crate::backend::{Backend, CompressorStep, DeviceTensor};
+use crate::backend::{Backend, DeviceTensor};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kv::layout::CompressorShape;
 use crate::kv::SeqCompressPlan;
 use crate::model::loader::Loader;
 use crate::model::official::{kv_row_quant, rotate_and_quantise};
@@ -77,19 +78,8 @@ impl<B: Backend> Compressor<B> {
         rope: &RopeTable,
         prec: Precision,
     ) -> Result<Option<B::Tensor>> {
-        let step = CompressorStep {
-            x,
-            wkv: &self.wkv,
-            wgate: &self.wgate,
-            ape: &self.ape,
-            ratio: self.ratio,
-            overlap: self.overlap,
-            dim: self.dim,
-            start: sp.start,
-            carry_base: sp.carry_base,
-            carry_read: sp.carry_read.as_ref(),
-            carry_write: sp.carry_write.as_ref().map(|(src, dst)| (src, dst)),
-        };
+        let shape = CompressorShape { ratio: self.ratio, overlap: self.overlap, dim: self.dim };
+        let step = sp.compressor_step(&shape, x, &self.wkv, &self.wgate, &self.ape);
         let Some(pooled) = be.compressor_step(&step, carry, prec)? else {
             return Ok(None);
         };
