@@ -235,8 +235,10 @@ pub struct NodeGroup {
     /// Whether the share is done, and a [`NodeGroup::watch`] callback waiting for it (the
     /// watchers start when the share is done: before, they would read its messages).
     pending_watch: Mutex<(bool, Option<LostFn>)>,
-    /// Where the watchers deliver node 0's data messages ([`NodeGroup::messages`]).
+    /// Where the watchers deliver node 0's data messages: taken by the watchers.
     inbox: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
+    /// The other end of `inbox`, until [`NodeGroup::messages`] takes it.
+    messages: Mutex<Option<std::sync::mpsc::Receiver<Vec<u8>>>>,
 }
 
 type LostFn = Arc<dyn Fn(String) + Send + Sync>;
@@ -437,6 +439,9 @@ impl NodeGroup {
         for l in &links {
             let _ = l.stream.set_write_timeout(Some(crate::parallel::local::default_timeout()));
         }
+        // Node 0's data messages queue here from the watchers' start (the end of the share), so
+        // a caller may take them before or after it.
+        let (inbox, messages) = std::sync::mpsc::channel();
         NodeGroup {
             nnodes,
             node_rank,
@@ -445,7 +450,8 @@ impl NodeGroup {
             shared: AtomicBool::new(false),
             finished: Arc::new(AtomicBool::new(false)),
             pending_watch: Mutex::new((false, None)),
-            inbox: Mutex::new(None),
+            inbox: Mutex::new(Some(inbox)),
+            messages: Mutex::new(Some(messages)),
         }
     }
 
@@ -639,18 +645,15 @@ impl NodeGroup {
         all
     }
 
-    /// On a node other than 0, before [`NodeGroup::share`] (and with [`NodeGroup::watch`]
-    /// registered, whose watcher reads them): the payloads node 0 sends with
-    /// [`NodeGroup::send_to_all`], in order. The channel ends when node 0 finishes.
-    /// Called after the share, the channel is empty and ended.
+    /// On a node other than 0 (with [`NodeGroup::watch`] registered, whose watcher reads
+    /// them): the payloads node 0 sends with [`NodeGroup::send_to_all`], in order, from the
+    /// first on, whether taken before or after [`NodeGroup::share`]. The channel ends when node
+    /// 0 finishes. The channel is handed out once: a second call gets one that has ended.
     pub fn messages(&self) -> std::sync::mpsc::Receiver<Vec<u8>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Held while the inbox is set, so that a share ending meanwhile cannot miss it.
-        let pending = self.pending_watch.lock().unwrap_or_else(PoisonError::into_inner);
-        if !pending.0 {
-            *self.inbox.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
-        }
-        rx
+        self.messages.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or_else(|| {
+            let (_, ended) = std::sync::mpsc::channel();
+            ended
+        })
     }
 
     /// This process cannot go on (`why`): tells every connected node, whose watchers then
@@ -900,10 +903,18 @@ mod tests {
         let big = vec![7u8; 3 << 20];
         let out = run_nodes(3, &[1, 1, 1], &["x"; 3], |n, g| {
             let g = g.unwrap();
-            let inbox = (n != 0).then(|| g.messages());
+            // Node 1 takes its messages before the share, node 2 after (as `dsv4 chat` does,
+            // from a rank's thread): both get every one.
+            let mut inbox = (n == 1).then(|| g.messages());
             let tx = lost_tx.lock().unwrap().clone();
             g.watch(move |m| tx.send(m).unwrap());
             g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
+            if n == 2 {
+                inbox = Some(g.messages());
+            }
+            if n != 0 {
+                assert!(g.messages().recv().is_err(), "handed out once");
+            }
             if n == 0 {
                 for i in 0..100u32 {
                     assert!(g.send_to_all(&i.to_le_bytes()));
