@@ -12,6 +12,7 @@ use dsv4_core::speculative::SpecStats;
 use dsv4_core::tokenizer::{StreamDecoder, Tokenizer};
 use dsv4_core::{builtin, Backend, Checkpoint, Model, ModelConfig};
 
+use crate::chat_turns::ChatTurns;
 use crate::kv_args::{self, KvArgs};
 
 /// The tokenizer of `--model`: its tokenizer.json, or bytes for the built-in model.
@@ -440,11 +441,12 @@ pub fn run_chat<B: Backend>(
     check_speculation(spec, sampling.speculative_tokens)?;
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let stdin = std::io::stdin();
-    chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true)
+    chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true).map(drop)
 }
 
-/// `dsv4 chat --devices N`: rank 0 reads the user's lines and hands each to
-/// the other ranks, which run the same conversation (same seed, same logits bits) silently.
+/// `dsv4 chat --devices N` (and over several processes, `--nnodes`): global rank 0 reads the
+/// user's lines and hands each to the other ranks ([`crate::chat_turns`]), which run the same
+/// conversation (same seed, same logits bits) silently.
 pub fn run_chat_ranks(
     backend: crate::BackendChoice,
     spec: &str,
@@ -457,30 +459,23 @@ pub fn run_chat_ranks(
     let tok = tokenizer_for(spec)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
-    let (txs, rxs): (Vec<_>, Vec<_>) = (1..layout.world).map(|_| std::sync::mpsc::channel::<Option<String>>()).unzip();
-    let rxs: Vec<_> = rxs.into_iter().map(std::sync::Mutex::new).collect();
-    // Rank 0's thread owns the senders, so they close whenever it ends (an error, a closed
-    // stdout, a failed load): the other ranks then see the end of the conversation instead of
-    // waiting for a line forever.
-    let txs = std::sync::Mutex::new(Some(txs));
-    on_ranks!(backend, parallel, layout, |be, ctx| {
-        let rank = ctx.layout.rank;
-        let txs = if rank == 0 { txs.lock().expect("taken once").take().unwrap_or_default() } else { vec![] };
+    // Made by the first rank to get here: the process's node group is known only inside the
+    // ranks (it is joined as they start).
+    let turns = std::sync::OnceLock::new();
+    on_ranks!(backend, parallel, layout, |be, ctx, nodes| {
+        let (local, base) = nodes.map_or((layout.world, 0), |g| (g.local_ranks(), g.base()));
+        let turns = turns.get_or_init(|| ChatTurns::new(local, nodes.cloned()));
+        // Taken before the model loads: the reader's source closes the others' turns when it
+        // ends, a failed load included, so that they never wait for a line.
+        let local_rank = ctx.layout.rank - base;
+        let mut source = turns.for_rank(local_rank);
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
-        if rank == 0 {
-            let stdin = std::io::stdin();
-            let mut lines = || {
-                let line = read_turn(&stdin);
-                for tx in &txs {
-                    let _ = tx.send(line.clone());
-                }
-                line
-            };
-            chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut lines, true)
-        } else {
-            let rx = rxs[rank - 1].lock().expect("one thread per rank");
-            chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || rx.recv().ok().flatten(), false)
+        let show = source.is_reader();
+        if let Some(g) = nodes.filter(|g| g.node_rank() != 0 && local_rank == 0) {
+            eprintln!("node {}: following the conversation typed on node 0's terminal", g.node_rank());
         }
+        let stdin = std::io::stdin();
+        chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || source.next(|| read_turn(&stdin)), show).map(drop)
     })?;
     Ok(())
 }
@@ -496,7 +491,8 @@ fn read_turn(stdin: &std::io::Stdin) -> Option<String> {
 }
 
 /// The conversation: each line `next_turn` gives is a user message, answered on stdout when
-/// `show` (else computed silently: the other ranks of a split run).
+/// `show` (else computed silently: the other ranks of a split run). Returns the conversation
+/// as OpenAI-style messages (the user's and the parsed replies).
 #[allow(clippy::too_many_arguments)]
 fn chat_loop<B: Backend>(
     be: &B,
@@ -507,7 +503,7 @@ fn chat_loop<B: Backend>(
     kv: &KvArgs,
     next_turn: &mut dyn FnMut() -> Option<String>,
     show: bool,
-) -> Result<()> {
+) -> Result<Vec<serde_json::Value>> {
     let opts = sampling.options(model, Some(tok));
     let config = kv.config_open_ended(be, &model.cfg, pool_step(&opts))?;
     let mut session = Session::new(be, model, config)?;
@@ -542,7 +538,7 @@ fn chat_loop<B: Backend>(
             println!();
         }
     }
-    Ok(())
+    Ok(messages)
 }
 
 #[cfg(test)]
@@ -555,6 +551,99 @@ mod tests {
     use super::*;
 
     const OFFICIAL_FP8: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cases/official_fp8");
+
+    /// `dsv4 chat`'s flags, as a user gives them.
+    #[derive(clap::Parser)]
+    struct ChatFlags {
+        #[command(flatten)]
+        chat: ChatArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        #[command(flatten)]
+        kv: KvArgs,
+    }
+
+    /// A chat over two processes of two ranks each, the nodes being threads with their own
+    /// sockets (`chat_turns`'s hand-off over real TCP): every rank holds the same conversation,
+    /// the user's turns as typed on node 0 and the same sampled replies, though only node 0's
+    /// first rank read them. (Each rank here holds the whole built-in model, so the ranks share
+    /// nothing but the turns: what is checked is that the turns arrive, in order, everywhere.)
+    #[test]
+    fn a_chat_over_nodes_holds_one_conversation_on_every_rank() {
+        use clap::Parser;
+        let flags = ChatFlags::parse_from(["chat", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "7"]);
+        let tok = tokenizer_for("builtin:tiny").unwrap();
+        let script = ["hello there", "and a second turn: ünïcode"];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let listener = std::sync::Mutex::new(Some(listener));
+        let t = std::time::Duration::from_secs(30);
+        let conversations: Vec<Vec<(bool, Vec<serde_json::Value>)>> = std::thread::scope(|s| {
+            let nodes: Vec<_> = (0..2)
+                .map(|n| {
+                    let (addr, listener, flags, tok) = (&addr, &listener, &flags, &tok);
+                    s.spawn(move || {
+                        let g = match n {
+                            0 => dsv4_core::parallel::NodeGroup::lead(
+                                listener.lock().unwrap().take().unwrap(),
+                                2,
+                                2,
+                                "c",
+                                t,
+                            ),
+                            _ => dsv4_core::parallel::NodeGroup::follow(addr, 2, n, 2, "c", t),
+                        };
+                        let g = std::sync::Arc::new(g.unwrap());
+                        g.watch(|m| panic!("{m}"));
+                        g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
+                        let turns = ChatTurns::new(2, Some(g.clone()));
+                        let out: Vec<_> = std::thread::scope(|s| {
+                            let ranks: Vec<_> = (0..2)
+                                .map(|local| {
+                                    let turns = &turns;
+                                    s.spawn(move || {
+                                        let mut source = turns.for_rank(local);
+                                        let be = CpuBackend::new();
+                                        let model = crate::load::load_model(
+                                            &be,
+                                            "builtin:tiny",
+                                            Precision::F32,
+                                            Default::default(),
+                                        )
+                                        .unwrap();
+                                        let show = source.is_reader();
+                                        let mut lines = script.iter().map(|l| l.to_string());
+                                        let mut next = || source.next(|| lines.next());
+                                        let (chat, sampling, kv) = (&flags.chat, &flags.sampling, &flags.kv);
+                                        (
+                                            show,
+                                            chat_loop(&be, &model, tok, chat, sampling, kv, &mut next, show).unwrap(),
+                                        )
+                                    })
+                                })
+                                .collect();
+                            ranks.into_iter().map(|r| r.join().unwrap()).collect()
+                        });
+                        g.finish();
+                        out
+                    })
+                })
+                .collect();
+            nodes.into_iter().map(|n| n.join().unwrap()).collect()
+        });
+        let (reader, first) = &conversations[0][0];
+        assert!(reader);
+        let users: Vec<&str> =
+            first.iter().filter(|m| m["role"] == "user").map(|m| m["content"].as_str().unwrap()).collect();
+        assert_eq!(users, script);
+        assert_eq!(first.len(), 4, "{first:?}");
+        for (node, ranks) in conversations.iter().enumerate() {
+            for (local, (reader, conversation)) in ranks.iter().enumerate() {
+                assert_eq!(*reader, node == 0 && local == 0);
+                assert_eq!(conversation, first, "node {node}, local rank {local}");
+            }
+        }
+    }
 
     /// The rollback depth the CLI sizes with is the speculator's; a pool sized with
     /// [`pool_step`] holds a speculative session over two turns (the second continuing the

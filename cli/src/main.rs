@@ -33,14 +33,20 @@ mod dispatch {
     /// one per GPU of `--devices`, over NCCL, in one process or over several as on Ascend. A CUDA
     /// rank that fails (joining or running) ends the process with its error, after telling the
     /// other nodes: NCCL has no timeout on GPUs, so its peers would wait for ever.
+    /// With a third name, `$nodes` is this process's `Option<&Arc<NodeGroup>>`: `Some` in a run
+    /// over several processes (e.g. for node 0 to hand the other nodes what only it reads).
     macro_rules! on_ranks {
-        ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {{
+        ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident| $body:expr) => {
+            on_ranks!($choice, $parallel, $layout, |$be, $ctx, _nodes| $body)
+        };
+        ($choice:expr, $parallel:expr, $layout:expr, |$be:ident, $ctx:ident, $nodes:ident| $body:expr) => {{
             match crate::resolve_backend($choice)? {
                 crate::Resolved::Cpu => match $parallel.nodes() {
                     Some(spec) => Err(crate::cpu_nodes_refused(spec.nnodes)),
                     None => dsv4_core::parallel::run_local($layout, |$ctx| -> anyhow::Result<_> {
                         let owned = dsv4_backend_cpu::CpuBackend::new();
                         let $be = &owned;
+                        let $nodes: Option<&std::sync::Arc<dsv4_core::parallel::NodeGroup>> = None;
                         $body
                     }),
                 },
@@ -56,6 +62,7 @@ mod dispatch {
                                 None => dsv4_backend_ascend::HcclBootstrap::new(&ids)?,
                             };
                             dsv4_backend_ascend::run_bootstrapped(&boot, $layout, |$be, $ctx| {
+                                let $nodes: Option<&std::sync::Arc<dsv4_core::parallel::NodeGroup>> = None;
                                 crate::rank_body(|| -> anyhow::Result<_> { $body })
                             })
                         }
@@ -72,6 +79,7 @@ mod dispatch {
                                     $layout,
                                     |$be, $ctx| -> anyhow::Result<_> {
                                         let rank = $ctx.layout.rank;
+                                        let $nodes = Some(&group);
                                         let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                         crate::end_if_failed(rank, out, Some(&group))
                                     },
@@ -101,6 +109,7 @@ mod dispatch {
                             &stop,
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
+                                let $nodes: Option<&std::sync::Arc<dsv4_core::parallel::NodeGroup>> = None;
                                 let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                 crate::end_if_failed(rank, out, None)
                             },
@@ -121,6 +130,7 @@ mod dispatch {
                             &stop,
                             |$be, $ctx| -> anyhow::Result<_> {
                                 let rank = $ctx.layout.rank;
+                                let $nodes = Some(&group);
                                 let out = crate::rank_body(|| -> anyhow::Result<_> { $body });
                                 crate::end_if_failed(rank, out, Some(&group))
                             },
@@ -148,6 +158,7 @@ mod dispatch {
 }
 
 mod bench;
+mod chat_turns;
 mod check;
 mod generate;
 mod inspect;
@@ -731,7 +742,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat { model, chat, sampling, backend, kv, parallel, rank_table } => {
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
-                parallel.refuse_nodes("dsv4 chat")?;
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
             }
             with_backend!(backend, |be| generate::run_chat(be, &model.model, &chat, &sampling, &kv))

@@ -357,20 +357,6 @@ impl ParallelArgs {
         self.node_spec().ok().filter(|n| n.nnodes > 1)
     }
 
-    /// Refuses a multi-process run for a command that does not support one yet.
-    pub fn refuse_nodes(&self, command: &str) -> Result<()> {
-        let spec = self.node_spec()?;
-        if spec.nnodes > 1 {
-            bail!(
-                "{command} does not run over several processes yet (--nnodes {}, or NNODES / WORLD_SIZE in the \
-                 environment): `dsv4 logits`, `dsv4 generate`, `dsv4 check`, `dsv4 bench` and `dsv4 serve` do; run {command} on one node with \
-                 --devices",
-                spec.nnodes
-            );
-        }
-        Ok(())
-    }
-
     /// Joins the other processes of a multi-process run (None on one node): node 0 listens on
     /// --master-port until every node has connected (`DSV4_COMM_TIMEOUT_S`, default 600 s). A
     /// node whose process dies later ends this one with a clear error on stderr (exit 1),

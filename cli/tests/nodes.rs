@@ -48,6 +48,7 @@ fn two_nodes(args0: &[&str], args1: &[&str], limit: Duration) -> (Output, Output
         dsv4(&args, &[])
             .env(dsv4_ascend_sys::EMULATOR_VAR, &emu)
             .env("DSV4_ASCEND_EMU_DEVICES", "4")
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -86,7 +87,9 @@ fn nodes_started_with_different_arguments_are_refused_on_both() {
 fn a_node_that_dies_stops_the_others_with_its_name() {
     let logits = ["logits", "--ids", "1,2,3", "--out", "/dev/null"];
     let bench = ["bench", "--contexts", "16", "--decode-steps", "1"];
-    for args in [&logits[..], &bench[..]] {
+    // Node 0 of a chat reads the conversation from stdin (empty here); node 1 never does.
+    let chat = ["chat", "--max-new-tokens", "4", "--kv-cache-memory", "64MiB"];
+    for args in [&logits[..], &bench[..], &chat[..]] {
         node_dies(args);
     }
 }
@@ -143,7 +146,11 @@ fn runs_that_cannot_span_nodes_are_refused_with_the_reason() {
             &[("MASTER_ADDR", "127.0.0.1"), ("NNODES", "2")],
             "one of NNODES / NODE_RANK but not the other",
         ),
-        (&["chat", "--backend", "ascend", "--nnodes", "2"], &[], "dsv4 chat does not run over several processes"),
+        (
+            &["chat", "--backend", "cpu", "--devices", "2", "--nnodes", "2", "--node-rank", "1"],
+            &[],
+            "the CPU backend's ranks are threads of one process",
+        ),
     ];
     let emu = emulator();
     for (args, env, want) in cases {
