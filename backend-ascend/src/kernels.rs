@@ -290,6 +290,11 @@ impl KernelState {
         *self.why.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
+    /// Why it is not in use (or "used").
+    pub fn why(&self) -> String {
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn choice(&self) -> Choice {
         Choice { name: self.name, used: self.usable(), why: self.why.lock().unwrap_or_else(|p| p.into_inner()).clone() }
     }

@@ -943,6 +943,27 @@ impl AscendBackend {
         idx: &AscendIndex,
         shape: &[usize],
     ) -> Result<AscendTensor> {
+        self.select_rows_as(src, rows, row, idx, shape, row, |narrow, n, out| {
+            aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [self.cview(narrow, &[n, row])?] => [self.cview(self.tmem(out), &[n, row])?],
+                attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))
+        })
+    }
+
+    /// [`Self::select_rows`] for rows stored as `stored` elements of `src.dtype` and read as
+    /// `row` f32 values: `widen(gathered, n, out)` turns the `[n, stored]` gathered rows into
+    /// `out`'s `[n, row]` (before the -1 rows are zeroed). F32 rows are gathered into `out`
+    /// directly.
+    #[allow(clippy::too_many_arguments)]
+    fn select_rows_as(
+        &self,
+        src: Mem<'_>,
+        rows: usize,
+        stored: usize,
+        idx: &AscendIndex,
+        shape: &[usize],
+        row: usize,
+        widen: impl FnOnce(Mem<'_>, usize, &AscendTensor) -> Result<()>,
+    ) -> Result<AscendTensor> {
         let n = numel(&idx.shape);
         if n * row == 0 || rows == 0 {
             // Nothing to gather (with no rows, every index must be -1).
@@ -961,20 +982,19 @@ impl AscendBackend {
                 / aclnnInplaceMaskedFillScalarGetWorkspaceSize(sv.ptr(), nv.ptr(), zero_i.ptr())
         )?;
         let out = self.new_tensor(shape)?;
-        let xv = self.cview(src, &[rows, row])?;
+        let xv = self.cview(src, &[rows, stored])?;
         let sv = self.iv(&safe)?;
-        let ov = self.cview(self.tmem(&out), &[n, row])?;
-        if src.dtype == Dt::ACL_FLOAT {
+        if src.dtype == Dt::ACL_FLOAT && stored == row {
+            let ov = self.cview(self.tmem(&out), &[n, row])?;
             aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [ov], attrs [0],
                 |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
         } else {
             // Gather in the stored type, then widen (exact).
-            let tmp = self.alloc(n * row, src.dtype)?;
+            let tmp = self.alloc(n * stored, src.dtype)?;
             let narrow = Mem { buf: &tmp, offset: 0, dtype: src.dtype };
-            aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [self.cview(narrow, &[n, row])?],
+            aclnn_cached!(self, aclnnIndexSelect / aclnnIndexSelectGetWorkspaceSize, [xv, sv] => [self.cview(narrow, &[n, stored])?],
                 attrs [0], |i, o| (i[0].ptr(), 0, i[1].ptr(), o[0].ptr()))?;
-            aclnn_cached!(self, aclnnCast / aclnnCastGetWorkspaceSize, [self.cview(narrow, &[n, row])?] => [ov],
-                attrs [Dt::ACL_FLOAT.0], |i, o| (i[0].ptr(), Dt::ACL_FLOAT, o[0].ptr()))?;
+            widen(narrow, n, &out)?;
         }
         let ov = self.cview(self.tmem(&out), &[n, row])?;
         let (mask, zero) = (negv(&[n, 1])?, self.f32s(0.0)?);
@@ -1155,24 +1175,26 @@ impl Backend for AscendBackend {
         Ok(t)
     }
 
-    /// One device block, zeroed on the stream (aclrtMemsetAsync); F32 rows as ACL_FLOAT, BF16
-    /// rows as ACL_BF16. The fp8 format is refused (see `pool`).
-    /// fp8 rows are not implemented yet (they need the 950's FLOAT8_E4M3FN operators).
+    /// F32 and BF16 rows everywhere; fp8 rows on the Ascend 950 with its FP8 casts
+    /// ([`AscendBackend::fp8_rows_unavailable`]).
     fn supports_row_format(&self, format: RowFormat) -> bool {
-        !matches!(format, RowFormat::Fp8 { .. })
+        !matches!(format, RowFormat::Fp8 { .. }) || self.fp8_rows_unavailable().is_none()
     }
 
+    /// One device block, zeroed on the stream (aclrtMemsetAsync); F32 rows as ACL_FLOAT, BF16
+    /// rows as ACL_BF16, fp8 rows as their bytes (ACL_UINT8; the 950 only; see `pool`).
     fn alloc_pool(&self, rows: usize, width: usize, format: RowFormat) -> Result<AscendPool> {
         self.new_pool(rows, width, format)
     }
 
-    /// aclnnInplaceIndexCopy along dim 0 (after aclnnCast to BF16 for BF16 pools); the slots are
-    /// checked on the host first.
+    /// aclnnInplaceIndexCopy along dim 0 (after aclnnCast to BF16 for BF16 pools; fp8 rows are
+    /// encoded on the host); the slots are checked on the host first.
     fn pool_write(&self, pool: &mut AscendPool, slots: &AscendIndex, values: &AscendTensor) -> Result<()> {
         self.write_rows(pool, slots, values)
     }
 
-    /// As `index_select` on the pool's block (aclnnIndexSelect, + aclnnCast for BF16 pools).
+    /// As `index_select` on the pool's block (aclnnIndexSelect, + aclnnCast for BF16 pools, + the
+    /// fp8 rows' decoding: `pool`).
     fn pool_read(&self, pool: &AscendPool, slots: &AscendIndex) -> Result<AscendTensor> {
         self.read_rows(pool, slots)
     }

@@ -45,7 +45,8 @@ pub struct PlanArgs {
     #[arg(long, value_name = "f32|bf16|official|official-f32", default_value = "f32")]
     pub precision: Precision,
     /// Row format of the decoding state (default: the precision's on the backend --soc
-    /// implies: f32, bf16, or for official fp8 on the host and CUDA and bf16 on Ascend).
+    /// implies: f32, bf16, or for official fp8 on the host, CUDA and the Ascend 950, bf16 on
+    /// Atlas A2/A3).
     #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
     pub kv_dtype: Option<KvDtype>,
     /// Most tokens a sequence feeds in one step (`serve --prefill-chunk`): the window blocks a
@@ -102,7 +103,7 @@ impl PlanArgs {
         let kv = self.kv_dtype();
         if kv == KvDtype::Fp8 && !self.soc.has_fp8_kv_rows() {
             bail!(
-                "--kv-dtype fp8 on {}: the Ascend backend keeps f32 or bf16 rows only for now (fp8 rows are CPU-only); plan with --kv-dtype bf16",
+                "--kv-dtype fp8 on {}: the Ascend backend keeps fp8 rows on the 950 only (they need its FLOAT8_E4M3FN casts); plan with --kv-dtype bf16",
                 self.soc.name()
             );
         }
@@ -735,8 +736,13 @@ mod tests {
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision official --soc 910b").kv_dtype(), KvDtype::Bf16);
         assert_eq!(args("--devices 1 --device-memory 64GiB --precision bf16").kv_dtype(), KvDtype::Bf16);
         assert_eq!(args("--devices 1 --device-memory 1G --kv-dtype fp8 --soc 950").kv_dtype(), KvDtype::Fp8);
-        // ... which no Ascend device can hold yet: the plan refuses it there, not on the host.
-        for soc in ["910b", "910c", "950"] {
+        // ... which only the 950 holds among Ascend devices: the plan refuses it on A2/A3.
+        assert_eq!(
+            args("--devices 1 --device-memory 1G --kv-dtype fp8 --soc 950").checked_kv_dtype().unwrap(),
+            KvDtype::Fp8
+        );
+        assert_eq!(args("--devices 1 --device-memory 64GiB --precision official --soc 950").kv_dtype(), KvDtype::Fp8);
+        for soc in ["910b", "910c"] {
             let e = args(&format!("--devices 1 --device-memory 1G --kv-dtype fp8 --soc {soc}")).checked_kv_dtype();
             assert!(format!("{:#}", e.unwrap_err()).contains("--kv-dtype bf16"), "{soc}");
         }

@@ -3,6 +3,7 @@
 
 pub mod backend_suite;
 pub mod collectives;
+pub mod fp8_cases;
 pub mod fused_attention;
 pub mod fused_compressor;
 pub mod nodes;

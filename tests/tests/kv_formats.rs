@@ -20,9 +20,7 @@ use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::kv::KvDtype;
 use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch};
-use dsv4_tests::{
-    chunks, fixture_cases, fixture_cases_with_kv, kv_config, load_model, max_rel_err, read_reference, run_in_steps_with,
-};
+use dsv4_tests::{fixture_cases, load_model, max_rel_err, read_reference};
 
 /// Unit roundoff of each stored format.
 fn unit_roundoff(dtype: KvDtype) -> f64 {
@@ -80,44 +78,9 @@ fn fp8_state_is_within_its_rounding_budget() {
     check_first_layer(KvDtype::Fp8);
 }
 
-/// `kv_fp8`: references computed by transformers (float64 and float32, agreeing) with the
-/// official KV quantisation simulated in the generator (`tests/fixtures/README.md`). The fp8
-/// pool must reproduce them: the whole prompt in one step within the conformance tolerance
-/// 1e-4, and every decode schedule too. The same model with an f32 state must miss them by far
-/// (0.4 relative), so the case really checks the quantisation.
+/// The `kv_fp8` fixtures: the fp8 pool reproduces the generator's simulated references
+/// (`dsv4_tests::fp8_cases::check_fp8_state_cases`).
 #[test]
 fn fp8_state_matches_the_simulated_reference() {
-    let be = CpuBackend::new();
-    let cases = fixture_cases_with_kv(KvDtype::Fp8);
-    assert!(!cases.is_empty(), "the kv_fp8 fixture is missing");
-    for case in cases {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let model = load_model(&be, &case);
-        let r = read_reference(&case);
-        let n = r.input_ids.len();
-        let batch = Batch::prefill(&[&r.input_ids]).unwrap();
-        let err = max_rel_err(
-            &be.download(&model.forward_with(&be, &batch, KvDtype::Fp8, None).unwrap()).unwrap(),
-            &r.logits,
-        );
-        println!("{name}: fp8 state, whole prompt: {err:.2e}");
-        assert!(err <= 1e-4, "{name}: {err:.3e}");
-        let f32_err = max_rel_err(
-            &be.download(&model.forward_with(&be, &batch, KvDtype::F32, None).unwrap()).unwrap(),
-            &r.logits,
-        );
-        assert!(f32_err > 1e-2, "{name}: an f32 state is within {f32_err:.2e} of the fp8 reference");
-        let schedules: Vec<(&str, Vec<usize>)> = vec![
-            ("token by token", vec![1; n]),
-            ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
-            ("chunks of 5", chunks(n, 5)),
-            ("chunks of 7", chunks(n, 7)),
-        ];
-        for (label, steps) in schedules {
-            let config = kv_config(&model.cfg, KvDtype::Fp8, 1, n, 17);
-            let err = max_rel_err(&run_in_steps_with(&be, &model, &r.input_ids, &steps, config), &r.logits);
-            println!("{name}: fp8 state, {label}: {err:.2e}");
-            assert!(err <= 1e-4, "{name} / {label}: {err:.3e}");
-        }
-    }
+    dsv4_tests::fp8_cases::check_fp8_state_cases(&CpuBackend::new());
 }

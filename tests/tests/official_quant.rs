@@ -13,66 +13,22 @@
 
 use dsv4_backend_cpu::CpuBackend;
 use dsv4_core::kv::KvDtype;
-use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, Precision};
-use dsv4_tests::{
-    chunks, kv_config, layer_errors, load_model, max_rel_err, official_cases, read_reference, run_in_steps_with,
-};
-
-const TOLERANCE: f64 = 1e-4;
-
-/// Every official case on `be` with the decoding state stored as `kv` (the official precisions
-/// quantise KV rows before storing them, so any format gives the fp8 numerics).
-fn check_cases<B: Backend>(be: &B, kv: KvDtype) {
-    let cases = official_cases();
-    assert!(cases.len() >= 2, "the official_qsim fixtures are missing: {cases:?}");
-    for case in cases {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let mut model = load_model(be, &case);
-        model.precision = Precision::OfficialF32;
-        let r = read_reference(&case);
-        let n = r.input_ids.len();
-        let batch = Batch::prefill(&[&r.input_ids]).unwrap();
-        let mut trace = Trace::default();
-        let logits = be.download(&model.forward_with(be, &batch, kv, Some(&mut trace)).unwrap()).unwrap();
-        let err = max_rel_err(&logits, &r.logits);
-        let layers: Vec<String> = layer_errors(be, &trace, &r).iter().map(|e| format!("{e:.1e}")).collect();
-        println!("{} {name}: official-f32, {kv} state, whole prompt: logits {err:.2e}, layers {layers:?}", be.name());
-        assert!(err <= TOLERANCE, "{name}: official-f32 logits {err:.3e} > {TOLERANCE:.0e} (layers {layers:?})");
-
-        // The simulation matters: plain f32 misses the reference.
-        model.precision = Precision::F32;
-        let plain = be.download(&model.forward_with(be, &batch, kv, None).unwrap()).unwrap();
-        let plain_err = max_rel_err(&plain, &r.logits);
-        println!("{} {name}: f32 precision, {kv} state: {plain_err:.2e} (must be far)", be.name());
-        assert!(plain_err > 1e-2, "{name}: the unquantised run is within {plain_err:.2e} of the official reference");
-        model.precision = Precision::OfficialF32;
-
-        // Incremental decoding computes the same per-row quantisation.
-        let schedules: Vec<(&str, Vec<usize>)> = vec![
-            ("token by token", vec![1; n]),
-            ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
-            ("chunks of 5", chunks(n, 5)),
-        ];
-        for (label, steps) in schedules {
-            let config = kv_config(&model.cfg, kv, 1, n, 17);
-            let err = max_rel_err(&run_in_steps_with(be, &model, &r.input_ids, &steps, config), &r.logits);
-            println!("{} {name}: official-f32, {label}: {err:.2e}", be.name());
-            assert!(err <= TOLERANCE, "{name} / {label}: {err:.3e}");
-        }
-    }
-}
+use dsv4_tests::{load_model, max_rel_err, official_cases, read_reference};
 
 #[test]
 fn official_f32_matches_the_simulated_references_on_the_cpu() {
-    check_cases(&CpuBackend::new(), KvDtype::Fp8);
+    dsv4_tests::fp8_cases::check_official_cases(&CpuBackend::new(), KvDtype::Fp8);
 }
 
 /// The trait's compositions (the fused CPU ops replaced by their definitions): the fused MoE's
 /// official path and the quantisation ops' host definitions give the same result.
 #[test]
 fn official_f32_matches_the_simulated_references_composed() {
-    check_cases(&dsv4_core::primitives_only::PrimitivesOnly(CpuBackend::new()), KvDtype::Fp8);
+    dsv4_tests::fp8_cases::check_official_cases(
+        &dsv4_core::primitives_only::PrimitivesOnly(CpuBackend::new()),
+        KvDtype::Fp8,
+    );
 }
 
 #[test]
@@ -80,7 +36,7 @@ fn official_f32_matches_the_simulated_references_on_the_ascend_emulator() {
     dsv4_tests::use_ascend_emulator();
     let ascend = dsv4_backend_ascend::open(0).unwrap_or_else(|e| panic!("{e}"));
     // fp8 rows need the 950's FLOAT8 operators on Ascend; bf16 rows hold the same values.
-    check_cases(&ascend, KvDtype::Bf16);
+    dsv4_tests::fp8_cases::check_official_cases(&ascend, KvDtype::Bf16);
 }
 
 /// The official precisions quantise KV rows before storing them, so the state's row format

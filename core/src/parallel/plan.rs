@@ -85,9 +85,10 @@ impl WeightTarget {
         }
     }
 
-    /// Whether its backend stores fp8 KV rows (the CPU and CUDA backends do, Ascend's does not).
+    /// Whether its backend stores fp8 KV rows: the CPU and CUDA backends do, Ascend's on the 950
+    /// only (A2/A3 have no FLOAT8_E4M3FN casts; `backend-ascend/src/pool.rs`).
     pub fn has_fp8_kv_rows(self) -> bool {
-        !matches!(self, WeightTarget::Soc(_))
+        !matches!(self, WeightTarget::Soc(soc) if soc != SocFamily::A5)
     }
 }
 
@@ -1265,6 +1266,9 @@ mod tests {
         assert_eq!(t.form(fp8, DType::F8E4M3, Some(DType::F32)), DeviceForm::F32);
         assert_eq!(t.form(fp4, DType::I8, Some(DType::F8E8M0)), DeviceForm::Bf16);
         assert!(t.has_fp8_kv_rows() && !WeightTarget::Soc(SocFamily::A2).has_fp8_kv_rows());
+        assert!(
+            !WeightTarget::Soc(SocFamily::A3).has_fp8_kv_rows() && WeightTarget::Soc(SocFamily::A5).has_fp8_kv_rows()
+        );
         // A checkpoint's FP8 weight is BF16 with every scale in the exact range, else F32.
         let fp8_weight = |scales: Vec<u8>| {
             let data = crate::tensor::HostTensor::from_bytes("w", DType::F8E4M3, vec![256, 128], vec![0x38; 256 * 128]);
