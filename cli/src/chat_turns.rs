@@ -31,22 +31,19 @@ fn encode(turn: &Turn) -> Vec<u8> {
     }
 }
 
-/// The turn node 0 sent; an unreadable message ends the conversation (node 0 never sends one:
-/// the nodes agreed on the command line, but a different dsv4 build could).
-fn decode(payload: &[u8]) -> Turn {
+/// The turn node 0 sent, or why it is unreadable (node 0 never sends such a message: the
+/// nodes agreed on the command line, but a different dsv4 build could).
+fn decode(payload: &[u8]) -> Result<Turn, String> {
     match payload.split_first() {
         Some((&LINE, text)) => match String::from_utf8(text.to_vec()) {
-            Ok(line) => Some(line),
-            Err(_) => {
-                eprintln!("error: node 0 sent a chat turn that is not UTF-8; ending the conversation here");
-                None
-            }
+            Ok(line) => Ok(Some(line)),
+            Err(_) => Err("node 0 sent a chat turn that is not UTF-8".into()),
         },
-        Some((&END, [])) => None,
-        _ => {
-            eprintln!("error: node 0 sent a message that is not a chat turn (a different dsv4 build?); ending the conversation here");
-            None
-        }
+        Some((&END, [])) => Ok(None),
+        _ => Err(format!(
+            "node 0 sent a message of {} bytes that is not a chat turn (is every node running the same dsv4 build?)",
+            payload.len()
+        )),
     }
 }
 
@@ -79,11 +76,18 @@ impl ChatTurns {
         let receivers = receivers.into_iter().map(Mutex::new).collect();
         let senders = match &nodes {
             Some(g) if g.node_rank() != 0 => {
-                let inbox = g.messages();
-                let node = g.node_rank();
+                let (inbox, group) = (g.messages(), g.clone());
                 std::thread::Builder::new()
-                    .name(format!("dsv4-chat-turns-{node}"))
-                    .spawn(move || forward(inbox, senders))
+                    .name(format!("dsv4-chat-turns-{}", g.node_rank()))
+                    .spawn(move || {
+                        if let Err(why) = forward(inbox, &senders) {
+                            // This node cannot follow the conversation, and the others would
+                            // wait for its ranks in their next collective: stop every node.
+                            eprintln!("error: {why}");
+                            group.abort(&why);
+                            crate::exit_now(1);
+                        }
+                    })
                     .expect("a thread for the chat turns");
                 None
             }
@@ -135,21 +139,22 @@ impl TurnSource<'_> {
 }
 
 /// A node other than 0: hands every turn node 0 sends to each local rank, then the end (sent
-/// by node 0, or its inbox closing with node 0's goodbye).
-fn forward(inbox: Receiver<Vec<u8>>, ranks: Vec<Sender<Turn>>) {
+/// by node 0, or its inbox closing with node 0's goodbye). An unreadable message is an error.
+fn forward(inbox: Receiver<Vec<u8>>, ranks: &[Sender<Turn>]) -> Result<(), String> {
     for payload in inbox {
-        let turn = decode(&payload);
+        let turn = decode(&payload)?;
         let end = turn.is_none();
-        for tx in &ranks {
+        for tx in ranks {
             let _ = tx.send(turn.clone());
         }
         if end {
-            return;
+            return Ok(());
         }
     }
-    for tx in &ranks {
+    for tx in ranks {
         let _ = tx.send(None);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -273,13 +278,21 @@ mod tests {
     }
 
     #[test]
-    fn turns_cross_nodes_unchanged_and_garbage_ends_the_conversation() {
+    fn turns_cross_nodes_unchanged_and_garbage_is_an_error() {
         for turn in [Some(String::new()), Some(SCRIPT[1].to_string()), None] {
-            assert_eq!(decode(&encode(&turn)), turn);
+            assert_eq!(decode(&encode(&turn)), Ok(turn));
         }
-        assert_eq!(decode(&[]), None);
-        assert_eq!(decode(&[LINE, 0xff, 0xfe]), None);
-        assert_eq!(decode(&[END, 1]), None);
-        assert_eq!(decode(&[7, b'x']), None);
+        assert!(decode(&[LINE, 0xff, 0xfe]).unwrap_err().contains("not UTF-8"));
+        for bad in [&[][..], &[END, 1], &[7, b'x']] {
+            assert!(decode(bad).unwrap_err().contains("not a chat turn"), "{bad:?}");
+        }
+        // The forwarding thread stops at it, after handing on the turns before it.
+        let (tx, inbox) = std::sync::mpsc::channel();
+        for payload in [encode(&Some("a".into())), vec![9]] {
+            tx.send(payload).unwrap();
+        }
+        let (rank, got) = std::sync::mpsc::channel();
+        assert!(forward(inbox, &[rank]).is_err());
+        assert_eq!(got.try_iter().collect::<Vec<_>>(), [Some("a".to_string())]);
     }
 }

@@ -459,8 +459,8 @@ pub fn run_chat_ranks(
     let tok = tokenizer_for(spec)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
-    // Made by the first rank to get here: the process's node group is known only inside the
-    // ranks (it is joined as they start).
+    // Made by the first rank to get here: `on_ranks!` joins the other nodes itself and hands
+    // the ranks the group, so the process-wide hand-off is built from inside them.
     let turns = std::sync::OnceLock::new();
     on_ranks!(backend, parallel, layout, |be, ctx, nodes| {
         let (local, base) = nodes.map_or((layout.world, 0), |g| (g.local_ranks(), g.base()));
@@ -578,10 +578,11 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let listener = std::sync::Mutex::new(Some(listener));
         let t = std::time::Duration::from_secs(30);
+        let lost = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let conversations: Vec<Vec<(bool, Vec<serde_json::Value>)>> = std::thread::scope(|s| {
             let nodes: Vec<_> = (0..2)
                 .map(|n| {
-                    let (addr, listener, flags, tok) = (&addr, &listener, &flags, &tok);
+                    let (addr, listener, flags, tok, lost) = (&addr, &listener, &flags, &tok, &lost);
                     s.spawn(move || {
                         let g = match n {
                             0 => dsv4_core::parallel::NodeGroup::lead(
@@ -594,7 +595,8 @@ mod tests {
                             _ => dsv4_core::parallel::NodeGroup::follow(addr, 2, n, 2, "c", t),
                         };
                         let g = std::sync::Arc::new(g.unwrap());
-                        g.watch(|m| panic!("{m}"));
+                        let lost = lost.clone();
+                        g.watch(move |m| lost.lock().unwrap().push(m));
                         g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
                         let turns = ChatTurns::new(2, Some(g.clone()));
                         let out: Vec<_> = std::thread::scope(|s| {
@@ -615,10 +617,11 @@ mod tests {
                                         let mut lines = script.iter().map(|l| l.to_string());
                                         let mut next = || source.next(|| lines.next());
                                         let (chat, sampling, kv) = (&flags.chat, &flags.sampling, &flags.kv);
-                                        (
-                                            show,
-                                            chat_loop(&be, &model, tok, chat, sampling, kv, &mut next, show).unwrap(),
-                                        )
+                                        // Silent on every rank (the reader's reply would go to
+                                        // the terminal, past the test harness's capture).
+                                        let conversation =
+                                            chat_loop(&be, &model, tok, chat, sampling, kv, &mut next, false);
+                                        (show, conversation.unwrap())
                                     })
                                 })
                                 .collect();
@@ -631,6 +634,7 @@ mod tests {
                 .collect();
             nodes.into_iter().map(|n| n.join().unwrap()).collect()
         });
+        assert!(lost.lock().unwrap().is_empty(), "{:?}", lost.lock().unwrap());
         let (reader, first) = &conversations[0][0];
         assert!(reader);
         let users: Vec<&str> =

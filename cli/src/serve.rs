@@ -440,8 +440,8 @@ fn pool_agreement(pool: &KvConfig) -> String {
     format!("the KV pool this node planned (give --kv-cache-memory to plan the same on every node): {pool:?}")
 }
 
-/// On a node other than 0, node 0's decisions as they arrive: taken right after the nodes
-/// meet, before the communicator's id is shared ([`dsv4_core::parallel::NodeGroup::messages`]).
+/// On a node other than 0, node 0's decisions as they arrive
+/// ([`dsv4_core::parallel::NodeGroup::messages`]).
 fn inbox_of(
     group: &Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>,
 ) -> Option<std::sync::mpsc::Receiver<Vec<u8>>> {

@@ -87,7 +87,9 @@ fn nodes_started_with_different_arguments_are_refused_on_both() {
 fn a_node_that_dies_stops_the_others_with_its_name() {
     let logits = ["logits", "--ids", "1,2,3", "--out", "/dev/null"];
     let bench = ["bench", "--contexts", "16", "--decode-steps", "1"];
-    // Node 0 of a chat reads the conversation from stdin (empty here); node 1 never does.
+    // A chat over nodes no longer refuses --nnodes: it meets, and fails here as the others do
+    // (node 1 before any rank reads or follows a turn; the hand-off itself is checked in
+    // `cli/src/chat_turns.rs` and `generate.rs`'s tests, with threads as nodes).
     let chat = ["chat", "--max-new-tokens", "4", "--kv-cache-memory", "64MiB"];
     for args in [&logits[..], &bench[..], &chat[..]] {
         node_dies(args);

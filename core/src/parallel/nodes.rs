@@ -13,7 +13,7 @@
 //!
 //! After the rendezvous the connections stay open. Node 0 can send data to every other node
 //! over them ([`NodeGroup::send_to_all`], [`NodeGroup::messages`]: the serving engine's
-//! decisions, which the other nodes' engines replay), and [`NodeGroup::watch`] reports a node whose
+//! decisions, which the other nodes' engines replay, and `dsv4 chat`'s turns), and [`NodeGroup::watch`] reports a node whose
 //! connection closes without a goodbye ([`NodeGroup::finish`]), so a process that dies brings the
 //! others to a clear error within about a second, never the collective library's timeout
 //! (HCCL's default is 1836 s).
@@ -500,8 +500,12 @@ impl NodeGroup {
         match (&out, waiting) {
             (Ok(_), Some(on_lost)) => self.spawn_watchers(on_lost),
             // The run failed for every node with the cause in `out`: a peer exiting now is a
-            // consequence, not news (and reporting it could hide the cause).
-            (Err(_), _) => self.finished.store(true, Ordering::SeqCst),
+            // consequence, not news (and reporting it could hide the cause). No watcher will
+            // deliver messages: their channel ends.
+            (Err(_), _) => {
+                self.finished.store(true, Ordering::SeqCst);
+                self.inbox.lock().unwrap_or_else(PoisonError::into_inner).take();
+            }
             _ => {}
         }
         out
@@ -648,7 +652,9 @@ impl NodeGroup {
     /// On a node other than 0 (with [`NodeGroup::watch`] registered, whose watcher reads
     /// them): the payloads node 0 sends with [`NodeGroup::send_to_all`], in order, from the
     /// first on, whether taken before or after [`NodeGroup::share`]. The channel ends when node
-    /// 0 finishes. The channel is handed out once: a second call gets one that has ended.
+    /// 0 finishes, aborts or is lost (the watcher reports the last two), or when the share
+    /// failed; without a registered watcher nothing arrives and it does not end. It is handed
+    /// out once: a second call gets one that has ended.
     pub fn messages(&self) -> std::sync::mpsc::Receiver<Vec<u8>> {
         self.messages.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or_else(|| {
             let (_, ended) = std::sync::mpsc::channel();
@@ -901,15 +907,19 @@ mod tests {
         let (lost_tx, lost) = std::sync::mpsc::channel::<String>();
         let lost_tx = Mutex::new(lost_tx);
         let big = vec![7u8; 3 << 20];
+        // Node 1 takes its messages before the share; node 2 only once node 1 has had all of
+        // them, i.e. after node 0 sent everything and said goodbye (`dsv4 chat` takes them
+        // from a rank's thread, after the share): both get every one.
+        let (node_1_done, wait_for_node_1) = std::sync::mpsc::channel::<()>();
+        let (node_1_done, wait_for_node_1) = (Mutex::new(node_1_done), Mutex::new(wait_for_node_1));
         let out = run_nodes(3, &[1, 1, 1], &["x"; 3], |n, g| {
             let g = g.unwrap();
-            // Node 1 takes its messages before the share, node 2 after (as `dsv4 chat` does,
-            // from a rank's thread): both get every one.
             let mut inbox = (n == 1).then(|| g.messages());
             let tx = lost_tx.lock().unwrap().clone();
             g.watch(move |m| tx.send(m).unwrap());
             g.share(if n == 0 { Ok(Some(vec![0])) } else { Ok(None) }).unwrap();
             if n == 2 {
+                wait_for_node_1.lock().unwrap().recv().unwrap();
                 inbox = Some(g.messages());
             }
             if n != 0 {
@@ -926,6 +936,9 @@ mod tests {
             }
             assert!(!g.send_to_all(b"x"), "only node 0 sends");
             let got: Vec<Vec<u8>> = inbox.unwrap().iter().collect();
+            if n == 1 {
+                node_1_done.lock().unwrap().send(()).unwrap();
+            }
             g.finish();
             got
         });
