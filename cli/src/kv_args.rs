@@ -33,7 +33,7 @@ pub struct KvArgs {
     /// Default: the smallest format that holds the precision's rows exactly: f32 with --precision
     /// f32; bf16 with bf16 (its rows are BF16 values already); fp8 with official / official-f32
     /// (their KV rows are quantised as fp8 rows anyway), or bf16 on a backend without fp8 rows
-    /// (Ascend A2/A3; the 950 has them).
+    /// (Ascend A2/A3, or a 950 whose FP8 casts are switched off: `dsv4 devices`).
     #[arg(long = "kv-dtype", value_name = "f32|bf16|fp8")]
     pub kv_dtype_arg: Option<KvDtype>,
     /// Memory for the decoding state: bytes with an optional unit (8GiB, 512MiB, 2G, 1000000;

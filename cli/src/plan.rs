@@ -34,7 +34,8 @@ pub struct PlanArgs {
     #[arg(long, default_value_t = DEFAULT_UTILISATION, value_parser = parse_utilisation)]
     pub memory_utilization: f64,
     /// Where the weights live and so their form: an Ascend SoC family (910b, 910c: FP8 as
-    /// BF16, FP4 experts as INT8 with a BF16 scale per 32; 950: FP8/MXFP4 as stored), cuda (the
+    /// BF16, FP4 experts as INT8 with a BF16 scale per 32; 950: FP8/MXFP4 as stored and fp8 KV
+    /// rows, assuming its FP8/FP4 casts pass their self-test at open: `dsv4 devices`), cuda (the
     /// CUDA backend: BF16 as stored, FP8/FP4 with E8M0 scales as BF16, the rest as F32), host
     /// (the CPU backend: every weight as stored) or host-f32 (the CPU backend with
     /// DSV4_CPU_DEQUANTIZE=1).

@@ -172,13 +172,22 @@ struct Measured {
     memory: RankMemory,
     kv_dtype: KvDtype,
     target: WeightTarget,
+    /// Whether the backend keeps fp8 KV rows (asked of the backend, not the SoC: a 950 whose
+    /// FP8 casts failed their self-test at open does not).
+    fp8_rows: bool,
+}
+
+/// Whether `be` keeps fp8 KV rows.
+fn fp8_rows<B: Backend>(be: &B) -> bool {
+    be.supports_row_format(dsv4_core::backend::RowFormat::Fp8 { rope: 0 })
 }
 
 /// [`Measured`] of a device backend `be` (Ascend, CUDA): its free memory (None when it does not
 /// say, as dsv4's CUDA emulator does not: the plan then takes the asked pool), of which the plan
 /// uses [`dsv4_core::parallel::plan::DEFAULT_UTILISATION`].
 fn on_device<B: Backend>(be: &B, kv: &KvArgs, target: WeightTarget, device: usize) -> Measured {
-    Measured { memory: RankMemory::device(be.free_memory(), device), kv_dtype: kv.kv_dtype(be), target }
+    let memory = RankMemory::device(be.free_memory(), device);
+    Measured { memory, kv_dtype: kv.kv_dtype(be), target, fp8_rows: fp8_rows(be) }
 }
 
 /// [`Measured`] of the backend `resolved` on `parallel`'s devices, measured before the
@@ -216,7 +225,8 @@ fn measure(resolved: &Resolved, kv: &KvArgs, parallel: &crate::parallel_args::Pa
             let be = dsv4_backend_cpu::CpuBackend::new();
             let dequantized = std::env::var_os("DSV4_CPU_DEQUANTIZE").is_some_and(|v| v == "1");
             let target = if dequantized { WeightTarget::HostF32 } else { WeightTarget::Host };
-            Measured { memory: RankMemory::cpu(be.free_memory(), world), kv_dtype: kv.kv_dtype(&be), target }
+            let memory = RankMemory::cpu(be.free_memory(), world);
+            Measured { memory, kv_dtype: kv.kv_dtype(&be), target, fp8_rows: fp8_rows(&be) }
         }
     })
 }
@@ -246,7 +256,13 @@ fn planned_pool(
     if world > 1 {
         eprintln!("{}", parallel.describe_run(&layout, cfg));
     }
-    let Measured { mut memory, kv_dtype, target } = measured;
+    let Measured { mut memory, kv_dtype, target, fp8_rows } = measured;
+    if kv_dtype == KvDtype::Fp8 && !fp8_rows {
+        bail!(
+            "--kv-dtype fp8: this backend does not keep fp8 KV rows here (on Ascend only the 950 does, while its \
+             FP8 casts pass their self-test at open: `dsv4 devices` says why they are off); use --kv-dtype bf16"
+        );
+    }
     let tensors = checkpoint_tensors(cfg, ckpt, target)
         .map_err(|e| anyhow::anyhow!("{e}; `dsv4 inspect --model {spec}` lists what the checkpoint lacks"))?;
     // CPU weights that stay memory-mapped live in the page cache, which the kernel reclaims:
@@ -274,7 +290,7 @@ fn planned_pool(
         tensors: &tensors,
         layout,
         kv_dtype,
-        fp8_rows: target.has_fp8_kv_rows(),
+        fp8_rows,
         comm: crate::plan::collective_library(target, layout)?,
         // Speculating sequences keep the window pages of their rollback depth as well.
         max_step: crate::generate::pool_max_step(config.prefill_chunk, config.speculative_tokens).max(1),
@@ -715,6 +731,26 @@ mod tests {
         let measured = on_device(&emu, &kv, WeightTarget::Cuda, 0);
         let e = planned_pool(measured, "builtin:tiny", &kv, &long, &one_device(), (&cfg, &ckpt)).unwrap_err();
         assert!(e.to_string().contains("is longer than the model's context"), "{e}");
+    }
+
+    /// fp8 rows on a backend that does not keep them (an Ascend A2/A3, or a 950 whose FP8 casts
+    /// failed their self-test) are refused by the plan, before any weights load; and the plan
+    /// never suggests them there.
+    #[test]
+    fn fp8_rows_are_refused_where_the_backend_does_not_keep_them() {
+        let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
+        let kv = kv_args(Default::default());
+        let measured = |kv_dtype, fp8_rows| Measured {
+            memory: RankMemory::device(Some(1 << 30), 0),
+            kv_dtype,
+            target: WeightTarget::Soc(SocFamily::A5),
+            fp8_rows,
+        };
+        let plan = |m| planned_pool(m, "builtin:tiny", &kv, &engine_config(2, 256), &one_device(), (&cfg, &ckpt));
+        let e = plan(measured(KvDtype::Fp8, false)).unwrap_err().to_string();
+        assert!(e.contains("does not keep fp8 KV rows") && e.contains("--kv-dtype bf16"), "{e}");
+        assert_eq!(plan(measured(KvDtype::Fp8, true)).unwrap().1.dtype, KvDtype::Fp8);
+        assert_eq!(plan(measured(KvDtype::Bf16, false)).unwrap().1.dtype, KvDtype::Bf16);
     }
 
     /// A model directory holding builtin:tiny, in a fresh temporary directory.

@@ -86,7 +86,7 @@ pub struct Request<'a> {
     pub tensors: &'a [PlanTensor],
     pub layout: ParallelLayout,
     pub kv_dtype: KvDtype,
-    /// Whether the backend keeps fp8 KV rows (the CPU backend).
+    /// Whether the backend keeps fp8 KV rows (the CPU and CUDA backends, Ascend's on the 950).
     pub fp8_rows: bool,
     /// The collectives' library (what it holds per rank comes off the usable memory).
     pub comm: dsv4_core::parallel::plan::CollectiveLibrary,

@@ -1,7 +1,8 @@
 //! A 950 whose CANN release has no FP8 / FP4 paths in aclnnCast (the emulator's
 //! `cast-without-low-precision` quirk): the self-test of the native weight forms fails at
 //! device open, which must switch them off with the operator's error instead of failing the
-//! open; FP8 and FP4 weights then take the Atlas A2/A3 forms. A separate test binary: the SoC
+//! open; FP8 and FP4 weights then take the Atlas A2/A3 forms, and fp8 KV rows are refused
+//! with that reason. A separate test binary: the SoC
 //! and the quirk are process-wide. Emulator-verified, not hardware-verified.
 
 use dsv4_ascend_sys::aclDataType as Dt;
@@ -28,4 +29,13 @@ fn a_cast_without_fp8_and_fp4_keeps_the_a2_a3_forms() {
         let w = dsv4_core::model::loader::stored_weight(&ckpt, name, &shape).unwrap();
         assert_eq!(be.upload_weight(&w).unwrap().dtype(), dtype, "{name}");
     }
+
+    // fp8 KV rows are decoded through the same cast: refused, with the self-test's reason.
+    let fp8 = dsv4_core::backend::RowFormat::Fp8 { rope: 64 };
+    assert!(!be.supports_row_format(fp8));
+    let e = be.alloc_pool(4, 512, fp8).err().expect("refused").to_string();
+    assert!(
+        e.contains("fp8 KV rows") && e.contains("no 8- or 4-bit float types") && e.contains("--kv-dtype bf16"),
+        "{e}"
+    );
 }
