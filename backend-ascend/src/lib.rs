@@ -367,8 +367,8 @@ impl AscendBackend {
     /// The SoC family `dsv4_core::weight_forms::checkpoint_form` decides the weight forms for:
     /// the 950 keeps FP8 and MXFP4 natively (`../shared/spec/ascend-api.md` §2.6) unless that is
     /// switched off ([`kernels::NATIVE_LOW_BIT_WEIGHTS`]); Atlas A2, A3 and the rest take the
-    /// exact A2/A3 forms.
-    fn weight_soc(&self) -> WeightSoc {
+    /// exact A2/A3 forms. What `dsv4 serve` plans the device's weight bytes with.
+    pub fn weight_soc(&self) -> WeightSoc {
         match kernels::SocFamily::of(&self.soc) {
             kernels::SocFamily::Ascend950 if self.kernels.native_weights.usable() => WeightSoc::A5,
             kernels::SocFamily::AtlasA2 => WeightSoc::A2,

@@ -10,7 +10,6 @@ use dsv4_core::kv::{KvConfig, KvDtype};
 use dsv4_core::parallel::plan::{checkpoint_tensors, PoolAsk, ServingAsk, WeightTarget};
 use dsv4_core::parallel::{ParallelLayout, RankContext};
 use dsv4_core::tokenizer::Tokenizer;
-use dsv4_core::weight_forms::SocFamily;
 use dsv4_core::{Backend, Checkpoint, ModelConfig};
 use dsv4_engine::{EngineConfig, EngineHandle, RankBuild};
 use dsv4_server::ServerConfig;
@@ -207,7 +206,8 @@ fn measure(resolved: &Resolved, kv: &KvArgs, parallel: &crate::parallel_args::Pa
             }
             let first = if world > 1 { parallel.devices.0[0] } else { 0 };
             let be = dsv4_backend_ascend::open(first)?;
-            let target = WeightTarget::from_name(be.soc()).unwrap_or(WeightTarget::Soc(SocFamily::A2));
+            // The forms this device keeps (a 950 whose native forms are off keeps the A2/A3 ones).
+            let target = WeightTarget::Soc(be.weight_soc());
             on_device(&be, kv, target, first)
         }
         Resolved::Cuda => {
@@ -673,6 +673,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsv4_core::weight_forms::SocFamily;
 
     #[test]
     fn model_names_accept_the_path_and_its_last_component() {
