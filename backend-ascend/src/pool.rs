@@ -236,7 +236,7 @@ impl AscendBackend {
         (!native.usable()).then(|| {
             format!(
                 "fp8 KV rows are read through aclnnCast's FLOAT8_E4M3FN path, which the native low-bit forms' \
-                 self-test checks, and that is switched off here ({})",
+                 self-test checks, and those are switched off here: {}",
                 native.why()
             )
         })

@@ -905,7 +905,7 @@ pub fn run_ranks(
     eprintln!("{}", parallel.describe_run(&layout, &cfg));
     let weights = active_weights(&cfg, &ckpt)?;
     let needed = positions_needed(&cfg, &contexts, opts.decode_steps, 0)?;
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
     let bf16_gemms = kv.precision.rounds_to_bf16() && name == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();

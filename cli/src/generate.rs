@@ -338,7 +338,7 @@ pub fn run_generate_ranks(
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, false)?;
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
@@ -458,7 +458,9 @@ pub fn run_chat_ranks(
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = tokenizer_for(spec)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, true)?;
+    // Split runs refuse speculation, so a step is at most the default prefill chunk.
+    let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, Some((&cfg, step)))?;
     // Made by the first rank to get here: `on_ranks!` joins the other nodes itself and hands
     // the ranks the group, so the process-wide hand-off is built from inside them.
     let turns = std::sync::OnceLock::new();
@@ -480,13 +482,28 @@ pub fn run_chat_ranks(
     Ok(())
 }
 
-/// The user's next line, or None at an empty line or the end of input.
+/// The user's next line, or None at an empty line or the end of input (or a read error).
 fn read_turn(stdin: &std::io::Stdin) -> Option<String> {
-    eprint!("> ");
-    let mut line = String::new();
-    match stdin.lock().read_line(&mut line) {
-        Ok(n) if n > 0 && !line.trim().is_empty() => Some(line.trim_end().to_string()),
-        _ => None,
+    next_turn(&mut stdin.lock(), &mut std::io::stderr())
+}
+
+/// [`read_turn`] on any input, prompting on `prompt`. A line that is not UTF-8 is refused with a
+/// message on `prompt` and the next one read (before, it ended the chat as if it were empty).
+fn next_turn(input: &mut impl BufRead, prompt: &mut impl Write) -> Option<String> {
+    loop {
+        let _ = write!(prompt, "> ");
+        let mut bytes = vec![];
+        match input.read_until(b'\n', &mut bytes) {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+        match String::from_utf8(bytes) {
+            Ok(line) if line.trim().is_empty() => return None,
+            Ok(line) => return Some(line.trim_end().to_string()),
+            Err(_) => {
+                let _ = writeln!(prompt, "error: that line is not valid UTF-8; type it again (an empty line quits)");
+            }
+        }
     }
 }
 
@@ -551,6 +568,20 @@ mod tests {
     use super::*;
 
     const OFFICIAL_FP8: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cases/official_fp8");
+
+    #[test]
+    fn chat_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on() {
+        let mut input: &[u8] = b"h\xff\xfei\nmore  \r\n\nafter the end\n";
+        let mut prompt = vec![];
+        assert_eq!(next_turn(&mut input, &mut prompt).as_deref(), Some("more"));
+        assert_eq!(
+            String::from_utf8(prompt).unwrap(),
+            "> error: that line is not valid UTF-8; type it again (an empty line quits)\n> "
+        );
+        assert_eq!(next_turn(&mut input, &mut vec![]), None, "an empty line quits");
+        assert_eq!(next_turn(&mut (b"" as &[u8]), &mut vec![]), None, "so does the end of input");
+        assert_eq!(next_turn(&mut (b"last, no newline" as &[u8]), &mut vec![]).as_deref(), Some("last, no newline"));
+    }
 
     /// `dsv4 chat`'s flags, as a user gives them.
     #[derive(clap::Parser)]

@@ -388,6 +388,14 @@ pub fn run(spec: &str, context: Option<usize>, kv_dtype: Option<KvDtype>, soc: O
     let state = |cfg: &ModelConfig| {
         if context.is_some() || kv_dtype.is_some() {
             print!("{}", cache_report(cfg, kv_dtype.unwrap_or_default(), context));
+            // The sizes hold for any backend, but say when the --soc given cannot hold them.
+            let target = soc.map(dsv4_core::parallel::plan::WeightTarget::Soc);
+            if let Some(t) = target.filter(|t| kv_dtype == Some(KvDtype::Fp8) && !t.has_fp8_kv_rows()) {
+                println!(
+                    "note: the Ascend backend keeps no fp8 rows on {} (the 950 only): use --kv-dtype bf16 there",
+                    t.name()
+                );
+            }
         }
     };
     // A directory with only config.json (e.g. configs/deepseek-v4-flash) is enough for the

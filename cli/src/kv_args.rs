@@ -11,7 +11,7 @@
 
 use std::str::FromStr;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use dsv4_core::kv::{human_bytes, KvConfig, KvDtype};
 use dsv4_core::{Backend, ModelConfig, Precision};
 
@@ -148,8 +148,19 @@ impl KvArgs {
         self.kv_dtype_arg.unwrap_or_else(|| self.precision.default_kv_dtype(be))
     }
 
-    /// The budget in bytes when `--kv-cache-memory` is given.
+    /// The budget in bytes when `--kv-cache-memory` is given; first, the backend's refusal of
+    /// the row format, if it does not keep it (fp8 off the Ascend 950), so that no pool is
+    /// described as if it were taken.
     fn budget<B: Backend>(&self, be: &B) -> Result<Option<usize>> {
+        let format = self.kv_dtype(be).attention_format(0);
+        if !be.supports_row_format(format) {
+            // The backend's own words: a one-row pool of that format is refused with the reason.
+            let why = match be.alloc_pool(1, 64, format) {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("backend {} does not keep {} KV rows", be.name(), self.kv_dtype(be)),
+            };
+            bail!("--kv-dtype {}: {why}", self.kv_dtype(be));
+        }
         self.kv_cache_memory.map(|m| m.resolve(|| free_memory(be))).transpose()
     }
 

@@ -342,7 +342,10 @@ enum Command {
         #[arg(long)]
         ids: bool,
     },
-    /// Interactive multi-turn chat.
+    /// Interactive multi-turn chat: one message per line on stdin; an empty line or Ctrl-D
+    /// quits. Split over ranks (--devices, and over processes with --nnodes), global rank 0
+    /// (on node 0) reads the terminal and prints; the other ranks and nodes run the same
+    /// conversation silently and never read their stdin.
     Chat {
         #[command(flatten)]
         model: ModelArgs,

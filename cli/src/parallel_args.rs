@@ -101,14 +101,20 @@ pub fn device_ids(devices: &DeviceList) -> Result<Vec<i32>> {
 }
 
 /// `kv` with a decoding-state budget every rank resolves to the same pool: a share of the free
-/// memory (a `--kv-cache-memory` fraction, or with `open_ended` chat's default of half the free
-/// memory) becomes bytes once, here, divided among the ranks' pools, which share one machine's
-/// memory on the CPU backend. Ranks whose pools differed would make different block decisions
-/// and fall out of step. On Ascend every device has its own memory and the free memory a rank
-/// sees depends on its part of the weights, so there a size in bytes is required.
-pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_ended: bool) -> Result<KvArgs> {
-    let shares_free =
-        matches!(kv.kv_cache_memory, Some(MemorySize::Fraction(_))) || (open_ended && kv.kv_cache_memory.is_none());
+/// memory (a `--kv-cache-memory` fraction, or with `open_ended` chat's default: what the
+/// model's whole context needs, `(cfg, max_step)`, at most half the free memory) becomes bytes
+/// once, here, divided among the ranks' pools, which share one machine's memory on the CPU
+/// backend. Ranks whose pools differed would make different block decisions and fall out of
+/// step. On Ascend every device has its own memory and the free memory a rank sees depends on
+/// its part of the weights, so there a size in bytes is required.
+pub fn fixed_kv_budget(
+    kv: &KvArgs,
+    world: usize,
+    backend: BackendChoice,
+    open_ended: Option<(&ModelConfig, usize)>,
+) -> Result<KvArgs> {
+    let shares_free = matches!(kv.kv_cache_memory, Some(MemorySize::Fraction(_)))
+        || (open_ended.is_some() && kv.kv_cache_memory.is_none());
     if !shares_free {
         return Ok(kv.clone());
     }
@@ -116,12 +122,20 @@ pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_e
         crate::Resolved::Ascend => bail!(per_device_kv("Ascend")),
         crate::Resolved::Cuda => bail!(per_device_kv("CUDA")),
         crate::Resolved::Cpu => {
-            let free = crate::kv_args::free_memory(&dsv4_backend_cpu::CpuBackend::new())?;
-            let total = match kv.kv_cache_memory {
-                Some(m) => m.resolve(|| Ok(free))?,
-                None => free / 2,
+            let be = dsv4_backend_cpu::CpuBackend::new();
+            let free = crate::kv_args::free_memory(&be)?;
+            let per_rank = match (kv.kv_cache_memory, open_ended) {
+                (Some(m), _) => m.resolve(|| Ok(free))? / world,
+                // Every rank holds the whole context's state (a rank's pool is never larger than
+                // one device's), within its share of half the free memory.
+                (None, Some((cfg, max_step))) => {
+                    let need =
+                        crate::kv_args::budget_for_tokens(cfg, kv.kv_dtype(&be), cfg.max_position_embeddings, max_step);
+                    need.min(free / 2 / world)
+                }
+                (None, None) => unreachable!("shares_free"),
             };
-            Ok(KvArgs { kv_cache_memory: Some(MemorySize::Bytes(total / world)), ..kv.clone() })
+            Ok(KvArgs { kv_cache_memory: Some(MemorySize::Bytes(per_rank)), ..kv.clone() })
         }
     }
 }
@@ -130,7 +144,7 @@ pub fn fixed_kv_budget(kv: &KvArgs, world: usize, backend: BackendChoice, open_e
 fn per_device_kv(backend: &str) -> String {
     format!(
         "with --devices on {backend}, give --kv-cache-memory as a size per device (e.g. 8GiB): every rank's pool must \
-         be the same size, and a share of each device's free memory is not"
+         be the same size, so it cannot be sized from what each device has free"
     )
 }
 
@@ -463,7 +477,34 @@ impl ParallelArgs {
 
 #[cfg(test)]
 mod tests {
+    use dsv4_core::kv::KvDtype;
+
     use super::*;
+
+    /// A chat split over CPU ranks sizes each rank's pool for the model's whole context, as on
+    /// one device, not half the free memory per rank (a user saw 5.7 GiB per rank for the
+    /// 15 MiB the built-in model's context needs); a fraction is still shared among the ranks.
+    #[test]
+    fn an_open_ended_split_pool_holds_the_context_not_half_the_memory() {
+        let (cfg, _) = dsv4_core::builtin::tiny().unwrap();
+        let kv = crate::kv_args::KvArgs {
+            precision: dsv4_core::Precision::F32,
+            kv_dtype_arg: None,
+            kv_cache_memory: None,
+            weight_memory: Default::default(),
+        };
+        let need = crate::kv_args::budget_for_tokens(&cfg, KvDtype::F32, cfg.max_position_embeddings, 64);
+        let free = crate::kv_args::free_memory(&dsv4_backend_cpu::CpuBackend::new()).unwrap();
+        assert!(free / 4 > need, "this machine has {free} bytes free");
+        for world in [2, 4] {
+            let fixed = fixed_kv_budget(&kv, world, BackendChoice::Cpu, Some((&cfg, 64))).unwrap();
+            assert!(matches!(fixed.kv_cache_memory, Some(MemorySize::Bytes(b)) if b == need), "{fixed:?}");
+        }
+        let half = crate::kv_args::KvArgs { kv_cache_memory: Some(MemorySize::Fraction(0.5)), ..kv.clone() };
+        let fixed = fixed_kv_budget(&half, 4, BackendChoice::Cpu, None).unwrap();
+        assert!(matches!(fixed.kv_cache_memory, Some(MemorySize::Bytes(b)) if b > need && b < free / 4), "{fixed:?}");
+        assert!(fixed_kv_budget(&kv, 2, BackendChoice::Cpu, None).unwrap().kv_cache_memory.is_none());
+    }
 
     #[test]
     fn device_lists_parse_counts_ranges_and_ids() {
