@@ -9,8 +9,8 @@ use dsv4_core::model::Trace;
 use dsv4_core::{Backend, Batch, Precision};
 
 use crate::{
-    chunks, fixture_cases_with_kv, kv_config, layer_errors, load_model, max_rel_err, official_cases, read_reference,
-    run_in_steps_with,
+    chunks, decode_schedules, fixture_cases_with_kv, kv_config, layer_errors, load_model, max_rel_err, official_cases,
+    read_reference, run_in_steps_with,
 };
 
 const TOLERANCE: f64 = 1e-4;
@@ -36,13 +36,7 @@ pub fn check_fp8_state_cases<B: Backend>(be: &B) {
         let f32_err =
             max_rel_err(&be.download(&model.forward_with(be, &batch, KvDtype::F32, None).unwrap()).unwrap(), &r.logits);
         assert!(f32_err > 1e-2, "{name}: an f32 state is within {f32_err:.2e} of the fp8 reference");
-        let schedules: Vec<(&str, Vec<usize>)> = vec![
-            ("token by token", vec![1; n]),
-            ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
-            ("chunks of 5", chunks(n, 5)),
-            ("chunks of 7", chunks(n, 7)),
-        ];
-        for (label, steps) in schedules {
+        for (label, steps) in decode_schedules(n) {
             let config = kv_config(&model.cfg, KvDtype::Fp8, 1, n, 17);
             let err = max_rel_err(&run_in_steps_with(be, &model, &r.input_ids, &steps, config), &r.logits);
             println!("{} {name}: fp8 state, {label}: {err:.2e}", be.name());

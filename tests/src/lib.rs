@@ -237,19 +237,24 @@ pub fn check_decode_schedules<B: Backend>(be: &B, tolerance: f64) {
         let model = load_model(be, &case);
         let r = read_reference(&case);
         let n = r.input_ids.len();
-        let schedules: Vec<(&str, Vec<usize>)> = vec![
-            ("prefill 1 then decode", vec![1; n]),
-            ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
-            ("chunks of 5", chunks(n, 5)),
-            ("chunks of 7", chunks(n, 7)),
-        ];
-        for (label, steps) in schedules {
+        for (label, steps) in decode_schedules(n) {
             let got = run_in_steps(be, &model, &r.input_ids, &steps);
             let err = max_rel_err(&got, &r.logits);
             println!("{} {name} / {label}: max rel err {err:.2e}", be.name());
             assert!(err <= tolerance, "{name} / {label}: {err:.3e}");
         }
     }
+}
+
+/// The step schedules the decode checks feed an `n`-token prompt in (`n` ≥ 17): token by token,
+/// a 17-token prefill then decode, and chunks of 5 and of 7 (chunks crossing blocks and windows).
+pub fn decode_schedules(n: usize) -> Vec<(&'static str, Vec<usize>)> {
+    vec![
+        ("token by token", vec![1; n]),
+        ("prefill 17 then decode", std::iter::once(17).chain(std::iter::repeat_n(1, n - 17)).collect()),
+        ("chunks of 5", chunks(n, 5)),
+        ("chunks of 7", chunks(n, 7)),
+    ]
 }
 
 /// A fixture case's checkpoint loaded on `be`, its prompt prefilled: max |Δlogit| / max |logit|
