@@ -39,7 +39,7 @@ use dsv4_core::kv::{human_bytes, KvCache, KvConfig, KvDtype, Sequence};
 use dsv4_core::model::loader::{expected_tensors, stored_weight, TensorRole};
 use dsv4_core::model::Logits;
 use dsv4_core::parallel::plan::rank_decode_traffic;
-use dsv4_core::parallel::{ParallelLayout, RankContext, RankLayout, Traffic};
+use dsv4_core::parallel::{CollectiveKind, ParallelLayout, RankContext, RankLayout, Traffic};
 use dsv4_core::profile::Profile;
 use dsv4_core::sampling::{argmax, Sampler, SamplingParams};
 use dsv4_core::speculative::{SpecStats, Speculator};
@@ -836,7 +836,7 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
             }
         }
         for (ranks, counted, plan) in classes {
-            let verdict = if *counted == plan.times(decode_steps as u64) { "equal" } else { "DIFFERENT" };
+            let verdict = traffic_verdict(counted, &plan.times(decode_steps as u64));
             out += &format!(
                 "comm | context {}, rank{} {}: counted {} B per token ({}) | planned {} B per token ({}): {verdict}\n",
                 row.context,
@@ -850,6 +850,24 @@ fn comm_report(runs: &[RankRun], decode_steps: usize) -> String {
         }
     }
     out
+}
+
+/// Counted against planned traffic: `equal`; or, where only the all-to-all-v bytes differ
+/// (`--moe-exchange all-to-all`: where the rows go depends on the routing, which the plan takes
+/// as uniform), that said; else `DIFFERENT`.
+fn traffic_verdict(counted: &Traffic, planned: &Traffic) -> &'static str {
+    if counted == planned {
+        return "equal";
+    }
+    let without_bytes = |t: &Traffic| -> Vec<(CollectiveKind, u64, u64)> {
+        t.by_kind.iter().map(|(&k, &(c, b))| (k, c, if k == CollectiveKind::AllToAllV { 0 } else { b })).collect()
+    };
+    if without_bytes(counted) == without_bytes(planned) {
+        "equal calls and all-gather/all-reduce bytes; the all-to-all-v bytes follow the routing (planned: every \
+         expert equally likely)"
+    } else {
+        "DIFFERENT"
+    }
 }
 
 /// A row's `comm` array in `--json`: every rank's payload per decoded token, counted and planned.

@@ -12,7 +12,7 @@
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use dsv4_core::parallel::{NodeGroup, NodeSpec, ParallelLayout};
+use dsv4_core::parallel::{MoeExchange, NodeGroup, NodeSpec, ParallelLayout};
 use dsv4_core::ModelConfig;
 
 use crate::kv_args::{KvArgs, MemorySize};
@@ -168,6 +168,17 @@ pub struct ParallelArgs {
     /// of the experts).
     #[arg(long, value_name = "EP", value_parser = crate::serve::at_least_one)]
     pub expert_parallel: Option<usize>,
+    /// How the ranks of an EP group exchange the MoE's activations. all-reduce: every rank runs
+    /// its experts on every token and the group sums the outputs (DeepSeek's inference code;
+    /// SGLang's --moe-a2a-backend none). all-to-all: each rank takes a slice of the tokens,
+    /// sends each (token, expert) pair to the expert's rank and gets its output back
+    /// (dispatch/combine, the exchange DeepEP and Huawei's MC2 kernels implement; here over the
+    /// communicator's all-to-all-v on every backend, not yet through MC2), then all-gathers.
+    /// With replicated attention (today's layouts) it moves more than the all-reduce for V4's
+    /// top_k (see README "Multi-device"; `dsv4 plan` prints both). Same results up to the
+    /// order of f32 sums.
+    #[arg(long, value_name = "EXCHANGE", default_value = "all-reduce", value_parser = parse_moe_exchange)]
+    pub moe_exchange: MoeExchange,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
     /// the same arguments and its own --node-rank, over its own --devices (the same number on
     /// every node); TP and EP count the ranks of all nodes. Ascend (HCCL) and CUDA (NCCL). Default: where
@@ -184,6 +195,14 @@ pub struct ParallelArgs {
     /// The TCP port node 0 listens on for the other nodes. Default: MASTER_PORT, else 29500.
     #[arg(long, value_name = "PORT")]
     pub master_port: Option<u16>,
+}
+
+/// `--moe-exchange`'s values.
+fn parse_moe_exchange(s: &str) -> std::result::Result<MoeExchange, String> {
+    [MoeExchange::AllReduce, MoeExchange::AllToAll]
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| format!("'{s}' is not an exchange: give all-reduce or all-to-all"))
 }
 
 /// `--rank-table`, flattened next to [`ParallelArgs`] into the commands that split the model
@@ -412,13 +431,14 @@ impl ParallelArgs {
             );
         }
         // Core names the layout's fields; the user gave flags.
-        ParallelLayout::new(world, self.tensor_parallel, ep, cfg).map_err(|e| match e {
+        let layout = ParallelLayout::new(world, self.tensor_parallel, ep, cfg).map_err(|e| match e {
             dsv4_core::Error::Config { field, msg } if field == "tensor_parallel" || field == "expert_parallel" => {
                 let value = if field == "tensor_parallel" { self.tensor_parallel } else { ep };
                 anyhow::anyhow!("--{} {value}: {msg}", field.replace('_', "-"))
             }
             e => e.into(),
-        })
+        })?;
+        Ok(layout.with_moe(self.moe_exchange))
     }
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
@@ -462,7 +482,7 @@ impl ParallelArgs {
         let r0 = layout.rank(0);
         format!(
             "ranks: {}, {placement}; TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts \
-             {:?} of {})",
+             {:?} of {}; MoE exchange {})",
             layout.world,
             layout.tp,
             r0.heads(cfg),
@@ -470,7 +490,8 @@ impl ParallelArgs {
             r0.vocab(cfg),
             layout.ep,
             r0.experts(cfg),
-            cfg.n_routed_experts
+            cfg.n_routed_experts,
+            layout.moe.name()
         )
     }
 }

@@ -13,7 +13,7 @@ use dsv4_core::parallel::plan::{
     checkpoint_tensors, decode_traffic, fewest_devices, official_tensors, plan, rank_weights, CollectiveLibrary, Plan,
     PlanError, PlanInput, PlanTensor, RankWeights, Split, WeightTarget, DEFAULT_UTILISATION, HCCL_BUFFSIZE_DEFAULT_MB,
 };
-use dsv4_core::parallel::{CollectiveKind, ParallelLayout, Traffic};
+use dsv4_core::parallel::{CollectiveKind, MoeExchange, ParallelLayout, Traffic};
 use dsv4_core::weight_forms::SocFamily;
 use dsv4_core::{builtin, ModelConfig, Precision};
 
@@ -464,7 +464,14 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
         (false, false) => "  one device: no collectives".to_string(),
         (tp, ep) => {
             let mut w = vec![];
-            if ep {
+            if ep && layout.moe == MoeExchange::AllToAll {
+                w.push(format!(
+                    "per layer the MoE dispatch and combine over EP {} (--moe-exchange all-to-all: this rank's \
+                     slice of the tokens, {} rows of {} per token to the experts' ranks and back, expected with \
+                     every expert equally likely; then the slices' all-gather)",
+                    layout.ep, cfg.num_experts_per_tok, cfg.hidden_size
+                ));
+            } else if ep {
                 w.push(format!("per layer the MoE combine over EP {} (tokens x {})", layout.ep, cfg.hidden_size));
             }
             if tp {
@@ -493,7 +500,7 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
     debug_assert!(decode_traffic(cfg, layout, 1)
         .by_kind
         .keys()
-        .all(|k| matches!(k, CollectiveKind::AllReduce | CollectiveKind::AllGather)));
+        .all(|k| matches!(k, CollectiveKind::AllReduce | CollectiveKind::AllGather | CollectiveKind::AllToAllV)));
     o
 }
 
@@ -781,8 +788,11 @@ mod tests {
             }
             t
         };
-        for (world, tp, ep) in [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4)] {
-            let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
+        let layouts = [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4)].map(|(w, t, e)| ParallelLayout::new(w, t, e, &cfg));
+        let dispatch = [(2, 1, 2), (4, 2, 2), (4, 1, 4)]
+            .map(|(w, t, e)| ParallelLayout::new(w, t, e, &cfg).map(|l| l.with_moe(MoeExchange::AllToAll)));
+        for layout in layouts.into_iter().chain(dispatch) {
+            let layout = layout.unwrap();
             let counted = run_local(layout, |ctx: RankContext<CpuBackend>| {
                 let be = CpuBackend::new();
                 let model = Model::load_rank(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx.clone())?;
@@ -800,7 +810,22 @@ mod tests {
             .unwrap();
             for (rank, traffic) in counted {
                 assert!(traffic.calls() > 0, "{layout:?}");
-                assert_eq!(traffic, rank_decode_traffic(&cfg, &rank, 2), "{layout:?} rank {}", rank.rank);
+                let planned = rank_decode_traffic(&cfg, &rank, 2);
+                if layout.moe == MoeExchange::AllReduce {
+                    assert_eq!(traffic, planned, "{layout:?} rank {}", rank.rank);
+                    continue;
+                }
+                // The all-to-all-v bytes follow the routing: at most this rank's slice's pairs
+                // out (rows and their two values) and every other slice's pairs back.
+                let a2a = CollectiveKind::AllToAllV;
+                let (mut c, mut p) = (traffic.clone(), planned.clone());
+                let (calls, bytes) = c.by_kind.remove(&a2a).unwrap();
+                assert_eq!((calls, p.by_kind.remove(&a2a).unwrap().0), (3 * cfg.num_layers as u64, calls));
+                assert_eq!(c, p, "{layout:?} rank {}", rank.rank);
+                let (k, d) = (cfg.num_experts_per_tok, cfg.hidden_size);
+                let mine = dsv4_core::parallel::layout::split(2, layout.ep, rank.ep_rank).len();
+                let most = (mine * k * (d + 2) + (2 - mine) * k * d) * 4 * cfg.num_layers;
+                assert!(bytes <= most as u64, "{layout:?} rank {}: {bytes} > {most}", rank.rank);
             }
         }
     }

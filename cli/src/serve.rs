@@ -696,6 +696,7 @@ mod tests {
             devices: crate::parallel_args::DeviceList(vec![0]),
             tensor_parallel: 1,
             expert_parallel: None,
+            moe_exchange: Default::default(),
             nnodes: Some(1),
             node_rank: Some(0),
             master_addr: None,

@@ -137,7 +137,7 @@ fn barriers_and_splits_subgroups_run_collectives_concurrently() {
 fn run_ranks_gives_every_rank_its_tp_and_ep_groups() {
     let _emu = emulator();
     // 2 × 2 mesh: TP groups {0,1},{2,3}; EP groups {0,2},{1,3}.
-    let layout = ParallelLayout { world: 4, tp: 2, ep: 2 };
+    let layout = ParallelLayout { world: 4, tp: 2, ep: 2, ..ParallelLayout::SINGLE };
     let out = run_ranks(&[0, 1, 2, 3], layout, |be, ctx| {
         let (tp, ep) = (ctx.tp.clone().unwrap(), ctx.ep.clone().unwrap());
         let x = up(be, &values(ctx.layout.rank, 6), &[2, 3]);
@@ -276,7 +276,7 @@ fn hccl_failures_are_communicator_errors_naming_the_status() {
 #[test]
 fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
     let _emu = emulator();
-    let layout = ParallelLayout { world: 3, tp: 3, ep: 1 };
+    let layout = ParallelLayout { world: 3, tp: 3, ep: 1, ..ParallelLayout::SINGLE };
     let fails = || Error::Input("rank 1 fails on purpose".into());
     // The others finish.
     let e = run_ranks(&[0, 1, 2], layout, |be, ctx| {
@@ -346,7 +346,7 @@ fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
 fn without_hccl_making_a_communicator_is_an_actionable_error() {
     if std::env::var_os(CHILD_VAR).is_some() {
         // The child: no emulator, no CANN.
-        let layout = ParallelLayout { world: 2, tp: 2, ep: 1 };
+        let layout = ParallelLayout { world: 2, tp: 2, ep: 1, ..ParallelLayout::SINGLE };
         let e = run_ranks(&[0, 1], layout, |_, _| Ok::<_, Error>(())).unwrap_err().to_string();
         for want in ["libhccl.so", "HCCL_SO_PATH", "ASCEND_TOOLKIT_HOME", "DSV4_ASCEND_EMULATOR"] {
             assert!(e.contains(want), "{want} in {e}");

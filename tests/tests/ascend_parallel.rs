@@ -1,14 +1,15 @@
 //! Multi-rank conformance on Ascend's API (issue 14): every fixture's prefill and decode with
 //! the experts and heads split over emulated devices (EP 2 and 4, TP 2, EP 2 × TP 2), the ranks
 //! exchanging through HCCL (the emulator's), equal the single-device Ascend result within 1e-5
-//! relative. Emulator-verified, not hardware-verified.
+//! relative; with the MoE exchanged by all-reduce and by token dispatch and combine
+//! (`--moe-exchange all-to-all`, HcclAlltoAllV). Emulator-verified, not hardware-verified.
 //!
 //! Why 1e-5: as on the CPU (tests/parallel.rs), splitting only reorders f32 sums.
 
 use std::path::Path;
 
 use dsv4_backend_ascend::{run_ranks, AscendBackend};
-use dsv4_core::parallel::{ParallelLayout, RankContext};
+use dsv4_core::parallel::{MoeExchange, ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
 use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
 
@@ -26,7 +27,7 @@ const LAYOUTS: [(usize, usize, usize, &str); 4] =
 /// (tests/ascend_host_memory.rs); the peak RSS of this binary is about 460 MB.
 const DECODE_STEPS: usize = 24;
 
-fn check(case: &Path) {
+fn check(case: &Path, layouts: &[(usize, usize, usize, &str)], moe: MoeExchange) {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
     let cfg = ModelConfig::from_dir(case).unwrap();
     let ckpt = Checkpoint::open(case).unwrap();
@@ -37,8 +38,9 @@ fn check(case: &Path) {
         let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
         prefill_and_decode(&be, &model, &ids, dtype, Some(DECODE_STEPS))
     };
-    for (world, tp, ep, label) in LAYOUTS {
-        let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
+    for &(world, tp, ep, label) in layouts {
+        let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap().with_moe(moe);
+        let label = format!("{label} / {}", moe.name());
         let devices: Vec<i32> = (0..world as i32).collect();
         let ranks = run_ranks(&devices, layout, |be: &AscendBackend, ctx: RankContext<AscendBackend>| {
             let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
@@ -55,6 +57,16 @@ fn every_f32_fixture_splits_over_emulated_devices() {
     let cases = fixture_cases();
     assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
     for case in cases {
-        check(&case);
+        check(&case, &LAYOUTS, MoeExchange::AllReduce);
+    }
+}
+
+/// Token dispatch over HCCL's all-to-all-v: EP 4 (decode steps leave ranks without tokens of
+/// their own, and with no rows for their experts) and EP 2 × TP 2.
+#[test]
+fn every_f32_fixture_dispatches_tokens_over_emulated_devices() {
+    let _emu = dsv4_tests::emulated_devices(DEVICES);
+    for case in fixture_cases() {
+        check(&case, &[LAYOUTS[1], LAYOUTS[3]], MoeExchange::AllToAll);
     }
 }

@@ -277,7 +277,7 @@ fn barriers_and_splits_subgroups_run_collectives_concurrently() {
 #[test]
 fn run_ranks_gives_every_rank_its_tp_and_ep_groups() {
     // 2 × 2 mesh: TP groups {0,1},{2,3}; EP groups {0,2},{1,3}.
-    let layout = ParallelLayout { world: 4, tp: 2, ep: 2 };
+    let layout = ParallelLayout { world: 4, tp: 2, ep: 2, ..ParallelLayout::SINGLE };
     let devs = devices(4);
     let out = run_ranks(devs.clone(), members(&devs, TIMEOUT), layout, |be: &Gpu, ctx: RankContext<Gpu>| {
         let r = ctx.layout.rank;
@@ -531,7 +531,7 @@ fn a_backend_or_tensor_of_another_device_is_an_error() {
 
 #[test]
 fn an_error_in_one_rank_ends_the_run_with_that_ranks_error() {
-    let layout = ParallelLayout { world: 3, tp: 3, ep: 1 };
+    let layout = ParallelLayout { world: 3, tp: 3, ep: 1, ..ParallelLayout::SINGLE };
     let fails = || Error::Input("rank 1 fails on purpose".into());
     let devs = devices(3);
 

@@ -1,8 +1,9 @@
 //! Multi-rank conformance on the CUDA backend (issue 14): every fixture's prefill and decode
 //! with the experts and heads split over emulated GPUs (EP 2 and 4, TP 2, EP 2 × TP 2), the
 //! ranks exchanging through the communicator over NCCL's API (`NcclCommunicator` on the
-//! emulator's NCCL), equal the single-GPU result within 1e-5 relative. Emulator-verified, not
-//! run on GPUs.
+//! emulator's NCCL), equal the single-GPU result within 1e-5 relative; with the MoE exchanged
+//! by all-reduce and by token dispatch and combine (`--moe-exchange all-to-all`).
+//! Emulator-verified, not run on GPUs.
 //!
 //! Why 1e-5: as on the CPU (tests/parallel.rs), splitting only reorders f32 sums.
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dsv4_backend_cuda::{run_ranks, CudaBackend};
-use dsv4_core::parallel::{ParallelLayout, RankContext};
+use dsv4_core::parallel::{MoeExchange, ParallelLayout, RankContext};
 use dsv4_core::{Checkpoint, Model, ModelConfig};
 use dsv4_cuda_emu::{EmuComm, EmulatedDevice};
 use dsv4_tests::{assert_ranks_match_one_device, case_kv_dtype, fixture_cases, prefill_and_decode, read_reference};
@@ -36,7 +37,7 @@ fn gpus(world: usize) -> (Vec<Arc<EmulatedDevice>>, Vec<EmuComm>) {
     (devices, members)
 }
 
-fn check(case: &Path) {
+fn check(case: &Path, layouts: &[(usize, usize, usize, &str)], moe: MoeExchange) {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
     let cfg = ModelConfig::from_dir(case).unwrap();
     let ckpt = Checkpoint::open(case).unwrap();
@@ -47,8 +48,9 @@ fn check(case: &Path) {
         let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
         prefill_and_decode(&be, &model, &ids, dtype, Some(DECODE_STEPS))
     };
-    for (world, tp, ep, label) in LAYOUTS {
-        let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap();
+    for &(world, tp, ep, label) in layouts {
+        let layout = ParallelLayout::new(world, tp, ep, &cfg).unwrap().with_moe(moe);
+        let label = format!("{label} / {}", moe.name());
         let (devices, members) = gpus(world);
         let ranks = run_ranks(devices, members, layout, |be: &Gpu, ctx: RankContext<Gpu>| {
             let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
@@ -64,6 +66,15 @@ fn every_f32_fixture_splits_over_emulated_gpus() {
     let cases = fixture_cases();
     assert!(cases.len() >= 5, "expected the committed fixture cases, found {}", cases.len());
     for case in cases {
-        check(&case);
+        check(&case, &LAYOUTS, MoeExchange::AllReduce);
+    }
+}
+
+/// Token dispatch over the communicator's all-to-all-v (NCCL send/recv groups): EP 4 and
+/// EP 2 × TP 2.
+#[test]
+fn every_f32_fixture_dispatches_tokens_over_emulated_gpus() {
+    for case in fixture_cases() {
+        check(&case, &[LAYOUTS[1], LAYOUTS[3]], MoeExchange::AllToAll);
     }
 }

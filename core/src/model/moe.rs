@@ -7,7 +7,8 @@ use crate::backend::{Backend, BinaryOp, ExpertWeights};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::{fused_experts, Loader};
-use crate::parallel::Communicator;
+use crate::parallel::layout::split;
+use crate::parallel::{Communicator, MoeExchange};
 use crate::precision::Precision;
 use crate::quant::scale_name;
 use crate::tensor::StoredWeight;
@@ -30,6 +31,9 @@ pub struct Moe<B: Backend> {
     held: Range<usize>,
     /// The EP group that sums the ranks' routed outputs, when the experts are split.
     ep: Option<Arc<dyn Communicator<B>>>,
+    /// How the EP group exchanges activations, and the experts each of its ranks holds.
+    exchange: MoeExchange,
+    group_held: Vec<Range<usize>>,
     shared: ExpertWeights<B::Weight>,
     top_k: usize,
     scoring: ScoringFunc,
@@ -121,6 +125,8 @@ impl<B: Backend> Moe<B> {
             experts,
             held,
             ep: ld.rank.ep.clone(),
+            exchange: ld.rank.layout.layout.moe,
+            group_held: (0..ld.rank.layout.layout.ep).map(|r| split(e, ld.rank.layout.layout.ep, r)).collect(),
             shared: load_expert(ld, &format!("{p}.shared_experts"), d, i)?,
             top_k: k,
             scoring: cfg.scoring_func,
@@ -158,9 +164,12 @@ impl<B: Backend> Moe<B> {
                 (be.download_index(&ids)?, w)
             }
         };
-        let routed = match &self.ep {
-            None => be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?,
-            Some(ep) => ep.all_reduce_sum(be, &self.held_experts(be, x, &host_ids, &w, prec)?)?,
+        let routed = match (&self.ep, self.exchange) {
+            (None, _) => be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?,
+            (Some(ep), MoeExchange::AllReduce) => {
+                ep.all_reduce_sum(be, &self.held_experts(be, x, &host_ids, &w, prec)?)?
+            }
+            (Some(ep), MoeExchange::AllToAll) => self.dispatched_experts(be, ep.as_ref(), x, &host_ids, &w, prec)?,
         };
         let shared = be.expert_ffn(x, &self.shared, self.limit, prec)?;
         prec.act_of(be, be.binary(&routed, &shared, BinaryOp::Add))
@@ -190,5 +199,33 @@ impl<B: Backend> Moe<B> {
         let (xs, ws) = (be.index_select(x, &rows)?, be.index_select(&flat_w, &slots)?);
         let ys = be.moe_experts(&xs, &local, &ws, &self.experts, self.limit, prec)?;
         be.index_add(&zeros, &rows, &ys)
+    }
+
+    /// Expert parallelism by token dispatch ([`MoeExchange::AllToAll`]): rank r of the EP
+    /// group takes its slice of the (replicated) tokens, dispatches their (token, expert)
+    /// pairs to the experts' ranks, runs the rows it receives, combines its tokens' outputs
+    /// and the group all-gathers the slices → the routed output `[T, D]`.
+    fn dispatched_experts(
+        &self,
+        be: &B,
+        ep: &dyn Communicator<B>,
+        x: &B::Tensor,
+        ids: &[i32],
+        w: &B::Tensor,
+        prec: Precision,
+    ) -> Result<B::Tensor> {
+        let t = x.shape()[0];
+        let mine = split(t, ep.size(), ep.rank());
+        let (xs, ws) = (be.narrow(x, 0, mine.start, mine.len())?, be.narrow(w, 0, mine.start, mine.len())?);
+        let ids = &ids[mine.start * self.top_k..mine.end * self.top_k];
+        let d = ep.moe_dispatch(be, &xs, ids, &ws, &self.group_held)?;
+        // A rank whose experts got no pairs runs nothing (its output is the empty `rows`).
+        let ys = if d.experts.is_empty() {
+            d.rows.clone()
+        } else {
+            be.moe_experts(&d.rows, &d.experts, &d.weights, &self.experts, self.limit, prec)?
+        };
+        let part = ep.moe_combine(be, &ys, &d)?;
+        ep.all_gather(be, &part, 0)
     }
 }

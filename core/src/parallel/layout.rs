@@ -22,11 +22,45 @@ pub struct ParallelLayout {
     pub tp: usize,
     /// Expert-parallel degree (ranks that split the routed experts of one layer).
     pub ep: usize,
+    /// How an EP group exchanges the MoE's activations ([`MoeExchange`]).
+    pub moe: MoeExchange,
+}
+
+/// How the ranks of an EP group exchange the routed experts' activations.
+///
+/// Both give the same result up to the order of the f32 sums (conformance: 1e-5 relative).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MoeExchange {
+    /// DeepSeek's inference code (`MoE.forward`, spec §D): every rank routes every token, runs
+    /// the (token, expert) pairs of the experts it holds, and the group sums the ranks' partial
+    /// outputs with one all-reduce of `tokens × hidden`. (SGLang's `--moe-a2a-backend none`.)
+    #[default]
+    AllReduce,
+    /// Token dispatch and combine ([`super::dispatch`]): each rank of the group takes a slice of
+    /// the tokens, sends each (token, expert) pair to the rank holding the expert (all-to-all-v),
+    /// gets the expert outputs back (all-to-all-v), sums them per token, and the group
+    /// all-gathers the slices. The exchange Huawei's MC2 kernels
+    /// (`aclnnMoeDistributeDispatchV2` / `CombineV2`) and DeepEP implement. Per rank it moves
+    /// about `2·top_k·(ep−1)/ep² · tokens · hidden` values out and back plus the slices'
+    /// all-gather (`(ep−1)/ep · tokens · hidden` on a ring), against the all-reduce's
+    /// `2(ep−1)/ep · tokens · hidden`: more for V4's top_k while the tokens are replicated. It
+    /// is the exchange data-parallel attention needs, where each rank's tokens are its own.
+    AllToAll,
+}
+
+impl MoeExchange {
+    /// The CLI's spelling (`--moe-exchange`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeExchange::AllReduce => "all-reduce",
+            MoeExchange::AllToAll => "all-to-all",
+        }
+    }
 }
 
 impl ParallelLayout {
     /// One device: nothing is split.
-    pub const SINGLE: ParallelLayout = ParallelLayout { world: 1, tp: 1, ep: 1 };
+    pub const SINGLE: ParallelLayout = ParallelLayout { world: 1, tp: 1, ep: 1, moe: MoeExchange::AllReduce };
 
     /// Checks the degrees against each other and against the model: `tp` and `ep` divide
     /// `world`, `tp ≤ o_groups`, `ep ≤ n_routed_experts`.
@@ -56,7 +90,12 @@ impl ParallelLayout {
                 format!("EP {ep} is more than the model's {} routed experts", cfg.n_routed_experts),
             );
         }
-        Ok(ParallelLayout { world, tp, ep })
+        Ok(ParallelLayout { world, tp, ep, moe: MoeExchange::AllReduce })
+    }
+
+    /// The same degrees with the MoE exchanged as `moe`.
+    pub fn with_moe(self, moe: MoeExchange) -> Self {
+        ParallelLayout { moe, ..self }
     }
 
     /// Rank `rank`'s place in the layout.

@@ -19,10 +19,14 @@
 //!   embedding sums the group's lookups (only one rank holds a row, so the sum is exact) and the
 //!   head gathers the group's logit columns.
 //!
+//! With [`MoeExchange::AllToAll`] an EP group instead splits the tokens among its ranks and
+//! moves (token, expert) rows to the experts and back ([`dispatch`]), then all-gathers.
+//!
 //! Activations stay replicated between sub-layers, so every rank holds the whole residual
 //! stream and its own copy of the decoding state.
 
 pub mod comm;
+pub mod dispatch;
 pub mod exchange;
 pub mod layout;
 pub mod local;
@@ -34,7 +38,7 @@ pub mod run;
 pub mod shard;
 
 pub use comm::{CollectiveKind, Communicator, Traffic};
-pub use layout::{ParallelLayout, RankLayout};
+pub use layout::{MoeExchange, ParallelLayout, RankLayout};
 pub use local::LocalComm;
 pub use nodes::{NodeGroup, NodeSpec};
 pub use rank::RankContext;

@@ -28,7 +28,7 @@ use crate::kv::layout::{block_bytes, default_block_tokens, has_compressed, Block
 use crate::kv::{human_bytes, KvConfig, KvDtype};
 use crate::model::loader::{expected_mtp_tensors, expected_tensors, mtp_layers_present, stored_weight, TensorRole};
 use crate::parallel::comm::{CollectiveKind, Traffic};
-use crate::parallel::layout::{ParallelLayout, RankLayout};
+use crate::parallel::layout::{split, MoeExchange, ParallelLayout, RankLayout};
 use crate::tensor::{DType, StoredWeight, WeightFormat};
 use crate::weight_forms::{official_stored_form, DeviceForm, SocFamily, FP8_BF16_EXACT_SCALES};
 
@@ -881,7 +881,9 @@ pub fn serving_pool(cfg: &ModelConfig, p: &Plan, ask: &ServingAsk) -> std::resul
 /// Payload bytes (f32 activations, 4 bytes per element) one rank puts into the collectives for
 /// one decode step of `tokens` tokens, counted as [`Traffic`] counts them (all-reduce its whole
 /// buffer, all-gather this rank's part): per main layer one all-reduce of `tokens × hidden` over
-/// the EP group (the MoE combine) when `ep > 1` and one over the TP group (`wo_b`) when
+/// the EP group (the MoE combine; with [`MoeExchange::AllToAll`] the dispatch's three
+/// all-to-all-v and one all-gather instead, [`record_dispatch`]) when `ep > 1` and one over the
+/// TP group (`wo_b`) when
 /// `tp > 1`; with `tp > 1` also the embedding's all-reduce of `tokens × hidden` and the head's
 /// all-gather of `tokens ×` this rank's vocabulary rows. Rank 0's share (ranks differ only in
 /// the head's part when the vocabulary does not divide evenly). The MTP block is not run by
@@ -904,13 +906,36 @@ pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) 
             t.record(CollectiveKind::AllReduce, hidden);
         }
         if layout.ep > 1 {
-            t.record(CollectiveKind::AllReduce, hidden);
+            match layout.moe {
+                MoeExchange::AllReduce => t.record(CollectiveKind::AllReduce, hidden),
+                MoeExchange::AllToAll => record_dispatch(&mut t, cfg, rank, tokens),
+            }
         }
     }
     if layout.tp > 1 {
         t.record(CollectiveKind::AllGather, (tokens * rank.vocab(cfg).len()) as u64 * F32);
     }
     t
+}
+
+/// One layer's [`MoeExchange::AllToAll`] traffic of `rank` for `tokens` replicated tokens
+/// ([`crate::parallel::dispatch`]): its slice of the tokens sends its (token, expert) rows and
+/// their (weight, expert) pairs to the other ranks' experts, gets the outputs of the rows its
+/// experts served back to their ranks, and all-gathers its slice. Where the rows go depends on
+/// the routing: the all-to-all-v bytes are the expectation when every expert is equally likely
+/// (rounded to whole rows); the calls and the all-gather are exact.
+fn record_dispatch(t: &mut Traffic, cfg: &ModelConfig, rank: &RankLayout, tokens: usize) {
+    const F32: f64 = 4.0;
+    let (ep, me) = (rank.layout.ep, rank.ep_rank);
+    let (d, k, e) = (cfg.hidden_size as f64, cfg.num_experts_per_tok as f64, cfg.n_routed_experts as f64);
+    let slice = |r: usize| split(tokens, ep, r).len() as f64;
+    let held = |r: usize| split(cfg.n_routed_experts, ep, r).len() as f64;
+    let out_rows = (slice(me) * k * (e - held(me)) / e).round();
+    let back_rows = ((0..ep).filter(|&r| r != me).map(slice).sum::<f64>() * k * held(me) / e).round();
+    t.record(CollectiveKind::AllToAllV, (out_rows * d * F32) as u64);
+    t.record(CollectiveKind::AllToAllV, (out_rows * 2.0 * F32) as u64);
+    t.record(CollectiveKind::AllToAllV, (back_rows * d * F32) as u64);
+    t.record(CollectiveKind::AllGather, (slice(me) * d * F32) as u64);
 }
 
 #[cfg(test)]
