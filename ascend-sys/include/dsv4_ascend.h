@@ -527,6 +527,45 @@ aclnnStatus aclnnCompressorGetWorkspaceSize(
     const aclTensor *softmaxScoreOut, const aclTensor *kvOut, uint64_t *workspaceSize, aclOpExecutor **executor);
 DSV4_ACLNN_LAUNCH(aclnnCompressor);
 
+/** MoE token dispatch over an expert-parallel group (MC2; docs: mc2/moe_distribute_dispatch_v2/docs/
+ * aclnnMoeDistributeDispatchV2.md @ xwqtju/ops-transformer 2b0ebbfd): every (token b, k) of x [Bs, H]
+ * (FLOAT16/BFLOAT16) goes to the rank holding expert expertIds[b][k] (INT32 [Bs, K]; rank r holds
+ * experts r*L..(r+1)*L, L = moeExpertNum / epWorldSize). On the receiving rank expandXOut [A, H]
+ * holds the rows by local expert, then source rank, then token, then k; expertTokenNumsOut INT64 [L]
+ * their per-expert counts (expertTokenNumsType 1) or prefix sums (0); epRecvCountsOut INT32 and
+ * assistInfoForCombineOut INT32 [A * 128] are opaque inputs of aclnnMoeDistributeCombineV2;
+ * expandScalesOut FLOAT [A] the rows' expertScalesOptional weights (Atlas A2 only). groupEp is the
+ * HcclGetCommName of the EP communicator. Atlas A2 and Atlas A3 only; must be paired with
+ * aclnnMoeDistributeCombineV2 on the same communicator, which must carry no other operator. */
+aclnnStatus aclnnMoeDistributeDispatchV2GetWorkspaceSize(
+    const aclTensor *x, const aclTensor *expertIds, const aclTensor *scalesOptional,
+    const aclTensor *xActiveMaskOptional, const aclTensor *expertScalesOptional, const char *groupEp,
+    int64_t epWorldSize, int64_t epRankId, int64_t moeExpertNum, const char *groupTp, int64_t tpWorldSize,
+    int64_t tpRankId, int64_t expertShardType, int64_t sharedExpertNum, int64_t sharedExpertRankNum,
+    int64_t quantMode, int64_t globalBs, int64_t expertTokenNumsType, const char *commAlg, aclTensor *expandXOut,
+    aclTensor *dynamicScalesOut, aclTensor *assistInfoForCombineOut, aclTensor *expertTokenNumsOut,
+    aclTensor *epRecvCountsOut, aclTensor *tpRecvCountsOut, aclTensor *expandScalesOut, uint64_t *workspaceSize,
+    aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnMoeDistributeDispatchV2);
+
+/** Inverse of aclnnMoeDistributeDispatchV2 (MC2; docs: mc2/moe_distribute_combine_v2/docs/
+ * aclnnMoeDistributeCombineV2.md @ xwqtju/ops-transformer 2b0ebbfd): the expert outputs expandX
+ * [A, H] (dispatch's row order) go back to their tokens' ranks and
+ * xOut[b] = sum_k expertScales[b][k] * row(b, k) + sharedExpertXOptional[b] (FLOAT [Bs, K] weights,
+ * accumulated in f32, rounded once to xOut's dtype = expandX's). assistInfoForCombine and
+ * epSendCounts are dispatch's assistInfoForCombineOut and epRecvCountsOut. activationScale,
+ * weightScale and groupList are reserved (NULL); outDtype and groupListType 0. */
+aclnnStatus aclnnMoeDistributeCombineV2GetWorkspaceSize(
+    const aclTensor *expandX, const aclTensor *expertIds, const aclTensor *assistInfoForCombine,
+    const aclTensor *epSendCounts, const aclTensor *expertScales, const aclTensor *tpSendCountsOptional,
+    const aclTensor *xActiveMaskOptional, const aclTensor *activationScaleOptional,
+    const aclTensor *weightScaleOptional, const aclTensor *groupListOptional, const aclTensor *expandScalesOptional,
+    const aclTensor *sharedExpertXOptional, const char *groupEp, int64_t epWorldSize, int64_t epRankId,
+    int64_t moeExpertNum, const char *groupTp, int64_t tpWorldSize, int64_t tpRankId, int64_t expertShardType,
+    int64_t sharedExpertNum, int64_t sharedExpertRankNum, int64_t globalBs, int64_t outDtype, int64_t commQuantMode,
+    int64_t groupListType, const char *commAlg, aclTensor *xOut, uint64_t *workspaceSize, aclOpExecutor **executor);
+DSV4_ACLNN_LAUNCH(aclnnMoeDistributeCombineV2);
+
 #undef DSV4_ACLNN_LAUNCH
 
 /* ------------------------------------------------------------------ dsv4 emulator extensions

@@ -58,12 +58,17 @@
 //!   made with a config whose `hcclExecTimeOut` is set (whole seconds, the first joiner's; 0:
 //!   never) uses that for its collectives instead, as HCCL's communicator-level setting takes
 //!   precedence over `HCCL_EXEC_TIMEOUT` (a sub-communicator: its own config).
+//! * MC2 operators (`mc2.rs`: aclnnMoeDistributeDispatchV2 / CombineV2) name their communicator
+//!   by its `HcclGetCommName` string (`comm_named`) and take part in its sequence as one step
+//!   each (`mc2_step`, the same rendezvous, checks, poisoning and timeouts as a collective; a NULL
+//!   stream is the thread's default stream there, as for any aclnn launch).
 //! * `HcclCommDestroy` marks the handle destroyed (later use is reported as such); it returns
 //!   HCCL_E_AGAIN while another thread is inside a call on that handle, as documented.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dsv4_ascend_sys::aclrtStream;
@@ -169,12 +174,54 @@ struct Join {
 
 #[derive(Clone, PartialEq, Debug)]
 enum Call {
-    AllReduce { count: u64, dtype: i32, op: i32 },
-    AllGather { count: u64, dtype: i32 },
-    ReduceScatter { count: u64, dtype: i32, op: i32 },
-    Broadcast { count: u64, dtype: i32, root: u32 },
-    AlltoAllV { dtype: i32, send_counts: Vec<u64>, recv_counts: Vec<u64> },
+    AllReduce {
+        count: u64,
+        dtype: i32,
+        op: i32,
+    },
+    AllGather {
+        count: u64,
+        dtype: i32,
+    },
+    ReduceScatter {
+        count: u64,
+        dtype: i32,
+        op: i32,
+    },
+    Broadcast {
+        count: u64,
+        dtype: i32,
+        root: u32,
+    },
+    AlltoAllV {
+        dtype: i32,
+        send_counts: Vec<u64>,
+        recv_counts: Vec<u64>,
+    },
     Barrier,
+    /// An MC2 operator (`mc2.rs`) as one step of the communicator's sequence: its name, the
+    /// attributes every rank must pass alike, and the rank's planned job.
+    Mc2 {
+        op: &'static str,
+        attrs: Vec<(&'static str, i64)>,
+        job: Mc2Job,
+    },
+}
+
+/// A rank's planned MC2 job (`mc2::Job`), opaque here; never compared (the attributes are).
+#[derive(Clone)]
+pub(crate) struct Mc2Job(pub Arc<dyn Any + Send + Sync>);
+
+impl PartialEq for Mc2Job {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Mc2Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mc2Job")
+    }
 }
 
 impl Call {
@@ -186,6 +233,7 @@ impl Call {
             Call::Broadcast { .. } => "HcclBroadcast",
             Call::AlltoAllV { .. } => "HcclAlltoAllV",
             Call::Barrier => "HcclBarrier",
+            Call::Mc2 { op, .. } => op,
         }
     }
 }
@@ -200,7 +248,7 @@ struct Arrival {
 }
 
 /// One rank's output: (device address, bytes) writes.
-type Writes = Vec<(u64, Vec<u8>)>;
+pub(crate) type Writes = Vec<(u64, Vec<u8>)>;
 
 struct Step {
     arrivals: Vec<Option<Arrival>>,
@@ -252,7 +300,8 @@ fn state() -> MutexGuard<'static, Hccl> {
 /// The variable that injects a rank's failure, for tests of what the others do then:
 /// `DEVICE:N` makes the N-th collective (1-based) called on `DEVICE` fail on that rank alone,
 /// with HCCL_E_RUNTIME, without poisoning the communicator: its peers are not told and wait,
-/// until the timeout, as on hardware when a rank's device or process fails.
+/// until the timeout, as on hardware when a rank's device or process fails. MC2 launches
+/// (`mc2.rs`) count as collectives of their communicator.
 const FAIL_VAR: &str = "DSV4_ASCEND_EMU_HCCL_FAIL";
 
 /// Why [`FAIL_VAR`] fails this call on `device` (counting the device's collectives), if it
@@ -1253,7 +1302,7 @@ fn dev_buf(e: &Emu, ptr: u64, elems: u64, esize: usize, ctx: &Ctx, what: &str, r
 
 /// Why two ranks' calls at the same step disagree.
 fn mismatch(a: &Call, ra: u32, b: &Call, rb: u32) -> Option<String> {
-    if std::mem::discriminant(a) != std::mem::discriminant(b) {
+    if std::mem::discriminant(a) != std::mem::discriminant(b) || a.name() != b.name() {
         return Some(format!(
             "ranks called different collectives at the same step: rank {ra} {}, rank {rb} {}",
             a.name(),
@@ -1281,6 +1330,9 @@ fn mismatch(a: &Call, ra: u32, b: &Call, rb: u32) -> Option<String> {
         }
         (Call::AlltoAllV { dtype, .. }, Call::AlltoAllV { dtype: d2, .. }) => {
             field("data type", dtype_name(*dtype), dtype_name(*d2))
+        }
+        (Call::Mc2 { attrs, .. }, Call::Mc2 { attrs: a2, .. }) => {
+            attrs.iter().zip(a2).find_map(|((name, x), (_, y))| field(name, x.to_string(), y.to_string()))
         }
         _ => None,
     }
@@ -1337,6 +1389,16 @@ fn compute(arr: &[Arrival]) -> Result<Vec<Writes>, String> {
                 .collect()
         }
         Call::Barrier => vec![vec![]; n],
+        Call::Mc2 { op, .. } => {
+            let ranks: Vec<(&Mc2Job, &[Vec<u8>])> = arr
+                .iter()
+                .map(|a| match &a.call {
+                    Call::Mc2 { job, .. } => (job, a.inputs.as_slice()),
+                    _ => unreachable!("same collective checked"),
+                })
+                .collect();
+            crate::mc2::compute(op, &ranks)?
+        }
     })
 }
 
@@ -1347,25 +1409,33 @@ fn collective(
     stream: aclrtStream,
     plan: impl FnOnce(&Emu, &Ctx) -> Result<Plan, Fail>,
 ) -> HcclResult {
-    let comm = comm as u64;
+    ret(collective_core(what, comm as u64, stream, false, plan))
+}
+
+/// [`collective`] without recording the failure; `default_stream`: a NULL stream means the
+/// thread's default stream (aclnn launches), else it is refused (HCCL).
+fn collective_core(
+    what: &'static str,
+    comm: u64,
+    stream: aclrtStream,
+    default_stream: bool,
+    plan: impl FnOnce(&Emu, &Ctx) -> Result<Plan, Fail>,
+) -> Result<(), Fail> {
     // Phase A: the communicator.
     let (gid, ctx, gname, (limit, limit_from), _busy) = {
         let mut st = state();
         let (gid, rank, destroyed) = match st.handle(comm, what) {
             Ok(h) => (h.group, h.rank, h.destroyed),
-            Err(f) => return ret(Err(f)),
+            Err(f) => return Err(f),
         };
         if destroyed {
             let f = st.live(comm, what).err().expect("destroyed");
             st.poison(gid, &(f.0, format!("rank {rank}: {}", f.1)));
-            return ret(Err(f));
+            return Err(f);
         }
         let g = &st.groups[&gid];
         if let Some((code, m)) = &g.poisoned {
-            return ret(Err((
-                *code,
-                format!("{what}: communicator {} is unusable after an earlier failure: {m}", g.name),
-            )));
+            return Err((*code, format!("{what}: communicator {} is unusable after an earlier failure: {m}", g.name)));
         }
         let ctx = Ctx { rank, n: g.n, device: g.devices[rank as usize] };
         let gname = g.name.clone();
@@ -1374,16 +1444,16 @@ fn collective(
             Ok(b) => (gid, ctx, gname, limit, b),
             Err(f) => {
                 st.poison(gid, &(f.0, format!("rank {rank}: {}", f.1)));
-                return ret(Err(f));
+                return Err(f);
             }
         }
     };
     if let Some(why) = injected_failure(ctx.device) {
-        return ret(Err((HCCL_E_RUNTIME, format!("{what}: {why} (rank {} of {gname})", ctx.rank))));
+        return Err((HCCL_E_RUNTIME, format!("{what}: {why} (rank {} of {gname})", ctx.rank)));
     }
-    let local_failure = |f: Fail| -> HcclResult {
+    let local_failure = |f: Fail| -> Result<(), Fail> {
         state().poison(gid, &(f.0, format!("rank {}: {}", ctx.rank, f.1)));
-        ret(Err((f.0, format!("{} (rank {} of communicator {gname})", f.1, ctx.rank))))
+        Err((f.0, format!("{} (rank {} of communicator {gname})", f.1, ctx.rank)))
     };
     // Phase B: device, stream and buffers; run the stream up to here; read the inputs.
     let (sid, plan, inputs) = {
@@ -1402,7 +1472,7 @@ fn collective(
                     ctx.rank, ctx.device
                 )));
             }
-            if stream.is_null() {
+            if stream.is_null() && !default_stream {
                 return Err((HCCL_E_PTR, format!("{what}: stream is NULL")));
             }
             let sid = e.stream_id(stream, what).map_err(|(_, m)| para(m))?;
@@ -1436,10 +1506,7 @@ fn collective(
         let st = &mut *st;
         let g = st.groups.get_mut(&gid).expect("group");
         if let Some((code, m)) = &g.poisoned {
-            return ret(Err((
-                *code,
-                format!("{what}: communicator {gname} is unusable after an earlier failure: {m}"),
-            )));
+            return Err((*code, format!("{what}: communicator {gname} is unusable after an earlier failure: {m}")));
         }
         seq = g.seq[rank];
         g.seq[rank] += 1;
@@ -1453,7 +1520,7 @@ fn collective(
         if let Some(m) = first.and_then(|(r0, c0)| mismatch(c0, r0, &call, ctx.rank)) {
             let f = para(m);
             st.poison(gid, &f);
-            return ret(Err((f.0, format!("{what}: {}", f.1))));
+            return Err((f.0, format!("{what}: {}", f.1)));
         }
         step.arrivals[rank] =
             Some(Arrival { call: call.clone(), inputs, recv: plan.recv, recv_offsets: plan.recv_offsets });
@@ -1464,7 +1531,7 @@ fn collective(
                 Err(m) => {
                     let f = para(m);
                     st.poison(gid, &f);
-                    return ret(Err((f.0, format!("{what}: {}", f.1))));
+                    return Err((f.0, format!("{what}: {}", f.1)));
                 }
             }
             CHANGED.notify_all();
@@ -1484,7 +1551,7 @@ fn collective(
             }
         }
         if let Some((code, m)) = &g.poisoned {
-            return ret(Err((*code, format!("{what}: collective #{seq} on {gname} failed: {m}"))));
+            return Err((*code, format!("{what}: collective #{seq} on {gname} failed: {m}")));
         }
         let now = Instant::now();
         if now >= deadline {
@@ -1500,7 +1567,7 @@ fn collective(
                 ),
             );
             st.poison(gid, &f);
-            return ret(Err((f.0, format!("{what}: {}", f.1))));
+            return Err((f.0, format!("{what}: {}", f.1)));
         }
         st = CHANGED.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
     };
@@ -1521,7 +1588,69 @@ fn collective(
         Ok(())
     })();
     drop(e);
-    ret(r)
+    r
+}
+
+/// MC2 operators: the calling thread's live communicator named `name` (the `HcclGetCommName`
+/// string), as (handle, rank, size).
+pub(crate) fn comm_named(name: &str, what: &str) -> Result<(u64, u32, u32), String> {
+    let device = calling_device(what).map_err(|f| f.1)?;
+    let st = state();
+    let mut found: Vec<(u64, u32, u32)> = st
+        .handles
+        .iter()
+        .filter(|(_, h)| !h.destroyed)
+        .filter_map(|(&id, h)| {
+            let g = &st.groups[&h.group];
+            (g.name == name && g.devices[h.rank as usize] == device).then_some((id, h.rank, g.n))
+        })
+        .collect();
+    found.sort_unstable();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(format!(
+            "{what}: groupEp {name:?} names no live communicator of this rank's device {device} (pass the \
+             HcclGetCommName of a communicator this device's rank holds)"
+        )),
+        _ => Err(format!("{what}: groupEp {name:?} names {} communicators of device {device}", found.len())),
+    }
+}
+
+/// The per-rank plan of one MC2 step: what is read at the call (in order), and the job
+/// `mc2::compute` gets with those bytes.
+pub(crate) struct Mc2Plan {
+    pub attrs: Vec<(&'static str, i64)>,
+    pub reads: Vec<(u64, usize)>,
+    pub job: Mc2Job,
+}
+
+/// Runs an MC2 operator's launch as one step of the rendezvous sequence of the communicator
+/// `comm` (from [`comm_named`]), exactly like a collective: the stream is drained up to the
+/// call, the reads are taken, every rank's step meets, `mc2::compute` gives each rank's output
+/// writes, and they are queued on the stream. `plan` gets the rank and size.
+pub(crate) fn mc2_step(
+    op: &'static str,
+    comm: u64,
+    stream: aclrtStream,
+    plan: impl FnOnce(&Emu, u32, u32) -> Result<Mc2Plan, String>,
+) -> Result<(), (i32, String)> {
+    collective_core(op, comm, stream, true, |e, ctx| {
+        let p = plan(e, ctx.rank, ctx.n).map_err(para)?;
+        for &(addr, len) in &p.reads {
+            if len > 0 {
+                let base = e.mem.check_range(addr, len, op).map_err(para)?;
+                let dev = e.mem.allocs[&base].device;
+                if dev != ctx.device {
+                    return Err(para(format!(
+                        "{op}: operand {addr:#x} is memory of device {dev}, but rank {} of the communicator is on \
+                         device {}",
+                        ctx.rank, ctx.device
+                    )));
+                }
+            }
+        }
+        Ok(Plan { call: Call::Mc2 { op, attrs: p.attrs, job: p.job }, reads: p.reads, recv: 0, recv_offsets: vec![] })
+    })
 }
 
 #[no_mangle]

@@ -52,6 +52,7 @@ mod flash_mla;
 mod fused;
 mod hccl;
 mod indexer;
+mod mc2;
 #[cfg(test)]
 mod test_support;
 mod weight_quant;
@@ -69,6 +70,12 @@ pub use mem::{broadcast, expand};
 
 /// First synthetic handle value for host-side objects (tensors, streams, ...).
 const HANDLE_BASE: u64 = 0x0e00_0000_0000;
+
+/// Operator state an executor keeps for its launch (MC2 operators, `mc2.rs`).
+pub(crate) type Extra = Arc<dyn std::any::Any + Send + Sync>;
+
+/// What [`executor_job`] returns: the plan's extra state, the operands read and written.
+pub(crate) type ExecutorJob = (Option<Extra>, Vec<Desc>, Vec<Desc>);
 
 /// The computation of one launched operator, run when its stream executes.
 pub(crate) type OpFn = dyn Fn(&mut Memory) -> Result<(), String> + Send + Sync;
@@ -112,6 +119,8 @@ pub(crate) struct Executor {
     pub reads: Vec<Desc>,
     pub writes: Vec<Desc>,
     pub run: Arc<OpFn>,
+    /// Operator state the launch itself needs (MC2 operators, `mc2.rs`).
+    pub extra: Option<Extra>,
 }
 
 enum Obj {
@@ -1612,6 +1621,8 @@ pub(crate) struct Plan {
     pub reads: Vec<Desc>,
     pub writes: Vec<Desc>,
     pub run: Arc<OpFn>,
+    /// Operator state its launch needs (MC2 operators, `mc2.rs`); None for the others.
+    pub extra: Option<Extra>,
 }
 
 /// Phase one: validates through `plan` and creates the executor.
@@ -1621,6 +1632,16 @@ pub(crate) fn get_workspace(
     executor: *mut *mut aclOpExecutor,
     plan: impl FnOnce(&Emu) -> Result<Plan, String>,
 ) -> aclnnStatus {
+    get_workspace_coded(op, workspace_size, executor, |e: &Emu| plan(e).map_err(|m| (ACLNN_ERR_PARAM_INVALID, m)))
+}
+
+/// [`get_workspace`] where the plan chooses the status of a refusal.
+pub(crate) fn get_workspace_coded(
+    op: &'static str,
+    workspace_size: *mut u64,
+    executor: *mut *mut aclOpExecutor,
+    plan: impl FnOnce(&Emu) -> Result<Plan, (aclnnStatus, String)>,
+) -> aclnnStatus {
     let what = format!("{op}GetWorkspaceSize");
     if workspace_size.is_null() || executor.is_null() {
         return fail(ACLNN_ERR_PARAM_NULLPTR, format!("{what}: workspaceSize or executor is NULL"));
@@ -1628,7 +1649,7 @@ pub(crate) fn get_workspace(
     let mut e = emu();
     let p = match plan(&e) {
         Ok(p) => p,
-        Err(m) => return fail(ACLNN_ERR_PARAM_INVALID, format!("{what}: {m}")),
+        Err((code, m)) => return fail(code, format!("{what}: {m}")),
     };
     let ws = p.workspace;
     *e.plans.entry(op.to_string()).or_default() += 1;
@@ -1643,6 +1664,7 @@ pub(crate) fn get_workspace(
         reads: p.reads,
         writes: p.writes,
         run: p.run,
+        extra: p.extra,
     }));
     // SAFETY: both out-pointers checked non-null above.
     unsafe {
@@ -1650,6 +1672,20 @@ pub(crate) fn get_workspace(
         executor.write(h as *mut aclOpExecutor);
     }
     ACLNN_SUCCESS
+}
+
+/// What a launch of `executor` (planned by `op`) will use: the plan's extra state and the
+/// operands with their current addresses (after aclSetInputTensorAddr / aclSetOutputTensorAddr).
+pub(crate) fn executor_job(executor: *mut aclOpExecutor, op: &'static str) -> Result<ExecutorJob, String> {
+    let mut e = emu();
+    let x = executor_mut(&mut e, executor as u64, op)?;
+    if x.op != op {
+        return Err(format!(
+            "{op}: executor {:#x} was planned by {}GetWorkspaceSize, not {op}GetWorkspaceSize",
+            executor as u64, x.op
+        ));
+    }
+    Ok((x.extra.clone(), x.reads.clone(), x.writes.clone()))
 }
 
 /// Phase two: checks the executor, workspace and operands, then queues the kernel.

@@ -29,7 +29,7 @@ pub(crate) fn plan(
 ) -> Plan {
     let mut objects: Vec<u64> = reads.iter().chain(&writes).map(|d| d.handle).collect();
     objects.extend(extra);
-    Plan { workspace, objects, reads, writes, run: Arc::new(run) }
+    Plan { workspace, objects, reads, writes, run: Arc::new(run), extra: None }
 }
 
 pub(crate) fn need_float(d: &Desc, name: &str) -> R<()> {

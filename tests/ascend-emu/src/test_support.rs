@@ -13,8 +13,14 @@ use crate::mem::contiguous_strides;
 /// see `soc`.
 pub(crate) fn setup(soc: &str) {
     static INIT: Once = Once::new();
-    // SAFETY: NULL config path is allowed.
-    INIT.call_once(|| assert_eq!(unsafe { crate::aclInit(null()) }, 0, "{}", last_error()));
+    INIT.call_once(|| {
+        // The MC2 tests (`mc2.rs`) run communicators of up to 16 ranks, a device each.
+        if std::env::var_os("DSV4_ASCEND_EMU_DEVICES").is_none() {
+            std::env::set_var("DSV4_ASCEND_EMU_DEVICES", "16");
+        }
+        // SAFETY: NULL config path is allowed.
+        assert_eq!(unsafe { crate::aclInit(null()) }, 0, "{}", last_error())
+    });
     // SAFETY: plain integer argument.
     assert_eq!(unsafe { crate::aclrtSetDevice(0) }, 0, "{}", last_error());
     crate::SOC_OVERRIDE.with(|o| *o.borrow_mut() = Some(soc.to_string()));
