@@ -193,6 +193,10 @@ HcclResult HcclCommDestroy(HcclComm comm);
 HcclResult HcclGetRankSize(HcclComm comm, uint32_t *rankSize);
 HcclResult HcclGetRankId(HcclComm comm, uint32_t *rank);
 
+/** The communicator's name (at most HCCL_COMM_NAME_MAX_LENGTH bytes with the NUL) into
+ * commName, which holds HCCL_COMM_NAME_MAX_LENGTH bytes: what MC2 operators take as groupEp. */
+HcclResult HcclGetCommName(HcclComm comm, char *commName);
+
 /** Splits a sub-communicator off the global communicator `*comm` (not off a sub-communicator):
  * every member passes the same rankNum, rankIds (ascending global ranks; the index in the array
  * is the rank in the sub-communicator), subCommId (unique within the global communicator) and

@@ -162,6 +162,8 @@ acl_functions! {
     pub fn HcclCommDestroy(comm: HcclComm) -> HcclResult;
     pub fn HcclGetRankSize(comm: HcclComm, rankSize: *mut u32) -> HcclResult;
     pub fn HcclGetRankId(comm: HcclComm, rank: *mut u32) -> HcclResult;
+    #[doc = " The communicator's name (at most HCCL_COMM_NAME_MAX_LENGTH bytes with the NUL) into\n commName, which holds HCCL_COMM_NAME_MAX_LENGTH bytes: what MC2 operators take as groupEp."]
+    pub fn HcclGetCommName(comm: HcclComm, commName: *mut ::std::os::raw::c_char) -> HcclResult;
     #[doc = " Splits a sub-communicator off the global communicator `*comm` (not off a sub-communicator):\n every member passes the same rankNum, rankIds (ascending global ranks; the index in the array\n is the rank in the sub-communicator), subCommId (unique within the global communicator) and\n config; subCommRankId is the caller's index in rankIds. A rank outside passes rankIds = NULL\n and subCommId = HCCL_INVALID_SUB_COMM_ID."]
     pub fn HcclCreateSubCommConfig(
         comm: *mut HcclComm,

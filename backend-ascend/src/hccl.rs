@@ -54,13 +54,15 @@ use std::time::Instant;
 use dsv4_ascend_sys::hccl::{self as h, HcclComm, HcclDataType, HcclReduceOp, HcclResult, HcclRootInfo};
 use dsv4_core::backend::Backend;
 use dsv4_core::error::{Error, Result};
+use dsv4_core::parallel::dispatch::{self, DispatchArgs, Dispatched, Route};
 use dsv4_core::parallel::exchange::{invalid_args, starts, AllToAllPlan, GatherPlan, Meta, ScatterPlan};
 use dsv4_core::parallel::{
     run_threads, CollectiveKind, Communicator, NodeGroup, ParallelLayout, RankContext, RankTable, Traffic,
 };
+use dsv4_core::Precision;
 
 use crate::acl::{err, Device};
-use crate::{numel, AscendBackend, AscendTensor};
+use crate::{moe_distribute, numel, AscendBackend, AscendTensor};
 
 /// A communicator config whose `hcclExecTimeOut` is dsv4's communicator timeout
 /// ([`dsv4_core::parallel::local::default_timeout`], `DSV4_COMM_TIMEOUT_S`, default 600 s) in
@@ -131,6 +133,10 @@ pub struct HcclCommunicator {
     traffic: Mutex<Traffic>,
     /// Collectives on one communicator run one at a time.
     busy: Mutex<()>,
+    /// `HcclGetCommName`, read on first use (MC2 kernels name the communicator by it).
+    name: std::sync::OnceLock<CString>,
+    /// Whether the MC2 dispatch/combine passed this communicator's first-use self-test.
+    mc2: Mutex<Option<bool>>,
 }
 
 impl std::fmt::Debug for HcclCommunicator {
@@ -253,7 +259,89 @@ impl HcclCommunicator {
             splits: AtomicU64::new(0),
             traffic: Mutex::new(Traffic::default()),
             busy: Mutex::new(()),
+            name: std::sync::OnceLock::new(),
+            mc2: Mutex::new(None),
         }
+    }
+
+    /// `HcclGetCommName`: the name MC2 kernels take as `groupEp`.
+    fn comm_name(&self) -> Result<&CStr> {
+        if let Some(n) = self.name.get() {
+            return Ok(n);
+        }
+        let f = self.handle.hccl.HcclGetCommName().map_err(|e| self.error(e.to_string()))?;
+        let mut buf = vec![0 as std::ffi::c_char; h::HCCL_COMM_NAME_MAX_LENGTH as usize];
+        // SAFETY: `buf` holds HCCL_COMM_NAME_MAX_LENGTH bytes, the most the call writes; the
+        // communicator is ours and live.
+        let code = unsafe { f(self.handle.comm, buf.as_mut_ptr()) };
+        self.check(code, "HcclGetCommName")?;
+        let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let name = CString::new(bytes).map_err(|e| self.error(e.to_string()))?;
+        Ok(self.name.get_or_init(|| name))
+    }
+
+    /// Whether the MC2 kernels may carry this communicator's dispatches: the first call runs
+    /// the self-test on every rank (`moe_distribute` module doc) and the ranks agree by an
+    /// all-reduce of their verdicts; a failure switches the kernels off with the reason.
+    fn mc2_passes(&self, be: &AscendBackend, args: &DispatchArgs<'_, AscendBackend>) -> Result<bool> {
+        let mut state = self.mc2.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(passed) = *state {
+            return Ok(passed);
+        }
+        let why = self.mc2_self_test(be, args.held, args.x.shape[1], args.weights.shape[1])?;
+        let votes = self.all_reduce_sum(be, &be.upload(&[f32::from(why.is_some())], &[1])?)?;
+        let failed = be.download(&votes)?[0] > 0.0;
+        if failed {
+            let why = why.unwrap_or_else(|| "the MC2 self-test failed on another rank of the EP group".into());
+            be.kernels.moe_distribute.disable(why);
+        }
+        *state = Some(!failed);
+        Ok(!failed)
+    }
+
+    /// The MC2 round trip of synthetic tokens, each expert scaling its rows by its id + 1,
+    /// against the host's sums; `Some(why)` when they differ by more than two BF16 roundings.
+    fn mc2_self_test(
+        &self,
+        be: &AscendBackend,
+        held: &[std::ops::Range<usize>],
+        hidden: usize,
+        top_k: usize,
+    ) -> Result<Option<String>> {
+        use dsv4_core::backend::BinaryOp;
+        let experts = held.last().map_or(0, |h| h.end);
+        let (x, ids, w) = moe_distribute::self_test_tokens(self.rank, hidden, top_k, experts);
+        let (xt, wt) = (be.upload(&x, &[2, hidden])?, be.upload(&w, &[2, top_k])?);
+        let args = DispatchArgs { x: &xt, ids: &ids, weights: &wt, held, most_tokens: 2, precision: Precision::Bf16 };
+        let name = self.comm_name()?;
+        let kind = CollectiveKind::AllToAllV;
+        let d = {
+            let _busy = self.enter(Some(be), kind)?;
+            moe_distribute::dispatch(be, name, self.rank, self.size, &args).map_err(self.wrap(kind))?
+        };
+        let start = held[self.rank].start as i32;
+        let factors: Vec<f32> = d.experts.iter().map(|&e| (start + e + 1) as f32).collect();
+        let ys = if factors.is_empty() {
+            d.rows.clone()
+        } else {
+            be.binary(&d.rows, &be.upload(&factors, &[factors.len(), 1])?, BinaryOp::Mul)?
+        };
+        let got = {
+            let _busy = self.enter(Some(be), kind)?;
+            moe_distribute::combine(be, name, self.rank, self.size, &ys, &d).map_err(self.wrap(kind))?
+        };
+        let got = be.download(&got)?;
+        let want = moe_distribute::self_test_expected(&x, &ids, &w, hidden, top_k);
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+        Ok((got.len() != want.len() || worst > scale * 2f64.powi(-6)).then(|| {
+            format!(
+                "self-test: the MC2 round trip is {worst:.3e} off the host's sums (largest {scale:.3e}; {} values \
+                 for {})",
+                got.len(),
+                want.len()
+            )
+        }))
     }
 
     /// Checks HCCL's own idea of this rank and size (`HcclGetRankId`, `HcclGetRankSize`).
@@ -646,6 +734,46 @@ impl Communicator<AscendBackend> for HcclCommunicator {
 
     fn traffic(&self) -> Traffic {
         self.traffic.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Through MC2 (`moe_distribute`) where it applies and passed its self-test, else the
+    /// composition over HcclAlltoAllV. Every rank decides alike (`moe_distribute::why_not`).
+    fn moe_dispatch(
+        &self,
+        be: &AscendBackend,
+        args: &DispatchArgs<'_, AscendBackend>,
+    ) -> Result<Dispatched<AscendBackend>> {
+        if moe_distribute::why_not(be, args, self.size).is_none() && self.mc2_passes(be, args)? {
+            let kind = CollectiveKind::AllToAllV;
+            let name = self.comm_name()?;
+            let _busy = self.enter(Some(be), kind)?;
+            let d = moe_distribute::dispatch(be, name, self.rank, self.size, args).map_err(self.wrap(kind))?;
+            // The rows this rank sent to other ranks, as BF16.
+            let remote = args.ids.iter().filter(|&&id| !args.held[self.rank].contains(&(id as usize))).count();
+            self.traffic
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record(kind, (remote * args.x.shape[1] * 2) as u64);
+            return Ok(d);
+        }
+        dispatch::dispatch(self, be, args)
+    }
+
+    fn moe_combine(
+        &self,
+        be: &AscendBackend,
+        outputs: &AscendTensor,
+        d: &Dispatched<AscendBackend>,
+    ) -> Result<AscendTensor> {
+        if !matches!(d.route, Route::Device(_)) {
+            return dispatch::combine(self, be, outputs, d);
+        }
+        let kind = CollectiveKind::AllToAllV;
+        let name = self.comm_name()?;
+        let _busy = self.enter(Some(be), kind)?;
+        let out = moe_distribute::combine(be, name, self.rank, self.size, outputs, d).map_err(self.wrap(kind))?;
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, (numel(&outputs.shape) * 2) as u64);
+        Ok(out)
     }
 }
 

@@ -218,6 +218,25 @@ pub const COMPRESSOR: KernelSpec = KernelSpec {
     opt_in: true,
 };
 
+/// Huawei's MC2 `aclnnMoeDistributeDispatchV2` / `aclnnMoeDistributeCombineV2` for the
+/// expert-parallel exchange (`--moe-exchange all-to-all`) in bf16/official: the rows go to the
+/// experts' ranks and back in two launches on the EP communicator, BF16, hidden size
+/// 1024..=8192, at most 512 tokens per rank. Atlas A3 only here (A2's needs EP ≥ 16 and other
+/// layouts; the 950 is not supported by the docs). On A3 the routing weights are applied at the
+/// combine, after `w2`. Self-tested on its first use by every rank of the group together.
+pub const MOE_DISTRIBUTE: KernelSpec = KernelSpec {
+    name: "moe dispatch/combine (--moe-exchange all-to-all, bf16/official, H 1K..8K): aclnnMoeDistributeDispatchV2 \
+           + aclnnMoeDistributeCombineV2",
+    symbols: &[
+        "aclnnMoeDistributeDispatchV2GetWorkspaceSize",
+        "aclnnMoeDistributeDispatchV2",
+        "aclnnMoeDistributeCombineV2GetWorkspaceSize",
+        "aclnnMoeDistributeCombineV2",
+    ],
+    families: &[SocFamily::AtlasA3],
+    opt_in: true,
+};
+
 pub const ALL: &[&KernelSpec] = &[
     &GROUPED_MATMUL,
     &GROUPED_MATMUL_BF16,
@@ -229,6 +248,7 @@ pub const ALL: &[&KernelSpec] = &[
     &SPARSE_FLASH_MLA,
     &LIGHTNING_INDEXER,
     &COMPRESSOR,
+    &MOE_DISTRIBUTE,
 ];
 
 /// The decision for one kernel, with the reason when it is not used.
@@ -313,6 +333,7 @@ pub struct Kernels {
     pub sparse_flash_mla: KernelState,
     pub lightning_indexer: KernelState,
     pub compressor: KernelState,
+    pub moe_distribute: KernelState,
 }
 
 impl Kernels {
@@ -334,6 +355,7 @@ impl Kernels {
             sparse_flash_mla: state(&SPARSE_FLASH_MLA),
             lightning_indexer: state(&LIGHTNING_INDEXER),
             compressor: state(&COMPRESSOR),
+            moe_distribute: state(&MOE_DISTRIBUTE),
         }
     }
 
@@ -353,7 +375,7 @@ impl Kernels {
     }
 
     /// Every kernel's state, in the order of [`ALL`].
-    fn all(&self) -> [&KernelState; 10] {
+    fn all(&self) -> [&KernelState; 11] {
         [
             &self.grouped_matmul,
             &self.grouped_matmul_bf16,
@@ -365,6 +387,7 @@ impl Kernels {
             &self.sparse_flash_mla,
             &self.lightning_indexer,
             &self.compressor,
+            &self.moe_distribute,
         ]
     }
 }

@@ -345,6 +345,7 @@ mod compressor;
 pub mod hccl;
 mod indexer;
 mod moe;
+mod moe_distribute;
 mod pool;
 
 fn strides(dims: &[usize]) -> Vec<usize> {

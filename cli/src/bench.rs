@@ -890,7 +890,7 @@ fn comm_json(runs: &[RankRun], i: usize, decode_steps: usize) -> Value {
                 "counted_by_kind": by_kind,
                 "plan_bytes_per_token": run.plan.bytes(),
                 "plan_calls_per_token": run.plan.calls(),
-                "matches_plan": decode_steps > 0 && *counted == run.plan.times(decode_steps as u64),
+                "matches_plan": decode_steps > 0 && traffic_verdict(counted, &run.plan.times(decode_steps as u64)) != "DIFFERENT",
             }))
         })
         .collect()

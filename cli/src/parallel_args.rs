@@ -169,14 +169,16 @@ pub struct ParallelArgs {
     #[arg(long, value_name = "EP", value_parser = crate::serve::at_least_one)]
     pub expert_parallel: Option<usize>,
     /// How the ranks of an EP group exchange the MoE's activations. all-reduce: every rank runs
-    /// its experts on every token and the group sums the outputs (DeepSeek's inference code;
+    /// its experts on the tokens routed to them and the group sums the outputs (DeepSeek's inference code;
     /// SGLang's --moe-a2a-backend none). all-to-all: each rank takes a slice of the tokens,
     /// sends each (token, expert) pair to the expert's rank and gets its output back
     /// (dispatch/combine, the exchange DeepEP and Huawei's MC2 kernels implement; here over the
     /// communicator's all-to-all-v on every backend, not yet through MC2), then all-gathers.
     /// With replicated attention (today's layouts) it moves more than the all-reduce for V4's
-    /// top_k (see README "Multi-device"; `dsv4 plan` prints both). Same results up to the
-    /// order of f32 sums.
+    /// top_k (README "Multi-device"; `dsv4 plan --moe-exchange ...` prints either). Same results
+    /// up to the order of f32 sums (on Ascend A3 in bf16/official, with DSV4_ASCEND_FUSED=all,
+    /// through Huawei's MC2 kernels, which apply the routing weights after w2: one BF16
+    /// rounding apart). Needs an EP group (EP > 1).
     #[arg(long, value_name = "EXCHANGE", default_value = "all-reduce", value_parser = parse_moe_exchange)]
     pub moe_exchange: MoeExchange,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
@@ -438,6 +440,12 @@ impl ParallelArgs {
             }
             e => e.into(),
         })?;
+        if layout.ep == 1 && self.moe_exchange == MoeExchange::AllToAll {
+            bail!(
+                "--moe-exchange all-to-all exchanges the MoE's rows between the ranks of an EP group, but this layout \
+                 has none (EP 1): drop it, or split the experts with --expert-parallel N"
+            );
+        }
         Ok(layout.with_moe(self.moe_exchange))
     }
 
@@ -453,6 +461,9 @@ impl ParallelArgs {
                  runtime shows: pick it with CUDA_VISIBLE_DEVICES={id} (CUDA) or ASCEND_RT_VISIBLE_DEVICES={id} \
                  (Ascend) and drop --devices (ids pick devices for runs over several: --devices 0-7, or with --nnodes)"
             );
+        }
+        if self.world() == 1 && self.moe_exchange == MoeExchange::AllToAll {
+            bail!("--moe-exchange all-to-all exchanges rows between devices: give --devices N (N > 1) as well");
         }
         if self.world() == 1 && (self.tensor_parallel > 1 || self.expert_parallel.is_some_and(|e| e > 1)) {
             bail!("--tensor-parallel / --expert-parallel split the model over ranks: give --devices N (N > 1) as well");

@@ -468,7 +468,7 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
                 w.push(format!(
                     "per layer the MoE dispatch and combine over EP {} (--moe-exchange all-to-all: this rank's \
                      slice of the tokens, {} rows of {} per token to the experts' ranks and back, expected with \
-                     every expert equally likely; then the slices' all-gather)",
+                     every expert equally likely; then the slices' all-gather; rank 0's share, the largest slice)",
                     layout.ep, cfg.num_experts_per_tok, cfg.hidden_size
                 ));
             } else if ep {

@@ -7,6 +7,7 @@ use crate::backend::{Backend, BinaryOp, ExpertWeights};
 use crate::config::{ModelConfig, RoutingKind, ScoringFunc};
 use crate::error::{Error, Result};
 use crate::model::loader::{fused_experts, Loader};
+use crate::parallel::dispatch::DispatchArgs;
 use crate::parallel::layout::split;
 use crate::parallel::{Communicator, MoeExchange};
 use crate::precision::Precision;
@@ -215,15 +216,31 @@ impl<B: Backend> Moe<B> {
         prec: Precision,
     ) -> Result<B::Tensor> {
         let t = x.shape()[0];
+        // Every rank checks every id, so a bad one fails the whole group alike instead of only
+        // the rank whose slice holds it (the others would wait in the exchange).
+        let experts = self.group_held.last().map_or(0, |h| h.end);
+        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id as usize >= experts) {
+            return Err(Error::Input(format!("moe: expert id {bad} is outside 0..{experts}")));
+        }
         let mine = split(t, ep.size(), ep.rank());
         let (xs, ws) = (be.narrow(x, 0, mine.start, mine.len())?, be.narrow(w, 0, mine.start, mine.len())?);
         let ids = &ids[mine.start * self.top_k..mine.end * self.top_k];
-        let d = ep.moe_dispatch(be, &xs, ids, &ws, &self.group_held)?;
+        let most_tokens = split(t, ep.size(), 0).len();
+        let args = DispatchArgs { x: &xs, ids, weights: &ws, held: &self.group_held, most_tokens, precision: prec };
+        let d = ep.moe_dispatch(be, &args)?;
         // A rank whose experts got no pairs runs nothing (its output is the empty `rows`).
         let ys = if d.experts.is_empty() {
             d.rows.clone()
         } else {
-            be.moe_experts(&d.rows, &d.experts, &d.weights, &self.experts, self.limit, prec)?
+            let ones;
+            let weights = match &d.weights {
+                Some(w) => w,
+                None => {
+                    ones = be.full(&[d.experts.len(), 1], 1.0)?;
+                    &ones
+                }
+            };
+            be.moe_experts(&d.rows, &d.experts, weights, &self.experts, self.limit, prec)?
         };
         let part = ep.moe_combine(be, &ys, &d)?;
         ep.all_gather(be, &part, 0)

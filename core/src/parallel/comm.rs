@@ -11,11 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use std::ops::Range;
-
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::parallel::dispatch::{self, Dispatched};
+use crate::parallel::dispatch::{self, DispatchArgs, Dispatched};
 
 /// The collective operations, for error messages and traffic counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,23 +139,17 @@ pub trait Communicator<B: Backend>: Send + Sync {
     fn traffic(&self) -> Traffic;
 
     /// Expert-parallel dispatch ([`dispatch`](crate::parallel::dispatch)): this rank's tokens
-    /// `x` `[BS, hidden]` with their routed experts `ids` (`[BS · top_k]` global ids) and
-    /// routing `weights` `[BS, top_k]` go to the ranks holding the experts (`held[r]`: rank
-    /// r's). Returns the rows this rank's experts serve. Pair it with [`Self::moe_combine`].
-    /// Default: the all-to-all-v composition; a device communicator may use a fused kernel.
-    fn moe_dispatch(
-        &self,
-        be: &B,
-        x: &B::Tensor,
-        ids: &[i32],
-        weights: &B::Tensor,
-        held: &[Range<usize>],
-    ) -> Result<Dispatched<B>> {
-        dispatch::dispatch(self, be, x, ids, weights, held)
+    /// `args.x` `[BS, hidden]` with their routed experts and routing weights go to the ranks
+    /// holding the experts. Returns the rows this rank's experts serve. Pair it with
+    /// [`Self::moe_combine`]. Default: the all-to-all-v composition; a device communicator may
+    /// use a fused kernel.
+    fn moe_dispatch(&self, be: &B, args: &DispatchArgs<'_, B>) -> Result<Dispatched<B>> {
+        dispatch::dispatch(self, be, args)
     }
 
-    /// Expert-parallel combine: `outputs` `[R, hidden]`, the weighted expert outputs of
-    /// `d.rows`, back to their tokens: `[BS, hidden]`, each token's sum over its experts.
+    /// Expert-parallel combine: `outputs` `[R, hidden]`, the expert outputs of `d.rows`
+    /// (weighted where `d.weights` is given), back to their tokens: `[BS, hidden]`, each
+    /// token's sum over its experts (weighted here where `d.weights` is `None`).
     fn moe_combine(&self, be: &B, outputs: &B::Tensor, d: &Dispatched<B>) -> Result<B::Tensor> {
         dispatch::combine(self, be, outputs, d)
     }

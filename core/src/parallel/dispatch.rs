@@ -21,6 +21,7 @@ use std::ops::Range;
 use crate::backend::{Backend, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::parallel::Communicator;
+use crate::precision::Precision;
 
 /// Where this rank's (token, expert) pairs go: host arithmetic shared by every implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,14 +60,35 @@ impl DispatchPlan {
     }
 }
 
+/// One rank's part of a dispatch ([`Communicator::moe_dispatch`]).
+pub struct DispatchArgs<'a, B: Backend> {
+    /// `[BS, hidden]`: this rank's tokens (BS may be 0).
+    pub x: &'a B::Tensor,
+    /// `[BS · top_k]`: their routed experts, global ids.
+    pub ids: &'a [i32],
+    /// `[BS, top_k]`: their routing weights.
+    pub weights: &'a B::Tensor,
+    /// The experts rank r of the group holds, `held[r]` (contiguous, in rank order).
+    pub held: &'a [Range<usize>],
+    /// The most tokens any rank of the group dispatches in this call (the same on every rank;
+    /// fused kernels size their buffers by it, MC2's `globalBs / epWorldSize`).
+    pub most_tokens: usize,
+    /// The activations' precision, the same on every rank (fused kernels that move BF16 rows
+    /// apply only where the values are BF16 values).
+    pub precision: Precision,
+}
+
 /// The rows one rank's experts must run after a dispatch, and how their outputs go back.
 pub struct Dispatched<B: Backend> {
     /// `[R, hidden]`: one row per (token, expert) pair this rank's experts serve (R may be 0).
     pub rows: B::Tensor,
     /// `[R]`: each row's expert as an index into this rank's experts.
     pub experts: Vec<i32>,
-    /// `[R, 1]`: each row's routing weight (the expert applies it before `w2`).
-    pub weights: B::Tensor,
+    /// `[R, 1]`: each row's routing weight, which the expert applies before `w2` (V4's
+    /// order). `None` when the implementation applies the weights at the combine instead
+    /// (Huawei's MC2 on Atlas A3 carries no weights with the rows): the expert then runs
+    /// unweighted, which rounds differently in BF16 (the weight after `w2` instead of before).
+    pub weights: Option<B::Tensor>,
     /// Tokens of the dispatching rank (`BS`), the rows [`Communicator::moe_combine`] returns.
     pub tokens: usize,
     /// What the paired combine needs; only the implementation that made it reads it.
@@ -84,20 +106,15 @@ pub enum Route<B: Backend> {
 
 /// The composition of [`Communicator::moe_dispatch`]: see the module doc.
 ///
-/// `x` `[BS, hidden]`, `ids` `[BS · top_k]` global expert ids, `weights` `[BS, top_k]`,
-/// `held[r]` the experts rank `r` of `comm` holds.
-///
 /// # Errors
 /// Shapes that disagree, an id no rank holds, or a failed collective (on every rank).
 pub fn dispatch<B: Backend, C: Communicator<B> + ?Sized>(
     comm: &C,
     be: &B,
-    x: &B::Tensor,
-    ids: &[i32],
-    weights: &B::Tensor,
-    held: &[Range<usize>],
+    args: &DispatchArgs<'_, B>,
 ) -> Result<Dispatched<B>> {
-    let (bs, hidden, top_k) = check_args::<B>(x, ids, weights, held, comm.size())?;
+    let (x, ids, weights, held) = (args.x, args.ids, args.weights, args.held);
+    let (bs, hidden, top_k) = check_args(args, comm.size())?;
     let plan = DispatchPlan::new(ids, held)?;
     let pairs = plan.slots.len();
     // Rows and (weight, expert) of the pairs in send order. No pairs: empty tensors, which
@@ -121,7 +138,7 @@ pub fn dispatch<B: Backend, C: Communicator<B> + ?Sized>(
     let host = be.download(&meta)?;
     let experts: Vec<i32> = host.chunks_exact(2).map(|m| m[1] as i32).collect();
     let w: Vec<f32> = host.chunks_exact(2).map(|m| m[0]).collect();
-    let weights = be.upload(&w, &[r, 1])?;
+    let weights = Some(be.upload(&w, &[r, 1])?);
     Ok(Dispatched { rows, experts, weights, tokens: bs, route: Route::Composed { tokens, received } })
 }
 
@@ -158,13 +175,11 @@ pub fn combine<B: Backend, C: Communicator<B> + ?Sized>(
 }
 
 /// Shapes of a dispatch's arguments: (BS, hidden, top_k).
-fn check_args<B: Backend>(
-    x: &B::Tensor,
-    ids: &[i32],
-    weights: &B::Tensor,
-    held: &[Range<usize>],
-    size: usize,
-) -> Result<(usize, usize, usize)> {
+///
+/// # Errors
+/// Shapes that disagree with each other, with the group, or with `most_tokens`.
+pub fn check_args<B: Backend>(args: &DispatchArgs<'_, B>, size: usize) -> Result<(usize, usize, usize)> {
+    let (x, ids, weights, held) = (args.x, args.ids, args.weights, args.held);
     let bad = |msg: String| Err(Error::Input(format!("moe_dispatch: {msg}")));
     let &[bs, hidden] = x.shape() else { return bad(format!("x {:?} is not [tokens, hidden]", x.shape())) };
     let &[wb, top_k] = weights.shape() else {
@@ -175,6 +190,9 @@ fn check_args<B: Backend>(
     }
     if held.len() != size {
         return bad(format!("{} expert ranges for a group of {size} ranks", held.len()));
+    }
+    if bs > args.most_tokens {
+        return bad(format!("{bs} tokens, more than the group's most_tokens {}", args.most_tokens));
     }
     Ok((bs, hidden, top_k))
 }

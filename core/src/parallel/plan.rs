@@ -712,7 +712,7 @@ pub fn fewest_devices(input: &PlanInput, max_world: usize) -> Option<ParallelLay
     let per_expert = experts / r0.rank.experts(cfg).len().max(1);
     let rest = r0.loaded_bytes() - experts;
     (input.layout.world + 1..=max_world.min(cfg.n_routed_experts)).filter(|w| w.is_multiple_of(tp)).find_map(|w| {
-        let layout = ParallelLayout::new(w, tp, w, cfg).ok()?;
+        let layout = ParallelLayout::new(w, tp, w, cfg).ok()?.with_moe(input.layout.moe);
         let input = PlanInput { layout, ..*input };
         let estimate = rest + cfg.n_routed_experts.div_ceil(w) * per_expert;
         if estimate > usable(&input) {
@@ -885,8 +885,9 @@ pub fn serving_pool(cfg: &ModelConfig, p: &Plan, ask: &ServingAsk) -> std::resul
 /// all-to-all-v and one all-gather instead, [`record_dispatch`]) when `ep > 1` and one over the
 /// TP group (`wo_b`) when
 /// `tp > 1`; with `tp > 1` also the embedding's all-reduce of `tokens × hidden` and the head's
-/// all-gather of `tokens ×` this rank's vocabulary rows. Rank 0's share (ranks differ only in
-/// the head's part when the vocabulary does not divide evenly). The MTP block is not run by
+/// all-gather of `tokens ×` this rank's vocabulary rows. Rank 0's share (ranks differ in the
+/// head's part when the vocabulary does not divide evenly, and with all-to-all in their slice
+/// of the tokens: rank 0's is the largest). The MTP block is not run by
 /// multi-rank runs and not counted.
 pub fn decode_traffic(cfg: &ModelConfig, layout: ParallelLayout, tokens: usize) -> Traffic {
     rank_decode_traffic(cfg, &layout.rank(0), tokens)
