@@ -135,8 +135,10 @@ pub struct HcclCommunicator {
     busy: Mutex<()>,
     /// `HcclGetCommName`, read on first use (MC2 kernels name the communicator by it).
     name: std::sync::OnceLock<CString>,
-    /// Whether the MC2 dispatch/combine passed this communicator's first-use self-test.
-    mc2: Mutex<Option<bool>>,
+    /// The MC2 kernels' decision for this (EP) communicator, made on first use: the
+    /// communicator of their own they run on (both docs: no other operator on the MC2
+    /// communication domain), or why they are not used.
+    mc2: Mutex<Option<std::result::Result<Arc<HcclCommunicator>, String>>>,
 }
 
 impl std::fmt::Debug for HcclCommunicator {
@@ -280,30 +282,57 @@ impl HcclCommunicator {
         Ok(self.name.get_or_init(|| name))
     }
 
-    /// Whether the MC2 kernels may carry this communicator's dispatches: the first call runs
-    /// the self-test on every rank (`moe_distribute` module doc) and the ranks agree by an
-    /// all-reduce of their verdicts; a failure switches the kernels off with the reason.
-    fn mc2_passes(&self, be: &AscendBackend, args: &DispatchArgs<'_, AscendBackend>) -> Result<bool> {
+    /// The communicator the MC2 kernels run this EP group's dispatches on, or `None` where they
+    /// are not used. The first call decides, on every rank together (collective: every rank
+    /// calls it at the same dispatch, `moe_distribute::why_not` being the same everywhere):
+    /// a vote that every rank can use them (`why_not_here`: policy, CANN symbols, SoC), a
+    /// communicator of their own (a split), the self-test on it, and a vote on its verdicts; a
+    /// self-test that fails or errors (on the new communicator, which a failure poisons) switches
+    /// the kernels off with the reason, and the composition runs.
+    fn mc2_group(
+        &self,
+        be: &AscendBackend,
+        args: &DispatchArgs<'_, AscendBackend>,
+    ) -> Result<Option<Arc<HcclCommunicator>>> {
         let mut state = self.mc2.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(passed) = *state {
-            return Ok(passed);
+        if let Some(decided) = &*state {
+            return Ok(decided.as_ref().ok().cloned());
         }
-        let why = self.mc2_self_test(be, args.held, args.x.shape[1], args.weights.shape[1])?;
-        let votes = self.all_reduce_sum(be, &be.upload(&[f32::from(why.is_some())], &[1])?)?;
-        let failed = be.download(&votes)?[0] > 0.0;
-        if failed {
+        let here = moe_distribute::why_not_here(be);
+        if self.any_rank(be, here.is_some())? {
+            let why = here.unwrap_or_else(|| "another rank of the EP group cannot use them".into());
+            *state = Some(Err(why));
+            return Ok(None);
+        }
+        let group = Arc::new(self.split_hccl(0)?);
+        let why = match self.mc2_self_test(be, &group, args.held, args.x.shape[1], args.weights.shape[1]) {
+            Ok(why) => why,
+            Err(e) => Some(format!("self-test failed: {e}")),
+        };
+        if self.any_rank(be, why.is_some())? {
             let why = why.unwrap_or_else(|| "the MC2 self-test failed on another rank of the EP group".into());
-            be.kernels.moe_distribute.disable(why);
+            be.kernels.moe_distribute.disable(why.clone());
+            *state = Some(Err(why));
+            return Ok(None);
         }
-        *state = Some(!failed);
-        Ok(!failed)
+        *state = Some(Ok(group.clone()));
+        Ok(Some(group))
     }
 
-    /// The MC2 round trip of synthetic tokens, each expert scaling its rows by its id + 1,
-    /// against the host's sums; `Some(why)` when they differ by more than two BF16 roundings.
+    /// Collective: whether `flag` holds on any rank.
+    fn any_rank(&self, be: &AscendBackend, flag: bool) -> Result<bool> {
+        let votes = self.all_reduce_sum(be, &be.upload(&[f32::from(flag)], &[1])?)?;
+        Ok(be.download(&votes)?[0] > 0.0)
+    }
+
+    /// The MC2 round trip of synthetic tokens on `group`, each expert scaling its rows by its
+    /// id + 1, against the host's sums; `Some(why)` when they differ by more than 2⁻⁶ of the
+    /// largest sum (the roundings involved, of the scaled rows and of the sums to BF16, stay
+    /// within 2⁻⁸; a row sent to the wrong token or expert moves a sum by far more).
     fn mc2_self_test(
         &self,
         be: &AscendBackend,
+        group: &HcclCommunicator,
         held: &[std::ops::Range<usize>],
         hidden: usize,
         top_k: usize,
@@ -313,11 +342,11 @@ impl HcclCommunicator {
         let (x, ids, w) = moe_distribute::self_test_tokens(self.rank, hidden, top_k, experts);
         let (xt, wt) = (be.upload(&x, &[2, hidden])?, be.upload(&w, &[2, top_k])?);
         let args = DispatchArgs { x: &xt, ids: &ids, weights: &wt, held, most_tokens: 2, precision: Precision::Bf16 };
-        let name = self.comm_name()?;
+        let name = group.comm_name()?;
         let kind = CollectiveKind::AllToAllV;
         let d = {
-            let _busy = self.enter(Some(be), kind)?;
-            moe_distribute::dispatch(be, name, self.rank, self.size, &args).map_err(self.wrap(kind))?
+            let _busy = group.enter(Some(be), kind)?;
+            moe_distribute::dispatch(be, name, self.rank, self.size, &args).map_err(group.wrap(kind))?
         };
         let start = held[self.rank].start as i32;
         let factors: Vec<f32> = d.experts.iter().map(|&e| (start + e + 1) as f32).collect();
@@ -327,8 +356,8 @@ impl HcclCommunicator {
             be.binary(&d.rows, &be.upload(&factors, &[factors.len(), 1])?, BinaryOp::Mul)?
         };
         let got = {
-            let _busy = self.enter(Some(be), kind)?;
-            moe_distribute::combine(be, name, self.rank, self.size, &ys, &d).map_err(self.wrap(kind))?
+            let _busy = group.enter(Some(be), kind)?;
+            moe_distribute::combine(be, name, self.rank, self.size, &ys, &d).map_err(group.wrap(kind))?
         };
         let got = be.download(&got)?;
         let want = moe_distribute::self_test_expected(&x, &ids, &w, hidden, top_k);
@@ -698,6 +727,56 @@ impl Communicator<AscendBackend> for HcclCommunicator {
     }
 
     fn split(&self, colour: usize) -> Result<Box<dyn Communicator<AscendBackend>>> {
+        Ok(Box::new(self.split_hccl(colour)?))
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Through MC2 (`moe_distribute`) where it applies and the group decided to use it
+    /// (`mc2_group`), else the composition over HcclAlltoAllV.
+    fn moe_dispatch(
+        &self,
+        be: &AscendBackend,
+        args: &DispatchArgs<'_, AscendBackend>,
+    ) -> Result<Dispatched<AscendBackend>> {
+        let group = match moe_distribute::why_not(args, self.size) {
+            None => self.mc2_group(be, args)?,
+            Some(_) => None,
+        };
+        let Some(group) = group else { return dispatch::dispatch(self, be, args) };
+        let kind = CollectiveKind::AllToAllV;
+        let name = group.comm_name()?;
+        let _busy = group.enter(Some(be), kind)?;
+        let d = moe_distribute::dispatch(be, name, self.rank, self.size, args).map_err(group.wrap(kind))?;
+        // The rows this rank sent to other ranks, as BF16, counted on the EP communicator.
+        let remote = args.ids.iter().filter(|&&id| !args.held[self.rank].contains(&(id as usize))).count();
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, (remote * args.x.shape[1] * 2) as u64);
+        Ok(d)
+    }
+
+    fn moe_combine(
+        &self,
+        be: &AscendBackend,
+        outputs: &AscendTensor,
+        d: &Dispatched<AscendBackend>,
+    ) -> Result<AscendTensor> {
+        let group = self.mc2.lock().unwrap_or_else(PoisonError::into_inner).clone().and_then(|g| g.ok());
+        let (Route::Device(_), Some(group)) = (&d.route, group) else { return dispatch::combine(self, be, outputs, d) };
+        let kind = CollectiveKind::AllToAllV;
+        let name = group.comm_name()?;
+        let _busy = group.enter(Some(be), kind)?;
+        let out = moe_distribute::combine(be, name, self.rank, self.size, outputs, d).map_err(group.wrap(kind))?;
+        let bytes = moe_distribute::remote_rows(d) * d.rows.shape[1] * 2;
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, bytes as u64);
+        Ok(out)
+    }
+}
+
+impl HcclCommunicator {
+    /// [`Communicator::split`] as the concrete type (the MC2 kernels' own communicator).
+    fn split_hccl(&self, colour: usize) -> Result<HcclCommunicator> {
         let kind = CollectiveKind::Split;
         let _busy = self.enter(None, kind)?;
         let metas = self.exchange(Meta::of(kind, colour as u64))?;
@@ -729,51 +808,7 @@ impl Communicator<AscendBackend> for HcclCommunicator {
         let c = HcclCommunicator::new(handle, sub_rank, size, ids, id);
         c.verify()?;
         self.record(kind, 0);
-        Ok(Box::new(c))
-    }
-
-    fn traffic(&self) -> Traffic {
-        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Through MC2 (`moe_distribute`) where it applies and passed its self-test, else the
-    /// composition over HcclAlltoAllV. Every rank decides alike (`moe_distribute::why_not`).
-    fn moe_dispatch(
-        &self,
-        be: &AscendBackend,
-        args: &DispatchArgs<'_, AscendBackend>,
-    ) -> Result<Dispatched<AscendBackend>> {
-        if moe_distribute::why_not(be, args, self.size).is_none() && self.mc2_passes(be, args)? {
-            let kind = CollectiveKind::AllToAllV;
-            let name = self.comm_name()?;
-            let _busy = self.enter(Some(be), kind)?;
-            let d = moe_distribute::dispatch(be, name, self.rank, self.size, args).map_err(self.wrap(kind))?;
-            // The rows this rank sent to other ranks, as BF16.
-            let remote = args.ids.iter().filter(|&&id| !args.held[self.rank].contains(&(id as usize))).count();
-            self.traffic
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .record(kind, (remote * args.x.shape[1] * 2) as u64);
-            return Ok(d);
-        }
-        dispatch::dispatch(self, be, args)
-    }
-
-    fn moe_combine(
-        &self,
-        be: &AscendBackend,
-        outputs: &AscendTensor,
-        d: &Dispatched<AscendBackend>,
-    ) -> Result<AscendTensor> {
-        if !matches!(d.route, Route::Device(_)) {
-            return dispatch::combine(self, be, outputs, d);
-        }
-        let kind = CollectiveKind::AllToAllV;
-        let name = self.comm_name()?;
-        let _busy = self.enter(Some(be), kind)?;
-        let out = moe_distribute::combine(be, name, self.rank, self.size, outputs, d).map_err(self.wrap(kind))?;
-        self.traffic.lock().unwrap_or_else(PoisonError::into_inner).record(kind, (numel(&outputs.shape) * 2) as u64);
-        Ok(out)
+        Ok(c)
     }
 }
 

@@ -5,23 +5,31 @@
 //! expert outputs back and sums them per token, weighted, both on the EP communicator named by
 //! `HcclGetCommName`.
 //!
-//! Where it applies ([`why_not`], the same answer on every rank of the group, so every rank
-//! takes the same path): Atlas A3 ([`crate::kernels::MOE_DISTRIBUTE`]), bf16/official
-//! activations (the rows travel as BF16, which is exact only there), hidden 1024..=8192, top-k
-//! ≤ 16, at most 1024 experts split evenly, at most 512 tokens per rank. A3 carries no routing
-//! weights with the rows (`expertScalesOptional` must be NULL there), so the experts run
-//! unweighted and the combine applies the weights: in BF16 the weight then multiplies `w2`'s
-//! output instead of its input, one rounding apart from V4's order. Every rank must dispatch at
-//! least one token (`0 < Bs`): a rank whose slice is empty dispatches one zero token to its own
-//! first expert(s) with zero weights and drops its combined row.
+//! Where it applies: on a device that can use them ([`why_not_here`]: Atlas A3,
+//! [`crate::kernels::MOE_DISTRIBUTE`] chosen, the symbols present), which the EP group agrees on
+//! by a vote; and for a call whose shapes allow it ([`why_not`], the same answer on every rank):
+//! bf16/official activations (the rows travel as BF16, which is exact only there), hidden
+//! 1024..=8192, top-k ≤ 16, at most 1024 experts split evenly, at most 512 tokens per rank, and
+//! the dispatch's share of HCCL's window within `HCCL_BUFFSIZE` ([`window_bytes`]). The kernels
+//! run on a communicator of their own, split off the EP group once (both docs: no other operator
+//! on the MC2 communication domain), called as vllm-ascend calls them on A3: tpWorldSize 1,
+//! groupTp the group's own name, a one-entry tpRecvCounts handed back as tpSendCounts.
 //!
-//! Self-test: on its first applicable call each communicator runs a synthetic round trip through
-//! both kernels (every rank's tokens to experts it knows, each expert scaling its rows by its
-//! id + 1) against the host's sums, and the group agrees by an all-reduce of the ranks'
-//! verdicts; a disagreement switches the kernels off on every rank with the reason (`dsv4
-//! devices` then says why) and the composition runs. An error from a kernel is a collective
-//! failure and ends the run (the kernels are opt-in, `DSV4_ASCEND_FUSED=all`).
-//! Emulator-verified, not hardware-verified.
+//! A3 carries no routing weights with the rows (`expertScalesOptional` must be NULL there), so
+//! the experts run unweighted and the combine applies the weights: in BF16 the weight then
+//! multiplies `w2`'s output instead of its input, one rounding apart from V4's order. Every rank
+//! must dispatch at least one token (`0 < Bs`): a rank whose slice is empty dispatches one zero
+//! token with zero weights to `top_k` distinct experts (its own first) and drops its combined
+//! row.
+//!
+//! Self-test: on its first applicable call the EP group splits off the kernels' communicator and
+//! runs a synthetic round trip on it (every rank's tokens to experts it knows, each expert
+//! scaling its rows by its id + 1) against the host's sums; the ranks agree by an all-reduce of
+//! their verdicts on the EP communicator. A disagreement, or an error (which poisons only the
+//! kernels' communicator), switches the kernels off on every rank with the reason (`dsv4
+//! devices` then says why) and the composition runs. An error after that is a collective failure
+//! and ends the run (the kernels are opt-in, `DSV4_ASCEND_FUSED=all`). Emulator-verified, not
+//! hardware-verified.
 
 use std::ffi::CStr;
 use std::ptr::{null, null_mut};
@@ -52,18 +60,24 @@ struct Mc2Route {
     /// INT32 `[A · 128]` and `[EP · L]`: the dispatch's assist info and receive counts.
     assist: Arc<Buffer>,
     counts: Arc<Buffer>,
+    /// INT32 `[1]`: the dispatch's tpRecvCounts, the combine's tpSendCounts.
+    tp_counts: Arc<Buffer>,
     /// Rows of expandX (A), `globalBs`, the experts (and this rank's), the tokens dispatched
     /// (BS').
     a: usize,
     local: usize,
+    /// The pairs this rank sent to its own experts (padding included): the rows it got back
+    /// from itself.
+    own: usize,
     global_bs: usize,
     experts: usize,
     dispatched: usize,
 }
 
-/// Why the MC2 kernels do not apply to this call (`None`: they do). Depends only on what every
-/// rank of the group shares: the device kind, the kernels' state, the precision and the shapes.
-pub(crate) fn why_not(be: &AscendBackend, args: &DispatchArgs<'_, AscendBackend>, size: usize) -> Option<String> {
+/// Why this device cannot use the MC2 kernels at all (`None`: it can): the kernels' state
+/// (policy, symbols, an earlier self-test) and the SoC. Per process: the EP group agrees on it by
+/// a vote before the first launch (`HcclCommunicator::moe_dispatch`).
+pub(crate) fn why_not_here(be: &AscendBackend) -> Option<String> {
     let state = &be.kernels.moe_distribute;
     if !state.usable() {
         return Some(state.why());
@@ -71,17 +85,25 @@ pub(crate) fn why_not(be: &AscendBackend, args: &DispatchArgs<'_, AscendBackend>
     if SocFamily::of(&be.soc) != SocFamily::AtlasA3 {
         return Some(format!("not supported on {}", be.soc));
     }
+    None
+}
+
+/// Why the MC2 kernels do not apply to this call (`None`: they do). Depends only on what every
+/// rank of the group shares: the precision, the shapes, the group's size and `HCCL_BUFFSIZE`
+/// (which HCCL requires to be the same on every rank).
+pub(crate) fn why_not(args: &DispatchArgs<'_, AscendBackend>, size: usize) -> Option<String> {
     if !args.precision.rounds_to_bf16() {
         return Some("the activations are f32 (the kernels move BF16 rows: bf16/official only)".into());
     }
     let hidden = args.x.shape().get(1).copied().unwrap_or(0);
     let top_k = args.weights.shape().get(1).copied().unwrap_or(0);
     let experts = args.held.last().map_or(0, |h| h.end);
-    let even = args.held.iter().all(|h| h.len() == args.held[0].len());
+    let local = args.held.first().map_or(0, |h| h.len());
+    let even = args.held.iter().all(|h| h.len() == local);
     if !HIDDEN.contains(&hidden) {
         return Some(format!("hidden size {hidden} is outside {HIDDEN:?}"));
     }
-    if top_k == 0 || top_k > MOST_TOP_K || experts > MOST_EXPERTS || !even || !(2..=768).contains(&size) {
+    if top_k == 0 || top_k > MOST_TOP_K.min(experts) || experts > MOST_EXPERTS || !even || !(2..=768).contains(&size) {
         return Some(format!(
             "top-k {top_k}, {experts} experts over {size} ranks (need top-k ≤ {MOST_TOP_K}, ≤ {MOST_EXPERTS} experts \
              split evenly, 2..=768 ranks)"
@@ -90,7 +112,35 @@ pub(crate) fn why_not(be: &AscendBackend, args: &DispatchArgs<'_, AscendBackend>
     if args.most_tokens == 0 || args.most_tokens > MOST_TOKENS {
         return Some(format!("{} tokens per rank (the kernels take 1..={MOST_TOKENS})", args.most_tokens));
     }
+    let need = window_bytes(args.most_tokens, size, local, top_k, hidden);
+    let have = hccl_buffsize_mb().saturating_mul(1 << 20);
+    if need > have {
+        return Some(format!(
+            "{} tokens per rank need {} MiB of HCCL's window, more than HCCL_BUFFSIZE ({} MiB; raise it on every \
+             rank)",
+            args.most_tokens,
+            need.div_ceil(1 << 20),
+            have >> 20
+        ));
+    }
     None
+}
+
+/// The bytes of HCCL's window the dispatch needs (Atlas A3, no quantisation, no shared-expert
+/// ranks): the dispatch tiling's `((maxBs · tokenNeedSizeDispatch · epWorldSize · L) + (maxBs ·
+/// tokenNeedSizeCombine · K)) · 2`, tokens of `align512(align32(2H) + 44)` and `align512(2H)`
+/// bytes (ops-transformer `mc2/moe_distribute_dispatch_v2/op_host/..._tiling.cpp`, which refuses
+/// "HCCL_BUFFSIZE is too SMALL" above `HCCL_BUFFSIZE`).
+pub(crate) fn window_bytes(most_tokens: usize, size: usize, local: usize, top_k: usize, hidden: usize) -> usize {
+    let align = |v: usize, a: usize| v.div_ceil(a) * a;
+    let dispatch = align(align(2 * hidden, 32) + 44, 512);
+    let combine = align(2 * hidden, 512);
+    (most_tokens * dispatch * size * local + most_tokens * combine * top_k) * 2
+}
+
+/// `HCCL_BUFFSIZE` in MiB (HCCL's default: 200).
+fn hccl_buffsize_mb() -> usize {
+    std::env::var("HCCL_BUFFSIZE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(200)
 }
 
 /// `aclnnMoeDistributeDispatchV2` for this rank's part (`why_not` said it applies).
@@ -106,12 +156,14 @@ pub(crate) fn dispatch(
     let local = args.held[rank].len();
     // An empty slice dispatches one zero token with zero weights to this rank's own experts.
     let (x, ids, scales, n) = if bs == 0 {
-        let ids: Vec<i32> = (0..top_k).map(|j| (args.held[rank].start + j % local) as i32).collect();
+        // Distinct experts, as a router's: the first from this rank's own (why_not: top-k ≤ experts).
+        let ids: Vec<i32> = (0..top_k).map(|j| ((args.held[rank].start + j) % experts) as i32).collect();
         (be.full(&[1, hidden], 0.0)?, ids, be.full(&[1, top_k], 0.0)?, 1)
     } else {
         (args.x.clone(), args.ids.to_vec(), args.weights.clone(), bs)
     };
     let xb = be.cast_to(&x, Dt::ACL_BF16)?;
+    let own = ids.iter().filter(|&&id| args.held[rank].contains(&(id as usize))).count();
     let ids = be.upload_index(&ids, &[n, top_k])?;
     let global_bs = args.most_tokens * size;
     let a = global_bs * local.min(top_k);
@@ -119,6 +171,10 @@ pub(crate) fn dispatch(
     let assist = Arc::new(be.alloc(a * 128, Dt::ACL_INT32)?);
     let token_nums = be.alloc(local, Dt::ACL_INT64)?;
     let counts = Arc::new(be.alloc(size * local, Dt::ACL_INT32)?);
+    // Without a TP domain, as vllm-ascend calls these kernels on A3: tpWorldSize 1, groupTp the
+    // EP group's name, and a one-entry tpRecvCounts that the combine takes back as tpSendCounts
+    // (the op-api wrapper refuses a NULL one, and A3's combine tiling wants [tpWorldSize]).
+    let tp_counts = Arc::new(be.alloc(1, Dt::ACL_INT32)?);
     {
         let xv = be.cview(Mem::bf16(&xb), &[n, hidden])?;
         let iv = be.iv(&ids)?;
@@ -126,6 +182,7 @@ pub(crate) fn dispatch(
         let av = be.cview(Mem { buf: &assist, offset: 0, dtype: Dt::ACL_INT32 }, &[a * 128])?;
         let tv = be.cview(Mem { buf: &token_nums, offset: 0, dtype: Dt::ACL_INT64 }, &[local])?;
         let cv = be.cview(Mem { buf: &counts, offset: 0, dtype: Dt::ACL_INT32 }, &[size * local])?;
+        let pv = be.cview(Mem { buf: &tp_counts, offset: 0, dtype: Dt::ACL_INT32 }, &[1])?;
         aclnn!(
             be,
             aclnnMoeDistributeDispatchV2
@@ -139,13 +196,13 @@ pub(crate) fn dispatch(
                     size as i64,
                     rank as i64,
                     experts as i64,
-                    c"".as_ptr(), // groupTp: no TP domain
-                    0,
-                    0,
-                    0, // expertShardType
-                    0, // sharedExpertNum
-                    0, // sharedExpertRankNum
-                    0, // quantMode
+                    group.as_ptr(), // groupTp: unused without a TP domain
+                    1,              // tpWorldSize
+                    0,              // tpRankId
+                    0,              // expertShardType
+                    0,              // sharedExpertNum
+                    0,              // sharedExpertRankNum
+                    0,              // quantMode
                     global_bs as i64,
                     1, // expertTokenNumsType: counts
                     c"".as_ptr(),
@@ -154,7 +211,7 @@ pub(crate) fn dispatch(
                     av.ptr(),
                     tv.ptr(),
                     cv.ptr(),
-                    null_mut(), // tpRecvCountsOut
+                    pv.ptr(),   // tpRecvCountsOut
                     null_mut()  // expandScalesOut
                 )
         )?;
@@ -177,7 +234,7 @@ pub(crate) fn dispatch(
     if r > 0 {
         be.cast_into(be.cview(Mem::bf16(&expand), &[r, hidden])?, be.tv(&rows)?, Dt::ACL_FLOAT)?;
     }
-    let route = Mc2Route { ids, scales, assist, counts, a, local, global_bs, experts, dispatched: n };
+    let route = Mc2Route { ids, scales, assist, counts, tp_counts, a, local, own, global_bs, experts, dispatched: n };
     Ok(Dispatched {
         rows: AscendTensor { bf16: true, ..rows },
         experts: local_ids,
@@ -185,6 +242,14 @@ pub(crate) fn dispatch(
         tokens: bs,
         route: Route::Device(Box::new(route)),
     })
+}
+
+/// The rows of an MC2 dispatch that came from other ranks (0 for another dispatch).
+pub(crate) fn remote_rows(d: &Dispatched<AscendBackend>) -> usize {
+    match &d.route {
+        Route::Device(r) => r.downcast_ref::<Mc2Route>().map_or(0, |r| d.experts.len().saturating_sub(r.own)),
+        Route::Composed { .. } => 0,
+    }
 }
 
 /// `aclnnMoeDistributeCombineV2` of `outputs` (the unweighted expert outputs of `d.rows`).
@@ -223,6 +288,7 @@ pub(crate) fn combine(
         let av = be.cview(Mem { buf: &route.assist, offset: 0, dtype: Dt::ACL_INT32 }, &[a * 128])?;
         let cv = be.cview(Mem { buf: &route.counts, offset: 0, dtype: Dt::ACL_INT32 }, &[size * local])?;
         let sv = be.tv(&route.scales)?;
+        let pv = be.cview(Mem { buf: &route.tp_counts, offset: 0, dtype: Dt::ACL_INT32 }, &[1])?;
         let ov = be.cview(Mem::bf16(&out), &[n, hidden])?;
         aclnn!(
             be,
@@ -233,23 +299,23 @@ pub(crate) fn combine(
                     av.ptr(),
                     cv.ptr(),
                     sv.ptr(),
-                    null(), // tpSendCountsOptional
-                    null(), // xActiveMaskOptional
-                    null(), // activationScaleOptional
-                    null(), // weightScaleOptional
-                    null(), // groupListOptional
-                    null(), // expandScalesOptional: NULL on A3
-                    null(), // sharedExpertXOptional: the shared expert is added by the MoE
+                    pv.ptr(), // tpSendCountsOptional: the dispatch's tpRecvCounts
+                    null(),   // xActiveMaskOptional
+                    null(),   // activationScaleOptional
+                    null(),   // weightScaleOptional
+                    null(),   // groupListOptional
+                    null(),   // expandScalesOptional: NULL on A3
+                    null(),   // sharedExpertXOptional: the shared expert is added by the MoE
                     group.as_ptr(),
                     size as i64,
                     rank as i64,
                     route.experts as i64,
-                    c"".as_ptr(),
-                    0,
-                    0,
-                    0, // expertShardType
-                    0, // sharedExpertNum
-                    0, // sharedExpertRankNum
+                    group.as_ptr(), // groupTp, as at the dispatch
+                    1,              // tpWorldSize
+                    0,              // tpRankId
+                    0,              // expertShardType
+                    0,              // sharedExpertNum
+                    0,              // sharedExpertRankNum
                     route.global_bs as i64,
                     0, // outDtype: as expandX
                     0, // commQuantMode
@@ -296,6 +362,18 @@ pub(crate) fn self_test_expected(x: &[f32], ids: &[i32], weights: &[f32], hidden
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_bound_follows_the_dispatch_tiling() {
+        // Hidden 4096, 16 experts a rank on EP 16, top-6: 8704-byte dispatch tokens (4096·2
+        // rounded to 32, plus 44, rounded to 512) and 8192-byte combine tokens, doubled.
+        let per_token = (8704 * 16 * 16 + 8192 * 6) * 2;
+        assert_eq!(window_bytes(1, 16, 16, 6, 4096), per_token);
+        let default = 200usize << 20;
+        assert!(window_bytes(46, 16, 16, 6, 4096) <= default && window_bytes(47, 16, 16, 6, 4096) > default);
+        // The test model's (hidden 1024, 2 experts a rank on EP 2, top-2) fits with room.
+        assert!(window_bytes(512, 2, 2, 2, 1024) < default);
+    }
 
     #[test]
     fn the_self_test_tokens_are_bf16_values_with_distinct_experts() {

@@ -6,7 +6,8 @@
 //! kernels switched off (the composition over HcclAlltoAllV). The two differ by where the routing
 //! weight meets BF16 (A3's combine applies it after `w2`; V4 applies it before), so the bound is
 //! the bf16 budget's, 2e-2 of the largest logit. Also: the kernels ran (launch counts), f32 runs
-//! compose, and `dsv4 devices`' entry says why not where they are off. A separate binary: the SoC
+//! compose, as do calls whose dispatch would not fit HCCL's window (`HCCL_BUFFSIZE`), and
+//! `dsv4 devices`' entry says why not where they are off. A separate binary: the SoC
 //! and the fused policy are fixed per process. Emulator-verified, not hardware-verified.
 
 use dsv4_backend_ascend::{run_ranks, AscendBackend};
@@ -73,4 +74,11 @@ fn mc2_carries_the_ep_exchange_on_an_a3() {
     let (f32_off, _, _) = run(Precision::F32, false);
     assert_eq!(launches(), before, "MC2 launched for f32 activations");
     assert_eq!(max_rel_err(&f32_mc2, &f32_off), 0.0);
+
+    // An HCCL window too small for the dispatch (HCCL_BUFFSIZE in MiB): the composition runs.
+    std::env::set_var("HCCL_BUFFSIZE", "0");
+    let (small_window, _, _) = run(Precision::Bf16, true);
+    std::env::remove_var("HCCL_BUFFSIZE");
+    assert_eq!(launches(), before, "MC2 launched with HCCL_BUFFSIZE=0");
+    assert_eq!(max_rel_err(&small_window, &without), 0.0);
 }

@@ -64,7 +64,11 @@
 //!   infershape's RANK_NUM_PER_NODE); combine's sharedExpertXOptional NULL.
 //! * Both: x / expandX FLOAT16 or BFLOAT16, expandXOut / xOut / sharedExpertX of that dtype;
 //!   expertIds INT32 `[Bs, K]` with 0 < K ≤ 16 and K ≤ moeExpertNum; expertScales FLOAT32
-//!   `[Bs, K]`; moeExpertNum % epWorldSize = 0; groupEp of length [1, 128) and not groupTp;
+//!   `[Bs, K]`; moeExpertNum % epWorldSize = 0; groupEp of length [1, 128) (groupTp may name
+//!   the same group without a TP domain, as vllm-ascend passes it on A3 with tpWorldSize 1);
+//!   tpRecvCountsOut required, INT32 1-D of at least max(tpWorldSize, 1) entries (the op-api
+//!   wrapper's null check, stricter than the doc); on A3 combine's tpSendCountsOptional
+//!   required, INT32 `[max(tpWorldSize, 1)]` (A3's tiling check; on A2 it must be NULL);
 //!   A (expandX rows) ≥ globalBs'·min(L, K); assistInfo INT32 `[A·128]`; expertTokenNums
 //!   INT64 `[L]`; globalBs 0 (every rank the same Bs, checked at the launch) or maxBs·epWorldSize
 //!   (≥ Bs·epWorldSize, a multiple of epWorldSize; at the launch: exactly the largest Bs times
@@ -72,7 +76,7 @@
 //! * Not emulated (refused, naming the parameter): quantMode 2 (and scalesOptional), any
 //!   xActiveMaskOptional, a TP domain (tpWorldSize 2), shared-expert ranks or sharedExpertNum 1,
 //!   commQuantMode 2. Reserved arguments (activationScale, weightScale, groupList, outDtype,
-//!   groupListType, tpSendCounts without TP) must be NULL / 0, as documented. Ascend 950 and
+//!   groupListType) must be NULL / 0, as documented. Ascend 950 and
 //!   other SoCs are refused (the product table lists A2 and A3 only; an earlier revision of the
 //!   same docs marks 昇腾910_95 ×). HCCL_BUFFSIZE is not modelled.
 //!
@@ -210,7 +214,9 @@ fn common(a: &Attrs, doc: &str) -> Rf<Common> {
             }
         }
         Soc::A3 => {
-            if tp_name.len() >= 128 || (!tp_name.is_empty() && tp_name == group) {
+            // Without a TP domain (tpWorldSize 0 or 1) groupTp is not used, and vllm-ascend passes
+            // the EP group's name there with tpWorldSize 1 on A3; with one it must be another group.
+            if tp_name.len() >= 128 || (a.tp > 1 && tp_name == group) {
                 return Err(tiling(format!(
                     "groupTp {tp_name:?}: its length must be in [1, 128) and it must differ from groupEp ({doc})"
                 )));
@@ -1005,11 +1011,22 @@ pub unsafe extern "C" fn aclnnMoeDistributeDispatchV2GetWorkspaceSize(
             dtype_is(&d, &[aclDataType::ACL_FLOAT], "dynamicScalesOut", doc)?;
             shape_is(&d, &[a], "dynamicScalesOut", "A", doc)?;
         }
-        if let Some(d) = opt(e, tpRecvCountsOut, "tpRecvCountsOut")? {
-            dtype_is(&d, &[aclDataType::ACL_INT32], "tpRecvCountsOut", doc)?;
-            if d.dims.len() != 1 {
-                return Err(tiling(format!("tpRecvCountsOut has shape {:?}; it must be 1-D ({doc})", d.dims)));
-            }
+        // Required whatever the TP domain: the op-api wrapper's null check
+        // (op_host/op_api/aclnn_moe_distribute_dispatch_v2.cpp, OP_CHECK_NULL(tpRecvCounts)),
+        // stricter than the doc's "无TP域通信时传空".
+        let Some(d) = opt(e, tpRecvCountsOut, "tpRecvCountsOut")? else {
+            return Err((
+                ACLNN_ERR_PARAM_NULLPTR,
+                format!("tpRecvCountsOut is NULL (the op-api wrapper requires it, INT32 [max(tpWorldSize, 1)]; {doc})"),
+            ));
+        };
+        dtype_is(&d, &[aclDataType::ACL_INT32], "tpRecvCountsOut", doc)?;
+        if d.dims.len() != 1 || (d.dims[0] as i64) < c.tp.max(1) {
+            return Err(tiling(format!(
+                "tpRecvCountsOut has shape {:?}; it must be 1-D with max(tpWorldSize, 1) = {} elements ({doc})",
+                d.dims,
+                c.tp.max(1)
+            )));
         }
         let esd = opt(e, expandScalesOut, "expandScalesOut")?;
         if let Some(d) = &esd {
@@ -1151,10 +1168,32 @@ pub unsafe extern "C" fn aclnnMoeDistributeCombineV2GetWorkspaceSize(
                 return Err(tiling(format!("{name} is a reserved argument: pass NULL (预留参数, {doc})")));
             }
         }
-        if !tpSendCountsOptional.is_null() {
-            return Err(tiling(format!(
-                "tpSendCountsOptional must be NULL without a TP domain (无TP域通信传空指针, {doc})"
-            )));
+        // Atlas A3's tiling checks tpSendCounts as a 1-D tensor of max(tpWorldSize, 1) entries
+        // even without a TP domain (moe_distribute_combine_v2_tiling.cpp; vllm-ascend passes the
+        // dispatch's tpRecvCounts with tpWorldSize 1), stricter than the doc's "传空指针".
+        match (c.soc, opt(e, tpSendCountsOptional, "tpSendCountsOptional")?) {
+            (Soc::A3, None) => {
+                return Err(tiling(format!(
+                    "tpSendCountsOptional is NULL: Atlas A3 requires the dispatch's tpRecvCounts, INT32 \
+                     [max(tpWorldSize, 1)] ({doc})"
+                )))
+            }
+            (Soc::A3, Some(d)) => {
+                dtype_is(&d, &[aclDataType::ACL_INT32], "tpSendCountsOptional", doc)?;
+                if d.dims.len() != 1 || d.dims[0] as i64 != c.tp.max(1) {
+                    return Err(tiling(format!(
+                        "tpSendCountsOptional has shape {:?}; it must be [max(tpWorldSize, 1)] = [{}] ({doc})",
+                        d.dims,
+                        c.tp.max(1)
+                    )));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(tiling(format!(
+                    "tpSendCountsOptional must be NULL on Atlas A2 (无TP域通信传空指针, {doc})"
+                )))
+            }
+            (_, None) => {}
         }
         if outDtype != 0 || groupListType != 0 {
             return Err(tiling(format!(
@@ -1480,13 +1519,14 @@ mod tests {
             let tn_p = zeros(l * 8);
             let rc_p = zeros(clen * 4);
             let es_p = zeros(a * 4);
+            let tp_counts = tensor(&[1], I32, zeros(4));
             let outs = [
                 tensor(&[a as i64, h as i64], BF16, ex_p),
                 null_mut(),
                 tensor(&[(a * 128) as i64], I32, as_p),
                 tensor(&[l as i64], I64, tn_p),
                 tensor(&[clen as i64], I32, rc_p),
-                null_mut(),
+                tp_counts,
                 if c.scales_in { tensor(&[a as i64], F32, es_p) } else { null_mut() },
             ];
             let alg = c.alg.map(|s| CString::new(s).unwrap());
@@ -1560,7 +1600,7 @@ mod tests {
                         ast,
                         rct,
                         wt,
-                        null(),
+                        if c.soc == A3 { tp_counts } else { null() },
                         null(),
                         null(),
                         null(),
@@ -1708,6 +1748,8 @@ mod tests {
         quant: i64,
         a: usize,
         null_out: bool,
+        /// tpRecvCountsOut NULL (the op-api wrapper refuses it).
+        null_tp: bool,
     }
 
     fn try_dispatch(d: &DArgs) -> Result<(), (i32, String)> {
@@ -1723,7 +1765,7 @@ mod tests {
             tensor(&[(d.a * 128) as i64], I32, zeros(d.a.max(1) * 128 * 4)),
             tensor(&[l as i64], I64, zeros(l * 8)),
             tensor(&[4], I32, zeros(16)),
-            null_mut(),
+            if d.null_tp { null_mut() } else { tensor(&[1], I32, zeros(4)) },
             null_mut(),
         ];
         let (mut ws, mut ex) = (0u64, null_mut());
@@ -1833,6 +1875,7 @@ mod tests {
                 quant: 0,
                 a: 8,
                 null_out: false,
+                null_tp: false,
             };
             let refuse = |d: DArgs, code: i32, needle: &str| {
                 let (c, m) = try_dispatch(&d).expect_err(needle);
@@ -1862,6 +1905,11 @@ mod tests {
             );
             refuse(DArgs { mask: true, group: g(), ..base_clone(&base) }, t, "xActiveMaskOptional is not emulated");
             refuse(DArgs { tp: 2, group: g(), ..base_clone(&base) }, t, "tpWorldSize 2");
+            refuse(
+                DArgs { null_tp: true, group: g(), ..base_clone(&base) },
+                ACLNN_ERR_PARAM_NULLPTR,
+                "tpRecvCountsOut is NULL",
+            );
             refuse(DArgs { scales: true, group: g(), ..base_clone(&base) }, t, "expertScalesOptional is not supported");
             refuse(DArgs { a: 7, group: g(), ..base_clone(&base) }, t, "expandXOut has shape [7, 1024]");
             refuse(
