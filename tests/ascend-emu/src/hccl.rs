@@ -85,7 +85,7 @@ pub type HcclDataType = i32;
 pub type HcclReduceOp = i32;
 
 pub const HCCL_SUCCESS: HcclResult = 0;
-const HCCL_E_PARA: HcclResult = 1;
+pub(crate) const HCCL_E_PARA: HcclResult = 1;
 const HCCL_E_PTR: HcclResult = 2;
 const HCCL_E_NOT_SUPPORT: HcclResult = 5;
 const HCCL_E_TIMEOUT: HcclResult = 9;
@@ -1593,19 +1593,29 @@ fn collective_core(
 
 /// MC2 operators: the calling thread's live communicator named `name` (the `HcclGetCommName`
 /// string), as (handle, rank, size).
-pub(crate) fn comm_named(name: &str, what: &str) -> Result<(u64, u32, u32), String> {
+pub(crate) fn comm_named(name: &str, what: &str, at_launch: bool) -> Result<(u64, u32, u32), String> {
     let device = calling_device(what).map_err(|f| f.1)?;
     let st = state();
-    let mut found: Vec<(u64, u32, u32)> = st
-        .handles
-        .iter()
-        .filter(|(_, h)| !h.destroyed)
-        .filter_map(|(&id, h)| {
-            let g = &st.groups[&h.group];
-            (g.name == name && g.devices[h.rank as usize] == device).then_some((id, h.rank, g.n))
-        })
-        .collect();
-    found.sort_unstable();
+    let named = |destroyed: bool| -> Vec<(u64, u32, u32)> {
+        let mut found: Vec<(u64, u32, u32)> = st
+            .handles
+            .iter()
+            .filter(|(_, h)| h.destroyed == destroyed)
+            .filter_map(|(&id, h)| {
+                let g = &st.groups[&h.group];
+                (g.name == name && g.devices[h.rank as usize] == device).then_some((id, h.rank, g.n))
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    // At a launch a destroyed communicator is still named: its step then fails as a collective
+    // on a destroyed handle does, poisoning the group so its peers fail at once instead of
+    // waiting. Planning (GetWorkspaceSize) refuses it on the caller alone.
+    let mut found = named(false);
+    if found.is_empty() && at_launch {
+        found = named(true);
+    }
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(format!(

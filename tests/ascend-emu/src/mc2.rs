@@ -342,7 +342,7 @@ fn common(a: &Attrs, doc: &str) -> Rf<Common> {
         )));
     }
     // The communicator.
-    let (_, rank, n) = comm_named(&group, doc).map_err(tiling)?;
+    let (_, rank, n) = comm_named(&group, doc, false).map_err(tiling)?;
     if n as i64 != a.ep {
         return Err(tiling(format!(
             "epWorldSize {} does not match the size {n} of communicator {group:?} (groupEp, {doc})",
@@ -867,7 +867,7 @@ fn mc2_launch(
     }
     let ops: Vec<Desc> = reads.into_iter().chain(writes).collect();
     let job = p.job.relocated(&ops);
-    let r = comm_named(&p.group, op).map_err(|m| (0, m)).and_then(|(comm, _, _)| {
+    let r = comm_named(&p.group, op, true).map_err(|m| (crate::hccl::HCCL_E_PARA, m)).and_then(|(comm, _, _)| {
         mc2_step(op, comm, stream, |_, rank, n| {
             if n as usize != p.ep || rank as usize != p.rank {
                 return Err(format!(
@@ -1750,6 +1750,8 @@ mod tests {
         null_out: bool,
         /// tpRecvCountsOut NULL (the op-api wrapper refuses it).
         null_tp: bool,
+        /// A communicator handle to destroy between planning and launching (0: none).
+        destroy: usize,
     }
 
     fn try_dispatch(d: &DArgs) -> Result<(), (i32, String)> {
@@ -1792,6 +1794,10 @@ mod tests {
         };
         if st != 0 {
             return Err((st, crate::test_support::last_error()));
+        }
+        if d.destroy != 0 {
+            // SAFETY: a communicator handle of this rank, not used by another thread now.
+            assert_eq!(unsafe { HcclCommDestroy(d.destroy as _) }, 0);
         }
         let wsp = if ws > 0 { zeros(ws as usize) } else { null_mut() };
         // SAFETY: the executor planned above, its workspace, the default stream.
@@ -1876,6 +1882,7 @@ mod tests {
                 a: 8,
                 null_out: false,
                 null_tp: false,
+                destroy: 0,
             };
             let refuse = |d: DArgs, code: i32, needle: &str| {
                 let (c, m) = try_dispatch(&d).expect_err(needle);
@@ -1938,6 +1945,34 @@ mod tests {
             }
             let (_, m) = try_dispatch(&base).expect_err("poisoned");
             assert!(m.contains("unusable after an earlier failure"), "{m}");
+        });
+    }
+
+    /// A launch on a communicator destroyed after planning fails, and fails its peer at once
+    /// (the group is poisoned) instead of leaving it to the timeout.
+    #[test]
+    fn a_launch_on_a_destroyed_communicator_fails_every_rank_at_once() {
+        world(2, A3, |r, group, comm| {
+            let base = DArgs {
+                group: CString::new(group).unwrap(),
+                ep: 2,
+                rank: r as i64,
+                bs: 2,
+                h: 1024,
+                x_dtype: BF16,
+                scales: false,
+                mask: false,
+                tp: 0,
+                quant: 0,
+                a: 8,
+                null_out: false,
+                null_tp: false,
+                destroy: if r == 0 { comm } else { 0 },
+            };
+            let t = std::time::Instant::now();
+            let (_, m) = try_dispatch(&base).expect_err("destroyed");
+            assert!(m.contains("destroyed"), "rank {r}: {m}");
+            assert!(t.elapsed().as_secs() < 30, "rank {r} waited {:?}", t.elapsed());
         });
     }
 
