@@ -405,8 +405,9 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         ids: Option<Vec<String>>,
         /// Largest allowed max|Δ| / max|reference| per block. Default: 1e-4 with --precision
-        /// f32; 5e-2 with bf16, where a value that two backends round to different BF16
-        /// neighbours already differs by a BF16 ulp (2^-7 to 2^-6 of itself). In bf16 the blocks
+        /// f32 on f32 rows; 5e-2 with bf16 or official, or with --kv-dtype bf16/fp8, where a
+        /// value that two backends round to different neighbours already differs by a BF16 ulp
+        /// (2^-7 to 2^-6 of itself) or an e4m3 one (2^-4 to 2^-3). In bf16 the blocks
         /// after a differing top-k selection are reported but not judged, and the first backend
         /// is also run in f32 to show the distance of bf16 to it (docs/precision.md).
         #[arg(long)]
