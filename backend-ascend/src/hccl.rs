@@ -139,6 +139,8 @@ pub struct HcclCommunicator {
     /// communicator of their own they run on (both docs: no other operator on the MC2
     /// communication domain), or why they are not used.
     mc2: Mutex<Option<std::result::Result<Arc<HcclCommunicator>, String>>>,
+    /// Whether rank 0 said that a dispatch composed because its shapes did not allow MC2.
+    mc2_declined_said: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for HcclCommunicator {
@@ -263,6 +265,7 @@ impl HcclCommunicator {
             busy: Mutex::new(()),
             name: std::sync::OnceLock::new(),
             mc2: Mutex::new(None),
+            mc2_declined_said: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -304,6 +307,11 @@ impl HcclCommunicator {
             *state = Some(Err(why));
             return Ok(None);
         }
+        let say = |what: &str| {
+            if self.rank == 0 {
+                eprintln!("dsv4: EP group of {} ranks: the MoE exchange {what}", self.size);
+            }
+        };
         let group = Arc::new(self.split_hccl(0)?);
         let why = match self.mc2_self_test(be, &group, args.held, args.x.shape[1], args.weights.shape[1]) {
             Ok(why) => why,
@@ -311,10 +319,12 @@ impl HcclCommunicator {
         };
         if self.any_rank(be, why.is_some())? {
             let why = why.unwrap_or_else(|| "the MC2 self-test failed on another rank of the EP group".into());
+            say(&format!("composes: the MC2 kernels are switched off ({why})"));
             be.kernels.moe_distribute.disable(why.clone());
             *state = Some(Err(why));
             return Ok(None);
         }
+        say("runs on MC2 (aclnnMoeDistributeDispatchV2 / CombineV2; self-test passed)");
         *state = Some(Ok(group.clone()));
         Ok(Some(group))
     }
@@ -743,7 +753,16 @@ impl Communicator<AscendBackend> for HcclCommunicator {
     ) -> Result<Dispatched<AscendBackend>> {
         let group = match moe_distribute::why_not(args, self.size) {
             None => self.mc2_group(be, args)?,
-            Some(_) => None,
+            Some(why) => {
+                // Said once, by the group's rank 0, where the kernels would otherwise be used.
+                if self.rank == 0
+                    && moe_distribute::why_not_here(be).is_none()
+                    && !self.mc2_declined_said.swap(true, Ordering::Relaxed)
+                {
+                    eprintln!("dsv4: EP group: a dispatch composes instead of using MC2: {why} (said once)");
+                }
+                None
+            }
         };
         let Some(group) = group else { return dispatch::dispatch(self, be, args) };
         let kind = CollectiveKind::AllToAllV;

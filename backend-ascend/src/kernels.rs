@@ -225,7 +225,7 @@ pub const COMPRESSOR: KernelSpec = KernelSpec {
 /// layouts; the 950 is not supported by the docs). On A3 the routing weights are applied at the
 /// combine, after `w2`. Self-tested on its first use by every rank of the group together.
 pub const MOE_DISTRIBUTE: KernelSpec = KernelSpec {
-    name: "moe_dispatch/combine (bf16, all-to-all): aclnnMoeDistributeDispatchV2+CombineV2",
+    name: "moe_dispatch (bf16): aclnnMoeDistributeDispatchV2 + CombineV2",
     symbols: &[
         "aclnnMoeDistributeDispatchV2GetWorkspaceSize",
         "aclnnMoeDistributeDispatchV2",

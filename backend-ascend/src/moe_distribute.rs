@@ -113,7 +113,10 @@ pub(crate) fn why_not(args: &DispatchArgs<'_, AscendBackend>, size: usize) -> Op
         return Some(format!("{} tokens per rank (the kernels take 1..={MOST_TOKENS})", args.most_tokens));
     }
     let need = window_bytes(args.most_tokens, size, local, top_k, hidden);
-    let have = hccl_buffsize_mb().saturating_mul(1 << 20);
+    let have = match hccl_buffsize_mb() {
+        Ok(mb) => mb.saturating_mul(1 << 20),
+        Err(v) => return Some(format!("HCCL_BUFFSIZE={v:?} is not a whole number of MiB")),
+    };
     if need > have {
         return Some(format!(
             "{} tokens per rank need {} MiB of HCCL's window, more than HCCL_BUFFSIZE ({} MiB; raise it on every \
@@ -138,9 +141,12 @@ pub(crate) fn window_bytes(most_tokens: usize, size: usize, local: usize, top_k:
     (most_tokens * dispatch * size * local + most_tokens * combine * top_k) * 2
 }
 
-/// `HCCL_BUFFSIZE` in MiB (HCCL's default: 200).
-fn hccl_buffsize_mb() -> usize {
-    std::env::var("HCCL_BUFFSIZE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(200)
+/// `HCCL_BUFFSIZE` in MiB (HCCL's default: 200 when unset), or the value that is not a number.
+fn hccl_buffsize_mb() -> std::result::Result<usize, String> {
+    match std::env::var("HCCL_BUFFSIZE") {
+        Err(_) => Ok(200),
+        Ok(v) => v.trim().parse().map_err(|_| v),
+    }
 }
 
 /// `aclnnMoeDistributeDispatchV2` for this rank's part (`why_not` said it applies).

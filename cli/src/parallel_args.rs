@@ -172,8 +172,8 @@ pub struct ParallelArgs {
     /// its experts on the tokens routed to them and the group sums the outputs (DeepSeek's inference code;
     /// SGLang's --moe-a2a-backend none). all-to-all: each rank takes a slice of the tokens,
     /// sends each (token, expert) pair to the expert's rank and gets its output back
-    /// (dispatch/combine, the exchange DeepEP and Huawei's MC2 kernels implement; here over the
-    /// communicator's all-to-all-v on every backend, not yet through MC2), then all-gathers.
+    /// (dispatch/combine, the exchange DeepEP and Huawei's MC2 kernels implement; over the
+    /// communicator's all-to-all-v on every backend), then all-gathers.
     /// With replicated attention (today's layouts) it moves more than the all-reduce for V4's
     /// top_k (README "Multi-device"; `dsv4 plan --moe-exchange ...` prints either). Same results
     /// up to the order of f32 sums (on Ascend A3 in bf16/official, with DSV4_ASCEND_FUSED=all,
