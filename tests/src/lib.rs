@@ -321,6 +321,100 @@ pub fn prefill_and_decode<B: Backend>(
     out
 }
 
+/// Prompts of different lengths for a data-parallel attention run, cut from a fixture's `ids`:
+/// the whole of it, its first two thirds, and its second half reversed.
+pub fn data_parallel_prompts(ids: &[u32]) -> Vec<Vec<u32>> {
+    let n = ids.len();
+    vec![ids.to_vec(), ids[..2 * n / 3].to_vec(), ids[n / 2..].iter().rev().copied().collect()]
+}
+
+/// The steps a data-parallel attention run feeds a prompt of `len` tokens in: `first` tokens,
+/// then one a step. What [`data_parallel_logits`] does per sequence, and the single-device
+/// reference replays with [`run_in_steps_with`].
+pub fn data_parallel_steps(len: usize, first: usize) -> Vec<usize> {
+    let first = first.min(len);
+    std::iter::once(first).chain(std::iter::repeat_n(1, len - first)).collect()
+}
+
+/// One rank of a data-parallel attention run ([`dsv4_core::parallel::ParallelLayout::data_parallel_attention`]):
+/// sequence `i` of `prompts` is served by rank `i % world`; every step, each rank feeds each
+/// of its unfinished sequences its next part ([`data_parallel_steps`]) in one batch, or takes
+/// part with [`Model::idle_step`] once its sequences are done (every rank runs the same number
+/// of steps, the longest sequence's). Returns (sequence index, every token's logits) for the
+/// sequences this rank served.
+pub fn data_parallel_logits<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    prompts: &[Vec<u32>],
+    first: usize,
+    dtype: KvDtype,
+) -> Vec<(usize, Vec<f32>)> {
+    let (world, me) = (model.rank.layout.layout.world, model.rank.layout.rank);
+    let mine: Vec<usize> = (0..prompts.len()).filter(|i| i % world == me).collect();
+    let steps = prompts.iter().map(|p| data_parallel_steps(p.len(), first).len()).max().unwrap_or(0);
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let config = kv_config(&model.cfg, dtype, mine.len().max(1), longest, first * mine.len().max(1));
+    let mut cache = model.new_cache(be, config).unwrap();
+    let mut seqs: Vec<_> = mine.iter().map(|_| cache.new_sequence()).collect();
+    let mut out: Vec<Vec<f32>> = vec![vec![]; mine.len()];
+    let vocab = model.cfg.vocab_size;
+    for step in 0..steps {
+        let mut parts = vec![];
+        let mut stepping = vec![];
+        for (j, &i) in mine.iter().enumerate() {
+            let (p, pos) = (&prompts[i], seqs[j].pos());
+            if let Some(&n) = data_parallel_steps(p.len(), first).get(step) {
+                parts.push((&p[pos..pos + n], pos));
+                stepping.push(j);
+            }
+        }
+        if parts.is_empty() {
+            model.idle_step(be).unwrap();
+            continue;
+        }
+        let batch = Batch::new(&parts).unwrap();
+        let mut refs: Vec<_> =
+            seqs.iter_mut().enumerate().filter(|(j, _)| stepping.contains(j)).map(|(_, s)| s).collect();
+        let logits = be.download(&model.step(be, &batch, &mut cache, &mut refs, Logits::All).unwrap()).unwrap();
+        for (k, &j) in stepping.iter().enumerate() {
+            let rows = batch.seqs[k].clone();
+            out[j].extend_from_slice(&logits[rows.start * vocab..rows.end * vocab]);
+        }
+    }
+    mine.into_iter().zip(out).collect()
+}
+
+/// The single-device logits [`data_parallel_logits`] is compared with: each prompt alone,
+/// fed in the same steps.
+pub fn data_parallel_reference<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    prompts: &[Vec<u32>],
+    first: usize,
+    dtype: KvDtype,
+) -> Vec<Vec<f32>> {
+    let reference = |p: &Vec<u32>| {
+        let config = kv_config(&model.cfg, dtype, 1, p.len(), first);
+        run_in_steps_with(be, model, p, &data_parallel_steps(p.len(), first), config)
+    };
+    prompts.iter().map(reference).collect()
+}
+
+/// Checks the ranks' [`data_parallel_logits`] against [`data_parallel_reference`]'s `want`:
+/// every sequence served exactly once, within `tolerance` ([`max_rel_err`]), the worst printed
+/// under `what`.
+pub fn assert_data_parallel_matches(what: &str, ranks: Vec<Vec<(usize, Vec<f32>)>>, want: &[Vec<f32>], tolerance: f64) {
+    let mut served = vec![0; want.len()];
+    let mut worst = 0.0f64;
+    for (i, got) in ranks.into_iter().flatten() {
+        worst = worst.max(max_rel_err(&got, &want[i]));
+        served[i] += 1;
+    }
+    println!("{what}: max rel err {worst:.2e} against one device");
+    assert!(served.iter().all(|&n| n == 1), "{what}: sequences served {served:?} times");
+    assert!(worst <= tolerance, "{what}: {worst:.3e}");
+}
+
 /// The emulator is process-wide (devices, HCCL rendezvous, environment): multi-device tests of
 /// one binary take turns through this lock, on an emulator with `devices` devices (unless
 /// `DSV4_ASCEND_EMU_DEVICES` is already set).

@@ -2,7 +2,8 @@
 //! the experts and heads split over emulated devices (EP 2 and 4, TP 2, EP 2 × TP 2), the ranks
 //! exchanging through HCCL (the emulator's), equal the single-device Ascend result within 1e-5
 //! relative; with the MoE exchanged by all-reduce and by token dispatch and combine
-//! (`--moe-exchange all-to-all`, HcclAlltoAllV). Emulator-verified, not hardware-verified.
+//! (`--moe-exchange all-to-all`, HcclAlltoAllV); and with data-parallel attention, each rank
+//! serving its own sequences. Emulator-verified, not hardware-verified.
 //!
 //! Why 1e-5: as on the CPU (tests/parallel.rs), splitting only reorders f32 sums.
 
@@ -68,5 +69,39 @@ fn every_f32_fixture_dispatches_tokens_over_emulated_devices() {
     let _emu = dsv4_tests::emulated_devices(DEVICES);
     for case in fixture_cases() {
         check(&case, &[LAYOUTS[1], LAYOUTS[3]], MoeExchange::AllToAll);
+    }
+}
+
+/// Data-parallel attention over HCCL (`--data-parallel-attention`): 3 sequences on 4 ranks,
+/// EP 4 and EP 2 (two EP groups), rank 3 idle throughout and others idle once their sequences
+/// end (`Model::idle_step`: dispatches of no rows over HcclAlltoAllV).
+#[test]
+fn every_f32_fixture_runs_data_parallel_attention_over_emulated_devices() {
+    const FIRST: usize = 9;
+    let _emu = dsv4_tests::emulated_devices(DEVICES);
+    for case in fixture_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let cfg = ModelConfig::from_dir(&case).unwrap();
+        let ckpt = Checkpoint::open(&case).unwrap();
+        let ids = read_reference(&case).input_ids;
+        let ids = &ids[..ids.len().min(FIRST + DECODE_STEPS)];
+        let prompts = dsv4_tests::data_parallel_prompts(ids);
+        let dtype = case_kv_dtype(&case);
+        let want = {
+            let be = dsv4_backend_ascend::open(0).unwrap();
+            let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
+            dsv4_tests::data_parallel_reference(&be, &model, &prompts, FIRST, dtype)
+        };
+        for ep in [4, 2] {
+            let layout = ParallelLayout::new(DEVICES, 1, ep, &cfg).unwrap().with_data_parallel_attention().unwrap();
+            let devices: Vec<i32> = (0..DEVICES as i32).collect();
+            let ranks = run_ranks(&devices, layout, |be: &AscendBackend, ctx: RankContext<AscendBackend>| {
+                let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
+                Ok::<_, dsv4_core::Error>(dsv4_tests::data_parallel_logits(be, &model, &prompts, FIRST, dtype))
+            })
+            .unwrap_or_else(|e| panic!("{name} / data-parallel EP {ep}: {e}"));
+            let what = format!("{name} / data-parallel attention, {DEVICES} ranks, EP {ep}, over HCCL");
+            dsv4_tests::assert_data_parallel_matches(&what, ranks, &want, TOLERANCE);
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! with the experts and heads split over emulated GPUs (EP 2 and 4, TP 2, EP 2 × TP 2), the
 //! ranks exchanging through the communicator over NCCL's API (`NcclCommunicator` on the
 //! emulator's NCCL), equal the single-GPU result within 1e-5 relative; with the MoE exchanged
-//! by all-reduce and by token dispatch and combine (`--moe-exchange all-to-all`).
+//! by all-reduce and by token dispatch and combine (`--moe-exchange all-to-all`); and with
+//! data-parallel attention, each rank serving its own sequences.
 //! Emulator-verified, not run on GPUs.
 //!
 //! Why 1e-5: as on the CPU (tests/parallel.rs), splitting only reorders f32 sums.
@@ -76,5 +77,38 @@ fn every_f32_fixture_splits_over_emulated_gpus() {
 fn every_f32_fixture_dispatches_tokens_over_emulated_gpus() {
     for case in fixture_cases() {
         check(&case, &[LAYOUTS[1], LAYOUTS[3]], MoeExchange::AllToAll);
+    }
+}
+
+/// Data-parallel attention over the communicator (`--data-parallel-attention`): 3 sequences
+/// on 4 emulated GPUs, EP 4 and EP 2, rank 3 idle throughout (`Model::idle_step`).
+#[test]
+fn every_f32_fixture_runs_data_parallel_attention_over_emulated_gpus() {
+    const FIRST: usize = 9;
+    const WORLD: usize = 4;
+    for case in fixture_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let cfg = ModelConfig::from_dir(&case).unwrap();
+        let ckpt = Checkpoint::open(&case).unwrap();
+        let ids = read_reference(&case).input_ids;
+        let ids = &ids[..ids.len().min(FIRST + DECODE_STEPS)];
+        let prompts = dsv4_tests::data_parallel_prompts(ids);
+        let dtype = case_kv_dtype(&case);
+        let want = {
+            let be = CudaBackend::new(EmulatedDevice::new());
+            let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
+            dsv4_tests::data_parallel_reference(&be, &model, &prompts, FIRST, dtype)
+        };
+        for ep in [4, 2] {
+            let layout = ParallelLayout::new(WORLD, 1, ep, &cfg).unwrap().with_data_parallel_attention().unwrap();
+            let (devices, members) = gpus(WORLD);
+            let ranks = run_ranks(devices, members, layout, |be: &Gpu, ctx: RankContext<Gpu>| {
+                let model = Model::load_rank(be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
+                Ok::<_, dsv4_core::Error>(dsv4_tests::data_parallel_logits(be, &model, &prompts, FIRST, dtype))
+            })
+            .unwrap_or_else(|e| panic!("{name} / data-parallel EP {ep}: {e}"));
+            let what = format!("{name} / data-parallel attention, {WORLD} ranks, EP {ep}, over NCCL (emulated)");
+            dsv4_tests::assert_data_parallel_matches(&what, ranks, &want, TOLERANCE);
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! the attention heads split over ranks (EP 2 and 4, TP 2, EP × TP = 2 × 2) equal the
 //! single-device result within 1e-5 relative, on the CPU backend over the in-process
 //! communicator; with the MoE exchanged by all-reduce (DeepSeek's) and by token dispatch and
-//! combine (`--moe-exchange all-to-all`).
+//! combine (`--moe-exchange all-to-all`); and with data-parallel attention (each rank its own
+//! sequences, `--data-parallel-attention`).
 //!
 //! Why 1e-5 and not bit equality: splitting changes only the order of f32 sums (the MoE's
 //! per-rank partial sums, `wo_b`'s partial products), about 1e-7 relative per sum; the
@@ -87,6 +88,45 @@ fn every_fixture_dispatches_tokens_to_the_experts_ranks() {
     }
     for case in official_cases() {
         check_with(&case, &EP_LAYOUTS[..2], MoeExchange::AllToAll);
+    }
+}
+
+/// Data-parallel attention (`--data-parallel-attention`): each rank serves sequences of its own
+/// (3 prompts of different lengths, a batch of two on rank 0 with 2 ranks, an idle rank with
+/// 4), prefilled and then decoded one token a step; a rank whose sequences are done takes part
+/// in the MoE exchanges without tokens (`Model::idle_step`). EP 2 and 4 over the whole world,
+/// and EP 2 on 4 ranks (two EP groups exchanging apart). Every sequence's logits equal its
+/// single-device run's within the suite's tolerance.
+#[test]
+fn every_fixture_runs_data_parallel_attention() {
+    let cases = fixture_cases().into_iter().chain(dsv4_tests::fixture_cases_with_kv(KvDtype::Fp8));
+    for case in cases.chain(official_cases()) {
+        check_data_parallel(&case, &[(2, 2), (4, 4), (4, 2)]);
+    }
+}
+
+/// (world, EP) layouts of data-parallel attention checked on `case` against one device.
+fn check_data_parallel(case: &Path, layouts: &[(usize, usize)]) {
+    const FIRST: usize = 9;
+    let name = case.file_name().unwrap().to_string_lossy().to_string();
+    let (cfg, ckpt) = open(case);
+    let (prec, dtype) = (case_precision(case), case_kv_dtype(case));
+    let prompts = dsv4_tests::data_parallel_prompts(&read_reference(case).input_ids);
+    let be = CpuBackend::new();
+    let mut single = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
+    single.precision = prec;
+    let want = dsv4_tests::data_parallel_reference(&be, &single, &prompts, FIRST, dtype);
+    for &(world, ep) in layouts {
+        let layout = ParallelLayout::new(world, 1, ep, &cfg).unwrap().with_data_parallel_attention().unwrap();
+        let ranks = run_local(layout, |ctx: RankContext<CpuBackend>| {
+            let be = CpuBackend::new();
+            let mut model = Model::load_rank(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}, ctx)?;
+            model.precision = prec;
+            Ok::<_, dsv4_core::Error>(dsv4_tests::data_parallel_logits(&be, &model, &prompts, FIRST, dtype))
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", case.display()));
+        let what = format!("{name} / data-parallel attention, {world} ranks, EP {ep}");
+        dsv4_tests::assert_data_parallel_matches(&what, ranks, &want, TOLERANCE);
     }
 }
 

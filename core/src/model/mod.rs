@@ -64,7 +64,7 @@ impl<B: Backend> Block<B> {
         })
     }
 
-    /// Streams `[T, n, D]` → streams `[T, n, D]`.
+    /// Streams `[T, n, D]` → streams `[T, n, D]`. `most_tokens`: see [`Moe::forward`].
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -74,6 +74,7 @@ impl<B: Backend> Block<B> {
         angles: &StepAngles<B>,
         plan: &StepPlan<B>,
         pools: &mut LayerPools<B>,
+        most_tokens: usize,
         prec: Precision,
     ) -> Result<(B::Tensor, Option<B::Index>)> {
         let (h, mix) = self.attn_hc.pre(be, x, prec)?;
@@ -82,7 +83,7 @@ impl<B: Backend> Block<B> {
         let x = self.attn_hc.post(be, x, &y, &mix, prec)?;
         let (h, mix) = self.ffn_hc.pre(be, &x, prec)?;
         let h = prec.act_of(be, be.rms_norm(&h, Some(&self.ffn_norm), self.eps))?;
-        let y = self.moe.forward(be, &h, &batch.tokens, prec)?;
+        let y = self.moe.forward(be, &h, &batch.tokens, most_tokens, prec)?;
         Ok((self.ffn_hc.post(be, &x, &y, &mix, prec)?, picks))
     }
 }
@@ -315,6 +316,7 @@ impl<B: Backend> Model<B> {
         }
         let plan = cache.plan_step(be, batch, seqs)?;
         let (t, n, d) = (batch.len(), self.cfg.hc_mult, self.cfg.hidden_size);
+        let most_tokens = self.most_tokens_of_group(be, t)?;
         let ids: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
         let prec = self.precision;
         let e = prec.act_of(be, self.embed(be, &ids))?;
@@ -332,7 +334,7 @@ impl<B: Backend> Model<B> {
                 _ => &compress,
             };
             let picks;
-            (x, picks) = block.forward(be, &x, batch, angles, &plan, pools, prec)?;
+            (x, picks) = block.forward(be, &x, batch, angles, &plan, pools, most_tokens, prec)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layers.push(x.clone());
                 tr.indexer_picks.push(picks);
@@ -350,6 +352,40 @@ impl<B: Backend> Model<B> {
             None => return Ok((residual.clone(), residual)),
         }
         Ok((self.logits(be, &self.hc_head, &self.norm, &x)?, residual))
+    }
+
+    /// Data-parallel attention ([`crate::parallel::ParallelLayout::data_parallel_attention`]):
+    /// this rank has no sequence to step while other ranks of its EP group step theirs. Its
+    /// experts still serve their tokens, so it joins every layer's MoE exchange with no tokens
+    /// of its own (attention, the head and the decoding state are not touched). Every rank of
+    /// the EP group calls [`step`](Self::step) (or a sibling) or this, once per step.
+    ///
+    /// # Errors
+    /// Not under data-parallel attention, or a failed exchange (on every rank of the group).
+    pub fn idle_step(&self, be: &B) -> Result<()> {
+        if !self.rank.layout.layout.data_parallel_attention {
+            return Err(Error::Input(
+                "idle_step: only ranks of a data-parallel attention layout step without tokens".into(),
+            ));
+        }
+        let most_tokens = self.most_tokens_of_group(be, 0)?;
+        for block in &self.blocks {
+            block.moe.idle(be, most_tokens, self.precision)?;
+        }
+        Ok(())
+    }
+
+    /// The most tokens any rank of this rank's EP group has in this step: `t` itself unless
+    /// attention is data-parallel, where each rank has its own batch and the group agrees on it
+    /// with one small all-gather (the fused dispatch kernels size their buffers by it).
+    fn most_tokens_of_group(&self, be: &B, t: usize) -> Result<usize> {
+        let ep = match &self.rank.ep {
+            Some(ep) if self.rank.layout.layout.data_parallel_attention => ep,
+            _ => return Ok(t),
+        };
+        // Token counts are far below 2^24, exact in f32.
+        let all = be.download(&ep.all_gather(be, &be.upload(&[t as f32], &[1])?, 0)?)?;
+        Ok(all.into_iter().fold(0.0f32, f32::max) as usize)
     }
 
     /// Logits `[T, vocab]` of residual streams `[T, n, D]`: `hc_head`, the final norm, the head

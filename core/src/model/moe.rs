@@ -35,6 +35,10 @@ pub struct Moe<B: Backend> {
     /// How the EP group exchanges activations, and the experts each of its ranks holds.
     exchange: MoeExchange,
     group_held: Vec<Range<usize>>,
+    /// Data-parallel attention: the tokens of a step are this rank's own (not replicated), so
+    /// the dispatch exchanges them all, without slicing or all-gathering.
+    data_parallel: bool,
+    hidden: usize,
     shared: ExpertWeights<B::Weight>,
     top_k: usize,
     scoring: ScoringFunc,
@@ -128,6 +132,8 @@ impl<B: Backend> Moe<B> {
             ep: ld.rank.ep.clone(),
             exchange: ld.rank.layout.layout.moe,
             group_held: (0..ld.rank.layout.layout.ep).map(|r| split(e, ld.rank.layout.layout.ep, r)).collect(),
+            data_parallel: ld.rank.layout.layout.data_parallel_attention,
+            hidden: d,
             shared: load_expert(ld, &format!("{p}.shared_experts"), d, i)?,
             top_k: k,
             scoring: cfg.scoring_func,
@@ -139,8 +145,16 @@ impl<B: Backend> Moe<B> {
 
     /// x `[T, D]` (ffn_norm'ed), `tokens` the ids of the T rows (hash routing reads them).
     /// The router runs in f32 whatever `prec` (spec §B.7); the experts' outputs and the sum are
-    /// in `prec`.
-    pub fn forward(&self, be: &B, x: &B::Tensor, tokens: &[u32], prec: Precision) -> Result<B::Tensor> {
+    /// in `prec`. `most_tokens`: the most tokens any rank of the EP group has in this step (T
+    /// unless attention is data-parallel, [`crate::Model::step`] agrees on it once a step).
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        tokens: &[u32],
+        most_tokens: usize,
+        prec: Precision,
+    ) -> Result<B::Tensor> {
         let t = x.shape()[0];
         let logits = be.linear(x, &self.gate)?;
         let (host_ids, w) = match &self.selection {
@@ -169,6 +183,10 @@ impl<B: Backend> Moe<B> {
             (None, _) => be.moe_experts(x, &host_ids, &w, &self.experts, self.limit, prec)?,
             (Some(ep), MoeExchange::AllReduce) => {
                 ep.all_reduce_sum(be, &self.held_experts(be, x, &host_ids, &w, prec)?)?
+            }
+            (Some(ep), MoeExchange::AllToAll) if self.data_parallel => {
+                self.check_ids(&host_ids)?;
+                self.exchanged(be, ep.as_ref(), x, &host_ids, &w, most_tokens, prec)?
             }
             (Some(ep), MoeExchange::AllToAll) => self.dispatched_experts(be, ep.as_ref(), x, &host_ids, &w, prec)?,
         };
@@ -202,10 +220,10 @@ impl<B: Backend> Moe<B> {
         be.index_add(&zeros, &rows, &ys)
     }
 
-    /// Expert parallelism by token dispatch ([`MoeExchange::AllToAll`]): rank r of the EP
-    /// group takes its slice of the (replicated) tokens, dispatches their (token, expert)
-    /// pairs to the experts' ranks, runs the rows it receives, combines its tokens' outputs
-    /// and the group all-gathers the slices → the routed output `[T, D]`.
+    /// Expert parallelism by token dispatch ([`MoeExchange::AllToAll`]) of replicated tokens:
+    /// rank r of the EP group takes its slice of the tokens, [`exchanged`](Self::exchanged)
+    /// gives the slice's routed output, and the group all-gathers the slices → the routed
+    /// output `[T, D]`.
     fn dispatched_experts(
         &self,
         be: &B,
@@ -216,17 +234,41 @@ impl<B: Backend> Moe<B> {
         prec: Precision,
     ) -> Result<B::Tensor> {
         let t = x.shape()[0];
-        // Every rank checks every id, so a bad one fails the whole group alike instead of only
-        // the rank whose slice holds it (the others would wait in the exchange).
-        let experts = self.group_held.last().map_or(0, |h| h.end);
-        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id as usize >= experts) {
-            return Err(Error::Input(format!("moe: expert id {bad} is outside 0..{experts}")));
-        }
+        self.check_ids(ids)?;
         let mine = split(t, ep.size(), ep.rank());
         let (xs, ws) = (be.narrow(x, 0, mine.start, mine.len())?, be.narrow(w, 0, mine.start, mine.len())?);
         let ids = &ids[mine.start * self.top_k..mine.end * self.top_k];
         let most_tokens = split(t, ep.size(), 0).len();
-        let args = DispatchArgs { x: &xs, ids, weights: &ws, held: &self.group_held, most_tokens, precision: prec };
+        let part = self.exchanged(be, ep, &xs, ids, &ws, most_tokens, prec)?;
+        ep.all_gather(be, &part, 0)
+    }
+
+    /// Every rank checks every id before an exchange, so a bad one fails the whole group alike
+    /// instead of only the rank whose tokens hold it (the others would wait in the exchange).
+    fn check_ids(&self, ids: &[i32]) -> Result<()> {
+        let experts = self.group_held.last().map_or(0, |h| h.end);
+        match ids.iter().find(|&&id| id < 0 || id as usize >= experts) {
+            Some(bad) => Err(Error::Input(format!("moe: expert id {bad} is outside 0..{experts}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// One dispatch and combine over the EP group: this rank's tokens `xs` `[BS, D]` (BS may be
+    /// 0), their experts `ids` `[BS · k]` and weights `ws` `[BS, k]` go to the experts' ranks,
+    /// this rank's experts run the rows they receive, and the outputs come back summed per
+    /// token → `[BS, D]`. `most_tokens`: the largest BS of the group in this call.
+    #[allow(clippy::too_many_arguments)]
+    fn exchanged(
+        &self,
+        be: &B,
+        ep: &dyn Communicator<B>,
+        xs: &B::Tensor,
+        ids: &[i32],
+        ws: &B::Tensor,
+        most_tokens: usize,
+        prec: Precision,
+    ) -> Result<B::Tensor> {
+        let args = DispatchArgs { x: xs, ids, weights: ws, held: &self.group_held, most_tokens, precision: prec };
         let d = ep.moe_dispatch(be, &args)?;
         // A rank whose experts got no pairs runs nothing (its output is the empty `rows`).
         let ys = if d.experts.is_empty() {
@@ -242,7 +284,24 @@ impl<B: Backend> Moe<B> {
             };
             be.moe_experts(&d.rows, &d.experts, weights, &self.experts, self.limit, prec)?
         };
-        let part = ep.moe_combine(be, &ys, &d)?;
-        ep.all_gather(be, &part, 0)
+        ep.moe_combine(be, &ys, &d)
+    }
+
+    /// Data-parallel attention: this rank has no tokens in the step, but its experts may get
+    /// rows from the other ranks of the EP group, so it takes part in the layer's exchange
+    /// with no tokens of its own. `most_tokens` as in [`forward`](Self::forward).
+    ///
+    /// # Errors
+    /// Not under data-parallel attention (every rank has the same tokens there, never none),
+    /// or a failed exchange.
+    pub fn idle(&self, be: &B, most_tokens: usize, prec: Precision) -> Result<()> {
+        let Some(ep) = self.ep.as_ref().filter(|_| self.data_parallel) else {
+            return Err(Error::Input("moe: a rank steps without tokens only under data-parallel attention".into()));
+        };
+        // No rows: nothing to round to the precision.
+        let x = be.upload(&[], &[0, self.hidden])?;
+        let w = be.upload(&[], &[0, self.top_k])?;
+        self.exchanged(be, ep.as_ref(), &x, &[], &w, most_tokens, prec)?;
+        Ok(())
     }
 }

@@ -172,7 +172,8 @@ impl<B: Backend> Model<B> {
 
         let plan = state.cache.plan_step(be, &batch, &mut [&mut state.seq])?;
         let angles = StepAngles::new(be, self.rope_main.clone(), &batch.positions)?;
-        let (x, _) = layer.block.forward(be, &x, &batch, &angles, &plan, &mut state.cache.layers[0], prec)?;
+        let (x, _) =
+            layer.block.forward(be, &x, &batch, &angles, &plan, &mut state.cache.layers[0], batch.len(), prec)?;
         state.cache.finish_step(&batch, &mut [&mut state.seq]);
         let rows = match logits {
             Logits::All => x.clone(),

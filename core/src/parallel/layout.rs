@@ -24,6 +24,14 @@ pub struct ParallelLayout {
     pub ep: usize,
     /// How an EP group exchanges the MoE's activations ([`MoeExchange`]).
     pub moe: MoeExchange,
+    /// Data-parallel attention: each rank runs attention on sequences of its own (its own
+    /// batch and decoding state) with the whole attention replicated (TP 1), and the MoE
+    /// exchanges each rank's own tokens over the EP group by dispatch and combine
+    /// ([`MoeExchange::AllToAll`], without the slicing and the all-gather). SGLang's
+    /// `--enable-dp-attention`, DeepSeek's deployment of V3/V4 (DP attention + EP experts).
+    /// Every rank of an EP group must step together: a rank with no tokens in a step takes
+    /// part through [`crate::Model::idle_step`].
+    pub data_parallel_attention: bool,
 }
 
 /// How the ranks of an EP group exchange the routed experts' activations.
@@ -60,7 +68,8 @@ impl MoeExchange {
 
 impl ParallelLayout {
     /// One device: nothing is split.
-    pub const SINGLE: ParallelLayout = ParallelLayout { world: 1, tp: 1, ep: 1, moe: MoeExchange::AllReduce };
+    pub const SINGLE: ParallelLayout =
+        ParallelLayout { world: 1, tp: 1, ep: 1, moe: MoeExchange::AllReduce, data_parallel_attention: false };
 
     /// Checks the degrees against each other and against the model: `tp` and `ep` divide
     /// `world`, `tp ≤ o_groups`, `ep ≤ n_routed_experts`.
@@ -90,12 +99,41 @@ impl ParallelLayout {
                 format!("EP {ep} is more than the model's {} routed experts", cfg.n_routed_experts),
             );
         }
-        Ok(ParallelLayout { world, tp, ep, moe: MoeExchange::AllReduce })
+        Ok(ParallelLayout { world, tp, ep, moe: MoeExchange::AllReduce, data_parallel_attention: false })
     }
 
     /// The same degrees with the MoE exchanged as `moe`.
     pub fn with_moe(self, moe: MoeExchange) -> Self {
         ParallelLayout { moe, ..self }
+    }
+
+    /// The same degrees with data-parallel attention (each rank its own sequences; the MoE
+    /// exchanged by dispatch and combine). Needs TP 1 (attention is replicated, not split by
+    /// heads) and an EP group (EP > 1: without one the ranks would share nothing, and
+    /// separate processes serve that better).
+    ///
+    /// # Errors
+    /// `Error::Config` naming `tensor_parallel` or `expert_parallel`.
+    pub fn with_data_parallel_attention(self) -> Result<Self> {
+        if self.tp > 1 {
+            return Err(Error::config(
+                "tensor_parallel",
+                format!(
+                    "data-parallel attention replicates attention on every rank, so it does not split heads: TP is {}, \
+                     not 1",
+                    self.tp
+                ),
+            ));
+        }
+        if self.ep == 1 {
+            return Err(Error::config(
+                "expert_parallel",
+                "data-parallel attention exchanges each rank's tokens with the experts' ranks, but EP is 1 (every \
+                 rank holds every expert): split the experts (EP > 1), or run independent replicas"
+                    .to_string(),
+            ));
+        }
+        Ok(ParallelLayout { moe: MoeExchange::AllToAll, data_parallel_attention: true, ..self })
     }
 
     /// Rank `rank`'s place in the layout.
@@ -155,6 +193,17 @@ impl RankLayout {
 
     pub fn is_single(&self) -> bool {
         self.layout.world == 1
+    }
+
+    /// The data-parallel attention rank: which of the run's sequence groups this rank serves
+    /// (its world rank under [`ParallelLayout::data_parallel_attention`]; 0 otherwise, where
+    /// every rank computes every sequence).
+    pub fn dp_rank(&self) -> usize {
+        if self.layout.data_parallel_attention {
+            self.rank
+        } else {
+            0
+        }
     }
 }
 
@@ -223,6 +272,20 @@ mod tests {
             assert_eq!((x.tp_group(), x.ep_group(), x.tp_rank, x.ep_rank), (0, 0, i, i));
             assert_eq!(x.experts(&c), 2 * i..2 * i + 2);
             assert_eq!(x.heads(&c), 2 * i..2 * i + 2);
+        }
+    }
+
+    #[test]
+    fn data_parallel_attention_needs_one_head_split_and_an_expert_split() {
+        let c = cfg();
+        let dp = ParallelLayout::new(4, 1, 4, &c).unwrap().with_data_parallel_attention().unwrap();
+        assert!(dp.data_parallel_attention);
+        assert_eq!(dp.moe, MoeExchange::AllToAll);
+        assert_eq!((0..4).map(|r| dp.rank(r).dp_rank()).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(ParallelLayout::new(4, 1, 4, &c).unwrap().rank(3).dp_rank(), 0);
+        for (w, tp, ep, field) in [(4, 2, 2, "tensor_parallel"), (2, 1, 1, "expert_parallel")] {
+            let e = ParallelLayout::new(w, tp, ep, &c).unwrap().with_data_parallel_attention().unwrap_err();
+            assert!(matches!(&e, Error::Config { field: f, .. } if f == field), "{w} {tp} {ep}: {e}");
         }
     }
 

@@ -23,7 +23,11 @@
 //! moves (token, expert) rows to the experts and back ([`dispatch`]), then all-gathers.
 //!
 //! Activations stay replicated between sub-layers, so every rank holds the whole residual
-//! stream and its own copy of the decoding state.
+//! stream and its own copy of the decoding state. Except with data-parallel attention
+//! ([`ParallelLayout::data_parallel_attention`]): each rank holds the whole attention and runs
+//! sequences of its own, its own residual streams and decoding state, and the MoE dispatches
+//! each rank's own tokens (no all-gather); a rank without tokens in a step joins the exchange
+//! through [`crate::Model::idle_step`].
 
 pub mod comm;
 pub mod dispatch;
