@@ -900,7 +900,8 @@ fn comm_json(runs: &[RankRun], i: usize, decode_steps: usize) -> Value {
 /// `dsv4 bench --devices N`: the model split over the ranks of `parallel` (CPU: threads over the
 /// in-process communicator; Ascend: one device each, over HCCL), every rank timing the same
 /// contexts in step, rank 0's rows printed as it goes; then each rank's communication per decoded
-/// token beside the plan's.
+/// token beside the plan's. With data-parallel attention every rank's sequence is its own (the
+/// same prompt), so the run decodes one token per rank a step.
 pub fn run_ranks(
     backend: crate::BackendChoice,
     spec: &str,
@@ -953,6 +954,13 @@ pub fn run_ranks(
                 n.nnodes,
                 layout.world / n.nnodes
             ),
+        }
+        if layout.data_parallel_attention {
+            println!(
+                "data-parallel attention: every rank prefills and decodes a sequence of its own (the same prompt), in \
+                 step with the others; the table is rank 0's, and the run processes {} times its tokens",
+                layout.world
+            );
         }
         print!(
             "{}",
@@ -1365,7 +1373,13 @@ impl Report<'_> {
             "rows": rows,
         });
         if let Some((l, _)) = self.ranks {
-            report["devices"] = json!({"world": l.world, "tensor_parallel": l.tp, "expert_parallel": l.ep});
+            report["devices"] = json!({
+                "world": l.world,
+                "tensor_parallel": l.tp,
+                "expert_parallel": l.ep,
+                "moe_exchange": l.moe.name(),
+                "data_parallel_attention": l.data_parallel_attention,
+            });
         }
         report
     }

@@ -337,6 +337,7 @@ pub fn run_generate_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
+    parallel.refuse_data_parallel("dsv4 generate")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
@@ -457,6 +458,7 @@ pub fn run_chat_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = tokenizer_for(spec)?;
+    parallel.refuse_data_parallel("dsv4 chat")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     // Split runs refuse speculation, so a step is at most the default prefill chunk.
     let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);

@@ -533,7 +533,8 @@ fn run_logits<B: Backend>(be: &B, model: &ModelArgs, ids: &[u32], out: &Path, kv
 }
 
 /// `dsv4 logits --devices N`: every rank computes the prefill (the ranks' logits are the same
-/// bits), rank 0's are written.
+/// bits), rank 0's are written. With --data-parallel-attention the prompt is rank 0's sequence
+/// and the other ranks only serve their experts in the step ([`dsv4_core::Model::idle_step`]).
 fn run_logits_ranks(
     backend: BackendChoice,
     model: &ModelArgs,
@@ -546,7 +547,13 @@ fn run_logits_ranks(
     let vocab = cfg.vocab_size;
     let mut ranks = on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
+        let serves_prompt = ctx.layout.dp_rank() == 0;
         let model = load::load_opened(be, cfg.clone(), &ckpt, &model.model, kv.precision, ctx)?;
+        if !serves_prompt {
+            // The prompt is one step: one idle step.
+            model.idle_step(be)?;
+            return Ok(vec![]);
+        }
         prefill_logits(be, &model, ids, kv, first)
     })?;
     // Over several nodes every rank holds the same logits; node 0 writes them (the nodes may

@@ -174,13 +174,25 @@ pub struct ParallelArgs {
     /// sends each (token, expert) pair to the expert's rank and gets its output back
     /// (dispatch/combine, the exchange DeepEP and Huawei's MC2 kernels implement; over the
     /// communicator's all-to-all-v on every backend), then all-gathers.
-    /// With replicated attention (today's layouts) it moves more than the all-reduce for V4's
+    /// With replicated attention (no --data-parallel-attention) it moves more than the all-reduce for V4's
     /// top_k (README "Multi-device"; `dsv4 plan --moe-exchange ...` prints either). Same results
     /// up to the order of f32 sums (on Ascend A3 in bf16/official, with DSV4_ASCEND_FUSED=all,
     /// through Huawei's MC2 kernels, which apply the routing weights after w2: one BF16
-    /// rounding apart). Needs an EP group (EP > 1).
-    #[arg(long, value_name = "EXCHANGE", default_value = "all-reduce", value_parser = parse_moe_exchange)]
-    pub moe_exchange: MoeExchange,
+    /// rounding apart). Needs an EP group (EP > 1). Default: all-reduce, or all-to-all with
+    /// --data-parallel-attention (the only exchange it takes).
+    #[arg(long, value_name = "EXCHANGE", value_parser = parse_moe_exchange)]
+    pub moe_exchange: Option<MoeExchange>,
+    /// Data-parallel attention (SGLang's --enable-dp-attention): every rank holds the whole
+    /// attention and serves sequences of its own (its own batch and decoding state), and the
+    /// MoE sends each rank's tokens to the experts' ranks and back (--moe-exchange
+    /// all-to-all, without the all-gather). The layout DeepSeek deploys V3/V4 with: per rank
+    /// it moves about 2·top_k·(EP−1)/EP² of a batch's activations, against 2(EP−1)/EP for the
+    /// all-reduce of replicated attention (README "Multi-device"). Needs --tensor-parallel 1
+    /// and EP > 1. `dsv4 bench` runs one sequence per rank, `dsv4 logits` the prompt on rank
+    /// 0 (the others serve their experts), `dsv4 plan` plans it; serve, generate, chat and
+    /// check do not take it yet.
+    #[arg(long)]
+    pub data_parallel_attention: bool,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
     /// the same arguments and its own --node-rank, over its own --devices (the same number on
     /// every node); TP and EP count the ranks of all nodes. Ascend (HCCL) and CUDA (NCCL). Default: where
@@ -440,13 +452,45 @@ impl ParallelArgs {
             }
             e => e.into(),
         })?;
-        if layout.ep == 1 && self.moe_exchange == MoeExchange::AllToAll {
+        if self.data_parallel_attention {
+            if self.moe_exchange == Some(MoeExchange::AllReduce) {
+                bail!(
+                    "--moe-exchange all-reduce sums the ranks' outputs for the same tokens, but with \
+                     --data-parallel-attention each rank's tokens are its own: drop --moe-exchange (all-to-all is the \
+                     default there)"
+                );
+            }
+            return layout.with_data_parallel_attention().map_err(|e| match e {
+                dsv4_core::Error::Config { field, msg } if field == "tensor_parallel" => {
+                    anyhow::anyhow!("--data-parallel-attention with --tensor-parallel {}: {msg}", self.tensor_parallel)
+                }
+                dsv4_core::Error::Config { field, msg } if field == "expert_parallel" => {
+                    anyhow::anyhow!("--data-parallel-attention with EP {ep}: {msg} (give --expert-parallel N, N > 1)")
+                }
+                e => e.into(),
+            });
+        }
+        let moe = self.moe_exchange.unwrap_or_default();
+        if layout.ep == 1 && moe == MoeExchange::AllToAll {
             bail!(
                 "--moe-exchange all-to-all exchanges the MoE's rows between the ranks of an EP group, but this layout \
                  has none (EP 1): drop it, or split the experts with --expert-parallel N"
             );
         }
-        Ok(layout.with_moe(self.moe_exchange))
+        Ok(layout.with_moe(moe))
+    }
+
+    /// Refuses --data-parallel-attention for a command that does not run it yet (`command`,
+    /// e.g. "dsv4 serve").
+    pub fn refuse_data_parallel(&self, command: &str) -> Result<()> {
+        if self.data_parallel_attention {
+            bail!(
+                "{command} does not run --data-parallel-attention yet (each rank would need a scheduler of its own \
+                 sequences): drop the flag to replicate attention (or split it with --tensor-parallel); `dsv4 bench`, \
+                 `dsv4 logits` and `dsv4 plan` take it"
+            );
+        }
+        Ok(())
     }
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.
@@ -462,8 +506,11 @@ impl ParallelArgs {
                  (Ascend) and drop --devices (ids pick devices for runs over several: --devices 0-7, or with --nnodes)"
             );
         }
-        if self.world() == 1 && self.moe_exchange == MoeExchange::AllToAll {
+        if self.world() == 1 && self.moe_exchange == Some(MoeExchange::AllToAll) {
             bail!("--moe-exchange all-to-all exchanges rows between devices: give --devices N (N > 1) as well");
+        }
+        if self.world() == 1 && self.data_parallel_attention {
+            bail!("--data-parallel-attention gives each device sequences of its own: give --devices N (N > 1) as well");
         }
         if self.world() == 1 && (self.tensor_parallel > 1 || self.expert_parallel.is_some_and(|e| e > 1)) {
             bail!("--tensor-parallel / --expert-parallel split the model over ranks: give --devices N (N > 1) as well");
@@ -492,9 +539,10 @@ impl ParallelArgs {
         };
         let r0 = layout.rank(0);
         format!(
-            "ranks: {}, {placement}; TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: experts \
-             {:?} of {}; MoE exchange {})",
+            "ranks: {}, {placement}; {}TP {} (rank 0: heads {:?} of {}, vocabulary rows {:?}), EP {} (rank 0: \
+             experts {:?} of {}; MoE exchange {})",
             layout.world,
+            if layout.data_parallel_attention { "data-parallel attention (each rank its own sequences), " } else { "" },
             layout.tp,
             r0.heads(cfg),
             cfg.num_heads,

@@ -356,12 +356,18 @@ fn weights_section(
 fn state_section(cfg: &ModelConfig, p: &Plan) -> String {
     let mut o = String::new();
     let kv = &p.kv;
-    let _ = writeln!(
-        o,
-        "decoding state, --kv-dtype {}, blocks of {} tokens (every rank holds every sequence's state: activations are \
-         replicated, the K=V head, compressors and indexer are not split):",
-        kv.dtype, kv.block_tokens
-    );
+    let whose = if p.layout.data_parallel_attention {
+        format!(
+            "data-parallel attention: each rank holds the state of its own sequences, so the run holds {} times the \
+             sequences below",
+            p.layout.world
+        )
+    } else {
+        "every rank holds every sequence's state: activations are replicated, the K=V head, compressors and indexer \
+         are not split"
+            .to_string()
+    };
+    let _ = writeln!(o, "decoding state, --kv-dtype {}, blocks of {} tokens ({whose}):", kv.dtype, kv.block_tokens);
     let per_1k = kv.block_bytes.compressed as f64 * 1024.0 / kv.block_tokens as f64;
     let max = cfg.max_position_embeddings;
     let _ = writeln!(
@@ -464,7 +470,14 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
         (false, false) => "  one device: no collectives".to_string(),
         (tp, ep) => {
             let mut w = vec![];
-            if ep && layout.moe == MoeExchange::AllToAll {
+            if ep && layout.data_parallel_attention {
+                w.push(format!(
+                    "per layer the MoE dispatch and combine over EP {} (data-parallel attention: the batch is this \
+                     rank's own tokens, {} rows of {} per token to the experts' ranks and back, expected with every \
+                     expert equally likely; no all-gather); per step one all-gather of the group's token counts",
+                    layout.ep, cfg.num_experts_per_tok, cfg.hidden_size
+                ));
+            } else if ep && layout.moe == MoeExchange::AllToAll {
                 w.push(format!(
                     "per layer the MoE dispatch and combine over EP {} (--moe-exchange all-to-all: this rank's \
                      slice of the tokens, {} rows of {} per token to the experts' ranks and back, expected with \
@@ -494,8 +507,20 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
         let t = decode_traffic(cfg, layout, tokens);
         let kinds: Vec<String> =
             t.by_kind.iter().map(|(&k, &v)| format!("{} = {}", kind_calls(k, v, 1), bytes(v.1 as usize))).collect();
-        let _ =
-            writeln!(o, "  batch {tokens:>2}: {}; {} per token", kinds.join(", "), bytes(t.bytes() as usize / tokens));
+        let per_token = bytes(t.bytes() as usize / tokens);
+        let _ = if layout.data_parallel_attention {
+            // Each rank decodes its own batch: the run decodes `world` times as many tokens.
+            let run = tokens * layout.world;
+            let per_run_token = bytes(t.bytes() as usize / run);
+            writeln!(
+                o,
+                "  batch {tokens:>2} per rank ({run} in the run): {}; {per_token} per token of this rank, \
+                 {per_run_token} per token of the run",
+                kinds.join(", ")
+            )
+        } else {
+            writeln!(o, "  batch {tokens:>2}: {}; {per_token} per token", kinds.join(", "))
+        };
     }
     debug_assert!(decode_traffic(cfg, layout, 1)
         .by_kind
@@ -791,7 +816,10 @@ mod tests {
         let layouts = [(2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4)].map(|(w, t, e)| ParallelLayout::new(w, t, e, &cfg));
         let dispatch = [(2, 1, 2), (4, 2, 2), (4, 1, 4)]
             .map(|(w, t, e)| ParallelLayout::new(w, t, e, &cfg).map(|l| l.with_moe(MoeExchange::AllToAll)));
-        for layout in layouts.into_iter().chain(dispatch) {
+        // Data-parallel attention: every rank steps two sequences of its own.
+        let data_parallel = [(2, 1, 2), (4, 1, 4), (4, 1, 2)]
+            .map(|(w, t, e)| ParallelLayout::new(w, t, e, &cfg).and_then(|l| l.with_data_parallel_attention()));
+        for layout in layouts.into_iter().chain(dispatch).chain(data_parallel) {
             let layout = layout.unwrap();
             let counted = run_local(layout, |ctx: RankContext<CpuBackend>| {
                 let be = CpuBackend::new();
@@ -816,15 +844,22 @@ mod tests {
                     continue;
                 }
                 // The all-to-all-v bytes follow the routing: at most this rank's slice's pairs
-                // out (rows and their two values) and every other slice's pairs back.
+                // out (rows and their two values) and every other slice's pairs back (with
+                // data-parallel attention the slices are every rank's own 2 tokens).
                 let a2a = CollectiveKind::AllToAllV;
                 let (mut c, mut p) = (traffic.clone(), planned.clone());
                 let (calls, bytes) = c.by_kind.remove(&a2a).unwrap();
                 assert_eq!((calls, p.by_kind.remove(&a2a).unwrap().0), (3 * cfg.num_layers as u64, calls));
                 assert_eq!(c, p, "{layout:?} rank {}", rank.rank);
                 let (k, d) = (cfg.num_experts_per_tok, cfg.hidden_size);
-                let mine = dsv4_core::parallel::layout::split(2, layout.ep, rank.ep_rank).len();
-                let most = (mine * k * (d + 2) + (2 - mine) * k * d) * 4 * cfg.num_layers;
+                let (mine, others) = match layout.data_parallel_attention {
+                    true => (2, 2 * (layout.ep - 1)),
+                    false => {
+                        let mine = dsv4_core::parallel::layout::split(2, layout.ep, rank.ep_rank).len();
+                        (mine, 2 - mine)
+                    }
+                };
+                let most = (mine * k * (d + 2) + others * k * d) * 4 * cfg.num_layers;
                 assert!(bytes <= most as u64, "{layout:?} rank {}: {bytes} > {most}", rank.rank);
             }
         }

@@ -252,6 +252,7 @@ fn planned_pool(
         n => n,
     };
     let world = parallel.world();
+    parallel.refuse_data_parallel("dsv4 serve")?;
     let layout = parallel.layout(cfg)?;
     if world > 1 {
         eprintln!("{}", parallel.describe_run(&layout, cfg));
@@ -696,7 +697,8 @@ mod tests {
             devices: crate::parallel_args::DeviceList(vec![0]),
             tensor_parallel: 1,
             expert_parallel: None,
-            moe_exchange: Default::default(),
+            moe_exchange: None,
+            data_parallel_attention: false,
             nnodes: Some(1),
             node_rank: Some(0),
             master_addr: None,

@@ -888,7 +888,10 @@ pub fn serving_pool(cfg: &ModelConfig, p: &Plan, ask: &ServingAsk) -> std::resul
 /// all-gather of `tokens ×` this rank's vocabulary rows. Rank 0's share (ranks differ in the
 /// head's part when the vocabulary does not divide evenly, and with all-to-all in their slice
 /// of the tokens: rank 0's is the largest). The MTP block is not run by
-/// multi-rank runs and not counted.
+/// multi-rank runs and not counted. With data-parallel attention `tokens` are each rank's own
+/// (every rank decodes `tokens` tokens of its sequences): the dispatch sends them all and
+/// nothing is all-gathered, but the EP group agrees on its most tokens once a step (one
+/// all-gather of one f32, [`crate::Model::step`]).
 pub fn decode_traffic(cfg: &ModelConfig, layout: ParallelLayout, tokens: usize) -> Traffic {
     rank_decode_traffic(cfg, &layout.rank(0), tokens)
 }
@@ -916,6 +919,9 @@ pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) 
     if layout.tp > 1 {
         t.record(CollectiveKind::AllGather, (tokens * rank.vocab(cfg).len()) as u64 * F32);
     }
+    if layout.data_parallel_attention && layout.ep > 1 {
+        t.record(CollectiveKind::AllGather, F32);
+    }
     t
 }
 
@@ -925,18 +931,24 @@ pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) 
 /// experts served back to their ranks, and all-gathers its slice. Where the rows go depends on
 /// the routing: the all-to-all-v bytes are the expectation when every expert is equally likely
 /// (rounded to whole rows); the calls and the all-gather are exact.
+///
+/// With data-parallel attention every rank of the group dispatches `tokens` of its own: no
+/// slicing and no all-gather.
 fn record_dispatch(t: &mut Traffic, cfg: &ModelConfig, rank: &RankLayout, tokens: usize) {
     const F32: f64 = 4.0;
     let (ep, me) = (rank.layout.ep, rank.ep_rank);
+    let dp = rank.layout.data_parallel_attention;
     let (d, k, e) = (cfg.hidden_size as f64, cfg.num_experts_per_tok as f64, cfg.n_routed_experts as f64);
-    let slice = |r: usize| split(tokens, ep, r).len() as f64;
+    let slice = |r: usize| if dp { tokens as f64 } else { split(tokens, ep, r).len() as f64 };
     let held = |r: usize| split(cfg.n_routed_experts, ep, r).len() as f64;
     let out_rows = (slice(me) * k * (e - held(me)) / e).round();
     let back_rows = ((0..ep).filter(|&r| r != me).map(slice).sum::<f64>() * k * held(me) / e).round();
     t.record(CollectiveKind::AllToAllV, (out_rows * d * F32) as u64);
     t.record(CollectiveKind::AllToAllV, (out_rows * 2.0 * F32) as u64);
     t.record(CollectiveKind::AllToAllV, (back_rows * d * F32) as u64);
-    t.record(CollectiveKind::AllGather, (slice(me) * d * F32) as u64);
+    if !dp {
+        t.record(CollectiveKind::AllGather, (slice(me) * d * F32) as u64);
+    }
 }
 
 #[cfg(test)]
