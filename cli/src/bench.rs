@@ -372,9 +372,13 @@ fn time_contexts<B: Backend>(
     let cfg = &model.cfg;
     let block_tokens = config.block_tokens;
     let needed = tokens_needed(contexts, decode_steps, speculative);
-    // Deterministic pseudo-random prompt over the vocabulary.
+    // Deterministic pseudo-random prompt over the vocabulary; with data-parallel attention each
+    // rank's own stretch of the sequence (the same tokens would route every rank to the same
+    // experts).
     let vocab = cfg.vocab_size as u64;
-    let prompt: Vec<u32> = (0..needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
+    let offset = (model.rank.layout.dp_rank() * needed) as u64;
+    let prompt: Vec<u32> =
+        (offset..offset + needed as u64).map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32).collect();
     let mut cache = model.new_cache(be, config)?;
     let take = || take_profile.map(|take| take());
     if let Some(plan) = warmup {
@@ -900,8 +904,8 @@ fn comm_json(runs: &[RankRun], i: usize, decode_steps: usize) -> Value {
 /// `dsv4 bench --devices N`: the model split over the ranks of `parallel` (CPU: threads over the
 /// in-process communicator; Ascend: one device each, over HCCL), every rank timing the same
 /// contexts in step, rank 0's rows printed as it goes; then each rank's communication per decoded
-/// token beside the plan's. With data-parallel attention every rank's sequence is its own (the
-/// same prompt), so the run decodes one token per rank a step.
+/// token beside the plan's. With data-parallel attention every rank's sequence is its own (a
+/// prompt of its own), so the run decodes one token per rank a step.
 pub fn run_ranks(
     backend: crate::BackendChoice,
     spec: &str,
@@ -957,8 +961,8 @@ pub fn run_ranks(
         }
         if layout.data_parallel_attention {
             println!(
-                "data-parallel attention: every rank prefills and decodes a sequence of its own (the same prompt), in \
-                 step with the others; the table is rank 0's, and the run processes {} times its tokens",
+                "data-parallel attention: every rank prefills and decodes a sequence of its own (a prompt of its \
+                 own), in step with the others; the table is rank 0's, and the run processes {} times its tokens",
                 layout.world
             );
         }

@@ -556,8 +556,8 @@ fn run_logits_ranks(
         }
         prefill_logits(be, &model, ids, kv, first)
     })?;
-    // Over several nodes every rank holds the same logits; node 0 writes them (the nodes may
-    // share a file system).
+    // Over several nodes every rank holds the same logits (with data-parallel attention rank 0
+    // alone holds them); node 0 writes them (the nodes may share a file system).
     match parallel.nodes() {
         Some(spec) if spec.node_rank != 0 => {
             eprintln!("node {}: done; node 0 writes {}", spec.node_rank, out.display());

@@ -186,8 +186,8 @@ pub struct ParallelArgs {
     /// attention and serves sequences of its own (its own batch and decoding state), and the
     /// MoE sends each rank's tokens to the experts' ranks and back (--moe-exchange
     /// all-to-all, without the all-gather). The layout DeepSeek deploys V3/V4 with: per rank
-    /// it moves about 2·top_k·(EP−1)/EP² of a batch's activations, against 2(EP−1)/EP for the
-    /// all-reduce of replicated attention (README "Multi-device"). Needs --tensor-parallel 1
+    /// it moves about 2·top_k·(EP−1)/EP² × the run's tokens × hidden, against 2(EP−1)/EP for
+    /// the ring all-reduce of replicated attention (README "Multi-device"). Needs --tensor-parallel 1
     /// and EP > 1. `dsv4 bench` runs one sequence per rank, `dsv4 logits` the prompt on rank
     /// 0 (the others serve their experts), `dsv4 plan` plans it; serve, generate, chat and
     /// check do not take it yet.

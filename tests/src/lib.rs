@@ -349,7 +349,7 @@ pub fn data_parallel_logits<B: Backend>(
     first: usize,
     dtype: KvDtype,
 ) -> Vec<(usize, Vec<f32>)> {
-    let (world, me) = (model.rank.layout.layout.world, model.rank.layout.rank);
+    let (world, me) = (model.rank.layout.layout.world, model.rank.layout.dp_rank());
     let mine: Vec<usize> = (0..prompts.len()).filter(|i| i % world == me).collect();
     let steps = prompts.iter().map(|p| data_parallel_steps(p.len(), first).len()).max().unwrap_or(0);
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(1);

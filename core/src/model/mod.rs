@@ -369,6 +369,10 @@ impl<B: Backend> Model<B> {
             ));
         }
         let most_tokens = self.most_tokens_of_group(be, 0)?;
+        if most_tokens == 0 {
+            // The whole EP group is idle (every rank saw the same 0): nothing to exchange.
+            return Ok(());
+        }
         for block in &self.blocks {
             block.moe.idle(be, most_tokens, self.precision)?;
         }

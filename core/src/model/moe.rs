@@ -38,6 +38,7 @@ pub struct Moe<B: Backend> {
     /// Data-parallel attention: the tokens of a step are this rank's own (not replicated), so
     /// the dispatch exchanges them all, without slicing or all-gathering.
     data_parallel: bool,
+    /// `D`, the width of the no-token input an idle rank exchanges ([`Moe::idle`]).
     hidden: usize,
     shared: ExpertWeights<B::Weight>,
     top_k: usize,
@@ -243,8 +244,11 @@ impl<B: Backend> Moe<B> {
         ep.all_gather(be, &part, 0)
     }
 
-    /// Every rank checks every id before an exchange, so a bad one fails the whole group alike
-    /// instead of only the rank whose tokens hold it (the others would wait in the exchange).
+    /// Checks every id before an exchange. With replicated tokens every rank checks the same
+    /// ids, so a bad one fails the whole group alike instead of only the rank whose slice holds
+    /// it (the others would wait in the exchange). With data-parallel attention the ids are
+    /// the rank's own: the others learn of its failure from the communicator (a rank that
+    /// fails leaves it).
     fn check_ids(&self, ids: &[i32]) -> Result<()> {
         let experts = self.group_held.last().map_or(0, |h| h.end);
         match ids.iter().find(|&&id| id < 0 || id as usize >= experts) {
@@ -292,8 +296,8 @@ impl<B: Backend> Moe<B> {
     /// with no tokens of its own. `most_tokens` as in [`forward`](Self::forward).
     ///
     /// # Errors
-    /// Not under data-parallel attention (every rank has the same tokens there, never none),
-    /// or a failed exchange.
+    /// Not under data-parallel attention (elsewhere every rank steps the same tokens, so none
+    /// is ever without), or a failed exchange.
     pub fn idle(&self, be: &B, most_tokens: usize, prec: Precision) -> Result<()> {
         let Some(ep) = self.ep.as_ref().filter(|_| self.data_parallel) else {
             return Err(Error::Input("moe: a rank steps without tokens only under data-parallel attention".into()));

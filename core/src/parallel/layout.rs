@@ -103,7 +103,15 @@ impl ParallelLayout {
     }
 
     /// The same degrees with the MoE exchanged as `moe`.
+    ///
+    /// # Panics
+    /// `MoeExchange::AllReduce` on a data-parallel attention layout: the all-reduce sums the
+    /// ranks' outputs for the same tokens, and there each rank's tokens are its own.
     pub fn with_moe(self, moe: MoeExchange) -> Self {
+        assert!(
+            !(self.data_parallel_attention && moe == MoeExchange::AllReduce),
+            "data-parallel attention exchanges the MoE by dispatch, not by all-reduce"
+        );
         ParallelLayout { moe, ..self }
     }
 

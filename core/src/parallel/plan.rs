@@ -713,6 +713,10 @@ pub fn fewest_devices(input: &PlanInput, max_world: usize) -> Option<ParallelLay
     let rest = r0.loaded_bytes() - experts;
     (input.layout.world + 1..=max_world.min(cfg.n_routed_experts)).filter(|w| w.is_multiple_of(tp)).find_map(|w| {
         let layout = ParallelLayout::new(w, tp, w, cfg).ok()?.with_moe(input.layout.moe);
+        let layout = match input.layout.data_parallel_attention {
+            true => layout.with_data_parallel_attention().ok()?,
+            false => layout,
+        };
         let input = PlanInput { layout, ..*input };
         let estimate = rest + cfg.n_routed_experts.div_ceil(w) * per_expert;
         if estimate > usable(&input) {
