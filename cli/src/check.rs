@@ -41,7 +41,10 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
 /// [`trace`] split over the ranks of `parallel` on `backend`; rank 0's outputs (every rank
 /// holds the whole residual stream and logits).
 fn trace_split(backend: BackendChoice, spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
-    parallel.refuse_data_parallel("dsv4 check")?;
+    parallel.refuse_data_parallel(
+        "dsv4 check",
+        "it compares one sequence's per-layer outputs, which every rank computes only with replicated attention",
+    )?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory.one_pass(), parallel)?;
     let mut runs = on_ranks!(backend, parallel, layout, |be, ctx| {
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;

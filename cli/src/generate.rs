@@ -337,7 +337,7 @@ pub fn run_generate_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
-    parallel.refuse_data_parallel("dsv4 generate")?;
+    parallel.refuse_data_parallel("dsv4 generate", "its ranks sample and decode one sequence together")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
@@ -458,7 +458,7 @@ pub fn run_chat_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = tokenizer_for(spec)?;
-    parallel.refuse_data_parallel("dsv4 chat")?;
+    parallel.refuse_data_parallel("dsv4 chat", "each rank would need a scheduler of its own sequences")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     // Split runs refuse speculation, so a step is at most the default prefill chunk.
     let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);

@@ -453,6 +453,11 @@ impl ParallelArgs {
             e => e.into(),
         })?;
         if self.data_parallel_attention {
+            if world == 1 {
+                bail!(
+                    "--data-parallel-attention gives each device sequences of its own: give --devices N (N > 1) as well"
+                );
+            }
             if self.moe_exchange == Some(MoeExchange::AllReduce) {
                 bail!(
                     "--moe-exchange all-reduce sums the ranks' outputs for the same tokens, but with \
@@ -465,7 +470,9 @@ impl ParallelArgs {
                     anyhow::anyhow!("--data-parallel-attention with --tensor-parallel {}: {msg}", self.tensor_parallel)
                 }
                 dsv4_core::Error::Config { field, msg } if field == "expert_parallel" => {
-                    anyhow::anyhow!("--data-parallel-attention with EP {ep}: {msg} (give --expert-parallel N, N > 1)")
+                    anyhow::anyhow!(
+                        "--data-parallel-attention with EP {ep}: {msg}; give --expert-parallel N with N > 1"
+                    )
                 }
                 e => e.into(),
             });
@@ -481,13 +488,12 @@ impl ParallelArgs {
     }
 
     /// Refuses --data-parallel-attention for a command that does not run it yet (`command`,
-    /// e.g. "dsv4 serve").
-    pub fn refuse_data_parallel(&self, command: &str) -> Result<()> {
+    /// e.g. "dsv4 serve"; `why`, what it would need).
+    pub fn refuse_data_parallel(&self, command: &str, why: &str) -> Result<()> {
         if self.data_parallel_attention {
             bail!(
-                "{command} does not run --data-parallel-attention yet (each rank would need a scheduler of its own \
-                 sequences): drop the flag to replicate attention (or split it with --tensor-parallel); `dsv4 bench`, \
-                 `dsv4 logits` and `dsv4 plan` take it"
+                "{command} does not run --data-parallel-attention yet ({why}): drop the flag to replicate attention (or \
+                 split it with --tensor-parallel); `dsv4 bench`, `dsv4 logits` and `dsv4 plan` take it"
             );
         }
         Ok(())

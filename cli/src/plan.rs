@@ -249,10 +249,15 @@ fn weights_section(
     };
     let _ = writeln!(
         o,
-        "layout: {world} rank{}, TP {tp}{}, EP {ep}{}",
+        "layout: {world} rank{}, TP {tp}{}, EP {ep}{}{}",
         if world == 1 { "" } else { "s" },
         group(tp, "consecutive".into()),
-        group(ep, format!("{} apart", world / ep))
+        group(ep, format!("{} apart", world / ep)),
+        if layout.data_parallel_attention {
+            "; data-parallel attention (each rank runs its own sequences, the MoE by dispatch and combine)"
+        } else {
+            ""
+        }
     );
     let r0 = layout.rank(0);
     if tp > 1 {
@@ -430,10 +435,12 @@ pub(crate) fn kind_calls(kind: CollectiveKind, (calls, bytes): (u64, u64), per: 
         CollectiveKind::AllToAllV => format!("{name} calls"),
         _ => format!("{name}s"),
     };
-    let each = if bytes % calls.max(1) == 0 {
-        format!("{} B", bytes / calls.max(1))
-    } else {
-        format!("{:.1} B on average", bytes as f64 / calls as f64)
+    // An all-to-all-v's calls differ by design (the rows, their (weight, expert) pairs, the
+    // outputs back): never "each".
+    let each = match (bytes % calls.max(1) == 0, kind) {
+        (true, CollectiveKind::AllToAllV) => format!("{} B on average", bytes / calls.max(1)),
+        (true, _) => format!("{} B", bytes / calls.max(1)),
+        (false, _) => format!("{:.1} B on average", bytes as f64 / calls as f64),
     };
     let calls = calls as f64 / per.max(1) as f64;
     if calls == 1.0 {
@@ -464,7 +471,8 @@ fn traffic_section(cfg: &ModelConfig, layout: ParallelLayout) -> String {
     let _ = writeln!(
         o,
         "decode traffic per rank and step (payload of f32 activations, as the communicator counts it: an all-reduce \
-         its buffer, an all-gather this rank's part; a ring all-reduce moves about 2(n-1)/n of it each way):"
+         its buffer, an all-gather this rank's part, an all-to-all-v the rows this rank sends to the others; a ring \
+         all-reduce moves about 2(n-1)/n of it each way):"
     );
     let what = match (layout.tp > 1, layout.ep > 1) {
         (false, false) => "  one device: no collectives".to_string(),
@@ -549,6 +557,11 @@ pub fn report(s: &Subject, args: &PlanArgs, comm: CollectiveLibrary) -> Result<S
         Ok(p) => Ok(format!("{head}{}{}", state_section(s.cfg, &p), traffic_section(s.cfg, layout))),
         Err(e) => {
             let advice = match (&e, args.soc) {
+                // Data-parallel attention keeps TP 1: more devices (EP) is its only split.
+                (PlanError::WeightsDoNotFit { .. }, _) if layout.data_parallel_attention => {
+                    "Use more devices (a larger EP), or drop --data-parallel-attention to split attention by heads \
+                     (--tensor-parallel)."
+                }
                 (PlanError::WeightsDoNotFit { .. }, WeightTarget::Soc(SocFamily::A2 | SocFamily::A3)) => {
                     "Use more devices, a larger --tensor-parallel, or a smaller weight form (--soc 950 keeps FP8/FP4)."
                 }
@@ -683,7 +696,7 @@ mod tests {
         assert_eq!(kinds(&t.times(4), 4), "9 all-reduces of 256 B each, 1 all-gather of 544 B");
         assert_eq!(kinds(&t, 2), "4.5 all-reduces of 256 B each, 0.5 all-gathers of 544 B each");
         assert_eq!(kinds(&Traffic::default(), 1), "none");
-        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-v calls of 500 B each");
+        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-v calls of 500 B on average");
         assert_eq!(kind_calls(CollectiveKind::AllToAllV, (3, 1000), 1), "3 all-to-all-v calls of 333.3 B on average");
         assert_eq!(kind_calls(CollectiveKind::Barrier, (2, 0), 1), "2 barriers of 0 B each");
         let cfg = config("deepseek-v4-flash");

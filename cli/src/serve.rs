@@ -252,7 +252,7 @@ fn planned_pool(
         n => n,
     };
     let world = parallel.world();
-    parallel.refuse_data_parallel("dsv4 serve")?;
+    parallel.refuse_data_parallel("dsv4 serve", "each rank would need a scheduler of its own sequences")?;
     let layout = parallel.layout(cfg)?;
     if world > 1 {
         eprintln!("{}", parallel.describe_run(&layout, cfg));

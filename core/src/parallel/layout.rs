@@ -137,7 +137,7 @@ impl ParallelLayout {
             return Err(Error::config(
                 "expert_parallel",
                 "data-parallel attention exchanges each rank's tokens with the experts' ranks, but EP is 1 (every \
-                 rank holds every expert): split the experts (EP > 1), or run independent replicas"
+                 rank holds every expert, so the ranks would share nothing: separate processes serve that better)"
                     .to_string(),
             ));
         }

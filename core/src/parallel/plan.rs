@@ -934,7 +934,7 @@ pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) 
 /// their (weight, expert) pairs to the other ranks' experts, gets the outputs of the rows its
 /// experts served back to their ranks, and all-gathers its slice. Where the rows go depends on
 /// the routing: the all-to-all-v bytes are the expectation when every expert is equally likely
-/// (rounded to whole rows); the calls and the all-gather are exact.
+/// (fractional rows, not rounded: at batch 1 a rank sends `top_k·(E − held)/E` rows on average); the calls and the all-gather are exact.
 ///
 /// With data-parallel attention every rank of the group dispatches `tokens` of its own: no
 /// slicing and no all-gather.
@@ -945,8 +945,8 @@ fn record_dispatch(t: &mut Traffic, cfg: &ModelConfig, rank: &RankLayout, tokens
     let (d, k, e) = (cfg.hidden_size as f64, cfg.num_experts_per_tok as f64, cfg.n_routed_experts as f64);
     let slice = |r: usize| if dp { tokens as f64 } else { split(tokens, ep, r).len() as f64 };
     let held = |r: usize| split(cfg.n_routed_experts, ep, r).len() as f64;
-    let out_rows = (slice(me) * k * (e - held(me)) / e).round();
-    let back_rows = ((0..ep).filter(|&r| r != me).map(slice).sum::<f64>() * k * held(me) / e).round();
+    let out_rows = slice(me) * k * (e - held(me)) / e;
+    let back_rows = (0..ep).filter(|&r| r != me).map(slice).sum::<f64>() * k * held(me) / e;
     t.record(CollectiveKind::AllToAllV, (out_rows * d * F32) as u64);
     t.record(CollectiveKind::AllToAllV, (out_rows * 2.0 * F32) as u64);
     t.record(CollectiveKind::AllToAllV, (back_rows * d * F32) as u64);
