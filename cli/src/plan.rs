@@ -427,8 +427,9 @@ fn human_tokens(n: usize) -> String {
 
 /// One kind's collectives of a [`Traffic`] counted over `per` tokens or steps, per one: how many
 /// calls, and the payload of one (the kind's bytes over its calls; said to be an average where
-/// the calls' sizes cannot all be equal), the kind named as in prose: `9 all-reduces of 256 B
-/// each`, `1 all-gather of 544 B`, `2 all-to-all-v calls of 333.3 B on average`.
+/// the calls' sizes differ: always for all-to-all-v, whose calls carry different things), the
+/// kind named as in prose: `9 all-reduces of 256 B each`, `1 all-gather of 544 B`, `3
+/// all-to-all-v calls of 333.3 B on average`.
 pub(crate) fn kind_calls(kind: CollectiveKind, (calls, bytes): (u64, u64), per: usize) -> String {
     let name = kind.name().replace('_', "-");
     let names = match kind {
@@ -443,7 +444,10 @@ pub(crate) fn kind_calls(kind: CollectiveKind, (calls, bytes): (u64, u64), per: 
         (false, _) => format!("{:.1} B on average", bytes as f64 / calls as f64),
     };
     let calls = calls as f64 / per.max(1) as f64;
-    if calls == 1.0 {
+    if calls == 1.0 && kind == CollectiveKind::AllToAllV {
+        // One call has no average.
+        format!("1 {name} call of {} B", bytes / per.max(1) as u64)
+    } else if calls == 1.0 {
         format!("1 {name} of {each}")
     } else if each.ends_with("average") {
         format!("{calls} {names} of {each}")
@@ -683,6 +687,26 @@ mod tests {
         assert!(e.contains("Use more devices or a larger --tensor-parallel.") && !e.contains("--soc 950"), "{e}");
     }
 
+    /// Data-parallel attention: the layout line names it, the state and traffic sections count
+    /// each rank's own sequences and tokens, and a layout that does not fit is told to add
+    /// devices (TP, which it refuses, is not offered), with a suggestion that keeps it.
+    #[test]
+    fn plan_with_data_parallel_attention() {
+        let r = plan_of("deepseek-v4-flash", "--devices 8 --device-memory 64GB --data-parallel-attention").unwrap();
+        assert!(r.contains("EP 8 (all ranks); data-parallel attention (each rank runs its own sequences"), "{r}");
+        assert!(r.contains("each rank holds the state of its own sequences, so the run holds 8 times"), "{r}");
+        assert!(r.contains("batch 32 per rank (256 in the run): "), "{r}");
+        assert!(r.contains("7.06 MiB) per token of this rank, 924897 (903.22 KiB) per token of the run"), "{r}");
+        let e = plan_of("deepseek-v4-flash", "--devices 2 --device-memory 64GB --data-parallel-attention").unwrap_err();
+        assert!(
+            e.contains("With TP 1, 4 devices of this size fit (EP 4). Use more devices (a larger EP), or drop"),
+            "{e}"
+        );
+        assert!(!e.contains("a larger --tensor-parallel"), "{e}");
+        let e = plan_of("deepseek-v4-flash", "--device-memory 64GB --data-parallel-attention").unwrap_err();
+        assert!(e.contains("give --devices N (N > 1) as well"), "{e}");
+    }
+
     /// The traffic lines say, per kind, how many calls, the payload of one call and the kind's
     /// total in the step (then the step's payload per token), in `dsv4 bench`'s words.
     #[test]
@@ -698,6 +722,7 @@ mod tests {
         assert_eq!(kinds(&Traffic::default(), 1), "none");
         assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 1), "2 all-to-all-v calls of 500 B on average");
         assert_eq!(kind_calls(CollectiveKind::AllToAllV, (3, 1000), 1), "3 all-to-all-v calls of 333.3 B on average");
+        assert_eq!(kind_calls(CollectiveKind::AllToAllV, (2, 1000), 2), "1 all-to-all-v call of 500 B");
         assert_eq!(kind_calls(CollectiveKind::Barrier, (2, 0), 1), "2 barriers of 0 B each");
         let cfg = config("deepseek-v4-flash");
         let text = traffic_section(&cfg, ParallelLayout::new(8, 1, 8, &cfg).unwrap());

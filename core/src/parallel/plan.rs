@@ -934,7 +934,8 @@ pub fn rank_decode_traffic(cfg: &ModelConfig, rank: &RankLayout, tokens: usize) 
 /// their (weight, expert) pairs to the other ranks' experts, gets the outputs of the rows its
 /// experts served back to their ranks, and all-gathers its slice. Where the rows go depends on
 /// the routing: the all-to-all-v bytes are the expectation when every expert is equally likely
-/// (fractional rows, not rounded: at batch 1 a rank sends `top_k·(E − held)/E` rows on average); the calls and the all-gather are exact.
+/// (fractional rows, not rounded: at batch 1 a rank sends `top_k·(E − held)/E` rows on
+/// average); the calls and the all-gather are exact.
 ///
 /// With data-parallel attention every rank of the group dispatches `tokens` of its own: no
 /// slicing and no all-gather.
