@@ -146,7 +146,8 @@ fn bench_on_two_ranks_counts_what_the_plan_computes() {
     let o = dsv4(&[&args[..], &["--devices", "4", "--tensor-parallel", "2", "--json"]].concat());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(j["devices"], serde_json::json!({"world": 4, "tensor_parallel": 2, "expert_parallel": 4}));
+    let devices = serde_json::json!({"world": 4, "tensor_parallel": 2, "expert_parallel": 4, "moe_exchange": "all-reduce", "data_parallel_attention": false});
+    assert_eq!(j["devices"], devices);
     for row in j["rows"].as_array().unwrap() {
         assert!(row["decode_ms_per_token"].as_f64().unwrap() > 0.0, "{row}");
         let ranks = row["comm"].as_array().unwrap();
