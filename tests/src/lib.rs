@@ -328,6 +328,31 @@ pub fn data_parallel_prompts(ids: &[u32]) -> Vec<Vec<u32>> {
     vec![ids.to_vec(), ids[..2 * n / 3].to_vec(), ids[n / 2..].iter().rev().copied().collect()]
 }
 
+/// A fixture case opened for a data-parallel attention run: its name, config, checkpoint,
+/// row format, and [`data_parallel_prompts`] cut from its reference ids (the first
+/// `max_tokens` of them, when given).
+pub struct DataParallelCase {
+    pub name: String,
+    pub cfg: ModelConfig,
+    pub ckpt: Checkpoint,
+    pub dtype: KvDtype,
+    pub prompts: Vec<Vec<u32>>,
+}
+
+impl DataParallelCase {
+    pub fn open(case: &Path, max_tokens: Option<usize>) -> Self {
+        let ids = read_reference(case).input_ids;
+        let ids = &ids[..max_tokens.map_or(ids.len(), |n| n.min(ids.len()))];
+        DataParallelCase {
+            name: case.file_name().unwrap().to_string_lossy().to_string(),
+            cfg: ModelConfig::from_dir(case).unwrap(),
+            ckpt: Checkpoint::open(case).unwrap(),
+            dtype: case_kv_dtype(case),
+            prompts: data_parallel_prompts(ids),
+        }
+    }
+}
+
 /// The steps a data-parallel attention run feeds a prompt of `len` tokens in: `first` tokens,
 /// then one a step. What [`data_parallel_logits`] does per sequence, and the single-device
 /// reference replays with [`run_in_steps_with`].

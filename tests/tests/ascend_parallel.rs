@@ -80,13 +80,8 @@ fn every_f32_fixture_runs_data_parallel_attention_over_emulated_devices() {
     const FIRST: usize = 9;
     let _emu = dsv4_tests::emulated_devices(DEVICES);
     for case in fixture_cases() {
-        let name = case.file_name().unwrap().to_string_lossy().to_string();
-        let cfg = ModelConfig::from_dir(&case).unwrap();
-        let ckpt = Checkpoint::open(&case).unwrap();
-        let ids = read_reference(&case).input_ids;
-        let ids = &ids[..ids.len().min(FIRST + DECODE_STEPS)];
-        let prompts = dsv4_tests::data_parallel_prompts(ids);
-        let dtype = case_kv_dtype(&case);
+        let dsv4_tests::DataParallelCase { name, cfg, ckpt, dtype, prompts } =
+            dsv4_tests::DataParallelCase::open(&case, Some(FIRST + DECODE_STEPS));
         let want = {
             let be = dsv4_backend_ascend::open(0).unwrap();
             let model = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();

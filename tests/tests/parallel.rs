@@ -108,10 +108,9 @@ fn every_fixture_runs_data_parallel_attention() {
 /// (world, EP) layouts of data-parallel attention checked on `case` against one device.
 fn check_data_parallel(case: &Path, layouts: &[(usize, usize)]) {
     const FIRST: usize = 9;
-    let name = case.file_name().unwrap().to_string_lossy().to_string();
-    let (cfg, ckpt) = open(case);
-    let (prec, dtype) = (case_precision(case), case_kv_dtype(case));
-    let prompts = dsv4_tests::data_parallel_prompts(&read_reference(case).input_ids);
+    let dsv4_tests::DataParallelCase { name, cfg, ckpt, dtype, prompts } =
+        dsv4_tests::DataParallelCase::open(case, None);
+    let prec = case_precision(case);
     let be = CpuBackend::new();
     let mut single = Model::load(&be, cfg.clone(), &ckpt, &mut |_, _, _| {}).unwrap();
     single.precision = prec;
