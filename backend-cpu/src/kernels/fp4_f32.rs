@@ -98,6 +98,7 @@ pub(crate) unsafe fn rows(isa: super::Isa, m: Fp4Groups, start: usize, n: usize,
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::prefetch;
     use super::super::weights::Lanes;
     use super::super::x86::{fp4_split_avx2, fp4_split_avx512, Avx2, Avx512};
     use super::GROUP;
@@ -167,6 +168,12 @@ mod x86 {
             for i in 0..h {
                 let (mut a0, mut a1) = (L::zero(), L::zero());
                 for g in 0..groups {
+                    if g % 4 == 0 {
+                        // The codes of both rows, a 64-byte line every 4 groups, asked for
+                        // ahead of the loads ([`super::super::prefetch`]).
+                        prefetch::ahead(c.wrapping_add(i * k / 2 + 16 * g));
+                        prefetch::ahead(c.wrapping_add((i + h) * k / 2 + 16 * g));
+                    }
                     a0 = group!(i, g, a0);
                     a1 = group!(i + h, g, a1);
                 }

@@ -328,6 +328,7 @@ impl Drop for FoldedPair {
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::prefetch;
     use super::super::x86::{e4m3_nan_bytes, reduce8};
 
     /// The four 8-lane registers of one chunk of 32 codes (module docs). A 16-bit arithmetic
@@ -399,6 +400,9 @@ mod x86 {
             let mut bad = _mm256_setzero_si256();
             let mut j = 0;
             while j < k {
+                // The codes are asked for ahead of the loads ([`super::super::prefetch`]).
+                prefetch::ahead(c0.wrapping_add(j));
+                prefetch::ahead(c1.wrapping_add(j));
                 let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
                 if NAN_TEST {
                     bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));

@@ -20,6 +20,7 @@ mod fp4_f32;
 mod fp8_fold;
 pub(crate) mod mhc;
 pub(crate) mod norm;
+pub(crate) mod prefetch;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;

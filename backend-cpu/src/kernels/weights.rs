@@ -30,6 +30,7 @@ use dsv4_core::quant::{E2M1_TO_F32, E4M3_TO_F32};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::fp8_fold::FoldedPair;
+use super::prefetch;
 use super::Isa;
 
 /// Values per chunk: the number of accumulator lanes of the canonical order.
@@ -74,6 +75,18 @@ impl Row<'_> {
     /// Whether the row has no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The first byte of the row's storage and the bytes that hold one chunk of [`LANES`]
+    /// values (for prefetching the row as a stream).
+    #[inline(always)]
+    pub(crate) fn stream(&self) -> (*const u8, usize) {
+        match *self {
+            Row::F32(v) => (v.as_ptr().cast(), 4 * LANES),
+            Row::Bf16(b) | Row::F16(b) => (b.as_ptr(), 2 * LANES),
+            Row::Fp8 { codes, .. } => (codes.as_ptr(), LANES),
+            Row::Fp4 { codes, .. } => (codes.as_ptr(), LANES / 2),
+        }
     }
 
     /// Panics unless the slices agree with each other (the kernels read by pointer).
@@ -1119,6 +1132,8 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &mut Ve
     }
     let input: &[f32] = if D::SPLIT { split } else { x };
     debug_assert_eq!(input.len(), k);
+    // Each row's bytes are asked for ahead of the loads ([`super::prefetch`]).
+    let ((mut p0, step), (mut p1, _)) = (d0.row().stream(), d1.row().stream());
     let mut j = 0;
     for b in 0..blocks {
         let (s0, s1) = (d0.scale(b)?, d1.scale(b)?);
@@ -1129,6 +1144,9 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &mut Ve
             } else {
                 (d0.chunk(j, s0), d1.chunk(j, s1))
             };
+            prefetch::ahead(p0);
+            prefetch::ahead(p1);
+            (p0, p1) = (p0.wrapping_add(step), p1.wrapping_add(step));
             let xp = input.as_ptr().add(j);
             acc0 = S::fma(w0, xp, acc0);
             acc1 = S::fma(w1, xp, acc1);
