@@ -356,12 +356,11 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
     let m = out.len() / n;
     let mut scratch = RowScratch::default();
     let mut decoded = Vec::new();
-    if m == 1 && S::FOLDS_FP8 {
-        if let Some(blocks) = w.fp8_blocks() {
-            // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; `rows` checks the lengths.
-            if unsafe { super::fp8_fold::rows(w, blocks, start, n, xs, out) } {
-                return;
-            }
+    if let (1, Some(isa), Some(blocks)) = (m, S::FOLDS_FP8, w.fp8_blocks()) {
+        // SAFETY: `FOLDS_FP8` names AVX2 or AVX-512, a set the CPU supports (the caller
+        // guarantees `S`); `rows` checks the lengths.
+        if unsafe { super::fp8_fold::rows(isa, w, blocks, start, n, xs, out) } {
+            return;
         }
     }
     if let (1, Some(isa), Some(groups)) = (m, S::FP4_TABLES, w.fp4_groups()) {
@@ -401,13 +400,13 @@ pub(crate) unsafe fn dot_many_with<S: Lanes, W: Rows, const G: usize>(
             // the kernels inside one stay instructions only if the inliner takes the closure
             // too; through `Option::or_else` it did not, and AVX2 decode ran 15 times slower.
             let mut got = None;
-            if S::FOLDS_FP8 && matches!(r0, Row::Fp8 { .. }) {
+            if S::FOLDS_FP8.is_some() && matches!(r0, Row::Fp8 { .. }) {
                 if folded.is_none() {
                     folded = Some(FoldedPair::take(xs));
                 }
                 if let Some(f) = folded.as_mut() {
-                    // SAFETY: `FOLDS_FP8` says the CPU has AVX2 and FMA; the rows and lengths
-                    // were checked above.
+                    // SAFETY: `FOLDS_FP8` names AVX2 or AVX-512, so the CPU has AVX2 and FMA;
+                    // the rows and lengths were checked above.
                     got = unsafe { f.pair(&r0, &r1) };
                 }
             }
@@ -861,10 +860,10 @@ pub(crate) trait Lanes {
     }
     /// The canonical pairwise reduction (16, 8, 4, 2, 1).
     unsafe fn reduce(acc: Self::W) -> f32;
-    /// Whether the CPU of this set runs [`super::fp8_fold`]'s kernel. An implementation may
-    /// say `true` only if its instruction set includes AVX2 and FMA (the kernel is called on
-    /// this promise).
-    const FOLDS_FP8: bool = false;
+    /// The instruction set [`super::fp8_fold`]'s kernel runs with on these lanes, if any. An
+    /// implementation may name only AVX2 or AVX-512, and only a set its own includes (the
+    /// kernel is called on this promise).
+    const FOLDS_FP8: Option<Isa> = None;
     /// The instruction set [`super::fp4_f32`]'s kernel runs with on these lanes, if any. An
     /// implementation may name only a set its own includes (the kernel is called on this
     /// promise).

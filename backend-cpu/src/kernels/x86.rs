@@ -121,7 +121,7 @@ pub(super) unsafe fn reduce8(s8: __m256) -> f32 {
 pub(crate) struct Avx2;
 
 impl Lanes for Avx2 {
-    const FOLDS_FP8: bool = true;
+    const FOLDS_FP8: Option<Isa> = Some(Isa::Avx2);
     const FP4_TABLES: Option<Isa> = Some(Isa::Avx2);
     // 16 registers: two accumulators of four, one decoded chunk of four, the decoder's. One
     // row a tile (no input reuse across rows), so past 3 input rows the tiles decode each row
@@ -652,7 +652,7 @@ impl Decode<Avx2> for Fp4Dec<'_> {
 pub(crate) struct Avx512;
 
 impl Lanes for Avx512 {
-    const FOLDS_FP8: bool = true;
+    const FOLDS_FP8: Option<Isa> = Some(Isa::Avx512);
     const FP4_TABLES: Option<Isa> = Some(Isa::Avx512);
     // 32 registers: 2 rows × 4 inputs accumulators of two (16), the 4 inputs' chunks (8), two
     // decoded chunks (4), the decoders'. Against 2 or 3 inputs a tile, 4 was as fast or
