@@ -580,7 +580,7 @@ mod tests {
         };
         assert_eq!(m.fma_kernel, fma);
         assert_eq!(m.bf16_flops_per_sec.is_some(), bf16);
-        assert_eq!(m.bf16_flops_per_sec.is_some(), crate::kernels::bf16_gemm_available());
+        assert_eq!(m.bf16_flops_per_sec.is_some(), crate::kernels::bf16_gemm::available());
         assert_eq!(m.features.len(), FEATURE_NAMES.len());
     }
 }

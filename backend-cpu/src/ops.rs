@@ -209,7 +209,7 @@ fn widened_product(
     let applies = m > GEMV_MAX_ROWS
         && m < rows
         && crate::kernels::f32_gemm::available()
-        && !(x_bf16 && bf16_gemm::available())
+        && !(x_bf16 && bf16_gemm::chosen())
         && ws.iter().all(|w| w.cols == k && w.f32_rows(start, n).is_none());
     if !applies {
         return None;
@@ -343,7 +343,7 @@ fn linear_block_with(
         }
         return y;
     }
-    let bf16_products = x_bf16 && bf16_gemm::available();
+    let bf16_products = x_bf16 && bf16_gemm::chosen();
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
         None => {
@@ -364,7 +364,7 @@ fn linear_block_with(
 /// `out`: the decode case of [`linear_block`].
 fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) {
     // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
-    if x_bf16 && fp4_bf16::available() {
+    if x_bf16 && bf16_gemm::chosen() && fp4_bf16::available() {
         if let Some((codes, scales)) = w.fp4_e8m0() {
             if fp4_bf16::gemv(codes, scales, w.cols, start, xs, out) {
                 return;

@@ -1100,7 +1100,17 @@ fn machine_report(m: &Machine, isa: Option<&str>) -> String {
         m.fma_kernel
     );
     match m.bf16_flops_per_sec {
-        Some(f) => s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product)\n", f / 1e9),
+        Some(f) => {
+            s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product", f / 1e9);
+            if !dsv4_backend_cpu::kernels::bf16_gemm_available() {
+                // Measured, not used: `bf16_gemm::chosen` (an Intel CPU, or the variable off).
+                s += &format!(
+                    "; not used here: GEMMs on BF16 inputs multiply in f32, {}=on to change that",
+                    dsv4_backend_cpu::kernels::BF16_PRODUCTS_ENV
+                );
+            }
+            s += ")\n";
+        }
         None if m.features.iter().any(|&(f, has)| f == "avx512_bf16" && has) => {
             s += "bf16 dot peak: not measured (the cpu kernels do not use avx512_bf16 here)\n"
         }

@@ -61,9 +61,55 @@
 #[cfg(target_arch = "x86_64")]
 use super::Isa;
 
-/// Whether this CPU (and `DSV4_CPU_ISA`, via `Isa::active() == Isa::Avx512`) allows the BF16
+/// The environment variable that says whether the model's GEMMs on BF16 inputs multiply in
+/// BF16 on a CPU that can: `on`, `off`, or `auto` (the default: [`chosen`]).
+pub const BF16_PRODUCTS_ENV: &str = "DSV4_CPU_BF16_PRODUCTS";
+
+/// Whether the model's GEMMs on BF16 inputs (prefill, and the FP4 experts' decode GEMVs,
+/// [`super::fp4_bf16`]) multiply in BF16 here: the CPU can ([`available`]) and
+/// [`BF16_PRODUCTS_ENV`] says `on`, or `auto` (or nothing) on a CPU that is not an Intel one.
+/// Otherwise they run the f32 kernels on the same (BF16) values: f32 products, another
+/// summation order, the same accuracy budget (`docs/precision.md`). Decided once a process.
+///
+/// Why not on Intel by default: `vdpbf16ps` is worth it where it runs at twice the FLOP rate of
+/// f32 FMAs, as on the AMD Zen 4 it was written on (`bf16` prefill 589 against `f32`'s 475
+/// tok/s). On the 2-vCPU Intel Xeon measured on 2026-12-05 it ran at half of it (`dsv4 bench`:
+/// 192-201 against 405-413 GFLOP/s) and a `bf16` prefill of 512 tokens took 408 tok/s against
+/// `f32`'s 686.
+pub(crate) fn chosen() -> bool {
+    static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        if !available() {
+            return false;
+        }
+        match std::env::var(BF16_PRODUCTS_ENV).as_deref() {
+            Ok("on") => true,
+            Ok("off") => false,
+            Ok("auto") | Err(_) => !intel_cpu(),
+            Ok(other) => {
+                eprintln!("warning: {BF16_PRODUCTS_ENV}={other:?} is not one of on, off, auto; using auto");
+                !intel_cpu()
+            }
+        }
+    })
+}
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is `GenuineIntel`.
+fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat() == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU (and `DSV4_CPU_ISA`, via `Isa::active() == Isa::Avx512`) can run the BF16
 /// GEMM: x86-64 with AVX-512 F/BW/DQ/VL and AVX512_BF16, and `DSV4_CPU_ISA` not lowered below
-/// `avx512`. Always `false` on other architectures.
+/// `avx512`. Always `false` on other architectures. (Whether the model uses it: [`chosen`].)
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -30,11 +30,14 @@ pub use weights::{
 };
 
 /// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with
-/// AVX512-BF16 and `DSV4_CPU_ISA` not lowered below `avx512` (`dsv4 bench` reads prefill against
-/// the BF16 peak then).
+/// AVX512-BF16, `DSV4_CPU_ISA` not lowered below `avx512`, and `DSV4_CPU_BF16_PRODUCTS` `on`,
+/// or `auto` on a CPU that is not an Intel one (`dsv4 bench` reads prefill against the BF16
+/// peak then). See [`bf16_gemm::chosen`].
 pub fn bf16_gemm_available() -> bool {
-    bf16_gemm::available()
+    bf16_gemm::chosen()
 }
+
+pub use bf16_gemm::BF16_PRODUCTS_ENV;
 
 /// Whether a slice of `len` values holds a `rows × cols` matrix: `false` also when the size
 /// overflows (a plain `rows * cols` wraps in release builds and would pass a length check).
