@@ -5,7 +5,8 @@
 //! (`kernels::weights`, SIMD picked at run time: `kernels::Isa`), so a weight is never held twice
 //! (`DSV4_CPU_DEQUANTIZE=1` dequantises at load instead, as a reference). Prefill GEMMs decode
 //! row blocks and multiply them with an AVX-512 or AVX2 kernel (`kernels::f32_gemm`) or the `gemm` crate
-//! (`gemm.rs`), or, on BF16 values with AVX512-BF16, `kernels::bf16_gemm`. Large matrix,
+//! (`gemm.rs`), or, on BF16 values with AVX512-BF16 (not by default on Intel CPUs:
+//! `DSV4_CPU_BF16_PRODUCTS`), `kernels::bf16_gemm`. Large matrix,
 //! elementwise and row-wise work is spread over one process-wide spinning thread team (`threads`,
 //! `par`) and stays on the calling thread when it is too small to pay for the hand-off. Sparse
 //! attention and indexer selection have fused kernels (`fused.rs`, SIMD in `kernels::attn`) that

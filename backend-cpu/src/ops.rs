@@ -118,7 +118,8 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// decodes it in registers for every input row; its summation order is the same on every
 /// instruction set, and the same for a packed weight and its dequantised-at-load copy. The
 /// exception: one BF16 input row (`x_bf16`) on an FP4 weight with E8M0 scales goes through
-/// [`fp4_bf16`] where the CPU has AVX512-BF16 (exact products, another summation order).
+/// [`fp4_bf16`] where the CPU has AVX512-BF16 and uses it ([`bf16_gemm::chosen`]; exact
+/// products, another summation order).
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by
 /// [`crate::gemm::matmul_nt_weights`] (the AVX-512 or AVX2 kernel, or the `gemm` crate);
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows

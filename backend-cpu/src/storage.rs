@@ -18,7 +18,7 @@ pub struct CpuTensor {
     /// concatenation of such tensors): a GEMM may then multiply in BF16 with f32 accumulation
     /// (`kernels::bf16_gemm`; for one row on FP4 weights `kernels::fp4_bf16`), which is exact per
     /// product but sums in another order and flushes denormals, so bf16 results depend on
-    /// whether the CPU has AVX512-BF16. Both kernels trust the flag: it must only be set on
+    /// whether the CPU has AVX512-BF16 and uses it (`DSV4_CPU_BF16_PRODUCTS`). Both kernels trust the flag: it must only be set on
     /// tensors whose every value is a BF16 value.
     pub(crate) bf16: bool,
 }

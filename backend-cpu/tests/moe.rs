@@ -86,7 +86,7 @@ fn fused_experts_equal_the_composition_bit_for_bit() {
     let mut rng = Rng(17);
     // d = 160 and inter = 96: blocks of rows that do not divide evenly. d = 256 and inter = 640:
     // whole 128-value blocks, so one-row FP4 jobs in bf16 take `kernels::fp4_bf16` (on a CPU
-    // with AVX512-BF16), in more than one 512-row block.
+    // with AVX512-BF16 that uses it: `DSV4_CPU_BF16_PRODUCTS`, on in CI), in more than one 512-row block.
     let n_experts = 8;
     for (d, inter, fp4, act) in [(160, 96), (256, 640)]
         .into_iter()

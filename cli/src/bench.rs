@@ -1155,7 +1155,8 @@ fn table_header() -> String {
 }
 
 /// Whether prefill is read against the BF16 dot-product peak: the GEMMs multiply in BF16
-/// (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16) and the machine has that peak.
+/// (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16 in use, `bf16_gemm_available`) and the
+/// machine has that peak.
 fn bf16_peak(m: &Machine, bf16_gemms: bool) -> bool {
     bf16_gemms && m.bf16_flops_per_sec.is_some()
 }

@@ -98,7 +98,10 @@ pub(crate) fn chosen() -> bool {
 fn intel_cpu() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let id = std::arch::x86_64::__cpuid(0);
+        // SAFETY: CPUID exists on every x86-64 CPU. (`__cpuid` is a safe function in newer
+        // Rust, hence the allowance.)
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
         [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat() == b"GenuineIntel"
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -411,9 +411,12 @@ mod x86 {
             let mut bad = _mm256_setzero_si256();
             let mut j = 0;
             while j < k {
-                // The codes are asked for ahead of the loads ([`super::super::prefetch`]).
-                prefetch::ahead(c0.wrapping_add(j));
-                prefetch::ahead(c1.wrapping_add(j));
+                // The codes are asked for ahead of the loads ([`super::super::prefetch`]), a
+                // 64-byte line every other chunk.
+                if j % 64 == 0 {
+                    prefetch::ahead(c0.wrapping_add(j));
+                    prefetch::ahead(c1.wrapping_add(j));
+                }
                 let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
                 if NAN_TEST {
                     bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));
@@ -491,8 +494,11 @@ mod x86 {
             let mut bad: __mmask64 = 0;
             let mut j = 0;
             while j < k {
-                prefetch::ahead(c0.wrapping_add(j));
-                prefetch::ahead(c1.wrapping_add(j));
+                if j % 64 == 0 {
+                    // A 64-byte line every other chunk ([`super::super::prefetch`]).
+                    prefetch::ahead(c0.wrapping_add(j));
+                    prefetch::ahead(c1.wrapping_add(j));
+                }
                 let low = _mm512_castsi256_si512(_mm256_loadu_si256(c0.add(j).cast()));
                 let w = _mm512_inserti64x4::<1>(low, _mm256_loadu_si256(c1.add(j).cast()));
                 if NAN_TEST {
@@ -688,7 +694,9 @@ mod tests {
         }
     }
 
+    /// Panics unless the CPU supports `isa` (and AVX2 and FMA): `rows` runs its kernels on it.
     fn block_walk(isa: Isa) {
+        assert!(isa.is_supported() && avx2(), "block_walk: {} not supported here", isa.name());
         let (n, k) = (300usize, 256usize);
         let mut m = Blocked {
             codes: (0..n * k).map(|j| (j as u8).wrapping_mul(151).wrapping_add((j / 97) as u8) & 0xF7).collect(),
@@ -700,7 +708,7 @@ mod tests {
         let per = k.div_ceil(128);
         let check = |m: &Blocked, start: usize, len: usize| {
             let mut out = vec![f32::NAN; len];
-            // SAFETY: AVX2 and FMA checked above.
+            // SAFETY: AVX2, FMA and `isa` checked above.
             let ok = unsafe { rows(isa, m, m.fp8_blocks().unwrap(), start, len, &x, &mut out) };
             if ok {
                 for (j, &o) in out.iter().enumerate() {

@@ -7,8 +7,10 @@
 //! read-bandwidth probe of `dsv4 bench` reached in the same runs. Asking for every line
 //! [`AHEAD`] bytes before the kernel loads it took the 265 MB BF16 head of the 0.75 B benchmark
 //! model from 12.3-15.0 ms to 8.7-11.8 ms (`tests/gemv_bench.rs`, `GEMV_BENCH_SHAPES=129280x1024`,
-//! interleaved), and a decode step of that model from 23-27 ms to 18-23 ms. Distances of 1 to
-//! 8 KiB measured alike; 256 and 512 bytes did not help. The AMD Zen 4 where the kernels were
+//! interleaved runs), and in three interleaved `dsv4 bench --contexts 512 --decode-steps 64
+//! --profile` pairs the head from 13.3-15.3 to 11.0-11.8 ms and a decode step from 24.6-29.2 to
+//! 21.7-22.8 ms. Distances of 1 to 8 KiB measured alike in both; 256 and 512 bytes did not help
+//! the head. The AMD Zen 4 where the kernels were
 //! tuned reached 80% of its read bandwidth without it; it has not been measured with it.
 
 /// How far ahead of the load a weight line is asked for, in bytes of the same stream.

@@ -1145,6 +1145,11 @@ unsafe fn pair<S: Lanes, D: Decode<S>>(d0: &D, d1: &D, x: &[f32], split: &mut Ve
             };
             prefetch::ahead(p0);
             prefetch::ahead(p1);
+            if step > 64 {
+                // F32 rows: a chunk is two cache lines.
+                prefetch::ahead(p0.wrapping_add(64));
+                prefetch::ahead(p1.wrapping_add(64));
+            }
             (p0, p1) = (p0.wrapping_add(step), p1.wrapping_add(step));
             let xp = input.as_ptr().add(j);
             acc0 = S::fma(w0, xp, acc0);
