@@ -365,7 +365,7 @@ fn linear_block_with(
 /// `out`: the decode case of [`linear_block`].
 fn gemv(xs: &[f32], x_bf16: bool, w: &CpuWeight, start: usize, out: &mut [f32]) {
     // BF16 inputs on FP4 experts: the vdpbf16ps kernel (another summation order).
-    if x_bf16 && bf16_gemm::chosen() && fp4_bf16::available() {
+    if x_bf16 && bf16_gemm::chosen() {
         if let Some((codes, scales)) = w.fp4_e8m0() {
             if fp4_bf16::gemv(codes, scales, w.cols, start, xs, out) {
                 return;

@@ -168,12 +168,9 @@ mod x86 {
             for i in 0..h {
                 let (mut a0, mut a1) = (L::zero(), L::zero());
                 for g in 0..groups {
-                    if g % 4 == 0 {
-                        // The codes of both rows, a 64-byte line every 4 groups, asked for
-                        // ahead of the loads ([`super::super::prefetch`]).
-                        prefetch::ahead(c.wrapping_add(i * k / 2 + 16 * g));
-                        prefetch::ahead(c.wrapping_add((i + h) * k / 2 + 16 * g));
-                    }
+                    // The codes of both rows, asked for ahead of the loads ([`super::super::prefetch`]).
+                    prefetch::each_line(c.wrapping_add(i * k / 2), 16 * g);
+                    prefetch::each_line(c.wrapping_add((i + h) * k / 2), 16 * g);
                     a0 = group!(i, g, a0);
                     a1 = group!(i + h, g, a1);
                 }

@@ -411,12 +411,9 @@ mod x86 {
             let mut bad = _mm256_setzero_si256();
             let mut j = 0;
             while j < k {
-                // The codes are asked for ahead of the loads ([`super::super::prefetch`]), a
-                // 64-byte line every other chunk.
-                if j % 64 == 0 {
-                    prefetch::ahead(c0.wrapping_add(j));
-                    prefetch::ahead(c1.wrapping_add(j));
-                }
+                // The codes are asked for ahead of the loads ([`super::super::prefetch`]).
+                prefetch::each_line(c0, j);
+                prefetch::each_line(c1, j);
                 let (w0, w1) = (_mm256_loadu_si256(c0.add(j).cast()), _mm256_loadu_si256(c1.add(j).cast()));
                 if NAN_TEST {
                     bad = _mm256_or_si256(bad, _mm256_or_si256(e4m3_nan_bytes(w0), e4m3_nan_bytes(w1)));
@@ -494,11 +491,8 @@ mod x86 {
             let mut bad: __mmask64 = 0;
             let mut j = 0;
             while j < k {
-                if j % 64 == 0 {
-                    // A 64-byte line every other chunk ([`super::super::prefetch`]).
-                    prefetch::ahead(c0.wrapping_add(j));
-                    prefetch::ahead(c1.wrapping_add(j));
-                }
+                prefetch::each_line(c0, j);
+                prefetch::each_line(c1, j);
                 let low = _mm512_castsi256_si512(_mm256_loadu_si256(c0.add(j).cast()));
                 let w = _mm512_inserti64x4::<1>(low, _mm256_loadu_si256(c1.add(j).cast()));
                 if NAN_TEST {

@@ -16,6 +16,19 @@
 /// How far ahead of the load a weight line is asked for, in bytes of the same stream.
 pub(crate) const AHEAD: usize = 2048;
 
+/// Bytes per cache line: a stream needs one [`ahead`] per line.
+const LINE: usize = 64;
+
+/// [`ahead`] of `base + offset` when `offset` starts a [`LINE`] of the stream that begins at
+/// `base`: for kernels that step through a stream in pieces smaller than a line (FP8: 32
+/// bytes a chunk, FP4: 16 bytes a group), so that each line is asked for once.
+#[inline(always)]
+pub(crate) fn each_line(base: *const u8, offset: usize) {
+    if offset.is_multiple_of(LINE) {
+        ahead(base.wrapping_add(offset));
+    }
+}
+
 /// Asks for the cache line [`AHEAD`] bytes past `p` to be brought into L1. A hint: it never
 /// faults, whatever the address (past the end of the weights included), and changes no
 /// result. A no-op off x86-64.
