@@ -711,7 +711,7 @@ pub fn run<B: Backend>(
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (be.name() == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
     if !opts.json {
-        print!("{}", machine_report(&machine, isa));
+        print!("{}", machine_report(&machine, isa, dsv4_backend_cpu::kernels::bf16_gemm_available()));
     }
     let (model, held) = crate::load::load_model_with_memory(be, spec, kv.precision, kv.weight_memory)?;
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
@@ -942,7 +942,7 @@ pub fn run_ranks(
     let nodes = parallel.nodes();
     let follower = nodes.as_ref().is_some_and(|n| n.node_rank != 0);
     if !opts.json && !follower {
-        print!("{}", machine_report(&machine, isa));
+        print!("{}", machine_report(&machine, isa, dsv4_backend_cpu::kernels::bf16_gemm_available()));
         println!("backend: {description}");
         println!("model: {spec}");
         match &nodes {
@@ -1076,8 +1076,10 @@ fn gb(bytes_per_sec: f64) -> f64 {
 }
 
 /// The machine section printed above the table. No line starts with a number, so that scripts
-/// can pick the table rows by their first column.
-fn machine_report(m: &Machine, isa: Option<&str>) -> String {
+/// can pick the table rows by their first column. `bf16_products`: whether GEMMs on BF16 inputs
+/// multiply with `vdpbf16ps` in this process (`kernels::bf16_gemm_available`); when they do not,
+/// a measured BF16 peak is marked as not used.
+fn machine_report(m: &Machine, isa: Option<&str>, bf16_products: bool) -> String {
     let have: Vec<&str> = m.features.iter().filter(|f| f.1).map(|f| f.0).collect();
     let lack: Vec<&str> = m.features.iter().filter(|f| !f.1).map(|f| f.0).collect();
     let mut s = format!("cpu: {}; {} threads measured\n", m.cpu, m.threads);
@@ -1102,7 +1104,7 @@ fn machine_report(m: &Machine, isa: Option<&str>) -> String {
     match m.bf16_flops_per_sec {
         Some(f) => {
             s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product", f / 1e9);
-            if !dsv4_backend_cpu::kernels::bf16_gemm_available() {
+            if !bf16_products {
                 // Measured, not used: `bf16_gemm::chosen` (an Intel CPU, or the variable off).
                 s += &format!(
                     "; not used here: GEMMs on BF16 inputs multiply in f32, {}=on to change that",
@@ -1583,22 +1585,33 @@ mod tests {
         }
     }
 
-    /// Why the BF16 peak is missing: the CPU lacks the instructions, or it has them and the
-    /// kernels were lowered (`DSV4_CPU_ISA=avx2`) and do not use them.
+    /// Why the BF16 peak is missing or unused: the CPU lacks the instructions, or it has them and
+    /// the kernels were lowered (`DSV4_CPU_ISA=avx2`) and do not use them; or it was measured and
+    /// the GEMMs multiply in f32 (`bf16_products` false).
     #[test]
     fn machine_report_says_why_the_bf16_peak_is_missing() {
         let mut m = test_machine();
-        assert!(machine_report(&m, Some("avx512")).contains("bf16 dot peak: 400.0 GFLOP/s"));
+        let used = machine_report(&m, Some("avx512"), true);
+        assert!(used.contains("bf16 dot peak: 400.0 GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product)\n"), "{used}");
+        // Measured but not used (an Intel CPU, or DSV4_CPU_BF16_PRODUCTS=off).
+        let unused = machine_report(&m, Some("avx512"), false);
+        assert!(
+            unused.contains(
+                "bf16 dot peak: 400.0 GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product; not used here: GEMMs on \
+                 BF16 inputs multiply in f32, DSV4_CPU_BF16_PRODUCTS=on to change that)\n"
+            ),
+            "{unused}"
+        );
         m.bf16_flops_per_sec = None;
         (m.fma_kernel, m.read_kernel) = ("avx2+fma", "avx2");
-        let lowered = machine_report(&m, Some("avx2"));
+        let lowered = machine_report(&m, Some("avx2"), false);
         assert!(
             lowered.contains("bf16 dot peak: not measured (the cpu kernels do not use avx512_bf16 here)"),
             "{lowered}"
         );
         assert!(lowered.contains("(avx2+fma, 2 FLOP per multiply-add)"), "{lowered}");
         m.features.iter_mut().filter(|f| f.0 == "avx512_bf16").for_each(|f| f.1 = false);
-        let lacking = machine_report(&m, Some("avx2"));
+        let lacking = machine_report(&m, Some("avx2"), false);
         assert!(lacking.contains("bf16 dot peak: not measured (no avx512_bf16)"), "{lacking}");
     }
 
@@ -1704,7 +1717,7 @@ mod tests {
         assert!(j["rows"][0]["roofline_fraction"].is_null() && j["rows"][0]["prefill_peak_fraction"].is_null());
         assert!(j["rows"][0]["achieved_gb_s"].as_f64().unwrap() > 0.0);
         // The machine section has no line a script could take for a table row.
-        let section = machine_report(&machine, Some("avx512"));
+        let section = machine_report(&machine, Some("avx512"), false);
         assert!(section.lines().all(|l| !l.starts_with(|c: char| c.is_ascii_digit() || c == ' ')), "{section}");
     }
 
