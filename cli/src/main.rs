@@ -285,7 +285,7 @@ enum Command {
     Logits {
         #[command(flatten)]
         model: ModelArgs,
-        /// Comma-separated token ids, e.g. `5,17,42`.
+        /// Token ids, comma- or space-separated, e.g. `5,17,42`.
         #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
         ids: Vec<String>,
         #[arg(long, value_enum, default_value = "auto")]
@@ -307,7 +307,7 @@ enum Command {
         /// A user message, encoded with the V4 chat format.
         #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
         prompt: Option<String>,
-        /// Raw prompt token ids (no chat format), comma-separated.
+        /// Raw prompt token ids (no chat format), comma- or space-separated.
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         ids: Option<Vec<String>>,
         #[command(flatten)]
@@ -401,8 +401,9 @@ enum Command {
         /// checks a layout against one device).
         #[arg(long, value_delimiter = ',', default_value = "cpu,ascend")]
         backends: Vec<BackendChoice>,
-        /// Token ids (default: a fixed 200-token sequence).
-        #[arg(long, value_delimiter = ',')]
+        /// Token ids, comma- or space-separated, e.g. `5,17,42` (default: a fixed 200-token
+        /// sequence).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
         ids: Option<Vec<String>>,
         /// Largest allowed max|Δ| / max|reference| per block. Default: 1e-4 with --precision
         /// f32 on f32 rows; 5e-2 with bf16 or official, or with --kv-dtype bf16/fp8, where a
@@ -829,5 +830,32 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The token ids of `logits`, `generate` and `check`, given as `5,17,42`, as `5 17 42`, or
+    /// both mixed, parse to the same ids; a word that is not an id is an error naming it.
+    #[test]
+    fn token_ids_take_commas_or_spaces() {
+        let ids = |line: &str| -> Vec<String> {
+            let cli = Cli::try_parse_from(std::iter::once("dsv4").chain(line.split_whitespace())).unwrap();
+            match cli.command {
+                Command::Logits { ids, .. } => ids,
+                Command::Generate { ids, .. } | Command::Check { ids, .. } => ids.unwrap(),
+                _ => unreachable!("{line}"),
+            }
+        };
+        for command in ["logits --out x.bin", "generate", "check"] {
+            for given in ["5,17,42", "5 17 42", "5,17 42"] {
+                let line = format!("{command} --ids {given}");
+                assert_eq!(parse_ids(&ids(&line)).unwrap(), [5, 17, 42], "{line}");
+            }
+        }
+        let e = parse_ids(&ids("check --ids 5 x")).unwrap_err();
+        assert!(e.to_string().contains("`x` is not a token id"), "{e}");
     }
 }
