@@ -297,10 +297,24 @@ impl AppState {
         asm: ReplyAssembler,
         started: Instant,
     ) -> Result<Reply, ApiError> {
-        let room = self.max_model_len().saturating_sub(prompt.len());
+        let max_model_len = self.max_model_len();
+        let room = max_model_len.saturating_sub(prompt.len());
         let max_tokens = match params.max_tokens {
             Some(0) => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
-            Some(n) => n.min(room.max(1)),
+            // vLLM's rule (and OpenAI's): a completion that could not fit is refused up front,
+            // rather than cut short after it has held a slot for as long as it runs.
+            Some(n) if n > room => {
+                return Err(ApiError::invalid_param(
+                    "max_tokens",
+                    format!(
+                        "this server's maximum context length is {max_model_len} tokens, but {} were asked for \
+                         ({} in the prompt, {n} in the completion); lower max_tokens to at most {room}",
+                        prompt.len() + n,
+                        prompt.len()
+                    ),
+                ))
+            }
+            Some(n) => n,
             None => room.max(1),
         };
         let sampling = SamplingParams {

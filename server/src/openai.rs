@@ -726,16 +726,25 @@ impl CompletionHead {
 }
 
 /// `prompt`: a string, a list of token ids, or a one-element list of either (one prompt per
-/// request). Token ids outside the vocabulary are a 400 from the engine.
+/// request). Token ids outside the model's vocabulary are a 400 naming `prompt`.
 fn prompt_ids(state: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {
     let bad = || {
         ApiError::invalid_param("prompt", "`prompt` must be a string or a list of token ids (one prompt per request)")
     };
+    let vocab_size = state.engine.info().vocab_size;
     let ids_of = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
-        a.iter()
+        let ids = a
+            .iter()
             .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
             .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| ApiError::invalid_param("prompt", "token ids must be integers in 0..2^32"))
+            .ok_or_else(|| ApiError::invalid_param("prompt", "token ids must be integers in 0..2^32"))?;
+        match ids.iter().find(|&&t| t as usize >= vocab_size) {
+            Some(bad) => Err(ApiError::invalid_param(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary (ids 0..{vocab_size})"),
+            )),
+            None => Ok(ids),
+        }
     };
     let encode = |s: &str| state.tokenizer.encode(s).map_err(|e| ApiError::internal(format!("tokenizer: {e}")));
     match f.get("prompt") {

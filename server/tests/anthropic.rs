@@ -391,6 +391,12 @@ fn request_errors_are_in_anthropics_shape() {
     let (status, v) = post("/v1/messages", &no_max);
     assert_eq!(status, 400);
     assert_eq!(anthropic_error(&v, "invalid_request_error"), "max_tokens: Field required");
+    // A completion that could not fit in the context is refused before it runs.
+    let past = with(request(json!([{"role": "user", "content": "hi"}])), "max_tokens", json!(1_000_000));
+    let (status, v) = post("/v1/messages", &past);
+    assert_eq!(status, 400, "{v}");
+    let m = anthropic_error(&v, "invalid_request_error");
+    assert!(m.starts_with("max_tokens: this server's maximum context length is"), "{m}");
 
     let (status, v) = post(
         "/v1/messages",

@@ -567,12 +567,32 @@ fn prompts_past_max_model_len_are_400_naming_both_lengths() {
     assert!(msg.contains(&(MAX_MODEL_LEN + 100).to_string()) && msg.contains(&MAX_MODEL_LEN.to_string()), "{msg}");
 }
 
+/// A completion that could not fit in the context is refused before it runs (vLLM's rule),
+/// naming `max_tokens`; one that just fits runs.
+#[test]
+fn max_tokens_past_the_context_is_400() {
+    let s = shared();
+    let prompt: Vec<u32> = (0..MAX_MODEL_LEN - 3).map(|i| 5 + (i % 50) as u32).collect();
+    let r = post(s, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 4}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "max_tokens", "{}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("lower max_tokens to at most 3") && msg.contains(&MAX_MODEL_LEN.to_string()), "{msg}");
+    let fits = post(s, "/v1/completions", &json!({"prompt": prompt, "max_tokens": 3}));
+    assert_eq!(fits.status, 200, "{}", fits.body);
+    let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": MAX_MODEL_LEN}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    error_of(&r);
+    assert_eq!(r.json()["error"]["param"], "max_tokens", "{}", r.body);
+}
+
 #[test]
 fn completions_refuse_bad_prompts() {
     let s = shared();
     let r = post(s, "/v1/completions", &json!({"prompt": [5, 1_000_000], "max_tokens": 2}));
     assert_eq!(r.status, 400);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("1000000"), "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "prompt", "{}", r.body);
     for (body, param) in [
         (json!({"prompt": []}), "prompt"),
         (json!({"prompt": [-1]}), "prompt"),
