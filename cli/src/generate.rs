@@ -72,22 +72,22 @@ pub struct ChatArgs {
 #[derive(clap::Args, Clone)]
 pub struct SamplingArgs {
     /// Maximum number of tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Sampling temperature: the logits are divided by it before the softmax. 0 = greedy (the
     /// most likely token every step).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling: sample only from the most likely tokens whose probabilities add up to
     /// at least P (after --top-k). 1 = off.
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    #[arg(long, value_name = "P", default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Sample only from the K most likely tokens. 0 = off.
-    #[arg(long, value_name = "K", default_value_t = 0)]
+    #[arg(long, value_name = "K", default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Seed of the sampler's random numbers: the same seed, prompt and settings give the same
     /// tokens.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Stop when the generated text contains this string (repeatable).
     #[arg(long)]
@@ -103,6 +103,12 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The sampler's own checks ([`SamplingParams::validate`]), run before anything loads.
+    pub fn check(&self) -> Result<()> {
+        let sampling = SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 };
+        sampling.validate().map_err(|e| anyhow::anyhow!("{e} (--temperature, --top-p)"))
+    }
+
     fn options<B: Backend>(&self, model: &Model<B>, tok: Option<&Tokenizer>) -> GenerateOptions {
         let mut stop_ids = model.cfg.eos_token_ids.clone();
         stop_ids.extend(tok.map(Tokenizer::eos_token_ids).unwrap_or_default());

@@ -45,7 +45,7 @@ pub struct KvArgs {
     /// Ascend and CUDA a run over several devices (--devices) needs a size per device, not a
     /// fraction: every rank's pool must be the same, whatever its device has free (chat and
     /// serve need it given there).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub kv_cache_memory: Option<MemorySize>,
     /// Where the checkpoint's bytes live while the model runs (the CPU backend computes on
     /// them in place; device backends copy them to the device).

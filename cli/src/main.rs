@@ -286,7 +286,7 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Token ids, comma- or space-separated, e.g. `5,17,42`.
-        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1.., allow_negative_numbers = true)]
         ids: Vec<String>,
         #[arg(long, value_enum, default_value = "auto")]
         backend: BackendChoice,
@@ -301,14 +301,15 @@ enum Command {
         out: PathBuf,
     },
     /// Generate text: streams to stdout, reports prefill and decode speed on stderr.
+    #[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "ids"]))]
     Generate {
         #[command(flatten)]
         model: ModelArgs,
         /// A user message, encoded with the V4 chat format.
-        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        #[arg(long)]
         prompt: Option<String>,
         /// Raw prompt token ids (no chat format), comma- or space-separated.
-        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        #[arg(long, value_delimiter = ',', num_args = 1.., allow_negative_numbers = true)]
         ids: Option<Vec<String>>,
         #[command(flatten)]
         chat: generate::ChatArgs,
@@ -403,15 +404,16 @@ enum Command {
         backends: Vec<BackendChoice>,
         /// Token ids, comma- or space-separated, e.g. `5,17,42` (default: a fixed 200-token
         /// sequence).
-        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        #[arg(long, value_delimiter = ',', num_args = 1.., allow_negative_numbers = true)]
         ids: Option<Vec<String>>,
         /// Largest allowed max|Δ| / max|reference| per block. Default: 1e-4 with --precision
         /// f32 on f32 rows; 5e-2 with bf16 or official, or with --kv-dtype bf16/fp8, where a
         /// value that two backends round to different neighbours already differs by a BF16 ulp
         /// (2^-7 to 2^-6 of itself) or an e4m3 one (2^-4 to 2^-3). In bf16 the blocks
         /// after a differing top-k selection are reported but not judged, and the first backend
-        /// is also run in f32 to show the distance of bf16 to it (docs/precision.md).
-        #[arg(long)]
+        /// is also run in f32 to show the distance of bf16 to it (docs/precision.md). A finite
+        /// number, 0 or more (0: the same bits).
+        #[arg(long, value_parser = parse_tolerance, allow_negative_numbers = true)]
         tolerance: Option<f64>,
         #[command(flatten)]
         kv: kv_args::KvArgs,
@@ -512,6 +514,15 @@ enum Command {
 fn parse_soc(s: &str) -> std::result::Result<dsv4_core::weight_forms::SocFamily, String> {
     dsv4_core::weight_forms::SocFamily::from_name(s)
         .ok_or_else(|| format!("unknown Ascend SoC `{s}`; expected 910b, 910c or 950 (or a name like Ascend910B3)"))
+}
+
+/// `check --tolerance`: a finite number, 0 or more (a NaN one would pass every comparison).
+fn parse_tolerance(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(t) => Err(format!("the tolerance must be a finite number, 0 or more, not {t}")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
 }
 
 pub(crate) fn parse_ids(raw: &[String]) -> Result<Vec<u32>> {
@@ -723,6 +734,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel, rank_table } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
+            sampling.check()?;
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return generate::run_generate_ranks(
@@ -752,6 +764,7 @@ fn run(cli: Cli) -> Result<()> {
             generate::run_render(&model.model, &messages, tools.as_deref(), &chat, ids)
         }
         Command::Chat { model, chat, sampling, backend, kv, parallel, rank_table } => {
+            sampling.check()?;
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);
@@ -857,5 +870,51 @@ mod tests {
         }
         let e = parse_ids(&ids("check --ids 5 x")).unwrap_err();
         assert!(e.to_string().contains("`x` is not a token id"), "{e}");
+    }
+
+    /// A negative number is a value, not an unknown flag: it reaches the check that names what
+    /// is wrong with it. `generate` says it needs `--prompt` or `--ids`.
+    #[test]
+    fn negative_numbers_reach_their_checks() {
+        let parse = |line: &str| Cli::try_parse_from(std::iter::once("dsv4").chain(line.split_whitespace()));
+        let Ok(Cli { command: Command::Logits { ids, .. } }) = parse("logits --out x --ids -1") else { panic!() };
+        assert!(parse_ids(&ids).unwrap_err().to_string().contains("`-1` is not a token id"));
+        for (line, says) in [
+            ("generate --ids 1 --temperature -1", "temperature must be a finite number"),
+            ("generate --ids 1 --temperature nan", "temperature must be a finite number"),
+            ("generate --ids 1 --top-p -0.5", "top-p must be in (0, 1]"),
+            ("chat --temperature -2", "temperature must be a finite number"),
+        ] {
+            let sampling = match parse(line).unwrap().command {
+                Command::Generate { sampling, .. } | Command::Chat { sampling, .. } => sampling,
+                _ => unreachable!(),
+            };
+            let e = sampling.check().unwrap_err().to_string();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+        for (line, says) in [
+            ("generate --ids 1 --top-k -2", "invalid value '-2' for '--top-k <K>'"),
+            ("generate --ids 1 --kv-cache-memory -5", "`-5` is not a memory size"),
+            ("generate --max-new-tokens 3", "<--prompt <PROMPT>|--ids <IDS>...>"),
+        ] {
+            let e = parse(line).err().unwrap().to_string();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+    }
+
+    /// `check --tolerance` takes a finite number, 0 or more: a NaN would pass every comparison.
+    #[test]
+    fn check_tolerance_is_a_finite_number_not_below_zero() {
+        let tolerance = |t: &str| match Cli::try_parse_from(["dsv4", "check", "--tolerance", t]) {
+            Ok(Cli { command: Command::Check { tolerance, .. } }) => Ok(tolerance.unwrap()),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(tolerance("1e-5"), Ok(1e-5));
+        assert_eq!(tolerance("0"), Ok(0.0));
+        for bad in ["nan", "NaN", "inf", "-1", "-0.5", "x"] {
+            let e = tolerance(bad).unwrap_err();
+            assert!(e.contains("the tolerance must be a finite number") || e.contains("is not a number"), "{bad}: {e}");
+        }
     }
 }
