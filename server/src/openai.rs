@@ -513,7 +513,7 @@ impl SseState {
             StreamKind::Completion(head) => {
                 let (text, logprobs) = match d {
                     Delta::Content(t) => {
-                        head.offset += t.len();
+                        head.offset += t.chars().count();
                         (t, Value::Null)
                     }
                     Delta::Logprobs(l) if head.logprobs => (String::new(), head.logprobs_json(&l)),
@@ -707,12 +707,14 @@ impl CompletionHead {
     }
 
     /// The legacy completions `logprobs` object for `l` (offsets continue from the text so far).
+    /// `text_offset` counts characters (Unicode scalar values), as OpenAI's and vLLM's do
+    /// (Python string lengths), not UTF-8 bytes.
     fn logprobs_json(&self, l: &[TokenLogprob]) -> Value {
         let mut offset = self.offset;
         let mut offsets = vec![];
         for t in l {
             offsets.push(offset);
-            offset += t.token.len();
+            offset += t.token.chars().count();
         }
         json!({
             "tokens": l.iter().map(|t| &t.token).collect::<Vec<_>>(),

@@ -381,6 +381,19 @@ fn logprobs_of_chat_and_completions() {
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), n);
     assert_eq!(lp["text_offset"].as_array().unwrap().len(), n);
     assert!(lp["top_logprobs"].as_array().unwrap().iter().all(|t| t.as_object().unwrap().len() <= 2));
+    // `text_offset` counts characters, as OpenAI's (Python string lengths) do: each token
+    // starts where the characters of the ones before it end. (The random model's text is
+    // mostly CJK and other multi-byte characters, where bytes and characters differ.)
+    let v = post_ok(s, "/v1/completions", &json!({"prompt": "abc", "max_tokens": 24, "logprobs": 1, "seed": 3}));
+    let lp = &v["choices"][0]["logprobs"];
+    let (tokens, offsets) = (lp["tokens"].as_array().unwrap(), lp["text_offset"].as_array().unwrap());
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(offsets) {
+        assert_eq!(o.as_u64().unwrap() as usize, at, "{lp}");
+        at += t.as_str().unwrap().chars().count();
+    }
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.len() > text.chars().count(), "no multi-byte character to tell bytes from characters: {text:?}");
 }
 
 // ------------------------------------------------------------------------------------------
