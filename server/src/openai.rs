@@ -341,16 +341,19 @@ fn stop_from_json(f: &Fields) -> Result<Vec<String>, ApiError> {
 
 /// Sampling fields shared by both endpoints (`max_tokens` and log-probabilities differ).
 fn sampling_from_json(f: &Fields) -> Result<GenerationParams, ApiError> {
+    // The messages quote the JSON number as sent (1e308 is not "inf", its value as f32).
+    let sent = |key: &str| f.get(key).map_or_else(String::new, Value::to_string);
     let temperature = f.f32("temperature")?;
     if let Some(t) = temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::invalid_param("temperature", format!("temperature must be in [0, 2], not {t}")));
+            let msg = format!("temperature must be in [0, 2], not {}", sent("temperature"));
+            return Err(ApiError::invalid_param("temperature", msg));
         }
     }
     let top_p = f.f32("top_p")?;
     if let Some(p) = top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid_param("top_p", format!("top_p must be in (0, 1], not {p}")));
+            return Err(ApiError::invalid_param("top_p", format!("top_p must be in (0, 1], not {}", sent("top_p"))));
         }
     }
     // vLLM spells "no top-k" as -1 (and 0).

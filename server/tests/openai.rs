@@ -535,6 +535,14 @@ fn malformed_bodies_and_wrong_types_are_400_in_openai_shape() {
     ]);
     let r = post(s, "/v1/chat/completions", &json!({"messages": turn, "max_tokens": 1}));
     assert_eq!(r.status, 200, "{}", r.body);
+    // A number out of range is quoted as sent.
+    let r = post_raw(
+        s,
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "user", "content": "x"}], "temperature": 1e308}"#,
+        &[],
+    );
+    assert_eq!(r.json()["error"]["message"], "temperature must be in [0, 2], not 1e+308", "{}", r.body);
     // 0 and negative counts get the same message.
     for n in [0, -1] {
         let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "max_tokens": n}));
