@@ -64,9 +64,39 @@ pub struct ChatArgs {
     /// Chat mode, no reasoning (the default).
     #[arg(long)]
     pub no_thinking: bool,
-    /// Reasoning effort (thinking mode only), e.g. `max`.
+    /// Reasoning effort: none, minimal, low, medium, high, xhigh or max, mapped onto the V4
+    /// encoder's levels as `dsv4 serve` maps a request's `reasoning_effort` (README, "Reasoning
+    /// effort"): any but `none` turns thinking on unless --no-thinking is given.
     #[arg(long)]
     pub reasoning_effort: Option<String>,
+}
+
+impl ChatArgs {
+    /// Thinking on or off, and the encoder's effort (`high`, `max`), by the server's table
+    /// ([`dsv4_server::thinking::resolve`], with chat mode as the default and the preview
+    /// encoder). Errors on an effort that is not one of the spellings.
+    pub fn resolved(&self) -> Result<(bool, Option<&'static str>)> {
+        use dsv4_core::chat::{EncoderRevision, ReasoningEffort, ThinkingMode};
+        use dsv4_server::thinking::{resolve, EFFORT_SPELLINGS};
+        let effort = match self.reasoning_effort.as_deref() {
+            None => None,
+            Some(s) => Some(dsv4_server::Effort::parse(s).ok_or_else(|| {
+                anyhow::anyhow!("unknown --reasoning-effort `{s}`: expected one of {EFFORT_SPELLINGS}")
+            })?),
+        };
+        let switch = match (self.thinking, self.no_thinking) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        let (mode, effort) = resolve(switch, effort, false, EncoderRevision::Preview);
+        let effort = effort.map(|e| match e {
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::High => "high",
+            ReasoningEffort::Max => "max",
+        });
+        Ok((mode == ThinkingMode::Thinking, effort))
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -215,7 +245,8 @@ pub fn speculation_summary(k: usize, s: &SpecStats) -> String {
 
 fn render_user_prompt(text: &str, chat_args: &ChatArgs) -> Result<String> {
     let messages = serde_json::json!([{"role": "user", "content": text}]);
-    Ok(chat::render_openai(&messages, None, chat_args.thinking, chat_args.reasoning_effort.as_deref())?)
+    let (thinking, effort) = chat_args.resolved()?;
+    Ok(chat::render_openai(&messages, None, thinking, effort)?)
 }
 
 /// How generated text reaches stdout.
@@ -423,8 +454,8 @@ pub fn run_render(spec: &str, messages: &Path, tools: Option<&Path>, chat_args: 
     };
     let messages = read(messages)?;
     let tools = tools.map(read).transpose()?;
-    let text =
-        chat::render_openai(&messages, tools.as_ref(), chat_args.thinking, chat_args.reasoning_effort.as_deref())?;
+    let (thinking, effort) = chat_args.resolved()?;
+    let text = chat::render_openai(&messages, tools.as_ref(), thinking, effort)?;
     if ids {
         let tok = tokenizer_for(spec)?;
         let ids = tok.encode(&text)?;
@@ -533,21 +564,17 @@ fn chat_loop<B: Backend>(
     let config = kv.config_open_ended(be, &model.cfg, pool_step(&opts))?;
     let mut session = Session::new(be, model, config)?;
     let mut messages: Vec<serde_json::Value> = vec![];
+    let (thinking, effort) = chat_args.resolved()?;
     if show {
         eprintln!("{}", kv_args::describe(&model.cfg, &config));
         eprintln!(
             "dsv4 chat ({}): type a message, an empty line or Ctrl-D to quit",
-            if chat_args.thinking { "thinking" } else { "chat mode" }
+            if thinking { "thinking" } else { "chat mode" }
         );
     }
     while let Some(line) = next_turn() {
         messages.push(serde_json::json!({"role": "user", "content": line}));
-        let prompt = chat::render_openai(
-            &serde_json::Value::Array(messages.clone()),
-            None,
-            chat_args.thinking,
-            chat_args.reasoning_effort.as_deref(),
-        )?;
+        let prompt = chat::render_openai(&serde_json::Value::Array(messages.clone()), None, thinking, effort)?;
         let ids = tok.encode(&prompt)?;
         let mut display = Display::Parsed(chat::StreamParser::for_prompt(&prompt, chat::UnclosedThink::Reasoning));
         let mut out: Box<dyn Write> = if show { Box::new(std::io::stdout().lock()) } else { Box::new(std::io::sink()) };
@@ -557,7 +584,7 @@ fn chat_loop<B: Backend>(
         if show && generation.prefix_cached > 0 {
             eprintln!("prefix cache: {} tokens reused", generation.prefix_cached);
         }
-        let parsed = chat::parse_completion(&text, chat_args.thinking);
+        let parsed = chat::parse_completion(&text, thinking);
         messages.push(parsed.to_openai_message());
         if show {
             println!();
@@ -576,6 +603,30 @@ mod tests {
     use super::*;
 
     const OFFICIAL_FP8: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/cases/official_fp8");
+
+    /// `--thinking`, `--no-thinking` and `--reasoning-effort` resolve as a server request's
+    /// switch and effort do (`dsv4_server::thinking`), with chat mode as the default.
+    #[test]
+    fn chat_flags_resolve_by_the_servers_table() {
+        let resolved = |thinking: bool, no_thinking: bool, effort: Option<&str>| {
+            ChatArgs { thinking, no_thinking, reasoning_effort: effort.map(str::to_string) }.resolved()
+        };
+        for (flags, want) in [
+            ((false, false, None), (false, None)),
+            ((true, false, None), (true, None)),
+            ((false, false, Some("max")), (true, Some("max"))),
+            ((false, false, Some("xhigh")), (true, Some("max"))),
+            ((false, false, Some("Medium")), (true, Some("high"))),
+            ((false, false, Some("low")), (true, Some("high"))),
+            ((false, false, Some("none")), (false, None)),
+            ((true, false, Some("none")), (true, Some("high"))),
+            ((false, true, Some("max")), (false, None)),
+        ] {
+            assert_eq!(resolved(flags.0, flags.1, flags.2).unwrap(), want, "{flags:?}");
+        }
+        let e = resolved(false, false, Some("extreme")).unwrap_err().to_string();
+        assert!(e.contains("expected one of none, minimal, low, medium, high, xhigh, max"), "{e}");
+    }
 
     #[test]
     fn chat_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on() {
