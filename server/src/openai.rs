@@ -222,6 +222,15 @@ fn tools_from_json(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
                     return Err(ApiError::invalid_param(&param, format!("{param}: the function needs a `name` string")))
                 }
             }
+            // A JSON Schema object, as OpenAI requires (absent or null: no parameters).
+            match function.get("parameters") {
+                None | Some(Value::Null) | Some(Value::Object(_)) => {}
+                Some(v) => {
+                    let param = format!("{param}.function.parameters");
+                    let msg = format!("{param} must be a JSON Schema object, not {}", dsv4_core::chat::json_type(v));
+                    return Err(ApiError::invalid_param(&param, msg));
+                }
+            }
             Ok(json!({"type": "function", "function": function}))
         })
         .collect()

@@ -271,6 +271,13 @@ fn tool_choice_none_required_and_named() {
     assert_eq!(tokenize(json!("sometimes")).status, 400);
     let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "tools": [{"type": "function"}]}));
     assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("tools[0]")));
+    // Parameters are a JSON Schema object (or absent).
+    let bad = json!([{"type": "function", "function": {"name": "f", "parameters": "xyz"}}]);
+    let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "tools": bad}));
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("tools[0].function.parameters")));
+    let none = json!([{"type": "function", "function": {"name": "f", "parameters": null}}]);
+    let r = post(s, "/v1/chat/completions", &json!({"messages": user("x"), "tools": none, "max_tokens": 1}));
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[test]
