@@ -612,6 +612,19 @@ fn prefill_logits<B: Backend>(
 }
 
 /// Writes logits `[n, vocab]` as the F32 tensor `logits` of a safetensors file.
+/// `--out`'s directory exists, checked before any work (the write goes through a temporary file
+/// beside it, which an error would name instead of `out`).
+fn check_output_dir(out: &Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("--out {}: the directory {} does not exist", out.display(), dir.display());
+    }
+    Ok(())
+}
+
 fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)
@@ -726,6 +739,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits { model, ids, backend, kv, parallel, rank_table, out } => {
             let ids = parse_ids(&ids)?;
+            check_output_dir(&out)?;
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
@@ -900,6 +914,16 @@ mod tests {
             let e = parse(line).err().unwrap().to_string();
             assert!(e.contains(says), "{line}: {e}");
         }
+    }
+
+    /// `logits --out` in a directory that does not exist is refused naming it, not the
+    /// temporary file the write would have gone through.
+    #[test]
+    fn logits_out_needs_an_existing_directory() {
+        let e = check_output_dir(Path::new("/nonexistent-dsv4/dir/x.st")).unwrap_err().to_string();
+        assert_eq!(e, "--out /nonexistent-dsv4/dir/x.st: the directory /nonexistent-dsv4/dir does not exist");
+        check_output_dir(Path::new("x.st")).unwrap();
+        check_output_dir(&std::env::temp_dir().join("x.st")).unwrap();
     }
 
     /// `check --tolerance` takes a finite number, 0 or more: a NaN would pass every comparison.
