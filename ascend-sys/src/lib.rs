@@ -189,6 +189,9 @@ pub enum LoadError {
     MissingLibrary { name: String, tried: Vec<PathBuf> },
     /// `DSV4_ASCEND_EMULATOR` names a file that does not exist.
     EmulatorNotFound { path: PathBuf },
+    /// `DSV4_ASCEND_EMULATOR` names a file the dynamic loader refused (not a library, or one
+    /// built for another target).
+    EmulatorOpen { path: PathBuf, error: String },
     /// A library exists but the dynamic loader refused it.
     Open { path: PathBuf, error: String },
     /// A required function is exported by none of the libraries.
@@ -218,6 +221,13 @@ impl std::fmt::Display for LoadError {
                 )
             }
             LoadError::Open { path, error } => write!(f, "cannot load {}: {error}; {HINT}", path.display()),
+            LoadError::EmulatorOpen { path, error } => write!(
+                f,
+                "{EMULATOR_VAR} names {}, which cannot be loaded: {error}; it should be dsv4's emulator library, \
+                 target/debug/libdsv4_ascend_emu.so after `cargo build -p dsv4-ascend-emu`, or unset {EMULATOR_VAR} to \
+                 use the installed CANN toolkit",
+                path.display()
+            ),
             LoadError::MissingSymbol(m) => m.fmt(f),
             LoadError::Init { code, message } => write!(f, "aclInit failed with error {code}: {message}"),
         }
@@ -326,7 +336,11 @@ impl Api {
         if !path.exists() {
             return Err(LoadError::EmulatorNotFound { path: path.to_path_buf() });
         }
-        Self::from_libraries(vec![(path.to_path_buf(), open(path)?)], true)
+        let library = open(path).map_err(|e| match e {
+            LoadError::Open { path, error } => LoadError::EmulatorOpen { path, error },
+            other => other,
+        })?;
+        Self::from_libraries(vec![(path.to_path_buf(), library)], true)
     }
 
     fn load_toolkit() -> Result<Api, LoadError> {
@@ -474,6 +488,20 @@ pub mod emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An emulator path that is not a library gets advice about the emulator, not about
+    /// installing CANN.
+    #[test]
+    fn a_bad_emulator_path_gets_emulator_advice() {
+        let not_a_library = std::env::temp_dir().join(format!("dsv4-not-a-library-{}.so", std::process::id()));
+        std::fs::write(&not_a_library, b"not an ELF file").unwrap();
+        let e = Api::load_emulator(&not_a_library).unwrap_err();
+        let _ = std::fs::remove_file(&not_a_library);
+        assert!(matches!(e, LoadError::EmulatorOpen { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains("cannot be loaded") && e.contains("cargo build -p dsv4-ascend-emu"), "{e}");
+        assert!(!e.contains("install CANN"), "{e}");
+    }
 
     #[test]
     fn missing_runtime_names_the_variable() {
