@@ -192,6 +192,21 @@ fn a_device_that_cannot_run_v4_is_named_and_skipped() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// An emulated SoC name of no known family is refused when the runtime opens, naming the
+/// variable, rather than on the first operator that depends on the family.
+#[test]
+fn an_unknown_emulated_soc_is_refused_at_open() {
+    let out = dsv4()
+        .args(["logits", "--backend", "ascend", "--ids", "1,2", "--out", "/dev/null"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .env("DSV4_ASCEND_EMU_SOC", "Ascend999")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("aclInit: DSV4_ASCEND_EMU_SOC=\"Ascend999\" is not a SoC the emulator knows"), "{err}");
+}
+
 /// A tolerance no two float pipelines meet makes `check` fail, naming the worst difference.
 #[test]
 fn check_fails_above_the_tolerance() {

@@ -617,6 +617,19 @@ pub unsafe extern "C" fn aclInit(_configPath: *const c_char) -> aclError {
             "aclInit: already initialised (aclInit may be called once per process)",
         );
     }
+    // A SoC name no family matches would only fail later, on the first operator whose
+    // support depends on the family.
+    if crate::fused::family() == "other" {
+        return fail(
+            ACL_ERROR_INVALID_PARAM,
+            format!(
+                "aclInit: DSV4_ASCEND_EMU_SOC={:?} is not a SoC the emulator knows: give a name of the Ascend910B* (A2), \
+                 Ascend910_93* (A3), Ascend950* or Ascend310P* family, e.g. Ascend910B3, Ascend910_9391 or \
+                 Ascend950PR_9599",
+                soc_name()
+            ),
+        );
+    }
     let physical = env_usize("DSV4_ASCEND_EMU_DEVICES", 2) as i32;
     e.visible = match std::env::var("ASCEND_RT_VISIBLE_DEVICES") {
         Err(_) => (0..physical).collect(),
