@@ -183,10 +183,12 @@ pub fn parse(body: &Value, endpoint: Endpoint, signing_key: &[u8]) -> Result<Mes
     let mut params = GenerationParams::default();
     let mut stream = false;
     if endpoint == Endpoint::Messages {
-        let max_tokens = as_count(required(obj, "max_tokens", "max_tokens")?, "max_tokens")?;
-        if max_tokens == 0 {
+        // A negative count gets the message 0 gets: both are below the least allowed.
+        let max_tokens = required(obj, "max_tokens", "max_tokens")?;
+        if max_tokens.as_i64().is_some_and(|n| n < 1) || max_tokens.as_f64().is_some_and(|f| f < 1.0) {
             return Err(bad("max_tokens", "Input should be greater than or equal to 1"));
         }
+        let max_tokens = as_count(max_tokens, "max_tokens")?;
         params.max_tokens = Some(max_tokens);
         if let Some(s) = get(obj, "stop_sequences") {
             for (i, s) in as_array(s, "stop_sequences")?.iter().enumerate() {
@@ -906,6 +908,11 @@ mod tests {
         let param = |k: &str, v: Value| err(with(body.clone(), k, v)).param;
         assert_eq!(param("max_tokens", json!(0)).as_deref(), Some("max_tokens"));
         assert_eq!(param("max_tokens", json!(-3)).as_deref(), Some("max_tokens"));
+        // 0 and negative counts get the same message.
+        for n in [json!(0), json!(-3), json!(-0.5)] {
+            assert_eq!(err(with(body.clone(), "max_tokens", n)).message, "Input should be greater than or equal to 1");
+        }
+        assert_eq!(param("max_tokens", json!(1.5)).as_deref(), Some("max_tokens"));
         assert_eq!(param("max_tokens", json!("8")).as_deref(), Some("max_tokens"));
         assert_eq!(param("temperature", json!(2.5)).as_deref(), Some("temperature"));
         assert_eq!(param("temperature", json!("hot")).as_deref(), Some("temperature"));
