@@ -258,6 +258,10 @@ pub fn cache_report(cfg: &ModelConfig, dtype: KvDtype, context: Option<usize>) -
         human_bytes(bb.window)
     );
     let Some(n) = context else { return s };
+    if n > cfg.max_position_embeddings {
+        let max = cfg.max_position_embeddings;
+        let _ = writeln!(s, "note: {n} tokens is past this model's context ({max} tokens, max_position_embeddings)");
+    }
     let fp = sequence_footprint(cfg, dtype, bt, n);
     let _ = writeln!(
         s,
@@ -479,6 +483,17 @@ mod tests {
 
     /// The report's numbers are the layout's: the per-pool rows add up to the block sizes, and
     /// the held bytes are `sequence_footprint`'s.
+    /// A context past the model's is reported with a note saying so; one within it without.
+    #[test]
+    fn a_context_past_the_model_is_noted() {
+        let cfg = config("deepseek-v4-flash");
+        let max = cfg.max_position_embeddings;
+        let past = super::cache_report(&cfg, KvDtype::Fp8, Some(max + 1));
+        let note = format!("note: {} tokens is past this model's context ({max} tokens", max + 1);
+        assert!(past.contains(&note), "{past}");
+        assert!(!super::cache_report(&cfg, KvDtype::Fp8, Some(max)).contains("note:"));
+    }
+
     #[test]
     fn report_totals_are_the_layout_totals() {
         use dsv4_core::kv::layout::{block_bytes, default_block_tokens, sequence_footprint};
