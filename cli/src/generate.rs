@@ -186,7 +186,7 @@ pub fn require_mtp(spec: &str, k: usize, cfg: &ModelConfig, ckpt: &Checkpoint) -
         return Ok(());
     }
     let why = if spec.starts_with("builtin:") {
-        "the built-in models have none"
+        "of the built-in models only builtin:tiny-mtp has one"
     } else if cfg.num_mtp_layers == 0 {
         "its config.json sets num_nextn_predict_layers = 0"
     } else {

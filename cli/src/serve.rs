@@ -242,6 +242,9 @@ fn planned_pool(
     parallel: &crate::parallel_args::ParallelArgs,
     (cfg, ckpt): (&ModelConfig, &Checkpoint),
 ) -> Result<(ParallelLayout, KvConfig)> {
+    // Before the pool is planned and described: a draft model that is not there is the first
+    // thing to say.
+    crate::generate::require_mtp(spec, config.speculative_tokens, cfg, ckpt)?;
     let context = cfg.max_position_embeddings;
     let tokens = match config.max_model_len {
         0 => context,

@@ -98,12 +98,16 @@ fn speculative_tokens_need_an_mtp_block() {
     let official = fixture("official");
     let official = official.to_str().unwrap();
     for (args, why) in [
-        (&["generate", "--model", "builtin:tiny", "--ids", "1,2"][..], "the built-in models have none"),
-        (&["chat", "--model", "builtin:tiny"], "the built-in models have none"),
+        (
+            &["generate", "--model", "builtin:tiny", "--ids", "1,2"][..],
+            "of the built-in models only builtin:tiny-mtp has one",
+        ),
+        (&["chat", "--model", "builtin:tiny"], "of the built-in models only builtin:tiny-mtp has one"),
+        (&["serve", "--model", "builtin:tiny", "--port", "0"], "of the built-in models only builtin:tiny-mtp has one"),
         (&["generate", "--model", official, "--ids", "1,2"], "it holds no mtp.0.* tensors"),
         (
             &["bench", "--model", "builtin:tiny", "--contexts", "8", "--decode-steps", "1"],
-            "the built-in models have none",
+            "of the built-in models only builtin:tiny-mtp has one",
         ),
     ] {
         let (stdout, stderr) = failing(&[args, &["--backend", "cpu", "--speculative-tokens", "2"]].concat());
