@@ -136,7 +136,7 @@ impl SamplingArgs {
     /// The sampler's own checks ([`SamplingParams::validate`]), run before anything loads.
     pub fn check(&self) -> Result<()> {
         let sampling = SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 };
-        sampling.validate().map_err(|e| anyhow::anyhow!("{e} (--temperature, --top-p)"))
+        Ok(sampling.validate()?)
     }
 
     fn options<B: Backend>(&self, model: &Model<B>, tok: Option<&Tokenizer>) -> GenerateOptions {

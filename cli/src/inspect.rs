@@ -481,8 +481,6 @@ mod tests {
         insta::assert_snapshot!("pro_cache_report_fp8", super::cache_report(&cfg, KvDtype::Fp8, Some(1 << 20)));
     }
 
-    /// The report's numbers are the layout's: the per-pool rows add up to the block sizes, and
-    /// the held bytes are `sequence_footprint`'s.
     /// A context past the model's is reported with a note saying so; one within it without.
     #[test]
     fn a_context_past_the_model_is_noted() {
@@ -494,6 +492,8 @@ mod tests {
         assert!(!super::cache_report(&cfg, KvDtype::Fp8, Some(max)).contains("note:"));
     }
 
+    /// The report's numbers are the layout's: the per-pool rows add up to the block sizes, and
+    /// the held bytes are `sequence_footprint`'s.
     #[test]
     fn report_totals_are_the_layout_totals() {
         use dsv4_core::kv::layout::{block_bytes, default_block_tokens, sequence_footprint};

@@ -739,7 +739,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits { model, ids, backend, kv, parallel, rank_table, out } => {
             let ids = parse_ids(&ids)?;
-            check_output_dir(&out)?;
+            // Over several processes only node 0 writes the file.
+            if parallel.nodes().is_none_or(|n| n.node_rank == 0) {
+                check_output_dir(&out)?;
+            }
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return run_logits_ranks(backend, &model, &ids, &out, &kv, &parallel);
@@ -749,6 +752,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate { model, prompt, ids, chat, sampling, print_ids, backend, kv, parallel, rank_table } => {
             let ids = ids.map(|i| parse_ids(&i)).transpose()?;
             sampling.check()?;
+            chat.resolved()?;
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return generate::run_generate_ranks(
@@ -779,6 +783,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Chat { model, chat, sampling, backend, kv, parallel, rank_table } => {
             sampling.check()?;
+            chat.resolved()?;
             rank_table.settle(&[backend], &parallel)?;
             if parallel.is_split()? {
                 return generate::run_chat_ranks(backend, &model.model, &chat, &sampling, &kv, &parallel);

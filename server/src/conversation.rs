@@ -80,6 +80,9 @@ pub struct GenerationParams {
     pub seed: Option<u64>,
     /// `None`: until EOS or the context ends.
     pub max_tokens: Option<usize>,
+    /// The request field `max_tokens` came from, for errors (`None`: `max_tokens`; OpenAI chat
+    /// also takes `max_completion_tokens`).
+    pub max_tokens_field: Option<&'static str>,
     /// Stop strings: generation ends when the reply text contains one (not included).
     pub stop: Vec<String>,
     /// `Some(n)`: log-probabilities of each token and its `n` best alternatives.
@@ -304,15 +307,16 @@ impl AppState {
             // vLLM's rule (and OpenAI's): a completion that could not fit is refused up front,
             // rather than cut short after it has held a slot for as long as it runs.
             Some(n) if n > room => {
+                let field = params.max_tokens_field.unwrap_or("max_tokens");
                 return Err(ApiError::invalid_param(
-                    "max_tokens",
+                    field,
                     format!(
                         "this server's maximum context length is {max_model_len} tokens, but {} were asked for \
-                         ({} in the prompt, {n} in the completion); lower max_tokens to at most {room}",
+                         ({} in the prompt, {n} in the completion); lower {field} to at most {room}",
                         prompt.len() + n,
                         prompt.len()
                     ),
-                ))
+                ));
             }
             Some(n) => n,
             None => room.max(1),

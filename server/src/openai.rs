@@ -350,7 +350,7 @@ fn stop_from_json(f: &Fields) -> Result<Vec<String>, ApiError> {
 
 /// Sampling fields shared by both endpoints (`max_tokens` and log-probabilities differ).
 fn sampling_from_json(f: &Fields) -> Result<GenerationParams, ApiError> {
-    // The messages quote the JSON number as sent (1e308 is not "inf", its value as f32).
+    // The messages quote the JSON number (1e308 is not "inf", its value as f32).
     let sent = |key: &str| f.get(key).map_or_else(String::new, Value::to_string);
     let temperature = f.f32("temperature")?;
     if let Some(t) = temperature {
@@ -615,6 +615,9 @@ async fn chat_inner(state: &AppState, body: Result<Bytes, BytesRejection>) -> Re
     let conv = conversation_from_json(&f)?;
     let mut params = sampling_from_json(&f)?;
     params.max_tokens = max_tokens(&f, &["max_completion_tokens", "max_tokens"])?;
+    if f.get("max_completion_tokens").is_some_and(|v| !v.is_null()) {
+        params.max_tokens_field = Some("max_completion_tokens");
+    }
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top = f.usize("top_logprobs")?;
     if let Some(n) = top {
@@ -698,7 +701,7 @@ struct CompletionHead {
     created: u64,
     model: String,
     logprobs: bool,
-    /// Bytes of text sent so far (`text_offset`).
+    /// Characters of text sent so far (`text_offset`).
     offset: usize,
 }
 
@@ -792,8 +795,10 @@ async fn completions_inner(state: &AppState, body: Result<Bytes, BytesRejection>
     check_model(state, &f)?;
     let prompt = prompt_ids(state, &f)?;
     let mut params = sampling_from_json(&f)?;
-    // The legacy API's default is 16 tokens (OpenAI and vLLM).
-    params.max_tokens = Some(max_tokens(&f, &["max_tokens"])?.unwrap_or(16));
+    // The legacy API's default is 16 tokens (OpenAI and vLLM), here at most what the context
+    // leaves: a limit the client did not send is not its error.
+    let room = state.max_model_len().saturating_sub(prompt.len()).max(1);
+    params.max_tokens = Some(max_tokens(&f, &["max_tokens"])?.unwrap_or(16.min(room)));
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::invalid_param("echo", "echo is not supported by this server"));
     }

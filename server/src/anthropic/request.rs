@@ -185,7 +185,7 @@ pub fn parse(body: &Value, endpoint: Endpoint, signing_key: &[u8]) -> Result<Mes
     if endpoint == Endpoint::Messages {
         // A negative count gets the message 0 gets: both are below the least allowed.
         let max_tokens = required(obj, "max_tokens", "max_tokens")?;
-        if max_tokens.as_i64().is_some_and(|n| n < 1) || max_tokens.as_f64().is_some_and(|f| f < 1.0) {
+        if max_tokens.as_f64().is_some_and(|f| f < 1.0) {
             return Err(bad("max_tokens", "Input should be greater than or equal to 1"));
         }
         let max_tokens = as_count(max_tokens, "max_tokens")?;

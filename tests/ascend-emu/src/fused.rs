@@ -34,7 +34,8 @@ pub(crate) fn quirk(name: &str) -> bool {
     std::env::var("DSV4_ASCEND_EMU_QUIRKS").is_ok_and(|v| v.split(',').any(|q| q.trim() == name))
 }
 
-/// The SoC families the CANN docs name (`Ascend910B*` = Atlas A2, `Ascend910_93*` = A3).
+/// The SoC families the CANN docs name (`Ascend910B*` = Atlas A2, `Ascend910_93*` = A3); any
+/// other name is "other", which `aclInit` refuses.
 pub(crate) fn family() -> &'static str {
     let soc = soc_name();
     if soc.starts_with("Ascend910B") {
@@ -45,6 +46,9 @@ pub(crate) fn family() -> &'static str {
         "950"
     } else if soc.starts_with("Ascend310P") {
         "310P"
+    } else if ["Ascend910A", "Ascend910ProA", "Ascend910ProB", "Ascend910PremiumA"].iter().any(|p| soc.starts_with(p)) {
+        // The first Atlas 910 (no aclnn operators V4 needs): `dsv4 devices` says it cannot run V4.
+        "910A"
     } else {
         "other"
     }

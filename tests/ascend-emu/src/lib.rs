@@ -24,7 +24,8 @@
 //! `aclGetRecentErrMsg`. `ASCEND_RT_VISIBLE_DEVICES` is applied at `aclInit`;
 //! `DSV4_ASCEND_EMU_DEVICES` (default 2) sets the number of physical devices,
 //! `DSV4_ASCEND_EMU_MEMORY_MB` (default 16384) their memory and `DSV4_ASCEND_EMU_SOC` the name
-//! `aclrtGetSocName` reports (default `Ascend910B3`; per-SoC limits follow it, e.g. FLOAT32
+//! `aclrtGetSocName` reports (default `Ascend910B3`; a name of no family the CANN docs name is
+//! refused by `aclInit`; per-SoC limits follow it, e.g. FLOAT32
 //! grouped matmul only with a 3-D weight on A2/A3, sqrt-softplus gating and no aclnnSoftplus on
 //! the 950, aclnnInplaceIndexCopy on A2/A3/950 only). `DSV4_ASCEND_EMU_QUIRKS` makes some kernels behave like other CANN
 //! releases (`gating-bias-in-weights`, `gmm-no-fp32`, `matmul-bf16-accumulates-in-bf16`; see `fused.rs`).
@@ -624,7 +625,7 @@ pub unsafe extern "C" fn aclInit(_configPath: *const c_char) -> aclError {
             ACL_ERROR_INVALID_PARAM,
             format!(
                 "aclInit: DSV4_ASCEND_EMU_SOC={:?} is not a SoC the emulator knows: give a name of the Ascend910B* (A2), \
-                 Ascend910_93* (A3), Ascend950* or Ascend310P* family, e.g. Ascend910B3, Ascend910_9391 or \
+                 Ascend910_93* (A3), Ascend950*, Ascend310P* or Ascend910A/ProA/ProB/PremiumA family, e.g. Ascend910B3, Ascend910_9391 or \
                  Ascend950PR_9599",
                 soc_name()
             ),
