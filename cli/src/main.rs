@@ -611,7 +611,6 @@ fn prefill_logits<B: Backend>(
     Ok(data)
 }
 
-/// Writes logits `[n, vocab]` as the F32 tensor `logits` of a safetensors file.
 /// `--out`'s directory exists, checked before any work (the write goes through a temporary file
 /// beside it, which an error would name instead of `out`).
 fn check_output_dir(out: &Path) -> Result<()> {
@@ -625,6 +624,7 @@ fn check_output_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes logits `[n, vocab]` as the F32 tensor `logits` of a safetensors file.
 fn write_logits(out: &Path, n: usize, vocab: usize, data: &[f32]) -> Result<()> {
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, vocab], &bytes)
