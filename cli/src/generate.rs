@@ -76,26 +76,20 @@ impl ChatArgs {
     /// ([`dsv4_server::thinking::resolve`], with chat mode as the default and the preview
     /// encoder). Errors on an effort that is not one of the spellings.
     pub fn resolved(&self) -> Result<(bool, Option<&'static str>)> {
-        use dsv4_core::chat::{EncoderRevision, ReasoningEffort, ThinkingMode};
-        use dsv4_server::thinking::{resolve, EFFORT_SPELLINGS};
-        let effort = match self.reasoning_effort.as_deref() {
-            None => None,
-            Some(s) => Some(dsv4_server::Effort::parse(s).ok_or_else(|| {
-                anyhow::anyhow!("unknown --reasoning-effort `{s}`: expected one of {EFFORT_SPELLINGS}")
-            })?),
-        };
+        use dsv4_core::chat::{EncoderRevision, ThinkingMode};
+        let effort = self
+            .reasoning_effort
+            .as_deref()
+            .map(|s| dsv4_server::Effort::parse_param(s, "--reasoning-effort"))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--reasoning-effort: {}", e.message))?;
         let switch = match (self.thinking, self.no_thinking) {
             (true, _) => Some(true),
             (_, true) => Some(false),
             _ => None,
         };
-        let (mode, effort) = resolve(switch, effort, false, EncoderRevision::Preview);
-        let effort = effort.map(|e| match e {
-            ReasoningEffort::Low => "low",
-            ReasoningEffort::High => "high",
-            ReasoningEffort::Max => "max",
-        });
-        Ok((mode == ThinkingMode::Thinking, effort))
+        let (mode, effort) = dsv4_server::thinking::resolve(switch, effort, false, EncoderRevision::Preview);
+        Ok((mode == ThinkingMode::Thinking, effort.map(|e| e.as_str())))
     }
 }
 
@@ -135,8 +129,11 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The sampler's own checks ([`SamplingParams::validate`]), run before anything loads.
     pub fn check(&self) -> Result<()> {
-        let sampling = SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: 0 };
-        Ok(sampling.validate()?)
+        Ok(self.sampling_params().validate()?)
+    }
+
+    fn sampling_params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
     }
 
     fn options<B: Backend>(&self, model: &Model<B>, tok: Option<&Tokenizer>) -> GenerateOptions {
@@ -146,12 +143,7 @@ impl SamplingArgs {
         stop_ids.dedup();
         GenerateOptions {
             max_new_tokens: self.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed: self.seed,
-            },
+            sampling: self.sampling_params(),
             stop_token_ids: stop_ids,
             speculative_tokens: self.speculative_tokens,
             ..Default::default()

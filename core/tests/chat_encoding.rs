@@ -272,6 +272,11 @@ fn reasoning_effort() {
     insta::assert_snapshot!("reasoning_effort_max", prompt);
     assert_eq!(render_openai(&v, None, true, Some("max")).unwrap(), prompt);
 
+    // Each level's spelling parses back to it.
+    for e in [ReasoningEffort::Low, ReasoningEffort::High, ReasoningEffort::Max] {
+        assert_eq!(e.as_str().parse::<ReasoningEffort>().unwrap(), e);
+    }
+
     // High adds nothing; chat mode ignores the effort.
     assert_eq!(render_openai(&v, None, true, Some("high")).unwrap(), render(v.clone(), &thinking()));
     assert_eq!(render_openai(&v, None, false, Some("max")).unwrap(), render(v.clone(), &chat()));

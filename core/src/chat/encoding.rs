@@ -215,6 +215,17 @@ pub enum ReasoningEffort {
     Max,
 }
 
+impl ReasoningEffort {
+    /// The spelling [`str::parse`] takes back.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasoningEffort::Low => "low",
+            ReasoningEffort::High => "high",
+            ReasoningEffort::Max => "max",
+        }
+    }
+}
+
 impl std::str::FromStr for ReasoningEffort {
     type Err = ChatError;
     fn from_str(s: &str) -> Result<Self, ChatError> {
