@@ -524,10 +524,7 @@ impl SseState {
             }
             StreamKind::Completion(head) => {
                 let (text, logprobs) = match d {
-                    Delta::Content(t) => {
-                        head.offset += t.chars().count();
-                        (t, Value::Null)
-                    }
+                    Delta::Content(t) => (t, Value::Null),
                     Delta::Logprobs(l) if head.logprobs => (String::new(), head.logprobs_json(&l)),
                     _ => return,
                 };
@@ -701,7 +698,10 @@ struct CompletionHead {
     created: u64,
     model: String,
     logprobs: bool,
-    /// Characters of text sent so far (`text_offset`).
+    /// Characters of the token strings whose log-probabilities were sent so far: the next
+    /// `text_offset`. Counted from the tokens, not from the text sent, so that a streamed
+    /// reply's offsets are the whole reply's (text held back, e.g. the bytes of a character
+    /// split over tokens, would otherwise shift them).
     offset: usize,
 }
 
@@ -721,15 +721,14 @@ impl CompletionHead {
         })
     }
 
-    /// The legacy completions `logprobs` object for `l` (offsets continue from the text so far).
-    /// `text_offset` counts characters (Unicode scalar values), as OpenAI's and vLLM's do
-    /// (Python string lengths), not UTF-8 bytes.
-    fn logprobs_json(&self, l: &[TokenLogprob]) -> Value {
-        let mut offset = self.offset;
+    /// The legacy completions `logprobs` object for `l`, its offsets continuing from the tokens
+    /// before (`offset`, which it advances). `text_offset` counts characters (Unicode scalar
+    /// values), as OpenAI's and vLLM's do (Python string lengths), not UTF-8 bytes.
+    fn logprobs_json(&mut self, l: &[TokenLogprob]) -> Value {
         let mut offsets = vec![];
         for t in l {
-            offsets.push(offset);
-            offset += t.token.chars().count();
+            offsets.push(self.offset);
+            self.offset += t.token.chars().count();
         }
         json!({
             "tokens": l.iter().map(|t| &t.token).collect::<Vec<_>>(),
@@ -817,7 +816,7 @@ async fn completions_inner(state: &AppState, body: Result<Bytes, BytesRejection>
     params.logprobs = top;
     let (stream, include_usage) = stream_options(&f)?;
     let reply = state.start_raw_reply(prompt, &params)?;
-    let head = CompletionHead {
+    let mut head = CompletionHead {
         id: state.next_id("cmpl-"),
         created: unix_now(),
         model: state.served_model_name.clone(),

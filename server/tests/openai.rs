@@ -403,6 +403,15 @@ fn logprobs_of_chat_and_completions() {
         tokens.iter().any(|t| t.as_str().unwrap().len() > t.as_str().unwrap().chars().count()),
         "no token with a multi-byte character to tell bytes from characters: {tokens:?}"
     );
+    // Streamed, the same request gives the same tokens and offsets, chunk after chunk.
+    let body = json!({"prompt": "abc", "max_tokens": 24, "logprobs": 1, "seed": 3, "stream": true});
+    let (mut streamed_tokens, mut streamed_offsets) = (vec![], vec![]);
+    for e in sse(s, "/v1/completions", &body).iter().filter(|e| e["choices"][0]["logprobs"].is_object()) {
+        let lp = &e["choices"][0]["logprobs"];
+        streamed_tokens.extend(lp["tokens"].as_array().unwrap().iter().cloned());
+        streamed_offsets.extend(lp["text_offset"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!((&streamed_tokens, &streamed_offsets), (tokens, offsets));
 }
 
 // ------------------------------------------------------------------------------------------
