@@ -15,7 +15,7 @@ use ndarray::{s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
 use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
-use crate::kernels::{bf16_gemm, fp4_bf16, mhc, norm};
+use crate::kernels::{amx, bf16_gemm, fp4_bf16, mhc, norm};
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
@@ -123,8 +123,10 @@ const PREFILL_ROWS_PER_TASK: usize = 256;
 /// Many input rows (prefill): the block is widened once (exactly) and multiplied by
 /// [`crate::gemm::matmul_nt_weights`] (the AVX-512 or AVX2 kernel, or the `gemm` crate);
 /// when the input holds BF16 values only (`x_bf16`, the `bf16` precision) and the widened rows
-/// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by the BF16 GEMM
-/// ([`crate::kernels::bf16_gemm`]: exact products, f32 accumulation, another summation order).
+/// are BF16 values too (BF16 weights, FP8/FP4 times power-of-two scales), by a BF16 GEMM
+/// ([`crate::kernels::amx`] on AMX tiles where the CPU has them, else
+/// [`crate::kernels::bf16_gemm`] where chosen: exact products, f32 accumulation, another
+/// summation order).
 ///
 /// The widened rows (and `dot_many`'s transposed outputs) go to a buffer kept per thread
 /// ([`SCRATCH`]): a new zeroed buffer per block cost its allocation and a `memset` of up to
@@ -210,7 +212,7 @@ fn widened_product(
     let applies = m > GEMV_MAX_ROWS
         && m < rows
         && crate::kernels::f32_gemm::available()
-        && !(x_bf16 && bf16_gemm::chosen())
+        && !(x_bf16 && crate::kernels::bf16_prefill_products())
         && ws.iter().all(|w| w.cols == k && w.f32_rows(start, n).is_none());
     if !applies {
         return None;
@@ -344,7 +346,6 @@ fn linear_block_with(
         }
         return y;
     }
-    let bf16_products = x_bf16 && bf16_gemm::chosen();
     let wb: &[f32] = match w.f32_rows(start, n) {
         Some(rows) => rows,
         None => {
@@ -354,7 +355,12 @@ fn linear_block_with(
         }
     };
     let out = y.as_slice_mut().expect("standard layout");
-    if bf16_products && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
+    // BF16 products where chosen: AMX tiles first (Xeons since Sapphire Rapids), else
+    // `vdpbf16ps`; either declines a weight whose widened rows are not all BF16 values.
+    if x_bf16 && amx::chosen() && amx::matmul_nt_amx(xs, wb, out, m, w.cols, n) {
+        return y;
+    }
+    if x_bf16 && bf16_gemm::chosen() && bf16_gemm::matmul_nt_bf16(xs, wb, out, m, w.cols, n) {
         return y;
     }
     crate::gemm::matmul_nt_weights(xs, wb, out, m, w.cols, n);

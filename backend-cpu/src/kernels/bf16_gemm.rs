@@ -167,7 +167,7 @@ pub(crate) fn matmul_nt_bf16(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: u
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -176,7 +176,7 @@ mod x86 {
     /// Rows of `a` per micro-tile.
     const MR: usize = 8;
     /// zmm accumulators per row of a micro-tile.
-    const NV: usize = 2;
+    pub(in crate::kernels) const NV: usize = 2;
     /// Columns per micro-tile and per packed panel of `b`.
     const NR: usize = 16 * NV;
     /// BF16 pairs of `k` per cache block (a multiple of 16).
@@ -186,7 +186,7 @@ mod x86 {
 
     /// `vpermt2w` indices picking the high halves of 32 f32 lanes (word 2i+1 of the pair of
     /// vectors): 16 BF16 pairs, low half the even element.
-    static ODD_WORDS: [u16; 32] = {
+    pub(in crate::kernels) static ODD_WORDS: [u16; 32] = {
         let mut idx = [0u16; 32];
         let mut i = 0;
         while i < 32 {
@@ -271,7 +271,7 @@ mod x86 {
     ///
     /// The CPU supports AVX-512 F and BW; `min(rem, 32)` f32 values are readable at `p`.
     #[inline(always)]
-    unsafe fn load_pairs(p: *const f32, rem: usize, odd_words: __m512i) -> (__m512i, __mmask16) {
+    pub(in crate::kernels) unsafe fn load_pairs(p: *const f32, rem: usize, odd_words: __m512i) -> (__m512i, __mmask16) {
         let (mlo, mhi) = chunk_masks(rem);
         // SAFETY: masked loads read only the lanes the masks enable, all inside the row
         // (`wrapping_add` since the second half may start past it, then with an empty mask).
@@ -291,7 +291,7 @@ mod x86 {
     ///
     /// The CPU supports AVX-512 F and BW; `b.len() == n·k`, `j·NR < n`, `out.len() == ⌈k/2⌉·NV`.
     #[inline(always)]
-    unsafe fn pack_b_panel(b: &[f32], k: usize, n: usize, j: usize, out: &mut [Line]) -> bool {
+    pub(in crate::kernels) unsafe fn pack_b_panel(b: &[f32], k: usize, n: usize, j: usize, out: &mut [Line]) -> bool {
         let kp = k.div_ceil(2);
         debug_assert!(b.len() == n * k && j * NR < n && out.len() == kp * NV);
         // SAFETY: AVX-512 F/BW as the caller guarantees; every load reads inside `b` (row < n,

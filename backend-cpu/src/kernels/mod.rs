@@ -11,6 +11,7 @@
 use std::sync::OnceLock;
 
 pub(crate) mod act;
+pub(crate) mod amx;
 pub mod attn;
 pub(crate) mod bf16_gemm;
 pub(crate) mod e8m0;
@@ -37,7 +38,22 @@ pub fn bf16_gemm_available() -> bool {
     bf16_gemm::chosen()
 }
 
+pub use amx::AMX_ENV;
 pub use bf16_gemm::BF16_PRODUCTS_ENV;
+
+/// Whether prefill GEMMs on BF16 inputs multiply on AMX tiles (`tdpbf16ps`): x86-64 Linux with
+/// AMX-BF16, `DSV4_CPU_ISA` not lowered below `avx512`, and neither `DSV4_CPU_AMX` nor
+/// `DSV4_CPU_BF16_PRODUCTS` `off`. It takes precedence over [`bf16_gemm_available`] for
+/// prefill. See [`amx::chosen`].
+pub fn amx_available() -> bool {
+    amx::chosen()
+}
+
+/// Whether prefill GEMMs on BF16 inputs multiply in BF16 at all: [`amx_available`] or
+/// [`bf16_gemm_available`].
+pub(crate) fn bf16_prefill_products() -> bool {
+    amx::chosen() || bf16_gemm::chosen()
+}
 
 /// Whether a slice of `len` values holds a `rows × cols` matrix: `false` also when the size
 /// overflows (a plain `rows * cols` wraps in release builds and would pass a length check).
