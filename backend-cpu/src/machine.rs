@@ -20,7 +20,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 /// The CPU features reported, under the names `/proc/cpuinfo` uses.
-pub const FEATURE_NAMES: [&str; 7] = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"];
+pub const FEATURE_NAMES: [&str; 8] =
+    ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16"];
 
 /// Whether the CPU has each of [`FEATURE_NAMES`].
 pub fn features() -> Vec<(&'static str, bool)> {
@@ -37,6 +38,8 @@ fn has_feature(name: &str) -> bool {
         "avx512bw" => is_x86_feature_detected!("avx512bw"),
         "avx512_bf16" => is_x86_feature_detected!("avx512bf16"),
         "avx512_vnni" => is_x86_feature_detected!("avx512vnni"),
+        // AMX-TILE and AMX-BF16 by CPUID (whether the system grants the tiles: `amx_flops_per_sec`).
+        "amx_bf16" => crate::kernels::amx::cpu_has_amx_bf16(),
         _ => false,
     }
 }
@@ -156,6 +159,9 @@ pub struct Machine {
     pub fma_flops_per_sec: f64,
     /// BF16 dot-product FLOP/s with every thread (2 per product), None without AVX-512 BF16.
     pub bf16_flops_per_sec: Option<f64>,
+    /// AMX BF16 tile FLOP/s (`tdpbf16ps`) with every thread (2 per product), None where the
+    /// prefill GEMMs do not use AMX (`kernels::amx_available`).
+    pub amx_flops_per_sec: Option<f64>,
 }
 
 /// Measures everything in `s`. Takes about a second and a half with the bench settings.
@@ -166,6 +172,8 @@ pub fn measure(s: &Settings) -> Machine {
     let fma = compute_peak(Peak::Fma(simd), threads, s.compute_run, s.compute_runs.max(1));
     let bf16 = (simd == Simd::Avx512 && Simd::has_bf16())
         .then(|| compute_peak(Peak::Bf16, threads, s.compute_run, s.compute_runs.max(1)));
+    let amx =
+        crate::kernels::amx::chosen().then(|| compute_peak(Peak::Amx, threads, s.compute_run, s.compute_runs.max(1)));
     Machine {
         cpu: cpu_model_name(),
         features: features(),
@@ -177,6 +185,7 @@ pub fn measure(s: &Settings) -> Machine {
         fma_kernel: simd.fma_name(),
         fma_flops_per_sec: fma,
         bf16_flops_per_sec: bf16,
+        amx_flops_per_sec: amx,
     }
 }
 
@@ -324,6 +333,8 @@ fn sum_portable(lines: &[Line]) -> f32 {
 enum Peak {
     Fma(Simd),
     Bf16,
+    /// `tdpbf16ps` on AMX tiles.
+    Amx,
 }
 
 /// Independent accumulator chains per thread in the compute kernels: FMA latency (4-5 cycles)
@@ -333,12 +344,16 @@ const CHAINS: usize = 12;
 impl Peak {
     /// FLOP of one loop iteration of the kernel.
     fn flops_per_iter(self) -> f64 {
+        if matches!(self, Peak::Amx) {
+            return crate::kernels::amx::PEAK_FLOPS_PER_ITER;
+        }
         let lanes = match self {
             Peak::Fma(Simd::Avx512) => 16,
             Peak::Fma(Simd::Avx2) => 8,
             Peak::Fma(Simd::Scalar) => 1,
             // vdpbf16ps zmm: 16 f32 lanes, each adding two bf16 products.
             Peak::Bf16 => 32,
+            Peak::Amx => unreachable!("returned above"),
         };
         (CHAINS * lanes * 2) as f64
     }
@@ -355,6 +370,8 @@ impl Peak {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the guard detected avx512f and avx512bf16, the function's features.
             Peak::Bf16 if Simd::has_bf16() => unsafe { x86::dp_bf16(iters) },
+            // (`measure` runs it only where the prefill uses AMX.)
+            Peak::Amx => crate::kernels::amx::peak_loop(iters).unwrap_or_else(|| mul_add_portable(iters)),
             _ => mul_add_portable(iters),
         }
     }
@@ -581,6 +598,8 @@ mod tests {
         assert_eq!(m.fma_kernel, fma);
         assert_eq!(m.bf16_flops_per_sec.is_some(), bf16);
         assert_eq!(m.bf16_flops_per_sec.is_some(), crate::kernels::bf16_gemm::available());
+        assert_eq!(m.amx_flops_per_sec.is_some(), crate::kernels::amx::chosen());
+        assert!(m.amx_flops_per_sec.is_none_or(|f| f > 0.0 && f.is_finite()));
         assert_eq!(m.features.len(), FEATURE_NAMES.len());
     }
 }

@@ -661,14 +661,10 @@ fn checked_options(opts: &Options) -> Result<(Vec<usize>, usize)> {
 fn run_report(
     weight_memory: &WeightMemoryReport,
     precision: Precision,
-    peak: Option<bool>,
+    peak: Option<PrefillPeak>,
     weights: &ActiveWeights,
 ) -> String {
-    let column = match peak {
-        Some(true) => " (prefill peak column: against the BF16 dot peak)",
-        Some(false) => " (prefill peak column: against the f32 FMA peak)",
-        None => "",
-    };
+    let column = peak.map_or(String::new(), |p| format!(" (prefill peak column: against the {})", p.describe()));
     format!("weights: {}\nprecision: {precision}{column}\n{}", weight_memory.describe(), weights_report(weights))
 }
 
@@ -715,9 +711,8 @@ pub fn run<B: Backend>(
     }
     let (model, held) = crate::load::load_model_with_memory(be, spec, kv.precision, kv.weight_memory)?;
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
-    let bf16_gemms =
-        kv.precision.rounds_to_bf16() && be.name() == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
-    let limits = limits(&machine, bf16_gemms, be.name() == "cpu");
+    let prefill_peak = PrefillPeak::of(&machine, kv.precision.rounds_to_bf16() && be.name() == "cpu");
+    let limits = limits(&machine, prefill_peak, be.name() == "cpu");
     // Speculative decoding keeps the window pages a rollback needs on top of the longest step.
     let max_step = crate::generate::pool_max_step(opts.chunk, k);
     let config = kv.config_for_run(be, &cfg, needed, max_step)?;
@@ -727,10 +722,7 @@ pub fn run<B: Backend>(
     } else {
         println!("backend: {}", be.describe());
         println!("model: {spec}");
-        print!(
-            "{}",
-            run_report(&weight_memory, kv.precision, limits.map(|_| bf16_peak(&machine, bf16_gemms)), &weights)
-        );
+        print!("{}", run_report(&weight_memory, kv.precision, limits.map(|_| prefill_peak), &weights));
         if limits.is_none() {
             println!("{}", no_limits_note(be.name()));
         }
@@ -785,7 +777,7 @@ pub fn run<B: Backend>(
             model: spec,
             kv: kv_description,
             precision: kv.precision,
-            bf16_gemms,
+            prefill_peak,
             limits,
             weights: &weights,
             weight_memory: &weight_memory,
@@ -934,8 +926,8 @@ pub fn run_ranks(
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
-    let bf16_gemms = kv.precision.rounds_to_bf16() && name == "cpu" && dsv4_backend_cpu::kernels::bf16_gemm_available();
-    let limits = limits(&machine, bf16_gemms, name == "cpu");
+    let prefill_peak = PrefillPeak::of(&machine, kv.precision.rounds_to_bf16() && name == "cpu");
+    let limits = limits(&machine, prefill_peak, name == "cpu");
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: None };
     // Over several processes node 0 reports the table; every node reports its own ranks'
     // communication (each process counts only its ranks').
@@ -968,10 +960,7 @@ pub fn run_ranks(
                 layout.world
             );
         }
-        print!(
-            "{}",
-            run_report(&weight_memory, kv.precision, limits.map(|_| bf16_peak(&machine, bf16_gemms)), &weights)
-        );
+        print!("{}", run_report(&weight_memory, kv.precision, limits.map(|_| prefill_peak), &weights));
         if limits.is_none() {
             println!("{}", no_limits_note(&name));
         }
@@ -1032,7 +1021,7 @@ pub fn run_ranks(
         model: spec,
         kv: kv_description.into_inner().unwrap_or_else(|e| e.into_inner()),
         precision: kv.precision,
-        bf16_gemms,
+        prefill_peak,
         limits,
         weights: &weights,
         weight_memory: &weight_memory,
@@ -1104,7 +1093,9 @@ fn machine_report(m: &Machine, isa: Option<&str>, bf16_products: bool) -> String
     match m.bf16_flops_per_sec {
         Some(f) => {
             s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product", f / 1e9);
-            if !bf16_products {
+            if !bf16_products && m.amx_flops_per_sec.is_some() {
+                s += "; not used here: GEMMs on BF16 inputs multiply on AMX tiles";
+            } else if !bf16_products {
                 // Measured, not used: `bf16_gemm::chosen` (an Intel CPU, or the variable off).
                 s += &format!(
                     "; not used here: GEMMs on BF16 inputs multiply in f32, {}=on to change that",
@@ -1117,6 +1108,25 @@ fn machine_report(m: &Machine, isa: Option<&str>, bf16_products: bool) -> String
             s += "bf16 dot peak: not measured (the cpu kernels do not use avx512_bf16 here)\n"
         }
         None => s += "bf16 dot peak: not measured (no avx512_bf16)\n",
+    }
+    let has_amx = m.features.iter().any(|&(f, has)| f == "amx_bf16" && has);
+    match m.amx_flops_per_sec {
+        Some(f) => {
+            s += &format!(
+                "amx bf16 peak: {:.1} GFLOP/s (amx_bf16 tdpbf16ps tiles, 2 FLOP per product; used by the GEMMs on BF16 \
+                 inputs)\n",
+                f / 1e9
+            )
+        }
+        None if has_amx => {
+            s += &format!(
+                "amx bf16 peak: not measured (the cpu kernels do not use amx here: {}=off, {}=off, cpu kernels below \
+                 avx512, or the system refused the tile data)\n",
+                dsv4_backend_cpu::kernels::AMX_ENV,
+                dsv4_backend_cpu::kernels::BF16_PRODUCTS_ENV
+            )
+        }
+        None => {}
     }
     s
 }
@@ -1156,11 +1166,58 @@ fn table_header() -> String {
     )
 }
 
-/// Whether prefill is read against the BF16 dot-product peak: the GEMMs multiply in BF16
-/// (`bf16_gemms`: the CPU backend in bf16 with AVX512-BF16 in use, `bf16_gemm_available`) and the
-/// machine has that peak.
-fn bf16_peak(m: &Machine, bf16_gemms: bool) -> bool {
-    bf16_gemms && m.bf16_flops_per_sec.is_some()
+/// The compute peak the prefill column is read against: that of the instructions the prefill
+/// GEMMs multiply with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrefillPeak {
+    /// f32 FMAs: `f32` precision, or BF16 values multiplied in f32.
+    F32Fma,
+    /// `vdpbf16ps` (`kernels::bf16_gemm_available`).
+    Bf16Dot,
+    /// `tdpbf16ps` on AMX tiles (`kernels::amx_available`).
+    AmxBf16,
+}
+
+impl PrefillPeak {
+    /// The peak for a run whose prefill GEMMs take BF16 inputs on the CPU backend
+    /// (`bf16_on_cpu`): AMX's where it is used and was measured, else `vdpbf16ps`'s likewise,
+    /// else the f32 FMA peak.
+    fn of(m: &Machine, bf16_on_cpu: bool) -> PrefillPeak {
+        use dsv4_backend_cpu::kernels::{amx_available, bf16_gemm_available};
+        match bf16_on_cpu {
+            true if amx_available() && m.amx_flops_per_sec.is_some() => PrefillPeak::AmxBf16,
+            true if bf16_gemm_available() && m.bf16_flops_per_sec.is_some() => PrefillPeak::Bf16Dot,
+            _ => PrefillPeak::F32Fma,
+        }
+    }
+
+    /// FLOP/s of this peak on `m` (the f32 FMA peak where this one was not measured).
+    fn flops(self, m: &Machine) -> f64 {
+        match self {
+            PrefillPeak::AmxBf16 => m.amx_flops_per_sec,
+            PrefillPeak::Bf16Dot => m.bf16_flops_per_sec,
+            PrefillPeak::F32Fma => None,
+        }
+        .unwrap_or(m.fma_flops_per_sec)
+    }
+
+    /// `prefill_peak` in `--json`.
+    fn json_name(self) -> &'static str {
+        match self {
+            PrefillPeak::F32Fma => "f32_fma",
+            PrefillPeak::Bf16Dot => "bf16_dot",
+            PrefillPeak::AmxBf16 => "amx_bf16",
+        }
+    }
+
+    /// Its name in the report's text.
+    fn describe(self) -> &'static str {
+        match self {
+            PrefillPeak::F32Fma => "f32 FMA peak",
+            PrefillPeak::Bf16Dot => "BF16 dot peak",
+            PrefillPeak::AmxBf16 => "AMX BF16 tile peak",
+        }
+    }
 }
 
 /// The limits a row is read against: prefill against a compute peak, decode against the read
@@ -1171,17 +1228,13 @@ struct Limits {
     read_bytes_per_sec: f64,
 }
 
-/// The host CPU's limits, measured in the same run: the BF16 dot-product peak when
-/// [`bf16_peak`], else the f32 FMA peak, and the all-threads read bandwidth. `None` unless the
+/// The host CPU's limits, measured in the same run: the compute peak of `peak`
+/// ([`PrefillPeak::of`]) and the all-threads read bandwidth. `None` unless the
 /// run computes on the CPU (`on_cpu`): another backend computes on its device, whose bandwidth
 /// and peak the bench does not measure, and dividing by the host's would mean nothing (an H200
 /// "ran at 180% of the peak").
-fn limits(m: &Machine, bf16_gemms: bool, on_cpu: bool) -> Option<Limits> {
-    let peak_flops = match m.bf16_flops_per_sec {
-        Some(bf16) if bf16_peak(m, bf16_gemms) => bf16,
-        _ => m.fma_flops_per_sec,
-    };
-    on_cpu.then_some(Limits { peak_flops, read_bytes_per_sec: m.read_bytes_per_sec })
+fn limits(m: &Machine, peak: PrefillPeak, on_cpu: bool) -> Option<Limits> {
+    on_cpu.then_some(Limits { peak_flops: peak.flops(m), read_bytes_per_sec: m.read_bytes_per_sec })
 }
 
 /// The line printed above the table when the rows are not read against the machine's limits.
@@ -1297,8 +1350,8 @@ struct Report<'a> {
     model: &'a str,
     kv: String,
     precision: Precision,
-    /// Prefill GEMMs multiplied in BF16 (read against the BF16 peak).
-    bf16_gemms: bool,
+    /// The compute peak the prefill column is read against.
+    prefill_peak: PrefillPeak,
     /// What the rows are read against ([`limits`]).
     limits: Option<Limits>,
     weights: &'a ActiveWeights,
@@ -1364,11 +1417,12 @@ impl Report<'_> {
                 "fma_kernel": m.fma_kernel,
                 "fma_gflop_s": m.fma_flops_per_sec / 1e9,
                 "bf16_gflop_s": m.bf16_flops_per_sec.map(|f| f / 1e9),
+                "amx_bf16_gflop_s": m.amx_flops_per_sec.map(|f| f / 1e9),
             },
             "backend": self.backend,
             "model": self.model,
             "precision": self.precision.name(),
-            "prefill_peak": if bf16_peak(self.machine, self.bf16_gemms) { "bf16_dot" } else { "f32_fma" },
+            "prefill_peak": self.prefill_peak.json_name(),
             "kv": self.kv,
             "weight_memory": {
                 "mode": self.weight_memory.held.map(|m| m.name()),
@@ -1582,6 +1636,7 @@ mod tests {
             fma_kernel: "avx512f",
             fma_flops_per_sec: 200e9,
             bf16_flops_per_sec: Some(400e9),
+            amx_flops_per_sec: Some(1600e9),
         }
     }
 
@@ -1594,14 +1649,26 @@ mod tests {
         let used = machine_report(&m, Some("avx512"), true);
         assert!(used.contains("bf16 dot peak: 400.0 GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product)\n"), "{used}");
         // Measured but not used (an Intel CPU, or DSV4_CPU_BF16_PRODUCTS=off).
+        m.amx_flops_per_sec = None;
+        let unused_no_amx = machine_report(&m, Some("avx512"), false);
+        m.amx_flops_per_sec = Some(1600e9);
         let unused = machine_report(&m, Some("avx512"), false);
         assert!(
-            unused.contains(
+            unused_no_amx.contains(
                 "bf16 dot peak: 400.0 GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product; not used here: GEMMs on \
                  BF16 inputs multiply in f32, DSV4_CPU_BF16_PRODUCTS=on to change that)\n"
             ),
-            "{unused}"
+            "{unused_no_amx}"
         );
+        // AMX in use: the GEMMs multiply on tiles, not in f32.
+        assert!(used.contains("amx bf16 peak: 1600.0 GFLOP/s (amx_bf16 tdpbf16ps tiles"), "{used}");
+        assert!(unused.contains("; not used here: GEMMs on BF16 inputs multiply on AMX tiles)\n"), "{unused}");
+        m.amx_flops_per_sec = None;
+        let amx_off = machine_report(&m, Some("avx512"), false);
+        assert!(amx_off.contains("amx bf16 peak: not measured (the cpu kernels do not use amx here"), "{amx_off}");
+        assert!(amx_off.contains("GEMMs on BF16 inputs multiply in f32"), "{amx_off}");
+        m.features.iter_mut().filter(|f| f.0 == "amx_bf16").for_each(|f| f.1 = false);
+        assert!(!machine_report(&m, Some("avx512"), false).contains("amx bf16 peak"), "no AMX: no line");
         m.bf16_flops_per_sec = None;
         (m.fma_kernel, m.read_kernel) = ("avx2+fma", "avx2");
         let lowered = machine_report(&m, Some("avx2"), false);
@@ -1613,6 +1680,18 @@ mod tests {
         m.features.iter_mut().filter(|f| f.0 == "avx512_bf16").for_each(|f| f.1 = false);
         let lacking = machine_report(&m, Some("avx2"), false);
         assert!(lacking.contains("bf16 dot peak: not measured (no avx512_bf16)"), "{lacking}");
+    }
+
+    /// Each peak reads its own measurement, the f32 FMA peak where that one is missing.
+    #[test]
+    fn prefill_peaks_read_their_measurements() {
+        let mut m = test_machine();
+        let flops = |m: &Machine| [PrefillPeak::F32Fma, PrefillPeak::Bf16Dot, PrefillPeak::AmxBf16].map(|p| p.flops(m));
+        assert_eq!(flops(&m), [200e9, 400e9, 1600e9]);
+        (m.bf16_flops_per_sec, m.amx_flops_per_sec) = (None, None);
+        assert_eq!(flops(&m), [200e9; 3]);
+        assert_eq!(limits(&test_machine(), PrefillPeak::AmxBf16, true).unwrap().peak_flops, 1600e9);
+        assert_eq!(PrefillPeak::of(&test_machine(), false), PrefillPeak::F32Fma, "f32 activations");
     }
 
     /// The warm-up hands every block it took back to the pool: a pool sized for one sequence
@@ -1677,8 +1756,8 @@ mod tests {
             model: builtin::TINY_NAME,
             kv: "kv".into(),
             precision: Precision::F32,
-            bf16_gemms: false,
-            limits: limits(&machine, false, true),
+            prefill_peak: PrefillPeak::F32Fma,
+            limits: limits(&machine, PrefillPeak::F32Fma, true),
             weights: &weights,
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
@@ -1701,14 +1780,14 @@ mod tests {
             header.split_whitespace().take(5).collect::<Vec<_>>(),
             ["context", "prefill", "tok/s", "decode", "ms/tok"]
         );
-        let line = table_row(&rows[0], &weights, limits(&machine, false, true));
+        let line = table_row(&rows[0], &weights, limits(&machine, PrefillPeak::F32Fma, true));
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[0], "8");
         assert!(cols[1].parse::<f64>().unwrap() > 0.0 && cols[2].parse::<f64>().unwrap() > 0.0);
         assert!(cols[4].ends_with('%') && cols[9].ends_with('%'), "{line}");
         // On a device backend the host's limits are not divided into: those columns stay empty,
         // in the table and in the JSON, and the rest are the same.
-        let on_device = table_row(&rows[0], &weights, limits(&machine, false, false));
+        let on_device = table_row(&rows[0], &weights, limits(&machine, PrefillPeak::F32Fma, false));
         let dev_cols: Vec<&str> = on_device.split_whitespace().collect();
         assert_eq!((dev_cols[4], dev_cols[9]), ("-", "-"), "{on_device}");
         assert_eq!(on_device.len(), line.len(), "columns stay aligned: {line}\n{on_device}");
@@ -1788,7 +1867,9 @@ mod tests {
         let take = || prof.take();
         let mut progress = |p: Progress| match p {
             Progress::Phase(phase) => text += &phase_report(&phase),
-            Progress::Row(row) => text += &format!("{}\n", table_row(row, &weights, limits(&machine, false, true))),
+            Progress::Row(row) => {
+                text += &format!("{}\n", table_row(row, &weights, limits(&machine, PrefillPeak::F32Fma, true)))
+            }
         };
         let rows = time_contexts(
             &prof,
@@ -1841,8 +1922,8 @@ mod tests {
             model: builtin::TINY_NAME,
             kv: "kv".into(),
             precision: Precision::F32,
-            bf16_gemms: false,
-            limits: limits(&machine, false, true),
+            prefill_peak: PrefillPeak::F32Fma,
+            limits: limits(&machine, PrefillPeak::F32Fma, true),
             weights: &weights,
             weight_memory: &WeightMemoryReport { held: Some(WeightMemory::Resident), huge_page_bytes: Some(2 << 20) },
             decode_steps: 2,
