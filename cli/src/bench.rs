@@ -711,7 +711,7 @@ pub fn run<B: Backend>(
     }
     let (model, held) = crate::load::load_model_with_memory(be, spec, kv.precision, kv.weight_memory)?;
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: crate::load::anon_huge_page_bytes() };
-    let prefill_peak = PrefillPeak::of(&machine, kv.precision.rounds_to_bf16() && be.name() == "cpu");
+    let prefill_peak = PrefillPeak::of(kv.precision.rounds_to_bf16() && be.name() == "cpu");
     let limits = limits(&machine, prefill_peak, be.name() == "cpu");
     // Speculative decoding keeps the window pages a rollback needs on top of the longest step.
     let max_step = crate::generate::pool_max_step(opts.chunk, k);
@@ -926,7 +926,7 @@ pub fn run_ranks(
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     let machine = machine::measure(&machine::Settings::for_bench(threads));
     let isa = (name == "cpu").then(|| dsv4_backend_cpu::kernels::Isa::active().name());
-    let prefill_peak = PrefillPeak::of(&machine, kv.precision.rounds_to_bf16() && name == "cpu");
+    let prefill_peak = PrefillPeak::of(kv.precision.rounds_to_bf16() && name == "cpu");
     let limits = limits(&machine, prefill_peak, name == "cpu");
     let weight_memory = WeightMemoryReport { held, huge_page_bytes: None };
     // Over several processes node 0 reports the table; every node reports its own ranks'
@@ -1094,7 +1094,11 @@ fn machine_report(m: &Machine, isa: Option<&str>, bf16_products: bool) -> String
         Some(f) => {
             s += &format!("bf16 dot peak: {:.1} GFLOP/s (avx512_bf16 vdpbf16ps, 2 FLOP per product", f / 1e9);
             if !bf16_products && m.amx_flops_per_sec.is_some() {
-                s += "; not used here: GEMMs on BF16 inputs multiply on AMX tiles";
+                s += &format!(
+                    "; not used here: prefill GEMMs on BF16 inputs multiply on AMX tiles, decode GEMVs in f32, {}=on \
+                     for vdpbf16ps there",
+                    dsv4_backend_cpu::kernels::BF16_PRODUCTS_ENV
+                );
             } else if !bf16_products {
                 // Measured, not used: `bf16_gemm::chosen` (an Intel CPU, or the variable off).
                 s += &format!(
@@ -1113,8 +1117,8 @@ fn machine_report(m: &Machine, isa: Option<&str>, bf16_products: bool) -> String
     match m.amx_flops_per_sec {
         Some(f) => {
             s += &format!(
-                "amx bf16 peak: {:.1} GFLOP/s (amx_bf16 tdpbf16ps tiles, 2 FLOP per product; used by the GEMMs on BF16 \
-                 inputs)\n",
+                "amx bf16 peak: {:.1} GFLOP/s (amx_bf16 tdpbf16ps tiles, 2 FLOP per product; used by the prefill \
+                 GEMMs on BF16 inputs: --precision bf16 or official)\n",
                 f / 1e9
             )
         }
@@ -1180,13 +1184,19 @@ enum PrefillPeak {
 
 impl PrefillPeak {
     /// The peak for a run whose prefill GEMMs take BF16 inputs on the CPU backend
-    /// (`bf16_on_cpu`): AMX's where it is used and was measured, else `vdpbf16ps`'s likewise,
-    /// else the f32 FMA peak.
-    fn of(m: &Machine, bf16_on_cpu: bool) -> PrefillPeak {
+    /// (`bf16_on_cpu`), in this process: [`PrefillPeak::choose`] with the kernels it uses.
+    fn of(bf16_on_cpu: bool) -> PrefillPeak {
         use dsv4_backend_cpu::kernels::{amx_available, bf16_gemm_available};
-        match bf16_on_cpu {
-            true if amx_available() && m.amx_flops_per_sec.is_some() => PrefillPeak::AmxBf16,
-            true if bf16_gemm_available() && m.bf16_flops_per_sec.is_some() => PrefillPeak::Bf16Dot,
+        PrefillPeak::choose(bf16_on_cpu, amx_available(), bf16_gemm_available())
+    }
+
+    /// AMX's peak where the BF16 GEMMs run on AMX tiles (`amx`), else `vdpbf16ps`'s where they
+    /// use it (`vdp`), else the f32 FMA peak (`f32` activations, or BF16 values multiplied by
+    /// the f32 kernels). A peak that was not measured reads as the f32 one ([`Self::flops`]).
+    fn choose(bf16_on_cpu: bool, amx: bool, vdp: bool) -> PrefillPeak {
+        match (bf16_on_cpu, amx, vdp) {
+            (true, true, _) => PrefillPeak::AmxBf16,
+            (true, false, true) => PrefillPeak::Bf16Dot,
             _ => PrefillPeak::F32Fma,
         }
     }
@@ -1662,7 +1672,13 @@ mod tests {
         );
         // AMX in use: the GEMMs multiply on tiles, not in f32.
         assert!(used.contains("amx bf16 peak: 1600.0 GFLOP/s (amx_bf16 tdpbf16ps tiles"), "{used}");
-        assert!(unused.contains("; not used here: GEMMs on BF16 inputs multiply on AMX tiles)\n"), "{unused}");
+        assert!(
+            unused.contains(
+                "; not used here: prefill GEMMs on BF16 inputs multiply on AMX tiles, decode GEMVs in f32, \
+                 DSV4_CPU_BF16_PRODUCTS=on for vdpbf16ps there)\n"
+            ),
+            "{unused}"
+        );
         m.amx_flops_per_sec = None;
         let amx_off = machine_report(&m, Some("avx512"), false);
         assert!(amx_off.contains("amx bf16 peak: not measured (the cpu kernels do not use amx here"), "{amx_off}");
@@ -1691,7 +1707,12 @@ mod tests {
         (m.bf16_flops_per_sec, m.amx_flops_per_sec) = (None, None);
         assert_eq!(flops(&m), [200e9; 3]);
         assert_eq!(limits(&test_machine(), PrefillPeak::AmxBf16, true).unwrap().peak_flops, 1600e9);
-        assert_eq!(PrefillPeak::of(&test_machine(), false), PrefillPeak::F32Fma, "f32 activations");
+        let choose = |amx, vdp| PrefillPeak::choose(true, amx, vdp);
+        assert_eq!(
+            [choose(true, true), choose(true, false), choose(false, true), choose(false, false)],
+            [PrefillPeak::AmxBf16, PrefillPeak::AmxBf16, PrefillPeak::Bf16Dot, PrefillPeak::F32Fma]
+        );
+        assert_eq!(PrefillPeak::choose(false, true, true), PrefillPeak::F32Fma, "f32 activations");
     }
 
     /// The warm-up hands every block it took back to the pool: a pool sized for one sequence

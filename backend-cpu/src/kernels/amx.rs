@@ -51,7 +51,7 @@
 //! releases them (`tilerelease`) when done.
 
 /// The environment variable that turns the AMX kernel off (`off`) or leaves it to the CPU
-/// (`auto`, the default), e.g. to compare it with the `vdpbf16ps` or f32 kernels. The BF16
+/// (`auto`, the default, or `on`), e.g. to compare it with the `vdpbf16ps` or f32 kernels. The BF16
 /// products switch ([`super::BF16_PRODUCTS_ENV`] `off`) turns it off too.
 pub const AMX_ENV: &str = "DSV4_CPU_AMX";
 
@@ -60,41 +60,57 @@ pub const AMX_ENV: &str = "DSV4_CPU_AMX";
 pub(crate) fn chosen() -> bool {
     static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        let off = |var: &str| std::env::var(var).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off"));
-        if off(AMX_ENV) || off(super::BF16_PRODUCTS_ENV) {
+        if std::env::var(super::BF16_PRODUCTS_ENV).as_deref() == Ok("off") {
             return false;
         }
-        if let Ok(v) = std::env::var(AMX_ENV) {
-            if !v.trim().eq_ignore_ascii_case("auto") {
-                eprintln!("warning: {AMX_ENV}={v:?} is not one of auto, off; using auto");
+        match std::env::var(AMX_ENV).as_deref() {
+            Ok("off") => false,
+            // `on` cannot do more than `auto`: the kernel runs where the CPU and system allow.
+            Ok("auto" | "on") | Err(_) => available(),
+            Ok(other) => {
+                eprintln!("warning: {AMX_ENV}={other:?} is not one of auto, on, off; using auto");
+                available()
             }
         }
-        available()
     })
 }
 
-/// Whether this CPU and system run the kernel: x86-64 with AMX-TILE and AMX-BF16 (CPUID leaf 7,
-/// EDX bits 24 and 22), the AVX-512 kernels active (`DSV4_CPU_ISA` not lowered: the packing uses
-/// AVX-512 BW), and Linux granting this process the tile data (asked once).
+/// Whether this CPU and system run the kernel: x86-64 with AMX-TILE and AMX-BF16
+/// ([`cpu_has_amx_bf16`]), the AVX-512 kernels active (`DSV4_CPU_ISA` not lowered: the packing
+/// uses AVX-512 BW), and Linux granting this process the tile data (asked once). Decided once a
+/// process (CPUID traps to the hypervisor in a VM; this runs for every prefill task).
 pub(crate) fn available() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    {
-        super::Isa::active() == super::Isa::Avx512 && x86::cpu_has_amx_bf16() && x86::tile_data_granted()
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    {
-        false
-    }
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            super::Isa::active() == super::Isa::Avx512 && cpu_has_amx_bf16() && x86::tile_data_granted()
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            false
+        }
+    })
 }
 
-/// Whether the CPU has AMX-TILE and AMX-BF16 (CPUID), whatever the system and `DSV4_CPU_ISA`
-/// allow.
+/// Whether the CPU has AMX-TILE and AMX-BF16: CPUID.(EAX=07H, ECX=0):EDX bits 24 and 22,
+/// whatever the system and `DSV4_CPU_ISA` allow. False off x86-64.
 pub fn cpu_has_amx_bf16() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[cfg(target_arch = "x86_64")]
     {
-        x86::cpu_has_amx_bf16()
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where leaf 0 lists it.
+        // (`__cpuid` is a safe function in newer Rust, hence the allowance.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            if __cpuid(0).eax < 7 {
+                return false;
+            }
+            let edx = __cpuid_count(7, 0).edx;
+            edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+        }
     }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
@@ -132,8 +148,8 @@ pub(crate) fn peak_loop(iters: u64) -> Option<f32> {
 /// parallelises over blocks of b's rows). With `m == 0` or `n == 0` it returns `true` (when
 /// available) without reading `b`; with `k == 0`, `c` is zeroed.
 ///
-/// Panics if a slice is shorter than its shape. Uses a thread-local buffer of about
-/// `n · k · 2` bytes (rounded up to whole panels and 16 pairs), kept between calls.
+/// Panics if a slice is shorter than its shape. Uses thread-local buffers of about `n · k · 2`
+/// bytes (rounded up to whole panels and 16 pairs) and 32 KiB (the strip), kept between calls.
 pub(crate) fn matmul_nt_amx(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> bool {
     use super::holds;
     assert!(
@@ -162,9 +178,6 @@ pub(crate) fn matmul_nt_amx(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
     }
 }
 
-/// BF16 pairs of `k` per cache block (a multiple of 16).
-const KCP: usize = 256;
-
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod x86 {
     use std::arch::asm;
@@ -174,7 +187,9 @@ mod x86 {
 
     use super::super::bf16_gemm::x86::{load_pairs, pack_b_panel, NV, ODD_WORDS};
     use super::super::x86::{tile_in, tile_out, Line, ZERO_LINE};
-    use super::KCP;
+
+    /// BF16 pairs of `k` per cache block (a multiple of 16).
+    const KCP: usize = 256;
 
     /// Rows of `a` per strip: two A tiles of 16.
     const MR: usize = 32;
@@ -188,20 +203,6 @@ mod x86 {
     const STRIP_STRIDE: usize = STRIP_LINES * 64;
     /// Bytes between pair rows of a packed panel (a B tile's stride).
     const PANEL_STRIDE: usize = NV * 64;
-
-    /// CPUID.(EAX=07H, ECX=0):EDX bit 22 (AMX-BF16) and bit 24 (AMX-TILE).
-    pub(super) fn cpu_has_amx_bf16() -> bool {
-        // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is read only where leaf 0 lists it.
-        // (`__cpuid` is a safe function in newer Rust, hence the allowance.)
-        #[allow(unused_unsafe)]
-        unsafe {
-            if __cpuid(0).eax < 7 {
-                return false;
-            }
-            let edx = __cpuid_count(7, 0).edx;
-            edx & (1 << 22) != 0 && edx & (1 << 24) != 0
-        }
-    }
 
     /// Asks Linux, once per process, for the AMX tile data state (`ARCH_REQ_XCOMP_PERM` with
     /// `XFEATURE_XTILEDATA`): without it the first tile instruction raises SIGILL. The grant is
@@ -217,8 +218,8 @@ mod x86 {
         })
     }
 
-    /// The `ldtilecfg` operand (SDM vol. 1, 3.2 "Tile configuration"): palette 1, eight tiles of
-    /// 16 rows of 64 bytes.
+    /// The `ldtilecfg` operand (Intel SDM vol. 2, LDTILECFG, "Tile configuration" layout):
+    /// palette 1, eight tiles of 16 rows of 64 bytes.
     #[repr(C, align(64))]
     struct TileConfig {
         palette: u8,
@@ -282,30 +283,31 @@ mod x86 {
         let small = [Line([0x3A80_3A80; 16]); 16];
         let mut out = [ZERO_LINE; 16];
         // SAFETY: the caller's; every tile load and store covers 16 rows of 64 bytes of the
-        // 1 KiB arrays at stride 64.
+        // 1 KiB arrays at stride 64; one block from the configuration to the release, declaring
+        // every tile register clobbered; `iters` is at least 1 in the loop (checked first).
         unsafe {
             asm!(
                 "ldtilecfg [{cfg}]",
                 "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
                 "tileloadd tmm4, [{a} + {s}*1]", "tileloadd tmm5, [{a} + {s}*1]",
                 "tileloadd tmm6, [{b} + {s}*1]", "tileloadd tmm7, [{b} + {s}*1]",
-                cfg = in(reg) &CONFIG, a = in(reg) ones.as_ptr(), b = in(reg) small.as_ptr(), s = in(reg) 64usize,
-                options(nostack, readonly, preserves_flags),
-            );
-            for _ in 0..iters {
-                asm!(
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    options(nostack, nomem, preserves_flags),
-                );
-            }
-            asm!(
+                "test {n}, {n}",
+                "jz 3f",
+                "2:",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "dec {n}",
+                "jnz 2b",
+                "3:",
                 "tilestored [{o} + {s}*1], tmm3",
                 "tilerelease",
-                o = in(reg) out.as_mut_ptr(), s = in(reg) 64usize,
-                options(nostack, preserves_flags),
+                cfg = in(reg) &CONFIG, a = in(reg) ones.as_ptr(), b = in(reg) small.as_ptr(),
+                o = in(reg) out.as_mut_ptr(), s = in(reg) 64usize, n = inout(reg) iters => _,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack),
             );
         }
         f32::from_bits(out[15].0[15])
@@ -342,7 +344,11 @@ mod x86 {
         }
         let mut edge = [0f32; MR * NR];
         // SAFETY: the CPU has AMX-TILE and the process its tile data; CONFIG is a valid
-        // palette-1 configuration (8 tiles within the palette's 16 rows × 64 bytes).
+        // palette-1 configuration (8 tiles within the palette's 16 rows × 64 bytes). The
+        // configuration stays until `tilerelease` below: nothing in between but `tile`'s blocks
+        // uses AMX (rustc emits no AMX instruction without the target feature, which this crate
+        // does not enable, and libc's copies use none); each `tile` block keeps its tile data to
+        // itself.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
         for i0 in (0..m).step_by(MR) {
             let mr = MR.min(m - i0);
@@ -403,70 +409,70 @@ mod x86 {
 
     /// The 32 × 32 output tile at `c` (row stride `ldc` values) becomes (`load`: the tile plus)
     /// the products of the strip's `steps·16` pairs with the panel's: C tiles `tmm0` (rows 0-15,
-    /// columns 0-15), `tmm1` (0-15, 16-31), `tmm2` (16-31, 0-15), `tmm3` (16-31, 16-31).
+    /// columns 0-15), `tmm1` (0-15, 16-31), `tmm2` (16-31, 0-15), `tmm3` (16-31, 16-31); A tiles
+    /// `tmm4-5` (rows 0-15 and 16-31 of the strip), B tiles `tmm6-7` (the panel's two halves).
+    /// One `asm!` block from the C tiles' load to their store, so no tile data lives across
+    /// compiled code; it declares every tile register clobbered.
     ///
     /// # Safety
     ///
     /// The tiles are configured as [`CONFIG`]; `strip` holds MR rows of STRIP_LINES lines with
-    /// `steps <= STRIP_LINES`, `panel.len() >= steps·STEP·NV`, and `c` points at MR rows of NR
-    /// writable f32 with row stride `ldc`.
+    /// `1 <= steps <= STRIP_LINES`, `panel.len() >= steps·STEP·NV`, and `c` points at MR rows of
+    /// NR writable f32 with row stride `ldc`.
     #[inline(always)]
     unsafe fn tile(strip: &[Line], panel: &[Line], steps: usize, c: *mut f32, ldc: usize, load: bool) {
-        debug_assert!(strip.len() >= MR * STRIP_LINES && steps <= STRIP_LINES && panel.len() >= steps * STEP * NV);
-        let sc = ldc * 4;
-        // SAFETY (all blocks): the caller's; each tile load or store touches 16 rows of 64
-        // bytes from its base at its stride: C rows of `c`'s MR × NR block, A rows inside the
-        // strip (line q of rows 0-15 or 16-31), B rows inside the panel (pair rows 16q..16q+16,
-        // one half of each).
+        debug_assert!(strip.len() >= MR * STRIP_LINES && (1..=STRIP_LINES).contains(&steps));
+        debug_assert!(panel.len() >= steps * STEP * NV);
+        // SAFETY: the caller's. Each tile load or store touches 16 rows of 64 bytes from its base
+        // at its stride: C rows of `c`'s MR × NR block (`c`, `c + 16` values, and 16 rows down);
+        // A rows inside the strip (line q of rows 0-15, and of rows 16-31 at `A1` bytes on);
+        // B rows inside the panel (pair rows 16q..16q+16 at 128 bytes each, the first or second
+        // 64 bytes); q < steps. The loop counter and pointers are the block's own copies.
         unsafe {
-            let (c1, c2) = (c.add(16), c.add(16 * ldc));
-            let c3 = c2.add(16);
-            if load {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {s}*1]",
-                    "tileloadd tmm1, [{c1} + {s}*1]",
-                    "tileloadd tmm2, [{c2} + {s}*1]",
-                    "tileloadd tmm3, [{c3} + {s}*1]",
-                    c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) sc,
-                    options(nostack, readonly, preserves_flags),
-                );
-            } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem, preserves_flags)
-                );
-            }
-            let ap = strip.as_ptr();
-            let bp = panel.as_ptr();
-            for q in 0..steps {
-                let a0 = ap.add(q);
-                let a1 = ap.add(16 * STRIP_LINES + q);
-                let b0 = bp.add(q * STEP * NV);
-                let b1 = b0.add(1);
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                    sa = in(reg) STRIP_STRIDE, sb = in(reg) PANEL_STRIDE,
-                    options(nostack, readonly, preserves_flags),
-                );
-            }
             asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) c, c1 = in(reg) c1, c2 = in(reg) c2, c3 = in(reg) c3, s = in(reg) sc,
-                options(nostack, preserves_flags),
+                "test {load}, {load}",
+                "jz 2f",
+                "tileloadd tmm0, [{c} + {sc}*1]",
+                "tileloadd tmm1, [{c} + {sc}*1 + 64]",
+                "tileloadd tmm2, [{c2} + {sc}*1]",
+                "tileloadd tmm3, [{c2} + {sc}*1 + 64]",
+                "jmp 3f",
+                "2:",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "3:",
+                "tileloadd tmm4, [{a} + {sa}*1]",
+                "tileloadd tmm6, [{b} + {sb}*1]",
+                "tileloadd tmm7, [{b} + {sb}*1 + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a} + {sa}*1 + {a1}]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a}, 64",
+                "add {b}, {bstep}",
+                "dec {steps}",
+                "jnz 3b",
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c} + {sc}*1 + 64], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c2} + {sc}*1 + 64], tmm3",
+                load = in(reg) load as usize,
+                c = in(reg) c,
+                c2 = in(reg) c.add(16 * ldc),
+                sc = in(reg) ldc * 4,
+                a = inout(reg) strip.as_ptr() => _,
+                b = inout(reg) panel.as_ptr() => _,
+                steps = inout(reg) steps => _,
+                sa = in(reg) STRIP_STRIDE,
+                sb = in(reg) PANEL_STRIDE,
+                a1 = const 16 * STRIP_STRIDE,
+                bstep = const STEP * PANEL_STRIDE,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack),
             );
         }
     }
@@ -525,12 +531,14 @@ mod tests {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     fn amx_runs_where_the_cpu_has_it() {
         let active = super::super::Isa::active() == super::super::Isa::Avx512;
-        let want = active && x86::cpu_has_amx_bf16();
+        let want = active && cpu_has_amx_bf16();
         if !want {
             eprintln!("amx_runs_where_the_cpu_has_it: no AMX-BF16 here (or DSV4_CPU_ISA below avx512)");
         }
-        // Linux (5.16 and later) grants the tile data to any process that asks.
-        assert_eq!(available(), want, "AMX-BF16 CPU: {}", x86::cpu_has_amx_bf16());
+        // Linux grants the tile data (5.16 and later, with signal stacks large enough for the
+        // tile state, as Rust's are): a CPU with AMX-BF16 whose prefill silently lost it would
+        // be a regression worth a failing test.
+        assert_eq!(available(), want, "AMX-BF16 CPU: {}", cpu_has_amx_bf16());
     }
 
     #[test]
@@ -673,13 +681,19 @@ mod tests {
             assert!(c[i * n + 2].is_nan());
             assert_eq!(c[i * n + 3], 2.0);
         }
+        // inf · 0 inside k is NaN, as in f32.
+        let (a3, b3) = ([f32::INFINITY, 1.0], [0.0f32, 1.0]);
+        let mut c3 = [0f32];
+        assert!(matmul_nt_amx(&a3, &b3, &mut c3, 1, 2, 1));
+        assert!(c3[0].is_nan());
         // A lone denormal input counts as zero (SDM: input denormals are treated as zero).
         let (a1, b1) = ([1.0f32], [f32::from_bits(0x0001_0000)]);
         let mut c1 = [f32::NAN];
         assert!(matmul_nt_amx(&a1, &b1, &mut c1, 1, 1, 1));
         assert_eq!(c1[0], 0.0);
-        // An infinity in `a` next to the padding: the zero pairs after k do not turn it into
-        // NaN, also when this thread's packing buffer held NaNs there from a longer `b`.
+        // The zero pairs that pad `b` to whole tiles are zeroed on every call: this thread's
+        // packing buffer held NaNs there from a longer `b`, which the zero pairs of `a` would
+        // turn into a NaN result (0 · NaN).
         let nans = vec![f32::from_bits(0x7FC0_0000); 64];
         assert!(matmul_nt_amx(&[1.0; 64], &nans, &mut c1, 1, 64, 1));
         assert!(c1[0].is_nan());

@@ -30,10 +30,11 @@ pub use weights::{
     decode_row, dot, dot_many, dot_rows, fp8_codes_nan_free, Fp4Groups, Fp8Blocks, NanFreeBlocks, Row, RowScratch, Rows,
 };
 
-/// Whether prefill GEMMs on BF16 inputs multiply in BF16 (`vdpbf16ps`): x86-64 with
-/// AVX512-BF16, `DSV4_CPU_ISA` not lowered below `avx512`, and `DSV4_CPU_BF16_PRODUCTS` `on`,
-/// or `auto` on a CPU that is not an Intel one (`dsv4 bench` reads prefill against the BF16
-/// peak then). See [`bf16_gemm::chosen`].
+/// Whether GEMMs on BF16 inputs may multiply with `vdpbf16ps` (prefill ones where
+/// [`amx_available`] is false, and the FP4 experts' decode GEMVs): x86-64 with AVX512-BF16,
+/// `DSV4_CPU_ISA` not lowered below `avx512`, and `DSV4_CPU_BF16_PRODUCTS` `on`, or `auto` on a
+/// CPU that is not an Intel one (`dsv4 bench` reads prefill against the BF16 dot peak then,
+/// unless AMX runs it). See [`bf16_gemm::chosen`].
 pub fn bf16_gemm_available() -> bool {
     bf16_gemm::chosen()
 }
