@@ -181,15 +181,11 @@ pub(crate) fn matmul_nt_amx(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: us
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod x86 {
     use std::arch::asm;
-    use std::arch::x86_64::*;
     use std::cell::RefCell;
     use std::sync::OnceLock;
 
-    use super::super::bf16_gemm::x86::{load_pairs, pack_b_panel, NV, ODD_WORDS};
+    use super::super::bf16_gemm::x86::{pack_a_strip, pack_b_panel, KCP, NV, STRIP_LINES};
     use super::super::x86::{tile_in, tile_out, Line, ZERO_LINE};
-
-    /// BF16 pairs of `k` per cache block (a multiple of 16).
-    const KCP: usize = 256;
 
     /// Rows of `a` per strip: two A tiles of 16.
     const MR: usize = 32;
@@ -197,8 +193,6 @@ mod x86 {
     const NR: usize = 16 * NV;
     /// Pairs per tile step (the rows of a B tile, 64 bytes of an A tile's row).
     const STEP: usize = 16;
-    /// 16-pair lines per packed row of an `a` strip.
-    const STRIP_LINES: usize = KCP / STEP;
     /// Bytes between rows of a packed strip (an A tile's stride).
     const STRIP_STRIDE: usize = STRIP_LINES * 64;
     /// Bytes between pair rows of a packed panel (a B tile's stride).
@@ -353,10 +347,12 @@ mod x86 {
         for i0 in (0..m).step_by(MR) {
             let mr = MR.min(m - i0);
             for pk0 in (0..kp).step_by(KCP) {
-                let steps = KCP.min(kp - pk0).div_ceil(STEP);
-                // SAFETY: this function's features; rows i0.. of `a`, mr of them, and the
-                // strip's MR·STRIP_LINES lines.
-                unsafe { pack_a_strip(&a[i0 * k..], k, mr, pk0, steps, strip) };
+                let kcp = KCP.min(kp - pk0);
+                let steps = kcp.div_ceil(STEP);
+                // SAFETY: this function's features (AVX-512 F/BW); rows i0.. of `a` (a multiple
+                // of k values), mr of them, pairs pk0..pk0 + kcp <= ⌈k/2⌉, and the strip's
+                // MR·STRIP_LINES lines.
+                unsafe { pack_a_strip::<MR>(&a[i0 * k..], k, mr, pk0, kcp, strip) };
                 for j in 0..panels {
                     let (j0, nr) = (j * NR, NR.min(n - j * NR));
                     let panel = &packed[(j * kp16 + pk0) * NV..(j * kp16 + pk0 + steps * STEP) * NV];
@@ -373,38 +369,6 @@ mod x86 {
         // SAFETY: AMX-TILE; returns the tiles to their initial state.
         unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
         true
-    }
-
-    /// Packs pairs `pk0 .. pk0 + steps·16` of the first `mr` rows of `rows` (the rows of `a`
-    /// from the strip's first on) into `strip`, row `r` at lines `r·STRIP_LINES ..`; rows
-    /// `mr .. MR` and pairs past `k` become zero.
-    ///
-    /// # Safety
-    ///
-    /// The CPU supports AVX-512 F and BW; `rows.len() >= mr·k`, `1 <= mr <= MR`,
-    /// `steps <= STRIP_LINES`, `strip.len() == MR·STRIP_LINES`.
-    #[inline(always)]
-    unsafe fn pack_a_strip(rows: &[f32], k: usize, mr: usize, pk0: usize, steps: usize, strip: &mut [Line]) {
-        debug_assert!(rows.len() >= mr * k && steps <= STRIP_LINES && strip.len() == MR * STRIP_LINES);
-        // SAFETY: AVX-512 F/BW as the caller guarantees; the loads read inside row r < mr of
-        // `rows` (`k − k0` values from column k0 < k), the stores write lines of `strip`.
-        unsafe {
-            let odd_words = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
-            for r in 0..MR {
-                for q in 0..steps {
-                    let k0 = 2 * pk0 + 32 * q;
-                    let v = if r < mr && k0 < k {
-                        let (v, inexact) = load_pairs(rows.as_ptr().add(r * k + k0), k - k0, odd_words);
-                        debug_assert!(inexact == 0, "matmul_nt_amx: a value of `a` is not a BF16 value");
-                        v
-                    } else {
-                        _mm512_setzero_si512()
-                    };
-                    let line: *mut Line = &mut strip[r * STRIP_LINES + q];
-                    _mm512_store_si512(line.cast(), v);
-                }
-            }
-        }
     }
 
     /// The 32 × 32 output tile at `c` (row stride `ldc` values) becomes (`load`: the tile plus)

@@ -180,9 +180,9 @@ pub(super) mod x86 {
     /// Columns per micro-tile and per packed panel of `b`.
     const NR: usize = 16 * NV;
     /// BF16 pairs of `k` per cache block (a multiple of 16).
-    const KCP: usize = 256;
+    pub(in crate::kernels) const KCP: usize = 256;
     /// 16-pair lines per packed row of an `a` strip.
-    const STRIP_LINES: usize = KCP / 16;
+    pub(in crate::kernels) const STRIP_LINES: usize = KCP / 16;
 
     /// `vpermt2w` indices picking the high halves of 32 f32 lanes (word 2i+1 of the pair of
     /// vectors): 16 BF16 pairs, low half the even element.
@@ -242,7 +242,7 @@ pub(super) mod x86 {
                 let load = pk0 > 0;
                 // SAFETY: this function's features; rows i0.. of `a`, mr of them in this strip,
                 // `pk0 + kcp <= ⌈k/2⌉`.
-                unsafe { pack_a_strip(&a[i0 * k..], k, mr, pk0, kcp, &mut strip) };
+                unsafe { pack_a_strip::<MR>(&a[i0 * k..], k, mr, pk0, kcp, &mut strip) };
                 for j in 0..panels {
                     let (j0, nr) = (j * NR, NR.min(n - j * NR));
                     let panel = &packed[(j * kp + pk0) * NV..(j * kp + pk0 + kcp) * NV];
@@ -329,40 +329,43 @@ pub(super) mod x86 {
     }
 
     /// Packs pairs `pk0 .. pk0 + kcp` of the first `mr` rows of `rows` (the rows of `a` from the
-    /// strip's first on) into `strip`, row `r` at lines `r·STRIP_LINES ..`; rows `mr .. MR`
-    /// become zero. Prefetches the same columns of the next strip's rows.
+    /// strip's first on) into `strip`, row `r` at lines `r·STRIP_LINES ..`; rows `mr .. R`
+    /// become zero. Prefetches the same columns of the next strip's rows. `R` is the strip's
+    /// rows: [`MR`] here, 32 for the AMX kernel (`super::super::amx`).
     ///
     /// # Safety
     ///
     /// The CPU supports AVX-512 F and BW; `rows.len()` is a multiple of `k` and at least `mr·k`,
-    /// `1 <= mr <= MR`, `kcp <= KCP` and `pk0 + kcp <= ⌈k/2⌉` (`pk0` a multiple of 16).
+    /// `1 <= mr <= R`, `kcp <= KCP`, `pk0 + kcp <= ⌈k/2⌉` (`pk0` a multiple of 16), and
+    /// `strip.len() == R·STRIP_LINES`.
     #[inline(always)]
-    unsafe fn pack_a_strip(
+    pub(in crate::kernels) unsafe fn pack_a_strip<const R: usize>(
         rows: &[f32],
         k: usize,
         mr: usize,
         pk0: usize,
         kcp: usize,
-        strip: &mut [Line; MR * STRIP_LINES],
+        strip: &mut [Line],
     ) {
         debug_assert!(rows.len() >= mr * k && kcp <= KCP && pk0 + kcp <= k.div_ceil(2));
+        debug_assert!(strip.len() == R * STRIP_LINES);
         // SAFETY: AVX-512 F/BW as the caller guarantees; the loads read inside row r < mr of
         // `rows` (`rem` values from column k0 < k), the stores write lines of `strip`.
         unsafe {
             let odd_words = _mm512_loadu_si512(ODD_WORDS.as_ptr().cast());
-            for r in 0..MR {
+            for r in 0..R {
                 for q in 0..kcp.div_ceil(16) {
                     let v = if r < mr {
                         let k0 = 2 * pk0 + 32 * q;
-                        if (MR + r) * k < rows.len() {
+                        if (R + r) * k < rows.len() {
                             // The next strip's row, same columns, into L2 (a hint: the second
                             // line may lie past the end of `a`; a prefetch never faults).
-                            let next = rows.as_ptr().wrapping_add((MR + r) * k + k0);
+                            let next = rows.as_ptr().wrapping_add((R + r) * k + k0);
                             _mm_prefetch::<_MM_HINT_T1>(next.cast());
                             _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(16).cast());
                         }
                         let (v, inexact) = load_pairs(rows.as_ptr().add(r * k + k0), k - k0, odd_words);
-                        debug_assert!(inexact == 0, "matmul_nt_bf16: a value of `a` is not a BF16 value");
+                        debug_assert!(inexact == 0, "a value of `a` is not a BF16 value");
                         v
                     } else {
                         _mm512_setzero_si512()
