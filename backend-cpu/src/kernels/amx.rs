@@ -36,7 +36,7 @@
 //! pairs each (128 bytes a pair index), padded here with zero pairs to a multiple of 16 pairs:
 //! a B tile is 16 pair rows × 16 columns of one panel (64 bytes a row, stride 128), the second
 //! half of the panel the other B tile. The rows of `a` go 32 at a time (a strip: two A tiles of
-//! 16 rows); `k` is cut into blocks of [`KCP`] = 256 pairs, the strip's block packed as
+//! 16 rows); `k` is cut into blocks of `KCP` = 256 pairs, the strip's block packed as
 //! `[32][256]` pairs (32 KiB, row stride 1 KiB), then multiplied by every panel: a 32 × 32 f32
 //! output tile in four C tiles (`tmm0-3`), two A tiles (`tmm4-5`), two B tiles (`tmm6-7`), four
 //! `tdpbf16ps` per 16 pairs. Edge tiles (partial `m` or `n`) run through a 32 × 32 buffer on the
@@ -340,9 +340,10 @@ mod x86 {
         // SAFETY: the CPU has AMX-TILE and the process its tile data; CONFIG is a valid
         // palette-1 configuration (8 tiles within the palette's 16 rows × 64 bytes). The
         // configuration stays until `tilerelease` below: nothing in between but `tile`'s blocks
-        // uses AMX (rustc emits no AMX instruction without the target feature, which this crate
-        // does not enable, and libc's copies use none); each `tile` block keeps its tile data to
-        // itself.
+        // uses AMX (compiled code issues tile instructions only through AMX intrinsics or the
+        // `x86_amx` type, which nothing here uses, and libc's copies use none); each `tile`
+        // block keeps its tile data to itself. A panic in between would skip the release: the
+        // next call's `ldtilecfg` overwrites the configuration anyway.
         unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
         for i0 in (0..m).step_by(MR) {
             let mr = MR.min(m - i0);
@@ -389,7 +390,7 @@ mod x86 {
         debug_assert!(panel.len() >= steps * STEP * NV);
         // SAFETY: the caller's. Each tile load or store touches 16 rows of 64 bytes from its base
         // at its stride: C rows of `c`'s MR × NR block (`c`, `c + 16` values, and 16 rows down);
-        // A rows inside the strip (line q of rows 0-15, and of rows 16-31 at `A1` bytes on);
+        // A rows inside the strip (line q of rows 0-15, and of rows 16-31 16 KiB on, `a1`);
         // B rows inside the panel (pair rows 16q..16q+16 at 128 bytes each, the first or second
         // 64 bytes); q < steps. The loop counter and pointers are the block's own copies.
         unsafe {
@@ -406,6 +407,9 @@ mod x86 {
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
+                // No step (callers give at least one): leave the sums as they are.
+                "test {steps}, {steps}",
+                "jz 4f",
                 "3:",
                 "tileloadd tmm4, [{a} + {sa}*1]",
                 "tileloadd tmm6, [{b} + {sb}*1]",
@@ -419,6 +423,7 @@ mod x86 {
                 "add {b}, {bstep}",
                 "dec {steps}",
                 "jnz 3b",
+                "4:",
                 "tilestored [{c} + {sc}*1], tmm0",
                 "tilestored [{c} + {sc}*1 + 64], tmm1",
                 "tilestored [{c2} + {sc}*1], tmm2",
