@@ -451,22 +451,9 @@ mod x86 {
 mod tests {
     use super::*;
 
+    // The BF16 GEMM's test values and f64 reference, shared: both kernels take the same inputs.
+    use super::super::bf16_gemm::tests::{bf16, int, reference};
     use dsv4_core::test_data::Rng;
-
-    /// A random BF16 value held in f32: uniform-ish in (-4, 4), exponents spread, some zeros.
-    fn bf16(rng: &mut Rng) -> f32 {
-        let x = rng.next_u64();
-        if x.is_multiple_of(32) {
-            return if x & 64 == 0 { 0.0 } else { -0.0 };
-        }
-        let v = ((x >> 7) as f32 / (1u64 << 23) as f32 - 1.0) * 4.0;
-        f32::from_bits(v.to_bits() & 0xFFFF_0000)
-    }
-
-    /// A small integer in -8..=8.
-    fn int(rng: &mut Rng) -> f32 {
-        rng.ints(1, 8)[0]
-    }
 
     /// Returns whether the AMX kernel runs here; if not, says that only `false` was checked.
     /// `ci/run` runs these tests on a CPU without AMX as well, where this is all they can check;
@@ -481,15 +468,6 @@ mod tests {
             super::super::ISA_ENV
         );
         false
-    }
-
-    /// The f64 sum and the sum of magnitudes of row `i` of `a` times row `j` of `b`.
-    fn reference(a: &[f32], b: &[f32], k: usize, i: usize, j: usize) -> (f64, f64) {
-        let (ar, br) = (&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
-        ar.iter().zip(br).fold((0.0, 0.0), |(s, sa), (&x, &y)| {
-            let p = x as f64 * y as f64;
-            (s + p, sa + p.abs())
-        })
     }
 
     const MS: [usize; 6] = [1, 7, 16, 33, 64, 100];

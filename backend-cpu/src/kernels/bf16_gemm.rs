@@ -476,13 +476,14 @@ pub(super) mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     use dsv4_core::test_data::Rng;
 
     /// A random BF16 value held in f32: uniform-ish in (-4, 4), exponents spread, some zeros.
-    fn bf16(rng: &mut Rng) -> f32 {
+    /// (Also the AMX kernel's test values, `super::super::amx`.)
+    pub(in crate::kernels) fn bf16(rng: &mut Rng) -> f32 {
         let x = rng.next_u64();
         if x.is_multiple_of(32) {
             return if x & 64 == 0 { 0.0 } else { -0.0 };
@@ -492,7 +493,7 @@ mod tests {
     }
 
     /// A small integer in -8..=8.
-    fn int(rng: &mut Rng) -> f32 {
+    pub(in crate::kernels) fn int(rng: &mut Rng) -> f32 {
         rng.ints(1, 8)[0]
     }
 
@@ -523,7 +524,7 @@ mod tests {
     }
 
     /// The f64 sum and the sum of magnitudes of row `i` of `a` times row `j` of `b`.
-    fn reference(a: &[f32], b: &[f32], k: usize, i: usize, j: usize) -> (f64, f64) {
+    pub(in crate::kernels) fn reference(a: &[f32], b: &[f32], k: usize, i: usize, j: usize) -> (f64, f64) {
         let (ar, br) = (&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
         ar.iter().zip(br).fold((0.0, 0.0), |(s, sa), (&x, &y)| {
             let p = x as f64 * y as f64;
