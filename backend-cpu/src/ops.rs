@@ -9,13 +9,13 @@ use dsv4_core::backend::{
 };
 use dsv4_core::backend_checks::{self as checks, IndexBounds};
 use dsv4_core::error::{Error, Result};
-use dsv4_core::precision::{round_bf16, Precision};
+use dsv4_core::precision::Precision;
 use dsv4_core::tensor::StoredWeight;
 use ndarray::{s, ArrayView2, ArrayView3, ArrayViewD, Axis, IxDyn, Zip};
 
 use crate::kernels::weights::dot_many;
 use crate::kernels::Isa;
-use crate::kernels::{amx, bf16_gemm, fp4_bf16, mhc, norm};
+use crate::kernels::{amx, bf16_gemm, fp4_bf16, mhc, norm, round};
 use crate::moe::{expert_ffns, FfnJob};
 use crate::pool::CpuPool;
 use crate::storage::{CpuIndex, CpuTensor, CpuWeight, DEQUANTIZE_ENV};
@@ -772,7 +772,31 @@ impl Backend for CpuBackend {
         if x.bf16 {
             return Ok(x.clone());
         }
-        Ok(CpuTensor::new(x.shape.clone(), par::map_values(&x.data, round_bf16)).with_bf16(true))
+        let isa = Isa::active();
+        let data = par::map_slices(&x.data, |src, dst| {
+            dst.copy_from_slice(src);
+            round::round_bf16_slice(isa, dst)
+        });
+        Ok(CpuTensor::new(x.shape.clone(), data).with_bf16(true))
+    }
+
+    /// In place where `x` holds its buffer alone (every rounding point's fresh result): no new
+    /// tensor, whose zeroing and first-touch page faults cost as much as the rounding. A
+    /// shared buffer goes through `round_to_bf16`. The same values either way.
+    fn round_to_bf16_owned(&self, x: CpuTensor) -> Result<CpuTensor> {
+        checks::unary(self.name(), &x.shape)?;
+        if x.bf16 {
+            return Ok(x);
+        }
+        let CpuTensor { shape, data, bf16 } = x;
+        let mut data = match Arc::try_unwrap(data) {
+            Ok(data) => data,
+            Err(shared) => return self.round_to_bf16(&CpuTensor { shape, data: shared, bf16 }),
+        };
+        let isa = Isa::active();
+        let len = data.len();
+        par::chunks_mut(&mut data, par::VALUES_GRAIN, len, |_, piece| round::round_bf16_slice(isa, piece));
+        Ok(CpuTensor::new(shape, data).with_bf16(true))
     }
 
     /// `act_quant::fake_quant_rows` in place of the composition's download and upload; the

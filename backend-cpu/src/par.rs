@@ -13,7 +13,7 @@ use crate::threads;
 pub(crate) const MIN_WORK: usize = 1 << 15;
 
 /// Elements of an elementwise op per item handed out.
-const VALUES_GRAIN: usize = 1 << 12;
+pub(crate) const VALUES_GRAIN: usize = 1 << 12;
 
 /// `f(i)` for `i` in `0..n`, collected in order.
 pub(crate) fn map<R: Send>(n: usize, work: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {

@@ -250,6 +250,13 @@ pub trait Backend: Send + Sync {
     /// cast to BF16 and back, per value exactly [`crate::precision::round_bf16`]. The rounding
     /// points of the `bf16` precision ([`crate::precision`]) call it.
     fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// [`Backend::round_to_bf16`] of a tensor the caller gives up: the same values, but a
+    /// backend may round `x`'s own memory in place where nothing else shares it, instead of
+    /// writing a new tensor ([`Precision::act_of`] passes every rounding point's fresh result).
+    /// Errors as `round_to_bf16`'s; the default calls it.
+    fn round_to_bf16_owned(&self, x: Self::Tensor) -> Result<Self::Tensor> {
+        self.round_to_bf16(&x)
+    }
     /// The official inference's quantise-dequantise step (spec §B.8, [`crate::act_quant`]) on
     /// every row of x `[.., K]`: blocks of `q.block()` values, one power-of-two scale each,
     /// values rounded to e4m3 or e2m1 and scaled back. Same shape. The default runs

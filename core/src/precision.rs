@@ -149,7 +149,7 @@ impl Precision {
     pub fn act_of<B: crate::Backend + ?Sized>(self, be: &B, x: crate::Result<B::Tensor>) -> crate::Result<B::Tensor> {
         let x = x?;
         if self.rounds_to_bf16() {
-            be.round_to_bf16(&x)
+            be.round_to_bf16_owned(x)
         } else {
             Ok(x)
         }

@@ -552,6 +552,19 @@ pub fn round_to_bf16_is_a_cast_to_nearest_even<B: Backend>(be: &B) {
     assert!(nan.is_nan(), "{}: NaN stays NaN", be.name());
     let empty = be.round_to_bf16(&up(be, &[], &[0, 3])).unwrap();
     assert_eq!(empty.shape(), &[0, 3]);
+    // The owned form: the same bits from a tensor it holds alone (a backend may round that in
+    // place) and from one it shares (a reshape of a tensor kept here, which must come out of
+    // the call unchanged), and twice over (rounding a rounded tensor changes nothing).
+    let want: Vec<u32> = xs.iter().map(|&x| dsv4_core::precision::round_bf16(x).to_bits()).collect();
+    let fresh = be.round_to_bf16_owned(up(be, &xs, &[xs.len() / 4, 4])).unwrap();
+    assert_eq!(fresh.shape(), &[xs.len() / 4, 4]);
+    assert_eq!(bits(&down(be, &fresh)), want, "{}: round_to_bf16_owned of a fresh tensor", be.name());
+    let again = be.round_to_bf16_owned(fresh).unwrap();
+    assert_eq!(bits(&down(be, &again)), want, "{}: round_to_bf16_owned of a rounded tensor", be.name());
+    let kept = up(be, &xs, &[xs.len()]);
+    let shared = be.round_to_bf16_owned(be.reshape(&kept, &[xs.len() / 4, 4]).unwrap()).unwrap();
+    assert_eq!(bits(&down(be, &shared)), want, "{}: round_to_bf16_owned of a shared tensor", be.name());
+    assert_eq!(bits(&down(be, &kept)), bits(&xs), "{}: round_to_bf16_owned changed a tensor it shared", be.name());
 }
 
 pub fn unary_ops_against_f64<B: Backend>(be: &B) {

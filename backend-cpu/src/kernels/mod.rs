@@ -22,6 +22,7 @@ mod fp8_fold;
 pub(crate) mod mhc;
 pub(crate) mod norm;
 pub(crate) mod prefetch;
+pub(crate) mod round;
 pub mod weights;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -42,7 +42,7 @@ impl<B: Backend> HyperConnection<B> {
     pub fn pre(&self, be: &B, x: &B::Tensor, prec: Precision) -> Result<(B::Tensor, HcMix<B>)> {
         let (collapsed, post, comb) =
             be.hc_pre(x, &self.fn_w, &self.base, &self.scale, self.sinkhorn_iters, self.hc_eps, self.norm_eps)?;
-        Ok((prec.act(be, &collapsed)?, HcMix { post, comb }))
+        Ok((prec.act_of(be, Ok(collapsed))?, HcMix { post, comb }))
     }
 
     /// Residual update with the sub-layer output y `[T, D]`, computed in f32 and cast to the
