@@ -350,8 +350,18 @@ impl TopK {
         self.full = false;
     }
 
-    /// Scores keys `range` (key n is pool row `key_rows[n]`) with the kernels of `isa`.
-    fn feed(&mut self, isa: Isa, q: &IndexQuery, keys: &CpuPool, key_rows: &[i32], range: Range<usize>) {
+    /// Scores keys `range` (key n is pool row `key_rows[n]`) with the kernels of `isa`, reading
+    /// the rows of a non-`f32` pool from `shared` where the call decoded them once for all.
+    #[allow(clippy::too_many_arguments)]
+    fn feed(
+        &mut self,
+        isa: Isa,
+        q: &IndexQuery,
+        keys: &CpuPool,
+        shared: Option<&DecodedRows>,
+        key_rows: &[i32],
+        range: Range<usize>,
+    ) {
         let k = self.k;
         if k == 0 {
             return;
@@ -385,11 +395,14 @@ impl TopK {
         let width = keys.width();
         let mut scores = [0f32; SCORE_BLOCK];
         let blocks = range.clone().step_by(SCORE_BLOCK).map(|start| start..(start + SCORE_BLOCK).min(range.end));
-        if width == 0 || keys.format() == RowFormat::F32 {
+        if width == 0 || keys.format() == RowFormat::F32 || shared.is_some() {
             let mut block: [&[f32]; SCORE_BLOCK] = [&[]; SCORE_BLOCK];
             for r in blocks {
                 for (b, &row) in block.iter_mut().zip(&key_rows[r.clone()]) {
-                    *b = keys.f32_row(row as usize).unwrap_or(&[]);
+                    *b = match shared {
+                        Some(shared) => shared.row(row as usize),
+                        None => keys.f32_row(row as usize).unwrap_or(&[]),
+                    };
                 }
                 attn::index_scores(isa, q, &block[..r.len()], &mut scores[..r.len()]);
                 take(&scores[..r.len()], r.start);
@@ -442,11 +455,13 @@ pub fn indexer_select(
     k: usize,
     offset: i32,
 ) -> Result<CpuIndex> {
-    indexer_select_with(Isa::active(), q, keys, key_rows, weights, valid, k, offset, SHARE_WORK)
+    indexer_select_with(Isa::active(), q, keys, key_rows, weights, valid, k, offset, SHARE_WORK, DECODE_ONCE_BYTES)
 }
 
 /// [`indexer_select`] with the kernels of `isa`, sharing a query's keys among threads from
-/// `share_work` multiply-adds per thread.
+/// `share_work` multiply-adds per thread, and with several queries decoding the keys of a
+/// non-`f32` pool once for all ([`DecodedRows`]) within `decode_once` bytes (a prefill's
+/// queries score the same keys, each a prefix of them). Neither choice changes the result.
 #[allow(clippy::too_many_arguments)]
 fn indexer_select_with(
     isa: Isa,
@@ -458,6 +473,7 @@ fn indexer_select_with(
     k: usize,
     offset: i32,
     share_work: usize,
+    decode_once: usize,
 ) -> Result<CpuIndex> {
     let (t, nh, dh) = match q.shape[..] {
         [t, nh, dh] => (t, nh, dh),
@@ -495,6 +511,11 @@ fn indexer_select_with(
         return Ok(CpuIndex::new(vec![t, k], out));
     }
     let work: usize = valid.iter().map(|r| r.len()).sum::<usize>() * nh * dh;
+    // The keys any query scores, decoded once when there are several queries.
+    let read = valid.iter().filter(|r| !r.is_empty());
+    let (lo, hi) = read.fold((n, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
+    let shared = if t > 1 && lo < hi { DecodedRows::new(isa, keys, &rows[lo..hi], decode_once) } else { None };
+    let shared = shared.as_ref();
     let longest = valid.iter().map(|r| r.len()).max().unwrap_or(0);
     // Keys a thread claims at a time when threads share a query's keys: about 2^16 multiply-adds.
     let claim = ((1 << 16) / (nh * dh).max(1)).clamp(SCORE_BLOCK, 4096);
@@ -503,7 +524,7 @@ fn indexer_select_with(
     let run = |(top, iq): &mut (TopK, IndexQuery), ti: usize, o: &mut [i32]| {
         prepare(iq, ti);
         top.clear();
-        top.feed(isa, iq, keys, rows, valid[ti].clone());
+        top.feed(isa, iq, keys, shared, rows, valid[ti].clone());
         write_picks(top.finish(), k, rows, offset, o);
     };
     if sharing > 1 {
@@ -522,7 +543,7 @@ fn indexer_select_with(
                     if start >= r.end {
                         break;
                     }
-                    top.feed(isa, &iq, keys, rows, start..(start + claim).min(r.end));
+                    top.feed(isa, &iq, keys, shared, rows, start..(start + claim).min(r.end));
                 },
             );
             cands.clear();
@@ -653,17 +674,35 @@ mod tests {
                     assert_eq!(&want[4 * k..4 * k + k.min(3)], &lowest[..]);
                     for isa in Isa::supported() {
                         let case = format!("{isa:?}, dh {dh}, {format:?}, k {k}");
-                        let all = indexer_select_with(isa, &q, &p, &kr, &w, &valid, k, 9, SHARE_WORK).unwrap();
-                        assert_eq!(*all.data, want, "{case}, all queries");
+                        // All queries, their keys decoded once (within 64 MiB, and short of the
+                        // rows by one byte) or per query.
+                        for decode_once in [DECODE_ONCE_BYTES, rows * (dh + 1) * 4 - 1, 0] {
+                            let all = indexer_select_with(isa, &q, &p, &kr, &w, &valid, k, 9, SHARE_WORK, decode_once)
+                                .unwrap();
+                            assert_eq!(
+                                *all.data, want,
+                                "{case}, all queries, decoding once within {decode_once} bytes"
+                            );
+                        }
                         // One query at a time, on one thread and with its keys shared among the
                         // team's threads.
                         for ti in 0..t {
                             let qi = CpuTensor::new(vec![1, nh, dh], q.data[ti * nh * dh..(ti + 1) * nh * dh].to_vec());
                             let wi = CpuTensor::new(vec![1, nh], w.data[ti * nh..(ti + 1) * nh].to_vec());
                             for share_work in [usize::MAX, 1] {
-                                let one =
-                                    indexer_select_with(isa, &qi, &p, &kr, &wi, &valid[ti..ti + 1], k, 9, share_work)
-                                        .unwrap();
+                                let one = indexer_select_with(
+                                    isa,
+                                    &qi,
+                                    &p,
+                                    &kr,
+                                    &wi,
+                                    &valid[ti..ti + 1],
+                                    k,
+                                    9,
+                                    share_work,
+                                    0,
+                                )
+                                .unwrap();
                                 assert_eq!(*one.data, want[ti * k..(ti + 1) * k], "{case}, query {ti}, {share_work}");
                             }
                         }
