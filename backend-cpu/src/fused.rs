@@ -3,8 +3,9 @@
 //! contexts; these stream over each query's keys instead. Same semantics, f32 accumulation.
 //!
 //! Keys are read straight from the pool: an `f32` pool's rows are borrowed, other formats are
-//! decoded into a buffer private to the thread, so the summation order, and for `f32` pools
-//! every bit, is the same whatever the format.
+//! decoded, once for all the queries of a call that read rows again and again (a prefill's:
+//! [`DecodedRows`]), else into a buffer private to the thread, so the summation order, and for
+//! `f32` pools every bit, is the same whatever the format.
 //!
 //! The indexer's scores, the attention logits, softmax and weighted sums and the decoding of
 //! pool rows are the SIMD kernels of `kernels::attn` (scalar, AVX2 or AVX-512, picked by
@@ -146,14 +147,17 @@ struct DecodedRows {
     width: usize,
 }
 
-/// Bytes a call may spend on [`DecodedRows`] (its slot map and decoded rows together); beyond
-/// this each query decodes its own rows as before.
+/// Bytes a call may spend on [`DecodedRows`] (its slot map, row list and decoded rows
+/// together); beyond this each query decodes its own rows as before.
 const DECODE_ONCE_BYTES: usize = 64 << 20;
 
 impl DecodedRows {
     /// The valid rows of `ids` (`-1` entries skipped; `ids` already checked against the pool),
-    /// decoded, if the pool is not `f32` and the map and rows fit in `budget` bytes.
-    fn new(isa: Isa, pool: &CpuPool, ids: &[i32], budget: usize) -> Option<Self> {
+    /// decoded, if the pool is not `f32`, the queries make at least `reads` ≥ 2 reads a row
+    /// (else decoding each query's rows costs no more, and stays in the cache: a decode step's
+    /// few queries), and the map, list and rows fit in `budget` bytes. The setup (a pass over
+    /// `ids` and one over the span of rows they name) runs on the calling thread.
+    fn new(isa: Isa, pool: &CpuPool, ids: &[i32], reads: usize, budget: usize) -> Option<Self> {
         let width = pool.width();
         if pool.format() == RowFormat::F32 || width == 0 {
             return None;
@@ -162,22 +166,26 @@ impl DecodedRows {
             let i = i as usize;
             (lo.min(i), hi.max(i))
         });
-        if lo > hi || (hi - lo + 1) * 4 > budget {
+        if lo > hi || (hi - lo + 1).saturating_mul(4) > budget {
             return None;
         }
+        // Row ids are i32, so fewer than 2^31 rows: a slot number never reaches the u32::MAX
+        // that marks a row not read.
         let mut slot = vec![u32::MAX; hi - lo + 1];
         for &i in ids.iter().filter(|&&i| i >= 0) {
             slot[i as usize - lo] = 0;
         }
-        let mut rows = Vec::new();
+        let count = slot.iter().filter(|&&s| s != u32::MAX).count();
+        let bytes = slot.len() * 4 + count.saturating_mul(8 + width * 4);
+        if reads < 2 * count || bytes > budget {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(count);
         for (j, s) in slot.iter_mut().enumerate() {
             if *s != u32::MAX {
                 *s = rows.len() as u32;
                 rows.push(lo + j);
             }
-        }
-        if slot.len() * 4 + rows.len() * width * 4 > budget {
-            return None;
         }
         const ROWS_PER_TASK: usize = 16;
         let values = par::filled(rows.len() * width, ROWS_PER_TASK * width, rows.len() * width, |i, o| {
@@ -222,7 +230,7 @@ pub fn sparse_attention(
 
 /// [`sparse_attention`] with the kernels of `isa`, sharing a query's heads among threads from
 /// `share_work` multiply-adds per thread, and with several queries decoding the rows of a
-/// non-`f32` pool once for all ([`DecodedRows`]) within `decode_once` bytes. Neither choice
+/// non-`f32` pool once for all ([`DecodedRows`]) within `decode_once_bytes`. Neither choice
 /// changes a bit of the result (the same decoded values, the same kernels).
 #[allow(clippy::too_many_arguments)]
 fn sparse_attention_with(
@@ -233,7 +241,7 @@ fn sparse_attention_with(
     sinks: &CpuTensor,
     scale: f32,
     share_work: usize,
-    decode_once: usize,
+    decode_once_bytes: usize,
 ) -> Result<CpuTensor> {
     let (t, h, d) = match q.shape[..] {
         [t, h, d] => (t, h, d),
@@ -254,19 +262,25 @@ fn sparse_attention_with(
     if out.is_empty() {
         return Ok(CpuTensor::new(vec![t, h, d], out));
     }
-    let shared = if t > 1 { DecodedRows::new(isa, kv, &idx.data, decode_once) } else { None };
+    let once = match t {
+        0 | 1 => None,
+        _ => {
+            let reads = idx.data.iter().filter(|&&i| i >= 0).count();
+            DecodedRows::new(isa, kv, &idx.data, reads, decode_once_bytes)
+        }
+    };
     // Heads `heads` of query `ti`, whose outputs are `o` (`d` values per head).
     let run = |s: &mut AttnScratch, ti: usize, heads: Range<usize>, o: &mut [f32]| {
         if s.query != Some(ti) {
             s.rows.clear();
             s.rows.extend(idx.data[ti * k..(ti + 1) * k].iter().filter(|&&i| i >= 0).map(|&i| i as usize));
-            if shared.is_none() {
+            if once.is_none() {
                 decode_rows(isa, kv, &s.rows, &mut s.decoded);
             }
             s.query = Some(ti);
         }
-        let keys = match &shared {
-            Some(shared) => s.rows.iter().map(|&r| shared.row(r)).collect(),
+        let keys = match &once {
+            Some(once) => s.rows.iter().map(|&r| once.row(r)).collect(),
             None => row_slices(kv, &s.rows, &s.decoded),
         };
         let qh = &q.data[(ti * h + heads.start) * d..(ti * h + heads.end) * d];
@@ -351,14 +365,13 @@ impl TopK {
     }
 
     /// Scores keys `range` (key n is pool row `key_rows[n]`) with the kernels of `isa`, reading
-    /// the rows of a non-`f32` pool from `shared` where the call decoded them once for all.
-    #[allow(clippy::too_many_arguments)]
+    /// the rows of a non-`f32` pool from `decoded` where the call decoded them once for all.
     fn feed(
         &mut self,
         isa: Isa,
         q: &IndexQuery,
         keys: &CpuPool,
-        shared: Option<&DecodedRows>,
+        decoded_once: Option<&DecodedRows>,
         key_rows: &[i32],
         range: Range<usize>,
     ) {
@@ -395,12 +408,12 @@ impl TopK {
         let width = keys.width();
         let mut scores = [0f32; SCORE_BLOCK];
         let blocks = range.clone().step_by(SCORE_BLOCK).map(|start| start..(start + SCORE_BLOCK).min(range.end));
-        if width == 0 || keys.format() == RowFormat::F32 || shared.is_some() {
+        if width == 0 || keys.format() == RowFormat::F32 || decoded_once.is_some() {
             let mut block: [&[f32]; SCORE_BLOCK] = [&[]; SCORE_BLOCK];
             for r in blocks {
                 for (b, &row) in block.iter_mut().zip(&key_rows[r.clone()]) {
-                    *b = match shared {
-                        Some(shared) => shared.row(row as usize),
+                    *b = match decoded_once {
+                        Some(once) => once.row(row as usize),
                         None => keys.f32_row(row as usize).unwrap_or(&[]),
                     };
                 }
@@ -460,7 +473,7 @@ pub fn indexer_select(
 
 /// [`indexer_select`] with the kernels of `isa`, sharing a query's keys among threads from
 /// `share_work` multiply-adds per thread, and with several queries decoding the keys of a
-/// non-`f32` pool once for all ([`DecodedRows`]) within `decode_once` bytes (a prefill's
+/// non-`f32` pool once for all ([`DecodedRows`]) within `decode_once_bytes` (a prefill's
 /// queries score the same keys, each a prefix of them). Neither choice changes the result.
 #[allow(clippy::too_many_arguments)]
 fn indexer_select_with(
@@ -473,7 +486,7 @@ fn indexer_select_with(
     k: usize,
     offset: i32,
     share_work: usize,
-    decode_once: usize,
+    decode_once_bytes: usize,
 ) -> Result<CpuIndex> {
     let (t, nh, dh) = match q.shape[..] {
         [t, nh, dh] => (t, nh, dh),
@@ -511,11 +524,16 @@ fn indexer_select_with(
         return Ok(CpuIndex::new(vec![t, k], out));
     }
     let work: usize = valid.iter().map(|r| r.len()).sum::<usize>() * nh * dh;
-    // The keys any query scores, decoded once when there are several queries.
+    // Keys `lo..hi` (from the first key any query scores to the last: the model's queries
+    // score prefixes), decoded once when several queries read them again and again.
     let read = valid.iter().filter(|r| !r.is_empty());
     let (lo, hi) = read.fold((n, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
-    let shared = if t > 1 && lo < hi { DecodedRows::new(isa, keys, &rows[lo..hi], decode_once) } else { None };
-    let shared = shared.as_ref();
+    let reads = valid.iter().map(|r| r.len()).sum();
+    let once = match t > 1 && lo < hi {
+        true => DecodedRows::new(isa, keys, &rows[lo..hi], reads, decode_once_bytes),
+        false => None,
+    };
+    let once = once.as_ref();
     let longest = valid.iter().map(|r| r.len()).max().unwrap_or(0);
     // Keys a thread claims at a time when threads share a query's keys: about 2^16 multiply-adds.
     let claim = ((1 << 16) / (nh * dh).max(1)).clamp(SCORE_BLOCK, 4096);
@@ -524,7 +542,7 @@ fn indexer_select_with(
     let run = |(top, iq): &mut (TopK, IndexQuery), ti: usize, o: &mut [i32]| {
         prepare(iq, ti);
         top.clear();
-        top.feed(isa, iq, keys, shared, rows, valid[ti].clone());
+        top.feed(isa, iq, keys, once, rows, valid[ti].clone());
         write_picks(top.finish(), k, rows, offset, o);
     };
     if sharing > 1 {
@@ -543,7 +561,7 @@ fn indexer_select_with(
                     if start >= r.end {
                         break;
                     }
-                    top.feed(isa, &iq, keys, shared, rows, start..(start + claim).min(r.end));
+                    top.feed(isa, &iq, keys, once, rows, start..(start + claim).min(r.end));
                 },
             );
             cands.clear();
@@ -655,8 +673,9 @@ mod tests {
     fn indexer_select_is_the_same_on_every_isa_and_however_the_keys_are_shared() {
         let mut rng = Rng(1);
         let (nh, rows, n, t) = (3, 5000, 6000, 6);
-        // Key rows in a scrambled order, some rows used by several keys (exact ties).
-        let key_rows: Vec<i32> = (0..n).map(|i| ((i * 7919) % rows) as i32).collect();
+        // Key rows in a scrambled order, some rows used by several keys (exact ties), row 0
+        // not among them (rows decoded once start past it).
+        let key_rows: Vec<i32> = (0..n).map(|i| (1 + (i * 7919) % (rows - 1)) as i32).collect();
         let kr = CpuIndex::new(vec![n], key_rows.clone());
         let valid = vec![0..n, 0..0, 100..5900, 0..40, 0..n, 3000..n];
         for dh in [16, 20] {
@@ -676,7 +695,7 @@ mod tests {
                         let case = format!("{isa:?}, dh {dh}, {format:?}, k {k}");
                         // All queries, their keys decoded once (within 64 MiB, and short of the
                         // rows by one byte) or per query.
-                        for decode_once in [DECODE_ONCE_BYTES, rows * (dh + 1) * 4 - 1, 0] {
+                        for decode_once in [DECODE_ONCE_BYTES, (rows - 1) * (dh + 3) * 4 - 1, 0] {
                             let all = indexer_select_with(isa, &q, &p, &kr, &w, &valid, k, 9, SHARE_WORK, decode_once)
                                 .unwrap();
                             assert_eq!(
@@ -732,7 +751,7 @@ mod tests {
                         for share_work in [usize::MAX, SHARE_WORK, 1] {
                             // Rows decoded per query, once for all, and a budget just short
                             // of the rows (the map fits, the rows do not).
-                            let short = (849 + 425 * d) * 4 - 1;
+                            let short = (1699 + 425 * d) * 4 - 1;
                             for decode_once in [0, DECODE_ONCE_BYTES, short] {
                                 let case = format!(
                                     "{isa:?}, d {d}, {format:?}, T {t}, sharing from {share_work}, \
@@ -747,6 +766,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `DecodedRows` holds each row read, decoded as the pool decodes it, at the slot its row
+    /// number maps to; it is built within its budget to the byte (slot map, row list, rows) and
+    /// only when the rows are read at least twice each on average.
+    #[test]
+    fn rows_decoded_once_are_the_rows_read_within_the_budget() {
+        let mut rng = Rng(3);
+        let (rows, d) = (40, 12);
+        let p = pool(RowFormat::Bf16, rows, d, &rng.vec(rows * d));
+        // Rows 7, 9, 30 (twice) and 31, with -1 entries: a span of 25 rows, 4 of them read.
+        let ids = [9, -1, 30, 7, 30, 31, -1];
+        let exact = 25 * 4 + 4 * (8 + d * 4);
+        for isa in Isa::supported() {
+            let once = DecodedRows::new(isa, &p, &ids, 8, exact).expect("within the budget");
+            for r in [7, 9, 30, 31] {
+                let mut want = vec![0f32; d];
+                p.decode_rows(Isa::Scalar, &[r], &mut want);
+                assert_eq!(bits(once.row(r)), bits(&want), "{isa:?}: row {r}");
+            }
+            assert!(DecodedRows::new(isa, &p, &ids, 8, exact - 1).is_none(), "one byte short");
+            assert!(DecodedRows::new(isa, &p, &ids, 7, exact).is_none(), "fewer than two reads a row");
+            assert!(DecodedRows::new(isa, &p, &[-1, -1], 8, exact).is_none(), "no row read");
+            let f = pool(RowFormat::F32, rows, d, &rng.vec(rows * d));
+            assert!(DecodedRows::new(isa, &f, &ids, 8, exact).is_none(), "an f32 pool is borrowed");
         }
     }
 

@@ -780,7 +780,7 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(x.shape.clone(), data).with_bf16(true))
     }
 
-    /// In place where `x` holds its buffer alone (every rounding point's fresh result): no new
+    /// In place where `x` holds its buffer alone (a rounding point's fresh result): no new
     /// tensor, whose zeroing and first-touch page faults cost as much as the rounding. A
     /// shared buffer goes through `round_to_bf16`. The same values either way.
     fn round_to_bf16_owned(&self, x: CpuTensor) -> Result<CpuTensor> {
@@ -1274,6 +1274,30 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
     use crate::kernels::test_values::bits;
+
+    /// `round_to_bf16_owned` rounds a tensor it holds alone in its own buffer and one it shares
+    /// into a new one (the other holder's values unchanged), and flags both as BF16 values (the
+    /// flag picks the BF16 GEMMs, which sum in another order); a tensor already flagged comes
+    /// back as it is.
+    #[test]
+    fn round_to_bf16_owned_rounds_in_place_when_alone_and_flags_the_result() {
+        let be = CpuBackend::new();
+        let xs: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.618_034).sin() * 3.7).collect();
+        let want: Vec<u32> = xs.iter().map(|&x| dsv4_core::precision::round_bf16(x).to_bits()).collect();
+        let alone = CpuTensor::new(vec![100, 100], xs.clone());
+        let buffer = alone.data.as_ptr();
+        let y = be.round_to_bf16_owned(alone).unwrap();
+        assert!(y.bf16, "the result holds BF16 values");
+        assert_eq!(y.data.as_ptr(), buffer, "rounded in its own buffer");
+        assert_eq!(bits(&y.data), want);
+        let again = be.round_to_bf16_owned(y.clone()).unwrap();
+        assert!(Arc::ptr_eq(&again.data, &y.data), "a flagged tensor is returned as it is");
+        let kept = CpuTensor::new(vec![100, 100], xs.clone());
+        let z = be.round_to_bf16_owned(kept.clone()).unwrap();
+        assert!(z.bf16 && !kept.bf16);
+        assert_eq!(bits(&z.data), want);
+        assert_eq!(bits(&kept.data), bits(&xs), "the shared tensor is unchanged");
+    }
 
     /// The input-row pieces of a one-task weight cover `0..m` in order, each of more than 64
     /// rows (so none leaves the GEMM path the whole takes), all 128 rows but the last.

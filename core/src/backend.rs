@@ -252,7 +252,7 @@ pub trait Backend: Send + Sync {
     fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// [`Backend::round_to_bf16`] of a tensor the caller gives up: the same values, but a
     /// backend may round `x`'s own memory in place where nothing else shares it, instead of
-    /// writing a new tensor ([`Precision::act_of`] passes every rounding point's fresh result).
+    /// writing a new tensor ([`Precision::act_of`] passes the rounding points' fresh results).
     /// Errors as `round_to_bf16`'s; the default calls it.
     fn round_to_bf16_owned(&self, x: Self::Tensor) -> Result<Self::Tensor> {
         self.round_to_bf16(&x)

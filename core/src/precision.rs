@@ -13,7 +13,8 @@
 //!   nearest even by [`crate::Backend::round_to_bf16`]), which is numerically the same as
 //!   BF16 storage; a backend may store them narrower.
 //!
-//! The rounding points, in graph order (each is one `round_to_bf16` call in `crate::model`):
+//! The rounding points, in graph order (each is one `round_to_bf16` call in `crate::model`, or
+//! its owned form `round_to_bf16_owned` on a fresh result, the same values):
 //!
 //! | where | tensor rounded |
 //! |---|---|

@@ -215,6 +215,9 @@ profiled_backend! {
     timed fn affine(&self, x: &Self::Tensor, mul: f32, add: f32) -> Result<Self::Tensor>;
     timed fn clamp(&self, x: &Self::Tensor, min: f32, max: f32) -> Result<Self::Tensor>;
     timed fn round_to_bf16(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    // Counted with `round_to_bf16`: the same op, with or without the new tensor.
+    timed(_be => Key::op("round_to_bf16"))
+    fn round_to_bf16_owned(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     timed fn fake_quant(&self, x: &Self::Tensor, q: FakeQuant) -> Result<Self::Tensor>;
     timed fn hadamard(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     timed fn reduce(&self, x: &Self::Tensor, axis: usize, op: ReduceOp) -> Result<Self::Tensor>;
@@ -237,9 +240,6 @@ profiled_backend! {
     // Counted with `rope`: the same op, with or without the copy.
     timed(_be => Key::op("rope"))
     fn rope_owned(&self, x: Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, inverse: bool) -> Result<Self::Tensor>;
-    // Counted with `round_to_bf16`: the same op, with or without the new tensor.
-    timed(_be => Key::op("round_to_bf16"))
-    fn round_to_bf16_owned(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     // Keyed as `linear`: the same matrices, whichever form the caller asked for (the BF16
     // rounding of the output, where the precision has one, is counted with it).
     timed(be => Key::weight("linear", be.weight_shape(w), linear_rows(x.shape())))

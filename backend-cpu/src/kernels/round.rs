@@ -54,7 +54,7 @@ mod tests {
 
     /// Every path gives `round_bf16`'s bits, on halfway cases both ways, NaNs (with payloads,
     /// both signs), infinities, the overflow to inf, subnormals and random bit patterns, at
-    /// lengths that leave every remainder of a vector.
+    /// lengths below, at and past one and two vectors of either width.
     #[test]
     fn every_isa_rounds_as_round_bf16() {
         let mut xs: Vec<f32> =
