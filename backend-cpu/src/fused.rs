@@ -262,12 +262,11 @@ fn sparse_attention_with(
     if out.is_empty() {
         return Ok(CpuTensor::new(vec![t, h, d], out));
     }
-    let once = match t {
-        0 | 1 => None,
-        _ => {
-            let reads = idx.data.iter().filter(|&&i| i >= 0).count();
-            DecodedRows::new(isa, kv, &idx.data, reads, decode_once_bytes)
-        }
+    let once = if t > 1 {
+        let reads = idx.data.iter().filter(|&&i| i >= 0).count();
+        DecodedRows::new(isa, kv, &idx.data, reads, decode_once_bytes)
+    } else {
+        None
     };
     // Heads `heads` of query `ti`, whose outputs are `o` (`d` values per head).
     let run = |s: &mut AttnScratch, ti: usize, heads: Range<usize>, o: &mut [f32]| {
@@ -523,16 +522,15 @@ fn indexer_select_with(
     if k == 0 {
         return Ok(CpuIndex::new(vec![t, k], out));
     }
-    let work: usize = valid.iter().map(|r| r.len()).sum::<usize>() * nh * dh;
+    // Keys scored, all queries together.
+    let reads: usize = valid.iter().map(|r| r.len()).sum();
+    let work = reads * nh * dh;
     // Keys `lo..hi` (from the first key any query scores to the last: the model's queries
     // score prefixes), decoded once when several queries read them again and again.
     let read = valid.iter().filter(|r| !r.is_empty());
     let (lo, hi) = read.fold((n, 0), |(lo, hi), r| (lo.min(r.start), hi.max(r.end)));
-    let reads = valid.iter().map(|r| r.len()).sum();
-    let once = match t > 1 && lo < hi {
-        true => DecodedRows::new(isa, keys, &rows[lo..hi], reads, decode_once_bytes),
-        false => None,
-    };
+    let once =
+        if t > 1 && lo < hi { DecodedRows::new(isa, keys, &rows[lo..hi], reads, decode_once_bytes) } else { None };
     let once = once.as_ref();
     let longest = valid.iter().map(|r| r.len()).max().unwrap_or(0);
     // Keys a thread claims at a time when threads share a query's keys: about 2^16 multiply-adds.
