@@ -16,6 +16,7 @@ use dsv4_core::precision::{round_bf16, Precision};
 use ndarray::ArrayView2;
 
 use crate::kernels::act::swiglu_slice;
+use crate::kernels::round::round_bf16_slice;
 use crate::kernels::Isa;
 use crate::ops::{column_blocks, gate_up_block, linear_block, prefill_rows_per_task, write_rows, ROW_BLOCK};
 use crate::par;
@@ -163,10 +164,12 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
                 continue;
             }
             let (gr, ur) = rounded.split_at_mut(n);
-            gr.iter_mut().zip(g).for_each(|(o, &v)| *o = round_bf16(v));
-            ur.iter_mut().zip(u).for_each(|(o, &v)| *o = round_bf16(v));
+            gr.copy_from_slice(g);
+            ur.copy_from_slice(u);
+            round_bf16_slice(isa, gr);
+            round_bf16_slice(isa, ur);
             swiglu_slice(isa, gr, ur, limit, weight, h);
-            h.iter_mut().for_each(|v| *v = round_bf16(*v));
+            round_bf16_slice(isa, h);
         }
     });
     // SAFETY: `block_tasks` put every value of every job's matrix in one task's segments (it
