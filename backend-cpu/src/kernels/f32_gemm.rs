@@ -218,13 +218,15 @@ mod x86 {
     /// Values of `k` per cache block (a multiple of 16).
     const KC: usize = 256;
     /// How many `k` indices ahead of the one it multiplies a tile prefetches its packed panel
-    /// (2 KiB ahead for AVX-512's 128-byte rows, 1 KiB for AVX2's 64-byte ones). The panels of
-    /// a block (256 KiB) stream from L2 through every tile, and the hardware prefetcher alone
+    /// (2 KiB ahead for AVX-512's 128-byte rows, 1 KiB for AVX2's 64-byte ones). A block's
+    /// panels (up to 1 MiB; one 256 KiB k block of them where k blocks go outermost) stream
+    /// from L2 through every tile, and the hardware prefetcher alone
     /// left the FMAs waiting on them: on one core of an Intel Xeon with two 512-bit FMA units,
     /// the micro-kernel on panels in L1 ran at 87% of the FMA peak but whole GEMMs at 62-78%;
     /// prefetching moved `bench_f32_gemm`'s (512, 1024, 256) from 175-180 to 184-206 GFLOP/s
-    /// in two interleaved rounds. A prefetch past the panel's end touches no memory it could
-    /// fault on (`prefetcht0` is a hint) and is at most a few wasted lines per tile.
+    /// in two interleaved rounds. A prefetch past the panel's end cannot fault, even on an
+    /// unmapped address (`prefetcht0` is a hint), and fetches at most `16 · NV` lines per tile
+    /// that it does not read, usually the next k block's or panel's.
     const PANEL_PREFETCH: usize = 16;
     /// Columns of `b` packed and multiplied together: a `k`-block of their panels (256 KiB)
     /// stays in L2 while every strip of `a` passes over it. (With all of a wide `b` at once,
