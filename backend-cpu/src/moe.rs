@@ -12,7 +12,7 @@ use std::mem::MaybeUninit;
 
 use dsv4_core::act_quant::{fake_quant_rows, FakeQuant};
 use dsv4_core::backend::ExpertWeights;
-use dsv4_core::precision::{round_bf16, Precision};
+use dsv4_core::precision::Precision;
 use ndarray::ArrayView2;
 
 use crate::kernels::act::swiglu_slice;
@@ -189,12 +189,11 @@ pub(crate) fn expert_ffns(jobs: &[FfnJob], limit: f32, act: Precision) -> Vec<Ve
     par::for_each_owned(tasks, work, |((j, start, n), out)| {
         let job = &jobs[j];
         let h = view(&hidden[j], job.m, job.expert.w2.cols);
-        let y = linear_block(h, bf16, &job.expert.w2, start, n);
+        let mut y = linear_block(h, bf16, &job.expert.w2, start, n);
         if bf16 {
-            write_rows(out, &y, round_bf16);
-        } else {
-            write_rows(out, &y, |v| v);
+            round_bf16_slice(isa, y.as_slice_mut().expect("standard layout"));
         }
+        write_rows(out, &y);
     });
     // SAFETY: as for `hidden`; each task wrote every row segment (`write_rows` writes one whole
     // segment per output row, and checks that there is one per row).

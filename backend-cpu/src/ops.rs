@@ -236,16 +236,16 @@ fn linear_block_into(
     n: usize,
     out: Vec<&mut [MaybeUninit<f32>]>,
 ) {
-    write_rows(out, &linear_block(x, x_bf16, w, start, n), |v| v);
+    write_rows(out, &linear_block(x, x_bf16, w, start, n));
 }
 
-/// Row `i` of `y` into segment `i` of `out`, each value through `f`: every value of every
-/// segment written (the `Unwritten::assume_written` of the callers rests on it). Panics unless
-/// there is one segment per row of `y`, each a row long.
-pub(crate) fn write_rows(out: Vec<&mut [MaybeUninit<f32>]>, y: &ndarray::Array2<f32>, f: impl Fn(f32) -> f32) {
+/// Row `i` of `y` into segment `i` of `out`: every value of every segment written (the
+/// `Unwritten::assume_written` of the callers rests on it). Panics unless there is one segment
+/// per row of `y`, each a row long.
+pub(crate) fn write_rows(out: Vec<&mut [MaybeUninit<f32>]>, y: &ndarray::Array2<f32>) {
     assert_eq!(out.len(), y.nrows(), "write_rows: {} segments for {} rows", out.len(), y.nrows());
     for (segment, row) in out.into_iter().zip(y.outer_iter()) {
-        par::write_mapped(segment, row.as_slice().expect("standard layout"), &f);
+        par::write_mapped(segment, row.as_slice().expect("standard layout"), |v| v);
     }
 }
 
