@@ -188,9 +188,10 @@ pub struct ParallelArgs {
     /// all-to-all, without the all-gather). The layout DeepSeek deploys V3/V4 with: per rank
     /// it moves about 2·top_k·(EP−1)/EP² × the run's tokens × hidden, against 2(EP−1)/EP for
     /// the ring all-reduce of replicated attention (README "Multi-device"). Needs --tensor-parallel 1
-    /// and EP > 1. `dsv4 bench` runs one sequence per rank, `dsv4 logits` the prompt on rank
-    /// 0 (the others serve their experts), `dsv4 plan` plans it; serve, generate, chat and
-    /// check do not take it yet.
+    /// and EP > 1. `dsv4 serve` hands each request to the rank holding the fewest (each rank
+    /// its own scheduler, pool and --max-num-seqs; one node for now), `dsv4 bench` runs one
+    /// sequence per rank, `dsv4 logits` the prompt on rank 0 (the others serve their experts),
+    /// `dsv4 plan` plans it; generate, chat and check do not take it yet.
     #[arg(long)]
     pub data_parallel_attention: bool,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with

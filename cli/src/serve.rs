@@ -52,7 +52,7 @@ pub struct ServeArgs {
     /// /health and /metrics.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// Most sequences in one step.
+    /// Most sequences in one step (with --data-parallel-attention, of each rank).
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_num_seqs: usize,
     /// Most tokens in one step (decode tokens and prompt chunks together).
@@ -255,7 +255,14 @@ fn planned_pool(
         n => n,
     };
     let world = parallel.world();
-    parallel.refuse_data_parallel("dsv4 serve", "each rank would need a scheduler of its own sequences")?;
+    if let (true, Some(nodes)) = (parallel.data_parallel_attention, parallel.nodes()) {
+        bail!(
+            "dsv4 serve runs --data-parallel-attention within one node for now (its requests and their streams stay \
+             in the process that took them), not over --nnodes {}: give this node's --devices alone, or drop \
+             --data-parallel-attention to replicate attention over the nodes",
+            nodes.nnodes
+        );
+    }
     let layout = parallel.layout(cfg)?;
     if world > 1 {
         eprintln!("{}", parallel.describe_run(&layout, cfg));
@@ -306,8 +313,9 @@ fn planned_pool(
 }
 
 /// [`spawn_engine`] over the ranks of `parallel`: one engine thread per rank, rank 0's serving
-/// (`dsv4_engine`'s replicated engine); CPU ranks over the in-process communicator, Ascend ranks
-/// one per device over HCCL. Every rank gets the same pool configuration, sized here once: the
+/// (`dsv4_engine`'s replicated engine; with data-parallel attention each rank runs the
+/// requests rank 0's hands it); CPU ranks over the in-process communicator, Ascend ranks one
+/// per device over HCCL. Every rank gets the same pool configuration, sized here once: the
 /// ranks' engines must make the same block decisions.
 fn spawn_engine_ranks(
     backend: BackendChoice,
@@ -333,7 +341,16 @@ fn spawn_engine_ranks(
         eprintln!("backend: {}", probe.describe());
         load::hold(probe, ckpt, kv.weight_memory).map(|(ckpt, _)| ckpt)
     })?;
-    eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world);
+    match layout.data_parallel_attention {
+        // Each rank's engine admits up to --max-num-seqs of its own.
+        true => eprintln!(
+            "{} (on each of the {} ranks, each serving sequences of its own: up to {} running at once)",
+            kv_args::describe(&cfg, &pool),
+            layout.world,
+            layout.world * config.max_num_seqs
+        ),
+        false => eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world),
+    }
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
     let (spec, precision) = (spec.to_string(), kv.precision);
@@ -352,7 +369,10 @@ fn spawn_engine_ranks(
                     }) as RankBuild<CpuBackend>
                 })
                 .collect();
-            EngineHandle::spawn_ranks(config, builds)
+            match layout.data_parallel_attention {
+                true => EngineHandle::spawn_data_parallel(config, builds),
+                false => EngineHandle::spawn_ranks(config, builds),
+            }
         }
         Resolved::Cuda => {
             use dsv4_backend_cuda::collective::InitByUniqueId;
@@ -419,7 +439,7 @@ fn spawn_engine_ranks(
                     }) as RankBuild<Gpu>
                 })
                 .collect();
-            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone())
+            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone(), layout.data_parallel_attention)
         }
         Resolved::Ascend => {
             let ids = crate::parallel_args::device_ids(&parallel.devices)?;
@@ -447,7 +467,7 @@ fn spawn_engine_ranks(
                     }) as RankBuild<AscendBackend>
                 })
                 .collect();
-            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone())
+            spawn_on_nodes(config, builds, &group, inbox, leader_ended.clone(), layout.data_parallel_attention)
         }
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -470,15 +490,19 @@ fn inbox_of(
 
 /// Starts this process's rank engines: alone, or over several nodes as node 0 (rank 0's
 /// decisions also go to the other nodes) or as another node (every rank here replays node 0's
-/// decisions from `inbox`; `ended` is set when node 0 says goodbye).
+/// decisions from `inbox`; `ended` is set when node 0 says goodbye). With `data_parallel`
+/// (one node only) each rank runs sequences of its own.
 fn spawn_on_nodes<B: Backend + 'static>(
     config: EngineConfig,
     builds: Vec<RankBuild<B>>,
     group: &Option<std::sync::Arc<dsv4_core::parallel::NodeGroup>>,
     inbox: Option<std::sync::mpsc::Receiver<Vec<u8>>>,
     ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    data_parallel: bool,
 ) -> Result<EngineHandle, dsv4_engine::BuildError> {
     match (group, inbox) {
+        // `planned_pool` refused data-parallel attention over several nodes.
+        (None, _) if data_parallel => EngineHandle::spawn_data_parallel(config, builds),
         (None, _) => EngineHandle::spawn_ranks(config, builds),
         (Some(g), None) => {
             let g = g.clone();

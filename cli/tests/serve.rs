@@ -170,7 +170,9 @@ fn emulator() -> std::path::PathBuf {
 
 /// `serve --devices 4 --tensor-parallel 2` answers exactly as one device, on the CPU backend and
 /// on four emulated Ascend devices over the emulator's HCCL, joined through HCCL's root info or
-/// a rank table (`--rank-table`: `HcclCommInitClusterInfo`).
+/// a rank table (`--rank-table`: `HcclCommInitClusterInfo`); so does `serve --devices 2
+/// --data-parallel-attention` on both, whose two requests one after the other run on rank 0,
+/// then rank 1.
 #[test]
 fn serve_split_over_ranks_answers_as_one_device() {
     let emulator = emulator();
@@ -189,7 +191,15 @@ fn serve_split_over_ranks_answers_as_one_device() {
     .unwrap();
     let split = ["--devices", "4", "--tensor-parallel", "2", "--kv-cache-memory", "64MiB"];
     let with_table = [&split[..], &["--rank-table", table.to_str().unwrap()]].concat();
-    let runs = [("cpu", &[][..]), ("cpu", &split[..]), ("ascend", &split[..]), ("ascend", &with_table[..])];
+    let dp = ["--devices", "2", "--data-parallel-attention", "--kv-cache-memory", "64MiB"];
+    let runs = [
+        ("cpu", &[][..]),
+        ("cpu", &split[..]),
+        ("ascend", &split[..]),
+        ("ascend", &with_table[..]),
+        ("cpu", &dp[..]),
+        ("ascend", &dp[..]),
+    ];
     for (backend, devices) in runs {
         let child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
             .args(["serve", "--backend", backend, "--port", "0", "--max-model-len", "256", "--max-num-seqs", "4"])
@@ -202,16 +212,39 @@ fn serve_split_over_ranks_answers_as_one_device() {
             .unwrap();
         let mut server = Server(child);
         let (_, port) = url_line(&mut server);
-        let body = r#"{"prompt": "Hello there", "max_tokens": 12, "temperature": 0}"#;
-        let (status, body) = http(port, "POST", "/v1/completions", &[], body);
-        assert_eq!(status, 200, "{backend} {devices:?}: {body}");
-        let text = body.split("\"text\":").nth(1).unwrap().split(",\"logprobs\"").next().unwrap().to_string();
-        answers.push(text);
+        let mut texts = vec![];
+        for _ in 0..2 {
+            let body = r#"{"prompt": "Hello there", "max_tokens": 12, "temperature": 0}"#;
+            let (status, body) = http(port, "POST", "/v1/completions", &[], body);
+            assert_eq!(status, 200, "{backend} {devices:?}: {body}");
+            texts.push(body.split("\"text\":").nth(1).unwrap().split(",\"logprobs\"").next().unwrap().to_string());
+        }
+        assert_eq!(texts[0], texts[1], "{backend} {devices:?}: the second request");
+        answers.push(texts.swap_remove(0));
     }
     assert_eq!(answers[0], answers[1]);
     assert_eq!(answers[0], answers[2]);
     assert_eq!(answers[0], answers[3], "through the rank table");
+    assert_eq!(answers[0], answers[4], "data-parallel attention");
+    assert_eq!(answers[0], answers[5], "data-parallel attention on Ascend");
     std::fs::remove_file(&table).ok();
+}
+
+/// Data-parallel attention's requests stay in the process that took them: over several nodes
+/// it is refused, before any node waits for the others.
+#[test]
+fn serve_refuses_data_parallel_attention_over_nodes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "ascend", "--port", "0", "--devices", "2", "--data-parallel-attention"])
+        .args(["--kv-cache-memory", "64MiB", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1"])
+        .args(["--master-port", "1"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .env("DSV4_ASCEND_EMU_DEVICES", "4")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--data-parallel-attention within one node for now") && err.contains("--nnodes 2"), "{err}");
 }
 
 /// A rank that fails mid-request while its peers wait for it in a collective that nothing wakes

@@ -12,6 +12,7 @@ use dsv4_core::speculative::Speculator;
 use dsv4_core::{Backend, Batch, Model};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 
+use crate::data_parallel::DataParallel;
 use crate::logprobs::token_logprobs;
 use crate::replica::{Mirror, Tick};
 use crate::request::{EngineEvent, FinishReason, GenerationRequest, Usage};
@@ -146,8 +147,9 @@ pub(crate) struct Shared {
     /// The next request id.
     next_id: std::sync::atomic::AtomicU64,
     stats: Mutex<EngineStats>,
-    /// Requests submitted but not yet admitted.
-    waiting: AtomicUsize,
+    /// Requests submitted but not yet admitted (under data-parallel attention one counter for
+    /// every rank: the queue limit is the group's).
+    waiting: Arc<AtomicUsize>,
     /// Set when the engine thread ends (why).
     stopped: Mutex<Option<String>>,
     /// When it stopped, in the order of every engine's stops in this process (0: running).
@@ -176,17 +178,20 @@ pub struct EngineHandle {
     /// nothing will wake (NCCL's).
     ranks: Arc<Vec<Arc<Shared>>>,
     info: Arc<EngineInfo>,
+    /// Each rank runs sequences of its own ([`crate::data_parallel`]): the counters are the
+    /// sum of the ranks'.
+    data_parallel: bool,
 }
 
 /// Why an engine could not start.
 pub type BuildError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Shared {
-    fn new() -> Self {
+    fn new(waiting: Arc<AtomicUsize>) -> Self {
         Shared {
             next_id: Default::default(),
             stats: Mutex::new(EngineStats::default()),
-            waiting: AtomicUsize::new(0),
+            waiting,
             stopped: Mutex::new(None),
             stop_order: Default::default(),
             streams: Mutex::new(OpenStreams::default()),
@@ -240,7 +245,23 @@ impl EngineHandle {
         B: Backend + 'static,
     {
         let mirrors = lead_and_follow(builds.len(), None);
-        Self::spawn_mirrored(config, builds, mirrors)
+        Self::spawn_mirrored(config, builds, mirrors.into_iter().map(|m| (m, None)).collect())
+    }
+
+    /// Starts one engine thread per rank of a model split with data-parallel attention
+    /// ([`crate::data_parallel`]): each rank runs sequences of its own, rank 0's engine hands
+    /// each request to the rank holding the fewest, and the ranks step together through the
+    /// model's MoE exchange. `builds[r]` runs on rank r's thread, as for
+    /// [`EngineHandle::spawn_ranks`]; each rank's model must be loaded with data-parallel
+    /// attention. The handle's counters are the sums of the ranks'. One process only (the
+    /// requests and their streams stay in it). Returns once every rank is ready, or with the
+    /// first rank's error.
+    pub fn spawn_data_parallel<B>(config: EngineConfig, builds: Vec<RankBuild<B>>) -> Result<EngineHandle, BuildError>
+    where
+        B: Backend + 'static,
+    {
+        let parts = crate::data_parallel::group(builds.len());
+        Self::spawn_mirrored(config, builds, parts.into_iter().map(|p| (Mirror::Lead(vec![]), Some(p))).collect())
     }
 
     /// [`EngineHandle::spawn_ranks`] on the leader's node of a run over several processes
@@ -265,7 +286,7 @@ impl EngineHandle {
             }
         })?;
         let mirrors = lead_and_follow(builds.len(), Some(remote_tx));
-        Self::spawn_mirrored(config, builds, mirrors)
+        Self::spawn_mirrored(config, builds, mirrors.into_iter().map(|m| (m, None)).collect())
     }
 
     /// The engines of a node other than the leader's in a run over several processes: every
@@ -296,7 +317,7 @@ impl EngineHandle {
                 }
             }
         })?;
-        Self::spawn_mirrored(config, builds, tick_rxs.into_iter().map(Mirror::Follow).collect())
+        Self::spawn_mirrored(config, builds, tick_rxs.into_iter().map(|rx| (Mirror::Follow(rx), None)).collect())
     }
 
     /// The leader's state (rank 0's: the queue, the counters, the request streams).
@@ -323,10 +344,12 @@ impl EngineHandle {
         Some(if r == 0 { why } else { format!("rank {r}'s engine stopped: {why}") })
     }
 
+    /// Starts the rank engines, each with its part (`roles[r]`): a mirror of rank 0's
+    /// decisions, or a part of a data-parallel group.
     fn spawn_mirrored<B>(
         config: EngineConfig,
         builds: Vec<RankBuild<B>>,
-        mirrors: Vec<Mirror>,
+        roles: Vec<(Mirror, Option<DataParallel>)>,
     ) -> Result<EngineHandle, BuildError>
     where
         B: Backend + 'static,
@@ -342,8 +365,15 @@ impl EngineHandle {
         let mut rx = Some(rx);
         let mut gos = vec![];
         // Each rank its own state; the handle reads them all (the leader's, rank 0, for requests).
-        let ranks: Arc<Vec<Arc<Shared>>> = Arc::new((0..builds.len()).map(|_| Arc::new(Shared::new())).collect());
-        for (rank, (build, mirror)) in builds.into_iter().zip(mirrors).enumerate() {
+        let data_parallel = roles.iter().any(|(_, dp)| dp.is_some());
+        let group_waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = || match data_parallel {
+            true => group_waiting.clone(),
+            false => Arc::new(AtomicUsize::new(0)),
+        };
+        let ranks: Arc<Vec<Arc<Shared>>> =
+            Arc::new((0..builds.len()).map(|_| Arc::new(Shared::new(waiting()))).collect());
+        for (rank, (build, (mirror, dp))) in builds.into_iter().zip(roles).enumerate() {
             // Rank 0 reads the handle's queue; a follower's queue is never written.
             let rx = rx.take().unwrap_or_else(|| mpsc::channel().1);
             let shared = ranks[rank].clone();
@@ -363,7 +393,7 @@ impl EngineHandle {
                         return;
                     }
                 };
-                let mut engine = match Engine::new(&be, &model, kv, config, shared.clone(), mirror) {
+                let mut engine = match Engine::new(&be, &model, kv, config, shared.clone(), mirror, dp) {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = ready_tx.send((rank, Err(e)));
@@ -404,7 +434,7 @@ impl EngineHandle {
         }
         match (failure, info) {
             (Some(e), _) => Err(e.into()),
-            (None, Some(info)) => Ok(EngineHandle { tx, ranks, info: Arc::new(info) }),
+            (None, Some(info)) => Ok(EngineHandle { tx, ranks, info: Arc::new(info), data_parallel }),
             (None, None) => Err("rank 0's engine did not start".into()),
         }
     }
@@ -431,7 +461,11 @@ impl EngineHandle {
 
     /// Counters as of the last step.
     pub fn stats(&self) -> EngineStats {
-        let mut s = *self.leader().stats.lock().unwrap_or_else(|e| e.into_inner());
+        let of = |r: &Shared| *r.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = match self.data_parallel {
+            true => self.ranks.iter().fold(EngineStats::default(), |sum, r| sum + of(r)),
+            false => of(self.leader()),
+        };
         // Preempted requests wait too (for blocks), as vLLM counts them.
         s.waiting = self.leader().waiting.load(Ordering::Relaxed) + s.preempted;
         s
@@ -552,6 +586,9 @@ struct Engine<'a, B: Backend> {
     stats: EngineStats,
     /// This engine's part in a group of ranks ([`crate::replica`]).
     mirror: Mirror,
+    /// Its part in a data-parallel group ([`crate::data_parallel`]), where each rank runs
+    /// sequences of its own (then `mirror` leads no one).
+    dp: Option<DataParallel>,
 }
 
 impl<'a, B: Backend> Engine<'a, B> {
@@ -562,11 +599,15 @@ impl<'a, B: Backend> Engine<'a, B> {
         mut config: EngineConfig,
         shared: Arc<Shared>,
         mirror: Mirror,
+        dp: Option<DataParallel>,
     ) -> Result<Self, String> {
+        if dp.is_some() && !model.rank.layout.layout.data_parallel_attention {
+            return Err("a data-parallel engine needs a model loaded with data-parallel attention".into());
+        }
         if config.speculative_tokens > 0 {
             // First: a split model does not load its MTP block, so the next check would blame
             // the checkpoint.
-            if mirror.is_replicated() {
+            if mirror.is_replicated() || dp.is_some() {
                 return Err("--speculative-tokens runs on one device for now; drop it or --devices".into());
             }
             if model.mtp.is_none() {
@@ -627,6 +668,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             admissions: 0,
             stats: EngineStats::default(),
             mirror,
+            dp,
         };
         engine.publish();
         Ok(engine)
@@ -695,7 +737,21 @@ impl<'a, B: Backend> Engine<'a, B> {
                 // Waiting for blocks that running requests will free; do not spin.
                 std::thread::sleep(Duration::from_millis(1));
             }
+            let held = self.held();
+            if let Some(Err(why)) = self.dp.as_mut().map(|dp| dp.report(held)) {
+                return why;
+            }
         }
+    }
+
+    /// Requests this engine holds: queued, preempted or running.
+    fn held(&self) -> usize {
+        self.waiting.len() + self.preempted.len() + self.active.len()
+    }
+
+    /// Whether a failed step stops the engine: on several ranks it leaves their states apart.
+    fn in_group(&self) -> bool {
+        self.mirror.is_replicated() || self.dp.is_some()
     }
 
     fn publish(&mut self) {
@@ -715,7 +771,9 @@ impl<'a, B: Backend> Engine<'a, B> {
 
     /// The iteration's inputs: the requests that arrived and the requests whose client left.
     /// The leader reads them (blocking while it has nothing to do) and tells the followers; a
-    /// follower receives them from the leader. Err(why) stops the engine.
+    /// follower receives them from the leader. Under data-parallel attention the leader shares
+    /// the arrivals out (blocking only while no rank holds a request) and a follower receives
+    /// its share; each notices its own clients that left. Err(why) stops the engine.
     fn begin_iteration(&mut self, rx: &mpsc::Receiver<Submitted>) -> Result<(), String> {
         if let Mirror::Follow(ticks) = &self.mirror {
             let (arrived, cancelled) = match ticks.recv() {
@@ -730,8 +788,18 @@ impl<'a, B: Backend> Engine<'a, B> {
             self.drop_ids(&cancelled);
             return Ok(());
         }
+        if let Some(dp @ DataParallel::Follow { .. }) = &self.dp {
+            // A data-parallel follower: the leader's share for this iteration starts it.
+            let share = dp.receive()?;
+            self.waiting.extend(share);
+            let cancelled = self.cancelled_ids();
+            self.drop_ids(&cancelled);
+            return Ok(());
+        }
         let mut arrived = vec![];
-        if self.active.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
+        // Under data-parallel attention the leader waits only when no rank holds a request.
+        let others_busy = self.dp.as_ref().is_some_and(|dp| dp.followers_busy());
+        if self.held() == 0 && !others_busy {
             match rx.recv() {
                 Ok(s) => arrived.push(s),
                 Err(_) => return Err("every handle was dropped".into()),
@@ -743,6 +811,11 @@ impl<'a, B: Backend> Engine<'a, B> {
         let told: Vec<(u64, GenerationRequest)> = match self.mirror.is_replicated() {
             true => arrived.iter().map(|s| (s.id, s.req.clone())).collect(),
             false => vec![],
+        };
+        let held = self.held();
+        let arrived = match &mut self.dp {
+            Some(dp) => dp.share(arrived, held)?,
+            None => arrived,
         };
         self.waiting.extend(arrived);
         let cancelled = self.cancelled_ids();
@@ -955,6 +1028,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         if chosen.is_empty() {
+            if self.dp.is_some() {
+                // Other ranks may step: this one's experts serve their tokens.
+                self.model.idle_step(self.be).map_err(|e| format!("model step failed: {e}"))?;
+            }
             return Ok(false);
         }
         self.run_step(&chosen)?;
@@ -991,7 +1068,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 self.fail_chosen(chosen, &message);
                 // On several ranks a failed step (a collective that failed, a rank that died)
                 // leaves the ranks' states apart: stop, so every request gets this error.
-                return if self.mirror.is_replicated() { Err(message) } else { Ok(()) };
+                return if self.in_group() { Err(message) } else { Ok(()) };
             }
         };
         if let Mirror::Follow(ticks) = &self.mirror {

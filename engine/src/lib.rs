@@ -18,12 +18,15 @@
 //! A model split over several ranks runs one engine per rank ([`EngineHandle::spawn_ranks`]):
 //! rank 0's serves the handle and the others replay its decisions (`replica`); over several
 //! processes the decisions also travel between them encoded ([`EngineHandle::spawn_ranks_leading`],
-//! [`EngineHandle::spawn_followers`]).
+//! [`EngineHandle::spawn_followers`]). With data-parallel attention each rank's engine runs
+//! sequences of its own instead, rank 0's handing each request to the rank holding the fewest
+//! ([`EngineHandle::spawn_data_parallel`], `data_parallel`).
 //!
 //! Text is not the engine's business: tokenising, detokenising, stop strings and the chat
 //! format live in the server (`dsv4-server`), which sees token ids come back and drops the
 //! stream when a stop string completes.
 
+mod data_parallel;
 mod engine;
 mod logprobs;
 mod replica;

@@ -32,3 +32,31 @@ pub struct EngineStats {
     pub spec_draft_tokens_total: u64,
     pub spec_accepted_tokens_total: u64,
 }
+
+/// The sum of two ranks' counters (a data-parallel engine's handle adds its ranks').
+impl std::ops::Add for EngineStats {
+    type Output = EngineStats;
+
+    fn add(self, o: EngineStats) -> EngineStats {
+        EngineStats {
+            running: self.running + o.running,
+            waiting: self.waiting + o.waiting,
+            preempted: self.preempted + o.preempted,
+            compressed_blocks_used: self.compressed_blocks_used + o.compressed_blocks_used,
+            compressed_blocks_free: self.compressed_blocks_free + o.compressed_blocks_free,
+            window_blocks_used: self.window_blocks_used + o.window_blocks_used,
+            window_blocks_free: self.window_blocks_free + o.window_blocks_free,
+            prompt_tokens_total: self.prompt_tokens_total + o.prompt_tokens_total,
+            generation_tokens_total: self.generation_tokens_total + o.generation_tokens_total,
+            prefix_cache_queries_total: self.prefix_cache_queries_total + o.prefix_cache_queries_total,
+            prefix_cache_hits_total: self.prefix_cache_hits_total + o.prefix_cache_hits_total,
+            steps_total: self.steps_total + o.steps_total,
+            requests_finished_total: self.requests_finished_total + o.requests_finished_total,
+            requests_cancelled_total: self.requests_cancelled_total + o.requests_cancelled_total,
+            requests_failed_total: self.requests_failed_total + o.requests_failed_total,
+            preemptions_total: self.preemptions_total + o.preemptions_total,
+            spec_draft_tokens_total: self.spec_draft_tokens_total + o.spec_draft_tokens_total,
+            spec_accepted_tokens_total: self.spec_accepted_tokens_total + o.spec_accepted_tokens_total,
+        }
+    }
+}

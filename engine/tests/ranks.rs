@@ -24,6 +24,49 @@ fn ranked(config: EngineConfig, split: (usize, usize, usize), kv: Kv, dies: Opti
     ranked_on(config, split, kv, dies, false)
 }
 
+/// What the ranks of a data-parallel engine did: under data-parallel attention each all-gather
+/// is a step's agreement on the group's largest batch, to which each rank gives its tokens.
+#[derive(Default)]
+struct Agreements {
+    /// All-gathers, every rank's.
+    calls: AtomicUsize,
+    /// Tokens each rank stepped (its contributions), by rank.
+    tokens: [AtomicUsize; 4],
+}
+
+/// An engine over `builtin:tiny` with data-parallel attention on `world` ranks (EP `world`, at
+/// most 4): each rank its own sequences. Rank `dies.0` panics at its `dies.1`-th expert
+/// exchange; `seen` records the steps' agreements.
+fn data_parallel(
+    config: EngineConfig,
+    world: usize,
+    kv: Kv,
+    dies: Option<(usize, usize)>,
+    seen: Arc<Agreements>,
+) -> EngineHandle {
+    let (cfg, _) = builtin::tiny().unwrap();
+    let layout = ParallelLayout::new(world, 1, world, &cfg).unwrap().with_data_parallel_attention().unwrap();
+    let builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, world_comm)| {
+            let seen = seen.clone();
+            Box::new(move || {
+                let be = CpuBackend::new();
+                let (cfg, ckpt) = builtin::tiny()?;
+                let mut ctx = RankContext::new(layout.rank(rank), &world_comm as &dyn Communicator<CpuBackend>)?;
+                let dies_at = dies.filter(|d| d.0 == rank).map(|d| AtomicUsize::new(d.1));
+                let inner = ctx.ep.take().expect("the test splits experts");
+                ctx.ep = Some(Arc::new(Faulty { inner, dies_at, deaf: false, seen: Some(seen) }));
+                let model = Model::load_rank(&be, cfg, &ckpt, &mut |_, _, _| {}, ctx)?;
+                let kv = kv(&model.cfg);
+                Ok((be, model, kv))
+            }) as RankBuild<CpuBackend>
+        })
+        .collect();
+    EngineHandle::spawn_data_parallel(config, builds).expect("engine starts")
+}
+
 /// [`ranked`]; with `deaf`, a rank whose expert collective fails waits for ever instead of
 /// returning the error, as on NCCL's blocking communicators when a peer is gone.
 fn ranked_on(
@@ -46,7 +89,7 @@ fn ranked_on(
                 let dies_at = dies.filter(|d| d.0 == rank).map(|d| AtomicUsize::new(d.1));
                 if dies_at.is_some() || deaf {
                     let inner = ctx.ep.take().expect("the test splits experts");
-                    ctx.ep = Some(Arc::new(Faulty { inner, dies_at, deaf }));
+                    ctx.ep = Some(Arc::new(Faulty { inner, dies_at, deaf, seen: None }));
                 }
                 let model = Model::load_rank(&be, cfg, &ckpt, &mut |_, _, _| {}, ctx)?;
                 let kv = kv(&model.cfg);
@@ -68,13 +111,23 @@ fn single(config: EngineConfig, kv: Kv) -> EngineHandle {
     .unwrap()
 }
 
-/// A communicator that forwards to `inner`; it panics at its `dies_at`-th all-reduce (a worker
-/// that dies mid-step), and when `deaf` a call that fails waits for ever instead of returning
-/// the error (what a blocking NCCL communicator does when a peer is gone).
+/// A communicator that forwards to `inner`; it panics at its `dies_at`-th all-reduce or
+/// all-to-all (a worker that dies mid-step), and when `deaf` a call that fails waits for ever
+/// instead of returning the error (what a blocking NCCL communicator does when a peer is gone).
+/// `seen` records its all-gathers.
 struct Faulty<B: Backend> {
     inner: Arc<dyn Communicator<B>>,
     dies_at: Option<AtomicUsize>,
     deaf: bool,
+    seen: Option<Arc<Agreements>>,
+}
+
+impl<B: Backend> Faulty<B> {
+    fn maybe_die(&self) {
+        if self.dies_at.as_ref().is_some_and(|left| left.fetch_sub(1, Ordering::SeqCst) == 1) {
+            panic!("worker killed by the test");
+        }
+    }
 }
 
 impl<B: Backend> Faulty<B> {
@@ -96,18 +149,23 @@ impl<B: Backend> Communicator<B> for Faulty<B> {
         self.inner.size()
     }
     fn all_reduce_sum(&self, be: &B, x: &B::Tensor) -> dsv4_core::Result<B::Tensor> {
-        if self.dies_at.as_ref().is_some_and(|left| left.fetch_sub(1, Ordering::SeqCst) == 1) {
-            panic!("worker killed by the test");
-        }
+        self.maybe_die();
         self.pass(self.inner.all_reduce_sum(be, x))
     }
     fn all_gather(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
+        if let Some(seen) = &self.seen {
+            seen.calls.fetch_add(1, Ordering::SeqCst);
+            if let [tokens] = be.download(x)?[..] {
+                seen.tokens[self.inner.rank()].fetch_add(tokens as usize, Ordering::SeqCst);
+            }
+        }
         self.pass(self.inner.all_gather(be, x, dim))
     }
     fn reduce_scatter_sum(&self, be: &B, x: &B::Tensor, dim: usize) -> dsv4_core::Result<B::Tensor> {
         self.pass(self.inner.reduce_scatter_sum(be, x, dim))
     }
     fn all_to_all_v(&self, be: &B, x: &B::Tensor, rows: &[usize]) -> dsv4_core::Result<(B::Tensor, Vec<usize>)> {
+        self.maybe_die();
         self.pass(self.inner.all_to_all_v(be, x, rows))
     }
     fn broadcast(&self, be: &B, x: &B::Tensor, root: usize) -> dsv4_core::Result<B::Tensor> {
@@ -201,6 +259,89 @@ fn a_split_engine_answers_as_one_device_does() {
         // The same prompt again reuses its cached pages on every rank alike.
         let again = collect(e.submit(reqs[1].clone()).unwrap());
         assert_eq!(again, want[1], "{layout:?} with a reused prefix");
+    }
+}
+
+/// `dsv4 serve --devices N --data-parallel-attention`: each rank runs the requests rank 0 hands
+/// it, the others join its steps with their experts; the answers equal one device's, and an
+/// idle engine does not keep stepping.
+#[test]
+fn a_data_parallel_engine_answers_as_one_device_does_and_rests_when_idle() {
+    let reqs: Vec<_> =
+        [5, 40, 17, 1, 33, 9, 22].iter().enumerate().map(|(i, &n)| greedy(prompt(i as u32, n), 14)).collect();
+    let want: Vec<_> = {
+        let e = single(CONFIG, roomy);
+        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        s.into_iter().map(collect).collect()
+    };
+    for world in [2, 4] {
+        let seen = Arc::new(Agreements::default());
+        let e = data_parallel(CONFIG, world, roomy, None, seen.clone());
+        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let got: Vec<_> = s.into_iter().map(collect).collect();
+        assert_eq!(got, want, "world {world}");
+        let stepped: Vec<usize> = seen.tokens[..world].iter().map(|t| t.load(Ordering::SeqCst)).collect();
+        assert!(stepped.iter().all(|&t| t > 0), "world {world}: some rank ran no sequence: {stepped:?}");
+        // One at a time too (one rank works, the others serve their experts), with a prefix
+        // reused on whichever rank holds it.
+        for (r, w) in reqs.iter().zip(&want).take(3) {
+            assert_eq!(collect(e.submit(r.clone()).unwrap()), *w, "world {world}, one at a time");
+        }
+        let s = e.stats();
+        assert_eq!((s.requests_finished_total, s.running, s.waiting), (10, 0, 0), "world {world}: {s:?}");
+        assert_eq!(s.generation_tokens_total, 10 * 14, "world {world}");
+        // Idle: every rank waits (the leader for requests, the others for the leader), so
+        // nothing gathers any more.
+        // (The last iteration may still be ending: wait until a tenth of a second passes
+        // without an all-gather, for at most 10 s.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut before = seen.calls.load(Ordering::SeqCst);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = seen.calls.load(Ordering::SeqCst);
+            if now == before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "world {world}: an idle engine kept stepping");
+            before = now;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(seen.calls.load(Ordering::SeqCst), before, "world {world}: an idle engine kept stepping");
+    }
+}
+
+#[test]
+fn a_data_parallel_engine_preempts_and_cancels_on_each_rank() {
+    let reqs: Vec<_> = (0..6).map(|i| greedy(prompt(100 + i, 10), 100)).collect();
+    let want: Vec<_> = {
+        let e = single(CONFIG, roomy);
+        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
+    };
+    let e = data_parallel(CONFIG, 2, tight, None, Arc::default());
+    run_with_a_client_that_leaves(&e, &reqs, &want);
+    let s = e.stats();
+    assert_eq!((s.requests_failed_total, s.requests_cancelled_total), (0, 1));
+    assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0]);
+}
+
+#[test]
+fn a_data_parallel_rank_that_dies_stops_the_engine_with_an_error() {
+    for dies in [0, 1] {
+        let e = data_parallel(CONFIG, 2, roomy, Some((dies, 60)), Arc::default());
+        let start = Instant::now();
+        // Two requests: one on each rank.
+        let streams = [e.submit(greedy(prompt(3, 20), 200)).unwrap(), e.submit(greedy(prompt(4, 20), 200)).unwrap()];
+        for s in streams {
+            let (toks, end) = collect(s);
+            let message = end.expect_err("the request fails");
+            assert!(message.contains("left the communicator") || message.contains("stopped"), "{message}");
+            assert!(toks.len() < 200);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let why = e.stopped().expect("the engine stopped");
+        assert!(why.contains(&format!("rank {dies}")) || dies == 0, "{why}");
+        assert!(matches!(e.submit(greedy(prompt(4, 5), 5)), Err(SubmitError::Stopped(_))));
+        assert!(start.elapsed() < Duration::from_secs(30));
     }
 }
 
