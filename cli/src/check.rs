@@ -39,19 +39,23 @@ fn trace<B: Backend>(be: &B, spec: &str, ids: &[u32], kv: &KvArgs) -> Result<Run
 }
 
 /// [`trace`] split over the ranks of `parallel` on `backend`; rank 0's outputs (every rank
-/// holds the whole residual stream and logits).
+/// holds the whole residual stream and logits). With data-parallel attention the prompt is rank
+/// 0's sequence and the other ranks serve their experts in its step, as in `dsv4 logits`.
 fn trace_split(backend: BackendChoice, spec: &str, ids: &[u32], kv: &KvArgs, parallel: &ParallelArgs) -> Result<Run> {
-    parallel.refuse_data_parallel(
-        "dsv4 check",
-        "it compares one sequence's per-layer outputs, which every rank computes only with replicated attention",
-    )?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory.one_pass(), parallel)?;
     let mut runs = on_ranks!(backend, parallel, layout, |be, ctx| {
+        let serves_prompt = ctx.layout.dp_rank() == 0;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
+        if !serves_prompt {
+            // The traced prompt is one step: one idle step.
+            model.idle_step(be)?;
+            return Ok(Run { backend: String::new(), blocks: vec![] });
+        }
         trace_model(be, &model, ids, kv)
     })?;
     let mut run = runs.swap_remove(0);
-    run.backend = format!("{} on {} ranks (TP {}, EP {})", run.backend, layout.world, layout.tp, layout.ep);
+    let dp = if layout.data_parallel_attention { ", data-parallel attention" } else { "" };
+    run.backend = format!("{} on {} ranks (TP {}, EP {}{dp})", run.backend, layout.world, layout.tp, layout.ep);
     Ok(run)
 }
 

@@ -351,7 +351,8 @@ pub fn run_generate<B: Backend>(
 
 /// `dsv4 generate --devices N`: every rank runs the same generation (same
 /// prompt, same seed, and the ranks' logits are the same bits, so the same tokens) and rank 0
-/// prints it.
+/// prints it. With --data-parallel-attention the sequence is rank 0's alone and the other
+/// ranks serve their experts in its steps ([`serve_experts_until_idle`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_generate_ranks(
     backend: crate::BackendChoice,
@@ -366,14 +367,31 @@ pub fn run_generate_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
-    parallel.refuse_data_parallel("dsv4 generate", "its ranks sample and decode one sequence together")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
+        let data_parallel = ctx.layout.layout.data_parallel_attention;
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
-        generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)
+        if data_parallel && !first {
+            return serve_experts_until_idle(be, &model);
+        }
+        generate_with(be, &model, tok.as_ref(), prompt, ids, chat_args, sampling, kv, print_ids, first)?;
+        if data_parallel {
+            // Done: one idle step tells the others the group is idle.
+            model.idle_step(be)?;
+        }
+        Ok(())
     })?;
+    Ok(())
+}
+
+/// A data-parallel rank without a sequence in a command that runs one sequence on rank 0
+/// (`generate`, a `chat` turn): serves its experts in every step of its EP group until the
+/// group is idle, which rank 0 signals with an idle step of its own when its sequence (or
+/// turn) is done ([`Model::idle_step`]).
+fn serve_experts_until_idle<B: Backend>(be: &B, model: &Model<B>) -> Result<()> {
+    while model.idle_step(be)? {}
     Ok(())
 }
 
@@ -471,12 +489,14 @@ pub fn run_chat<B: Backend>(
     check_speculation(spec, sampling.speculative_tokens)?;
     let model = crate::load::load_model(be, spec, kv.precision, kv.weight_memory)?;
     let stdin = std::io::stdin();
-    chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), true).map(drop)
+    chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || read_turn(&stdin), &mut || Ok(()), true).map(drop)
 }
 
 /// `dsv4 chat --devices N` (and over several processes, `--nnodes`): global rank 0 reads the
 /// user's lines and hands each to the other ranks ([`crate::chat_turns`]), which run the same
-/// conversation (same seed, same logits bits) silently.
+/// conversation (same seed, same logits bits) silently. With --data-parallel-attention the
+/// conversation is rank 0's alone: each turn the other ranks serve their experts in its steps
+/// ([`serve_experts_until_idle`]).
 pub fn run_chat_ranks(
     backend: crate::BackendChoice,
     spec: &str,
@@ -487,7 +507,6 @@ pub fn run_chat_ranks(
 ) -> Result<()> {
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = tokenizer_for(spec)?;
-    parallel.refuse_data_parallel("dsv4 chat", "each rank would need a scheduler of its own sequences")?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     // Split runs refuse speculation, so a step is at most the default prefill chunk.
     let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);
@@ -501,6 +520,7 @@ pub fn run_chat_ranks(
         // Taken before the model loads: the reader's source closes the others' turns when it
         // ends, a failed load included, so that they never wait for a line.
         let local_rank = ctx.layout.rank - base;
+        let ctx_data_parallel = ctx.layout.layout.data_parallel_attention;
         let mut source = turns.for_rank(local_rank);
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         let show = source.is_reader();
@@ -508,7 +528,23 @@ pub fn run_chat_ranks(
             eprintln!("node {}: following the conversation typed on node 0's terminal", g.node_rank());
         }
         let stdin = std::io::stdin();
-        chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut || source.next(|| read_turn(&stdin)), show).map(drop)
+        let data_parallel = ctx_data_parallel;
+        if data_parallel && !show {
+            while source.next(|| read_turn(&stdin)).is_some() {
+                serve_experts_until_idle(be, &model)?;
+            }
+            return Ok(());
+        }
+        // Under data-parallel attention each answered turn ends with an idle step: the others
+        // stop serving their experts until the next line.
+        let mut end_turn = || -> Result<()> {
+            if data_parallel {
+                model.idle_step(be)?;
+            }
+            Ok(())
+        };
+        let mut next = || source.next(|| read_turn(&stdin));
+        chat_loop(be, &model, &tok, chat_args, sampling, kv, &mut next, &mut end_turn, show).map(drop)
     })?;
     Ok(())
 }
@@ -539,8 +575,8 @@ fn next_turn(input: &mut impl BufRead, prompt: &mut impl Write) -> Option<String
 }
 
 /// The conversation: each line `next_turn` gives is a user message, answered on stdout when
-/// `show` (else computed silently: the other ranks of a split run). Returns the conversation
-/// as OpenAI-style messages (the user's and the parsed replies).
+/// `show` (else computed silently: the other ranks of a split run), then `end_turn` runs.
+/// Returns the conversation as OpenAI-style messages (the user's and the parsed replies).
 #[allow(clippy::too_many_arguments)]
 fn chat_loop<B: Backend>(
     be: &B,
@@ -550,6 +586,7 @@ fn chat_loop<B: Backend>(
     sampling: &SamplingArgs,
     kv: &KvArgs,
     next_turn: &mut dyn FnMut() -> Option<String>,
+    end_turn: &mut dyn FnMut() -> Result<()>,
     show: bool,
 ) -> Result<Vec<serde_json::Value>> {
     let opts = sampling.options(model, Some(tok));
@@ -581,6 +618,7 @@ fn chat_loop<B: Backend>(
         if show {
             println!();
         }
+        end_turn()?;
     }
     Ok(messages)
 }
@@ -701,8 +739,17 @@ mod tests {
                                         let (chat, sampling, kv) = (&flags.chat, &flags.sampling, &flags.kv);
                                         // Silent on every rank (the reader's reply would go to
                                         // the terminal, past the test harness's capture).
-                                        let conversation =
-                                            chat_loop(&be, &model, tok, chat, sampling, kv, &mut next, false);
+                                        let conversation = chat_loop(
+                                            &be,
+                                            &model,
+                                            tok,
+                                            chat,
+                                            sampling,
+                                            kv,
+                                            &mut next,
+                                            &mut || Ok(()),
+                                            false,
+                                        );
                                         (show, conversation.unwrap())
                                     })
                                 })

@@ -190,8 +190,8 @@ pub struct ParallelArgs {
     /// the ring all-reduce of replicated attention (README "Multi-device"). Needs --tensor-parallel 1
     /// and EP > 1. `dsv4 serve` hands each request to the rank holding the fewest (each rank
     /// its own scheduler, pool and --max-num-seqs; one node for now), `dsv4 bench` runs one
-    /// sequence per rank, `dsv4 logits` the prompt on rank 0 (the others serve their experts),
-    /// `dsv4 plan` plans it; generate, chat and check do not take it yet.
+    /// sequence per rank; `logits`, `generate`, `chat` and `check` run their sequence on rank 0
+    /// while the others serve their experts; `dsv4 plan` plans it.
     #[arg(long)]
     pub data_parallel_attention: bool,
     /// Processes in a run over several hosts (or one process per device): each runs dsv4 with
@@ -486,18 +486,6 @@ impl ParallelArgs {
             );
         }
         Ok(layout.with_moe(moe))
-    }
-
-    /// Refuses --data-parallel-attention for a command that does not run it yet (`command`,
-    /// e.g. "dsv4 serve"; `why`, what it would need).
-    pub fn refuse_data_parallel(&self, command: &str, why: &str) -> Result<()> {
-        if self.data_parallel_attention {
-            bail!(
-                "{command} does not run --data-parallel-attention yet ({why}): drop the flag to replicate attention (or \
-                 split it with --tensor-parallel); `dsv4 bench`, `dsv4 logits` and `dsv4 plan` take it"
-            );
-        }
-        Ok(())
     }
 
     /// Whether the run uses more than one rank; refuses TP/EP flags on a single device.

@@ -48,10 +48,18 @@ fn split_generation_prints_the_one_device_tokens_once() {
     let args =
         ["generate", "--ids", "1,2,3", "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "7", "--print-ids"];
     let one = ok(dsv4(&args));
-    let split = ok(dsv4(&[&args[..], &["--devices", "4", "--tensor-parallel", "2"]].concat()));
-    assert_eq!(String::from_utf8_lossy(&split.stdout), String::from_utf8_lossy(&one.stdout));
-    let err = String::from_utf8_lossy(&split.stderr);
-    assert_eq!(err.matches("prefill:").count(), 1, "one speed line, from rank 0: {err}");
+    // Replicated attention, and data-parallel attention (the sequence on rank 0, the others
+    // serving their experts; EP 4, and two EP groups of 2).
+    for split in [
+        &["--devices", "4", "--tensor-parallel", "2"][..],
+        &["--devices", "4", "--data-parallel-attention"],
+        &["--devices", "4", "--data-parallel-attention", "--expert-parallel", "2"],
+    ] {
+        let split_run = ok(dsv4(&[&args[..], split].concat()));
+        assert_eq!(String::from_utf8_lossy(&split_run.stdout), String::from_utf8_lossy(&one.stdout), "{split:?}");
+        let err = String::from_utf8_lossy(&split_run.stderr);
+        assert_eq!(err.matches("prefill:").count(), 1, "{split:?}: one speed line, from rank 0: {err}");
+    }
 }
 
 #[test]
@@ -92,6 +100,10 @@ fn check_compares_a_split_run_with_one_device() {
     let o = ok(dsv4(&["check", "--backends", "cpu,cpu", "--devices", "4", "--tensor-parallel", "2"]));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("on 4 ranks (TP 2, EP 4)") && out.contains("ok: worst relative difference"), "{out}");
+    let o = ok(dsv4(&["check", "--backends", "cpu,cpu", "--devices", "2", "--data-parallel-attention"]));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let header = "on 2 ranks (TP 1, EP 2, data-parallel attention)";
+    assert!(out.contains(header) && out.contains("ok: worst relative difference"), "{out}");
 }
 
 #[test]
@@ -109,18 +121,29 @@ fn split_chat_answers_every_turn_as_one_device() {
         ok(child.wait_with_output().unwrap())
     };
     let one = run(&[]);
-    let split = run(&["--devices", "2"]);
     assert!(!one.stdout.is_empty());
-    assert_eq!(split.stdout, one.stdout);
+    // Replicated, and data-parallel attention (each turn rank 0's, the others serving their
+    // experts until it ends).
+    for split in [&["--devices", "2"][..], &["--devices", "2", "--data-parallel-attention"]] {
+        assert_eq!(String::from_utf8_lossy(&run(split).stdout), String::from_utf8_lossy(&one.stdout), "{split:?}");
+    }
 }
 
 #[test]
 fn split_chat_ends_when_rank_0_fails() {
     // Rank 0 fails writing the answer (stdout closed, as under `| head -c 1`): the other ranks,
-    // waiting for the next line, must end too, and the command exit with rank 0's error.
+    // waiting for the next line (or, with data-parallel attention, serving their experts in
+    // rank 0's steps), must end too, and the command exit with rank 0's error.
+    for dp in [false, true] {
+        split_chat_ends_when_rank_0_fails_with(dp);
+    }
+}
+
+fn split_chat_ends_when_rank_0_fails_with(data_parallel: bool) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_dsv4"))
         .args(["chat", "--max-new-tokens", "6", "--devices", "2"])
+        .args(data_parallel.then_some("--data-parallel-attention"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -136,14 +159,14 @@ fn split_chat_ends_when_rank_0_fails() {
         }
         if start.elapsed() > std::time::Duration::from_secs(60) {
             child.kill().ok();
-            panic!("dsv4 chat --devices 2 hangs after rank 0 failed");
+            panic!("dsv4 chat --devices 2 (data-parallel: {data_parallel}) hangs after rank 0 failed");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     drop(stdin);
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success() && err.contains("Broken pipe"), "{status}: {err}");
+    assert!(!status.success() && err.contains("Broken pipe"), "data-parallel: {data_parallel}: {status}: {err}");
 }
 
 fn emulator() -> std::path::PathBuf {

@@ -360,9 +360,14 @@ impl<B: Backend> Model<B> {
     /// of its own (attention, the head and the decoding state are not touched). Every rank of
     /// the EP group calls [`step`](Self::step) (or a sibling) or this, once per step.
     ///
+    /// Returns whether some rank of the group had tokens in this step; `false` when the whole
+    /// group was idle (nothing was exchanged), which every rank of the group sees alike: a rank
+    /// that serves only its experts can step until then, and a rank whose sequences are done
+    /// ends such a loop with one idle step.
+    ///
     /// # Errors
     /// Not under data-parallel attention, or a failed exchange (on every rank of the group).
-    pub fn idle_step(&self, be: &B) -> Result<()> {
+    pub fn idle_step(&self, be: &B) -> Result<bool> {
         if !self.rank.layout.layout.data_parallel_attention {
             return Err(Error::Input(
                 "idle_step: only ranks of a data-parallel attention layout step without tokens".into(),
@@ -371,12 +376,12 @@ impl<B: Backend> Model<B> {
         let most_tokens = self.most_tokens_of_group(be, 0)?;
         if most_tokens == 0 {
             // The whole EP group is idle (every rank saw the same 0): nothing to exchange.
-            return Ok(());
+            return Ok(false);
         }
         for block in &self.blocks {
             block.moe.idle(be, most_tokens, self.precision)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The most tokens any rank of this rank's EP group has in this step: `t` itself unless
