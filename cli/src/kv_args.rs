@@ -141,6 +141,22 @@ pub fn budget_for_tokens(cfg: &ModelConfig, dtype: KvDtype, tokens: usize, max_s
     dsv4_core::parallel::plan::pool_bytes_for(cfg, dtype, (1, 1, tokens), max_step)
 }
 
+/// Why `be` does not keep KV rows of `dtype` (fp8 off the Ascend 950), in the backend's own
+/// words: `--kv-dtype fp8: backend ...: ...; use ...`; None when it keeps them. Every command
+/// refuses such a pool with this message before it plans or loads anything.
+pub fn unkept_rows<B: Backend>(be: &B, dtype: KvDtype) -> Option<String> {
+    let format = dtype.attention_format(0);
+    if be.supports_row_format(format) {
+        return None;
+    }
+    // A one-row pool of that format is refused with the reason.
+    let why = match be.alloc_pool(1, 64, format) {
+        Err(e) => e.to_string(),
+        Ok(_) => format!("backend {} does not keep {dtype} KV rows", be.name()),
+    };
+    Some(format!("--kv-dtype {dtype}: {why}"))
+}
+
 impl KvArgs {
     /// The decoding state's row format on `be`: `--kv-dtype`, or the precision's default there
     /// ([`Precision::default_kv_dtype`]).
@@ -152,14 +168,8 @@ impl KvArgs {
     /// the row format, if it does not keep it (fp8 off the Ascend 950), so that no pool is
     /// described as if it were taken.
     fn budget<B: Backend>(&self, be: &B) -> Result<Option<usize>> {
-        let format = self.kv_dtype(be).attention_format(0);
-        if !be.supports_row_format(format) {
-            // The backend's own words: a one-row pool of that format is refused with the reason.
-            let why = match be.alloc_pool(1, 64, format) {
-                Err(e) => e.to_string(),
-                Ok(_) => format!("backend {} does not keep {} KV rows", be.name(), self.kv_dtype(be)),
-            };
-            bail!("--kv-dtype {}: {why}", self.kv_dtype(be));
+        if let Some(refusal) = unkept_rows(be, self.kv_dtype(be)) {
+            bail!(refusal);
         }
         self.kv_cache_memory.map(|m| m.resolve(|| free_memory(be))).transpose()
     }

@@ -174,19 +174,24 @@ struct Measured {
     /// Whether the backend keeps fp8 KV rows (asked of the backend, not the SoC: a 950 whose
     /// FP8 casts failed their self-test at open does not).
     fp8_rows: bool,
+    /// Why the backend does not keep rows of `kv_dtype`, in its own words
+    /// ([`kv_args::unkept_rows`]); None when it keeps them.
+    unkept: Option<String>,
 }
 
-/// Whether `be` keeps fp8 KV rows.
-fn fp8_rows<B: Backend>(be: &B) -> bool {
-    be.supports_row_format(dsv4_core::backend::RowFormat::Fp8 { rope: 0 })
+impl Measured {
+    fn new<B: Backend>(be: &B, kv: &KvArgs, memory: RankMemory, target: WeightTarget) -> Measured {
+        let kv_dtype = kv.kv_dtype(be);
+        let fp8_rows = be.supports_row_format(dsv4_core::backend::RowFormat::Fp8 { rope: 0 });
+        Measured { memory, kv_dtype, target, fp8_rows, unkept: kv_args::unkept_rows(be, kv_dtype) }
+    }
 }
 
 /// [`Measured`] of a device backend `be` (Ascend, CUDA): its free memory (None when it does not
 /// say, as dsv4's CUDA emulator does not: the plan then takes the asked pool), of which the plan
 /// uses [`dsv4_core::parallel::plan::DEFAULT_UTILISATION`].
 fn on_device<B: Backend>(be: &B, kv: &KvArgs, target: WeightTarget, device: usize) -> Measured {
-    let memory = RankMemory::device(be.free_memory(), device);
-    Measured { memory, kv_dtype: kv.kv_dtype(be), target, fp8_rows: fp8_rows(be) }
+    Measured::new(be, kv, RankMemory::device(be.free_memory(), device), target)
 }
 
 /// [`Measured`] of the backend `resolved` on `parallel`'s devices, measured before the
@@ -226,7 +231,7 @@ fn measure(resolved: &Resolved, kv: &KvArgs, parallel: &crate::parallel_args::Pa
             let dequantized = std::env::var_os("DSV4_CPU_DEQUANTIZE").is_some_and(|v| v == "1");
             let target = if dequantized { WeightTarget::HostF32 } else { WeightTarget::Host };
             let memory = RankMemory::cpu(be.free_memory(), world);
-            Measured { memory, kv_dtype: kv.kv_dtype(&be), target, fp8_rows: fp8_rows(&be) }
+            Measured::new(&be, kv, memory, target)
         }
     })
 }
@@ -267,12 +272,9 @@ fn planned_pool(
     if world > 1 {
         eprintln!("{}", parallel.describe_run(&layout, cfg));
     }
-    let Measured { mut memory, kv_dtype, target, fp8_rows } = measured;
-    if kv_dtype == KvDtype::Fp8 && !fp8_rows {
-        bail!(
-            "--kv-dtype fp8: this backend does not keep fp8 KV rows here (on Ascend only the 950 does, while its \
-             FP8 casts pass their self-test at open: `dsv4 devices` says why they are off); use --kv-dtype bf16"
-        );
+    let Measured { mut memory, kv_dtype, target, fp8_rows, unkept } = measured;
+    if let Some(refusal) = unkept {
+        bail!(refusal);
     }
     let tensors = checkpoint_tensors(cfg, ckpt, target)
         .map_err(|e| anyhow::anyhow!("{e}; `dsv4 inspect --model {spec}` lists what the checkpoint lacks"))?;
@@ -764,24 +766,26 @@ mod tests {
         assert!(e.to_string().contains("is longer than the model's context"), "{e}");
     }
 
-    /// fp8 rows on a backend that does not keep them (an Ascend A2/A3, or a 950 whose FP8 casts
-    /// failed their self-test) are refused by the plan, before any weights load; and the plan
-    /// never suggests them there.
+    /// Rows the backend does not keep (fp8 on an Ascend A2/A3, or on a 950 whose FP8 casts
+    /// failed their self-test) are refused by the plan with the backend's reason, before any
+    /// weights load; and the plan never suggests fp8 rows where the backend does not keep them.
+    /// (`cli/tests/serve.rs` checks the backend's words on the emulated A2.)
     #[test]
-    fn fp8_rows_are_refused_where_the_backend_does_not_keep_them() {
+    fn rows_the_backend_does_not_keep_are_refused_and_never_suggested() {
         let (cfg, ckpt) = dsv4_core::builtin::tiny().unwrap();
         let kv = kv_args(Default::default());
-        let measured = |kv_dtype, fp8_rows| Measured {
+        let measured = |kv_dtype, fp8_rows, unkept: Option<&str>| Measured {
             memory: RankMemory::device(Some(1 << 30), 0),
             kv_dtype,
             target: WeightTarget::Soc(SocFamily::A5),
             fp8_rows,
+            unkept: unkept.map(str::to_string),
         };
         let plan = |m| planned_pool(m, "builtin:tiny", &kv, &engine_config(2, 256), &one_device(), (&cfg, &ckpt));
-        let e = plan(measured(KvDtype::Fp8, false)).unwrap_err().to_string();
-        assert!(e.contains("does not keep fp8 KV rows") && e.contains("--kv-dtype bf16"), "{e}");
-        assert_eq!(plan(measured(KvDtype::Fp8, true)).unwrap().1.dtype, KvDtype::Fp8);
-        assert_eq!(plan(measured(KvDtype::Bf16, false)).unwrap().1.dtype, KvDtype::Bf16);
+        let why = "--kv-dtype fp8: backend `ascend`: not here";
+        assert_eq!(plan(measured(KvDtype::Fp8, false, Some(why))).unwrap_err().to_string(), why);
+        assert_eq!(plan(measured(KvDtype::Fp8, true, None)).unwrap().1.dtype, KvDtype::Fp8);
+        assert_eq!(plan(measured(KvDtype::Bf16, false, None)).unwrap().1.dtype, KvDtype::Bf16);
     }
 
     /// A model directory holding builtin:tiny, in a fresh temporary directory.

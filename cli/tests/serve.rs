@@ -230,6 +230,24 @@ fn serve_split_over_ranks_answers_as_one_device() {
     std::fs::remove_file(&table).ok();
 }
 
+/// fp8 rows on an Ascend A2 are refused with the backend's reason, as `generate` and `chat`
+/// refuse them, before any weights load.
+#[test]
+fn serve_refuses_rows_the_backend_does_not_keep_in_its_words() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "ascend", "--port", "0", "--kv-dtype", "fp8", "--kv-cache-memory", "64MiB"])
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .env("DSV4_ASCEND_EMU_SOC", "Ascend910B3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let words = "--kv-dtype fp8: backend `ascend`: fp8 KV rows need aclnnCast's FLOAT8_E4M3FN paths, which only the \
+                 Ascend 950 has (this device: Ascend910B3); use --kv-dtype bf16";
+    assert!(err.contains(words), "{err}");
+    assert!(!err.contains("memory plan") && !err.contains("kv cache:"), "{err}");
+}
+
 /// Data-parallel attention's requests stay in the process that took them: over several nodes
 /// it is refused, before any node waits for the others.
 #[test]
