@@ -368,7 +368,9 @@ pub fn run_generate_ranks(
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, None)?;
+    // Under data-parallel attention rank 0 alone holds a pool.
+    let pools = if layout.data_parallel_attention { 1 } else { layout.world };
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, pools, backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let data_parallel = ctx.layout.layout.data_parallel_attention;
@@ -510,7 +512,8 @@ pub fn run_chat_ranks(
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     // Split runs refuse speculation, so a step is at most the default prefill chunk.
     let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, layout.world, backend, Some((&cfg, step)))?;
+    let pools = if layout.data_parallel_attention { 1 } else { layout.world };
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, pools, backend, Some((&cfg, step)))?;
     // Made by the first rank to get here: `on_ranks!` joins the other nodes itself and hands
     // the ranks the group, so the process-wide hand-off is built from inside them.
     let turns = std::sync::OnceLock::new();
@@ -520,7 +523,7 @@ pub fn run_chat_ranks(
         // Taken before the model loads: the reader's source closes the others' turns when it
         // ends, a failed load included, so that they never wait for a line.
         let local_rank = ctx.layout.rank - base;
-        let ctx_data_parallel = ctx.layout.layout.data_parallel_attention;
+        let data_parallel = ctx.layout.layout.data_parallel_attention;
         let mut source = turns.for_rank(local_rank);
         let model = crate::load::load_opened(be, cfg.clone(), &ckpt, spec, kv.precision, ctx)?;
         let show = source.is_reader();
@@ -528,7 +531,6 @@ pub fn run_chat_ranks(
             eprintln!("node {}: following the conversation typed on node 0's terminal", g.node_rank());
         }
         let stdin = std::io::stdin();
-        let data_parallel = ctx_data_parallel;
         if data_parallel && !show {
             while source.next(|| read_turn(&stdin)).is_some() {
                 serve_experts_until_idle(be, &model)?;

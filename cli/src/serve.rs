@@ -317,8 +317,8 @@ fn planned_pool(
 /// [`spawn_engine`] over the ranks of `parallel`: one engine thread per rank, rank 0's serving
 /// (`dsv4_engine`'s replicated engine; with data-parallel attention each rank runs the
 /// requests rank 0's hands it); CPU ranks over the in-process communicator, Ascend ranks one
-/// per device over HCCL. Every rank gets the same pool configuration, sized here once: the
-/// ranks' engines must make the same block decisions.
+/// per device over HCCL. Every rank gets the same pool configuration, sized here once: replicated
+/// ranks' engines must make the same block decisions (data-parallel ranks plan alike).
 fn spawn_engine_ranks(
     backend: BackendChoice,
     spec: &str,

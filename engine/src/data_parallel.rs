@@ -17,8 +17,11 @@
 //! spin on exchanges while the server is idle.
 //!
 //! A rank whose engine stops drops its channels and its communicators: the leader's next
-//! message or report fails, the others' next exchange fails, and the whole engine stops with
-//! that error (the handle reports the first rank that stopped).
+//! message or report fails, the others' next exchange fails (on communicators that notice a
+//! rank leaving; on NCCL's they wait, and `dsv4 serve` ends the process on the handle's
+//! [`crate::EngineHandle::stopped`]), and the whole engine stops with that error. Any failed
+//! step stops the group, even one that failed before its exchange: the others may be waiting in
+//! it.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 
@@ -76,10 +79,15 @@ impl DataParallel {
 
     /// Leader: hands each of `arrived` (in order) to the rank holding the fewest requests, the
     /// leader itself holding `own`; sends every follower its share, and returns the leader's.
-    /// Err if a follower has stopped.
-    pub(crate) fn share(&mut self, arrived: Vec<Submitted>, own: usize) -> Result<Vec<Submitted>, String> {
+    /// When a follower has stopped: why, and every request not handed over (the leader's share
+    /// included), to be answered with the error.
+    pub(crate) fn share(
+        &mut self,
+        arrived: Vec<Submitted>,
+        own: usize,
+    ) -> Result<Vec<Submitted>, (String, Vec<Submitted>)> {
         let DataParallel::Lead { followers, next } = self else {
-            return Err("a follower does not share out requests".into());
+            return Err(("a follower does not share out requests".into(), arrived));
         };
         let mut held: Vec<usize> = std::iter::once(own).chain(followers.iter().map(|f| f.held)).collect();
         let mut shares: Vec<Vec<Submitted>> = (0..held.len()).map(|_| vec![]).collect();
@@ -87,10 +95,12 @@ impl DataParallel {
             shares[least_loaded(&mut held, next)].push(s);
         }
         let mine = std::mem::take(&mut shares[0]);
-        for (r, (f, share)) in followers.iter_mut().zip(shares.into_iter().skip(1)).enumerate() {
-            f.held += share.len();
-            if f.work.send(share).is_err() {
-                return Err(format!("the engine of rank {} stopped", r + 1));
+        let mut shares = shares.into_iter().skip(1);
+        for (r, f) in followers.iter().enumerate() {
+            let share = shares.next().expect("a share per follower");
+            if let Err(std::sync::mpsc::SendError(share)) = f.work.send(share) {
+                let unsent = mine.into_iter().chain(share).chain(shares.flatten()).collect();
+                return Err((format!("the engine of rank {} stopped", r + 1), unsent));
             }
         }
         Ok(mine)
@@ -143,12 +153,34 @@ mod tests {
         let mut f1 = parts.pop().unwrap();
         let mut lead = parts.pop().unwrap();
         assert!(!lead.followers_busy());
-        assert_eq!(lead.share(vec![], 0).unwrap().len(), 0);
+        assert_eq!(lead.share(vec![], 0).map_err(|e| e.0).unwrap().len(), 0);
         assert_eq!(f1.receive().unwrap().len(), 0);
         f1.report(4).unwrap();
         drop(f2);
         let err = lead.report(0).unwrap_err();
         assert_eq!(err, "the engine of rank 2 stopped");
         assert!(lead.followers_busy(), "rank 1 reported 4 requests");
+        // Sharing with a stopped follower loses no request: the ones not handed over come back.
+        let req = |id| {
+            let greedy = dsv4_core::sampling::SamplingParams::greedy();
+            let r = crate::GenerationRequest {
+                prompt: vec![1],
+                sampling: greedy,
+                max_tokens: 1,
+                stop_token_ids: vec![],
+                logprobs: None,
+            };
+            Submitted::replica(id, r).unwrap()
+        };
+        // The leader holds 5, rank 1 4, rank 2 none: rank 2 (gone) takes the first four, rank 1
+        // the fifth, then ranks 2 and 1 alternate.
+        let Err((why, unsent)) = lead.share((0..6).map(req).collect(), 5) else {
+            panic!("a share for a stopped follower was sent");
+        };
+        assert_eq!(why, "the engine of rank 2 stopped");
+        let mut ids: Vec<u64> = unsent.iter().map(|s| s.id).collect();
+        ids.sort();
+        let handed: Vec<u64> = f1.receive().unwrap().iter().map(|s| s.id).collect();
+        assert_eq!(ids.len() + handed.len(), 6, "unsent {ids:?}, handed to rank 1 {handed:?}");
     }
 }

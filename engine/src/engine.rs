@@ -22,7 +22,8 @@ use crate::stats::EngineStats;
 /// Limits of the engine, fixed at start (vLLM's flag names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Most sequences in one step (`--max-num-seqs`).
+    /// Most sequences in one step (`--max-num-seqs`; of each rank under data-parallel
+    /// attention).
     pub max_num_seqs: usize,
     /// Most tokens in one step, decode tokens and prompt chunks together
     /// (`--max-num-batched-tokens`).
@@ -261,6 +262,7 @@ impl EngineHandle {
         B: Backend + 'static,
     {
         let parts = crate::data_parallel::group(builds.len());
+        // Each rank decides for its own sequences: its mirror leads no one.
         Self::spawn_mirrored(config, builds, parts.into_iter().map(|p| (Mirror::Lead(vec![]), Some(p))).collect())
     }
 
@@ -459,7 +461,9 @@ impl EngineHandle {
         }
     }
 
-    /// Counters as of the last step.
+    /// Counters as of the last step. Under data-parallel attention, the sums of the ranks':
+    /// `steps_total` counts each rank's steps with tokens, and the free blocks are the pools'
+    /// together (a request still needs room in one rank's pool).
     pub fn stats(&self) -> EngineStats {
         let of = |r: &Shared| *r.stats.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = match self.data_parallel {
@@ -601,8 +605,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         mirror: Mirror,
         dp: Option<DataParallel>,
     ) -> Result<Self, String> {
-        if dp.is_some() && !model.rank.layout.layout.data_parallel_attention {
-            return Err("a data-parallel engine needs a model loaded with data-parallel attention".into());
+        match (dp.is_some(), model.rank.layout.layout.data_parallel_attention) {
+            (true, false) => {
+                return Err("a data-parallel engine needs a model loaded with data-parallel attention".into())
+            }
+            (false, true) => {
+                return Err("a model loaded with data-parallel attention runs in a data-parallel engine \
+                            (EngineHandle::spawn_data_parallel): each rank its own sequences"
+                    .into())
+            }
+            _ => {}
         }
         if config.speculative_tokens > 0 {
             // First: a split model does not load its MTP block, so the next check would blame
@@ -718,16 +730,19 @@ impl<'a, B: Backend> Engine<'a, B> {
             self.publish();
             if !progressed && self.active.is_empty() {
                 // Nothing runs and the head of the queue (a preempted request first) cannot be
-                // admitted: it never will be.
+                // admitted: it never will be. (A data-parallel rank holding nothing comes here
+                // too, with nothing to fail.)
                 const TOO_SMALL: &str =
                     "the KV cache is too small for this request even with nothing else running; raise \
                      --kv-cache-memory";
                 if let Some(a) = self.preempted.pop_front() {
                     self.stats.requests_failed_total += 1;
+                    self.publish();
                     let _ = a.sub.out.send(EngineEvent::Error { message: TOO_SMALL.into(), usage: a.usage() });
                 } else if let Some(s) = self.waiting.pop_front() {
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                     self.stats.requests_failed_total += 1;
+                    self.publish();
                     let _ = s.out.send(EngineEvent::Error {
                         message: TOO_SMALL.into(),
                         usage: Usage { prompt_tokens: s.req.prompt.len(), ..Default::default() },
@@ -814,7 +829,14 @@ impl<'a, B: Backend> Engine<'a, B> {
         };
         let held = self.held();
         let arrived = match &mut self.dp {
-            Some(dp) => dp.share(arrived, held)?,
+            Some(dp) => match dp.share(arrived, held) {
+                Ok(mine) => mine,
+                Err((why, unsent)) => {
+                    // Kept, so that stopping answers each with the error.
+                    self.waiting.extend(unsent);
+                    return Err(why);
+                }
+            },
             None => arrived,
         };
         self.waiting.extend(arrived);

@@ -324,6 +324,31 @@ fn a_data_parallel_engine_preempts_and_cancels_on_each_rank() {
     assert_eq!(collect(e.submit(reqs[0].clone()).unwrap()), want[0]);
 }
 
+/// A request queued on a follower (each rank runs one sequence at a time) whose client leaves
+/// is dropped there; the group's queue count comes back to 0.
+#[test]
+fn a_data_parallel_follower_drops_a_queued_request_whose_client_left() {
+    let config = EngineConfig { max_num_seqs: 1, ..CONFIG };
+    let e = data_parallel(config, 2, roomy, None, Arc::default());
+    let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(300 + i, 10), 60)).collect();
+    let want: Vec<_> = {
+        let one = single(CONFIG, roomy);
+        reqs.iter().map(|r| collect(one.submit(r.clone()).unwrap())).collect()
+    };
+    // In turn: ranks 0, 1, 0, 1; the last two wait behind the first two.
+    let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    let queued_on_rank_1 = streams.pop().unwrap();
+    drop(queued_on_rank_1);
+    let got: Vec<_> = streams.into_iter().map(collect).collect();
+    assert_eq!(got, want[..3]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.stats().requests_cancelled_total == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = e.stats();
+    assert_eq!((s.requests_finished_total, s.requests_cancelled_total, s.waiting, s.running), (3, 1, 0, 0), "{s:?}");
+}
+
 #[test]
 fn a_data_parallel_rank_that_dies_stops_the_engine_with_an_error() {
     for dies in [0, 1] {
