@@ -468,7 +468,11 @@ impl ParallelArgs {
             }
             return layout.with_data_parallel_attention().map_err(|e| match e {
                 dsv4_core::Error::Config { field, msg } if field == "tensor_parallel" => {
-                    anyhow::anyhow!("--data-parallel-attention with --tensor-parallel {}: {msg}", self.tensor_parallel)
+                    anyhow::anyhow!(
+                        "--data-parallel-attention with --tensor-parallel {}: {msg}; drop --tensor-parallel (or \
+                         --data-parallel-attention to split heads)",
+                        self.tensor_parallel
+                    )
                 }
                 dsv4_core::Error::Config { field, msg } if field == "expert_parallel" => {
                     anyhow::anyhow!(

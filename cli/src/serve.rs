@@ -70,8 +70,8 @@ pub struct ServeArgs {
     /// unchanged; greedy replies are token for token the same). 0: off. One device only.
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub speculative_tokens: usize,
-    /// Most requests waiting for a slot (at least 1); beyond it requests get 503 (529 on the
-    /// Anthropic API).
+    /// Most requests waiting for a slot (at least 1; with --data-parallel-attention, on all
+    /// ranks together); beyond it requests get 503 (529 on the Anthropic API).
     #[arg(long, default_value_t = 1024, value_parser = max_waiting)]
     pub max_waiting: usize,
     /// A tokenizer.json to use instead of the model directory's.

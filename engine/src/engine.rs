@@ -487,8 +487,8 @@ impl EngineHandle {
         }
         if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(SubmitError::Invalid(format!(
-                "token id {bad} is outside the vocabulary (ids 0..{})",
-                info.vocab_size
+                "token id {bad} is outside the vocabulary (ids 0 to {})",
+                info.vocab_size.saturating_sub(1)
             )));
         }
         if req.prompt.len() >= info.max_model_len {

@@ -757,7 +757,7 @@ fn prompt_ids(state: &AppState, f: &Fields) -> Result<Vec<u32>, ApiError> {
         match ids.iter().find(|&&t| t as usize >= vocab_size) {
             Some(bad) => Err(ApiError::invalid_param(
                 "prompt",
-                format!("token id {bad} is outside the vocabulary (ids 0..{vocab_size})"),
+                format!("token id {bad} is outside the vocabulary (ids 0 to {})", vocab_size.saturating_sub(1)),
             )),
             None => Ok(ids),
         }
