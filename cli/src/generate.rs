@@ -368,9 +368,7 @@ pub fn run_generate_ranks(
     refuse_split_speculation(sampling.speculative_tokens)?;
     let tok = generate_tokenizer(spec, ids.is_some(), sampling)?;
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
-    // Under data-parallel attention rank 0 alone holds a pool.
-    let pools = if layout.data_parallel_attention { 1 } else { layout.world };
-    let kv = &crate::parallel_args::fixed_kv_budget(kv, pools, backend, None)?;
+    let kv = &crate::parallel_args::fixed_kv_budget(kv, pools_of_one_sequence(&layout), backend, None)?;
     on_ranks!(backend, parallel, layout, |be, ctx| {
         let first = ctx.layout.rank == 0;
         let data_parallel = ctx.layout.layout.data_parallel_attention;
@@ -386,6 +384,16 @@ pub fn run_generate_ranks(
         Ok(())
     })?;
     Ok(())
+}
+
+/// The ranks of `layout` that hold a pool in a command that runs one sequence: every rank, or
+/// under data-parallel attention rank 0 alone.
+fn pools_of_one_sequence(layout: &dsv4_core::parallel::ParallelLayout) -> usize {
+    if layout.data_parallel_attention {
+        1
+    } else {
+        layout.world
+    }
 }
 
 /// A data-parallel rank without a sequence in a command that runs one sequence on rank 0
@@ -512,7 +520,7 @@ pub fn run_chat_ranks(
     let (cfg, ckpt, layout) = crate::parallel_args::open_split(backend, spec, kv.weight_memory, parallel)?;
     // Split runs refuse speculation, so a step is at most the default prefill chunk.
     let step = pool_max_step(GenerateOptions::default().prefill_chunk, 0);
-    let pools = if layout.data_parallel_attention { 1 } else { layout.world };
+    let pools = pools_of_one_sequence(&layout);
     let kv = &crate::parallel_args::fixed_kv_budget(kv, pools, backend, Some((&cfg, step)))?;
     // Made by the first rank to get here: `on_ranks!` joins the other nodes itself and hands
     // the ranks the group, so the process-wide hand-off is built from inside them.

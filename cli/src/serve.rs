@@ -343,16 +343,14 @@ fn spawn_engine_ranks(
         eprintln!("backend: {}", probe.describe());
         load::hold(probe, ckpt, kv.weight_memory).map(|(ckpt, _)| ckpt)
     })?;
-    match layout.data_parallel_attention {
-        // Each rank's engine admits up to --max-num-seqs of its own.
-        true => eprintln!(
-            "{} (on each of the {} ranks, each serving sequences of its own: up to {} running at once)",
-            kv_args::describe(&cfg, &pool),
-            layout.world,
-            layout.world * config.max_num_seqs
-        ),
-        false => eprintln!("{} (on each of the {} ranks)", kv_args::describe(&cfg, &pool), layout.world),
-    }
+    // Under data-parallel attention each rank's engine admits up to --max-num-seqs of its own.
+    let own = match layout.data_parallel_attention {
+        true => {
+            format!(", each serving sequences of its own: up to {} running at once", layout.world * config.max_num_seqs)
+        }
+        false => String::new(),
+    };
+    eprintln!("{} (on each of the {} ranks{own})", kv_args::describe(&cfg, &pool), layout.world);
     let eos = cfg.eos_token_ids.clone();
     let ckpt = std::sync::Arc::new(ckpt);
     let (spec, precision) = (spec.to_string(), kv.precision);
@@ -371,10 +369,8 @@ fn spawn_engine_ranks(
                     }) as RankBuild<CpuBackend>
                 })
                 .collect();
-            match layout.data_parallel_attention {
-                true => EngineHandle::spawn_data_parallel(config, builds),
-                false => EngineHandle::spawn_ranks(config, builds),
-            }
+            // One node (CPU ranks are refused over several): `group` is None.
+            spawn_on_nodes(config, builds, &group, None, leader_ended.clone(), layout.data_parallel_attention)
         }
         Resolved::Cuda => {
             use dsv4_backend_cuda::collective::InitByUniqueId;

@@ -230,18 +230,28 @@ fn serve_split_over_ranks_answers_as_one_device() {
     std::fs::remove_file(&table).ok();
 }
 
+/// `dsv4 serve --backend ascend --port 0 ARGS` on the emulator with `env`, expected to be
+/// refused at once: its stderr.
+fn ascend_serve_refusal(args: &[&str], env: (&str, &str)) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
+        .args(["serve", "--backend", "ascend", "--port", "0"])
+        .args(args)
+        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
+        .env(env.0, env.1)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// fp8 rows on an Ascend A2 are refused with the backend's reason, as `generate` and `chat`
 /// refuse them, before any weights load.
 #[test]
 fn serve_refuses_rows_the_backend_does_not_keep_in_its_words() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
-        .args(["serve", "--backend", "ascend", "--port", "0", "--kv-dtype", "fp8", "--kv-cache-memory", "64MiB"])
-        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
-        .env("DSV4_ASCEND_EMU_SOC", "Ascend910B3")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = ascend_serve_refusal(
+        &["--kv-dtype", "fp8", "--kv-cache-memory", "64MiB"],
+        ("DSV4_ASCEND_EMU_SOC", "Ascend910B3"),
+    );
     let words = "--kv-dtype fp8: backend `ascend`: fp8 KV rows need aclnnCast's FLOAT8_E4M3FN paths, which only the \
                  Ascend 950 has (this device: Ascend910B3); use --kv-dtype bf16";
     assert!(err.contains(words), "{err}");
@@ -252,16 +262,9 @@ fn serve_refuses_rows_the_backend_does_not_keep_in_its_words() {
 /// it is refused, before any node waits for the others.
 #[test]
 fn serve_refuses_data_parallel_attention_over_nodes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dsv4"))
-        .args(["serve", "--backend", "ascend", "--port", "0", "--devices", "2", "--data-parallel-attention"])
-        .args(["--kv-cache-memory", "64MiB", "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1"])
-        .args(["--master-port", "1"])
-        .env(dsv4_ascend_sys::EMULATOR_VAR, emulator())
-        .env("DSV4_ASCEND_EMU_DEVICES", "4")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let args = ["--devices", "2", "--data-parallel-attention", "--kv-cache-memory", "64MiB", "--nnodes", "2"];
+    let nodes = ["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", "1"];
+    let err = ascend_serve_refusal(&[&args[..], &nodes].concat(), ("DSV4_ASCEND_EMU_DEVICES", "4"));
     assert!(err.contains("--data-parallel-attention within one node for now") && err.contains("--nnodes 2"), "{err}");
 }
 

@@ -206,6 +206,17 @@ fn collect(mut s: RequestStream) -> Answer {
     panic!("the stream ended without Finished or Error");
 }
 
+/// One device's answers to `reqs`, submitted all at once (`together`) or one after another.
+fn one_device(reqs: &[GenerationRequest], together: bool) -> Vec<Answer> {
+    let e = single(CONFIG, roomy);
+    if together {
+        let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        streams.into_iter().map(collect).collect()
+    } else {
+        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
+    }
+}
+
 fn roomy(cfg: &ModelConfig) -> KvConfig {
     KvConfig::for_sequences(cfg, KvDtype::F32, 8, 160, 16)
 }
@@ -246,11 +257,7 @@ fn run_with_a_client_that_leaves(e: &EngineHandle, reqs: &[GenerationRequest], w
 fn a_split_engine_answers_as_one_device_does() {
     let reqs: Vec<_> =
         [5, 40, 17, 1, 33, 9].iter().enumerate().map(|(i, &n)| greedy(prompt(i as u32, n), 14)).collect();
-    let want: Vec<_> = {
-        let e = single(CONFIG, roomy);
-        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-        s.into_iter().map(collect).collect()
-    };
+    let want = one_device(&reqs, true);
     for layout in [(2, 1, 2), (4, 2, 2)] {
         let e = ranked(CONFIG, layout, roomy, None);
         let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
@@ -269,11 +276,7 @@ fn a_split_engine_answers_as_one_device_does() {
 fn a_data_parallel_engine_answers_as_one_device_does_and_rests_when_idle() {
     let reqs: Vec<_> =
         [5, 40, 17, 1, 33, 9, 22].iter().enumerate().map(|(i, &n)| greedy(prompt(i as u32, n), 14)).collect();
-    let want: Vec<_> = {
-        let e = single(CONFIG, roomy);
-        let s: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-        s.into_iter().map(collect).collect()
-    };
+    let want = one_device(&reqs, true);
     for world in [2, 4] {
         let seen = Arc::new(Agreements::default());
         let e = data_parallel(CONFIG, world, roomy, None, seen.clone());
@@ -313,10 +316,7 @@ fn a_data_parallel_engine_answers_as_one_device_does_and_rests_when_idle() {
 #[test]
 fn a_data_parallel_engine_preempts_and_cancels_on_each_rank() {
     let reqs: Vec<_> = (0..6).map(|i| greedy(prompt(100 + i, 10), 100)).collect();
-    let want: Vec<_> = {
-        let e = single(CONFIG, roomy);
-        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
-    };
+    let want = one_device(&reqs, false);
     let e = data_parallel(CONFIG, 2, tight, None, Arc::default());
     run_with_a_client_that_leaves(&e, &reqs, &want);
     let s = e.stats();
@@ -331,10 +331,7 @@ fn a_data_parallel_follower_drops_a_queued_request_whose_client_left() {
     let config = EngineConfig { max_num_seqs: 1, ..CONFIG };
     let e = data_parallel(config, 2, roomy, None, Arc::default());
     let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(300 + i, 10), 60)).collect();
-    let want: Vec<_> = {
-        let one = single(CONFIG, roomy);
-        reqs.iter().map(|r| collect(one.submit(r.clone()).unwrap())).collect()
-    };
+    let want = one_device(&reqs, false);
     // In turn: ranks 0, 1, 0, 1; the last two wait behind the first two.
     let mut streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
     let queued_on_rank_1 = streams.pop().unwrap();
@@ -373,10 +370,7 @@ fn a_data_parallel_rank_that_dies_stops_the_engine_with_an_error() {
 #[test]
 fn preemption_and_cancellation_replay_on_every_rank() {
     let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(100 + i, 10), 100)).collect();
-    let want: Vec<_> = {
-        let e = single(CONFIG, roomy);
-        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
-    };
+    let want = one_device(&reqs, false);
     let e = ranked(CONFIG, (2, 2, 2), tight, None);
     run_with_a_client_that_leaves(&e, &reqs, &want);
     let s = e.stats();
@@ -439,10 +433,7 @@ fn a_rank_that_dies_while_rank_0_waits_for_ever_is_reported() {
 #[test]
 fn an_engine_over_two_nodes_answers_as_one_device_does() {
     let reqs: Vec<_> = (0..4).map(|i| greedy(prompt(200 + i, 10), 100)).collect();
-    let want: Vec<_> = {
-        let e = single(CONFIG, roomy);
-        reqs.iter().map(|r| collect(e.submit(r.clone()).unwrap())).collect()
-    };
+    let want = one_device(&reqs, false);
     let (cfg, _) = builtin::tiny().unwrap();
     let layout = ParallelLayout::new(4, 2, 2, &cfg).unwrap();
     let mut builds: Vec<RankBuild<CpuBackend>> = LocalComm::world(4)
